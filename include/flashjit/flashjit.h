@@ -1,0 +1,136 @@
+/*
+ * flashjit: exact, memory-light attention with a plain C API.
+ *
+ * Layout (SDPA order), strides in elements, last dimension contiguous:
+ *   q   [B, Hq,  Sq, Dqk]      k [B, Hkv, Sk, Dqk]      v [B, Hkv, Sk, Dv]
+ *   o   [B, Hq,  Sq, Dv]     lse [B, Hq,  Sq]  float32 (float64 when q is float64)
+ *   mask (optional) [B|1, Hq|1, Sq|1, Sk|1] broadcast through zero strides.
+ * Hq must be a multiple of Hkv: query head h reads key/value head h / (Hq / Hkv).
+ *
+ * Every entry point returns a status; on failure fj_last_error() holds a message
+ * naming the offending argument and value. No C++ exception crosses this API.
+ */
+#ifndef FLASHJIT_FLASHJIT_H_
+#define FLASHJIT_FLASHJIT_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FJ_VERSION_MAJOR 0
+#define FJ_VERSION_MINOR 1
+#define FJ_VERSION_PATCH 0
+#define FJ_MAX_DIMS 4
+
+typedef enum fj_status {
+  FJ_SUCCESS = 0,
+  FJ_ERROR_INVALID_VALUE = 1, /* a shape, stride, pointer or option is wrong */
+  FJ_ERROR_INVALID_TYPE = 2,  /* a dtype is wrong */
+  FJ_ERROR_UNSUPPORTED = 3,   /* valid, but no backend in this build runs it */
+  FJ_ERROR_OUT_OF_MEMORY = 4,
+  FJ_ERROR_INTERNAL = 5
+} fj_status;
+
+typedef enum fj_dtype {
+  FJ_FLOAT32 = 0,
+  FJ_FLOAT16 = 1,
+  FJ_BFLOAT16 = 2,
+  FJ_FLOAT64 = 3, /* CPU only: for gradient checks */
+  FJ_BOOL = 4,    /* one byte per element, nonzero = true; masks only */
+  FJ_INT8 = 5,    /* named so that a caller can pass one and get a clear error */
+  FJ_INT32 = 6,
+  FJ_INT64 = 7
+} fj_dtype;
+
+typedef enum fj_device_type { FJ_DEVICE_CPU = 0, FJ_DEVICE_CUDA = 1 } fj_device_type;
+
+/* Causal masks. TOP_LEFT keeps key j for query i when j <= i (SDPA's is_causal);
+ * BOTTOM_RIGHT keeps j <= i + Sk - Sq (flash-attn and MLX). */
+typedef enum fj_causal {
+  FJ_CAUSAL_NONE = 0,
+  FJ_CAUSAL_TOP_LEFT = 1,
+  FJ_CAUSAL_BOTTOM_RIGHT = 2
+} fj_causal;
+
+/* A strided view of caller memory; flashjit never copies or frees it. */
+typedef struct fj_tensor {
+  void* data;
+  fj_dtype dtype;
+  fj_device_type device_type;
+  int32_t device_index;
+  int32_t ndim;                   /* 0 with data == NULL means "absent" (optional tensors) */
+  int64_t shape[FJ_MAX_DIMS];
+  int64_t strides[FJ_MAX_DIMS];   /* in elements, not bytes */
+} fj_tensor;
+
+/* Everything besides the tensors. Initialise with fj_attention_options_default(). */
+typedef struct fj_attention_options {
+  int32_t has_scale;              /* 0: scale = 1 / sqrt(Dqk) */
+  double scale;                   /* multiplies q.k before softcap, mask and softmax */
+  double softcap;                 /* > 0: score = softcap * tanh(score / softcap); 0 = off */
+  fj_causal causal;
+  /* Sliding window: key j is kept for query i when
+   *   i + shift - window_left <= j <= i + shift + window_right,
+   * where -1 leaves that side unbounded and shift = Sk - Sq, except with
+   * FJ_CAUSAL_TOP_LEFT where shift = 0. A causal mask sets window_right to 0,
+   * so with causal set window_right must be -1 or 0. */
+  int64_t window_left;
+  int64_t window_right;
+  /* Optional mask: FJ_BOOL (true = attend) or additive float (float32 or q's dtype),
+   * added to the score after softcap. Four dims, each 1 or the full size. */
+  fj_tensor mask;
+  /* Dropout on the attention probabilities, applied after softmax; kept values are
+   * scaled by 1 / (1 - p). Which elements drop is fixed by (seed, offset, b, h, i, j):
+   * see fj_dropout_keep() for the exact rule. */
+  double dropout_p;
+  uint64_t dropout_seed;
+  uint64_t dropout_offset;
+  int32_t num_threads;            /* CPU: 0 = FLASHJIT_NUM_THREADS or all cores */
+} fj_attention_options;
+
+fj_attention_options fj_attention_options_default(void);
+
+/* o, lse = attention(q, k, v). A query row with no key left after masking gives
+ * o = 0 and lse = -inf. */
+fj_status fj_attention_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                               const fj_attention_options* options, fj_tensor* o,
+                               fj_tensor* lse);
+
+/* dq, dk, dv from the forward's o and lse and the output gradient dout (o's shape).
+ * dk and dv sum over the query heads of each group. Deterministic. */
+fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                const fj_tensor* o, const fj_tensor* lse,
+                                const fj_tensor* dout, const fj_attention_options* options,
+                                fj_tensor* dq, fj_tensor* dk, fj_tensor* dv);
+
+/* The dropout rule, exposed so that tests and other backends can reproduce it.
+ * Philox4x32-10 (Salmon et al., 2011) with
+ *   key     = (lo32(seed), hi32(seed) ^ hi32(offset))
+ *   counter = (floor(j / 4), i, b * H + h, lo32(offset))
+ * gives four 32-bit words r[0..3]; element (b, h, i, j) is dropped when
+ *   r[j % 4] < floor(p * 2^32)
+ * and kept otherwise. h is the query head, H the number of query heads. */
+int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t h,
+                    int64_t num_heads, int64_t i, int64_t j);
+
+/* Writes the keep mask (1 = kept) for [B, H, Sq, Sk] into a contiguous byte array. */
+fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t batch,
+                               int64_t num_heads, int64_t seqlen_q, int64_t seqlen_k,
+                               uint8_t* keep);
+
+/* Message of the last failure on this thread ("" if none). */
+const char* fj_last_error(void);
+
+const char* fj_version(void);
+
+/* Names of the compiled-in backends, comma separated ("cpu"). */
+const char* fj_backends(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FLASHJIT_FLASHJIT_H_ */

@@ -1,0 +1,116 @@
+// The C boundary: every C++ exception becomes a status plus fj_last_error().
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "core/backend.hpp"
+#include "core/error.hpp"
+#include "core/philox.hpp"
+#include "core/problem.hpp"
+#include "flashjit/flashjit.h"
+
+namespace {
+
+thread_local std::string g_last_error;
+
+template <typename Fn>
+fj_status guarded(Fn&& fn) {
+  try {
+    fn();
+    g_last_error.clear();
+    return FJ_SUCCESS;
+  } catch (const flashjit::Error& e) {
+    g_last_error = e.what();
+    return e.status();
+  } catch (const std::bad_alloc&) {
+    g_last_error = "out of memory";
+    return FJ_ERROR_OUT_OF_MEMORY;
+  } catch (const std::exception& e) {
+    g_last_error = std::string("internal error: ") + e.what();
+    return FJ_ERROR_INTERNAL;
+  } catch (...) {
+    g_last_error = "internal error: unknown exception";
+    return FJ_ERROR_INTERNAL;
+  }
+}
+
+#define FJ_STRINGIFY_(x) #x
+#define FJ_STRINGIFY(x) FJ_STRINGIFY_(x)
+
+}  // namespace
+
+extern "C" {
+
+fj_attention_options fj_attention_options_default(void) {
+  fj_attention_options options;
+  std::memset(&options, 0, sizeof options);
+  options.causal = FJ_CAUSAL_NONE;
+  options.window_left = -1;
+  options.window_right = -1;
+  return options;
+}
+
+fj_status fj_attention_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                               const fj_attention_options* options, fj_tensor* o, fj_tensor* lse) {
+  return guarded([&] {
+    const flashjit::AttentionProblem problem = flashjit::make_forward_problem(q, k, v, options, o, lse);
+    flashjit::backend_for(problem.device_type, "attention").forward(problem);
+  });
+}
+
+fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,
+                                fj_tensor* dv) {
+  return guarded([&] {
+    const flashjit::AttentionProblem problem =
+        flashjit::make_backward_problem(q, k, v, o, lse, dout, options, dq, dk, dv);
+    flashjit::backend_for(problem.device_type, "attention_backward").backward(problem);
+  });
+}
+
+int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t h,
+                    int64_t num_heads, int64_t i, int64_t j) {
+  if (!(p > 0.0)) return 1;
+  if (p >= 1.0) return 0;
+  return flashjit::dropout_keep(seed, offset, flashjit::dropout_threshold(p), b * num_heads + h, i, j) ? 1 : 0;
+}
+
+fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t batch,
+                               int64_t num_heads, int64_t seqlen_q, int64_t seqlen_k,
+                               uint8_t* keep) {
+  return guarded([&] {
+    if (!(p >= 0.0 && p < 1.0)) {
+      flashjit::throw_value_error("[dropout_keep_mask] p: expected a value in [0, 1), got ", p);
+    }
+    if (batch < 0 || num_heads < 0 || seqlen_q < 0 || seqlen_k < 0) {
+      flashjit::throw_value_error("[dropout_keep_mask] sizes must be >= 0, got [", batch, ", ",
+                                  num_heads, ", ", seqlen_q, ", ", seqlen_k, "]");
+    }
+    if (keep == nullptr && batch * num_heads * seqlen_q * seqlen_k > 0) {
+      flashjit::throw_value_error("[dropout_keep_mask] keep: data pointer is NULL");
+    }
+    const uint32_t threshold = flashjit::dropout_threshold(p);
+    for (int64_t bh = 0; bh < batch * num_heads; ++bh) {
+      for (int64_t i = 0; i < seqlen_q; ++i) {
+        for (int64_t quad = 0; quad * 4 < seqlen_k; ++quad) {
+          const flashjit::Philox4x32 words = flashjit::dropout_words(seed, offset, bh, i, quad);
+          for (int lane = 0; lane < 4 && quad * 4 + lane < seqlen_k; ++lane) {
+            *keep++ = words.word[lane] >= threshold ? 1 : 0;
+          }
+        }
+      }
+    }
+  });
+}
+
+const char* fj_last_error(void) { return g_last_error.c_str(); }
+
+const char* fj_version(void) {
+  return FJ_STRINGIFY(FJ_VERSION_MAJOR) "." FJ_STRINGIFY(FJ_VERSION_MINOR) "." FJ_STRINGIFY(FJ_VERSION_PATCH);
+}
+
+const char* fj_backends(void) { return flashjit::backend_names(); }
+
+}  // extern "C"

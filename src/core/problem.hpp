@@ -1,0 +1,111 @@
+// AttentionProblem: every shape, stride, dtype and flag of one attention call,
+// validated once and shared by every backend and both directions.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "flashjit/flashjit.h"
+
+namespace flashjit {
+
+// A [batch, heads, seqlen, dim] operand: base pointer and strides in elements.
+// The last dimension is contiguous. Size-1 dims get stride 0 so that indexing
+// never depends on a meaningless stride.
+struct Operand {
+  void* data = nullptr;
+  int64_t stride_batch = 0;
+  int64_t stride_head = 0;
+  int64_t stride_seq = 0;
+
+  template <typename T>
+  T* row(int64_t b, int64_t h, int64_t s) const {
+    return static_cast<T*>(data) + b * stride_batch + h * stride_head + s * stride_seq;
+  }
+};
+
+enum class MaskKind { kNone, kBool, kAdditive };
+
+struct AttentionProblem {
+  // Sizes.
+  int64_t batch = 0;
+  int64_t heads_q = 0;
+  int64_t heads_kv = 0;
+  int64_t seqlen_q = 0;
+  int64_t seqlen_k = 0;
+  int64_t head_dim_qk = 0;
+  int64_t head_dim_v = 0;
+  fj_dtype dtype = FJ_FLOAT32;      // q, k, v, o (and the gradients)
+  fj_dtype lse_dtype = FJ_FLOAT32;  // float32, or float64 for float64 inputs
+  fj_device_type device_type = FJ_DEVICE_CPU;
+  int32_t device_index = 0;
+
+  // Tensors. Forward reads q, k, v and writes o, lse; backward also reads o, lse,
+  // dout and writes dq, dk, dv.
+  Operand q, k, v, o, dout, dq, dk, dv;
+  void* lse = nullptr;  // [batch, heads_q, seqlen_q]
+  int64_t lse_stride_batch = 0;
+  int64_t lse_stride_head = 0;
+  int64_t lse_stride_seq = 0;
+
+  // Mask [b, h, i, j] with zero strides on broadcast dims.
+  MaskKind mask_kind = MaskKind::kNone;
+  fj_dtype mask_dtype = FJ_BOOL;
+  const void* mask = nullptr;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+
+  double scale = 1.0;
+  double softcap = 0.0;  // 0 = off
+  fj_causal causal = FJ_CAUSAL_NONE;
+  // Key j is visible from query i when  -window_left <= j - i - diagonal_shift <= window_right,
+  // each bound ignored when -1. Causal masks are folded in here (window_right = 0).
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  int64_t diagonal_shift = 0;
+
+  double dropout_p = 0.0;
+  uint32_t dropout_threshold = 0;  // drop when the Philox word is below this
+  uint64_t dropout_seed = 0;
+  uint64_t dropout_offset = 0;
+
+  int32_t num_threads = 0;
+
+  int64_t group_size() const { return heads_kv > 0 ? heads_q / heads_kv : 0; }
+  bool has_dropout() const { return dropout_threshold != 0; }
+
+  // First and one-past-last key a query row can see through the causal/window bounds.
+  int64_t key_begin(int64_t query) const {
+    if (window_left < 0) return 0;
+    const int64_t begin = query + diagonal_shift - window_left;
+    return begin < 0 ? 0 : (begin > seqlen_k ? seqlen_k : begin);
+  }
+  int64_t key_end(int64_t query) const {
+    if (window_right < 0) return seqlen_k;
+    const int64_t end = query + diagonal_shift + window_right + 1;
+    return end < 0 ? 0 : (end > seqlen_k ? seqlen_k : end);
+  }
+  // First and one-past-last query row that can see a given key.
+  int64_t query_begin(int64_t key) const {
+    if (window_right < 0) return 0;
+    const int64_t begin = key - diagonal_shift - window_right;
+    return begin < 0 ? 0 : (begin > seqlen_q ? seqlen_q : begin);
+  }
+  int64_t query_end(int64_t key) const {
+    if (window_left < 0) return seqlen_q;
+    const int64_t end = key - diagonal_shift + window_left + 1;
+    return end < 0 ? 0 : (end > seqlen_q ? seqlen_q : end);
+  }
+};
+
+// Build and validate. Throw flashjit::Error naming the argument on bad input.
+AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k,
+                                      const fj_tensor* v, const fj_attention_options* options,
+                                      const fj_tensor* o, const fj_tensor* lse);
+
+AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k,
+                                       const fj_tensor* v, const fj_tensor* o,
+                                       const fj_tensor* lse, const fj_tensor* dout,
+                                       const fj_attention_options* options, const fj_tensor* dq,
+                                       const fj_tensor* dk, const fj_tensor* dv);
+
+}  // namespace flashjit

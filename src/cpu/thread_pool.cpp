@@ -1,0 +1,139 @@
+#include "cpu/thread_pool.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace flashjit::cpu {
+namespace {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int workers) {
+    for (int w = 1; w < workers; ++w) threads_.emplace_back([this, w] { worker_loop(w); });
+  }
+
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+
+  int size() const { return int(threads_.size()) + 1; }
+
+  void run(int64_t count, int workers, const std::function<void(int64_t, int)>& task) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &task;
+      count_ = count;
+      next_.store(0);
+      active_workers_ = workers;
+      pending_ = workers - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    task_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void work(int worker) {
+    for (;;) {
+      const int64_t index = next_.fetch_add(1);
+      if (index >= count_) return;
+      try {
+        (*task_)(index, worker);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(count_);  // stop handing out tasks
+      }
+    }
+  }
+
+  void worker_loop(int worker) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+        if (worker >= active_workers_) continue;
+      }
+      work(worker);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const std::function<void(int64_t, int)>* task_ = nullptr;
+  std::atomic<int64_t> next_{0};
+  int64_t count_ = 0;
+  int active_workers_ = 0;
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+  std::exception_ptr error_;
+};
+
+std::mutex g_pool_mutex;
+std::unique_ptr<ThreadPool> g_pool;
+pid_t g_pool_pid = 0;
+
+// The pool for this process, grown to at least `workers`; the caller holds
+// g_pool_mutex, so one job runs at a time. A forked child gets a fresh pool: the
+// parent's threads do not exist there.
+ThreadPool& pool(int workers) {
+  if (g_pool && g_pool_pid != getpid()) (void)g_pool.release();  // threads gone; leak the shell
+  if (!g_pool || g_pool->size() < workers) {
+    g_pool.reset();
+    g_pool = std::make_unique<ThreadPool>(workers);
+    g_pool_pid = getpid();
+  }
+  return *g_pool;
+}
+
+}  // namespace
+
+int default_num_threads() {
+  if (const char* env = std::getenv("FLASHJIT_NUM_THREADS")) {
+    const int value = std::atoi(env);
+    if (value > 0) return value;
+  }
+  const unsigned cores = std::thread::hardware_concurrency();
+  return cores > 0 ? int(cores) : 1;
+}
+
+void parallel_for(int64_t count, int num_threads,
+                  const std::function<void(int64_t, int)>& task) {
+  if (count <= 0) return;
+  int workers = num_threads > 0 ? num_threads : default_num_threads();
+  if (int64_t(workers) > count) workers = int(count);
+  if (workers <= 1) {
+    for (int64_t i = 0; i < count; ++i) task(i, 0);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  pool(workers).run(count, workers, task);
+}
+
+}  // namespace flashjit::cpu

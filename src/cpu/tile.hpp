@@ -1,0 +1,274 @@
+// Building blocks of the CPU kernels: packed tiles in the accumulation type,
+// a register-blocked GEMM on GCC/Clang vector extensions (compiled for the
+// build machine's widest vectors), a vectorised exp, and the score transform
+// (scale, softcap, masks) shared by forward and backward.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "core/dtype.hpp"
+#include "core/philox.hpp"
+#include "core/problem.hpp"
+
+namespace flashjit::cpu {
+
+#if defined(__AVX512F__)
+inline constexpr int kVectorBytes = 64;
+#else
+inline constexpr int kVectorBytes = 32;
+#endif
+
+// Query rows and keys per tile. Tiles of 64 keep Q, K^T, V and S for head_dim 256
+// within a core's L2, and no buffer depends on the sequence lengths.
+inline constexpr int64_t kBlockQ = 64;
+inline constexpr int64_t kBlockK = 64;
+
+template <typename Acc>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t int_type __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(kVectorBytes)));
+};
+
+template <typename Acc>
+inline constexpr int64_t kLanes = kVectorBytes / int64_t(sizeof(Acc));
+
+template <typename V, typename Acc>
+inline V load_vector(const Acc* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename V, typename Acc>
+inline void store_vector(Acc* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+template <typename Acc>
+inline constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
+
+// C[Rows x Vecs*lanes] (+)= A[Rows x depth] * B[depth x Vecs*lanes], accumulators in registers.
+template <typename Acc, int Rows, int Vecs>
+inline void gemm_block(int64_t depth, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
+                       int64_t ldc, bool accumulate) {
+  using V = typename VectorOf<Acc>::type;
+  constexpr int64_t L = kLanes<Acc>;
+  V acc[Rows][Vecs];
+  for (int r = 0; r < Rows; ++r)
+    for (int v = 0; v < Vecs; ++v) acc[r][v] = V{};
+  for (int64_t d = 0; d < depth; ++d) {
+    V bv[Vecs];
+    for (int v = 0; v < Vecs; ++v) bv[v] = load_vector<V>(b + d * ldb + v * L);
+    for (int r = 0; r < Rows; ++r) {
+      const Acc av = a[r * lda + d];
+      for (int v = 0; v < Vecs; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int v = 0; v < Vecs; ++v) {
+      Acc* out = c + r * ldc + v * L;
+      store_vector(out, accumulate ? acc[r][v] + load_vector<V>(out) : acc[r][v]);
+    }
+  }
+}
+
+template <typename Acc, int Rows>
+inline void gemm_row_strip(int64_t cols, int64_t depth, const Acc* a, int64_t lda, const Acc* b,
+                           int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = kLanes<Acc>;
+  int64_t j = 0;
+  for (; j + 2 * L <= cols; j += 2 * L) gemm_block<Acc, Rows, 2>(depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+  for (; j < cols; j += L) gemm_block<Acc, Rows, 1>(depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+}
+
+// C[rows x cols] (+)= A[rows x depth] * B[depth x cols], all row-major.
+// cols must be a multiple of kLanes<Acc>; B and C hold that many columns.
+template <typename Acc>
+inline void gemm(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_t lda, const Acc* b,
+                 int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
+  constexpr int kRows = kVectorBytes == 64 ? 8 : 6;  // fills the vector register file
+  int64_t i = 0;
+  for (; i + kRows <= rows; i += kRows)
+    gemm_row_strip<Acc, kRows>(cols, depth, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i < rows; ++i)
+    gemm_row_strip<Acc, 1>(cols, depth, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+}
+
+// x[j] = exp(x[j] - shift) for j < n (n a multiple of the lanes); returns the sum.
+// float: Cephes-style range reduction and degree-6 polynomial (about 1 ulp);
+// arguments below -87 (and -inf) give exactly 0.
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+  using V = VectorOf<float>::type;
+  using VI = VectorOf<float>::int_type;
+  constexpr int64_t L = kLanes<float>;
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2High = 0.693359375f;
+  constexpr float kLn2Low = -2.12194440e-4f;
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kUnderflow = -87.0f;
+  V total = V{};
+  for (int64_t j = 0; j < n; j += L) {
+    const V arg = load_vector<V>(x + j) - shift;
+    const V clamped = arg < kUnderflow ? V{} + kUnderflow : arg;
+    const V n_float = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
+    V r = clamped - n_float * kLn2High;
+    r = r - n_float * kLn2Low;
+    V poly = V{} + 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    const V mantissa = poly * r * r + r + 1.0f;
+    const VI exponent_bits = (__builtin_convertvector(n_float, VI) + 127) << 23;
+    V two_to_n;
+    std::memcpy(&two_to_n, &exponent_bits, sizeof two_to_n);
+    const V value = arg < kUnderflow ? V{} : mantissa * two_to_n;
+    store_vector(x + j, value);
+    total += value;
+  }
+  float sum = 0.0f;
+  for (int64_t l = 0; l < L; ++l) sum += total[l];
+  return sum;
+}
+
+inline double exp_shifted_sum(double* x, int64_t n, double shift) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+// dst[r][c] = src[r * stride + c] for c < cols, 0 for cols <= c < ld.
+template <typename T, typename Acc>
+inline void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = src + r * stride;
+    Acc* out = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) out[c] = to_acc<Acc>(in[c]);
+    for (int64_t c = cols; c < ld; ++c) out[c] = Acc(0);
+  }
+}
+
+// dst[c][r] = src[r * stride + c] for r < rows, 0 for rows <= r < ld.
+template <typename T, typename Acc>
+inline void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc* dst,
+                            int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = rows; r < ld; ++r) dst[c * ld + r] = Acc(0);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = src + r * stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = to_acc<Acc>(in[c]);
+  }
+}
+
+// dst[c][r] = src[r][c] for a rows x cols tile.
+template <typename Acc>
+inline void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst,
+                      int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+template <typename T, typename Acc>
+inline void store_row(const Acc* src, int64_t cols, Acc factor, T* dst) {
+  for (int64_t c = 0; c < cols; ++c) dst[c] = from_acc<T, Acc>(src[c] * factor);
+}
+
+template <typename M>
+inline float mask_value(const void* base, int64_t index) {
+  return to_acc<float>(static_cast<const M*>(base)[index]);
+}
+
+// Turns raw dot products S[r][c] = q_i . k_j (i = query0 + r, j = key0 + c) into
+// logits: scale, softcap, then -inf where masked (window, causal, bool mask,
+// past the tile) or + the additive mask. Columns [cols, ld) are set to -inf.
+// If softcap_grad is given it receives d(logit)/d(scaled score) = 1 - tanh^2.
+template <typename Acc>
+void compute_logits(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, int64_t rows,
+                    int64_t key0, int64_t cols, int64_t ld, Acc* s, Acc* softcap_grad) {
+  const Acc scale = Acc(p.scale);
+  const Acc cap = Acc(p.softcap);
+  for (int64_t r = 0; r < rows; ++r) {
+    Acc* row = s + r * ld;
+    if (cap > Acc(0)) {
+      const Acc inv_cap = Acc(1) / cap;
+      for (int64_t c = 0; c < cols; ++c) row[c] = std::tanh(row[c] * scale * inv_cap);
+      if (softcap_grad != nullptr) {
+        Acc* grad = softcap_grad + r * ld;
+        for (int64_t c = 0; c < cols; ++c) grad[c] = Acc(1) - row[c] * row[c];
+      }
+      for (int64_t c = 0; c < cols; ++c) row[c] *= cap;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) row[c] *= scale;
+    }
+    const int64_t query = query0 + r;
+    if (p.mask_kind != MaskKind::kNone) {
+      const int64_t elem = dtype_size(p.mask_dtype);
+      const char* base = static_cast<const char*>(p.mask) +
+                         (b * p.mask_stride[0] + h * p.mask_stride[1] + query * p.mask_stride[2] +
+                          key0 * p.mask_stride[3]) * elem;
+      const int64_t step = p.mask_stride[3];
+      switch (p.mask_dtype) {
+        case FJ_BOOL:
+          for (int64_t c = 0; c < cols; ++c)
+            if (!reinterpret_cast<const uint8_t*>(base)[c * step]) row[c] = kNegInf<Acc>;
+          break;
+        case FJ_FLOAT32:
+          for (int64_t c = 0; c < cols; ++c) row[c] += Acc(mask_value<float>(base, c * step));
+          break;
+        case FJ_FLOAT16:
+          for (int64_t c = 0; c < cols; ++c) row[c] += Acc(mask_value<Half>(base, c * step));
+          break;
+        case FJ_BFLOAT16:
+          for (int64_t c = 0; c < cols; ++c) row[c] += Acc(mask_value<BFloat16>(base, c * step));
+          break;
+        case FJ_FLOAT64:
+          for (int64_t c = 0; c < cols; ++c)
+            row[c] += Acc(reinterpret_cast<const double*>(base)[c * step]);
+          break;
+        default:
+          break;
+      }
+    }
+    // Window / causal bounds and the tile edge.
+    const int64_t visible_begin = p.key_begin(query) - key0;
+    const int64_t visible_end = p.key_end(query) - key0;
+    for (int64_t c = 0; c < ld; ++c) {
+      if (c < visible_begin || c >= visible_end || c >= cols) row[c] = kNegInf<Acc>;
+    }
+  }
+}
+
+// keep[c] = 1 when element (b, h, query, key0 + c) survives dropout.
+inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t query,
+                             int64_t key0, int64_t cols, uint8_t* keep) {
+  const int64_t batch_head = b * p.heads_q + h;
+  const int64_t key_end = key0 + cols;
+  for (int64_t quad = key0 >> 2; quad * 4 < key_end; ++quad) {
+    const Philox4x32 words = dropout_words(p.dropout_seed, p.dropout_offset, batch_head, query, quad);
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t key = quad * 4 + lane;
+      if (key >= key0 && key < key_end) keep[key - key0] = words.word[lane] >= p.dropout_threshold;
+    }
+  }
+}
+
+}  // namespace flashjit::cpu

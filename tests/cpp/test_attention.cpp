@@ -1,0 +1,223 @@
+// CPU forward and backward against the float64 reference over DESIGN.md §4's
+// shape list and every feature of the problem description.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "harness.hpp"
+
+namespace flashjit::testing {
+namespace {
+
+std::vector<Case> all_cases() {
+  std::vector<Case> cases;
+  auto add = [&](Case c) { cases.push_back(c); };
+
+  for (int64_t dim : {1, 3, 8, 40, 64, 72, 96, 128, 160, 192, 200, 256}) {
+    Case c;
+    c.name = "head_dim";
+    c.dim_qk = c.dim_v = dim;
+    c.seqlen_q = 65;
+    c.seqlen_k = 63;
+    add(c);
+  }
+  for (int64_t seqlen : {1, 7, 63, 65, 127, 129, 1000}) {
+    Case c;
+    c.name = "seqlen";
+    c.heads_q = c.heads_kv = 1;
+    c.seqlen_q = c.seqlen_k = seqlen;
+    c.dim_qk = c.dim_v = 32;
+    add(c);
+  }
+  for (auto [sq, sk] : std::vector<std::pair<int64_t, int64_t>>{{7, 129}, {129, 7}, {1, 200}, {200, 1}, {65, 1000}}) {
+    Case c;
+    c.name = "seqlen_q_ne_k";
+    c.seqlen_q = sq;
+    c.seqlen_k = sk;
+    add(c);
+  }
+  {
+    Case c;
+    c.name = "dim_v_ne_dim_qk";
+    c.dim_qk = 72;
+    c.dim_v = 40;
+    add(c);
+    c.dim_qk = 24;
+    c.dim_v = 130;
+    add(c);
+  }
+  for (auto [hq, hkv] : std::vector<std::pair<int64_t, int64_t>>{{2, 2}, {4, 2}, {8, 1}, {16, 2}}) {
+    Case c;
+    c.name = "gqa";
+    c.batch = 2;
+    c.heads_q = hq;
+    c.heads_kv = hkv;
+    c.seqlen_q = 70;
+    c.seqlen_k = 90;
+    add(c);
+  }
+  for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16, FJ_FLOAT64}) {
+    for (int64_t dim : {8, 64, 128}) {
+      Case c;
+      c.name = "dtype";
+      c.dtype = dtype;
+      c.dim_qk = c.dim_v = dim;
+      c.seqlen_q = 100;
+      c.seqlen_k = 130;
+      add(c);
+    }
+  }
+  for (fj_causal causal : {FJ_CAUSAL_TOP_LEFT, FJ_CAUSAL_BOTTOM_RIGHT}) {
+    for (auto [sq, sk] : std::vector<std::pair<int64_t, int64_t>>{{100, 100}, {37, 150}, {150, 37}, {1, 64}, {130, 129}}) {
+      Case c;
+      c.name = causal == FJ_CAUSAL_TOP_LEFT ? "causal_top_left" : "causal_bottom_right";
+      c.causal = causal;
+      c.seqlen_q = sq;
+      c.seqlen_k = sk;
+      add(c);
+      c.dtype = FJ_BFLOAT16;
+      add(c);
+    }
+  }
+  for (auto [left, right] : std::vector<std::pair<int64_t, int64_t>>{{16, 0}, {8, 8}, {-1, 4}, {4, -1}, {0, 0}, {100, 3}}) {
+    for (fj_causal causal : {FJ_CAUSAL_NONE, FJ_CAUSAL_TOP_LEFT, FJ_CAUSAL_BOTTOM_RIGHT}) {
+      if (causal != FJ_CAUSAL_NONE && right > 0) continue;
+      Case c;
+      c.name = "window";
+      c.causal = causal;
+      c.window_left = left;
+      c.window_right = right;
+      c.seqlen_q = 150;
+      c.seqlen_k = 170;
+      add(c);
+    }
+  }
+  for (double cap : {2.0, 30.0}) {
+    Case c;
+    c.name = "softcap";
+    c.softcap = cap;
+    c.scale = 0.5;
+    c.seqlen_q = 80;
+    c.seqlen_k = 100;
+    add(c);
+    c.dtype = FJ_FLOAT16;
+    add(c);
+  }
+  {
+    Case c;
+    c.name = "custom_scale";
+    c.scale = 0.03;
+    add(c);
+    c.scale = -1.3;
+    add(c);
+  }
+  // Masks: full, broadcast over batch / head / query / everything but keys.
+  const bool broadcasts[][4] = {{false, false, false, false}, {true, false, false, false},
+                                {false, true, false, false}, {false, false, true, false},
+                                {true, true, true, false}, {true, true, false, false}};
+  for (MaskType type : {MaskType::kBool, MaskType::kAdditiveFloat32, MaskType::kAdditiveDtype}) {
+    for (const auto& broadcast : broadcasts) {
+      for (Layout layout : {Layout::kContiguous, Layout::kPadded}) {
+        Case c;
+        c.name = "mask";
+        c.batch = 2;
+        c.mask = type;
+        c.layout = layout;
+        c.seqlen_q = 70;
+        c.seqlen_k = 75;
+        for (int d = 0; d < 4; ++d) c.mask_broadcast[d] = broadcast[d];
+        c.dtype = type == MaskType::kAdditiveDtype ? FJ_FLOAT16 : FJ_FLOAT32;
+        add(c);
+      }
+    }
+  }
+  for (MaskType type : {MaskType::kBool, MaskType::kAdditiveFloat32}) {
+    Case c;
+    c.name = "fully_masked_rows";
+    c.mask = type;
+    c.mask_empty_rows = true;
+    c.seqlen_q = 40;
+    c.seqlen_k = 90;
+    add(c);
+  }
+  for (double p : {0.1, 0.5, 0.9}) {
+    Case c;
+    c.name = "dropout";
+    c.dropout = p;
+    c.seqlen_q = 77;
+    c.seqlen_k = 133;
+    add(c);
+    c.dtype = FJ_BFLOAT16;
+    add(c);
+  }
+  for (Layout layout : {Layout::kPadded, Layout::kSeqMajor}) {
+    Case c;
+    c.name = "strided";
+    c.layout = layout;
+    c.batch = 2;
+    c.heads_q = 4;
+    c.heads_kv = 2;
+    c.seqlen_q = 66;
+    c.seqlen_k = 67;
+    add(c);
+    c.dtype = FJ_FLOAT16;
+    add(c);
+  }
+  {
+    // Everything at once.
+    Case c;
+    c.name = "combined";
+    c.batch = 2;
+    c.heads_q = 6;
+    c.heads_kv = 2;
+    c.seqlen_q = 90;
+    c.seqlen_k = 140;
+    c.dim_qk = 72;
+    c.dim_v = 40;
+    c.dtype = FJ_BFLOAT16;
+    c.layout = Layout::kSeqMajor;
+    c.causal = FJ_CAUSAL_BOTTOM_RIGHT;
+    c.window_left = 50;
+    c.mask = MaskType::kBool;
+    c.mask_broadcast[1] = true;
+    c.softcap = 5.0;
+    c.dropout = 0.2;
+    add(c);
+    c.dtype = FJ_FLOAT64;
+    c.layout = Layout::kPadded;
+    c.mask = MaskType::kAdditiveFloat32;
+    add(c);
+  }
+  {
+    Case c;
+    c.name = "long";
+    c.heads_q = c.heads_kv = 1;
+    c.seqlen_q = 1000;
+    c.seqlen_k = 1000;
+    c.dim_qk = c.dim_v = 64;
+    c.causal = FJ_CAUSAL_TOP_LEFT;
+    c.dtype = FJ_FLOAT16;
+    add(c);
+  }
+  return cases;
+}
+
+class AttentionCase : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionCase, MatchesFloat64Reference) {
+  const Case& c = GetParam();
+  const CaseResult result = run_case(c);
+  EXPECT_TRUE(result.failure.empty()) << describe(c) << ": " << result.failure;
+  for (const ErrorReport& r : result.reports) {
+    EXPECT_LE(r.error, r.tolerance) << describe(c) << ": " << r.what << " error " << r.error
+                                    << " > tolerance " << r.tolerance << " (baseline " << r.baseline << ")";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cpu, AttentionCase, ::testing::ValuesIn(all_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.name + "_" + std::to_string(info.index);
+                         });
+
+}  // namespace
+}  // namespace flashjit::testing

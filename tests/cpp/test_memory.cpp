@@ -1,0 +1,90 @@
+// No allocation grows with seqlen_q x seqlen_k: peak heap use during forward and
+// backward, measured by replacing the global operator new, at two sequence lengths.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+#include "harness.hpp"
+
+namespace {
+
+std::atomic<int64_t> g_live{0};
+std::atomic<int64_t> g_peak{0};
+std::atomic<bool> g_counting{false};
+
+void* counted_alloc(std::size_t size) {
+  // A size header keeps the bookkeeping exact across operator delete overloads.
+  void* block = std::malloc(size + 16);
+  if (block == nullptr) throw std::bad_alloc();
+  *static_cast<std::size_t*>(block) = size;
+  if (g_counting.load()) {
+    const int64_t live = g_live.fetch_add(int64_t(size)) + int64_t(size);
+    int64_t peak = g_peak.load();
+    while (live > peak && !g_peak.compare_exchange_weak(peak, live)) {
+    }
+  }
+  return static_cast<char*>(block) + 16;
+}
+
+void counted_free(void* pointer) {
+  if (pointer == nullptr) return;
+  void* block = static_cast<char*>(pointer) - 16;
+  if (g_counting.load()) g_live.fetch_sub(int64_t(*static_cast<std::size_t*>(block)));
+  std::free(block);
+}
+
+}  // namespace
+
+void* operator new(std::size_t size) { return counted_alloc(size); }
+void* operator new[](std::size_t size) { return counted_alloc(size); }
+void operator delete(void* p) noexcept { counted_free(p); }
+void operator delete[](void* p) noexcept { counted_free(p); }
+void operator delete(void* p, std::size_t) noexcept { counted_free(p); }
+void operator delete[](void* p, std::size_t) noexcept { counted_free(p); }
+
+namespace flashjit::testing {
+namespace {
+
+// Peak bytes the library allocates during one forward + backward at seqlen n.
+int64_t peak_bytes(int64_t n) {
+  const int64_t B = 1, H = 2, D = 64;
+  GuardedTensor q({B, H, n, D}, FJ_FLOAT32), k({B, H, n, D}, FJ_FLOAT32), v({B, H, n, D}, FJ_FLOAT32);
+  GuardedTensor o({B, H, n, D}, FJ_FLOAT32), lse({B, H, n}, FJ_FLOAT32), dout({B, H, n, D}, FJ_FLOAT32);
+  GuardedTensor dq({B, H, n, D}, FJ_FLOAT32), dk({B, H, n, D}, FJ_FLOAT32), dv({B, H, n, D}, FJ_FLOAT32);
+  q.fill_normal(1);
+  k.fill_normal(2);
+  v.fill_normal(3);
+  dout.fill_normal(4);
+  fj_attention_options options = fj_attention_options_default();
+  options.num_threads = 2;
+  options.dropout_p = 0.1;
+  fj_tensor qv = q.view(), kv = k.view(), vv = v.view(), ov = o.view(), lv = lse.view();
+  fj_tensor dov = dout.view(), dqv = dq.view(), dkv = dk.view(), dvv = dv.view();
+  g_live = 0;
+  g_peak = 0;
+  g_counting = true;
+  EXPECT_EQ(fj_attention_forward(&qv, &kv, &vv, &options, &ov, &lv), FJ_SUCCESS);
+  EXPECT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &dqv, &dkv, &dvv), FJ_SUCCESS);
+  g_counting = false;
+  return g_peak.load();
+}
+
+TEST(Memory, PeakDoesNotGrowWithScoreMatrix) {
+  peak_bytes(64);  // start the thread pool outside the measurement
+  const int64_t small = peak_bytes(512);
+  const int64_t large = peak_bytes(2048);  // 16x the score elements of `small`
+  RecordProperty("peak_bytes_512", std::to_string(small));
+  RecordProperty("peak_bytes_2048", std::to_string(large));
+  std::printf("peak heap during forward+backward: seqlen 512: %lld bytes, seqlen 2048: %lld bytes\n",
+              (long long)small, (long long)large);
+  EXPECT_GT(small, 0);
+  // Linear growth would allow 4x; a score matrix would give about 16x.
+  EXPECT_LE(large, 4 * small);
+  // And far below one float32 score matrix per head.
+  EXPECT_LT(large, 2048LL * 2048 * 4 / 8);
+}
+
+}  // namespace
+}  // namespace flashjit::testing
