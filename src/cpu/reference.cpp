@@ -34,6 +34,15 @@ double element(const AttentionProblem& p, const Operand& t, int64_t b, int64_t h
   return read(t.data, p.dtype, b * t.stride_batch + h * t.stride_head + s * t.stride_seq + d);
 }
 
+// Visibility from the documented rule, derived here from the options rather than
+// from AttentionProblem's precomputed bounds so that the oracle checks them.
+bool visible(const AttentionProblem& p, int64_t i, int64_t j) {
+  const int64_t shift = p.causal == FJ_CAUSAL_TOP_LEFT ? 0 : p.seqlen_k - p.seqlen_q;
+  const int64_t right = p.causal != FJ_CAUSAL_NONE ? 0 : p.window_right;
+  const int64_t relative = j - i - shift;
+  return (p.window_left < 0 || relative >= -p.window_left) && (right < 0 || relative <= right);
+}
+
 // Probabilities of one query row: logits, softmax, dropout. tanh values are kept
 // for the softcap derivative.
 struct Row {
@@ -63,7 +72,7 @@ Row attention_row(const AttentionProblem& p, fj_dtype rounding, int64_t b, int64
                             b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3]);
       x = p.mask_kind == MaskKind::kBool ? (m != 0.0 ? x : -INFINITY) : round_to(rounding, x + m);
     }
-    if (j < p.key_begin(i) || j >= p.key_end(i)) x = -INFINITY;
+    if (!visible(p, i, j)) x = -INFINITY;
     logit[j] = x;
     max_logit = std::max(max_logit, x);
   }

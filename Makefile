@@ -1,0 +1,40 @@
+# make demo: set up, build, and run the CPU demo (flashjit vs naive attention).
+# make test: set up, build, and run every test (ctest, then pytest).
+PYTHON ?= python3
+BUILD_DIR ?= build/cpp
+JOBS ?= $(shell nproc)
+
+.PHONY: all setup build-cpp install test test-cpp test-python demo format clean
+
+all: build-cpp install
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+build-cpp:
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=OFF
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+install:
+	$(PYTHON) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
+
+test: setup build-cpp install
+	@status=0; \
+	(cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)) || status=1; \
+	$(PYTHON) -m pytest tests/python -q || status=1; \
+	exit $$status
+
+test-cpp: build-cpp
+	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+
+test-python: install
+	$(PYTHON) -m pytest tests/python -q
+
+demo: setup install
+	$(PYTHON) -m flashjit.demo
+
+format:
+	clang-format -i $$(git ls-files '*.cpp' '*.hpp' '*.h')
+
+clean:
+	rm -rf build

@@ -1,0 +1,144 @@
+"""flashjit forward + backward against naive attention (and PyTorch SDPA) on the CPU.
+
+For each sequence length, each implementation runs in a fresh process so that
+its peak memory is its own: peak = the process's high-water resident memory
+minus its resident memory just before the first forward + backward. Time is the
+median of several forward + backward passes; error is the largest absolute
+difference from naive attention in float64.
+
+    python -m flashjit.demo [--seqlens 512 1024 2048 4096] [--heads 8] [--head-dim 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLEMENTATIONS = ("flashjit", "naive", "sdpa")
+
+
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _naive(q, k, v, causal):
+    import torch
+
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _forward_backward(impl, q, k, v, dout, causal):
+    """o, (dq, dk, dv) for one implementation."""
+    import torch
+
+    if impl == "flashjit":
+        import flashjit
+
+        o, lse = flashjit.attention(q, k, v, causal=causal)
+        return o, flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    if impl == "naive":
+        o = _naive(*leaves, causal)
+    else:
+        o = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)
+    o.backward(dout)
+    return o.detach(), tuple(x.grad for x in leaves)
+
+
+def _measure(impl: str, seqlen: int, heads: int, head_dim: int, dtype_name: str, causal: bool, repeats: int):
+    """Runs in the child process; returns a dict of measurements."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(seqlen)
+    q, k, v, dout = (torch.randn(1, heads, seqlen, head_dim, generator=gen).to(dtype) for _ in range(4))
+    before = _resident_kib("VmRSS")
+    o, grads = _forward_backward(impl, q, k, v, dout, causal)
+    peak = _resident_kib("VmHWM") - before
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _forward_backward(impl, q, k, v, dout, causal)
+        times.append(time.perf_counter() - start)
+    exact_o, exact_grads = _forward_backward("naive", *(x.double() for x in (q, k, v, dout)), causal)
+    err_o = (o.double() - exact_o).abs().max().item()
+    err_grad = max((g.double() - e).abs().max().item() for g, e in zip(grads, exact_grads))
+    return {"time_ms": 1e3 * statistics.median(times), "peak_mib": peak / 1024, "err_o": err_o, "err_grad": err_grad}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "SEQLEN"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        impl, seqlen = args.child[0], int(args.child[1])
+        result = _measure(impl, seqlen, args.heads, args.head_dim, args.dtype, args.causal, args.repeats)
+        print(json.dumps(result))
+        return 0
+
+    import torch
+
+    import flashjit
+
+    threads = torch.get_num_threads()
+    print(f"flashjit {flashjit.__version__} demo: forward + backward on {_cpu_name()} ({os.cpu_count()} cores, "
+          f"torch {torch.__version__} with {threads} threads)")
+    print(f"batch 1, heads {args.heads}, head_dim {args.head_dim}, {args.dtype}, causal={args.causal}; "
+          f"median of {args.repeats} runs; error = max |x - float64 naive| over o and (dq, dk, dv)")
+    header = f"{'seqlen':>7} {'impl':>9} {'time ms':>9} {'TFLOP/s':>8} {'peak MiB':>9} {'err o':>9} {'err grad':>9} {'vs naive':>9}"
+    print(header)
+    print("-" * len(header))
+    for seqlen in args.seqlens:
+        flops = 3.5 * 4 * args.heads * seqlen * seqlen * args.head_dim / (2 if args.causal else 1)
+        rows = {}
+        for impl in IMPLEMENTATIONS:
+            command = [sys.executable, "-m", "flashjit.demo", "--child", impl, str(seqlen), "--heads", str(args.heads),
+                       "--head-dim", str(args.head_dim), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+            if args.causal:
+                command.append("--causal")
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{seqlen:>7} {impl:>9} failed: {done.stderr.strip().splitlines()[-1:]}")
+                continue
+            rows[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+        for impl, r in rows.items():
+            speedup = rows["naive"]["time_ms"] / r["time_ms"] if "naive" in rows else float("nan")
+            print(f"{seqlen:>7} {impl:>9} {r['time_ms']:>9.1f} {flops / r['time_ms'] / 1e9:>8.3f} "
+                  f"{r['peak_mib']:>9.1f} {r['err_o']:>9.2e} {r['err_grad']:>9.2e} {speedup:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

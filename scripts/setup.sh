@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what building and testing flashjit needs on Debian: GoogleTest and a
+# compiler from apt, torch (CPU build), nanobind and the build/test tools from PyPI.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+
+sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+dpkg -s libgtest-dev >/dev/null 2>&1 || missing+=(libgtest-dev)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} with apt-get"
+  sudo_if_needed apt-get update -q
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+"$PYTHON" -m pip install -q --disable-pip-version-check \
+  "torch==2.13.0" "nanobind>=2.0" numpy pytest "scikit-build-core>=0.10" "cmake>=3.21" ninja
