@@ -1,5 +1,6 @@
 // The C boundary: every C++ exception becomes a status plus fj_last_error().
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <new>
 #include <string>
@@ -84,11 +85,17 @@ fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t
     if (!(p >= 0.0 && p < 1.0)) {
       flashjit::throw_value_error("[dropout_keep_mask] p: expected a value in [0, 1), got ", p);
     }
-    if (batch < 0 || num_heads < 0 || seqlen_q < 0 || seqlen_k < 0) {
-      flashjit::throw_value_error("[dropout_keep_mask] sizes must be >= 0, got [", batch, ", ",
-                                  num_heads, ", ", seqlen_q, ", ", seqlen_k, "]");
+    int64_t batch_heads = 0, rows = 0, elements = 0;
+    if (batch < 0 || num_heads < 0 || seqlen_q < 0 || seqlen_k < 0 ||
+        __builtin_mul_overflow(batch, num_heads, &batch_heads) || batch_heads > UINT32_MAX ||
+        seqlen_q > UINT32_MAX || seqlen_k > 4 * int64_t(UINT32_MAX) ||
+        __builtin_mul_overflow(batch_heads, seqlen_q, &rows) ||
+        __builtin_mul_overflow(rows, seqlen_k, &elements)) {
+      flashjit::throw_value_error("[dropout_keep_mask] sizes [", batch, ", ", num_heads, ", ", seqlen_q,
+                                  ", ", seqlen_k, "] must be >= 0 and within the dropout counter "
+                                  "range (batch*heads and seqlen_q below 2^32)");
     }
-    if (keep == nullptr && batch * num_heads * seqlen_q * seqlen_k > 0) {
+    if (keep == nullptr && elements > 0) {
       flashjit::throw_value_error("[dropout_keep_mask] keep: data pointer is NULL");
     }
     const uint32_t threshold = flashjit::dropout_threshold(p);

@@ -1,7 +1,10 @@
 #include "core/problem.hpp"
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 #include <string>
 
 #include "core/dtype.hpp"
@@ -10,6 +13,16 @@
 
 namespace flashjit {
 namespace {
+
+// C callers may store any integer in an enum field; read it as the integer it
+// is before range-checking, since loading an out-of-range enum is undefined in C++.
+template <typename Enum>
+int32_t enum_code(const Enum& value) {
+  static_assert(sizeof(Enum) == sizeof(int32_t), "C enums are int-sized");
+  int32_t code;
+  std::memcpy(&code, &value, sizeof code);
+  return code;
+}
 
 constexpr const char* kDimNames = "[batch, heads, seqlen, head_dim]";
 
@@ -31,6 +44,14 @@ const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor*
                       ndim == 4 ? std::string(" ") + kDimNames : std::string(),
                       ", got ", t->ndim);
   }
+  const int32_t device = enum_code(t->device_type);
+  if (device != FJ_DEVICE_CPU && device != FJ_DEVICE_CUDA) {
+    throw_value_error("[", op, "] ", name, ": unknown device type ", device);
+  }
+  const int32_t dtype = enum_code(t->dtype);
+  if (dtype < FJ_FLOAT32 || dtype > FJ_INT64) {
+    throw_type_error("[", op, "] ", name, ": unknown dtype code ", dtype);
+  }
   int64_t elements = 1;
   for (int d = 0; d < ndim; ++d) {
     if (t->shape[d] < 0) {
@@ -41,16 +62,14 @@ const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor*
       throw_value_error("[", op, "] ", name, ": expected non-negative strides, got stride ",
                         t->strides[d], " in dim ", d);
     }
-    elements *= t->shape[d];
+    int64_t span = 0;
+    if (__builtin_mul_overflow(elements, t->shape[d], &elements) ||
+        __builtin_mul_overflow(t->shape[d], t->strides[d], &span) || span > (int64_t(1) << 60)) {
+      throw_value_error("[", op, "] ", name, ": shape ", shape_string(*t), " with these strides exceeds the address space");
+    }
   }
   if (elements > 0 && t->data == nullptr) {
     throw_value_error("[", op, "] ", name, ": data pointer is NULL");
-  }
-  if (t->device_type != FJ_DEVICE_CPU && t->device_type != FJ_DEVICE_CUDA) {
-    throw_value_error("[", op, "] ", name, ": unknown device type ", int(t->device_type));
-  }
-  if (t->dtype < FJ_FLOAT32 || t->dtype > FJ_INT64) {
-    throw_type_error("[", op, "] ", name, ": unknown dtype code ", int(t->dtype));
   }
   return *t;
 }
@@ -121,14 +140,59 @@ ByteRange byte_range(const fj_tensor& t) {
   return range;
 }
 
-void check_no_overlap(const char* op, const char* out_name, const fj_tensor& out,
-                      const char* in_name, const fj_tensor& in) {
-  const ByteRange a = byte_range(out), b = byte_range(in);
-  if (a.empty || b.empty) return;
-  if (a.first <= b.last && b.first <= a.last) {
-    throw_value_error("[", op, "] ", out_name, ": output memory overlaps input ", in_name,
-                      "; pass a separate buffer");
+bool ranges_overlap(const fj_tensor& a, const fj_tensor& b) {
+  const ByteRange x = byte_range(a), y = byte_range(b);
+  return !x.empty && !y.empty && x.first <= y.last && y.first <= x.last;
+}
+
+bool same_strides(const fj_tensor& a, const fj_tensor& b) {
+  if (a.ndim != b.ndim) return false;
+  for (int d = 0; d < a.ndim - 1; ++d)
+    if (a.strides[d] != b.strides[d]) return false;
+  return true;
+}
+
+struct Named {
+  const char* name;
+  const fj_tensor* tensor;
+};
+
+// What the kernels write must not alias what they read, nor itself:
+//  - no output has a zero stride on a dim of size > 1 (one element written twice);
+//  - no output shares bytes with an input (the mask included);
+//  - outputs are pairwise apart, except views with identical strides whose
+//    ranges interleave, such as dq, dk, dv sliced from one packed dqkv buffer.
+void check_outputs(const char* op, std::initializer_list<Named> outputs,
+                   std::initializer_list<Named> inputs) {
+  for (const Named& out : outputs) {
+    const fj_tensor& t = *out.tensor;
+    for (int d = 0; d < t.ndim; ++d) {
+      if (t.shape[d] > 1 && t.strides[d] == 0) {
+        throw_value_error("[", op, "] ", out.name, ": output has stride 0 in dim ", d, " of size ",
+                          t.shape[d], "; every output element needs its own memory");
+      }
+    }
+    for (const Named& in : inputs) {
+      if (in.tensor != nullptr && ranges_overlap(t, *in.tensor)) {
+        throw_value_error("[", op, "] ", out.name, ": output memory overlaps input ", in.name,
+                          "; pass a separate buffer");
+      }
+    }
   }
+  for (auto a = outputs.begin(); a != outputs.end(); ++a) {
+    for (auto b = a + 1; b != outputs.end(); ++b) {
+      const fj_tensor &x = *a->tensor, &y = *b->tensor;
+      if (!ranges_overlap(x, y)) continue;
+      if (x.data == y.data || !same_strides(x, y)) {
+        throw_value_error("[", op, "] ", b->name, ": output memory overlaps output ", a->name,
+                          "; pass separate buffers");
+      }
+    }
+  }
+}
+
+const fj_tensor* mask_of(const fj_attention_options* options) {
+  return options->mask.data != nullptr ? &options->mask : nullptr;
 }
 
 // Options shared by both directions: scale, softcap, causal, window, mask, dropout.
@@ -141,6 +205,10 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
     if (!std::isfinite(opt.scale)) {
       throw_value_error("[", op, "] scale: expected a finite number, got ", opt.scale);
     }
+    if (p.dtype != FJ_FLOAT64 && std::abs(opt.scale) > FLT_MAX) {
+      throw_value_error("[", op, "] scale: expected a value representable in float32 for ",
+                        dtype_name(p.dtype), " inputs, got ", opt.scale);
+    }
     p.scale = opt.scale;
   } else {
     p.scale = 1.0 / std::sqrt(double(p.head_dim_qk));
@@ -149,12 +217,16 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
     throw_value_error("[", op, "] softcap: expected a finite value >= 0 (0 = off), got ",
                       opt.softcap);
   }
+  if (p.dtype != FJ_FLOAT64 && opt.softcap != 0.0 && (opt.softcap < FLT_MIN || opt.softcap > FLT_MAX)) {
+    throw_value_error("[", op, "] softcap: expected 0 or a value in [", FLT_MIN, ", ", FLT_MAX,
+                      "] for ", dtype_name(p.dtype), " inputs, got ", opt.softcap);
+  }
   p.softcap = opt.softcap;
 
-  if (opt.causal != FJ_CAUSAL_NONE && opt.causal != FJ_CAUSAL_TOP_LEFT &&
-      opt.causal != FJ_CAUSAL_BOTTOM_RIGHT) {
+  const int32_t causal = enum_code(opt.causal);
+  if (causal != FJ_CAUSAL_NONE && causal != FJ_CAUSAL_TOP_LEFT && causal != FJ_CAUSAL_BOTTOM_RIGHT) {
     throw_value_error("[", op, "] causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got ",
-                      int(opt.causal));
+                      causal);
   }
   if (opt.window_left < -1) {
     throw_value_error("[", op, "] window_left: expected -1 (unbounded) or >= 0, got ",
@@ -165,8 +237,11 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
                       opt.window_right);
   }
   p.causal = opt.causal;
-  p.window_left = opt.window_left;
-  p.window_right = opt.window_right;
+  // A bound at least Sq + Sk away from the diagonal excludes nothing: treat it as
+  // unbounded, which also keeps the index arithmetic far from overflow.
+  const int64_t no_bound = p.seqlen_q + p.seqlen_k;
+  p.window_left = opt.window_left >= no_bound ? -1 : opt.window_left;
+  p.window_right = opt.window_right >= no_bound ? -1 : opt.window_right;
   if (opt.causal != FJ_CAUSAL_NONE) {
     if (opt.window_right > 0) {
       throw_value_error("[", op, "] window_right: expected -1 or 0 with a causal mask, got ",
@@ -189,8 +264,8 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
                       "batch*heads)");
   }
 
-  if (opt.num_threads < 0) {
-    throw_value_error("[", op, "] num_threads: expected >= 0 (0 = default), got ",
+  if (opt.num_threads < 0 || opt.num_threads > kMaxThreads) {
+    throw_value_error("[", op, "] num_threads: expected 0 (default) to ", kMaxThreads, ", got ",
                       opt.num_threads);
   }
   p.num_threads = opt.num_threads;
@@ -317,12 +392,8 @@ AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k,
   set_lse(op, lse, *q, p);
   apply_options(op, options, *q, p);
   p.o = make_operand(out);
-  for (const fj_tensor* written : {o, lse}) {
-    const char* name = written == o ? "o" : "lse";
-    check_no_overlap(op, name, *written, "q", *q);
-    check_no_overlap(op, name, *written, "k", *k);
-    check_no_overlap(op, name, *written, "v", *v);
-  }
+  check_outputs(op, {{"o", o}, {"lse", lse}},
+                {{"q", q}, {"k", k}, {"v", v}, {"mask", mask_of(options)}});
   return p;
 }
 
@@ -344,13 +415,9 @@ AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k,
   p.dv = make_operand(check_operand(op, "dv", dv, *q, v_shape, "the shape of v"));
   set_lse(op, lse, *q, p);
   apply_options(op, options, *q, p);
-  const fj_tensor* inputs[] = {q, k, v, o, lse, dout};
-  const char* input_names[] = {"q", "k", "v", "o", "lse", "dout"};
-  const fj_tensor* outputs[] = {dq, dk, dv};
-  const char* output_names[] = {"dq", "dk", "dv"};
-  for (int w = 0; w < 3; ++w) {
-    for (int r = 0; r < 6; ++r) check_no_overlap(op, output_names[w], *outputs[w], input_names[r], *inputs[r]);
-  }
+  check_outputs(op, {{"dq", dq}, {"dk", dk}, {"dv", dv}},
+                {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"lse", lse}, {"dout", dout},
+                 {"mask", mask_of(options)}});
   return p;
 }
 

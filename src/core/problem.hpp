@@ -9,6 +9,9 @@
 
 namespace flashjit {
 
+// Upper bound on threads a call may ask for.
+inline constexpr int32_t kMaxThreads = 1024;
+
 // A [batch, heads, seqlen, dim] operand: base pointer and strides in elements.
 // The last dimension is contiguous. Size-1 dims get stride 0 so that indexing
 // never depends on a meaningless stride.

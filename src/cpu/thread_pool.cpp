@@ -1,13 +1,17 @@
 #include "cpu/thread_pool.hpp"
 
+#include "core/problem.hpp"
+
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -16,8 +20,16 @@ namespace {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int workers) {
-    for (int w = 1; w < workers; ++w) threads_.emplace_back([this, w] { worker_loop(w); });
+  // Starts up to workers - 1 threads. If the system refuses one, the pool keeps
+  // the threads it has: fewer workers, same results.
+  explicit ThreadPool(int workers) : requested_(workers) {
+    for (int w = 1; w < workers; ++w) {
+      try {
+        threads_.emplace_back([this, w] { worker_loop(w); });
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
   }
 
   ~ThreadPool() {
@@ -30,6 +42,7 @@ class ThreadPool {
   }
 
   int size() const { return int(threads_.size()) + 1; }
+  int requested() const { return requested_; }
 
   void run(int64_t count, int workers, const std::function<void(int64_t, int)>& task) {
     {
@@ -81,6 +94,7 @@ class ThreadPool {
     }
   }
 
+  int requested_ = 1;
   std::vector<std::thread> threads_;
   std::mutex mutex_;
   std::condition_variable wake_;
@@ -104,7 +118,7 @@ pid_t g_pool_pid = 0;
 // parent's threads do not exist there.
 ThreadPool& pool(int workers) {
   if (g_pool && g_pool_pid != getpid()) (void)g_pool.release();  // threads gone; leak the shell
-  if (!g_pool || g_pool->size() < workers) {
+  if (!g_pool || g_pool->requested() < workers) {
     g_pool.reset();
     g_pool = std::make_unique<ThreadPool>(workers);
     g_pool_pid = getpid();
@@ -117,7 +131,7 @@ ThreadPool& pool(int workers) {
 int default_num_threads() {
   if (const char* env = std::getenv("FLASHJIT_NUM_THREADS")) {
     const int value = std::atoi(env);
-    if (value > 0) return value;
+    if (value > 0) return std::min(value, int(kMaxThreads));
   }
   const unsigned cores = std::thread::hardware_concurrency();
   return cores > 0 ? int(cores) : 1;
@@ -133,7 +147,8 @@ void parallel_for(int64_t count, int num_threads,
     return;
   }
   std::lock_guard<std::mutex> lock(g_pool_mutex);
-  pool(workers).run(count, workers, task);
+  ThreadPool& threads = pool(workers);
+  threads.run(count, std::min(workers, threads.size()), task);
 }
 
 }  // namespace flashjit::cpu

@@ -110,7 +110,7 @@ inline void gemm(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_
 
 // x[j] = exp(x[j] - shift) for j < n (n a multiple of the lanes); returns the sum.
 // float: Cephes-style range reduction and degree-6 polynomial (about 1 ulp);
-// arguments below -87 (and -inf) give exactly 0.
+// arguments below -87 (and -inf) give exactly 0, above 88 they saturate at e^88.
 inline float exp_shifted_sum(float* x, int64_t n, float shift) {
   using V = VectorOf<float>::type;
   using VI = VectorOf<float>::int_type;
@@ -120,10 +120,12 @@ inline float exp_shifted_sum(float* x, int64_t n, float shift) {
   constexpr float kLn2Low = -2.12194440e-4f;
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   constexpr float kUnderflow = -87.0f;
+  constexpr float kOverflow = 88.0f;
   V total = V{};
   for (int64_t j = 0; j < n; j += L) {
     const V arg = load_vector<V>(x + j) - shift;
-    const V clamped = arg < kUnderflow ? V{} + kUnderflow : arg;
+    const V low_clamped = arg < kUnderflow ? V{} + kUnderflow : arg;
+    const V clamped = low_clamped > kOverflow ? V{} + kOverflow : low_clamped;  // inf, not garbage
     const V n_float = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
     V r = clamped - n_float * kLn2High;
     r = r - n_float * kLn2Low;

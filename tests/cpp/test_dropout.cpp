@@ -2,6 +2,7 @@
 // layout, and the drop rate.
 #include <gtest/gtest.h>
 
+#include <string>
 #include <vector>
 
 #include "core/philox.hpp"
@@ -71,6 +72,14 @@ TEST(Dropout, RateMatchesProbability) {
     const double rate = 1.0 - kept / double(keep.size());
     EXPECT_NEAR(rate, p, 0.005) << "p = " << p;
   }
+}
+
+TEST(Dropout, KeepMaskRejectsSizesBeyondTheCounter) {
+  EXPECT_EQ(fj_dropout_keep_mask(1, 0, 0.5, 1, 1, int64_t(1) << 62, 4, nullptr), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("dropout counter range"), std::string::npos);
+  EXPECT_EQ(fj_dropout_keep_mask(1, 0, 0.5, int64_t(1) << 20, int64_t(1) << 20, 1, 1, nullptr),
+            FJ_ERROR_INVALID_VALUE);
+  EXPECT_EQ(fj_dropout_keep_mask(1, 0, 0.5, 1, 1, 4, 4, nullptr), FJ_ERROR_INVALID_VALUE);
 }
 
 TEST(Dropout, SeedAndOffsetChangeTheMask) {

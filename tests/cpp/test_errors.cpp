@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -15,6 +16,12 @@ struct Call {
   fj_tensor q, k, v, o, lse, dout, dq, dk, dv;
   fj_attention_options options;
 };
+
+// Stores an arbitrary integer in a C enum field, as a C caller can.
+template <typename Enum>
+void set_code(Enum& field, int32_t code) {
+  std::memcpy(&field, &code, sizeof code);
+}
 
 struct BadInput {
   std::string name;
@@ -89,13 +96,23 @@ TEST_F(Errors, EachBadInputIsRejectedWithAClearMessage) {
       {"window_left < -1", [](Call& c) { c.options.window_left = -2; }, FJ_ERROR_INVALID_VALUE, "window_left: expected -1 (unbounded) or >= 0, got -2"},
       {"window_right < -1", [](Call& c) { c.options.window_right = -5; }, FJ_ERROR_INVALID_VALUE, "window_right: expected -1 (unbounded) or >= 0, got -5"},
       {"causal with window_right", [](Call& c) { c.options.causal = FJ_CAUSAL_TOP_LEFT; c.options.window_right = 3; }, FJ_ERROR_INVALID_VALUE, "window_right: expected -1 or 0 with a causal mask, got 3"},
-      {"causal code", [](Call& c) { c.options.causal = fj_causal(7); }, FJ_ERROR_INVALID_VALUE, "causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got 7"},
+      {"causal code", [](Call& c) { set_code(c.options.causal, 7); }, FJ_ERROR_INVALID_VALUE, "causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got 7"},
       {"dropout 1", [](Call& c) { c.options.dropout_p = 1.0; }, FJ_ERROR_INVALID_VALUE, "dropout_p: expected a value in [0, 1), got 1"},
       {"dropout negative", [](Call& c) { c.options.dropout_p = -0.1; }, FJ_ERROR_INVALID_VALUE, "dropout_p: expected a value in [0, 1), got -0.1"},
       {"dropout NaN", [](Call& c) { c.options.dropout_p = NAN; }, FJ_ERROR_INVALID_VALUE, "dropout_p: expected a value in [0, 1)"},
       {"softcap negative", [](Call& c) { c.options.softcap = -1.0; }, FJ_ERROR_INVALID_VALUE, "softcap: expected a finite value >= 0"},
       {"scale infinite", [](Call& c) { c.options.has_scale = 1; c.options.scale = INFINITY; }, FJ_ERROR_INVALID_VALUE, "scale: expected a finite number, got inf"},
-      {"num_threads negative", [](Call& c) { c.options.num_threads = -3; }, FJ_ERROR_INVALID_VALUE, "num_threads: expected >= 0"},
+      {"num_threads negative", [](Call& c) { c.options.num_threads = -3; }, FJ_ERROR_INVALID_VALUE, "num_threads: expected 0 (default) to 1024, got -3"},
+      {"num_threads too large", [](Call& c) { c.options.num_threads = 5000; }, FJ_ERROR_INVALID_VALUE, "num_threads: expected 0 (default) to 1024, got 5000"},
+      {"unknown dtype code", [](Call& c) { set_code(c.q.dtype, 99); }, FJ_ERROR_INVALID_TYPE, "q: unknown dtype code 99"},
+      {"unknown device code", [](Call& c) { set_code(c.k.device_type, 42); }, FJ_ERROR_INVALID_VALUE, "k: unknown device type 42"},
+      {"scale beyond float32", [](Call& c) { c.options.has_scale = 1; c.options.scale = 1e39; }, FJ_ERROR_INVALID_VALUE, "scale: expected a value representable in float32 for float32 inputs"},
+      {"softcap below float32", [](Call& c) { c.options.softcap = 1e-45; }, FJ_ERROR_INVALID_VALUE, "softcap: expected 0 or a value in"},
+      {"huge shape", [](Call& c) { c.q.shape[2] = int64_t(1) << 58; }, FJ_ERROR_INVALID_VALUE, "exceeds the address space"},
+      {"lse inside o", [](Call& c) { c.lse.data = c.o.data; }, FJ_ERROR_INVALID_VALUE, "lse: output memory overlaps output o"},
+      {"o overlaps mask", [](Call& c) { c.options.mask = c.o; c.options.mask.shape[3] = 12; c.options.mask.shape[0] = 1; c.options.mask.shape[1] = 1; }, FJ_ERROR_INVALID_VALUE, "o: output memory overlaps input mask"},
+      {"output stride 0", [](Call& c) { c.o.strides[1] = 0; }, FJ_ERROR_INVALID_VALUE, "o: output has stride 0 in dim 1 of size 4"},
+      {"dk is dq", [](Call& c) { c.dk.data = c.dq.data; }, FJ_ERROR_INVALID_VALUE, "dk: output memory overlaps output dq"},
       {"device mismatch", [](Call& c) { c.v.device_type = FJ_DEVICE_CUDA; }, FJ_ERROR_INVALID_VALUE, "v: expected the device of q (cpu:0), got cuda:0"},
       {"no cuda backend", [](Call& c) {
          for (fj_tensor* t : {&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.dq, &c.dk, &c.dv}) t->device_type = FJ_DEVICE_CUDA;
@@ -141,6 +158,63 @@ TEST(EmptyProblems, ZeroSizedDimsAreValid) {
   ASSERT_EQ(fj_attention_forward(&qv, &kv, &vv, &options, &ov, &lv), FJ_SUCCESS) << fj_last_error();
   for (double x : o.values()) EXPECT_EQ(x, 0.0);
   for (double x : lse.values()) EXPECT_EQ(x, -INFINITY);
+}
+
+TEST(Windows, BoundsBeyondTheSequencesEqualUnbounded) {
+  GuardedTensor q({1, 2, 10, 8}, FJ_FLOAT32), k({1, 2, 5, 8}, FJ_FLOAT32), v({1, 2, 5, 8}, FJ_FLOAT32);
+  GuardedTensor o1({1, 2, 10, 8}, FJ_FLOAT32), l1({1, 2, 10}, FJ_FLOAT32);
+  GuardedTensor o2({1, 2, 10, 8}, FJ_FLOAT32), l2({1, 2, 10}, FJ_FLOAT32);
+  q.fill_normal(1);
+  k.fill_normal(2);
+  v.fill_normal(3);
+  fj_tensor qv = q.view(), kv = k.view(), vv = v.view();
+  fj_tensor o1v = o1.view(), l1v = l1.view(), o2v = o2.view(), l2v = l2.view();
+  fj_attention_options unbounded = fj_attention_options_default();
+  fj_attention_options huge = unbounded;
+  huge.window_left = INT64_MAX;
+  huge.window_right = INT64_MAX;
+  ASSERT_EQ(fj_attention_forward(&qv, &kv, &vv, &unbounded, &o1v, &l1v), FJ_SUCCESS) << fj_last_error();
+  ASSERT_EQ(fj_attention_forward(&qv, &kv, &vv, &huge, &o2v, &l2v), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(o1.values(), o2.values());
+  EXPECT_EQ(l1.values(), l2.values());
+  for (double x : l2.values()) EXPECT_TRUE(std::isfinite(x));
+}
+
+TEST(Outputs, PackedGradientViewsAreAccepted) {
+  // dq, dk, dv sliced from one [B, S, 3, H, D] buffer: interleaved, never the same element.
+  const int64_t B = 2, H = 3, S = 20, D = 8;
+  GuardedTensor q({B, H, S, D}, FJ_FLOAT32), k({B, H, S, D}, FJ_FLOAT32), v({B, H, S, D}, FJ_FLOAT32);
+  GuardedTensor o({B, H, S, D}, FJ_FLOAT32), lse({B, H, S}, FJ_FLOAT32), dout({B, H, S, D}, FJ_FLOAT32);
+  GuardedTensor dq({B, H, S, D}, FJ_FLOAT32), dk({B, H, S, D}, FJ_FLOAT32), dv({B, H, S, D}, FJ_FLOAT32);
+  q.fill_normal(1);
+  k.fill_normal(2);
+  v.fill_normal(3);
+  dout.fill_normal(4);
+  fj_attention_options options = fj_attention_options_default();
+  fj_tensor qv = q.view(), kv = k.view(), vv = v.view(), ov = o.view(), lv = lse.view(), dov = dout.view();
+  fj_tensor dqv = dq.view(), dkv = dk.view(), dvv = dv.view();
+  ASSERT_EQ(fj_attention_forward(&qv, &kv, &vv, &options, &ov, &lv), FJ_SUCCESS) << fj_last_error();
+  ASSERT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &dqv, &dkv, &dvv), FJ_SUCCESS);
+
+  std::vector<float> packed(size_t(B * S * 3 * H * D), NAN);
+  fj_tensor grads[3];
+  for (int which = 0; which < 3; ++which) {
+    grads[which] = dqv;
+    grads[which].data = packed.data() + which * H * D;
+    const int64_t strides[4] = {S * 3 * H * D, D, 3 * H * D, 1};
+    for (int d = 0; d < 4; ++d) grads[which].strides[d] = strides[d];
+  }
+  ASSERT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &grads[0], &grads[1], &grads[2]),
+            FJ_SUCCESS) << fj_last_error();
+  const std::vector<double> expected[3] = {dq.values(), dk.values(), dv.values()};
+  for (int which = 0; which < 3; ++which) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t d = 0; d < D; ++d)
+            ASSERT_EQ(double(packed[size_t(((b * S + s) * 3 + which) * H * D + h * D + d)]),
+                      expected[which][size_t(((b * H + h) * S + s) * D + d)]);
+  }
 }
 
 }  // namespace

@@ -53,7 +53,7 @@ BAD_FORWARD = [
     ("dropout without seed", ValueError, r"seed: required when dropout_p > 0", dict(dropout_p=0.1)),
     ("softcap negative", ValueError, r"softcap: expected a finite value >= 0", dict(softcap=-1.0)),
     ("scale nan", ValueError, r"scale: expected a finite number, got nan", dict(scale=float("nan"))),
-    ("num_threads", ValueError, r"num_threads: expected >= 0", dict(num_threads=-1)),
+    ("num_threads", ValueError, r"num_threads: expected 0 \(default\) to 1024, got -1", dict(num_threads=-1)),
     ("not an array", TypeError, r"q: expected a numpy.ndarray or torch.Tensor, got list", dict(q=[[1.0]])),
     ("numpy k with torch q", TypeError, r"k: expected a torch.Tensor like q, got numpy.ndarray",
      dict(k=np.zeros((2, 2, 12, 16), np.float32))),
