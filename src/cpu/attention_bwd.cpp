@@ -212,13 +212,7 @@ void backward_typed(const AttentionProblem& p) {
 }  // namespace
 
 void attention_backward(const AttentionProblem& p) {
-  switch (p.dtype) {
-    case FJ_FLOAT32: return backward_typed<float>(p);
-    case FJ_FLOAT16: return backward_typed<Half>(p);
-    case FJ_BFLOAT16: return backward_typed<BFloat16>(p);
-    case FJ_FLOAT64: return backward_typed<double>(p);
-    default: throw_type_error("[attention_backward] q: unsupported dtype ", dtype_name(p.dtype));
-  }
+  dispatch_float_dtype(p.dtype, "attention_backward", [&](auto element) { backward_typed<decltype(element)>(p); });
 }
 
 }  // namespace flashjit::cpu

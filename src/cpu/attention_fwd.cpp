@@ -122,13 +122,7 @@ void forward_typed(const AttentionProblem& p) {
 }  // namespace
 
 void attention_forward(const AttentionProblem& p) {
-  switch (p.dtype) {
-    case FJ_FLOAT32: return forward_typed<float>(p);
-    case FJ_FLOAT16: return forward_typed<Half>(p);
-    case FJ_BFLOAT16: return forward_typed<BFloat16>(p);
-    case FJ_FLOAT64: return forward_typed<double>(p);
-    default: throw_type_error("[attention] q: unsupported dtype ", dtype_name(p.dtype));
-  }
+  dispatch_float_dtype(p.dtype, "attention", [&](auto element) { forward_typed<decltype(element)>(p); });
 }
 
 }  // namespace flashjit::cpu

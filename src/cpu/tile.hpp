@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/dtype.hpp"
+#include "core/error.hpp"
 #include "core/philox.hpp"
 #include "core/problem.hpp"
 
@@ -26,6 +27,18 @@ inline constexpr int kVectorBytes = 32;
 // within a core's L2, and no buffer depends on the sequence lengths.
 inline constexpr int64_t kBlockQ = 64;
 inline constexpr int64_t kBlockK = 64;
+
+// Calls fn(T{}) with T the storage type of a floating dtype.
+template <typename Fn>
+void dispatch_float_dtype(fj_dtype dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case FJ_FLOAT32: return fn(float{});
+    case FJ_FLOAT16: return fn(Half{});
+    case FJ_BFLOAT16: return fn(BFloat16{});
+    case FJ_FLOAT64: return fn(double{});
+    default: throw_type_error("[", op, "] q: unsupported dtype ", dtype_name(dtype));
+  }
+}
 
 template <typename Acc>
 struct VectorOf;

@@ -138,6 +138,34 @@ bool GuardedTensor::guards_intact() const {
   return true;
 }
 
+AttentionBuffers::AttentionBuffers(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                                   int64_t seqlen_k, int64_t head_dim, fj_dtype dtype)
+    : q({batch, heads_q, seqlen_q, head_dim}, dtype),
+      k({batch, heads_kv, seqlen_k, head_dim}, dtype),
+      v({batch, heads_kv, seqlen_k, head_dim}, dtype),
+      o({batch, heads_q, seqlen_q, head_dim}, dtype),
+      lse({batch, heads_q, seqlen_q}, dtype == FJ_FLOAT64 ? FJ_FLOAT64 : FJ_FLOAT32),
+      dout({batch, heads_q, seqlen_q, head_dim}, dtype),
+      dq({batch, heads_q, seqlen_q, head_dim}, dtype),
+      dk({batch, heads_kv, seqlen_k, head_dim}, dtype),
+      dv({batch, heads_kv, seqlen_k, head_dim}, dtype) {
+  q.fill_normal(1);
+  k.fill_normal(2);
+  v.fill_normal(3);
+  dout.fill_normal(4);
+}
+
+fj_status AttentionBuffers::forward(const fj_attention_options& options) {
+  fj_tensor qv = q.view(), kv = k.view(), vv = v.view(), ov = o.view(), lv = lse.view();
+  return fj_attention_forward(&qv, &kv, &vv, &options, &ov, &lv);
+}
+
+fj_status AttentionBuffers::backward(const fj_attention_options& options) {
+  fj_tensor qv = q.view(), kv = k.view(), vv = v.view(), ov = o.view(), lv = lse.view();
+  fj_tensor dov = dout.view(), dqv = dq.view(), dkv = dk.view(), dvv = dv.view();
+  return fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &dqv, &dkv, &dvv);
+}
+
 std::string describe(const Case& c) {
   std::ostringstream out;
   out << c.name << ": B" << c.batch << " Hq" << c.heads_q << " Hkv" << c.heads_kv << " Sq" << c.seqlen_q

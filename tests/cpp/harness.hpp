@@ -47,6 +47,17 @@ class GuardedTensor {
   std::vector<bool> in_view_;
 };
 
+// The nine tensors of one forward + backward: q, k, v, dout filled with normal
+// values (seeds 1 to 4); o, lse, dq, dk, dv left for the library to write.
+struct AttentionBuffers {
+  AttentionBuffers(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k,
+                   int64_t head_dim, fj_dtype dtype);
+  fj_status forward(const fj_attention_options& options);
+  fj_status backward(const fj_attention_options& options);
+
+  GuardedTensor q, k, v, o, lse, dout, dq, dk, dv;
+};
+
 enum class MaskType { kNone, kBool, kAdditiveFloat32, kAdditiveDtype };
 
 struct Case {

@@ -183,30 +183,24 @@ TEST(Windows, BoundsBeyondTheSequencesEqualUnbounded) {
 TEST(Outputs, PackedGradientViewsAreAccepted) {
   // dq, dk, dv sliced from one [B, S, 3, H, D] buffer: interleaved, never the same element.
   const int64_t B = 2, H = 3, S = 20, D = 8;
-  GuardedTensor q({B, H, S, D}, FJ_FLOAT32), k({B, H, S, D}, FJ_FLOAT32), v({B, H, S, D}, FJ_FLOAT32);
-  GuardedTensor o({B, H, S, D}, FJ_FLOAT32), lse({B, H, S}, FJ_FLOAT32), dout({B, H, S, D}, FJ_FLOAT32);
-  GuardedTensor dq({B, H, S, D}, FJ_FLOAT32), dk({B, H, S, D}, FJ_FLOAT32), dv({B, H, S, D}, FJ_FLOAT32);
-  q.fill_normal(1);
-  k.fill_normal(2);
-  v.fill_normal(3);
-  dout.fill_normal(4);
+  AttentionBuffers t(B, H, H, S, S, D, FJ_FLOAT32);
   fj_attention_options options = fj_attention_options_default();
-  fj_tensor qv = q.view(), kv = k.view(), vv = v.view(), ov = o.view(), lv = lse.view(), dov = dout.view();
-  fj_tensor dqv = dq.view(), dkv = dk.view(), dvv = dv.view();
-  ASSERT_EQ(fj_attention_forward(&qv, &kv, &vv, &options, &ov, &lv), FJ_SUCCESS) << fj_last_error();
-  ASSERT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &dqv, &dkv, &dvv), FJ_SUCCESS);
+  ASSERT_EQ(t.forward(options), FJ_SUCCESS) << fj_last_error();
+  ASSERT_EQ(t.backward(options), FJ_SUCCESS) << fj_last_error();
 
   std::vector<float> packed(size_t(B * S * 3 * H * D), NAN);
   fj_tensor grads[3];
   for (int which = 0; which < 3; ++which) {
-    grads[which] = dqv;
+    grads[which] = t.dq.view();
     grads[which].data = packed.data() + which * H * D;
     const int64_t strides[4] = {S * 3 * H * D, D, 3 * H * D, 1};
     for (int d = 0; d < 4; ++d) grads[which].strides[d] = strides[d];
   }
+  fj_tensor qv = t.q.view(), kv = t.k.view(), vv = t.v.view(), ov = t.o.view(), lv = t.lse.view();
+  fj_tensor dov = t.dout.view();
   ASSERT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &grads[0], &grads[1], &grads[2]),
             FJ_SUCCESS) << fj_last_error();
-  const std::vector<double> expected[3] = {dq.values(), dk.values(), dv.values()};
+  const std::vector<double> expected[3] = {t.dq.values(), t.dk.values(), t.dv.values()};
   for (int which = 0; which < 3; ++which) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)

@@ -49,24 +49,15 @@ namespace {
 
 // Peak bytes the library allocates during one forward + backward at seqlen n.
 int64_t peak_bytes(int64_t n) {
-  const int64_t B = 1, H = 2, D = 64;
-  GuardedTensor q({B, H, n, D}, FJ_FLOAT32), k({B, H, n, D}, FJ_FLOAT32), v({B, H, n, D}, FJ_FLOAT32);
-  GuardedTensor o({B, H, n, D}, FJ_FLOAT32), lse({B, H, n}, FJ_FLOAT32), dout({B, H, n, D}, FJ_FLOAT32);
-  GuardedTensor dq({B, H, n, D}, FJ_FLOAT32), dk({B, H, n, D}, FJ_FLOAT32), dv({B, H, n, D}, FJ_FLOAT32);
-  q.fill_normal(1);
-  k.fill_normal(2);
-  v.fill_normal(3);
-  dout.fill_normal(4);
+  AttentionBuffers t(1, 2, 2, n, n, 64, FJ_FLOAT32);
   fj_attention_options options = fj_attention_options_default();
   options.num_threads = 2;
   options.dropout_p = 0.1;
-  fj_tensor qv = q.view(), kv = k.view(), vv = v.view(), ov = o.view(), lv = lse.view();
-  fj_tensor dov = dout.view(), dqv = dq.view(), dkv = dk.view(), dvv = dv.view();
   g_live = 0;
   g_peak = 0;
   g_counting = true;
-  EXPECT_EQ(fj_attention_forward(&qv, &kv, &vv, &options, &ov, &lv), FJ_SUCCESS);
-  EXPECT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &dqv, &dkv, &dvv), FJ_SUCCESS);
+  EXPECT_EQ(t.forward(options), FJ_SUCCESS);
+  EXPECT_EQ(t.backward(options), FJ_SUCCESS);
   g_counting = false;
   return g_peak.load();
 }
