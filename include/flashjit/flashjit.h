@@ -49,11 +49,7 @@ typedef enum fj_device_type { FJ_DEVICE_CPU = 0, FJ_DEVICE_CUDA = 1 } fj_device_
 
 /* Causal masks. TOP_LEFT keeps key j for query i when j <= i (SDPA's is_causal);
  * BOTTOM_RIGHT keeps j <= i + Sk - Sq (flash-attn and MLX). */
-typedef enum fj_causal {
-  FJ_CAUSAL_NONE = 0,
-  FJ_CAUSAL_TOP_LEFT = 1,
-  FJ_CAUSAL_BOTTOM_RIGHT = 2
-} fj_causal;
+typedef enum fj_causal { FJ_CAUSAL_NONE = 0, FJ_CAUSAL_TOP_LEFT = 1, FJ_CAUSAL_BOTTOM_RIGHT = 2 } fj_causal;
 
 /* A strided view of caller memory; flashjit never copies or frees it. */
 typedef struct fj_tensor {
@@ -61,16 +57,16 @@ typedef struct fj_tensor {
   fj_dtype dtype;
   fj_device_type device_type;
   int32_t device_index;
-  int32_t ndim;                   /* 0 with data == NULL means "absent" (optional tensors) */
+  int32_t ndim; /* 0 with data == NULL means "absent" (optional tensors) */
   int64_t shape[FJ_MAX_DIMS];
-  int64_t strides[FJ_MAX_DIMS];   /* in elements, not bytes */
+  int64_t strides[FJ_MAX_DIMS]; /* in elements, not bytes */
 } fj_tensor;
 
 /* Everything besides the tensors. Initialise with fj_attention_options_default(). */
 typedef struct fj_attention_options {
-  int32_t has_scale;              /* 0: scale = 1 / sqrt(Dqk) */
-  double scale;                   /* multiplies q.k before softcap, mask and softmax */
-  double softcap;                 /* > 0: score = softcap * tanh(score / softcap); 0 = off */
+  int32_t has_scale; /* 0: scale = 1 / sqrt(Dqk) */
+  double scale;      /* multiplies q.k before softcap, mask and softmax */
+  double softcap;    /* > 0: score = softcap * tanh(score / softcap); 0 = off */
   fj_causal causal;
   /* Sliding window: key j is kept for query i when
    *   i + shift - window_left <= j <= i + shift + window_right,
@@ -88,7 +84,7 @@ typedef struct fj_attention_options {
   double dropout_p;
   uint64_t dropout_seed;
   uint64_t dropout_offset;
-  int32_t num_threads;            /* CPU: 0 = FLASHJIT_NUM_THREADS or all cores */
+  int32_t num_threads; /* CPU: 0 = FLASHJIT_NUM_THREADS or all cores */
 } fj_attention_options;
 
 fj_attention_options fj_attention_options_default(void);
@@ -96,15 +92,14 @@ fj_attention_options fj_attention_options_default(void);
 /* o, lse = attention(q, k, v). A query row with no key left after masking gives
  * o = 0 and lse = -inf. */
 fj_status fj_attention_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
-                               const fj_attention_options* options, fj_tensor* o,
-                               fj_tensor* lse);
+                               const fj_attention_options* options, fj_tensor* o, fj_tensor* lse);
 
 /* dq, dk, dv from the forward's o and lse and the output gradient dout (o's shape).
  * dk and dv sum over the query heads of each group. Deterministic. */
 fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
-                                const fj_tensor* o, const fj_tensor* lse,
-                                const fj_tensor* dout, const fj_attention_options* options,
-                                fj_tensor* dq, fj_tensor* dk, fj_tensor* dv);
+                                const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,
+                                fj_tensor* dv);
 
 /* The dropout rule, exposed so that tests and other backends can reproduce it.
  * Philox4x32-10 (Salmon et al., 2011) with
@@ -113,13 +108,12 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
  * gives four 32-bit words r[0..3]; element (b, h, i, j) is dropped when
  *   r[j % 4] < floor(p * 2^32)
  * and kept otherwise. h is the query head, H the number of query heads. */
-int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t h,
-                    int64_t num_heads, int64_t i, int64_t j);
+int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t h, int64_t num_heads,
+                    int64_t i, int64_t j);
 
 /* Writes the keep mask (1 = kept) for [B, H, Sq, Sk] into a contiguous byte array. */
-fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t batch,
-                               int64_t num_heads, int64_t seqlen_q, int64_t seqlen_k,
-                               uint8_t* keep);
+fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t batch, int64_t num_heads,
+                               int64_t seqlen_q, int64_t seqlen_k, uint8_t* keep);
 
 /* Message of the last failure on this thread ("" if none). */
 const char* fj_last_error(void);

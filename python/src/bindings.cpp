@@ -80,8 +80,8 @@ fj_tensor to_tensor(const char* op, const char* name, const A& array) {
 
 fj_attention_options make_options(const char* op, const std::optional<Array>& mask,
                                   std::optional<double> scale, double softcap, int causal,
-                                  int64_t window_left, int64_t window_right, double dropout_p,
-                                  uint64_t seed, uint64_t offset, int num_threads) {
+                                  int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed,
+                                  uint64_t offset, int num_threads) {
   fj_attention_options options = fj_attention_options_default();
   if (mask) options.mask = to_tensor(op, "mask", *mask);
   options.has_scale = scale.has_value();
@@ -98,9 +98,9 @@ fj_attention_options make_options(const char* op, const std::optional<Array>& ma
 }
 
 void forward(const Array& q, const Array& k, const Array& v, OutArray o, OutArray lse,
-             const std::optional<Array>& mask, std::optional<double> scale, double softcap,
-             int causal, int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed,
-             uint64_t offset, int num_threads) {
+             const std::optional<Array>& mask, std::optional<double> scale, double softcap, int causal,
+             int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset,
+             int num_threads) {
   constexpr const char* op = "attention";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
@@ -115,10 +115,9 @@ void forward(const Array& q, const Array& k, const Array& v, OutArray o, OutArra
 }
 
 void backward(const Array& q, const Array& k, const Array& v, const Array& o, const Array& lse,
-              const Array& dout, OutArray dq, OutArray dk, OutArray dv,
-              const std::optional<Array>& mask, std::optional<double> scale, double softcap,
-              int causal, int64_t window_left, int64_t window_right, double dropout_p,
-              uint64_t seed, uint64_t offset, int num_threads) {
+              const Array& dout, OutArray dq, OutArray dk, OutArray dv, const std::optional<Array>& mask,
+              std::optional<double> scale, double softcap, int causal, int64_t window_left,
+              int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads) {
   constexpr const char* op = "attention_backward";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   const fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
@@ -136,8 +135,8 @@ void backward(const Array& q, const Array& k, const Array& v, const Array& o, co
 
 void dropout_keep_mask(uint64_t seed, uint64_t offset, double p,
                        nb::ndarray<uint8_t, nb::ndim<4>, nb::c_contig, nb::device::cpu> keep) {
-  const fj_status status = fj_dropout_keep_mask(seed, offset, p, keep.shape(0), keep.shape(1),
-                                                keep.shape(2), keep.shape(3), keep.data());
+  const fj_status status = fj_dropout_keep_mask(seed, offset, p, keep.shape(0), keep.shape(1), keep.shape(2),
+                                                keep.shape(3), keep.data());
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
@@ -153,9 +152,9 @@ NB_MODULE(_C, m) {
   m.def("backward", &backward, nb::arg("q").noconvert(), nb::arg("k").noconvert(), nb::arg("v").noconvert(),
         nb::arg("o").noconvert(), nb::arg("lse").noconvert(), nb::arg("dout").noconvert(),
         nb::arg("dq").noconvert(), nb::arg("dk").noconvert(), nb::arg("dv").noconvert(),
-        nb::arg("mask").noconvert().none(), nb::arg("scale").none(), nb::arg("softcap"),
-        nb::arg("causal"), nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"),
-        nb::arg("seed"), nb::arg("offset"), nb::arg("num_threads"));
+        nb::arg("mask").noconvert().none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
+        nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
+        nb::arg("offset"), nb::arg("num_threads"));
   m.def("dropout_keep_mask", &dropout_keep_mask, nb::arg("seed"), nb::arg("offset"), nb::arg("p"),
         nb::arg("keep").noconvert());
   m.def("version", [] { return std::string(fj_version()); });

@@ -71,16 +71,16 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
   });
 }
 
-int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t h,
-                    int64_t num_heads, int64_t i, int64_t j) {
+int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t h, int64_t num_heads,
+                    int64_t i, int64_t j) {
   if (!(p > 0.0)) return 1;
   if (p >= 1.0) return 0;
-  return flashjit::dropout_keep(seed, offset, flashjit::dropout_threshold(p), b * num_heads + h, i, j) ? 1 : 0;
+  return flashjit::dropout_keep(seed, offset, flashjit::dropout_threshold(p), b * num_heads + h, i, j) ? 1
+                                                                                                       : 0;
 }
 
-fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t batch,
-                               int64_t num_heads, int64_t seqlen_q, int64_t seqlen_k,
-                               uint8_t* keep) {
+fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t batch, int64_t num_heads,
+                               int64_t seqlen_q, int64_t seqlen_k, uint8_t* keep) {
   return guarded([&] {
     if (!(p >= 0.0 && p < 1.0)) {
       flashjit::throw_value_error("[dropout_keep_mask] p: expected a value in [0, 1), got ", p);
@@ -91,8 +91,9 @@ fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t
         seqlen_q > UINT32_MAX || seqlen_k > 4 * int64_t(UINT32_MAX) ||
         __builtin_mul_overflow(batch_heads, seqlen_q, &rows) ||
         __builtin_mul_overflow(rows, seqlen_k, &elements)) {
-      flashjit::throw_value_error("[dropout_keep_mask] sizes [", batch, ", ", num_heads, ", ", seqlen_q,
-                                  ", ", seqlen_k, "] must be >= 0 and within the dropout counter "
+      flashjit::throw_value_error("[dropout_keep_mask] sizes [", batch, ", ", num_heads, ", ", seqlen_q, ", ",
+                                  seqlen_k,
+                                  "] must be >= 0 and within the dropout counter "
                                   "range (batch*heads and seqlen_q below 2^32)");
     }
     if (keep == nullptr && elements > 0) {
@@ -112,12 +113,16 @@ fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t
   });
 }
 
-const char* fj_last_error(void) { return g_last_error.c_str(); }
+const char* fj_last_error(void) {
+  return g_last_error.c_str();
+}
 
 const char* fj_version(void) {
   return FJ_STRINGIFY(FJ_VERSION_MAJOR) "." FJ_STRINGIFY(FJ_VERSION_MINOR) "." FJ_STRINGIFY(FJ_VERSION_PATCH);
 }
 
-const char* fj_backends(void) { return flashjit::backend_names(); }
+const char* fj_backends(void) {
+  return flashjit::backend_names();
+}
 
 }  // extern "C"

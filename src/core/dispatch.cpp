@@ -35,11 +35,12 @@ const Backend& backend_for(fj_device_type device_type, const char* op) {
   for (int i = 0; i < r.count; ++i) {
     if (r.backends[i]->device_type == device_type) return *r.backends[i];
   }
-  throw_unsupported("[", op, "] no backend for device ",
-                    device_type == FJ_DEVICE_CUDA ? "cuda" : "cpu",
+  throw_unsupported("[", op, "] no backend for device ", device_type == FJ_DEVICE_CUDA ? "cuda" : "cpu",
                     " in this build (compiled-in backends: ", r.names, ")");
 }
 
-const char* backend_names() { return registry().names.c_str(); }
+const char* backend_names() {
+  return registry().names.c_str();
+}
 
 }  // namespace flashjit

@@ -30,7 +30,9 @@ inline float bits_float(uint32_t bits) {
   return value;
 }
 
-inline float to_float(BFloat16 x) { return bits_float(uint32_t(x.bits) << 16); }
+inline float to_float(BFloat16 x) {
+  return bits_float(uint32_t(x.bits) << 16);
+}
 
 inline BFloat16 bfloat16_from_float(float value) {
   uint32_t bits = float_bits(value);
@@ -54,7 +56,7 @@ inline Half half_from_float(float value) {
   const uint32_t bits = float_bits(value);
   const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
   const uint32_t magnitude = bits & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return Half{uint16_t(sign | 0x7e00u)};  // NaN
+  if (magnitude > 0x7f800000u) return Half{uint16_t(sign | 0x7e00u)};   // NaN
   if (magnitude >= 0x477ff000u) return Half{uint16_t(sign | 0x7c00u)};  // rounds to inf
   if (magnitude < 0x38800000u) {
     // Result is subnormal in half: round magnitude / 2^-24 to an integer, ties to even.
@@ -129,8 +131,7 @@ inline int64_t dtype_size(fj_dtype dtype) {
 }
 
 inline bool is_float_dtype(fj_dtype dtype) {
-  return dtype == FJ_FLOAT32 || dtype == FJ_FLOAT16 || dtype == FJ_BFLOAT16 ||
-         dtype == FJ_FLOAT64;
+  return dtype == FJ_FLOAT32 || dtype == FJ_FLOAT16 || dtype == FJ_BFLOAT16 || dtype == FJ_FLOAT64;
 }
 
 }  // namespace flashjit

@@ -13,8 +13,7 @@ namespace flashjit {
 
 class Error : public std::runtime_error {
  public:
-  Error(fj_status status, const std::string& message)
-      : std::runtime_error(message), status_(status) {}
+  Error(fj_status status, const std::string& message) : std::runtime_error(message), status_(status) {}
   fj_status status() const { return status_; }
 
  private:

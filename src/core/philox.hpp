@@ -9,7 +9,9 @@
 namespace flashjit {
 
 // Dropout threshold for probability p in [0, 1): floor(p * 2^32), exact in double.
-inline uint32_t dropout_threshold(double p) { return uint32_t(std::floor(p * 4294967296.0)); }
+inline uint32_t dropout_threshold(double p) {
+  return uint32_t(std::floor(p * 4294967296.0));
+}
 
 struct Philox4x32 {
   uint32_t word[4];
@@ -38,10 +40,10 @@ inline Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t 
 
 // The four dropout words for keys [4 * key_quad, 4 * key_quad + 4) of one
 // (batch, head, query) row: counter = (key_quad, query, batch * heads + head, lo(offset)).
-inline Philox4x32 dropout_words(uint64_t seed, uint64_t offset, int64_t batch_head,
-                                int64_t query, int64_t key_quad) {
-  return philox4x32_10(uint32_t(key_quad), uint32_t(query), uint32_t(batch_head),
-                       uint32_t(offset), uint32_t(seed), uint32_t(seed >> 32) ^ uint32_t(offset >> 32));
+inline Philox4x32 dropout_words(uint64_t seed, uint64_t offset, int64_t batch_head, int64_t query,
+                                int64_t key_quad) {
+  return philox4x32_10(uint32_t(key_quad), uint32_t(query), uint32_t(batch_head), uint32_t(offset),
+                       uint32_t(seed), uint32_t(seed >> 32) ^ uint32_t(offset >> 32));
 }
 
 inline bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t threshold, int64_t batch_head,

@@ -41,8 +41,7 @@ const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor*
   if (t == nullptr) throw_value_error("[", op, "] ", name, ": expected a tensor, got NULL");
   if (t->ndim != ndim) {
     throw_value_error("[", op, "] ", name, ": expected ", ndim, " dims",
-                      ndim == 4 ? std::string(" ") + kDimNames : std::string(),
-                      ", got ", t->ndim);
+                      ndim == 4 ? std::string(" ") + kDimNames : std::string(), ", got ", t->ndim);
   }
   const int32_t device = enum_code(t->device_type);
   if (device != FJ_DEVICE_CPU && device != FJ_DEVICE_CUDA) {
@@ -55,17 +54,17 @@ const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor*
   int64_t elements = 1;
   for (int d = 0; d < ndim; ++d) {
     if (t->shape[d] < 0) {
-      throw_value_error("[", op, "] ", name, ": expected non-negative sizes, got shape ",
-                        shape_string(*t));
+      throw_value_error("[", op, "] ", name, ": expected non-negative sizes, got shape ", shape_string(*t));
     }
     if (t->strides[d] < 0) {
-      throw_value_error("[", op, "] ", name, ": expected non-negative strides, got stride ",
-                        t->strides[d], " in dim ", d);
+      throw_value_error("[", op, "] ", name, ": expected non-negative strides, got stride ", t->strides[d],
+                        " in dim ", d);
     }
     int64_t span = 0;
     if (__builtin_mul_overflow(elements, t->shape[d], &elements) ||
         __builtin_mul_overflow(t->shape[d], t->strides[d], &span) || span > (int64_t(1) << 60)) {
-      throw_value_error("[", op, "] ", name, ": shape ", shape_string(*t), " with these strides exceeds the address space");
+      throw_value_error("[", op, "] ", name, ": shape ", shape_string(*t),
+                        " with these strides exceeds the address space");
     }
   }
   if (elements > 0 && t->data == nullptr) {
@@ -88,8 +87,8 @@ void check_shape(const char* op, const char* name, const fj_tensor& t, const int
     if (t.shape[d] != expected[d]) {
       fj_tensor want = t;
       for (int e = 0; e < t.ndim; ++e) want.shape[e] = expected[e];
-      throw_value_error("[", op, "] ", name, ": expected shape ", shape_string(want), " (", why,
-                        "), got ", shape_string(t));
+      throw_value_error("[", op, "] ", name, ": expected shape ", shape_string(want), " (", why, "), got ",
+                        shape_string(t));
     }
   }
 }
@@ -101,13 +100,11 @@ void check_same_dtype(const char* op, const char* name, const fj_tensor& t, fj_d
   }
 }
 
-void check_same_device(const char* op, const char* name, const fj_tensor& t,
-                       const fj_tensor& q) {
+void check_same_device(const char* op, const char* name, const fj_tensor& t, const fj_tensor& q) {
   if (t.device_type != q.device_type || t.device_index != q.device_index) {
     throw_value_error("[", op, "] ", name, ": expected the device of q (",
-                      q.device_type == FJ_DEVICE_CPU ? "cpu" : "cuda", ":", q.device_index,
-                      "), got ", t.device_type == FJ_DEVICE_CPU ? "cpu" : "cuda", ":",
-                      t.device_index);
+                      q.device_type == FJ_DEVICE_CPU ? "cpu" : "cuda", ":", q.device_index, "), got ",
+                      t.device_type == FJ_DEVICE_CPU ? "cpu" : "cuda", ":", t.device_index);
   }
 }
 
@@ -214,27 +211,23 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
     p.scale = 1.0 / std::sqrt(double(p.head_dim_qk));
   }
   if (!(opt.softcap >= 0.0) || !std::isfinite(opt.softcap)) {
-    throw_value_error("[", op, "] softcap: expected a finite value >= 0 (0 = off), got ",
-                      opt.softcap);
+    throw_value_error("[", op, "] softcap: expected a finite value >= 0 (0 = off), got ", opt.softcap);
   }
   if (p.dtype != FJ_FLOAT64 && opt.softcap != 0.0 && (opt.softcap < FLT_MIN || opt.softcap > FLT_MAX)) {
-    throw_value_error("[", op, "] softcap: expected 0 or a value in [", FLT_MIN, ", ", FLT_MAX,
-                      "] for ", dtype_name(p.dtype), " inputs, got ", opt.softcap);
+    throw_value_error("[", op, "] softcap: expected 0 or a value in [", FLT_MIN, ", ", FLT_MAX, "] for ",
+                      dtype_name(p.dtype), " inputs, got ", opt.softcap);
   }
   p.softcap = opt.softcap;
 
   const int32_t causal = enum_code(opt.causal);
   if (causal != FJ_CAUSAL_NONE && causal != FJ_CAUSAL_TOP_LEFT && causal != FJ_CAUSAL_BOTTOM_RIGHT) {
-    throw_value_error("[", op, "] causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got ",
-                      causal);
+    throw_value_error("[", op, "] causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got ", causal);
   }
   if (opt.window_left < -1) {
-    throw_value_error("[", op, "] window_left: expected -1 (unbounded) or >= 0, got ",
-                      opt.window_left);
+    throw_value_error("[", op, "] window_left: expected -1 (unbounded) or >= 0, got ", opt.window_left);
   }
   if (opt.window_right < -1) {
-    throw_value_error("[", op, "] window_right: expected -1 (unbounded) or >= 0, got ",
-                      opt.window_right);
+    throw_value_error("[", op, "] window_right: expected -1 (unbounded) or >= 0, got ", opt.window_right);
   }
   p.causal = opt.causal;
   // A bound at least Sq + Sk away from the diagonal excludes nothing: treat it as
@@ -258,9 +251,9 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   p.dropout_threshold = dropout_threshold(opt.dropout_p);
   p.dropout_seed = opt.dropout_seed;
   p.dropout_offset = opt.dropout_offset;
-  if (p.seqlen_q > UINT32_MAX || p.seqlen_k > 4 * int64_t(UINT32_MAX) ||
-      p.batch * p.heads_q > UINT32_MAX) {
-    throw_value_error("[", op, "] q: sizes exceed the dropout counter range (2^32 rows, 2^32 "
+  if (p.seqlen_q > UINT32_MAX || p.seqlen_k > 4 * int64_t(UINT32_MAX) || p.batch * p.heads_q > UINT32_MAX) {
+    throw_value_error("[", op,
+                      "] q: sizes exceed the dropout counter range (2^32 rows, 2^32 "
                       "batch*heads)");
   }
 
@@ -289,10 +282,10 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   static const char* const kMaskDims[4] = {"batch", "heads_q", "seqlen_q", "seqlen_k"};
   for (int d = 0; d < 4; ++d) {
     if (mask.shape[d] != 1 && mask.shape[d] != full[d]) {
-      throw_value_error("[", op, "] mask: dim ", d, " (", kMaskDims[d], ") has size ",
-                        mask.shape[d], ", expected 1 or ", full[d],
-                        " to broadcast to [batch, heads_q, seqlen_q, seqlen_k] = [", full[0], ", ",
-                        full[1], ", ", full[2], ", ", full[3], "]");
+      throw_value_error("[", op, "] mask: dim ", d, " (", kMaskDims[d], ") has size ", mask.shape[d],
+                        ", expected 1 or ", full[d],
+                        " to broadcast to [batch, heads_q, seqlen_q, seqlen_k] = [", full[0], ", ", full[1],
+                        ", ", full[2], ", ", full[3], "]");
     }
     p.mask_stride[d] = mask.shape[d] == 1 ? 0 : mask.strides[d];
   }
@@ -345,8 +338,8 @@ AttentionProblem make_inputs(const char* op, const fj_tensor* q_arg, const fj_te
     throw_value_error("[", op, "] k: heads must be >= 1, got ", p.heads_kv);
   }
   if (p.heads_kv > 0 && p.heads_q % p.heads_kv != 0) {
-    throw_value_error("[", op, "] k: query heads (", p.heads_q,
-                      ") must be a multiple of key/value heads (", p.heads_kv, ")");
+    throw_value_error("[", op, "] k: query heads (", p.heads_q, ") must be a multiple of key/value heads (",
+                      p.heads_kv, ")");
   }
   p.q = make_operand(q);
   p.k = make_operand(k);
@@ -370,8 +363,8 @@ void set_lse(const char* op, const fj_tensor* lse_arg, const fj_tensor& q, Atten
 }
 
 // Checks one [batch, heads, seqlen, head_dim] operand against its expected shape.
-const fj_tensor& check_operand(const char* op, const char* name, const fj_tensor* t,
-                               const fj_tensor& q, const int64_t* shape, const char* why) {
+const fj_tensor& check_operand(const char* op, const char* name, const fj_tensor* t, const fj_tensor& q,
+                               const int64_t* shape, const char* why) {
   const fj_tensor& checked = check_tensor(op, name, t, 4);
   check_shape(op, name, checked, shape, why);
   check_same_dtype(op, name, checked, q.dtype);
@@ -382,9 +375,9 @@ const fj_tensor& check_operand(const char* op, const char* name, const fj_tensor
 
 }  // namespace
 
-AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k,
-                                      const fj_tensor* v, const fj_attention_options* options,
-                                      const fj_tensor* o, const fj_tensor* lse) {
+AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                      const fj_attention_options* options, const fj_tensor* o,
+                                      const fj_tensor* lse) {
   constexpr const char* op = "attention";
   AttentionProblem p = make_inputs(op, q, k, v);
   const int64_t o_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
@@ -392,14 +385,12 @@ AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k,
   set_lse(op, lse, *q, p);
   apply_options(op, options, *q, p);
   p.o = make_operand(out);
-  check_outputs(op, {{"o", o}, {"lse", lse}},
-                {{"q", q}, {"k", k}, {"v", v}, {"mask", mask_of(options)}});
+  check_outputs(op, {{"o", o}, {"lse", lse}}, {{"q", q}, {"k", k}, {"v", v}, {"mask", mask_of(options)}});
   return p;
 }
 
-AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k,
-                                       const fj_tensor* v, const fj_tensor* o,
-                                       const fj_tensor* lse, const fj_tensor* dout,
+AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                       const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                        const fj_attention_options* options, const fj_tensor* dq,
                                        const fj_tensor* dk, const fj_tensor* dv) {
   constexpr const char* op = "attention_backward";
@@ -415,9 +406,9 @@ AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k,
   p.dv = make_operand(check_operand(op, "dv", dv, *q, v_shape, "the shape of v"));
   set_lse(op, lse, *q, p);
   apply_options(op, options, *q, p);
-  check_outputs(op, {{"dq", dq}, {"dk", dk}, {"dv", dv}},
-                {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"lse", lse}, {"dout", dout},
-                 {"mask", mask_of(options)}});
+  check_outputs(
+      op, {{"dq", dq}, {"dk", dk}, {"dv", dv}},
+      {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"lse", lse}, {"dout", dout}, {"mask", mask_of(options)}});
   return p;
 }
 

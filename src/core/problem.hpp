@@ -101,13 +101,12 @@ struct AttentionProblem {
 };
 
 // Build and validate. Throw flashjit::Error naming the argument on bad input.
-AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k,
-                                      const fj_tensor* v, const fj_attention_options* options,
-                                      const fj_tensor* o, const fj_tensor* lse);
+AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                      const fj_attention_options* options, const fj_tensor* o,
+                                      const fj_tensor* lse);
 
-AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k,
-                                       const fj_tensor* v, const fj_tensor* o,
-                                       const fj_tensor* lse, const fj_tensor* dout,
+AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                       const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                        const fj_attention_options* options, const fj_tensor* dq,
                                        const fj_tensor* dk, const fj_tensor* dv);
 

@@ -110,7 +110,8 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
     if (w.lse[r] == kNegInf<Acc>) {  // fully masked row: no gradient flows
       std::fill(p_row, p_row + ld_k, Acc(0));
       std::fill(ds_row, ds_row + ld_k, Acc(0));
-      if (p.has_dropout()) std::fill(w.p_dropped.data() + r * ld_k, w.p_dropped.data() + (r + 1) * ld_k, Acc(0));
+      if (p.has_dropout())
+        std::fill(w.p_dropped.data() + r * ld_k, w.p_dropped.data() + (r + 1) * ld_k, Acc(0));
       continue;
     }
     exp_shifted_sum(p_row, ld_k, w.lse[r]);  // P = exp(logits - lse)
@@ -149,7 +150,8 @@ void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, B
     load_key_block<T>(p, b, h_kv, key0, cols, true, w);
     tile_gradients(p, b, h, query0, rows, key0, cols, w);
     // dQ += dS K
-    gemm(rows, ld_qk, cols, w.dp.data(), round_up(cols, kLanes<Acc>), w.k.data(), ld_qk, w.acc_a.data(), ld_qk, true);
+    gemm(rows, ld_qk, cols, w.dp.data(), round_up(cols, kLanes<Acc>), w.k.data(), ld_qk, w.acc_a.data(),
+         ld_qk, true);
   }
   for (int64_t r = 0; r < rows; ++r)
     store_row(w.acc_a.data() + r * ld_qk, p.head_dim_qk, Acc(1), p.dq.row<T>(b, h, query0 + r));
@@ -212,7 +214,8 @@ void backward_typed(const AttentionProblem& p) {
 }  // namespace
 
 void attention_backward(const AttentionProblem& p) {
-  dispatch_float_dtype(p.dtype, "attention_backward", [&](auto element) { backward_typed<decltype(element)>(p); });
+  dispatch_float_dtype(p.dtype, "attention_backward",
+                       [&](auto element) { backward_typed<decltype(element)>(p); });
 }
 
 }  // namespace flashjit::cpu

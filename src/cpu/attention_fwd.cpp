@@ -33,8 +33,7 @@ struct ForwardScratch {
 };
 
 template <typename T, typename Acc>
-void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0,
-                   ForwardScratch<Acc>& w) {
+void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, ForwardScratch<Acc>& w) {
   const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0);
   const int64_t h_kv = h / p.group_size();
   const int64_t d_qk = p.head_dim_qk;

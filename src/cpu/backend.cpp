@@ -1,4 +1,5 @@
 #include "core/backend.hpp"
+
 #include "cpu/kernels.hpp"
 
 const flashjit::Backend& flashjit_backend_cpu() {

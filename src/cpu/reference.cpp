@@ -61,15 +61,17 @@ Row attention_row(const AttentionProblem& p, fj_dtype rounding, int64_t b, int64
   double max_logit = -INFINITY;
   for (int64_t j = 0; j < p.seqlen_k; ++j) {
     double dot = 0.0;
-    for (int64_t d = 0; d < p.head_dim_qk; ++d) dot += element(p, p.q, b, h, i, d) * element(p, p.k, b, h_kv, j, d);
+    for (int64_t d = 0; d < p.head_dim_qk; ++d)
+      dot += element(p, p.q, b, h, i, d) * element(p, p.k, b, h_kv, j, d);
     double x = round_to(rounding, dot * p.scale);
     if (p.softcap > 0.0) {
       row.tanh_value[j] = std::tanh(x / p.softcap);
       x = round_to(rounding, p.softcap * row.tanh_value[j]);
     }
     if (p.mask_kind != MaskKind::kNone) {
-      const double m = read(p.mask, p.mask_dtype,
-                            b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3]);
+      const double m =
+          read(p.mask, p.mask_dtype,
+               b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3]);
       x = p.mask_kind == MaskKind::kBool ? (m != 0.0 ? x : -INFINITY) : round_to(rounding, x + m);
     }
     if (!visible(p, i, j)) x = -INFINITY;
@@ -84,10 +86,12 @@ Row attention_row(const AttentionProblem& p, fj_dtype rounding, int64_t b, int64
   for (int64_t j = 0; j < p.seqlen_k; ++j) {
     row.prob[j] = round_to(rounding, std::exp(logit[j] - max_logit) / sum);
     if (p.has_dropout()) {
-      row.keep[j] = dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold,
-                                 b * p.heads_q + h, i, j) ? 1.0 : 0.0;
+      row.keep[j] =
+          dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, b * p.heads_q + h, i, j) ? 1.0
+                                                                                                       : 0.0;
     }
-    row.dropped[j] = p.has_dropout() ? round_to(rounding, row.prob[j] * row.keep[j] * keep_scale) : row.prob[j];
+    row.dropped[j] =
+        p.has_dropout() ? round_to(rounding, row.prob[j] * row.keep[j] * keep_scale) : row.prob[j];
   }
   return row;
 }
@@ -134,7 +138,8 @@ BackwardResult backward(const AttentionProblem& p, fj_dtype rounding) {
         double delta = 0.0;
         for (int64_t j = 0; j < p.seqlen_k; ++j) {
           double acc = 0.0;
-          for (int64_t d = 0; d < p.head_dim_v; ++d) acc += element(p, p.dout, b, h, i, d) * element(p, p.v, b, h_kv, j, d);
+          for (int64_t d = 0; d < p.head_dim_v; ++d)
+            acc += element(p, p.dout, b, h, i, d) * element(p, p.v, b, h_kv, j, d);
           acc = round_to(rounding, acc);
           dprob[j] = p.has_dropout() ? round_to(rounding, acc * row.keep[j] * keep_scale) : acc;
           delta += row.prob[j] * dprob[j];

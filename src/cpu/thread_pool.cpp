@@ -1,7 +1,5 @@
 #include "cpu/thread_pool.hpp"
 
-#include "core/problem.hpp"
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,6 +12,8 @@
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include "core/problem.hpp"
 
 namespace flashjit::cpu {
 namespace {
@@ -137,8 +137,7 @@ int default_num_threads() {
   return cores > 0 ? int(cores) : 1;
 }
 
-void parallel_for(int64_t count, int num_threads,
-                  const std::function<void(int64_t, int)>& task) {
+void parallel_for(int64_t count, int num_threads, const std::function<void(int64_t, int)>& task) {
   if (count <= 0) return;
   int workers = num_threads > 0 ? num_threads : default_num_threads();
   if (int64_t(workers) > count) workers = int(count);

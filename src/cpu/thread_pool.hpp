@@ -12,7 +12,6 @@ int default_num_threads();
 
 // Runs task(index, worker) for every index in [0, count) on up to num_threads
 // workers (the caller is worker 0). Rethrows the first exception a task threw.
-void parallel_for(int64_t count, int num_threads,
-                  const std::function<void(int64_t index, int worker)>& task);
+void parallel_for(int64_t count, int num_threads, const std::function<void(int64_t index, int worker)>& task);
 
 }  // namespace flashjit::cpu

@@ -100,11 +100,12 @@ inline void gemm_block(int64_t depth, const Acc* a, int64_t lda, const Acc* b, i
 }
 
 template <typename Acc, int Rows>
-inline void gemm_row_strip(int64_t cols, int64_t depth, const Acc* a, int64_t lda, const Acc* b,
-                           int64_t ldb, Acc* c, int64_t ldc, bool accumulate) {
+inline void gemm_row_strip(int64_t cols, int64_t depth, const Acc* a, int64_t lda, const Acc* b, int64_t ldb,
+                           Acc* c, int64_t ldc, bool accumulate) {
   constexpr int64_t L = kLanes<Acc>;
   int64_t j = 0;
-  for (; j + 2 * L <= cols; j += 2 * L) gemm_block<Acc, Rows, 2>(depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
+  for (; j + 2 * L <= cols; j += 2 * L)
+    gemm_block<Acc, Rows, 2>(depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
   for (; j < cols; j += L) gemm_block<Acc, Rows, 1>(depth, a, lda, b + j, ldb, c + j, ldc, accumulate);
 }
 
@@ -183,8 +184,7 @@ inline void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t cols, 
 
 // dst[c][r] = src[r * stride + c] for r < rows, 0 for rows <= r < ld.
 template <typename T, typename Acc>
-inline void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc* dst,
-                            int64_t ld) {
+inline void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t cols, Acc* dst, int64_t ld) {
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t r = rows; r < ld; ++r) dst[c * ld + r] = Acc(0);
   }
@@ -196,8 +196,7 @@ inline void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t 
 
 // dst[c][r] = src[r][c] for a rows x cols tile.
 template <typename Acc>
-inline void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst,
-                      int64_t ld_dst) {
+inline void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
@@ -237,9 +236,10 @@ void compute_logits(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
     const int64_t query = query0 + r;
     if (p.mask_kind != MaskKind::kNone) {
       const int64_t elem = dtype_size(p.mask_dtype);
-      const char* base = static_cast<const char*>(p.mask) +
-                         (b * p.mask_stride[0] + h * p.mask_stride[1] + query * p.mask_stride[2] +
-                          key0 * p.mask_stride[3]) * elem;
+      const char* base =
+          static_cast<const char*>(p.mask) +
+          (b * p.mask_stride[0] + h * p.mask_stride[1] + query * p.mask_stride[2] + key0 * p.mask_stride[3]) *
+              elem;
       const int64_t step = p.mask_stride[3];
       switch (p.mask_dtype) {
         case FJ_BOOL:
@@ -256,11 +256,9 @@ void compute_logits(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
           for (int64_t c = 0; c < cols; ++c) row[c] += Acc(mask_value<BFloat16>(base, c * step));
           break;
         case FJ_FLOAT64:
-          for (int64_t c = 0; c < cols; ++c)
-            row[c] += Acc(reinterpret_cast<const double*>(base)[c * step]);
+          for (int64_t c = 0; c < cols; ++c) row[c] += Acc(reinterpret_cast<const double*>(base)[c * step]);
           break;
-        default:
-          break;
+        default: break;
       }
     }
     // Window / causal bounds and the tile edge.
@@ -273,8 +271,8 @@ void compute_logits(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
 }
 
 // keep[c] = 1 when element (b, h, query, key0 + c) survives dropout.
-inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t query,
-                             int64_t key0, int64_t cols, uint8_t* keep) {
+inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t query, int64_t key0,
+                             int64_t cols, uint8_t* keep) {
   const int64_t batch_head = b * p.heads_q + h;
   const int64_t key_end = key0 + cols;
   for (int64_t quad = key0 >> 2; quad * 4 < key_end; ++quad) {

@@ -39,10 +39,26 @@ std::vector<int64_t> layout_strides(const std::vector<int64_t>& shape, Layout la
 
 double read_element(const unsigned char* base, fj_dtype dtype, int64_t offset) {
   switch (dtype) {
-    case FJ_FLOAT32: { float x; std::memcpy(&x, base + offset * 4, 4); return x; }
-    case FJ_FLOAT64: { double x; std::memcpy(&x, base + offset * 8, 8); return x; }
-    case FJ_FLOAT16: { Half x; std::memcpy(&x, base + offset * 2, 2); return to_float(x); }
-    case FJ_BFLOAT16: { BFloat16 x; std::memcpy(&x, base + offset * 2, 2); return to_float(x); }
+    case FJ_FLOAT32: {
+      float x;
+      std::memcpy(&x, base + offset * 4, 4);
+      return x;
+    }
+    case FJ_FLOAT64: {
+      double x;
+      std::memcpy(&x, base + offset * 8, 8);
+      return x;
+    }
+    case FJ_FLOAT16: {
+      Half x;
+      std::memcpy(&x, base + offset * 2, 2);
+      return to_float(x);
+    }
+    case FJ_BFLOAT16: {
+      BFloat16 x;
+      std::memcpy(&x, base + offset * 2, 2);
+      return to_float(x);
+    }
     case FJ_BOOL: return base[offset] ? 1.0 : 0.0;
     default: return NAN;
   }
@@ -50,10 +66,22 @@ double read_element(const unsigned char* base, fj_dtype dtype, int64_t offset) {
 
 void write_element(unsigned char* base, fj_dtype dtype, int64_t offset, double value) {
   switch (dtype) {
-    case FJ_FLOAT32: { const float x = float(value); std::memcpy(base + offset * 4, &x, 4); break; }
+    case FJ_FLOAT32: {
+      const float x = float(value);
+      std::memcpy(base + offset * 4, &x, 4);
+      break;
+    }
     case FJ_FLOAT64: std::memcpy(base + offset * 8, &value, 8); break;
-    case FJ_FLOAT16: { const Half x = half_from_float(float(value)); std::memcpy(base + offset * 2, &x, 2); break; }
-    case FJ_BFLOAT16: { const BFloat16 x = bfloat16_from_float(float(value)); std::memcpy(base + offset * 2, &x, 2); break; }
+    case FJ_FLOAT16: {
+      const Half x = half_from_float(float(value));
+      std::memcpy(base + offset * 2, &x, 2);
+      break;
+    }
+    case FJ_BFLOAT16: {
+      const BFloat16 x = bfloat16_from_float(float(value));
+      std::memcpy(base + offset * 2, &x, 2);
+      break;
+    }
     case FJ_BOOL: base[offset] = value != 0.0 ? 1 : 0; break;
     default: break;
   }
@@ -186,30 +214,33 @@ double unit_floor(fj_dtype dtype) {
 
 // Errors of `actual` and `baseline` against `exact`; -inf must match exactly.
 ErrorReport compare(const std::string& what, const std::vector<double>& actual,
-                    const std::vector<double>& baseline, const std::vector<double>& exact,
-                    fj_dtype dtype, std::string& failure) {
+                    const std::vector<double>& baseline, const std::vector<double>& exact, fj_dtype dtype,
+                    std::string& failure) {
   ErrorReport report;
   report.what = what;
   double magnitude = 1.0;
   for (size_t i = 0; i < exact.size(); ++i) {
     if (std::isinf(exact[i]) || std::isinf(actual[i])) {
       if (actual[i] != exact[i] && failure.empty()) {
-        failure = what + "[" + std::to_string(i) + "] = " + std::to_string(actual[i]) +
-                  ", expected " + std::to_string(exact[i]);
+        failure = what + "[" + std::to_string(i) + "] = " + std::to_string(actual[i]) + ", expected " +
+                  std::to_string(exact[i]);
       }
       continue;
     }
     magnitude = std::max(magnitude, std::abs(exact[i]));
     const double err = std::abs(actual[i] - exact[i]);
     report.error = std::isnan(err) ? INFINITY : std::max(report.error, err);
-    if (std::isfinite(baseline[i])) report.baseline = std::max(report.baseline, std::abs(baseline[i] - exact[i]));
+    if (std::isfinite(baseline[i]))
+      report.baseline = std::max(report.baseline, std::abs(baseline[i] - exact[i]));
   }
   report.tolerance = 2.0 * report.baseline + unit_floor(dtype) * magnitude;
   return report;
 }
 
 // Rows of the mask that see no key at all: every fifth query row.
-bool empty_row(int64_t query) { return query % 5 == 2; }
+bool empty_row(int64_t query) {
+  return query % 5 == 2;
+}
 
 }  // namespace
 
@@ -245,13 +276,17 @@ CaseResult run_case(const Case& c) {
   std::vector<int64_t> mask_shape = full;
   for (int d = 0; d < 4; ++d)
     if (c.mask_broadcast[d]) mask_shape[d] = 1;
-  const fj_dtype mask_dtype = c.mask == MaskType::kBool ? FJ_BOOL
-                              : c.mask == MaskType::kAdditiveFloat32 ? FJ_FLOAT32 : c.dtype;
+  const fj_dtype mask_dtype = c.mask == MaskType::kBool              ? FJ_BOOL
+                              : c.mask == MaskType::kAdditiveFloat32 ? FJ_FLOAT32
+                                                                     : c.dtype;
   std::vector<int64_t> mask_strides = layout_strides(mask_shape, Layout::kContiguous);
   std::vector<int64_t> mask_view_shape = mask_shape;
   if (c.layout == Layout::kPadded) {
     for (int d = 0; d < 4; ++d)
-      if (c.mask_broadcast[d]) { mask_view_shape[d] = full[d]; mask_strides[d] = 0; }
+      if (c.mask_broadcast[d]) {
+        mask_view_shape[d] = full[d];
+        mask_strides[d] = 0;
+      }
   }
   GuardedTensor mask_storage(mask_shape, mask_dtype, Layout::kContiguous);
   if (c.mask != MaskType::kNone) {
@@ -312,7 +347,8 @@ CaseResult run_case(const Case& c) {
       result.failure = std::string("backward failed: ") + fj_last_error();
       return result;
     }
-    const AttentionProblem bp = make_backward_problem(&qv, &kv, &vv, &ov, &lv, &dov, &options, &dqv, &dkv, &dvv);
+    const AttentionProblem bp =
+        make_backward_problem(&qv, &kv, &vv, &ov, &lv, &dov, &options, &dqv, &dkv, &dvv);
     const reference::BackwardResult gexact = reference::backward(bp, FJ_FLOAT64);
     const reference::BackwardResult gbase = reference::backward(bp, c.dtype);
     result.reports.push_back(compare("dq", dq.values(), gbase.dq, gexact.dq, c.dtype, result.failure));

@@ -29,8 +29,8 @@ class GuardedTensor {
   fj_tensor view();
   void fill_normal(uint64_t seed, double stddev = 1.0);
   void fill(const std::vector<double>& values);  // logical row-major order
-  void poison();                                  // NaN (or 0xFF bytes) over the view
-  std::vector<double> values() const;             // logical row-major order, as double
+  void poison();                                 // NaN (or 0xFF bytes) over the view
+  std::vector<double> values() const;            // logical row-major order, as double
   // True when no byte outside the view changed.
   bool guards_intact() const;
   int64_t numel() const;
@@ -69,7 +69,7 @@ struct Case {
   int64_t window_left = -1, window_right = -1;
   MaskType mask = MaskType::kNone;
   bool mask_broadcast[4] = {false, false, false, false};  // size 1 in that dim
-  bool mask_empty_rows = false;  // some query rows see no key at all
+  bool mask_empty_rows = false;                           // some query rows see no key at all
   double softcap = 0.0;
   double scale = 0.0;  // 0: default 1/sqrt(dim_qk)
   double dropout = 0.0;

@@ -29,7 +29,8 @@ std::vector<Case> all_cases() {
     c.dim_qk = c.dim_v = 32;
     add(c);
   }
-  for (auto [sq, sk] : std::vector<std::pair<int64_t, int64_t>>{{7, 129}, {129, 7}, {1, 200}, {200, 1}, {65, 1000}}) {
+  for (auto [sq, sk] :
+       std::vector<std::pair<int64_t, int64_t>>{{7, 129}, {129, 7}, {1, 200}, {200, 1}, {65, 1000}}) {
     Case c;
     c.name = "seqlen_q_ne_k";
     c.seqlen_q = sq;
@@ -68,7 +69,8 @@ std::vector<Case> all_cases() {
     }
   }
   for (fj_causal causal : {FJ_CAUSAL_TOP_LEFT, FJ_CAUSAL_BOTTOM_RIGHT}) {
-    for (auto [sq, sk] : std::vector<std::pair<int64_t, int64_t>>{{100, 100}, {37, 150}, {150, 37}, {1, 64}, {130, 129}}) {
+    for (auto [sq, sk] :
+         std::vector<std::pair<int64_t, int64_t>>{{100, 100}, {37, 150}, {150, 37}, {1, 64}, {130, 129}}) {
       Case c;
       c.name = causal == FJ_CAUSAL_TOP_LEFT ? "causal_top_left" : "causal_bottom_right";
       c.causal = causal;
@@ -79,7 +81,8 @@ std::vector<Case> all_cases() {
       add(c);
     }
   }
-  for (auto [left, right] : std::vector<std::pair<int64_t, int64_t>>{{16, 0}, {8, 8}, {-1, 4}, {4, -1}, {0, 0}, {100, 3}}) {
+  for (auto [left, right] :
+       std::vector<std::pair<int64_t, int64_t>>{{16, 0}, {8, 8}, {-1, 4}, {4, -1}, {0, 0}, {100, 3}}) {
     for (fj_causal causal : {FJ_CAUSAL_NONE, FJ_CAUSAL_TOP_LEFT, FJ_CAUSAL_BOTTOM_RIGHT}) {
       if (causal != FJ_CAUSAL_NONE && right > 0) continue;
       Case c;
@@ -113,8 +116,8 @@ std::vector<Case> all_cases() {
   }
   // Masks: full, broadcast over batch / head / query / everything but keys.
   const bool broadcasts[][4] = {{false, false, false, false}, {true, false, false, false},
-                                {false, true, false, false}, {false, false, true, false},
-                                {true, true, true, false}, {true, true, false, false}};
+                                {false, true, false, false},  {false, false, true, false},
+                                {true, true, true, false},    {true, true, false, false}};
   for (MaskType type : {MaskType::kBool, MaskType::kAdditiveFloat32, MaskType::kAdditiveDtype}) {
     for (const auto& broadcast : broadcasts) {
       for (Layout layout : {Layout::kContiguous, Layout::kPadded}) {

@@ -26,8 +26,8 @@ TEST(Philox, KnownAnswers) {
        {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
   };
   for (const Kat& kat : kats) {
-    const Philox4x32 out = philox4x32_10(kat.counter[0], kat.counter[1], kat.counter[2], kat.counter[3],
-                                         kat.key[0], kat.key[1]);
+    const Philox4x32 out =
+        philox4x32_10(kat.counter[0], kat.counter[1], kat.counter[2], kat.counter[3], kat.key[0], kat.key[1]);
     for (int i = 0; i < 4; ++i) EXPECT_EQ(out.word[i], kat.expected[i]) << "word " << i;
   }
 }
@@ -40,9 +40,9 @@ TEST(Dropout, DocumentedCounterLayout) {
     for (int64_t h : {0, 2}) {
       for (int64_t i : {0, 5}) {
         for (int64_t j : {0, 1, 2, 3, 4, 9}) {
-          const Philox4x32 words = philox4x32_10(uint32_t(j / 4), uint32_t(i), uint32_t(b * 3 + h),
-                                                 uint32_t(offset), uint32_t(seed),
-                                                 uint32_t(seed >> 32) ^ uint32_t(offset >> 32));
+          const Philox4x32 words =
+              philox4x32_10(uint32_t(j / 4), uint32_t(i), uint32_t(b * 3 + h), uint32_t(offset),
+                            uint32_t(seed), uint32_t(seed >> 32) ^ uint32_t(offset >> 32));
           const int expected = words.word[j % 4] >= threshold ? 1 : 0;
           EXPECT_EQ(fj_dropout_keep(seed, offset, p, b, h, 3, i, j), expected);
         }
@@ -59,7 +59,8 @@ TEST(Dropout, KeepMaskMatchesElementRule) {
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < sq; ++i)
-        for (int64_t j = 0; j < sk; ++j) EXPECT_EQ(keep[index++], fj_dropout_keep(7, 9, 0.25, b, h, heads, i, j));
+        for (int64_t j = 0; j < sk; ++j)
+          EXPECT_EQ(keep[index++], fj_dropout_keep(7, 9, 0.25, b, h, heads, i, j));
 }
 
 TEST(Dropout, RateMatchesProbability) {

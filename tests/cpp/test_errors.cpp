@@ -35,7 +35,8 @@ class Errors : public ::testing::Test {
   // Valid tensors: B=2, Hq=4, Hkv=2, Sq=8, Sk=12, D=16, float32.
   GuardedTensor q_{{2, 4, 8, 16}, FJ_FLOAT32}, k_{{2, 2, 12, 16}, FJ_FLOAT32}, v_{{2, 2, 12, 16}, FJ_FLOAT32};
   GuardedTensor o_{{2, 4, 8, 16}, FJ_FLOAT32}, lse_{{2, 4, 8}, FJ_FLOAT32}, dout_{{2, 4, 8, 16}, FJ_FLOAT32};
-  GuardedTensor dq_{{2, 4, 8, 16}, FJ_FLOAT32}, dk_{{2, 2, 12, 16}, FJ_FLOAT32}, dv_{{2, 2, 12, 16}, FJ_FLOAT32};
+  GuardedTensor dq_{{2, 4, 8, 16}, FJ_FLOAT32}, dk_{{2, 2, 12, 16}, FJ_FLOAT32},
+      dv_{{2, 2, 12, 16}, FJ_FLOAT32};
   GuardedTensor mask_{{1, 1, 8, 12}, FJ_BOOL}, int_mask_{{1, 1, 8, 12}, FJ_INT32};
   GuardedTensor half_{{2, 2, 12, 16}, FJ_FLOAT16};
 
@@ -44,8 +45,8 @@ class Errors : public ::testing::Test {
     k_.fill_normal(2);
     v_.fill_normal(3);
     dout_.fill_normal(4);
-    Call c{q_.view(), k_.view(), v_.view(), o_.view(), lse_.view(), dout_.view(),
-           dq_.view(), dk_.view(), dv_.view(), fj_attention_options_default()};
+    Call c{q_.view(),    k_.view(),  v_.view(),  o_.view(),  lse_.view(),
+           dout_.view(), dq_.view(), dk_.view(), dv_.view(), fj_attention_options_default()};
     return c;
   }
 
@@ -56,8 +57,8 @@ class Errors : public ::testing::Test {
     const std::vector<double> before = o_.values();
     const fj_status forward = fj_attention_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse);
     const std::string forward_error = fj_last_error();
-    const fj_status backward = fj_attention_backward(&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.options,
-                                                     &c.dq, &c.dk, &c.dv);
+    const fj_status backward =
+        fj_attention_backward(&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.options, &c.dq, &c.dk, &c.dv);
     const std::string backward_error = fj_last_error();
     // An input shared by both directions must fail in both; backward-only inputs in backward.
     EXPECT_TRUE(forward == bad.status || backward == bad.status)
@@ -76,53 +77,142 @@ TEST_F(Errors, EachBadInputIsRejectedWithAClearMessage) {
       {"lse rank 4", [](Call& c) { c.lse.ndim = 4; }, FJ_ERROR_INVALID_VALUE, "lse: expected 3 dims"},
       {"null q data", [](Call& c) { c.q.data = nullptr; }, FJ_ERROR_INVALID_VALUE, "q: data pointer is NULL"},
       {"null o data", [](Call& c) { c.o.data = nullptr; }, FJ_ERROR_INVALID_VALUE, "o: data pointer is NULL"},
-      {"negative size", [](Call& c) { c.q.shape[2] = -1; }, FJ_ERROR_INVALID_VALUE, "q: expected non-negative sizes"},
-      {"negative stride", [](Call& c) { c.k.strides[2] = -16; }, FJ_ERROR_INVALID_VALUE, "k: expected non-negative strides"},
-      {"batch mismatch", [](Call& c) { c.k.shape[0] = 1; c.v.shape[0] = 1; }, FJ_ERROR_INVALID_VALUE, "k: batch size 1 does not match q's 2"},
-      {"head_dim mismatch", [](Call& c) { c.k.shape[3] = 8; }, FJ_ERROR_INVALID_VALUE, "k: head_dim 8 does not match q's 16"},
-      {"k/v seqlen mismatch", [](Call& c) { c.v.shape[2] = 11; }, FJ_ERROR_INVALID_VALUE, "v: expected shape [2, 2, 12, 16]"},
-      {"Hq % Hkv", [](Call& c) { c.k.shape[1] = 3; c.v.shape[1] = 3; }, FJ_ERROR_INVALID_VALUE, "query heads (4) must be a multiple of key/value heads (3)"},
-      {"mixed dtypes", [this](Call& c) { c.k = half_.view(); }, FJ_ERROR_INVALID_TYPE, "k: expected dtype float32 (the dtype of q), got float16"},
-      {"integer q", [](Call& c) { c.q.dtype = FJ_INT32; }, FJ_ERROR_INVALID_TYPE, "q: expected dtype float32, float16, bfloat16 or float64, got int32"},
-      {"last dim not contiguous", [](Call& c) { c.q.strides[3] = 2; }, FJ_ERROR_INVALID_VALUE, "q: expected the last dim to be contiguous (stride 1), got stride 2"},
-      {"o shape", [](Call& c) { c.o.shape[2] = 7; }, FJ_ERROR_INVALID_VALUE, "o: expected shape [2, 4, 8, 16]"},
-      {"o dtype", [](Call& c) { c.o.dtype = FJ_FLOAT64; }, FJ_ERROR_INVALID_TYPE, "o: expected dtype float32"},
-      {"lse shape", [](Call& c) { c.lse.shape[1] = 2; }, FJ_ERROR_INVALID_VALUE, "lse: expected shape [2, 4, 8]"},
-      {"lse dtype", [](Call& c) { c.lse.dtype = FJ_FLOAT16; }, FJ_ERROR_INVALID_TYPE, "lse: expected dtype float32, got float16"},
-      {"mask not broadcastable", [this](Call& c) { c.options.mask = mask_.view(); c.options.mask.shape[3] = 5; }, FJ_ERROR_INVALID_VALUE, "mask: dim 3 (seqlen_k) has size 5, expected 1 or 12"},
-      {"mask rank", [this](Call& c) { c.options.mask = mask_.view(); c.options.mask.ndim = 2; }, FJ_ERROR_INVALID_VALUE, "mask: expected 4 dims"},
-      {"integer mask", [this](Call& c) { c.options.mask = int_mask_.view(); }, FJ_ERROR_INVALID_TYPE, "mask: expected a bool (true = attend) or float (additive) mask, got int32"},
-      {"float16 mask with float32 q", [this](Call& c) { c.options.mask = mask_.view(); c.options.mask.dtype = FJ_FLOAT16; }, FJ_ERROR_INVALID_TYPE, "mask: expected dtype bool, float32 or float32"},
-      {"window_left < -1", [](Call& c) { c.options.window_left = -2; }, FJ_ERROR_INVALID_VALUE, "window_left: expected -1 (unbounded) or >= 0, got -2"},
-      {"window_right < -1", [](Call& c) { c.options.window_right = -5; }, FJ_ERROR_INVALID_VALUE, "window_right: expected -1 (unbounded) or >= 0, got -5"},
-      {"causal with window_right", [](Call& c) { c.options.causal = FJ_CAUSAL_TOP_LEFT; c.options.window_right = 3; }, FJ_ERROR_INVALID_VALUE, "window_right: expected -1 or 0 with a causal mask, got 3"},
-      {"causal code", [](Call& c) { set_code(c.options.causal, 7); }, FJ_ERROR_INVALID_VALUE, "causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got 7"},
-      {"dropout 1", [](Call& c) { c.options.dropout_p = 1.0; }, FJ_ERROR_INVALID_VALUE, "dropout_p: expected a value in [0, 1), got 1"},
-      {"dropout negative", [](Call& c) { c.options.dropout_p = -0.1; }, FJ_ERROR_INVALID_VALUE, "dropout_p: expected a value in [0, 1), got -0.1"},
-      {"dropout NaN", [](Call& c) { c.options.dropout_p = NAN; }, FJ_ERROR_INVALID_VALUE, "dropout_p: expected a value in [0, 1)"},
-      {"softcap negative", [](Call& c) { c.options.softcap = -1.0; }, FJ_ERROR_INVALID_VALUE, "softcap: expected a finite value >= 0"},
-      {"scale infinite", [](Call& c) { c.options.has_scale = 1; c.options.scale = INFINITY; }, FJ_ERROR_INVALID_VALUE, "scale: expected a finite number, got inf"},
-      {"num_threads negative", [](Call& c) { c.options.num_threads = -3; }, FJ_ERROR_INVALID_VALUE, "num_threads: expected 0 (default) to 1024, got -3"},
-      {"num_threads too large", [](Call& c) { c.options.num_threads = 5000; }, FJ_ERROR_INVALID_VALUE, "num_threads: expected 0 (default) to 1024, got 5000"},
-      {"unknown dtype code", [](Call& c) { set_code(c.q.dtype, 99); }, FJ_ERROR_INVALID_TYPE, "q: unknown dtype code 99"},
-      {"unknown device code", [](Call& c) { set_code(c.k.device_type, 42); }, FJ_ERROR_INVALID_VALUE, "k: unknown device type 42"},
-      {"scale beyond float32", [](Call& c) { c.options.has_scale = 1; c.options.scale = 1e39; }, FJ_ERROR_INVALID_VALUE, "scale: expected a value representable in float32 for float32 inputs"},
-      {"softcap below float32", [](Call& c) { c.options.softcap = 1e-45; }, FJ_ERROR_INVALID_VALUE, "softcap: expected 0 or a value in"},
-      {"huge shape", [](Call& c) { c.q.shape[2] = int64_t(1) << 58; }, FJ_ERROR_INVALID_VALUE, "exceeds the address space"},
-      {"lse inside o", [](Call& c) { c.lse.data = c.o.data; }, FJ_ERROR_INVALID_VALUE, "lse: output memory overlaps output o"},
-      {"o overlaps mask", [](Call& c) { c.options.mask = c.o; c.options.mask.shape[3] = 12; c.options.mask.shape[0] = 1; c.options.mask.shape[1] = 1; }, FJ_ERROR_INVALID_VALUE, "o: output memory overlaps input mask"},
-      {"output stride 0", [](Call& c) { c.o.strides[1] = 0; }, FJ_ERROR_INVALID_VALUE, "o: output has stride 0 in dim 1 of size 4"},
-      {"dk is dq", [](Call& c) { c.dk.data = c.dq.data; }, FJ_ERROR_INVALID_VALUE, "dk: output memory overlaps output dq"},
-      {"device mismatch", [](Call& c) { c.v.device_type = FJ_DEVICE_CUDA; }, FJ_ERROR_INVALID_VALUE, "v: expected the device of q (cpu:0), got cuda:0"},
-      {"no cuda backend", [](Call& c) {
-         for (fj_tensor* t : {&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.dq, &c.dk, &c.dv}) t->device_type = FJ_DEVICE_CUDA;
-       }, FJ_ERROR_UNSUPPORTED, "no backend for device cuda"},
-      {"o aliases q", [](Call& c) { c.o = c.q; }, FJ_ERROR_INVALID_VALUE, "o: output memory overlaps input q"},
-      {"dq shape", [](Call& c) { c.dq.shape[3] = 15; }, FJ_ERROR_INVALID_VALUE, "dq: expected shape [2, 4, 8, 16]"},
-      {"dk dtype", [](Call& c) { c.dk.dtype = FJ_BFLOAT16; }, FJ_ERROR_INVALID_TYPE, "dk: expected dtype float32 (the dtype of q), got bfloat16"},
-      {"dout shape", [](Call& c) { c.dout.shape[0] = 3; }, FJ_ERROR_INVALID_VALUE, "dout: expected shape [2, 4, 8, 16]"},
-      {"null dv data", [](Call& c) { c.dv.data = nullptr; }, FJ_ERROR_INVALID_VALUE, "dv: data pointer is NULL"},
-      {"head_dim 0", [](Call& c) { c.q.shape[3] = 0; c.k.shape[3] = 0; }, FJ_ERROR_INVALID_VALUE, "q: head_dim must be >= 1, got 0"},
+      {"negative size", [](Call& c) { c.q.shape[2] = -1; }, FJ_ERROR_INVALID_VALUE,
+       "q: expected non-negative sizes"},
+      {"negative stride", [](Call& c) { c.k.strides[2] = -16; }, FJ_ERROR_INVALID_VALUE,
+       "k: expected non-negative strides"},
+      {"batch mismatch",
+       [](Call& c) {
+         c.k.shape[0] = 1;
+         c.v.shape[0] = 1;
+       },
+       FJ_ERROR_INVALID_VALUE, "k: batch size 1 does not match q's 2"},
+      {"head_dim mismatch", [](Call& c) { c.k.shape[3] = 8; }, FJ_ERROR_INVALID_VALUE,
+       "k: head_dim 8 does not match q's 16"},
+      {"k/v seqlen mismatch", [](Call& c) { c.v.shape[2] = 11; }, FJ_ERROR_INVALID_VALUE,
+       "v: expected shape [2, 2, 12, 16]"},
+      {"Hq % Hkv",
+       [](Call& c) {
+         c.k.shape[1] = 3;
+         c.v.shape[1] = 3;
+       },
+       FJ_ERROR_INVALID_VALUE, "query heads (4) must be a multiple of key/value heads (3)"},
+      {"mixed dtypes", [this](Call& c) { c.k = half_.view(); }, FJ_ERROR_INVALID_TYPE,
+       "k: expected dtype float32 (the dtype of q), got float16"},
+      {"integer q", [](Call& c) { c.q.dtype = FJ_INT32; }, FJ_ERROR_INVALID_TYPE,
+       "q: expected dtype float32, float16, bfloat16 or float64, got int32"},
+      {"last dim not contiguous", [](Call& c) { c.q.strides[3] = 2; }, FJ_ERROR_INVALID_VALUE,
+       "q: expected the last dim to be contiguous (stride 1), got stride 2"},
+      {"o shape", [](Call& c) { c.o.shape[2] = 7; }, FJ_ERROR_INVALID_VALUE,
+       "o: expected shape [2, 4, 8, 16]"},
+      {"o dtype", [](Call& c) { c.o.dtype = FJ_FLOAT64; }, FJ_ERROR_INVALID_TYPE,
+       "o: expected dtype float32"},
+      {"lse shape", [](Call& c) { c.lse.shape[1] = 2; }, FJ_ERROR_INVALID_VALUE,
+       "lse: expected shape [2, 4, 8]"},
+      {"lse dtype", [](Call& c) { c.lse.dtype = FJ_FLOAT16; }, FJ_ERROR_INVALID_TYPE,
+       "lse: expected dtype float32, got float16"},
+      {"mask not broadcastable",
+       [this](Call& c) {
+         c.options.mask = mask_.view();
+         c.options.mask.shape[3] = 5;
+       },
+       FJ_ERROR_INVALID_VALUE, "mask: dim 3 (seqlen_k) has size 5, expected 1 or 12"},
+      {"mask rank",
+       [this](Call& c) {
+         c.options.mask = mask_.view();
+         c.options.mask.ndim = 2;
+       },
+       FJ_ERROR_INVALID_VALUE, "mask: expected 4 dims"},
+      {"integer mask", [this](Call& c) { c.options.mask = int_mask_.view(); }, FJ_ERROR_INVALID_TYPE,
+       "mask: expected a bool (true = attend) or float (additive) mask, got int32"},
+      {"float16 mask with float32 q",
+       [this](Call& c) {
+         c.options.mask = mask_.view();
+         c.options.mask.dtype = FJ_FLOAT16;
+       },
+       FJ_ERROR_INVALID_TYPE, "mask: expected dtype bool, float32 or float32"},
+      {"window_left < -1", [](Call& c) { c.options.window_left = -2; }, FJ_ERROR_INVALID_VALUE,
+       "window_left: expected -1 (unbounded) or >= 0, got -2"},
+      {"window_right < -1", [](Call& c) { c.options.window_right = -5; }, FJ_ERROR_INVALID_VALUE,
+       "window_right: expected -1 (unbounded) or >= 0, got -5"},
+      {"causal with window_right",
+       [](Call& c) {
+         c.options.causal = FJ_CAUSAL_TOP_LEFT;
+         c.options.window_right = 3;
+       },
+       FJ_ERROR_INVALID_VALUE, "window_right: expected -1 or 0 with a causal mask, got 3"},
+      {"causal code", [](Call& c) { set_code(c.options.causal, 7); }, FJ_ERROR_INVALID_VALUE,
+       "causal: expected 0 (none), 1 (top-left) or 2 (bottom-right), got 7"},
+      {"dropout 1", [](Call& c) { c.options.dropout_p = 1.0; }, FJ_ERROR_INVALID_VALUE,
+       "dropout_p: expected a value in [0, 1), got 1"},
+      {"dropout negative", [](Call& c) { c.options.dropout_p = -0.1; }, FJ_ERROR_INVALID_VALUE,
+       "dropout_p: expected a value in [0, 1), got -0.1"},
+      {"dropout NaN", [](Call& c) { c.options.dropout_p = NAN; }, FJ_ERROR_INVALID_VALUE,
+       "dropout_p: expected a value in [0, 1)"},
+      {"softcap negative", [](Call& c) { c.options.softcap = -1.0; }, FJ_ERROR_INVALID_VALUE,
+       "softcap: expected a finite value >= 0"},
+      {"scale infinite",
+       [](Call& c) {
+         c.options.has_scale = 1;
+         c.options.scale = INFINITY;
+       },
+       FJ_ERROR_INVALID_VALUE, "scale: expected a finite number, got inf"},
+      {"num_threads negative", [](Call& c) { c.options.num_threads = -3; }, FJ_ERROR_INVALID_VALUE,
+       "num_threads: expected 0 (default) to 1024, got -3"},
+      {"num_threads too large", [](Call& c) { c.options.num_threads = 5000; }, FJ_ERROR_INVALID_VALUE,
+       "num_threads: expected 0 (default) to 1024, got 5000"},
+      {"unknown dtype code", [](Call& c) { set_code(c.q.dtype, 99); }, FJ_ERROR_INVALID_TYPE,
+       "q: unknown dtype code 99"},
+      {"unknown device code", [](Call& c) { set_code(c.k.device_type, 42); }, FJ_ERROR_INVALID_VALUE,
+       "k: unknown device type 42"},
+      {"scale beyond float32",
+       [](Call& c) {
+         c.options.has_scale = 1;
+         c.options.scale = 1e39;
+       },
+       FJ_ERROR_INVALID_VALUE, "scale: expected a value representable in float32 for float32 inputs"},
+      {"softcap below float32", [](Call& c) { c.options.softcap = 1e-45; }, FJ_ERROR_INVALID_VALUE,
+       "softcap: expected 0 or a value in"},
+      {"huge shape", [](Call& c) { c.q.shape[2] = int64_t(1) << 58; }, FJ_ERROR_INVALID_VALUE,
+       "exceeds the address space"},
+      {"lse inside o", [](Call& c) { c.lse.data = c.o.data; }, FJ_ERROR_INVALID_VALUE,
+       "lse: output memory overlaps output o"},
+      {"o overlaps mask",
+       [](Call& c) {
+         c.options.mask = c.o;
+         c.options.mask.shape[3] = 12;
+         c.options.mask.shape[0] = 1;
+         c.options.mask.shape[1] = 1;
+       },
+       FJ_ERROR_INVALID_VALUE, "o: output memory overlaps input mask"},
+      {"output stride 0", [](Call& c) { c.o.strides[1] = 0; }, FJ_ERROR_INVALID_VALUE,
+       "o: output has stride 0 in dim 1 of size 4"},
+      {"dk is dq", [](Call& c) { c.dk.data = c.dq.data; }, FJ_ERROR_INVALID_VALUE,
+       "dk: output memory overlaps output dq"},
+      {"device mismatch", [](Call& c) { c.v.device_type = FJ_DEVICE_CUDA; }, FJ_ERROR_INVALID_VALUE,
+       "v: expected the device of q (cpu:0), got cuda:0"},
+      {"no cuda backend",
+       [](Call& c) {
+         for (fj_tensor* t : {&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.dq, &c.dk, &c.dv})
+           t->device_type = FJ_DEVICE_CUDA;
+       },
+       FJ_ERROR_UNSUPPORTED, "no backend for device cuda"},
+      {"o aliases q", [](Call& c) { c.o = c.q; }, FJ_ERROR_INVALID_VALUE,
+       "o: output memory overlaps input q"},
+      {"dq shape", [](Call& c) { c.dq.shape[3] = 15; }, FJ_ERROR_INVALID_VALUE,
+       "dq: expected shape [2, 4, 8, 16]"},
+      {"dk dtype", [](Call& c) { c.dk.dtype = FJ_BFLOAT16; }, FJ_ERROR_INVALID_TYPE,
+       "dk: expected dtype float32 (the dtype of q), got bfloat16"},
+      {"dout shape", [](Call& c) { c.dout.shape[0] = 3; }, FJ_ERROR_INVALID_VALUE,
+       "dout: expected shape [2, 4, 8, 16]"},
+      {"null dv data", [](Call& c) { c.dv.data = nullptr; }, FJ_ERROR_INVALID_VALUE,
+       "dv: data pointer is NULL"},
+      {"head_dim 0",
+       [](Call& c) {
+         c.q.shape[3] = 0;
+         c.k.shape[3] = 0;
+       },
+       FJ_ERROR_INVALID_VALUE, "q: head_dim must be >= 1, got 0"},
   };
   EXPECT_GE(cases.size(), 20u);
   for (const BadInput& bad : cases) expect_rejected(bad);
@@ -199,7 +289,8 @@ TEST(Outputs, PackedGradientViewsAreAccepted) {
   fj_tensor qv = t.q.view(), kv = t.k.view(), vv = t.v.view(), ov = t.o.view(), lv = t.lse.view();
   fj_tensor dov = t.dout.view();
   ASSERT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &grads[0], &grads[1], &grads[2]),
-            FJ_SUCCESS) << fj_last_error();
+            FJ_SUCCESS)
+      << fj_last_error();
   const std::vector<double> expected[3] = {t.dq.values(), t.dk.values(), t.dv.values()};
   for (int which = 0; which < 3; ++which) {
     for (int64_t b = 0; b < B; ++b)
