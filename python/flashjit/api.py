@@ -31,6 +31,14 @@ def _library(op: str, name: str, x, like=None) -> str:
     return kind
 
 
+def _library_of(op: str, q, **others) -> str:
+    """The array library of q; every other argument must come from the same one."""
+    kind = _library(op, "q", q)
+    for name, x in others.items():
+        _library(op, name, x, kind)
+    return kind
+
+
 def _plain(x):
     """A view that exports through DLPack: torch tensors lose autograd tracking."""
     return x.detach() if _is_torch(x) else x
@@ -110,9 +118,7 @@ def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
     (float64 for float64 inputs); rows that see no key give o = 0, lse = -inf.
     """
     op = "attention"
-    kind = _library(op, "q", q)
-    for name, x in (("k", k), ("v", v)):
-        _library(op, name, x, kind)
+    kind = _library_of(op, q, k=k, v=v)
     options = _options(op, kind, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads)
     if q.ndim != 4 or v.ndim != 4:
         # Let the C API name the bad rank; outputs need a shape first.
@@ -133,9 +139,7 @@ def attention_backward(q, k, v, o, lse, dout, *, attn_mask=None, scale=None, sof
     Deterministic: the same inputs give bit-identical gradients.
     """
     op = "attention_backward"
-    kind = _library(op, "q", q)
-    for name, x in (("k", k), ("v", v), ("o", o), ("lse", lse), ("dout", dout)):
-        _library(op, name, x, kind)
+    kind = _library_of(op, q, k=k, v=v, o=o, lse=lse, dout=dout)
     options = _options(op, kind, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads)
     dq = _empty(kind, q, tuple(q.shape))
     dk = _empty(kind, q, tuple(k.shape))

@@ -3,8 +3,9 @@
 For each sequence length, each implementation runs in a fresh process so that
 its peak memory is its own: peak = the process's high-water resident memory
 minus its resident memory just before the first forward + backward. Time is the
-median of several forward + backward passes; error is the largest absolute
-difference from naive attention in float64.
+median of several forward + backward passes. Error is the largest absolute
+difference from naive attention in float64, computed in one more process that
+runs every implementation against a single float64 reference.
 
     python -m flashjit.demo [--seqlens 512 1024 2048 4096] [--heads 8] [--head-dim 64]
 """
@@ -59,25 +60,40 @@ def _forward_backward(impl, q, k, v, dout, causal):
     return o.detach(), tuple(x.grad for x in leaves)
 
 
-def _measure(impl: str, seqlen: int, heads: int, head_dim: int, dtype_name: str, causal: bool, repeats: int):
-    """Runs in the child process; returns a dict of measurements."""
+def _inputs(seqlen: int, heads: int, head_dim: int, dtype_name: str):
     import torch
 
-    dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(seqlen)
-    q, k, v, dout = (torch.randn(1, heads, seqlen, head_dim, generator=gen).to(dtype) for _ in range(4))
+    dtype = getattr(torch, dtype_name)
+    return [torch.randn(1, heads, seqlen, head_dim, generator=gen).to(dtype) for _ in range(4)]
+
+
+def _measure(impl: str, seqlen: int, heads: int, head_dim: int, dtype_name: str, causal: bool, repeats: int):
+    """Runs in a child process: time and peak memory of one implementation."""
+    q, k, v, dout = _inputs(seqlen, heads, head_dim, dtype_name)
     before = _resident_kib("VmRSS")
-    o, grads = _forward_backward(impl, q, k, v, dout, causal)
+    _forward_backward(impl, q, k, v, dout, causal)
     peak = _resident_kib("VmHWM") - before
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         _forward_backward(impl, q, k, v, dout, causal)
         times.append(time.perf_counter() - start)
-    exact_o, exact_grads = _forward_backward("naive", *(x.double() for x in (q, k, v, dout)), causal)
-    err_o = (o.double() - exact_o).abs().max().item()
-    err_grad = max((g.double() - e).abs().max().item() for g, e in zip(grads, exact_grads))
-    return {"time_ms": 1e3 * statistics.median(times), "peak_mib": peak / 1024, "err_o": err_o, "err_grad": err_grad}
+    return {"time_ms": 1e3 * statistics.median(times), "peak_mib": peak / 1024}
+
+
+def _errors(seqlen: int, heads: int, head_dim: int, dtype_name: str, causal: bool):
+    """Runs in a child process: errors of every implementation against one float64 reference."""
+    inputs = _inputs(seqlen, heads, head_dim, dtype_name)
+    exact_o, exact_grads = _forward_backward("naive", *(x.double() for x in inputs), causal)
+    errors = {}
+    for impl in IMPLEMENTATIONS:
+        o, grads = _forward_backward(impl, *inputs, causal)
+        errors[impl] = {
+            "err_o": (o.double() - exact_o).abs().max().item(),
+            "err_grad": max((g.double() - e).abs().max().item() for g, e in zip(grads, exact_grads)),
+        }
+    return errors
 
 
 def _cpu_name() -> str:
@@ -104,7 +120,10 @@ def main(argv=None) -> int:
 
     if args.child:
         impl, seqlen = args.child[0], int(args.child[1])
-        result = _measure(impl, seqlen, args.heads, args.head_dim, args.dtype, args.causal, args.repeats)
+        if impl == "errors":
+            result = _errors(seqlen, args.heads, args.head_dim, args.dtype, args.causal)
+        else:
+            result = _measure(impl, seqlen, args.heads, args.head_dim, args.dtype, args.causal, args.repeats)
         print(json.dumps(result))
         return 0
 
@@ -122,21 +141,24 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for seqlen in args.seqlens:
         flops = 3.5 * 4 * args.heads * seqlen * seqlen * args.head_dim / (2 if args.causal else 1)
-        rows = {}
-        for impl in IMPLEMENTATIONS:
-            command = [sys.executable, "-m", "flashjit.demo", "--child", impl, str(seqlen), "--heads", str(args.heads),
+        results = {}
+        for child in (*IMPLEMENTATIONS, "errors"):
+            command = [sys.executable, "-m", "flashjit.demo", "--child", child, str(seqlen), "--heads", str(args.heads),
                        "--head-dim", str(args.head_dim), "--dtype", args.dtype, "--repeats", str(args.repeats)]
             if args.causal:
                 command.append("--causal")
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"{seqlen:>7} {impl:>9} failed: {done.stderr.strip().splitlines()[-1:]}")
+                print(f"{seqlen:>7} {child:>9} failed: {done.stderr.strip().splitlines()[-1:]}")
                 continue
-            rows[impl] = json.loads(done.stdout.strip().splitlines()[-1])
-        for impl, r in rows.items():
-            speedup = rows["naive"]["time_ms"] / r["time_ms"] if "naive" in rows else float("nan")
+            results[child] = json.loads(done.stdout.strip().splitlines()[-1])
+        errors = results.pop("errors", {})
+        nan = {"err_o": float("nan"), "err_grad": float("nan")}
+        for impl, r in results.items():
+            e = errors.get(impl, nan)
+            speedup = results["naive"]["time_ms"] / r["time_ms"] if "naive" in results else float("nan")
             print(f"{seqlen:>7} {impl:>9} {r['time_ms']:>9.1f} {flops / r['time_ms'] / 1e9:>8.3f} "
-                  f"{r['peak_mib']:>9.1f} {r['err_o']:>9.2e} {r['err_grad']:>9.2e} {speedup:>8.2f}x")
+                  f"{r['peak_mib']:>9.1f} {e['err_o']:>9.2e} {e['err_grad']:>9.2e} {speedup:>8.2f}x")
     return 0
 
 

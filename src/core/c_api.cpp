@@ -87,8 +87,8 @@ fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t
     }
     int64_t batch_heads = 0, rows = 0, elements = 0;
     if (batch < 0 || num_heads < 0 || seqlen_q < 0 || seqlen_k < 0 ||
-        __builtin_mul_overflow(batch, num_heads, &batch_heads) || batch_heads > UINT32_MAX ||
-        seqlen_q > UINT32_MAX || seqlen_k > 4 * int64_t(UINT32_MAX) ||
+        __builtin_mul_overflow(batch, num_heads, &batch_heads) ||
+        !flashjit::dropout_counter_fits(batch_heads, seqlen_q, seqlen_k) ||
         __builtin_mul_overflow(batch_heads, seqlen_q, &rows) ||
         __builtin_mul_overflow(rows, seqlen_k, &elements)) {
       flashjit::throw_value_error("[dropout_keep_mask] sizes [", batch, ", ", num_heads, ", ", seqlen_q, ", ",

@@ -13,6 +13,13 @@ inline uint32_t dropout_threshold(double p) {
   return uint32_t(std::floor(p * 4294967296.0));
 }
 
+// The counter holds the query index, the batch-head index and the key quad in
+// 32 bits each: sizes within this range never repeat a counter.
+inline bool dropout_counter_fits(int64_t batch_heads, int64_t seqlen_q, int64_t seqlen_k) {
+  return batch_heads <= int64_t(UINT32_MAX) && seqlen_q <= int64_t(UINT32_MAX) &&
+         seqlen_k <= 4 * int64_t(UINT32_MAX);
+}
+
 struct Philox4x32 {
   uint32_t word[4];
 };

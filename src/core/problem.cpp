@@ -251,10 +251,9 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   p.dropout_threshold = dropout_threshold(opt.dropout_p);
   p.dropout_seed = opt.dropout_seed;
   p.dropout_offset = opt.dropout_offset;
-  if (p.seqlen_q > UINT32_MAX || p.seqlen_k > 4 * int64_t(UINT32_MAX) || p.batch * p.heads_q > UINT32_MAX) {
-    throw_value_error("[", op,
-                      "] q: sizes exceed the dropout counter range (2^32 rows, 2^32 "
-                      "batch*heads)");
+  if (!dropout_counter_fits(p.batch * p.heads_q, p.seqlen_q, p.seqlen_k)) {
+    throw_value_error("[", op, "] q: sizes exceed the dropout counter range (batch*heads and seqlen_q "
+                      "below 2^32)");
   }
 
   if (opt.num_threads < 0 || opt.num_threads > kMaxThreads) {

@@ -196,8 +196,7 @@ void backward_typed(const AttentionProblem& p) {
   const int64_t key_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
   const int64_t dq_tasks = p.batch * p.heads_q * query_blocks;
   const int64_t dkdv_tasks = p.batch * p.heads_kv * key_blocks;
-  const int64_t most = std::max<int64_t>(std::max(dq_tasks, dkdv_tasks), 1);
-  const int workers = int(std::min<int64_t>(p.num_threads > 0 ? p.num_threads : default_num_threads(), most));
+  const int workers = worker_count(p.num_threads, std::max(dq_tasks, dkdv_tasks));
   std::vector<BackwardScratch<Acc>> scratch;
   scratch.reserve(workers);
   for (int i = 0; i < workers; ++i) scratch.emplace_back(p);

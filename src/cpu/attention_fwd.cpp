@@ -106,8 +106,7 @@ void forward_typed(const AttentionProblem& p) {
   using Acc = typename AccumulatorOf<T>::type;
   const int64_t query_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = p.batch * p.heads_q * query_blocks;
-  const int workers = int(std::min<int64_t>(p.num_threads > 0 ? p.num_threads : default_num_threads(),
-                                            std::max<int64_t>(tasks, 1)));
+  const int workers = worker_count(p.num_threads, tasks);
   std::vector<ForwardScratch<Acc>> scratch;
   scratch.reserve(workers);
   for (int i = 0; i < workers; ++i) scratch.emplace_back(p);

@@ -137,10 +137,14 @@ int default_num_threads() {
   return cores > 0 ? int(cores) : 1;
 }
 
+int worker_count(int num_threads, int64_t count) {
+  const int64_t wanted = num_threads > 0 ? num_threads : default_num_threads();
+  return int(std::max<int64_t>(1, std::min(wanted, count)));
+}
+
 void parallel_for(int64_t count, int num_threads, const std::function<void(int64_t, int)>& task) {
   if (count <= 0) return;
-  int workers = num_threads > 0 ? num_threads : default_num_threads();
-  if (int64_t(workers) > count) workers = int(count);
+  const int workers = worker_count(num_threads, count);
   if (workers <= 1) {
     for (int64_t i = 0; i < count; ++i) task(i, 0);
     return;
