@@ -85,6 +85,9 @@ typedef struct fj_attention_options {
   uint64_t dropout_seed;
   uint64_t dropout_offset;
   int32_t num_threads; /* CPU: 0 = FLASHJIT_NUM_THREADS or all cores */
+  /* CUDA: the cudaStream_t / CUstream to launch on (NULL = the legacy default stream).
+   * Work is only enqueued; the call does not synchronise. Ignored on the CPU. */
+  void* stream;
 } fj_attention_options;
 
 fj_attention_options fj_attention_options_default(void);

@@ -1,10 +1,11 @@
 """flashjit: exact, memory-light attention with a fused backward.
 
-    o, lse = flashjit.attention(q, k, v, causal=True)
-    dq, dk, dv = flashjit.attention_backward(q, k, v, o, lse, dout, causal=True)
+    o = flashjit.scaled_dot_product_attention(q, k, v, is_causal=True)   # SDPA drop-in
+    o = flashjit.attention(q, k, v, causal="bottom_right", window=(256, 0), softcap=30.0)
+    flashjit.patch_sdpa()   # route torch.nn.functional.scaled_dot_product_attention here
 
-Tensors are numpy arrays or torch tensors in [batch, heads, seqlen, head_dim]
-layout; flashjit reads and writes them in place, without copies.
+Tensors are torch tensors (differentiable, torch.compile-able) or numpy arrays;
+flashjit reads and writes them in place, without copies.
 """
 
 from ._C import version as _version
@@ -12,3 +13,13 @@ from .api import attention, attention_backward, backends, dropout_keep_mask
 
 __version__ = _version()
 __all__ = ["attention", "attention_backward", "backends", "dropout_keep_mask", "__version__"]
+
+try:
+    import torch as _torch  # noqa: F401  (the torch front end is optional)
+except ImportError:
+    pass
+else:
+    from . import ops  # registers torch.ops.flashjit.fwd and .bwd
+    from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
+
+    __all__ += ["scaled_dot_product_attention", "patch_sdpa", "unpatch_sdpa", "sdpa_patched"]

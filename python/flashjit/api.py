@@ -39,28 +39,6 @@ def _library_of(op: str, q, **others) -> str:
     return kind
 
 
-def _plain(x):
-    """A view that exports through DLPack: torch tensors lose autograd tracking."""
-    return x.detach() if _is_torch(x) else x
-
-
-def _empty(kind: str, like, shape, float_dtype=None):
-    if kind == "numpy":
-        return np.empty(shape, dtype=float_dtype or like.dtype)
-    import torch
-
-    return torch.empty(shape, dtype=float_dtype or like.dtype, device=like.device)
-
-
-def _lse_dtype(kind: str, q):
-    wide = str(q.dtype).endswith("float64")
-    if kind == "numpy":
-        return np.float64 if wide else np.float32
-    import torch
-
-    return torch.float64 if wide else torch.float32
-
-
 def _causal_code(op: str, causal) -> int:
     if causal is None or causal is False:
         return 0
@@ -79,24 +57,37 @@ def _prepare_mask(op: str, mask, kind: str):
     if mask.ndim > 4:
         raise ValueError(f"[{op}] mask: expected at most 4 dims broadcastable to "
                          f"[batch, heads_q, seqlen_q, seqlen_k], got {mask.ndim}")
-    return _plain(mask[(None,) * (4 - mask.ndim)])
+    return mask[(None,) * (4 - mask.ndim)]
 
 
-def _options(op, kind, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads):
+def output_shapes(op: str, q, v):
+    """Shapes of o and lse; names the argument when a rank is wrong."""
+    for name, x in (("q", q), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"[{op}] {name}: expected 4 dims [batch, heads, seqlen, head_dim], got {x.ndim}")
+    return (*q.shape[:3], v.shape[3]), tuple(q.shape[:3])
+
+
+def _window(op: str, window) -> tuple[int, int]:
     try:
         window_left, window_right = window
     except (TypeError, ValueError):
         raise ValueError(f"[{op}] window: expected a pair (left, right), got {window!r}") from None
+    return int(window_left), int(window_right)
+
+
+def _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads):
+    window_left, window_right = _window(op, window)
     if dropout_p and seed is None:
-        raise ValueError(f"[{op}] seed: required when dropout_p > 0; pass the same seed and offset "
-                         "to attention_backward to drop the same elements")
+        raise ValueError(f"[{op}] seed: required when dropout_p > 0 with numpy arrays; pass the same seed and "
+                         "offset to attention_backward to drop the same elements")
     return dict(
-        mask=_prepare_mask(op, attn_mask, kind),
+        mask=_prepare_mask(op, attn_mask, "numpy"),
         scale=None if scale is None else float(scale),
         softcap=float(softcap),
         causal=_causal_code(op, causal),
-        window_left=int(window_left),
-        window_right=int(window_right),
+        window_left=window_left,
+        window_right=window_right,
         dropout_p=float(dropout_p),
         seed=int(seed or 0) & 0xFFFFFFFFFFFFFFFF,
         offset=int(offset) & 0xFFFFFFFFFFFFFFFF,
@@ -104,47 +95,74 @@ def _options(op, kind, attn_mask, scale, softcap, causal, window, dropout_p, see
     )
 
 
-def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1),
-              dropout_p=0.0, seed=None, offset=0, num_threads=0):
-    """Scaled dot-product attention; returns (o, lse).
+def _torch_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads):
+    """Arguments of ops.attention after the keyword arguments (mask onward)."""
+    from . import ops
 
-    q: [B, Hq, Sq, Dqk]; k: [B, Hkv, Sk, Dqk]; v: [B, Hkv, Sk, Dv], Hq a multiple of Hkv.
+    window_left, window_right = _window(op, window)
+    rng = ops.dropout_rng(seed, offset) if dropout_p else None
+    return (_prepare_mask(op, attn_mask, "torch"), None if scale is None else float(scale),
+            float(softcap), _causal_code(op, causal), window_left, window_right, float(dropout_p), rng,
+            int(num_threads))
+
+
+def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1),
+              dropout_p=0.0, seed=None, offset=0, return_lse=False, num_threads=0):
+    """Scaled dot-product attention with the options SDPA cannot express.
+
+    q: [B, Hq, Sq, Dqk]; k: [B, Hkv, Sk, Dqk]; v: [B, Hkv, Sk, Dv], Hq a multiple of Hkv
+    (grouped-query attention without copies); any strides with a unit-stride last dim.
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Sq, Sk].
     scale: default 1/sqrt(Dqk). softcap: score = softcap * tanh(score / softcap), 0 = off.
-    causal: False, True or 'top_left' (SDPA's is_causal), 'bottom_right' (flash-attn's).
+    causal: False, True or 'top_left' (SDPA's is_causal), 'bottom_right' (flash-attn's:
+    the last query sees the last key).
     window: (left, right) keys around the diagonal, -1 = unbounded.
-    dropout_p, seed, offset: dropout on the probabilities (see flashjit.h for the rule).
-    Returns o [B, Hq, Sq, Dv] in q's dtype and lse [B, Hq, Sq] in float32
-    (float64 for float64 inputs); rows that see no key give o = 0, lse = -inf.
+    dropout_p, seed, offset: dropout on the probabilities. With torch tensors and no seed,
+    the seed is drawn from torch's default generator (torch.manual_seed makes it repeatable);
+    numpy arrays need a seed.
+    Returns o [B, Hq, Sq, Dv] in q's dtype, and with return_lse=True also lse [B, Hq, Sq] in
+    float32 (float64 for float64 inputs). Rows that see no key give o = 0, lse = -inf.
+    torch tensors are differentiable through q, k and v (not lse, not the mask).
     """
     op = "attention"
     kind = _library_of(op, q, k=k, v=v)
-    options = _options(op, kind, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads)
-    if q.ndim != 4 or v.ndim != 4:
-        # Let the C API name the bad rank; outputs need a shape first.
-        o_shape, lse_shape = (0, 0, 0, 0), (0, 0, 0)
+    if kind == "torch":
+        from . import ops
+
+        o, lse = ops.attention(q, k, v, *_torch_options(op, attn_mask, scale, softcap, causal, window, dropout_p,
+                                                          seed, offset, num_threads))
     else:
-        o_shape, lse_shape = (*q.shape[:3], v.shape[3]), tuple(q.shape[:3])
-    o = _empty(kind, q, o_shape)
-    lse = _empty(kind, q, lse_shape, _lse_dtype(kind, q))
-    _C.forward(_plain(q), _plain(k), _plain(v), o, lse, **options)
-    return o, lse
+        options = _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset,
+                                 num_threads)
+        o_shape, lse_shape = output_shapes(op, q, v)
+        o = np.empty(o_shape, dtype=q.dtype)
+        lse = np.empty(lse_shape, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+        _C.forward(q, k, v, o, lse, **options)
+    return (o, lse) if return_lse else o
 
 
 def attention_backward(q, k, v, o, lse, dout, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
                        window=(-1, -1), dropout_p=0.0, seed=None, offset=0, num_threads=0):
     """Gradients (dq, dk, dv) of attention() given its o, lse and the output gradient dout.
 
-    Takes the same options as attention(); dk and dv sum over each group of query heads.
-    Deterministic: the same inputs give bit-identical gradients.
+    Takes the same options as attention() (with dropout, the same seed and offset);
+    dk and dv sum over each group of query heads. Deterministic: the same inputs give
+    bit-identical gradients. With torch tensors, autograd through attention() does this
+    for you.
     """
     op = "attention_backward"
     kind = _library_of(op, q, k=k, v=v, o=o, lse=lse, dout=dout)
-    options = _options(op, kind, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads)
-    dq = _empty(kind, q, tuple(q.shape))
-    dk = _empty(kind, q, tuple(k.shape))
-    dv = _empty(kind, q, tuple(v.shape))
-    _C.backward(_plain(q), _plain(k), _plain(v), _plain(o), _plain(lse), _plain(dout), dq, dk, dv, **options)
+    if kind == "torch":
+        from . import ops
+
+        if dropout_p and seed is None:
+            raise ValueError(f"[{op}] seed: required when dropout_p > 0; pass the seed and offset given to "
+                             "attention()")
+        return ops.bwd(dout, q, k, v, o, lse, *_torch_options(op, attn_mask, scale, softcap, causal, window,
+                                                              dropout_p, seed, offset, num_threads))
+    options = _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads)
+    dq, dk, dv = (np.empty(x.shape, dtype=q.dtype) for x in (q, k, v))
+    _C.backward(q, k, v, o, lse, dout, dq, dk, dv, **options)
     return dq, dk, dv
 
 

@@ -81,7 +81,7 @@ fj_tensor to_tensor(const char* op, const char* name, const A& array) {
 fj_attention_options make_options(const char* op, const std::optional<Array>& mask,
                                   std::optional<double> scale, double softcap, int causal,
                                   int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed,
-                                  uint64_t offset, int num_threads) {
+                                  uint64_t offset, int num_threads, uintptr_t stream) {
   fj_attention_options options = fj_attention_options_default();
   if (mask) options.mask = to_tensor(op, "mask", *mask);
   options.has_scale = scale.has_value();
@@ -94,18 +94,19 @@ fj_attention_options make_options(const char* op, const std::optional<Array>& ma
   options.dropout_seed = seed;
   options.dropout_offset = offset;
   options.num_threads = num_threads;
+  options.stream = reinterpret_cast<void*>(stream);
   return options;
 }
 
 void forward(const Array& q, const Array& k, const Array& v, OutArray o, OutArray lse,
              const std::optional<Array>& mask, std::optional<double> scale, double softcap, int causal,
              int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset,
-             int num_threads) {
+             int num_threads, uintptr_t stream) {
   constexpr const char* op = "attention";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
   const fj_attention_options options = make_options(op, mask, scale, softcap, causal, window_left,
-                                                    window_right, dropout_p, seed, offset, num_threads);
+                                                    window_right, dropout_p, seed, offset, num_threads, stream);
   fj_status status;
   {
     nb::gil_scoped_release release;
@@ -117,14 +118,15 @@ void forward(const Array& q, const Array& k, const Array& v, OutArray o, OutArra
 void backward(const Array& q, const Array& k, const Array& v, const Array& o, const Array& lse,
               const Array& dout, OutArray dq, OutArray dk, OutArray dv, const std::optional<Array>& mask,
               std::optional<double> scale, double softcap, int causal, int64_t window_left,
-              int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads) {
+              int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
+              uintptr_t stream) {
   constexpr const char* op = "attention_backward";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   const fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
   const fj_tensor tdout = to_tensor(op, "dout", dout);
   fj_tensor tdq = to_tensor(op, "dq", dq), tdk = to_tensor(op, "dk", dk), tdv = to_tensor(op, "dv", dv);
   const fj_attention_options options = make_options(op, mask, scale, softcap, causal, window_left,
-                                                    window_right, dropout_p, seed, offset, num_threads);
+                                                    window_right, dropout_p, seed, offset, num_threads, stream);
   fj_status status;
   {
     nb::gil_scoped_release release;
@@ -148,13 +150,13 @@ NB_MODULE(_C, m) {
         nb::arg("o").noconvert(), nb::arg("lse").noconvert(), nb::arg("mask").noconvert().none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
-        nb::arg("num_threads"));
+        nb::arg("num_threads"), nb::arg("stream") = 0);
   m.def("backward", &backward, nb::arg("q").noconvert(), nb::arg("k").noconvert(), nb::arg("v").noconvert(),
         nb::arg("o").noconvert(), nb::arg("lse").noconvert(), nb::arg("dout").noconvert(),
         nb::arg("dq").noconvert(), nb::arg("dk").noconvert(), nb::arg("dv").noconvert(),
         nb::arg("mask").noconvert().none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
-        nb::arg("offset"), nb::arg("num_threads"));
+        nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0);
   m.def("dropout_keep_mask", &dropout_keep_mask, nb::arg("seed"), nb::arg("offset"), nb::arg("p"),
         nb::arg("keep").noconvert());
   m.def("version", [] { return std::string(fj_version()); });

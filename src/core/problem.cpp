@@ -261,6 +261,7 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
                       opt.num_threads);
   }
   p.num_threads = opt.num_threads;
+  p.stream = opt.stream;
 
   const fj_tensor& mask = opt.mask;
   if (mask.data == nullptr && mask.ndim == 0) return;  // no mask

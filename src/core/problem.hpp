@@ -72,6 +72,7 @@ struct AttentionProblem {
   uint64_t dropout_offset = 0;
 
   int32_t num_threads = 0;
+  void* stream = nullptr;  // CUDA stream to enqueue on
 
   int64_t group_size() const { return heads_kv > 0 ? heads_q / heads_kv : 0; }
   bool has_dropout() const { return dropout_threshold != 0; }

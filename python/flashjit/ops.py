@@ -1,0 +1,275 @@
+"""PyTorch operators: `flashjit::fwd` and `flashjit::bwd` as torch.library custom
+ops with fake (shape) functions and autograd, plus a low-overhead eager path.
+
+`attention()` below is what the rest of the torch front end calls. Under
+torch.compile, export or any dispatch mode it goes through the custom ops, which
+the compiler sees as single opaque nodes. In plain eager mode it skips the
+dispatcher with an autograd.Function over the same kernels: the custom-op
+wrapper costs several times the whole CPU call on small problems
+(bench/results/cpu-overhead-*.md).
+
+Dropout takes its randomness from `rng`, an int64 CPU tensor [seed, offset]:
+a tensor rather than ints so that a compiled graph does not specialise on (and
+recompile for) every new seed.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+
+from . import _C
+from .api import output_shapes
+
+_U64 = (1 << 64) - 1
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_readable(x: Tensor) -> Tensor:
+    """The kernels read rows with unit stride; torch allows any last-dim stride
+    (an expanded gradient from .sum() has stride 0 there)."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _compact_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A dim expanded through stride 0 holds one value: narrow it to size 1,
+    which the kernels broadcast, instead of reading it element by element."""
+    if mask is None:
+        return None
+    mask = mask.detach()
+    for dim in range(mask.ndim):
+        if mask.stride(dim) == 0 and mask.shape[dim] > 1:
+            mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
+def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
+    if rng is None:
+        return 0, 0
+    seed, offset = rng.tolist()
+    return seed & _U64, offset & _U64
+
+
+def _stream(x: Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+
+
+def _options(mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, stream):
+    seed, offset = _seed_offset(rng)
+    return dict(mask=_compact_mask(mask), scale=scale, softcap=softcap, causal=causal, window_left=window_left,
+                window_right=window_right, dropout_p=dropout_p, seed=seed, offset=offset,
+                num_threads=num_threads, stream=stream)
+
+
+def _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads):
+    o_shape, lse_shape = output_shapes("attention", q, v)
+    o = q.new_empty(o_shape)
+    lse = q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+    _C.forward(*(_rows_readable(x.detach()) for x in (q, k, v)), o, lse,
+               **_options(mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads,
+                          _stream(q)))
+    return o, lse
+
+
+def _backward(dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+              num_threads):
+    # Gradients take the layout of their inputs (empty_like keeps dense strides).
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    inputs = (_rows_readable(x.detach()) for x in (q, k, v, o, lse, dout))
+    _C.backward(*inputs, dq, dk, dv,
+                **_options(mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads,
+                           _stream(q)))
+    return dq, dk, dv
+
+
+@torch.library.custom_op("flashjit::fwd", mutates_args=())
+def fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional[float], softcap: float,
+        causal: int, window_left: int, window_right: int, dropout_p: float, rng: Optional[Tensor],
+        num_threads: int) -> tuple[Tensor, Tensor]:
+    """o [B, Hq, Sq, Dv] (contiguous, q's dtype) and lse [B, Hq, Sq] (float32; float64 for float64)."""
+    return _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+                    num_threads)
+
+
+@fwd.register_fake
+def _fwd_fake(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads):
+    o_shape, lse_shape = output_shapes("attention", q, v)
+    return q.new_empty(o_shape), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("flashjit::bwd", mutates_args=())
+def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: Optional[Tensor],
+        scale: Optional[float], softcap: float, causal: int, window_left: int, window_right: int,
+        dropout_p: float, rng: Optional[Tensor], num_threads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv in the layouts of q, k, v (deterministic; dk, dv summed over each GQA group)."""
+    return _backward(dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, window_right, dropout_p,
+                     rng, num_threads)
+
+
+@bwd.register_fake
+def _bwd_fake(dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+              num_threads):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# ---- autograd -------------------------------------------------------------------------------------------
+
+_OPTION_NAMES = ("scale", "softcap", "causal", "window_left", "window_right", "dropout_p", "num_threads")
+
+
+def _save(ctx, **tensors):
+    """save_for_backward, remembering each tensor's name."""
+    ctx.saved_names = tuple(tensors)
+    ctx.save_for_backward(*tensors.values())
+
+
+def _saved(ctx) -> SimpleNamespace:
+    return SimpleNamespace(**dict(zip(ctx.saved_names, ctx.saved_tensors)))
+
+
+def _check_mask_grad(mask_needs_grad: bool):
+    if mask_needs_grad:
+        raise NotImplementedError("[attention] mask: gradients into a float mask are not supported; pass "
+                                  "attn_mask.detach() (torch.nn.functional.scaled_dot_product_attention "
+                                  "computes them)")
+
+
+def _setup_fwd(ctx, inputs, output):
+    q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads = inputs
+    o, lse = output
+    _save(ctx, q=q, k=k, v=v, o=o, lse=lse, mask=mask, rng=rng)
+    ctx.options = dict(zip(_OPTION_NAMES, (scale, softcap, causal, window_left, window_right, dropout_p,
+                                           num_threads)))
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, grad_o, grad_lse):
+    _check_mask_grad(ctx.needs_input_grad[3])
+    s = _saved(ctx)
+    opt = ctx.options
+    dq, dk, dv = bwd(grad_o, s.q, s.k, s.v, s.o, s.lse, s.mask, opt["scale"], opt["softcap"], opt["causal"],
+                     opt["window_left"], opt["window_right"], opt["dropout_p"], s.rng, opt["num_threads"])
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+fwd.register_autograd(_fwd_backward, setup_context=_setup_fwd)
+
+
+def naive_attention(q, k, v, mask, scale, softcap, causal, window_left, window_right):
+    """Differentiable matmul-softmax-matmul with every option but dropout, in
+    float32 or wider. Materialises [B, Hq, Sq, Sk]: used for double backward only."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(compute)
+    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
+    rows = torch.arange(seqlen_q, device=q.device)[:, None]
+    cols = torch.arange(seqlen_k, device=q.device)[None, :]
+    right = 0 if causal else window_right
+    relative = cols - rows - (0 if causal == 1 else seqlen_k - seqlen_q)
+    hidden = torch.zeros(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if window_left >= 0:
+        hidden |= relative < -window_left
+    if right >= 0:
+        hidden |= relative > right
+    s = s.masked_fill(hidden, float("-inf"))
+    # Rows that see no key give 0, as the kernels do, not NaN.
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return p @ v
+
+
+def _setup_bwd(ctx, inputs, output):
+    dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, _ = inputs
+    _save(ctx, dout=dout, q=q, k=k, v=v, mask=mask)
+    ctx.options = dict(scale=scale, softcap=softcap, causal=causal, window_left=window_left,
+                       window_right=window_right)
+    ctx.dropout_p = dropout_p
+
+
+def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
+    """Double backward by recomputing attention naively and differentiating twice.
+    o and lse are taken to be the forward's outputs for q, k, v, so every
+    gradient reaches q, k, v and none goes to o or lse."""
+    _check_mask_grad(ctx.needs_input_grad[6])
+    if ctx.dropout_p:
+        raise NotImplementedError("[attention] double backward: not supported with dropout_p > 0")
+    s = _saved(ctx)
+    with torch.enable_grad():
+        dout, q, k, v = (x.detach().requires_grad_() for x in (s.dout, s.q, s.k, s.v))
+        o = naive_attention(q, k, v, s.mask, **ctx.options)
+        first = torch.autograd.grad(o, (q, k, v), dout.to(o.dtype), create_graph=True)
+        first = [g.to(x.dtype) for g, x in zip(first, (q, k, v))]
+        pairs = [(g, gg) for g, gg in zip(first, (grad_dq, grad_dk, grad_dv)) if gg is not None]
+        second = torch.autograd.grad([g for g, _ in pairs], (dout, q, k, v), [gg for _, gg in pairs],
+                                     allow_unused=True, materialize_grads=True)
+    ddout, dq, dk, dv = second
+    return (ddout, dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None)
+
+
+bwd.register_autograd(_bwd_backward, setup_context=_setup_bwd)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same kernels and autograd rule without the dispatcher round trip."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+                num_threads):
+        o, lse = _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+                          num_threads)
+        _save(ctx, q=q, k=k, v=v, o=o, lse=lse, mask=mask, rng=rng)
+        ctx.options = dict(zip(_OPTION_NAMES, (scale, softcap, causal, window_left, window_right, dropout_p,
+                                               num_threads)))
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        _check_mask_grad(ctx.needs_input_grad[3])
+        s = _saved(ctx)
+        opt = ctx.options
+        # create_graph=True needs the op, whose backward is differentiable.
+        run = bwd if torch.is_grad_enabled() else _backward
+        dq, dk, dv = run(grad_o, s.q, s.k, s.v, s.o, s.lse, s.mask, opt["scale"], opt["softcap"], opt["causal"],
+                         opt["window_left"], opt["window_right"], opt["dropout_p"], s.rng, opt["num_threads"])
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _plain_eager(*tensors) -> bool:
+    """True when no compiler, tracer, dispatch mode or tensor subclass is in play."""
+    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+        return False
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
+    """The rng argument of the ops: [seed, offset] as int64 (two's complement of
+    the unsigned values), drawn from torch's default CPU generator when seed is None."""
+    if seed is None:
+        return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64)
+    as_int64 = [((int(x) & _U64) ^ (1 << 63)) - (1 << 63) for x in (seed, offset)]
+    return torch.tensor(as_int64, dtype=torch.int64)
+
+
+def attention(q, k, v, mask=None, scale=None, softcap=0.0, causal=0, window_left=-1, window_right=-1,
+              dropout_p=0.0, rng=None, num_threads=0):
+    """o, lse with autograd through q, k, v (lse is not differentiable)."""
+    args = (q, k, v, mask, scale, float(softcap), int(causal), int(window_left), int(window_right),
+            float(dropout_p), rng, int(num_threads))
+    _check_mask_grad(mask is not None and mask.requires_grad and torch.is_grad_enabled())
+    if _plain_eager(q, k, v, mask, rng):
+        return _EagerAttention.apply(*args)
+    return fwd(*args)

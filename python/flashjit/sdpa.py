@@ -1,0 +1,209 @@
+"""torch.nn.functional.scaled_dot_product_attention on flashjit, and the switch
+that routes torch's function here."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .api import backends
+
+_OP = "scaled_dot_product_attention"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check(query, key, value, attn_mask, dropout_p, is_causal):
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(f"[{_OP}] {name}: expected at least 2 dims (..., seqlen, head_dim), got {x.ndim}")
+        if x.dtype != query.dtype:
+            raise TypeError(f"[{_OP}] {name}: expected dtype {_dtype_name(query.dtype)} (the dtype of query), "
+                            f"got {_dtype_name(x.dtype)}")
+        if x.device != query.device:
+            raise ValueError(f"[{_OP}] {name}: expected device {query.device} (the device of query), got {x.device}")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"[{_OP}] query: expected dtype float32, float16, bfloat16 or float64, got "
+                        f"{_dtype_name(query.dtype)}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"[{_OP}] key: head dim {key.shape[-1]} does not match query's {query.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"[{_OP}] value: sequence length {value.shape[-2]} does not match key's {key.shape[-2]}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"[{_OP}] attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise TypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend), float32 or "
+                            f"{_dtype_name(query.dtype)} (added to the scores), got {_dtype_name(attn_mask.dtype)}")
+        if is_causal:
+            raise ValueError(f"[{_OP}] attn_mask: must be None when is_causal=True (add the causal mask to "
+                             "attn_mask instead)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"[{_OP}] dropout_p: expected a value in [0, 1), got {dropout_p}")
+
+
+def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
+    """Query heads and key/value heads after broadcasting (dim -3)."""
+    heads_q, heads_k, heads_v = query.shape[-3], key.shape[-3], value.shape[-3]
+    if enable_gqa:
+        if heads_k != heads_v:
+            raise ValueError(f"[{_OP}] value: {heads_v} heads, expected {heads_k} like key (enable_gqa=True)")
+        if heads_q % heads_k:
+            raise ValueError(f"[{_OP}] key: query heads ({heads_q}) must be a multiple of key/value heads "
+                             f"({heads_k}) with enable_gqa=True")
+        return heads_q, heads_k
+    try:
+        heads = torch.broadcast_shapes((heads_q,), (heads_k,), (heads_v,))[0]
+    except RuntimeError:
+        raise ValueError(f"[{_OP}] key: {heads_k} heads (value {heads_v}) do not broadcast with query's {heads_q}; "
+                         "pass enable_gqa=True for grouped-query attention") from None
+    # Key/value heads of 1 are shared by every query head without a copy.
+    return heads, 1 if heads_k == heads_v == 1 else heads
+
+
+def _as_4d(x: Tensor, batch_dims: tuple, batch: int, heads: int) -> Tensor:
+    """[*batch_dims, heads, S, D] (expanding size-1 dims) as [batch, heads, S, D], a view when possible."""
+    target = (*batch_dims, heads, *x.shape[-2:])
+    if tuple(x.shape) != target:
+        x = x.expand(target)
+    return x if len(batch_dims) == 1 else x.reshape(batch, heads, *x.shape[-2:])
+
+
+def _mask_as_4d(mask: Tensor, batch_dims: tuple, batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> Tensor:
+    rank = len(batch_dims) + 3
+    scores = (*batch_dims, heads, seqlen_q, seqlen_k)
+    if mask.ndim > rank or any(m not in (1, s) for m, s in zip(mask.shape[::-1], scores[::-1])):
+        raise ValueError(f"[{_OP}] attn_mask: shape {list(mask.shape)} does not broadcast to the scores' "
+                         f"{list(scores)}")
+    mask = mask[(None,) * (rank - mask.ndim)]
+    if len(batch_dims) == 1:
+        return mask
+    # Flatten the batch dims; the last three keep their own (possibly 1) sizes.
+    return mask.expand(*batch_dims, *mask.shape[-3:]).reshape(batch, *mask.shape[-3:])
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, computed by flashjit.
+
+    query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev);
+    leading dims broadcast. attn_mask: bool (True = attend) or float added to the scores,
+    broadcastable to (N, ..., Hq, L, S); not together with is_causal (top-left aligned).
+    scale defaults to 1/sqrt(E). enable_gqa=True lets Hq be a multiple of H. Dropout draws
+    its seed from torch's default generator. Rows with no visible key give 0.
+    Differentiable through query, key and value.
+    """
+    _check(query, key, value, attn_mask, dropout_p, is_causal)
+    out_rank = max(query.ndim, key.ndim, value.ndim)
+    # Leading dims broadcast as in torch.matmul; a 2-d input gets a heads dim of 1.
+    rank = max(out_rank, 3)
+    query, key, value = (x[(None,) * (rank - x.ndim)] for x in (query, key, value))
+    heads_q, heads_kv = _heads(query, key, value, enable_gqa)
+    try:
+        batch_dims = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+    except RuntimeError:
+        raise ValueError(f"[{_OP}] key: batch dims {list(key.shape[:-3])} do not broadcast with query's "
+                         f"{list(query.shape[:-3])}") from None
+    batch = math.prod(batch_dims)
+    seqlen_q, seqlen_k = query.shape[-2], key.shape[-2]
+    q = _as_4d(query, batch_dims, batch, heads_q)
+    k = _as_4d(key, batch_dims, batch, heads_kv)
+    v = _as_4d(value, batch_dims, batch, heads_kv)
+    mask = None if attn_mask is None else _mask_as_4d(attn_mask, batch_dims, batch, heads_q, seqlen_q, seqlen_k)
+    rng = ops.dropout_rng() if dropout_p > 0 else None
+    o, _ = ops.attention(q, k, v, mask, scale, 0.0, 1 if is_causal else 0, -1, -1, dropout_p, rng)
+    o = o.reshape(*batch_dims, heads_q, seqlen_q, o.shape[-1])
+    return o[0] if out_rank == 2 else o
+
+
+# ---- routing torch.nn.functional.scaled_dot_product_attention here ---------------------------------------
+
+_patch = {"original": None}
+_warned: set[str] = set()
+
+
+def _served_devices() -> tuple[str, ...]:
+    return ("cpu", "cuda") if "cuda" in backends() else ("cpu",)
+
+
+def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
+    """Why flashjit cannot serve this call, or None when it can."""
+    for name, x in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
+        if x is None:
+            continue
+        if not isinstance(x, Tensor):
+            return f"{name} is not a tensor"
+        if type(x) not in (Tensor, torch.nn.Parameter):
+            return f"tensor subclass {type(x).__name__}"
+        if x.is_nested:
+            return "nested tensors"
+        if x.device.type not in _served_devices():
+            return f"device {x.device.type} (flashjit serves {', '.join(_served_devices())})"
+    if query.dtype not in _FLOAT_DTYPES:
+        return f"dtype {_dtype_name(query.dtype)}"
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "a float attn_mask that requires grad (flashjit gives no mask gradient)"
+    return None
+
+
+def _routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    reason = _fallback_reason(query, key, value, attn_mask)
+    if reason is None:
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                            enable_gqa=enable_gqa)
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"flashjit: calling torch's scaled_dot_product_attention instead: {reason}", stacklevel=2)
+    return _patch["original"](query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                              enable_gqa=enable_gqa)
+
+
+_routed.__doc__ = ("torch.nn.functional.scaled_dot_product_attention routed to flashjit by flashjit.patch_sdpa(); "
+                   "calls torch's own function, with a warning once per reason, where flashjit cannot serve.")
+
+
+def is_sdpa_patched() -> bool:
+    return F.scaled_dot_product_attention is _routed
+
+
+def patch_sdpa() -> None:
+    """Route torch.nn.functional.scaled_dot_product_attention to flashjit.
+
+    Code that looks the function up at call time (torch.nn.functional.<name>, as
+    torch.nn.MultiheadAttention and transformers do) follows the switch; a name
+    imported before patching (`from torch.nn.functional import ...`) does not.
+    """
+    if not is_sdpa_patched():
+        _patch["original"] = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _routed
+
+
+def unpatch_sdpa() -> None:
+    """Put back the function that patch_sdpa() replaced (the same object)."""
+    if is_sdpa_patched():
+        F.scaled_dot_product_attention = _patch["original"]
+
+
+@contextlib.contextmanager
+def sdpa_patched():
+    """`with flashjit.sdpa_patched():` patches for the duration of the block."""
+    was_patched = is_sdpa_patched()
+    patch_sdpa()
+    try:
+        yield
+    finally:
+        if not was_patched:
+            unpatch_sdpa()
