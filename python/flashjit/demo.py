@@ -46,13 +46,12 @@ def _forward_backward(impl, q, k, v, dout, causal):
     """o, (dq, dk, dv) for one implementation."""
     import torch
 
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     if impl == "flashjit":
         import flashjit
 
-        o, lse = flashjit.attention(q, k, v, causal=causal)
-        return o, flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    if impl == "naive":
+        o = flashjit.scaled_dot_product_attention(*leaves, is_causal=causal)
+    elif impl == "naive":
         o = _naive(*leaves, causal)
     else:
         o = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=causal)

@@ -1,6 +1,9 @@
-// nanobind module over the C API. Tensors arrive through DLPack (numpy arrays,
-// torch tensors, anything exporting __dlpack__) without a copy; statuses become
-// Python exceptions.
+// nanobind module over the C API. Tensors arrive without a copy, either through
+// DLPack (numpy arrays, anything exporting __dlpack__) or as a descriptor tuple
+// (data_ptr, fj_dtype, fj_device_type, device_index, shape, strides) that the
+// torch front end builds: DLPack export costs a few microseconds per torch
+// tensor, which is most of the call on small problems. Statuses become Python
+// exceptions.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -17,7 +20,6 @@ namespace nb = nanobind;
 namespace {
 
 using Array = nb::ndarray<nb::ro>;
-using OutArray = nb::ndarray<>;
 
 [[noreturn]] void raise_status(fj_status status) {
   const std::string message = fj_last_error();
@@ -55,8 +57,7 @@ fj_dtype to_fj_dtype(const char* op, const char* name, nb::dlpack::dtype dtype) 
                            .c_str());
 }
 
-template <typename A>
-fj_tensor to_tensor(const char* op, const char* name, const A& array) {
+fj_tensor array_to_tensor(const char* op, const char* name, const Array& array) {
   fj_tensor t;
   std::memset(&t, 0, sizeof t);
   t.data = const_cast<void*>(static_cast<const void*>(array.data()));
@@ -78,12 +79,44 @@ fj_tensor to_tensor(const char* op, const char* name, const A& array) {
   return t;
 }
 
-fj_attention_options make_options(const char* op, const std::optional<Array>& mask,
+// Descriptor tuples come from flashjit's own front end, which maps only the
+// dtypes and devices it supports; anything else arrives as an array.
+fj_tensor descriptor_to_tensor(const char* op, const char* name, const nb::tuple& d) {
+  if (d.size() != 6) {
+    throw nb::type_error((std::string("[") + op + "] " + name + ": expected a 6-tuple tensor descriptor").c_str());
+  }
+  fj_tensor t;
+  std::memset(&t, 0, sizeof t);
+  t.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(d[0]));
+  t.dtype = fj_dtype(nb::cast<int>(d[1]));
+  t.device_type = fj_device_type(nb::cast<int>(d[2]));
+  t.device_index = nb::cast<int32_t>(d[3]);
+  const nb::tuple shape = nb::cast<nb::tuple>(d[4]), strides = nb::cast<nb::tuple>(d[5]);
+  t.ndim = int32_t(shape.size());  // the C API rejects a rank other than 3 or 4 by name
+  for (size_t i = 0; i < shape.size() && i < FJ_MAX_DIMS && i < strides.size(); ++i) {
+    t.shape[i] = nb::cast<int64_t>(shape[i]);
+    t.strides[i] = nb::cast<int64_t>(strides[i]);
+  }
+  return t;
+}
+
+fj_tensor to_tensor(const char* op, const char* name, nb::handle x) {
+  if (nb::isinstance<nb::tuple>(x)) return descriptor_to_tensor(op, name, nb::borrow<nb::tuple>(x));
+  Array array;
+  if (!nb::try_cast<Array>(x, array, /*convert=*/false)) {
+    throw nb::type_error((std::string("[") + op + "] " + name + ": expected an array exporting DLPack, got " +
+                          nb::type_name(x.type()).c_str())
+                             .c_str());
+  }
+  return array_to_tensor(op, name, array);
+}
+
+fj_attention_options make_options(const char* op, nb::handle mask,
                                   std::optional<double> scale, double softcap, int causal,
                                   int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed,
                                   uint64_t offset, int num_threads, uintptr_t stream) {
   fj_attention_options options = fj_attention_options_default();
-  if (mask) options.mask = to_tensor(op, "mask", *mask);
+  if (!mask.is_none()) options.mask = to_tensor(op, "mask", mask);
   options.has_scale = scale.has_value();
   options.scale = scale.value_or(0.0);
   options.softcap = softcap;
@@ -98,8 +131,7 @@ fj_attention_options make_options(const char* op, const std::optional<Array>& ma
   return options;
 }
 
-void forward(const Array& q, const Array& k, const Array& v, OutArray o, OutArray lse,
-             const std::optional<Array>& mask, std::optional<double> scale, double softcap, int causal,
+void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask, std::optional<double> scale, double softcap, int causal,
              int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset,
              int num_threads, uintptr_t stream) {
   constexpr const char* op = "attention";
@@ -115,8 +147,8 @@ void forward(const Array& q, const Array& k, const Array& v, OutArray o, OutArra
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
-void backward(const Array& q, const Array& k, const Array& v, const Array& o, const Array& lse,
-              const Array& dout, OutArray dq, OutArray dk, OutArray dv, const std::optional<Array>& mask,
+void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
+              nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask,
               std::optional<double> scale, double softcap, int causal, int64_t window_left,
               int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
               uintptr_t stream) {
@@ -146,19 +178,30 @@ void dropout_keep_mask(uint64_t seed, uint64_t offset, double p,
 
 NB_MODULE(_C, m) {
   m.doc() = "flashjit C API bindings (internal; use the flashjit package)";
-  m.def("forward", &forward, nb::arg("q").noconvert(), nb::arg("k").noconvert(), nb::arg("v").noconvert(),
-        nb::arg("o").noconvert(), nb::arg("lse").noconvert(), nb::arg("mask").noconvert().none(),
+  m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("o"), nb::arg("lse"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
         nb::arg("num_threads"), nb::arg("stream") = 0);
-  m.def("backward", &backward, nb::arg("q").noconvert(), nb::arg("k").noconvert(), nb::arg("v").noconvert(),
-        nb::arg("o").noconvert(), nb::arg("lse").noconvert(), nb::arg("dout").noconvert(),
-        nb::arg("dq").noconvert(), nb::arg("dk").noconvert(), nb::arg("dv").noconvert(),
-        nb::arg("mask").noconvert().none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
+  m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("o"), nb::arg("lse"), nb::arg("dout"),
+        nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
+        nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
         nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0);
   m.def("dropout_keep_mask", &dropout_keep_mask, nb::arg("seed"), nb::arg("offset"), nb::arg("p"),
         nb::arg("keep").noconvert());
+  nb::dict dtypes;
+  dtypes["float32"] = int(FJ_FLOAT32);
+  dtypes["float16"] = int(FJ_FLOAT16);
+  dtypes["bfloat16"] = int(FJ_BFLOAT16);
+  dtypes["float64"] = int(FJ_FLOAT64);
+  dtypes["bool"] = int(FJ_BOOL);
+  m.attr("DTYPES") = dtypes;  // descriptor codes by dtype name
+  nb::dict devices;
+  devices["cpu"] = int(FJ_DEVICE_CPU);
+  devices["cuda"] = int(FJ_DEVICE_CUDA);
+  m.attr("DEVICES") = devices;
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });
 }

@@ -3,7 +3,6 @@
 // O(block * head_dim) whatever the sequence lengths.
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "core/error.hpp"
 #include "cpu/kernels.hpp"
@@ -13,27 +12,29 @@
 namespace flashjit::cpu {
 namespace {
 
+// Tile buffers of one task (uninitialised; see thread_scratch).
 template <typename Acc>
 struct ForwardScratch {
-  std::vector<Acc> q, k_t, v, s, o, row_max, row_sum;
-  std::vector<uint8_t> keep;
+  Acc *q, *k_t, *v, *s, *o, *row_max, *row_sum;
+  uint8_t* keep;
 
-  explicit ForwardScratch(const AttentionProblem& p) {
+  void carve(const AttentionProblem& p, ScratchSlicer& slicer) {
     const int64_t ld_k = round_up(kBlockK, kLanes<Acc>);
     const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
-    q.resize(kBlockQ * p.head_dim_qk);
-    k_t.resize(p.head_dim_qk * ld_k);
-    v.resize(kBlockK * ld_v);
-    s.resize(kBlockQ * ld_k);
-    o.resize(kBlockQ * ld_v);
-    row_max.resize(kBlockQ);
-    row_sum.resize(kBlockQ);
-    keep.resize(kBlockK);
+    q = slicer.take<Acc>(kBlockQ * p.head_dim_qk);
+    k_t = slicer.take<Acc>(p.head_dim_qk * ld_k);
+    v = slicer.take<Acc>(kBlockK * ld_v);
+    s = slicer.take<Acc>(kBlockQ * ld_k);
+    o = slicer.take<Acc>(kBlockQ * ld_v);
+    row_max = slicer.take<Acc>(kBlockQ);
+    row_sum = slicer.take<Acc>(kBlockQ);
+    keep = slicer.take<uint8_t>(kBlockK);
   }
 };
 
 template <typename T, typename Acc>
-void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, ForwardScratch<Acc>& w) {
+void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0) {
+  const auto w = thread_scratch<ForwardScratch<Acc>>(p);
   const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0);
   const int64_t h_kv = h / p.group_size();
   const int64_t d_qk = p.head_dim_qk;
@@ -41,10 +42,10 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   const int64_t ld_v = round_up(d_v, kLanes<Acc>);
   const Acc keep_scale = Acc(1.0 / (1.0 - p.dropout_p));
 
-  pack_rows(p.q.row<const T>(b, h, query0), p.q.stride_seq, rows, d_qk, w.q.data(), d_qk);
-  std::fill(w.o.begin(), w.o.begin() + rows * ld_v, Acc(0));
-  std::fill(w.row_max.begin(), w.row_max.end(), kNegInf<Acc>);
-  std::fill(w.row_sum.begin(), w.row_sum.end(), Acc(0));
+  pack_rows(p.q.row<const T>(b, h, query0), p.q.stride_seq, rows, d_qk, w.q, d_qk);
+  std::fill(w.o, w.o + rows * ld_v, Acc(0));
+  std::fill(w.row_max, w.row_max + rows, kNegInf<Acc>);
+  std::fill(w.row_sum, w.row_sum + rows, Acc(0));
 
   // Keys visible to some row of the block (the bounds are monotone in the row).
   const int64_t key_begin = p.key_begin(query0);
@@ -52,16 +53,16 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   for (int64_t key0 = key_begin; key0 < key_end; key0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, key_end - key0);
     const int64_t ld_k = round_up(cols, kLanes<Acc>);
-    pack_transposed(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t.data(), ld_k);
-    pack_rows(p.v.row<const T>(b, h_kv, key0), p.v.stride_seq, cols, d_v, w.v.data(), ld_v);
+    pack_transposed(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t, ld_k);
+    pack_rows(p.v.row<const T>(b, h_kv, key0), p.v.stride_seq, cols, d_v, w.v, ld_v);
 
     // S = Q K^T, then logits (scale, softcap, masks).
-    gemm(rows, ld_k, d_qk, w.q.data(), d_qk, w.k_t.data(), ld_k, w.s.data(), ld_k, false);
-    compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s.data(), static_cast<Acc*>(nullptr));
+    gemm(rows, ld_k, d_qk, w.q, d_qk, w.k_t, ld_k, w.s, ld_k, false);
+    compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s, static_cast<Acc*>(nullptr));
 
     // Online softmax: rescale the running output by exp(old max - new max).
     for (int64_t r = 0; r < rows; ++r) {
-      Acc* s_row = w.s.data() + r * ld_k;
+      Acc* s_row = w.s + r * ld_k;
       const Acc block_max = *std::max_element(s_row, s_row + ld_k);
       const Acc new_max = std::max(w.row_max[r], block_max);
       if (new_max == kNegInf<Acc>) {  // nothing visible yet: P row is 0
@@ -73,24 +74,24 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
       w.row_sum[r] = w.row_sum[r] * correction + block_sum;
       w.row_max[r] = new_max;
       if (correction != Acc(1)) {
-        Acc* o_row = w.o.data() + r * ld_v;
+        Acc* o_row = w.o + r * ld_v;
         for (int64_t c = 0; c < ld_v; ++c) o_row[c] *= correction;
       }
       if (p.has_dropout()) {
         // The normaliser uses every probability; only the output sees dropout.
-        dropout_keep_row(p, b, h, query0 + r, key0, cols, w.keep.data());
+        dropout_keep_row(p, b, h, query0 + r, key0, cols, w.keep);
         for (int64_t c = 0; c < cols; ++c) s_row[c] = w.keep[c] ? s_row[c] * keep_scale : Acc(0);
       }
     }
     // O += P V
-    gemm(rows, ld_v, cols, w.s.data(), ld_k, w.v.data(), ld_v, w.o.data(), ld_v, true);
+    gemm(rows, ld_v, cols, w.s, ld_k, w.v, ld_v, w.o, ld_v, true);
   }
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = query0 + r;
     const bool empty = w.row_sum[r] == Acc(0);  // every key masked
     const Acc inv_sum = empty ? Acc(0) : Acc(1) / w.row_sum[r];
-    store_row(w.o.data() + r * ld_v, d_v, inv_sum, p.o.row<T>(b, h, query));
+    store_row(w.o + r * ld_v, d_v, inv_sum, p.o.row<T>(b, h, query));
     const double lse = empty ? -INFINITY : double(w.row_max[r]) + std::log(double(w.row_sum[r]));
     const int64_t lse_index = b * p.lse_stride_batch + h * p.lse_stride_head + query * p.lse_stride_seq;
     if (p.lse_dtype == FJ_FLOAT64) {
@@ -107,13 +108,10 @@ void forward_typed(const AttentionProblem& p) {
   const int64_t query_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = p.batch * p.heads_q * query_blocks;
   const int workers = worker_count(p.num_threads, tasks);
-  std::vector<ForwardScratch<Acc>> scratch;
-  scratch.reserve(workers);
-  for (int i = 0; i < workers; ++i) scratch.emplace_back(p);
-  parallel_for(tasks, workers, [&](int64_t task, int worker) {
+  parallel_for(tasks, workers, [&](int64_t task, int) {
     const int64_t block = task % query_blocks;
     const int64_t bh = task / query_blocks;
-    forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, block * kBlockQ, scratch[worker]);
+    forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, block * kBlockQ);
   });
 }
 

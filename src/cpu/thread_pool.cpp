@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -20,6 +22,8 @@ namespace {
 
 class ThreadPool {
  public:
+  static constexpr std::chrono::microseconds kSpinBeforeSleep{200};
+
   // Starts up to workers - 1 threads. If the system refuses one, the pool keeps
   // the threads it has: fewer workers, same results.
   explicit ThreadPool(int workers) : requested_(workers) {
@@ -81,6 +85,12 @@ class ThreadPool {
   void worker_loop(int worker) {
     uint64_t seen = 0;
     for (;;) {
+      // Watch for the next job a little before sleeping: waking a sleeping thread
+      // can take longer than a whole small call.
+      const auto spin_end = std::chrono::steady_clock::now() + kSpinBeforeSleep;
+      while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_end) {
+        std::this_thread::yield();
+      }
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
@@ -104,7 +114,7 @@ class ThreadPool {
   int64_t count_ = 0;
   int active_workers_ = 0;
   int pending_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   bool stopping_ = false;
   std::exception_ptr error_;
 };
@@ -129,12 +139,33 @@ ThreadPool& pool(int workers) {
 }  // namespace
 
 int default_num_threads() {
-  if (const char* env = std::getenv("FLASHJIT_NUM_THREADS")) {
-    const int value = std::atoi(env);
-    if (value > 0) return std::min(value, int(kMaxThreads));
+  // Read once: asking the system for the core count costs microseconds a call.
+  static const int threads = [] {
+    if (const char* env = std::getenv("FLASHJIT_NUM_THREADS")) {
+      const int value = std::atoi(env);
+      if (value > 0) return std::min(value, int(kMaxThreads));
+    }
+    const unsigned cores = std::thread::hardware_concurrency();
+    return cores > 0 ? int(cores) : 1;
+  }();
+  return threads;
+}
+
+char* thread_scratch_buffer(size_t bytes) {
+  constexpr std::align_val_t kAlignment{64};
+  struct AlignedDelete {
+    void operator()(char* p) const { ::operator delete(p, kAlignment); }
+  };
+  thread_local std::unique_ptr<char, AlignedDelete> buffer;
+  thread_local size_t capacity = 0;
+  if (bytes > capacity) {
+    const size_t grown = std::max(bytes, capacity * 2);
+    buffer.reset();
+    capacity = 0;
+    buffer.reset(static_cast<char*>(::operator new(grown, kAlignment)));  // throws std::bad_alloc
+    capacity = grown;
   }
-  const unsigned cores = std::thread::hardware_concurrency();
-  return cores > 0 ? int(cores) : 1;
+  return buffer.get();
 }
 
 int worker_count(int num_threads, int64_t count) {

@@ -18,4 +18,39 @@ int worker_count(int num_threads, int64_t count);
 // workers (the caller is worker 0). Rethrows the first exception a task threw.
 void parallel_for(int64_t count, int num_threads, const std::function<void(int64_t index, int worker)>& task);
 
+// Scratch memory of the calling thread, kept between calls so that small
+// problems do not pay for allocating and zero-filling tile buffers each time.
+// At least `bytes`, 64-byte aligned, uninitialised; a later call may move it.
+char* thread_scratch_buffer(size_t bytes);
+
+// Cuts typed, 64-byte aligned slices out of a buffer; with a null buffer it only
+// counts the bytes needed.
+class ScratchSlicer {
+ public:
+  explicit ScratchSlicer(char* base) : base_(base) {}
+  template <typename T>
+  T* take(int64_t count) {
+    T* slice = base_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
+    used_ += (size_t(count) * sizeof(T) + 63) / 64 * 64;
+    return slice;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+};
+
+// Tile buffers of type Layout (which has carve(args..., ScratchSlicer&)) laid
+// out in this thread's scratch memory. Uninitialised.
+template <typename Layout, typename... Args>
+Layout thread_scratch(const Args&... args) {
+  Layout layout;
+  ScratchSlicer sizing(nullptr);
+  layout.carve(args..., sizing);
+  ScratchSlicer slicer(thread_scratch_buffer(sizing.used()));
+  layout.carve(args..., slicer);
+  return layout;
+}
+
 }  // namespace flashjit::cpu
