@@ -39,17 +39,18 @@ _DEVICE_CODES = _C.DEVICES
 
 def _ref(x: Tensor):
     """What _C reads a tensor through: a descriptor tuple, or the tensor itself
-    (DLPack) for a dtype or device flashjit does not take, so that _C names it."""
+    (DLPack) for a dtype or device flashjit does not take, so that _C names it.
+    A descriptor holds no reference: the caller keeps x alive through the call."""
     dtype, device = _DTYPE_CODES.get(x.dtype), _DEVICE_CODES.get(x.device.type)
     if dtype is None or device is None:
         return x.detach()
     return (x.data_ptr(), dtype, device, x.device.index or 0, tuple(x.shape), x.stride())
 
 
-def _input(x: Tensor):
-    """An input for _C. The kernels read rows with unit stride; torch allows any
-    last-dim stride (an expanded gradient from .sum() has stride 0 there)."""
-    return _ref(x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous())
+def _rows_readable(x: Tensor) -> Tensor:
+    """The kernels read rows with unit stride; torch allows any last-dim stride
+    (an expanded gradient from .sum() has stride 0 there)."""
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
 def _compact_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -77,7 +78,6 @@ def _stream(x: Tensor) -> int:
 
 def _options(mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, stream):
     seed, offset = _seed_offset(rng)
-    mask = _compact_mask(mask)
     return dict(mask=None if mask is None else _ref(mask), scale=scale, softcap=softcap, causal=causal, window_left=window_left,
                 window_right=window_right, dropout_p=dropout_p, seed=seed, offset=offset,
                 num_threads=num_threads, stream=stream)
@@ -87,9 +87,11 @@ def _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, d
     o_shape, lse_shape = output_shapes("attention", q, v)
     o = q.new_empty(o_shape)
     lse = q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
-    _C.forward(*(_input(x) for x in (q, k, v)), _ref(o), _ref(lse),
-               **_options(mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads,
-                          _stream(q)))
+    inputs = [_rows_readable(x) for x in (q, k, v)]  # alive until _C returns
+    mask = _compact_mask(mask)
+    _C.forward(*map(_ref, inputs), _ref(o), _ref(lse),
+               **_options(mask, scale, softcap, causal, window_left, window_right,
+                          dropout_p, rng, num_threads, _stream(q)))
     return o, lse
 
 
@@ -97,10 +99,11 @@ def _backward(dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, 
               num_threads):
     # Gradients take the layout of their inputs (empty_like keeps dense strides).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    inputs = (_input(x) for x in (q, k, v, o, lse, dout))
-    _C.backward(*inputs, _ref(dq), _ref(dk), _ref(dv),
-                **_options(mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads,
-                           _stream(q)))
+    inputs = [_rows_readable(x) for x in (q, k, v, o, lse, dout)]  # alive until _C returns
+    mask = _compact_mask(mask)
+    _C.backward(*map(_ref, inputs), _ref(dq), _ref(dk), _ref(dv),
+                **_options(mask, scale, softcap, causal, window_left, window_right,
+                           dropout_p, rng, num_threads, _stream(q)))
     return dq, dk, dv
 
 

@@ -135,8 +135,8 @@ _patch = {"original": None}
 _warned: set[str] = set()
 
 
-def _served_devices() -> tuple[str, ...]:
-    return ("cpu", "cuda") if "cuda" in backends() else ("cpu",)
+# Read once: torch.compile traces _fallback_reason, and cannot trace into _C.
+_SERVED_DEVICES = tuple(name for name in ("cpu", "cuda") if name in backends())
 
 
 def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
@@ -150,8 +150,8 @@ def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
             return f"tensor subclass {type(x).__name__}"
         if x.is_nested:
             return "nested tensors"
-        if x.device.type not in _served_devices():
-            return f"device {x.device.type} (flashjit serves {', '.join(_served_devices())})"
+        if x.device.type not in _SERVED_DEVICES:
+            return f"device {x.device.type} (flashjit serves {', '.join(_SERVED_DEVICES)})"
     if query.dtype not in _FLOAT_DTYPES:
         return f"dtype {_dtype_name(query.dtype)}"
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():

@@ -1,10 +1,16 @@
-"""Naive attention in torch: float64 as the oracle, the input dtype as the
-baseline an unfused implementation reaches (PyTorch's math path does the same
-matmul-softmax-matmul)."""
+"""Reference attention and the tolerance policy.
+
+naive_attention in float64 is the oracle; the same code in the input dtype is
+the baseline an unfused implementation reaches (PyTorch's math path does the
+same matmul-softmax-matmul). flashjit's error against the oracle must be at most
+2x the baseline's plus a rounding floor, for outputs and for gradients.
+"""
 
 import math
 
 import torch
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float64: 1e-12}
 
 
 def visible(seqlen_q, seqlen_k, causal, window):
@@ -48,3 +54,25 @@ def naive_attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=
     if dropout_p:
         p = p * keep.to(dtype) / (1.0 - dropout_p)
     return p @ v, lse
+
+
+def max_err(a, b):
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    finite = torch.isfinite(b)
+    return (a - b)[finite].abs().max().item() if finite.any() else 0.0
+
+
+def check(name, actual, baseline, exact, dtype):
+    """actual vs the float64 `exact`, within 2x the `baseline` error plus the floor."""
+    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)}, expected {tuple(exact.shape)}"
+    err = max_err(actual, exact)
+    base = max_err(baseline, exact)
+    finite = exact.detach()[torch.isfinite(exact.detach())]
+    magnitude = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    tol = 2 * base + FLOOR[dtype] * magnitude
+    assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g} (baseline {base:.3g})"
+
+
+def leaves(*tensors, dtype=None, device=None):
+    """Fresh leaf copies that require grad."""
+    return [x.detach().to(device=device, dtype=dtype).clone().requires_grad_() for x in tensors]

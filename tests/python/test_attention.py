@@ -1,30 +1,21 @@
-"""flashjit on torch CPU tensors against the float64 reference. Tolerance: at
-most 2x the error of naive attention in the input dtype, plus a rounding floor."""
+"""flashjit.attention forward and autograd backward against the float64
+reference, over DESIGN.md §4's feature x shape matrix, on FLASHJIT_TEST_DEVICE."""
 
 import numpy as np
 import pytest
 import torch
 
 import flashjit
-from reference import naive_attention
+from conftest import DEVICE
+from reference import check, leaves, naive_attention
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float64: 1e-12}
-
-
-def max_err(a, b):
-    finite = torch.isfinite(b)
-    return (a.double() - b.double())[finite].abs().max().item() if finite.any() else 0.0
-
-
-def check(name, actual, baseline, exact, dtype):
-    err = max_err(actual, exact)
-    base = max_err(baseline, exact)
-    tol = 2 * base + FLOOR[dtype] * max(1.0, exact[torch.isfinite(exact)].abs().max().item() if exact.numel() else 1.0)
-    assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g} (baseline {base:.3g})"
+HEAD_DIMS = [1, 8, 40, 64, 72, 96, 128, 160, 192, 256]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] + ([torch.float64] if DEVICE == "cpu" else [])
 
 
 def run(B=2, Hq=4, Hkv=2, Sq=70, Sk=90, D=32, Dv=None, dtype=torch.float32, layout="bhsd", mask=None,
         dropout_p=0.0, **options):
+    """Runs flashjit forward + autograd backward on DEVICE and checks o, lse, dq, dk, dv."""
     Dv = Dv or D
 
     def make(H, S, d):
@@ -33,41 +24,51 @@ def run(B=2, Hq=4, Hkv=2, Sq=70, Sk=90, D=32, Dv=None, dtype=torch.float32, layo
         return torch.randn(B, H, S, d).to(dtype)
 
     q, k, v = make(Hq, Sq, D), make(Hkv, Sk, D), make(Hkv, Sk, Dv)
+    fq, fk, fv = (x.to(DEVICE).requires_grad_() for x in (q, k, v))
+    assert fq.stride() == q.stride()
     seed = 1234
-    o, lse = flashjit.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, seed=seed, **options)
+    o, lse = flashjit.attention(fq, fk, fv, attn_mask=None if mask is None else mask.to(DEVICE),
+                                dropout_p=dropout_p, seed=seed, return_lse=True, **options)
+    dout = torch.randn(o.shape).to(dtype)
+    o.backward(dout.to(DEVICE))
+
     keep = None
     if dropout_p:
         keep = torch.from_numpy(flashjit.dropout_keep_mask(B, Hq, Sq, Sk, dropout_p=dropout_p, seed=seed))
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    exact_o, exact_lse = naive_attention(*leaves, attn_mask=mask, dropout_p=dropout_p, keep=keep, **options)
-    low = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    exact = leaves(q, k, v)
+    exact_o, exact_lse = naive_attention(*exact, attn_mask=mask, dropout_p=dropout_p, keep=keep, **options)
+    low = leaves(q, k, v)
     base_o, base_lse = naive_attention(*low, attn_mask=mask, dropout_p=dropout_p, keep=keep, dtype=dtype, **options)
-    assert o.dtype == dtype and o.shape == (B, Hq, Sq, Dv)
+    assert o.dtype == dtype and o.shape == (B, Hq, Sq, Dv) and o.device == fq.device
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not lse.requires_grad
     check("o", o, base_o, exact_o, dtype)
     check("lse", lse, base_lse, exact_lse, torch.float32)
-    assert torch.equal(torch.isinf(lse), torch.isinf(exact_lse))
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(exact_lse))
 
-    dout = torch.randn_like(o)
-    dq, dk, dv = flashjit.attention_backward(q, k, v, o, lse, dout, attn_mask=mask, dropout_p=dropout_p, seed=seed,
-                                             **options)
     exact_o.backward(dout.double())
     base_o.backward(dout)
-    for name, got, base, exact in zip(("dq", "dk", "dv"), (dq, dk, dv), low, leaves):
-        assert got.dtype == dtype
-        check(name, got, base.grad, exact.grad, dtype)
-    return o, lse, (dq, dk, dv)
+    for name, got, base, ref in zip(("dq", "dk", "dv"), (fq, fk, fv), low, exact):
+        assert got.grad.dtype == dtype and got.grad.shape == got.shape
+        check(name, got.grad, base.grad, ref.grad, dtype)
+    return o.detach().cpu(), lse.cpu(), tuple(x.grad.cpu() for x in (fq, fk, fv))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("D", [1, 8, 40, 64, 72, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", HEAD_DIMS)
 def test_head_dims_and_dtypes(dtype, D):
     run(D=D, dtype=dtype, Sq=65, Sk=63)
 
 
-@pytest.mark.parametrize("Sq,Sk", [(1, 1), (7, 7), (63, 65), (127, 129), (1000, 1000), (7, 129), (129, 7)])
+@pytest.mark.parametrize("Dqk,Dv", [(64, 32), (40, 128), (256, 8)])
+def test_value_head_dim_differs(Dqk, Dv):
+    run(D=Dqk, Dv=Dv, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (7, 7), (63, 63), (65, 65), (127, 127), (129, 129), (1000, 1000),
+                                   (63, 65), (127, 129), (7, 129), (129, 7), (1, 1000), (1000, 1)])
 def test_seqlens(Sq, Sk):
-    run(B=1, Hq=1, Hkv=1, Sq=Sq, Sk=Sk)
+    run(B=1, Hq=2, Hkv=1, Sq=Sq, Sk=Sk)
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (8, 1)])
@@ -76,21 +77,26 @@ def test_gqa(Hq, Hkv):
 
 
 @pytest.mark.parametrize("causal", [True, "top_left", "bottom_right"])
-@pytest.mark.parametrize("Sq,Sk", [(64, 64), (40, 100), (100, 40)])
+@pytest.mark.parametrize("Sq,Sk", [(64, 64), (40, 100), (100, 40), (129, 1000)])
 def test_causal(causal, Sq, Sk):
-    run(Sq=Sq, Sk=Sk, causal=causal, dtype=torch.float16)
+    run(B=1, Sq=Sq, Sk=Sk, causal=causal, dtype=torch.float16)
 
 
-@pytest.mark.parametrize("window", [(16, 0), (8, 8), (-1, 4), (4, -1)])
+@pytest.mark.parametrize("window", [(16, 0), (8, 8), (-1, 4), (4, -1), (0, 0)])
 def test_window(window):
     run(Sq=120, Sk=150, window=window)
+
+
+def test_causal_window():
+    run(Sq=130, Sk=130, causal="bottom_right", window=(32, -1), dtype=torch.bfloat16)
 
 
 def test_softcap_and_scale():
     run(softcap=3.0, scale=0.7, dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("shape", [(70, 90), (1, 90), (4, 1, 90), (2, 1, 70, 90), (1, 4, 70, 90), (2, 4, 1, 90)])
+@pytest.mark.parametrize("shape", [(70, 90), (1, 90), (70, 1), (4, 1, 90), (2, 1, 70, 90), (1, 4, 70, 90),
+                                   (2, 4, 1, 90), (2, 4, 70, 90)])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_broadcast(shape, kind):
     if kind == "bool":
@@ -104,6 +110,10 @@ def test_expanded_mask_is_read_through_zero_strides():
     mask = (torch.rand(1, 1, 70, 90) > 0.5).expand(2, 4, 70, 90)
     assert mask.stride()[:2] == (0, 0)
     run(mask=mask)
+
+
+def test_float32_mask_with_half_inputs():
+    run(mask=torch.randn(70, 90), dtype=torch.float16)
 
 
 def test_fully_masked_rows_give_zero_output_and_gradient():
@@ -120,14 +130,34 @@ def test_dropout_matches_reference_with_same_keep_mask(p):
     run(dropout_p=p, dtype=torch.bfloat16)
 
 
-def test_strided_layout_is_zero_copy():
-    run(layout="bshd", dtype=torch.float16, Dv=24)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_transposed_layout_is_zero_copy(dtype):
+    run(layout="bshd", dtype=dtype, Dv=24)
 
 
+def test_gradients_take_the_layout_of_their_inputs():
+    q = torch.randn(2, 50, 4, 32, device=DEVICE).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 4, 60, 32, device=DEVICE, requires_grad=True) for _ in range(2))
+    flashjit.attention(q, k, v).sum().backward()
+    assert q.grad.stride() == q.stride() and k.grad.is_contiguous()
+
+
+def test_non_unit_last_dim_stride_and_expanded_gradient():
+    base = torch.randn(2, 4, 30, 64, device=DEVICE)
+    q = base[..., ::2].detach().requires_grad_()  # last-dim stride 2
+    k, v = (torch.randn(2, 4, 30, 32, device=DEVICE, requires_grad=True) for _ in range(2))
+    flashjit.attention(q, k, v).sum().backward()  # .sum() hands back a stride-0 gradient
+    ref = leaves(q, k, v, device="cpu", dtype=torch.float64)
+    naive_attention(*ref)[0].sum().backward()
+    for got, want in zip((q, k, v), ref):
+        assert torch.allclose(got.grad.cpu().double(), want.grad, atol=1e-5)
+
+
+@pytest.mark.cpu_only
 def test_numpy_arrays():
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, 33, 16)).astype(np.float32) for _ in range(3))
-    o, lse = flashjit.attention(q, k, v, causal=True)
+    o, lse = flashjit.attention(q, k, v, causal=True, return_lse=True)
     assert isinstance(o, np.ndarray) and o.dtype == np.float32 and lse.dtype == np.float32
     ref, _ = naive_attention(*(torch.from_numpy(x) for x in (q, k, v)), causal=True)
     assert np.abs(o - ref.numpy()).max() < 1e-5
@@ -135,17 +165,47 @@ def test_numpy_arrays():
     assert dq.shape == q.shape and np.isfinite(dq).all()
 
 
-def test_tensors_requiring_grad_are_accepted():
-    q = torch.randn(1, 2, 8, 16, requires_grad=True)
-    o, _ = flashjit.attention(q, q, q)
-    assert not o.requires_grad
+def test_explicit_backward_matches_autograd():
+    q, k, v = (torch.randn(2, 4, 40, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    o, lse = flashjit.attention(q, k, v, causal=True, dropout_p=0.2, seed=9, return_lse=True)
+    dout = torch.randn_like(o)
+    o.backward(dout)
+    explicit = flashjit.attention_backward(q.detach(), k.detach(), v.detach(), o.detach(), lse, dout, causal=True,
+                                           dropout_p=0.2, seed=9)
+    assert all(torch.equal(a, x.grad) for a, x in zip(explicit, (q, k, v)))
+
+
+def test_no_grad_inputs_give_no_graph():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    assert not flashjit.attention(q, q, q).requires_grad
 
 
 def test_backward_is_deterministic():
+    q, k, v = (torch.randn(2, 4, 150, 40, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
+    o, lse = flashjit.attention(q, k, v, dropout_p=0.1, seed=5, return_lse=True)
+    dout = torch.randn_like(o)
+    first = flashjit.attention_backward(q, k, v, o, lse, dout, dropout_p=0.1, seed=5)
+    for _ in range(3):
+        again = flashjit.attention_backward(q, k, v, o, lse, dout, dropout_p=0.1, seed=5)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.cpu_only
+def test_cpu_backward_is_identical_across_thread_counts():
     q, k, v = (torch.randn(2, 4, 150, 40, dtype=torch.bfloat16) for _ in range(3))
-    o, lse = flashjit.attention(q, k, v, dropout_p=0.1, seed=5)
+    o, lse = flashjit.attention(q, k, v, dropout_p=0.1, seed=5, return_lse=True)
     dout = torch.randn_like(o)
     first = flashjit.attention_backward(q, k, v, o, lse, dout, dropout_p=0.1, seed=5, num_threads=1)
-    for threads in (1, 2, 0):
+    for threads in (2, 3, 0):
         again = flashjit.attention_backward(q, k, v, o, lse, dout, dropout_p=0.1, seed=5, num_threads=threads)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_dropout_seed_from_torch_generator_is_repeatable():
+    q = torch.randn(1, 2, 20, 16, device=DEVICE)
+    torch.manual_seed(3)
+    a = flashjit.attention(q, q, q, dropout_p=0.3)
+    torch.manual_seed(3)
+    b = flashjit.attention(q, q, q, dropout_p=0.3)
+    c = flashjit.attention(q, q, q, dropout_p=0.3)
+    assert torch.equal(a, b) and not torch.equal(a, c)

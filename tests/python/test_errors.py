@@ -33,8 +33,9 @@ BAD_FORWARD = [
     ("integer q", TypeError, r"q: expected dtype float32, float16, bfloat16 or float64, got int32",
      dict(q=torch.ones(2, 4, 8, 16, dtype=torch.int32))),
     ("unsigned q", TypeError, r"q: unsupported dtype uint8", dict(q=torch.ones(2, 4, 8, 16, dtype=torch.uint8))),
-    ("last dim strided", ValueError, r"q: expected the last dim to be contiguous \(stride 1\), got stride 2",
-     dict(q=torch.randn(2, 4, 8, 32)[..., ::2])),
+    ("numpy last dim strided", ValueError, r"q: expected the last dim to be contiguous \(stride 1\), got stride 2",
+     dict(q=np.zeros((2, 4, 8, 32), np.float32)[..., ::2], k=np.zeros((2, 2, 12, 16), np.float32),
+          v=np.zeros((2, 2, 12, 16), np.float32))),
     ("mask not broadcastable", ValueError, r"mask: dim 3 \(seqlen_k\) has size 5, expected 1 or 12",
      dict(attn_mask=torch.ones(8, 5, dtype=torch.bool))),
     ("mask 5 dims", ValueError, r"mask: expected at most 4 dims", dict(attn_mask=torch.ones(1, 1, 1, 8, 12, dtype=torch.bool))),
@@ -50,7 +51,11 @@ BAD_FORWARD = [
      dict(causal=True, window=(4, 2))),
     ("dropout 1", ValueError, r"dropout_p: expected a value in \[0, 1\), got 1", dict(dropout_p=1.0, seed=0)),
     ("dropout negative", ValueError, r"dropout_p: expected a value in \[0, 1\), got -0.5", dict(dropout_p=-0.5, seed=0)),
-    ("dropout without seed", ValueError, r"seed: required when dropout_p > 0", dict(dropout_p=0.1)),
+    ("numpy dropout without seed", ValueError, r"seed: required when dropout_p > 0 with numpy arrays",
+     dict(q=np.zeros((2, 4, 8, 16), np.float32), k=np.zeros((2, 2, 12, 16), np.float32),
+          v=np.zeros((2, 2, 12, 16), np.float32), dropout_p=0.1)),
+    ("mask requiring grad", NotImplementedError, r"mask: gradients into a float mask are not supported",
+     dict(attn_mask=torch.zeros(8, 12, requires_grad=True))),
     ("softcap negative", ValueError, r"softcap: expected a finite value >= 0", dict(softcap=-1.0)),
     ("scale nan", ValueError, r"scale: expected a finite number, got nan", dict(scale=float("nan"))),
     ("num_threads", ValueError, r"num_threads: expected 0 \(default\) to 1024, got -1", dict(num_threads=-1)),
@@ -71,7 +76,7 @@ def test_at_least_twenty_distinct_bad_inputs():
 
 def test_backward_rejects_mismatched_gradient_shapes():
     q, k, v = tensors()
-    o, lse = flashjit.attention(q, k, v)
+    o, lse = flashjit.attention(q, k, v, return_lse=True)
     with pytest.raises(ValueError, match=r"\[attention_backward\] dout: expected shape \[2, 4, 8, 16\]"):
         flashjit.attention_backward(q, k, v, o, lse, torch.randn(2, 4, 8, 15))
     with pytest.raises(TypeError, match=r"\[attention_backward\] lse: expected dtype float32, got float16"):
@@ -85,5 +90,4 @@ def test_errors_leave_the_process_usable():
     for _ in range(3):
         with pytest.raises(ValueError):
             flashjit.attention(q, k[:1], v)
-    o, _ = flashjit.attention(q, k, v)
-    assert torch.isfinite(o).all()
+    assert torch.isfinite(flashjit.attention(q, k, v)).all()

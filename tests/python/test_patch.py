@@ -1,0 +1,159 @@
+"""flashjit.patch_sdpa() routes torch.nn.functional.scaled_dot_product_attention
+to flashjit, falls back (warning once per reason) where flashjit cannot serve,
+and unpatch_sdpa() puts the original object back."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashjit
+import flashjit.sdpa
+from conftest import DEVICE
+
+ORIGINAL = F.scaled_dot_product_attention
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    yield
+    flashjit.unpatch_sdpa()
+    assert F.scaled_dot_product_attention is ORIGINAL
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls that reach flashjit's SDPA."""
+    count = {"n": 0}
+    real = flashjit.sdpa.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flashjit.sdpa, "scaled_dot_product_attention", counted)
+    return count
+
+
+class SelfAttention(torch.nn.Module):
+    """Looks F.scaled_dot_product_attention up at call time, as transformers does."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.out(o.transpose(1, 2).reshape(b, s, d))
+
+
+def run_module(module, x, mask=None):
+    x = x.detach().clone().requires_grad_()
+    y = module(x, mask)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()] + [x.grad]
+    module.zero_grad()
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_patched_module_matches_unpatched(calls, masked):
+    module = SelfAttention().to(DEVICE)
+    x = torch.randn(2, 37, 64, device=DEVICE)
+    mask = (torch.rand(37, 37, device=DEVICE) > 0.2) if masked else None
+    y0, g0 = run_module(module, x, mask)
+    assert calls["n"] == 0
+    flashjit.patch_sdpa()
+    assert F.scaled_dot_product_attention is not ORIGINAL
+    y1, g1 = run_module(module, x, mask)
+    assert calls["n"] == 1
+    assert torch.allclose(y0, y1, atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_unpatch_restores_the_original_object():
+    flashjit.patch_sdpa()
+    flashjit.patch_sdpa()  # idempotent
+    flashjit.unpatch_sdpa()
+    assert F.scaled_dot_product_attention is ORIGINAL
+    flashjit.unpatch_sdpa()  # idempotent
+    assert F.scaled_dot_product_attention is ORIGINAL
+
+
+def test_context_manager(calls):
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with flashjit.sdpa_patched():
+        assert flashjit.sdpa.is_sdpa_patched()
+        F.scaled_dot_product_attention(q, q, q)
+        with flashjit.sdpa_patched():  # nested: the outer block keeps the patch
+            pass
+        assert flashjit.sdpa.is_sdpa_patched()
+    assert F.scaled_dot_product_attention is ORIGINAL
+    assert calls["n"] == 1
+
+
+def test_multihead_attention_module_is_routed(calls):
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True).to(DEVICE)
+    x = torch.randn(2, 20, 64, device=DEVICE)
+    expected, _ = mha(x, x, x, need_weights=False)
+    with flashjit.sdpa_patched():
+        got, _ = mha(x, x, x, need_weights=False)
+    assert calls["n"] == 1
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def fallback_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if "flashjit" in str(w.message)]
+
+
+def test_unsupported_device_falls_back_with_one_warning(calls):
+    flashjit.sdpa._warned.clear()
+    q = torch.randn(1, 2, 8, 16, device="meta")
+    flashjit.patch_sdpa()
+    first = fallback_warnings(lambda: F.scaled_dot_product_attention(q, q, q))
+    again = fallback_warnings(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert len(first) == 1 and "device meta" in first[0] and again == []
+    assert calls["n"] == 0
+
+
+def test_float_mask_requiring_grad_falls_back_and_gets_its_gradient(calls):
+    flashjit.sdpa._warned.clear()
+    q = torch.randn(1, 2, 8, 16, device=DEVICE, requires_grad=True)
+    mask = torch.randn(8, 8, device=DEVICE, requires_grad=True)
+    flashjit.patch_sdpa()
+    messages = fallback_warnings(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=mask).sum().backward())
+    assert len(messages) == 1 and "float attn_mask that requires grad" in messages[0]
+    assert mask.grad is not None and calls["n"] == 0
+    assert fallback_warnings(lambda: F.scaled_dot_product_attention(q, q, q, attn_mask=mask)) == []
+    with torch.no_grad():  # no gradient wanted: flashjit serves it
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert calls["n"] == 1
+
+
+def test_tensor_subclass_falls_back():
+    flashjit.sdpa._warned.clear()
+
+    class Tagged(torch.Tensor):
+        pass
+
+    q = torch.randn(1, 2, 8, 16).as_subclass(Tagged)
+    flashjit.patch_sdpa()
+    messages = fallback_warnings(lambda: F.scaled_dot_product_attention(q, q, q))
+    assert len(messages) == 1 and "tensor subclass Tagged" in messages[0]
+
+
+def test_bad_input_raises_flashjit_error_when_patched():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    flashjit.patch_sdpa()
+    with pytest.raises(ValueError, match=r"attn_mask: must be None when is_causal=True"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE),
+                                       is_causal=True)
