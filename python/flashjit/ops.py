@@ -34,17 +34,19 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPES.items()}
-_DEVICE_CODES = _C.DEVICES
+_CPU, _CUDA = _C.DEVICES["cpu"], _C.DEVICES["cuda"]
 
 
 def _ref(x: Tensor):
     """What _C reads a tensor through: a descriptor tuple, or the tensor itself
     (DLPack) for a dtype or device flashjit does not take, so that _C names it.
     A descriptor holds no reference: the caller keeps x alive through the call."""
-    dtype, device = _DTYPE_CODES.get(x.dtype), _DEVICE_CODES.get(x.device.type)
-    if dtype is None or device is None:
-        return x.detach()
-    return (x.data_ptr(), dtype, device, x.device.index or 0, tuple(x.shape), x.stride())
+    dtype = _DTYPE_CODES.get(x.dtype)
+    if x.is_cpu and dtype is not None:
+        return (x.data_ptr(), dtype, _CPU, 0, x.shape, x.stride())
+    if x.is_cuda and dtype is not None:
+        return (x.data_ptr(), dtype, _CUDA, x.get_device(), x.shape, x.stride())
+    return x.detach()
 
 
 def _rows_readable(x: Tensor) -> Tensor:
@@ -288,5 +290,7 @@ def attention(q, k, v, mask=None, scale=None, softcap=0.0, causal=0, window_left
             float(dropout_p), rng, int(num_threads))
     _check_mask_grad(mask is not None and mask.requires_grad and torch.is_grad_enabled())
     if _plain_eager(q, k, v, mask, rng):
-        return _EagerAttention.apply(*args)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _EagerAttention.apply(*args)
+        return _forward(*args)  # nothing to differentiate: no autograd node
     return fwd(*args)

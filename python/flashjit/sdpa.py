@@ -57,6 +57,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
 def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
     """Query heads and key/value heads after broadcasting (dim -3)."""
     heads_q, heads_k, heads_v = query.shape[-3], key.shape[-3], value.shape[-3]
+    if heads_q == heads_k == heads_v:
+        return heads_q, heads_q
     if enable_gqa:
         if heads_k != heads_v:
             raise ValueError(f"[{_OP}] value: {heads_v} heads, expected {heads_k} like key (enable_gqa=True)")
@@ -112,8 +114,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     rank = max(out_rank, 3)
     query, key, value = (x[(None,) * (rank - x.ndim)] for x in (query, key, value))
     heads_q, heads_kv = _heads(query, key, value, enable_gqa)
+    batch_dims = tuple(query.shape[:-3])
     try:
-        batch_dims = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+        if not batch_dims == key.shape[:-3] == value.shape[:-3]:
+            batch_dims = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
     except RuntimeError:
         raise ValueError(f"[{_OP}] key: batch dims {list(key.shape[:-3])} do not broadcast with query's "
                          f"{list(query.shape[:-3])}") from None
