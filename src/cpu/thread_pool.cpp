@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -22,7 +21,6 @@ namespace {
 
 class ThreadPool {
  public:
-  static constexpr std::chrono::microseconds kSpinBeforeSleep{200};
 
   // Starts up to workers - 1 threads. If the system refuses one, the pool keeps
   // the threads it has: fewer workers, same results.
@@ -85,12 +83,6 @@ class ThreadPool {
   void worker_loop(int worker) {
     uint64_t seen = 0;
     for (;;) {
-      // Watch for the next job a little before sleeping: waking a sleeping thread
-      // can take longer than a whole small call.
-      const auto spin_end = std::chrono::steady_clock::now() + kSpinBeforeSleep;
-      while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_end) {
-        std::this_thread::yield();
-      }
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
@@ -114,7 +106,7 @@ class ThreadPool {
   int64_t count_ = 0;
   int active_workers_ = 0;
   int pending_ = 0;
-  std::atomic<uint64_t> generation_{0};
+  uint64_t generation_ = 0;
   bool stopping_ = false;
   std::exception_ptr error_;
 };
