@@ -205,8 +205,10 @@ def naive_attention(q, k, v, mask, scale, softcap, causal, window_left, window_r
     if right >= 0:
         hidden |= relative > right
     s = s.masked_fill(hidden, float("-inf"))
-    # Rows that see no key give 0, as the kernels do, not NaN.
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    # Rows that see no key give 0 and no gradient, as the kernels do: softmax of a
+    # finite stand-in row, then zeroed, keeps NaN out of both passes.
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return p @ v
 
 
@@ -269,7 +271,7 @@ class _EagerAttention(torch.autograd.Function):
 
 def _plain_eager(*tensors) -> bool:
     """True when no compiler, tracer, dispatch mode or tensor subclass is in play."""
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
         return False
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 

@@ -50,8 +50,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
         if is_causal:
             raise ValueError(f"[{_OP}] attn_mask: must be None when is_causal=True (add the causal mask to "
                              "attn_mask instead)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"[{_OP}] dropout_p: expected a value in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"[{_OP}] dropout_p: expected a value in [0, 1], got {dropout_p}")
 
 
 def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
@@ -60,12 +60,12 @@ def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
     if heads_q == heads_k == heads_v:
         return heads_q, heads_q
     if enable_gqa:
-        if heads_k != heads_v:
-            raise ValueError(f"[{_OP}] value: {heads_v} heads, expected {heads_k} like key (enable_gqa=True)")
-        if heads_q % heads_k:
-            raise ValueError(f"[{_OP}] key: query heads ({heads_q}) must be a multiple of key/value heads "
-                             f"({heads_k}) with enable_gqa=True")
-        return heads_q, heads_k
+        for name, heads in (("key", heads_k), ("value", heads_v)):
+            if heads_q % heads:
+                raise ValueError(f"[{_OP}] {name}: query heads ({heads_q}) must be a multiple of {name} heads "
+                                 f"({heads}) with enable_gqa=True")
+        # Key and value head counts may differ (torch repeats each); the kernels need one count.
+        return heads_q, heads_k if heads_k == heads_v else heads_q
     try:
         heads = torch.broadcast_shapes((heads_q,), (heads_k,), (heads_v,))[0]
     except RuntimeError:
@@ -77,6 +77,8 @@ def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
 
 def _as_4d(x: Tensor, batch_dims: tuple, batch: int, heads: int) -> Tensor:
     """[*batch_dims, heads, S, D] (expanding size-1 dims) as [batch, heads, S, D], a view when possible."""
+    if x.shape[-3] not in (1, heads):  # enable_gqa with unequal key and value heads
+        x = x.repeat_interleave(heads // x.shape[-3], dim=-3)
     target = (*batch_dims, heads, *x.shape[-2:])
     if tuple(x.shape) != target:
         x = x.expand(target)
@@ -109,6 +111,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Differentiable through query, key and value.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal)
+    if query.shape[-1] == 0 or value.shape[-1] == 0:
+        # Empty head dims hold no work; torch's own function defines the result.
+        return torch._C._nn.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                                         scale=scale, enable_gqa=enable_gqa)
     out_rank = max(query.ndim, key.ndim, value.ndim)
     # Leading dims broadcast as in torch.matmul; a 2-d input gets a heads dim of 1.
     rank = max(out_rank, 3)
@@ -127,8 +133,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     k = _as_4d(key, batch_dims, batch, heads_kv)
     v = _as_4d(value, batch_dims, batch, heads_kv)
     mask = None if attn_mask is None else _mask_as_4d(attn_mask, batch_dims, batch, heads_q, seqlen_q, seqlen_k)
+    # dropout_p = 1 drops everything: torch gives zeros (and zero gradients).
+    drop_all = dropout_p == 1.0
+    dropout_p = 0.0 if drop_all else float(dropout_p)
     rng = ops.dropout_rng() if dropout_p > 0 else None
-    o, _ = ops.attention(q, k, v, mask, scale, 0.0, 1 if is_causal else 0, -1, -1, dropout_p, rng)
+    o, _ = ops.attention(q, k, v, mask, None if scale is None else float(scale), 0.0, 1 if is_causal else 0, -1, -1,
+                         dropout_p, rng)
+    if drop_all:
+        o = o * 0.0
     o = o.reshape(*batch_dims, heads_q, seqlen_q, o.shape[-1])
     return o[0] if out_rank == 2 else o
 
@@ -168,7 +180,8 @@ def _routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *
     if reason is None:
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                             enable_gqa=enable_gqa)
-    if reason not in _warned:
+    # torch.compile cannot trace warnings.warn; eager calls report the reason.
+    if reason not in _warned and not torch.compiler.is_compiling():
         _warned.add(reason)
         warnings.warn(f"flashjit: calling torch's scaled_dot_product_attention instead: {reason}", stacklevel=2)
     return _patch["original"](query, key, value, attn_mask, dropout_p, is_causal, scale=scale,

@@ -97,3 +97,24 @@ def test_attention_with_extra_options_compiles():
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     assert torch.allclose(eager, compiled)
     compiled.sum().backward()
+
+
+def test_torch_jit_trace_records_the_op():
+    q, k, v = (torch.randn(2, 4, 20, 16, device=DEVICE) for _ in range(3))
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda q, k, v: flashjit.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                 (q, k, v), check_trace=False)
+    assert "flashjit::fwd" in str(traced.graph)
+    q2, k2, v2 = (torch.randn(2, 4, 20, 16, device=DEVICE) for _ in range(3))
+    assert torch.allclose(traced(q2, k2, v2), F.scaled_dot_product_attention(q2, k2, v2, is_causal=True),
+                          atol=1e-5)
+
+
+def test_patched_fallback_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 8, 16, device=DEVICE, requires_grad=True)
+    mask = torch.randn(8, 8, device=DEVICE, requires_grad=True)  # flashjit gives no mask gradient: torch serves
+    with flashjit.sdpa_patched():
+        f = torch.compile(lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m), fullgraph=True)
+        f(q, mask).sum().backward()
+    assert mask.grad is not None

@@ -55,6 +55,16 @@ def test_gradgradcheck(name):
     assert torch.autograd.gradgradcheck(lambda q, k, v: flashjit.attention(q, k, v, **OPTIONS[name]), inputs())
 
 
+def test_gradgradcheck_with_rows_that_see_no_key():
+    mask = torch.rand(6, 9, generator=GEN) > 0.3
+    mask[2] = False
+    assert torch.autograd.gradgradcheck(lambda q, k, v: flashjit.attention(q, k, v, attn_mask=mask), inputs())
+    # bottom-right causal with Sq > Sk leaves the first rows without keys
+    q, k, v = inputs()
+    assert torch.autograd.gradgradcheck(lambda q, k, v: flashjit.attention(q, k[:, :, :4], v[:, :, :4],
+                                                                           causal="bottom_right"), (q, k, v))
+
+
 def test_double_backward_with_dropout_says_so():
     q, k, v = inputs()
     o = flashjit.attention(q, k, v, dropout_p=0.2, seed=1)

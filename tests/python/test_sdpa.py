@@ -142,6 +142,37 @@ def test_dropout_gradients_use_the_same_keep_mask():
         assert torch.allclose(got, want.grad, atol=1e-10)
 
 
+def test_enable_gqa_with_unequal_key_and_value_heads():
+    compare((2, 4, 33, 16), (2, 2, 40, 16), (2, 1, 40, 8), enable_gqa=True)
+
+
+@pytest.mark.parametrize("q_shape,k_shape", [((2, 4, 0, 16), (2, 4, 7, 16)), ((2, 4, 5, 16), (2, 4, 0, 16)),
+                                             ((0, 4, 5, 16), (0, 4, 7, 16))])
+def test_empty_sizes_match_torch_with_sum_backward(q_shape, k_shape):
+    q = torch.randn(q_shape, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(k_shape, device=DEVICE, requires_grad=True) for _ in range(2))
+    o = flashjit.scaled_dot_product_attention(q, k, v)
+    expected = F.scaled_dot_product_attention(*(x.detach().cpu() for x in (q, k, v)))
+    assert o.shape == expected.shape
+    assert torch.allclose(o.detach().cpu(), expected.nan_to_num(0.0))  # torch's math gives NaN rows for S = 0
+    o.sum().backward()  # a stride-0 gradient of an empty tensor
+    assert all(x.grad.shape == x.shape and torch.all(x.grad == 0) for x in (q, k, v))
+
+
+def test_empty_head_dim_matches_torch():
+    q, k = torch.randn(2, 4, 5, 0), torch.randn(2, 4, 7, 0)
+    v = torch.randn(2, 4, 7, 8)
+    assert torch.allclose(flashjit.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_dropout_p_one_gives_zeros_and_zero_gradients():
+    q, k, v = (torch.randn(2, 4, 9, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    o = flashjit.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert torch.all(o == 0)
+    o.sum().backward()
+    assert all(torch.all(x.grad == 0) for x in (q, k, v))
+
+
 def test_matches_torch_exactly_in_float64_on_cpu():
     q, k, v = (torch.randn(2, 4, 50, 24, dtype=torch.float64) for _ in range(3))
     mask = torch.rand(50, 50) > 0.2
@@ -177,10 +208,10 @@ BAD = [
      q_k_v(), dict(attn_mask=torch.ones(1, 1, 1, 8, 12, dtype=torch.bool))),
     ("gqa without enable_gqa", ValueError, r"key: 2 heads \(value 2\) do not broadcast with query's 4; pass "
      r"enable_gqa=True", q_k_v(Hkv=2), {}),
-    ("gqa heads not a multiple", ValueError, r"query heads \(4\) must be a multiple of key/value heads \(3\) "
+    ("gqa heads not a multiple", ValueError, r"key: query heads \(4\) must be a multiple of key heads \(3\) "
      r"with enable_gqa=True", q_k_v(Hkv=3), dict(enable_gqa=True)),
-    ("dropout_p 1", ValueError, OP + r" dropout_p: expected a value in \[0, 1\), got 1.0", q_k_v(),
-     dict(dropout_p=1.0)),
+    ("dropout_p above 1", ValueError, OP + r" dropout_p: expected a value in \[0, 1\], got 1.5", q_k_v(),
+     dict(dropout_p=1.5)),
     ("key dtype", TypeError, OP + r" key: expected dtype float32 \(the dtype of query\), got float16",
      (torch.randn(2, 4, 8, 16), torch.randn(2, 4, 12, 16).half(), torch.randn(2, 4, 12, 16)), {}),
     ("integer inputs", TypeError, OP + r" query: expected dtype float32, float16, bfloat16 or float64, got int64",
