@@ -250,6 +250,20 @@ TEST(EmptyProblems, ZeroSizedDimsAreValid) {
   for (double x : lse.values()) EXPECT_EQ(x, -INFINITY);
 }
 
+TEST(EmptyProblems, EmptyInputsMayHaveAnyStrides) {
+  // An expanded empty tensor (every stride 0) holds nothing to read.
+  GuardedTensor q({1, 2, 3, 8}, FJ_FLOAT32), k({1, 2, 0, 8}, FJ_FLOAT32), v({1, 2, 0, 8}, FJ_FLOAT32);
+  GuardedTensor o({1, 2, 3, 8}, FJ_FLOAT32), lse({1, 2, 3}, FJ_FLOAT32);
+  q.fill_normal(1);
+  fj_attention_options options = fj_attention_options_default();
+  fj_tensor qv = q.view(), kv = k.view(), vv = v.view(), ov = o.view(), lv = lse.view();
+  for (fj_tensor* t : {&kv, &vv}) {
+    for (int d = 0; d < 4; ++d) t->strides[d] = 0;
+  }
+  ASSERT_EQ(fj_attention_forward(&qv, &kv, &vv, &options, &ov, &lv), FJ_SUCCESS) << fj_last_error();
+  for (double x : o.values()) EXPECT_EQ(x, 0.0);
+}
+
 TEST(Windows, BoundsBeyondTheSequencesEqualUnbounded) {
   GuardedTensor q({1, 2, 10, 8}, FJ_FLOAT32), k({1, 2, 5, 8}, FJ_FLOAT32), v({1, 2, 5, 8}, FJ_FLOAT32);
   GuardedTensor o1({1, 2, 10, 8}, FJ_FLOAT32), l1({1, 2, 10}, FJ_FLOAT32);
