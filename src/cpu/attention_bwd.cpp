@@ -196,7 +196,8 @@ void backward_typed(const AttentionProblem& p) {
   const int64_t key_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
   const int64_t dq_tasks = p.batch * p.heads_q * query_blocks;
   const int64_t dkdv_tasks = p.batch * p.heads_kv * key_blocks;
-  const int workers = worker_count(p.num_threads, std::max(dq_tasks, dkdv_tasks));
+  const double flops = 5.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
+  const int workers = worker_count(p.num_threads, std::max(dq_tasks, dkdv_tasks), flops);
   parallel_for(dq_tasks, workers, [&](int64_t task, int) {
     const int64_t bh = task / query_blocks;
     dq_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, (task % query_blocks) * kBlockQ,

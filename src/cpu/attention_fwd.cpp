@@ -12,17 +12,21 @@
 namespace flashjit::cpu {
 namespace {
 
+constexpr int64_t kFewRows = 4;
+
 // Tile buffers of one task (uninitialised; see thread_scratch).
 template <typename Acc>
 struct ForwardScratch {
-  Acc *q, *k_t, *v, *s, *o, *row_max, *row_sum;
+  Acc *q, *k_t, *k_rows, *v, *s, *o, *row_max, *row_sum;
   uint8_t* keep;
 
   void carve(const AttentionProblem& p, ScratchSlicer& slicer) {
     const int64_t ld_k = round_up(kBlockK, kLanes<Acc>);
+    const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
     const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
-    q = slicer.take<Acc>(kBlockQ * p.head_dim_qk);
+    q = slicer.take<Acc>(kBlockQ * ld_qk);
     k_t = slicer.take<Acc>(p.head_dim_qk * ld_k);
+    k_rows = slicer.take<Acc>(kBlockK * ld_qk);
     v = slicer.take<Acc>(kBlockK * ld_v);
     s = slicer.take<Acc>(kBlockQ * ld_k);
     o = slicer.take<Acc>(kBlockQ * ld_v);
@@ -39,10 +43,14 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   const int64_t h_kv = h / p.group_size();
   const int64_t d_qk = p.head_dim_qk;
   const int64_t d_v = p.head_dim_v;
+  const int64_t ld_qk = round_up(d_qk, kLanes<Acc>);
   const int64_t ld_v = round_up(d_v, kLanes<Acc>);
   const Acc keep_scale = Acc(1.0 / (1.0 - p.dropout_p));
+  // Decode-like blocks of a few queries: dot products against K rows beat
+  // transposing each K block for the GEMM.
+  const bool few_rows = rows <= kFewRows;
 
-  pack_rows(p.q.row<const T>(b, h, query0), p.q.stride_seq, rows, d_qk, w.q, d_qk);
+  pack_rows(p.q.row<const T>(b, h, query0), p.q.stride_seq, rows, d_qk, w.q, ld_qk);
   std::fill(w.o, w.o + rows * ld_v, Acc(0));
   std::fill(w.row_max, w.row_max + rows, kNegInf<Acc>);
   std::fill(w.row_sum, w.row_sum + rows, Acc(0));
@@ -53,11 +61,16 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   for (int64_t key0 = key_begin; key0 < key_end; key0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, key_end - key0);
     const int64_t ld_k = round_up(cols, kLanes<Acc>);
-    pack_transposed(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t, ld_k);
     pack_rows(p.v.row<const T>(b, h_kv, key0), p.v.stride_seq, cols, d_v, w.v, ld_v);
 
     // S = Q K^T, then logits (scale, softcap, masks).
-    gemm(rows, ld_k, d_qk, w.q, d_qk, w.k_t, ld_k, w.s, ld_k, false);
+    if (few_rows) {
+      pack_rows(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_rows, ld_qk);
+      gemm_abt_rows(rows, cols, ld_qk, w.q, ld_qk, w.k_rows, ld_qk, w.s, ld_k);
+    } else {
+      pack_transposed(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t, ld_k);
+      gemm(rows, ld_k, d_qk, w.q, ld_qk, w.k_t, ld_k, w.s, ld_k, false);
+    }
     compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s, static_cast<Acc*>(nullptr));
 
     // Online softmax: rescale the running output by exp(old max - new max).
@@ -107,7 +120,8 @@ void forward_typed(const AttentionProblem& p) {
   using Acc = typename AccumulatorOf<T>::type;
   const int64_t query_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = p.batch * p.heads_q * query_blocks;
-  const int workers = worker_count(p.num_threads, tasks);
+  const double flops = 2.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
+  const int workers = worker_count(p.num_threads, tasks, flops);
   parallel_for(tasks, workers, [&](int64_t task, int) {
     const int64_t block = task % query_blocks;
     const int64_t bh = task / query_blocks;

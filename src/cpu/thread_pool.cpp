@@ -160,14 +160,15 @@ char* thread_scratch_buffer(size_t bytes) {
   return buffer.get();
 }
 
-int worker_count(int num_threads, int64_t count) {
+int worker_count(int num_threads, int64_t count, double flops) {
   const int64_t wanted = num_threads > 0 ? num_threads : default_num_threads();
-  return int(std::max<int64_t>(1, std::min(wanted, count)));
+  const int64_t by_work = int64_t(std::min(flops / kMinFlopsPerWorker, double(kMaxThreads)));
+  return int(std::max<int64_t>(1, std::min({wanted, count, by_work})));
 }
 
-void parallel_for(int64_t count, int num_threads, const std::function<void(int64_t, int)>& task) {
+void parallel_for(int64_t count, int workers_wanted, const std::function<void(int64_t, int)>& task) {
   if (count <= 0) return;
-  const int workers = worker_count(num_threads, count);
+  const int workers = int(std::min<int64_t>(std::max(workers_wanted, 1), count));
   if (workers <= 1) {
     for (int64_t i = 0; i < count; ++i) task(i, 0);
     return;

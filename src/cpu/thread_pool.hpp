@@ -10,13 +10,17 @@ namespace flashjit::cpu {
 // Threads used when a call asks for 0: $FLASHJIT_NUM_THREADS, else all cores.
 int default_num_threads();
 
-// Workers a call with `count` tasks uses: num_threads (0 = default), at most
-// one per task, at least 1. Worker indices passed to tasks are below this.
-int worker_count(int num_threads, int64_t count);
+// Workers a call with `count` tasks and about `flops` of work uses: num_threads
+// (0 = default), at most one per task and one per kMinFlopsPerWorker (waking a
+// sleeping worker costs tens of microseconds), at least 1. Worker indices
+// passed to tasks are below this.
+inline constexpr double kMinFlopsPerWorker = 4e6;
+int worker_count(int num_threads, int64_t count, double flops);
 
-// Runs task(index, worker) for every index in [0, count) on up to num_threads
-// workers (the caller is worker 0). Rethrows the first exception a task threw.
-void parallel_for(int64_t count, int num_threads, const std::function<void(int64_t index, int worker)>& task);
+// Runs task(index, worker) for every index in [0, count) on up to workers_wanted
+// workers (from worker_count; the caller is worker 0). Rethrows the first
+// exception a task threw.
+void parallel_for(int64_t count, int workers_wanted, const std::function<void(int64_t index, int worker)>& task);
 
 // Scratch memory of the calling thread, kept between calls so that small
 // problems do not pay for allocating and zero-filling tile buffers each time.

@@ -122,6 +122,25 @@ inline void gemm(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_
     gemm_row_strip<Acc, 1>(cols, depth, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
 }
 
+// C[rows x cols] = A[rows x depth] * B[cols x depth]^T by dot products of rows:
+// for a few rows of A this beats transposing B for gemm(). depth must be a
+// multiple of kLanes<Acc>, with A and B zero-padded up to it.
+template <typename Acc>
+inline void gemm_abt_rows(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_t lda, const Acc* b,
+                          int64_t ldb, Acc* c, int64_t ldc) {
+  using V = typename VectorOf<Acc>::type;
+  constexpr int64_t L = kLanes<Acc>;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      V sum = V{};
+      for (int64_t d = 0; d < depth; d += L) sum += load_vector<V>(a + i * lda + d) * load_vector<V>(b + j * ldb + d);
+      Acc total = 0;
+      for (int64_t l = 0; l < L; ++l) total += sum[l];
+      c[i * ldc + j] = total;
+    }
+  }
+}
+
 // x[j] = exp(x[j] - shift) for j < n (n a multiple of the lanes); returns the sum.
 // float: Cephes-style range reduction and degree-6 polynomial (about 1 ulp);
 // arguments below -87 (and -inf) give exactly 0, above 88 they saturate at e^88.
