@@ -162,6 +162,7 @@ def _check_mask_grad(mask_needs_grad: bool):
 
 
 def _setup_fwd(ctx, inputs, output):
+    """Autograd context of fwd, shared by the custom op and the eager path."""
     q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads = inputs
     o, lse = output
     _save(ctx, q=q, k=k, v=v, o=o, lse=lse, mask=mask, rng=rng)
@@ -170,12 +171,14 @@ def _setup_fwd(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _fwd_backward(ctx, grad_o, grad_lse):
+def _fwd_backward(ctx, grad_o, grad_lse, run=None):
+    """Gradients of fwd's inputs; `run` computes dq, dk, dv (default: the bwd op)."""
     _check_mask_grad(ctx.needs_input_grad[3])
     s = _saved(ctx)
     opt = ctx.options
-    dq, dk, dv = bwd(grad_o, s.q, s.k, s.v, s.o, s.lse, s.mask, opt["scale"], opt["softcap"], opt["causal"],
-                     opt["window_left"], opt["window_right"], opt["dropout_p"], s.rng, opt["num_threads"])
+    dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, s.mask, opt["scale"], opt["softcap"],
+                              opt["causal"], opt["window_left"], opt["window_right"], opt["dropout_p"], s.rng,
+                              opt["num_threads"])
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -247,26 +250,15 @@ class _EagerAttention(torch.autograd.Function):
     """The same kernels and autograd rule without the dispatcher round trip."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-                num_threads):
-        o, lse = _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-                          num_threads)
-        _save(ctx, q=q, k=k, v=v, o=o, lse=lse, mask=mask, rng=rng)
-        ctx.options = dict(zip(_OPTION_NAMES, (scale, softcap, causal, window_left, window_right, dropout_p,
-                                               num_threads)))
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_fwd(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
-        _check_mask_grad(ctx.needs_input_grad[3])
-        s = _saved(ctx)
-        opt = ctx.options
         # create_graph=True needs the op, whose backward is differentiable.
-        run = bwd if torch.is_grad_enabled() else _backward
-        dq, dk, dv = run(grad_o, s.q, s.k, s.v, s.o, s.lse, s.mask, opt["scale"], opt["softcap"], opt["causal"],
-                         opt["window_left"], opt["window_right"], opt["dropout_p"], s.rng, opt["num_threads"])
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return _fwd_backward(ctx, grad_o, grad_lse, bwd if torch.is_grad_enabled() else _backward)
 
 
 def _plain_eager(*tensors) -> bool:

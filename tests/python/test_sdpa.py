@@ -110,17 +110,21 @@ def test_scale(scale):
     compare(*SHAPES["4d"], scale=scale)
 
 
+def keep_mask_after_seed(torch_seed, shape, p):
+    """The keep mask an SDPA call right after torch.manual_seed(torch_seed) uses."""
+    torch.manual_seed(torch_seed)
+    seed, offset = (int(x) & ((1 << 64) - 1) for x in flashjit.ops.dropout_rng())
+    return torch.from_numpy(flashjit.dropout_keep_mask(*shape, dropout_p=p, seed=seed, offset=offset))
+
+
 def test_dropout_uses_the_torch_generator_and_the_documented_keep_mask():
     q, k, v = (torch.randn(2, 4, 33, 16, device=DEVICE) for _ in range(3))
-    torch.manual_seed(11)
-    rng = flashjit.ops.dropout_rng()  # what the call below draws
+    keep = keep_mask_after_seed(11, (2, 4, 33, 33), 0.3)
     torch.manual_seed(11)
     o = flashjit.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
-    u64 = (1 << 64) - 1
-    keep = flashjit.dropout_keep_mask(2, 4, 33, 33, dropout_p=0.3, seed=int(rng[0]) & u64, offset=int(rng[1]) & u64)
-    ref, _ = naive_attention(q.cpu(), k.cpu(), v.cpu(), dropout_p=0.3, keep=torch.from_numpy(keep))
+    ref, _ = naive_attention(q.cpu(), k.cpu(), v.cpu(), dropout_p=0.3, keep=keep)
     assert torch.allclose(o.cpu().double(), ref, atol=1e-5)
-    assert 0.6 < keep.mean() < 0.8
+    assert 0.6 < keep.float().mean() < 0.8
     assert not torch.equal(o, flashjit.scaled_dot_product_attention(q, k, v, dropout_p=0.3))
 
 
@@ -132,12 +136,8 @@ def test_dropout_gradients_use_the_same_keep_mask():
     o_again = flashjit.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
     assert torch.equal(o, o_again)
     grads = torch.autograd.grad(o.sum(), (q, k, v))
-    torch.manual_seed(4)
-    rng = flashjit.ops.dropout_rng()
-    u64 = (1 << 64) - 1
-    keep = flashjit.dropout_keep_mask(1, 2, 20, 20, dropout_p=0.4, seed=int(rng[0]) & u64, offset=int(rng[1]) & u64)
     ref = leaves(q, k, v)
-    naive_attention(*ref, dropout_p=0.4, keep=torch.from_numpy(keep))[0].sum().backward()
+    naive_attention(*ref, dropout_p=0.4, keep=keep_mask_after_seed(4, (1, 2, 20, 20), 0.4))[0].sum().backward()
     for got, want in zip(grads, ref):
         assert torch.allclose(got, want.grad, atol=1e-10)
 
