@@ -83,7 +83,8 @@ fj_tensor array_to_tensor(const char* op, const char* name, const Array& array) 
 // dtypes and devices it supports; anything else arrives as an array.
 fj_tensor descriptor_to_tensor(const char* op, const char* name, const nb::tuple& d) {
   if (d.size() != 6) {
-    throw nb::type_error((std::string("[") + op + "] " + name + ": expected a 6-tuple tensor descriptor").c_str());
+    throw nb::type_error(
+        (std::string("[") + op + "] " + name + ": expected a 6-tuple tensor descriptor").c_str());
   }
   fj_tensor t;
   std::memset(&t, 0, sizeof t);
@@ -111,10 +112,10 @@ fj_tensor to_tensor(const char* op, const char* name, nb::handle x) {
   return array_to_tensor(op, name, array);
 }
 
-fj_attention_options make_options(const char* op, nb::handle mask,
-                                  std::optional<double> scale, double softcap, int causal,
-                                  int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed,
-                                  uint64_t offset, int num_threads, uintptr_t stream) {
+fj_attention_options make_options(const char* op, nb::handle mask, std::optional<double> scale,
+                                  double softcap, int causal, int64_t window_left, int64_t window_right,
+                                  double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
+                                  uintptr_t stream) {
   fj_attention_options options = fj_attention_options_default();
   if (!mask.is_none()) options.mask = to_tensor(op, "mask", mask);
   options.has_scale = scale.has_value();
@@ -131,14 +132,16 @@ fj_attention_options make_options(const char* op, nb::handle mask,
   return options;
 }
 
-void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask, std::optional<double> scale, double softcap, int causal,
-             int64_t window_left, int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset,
-             int num_threads, uintptr_t stream) {
+void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
+             std::optional<double> scale, double softcap, int causal, int64_t window_left,
+             int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
+             uintptr_t stream) {
   constexpr const char* op = "attention";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
-  const fj_attention_options options = make_options(op, mask, scale, softcap, causal, window_left,
-                                                    window_right, dropout_p, seed, offset, num_threads, stream);
+  const fj_attention_options options =
+      make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
+                   num_threads, stream);
   fj_status status;
   {
     nb::gil_scoped_release release;
@@ -148,17 +151,17 @@ void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle 
 }
 
 void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
-              nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask,
-              std::optional<double> scale, double softcap, int causal, int64_t window_left,
-              int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-              uintptr_t stream) {
+              nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
+              double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
+              uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream) {
   constexpr const char* op = "attention_backward";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   const fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
   const fj_tensor tdout = to_tensor(op, "dout", dout);
   fj_tensor tdq = to_tensor(op, "dq", dq), tdk = to_tensor(op, "dk", dk), tdv = to_tensor(op, "dv", dv);
-  const fj_attention_options options = make_options(op, mask, scale, softcap, causal, window_left,
-                                                    window_right, dropout_p, seed, offset, num_threads, stream);
+  const fj_attention_options options =
+      make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
+                   num_threads, stream);
   fj_status status;
   {
     nb::gil_scoped_release release;
@@ -178,17 +181,15 @@ void dropout_keep_mask(uint64_t seed, uint64_t offset, double p,
 
 NB_MODULE(_C, m) {
   m.doc() = "flashjit C API bindings (internal; use the flashjit package)";
-  m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("o"), nb::arg("lse"), nb::arg("mask").none(),
-        nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
-        nb::arg("num_threads"), nb::arg("stream") = 0);
-  m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"),
-        nb::arg("o"), nb::arg("lse"), nb::arg("dout"),
-        nb::arg("dq"), nb::arg("dk"), nb::arg("dv"),
+  m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
         nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
         nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0);
+  m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
+        nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),
+        nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
+        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
+        nb::arg("num_threads"), nb::arg("stream") = 0);
   m.def("dropout_keep_mask", &dropout_keep_mask, nb::arg("seed"), nb::arg("offset"), nb::arg("p"),
         nb::arg("keep").noconvert());
   nb::dict dtypes;

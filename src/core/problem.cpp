@@ -73,11 +73,16 @@ const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor*
   return *t;
 }
 
+bool has_no_elements(const fj_tensor& t) {
+  for (int d = 0; d < t.ndim; ++d)
+    if (t.shape[d] == 0) return true;
+  return false;
+}
+
+// An empty tensor is never read or written, so its strides do not matter.
 void check_last_dim_contiguous(const char* op, const char* name, const fj_tensor& t) {
   const int last = t.ndim - 1;
-  bool empty = false;  // nothing is read or written: strides do not matter
-  for (int d = 0; d < t.ndim; ++d) empty = empty || t.shape[d] == 0;
-  if (!empty && t.shape[last] > 1 && t.strides[last] != 1) {
+  if (!has_no_elements(t) && t.shape[last] > 1 && t.strides[last] != 1) {
     throw_value_error("[", op, "] ", name, ": expected the last dim to be contiguous (stride 1), got stride ",
                       t.strides[last]);
   }
@@ -128,11 +133,9 @@ struct ByteRange {
 
 ByteRange byte_range(const fj_tensor& t) {
   ByteRange range;
+  if (has_no_elements(t)) return range;
   int64_t span = 0;
-  for (int d = 0; d < t.ndim; ++d) {
-    if (t.shape[d] == 0) return range;
-    span += (t.shape[d] - 1) * t.strides[d];
-  }
+  for (int d = 0; d < t.ndim; ++d) span += (t.shape[d] - 1) * t.strides[d];
   range.first = reinterpret_cast<uintptr_t>(t.data);
   range.last = range.first + uintptr_t((span + 1) * dtype_size(t.dtype)) - 1;
   range.empty = false;
@@ -254,7 +257,8 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   p.dropout_seed = opt.dropout_seed;
   p.dropout_offset = opt.dropout_offset;
   if (!dropout_counter_fits(p.batch * p.heads_q, p.seqlen_q, p.seqlen_k)) {
-    throw_value_error("[", op, "] q: sizes exceed the dropout counter range (batch*heads and seqlen_q "
+    throw_value_error("[", op,
+                      "] q: sizes exceed the dropout counter range (batch*heads and seqlen_q "
                       "below 2^32)");
   }
 

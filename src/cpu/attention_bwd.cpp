@@ -110,8 +110,7 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
     if (w.lse[r] == kNegInf<Acc>) {  // fully masked row: no gradient flows
       std::fill(p_row, p_row + ld_k, Acc(0));
       std::fill(ds_row, ds_row + ld_k, Acc(0));
-      if (p.has_dropout())
-        std::fill(w.p_dropped + r * ld_k, w.p_dropped + (r + 1) * ld_k, Acc(0));
+      if (p.has_dropout()) std::fill(w.p_dropped + r * ld_k, w.p_dropped + (r + 1) * ld_k, Acc(0));
       continue;
     }
     exp_shifted_sum(p_row, ld_k, w.lse[r]);  // P = exp(logits - lse)
@@ -137,7 +136,8 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
 }
 
 template <typename T, typename Acc>
-void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, const BackwardScratch<Acc>& w) {
+void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0,
+              const BackwardScratch<Acc>& w) {
   const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0);
   const int64_t h_kv = h / p.group_size();
   const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
@@ -150,15 +150,15 @@ void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, c
     load_key_block<T>(p, b, h_kv, key0, cols, true, w);
     tile_gradients(p, b, h, query0, rows, key0, cols, w);
     // dQ += dS K
-    gemm(rows, ld_qk, cols, w.dp, round_up(cols, kLanes<Acc>), w.k, ld_qk, w.acc_a,
-         ld_qk, true);
+    gemm(rows, ld_qk, cols, w.dp, round_up(cols, kLanes<Acc>), w.k, ld_qk, w.acc_a, ld_qk, true);
   }
   for (int64_t r = 0; r < rows; ++r)
     store_row(w.acc_a + r * ld_qk, p.head_dim_qk, Acc(1), p.dq.row<T>(b, h, query0 + r));
 }
 
 template <typename T, typename Acc>
-void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0, const BackwardScratch<Acc>& w) {
+void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0,
+                const BackwardScratch<Acc>& w) {
   const int64_t cols = std::min(kBlockK, p.seqlen_k - key0);
   const int64_t ld_k = round_up(cols, kLanes<Acc>);
   const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);

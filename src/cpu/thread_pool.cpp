@@ -21,7 +21,6 @@ namespace {
 
 class ThreadPool {
  public:
-
   // Starts up to workers - 1 threads. If the system refuses one, the pool keeps
   // the threads it has: fewer workers, same results.
   explicit ThreadPool(int workers) : requested_(workers) {

@@ -20,7 +20,8 @@ int worker_count(int num_threads, int64_t count, double flops);
 // Runs task(index, worker) for every index in [0, count) on up to workers_wanted
 // workers (from worker_count; the caller is worker 0). Rethrows the first
 // exception a task threw.
-void parallel_for(int64_t count, int workers_wanted, const std::function<void(int64_t index, int worker)>& task);
+void parallel_for(int64_t count, int workers_wanted,
+                  const std::function<void(int64_t index, int worker)>& task);
 
 // Scratch memory of the calling thread, kept between calls so that small
 // problems do not pay for allocating and zero-filling tile buffers each time.

@@ -133,7 +133,8 @@ inline void gemm_abt_rows(int64_t rows, int64_t cols, int64_t depth, const Acc* 
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
       V sum = V{};
-      for (int64_t d = 0; d < depth; d += L) sum += load_vector<V>(a + i * lda + d) * load_vector<V>(b + j * ldb + d);
+      for (int64_t d = 0; d < depth; d += L)
+        sum += load_vector<V>(a + i * lda + d) * load_vector<V>(b + j * ldb + d);
       Acc total = 0;
       for (int64_t l = 0; l < L; ++l) total += sum[l];
       c[i * ldc + j] = total;
