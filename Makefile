@@ -18,14 +18,17 @@ build-cpp:
 install:
 	$(PYTHON) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
 
+# ctest's CUDA compile tests need NVRTC: the wheel that setup installs.
+NVRTC_ENV = FLASHJIT_NVRTC="$$($(PYTHON) $(CURDIR)/python/flashjit/_nvrtc.py)" FLASHJIT_REQUIRE_NVRTC=1
+
 test: setup build-cpp install
 	@status=0; \
-	(cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)) || status=1; \
+	(cd $(BUILD_DIR) && $(NVRTC_ENV) ctest --output-on-failure -j $(JOBS)) || status=1; \
 	$(PYTHON) -m pytest tests/python -q || status=1; \
 	exit $$status
 
 test-cpp: build-cpp
-	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS)
+	cd $(BUILD_DIR) && FLASHJIT_NVRTC="$$($(PYTHON) $(CURDIR)/python/flashjit/_nvrtc.py)" ctest --output-on-failure -j $(JOBS)
 
 test-python: install
 	$(PYTHON) -m pytest tests/python -q

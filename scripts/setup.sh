@@ -15,5 +15,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
+# nvidia-cuda-nvrtc: NVRTC alone, so that CI compiles the CUDA kernels without a GPU.
 "$PYTHON" -m pip install -q --disable-pip-version-check \
-  "torch==2.13.0" "nanobind>=2.0" numpy pytest "scikit-build-core>=0.10" "cmake>=3.21" ninja
+  "torch==2.13.0" "nvidia-cuda-nvrtc==13.0.*" "nanobind>=2.0" numpy pytest "scikit-build-core>=0.10" "cmake>=3.21" ninja

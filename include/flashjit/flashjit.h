@@ -126,6 +126,54 @@ const char* fj_version(void);
 /* Names of the compiled-in backends, comma separated ("cpu"). */
 const char* fj_backends(void);
 
+
+/* ---- CUDA: run-time compiled kernels and their cache ---------------------
+ * Kernels are compiled by NVRTC on first use and cached in memory and on disk
+ * ($FLASHJIT_CACHE_DIR, else ~/.cache/flashjit). Without the CUDA backend in the
+ * build, or without NVRTC or a GPU where one is needed, these return
+ * FJ_ERROR_UNSUPPORTED with the reason in fj_last_error(). */
+
+/* What a kernel is specialised on; sizes and pointers are run-time values. */
+typedef struct fj_kernel_config {
+  int32_t backward;    /* 0: the forward kernel; 1: the backward kernels */
+  fj_dtype dtype;      /* float32, float16, bfloat16 or float64 */
+  int32_t head_dim_qk; /* 1..256 */
+  int32_t head_dim_v;  /* 1..256 */
+  int32_t mask;        /* 0: none, 1: boolean, 2: additive */
+  fj_dtype mask_dtype; /* additive masks: float32 or dtype */
+  int32_t window;      /* nonzero: causal or sliding-window bounds */
+  int32_t dropout;     /* nonzero: dropout */
+  int32_t softcap;     /* nonzero: softcap */
+  int32_t arch;        /* target, e.g. 90 for sm_90; 0: the arch of device_index (needs a GPU) */
+  int32_t device_index;
+} fj_kernel_config;
+
+fj_kernel_config fj_kernel_config_default(void);
+
+/* Compiles (or finds in the cache) the kernels of each config. With arch set, no
+ * GPU is needed: only NVRTC. */
+fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count);
+
+typedef struct fj_cuda_cache_stats {
+  int64_t compiles;    /* NVRTC compilations in this process */
+  int64_t disk_loads;  /* binaries read from the disk cache */
+  int64_t memory_hits; /* lookups answered from memory */
+  double last_compile_seconds;
+  double last_disk_load_seconds;
+} fj_cuda_cache_stats;
+
+fj_status fj_cuda_get_cache_stats(fj_cuda_cache_stats* stats);
+/* Forgets binaries and loaded kernels held in memory; the disk cache stays. */
+fj_status fj_cuda_clear_memory_cache(void);
+/* The disk cache's base directory and the directory of one arch's entries. */
+fj_status fj_cuda_cache_dir(int32_t arch, char* buffer, size_t size);
+fj_status fj_cuda_nvrtc_version(int32_t* major, int32_t* minor);
+/* Number of CUDA devices (0 without a driver or GPU; never fails). */
+int32_t fj_cuda_device_count(void);
+/* Arch (e.g. 90), multiprocessor count and name of a device. */
+fj_status fj_cuda_device_info(int32_t device_index, int32_t* arch, int32_t* multiprocessors, char* name,
+                              size_t name_size);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,11 +8,17 @@ Tensors are torch tensors (differentiable, torch.compile-able) or numpy arrays;
 flashjit reads and writes them in place, without copies.
 """
 
-from ._C import version as _version
-from .api import attention, attention_backward, backends, dropout_keep_mask
+from . import _nvrtc
+
+_nvrtc.configure()  # before the first kernel compile reads FLASHJIT_NVRTC
+
+from . import cuda  # noqa: E402
+from ._C import version as _version  # noqa: E402
+from .api import attention, attention_backward, backends, dropout_keep_mask  # noqa: E402
+from .cuda import precompile  # noqa: E402
 
 __version__ = _version()
-__all__ = ["attention", "attention_backward", "backends", "dropout_keep_mask", "__version__"]
+__all__ = ["attention", "attention_backward", "backends", "cuda", "dropout_keep_mask", "precompile", "__version__"]
 
 try:
     import torch as _torch  # noqa: F401  (the torch front end is optional)

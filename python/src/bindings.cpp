@@ -8,10 +8,14 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "flashjit/flashjit.h"
 
@@ -177,6 +181,69 @@ void dropout_keep_mask(uint64_t seed, uint64_t offset, double p,
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
+void check(fj_status status) {
+  if (status != FJ_SUCCESS) raise_status(status);
+}
+
+// (backward, dtype, head_dim_qk, head_dim_v, mask, mask_dtype, window, dropout, softcap, arch, device_index)
+using KernelConfigTuple = std::tuple<bool, int, int, int, int, int, bool, bool, bool, int, int>;
+
+void cuda_precompile(const std::vector<KernelConfigTuple>& configs) {
+  std::vector<fj_kernel_config> c_configs;
+  for (const KernelConfigTuple& t : configs) {
+    fj_kernel_config config = fj_kernel_config_default();
+    config.backward = std::get<0>(t);
+    config.dtype = fj_dtype(std::get<1>(t));
+    config.head_dim_qk = std::get<2>(t);
+    config.head_dim_v = std::get<3>(t);
+    config.mask = std::get<4>(t);
+    config.mask_dtype = fj_dtype(std::get<5>(t));
+    config.window = std::get<6>(t);
+    config.dropout = std::get<7>(t);
+    config.softcap = std::get<8>(t);
+    config.arch = std::get<9>(t);
+    config.device_index = std::get<10>(t);
+    c_configs.push_back(config);
+  }
+  fj_status status;
+  {
+    nb::gil_scoped_release release;
+    status = fj_cuda_precompile(c_configs.data(), int32_t(c_configs.size()));
+  }
+  check(status);
+}
+
+nb::dict cuda_cache_stats() {
+  fj_cuda_cache_stats stats;
+  check(fj_cuda_get_cache_stats(&stats));
+  nb::dict out;
+  out["compiles"] = stats.compiles;
+  out["disk_loads"] = stats.disk_loads;
+  out["memory_hits"] = stats.memory_hits;
+  out["last_compile_seconds"] = stats.last_compile_seconds;
+  out["last_disk_load_seconds"] = stats.last_disk_load_seconds;
+  return out;
+}
+
+std::string cuda_cache_dir(int arch) {
+  char buffer[4096];
+  check(fj_cuda_cache_dir(arch, buffer, sizeof buffer));
+  return buffer;
+}
+
+std::tuple<int, int> cuda_nvrtc_version() {
+  int32_t major = 0, minor = 0;
+  check(fj_cuda_nvrtc_version(&major, &minor));
+  return {major, minor};
+}
+
+std::tuple<int, int, std::string> cuda_device_info(int device_index) {
+  int32_t arch = 0, multiprocessors = 0;
+  char name[256];
+  check(fj_cuda_device_info(device_index, &arch, &multiprocessors, name, sizeof name));
+  return {arch, multiprocessors, name};
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -205,4 +272,11 @@ NB_MODULE(_C, m) {
   m.attr("DEVICES") = devices;
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });
+  m.def("cuda_precompile", &cuda_precompile, nb::arg("configs"));
+  m.def("cuda_cache_stats", &cuda_cache_stats);
+  m.def("cuda_clear_memory_cache", [] { check(fj_cuda_clear_memory_cache()); });
+  m.def("cuda_cache_dir", &cuda_cache_dir, nb::arg("arch") = 0);
+  m.def("cuda_nvrtc_version", &cuda_nvrtc_version);
+  m.def("cuda_device_count", [] { return int(fj_cuda_device_count()); });
+  m.def("cuda_device_info", &cuda_device_info, nb::arg("device_index"));
 }

@@ -7,34 +7,12 @@
 
 #include "core/backend.hpp"
 #include "core/error.hpp"
+#include "core/guarded.hpp"
 #include "core/philox.hpp"
 #include "core/problem.hpp"
 #include "flashjit/flashjit.h"
 
 namespace {
-
-thread_local std::string g_last_error;
-
-template <typename Fn>
-fj_status guarded(Fn&& fn) {
-  try {
-    fn();
-    g_last_error.clear();
-    return FJ_SUCCESS;
-  } catch (const flashjit::Error& e) {
-    g_last_error = e.what();
-    return e.status();
-  } catch (const std::bad_alloc&) {
-    g_last_error = "out of memory";
-    return FJ_ERROR_OUT_OF_MEMORY;
-  } catch (const std::exception& e) {
-    g_last_error = std::string("internal error: ") + e.what();
-    return FJ_ERROR_INTERNAL;
-  } catch (...) {
-    g_last_error = "internal error: unknown exception";
-    return FJ_ERROR_INTERNAL;
-  }
-}
 
 #define FJ_STRINGIFY_(x) #x
 #define FJ_STRINGIFY(x) FJ_STRINGIFY_(x)
@@ -54,7 +32,7 @@ fj_attention_options fj_attention_options_default(void) {
 
 fj_status fj_attention_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                const fj_attention_options* options, fj_tensor* o, fj_tensor* lse) {
-  return guarded([&] {
+  return flashjit::guarded([&] {
     const flashjit::AttentionProblem problem = flashjit::make_forward_problem(q, k, v, options, o, lse);
     flashjit::backend_for(problem.device_type, "attention").forward(problem);
   });
@@ -64,7 +42,7 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
                                 const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                 const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,
                                 fj_tensor* dv) {
-  return guarded([&] {
+  return flashjit::guarded([&] {
     const flashjit::AttentionProblem problem =
         flashjit::make_backward_problem(q, k, v, o, lse, dout, options, dq, dk, dv);
     flashjit::backend_for(problem.device_type, "attention_backward").backward(problem);
@@ -81,7 +59,7 @@ int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t
 
 fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t batch, int64_t num_heads,
                                int64_t seqlen_q, int64_t seqlen_k, uint8_t* keep) {
-  return guarded([&] {
+  return flashjit::guarded([&] {
     if (!(p >= 0.0 && p < 1.0)) {
       flashjit::throw_value_error("[dropout_keep_mask] p: expected a value in [0, 1), got ", p);
     }
@@ -113,8 +91,17 @@ fj_status fj_dropout_keep_mask(uint64_t seed, uint64_t offset, double p, int64_t
   });
 }
 
+}  // extern "C"
+
+std::string& flashjit::last_error_text() {
+  thread_local std::string text;
+  return text;
+}
+
+extern "C" {
+
 const char* fj_last_error(void) {
-  return g_last_error.c_str();
+  return flashjit::last_error_text().c_str();
 }
 
 const char* fj_version(void) {

@@ -191,12 +191,6 @@ TEST_F(Errors, EachBadInputIsRejectedWithAClearMessage) {
        "dk: output memory overlaps output dq"},
       {"device mismatch", [](Call& c) { c.v.device_type = FJ_DEVICE_CUDA; }, FJ_ERROR_INVALID_VALUE,
        "v: expected the device of q (cpu:0), got cuda:0"},
-      {"no cuda backend",
-       [](Call& c) {
-         for (fj_tensor* t : {&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.dq, &c.dk, &c.dv})
-           t->device_type = FJ_DEVICE_CUDA;
-       },
-       FJ_ERROR_UNSUPPORTED, "no backend for device cuda"},
       {"o aliases q", [](Call& c) { c.o = c.q; }, FJ_ERROR_INVALID_VALUE,
        "o: output memory overlaps input q"},
       {"dq shape", [](Call& c) { c.dq.shape[3] = 15; }, FJ_ERROR_INVALID_VALUE,

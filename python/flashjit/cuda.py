@@ -1,0 +1,110 @@
+"""The CUDA backend's compiler and kernel cache.
+
+Kernels are compiled by NVRTC the first time a problem needs them and cached in
+memory and on disk (``$FLASHJIT_CACHE_DIR``, else ``~/.cache/flashjit``).
+``precompile`` compiles ahead of time: before capturing a CUDA graph (compiling
+during capture is an error) or to warm a cache; with ``arch`` given it needs
+NVRTC only, no GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import _C
+
+_DTYPES = _C.DTYPES
+_MASKS = {None: 0, "none": 0, "bool": 1, "additive": 2}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What a kernel is specialised on (sizes and pointers are run-time values)."""
+
+    dtype: str = "bfloat16"  # float32, float16, bfloat16 or float64
+    head_dim: int = 128
+    head_dim_v: int | None = None  # defaults to head_dim
+    backward: bool = False  # the backward's kernels instead of the forward's
+    mask: str | None = None  # None, "bool" or "additive"
+    mask_dtype: str = "float32"  # additive masks: float32 or dtype
+    window: bool = False  # causal or sliding-window bounds
+    dropout: bool = False
+    softcap: bool = False
+
+    def _tuple(self, arch: int, device_index: int) -> tuple:
+        if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise TypeError(f"[precompile] dtype: expected float32, float16, bfloat16 or float64, got {self.dtype!r}")
+        if self.mask not in _MASKS:
+            raise ValueError(f"[precompile] mask: expected None, 'bool' or 'additive', got {self.mask!r}")
+        if self.mask_dtype not in _DTYPES:
+            raise TypeError(f"[precompile] mask_dtype: expected float32 or the dtype, got {self.mask_dtype!r}")
+        head_dim_v = self.head_dim if self.head_dim_v is None else self.head_dim_v
+        return (self.backward, _DTYPES[self.dtype], self.head_dim, head_dim_v, _MASKS[self.mask],
+                _DTYPES[self.mask_dtype], self.window, self.dropout, self.softcap, arch, device_index)
+
+
+def common_configs() -> list[KernelConfig]:
+    """Forward and backward of the usual training and inference problems."""
+    configs = []
+    for dtype in ("bfloat16", "float16"):
+        for head_dim in (64, 128):
+            for window in (False, True):
+                for backward in (False, True):
+                    configs.append(KernelConfig(dtype=dtype, head_dim=head_dim, window=window, backward=backward))
+    return configs
+
+
+def precompile(configs: Iterable[KernelConfig] | None = None, *, arch: int = 0, device: int = 0,
+               progress: bool = False) -> int:
+    """Compiles (or finds cached) the kernels of each config; returns how many configs.
+
+    ``arch`` (e.g. 90) compiles for that target without a GPU; 0 uses the arch of
+    ``device``. ``progress`` prints one line per config to stderr.
+    """
+    configs = list(common_configs() if configs is None else configs)
+    for index, config in enumerate(configs):
+        if progress:
+            print(f"[{index + 1}/{len(configs)}] {config}", file=sys.stderr, flush=True)
+        _C.cuda_precompile([config._tuple(arch, device)])
+    return len(configs)
+
+
+def device_count() -> int:
+    """CUDA devices visible to the driver (0 without a driver or GPU)."""
+    return _C.cuda_device_count()
+
+
+def is_available() -> bool:
+    return "cuda" in _C.backends().split(",") and device_count() > 0
+
+
+def device_info(device: int = 0) -> dict:
+    arch, multiprocessors, name = _C.cuda_device_info(device)
+    return {"name": name, "arch": arch, "multiprocessors": multiprocessors}
+
+
+def nvrtc_version() -> tuple[int, int]:
+    return _C.cuda_nvrtc_version()
+
+
+def cache_dir(arch: int = 0) -> str:
+    """The disk cache's base directory, or the directory of one arch's kernels."""
+    return _C.cuda_cache_dir(arch)
+
+
+def cache_stats() -> dict:
+    """Compiles, disk loads and memory hits in this process, and the last timings."""
+    return _C.cuda_cache_stats()
+
+
+def clear_memory_cache() -> None:
+    _C.cuda_clear_memory_cache()
+
+
+def clear_cache() -> None:
+    """Deletes the disk cache (every version and arch) and forgets what memory holds."""
+    shutil.rmtree(cache_dir(), ignore_errors=True)
+    clear_memory_cache()

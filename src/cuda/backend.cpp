@@ -1,0 +1,156 @@
+// The CUDA backend: fills KernelParams from the problem, picks the kernels for
+// its traits, and launches them on the caller's stream. Nothing here
+// synchronises the device.
+#include <limits>
+
+#include "core/backend.hpp"
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "cuda/driver.hpp"
+#include "cuda/kernel_cache.hpp"
+#include "cuda/kernel_spec.hpp"
+#include "cuda/kernels/params.cuh"
+
+namespace flashjit::cuda {
+namespace {
+
+KernelOperand operand(const Operand& from) {
+  return KernelOperand{from.data, from.stride_batch, from.stride_head, from.stride_seq};
+}
+
+int checked_int(int64_t value, const char* what) {
+  if (value > std::numeric_limits<int>::max()) {
+    throw_unsupported("[cuda] ", what, " = ", value, " is larger than the CUDA kernels support (2^31 - 1)");
+  }
+  return int(value);
+}
+
+KernelParams params_of(const AttentionProblem& p) {
+  KernelParams params{};
+  params.q = operand(p.q);
+  params.k = operand(p.k);
+  params.v = operand(p.v);
+  params.o = operand(p.o);
+  params.dout = operand(p.dout);
+  params.dq = operand(p.dq);
+  params.dk = operand(p.dk);
+  params.dv = operand(p.dv);
+  params.lse = KernelOperand{p.lse, p.lse_stride_batch, p.lse_stride_head, p.lse_stride_seq};
+  params.mask = p.mask;
+  for (int d = 0; d < 4; ++d) params.mask_stride[d] = p.mask_stride[d];
+  params.batch = checked_int(p.batch, "batch");
+  params.heads_q = checked_int(p.heads_q, "query heads");
+  params.heads_kv = checked_int(p.heads_kv, "key/value heads");
+  params.group_size = checked_int(p.group_size(), "group size");
+  params.seqlen_q = checked_int(p.seqlen_q, "query length");
+  params.seqlen_k = checked_int(p.seqlen_k, "key length");
+  params.head_dim_qk = checked_int(p.head_dim_qk, "head dim");
+  params.head_dim_v = checked_int(p.head_dim_v, "value head dim");
+  params.scale = p.scale;
+  params.softcap = p.softcap;
+  params.window_left = p.window_left;
+  params.window_right = p.window_right;
+  params.diagonal_shift = p.diagonal_shift;
+  params.dropout_seed = p.dropout_seed;
+  params.dropout_offset = p.dropout_offset;
+  params.dropout_threshold = p.dropout_threshold;
+  params.dropout_keep_scale = p.has_dropout() ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+  return params;
+}
+
+struct Launch {
+  CUstream stream = nullptr;
+  int device_index = 0;
+  bool capturing = false;
+  int arch = 0;
+};
+
+Launch prepare(const AttentionProblem& p) {
+  const int64_t max_head_dim = std::max(p.head_dim_qk, p.head_dim_v);
+  if (max_head_dim > 256) {
+    throw_unsupported("[cuda] head dims up to 256 are supported, got ", max_head_dim);
+  }
+  Launch launch;
+  launch.device_index = p.device_index;
+  launch.stream = static_cast<CUstream>(p.stream);
+  activate_device(p.device_index);
+  launch.arch = device_info(p.device_index).arch;
+  if (launch.arch < 80) {
+    throw_unsupported("[cuda] flashjit needs compute capability 8.0 or newer; device ", p.device_index, " (",
+                      device_info(p.device_index).name, ") is sm_", launch.arch);
+  }
+  int status = kStreamCaptureStatusNone;
+  check(driver().cuStreamIsCapturing(launch.stream, &status), "cuStreamIsCapturing");
+  launch.capturing = status != kStreamCaptureStatusNone;
+  return launch;
+}
+
+void run(const KernelSpec& spec, const Launch& launch, KernelParams& params, int64_t blocks) {
+  if (blocks == 0) return;
+  if (blocks > std::numeric_limits<int>::max()) {
+    throw_unsupported("[cuda] ", blocks, " thread blocks is more than one launch takes (2^31 - 1)");
+  }
+  CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);
+  void* arguments[] = {&params};
+  check(driver().cuLaunchKernel(function, unsigned(blocks), 1, 1, unsigned(spec.threads), 1, 1,
+                                unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr),
+        spec.name().c_str());
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+void forward(const AttentionProblem& p) {
+  const Launch launch = prepare(p);
+  KernelParams params = params_of(p);
+  const KernelSpec spec = forward_kernel(traits_of(p, launch.arch));
+  params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
+  run(spec, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
+}
+
+// Device scratch from the stream-ordered allocator, freed in stream order.
+class StreamScratch {
+ public:
+  StreamScratch(size_t bytes, CUstream stream) : stream_(stream) {
+    if (bytes > 0) check(driver().cuMemAllocAsync(&pointer_, bytes, stream), "cuMemAllocAsync");
+  }
+  ~StreamScratch() {
+    if (pointer_ != 0) driver().cuMemFreeAsync(pointer_, stream_);
+  }
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  void* get() const { return reinterpret_cast<void*>(pointer_); }
+
+ private:
+  CUdeviceptr pointer_ = 0;
+  CUstream stream_;
+};
+
+void backward(const AttentionProblem& p) {
+  const Launch launch = prepare(p);
+  KernelParams params = params_of(p);
+  const std::vector<KernelSpec> specs = backward_kernels(traits_of(p, launch.arch));
+  const KernelSpec& dq_spec = specs[0];
+  const KernelSpec& dkdv_spec = specs[1];
+  // Compile (or load) both before enqueueing anything.
+  kernel_function(dq_spec, launch.device_index, launch.capturing);
+  kernel_function(dkdv_spec, launch.device_index, launch.capturing);
+  const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
+  StreamScratch delta(size_t(p.batch * p.heads_q * p.seqlen_q) * accumulator_bytes, launch.stream);
+  params.delta = delta.get();
+  params.num_query_blocks = int(ceil_div(p.seqlen_q, dq_spec.block_rows()));
+  params.num_key_blocks = int(ceil_div(p.seqlen_k, dkdv_spec.block_rows()));
+  // dQ also writes delta = rowsum(dO * O), which dK/dV reads: same stream, in order.
+  run(dq_spec, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
+  run(dkdv_spec, launch, params, int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
+}
+
+}  // namespace
+}  // namespace flashjit::cuda
+
+const flashjit::Backend& flashjit_backend_cuda() {
+  static const flashjit::Backend backend{"cuda", FJ_DEVICE_CUDA, flashjit::cuda::forward,
+                                         flashjit::cuda::backward};
+  return backend;
+}

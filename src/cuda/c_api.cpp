@@ -1,0 +1,142 @@
+// C entry points of the CUDA backend: precompilation, cache and device queries.
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "core/guarded.hpp"
+#include "cuda/driver.hpp"
+#include "cuda/kernel_cache.hpp"
+#include "cuda/kernel_spec.hpp"
+#include "flashjit/flashjit.h"
+
+namespace {
+
+using namespace flashjit;
+
+void copy_text(const std::string& text, char* buffer, size_t size, const char* what) {
+  if (buffer == nullptr || size == 0) throw_value_error("[", what, "] buffer: expected a non-null buffer");
+  if (text.size() + 1 > size) throw_value_error("[", what, "] buffer: needs ", text.size() + 1, " bytes, got ", size);
+  std::memcpy(buffer, text.c_str(), text.size() + 1);
+}
+
+cuda::KernelTraits traits_of(const fj_kernel_config& config, int index) {
+  const auto name = [&](const char* field) { return str_cat("configs[", index, "].", field); };
+  if (config.dtype != FJ_FLOAT32 && config.dtype != FJ_FLOAT16 && config.dtype != FJ_BFLOAT16 &&
+      config.dtype != FJ_FLOAT64) {
+    throw_type_error("[precompile] ", name("dtype"), ": expected float32, float16, bfloat16 or float64");
+  }
+  for (auto [field, value] : {std::pair{"head_dim_qk", config.head_dim_qk}, {"head_dim_v", config.head_dim_v}}) {
+    if (value < 1 || value > 256) throw_value_error("[precompile] ", name(field), ": expected 1..256, got ", value);
+  }
+  if (config.mask < 0 || config.mask > 2) {
+    throw_value_error("[precompile] ", name("mask"), ": expected 0 (none), 1 (boolean) or 2 (additive), got ",
+                      config.mask);
+  }
+  if (config.mask == 2 && config.mask_dtype != FJ_FLOAT32 && config.mask_dtype != config.dtype) {
+    throw_type_error("[precompile] ", name("mask_dtype"), ": an additive mask is float32 or the input dtype");
+  }
+  if (config.arch != 0 && config.arch < 80) {
+    throw_value_error("[precompile] ", name("arch"), ": expected 80 or newer (or 0 for the device's), got ",
+                      config.arch);
+  }
+  cuda::KernelTraits traits;
+  traits.dtype = config.dtype;
+  traits.head_dim_qk = config.head_dim_qk;
+  traits.head_dim_v = config.head_dim_v;
+  traits.mask = config.mask == 0 ? MaskKind::kNone : config.mask == 1 ? MaskKind::kBool : MaskKind::kAdditive;
+  traits.mask_dtype = config.mask == 1 ? FJ_BOOL : config.mask_dtype;
+  traits.window = config.window != 0;
+  traits.dropout = config.dropout != 0;
+  traits.softcap = config.softcap != 0;
+  traits.arch = config.arch != 0 ? config.arch : cuda::device_info(config.device_index).arch;
+  return traits;
+}
+
+}  // namespace
+
+extern "C" {
+
+fj_kernel_config fj_kernel_config_default(void) {
+  fj_kernel_config config;
+  std::memset(&config, 0, sizeof config);
+  config.dtype = FJ_FLOAT16;
+  config.head_dim_qk = 128;
+  config.head_dim_v = 128;
+  config.mask_dtype = FJ_FLOAT32;
+  return config;
+}
+
+fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
+  return guarded([&] {
+    if (count < 0 || (count > 0 && configs == nullptr)) {
+      throw_value_error("[precompile] configs: expected ", count, " configs, got a null pointer");
+    }
+    for (int32_t index = 0; index < count; ++index) {
+      const cuda::KernelTraits traits = traits_of(configs[index], index);
+      if (configs[index].backward) {
+        for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits)) cuda::kernel_binary(spec, false);
+      } else {
+        cuda::kernel_binary(cuda::forward_kernel(traits), false);
+      }
+    }
+  });
+}
+
+fj_status fj_cuda_get_cache_stats(fj_cuda_cache_stats* stats) {
+  return guarded([&] {
+    if (stats == nullptr) throw_value_error("[cache_stats] stats: expected a non-null pointer");
+    const cuda::CacheStats current = cuda::cache_stats();
+    stats->compiles = current.compiles;
+    stats->disk_loads = current.disk_loads;
+    stats->memory_hits = current.memory_hits;
+    stats->last_compile_seconds = current.last_compile_seconds;
+    stats->last_disk_load_seconds = current.last_disk_load_seconds;
+  });
+}
+
+fj_status fj_cuda_clear_memory_cache(void) {
+  return guarded([] { cuda::clear_memory_cache(); });
+}
+
+fj_status fj_cuda_cache_dir(int32_t arch, char* buffer, size_t size) {
+  return guarded([&] {
+    copy_text(arch == 0 ? cuda::cache_base_directory() : cuda::cache_directory(arch), buffer, size, "cache_dir");
+  });
+}
+
+fj_status fj_cuda_nvrtc_version(int32_t* major, int32_t* minor) {
+  return guarded([&] {
+    if (major == nullptr || minor == nullptr) throw_value_error("[nvrtc_version] expected non-null pointers");
+    int a = 0, b = 0;
+    cuda::nvrtc().nvrtcVersion(&a, &b);
+    *major = a;
+    *minor = b;
+  });
+}
+
+int32_t fj_cuda_device_count(void) {
+  int count = 0;
+  try {
+    if (cuda::driver().cuDeviceGetCount(&count) != 0) count = 0;
+  } catch (...) {
+    count = 0;
+  }
+  return count;
+}
+
+fj_status fj_cuda_device_info(int32_t device_index, int32_t* arch, int32_t* multiprocessors, char* name,
+                              size_t name_size) {
+  return guarded([&] {
+    const int count = fj_cuda_device_count();
+    if (device_index < 0 || device_index >= count) {
+      if (count == 0) cuda::driver();  // throws the reason there is no device
+      throw_value_error("[device_info] device_index: expected 0..", count - 1, ", got ", device_index);
+    }
+    const cuda::DeviceInfo& info = cuda::device_info(device_index);
+    if (arch) *arch = info.arch;
+    if (multiprocessors) *multiprocessors = info.multiprocessors;
+    if (name) copy_text(info.name, name, name_size, "device_info");
+  });
+}
+
+}  // extern "C"

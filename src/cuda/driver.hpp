@@ -1,0 +1,89 @@
+// The CUDA driver API and NVRTC, loaded at run time with dlopen so that the
+// library imports and the CPU backend runs on machines without a GPU, driver or
+// toolkit. Only the entry points flashjit uses are declared, with the ABI of
+// cuda.h and nvrtc.h.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace flashjit::cuda {
+
+using CUresult = int;
+using CUdevice = int;
+using CUdeviceptr = unsigned long long;
+using CUcontext = struct CUctx_st*;
+using CUmodule = struct CUmod_st*;
+using CUfunction = struct CUfunc_st*;
+using CUstream = struct CUstream_st*;
+using nvrtcResult = int;
+using nvrtcProgram = struct _nvrtcProgram*;
+
+constexpr int kAttrMultiprocessorCount = 16;
+constexpr int kAttrComputeCapabilityMajor = 75;
+constexpr int kAttrComputeCapabilityMinor = 76;
+constexpr int kAttrMaxSharedMemoryPerBlockOptin = 97;
+constexpr int kFuncAttrMaxDynamicSharedSize = 8;
+constexpr int kStreamCaptureStatusNone = 0;
+
+struct Driver {
+  CUresult (*cuInit)(unsigned);
+  CUresult (*cuDriverGetVersion)(int*);
+  CUresult (*cuDeviceGetCount)(int*);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDeviceGetName)(char*, int, CUdevice);
+  CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuCtxGetCurrent)(CUcontext*);
+  CUresult (*cuCtxSetCurrent)(CUcontext);
+  CUresult (*cuModuleLoadData)(CUmodule*, const void*);
+  CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
+  CUresult (*cuFuncSetAttribute)(CUfunction, int, int);
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             CUstream, void**, void**);
+  CUresult (*cuStreamIsCapturing)(CUstream, int*);
+  CUresult (*cuMemAllocAsync)(CUdeviceptr*, size_t, CUstream);
+  CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+};
+
+struct Nvrtc {
+  nvrtcResult (*nvrtcVersion)(int*, int*);
+  nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram*, const char*, const char*, int, const char* const*,
+                                    const char* const*);
+  nvrtcResult (*nvrtcCompileProgram)(nvrtcProgram, int, const char* const*);
+  nvrtcResult (*nvrtcGetProgramLogSize)(nvrtcProgram, size_t*);
+  nvrtcResult (*nvrtcGetProgramLog)(nvrtcProgram, char*);
+  nvrtcResult (*nvrtcGetCUBINSize)(nvrtcProgram, size_t*);
+  nvrtcResult (*nvrtcGetCUBIN)(nvrtcProgram, char*);
+  nvrtcResult (*nvrtcDestroyProgram)(nvrtcProgram*);
+  const char* (*nvrtcGetErrorString)(nvrtcResult);
+};
+
+// The loaded driver, initialised (cuInit) once. Throws FJ_ERROR_UNSUPPORTED with
+// a clear message when libcuda.so.1 is absent or no GPU is present.
+const Driver& driver();
+// NVRTC: FLASHJIT_NVRTC (a path) if set, else libnvrtc.so.13 / .12 / libnvrtc.so,
+// found through the loader path or already loaded (the Python package preloads
+// the copy that ships with the nvidia-cuda-nvrtc wheel).
+const Nvrtc& nvrtc();
+// "13.0", or throws like nvrtc().
+std::string nvrtc_version();
+
+// Throws flashjit::Error naming the call and the driver's message when status != 0.
+void check(CUresult status, const char* call);
+
+// The device's context (the primary context, shared with PyTorch and the
+// runtime API), made current on this thread.
+CUcontext activate_device(int device_index);
+
+struct DeviceInfo {
+  int arch;  // 90 for sm_90
+  int multiprocessors;
+  int max_shared_memory;  // per block, opt-in
+  std::string name;
+};
+const DeviceInfo& device_info(int device_index);
+
+}  // namespace flashjit::cuda

@@ -1,0 +1,292 @@
+#include "cuda/kernel_cache.hpp"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <utility>
+
+#include "core/error.hpp"
+#include "flashjit/flashjit.h"
+
+namespace flashjit::cuda {
+namespace {
+
+constexpr char kMagic[8] = {'F', 'J', 'C', 'U', 'B', 'I', 'N', '1'};
+
+// FNV-1a, 64 bits; two bases give the 128-bit key.
+uint64_t fnv1a(const std::string& text, uint64_t hash) {
+  for (unsigned char c : text) {
+    hash ^= c;
+    hash *= 0x100000001b3ULL;
+  }
+  return hash;
+}
+
+std::string hex(uint64_t value) {
+  char buffer[17];
+  std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(value));
+  return buffer;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+void make_directories(const std::string& path) {
+  std::string partial;
+  std::stringstream parts(path);
+  std::string part;
+  if (!path.empty() && path[0] == '/') partial = "/";
+  while (std::getline(parts, part, '/')) {
+    if (part.empty()) continue;
+    partial += part + "/";
+    if (mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST) {
+      throw_unsupported("[cuda] cannot create the kernel cache directory ", partial, ": ", std::strerror(errno),
+                        " (set FLASHJIT_CACHE_DIR to a writable directory)");
+    }
+  }
+}
+
+// Writes to a temporary name in the same directory, then renames over the target.
+void write_atomically(const std::string& path, const std::string& contents) {
+  const std::string temporary = str_cat(path, ".tmp.", getpid());
+  {
+    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
+    out.write(contents.data(), std::streamsize(contents.size()));
+    if (!out) throw_unsupported("[cuda] cannot write the kernel cache file ", temporary);
+  }
+  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
+    std::remove(temporary.c_str());
+    throw_unsupported("[cuda] cannot rename ", temporary, " to ", path, ": ", std::strerror(errno));
+  }
+}
+
+std::string cache_entry(const std::string& cubin) {
+  std::string entry(kMagic, sizeof kMagic);
+  const uint64_t size = cubin.size();
+  const uint64_t checksum = fnv1a(cubin, 0xcbf29ce484222325ULL);
+  entry.append(reinterpret_cast<const char*>(&size), sizeof size);
+  entry.append(reinterpret_cast<const char*>(&checksum), sizeof checksum);
+  return entry + cubin;
+}
+
+// The cubin of a disk entry, or nothing when absent, truncated or corrupt.
+std::shared_ptr<const std::string> read_entry(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return nullptr;
+  std::string entry((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  constexpr size_t kHeader = sizeof kMagic + 2 * sizeof(uint64_t);
+  if (entry.size() < kHeader || std::memcmp(entry.data(), kMagic, sizeof kMagic) != 0) return nullptr;
+  uint64_t size = 0, checksum = 0;
+  std::memcpy(&size, entry.data() + sizeof kMagic, sizeof size);
+  std::memcpy(&checksum, entry.data() + sizeof kMagic + sizeof size, sizeof checksum);
+  if (entry.size() - kHeader != size) return nullptr;
+  auto cubin = std::make_shared<std::string>(entry.substr(kHeader));
+  if (fnv1a(*cubin, 0xcbf29ce484222325ULL) != checksum) return nullptr;
+  return cubin;
+}
+
+// An exclusive advisory lock on <path>.lock, released on destruction.
+class FileLock {
+ public:
+  explicit FileLock(const std::string& path) : fd_(open((path + ".lock").c_str(), O_RDWR | O_CREAT, 0644)) {
+    if (fd_ < 0) throw_unsupported("[cuda] cannot open the lock file ", path, ".lock: ", std::strerror(errno));
+    while (flock(fd_, LOCK_EX) != 0) {
+      if (errno != EINTR) throw_unsupported("[cuda] cannot lock ", path, ".lock: ", std::strerror(errno));
+    }
+  }
+  ~FileLock() {
+    flock(fd_, LOCK_UN);
+    close(fd_);
+  }
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+
+ private:
+  int fd_;
+};
+
+struct Compiled {
+  std::string cubin;
+  std::string log;
+};
+
+Compiled compile(const KernelSpec& spec, const std::string& source) {
+  const Nvrtc& api = nvrtc();
+  nvrtcProgram program = nullptr;
+  const std::string file_name = spec.name() + ".cu";
+  if (int status = api.nvrtcCreateProgram(&program, source.c_str(), file_name.c_str(), 0, nullptr, nullptr)) {
+    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] nvrtcCreateProgram failed: ", api.nvrtcGetErrorString(status)));
+  }
+  const std::vector<std::string> options = spec.compile_options();
+  std::vector<const char*> option_pointers;
+  for (const std::string& option : options) option_pointers.push_back(option.c_str());
+  const int status = api.nvrtcCompileProgram(program, int(option_pointers.size()), option_pointers.data());
+  Compiled result;
+  size_t log_size = 0;
+  api.nvrtcGetProgramLogSize(program, &log_size);
+  if (log_size > 1) {
+    result.log.resize(log_size);
+    api.nvrtcGetProgramLog(program, result.log.data());
+    result.log.resize(log_size - 1);
+  }
+  if (status == 0) {
+    size_t cubin_size = 0;
+    api.nvrtcGetCUBINSize(program, &cubin_size);
+    result.cubin.resize(cubin_size);
+    api.nvrtcGetCUBIN(program, result.cubin.data());
+  }
+  api.nvrtcDestroyProgram(&program);
+  if (status != 0) {
+    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] NVRTC failed to compile ", spec.name(), ": ",
+                                           api.nvrtcGetErrorString(status), "\n", result.log));
+  }
+  return result;
+}
+
+struct Cache {
+  std::mutex mutex;
+  std::map<std::string, std::shared_ptr<const std::string>> binaries;  // key -> cubin
+  std::map<std::pair<std::string, int>, CUfunction> functions;         // (key, device) -> function
+  CacheStats stats;
+};
+
+Cache& cache() {
+  static Cache* instance = new Cache();  // never destroyed: modules outlive static destruction order
+  return *instance;
+}
+
+struct KeyedSpec {
+  std::string source;
+  std::string key;   // 32 hex digits
+  std::string path;  // cubin path on disk
+};
+
+KeyedSpec keyed(const KernelSpec& spec) {
+  KeyedSpec result;
+  result.source = spec.source();
+  std::string material = str_cat(fj_version(), "\n", nvrtc_version(), "\nsm_", spec.arch, "\n");
+  for (const std::string& option : spec.compile_options()) material += option + "\n";
+  material += result.source;
+  result.key = hex(fnv1a(material, 0xcbf29ce484222325ULL)) + hex(fnv1a(material, 0x84222325cbf29ce4ULL));
+  result.path = str_cat(cache_directory(spec.arch), "/", spec.name(), "-", result.key, ".cubin");
+  return result;
+}
+
+}  // namespace
+
+std::string cache_base_directory() {
+  if (const char* dir = std::getenv("FLASHJIT_CACHE_DIR"); dir != nullptr && *dir != '\0') return dir;
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0') {
+    return str_cat(xdg, "/flashjit");
+  }
+  const char* home = std::getenv("HOME");
+  return str_cat(home != nullptr && *home != '\0' ? home : "/tmp", "/.cache/flashjit");
+}
+
+std::string cache_directory(int arch) {
+  return str_cat(cache_base_directory(), "/", fj_version(), "/sm_", arch);
+}
+
+std::shared_ptr<const std::string> kernel_binary(const KernelSpec& spec, bool capturing) {
+  const KeyedSpec entry = keyed(spec);
+  Cache& c = cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    auto found = c.binaries.find(entry.key);
+    if (found != c.binaries.end()) {
+      ++c.stats.memory_hits;
+      return found->second;
+    }
+  }
+  const auto start = std::chrono::steady_clock::now();
+  std::shared_ptr<const std::string> cubin = read_entry(entry.path);
+  bool compiled = false;
+  if (!cubin) {
+    make_directories(cache_directory(spec.arch));
+    FileLock file_lock(entry.path);
+    cubin = read_entry(entry.path);  // another process may have finished while we waited
+    if (!cubin) {
+      if (capturing) {
+        throw_unsupported("[cuda] kernel ", spec.name(),
+                          " is not compiled yet and the stream is capturing a CUDA graph; run the call once "
+                          "before capture or compile it ahead with flashjit.precompile()");
+      }
+      Compiled result = compile(spec, entry.source);
+      const std::string stem = entry.path.substr(0, entry.path.size() - 6);
+      write_atomically(stem + ".cu", entry.source);
+      write_atomically(stem + ".log", result.log);
+      write_atomically(entry.path, cache_entry(result.cubin));
+      cubin = std::make_shared<const std::string>(std::move(result.cubin));
+      compiled = true;
+    }
+  }
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (compiled) {
+    ++c.stats.compiles;
+    c.stats.last_compile_seconds = seconds_since(start);
+  } else {
+    ++c.stats.disk_loads;
+    c.stats.last_disk_load_seconds = seconds_since(start);
+  }
+  return c.binaries.emplace(entry.key, cubin).first->second;
+}
+
+CUfunction kernel_function(const KernelSpec& spec, int device_index, bool capturing) {
+  Cache& c = cache();
+  // The key depends on the source: computing it is cheap next to a launch's
+  // validation only once per spec, so remember spec names -> keys.
+  static std::mutex names_mutex;
+  static std::map<std::string, std::string> keys_by_name;
+  const std::string name = spec.name();
+  std::string key;
+  {
+    std::lock_guard<std::mutex> lock(names_mutex);
+    auto found = keys_by_name.find(name);
+    if (found != keys_by_name.end()) key = found->second;
+  }
+  if (!key.empty()) {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    auto found = c.functions.find({key, device_index});
+    if (found != c.functions.end()) return found->second;
+  }
+  key = keyed(spec).key;
+  std::shared_ptr<const std::string> cubin = kernel_binary(spec, capturing);
+  const Driver& d = driver();
+  CUmodule module = nullptr;
+  check(d.cuModuleLoadData(&module, cubin->data()), "cuModuleLoadData");
+  CUfunction function = nullptr;
+  check(d.cuModuleGetFunction(&function, module, spec.function_name()), "cuModuleGetFunction");
+  check(d.cuFuncSetAttribute(function, kFuncAttrMaxDynamicSharedSize, device_info(device_index).max_shared_memory),
+        "cuFuncSetAttribute");
+  {
+    std::lock_guard<std::mutex> lock(names_mutex);
+    keys_by_name[name] = key;
+  }
+  std::lock_guard<std::mutex> lock(c.mutex);
+  return c.functions.emplace(std::make_pair(key, device_index), function).first->second;
+}
+
+CacheStats cache_stats() {
+  std::lock_guard<std::mutex> lock(cache().mutex);
+  return cache().stats;
+}
+
+void clear_memory_cache() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.binaries.clear();
+  c.functions.clear();
+}
+
+}  // namespace flashjit::cuda

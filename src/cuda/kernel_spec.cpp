@@ -1,0 +1,154 @@
+#include "cuda/kernel_spec.hpp"
+
+#include <cstring>
+
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "cuda/embedded_sources.hpp"
+
+namespace flashjit::cuda {
+namespace {
+
+constexpr int kSimtLanes = 8;  // threads per row in attention_simt.cuh
+constexpr int kMaxSharedBytes = 64 * 1024;
+
+int round_up(int value, int multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+const char* device_type_name(fj_dtype dtype) {
+  switch (dtype) {
+    case FJ_FLOAT32: return "float";
+    case FJ_FLOAT16: return "half_t";
+    case FJ_BFLOAT16: return "bf16_t";
+    case FJ_FLOAT64: return "double";
+    case FJ_BOOL: return "unsigned char";
+    default: throw_type_error("[cuda] no device type for dtype ", dtype_name(dtype));
+  }
+}
+
+int accumulator_size(fj_dtype dtype) {
+  return dtype == FJ_FLOAT64 ? 8 : 4;
+}
+
+const char* entry_name(KernelEntry entry) {
+  switch (entry) {
+    case KernelEntry::kForward: return "forward";
+    case KernelEntry::kBackwardDq: return "backward_dq";
+    case KernelEntry::kBackwardDkDv: return "backward_dkdv";
+  }
+  return "?";
+}
+
+// Drops "#pragma once" lines: the program is one translation unit.
+std::string without_pragma_once(const char* text) {
+  std::string out;
+  const char* line = text;
+  while (*line != '\0') {
+    const char* end = std::strchr(line, '\n');
+    const size_t length = end ? size_t(end - line) : std::strlen(line);
+    if (length < 12 || std::strncmp(line, "#pragma once", 12) != 0) out.append(line, length).push_back('\n');
+    line += length + (end ? 1 : 0);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string KernelSpec::name() const {
+  std::string mask_text = "none";
+  if (mask == MaskKind::kBool) mask_text = "bool";
+  if (mask == MaskKind::kAdditive) mask_text = str_cat("add-", dtype_name(mask_dtype));
+  return str_cat("simt-", entry_name(entry), "_", dtype_name(dtype), "_qk", head_dim_qk, "_v", head_dim_v,
+                 "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "", softcap ? "_softcap" : "",
+                 "_t", threads, "_n", block_n, "_sm", arch);
+}
+
+const char* KernelSpec::function_name() const {
+  switch (entry) {
+    case KernelEntry::kForward: return "fj_attention_forward";
+    case KernelEntry::kBackwardDq: return "fj_attention_backward_dq";
+    case KernelEntry::kBackwardDkDv: return "fj_attention_backward_dkdv";
+  }
+  return "";
+}
+
+int KernelSpec::block_rows() const {
+  return threads / kSimtLanes;
+}
+
+int KernelSpec::shared_memory_bytes() const {
+  const int rows_bytes = block_n * (head_dim_qk + head_dim_v) * accumulator_size(dtype);
+  return entry == KernelEntry::kBackwardDkDv ? rows_bytes + 2 * block_n * accumulator_size(dtype) : rows_bytes;
+}
+
+std::vector<std::string> KernelSpec::compile_options() const {
+  return {str_cat("--gpu-architecture=sm_", arch), "-std=c++17", "-lineinfo"};
+}
+
+std::string KernelSpec::source() const {
+  std::string text = str_cat("// flashjit kernel ", name(), "\n",
+                             "#ifdef __CUDACC_RTC__\n"
+                             "typedef unsigned int uint32_t;\n"
+                             "typedef unsigned long long uint64_t;\n"
+                             "typedef long long int64_t;\n"
+                             "#endif\n",
+                             "#define FJ_ENTRY ", int(entry), "\n", "#define FJ_ELEM ", device_type_name(dtype), "\n",
+                             "#define FJ_ACC ", dtype == FJ_FLOAT64 ? "double" : "float", "\n",
+                             "#define FJ_HEAD_DIM_QK ", head_dim_qk, "\n", "#define FJ_HEAD_DIM_V ", head_dim_v, "\n",
+                             "#define FJ_THREADS ", threads, "\n", "#define FJ_BLOCK_N ", block_n, "\n",
+                             "#define FJ_MASK ", int(mask), "\n", "#define FJ_MASK_TYPE ",
+                             mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
+                             "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0,
+                             "\n", "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n");
+  for (const char* file : {"philox_core.h", "params.cuh", "common.cuh", "attention_simt.cuh"}) {
+    text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
+  }
+  return text;
+}
+
+KernelTraits traits_of(const AttentionProblem& p, int arch) {
+  KernelTraits traits;
+  traits.dtype = p.dtype;
+  traits.head_dim_qk = int(p.head_dim_qk);
+  traits.head_dim_v = int(p.head_dim_v);
+  traits.mask = p.mask_kind;
+  traits.mask_dtype = p.mask_dtype;
+  traits.window = p.window_left >= 0 || p.window_right >= 0;
+  traits.dropout = p.has_dropout();
+  traits.softcap = p.softcap > 0.0;
+  traits.arch = arch;
+  return traits;
+}
+
+namespace {
+
+KernelSpec simt_spec(const KernelTraits& traits, KernelEntry entry) {
+  KernelSpec spec;
+  spec.entry = entry;
+  spec.dtype = traits.dtype;
+  spec.head_dim_qk = round_up(traits.head_dim_qk, kSimtLanes);
+  spec.head_dim_v = round_up(traits.head_dim_v, kSimtLanes);
+  spec.mask = traits.mask;
+  spec.mask_dtype = traits.mask == MaskKind::kNone ? FJ_BOOL : traits.mask_dtype;
+  spec.window = traits.window;
+  spec.dropout = traits.dropout;
+  spec.softcap = traits.softcap;
+  spec.arch = traits.arch;
+  spec.threads = 128;
+  spec.block_n = 32;
+  while (spec.block_n > 8 && spec.shared_memory_bytes() > kMaxSharedBytes) spec.block_n /= 2;
+  return spec;
+}
+
+}  // namespace
+
+KernelSpec forward_kernel(const KernelTraits& traits) {
+  return simt_spec(traits, KernelEntry::kForward);
+}
+
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
+  return {simt_spec(traits, KernelEntry::kBackwardDq), simt_spec(traits, KernelEntry::kBackwardDkDv)};
+}
+
+}  // namespace flashjit::cuda

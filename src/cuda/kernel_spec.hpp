@@ -1,0 +1,56 @@
+// KernelSpec: everything baked into one compiled kernel. Its name() spells every
+// field; its source() is the full NVRTC program (a prelude of FJ_* macros and the
+// embedded .cuh files), and the cache key hashes that source, so changing a .cuh
+// file or a field gives a new key by itself.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/problem.hpp"
+
+namespace flashjit::cuda {
+
+enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv };
+
+struct KernelSpec {
+  KernelEntry entry = KernelEntry::kForward;
+  fj_dtype dtype = FJ_FLOAT32;
+  int head_dim_qk = 0;  // padded sizes compiled in; the true sizes are parameters
+  int head_dim_v = 0;
+  MaskKind mask = MaskKind::kNone;
+  fj_dtype mask_dtype = FJ_BOOL;
+  bool window = false;  // causal or sliding-window bounds
+  bool dropout = false;
+  bool softcap = false;
+  int threads = 128;
+  int block_n = 32;  // rows of the streamed operand per step
+  int arch = 0;      // 90 for sm_90
+
+  std::string name() const;
+  const char* function_name() const;
+  std::string source() const;
+  std::vector<std::string> compile_options() const;
+  // Rows of q (forward, dQ) or of k (dK/dV) one block owns.
+  int block_rows() const;
+  int shared_memory_bytes() const;
+};
+
+// What a call needs compiled, independent of sizes and pointers.
+struct KernelTraits {
+  fj_dtype dtype = FJ_FLOAT32;
+  int head_dim_qk = 0;
+  int head_dim_v = 0;
+  MaskKind mask = MaskKind::kNone;
+  fj_dtype mask_dtype = FJ_BOOL;
+  bool window = false;
+  bool dropout = false;
+  bool softcap = false;
+  int arch = 0;
+};
+
+KernelTraits traits_of(const AttentionProblem& problem, int arch);
+KernelSpec forward_kernel(const KernelTraits& traits);
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);
+
+}  // namespace flashjit::cuda

@@ -1,0 +1,148 @@
+// Device helpers shared by every kernel: element types and conversions, the
+// score transform (scale, softcap, mask, causal/window bounds) and lane
+// reductions. The generated prelude defines the FJ_* specialisation macros
+// (kernel_spec.cpp) before this file.
+#pragma once
+
+namespace flashjit {
+
+#define FJ_DEVICE __device__ __forceinline__
+
+// 16-bit floating point storage, converted with PTX cvt (round to nearest even).
+struct half_t {
+  unsigned short bits;
+};
+struct bf16_t {
+  unsigned short bits;
+};
+
+FJ_DEVICE float to_float(float x) { return x; }
+FJ_DEVICE double to_float(double x) { return x; }
+FJ_DEVICE float to_float(half_t x) {
+  float result;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(result) : "h"(x.bits));
+  return result;
+}
+FJ_DEVICE float to_float(bf16_t x) { return __uint_as_float(static_cast<unsigned>(x.bits) << 16); }
+FJ_DEVICE float to_float(unsigned char x) { return x != 0 ? 1.0f : 0.0f; }
+
+template <typename T>
+FJ_DEVICE T from_float(float x);
+template <>
+FJ_DEVICE float from_float<float>(float x) { return x; }
+template <>
+FJ_DEVICE half_t from_float<half_t>(float x) {
+  half_t result;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(result.bits) : "f"(x));
+  return result;
+}
+template <>
+FJ_DEVICE bf16_t from_float<bf16_t>(float x) {
+  bf16_t result;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(result.bits) : "f"(x));
+  return result;
+}
+
+// Accumulator-typed loads and stores: float for every storage type but double.
+template <typename Acc, typename T>
+FJ_DEVICE Acc load_as(const T* address) {
+  return static_cast<Acc>(to_float(*address));
+}
+template <typename T, typename Acc>
+FJ_DEVICE void store_as(T* address, Acc value) {
+  *address = from_float<T>(static_cast<float>(value));
+}
+template <>
+FJ_DEVICE void store_as<double, double>(double* address, double value) {
+  *address = value;
+}
+
+template <typename Acc>
+FJ_DEVICE Acc negative_infinity();
+template <>
+FJ_DEVICE float negative_infinity<float>() { return __int_as_float(0xff800000); }
+template <>
+FJ_DEVICE double negative_infinity<double>() { return __longlong_as_double(0xfff0000000000000ULL); }
+
+FJ_DEVICE float exp_of(float x) { return expf(x); }
+FJ_DEVICE double exp_of(double x) { return exp(x); }
+FJ_DEVICE float log_of(float x) { return logf(x); }
+FJ_DEVICE double log_of(double x) { return log(x); }
+FJ_DEVICE float tanh_of(float x) { return tanhf(x); }
+FJ_DEVICE double tanh_of(double x) { return tanh(x); }
+
+template <typename T>
+FJ_DEVICE T* operand_row(const KernelOperand& operand, int b, int h, long long s) {
+  return static_cast<T*>(operand.data) + b * operand.stride_batch + h * operand.stride_head +
+         s * operand.stride_seq;
+}
+
+// First and one-past-last key a query row can see through the causal/window bounds.
+FJ_DEVICE long long key_begin(const KernelParams& p, long long query) {
+  if (p.window_left < 0) return 0;
+  const long long begin = query + p.diagonal_shift - p.window_left;
+  return begin < 0 ? 0 : (begin > p.seqlen_k ? p.seqlen_k : begin);
+}
+FJ_DEVICE long long key_end(const KernelParams& p, long long query) {
+  if (p.window_right < 0) return p.seqlen_k;
+  const long long end = query + p.diagonal_shift + p.window_right + 1;
+  return end < 0 ? 0 : (end > p.seqlen_k ? p.seqlen_k : end);
+}
+// First and one-past-last query row that can see a key.
+FJ_DEVICE long long query_begin(const KernelParams& p, long long key) {
+  if (p.window_right < 0) return 0;
+  const long long begin = key - p.diagonal_shift - p.window_right;
+  return begin < 0 ? 0 : (begin > p.seqlen_q ? p.seqlen_q : begin);
+}
+FJ_DEVICE long long query_end(const KernelParams& p, long long key) {
+  if (p.window_left < 0) return p.seqlen_q;
+  const long long end = key - p.diagonal_shift + p.window_left + 1;
+  return end < 0 ? 0 : (end > p.seqlen_q ? p.seqlen_q : end);
+}
+
+FJ_DEVICE bool visible(const KernelParams& p, long long query, long long key) {
+  const long long shifted = key - query - p.diagonal_shift;
+  return (p.window_left < 0 || shifted >= -p.window_left) && (p.window_right < 0 || shifted <= p.window_right);
+}
+
+// The logit of (b, h, i, j) from the raw dot product, in the order of the CPU
+// backend: scale, softcap, mask, causal/window bounds. With softcap, *tanh_out
+// receives tanh(score / softcap) for the backward's derivative.
+template <typename Acc>
+FJ_DEVICE Acc logit(const KernelParams& p, Acc dot, int b, int h, long long i, long long j, Acc* tanh_out) {
+  Acc x = dot * static_cast<Acc>(p.scale);
+#if FJ_SOFTCAP
+  const Acc t = tanh_of(x / static_cast<Acc>(p.softcap));
+  *tanh_out = t;
+  x = static_cast<Acc>(p.softcap) * t;
+#endif
+#if FJ_MASK != 0
+  const FJ_MASK_TYPE* mask = static_cast<const FJ_MASK_TYPE*>(p.mask) + b * p.mask_stride[0] +
+                             h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
+#if FJ_MASK == 1
+  if (*mask == 0) x = negative_infinity<Acc>();
+#else
+  x += load_as<Acc>(mask);
+#endif
+#endif
+#if FJ_HAS_WINDOW
+  if (!visible(p, i, j)) x = negative_infinity<Acc>();
+#endif
+  return x;
+}
+
+// Dropout keep decision for (batch-head bh, query i, key j): the shared Philox rule.
+FJ_DEVICE bool dropout_keeps(const KernelParams& p, long long bh, long long i, long long j) {
+  return dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, bh, i, j);
+}
+
+// Linear block index -> (block, batch, head); heavy (late) causal blocks start first.
+FJ_DEVICE void block_coordinates(int num_blocks, int heads, int* block, int* b, int* h) {
+  const int linear = blockIdx.x;
+  const int batch_head = linear / num_blocks;
+  *block = num_blocks - 1 - (linear - batch_head * num_blocks);
+  *b = batch_head / heads;
+  *h = batch_head - *b * heads;
+}
+
+}  // namespace flashjit

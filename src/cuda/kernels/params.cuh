@@ -1,0 +1,52 @@
+// The parameters of every attention kernel: one struct, passed by value. The
+// host launcher and the NVRTC sources include this same file, so the layout
+// cannot drift. Plain types only: it compiles as host C++ and under NVRTC.
+#pragma once
+
+namespace flashjit {
+
+// A [batch, heads, seqlen, dim] operand: base pointer and element strides.
+// The last dim is contiguous; broadcast and size-1 dims have stride 0.
+struct KernelOperand {
+  void* data;
+  long long stride_batch;
+  long long stride_head;
+  long long stride_seq;
+};
+
+struct KernelParams {
+  KernelOperand q, k, v, o;              // forward inputs and output
+  KernelOperand dout, dq, dk, dv;        // backward only
+  KernelOperand lse;                     // [batch, heads_q, seqlen_q], accumulator type
+  void* delta;                           // backward scratch: rowsum(dO * O), contiguous [B, Hq, Sq]
+  const void* mask;                      // [b, h, i, j] with zero strides on broadcast dims
+  long long mask_stride[4];
+
+  int batch;
+  int heads_q;
+  int heads_kv;
+  int group_size;  // heads_q / heads_kv: query head h reads kv head h / group_size
+  int seqlen_q;
+  int seqlen_k;
+  int head_dim_qk;  // true sizes; the kernel pads to its compiled head dims
+  int head_dim_v;
+  int num_query_blocks;  // ceil(seqlen_q / block rows) for the launched kernel
+  int num_key_blocks;    // ceil(seqlen_k / block rows) for the dK/dV kernel
+
+  double scale;    // multiplies q.k
+  double softcap;  // > 0: score = softcap * tanh(score / softcap)
+
+  // Key j is visible from query i when
+  //   window_left < 0 || j >= i + diagonal_shift - window_left, and
+  //   window_right < 0 || j <= i + diagonal_shift + window_right.
+  long long window_left;
+  long long window_right;
+  long long diagonal_shift;
+
+  unsigned long long dropout_seed;
+  unsigned long long dropout_offset;
+  unsigned int dropout_threshold;  // drop when the Philox word is below this
+  double dropout_keep_scale;       // 1 / (1 - p)
+};
+
+}  // namespace flashjit

@@ -1,0 +1,237 @@
+// The CUDA backend without a GPU: NVRTC compiles representative kernels for
+// sm_80 and sm_90 (a broken template fails here), and the disk cache behaves:
+// compile -> disk -> reload, corrupt entry -> recompile, concurrent processes on
+// a cold key -> one compile. Needs NVRTC (FLASHJIT_NVRTC or the loader path);
+// without it the tests skip, unless FLASHJIT_REQUIRE_NVRTC=1 (as in CI).
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "flashjit/flashjit.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+
+bool have_nvrtc() {
+  int32_t major = 0, minor = 0;
+  return fj_cuda_nvrtc_version(&major, &minor) == FJ_SUCCESS;
+}
+
+#define REQUIRE_NVRTC()                                                                  \
+  do {                                                                                   \
+    if (!have_nvrtc()) {                                                                 \
+      const char* required = std::getenv("FLASHJIT_REQUIRE_NVRTC");                      \
+      if (required != nullptr && std::string(required) == "1") FAIL() << fj_last_error(); \
+      GTEST_SKIP() << fj_last_error();                                                   \
+    }                                                                                    \
+  } while (0)
+
+// A fresh cache directory per test, removed afterwards.
+class CudaCompile : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    directory_ = fs::temp_directory_path() / ("flashjit-cache-test-" + std::to_string(getpid()) + "-" +
+                                              ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(directory_);
+    setenv("FLASHJIT_CACHE_DIR", directory_.c_str(), 1);
+    ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
+  }
+  void TearDown() override {
+    fs::remove_all(directory_);
+    unsetenv("FLASHJIT_CACHE_DIR");
+  }
+
+  static fj_cuda_cache_stats stats() {
+    fj_cuda_cache_stats s{};
+    EXPECT_EQ(fj_cuda_get_cache_stats(&s), FJ_SUCCESS);
+    return s;
+  }
+
+  std::vector<fs::path> cubins() const {
+    std::vector<fs::path> found;
+    for (const auto& entry : fs::recursive_directory_iterator(directory_)) {
+      if (entry.path().extension() == ".cubin") found.push_back(entry.path());
+    }
+    return found;
+  }
+
+  fs::path directory_;
+};
+
+fj_kernel_config config(fj_dtype dtype, int head_dim, int arch) {
+  fj_kernel_config c = fj_kernel_config_default();
+  c.dtype = dtype;
+  c.head_dim_qk = head_dim;
+  c.head_dim_v = head_dim;
+  c.arch = arch;
+  return c;
+}
+
+// One list covering every template path: each dtype, forward and backward,
+// odd and large head dims, Dqk != Dv, every mask kind, window, dropout, softcap.
+std::vector<fj_kernel_config> representative_configs(int arch) {
+  std::vector<fj_kernel_config> configs;
+  for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16, FJ_FLOAT32, FJ_FLOAT64}) {
+    for (int backward : {0, 1}) {
+      fj_kernel_config plain = config(dtype, 128, arch);
+      plain.backward = backward;
+      configs.push_back(plain);
+      fj_kernel_config everything = config(dtype, 72, arch);
+      everything.head_dim_v = 40;
+      everything.backward = backward;
+      everything.mask = 2;
+      everything.mask_dtype = dtype;
+      everything.window = 1;
+      everything.dropout = 1;
+      everything.softcap = 1;
+      configs.push_back(everything);
+    }
+  }
+  for (int head_dim : {1, 256}) {
+    for (int backward : {0, 1}) {
+      fj_kernel_config c = config(FJ_BFLOAT16, head_dim, arch);
+      c.backward = backward;
+      c.mask = 1;
+      configs.push_back(c);
+    }
+  }
+  return configs;
+}
+
+TEST_F(CudaCompile, RepresentativeKernelsCompileForSm80AndSm90) {
+  REQUIRE_NVRTC();
+  for (int arch : {80, 90}) {
+    const std::vector<fj_kernel_config> configs = representative_configs(arch);
+    for (size_t i = 0; i < configs.size(); ++i) {
+      ASSERT_EQ(fj_cuda_precompile(&configs[i], 1), FJ_SUCCESS) << "sm_" << arch << " config " << i << ": "
+                                                                << fj_last_error();
+    }
+  }
+  EXPECT_GT(stats().compiles, 0);
+  // Each cubin sits beside its generated source and NVRTC log.
+  for (const fs::path& cubin : cubins()) {
+    fs::path stem = cubin;
+    stem.replace_extension("");
+    EXPECT_TRUE(fs::exists(stem.string() + ".cu")) << cubin;
+    EXPECT_TRUE(fs::exists(stem.string() + ".log")) << cubin;
+  }
+}
+
+TEST_F(CudaCompile, SecondRequestIsAMemoryHitThenADiskLoadAfterClearing) {
+  REQUIRE_NVRTC();
+  const fj_kernel_config c = config(FJ_BFLOAT16, 64, 90);
+  const fj_cuda_cache_stats start = stats();
+  ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
+  const fj_cuda_cache_stats compiled = stats();
+  EXPECT_EQ(compiled.compiles, start.compiles + 1);
+  EXPECT_GT(compiled.last_compile_seconds, 0.0);
+
+  ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS);
+  EXPECT_EQ(stats().compiles, compiled.compiles);
+  EXPECT_EQ(stats().memory_hits, compiled.memory_hits + 1);
+
+  ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
+  ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS);
+  EXPECT_EQ(stats().compiles, compiled.compiles);
+  EXPECT_EQ(stats().disk_loads, compiled.disk_loads + 1);
+}
+
+TEST_F(CudaCompile, CorruptOrTruncatedEntriesAreRecompiled) {
+  REQUIRE_NVRTC();
+  const fj_kernel_config c = config(FJ_FLOAT16, 64, 80);
+  ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
+  ASSERT_EQ(cubins().size(), 1u);
+  const fs::path cubin = cubins()[0];
+  const auto size = fs::file_size(cubin);
+
+  for (const char* damage : {"flip", "truncate"}) {
+    if (std::string(damage) == "flip") {
+      std::fstream file(cubin, std::ios::in | std::ios::out | std::ios::binary);
+      file.seekp(std::streamoff(size / 2));
+      file.put('\x5a');
+    } else {
+      fs::resize_file(cubin, size / 3);
+    }
+    const int64_t compiles = stats().compiles;
+    ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
+    ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << damage << ": " << fj_last_error();
+    EXPECT_EQ(stats().compiles, compiles + 1) << damage;
+    EXPECT_EQ(fs::file_size(cubin), size) << damage;
+  }
+}
+
+TEST_F(CudaCompile, ConcurrentProcessesCompileAColdKeyOnce) {
+  REQUIRE_NVRTC();
+  constexpr int kProcesses = 4;
+  int pipes[kProcesses][2];
+  pid_t children[kProcesses];
+  for (int i = 0; i < kProcesses; ++i) {
+    ASSERT_EQ(pipe(pipes[i]), 0);
+    children[i] = fork();
+    ASSERT_GE(children[i], 0);
+    if (children[i] == 0) {
+      const fj_kernel_config c = config(FJ_BFLOAT16, 96, 90);
+      const fj_status status = fj_cuda_precompile(&c, 1);
+      fj_cuda_cache_stats s{};
+      fj_cuda_get_cache_stats(&s);
+      const int64_t result = status == FJ_SUCCESS ? s.compiles : -1;
+      if (write(pipes[i][1], &result, sizeof result) != sizeof result) _exit(2);
+      _exit(0);
+    }
+  }
+  int64_t total_compiles = 0;
+  for (int i = 0; i < kProcesses; ++i) {
+    int64_t compiles = -1;
+    ASSERT_EQ(read(pipes[i][0], &compiles, sizeof compiles), ssize_t(sizeof compiles));
+    int status = 0;
+    waitpid(children[i], &status, 0);
+    ASSERT_GE(compiles, 0) << "process " << i << " failed";
+    total_compiles += compiles;
+  }
+  EXPECT_EQ(total_compiles, 1);
+  EXPECT_EQ(cubins().size(), 1u);
+}
+
+TEST_F(CudaCompile, BadConfigsNameTheField) {
+  fj_kernel_config c = config(FJ_BFLOAT16, 300, 90);
+  EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("configs[0].head_dim_qk"), std::string::npos) << fj_last_error();
+  c = config(FJ_INT32, 64, 90);
+  EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_TYPE);
+  c = config(FJ_BFLOAT16, 64, 75);
+  EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("arch"), std::string::npos) << fj_last_error();
+}
+
+TEST(CudaWithoutGpu, CallsSayNoGpuWasFound) {
+  if (fj_cuda_device_count() > 0) GTEST_SKIP() << "a GPU is present";
+  std::vector<float> data(2 * 8 * 16, 1.0f);
+  fj_tensor t{};
+  t.data = data.data();
+  t.dtype = FJ_FLOAT32;
+  t.device_type = FJ_DEVICE_CUDA;
+  t.ndim = 4;
+  const int64_t shape[4] = {1, 2, 8, 16}, strides[4] = {256, 128, 16, 1};
+  for (int d = 0; d < 4; ++d) t.shape[d] = shape[d], t.strides[d] = strides[d];
+  fj_tensor o = t, lse = t;
+  std::vector<float> o_data(data.size()), lse_data(16);
+  o.data = o_data.data();
+  lse.data = lse_data.data();
+  lse.ndim = 3;
+  lse.strides[0] = 16, lse.strides[1] = 8, lse.strides[2] = 1;
+  const fj_attention_options options = fj_attention_options_default();
+  EXPECT_EQ(fj_attention_forward(&t, &t, &t, &options, &o, &lse), FJ_ERROR_UNSUPPORTED);
+  const std::string message = fj_last_error();
+  EXPECT_TRUE(message.find("no NVIDIA driver found") != std::string::npos ||
+              message.find("no GPU found") != std::string::npos)
+      << message;
+}
+
+}  // namespace
