@@ -1,0 +1,167 @@
+"""GPU benchmark of flashjit against PyTorch SDPA's flash and cuDNN backends.
+
+bf16, B*N = 16k tokens, hidden 2048 (H = 2048 / D), D in {64, 128, 256},
+N in {2k, 8k}, causal and not: forward and backward TFLOP/s (DESIGN.md §5
+FLOP counts), CUDA-event timing, median of repeated runs after warm-up, fresh
+random inputs. Also the peak extra memory of forward+backward at B1 H16 N8192
+D128, and the kernel compile and disk-load times.
+
+    python bench/gpu_attention.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flashjit
+
+
+def flops(batch, heads, seqlen, head_dim, causal, backward):
+    forward = 4 * batch * heads * seqlen * seqlen * head_dim
+    if causal:
+        forward //= 2
+    return forward * (2.5 if backward else 1.0)
+
+
+def time_ms(fn, min_runs=5, max_runs=30, budget_ms=1500.0):
+    """Median of CUDA-event timings; the run count adapts to the cost of one call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    runs = int(min(max_runs, max(min_runs, budget_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(runs):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def implementations():
+    def flashjit_sdpa(q, k, v, causal):
+        return flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def torch_backend(backend):
+        def run(q, k, v, causal):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+
+    return {"flashjit": flashjit_sdpa, "torch-flash": torch_backend(SDPBackend.FLASH_ATTENTION),
+            "torch-cudnn": torch_backend(SDPBackend.CUDNN_ATTENTION)}
+
+
+def measure(impl, batch, heads, seqlen, head_dim, causal):
+    shape = (batch, heads, seqlen, head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    forward_ms = time_ms(lambda: impl(q, k, v, causal))
+    out = impl(q, k, v, causal)
+    backward_ms = time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
+    return forward_ms, backward_ms
+
+
+def peak_memory_mib(impl):
+    shape = (1, 16, 8192, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    impl(q, k, v, False).backward(grad)  # warm-up: compile, workspaces
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    impl(q, k, v, False).backward(grad)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def compile_times():
+    """Cold compile of one kernel in a fresh cache, then a load from that warm disk cache."""
+    code = ("import flashjit, json; from flashjit.cuda import KernelConfig as K; "
+            "flashjit.precompile([K(dtype='bfloat16', head_dim=128)]); "
+            "print(json.dumps(flashjit.cuda.cache_stats()))")
+    with tempfile.TemporaryDirectory() as directory:
+        env = dict(os.environ, FLASHJIT_CACHE_DIR=directory)
+        cold = eval(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
+        warm = eval(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
+    return cold["last_compile_seconds"], warm["last_disk_load_seconds"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="directory for the markdown record")
+    parser.add_argument("--quick", action="store_true", help="D=128, N=2k only")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    impls = implementations()
+    rows = []
+    head_dims = (128,) if args.quick else (64, 128, 256)
+    seqlens = (2048,) if args.quick else (2048, 8192)
+    for head_dim in head_dims:
+        for seqlen in seqlens:
+            for causal in (False, True):
+                batch, heads = 16384 // seqlen, 2048 // head_dim
+                row = {"D": head_dim, "N": seqlen, "causal": causal}
+                for name, impl in impls.items():
+                    try:
+                        forward_ms, backward_ms = measure(impl, batch, heads, seqlen, head_dim, causal)
+                    except RuntimeError as error:
+                        print(f"{name} D{head_dim} N{seqlen} causal={causal}: {error}", file=sys.stderr)
+                        row[name] = None
+                        continue
+                    row[name] = (flops(batch, heads, seqlen, head_dim, causal, False) / forward_ms / 1e9,
+                                 flops(batch, heads, seqlen, head_dim, causal, True) / backward_ms / 1e9)
+                rows.append(row)
+                print(row, flush=True)
+    memory = {name: peak_memory_mib(impl) for name, impl in impls.items()}
+    cold, warm = compile_times()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    names = list(impls)
+    lines = [f"# GPU attention benchmark: {torch.cuda.get_device_name()}", "",
+             f"- date: {datetime.date.today()}", f"- commit: {commit or 'unknown'}",
+             f"- command: `python bench/gpu_attention.py{' --quick' if args.quick else ''}`",
+             f"- torch {torch.__version__}, flashjit {flashjit.__version__}, NVRTC "
+             f"{'.'.join(map(str, flashjit.cuda.nvrtc_version()))}",
+             "- bf16, B*N = 16384, hidden 2048 (H = 2048 / D); TFLOP/s forward / backward, "
+             "CUDA events, median", "",
+             "| D | N | causal | " + " | ".join(f"{n} fwd | {n} bwd" for n in names) + " |",
+             "|---|---|---|" + "---|---|" * len(names)]
+    for row in rows:
+        cells = []
+        for name in names:
+            value = row[name]
+            cells += ["n/a", "n/a"] if value is None else [f"{value[0]:.0f}", f"{value[1]:.0f}"]
+        lines.append(f"| {row['D']} | {row['N']} | {row['causal']} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak extra memory of forward+backward, B1 H16 N8192 D128 bf16 (MiB): " +
+              ", ".join(f"{name} {value:.0f}" for name, value in memory.items()), "",
+              f"Kernel compile (cold, bf16 D128 forward): {cold:.2f} s; load from a warm disk cache: "
+              f"{warm * 1e3:.1f} ms"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"h100-attention-{datetime.date.today()}-{commit or 'unknown'}.md")
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

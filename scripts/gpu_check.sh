@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks, in one run: build, the full pytest suite on
+# CUDA, compute-sanitizer memcheck on small cases, and the benchmark table.
+# Logs go to $OUT (default /tmp/flashjit-gpu-check). Usage:
+#   bash scripts/gpu_check.sh [--quick-bench]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/flashjit-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
+status=0
+step() { echo; echo "==== $* ($(date +%T))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+step "build"
+python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+python3 -c "import flashjit; print(flashjit.__version__, flashjit.backends(), flashjit.cuda.device_info(), \
+flashjit.cuda.nvrtc_version())"
+
+step "pytest (FLASHJIT_TEST_DEVICE=cuda)"
+FLASHJIT_TEST_DEVICE=cuda python3 -m pytest tests/python -q -x --durations=5 2>&1 | tee "$OUT/pytest-cuda.log" | tail -30
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "compute-sanitizer memcheck"
+compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitizer_cases.py >"$OUT/memcheck.log" 2>&1 \
+  || status=1
+tail -8 "$OUT/memcheck.log"
+
+step "benchmark"
+bench_args=()
+[ "${1:-}" = "--quick-bench" ] && bench_args+=(--quick)
+python3 bench/gpu_attention.py --out "$OUT" "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log" | tail -25
+echo "gpu_check status: $status"
+exit $status
