@@ -25,7 +25,7 @@ struct LoadedDriver {
   std::string error;  // why the driver is unusable; empty when it is usable
 
   LoadedDriver() {
-    void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     if (library == nullptr) {
       error = "[cuda] no NVIDIA driver found (libcuda.so.1 could not be loaded): this machine has no usable GPU";
       return;
@@ -71,11 +71,11 @@ struct LoadedNvrtc {
     void* library = nullptr;
     std::string tried;
     if (const char* path = std::getenv("FLASHJIT_NVRTC"); path != nullptr && *path != '\0') {
-      library = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+      library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
       tried = path;
     } else {
       for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) {
-        library = dlopen(name, RTLD_NOW | RTLD_GLOBAL);
+        library = dlopen(name, RTLD_NOW | RTLD_LOCAL);
         tried += (tried.empty() ? "" : ", ") + std::string(name);
         if (library != nullptr) break;
       }
@@ -104,6 +104,8 @@ struct LoadedNvrtc {
   }
 
   // NVRTC opens libnvrtc-builtins.so.<major>.<minor> by name when it compiles.
+  // Both are opened RTLD_LOCAL: NVRTC carries its own C++ runtime, whose symbols
+  // must not interpose on the host's (seen crashing inside a torch process).
   // Where NVRTC came from a directory off the loader path (a Python wheel, an
   // explicit FLASHJIT_NVRTC), load the builtins from that same directory first.
   void preload_builtins() const {
@@ -116,7 +118,7 @@ struct LoadedNvrtc {
     std::string directory = info.dli_fname;
     const size_t slash = directory.rfind('/');
     directory = slash == std::string::npos ? "." : directory.substr(0, slash);
-    dlopen(str_cat(directory, "/libnvrtc-builtins.so.", major, ".", minor).c_str(), RTLD_NOW | RTLD_GLOBAL);
+    dlopen(str_cat(directory, "/libnvrtc-builtins.so.", major, ".", minor).c_str(), RTLD_NOW | RTLD_LOCAL);
   }
 };
 
