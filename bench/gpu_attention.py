@@ -132,7 +132,9 @@ def main():
     memory = {name: peak_memory_mib(impl) for name, impl in impls.items()}
     cold, warm = compile_times()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # FLASHJIT_COMMIT: the GPU machine may receive a working tree without its git history.
+    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     names = list(impls)
     lines = [f"# GPU attention benchmark: {torch.cuda.get_device_name()}", "",
              f"- date: {datetime.date.today()}", f"- commit: {commit or 'unknown'}",
