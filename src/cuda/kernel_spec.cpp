@@ -1,5 +1,7 @@
 #include "cuda/kernel_spec.hpp"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "core/dtype.hpp"
@@ -59,9 +61,9 @@ std::string KernelSpec::name() const {
   std::string mask_text = "none";
   if (mask == MaskKind::kBool) mask_text = "bool";
   if (mask == MaskKind::kAdditive) mask_text = str_cat("add-", dtype_name(mask_dtype));
-  return str_cat("simt-", entry_name(entry), "_", dtype_name(dtype), "_qk", head_dim_qk, "_v", head_dim_v,
+  return str_cat(family == KernelFamily::kMma ? "mma-" : "simt-", entry_name(entry), "_", dtype_name(dtype), "_qk", head_dim_qk, "_v", head_dim_v,
                  "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "", softcap ? "_softcap" : "",
-                 "_t", threads, "_n", block_n, "_sm", arch);
+                 aligned ? "_aligned" : "", "_t", threads, "_n", block_n, "_sm", arch);
 }
 
 const char* KernelSpec::function_name() const {
@@ -74,10 +76,13 @@ const char* KernelSpec::function_name() const {
 }
 
 int KernelSpec::block_rows() const {
-  return threads / kSimtLanes;
+  return family == KernelFamily::kMma ? threads / 32 * 16 : threads / kSimtLanes;
 }
 
 int KernelSpec::shared_memory_bytes() const {
+  if (family == KernelFamily::kMma) {
+    return 2 * ((block_rows() + block_n) * (head_dim_qk + 8) + block_n * (head_dim_v + 8));
+  }
   const int rows_bytes = block_n * (head_dim_qk + head_dim_v) * accumulator_size(dtype);
   return entry == KernelEntry::kBackwardDkDv ? rows_bytes + 2 * block_n * accumulator_size(dtype) : rows_bytes;
 }
@@ -100,8 +105,11 @@ std::string KernelSpec::source() const {
                              "#define FJ_MASK ", int(mask), "\n", "#define FJ_MASK_TYPE ",
                              mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
                              "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0,
-                             "\n", "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n");
-  for (const char* file : {"philox_core.h", "params.cuh", "common.cuh", "attention_simt.cuh"}) {
+                             "\n", "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0,
+                             "\n", "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ELEM_IS_BF16 ",
+                             dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
+  const char* kernel_file = family == KernelFamily::kMma ? "attention_mma.cuh" : "attention_simt.cuh";
+  for (const char* file : {"philox_core.h", "params.cuh", "common.cuh", kernel_file}) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
   }
   return text;
@@ -117,6 +125,12 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
   traits.window = p.window_left >= 0 || p.window_right >= 0;
   traits.dropout = p.has_dropout();
   traits.softcap = p.softcap > 0.0;
+  const auto row_aligned = [](const Operand& x) {
+    return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride_batch % 8 == 0 && x.stride_head % 8 == 0 &&
+           x.stride_seq % 8 == 0;
+  };
+  traits.aligned = row_aligned(p.q) && row_aligned(p.k) && row_aligned(p.v) && p.head_dim_qk % 8 == 0 &&
+                   p.head_dim_v % 8 == 0;
   traits.arch = arch;
   return traits;
 }
@@ -141,9 +155,23 @@ KernelSpec simt_spec(const KernelTraits& traits, KernelEntry entry) {
   return spec;
 }
 
+// Tensor cores for float16/bfloat16: 4 warps (64 query rows), 64 keys a step, 32
+// above head dim 128 so that the accumulators stay in registers.
+KernelSpec mma_forward_spec(const KernelTraits& traits) {
+  KernelSpec spec = simt_spec(traits, KernelEntry::kForward);
+  spec.family = KernelFamily::kMma;
+  spec.head_dim_qk = round_up(traits.head_dim_qk, 16);
+  spec.head_dim_v = round_up(traits.head_dim_v, 16);
+  spec.aligned = traits.aligned;
+  spec.threads = 128;
+  spec.block_n = std::max(spec.head_dim_qk, spec.head_dim_v) > 128 ? 32 : 64;
+  return spec;
+}
+
 }  // namespace
 
 KernelSpec forward_kernel(const KernelTraits& traits) {
+  if (traits.dtype == FJ_FLOAT16 || traits.dtype == FJ_BFLOAT16) return mma_forward_spec(traits);
   return simt_spec(traits, KernelEntry::kForward);
 }
 

@@ -13,8 +13,13 @@ namespace flashjit::cuda {
 
 enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv };
 
+// kSimt: scalar arithmetic in the accumulator type (attention_simt.cuh): float32,
+// float64, any alignment. kMma: tensor cores, float16/bfloat16 (attention_mma.cuh).
+enum class KernelFamily { kSimt, kMma };
+
 struct KernelSpec {
   KernelEntry entry = KernelEntry::kForward;
+  KernelFamily family = KernelFamily::kSimt;
   fj_dtype dtype = FJ_FLOAT32;
   int head_dim_qk = 0;  // padded sizes compiled in; the true sizes are parameters
   int head_dim_v = 0;
@@ -23,6 +28,7 @@ struct KernelSpec {
   bool window = false;  // causal or sliding-window bounds
   bool dropout = false;
   bool softcap = false;
+  bool aligned = false;  // 16-byte aligned rows: cp.async loads (kMma)
   int threads = 128;
   int block_n = 32;  // rows of the streamed operand per step
   int arch = 0;      // 90 for sm_90
@@ -46,6 +52,8 @@ struct KernelTraits {
   bool window = false;
   bool dropout = false;
   bool softcap = false;
+  // Every q/k/v row starts 16-byte aligned and head dims are multiples of 8.
+  bool aligned = true;
   int arch = 0;
 };
 

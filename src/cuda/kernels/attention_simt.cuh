@@ -83,7 +83,9 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(co
   const long long first_query = static_cast<long long>(block) * kRows;
   const long long i = first_query + threadIdx.x / kLanes;
   const bool row_valid = i < p.seqlen_q;
+#if FJ_DROPOUT
   const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+#endif
 
   acc_t q[kSliceQk];
   load_slice(q, operand_row<const elem_t>(p.q, b, h, row_valid ? i : 0), row_valid, p.head_dim_qk, lane);
