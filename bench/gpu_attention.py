@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -95,11 +96,14 @@ def compile_times():
     """Cold compile of one kernel in a fresh cache, then a load from that warm disk cache."""
     code = ("import flashjit, json; from flashjit.cuda import KernelConfig as K; "
             "flashjit.precompile([K(dtype='bfloat16', head_dim=128)]); "
-            "print(json.dumps(flashjit.cuda.cache_stats()))")
+            "stats = flashjit.cuda.cache_stats(); "
+            "assert stats['compiles'] + stats['disk_loads'] == 1, stats; "
+            "print(json.dumps(stats))")
     with tempfile.TemporaryDirectory() as directory:
         env = dict(os.environ, FLASHJIT_CACHE_DIR=directory)
-        cold = eval(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
-        warm = eval(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
+        cold = json.loads(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
+        warm = json.loads(subprocess.check_output([sys.executable, "-c", code], env=env, text=True))
+    assert cold["compiles"] == 1 and warm["disk_loads"] == 1, (cold, warm)
     return cold["last_compile_seconds"], warm["last_disk_load_seconds"]
 
 
