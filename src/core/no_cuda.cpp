@@ -8,8 +8,9 @@
 namespace {
 
 fj_status no_cuda() {
-  return flashjit::guarded(
-      [] { flashjit::throw_unsupported("[cuda] this build of flashjit has no CUDA backend (FLASHJIT_CUDA=OFF)"); });
+  return flashjit::guarded([] {
+    flashjit::throw_unsupported("[cuda] this build of flashjit has no CUDA backend (FLASHJIT_CUDA=OFF)");
+  });
 }
 
 }  // namespace
@@ -21,12 +22,26 @@ fj_kernel_config fj_kernel_config_default(void) {
   std::memset(&config, 0, sizeof config);
   return config;
 }
-fj_status fj_cuda_precompile(const fj_kernel_config*, int32_t) { return no_cuda(); }
-fj_status fj_cuda_get_cache_stats(fj_cuda_cache_stats*) { return no_cuda(); }
-fj_status fj_cuda_clear_memory_cache(void) { return no_cuda(); }
-fj_status fj_cuda_cache_dir(int32_t, char*, size_t) { return no_cuda(); }
-fj_status fj_cuda_nvrtc_version(int32_t*, int32_t*) { return no_cuda(); }
-int32_t fj_cuda_device_count(void) { return 0; }
-fj_status fj_cuda_device_info(int32_t, int32_t*, int32_t*, char*, size_t) { return no_cuda(); }
+fj_status fj_cuda_precompile(const fj_kernel_config*, int32_t) {
+  return no_cuda();
+}
+fj_status fj_cuda_get_cache_stats(fj_cuda_cache_stats*) {
+  return no_cuda();
+}
+fj_status fj_cuda_clear_memory_cache(void) {
+  return no_cuda();
+}
+fj_status fj_cuda_cache_dir(int32_t, char*, size_t) {
+  return no_cuda();
+}
+fj_status fj_cuda_nvrtc_version(int32_t*, int32_t*) {
+  return no_cuda();
+}
+int32_t fj_cuda_device_count(void) {
+  return 0;
+}
+fj_status fj_cuda_device_info(int32_t, int32_t*, int32_t*, char*, size_t) {
+  return no_cuda();
+}
 
 }  // extern "C"

@@ -22,7 +22,7 @@ struct Philox4x32 {
 };
 
 FJ_HOST_DEVICE Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                uint32_t k1) {
+                                        uint32_t k1) {
   constexpr uint32_t kMultiplier0 = 0xD2511F53u;
   constexpr uint32_t kMultiplier1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u;  // golden ratio
@@ -45,13 +45,13 @@ FJ_HOST_DEVICE Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, u
 // The four dropout words for keys [4 * key_quad, 4 * key_quad + 4) of one
 // (batch, head, query) row: counter = (key_quad, query, batch * heads + head, lo(offset)).
 FJ_HOST_DEVICE Philox4x32 dropout_words(uint64_t seed, uint64_t offset, int64_t batch_head, int64_t query,
-                                int64_t key_quad) {
+                                        int64_t key_quad) {
   return philox4x32_10(uint32_t(key_quad), uint32_t(query), uint32_t(batch_head), uint32_t(offset),
                        uint32_t(seed), uint32_t(seed >> 32) ^ uint32_t(offset >> 32));
 }
 
 FJ_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t offset, uint32_t threshold, int64_t batch_head,
-                         int64_t query, int64_t key) {
+                                 int64_t query, int64_t key) {
   return dropout_words(seed, offset, batch_head, query, key >> 2).word[key & 3] >= threshold;
 }
 

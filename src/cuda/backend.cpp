@@ -1,9 +1,10 @@
 // The CUDA backend: fills KernelParams from the problem, picks the kernels for
 // its traits, and launches them on the caller's stream. Nothing here
 // synchronises the device.
+#include "core/backend.hpp"
+
 #include <limits>
 
-#include "core/backend.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "cuda/driver.hpp"

@@ -15,7 +15,8 @@ using namespace flashjit;
 
 void copy_text(const std::string& text, char* buffer, size_t size, const char* what) {
   if (buffer == nullptr || size == 0) throw_value_error("[", what, "] buffer: expected a non-null buffer");
-  if (text.size() + 1 > size) throw_value_error("[", what, "] buffer: needs ", text.size() + 1, " bytes, got ", size);
+  if (text.size() + 1 > size)
+    throw_value_error("[", what, "] buffer: needs ", text.size() + 1, " bytes, got ", size);
   std::memcpy(buffer, text.c_str(), text.size() + 1);
 }
 
@@ -25,8 +26,10 @@ cuda::KernelTraits traits_of(const fj_kernel_config& config, int index) {
       config.dtype != FJ_FLOAT64) {
     throw_type_error("[precompile] ", name("dtype"), ": expected float32, float16, bfloat16 or float64");
   }
-  for (auto [field, value] : {std::pair{"head_dim_qk", config.head_dim_qk}, {"head_dim_v", config.head_dim_v}}) {
-    if (value < 1 || value > 256) throw_value_error("[precompile] ", name(field), ": expected 1..256, got ", value);
+  for (auto [field, value] :
+       {std::pair{"head_dim_qk", config.head_dim_qk}, {"head_dim_v", config.head_dim_v}}) {
+    if (value < 1 || value > 256)
+      throw_value_error("[precompile] ", name(field), ": expected 1..256, got ", value);
   }
   if (config.mask < 0 || config.mask > 2) {
     throw_value_error("[precompile] ", name("mask"), ": expected 0 (none), 1 (boolean) or 2 (additive), got ",
@@ -100,7 +103,8 @@ fj_status fj_cuda_clear_memory_cache(void) {
 
 fj_status fj_cuda_cache_dir(int32_t arch, char* buffer, size_t size) {
   return guarded([&] {
-    copy_text(arch == 0 ? cuda::cache_base_directory() : cuda::cache_directory(arch), buffer, size, "cache_dir");
+    copy_text(arch == 0 ? cuda::cache_base_directory() : cuda::cache_directory(arch), buffer, size,
+              "cache_dir");
   });
 }
 

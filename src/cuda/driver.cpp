@@ -27,7 +27,8 @@ struct LoadedDriver {
   LoadedDriver() {
     void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     if (library == nullptr) {
-      error = "[cuda] no NVIDIA driver found (libcuda.so.1 could not be loaded): this machine has no usable GPU";
+      error =
+          "[cuda] no NVIDIA driver found (libcuda.so.1 could not be loaded): this machine has no usable GPU";
       return;
     }
     try {
@@ -167,7 +168,8 @@ CUcontext activate_device(int device_index) {
       int count = 0;
       check(d.cuDeviceGetCount(&count), "cuDeviceGetCount");
       if (device_index < 0 || device_index >= count) {
-        throw_value_error("[cuda] device index ", device_index, " is out of range: ", count, " device(s) present");
+        throw_value_error("[cuda] device index ", device_index, " is out of range: ", count,
+                          " device(s) present");
       }
       CUdevice device = 0;
       check(d.cuDeviceGet(&device, device_index), "cuDeviceGet");
@@ -196,7 +198,8 @@ const DeviceInfo& device_info(int device_index) {
     auto next = std::make_unique<DeviceInfo>();
     check(d.cuDeviceGetAttribute(&major, kAttrComputeCapabilityMajor, device), "cuDeviceGetAttribute");
     check(d.cuDeviceGetAttribute(&minor, kAttrComputeCapabilityMinor, device), "cuDeviceGetAttribute");
-    check(d.cuDeviceGetAttribute(&next->multiprocessors, kAttrMultiprocessorCount, device), "cuDeviceGetAttribute");
+    check(d.cuDeviceGetAttribute(&next->multiprocessors, kAttrMultiprocessorCount, device),
+          "cuDeviceGetAttribute");
     check(d.cuDeviceGetAttribute(&next->max_shared_memory, kAttrMaxSharedMemoryPerBlockOptin, device),
           "cuDeviceGetAttribute");
     char name[256] = {};

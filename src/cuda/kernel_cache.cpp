@@ -51,8 +51,8 @@ void make_directories(const std::string& path) {
     if (part.empty()) continue;
     partial += part + "/";
     if (mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST) {
-      throw_unsupported("[cuda] cannot create the kernel cache directory ", partial, ": ", std::strerror(errno),
-                        " (set FLASHJIT_CACHE_DIR to a writable directory)");
+      throw_unsupported("[cuda] cannot create the kernel cache directory ", partial, ": ",
+                        std::strerror(errno), " (set FLASHJIT_CACHE_DIR to a writable directory)");
     }
   }
 }
@@ -100,7 +100,8 @@ std::shared_ptr<const std::string> read_entry(const std::string& path) {
 class FileLock {
  public:
   explicit FileLock(const std::string& path) : fd_(open((path + ".lock").c_str(), O_RDWR | O_CREAT, 0644)) {
-    if (fd_ < 0) throw_unsupported("[cuda] cannot open the lock file ", path, ".lock: ", std::strerror(errno));
+    if (fd_ < 0)
+      throw_unsupported("[cuda] cannot open the lock file ", path, ".lock: ", std::strerror(errno));
     while (flock(fd_, LOCK_EX) != 0) {
       if (errno != EINTR) throw_unsupported("[cuda] cannot lock ", path, ".lock: ", std::strerror(errno));
     }
@@ -126,7 +127,8 @@ Compiled compile(const KernelSpec& spec, const std::string& source) {
   nvrtcProgram program = nullptr;
   const std::string file_name = spec.name() + ".cu";
   if (int status = api.nvrtcCreateProgram(&program, source.c_str(), file_name.c_str(), 0, nullptr, nullptr)) {
-    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] nvrtcCreateProgram failed: ", api.nvrtcGetErrorString(status)));
+    throw Error(FJ_ERROR_INTERNAL,
+                str_cat("[cuda] nvrtcCreateProgram failed: ", api.nvrtcGetErrorString(status)));
   }
   const std::vector<std::string> options = spec.compile_options();
   std::vector<const char*> option_pointers;
@@ -267,7 +269,8 @@ CUfunction kernel_function(const KernelSpec& spec, int device_index, bool captur
   check(d.cuModuleLoadData(&module, cubin->data()), "cuModuleLoadData");
   CUfunction function = nullptr;
   check(d.cuModuleGetFunction(&function, module, spec.function_name()), "cuModuleGetFunction");
-  check(d.cuFuncSetAttribute(function, kFuncAttrMaxDynamicSharedSize, device_info(device_index).max_shared_memory),
+  check(d.cuFuncSetAttribute(function, kFuncAttrMaxDynamicSharedSize,
+                             device_info(device_index).max_shared_memory),
         "cuFuncSetAttribute");
   {
     std::lock_guard<std::mutex> lock(names_mutex);

@@ -19,9 +19,9 @@
 namespace flashjit::cuda {
 
 struct CacheStats {
-  int64_t compiles = 0;      // NVRTC runs in this process
-  int64_t disk_loads = 0;    // cubins read from the disk cache
-  int64_t memory_hits = 0;   // lookups answered from memory
+  int64_t compiles = 0;     // NVRTC runs in this process
+  int64_t disk_loads = 0;   // cubins read from the disk cache
+  int64_t memory_hits = 0;  // lookups answered from memory
   double last_compile_seconds = 0;
   double last_disk_load_seconds = 0;
 };

@@ -61,9 +61,10 @@ std::string KernelSpec::name() const {
   std::string mask_text = "none";
   if (mask == MaskKind::kBool) mask_text = "bool";
   if (mask == MaskKind::kAdditive) mask_text = str_cat("add-", dtype_name(mask_dtype));
-  return str_cat(family == KernelFamily::kMma ? "mma-" : "simt-", entry_name(entry), "_", dtype_name(dtype), "_qk", head_dim_qk, "_v", head_dim_v,
-                 "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "", softcap ? "_softcap" : "",
-                 aligned ? "_aligned" : "", "_t", threads, "_n", block_n, "_sm", arch);
+  return str_cat(family == KernelFamily::kMma ? "mma-" : "simt-", entry_name(entry), "_", dtype_name(dtype),
+                 "_qk", head_dim_qk, "_v", head_dim_v, "_mask-", mask_text, window ? "_window" : "",
+                 dropout ? "_dropout" : "", softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t",
+                 threads, "_n", block_n, "_sm", arch);
 }
 
 const char* KernelSpec::function_name() const {
@@ -84,7 +85,8 @@ int KernelSpec::shared_memory_bytes() const {
     return 2 * ((block_rows() + block_n) * (head_dim_qk + 8) + block_n * (head_dim_v + 8));
   }
   const int rows_bytes = block_n * (head_dim_qk + head_dim_v) * accumulator_size(dtype);
-  return entry == KernelEntry::kBackwardDkDv ? rows_bytes + 2 * block_n * accumulator_size(dtype) : rows_bytes;
+  return entry == KernelEntry::kBackwardDkDv ? rows_bytes + 2 * block_n * accumulator_size(dtype)
+                                             : rows_bytes;
 }
 
 std::vector<std::string> KernelSpec::compile_options() const {
@@ -92,22 +94,22 @@ std::vector<std::string> KernelSpec::compile_options() const {
 }
 
 std::string KernelSpec::source() const {
-  std::string text = str_cat("// flashjit kernel ", name(), "\n",
-                             "#ifdef __CUDACC_RTC__\n"
-                             "typedef unsigned int uint32_t;\n"
-                             "typedef unsigned long long uint64_t;\n"
-                             "typedef long long int64_t;\n"
-                             "#endif\n",
-                             "#define FJ_ENTRY ", int(entry), "\n", "#define FJ_ELEM ", device_type_name(dtype), "\n",
-                             "#define FJ_ACC ", dtype == FJ_FLOAT64 ? "double" : "float", "\n",
-                             "#define FJ_HEAD_DIM_QK ", head_dim_qk, "\n", "#define FJ_HEAD_DIM_V ", head_dim_v, "\n",
-                             "#define FJ_THREADS ", threads, "\n", "#define FJ_BLOCK_N ", block_n, "\n",
-                             "#define FJ_MASK ", int(mask), "\n", "#define FJ_MASK_TYPE ",
-                             mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
-                             "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0,
-                             "\n", "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0,
-                             "\n", "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ELEM_IS_BF16 ",
-                             dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
+  std::string text = str_cat(
+      "// flashjit kernel ", name(), "\n",
+      "#ifdef __CUDACC_RTC__\n"
+      "typedef unsigned int uint32_t;\n"
+      "typedef unsigned long long uint64_t;\n"
+      "typedef long long int64_t;\n"
+      "#endif\n",
+      "#define FJ_ENTRY ", int(entry), "\n", "#define FJ_ELEM ", device_type_name(dtype), "\n",
+      "#define FJ_ACC ", dtype == FJ_FLOAT64 ? "double" : "float", "\n", "#define FJ_HEAD_DIM_QK ",
+      head_dim_qk, "\n", "#define FJ_HEAD_DIM_V ", head_dim_v, "\n", "#define FJ_THREADS ", threads, "\n",
+      "#define FJ_BLOCK_N ", block_n, "\n", "#define FJ_MASK ", int(mask), "\n", "#define FJ_MASK_TYPE ",
+      mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
+      "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
+      "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
+      "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
+      "\n");
   const char* kernel_file = family == KernelFamily::kMma ? "attention_mma.cuh" : "attention_simt.cuh";
   for (const char* file : {"philox_core.h", "params.cuh", "common.cuh", kernel_file}) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
@@ -126,8 +128,8 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
   traits.dropout = p.has_dropout();
   traits.softcap = p.softcap > 0.0;
   const auto row_aligned = [](const Operand& x) {
-    return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride_batch % 8 == 0 && x.stride_head % 8 == 0 &&
-           x.stride_seq % 8 == 0;
+    return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride_batch % 8 == 0 &&
+           x.stride_head % 8 == 0 && x.stride_seq % 8 == 0;
   };
   traits.aligned = row_aligned(p.q) && row_aligned(p.k) && row_aligned(p.v) && p.head_dim_qk % 8 == 0 &&
                    p.head_dim_v % 8 == 0;

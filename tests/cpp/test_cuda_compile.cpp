@@ -24,21 +24,22 @@ bool have_nvrtc() {
   return fj_cuda_nvrtc_version(&major, &minor) == FJ_SUCCESS;
 }
 
-#define REQUIRE_NVRTC()                                                                  \
-  do {                                                                                   \
-    if (!have_nvrtc()) {                                                                 \
-      const char* required = std::getenv("FLASHJIT_REQUIRE_NVRTC");                      \
+#define REQUIRE_NVRTC()                                                                   \
+  do {                                                                                    \
+    if (!have_nvrtc()) {                                                                  \
+      const char* required = std::getenv("FLASHJIT_REQUIRE_NVRTC");                       \
       if (required != nullptr && std::string(required) == "1") FAIL() << fj_last_error(); \
-      GTEST_SKIP() << fj_last_error();                                                   \
-    }                                                                                    \
+      GTEST_SKIP() << fj_last_error();                                                    \
+    }                                                                                     \
   } while (0)
 
 // A fresh cache directory per test, removed afterwards.
 class CudaCompile : public ::testing::Test {
  protected:
   void SetUp() override {
-    directory_ = fs::temp_directory_path() / ("flashjit-cache-test-" + std::to_string(getpid()) + "-" +
-                                              ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    directory_ =
+        fs::temp_directory_path() / ("flashjit-cache-test-" + std::to_string(getpid()) + "-" +
+                                     ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(directory_);
     setenv("FLASHJIT_CACHE_DIR", directory_.c_str(), 1);
     ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
@@ -110,8 +111,8 @@ TEST_F(CudaCompile, RepresentativeKernelsCompileForSm80AndSm90) {
   for (int arch : {80, 90}) {
     const std::vector<fj_kernel_config> configs = representative_configs(arch);
     for (size_t i = 0; i < configs.size(); ++i) {
-      ASSERT_EQ(fj_cuda_precompile(&configs[i], 1), FJ_SUCCESS) << "sm_" << arch << " config " << i << ": "
-                                                                << fj_last_error();
+      ASSERT_EQ(fj_cuda_precompile(&configs[i], 1), FJ_SUCCESS)
+          << "sm_" << arch << " config " << i << ": " << fj_last_error();
     }
   }
   EXPECT_GT(stats().compiles, 0);
@@ -202,7 +203,8 @@ TEST_F(CudaCompile, ConcurrentProcessesCompileAColdKeyOnce) {
 TEST_F(CudaCompile, BadConfigsNameTheField) {
   fj_kernel_config c = config(FJ_BFLOAT16, 300, 90);
   EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_VALUE);
-  EXPECT_NE(std::string(fj_last_error()).find("configs[0].head_dim_qk"), std::string::npos) << fj_last_error();
+  EXPECT_NE(std::string(fj_last_error()).find("configs[0].head_dim_qk"), std::string::npos)
+      << fj_last_error();
   c = config(FJ_INT32, 64, 90);
   EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_TYPE);
   c = config(FJ_BFLOAT16, 64, 75);
