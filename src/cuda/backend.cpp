@@ -86,16 +86,17 @@ Launch prepare(const AttentionProblem& p) {
   return launch;
 }
 
-void run(const KernelSpec& spec, const Launch& launch, KernelParams& params, int64_t blocks) {
+void run(const KernelSpec& spec, CUfunction function, const Launch& launch, KernelParams& params,
+         int64_t blocks) {
   if (blocks == 0) return;
   if (blocks > std::numeric_limits<int>::max()) {
     throw_unsupported("[cuda] ", blocks, " thread blocks is more than one launch takes (2^31 - 1)");
   }
-  CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);
   void* arguments[] = {&params};
-  check(driver().cuLaunchKernel(function, unsigned(blocks), 1, 1, unsigned(spec.threads), 1, 1,
-                                unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr),
-        spec.name().c_str());
+  const CUresult status =
+      driver().cuLaunchKernel(function, unsigned(blocks), 1, 1, unsigned(spec.threads), 1, 1,
+                              unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr);
+  if (status != 0) check(status, spec.name().c_str());  // the name is built only on failure
 }
 
 int64_t ceil_div(int64_t a, int64_t b) {
@@ -107,7 +108,8 @@ void forward(const AttentionProblem& p) {
   KernelParams params = params_of(p);
   const KernelSpec spec = forward_kernel(traits_of(p, launch.arch));
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
-  run(spec, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
+  run(spec, kernel_function(spec, launch.device_index, launch.capturing), launch, params,
+      int64_t(params.num_query_blocks) * p.batch * p.heads_q);
 }
 
 // Device scratch from the stream-ordered allocator, freed in stream order.
@@ -135,16 +137,16 @@ void backward(const AttentionProblem& p) {
   const KernelSpec& dq_spec = specs[0];
   const KernelSpec& dkdv_spec = specs[1];
   // Compile (or load) both before enqueueing anything.
-  kernel_function(dq_spec, launch.device_index, launch.capturing);
-  kernel_function(dkdv_spec, launch.device_index, launch.capturing);
+  const CUfunction dq_function = kernel_function(dq_spec, launch.device_index, launch.capturing);
+  const CUfunction dkdv_function = kernel_function(dkdv_spec, launch.device_index, launch.capturing);
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
   StreamScratch delta(size_t(p.batch * p.heads_q * p.seqlen_q) * accumulator_bytes, launch.stream);
   params.delta = delta.get();
   params.num_query_blocks = int(ceil_div(p.seqlen_q, dq_spec.block_rows()));
   params.num_key_blocks = int(ceil_div(p.seqlen_k, dkdv_spec.block_rows()));
   // dQ also writes delta = rowsum(dO * O), which dK/dV reads: same stream, in order.
-  run(dq_spec, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
-  run(dkdv_spec, launch, params, int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
+  run(dq_spec, dq_function, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
+  run(dkdv_spec, dkdv_function, launch, params, int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
 }
 
 }  // namespace

@@ -159,7 +159,7 @@ Compiled compile(const KernelSpec& spec, const std::string& source) {
 struct Cache {
   std::mutex mutex;
   std::map<std::string, std::shared_ptr<const std::string>> binaries;  // key -> cubin
-  std::map<std::pair<std::string, int>, CUfunction> functions;         // (key, device) -> function
+  std::map<std::pair<std::string, int>, CUfunction> functions;         // (spec name, device) -> function
   CacheStats stats;
 };
 
@@ -245,24 +245,15 @@ std::shared_ptr<const std::string> kernel_binary(const KernelSpec& spec, bool ca
 }
 
 CUfunction kernel_function(const KernelSpec& spec, int device_index, bool capturing) {
+  // Within a process the name fixes the source (the embedded files are constant),
+  // so loaded functions are found by name without regenerating and hashing it.
   Cache& c = cache();
-  // The key depends on the source: computing it is cheap next to a launch's
-  // validation only once per spec, so remember spec names -> keys.
-  static std::mutex names_mutex;
-  static std::map<std::string, std::string> keys_by_name;
-  const std::string name = spec.name();
-  std::string key;
+  std::pair<std::string, int> loaded_key{spec.name(), device_index};
   {
-    std::lock_guard<std::mutex> lock(names_mutex);
-    auto found = keys_by_name.find(name);
-    if (found != keys_by_name.end()) key = found->second;
-  }
-  if (!key.empty()) {
     std::lock_guard<std::mutex> lock(c.mutex);
-    auto found = c.functions.find({key, device_index});
+    auto found = c.functions.find(loaded_key);
     if (found != c.functions.end()) return found->second;
   }
-  key = keyed(spec).key;
   std::shared_ptr<const std::string> cubin = kernel_binary(spec, capturing);
   const Driver& d = driver();
   CUmodule module = nullptr;
@@ -272,12 +263,8 @@ CUfunction kernel_function(const KernelSpec& spec, int device_index, bool captur
   check(d.cuFuncSetAttribute(function, kFuncAttrMaxDynamicSharedSize,
                              device_info(device_index).max_shared_memory),
         "cuFuncSetAttribute");
-  {
-    std::lock_guard<std::mutex> lock(names_mutex);
-    keys_by_name[name] = key;
-  }
   std::lock_guard<std::mutex> lock(c.mutex);
-  return c.functions.emplace(std::make_pair(key, device_index), function).first->second;
+  return c.functions.emplace(std::move(loaded_key), function).first->second;
 }
 
 CacheStats cache_stats() {
