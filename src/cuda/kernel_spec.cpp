@@ -82,7 +82,13 @@ int KernelSpec::block_rows() const {
 
 int KernelSpec::shared_memory_bytes() const {
   if (family == KernelFamily::kMma) {
-    return 2 * ((block_rows() + block_n) * (head_dim_qk + 8) + block_n * (head_dim_v + 8));
+    const int pitch_qk = head_dim_qk + 8;  // 16-bit elements; rows padded by 16 bytes
+    const int pitch_v = head_dim_v + 8;
+    if (entry == KernelEntry::kForward) return 2 * ((block_rows() + block_n) * pitch_qk + block_n * pitch_v);
+    // Backward: the block's own rows of two operands, two buffers of the streamed
+    // pair, and (dK/dV) two buffers of float LSE and delta.
+    const int tiles = 2 * (block_rows() + 2 * block_n) * (pitch_qk + pitch_v);
+    return entry == KernelEntry::kBackwardDkDv ? tiles + 2 * 2 * block_n * 4 : tiles;
   }
   const int rows_bytes = block_n * (head_dim_qk + head_dim_v) * accumulator_size(dtype);
   return entry == KernelEntry::kBackwardDkDv ? rows_bytes + 2 * block_n * accumulator_size(dtype)
@@ -110,8 +116,14 @@ std::string KernelSpec::source() const {
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
       "\n");
-  const char* kernel_file = family == KernelFamily::kMma ? "attention_mma.cuh" : "attention_simt.cuh";
-  for (const char* file : {"philox_core.h", "params.cuh", "common.cuh", kernel_file}) {
+  std::vector<const char*> files = {"philox_core.h", "params.cuh", "common.cuh"};
+  if (family == KernelFamily::kMma) {
+    files.push_back("mma_common.cuh");
+    files.push_back(entry == KernelEntry::kForward ? "attention_mma.cuh" : "attention_mma_bwd.cuh");
+  } else {
+    files.push_back("attention_simt.cuh");
+  }
+  for (const char* file : files) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
   }
   return text;
@@ -157,28 +169,42 @@ KernelSpec simt_spec(const KernelTraits& traits, KernelEntry entry) {
   return spec;
 }
 
-// Tensor cores for float16/bfloat16: 4 warps (64 query rows), 64 keys a step, 32
-// above head dim 128 so that the accumulators stay in registers.
-KernelSpec mma_forward_spec(const KernelTraits& traits) {
-  KernelSpec spec = simt_spec(traits, KernelEntry::kForward);
+bool uses_tensor_cores(const KernelTraits& traits) {
+  return traits.dtype == FJ_FLOAT16 || traits.dtype == FJ_BFLOAT16;
+}
+
+// Tensor cores for float16/bfloat16: 4 warps, 16 rows each (64 rows a block).
+// The streamed tile (block_n rows a step) shrinks with the head dim so that
+// the float accumulators and score tiles stay in registers.
+KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
+  KernelSpec spec = simt_spec(traits, entry);
   spec.family = KernelFamily::kMma;
   spec.head_dim_qk = round_up(traits.head_dim_qk, 16);
   spec.head_dim_v = round_up(traits.head_dim_v, 16);
   spec.aligned = traits.aligned;
   spec.threads = 128;
-  spec.block_n = std::max(spec.head_dim_qk, spec.head_dim_v) > 128 ? 32 : 64;
+  const int head_dim = std::max(spec.head_dim_qk, spec.head_dim_v);
+  spec.block_n = head_dim > 64 ? 32 : 64;
+  if (entry == KernelEntry::kForward) spec.block_n = head_dim > 128 ? 32 : 64;
   return spec;
 }
 
 }  // namespace
 
 KernelSpec forward_kernel(const KernelTraits& traits) {
-  if (traits.dtype == FJ_FLOAT16 || traits.dtype == FJ_BFLOAT16) return mma_forward_spec(traits);
+  if (uses_tensor_cores(traits)) return mma_spec(traits, KernelEntry::kForward);
   return simt_spec(traits, KernelEntry::kForward);
 }
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
-  return {simt_spec(traits, KernelEntry::kBackwardDq), simt_spec(traits, KernelEntry::kBackwardDkDv)};
+  if (!uses_tensor_cores(traits)) {
+    return {simt_spec(traits, KernelEntry::kBackwardDq), simt_spec(traits, KernelEntry::kBackwardDkDv)};
+  }
+  // dK and dV accumulators of 16 keys take 8 float registers a lane per 16 head
+  // dims each; above 128 they do not fit beside the score tiles.
+  const bool dkdv_fits = std::max(round_up(traits.head_dim_qk, 16), round_up(traits.head_dim_v, 16)) <= 128;
+  return {mma_spec(traits, KernelEntry::kBackwardDq),
+          dkdv_fits ? mma_spec(traits, KernelEntry::kBackwardDkDv) : simt_spec(traits, KernelEntry::kBackwardDkDv)};
 }
 
 }  // namespace flashjit::cuda

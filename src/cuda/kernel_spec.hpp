@@ -14,7 +14,7 @@ namespace flashjit::cuda {
 enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv };
 
 // kSimt: scalar arithmetic in the accumulator type (attention_simt.cuh): float32,
-// float64, any alignment. kMma: tensor cores, float16/bfloat16 (attention_mma.cuh).
+// float64, any alignment. kMma: tensor cores, float16/bfloat16 (mma_common.cuh, attention_mma.cuh, attention_mma_bwd.cuh).
 enum class KernelFamily { kSimt, kMma };
 
 struct KernelSpec {

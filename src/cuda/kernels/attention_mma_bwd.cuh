@@ -1,0 +1,326 @@
+// Backward attention on tensor cores for float16 and bfloat16 (mma_common.cuh),
+// split in two kernels so that every gradient has one writer and the sums run
+// in a fixed order: no atomics, bitwise deterministic.
+//
+//   dQ kernel (FJ_ENTRY 1): each warp owns 16 query rows; K and V stream through
+//     in double-buffered tiles of FJ_BLOCK_N keys. Per tile: S = Q K^T,
+//     dP = dO V^T, dS = P (dP - delta) scale, dQ += dS K. It also writes
+//     delta = rowsum(dO * O) for its rows, which the dK/dV kernel reads.
+//   dK/dV kernel (FJ_ENTRY 2): each warp owns 16 keys of one kv head; Q, dO,
+//     LSE and delta of every query head of the group stream through in
+//     double-buffered tiles of FJ_BLOCK_N queries. Per tile, transposed:
+//     S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
+//
+// P is rebuilt from the forward's LSE in the log2 domain; a row that sees no
+// key has LSE -inf and is given +inf here, so its P is exp2(-inf) = 0.
+//
+// Macros from the prelude: those of mma_common.cuh and FJ_ENTRY, FJ_MASK,
+// FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
+#pragma once
+
+namespace flashjit {
+namespace mma {
+
+// The forward's natural-log LSE in the log2 domain; +inf for rows that see no key.
+FJ_DEVICE float lse_log2(float lse) {
+  return lse == negative_infinity<float>() ? -negative_infinity<float>() : lse * kLog2e;
+}
+
+// dS of one element from its raw dot product, dP and the row's LSE (log2) and
+// delta; *prob_out receives P after dropout (the dV kernel's P^T dO operand).
+FJ_DEVICE float score_gradient(const KernelParams& p, float dot, float dprob, float lse2, float delta, int b,
+                               int h, long long i, long long j, float dropout_factor, float* prob_out) {
+  float tanh_value = 0.0f;
+  const float x = logit(p, dot, b, h, i, j, &tanh_value);
+  const float prob = exp2f(x * kLog2e - lse2);
+  *prob_out = prob * dropout_factor;
+  float dscore = prob * (dprob * dropout_factor - delta);
+#if FJ_SOFTCAP
+  dscore *= 1.0f - tanh_value * tanh_value;
+#endif
+  return dscore * static_cast<float>(p.scale);
+}
+
+// acc[16 x kN] += A B for a warp: A's 16 rows at `a_tile` (pitch kPitchA, kDepth
+// columns), B = X^T with X's kN rows at `x_tile` (pitch kPitchX).
+template <int kDepth, int kN, int kPitchA, int kPitchX>
+FJ_DEVICE void mma_rows_by_rows(float (&acc)[kN / 8][4], const elem_t* a_tile, const elem_t* x_tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    unsigned a[4];
+    ldmatrix_x4(a, a_address(a_tile, kPitchA, kk * 16, lane));
+#pragma unroll
+    for (int n = 0; n < kN / 8; n += 2) {
+      unsigned b[4];
+      ldmatrix_x4(b, bt_address(x_tile, kPitchX, n * 8, kk * 16, lane));
+      mma_16816(acc[n], a, b[0], b[1]);
+      mma_16816(acc[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x kN] += C X for a warp: C (16 x kDepth) in C fragments, X's kDepth rows at
+// `x_tile` (pitch kPitchX, kN columns).
+template <int kDepth, int kN, int kPitchX>
+FJ_DEVICE void mma_fragments_by_rows(float (&acc)[kN / 8][4], const float (&c)[kDepth / 8][4],
+                                     const elem_t* x_tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    unsigned a[4];
+    a_from_c(a, c[2 * kk], c[2 * kk + 1]);
+#pragma unroll
+    for (int n = 0; n < kN / 8; n += 2) {
+      unsigned b[4];
+      ldmatrix_x4_trans(b, b_address(x_tile, kPitchX, kk * 16, n * 8, lane));
+      mma_16816(acc[n], a, b[0], b[1]);
+      mma_16816(acc[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <int kN>
+FJ_DEVICE void zero(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
+// Rows rows[0], rows[1] of a [16 x kDim] accumulator into a gradient operand.
+template <int kDim>
+FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
+                          int dim, const float (&acc)[kDim / 8][4], int quad) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= row_end) continue;
+    elem_t* row = operand_row<elem_t>(out, b, h, rows[r]);
+#pragma unroll
+    for (int n = 0; n < kDim / 8; ++n) {
+      const int d = n * 8 + quad * 2;
+      if (d < dim) row[d] = from_float<elem_t>(acc[n][2 * r]);
+      if (d + 1 < dim) row[d + 1] = from_float<elem_t>(acc[n][2 * r + 1]);
+    }
+  }
+}
+
+#if FJ_ENTRY == 1
+extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(const KernelParams p) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]
+  elem_t* dout_tile = q_tile + kBlockM * kPitchQk;             // [kBlockM][kPitchV]
+  elem_t* k_tiles = dout_tile + kBlockM * kPitchV;             // 2 x [kBlockN][kPitchQk]
+  elem_t* v_tiles = k_tiles + 2 * kBlockN * kPitchQk;          // 2 x [kBlockN][kPitchV]
+
+  int block, b, h;
+  block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
+  const int kv_head = h / p.group_size;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4;
+  const int quad = lane % 4;
+  const long long first_query = static_cast<long long>(block) * kBlockM;
+  const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+  long long rows[2];
+  rows[0] = first_query + warp * 16 + group;
+  rows[1] = rows[0] + 8;
+
+  const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
+  const long long key_lo = key_begin(p, first_query);
+  const long long key_hi = key_end(p, last_query);
+  const elem_t* k_base = operand_row<const elem_t>(p.k, b, kv_head, 0);
+  const elem_t* v_base = operand_row<const elem_t>(p.v, b, kv_head, 0);
+  load_tile<kBlockM, kDimQk>(q_tile, operand_row<const elem_t>(p.q, b, h, 0), p.q.stride_seq, first_query,
+                             p.seqlen_q, p.head_dim_qk);
+  load_tile<kBlockM, kDimV>(dout_tile, operand_row<const elem_t>(p.dout, b, h, 0), p.dout.stride_seq, first_query,
+                            p.seqlen_q, p.head_dim_v);
+  const long long first_tile = key_lo / kBlockN * kBlockN;
+  if (first_tile < key_hi) {
+    load_tile<kBlockN, kDimQk>(k_tiles, k_base, p.k.stride_seq, first_tile, key_hi, p.head_dim_qk);
+    load_tile<kBlockN, kDimV>(v_tiles, v_base, p.v.stride_seq, first_tile, key_hi, p.head_dim_v);
+  }
+  cp_async_commit();
+
+  // delta = rowsum(dO * O) for the warp's 16 rows, two lanes a row, while the tiles load.
+  float delta[2], lse2[2];
+  {
+    const long long i = first_query + warp * 16 + lane / 2;
+    float partial = 0.0f;
+    if (i < p.seqlen_q) {
+      const elem_t* o_row = operand_row<const elem_t>(p.o, b, h, i);
+      const elem_t* dout_row = operand_row<const elem_t>(p.dout, b, h, i);
+      for (int d = lane % 2; d < p.head_dim_v; d += 2) partial += to_float(o_row[d]) * to_float(dout_row[d]);
+    }
+    partial += __shfl_xor_sync(0xffffffffu, partial, 1);
+    if (i < p.seqlen_q && lane % 2 == 0) static_cast<float*>(p.delta)[batch_head * p.seqlen_q + i] = partial;
+    delta[0] = __shfl_sync(0xffffffffu, partial, 2 * group);
+    delta[1] = __shfl_sync(0xffffffffu, partial, 2 * group + 16);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lse2[r] = rows[r] < p.seqlen_q ? lse_log2(*operand_row<const float>(p.lse, b, h, rows[r]))
+                                   : -negative_infinity<float>();
+  }
+
+  float dq[kDimQk / 8][4];
+  zero(dq);
+  const elem_t* q_warp = q_tile + warp * 16 * kPitchQk;
+  const elem_t* dout_warp = dout_tile + warp * 16 * kPitchV;
+  int buffer = 0;
+  for (long long tile_start = first_tile; tile_start < key_hi; tile_start += kBlockN, buffer ^= 1) {
+    const elem_t* k_tile = k_tiles + buffer * kBlockN * kPitchQk;
+    const elem_t* v_tile = v_tiles + buffer * kBlockN * kPitchV;
+    const long long next = tile_start + kBlockN;
+    if (next < key_hi) {
+      load_tile<kBlockN, kDimQk>(k_tiles + (buffer ^ 1) * kBlockN * kPitchQk, k_base, p.k.stride_seq, next, key_hi,
+                                 p.head_dim_qk);
+      load_tile<kBlockN, kDimV>(v_tiles + (buffer ^ 1) * kBlockN * kPitchV, v_base, p.v.stride_seq, next, key_hi,
+                                p.head_dim_v);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // this tile (and Q, dO) in shared memory
+
+    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+    zero(s);
+    zero(dp);
+    mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(s, q_warp, k_tile, lane);
+    mma_rows_by_rows<kDimV, kBlockN, kPitchV, kPitchV>(dp, dout_warp, v_tile, lane);
+
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+      const long long key_pair = tile_start + n * 8 + quad * 2;
+      float factor[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+#if FJ_DROPOUT
+      dropout_factors(factor, p, batch_head, rows, key_pair);
+#endif
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const long long i = rows[e / 2];
+        const long long j = key_pair + (e % 2);
+        float dscore = 0.0f;
+        if (i < p.seqlen_q && j >= key_lo && j < key_hi) {
+          float unused_prob;
+          dscore = score_gradient(p, s[n][e], dp[n][e], lse2[e / 2], delta[e / 2], b, h, i, j, factor[e],
+                                  &unused_prob);
+        }
+        s[n][e] = dscore;
+      }
+    }
+    mma_fragments_by_rows<kBlockN, kDimQk, kPitchQk>(dq, s, k_tile, lane);
+    __syncthreads();  // every warp done with this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+  store_rows<kDimQk>(p.dq, b, h, rows, p.seqlen_q, p.head_dim_qk, dq, quad);
+}
+#endif  // FJ_ENTRY == 1
+
+#if FJ_ENTRY == 2
+extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkdv(const KernelParams p) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  elem_t* k_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]: the block's keys
+  elem_t* v_tile = k_tile + kBlockM * kPitchQk;                // [kBlockM][kPitchV]
+  elem_t* q_tiles = v_tile + kBlockM * kPitchV;                // 2 x [kBlockN][kPitchQk]
+  elem_t* dout_tiles = q_tiles + 2 * kBlockN * kPitchQk;       // 2 x [kBlockN][kPitchV]
+  float* lse_tiles = reinterpret_cast<float*>(dout_tiles + 2 * kBlockN * kPitchV);  // 2 x [kBlockN], log2
+  float* delta_tiles = lse_tiles + 2 * kBlockN;                                       // 2 x [kBlockN]
+
+  int block, b, kv_head;
+  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4;
+  const int quad = lane % 4;
+  const long long first_key = static_cast<long long>(block) * kBlockM;
+  long long keys[2];
+  keys[0] = first_key + warp * 16 + group;
+  keys[1] = keys[0] + 8;
+
+  const long long last_key = min(first_key + kBlockM, static_cast<long long>(p.seqlen_k)) - 1;
+  const long long query_lo = query_begin(p, first_key);
+  const long long query_hi = query_end(p, last_key);
+  load_tile<kBlockM, kDimQk>(k_tile, operand_row<const elem_t>(p.k, b, kv_head, 0), p.k.stride_seq, first_key,
+                             p.seqlen_k, p.head_dim_qk);
+  load_tile<kBlockM, kDimV>(v_tile, operand_row<const elem_t>(p.v, b, kv_head, 0), p.v.stride_seq, first_key,
+                            p.seqlen_k, p.head_dim_v);
+
+  // The query tiles of every head of the group, one sequence: tile t is head
+  // member t / tiles_per_head, queries first_tile + (t % tiles_per_head) * kBlockN.
+  const long long first_tile = query_lo / kBlockN * kBlockN;
+  const int tiles_per_head = query_hi > first_tile ? static_cast<int>((query_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
+  const int tiles = tiles_per_head * p.group_size;
+  const auto load_queries = [&](int t, int into) {
+    const int h = kv_head * p.group_size + t / tiles_per_head;
+    const long long start = first_tile + static_cast<long long>(t % tiles_per_head) * kBlockN;
+    load_tile<kBlockN, kDimQk>(q_tiles + into * kBlockN * kPitchQk, operand_row<const elem_t>(p.q, b, h, 0),
+                               p.q.stride_seq, start, query_hi, p.head_dim_qk);
+    load_tile<kBlockN, kDimV>(dout_tiles + into * kBlockN * kPitchV, operand_row<const elem_t>(p.dout, b, h, 0),
+                              p.dout.stride_seq, start, query_hi, p.head_dim_v);
+    const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+    for (int r = threadIdx.x; r < kBlockN; r += kThreads) {
+      const long long i = start + r;
+      const bool valid = i >= query_lo && i < query_hi;
+      lse_tiles[into * kBlockN + r] =
+          valid ? lse_log2(*operand_row<const float>(p.lse, b, h, i)) : -negative_infinity<float>();
+      delta_tiles[into * kBlockN + r] = valid ? static_cast<const float*>(p.delta)[batch_head * p.seqlen_q + i] : 0.0f;
+    }
+  };
+  if (tiles > 0) load_queries(0, 0);
+  cp_async_commit();
+
+  float dk[kDimQk / 8][4], dv[kDimV / 8][4];
+  zero(dk);
+  zero(dv);
+  const elem_t* k_warp = k_tile + warp * 16 * kPitchQk;
+  const elem_t* v_warp = v_tile + warp * 16 * kPitchV;
+  int buffer = 0;
+  for (int t = 0; t < tiles; ++t, buffer ^= 1) {
+    if (t + 1 < tiles) load_queries(t + 1, buffer ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // this tile (and K, V) in shared memory
+    const elem_t* q_tile = q_tiles + buffer * kBlockN * kPitchQk;
+    const elem_t* dout_tile = dout_tiles + buffer * kBlockN * kPitchV;
+    const float* lse_tile = lse_tiles + buffer * kBlockN;
+    const float* delta_tile = delta_tiles + buffer * kBlockN;
+    const int h = kv_head * p.group_size + t / tiles_per_head;
+    const long long start = first_tile + static_cast<long long>(t % tiles_per_head) * kBlockN;
+#if FJ_DROPOUT
+    const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+#endif
+
+    float st[kBlockN / 8][4], dpt[kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
+    zero(st);
+    zero(dpt);
+    mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(st, k_warp, q_tile, lane);
+    mma_rows_by_rows<kDimV, kBlockN, kPitchV, kPitchV>(dpt, v_warp, dout_tile, lane);
+
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int column = n * 8 + quad * 2 + (e % 2);
+        const long long i = start + column;
+        const long long j = keys[e / 2];
+        float prob = 0.0f, dscore = 0.0f;
+        if (j < p.seqlen_k && i >= query_lo && i < query_hi) {
+          float factor = 1.0f;
+#if FJ_DROPOUT
+          factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
+#endif
+          dscore = score_gradient(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], b, h, i, j, factor,
+                                  &prob);
+        }
+        st[n][e] = prob;
+        dpt[n][e] = dscore;
+      }
+    }
+    mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(dv, st, dout_tile, lane);
+    mma_fragments_by_rows<kBlockN, kDimQk, kPitchQk>(dk, dpt, q_tile, lane);
+    __syncthreads();  // every warp done with this buffer before it is refilled
+  }
+  cp_async_wait<0>();
+  store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
+  store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+}
+#endif  // FJ_ENTRY == 2
+
+}  // namespace mma
+}  // namespace flashjit

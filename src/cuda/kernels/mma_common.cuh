@@ -1,0 +1,151 @@
+// Tensor-core building blocks shared by the mma.sync kernels (forward and
+// backward) for float16 and bfloat16: cp.async tile loads into padded shared
+// memory, ldmatrix, mma.sync m16n8k16 with float32 accumulators, packing.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .row.col), g = lane / 4, t = lane % 4:
+//   A 16x16: a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
+//   B 16x8:  b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
+//   C 16x8:  c0 c1 (g, 2t..2t+1)  c2 c3 (g+8, 2t..2t+1)
+// The C fragments of two adjacent 8-column tiles are the A fragment of a
+// 16-deep step (see a_from_c), so P and dS never leave registers.
+//
+// Macros from the prelude: FJ_ELEM (half_t or bf16_t), FJ_ELEM_IS_BF16,
+// FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V, FJ_WARPS, FJ_BLOCK_N, FJ_ALIGNED.
+#pragma once
+
+namespace flashjit {
+namespace mma {
+
+typedef FJ_ELEM elem_t;
+
+constexpr int kWarps = FJ_WARPS;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockM = 16 * kWarps;
+constexpr int kBlockN = FJ_BLOCK_N;
+constexpr int kDimQk = FJ_HEAD_DIM_QK;
+constexpr int kDimV = FJ_HEAD_DIM_V;
+// Row pitch in elements: 16 bytes of padding make the 8 rows an ldmatrix reads
+// land in 8 different bank groups.
+constexpr int kPitchQk = kDimQk + 8;
+constexpr int kPitchV = kDimV + 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+FJ_DEVICE unsigned shared_address(const void* pointer) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
+}
+
+FJ_DEVICE void cp_async_16(void* shared, const void* global, int source_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(shared)), "l"(global),
+               "r"(source_bytes));
+}
+FJ_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+FJ_DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+FJ_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+FJ_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], const void* shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(shared)));
+}
+
+// C += A B for one m16n8k16 step.
+FJ_DEVICE void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+#if FJ_ELEM_IS_BF16
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two floats -> one register of two 16-bit values (lo = first).
+FJ_DEVICE unsigned pack2(float lo, float hi) {
+  unsigned result;
+#if FJ_ELEM_IS_BF16
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(result) : "f"(hi), "f"(lo));
+#else
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(result) : "f"(hi), "f"(lo));
+#endif
+  return result;
+}
+
+// Rows [first, first + kRows) of an operand into shared memory (pitch kDim + 8);
+// rows at or past row_end and columns past dim are zero.
+template <int kRows, int kDim>
+FJ_DEVICE void load_tile(elem_t* tile, const elem_t* base, long long stride_seq, long long first, long long row_end,
+                         int dim) {
+  constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
+  for (int index = threadIdx.x; index < kRows * kChunks; index += kThreads) {
+    const int r = index / kChunks;
+    const int c = index - r * kChunks;
+    const long long row = first + r;
+    elem_t* destination = tile + r * (kDim + 8) + c * 8;
+#if FJ_ALIGNED
+    // Aligned: pointers and strides are multiples of 8 elements, dim a multiple of 8.
+    const bool valid = row < row_end && c * 8 < dim;
+    cp_async_16(destination, valid ? base + row * stride_seq + c * 8 : base, valid ? 16 : 0);
+#else
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int d = c * 8 + e;
+      destination[e] = (row < row_end && d < dim) ? base[row * stride_seq + d] : elem_t{0};
+    }
+#endif
+  }
+}
+
+// The A fragment of a 16-deep step from the C fragments of two adjacent 8-column tiles.
+FJ_DEVICE void a_from_c(unsigned (&a)[4], const float (&left)[4], const float (&right)[4]) {
+  a[0] = pack2(left[0], left[1]);
+  a[1] = pack2(left[2], left[3]);
+  a[2] = pack2(right[0], right[1]);
+  a[3] = pack2(right[2], right[3]);
+}
+
+// ldmatrix addresses for a warp reading a 16-row tile at `tile` (pitch in elements):
+// the A fragment of rows 0..15, columns col..col+15.
+FJ_DEVICE const elem_t* a_address(const elem_t* tile, int pitch, int col, int lane) {
+  return tile + (lane % 16) * pitch + col + (lane / 16) * 8;
+}
+// Two B fragments (n tiles n0 and n0 + 8) of B = X^T where X rows are n: X[n0..n0+15][col..col+15].
+FJ_DEVICE const elem_t* bt_address(const elem_t* tile, int pitch, int n0, int col, int lane) {
+  return tile + (n0 + (lane / 16) * 8 + lane % 8) * pitch + col + ((lane / 8) % 2) * 8;
+}
+// Two B fragments of B = X where X rows are k: X[k0..k0+15][n0..n0+15], read with .trans.
+FJ_DEVICE const elem_t* b_address(const elem_t* tile, int pitch, int k0, int n0, int lane) {
+  return tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * pitch + n0 + (lane / 16) * 8;
+}
+
+#if FJ_DROPOUT
+// Dropout factors (0 or 1 / (1 - p)) of this thread's C-fragment elements of an
+// 8-column tile whose rows are queries rows[0], rows[1] and whose columns are
+// keys key_pair, key_pair + 1 (key_pair = tile start + 2 * (lane % 4)).
+FJ_DEVICE void dropout_factors(float (&factor)[4], const KernelParams& p, long long batch_head,
+                               const long long (&rows)[2], long long key_pair) {
+  const float keep_scale = static_cast<float>(p.dropout_keep_scale);
+  const int word = static_cast<int>(key_pair & 3);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const Philox4x32 words = dropout_words(p.dropout_seed, p.dropout_offset, batch_head, rows[r], key_pair >> 2);
+    factor[2 * r] = words.word[word] >= p.dropout_threshold ? keep_scale : 0.0f;
+    factor[2 * r + 1] = words.word[word + 1] >= p.dropout_threshold ? keep_scale : 0.0f;
+  }
+}
+#endif
+
+}  // namespace mma
+}  // namespace flashjit
