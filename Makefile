@@ -1,4 +1,5 @@
-# make demo: set up, build, and run the CPU demo (flashjit vs naive attention).
+# make demo: set up, build, and run a quick `flashjit bench` on the GPU if there is one, else the CPU
+#            (flashjit vs naive attention and PyTorch SDPA; tables, CSV, JSON and plots in build/demo).
 # make test: set up, build, and run every test (ctest, then pytest).
 PYTHON ?= python3
 BUILD_DIR ?= build/cpp
@@ -34,7 +35,8 @@ test-python: install
 	$(PYTHON) -m pytest tests/python -q
 
 demo: setup install
-	$(PYTHON) -m flashjit.demo
+	$(PYTHON) -m flashjit info
+	$(PYTHON) -m flashjit bench --quick --out build/demo
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.hpp' '*.h')

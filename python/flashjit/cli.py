@@ -1,27 +1,265 @@
-"""The flashjit command: `flashjit info` and `flashjit demo`."""
+"""The flashjit command: bench, info, precompile, cache clear, demo.
+
+    flashjit bench [--quick] [--out DIR] ...   compare with naive attention, PyTorch SDPA, FlexAttention
+    flashjit info [--json]                     version, backends, GPU, NVRTC, kernel cache
+    flashjit precompile [--arch 90] ...        compile the common CUDA kernels ahead of time
+    flashjit cache clear                       delete this version's on-disk kernel cache
+    flashjit demo ...                          the CPU forward+backward demo (python -m flashjit.demo)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
+import time
+
+_EPILOG = "Run `flashjit <command> --help` for a command's options."
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    from . import bench
+
+    parser = argparse.ArgumentParser(prog="flashjit", description="flashjit attention engine", epilog=_EPILOG)
+    commands = parser.add_subparsers(dest="command", metavar="{bench,info,precompile,cache,demo}")
+    commands.required = True
+    bench_parser = commands.add_parser("bench", help="benchmark against naive attention and PyTorch",
+                                       description=bench.__doc__.split("\n\n")[0])
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(subparser=bench_parser)
+    info = commands.add_parser("info", help="version, backends, GPU, NVRTC and kernel cache")
+    info.add_argument("--json", action="store_true", help="print a JSON object")
+    precompile = commands.add_parser("precompile", help="compile the common CUDA kernels ahead of time",
+                                     description="Compiles (or finds in the cache) the forward and backward "
+                                     "kernels of the usual bf16/fp16 training problems.")
+    precompile.add_argument("--arch", type=_arch, default=0,
+                            help="target such as 80, 90 or sm_90 (no GPU needed); default: the GPU's arch")
+    precompile.add_argument("--gpu", type=int, default=0, metavar="INDEX", help="device index (default 0)")
+    precompile.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16", "float64"],
+                            metavar="DTYPE", help="float32, float16, bfloat16 or float64 (default: bfloat16 float16)")
+    precompile.add_argument("--head-dims", nargs="+", type=_head_dim, metavar="D", help="default: 64 128")
+    precompile.add_argument("--quiet", action="store_true", help="no line per kernel")
+    cache = commands.add_parser("cache", help="the on-disk kernel cache")
+    cache.add_argument("action", choices=["clear", "info"], help="clear: delete this version's cache; "
+                       "info: where it is and how large")
+    commands.add_parser("demo", help="the CPU demo (options: flashjit demo --help)", add_help=False)
+    return parser
+
+
+def _arch(text: str) -> int:
+    digits = text.lower().removeprefix("sm_").removeprefix("sm").replace(".", "")
+    if not digits.isdigit() or int(digits) < 80:
+        raise argparse.ArgumentTypeError(f"expected a compute capability of at least 80 such as 80, 90 or sm_90, "
+                                         f"got {text!r}")
+    return int(digits)
+
+
+def _head_dim(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to 256, got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="flashjit", description="flashjit attention engine")
-    parser.add_argument("command", choices=["info", "demo"], help="info: version and backends; demo: CPU demo")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
+    if argv[:1] == ["demo"]:
         from . import demo
 
-        return demo.main(rest)
-    import os
+        return demo.main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.run(args, args.subparser, argv[1:])
+    if args.command == "info":
+        return info(as_json=args.json)
+    if args.command == "precompile":
+        return precompile(args.arch, args.gpu, args.dtypes, args.head_dims, not args.quiet)
+    return cache_info() if args.action == "info" else cache_clear()
+
+
+# ----------------------------------------------------------------------------- info
+
+def _directory_usage(path: str) -> tuple[int, int]:
+    """(files, bytes) under path."""
+    files = size = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                size += os.lstat(os.path.join(root, name)).st_size
+                files += 1
+            except OSError:
+                pass
+    return files, size
+
+
+def version_cache_dir() -> str:
+    """This version's cache directory, <base>/<version> (kernels sit in its sm_XX/ folders)."""
+    import flashjit
+
+    return os.path.dirname(flashjit.cuda.cache_dir(80))
+
+
+def _error_text(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def collect_info() -> dict:
+    import platform
 
     import flashjit
 
-    print(f"flashjit {flashjit.__version__}")
-    print(f"backends: {', '.join(flashjit.backends())}")
-    print(f"cpu threads: {os.environ.get('FLASHJIT_NUM_THREADS', os.cpu_count())}")
+    result = {
+        "flashjit": flashjit.__version__,
+        "package": os.path.dirname(flashjit.__file__),
+        "backends": flashjit.backends(),
+        "python": platform.python_version(),
+        "cpu_cores": os.cpu_count(),
+        "flashjit_threads": int(os.environ.get("FLASHJIT_NUM_THREADS", "0") or 0) or os.cpu_count(),
+    }
+    try:
+        import torch
+
+        result["torch"] = torch.__version__
+        result["torch_cuda"] = torch.version.cuda
+    except ImportError:
+        result["torch"] = None
+    gpus = []
+    try:
+        for index in range(flashjit.cuda.device_count()):
+            gpu = flashjit.cuda.device_info(index)
+            gpus.append({"index": index, "name": gpu["name"], "arch": f"sm_{gpu['arch']}",
+                         "multiprocessors": gpu["multiprocessors"]})
+        if not gpus:
+            flashjit.cuda.device_info(0)  # raises with the reason (no driver, no device)
+            result["gpu_note"] = "no CUDA device visible to the driver"
+    except Exception as error:  # noqa: BLE001 (reported, not raised: info works on any machine)
+        result["gpu_note"] = _error_text(error)
+    result["gpus"] = gpus
+    try:
+        result["nvrtc"] = ".".join(map(str, flashjit.cuda.nvrtc_version()))
+    except Exception as error:  # noqa: BLE001
+        result["nvrtc"] = None
+        result["nvrtc_note"] = _error_text(error)
+    result["nvrtc_path"] = os.environ.get("FLASHJIT_NVRTC") or None
+    try:
+        directory = version_cache_dir()
+        files, size = _directory_usage(directory)
+        result["cache"] = {"dir": directory, "files": files, "bytes": size,
+                           "archs": sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+                                           if name.startswith("sm_"))}
+    except Exception as error:  # noqa: BLE001
+        result["cache"] = {"dir": None, "note": _error_text(error)}
+    return result
+
+
+def info(as_json: bool = False) -> int:
+    result = collect_info()
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"flashjit {result['flashjit']} ({result['package']})")
+    print(f"backends: {', '.join(result['backends'])}")
+    print(f"cpu: {result['cpu_cores']} cores, flashjit threads {result['flashjit_threads']} "
+          f"(FLASHJIT_NUM_THREADS {'set' if os.environ.get('FLASHJIT_NUM_THREADS') else 'unset'})")
+    if result["torch"] is not None:
+        print(f"torch: {result['torch']}" + (f" (CUDA {result['torch_cuda']})" if result["torch_cuda"] else " (CPU)"))
+    else:
+        print("torch: not installed")
+    for gpu in result["gpus"]:
+        print(f"gpu {gpu['index']}: {gpu['name']}, {gpu['arch']}, {gpu['multiprocessors']} SMs")
+    if not result["gpus"]:
+        print(f"gpu: none ({result.get('gpu_note', '')})")
+    if result["nvrtc"]:
+        print(f"nvrtc: {result['nvrtc']}" + (f" ({result['nvrtc_path']})" if result["nvrtc_path"] else ""))
+    else:
+        print(f"nvrtc: not found ({result['nvrtc_note']})")
+    cache = result["cache"]
+    if cache.get("dir"):
+        archs = f", archs {', '.join(cache['archs'])}" if cache["archs"] else ""
+        print(f"kernel cache: {cache['dir']}: {cache['files']} files, {cache['bytes']} bytes{archs}")
+    else:
+        print(f"kernel cache: unavailable ({cache['note']})")
+    return 0
+
+
+# ----------------------------------------------------------------------------- precompile
+
+def _configs(dtypes: list[str] | None, head_dims: list[int] | None):
+    from .cuda import KernelConfig, common_configs
+
+    if dtypes is None and head_dims is None:
+        return common_configs()
+    configs = []
+    for dtype in dtypes or ["bfloat16", "float16"]:
+        for head_dim in head_dims or [64, 128]:
+            for window in (False, True):
+                for backward in (False, True):
+                    configs.append(KernelConfig(dtype=dtype, head_dim=head_dim, window=window, backward=backward))
+    return configs
+
+
+def _describe(config) -> str:
+    parts = [config.dtype, f"D{config.head_dim}", "backward" if config.backward else "forward"]
+    if config.window:
+        parts.append("causal/window")
+    return " ".join(parts)
+
+
+def precompile(arch: int, gpu: int, dtypes: list[str] | None, head_dims: list[int] | None, progress: bool) -> int:
+    import flashjit
+
+    configs = _configs(dtypes, head_dims)
+    target = f"sm_{arch}" if arch else f"GPU {gpu}'s arch"
+    start = time.monotonic()
+    before = flashjit.cuda.cache_stats()
+    for index, config in enumerate(configs):
+        stats = flashjit.cuda.cache_stats()
+        began = time.monotonic()
+        try:
+            flashjit.precompile([config], arch=arch, device=gpu)
+        except (NotImplementedError, RuntimeError, ValueError, TypeError) as error:
+            hint = "" if arch else "; pass --arch 80 or --arch 90 to compile for a target without a GPU"
+            print(f"flashjit precompile: {_error_text(error)}{hint}", file=sys.stderr)
+            return 1
+        after = flashjit.cuda.cache_stats()
+        how = ("compiled" if after["compiles"] > stats["compiles"] else
+               "loaded from disk" if after["disk_loads"] > stats["disk_loads"] else "already loaded")
+        if progress:
+            print(f"[{index + 1:>2}/{len(configs)}] {_describe(config):<34} {how} in "
+                  f"{time.monotonic() - began:.2f} s", file=sys.stderr, flush=True)
+    after = flashjit.cuda.cache_stats()
+    print(f"{len(configs)} kernel configs for {target} in {time.monotonic() - start:.1f} s: "
+          f"{after['compiles'] - before['compiles']} kernels compiled, "
+          f"{after['disk_loads'] - before['disk_loads']} loaded from disk; cache {version_cache_dir()}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- cache
+
+def cache_info() -> int:
+    directory = version_cache_dir()
+    files, size = _directory_usage(directory)
+    print(f"{directory}: {files} files, {size} bytes")
+    return 0
+
+
+def cache_clear() -> int:
+    """Deletes this version's cache directory (other versions' kernels stay)."""
+    directory = version_cache_dir()
+    if not os.path.isdir(directory):
+        print(f"nothing to remove: {directory} does not exist")
+        return 0
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        files, size = _directory_usage(path) if os.path.isdir(path) else (1, os.lstat(path).st_size)
+        print(f"removing {path}: {files} files, {size} bytes")
+    files, size = _directory_usage(directory)
+    shutil.rmtree(directory)
+    print(f"removed {directory}: {files} files, {size} bytes")
     return 0
 
 

@@ -1,0 +1,1195 @@
+"""`flashjit bench`: flashjit against naive attention, PyTorch SDPA's backends and FlexAttention.
+
+For every case (dtype, head dim, seqlen, causal; batch and heads from a token
+count and a hidden size) each implementation is timed for forward, backward and
+forward+backward, its peak memory over one forward+backward is measured, and its
+error against a float64 reference is taken on one small case.
+
+- Time: median of `--repeats` runs after warm-up; CUDA events on the GPU (one
+  synchronised run at a time), wall clock on the CPU. Inputs are fresh random
+  normals for every case and implementation; sets small enough to sit in cache
+  are rotated (several copies, used in turn). Forward runs as in training:
+  the inputs require grad. Backward is `torch.autograd.grad` of one retained
+  forward graph.
+- TFLOP/s (DESIGN.md §5): forward 4·B·H·Sq·Sk·D, halved for causal; backward
+  2.5× forward; forward+backward 3.5×.
+- Peak memory of one forward+backward, beyond what is allocated before it (the
+  inputs), after warm-up. CUDA: `torch.cuda.max_memory_allocated` after
+  `reset_peak_memory_stats`, plus the high-water mark of the driver's
+  stream-ordered pool, where flashjit takes its backward scratch (the sum is an
+  upper bound). CPU: the process's resident high-water mark (VmHWM) minus its
+  resident size just before, after resetting the high-water mark
+  (/proc/self/clear_refs) and returning freed heap to the system
+  (malloc_trim). Buffers an implementation keeps between calls (flashjit's
+  per-thread tiles, some hundred KiB) are part of the baseline.
+- Error: max |x - ref| over the output and over (dq, dk, dv), where ref is
+  naive attention in float64 on the same inputs, B1 H2 N256 for each head
+  dim, dtype and causal flag.
+
+    flashjit bench                       # quick CPU sweep, or the full GPU sweep
+    flashjit bench --quick --out results # smaller, with CSV, JSON, markdown and PNG plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+IMPLS = ("flashjit", "naive", "sdpa-math", "sdpa-efficient", "sdpa-flash", "sdpa-cudnn", "flex")
+DEFAULT_IMPLS = {"cpu": ("flashjit", "naive", "sdpa-math", "sdpa-flash"), "cuda": IMPLS}
+MODES = ("fwd", "bwd", "fwdbwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Implementations that hold the Sq x Sk score matrix (checked against free memory first).
+MATERIALISING = ("naive", "sdpa-math")
+COLUMNS = ("impl", "device", "dtype", "batch", "heads", "seqlen", "head_dim", "causal", "mode", "ms", "tflops",
+           "flashjit_speedup", "peak_mib", "err_out", "err_grad", "runs", "status", "reason")
+ERROR_CASE = {"batch": 1, "heads": 2, "seqlen": 256}
+
+# Sweeps sized to the device. CPU: a couple of minutes on two cores. GPU: the
+# training shapes of DESIGN.md §5 (B·N tokens, hidden = H·D), a few minutes on an H100.
+DEFAULTS = {
+    "cpu": dict(dtypes=["float32"], head_dims=[64], seqlens=[256, 512, 1024, 2048], tokens=2048, hidden=512,
+                modes=["fwd", "bwd", "fwdbwd"], repeats=5),
+    "cuda": dict(dtypes=["bfloat16"], head_dims=[64, 128, 256], seqlens=[512, 1024, 2048, 4096, 8192, 16384],
+                 tokens=16384, hidden=2048, modes=["fwd", "bwd"], repeats=20),
+}
+QUICK = {
+    "cpu": dict(seqlens=[256, 512, 1024], modes=["fwd", "bwd"], repeats=3),
+    "cuda": dict(head_dims=[128], seqlens=[1024, 4096]),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    dtype: str
+    batch: int
+    heads: int
+    seqlen: int
+    head_dim: int
+    causal: bool
+
+    def label(self) -> str:
+        return (f"{self.dtype} B{self.batch} H{self.heads} N{self.seqlen} D{self.head_dim}"
+                f"{' causal' if self.causal else ''}")
+
+
+@dataclass
+class Row:
+    impl: str
+    device: str
+    dtype: str
+    batch: int
+    heads: int
+    seqlen: int
+    head_dim: int
+    causal: bool
+    mode: str
+    ms: float = math.nan
+    tflops: float = math.nan
+    flashjit_speedup: float = math.nan
+    peak_mib: float = math.nan
+    err_out: float = math.nan
+    err_grad: float = math.nan
+    runs: int = 0
+    status: str = "ok"
+    reason: str = ""
+
+
+def flops(case: Case, mode: str) -> float:
+    """DESIGN.md §5: forward 4·B·H·Sq·Sk·D, halved for causal; backward 2.5×, both 3.5×."""
+    forward = 4.0 * case.batch * case.heads * case.seqlen * case.seqlen * case.head_dim
+    if case.causal:
+        forward /= 2
+    return forward * FLOP_FACTOR[mode]
+
+
+# ----------------------------------------------------------------------------- implementations
+
+class Unsupported(Exception):
+    """The implementation cannot run this case on this device."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _naive(causal: bool, seqlen: int, device: str):
+    import torch
+
+    mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).triu(1) if causal else None
+
+    def run(q, k, v):
+        s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        if mask is not None:
+            s = s.masked_fill(mask, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+    return run
+
+
+def _sdpa(backend_name: str, causal: bool):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name, None)
+    if backend is None:
+        raise Unsupported(f"torch {_torch_version()} has no SDPBackend.{backend_name}")
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+_compiled_flex = None
+
+
+def _flex(causal: bool, seqlen: int, device: str):
+    """FlexAttention under torch.compile with dynamic shapes: one compile per head dim and mask
+    kind instead of one per seqlen (a seqlen-specialised sweep would spend minutes compiling)."""
+    global _compiled_flex
+    import torch
+
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as error:
+        raise Unsupported(f"no FlexAttention in torch {_torch_version()}: {_first_line(error)}") from None
+    if _compiled_flex is None:
+        config = torch._dynamo.config
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(config, name):
+                    setattr(config, name, max(getattr(config, name), 64))
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, q_index, k_index: q_index >= k_index, None, None, seqlen, seqlen,
+                                       device=device)
+    compiled = _compiled_flex
+
+    def run(q, k, v):
+        return compiled(q, k, v, block_mask=block_mask)
+
+    return run
+
+
+def _flashjit(causal: bool):
+    import flashjit
+
+    def run(q, k, v):
+        return flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def build(impl: str, case: Case, device: str) -> Callable:
+    """A function (q, k, v) -> o for one implementation and case."""
+    if impl == "flashjit":
+        return _flashjit(case.causal)
+    if impl == "naive":
+        return _naive(case.causal, case.seqlen, device)
+    if impl == "flex":
+        return _flex(case.causal, case.seqlen, device)
+    backend = {"sdpa-math": "MATH", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
+               "sdpa-cudnn": "CUDNN_ATTENTION"}[impl]
+    return _sdpa(backend, case.causal)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+# ----------------------------------------------------------------------------- memory
+
+class _HostPeak:
+    """Peak extra resident memory of a block of work in this process (Linux)."""
+
+    def __init__(self):
+        self.reason = ""
+        try:
+            import ctypes
+
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            self._reset()
+            self._kib("VmHWM")
+        except (OSError, AttributeError, RuntimeError) as error:
+            self._trim = None
+            self.reason = f"CPU peak memory not measurable here ({_first_line(error)})"
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    @staticmethod
+    def _reset():
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current VmRSS
+
+    @staticmethod
+    def _kib(field: str) -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    def start(self):
+        self._trim(0)  # freed heap back to the system, so that reuse does not hide growth
+        self._reset()
+        self._base = self._kib("VmRSS")
+
+    def stop(self) -> float:
+        return (self._kib("VmHWM") - self._base) / 1024
+
+
+class _CudaPeak:
+    """torch's allocator peak plus the driver's stream-ordered pool peak (flashjit's scratch)."""
+
+    _USED_MEM_CURRENT, _USED_MEM_HIGH = 7, 8  # CUmemPool_attribute
+
+    def __init__(self, device_index: int):
+        import ctypes
+
+        import torch
+
+        self.reason = ""
+        self._pool = None
+        if torch.cuda.get_allocator_backend() != "native":
+            self.reason = "torch's allocator is not the native one; the pool peak is not added"
+            return
+        try:
+            driver = ctypes.CDLL("libcuda.so.1")
+            device, pool = ctypes.c_int(), ctypes.c_void_p()
+            if driver.cuDeviceGet(ctypes.byref(device), device_index) != 0:
+                raise OSError("cuDeviceGet failed")
+            if driver.cuDeviceGetMemPool(ctypes.byref(pool), device) != 0:
+                raise OSError("cuDeviceGetMemPool failed")
+            self._driver, self._handle = driver, pool
+            self._pool_attribute(self._USED_MEM_CURRENT)
+            self._pool = pool
+        except (OSError, AttributeError) as error:
+            self.reason = f"driver pool peak not read ({_first_line(error)})"
+
+    def _pool_attribute(self, attribute: int) -> int:
+        import ctypes
+
+        value = ctypes.c_uint64()
+        if self._driver.cuMemPoolGetAttribute(self._handle, attribute, ctypes.byref(value)) != 0:
+            raise OSError("cuMemPoolGetAttribute failed")
+        return value.value
+
+    def start(self):
+        import ctypes
+
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._base = torch.cuda.memory_allocated()
+        if self._pool is not None:
+            zero = ctypes.c_uint64(0)
+            self._driver.cuMemPoolSetAttribute(self._handle, self._USED_MEM_HIGH, ctypes.byref(zero))
+            self._pool_base = self._pool_attribute(self._USED_MEM_CURRENT)
+
+    def stop(self) -> float:
+        import torch
+
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - self._base
+        if self._pool is not None:
+            extra += max(0, self._pool_attribute(self._USED_MEM_HIGH) - self._pool_base)
+        return extra / 2**20
+
+
+def _available_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _element_size(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[dtype]
+
+
+def _materialised_bytes(impl: str, case: Case) -> int:
+    """Rough peak of an implementation that holds the score matrix: about four Sq x Sk
+    tensors live in forward+backward (scores, probabilities, their gradients);
+    SDPA's math backend computes them in float32 for half inputs."""
+    scores = case.batch * case.heads * case.seqlen * case.seqlen
+    element = max(4, _element_size(case.dtype)) if impl == "sdpa-math" else _element_size(case.dtype)
+    return 4 * scores * element
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _time_ms(run: Callable[[int], object], runs: int, cuda: bool) -> list[float]:
+    """Times run(i) for i in range(runs), each call on its own."""
+    import torch
+
+    times = []
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        for index in range(runs):
+            start.record()
+            run(index)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for index in range(runs):
+            begin = time.perf_counter()
+            run(index)
+            times.append(1e3 * (time.perf_counter() - begin))
+    return times
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, a line per tenth otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=None):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self._last_tenth = -1
+
+    def update(self, label: str):
+        """Shows `label` as the item now running."""
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.start
+        clock = f"{int(elapsed // 60)}:{int(elapsed % 60):02d}"
+        if self.tty:
+            filled = 30 * self.done // self.total
+            line = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {clock} {label}"
+            self.stream.write("\r" + line[:150].ljust(150))
+            self.stream.flush()
+        elif 10 * self.done // self.total > self._last_tenth:
+            self._last_tenth = 10 * self.done // self.total
+            print(f"bench: {self.done}/{self.total} done after {clock}; now {label}", file=self.stream, flush=True)
+
+    def advance(self):
+        self.done += 1
+
+    def close(self):
+        if self.enabled and self.tty:
+            self.stream.write("\r" + " " * 150 + "\r")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+@dataclass
+class Config:
+    device: str
+    dtypes: list
+    head_dims: list
+    seqlens: list
+    causal: list
+    impls: list
+    modes: list
+    repeats: int
+    batch: int | None = None
+    tokens: int | None = None
+    heads: int | None = None
+    hidden: int | None = None
+    seed: int = 0
+    notes: list = field(default_factory=list)
+
+    def cases(self) -> list[Case]:
+        cases = []
+        for dtype in self.dtypes:
+            for head_dim in self.head_dims:
+                heads = self.heads if self.heads is not None else self.hidden // head_dim
+                for causal in self.causal:
+                    for seqlen in self.seqlens:
+                        batch = self.batch if self.batch is not None else max(1, self.tokens // seqlen)
+                        cases.append(Case(dtype, batch, heads, seqlen, head_dim, causal))
+        return cases
+
+
+def _inputs(case: Case, device: str, sets: int):
+    import torch
+
+    dtype = getattr(torch, case.dtype)
+    shape = (case.batch, case.heads, case.seqlen, case.head_dim)
+    return [(*(torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)),
+             torch.randn(shape, device=device, dtype=dtype)) for _ in range(sets)]
+
+
+def _input_sets(case: Case, device: str, impl: str) -> int:
+    """How many input sets to rotate through so that timings do not run from cache."""
+    import torch
+
+    set_bytes = 4 * case.batch * case.heads * case.seqlen * case.head_dim * _element_size(case.dtype)
+    if device == "cuda":
+        cache = 2 * getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+    else:
+        cache = 64 * 2**20
+    if set_bytes >= cache:
+        return 1
+    sets = min(4, math.ceil(cache / set_bytes))
+    if impl in MATERIALISING and sets * _materialised_bytes(impl, case) > _available_bytes(device) // 2:
+        return 1
+    return sets
+
+
+@dataclass
+class _Probe:
+    """What the small error case showed: forward and backward support, and errors."""
+
+    forward: str = ""  # "" = runs, else why not
+    backward: str = ""
+    forward_status: str = "ok"  # unsupported or error when forward is set
+    backward_status: str = "ok"
+    err_out: float = math.nan
+    err_grad: float = math.nan
+
+
+def _classify(error: BaseException) -> tuple[str, str]:
+    """(status, reason) of an exception raised by an implementation."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return "skipped", "out of memory"
+    text = str(error)
+    if (isinstance(error, (Unsupported, NotImplementedError)) or "No available kernel" in text
+            or "No viable backend" in text):
+        return "unsupported", _first_line(error)
+    return "error", _first_line(error)
+
+
+def _warning_reason(caught: Iterable[warnings.WarningMessage]) -> str:
+    """SDPA explains why a forced backend refused in warnings; keep the first."""
+    for warning in caught:
+        text = str(warning.message).strip()
+        if text:
+            return text.splitlines()[0][:200]
+    return ""
+
+
+def probe(impl: str, case: Case, device: str) -> _Probe:
+    """Runs the small error case; its failures say what the implementation supports."""
+    import torch
+
+    small = Case(case.dtype, ERROR_CASE["batch"], ERROR_CASE["heads"], ERROR_CASE["seqlen"], case.head_dim,
+                 case.causal)
+    result = _Probe()
+    generator = torch.Generator().manual_seed(1234 + case.head_dim)
+    shape = (small.batch, small.heads, small.seqlen, small.head_dim)
+    exact = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4)]
+    leaves = [x.detach().requires_grad_() for x in exact[:3]]
+    reference = _naive(case.causal, small.seqlen, "cpu")(*leaves)
+    reference_grads = torch.autograd.grad(reference, leaves, exact[3])
+    dtype = getattr(torch, case.dtype)
+    q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in exact[:3])
+    dout = exact[3].to(device=device, dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = build(impl, small, device)(q, k, v)
+        except Exception as error:  # noqa: BLE001 (any failure makes the implementation unsupported)
+            status, reason = _classify(error)
+            if impl.startswith("sdpa-"):
+                reason = f"{reason}; {_warning_reason(caught)}".rstrip("; ")
+            elif impl == "flex" and status == "error":
+                status, reason = "unsupported", f"under torch.compile: {reason}"
+            result.forward = result.backward = reason
+            result.forward_status = result.backward_status = status
+            return result
+        result.err_out = (out.detach().double().cpu() - reference.detach()).abs().max().item()
+        try:
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+        except Exception as error:  # noqa: BLE001
+            status, reason = _classify(error)
+            if impl.startswith("sdpa-"):
+                reason = f"{reason}; {_warning_reason(caught)}".rstrip("; ")
+            elif impl == "flex" and status == "error":
+                status, reason = "unsupported", f"under torch.compile: {reason}"
+            result.backward = reason
+            result.backward_status = status
+            return result
+    result.err_grad = max((g.double().cpu() - r).abs().max().item() for g, r in zip(grads, reference_grads))
+    return result
+
+
+def _rows_for(impl: str, case: Case, config: Config, status: str = "ok", reason: str = "") -> dict[str, Row]:
+    return {mode: Row(impl, config.device, case.dtype, case.batch, case.heads, case.seqlen, case.head_dim, case.causal,
+                      mode, status=status, reason=reason) for mode in config.modes}
+
+
+def measure(impl: str, case: Case, config: Config, checked: _Probe, peak) -> list[Row]:
+    """Rows (one per mode) for one implementation and case."""
+    device, cuda = config.device, config.device == "cuda"
+    rows = _rows_for(impl, case, config)
+    for row in rows.values():
+        row.err_out, row.err_grad = checked.err_out, checked.err_grad
+    if checked.forward:
+        for row in rows.values():
+            row.status, row.reason = checked.forward_status, checked.forward
+        return list(rows.values())
+    if checked.backward:
+        for mode in ("bwd", "fwdbwd"):
+            if mode in rows:
+                rows[mode].status, rows[mode].reason = checked.backward_status, f"backward: {checked.backward}"
+    if impl in MATERIALISING:
+        needed, available = _materialised_bytes(impl, case), _available_bytes(device)
+        if needed > 0.9 * available:
+            reason = (f"would need about {needed / 2**30:.1f} GiB for the score matrices, "
+                      f"{available / 2**30:.1f} GiB available")
+            for row in rows.values():
+                row.status, row.reason = "skipped", reason
+            return list(rows.values())
+
+    sets = _input_sets(case, device, impl)
+    try:
+        run = build(impl, case, device)
+        inputs = _inputs(case, device, sets)
+        peak_mib = _warm_up(run, inputs[0], not checked.backward, peak)
+        for mode, row in rows.items():
+            if row.status != "ok":
+                continue
+            row.peak_mib = peak_mib
+            try:
+                times = _time_mode(run, inputs, mode, config.repeats, cuda)
+            except Exception as error:  # noqa: BLE001 (recorded in the row)
+                row.status, row.reason = _classify(error)
+            if row.status == "skipped":
+                _release(cuda)
+                continue
+            if row.status == "ok":
+                row.ms, row.runs = statistics.median(times), len(times)
+                row.tflops = flops(case, mode) / (row.ms * 1e-3) / 1e12
+    except Exception as error:  # noqa: BLE001 (recorded in the rows)
+        status, reason = _classify(error)
+        for row in rows.values():
+            if row.status == "ok":
+                row.status, row.reason = status, reason
+    inputs = None
+    _release(cuda)
+    return list(rows.values())
+
+
+def _warm_up(run: Callable, inputs: tuple, backward: bool, peak) -> float:
+    """One forward (+backward): compiles, workspaces, autograd's first backward. Then the
+    peak memory of one more forward+backward (NaN without a backward or a way to measure)."""
+    import torch
+
+    q, k, v, dout = inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run(q, k, v)
+        if not backward:
+            return math.nan
+        torch.autograd.grad(out, (q, k, v), dout)
+        del out
+        if peak is None:
+            return math.nan
+        peak.start()
+        torch.autograd.grad(run(q, k, v), (q, k, v), dout)
+        return peak.stop()
+
+
+def _time_mode(run: Callable, inputs: list, mode: str, repeats: int, cuda: bool) -> list[float]:
+    """Times of one mode; forward graphs for bwd are built (and freed) here."""
+    import torch
+
+    sets = len(inputs)
+    if mode == "fwd":
+        def call(index):
+            return run(*inputs[index % sets][:3])
+    elif mode == "bwd":
+        outputs = [run(*inputs[index][:3]) for index in range(sets)]
+
+        def call(index):
+            q, k, v, dout = inputs[index % sets]
+            return torch.autograd.grad(outputs[index % sets], (q, k, v), dout, retain_graph=True)
+    else:
+        def call(index):
+            q, k, v, dout = inputs[index % sets]
+            return torch.autograd.grad(run(q, k, v), (q, k, v), dout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call(0)
+        return _time_ms(call, repeats, cuda)
+
+
+def _release(cuda: bool):
+    import gc
+
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def add_speedups(rows: list[Row]):
+    """flashjit_speedup = the peer's time / flashjit's time on the same case and mode."""
+    def key(row):
+        return (row.device, row.dtype, row.batch, row.heads, row.seqlen, row.head_dim, row.causal, row.mode)
+
+    flashjit = {key(row): row.ms for row in rows if row.impl == "flashjit" and row.status == "ok"}
+    for row in rows:
+        base = flashjit.get(key(row))
+        if row.status == "ok" and base:
+            row.flashjit_speedup = row.ms / base
+
+
+def run_sweep(config: Config, progress: bool = True) -> list[Row]:
+    import torch
+
+    torch.manual_seed(config.seed)
+    cases = config.cases()
+    if config.device == "cuda":
+        peak = _CudaPeak(torch.cuda.current_device())
+    else:
+        peak = _HostPeak()
+    if peak.reason:
+        config.notes.append(peak.reason)
+    if isinstance(peak, _HostPeak) and not peak.available:
+        peak = None
+    probes: dict[tuple, _Probe] = {}
+    bar = Progress(len(cases) * len(config.impls), progress)
+    rows = []
+    for case in cases:
+        for impl in config.impls:
+            bar.update(f"{impl} {case.label()}")
+            key = (impl, case.dtype, case.head_dim, case.causal)
+            if key not in probes:
+                probes[key] = probe(impl, case, config.device)
+            rows += measure(impl, case, config, probes[key], peak)
+            bar.advance()
+    bar.close()
+    add_speedups(rows)
+    return rows
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> tuple[str, bool | None]:
+    """FLASHJIT_COMMIT, else the commit of the flashjit checkout in the working directory."""
+    commit = os.environ.get("FLASHJIT_COMMIT", "").strip()
+    if commit:
+        return commit, None
+
+    def git(*args):
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or not os.path.exists(os.path.join(top, "python", "flashjit", "bench.py")):
+            return "", None
+        return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "", None
+
+
+def metadata(config: Config, argv: list[str]) -> dict:
+    import torch
+
+    import flashjit
+
+    commit, dirty = _git_commit()
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["flashjit", "bench", *argv]),
+        "argv": sys.argv,
+        "flashjit": flashjit.__version__,
+        "commit": commit or "unknown",
+        "worktree_modified": dirty,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": config.device,
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "flashjit_threads": int(os.environ.get("FLASHJIT_NUM_THREADS", "0") or 0) or os.cpu_count(),
+        "config": {key: value for key, value in asdict(config).items() if key != "notes"},
+        "timing": ("CUDA events, one synchronised run at a time" if config.device == "cuda" else "wall clock")
+                  + f", median of {config.repeats} runs after warm-up",
+        "flops": "forward 4*B*H*N*N*D (halved for causal), backward 2.5x, fwdbwd 3.5x",
+        "error_case": ERROR_CASE,
+        "load_average_before": _load_average(),
+        "notes": config.notes,
+    }
+    if config.device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        meta.update(gpu=props.name, gpu_arch=f"sm_{props.major}{props.minor}",
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+        try:
+            meta["nvrtc"] = ".".join(map(str, flashjit.cuda.nvrtc_version()))
+        except Exception as error:  # noqa: BLE001
+            meta["nvrtc"] = _first_line(error)
+        if "flex" in config.impls:
+            meta["flex"] = "torch.compile(flex_attention, dynamic=True); causal through a block mask"
+    return meta
+
+
+def _load_average() -> float | None:
+    """The system's 1-minute load average: other work on the machine skews CPU timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def device_tag(meta: dict) -> str:
+    """'cpu', or a short GPU name ('h100') for file names."""
+    if meta["device"] != "cuda":
+        return "cpu"
+    import re
+
+    found = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", meta.get("gpu", ""))
+    return found.group(1).lower() if found else "cuda"
+
+
+# ----------------------------------------------------------------------------- output
+
+_SHORT = {"unsupported": "unsup", "skipped": "skip", "error": "ERROR"}
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    if value == 0:
+        return "0"
+    if abs(value) >= 10 ** digits:
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-3 else f"{value:.1e}"
+
+
+def _table(header: list[str], body: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        rule = "|" + "|".join("---:" if index else "---" for index in range(len(header))) + "|"
+        lines = ["| " + " | ".join(header) + " |", rule]
+        lines += ["| " + " | ".join(line) + " |" for line in body]
+        return "\n".join(lines)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *body)]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(header, widths))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in body]
+    return "\n".join(lines)
+
+
+def _grouped(rows: list[Row]):
+    """{(dtype, mode): {case key: {impl: row}}} in sweep order."""
+    groups: dict = {}
+    for row in rows:
+        case = (row.head_dim, row.seqlen, row.causal, row.batch, row.heads)
+        groups.setdefault((row.dtype, row.mode), {}).setdefault(case, {})[row.impl] = row
+    return groups
+
+
+def _cell(row: Row | None, value: Callable[[Row], str]) -> str:
+    if row is None:
+        return ""
+    if row.status != "ok":
+        return _SHORT.get(row.status, row.status)
+    return value(row)
+
+
+def _error_cell(row: Row | None) -> str:
+    if row is None:
+        return ""
+    if not math.isfinite(row.err_out):
+        return _SHORT.get(row.status, row.status)
+    return f"{_fmt(row.err_out, 2)} / {_fmt(row.err_grad, 2)}"
+
+
+def report(rows: list[Row], markdown: bool = False) -> str:
+    """Tables: time and TFLOP/s per mode, flashjit's speedup, peak memory, errors, then reasons."""
+    impls = list(dict.fromkeys(row.impl for row in rows))
+    peers = [impl for impl in impls if impl != "flashjit"]
+    shape_header = ["D", "N", "causal", "B", "H"]
+    parts = []
+    groups = _grouped(rows)
+    for (dtype, mode), cases in groups.items():
+        title = f"{mode}, {dtype}: ms / TFLOP/s"
+        body = [[str(d), str(n), "yes" if c else "no", str(b), str(h)]
+                + [_cell(by_impl.get(impl), lambda r: f"{_fmt(r.ms)} / {_fmt(r.tflops)}") for impl in impls]
+                for (d, n, c, b, h), by_impl in cases.items()]
+        parts.append((f"### {title}" if markdown else title) + "\n\n" + _table(shape_header + impls, body, markdown))
+        if "flashjit" in impls and peers:
+            title = f"{mode}, {dtype}: flashjit's speedup (peer time / flashjit time)"
+            body = [[str(d), str(n), "yes" if c else "no", str(b), str(h)]
+                    + [_cell(by_impl.get(impl), lambda r: f"{r.flashjit_speedup:.2f}x"
+                             if math.isfinite(r.flashjit_speedup) else "-") for impl in peers]
+                    for (d, n, c, b, h), by_impl in cases.items()]
+            parts.append((f"### {title}" if markdown else title) + "\n\n"
+                         + _table(shape_header + [f"vs {impl}" for impl in peers], body, markdown))
+    memory: dict = {}
+    errors: dict = {}
+    for row in rows:
+        case = (row.dtype, row.head_dim, row.seqlen, row.causal, row.batch, row.heads)
+        current = memory.setdefault(case, {}).get(row.impl)
+        if current is None or (row.status == "ok" and current.status != "ok"):
+            memory[case][row.impl] = row
+        errors.setdefault((row.dtype, row.head_dim, row.causal), {}).setdefault(row.impl, row)
+    title = "peak memory of forward+backward, MiB"
+    body = [[dtype, str(d), str(n), "yes" if c else "no", str(b), str(h)]
+            + [_cell(by_impl.get(impl), lambda r: _fmt(r.peak_mib)) for impl in impls]
+            for (dtype, d, n, c, b, h), by_impl in memory.items()]
+    parts.append((f"### {title}" if markdown else title) + "\n\n"
+                 + _table(["dtype"] + shape_header + impls, body, markdown))
+    title = (f"max abs error against float64 (B{ERROR_CASE['batch']} H{ERROR_CASE['heads']} "
+             f"N{ERROR_CASE['seqlen']}): output / gradients")
+    body = [[dtype, str(d), "yes" if c else "no"]
+            + [_error_cell(by_impl.get(impl)) for impl in impls]
+            for (dtype, d, c), by_impl in errors.items()]
+    parts.append((f"### {title}" if markdown else title) + "\n\n"
+                 + _table(["dtype", "D", "causal"] + impls, body, markdown))
+    reasons: dict = {}
+    for row in rows:
+        if row.status != "ok":
+            reasons.setdefault((row.impl, row.status, row.reason), []).append(row)
+    if reasons:
+        lines = [f"- {impl} {status} ({len(affected)} rows): {reason}" for (impl, status, reason), affected
+                 in reasons.items()]
+        parts.append(("### Not measured" if markdown else "not measured:") + "\n\n" + "\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_csv(rows: list[Row], path: str):
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            values = asdict(row)
+            writer.writerow([_csv_value(values[column]) for column in COLUMNS])
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return value
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(rows: list[Row], meta: dict, path: str):
+    with open(path, "w") as out:
+        json.dump({"metadata": meta, "columns": list(COLUMNS),
+                   "rows": [{key: _json_value(value) for key, value in asdict(row).items()} for row in rows]},
+                  out, indent=1)
+        out.write("\n")
+
+
+def markdown_record(rows: list[Row], meta: dict, plots: list[str]) -> str:
+    if meta["device"] == "cuda":
+        device = f"{meta['gpu']} ({meta['gpu_arch']}, {meta['gpu_memory_gib']} GiB), CUDA {meta['cuda']}, " \
+                 f"cuDNN {meta['cudnn']}, NVRTC {meta.get('nvrtc')}; host {meta['cpu']}"
+    else:
+        device = (f"{meta['cpu']}, {meta['cpu_cores']} cores (torch {meta['torch_threads']} threads, "
+                  f"flashjit {meta['flashjit_threads']})")
+    config = meta["config"]
+    sizes = (f"batch {config['batch']}" if config["batch"] is not None else f"B = {config['tokens']} tokens / N") + \
+        ", " + (f"heads {config['heads']}" if config["heads"] is not None else f"H = {config['hidden']} / D")
+    lines = [f"# flashjit bench: {meta['gpu'] if meta['device'] == 'cuda' else 'CPU'}", "",
+             f"- device: {device}",
+             f"- date: {meta['date']}",
+             f"- commit: {meta['commit']}" + (" (working tree modified)" if meta.get("worktree_modified") else ""),
+             f"- command: `{meta['command']}`",
+             f"- flashjit {meta['flashjit']}, torch {meta['torch']}, Python {meta['python']}",
+             f"- sizes: {sizes}; {meta['timing']}; TFLOP/s: {meta['flops']}",
+             f"- sweep time {meta['seconds']:.0f} s; system load average (1 min) before / after: "
+             f"{meta['load_average_before']} / {meta['load_average_after']}",
+             "- peak memory: extra memory of one forward+backward after warm-up "
+             + ("(torch allocator peak + driver pool peak)" if meta["device"] == "cuda"
+                else "(VmHWM - VmRSS, high-water mark reset, freed heap trimmed)"),
+             f"- error: max abs difference from float64 naive attention, B{ERROR_CASE['batch']} "
+             f"H{ERROR_CASE['heads']} N{ERROR_CASE['seqlen']} per dtype, head dim and causal flag"]
+    if meta.get("flex"):
+        lines.append(f"- FlexAttention: {meta['flex']}")
+    lines += [f"- note: {note}" for note in meta["notes"]]
+    lines += ["", report(rows, markdown=True).rstrip()]
+    if plots:
+        lines += ["", "### Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], out_dir: str, stem: str) -> list[str]:
+    """TFLOP/s against seqlen (one figure per dtype and mode, a subplot per head dim and causal
+    flag, a line per implementation) and peak memory against seqlen on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    impls = list(dict.fromkeys(row.impl for row in rows))
+    styles = {impl: dict(color=f"C{i}", marker="os^vDPX*"[i % 8]) for i, impl in enumerate(impls)}
+    ok = [row for row in rows if row.status == "ok"]
+    written = []
+
+    def grid(dtype, value, title, ylabel, log_y, name, select):
+        chosen = [row for row in ok if row.dtype == dtype and select(row) and math.isfinite(value(row))]
+        if not chosen:
+            return
+        head_dims = sorted({row.head_dim for row in chosen})
+        causals = sorted({row.causal for row in chosen})
+        fig, axes = plt.subplots(len(causals), len(head_dims), figsize=(3.3 * len(head_dims) + 0.4,
+                                 2.5 * len(causals) + 0.8), squeeze=False, sharex=True)
+        for i, causal in enumerate(causals):
+            for j, head_dim in enumerate(head_dims):
+                axis = axes[i][j]
+                for impl in impls:
+                    points = sorted({row.seqlen: value(row) for row in chosen
+                                     if row.impl == impl and row.causal == causal and row.head_dim == head_dim}.items())
+                    if points:
+                        axis.plot(*zip(*points), label=impl, markersize=4, linewidth=1.2, **styles[impl])
+                axis.set_xscale("log", base=2)
+                seqlens = sorted({row.seqlen for row in chosen})
+                axis.set_xticks(seqlens, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+                                          for n in seqlens])
+                axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+                if log_y:
+                    axis.set_yscale("log")
+                else:
+                    axis.set_ylim(bottom=0)
+                axis.set_title(f"D={head_dim}, {'causal' if causal else 'non-causal'}", fontsize=9)
+                axis.tick_params(labelsize=7)
+                axis.grid(True, alpha=0.3)
+                if i == len(causals) - 1:
+                    axis.set_xlabel("seqlen", fontsize=8)
+                if j == 0:
+                    axis.set_ylabel(ylabel, fontsize=8)
+        handles, labels = {}, []
+        for axis in axes.flat:
+            for handle, label in zip(*axis.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        labels = [impl for impl in impls if impl in handles]
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(len(labels), 7),
+                   fontsize=8, frameon=False)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout(rect=(0, 0.07 if len(causals) > 1 else 0.12, 1, 1))
+        path = os.path.join(out_dir, f"{stem}-{name}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    for dtype in dict.fromkeys(row.dtype for row in rows):
+        for mode in dict.fromkeys(row.mode for row in rows):
+            grid(dtype, lambda row: row.tflops, f"{mode} TFLOP/s, {dtype} (higher is better)", "TFLOP/s", False,
+                 f"tflops-{mode}-{dtype}", lambda row, mode=mode: row.mode == mode)
+        grid(dtype, lambda row: row.peak_mib, f"peak memory of forward+backward, {dtype} (lower is better)", "MiB",
+             True, f"memory-{dtype}", lambda row: True)
+    return written
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _int_list(name: str, minimum: int = 1):
+    def parse(text: str) -> list[int]:
+        values = []
+        for item in text.replace(",", " ").split():
+            try:
+                value = int(item)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {item!r}") from None
+            if value < minimum:
+                raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {value}")
+            values.append(value)
+        return values
+
+    parse.__name__ = name
+    return parse
+
+
+def _choice_list(name: str, choices: Iterable[str]):
+    choices = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        values = [item for item in text.replace(",", " ").split() if item]
+        for value in values:
+            if value not in choices:
+                raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)}; got {value!r}")
+        return values
+
+    parse.__name__ = name
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _flatten(values):
+    return None if values is None else [item for chunk in values for item in chunk]
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when torch sees a GPU, else cpu")
+    parser.add_argument("--seqlens", nargs="+", type=_int_list("seqlens"), metavar="N",
+                        help="sequence lengths (space or comma separated)")
+    parser.add_argument("--head-dims", nargs="+", type=_int_list("head dims"), metavar="D")
+    parser.add_argument("--dtypes", nargs="+", type=_choice_list("dtypes", DTYPES), metavar="DTYPE",
+                        help=f"some of {', '.join(DTYPES)}")
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--batch", type=_positive_int, help="fixed batch size (default: --tokens / seqlen)")
+    size.add_argument("--tokens", type=_positive_int, help="batch = max(1, tokens // seqlen); "
+                      "default 16384 on the GPU, 2048 on the CPU")
+    heads = parser.add_mutually_exclusive_group()
+    heads.add_argument("--heads", type=_positive_int, help="fixed head count (default: --hidden / head dim)")
+    heads.add_argument("--hidden", type=_positive_int, help="heads = hidden / head dim; default 2048 on the GPU, "
+                       "512 on the CPU")
+    parser.add_argument("--impls", nargs="+", type=_choice_list("impls", IMPLS), metavar="IMPL",
+                        help=f"some of {', '.join(IMPLS)} (default: those the device has)")
+    parser.add_argument("--modes", nargs="+", type=_choice_list("modes", MODES), metavar="MODE",
+                        help="some of fwd, bwd, fwdbwd (default: fwd bwd on the GPU, all three on the CPU)")
+    parser.add_argument("--repeats", type=_positive_int, help="timed runs per measurement, median reported "
+                        "(default 20 on the GPU, 5 on the CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a smaller sweep (GPU: D128, N 1k and 4k; "
+                        "CPU: N 256-1024, fwd and bwd, 3 runs)")
+    parser.add_argument("--out", metavar="DIR", help="write CSV, JSON, a markdown record and PNG plots here")
+    parser.add_argument("--name", help="file name stem in --out (default: <device>-bench-<date>-<commit>)")
+    parser.add_argument("--no-plot", action="store_true", help="no PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    import torch
+
+    import flashjit
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+        if "cuda" not in flashjit.backends():
+            parser.error(f"--device cuda: this flashjit build has backends {', '.join(flashjit.backends())}")
+    defaults = dict(DEFAULTS[device])
+    if args.quick:
+        defaults.update(QUICK[device])
+
+    def pick(name):
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    head_dims = sorted(set(_flatten(args.head_dims) or defaults["head_dims"]))
+    heads, hidden = args.heads, None
+    if heads is None:
+        hidden = args.hidden or defaults["hidden"]
+        bad = [d for d in head_dims if hidden % d]
+        if bad:
+            parser.error(f"--hidden {hidden}: not a multiple of head dim {bad[0]}; pass --heads or another --hidden")
+    batch, tokens = args.batch, None
+    if batch is None:
+        tokens = args.tokens or defaults["tokens"]
+    return Config(
+        device=device,
+        dtypes=list(dict.fromkeys(_flatten(args.dtypes) or defaults["dtypes"])),
+        head_dims=head_dims,
+        seqlens=sorted(set(_flatten(args.seqlens) or defaults["seqlens"])),
+        causal={"both": [False, True], "yes": [True], "no": [False]}[args.causal],
+        impls=list(dict.fromkeys(_flatten(args.impls) or DEFAULT_IMPLS[device])),
+        modes=[mode for mode in MODES if mode in (_flatten(args.modes) or defaults["modes"])],
+        repeats=pick("repeats"),
+        batch=batch, tokens=tokens, heads=heads, hidden=hidden, seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="flashjit bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv), parser, argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    config = make_config(args, parser)
+    if config.device == "cuda" and config.repeats < 20:
+        config.notes.append(f"{config.repeats} timed runs per measurement (fewer than the 20 asked for on a GPU)")
+    meta = metadata(config, argv)
+    where = meta.get("gpu") if config.device == "cuda" else f"{meta['cpu']} ({meta['cpu_cores']} cores)"
+    print(f"flashjit {meta['flashjit']} bench on {where}, torch {meta['torch']}, commit {meta['commit']}")
+    print(f"{len(config.cases())} cases x {len(config.impls)} implementations x modes {', '.join(config.modes)}; "
+          f"{meta['timing']}", flush=True)
+    started = time.monotonic()
+    rows = run_sweep(config, progress=not args.no_progress)
+    meta["notes"] = config.notes
+    meta["seconds"] = round(time.monotonic() - started, 1)
+    meta["load_average_after"] = _load_average()
+    print()
+    print(report(rows))
+    print(f"sweep took {meta['seconds']:.0f} s")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = args.name or f"{device_tag(meta)}-bench-{datetime.date.today().isoformat()}-{meta['commit']}"
+        base = os.path.join(args.out, stem)
+        write_csv(rows, base + ".csv")
+        write_json(rows, meta, base + ".json")
+        plots = []
+        if not args.no_plot:
+            try:
+                plots = plot(rows, args.out, stem)
+            except ImportError:
+                print("note: matplotlib is not installed, so no plots were drawn (pip install matplotlib)")
+        with open(base + ".md", "w") as out:
+            out.write(markdown_record(rows, meta, plots))
+        for path in [base + ".csv", base + ".json", base + ".md", *plots]:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The flashjit command: a tiny benchmark sweep (CSV, JSON, markdown, plots), info,
+precompile and cache clear."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import bench, cli
+
+pytestmark = pytest.mark.cpu_only
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def flashjit_command(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flashjit", *args], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env}, cwd=cwd, timeout=300)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_bench_cpu_sweep(tmp_path):
+    """`python -m flashjit bench` on the CPU writes every output with sane numbers."""
+    done = flashjit_command("bench", "--device", "cpu", "--seqlens", "64", "128", "--head-dims", "32",
+                            "--impls", "flashjit,naive,sdpa-math", "--modes", "fwd", "bwd", "--repeats", "2",
+                            "--out", str(tmp_path), "--name", "smoke", "--no-progress",
+                            env={"FLASHJIT_COMMIT": "abc1234"})
+    assert done.returncode == 0, done.stderr
+    assert "fwd, float32: ms / TFLOP/s" in done.stdout
+
+    columns, rows = read_csv(tmp_path / "smoke.csv")
+    assert tuple(columns) == bench.COLUMNS
+    assert len(rows) == 3 * 2 * 2 * 2  # impls x seqlens x causal x modes
+    assert {row["status"] for row in rows} == {"ok"}, [row["reason"] for row in rows]
+    for row in rows:
+        for name in ("ms", "tflops", "flashjit_speedup", "peak_mib"):
+            value = float(row[name])
+            assert math.isfinite(value) and value > 0, (name, row)
+        assert float(row["err_out"]) < 1e-5 and float(row["err_grad"]) < 1e-5, row
+        assert int(row["runs"]) == 2
+        if row["impl"] == "flashjit":
+            assert float(row["flashjit_speedup"]) == 1.0
+        # batch from 2048 tokens, heads from hidden 512
+        assert int(row["batch"]) == 2048 // int(row["seqlen"]) and int(row["heads"]) == 512 // 32
+    # The score matrices show in naive attention's memory, not in flashjit's.
+    peak = {(r["impl"], r["seqlen"], r["causal"]): float(r["peak_mib"]) for r in rows}
+    assert peak["naive", "128", "False"] > peak["flashjit", "128", "False"]
+
+    record = json.loads((tmp_path / "smoke.json").read_text())
+    meta = record["metadata"]
+    assert meta["commit"] == "abc1234" and meta["flashjit"] == flashjit.__version__
+    assert meta["torch"] == torch.__version__ and meta["device"] == "cpu" and meta["cpu_cores"] >= 1
+    assert meta["command"].startswith("flashjit bench --device cpu") and meta["date"]
+    assert len(record["rows"]) == len(rows) and record["columns"] == list(bench.COLUMNS)
+
+    markdown = (tmp_path / "smoke.md").read_text()
+    assert "- commit: abc1234" in markdown and "- command: `flashjit bench" in markdown
+    plots = sorted(p.name for p in tmp_path.glob("*.png"))
+    if HAS_MATPLOTLIB:
+        assert plots == ["smoke-memory-float32.png", "smoke-tflops-bwd-float32.png", "smoke-tflops-fwd-float32.png"]
+        assert all(0 < (tmp_path / p).stat().st_size < 100_000 for p in plots)
+    else:
+        assert plots == [] and "matplotlib is not installed" in done.stdout
+
+
+def test_bench_unsupported_backend_is_recorded(tmp_path, capsys):
+    """A backend the device lacks gives 'unsupported' rows with the reason, not a crash."""
+    assert bench.main(["--device", "cpu", "--seqlens", "32", "--head-dims", "16", "--causal", "no",
+                       "--impls", "flashjit", "sdpa-efficient", "--modes", "fwd", "--repeats", "1",
+                       "--out", str(tmp_path), "--name", "t", "--no-plot", "--no-progress"]) == 0
+    _, rows = read_csv(tmp_path / "t.csv")
+    by_impl = {row["impl"]: row for row in rows}
+    assert by_impl["flashjit"]["status"] == "ok"
+    assert by_impl["sdpa-efficient"]["status"] == "unsupported" and by_impl["sdpa-efficient"]["reason"]
+    assert by_impl["sdpa-efficient"]["ms"] == ""
+    assert "sdpa-efficient unsupported" in capsys.readouterr().out
+
+
+def test_bench_skips_what_would_not_fit(monkeypatch):
+    config = bench.Config(device="cpu", dtypes=["float32"], head_dims=[8], seqlens=[64], causal=[False],
+                          impls=["naive"], modes=["fwd"], repeats=1, batch=1, heads=1)
+    monkeypatch.setattr(bench, "_available_bytes", lambda device: 1000)
+    rows = bench.run_sweep(config, progress=False)
+    assert [(row.status, row.reason.startswith("would need about")) for row in rows] == [("skipped", True)]
+
+
+def test_flops():
+    case = bench.Case("bfloat16", batch=2, heads=16, seqlen=1024, head_dim=128, causal=False)
+    forward = 4 * 2 * 16 * 1024 * 1024 * 128
+    assert bench.flops(case, "fwd") == forward
+    assert bench.flops(case, "bwd") == 2.5 * forward
+    assert bench.flops(case, "fwdbwd") == 3.5 * forward
+    causal = bench.Case("bfloat16", batch=2, heads=16, seqlen=1024, head_dim=128, causal=True)
+    assert bench.flops(causal, "fwd") == forward / 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seqlens", "0"], r"argument --seqlens: expected integers >= 1, got 0"),
+    (["--head-dims", "x"], r"argument --head-dims: expected integers >= 1, got 'x'"),
+    (["--dtypes", "float8"], r"argument --dtypes: expected some of float32, float16, bfloat16, float64; got 'float8'"),
+    (["--impls", "xformers"], r"argument --impls: expected some of flashjit, naive"),
+    (["--modes", "both"], r"argument --modes: expected some of fwd, bwd, fwdbwd; got 'both'"),
+    (["--causal", "maybe"], r"argument --causal: invalid choice: 'maybe'"),
+    (["--repeats", "0"], r"argument --repeats: expected an integer >= 1, got 0"),
+    (["--batch", "2", "--tokens", "4096"], r"argument --tokens: not allowed with argument --batch"),
+    (["--device", "cpu", "--hidden", "100", "--head-dims", "64"],
+     r"--hidden 100: not a multiple of head dim 64"),
+])
+def test_bench_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_bench_cuda_without_gpu(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda"])
+    assert "--device cuda: torch" in capsys.readouterr().err
+
+
+def test_info(tmp_path):
+    env = {"FLASHJIT_CACHE_DIR": str(tmp_path)}
+    done = flashjit_command("info", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"flashjit {flashjit.__version__}")
+    for label in ("backends:", "torch:", "gpu", "nvrtc:", "kernel cache:"):
+        assert label in done.stdout
+    info = json.loads(flashjit_command("info", "--json", env=env).stdout)
+    assert info["flashjit"] == flashjit.__version__ and "cpu" in info["backends"]
+    assert info["cache"]["dir"] == os.path.join(str(tmp_path), flashjit.__version__)
+    assert info["cache"]["files"] == 0 and info["cache"]["bytes"] == 0
+
+
+def test_cache_clear(tmp_path, monkeypatch, capsys):
+    """Removes this version's kernels and keeps other versions'."""
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    mine = tmp_path / flashjit.__version__ / "sm_90"
+    other = tmp_path / "0.0.1" / "sm_90"
+    for folder in (mine, other):
+        folder.mkdir(parents=True)
+        (folder / "kernel.cubin").write_bytes(b"x" * 100)
+    (mine / "kernel.cu").write_text("// source")
+    assert cli.main(["cache", "info"]) == 0
+    assert f"{tmp_path / flashjit.__version__}: 2 files, 109 bytes" in capsys.readouterr().out
+    assert cli.main(["cache", "clear"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {tmp_path / flashjit.__version__}: 2 files, 109 bytes" in out
+    assert not (tmp_path / flashjit.__version__).exists() and (other / "kernel.cubin").exists()
+    assert cli.main(["cache", "clear"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(flashjit.cuda.device_count() > 0, reason="checks the message on a machine without a GPU")
+def test_precompile_without_gpu_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    assert cli.main(["precompile", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flashjit precompile: [cuda]") and "--arch 80 or --arch 90" in err
+
+
+def _has_nvrtc() -> bool:
+    try:
+        flashjit.cuda.nvrtc_version()
+        return True
+    except NotImplementedError:
+        return False
+
+
+@pytest.mark.skipif(not _has_nvrtc(), reason="NVRTC not found")
+def test_precompile_for_an_arch(tmp_path, monkeypatch, capsys):
+    """--arch compiles without a GPU; the kernels land in this version's sm_90 folder."""
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    assert cli.main(["precompile", "--arch", "sm_90", "--dtypes", "float16", "--head-dims", "32"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("float16 D32") == 4  # forward and backward, with and without a window
+    assert "4 kernel configs for sm_90" in captured.out
+    assert list((tmp_path / flashjit.__version__ / "sm_90").glob("*.cubin"))
+
+
+def test_precompile_bad_arch(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["precompile", "--arch", "75"])
+    assert "argument --arch: expected a compute capability of at least 80" in capsys.readouterr().err
+
+
+def test_demo_still_dispatches(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--help"])
+    assert exit_info.value.code == 0 and "--seqlens" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bench_cuda_sweep(tmp_path):
+    """Every implementation on a small CUDA case: measured, or unsupported with a reason."""
+    done = flashjit_command("bench", "--device", "cuda", "--dtypes", "bfloat16", "--seqlens", "256",
+                            "--head-dims", "64", "--causal", "yes", "--repeats", "3", "--out", str(tmp_path),
+                            "--name", "gpu", "--no-plot", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    _, rows = read_csv(tmp_path / "gpu.csv")
+    assert {row["impl"] for row in rows} == set(bench.IMPLS)
+    for row in rows:
+        assert row["status"] in ("ok", "unsupported"), row
+        if row["impl"] in ("flashjit", "naive", "sdpa-math", "sdpa-flash"):
+            assert row["status"] == "ok", row
+        if row["status"] == "ok":
+            assert float(row["ms"]) > 0 and float(row["peak_mib"]) > 0, row
+            assert float(row["err_out"]) < 0.05 and float(row["err_grad"]) < 0.05, row
