@@ -772,6 +772,35 @@ def metadata(config: Config, argv: list[str]) -> dict:
     return meta
 
 
+class CpuShare:
+    """The share of the machine's CPU time that other processes (and the hypervisor, as steal
+    time) took while the sweep ran: work beside a CPU benchmark skews its timings."""
+
+    def __init__(self):
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(x) for x in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+        times = os.times()
+        return time.monotonic(), busy, fields[7], times.user + times.system
+
+    def shares(self) -> dict:
+        end = self._sample()
+        if self._start is None or end is None:
+            return {}
+        ticks = os.sysconf("SC_CLK_TCK")
+        wall = (end[0] - self._start[0]) * (os.cpu_count() or 1)
+        others = (end[1] - self._start[1]) / ticks - (end[3] - self._start[3])
+        steal = (end[2] - self._start[2]) / ticks
+        return {"other_processes": round(max(0.0, others - steal) / wall, 3), "steal": round(steal / wall, 3)}
+
+
 def _load_average() -> float | None:
     """The system's 1-minute load average: other work on the machine skews CPU timings."""
     try:
@@ -943,7 +972,9 @@ def markdown_record(rows: list[Row], meta: dict, plots: list[str]) -> str:
              f"- flashjit {meta['flashjit']}, torch {meta['torch']}, Python {meta['python']}",
              f"- sizes: {sizes}; {meta['timing']}; TFLOP/s: {meta['flops']}",
              f"- sweep time {meta['seconds']:.0f} s; system load average (1 min) before / after: "
-             f"{meta['load_average_before']} / {meta['load_average_after']}",
+             f"{meta['load_average_before']} / {meta['load_average_after']}; share of the CPU time taken by "
+             f"other processes / the hypervisor (steal) during the sweep: "
+             + " / ".join(f"{100 * value:.1f}%" for value in meta["cpu_share_of_others"].values()),
              "- peak memory: extra memory of one forward+backward after warm-up "
              + ("(torch allocator peak + driver pool peak)" if meta["device"] == "cuda"
                 else "(VmHWM - VmRSS, high-water mark reset, freed heap trimmed)"),
@@ -1016,6 +1047,7 @@ def plot(rows: list[Row], out_dir: str, stem: str) -> list[str]:
         path = os.path.join(out_dir, f"{stem}-{name}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
+        _shrink_png(path)
         written.append(path)
 
     for dtype in dict.fromkeys(row.dtype for row in rows):
@@ -1025,6 +1057,17 @@ def plot(rows: list[Row], out_dir: str, stem: str) -> list[str]:
         grid(dtype, lambda row: row.peak_mib, f"peak memory of forward+backward, {dtype} (lower is better)", "MiB",
              True, f"memory-{dtype}", lambda row: True)
     return written
+
+
+def _shrink_png(path: str):
+    """A 64-colour palette: line plots look the same at a third of the size."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=64)
+    small.save(path, optimize=True)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1164,8 +1207,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
     print(f"flashjit {meta['flashjit']} bench on {where}, torch {meta['torch']}, commit {meta['commit']}")
     print(f"{len(config.cases())} cases x {len(config.impls)} implementations x modes {', '.join(config.modes)}; "
           f"{meta['timing']}", flush=True)
-    started = time.monotonic()
+    started, share = time.monotonic(), CpuShare()
     rows = run_sweep(config, progress=not args.no_progress)
+    meta["cpu_share_of_others"] = share.shares()
+    others = sum(meta["cpu_share_of_others"].values())
+    if config.device == "cpu" and others > 0.05:
+        config.notes.append(f"other processes and the hypervisor took {100 * others:.0f}% of the CPU time "
+                            "during the sweep: CPU timings are skewed")
     meta["notes"] = config.notes
     meta["seconds"] = round(time.monotonic() - started, 1)
     meta["load_average_after"] = _load_average()
