@@ -133,20 +133,23 @@ class StreamScratch {
 void backward(const AttentionProblem& p) {
   const Launch launch = prepare(p);
   KernelParams params = params_of(p);
+  // The dQ kernel first, then the dK/dV kernel (or a dV and a dK kernel).
   const std::vector<KernelSpec> specs = backward_kernels(traits_of(p, launch.arch));
-  const KernelSpec& dq_spec = specs[0];
-  const KernelSpec& dkdv_spec = specs[1];
-  // Compile (or load) both before enqueueing anything.
-  const CUfunction dq_function = kernel_function(dq_spec, launch.device_index, launch.capturing);
-  const CUfunction dkdv_function = kernel_function(dkdv_spec, launch.device_index, launch.capturing);
+  // Compile (or load) every kernel before enqueueing anything.
+  std::vector<CUfunction> functions;
+  for (const KernelSpec& spec : specs) {
+    functions.push_back(kernel_function(spec, launch.device_index, launch.capturing));
+  }
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
   StreamScratch delta(size_t(p.batch * p.heads_q * p.seqlen_q) * accumulator_bytes, launch.stream);
   params.delta = delta.get();
-  params.num_query_blocks = int(ceil_div(p.seqlen_q, dq_spec.block_rows()));
-  params.num_key_blocks = int(ceil_div(p.seqlen_k, dkdv_spec.block_rows()));
+  params.num_query_blocks = int(ceil_div(p.seqlen_q, specs[0].block_rows()));
   // dQ also writes delta = rowsum(dO * O), which dK/dV reads: same stream, in order.
-  run(dq_spec, dq_function, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
-  run(dkdv_spec, dkdv_function, launch, params, int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
+  run(specs[0], functions[0], launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
+  for (size_t index = 1; index < specs.size(); ++index) {
+    params.num_key_blocks = int(ceil_div(p.seqlen_k, specs[index].block_rows()));
+    run(specs[index], functions[index], launch, params, int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
+  }
 }
 
 }  // namespace

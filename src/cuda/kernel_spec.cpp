@@ -64,7 +64,9 @@ std::string KernelSpec::name() const {
   return str_cat(family == KernelFamily::kMma ? "mma-" : "simt-", entry_name(entry), "_", dtype_name(dtype),
                  "_qk", head_dim_qk, "_v", head_dim_v, "_mask-", mask_text, window ? "_window" : "",
                  dropout ? "_dropout" : "", softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t",
-                 threads, "_n", block_n, "_sm", arch);
+                 threads, family == KernelFamily::kMma ? str_cat("_r", row_tiles) : std::string(),
+                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n,
+                 "_sm", arch);
 }
 
 const char* KernelSpec::function_name() const {
@@ -77,7 +79,7 @@ const char* KernelSpec::function_name() const {
 }
 
 int KernelSpec::block_rows() const {
-  return family == KernelFamily::kMma ? threads / 32 * 16 : threads / kSimtLanes;
+  return family == KernelFamily::kMma ? threads / 32 * 16 * row_tiles : threads / kSimtLanes;
 }
 
 int KernelSpec::shared_memory_bytes() const {
@@ -114,7 +116,8 @@ std::string KernelSpec::source() const {
       mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
-      "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
+      "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ROW_TILES ", row_tiles, "\n",
+      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
       "\n");
   std::vector<const char*> files = {"philox_core.h", "params.cuh", "common.cuh"};
   if (family == KernelFamily::kMma) {
@@ -173,7 +176,7 @@ bool uses_tensor_cores(const KernelTraits& traits) {
   return traits.dtype == FJ_FLOAT16 || traits.dtype == FJ_BFLOAT16;
 }
 
-// Tensor cores for float16/bfloat16: 4 warps, 16 rows each (64 rows a block).
+// Tensor cores for float16/bfloat16: 4 warps of 16 x row_tiles rows each.
 // The streamed tile (block_n rows a step) shrinks with the head dim so that
 // the float accumulators and score tiles stay in registers.
 KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
@@ -184,8 +187,18 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
   spec.aligned = traits.aligned;
   spec.threads = 128;
   const int head_dim = std::max(spec.head_dim_qk, spec.head_dim_v);
-  spec.block_n = head_dim > 64 ? 32 : 64;
-  if (entry == KernelEntry::kForward) spec.block_n = head_dim > 128 ? 32 : 64;
+  switch (entry) {
+    case KernelEntry::kForward:
+      // Two row tiles a warp (128 query rows a block) up to head dim 128: each
+      // K and V fragment read from shared memory then feeds two mma.
+      spec.row_tiles = head_dim > 128 ? 1 : 2;
+      spec.block_n = head_dim > 128 ? 32 : 64;
+      break;
+    case KernelEntry::kBackwardDq: spec.block_n = head_dim > 64 ? 32 : 64; break;
+    // 64 queries a step measured fastest up to head dim 128 on the H100, though
+    // at 128 ptxas spills about 130 bytes (bench/NOTES.md).
+    case KernelEntry::kBackwardDkDv: spec.block_n = head_dim > 128 ? 32 : 64; break;
+  }
   return spec;
 }
 
@@ -201,10 +214,14 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
     return {simt_spec(traits, KernelEntry::kBackwardDq), simt_spec(traits, KernelEntry::kBackwardDkDv)};
   }
   // dK and dV accumulators of 16 keys take 8 float registers a lane per 16 head
-  // dims each; above 128 they do not fit beside the score tiles.
-  const bool dkdv_fits = std::max(round_up(traits.head_dim_qk, 16), round_up(traits.head_dim_v, 16)) <= 128;
-  return {mma_spec(traits, KernelEntry::kBackwardDq),
-          dkdv_fits ? mma_spec(traits, KernelEntry::kBackwardDkDv) : simt_spec(traits, KernelEntry::kBackwardDkDv)};
+  // dims each; above 128 they do not fit together beside the score tiles, and
+  // dV and dK get a kernel each.
+  const KernelSpec dkdv = mma_spec(traits, KernelEntry::kBackwardDkDv);
+  if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) return {mma_spec(traits, KernelEntry::kBackwardDq), dkdv};
+  KernelSpec dv = dkdv, dk = dkdv;
+  dv.dkdv_part = 1;
+  dk.dkdv_part = 2;
+  return {mma_spec(traits, KernelEntry::kBackwardDq), dv, dk};
 }
 
 }  // namespace flashjit::cuda

@@ -30,7 +30,9 @@ struct KernelSpec {
   bool softcap = false;
   bool aligned = false;  // 16-byte aligned rows: cp.async loads (kMma)
   int threads = 128;
-  int block_n = 32;  // rows of the streamed operand per step
+  int row_tiles = 1;  // kMma: 16-row tiles each warp owns
+  int dkdv_part = 0;  // kMma dK/dV: 0 both, 1 dV alone, 2 dK alone
+  int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;      // 90 for sm_90
 
   std::string name() const;

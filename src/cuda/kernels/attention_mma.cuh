@@ -1,5 +1,6 @@
 // Forward attention on tensor cores for float16 and bfloat16 (mma_common.cuh):
-// each of FJ_WARPS warps owns 16 query rows of the block; K and V stream
+// each of FJ_WARPS warps owns FJ_ROW_TILES x 16 query rows of the block, so
+// every K and V fragment read from shared memory feeds FJ_ROW_TILES mma; K and V stream
 // through in tiles of FJ_BLOCK_N keys, K loaded with cp.async while P V runs
 // and V while Q K^T runs. Head dims are padded to FJ_HEAD_DIM_QK /
 // FJ_HEAD_DIM_V (multiples of 16) with zeros in shared memory. P goes from
@@ -11,6 +12,33 @@
 
 namespace flashjit {
 namespace mma {
+
+// Logits of one S tile in the log2 domain (bounds checked unless kInterior), and
+// the tile's row maxima.
+template <bool kInterior>
+FJ_DEVICE void tile_logits(float (&s)[kRowTiles][kBlockN / 8][4], float (&tile_max)[kRowTiles][2],
+                           const KernelParams& p, const long long (&rows)[kRowTiles][2], long long tile_start,
+                           long long key_lo, long long key_hi, int b, int h, int quad, float scale_log2) {
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+    tile_max[m][0] = tile_max[m][1] = negative_infinity<float>();
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const long long i = rows[m][e / 2];
+        const long long j = tile_start + n * 8 + quad * 2 + (e % 2);
+        float x = negative_infinity<float>();
+        if (kInterior || (i < p.seqlen_q && j >= key_lo && j < key_hi)) {
+          float unused_tanh;
+          x = logit_log2<kInterior>(p, s[m][n][e], scale_log2, b, h, i, j, &unused_tanh);
+        }
+        s[m][n][e] = x;
+        tile_max[m][e / 2] = fmaxf(tile_max[m][e / 2], x);
+      }
+    }
+  }
+}
 
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -29,14 +57,19 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
 #if FJ_DROPOUT
   const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
 #endif
-  // This thread's two rows: first_query + warp * 16 + group (+ 8).
-  long long rows[2];
-  rows[0] = first_query + warp * 16 + group;
-  rows[1] = rows[0] + 8;
+  // This thread's rows: first_query + (warp * kRowTiles + m) * 16 + group (+ 8).
+  long long rows[kRowTiles][2];
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+    rows[m][0] = first_query + (warp * kRowTiles + m) * 16 + group;
+    rows[m][1] = rows[m][0] + 8;
+  }
 
+  const bool block_full = first_query + kBlockM <= p.seqlen_q;
   const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
   const long long key_lo = key_begin(p, first_query);
   const long long key_hi = key_end(p, last_query);
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const elem_t* k_base = operand_row<const elem_t>(p.k, b, kv_head, 0);
   const elem_t* v_base = operand_row<const elem_t>(p.v, b, kv_head, 0);
 
@@ -48,12 +81,16 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
   }
   cp_async_commit();
 
-  float o[kDimV / 8][4];
+  float o[kRowTiles][kDimV / 8][4];
+  float row_max[kRowTiles][2], row_sum[kRowTiles][2];  // max in the log2 domain
 #pragma unroll
-  for (int n = 0; n < kDimV / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float row_max[2] = {negative_infinity<float>(), negative_infinity<float>()};  // log2 domain
-  float row_sum[2] = {0.0f, 0.0f};
-  const elem_t* q_warp = q_tile + (warp * 16) * kPitchQk;
+  for (int m = 0; m < kRowTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < kDimV / 8; ++n) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.0f;
+    row_max[m][0] = row_max[m][1] = negative_infinity<float>();
+    row_sum[m][0] = row_sum[m][1] = 0.0f;
+  }
+  const elem_t* q_warp = q_tile + (warp * kRowTiles * 16) * kPitchQk;
 
   for (long long tile_start = first_tile; tile_start < key_hi; tile_start += kBlockN) {
     cp_async_wait<0>();
@@ -61,74 +98,77 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     load_tile<kBlockN, kDimV>(v_tile, v_base, p.v.stride_seq, tile_start, key_hi, p.head_dim_v);
     cp_async_commit();
 
-    // S = Q K^T (16 x kBlockN per warp).
-    float s[kBlockN / 8][4];
+    // S = Q K^T (kRowTiles x 16 x kBlockN per warp); each K fragment feeds every row tile.
+    float s[kRowTiles][kBlockN / 8][4];
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int m = 0; m < kRowTiles; ++m) {
+#pragma unroll
+      for (int n = 0; n < kBlockN / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.0f;
+    }
 #pragma unroll
     for (int kk = 0; kk < kDimQk / 16; ++kk) {
-      unsigned a[4];
-      ldmatrix_x4(a, a_address(q_warp, kPitchQk, kk * 16, lane));
+      unsigned a[kRowTiles][4];
+#pragma unroll
+      for (int m = 0; m < kRowTiles; ++m) ldmatrix_x4(a[m], a_address(q_warp + m * 16 * kPitchQk, kPitchQk, kk * 16, lane));
 #pragma unroll
       for (int n = 0; n < kBlockN / 8; n += 2) {
         unsigned bk[4];
         ldmatrix_x4(bk, bt_address(k_tile, kPitchQk, n * 8, kk * 16, lane));
-        mma_16816(s[n], a, bk[0], bk[1]);
-        mma_16816(s[n + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int m = 0; m < kRowTiles; ++m) {
+          mma_16816(s[m][n], a[m], bk[0], bk[1]);
+          mma_16816(s[m][n + 1], a[m], bk[2], bk[3]);
+        }
       }
     }
 
     // Logits (scale, softcap, mask, bounds) in the log2 domain, and the row maxima.
-    float tile_max[2] = {negative_infinity<float>(), negative_infinity<float>()};
+    float tile_max[kRowTiles][2];
+    const bool interior = block_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
+                          all_visible(p, first_query, first_query + kBlockM - 1, tile_start, tile_start + kBlockN - 1);
+    if (interior) {
+      tile_logits<true>(s, tile_max, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+    } else {
+      tile_logits<false>(s, tile_max, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+    }
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
+    for (int m = 0; m < kRowTiles; ++m) {
+      float scale_old[2], base_max[2];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const long long i = rows[e / 2];
-        const long long j = tile_start + n * 8 + quad * 2 + (e % 2);
-        float x = negative_infinity<float>();
-        if (i < p.seqlen_q && j >= key_lo && j < key_hi) {
-          float unused_tanh;
-          x = logit(p, s[n][e], b, h, i, j, &unused_tanh) * kLog2e;
-        }
-        s[n][e] = x;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+      for (int r = 0; r < 2; ++r) {
+        float tmax = tile_max[m][r];
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float new_max = fmaxf(row_max[m][r], tmax);
+        // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        base_max[r] = new_max == negative_infinity<float>() ? 0.0f : new_max;
+        scale_old[r] = fast_exp2(row_max[m][r] - base_max[r]);
+        row_max[m][r] = new_max;
+        row_sum[m][r] *= scale_old[r];
       }
-    }
-    float scale_old[2], base_max[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
-      base_max[r] = new_max == negative_infinity<float>() ? 0.0f : new_max;
-      scale_old[r] = exp2f(row_max[r] - base_max[r]);
-      row_max[r] = new_max;
-      row_sum[r] *= scale_old[r];
-    }
+      for (int n = 0; n < kDimV / 8; ++n) {
+        o[m][n][0] *= scale_old[0];
+        o[m][n][1] *= scale_old[0];
+        o[m][n][2] *= scale_old[1];
+        o[m][n][3] *= scale_old[1];
+      }
+      // P = exp2(S - max); the sum uses P before dropout, O uses P after.
 #pragma unroll
-    for (int n = 0; n < kDimV / 8; ++n) {
-      o[n][0] *= scale_old[0];
-      o[n][1] *= scale_old[0];
-      o[n][2] *= scale_old[1];
-      o[n][3] *= scale_old[1];
-    }
-    // P = exp2(S - max); the sum uses P before dropout, O uses P after.
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
+      for (int n = 0; n < kBlockN / 8; ++n) {
 #if FJ_DROPOUT
-      float factor[4];
-      dropout_factors(factor, p, batch_head, rows, tile_start + n * 8 + quad * 2);
+        float factor[4];
+        dropout_factors(factor, p, batch_head, rows[m], tile_start + n * 8 + quad * 2);
 #endif
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float prob = exp2f(s[n][e] - base_max[e / 2]);
-        row_sum[e / 2] += prob;
+        for (int e = 0; e < 4; ++e) {
+          float prob = fast_exp2(s[m][n][e] - base_max[e / 2]);
+          row_sum[m][e / 2] += prob;
 #if FJ_DROPOUT
-        prob *= factor[e];
+          prob *= factor[e];
 #endif
-        s[n][e] = prob;
+          s[m][n][e] = prob;
+        }
       }
     }
 
@@ -139,17 +179,21 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     }
     cp_async_commit();
 
-    // O += P V.
+    // O += P V; each V fragment feeds every row tile.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      unsigned a[4];
-      a_from_c(a, s[2 * kk], s[2 * kk + 1]);
+      unsigned a[kRowTiles][4];
+#pragma unroll
+      for (int m = 0; m < kRowTiles; ++m) a_from_c(a[m], s[m][2 * kk], s[m][2 * kk + 1]);
 #pragma unroll
       for (int n = 0; n < kDimV / 8; n += 2) {
         unsigned bv[4];
         ldmatrix_x4_trans(bv, b_address(v_tile, kPitchV, kk * 16, n * 8, lane));
-        mma_16816(o[n], a, bv[0], bv[1]);
-        mma_16816(o[n + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int m = 0; m < kRowTiles; ++m) {
+          mma_16816(o[m][n], a[m], bv[0], bv[1]);
+          mma_16816(o[m][n + 1], a[m], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // every warp done reading V before the next tile's V load
@@ -157,30 +201,28 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
   cp_async_wait<0>();
 
   // O /= rowsum; LSE = ln(sum exp) = (max + log2(sum)) / log2(e).
-  float totals[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float total = row_sum[r];
-    total += __shfl_xor_sync(0xffffffffu, total, 1);
-    total += __shfl_xor_sync(0xffffffffu, total, 2);
-    totals[r] = total;
-  }
+  for (int m = 0; m < kRowTiles; ++m) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const long long i = rows[r];
-    if (i >= p.seqlen_q) continue;
-    const bool any_visible = totals[r] > 0.0f;
-    const float inverse = any_visible ? 1.0f / totals[r] : 0.0f;
-    elem_t* out_row = operand_row<elem_t>(p.o, b, h, i);
+    for (int r = 0; r < 2; ++r) {
+      float total = row_sum[m][r];
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      const long long i = rows[m][r];
+      if (i >= p.seqlen_q) continue;
+      const bool any_visible = total > 0.0f;
+      const float inverse = any_visible ? 1.0f / total : 0.0f;
+      elem_t* out_row = operand_row<elem_t>(p.o, b, h, i);
 #pragma unroll
-    for (int n = 0; n < kDimV / 8; ++n) {
-      const int d = n * 8 + quad * 2;
-      if (d < p.head_dim_v) out_row[d] = from_float<elem_t>(o[n][2 * r] * inverse);
-      if (d + 1 < p.head_dim_v) out_row[d + 1] = from_float<elem_t>(o[n][2 * r + 1] * inverse);
-    }
-    if (quad == 0) {
-      *operand_row<float>(p.lse, b, h, i) =
-          any_visible ? (row_max[r] + log2f(totals[r])) / kLog2e : negative_infinity<float>();
+      for (int n = 0; n < kDimV / 8; ++n) {
+        const int d = n * 8 + quad * 2;
+        if (d < p.head_dim_v) out_row[d] = from_float<elem_t>(o[m][n][2 * r] * inverse);
+        if (d + 1 < p.head_dim_v) out_row[d + 1] = from_float<elem_t>(o[m][n][2 * r + 1] * inverse);
+      }
+      if (quad == 0) {
+        *operand_row<float>(p.lse, b, h, i) =
+            any_visible ? (row_max[m][r] + log2f(total)) / kLog2e : negative_infinity<float>();
+      }
     }
   }
 }

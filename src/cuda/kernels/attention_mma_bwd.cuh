@@ -9,7 +9,9 @@
 //   dK/dV kernel (FJ_ENTRY 2): each warp owns 16 keys of one kv head; Q, dO,
 //     LSE and delta of every query head of the group stream through in
 //     double-buffered tiles of FJ_BLOCK_N queries. Per tile, transposed:
-//     S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
+//     S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. Above head dim
+//     128 the dK and dV accumulators do not both fit in registers: FJ_DKDV_PART
+//     1 builds a kernel for dV alone (no dP^T), 2 one for dK alone.
 //
 // P is rebuilt from the forward's LSE in the log2 domain; a row that sees no
 // key has LSE -inf and is given +inf here, so its P is exp2(-inf) = 0.
@@ -21,6 +23,8 @@
 namespace flashjit {
 namespace mma {
 
+static_assert(kRowTiles == 1, "the backward kernels give each warp one 16-row tile");
+
 // The forward's natural-log LSE in the log2 domain; +inf for rows that see no key.
 FJ_DEVICE float lse_log2(float lse) {
   return lse == negative_infinity<float>() ? -negative_infinity<float>() : lse * kLog2e;
@@ -28,17 +32,76 @@ FJ_DEVICE float lse_log2(float lse) {
 
 // dS of one element from its raw dot product, dP and the row's LSE (log2) and
 // delta; *prob_out receives P after dropout (the dV kernel's P^T dO operand).
-FJ_DEVICE float score_gradient(const KernelParams& p, float dot, float dprob, float lse2, float delta, int b,
-                               int h, long long i, long long j, float dropout_factor, float* prob_out) {
+template <bool kInterior>
+FJ_DEVICE float score_gradient(const KernelParams& p, float dot, float dprob, float lse2, float delta,
+                               float scale_log2, int b, int h, long long i, long long j, float dropout_factor,
+                               float* prob_out) {
   float tanh_value = 0.0f;
-  const float x = logit(p, dot, b, h, i, j, &tanh_value);
-  const float prob = exp2f(x * kLog2e - lse2);
+  const float prob = fast_exp2(logit_log2<kInterior>(p, dot, scale_log2, b, h, i, j, &tanh_value) - lse2);
   *prob_out = prob * dropout_factor;
   float dscore = prob * (dprob * dropout_factor - delta);
 #if FJ_SOFTCAP
   dscore *= 1.0f - tanh_value * tanh_value;
 #endif
   return dscore * static_cast<float>(p.scale);
+}
+
+// dS of the dQ kernel's tile in place of S (rows queries, columns keys); bounds
+// checked unless kInterior.
+template <bool kInterior>
+FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kBlockN / 8][4], const KernelParams& p,
+                                const long long (&rows)[2], const float (&lse2)[2], const float (&delta)[2],
+                                long long tile_start, long long key_lo, long long key_hi, int b, int h,
+                                long long batch_head, int quad, float scale_log2) {
+#pragma unroll
+  for (int n = 0; n < kBlockN / 8; ++n) {
+    const long long key_pair = tile_start + n * 8 + quad * 2;
+    float factor[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+#if FJ_DROPOUT
+    dropout_factors(factor, p, batch_head, rows, key_pair);
+#endif
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const long long i = rows[e / 2];
+      const long long j = key_pair + (e % 2);
+      float dscore = 0.0f;
+      if (kInterior || (i < p.seqlen_q && j >= key_lo && j < key_hi)) {
+        float unused_prob;
+        dscore = score_gradient<kInterior>(p, s[n][e], dp[n][e], lse2[e / 2], delta[e / 2], scale_log2, b, h, i, j,
+                                           factor[e], &unused_prob);
+      }
+      s[n][e] = dscore;
+    }
+  }
+}
+
+// P^T in place of S^T and dS^T in place of dP^T for the dK/dV kernel's tile (rows
+// keys, columns the queries start + column); bounds checked unless kInterior.
+template <bool kInterior>
+FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], const KernelParams& p,
+                                  const long long (&keys)[2], const float* lse_tile, const float* delta_tile,
+                                  long long start, long long query_lo, long long query_hi, int b, int h,
+                                  long long batch_head, int quad, float scale_log2) {
+#pragma unroll
+  for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int column = n * 8 + quad * 2 + (e % 2);
+      const long long i = start + column;
+      const long long j = keys[e / 2];
+      float prob = 0.0f, dscore = 0.0f;
+      if (kInterior || (j < p.seqlen_k && i >= query_lo && i < query_hi)) {
+        float factor = 1.0f;
+#if FJ_DROPOUT
+        factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
+#endif
+        dscore = score_gradient<kInterior>(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2,
+                                           b, h, i, j, factor, &prob);
+      }
+      st[n][e] = prob;
+      dpt[n][e] = dscore;
+    }
+  }
 }
 
 // acc[16 x kN] += A B for a warp: A's 16 rows at `a_tile` (pitch kPitchA, kDepth
@@ -122,6 +185,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
   rows[0] = first_query + warp * 16 + group;
   rows[1] = rows[0] + 8;
 
+  const bool block_full = first_query + kBlockM <= p.seqlen_q;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
   const long long key_lo = key_begin(p, first_query);
   const long long key_hi = key_end(p, last_query);
@@ -184,25 +249,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
     mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(s, q_warp, k_tile, lane);
     mma_rows_by_rows<kDimV, kBlockN, kPitchV, kPitchV>(dp, dout_warp, v_tile, lane);
 
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-      const long long key_pair = tile_start + n * 8 + quad * 2;
-      float factor[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-#if FJ_DROPOUT
-      dropout_factors(factor, p, batch_head, rows, key_pair);
-#endif
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const long long i = rows[e / 2];
-        const long long j = key_pair + (e % 2);
-        float dscore = 0.0f;
-        if (i < p.seqlen_q && j >= key_lo && j < key_hi) {
-          float unused_prob;
-          dscore = score_gradient(p, s[n][e], dp[n][e], lse2[e / 2], delta[e / 2], b, h, i, j, factor[e],
-                                  &unused_prob);
-        }
-        s[n][e] = dscore;
-      }
+    const bool interior = block_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
+                          all_visible(p, first_query, first_query + kBlockM - 1, tile_start, tile_start + kBlockN - 1);
+    if (interior) {
+      dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
+                             scale_log2);
+    } else {
+      dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
+                              scale_log2);
     }
     mma_fragments_by_rows<kBlockN, kDimQk, kPitchQk>(dq, s, k_tile, lane);
     __syncthreads();  // every warp done with this buffer before it is refilled
@@ -223,7 +277,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
   float* delta_tiles = lse_tiles + 2 * kBlockN;                                       // 2 x [kBlockN]
 
   int block, b, kv_head;
-  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head);
+  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int group = lane / 4;
@@ -233,6 +287,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
   keys[0] = first_key + warp * 16 + group;
   keys[1] = keys[0] + 8;
 
+  const bool keys_full = first_key + kBlockM <= p.seqlen_k;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const long long last_key = min(first_key + kBlockM, static_cast<long long>(p.seqlen_k)) - 1;
   const long long query_lo = query_begin(p, first_key);
   const long long query_hi = query_end(p, last_key);
@@ -265,9 +321,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
   if (tiles > 0) load_queries(0, 0);
   cp_async_commit();
 
-  float dk[kDimQk / 8][4], dv[kDimV / 8][4];
-  zero(dk);
+#if FJ_DKDV_PART != 2
+  float dv[kDimV / 8][4];
   zero(dv);
+#endif
+#if FJ_DKDV_PART != 1
+  float dk[kDimQk / 8][4];
+  zero(dk);
+#endif
   const elem_t* k_warp = k_tile + warp * 16 * kPitchQk;
   const elem_t* v_warp = v_tile + warp * 16 * kPitchV;
   int buffer = 0;
@@ -282,43 +343,40 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
     const float* delta_tile = delta_tiles + buffer * kBlockN;
     const int h = kv_head * p.group_size + t / tiles_per_head;
     const long long start = first_tile + static_cast<long long>(t % tiles_per_head) * kBlockN;
-#if FJ_DROPOUT
     const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-#endif
 
     float st[kBlockN / 8][4], dpt[kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
     zero(st);
     zero(dpt);
     mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(st, k_warp, q_tile, lane);
+#if FJ_DKDV_PART != 1
     mma_rows_by_rows<kDimV, kBlockN, kPitchV, kPitchV>(dpt, v_warp, dout_tile, lane);
-
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int column = n * 8 + quad * 2 + (e % 2);
-        const long long i = start + column;
-        const long long j = keys[e / 2];
-        float prob = 0.0f, dscore = 0.0f;
-        if (j < p.seqlen_k && i >= query_lo && i < query_hi) {
-          float factor = 1.0f;
-#if FJ_DROPOUT
-          factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
 #endif
-          dscore = score_gradient(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], b, h, i, j, factor,
-                                  &prob);
-        }
-        st[n][e] = prob;
-        dpt[n][e] = dscore;
-      }
+
+    const bool interior = keys_full && start >= query_lo && start + kBlockN <= query_hi &&
+                          all_visible(p, start, start + kBlockN - 1, first_key, first_key + kBlockM - 1);
+    if (interior) {
+      dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+                               quad, scale_log2);
+    } else {
+      dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+                                quad, scale_log2);
     }
+#if FJ_DKDV_PART != 2
     mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(dv, st, dout_tile, lane);
+#endif
+#if FJ_DKDV_PART != 1
     mma_fragments_by_rows<kBlockN, kDimQk, kPitchQk>(dk, dpt, q_tile, lane);
+#endif
     __syncthreads();  // every warp done with this buffer before it is refilled
   }
   cp_async_wait<0>();
+#if FJ_DKDV_PART != 1
   store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
+#endif
+#if FJ_DKDV_PART != 2
   store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+#endif
 }
 #endif  // FJ_ENTRY == 2
 

@@ -247,7 +247,7 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_d
   acc_t* delta_tile = lse_tile + kTile;                     // [kTile]
 
   int block, b, kv_head;
-  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head);
+  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);
   const int lane = threadIdx.x % kLanes;
   const long long first_key = static_cast<long long>(block) * kRows;
   const long long j = first_key + threadIdx.x / kLanes;

@@ -105,11 +105,11 @@ FJ_DEVICE bool visible(const KernelParams& p, long long query, long long key) {
   return (p.window_left < 0 || shifted >= -p.window_left) && (p.window_right < 0 || shifted <= p.window_right);
 }
 
-// The logit of (b, h, i, j) from the raw dot product, in the order of the CPU
-// backend: scale, softcap, mask, causal/window bounds. With softcap, *tanh_out
-// receives tanh(score / softcap) for the backward's derivative.
+// The score of (b, h, i, j) from the raw dot product, in the order of the CPU
+// backend: scale, softcap, mask. With softcap, *tanh_out receives
+// tanh(score / softcap) for the backward's derivative.
 template <typename Acc>
-FJ_DEVICE Acc logit(const KernelParams& p, Acc dot, int b, int h, long long i, long long j, Acc* tanh_out) {
+FJ_DEVICE Acc masked_score(const KernelParams& p, Acc dot, int b, int h, long long i, long long j, Acc* tanh_out) {
   Acc x = dot * static_cast<Acc>(p.scale);
 #if FJ_SOFTCAP
   const Acc t = tanh_of(x / static_cast<Acc>(p.softcap));
@@ -125,10 +125,25 @@ FJ_DEVICE Acc logit(const KernelParams& p, Acc dot, int b, int h, long long i, l
   x += load_as<Acc>(mask);
 #endif
 #endif
+  return x;
+}
+
+// The logit: the masked score, -inf outside the causal/window bounds.
+template <typename Acc>
+FJ_DEVICE Acc logit(const KernelParams& p, Acc dot, int b, int h, long long i, long long j, Acc* tanh_out) {
+  Acc x = masked_score(p, dot, b, h, i, j, tanh_out);
 #if FJ_HAS_WINDOW
   if (!visible(p, i, j)) x = negative_infinity<Acc>();
 #endif
   return x;
+}
+
+// Whether every (query, key) of the rectangle [query_first, query_last] x
+// [key_first, key_last] is inside the causal/window bounds.
+FJ_DEVICE bool all_visible(const KernelParams& p, long long query_first, long long query_last, long long key_first,
+                           long long key_last) {
+  return (p.window_left < 0 || key_first - query_last - p.diagonal_shift >= -p.window_left) &&
+         (p.window_right < 0 || key_last - query_first - p.diagonal_shift <= p.window_right);
 }
 
 // Dropout keep decision for (batch-head bh, query i, key j): the shared Philox rule.
@@ -136,11 +151,14 @@ FJ_DEVICE bool dropout_keeps(const KernelParams& p, long long bh, long long i, l
   return dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, bh, i, j);
 }
 
-// Linear block index -> (block, batch, head); heavy (late) causal blocks start first.
-FJ_DEVICE void block_coordinates(int num_blocks, int heads, int* block, int* b, int* h) {
+// Linear block index -> (block, batch, head). Under causal bounds late query
+// blocks see the most keys and early key blocks the most queries: the heavy
+// blocks start first (late_first for query blocks).
+FJ_DEVICE void block_coordinates(int num_blocks, int heads, int* block, int* b, int* h, bool late_first = true) {
   const int linear = blockIdx.x;
   const int batch_head = linear / num_blocks;
-  *block = num_blocks - 1 - (linear - batch_head * num_blocks);
+  const int index = linear - batch_head * num_blocks;
+  *block = late_first ? num_blocks - 1 - index : index;
   *b = batch_head / heads;
   *h = batch_head - *b * heads;
 }

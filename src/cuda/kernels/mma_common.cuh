@@ -10,7 +10,8 @@
 // 16-deep step (see a_from_c), so P and dS never leave registers.
 //
 // Macros from the prelude: FJ_ELEM (half_t or bf16_t), FJ_ELEM_IS_BF16,
-// FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V, FJ_WARPS, FJ_BLOCK_N, FJ_ALIGNED.
+// FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V, FJ_WARPS, FJ_ROW_TILES, FJ_BLOCK_N, FJ_ALIGNED,
+// FJ_MASK, FJ_SOFTCAP, FJ_DROPOUT.
 #pragma once
 
 namespace flashjit {
@@ -20,7 +21,8 @@ typedef FJ_ELEM elem_t;
 
 constexpr int kWarps = FJ_WARPS;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBlockM = 16 * kWarps;
+constexpr int kRowTiles = FJ_ROW_TILES;  // 16-row tiles a warp owns
+constexpr int kBlockM = 16 * kRowTiles * kWarps;
 constexpr int kBlockN = FJ_BLOCK_N;
 constexpr int kDimQk = FJ_HEAD_DIM_QK;
 constexpr int kDimV = FJ_HEAD_DIM_V;
@@ -70,6 +72,14 @@ FJ_DEVICE void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, uns
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
+}
+
+// 2^x with the hardware approximation (2 ulp; subnormal results flush to 0;
+// 2^-inf = 0).
+FJ_DEVICE float fast_exp2(float x) {
+  float result;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(result) : "f"(x));
+  return result;
 }
 
 // Two floats -> one register of two 16-bit values (lo = first).
@@ -128,6 +138,22 @@ FJ_DEVICE const elem_t* bt_address(const elem_t* tile, int pitch, int n0, int co
 // Two B fragments of B = X where X rows are k: X[k0..k0+15][n0..n0+15], read with .trans.
 FJ_DEVICE const elem_t* b_address(const elem_t* tile, int pitch, int k0, int n0, int lane) {
   return tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * pitch + n0 + (lane / 16) * 8;
+}
+
+// The log2-domain logit of element (i, j). Interior tiles, whose every element
+// lies inside the rows, the key range and the causal/window band, skip the
+// bounds; with no mask and no softcap their logit is one multiply.
+template <bool kInterior>
+FJ_DEVICE float logit_log2(const KernelParams& p, float dot, float scale_log2, int b, int h, long long i, long long j,
+                           float* tanh_out) {
+  if (kInterior) {
+#if FJ_MASK == 0 && !FJ_SOFTCAP
+    return dot * scale_log2;
+#else
+    return masked_score(p, dot, b, h, i, j, tanh_out) * kLog2e;
+#endif
+  }
+  return logit(p, dot, b, h, i, j, tanh_out) * kLog2e;
 }
 
 #if FJ_DROPOUT
