@@ -1026,6 +1026,9 @@ def plot(rows: list[Row], out_dir: str, stem: str) -> list[str]:
                 axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
                 if log_y:
                     axis.set_yscale("log")
+                    axis.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                    axis.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+                    axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                 else:
                     axis.set_ylim(bottom=0)
                 axis.set_title(f"D={head_dim}, {'causal' if causal else 'non-causal'}", fontsize=9)
