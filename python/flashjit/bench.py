@@ -157,32 +157,31 @@ def _sdpa(backend_name: str, causal: bool):
     return run
 
 
-_compiled_flex = None
+_compiled_flex: dict = {}
 
 
-def _flex(causal: bool, seqlen: int, device: str):
-    """FlexAttention under torch.compile with dynamic shapes: one compile per head dim and mask
-    kind instead of one per seqlen (a seqlen-specialised sweep would spend minutes compiling)."""
-    global _compiled_flex
+def _flex(causal: bool, seqlen: int, device: str, dynamic: bool = True):
+    """FlexAttention under torch.compile. Dynamic shapes by default: one compile per head dim and
+    mask kind instead of one per shape (a shape-specialised GPU sweep spends minutes compiling)."""
     import torch
 
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as error:
         raise Unsupported(f"no FlexAttention in torch {_torch_version()}: {_first_line(error)}") from None
-    if _compiled_flex is None:
+    if dynamic not in _compiled_flex:
         config = torch._dynamo.config
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(config, name):
-                    setattr(config, name, max(getattr(config, name), 64))
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+                    setattr(config, name, max(getattr(config, name), 256))
+        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
     block_mask = None
     if causal:
         block_mask = create_block_mask(lambda b, h, q_index, k_index: q_index >= k_index, None, None, seqlen, seqlen,
                                        device=device)
-    compiled = _compiled_flex
+    compiled = _compiled_flex[dynamic]
 
     def run(q, k, v):
         return compiled(q, k, v, block_mask=block_mask)
@@ -199,14 +198,14 @@ def _flashjit(causal: bool):
     return run
 
 
-def build(impl: str, case: Case, device: str) -> Callable:
+def build(impl: str, case: Case, device: str, flex_dynamic: bool = True) -> Callable:
     """A function (q, k, v) -> o for one implementation and case."""
     if impl == "flashjit":
         return _flashjit(case.causal)
     if impl == "naive":
         return _naive(case.causal, case.seqlen, device)
     if impl == "flex":
-        return _flex(case.causal, case.seqlen, device)
+        return _flex(case.causal, case.seqlen, device, flex_dynamic)
     backend = {"sdpa-math": "MATH", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                "sdpa-cudnn": "CUDNN_ATTENTION"}[impl]
     return _sdpa(backend, case.causal)
@@ -426,6 +425,7 @@ class Config:
     heads: int | None = None
     hidden: int | None = None
     seed: int = 0
+    flex_compile: str = "dynamic"
     notes: list = field(default_factory=list)
 
     def cases(self) -> list[Case]:
@@ -491,6 +491,14 @@ def _classify(error: BaseException) -> tuple[str, str]:
     return "error", _first_line(error)
 
 
+def _classify_for(impl: str, error: BaseException) -> tuple[str, str]:
+    """As _classify; a FlexAttention failure other than memory is a failed compile (unsupported)."""
+    status, reason = _classify(error)
+    if impl == "flex" and status == "error":
+        return "unsupported", f"under torch.compile: {reason}"
+    return status, reason
+
+
 def _warning_reason(caught: Iterable[warnings.WarningMessage]) -> str:
     """SDPA explains why a forced backend refused in warnings; keep the first."""
     for warning in caught:
@@ -500,7 +508,7 @@ def _warning_reason(caught: Iterable[warnings.WarningMessage]) -> str:
     return ""
 
 
-def probe(impl: str, case: Case, device: str) -> _Probe:
+def probe(impl: str, case: Case, device: str, flex_dynamic: bool = True) -> _Probe:
     """Runs the small error case; its failures say what the implementation supports."""
     import torch
 
@@ -519,13 +527,11 @@ def probe(impl: str, case: Case, device: str) -> _Probe:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            out = build(impl, small, device)(q, k, v)
+            out = build(impl, small, device, flex_dynamic)(q, k, v)
         except Exception as error:  # noqa: BLE001 (any failure makes the implementation unsupported)
-            status, reason = _classify(error)
+            status, reason = _classify_for(impl, error)
             if impl.startswith("sdpa-"):
                 reason = f"{reason}; {_warning_reason(caught)}".rstrip("; ")
-            elif impl == "flex" and status == "error":
-                status, reason = "unsupported", f"under torch.compile: {reason}"
             result.forward = result.backward = reason
             result.forward_status = result.backward_status = status
             return result
@@ -533,11 +539,9 @@ def probe(impl: str, case: Case, device: str) -> _Probe:
         try:
             grads = torch.autograd.grad(out, (q, k, v), dout)
         except Exception as error:  # noqa: BLE001
-            status, reason = _classify(error)
+            status, reason = _classify_for(impl, error)
             if impl.startswith("sdpa-"):
                 reason = f"{reason}; {_warning_reason(caught)}".rstrip("; ")
-            elif impl == "flex" and status == "error":
-                status, reason = "unsupported", f"under torch.compile: {reason}"
             result.backward = reason
             result.backward_status = status
             return result
@@ -575,7 +579,7 @@ def measure(impl: str, case: Case, config: Config, checked: _Probe, peak) -> lis
 
     sets = _input_sets(case, device, impl)
     try:
-        run = build(impl, case, device)
+        run = build(impl, case, device, config.flex_compile == "dynamic")
         inputs = _inputs(case, device, sets)
         peak_mib = _warm_up(run, inputs[0], not checked.backward, peak)
         for mode, row in rows.items():
@@ -585,7 +589,7 @@ def measure(impl: str, case: Case, config: Config, checked: _Probe, peak) -> lis
             try:
                 times = _time_mode(run, inputs, mode, config.repeats, cuda)
             except Exception as error:  # noqa: BLE001 (recorded in the row)
-                row.status, row.reason = _classify(error)
+                row.status, row.reason = _classify_for(impl, error)
             if row.status == "skipped":
                 _release(cuda)
                 continue
@@ -593,7 +597,7 @@ def measure(impl: str, case: Case, config: Config, checked: _Probe, peak) -> lis
                 row.ms, row.runs = statistics.median(times), len(times)
                 row.tflops = flops(case, mode) / (row.ms * 1e-3) / 1e12
     except Exception as error:  # noqa: BLE001 (recorded in the rows)
-        status, reason = _classify(error)
+        status, reason = _classify_for(impl, error)
         for row in rows.values():
             if row.status == "ok":
                 row.status, row.reason = status, reason
@@ -690,7 +694,7 @@ def run_sweep(config: Config, progress: bool = True) -> list[Row]:
             bar.update(f"{impl} {case.label()}")
             key = (impl, case.dtype, case.head_dim, case.causal)
             if key not in probes:
-                probes[key] = probe(impl, case, config.device)
+                probes[key] = probe(impl, case, config.device, config.flex_compile == "dynamic")
             rows += measure(impl, case, config, probes[key], peak)
             bar.advance()
     bar.close()
@@ -768,7 +772,8 @@ def metadata(config: Config, argv: list[str]) -> dict:
         except Exception as error:  # noqa: BLE001
             meta["nvrtc"] = _first_line(error)
         if "flex" in config.impls:
-            meta["flex"] = "torch.compile(flex_attention, dynamic=True); causal through a block mask"
+            meta["flex"] = (f"torch.compile(flex_attention, dynamic={config.flex_compile == 'dynamic'}); "
+                            "causal through a block mask")
     return meta
 
 
@@ -1143,6 +1148,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--repeats", type=_positive_int, help="timed runs per measurement, median reported "
                         "(default 20 on the GPU, 5 on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flex-compile", choices=["dynamic", "static"], default="dynamic",
+                        help="FlexAttention compiled for dynamic shapes (one compile per head dim and mask) "
+                        "or per shape (slower to compile)")
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (GPU: D128, N 1k and 4k; "
                         "CPU: N 256-1024, fwd and bwd, 3 runs)")
     parser.add_argument("--out", metavar="DIR", help="write CSV, JSON, a markdown record and PNG plots here")
@@ -1189,7 +1197,7 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
         impls=list(dict.fromkeys(_flatten(args.impls) or DEFAULT_IMPLS[device])),
         modes=[mode for mode in MODES if mode in (_flatten(args.modes) or defaults["modes"])],
         repeats=pick("repeats"),
-        batch=batch, tokens=tokens, heads=heads, hidden=hidden, seed=args.seed,
+        batch=batch, tokens=tokens, heads=heads, hidden=hidden, seed=args.seed, flex_compile=args.flex_compile,
     )
 
 
