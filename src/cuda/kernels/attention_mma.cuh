@@ -13,15 +13,29 @@
 namespace flashjit {
 namespace mma {
 
-// Logits of one S tile in the log2 domain (bounds checked unless kInterior), and
-// the tile's row maxima.
+// Row r's maximum or sum of this thread's part of a 16 x kBlockN C tile, as a
+// tree: a serial chain over the row would leave the two or three warps a
+// scheduler holds waiting on each step's latency.
+template <bool kSum>
+FJ_DEVICE float row_reduce(const float (&c)[kBlockN / 8][4], int r) {
+  float part[kBlockN / 8];
+#pragma unroll
+  for (int n = 0; n < kBlockN / 8; ++n) part[n] = kSum ? c[n][2 * r] + c[n][2 * r + 1] : fmaxf(c[n][2 * r], c[n][2 * r + 1]);
+#pragma unroll
+  for (int width = kBlockN / 16; width >= 1; width /= 2) {
+#pragma unroll
+    for (int n = 0; n < width; ++n) part[n] = kSum ? part[n] + part[n + width] : fmaxf(part[n], part[n + width]);
+  }
+  return part[0];
+}
+
+// Logits of one S tile in the log2 domain (bounds checked unless kInterior).
 template <bool kInterior>
-FJ_DEVICE void tile_logits(float (&s)[kRowTiles][kBlockN / 8][4], float (&tile_max)[kRowTiles][2],
-                           const KernelParams& p, const long long (&rows)[kRowTiles][2], long long tile_start,
-                           long long key_lo, long long key_hi, int b, int h, int quad, float scale_log2) {
+FJ_DEVICE void tile_logits(float (&s)[kRowTiles][kBlockN / 8][4], const KernelParams& p,
+                           const long long (&rows)[kRowTiles][2], long long tile_start, long long key_lo,
+                           long long key_hi, int b, int h, int quad, float scale_log2) {
 #pragma unroll
   for (int m = 0; m < kRowTiles; ++m) {
-    tile_max[m][0] = tile_max[m][1] = negative_infinity<float>();
 #pragma unroll
     for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
@@ -34,7 +48,6 @@ FJ_DEVICE void tile_logits(float (&s)[kRowTiles][kBlockN / 8][4], float (&tile_m
           x = logit_log2<kInterior>(p, s[m][n][e], scale_log2, b, h, i, j, &unused_tanh);
         }
         s[m][n][e] = x;
-        tile_max[m][e / 2] = fmaxf(tile_max[m][e / 2], x);
       }
     }
   }
@@ -123,20 +136,19 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     }
 
     // Logits (scale, softcap, mask, bounds) in the log2 domain, and the row maxima.
-    float tile_max[kRowTiles][2];
     const bool interior = block_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
                           all_visible(p, first_query, first_query + kBlockM - 1, tile_start, tile_start + kBlockN - 1);
     if (interior) {
-      tile_logits<true>(s, tile_max, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+      tile_logits<true>(s, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
     } else {
-      tile_logits<false>(s, tile_max, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+      tile_logits<false>(s, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
     }
 #pragma unroll
     for (int m = 0; m < kRowTiles; ++m) {
       float scale_old[2], base_max[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float tmax = tile_max[m][r];
+        float tmax = row_reduce<false>(s[m], r);
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
         tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
         const float new_max = fmaxf(row_max[m][r], tmax);
@@ -144,7 +156,6 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
         base_max[r] = new_max == negative_infinity<float>() ? 0.0f : new_max;
         scale_old[r] = fast_exp2(row_max[m][r] - base_max[r]);
         row_max[m][r] = new_max;
-        row_sum[m][r] *= scale_old[r];
       }
 #pragma unroll
       for (int n = 0; n < kDimV / 8; ++n) {
@@ -156,20 +167,20 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
       // P = exp2(S - max); the sum uses P before dropout, O uses P after.
 #pragma unroll
       for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[m][n][e] = fast_exp2(s[m][n][e] - base_max[e / 2]);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) row_sum[m][r] = row_sum[m][r] * scale_old[r] + row_reduce<true>(s[m], r);
 #if FJ_DROPOUT
+#pragma unroll
+      for (int n = 0; n < kBlockN / 8; ++n) {
         float factor[4];
         dropout_factors(factor, p, batch_head, rows[m], tile_start + n * 8 + quad * 2);
-#endif
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float prob = fast_exp2(s[m][n][e] - base_max[e / 2]);
-          row_sum[m][e / 2] += prob;
-#if FJ_DROPOUT
-          prob *= factor[e];
-#endif
-          s[m][n][e] = prob;
-        }
+        for (int e = 0; e < 4; ++e) s[m][n][e] *= factor[e];
       }
+#endif
     }
 
     cp_async_wait<0>();
