@@ -188,16 +188,22 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
   spec.threads = 128;
   const int head_dim = std::max(spec.head_dim_qk, spec.head_dim_v);
   // Masks, dropout and softcap need registers of their own: 32 rows a step keeps
-  // those kernels from spilling above head dim 64.
+  // those kernels from spilling (ptxas -v; bench/NOTES.md).
   const bool extras = spec.mask != MaskKind::kNone || spec.dropout || spec.softcap;
   switch (entry) {
     case KernelEntry::kForward:
       // Two row tiles a warp (128 query rows a block) up to head dim 128: each
       // K and V fragment read from shared memory then feeds two mma.
+      // 64 keys a step: at head dim 128 ptxas spills about 30 bytes, yet it
+      // measured 10% faster than 32 keys (bench/NOTES.md).
       spec.row_tiles = head_dim > 128 ? 1 : 2;
-      spec.block_n = head_dim > 128 || (head_dim > 64 && extras) ? 32 : 64;
+      spec.block_n = head_dim > 128 || extras ? 32 : 64;
       break;
-    case KernelEntry::kBackwardDq: spec.block_n = head_dim > 64 ? 32 : 64; break;
+    case KernelEntry::kBackwardDq:
+      // Two row tiles a warp as in the forward: K and V fragments feed two mma each.
+      spec.row_tiles = head_dim > 128 ? 1 : 2;
+      spec.block_n = head_dim > 64 || extras ? 32 : 64;
+      break;
     // 64 queries a step measured fastest up to head dim 128 on the H100, though
     // at 128 ptxas spills about 130 bytes (bench/NOTES.md).
     case KernelEntry::kBackwardDkDv: spec.block_n = head_dim > 128 || (head_dim > 64 && extras) ? 32 : 64; break;

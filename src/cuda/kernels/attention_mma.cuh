@@ -95,11 +95,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
   cp_async_commit();
 
   float o[kRowTiles][kDimV / 8][4];
+  zero(o);
   float row_max[kRowTiles][2], row_sum[kRowTiles][2];  // max in the log2 domain
 #pragma unroll
   for (int m = 0; m < kRowTiles; ++m) {
-#pragma unroll
-    for (int n = 0; n < kDimV / 8; ++n) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.0f;
     row_max[m][0] = row_max[m][1] = negative_infinity<float>();
     row_sum[m][0] = row_sum[m][1] = 0.0f;
   }
@@ -113,27 +112,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
 
     // S = Q K^T (kRowTiles x 16 x kBlockN per warp); each K fragment feeds every row tile.
     float s[kRowTiles][kBlockN / 8][4];
-#pragma unroll
-    for (int m = 0; m < kRowTiles; ++m) {
-#pragma unroll
-      for (int n = 0; n < kBlockN / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.0f;
-    }
-#pragma unroll
-    for (int kk = 0; kk < kDimQk / 16; ++kk) {
-      unsigned a[kRowTiles][4];
-#pragma unroll
-      for (int m = 0; m < kRowTiles; ++m) ldmatrix_x4(a[m], a_address(q_warp + m * 16 * kPitchQk, kPitchQk, kk * 16, lane));
-#pragma unroll
-      for (int n = 0; n < kBlockN / 8; n += 2) {
-        unsigned bk[4];
-        ldmatrix_x4(bk, bt_address(k_tile, kPitchQk, n * 8, kk * 16, lane));
-#pragma unroll
-        for (int m = 0; m < kRowTiles; ++m) {
-          mma_16816(s[m][n], a[m], bk[0], bk[1]);
-          mma_16816(s[m][n + 1], a[m], bk[2], bk[3]);
-        }
-      }
-    }
+    zero(s);
+    mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(s, q_warp, k_tile, lane);
 
     // Logits (scale, softcap, mask, bounds) in the log2 domain, and the row maxima.
     const bool interior = block_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
@@ -191,22 +171,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     cp_async_commit();
 
     // O += P V; each V fragment feeds every row tile.
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      unsigned a[kRowTiles][4];
-#pragma unroll
-      for (int m = 0; m < kRowTiles; ++m) a_from_c(a[m], s[m][2 * kk], s[m][2 * kk + 1]);
-#pragma unroll
-      for (int n = 0; n < kDimV / 8; n += 2) {
-        unsigned bv[4];
-        ldmatrix_x4_trans(bv, b_address(v_tile, kPitchV, kk * 16, n * 8, lane));
-#pragma unroll
-        for (int m = 0; m < kRowTiles; ++m) {
-          mma_16816(o[m][n], a[m], bv[0], bv[1]);
-          mma_16816(o[m][n + 1], a[m], bv[2], bv[3]);
-        }
-      }
-    }
+    mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(o, s, v_tile, lane);
     __syncthreads();  // every warp done reading V before the next tile's V load
   }
   cp_async_wait<0>();

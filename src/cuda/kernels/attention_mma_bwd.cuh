@@ -23,8 +23,6 @@
 namespace flashjit {
 namespace mma {
 
-static_assert(kRowTiles == 1, "the backward kernels give each warp one 16-row tile");
-
 // The forward's natural-log LSE in the log2 domain; +inf for rows that see no key.
 FJ_DEVICE float lse_log2(float lse) {
   return lse == negative_infinity<float>() ? -negative_infinity<float>() : lse * kLog2e;
@@ -104,49 +102,6 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
   }
 }
 
-// acc[16 x kN] += A B for a warp: A's 16 rows at `a_tile` (pitch kPitchA, kDepth
-// columns), B = X^T with X's kN rows at `x_tile` (pitch kPitchX).
-template <int kDepth, int kN, int kPitchA, int kPitchX>
-FJ_DEVICE void mma_rows_by_rows(float (&acc)[kN / 8][4], const elem_t* a_tile, const elem_t* x_tile, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kDepth / 16; ++kk) {
-    unsigned a[4];
-    ldmatrix_x4(a, a_address(a_tile, kPitchA, kk * 16, lane));
-#pragma unroll
-    for (int n = 0; n < kN / 8; n += 2) {
-      unsigned b[4];
-      ldmatrix_x4(b, bt_address(x_tile, kPitchX, n * 8, kk * 16, lane));
-      mma_16816(acc[n], a, b[0], b[1]);
-      mma_16816(acc[n + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// acc[16 x kN] += C X for a warp: C (16 x kDepth) in C fragments, X's kDepth rows at
-// `x_tile` (pitch kPitchX, kN columns).
-template <int kDepth, int kN, int kPitchX>
-FJ_DEVICE void mma_fragments_by_rows(float (&acc)[kN / 8][4], const float (&c)[kDepth / 8][4],
-                                     const elem_t* x_tile, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kDepth / 16; ++kk) {
-    unsigned a[4];
-    a_from_c(a, c[2 * kk], c[2 * kk + 1]);
-#pragma unroll
-    for (int n = 0; n < kN / 8; n += 2) {
-      unsigned b[4];
-      ldmatrix_x4_trans(b, b_address(x_tile, kPitchX, kk * 16, n * 8, lane));
-      mma_16816(acc[n], a, b[0], b[1]);
-      mma_16816(acc[n + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-template <int kN>
-FJ_DEVICE void zero(float (&acc)[kN][4]) {
-#pragma unroll
-  for (int n = 0; n < kN; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-}
-
 // Rows rows[0], rows[1] of a [16 x kDim] accumulator into a gradient operand.
 template <int kDim>
 FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
@@ -181,9 +136,13 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
   const int quad = lane % 4;
   const long long first_query = static_cast<long long>(block) * kBlockM;
   const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-  long long rows[2];
-  rows[0] = first_query + warp * 16 + group;
-  rows[1] = rows[0] + 8;
+  // This thread's rows: first_query + (warp * kRowTiles + m) * 16 + group (+ 8).
+  long long rows[kRowTiles][2];
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+    rows[m][0] = first_query + (warp * kRowTiles + m) * 16 + group;
+    rows[m][1] = rows[m][0] + 8;
+  }
 
   const bool block_full = first_query + kBlockM <= p.seqlen_q;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
@@ -203,10 +162,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
   }
   cp_async_commit();
 
-  // delta = rowsum(dO * O) for the warp's 16 rows, two lanes a row, while the tiles load.
-  float delta[2], lse2[2];
-  {
-    const long long i = first_query + warp * 16 + lane / 2;
+  // delta = rowsum(dO * O) for the warp's rows, two lanes a row, while the tiles load.
+  float delta[kRowTiles][2], lse2[kRowTiles][2];
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+    const long long i = first_query + (warp * kRowTiles + m) * 16 + lane / 2;
     float partial = 0.0f;
     if (i < p.seqlen_q) {
       const elem_t* o_row = operand_row<const elem_t>(p.o, b, h, i);
@@ -215,19 +175,19 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
     }
     partial += __shfl_xor_sync(0xffffffffu, partial, 1);
     if (i < p.seqlen_q && lane % 2 == 0) static_cast<float*>(p.delta)[batch_head * p.seqlen_q + i] = partial;
-    delta[0] = __shfl_sync(0xffffffffu, partial, 2 * group);
-    delta[1] = __shfl_sync(0xffffffffu, partial, 2 * group + 16);
-  }
+    delta[m][0] = __shfl_sync(0xffffffffu, partial, 2 * group);
+    delta[m][1] = __shfl_sync(0xffffffffu, partial, 2 * group + 16);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    lse2[r] = rows[r] < p.seqlen_q ? lse_log2(*operand_row<const float>(p.lse, b, h, rows[r]))
-                                   : -negative_infinity<float>();
+    for (int r = 0; r < 2; ++r) {
+      lse2[m][r] = rows[m][r] < p.seqlen_q ? lse_log2(*operand_row<const float>(p.lse, b, h, rows[m][r]))
+                                           : -negative_infinity<float>();
+    }
   }
 
-  float dq[kDimQk / 8][4];
+  float dq[kRowTiles][kDimQk / 8][4];
   zero(dq);
-  const elem_t* q_warp = q_tile + warp * 16 * kPitchQk;
-  const elem_t* dout_warp = dout_tile + warp * 16 * kPitchV;
+  const elem_t* q_warp = q_tile + warp * kRowTiles * 16 * kPitchQk;
+  const elem_t* dout_warp = dout_tile + warp * kRowTiles * 16 * kPitchV;
   int buffer = 0;
   for (long long tile_start = first_tile; tile_start < key_hi; tile_start += kBlockN, buffer ^= 1) {
     const elem_t* k_tile = k_tiles + buffer * kBlockN * kPitchQk;
@@ -243,7 +203,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
     cp_async_wait<1>();
     __syncthreads();  // this tile (and Q, dO) in shared memory
 
-    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+    float s[kRowTiles][kBlockN / 8][4], dp[kRowTiles][kBlockN / 8][4];
     zero(s);
     zero(dp);
     mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(s, q_warp, k_tile, lane);
@@ -251,22 +211,28 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
 
     const bool interior = block_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
                           all_visible(p, first_query, first_query + kBlockM - 1, tile_start, tile_start + kBlockN - 1);
-    if (interior) {
-      dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
-                             scale_log2);
-    } else {
-      dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
-                              scale_log2);
+#pragma unroll
+    for (int m = 0; m < kRowTiles; ++m) {
+      if (interior) {
+        dq_tile_gradient<true>(s[m], dp[m], p, rows[m], lse2[m], delta[m], tile_start, key_lo, key_hi, b, h,
+                               batch_head, quad, scale_log2);
+      } else {
+        dq_tile_gradient<false>(s[m], dp[m], p, rows[m], lse2[m], delta[m], tile_start, key_lo, key_hi, b, h,
+                                batch_head, quad, scale_log2);
+      }
     }
     mma_fragments_by_rows<kBlockN, kDimQk, kPitchQk>(dq, s, k_tile, lane);
     __syncthreads();  // every warp done with this buffer before it is refilled
   }
   cp_async_wait<0>();
-  store_rows<kDimQk>(p.dq, b, h, rows, p.seqlen_q, p.head_dim_qk, dq, quad);
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) store_rows<kDimQk>(p.dq, b, h, rows[m], p.seqlen_q, p.head_dim_qk, dq[m], quad);
 }
 #endif  // FJ_ENTRY == 1
 
 #if FJ_ENTRY == 2
+static_assert(kRowTiles == 1, "the dK/dV kernel gives each warp one 16-key tile");
+
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkdv(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   elem_t* k_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]: the block's keys
@@ -322,11 +288,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
   cp_async_commit();
 
 #if FJ_DKDV_PART != 2
-  float dv[kDimV / 8][4];
+  float dv[1][kDimV / 8][4];
   zero(dv);
 #endif
 #if FJ_DKDV_PART != 1
-  float dk[kDimQk / 8][4];
+  float dk[1][kDimQk / 8][4];
   zero(dk);
 #endif
   const elem_t* k_warp = k_tile + warp * 16 * kPitchQk;
@@ -345,7 +311,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
     const long long start = first_tile + static_cast<long long>(t % tiles_per_head) * kBlockN;
     const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
 
-    float st[kBlockN / 8][4], dpt[kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
+    float st[1][kBlockN / 8][4], dpt[1][kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
     zero(st);
     zero(dpt);
     mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(st, k_warp, q_tile, lane);
@@ -356,10 +322,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
     const bool interior = keys_full && start >= query_lo && start + kBlockN <= query_hi &&
                           all_visible(p, start, start + kBlockN - 1, first_key, first_key + kBlockM - 1);
     if (interior) {
-      dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+      dkdv_tile_gradient<true>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
                                quad, scale_log2);
     } else {
-      dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+      dkdv_tile_gradient<false>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
                                 quad, scale_log2);
     }
 #if FJ_DKDV_PART != 2
@@ -372,10 +338,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
   }
   cp_async_wait<0>();
 #if FJ_DKDV_PART != 1
-  store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
+  store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk[0], quad);
 #endif
 #if FJ_DKDV_PART != 2
-  store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+  store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv[0], quad);
 #endif
 }
 #endif  // FJ_ENTRY == 2

@@ -140,6 +140,62 @@ FJ_DEVICE const elem_t* b_address(const elem_t* tile, int pitch, int k0, int n0,
   return tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * pitch + n0 + (lane / 16) * 8;
 }
 
+// acc[kTiles x 16 x kN] += A B for a warp: A's kTiles x 16 rows at `a_tile` (pitch
+// kPitchA, kDepth columns), B = X^T with X's kN rows at `x_tile` (pitch kPitchX).
+// Each B fragment read from shared memory feeds kTiles mma.
+template <int kDepth, int kN, int kPitchA, int kPitchX, int kTiles>
+FJ_DEVICE void mma_rows_by_rows(float (&acc)[kTiles][kN / 8][4], const elem_t* a_tile, const elem_t* x_tile,
+                                int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    unsigned a[kTiles][4];
+#pragma unroll
+    for (int m = 0; m < kTiles; ++m) ldmatrix_x4(a[m], a_address(a_tile + m * 16 * kPitchA, kPitchA, kk * 16, lane));
+#pragma unroll
+    for (int n = 0; n < kN / 8; n += 2) {
+      unsigned b[4];
+      ldmatrix_x4(b, bt_address(x_tile, kPitchX, n * 8, kk * 16, lane));
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        mma_16816(acc[m][n], a[m], b[0], b[1]);
+        mma_16816(acc[m][n + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[kTiles x 16 x kN] += C X for a warp: C (kTiles x 16 x kDepth) in C fragments,
+// X's kDepth rows at `x_tile` (pitch kPitchX, kN columns).
+template <int kDepth, int kN, int kPitchX, int kTiles>
+FJ_DEVICE void mma_fragments_by_rows(float (&acc)[kTiles][kN / 8][4], const float (&c)[kTiles][kDepth / 8][4],
+                                     const elem_t* x_tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    unsigned a[kTiles][4];
+#pragma unroll
+    for (int m = 0; m < kTiles; ++m) a_from_c(a[m], c[m][2 * kk], c[m][2 * kk + 1]);
+#pragma unroll
+    for (int n = 0; n < kN / 8; n += 2) {
+      unsigned b[4];
+      ldmatrix_x4_trans(b, b_address(x_tile, kPitchX, kk * 16, n * 8, lane));
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        mma_16816(acc[m][n], a[m], b[0], b[1]);
+        mma_16816(acc[m][n + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <int kTiles, int kN>
+FJ_DEVICE void zero(float (&acc)[kTiles][kN][4]) {
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
+  }
+}
+
 // The log2-domain logit of element (i, j). Interior tiles, whose every element
 // lies inside the rows, the key range and the causal/window band, skip the
 // bounds; with no mask and no softcap their logit is one multiply.
