@@ -179,8 +179,11 @@ def _flex(causal: bool, seqlen: int, device: str, dynamic: bool = True):
                     setattr(config, name, max(getattr(config, name), 256))
             # The bwd timing runs one graph's backward repeatedly (retain_graph=True), which
             # compiled backwards with donated buffers refuse.
-            functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
-            if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+            try:
+                import torch._functorch.config as functorch_config
+            except ImportError:
+                functorch_config = None
+            if hasattr(functorch_config, "donated_buffer"):
                 functorch_config.donated_buffer = False
         _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
     block_mask = None
