@@ -148,7 +148,8 @@ void backward(const AttentionProblem& p) {
   run(specs[0], functions[0], launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
   for (size_t index = 1; index < specs.size(); ++index) {
     params.num_key_blocks = int(ceil_div(p.seqlen_k, specs[index].block_rows()));
-    run(specs[index], functions[index], launch, params, int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
+    run(specs[index], functions[index], launch, params,
+        int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
   }
 }
 

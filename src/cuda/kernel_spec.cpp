@@ -65,8 +65,8 @@ std::string KernelSpec::name() const {
                  "_qk", head_dim_qk, "_v", head_dim_v, "_mask-", mask_text, window ? "_window" : "",
                  dropout ? "_dropout" : "", softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t",
                  threads, family == KernelFamily::kMma ? str_cat("_r", row_tiles) : std::string(),
-                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n,
-                 "_sm", arch);
+                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n, "_sm",
+                 arch);
 }
 
 const char* KernelSpec::function_name() const {
@@ -152,6 +152,13 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
   return traits;
 }
 
+// CUDA C++ Programming Guide, "Technical Specifications per Compute Capability".
+int max_shared_memory_bytes(int arch) {
+  if (arch == 80 || arch == 87) return 163 * 1024;
+  if (arch >= 90) return 227 * 1024;
+  return 99 * 1024;
+}
+
 namespace {
 
 KernelSpec simt_spec(const KernelTraits& traits, KernelEntry entry) {
@@ -170,6 +177,10 @@ KernelSpec simt_spec(const KernelTraits& traits, KernelEntry entry) {
   spec.block_n = 32;
   while (spec.block_n > 8 && spec.shared_memory_bytes() > kMaxSharedBytes) spec.block_n /= 2;
   return spec;
+}
+
+bool fits(const KernelSpec& spec) {
+  return spec.shared_memory_bytes() <= max_shared_memory_bytes(spec.arch);
 }
 
 bool uses_tensor_cores(const KernelTraits& traits) {
@@ -206,31 +217,41 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
       break;
     // 64 queries a step measured fastest up to head dim 128 on the H100, though
     // at 128 ptxas spills about 130 bytes (bench/NOTES.md).
-    case KernelEntry::kBackwardDkDv: spec.block_n = head_dim > 128 || (head_dim > 64 && extras) ? 32 : 64; break;
+    case KernelEntry::kBackwardDkDv:
+      spec.block_n = head_dim > 128 || (head_dim > 64 && extras) ? 32 : 64;
+      break;
   }
+  // Smaller steps where the arch's shared memory is too small (sm_86/89: 99 KB).
+  while (!fits(spec) && spec.block_n > 16) spec.block_n /= 2;
   return spec;
 }
 
 }  // namespace
 
 KernelSpec forward_kernel(const KernelTraits& traits) {
-  if (uses_tensor_cores(traits)) return mma_spec(traits, KernelEntry::kForward);
+  if (uses_tensor_cores(traits)) {
+    const KernelSpec spec = mma_spec(traits, KernelEntry::kForward);
+    if (fits(spec)) return spec;
+  }
   return simt_spec(traits, KernelEntry::kForward);
 }
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
-  if (!uses_tensor_cores(traits)) {
-    return {simt_spec(traits, KernelEntry::kBackwardDq), simt_spec(traits, KernelEntry::kBackwardDkDv)};
-  }
+  const KernelSpec simt_dq = simt_spec(traits, KernelEntry::kBackwardDq);
+  const KernelSpec simt_dkdv = simt_spec(traits, KernelEntry::kBackwardDkDv);
+  if (!uses_tensor_cores(traits)) return {simt_dq, simt_dkdv};
+  const KernelSpec mma_dq = mma_spec(traits, KernelEntry::kBackwardDq);
+  const KernelSpec dq = fits(mma_dq) ? mma_dq : simt_dq;
   // dK and dV accumulators of 16 keys take 8 float registers a lane per 16 head
   // dims each; above 128 they do not fit together beside the score tiles, and
   // dV and dK get a kernel each.
   const KernelSpec dkdv = mma_spec(traits, KernelEntry::kBackwardDkDv);
-  if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) return {mma_spec(traits, KernelEntry::kBackwardDq), dkdv};
+  if (!fits(dkdv)) return {dq, simt_dkdv};
+  if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) return {dq, dkdv};
   KernelSpec dv = dkdv, dk = dkdv;
   dv.dkdv_part = 1;
   dk.dkdv_part = 2;
-  return {mma_spec(traits, KernelEntry::kBackwardDq), dv, dk};
+  return {dq, dv, dk};
 }
 
 }  // namespace flashjit::cuda

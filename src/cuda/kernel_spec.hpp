@@ -14,7 +14,8 @@ namespace flashjit::cuda {
 enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv };
 
 // kSimt: scalar arithmetic in the accumulator type (attention_simt.cuh): float32,
-// float64, any alignment. kMma: tensor cores, float16/bfloat16 (mma_common.cuh, attention_mma.cuh, attention_mma_bwd.cuh).
+// float64, any alignment. kMma: tensor cores, float16/bfloat16 (mma_common.cuh, attention_mma.cuh,
+// attention_mma_bwd.cuh).
 enum class KernelFamily { kSimt, kMma };
 
 struct KernelSpec {
@@ -33,7 +34,7 @@ struct KernelSpec {
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   int dkdv_part = 0;  // kMma dK/dV: 0 both, 1 dV alone, 2 dK alone
   int block_n = 32;   // rows of the streamed operand per step
-  int arch = 0;      // 90 for sm_90
+  int arch = 0;       // 90 for sm_90
 
   std::string name() const;
   const char* function_name() const;
@@ -60,7 +61,10 @@ struct KernelTraits {
 };
 
 KernelTraits traits_of(const AttentionProblem& problem, int arch);
+// The kernels for a problem's traits; each fits the opt-in shared memory of traits.arch.
 KernelSpec forward_kernel(const KernelTraits& traits);
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);
+// Opt-in shared memory a block may use on a compute capability (80 for sm_80).
+int max_shared_memory_bytes(int arch);
 
 }  // namespace flashjit::cuda

@@ -7,12 +7,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
 
+#include "cuda/kernel_spec.hpp"
 #include "flashjit/flashjit.h"
 
 namespace {
@@ -123,6 +125,43 @@ TEST_F(CudaCompile, RepresentativeKernelsCompileForSm80AndSm90) {
     EXPECT_TRUE(fs::exists(stem.string() + ".cu")) << cubin;
     EXPECT_TRUE(fs::exists(stem.string() + ".log")) << cubin;
   }
+}
+
+// Kernel selection alone (no NVRTC): every kernel chosen for a problem fits the
+// opt-in shared memory of the arch it is for, so no launch fails on sm_86/89
+// (99 KB) where the H100's choice (227 KB) would not fit.
+TEST(KernelSelection, SharedMemoryFitsEveryArch) {
+  using namespace flashjit::cuda;
+  EXPECT_EQ(max_shared_memory_bytes(80), 163 * 1024);
+  EXPECT_EQ(max_shared_memory_bytes(86), 99 * 1024);
+  EXPECT_EQ(max_shared_memory_bytes(90), 227 * 1024);
+  int checked = 0;
+  for (int arch : {80, 86, 89, 90}) {
+    for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16, FJ_FLOAT32, FJ_FLOAT64}) {
+      for (int head_dim : {1, 40, 64, 72, 128, 200, 256}) {
+        for (int extras : {0, 1}) {
+          KernelTraits traits;
+          traits.dtype = dtype;
+          traits.head_dim_qk = head_dim;
+          traits.head_dim_v = extras ? std::max(1, head_dim / 2) : head_dim;
+          traits.mask = extras ? flashjit::MaskKind::kAdditive : flashjit::MaskKind::kNone;
+          traits.mask_dtype = FJ_FLOAT32;
+          traits.window = extras;
+          traits.dropout = extras;
+          traits.softcap = extras;
+          traits.arch = arch;
+          std::vector<KernelSpec> specs = backward_kernels(traits);
+          specs.push_back(forward_kernel(traits));
+          for (const KernelSpec& spec : specs) {
+            EXPECT_LE(spec.shared_memory_bytes(), max_shared_memory_bytes(arch)) << spec.name();
+            EXPECT_GE(spec.block_n, 8) << spec.name();
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 400);
 }
 
 TEST_F(CudaCompile, SecondRequestIsAMemoryHitThenADiskLoadAfterClearing) {
