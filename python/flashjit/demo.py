@@ -16,11 +16,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from .bench import _cpu_name
 
 IMPLEMENTATIONS = ("flashjit", "naive", "sdpa")
 
@@ -93,17 +94,6 @@ def _errors(seqlen: int, heads: int, head_dim: int, dtype_name: str, causal: boo
             "err_grad": max((g.double() - e).abs().max().item() for g, e in zip(grads, exact_grads)),
         }
     return errors
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv=None) -> int:
