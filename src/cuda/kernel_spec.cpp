@@ -65,8 +65,8 @@ std::string KernelSpec::name() const {
                  "_qk", head_dim_qk, "_v", head_dim_v, "_mask-", mask_text, window ? "_window" : "",
                  dropout ? "_dropout" : "", softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t",
                  threads, family == KernelFamily::kMma ? str_cat("_r", row_tiles) : std::string(),
-                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), staged ? "_staged" : "",
-                 "_n", block_n, "_sm", arch);
+                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n, "_sm",
+                 arch);
 }
 
 const char* KernelSpec::function_name() const {
@@ -79,7 +79,6 @@ const char* KernelSpec::function_name() const {
 }
 
 int KernelSpec::block_rows() const {
-  if (staged) return threads / 2;  // 4 x 2 warps, 32 keys a warp row
   return family == KernelFamily::kMma ? threads / 32 * 16 * row_tiles : threads / kSimtLanes;
 }
 
@@ -90,8 +89,7 @@ int KernelSpec::shared_memory_bytes() const {
     if (entry == KernelEntry::kForward) return 2 * ((block_rows() + block_n) * pitch_qk + block_n * pitch_v);
     // Backward: the block's own rows of two operands, two buffers of the streamed
     // pair, and (dK/dV) two buffers of float LSE and delta.
-    int tiles = 2 * (block_rows() + 2 * block_n) * (pitch_qk + pitch_v);
-    if (staged) tiles += 2 * 2 * block_rows() * (block_n + 8);  // P^T and dS^T
+    const int tiles = 2 * (block_rows() + 2 * block_n) * (pitch_qk + pitch_v);
     return entry == KernelEntry::kBackwardDkDv ? tiles + 2 * 2 * block_n * 4 : tiles;
   }
   const int rows_bytes = block_n * (head_dim_qk + head_dim_v) * accumulator_size(dtype);
@@ -119,8 +117,8 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ROW_TILES ", row_tiles, "\n",
-      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_STAGED ", staged ? 1 : 0, "\n",
-      "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
+      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
+      "\n");
   std::vector<const char*> files = {"philox_core.h", "params.cuh", "common.cuh"};
   if (family == KernelFamily::kMma) {
     files.push_back("mma_common.cuh");
@@ -249,19 +247,7 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
   // dV and dK get a kernel each.
   const KernelSpec dkdv = mma_spec(traits, KernelEntry::kBackwardDkDv);
   if (!fits(dkdv)) return {dq, simt_dkdv};
-  if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
-    // 8 warps in a 4 x 2 layout, P^T and dS^T staged through shared memory; head
-    // dims padded to 32 so that each warp column takes half of them. Where the
-    // arch's shared memory is too small, 16 keys a warp.
-    KernelSpec staged = dkdv;
-    staged.staged = true;
-    staged.threads = 256;
-    staged.row_tiles = 2;
-    staged.block_n = 64;
-    staged.head_dim_qk = round_up(traits.head_dim_qk, 32);
-    staged.head_dim_v = round_up(traits.head_dim_v, 32);
-    return {dq, fits(staged) ? staged : dkdv};
-  }
+  if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) return {dq, dkdv};
   KernelSpec dv = dkdv, dk = dkdv;
   dv.dkdv_part = 1;
   dk.dkdv_part = 2;

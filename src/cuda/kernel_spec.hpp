@@ -33,7 +33,6 @@ struct KernelSpec {
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   int dkdv_part = 0;  // kMma dK/dV: 0 both, 1 dV alone, 2 dK alone
-  bool staged = false;  // kMma dK/dV: 2-D warp layout, P^T and dS^T through shared memory
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 

@@ -73,19 +73,18 @@ FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kB
   }
 }
 
-// P^T in place of S^T and dS^T in place of dP^T for a dK/dV tile of kN columns
-// (rows keys, columns the queries start + first_column + ...); bounds checked
-// unless kInterior.
-template <bool kInterior, int kN>
-FJ_DEVICE void dkdv_tile_gradient(float (&st)[kN / 8][4], float (&dpt)[kN / 8][4], const KernelParams& p,
+// P^T in place of S^T and dS^T in place of dP^T for the dK/dV kernel's tile (rows
+// keys, columns the queries start + column); bounds checked unless kInterior.
+template <bool kInterior>
+FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], const KernelParams& p,
                                   const long long (&keys)[2], const float* lse_tile, const float* delta_tile,
-                                  long long start, int first_column, long long query_lo, long long query_hi, int b,
-                                  int h, long long batch_head, int quad, float scale_log2) {
+                                  long long start, long long query_lo, long long query_hi, int b, int h,
+                                  long long batch_head, int quad, float scale_log2) {
 #pragma unroll
-  for (int n = 0; n < kN / 8; ++n) {
+  for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int column = first_column + n * 8 + quad * 2 + (e % 2);
+      const int column = n * 8 + quad * 2 + (e % 2);
       const long long i = start + column;
       const long long j = keys[e / 2];
       float prob = 0.0f, dscore = 0.0f;
@@ -103,18 +102,17 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kN / 8][4], float (&dpt)[kN / 8][4
   }
 }
 
-// Rows rows[0], rows[1] of a [16 x kDim] accumulator into columns first_column..
-// of a gradient operand.
+// Rows rows[0], rows[1] of a [16 x kDim] accumulator into a gradient operand.
 template <int kDim>
 FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
-                          int dim, const float (&acc)[kDim / 8][4], int quad, int first_column = 0) {
+                          int dim, const float (&acc)[kDim / 8][4], int quad) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (rows[r] >= row_end) continue;
     elem_t* row = operand_row<elem_t>(out, b, h, rows[r]);
 #pragma unroll
     for (int n = 0; n < kDim / 8; ++n) {
-      const int d = first_column + n * 8 + quad * 2;
+      const int d = n * 8 + quad * 2;
       if (d < dim) row[d] = from_float<elem_t>(acc[n][2 * r]);
       if (d + 1 < dim) row[d + 1] = from_float<elem_t>(acc[n][2 * r + 1]);
     }
@@ -232,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
 }
 #endif  // FJ_ENTRY == 1
 
-#if FJ_ENTRY == 2 && !FJ_STAGED
+#if FJ_ENTRY == 2
 static_assert(kRowTiles == 1, "the dK/dV kernel gives each warp one 16-key tile");
 
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkdv(const KernelParams p) {
@@ -324,11 +322,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
     const bool interior = keys_full && start >= query_lo && start + kBlockN <= query_hi &&
                           all_visible(p, start, start + kBlockN - 1, first_key, first_key + kBlockM - 1);
     if (interior) {
-      dkdv_tile_gradient<true, kBlockN>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, 0, query_lo, query_hi, b,
-                                        h, batch_head, quad, scale_log2);
+      dkdv_tile_gradient<true>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+                               quad, scale_log2);
     } else {
-      dkdv_tile_gradient<false, kBlockN>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, 0, query_lo, query_hi,
-                                         b, h, batch_head, quad, scale_log2);
+      dkdv_tile_gradient<false>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+                                quad, scale_log2);
     }
 #if FJ_DKDV_PART != 2
     mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(dv, st, dout_tile, lane);
@@ -346,179 +344,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
   store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv[0], quad);
 #endif
 }
-#endif  // FJ_ENTRY == 2 && !FJ_STAGED
-
-#if FJ_ENTRY == 2 && FJ_STAGED
-// dK/dV with a 2-D warp layout: 8 warps, 128 keys a block, 64 queries a step.
-// Products of keys by queries (S^T, dP^T) split the 128 x 64 tile 4 x 2, 32 x 32
-// a warp; P^T and dS^T then go through shared memory (in the element type, as
-// the mma operands they become), and the products into dV and dK split the
-// 128 x D outputs 4 x 2, 32 keys x D/2 a warp. Every fragment read from shared
-// memory feeds two or more mma, against one in the 16-keys-a-warp kernel.
-constexpr int kKeys = 128;
-constexpr int kQueries = kBlockN;
-constexpr int kPitchP = kQueries + 8;
-constexpr int kHalfQk = kDimQk / 2;
-constexpr int kHalfV = kDimV / 2;
-static_assert(kWarps == 8 && kRowTiles == 2 && kQueries == 64, "the staged dK/dV kernel is laid out for 8 warps");
-static_assert(kDimQk % 32 == 0 && kDimV % 32 == 0, "the staged dK/dV kernel splits head dims in halves of 16s");
-static_assert(FJ_DKDV_PART == 0, "the staged dK/dV kernel computes both gradients");
-
-// acc[kTiles x 16 x kN] += A X for a warp: A's kTiles x 16 rows at `a_tile` (pitch
-// kPitchA, kDepth columns), X's kDepth rows at `x_tile` (pitch kPitchX, kN columns).
-template <int kDepth, int kN, int kPitchA, int kPitchX, int kTiles>
-FJ_DEVICE void mma_rows_by_krows(float (&acc)[kTiles][kN / 8][4], const elem_t* a_tile, const elem_t* x_tile,
-                                 int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kDepth / 16; ++kk) {
-    unsigned a[kTiles][4];
-#pragma unroll
-    for (int m = 0; m < kTiles; ++m) ldmatrix_x4(a[m], a_address(a_tile + m * 16 * kPitchA, kPitchA, kk * 16, lane));
-#pragma unroll
-    for (int n = 0; n < kN / 8; n += 2) {
-      unsigned b[4];
-      ldmatrix_x4_trans(b, b_address(x_tile, kPitchX, kk * 16, n * 8, lane));
-#pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-        mma_16816(acc[m][n], a[m], b[0], b[1]);
-        mma_16816(acc[m][n + 1], a[m], b[2], b[3]);
-      }
-    }
-  }
-}
-
-// A warp's C fragments (rows row0.., columns column0..) into a [kKeys][kPitchP] tile.
-FJ_DEVICE void stage(elem_t* tile, const float (&c)[2][4][4], int row0, int column0, int group, int quad) {
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      elem_t* at = tile + (row0 + m * 16 + group) * kPitchP + column0 + n * 8 + quad * 2;
-      *reinterpret_cast<unsigned*>(at) = pack2(c[m][n][0], c[m][n][1]);
-      *reinterpret_cast<unsigned*>(at + 8 * kPitchP) = pack2(c[m][n][2], c[m][n][3]);
-    }
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkdv(const KernelParams p) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  elem_t* k_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kKeys][kPitchQk]: the block's keys
-  elem_t* v_tile = k_tile + kKeys * kPitchQk;                  // [kKeys][kPitchV]
-  elem_t* q_tiles = v_tile + kKeys * kPitchV;                  // 2 x [kQueries][kPitchQk]
-  elem_t* dout_tiles = q_tiles + 2 * kQueries * kPitchQk;      // 2 x [kQueries][kPitchV]
-  elem_t* pt_tile = dout_tiles + 2 * kQueries * kPitchV;       // [kKeys][kPitchP]: P^T
-  elem_t* dst_tile = pt_tile + kKeys * kPitchP;                // [kKeys][kPitchP]: dS^T
-  float* lse_tiles = reinterpret_cast<float*>(dst_tile + kKeys * kPitchP);  // 2 x [kQueries], log2
-  float* delta_tiles = lse_tiles + 2 * kQueries;                              // 2 x [kQueries]
-
-  int block, b, kv_head;
-  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int group = lane / 4;
-  const int quad = lane % 4;
-  const int warp_row = warp / 2;  // 32 keys: rows of S^T and of dK, dV
-  const int warp_col = warp % 2;  // 32 queries of S^T; half the head dims of dK, dV
-  const long long first_key = static_cast<long long>(block) * kKeys;
-  long long keys[2][2];
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    keys[m][0] = first_key + warp_row * 32 + m * 16 + group;
-    keys[m][1] = keys[m][0] + 8;
-  }
-
-  const bool keys_full = first_key + kKeys <= p.seqlen_k;
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const long long last_key = min(first_key + kKeys, static_cast<long long>(p.seqlen_k)) - 1;
-  const long long query_lo = query_begin(p, first_key);
-  const long long query_hi = query_end(p, last_key);
-  load_tile<kKeys, kDimQk>(k_tile, operand_row<const elem_t>(p.k, b, kv_head, 0), p.k.stride_seq, first_key,
-                           p.seqlen_k, p.head_dim_qk);
-  load_tile<kKeys, kDimV>(v_tile, operand_row<const elem_t>(p.v, b, kv_head, 0), p.v.stride_seq, first_key,
-                          p.seqlen_k, p.head_dim_v);
-
-  // The query tiles of every head of the group, one sequence (as in the other dK/dV kernel).
-  const long long first_tile = query_lo / kQueries * kQueries;
-  const int tiles_per_head =
-      query_hi > first_tile ? static_cast<int>((query_hi - first_tile + kQueries - 1) / kQueries) : 0;
-  const int tiles = tiles_per_head * p.group_size;
-  const auto load_queries = [&](int t, int into) {
-    const int h = kv_head * p.group_size + t / tiles_per_head;
-    const long long start = first_tile + static_cast<long long>(t % tiles_per_head) * kQueries;
-    load_tile<kQueries, kDimQk>(q_tiles + into * kQueries * kPitchQk, operand_row<const elem_t>(p.q, b, h, 0),
-                                p.q.stride_seq, start, query_hi, p.head_dim_qk);
-    load_tile<kQueries, kDimV>(dout_tiles + into * kQueries * kPitchV, operand_row<const elem_t>(p.dout, b, h, 0),
-                               p.dout.stride_seq, start, query_hi, p.head_dim_v);
-    const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-    for (int r = threadIdx.x; r < kQueries; r += kThreads) {
-      const long long i = start + r;
-      const bool valid = i >= query_lo && i < query_hi;
-      lse_tiles[into * kQueries + r] =
-          valid ? lse_log2(*operand_row<const float>(p.lse, b, h, i)) : -negative_infinity<float>();
-      delta_tiles[into * kQueries + r] =
-          valid ? static_cast<const float*>(p.delta)[batch_head * p.seqlen_q + i] : 0.0f;
-    }
-  };
-  if (tiles > 0) load_queries(0, 0);
-  cp_async_commit();
-
-  float dv[2][kHalfV / 8][4], dk[2][kHalfQk / 8][4];
-  zero(dv);
-  zero(dk);
-  int buffer = 0;
-  for (int t = 0; t < tiles; ++t, buffer ^= 1) {
-    if (t + 1 < tiles) load_queries(t + 1, buffer ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();  // this tile (and K, V) in shared memory; P^T, dS^T free
-    const elem_t* q_tile = q_tiles + buffer * kQueries * kPitchQk;
-    const elem_t* dout_tile = dout_tiles + buffer * kQueries * kPitchV;
-    const float* lse_tile = lse_tiles + buffer * kQueries;
-    const float* delta_tile = delta_tiles + buffer * kQueries;
-    const int h = kv_head * p.group_size + t / tiles_per_head;
-    const long long start = first_tile + static_cast<long long>(t % tiles_per_head) * kQueries;
-    const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-
-    {
-      float st[2][4][4], dpt[2][4][4];  // this warp's 32 keys x 32 queries of S^T and dP^T
-      zero(st);
-      zero(dpt);
-      mma_rows_by_rows<kDimQk, 32, kPitchQk, kPitchQk>(st, k_tile + warp_row * 32 * kPitchQk,
-                                                       q_tile + warp_col * 32 * kPitchQk, lane);
-      mma_rows_by_rows<kDimV, 32, kPitchV, kPitchV>(dpt, v_tile + warp_row * 32 * kPitchV,
-                                                    dout_tile + warp_col * 32 * kPitchV, lane);
-      const bool interior = keys_full && start >= query_lo && start + kQueries <= query_hi &&
-                            all_visible(p, start, start + kQueries - 1, first_key, first_key + kKeys - 1);
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        if (interior) {
-          dkdv_tile_gradient<true, 32>(st[m], dpt[m], p, keys[m], lse_tile, delta_tile, start, warp_col * 32,
-                                       query_lo, query_hi, b, h, batch_head, quad, scale_log2);
-        } else {
-          dkdv_tile_gradient<false, 32>(st[m], dpt[m], p, keys[m], lse_tile, delta_tile, start, warp_col * 32,
-                                        query_lo, query_hi, b, h, batch_head, quad, scale_log2);
-        }
-      }
-      stage(pt_tile, st, warp_row * 32, warp_col * 32, group, quad);
-      stage(dst_tile, dpt, warp_row * 32, warp_col * 32, group, quad);
-    }
-    __syncthreads();  // P^T and dS^T of the whole block in shared memory
-
-    // dV += P^T dO and dK += dS^T Q: this warp's 32 keys x half the head dims.
-    mma_rows_by_krows<kQueries, kHalfV, kPitchP, kPitchV>(dv, pt_tile + warp_row * 32 * kPitchP,
-                                                          dout_tile + warp_col * kHalfV, lane);
-    mma_rows_by_krows<kQueries, kHalfQk, kPitchP, kPitchQk>(dk, dst_tile + warp_row * 32 * kPitchP,
-                                                            q_tile + warp_col * kHalfQk, lane);
-    __syncthreads();  // every warp done with this buffer and with P^T, dS^T
-  }
-  cp_async_wait<0>();
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    store_rows<kHalfQk>(p.dk, b, kv_head, keys[m], p.seqlen_k, p.head_dim_qk, dk[m], quad, warp_col * kHalfQk);
-    store_rows<kHalfV>(p.dv, b, kv_head, keys[m], p.seqlen_k, p.head_dim_v, dv[m], quad, warp_col * kHalfV);
-  }
-}
-#endif  // FJ_ENTRY == 2 && FJ_STAGED
+#endif  // FJ_ENTRY == 2
 
 }  // namespace mma
 }  // namespace flashjit
