@@ -65,8 +65,8 @@ std::string KernelSpec::name() const {
                  "_qk", head_dim_qk, "_v", head_dim_v, "_mask-", mask_text, window ? "_window" : "",
                  dropout ? "_dropout" : "", softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t",
                  threads, family == KernelFamily::kMma ? str_cat("_r", row_tiles) : std::string(),
-                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n, "_sm",
-                 arch);
+                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), wgmma ? "_wgmma" : "", "_n",
+                 block_n, "_sm", arch);
 }
 
 const char* KernelSpec::function_name() const {
@@ -86,6 +86,10 @@ int KernelSpec::shared_memory_bytes() const {
   if (family == KernelFamily::kMma) {
     const int pitch_qk = head_dim_qk + 8;  // 16-bit elements; rows padded by 16 bytes
     const int pitch_v = head_dim_v + 8;
+    if (entry == KernelEntry::kForward && wgmma) {
+      // Swizzled tiles, no padding, and 1024 bytes to align them.
+      return 2 * ((block_rows() + block_n) * head_dim_qk + block_n * head_dim_v) + 1024;
+    }
     if (entry == KernelEntry::kForward) return 2 * ((block_rows() + block_n) * pitch_qk + block_n * pitch_v);
     // Backward: the block's own rows of two operands, two buffers of the streamed
     // pair, and (dK/dV) two buffers of float LSE and delta.
@@ -98,7 +102,8 @@ int KernelSpec::shared_memory_bytes() const {
 }
 
 std::vector<std::string> KernelSpec::compile_options() const {
-  return {str_cat("--gpu-architecture=sm_", arch), "-std=c++17", "-lineinfo"};
+  // wgmma needs the arch-specific target (sm_90a).
+  return {str_cat("--gpu-architecture=sm_", arch, wgmma ? "a" : ""), "-std=c++17", "-lineinfo"};
 }
 
 std::string KernelSpec::source() const {
@@ -117,11 +122,13 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ROW_TILES ", row_tiles, "\n",
-      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
+      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ", wgmma ? 1 : 0, "\n",
+      "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
       "\n");
   std::vector<const char*> files = {"philox_core.h", "params.cuh", "common.cuh"};
   if (family == KernelFamily::kMma) {
     files.push_back("mma_common.cuh");
+    if (wgmma) files.push_back("wgmma.cuh");
     files.push_back(entry == KernelEntry::kForward ? "attention_mma.cuh" : "attention_mma_bwd.cuh");
   } else {
     files.push_back("attention_simt.cuh");
@@ -226,9 +233,32 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
   return spec;
 }
 
+// Hopper (sm_90 exactly: wgmma is an sm_90a feature) up to head dim 64: two
+// warpgroups of 64 query rows, wgmma with S = Q K^T from shared memory and
+// O += P V with P from registers; head dims padded to 64 (one swizzled region).
+// 126 registers a thread let two blocks share an SM. At head dim 128 (170
+// registers, one block an SM) it measured slower than the mma.sync kernel
+// (bench/NOTES.md), which keeps those head dims; so do head dims of 32 or less,
+// which padding to 64 would cost at least twice the work.
+KernelSpec wgmma_spec(const KernelTraits& traits) {
+  KernelSpec spec = mma_spec(traits, KernelEntry::kForward);
+  spec.wgmma = true;
+  spec.head_dim_qk = round_up(traits.head_dim_qk, 64);
+  spec.head_dim_v = round_up(traits.head_dim_v, 64);
+  spec.threads = 256;
+  spec.row_tiles = 1;
+  spec.block_n = 64;
+  return spec;
+}
+
 }  // namespace
 
 KernelSpec forward_kernel(const KernelTraits& traits) {
+  const int head_dim = std::max(traits.head_dim_qk, traits.head_dim_v);
+  if (uses_tensor_cores(traits) && traits.arch == 90 && head_dim > 32 && head_dim <= 64) {
+    const KernelSpec spec = wgmma_spec(traits);
+    if (fits(spec)) return spec;
+  }
   if (uses_tensor_cores(traits)) {
     const KernelSpec spec = mma_spec(traits, KernelEntry::kForward);
     if (fits(spec)) return spec;

@@ -97,6 +97,17 @@ std::vector<fj_kernel_config> representative_configs(int arch) {
       configs.push_back(everything);
     }
   }
+  // Head dims 33-64 take the wgmma forward on sm_90.
+  for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16}) {
+    configs.push_back(config(dtype, 64, arch));
+    fj_kernel_config everything = config(dtype, 64, arch);
+    everything.head_dim_v = 40;
+    everything.mask = 1;
+    everything.window = 1;
+    everything.dropout = 1;
+    everything.softcap = 1;
+    configs.push_back(everything);
+  }
   for (int head_dim : {1, 256}) {
     for (int backward : {0, 1}) {
       fj_kernel_config c = config(FJ_BFLOAT16, head_dim, arch);
@@ -162,6 +173,29 @@ TEST(KernelSelection, SharedMemoryFitsEveryArch) {
     }
   }
   EXPECT_GT(checked, 400);
+}
+
+// The wgmma forward is for sm_90 (sm_90a code), half types and head dims 33-64.
+TEST(KernelSelection, WgmmaForwardOnlyWhereItIsMeant) {
+  using namespace flashjit::cuda;
+  const auto forward = [](fj_dtype dtype, int head_dim_qk, int head_dim_v, int arch) {
+    KernelTraits traits;
+    traits.dtype = dtype;
+    traits.head_dim_qk = head_dim_qk;
+    traits.head_dim_v = head_dim_v;
+    traits.arch = arch;
+    return forward_kernel(traits);
+  };
+  const KernelSpec chosen = forward(FJ_BFLOAT16, 64, 64, 90);
+  EXPECT_TRUE(chosen.wgmma);
+  EXPECT_EQ(chosen.block_rows(), 128);
+  EXPECT_NE(chosen.compile_options()[0].find("sm_90a"), std::string::npos);
+  EXPECT_TRUE(forward(FJ_FLOAT16, 40, 64, 90).wgmma);
+  EXPECT_FALSE(forward(FJ_BFLOAT16, 64, 64, 80).wgmma);
+  EXPECT_FALSE(forward(FJ_BFLOAT16, 32, 32, 90).wgmma);
+  EXPECT_FALSE(forward(FJ_BFLOAT16, 64, 128, 90).wgmma);
+  EXPECT_FALSE(forward(FJ_FLOAT32, 64, 64, 90).wgmma);
+  EXPECT_EQ(forward(FJ_BFLOAT16, 64, 64, 80).compile_options()[0], "--gpu-architecture=sm_80");
 }
 
 TEST_F(CudaCompile, SecondRequestIsAMemoryHitThenADiskLoadAfterClearing) {

@@ -6,6 +6,10 @@
 // FJ_HEAD_DIM_V (multiples of 16) with zeros in shared memory. P goes from
 // the C fragments of S to the A fragments of P V without leaving registers.
 //
+// With FJ_WGMMA (sm_90a, wgmma.cuh) each warpgroup of 4 warps computes its 64
+// rows' S = Q K^T and O += P V with wgmma instead: Q, K and V tiles swizzled,
+// head dims padded to 64; the softmax on the fragments is the same code.
+//
 // Macros from the prelude: those of mma_common.cuh and FJ_MASK, FJ_MASK_TYPE,
 // FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
@@ -53,11 +57,79 @@ FJ_DEVICE void tile_logits(float (&s)[kRowTiles][kBlockN / 8][4], const KernelPa
   }
 }
 
+#if FJ_WGMMA
+static_assert(kRowTiles == 1 && kWarps % 4 == 0, "wgmma: warpgroups of 4 warps, 16 rows a warp");
+constexpr int kTileQk = kDimQk;  // elements a row takes in shared memory (swizzled, unpadded)
+#else
+constexpr int kTileQk = kPitchQk;
+#endif
+
+// S = Q K^T for this warp's rows: kRowTiles x 16 x kBlockN.
+FJ_DEVICE void scores(float (&s)[kRowTiles][kBlockN / 8][4], const elem_t* q_tile, const elem_t* k_tile, int warp,
+                      int lane) {
+#if FJ_WGMMA
+  // The warpgroup's 64 rows at once; the accumulator is this warp's 16 of them.
+  const int warpgroup_row = (warp / 4) * 64;
+  pin(s[0]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kDimQk / 16; ++kk) {
+    wgmma_ss<kBlockN>(s[0], k_major_descriptor<kBlockM, kDimQk>(q_tile, warpgroup_row, kk * 16),
+                      k_major_descriptor<kBlockN, kDimQk>(k_tile, 0, kk * 16), kk == 0);
+  }
+  wgmma_commit();
+  pin(s[0]);
+  wgmma_wait_all();
+  pin(s[0]);
+#else
+  // Each K fragment feeds every row tile.
+  zero(s);
+  mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(s, q_tile + (warp * kRowTiles * 16) * kPitchQk, k_tile,
+                                                        lane);
+#endif
+}
+
+// O += P V, P (probabilities after dropout) in this warp's C fragments.
+FJ_DEVICE void accumulate_output(float (&o)[kRowTiles][kDimV / 8][4], const float (&s)[kRowTiles][kBlockN / 8][4],
+                                 const elem_t* v_tile, int lane) {
+#if FJ_WGMMA
+  // P stays in registers as the A operand; every step's fragment lives until the wait.
+  unsigned a[kBlockN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) a_from_c(a[kk], s[0][2 * kk], s[0][2 * kk + 1]);
+  pin(o[0]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) wgmma_rs<kDimV>(o[0], a[kk], mn_major_descriptor<kBlockN>(v_tile, kk * 16));
+  wgmma_commit();
+  pin(o[0]);
+  wgmma_wait_all();
+  pin(o[0]);
+  pin(a);
+#else
+  // Each V fragment feeds every row tile.
+  mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(o, s, v_tile, lane);
+#endif
+}
+
+// Shared memory that cp.async (or plain stores) filled, before any warp reads it.
+FJ_DEVICE void tiles_ready() {
+#if FJ_WGMMA
+  fence_async_shared();  // the tensor cores read through the async proxy
+#endif
+  __syncthreads();
+}
+
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(const KernelParams p) {
+#if FJ_WGMMA
+  extern __shared__ __align__(1024) unsigned char shared_raw[];
+  unsigned char* shared_bytes = shared_raw + ((1024 - (shared_address(shared_raw) & 1023)) & 1023);
+#else
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]
-  elem_t* k_tile = q_tile + kBlockM * kPitchQk;                // [kBlockN][kPitchQk]
-  elem_t* v_tile = k_tile + kBlockN * kPitchQk;                // [kBlockN][kPitchV]
+#endif
+  elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kTileQk]
+  elem_t* k_tile = q_tile + kBlockM * kTileQk;                 // [kBlockN][kTileQk]
+  elem_t* v_tile = k_tile + kBlockN * kTileQk;                 // [kBlockN][kDimV] (swizzled) or [kBlockN][kPitchV]
 
   int block, b, h;
   block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
@@ -102,18 +174,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     row_max[m][0] = row_max[m][1] = negative_infinity<float>();
     row_sum[m][0] = row_sum[m][1] = 0.0f;
   }
-  const elem_t* q_warp = q_tile + (warp * kRowTiles * 16) * kPitchQk;
-
   for (long long tile_start = first_tile; tile_start < key_hi; tile_start += kBlockN) {
     cp_async_wait<0>();
-    __syncthreads();  // K tile (and Q) in shared memory; V tile free
+    tiles_ready();  // K tile (and Q) in shared memory; V tile free
     load_tile<kBlockN, kDimV>(v_tile, v_base, p.v.stride_seq, tile_start, key_hi, p.head_dim_v);
     cp_async_commit();
 
-    // S = Q K^T (kRowTiles x 16 x kBlockN per warp); each K fragment feeds every row tile.
     float s[kRowTiles][kBlockN / 8][4];
-    zero(s);
-    mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(s, q_warp, k_tile, lane);
+    scores(s, q_tile, k_tile, warp, lane);
 
     // Logits (scale, softcap, mask, bounds) in the log2 domain, and the row maxima.
     const bool interior = block_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
@@ -164,14 +232,13 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     }
 
     cp_async_wait<0>();
-    __syncthreads();  // V tile in shared memory; every warp done reading K
+    tiles_ready();  // V tile in shared memory; every warp done reading K
     if (tile_start + kBlockN < key_hi) {
       load_tile<kBlockN, kDimQk>(k_tile, k_base, p.k.stride_seq, tile_start + kBlockN, key_hi, p.head_dim_qk);
     }
     cp_async_commit();
 
-    // O += P V; each V fragment feeds every row tile.
-    mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(o, s, v_tile, lane);
+    accumulate_output(o, s, v_tile, lane);
     __syncthreads();  // every warp done reading V before the next tile's V load
   }
   cp_async_wait<0>();

@@ -11,7 +11,7 @@
 //
 // Macros from the prelude: FJ_ELEM (half_t or bf16_t), FJ_ELEM_IS_BF16,
 // FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V, FJ_WARPS, FJ_ROW_TILES, FJ_BLOCK_N, FJ_ALIGNED,
-// FJ_MASK, FJ_SOFTCAP, FJ_DROPOUT.
+// FJ_MASK, FJ_SOFTCAP, FJ_DROPOUT, FJ_WGMMA (swizzled tiles for wgmma.cuh).
 #pragma once
 
 namespace flashjit {
@@ -93,8 +93,21 @@ FJ_DEVICE unsigned pack2(float lo, float hi) {
   return result;
 }
 
-// Rows [first, first + kRows) of an operand into shared memory (pitch kDim + 8);
-// rows at or past row_end and columns past dim are zero.
+// Element offset of (row, column) in a shared-memory tile of kRows x kDim: rows
+// padded by 16 bytes, or (wgmma kernels) the 128-byte swizzle of wgmma.cuh.
+template <int kRows, int kDim>
+FJ_DEVICE int tile_offset(int row, int column) {
+#if FJ_WGMMA
+  constexpr int kRegion = 128 / static_cast<int>(sizeof(elem_t));  // elements a region row holds
+  const int unit = (column % kRegion) / 8;
+  return (column / kRegion) * kRows * kRegion + row * kRegion + ((unit ^ (row % 8)) * 8) + column % 8;
+#else
+  return row * (kDim + 8) + column;
+#endif
+}
+
+// Rows [first, first + kRows) of an operand into a shared-memory tile
+// (tile_offset); rows at or past row_end and columns past dim are zero.
 template <int kRows, int kDim>
 FJ_DEVICE void load_tile(elem_t* tile, const elem_t* base, long long stride_seq, long long first, long long row_end,
                          int dim) {
@@ -103,7 +116,7 @@ FJ_DEVICE void load_tile(elem_t* tile, const elem_t* base, long long stride_seq,
     const int r = index / kChunks;
     const int c = index - r * kChunks;
     const long long row = first + r;
-    elem_t* destination = tile + r * (kDim + 8) + c * 8;
+    elem_t* destination = tile + tile_offset<kRows, kDim>(r, c * 8);
 #if FJ_ALIGNED
     // Aligned: pointers and strides are multiples of 8 elements, dim a multiple of 8.
     const bool valid = row < row_end && c * 8 < dim;
