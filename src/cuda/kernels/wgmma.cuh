@@ -59,21 +59,15 @@ FJ_DEVICE void fence_async_shared() { asm volatile("fence.proxy.async.shared::ct
 
 // Keeps the compiler from moving accumulator or A-fragment registers across an
 // asynchronous mma.
-template <int kN>
-FJ_DEVICE void pin(float (&acc)[kN][4]) {
-#pragma unroll
-  for (int n = 0; n < kN; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(acc[n][e])::"memory");
-  }
-}
+FJ_DEVICE void pin_register(float& value) { asm volatile("" : "+f"(value)::"memory"); }
+FJ_DEVICE void pin_register(unsigned& value) { asm volatile("" : "+r"(value)::"memory"); }
 
-template <int kN>
-FJ_DEVICE void pin(unsigned (&fragments)[kN][4]) {
+template <typename T, int kN>
+FJ_DEVICE void pin(T (&values)[kN][4]) {
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(fragments[n][e])::"memory");
+    for (int e = 0; e < 4; ++e) pin_register(values[n][e]);
   }
 }
 
