@@ -153,21 +153,27 @@ FJ_DEVICE const elem_t* b_address(const elem_t* tile, int pitch, int k0, int n0,
   return tile + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * pitch + n0 + (lane / 16) * 8;
 }
 
-// acc[kTiles x 16 x kN] += A B for a warp: A's kTiles x 16 rows at `a_tile` (pitch
-// kPitchA, kDepth columns), B = X^T with X's kN rows at `x_tile` (pitch kPitchX).
-// Each B fragment read from shared memory feeds kTiles mma.
-template <int kDepth, int kN, int kPitchA, int kPitchX, int kTiles>
-FJ_DEVICE void mma_rows_by_rows(float (&acc)[kTiles][kN / 8][4], const elem_t* a_tile, const elem_t* x_tile,
-                                int lane) {
+// acc[kTiles x 16 x kN] += A B for a warp over kDepth: a_fragment(a, m, kk) gives
+// row tile m's A fragment of step kk; B comes from `x_tile` (pitch kPitchX) by
+// ldmatrix, as X^T where X's rows are the kN columns (kXRowsAreK false) or as
+// X where X's rows are the kDepth steps (true, ldmatrix .trans). Each B
+// fragment read from shared memory feeds kTiles mma.
+template <int kDepth, int kN, int kPitchX, bool kXRowsAreK, int kTiles, typename AFragment>
+FJ_DEVICE void mma_accumulate(float (&acc)[kTiles][kN / 8][4], const AFragment& a_fragment, const elem_t* x_tile,
+                              int lane) {
 #pragma unroll
   for (int kk = 0; kk < kDepth / 16; ++kk) {
     unsigned a[kTiles][4];
 #pragma unroll
-    for (int m = 0; m < kTiles; ++m) ldmatrix_x4(a[m], a_address(a_tile + m * 16 * kPitchA, kPitchA, kk * 16, lane));
+    for (int m = 0; m < kTiles; ++m) a_fragment(a[m], m, kk);
 #pragma unroll
     for (int n = 0; n < kN / 8; n += 2) {
       unsigned b[4];
-      ldmatrix_x4(b, bt_address(x_tile, kPitchX, n * 8, kk * 16, lane));
+      if constexpr (kXRowsAreK) {
+        ldmatrix_x4_trans(b, b_address(x_tile, kPitchX, kk * 16, n * 8, lane));
+      } else {
+        ldmatrix_x4(b, bt_address(x_tile, kPitchX, n * 8, kk * 16, lane));
+      }
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
         mma_16816(acc[m][n], a[m], b[0], b[1]);
@@ -177,27 +183,26 @@ FJ_DEVICE void mma_rows_by_rows(float (&acc)[kTiles][kN / 8][4], const elem_t* a
   }
 }
 
+// acc[kTiles x 16 x kN] += A X^T for a warp: A's kTiles x 16 rows at `a_tile`
+// (pitch kPitchA, kDepth columns), X's kN rows at `x_tile` (pitch kPitchX).
+template <int kDepth, int kN, int kPitchA, int kPitchX, int kTiles>
+FJ_DEVICE void mma_rows_by_rows(float (&acc)[kTiles][kN / 8][4], const elem_t* a_tile, const elem_t* x_tile,
+                                int lane) {
+  mma_accumulate<kDepth, kN, kPitchX, false>(
+      acc,
+      [&](unsigned (&a)[4], int m, int kk) {
+        ldmatrix_x4(a, a_address(a_tile + m * 16 * kPitchA, kPitchA, kk * 16, lane));
+      },
+      x_tile, lane);
+}
+
 // acc[kTiles x 16 x kN] += C X for a warp: C (kTiles x 16 x kDepth) in C fragments,
 // X's kDepth rows at `x_tile` (pitch kPitchX, kN columns).
 template <int kDepth, int kN, int kPitchX, int kTiles>
 FJ_DEVICE void mma_fragments_by_rows(float (&acc)[kTiles][kN / 8][4], const float (&c)[kTiles][kDepth / 8][4],
                                      const elem_t* x_tile, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kDepth / 16; ++kk) {
-    unsigned a[kTiles][4];
-#pragma unroll
-    for (int m = 0; m < kTiles; ++m) a_from_c(a[m], c[m][2 * kk], c[m][2 * kk + 1]);
-#pragma unroll
-    for (int n = 0; n < kN / 8; n += 2) {
-      unsigned b[4];
-      ldmatrix_x4_trans(b, b_address(x_tile, kPitchX, kk * 16, n * 8, lane));
-#pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-        mma_16816(acc[m][n], a[m], b[0], b[1]);
-        mma_16816(acc[m][n + 1], a[m], b[2], b[3]);
-      }
-    }
-  }
+  mma_accumulate<kDepth, kN, kPitchX, true>(
+      acc, [&](unsigned (&a)[4], int m, int kk) { a_from_c(a, c[m][2 * kk], c[m][2 * kk + 1]); }, x_tile, lane);
 }
 
 template <int kTiles, int kN>
