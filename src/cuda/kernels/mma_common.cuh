@@ -95,12 +95,15 @@ FJ_DEVICE unsigned pack2(float lo, float hi) {
 
 // Element offset of (row, column) in a shared-memory tile of kRows x kDim: rows
 // padded by 16 bytes, or (wgmma kernels) the 128-byte swizzle of wgmma.cuh.
+#if FJ_WGMMA
+constexpr int kSwizzleElems = 128 / static_cast<int>(sizeof(elem_t));  // elements a region row holds
+#endif
 template <int kRows, int kDim>
 FJ_DEVICE int tile_offset(int row, int column) {
 #if FJ_WGMMA
-  constexpr int kRegion = 128 / static_cast<int>(sizeof(elem_t));  // elements a region row holds
-  const int unit = (column % kRegion) / 8;
-  return (column / kRegion) * kRows * kRegion + row * kRegion + ((unit ^ (row % 8)) * 8) + column % 8;
+  const int unit = (column % kSwizzleElems) / 8;
+  return (column / kSwizzleElems) * kRows * kSwizzleElems + row * kSwizzleElems + ((unit ^ (row % 8)) * 8) +
+         column % 8;
 #else
   return row * (kDim + 8) + column;
 #endif

@@ -24,8 +24,7 @@ namespace mma {
 #define FJ_WGMMA_TYPES "f32.f16.f16"
 #endif
 
-constexpr int kSwizzleBytes = 128;  // one row of a region
-constexpr int kSwizzleElems = kSwizzleBytes / static_cast<int>(sizeof(elem_t));
+constexpr int kSwizzleBytes = kSwizzleElems * static_cast<int>(sizeof(elem_t));  // one row of a region
 
 // Matrix descriptor of a swizzled tile (PTX ISA, "Matrix Descriptor Format"):
 // start address, leading and stride byte offsets (all >> 4), 128-byte swizzle.
@@ -75,16 +74,13 @@ FJ_DEVICE void pin(T (&values)[kN][4]) {
   "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3]), "+f"(d[n + 1][0]), "+f"(d[n + 1][1]), \
       "+f"(d[n + 1][2]), "+f"(d[n + 1][3])
 #define FJ_ACC32 FJ_ACC8(0), FJ_ACC8(2), FJ_ACC8(4), FJ_ACC8(6)
-#define FJ_ACC64 FJ_ACC32, FJ_ACC8(8), FJ_ACC8(10), FJ_ACC8(12), FJ_ACC8(14)
 #define FJ_REGS32                                                                                           \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
   "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define FJ_REGS64                                                                                              \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
-  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
-  "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
 // d[64 x kN] (+)= A B, A and B K-major in shared memory; accumulate unless first.
+// Only kN = 64 is written out: the kernel takes 64 keys a step and head dims
+// padded to 64 (kernel_spec.cpp).
 template <int kN>
 FJ_DEVICE void wgmma_ss(float (&d)[kN / 8][4], unsigned long long a, unsigned long long b, bool first);
 
@@ -94,15 +90,6 @@ FJ_DEVICE void wgmma_ss<64>(float (&d)[8][4], unsigned long long a, unsigned lon
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16." FJ_WGMMA_TYPES " " FJ_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
       : FJ_ACC32
-      : "l"(a), "l"(b), "r"(first ? 0 : 1));
-}
-
-template <>
-FJ_DEVICE void wgmma_ss<128>(float (&d)[16][4], unsigned long long a, unsigned long long b, bool first) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16." FJ_WGMMA_TYPES " " FJ_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : FJ_ACC64
       : "l"(a), "l"(b), "r"(first ? 0 : 1));
 }
 
@@ -120,20 +107,9 @@ FJ_DEVICE void wgmma_rs<64>(float (&d)[8][4], const unsigned (&a)[4], unsigned l
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-template <>
-FJ_DEVICE void wgmma_rs<128>(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16." FJ_WGMMA_TYPES " " FJ_REGS64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : FJ_ACC64
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
 #undef FJ_ACC8
 #undef FJ_ACC32
-#undef FJ_ACC64
 #undef FJ_REGS32
-#undef FJ_REGS64
 
 }  // namespace mma
 }  // namespace flashjit
