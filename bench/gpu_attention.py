@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashjit
+from flashjit.bench import device_tag
 
 
 def flops(batch, heads, seqlen, head_dim, causal, backward):
@@ -163,7 +164,8 @@ def main():
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"h100-attention-{datetime.date.today()}-{commit or 'unknown'}.md")
+        tag = device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()})
+        path = os.path.join(args.out, f"{tag}-attention-{datetime.date.today()}-{commit or 'unknown'}.md")
         with open(path, "w") as f:
             f.write(text)
         print(f"wrote {path}")

@@ -3,6 +3,8 @@
 // synchronises the device.
 #include "core/backend.hpp"
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "core/dtype.hpp"
@@ -103,10 +105,70 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// FLASHJIT_CUDA_HOPPER=0 keeps the sm_90a kernels out: the mma.sync kernels run
+// instead (for comparisons, or should a driver mishandle TMA).
+bool hopper_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("FLASHJIT_CUDA_HOPPER");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return enabled;
+}
+
+KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) {
+  KernelTraits traits = traits_of(p, launch.arch);
+  traits.tma = traits.tma && hopper_enabled();
+  return traits;
+}
+
+// The TMA descriptor of a 16-bit operand [batch, heads, seqlen, dim]: boxes of
+// 64 columns (128 bytes, the wgmma swizzle's width) x box_rows rows, zeros
+// outside the operand. False where TMA cannot address it (strides not
+// multiples of 16 bytes, zero strides of broadcast dims, a driver without TMA).
+bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t heads, int64_t seqlen, int64_t dim,
+                       int box_rows) {
+  const Driver& d = driver();
+  if (d.cuTensorMapEncodeTiled == nullptr) return false;
+  constexpr int64_t kElementBytes = 2;
+  const uint64_t sizes[4] = {uint64_t(dim), uint64_t(seqlen), uint64_t(heads), uint64_t(batch)};
+  const int64_t strides[3] = {x.stride_seq, x.stride_head, x.stride_batch};
+  uint64_t stride_bytes[3];
+  for (int i = 0; i < 3; ++i) {
+    if (sizes[i + 1] == 1) {
+      // Never stepped along: any valid stride does; take a packed layout's.
+      stride_bytes[i] = i == 0 ? uint64_t((dim * kElementBytes + 15) / 16 * 16) : stride_bytes[i - 1] * sizes[i];
+      continue;
+    }
+    const int64_t bytes = strides[i] * kElementBytes;
+    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t(1) << 40)) return false;
+    stride_bytes[i] = uint64_t(bytes);
+  }
+  for (uint64_t size : sizes) {
+    if (size == 0 || size > (uint64_t(1) << 32)) return false;
+  }
+  const unsigned box[4] = {64, unsigned(box_rows), 1, 1};
+  const unsigned element_strides[4] = {1, 1, 1, 1};
+  return d.cuTensorMapEncodeTiled(map, kTensorMapUint16, 4, x.data, sizes, stride_bytes, box, element_strides,
+                                  kTensorMapInterleaveNone, kTensorMapSwizzle128B, kTensorMapL2Promotion128B,
+                                  kTensorMapFillZeros) == 0;
+}
+
+// The forward's q (boxes of the block's rows), k and v (boxes of a key tile).
+bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const KernelSpec& spec) {
+  return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk, spec.block_rows()) &&
+         encode_tensor_map(&params.k_map, p.k, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk, spec.block_n) &&
+         encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, spec.block_n);
+}
+
 void forward(const AttentionProblem& p) {
   const Launch launch = prepare(p);
   KernelParams params = params_of(p);
-  const KernelSpec spec = forward_kernel(traits_of(p, launch.arch));
+  KernelTraits traits = traits_for_launch(p, launch);
+  KernelSpec spec = forward_kernel(traits);
+  if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
+    traits.tma = false;  // operands TMA cannot address: the mma.sync kernel
+    spec = forward_kernel(traits);
+  }
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
   run(spec, kernel_function(spec, launch.device_index, launch.capturing), launch, params,
       int64_t(params.num_query_blocks) * p.batch * p.heads_q);
@@ -134,7 +196,7 @@ void backward(const AttentionProblem& p) {
   const Launch launch = prepare(p);
   KernelParams params = params_of(p);
   // The dQ kernel first, then the dK/dV kernel (or a dV and a dK kernel).
-  const std::vector<KernelSpec> specs = backward_kernels(traits_of(p, launch.arch));
+  const std::vector<KernelSpec> specs = backward_kernels(traits_for_launch(p, launch));
   // Compile (or load) every kernel before enqueueing anything.
   std::vector<CUfunction> functions;
   for (const KernelSpec& spec : specs) {

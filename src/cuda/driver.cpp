@@ -49,6 +49,8 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuMemAllocAsync);
       FJ_RESOLVE(library, "libcuda", table, cuMemFreeAsync);
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);
+      table.cuTensorMapEncodeTiled =
+          reinterpret_cast<decltype(table.cuTensorMapEncodeTiled)>(dlsym(library, "cuTensorMapEncodeTiled"));
     } catch (const Error& e) {
       error = e.what();
       return;

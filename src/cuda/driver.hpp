@@ -26,6 +26,12 @@ constexpr int kAttrComputeCapabilityMinor = 76;
 constexpr int kAttrMaxSharedMemoryPerBlockOptin = 97;
 constexpr int kFuncAttrMaxDynamicSharedSize = 8;
 constexpr int kStreamCaptureStatusNone = 0;
+// cuTensorMapEncodeTiled's enums (CUtensorMapDataType, ...Swizzle, ...L2promotion, ...FloatOOBfill).
+constexpr int kTensorMapUint16 = 1;
+constexpr int kTensorMapInterleaveNone = 0;
+constexpr int kTensorMapSwizzle128B = 3;
+constexpr int kTensorMapL2Promotion128B = 2;
+constexpr int kTensorMapFillZeros = 0;
 
 struct Driver {
   CUresult (*cuInit)(unsigned);
@@ -46,6 +52,10 @@ struct Driver {
   CUresult (*cuMemAllocAsync)(CUdeviceptr*, size_t, CUstream);
   CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
   CUresult (*cuGetErrorString)(CUresult, const char**);
+  // CUDA 12.0 and newer drivers; nullptr where the driver has none (no TMA kernels then).
+  CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address, const uint64_t* sizes,
+                                     const uint64_t* stride_bytes, const unsigned* box, const unsigned* element_strides,
+                                     int interleave, int swizzle, int l2_promotion, int out_of_bounds_fill);
 };
 
 struct Nvrtc {

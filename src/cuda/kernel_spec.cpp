@@ -13,6 +13,7 @@ namespace {
 
 constexpr int kSimtLanes = 8;  // threads per row in attention_simt.cuh
 constexpr int kMaxSharedBytes = 64 * 1024;
+constexpr int kProducerWarps = 4;  // kHopper: the TMA warpgroup (attention_hopper.cuh)
 
 int round_up(int value, int multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -55,18 +56,72 @@ std::string without_pragma_once(const char* text) {
   return out;
 }
 
+const char* family_name(KernelFamily family) {
+  switch (family) {
+    case KernelFamily::kSimt: return "simt-";
+    case KernelFamily::kMma: return "mma-";
+    case KernelFamily::kHopper: return "hopper-";
+  }
+  return "?";
+}
+
+// The wgmma.mma_async specialisations a kHopper kernel uses (wgmma.cuh declares
+// the templates): PTX takes one instruction text per N, with N / 2 accumulator
+// registers, so they are written out here for the widths the kernel needs.
+// SS: A and B K-major in shared memory; RS: A in registers, B MN-major.
+std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_widths) {
+  const auto accumulators = [](int n) {
+    std::string registers = "{", constraints;
+    for (int i = 0; i < n / 2; ++i) {
+      registers += str_cat(i ? ", " : "", "%", i);
+      constraints += str_cat(i ? ", " : "", "\"+f\"(d[", i / 4, "][", i % 4, "])");
+    }
+    return std::pair{registers + "}", constraints};
+  };
+  const auto unique = [](std::vector<int>& widths) {
+    std::sort(widths.begin(), widths.end());
+    widths.erase(std::unique(widths.begin(), widths.end()), widths.end());
+  };
+  unique(ss_widths);
+  unique(rs_widths);
+  std::string text;
+  for (int n : ss_widths) {
+    const auto [registers, constraints] = accumulators(n);
+    const int next = n / 2;  // first operand after the accumulators
+    text += str_cat("template <>\nFJ_DEVICE void wgmma_ss<", n, ">(float (&d)[", n / 8,
+                    "][4], unsigned long long a, unsigned long long b, bool first) {\n"
+                    "  asm volatile(\"{\\n.reg .pred p;\\nsetp.ne.b32 p, %",
+                    next + 2, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n, "k16.\" FJ_WGMMA_TYPES \" ",
+                    registers, ", %", next, ", %", next + 1, ", p, 1, 1, 0, 0;\\n}\\n\"\n    : ", constraints,
+                    "\n    : \"l\"(a), \"l\"(b), \"r\"(first ? 0 : 1));\n}\n");
+  }
+  for (int n : rs_widths) {
+    const auto [registers, constraints] = accumulators(n);
+    const int next = n / 2;
+    text += str_cat("template <>\nFJ_DEVICE void wgmma_rs<", n, ">(float (&d)[", n / 8,
+                    "][4], const unsigned (&a)[4], unsigned long long b) {\n"
+                    "  asm volatile(\"{\\n.reg .pred p;\\nsetp.ne.b32 p, %",
+                    next + 5, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n, "k16.\" FJ_WGMMA_TYPES \" ",
+                    registers, ", {%", next, ", %", next + 1, ", %", next + 2, ", %", next + 3, "}, %", next + 4,
+                    ", p, 1, 1, 1;\\n}\\n\"\n    : ", constraints,
+                    "\n    : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b), \"n\"(1));\n}\n");
+  }
+  return text;
+}
+
 }  // namespace
 
 std::string KernelSpec::name() const {
   std::string mask_text = "none";
   if (mask == MaskKind::kBool) mask_text = "bool";
   if (mask == MaskKind::kAdditive) mask_text = str_cat("add-", dtype_name(mask_dtype));
-  return str_cat(family == KernelFamily::kMma ? "mma-" : "simt-", entry_name(entry), "_", dtype_name(dtype),
-                 "_qk", head_dim_qk, "_v", head_dim_v, "_mask-", mask_text, window ? "_window" : "",
-                 dropout ? "_dropout" : "", softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t",
-                 threads, family == KernelFamily::kMma ? str_cat("_r", row_tiles) : std::string(),
-                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), wgmma ? "_wgmma" : "", "_n",
-                 block_n, "_sm", arch);
+  return str_cat(family_name(family), entry_name(entry), "_", dtype_name(dtype), "_qk", head_dim_qk, "_v",
+                 head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
+                 softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t", threads,
+                 family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
+                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n,
+                 family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(), "_sm", arch,
+                 family == KernelFamily::kHopper ? "a" : "");
 }
 
 const char* KernelSpec::function_name() const {
@@ -78,18 +133,24 @@ const char* KernelSpec::function_name() const {
   return "";
 }
 
+int KernelSpec::row_warps() const {
+  return family == KernelFamily::kHopper ? threads / 32 - kProducerWarps : threads / 32;
+}
+
 int KernelSpec::block_rows() const {
-  return family == KernelFamily::kMma ? threads / 32 * 16 * row_tiles : threads / kSimtLanes;
+  return family == KernelFamily::kSimt ? threads / kSimtLanes : row_warps() * 16 * row_tiles;
 }
 
 int KernelSpec::shared_memory_bytes() const {
+  if (family == KernelFamily::kHopper) {
+    // Swizzled tiles (no padding) aligned to 1024 bytes: the block's Q, rings of
+    // K and V; then a full and an empty mbarrier per ring buffer and one for Q.
+    const int tiles = 2 * (block_rows() * head_dim_qk + stages * block_n * (head_dim_qk + head_dim_v));
+    return 1024 + tiles + 8 * (1 + 4 * stages);
+  }
   if (family == KernelFamily::kMma) {
     const int pitch_qk = head_dim_qk + 8;  // 16-bit elements; rows padded by 16 bytes
     const int pitch_v = head_dim_v + 8;
-    if (entry == KernelEntry::kForward && wgmma) {
-      // Swizzled tiles, no padding, and 1024 bytes to align them.
-      return 2 * ((block_rows() + block_n) * head_dim_qk + block_n * head_dim_v) + 1024;
-    }
     if (entry == KernelEntry::kForward) return 2 * ((block_rows() + block_n) * pitch_qk + block_n * pitch_v);
     // Backward: the block's own rows of two operands, two buffers of the streamed
     // pair, and (dK/dV) two buffers of float LSE and delta.
@@ -102,11 +163,13 @@ int KernelSpec::shared_memory_bytes() const {
 }
 
 std::vector<std::string> KernelSpec::compile_options() const {
-  // wgmma needs the arch-specific target (sm_90a).
-  return {str_cat("--gpu-architecture=sm_", arch, wgmma ? "a" : ""), "-std=c++17", "-lineinfo"};
+  // wgmma and setmaxnreg need the arch-specific target (sm_90a).
+  return {str_cat("--gpu-architecture=sm_", arch, family == KernelFamily::kHopper ? "a" : ""), "-std=c++17",
+          "-lineinfo"};
 }
 
 std::string KernelSpec::source() const {
+  const bool hopper = family == KernelFamily::kHopper;
   std::string text = str_cat(
       "// flashjit kernel ", name(), "\n",
       "#ifdef __CUDACC_RTC__\n"
@@ -121,20 +184,30 @@ std::string KernelSpec::source() const {
       mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
-      "#define FJ_WARPS ", threads / 32, "\n", "#define FJ_ROW_TILES ", row_tiles, "\n",
-      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ", wgmma ? 1 : 0, "\n",
-      "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0,
-      "\n");
-  std::vector<const char*> files = {"philox_core.h", "params.cuh", "common.cuh"};
-  if (family == KernelFamily::kMma) {
-    files.push_back("mma_common.cuh");
-    if (wgmma) files.push_back("wgmma.cuh");
-    files.push_back(entry == KernelEntry::kForward ? "attention_mma.cuh" : "attention_mma_bwd.cuh");
-  } else {
-    files.push_back("attention_simt.cuh");
-  }
-  for (const char* file : files) {
+      "#define FJ_WARPS ", row_warps(), "\n", "#define FJ_ROW_TILES ", row_tiles, "\n",
+      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ", hopper ? 1 : 0, "\n",
+      "#define FJ_STAGES ", stages, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
+  const auto append = [&](const char* file) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
+  };
+  for (const char* file : {"philox_core.h", "params.cuh", "common.cuh"}) append(file);
+  if (family == KernelFamily::kSimt) {
+    append("attention_simt.cuh");
+    return text;
+  }
+  append("mma_common.cuh");
+  if (hopper) {
+    if (entry != KernelEntry::kForward) throw_unsupported("[cuda] no sm_90a backward kernel: ", name());
+    append("wgmma.cuh");
+    text += str_cat("// ---- wgmma instructions\nnamespace flashjit {\nnamespace mma {\n",
+                    wgmma_instructions({block_n}, {head_dim_v}), "}  // namespace mma\n}  // namespace flashjit\n");
+    append("pipeline.cuh");
+  }
+  if (entry == KernelEntry::kForward) {
+    append("softmax.cuh");
+    append(hopper ? "attention_hopper.cuh" : "attention_mma.cuh");
+  } else {
+    append("attention_mma_bwd.cuh");
   }
   return text;
 }
@@ -155,6 +228,7 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
   };
   traits.aligned = row_aligned(p.q) && row_aligned(p.k) && row_aligned(p.v) && p.head_dim_qk % 8 == 0 &&
                    p.head_dim_v % 8 == 0;
+  traits.tma = traits.aligned;
   traits.arch = arch;
   return traits;
 }
@@ -233,30 +307,40 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
   return spec;
 }
 
-// Hopper (sm_90 exactly: wgmma is an sm_90a feature) up to head dim 64: two
-// warpgroups of 64 query rows, wgmma with S = Q K^T from shared memory and
-// O += P V with P from registers; head dims padded to 64 (one swizzled region).
-// 126 registers a thread let two blocks share an SM. At head dim 128 (170
-// registers, one block an SM) it measured slower than the mma.sync kernel
-// (bench/NOTES.md), which keeps those head dims; so do head dims of 32 or less,
-// which padding to 64 would cost at least twice the work.
-KernelSpec wgmma_spec(const KernelTraits& traits) {
-  KernelSpec spec = mma_spec(traits, KernelEntry::kForward);
-  spec.wgmma = true;
+// sm_90 (the sm_90a target: wgmma, setmaxnreg), float16/bfloat16, head dims
+// 33-256 padded to multiples of 64, operands TMA can address: a producer
+// warpgroup and two consumer warpgroups of 64 query rows (attention_hopper.cuh).
+// Keys a step shrink with the head dim so that the output accumulator (64 x Dv
+// floats a warpgroup), S and P fit in the consumers' 240 registers and two
+// buffers of K and V in shared memory. Head dims of 32 or less stay on mma.sync:
+// padding them to 64 would double the work.
+KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
+  KernelSpec spec = mma_spec(traits, entry);
+  spec.family = KernelFamily::kHopper;
   spec.head_dim_qk = round_up(traits.head_dim_qk, 64);
   spec.head_dim_v = round_up(traits.head_dim_v, 64);
-  spec.threads = 256;
+  spec.threads = (8 + kProducerWarps) * 32;
   spec.row_tiles = 1;
-  spec.block_n = 64;
+  spec.stages = 2;
+  const int head_dim = std::max(spec.head_dim_qk, spec.head_dim_v);
+  spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
+  // Masks, dropout and softcap hold more per element: half the keys a step keeps
+  // those kernels from spilling (scripts/kernel_resources.py).
+  const bool extras = spec.mask != MaskKind::kNone || spec.dropout || spec.softcap;
+  if (extras) spec.block_n /= 2;
   return spec;
+}
+
+bool hopper_applies(const KernelTraits& traits) {
+  const int head_dim = std::max(traits.head_dim_qk, traits.head_dim_v);
+  return uses_tensor_cores(traits) && traits.arch == 90 && traits.tma && head_dim > 32 && head_dim <= 256;
 }
 
 }  // namespace
 
 KernelSpec forward_kernel(const KernelTraits& traits) {
-  const int head_dim = std::max(traits.head_dim_qk, traits.head_dim_v);
-  if (uses_tensor_cores(traits) && traits.arch == 90 && head_dim > 32 && head_dim <= 64) {
-    const KernelSpec spec = wgmma_spec(traits);
+  if (hopper_applies(traits)) {
+    const KernelSpec spec = hopper_spec(traits, KernelEntry::kForward);
     if (fits(spec)) return spec;
   }
   if (uses_tensor_cores(traits)) {

@@ -14,9 +14,12 @@ namespace flashjit::cuda {
 enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv };
 
 // kSimt: scalar arithmetic in the accumulator type (attention_simt.cuh): float32,
-// float64, any alignment. kMma: tensor cores, float16/bfloat16 (mma_common.cuh, attention_mma.cuh,
-// attention_mma_bwd.cuh).
-enum class KernelFamily { kSimt, kMma };
+// float64, any alignment. kMma: tensor cores through mma.sync, float16/bfloat16
+// (mma_common.cuh, attention_mma.cuh, attention_mma_bwd.cuh). kHopper: sm_90a,
+// float16/bfloat16, TMA loads by a producer warpgroup and wgmma by two consumer
+// warpgroups (pipeline.cuh, wgmma.cuh, attention_hopper*.cuh); needs TMA
+// descriptors of the operands (16-byte aligned rows and strides).
+enum class KernelFamily { kSimt, kMma, kHopper };
 
 struct KernelSpec {
   KernelEntry entry = KernelEntry::kForward;
@@ -33,7 +36,7 @@ struct KernelSpec {
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   int dkdv_part = 0;  // kMma dK/dV: 0 both, 1 dV alone, 2 dK alone
-  bool wgmma = false;  // kMma forward on sm_90a: warpgroup mma (wgmma.cuh), swizzled tiles
+  int stages = 1;      // kHopper: buffers in each ring of streamed tiles
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -43,6 +46,8 @@ struct KernelSpec {
   std::vector<std::string> compile_options() const;
   // Rows of q (forward, dQ) or of k (dK/dV) one block owns.
   int block_rows() const;
+  // Warps that hold rows (kHopper: the consumer warps; threads also counts the producer).
+  int row_warps() const;
   int shared_memory_bytes() const;
 };
 
@@ -58,6 +63,8 @@ struct KernelTraits {
   bool softcap = false;
   // Every q/k/v row starts 16-byte aligned and head dims are multiples of 8.
   bool aligned = true;
+  // TMA descriptors can address q, k, v (and dout): kHopper kernels may be chosen.
+  bool tma = true;
   int arch = 0;
 };
 

@@ -97,9 +97,9 @@ std::vector<fj_kernel_config> representative_configs(int arch) {
       configs.push_back(everything);
     }
   }
-  // Head dims 33-64 take the wgmma forward on sm_90.
+  // Head dims 33-256 take the sm_90a kernels on sm_90: every tile width they use.
   for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16}) {
-    configs.push_back(config(dtype, 64, arch));
+    for (int head_dim : {64, 160, 256}) configs.push_back(config(dtype, head_dim, arch));
     fj_kernel_config everything = config(dtype, 64, arch);
     everything.head_dim_v = 40;
     everything.mask = 1;
@@ -175,26 +175,30 @@ TEST(KernelSelection, SharedMemoryFitsEveryArch) {
   EXPECT_GT(checked, 400);
 }
 
-// The wgmma forward is for sm_90 (sm_90a code), half types and head dims 33-64.
-TEST(KernelSelection, WgmmaForwardOnlyWhereItIsMeant) {
+// The sm_90a forward is for sm_90, half types, head dims 33-256 and operands TMA can address.
+TEST(KernelSelection, HopperForwardOnlyWhereItIsMeant) {
   using namespace flashjit::cuda;
-  const auto forward = [](fj_dtype dtype, int head_dim_qk, int head_dim_v, int arch) {
+  const auto forward = [](fj_dtype dtype, int head_dim_qk, int head_dim_v, int arch, bool tma = true) {
     KernelTraits traits;
     traits.dtype = dtype;
     traits.head_dim_qk = head_dim_qk;
     traits.head_dim_v = head_dim_v;
     traits.arch = arch;
+    traits.tma = tma;
     return forward_kernel(traits);
   };
+  const auto is_hopper = [](const KernelSpec& spec) { return spec.family == KernelFamily::kHopper; };
   const KernelSpec chosen = forward(FJ_BFLOAT16, 64, 64, 90);
-  EXPECT_TRUE(chosen.wgmma);
+  EXPECT_TRUE(is_hopper(chosen));
   EXPECT_EQ(chosen.block_rows(), 128);
+  EXPECT_EQ(chosen.threads, 384);
   EXPECT_NE(chosen.compile_options()[0].find("sm_90a"), std::string::npos);
-  EXPECT_TRUE(forward(FJ_FLOAT16, 40, 64, 90).wgmma);
-  EXPECT_FALSE(forward(FJ_BFLOAT16, 64, 64, 80).wgmma);
-  EXPECT_FALSE(forward(FJ_BFLOAT16, 32, 32, 90).wgmma);
-  EXPECT_FALSE(forward(FJ_BFLOAT16, 64, 128, 90).wgmma);
-  EXPECT_FALSE(forward(FJ_FLOAT32, 64, 64, 90).wgmma);
+  for (int head_dim : {40, 128, 200, 256}) EXPECT_TRUE(is_hopper(forward(FJ_FLOAT16, head_dim, 64, 90))) << head_dim;
+  EXPECT_EQ(forward(FJ_FLOAT16, 72, 72, 90).head_dim_qk, 128);
+  EXPECT_FALSE(is_hopper(forward(FJ_BFLOAT16, 64, 64, 80)));
+  EXPECT_FALSE(is_hopper(forward(FJ_BFLOAT16, 64, 64, 90, false)));
+  EXPECT_FALSE(is_hopper(forward(FJ_BFLOAT16, 32, 32, 90)));
+  EXPECT_FALSE(is_hopper(forward(FJ_FLOAT32, 64, 64, 90)));
   EXPECT_EQ(forward(FJ_BFLOAT16, 64, 64, 80).compile_options()[0], "--gpu-architecture=sm_80");
 }
 

@@ -130,6 +130,35 @@ def test_dropout_matches_reference_with_same_keep_mask(p):
     run(dropout_p=p, dtype=torch.bfloat16)
 
 
+TENSOR_CORE_FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "bottom_right": {"causal": "bottom_right", "dtype": torch.float16},
+    "window": {"window": (100, 20)},
+    "bool_mask": {"mask": "bool"},
+    "additive_mask": {"mask": "additive"},
+    "dropout": {"dropout_p": 0.2},
+    "softcap": {"softcap": 5.0, "scale": 0.3},
+    "gqa_transposed": {"Hq": 4, "Hkv": 1, "layout": "bshd", "dtype": torch.float16},
+}
+
+
+@pytest.mark.parametrize("feature", list(TENSOR_CORE_FEATURES))
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_features_at_tensor_core_head_dims(D, feature):
+    """Every feature at the head dims the tensor-core kernels specialise on (on
+    sm_90 the TMA/wgmma kernels), over several query blocks and key tiles with
+    partial ones at both ends."""
+    options = dict(TENSOR_CORE_FEATURES[feature])
+    Sq, Sk = 300, 333
+    if options.get("mask") == "bool":
+        options["mask"] = torch.rand(1, 2, Sq, Sk) > 0.2
+    elif options.get("mask") == "additive":
+        options["mask"] = torch.randn(Sq, Sk).masked_fill(torch.rand(Sq, Sk) > 0.9, float("-inf"))
+    run(B=1, Hq=options.pop("Hq", 2), Hkv=options.pop("Hkv", 1), Sq=Sq, Sk=Sk, D=D,
+        dtype=options.pop("dtype", torch.bfloat16), **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_transposed_layout_is_zero_copy(dtype):
     run(layout="bshd", dtype=dtype, Dv=24)

@@ -14,7 +14,17 @@ struct KernelOperand {
   long long stride_seq;
 };
 
+// A TMA descriptor (CUtensorMap) of an operand, encoded on the host
+// (backend.cpp): [batch, heads, seqlen, dim] read in boxes of 64 columns (128
+// bytes, the wgmma swizzle's width) by a kernel-chosen number of rows.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
 struct KernelParams {
+  // The sm_90a kernels (attention_hopper*.cuh) load q, k, v and dout through these;
+  // the others leave them unset. First, for their 64-byte alignment.
+  TensorMap q_map, k_map, v_map, dout_map;
   KernelOperand q, k, v, o;              // forward inputs and output
   KernelOperand dout, dq, dk, dv;        // backward only
   KernelOperand lse;                     // [batch, heads_q, seqlen_q], accumulator type

@@ -1,4 +1,4 @@
-// Hopper warpgroup matrix multiply (wgmma, sm_90a) for the forward kernel:
+// Hopper warpgroup matrix multiply (wgmma, sm_90a) for the sm_90a kernels:
 // operand tiles in shared memory with the 128-byte swizzle, their matrix
 // descriptors, the asynchronous mma with A from shared memory or from
 // registers, and the fences around it.
@@ -51,7 +51,11 @@ FJ_DEVICE unsigned long long mn_major_descriptor(const elem_t* tile, int row) {
 
 FJ_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 FJ_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-FJ_DEVICE void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most kPending of this warpgroup's committed groups are in flight.
+template <int kPending>
+FJ_DEVICE void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
 // Shared memory written through the generic proxy (cp.async, stores) before the
 // tensor cores read it: each writer fences, then the block synchronises.
 FJ_DEVICE void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -70,46 +74,18 @@ FJ_DEVICE void pin(T (&values)[kN][4]) {
   }
 }
 
-#define FJ_ACC8(n) \
-  "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3]), "+f"(d[n + 1][0]), "+f"(d[n + 1][1]), \
-      "+f"(d[n + 1][2]), "+f"(d[n + 1][3])
-#define FJ_ACC32 FJ_ACC8(0), FJ_ACC8(2), FJ_ACC8(4), FJ_ACC8(6)
-#define FJ_REGS32                                                                                           \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-
 // d[64 x kN] (+)= A B, A and B K-major in shared memory; accumulate unless first.
-// Only kN = 64 is written out: the kernel takes 64 keys a step and head dims
-// padded to 64 (kernel_spec.cpp).
 template <int kN>
 FJ_DEVICE void wgmma_ss(float (&d)[kN / 8][4], unsigned long long a, unsigned long long b, bool first);
-
-template <>
-FJ_DEVICE void wgmma_ss<64>(float (&d)[8][4], unsigned long long a, unsigned long long b, bool first) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16." FJ_WGMMA_TYPES " " FJ_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : FJ_ACC32
-      : "l"(a), "l"(b), "r"(first ? 0 : 1));
-}
 
 // d[64 x kN] += A B, A (16 deep) in registers as an mma.m16n8k16 A fragment per
 // warp, B MN-major in shared memory.
 template <int kN>
 FJ_DEVICE void wgmma_rs(float (&d)[kN / 8][4], const unsigned (&a)[4], unsigned long long b);
 
-template <>
-FJ_DEVICE void wgmma_rs<64>(float (&d)[8][4], const unsigned (&a)[4], unsigned long long b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16." FJ_WGMMA_TYPES " " FJ_REGS32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : FJ_ACC32
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
-#undef FJ_ACC8
-#undef FJ_ACC32
-#undef FJ_REGS32
+// The specialisations for the N a kernel uses follow this file: PTX needs one
+// instruction text per N, with N / 2 accumulator operands, so kernel_spec.cpp
+// writes them out (wgmma_instructions).
 
 }  // namespace mma
 }  // namespace flashjit

@@ -1,0 +1,164 @@
+// The forward's online softmax on C fragments (mma.m16n8k16 and wgmma
+// accumulators share the layout, mma_common.cuh), shared by the mma.sync
+// kernel (attention_mma.cuh) and the sm_90a kernel (attention_hopper.cuh).
+// A thread holds kTiles 16-row tiles, of which rows g and g + 8 (g = lane / 4);
+// the four lanes of a quad hold a row's columns between them.
+//
+// Per tile of keys: logits in the log2 domain (tile_logits), then
+// softmax_step: new row maxima, S -> P = exp2(S - max), row sums, and the
+// factor for the output accumulated so far (rescale_rows). Dropout scales P
+// after the sums, so the sums are those of the undropped probabilities.
+#pragma once
+
+namespace flashjit {
+namespace mma {
+
+// Row r's maximum or sum of this thread's part of a 16 x kBlockN C tile, as a
+// tree of templated levels: a serial chain over the row would leave the warps of
+// a scheduler waiting on each step's latency, and a loop over the levels puts the
+// partial sums in local memory.
+template <bool kSum, int kWidth>
+FJ_DEVICE void reduce_level(float (&part)[kBlockN / 8]) {
+  if constexpr (kWidth >= 1) {
+#pragma unroll
+    for (int n = 0; n < kWidth; ++n) part[n] = kSum ? part[n] + part[n + kWidth] : fmaxf(part[n], part[n + kWidth]);
+    reduce_level<kSum, kWidth / 2>(part);
+  }
+}
+
+template <bool kSum>
+FJ_DEVICE float row_reduce(const float (&c)[kBlockN / 8][4], int r) {
+  constexpr int kParts = kBlockN / 8;
+  float part[kParts];
+#pragma unroll
+  for (int n = 0; n < kParts; ++n) part[n] = kSum ? c[n][2 * r] + c[n][2 * r + 1] : fmaxf(c[n][2 * r], c[n][2 * r + 1]);
+  // Fold an odd tail (kParts = 6, 10, 12, 22, ...) into a power of two first.
+  constexpr int kPow2 = kParts >= 16 ? 16 : kParts >= 8 ? 8 : kParts >= 4 ? 4 : kParts >= 2 ? 2 : 1;
+#pragma unroll
+  for (int n = kPow2; n < kParts; ++n) part[n - kPow2] = kSum ? part[n - kPow2] + part[n] : fmaxf(part[n - kPow2], part[n]);
+  reduce_level<kSum, kPow2 / 2>(part);
+  return part[0];
+}
+
+// Logits of one S tile in the log2 domain (bounds checked unless kInterior).
+template <int kTiles, bool kInterior>
+FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParams& p, const long long (&rows)[kTiles][2],
+                           long long tile_start, long long key_lo, long long key_hi, int b, int h, int quad,
+                           float scale_log2) {
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const long long i = rows[m][e / 2];
+        const long long j = tile_start + n * 8 + quad * 2 + (e % 2);
+        float x = negative_infinity<float>();
+        if (kInterior || (i < p.seqlen_q && j >= key_lo && j < key_hi)) {
+          float unused_tanh;
+          x = logit_log2<kInterior>(p, s[m][n][e], scale_log2, b, h, i, j, &unused_tanh);
+        }
+        s[m][n][e] = x;
+      }
+    }
+  }
+}
+
+// One online-softmax step: the row maxima take this tile's logits, S becomes
+// P = exp2(S - max), the row sums are rescaled and extended, and scale_old
+// receives the factor that rebases the output accumulated so far.
+template <int kTiles>
+FJ_DEVICE void softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)[kTiles][2],
+                            float (&row_sum)[kTiles][2], float (&scale_old)[kTiles][2]) {
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+    float base_max[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tmax = row_reduce<false>(s[m], r);
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      const float new_max = fmaxf(row_max[m][r], tmax);
+      // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+      base_max[r] = new_max == negative_infinity<float>() ? 0.0f : new_max;
+      scale_old[m][r] = fast_exp2(row_max[m][r] - base_max[r]);
+      row_max[m][r] = new_max;
+    }
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[m][n][e] = fast_exp2(s[m][n][e] - base_max[e / 2]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[m][r] = row_sum[m][r] * scale_old[m][r] + row_reduce<true>(s[m], r);
+  }
+}
+
+// Rows of C fragments times per-row factors (rows g and g + 8 of each tile).
+template <int kTiles, int kN>
+FJ_DEVICE void rescale_rows(float (&c)[kTiles][kN][4], const float (&factor)[kTiles][2]) {
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      c[m][n][0] *= factor[m][0];
+      c[m][n][1] *= factor[m][0];
+      c[m][n][2] *= factor[m][1];
+      c[m][n][3] *= factor[m][1];
+    }
+  }
+}
+
+#if FJ_DROPOUT
+// P of one tile after dropout: each kept element scaled by 1 / (1 - p), the
+// others 0, by the shared Philox rule.
+template <int kTiles>
+FJ_DEVICE void apply_dropout(float (&s)[kTiles][kBlockN / 8][4], const KernelParams& p, long long batch_head,
+                             const long long (&rows)[kTiles][2], long long tile_start, int quad) {
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+      float factor[4];
+      dropout_factors(factor, p, batch_head, rows[m], tile_start + n * 8 + quad * 2);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[m][n][e] *= factor[e];
+    }
+  }
+}
+#endif
+
+// O /= rowsum into the output and LSE = ln(sum exp) = (max + log2(sum)) / log2(e);
+// rows with no visible key get O = 0 and LSE = -inf.
+template <int kTiles>
+FJ_DEVICE void write_output(const KernelParams& p, const float (&o)[kTiles][kDimV / 8][4],
+                            const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
+                            const long long (&rows)[kTiles][2], int b, int h, int quad) {
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float total = row_sum[m][r];
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      const long long i = rows[m][r];
+      if (i >= p.seqlen_q) continue;
+      const bool any_visible = total > 0.0f;
+      const float inverse = any_visible ? 1.0f / total : 0.0f;
+      elem_t* out_row = operand_row<elem_t>(p.o, b, h, i);
+#pragma unroll
+      for (int n = 0; n < kDimV / 8; ++n) {
+        const int d = n * 8 + quad * 2;
+        if (d < p.head_dim_v) out_row[d] = from_float<elem_t>(o[m][n][2 * r] * inverse);
+        if (d + 1 < p.head_dim_v) out_row[d + 1] = from_float<elem_t>(o[m][n][2 * r + 1] * inverse);
+      }
+      if (quad == 0) {
+        *operand_row<float>(p.lse, b, h, i) =
+            any_visible ? (row_max[m][r] + log2f(total)) / kLog2e : negative_infinity<float>();
+      }
+    }
+  }
+}
+
+}  // namespace mma
+}  // namespace flashjit
