@@ -192,26 +192,69 @@ class StreamScratch {
   CUstream stream_;
 };
 
+// The TMA descriptors a kHopper backward kernel reads: the block's own rows
+// (queries for dQ, keys for dK/dV) in boxes of block_rows, the streamed ones in
+// boxes of block_n.
+bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const KernelSpec& spec) {
+  const bool by_queries = spec.entry == KernelEntry::kBackwardDq;
+  const int query_box = by_queries ? spec.block_rows() : spec.block_n;
+  const int key_box = by_queries ? spec.block_n : spec.block_rows();
+  return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk, query_box) &&
+         encode_tensor_map(&params.dout_map, p.dout, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, query_box) &&
+         encode_tensor_map(&params.k_map, p.k, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk, key_box) &&
+         encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, key_box);
+}
+
+// mma.sync / scalar: the dQ kernel, which also writes delta = rowsum(dO * O),
+// then the dK/dV kernel (or a dV and a dK kernel) reading it.
+// sm_90a: a prep kernel writes delta and LSE in the log2 domain into scratch
+// rows padded to whole query tiles, then the dQ and the dK/dV kernels read them.
 void backward(const AttentionProblem& p) {
   const Launch launch = prepare(p);
-  KernelParams params = params_of(p);
-  // The dQ kernel first, then the dK/dV kernel (or a dV and a dK kernel).
-  const std::vector<KernelSpec> specs = backward_kernels(traits_for_launch(p, launch));
+  const KernelParams base = params_of(p);
+  KernelTraits traits = traits_for_launch(p, launch);
+  std::vector<KernelSpec> specs = backward_kernels(traits);
+  std::vector<KernelParams> params(specs.size(), base);
+  const auto encode_all = [&] {
+    for (size_t index = 0; index < specs.size(); ++index) {
+      if (specs[index].entry != KernelEntry::kBackwardPrep &&
+          !encode_backward_maps(params[index], p, specs[index])) {
+        return false;
+      }
+    }
+    return true;
+  };
+  if (specs[0].family == KernelFamily::kHopper && !encode_all()) {
+    traits.tma = false;  // operands TMA cannot address: the mma.sync kernels
+    specs = backward_kernels(traits);
+    params.assign(specs.size(), base);
+  }
   // Compile (or load) every kernel before enqueueing anything.
   std::vector<CUfunction> functions;
   for (const KernelSpec& spec : specs) {
     functions.push_back(kernel_function(spec, launch.device_index, launch.capturing));
   }
+  const bool hopper = specs[0].family == KernelFamily::kHopper;
+  const int64_t pitch = hopper ? ceil_div(p.seqlen_q, specs[1].block_rows()) * specs[1].block_rows() : p.seqlen_q;
+  const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
-  StreamScratch delta(size_t(p.batch * p.heads_q * p.seqlen_q) * accumulator_bytes, launch.stream);
-  params.delta = delta.get();
-  params.num_query_blocks = int(ceil_div(p.seqlen_q, specs[0].block_rows()));
-  // dQ also writes delta = rowsum(dO * O), which dK/dV reads: same stream, in order.
-  run(specs[0], functions[0], launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q);
-  for (size_t index = 1; index < specs.size(); ++index) {
-    params.num_key_blocks = int(ceil_div(p.seqlen_k, specs[index].block_rows()));
-    run(specs[index], functions[index], launch, params,
-        int64_t(params.num_key_blocks) * p.batch * p.heads_kv);
+  StreamScratch scratch(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream);
+  // Same stream, in order: each kernel's scratch is written by the one before.
+  for (size_t index = 0; index < specs.size(); ++index) {
+    const KernelSpec& spec = specs[index];
+    KernelParams& kernel_params = params[index];
+    kernel_params.delta = scratch.get();
+    kernel_params.lse_log2 = hopper ? static_cast<float*>(scratch.get()) + scratch_rows : nullptr;
+    kernel_params.scratch_pitch = pitch;
+    kernel_params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
+    kernel_params.num_key_blocks = int(ceil_div(p.seqlen_k, spec.block_rows()));
+    int64_t blocks = 0;
+    switch (spec.entry) {
+      case KernelEntry::kBackwardPrep: blocks = ceil_div(scratch_rows, spec.threads / 32); break;  // a warp a row
+      case KernelEntry::kBackwardDq: blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q; break;
+      default: blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
+    }
+    run(spec, functions[index], launch, kernel_params, blocks);
   }
 }
 

@@ -39,6 +39,7 @@ const char* entry_name(KernelEntry entry) {
     case KernelEntry::kForward: return "forward";
     case KernelEntry::kBackwardDq: return "backward_dq";
     case KernelEntry::kBackwardDkDv: return "backward_dkdv";
+    case KernelEntry::kBackwardPrep: return "backward_prep";
   }
   return "?";
 }
@@ -129,6 +130,7 @@ const char* KernelSpec::function_name() const {
     case KernelEntry::kForward: return "fj_attention_forward";
     case KernelEntry::kBackwardDq: return "fj_attention_backward_dq";
     case KernelEntry::kBackwardDkDv: return "fj_attention_backward_dkdv";
+    case KernelEntry::kBackwardPrep: return "fj_attention_backward_prep";
   }
   return "";
 }
@@ -143,10 +145,20 @@ int KernelSpec::block_rows() const {
 
 int KernelSpec::shared_memory_bytes() const {
   if (family == KernelFamily::kHopper) {
-    // Swizzled tiles (no padding) aligned to 1024 bytes: the block's Q, rings of
-    // K and V; then a full and an empty mbarrier per ring buffer and one for Q.
-    const int tiles = 2 * (block_rows() * head_dim_qk + stages * block_n * (head_dim_qk + head_dim_v));
-    return 1024 + tiles + 8 * (1 + 4 * stages);
+    // Swizzled 16-bit tiles (no padding) from a 1024-byte boundary, then (dK/dV)
+    // float LSE and delta rows, then a full and an empty mbarrier per ring buffer
+    // and one for the block's own rows (attention_hopper*.cuh).
+    const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
+    switch (entry) {
+      case KernelEntry::kForward:  // Q; K and V rings of `stages`
+        return 1024 + 2 * (rows * qk + stages * n * (qk + v)) + 8 * (1 + 4 * stages);
+      case KernelEntry::kBackwardDq:  // Q, dO; a K ring of stages + 1, a V ring of `stages`
+        return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) + 8 * (1 + 4 * stages + 2);
+      case KernelEntry::kBackwardDkDv:  // K, V; Q (with LSE and delta) and dO rings of stages + 1
+        return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * (qk + v)) + (stages + 1) * n * 8 +
+               8 * (1 + 4 * (stages + 1));
+      case KernelEntry::kBackwardPrep: return 0;
+    }
   }
   if (family == KernelFamily::kMma) {
     const int pitch_qk = head_dim_qk + 8;  // 16-bit elements; rows padded by 16 bytes
@@ -197,17 +209,22 @@ std::string KernelSpec::source() const {
   }
   append("mma_common.cuh");
   if (hopper) {
-    if (entry != KernelEntry::kForward) throw_unsupported("[cuda] no sm_90a backward kernel: ", name());
     append("wgmma.cuh");
+    // S (dP, S^T, dP^T) are block_n wide; the products from registers are as wide as
+    // the output they accumulate (O and dV: head_dim_v; dQ and dK: head_dim_qk).
+    std::vector<int> from_registers;
+    if (entry == KernelEntry::kForward || entry == KernelEntry::kBackwardDkDv) from_registers.push_back(head_dim_v);
+    if (entry == KernelEntry::kBackwardDq || entry == KernelEntry::kBackwardDkDv) from_registers.push_back(head_dim_qk);
     text += str_cat("// ---- wgmma instructions\nnamespace flashjit {\nnamespace mma {\n",
-                    wgmma_instructions({block_n}, {head_dim_v}), "}  // namespace mma\n}  // namespace flashjit\n");
+                    wgmma_instructions({block_n}, from_registers), "}  // namespace mma\n}  // namespace flashjit\n");
     append("pipeline.cuh");
   }
   if (entry == KernelEntry::kForward) {
     append("softmax.cuh");
     append(hopper ? "attention_hopper.cuh" : "attention_mma.cuh");
   } else {
-    append("attention_mma_bwd.cuh");
+    append("gradient.cuh");
+    append(hopper ? "attention_hopper_bwd.cuh" : "attention_mma_bwd.cuh");
   }
   return text;
 }
@@ -301,6 +318,7 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
     case KernelEntry::kBackwardDkDv:
       spec.block_n = head_dim > 128 || (head_dim > 64 && extras) ? 32 : 64;
       break;
+    case KernelEntry::kBackwardPrep: break;  // kHopper only
   }
   // Smaller steps where the arch's shared memory is too small (sm_86/89: 99 KB).
   while (!fits(spec) && spec.block_n > 16) spec.block_n /= 2;
@@ -308,14 +326,15 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
 }
 
 // sm_90 (the sm_90a target: wgmma, setmaxnreg), float16/bfloat16, head dims
-// 33-256 padded to multiples of 64, operands TMA can address: a producer
-// warpgroup and two consumer warpgroups of 64 query rows (attention_hopper.cuh).
-// Keys a step shrink with the head dim so that the output accumulator (64 x Dv
-// floats a warpgroup), S and P fit in the consumers' 240 registers and two
-// buffers of K and V in shared memory. Head dims of 32 or less stay on mma.sync:
-// padding them to 64 would double the work.
+// 33-256 (backward: up to 128) padded to multiples of 64, operands TMA can
+// address: a producer warpgroup and two consumer warpgroups of 64 rows
+// (attention_hopper*.cuh). The streamed tile (block_n rows a step) is sized so
+// that the consumers' accumulators and score tiles fit in 240 registers and the
+// rings in shared memory. Head dims of 32 or less stay on mma.sync: padding
+// them to 64 would double the work.
 KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
-  KernelSpec spec = mma_spec(traits, entry);
+  KernelSpec spec = mma_spec(traits, entry == KernelEntry::kBackwardPrep ? KernelEntry::kBackwardDq : entry);
+  spec.entry = entry;
   spec.family = KernelFamily::kHopper;
   spec.head_dim_qk = round_up(traits.head_dim_qk, 64);
   spec.head_dim_v = round_up(traits.head_dim_v, 64);
@@ -323,11 +342,24 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   spec.row_tiles = 1;
   spec.stages = 2;
   const int head_dim = std::max(spec.head_dim_qk, spec.head_dim_v);
-  spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
-  // Masks, dropout and softcap hold more per element: half the keys a step keeps
+  switch (entry) {
+    case KernelEntry::kForward:  // S (block_n / 2 floats a thread), P and O (head_dim_v / 2)
+      spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
+      break;
+    case KernelEntry::kBackwardDq:  // S, dP, dS and dQ
+      spec.block_n = 64;
+      break;
+    case KernelEntry::kBackwardDkDv:  // S^T, dP^T, P^T, dS^T, dK and dV
+      spec.block_n = head_dim <= 64 ? 64 : 32;
+      break;
+    case KernelEntry::kBackwardPrep:
+      spec.block_n = 64;
+      break;
+  }
+  // Masks, dropout and softcap hold more per element: half the rows a step keeps
   // those kernels from spilling (scripts/kernel_resources.py).
   const bool extras = spec.mask != MaskKind::kNone || spec.dropout || spec.softcap;
-  if (extras) spec.block_n /= 2;
+  if (extras && entry != KernelEntry::kBackwardPrep) spec.block_n /= 2;
   return spec;
 }
 
@@ -351,6 +383,13 @@ KernelSpec forward_kernel(const KernelTraits& traits) {
 }
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
+  if (hopper_applies(traits) && std::max(traits.head_dim_qk, traits.head_dim_v) <= 128) {
+    std::vector<KernelSpec> specs;
+    for (KernelEntry entry : {KernelEntry::kBackwardPrep, KernelEntry::kBackwardDq, KernelEntry::kBackwardDkDv}) {
+      specs.push_back(hopper_spec(traits, entry));
+    }
+    if (std::all_of(specs.begin(), specs.end(), fits)) return specs;
+  }
   const KernelSpec simt_dq = simt_spec(traits, KernelEntry::kBackwardDq);
   const KernelSpec simt_dkdv = simt_spec(traits, KernelEntry::kBackwardDkDv);
   if (!uses_tensor_cores(traits)) return {simt_dq, simt_dkdv};

@@ -11,7 +11,9 @@
 
 namespace flashjit::cuda {
 
-enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv };
+// kBackwardPrep (kHopper only): delta = rowsum(dO * O) and LSE * log2(e) into
+// scratch for the dQ and dK/dV kernels.
+enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv, kBackwardPrep };
 
 // kSimt: scalar arithmetic in the accumulator type (attention_simt.cuh): float32,
 // float64, any alignment. kMma: tensor cores through mma.sync, float16/bfloat16

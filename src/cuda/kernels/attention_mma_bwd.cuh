@@ -13,111 +13,13 @@
 //     128 the dK and dV accumulators do not both fit in registers: FJ_DKDV_PART
 //     1 builds a kernel for dV alone (no dP^T), 2 one for dK alone.
 //
-// P is rebuilt from the forward's LSE in the log2 domain; a row that sees no
-// key has LSE -inf and is given +inf here, so its P is exp2(-inf) = 0.
-//
-// Macros from the prelude: those of mma_common.cuh and FJ_ENTRY, FJ_MASK,
-// FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
+// The per-element gradient and the stores are gradient.cuh's. Macros from the
+// prelude: those of mma_common.cuh and FJ_ENTRY, FJ_MASK, FJ_MASK_TYPE,
+// FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
 
 namespace flashjit {
 namespace mma {
-
-// The forward's natural-log LSE in the log2 domain; +inf for rows that see no key.
-FJ_DEVICE float lse_log2(float lse) {
-  return lse == negative_infinity<float>() ? -negative_infinity<float>() : lse * kLog2e;
-}
-
-// dS of one element from its raw dot product, dP and the row's LSE (log2) and
-// delta; *prob_out receives P after dropout (the dV kernel's P^T dO operand).
-template <bool kInterior>
-FJ_DEVICE float score_gradient(const KernelParams& p, float dot, float dprob, float lse2, float delta,
-                               float scale_log2, int b, int h, long long i, long long j, float dropout_factor,
-                               float* prob_out) {
-  float tanh_value = 0.0f;
-  const float prob = fast_exp2(logit_log2<kInterior>(p, dot, scale_log2, b, h, i, j, &tanh_value) - lse2);
-  *prob_out = prob * dropout_factor;
-  float dscore = prob * (dprob * dropout_factor - delta);
-#if FJ_SOFTCAP
-  dscore *= 1.0f - tanh_value * tanh_value;
-#endif
-  return dscore * static_cast<float>(p.scale);
-}
-
-// dS of the dQ kernel's tile in place of S (rows queries, columns keys); bounds
-// checked unless kInterior.
-template <bool kInterior>
-FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kBlockN / 8][4], const KernelParams& p,
-                                const long long (&rows)[2], const float (&lse2)[2], const float (&delta)[2],
-                                long long tile_start, long long key_lo, long long key_hi, int b, int h,
-                                long long batch_head, int quad, float scale_log2) {
-#pragma unroll
-  for (int n = 0; n < kBlockN / 8; ++n) {
-    const long long key_pair = tile_start + n * 8 + quad * 2;
-    float factor[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-#if FJ_DROPOUT
-    dropout_factors(factor, p, batch_head, rows, key_pair);
-#endif
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const long long i = rows[e / 2];
-      const long long j = key_pair + (e % 2);
-      float dscore = 0.0f;
-      if (kInterior || (i < p.seqlen_q && j >= key_lo && j < key_hi)) {
-        float unused_prob;
-        dscore = score_gradient<kInterior>(p, s[n][e], dp[n][e], lse2[e / 2], delta[e / 2], scale_log2, b, h, i, j,
-                                           factor[e], &unused_prob);
-      }
-      s[n][e] = dscore;
-    }
-  }
-}
-
-// P^T in place of S^T and dS^T in place of dP^T for the dK/dV kernel's tile (rows
-// keys, columns the queries start + column); bounds checked unless kInterior.
-template <bool kInterior>
-FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], const KernelParams& p,
-                                  const long long (&keys)[2], const float* lse_tile, const float* delta_tile,
-                                  long long start, long long query_lo, long long query_hi, int b, int h,
-                                  long long batch_head, int quad, float scale_log2) {
-#pragma unroll
-  for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int column = n * 8 + quad * 2 + (e % 2);
-      const long long i = start + column;
-      const long long j = keys[e / 2];
-      float prob = 0.0f, dscore = 0.0f;
-      if (kInterior || (j < p.seqlen_k && i >= query_lo && i < query_hi)) {
-        float factor = 1.0f;
-#if FJ_DROPOUT
-        factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
-#endif
-        dscore = score_gradient<kInterior>(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2,
-                                           b, h, i, j, factor, &prob);
-      }
-      st[n][e] = prob;
-      dpt[n][e] = dscore;
-    }
-  }
-}
-
-// Rows rows[0], rows[1] of a [16 x kDim] accumulator into a gradient operand.
-template <int kDim>
-FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
-                          int dim, const float (&acc)[kDim / 8][4], int quad) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= row_end) continue;
-    elem_t* row = operand_row<elem_t>(out, b, h, rows[r]);
-#pragma unroll
-    for (int n = 0; n < kDim / 8; ++n) {
-      const int d = n * 8 + quad * 2;
-      if (d < dim) row[d] = from_float<elem_t>(acc[n][2 * r]);
-      if (d + 1 < dim) row[d + 1] = from_float<elem_t>(acc[n][2 * r + 1]);
-    }
-  }
-}
 
 #if FJ_ENTRY == 1
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(const KernelParams p) {

@@ -208,13 +208,15 @@ FJ_DEVICE void mma_fragments_by_rows(float (&acc)[kTiles][kN / 8][4], const floa
       acc, [&](unsigned (&a)[4], int m, int kk) { a_from_c(a, c[m][2 * kk], c[m][2 * kk + 1]); }, x_tile, lane);
 }
 
+template <int kN>
+FJ_DEVICE void zero(float (&acc)[kN][4]) {
+#pragma unroll
+  for (int n = 0; n < kN; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
 template <int kTiles, int kN>
 FJ_DEVICE void zero(float (&acc)[kTiles][kN][4]) {
 #pragma unroll
-  for (int m = 0; m < kTiles; ++m) {
-#pragma unroll
-    for (int n = 0; n < kN; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
-  }
+  for (int m = 0; m < kTiles; ++m) zero(acc[m]);
 }
 
 // The log2-domain logit of element (i, j). Interior tiles, whose every element

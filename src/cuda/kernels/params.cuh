@@ -28,7 +28,9 @@ struct KernelParams {
   KernelOperand q, k, v, o;              // forward inputs and output
   KernelOperand dout, dq, dk, dv;        // backward only
   KernelOperand lse;                     // [batch, heads_q, seqlen_q], accumulator type
-  void* delta;                           // backward scratch: rowsum(dO * O), contiguous [B, Hq, Sq]
+  void* delta;                           // backward scratch: rowsum(dO * O), [B * Hq][scratch_pitch]
+  void* lse_log2;                        // sm_90a backward scratch: LSE * log2(e) (+inf: no key), same layout
+  long long scratch_pitch;               // seqlen_q (mma.sync), or rounded up to whole query tiles (sm_90a)
   const void* mask;                      // [b, h, i, j] with zero strides on broadcast dims
   long long mask_stride[4];
 

@@ -1,25 +1,27 @@
 // Producer/consumer plumbing of the sm_90a kernels: mbarriers in shared
-// memory, TMA tile loads that complete on them, named barriers between
-// warpgroups, and register reallocation between warpgroups.
+// memory, TMA loads that complete on them, rings of tile buffers, turns
+// between the consumer warpgroups, and register reallocation.
 //
-// A ring of kStages buffers has a "full" and an "empty" mbarrier per buffer.
-// Use j of the ring (j = 0, 1, ...) takes buffer j % kStages in phase
-// (j / kStages) % 2: the producer waits until the buffer is empty (parity
-// phase ^ 1, which a fresh barrier passes at once), announces the bytes the TMA
-// will write and issues it; consumers wait for full (parity phase), read, and
-// arrive on empty.
+// The kernels' roles: warpgroup 0 produces (one thread issues TMA loads),
+// warpgroups 1 and 2 consume (wgmma), kThreads threads together.
 #pragma once
 
 namespace flashjit {
 namespace mma {
 
-struct Ring {
-  int buffer;
-  unsigned phase;
-};
-template <int kStages>
-FJ_DEVICE Ring ring_slot(int use) {
-  return Ring{use % kStages, static_cast<unsigned>((use / kStages) & 1)};
+constexpr int kStages = FJ_STAGES;
+constexpr int kProducerThreads = 128;
+// 24 + 2 x 240 registers a thread fit the 64K of the SM that the launch bounds
+// (384 threads at 168 registers each) reserve.
+constexpr int kProducerRegisters = 24;
+constexpr int kConsumerRegisters = 240;
+// Consumer w issues its wgmma after named barrier kTurnBarrier + w, then passes
+// the turn, so that one consumer's softmax runs beside the other's products.
+constexpr int kTurnBarrier = 1;
+
+// The first 1024-byte boundary of dynamic shared memory: swizzled tiles start there.
+FJ_DEVICE unsigned char* aligned_for_swizzle(unsigned char* shared) {
+  return shared + ((1024 - (shared_address(shared) & 1023)) & 1023);
 }
 
 FJ_DEVICE void mbarrier_init(unsigned long long* barrier, unsigned arrivals) {
@@ -79,12 +81,73 @@ FJ_DEVICE void tma_load_tile(elem_t* tile, const TensorMap& map, long long row, 
 template <int kRows, int kDim>
 constexpr unsigned kTileBytes = kRows * kDim * sizeof(elem_t);
 
+// `bytes` (a multiple of 16) from 16-byte aligned global memory, completing on `barrier`.
+FJ_DEVICE void bulk_load(void* shared, const void* global, unsigned bytes, unsigned long long* barrier) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          shared_address(shared)),
+      "l"(global), "r"(bytes), "r"(shared_address(barrier))
+      : "memory");
+}
+
+// A ring of kBuffers tile buffers between the producer thread and the kWarps
+// consumer warps, with a "full" and an "empty" mbarrier per buffer. Use j
+// (j = 0, 1, ...) takes buffer j % kBuffers in phase (j / kBuffers) % 2: the
+// producer waits until the buffer is empty (parity phase ^ 1, which a fresh
+// barrier passes at once) and announces the bytes its copies will write;
+// consumers wait for full (parity phase), read, and each warp arrives on empty.
+template <int kBuffers>
+struct Ring {
+  static constexpr int kBarriers = 2 * kBuffers;
+  unsigned long long* full;   // [kBuffers]
+  unsigned long long* empty;  // [kBuffers]
+
+  FJ_DEVICE static Ring at(unsigned long long* barriers) { return Ring{barriers, barriers + kBuffers}; }
+  // By one thread, before the block synchronises.
+  FJ_DEVICE void init() const {
+#pragma unroll
+    for (int buffer = 0; buffer < kBuffers; ++buffer) {
+      mbarrier_init(&full[buffer], 1);
+      mbarrier_init(&empty[buffer], kWarps);
+    }
+  }
+  // Producer: the buffer of use j once it is empty, its full barrier told to expect `bytes`.
+  FJ_DEVICE int produce(int use, unsigned bytes) const {
+    const int buffer = use % kBuffers;
+    mbarrier_wait(&empty[buffer], ((use / kBuffers) & 1) ^ 1);
+    mbarrier_expect_bytes(&full[buffer], bytes);
+    return buffer;
+  }
+  // Consumer: the buffer of use j once its bytes arrived.
+  FJ_DEVICE int consume(int use) const {
+    const int buffer = use % kBuffers;
+    mbarrier_wait(&full[buffer], (use / kBuffers) & 1);
+    return buffer;
+  }
+  // Consumer warp: done with the buffer of use j (after the wgmma that read it).
+  FJ_DEVICE void release(int use, int lane) const {
+    if (lane == 0) mbarrier_arrive(&empty[use % kBuffers]);
+  }
+};
+
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads.
 FJ_DEVICE void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 FJ_DEVICE void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Turns between the two consumer warpgroups. Consumer 1 gives consumer 0 the
+// first turn (first_turn); each then alternates wait_turn, issue, pass_turn;
+// consumer 0 takes the last pass (last_turn), so both barriers end balanced.
+FJ_DEVICE void first_turn(int consumer) {
+  if (consumer == 1) named_barrier_arrive(kTurnBarrier, kThreads);
+}
+FJ_DEVICE void wait_turn(int consumer) { named_barrier_sync(kTurnBarrier + consumer, kThreads); }
+FJ_DEVICE void pass_turn(int consumer) { named_barrier_arrive(kTurnBarrier + (consumer ^ 1), kThreads); }
+FJ_DEVICE void last_turn(int consumer) {
+  if (consumer == 0) wait_turn(0);
 }
 
 // Register reallocation between warpgroups (the kernel's launch bounds cap the

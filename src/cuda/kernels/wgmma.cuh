@@ -83,6 +83,35 @@ FJ_DEVICE void wgmma_ss(float (&d)[kN / 8][4], unsigned long long a, unsigned lo
 template <int kN>
 FJ_DEVICE void wgmma_rs(float (&d)[kN / 8][4], const unsigned (&a)[4], unsigned long long b);
 
+// d[64 x kN] = X Y^T for a warpgroup, issued (not waited for): X's rows
+// row..row + 63 of a swizzled tile of kRowsX rows and Y's kN rows, both kDepth
+// columns deep (K-major).
+template <int kRowsX, int kN, int kDepth>
+FJ_DEVICE void wgmma_rows_by_rows(float (&d)[kN / 8][4], const elem_t* x_tile, int row, const elem_t* y_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    wgmma_ss<kN>(d, k_major_descriptor<kRowsX, kDepth>(x_tile, row, kk * 16),
+                 k_major_descriptor<kN, kDepth>(y_tile, 0, kk * 16), kk == 0);
+  }
+}
+
+// d[64 x kN] += A Y for a warpgroup, issued: A (64 x kDepth) as the A fragments
+// of its 16-deep steps in registers, Y a swizzled tile of kDepth rows x kN
+// columns (MN-major).
+template <int kDepth, int kN>
+FJ_DEVICE void wgmma_fragments_by_rows(float (&d)[kN / 8][4], const unsigned (&a)[kDepth / 16][4],
+                                       const elem_t* y_tile) {
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) wgmma_rs<kN>(d, a[kk], mn_major_descriptor<kDepth>(y_tile, kk * 16));
+}
+
+// C fragments (float) of a 64 x kN result -> the A fragments of its kN / 16 steps.
+template <int kN>
+FJ_DEVICE void to_fragments(unsigned (&a)[kN / 16][4], const float (&c)[kN / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) a_from_c(a[kk], c[2 * kk], c[2 * kk + 1]);
+}
+
 // The specialisations for the N a kernel uses follow this file: PTX needs one
 // instruction text per N, with N / 2 accumulator operands, so kernel_spec.cpp
 // writes them out (wgmma_instructions).

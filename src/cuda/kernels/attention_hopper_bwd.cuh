@@ -1,0 +1,397 @@
+// Backward attention for sm_90a (H100, H200), float16 and bfloat16, split as
+// the mma.sync backward is so that every gradient has one writer (no atomics,
+// bitwise deterministic), with the forward's roles: a producer warpgroup that
+// loads with TMA and two consumer warpgroups of 64 rows that multiply with
+// wgmma and take turns issuing (pipeline.cuh).
+//
+//   prep (FJ_ENTRY 3): delta = rowsum(dO * O) and LSE * log2(e) of every query
+//     row into scratch rows padded to whole query tiles (padding: 0 and +inf),
+//     one warp a row.
+//   dQ (FJ_ENTRY 1): a block of 128 query rows; per key tile j
+//       S_j = Q K_j^T, dP_j = dO V_j^T       wgmma from shared memory
+//       dQ += dS_{j-1} K_{j-1}               wgmma, dS in registers, issued with them
+//       dS_j = P_j (dP_j - delta) scale      while dQ's product runs
+//   dK/dV (FJ_ENTRY 2): a block of 128 keys; per tile t of queries of every
+//     query head of the GQA group (Q_t, dO_t, and LSE and delta by bulk copy)
+//       S^T = K Q_t^T, dP^T = V dO_t^T      wgmma from shared memory
+//       dV += P^T_{t-1} dO_{t-1}, dK += dS^T_{t-1} Q_{t-1}    from registers
+//
+// A tile that serves two steps (K_j in dQ, Q_t and dO_t in dK/dV) has a ring of
+// kStages + 1 buffers. The per-element gradient and the stores are
+// gradient.cuh's.
+#pragma once
+
+namespace flashjit {
+namespace mma {
+
+static_assert(kRowTiles == 1 && kWarps == 8 && kBlockM == 128, "two consumer warpgroups of 64 rows");
+static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
+
+#if FJ_ENTRY == 3
+extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
+    fj_attention_backward_prep(const KernelParams p) {
+  constexpr int kRowsPerBlock = (kThreads + kProducerThreads) / 32;
+  const long long row = static_cast<long long>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= static_cast<long long>(p.batch) * p.heads_q * p.scratch_pitch) return;
+  const long long batch_head = row / p.scratch_pitch;
+  const long long i = row - batch_head * p.scratch_pitch;
+  const int b = static_cast<int>(batch_head / p.heads_q);
+  const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
+  float delta = 0.0f;
+  float lse2 = -negative_infinity<float>();
+  if (i < p.seqlen_q) {
+    const elem_t* o_row = operand_row<const elem_t>(p.o, b, h, i);
+    const elem_t* dout_row = operand_row<const elem_t>(p.dout, b, h, i);
+    for (int d = lane; d < p.head_dim_v; d += 32) delta += to_float(o_row[d]) * to_float(dout_row[d]);
+#pragma unroll
+    for (int offset = 16; offset >= 1; offset /= 2) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
+    lse2 = lse_log2(*operand_row<const float>(p.lse, b, h, i));
+  }
+  if (lane == 0) {
+    static_cast<float*>(p.delta)[row] = delta;
+    static_cast<float*>(p.lse_log2)[row] = lse2;
+  }
+}
+#endif  // FJ_ENTRY == 3
+
+#if FJ_ENTRY == 1
+constexpr int kKeyBuffers = kStages + 1;  // K_j serves S_j, then dQ += dS_j K_j a step later
+
+extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
+    fj_attention_backward_dq(const __grid_constant__ KernelParams p) {
+  extern __shared__ __align__(1024) unsigned char shared_raw[];
+  elem_t* q_tile = reinterpret_cast<elem_t*>(aligned_for_swizzle(shared_raw));  // [kBlockM][kDimQk]
+  elem_t* dout_tile = q_tile + kBlockM * kDimQk;                                  // [kBlockM][kDimV]
+  elem_t* k_tiles = dout_tile + kBlockM * kDimV;                                  // kKeyBuffers x [kBlockN][kDimQk]
+  elem_t* v_tiles = k_tiles + kKeyBuffers * kBlockN * kDimQk;                     // kStages x [kBlockN][kDimV]
+  unsigned long long* rows_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kBlockN * kDimV);
+  const Ring<kKeyBuffers> k_ring = Ring<kKeyBuffers>::at(rows_full + 1);
+  const Ring<kStages> v_ring = Ring<kStages>::at(rows_full + 1 + Ring<kKeyBuffers>::kBarriers);
+
+  int block, b, h;
+  block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
+  const int kv_head = h / p.group_size;
+  const long long first_query = static_cast<long long>(block) * kBlockM;
+  const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
+  const long long key_lo = key_begin(p, first_query);
+  const long long key_hi = key_end(p, last_query);
+  const long long first_tile = key_lo / kBlockN * kBlockN;
+  const int tiles = first_tile < key_hi ? static_cast<int>((key_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(rows_full, 1);
+    k_ring.init();
+    v_ring.init();
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x == 0 && tiles > 0) {
+      prefetch_tensor_map(p.q_map);
+      prefetch_tensor_map(p.dout_map);
+      prefetch_tensor_map(p.k_map);
+      prefetch_tensor_map(p.v_map);
+      mbarrier_expect_bytes(rows_full, kTileBytes<kBlockM, kDimQk> + kTileBytes<kBlockM, kDimV>);
+      tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, first_query, h, b, rows_full);
+      tma_load_tile<kBlockM, kDimV>(dout_tile, p.dout_map, first_query, h, b, rows_full);
+      for (int j = 0; j < tiles; ++j) {
+        const long long tile_start = first_tile + static_cast<long long>(j) * kBlockN;
+        const int k_buffer = k_ring.produce(j, kTileBytes<kBlockN, kDimQk>);
+        tma_load_tile<kBlockN, kDimQk>(k_tiles + k_buffer * kBlockN * kDimQk, p.k_map, tile_start, kv_head, b,
+                                       &k_ring.full[k_buffer]);
+        const int v_buffer = v_ring.produce(j, kTileBytes<kBlockN, kDimV>);
+        tma_load_tile<kBlockN, kDimV>(v_tiles + v_buffer * kBlockN * kDimV, p.v_map, tile_start, kv_head, b,
+                                      &v_ring.full[v_buffer]);
+      }
+    }
+    return;
+  }
+  claim_registers<kConsumerRegisters>();
+
+  const int consumer = warpgroup - 1;
+  const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; rows warp * 16 .. + 15 of the block
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+  const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+  long long rows[2];
+  rows[0] = first_query + warp * 16 + lane / 4;
+  rows[1] = rows[0] + 8;
+  const long long consumer_first = first_query + consumer * 64;
+  const bool rows_full_block = consumer_first + 64 <= p.seqlen_q;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lse2[r] = static_cast<const float*>(p.lse_log2)[batch_head * p.scratch_pitch + rows[r]];
+    delta[r] = static_cast<const float*>(p.delta)[batch_head * p.scratch_pitch + rows[r]];
+  }
+
+  float dq[kDimQk / 8][4];
+  zero(dq);
+
+  // dS of tile j in place of S.
+  const auto gradient_tile = [&](float (&s)[kBlockN / 8][4], const float (&dp)[kBlockN / 8][4], int j) {
+    const long long tile_start = first_tile + static_cast<long long>(j) * kBlockN;
+    const bool interior = rows_full_block && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
+                          all_visible(p, consumer_first, consumer_first + 63, tile_start, tile_start + kBlockN - 1);
+    if (interior) {
+      dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
+                             scale_log2);
+    } else {
+      dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
+                              scale_log2);
+    }
+  };
+
+  if (tiles > 0) {
+    first_turn(consumer);
+    mbarrier_wait(rows_full, 0);
+    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+    unsigned dscore[kBlockN / 16][4];
+    // Tile 0: S and dP alone.
+    {
+      const int k_buffer = k_ring.consume(0);
+      const int v_buffer = v_ring.consume(0);
+      wait_turn(consumer);
+      wgmma_fence();
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s, q_tile, consumer * 64, k_tiles + k_buffer * kBlockN * kDimQk);
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dp, dout_tile, consumer * 64, v_tiles + v_buffer * kBlockN * kDimV);
+      wgmma_commit();
+      pass_turn(consumer);
+      wgmma_wait<0>();
+      pin(s);
+      pin(dp);
+      v_ring.release(0, lane);
+      gradient_tile(s, dp, 0);
+      to_fragments<kBlockN>(dscore, s);
+    }
+    for (int j = 1; j < tiles; ++j) {
+      const int k_buffer = k_ring.consume(j);
+      const int v_buffer = v_ring.consume(j);
+      const elem_t* k_previous = k_tiles + ((j - 1) % kKeyBuffers) * kBlockN * kDimQk;
+      wait_turn(consumer);
+      wgmma_fence();
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s, q_tile, consumer * 64, k_tiles + k_buffer * kBlockN * kDimQk);
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dp, dout_tile, consumer * 64, v_tiles + v_buffer * kBlockN * kDimV);
+      wgmma_commit();
+      wgmma_fragments_by_rows<kBlockN, kDimQk>(dq, dscore, k_previous);
+      wgmma_commit();
+      pass_turn(consumer);
+
+      wgmma_wait<1>();  // S_j and dP_j done; dQ's product may still run beside the gradient
+      pin(s);
+      pin(dp);
+      v_ring.release(j, lane);
+      gradient_tile(s, dp, j);
+
+      wgmma_wait<0>();
+      pin(dq);
+      pin(dscore);
+      k_ring.release(j - 1, lane);
+      to_fragments<kBlockN>(dscore, s);
+    }
+    // The last tile's dQ += dS K.
+    {
+      wait_turn(consumer);
+      wgmma_fence();
+      wgmma_fragments_by_rows<kBlockN, kDimQk>(dq, dscore, k_tiles + ((tiles - 1) % kKeyBuffers) * kBlockN * kDimQk);
+      wgmma_commit();
+      pass_turn(consumer);
+      wgmma_wait<0>();
+      pin(dq);
+      pin(dscore);
+      k_ring.release(tiles - 1, lane);
+    }
+    last_turn(consumer);
+  }
+  store_rows<kDimQk>(p.dq, b, h, rows, p.seqlen_q, p.head_dim_qk, dq, quad);
+}
+#endif  // FJ_ENTRY == 1
+
+#if FJ_ENTRY == 2
+constexpr int kQueryBuffers = kStages + 1;  // Q_t and dO_t serve step t, then dK and dV a step later
+
+extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
+    fj_attention_backward_dkdv(const __grid_constant__ KernelParams p) {
+  extern __shared__ __align__(1024) unsigned char shared_raw[];
+  elem_t* k_tile = reinterpret_cast<elem_t*>(aligned_for_swizzle(shared_raw));  // [kBlockM][kDimQk]: the keys
+  elem_t* v_tile = k_tile + kBlockM * kDimQk;                                     // [kBlockM][kDimV]
+  elem_t* q_tiles = v_tile + kBlockM * kDimV;                                     // kQueryBuffers x [kBlockN][kDimQk]
+  elem_t* dout_tiles = q_tiles + kQueryBuffers * kBlockN * kDimQk;                // kQueryBuffers x [kBlockN][kDimV]
+  float* lse_tiles = reinterpret_cast<float*>(dout_tiles + kQueryBuffers * kBlockN * kDimV);  // [kQueryBuffers][kBlockN]
+  float* delta_tiles = lse_tiles + kQueryBuffers * kBlockN;                                    // [kQueryBuffers][kBlockN]
+  unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(delta_tiles + kQueryBuffers * kBlockN);
+  const Ring<kQueryBuffers> q_ring = Ring<kQueryBuffers>::at(keys_full + 1);  // Q, LSE and delta of a tile
+  const Ring<kQueryBuffers> dout_ring = Ring<kQueryBuffers>::at(keys_full + 1 + Ring<kQueryBuffers>::kBarriers);
+
+  int block, b, kv_head;
+  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);
+  const long long first_key = static_cast<long long>(block) * kBlockM;
+  const long long last_key = min(first_key + kBlockM, static_cast<long long>(p.seqlen_k)) - 1;
+  const long long query_lo = query_begin(p, first_key);
+  const long long query_hi = query_end(p, last_key);
+  // The query tiles of every head of the group, one sequence: tile t is head
+  // member t / tiles_per_head, queries first_tile + (t % tiles_per_head) * kBlockN.
+  const long long first_tile = query_lo / kBlockN * kBlockN;
+  const int tiles_per_head =
+      query_hi > first_tile ? static_cast<int>((query_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
+  const int tiles = tiles_per_head * p.group_size;
+  const auto tile_head = [&](int t) { return kv_head * p.group_size + t / tiles_per_head; };
+  const auto tile_start = [&](int t) { return first_tile + static_cast<long long>(t % tiles_per_head) * kBlockN; };
+
+  if (threadIdx.x == 0) {
+    mbarrier_init(keys_full, 1);
+    q_ring.init();
+    dout_ring.init();
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x == 0 && tiles > 0) {
+      prefetch_tensor_map(p.k_map);
+      prefetch_tensor_map(p.v_map);
+      prefetch_tensor_map(p.q_map);
+      prefetch_tensor_map(p.dout_map);
+      mbarrier_expect_bytes(keys_full, kTileBytes<kBlockM, kDimQk> + kTileBytes<kBlockM, kDimV>);
+      tma_load_tile<kBlockM, kDimQk>(k_tile, p.k_map, first_key, kv_head, b, keys_full);
+      tma_load_tile<kBlockM, kDimV>(v_tile, p.v_map, first_key, kv_head, b, keys_full);
+      constexpr unsigned kRowBytes = kBlockN * sizeof(float);
+      for (int t = 0; t < tiles; ++t) {
+        const int h = tile_head(t);
+        const long long start = tile_start(t);
+        const long long scratch_row = (static_cast<long long>(b) * p.heads_q + h) * p.scratch_pitch + start;
+        const int q_buffer = q_ring.produce(t, kTileBytes<kBlockN, kDimQk> + 2 * kRowBytes);
+        tma_load_tile<kBlockN, kDimQk>(q_tiles + q_buffer * kBlockN * kDimQk, p.q_map, start, h, b,
+                                       &q_ring.full[q_buffer]);
+        bulk_load(lse_tiles + q_buffer * kBlockN, static_cast<const float*>(p.lse_log2) + scratch_row, kRowBytes,
+                  &q_ring.full[q_buffer]);
+        bulk_load(delta_tiles + q_buffer * kBlockN, static_cast<const float*>(p.delta) + scratch_row, kRowBytes,
+                  &q_ring.full[q_buffer]);
+        const int dout_buffer = dout_ring.produce(t, kTileBytes<kBlockN, kDimV>);
+        tma_load_tile<kBlockN, kDimV>(dout_tiles + dout_buffer * kBlockN * kDimV, p.dout_map, start, h, b,
+                                      &dout_ring.full[dout_buffer]);
+      }
+    }
+    return;
+  }
+  claim_registers<kConsumerRegisters>();
+
+  const int consumer = warpgroup - 1;
+  const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+  long long keys[2];
+  keys[0] = first_key + warp * 16 + lane / 4;
+  keys[1] = keys[0] + 8;
+  const long long consumer_first = first_key + consumer * 64;
+  const bool keys_full_block = consumer_first + 64 <= p.seqlen_k;
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+
+  float dv[kDimV / 8][4], dk[kDimQk / 8][4];
+  zero(dv);
+  zero(dk);
+
+  // P^T in place of S^T and dS^T in place of dP^T for tile t.
+  const auto gradient_tile = [&](float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], int t, int q_buffer) {
+    const int h = tile_head(t);
+    const long long start = tile_start(t);
+    const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+    const bool interior = keys_full_block && start >= query_lo && start + kBlockN <= query_hi &&
+                          all_visible(p, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
+    const float* lse_tile = lse_tiles + q_buffer * kBlockN;
+    const float* delta_tile = delta_tiles + q_buffer * kBlockN;
+    if (interior) {
+      dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+                               quad, scale_log2);
+    } else {
+      dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h,
+                                batch_head, quad, scale_log2);
+    }
+  };
+
+  if (tiles > 0) {
+    first_turn(consumer);
+    mbarrier_wait(keys_full, 0);
+    float st[kBlockN / 8][4], dpt[kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
+    unsigned prob[kBlockN / 16][4], dscore[kBlockN / 16][4];
+    // Tile 0: S^T and dP^T alone.
+    {
+      const int q_buffer = q_ring.consume(0);
+      const int dout_buffer = dout_ring.consume(0);
+      wait_turn(consumer);
+      wgmma_fence();
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64, q_tiles + q_buffer * kBlockN * kDimQk);
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
+                                                  dout_tiles + dout_buffer * kBlockN * kDimV);
+      wgmma_commit();
+      pass_turn(consumer);
+      wgmma_wait<0>();
+      pin(st);
+      pin(dpt);
+      gradient_tile(st, dpt, 0, q_buffer);
+      to_fragments<kBlockN>(prob, st);
+      to_fragments<kBlockN>(dscore, dpt);
+    }
+    for (int t = 1; t < tiles; ++t) {
+      const int q_buffer = q_ring.consume(t);
+      const int dout_buffer = dout_ring.consume(t);
+      const int previous = (t - 1) % kQueryBuffers;
+      wait_turn(consumer);
+      wgmma_fence();
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64, q_tiles + q_buffer * kBlockN * kDimQk);
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
+                                                  dout_tiles + dout_buffer * kBlockN * kDimV);
+      wgmma_commit();
+      wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
+      wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
+      wgmma_commit();
+      pass_turn(consumer);
+
+      wgmma_wait<1>();  // S^T and dP^T done; dK's and dV's products may still run beside the gradient
+      pin(st);
+      pin(dpt);
+      gradient_tile(st, dpt, t, q_buffer);
+
+      wgmma_wait<0>();
+      pin(dv);
+      pin(dk);
+      pin(prob);
+      pin(dscore);
+      q_ring.release(t - 1, lane);
+      dout_ring.release(t - 1, lane);
+      to_fragments<kBlockN>(prob, st);
+      to_fragments<kBlockN>(dscore, dpt);
+    }
+    // The last tile's dV += P^T dO and dK += dS^T Q.
+    {
+      const int previous = (tiles - 1) % kQueryBuffers;
+      wait_turn(consumer);
+      wgmma_fence();
+      wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
+      wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
+      wgmma_commit();
+      pass_turn(consumer);
+      wgmma_wait<0>();
+      pin(dv);
+      pin(dk);
+      pin(prob);
+      pin(dscore);
+      q_ring.release(tiles - 1, lane);
+      dout_ring.release(tiles - 1, lane);
+    }
+    last_turn(consumer);
+  }
+  store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
+  store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+}
+#endif  // FJ_ENTRY == 2
+
+}  // namespace mma
+}  // namespace flashjit
