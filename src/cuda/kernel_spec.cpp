@@ -347,9 +347,9 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
       spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
       break;
     case KernelEntry::kBackwardDq:  // S, dP, dS and dQ
-      spec.block_n = 64;
+      spec.block_n = head_dim <= 128 ? 64 : 32;
       break;
-    case KernelEntry::kBackwardDkDv:  // S^T, dP^T, P^T, dS^T, dK and dV
+    case KernelEntry::kBackwardDkDv:  // S^T, dP^T, P^T, dS^T, dK and dV (above 128: dK or dV)
       spec.block_n = head_dim <= 64 ? 64 : 32;
       break;
     case KernelEntry::kBackwardPrep:
@@ -383,10 +383,18 @@ KernelSpec forward_kernel(const KernelTraits& traits) {
 }
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
-  if (hopper_applies(traits) && std::max(traits.head_dim_qk, traits.head_dim_v) <= 128) {
-    std::vector<KernelSpec> specs;
-    for (KernelEntry entry : {KernelEntry::kBackwardPrep, KernelEntry::kBackwardDq, KernelEntry::kBackwardDkDv}) {
-      specs.push_back(hopper_spec(traits, entry));
+  if (hopper_applies(traits)) {
+    std::vector<KernelSpec> specs = {hopper_spec(traits, KernelEntry::kBackwardPrep),
+                                     hopper_spec(traits, KernelEntry::kBackwardDq)};
+    const KernelSpec dkdv = hopper_spec(traits, KernelEntry::kBackwardDkDv);
+    if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
+      specs.push_back(dkdv);
+    } else {  // dV and dK each in a kernel of its own, as in the mma.sync backward
+      KernelSpec dv = dkdv, dk = dkdv;
+      dv.dkdv_part = 1;
+      dk.dkdv_part = 2;
+      specs.push_back(dv);
+      specs.push_back(dk);
     }
     if (std::all_of(specs.begin(), specs.end(), fits)) return specs;
   }

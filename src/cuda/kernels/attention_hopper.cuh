@@ -110,9 +110,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const bool interior = rows_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
                           all_visible(p, consumer_first, consumer_first + 63, tile_start, tile_start + kBlockN - 1);
     if (interior) {
-      tile_logits<1, true>(s, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+      tile_logits<1, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
     } else {
-      tile_logits<1, false>(s, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+      tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
     }
     softmax_step(s, row_max, row_sum, scale_old);
 #if FJ_DROPOUT

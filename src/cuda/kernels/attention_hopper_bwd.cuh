@@ -15,6 +15,9 @@
 //     query head of the GQA group (Q_t, dO_t, and LSE and delta by bulk copy)
 //       S^T = K Q_t^T, dP^T = V dO_t^T      wgmma from shared memory
 //       dV += P^T_{t-1} dO_{t-1}, dK += dS^T_{t-1} Q_{t-1}    from registers
+//     Above head dim 128 the dK and dV accumulators do not both fit in the
+//     consumers' registers: FJ_DKDV_PART 1 builds a kernel for dV alone (no V,
+//     no dP^T), 2 one for dK alone.
 //
 // A tile that serves two steps (K_j in dQ, Q_t and dO_t in dK/dV) has a ring of
 // kStages + 1 buffers. The per-element gradient and the stores are
@@ -139,10 +142,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const bool interior = rows_full_block && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
                           all_visible(p, consumer_first, consumer_first + 63, tile_start, tile_start + kBlockN - 1);
     if (interior) {
-      dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
+      dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, tile_start, b, h, batch_head, quad,
                              scale_log2);
     } else {
-      dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, tile_start, key_lo, key_hi, b, h, batch_head, quad,
+      dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, tile_start, b, h, batch_head, quad,
                               scale_log2);
     }
   };
@@ -214,6 +217,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 
 #if FJ_ENTRY == 2
 constexpr int kQueryBuffers = kStages + 1;  // Q_t and dO_t serve step t, then dK and dV a step later
+constexpr bool kWithDv = FJ_DKDV_PART != 2;
+constexpr bool kWithDk = FJ_DKDV_PART != 1;  // needs V and dP^T
 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_backward_dkdv(const __grid_constant__ KernelParams p) {
@@ -259,9 +264,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       prefetch_tensor_map(p.v_map);
       prefetch_tensor_map(p.q_map);
       prefetch_tensor_map(p.dout_map);
-      mbarrier_expect_bytes(keys_full, kTileBytes<kBlockM, kDimQk> + kTileBytes<kBlockM, kDimV>);
+      mbarrier_expect_bytes(keys_full, kTileBytes<kBlockM, kDimQk> + (kWithDk ? kTileBytes<kBlockM, kDimV> : 0));
       tma_load_tile<kBlockM, kDimQk>(k_tile, p.k_map, first_key, kv_head, b, keys_full);
-      tma_load_tile<kBlockM, kDimV>(v_tile, p.v_map, first_key, kv_head, b, keys_full);
+      if (kWithDk) tma_load_tile<kBlockM, kDimV>(v_tile, p.v_map, first_key, kv_head, b, keys_full);
       constexpr unsigned kRowBytes = kBlockN * sizeof(float);
       for (int t = 0; t < tiles; ++t) {
         const int h = tile_head(t);
@@ -308,11 +313,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const float* lse_tile = lse_tiles + q_buffer * kBlockN;
     const float* delta_tile = delta_tiles + q_buffer * kBlockN;
     if (interior) {
-      dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+      dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head,
                                quad, scale_log2);
     } else {
-      dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h,
-                                batch_head, quad, scale_log2);
+      dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
+                                scale_log2);
     }
   };
 
@@ -328,16 +333,22 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       wait_turn(consumer);
       wgmma_fence();
       wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64, q_tiles + q_buffer * kBlockN * kDimQk);
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
-                                                  dout_tiles + dout_buffer * kBlockN * kDimV);
+      if (kWithDk) {
+        wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
+                                                    dout_tiles + dout_buffer * kBlockN * kDimV);
+      }
       wgmma_commit();
       pass_turn(consumer);
       wgmma_wait<0>();
       pin(st);
-      pin(dpt);
+      if (kWithDk) {
+        pin(dpt);
+      } else {
+        zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
+      }
       gradient_tile(st, dpt, 0, q_buffer);
-      to_fragments<kBlockN>(prob, st);
-      to_fragments<kBlockN>(dscore, dpt);
+      if (kWithDv) to_fragments<kBlockN>(prob, st);
+      if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
     }
     for (int t = 1; t < tiles; ++t) {
       const int q_buffer = q_ring.consume(t);
@@ -346,50 +357,64 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       wait_turn(consumer);
       wgmma_fence();
       wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64, q_tiles + q_buffer * kBlockN * kDimQk);
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
-                                                  dout_tiles + dout_buffer * kBlockN * kDimV);
+      if (kWithDk) {
+        wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
+                                                    dout_tiles + dout_buffer * kBlockN * kDimV);
+      }
       wgmma_commit();
-      wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
-      wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
+      if (kWithDv) wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
+      if (kWithDk) wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
       wgmma_commit();
       pass_turn(consumer);
 
       wgmma_wait<1>();  // S^T and dP^T done; dK's and dV's products may still run beside the gradient
       pin(st);
-      pin(dpt);
+      if (kWithDk) {
+        pin(dpt);
+      } else {
+        zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
+      }
       gradient_tile(st, dpt, t, q_buffer);
 
       wgmma_wait<0>();
-      pin(dv);
-      pin(dk);
-      pin(prob);
-      pin(dscore);
+      if (kWithDv) {
+        pin(dv);
+        pin(prob);
+      }
+      if (kWithDk) {
+        pin(dk);
+        pin(dscore);
+      }
       q_ring.release(t - 1, lane);
       dout_ring.release(t - 1, lane);
-      to_fragments<kBlockN>(prob, st);
-      to_fragments<kBlockN>(dscore, dpt);
+      if (kWithDv) to_fragments<kBlockN>(prob, st);
+      if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
     }
     // The last tile's dV += P^T dO and dK += dS^T Q.
     {
       const int previous = (tiles - 1) % kQueryBuffers;
       wait_turn(consumer);
       wgmma_fence();
-      wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
-      wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
+      if (kWithDv) wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
+      if (kWithDk) wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
       wgmma_commit();
       pass_turn(consumer);
       wgmma_wait<0>();
-      pin(dv);
-      pin(dk);
-      pin(prob);
-      pin(dscore);
+      if (kWithDv) {
+        pin(dv);
+        pin(prob);
+      }
+      if (kWithDk) {
+        pin(dk);
+        pin(dscore);
+      }
       q_ring.release(tiles - 1, lane);
       dout_ring.release(tiles - 1, lane);
     }
     last_turn(consumer);
   }
-  store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
-  store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+  if (kWithDk) store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
+  if (kWithDv) store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
 }
 #endif  // FJ_ENTRY == 2
 

@@ -83,9 +83,9 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     const bool interior = block_full && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
                           all_visible(p, first_query, first_query + kBlockM - 1, tile_start, tile_start + kBlockN - 1);
     if (interior) {
-      tile_logits<kRowTiles, true>(s, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+      tile_logits<kRowTiles, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
     } else {
-      tile_logits<kRowTiles, false>(s, p, rows, tile_start, key_lo, key_hi, b, h, quad, scale_log2);
+      tile_logits<kRowTiles, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
     }
     float scale_old[kRowTiles][2];
     softmax_step(s, row_max, row_sum, scale_old);

@@ -116,10 +116,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
 #pragma unroll
     for (int m = 0; m < kRowTiles; ++m) {
       if (interior) {
-        dq_tile_gradient<true>(s[m], dp[m], p, rows[m], lse2[m], delta[m], tile_start, key_lo, key_hi, b, h,
+        dq_tile_gradient<true>(s[m], dp[m], p, rows[m], lse2[m], delta[m], tile_start, b, h,
                                batch_head, quad, scale_log2);
       } else {
-        dq_tile_gradient<false>(s[m], dp[m], p, rows[m], lse2[m], delta[m], tile_start, key_lo, key_hi, b, h,
+        dq_tile_gradient<false>(s[m], dp[m], p, rows[m], lse2[m], delta[m], tile_start, b, h,
                                 batch_head, quad, scale_log2);
       }
     }
@@ -224,10 +224,10 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
     const bool interior = keys_full && start >= query_lo && start + kBlockN <= query_hi &&
                           all_visible(p, start, start + kBlockN - 1, first_key, first_key + kBlockM - 1);
     if (interior) {
-      dkdv_tile_gradient<true>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+      dkdv_tile_gradient<true>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, b, h, batch_head,
                                quad, scale_log2);
     } else {
-      dkdv_tile_gradient<false>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, query_lo, query_hi, b, h, batch_head,
+      dkdv_tile_gradient<false>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, b, h, batch_head,
                                 quad, scale_log2);
     }
 #if FJ_DKDV_PART != 2

@@ -100,6 +100,19 @@ FJ_DEVICE long long query_end(const KernelParams& p, long long key) {
   return end < 0 ? 0 : (end > p.seqlen_q ? p.seqlen_q : end);
 }
 
+// [begin, end) as columns of a tile that starts at tile_start and is kColumns
+// wide: per-row bounds checked in int arithmetic on edge tiles.
+template <int kColumns>
+struct ColumnSpan {
+  int first, last;
+  FJ_DEVICE ColumnSpan(long long begin, long long end, long long tile_start) {
+    const long long lo = begin - tile_start, hi = end - tile_start;
+    first = static_cast<int>(lo < 0 ? 0 : (lo > kColumns ? kColumns : lo));
+    last = static_cast<int>(hi < first ? first : (hi > kColumns ? kColumns : hi));
+  }
+  FJ_DEVICE bool contains(int column) const { return column >= first && column < last; }
+};
+
 FJ_DEVICE bool visible(const KernelParams& p, long long query, long long key) {
   const long long shifted = key - query - p.diagonal_shift;
   return (p.window_left < 0 || shifted >= -p.window_left) && (p.window_right < 0 || shifted <= p.window_right);

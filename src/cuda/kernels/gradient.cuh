@@ -17,12 +17,11 @@ FJ_DEVICE float lse_log2(float lse) {
 
 // dS of one element from its raw dot product, dP and the row's LSE (log2) and
 // delta; *prob_out receives P after dropout (the dV kernel's P^T dO operand).
-template <bool kInterior>
 FJ_DEVICE float score_gradient(const KernelParams& p, float dot, float dprob, float lse2, float delta,
                                float scale_log2, int b, int h, long long i, long long j, float dropout_factor,
                                float* prob_out) {
   float tanh_value = 0.0f;
-  const float prob = fast_exp2(logit_log2<kInterior>(p, dot, scale_log2, b, h, i, j, &tanh_value) - lse2);
+  const float prob = fast_exp2(logit_log2(p, dot, scale_log2, b, h, i, j, &tanh_value) - lse2);
   *prob_out = prob * dropout_factor;
   float dscore = prob * (dprob * dropout_factor - delta);
 #if FJ_SOFTCAP
@@ -31,13 +30,22 @@ FJ_DEVICE float score_gradient(const KernelParams& p, float dot, float dprob, fl
   return dscore * static_cast<float>(p.scale);
 }
 
-// dS of the dQ kernel's tile in place of S (rows queries, columns keys); bounds
-// checked unless kInterior.
+// dS of the dQ kernel's tile in place of S (rows queries, columns keys). Edge
+// tiles (not kInterior) take each row's visible keys as a column span.
 template <bool kInterior>
 FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kBlockN / 8][4], const KernelParams& p,
                                 const long long (&rows)[2], const float (&lse2)[2], const float (&delta)[2],
-                                long long tile_start, long long key_lo, long long key_hi, int b, int h,
-                                long long batch_head, int quad, float scale_log2) {
+                                long long tile_start, int b, int h, long long batch_head, int quad,
+                                float scale_log2) {
+  int first[2], last[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool row_valid = rows[r] < p.seqlen_q;
+    const ColumnSpan<kBlockN> span(row_valid ? key_begin(p, rows[r]) : 0, row_valid ? key_end(p, rows[r]) : 0,
+                                   tile_start);
+    first[r] = span.first;
+    last[r] = span.last;
+  }
 #pragma unroll
   for (int n = 0; n < kBlockN / 8; ++n) {
     const long long key_pair = tile_start + n * 8 + quad * 2;
@@ -47,13 +55,12 @@ FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kB
 #endif
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const long long i = rows[e / 2];
-      const long long j = key_pair + (e % 2);
+      const int column = n * 8 + quad * 2 + (e % 2);
       float dscore = 0.0f;
-      if (kInterior || (i < p.seqlen_q && j >= key_lo && j < key_hi)) {
+      if (kInterior || (column >= first[e / 2] && column < last[e / 2])) {
         float unused_prob;
-        dscore = score_gradient<kInterior>(p, s[n][e], dp[n][e], lse2[e / 2], delta[e / 2], scale_log2, b, h, i, j,
-                                           factor[e], &unused_prob);
+        dscore = score_gradient(p, s[n][e], dp[n][e], lse2[e / 2], delta[e / 2], scale_log2, b, h, rows[e / 2],
+                                      tile_start + column, factor[e], &unused_prob);
       }
       s[n][e] = dscore;
     }
@@ -61,12 +68,21 @@ FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kB
 }
 
 // P^T in place of S^T and dS^T in place of dP^T for the dK/dV kernel's tile (rows
-// keys, columns the queries start + column); bounds checked unless kInterior.
+// keys, columns the queries start + column). Edge tiles (not kInterior) take
+// each key's visible queries as a column span.
 template <bool kInterior>
 FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], const KernelParams& p,
                                   const long long (&keys)[2], const float* lse_tile, const float* delta_tile,
-                                  long long start, long long query_lo, long long query_hi, int b, int h,
-                                  long long batch_head, int quad, float scale_log2) {
+                                  long long start, int b, int h, long long batch_head, int quad, float scale_log2) {
+  int first[2], last[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool key_valid = keys[r] < p.seqlen_k;
+    const ColumnSpan<kBlockN> span(key_valid ? query_begin(p, keys[r]) : 0, key_valid ? query_end(p, keys[r]) : 0,
+                                   start);
+    first[r] = span.first;
+    last[r] = span.last;
+  }
 #pragma unroll
   for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
@@ -75,13 +91,13 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
       const long long i = start + column;
       const long long j = keys[e / 2];
       float prob = 0.0f, dscore = 0.0f;
-      if (kInterior || (j < p.seqlen_k && i >= query_lo && i < query_hi)) {
+      if (kInterior || (column >= first[e / 2] && column < last[e / 2])) {
         float factor = 1.0f;
 #if FJ_DROPOUT
         factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
 #endif
-        dscore = score_gradient<kInterior>(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2,
-                                           b, h, i, j, factor, &prob);
+        dscore = score_gradient(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2, b, h,
+                                      i, j, factor, &prob);
       }
       st[n][e] = prob;
       dpt[n][e] = dscore;

@@ -219,20 +219,16 @@ FJ_DEVICE void zero(float (&acc)[kTiles][kN][4]) {
   for (int m = 0; m < kTiles; ++m) zero(acc[m]);
 }
 
-// The log2-domain logit of element (i, j). Interior tiles, whose every element
-// lies inside the rows, the key range and the causal/window band, skip the
-// bounds; with no mask and no softcap their logit is one multiply.
-template <bool kInterior>
+// The log2-domain logit of element (i, j) that the causal/window bounds let
+// through (the callers check those per row, ColumnSpan): with no mask and no
+// softcap, one multiply.
 FJ_DEVICE float logit_log2(const KernelParams& p, float dot, float scale_log2, int b, int h, long long i, long long j,
                            float* tanh_out) {
-  if (kInterior) {
 #if FJ_MASK == 0 && !FJ_SOFTCAP
-    return dot * scale_log2;
+  return dot * scale_log2;
 #else
-    return masked_score(p, dot, b, h, i, j, tanh_out) * kLog2e;
+  return masked_score(p, dot, b, h, i, j, tanh_out) * kLog2e;
 #endif
-  }
-  return logit(p, dot, b, h, i, j, tanh_out) * kLog2e;
 }
 
 #if FJ_DROPOUT

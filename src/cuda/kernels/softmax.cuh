@@ -40,25 +40,32 @@ FJ_DEVICE float row_reduce(const float (&c)[kBlockN / 8][4], int r) {
   return part[0];
 }
 
-// Logits of one S tile in the log2 domain (bounds checked unless kInterior).
+// Logits of one S tile in the log2 domain. Edge tiles (not kInterior) take
+// each row's visible keys through the causal/window bounds as a column span,
+// -inf elsewhere and in rows past the sequence.
 template <int kTiles, bool kInterior>
 FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParams& p, const long long (&rows)[kTiles][2],
-                           long long tile_start, long long key_lo, long long key_hi, int b, int h, int quad,
-                           float scale_log2) {
+                           long long tile_start, int b, int h, int quad, float scale_log2) {
 #pragma unroll
   for (int m = 0; m < kTiles; ++m) {
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
+    for (int r = 0; r < 2; ++r) {
+      const long long i = rows[m][r];
+      const bool row_valid = i < p.seqlen_q;
+      const ColumnSpan<kBlockN> span(row_valid ? key_begin(p, i) : 0, row_valid ? key_end(p, i) : 0, tile_start);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const long long i = rows[m][e / 2];
-        const long long j = tile_start + n * 8 + quad * 2 + (e % 2);
-        float x = negative_infinity<float>();
-        if (kInterior || (i < p.seqlen_q && j >= key_lo && j < key_hi)) {
+      for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[m][n][2 * r + c];
+          const int column = n * 8 + quad * 2 + c;
           float unused_tanh;
-          x = logit_log2<kInterior>(p, s[m][n][e], scale_log2, b, h, i, j, &unused_tanh);
+          if (kInterior || span.contains(column)) {
+            x = logit_log2(p, x, scale_log2, b, h, i, tile_start + column, &unused_tanh);
+          } else {
+            x = negative_infinity<float>();
+          }
         }
-        s[m][n][e] = x;
       }
     }
   }

@@ -83,26 +83,42 @@ FJ_DEVICE void wgmma_ss(float (&d)[kN / 8][4], unsigned long long a, unsigned lo
 template <int kN>
 FJ_DEVICE void wgmma_rs(float (&d)[kN / 8][4], const unsigned (&a)[4], unsigned long long b);
 
+// Descriptors of consecutive 16-deep steps differ by a constant in the start
+// address field: each step's is built from the first by an add. The first goes
+// through an empty asm so that the compiler cannot hoist every step's
+// descriptor out of the caller's loop and hold them all in registers (at head
+// dim 256 that is 64 registers).
+FJ_DEVICE unsigned long long fresh(unsigned long long descriptor) {
+  asm volatile("" : "+l"(descriptor));
+  return descriptor;
+}
+// The start-address field (bytes >> 4) of step kk of a K-major tile of kRows rows:
+// 64-column regions kRows * 128 bytes apart, 16 columns (32 bytes) a step within one.
+template <int kRows>
+FJ_DEVICE constexpr unsigned long long k_major_step(int kk) {
+  return static_cast<unsigned long long>(((kk * 16) / kSwizzleElems) * kRows * kSwizzleBytes + (kk % 4) * 32) >> 4;
+}
+
 // d[64 x kN] = X Y^T for a warpgroup, issued (not waited for): X's rows
-// row..row + 63 of a swizzled tile of kRowsX rows and Y's kN rows, both kDepth
-// columns deep (K-major).
+// row..row + 63 (row a multiple of 8) of a swizzled tile of kRowsX rows and Y's
+// kN rows, both kDepth columns deep (K-major).
 template <int kRowsX, int kN, int kDepth>
 FJ_DEVICE void wgmma_rows_by_rows(float (&d)[kN / 8][4], const elem_t* x_tile, int row, const elem_t* y_tile) {
+  const unsigned long long x = fresh(k_major_descriptor<kRowsX, kDepth>(x_tile, row, 0));
+  const unsigned long long y = fresh(k_major_descriptor<kN, kDepth>(y_tile, 0, 0));
 #pragma unroll
-  for (int kk = 0; kk < kDepth / 16; ++kk) {
-    wgmma_ss<kN>(d, k_major_descriptor<kRowsX, kDepth>(x_tile, row, kk * 16),
-                 k_major_descriptor<kN, kDepth>(y_tile, 0, kk * 16), kk == 0);
-  }
+  for (int kk = 0; kk < kDepth / 16; ++kk) wgmma_ss<kN>(d, x + k_major_step<kRowsX>(kk), y + k_major_step<kN>(kk), kk == 0);
 }
 
 // d[64 x kN] += A Y for a warpgroup, issued: A (64 x kDepth) as the A fragments
 // of its 16-deep steps in registers, Y a swizzled tile of kDepth rows x kN
-// columns (MN-major).
+// columns (MN-major; a step is 16 rows, 2048 bytes).
 template <int kDepth, int kN>
 FJ_DEVICE void wgmma_fragments_by_rows(float (&d)[kN / 8][4], const unsigned (&a)[kDepth / 16][4],
                                        const elem_t* y_tile) {
+  const unsigned long long y = fresh(mn_major_descriptor<kDepth>(y_tile, 0));
 #pragma unroll
-  for (int kk = 0; kk < kDepth / 16; ++kk) wgmma_rs<kN>(d, a[kk], mn_major_descriptor<kDepth>(y_tile, kk * 16));
+  for (int kk = 0; kk < kDepth / 16; ++kk) wgmma_rs<kN>(d, a[kk], y + static_cast<unsigned long long>(kk * 16 * kSwizzleBytes >> 4));
 }
 
 // C fragments (float) of a 64 x kN result -> the A fragments of its kN / 16 steps.
