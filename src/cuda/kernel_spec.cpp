@@ -347,7 +347,7 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
       spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
       break;
     case KernelEntry::kBackwardDq:  // S, dP, dS and dQ
-      spec.block_n = head_dim <= 128 ? 64 : 32;
+      spec.block_n = head_dim <= 64 ? 128 : head_dim <= 128 ? 64 : 32;
       break;
     case KernelEntry::kBackwardDkDv:  // S^T, dP^T, P^T, dS^T, dK and dV (above 128: dK or dV)
       spec.block_n = head_dim <= 64 ? 64 : 32;
