@@ -71,147 +71,95 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   unsigned long long* rows_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kBlockN * kDimV);
   const Ring<kKeyBuffers> k_ring = Ring<kKeyBuffers>::at(rows_full + 1);
   const Ring<kStages> v_ring = Ring<kStages>::at(rows_full + 1 + Ring<kKeyBuffers>::kBarriers);
+  const QueryBlock block(p);
+  const int b = block.b, h = block.h;
 
-  int block, b, h;
-  block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
-  const int kv_head = h / p.group_size;
-  const long long first_query = static_cast<long long>(block) * kBlockM;
-  const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
-  const long long key_lo = key_begin(p, first_query);
-  const long long key_hi = key_end(p, last_query);
-  const long long first_tile = key_lo / kBlockN * kBlockN;
-  const int tiles = first_tile < key_hi ? static_cast<int>((key_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
-
-  if (threadIdx.x == 0) {
+  const auto init = [&] {
     mbarrier_init(rows_full, 1);
     k_ring.init();
     v_ring.init();
-    mbarrier_init_fence();
-  }
-  __syncthreads();
-
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
-    release_registers<kProducerRegisters>();
-    if (threadIdx.x == 0 && tiles > 0) {
-      prefetch_tensor_map(p.q_map);
-      prefetch_tensor_map(p.dout_map);
-      prefetch_tensor_map(p.k_map);
-      prefetch_tensor_map(p.v_map);
-      mbarrier_expect_bytes(rows_full, kTileBytes<kBlockM, kDimQk> + kTileBytes<kBlockM, kDimV>);
-      tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, first_query, h, b, rows_full);
-      tma_load_tile<kBlockM, kDimV>(dout_tile, p.dout_map, first_query, h, b, rows_full);
-      for (int j = 0; j < tiles; ++j) {
-        const long long tile_start = first_tile + static_cast<long long>(j) * kBlockN;
-        const int k_buffer = k_ring.produce(j, kTileBytes<kBlockN, kDimQk>);
-        tma_load_tile<kBlockN, kDimQk>(k_tiles + k_buffer * kBlockN * kDimQk, p.k_map, tile_start, kv_head, b,
-                                       &k_ring.full[k_buffer]);
-        const int v_buffer = v_ring.produce(j, kTileBytes<kBlockN, kDimV>);
-        tma_load_tile<kBlockN, kDimV>(v_tiles + v_buffer * kBlockN * kDimV, p.v_map, tile_start, kv_head, b,
-                                      &v_ring.full[v_buffer]);
-      }
-    }
-    return;
-  }
-  claim_registers<kConsumerRegisters>();
-
-  const int consumer = warpgroup - 1;
-  const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; rows warp * 16 .. + 15 of the block
-  const int lane = threadIdx.x % 32;
-  const int quad = lane % 4;
-  const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-  long long rows[2];
-  rows[0] = first_query + warp * 16 + lane / 4;
-  rows[1] = rows[0] + 8;
-  const long long consumer_first = first_query + consumer * 64;
-  const bool rows_full_block = consumer_first + 64 <= p.seqlen_q;
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  float lse2[2], delta[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    lse2[r] = static_cast<const float*>(p.lse_log2)[batch_head * p.scratch_pitch + rows[r]];
-    delta[r] = static_cast<const float*>(p.delta)[batch_head * p.scratch_pitch + rows[r]];
-  }
-
-  float dq[kDimQk / 8][4];
-  zero(dq);
-
-  // dS of tile j in place of S.
-  const auto gradient_tile = [&](float (&s)[kBlockN / 8][4], const float (&dp)[kBlockN / 8][4], int j) {
-    const long long tile_start = first_tile + static_cast<long long>(j) * kBlockN;
-    const bool interior = rows_full_block && tile_start >= key_lo && tile_start + kBlockN <= key_hi &&
-                          all_visible(p, consumer_first, consumer_first + 63, tile_start, tile_start + kBlockN - 1);
-    if (interior) {
-      dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, tile_start, b, h, batch_head, quad,
-                             scale_log2);
-    } else {
-      dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, tile_start, b, h, batch_head, quad,
-                              scale_log2);
+  };
+  const auto produce = [&] {
+    if (block.tiles == 0) return;
+    prefetch_tensor_map(p.q_map);
+    prefetch_tensor_map(p.dout_map);
+    prefetch_tensor_map(p.k_map);
+    prefetch_tensor_map(p.v_map);
+    mbarrier_expect_bytes(rows_full, kTileBytes<kBlockM, kDimQk> + kTileBytes<kBlockM, kDimV>);
+    tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, block.first_query, h, b, rows_full);
+    tma_load_tile<kBlockM, kDimV>(dout_tile, p.dout_map, block.first_query, h, b, rows_full);
+    for (int j = 0; j < block.tiles; ++j) {
+      const int k_buffer = k_ring.produce(j, kTileBytes<kBlockN, kDimQk>);
+      tma_load_tile<kBlockN, kDimQk>(k_tiles + k_buffer * kBlockN * kDimQk, p.k_map, block.tile_start(j),
+                                     block.kv_head, b, &k_ring.full[k_buffer]);
+      const int v_buffer = v_ring.produce(j, kTileBytes<kBlockN, kDimV>);
+      tma_load_tile<kBlockN, kDimV>(v_tiles + v_buffer * kBlockN * kDimV, p.v_map, block.tile_start(j),
+                                    block.kv_head, b, &v_ring.full[v_buffer]);
     }
   };
-
-  if (tiles > 0) {
-    first_turn(consumer);
-    mbarrier_wait(rows_full, 0);
-    float s[kBlockN / 8][4], dp[kBlockN / 8][4];
-    unsigned dscore[kBlockN / 16][4];
-    // Tile 0: S and dP alone.
-    {
-      const int k_buffer = k_ring.consume(0);
-      const int v_buffer = v_ring.consume(0);
-      wait_turn(consumer);
-      wgmma_fence();
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s, q_tile, consumer * 64, k_tiles + k_buffer * kBlockN * kDimQk);
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dp, dout_tile, consumer * 64, v_tiles + v_buffer * kBlockN * kDimV);
-      wgmma_commit();
-      pass_turn(consumer);
-      wgmma_wait<0>();
-      pin(s);
-      pin(dp);
-      v_ring.release(0, lane);
-      gradient_tile(s, dp, 0);
-      to_fragments<kBlockN>(dscore, s);
+  const auto consume = [&](int consumer) {
+    const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; rows warp * 16 .. + 15 of the block
+    const int lane = threadIdx.x % 32;
+    const int quad = lane % 4;
+    const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+    long long rows[2];
+    rows[0] = block.first_query + warp * 16 + lane / 4;
+    rows[1] = rows[0] + 8;
+    const long long consumer_first = block.first_query + consumer * 64;
+    const bool rows_full_block = consumer_first + 64 <= p.seqlen_q;
+    const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+    float lse2[2], delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lse2[r] = static_cast<const float*>(p.lse_log2)[batch_head * p.scratch_pitch + rows[r]];
+      delta[r] = static_cast<const float*>(p.delta)[batch_head * p.scratch_pitch + rows[r]];
     }
-    for (int j = 1; j < tiles; ++j) {
-      const int k_buffer = k_ring.consume(j);
-      const int v_buffer = v_ring.consume(j);
-      const elem_t* k_previous = k_tiles + ((j - 1) % kKeyBuffers) * kBlockN * kDimQk;
-      wait_turn(consumer);
-      wgmma_fence();
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s, q_tile, consumer * 64, k_tiles + k_buffer * kBlockN * kDimQk);
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dp, dout_tile, consumer * 64, v_tiles + v_buffer * kBlockN * kDimV);
-      wgmma_commit();
-      wgmma_fragments_by_rows<kBlockN, kDimQk>(dq, dscore, k_previous);
-      wgmma_commit();
-      pass_turn(consumer);
 
-      wgmma_wait<1>();  // S_j and dP_j done; dQ's product may still run beside the gradient
-      pin(s);
-      pin(dp);
-      v_ring.release(j, lane);
-      gradient_tile(s, dp, j);
-
-      wgmma_wait<0>();
-      pin(dq);
-      pin(dscore);
-      k_ring.release(j - 1, lane);
-      to_fragments<kBlockN>(dscore, s);
+    float dq[kDimQk / 8][4];
+    zero(dq);
+    if (block.tiles > 0) {
+      mbarrier_wait(rows_full, 0);
+      float s[kBlockN / 8][4], dp[kBlockN / 8][4];
+      unsigned dscore[kBlockN / 16][4];
+      consumer_schedule(
+          consumer, block.tiles,
+          [&](int j) {  // K_j and V_j
+            if (j < block.tiles) {
+              k_ring.consume(j);
+              v_ring.consume(j);
+            }
+          },
+          [&](int j) {  // S_j = Q K_j^T, dP_j = dO V_j^T
+            wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s, q_tile, consumer * 64,
+                                                         k_tiles + k_ring.buffer(j) * kBlockN * kDimQk);
+            wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dp, dout_tile, consumer * 64,
+                                                        v_tiles + v_ring.buffer(j) * kBlockN * kDimV);
+          },
+          [&](int j) {  // dS_j in place of S_j, beside dQ += dS_{j-1} K_{j-1}
+            pin(s);
+            pin(dp);
+            v_ring.release(j, lane);
+            if (block.interior(p, j, consumer_first, rows_full_block)) {
+              dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, block.tile_start(j), b, h, batch_head, quad,
+                                     scale_log2);
+            } else {
+              dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, block.tile_start(j), b, h, batch_head, quad,
+                                      scale_log2);
+            }
+          },
+          [&](int j) {  // dQ += dS_j K_j
+            wgmma_fragments_by_rows<kBlockN, kDimQk>(dq, dscore, k_tiles + k_ring.buffer(j) * kBlockN * kDimQk);
+          },
+          [&](int j) {
+            pin(dq);
+            pin(dscore);
+            k_ring.release(j, lane);
+          },
+          [&](int) { to_fragments<kBlockN>(dscore, s); });
     }
-    // The last tile's dQ += dS K.
-    {
-      wait_turn(consumer);
-      wgmma_fence();
-      wgmma_fragments_by_rows<kBlockN, kDimQk>(dq, dscore, k_tiles + ((tiles - 1) % kKeyBuffers) * kBlockN * kDimQk);
-      wgmma_commit();
-      pass_turn(consumer);
-      wgmma_wait<0>();
-      pin(dq);
-      pin(dscore);
-      k_ring.release(tiles - 1, lane);
-    }
-    last_turn(consumer);
-  }
-  store_rows<kDimQk>(p.dq, b, h, rows, p.seqlen_q, p.head_dim_qk, dq, quad);
+    store_rows<kDimQk>(p.dq, b, h, rows, p.seqlen_q, p.head_dim_qk, dq, quad);
+  };
+  specialised_roles(init, produce, consume);
 }
 #endif  // FJ_ENTRY == 1
 
@@ -248,173 +196,122 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const auto tile_head = [&](int t) { return kv_head * p.group_size + t / tiles_per_head; };
   const auto tile_start = [&](int t) { return first_tile + static_cast<long long>(t % tiles_per_head) * kBlockN; };
 
-  if (threadIdx.x == 0) {
+  const auto init = [&] {
     mbarrier_init(keys_full, 1);
     q_ring.init();
     dout_ring.init();
-    mbarrier_init_fence();
-  }
-  __syncthreads();
-
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
-    release_registers<kProducerRegisters>();
-    if (threadIdx.x == 0 && tiles > 0) {
-      prefetch_tensor_map(p.k_map);
-      prefetch_tensor_map(p.v_map);
-      prefetch_tensor_map(p.q_map);
-      prefetch_tensor_map(p.dout_map);
-      mbarrier_expect_bytes(keys_full, kTileBytes<kBlockM, kDimQk> + (kWithDk ? kTileBytes<kBlockM, kDimV> : 0));
-      tma_load_tile<kBlockM, kDimQk>(k_tile, p.k_map, first_key, kv_head, b, keys_full);
-      if (kWithDk) tma_load_tile<kBlockM, kDimV>(v_tile, p.v_map, first_key, kv_head, b, keys_full);
-      constexpr unsigned kRowBytes = kBlockN * sizeof(float);
-      for (int t = 0; t < tiles; ++t) {
-        const int h = tile_head(t);
-        const long long start = tile_start(t);
-        const long long scratch_row = (static_cast<long long>(b) * p.heads_q + h) * p.scratch_pitch + start;
-        const int q_buffer = q_ring.produce(t, kTileBytes<kBlockN, kDimQk> + 2 * kRowBytes);
-        tma_load_tile<kBlockN, kDimQk>(q_tiles + q_buffer * kBlockN * kDimQk, p.q_map, start, h, b,
-                                       &q_ring.full[q_buffer]);
-        bulk_load(lse_tiles + q_buffer * kBlockN, static_cast<const float*>(p.lse_log2) + scratch_row, kRowBytes,
-                  &q_ring.full[q_buffer]);
-        bulk_load(delta_tiles + q_buffer * kBlockN, static_cast<const float*>(p.delta) + scratch_row, kRowBytes,
-                  &q_ring.full[q_buffer]);
-        const int dout_buffer = dout_ring.produce(t, kTileBytes<kBlockN, kDimV>);
-        tma_load_tile<kBlockN, kDimV>(dout_tiles + dout_buffer * kBlockN * kDimV, p.dout_map, start, h, b,
-                                      &dout_ring.full[dout_buffer]);
-      }
-    }
-    return;
-  }
-  claim_registers<kConsumerRegisters>();
-
-  const int consumer = warpgroup - 1;
-  const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
-  const int lane = threadIdx.x % 32;
-  const int quad = lane % 4;
-  long long keys[2];
-  keys[0] = first_key + warp * 16 + lane / 4;
-  keys[1] = keys[0] + 8;
-  const long long consumer_first = first_key + consumer * 64;
-  const bool keys_full_block = consumer_first + 64 <= p.seqlen_k;
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-
-  float dv[kDimV / 8][4], dk[kDimQk / 8][4];
-  zero(dv);
-  zero(dk);
-
-  // P^T in place of S^T and dS^T in place of dP^T for tile t.
-  const auto gradient_tile = [&](float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], int t, int q_buffer) {
-    const int h = tile_head(t);
-    const long long start = tile_start(t);
-    const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-    const bool interior = keys_full_block && start >= query_lo && start + kBlockN <= query_hi &&
-                          all_visible(p, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
-    const float* lse_tile = lse_tiles + q_buffer * kBlockN;
-    const float* delta_tile = delta_tiles + q_buffer * kBlockN;
-    if (interior) {
-      dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head,
-                               quad, scale_log2);
-    } else {
-      dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
-                                scale_log2);
+  };
+  const auto produce = [&] {
+    if (tiles == 0) return;
+    prefetch_tensor_map(p.k_map);
+    prefetch_tensor_map(p.v_map);
+    prefetch_tensor_map(p.q_map);
+    prefetch_tensor_map(p.dout_map);
+    mbarrier_expect_bytes(keys_full, kTileBytes<kBlockM, kDimQk> + (kWithDk ? kTileBytes<kBlockM, kDimV> : 0));
+    tma_load_tile<kBlockM, kDimQk>(k_tile, p.k_map, first_key, kv_head, b, keys_full);
+    if (kWithDk) tma_load_tile<kBlockM, kDimV>(v_tile, p.v_map, first_key, kv_head, b, keys_full);
+    constexpr unsigned kRowBytes = kBlockN * sizeof(float);
+    for (int t = 0; t < tiles; ++t) {
+      const int h = tile_head(t);
+      const long long start = tile_start(t);
+      const long long scratch_row = (static_cast<long long>(b) * p.heads_q + h) * p.scratch_pitch + start;
+      const int q_buffer = q_ring.produce(t, kTileBytes<kBlockN, kDimQk> + 2 * kRowBytes);
+      tma_load_tile<kBlockN, kDimQk>(q_tiles + q_buffer * kBlockN * kDimQk, p.q_map, start, h, b,
+                                     &q_ring.full[q_buffer]);
+      bulk_load(lse_tiles + q_buffer * kBlockN, static_cast<const float*>(p.lse_log2) + scratch_row, kRowBytes,
+                &q_ring.full[q_buffer]);
+      bulk_load(delta_tiles + q_buffer * kBlockN, static_cast<const float*>(p.delta) + scratch_row, kRowBytes,
+                &q_ring.full[q_buffer]);
+      const int dout_buffer = dout_ring.produce(t, kTileBytes<kBlockN, kDimV>);
+      tma_load_tile<kBlockN, kDimV>(dout_tiles + dout_buffer * kBlockN * kDimV, p.dout_map, start, h, b,
+                                    &dout_ring.full[dout_buffer]);
     }
   };
+  const auto consume = [&](int consumer) {
+    const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
+    const int lane = threadIdx.x % 32;
+    const int quad = lane % 4;
+    long long keys[2];
+    keys[0] = first_key + warp * 16 + lane / 4;
+    keys[1] = keys[0] + 8;
+    const long long consumer_first = first_key + consumer * 64;
+    const bool keys_full_block = consumer_first + 64 <= p.seqlen_k;
+    const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
-  if (tiles > 0) {
-    first_turn(consumer);
-    mbarrier_wait(keys_full, 0);
-    float st[kBlockN / 8][4], dpt[kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
-    unsigned prob[kBlockN / 16][4], dscore[kBlockN / 16][4];
-    // Tile 0: S^T and dP^T alone.
-    {
-      const int q_buffer = q_ring.consume(0);
-      const int dout_buffer = dout_ring.consume(0);
-      wait_turn(consumer);
-      wgmma_fence();
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64, q_tiles + q_buffer * kBlockN * kDimQk);
-      if (kWithDk) {
-        wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
-                                                    dout_tiles + dout_buffer * kBlockN * kDimV);
-      }
-      wgmma_commit();
-      pass_turn(consumer);
-      wgmma_wait<0>();
-      pin(st);
-      if (kWithDk) {
-        pin(dpt);
-      } else {
-        zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
-      }
-      gradient_tile(st, dpt, 0, q_buffer);
-      if (kWithDv) to_fragments<kBlockN>(prob, st);
-      if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
+    float dv[kDimV / 8][4], dk[kDimQk / 8][4];
+    zero(dv);
+    zero(dk);
+    if (tiles > 0) {
+      mbarrier_wait(keys_full, 0);
+      float st[kBlockN / 8][4], dpt[kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
+      unsigned prob[kBlockN / 16][4], dscore[kBlockN / 16][4];
+      consumer_schedule(
+          consumer, tiles,
+          [&](int t) {  // Q_t (with LSE, delta) and dO_t
+            if (t < tiles) {
+              q_ring.consume(t);
+              dout_ring.consume(t);
+            }
+          },
+          [&](int t) {  // S^T = K Q_t^T, dP^T = V dO_t^T
+            wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64,
+                                                         q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+            if (kWithDk) {
+              wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
+                                                          dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+            }
+          },
+          [&](int t) {  // P^T and dS^T in place, beside tile t - 1's dV and dK products
+            pin(st);
+            if (kWithDk) {
+              pin(dpt);
+            } else {
+              zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
+            }
+            const int h = tile_head(t);
+            const long long start = tile_start(t);
+            const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+            const bool interior = keys_full_block && start >= query_lo && start + kBlockN <= query_hi &&
+                                  all_visible(p, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
+            const float* lse_tile = lse_tiles + q_ring.buffer(t) * kBlockN;
+            const float* delta_tile = delta_tiles + q_ring.buffer(t) * kBlockN;
+            if (interior) {
+              dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
+                                       scale_log2);
+            } else {
+              dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
+                                        scale_log2);
+            }
+          },
+          [&](int t) {  // dV += P^T_t dO_t, dK += dS^T_t Q_t
+            if (kWithDv) {
+              wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+            }
+            if (kWithDk) {
+              wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+            }
+          },
+          [&](int t) {
+            if (kWithDv) {
+              pin(dv);
+              pin(prob);
+            }
+            if (kWithDk) {
+              pin(dk);
+              pin(dscore);
+            }
+            q_ring.release(t, lane);
+            dout_ring.release(t, lane);
+          },
+          [&](int) {
+            if (kWithDv) to_fragments<kBlockN>(prob, st);
+            if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
+          });
     }
-    for (int t = 1; t < tiles; ++t) {
-      const int q_buffer = q_ring.consume(t);
-      const int dout_buffer = dout_ring.consume(t);
-      const int previous = (t - 1) % kQueryBuffers;
-      wait_turn(consumer);
-      wgmma_fence();
-      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64, q_tiles + q_buffer * kBlockN * kDimQk);
-      if (kWithDk) {
-        wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
-                                                    dout_tiles + dout_buffer * kBlockN * kDimV);
-      }
-      wgmma_commit();
-      if (kWithDv) wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
-      if (kWithDk) wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
-      wgmma_commit();
-      pass_turn(consumer);
-
-      wgmma_wait<1>();  // S^T and dP^T done; dK's and dV's products may still run beside the gradient
-      pin(st);
-      if (kWithDk) {
-        pin(dpt);
-      } else {
-        zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
-      }
-      gradient_tile(st, dpt, t, q_buffer);
-
-      wgmma_wait<0>();
-      if (kWithDv) {
-        pin(dv);
-        pin(prob);
-      }
-      if (kWithDk) {
-        pin(dk);
-        pin(dscore);
-      }
-      q_ring.release(t - 1, lane);
-      dout_ring.release(t - 1, lane);
-      if (kWithDv) to_fragments<kBlockN>(prob, st);
-      if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
-    }
-    // The last tile's dV += P^T dO and dK += dS^T Q.
-    {
-      const int previous = (tiles - 1) % kQueryBuffers;
-      wait_turn(consumer);
-      wgmma_fence();
-      if (kWithDv) wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + previous * kBlockN * kDimV);
-      if (kWithDk) wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + previous * kBlockN * kDimQk);
-      wgmma_commit();
-      pass_turn(consumer);
-      wgmma_wait<0>();
-      if (kWithDv) {
-        pin(dv);
-        pin(prob);
-      }
-      if (kWithDk) {
-        pin(dk);
-        pin(dscore);
-      }
-      q_ring.release(tiles - 1, lane);
-      dout_ring.release(tiles - 1, lane);
-    }
-    last_turn(consumer);
-  }
-  if (kWithDk) store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
-  if (kWithDv) store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+    if (kWithDk) store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
+    if (kWithDv) store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+  };
+  specialised_roles(init, produce, consume);
 }
 #endif  // FJ_ENTRY == 2
 

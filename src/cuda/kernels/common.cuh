@@ -113,6 +113,19 @@ struct ColumnSpan {
   FJ_DEVICE bool contains(int column) const { return column >= first && column < last; }
 };
 
+// Query row i's visible keys, and key j's visible queries, as column spans of a
+// tile (nothing for rows past the sequence).
+template <int kColumns>
+FJ_DEVICE ColumnSpan<kColumns> key_span(const KernelParams& p, long long i, long long tile_start) {
+  const bool valid = i < p.seqlen_q;
+  return ColumnSpan<kColumns>(valid ? key_begin(p, i) : 0, valid ? key_end(p, i) : 0, tile_start);
+}
+template <int kColumns>
+FJ_DEVICE ColumnSpan<kColumns> query_span(const KernelParams& p, long long j, long long tile_start) {
+  const bool valid = j < p.seqlen_k;
+  return ColumnSpan<kColumns>(valid ? query_begin(p, j) : 0, valid ? query_end(p, j) : 0, tile_start);
+}
+
 FJ_DEVICE bool visible(const KernelParams& p, long long query, long long key) {
   const long long shifted = key - query - p.diagonal_shift;
   return (p.window_left < 0 || shifted >= -p.window_left) && (p.window_right < 0 || shifted <= p.window_right);

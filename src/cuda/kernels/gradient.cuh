@@ -37,15 +37,8 @@ FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kB
                                 const long long (&rows)[2], const float (&lse2)[2], const float (&delta)[2],
                                 long long tile_start, int b, int h, long long batch_head, int quad,
                                 float scale_log2) {
-  int first[2], last[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool row_valid = rows[r] < p.seqlen_q;
-    const ColumnSpan<kBlockN> span(row_valid ? key_begin(p, rows[r]) : 0, row_valid ? key_end(p, rows[r]) : 0,
-                                   tile_start);
-    first[r] = span.first;
-    last[r] = span.last;
-  }
+  const ColumnSpan<kBlockN> spans[2] = {key_span<kBlockN>(p, rows[0], tile_start),
+                                        key_span<kBlockN>(p, rows[1], tile_start)};
 #pragma unroll
   for (int n = 0; n < kBlockN / 8; ++n) {
     const long long key_pair = tile_start + n * 8 + quad * 2;
@@ -57,7 +50,7 @@ FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kB
     for (int e = 0; e < 4; ++e) {
       const int column = n * 8 + quad * 2 + (e % 2);
       float dscore = 0.0f;
-      if (kInterior || (column >= first[e / 2] && column < last[e / 2])) {
+      if (kInterior || spans[e / 2].contains(column)) {
         float unused_prob;
         dscore = score_gradient(p, s[n][e], dp[n][e], lse2[e / 2], delta[e / 2], scale_log2, b, h, rows[e / 2],
                                       tile_start + column, factor[e], &unused_prob);
@@ -74,15 +67,7 @@ template <bool kInterior>
 FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], const KernelParams& p,
                                   const long long (&keys)[2], const float* lse_tile, const float* delta_tile,
                                   long long start, int b, int h, long long batch_head, int quad, float scale_log2) {
-  int first[2], last[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool key_valid = keys[r] < p.seqlen_k;
-    const ColumnSpan<kBlockN> span(key_valid ? query_begin(p, keys[r]) : 0, key_valid ? query_end(p, keys[r]) : 0,
-                                   start);
-    first[r] = span.first;
-    last[r] = span.last;
-  }
+  const ColumnSpan<kBlockN> spans[2] = {query_span<kBlockN>(p, keys[0], start), query_span<kBlockN>(p, keys[1], start)};
 #pragma unroll
   for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
@@ -91,7 +76,7 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
       const long long i = start + column;
       const long long j = keys[e / 2];
       float prob = 0.0f, dscore = 0.0f;
-      if (kInterior || (column >= first[e / 2] && column < last[e / 2])) {
+      if (kInterior || spans[e / 2].contains(column)) {
         float factor = 1.0f;
 #if FJ_DROPOUT
         factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;

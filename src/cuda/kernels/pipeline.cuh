@@ -118,12 +118,9 @@ struct Ring {
     mbarrier_expect_bytes(&full[buffer], bytes);
     return buffer;
   }
-  // Consumer: the buffer of use j once its bytes arrived.
-  FJ_DEVICE int consume(int use) const {
-    const int buffer = use % kBuffers;
-    mbarrier_wait(&full[buffer], (use / kBuffers) & 1);
-    return buffer;
-  }
+  FJ_DEVICE static int buffer(int use) { return use % kBuffers; }
+  // Consumer: waits until the bytes of use j arrived.
+  FJ_DEVICE void consume(int use) const { mbarrier_wait(&full[buffer(use)], (use / kBuffers) & 1); }
   // Consumer warp: done with the buffer of use j (after the wgmma that read it).
   FJ_DEVICE void release(int use, int lane) const {
     if (lane == 0) mbarrier_arrive(&empty[use % kBuffers]);
@@ -160,6 +157,104 @@ template <int kRegisters>
 FJ_DEVICE void claim_registers() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
+
+// The block's roles: thread 0 initialises the mbarriers (init), the block
+// synchronises, then thread 0 of warpgroup 0 produces (the rest of that
+// warpgroup only gives its registers away) and warpgroups 1 and 2 consume,
+// consume(consumer) with consumer 0 or 1.
+template <class Init, class Produce, class Consume>
+FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
+  if (threadIdx.x == 0) {
+    init();
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    release_registers<kProducerRegisters>();
+    if (threadIdx.x == 0) produce();
+    return;
+  }
+  claim_registers<kConsumerRegisters>();
+  consume(warpgroup - 1);
+}
+
+// The consumers' schedule over `steps` tiles (steps > 0), the same in every
+// sm_90a kernel. Step j issues, in this warpgroup's turn, the products of tile
+// j (issue_first: S and its kin, from shared memory) and those of tile j - 1
+// that take registers (issue_second: P V, dS K, ...), each as a commit group;
+// the register math on tile j (after_first) runs while tile j - 1's products
+// do, after_second(j - 1) follows their completion, and prepare(j) turns tile
+// j's results into the register operands of the next issue_second. arrive(j)
+// waits, outside the turn, for the buffers step j reads. Step 0 issues no
+// second products; a last step issues tile steps - 1's alone. Every phase is
+// straight-line code: a wgmma issued under a branch makes ptxas add waits.
+template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
+FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
+                                 IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
+  first_turn(consumer);
+  arrive(0);
+  wait_turn(consumer);
+  wgmma_fence();
+  issue_first(0);
+  wgmma_commit();
+  pass_turn(consumer);
+  wgmma_wait<0>();
+  after_first(0);
+  prepare(0);
+  for (int j = 1; j < steps; ++j) {
+    arrive(j);
+    wait_turn(consumer);
+    wgmma_fence();
+    issue_first(j);
+    wgmma_commit();
+    issue_second(j - 1);
+    wgmma_commit();
+    pass_turn(consumer);
+    wgmma_wait<1>();  // tile j's products done; tile j - 1's may still run beside after_first
+    after_first(j);
+    wgmma_wait<0>();
+    after_second(j - 1);
+    prepare(j);
+  }
+  arrive(steps);
+  wait_turn(consumer);
+  wgmma_fence();
+  issue_second(steps - 1);
+  wgmma_commit();
+  pass_turn(consumer);
+  wgmma_wait<0>();
+  after_second(steps - 1);
+  last_turn(consumer);
+}
+
+// A block of kBlockM query rows (late blocks first, block_coordinates) and the
+// tiles of kBlockN keys its rows can see through the causal/window bounds.
+struct QueryBlock {
+  int b, h, kv_head;
+  long long first_query;
+  long long key_lo, key_hi;  // keys the block's rows can see
+  long long first_tile;      // key_lo rounded down to a tile
+  int tiles;
+  FJ_DEVICE explicit QueryBlock(const KernelParams& p) {
+    int block;
+    block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
+    kv_head = h / p.group_size;
+    first_query = static_cast<long long>(block) * kBlockM;
+    const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
+    key_lo = key_begin(p, first_query);
+    key_hi = key_end(p, last_query);
+    first_tile = key_lo / kBlockN * kBlockN;
+    tiles = first_tile < key_hi ? static_cast<int>((key_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
+  }
+  FJ_DEVICE long long tile_start(int j) const { return first_tile + static_cast<long long>(j) * kBlockN; }
+  // Whether tile j is wholly visible to query rows first..first + 63 (all below seqlen_q: rows_full).
+  FJ_DEVICE bool interior(const KernelParams& p, int j, long long first, bool rows_full) const {
+    const long long start = tile_start(j);
+    return rows_full && start >= key_lo && start + kBlockN <= key_hi &&
+           all_visible(p, first, first + 63, start, start + kBlockN - 1);
+  }
+};
 
 }  // namespace mma
 }  // namespace flashjit

@@ -51,8 +51,7 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const long long i = rows[m][r];
-      const bool row_valid = i < p.seqlen_q;
-      const ColumnSpan<kBlockN> span(row_valid ? key_begin(p, i) : 0, row_valid ? key_end(p, i) : 0, tile_start);
+      const ColumnSpan<kBlockN> span = key_span<kBlockN>(p, i, tile_start);
 #pragma unroll
       for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
