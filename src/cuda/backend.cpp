@@ -125,8 +125,8 @@ KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) 
 // 64 columns (128 bytes, the wgmma swizzle's width) x box_rows rows, zeros
 // outside the operand. False where TMA cannot address it (strides not
 // multiples of 16 bytes, zero strides of broadcast dims, a driver without TMA).
-bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t heads, int64_t seqlen, int64_t dim,
-                       int box_rows) {
+bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t heads, int64_t seqlen,
+                       int64_t dim, int box_rows) {
   const Driver& d = driver();
   if (d.cuTensorMapEncodeTiled == nullptr) return false;
   constexpr int64_t kElementBytes = 2;
@@ -136,7 +136,8 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
   for (int i = 0; i < 3; ++i) {
     if (sizes[i + 1] == 1) {
       // Never stepped along: any valid stride does; take a packed layout's.
-      stride_bytes[i] = i == 0 ? uint64_t((dim * kElementBytes + 15) / 16 * 16) : stride_bytes[i - 1] * sizes[i];
+      stride_bytes[i] =
+          i == 0 ? uint64_t((dim * kElementBytes + 15) / 16 * 16) : stride_bytes[i - 1] * sizes[i];
       continue;
     }
     const int64_t bytes = strides[i] * kElementBytes;
@@ -155,8 +156,10 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
 
 // The forward's q (boxes of the block's rows), k and v (boxes of a key tile).
 bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const KernelSpec& spec) {
-  return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk, spec.block_rows()) &&
-         encode_tensor_map(&params.k_map, p.k, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk, spec.block_n) &&
+  return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk,
+                           spec.block_rows()) &&
+         encode_tensor_map(&params.k_map, p.k, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk,
+                           spec.block_n) &&
          encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, spec.block_n);
 }
 
@@ -200,7 +203,8 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
   const int query_box = by_queries ? spec.block_rows() : spec.block_n;
   const int key_box = by_queries ? spec.block_n : spec.block_rows();
   return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk, query_box) &&
-         encode_tensor_map(&params.dout_map, p.dout, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, query_box) &&
+         encode_tensor_map(&params.dout_map, p.dout, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v,
+                           query_box) &&
          encode_tensor_map(&params.k_map, p.k, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk, key_box) &&
          encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, key_box);
 }
@@ -235,7 +239,8 @@ void backward(const AttentionProblem& p) {
     functions.push_back(kernel_function(spec, launch.device_index, launch.capturing));
   }
   const bool hopper = specs[0].family == KernelFamily::kHopper;
-  const int64_t pitch = hopper ? ceil_div(p.seqlen_q, specs[1].block_rows()) * specs[1].block_rows() : p.seqlen_q;
+  const int64_t pitch =
+      hopper ? ceil_div(p.seqlen_q, specs[1].block_rows()) * specs[1].block_rows() : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
   StreamScratch scratch(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream);
@@ -250,8 +255,12 @@ void backward(const AttentionProblem& p) {
     kernel_params.num_key_blocks = int(ceil_div(p.seqlen_k, spec.block_rows()));
     int64_t blocks = 0;
     switch (spec.entry) {
-      case KernelEntry::kBackwardPrep: blocks = ceil_div(scratch_rows, spec.threads / 32); break;  // a warp a row
-      case KernelEntry::kBackwardDq: blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q; break;
+      case KernelEntry::kBackwardPrep:
+        blocks = ceil_div(scratch_rows, spec.threads / 32);
+        break;  // a warp a row
+      case KernelEntry::kBackwardDq:
+        blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q;
+        break;
       default: blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
     }
     run(spec, functions[index], launch, kernel_params, blocks);

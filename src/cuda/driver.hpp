@@ -53,9 +53,10 @@ struct Driver {
   CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
   CUresult (*cuGetErrorString)(CUresult, const char**);
   // CUDA 12.0 and newer drivers; nullptr where the driver has none (no TMA kernels then).
-  CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address, const uint64_t* sizes,
-                                     const uint64_t* stride_bytes, const unsigned* box, const unsigned* element_strides,
-                                     int interleave, int swizzle, int l2_promotion, int out_of_bounds_fill);
+  CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address,
+                                     const uint64_t* sizes, const uint64_t* stride_bytes, const unsigned* box,
+                                     const unsigned* element_strides, int interleave, int swizzle,
+                                     int l2_promotion, int out_of_bounds_fill);
 };
 
 struct Nvrtc {

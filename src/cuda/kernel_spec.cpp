@@ -92,8 +92,9 @@ std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_w
     text += str_cat("template <>\nFJ_DEVICE void wgmma_ss<", n, ">(float (&d)[", n / 8,
                     "][4], unsigned long long a, unsigned long long b, bool first) {\n"
                     "  asm volatile(\"{\\n.reg .pred p;\\nsetp.ne.b32 p, %",
-                    next + 2, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n, "k16.\" FJ_WGMMA_TYPES \" ",
-                    registers, ", %", next, ", %", next + 1, ", p, 1, 1, 0, 0;\\n}\\n\"\n    : ", constraints,
+                    next + 2, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n,
+                    "k16.\" FJ_WGMMA_TYPES \" ", registers, ", %", next, ", %", next + 1,
+                    ", p, 1, 1, 0, 0;\\n}\\n\"\n    : ", constraints,
                     "\n    : \"l\"(a), \"l\"(b), \"r\"(first ? 0 : 1));\n}\n");
   }
   for (int n : rs_widths) {
@@ -102,9 +103,9 @@ std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_w
     text += str_cat("template <>\nFJ_DEVICE void wgmma_rs<", n, ">(float (&d)[", n / 8,
                     "][4], const unsigned (&a)[4], unsigned long long b) {\n"
                     "  asm volatile(\"{\\n.reg .pred p;\\nsetp.ne.b32 p, %",
-                    next + 5, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n, "k16.\" FJ_WGMMA_TYPES \" ",
-                    registers, ", {%", next, ", %", next + 1, ", %", next + 2, ", %", next + 3, "}, %", next + 4,
-                    ", p, 1, 1, 1;\\n}\\n\"\n    : ", constraints,
+                    next + 5, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n,
+                    "k16.\" FJ_WGMMA_TYPES \" ", registers, ", {%", next, ", %", next + 1, ", %", next + 2,
+                    ", %", next + 3, "}, %", next + 4, ", p, 1, 1, 1;\\n}\\n\"\n    : ", constraints,
                     "\n    : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b), \"n\"(1));\n}\n");
   }
   return text;
@@ -153,7 +154,8 @@ int KernelSpec::shared_memory_bytes() const {
       case KernelEntry::kForward:  // Q; K and V rings of `stages`
         return 1024 + 2 * (rows * qk + stages * n * (qk + v)) + 8 * (1 + 4 * stages);
       case KernelEntry::kBackwardDq:  // Q, dO; a K ring of stages + 1, a V ring of `stages`
-        return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) + 8 * (1 + 4 * stages + 2);
+        return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) +
+               8 * (1 + 4 * stages + 2);
       case KernelEntry::kBackwardDkDv:  // K, V; Q (with LSE and delta) and dO rings of stages + 1
         return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * (qk + v)) + (stages + 1) * n * 8 +
                8 * (1 + 4 * (stages + 1));
@@ -213,10 +215,13 @@ std::string KernelSpec::source() const {
     // S (dP, S^T, dP^T) are block_n wide; the products from registers are as wide as
     // the output they accumulate (O and dV: head_dim_v; dQ and dK: head_dim_qk).
     std::vector<int> from_registers;
-    if (entry == KernelEntry::kForward || entry == KernelEntry::kBackwardDkDv) from_registers.push_back(head_dim_v);
-    if (entry == KernelEntry::kBackwardDq || entry == KernelEntry::kBackwardDkDv) from_registers.push_back(head_dim_qk);
+    if (entry == KernelEntry::kForward || entry == KernelEntry::kBackwardDkDv)
+      from_registers.push_back(head_dim_v);
+    if (entry == KernelEntry::kBackwardDq || entry == KernelEntry::kBackwardDkDv)
+      from_registers.push_back(head_dim_qk);
     text += str_cat("// ---- wgmma instructions\nnamespace flashjit {\nnamespace mma {\n",
-                    wgmma_instructions({block_n}, from_registers), "}  // namespace mma\n}  // namespace flashjit\n");
+                    wgmma_instructions({block_n}, from_registers),
+                    "}  // namespace mma\n}  // namespace flashjit\n");
     append("pipeline.cuh");
   }
   if (entry == KernelEntry::kForward) {
@@ -352,9 +357,7 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
     case KernelEntry::kBackwardDkDv:  // S^T, dP^T, P^T, dS^T, dK and dV (above 128: dK or dV)
       spec.block_n = head_dim <= 64 ? 64 : 32;
       break;
-    case KernelEntry::kBackwardPrep:
-      spec.block_n = 64;
-      break;
+    case KernelEntry::kBackwardPrep: spec.block_n = 64; break;
   }
   // Masks, dropout and softcap hold more per element: half the rows a step keeps
   // those kernels from spilling (scripts/kernel_resources.py).

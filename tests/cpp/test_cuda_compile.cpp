@@ -193,7 +193,8 @@ TEST(KernelSelection, HopperForwardOnlyWhereItIsMeant) {
   EXPECT_EQ(chosen.block_rows(), 128);
   EXPECT_EQ(chosen.threads, 384);
   EXPECT_NE(chosen.compile_options()[0].find("sm_90a"), std::string::npos);
-  for (int head_dim : {40, 128, 200, 256}) EXPECT_TRUE(is_hopper(forward(FJ_FLOAT16, head_dim, 64, 90))) << head_dim;
+  for (int head_dim : {40, 128, 200, 256})
+    EXPECT_TRUE(is_hopper(forward(FJ_FLOAT16, head_dim, 64, 90))) << head_dim;
   EXPECT_EQ(forward(FJ_FLOAT16, 72, 72, 90).head_dim_qk, 128);
   EXPECT_FALSE(is_hopper(forward(FJ_BFLOAT16, 64, 64, 80)));
   EXPECT_FALSE(is_hopper(forward(FJ_BFLOAT16, 64, 64, 90, false)));
