@@ -3,6 +3,7 @@
 // synchronises the device.
 #include "core/backend.hpp"
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -218,25 +219,28 @@ void backward(const AttentionProblem& p) {
   const KernelParams base = params_of(p);
   KernelTraits traits = traits_for_launch(p, launch);
   std::vector<KernelSpec> specs = backward_kernels(traits);
-  std::vector<KernelParams> params(specs.size(), base);
+  // Two to four kernels: their parameters and functions without a heap allocation per call.
+  constexpr size_t kMaxKernels = 4;
+  std::array<KernelParams, kMaxKernels> params;
+  params.fill(base);
   const auto encode_all = [&] {
     for (size_t index = 0; index < specs.size(); ++index) {
-      if (specs[index].entry != KernelEntry::kBackwardPrep &&
-          !encode_backward_maps(params[index], p, specs[index])) {
-        return false;
-      }
+      const bool reads_maps = specs[index].entry != KernelEntry::kBackwardPrep;
+      if (reads_maps && !encode_backward_maps(params[index], p, specs[index])) return false;
     }
     return true;
   };
   if (specs[0].family == KernelFamily::kHopper && !encode_all()) {
-    traits.tma = false;  // operands TMA cannot address: the mma.sync kernels
+    traits.tma = false;  // operands TMA cannot address: the mma.sync kernels (which read no map)
     specs = backward_kernels(traits);
-    params.assign(specs.size(), base);
+  }
+  if (specs.size() > kMaxKernels) {
+    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most 4 expected"));
   }
   // Compile (or load) every kernel before enqueueing anything.
-  std::vector<CUfunction> functions;
-  for (const KernelSpec& spec : specs) {
-    functions.push_back(kernel_function(spec, launch.device_index, launch.capturing));
+  std::array<CUfunction, kMaxKernels> functions{};
+  for (size_t index = 0; index < specs.size(); ++index) {
+    functions[index] = kernel_function(specs[index], launch.device_index, launch.capturing);
   }
   const bool hopper = specs[0].family == KernelFamily::kHopper;
   const int64_t pitch =

@@ -331,12 +331,12 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
 }
 
 // sm_90 (the sm_90a target: wgmma, setmaxnreg), float16/bfloat16, head dims
-// 33-256 (backward: up to 128) padded to multiples of 64, operands TMA can
-// address: a producer warpgroup and two consumer warpgroups of 64 rows
-// (attention_hopper*.cuh). The streamed tile (block_n rows a step) is sized so
-// that the consumers' accumulators and score tiles fit in 240 registers and the
-// rings in shared memory. Head dims of 32 or less stay on mma.sync: padding
-// them to 64 would double the work.
+// 33-256 padded to multiples of 64, operands TMA can address: a producer
+// warpgroup and two consumer warpgroups of 64 rows (attention_hopper*.cuh).
+// The streamed tile (block_n rows a step) is sized so that the consumers'
+// accumulators and score tiles fit in 240 registers and the rings in shared
+// memory. Head dims of 32 or less stay on mma.sync: padding them to 64 would
+// double the work.
 KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   KernelSpec spec = mma_spec(traits, entry == KernelEntry::kBackwardPrep ? KernelEntry::kBackwardDq : entry);
   spec.entry = entry;
@@ -362,8 +362,18 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   // Masks, dropout and softcap hold more per element: half the rows a step keeps
   // those kernels from spilling (scripts/kernel_resources.py).
   const bool extras = spec.mask != MaskKind::kNone || spec.dropout || spec.softcap;
-  if (extras && entry != KernelEntry::kBackwardPrep) spec.block_n /= 2;
+  if (extras) spec.block_n /= 2;
   return spec;
+}
+
+// The prep kernel takes sizes at run time and no feature: one kernel per dtype
+// and arch serves every head dim, mask, window, dropout and softcap.
+KernelTraits prep_traits(const KernelTraits& traits) {
+  KernelTraits plain;
+  plain.dtype = traits.dtype;
+  plain.head_dim_qk = plain.head_dim_v = 64;
+  plain.arch = traits.arch;
+  return plain;
 }
 
 bool hopper_applies(const KernelTraits& traits) {
@@ -387,7 +397,7 @@ KernelSpec forward_kernel(const KernelTraits& traits) {
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
   if (hopper_applies(traits)) {
-    std::vector<KernelSpec> specs = {hopper_spec(traits, KernelEntry::kBackwardPrep),
+    std::vector<KernelSpec> specs = {hopper_spec(prep_traits(traits), KernelEntry::kBackwardPrep),
                                      hopper_spec(traits, KernelEntry::kBackwardDq)};
     const KernelSpec dkdv = hopper_spec(traits, KernelEntry::kBackwardDkDv);
     if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
