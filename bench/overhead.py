@@ -2,6 +2,7 @@
 kernel is cheap and the Python/dispatcher path dominates.
 
     python bench/overhead.py [--out bench/results]      (writes cpu-overhead-<date>-<commit>.md)
+    python bench/overhead.py --device cuda [--out ...]  (bf16 on the GPU: <gpu>-overhead-<date>-<commit>.md)
 """
 
 from __future__ import annotations
@@ -20,28 +21,32 @@ import torch.nn.functional as F
 
 import flashjit
 from flashjit import _C, ops
+from flashjit.bench import device_tag
 
 
-def per_call_us(fn, calls: int, repeats: int = 15) -> float:
-    """Median over repeats of the mean time of `calls` back-to-back calls."""
+def per_call_us(fn, calls: int, repeats: int = 15, sync=lambda: None) -> float:
+    """Median over repeats of the mean time of `calls` back-to-back calls (on a GPU,
+    kernels this small finish before the host issues the next call)."""
     for _ in range(max(10, calls // 10)):
         fn()
+    sync()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         samples.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(samples)
 
 
 def entry_points(q, k, v):
     """(name, forward-only callable, forward+backward callable or None)."""
-    o = torch.empty(*q.shape[:3], v.shape[3])
-    lse = torch.empty(q.shape[:3])
+    o = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], device=q.device)
     qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    dout = torch.randn(*q.shape[:3], v.shape[3])
-    compiled = torch.compile(flashjit.scaled_dot_product_attention, fullgraph=True, dynamic=False)
+    dout = torch.randn(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+    stream = ops._stream(q)
 
     def train(f):
         def step():
@@ -53,8 +58,12 @@ def entry_points(q, k, v):
     buffers = (q, k, v, o, lse)  # the descriptors below point into these; the closure keeps them alive
 
     def kernel_alone():
-        _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, 0)
+        _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
 
+    compiled = []
+    if not q.is_cuda:  # on a GPU this entry would need a Triton toolchain; the others measure the host path
+        compiled_sdpa = torch.compile(flashjit.scaled_dot_product_attention, fullgraph=True, dynamic=False)
+        compiled = [("torch.compile(flashjit SDPA)", lambda: compiled_sdpa(q, k, v), train(compiled_sdpa))]
     return [
         ("kernel alone: _C call, outputs preallocated", kernel_alone, None),
         ("flashjit.attention (eager path)", lambda: flashjit.attention(q, k, v), train(flashjit.attention)),
@@ -62,7 +71,7 @@ def entry_points(q, k, v):
          train(lambda q, k, v: op(q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0)[0])),
         ("flashjit.scaled_dot_product_attention", lambda: flashjit.scaled_dot_product_attention(q, k, v),
          train(flashjit.scaled_dot_product_attention)),
-        ("torch.compile(flashjit SDPA)", lambda: compiled(q, k, v), train(compiled)),
+    ] + compiled + [
         ("torch F.scaled_dot_product_attention", lambda: F.scaled_dot_product_attention(q, k, v),
          train(F.scaled_dot_product_attention)),
     ]
@@ -80,25 +89,30 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="folder for the markdown result (default: print only)")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     shapes = {"B1 H1 S16 D64": (1, 1, 16, 64), "decode B1 H8 Sq1 Sk128 D128": (1, 8, 1, 128)}
     rows = []
     for label, (b, h, s, d) in shapes.items():
         torch.manual_seed(0)
         sk = 128 if s == 1 else s
-        q, k, v = torch.randn(b, h, s, d), torch.randn(b, h, sk, d), torch.randn(b, h, sk, d)
+        q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=args.device) for n in (s, sk, sk))
         for name, forward, train in entry_points(q, k, v):
             with torch.no_grad():
-                fwd_us = per_call_us(forward, args.calls)
-            train_us = per_call_us(train, args.calls // 2) if train else float("nan")
+                fwd_us = per_call_us(forward, args.calls, sync=sync)
+            train_us = per_call_us(train, args.calls // 2, sync=sync) if train else float("nan")
             rows.append((label, name, fwd_us, train_us))
             print(f"{label:28} {name:42} fwd {fwd_us:8.1f} us   fwd+bwd {train_us:8.1f} us", flush=True)
     lines = [
-        "# Host overhead per call (CPU)",
+        f"# Host overhead per call ({torch.cuda.get_device_name() + ', bf16' if cuda else 'CPU'})",
         "",
         f"- date: {datetime.date.today()}, commit: {commit()}, flashjit {flashjit.__version__}, torch {torch.__version__}",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
-        f"- command: `python bench/overhead.py{' --out ' + args.out if args.out else ''}`",
+        f"- command: `python bench/overhead.py{' --device cuda' if cuda else ''}"
+        f"{' --out ' + args.out if args.out else ''}`",
         "- forward under torch.no_grad(); forward+backward with q, k, v requiring grad and autograd.backward;",
         f"  median of 15 runs of {args.calls} back-to-back calls (forward+backward: half as many).",
         "",
@@ -109,7 +123,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"cpu-overhead-{datetime.date.today()}-{commit()}.md")
+        tag = device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}) if cuda else "cpu"
+        path = os.path.join(args.out, f"{tag}-overhead-{datetime.date.today()}-{commit()}.md")
         with open(path, "w") as f:
             f.write(text)
         print(f"wrote {path}")

@@ -74,8 +74,17 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
     return seed & _U64, offset & _U64
 
 
+# The raw handle of the current stream, without building a torch.cuda.Stream
+# object per call (absent from CPU-only builds of torch).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(x: Tensor) -> int:
-    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+    if not x.is_cuda:
+        return 0
+    if _raw_stream is not None:
+        return _raw_stream(x.get_device())
+    return torch.cuda.current_stream(x.device).cuda_stream
 
 
 def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,

@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -178,11 +180,39 @@ void forward(const AttentionProblem& p) {
       int64_t(params.num_query_blocks) * p.batch * p.heads_q);
 }
 
-// Device scratch from the stream-ordered allocator, freed in stream order.
+// flashjit's stream-ordered memory pool on a device, made on first use. It
+// keeps what it has reserved across synchronisations: the default pool hands
+// its memory back at every synchronize, and reserving it again costs a
+// synchronised call hundreds of microseconds. It holds at most the largest
+// scratch one call asked for (8 bytes a query row).
+CUmemoryPool scratch_pool(int device_index) {
+  static std::mutex mutex;
+  static std::map<int, CUmemoryPool> pools;
+  std::lock_guard<std::mutex> lock(mutex);
+  CUmemoryPool& pool = pools[device_index];
+  if (pool == nullptr) {
+    MemPoolProps props{};
+    props.allocation_type = 1;  // pinned device memory
+    props.location_type = 1;    // on a device
+    props.location_id = device_index;
+    CUmemoryPool created = nullptr;
+    check(driver().cuMemPoolCreate(&created, &props), "cuMemPoolCreate");
+    uint64_t keep = std::numeric_limits<uint64_t>::max();
+    check(driver().cuMemPoolSetAttribute(created, kMemPoolAttrReleaseThreshold, &keep), "cuMemPoolSetAttribute");
+    pool = created;
+  }
+  return pool;
+}
+
+// Device scratch from flashjit's pool, freed in stream order (under stream
+// capture, an allocation node of the graph).
 class StreamScratch {
  public:
-  StreamScratch(size_t bytes, CUstream stream) : stream_(stream) {
-    if (bytes > 0) check(driver().cuMemAllocAsync(&pointer_, bytes, stream), "cuMemAllocAsync");
+  StreamScratch(size_t bytes, CUstream stream, int device_index) : stream_(stream) {
+    if (bytes > 0) {
+      check(driver().cuMemAllocFromPoolAsync(&pointer_, bytes, scratch_pool(device_index), stream),
+            "cuMemAllocFromPoolAsync");
+    }
   }
   ~StreamScratch() {
     if (pointer_ != 0) driver().cuMemFreeAsync(pointer_, stream_);
@@ -247,7 +277,8 @@ void backward(const AttentionProblem& p) {
       hopper ? ceil_div(p.seqlen_q, specs[1].block_rows()) * specs[1].block_rows() : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
-  StreamScratch scratch(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream);
+  StreamScratch scratch(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream,
+                       launch.device_index);
   // Same stream, in order: each kernel's scratch is written by the one before.
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
@@ -260,8 +291,8 @@ void backward(const AttentionProblem& p) {
     int64_t blocks = 0;
     switch (spec.entry) {
       case KernelEntry::kBackwardPrep:
-        blocks = ceil_div(scratch_rows, spec.threads / 32);
-        break;  // a warp a row
+        blocks = ceil_div(scratch_rows, spec.threads / 8);
+        break;  // eight lanes a row
       case KernelEntry::kBackwardDq:
         blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q;
         break;

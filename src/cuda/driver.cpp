@@ -46,8 +46,10 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuFuncSetAttribute);
       FJ_RESOLVE(library, "libcuda", table, cuLaunchKernel);
       FJ_RESOLVE(library, "libcuda", table, cuStreamIsCapturing);
-      FJ_RESOLVE(library, "libcuda", table, cuMemAllocAsync);
       FJ_RESOLVE(library, "libcuda", table, cuMemFreeAsync);
+      FJ_RESOLVE(library, "libcuda", table, cuMemPoolCreate);
+      FJ_RESOLVE(library, "libcuda", table, cuMemPoolSetAttribute);
+      FJ_RESOLVE(library, "libcuda", table, cuMemAllocFromPoolAsync);
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);
       table.cuTensorMapEncodeTiled =
           reinterpret_cast<decltype(table.cuTensorMapEncodeTiled)>(dlsym(library, "cuTensorMapEncodeTiled"));

@@ -17,6 +17,7 @@ using CUcontext = struct CUctx_st*;
 using CUmodule = struct CUmod_st*;
 using CUfunction = struct CUfunc_st*;
 using CUstream = struct CUstream_st*;
+using CUmemoryPool = struct CUmemPoolHandle_st*;
 using nvrtcResult = int;
 using nvrtcProgram = struct _nvrtcProgram*;
 
@@ -32,6 +33,20 @@ constexpr int kTensorMapInterleaveNone = 0;
 constexpr int kTensorMapSwizzle128B = 3;
 constexpr int kTensorMapL2Promotion128B = 2;
 constexpr int kTensorMapFillZeros = 0;
+
+// CUmemPoolProps (cuda.h's layout; fields past location stay zero).
+struct MemPoolProps {
+  int allocation_type;  // CU_MEM_ALLOCATION_TYPE_PINNED = 1
+  int handle_types;     // none
+  int location_type;    // CU_MEM_LOCATION_TYPE_DEVICE = 1
+  int location_id;      // the device ordinal
+  void* win32_security_attributes;
+  size_t max_size;
+  unsigned short usage;
+  unsigned char reserved[54];
+};
+static_assert(sizeof(MemPoolProps) == 88, "CUmemPoolProps is 88 bytes");
+constexpr int kMemPoolAttrReleaseThreshold = 4;  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
 
 struct Driver {
   CUresult (*cuInit)(unsigned);
@@ -49,8 +64,10 @@ struct Driver {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                              CUstream, void**, void**);
   CUresult (*cuStreamIsCapturing)(CUstream, int*);
-  CUresult (*cuMemAllocAsync)(CUdeviceptr*, size_t, CUstream);
   CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
+  CUresult (*cuMemPoolCreate)(CUmemoryPool*, const struct MemPoolProps*);
+  CUresult (*cuMemPoolSetAttribute)(CUmemoryPool, int, void*);
+  CUresult (*cuMemAllocFromPoolAsync)(CUdeviceptr*, size_t, CUmemoryPool, CUstream);
   CUresult (*cuGetErrorString)(CUresult, const char**);
   // CUDA 12.0 and newer drivers; nullptr where the driver has none (no TMA kernels then).
   CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address,

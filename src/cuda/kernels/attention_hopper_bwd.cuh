@@ -6,7 +6,7 @@
 //
 //   prep (FJ_ENTRY 3): delta = rowsum(dO * O) and LSE * log2(e) of every query
 //     row into scratch rows padded to whole query tiles (padding: 0 and +inf),
-//     one warp a row.
+//     eight lanes a row.
 //   dQ (FJ_ENTRY 1): a block of 128 query rows; per key tile j
 //       S_j = Q K_j^T, dP_j = dO V_j^T       wgmma from shared memory
 //       dQ += dS_{j-1} K_{j-1}               wgmma, dS in registers, issued with them
@@ -31,27 +31,45 @@ static_assert(kRowTiles == 1 && kWarps == 8 && kBlockM == 128, "two consumer war
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 
 #if FJ_ENTRY == 3
+// Eight lanes a row, each reading 16-byte vectors of O and dO where the row's
+// address and the head dim allow it (element by element otherwise).
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
     fj_attention_backward_prep(const KernelParams p) {
-  constexpr int kRowsPerBlock = (kThreads + kProducerThreads) / 32;
-  const long long row = static_cast<long long>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= static_cast<long long>(p.batch) * p.heads_q * p.scratch_pitch) return;
+  constexpr int kLanesPerRow = 8;
+  constexpr int kVector = 8;  // 16-bit elements in 16 bytes
+  constexpr int kRowsPerBlock = (kThreads + kProducerThreads) / kLanesPerRow;
+  const long long row = static_cast<long long>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanesPerRow;
+  const int lane = threadIdx.x % kLanesPerRow;
+  const bool in_scratch = row < static_cast<long long>(p.batch) * p.heads_q * p.scratch_pitch;
+  float delta = 0.0f;
+  float lse2 = -negative_infinity<float>();
   const long long batch_head = row / p.scratch_pitch;
   const long long i = row - batch_head * p.scratch_pitch;
   const int b = static_cast<int>(batch_head / p.heads_q);
   const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
-  float delta = 0.0f;
-  float lse2 = -negative_infinity<float>();
-  if (i < p.seqlen_q) {
+  if (in_scratch && i < p.seqlen_q) {
     const elem_t* o_row = operand_row<const elem_t>(p.o, b, h, i);
     const elem_t* dout_row = operand_row<const elem_t>(p.dout, b, h, i);
-    for (int d = lane; d < p.head_dim_v; d += 32) delta += to_float(o_row[d]) * to_float(dout_row[d]);
+    const bool vectors = p.head_dim_v % kVector == 0 &&
+                         ((reinterpret_cast<unsigned long long>(o_row) |
+                           reinterpret_cast<unsigned long long>(dout_row)) % 16) == 0;
+    if (vectors) {
+      for (int d = lane * kVector; d < p.head_dim_v; d += kLanesPerRow * kVector) {
+        alignas(16) elem_t o_part[kVector];
+        alignas(16) elem_t dout_part[kVector];
+        *reinterpret_cast<uint4*>(o_part) = *reinterpret_cast<const uint4*>(o_row + d);
+        *reinterpret_cast<uint4*>(dout_part) = *reinterpret_cast<const uint4*>(dout_row + d);
 #pragma unroll
-    for (int offset = 16; offset >= 1; offset /= 2) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
+        for (int e = 0; e < kVector; ++e) delta += to_float(o_part[e]) * to_float(dout_part[e]);
+      }
+    } else {
+      for (int d = lane; d < p.head_dim_v; d += kLanesPerRow) delta += to_float(o_row[d]) * to_float(dout_row[d]);
+    }
     lse2 = lse_log2(*operand_row<const float>(p.lse, b, h, i));
   }
-  if (lane == 0) {
+#pragma unroll
+  for (int offset = kLanesPerRow / 2; offset >= 1; offset /= 2) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
+  if (in_scratch && lane == 0) {
     static_cast<float*>(p.delta)[row] = delta;
     static_cast<float*>(p.lse_log2)[row] = lse2;
   }
