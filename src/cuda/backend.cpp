@@ -3,6 +3,7 @@
 // synchronises the device.
 #include "core/backend.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -157,29 +158,6 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
                                   kTensorMapFillZeros) == 0;
 }
 
-// The forward's q (boxes of the block's rows), k and v (boxes of a key tile).
-bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const KernelSpec& spec) {
-  return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk,
-                           spec.block_rows()) &&
-         encode_tensor_map(&params.k_map, p.k, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk,
-                           spec.block_n) &&
-         encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, spec.block_n);
-}
-
-void forward(const AttentionProblem& p) {
-  const Launch launch = prepare(p);
-  KernelParams params = params_of(p);
-  KernelTraits traits = traits_for_launch(p, launch);
-  KernelSpec spec = forward_kernel(traits);
-  if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
-    traits.tma = false;  // operands TMA cannot address: the mma.sync kernel
-    spec = forward_kernel(traits);
-  }
-  params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
-  run(spec, kernel_function(spec, launch.device_index, launch.capturing), launch, params,
-      int64_t(params.num_query_blocks) * p.batch * p.heads_q);
-}
-
 // flashjit's stream-ordered memory pool on a device, made on first use. It
 // keeps what it has reserved across synchronisations: the default pool hands
 // its memory back at every synchronize, and reserving it again costs a
@@ -225,6 +203,47 @@ class StreamScratch {
   CUdeviceptr pointer_ = 0;
   CUstream stream_;
 };
+
+// The forward's q (boxes of the block's rows), k and v (boxes of a key tile).
+bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const KernelSpec& spec) {
+  return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk,
+                           spec.block_rows()) &&
+         encode_tensor_map(&params.k_map, p.k, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk,
+                           spec.block_n) &&
+         encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, spec.block_n);
+}
+
+void forward(const AttentionProblem& p) {
+  const Launch launch = prepare(p);
+  KernelParams params = params_of(p);
+  KernelTraits traits = traits_for_launch(p, launch);
+  KernelSpec spec = forward_kernel(traits);
+  if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
+    traits.tma = false;  // operands TMA cannot address: the mma.sync kernel
+    spec = forward_kernel(traits);
+  }
+  params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
+  const CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);
+  const int64_t tiles = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
+  if (spec.family != KernelFamily::kHopper) {
+    run(spec, function, launch, params, tiles);
+    return;
+  }
+  // Persistent: a block an SM, taking work tiles from a counter zeroed in stream order.
+  if (tiles == 0) return;
+  if (tiles > std::numeric_limits<int>::max() / 2) {
+    throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
+  }
+  StreamScratch counter(sizeof(unsigned), launch.stream, launch.device_index);
+  check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter.get()), 0, 1, launch.stream),
+        "cuMemsetD32Async");
+  params.tile_counter = static_cast<unsigned*>(counter.get());
+  // Sections of batch-heads whose keys and values take at most ~24 MB of L2.
+  const int64_t kv_bytes = std::max<int64_t>(1, int64_t(p.seqlen_k) * (p.head_dim_qk + p.head_dim_v) * 2);
+  params.heads_per_section =
+      int(std::clamp<int64_t>((int64_t(24) << 20) / kv_bytes, 1, int64_t(p.batch) * p.heads_q));
+  run(spec, function, launch, params, std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors));
+}
 
 // The TMA descriptors a kHopper backward kernel reads: the block's own rows
 // (queries for dQ, keys for dK/dV) in boxes of block_rows, the streamed ones in

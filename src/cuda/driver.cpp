@@ -50,6 +50,7 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuMemPoolCreate);
       FJ_RESOLVE(library, "libcuda", table, cuMemPoolSetAttribute);
       FJ_RESOLVE(library, "libcuda", table, cuMemAllocFromPoolAsync);
+      FJ_RESOLVE(library, "libcuda", table, cuMemsetD32Async);
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);
       table.cuTensorMapEncodeTiled =
           reinterpret_cast<decltype(table.cuTensorMapEncodeTiled)>(dlsym(library, "cuTensorMapEncodeTiled"));

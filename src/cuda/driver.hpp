@@ -68,6 +68,7 @@ struct Driver {
   CUresult (*cuMemPoolCreate)(CUmemoryPool*, const struct MemPoolProps*);
   CUresult (*cuMemPoolSetAttribute)(CUmemoryPool, int, void*);
   CUresult (*cuMemAllocFromPoolAsync)(CUdeviceptr*, size_t, CUmemoryPool, CUstream);
+  CUresult (*cuMemsetD32Async)(CUdeviceptr, unsigned, size_t, CUstream);
   CUresult (*cuGetErrorString)(CUresult, const char**);
   // CUDA 12.0 and newer drivers; nullptr where the driver has none (no TMA kernels then).
   CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address,

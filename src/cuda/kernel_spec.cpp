@@ -151,8 +151,8 @@ int KernelSpec::shared_memory_bytes() const {
     // and one for the block's own rows (attention_hopper*.cuh).
     const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
     switch (entry) {
-      case KernelEntry::kForward:  // Q; K and V rings of `stages`
-        return 1024 + 2 * (rows * qk + stages * n * (qk + v)) + 8 * (1 + 4 * stages);
+      case KernelEntry::kForward:  // Q (full, empty); K and V rings of `stages`; the tile queue and its 2 slots
+        return 1024 + 2 * (rows * qk + stages * n * (qk + v)) + 8 * (2 + 4 * stages + 4 + 1);
       case KernelEntry::kBackwardDq:  // Q, dO; a K ring of stages + 1, a V ring of `stages`
         return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) +
                8 * (1 + 4 * stages + 2);

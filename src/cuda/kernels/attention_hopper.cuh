@@ -1,9 +1,10 @@
 // Forward attention for sm_90a (H100, H200), float16 and bfloat16: a producer
 // warpgroup that loads tiles with TMA and two consumer warpgroups that multiply
-// with wgmma, 64 query rows each (kBlockM = 128 a block).
+// with wgmma, 64 query rows each (kBlockM = 128 a work tile). The grid is
+// persistent: a block an SM, taking work tiles from a counter (TileQueue).
 //
-//   producer (warpgroup 0): one thread loads the block's Q tile once, then K
-//     and V tiles of kBlockN keys into rings of kStages buffers (pipeline.cuh),
+//   producer (warpgroup 0): one thread loads each work tile's Q tile once, then
+//     K and V tiles of kBlockN keys into rings of kStages buffers (pipeline.cuh),
 //     each as swizzled 64-column boxes; the warpgroup hands its registers over
 //     to the consumers.
 //   consumers (warpgroups 1, 2): per key tile j,
@@ -35,96 +36,128 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   elem_t* k_tiles = q_tile + kBlockM * kDimQk;                                    // kStages x [kBlockN][kDimQk]
   elem_t* v_tiles = k_tiles + kStages * kBlockN * kDimQk;                         // kStages x [kBlockN][kDimV]
   unsigned long long* q_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kBlockN * kDimV);
-  const Ring<kStages> k_ring = Ring<kStages>::at(q_full + 1);
-  const Ring<kStages> v_ring = Ring<kStages>::at(q_full + 1 + Ring<kStages>::kBarriers);
-  const QueryBlock block(p);
-  const int b = block.b, h = block.h;
+  unsigned long long* q_empty = q_full + 1;
+  const Ring<kStages> k_ring = Ring<kStages>::at(q_empty + 1);
+  const Ring<kStages> v_ring = Ring<kStages>::at(q_empty + 1 + Ring<kStages>::kBarriers);
+  const TileQueue tiles{Ring<2>::at(q_empty + 1 + 2 * Ring<kStages>::kBarriers),
+                        reinterpret_cast<int*>(q_empty + 1 + 2 * Ring<kStages>::kBarriers + Ring<2>::kBarriers)};
+  const int num_tiles = p.num_query_blocks * p.batch * p.heads_q;
 
   const auto init = [&] {
     mbarrier_init(q_full, 1);
+    mbarrier_init(q_empty, kWarps);
     k_ring.init();
     v_ring.init();
+    tiles.init();
   };
+  // The block is persistent: per work tile (tile_coordinates) the producer
+  // loads Q once the consumers' last S of the previous tile has read it, then
+  // K and V tiles, whose rings run on across work tiles; the next tile's Q and
+  // first K load while the consumers finish and store this one.
   const auto produce = [&] {
-    // Nothing is loaded for a block that sees no key: no copy may outlive the block.
-    if (block.tiles == 0) return;
     prefetch_tensor_map(p.q_map);
     prefetch_tensor_map(p.k_map);
     prefetch_tensor_map(p.v_map);
-    mbarrier_expect_bytes(q_full, kTileBytes<kBlockM, kDimQk>);
-    tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, block.first_query, h, b, q_full);
-    // In the order the consumers need them: K_j, then V_{j-1}.
-    for (int j = 0; j <= block.tiles; ++j) {
-      if (j < block.tiles) {
-        const int buffer = k_ring.produce(j, kTileBytes<kBlockN, kDimQk>);
-        tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, block.tile_start(j),
-                                       block.kv_head, b, &k_ring.full[buffer]);
+    int kv_use = 0, q_loads = 0;
+    int tile = next_tile(p, true);
+    for (int n = 0;; ++n) {
+      tiles.push(n, tile);
+      if (tile >= num_tiles) return;
+      const int following = next_tile(p, false);  // its latency hides behind this tile's loads
+      const QueryBlock block(p, tile);
+      // Nothing is loaded for a block that sees no key.
+      if (block.tiles > 0) {
+        mbarrier_wait(q_empty, (q_loads & 1) ^ 1);
+        mbarrier_expect_bytes(q_full, kTileBytes<kBlockM, kDimQk>);
+        tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, block.first_query, block.h, block.b, q_full);
+        ++q_loads;
+        // In the order the consumers need them: K_j, then V_{j-1}.
+        for (int j = 0; j <= block.tiles; ++j) {
+          if (j < block.tiles) {
+            const int buffer = k_ring.produce(kv_use + j, kTileBytes<kBlockN, kDimQk>);
+            tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, block.tile_start(j),
+                                           block.kv_head, block.b, &k_ring.full[buffer]);
+          }
+          if (j > 0) {
+            const int buffer = v_ring.produce(kv_use + j - 1, kTileBytes<kBlockN, kDimV>);
+            tma_load_tile<kBlockN, kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map, block.tile_start(j - 1),
+                                          block.kv_head, block.b, &v_ring.full[buffer]);
+          }
+        }
+        kv_use += block.tiles;
       }
-      if (j > 0) {
-        const int buffer = v_ring.produce(j - 1, kTileBytes<kBlockN, kDimV>);
-        tma_load_tile<kBlockN, kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map, block.tile_start(j - 1),
-                                      block.kv_head, b, &v_ring.full[buffer]);
-      }
+      tile = following;
     }
   };
   const auto consume = [&](int consumer) {
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; rows warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
-    long long rows[1][2];
-    rows[0][0] = block.first_query + warp * 16 + lane / 4;
-    rows[0][1] = rows[0][0] + 8;
-    const long long consumer_first = block.first_query + consumer * 64;
-    const bool rows_full = consumer_first + 64 <= p.seqlen_q;
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+    int kv_use = 0, q_loads = 0;
+    for (int n = 0;; ++n) {
+      const int tile = tiles.pop(n, lane);
+      if (tile >= num_tiles) return;
+      const QueryBlock block(p, tile);
+      const int b = block.b, h = block.h;
+      long long rows[1][2];
+      rows[0][0] = block.first_query + warp * 16 + lane / 4;
+      rows[0][1] = rows[0][0] + 8;
+      const long long consumer_first = block.first_query + consumer * 64;
+      const bool rows_full = consumer_first + 64 <= p.seqlen_q;
 
-    float o[1][kDimV / 8][4];
-    zero(o);
-    float row_max[1][2] = {{negative_infinity<float>(), negative_infinity<float>()}};  // log2 domain
-    float row_sum[1][2] = {{0.0f, 0.0f}};
-    if (block.tiles > 0) {
-      mbarrier_wait(q_full, 0);
-      float s[1][kBlockN / 8][4];
-      unsigned prob[kBlockN / 16][4];
-      float scale_old[1][2];
-      consumer_schedule(
-          consumer, block.tiles,
-          [&](int j) {  // K_j, and V_{j-1}
-            if (j < block.tiles) k_ring.consume(j);
-            if (j > 0) v_ring.consume(j - 1);
-          },
-          [&](int j) {  // S_j = Q K_j^T
-            wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s[0], q_tile, consumer * 64,
-                                                         k_tiles + k_ring.buffer(j) * kBlockN * kDimQk);
-          },
-          [&](int j) {  // logits, the softmax step and dropout of S_j, beside P_{j-1} V_{j-1}
-            pin(s[0]);
-            k_ring.release(j, lane);
-            const long long tile_start = block.tile_start(j);
-            if (block.interior(p, j, consumer_first, rows_full)) {
-              tile_logits<1, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
-            } else {
-              tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
-            }
-            softmax_step(s, row_max, row_sum, scale_old);
+      float o[1][kDimV / 8][4];
+      zero(o);
+      float row_max[1][2] = {{negative_infinity<float>(), negative_infinity<float>()}};  // log2 domain
+      float row_sum[1][2] = {{0.0f, 0.0f}};
+      if (block.tiles > 0) {
+        mbarrier_wait(q_full, q_loads & 1);
+        float s[1][kBlockN / 8][4];
+        unsigned prob[kBlockN / 16][4];
+        float scale_old[1][2];
+        consumer_schedule(
+            consumer, block.tiles,
+            [&](int j) {  // K_j, and V_{j-1}
+              if (j < block.tiles) k_ring.consume(kv_use + j);
+              if (j > 0) v_ring.consume(kv_use + j - 1);
+            },
+            [&](int j) {  // S_j = Q K_j^T
+              wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s[0], q_tile, consumer * 64,
+                                                           k_tiles + k_ring.buffer(kv_use + j) * kBlockN * kDimQk);
+            },
+            [&](int j) {  // logits, the softmax step and dropout of S_j, beside P_{j-1} V_{j-1}
+              pin(s[0]);
+              k_ring.release(kv_use + j, lane);
+              if (j == block.tiles - 1 && lane == 0) mbarrier_arrive(q_empty);  // the last read of Q
+              const long long tile_start = block.tile_start(j);
+              if (block.interior(p, j, consumer_first, rows_full)) {
+                tile_logits<1, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
+              } else {
+                tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
+              }
+              softmax_step(s, row_max, row_sum, scale_old);
 #if FJ_DROPOUT
-            apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
+              apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
 #endif
-          },
-          [&](int j) {  // O += P_j V_j
-            wgmma_fragments_by_rows<kBlockN, kDimV>(o[0], prob, v_tiles + v_ring.buffer(j) * kBlockN * kDimV);
-          },
-          [&](int j) {
-            pin(o[0]);
-            pin(prob);
-            v_ring.release(j, lane);
-          },
-          [&](int j) {
-            if (j > 0) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's maxima
-            to_fragments<kBlockN>(prob, s[0]);
-          });
+            },
+            [&](int j) {  // O += P_j V_j
+              wgmma_fragments_by_rows<kBlockN, kDimV>(o[0], prob,
+                                                      v_tiles + v_ring.buffer(kv_use + j) * kBlockN * kDimV);
+            },
+            [&](int j) {
+              pin(o[0]);
+              pin(prob);
+              v_ring.release(kv_use + j, lane);
+            },
+            [&](int j) {
+              if (j > 0) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's maxima
+              to_fragments<kBlockN>(prob, s[0]);
+            });
+        kv_use += block.tiles;
+        ++q_loads;
+      }
+      write_output(p, o, row_max, row_sum, rows, b, h, quad);
     }
-    write_output(p, o, row_max, row_sum, rows, b, h, quad);
   };
   specialised_roles(init, produce, consume);
 }

@@ -189,4 +189,21 @@ FJ_DEVICE void block_coordinates(int num_blocks, int heads, int* block, int* b, 
   *h = batch_head - *b * heads;
 }
 
+// Work tile `tile` of a persistent grid -> (query block, batch, head). Tiles
+// run in sections of p.heads_per_section batch-heads (the keys and values a
+// section reads stay in L2); within a section the last query blocks, which see
+// the most keys under causal bounds, come first, one per batch-head in turn.
+FJ_DEVICE void tile_coordinates(const KernelParams& p, int tile, int* block, int* b, int* h) {
+  const int blocks = p.num_query_blocks;
+  const int batch_heads = p.batch * p.heads_q;
+  const int section = tile / (p.heads_per_section * blocks);
+  const int first = section * p.heads_per_section;
+  const int heads_here = min(p.heads_per_section, batch_heads - first);
+  const int index = tile - first * blocks;
+  const int batch_head = first + index % heads_here;
+  *block = blocks - 1 - index / heads_here;
+  *b = batch_head / p.heads_q;
+  *h = batch_head - *b * p.heads_q;
+}
+
 }  // namespace flashjit

@@ -228,6 +228,34 @@ FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFi
   last_turn(consumer);
 }
 
+// The work tiles of a persistent block, from the producer thread to the
+// consumer warps through two slots: the n-th tile goes into slot n % 2 once the
+// consumers have taken tile n - 2 from it.
+struct TileQueue {
+  Ring<2> ring;
+  int* slots;  // [2]
+  FJ_DEVICE void init() const { ring.init(); }
+  FJ_DEVICE void push(int n, int tile) const {
+    const int slot = n % 2;
+    mbarrier_wait(&ring.empty[slot], ((n / 2) & 1) ^ 1);
+    slots[slot] = tile;
+    mbarrier_arrive(&ring.full[slot]);  // releases the store to the consumers
+  }
+  FJ_DEVICE int pop(int n, int lane) const {
+    ring.consume(n);
+    const int tile = slots[n % 2];
+    __syncwarp();  // every lane has read the slot before the warp frees it
+    ring.release(n, lane);
+    return tile;
+  }
+};
+
+// The next work tile of a persistent grid: each block starts with its own
+// index, then takes tiles from the shared counter.
+FJ_DEVICE int next_tile(const KernelParams& p, bool first) {
+  return first ? static_cast<int>(blockIdx.x) : static_cast<int>(gridDim.x + atomicAdd(p.tile_counter, 1u));
+}
+
 // A block of kBlockM query rows (late blocks first, block_coordinates) and the
 // tiles of kBlockN keys its rows can see through the causal/window bounds.
 struct QueryBlock {
@@ -236,9 +264,19 @@ struct QueryBlock {
   long long key_lo, key_hi;  // keys the block's rows can see
   long long first_tile;      // key_lo rounded down to a tile
   int tiles;
+  // The block of this thread block (block_coordinates).
   FJ_DEVICE explicit QueryBlock(const KernelParams& p) {
     int block;
     block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
+    locate(p, block);
+  }
+  // Work tile `tile` of a persistent grid (tile_coordinates).
+  FJ_DEVICE QueryBlock(const KernelParams& p, int tile) {
+    int block;
+    tile_coordinates(p, tile, &block, &b, &h);
+    locate(p, block);
+  }
+  FJ_DEVICE void locate(const KernelParams& p, int block) {
     kv_head = h / p.group_size;
     first_query = static_cast<long long>(block) * kBlockM;
     const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
