@@ -69,11 +69,13 @@ def implementations():
             "torch-cudnn": torch_backend(SDPBackend.CUDNN_ATTENTION)}
 
 
-def measure(impl, batch, heads, seqlen, head_dim, causal):
+def measure(impl, batch, heads, seqlen, head_dim, causal, forward_only=False):
     shape = (batch, heads, seqlen, head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     forward_ms = time_ms(lambda: impl(q, k, v, causal))
+    if forward_only:
+        return forward_ms, float("nan")
     out = impl(q, k, v, causal)
     backward_ms = time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
     return forward_ms, backward_ms
@@ -108,10 +110,27 @@ def compile_times():
     return cold["last_compile_seconds"], warm["last_disk_load_seconds"]
 
 
+def shown_arguments(argv):
+    """The command line for the record, less the output folder."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        if arg == "--out":
+            skip = True
+            continue
+        shown.append(arg)
+    return "".join(" " + arg for arg in shown)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
     parser.add_argument("--quick", action="store_true", help="D=128, N=2k only")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="time the forward alone (no backward, memory or compile figures)")
+    parser.add_argument("--label", default="", help="a tag for the record's file name and title")
     args = parser.parse_args()
     torch.manual_seed(0)
     impls = implementations()
@@ -125,7 +144,8 @@ def main():
                 row = {"D": head_dim, "N": seqlen, "causal": causal}
                 for name, impl in impls.items():
                     try:
-                        forward_ms, backward_ms = measure(impl, batch, heads, seqlen, head_dim, causal)
+                        forward_ms, backward_ms = measure(impl, batch, heads, seqlen, head_dim, causal,
+                                                          args.forward_only)
                     except RuntimeError as error:
                         print(f"{name} D{head_dim} N{seqlen} causal={causal}: {error}", file=sys.stderr)
                         row[name] = None
@@ -134,8 +154,8 @@ def main():
                                  flops(batch, heads, seqlen, head_dim, causal, True) / backward_ms / 1e9)
                 rows.append(row)
                 print(row, flush=True)
-    memory = {name: peak_memory_mib(impl) for name, impl in impls.items()}
-    cold, warm = compile_times()
+    memory = {} if args.forward_only else {name: peak_memory_mib(impl) for name, impl in impls.items()}
+    cold, warm = (None, None) if args.forward_only else compile_times()
 
     # FLASHJIT_COMMIT: the GPU machine may receive a working tree without its git history.
     commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
@@ -143,7 +163,9 @@ def main():
     names = list(impls)
     lines = [f"# GPU attention benchmark: {torch.cuda.get_device_name()}", "",
              f"- date: {datetime.date.today()}", f"- commit: {commit or 'unknown'}",
-             f"- command: `python bench/gpu_attention.py{' --quick' if args.quick else ''}`",
+             f"- command: `{' '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('FLASHJIT_CUDA_'))}"
+             f"{' ' if any(k.startswith('FLASHJIT_CUDA_') for k in os.environ) else ''}"
+             f"python bench/gpu_attention.py{shown_arguments(sys.argv[1:])}`",
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}, NVRTC "
              f"{'.'.join(map(str, flashjit.cuda.nvrtc_version()))}",
              "- bf16, B*N = 16384, hidden 2048 (H = 2048 / D); TFLOP/s forward / backward, "
@@ -154,18 +176,20 @@ def main():
         cells = []
         for name in names:
             value = row[name]
-            cells += ["n/a", "n/a"] if value is None else [f"{value[0]:.0f}", f"{value[1]:.0f}"]
+            cells += ["n/a", "n/a"] if value is None else [f"{x:.0f}" if x == x else "n/a" for x in value]
         lines.append(f"| {row['D']} | {row['N']} | {row['causal']} | " + " | ".join(cells) + " |")
-    lines += ["", "Peak extra memory of forward+backward, B1 H16 N8192 D128 bf16 (MiB): " +
-              ", ".join(f"{name} {value:.0f}" for name, value in memory.items()), "",
-              f"Kernel compile (cold, bf16 D128 forward): {cold:.2f} s; load from a warm disk cache: "
-              f"{warm * 1e3:.1f} ms"]
+    if not args.forward_only:
+        lines += ["", "Peak extra memory of forward+backward, B1 H16 N8192 D128 bf16 (MiB): " +
+                  ", ".join(f"{name} {value:.0f}" for name, value in memory.items()), "",
+                  f"Kernel compile (cold, bf16 D128 forward): {cold:.2f} s; load from a warm disk cache: "
+                  f"{warm * 1e3:.1f} ms"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         tag = device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()})
-        path = os.path.join(args.out, f"{tag}-attention-{datetime.date.today()}-{commit or 'unknown'}.md")
+        label = f"-{args.label}" if args.label else ""
+        path = os.path.join(args.out, f"{tag}-attention-{datetime.date.today()}-{commit or 'unknown'}{label}.md")
         with open(path, "w") as f:
             f.write(text)
         print(f"wrote {path}")

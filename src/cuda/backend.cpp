@@ -10,6 +10,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -125,6 +126,24 @@ KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) 
   return traits;
 }
 
+// How the sm_90a forward hands out work tiles: a persistent grid (or a block a
+// tile), in sections of batch-heads whose keys and values take at most
+// section_bytes (0: a batch-head a section). FLASHJIT_CUDA_PERSISTENT=0 and
+// FLASHJIT_CUDA_SECTION_MB=<n> override the defaults, for comparisons.
+struct ForwardSchedule {
+  bool persistent = true;
+  int64_t section_bytes = int64_t(24) << 20;
+};
+
+ForwardSchedule forward_schedule() {
+  ForwardSchedule schedule;
+  if (const char* value = std::getenv("FLASHJIT_CUDA_PERSISTENT")) schedule.persistent = std::strcmp(value, "0") != 0;
+  if (const char* value = std::getenv("FLASHJIT_CUDA_SECTION_MB")) {
+    schedule.section_bytes = std::max<int64_t>(0, std::atoll(value)) << 20;
+  }
+  return schedule;
+}
+
 // The TMA descriptor of a 16-bit operand [batch, heads, seqlen, dim]: boxes of
 // 64 columns (128 bytes, the wgmma swizzle's width) x box_rows rows, zeros
 // outside the operand. False where TMA cannot address it (strides not
@@ -234,15 +253,21 @@ void forward(const AttentionProblem& p) {
   if (tiles > std::numeric_limits<int>::max() / 2) {
     throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
   }
-  StreamScratch counter(sizeof(unsigned), launch.stream, launch.device_index);
-  check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter.get()), 0, 1, launch.stream),
-        "cuMemsetD32Async");
-  params.tile_counter = static_cast<unsigned*>(counter.get());
-  // Sections of batch-heads whose keys and values take at most ~24 MB of L2.
+  static const ForwardSchedule schedule = forward_schedule();
+  std::optional<StreamScratch> counter;
+  int64_t blocks = tiles;
+  if (schedule.persistent) {
+    counter.emplace(sizeof(unsigned), launch.stream, launch.device_index);
+    check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter->get()), 0, 1, launch.stream),
+          "cuMemsetD32Async");
+    params.tile_counter = static_cast<unsigned*>(counter->get());
+    blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
+  }
+  // Sections of batch-heads whose keys and values fit the L2 budget (at least one).
   const int64_t kv_bytes = std::max<int64_t>(1, int64_t(p.seqlen_k) * (p.head_dim_qk + p.head_dim_v) * 2);
   params.heads_per_section =
-      int(std::clamp<int64_t>((int64_t(24) << 20) / kv_bytes, 1, int64_t(p.batch) * p.heads_q));
-  run(spec, function, launch, params, std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors));
+      int(std::clamp<int64_t>(schedule.section_bytes / kv_bytes, 1, int64_t(p.batch) * p.heads_q));
+  run(spec, function, launch, params, blocks);
 }
 
 // The TMA descriptors a kHopper backward kernel reads: the block's own rows

@@ -251,9 +251,12 @@ struct TileQueue {
 };
 
 // The next work tile of a persistent grid: each block starts with its own
-// index, then takes tiles from the shared counter.
+// index, then takes tiles from the shared counter. Without a counter the grid
+// has a block a tile, and each block stops after its own.
 FJ_DEVICE int next_tile(const KernelParams& p, bool first) {
-  return first ? static_cast<int>(blockIdx.x) : static_cast<int>(gridDim.x + atomicAdd(p.tile_counter, 1u));
+  if (first) return static_cast<int>(blockIdx.x);
+  if (p.tile_counter == nullptr) return 0x7fffffff;
+  return static_cast<int>(gridDim.x + atomicAdd(p.tile_counter, 1u));
 }
 
 // A block of kBlockM query rows (late blocks first, block_coordinates) and the
