@@ -118,7 +118,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     out_rank = max(query.ndim, key.ndim, value.ndim)
     # Leading dims broadcast as in torch.matmul; a 2-d input gets a heads dim of 1.
     rank = max(out_rank, 3)
-    query, key, value = (x[(None,) * (rank - x.ndim)] for x in (query, key, value))
+    if not query.ndim == key.ndim == value.ndim == rank:
+        query, key, value = (x[(None,) * (rank - x.ndim)] for x in (query, key, value))
     heads_q, heads_kv = _heads(query, key, value, enable_gqa)
     batch_dims = tuple(query.shape[:-3])
     try:

@@ -126,22 +126,14 @@ KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) 
   return traits;
 }
 
-// How the sm_90a forward hands out work tiles: a persistent grid (or a block a
-// tile), in sections of batch-heads whose keys and values take at most
-// section_bytes (0: a batch-head a section). FLASHJIT_CUDA_PERSISTENT=0 and
-// FLASHJIT_CUDA_SECTION_MB=<n> override the defaults, for comparisons.
-struct ForwardSchedule {
-  bool persistent = true;
-  int64_t section_bytes = int64_t(24) << 20;
-};
-
-ForwardSchedule forward_schedule() {
-  ForwardSchedule schedule;
-  if (const char* value = std::getenv("FLASHJIT_CUDA_PERSISTENT")) schedule.persistent = std::strcmp(value, "0") != 0;
-  if (const char* value = std::getenv("FLASHJIT_CUDA_SECTION_MB")) {
-    schedule.section_bytes = std::max<int64_t>(0, std::atoll(value)) << 20;
-  }
-  return schedule;
+// Whether the sm_90a forward runs a persistent grid (a block an SM taking work
+// tiles from a counter) or a block a tile: FLASHJIT_CUDA_PERSISTENT=0, for comparisons.
+bool persistent_forward() {
+  static const bool persistent = [] {
+    const char* value = std::getenv("FLASHJIT_CUDA_PERSISTENT");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return persistent;
 }
 
 // The TMA descriptor of a 16-bit operand [batch, heads, seqlen, dim]: boxes of
@@ -248,25 +240,21 @@ void forward(const AttentionProblem& p) {
     run(spec, function, launch, params, tiles);
     return;
   }
-  // Persistent: a block an SM, taking work tiles from a counter zeroed in stream order.
+  // A persistent grid (a block an SM, taking work tiles from a counter zeroed in
+  // stream order), or a block a tile.
   if (tiles == 0) return;
   if (tiles > std::numeric_limits<int>::max() / 2) {
     throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
   }
-  static const ForwardSchedule schedule = forward_schedule();
   std::optional<StreamScratch> counter;
   int64_t blocks = tiles;
-  if (schedule.persistent) {
+  if (persistent_forward()) {
     counter.emplace(sizeof(unsigned), launch.stream, launch.device_index);
     check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter->get()), 0, 1, launch.stream),
           "cuMemsetD32Async");
     params.tile_counter = static_cast<unsigned*>(counter->get());
     blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
   }
-  // Sections of batch-heads whose keys and values fit the L2 budget (at least one).
-  const int64_t kv_bytes = std::max<int64_t>(1, int64_t(p.seqlen_k) * (p.head_dim_qk + p.head_dim_v) * 2);
-  params.heads_per_section =
-      int(std::clamp<int64_t>(schedule.section_bytes / kv_bytes, 1, int64_t(p.batch) * p.heads_q));
   run(spec, function, launch, params, blocks);
 }
 

@@ -50,10 +50,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     v_ring.init();
     tiles.init();
   };
-  // The block is persistent: per work tile (tile_coordinates) the producer
-  // loads Q once the consumers' last S of the previous tile has read it, then
-  // K and V tiles, whose rings run on across work tiles; the next tile's Q and
-  // first K load while the consumers finish and store this one.
+  // The block is persistent: per work tile (block_coordinates' order) the
+  // producer loads Q once the consumers' last S of the previous tile has read
+  // it, then K and V tiles, whose rings run on across work tiles; the next
+  // tile's Q and first K load while the consumers finish and store this one.
+  // The next tile is taken once this one's loads are issued, so that the block
+  // nearest done takes it (heavy tiles come first under causal bounds).
   const auto produce = [&] {
     prefetch_tensor_map(p.q_map);
     prefetch_tensor_map(p.k_map);
@@ -63,7 +65,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     for (int n = 0;; ++n) {
       tiles.push(n, tile);
       if (tile >= num_tiles) return;
-      const int following = next_tile(p, false);  // its latency hides behind this tile's loads
       const QueryBlock block(p, tile);
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
@@ -86,7 +87,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         }
         kv_use += block.tiles;
       }
-      tile = following;
+      tile = next_tile(p, false);
     }
   };
   const auto consume = [&](int consumer) {

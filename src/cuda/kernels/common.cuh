@@ -177,33 +177,20 @@ FJ_DEVICE bool dropout_keeps(const KernelParams& p, long long bh, long long i, l
   return dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, bh, i, j);
 }
 
-// Linear block index -> (block, batch, head). Under causal bounds late query
-// blocks see the most keys and early key blocks the most queries: the heavy
-// blocks start first (late_first for query blocks).
-FJ_DEVICE void block_coordinates(int num_blocks, int heads, int* block, int* b, int* h, bool late_first = true) {
-  const int linear = blockIdx.x;
+// Linear block index (or work tile) -> (block, batch, head). Under causal
+// bounds late query blocks see the most keys and early key blocks the most
+// queries: the heavy blocks start first (late_first for query blocks).
+FJ_DEVICE void block_coordinates(int linear, int num_blocks, int heads, int* block, int* b, int* h,
+                                 bool late_first = true) {
   const int batch_head = linear / num_blocks;
   const int index = linear - batch_head * num_blocks;
   *block = late_first ? num_blocks - 1 - index : index;
   *b = batch_head / heads;
   *h = batch_head - *b * heads;
 }
-
-// Work tile `tile` of a persistent grid -> (query block, batch, head). Tiles
-// run in sections of p.heads_per_section batch-heads (the keys and values a
-// section reads stay in L2); within a section the last query blocks, which see
-// the most keys under causal bounds, come first, one per batch-head in turn.
-FJ_DEVICE void tile_coordinates(const KernelParams& p, int tile, int* block, int* b, int* h) {
-  const int blocks = p.num_query_blocks;
-  const int batch_heads = p.batch * p.heads_q;
-  const int section = tile / (p.heads_per_section * blocks);
-  const int first = section * p.heads_per_section;
-  const int heads_here = min(p.heads_per_section, batch_heads - first);
-  const int index = tile - first * blocks;
-  const int batch_head = first + index % heads_here;
-  *block = blocks - 1 - index / heads_here;
-  *b = batch_head / p.heads_q;
-  *h = batch_head - *b * p.heads_q;
+// The thread block's own coordinates.
+FJ_DEVICE void block_coordinates(int num_blocks, int heads, int* block, int* b, int* h, bool late_first = true) {
+  block_coordinates(static_cast<int>(blockIdx.x), num_blocks, heads, block, b, h, late_first);
 }
 
 }  // namespace flashjit

@@ -45,10 +45,8 @@ struct KernelParams {
   int num_query_blocks;  // ceil(seqlen_q / block rows) for the launched kernel
   int num_key_blocks;    // ceil(seqlen_k / block rows) for the dK/dV kernel
   // Persistent sm_90a forward: blocks take work tiles (query block, batch, head)
-  // from this counter (zeroed before the launch), in sections of this many
-  // batch-heads, whose keys and values stay in L2 (tile_coordinates).
+  // from this counter, zeroed before the launch (nullptr: a block a tile).
   unsigned* tile_counter;
-  int heads_per_section;
 
   double scale;    // multiplies q.k
   double softcap;  // > 0: score = softcap * tanh(score / softcap)

@@ -273,10 +273,10 @@ struct QueryBlock {
     block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
     locate(p, block);
   }
-  // Work tile `tile` of a persistent grid (tile_coordinates).
+  // Work tile `tile` of a persistent grid, in the same order.
   FJ_DEVICE QueryBlock(const KernelParams& p, int tile) {
     int block;
-    tile_coordinates(p, tile, &block, &b, &h);
+    block_coordinates(tile, p.num_query_blocks, p.heads_q, &block, &b, &h);
     locate(p, block);
   }
   FJ_DEVICE void locate(const KernelParams& p, int block) {
