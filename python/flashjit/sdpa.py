@@ -77,6 +77,8 @@ def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
 
 def _as_4d(x: Tensor, batch_dims: tuple, batch: int, heads: int) -> Tensor:
     """[*batch_dims, heads, S, D] (expanding size-1 dims) as [batch, heads, S, D], a view when possible."""
+    if x.ndim == 4 and x.shape[0] == batch and x.shape[1] == heads:
+        return x  # already [batch, heads, S, D]
     if x.shape[-3] not in (1, heads):  # enable_gqa with unequal key and value heads
         x = x.repeat_interleave(heads // x.shape[-3], dim=-3)
     target = (*batch_dims, heads, *x.shape[-2:])
@@ -142,7 +144,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                          dropout_p, rng)
     if drop_all:
         o = o * 0.0
-    o = o.reshape(*batch_dims, heads_q, seqlen_q, o.shape[-1])
+    if len(batch_dims) != 1:  # o is [batch, heads_q, seqlen_q, Ev]
+        o = o.reshape(*batch_dims, heads_q, seqlen_q, o.shape[-1])
     return o[0] if out_rank == 2 else o
 
 

@@ -73,6 +73,8 @@ struct Launch {
   int arch = 0;
 };
 
+CUmemoryPool scratch_pool(int device_index);
+
 Launch prepare(const AttentionProblem& p) {
   const int64_t max_head_dim = std::max(p.head_dim_qk, p.head_dim_v);
   if (max_head_dim > 256) {
@@ -90,6 +92,13 @@ Launch prepare(const AttentionProblem& p) {
   int status = kStreamCaptureStatusNone;
   check(driver().cuStreamIsCapturing(launch.stream, &status), "cuStreamIsCapturing");
   launch.capturing = status != kStreamCaptureStatusNone;
+  if (!launch.capturing) {
+    try {
+      scratch_pool(launch.device_index);
+    } catch (const Error&) {
+      // Said where scratch is needed; the forward runs without it.
+    }
+  }
   return launch;
 }
 
@@ -169,11 +178,15 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
                                   kTensorMapFillZeros) == 0;
 }
 
-// flashjit's stream-ordered memory pool on a device, made on first use. It
-// keeps what it has reserved across synchronisations: the default pool hands
-// its memory back at every synchronize, and reserving it again costs a
-// synchronised call hundreds of microseconds. It holds at most the largest
-// scratch one call asked for (8 bytes a query row).
+// flashjit's stream-ordered memory pool on a device, made on first use
+// (prepare() makes it outside stream capture, where creating it might not be
+// allowed). It keeps up to kPoolKeepBytes reserved across synchronisations:
+// the default pool hands its memory back at every synchronize, and reserving
+// it again costs a synchronised call hundreds of microseconds. Scratch is 8
+// bytes a query row (backward) and 4 bytes (the forward's tile counter); what
+// the pool keeps is the most that calls in flight together held, up to that
+// bound. Where the pool cannot be made, each use says why.
+constexpr uint64_t kPoolKeepBytes = uint64_t(64) << 20;
 CUmemoryPool scratch_pool(int device_index) {
   static std::mutex mutex;
   static std::map<int, CUmemoryPool> pools;
@@ -186,8 +199,9 @@ CUmemoryPool scratch_pool(int device_index) {
     props.location_id = device_index;
     CUmemoryPool created = nullptr;
     check(driver().cuMemPoolCreate(&created, &props), "cuMemPoolCreate");
-    uint64_t keep = std::numeric_limits<uint64_t>::max();
-    check(driver().cuMemPoolSetAttribute(created, kMemPoolAttrReleaseThreshold, &keep), "cuMemPoolSetAttribute");
+    uint64_t keep = kPoolKeepBytes;
+    check(driver().cuMemPoolSetAttribute(created, kMemPoolAttrReleaseThreshold, &keep),
+          "cuMemPoolSetAttribute");
     pool = created;
   }
   return pool;
@@ -246,14 +260,23 @@ void forward(const AttentionProblem& p) {
   if (tiles > std::numeric_limits<int>::max() / 2) {
     throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
   }
+  // Under stream capture the grid is a block a tile: the counter would put
+  // allocation nodes into the graph, which then can be neither cloned nor
+  // instantiated twice. A counter that cannot be allocated (a device without
+  // memory pools, no memory left) falls back the same way.
   std::optional<StreamScratch> counter;
   int64_t blocks = tiles;
-  if (persistent_forward()) {
-    counter.emplace(sizeof(unsigned), launch.stream, launch.device_index);
-    check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter->get()), 0, 1, launch.stream),
-          "cuMemsetD32Async");
-    params.tile_counter = static_cast<unsigned*>(counter->get());
-    blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
+  if (persistent_forward() && !launch.capturing) {
+    try {
+      counter.emplace(sizeof(unsigned), launch.stream, launch.device_index);
+      check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter->get()), 0, 1, launch.stream),
+            "cuMemsetD32Async");
+      params.tile_counter = static_cast<unsigned*>(counter->get());
+      blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
+    } catch (const Error&) {
+      counter.reset();
+      params.tile_counter = nullptr;
+    }
   }
   run(spec, function, launch, params, blocks);
 }
@@ -310,7 +333,7 @@ void backward(const AttentionProblem& p) {
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
   StreamScratch scratch(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream,
-                       launch.device_index);
+                        launch.device_index);
   // Same stream, in order: each kernel's scratch is written by the one before.
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];

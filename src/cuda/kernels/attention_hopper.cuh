@@ -96,9 +96,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const int quad = lane % 4;
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
     int kv_use = 0, q_loads = 0;
+    first_turn(consumer);  // one turn sequence over all the block's work tiles (consumer_steps)
     for (int n = 0;; ++n) {
       const int tile = tiles.pop(n, lane);
-      if (tile >= num_tiles) return;
+      if (tile >= num_tiles) break;
       const QueryBlock block(p, tile);
       const int b = block.b, h = block.h;
       long long rows[1][2];
@@ -116,7 +117,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         float s[1][kBlockN / 8][4];
         unsigned prob[kBlockN / 16][4];
         float scale_old[1][2];
-        consumer_schedule(
+        consumer_steps(
             consumer, block.tiles,
             [&](int j) {  // K_j, and V_{j-1}
               if (j < block.tiles) k_ring.consume(kv_use + j);
@@ -159,6 +160,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       }
       write_output(p, o, row_max, row_sum, rows, b, h, quad);
     }
+    last_turn(consumer);
   };
   specialised_roles(init, produce, consume);
 }

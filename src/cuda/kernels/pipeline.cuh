@@ -189,10 +189,13 @@ FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
 // waits, outside the turn, for the buffers step j reads. Step 0 issues no
 // second products; a last step issues tile steps - 1's alone. Every phase is
 // straight-line code: a wgmma issued under a branch makes ptxas add waits.
+// consumer_steps takes turns from wherever the previous steps left them (a
+// persistent kernel runs one turn sequence over all its work tiles, so that a
+// warpgroup finishing a tile cannot arrive twice on a barrier the other has
+// not yet waited on); consumer_schedule is one block's whole sequence.
 template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
-FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
-                                 IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
-  first_turn(consumer);
+FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
+                              IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
   arrive(0);
   wait_turn(consumer);
   wgmma_fence();
@@ -225,6 +228,12 @@ FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFi
   pass_turn(consumer);
   wgmma_wait<0>();
   after_second(steps - 1);
+}
+template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
+FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
+                                 IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
+  first_turn(consumer);
+  consumer_steps(consumer, steps, arrive, issue_first, after_first, issue_second, after_second, prepare);
   last_turn(consumer);
 }
 
