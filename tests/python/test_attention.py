@@ -82,6 +82,14 @@ def test_causal(causal, Sq, Sk):
     run(B=1, Sq=Sq, Sk=Sk, causal=causal, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("causal,D", [("bottom_right", 64), (False, 128)])
+def test_many_work_tiles_per_block(causal, D):
+    # 320 query blocks of 128 rows, more than a GPU has SMs: each persistent forward
+    # block takes several; bottom-right causal with Sq > Sk leaves the first block
+    # with no visible key.
+    run(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=D, dtype=torch.bfloat16, causal=causal)
+
+
 @pytest.mark.parametrize("window", [(16, 0), (8, 8), (-1, 4), (4, -1), (0, 0)])
 def test_window(window):
     run(Sq=120, Sk=150, window=window)
