@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/dtype.hpp"
@@ -151,7 +152,8 @@ int KernelSpec::shared_memory_bytes() const {
     // and one for the block's own rows (attention_hopper*.cuh).
     const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
     switch (entry) {
-      case KernelEntry::kForward:  // Q (full, empty); K and V rings of `stages`; the tile queue and its 2 slots
+      case KernelEntry::kForward:  // Q (full, empty); K and V rings of `stages`; the tile queue and its 2
+                                   // slots
         return 1024 + 2 * (rows * qk + stages * n * (qk + v)) + 8 * (2 + 4 * stages + 4 + 1);
       case KernelEntry::kBackwardDq:  // Q, dO; a K ring of stages + 1, a V ring of `stages`
         return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) +
@@ -337,6 +339,14 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
 // accumulators and score tiles fit in 240 registers and the rings in shared
 // memory. Head dims of 32 or less stay on mma.sync: padding them to 64 would
 // double the work.
+// Consumer warpgroups of the sm_90a forward at head dim 64: 2 (128 rows a work
+// tile, 240 registers each) or, with FLASHJIT_CUDA_FORWARD_GROUPS=3, 3 (192
+// rows, 160 registers each) -- a variant to measure before it becomes the default.
+int forward_consumer_groups() {
+  const char* value = std::getenv("FLASHJIT_CUDA_FORWARD_GROUPS");
+  return value != nullptr && std::strcmp(value, "3") == 0 ? 3 : 2;
+}
+
 KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   KernelSpec spec = mma_spec(traits, entry == KernelEntry::kBackwardPrep ? KernelEntry::kBackwardDq : entry);
   spec.entry = entry;
@@ -350,6 +360,10 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   switch (entry) {
     case KernelEntry::kForward:  // S (block_n / 2 floats a thread), P and O (head_dim_v / 2)
       spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
+      if (head_dim <= 64 && forward_consumer_groups() == 3) {  // 160 registers: S and P of 96 keys
+        spec.threads = (12 + kProducerWarps) * 32;
+        spec.block_n = 96;
+      }
       break;
     case KernelEntry::kBackwardDq:  // S, dP, dS and dQ
       spec.block_n = head_dim <= 64 ? 128 : head_dim <= 128 ? 64 : 32;

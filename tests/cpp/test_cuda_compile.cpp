@@ -138,6 +138,30 @@ TEST_F(CudaCompile, RepresentativeKernelsCompileForSm80AndSm90) {
   }
 }
 
+// The three-consumer-warpgroup variant of the sm_90a forward at head dim 64
+// (FLASHJIT_CUDA_FORWARD_GROUPS=3): 512 threads, 192 query rows a work tile.
+TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
+  REQUIRE_NVRTC();
+  setenv("FLASHJIT_CUDA_FORWARD_GROUPS", "3", 1);
+  flashjit::cuda::KernelTraits traits;
+  traits.dtype = FJ_BFLOAT16;
+  traits.head_dim_qk = traits.head_dim_v = 64;
+  traits.arch = 90;
+  const flashjit::cuda::KernelSpec spec = flashjit::cuda::forward_kernel(traits);
+  EXPECT_EQ(spec.threads, 512);
+  EXPECT_EQ(spec.block_rows(), 192);
+  std::vector<fj_kernel_config> configs = {config(FJ_BFLOAT16, 64, 90), config(FJ_FLOAT16, 64, 90)};
+  configs[1].window = 1;
+  configs[1].mask = 1;
+  configs[1].dropout = 1;
+  configs[1].softcap = 1;
+  for (const fj_kernel_config& c : configs)
+    EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
+  unsetenv("FLASHJIT_CUDA_FORWARD_GROUPS");
+  EXPECT_EQ(stats().compiles, 2);
+  EXPECT_EQ(flashjit::cuda::forward_kernel(traits).threads, 384);  // the default again
+}
+
 // Kernel selection alone (no NVRTC): every kernel chosen for a problem fits the
 // opt-in shared memory of the arch it is for, so no launch fails on sm_86/89
 // (99 KB) where the H100's choice (227 KB) would not fit.

@@ -1,18 +1,19 @@
 // Forward attention for sm_90a (H100, H200), float16 and bfloat16: a producer
-// warpgroup that loads tiles with TMA and two consumer warpgroups that multiply
-// with wgmma, 64 query rows each (kBlockM = 128 a work tile). The grid is
+// warpgroup that loads tiles with TMA and two (or, as a variant at head dim 64,
+// three) consumer warpgroups that multiply with wgmma, 64 query rows each
+// (kBlockM = 128 or 192 a work tile). The grid is
 // persistent: a block an SM, taking work tiles from a counter (TileQueue).
 //
 //   producer (warpgroup 0): one thread loads each work tile's Q tile once, then
 //     K and V tiles of kBlockN keys into rings of kStages buffers (pipeline.cuh),
 //     each as swizzled 64-column boxes; the warpgroup hands its registers over
 //     to the consumers.
-//   consumers (warpgroups 1, 2): per key tile j,
+//   consumers (warpgroups 1, 2 [, 3]): per key tile j,
 //       S_j = Q K_j^T                 wgmma, both operands in shared memory
 //       O  += P_{j-1} V_{j-1}         wgmma, P in registers, issued with S_j
 //       softmax(S_j) -> P_j           while the tensor cores run P_{j-1} V_{j-1}
-//     and the two warpgroups take turns issuing (named barriers 1 and 2), so
-//     that one's softmax runs beside the other's matrix products.
+//     and the warpgroups take turns issuing (a named barrier each), so that
+//     one's softmax runs beside the others' matrix products.
 //
 // Head dims are padded to multiples of 64 (one swizzled region each); the TMA
 // fills rows past the sequence and columns past the head dim with zeros. The
@@ -26,7 +27,7 @@
 namespace flashjit {
 namespace mma {
 
-static_assert(kRowTiles == 1 && kWarps == 8 && kBlockM == 128, "two consumer warpgroups of 64 rows");
+static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups of 64 rows");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)

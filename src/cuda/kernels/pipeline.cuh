@@ -3,7 +3,7 @@
 // between the consumer warpgroups, and register reallocation.
 //
 // The kernels' roles: warpgroup 0 produces (one thread issues TMA loads),
-// warpgroups 1 and 2 consume (wgmma), kThreads threads together.
+// warpgroups 1 .. kConsumers consume (wgmma), kThreads threads together.
 #pragma once
 
 namespace flashjit {
@@ -11,13 +11,18 @@ namespace mma {
 
 constexpr int kStages = FJ_STAGES;
 constexpr int kProducerThreads = 128;
-// 24 + 2 x 240 registers a thread fit the 64K of the SM that the launch bounds
-// (384 threads at 168 registers each) reserve.
+constexpr int kConsumers = kWarps / 4;  // consumer warpgroups: 2, or 3 (a forward variant at head dim 64)
+static_assert(kWarps % 4 == 0 && (kConsumers == 2 || kConsumers == 3), "two or three consumer warpgroups");
+// 24 + 2 x 240 (or 3 x 160) registers a thread fit the 64K of the SM that the
+// launch bounds (384 threads at 168 registers, or 512 at 128) reserve.
 constexpr int kProducerRegisters = 24;
-constexpr int kConsumerRegisters = 240;
+constexpr int kConsumerRegisters = kConsumers == 2 ? 240 : 160;
 // Consumer w issues its wgmma after named barrier kTurnBarrier + w, then passes
-// the turn, so that one consumer's softmax runs beside the other's products.
+// the turn to the next, so that one consumer's softmax runs beside the others'
+// products. Each turn barrier joins two warpgroups: the one waiting for its
+// turn and the one passing it.
 constexpr int kTurnBarrier = 1;
+constexpr int kTurnThreads = 256;
 
 // The first 1024-byte boundary of dynamic shared memory: swizzled tiles start there.
 FJ_DEVICE unsigned char* aligned_for_swizzle(unsigned char* shared) {
@@ -135,14 +140,17 @@ FJ_DEVICE void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Turns between the two consumer warpgroups. Consumer 1 gives consumer 0 the
-// first turn (first_turn); each then alternates wait_turn, issue, pass_turn;
-// consumer 0 takes the last pass (last_turn), so both barriers end balanced.
+// Turns among the consumer warpgroups, in order 0, 1, .., kConsumers - 1, 0, ...
+// The last consumer gives consumer 0 the first turn (first_turn); each then
+// alternates wait_turn, issue, pass_turn; consumer 0 takes the last pass
+// (last_turn), so every barrier ends balanced.
 FJ_DEVICE void first_turn(int consumer) {
-  if (consumer == 1) named_barrier_arrive(kTurnBarrier, kThreads);
+  if (consumer == kConsumers - 1) named_barrier_arrive(kTurnBarrier, kTurnThreads);
 }
-FJ_DEVICE void wait_turn(int consumer) { named_barrier_sync(kTurnBarrier + consumer, kThreads); }
-FJ_DEVICE void pass_turn(int consumer) { named_barrier_arrive(kTurnBarrier + (consumer ^ 1), kThreads); }
+FJ_DEVICE void wait_turn(int consumer) { named_barrier_sync(kTurnBarrier + consumer, kTurnThreads); }
+FJ_DEVICE void pass_turn(int consumer) {
+  named_barrier_arrive(kTurnBarrier + (consumer + 1) % kConsumers, kTurnThreads);
+}
 FJ_DEVICE void last_turn(int consumer) {
   if (consumer == 0) wait_turn(0);
 }
@@ -160,8 +168,8 @@ FJ_DEVICE void claim_registers() {
 
 // The block's roles: thread 0 initialises the mbarriers (init), the block
 // synchronises, then thread 0 of warpgroup 0 produces (the rest of that
-// warpgroup only gives its registers away) and warpgroups 1 and 2 consume,
-// consume(consumer) with consumer 0 or 1.
+// warpgroup only gives its registers away) and warpgroups 1 .. kConsumers
+// consume, consume(consumer) with consumer 0 .. kConsumers - 1.
 template <class Init, class Produce, class Consume>
 FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
   if (threadIdx.x == 0) {
