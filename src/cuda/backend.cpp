@@ -180,11 +180,10 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
 
 // flashjit's stream-ordered memory pool on a device, made on first use
 // (prepare() makes it outside stream capture, where creating it might not be
-// allowed). It keeps up to kPoolKeepBytes reserved across synchronisations:
-// the default pool hands its memory back at every synchronize, and reserving
-// it again costs a synchronised call hundreds of microseconds. Scratch is 8
-// bytes a query row (backward) and 4 bytes (the forward's tile counter); what
-// the pool keeps is the most that calls in flight together held, up to that
+// allowed, unless the process's first call is captured). It keeps up to kPoolKeepBytes reserved across
+// synchronisations: the default pool hands its memory back at every synchronize, and reserving it again costs
+// a synchronised call hundreds of microseconds. Scratch is 8 bytes a query row (backward) and 4 bytes (the
+// forward's tile counter); what the pool keeps is the most that calls in flight together held, up to that
 // bound. Where the pool cannot be made, each use says why.
 constexpr uint64_t kPoolKeepBytes = uint64_t(64) << 20;
 CUmemoryPool scratch_pool(int device_index) {
@@ -200,8 +199,11 @@ CUmemoryPool scratch_pool(int device_index) {
     CUmemoryPool created = nullptr;
     check(driver().cuMemPoolCreate(&created, &props), "cuMemPoolCreate");
     uint64_t keep = kPoolKeepBytes;
-    check(driver().cuMemPoolSetAttribute(created, kMemPoolAttrReleaseThreshold, &keep),
-          "cuMemPoolSetAttribute");
+    const CUresult status = driver().cuMemPoolSetAttribute(created, kMemPoolAttrReleaseThreshold, &keep);
+    if (status != 0) {
+      driver().cuMemPoolDestroy(created);  // best effort: the error reported is the attribute's
+      check(status, "cuMemPoolSetAttribute");
+    }
     pool = created;
   }
   return pool;

@@ -49,6 +49,7 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuMemFreeAsync);
       FJ_RESOLVE(library, "libcuda", table, cuMemPoolCreate);
       FJ_RESOLVE(library, "libcuda", table, cuMemPoolSetAttribute);
+      FJ_RESOLVE(library, "libcuda", table, cuMemPoolDestroy);
       FJ_RESOLVE(library, "libcuda", table, cuMemAllocFromPoolAsync);
       FJ_RESOLVE(library, "libcuda", table, cuMemsetD32Async);
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);

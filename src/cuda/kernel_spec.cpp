@@ -332,16 +332,19 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
   return spec;
 }
 
-// sm_90 (the sm_90a target: wgmma, setmaxnreg), float16/bfloat16, head dims
-// 33-256 padded to multiples of 64, operands TMA can address: a producer
-// warpgroup and two consumer warpgroups of 64 rows (attention_hopper*.cuh).
-// The streamed tile (block_n rows a step) is sized so that the consumers'
-// accumulators and score tiles fit in 240 registers and the rings in shared
-// memory. Head dims of 32 or less stay on mma.sync: padding them to 64 would
-// double the work.
 // Consumer warpgroups of the sm_90a forward at head dim 64: 2 (128 rows a work
 // tile, 240 registers each) or, with FLASHJIT_CUDA_FORWARD_GROUPS=3, 3 (192
-// rows, 160 registers each) -- a variant to measure before it becomes the default.
+// rows, 160 registers each) -- a variant to measure before it becomes the
+// default. Read at every kernel choice (so a test can switch it): set it before
+// the first call, or a kernel precompiled for one setting is not the one chosen.
+
+// sm_90 (the sm_90a target: wgmma, setmaxnreg), float16/bfloat16, head dims
+// 33-256 padded to multiples of 64, operands TMA can address: a producer
+// warpgroup and two consumer warpgroups of 64 rows (three in the variant above;
+// attention_hopper*.cuh). The streamed tile (block_n rows a step) is sized so
+// that the consumers' accumulators and score tiles fit in their registers (240,
+// or 160) and the rings in shared memory. Head dims of 32 or less stay on
+// mma.sync: padding them to 64 would double the work.
 int forward_consumer_groups() {
   const char* value = std::getenv("FLASHJIT_CUDA_FORWARD_GROUPS");
   return value != nullptr && std::strcmp(value, "3") == 0 ? 3 : 2;

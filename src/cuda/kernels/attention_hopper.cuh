@@ -20,7 +20,7 @@
 // logits, the online softmax and the output are softmax.cuh's, as in the
 // mma.sync kernel.
 //
-// Macros from the prelude: those of mma_common.cuh (FJ_WARPS = 8 consumer warps)
+// Macros from the prelude: those of mma_common.cuh (FJ_WARPS = 8 or 12 consumer warps)
 // and FJ_STAGES, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
 
@@ -28,6 +28,8 @@ namespace flashjit {
 namespace mma {
 
 static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups of 64 rows");
+// Three consumers hold 160 registers a thread: S, P and O fit for head dim 64 and up to 96 keys a step.
+static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 96), "three consumers: small tiles only");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
@@ -92,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     }
   };
   const auto consume = [&](int consumer) {
-    const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; rows warp * 16 .. + 15 of the block
+    const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..kWarps-1; rows warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
