@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashjit
+from gpu_attention import flops  # DESIGN.md §5's counts, as the main benchmark
 
 
 def impls():
@@ -52,11 +53,6 @@ def timed(fn, calls, repeats=7):
         end.synchronize()
         samples.append(start.elapsed_time(end) / calls)
     return statistics.median(samples)
-
-
-def flops(b, h, n, d, causal, backward):
-    f = 4 * b * h * n * n * d // (2 if causal else 1)
-    return f * (2.5 if backward else 1.0)
 
 
 def main():

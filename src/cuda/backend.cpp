@@ -119,13 +119,16 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// A switch read from the environment: on unless set to "0".
+bool env_switch_on(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 // FLASHJIT_CUDA_HOPPER=0 keeps the sm_90a kernels out: the mma.sync kernels run
-// instead (for comparisons, or should a driver mishandle TMA).
+// instead (for comparisons, or should a driver mishandle TMA). Read once.
 bool hopper_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("FLASHJIT_CUDA_HOPPER");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool enabled = env_switch_on("FLASHJIT_CUDA_HOPPER");
   return enabled;
 }
 
@@ -136,12 +139,9 @@ KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) 
 }
 
 // Whether the sm_90a forward runs a persistent grid (a block an SM taking work
-// tiles from a counter) or a block a tile: FLASHJIT_CUDA_PERSISTENT=0, for comparisons.
+// tiles from a counter) or a block a tile: FLASHJIT_CUDA_PERSISTENT=0, for comparisons. Read once.
 bool persistent_forward() {
-  static const bool persistent = [] {
-    const char* value = std::getenv("FLASHJIT_CUDA_PERSISTENT");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool persistent = env_switch_on("FLASHJIT_CUDA_PERSISTENT");
   return persistent;
 }
 

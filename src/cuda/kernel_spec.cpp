@@ -152,8 +152,7 @@ int KernelSpec::shared_memory_bytes() const {
     // and one for the block's own rows (attention_hopper*.cuh).
     const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
     switch (entry) {
-      case KernelEntry::kForward:  // Q (full, empty); K and V rings of `stages`; the tile queue and its 2
-                                   // slots
+      case KernelEntry::kForward:  // Q (full, empty), K and V rings, the tile queue (+ its 2 int slots)
         return 1024 + 2 * (rows * qk + stages * n * (qk + v)) + 8 * (2 + 4 * stages + 4 + 1);
       case KernelEntry::kBackwardDq:  // Q, dO; a K ring of stages + 1, a V ring of `stages`
         return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) +
@@ -337,6 +336,10 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
 // rows, 160 registers each) -- a variant to measure before it becomes the
 // default. Read at every kernel choice (so a test can switch it): set it before
 // the first call, or a kernel precompiled for one setting is not the one chosen.
+int forward_consumer_groups() {
+  const char* value = std::getenv("FLASHJIT_CUDA_FORWARD_GROUPS");
+  return value != nullptr && std::strcmp(value, "3") == 0 ? 3 : 2;
+}
 
 // sm_90 (the sm_90a target: wgmma, setmaxnreg), float16/bfloat16, head dims
 // 33-256 padded to multiples of 64, operands TMA can address: a producer
@@ -345,11 +348,6 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
 // that the consumers' accumulators and score tiles fit in their registers (240,
 // or 160) and the rings in shared memory. Head dims of 32 or less stay on
 // mma.sync: padding them to 64 would double the work.
-int forward_consumer_groups() {
-  const char* value = std::getenv("FLASHJIT_CUDA_FORWARD_GROUPS");
-  return value != nullptr && std::strcmp(value, "3") == 0 ? 3 : 2;
-}
-
 KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   KernelSpec spec = mma_spec(traits, entry == KernelEntry::kBackwardPrep ? KernelEntry::kBackwardDq : entry);
   spec.entry = entry;

@@ -1,8 +1,8 @@
 // Forward attention for sm_90a (H100, H200), float16 and bfloat16: a producer
 // warpgroup that loads tiles with TMA and two (or, as a variant at head dim 64,
 // three) consumer warpgroups that multiply with wgmma, 64 query rows each
-// (kBlockM = 128 or 192 a work tile). The grid is
-// persistent: a block an SM, taking work tiles from a counter (TileQueue).
+// (kBlockM = 128 or 192 a work tile). The grid is persistent: a block an SM,
+// taking work tiles from a counter (TileQueue).
 //
 //   producer (warpgroup 0): one thread loads each work tile's Q tile once, then
 //     K and V tiles of kBlockN keys into rings of kStages buffers (pipeline.cuh),
