@@ -16,7 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # nvidia-cuda-nvrtc: NVRTC alone, so that CI compiles the CUDA kernels without a GPU.
-# matplotlib: the plots of `flashjit bench`.
+# matplotlib: the plots of `flashjit bench`. transformers: the tests of its attention backend.
 "$PYTHON" -m pip install -q --disable-pip-version-check \
   "torch==2.13.0" "nvidia-cuda-nvrtc==13.0.*" "nanobind>=2.0" numpy pytest "scikit-build-core>=0.10" "cmake>=3.21" ninja \
-  matplotlib
+  matplotlib "transformers==5.24.0"

@@ -1,0 +1,191 @@
+"""A Hugging Face transformers model end to end on each attention backend.
+
+A randomly initialised Llama-style decoder (GQA) in bf16 runs with
+attn_implementation = flashjit's backend, transformers' "sdpa" (torch picks its kernel) and
+"eager" (the score matrix formed in full), all in one run on the same weights:
+  train     forward + backward of the language-model loss on B x N tokens, with no padding
+            and with a right-padded batch (a 2D attention mask, as in fine-tuning);
+  generate  greedy decoding of new tokens after a left-padded prompt, with the KV cache.
+Times are medians of synchronised runs after warm-up; memory is the peak allocated above
+the weights and inputs during one training step.
+
+    python bench/transformers_model.py --out bench/results
+    python bench/transformers_model.py --tiny --device cpu     # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+
+import flashjit
+import flashjit.transformers
+from flashjit.bench import device_tag
+from gpu_attention import shown_arguments
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, runs):
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def model_config(args):
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.heads * args.head_dim, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, max_position_embeddings=max(args.seqlen, args.prompt + args.new_tokens),
+        pad_token_id=0)
+
+
+def batch(args, padded, side="right"):
+    ids = torch.randint(1, args.vocab, (args.batch, args.seqlen), device=args.device)
+    mask = torch.ones_like(ids)
+    if padded:  # every other sequence a quarter shorter
+        cut = args.seqlen // 4
+        rows = slice(1, None, 2)
+        if side == "right":
+            mask[rows, -cut:] = 0
+        else:
+            mask[rows, :cut] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def train_step(model, ids, mask, labels):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    return run
+
+
+def peak_mib(run, device):
+    if device != "cuda":
+        return float("nan")
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="directory for the markdown record")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a small model and problem, for a smoke run")
+    parser.add_argument("--backends", default="fjit,sdpa,eager")
+    args = parser.parse_args()
+    sizes = (dict(layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512, batch=2, seqlen=128,
+                  prompt=32, new_tokens=8, runs=3) if args.tiny else
+             dict(layers=4, heads=16, kv_heads=4, head_dim=128, intermediate=5632, vocab=32000, batch=2, seqlen=4096,
+                  prompt=1024, new_tokens=64, runs=10))
+    for key, value in sizes.items():
+        setattr(args, key, value)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    names = [flashjit.transformers.register() if name == "fjit" else name for name in args.backends.split(",")]
+    config = model_config(args)
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
+    state = reference.state_dict()
+    del reference
+
+    rows = {}
+    for name in names:
+        model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name)
+        model.load_state_dict(state)
+        model.to(device=args.device, dtype=dtype)
+        row = {}
+        for case, padded in (("train", False), ("train, padded", True)):
+            torch.manual_seed(1)
+            run = train_step(model.train(), *batch(args, padded))
+            try:
+                row[case] = (median_ms(run, args.device, args.runs), peak_mib(run, args.device))
+            except torch.OutOfMemoryError:
+                row[case] = None
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+        model.eval()
+        torch.manual_seed(2)
+        prompt_args = copy.copy(args)
+        prompt_args.seqlen = args.prompt
+        ids, mask, _ = batch(prompt_args, padded=True, side="left")
+        settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            generate_ms = median_ms(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings), args.device,
+                                    max(2, args.runs // 3))
+            row["tokens"] = model.generate(input_ids=ids, attention_mask=mask, **settings)[:, args.prompt:].cpu()
+        row["generate"] = generate_ms
+        rows[name] = row
+        print(name, {k: v for k, v in row.items() if k != "tokens"}, flush=True)
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    tokens = args.batch * args.seqlen
+    first = names[0]
+    lines = [f"# transformers model benchmark: {gpu}", "",
+             f"- date: {datetime.date.today()}", f"- commit: {commit or 'unknown'}",
+             f"- command: `python bench/transformers_model.py{shown_arguments(sys.argv[1:])}`",
+             f"- torch {torch.__version__}, transformers {transformers.__version__}, flashjit {flashjit.__version__}",
+             f"- Llama-style decoder, {args.layers} layers, hidden {args.heads * args.head_dim}, {args.heads} query "
+             f"heads, {args.kv_heads} key/value heads, head dim {args.head_dim}, {str(dtype).split('.')[-1]}, "
+             "random weights",
+             f"- train: forward+backward of the loss, B{args.batch} x N{args.seqlen}; padded: every other sequence "
+             f"{args.seqlen // 4} tokens shorter (right padding). generate: B{args.batch}, a {args.prompt}-token "
+             f"left-padded prompt, {args.new_tokens} new tokens, greedy, KV cache",
+             f"- medians of {args.runs} synchronised runs; memory: peak allocated above weights and inputs", "",
+             "| backend | train ms | train tokens/s | train peak MiB | padded ms | padded peak MiB | generate ms "
+             "| new tokens/s | same tokens as " + first + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, row in rows.items():
+        cells = [name]
+        for case in ("train", "train, padded"):
+            value = row[case]
+            if value is None:
+                cells += ["out of memory"] * (3 if case == "train" else 2)
+                continue
+            ms, mib = value
+            cells += [f"{ms:.1f}"] + ([f"{tokens / ms * 1e3:,.0f}"] if case == "train" else []) + [f"{mib:.0f}"]
+        cells += [f"{row['generate']:.0f}", f"{args.batch * args.new_tokens / row['generate'] * 1e3:,.0f}",
+                  "yes" if torch.equal(row["tokens"], rows[first]["tokens"]) else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        tag = device_tag({"device": args.device, "gpu": gpu}) if args.device == "cuda" else "cpu"
+        path = os.path.join(args.out, f"{tag}-transformers-{datetime.date.today()}-{commit or 'unknown'}.md")
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""flashjit as a Hugging Face transformers attention backend.
+
+    import flashjit.transformers
+    name = flashjit.transformers.register()          # "fjit"; once per process
+    model = AutoModelForCausalLM.from_pretrained(model_id, attn_implementation=name)
+
+The name cannot contain "flash": transformers takes any such name for one of its
+FlashAttention integrations.
+
+The backend takes the masks transformers builds for its "sdpa" backend (None where the
+pattern is plain causal, else a boolean [B, 1, Sq, Sk] mask with padding, sliding windows
+and chunks folded in), so every model that runs on "sdpa" runs here with the same
+semantics. On top of "sdpa" it runs grouped-query attention without repeating K and V,
+logit soft-capping (Gemma 2) and additive position biases in the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from .api import attention
+
+NAME = "fjit"
+_OP = "flashjit.transformers"
+
+_log = logging.getLogger(__name__)
+_warned_attentions = False
+
+
+def _causal(module: torch.nn.Module, query: torch.Tensor, attention_mask, is_causal: Optional[bool]) -> bool:
+    """transformers' rule for its sdpa backend: causal only where no mask was built and the
+    call has more than one query (a single query, as in decoding, sees every cached key)."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    return bool(is_causal) and attention_mask is None and query.shape[2] > 1
+
+
+def _bias_mask(position_bias: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """An additive mask: the position bias where the boolean mask attends and -inf elsewhere,
+    or the sum of the bias and an additive mask."""
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return position_bias.masked_fill(~attention_mask, float("-inf"))
+    return position_bias + attention_mask
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, softcap: Optional[float] = None,
+                      position_bias: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The attention function transformers calls: query [B, Hq, Sq, D], key and value
+    [B, Hkv, Sk, D] with Hq a multiple of Hkv; returns ([B, Sq, Hq, Dv], None)."""
+    global _warned_attentions
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError(f"[{_OP}] s_aux: attention sinks are not supported; use attn_implementation='eager'")
+    if kwargs.get("output_attentions") and not _warned_attentions:
+        _log.warning("[%s] output_attentions=True: the attention weights are never formed; returning None", _OP)
+        _warned_attentions = True
+    if attention_mask is not None and attention_mask.ndim != 4:
+        raise ValueError(f"[{_OP}] attention_mask: expected None or a 4D mask [B, 1 or H, Sq, Sk] (the masks "
+                         f"transformers builds for 'sdpa'), got shape {tuple(attention_mask.shape)}")
+    causal = _causal(module, query, attention_mask, is_causal)
+    mask = attention_mask
+    if position_bias is not None:
+        mask = _bias_mask(position_bias, attention_mask)
+    # Masks sliced from a longer cache (static caches) are not contiguous in the key dim.
+    if mask is not None and mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    out = attention(query, key, value, attn_mask=mask, scale=scaling, softcap=float(softcap or 0.0),
+                    causal=causal, dropout_p=float(dropout))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name: str = NAME) -> str:
+    """Register the backend with transformers under `name` (attention function and mask
+    builder); returns the name to pass as attn_implementation. Safe to call again."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError as error:
+        raise ImportError(f"[{_OP}] register: needs transformers with AttentionInterface and "
+                          f"AttentionMaskInterface (4.53 or newer): {error}") from error
+    if not isinstance(name, str) or not name or "flash" in name:
+        raise ValueError(f"[{_OP}] name: expected a non-empty string without 'flash' (transformers routes such "
+                         f"names to its FlashAttention integrations), got {name!r}")
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return name
