@@ -6,8 +6,9 @@ attn_implementation = flashjit's backend, transformers' "sdpa" (torch picks its 
   train     forward + backward of the language-model loss on B x N tokens, with no padding
             and with a right-padded batch (a 2D attention mask, as in fine-tuning);
   generate  greedy decoding of new tokens after a left-padded prompt, with the KV cache.
-Times are medians of synchronised runs after warm-up; memory is the peak allocated above
-the weights and inputs during one training step.
+Times are medians of synchronised runs after warm-up, the backends taking turns in each
+round; memory is the peak allocated above the weights and inputs during one training step.
+The record lists the attention kernels each backend launched (torch's SDPA picks its own).
 
     python bench/transformers_model.py --out bench/results
     python bench/transformers_model.py --tiny --device cpu     # a smoke run
@@ -38,16 +39,34 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, runs):
-    fn()
+def interleaved_ms(runs, device, rounds):
+    """Median milliseconds of each callable, timed one after another in each round."""
+    for run in runs.values():
+        run()
     synchronize(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def attention_kernels(run, device):
+    """Names of the attention kernels one call launches (which kernel torch's SDPA chose)."""
+    if device != "cuda":
+        return ""
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    words = ("attention", "sdpa", "fmha", "flash", "cudnn", "fj_", "softmax")
+    names = {event.key for event in prof.key_averages() if any(w in event.key.lower() for w in words)
+             and not event.key.startswith("aten::")}
+    return ", ".join(sorted(name[:60] for name in names))
 
 
 def model_config(args):
@@ -92,12 +111,53 @@ def peak_mib(run, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def generate_inputs(args):
+    torch.manual_seed(2)
+    prompt_args = copy.copy(args)
+    prompt_args.seqlen = args.prompt
+    ids, mask, _ = batch(prompt_args, padded=True, side="left")
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    return dict(input_ids=ids, attention_mask=mask, **settings)
+
+
+def profile(model, name, args):
+    """Tables of where one padded training step and one generate spend their time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    torch.manual_seed(1)
+    step = train_step(model.train(), *batch(args, True))
+    inputs = generate_inputs(args)
+    model.eval()
+    jobs = {"train-padded": step, "generate": lambda: model.generate(**inputs)}
+    os.makedirs(args.profile, exist_ok=True)
+    for job, run in jobs.items():
+        with torch.no_grad() if job == "generate" else torch.enable_grad():
+            model.train(job != "generate")
+            run()
+            synchronize(args.device)
+            with profiler(activities=activities) as prof:
+                run()
+                synchronize(args.device)
+        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        for key in (sort, "self_cpu_time_total"):
+            table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+            path = os.path.join(args.profile, f"profile-{name}-{job}-{key}.txt")
+            with open(path, "w") as f:
+                f.write(table)
+            print(f"== {name} {job} by {key}\n" + "\n".join(table.splitlines()[:14]), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a small model and problem, for a smoke run")
     parser.add_argument("--backends", default="fjit,sdpa,eager")
+    parser.add_argument("--profile", default=None,
+                        help="a directory: write torch.profiler tables of one padded training step and one "
+                             "generate per backend there, and measure nothing else")
     args = parser.parse_args()
     sizes = (dict(layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512, batch=2, seqlen=128,
                   prompt=32, new_tokens=8, runs=3) if args.tiny else
@@ -113,37 +173,42 @@ def main():
     state = reference.state_dict()
     del reference
 
-    rows = {}
+    models = {}
     for name in names:
         model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=name)
         model.load_state_dict(state)
-        model.to(device=args.device, dtype=dtype)
-        row = {}
-        for case, padded in (("train", False), ("train, padded", True)):
-            torch.manual_seed(1)
-            run = train_step(model.train(), *batch(args, padded))
+        models[name] = model.to(device=args.device, dtype=dtype)
+    if args.profile:
+        for name, model in models.items():
+            profile(model, name, args)
+        return
+
+    # Every job runs the backends in turn, round after round, so that clocks, caches and
+    # allocator growth favour none of them.
+    torch.manual_seed(1)
+    train_batches = {"train": batch(args, False), "train, padded": batch(args, True)}
+    inputs = generate_inputs(args)
+    rows = {name: {} for name in names}
+    kernels = {}
+    for case, data in train_batches.items():
+        runs = {name: train_step(model.train(), *data) for name, model in models.items()}
+        times = interleaved_ms(runs, args.device, args.runs)
+        for name, run in runs.items():
             try:
-                row[case] = (median_ms(run, args.device, args.runs), peak_mib(run, args.device))
+                rows[name][case] = (times[name], peak_mib(run, args.device))
             except torch.OutOfMemoryError:
-                row[case] = None
-                model.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-        model.eval()
-        torch.manual_seed(2)
-        prompt_args = copy.copy(args)
-        prompt_args.seqlen = args.prompt
-        ids, mask, _ = batch(prompt_args, padded=True, side="left")
-        settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
-            generate_ms = median_ms(lambda: model.generate(input_ids=ids, attention_mask=mask, **settings), args.device,
-                                    max(2, args.runs // 3))
-            row["tokens"] = model.generate(input_ids=ids, attention_mask=mask, **settings)[:, args.prompt:].cpu()
-        row["generate"] = generate_ms
-        rows[name] = row
-        print(name, {k: v for k, v in row.items() if k != "tokens"}, flush=True)
-        del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+                rows[name][case] = None
+            models[name].zero_grad(set_to_none=True)
+            if case == "train, padded":
+                kernels[name] = attention_kernels(run, args.device)
+    with torch.no_grad():
+        runs = {name: (lambda m=model: m.eval().generate(**inputs)) for name, model in models.items()}
+        times = interleaved_ms(runs, args.device, max(3, args.runs // 2))
+        for name, run in runs.items():
+            rows[name]["generate"] = times[name]
+            rows[name]["tokens"] = run()[:, args.prompt:].cpu()
+    for name in names:
+        print(name, {k: v for k, v in rows[name].items() if k != "tokens"}, kernels[name], flush=True)
 
     commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -160,7 +225,8 @@ def main():
              f"- train: forward+backward of the loss, B{args.batch} x N{args.seqlen}; padded: every other sequence "
              f"{args.seqlen // 4} tokens shorter (right padding). generate: B{args.batch}, a {args.prompt}-token "
              f"left-padded prompt, {args.new_tokens} new tokens, greedy, KV cache",
-             f"- medians of {args.runs} synchronised runs; memory: peak allocated above weights and inputs", "",
+             f"- medians of {args.runs} synchronised runs ({max(3, args.runs // 2)} for generate), the backends "
+             "taking turns in each round; memory: peak allocated above weights and inputs", "",
              "| backend | train ms | train tokens/s | train peak MiB | padded ms | padded peak MiB | generate ms "
              "| new tokens/s | same tokens as " + first + " |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -176,6 +242,9 @@ def main():
         cells += [f"{row['generate']:.0f}", f"{args.batch * args.new_tokens / row['generate'] * 1e3:,.0f}",
                   "yes" if torch.equal(row["tokens"], rows[first]["tokens"]) else "no"]
         lines.append("| " + " | ".join(cells) + " |")
+    if args.device == "cuda":
+        lines += ["", "Attention kernels of one padded training step (torch.profiler):", ""]
+        lines += [f"- {name}: {kernels[name] or 'none found'}" for name in names]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

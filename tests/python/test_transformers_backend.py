@@ -150,6 +150,26 @@ def test_causal_rule_follows_transformers_sdpa():
         check("o", got.transpose(1, 2), want, want, torch.float64)
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_one_query_with_grouped_heads(mask):
+    """Decoding with GQA (the query heads of a group become rows of one key/value head)."""
+    q = torch.randn(2, 8, 1, 32, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, 32, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    keep = None
+    if mask:
+        keep = torch.rand(2, 1, 1, 37) > 0.3
+        keep[..., -1] = True
+    got, _ = fj_transformers.attention_forward(_Module(), *(x.to(DEVICE) for x in (q, k, v)),
+                                               None if keep is None else keep.to(DEVICE), softcap=3.0)
+    want, _ = naive_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=keep, softcap=3.0)
+    check("o", got.transpose(1, 2), want, want, torch.float64)
+    grad = torch.randn(want.shape, dtype=torch.float64)
+    exact = torch.autograd.grad(want, (q, k, v), grad)
+    ours = torch.autograd.grad(got.transpose(1, 2), (q, k, v), grad.to(DEVICE))
+    for name, a, b in zip(("dq", "dk", "dv"), ours, exact):
+        check(name, a, b, b, torch.float64)
+
+
 def test_unsupported_inputs_raise_clear_errors():
     q = torch.randn(1, 2, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="s_aux"):
