@@ -4,6 +4,8 @@ windows, GQA, dropout, softcap, odd sizes, strided inputs; forward and backward.
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitizer_cases.py
 """
 
+import os
+
 import torch
 
 import flashjit
@@ -18,6 +20,11 @@ cases = [
     dict(dtype=torch.float64, B=1, Hq=1, Hkv=1, Sq=5, Sk=9, D=1, Dv=3, causal=None),
     # More work tiles (192) than an H100/H200 has SMs: persistent forward blocks take several each.
     dict(dtype=torch.bfloat16, B=2, Hq=32, Hkv=8, Sq=333, Sk=333, D=128, Dv=128, causal="top_left"),
+    # The split forward (keys over 7 blocks, a combine kernel), forced; then a decoding
+    # step that splits by itself.
+    dict(dtype=torch.float16, B=2, Hq=4, Hkv=2, Sq=5, Sk=301, D=72, Dv=40, causal="bottom_right", mask=True,
+         splits=7),
+    dict(dtype=torch.bfloat16, B=1, Hq=8, Hkv=2, Sq=1, Sk=2049, D=128, Dv=128, causal=None),
 ]
 for case in cases:
     dtype, B, Hq, Hkv, Sq, Sk = (case[k] for k in ("dtype", "B", "Hq", "Hkv", "Sq", "Sk"))
@@ -25,6 +32,9 @@ for case in cases:
     k = torch.randn(B, Hkv, Sk, case["D"], device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, Sk, case["Dv"], device="cuda", dtype=dtype, requires_grad=True)
     mask = torch.rand(1, Hq, Sq, Sk, device="cuda") > 0.3 if case.get("mask") else None
+    os.environ.pop("FLASHJIT_CUDA_SPLITS", None)
+    if "splits" in case:
+        os.environ["FLASHJIT_CUDA_SPLITS"] = str(case["splits"])
     o = flashjit.attention(q, k, v, attn_mask=mask, causal=case.get("causal") or False,
                            window=case.get("window", (-1, -1)),
                            dropout_p=case.get("dropout", 0.0), softcap=case.get("softcap", 0.0))

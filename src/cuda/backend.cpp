@@ -103,14 +103,14 @@ Launch prepare(const AttentionProblem& p) {
 }
 
 void run(const KernelSpec& spec, CUfunction function, const Launch& launch, KernelParams& params,
-         int64_t blocks) {
+         int64_t blocks, int blocks_y = 1) {
   if (blocks == 0) return;
   if (blocks > std::numeric_limits<int>::max()) {
     throw_unsupported("[cuda] ", blocks, " thread blocks is more than one launch takes (2^31 - 1)");
   }
   void* arguments[] = {&params};
   const CUresult status =
-      driver().cuLaunchKernel(function, unsigned(blocks), 1, 1, unsigned(spec.threads), 1, 1,
+      driver().cuLaunchKernel(function, unsigned(blocks), unsigned(blocks_y), 1, unsigned(spec.threads), 1, 1,
                               unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr);
   if (status != 0) check(status, spec.name().c_str());  // the name is built only on failure
 }
@@ -240,10 +240,76 @@ bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const 
          encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, spec.block_n);
 }
 
+// FLASHJIT_CUDA_SPLITS=n forces the forward to split the keys n ways wherever a
+// split forward applies (0 or 1: never), for tests; unset, forward_splits()
+// decides. Read at every call, so that a test can switch it.
+std::optional<int> forced_splits() {
+  const char* value = std::getenv("FLASHJIT_CUDA_SPLITS");
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  return std::max(1, std::atoi(value));
+}
+
+constexpr int kMaxSplits = 32;
+constexpr int64_t kMaxGridY = 65535;                 // blockIdx.y picks the split
+constexpr int64_t kMinSplitKeyTiles = 4;             // key tiles a split walks, at least
+constexpr int64_t kMaxSplitScratchBytes = 16 << 20;  // the partial outputs, at most
+
+// How many ways the forward splits the keys: where a single query block covers
+// every query (decoding, a few queries a batch and head) and the blocks cannot
+// fill the GPU, each block walking all keys alone would leave most SMs idle;
+// splits bring the grid to about two blocks an SM, each split walking at least
+// kMinSplitKeyTiles key tiles. 1: no split.
+int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int multiprocessors) {
+  if (!split_spec.split) return 1;
+  const int64_t query_blocks = ceil_div(p.seqlen_q, split_spec.block_rows());
+  const int64_t key_tiles = ceil_div(p.seqlen_k, split_spec.block_n);
+  if (const std::optional<int> forced = forced_splits()) {
+    return int(std::min<int64_t>({*forced, key_tiles, kMaxGridY}));
+  }
+  const int64_t blocks = query_blocks * p.batch * p.heads_q;
+  if (query_blocks != 1 || blocks == 0) return 1;
+  int64_t splits =
+      std::min<int64_t>({2 * multiprocessors / blocks, key_tiles / kMinSplitKeyTiles, kMaxSplits});
+  const int64_t bytes_per_split = p.batch * p.heads_q * p.seqlen_q * (p.head_dim_v + 1) * 4;
+  splits = std::min<int64_t>(splits, kMaxSplitScratchBytes / std::max<int64_t>(bytes_per_split, 1));
+  return int(std::max<int64_t>(splits, 1));
+}
+
+// The split forward: a kMma block for each (query block, batch, head) and span of
+// keys writes partials into scratch, then the combine kernel merges them into o and lse.
+void split_forward(const AttentionProblem& p, const Launch& launch, KernelParams& params,
+                   const KernelSpec& spec, int splits) {
+  const KernelSpec combine = combine_kernel(traits_for_launch(p, launch));
+  const CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);
+  const CUfunction combine_function = kernel_function(combine, launch.device_index, launch.capturing);
+  const int64_t key_tiles = ceil_div(p.seqlen_k, spec.block_n);
+  const int64_t tiles_per_split = ceil_div(key_tiles, splits);
+  splits = int(ceil_div(key_tiles, tiles_per_split));  // no span past the last key
+  const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
+  StreamScratch scratch(size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float),
+                        launch.stream, launch.device_index);
+  params.split_o = static_cast<float*>(scratch.get());
+  params.split_lse = params.split_o + int64_t(splits) * rows * p.head_dim_v;
+  params.num_splits = splits;
+  params.split_keys = checked_int(tiles_per_split * spec.block_n, "keys a split");
+  params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
+  run(spec, function, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q, splits);
+  run(combine, combine_function, launch, params, ceil_div(rows, combine.threads / 32));
+}
+
 void forward(const AttentionProblem& p) {
   const Launch launch = prepare(p);
   KernelParams params = params_of(p);
   KernelTraits traits = traits_for_launch(p, launch);
+  // Under stream capture no split: its scratch would put memory nodes into the graph.
+  if (!launch.capturing && p.seqlen_k > 0) {
+    const KernelSpec split_spec = split_forward_kernel(traits);
+    const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
+    if (splits > 1) {
+      split_forward(p, launch, params, split_spec, splits);
+      return;
+    }
+  }
   KernelSpec spec = forward_kernel(traits);
   if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
     traits.tma = false;  // operands TMA cannot address: the mma.sync kernel

@@ -41,6 +41,7 @@ const char* entry_name(KernelEntry entry) {
     case KernelEntry::kBackwardDq: return "backward_dq";
     case KernelEntry::kBackwardDkDv: return "backward_dkdv";
     case KernelEntry::kBackwardPrep: return "backward_prep";
+    case KernelEntry::kForwardCombine: return "forward_combine";
   }
   return "?";
 }
@@ -120,7 +121,7 @@ std::string KernelSpec::name() const {
   if (mask == MaskKind::kAdditive) mask_text = str_cat("add-", dtype_name(mask_dtype));
   return str_cat(family_name(family), entry_name(entry), "_", dtype_name(dtype), "_qk", head_dim_qk, "_v",
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
-                 softcap ? "_softcap" : "", aligned ? "_aligned" : "", "_t", threads,
+                 softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(), "_sm", arch,
@@ -133,6 +134,7 @@ const char* KernelSpec::function_name() const {
     case KernelEntry::kBackwardDq: return "fj_attention_backward_dq";
     case KernelEntry::kBackwardDkDv: return "fj_attention_backward_dkdv";
     case KernelEntry::kBackwardPrep: return "fj_attention_backward_prep";
+    case KernelEntry::kForwardCombine: return "fj_attention_forward_combine";
   }
   return "";
 }
@@ -146,6 +148,7 @@ int KernelSpec::block_rows() const {
 }
 
 int KernelSpec::shared_memory_bytes() const {
+  if (entry == KernelEntry::kForwardCombine) return 0;
   if (family == KernelFamily::kHopper) {
     // Swizzled 16-bit tiles (no padding) from a 1024-byte boundary, then (dK/dV)
     // float LSE and delta rows, then a full and an empty mbarrier per ring buffer
@@ -160,7 +163,8 @@ int KernelSpec::shared_memory_bytes() const {
       case KernelEntry::kBackwardDkDv:  // K, V; Q (with LSE and delta) and dO rings of stages + 1
         return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * (qk + v)) + (stages + 1) * n * 8 +
                8 * (1 + 4 * (stages + 1));
-      case KernelEntry::kBackwardPrep: return 0;
+      case KernelEntry::kBackwardPrep:
+      case KernelEntry::kForwardCombine: return 0;
     }
   }
   if (family == KernelFamily::kMma) {
@@ -199,13 +203,18 @@ std::string KernelSpec::source() const {
       mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
-      "#define FJ_WARPS ", row_warps(), "\n", "#define FJ_ROW_TILES ", row_tiles, "\n",
-      "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ", hopper ? 1 : 0, "\n",
-      "#define FJ_STAGES ", stages, "\n", "#define FJ_ELEM_IS_BF16 ", dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
+      "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ",
+      hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_ELEM_IS_BF16 ",
+      dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
   const auto append = [&](const char* file) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
   };
   for (const char* file : {"philox_core.h", "params.cuh", "common.cuh"}) append(file);
+  if (entry == KernelEntry::kForwardCombine) {
+    append("combine.cuh");
+    return text;
+  }
   if (family == KernelFamily::kSimt) {
     append("attention_simt.cuh");
     return text;
@@ -324,7 +333,8 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
     case KernelEntry::kBackwardDkDv:
       spec.block_n = head_dim > 128 || (head_dim > 64 && extras) ? 32 : 64;
       break;
-    case KernelEntry::kBackwardPrep: break;  // kHopper only
+    case KernelEntry::kBackwardPrep:
+    case KernelEntry::kForwardCombine: break;  // kHopper only; no tiles
   }
   // Smaller steps where the arch's shared memory is too small (sm_86/89: 99 KB).
   while (!fits(spec) && spec.block_n > 16) spec.block_n /= 2;
@@ -373,6 +383,7 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
       spec.block_n = head_dim <= 64 ? 64 : 32;
       break;
     case KernelEntry::kBackwardPrep: spec.block_n = 64; break;
+    case KernelEntry::kForwardCombine: break;  // not a kHopper kernel
   }
   // Masks, dropout and softcap hold more per element: half the rows a step keeps
   // those kernels from spilling (scripts/kernel_resources.py).
@@ -408,6 +419,26 @@ KernelSpec forward_kernel(const KernelTraits& traits) {
     if (fits(spec)) return spec;
   }
   return simt_spec(traits, KernelEntry::kForward);
+}
+
+KernelSpec split_forward_kernel(const KernelTraits& traits) {
+  KernelSpec spec;
+  if (!uses_tensor_cores(traits) || traits.dropout) return spec;
+  spec = mma_spec(traits, KernelEntry::kForward);
+  spec.split = fits(spec);
+  return spec;
+}
+
+// The combine kernel takes sizes at run time: one per dtype and arch.
+KernelSpec combine_kernel(const KernelTraits& traits) {
+  KernelSpec spec;
+  spec.entry = KernelEntry::kForwardCombine;
+  spec.family = KernelFamily::kSimt;
+  spec.dtype = traits.dtype;
+  spec.arch = traits.arch;
+  spec.threads = 128;  // a warp a row
+  spec.block_n = 0;
+  return spec;
 }
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {

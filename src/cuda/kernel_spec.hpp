@@ -12,8 +12,9 @@
 namespace flashjit::cuda {
 
 // kBackwardPrep (kHopper only): delta = rowsum(dO * O) and LSE * log2(e) into
-// scratch for the dQ and dK/dV kernels.
-enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv, kBackwardPrep };
+// scratch for the dQ and dK/dV kernels. kForwardCombine: merges the partial
+// outputs of a split forward (KernelParams::split_o) into O and LSE.
+enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv, kBackwardPrep, kForwardCombine };
 
 // kSimt: scalar arithmetic in the accumulator type (attention_simt.cuh): float32,
 // float64, any alignment. kMma: tensor cores through mma.sync, float16/bfloat16
@@ -35,6 +36,7 @@ struct KernelSpec {
   bool dropout = false;
   bool softcap = false;
   bool aligned = false;  // 16-byte aligned rows: cp.async loads (kMma)
+  bool split = false;    // kMma forward over a span of keys, writing partials (KernelParams::split_o)
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   int dkdv_part = 0;  // dK/dV (kMma, kHopper): 0 both, 1 dV alone, 2 dK alone
@@ -73,6 +75,12 @@ struct KernelTraits {
 KernelTraits traits_of(const AttentionProblem& problem, int arch);
 // The kernels for a problem's traits; each fits the opt-in shared memory of traits.arch.
 KernelSpec forward_kernel(const KernelTraits& traits);
+// The split forward and its combine kernel, for problems with too few query
+// blocks to fill the GPU. The split forward is a kMma kernel without dropout;
+// where the traits allow none (other dtypes, dropout, no fit), the returned
+// spec has split == false.
+KernelSpec split_forward_kernel(const KernelTraits& traits);
+KernelSpec combine_kernel(const KernelTraits& traits);
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);
 // Opt-in shared memory a block may use on a compute capability (80 for sm_80).
 int max_shared_memory_bytes(int arch);

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
 #include "flashjit/flashjit.h"
 
@@ -160,6 +161,48 @@ TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
   unsetenv("FLASHJIT_CUDA_FORWARD_GROUPS");
   EXPECT_EQ(stats().compiles, 2);
   EXPECT_EQ(flashjit::cuda::forward_kernel(traits).threads, 384);  // the default again
+}
+
+// The split forward (decoding: keys split over blocks) and its combine kernel,
+// for each half type, with and without the extras a split allows; none with dropout.
+TEST_F(CudaCompile, SplitForwardAndCombineCompileForSm80AndSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  int compiled = 0;
+  for (int arch : {80, 90}) {
+    for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16}) {
+      for (int head_dim : {64, 128, 256}) {
+        for (int extras : {0, 1}) {
+          KernelTraits traits;
+          traits.dtype = dtype;
+          traits.head_dim_qk = head_dim;
+          traits.head_dim_v = extras ? head_dim / 2 : head_dim;
+          traits.mask = extras ? flashjit::MaskKind::kBool : flashjit::MaskKind::kNone;
+          traits.window = extras;
+          traits.softcap = extras;
+          traits.arch = arch;
+          const KernelSpec split = split_forward_kernel(traits);
+          ASSERT_TRUE(split.split) << split.name();
+          EXPECT_EQ(split.family, KernelFamily::kMma);
+          EXPECT_NE(split.name().find("_split"), std::string::npos);
+          ASSERT_NO_THROW(kernel_binary(split, false)) << split.name();
+          ++compiled;
+          traits.dropout = true;
+          EXPECT_FALSE(split_forward_kernel(traits).split);
+        }
+      }
+      KernelTraits traits;
+      traits.dtype = dtype;
+      traits.arch = arch;
+      ASSERT_NO_THROW(kernel_binary(combine_kernel(traits), false));
+      ++compiled;
+    }
+  }
+  EXPECT_EQ(stats().compiles, compiled);
+  KernelTraits float32;
+  float32.dtype = FJ_FLOAT32;
+  float32.arch = 90;
+  EXPECT_FALSE(split_forward_kernel(float32).split);
 }
 
 // Kernel selection alone (no NVRTC): every kernel chosen for a problem fits the

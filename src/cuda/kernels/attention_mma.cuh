@@ -7,7 +7,8 @@
 // the C fragments of S to the A fragments of P V without leaving registers.
 //
 // The online softmax is softmax.cuh's. Macros from the prelude: those of
-// mma_common.cuh and FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
+// mma_common.cuh and FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP,
+// FJ_SPLIT (a span of the keys a block, partial results for combine.cuh).
 #pragma once
 
 namespace flashjit {
@@ -48,8 +49,16 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
 
   const bool block_full = first_query + kBlockM <= p.seqlen_q;
   const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
+#if FJ_SPLIT
+  // This block's span of keys (blockIdx.y): split_keys is a multiple of kBlockN,
+  // so no key tile straddles two spans.
+  const long long span_lo = static_cast<long long>(blockIdx.y) * p.split_keys;
+  const long long key_lo = max(key_begin(p, first_query), span_lo);
+  const long long key_hi = min(key_end(p, last_query), span_lo + p.split_keys);
+#else
   const long long key_lo = key_begin(p, first_query);
   const long long key_hi = key_end(p, last_query);
+#endif
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   const elem_t* k_base = operand_row<const elem_t>(p.k, b, kv_head, 0);
   const elem_t* v_base = operand_row<const elem_t>(p.v, b, kv_head, 0);
@@ -106,7 +115,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     __syncthreads();  // every warp done reading V before the next tile's V load
   }
   cp_async_wait<0>();
+#if FJ_SPLIT
+  write_split_output(p, o, row_max, row_sum, rows, b, h, quad);
+#else
   write_output(p, o, row_max, row_sum, rows, b, h, quad);
+#endif
 }
 
 }  // namespace mma

@@ -47,6 +47,15 @@ struct KernelParams {
   // Persistent sm_90a forward: blocks take work tiles (query block, batch, head)
   // from this counter, zeroed before the launch (nullptr: a block a tile).
   unsigned* tile_counter;
+  // Split forward (few query blocks, many keys: decoding): blockIdx.y picks a span
+  // of split_keys keys (a multiple of the key step); each block writes its span's
+  // normalised O and LSE (natural log, -inf: no key) as floats to split_o
+  // [num_splits][batch * heads_q][seqlen_q][head_dim_v] and split_lse
+  // [num_splits][batch * heads_q][seqlen_q], which the combine kernel merges into o and lse.
+  float* split_o;
+  float* split_lse;
+  int num_splits;
+  int split_keys;
 
   double scale;    // multiplies q.k
   double softcap;  // > 0: score = softcap * tanh(score / softcap)

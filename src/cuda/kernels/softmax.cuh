@@ -166,5 +166,42 @@ FJ_DEVICE void write_output(const KernelParams& p, const float (&o)[kTiles][kDim
   }
 }
 
+#if FJ_SPLIT
+// write_output for a split forward: this split's normalised rows and LSE as
+// floats into the partials (KernelParams::split_o, split_lse) for combine.cuh.
+template <int kTiles>
+FJ_DEVICE void write_split_output(const KernelParams& p, const float (&o)[kTiles][kDimV / 8][4],
+                                  const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
+                                  const long long (&rows)[kTiles][2], int b, int h, int quad) {
+  const long long all_rows = static_cast<long long>(p.batch) * p.heads_q * p.seqlen_q;
+  const long long first_row =
+      static_cast<long long>(blockIdx.y) * all_rows + (static_cast<long long>(b) * p.heads_q + h) * p.seqlen_q;
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float total = row_sum[m][r];
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      const long long i = rows[m][r];
+      if (i >= p.seqlen_q) continue;
+      const bool any_visible = total > 0.0f;
+      const float inverse = any_visible ? 1.0f / total : 0.0f;
+      float* out_row = p.split_o + (first_row + i) * p.head_dim_v;
+#pragma unroll
+      for (int n = 0; n < kDimV / 8; ++n) {
+        const int d = n * 8 + quad * 2;
+        if (d < p.head_dim_v) out_row[d] = o[m][n][2 * r] * inverse;
+        if (d + 1 < p.head_dim_v) out_row[d + 1] = o[m][n][2 * r + 1] * inverse;
+      }
+      if (quad == 0) {
+        p.split_lse[first_row + i] =
+            any_visible ? (row_max[m][r] + log2f(total)) / kLog2e : negative_infinity<float>();
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace mma
 }  // namespace flashjit

@@ -1,0 +1,70 @@
+"""The split forward on CUDA: with few query blocks (decoding) the keys are split
+over blocks and a combine kernel merges the parts. FLASHJIT_CUDA_SPLITS=n forces n
+splits wherever a split applies (float16/bfloat16, no dropout), so that every
+feature runs through it; outputs, LSE and gradients (whose backward reads the merged
+LSE) against the float64 reference, as in test_attention.py."""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from test_attention import run
+
+pytestmark = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(),
+                                reason="the split forward is a CUDA kernel")
+
+
+@pytest.fixture
+def splits(monkeypatch):
+    def set_splits(n):
+        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(n))
+    return set_splits
+
+
+@pytest.mark.parametrize("n", [2, 3, 64])  # 64: more splits than key tiles, clamped
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (72, 40)])
+def test_head_dims_and_split_counts(splits, n, dtype, D, Dv):
+    splits(n)
+    run(B=2, Hq=4, Hkv=2, Sq=3, Sk=300, D=D, Dv=Dv, dtype=dtype)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 65), (1, 1000), (7, 129), (129, 1000), (200, 70)])
+def test_seqlens(splits, Sq, Sk):
+    splits(5)
+    run(B=1, Hq=2, Hkv=1, Sq=Sq, Sk=Sk, D=128, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("options", [dict(causal="top_left"), dict(causal="bottom_right"), dict(window=(40, 7)),
+                                     dict(window=(3, 0), causal="bottom_right"), dict(softcap=8.0)],
+                         ids=["top_left", "bottom_right", "window", "narrow_window", "softcap"])
+def test_bounds_and_softcap(splits, options):
+    # Top-left causal with fewer queries than keys leaves late spans with no visible key.
+    splits(6)
+    run(B=2, Hq=4, Hkv=4, Sq=9, Sk=500, D=64, dtype=torch.float16, **options)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "fully_masked_rows"])
+def test_masks(splits, kind):
+    splits(4)
+    Sq, Sk = 5, 400
+    if kind == "additive":
+        mask = torch.randn(2, 1, Sq, Sk)
+    else:
+        mask = torch.rand(2, 1, 1, Sk) > 0.4
+        if kind == "fully_masked_rows":
+            mask = mask.expand(2, 1, Sq, Sk).clone()
+            mask[1, :, 2] = False  # one row sees no key: o = 0, lse = -inf
+    run(B=2, Hq=8, Hkv=2, Sq=Sq, Sk=Sk, D=128, dtype=torch.bfloat16, mask=mask)
+
+
+def test_decoding_shape_splits_by_itself(monkeypatch):
+    """No forced count: a decoding step (one query, few batch-heads, many keys) splits
+    by the backend's own choice."""
+    monkeypatch.delenv("FLASHJIT_CUDA_SPLITS", raising=False)
+    run(B=2, Hq=16, Hkv=4, Sq=1, Sk=3000, D=128, dtype=torch.bfloat16)
+
+
+def test_dropout_does_not_split(splits):
+    splits(4)
+    run(B=1, Hq=2, Hkv=1, Sq=3, Sk=300, D=64, dtype=torch.float16, dropout_p=0.2)
