@@ -76,6 +76,22 @@ def test_gqa(Hq, Hkv):
     run(Hq=Hq, Hkv=Hkv, dtype=torch.bfloat16)
 
 
+# One query with grouped heads, as in decoding (the CUDA forward runs a group's heads
+# as rows of one key/value head where no bound depends on the row).
+@pytest.mark.parametrize("options", [{}, dict(causal="bottom_right"), dict(causal="top_left"),
+                                     dict(causal="bottom_right", window=(50, 0)), dict(softcap=6.0),
+                                     dict(dropout_p=0.3)],
+                         ids=["plain", "bottom_right", "top_left", "window", "softcap", "dropout"])
+@pytest.mark.parametrize("mask", [None, "per_head", "per_batch"])
+def test_one_query_grouped_heads(options, mask):
+    B, Hq, Sk = 2, 8, 300
+    shape = {None: None, "per_head": (B, Hq, 1, Sk), "per_batch": (B, 1, 1, Sk)}[mask]
+    attn_mask = None if shape is None else torch.rand(shape) > 0.3
+    if attn_mask is not None:
+        attn_mask[..., 0] = attn_mask[..., -1] = True
+    run(B=B, Hq=Hq, Hkv=2, Sq=1, Sk=Sk, D=128, dtype=torch.bfloat16, mask=attn_mask, **options)
+
+
 @pytest.mark.parametrize("causal", [True, "top_left", "bottom_right"])
 @pytest.mark.parametrize("Sq,Sk", [(64, 64), (40, 100), (100, 40), (129, 1000)])
 def test_causal(causal, Sq, Sk):
