@@ -10,8 +10,10 @@ FlashAttention integrations.
 The backend takes the masks transformers builds for its "sdpa" backend (None where the
 pattern is plain causal, else a boolean [B, 1, Sq, Sk] mask with padding, sliding windows
 and chunks folded in), so every model that runs on "sdpa" runs here with the same
-semantics. On top of "sdpa" it runs grouped-query attention without repeating K and V,
-logit soft-capping (Gemma 2) and additive position biases in the kernel.
+semantics. On top of "sdpa" it runs grouped-query attention without repeating K and V
+(in decoding, the CUDA forward reads each cached key once a group of query heads and
+splits the keys over blocks), logit soft-capping (Gemma 2) and additive position biases
+in the kernel.
 """
 
 from __future__ import annotations
@@ -48,21 +50,6 @@ def _bias_mask(position_bias: torch.Tensor, attention_mask: Optional[torch.Tenso
     return position_bias + attention_mask
 
 
-def _pack_heads(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
-                dropout: float) -> Optional[torch.Tensor]:
-    """One query token (decoding) with grouped heads: the group's query heads become query
-    rows of their key/value head, [B, Hkv, Hq / Hkv, D], so that one block reads each cached
-    key once instead of once a query head. Only where nothing depends on the row index: no
-    causal mask, no dropout, a mask shared by all heads. None where it does not apply."""
-    batch, heads_q, seqlen_q, head_dim = query.shape
-    heads_k = key.shape[1]
-    if seqlen_q != 1 or heads_q == heads_k or causal or dropout:
-        return None
-    if mask is not None and (mask.shape[1] != 1 or mask.shape[2] != 1):
-        return None
-    return query.reshape(batch, heads_k, heads_q // heads_k, head_dim)
-
-
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, softcap: Optional[float] = None,
@@ -85,11 +72,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # Masks sliced from a longer cache (static caches) are not contiguous in the key dim.
     if mask is not None and mask.stride(-1) != 1:
         mask = mask.contiguous()
-    packed = _pack_heads(query, key, mask, causal, dropout)
-    out = attention(query if packed is None else packed, key, value, attn_mask=mask, scale=scaling,
-                    softcap=float(softcap or 0.0), causal=causal, dropout_p=float(dropout))
-    if packed is not None:
-        out = out.reshape(query.shape[0], query.shape[1], 1, out.shape[-1])
+    out = attention(query, key, value, attn_mask=mask, scale=scaling, softcap=float(softcap or 0.0),
+                    causal=causal, dropout_p=float(dropout))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -152,7 +152,7 @@ def test_causal_rule_follows_transformers_sdpa():
 
 @pytest.mark.parametrize("mask", [False, True])
 def test_one_query_with_grouped_heads(mask):
-    """Decoding with GQA (the query heads of a group become rows of one key/value head)."""
+    """Decoding with GQA: one query, a mask shared by the heads or none, softcap."""
     q = torch.randn(2, 8, 1, 32, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 2, 37, 32, dtype=torch.float64, requires_grad=True) for _ in range(2))
     keep = None
