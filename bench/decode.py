@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 import flashjit
 from flashjit.bench import device_tag
-from gpu_attention import shown_arguments
+from gpu_attention import record_commit, save_record, shown_arguments
 
 
 def per_call_us(fn, calls=50, repeats=5):
@@ -75,11 +74,10 @@ def main():
                 rows.append(row)
                 print(row, flush=True)
 
-    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = record_commit()
     names = ["flashjit", "flashjit, no split", "torch"]
     lines = [f"# Decoding benchmark: {torch.cuda.get_device_name()}", "",
-             f"- date: {datetime.date.today()}", f"- commit: {commit or 'unknown'}",
+             f"- date: {datetime.date.today()}", f"- commit: {commit}",
              f"- command: `python bench/decode.py{shown_arguments(sys.argv[1:])}`",
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}",
              f"- bf16, one query, {heads_q} query heads, {heads_kv} key/value heads, head dim {head_dim}; "
@@ -92,13 +90,7 @@ def main():
                      " | ".join(f"{row[n]:.1f}" for n in names) + f" | {row['torch'] / row['flashjit']:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()})
-        path = os.path.join(args.out, f"{tag}-decode-{datetime.date.today()}-{commit or 'unknown'}.md")
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+    save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}), "decode", commit, text)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,25 @@ def shown_arguments(argv):
     return "".join(" " + arg for arg in shown)
 
 
+def record_commit():
+    """The commit a record names: FLASHJIT_COMMIT (the GPU machine may receive a working tree
+    without its git history), else git's HEAD."""
+    return os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+def save_record(out, tag, kind, commit, text, label=""):
+    """Writes out/<tag>-<kind>-<date>-<commit>[-label].md."""
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    suffix = f"-{label}" if label else ""
+    path = os.path.join(out, f"{tag}-{kind}-{datetime.date.today()}-{commit}{suffix}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
@@ -157,12 +176,10 @@ def main():
     memory = {} if args.forward_only else {name: peak_memory_mib(impl) for name, impl in impls.items()}
     cold, warm = (None, None) if args.forward_only else compile_times()
 
-    # FLASHJIT_COMMIT: the GPU machine may receive a working tree without its git history.
-    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = record_commit()
     names = list(impls)
     lines = [f"# GPU attention benchmark: {torch.cuda.get_device_name()}", "",
-             f"- date: {datetime.date.today()}", f"- commit: {commit or 'unknown'}",
+             f"- date: {datetime.date.today()}", f"- commit: {commit}",
              f"- command: `{' '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('FLASHJIT_CUDA_'))}"
              f"{' ' if any(k.startswith('FLASHJIT_CUDA_') for k in os.environ) else ''}"
              f"python bench/gpu_attention.py{shown_arguments(sys.argv[1:])}`",
@@ -185,14 +202,8 @@ def main():
                   f"{warm * 1e3:.1f} ms"]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()})
-        label = f"-{args.label}" if args.label else ""
-        path = os.path.join(args.out, f"{tag}-attention-{datetime.date.today()}-{commit or 'unknown'}{label}.md")
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+    save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}), "attention", commit,
+                text, args.label)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import copy
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -31,7 +30,7 @@ import transformers
 import flashjit
 import flashjit.transformers
 from flashjit.bench import device_tag
-from gpu_attention import shown_arguments
+from gpu_attention import record_commit, save_record, shown_arguments
 
 
 def synchronize(device):
@@ -210,13 +209,12 @@ def main():
     for name in names:
         print(name, {k: v for k, v in rows[name].items() if k != "tokens"}, kernels[name], flush=True)
 
-    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = record_commit()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     tokens = args.batch * args.seqlen
     first = names[0]
     lines = [f"# transformers model benchmark: {gpu}", "",
-             f"- date: {datetime.date.today()}", f"- commit: {commit or 'unknown'}",
+             f"- date: {datetime.date.today()}", f"- commit: {commit}",
              f"- command: `python bench/transformers_model.py{shown_arguments(sys.argv[1:])}`",
              f"- torch {torch.__version__}, transformers {transformers.__version__}, flashjit {flashjit.__version__}",
              f"- Llama-style decoder, {args.layers} layers, hidden {args.heads * args.head_dim}, {args.heads} query "
@@ -247,13 +245,8 @@ def main():
         lines += [f"- {name}: {kernels[name] or 'none found'}" for name in names]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = device_tag({"device": args.device, "gpu": gpu}) if args.device == "cuda" else "cpu"
-        path = os.path.join(args.out, f"{tag}-transformers-{datetime.date.today()}-{commit or 'unknown'}.md")
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+    tag = device_tag({"device": args.device, "gpu": gpu}) if args.device == "cuda" else "cpu"
+    save_record(args.out, tag, "transformers", commit, text)
 
 
 if __name__ == "__main__":
