@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing flashjit needs on Debian: GoogleTest and a
-# compiler from apt, torch (CPU build), nanobind and the build/test tools from PyPI.
+# compiler from apt, torch (CPU build), nanobind, MLX, transformers and the build/test
+# tools from PyPI.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 
@@ -20,6 +21,11 @@ fi
 # without it): the tests of flashjit's transformers attention backend.
 extra=()
 if "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then extra+=("transformers==5.24.0"); fi
+# nanobind is pinned to the one whose type registry mlx.core's bindings share (flashjit.mlx).
 "$PYTHON" -m pip install -q --disable-pip-version-check \
-  "torch==2.13.0" "nvidia-cuda-nvrtc==13.0.*" "nanobind>=2.0" numpy pytest "scikit-build-core>=0.10" "cmake>=3.21" ninja \
-  matplotlib "${extra[@]}"
+  "torch==2.13.0" "nvidia-cuda-nvrtc==13.0.*" "nanobind==3.1.0" numpy pytest "scikit-build-core>=0.10" "cmake>=3.21" \
+  ninja matplotlib "${extra[@]}"
+# MLX (CPU build) before flashjit is built, which then adds its MLX primitives (flashjit.mlx).
+# Its wheels need glibc 2.35+ on Linux; where none installs, the MLX tests skip.
+"$PYTHON" -m pip install -q --disable-pip-version-check "mlx[cpu]==0.32.4" ||
+  echo "setup: no mlx wheel for this machine; flashjit.mlx is not built and its tests skip"

@@ -1,0 +1,71 @@
+"""flashjit attention as MLX primitives.
+
+    import mlx.core as mx
+    import flashjit.mlx
+    o = flashjit.mlx.attention(q, k, v, causal=True)               # lazy, like any MLX op
+    grads = mx.grad(lambda q, k, v: flashjit.mlx.attention(q, k, v).sum(), argnums=(0, 1, 2))(q, k, v)
+
+q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] (Hq a multiple of Hkv: grouped-query
+attention without copies). The forward (o and the log-sum-exp) and the fused backward are
+primitives of MLX's graph, so mx.eval, mx.grad, mx.vjp and mx.compile treat them like MLX's
+own; they run on a CPU stream (MLX on Linux; a Metal backend is not there yet). Dropout is
+not offered here.
+"""
+
+from __future__ import annotations
+
+from .api import _causal_code, _window
+
+try:
+    from . import _mlx
+except ImportError as error:  # built only where MLX was installed at build time
+    raise ImportError("flashjit.mlx: this flashjit build has no MLX primitives; install mlx "
+                      "(pip install 'mlx[cpu]' on Linux) and reinstall flashjit") from error
+
+__all__ = ["attention", "scaled_dot_product_attention"]
+
+
+def _check_bindings():
+    """mlx.core.array must pass into flashjit's module as itself, which needs the nanobind
+    both were built with to share one type registry. A graph node only: nothing runs."""
+    import mlx.core as mx
+
+    probe = mx.zeros((1, 1, 1, 1))
+    try:
+        _mlx.attention(probe, probe, probe, None, None, 0.0, 0, -1, -1)
+    except TypeError as error:
+        raise ImportError("flashjit.mlx: mlx.core.array does not reach flashjit's MLX module; flashjit was "
+                          "built with a nanobind whose type registry differs from mlx's (rebuild flashjit "
+                          f"with the nanobind mlx {mx.__version__} was built with): {error}") from error
+
+
+_check_bindings()
+
+
+def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1), return_lse=False):
+    """o (and with return_lse=True the log-sum-exp, float32) as lazy MLX arrays.
+
+    mask: bool (True = attend) or additive float32 / q-dtype, broadcastable to
+    [B, Hq, Sq, Sk] (4 dims). causal: False, True or 'top_left', 'bottom_right'.
+    window: (left, right) keys around the diagonal, -1 = unbounded. softcap: 0 = off.
+    Rows that see no key give o = 0 and lse = -inf. Differentiable through q, k, v.
+    """
+    op = "flashjit.mlx.attention"
+    window_left, window_right = _window(op, window)
+    o, lse = _mlx.attention(q, k, v, mask, None if scale is None else float(scale), float(softcap),
+                            _causal_code(op, causal), window_left, window_right)
+    return (o, lse) if return_lse else o
+
+
+def scaled_dot_product_attention(q, k, v, *, scale=None, mask=None):
+    """mlx.core.fast.scaled_dot_product_attention's arguments: mask may also be "causal"
+    (top-left, as there); a mask with fewer than 4 dims is broadcast from the right."""
+    causal = False
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"[flashjit.mlx.scaled_dot_product_attention] mask: expected an array, None or "
+                             f"'causal', got {mask!r}")
+        mask, causal = None, True
+    elif mask is not None and mask.ndim < 4:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    return attention(q, k, v, mask=mask, scale=scale, causal=causal)

@@ -1,0 +1,283 @@
+// flashjit as MLX primitives: attention forward (o, lse) and its fused backward
+// (dq, dk, dv) are nodes of MLX's lazy graph, evaluated on a CPU stream through
+// flashjit's C API. mx.grad / mx.vjp reach the backward through Forward::vjp;
+// mx.compile sees both as ordinary primitives.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/tuple.h>
+
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "flashjit/flashjit.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+constexpr const char* kOp = "[flashjit.mlx]";
+
+struct Options {
+  std::optional<double> scale;
+  double softcap = 0.0;
+  int causal = 0;  // fj_causal
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  bool has_mask = false;
+
+  bool operator==(const Options& o) const {
+    return scale == o.scale && softcap == o.softcap && causal == o.causal && window_left == o.window_left &&
+           window_right == o.window_right && has_mask == o.has_mask;
+  }
+};
+
+fj_dtype dtype_of(const mx::Dtype& dtype) {
+  if (dtype == mx::float32) return FJ_FLOAT32;
+  if (dtype == mx::float16) return FJ_FLOAT16;
+  if (dtype == mx::bfloat16) return FJ_BFLOAT16;
+  if (dtype == mx::float64) return FJ_FLOAT64;
+  if (dtype == mx::bool_) return FJ_BOOL;
+  return FJ_INT64;  // any other dtype: rejected by check_inputs before a graph node is made
+}
+
+fj_tensor tensor_of(const mx::array& a) {
+  fj_tensor t{};
+  t.data = const_cast<void*>(static_cast<const void*>(a.data<char>()));
+  t.dtype = dtype_of(a.dtype());
+  t.device_type = FJ_DEVICE_CPU;
+  t.ndim = int32_t(a.ndim());
+  for (size_t d = 0; d < a.ndim(); ++d) {
+    t.shape[d] = a.shape(int(d));
+    t.strides[d] = a.strides()[d];
+  }
+  return t;
+}
+
+fj_attention_options options_of(const Options& o, const mx::array* mask) {
+  fj_attention_options options = fj_attention_options_default();
+  options.has_scale = o.scale.has_value();
+  options.scale = o.scale.value_or(0.0);
+  options.softcap = o.softcap;
+  options.causal = fj_causal(o.causal);
+  options.window_left = o.window_left;
+  options.window_right = o.window_right;
+  if (mask != nullptr) options.mask = tensor_of(*mask);
+  return options;
+}
+
+void allocate(std::vector<mx::array>& outputs) {
+  for (mx::array& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+void check(fj_status status) {
+  if (status != FJ_SUCCESS) throw std::runtime_error(fj_last_error());
+}
+
+class Forward : public mx::Primitive {
+ public:
+  Forward(mx::Stream stream, Options options) : mx::Primitive(stream), options_(options) {}
+
+  // inputs: q, k, v[, mask]; outputs: o, lse.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    allocate(outputs);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const mx::array& x : inputs) encoder.set_input_array(x);
+    for (mx::array& x : outputs) encoder.set_output_array(x);
+    encoder.dispatch([inputs, outputs, options = options_]() mutable {
+      const fj_tensor q = tensor_of(inputs[0]), k = tensor_of(inputs[1]), v = tensor_of(inputs[2]);
+      const fj_attention_options opts = options_of(options, options.has_mask ? &inputs[3] : nullptr);
+      fj_tensor o = tensor_of(outputs[0]), lse = tensor_of(outputs[1]);
+      check(fj_attention_forward(&q, &k, &v, &opts, &o, &lse));
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(kOp) + " has CPU kernels only in MLX; run it on a cpu stream");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+
+  const char* name() const override { return "FlashjitAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* same = dynamic_cast<const Forward*>(&other);
+    return same != nullptr && same->options_ == options_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape o = inputs[0].shape();
+    o[3] = inputs[2].shape(3);
+    mx::Shape lse = inputs[0].shape();
+    lse.pop_back();
+    return {o, lse};
+  }
+
+ private:
+  Options options_;
+};
+
+class Backward : public mx::Primitive {
+ public:
+  Backward(mx::Stream stream, Options options) : mx::Primitive(stream), options_(options) {}
+
+  // inputs: q, k, v, o, lse, dout[, mask]; outputs: dq, dk, dv.
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    allocate(outputs);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const mx::array& x : inputs) encoder.set_input_array(x);
+    for (mx::array& x : outputs) encoder.set_output_array(x);
+    encoder.dispatch([inputs, outputs, options = options_]() mutable {
+      fj_tensor t[6];
+      for (int i = 0; i < 6; ++i) t[i] = tensor_of(inputs[i]);
+      const fj_attention_options opts = options_of(options, options.has_mask ? &inputs[6] : nullptr);
+      fj_tensor dq = tensor_of(outputs[0]), dk = tensor_of(outputs[1]), dv = tensor_of(outputs[2]);
+      check(fj_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv));
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(kOp) + " has CPU kernels only in MLX; run it on a cpu stream");
+  }
+
+  const char* name() const override { return "FlashjitAttentionBackward"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto* same = dynamic_cast<const Backward*>(&other);
+    return same != nullptr && same->options_ == options_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+  }
+
+ private:
+  Options options_;
+};
+
+mx::Stream cpu_stream() {
+  return mx::default_stream(mx::Device(mx::Device::cpu));
+}
+
+// Row-contiguous on the CPU stream (a no-op node for arrays that already are).
+mx::array rows(const mx::array& x) {
+  return mx::contiguous(x, false, cpu_stream());
+}
+
+std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
+                                    const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
+                                    const std::vector<mx::array>& outputs) {
+  // lse is not differentiable: its cotangent is ignored.
+  std::vector<mx::array> inputs = {primals[0], primals[1], primals[2],
+                                   outputs[0], outputs[1], rows(cotangents[0])};
+  if (options_.has_mask) inputs.push_back(primals[3]);
+  const std::vector<mx::array> grads =
+      mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
+                             {primals[0].dtype(), primals[1].dtype(), primals[2].dtype()},
+                             std::make_shared<Backward>(stream(), options_), inputs);
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    if (arg < 3) {
+      out.push_back(grads[arg]);
+    } else {  // no gradient flows into the mask
+      out.push_back(mx::zeros_like(primals[arg], cpu_stream()));
+    }
+  }
+  return out;
+}
+
+std::string shape_text(const mx::array& x) {
+  std::ostringstream text;
+  text << "(";
+  for (size_t d = 0; d < x.ndim(); ++d) text << (d ? ", " : "") << x.shape(int(d));
+  text << (x.ndim() == 1 ? ",)" : ")");
+  return text.str();
+}
+
+[[noreturn]] void bad(const std::string& message) {
+  throw std::invalid_argument(std::string(kOp) + " " + message);
+}
+
+void check_inputs(const mx::array& q, const mx::array& k, const mx::array& v,
+                  const std::optional<mx::array>& mask) {
+  const std::pair<const char*, const mx::array*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, x] : named) {
+    if (x->ndim() != 4) {
+      bad(std::string(name) + ": expected 4 dims [batch, heads, seqlen, head_dim], got shape " +
+          shape_text(*x));
+    }
+    const fj_dtype dtype = dtype_of(x->dtype());
+    if (dtype != FJ_FLOAT32 && dtype != FJ_FLOAT16 && dtype != FJ_BFLOAT16 && dtype != FJ_FLOAT64) {
+      bad(std::string(name) + ": expected float32, float16, bfloat16 or float64");
+    }
+    if (x->dtype() != q.dtype()) bad(std::string(name) + ": expected the dtype of q");
+  }
+  if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0)) {
+    bad("k, v: expected the batch size of q, " + std::to_string(q.shape(0)));
+  }
+  if (k.shape(1) != v.shape(1) || k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0) {
+    bad("k, v: expected the same number of heads, dividing q's " + std::to_string(q.shape(1)) + "; got " +
+        shape_text(k) + " and " + shape_text(v));
+  }
+  if (k.shape(2) != v.shape(2)) bad("v: expected the sequence length of k, " + std::to_string(k.shape(2)));
+  if (k.shape(3) != q.shape(3)) bad("k: expected the head dim of q, " + std::to_string(q.shape(3)));
+  if (!mask) return;
+  const mx::array& m = *mask;
+  if (m.ndim() != 4)
+    bad("mask: expected 4 dims broadcastable to [batch, heads_q, seqlen_q, seqlen_k], got " + shape_text(m));
+  const int full[4] = {q.shape(0), q.shape(1), q.shape(2), k.shape(2)};
+  for (int d = 0; d < 4; ++d) {
+    if (m.shape(d) != 1 && m.shape(d) != full[d]) {
+      bad("mask: shape " + shape_text(m) + " does not broadcast to (" + std::to_string(full[0]) + ", " +
+          std::to_string(full[1]) + ", " + std::to_string(full[2]) + ", " + std::to_string(full[3]) + ")");
+    }
+  }
+  if (m.dtype() != mx::bool_ && m.dtype() != mx::float32 && m.dtype() != q.dtype()) {
+    bad("mask: expected bool (True = attend) or an additive float32 or q-dtype mask");
+  }
+}
+
+std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                                           std::optional<mx::array> mask, std::optional<double> scale,
+                                           double softcap, int causal, int64_t window_left,
+                                           int64_t window_right) {
+  check_inputs(q, k, v, mask);
+  if (causal < 0 || causal > 2) bad("causal: expected 0 (none), 1 (top left) or 2 (bottom right)");
+  if (softcap < 0 || !std::isfinite(softcap)) bad("softcap: expected a finite value >= 0");
+  if (scale && !std::isfinite(*scale)) bad("scale: expected a finite value");
+  if (window_left < -1 || window_right < -1) bad("window: expected bounds >= -1 (-1 = unbounded)");
+  if (causal != 0 && window_right > 0) bad("window: a right bound above 0 contradicts causal");
+  Options options{scale, softcap, causal, window_left, window_right, mask.has_value()};
+  if (causal != 0) options.window_right = 0;
+  std::vector<mx::array> inputs = {rows(q), rows(k), rows(v)};
+  if (mask) inputs.push_back(*mask);
+  mx::Shape o_shape = q.shape();
+  o_shape[3] = v.shape(3);
+  mx::Shape lse_shape = q.shape();
+  lse_shape.pop_back();
+  const mx::Dtype lse_dtype = q.dtype() == mx::float64 ? mx::float64 : mx::float32;
+  std::vector<mx::array> out = mx::array::make_arrays(
+      {o_shape, lse_shape}, {q.dtype(), lse_dtype}, std::make_shared<Forward>(cpu_stream(), options), inputs);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+NB_MODULE(_mlx, m) {
+  m.doc() = "flashjit attention as MLX primitives (CPU streams)";
+  nb::module_::import_("mlx.core");  // registers mlx.core.array with nanobind
+  m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("mask").none(),
+        nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
+        nb::arg("window_right"),
+        "o, lse: lazy MLX arrays from the flashjit attention primitive; differentiable through q, k, v.");
+}

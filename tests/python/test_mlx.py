@@ -1,0 +1,113 @@
+"""flashjit.mlx: the attention primitives in MLX's graph (CPU stream). Outputs, LSE and
+gradients (through mx.vjp) against the float64 reference, within the tolerance set by
+naive attention in the same dtype, as in test_attention.py; mx.compile; the
+mx.fast.scaled_dot_product_attention-style entry; errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from reference import check, leaves, naive_attention
+
+mx = pytest.importorskip("mlx.core")
+fm = pytest.importorskip("flashjit.mlx")
+
+pytestmark = pytest.mark.cpu_only  # MLX runs these on its CPU stream whatever the test device
+
+DTYPES = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+
+
+def to_mlx(x, dtype):
+    return mx.array(x.float().numpy()).astype(dtype)
+
+
+def to_torch(x):
+    return torch.from_numpy(np.array(x.astype(mx.float32)))
+
+
+def run(B=2, Hq=4, Hkv=2, Sq=37, Sk=45, D=32, Dv=None, dtype=torch.float32, mask=None, **options):
+    Dv = Dv or D
+    q, k, v = (torch.randn(B, H, S, d).to(dtype) for H, S, d in ((Hq, Sq, D), (Hkv, Sk, D), (Hkv, Sk, Dv)))
+    dout = torch.randn(B, Hq, Sq, Dv).to(dtype)
+    mdt = DTYPES[dtype]
+    mask_mx = None
+    if mask is not None:
+        mask_mx = mx.array(mask.numpy()) if mask.dtype == torch.bool else mx.array(mask.numpy())
+
+    def forward(q, k, v):
+        return fm.attention(q, k, v, mask=mask_mx, **options)
+
+    (o,), grads = mx.vjp(forward, [to_mlx(x, mdt) for x in (q, k, v)], [to_mlx(dout, mdt)])
+    _, lse = fm.attention(*(to_mlx(x, mdt) for x in (q, k, v)), mask=mask_mx, return_lse=True, **options)
+    mx.eval(o, lse, *grads)
+    assert o.dtype == mdt and o.shape == (B, Hq, Sq, Dv) and lse.dtype == mx.float32
+
+    torch_options = {key: value for key, value in options.items() if key != "scale"}
+    scale = options.get("scale")
+    exact = leaves(q, k, v)
+    exact_o, exact_lse = naive_attention(*exact, attn_mask=mask, scale=scale, **torch_options)
+    low = leaves(q, k, v)
+    base_o, base_lse = naive_attention(*low, attn_mask=mask, scale=scale, dtype=dtype, **torch_options)
+    check("o", to_torch(o).to(dtype), base_o, exact_o, dtype)
+    check("lse", to_torch(lse), base_lse, exact_lse, torch.float32)
+    exact_o.backward(dout.double())
+    base_o.backward(dout)
+    for name, got, base, ref in zip(("dq", "dk", "dv"), grads, low, exact):
+        assert got.dtype == mdt
+        check(name, to_torch(got).to(dtype), base.grad, ref.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("D,Dv", [(32, 32), (64, 40), (128, 128)])
+def test_dtypes_and_head_dims(dtype, D, Dv):
+    run(D=D, Dv=Dv, dtype=dtype)
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal="bottom_right"), dict(window=(6, 3)),
+                                     dict(softcap=5.0), dict(scale=0.3)],
+                         ids=["top_left", "bottom_right", "window", "softcap", "scale"])
+def test_features(options):
+    run(Sq=45, Sk=37, **options)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_masks(kind):
+    shape = (2, 1, 37, 45)
+    mask = torch.rand(shape) > 0.3 if kind == "bool" else torch.randn(shape)
+    run(mask=mask, dtype=torch.bfloat16)
+
+
+def test_compile_matches_eager():
+    q, k, v = (mx.random.normal((1, 4, 20, 32)) for _ in range(3))
+    fn = lambda q, k, v: fm.attention(q, k, v, causal=True)  # noqa: E731
+    assert mx.array_equal(mx.compile(fn)(q, k, v), fn(q, k, v)).item()
+    grad = mx.grad(lambda q, k, v: fn(q, k, v).sum(), argnums=(0, 1, 2))
+    for a, b in zip(mx.compile(grad)(q, k, v), grad(q, k, v)):
+        assert mx.array_equal(a, b).item()
+
+
+def test_sdpa_entry_matches_mlx_fast():
+    q, k, v = (mx.random.normal((2, 8, 30, 64)) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    bias = mx.random.normal((30, 30))
+    for mask in ("causal", bias, None):
+        ours = fm.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        assert mx.abs(ours - theirs).max().item() < 1e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = mx.zeros((1, 4, 8, 16))
+    k = mx.zeros((1, 2, 8, 16))
+    cases = [
+        ((q[0], k, k), {}, "q: expected 4 dims"),
+        ((q.astype(mx.int32), k, k), {}, "q: expected float32, float16, bfloat16 or float64"),
+        ((q, mx.zeros((1, 3, 8, 16)), mx.zeros((1, 3, 8, 16))), {}, "k, v: expected the same number of heads"),
+        ((q, k, mx.zeros((1, 2, 9, 16))), {}, "v: expected the sequence length of k"),
+        ((q, k, k), dict(mask=mx.zeros((1, 4, 7, 8), dtype=mx.bool_)), "mask: shape"),
+        ((q, k, k), dict(causal="left"), "causal: expected"),
+        ((q, k, k), dict(causal=True, window=(2, 3)), "window: a right bound above 0 contradicts causal"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fm.attention(*args, **kwargs)
