@@ -48,24 +48,30 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
     mask: bool (True = attend) or additive float32 / q-dtype, broadcastable to
     [B, Hq, Sq, Sk] (4 dims). causal: False, True or 'top_left', 'bottom_right'.
     window: (left, right) keys around the diagonal, -1 = unbounded. softcap: 0 = off.
-    Rows that see no key give o = 0 and lse = -inf. Differentiable through q, k, v.
+    Rows that see no key give o = 0 and lse = -inf. Differentiable through q, k and v
+    (not the mask; lse is returned through mx.stop_gradient).
     """
     op = "flashjit.mlx.attention"
     window_left, window_right = _window(op, window)
     o, lse = _mlx.attention(q, k, v, mask, None if scale is None else float(scale), float(softcap),
                             _causal_code(op, causal), window_left, window_right)
-    return (o, lse) if return_lse else o
+    if not return_lse:
+        return o
+    import mlx.core as mx
+
+    return o, mx.stop_gradient(lse)  # the log-sum-exp carries no gradient
 
 
 def scaled_dot_product_attention(q, k, v, *, scale=None, mask=None):
     """mlx.core.fast.scaled_dot_product_attention's arguments: mask may also be "causal"
-    (top-left, as there); a mask with fewer than 4 dims is broadcast from the right."""
+    (aligned to the bottom right, as there: the last query sees every key); a mask with
+    fewer than 4 dims is broadcast from the right."""
     causal = False
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"[flashjit.mlx.scaled_dot_product_attention] mask: expected an array, None or "
                              f"'causal', got {mask!r}")
-        mask, causal = None, True
+        mask, causal = None, "bottom_right"
     elif mask is not None and mask.ndim < 4:
         mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     return attention(q, k, v, mask=mask, scale=scale, causal=causal)

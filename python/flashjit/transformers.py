@@ -13,7 +13,8 @@ and chunks folded in), so every model that runs on "sdpa" runs here with the sam
 semantics. On top of "sdpa" it runs grouped-query attention without repeating K and V
 (in decoding, the CUDA forward reads each cached key once a group of query heads and
 splits the keys over blocks), logit soft-capping (Gemma 2) and additive position biases
-in the kernel.
+in the kernel (biases that require grad, as learned relative biases in training, are not
+supported: no gradient flows into a flashjit mask).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is not None and attention_mask.ndim != 4:
         raise ValueError(f"[{_OP}] attention_mask: expected None or a 4D mask [B, 1 or H, Sq, Sk] (the masks "
                          f"transformers builds for 'sdpa'), got shape {tuple(attention_mask.shape)}")
+    if query.shape[0] == 1 and key.shape[0] > 1:  # queries shared by the batch (learned queries), as sdpa
+        query = query.expand(key.shape[0], -1, -1, -1)
     causal = _causal(module, query, attention_mask, is_causal)
     mask = attention_mask
     if position_bias is not None:

@@ -260,7 +260,7 @@ std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& 
   Options options{scale, softcap, causal, window_left, window_right, mask.has_value()};
   if (causal != 0) options.window_right = 0;
   std::vector<mx::array> inputs = {rows(q), rows(k), rows(v)};
-  if (mask) inputs.push_back(*mask);
+  if (mask) inputs.push_back(rows(*mask));  // the C API takes no negative strides
   mx::Shape o_shape = q.shape();
   o_shape[3] = v.shape(3);
   mx::Shape lse_shape = q.shape();

@@ -277,7 +277,8 @@ int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int 
 
 // The split forward: a kMma block for each (query block, batch, head) and span of
 // keys writes partials into scratch, then the combine kernel merges them into o and lse.
-void split_forward(const AttentionProblem& p, const Launch& launch, KernelParams& params,
+// False (nothing enqueued) where the scratch cannot be had: the unsplit forward runs.
+bool split_forward(const AttentionProblem& p, const Launch& launch, KernelParams& params,
                    const KernelSpec& spec, int splits) {
   const KernelSpec combine = combine_kernel(traits_for_launch(p, launch));
   const CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);
@@ -286,15 +287,21 @@ void split_forward(const AttentionProblem& p, const Launch& launch, KernelParams
   const int64_t tiles_per_split = ceil_div(key_tiles, splits);
   splits = int(ceil_div(key_tiles, tiles_per_split));  // no span past the last key
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
-  StreamScratch scratch(size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float),
-                        launch.stream, launch.device_index);
-  params.split_o = static_cast<float*>(scratch.get());
+  std::optional<StreamScratch> scratch;
+  try {
+    scratch.emplace(size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float), launch.stream,
+                    launch.device_index);
+  } catch (const Error&) {
+    return false;  // no pool on this device, or no memory left
+  }
+  params.split_o = static_cast<float*>(scratch->get());
   params.split_lse = params.split_o + int64_t(splits) * rows * p.head_dim_v;
   params.num_splits = splits;
   params.split_keys = checked_int(tiles_per_split * spec.block_n, "keys a split");
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
   run(spec, function, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q, splits);
   run(combine, combine_function, launch, params, ceil_div(rows, combine.threads / 32));
+  return true;
 }
 
 // One query with grouped heads (decoding with GQA/MQA): the group's query heads
@@ -330,10 +337,7 @@ void forward(const AttentionProblem& problem) {
   if (!launch.capturing && p.seqlen_k > 0) {
     const KernelSpec split_spec = split_forward_kernel(traits);
     const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
-    if (splits > 1) {
-      split_forward(p, launch, params, split_spec, splits);
-      return;
-    }
+    if (splits > 1 && split_forward(p, launch, params, split_spec, splits)) return;
   }
   KernelSpec spec = forward_kernel(traits);
   if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {

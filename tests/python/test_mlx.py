@@ -86,14 +86,27 @@ def test_compile_matches_eager():
         assert mx.array_equal(a, b).item()
 
 
-def test_sdpa_entry_matches_mlx_fast():
-    q, k, v = (mx.random.normal((2, 8, 30, 64)) for _ in range(3))
-    k, v = k[:, :2], v[:, :2]
-    bias = mx.random.normal((30, 30))
+@pytest.mark.parametrize("Sq", [30, 7, 1])  # fewer queries than keys: "causal" aligns bottom right
+def test_sdpa_entry_matches_mlx_fast(Sq):
+    q = mx.random.normal((2, 8, Sq, 64))
+    k, v = (mx.random.normal((2, 2, 30, 64)) for _ in range(2))
+    bias = mx.random.normal((Sq, 30))
     for mask in ("causal", bias, None):
         ours = fm.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
         theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
-        assert mx.abs(ours - theirs).max().item() < 1e-5
+        assert mx.abs(ours - theirs).max().item() < 1e-5, mask
+
+
+def test_reversed_mask_view_and_lse_without_gradient():
+    q, k, v = (mx.random.normal((1, 2, 6, 16)) for _ in range(3))
+    keep = mx.random.uniform(shape=(1, 1, 6, 6)) > 0.3
+    keep = mx.concatenate([keep[..., :5], mx.ones((1, 1, 6, 1), dtype=mx.bool_)], axis=-1)
+    reversed_view = keep[..., ::-1]
+    got = fm.attention(q, k, v, mask=reversed_view)
+    want = fm.attention(q, k, v, mask=mx.array(np.array(reversed_view)))
+    assert mx.array_equal(got, want).item()
+    grad = mx.grad(lambda q: fm.attention(q, k, v, return_lse=True)[1].sum())(q)
+    assert mx.array_equal(grad, mx.zeros_like(q)).item()
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -170,6 +170,17 @@ def test_one_query_with_grouped_heads(mask):
         check(name, a, b, b, torch.float64)
 
 
+def test_queries_shared_by_the_batch():
+    """A batch-1 query (learned queries) against batch-B keys broadcasts, as on sdpa."""
+    q = torch.randn(1, 4, 6, 32, dtype=torch.float64)
+    k, v = (torch.randn(3, 4, 11, 32, dtype=torch.float64) for _ in range(2))
+    module = _Module()
+    module.is_causal = False
+    got, _ = fj_transformers.attention_forward(module, *(x.to(DEVICE) for x in (q, k, v)), None)
+    want, _ = naive_attention(q.expand(3, -1, -1, -1), k, v)
+    check("o", got.transpose(1, 2), want, want, torch.float64)
+
+
 def test_unsupported_inputs_raise_clear_errors():
     q = torch.randn(1, 2, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="s_aux"):
