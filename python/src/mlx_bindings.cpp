@@ -75,12 +75,20 @@ fj_attention_options options_of(const Options& o, const mx::array* mask) {
   return options;
 }
 
-void allocate(std::vector<mx::array>& outputs) {
-  for (mx::array& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
-}
-
 void check(fj_status status) {
   if (status != FJ_SUCCESS) throw std::runtime_error(fj_last_error());
+}
+
+// Allocates the outputs and enqueues call(inputs, outputs) on the stream's CPU
+// encoder. The task holds the arrays, so their buffers live until it has run.
+template <typename Call>
+void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
+             Call call) {
+  for (mx::array& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const mx::array& x : inputs) encoder.set_input_array(x);
+  for (mx::array& x : outputs) encoder.set_output_array(x);
+  encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
 }
 
 class Forward : public mx::Primitive {
@@ -89,15 +97,11 @@ class Forward : public mx::Primitive {
 
   // inputs: q, k, v[, mask]; outputs: o, lse.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    allocate(outputs);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const mx::array& x : inputs) encoder.set_input_array(x);
-    for (mx::array& x : outputs) encoder.set_output_array(x);
-    encoder.dispatch([inputs, outputs, options = options_]() mutable {
-      const fj_tensor q = tensor_of(inputs[0]), k = tensor_of(inputs[1]), v = tensor_of(inputs[2]);
-      const fj_attention_options opts = options_of(options, options.has_mask ? &inputs[3] : nullptr);
-      fj_tensor o = tensor_of(outputs[0]), lse = tensor_of(outputs[1]);
-      check(fj_attention_forward(&q, &k, &v, &opts, &o, &lse));
+    enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
+      const fj_tensor q = tensor_of(in[0]), k = tensor_of(in[1]), v = tensor_of(in[2]);
+      const fj_attention_options opts = options_of(options, options.has_mask ? &in[3] : nullptr);
+      fj_tensor o = tensor_of(out[0]), lse = tensor_of(out[1]);
+      return fj_attention_forward(&q, &k, &v, &opts, &o, &lse);
     });
   }
 
@@ -133,16 +137,12 @@ class Backward : public mx::Primitive {
 
   // inputs: q, k, v, o, lse, dout[, mask]; outputs: dq, dk, dv.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    allocate(outputs);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const mx::array& x : inputs) encoder.set_input_array(x);
-    for (mx::array& x : outputs) encoder.set_output_array(x);
-    encoder.dispatch([inputs, outputs, options = options_]() mutable {
+    enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       fj_tensor t[6];
-      for (int i = 0; i < 6; ++i) t[i] = tensor_of(inputs[i]);
-      const fj_attention_options opts = options_of(options, options.has_mask ? &inputs[6] : nullptr);
-      fj_tensor dq = tensor_of(outputs[0]), dk = tensor_of(outputs[1]), dv = tensor_of(outputs[2]);
-      check(fj_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv));
+      for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i]);
+      const fj_attention_options opts = options_of(options, options.has_mask ? &in[6] : nullptr);
+      fj_tensor dq = tensor_of(out[0]), dk = tensor_of(out[1]), dv = tensor_of(out[2]);
+      return fj_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv);
     });
   }
 
