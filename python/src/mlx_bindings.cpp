@@ -7,6 +7,7 @@
 #include <nanobind/stl/tuple.h>
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -112,6 +113,9 @@ class Forward : public mx::Primitive {
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
 
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
+                                                           const std::vector<int>& axes) override;
+
   const char* name() const override { return "FlashjitAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
@@ -152,6 +156,9 @@ class Backward : public mx::Primitive {
 
   const char* name() const override { return "FlashjitAttentionBackward"; }
 
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
+                                                           const std::vector<int>& axes) override;
+
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto* same = dynamic_cast<const Backward*>(&other);
     return same != nullptr && same->options_ == options_;
@@ -174,6 +181,50 @@ mx::array rows(const mx::array& x) {
   return mx::contiguous(x, false, cpu_stream());
 }
 
+// vmap: the mapped axis of each input becomes part of its batch dim (dim 0), so one
+// call covers the whole map; inputs without the axis are broadcast over it (a mask of
+// batch 1, at mask_index, stays batch 1). The outputs come back split as (V, B, ...).
+std::pair<std::vector<mx::array>, std::vector<int>> vmap_through_batch(
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes, size_t mask_index,
+    const std::function<std::vector<mx::array>(const std::vector<mx::array>&)>& apply) {
+  int width = 1;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (axes[i] >= 0) width = inputs[i].shape(axes[i]);
+  }
+  // The batch of one map item: q's (input 0), without the mapped axis.
+  const int batch = axes[0] == 0 ? inputs[0].shape(1) : inputs[0].shape(0);
+  std::vector<mx::array> merged;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    mx::array x = inputs[i];
+    if (axes[i] >= 0) {
+      x = mx::moveaxis(x, axes[i], 0, cpu_stream());
+      if (x.shape(1) != batch) {  // a mapped mask of batch 1: its batch broadcast before merging
+        mx::Shape shape = x.shape();
+        shape[1] = batch;
+        x = mx::broadcast_to(x, shape, cpu_stream());
+      }
+    } else if (i == mask_index && x.shape(0) == 1) {
+      merged.push_back(x);
+      continue;
+    } else {
+      mx::Shape shape = x.shape();
+      shape.insert(shape.begin(), width);
+      x = mx::broadcast_to(mx::expand_dims(x, 0, cpu_stream()), shape, cpu_stream());
+    }
+    mx::Shape shape(x.shape().begin() + 1, x.shape().end());
+    shape[0] *= width;
+    merged.push_back(rows(mx::reshape(x, shape, cpu_stream())));
+  }
+  std::vector<mx::array> outputs = apply(merged);
+  for (mx::array& out : outputs) {
+    mx::Shape shape = out.shape();
+    shape[0] /= width;
+    shape.insert(shape.begin(), width);
+    out = mx::reshape(out, shape, cpu_stream());
+  }
+  return {outputs, std::vector<int>(outputs.size(), 0)};
+}
+
 std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
                                     const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
                                     const std::vector<mx::array>& outputs) {
@@ -194,6 +245,28 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
     }
   }
   return out;
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> Forward::vmap(const std::vector<mx::array>& inputs,
+                                                                  const std::vector<int>& axes) {
+  return vmap_through_batch(inputs, axes, 3, [this](const std::vector<mx::array>& merged) {
+    mx::Shape o_shape = merged[0].shape();
+    o_shape[3] = merged[2].shape(3);
+    mx::Shape lse_shape = merged[0].shape();
+    lse_shape.pop_back();
+    const mx::Dtype lse_dtype = merged[0].dtype() == mx::float64 ? mx::float64 : mx::float32;
+    return mx::array::make_arrays({o_shape, lse_shape}, {merged[0].dtype(), lse_dtype},
+                                  std::make_shared<Forward>(stream(), options_), merged);
+  });
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::vector<mx::array>& inputs,
+                                                                   const std::vector<int>& axes) {
+  return vmap_through_batch(inputs, axes, 6, [this](const std::vector<mx::array>& merged) {
+    return mx::array::make_arrays({merged[0].shape(), merged[1].shape(), merged[2].shape()},
+                                  {merged[0].dtype(), merged[1].dtype(), merged[2].dtype()},
+                                  std::make_shared<Backward>(stream(), options_), merged);
+  });
 }
 
 std::string shape_text(const mx::array& x) {
