@@ -146,6 +146,20 @@ def collect_info() -> dict:
         result["nvrtc_note"] = _error_text(error)
     result["nvrtc_path"] = os.environ.get("FLASHJIT_NVRTC") or None
     try:
+        import flashjit.mlx  # noqa: F401  (built only where MLX was installed)
+        import mlx.core
+
+        result["mlx"] = mlx.core.__version__
+    except ImportError as error:
+        result["mlx"] = None
+        result["mlx_note"] = _error_text(error)
+    try:
+        from importlib.metadata import version
+
+        result["transformers"] = version("transformers")
+    except Exception:  # noqa: BLE001 (not installed)
+        result["transformers"] = None
+    try:
         directory = version_cache_dir()
         files, size = _directory_usage(directory)
         result["cache"] = {"dir": directory, "files": files, "bytes": size,
@@ -177,6 +191,10 @@ def info(as_json: bool = False) -> int:
         print(f"nvrtc: {result['nvrtc']}" + (f" ({result['nvrtc_path']})" if result["nvrtc_path"] else ""))
     else:
         print(f"nvrtc: not found ({result['nvrtc_note']})")
+    mlx_text = f"with mlx {result['mlx']}" if result["mlx"] else f"unavailable ({result['mlx_note']})"
+    print(f"mlx primitives: {mlx_text}")
+    transformers_text = result["transformers"] and f"with transformers {result['transformers']}"
+    print(f"transformers backend: {transformers_text or 'transformers not installed'}")
     cache = result["cache"]
     if cache.get("dir"):
         archs = f", archs {', '.join(cache['archs'])}" if cache["archs"] else ""

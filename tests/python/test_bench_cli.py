@@ -138,7 +138,7 @@ def test_info(tmp_path):
     done = flashjit_command("info", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"flashjit {flashjit.__version__}")
-    for label in ("backends:", "torch:", "gpu", "nvrtc:", "kernel cache:"):
+    for label in ("backends:", "torch:", "gpu", "nvrtc:", "mlx primitives:", "transformers backend:", "kernel cache:"):
         assert label in done.stdout
     info = json.loads(flashjit_command("info", "--json", env=env).stdout)
     assert info["flashjit"] == flashjit.__version__ and "cpu" in info["backends"]
