@@ -3,6 +3,7 @@
 // O(block * head_dim) whatever the sequence lengths.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "core/error.hpp"
 #include "cpu/kernels.hpp"
@@ -49,6 +50,11 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   // Decode-like blocks of a few queries: dot products against K rows beat
   // transposing each K block for the GEMM.
   const bool few_rows = rows <= kFewRows;
+  // Decode blocks of accumulator-typed inputs whose head dims need no padding read K
+  // and V rows where they are instead of copying each block.
+  constexpr bool kSameType = std::is_same_v<T, Acc>;
+  const bool in_place_k = kSameType && few_rows && d_qk % kLanes<Acc> == 0;
+  const bool in_place_v = kSameType && few_rows && d_v % kLanes<Acc> == 0;
 
   pack_rows(p.q.row<const T>(b, h, query0), p.q.stride_seq, rows, d_qk, w.q, ld_qk);
   std::fill(w.o, w.o + rows * ld_v, Acc(0));
@@ -61,12 +67,25 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   for (int64_t key0 = key_begin; key0 < key_end; key0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, key_end - key0);
     const int64_t ld_k = round_up(cols, kLanes<Acc>);
-    pack_rows(p.v.row<const T>(b, h_kv, key0), p.v.stride_seq, cols, d_v, w.v, ld_v);
+    const Acc* v_tile = w.v;
+    int64_t ld_v_tile = ld_v;
+    if (in_place_v) {
+      v_tile = reinterpret_cast<const Acc*>(p.v.row<const T>(b, h_kv, key0));
+      ld_v_tile = p.v.stride_seq;
+    } else {
+      pack_rows(p.v.row<const T>(b, h_kv, key0), p.v.stride_seq, cols, d_v, w.v, ld_v);
+    }
 
     // S = Q K^T, then logits (scale, softcap, masks).
     if (few_rows) {
-      pack_rows(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_rows, ld_qk);
-      gemm_abt_rows(rows, cols, ld_qk, w.q, ld_qk, w.k_rows, ld_qk, w.s, ld_k);
+      if (in_place_k) {
+        gemm_abt_rows(rows, cols, ld_qk, w.q, ld_qk,
+                      reinterpret_cast<const Acc*>(p.k.row<const T>(b, h_kv, key0)), p.k.stride_seq, w.s,
+                      ld_k);
+      } else {
+        pack_rows(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_rows, ld_qk);
+        gemm_abt_rows(rows, cols, ld_qk, w.q, ld_qk, w.k_rows, ld_qk, w.s, ld_k);
+      }
     } else {
       pack_transposed(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t, ld_k);
       gemm(rows, ld_k, d_qk, w.q, ld_qk, w.k_t, ld_k, w.s, ld_k, false);
@@ -97,7 +116,7 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
       }
     }
     // O += P V
-    gemm(rows, ld_v, cols, w.s, ld_k, w.v, ld_v, w.o, ld_v, true);
+    gemm(rows, ld_v, cols, w.s, ld_k, v_tile, ld_v_tile, w.o, ld_v, true);
   }
 
   for (int64_t r = 0; r < rows; ++r) {

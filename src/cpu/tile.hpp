@@ -124,20 +124,44 @@ inline void gemm(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_
 
 // C[rows x cols] = A[rows x depth] * B[cols x depth]^T by dot products of rows:
 // for a few rows of A this beats transposing B for gemm(). depth must be a
-// multiple of kLanes<Acc>, with A and B zero-padded up to it.
+// multiple of kLanes<Acc>, with A and B zero-padded up to it (B may be the
+// caller's rows in place when they need no padding). Four columns at a time keep
+// four independent accumulator chains in flight instead of one.
+template <typename Acc>
+inline Acc lane_sum(typename VectorOf<Acc>::type v) {
+  Acc total = 0;
+  for (int64_t l = 0; l < kLanes<Acc>; ++l) total += v[l];
+  return total;
+}
+
 template <typename Acc>
 inline void gemm_abt_rows(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_t lda, const Acc* b,
                           int64_t ldb, Acc* c, int64_t ldc) {
   using V = typename VectorOf<Acc>::type;
   constexpr int64_t L = kLanes<Acc>;
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      V sum = V{};
+    const Acc* a_row = a + i * lda;
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+      const Acc* b0 = b + j * ldb;
+      V s0{}, s1{}, s2{}, s3{};
+      for (int64_t d = 0; d < depth; d += L) {
+        const V x = load_vector<V>(a_row + d);
+        s0 += x * load_vector<V>(b0 + d);
+        s1 += x * load_vector<V>(b0 + ldb + d);
+        s2 += x * load_vector<V>(b0 + 2 * ldb + d);
+        s3 += x * load_vector<V>(b0 + 3 * ldb + d);
+      }
+      c[i * ldc + j] = lane_sum<Acc>(s0);
+      c[i * ldc + j + 1] = lane_sum<Acc>(s1);
+      c[i * ldc + j + 2] = lane_sum<Acc>(s2);
+      c[i * ldc + j + 3] = lane_sum<Acc>(s3);
+    }
+    for (; j < cols; ++j) {
+      V sum{};
       for (int64_t d = 0; d < depth; d += L)
-        sum += load_vector<V>(a + i * lda + d) * load_vector<V>(b + j * ldb + d);
-      Acc total = 0;
-      for (int64_t l = 0; l < L; ++l) total += sum[l];
-      c[i * ldc + j] = total;
+        sum += load_vector<V>(a_row + d) * load_vector<V>(b + j * ldb + d);
+      c[i * ldc + j] = lane_sum<Acc>(sum);
     }
   }
 }
