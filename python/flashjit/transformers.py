@@ -13,8 +13,9 @@ and chunks folded in), so every model that runs on "sdpa" runs here with the sam
 semantics. On top of "sdpa" it runs grouped-query attention without repeating K and V
 (in decoding, the CUDA forward reads each cached key once a group of query heads and
 splits the keys over blocks), logit soft-capping (Gemma 2) and additive position biases
-in the kernel (biases that require grad, as learned relative biases in training, are not
-supported: no gradient flows into a flashjit mask).
+in the kernel. A bias that requires grad (a learned relative bias in training) needs a
+gradient flashjit's masks do not get: such calls run on transformers' sdpa backend, with a
+warning once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _OP = "flashjit.transformers"
 
 _log = logging.getLogger(__name__)
 _warned_attentions = False
+_warned_bias_grad = False
 
 
 def _causal(module: torch.nn.Module, query: torch.Tensor, attention_mask, is_causal: Optional[bool]) -> bool:
@@ -57,7 +59,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       position_bias: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
     """The attention function transformers calls: query [B, Hq, Sq, D], key and value
     [B, Hkv, Sk, D] with Hq a multiple of Hkv; returns ([B, Sq, Hq, Dv], None)."""
-    global _warned_attentions
+    global _warned_attentions, _warned_bias_grad
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError(f"[{_OP}] s_aux: attention sinks are not supported; use attn_implementation='eager'")
     if kwargs.get("output_attentions") and not _warned_attentions:
@@ -66,6 +68,16 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is not None and attention_mask.ndim != 4:
         raise ValueError(f"[{_OP}] attention_mask: expected None or a 4D mask [B, 1 or H, Sq, Sk] (the masks "
                          f"transformers builds for 'sdpa'), got shape {tuple(attention_mask.shape)}")
+    if position_bias is not None and position_bias.requires_grad and torch.is_grad_enabled():
+        # A learned bias needs its gradient, which flashjit's masks do not get: sdpa computes this call.
+        if not _warned_bias_grad:
+            _log.warning("[%s] position_bias requires grad: flashjit gives masks no gradient, so these calls "
+                         "run on transformers' sdpa backend", _OP)
+            _warned_bias_grad = True
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
     if query.shape[0] == 1 and key.shape[0] > 1:  # queries shared by the batch (learned queries), as sdpa
         query = query.expand(key.shape[0], -1, -1, -1)
     causal = _causal(module, query, attention_mask, is_causal)

@@ -141,6 +141,19 @@ def test_position_bias_is_added_inside_the_kernel():
     check("o", got.transpose(1, 2), want, want, torch.float64)
 
 
+def test_learned_position_bias_gets_its_gradient():
+    """A bias that requires grad goes to transformers' sdpa path, which gives it a gradient."""
+    q, k, v = (torch.randn(1, 2, 5, 16, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    module = _Module()
+    module.is_causal = False
+    got, _ = fj_transformers.attention_forward(module, q, k, v, None, position_bias=bias)
+    got.sum().backward()
+    want, _ = naive_attention(q, k, v, attn_mask=bias.detach())
+    check("o", got.transpose(1, 2), want, want, torch.float64)
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
 def test_causal_rule_follows_transformers_sdpa():
     """No mask and several queries: causal (top left); one query: every key."""
     q, k, v = (torch.randn(1, 2, s, 16, dtype=torch.float64) for s in (5, 7, 7))
