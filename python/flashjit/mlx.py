@@ -8,8 +8,7 @@
 q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] (Hq a multiple of Hkv: grouped-query
 attention without copies). The forward (o and the log-sum-exp) and the fused backward are
 primitives of MLX's graph, so mx.eval, mx.grad, mx.vjp and mx.compile treat them like MLX's
-own; they run on a CPU stream (MLX on Linux; a Metal backend is not there yet). Dropout is
-not offered here.
+own; they run on a CPU stream (MLX on Linux; a Metal backend is not there yet).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def _check_bindings():
 
     probe = mx.zeros((1, 1, 1, 1))
     try:
-        _mlx.attention(probe, probe, probe, None, None, 0.0, 0, -1, -1)
+        _mlx.attention(probe, probe, probe, None, None, 0.0, 0, -1, -1, 0.0, None)
     except TypeError as error:
         raise ImportError("flashjit.mlx: mlx.core.array does not reach flashjit's MLX module; flashjit was "
                           "built with a nanobind whose type registry differs from mlx's (rebuild flashjit "
@@ -42,19 +41,38 @@ def _check_bindings():
 _check_bindings()
 
 
-def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1), return_lse=False):
+def _rng(dropout_p, seed, offset):
+    """The dropout seed and offset as 4 uint32: given, or drawn from MLX's random state
+    (so mx.random.seed makes it repeatable and mx.compile can carry the state)."""
+    import mlx.core as mx
+
+    if not dropout_p:
+        return None
+    if seed is None:  # eight 16-bit draws (exact in randint's float32 sampling) make four words
+        halves = mx.random.randint(0, 1 << 16, (8,), dtype=mx.uint32)
+        return halves[0::2] | (halves[1::2] << 16)
+    words = [int(x) & 0xFFFFFFFF for x in (seed, int(seed) >> 32, offset, int(offset) >> 32)]
+    return mx.array(words, dtype=mx.uint32)
+
+
+def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1), dropout_p=0.0,
+              seed=None, offset=0, return_lse=False):
     """o (and with return_lse=True the log-sum-exp, float32) as lazy MLX arrays.
 
     mask: bool (True = attend) or additive float32 / q-dtype, broadcastable to
     [B, Hq, Sq, Sk] (4 dims). causal: False, True or 'top_left', 'bottom_right'.
     window: (left, right) keys around the diagonal, -1 = unbounded. softcap: 0 = off.
+    dropout_p, seed, offset: dropout on the probabilities, dropping the elements
+    flashjit.dropout_keep_mask names for that seed and offset; without a seed it is drawn
+    from MLX's random state. The backward drops the same elements.
     Rows that see no key give o = 0 and lse = -inf. Differentiable through q, k and v
     (not the mask; lse is returned through mx.stop_gradient).
     """
     op = "flashjit.mlx.attention"
     window_left, window_right = _window(op, window)
     o, lse = _mlx.attention(q, k, v, mask, None if scale is None else float(scale), float(softcap),
-                            _causal_code(op, causal), window_left, window_right)
+                            _causal_code(op, causal), window_left, window_right, float(dropout_p),
+                            _rng(dropout_p, seed, offset))
     if not return_lse:
         return o
     import mlx.core as mx

@@ -35,11 +35,15 @@ struct Options {
   int64_t window_left = -1;
   int64_t window_right = -1;
   bool has_mask = false;
+  double dropout_p = 0.0;  // > 0: an input after the mask holds the seed and offset as 4 uint32
 
   bool operator==(const Options& o) const {
     return scale == o.scale && softcap == o.softcap && causal == o.causal && window_left == o.window_left &&
-           window_right == o.window_right && has_mask == o.has_mask;
+           window_right == o.window_right && has_mask == o.has_mask && dropout_p == o.dropout_p;
   }
+  // Where the mask and the dropout seed sit among a primitive's inputs, after `first` others.
+  size_t mask_index(size_t first) const { return has_mask ? first : size_t(-1); }
+  size_t rng_index(size_t first) const { return dropout_p > 0 ? first + (has_mask ? 1 : 0) : size_t(-1); }
 };
 
 fj_dtype dtype_of(const mx::Dtype& dtype) {
@@ -64,7 +68,8 @@ fj_tensor tensor_of(const mx::array& a) {
   return t;
 }
 
-fj_attention_options options_of(const Options& o, const mx::array* mask) {
+// The C API's options; `extra` are the primitive's inputs from the mask on (mask, then rng).
+fj_attention_options options_of(const Options& o, const mx::array* extra) {
   fj_attention_options options = fj_attention_options_default();
   options.has_scale = o.scale.has_value();
   options.scale = o.scale.value_or(0.0);
@@ -72,7 +77,13 @@ fj_attention_options options_of(const Options& o, const mx::array* mask) {
   options.causal = fj_causal(o.causal);
   options.window_left = o.window_left;
   options.window_right = o.window_right;
-  if (mask != nullptr) options.mask = tensor_of(*mask);
+  if (o.has_mask) options.mask = tensor_of(*extra++);
+  if (o.dropout_p > 0) {
+    const uint32_t* words = extra->data<uint32_t>();  // seed (low, high), offset (low, high)
+    options.dropout_p = o.dropout_p;
+    options.dropout_seed = uint64_t(words[0]) | (uint64_t(words[1]) << 32);
+    options.dropout_offset = uint64_t(words[2]) | (uint64_t(words[3]) << 32);
+  }
   return options;
 }
 
@@ -100,7 +111,7 @@ class Forward : public mx::Primitive {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       const fj_tensor q = tensor_of(in[0]), k = tensor_of(in[1]), v = tensor_of(in[2]);
-      const fj_attention_options opts = options_of(options, options.has_mask ? &in[3] : nullptr);
+      const fj_attention_options opts = options_of(options, in.data() + 3);
       fj_tensor o = tensor_of(out[0]), lse = tensor_of(out[1]);
       return fj_attention_forward(&q, &k, &v, &opts, &o, &lse);
     });
@@ -144,7 +155,7 @@ class Backward : public mx::Primitive {
     enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       fj_tensor t[6];
       for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i]);
-      const fj_attention_options opts = options_of(options, options.has_mask ? &in[6] : nullptr);
+      const fj_attention_options opts = options_of(options, in.data() + 6);
       fj_tensor dq = tensor_of(out[0]), dk = tensor_of(out[1]), dv = tensor_of(out[2]);
       return fj_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv);
     });
@@ -185,7 +196,7 @@ mx::array rows(const mx::array& x) {
 // call covers the whole map; inputs without the axis are broadcast over it (a mask of
 // batch 1, at mask_index, stays batch 1). The outputs come back split as (V, B, ...).
 std::pair<std::vector<mx::array>, std::vector<int>> vmap_through_batch(
-    const std::vector<mx::array>& inputs, const std::vector<int>& axes, size_t mask_index,
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes, size_t mask_index, size_t rng_index,
     const std::function<std::vector<mx::array>(const std::vector<mx::array>&)>& apply) {
   int width = 1;
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -196,6 +207,11 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_through_batch(
   std::vector<mx::array> merged;
   for (size_t i = 0; i < inputs.size(); ++i) {
     mx::array x = inputs[i];
+    if (i == rng_index) {  // one seed for the whole map: the merged batch draws distinct elements
+      if (axes[i] >= 0) throw std::invalid_argument(std::string(kOp) + " vmap over the dropout seed");
+      merged.push_back(x);
+      continue;
+    }
     if (axes[i] >= 0) {
       x = mx::moveaxis(x, axes[i], 0, cpu_stream());
       if (x.shape(1) != batch) {  // a mapped mask of batch 1: its batch broadcast before merging
@@ -231,7 +247,7 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
   // lse is not differentiable: its cotangent is ignored.
   std::vector<mx::array> inputs = {primals[0], primals[1], primals[2],
                                    outputs[0], outputs[1], rows(cotangents[0])};
-  if (options_.has_mask) inputs.push_back(primals[3]);
+  for (size_t i = 3; i < primals.size(); ++i) inputs.push_back(primals[i]);  // mask, dropout seed
   const std::vector<mx::array> grads =
       mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
                              {primals[0].dtype(), primals[1].dtype(), primals[2].dtype()},
@@ -240,7 +256,7 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
   for (int arg : argnums) {
     if (arg < 3) {
       out.push_back(grads[arg]);
-    } else {  // no gradient flows into the mask
+    } else {  // no gradient flows into the mask or the seed
       out.push_back(mx::zeros_like(primals[arg], cpu_stream()));
     }
   }
@@ -249,24 +265,28 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
 
 std::pair<std::vector<mx::array>, std::vector<int>> Forward::vmap(const std::vector<mx::array>& inputs,
                                                                   const std::vector<int>& axes) {
-  return vmap_through_batch(inputs, axes, 3, [this](const std::vector<mx::array>& merged) {
-    mx::Shape o_shape = merged[0].shape();
-    o_shape[3] = merged[2].shape(3);
-    mx::Shape lse_shape = merged[0].shape();
-    lse_shape.pop_back();
-    const mx::Dtype lse_dtype = merged[0].dtype() == mx::float64 ? mx::float64 : mx::float32;
-    return mx::array::make_arrays({o_shape, lse_shape}, {merged[0].dtype(), lse_dtype},
-                                  std::make_shared<Forward>(stream(), options_), merged);
-  });
+  return vmap_through_batch(
+      inputs, axes, options_.mask_index(3), options_.rng_index(3),
+      [this](const std::vector<mx::array>& merged) {
+        mx::Shape o_shape = merged[0].shape();
+        o_shape[3] = merged[2].shape(3);
+        mx::Shape lse_shape = merged[0].shape();
+        lse_shape.pop_back();
+        const mx::Dtype lse_dtype = merged[0].dtype() == mx::float64 ? mx::float64 : mx::float32;
+        return mx::array::make_arrays({o_shape, lse_shape}, {merged[0].dtype(), lse_dtype},
+                                      std::make_shared<Forward>(stream(), options_), merged);
+      });
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::vector<mx::array>& inputs,
                                                                    const std::vector<int>& axes) {
-  return vmap_through_batch(inputs, axes, 6, [this](const std::vector<mx::array>& merged) {
-    return mx::array::make_arrays({merged[0].shape(), merged[1].shape(), merged[2].shape()},
+  return vmap_through_batch(inputs, axes, options_.mask_index(6), options_.rng_index(6),
+                            [this](const std::vector<mx::array>& merged) {
+                              return mx::array::make_arrays(
+                                  {merged[0].shape(), merged[1].shape(), merged[2].shape()},
                                   {merged[0].dtype(), merged[1].dtype(), merged[2].dtype()},
                                   std::make_shared<Backward>(stream(), options_), merged);
-  });
+                            });
 }
 
 std::string shape_text(const mx::array& x) {
@@ -323,17 +343,23 @@ void check_inputs(const mx::array& q, const mx::array& k, const mx::array& v,
 std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,
                                            std::optional<mx::array> mask, std::optional<double> scale,
                                            double softcap, int causal, int64_t window_left,
-                                           int64_t window_right) {
+                                           int64_t window_right, double dropout_p,
+                                           std::optional<mx::array> rng) {
   check_inputs(q, k, v, mask);
   if (causal < 0 || causal > 2) bad("causal: expected 0 (none), 1 (top left) or 2 (bottom right)");
   if (softcap < 0 || !std::isfinite(softcap)) bad("softcap: expected a finite value >= 0");
   if (scale && !std::isfinite(*scale)) bad("scale: expected a finite value");
   if (window_left < -1 || window_right < -1) bad("window: expected bounds >= -1 (-1 = unbounded)");
   if (causal != 0 && window_right > 0) bad("window: a right bound above 0 contradicts causal");
-  Options options{scale, softcap, causal, window_left, window_right, mask.has_value()};
+  if (!(dropout_p >= 0 && dropout_p < 1)) bad("dropout_p: expected 0 <= p < 1");
+  if (dropout_p > 0 && (!rng || rng->dtype() != mx::uint32 || rng->ndim() != 1 || rng->shape(0) != 4)) {
+    bad("rng: expected 4 uint32 (seed low, high, offset low, high) with dropout");
+  }
+  Options options{scale, softcap, causal, window_left, window_right, mask.has_value(), dropout_p};
   if (causal != 0) options.window_right = 0;
   std::vector<mx::array> inputs = {rows(q), rows(k), rows(v)};
   if (mask) inputs.push_back(rows(*mask));  // the C API takes no negative strides
+  if (dropout_p > 0) inputs.push_back(rows(*rng));
   mx::Shape o_shape = q.shape();
   o_shape[3] = v.shape(3);
   mx::Shape lse_shape = q.shape();
@@ -351,6 +377,6 @@ NB_MODULE(_mlx, m) {
   nb::module_::import_("mlx.core");  // registers mlx.core.array with nanobind
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"),
+        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("rng").none(),
         "o, lse: lazy MLX arrays from the flashjit attention primitive; differentiable through q, k, v.");
 }

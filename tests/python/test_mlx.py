@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import flashjit
+
 from reference import check, leaves, naive_attention
 
 mx = pytest.importorskip("mlx.core")
@@ -25,7 +27,8 @@ def to_torch(x):
     return torch.from_numpy(np.array(x.astype(mx.float32)))
 
 
-def run(B=2, Hq=4, Hkv=2, Sq=37, Sk=45, D=32, Dv=None, dtype=torch.float32, mask=None, **options):
+def run(B=2, Hq=4, Hkv=2, Sq=37, Sk=45, D=32, Dv=None, dtype=torch.float32, mask=None, dropout_p=0.0,
+        **options):
     Dv = Dv or D
     q, k, v = (torch.randn(B, H, S, d).to(dtype) for H, S, d in ((Hq, Sq, D), (Hkv, Sk, D), (Hkv, Sk, Dv)))
     dout = torch.randn(B, Hq, Sq, Dv).to(dtype)
@@ -34,20 +37,28 @@ def run(B=2, Hq=4, Hkv=2, Sq=37, Sk=45, D=32, Dv=None, dtype=torch.float32, mask
     if mask is not None:
         mask_mx = mx.array(mask.numpy()) if mask.dtype == torch.bool else mx.array(mask.numpy())
 
+    seed = 987654321987 if dropout_p else None
+
     def forward(q, k, v):
-        return fm.attention(q, k, v, mask=mask_mx, **options)
+        return fm.attention(q, k, v, mask=mask_mx, dropout_p=dropout_p, seed=seed, offset=5, **options)
 
     (o,), grads = mx.vjp(forward, [to_mlx(x, mdt) for x in (q, k, v)], [to_mlx(dout, mdt)])
-    _, lse = fm.attention(*(to_mlx(x, mdt) for x in (q, k, v)), mask=mask_mx, return_lse=True, **options)
+    _, lse = fm.attention(*(to_mlx(x, mdt) for x in (q, k, v)), mask=mask_mx, return_lse=True,
+                          dropout_p=dropout_p, seed=seed, offset=5, **options)
     mx.eval(o, lse, *grads)
     assert o.dtype == mdt and o.shape == (B, Hq, Sq, Dv) and lse.dtype == mx.float32
 
     torch_options = {key: value for key, value in options.items() if key != "scale"}
     scale = options.get("scale")
+    keep = None
+    if dropout_p:
+        keep = torch.from_numpy(flashjit.dropout_keep_mask(B, Hq, Sq, Sk, dropout_p=dropout_p, seed=seed, offset=5))
     exact = leaves(q, k, v)
-    exact_o, exact_lse = naive_attention(*exact, attn_mask=mask, scale=scale, **torch_options)
+    exact_o, exact_lse = naive_attention(*exact, attn_mask=mask, scale=scale, dropout_p=dropout_p, keep=keep,
+                                         **torch_options)
     low = leaves(q, k, v)
-    base_o, base_lse = naive_attention(*low, attn_mask=mask, scale=scale, dtype=dtype, **torch_options)
+    base_o, base_lse = naive_attention(*low, attn_mask=mask, scale=scale, dtype=dtype, dropout_p=dropout_p,
+                                       keep=keep, **torch_options)
     check("o", to_torch(o).to(dtype), base_o, exact_o, dtype)
     check("lse", to_torch(lse), base_lse, exact_lse, torch.float32)
     exact_o.backward(dout.double())
@@ -75,6 +86,28 @@ def test_masks(kind):
     shape = (2, 1, 37, 45)
     mask = torch.rand(shape) > 0.3 if kind == "bool" else torch.randn(shape)
     run(mask=mask, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_drops_the_documented_elements(dtype):
+    """With a seed, the kept elements are flashjit.dropout_keep_mask's (those of every backend)."""
+    run(dropout_p=0.25, dtype=dtype, causal="bottom_right")
+
+
+def test_dropout_seed_from_mlx_random_state():
+    q, k, v = (mx.random.normal((1, 2, 16, 32)) for _ in range(3))
+
+    def drop():
+        return fm.attention(q, k, v, dropout_p=0.5)
+
+    mx.random.seed(3)
+    first = drop()
+    mx.random.seed(3)
+    again = drop()
+    other = drop()
+    assert mx.array_equal(first, again).item() and not mx.array_equal(first, other).item()
+    loss = lambda q: fm.attention(q, k, v, dropout_p=0.5, seed=11).sum()  # noqa: E731
+    assert mx.array_equal(mx.grad(loss)(q), mx.grad(loss)(q)).item()  # the backward drops the same elements
 
 
 def test_compile_matches_eager():
