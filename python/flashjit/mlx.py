@@ -13,6 +13,8 @@ own; they run on a CPU stream (MLX on Linux; a Metal backend is not there yet).
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from .api import _causal_code, _window
 
 try:
@@ -27,8 +29,6 @@ __all__ = ["attention", "scaled_dot_product_attention"]
 def _check_bindings():
     """mlx.core.array must pass into flashjit's module as itself, which needs the nanobind
     both were built with to share one type registry. A graph node only: nothing runs."""
-    import mlx.core as mx
-
     probe = mx.zeros((1, 1, 1, 1))
     try:
         _mlx.attention(probe, probe, probe, None, None, 0.0, 0, -1, -1, 0.0, None)
@@ -44,15 +44,13 @@ _check_bindings()
 def _rng(dropout_p, seed, offset):
     """The dropout seed and offset as 4 uint32: given, or drawn from MLX's random state
     (so mx.random.seed makes it repeatable and mx.compile can carry the state)."""
-    import mlx.core as mx
-
     if not dropout_p:
         return None
     if seed is None:  # eight 16-bit draws (exact in randint's float32 sampling) make four words
         halves = mx.random.randint(0, 1 << 16, (8,), dtype=mx.uint32)
         return halves[0::2] | (halves[1::2] << 16)
-    words = [int(x) & 0xFFFFFFFF for x in (seed, int(seed) >> 32, offset, int(offset) >> 32)]
-    return mx.array(words, dtype=mx.uint32)
+    seed, offset = (int(x) & 0xFFFFFFFFFFFFFFFF for x in (seed, offset))  # as unsigned 64-bit, as elsewhere
+    return mx.array([seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32], dtype=mx.uint32)
 
 
 def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1), dropout_p=0.0,
@@ -60,7 +58,7 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
     """o (and with return_lse=True the log-sum-exp, float32) as lazy MLX arrays.
 
     mask: bool (True = attend) or additive float32 / q-dtype, broadcastable to
-    [B, Hq, Sq, Sk] (4 dims). causal: False, True or 'top_left', 'bottom_right'.
+    [B, Hq, Sq, Sk] (fewer dims broadcast from the right). causal: False, True or 'top_left', 'bottom_right'.
     window: (left, right) keys around the diagonal, -1 = unbounded. softcap: 0 = off.
     dropout_p, seed, offset: dropout on the probabilities, dropping the elements
     flashjit.dropout_keep_mask names for that seed and offset; without a seed it is drawn
@@ -70,26 +68,21 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
     """
     op = "flashjit.mlx.attention"
     window_left, window_right = _window(op, window)
+    if mask is not None and mask.ndim < 4:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     o, lse = _mlx.attention(q, k, v, mask, None if scale is None else float(scale), float(softcap),
                             _causal_code(op, causal), window_left, window_right, float(dropout_p),
                             _rng(dropout_p, seed, offset))
-    if not return_lse:
-        return o
-    import mlx.core as mx
-
-    return o, mx.stop_gradient(lse)  # the log-sum-exp carries no gradient
+    return (o, mx.stop_gradient(lse)) if return_lse else o  # the log-sum-exp carries no gradient
 
 
 def scaled_dot_product_attention(q, k, v, *, scale=None, mask=None):
     """mlx.core.fast.scaled_dot_product_attention's arguments: mask may also be "causal"
-    (aligned to the bottom right, as there: the last query sees every key); a mask with
-    fewer than 4 dims is broadcast from the right."""
+    (aligned to the bottom right, as there: the last query sees every key)."""
     causal = False
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"[flashjit.mlx.scaled_dot_product_attention] mask: expected an array, None or "
                              f"'causal', got {mask!r}")
         mask, causal = None, "bottom_right"
-    elif mask is not None and mask.ndim < 4:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     return attention(q, k, v, mask=mask, scale=scale, causal=causal)

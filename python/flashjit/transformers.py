@@ -20,7 +20,7 @@ warning once.
 
 from __future__ import annotations
 
-import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -30,9 +30,13 @@ from .api import attention
 NAME = "fjit"
 _OP = "flashjit.transformers"
 
-_log = logging.getLogger(__name__)
-_warned_attentions = False
-_warned_bias_grad = False
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"[{_OP}] {message}", stacklevel=3)
 
 
 def _causal(module: torch.nn.Module, query: torch.Tensor, attention_mask, is_causal: Optional[bool]) -> bool:
@@ -59,21 +63,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       position_bias: Optional[torch.Tensor] = None, **kwargs) -> tuple[torch.Tensor, None]:
     """The attention function transformers calls: query [B, Hq, Sq, D], key and value
     [B, Hkv, Sk, D] with Hq a multiple of Hkv; returns ([B, Sq, Hq, Dv], None)."""
-    global _warned_attentions, _warned_bias_grad
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError(f"[{_OP}] s_aux: attention sinks are not supported; use attn_implementation='eager'")
-    if kwargs.get("output_attentions") and not _warned_attentions:
-        _log.warning("[%s] output_attentions=True: the attention weights are never formed; returning None", _OP)
-        _warned_attentions = True
+    if kwargs.get("output_attentions"):
+        _warn_once("output_attentions=True: the attention weights are never formed; returning None")
     if attention_mask is not None and attention_mask.ndim != 4:
         raise ValueError(f"[{_OP}] attention_mask: expected None or a 4D mask [B, 1 or H, Sq, Sk] (the masks "
                          f"transformers builds for 'sdpa'), got shape {tuple(attention_mask.shape)}")
     if position_bias is not None and position_bias.requires_grad and torch.is_grad_enabled():
         # A learned bias needs its gradient, which flashjit's masks do not get: sdpa computes this call.
-        if not _warned_bias_grad:
-            _log.warning("[%s] position_bias requires grad: flashjit gives masks no gradient, so these calls "
-                         "run on transformers' sdpa backend", _OP)
-            _warned_bias_grad = True
+        _warn_once("position_bias requires grad: flashjit gives masks no gradient, so these calls run on "
+                   "transformers' sdpa backend")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -84,9 +84,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     mask = attention_mask
     if position_bias is not None:
         mask = _bias_mask(position_bias, attention_mask)
-    # Masks sliced from a longer cache (static caches) are not contiguous in the key dim.
-    if mask is not None and mask.stride(-1) != 1:
-        mask = mask.contiguous()
     out = attention(query, key, value, attn_mask=mask, scale=scaling, softcap=float(softcap or 0.0),
                     causal=causal, dropout_p=float(dropout))
     return out.transpose(1, 2).contiguous(), None

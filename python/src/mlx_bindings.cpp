@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <typeinfo>
 #include <vector>
 
 #include "flashjit/flashjit.h"
@@ -103,11 +104,37 @@ void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std
   encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
 }
 
-class Forward : public mx::Primitive {
+// What both primitives share: their options, no GPU kernels, equivalence for mx.compile.
+class Node : public mx::Primitive {
  public:
-  Forward(mx::Stream stream, Options options) : mx::Primitive(stream), options_(options) {}
+  Node(mx::Stream stream, Options options) : mx::Primitive(stream), options_(options) {}
 
-  // inputs: q, k, v[, mask]; outputs: o, lse.
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(kOp) + " has CPU kernels only in MLX; run it on a cpu stream");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return typeid(other) == typeid(*this) && static_cast<const Node&>(other).options_ == options_;
+  }
+
+ protected:
+  Options options_;
+};
+
+// o [B, Hq, Sq, Dv] and lse [B, Hq, Sq] over q, k, v.
+std::vector<mx::Shape> forward_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape o = inputs[0].shape();
+  o[3] = inputs[2].shape(3);
+  mx::Shape lse = inputs[0].shape();
+  lse.pop_back();
+  return {o, lse};
+}
+
+class Forward : public Node {
+ public:
+  using Node::Node;
+
+  // inputs: q, k, v[, mask][, rng]; outputs: o, lse.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       const fj_tensor q = tensor_of(in[0]), k = tensor_of(in[1]), v = tensor_of(in[2]);
@@ -115,10 +142,6 @@ class Forward : public mx::Primitive {
       fj_tensor o = tensor_of(out[0]), lse = tensor_of(out[1]);
       return fj_attention_forward(&q, &k, &v, &opts, &o, &lse);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string(kOp) + " has CPU kernels only in MLX; run it on a cpu stream");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -129,28 +152,16 @@ class Forward : public mx::Primitive {
 
   const char* name() const override { return "FlashjitAttention"; }
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto* same = dynamic_cast<const Forward*>(&other);
-    return same != nullptr && same->options_ == options_;
-  }
-
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    mx::Shape o = inputs[0].shape();
-    o[3] = inputs[2].shape(3);
-    mx::Shape lse = inputs[0].shape();
-    lse.pop_back();
-    return {o, lse};
+    return forward_shapes(inputs);
   }
-
- private:
-  Options options_;
 };
 
-class Backward : public mx::Primitive {
+class Backward : public Node {
  public:
-  Backward(mx::Stream stream, Options options) : mx::Primitive(stream), options_(options) {}
+  using Node::Node;
 
-  // inputs: q, k, v, o, lse, dout[, mask]; outputs: dq, dk, dv.
+  // inputs: q, k, v, o, lse, dout[, mask][, rng]; outputs: dq, dk, dv.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       fj_tensor t[6];
@@ -161,27 +172,31 @@ class Backward : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string(kOp) + " has CPU kernels only in MLX; run it on a cpu stream");
-  }
-
   const char* name() const override { return "FlashjitAttentionBackward"; }
 
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
                                                            const std::vector<int>& axes) override;
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    const auto* same = dynamic_cast<const Backward*>(&other);
-    return same != nullptr && same->options_ == options_;
-  }
-
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
   }
-
- private:
-  Options options_;
 };
+
+// The graph nodes of the two primitives over their inputs (see eval_cpu).
+std::vector<mx::array> forward_node(const mx::Stream& stream, const Options& options,
+                                    const std::vector<mx::array>& inputs) {
+  const mx::Dtype dtype = inputs[0].dtype();
+  return mx::array::make_arrays(forward_shapes(inputs),
+                                {dtype, dtype == mx::float64 ? mx::float64 : mx::float32},
+                                std::make_shared<Forward>(stream, options), inputs);
+}
+
+std::vector<mx::array> backward_node(const mx::Stream& stream, const Options& options,
+                                     const std::vector<mx::array>& inputs) {
+  return mx::array::make_arrays({inputs[0].shape(), inputs[1].shape(), inputs[2].shape()},
+                                {inputs[0].dtype(), inputs[1].dtype(), inputs[2].dtype()},
+                                std::make_shared<Backward>(stream, options), inputs);
+}
 
 mx::Stream cpu_stream() {
   return mx::default_stream(mx::Device(mx::Device::cpu));
@@ -248,10 +263,7 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
   std::vector<mx::array> inputs = {primals[0], primals[1], primals[2],
                                    outputs[0], outputs[1], rows(cotangents[0])};
   for (size_t i = 3; i < primals.size(); ++i) inputs.push_back(primals[i]);  // mask, dropout seed
-  const std::vector<mx::array> grads =
-      mx::array::make_arrays({primals[0].shape(), primals[1].shape(), primals[2].shape()},
-                             {primals[0].dtype(), primals[1].dtype(), primals[2].dtype()},
-                             std::make_shared<Backward>(stream(), options_), inputs);
+  const std::vector<mx::array> grads = backward_node(stream(), options_, inputs);
   std::vector<mx::array> out;
   for (int arg : argnums) {
     if (arg < 3) {
@@ -265,28 +277,14 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
 
 std::pair<std::vector<mx::array>, std::vector<int>> Forward::vmap(const std::vector<mx::array>& inputs,
                                                                   const std::vector<int>& axes) {
-  return vmap_through_batch(
-      inputs, axes, options_.mask_index(3), options_.rng_index(3),
-      [this](const std::vector<mx::array>& merged) {
-        mx::Shape o_shape = merged[0].shape();
-        o_shape[3] = merged[2].shape(3);
-        mx::Shape lse_shape = merged[0].shape();
-        lse_shape.pop_back();
-        const mx::Dtype lse_dtype = merged[0].dtype() == mx::float64 ? mx::float64 : mx::float32;
-        return mx::array::make_arrays({o_shape, lse_shape}, {merged[0].dtype(), lse_dtype},
-                                      std::make_shared<Forward>(stream(), options_), merged);
-      });
+  return vmap_through_batch(inputs, axes, options_.mask_index(3), options_.rng_index(3),
+                            [this](const auto& merged) { return forward_node(stream(), options_, merged); });
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::vector<mx::array>& inputs,
                                                                    const std::vector<int>& axes) {
   return vmap_through_batch(inputs, axes, options_.mask_index(6), options_.rng_index(6),
-                            [this](const std::vector<mx::array>& merged) {
-                              return mx::array::make_arrays(
-                                  {merged[0].shape(), merged[1].shape(), merged[2].shape()},
-                                  {merged[0].dtype(), merged[1].dtype(), merged[2].dtype()},
-                                  std::make_shared<Backward>(stream(), options_), merged);
-                            });
+                            [this](const auto& merged) { return backward_node(stream(), options_, merged); });
 }
 
 std::string shape_text(const mx::array& x) {
@@ -360,13 +358,7 @@ std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& 
   std::vector<mx::array> inputs = {rows(q), rows(k), rows(v)};
   if (mask) inputs.push_back(rows(*mask));  // the C API takes no negative strides
   if (dropout_p > 0) inputs.push_back(rows(*rng));
-  mx::Shape o_shape = q.shape();
-  o_shape[3] = v.shape(3);
-  mx::Shape lse_shape = q.shape();
-  lse_shape.pop_back();
-  const mx::Dtype lse_dtype = q.dtype() == mx::float64 ? mx::float64 : mx::float32;
-  std::vector<mx::array> out = mx::array::make_arrays(
-      {o_shape, lse_shape}, {q.dtype(), lse_dtype}, std::make_shared<Forward>(cpu_stream(), options), inputs);
+  const std::vector<mx::array> out = forward_node(cpu_stream(), options, inputs);
   return {out[0], out[1]};
 }
 
