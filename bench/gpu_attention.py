@@ -1,12 +1,26 @@
-"""GPU benchmark of flashjit against PyTorch SDPA's flash and cuDNN backends.
+"""GPU benchmark of flashjit against the attention a Hopper user can pick instead.
 
-bf16, B*N = 16k tokens, hidden 2048 (H = 2048 / D), D in {64, 128, 256},
-N in {2k, 8k}, causal and not: forward and backward TFLOP/s (DESIGN.md §5
-FLOP counts), CUDA-event timing, median of repeated runs after warm-up, fresh
-random inputs. Also the peak extra memory of forward+backward at B1 H16 N8192
-D128, and the kernel compile and disk-load times.
+Peers, measured in the same process: PyTorch SDPA with its cuDNN backend (what
+torch runs by default on sm_90) and its flash backend, and FlashAttention-4's
+sm_90 kernels (`flash_attn.cute.flash_attn_func`, plus `deterministic=True` for
+the backward) where the `flash-attn-4` package imports.
+
+Grid: bf16, B*N = 16k tokens, H = 2048 / D, D in {64, 128, 256}, N in {1k, 4k,
+16k}, causal and not; plus GQA model shapes (32 query heads sharing 8 key/value
+heads, D 128, causal, N 1k/4k/16k). Forward and backward TFLOP/s (DESIGN.md §5
+FLOP counts) and the ratios to cuDNN and FA4.
+
+Timing: each sample is a run of calls back to back between two CUDA events (the
+host enqueues ahead of the GPU, so the figure is the GPU's time per call; the
+host's own time per call is bench/overhead.py's subject), median of samples
+after warm-up, fresh random inputs per case. Also the peak extra memory of
+forward+backward at B1 H16 N8192 D128, and the kernel compile and disk-load times.
 
     python bench/gpu_attention.py --out bench/results
+    python bench/gpu_attention.py --forward-only --tiles default n=160 "o=direct,q=1"
+
+--tiles runs flashjit once per FLASHJIT_CUDA_TILES value ("default": unset),
+each as a column of its own, to compare tile configurations in one process.
 """
 
 from __future__ import annotations
@@ -35,8 +49,8 @@ def flops(batch, heads, seqlen, head_dim, causal, backward):
     return forward * (2.5 if backward else 1.0)
 
 
-def time_ms(fn, min_runs=5, max_runs=30, budget_ms=1500.0):
-    """Median of CUDA-event timings; the run count adapts to the cost of one call."""
+def time_ms(fn, budget_ms=400.0, samples=7):
+    """GPU milliseconds per call: median over samples, each a run of back-to-back calls."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -44,41 +58,130 @@ def time_ms(fn, min_runs=5, max_runs=30, budget_ms=1500.0):
     fn()
     end.record()
     end.synchronize()
-    runs = int(min(max_runs, max(min_runs, budget_ms / max(start.elapsed_time(end), 1e-3))))
+    calls = int(min(50, max(2, budget_ms / samples / max(start.elapsed_time(end), 1e-3))))
     times = []
-    for _ in range(runs):
+    for _ in range(samples):
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 
-def implementations():
+def fa4_function():
+    """FlashAttention-4's entry point, or None where the package does not import."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as error:  # the package, the CuTe DSL or its libraries missing
+        print(f"FA4 not measured: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
+    return flash_attn_func
+
+
+class Impl:
+    """One implementation: its inputs' layout, a forward, and whether it has a backward."""
+
+    def __init__(self, name, forward, layout="bhsd", tiles=None):
+        self.name, self.forward, self.layout, self.tiles = name, forward, layout, tiles
+
+    def __enter__(self):
+        self.saved = os.environ.get("FLASHJIT_CUDA_TILES")
+        if self.tiles is not None:
+            os.environ["FLASHJIT_CUDA_TILES"] = self.tiles
+        elif self.saved is not None and self.name.startswith("flashjit"):
+            del os.environ["FLASHJIT_CUDA_TILES"]
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("FLASHJIT_CUDA_TILES", None)
+        else:
+            os.environ["FLASHJIT_CUDA_TILES"] = self.saved
+
+
+def implementations(tiles, fa4=None):
     def flashjit_sdpa(q, k, v, causal):
-        return flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
     def torch_backend(backend):
         def run(q, k, v, causal):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
         return run
 
-    return {"flashjit": flashjit_sdpa, "torch-flash": torch_backend(SDPBackend.FLASH_ATTENTION),
-            "torch-cudnn": torch_backend(SDPBackend.CUDNN_ATTENTION)}
+    impls = []
+    for setting in tiles:
+        name = "flashjit" if setting == "default" else f"flashjit[{setting}]"
+        impls.append(Impl(name, flashjit_sdpa, tiles=None if setting == "default" else setting))
+    impls += [Impl("cuDNN", torch_backend(SDPBackend.CUDNN_ATTENTION)),
+              Impl("torch-flash", torch_backend(SDPBackend.FLASH_ATTENTION))]
+    if fa4 is not None:
+        impls.append(Impl("FA4", lambda q, k, v, causal: fa4(q, k, v, causal=causal)[0], layout="bshd"))
+        impls.append(Impl("FA4 det", lambda q, k, v, causal: fa4(q, k, v, causal=causal, deterministic=True)[0],
+                          layout="bshd"))
+    return impls
 
 
-def measure(impl, batch, heads, seqlen, head_dim, causal, forward_only=False):
-    shape = (batch, heads, seqlen, head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    forward_ms = time_ms(lambda: impl(q, k, v, causal))
-    if forward_only:
-        return forward_ms, float("nan")
-    out = impl(q, k, v, causal)
-    backward_ms = time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
+def measure(impl, batch, heads_q, heads_kv, seqlen, head_dim, causal, forward_only=False, backward=True):
+    """(forward ms, backward ms); NaN for what is not measured."""
+    def make(heads):
+        shape = (batch, seqlen, heads, head_dim) if impl.layout == "bshd" else (batch, heads, seqlen, head_dim)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    q, k, v = make(heads_q), make(heads_kv), make(heads_kv)
+    with impl:
+        forward_ms = float("nan")
+        if impl.name != "FA4 det":  # the same forward as FA4's
+            forward_ms = time_ms(lambda: impl.forward(q, k, v, causal))
+        if forward_only or not backward:
+            return forward_ms, float("nan")
+        out = impl.forward(q, k, v, causal)
+        grad = torch.randn_like(out)
+        backward_ms = time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
     return forward_ms, backward_ms
+
+
+def cases(quick):
+    """(label, batch, heads_q, heads_kv, seqlen, head_dim, causal) of the grid."""
+    head_dims = (128,) if quick else (64, 128, 256)
+    seqlens = (1024, 4096) if quick else (1024, 4096, 16384)
+    grid = []
+    for head_dim in head_dims:
+        for seqlen in seqlens:
+            for causal in (False, True):
+                heads = 2048 // head_dim
+                grid.append((str(head_dim), 16384 // seqlen, heads, heads, seqlen, head_dim, causal))
+    for seqlen in seqlens:
+        grid.append(("GQA 32/8, 128", 16384 // seqlen, 32, 8, seqlen, 128, True))
+    return grid
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a == a and b == b and b > 0 else "–"
+
+
+def table(rows, names, forward_only):
+    """Markdown: TFLOP/s of every implementation, then flashjit's ratios to cuDNN and FA4."""
+    passes = ("fwd",) if forward_only else ("fwd", "bwd")
+    header = ["D", "N", "causal"] + [f"{name} {pas}" for pas in passes for name in names]
+    for pas in passes:
+        header += [f"{pas} vs cuDNN", f"{pas} vs FA4"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["D"], str(row["N"]), "yes" if row["causal"] else "no"]
+        for index, pas in enumerate(passes):
+            for name in names:
+                value = row["tflops"].get(name, (float("nan"),) * 2)[index]
+                cells.append(f"{value:.0f}" if value == value else "–")
+        for index, pas in enumerate(passes):
+            ours = row["tflops"].get("flashjit", (float("nan"),) * 2)[index]
+            cudnn = row["tflops"].get("cuDNN", (float("nan"),) * 2)[index]
+            fa4 = row["tflops"].get("FA4", (float("nan"),) * 2)[index]
+            cells += [ratio(ours, cudnn), ratio(ours, fa4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def peak_memory_mib(impl):
@@ -146,55 +249,48 @@ def save_record(out, tag, kind, commit, text, label=""):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
-    parser.add_argument("--quick", action="store_true", help="D=128, N=2k only")
+    parser.add_argument("--quick", action="store_true", help="D=128, N=1k and 4k only")
     parser.add_argument("--forward-only", action="store_true",
                         help="time the forward alone (no backward, memory or compile figures)")
+    parser.add_argument("--tiles", nargs="+", default=["default"],
+                        help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
+    parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")
     parser.add_argument("--label", default="", help="a tag for the record's file name and title")
     args = parser.parse_args()
     torch.manual_seed(0)
-    impls = implementations()
+    impls = implementations(args.tiles, None if args.no_fa4 else fa4_function())
     rows = []
-    head_dims = (128,) if args.quick else (64, 128, 256)
-    seqlens = (2048,) if args.quick else (2048, 8192)
-    for head_dim in head_dims:
-        for seqlen in seqlens:
-            for causal in (False, True):
-                batch, heads = 16384 // seqlen, 2048 // head_dim
-                row = {"D": head_dim, "N": seqlen, "causal": causal}
-                for name, impl in impls.items():
-                    try:
-                        forward_ms, backward_ms = measure(impl, batch, heads, seqlen, head_dim, causal,
-                                                          args.forward_only)
-                    except RuntimeError as error:
-                        print(f"{name} D{head_dim} N{seqlen} causal={causal}: {error}", file=sys.stderr)
-                        row[name] = None
-                        continue
-                    row[name] = (flops(batch, heads, seqlen, head_dim, causal, False) / forward_ms / 1e9,
-                                 flops(batch, heads, seqlen, head_dim, causal, True) / backward_ms / 1e9)
-                rows.append(row)
-                print(row, flush=True)
-    memory = {} if args.forward_only else {name: peak_memory_mib(impl) for name, impl in impls.items()}
+    for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in cases(args.quick):
+        row = {"D": label, "N": seqlen, "causal": causal, "tflops": {}}
+        for impl in impls:
+            try:
+                forward_ms, backward_ms = measure(impl, batch, heads_q, heads_kv, seqlen, head_dim, causal,
+                                                  args.forward_only)
+            except Exception as error:  # a peer that does not take this case
+                print(f"{impl.name} D{head_dim} N{seqlen} causal={causal}: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
+                continue
+            row["tflops"][impl.name] = (flops(batch, heads_q, seqlen, head_dim, causal, False) / forward_ms / 1e9,
+                                        flops(batch, heads_q, seqlen, head_dim, causal, True) / backward_ms / 1e9)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items()}, default=lambda x: round(x, 1)), flush=True)
+    plain = [impl for impl in impls if impl.name in ("flashjit", "cuDNN", "torch-flash")]
+    memory = {} if args.forward_only else {impl.name: peak_memory_mib(impl.forward) for impl in plain}
     cold, warm = (None, None) if args.forward_only else compile_times()
 
     commit = record_commit()
-    names = list(impls)
+    names = [impl.name for impl in impls]
+    tiles_env = os.environ.get("FLASHJIT_CUDA_TILES")
     lines = [f"# GPU attention benchmark: {torch.cuda.get_device_name()}", "",
              f"- date: {datetime.date.today()}", f"- commit: {commit}",
-             f"- command: `{' '.join(f'{k}={v}' for k, v in os.environ.items() if k.startswith('FLASHJIT_CUDA_'))}"
-             f"{' ' if any(k.startswith('FLASHJIT_CUDA_') for k in os.environ) else ''}"
+             f"- command: `{'FLASHJIT_CUDA_TILES=' + tiles_env + ' ' if tiles_env else ''}"
              f"python bench/gpu_attention.py{shown_arguments(sys.argv[1:])}`",
-             f"- torch {torch.__version__}, flashjit {flashjit.__version__}, NVRTC "
-             f"{'.'.join(map(str, flashjit.cuda.nvrtc_version()))}",
-             "- bf16, B*N = 16384, hidden 2048 (H = 2048 / D); TFLOP/s forward / backward, "
-             "CUDA events, median", "",
-             "| D | N | causal | " + " | ".join(f"{n} fwd | {n} bwd" for n in names) + " |",
-             "|---|---|---|" + "---|---|" * len(names)]
-    for row in rows:
-        cells = []
-        for name in names:
-            value = row[name]
-            cells += ["n/a", "n/a"] if value is None else [f"{x:.0f}" if x == x else "n/a" for x in value]
-        lines.append(f"| {row['D']} | {row['N']} | {row['causal']} | " + " | ".join(cells) + " |")
+             f"- torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, flashjit {flashjit.__version__}, "
+             f"NVRTC {'.'.join(map(str, flashjit.cuda.nvrtc_version()))}"
+             + ("" if "FA4" not in names else f", flash-attn-4 {fa4_version()}"),
+             "- bf16, B*N = 16384, H = 2048 / D (GQA: 32 query heads, 8 key/value heads); TFLOP/s "
+             "(backward 2.5x the forward's FLOPs); GPU time per call of back-to-back calls (CUDA events), median",
+             ""] + table(rows, names, args.forward_only)
     if not args.forward_only:
         lines += ["", "Peak extra memory of forward+backward, B1 H16 N8192 D128 bf16 (MiB): " +
                   ", ".join(f"{name} {value:.0f}" for name, value in memory.items()), "",
@@ -204,6 +300,14 @@ def main():
     print(text)
     save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}), "attention", commit,
                 text, args.label)
+
+
+def fa4_version():
+    try:
+        from importlib.metadata import version
+        return version("flash-attn-4")
+    except Exception:
+        return "?"
 
 
 if __name__ == "__main__":

@@ -231,6 +231,9 @@ class StreamScratch {
   CUstream stream_;
 };
 
+// Rows of the sm_90a forward's output boxes: a consumer warpgroup's share of a work tile.
+constexpr int kOutputBoxRows = 64;
+
 // The forward's q (boxes of the block's rows), k and v (boxes of a key tile).
 bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const KernelSpec& spec) {
   return encode_tensor_map(&params.q_map, p.q, p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk,
@@ -343,6 +346,11 @@ void forward(const AttentionProblem& problem) {
   if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
     traits.tma = false;  // operands TMA cannot address: the mma.sync kernel
     spec = forward_kernel(traits);
+  }
+  // An output TMA cannot address is stored by the threads directly.
+  if (spec.o_tma &&
+      !encode_tensor_map(&params.o_map, p.o, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, kOutputBoxRows)) {
+    spec.o_tma = false;
   }
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
   const CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);

@@ -124,7 +124,8 @@ std::string KernelSpec::name() const {
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n,
-                 family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(), "_sm", arch,
+                 family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
+                 q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "", "_sm", arch,
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
@@ -155,8 +156,11 @@ int KernelSpec::shared_memory_bytes() const {
     // and one for the block's own rows (attention_hopper*.cuh).
     const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
     switch (entry) {
-      case KernelEntry::kForward:  // Q (full, empty), K and V rings, the tile queue (+ its 2 int slots)
-        return 1024 + 2 * (rows * qk + stages * n * (qk + v)) + 8 * (2 + 4 * stages + 4 + 1);
+      case KernelEntry::kForward: {  // Q, K and V rings, the tile queue (+ its 2 int slots)
+        const int q_row = o_tma ? std::max(qk, v) : qk;  // O is staged in the Q buffer
+        return 1024 + 2 * (q_buffers * rows * q_row + stages * n * (qk + v)) +
+               8 * (2 * q_buffers + 4 * stages + 4 + 1);
+      }
       case KernelEntry::kBackwardDq:  // Q, dO; a K ring of stages + 1, a V ring of `stages`
         return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) +
                8 * (1 + 4 * stages + 2);
@@ -205,7 +209,8 @@ std::string KernelSpec::source() const {
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ",
-      hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_ELEM_IS_BF16 ",
+      hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
+      "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_ELEM_IS_BF16 ",
       dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
   const auto append = [&](const char* file) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
@@ -270,6 +275,50 @@ int max_shared_memory_bytes(int arch) {
   if (arch == 80 || arch == 87) return 163 * 1024;
   if (arch >= 90) return 227 * 1024;
   return 99 * 1024;
+}
+
+ForwardTiles parse_forward_tiles(const char* text) {
+  ForwardTiles tiles;
+  std::string rest = text == nullptr ? "" : text;
+  const auto fail = [&](const std::string& item, const char* expected) {
+    throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
+                      " (keys n, stages, q, o, groups; e.g. \"n=128,q=2,o=tma\")");
+  };
+  const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
+    char* end = nullptr;
+    const long parsed = std::strtol(value.c_str(), &end, 10);
+    if (value.empty() || *end != '\0' || parsed < lo || parsed > hi) fail(item, expected);
+    return int(parsed);
+  };
+  while (!rest.empty()) {
+    const size_t comma = rest.find(',');
+    const std::string item = rest.substr(0, comma);
+    rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+    if (item.empty()) continue;
+    const size_t equals = item.find('=');
+    if (equals == std::string::npos) fail(item, "key=value");
+    const std::string key = item.substr(0, equals), value = item.substr(equals + 1);
+    if (key == "n") {
+      tiles.block_n = number(item, value, 16, 256, "n=16..256, a multiple of 16");
+      if (tiles.block_n % 16 != 0) fail(item, "n=16..256, a multiple of 16");
+    } else if (key == "stages") {
+      tiles.stages = number(item, value, 1, 4, "stages=1..4");
+    } else if (key == "q") {
+      tiles.q_buffers = number(item, value, 1, 2, "q=1 or q=2");
+    } else if (key == "o") {
+      if (value != "tma" && value != "direct") fail(item, "o=tma or o=direct");
+      tiles.o_tma = value == "tma" ? 1 : 0;
+    } else if (key == "groups") {
+      tiles.groups = number(item, value, 2, 3, "groups=2 or groups=3");
+    } else {
+      fail(item, "one of the keys n, stages, q, o, groups");
+    }
+  }
+  return tiles;
+}
+
+ForwardTiles forced_forward_tiles() {
+  return parse_forward_tiles(std::getenv("FLASHJIT_CUDA_TILES"));
 }
 
 namespace {
@@ -341,14 +390,29 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
   return spec;
 }
 
-// Consumer warpgroups of the sm_90a forward at head dim 64: 2 (128 rows a work
-// tile, 240 registers each) or, with FLASHJIT_CUDA_FORWARD_GROUPS=3, 3 (192
-// rows, 160 registers each) -- a variant to measure before it becomes the
-// default. Read at every kernel choice (so a test can switch it): set it before
-// the first call, or a kernel precompiled for one setting is not the one chosen.
-int forward_consumer_groups() {
-  const char* value = std::getenv("FLASHJIT_CUDA_FORWARD_GROUPS");
-  return value != nullptr && std::strcmp(value, "3") == 0 ? 3 : 2;
+// The forward spec with the fields FLASHJIT_CUDA_TILES forces; a forced
+// configuration that cannot run raises an error naming it.
+KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
+  const int head_dim = std::max(spec.head_dim_qk, spec.head_dim_v);
+  if (forced.groups == 3) {
+    if (head_dim > 64) throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 needs head dims up to 64, got ", head_dim);
+    spec.threads = (12 + kProducerWarps) * 32;
+    spec.block_n = std::min(spec.block_n, 96);  // 160 registers a thread: S and P of up to 96 keys
+  } else if (forced.groups == 2) {
+    spec.threads = (8 + kProducerWarps) * 32;
+  }
+  if (forced.block_n) spec.block_n = forced.block_n;
+  if (forced.stages) spec.stages = forced.stages;
+  if (forced.q_buffers) spec.q_buffers = forced.q_buffers;
+  if (forced.o_tma >= 0) spec.o_tma = forced.o_tma == 1;
+  if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 96) {
+    throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 takes at most n=96, got n=", spec.block_n);
+  }
+  if (!fits(spec)) {
+    throw_value_error("[cuda] FLASHJIT_CUDA_TILES: ", spec.name(), " needs ", spec.shared_memory_bytes(),
+                      " bytes of shared memory; sm_", spec.arch, " has ", max_shared_memory_bytes(spec.arch));
+  }
+  return spec;
 }
 
 // sm_90 (the sm_90a target: wgmma, setmaxnreg), float16/bfloat16, head dims
@@ -371,10 +435,7 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   switch (entry) {
     case KernelEntry::kForward:  // S (block_n / 2 floats a thread), P and O (head_dim_v / 2)
       spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
-      if (head_dim <= 64 && forward_consumer_groups() == 3) {  // 160 registers: S and P of 96 keys
-        spec.threads = (12 + kProducerWarps) * 32;
-        spec.block_n = 96;
-      }
+      spec.o_tma = true;
       break;
     case KernelEntry::kBackwardDq:  // S, dP, dS and dQ
       spec.block_n = head_dim <= 64 ? 128 : head_dim <= 128 ? 64 : 32;
@@ -389,6 +450,14 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
   // those kernels from spilling (scripts/kernel_resources.py).
   const bool extras = spec.mask != MaskKind::kNone || spec.dropout || spec.softcap;
   if (extras) spec.block_n /= 2;
+  if (entry == KernelEntry::kForward) {
+    // A second Q buffer where shared memory has room for it.
+    KernelSpec doubled = spec;
+    doubled.q_buffers = 2;
+    if (fits(doubled)) spec = doubled;
+    const ForwardTiles forced = forced_forward_tiles();
+    if (forced.forced()) spec = with_forced_tiles(spec, forced);
+  }
   return spec;
 }
 

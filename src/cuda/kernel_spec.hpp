@@ -41,6 +41,8 @@ struct KernelSpec {
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   int dkdv_part = 0;  // dK/dV (kMma, kHopper): 0 both, 1 dV alone, 2 dK alone
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
+  int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)
+  bool o_tma = false; // kHopper forward: O leaves through shared memory (the Q buffer) by TMA stores
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -73,6 +75,22 @@ struct KernelTraits {
 };
 
 KernelTraits traits_of(const AttentionProblem& problem, int arch);
+
+// A forced tile configuration of the sm_90a forward, from FLASHJIT_CUDA_TILES
+// ("n=128,stages=2,q=2,o=tma,groups=2"; any subset of the keys, for
+// comparisons and the tuner). Zero or -1 fields are not forced. Read at every
+// kernel choice, so that a benchmark can switch it between calls; a malformed
+// value raises an error naming the key and what it accepts.
+struct ForwardTiles {
+  int block_n = 0;    // keys a step: a multiple of 16, 16..256
+  int stages = 0;     // K and V ring buffers: 1..4
+  int q_buffers = 0;  // 1 or 2
+  int o_tma = -1;     // 1: O by TMA stores ("o=tma"); 0: direct stores ("o=direct")
+  int groups = 0;     // consumer warpgroups: 2, or 3 (head dims up to 64)
+  bool forced() const { return block_n || stages || q_buffers || o_tma >= 0 || groups; }
+};
+ForwardTiles parse_forward_tiles(const char* text);
+ForwardTiles forced_forward_tiles();
 // The kernels for a problem's traits; each fits the opt-in shared memory of traits.arch.
 KernelSpec forward_kernel(const KernelTraits& traits);
 // The split forward and its combine kernel, for problems with too few query

@@ -140,10 +140,10 @@ TEST_F(CudaCompile, RepresentativeKernelsCompileForSm80AndSm90) {
 }
 
 // The three-consumer-warpgroup variant of the sm_90a forward at head dim 64
-// (FLASHJIT_CUDA_FORWARD_GROUPS=3): 512 threads, 192 query rows a work tile.
+// (FLASHJIT_CUDA_TILES=groups=3): 512 threads, 192 query rows a work tile.
 TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
   REQUIRE_NVRTC();
-  setenv("FLASHJIT_CUDA_FORWARD_GROUPS", "3", 1);
+  setenv("FLASHJIT_CUDA_TILES", "groups=3", 1);
   flashjit::cuda::KernelTraits traits;
   traits.dtype = FJ_BFLOAT16;
   traits.head_dim_qk = traits.head_dim_v = 64;
@@ -158,9 +158,72 @@ TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
   configs[1].softcap = 1;
   for (const fj_kernel_config& c : configs)
     EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
-  unsetenv("FLASHJIT_CUDA_FORWARD_GROUPS");
+  unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_EQ(stats().compiles, 2);
   EXPECT_EQ(flashjit::cuda::forward_kernel(traits).threads, 384);  // the default again
+}
+
+// Every forward epilogue and Q ring the tile override can pick compiles for
+// sm_90a, and the default takes two Q buffers and TMA stores where they fit.
+TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  KernelTraits traits;
+  traits.dtype = FJ_FLOAT16;
+  traits.arch = 90;
+  for (int head_dim : {64, 128, 256}) {
+    traits.head_dim_qk = traits.head_dim_v = head_dim;
+    const KernelSpec spec = forward_kernel(traits);
+    EXPECT_TRUE(spec.o_tma) << spec.name();
+    EXPECT_EQ(spec.q_buffers, head_dim <= 128 ? 2 : 1) << spec.name();
+    for (const std::string tiles : {"o=direct,q=1", "o=direct", "q=1", "n=64,stages=3"}) {
+      if (head_dim == 256 && tiles == "n=64,stages=3") continue;  // no room for three stages
+      setenv("FLASHJIT_CUDA_TILES", tiles.c_str(), 1);
+      const KernelSpec forced = forward_kernel(traits);
+      unsetenv("FLASHJIT_CUDA_TILES");
+      EXPECT_EQ(forced.o_tma, tiles.find("o=direct") == std::string::npos) << tiles;
+      ASSERT_NO_THROW(kernel_binary(forced, false)) << tiles << ": " << forced.name();
+    }
+  }
+}
+
+// FLASHJIT_CUDA_TILES: every key parsed, bad values named in the error.
+TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
+  using flashjit::cuda::parse_forward_tiles;
+  const flashjit::cuda::ForwardTiles tiles = parse_forward_tiles("n=176,stages=3,q=1,o=direct,groups=2");
+  EXPECT_EQ(tiles.block_n, 176);
+  EXPECT_EQ(tiles.stages, 3);
+  EXPECT_EQ(tiles.q_buffers, 1);
+  EXPECT_EQ(tiles.o_tma, 0);
+  EXPECT_EQ(tiles.groups, 2);
+  EXPECT_FALSE(parse_forward_tiles("").forced());
+  EXPECT_FALSE(parse_forward_tiles(nullptr).forced());
+  EXPECT_TRUE(parse_forward_tiles("o=tma").forced());
+  for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n"}) {
+    try {
+      parse_forward_tiles(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const std::exception& error) {
+      const std::string item = std::string(bad);
+      EXPECT_NE(std::string(error.what()).find("FLASHJIT_CUDA_TILES"), std::string::npos) << error.what();
+      EXPECT_NE(std::string(error.what()).find(item), std::string::npos) << error.what();
+    }
+  }
+}
+
+// A forced configuration that cannot run says so instead of falling back silently.
+TEST(ForwardTiles, ForcedConfigurationThatDoesNotFitIsAnError) {
+  using namespace flashjit::cuda;
+  KernelTraits traits;
+  traits.dtype = FJ_BFLOAT16;
+  traits.head_dim_qk = traits.head_dim_v = 256;
+  traits.arch = 90;
+  setenv("FLASHJIT_CUDA_TILES", "n=128,q=2", 1);
+  EXPECT_THROW(forward_kernel(traits), std::exception);
+  setenv("FLASHJIT_CUDA_TILES", "groups=3", 1);
+  EXPECT_THROW(forward_kernel(traits), std::exception);  // head dim 256
+  unsetenv("FLASHJIT_CUDA_TILES");
+  EXPECT_NO_THROW(forward_kernel(traits));
 }
 
 // The split forward (decoding: keys split over blocks) and its combine kernel,

@@ -106,6 +106,21 @@ def test_many_work_tiles_per_block(causal, D):
     run(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=D, dtype=torch.bfloat16, causal=causal)
 
 
+# Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES
+# (the benchmark and the tuner choose among them): each must compute the same
+# function. Elsewhere the variable has no effect and the cases still run.
+@pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
+                                   "n=160,q=1", "groups=3"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
+    if (D > 64 and tiles == "groups=3") or (D == 256 and tiles in ("o=direct,q=2", "n=96,stages=3", "n=160,q=1")):
+        pytest.skip("no room for this configuration at this head dim")
+    monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
+    # 3 x 3 work tiles of 128 rows, the last partly past the sequence.
+    run(B=3, Hq=3, Hkv=1, Sq=300, Sk=333, D=D, dtype=torch.bfloat16, causal=causal)
+
+
 @pytest.mark.parametrize("window", [(16, 0), (8, 8), (-1, 4), (4, -1), (0, 0)])
 def test_window(window):
     run(Sq=120, Sk=150, window=window)

@@ -4,16 +4,21 @@
 // (kBlockM = 128 or 192 a work tile). The grid is persistent: a block an SM,
 // taking work tiles from a counter (TileQueue).
 //
-//   producer (warpgroup 0): one thread loads each work tile's Q tile once, then
-//     K and V tiles of kBlockN keys into rings of kStages buffers (pipeline.cuh),
-//     each as swizzled 64-column boxes; the warpgroup hands its registers over
-//     to the consumers.
+//   producer (warpgroup 0): one thread loads each work tile's Q tile into a
+//     ring of kQBuffers, then K and V tiles of kBlockN keys into rings of
+//     kStages buffers (pipeline.cuh), each as swizzled 64-column boxes; the
+//     warpgroup hands its registers over to the consumers.
 //   consumers (warpgroups 1, 2 [, 3]): per key tile j,
 //       S_j = Q K_j^T                 wgmma, both operands in shared memory
 //       O  += P_{j-1} V_{j-1}         wgmma, P in registers, issued with S_j
 //       softmax(S_j) -> P_j           while the tensor cores run P_{j-1} V_{j-1}
 //     and the warpgroups take turns issuing (a named barrier each), so that
 //     one's softmax runs beside the others' matrix products.
+//   epilogue (FJ_O_TMA): each consumer writes its 64 rows of O into its own rows
+//     of the Q buffer (its last S has read them), and one thread stores them
+//     with TMA; the buffer goes back to the producer once the store has read it
+//     (at once with one Q buffer; with two, during the next work tile). Without
+//     FJ_O_TMA (an output TMA cannot address) the threads store O directly.
 //
 // Head dims are padded to multiples of 64 (one swizzled region each); the TMA
 // fills rows past the sequence and columns past the head dim with zeros. The
@@ -21,7 +26,7 @@
 // mma.sync kernel.
 //
 // Macros from the prelude: those of mma_common.cuh (FJ_WARPS = 8 or 12 consumer warps)
-// and FJ_STAGES, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
+// and FJ_STAGES, FJ_Q_BUFFERS, FJ_O_TMA, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
 
 namespace flashjit {
@@ -32,38 +37,78 @@ static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups
 static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 96), "three consumers: small tiles only");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 
+constexpr int kQBuffers = FJ_Q_BUFFERS;
+// A Q buffer holds the work tile's Q, then (FJ_O_TMA) its O.
+constexpr int kQTileDim = FJ_O_TMA && kDimV > kDimQk ? kDimV : kDimQk;
+constexpr int kEpilogueBarrier = kTurnBarrier + kConsumers;  // + consumer: one per consumer warpgroup
+
+#if FJ_O_TMA
+// This consumer warpgroup's 64 rows of O / rowsum into its rows of the Q
+// buffer (the swizzled layout of the Q tile), LSE to memory; then one thread
+// stores them with TMA boxes of 64 rows and returns (in that thread) with the
+// stores committed.
+FJ_DEVICE void store_output_tile(const KernelParams& p, const float (&o)[1][kDimV / 8][4],
+                                 const float (&row_max)[1][2], const float (&row_sum)[1][2],
+                                 const long long (&rows)[1][2], int b, int h, int quad, int warp, int consumer,
+                                 elem_t* tile, long long first_query) {
+  float inverse[1][2];
+  finish_rows(p, row_max, row_sum, rows, b, h, quad, inverse);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + lane / 4 + 8 * r;  // of the work tile
+#pragma unroll
+    for (int n = 0; n < kDimV / 8; ++n) {
+      const unsigned pair = pack2(o[0][n][2 * r] * inverse[0][r], o[0][n][2 * r + 1] * inverse[0][r]);
+      *reinterpret_cast<unsigned*>(tile + tile_offset<kBlockM, kQTileDim>(row, n * 8 + quad * 2)) = pair;
+    }
+  }
+  fence_async_shared();  // the stores above, before the TMA reads them
+  named_barrier_sync(kEpilogueBarrier + consumer, 128);
+  if (threadIdx.x % 128 == 0) {
+#pragma unroll
+    for (int region = 0; region < kDimV / kSwizzleElems; ++region) {
+      tma_store(tile + region * kBlockM * kSwizzleElems + consumer * 64 * kSwizzleElems, p.o_map,
+                region * kSwizzleElems, static_cast<int>(first_query + consumer * 64), h, b);
+    }
+    bulk_commit();
+  }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_forward(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
-  elem_t* q_tile = reinterpret_cast<elem_t*>(aligned_for_swizzle(shared_raw));  // [kBlockM][kDimQk]
-  elem_t* k_tiles = q_tile + kBlockM * kDimQk;                                    // kStages x [kBlockN][kDimQk]
+  elem_t* q_tiles = reinterpret_cast<elem_t*>(aligned_for_swizzle(shared_raw));  // kQBuffers x [kBlockM][kQTileDim]
+  elem_t* k_tiles = q_tiles + kQBuffers * kBlockM * kQTileDim;                    // kStages x [kBlockN][kDimQk]
   elem_t* v_tiles = k_tiles + kStages * kBlockN * kDimQk;                         // kStages x [kBlockN][kDimV]
-  unsigned long long* q_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kBlockN * kDimV);
-  unsigned long long* q_empty = q_full + 1;
-  const Ring<kStages> k_ring = Ring<kStages>::at(q_empty + 1);
-  const Ring<kStages> v_ring = Ring<kStages>::at(q_empty + 1 + Ring<kStages>::kBarriers);
-  const TileQueue tiles{Ring<2>::at(q_empty + 1 + 2 * Ring<kStages>::kBarriers),
-                        reinterpret_cast<int*>(q_empty + 1 + 2 * Ring<kStages>::kBarriers + Ring<2>::kBarriers)};
+  unsigned long long* barriers = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kBlockN * kDimV);
+  const Ring<kQBuffers> q_ring = Ring<kQBuffers>::at(barriers);
+  const Ring<kStages> k_ring = Ring<kStages>::at(barriers + Ring<kQBuffers>::kBarriers);
+  const Ring<kStages> v_ring = Ring<kStages>::at(barriers + Ring<kQBuffers>::kBarriers + Ring<kStages>::kBarriers);
+  unsigned long long* queue_barriers = barriers + Ring<kQBuffers>::kBarriers + 2 * Ring<kStages>::kBarriers;
+  const TileQueue tiles{Ring<2>::at(queue_barriers), reinterpret_cast<int*>(queue_barriers + Ring<2>::kBarriers)};
   const int num_tiles = p.num_query_blocks * p.batch * p.heads_q;
 
   const auto init = [&] {
-    mbarrier_init(q_full, 1);
-    mbarrier_init(q_empty, kWarps);
+    // A Q buffer is freed by each consumer warp after its last S, or (FJ_O_TMA)
+    // by each consumer warpgroup once the store of its O has read the buffer.
+    q_ring.init(FJ_O_TMA ? kConsumers : kWarps);
     k_ring.init();
     v_ring.init();
     tiles.init();
   };
   // The block is persistent: per work tile (block_coordinates' order) the
-  // producer loads Q once the consumers' last S of the previous tile has read
-  // it, then K and V tiles, whose rings run on across work tiles; the next
-  // tile's Q and first K load while the consumers finish and store this one.
-  // The next tile is taken once this one's loads are issued, so that the block
-  // nearest done takes it (heavy tiles come first under causal bounds).
+  // producer loads Q into the next free Q buffer, then K and V tiles, whose
+  // rings run on across work tiles; the next tile's Q and first K load while the
+  // consumers finish and store this one. The next tile is taken once this one's
+  // loads are issued, so that the block nearest done takes it (heavy tiles come
+  // first under causal bounds).
   const auto produce = [&] {
     prefetch_tensor_map(p.q_map);
     prefetch_tensor_map(p.k_map);
     prefetch_tensor_map(p.v_map);
-    int kv_use = 0, q_loads = 0;
+    int kv_use = 0, q_use = 0;
     int tile = next_tile(p, true);
     for (int n = 0;; ++n) {
       tiles.push(n, tile);
@@ -71,10 +116,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const QueryBlock block(p, tile);
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
-        mbarrier_wait(q_empty, (q_loads & 1) ^ 1);
-        mbarrier_expect_bytes(q_full, kTileBytes<kBlockM, kDimQk>);
-        tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, block.first_query, block.h, block.b, q_full);
-        ++q_loads;
+        const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
+        tma_load_tile<kBlockM, kDimQk>(q_tiles + q_buffer * kBlockM * kQTileDim, p.q_map, block.first_query, block.h,
+                                       block.b, &q_ring.full[q_buffer]);
         // In the order the consumers need them: K_j, then V_{j-1}.
         for (int j = 0; j <= block.tiles; ++j) {
           if (j < block.tiles) {
@@ -98,7 +142,19 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-    int kv_use = 0, q_loads = 0;
+    int kv_use = 0, q_use = 0;
+#if FJ_O_TMA
+    // The Q buffer whose O store this warpgroup's first thread has yet to see
+    // read before freeing it (two Q buffers: freed during the next work tile).
+    int store_pending = -1;
+    const auto free_stored = [&] {
+      if (store_pending >= 0 && threadIdx.x % 128 == 0) {
+        bulk_wait_read();
+        mbarrier_arrive(&q_ring.empty[store_pending]);
+      }
+      store_pending = -1;
+    };
+#endif
     first_turn(consumer);  // one turn sequence over all the block's work tiles (consumer_steps)
     for (int n = 0;; ++n) {
       const int tile = tiles.pop(n, lane);
@@ -115,55 +171,72 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       zero(o);
       float row_max[1][2] = {{negative_infinity<float>(), negative_infinity<float>()}};  // log2 domain
       float row_sum[1][2] = {{0.0f, 0.0f}};
-      if (block.tiles > 0) {
-        mbarrier_wait(q_full, q_loads & 1);
-        float s[1][kBlockN / 8][4];
-        unsigned prob[kBlockN / 16][4];
-        float scale_old[1][2];
-        consumer_steps(
-            consumer, block.tiles,
-            [&](int j) {  // K_j, and V_{j-1}
-              if (j < block.tiles) k_ring.consume(kv_use + j);
-              if (j > 0) v_ring.consume(kv_use + j - 1);
-            },
-            [&](int j) {  // S_j = Q K_j^T
-              wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s[0], q_tile, consumer * 64,
-                                                           k_tiles + k_ring.buffer(kv_use + j) * kBlockN * kDimQk);
-            },
-            [&](int j) {  // logits, the softmax step and dropout of S_j, beside P_{j-1} V_{j-1}
-              pin(s[0]);
-              k_ring.release(kv_use + j, lane);
-              if (j == block.tiles - 1 && lane == 0) mbarrier_arrive(q_empty);  // the last read of Q
-              const long long tile_start = block.tile_start(j);
-              if (block.interior(p, j, consumer_first, rows_full)) {
-                tile_logits<1, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
-              } else {
-                tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
-              }
-              softmax_step(s, row_max, row_sum, scale_old);
-#if FJ_DROPOUT
-              apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
-#endif
-            },
-            [&](int j) {  // O += P_j V_j
-              wgmma_fragments_by_rows<kBlockN, kDimV>(o[0], prob,
-                                                      v_tiles + v_ring.buffer(kv_use + j) * kBlockN * kDimV);
-            },
-            [&](int j) {
-              pin(o[0]);
-              pin(prob);
-              v_ring.release(kv_use + j, lane);
-            },
-            [&](int j) {
-              if (j > 0) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's maxima
-              to_fragments<kBlockN>(prob, s[0]);
-            });
-        kv_use += block.tiles;
-        ++q_loads;
+      if (block.tiles == 0) {
+        write_output(p, o, row_max, row_sum, rows, b, h, quad);  // O = 0, LSE = -inf
+        continue;
       }
+      const int q_buffer = q_ring.buffer(q_use);
+      elem_t* q_tile = q_tiles + q_buffer * kBlockM * kQTileDim;
+      q_ring.consume(q_use);
+      float s[1][kBlockN / 8][4];
+      unsigned prob[kBlockN / 16][4];
+      float scale_old[1][2];
+      consumer_steps(
+          consumer, block.tiles,
+          [&](int j) {  // K_j, and V_{j-1}
+            if (j < block.tiles) k_ring.consume(kv_use + j);
+            if (j > 0) v_ring.consume(kv_use + j - 1);
+          },
+          [&](int j) {  // S_j = Q K_j^T
+            wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s[0], q_tile, consumer * 64,
+                                                         k_tiles + k_ring.buffer(kv_use + j) * kBlockN * kDimQk);
+          },
+          [&](int j) {  // logits, the softmax step and dropout of S_j, beside P_{j-1} V_{j-1}
+            pin(s[0]);
+            k_ring.release(kv_use + j, lane);
+#if FJ_O_TMA
+            if (j == 0) free_stored();  // the previous work tile's Q buffer
+#else
+            if (j == block.tiles - 1) q_ring.release(q_use, lane);  // the last read of Q
+#endif
+            const long long tile_start = block.tile_start(j);
+            if (block.interior(p, j, consumer_first, rows_full)) {
+              tile_logits<1, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
+            } else {
+              tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
+            }
+            softmax_step(s, row_max, row_sum, scale_old);
+#if FJ_DROPOUT
+            apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
+#endif
+          },
+          [&](int j) {  // O += P_j V_j
+            wgmma_fragments_by_rows<kBlockN, kDimV>(o[0], prob,
+                                                    v_tiles + v_ring.buffer(kv_use + j) * kBlockN * kDimV);
+          },
+          [&](int j) {
+            pin(o[0]);
+            pin(prob);
+            v_ring.release(kv_use + j, lane);
+          },
+          [&](int j) {
+            if (j > 0) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's maxima
+            to_fragments<kBlockN>(prob, s[0]);
+          });
+      kv_use += block.tiles;
+      ++q_use;
+#if FJ_O_TMA
+      store_output_tile(p, o, row_max, row_sum, rows, b, h, quad, warp, consumer, q_tile, block.first_query);
+      store_pending = q_buffer;
+      if (kQBuffers == 1) free_stored();  // the producer waits for this buffer before the next Q
+#else
       write_output(p, o, row_max, row_sum, rows, b, h, quad);
+#endif
     }
     last_turn(consumer);
+#if FJ_O_TMA
+    if (threadIdx.x % 128 == 0) bulk_wait_all();  // shared memory stays until the stores are done
+#endif
   };
   specialised_roles(init, produce, consume);
 }

@@ -22,9 +22,10 @@ struct alignas(64) TensorMap {
 };
 
 struct KernelParams {
-  // The sm_90a kernels (attention_hopper*.cuh) load q, k, v and dout through these;
-  // the others leave them unset. First, for their 64-byte alignment.
-  TensorMap q_map, k_map, v_map, dout_map;
+  // The sm_90a kernels (attention_hopper*.cuh) load q, k, v and dout through these
+  // (and the forward may store o through o_map, in boxes of 64 rows); the others
+  // leave them unset. First, for their 64-byte alignment.
+  TensorMap q_map, k_map, v_map, dout_map, o_map;
   KernelOperand q, k, v, o;              // forward inputs and output
   KernelOperand dout, dq, dk, dv;        // backward only
   KernelOperand lse;                     // [batch, heads_q, seqlen_q], accumulator type

@@ -86,6 +86,23 @@ FJ_DEVICE void tma_load_tile(elem_t* tile, const TensorMap& map, long long row, 
 template <int kRows, int kDim>
 constexpr unsigned kTileBytes = kRows * kDim * sizeof(elem_t);
 
+// One TMA box (64 columns x the map's box rows) from shared memory to operand
+// `map` at column `column`, row `row` of (batch b, head h); rows past the
+// sequence and columns past the head dim are not written. Issued by one thread
+// into its bulk async-group (bulk_commit, bulk_wait_read).
+FJ_DEVICE void tma_store(const void* shared, const TensorMap& map, int column, int row, int h, int b) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(
+          reinterpret_cast<unsigned long long>(&map)),
+      "r"(shared_address(shared)), "r"(column), "r"(row), "r"(h), "r"(b)
+      : "memory");
+}
+FJ_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until the thread's committed bulk stores have read their shared memory.
+FJ_DEVICE void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Until the thread's committed bulk stores are complete.
+FJ_DEVICE void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
 // `bytes` (a multiple of 16) from 16-byte aligned global memory, completing on `barrier`.
 FJ_DEVICE void bulk_load(void* shared, const void* global, unsigned bytes, unsigned long long* barrier) {
   asm volatile(
@@ -108,12 +125,12 @@ struct Ring {
   unsigned long long* empty;  // [kBuffers]
 
   FJ_DEVICE static Ring at(unsigned long long* barriers) { return Ring{barriers, barriers + kBuffers}; }
-  // By one thread, before the block synchronises.
-  FJ_DEVICE void init() const {
+  // By one thread, before the block synchronises; `releases` arrivals free a buffer.
+  FJ_DEVICE void init(unsigned releases = kWarps) const {
 #pragma unroll
     for (int buffer = 0; buffer < kBuffers; ++buffer) {
       mbarrier_init(&full[buffer], 1);
-      mbarrier_init(&empty[buffer], kWarps);
+      mbarrier_init(&empty[buffer], releases);
     }
   }
   // Producer: the buffer of use j once it is empty, its full barrier told to expect `bytes`.

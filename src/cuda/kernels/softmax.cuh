@@ -134,12 +134,12 @@ FJ_DEVICE void apply_dropout(float (&s)[kTiles][kBlockN / 8][4], const KernelPar
 }
 #endif
 
-// O /= rowsum into the output and LSE = ln(sum exp) = (max + log2(sum)) / log2(e);
-// rows with no visible key get O = 0 and LSE = -inf.
+// Per row: the factor that normalises O (1 / rowsum, 0 for a row with no
+// visible key), and LSE = ln(sum exp) = (max + log2(sum)) / log2(e), or -inf,
+// written for rows of the sequence.
 template <int kTiles>
-FJ_DEVICE void write_output(const KernelParams& p, const float (&o)[kTiles][kDimV / 8][4],
-                            const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
-                            const long long (&rows)[kTiles][2], int b, int h, int quad) {
+FJ_DEVICE void finish_rows(const KernelParams& p, const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
+                           const long long (&rows)[kTiles][2], int b, int h, int quad, float (&inverse)[kTiles][2]) {
 #pragma unroll
   for (int m = 0; m < kTiles; ++m) {
 #pragma unroll
@@ -147,20 +147,37 @@ FJ_DEVICE void write_output(const KernelParams& p, const float (&o)[kTiles][kDim
       float total = row_sum[m][r];
       total += __shfl_xor_sync(0xffffffffu, total, 1);
       total += __shfl_xor_sync(0xffffffffu, total, 2);
+      const bool any_visible = total > 0.0f;
+      inverse[m][r] = any_visible ? 1.0f / total : 0.0f;
+      const long long i = rows[m][r];
+      if (quad == 0 && i < p.seqlen_q) {
+        *operand_row<float>(p.lse, b, h, i) =
+            any_visible ? (row_max[m][r] + log2f(total)) / kLog2e : negative_infinity<float>();
+      }
+    }
+  }
+}
+
+// O /= rowsum into the output, and LSE (finish_rows); rows with no visible key
+// get O = 0 and LSE = -inf.
+template <int kTiles>
+FJ_DEVICE void write_output(const KernelParams& p, const float (&o)[kTiles][kDimV / 8][4],
+                            const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
+                            const long long (&rows)[kTiles][2], int b, int h, int quad) {
+  float inverse[kTiles][2];
+  finish_rows(p, row_max, row_sum, rows, b, h, quad, inverse);
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
       const long long i = rows[m][r];
       if (i >= p.seqlen_q) continue;
-      const bool any_visible = total > 0.0f;
-      const float inverse = any_visible ? 1.0f / total : 0.0f;
       elem_t* out_row = operand_row<elem_t>(p.o, b, h, i);
 #pragma unroll
       for (int n = 0; n < kDimV / 8; ++n) {
         const int d = n * 8 + quad * 2;
-        if (d < p.head_dim_v) out_row[d] = from_float<elem_t>(o[m][n][2 * r] * inverse);
-        if (d + 1 < p.head_dim_v) out_row[d + 1] = from_float<elem_t>(o[m][n][2 * r + 1] * inverse);
-      }
-      if (quad == 0) {
-        *operand_row<float>(p.lse, b, h, i) =
-            any_visible ? (row_max[m][r] + log2f(total)) / kLog2e : negative_infinity<float>();
+        if (d < p.head_dim_v) out_row[d] = from_float<elem_t>(o[m][n][2 * r] * inverse[m][r]);
+        if (d + 1 < p.head_dim_v) out_row[d + 1] = from_float<elem_t>(o[m][n][2 * r + 1] * inverse[m][r]);
       }
     }
   }

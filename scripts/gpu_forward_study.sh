@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The forward kernel's work on the GPU machine in one call: build, the forward
+# tests on CUDA (test_attention.py, including every forced tile configuration),
+# compute-sanitizer memcheck on small cases, the forward benchmark with several
+# FLASHJIT_CUDA_TILES settings as columns, and (--ncu) Nsight Compute on one
+# D128 forward. Logs and records go to $OUT (default /tmp/flashjit-forward-study).
+#   bash scripts/gpu_forward_study.sh [--no-tests] [--no-memcheck] [--ncu] [--tiles T1 T2 ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/flashjit-forward-study}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
+status=0
+step() { echo; echo "==== $* ($(date +%T))"; }
+tests=1 memcheck=1 ncu=0 tiles=()
+while (($#)); do
+  case $1 in
+    --no-tests) tests=0 ;;
+    --no-memcheck) memcheck=0 ;;
+    --ncu) ncu=1 ;;
+    --tiles) shift; while (($#)) && [[ $1 != --* ]]; do tiles+=("$1"); shift; done; continue ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+  shift
+done
+((${#tiles[@]})) || tiles=(default)
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+
+step "build"
+python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+
+if ((tests)); then
+  step "test_attention.py (FLASHJIT_TEST_DEVICE=cuda)"
+  FLASHJIT_TEST_DEVICE=cuda timeout 300 python3 -m pytest tests/python/test_attention.py -q -x -n 8 2>&1 \
+    | tee "$OUT/pytest-attention.log" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if ((memcheck)); then
+  step "compute-sanitizer memcheck"
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitizer_cases.py \
+    >"$OUT/memcheck.log" 2>&1 || status=1
+  tail -3 "$OUT/memcheck.log"
+fi
+
+step "forward benchmark, tiles: ${tiles[*]}"
+timeout 420 python3 bench/gpu_attention.py --forward-only --no-fa4 --out "$OUT" --tiles "${tiles[@]}" \
+  >"$OUT/bench.log" 2>&1 || status=1
+grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
+
+if ((ncu)); then
+  step "ncu: D128 N4096 forward"
+  timeout 240 ncu --clock-control none -k regex:fj_attention_forward --launch-skip 1 -c 1 --set full \
+    --import-source yes -f -o "$OUT/forward" python3 bench/profile_cuda.py --head-dim 128 --seqlen 4096 \
+    >"$OUT/ncu.log" 2>&1 || status=1
+  ncu --import "$OUT/forward.ncu-rep" --page details >"$OUT/ncu-details.txt" 2>&1
+  ncu --import "$OUT/forward.ncu-rep" --page source --csv --print-source sass 2>/dev/null | gzip >"$OUT/ncu-sass.csv.gz"
+  rm -f "$OUT/forward.ncu-rep"
+  grep -E "Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible" \
+    "$OUT/ncu-details.txt" | head -12
+fi
+echo "forward study status: $status"
+exit $status
