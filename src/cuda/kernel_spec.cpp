@@ -125,7 +125,8 @@ std::string KernelSpec::name() const {
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
-                 q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "", "_sm", arch,
+                 q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
+                 fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "", "_sm", arch,
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
@@ -210,7 +211,8 @@ std::string KernelSpec::source() const {
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
-      "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_ELEM_IS_BF16 ",
+      "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_FOLD_SCALE ", fold_scale ? 1 : 0, "\n",
+      "#define FJ_LAZY_RESCALE ", lazy_rescale ? 1 : 0, "\n", "#define FJ_ELEM_IS_BF16 ",
       dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
   const auto append = [&](const char* file) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
@@ -259,6 +261,7 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
   traits.window = p.window_left >= 0 || p.window_right >= 0;
   traits.dropout = p.has_dropout();
   traits.softcap = p.softcap > 0.0;
+  traits.positive_scale = p.scale > 0.0;
   const auto row_aligned = [](const Operand& x) {
     return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride_batch % 8 == 0 &&
            x.stride_head % 8 == 0 && x.stride_seq % 8 == 0;
@@ -282,7 +285,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -310,8 +313,11 @@ ForwardTiles parse_forward_tiles(const char* text) {
       tiles.o_tma = value == "tma" ? 1 : 0;
     } else if (key == "groups") {
       tiles.groups = number(item, value, 2, 3, "groups=2 or groups=3");
+    } else if (key == "softmax") {
+      if (value != "fast" && value != "plain") fail(item, "softmax=fast or softmax=plain");
+      tiles.fast_softmax = value == "fast" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax");
     }
   }
   return tiles;
@@ -405,6 +411,7 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
   if (forced.stages) spec.stages = forced.stages;
   if (forced.q_buffers) spec.q_buffers = forced.q_buffers;
   if (forced.o_tma >= 0) spec.o_tma = forced.o_tma == 1;
+  if (forced.fast_softmax == 0) spec.fold_scale = spec.lazy_rescale = false;
   if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 96) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 takes at most n=96, got n=", spec.block_n);
   }
@@ -436,6 +443,8 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
     case KernelEntry::kForward:  // S (block_n / 2 floats a thread), P and O (head_dim_v / 2)
       spec.block_n = head_dim <= 128 ? 128 : (head_dim <= 192 ? 96 : 64);
       spec.o_tma = true;
+      spec.fold_scale = traits.positive_scale && !traits.softcap && traits.mask != MaskKind::kAdditive;
+      spec.lazy_rescale = !traits.dropout;
       break;
     case KernelEntry::kBackwardDq:  // S, dP, dS and dQ
       spec.block_n = head_dim <= 64 ? 128 : head_dim <= 128 ? 64 : 32;

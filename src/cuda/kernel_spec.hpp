@@ -43,6 +43,12 @@ struct KernelSpec {
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
   int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)
   bool o_tma = false; // kHopper forward: O leaves through shared memory (the Q buffer) by TMA stores
+  // kHopper forward without softcap or additive mask, for a positive scale: the
+  // scale multiplies inside the exponent (softmax.cuh, kFoldScale).
+  bool fold_scale = false;
+  // kHopper forward without dropout: a row's base moves only when its maximum
+  // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
+  bool lazy_rescale = false;
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -67,6 +73,7 @@ struct KernelTraits {
   bool window = false;
   bool dropout = false;
   bool softcap = false;
+  bool positive_scale = true;  // scale > 0 (kernels may fold it into the exponent)
   // Every q/k/v row starts 16-byte aligned and head dims are multiples of 8.
   bool aligned = true;
   // TMA descriptors can address q, k, v (and dout): kHopper kernels may be chosen.
@@ -77,7 +84,7 @@ struct KernelTraits {
 KernelTraits traits_of(const AttentionProblem& problem, int arch);
 
 // A forced tile configuration of the sm_90a forward, from FLASHJIT_CUDA_TILES
-// ("n=128,stages=2,q=2,o=tma,groups=2"; any subset of the keys, for
+// ("n=128,stages=2,q=2,o=tma,groups=2,softmax=fast"; any subset of the keys, for
 // comparisons and the tuner). Zero or -1 fields are not forced. Read at every
 // kernel choice, so that a benchmark can switch it between calls; a malformed
 // value raises an error naming the key and what it accepts.
@@ -87,7 +94,8 @@ struct ForwardTiles {
   int q_buffers = 0;  // 1 or 2
   int o_tma = -1;     // 1: O by TMA stores ("o=tma"); 0: direct stores ("o=direct")
   int groups = 0;     // consumer warpgroups: 2, or 3 (head dims up to 64)
-  bool forced() const { return block_n || stages || q_buffers || o_tma >= 0 || groups; }
+  int fast_softmax = -1;  // 0 ("softmax=plain"): neither fold_scale nor lazy_rescale; 1: where they apply
+  bool forced() const { return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0; }
 };
 ForwardTiles parse_forward_tiles(const char* text);
 ForwardTiles forced_forward_tiles();

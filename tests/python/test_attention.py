@@ -110,7 +110,7 @@ def test_many_work_tiles_per_block(causal, D):
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
-                                   "n=160,q=1", "groups=3"])
+                                   "n=160,q=1", "groups=3", "softmax=plain"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
@@ -132,6 +132,33 @@ def test_causal_window():
 
 def test_softcap_and_scale():
     run(softcap=3.0, scale=0.7, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_scale_of_any_sign(scale, dtype):
+    # A positive scale folds into the exponent on sm_90a; zero and negative ones cannot.
+    run(B=1, Hq=2, Hkv=1, Sq=200, Sk=300, D=64, scale=scale, dtype=dtype)
+
+
+@pytest.mark.parametrize("growth", [0.02, 0.5])
+def test_row_maxima_growing_along_the_keys(growth):
+    # Scores that rise key after key: each key tile raises every row's maximum,
+    # by less (0.02) or more (0.5) than the forward lets a row's base lag behind.
+    B, H, S, D = 1, 2, 700, 64
+    # q . u is about sqrt(D) = 8 for every query, so the scaled score grows by
+    # about `growth` nats per 8 keys: 1.75 nats over the sequence, or 44.
+    q = torch.randn(B, H, S, D) + 1.0
+    u = torch.ones(D) / D**0.5
+    k = torch.randn(B, H, S, D) * 0.3 + growth * torch.arange(S).view(1, 1, S, 1) / 8 * u
+    v = torch.randn(B, H, S, D)
+    dtype = torch.bfloat16
+    fq, fk, fv = (x.to(dtype).to(DEVICE) for x in (q, k, v))
+    o, lse = flashjit.attention(fq, fk, fv, return_lse=True)
+    exact_o, exact_lse = naive_attention(*leaves(*(x.to(dtype) for x in (q, k, v))))
+    base_o, base_lse = naive_attention(*leaves(*(x.to(dtype) for x in (q, k, v))), dtype=dtype)
+    check("o", o, base_o, exact_o, dtype)
+    check("lse", lse, base_lse, exact_lse, torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(70, 90), (1, 90), (70, 1), (4, 1, 90), (2, 1, 70, 90), (1, 4, 70, 90),

@@ -181,6 +181,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       float s[1][kBlockN / 8][4];
       unsigned prob[kBlockN / 16][4];
       float scale_old[1][2];
+      bool rescale = false;
       consumer_steps(
           consumer, block.tiles,
           [&](int j) {  // K_j, and V_{j-1}
@@ -205,7 +206,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             } else {
               tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
             }
-            softmax_step(s, row_max, row_sum, scale_old);
+            // O is rescaled (in prepare) only where a row of this warp moved its base.
+            rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
 #if FJ_DROPOUT
             apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
 #endif
@@ -220,7 +222,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             v_ring.release(kv_use + j, lane);
           },
           [&](int j) {
-            if (j > 0) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's maxima
+            if (j > 0 && rescale) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's bases
             to_fragments<kBlockN>(prob, s[0]);
           });
       kv_use += block.tiles;

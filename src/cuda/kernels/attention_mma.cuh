@@ -97,7 +97,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
       tile_logits<kRowTiles, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
     }
     float scale_old[kRowTiles][2];
-    softmax_step(s, row_max, row_sum, scale_old);
+    softmax_step(s, row_max, row_sum, scale_old, scale_log2);
     rescale_rows(o, scale_old);
 #if FJ_DROPOUT
     apply_dropout(s, p, batch_head, rows, tile_start, quad);

@@ -131,6 +131,19 @@ FJ_DEVICE bool visible(const KernelParams& p, long long query, long long key) {
   return (p.window_left < 0 || shifted >= -p.window_left) && (p.window_right < 0 || shifted <= p.window_right);
 }
 
+#if FJ_MASK != 0
+FJ_DEVICE const FJ_MASK_TYPE* mask_element(const KernelParams& p, int b, int h, long long i, long long j) {
+  return static_cast<const FJ_MASK_TYPE*>(p.mask) + b * p.mask_stride[0] + h * p.mask_stride[1] +
+         i * p.mask_stride[2] + j * p.mask_stride[3];
+}
+#endif
+#if FJ_MASK == 1
+// Whether the boolean mask hides key j from query i (false: not attended).
+FJ_DEVICE bool mask_hides(const KernelParams& p, int b, int h, long long i, long long j) {
+  return *mask_element(p, b, h, i, j) == 0;
+}
+#endif
+
 // The score of (b, h, i, j) from the raw dot product, in the order of the CPU
 // backend: scale, softcap, mask. With softcap, *tanh_out receives
 // tanh(score / softcap) for the backward's derivative.
@@ -142,14 +155,10 @@ FJ_DEVICE Acc masked_score(const KernelParams& p, Acc dot, int b, int h, long lo
   *tanh_out = t;
   x = static_cast<Acc>(p.softcap) * t;
 #endif
-#if FJ_MASK != 0
-  const FJ_MASK_TYPE* mask = static_cast<const FJ_MASK_TYPE*>(p.mask) + b * p.mask_stride[0] +
-                             h * p.mask_stride[1] + i * p.mask_stride[2] + j * p.mask_stride[3];
 #if FJ_MASK == 1
-  if (*mask == 0) x = negative_infinity<Acc>();
-#else
-  x += load_as<Acc>(mask);
-#endif
+  if (mask_hides(p, b, h, i, j)) x = negative_infinity<Acc>();
+#elif FJ_MASK == 2
+  x += load_as<Acc>(mask_element(p, b, h, i, j));
 #endif
   return x;
 }

@@ -40,29 +40,51 @@ FJ_DEVICE float row_reduce(const float (&c)[kBlockN / 8][4], int r) {
   return part[0];
 }
 
-// Logits of one S tile in the log2 domain. Edge tiles (not kInterior) take
-// each row's visible keys through the causal/window bounds as a column span,
-// -inf elsewhere and in rows past the sequence.
+// kFoldScale (sm_90a forward without softcap or additive mask, scale > 0): S
+// stays the raw dot product (bounds and boolean masks still give -inf), and
+// softmax_step applies scale * log2(e) inside the exponent's fused multiply-add.
+constexpr bool kFoldScale = FJ_FOLD_SCALE;
+static_assert(!kFoldScale || (FJ_MASK != 2 && !FJ_SOFTCAP), "the scale folds only where the logit is the scaled dot");
+// FJ_LAZY_RESCALE (the sm_90a forward without dropout) keeps a row's base (the maximum its probabilities are taken
+// against) until the maximum exceeds it by more than this many powers of two, so
+// that O is rescaled rarely; P then stays below 2^kRebaseSlack. Exact either
+// way: O, the sums and the LSE all use the same base. Not with dropout, whose
+// factor 1 / (1 - p) multiplies P (fp16 would overflow as p nears 1).
+constexpr float kRebaseSlack = FJ_LAZY_RESCALE ? 8.0f : 0.0f;
+static_assert(!FJ_LAZY_RESCALE || !FJ_DROPOUT, "dropout scales P: its base follows the maximum");
+
+// Logits of one S tile in the log2 domain (raw with kFoldScale). Edge tiles
+// (not kInterior) take each row's visible keys through the causal/window bounds
+// as a column span, -inf elsewhere and in rows past the sequence.
 template <int kTiles, bool kInterior>
 FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParams& p, const long long (&rows)[kTiles][2],
                            long long tile_start, int b, int h, int quad, float scale_log2) {
+  // Interior tiles of a kernel that folds the scale and has no mask: the raw dot products as they are.
+  if constexpr (!(kInterior && kFoldScale && FJ_MASK == 0)) {
 #pragma unroll
-  for (int m = 0; m < kTiles; ++m) {
+    for (int m = 0; m < kTiles; ++m) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const long long i = rows[m][r];
-      const ColumnSpan<kBlockN> span = key_span<kBlockN>(p, i, tile_start);
+      for (int r = 0; r < 2; ++r) {
+        const long long i = rows[m][r];
+        const ColumnSpan<kBlockN> span = key_span<kBlockN>(p, i, tile_start);
 #pragma unroll
-      for (int n = 0; n < kBlockN / 8; ++n) {
+        for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          float& x = s[m][n][2 * r + c];
-          const int column = n * 8 + quad * 2 + c;
-          float unused_tanh;
-          if (kInterior || span.contains(column)) {
-            x = logit_log2(p, x, scale_log2, b, h, i, tile_start + column, &unused_tanh);
-          } else {
-            x = negative_infinity<float>();
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[m][n][2 * r + c];
+            const int column = n * 8 + quad * 2 + c;
+            float unused_tanh;
+            if (kInterior || span.contains(column)) {
+              if constexpr (kFoldScale) {
+#if FJ_MASK == 1
+                if (mask_hides(p, b, h, i, tile_start + column)) x = negative_infinity<float>();
+#endif
+              } else {
+                x = logit_log2(p, x, scale_log2, b, h, i, tile_start + column, &unused_tanh);
+              }
+            } else {
+              x = negative_infinity<float>();
+            }
           }
         }
       }
@@ -70,34 +92,44 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
   }
 }
 
-// One online-softmax step: the row maxima take this tile's logits, S becomes
-// P = exp2(S - max), the row sums are rescaled and extended, and scale_old
-// receives the factor that rebases the output accumulated so far.
+// One online-softmax step: the row bases take this tile's logits (a base moves
+// to the new maximum only past kRebaseSlack), S becomes P = exp2(S - base), the
+// row sums are rescaled and extended, and scale_old receives the factor that
+// rebases the output accumulated so far (1 where no base moved). Returns whether
+// any of this thread's bases moved.
 template <int kTiles>
-FJ_DEVICE void softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)[kTiles][2],
-                            float (&row_sum)[kTiles][2], float (&scale_old)[kTiles][2]) {
+FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)[kTiles][2],
+                            float (&row_sum)[kTiles][2], float (&scale_old)[kTiles][2], float scale_log2) {
+  bool moved = false;
 #pragma unroll
   for (int m = 0; m < kTiles; ++m) {
-    float base_max[2];
+    float base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tmax = row_reduce<false>(s[m], r);
       tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
       tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-      const float new_max = fmaxf(row_max[m][r], tmax);
+      if constexpr (kFoldScale) tmax *= scale_log2;  // scale > 0: the maximum of the scaled logits
+      const float old_max = row_max[m][r];
+      const bool rebase = tmax > old_max + kRebaseSlack;
+      moved = moved || rebase;
+      const float new_max = rebase ? tmax : old_max;
       // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
-      base_max[r] = new_max == negative_infinity<float>() ? 0.0f : new_max;
-      scale_old[m][r] = fast_exp2(row_max[m][r] - base_max[r]);
+      base[r] = new_max == negative_infinity<float>() ? 0.0f : new_max;
+      scale_old[m][r] = rebase ? fast_exp2(old_max - base[r]) : 1.0f;
       row_max[m][r] = new_max;
     }
 #pragma unroll
     for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[m][n][e] = fast_exp2(s[m][n][e] - base_max[e / 2]);
+      for (int e = 0; e < 4; ++e) {
+        s[m][n][e] = kFoldScale ? fast_exp2(fmaf(s[m][n][e], scale_log2, -base[e / 2])) : fast_exp2(s[m][n][e] - base[e / 2]);
+      }
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[m][r] = row_sum[m][r] * scale_old[m][r] + row_reduce<true>(s[m], r);
   }
+  return moved;
 }
 
 // Rows of C fragments times per-row factors (rows g and g + 8 of each tile).
