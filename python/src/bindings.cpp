@@ -11,6 +11,9 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cxxabi.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <optional>
 #include <string>
@@ -24,6 +27,34 @@ namespace nb = nanobind;
 namespace {
 
 using Array = nb::ndarray<nb::ro>;
+
+// Takes the GIL back after a call that ran without it. A thread the interpreter
+// is ending (a daemon thread at exit, Python < 3.14) leaves through
+// pthread_exit inside PyEval_RestoreThread; unwinding that through nanobind's
+// frames would abort the process, so the thread stops here instead and the
+// process's exit removes it.
+void restore_gil(PyThreadState* state) {
+  try {
+    PyEval_RestoreThread(state);
+  } catch (abi::__forced_unwind&) {
+    for (;;) pause();
+  }
+}
+
+// call() with the GIL released (C API calls that take time: kernels, compiles).
+template <class Call>
+fj_status without_gil(Call call) {
+  PyThreadState* state = PyEval_SaveThread();
+  fj_status status;
+  try {
+    status = call();
+  } catch (...) {
+    restore_gil(state);
+    throw;
+  }
+  restore_gil(state);
+  return status;
+}
 
 [[noreturn]] void raise_status(fj_status status) {
   const std::string message = fj_last_error();
@@ -146,11 +177,7 @@ void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle 
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
-  fj_status status;
-  {
-    nb::gil_scoped_release release;
-    status = fj_attention_forward(&tq, &tk, &tv, &options, &to, &tlse);
-  }
+  const fj_status status = without_gil([&] { return fj_attention_forward(&tq, &tk, &tv, &options, &to, &tlse); });
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
@@ -166,11 +193,8 @@ void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
-  fj_status status;
-  {
-    nb::gil_scoped_release release;
-    status = fj_attention_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv);
-  }
+  const fj_status status = without_gil(
+      [&] { return fj_attention_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv); });
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
@@ -205,12 +229,7 @@ void cuda_precompile(const std::vector<KernelConfigTuple>& configs) {
     config.device_index = std::get<10>(t);
     c_configs.push_back(config);
   }
-  fj_status status;
-  {
-    nb::gil_scoped_release release;
-    status = fj_cuda_precompile(c_configs.data(), int32_t(c_configs.size()));
-  }
-  check(status);
+  check(without_gil([&] { return fj_cuda_precompile(c_configs.data(), int32_t(c_configs.size())); }));
 }
 
 nb::dict cuda_cache_stats() {

@@ -1,5 +1,6 @@
 #include "cpu/thread_pool.hpp"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -110,19 +111,31 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
+// One job at a time runs on the pool. The pool is never destroyed: at exit a
+// thread the process does not wait for (a Python daemon thread) may still be
+// inside a job, and destroying the pool under it would abort; its idle workers
+// end with the process.
 std::mutex g_pool_mutex;
-std::unique_ptr<ThreadPool> g_pool;
-pid_t g_pool_pid = 0;
+ThreadPool* g_pool = nullptr;
+
+// fork(): the parent holds g_pool_mutex across it, so that no job is running
+// and the child's copy of the mutex is not left locked by a thread the child
+// does not have; the child forgets the parent's pool (its threads do not exist
+// there; the shell is leaked) and starts its own on first use.
+void lock_pool_before_fork() { g_pool_mutex.lock(); }
+void unlock_pool_in_parent() { g_pool_mutex.unlock(); }
+void reset_pool_in_child() {
+  g_pool = nullptr;
+  g_pool_mutex.unlock();
+}
 
 // The pool for this process, grown to at least `workers`; the caller holds
-// g_pool_mutex, so one job runs at a time. A forked child gets a fresh pool: the
-// parent's threads do not exist there.
+// g_pool_mutex.
 ThreadPool& pool(int workers) {
-  if (g_pool && g_pool_pid != getpid()) (void)g_pool.release();  // threads gone; leak the shell
-  if (!g_pool || g_pool->requested() < workers) {
-    g_pool.reset();
-    g_pool = std::make_unique<ThreadPool>(workers);
-    g_pool_pid = getpid();
+  if (g_pool == nullptr || g_pool->requested() < workers) {
+    delete g_pool;  // no job runs: the caller holds the lock
+    g_pool = nullptr;
+    g_pool = new ThreadPool(workers);
   }
   return *g_pool;
 }
@@ -172,6 +185,9 @@ void parallel_for(int64_t count, int workers_wanted, const std::function<void(in
     for (int64_t i = 0; i < count; ++i) task(i, 0);
     return;
   }
+  static const int fork_handlers =
+      pthread_atfork(lock_pool_before_fork, unlock_pool_in_parent, reset_pool_in_child);
+  (void)fork_handlers;  // registered once, before the first pool exists
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   ThreadPool& threads = pool(workers);
   threads.run(count, std::min(workers, threads.size()), task);
