@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -266,18 +265,19 @@ def cache_info() -> int:
 
 
 def cache_clear() -> int:
-    """Deletes this version's cache directory (other versions' kernels stay)."""
+    """Deletes this version's kernel files (other versions' kernels and files flashjit did not write stay)."""
+    import flashjit
+
     directory = version_cache_dir()
     if not os.path.isdir(directory):
         print(f"nothing to remove: {directory} does not exist")
         return 0
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        files, size = _directory_usage(path) if os.path.isdir(path) else (1, os.lstat(path).st_size)
-        print(f"removing {path}: {files} files, {size} bytes")
-    files, size = _directory_usage(directory)
-    shutil.rmtree(directory)
-    print(f"removed {directory}: {files} files, {size} bytes")
+    removed = flashjit.cuda.remove_cache_files(flashjit.__version__)
+    print(f"removed {removed['files']} kernel files ({removed['bytes']} bytes) from {directory}")
+    for folder in removed["folders"]:
+        print(f"removed the empty folder {folder}")
+    for path in removed["kept"]:
+        print(f"kept {path}: not a flashjit kernel file")
     return 0
 
 

@@ -9,7 +9,8 @@ NVRTC only, no GPU.
 
 from __future__ import annotations
 
-import shutil
+import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Iterable
@@ -104,7 +105,54 @@ def clear_memory_cache() -> None:
     _C.cuda_clear_memory_cache()
 
 
-def clear_cache() -> None:
-    """Deletes the disk cache (every version and arch) and forgets what memory holds."""
-    shutil.rmtree(cache_dir(), ignore_errors=True)
+# Files the kernel cache writes in <base>/<version>/sm_<arch>/: the cubin entry,
+# its generated source and NVRTC log, their lock files and temporary files.
+_CACHE_FILE = re.compile(r"^(simt|mma|hopper)-[A-Za-z0-9_.+-]+-[0-9a-f]{32}\.(cubin|cu|log)(\.lock|\.tmp\.\d+)?$")
+_ARCH_DIR = re.compile(r"^sm_\d+$")
+
+
+def remove_cache_files(version: str | None = None) -> dict:
+    """Deletes flashjit's kernel files from the disk cache: one version's (a
+    version string) or every version's (None). Files flashjit did not write stay,
+    and so do the folders holding them. Returns what was removed: {"files",
+    "bytes", "folders"} (folders: the ones left empty and removed), and "kept"
+    (other files found in the cache's arch folders, left in place)."""
+    base = cache_dir()
+    removed = {"files": 0, "bytes": 0, "folders": [], "kept": []}
+    if not os.path.isdir(base):
+        return removed
+    versions = [version] if version is not None else sorted(os.listdir(base))
+    for name in versions:
+        version_dir = os.path.join(base, name)
+        if not os.path.isdir(version_dir) or os.path.islink(version_dir):
+            continue
+        arch_dirs = [d for d in sorted(os.listdir(version_dir)) if _ARCH_DIR.match(d)]
+        for arch in arch_dirs:
+            arch_dir = os.path.join(version_dir, arch)
+            if not os.path.isdir(arch_dir) or os.path.islink(arch_dir):
+                continue
+            for entry in sorted(os.listdir(arch_dir)):
+                path = os.path.join(arch_dir, entry)
+                if _CACHE_FILE.match(entry) and os.path.isfile(path) and not os.path.islink(path):
+                    size = os.lstat(path).st_size
+                    os.remove(path)
+                    removed["files"] += 1
+                    removed["bytes"] += size
+                else:
+                    removed["kept"].append(path)
+            if not os.listdir(arch_dir):
+                os.rmdir(arch_dir)
+                removed["folders"].append(arch_dir)
+        if arch_dirs and not os.listdir(version_dir):
+            os.rmdir(version_dir)
+            removed["folders"].append(version_dir)
+    return removed
+
+
+def clear_cache() -> dict:
+    """Deletes flashjit's kernel files from the disk cache (every version and arch;
+    files flashjit did not write stay) and forgets what memory holds. Returns what
+    was removed (remove_cache_files)."""
+    removed = remove_cache_files(None)
     clear_memory_cache()
+    return removed

@@ -146,23 +146,49 @@ def test_info(tmp_path):
     assert info["cache"]["files"] == 0 and info["cache"]["bytes"] == 0
 
 
+KERNEL = "hopper-forward_bfloat16_qk128_v128_mask-none_aligned_t384_r1_n128_s2_sm90a-" + "0123456789abcdef" * 2
+
+
 def test_cache_clear(tmp_path, monkeypatch, capsys):
-    """Removes this version's kernels and keeps other versions'."""
+    """Removes this version's kernel files, keeps other versions' and files flashjit did not write."""
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
     mine = tmp_path / flashjit.__version__ / "sm_90"
     other = tmp_path / "0.0.1" / "sm_90"
     for folder in (mine, other):
         folder.mkdir(parents=True)
-        (folder / "kernel.cubin").write_bytes(b"x" * 100)
-    (mine / "kernel.cu").write_text("// source")
+        (folder / f"{KERNEL}.cubin").write_bytes(b"x" * 100)
+    (mine / f"{KERNEL}.cu").write_text("// source")
+    (mine / f"{KERNEL}.cubin.lock").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("someone else's")
     assert cli.main(["cache", "info"]) == 0
-    assert f"{tmp_path / flashjit.__version__}: 2 files, 109 bytes" in capsys.readouterr().out
+    assert f"{tmp_path / flashjit.__version__}: 3 files, 109 bytes" in capsys.readouterr().out
     assert cli.main(["cache", "clear"]) == 0
     out = capsys.readouterr().out
-    assert f"removed {tmp_path / flashjit.__version__}: 2 files, 109 bytes" in out
-    assert not (tmp_path / flashjit.__version__).exists() and (other / "kernel.cubin").exists()
+    assert f"removed 3 kernel files (109 bytes) from {tmp_path / flashjit.__version__}" in out
+    assert not (tmp_path / flashjit.__version__).exists() and (other / f"{KERNEL}.cubin").exists()
+    assert (tmp_path / "notes.txt").exists()
     assert cli.main(["cache", "clear"]) == 0
     assert "nothing to remove" in capsys.readouterr().out
+
+
+def test_clear_cache_removes_only_flashjit_files(tmp_path, monkeypatch, capsys):
+    """flashjit.cuda.clear_cache() takes every version's kernels and nothing else, and says what it took."""
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    for version in (flashjit.__version__, "0.0.1"):
+        (tmp_path / version / "sm_80").mkdir(parents=True)
+        (tmp_path / version / "sm_80" / f"{KERNEL}.cubin").write_bytes(b"x" * 10)
+    foreign = [tmp_path / "mine.bin", tmp_path / "0.0.1" / "sm_80" / "model.safetensors",
+               tmp_path / "project" / "sm_1" / "data.cubin"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"keep")
+    removed = flashjit.cuda.clear_cache()
+    assert removed["files"] == 2 and removed["bytes"] == 20
+    assert str(foreign[1]) in removed["kept"]
+    assert all(path.exists() for path in foreign)
+    assert not (tmp_path / flashjit.__version__).exists()
+    assert (tmp_path / "0.0.1" / "sm_80").exists()  # still holds the foreign file
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.skipif(flashjit.cuda.device_count() > 0, reason="checks the message on a machine without a GPU")
