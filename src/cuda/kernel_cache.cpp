@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <utility>
 
@@ -21,7 +22,9 @@
 namespace flashjit::cuda {
 namespace {
 
-constexpr char kMagic[8] = {'F', 'J', 'C', 'U', 'B', 'I', 'N', '1'};
+// Entry format 2: magic, the entry's key (32 hex digits), cubin size, checksum, cubin.
+constexpr char kMagic[8] = {'F', 'J', 'C', 'U', 'B', 'I', 'N', '2'};
+constexpr size_t kKeyLength = 32;
 
 // FNV-1a, 64 bits; two bases give the 128-bit key.
 uint64_t fnv1a(const std::string& text, uint64_t hash) {
@@ -63,7 +66,11 @@ void write_atomically(const std::string& path, const std::string& contents) {
   {
     std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
     out.write(contents.data(), std::streamsize(contents.size()));
-    if (!out) throw_unsupported("[cuda] cannot write the kernel cache file ", temporary);
+    if (!out) {
+      out.close();
+      std::remove(temporary.c_str());
+      throw_unsupported("[cuda] cannot write the kernel cache file ", temporary);
+    }
   }
   if (std::rename(temporary.c_str(), path.c_str()) != 0) {
     std::remove(temporary.c_str());
@@ -71,8 +78,9 @@ void write_atomically(const std::string& path, const std::string& contents) {
   }
 }
 
-std::string cache_entry(const std::string& cubin) {
+std::string cache_entry(const std::string& key, const std::string& cubin) {
   std::string entry(kMagic, sizeof kMagic);
+  entry += key;
   const uint64_t size = cubin.size();
   const uint64_t checksum = fnv1a(cubin, 0xcbf29ce484222325ULL);
   entry.append(reinterpret_cast<const char*>(&size), sizeof size);
@@ -80,16 +88,18 @@ std::string cache_entry(const std::string& cubin) {
   return entry + cubin;
 }
 
-// The cubin of a disk entry, or nothing when absent, truncated or corrupt.
-std::shared_ptr<const std::string> read_entry(const std::string& path) {
+// The cubin of a disk entry, or nothing when absent, truncated, corrupt, or the
+// entry of another key (a file copied or renamed into place).
+std::shared_ptr<const std::string> read_entry(const std::string& path, const std::string& key) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return nullptr;
   std::string entry((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  constexpr size_t kHeader = sizeof kMagic + 2 * sizeof(uint64_t);
+  constexpr size_t kHeader = sizeof kMagic + kKeyLength + 2 * sizeof(uint64_t);
   if (entry.size() < kHeader || std::memcmp(entry.data(), kMagic, sizeof kMagic) != 0) return nullptr;
+  if (key.size() != kKeyLength || entry.compare(sizeof kMagic, kKeyLength, key) != 0) return nullptr;
   uint64_t size = 0, checksum = 0;
-  std::memcpy(&size, entry.data() + sizeof kMagic, sizeof size);
-  std::memcpy(&checksum, entry.data() + sizeof kMagic + sizeof size, sizeof checksum);
+  std::memcpy(&size, entry.data() + sizeof kMagic + kKeyLength, sizeof size);
+  std::memcpy(&checksum, entry.data() + sizeof kMagic + kKeyLength + sizeof size, sizeof checksum);
   if (entry.size() - kHeader != size) return nullptr;
   auto cubin = std::make_shared<std::string>(entry.substr(kHeader));
   if (fnv1a(*cubin, 0xcbf29ce484222325ULL) != checksum) return nullptr;
@@ -116,6 +126,16 @@ class FileLock {
  private:
   int fd_;
 };
+
+// The first time the disk cache cannot be written, says so on stderr (once a
+// process): kernels are then compiled in memory by each process.
+void warn_once_unwritable(const char* why) {
+  static std::once_flag once;
+  std::call_once(once, [why] {
+    std::fprintf(stderr, "flashjit: warning: the kernel cache on disk is not used (%s); kernels are compiled in memory\n",
+                 why);
+  });
+}
 
 struct Compiled {
   std::string cubin;
@@ -212,25 +232,44 @@ std::shared_ptr<const std::string> kernel_binary(const KernelSpec& spec, bool ca
     }
   }
   const auto start = std::chrono::steady_clock::now();
-  std::shared_ptr<const std::string> cubin = read_entry(entry.path);
+  std::shared_ptr<const std::string> cubin = read_entry(entry.path, entry.key);
   bool compiled = false;
   if (!cubin) {
-    make_directories(cache_directory(spec.arch));
-    FileLock file_lock(entry.path);
-    cubin = read_entry(entry.path);  // another process may have finished while we waited
-    if (!cubin) {
+    const auto compile_here = [&] {
       if (capturing) {
         throw_unsupported("[cuda] kernel ", spec.name(),
                           " is not compiled yet and the stream is capturing a CUDA graph; run the call once "
                           "before capture or compile it ahead with flashjit.precompile()");
       }
       Compiled result = compile(spec, entry.source);
-      const std::string stem = entry.path.substr(0, entry.path.size() - 6);
-      write_atomically(stem + ".cu", entry.source);
-      write_atomically(stem + ".log", result.log);
-      write_atomically(entry.path, cache_entry(result.cubin));
-      cubin = std::make_shared<const std::string>(std::move(result.cubin));
       compiled = true;
+      return result;
+    };
+    std::optional<FileLock> file_lock;
+    try {
+      make_directories(cache_directory(spec.arch));
+      file_lock.emplace(entry.path);
+    } catch (const Error& error) {
+      // A cache directory that cannot be written (read-only, full, not a
+      // directory): compile in memory; the disk cache is skipped.
+      warn_once_unwritable(error.what());
+    }
+    if (file_lock) {
+      cubin = read_entry(entry.path, entry.key);  // another process may have finished while we waited
+      if (!cubin) {
+        Compiled result = compile_here();
+        const std::string stem = entry.path.substr(0, entry.path.size() - 6);
+        try {
+          write_atomically(stem + ".cu", entry.source);
+          write_atomically(stem + ".log", result.log);
+          write_atomically(entry.path, cache_entry(entry.key, result.cubin));
+        } catch (const Error& error) {
+          warn_once_unwritable(error.what());
+        }
+        cubin = std::make_shared<const std::string>(std::move(result.cubin));
+      }
+    } else {
+      cubin = std::make_shared<const std::string>(compile_here().cubin);
     }
   }
   std::lock_guard<std::mutex> lock(c.mutex);

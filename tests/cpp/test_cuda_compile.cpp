@@ -376,6 +376,43 @@ TEST_F(CudaCompile, CorruptOrTruncatedEntriesAreRecompiled) {
   }
 }
 
+// A valid entry of another kernel put in an entry's place is not loaded as that
+// kernel: each entry records its own key.
+TEST_F(CudaCompile, AnotherKernelsEntryInPlaceIsRecompiled) {
+  REQUIRE_NVRTC();
+  const fj_kernel_config a = config(FJ_FLOAT16, 64, 80), b = config(FJ_FLOAT16, 128, 80);
+  ASSERT_EQ(fj_cuda_precompile(&a, 1), FJ_SUCCESS) << fj_last_error();
+  const fs::path entry_a = cubins()[0];
+  ASSERT_EQ(fj_cuda_precompile(&b, 1), FJ_SUCCESS) << fj_last_error();
+  fs::path entry_b;
+  for (const fs::path& path : cubins())
+    if (path != entry_a) entry_b = path;
+  ASSERT_FALSE(entry_b.empty());
+  fs::copy_file(entry_b, entry_a, fs::copy_options::overwrite_existing);
+  const int64_t compiles = stats().compiles;
+  ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
+  ASSERT_EQ(fj_cuda_precompile(&a, 1), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(stats().compiles, compiles + 1);  // a, compiled again
+  ASSERT_EQ(fj_cuda_precompile(&b, 1), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(stats().compiles, compiles + 1);  // b, loaded from its own entry
+  EXPECT_NE(fs::file_size(entry_a), fs::file_size(entry_b));
+}
+
+// A cache directory that cannot be written still serves kernels: compiled in memory.
+TEST_F(CudaCompile, UnwritableCacheDirectoryCompilesInMemory) {
+  REQUIRE_NVRTC();
+  const fs::path blocker = directory_ / "a-file";
+  fs::create_directories(directory_);
+  std::ofstream(blocker) << "not a directory";
+  setenv("FLASHJIT_CACHE_DIR", (blocker / "cache").c_str(), 1);  // mkdir fails, even as root
+  const fj_kernel_config c = config(FJ_FLOAT16, 64, 80);
+  ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(stats().compiles, 1);
+  ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(stats().compiles, 1);  // the memory cache serves it
+  EXPECT_EQ(stats().memory_hits, 1);
+}
+
 TEST_F(CudaCompile, ConcurrentProcessesCompileAColdKeyOnce) {
   REQUIRE_NVRTC();
   constexpr int kProcesses = 4;
