@@ -1,6 +1,8 @@
 #include "core/problem.hpp"
 
+#include <algorithm>
 #include <cfloat>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,13 +28,16 @@ int32_t enum_code(const Enum& value) {
 
 constexpr const char* kDimNames = "[batch, heads, seqlen, head_dim]";
 
-std::string shape_string(const fj_tensor& t) {
+std::string dims_string(const int64_t* values, int ndim) {
   std::string out = "[";
-  for (int d = 0; d < t.ndim && d < FJ_MAX_DIMS; ++d) {
+  for (int d = 0; d < ndim && d < FJ_MAX_DIMS; ++d) {
     if (d) out += ", ";
-    out += std::to_string(t.shape[d]);
+    out += std::to_string(values[d]);
   }
   return out + "]";
+}
+std::string shape_string(const fj_tensor& t) {
+  return dims_string(t.shape, t.ndim);
 }
 
 // Checks that a tensor argument is present and well formed (pointer, rank,
@@ -149,9 +154,55 @@ bool ranges_overlap(const fj_tensor& a, const fj_tensor& b) {
 
 bool same_strides(const fj_tensor& a, const fj_tensor& b) {
   if (a.ndim != b.ndim) return false;
-  for (int d = 0; d < a.ndim - 1; ++d)
-    if (a.strides[d] != b.strides[d]) return false;
+  for (int d = 0; d < a.ndim; ++d)
+    if ((a.shape[d] > 1 ? a.strides[d] : 0) != (b.shape[d] > 1 ? b.strides[d] : 0)) return false;
   return true;
+}
+
+// Whether delta (in elements) equals sum_d k_d * stride_d for integers |k_d| <
+// extent_d (and, with nonzero, some k_d != 0): whether two copies of a strided
+// layout `delta` elements apart share an element (or one copy, delta = 0, maps
+// two indices to one element). Dims go from the largest stride down; a dim's
+// k is confined to the values that leave a remainder the inner dims can still
+// reach. Searches at most kMaxNodes steps and answers true (unproven: assume
+// shared) beyond that.
+struct StridedDim {
+  int64_t stride;
+  int64_t extent;
+};
+bool representable(int64_t delta, const StridedDim* dims, int count, bool nonzero, int64_t& budget) {
+  if (--budget < 0) return true;
+  if (count == 0) return delta == 0 && !nonzero;
+  int64_t inner = 0;  // the largest |sum| the remaining dims reach
+  for (int d = 1; d < count; ++d) inner += (dims[d].extent - 1) * dims[d].stride;
+  const int64_t stride = dims[0].stride, reach = dims[0].extent - 1;
+  // k * stride within [delta - inner, delta + inner], |k| <= reach.
+  const auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); };
+  const int64_t lo = std::max(-reach, -floor_div(-(delta - inner), stride));
+  const int64_t hi = std::min(reach, floor_div(delta + inner, stride));
+  for (int64_t k = lo; k <= hi; ++k) {
+    if (representable(delta - k * stride, dims + 1, count - 1, nonzero && k == 0, budget)) return true;
+  }
+  return false;
+}
+
+// Whether the elements of x and of y (the same dims, y's data `delta_bytes`
+// after x's) are provably apart; with x == y (delta 0, same tensor) whether x
+// maps every index to its own element.
+bool provably_disjoint(const fj_tensor& t, int64_t delta_bytes, bool same_tensor) {
+  const int64_t element = dtype_size(t.dtype);
+  if (delta_bytes % element != 0) return false;
+  StridedDim dims[FJ_MAX_DIMS];
+  int count = 0;
+  for (int d = 0; d < t.ndim; ++d) {
+    if (t.shape[d] > 1) dims[count++] = StridedDim{t.strides[d] < 0 ? -t.strides[d] : t.strides[d], t.shape[d]};
+  }
+  for (int i = 1; i < count; ++i) {  // largest stride first
+    for (int j = i; j > 0 && dims[j].stride > dims[j - 1].stride; --j) std::swap(dims[j], dims[j - 1]);
+  }
+  constexpr int64_t kMaxNodes = 100000;
+  int64_t budget = kMaxNodes;
+  return !representable(delta_bytes / element, dims, count, same_tensor, budget);
 }
 
 struct Named {
@@ -160,10 +211,12 @@ struct Named {
 };
 
 // What the kernels write must not alias what they read, nor itself:
-//  - no output has a zero stride on a dim of size > 1 (one element written twice);
+//  - no output maps two of its indices to one element (a zero stride, or
+//    strides that fold rows onto each other);
 //  - no output shares bytes with an input (the mask included);
-//  - outputs are pairwise apart, except views with identical strides whose
-//    ranges interleave, such as dq, dk, dv sliced from one packed dqkv buffer.
+//  - outputs are pairwise apart: byte ranges that do not meet, or views with
+//    identical strides provably never on one element, such as dq, dk, dv sliced
+//    from one packed [B, S, 3, H, D] buffer.
 void check_outputs(const char* op, std::initializer_list<Named> outputs,
                    std::initializer_list<Named> inputs) {
   for (const Named& out : outputs) {
@@ -173,6 +226,11 @@ void check_outputs(const char* op, std::initializer_list<Named> outputs,
         throw_value_error("[", op, "] ", out.name, ": output has stride 0 in dim ", d, " of size ",
                           t.shape[d], "; every output element needs its own memory");
       }
+    }
+    if (!has_no_elements(t) && !provably_disjoint(t, 0, true)) {
+      throw_value_error("[", op, "] ", out.name, ": output strides ", dims_string(t.strides, t.ndim), " of shape ",
+                        shape_string(t),
+                        " map several elements to one address; every output element needs its own memory");
     }
     for (const Named& in : inputs) {
       if (in.tensor != nullptr && ranges_overlap(t, *in.tensor)) {
@@ -185,9 +243,11 @@ void check_outputs(const char* op, std::initializer_list<Named> outputs,
     for (auto b = a + 1; b != outputs.end(); ++b) {
       const fj_tensor &x = *a->tensor, &y = *b->tensor;
       if (!ranges_overlap(x, y)) continue;
-      if (x.data == y.data || !same_strides(x, y)) {
+      const int64_t delta = int64_t(reinterpret_cast<uintptr_t>(y.data) - reinterpret_cast<uintptr_t>(x.data));
+      if (x.dtype != y.dtype || !same_strides(x, y) || shape_string(x) != shape_string(y) ||
+          !provably_disjoint(x, delta, false)) {
         throw_value_error("[", op, "] ", b->name, ": output memory overlaps output ", a->name,
-                          "; pass separate buffers");
+                          " (elements of one would be written as elements of the other); pass separate buffers");
       }
     }
   }
