@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import _C
@@ -18,11 +20,46 @@ def _is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
+def check_dense(op: str, name: str, x) -> None:
+    """Rejects torch tensors whose elements flashjit cannot address: nested and sparse ones."""
+    if getattr(x, "is_nested", False):
+        raise TypeError(f"[{op}] {name}: nested tensors are not supported; pad the sequences into one tensor "
+                        "and mask the padding")
+    if str(getattr(x, "layout", "torch.strided")) != "torch.strided":
+        raise TypeError(f"[{op}] {name}: expected a dense (strided) tensor, got layout {x.layout}")
+
+
+def integer(op: str, name: str, value, low: int, high: int, expected: str) -> int:
+    """value as an int within [low, high]; anything else (floats, bools, strings,
+    out-of-range integers) is an error naming the argument, never coerced."""
+    if isinstance(value, (bool, np.bool_)) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"[{op}] {name}: expected an integer {expected}, got {value!r}")
+    value = operator.index(value)
+    if not low <= value <= high:
+        raise ValueError(f"[{op}] {name}: expected an integer {expected}, got {value}")
+    return value
+
+
+_INT64_MAX = (1 << 63) - 1
+_U64_MAX = (1 << 64) - 1
+
+
+def seed_and_offset(op: str, seed, offset) -> tuple:
+    """seed (None: drawn) and offset as unsigned 64-bit integers."""
+    return (None if seed is None else integer(op, "seed", seed, 0, _U64_MAX, "in 0..2^64-1"),
+            integer(op, "offset", offset, 0, _U64_MAX, "in 0..2^64-1"))
+
+
+def num_threads_value(op: str, num_threads) -> int:
+    return integer(op, "num_threads", num_threads, 0, 1024, "0 (all cores) to 1024")
+
+
 def _library(op: str, name: str, x, like=None) -> str:
     if isinstance(x, np.ndarray):
         kind = "numpy"
     elif _is_torch(x):
         kind = "torch"
+        check_dense(op, name, x)
     else:
         raise TypeError(f"[{op}] {name}: expected a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
     if like is not None and kind != like:
@@ -73,11 +110,14 @@ def _window(op: str, window) -> tuple[int, int]:
         window_left, window_right = window
     except (TypeError, ValueError):
         raise ValueError(f"[{op}] window: expected a pair (left, right), got {window!r}") from None
-    return int(window_left), int(window_right)
+    expected = "-1 (unbounded) or 0..2^63-1 keys"
+    return (integer(op, "window[0]", window_left, -1, _INT64_MAX, expected),
+            integer(op, "window[1]", window_right, -1, _INT64_MAX, expected))
 
 
 def _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads):
     window_left, window_right = _window(op, window)
+    seed, offset = seed_and_offset(op, seed, offset)
     if dropout_p and seed is None:
         raise ValueError(f"[{op}] seed: required when dropout_p > 0 with numpy arrays; pass the same seed and "
                          "offset to attention_backward to drop the same elements")
@@ -89,9 +129,9 @@ def _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, see
         window_left=window_left,
         window_right=window_right,
         dropout_p=float(dropout_p),
-        seed=int(seed or 0) & 0xFFFFFFFFFFFFFFFF,
-        offset=int(offset) & 0xFFFFFFFFFFFFFFFF,
-        num_threads=int(num_threads),
+        seed=seed or 0,
+        offset=offset,
+        num_threads=num_threads_value(op, num_threads),
     )
 
 
@@ -100,10 +140,11 @@ def _torch_options(op, attn_mask, scale, softcap, causal, window, dropout_p, see
     from . import ops
 
     window_left, window_right = _window(op, window)
+    seed, offset = seed_and_offset(op, seed, offset)
     rng = ops.dropout_rng(seed, offset) if dropout_p else None
     return (_prepare_mask(op, attn_mask, "torch"), None if scale is None else float(scale),
             float(softcap), _causal_code(op, causal), window_left, window_right, float(dropout_p), rng,
-            int(num_threads))
+            num_threads_value(op, num_threads))
 
 
 def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1),
@@ -169,6 +210,11 @@ def attention_backward(q, k, v, o, lse, dout, *, attn_mask=None, scale=None, sof
 def dropout_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, *, dropout_p: float, seed: int,
                       offset: int = 0) -> np.ndarray:
     """The keep mask (True = kept) that attention() uses for these sizes, seed and offset."""
-    keep = np.empty((batch, heads, seqlen_q, seqlen_k), dtype=np.uint8)
-    _C.dropout_keep_mask(int(seed) & 0xFFFFFFFFFFFFFFFF, int(offset) & 0xFFFFFFFFFFFFFFFF, float(dropout_p), keep)
+    op = "dropout_keep_mask"
+    sizes = [integer(op, name, value, 0, _INT64_MAX, ">= 0")
+             for name, value in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k))]
+    seed = integer(op, "seed", seed, 0, _U64_MAX, "in 0..2^64-1")
+    offset = integer(op, "offset", offset, 0, _U64_MAX, "in 0..2^64-1")
+    keep = np.empty(sizes, dtype=np.uint8)
+    _C.dropout_keep_mask(seed, offset, float(dropout_p), keep)
     return keep.astype(bool)

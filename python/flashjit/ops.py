@@ -270,10 +270,12 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def _plain_eager(*tensors) -> bool:
-    """True when no compiler, tracer, dispatch mode or tensor subclass is in play."""
+    """True when no compiler, tracer, dispatch mode or tensor subclass is in play, and
+    the tensors hold data (meta tensors take the custom ops, whose fake kernels give
+    the outputs' shapes, as torch's own operators do on the meta device)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
         return False
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta) for t in tensors)
 
 
 def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:

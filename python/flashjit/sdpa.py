@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from typing import Optional
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .api import backends
+from .api import backends, check_dense
 
 _OP = "scaled_dot_product_attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -27,6 +28,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor):
             raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
+        check_dense(_OP, name, x)
         if x.ndim < 2:
             raise ValueError(f"[{_OP}] {name}: expected at least 2 dims (..., seqlen, head_dim), got {x.ndim}")
         if x.dtype != query.dtype:
@@ -44,14 +46,31 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"[{_OP}] attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        check_dense(_OP, "attn_mask", attn_mask)
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            raise TypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend), float32 or "
-                            f"{_dtype_name(query.dtype)} (added to the scores), got {_dtype_name(attn_mask.dtype)}")
+            floats = "float32" if query.dtype == torch.float32 else f"float32 or {_dtype_name(query.dtype)}"
+            raise TypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend) or {floats} (added to the "
+                            f"scores), got {_dtype_name(attn_mask.dtype)}")
         if is_causal:
             raise ValueError(f"[{_OP}] attn_mask: must be None when is_causal=True (add the causal mask to "
                              "attn_mask instead)")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"[{_OP}] dropout_p: expected a value in [0, 1], got {dropout_p}")
+
+
+_SDPA_NAMES = {"q": "query", "k": "key", "v": "value", "mask": "attn_mask", "o": "output", "lse": "output"}
+
+
+def _as_sdpa_error(error: Exception) -> Exception:
+    """An error of the core's attention call, in this function's names: "[attention] q: ..."
+    becomes "[scaled_dot_product_attention] query: ..."."""
+    text = str(error)
+    match = re.match(r"\[attention\] (\w+):", text)
+    if match:
+        text = f"[{_OP}] {_SDPA_NAMES.get(match.group(1), match.group(1))}:{text[match.end():]}"
+    elif text.startswith("[attention]"):
+        text = f"[{_OP}]{text[len('[attention]'):]}"
+    return type(error)(text)
 
 
 def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
@@ -140,8 +159,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else float(dropout_p)
     rng = ops.dropout_rng() if dropout_p > 0 else None
-    o, _ = ops.attention(q, k, v, mask, None if scale is None else float(scale), 0.0, 1 if is_causal else 0, -1, -1,
-                         dropout_p, rng)
+    args = (q, k, v, mask, None if scale is None else float(scale), 0.0, 1 if is_causal else 0, -1, -1, dropout_p, rng)
+    if torch.compiler.is_compiling():
+        o, _ = ops.attention(*args)
+    else:
+        try:
+            o, _ = ops.attention(*args)
+        except (ValueError, TypeError, NotImplementedError) as error:
+            raise _as_sdpa_error(error) from None
     if drop_all:
         o = o * 0.0
     if len(batch_dims) != 1:  # o is [batch, heads_q, seqlen_q, Ev]

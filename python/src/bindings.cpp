@@ -70,8 +70,11 @@ fj_status without_gil(Call call) {
 
 std::string dlpack_dtype_name(nb::dlpack::dtype dtype) {
   static const char* const kCodes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
-  const char* code = dtype.code < 7 ? kCodes[dtype.code] : "unknown";
-  return std::string(code) + std::to_string(dtype.bits);
+  std::string name = dtype.code < 7 ? std::string(kCodes[dtype.code]) + std::to_string(dtype.bits)
+                                    : "float" + std::to_string(dtype.bits) + " (DLPack type code " +
+                                          std::to_string(dtype.code) + ")";  // the float8/6/4 variants
+  if (dtype.lanes != 1) name += " x" + std::to_string(dtype.lanes);
+  return name;
 }
 
 fj_dtype to_fj_dtype(const char* op, const char* name, nb::dlpack::dtype dtype) {

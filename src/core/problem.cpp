@@ -338,8 +338,10 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   } else if (mask.dtype == FJ_FLOAT32 || mask.dtype == q.dtype) {
     p.mask_kind = MaskKind::kAdditive;
   } else if (is_float_dtype(mask.dtype)) {
-    throw_type_error("[", op, "] mask: expected dtype bool, float32 or ", dtype_name(q.dtype),
-                     " (the dtype of q), got ", dtype_name(mask.dtype));
+    throw_type_error("[", op, "] mask: expected dtype ",
+                     q.dtype == FJ_FLOAT32 ? std::string("bool or float32")
+                                           : str_cat("bool, float32 or ", dtype_name(q.dtype), " (the dtype of q)"),
+                     ", got ", dtype_name(mask.dtype));
   } else {
     throw_type_error("[", op, "] mask: expected a bool (true = attend) or float (additive) mask, got ",
                      dtype_name(mask.dtype));
@@ -349,7 +351,7 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   for (int d = 0; d < 4; ++d) {
     if (mask.shape[d] != 1 && mask.shape[d] != full[d]) {
       throw_value_error("[", op, "] mask: dim ", d, " (", kMaskDims[d], ") has size ", mask.shape[d],
-                        ", expected 1 or ", full[d],
+                        full[d] == 1 ? ", expected 1" : str_cat(", expected 1 or ", full[d]),
                         " to broadcast to [batch, heads_q, seqlen_q, seqlen_k] = [", full[0], ", ", full[1],
                         ", ", full[2], ", ", full[3], "]");
     }

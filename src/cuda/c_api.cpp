@@ -22,10 +22,19 @@ void copy_text(const std::string& text, char* buffer, size_t size, const char* w
 
 cuda::KernelTraits traits_of(const fj_kernel_config& config, int index) {
   const auto name = [&](const char* field) { return str_cat("configs[", index, "].", field); };
-  if (config.dtype != FJ_FLOAT32 && config.dtype != FJ_FLOAT16 && config.dtype != FJ_BFLOAT16 &&
-      config.dtype != FJ_FLOAT64) {
-    throw_type_error("[precompile] ", name("dtype"), ": expected float32, float16, bfloat16 or float64");
+  // Enum fields are read as their int32 codes: a caller may store any value there.
+  const auto code = [](const fj_dtype& field) {
+    int32_t value;
+    std::memcpy(&value, &field, sizeof value);
+    return value;
+  };
+  const int32_t dtype = code(config.dtype);
+  if (dtype != FJ_FLOAT32 && dtype != FJ_FLOAT16 && dtype != FJ_BFLOAT16 && dtype != FJ_FLOAT64) {
+    throw_type_error("[precompile] ", name("dtype"), ": expected float32, float16, bfloat16 or float64 (codes ",
+                     int(FJ_FLOAT32), ", ", int(FJ_FLOAT16), ", ", int(FJ_BFLOAT16), ", ", int(FJ_FLOAT64),
+                     "), got code ", dtype);
   }
+  const int32_t mask_dtype = code(config.mask_dtype);
   for (auto [field, value] :
        {std::pair{"head_dim_qk", config.head_dim_qk}, {"head_dim_v", config.head_dim_v}}) {
     if (value < 1 || value > 256)
@@ -35,8 +44,9 @@ cuda::KernelTraits traits_of(const fj_kernel_config& config, int index) {
     throw_value_error("[precompile] ", name("mask"), ": expected 0 (none), 1 (boolean) or 2 (additive), got ",
                       config.mask);
   }
-  if (config.mask == 2 && config.mask_dtype != FJ_FLOAT32 && config.mask_dtype != config.dtype) {
-    throw_type_error("[precompile] ", name("mask_dtype"), ": an additive mask is float32 or the input dtype");
+  if (config.mask == 2 && mask_dtype != FJ_FLOAT32 && mask_dtype != dtype) {
+    throw_type_error("[precompile] ", name("mask_dtype"), ": an additive mask is float32 or the input dtype, got code ",
+                     mask_dtype);
   }
   if (config.arch != 0 && config.arch < 80) {
     throw_value_error("[precompile] ", name("arch"), ": expected 80 or newer (or 0 for the device's), got ",
@@ -71,7 +81,8 @@ fj_kernel_config fj_kernel_config_default(void) {
 
 fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
   return guarded([&] {
-    if (count < 0 || (count > 0 && configs == nullptr)) {
+    if (count < 0) throw_value_error("[precompile] count: expected 0 or more configs, got ", count);
+    if (count > 0 && configs == nullptr) {
       throw_value_error("[precompile] configs: expected ", count, " configs, got a null pointer");
     }
     for (int32_t index = 0; index < count; ++index) {

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -455,6 +456,17 @@ TEST_F(CudaCompile, BadConfigsNameTheField) {
   c = config(FJ_BFLOAT16, 64, 75);
   EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("arch"), std::string::npos) << fj_last_error();
+  // A code outside the enum, stored as the C API's users might.
+  c = config(FJ_BFLOAT16, 64, 90);
+  const int32_t unknown = 99;
+  std::memcpy(&c.dtype, &unknown, sizeof unknown);
+  EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_TYPE);
+  EXPECT_NE(std::string(fj_last_error()).find("configs[0].dtype"), std::string::npos) << fj_last_error();
+  EXPECT_NE(std::string(fj_last_error()).find("got code 99"), std::string::npos) << fj_last_error();
+  EXPECT_EQ(fj_cuda_precompile(&c, -1), FJ_ERROR_INVALID_VALUE);
+  EXPECT_EQ(std::string(fj_last_error()), "[precompile] count: expected 0 or more configs, got -1");
+  EXPECT_EQ(fj_cuda_precompile(nullptr, 2), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("null pointer"), std::string::npos) << fj_last_error();
 }
 
 TEST(CudaWithoutGpu, CallsSayNoGpuWasFound) {
