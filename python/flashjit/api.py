@@ -33,10 +33,10 @@ def integer(op: str, name: str, value, low: int, high: int, expected: str) -> in
     """value as an int within [low, high]; anything else (floats, bools, strings,
     out-of-range integers) is an error naming the argument, never coerced."""
     if isinstance(value, (bool, np.bool_)) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"[{op}] {name}: expected an integer {expected}, got {value!r}")
+        raise TypeError(f"[{op}] {name}: expected an integer ({expected}), got {value!r}")
     value = operator.index(value)
     if not low <= value <= high:
-        raise ValueError(f"[{op}] {name}: expected an integer {expected}, got {value}")
+        raise ValueError(f"[{op}] {name}: expected {expected}, got {value}")
     return value
 
 
@@ -46,8 +46,8 @@ _U64_MAX = (1 << 64) - 1
 
 def seed_and_offset(op: str, seed, offset) -> tuple:
     """seed (None: drawn) and offset as unsigned 64-bit integers."""
-    return (None if seed is None else integer(op, "seed", seed, 0, _U64_MAX, "in 0..2^64-1"),
-            integer(op, "offset", offset, 0, _U64_MAX, "in 0..2^64-1"))
+    return (None if seed is None else integer(op, "seed", seed, 0, _U64_MAX, "0..2^64-1"),
+            integer(op, "offset", offset, 0, _U64_MAX, "0..2^64-1"))
 
 
 def num_threads_value(op: str, num_threads) -> int:
@@ -110,9 +110,9 @@ def _window(op: str, window) -> tuple[int, int]:
         window_left, window_right = window
     except (TypeError, ValueError):
         raise ValueError(f"[{op}] window: expected a pair (left, right), got {window!r}") from None
-    expected = "-1 (unbounded) or 0..2^63-1 keys"
-    return (integer(op, "window[0]", window_left, -1, _INT64_MAX, expected),
-            integer(op, "window[1]", window_right, -1, _INT64_MAX, expected))
+    expected = "-1 (unbounded) or 0..2^63-1"
+    return (integer(op, "window_left", window_left, -1, _INT64_MAX, expected),
+            integer(op, "window_right", window_right, -1, _INT64_MAX, expected))
 
 
 def _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads):
@@ -213,8 +213,8 @@ def dropout_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, *, d
     op = "dropout_keep_mask"
     sizes = [integer(op, name, value, 0, _INT64_MAX, ">= 0")
              for name, value in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k))]
-    seed = integer(op, "seed", seed, 0, _U64_MAX, "in 0..2^64-1")
-    offset = integer(op, "offset", offset, 0, _U64_MAX, "in 0..2^64-1")
+    seed = integer(op, "seed", seed, 0, _U64_MAX, "0..2^64-1")
+    offset = integer(op, "offset", offset, 0, _U64_MAX, "0..2^64-1")
     keep = np.empty(sizes, dtype=np.uint8)
     _C.dropout_keep_mask(seed, offset, float(dropout_p), keep)
     return keep.astype(bool)
