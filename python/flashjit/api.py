@@ -51,7 +51,7 @@ def seed_and_offset(op: str, seed, offset) -> tuple:
 
 
 def num_threads_value(op: str, num_threads) -> int:
-    return integer(op, "num_threads", num_threads, 0, 1024, "0 (all cores) to 1024")
+    return integer(op, "num_threads", num_threads, 0, 1024, "0 (default) to 1024")
 
 
 def _library(op: str, name: str, x, like=None) -> str:

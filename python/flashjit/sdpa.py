@@ -48,8 +48,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
             raise TypeError(f"[{_OP}] attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
         check_dense(_OP, "attn_mask", attn_mask)
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            floats = "float32" if query.dtype == torch.float32 else f"float32 or {_dtype_name(query.dtype)}"
-            raise TypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend) or {floats} (added to the "
+            floats = " or float32" if query.dtype == torch.float32 else f", float32 or {_dtype_name(query.dtype)}"
+            raise TypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend){floats} (added to the "
                             f"scores), got {_dtype_name(attn_mask.dtype)}")
         if is_causal:
             raise ValueError(f"[{_OP}] attn_mask: must be None when is_causal=True (add the causal mask to "

@@ -59,6 +59,26 @@ BAD_FORWARD = [
     ("softcap negative", ValueError, r"softcap: expected a finite value >= 0", dict(softcap=-1.0)),
     ("scale nan", ValueError, r"scale: expected a finite number, got nan", dict(scale=float("nan"))),
     ("num_threads", ValueError, r"num_threads: expected 0 \(default\) to 1024, got -1", dict(num_threads=-1)),
+    ("num_threads float", TypeError, r"num_threads: expected an integer \(0 \(default\) to 1024\), got 2.5",
+     dict(num_threads=2.5)),
+    ("num_threads text", TypeError, r"num_threads: expected an integer .*, got 'x'", dict(num_threads="x")),
+    ("window float", TypeError, r"window_left: expected an integer .*, got 1.7", dict(window=(1.7, 0.2))),
+    ("window beyond int64", ValueError, r"window_right: expected -1 \(unbounded\) or 0..2\^63-1, got \d+",
+     dict(window=(0, 2**70))),
+    ("window bool", TypeError, r"window_left: expected an integer", dict(window=(True, 0))),
+    ("seed float", TypeError, r"seed: expected an integer \(0..2\^64-1\), got 1.5", dict(dropout_p=0.1, seed=1.5)),
+    ("seed 2^64", ValueError, r"seed: expected 0..2\^64-1, got 18446744073709551616",
+     dict(dropout_p=0.1, seed=2**64)),
+    ("offset negative", ValueError, r"offset: expected 0..2\^64-1, got -1", dict(dropout_p=0.1, seed=1, offset=-1)),
+    ("sparse q", TypeError, r"q: expected a dense \(strided\) tensor, got layout torch.sparse_coo",
+     dict(q=torch.randn(2, 4, 8, 16).to_sparse())),
+    ("float8 q", TypeError, r"q: unsupported dtype float8",
+     dict(q=torch.randn(2, 4, 8, 16).to(torch.float8_e4m3fn), k=torch.randn(2, 2, 12, 16).to(torch.float8_e4m3fn),
+          v=torch.randn(2, 2, 12, 16).to(torch.float8_e4m3fn))),
+    ("float16 mask with float32 q", TypeError, r"mask: expected dtype bool or float32, got float16",
+     dict(attn_mask=torch.zeros(8, 12, dtype=torch.float16))),
+    ("mask over one query", ValueError, r"mask: dim 2 \(seqlen_q\) has size 3, expected 1 to broadcast",
+     dict(q=torch.randn(2, 4, 1, 16), attn_mask=torch.zeros(2, 4, 3, 12))),
     ("not an array", TypeError, r"q: expected a numpy.ndarray or torch.Tensor, got list", dict(q=[[1.0]])),
     ("numpy k with torch q", TypeError, r"k: expected a torch.Tensor like q, got numpy.ndarray",
      dict(k=np.zeros((2, 2, 12, 16), np.float32))),
@@ -68,6 +88,39 @@ BAD_FORWARD = [
 @pytest.mark.parametrize("name,exc,match,kwargs", BAD_FORWARD, ids=[c[0] for c in BAD_FORWARD])
 def test_forward_rejects(name, exc, match, kwargs):
     forward_raises(exc, match, **kwargs)
+
+
+def test_nested_tensors_are_named():
+    q, k, v = tensors()
+    nested = torch.nested.nested_tensor([q[0], q[1]], layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"\[attention\] q: nested tensors are not supported"):
+        flashjit.attention(nested, k, v)
+    with pytest.raises(TypeError, match=r"\[scaled_dot_product_attention\] query: nested tensors"):
+        flashjit.scaled_dot_product_attention(nested, k, v)
+
+
+def test_meta_tensors_give_meta_outputs_of_the_right_shape():
+    # As torch's own operators do on the meta device: shapes, no data.
+    q, k, v = (x.to("meta") for x in tensors())
+    o, lse = flashjit.attention(q, k, v, return_lse=True)
+    assert o.is_meta and o.shape == (2, 4, 8, 16) and lse.is_meta and lse.shape == (2, 4, 8)
+    out = flashjit.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert out.is_meta and out.shape == (2, 4, 8, 16)
+
+
+def test_dropout_keep_mask_rejects_bad_sizes_and_seeds():
+    with pytest.raises(ValueError, match=r"\[dropout_keep_mask\] batch: expected >= 0, got -1"):
+        flashjit.dropout_keep_mask(-1, 2, 3, 4, dropout_p=0.1, seed=0)
+    with pytest.raises(TypeError, match=r"\[dropout_keep_mask\] seed: expected an integer"):
+        flashjit.dropout_keep_mask(1, 2, 3, 4, dropout_p=0.1, seed=None)
+    with pytest.raises(ValueError, match=r"\[dropout_keep_mask\] seed: expected 0..2\^64-1"):
+        flashjit.dropout_keep_mask(1, 2, 3, 4, dropout_p=0.1, seed=2**64)
+
+
+def test_sdpa_errors_use_sdpa_names():
+    q, k, v = tensors(Hkv=4)
+    with pytest.raises(ValueError, match=r"^\[scaled_dot_product_attention\] scale: expected a finite number"):
+        flashjit.scaled_dot_product_attention(q, k, v, scale=float("nan"))
 
 
 def test_at_least_twenty_distinct_bad_inputs():
