@@ -3,6 +3,7 @@
 // O(block * head_dim) whatever the sequence lengths.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "core/error.hpp"
@@ -98,7 +99,13 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
       const Acc block_max = *std::max_element(s_row, s_row + ld_k);
       const Acc new_max = std::max(w.row_max[r], block_max);
       if (new_max == kNegInf<Acc>) {  // nothing visible yet: P row is 0
-        std::fill(s_row, s_row + ld_k, Acc(0));
+        // ... unless the scores were NaN (max_element skips them): the row's sum and O become NaN.
+        if (std::any_of(s_row, s_row + cols, [](Acc x) { return x != x; })) {
+          w.row_sum[r] = std::numeric_limits<Acc>::quiet_NaN();
+          std::fill(s_row, s_row + ld_k, std::numeric_limits<Acc>::quiet_NaN());
+        } else {
+          std::fill(s_row, s_row + ld_k, Acc(0));
+        }
         continue;
       }
       const Acc correction = std::exp(w.row_max[r] - new_max);
@@ -121,7 +128,7 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t query = query0 + r;
-    const bool empty = w.row_sum[r] == Acc(0);  // every key masked
+    const bool empty = w.row_sum[r] == Acc(0);  // every key masked (a NaN sum stays NaN: O and LSE NaN)
     const Acc inv_sum = empty ? Acc(0) : Acc(1) / w.row_sum[r];
     store_row(w.o + r * ld_v, d_v, inv_sum, p.o.row<T>(b, h, query));
     const double lse = empty ? -INFINITY : double(w.row_max[r]) + std::log(double(w.row_sum[r]));

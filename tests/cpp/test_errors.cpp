@@ -130,7 +130,7 @@ TEST_F(Errors, EachBadInputIsRejectedWithAClearMessage) {
          c.options.mask = mask_.view();
          c.options.mask.dtype = FJ_FLOAT16;
        },
-       FJ_ERROR_INVALID_TYPE, "mask: expected dtype bool, float32 or float32"},
+       FJ_ERROR_INVALID_TYPE, "mask: expected dtype bool or float32, got float16"},
       {"window_left < -1", [](Call& c) { c.options.window_left = -2; }, FJ_ERROR_INVALID_VALUE,
        "window_left: expected -1 (unbounded) or >= 0, got -2"},
       {"window_right < -1", [](Call& c) { c.options.window_right = -5; }, FJ_ERROR_INVALID_VALUE,

@@ -121,6 +121,23 @@ def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
     run(B=3, Hq=3, Hkv=1, Sq=300, Sk=333, D=D, dtype=torch.bfloat16, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Sq,Sk", [(70, 90), (1, 300), (300, 40)])
+def test_nan_propagates_like_the_math_definition(dtype, Sq, Sk):
+    # A NaN in a query row makes that row's output and LSE NaN (not 0 and -inf);
+    # a NaN in a key makes every row that sees the key NaN; the other rows are exact.
+    q, k, v = (torch.randn(2, 2, S, 64).to(dtype) for S in (Sq, Sk, Sk))  # batch 1 holds no NaN
+    q[0, 0, Sq // 2, 5] = float("nan")
+    k[0, 1, Sk // 3, 7] = float("nan")
+    o, lse = flashjit.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), return_lse=True)
+    o, lse = o.cpu().float(), lse.cpu()
+    ref_o, ref_lse = naive_attention(q, k, v)
+    assert torch.equal(torch.isnan(o), torch.isnan(ref_o.float())) and torch.isnan(o[0, 0, Sq // 2]).all()
+    assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse)) and torch.isnan(lse[0, 1]).all()
+    finite = ~torch.isnan(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("window", [(16, 0), (8, 8), (-1, 4), (4, -1), (0, 0)])
 def test_window(window):
     run(Sq=120, Sk=150, window=window)

@@ -122,7 +122,13 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(co
       tile_max = max(tile_max, score[jj]);
     }
     const acc_t new_max = max(row_max, tile_max);
-    if (new_max == negative_infinity<acc_t>()) continue;  // nothing visible yet
+    if (new_max == negative_infinity<acc_t>()) {  // nothing visible yet, or only NaN scores (max skips NaN)
+      bool any_nan = false;
+#pragma unroll
+      for (int jj = 0; jj < kTile; ++jj) any_nan = any_nan || score[jj] != score[jj];
+      if (any_nan) row_sum_exp = score[0] - score[0] + __int_as_float(0x7fc00000);  // NaN: O and LSE become NaN
+      continue;
+    }
 
     // Online softmax: rescale what was accumulated, then O += P V.
     const acc_t correction = exp_of(row_max - new_max);
@@ -152,12 +158,12 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(co
   }
 
   if (!row_valid) return;
-  const bool any_visible = row_sum_exp > acc_t(0);
-  store_slice(operand_row<elem_t>(p.o, b, h, i), o, any_visible ? acc_t(1) / row_sum_exp : acc_t(0),
+  const bool none_visible = row_sum_exp == acc_t(0);  // a NaN sum (NaN score) gives NaN O and LSE
+  store_slice(operand_row<elem_t>(p.o, b, h, i), o, none_visible ? acc_t(0) : acc_t(1) / row_sum_exp,
               p.head_dim_v, lane);
   if (lane == 0) {
     *operand_row<acc_t>(p.lse, b, h, i) =
-        any_visible ? row_max + log_of(row_sum_exp) : negative_infinity<acc_t>();
+        none_visible ? negative_infinity<acc_t>() : row_max + log_of(row_sum_exp);
   }
 }
 

@@ -168,7 +168,8 @@ FJ_DEVICE void apply_dropout(float (&s)[kTiles][kBlockN / 8][4], const KernelPar
 
 // Per row: the factor that normalises O (1 / rowsum, 0 for a row with no
 // visible key), and LSE = ln(sum exp) = (max + log2(sum)) / log2(e), or -inf,
-// written for rows of the sequence.
+// written for rows of the sequence. A NaN score leaves the sum NaN: O and LSE
+// of that row come out NaN.
 template <int kTiles>
 FJ_DEVICE void finish_rows(const KernelParams& p, const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
                            const long long (&rows)[kTiles][2], int b, int h, int quad, float (&inverse)[kTiles][2]) {
@@ -179,12 +180,13 @@ FJ_DEVICE void finish_rows(const KernelParams& p, const float (&row_max)[kTiles]
       float total = row_sum[m][r];
       total += __shfl_xor_sync(0xffffffffu, total, 1);
       total += __shfl_xor_sync(0xffffffffu, total, 2);
-      const bool any_visible = total > 0.0f;
-      inverse[m][r] = any_visible ? 1.0f / total : 0.0f;
+      // No visible key: O = 0, LSE = -inf. A NaN score makes the sum NaN, and O and LSE NaN.
+      const bool none_visible = total == 0.0f;
+      inverse[m][r] = none_visible ? 0.0f : 1.0f / total;
       const long long i = rows[m][r];
       if (quad == 0 && i < p.seqlen_q) {
         *operand_row<float>(p.lse, b, h, i) =
-            any_visible ? (row_max[m][r] + log2f(total)) / kLog2e : negative_infinity<float>();
+            none_visible ? negative_infinity<float>() : (row_max[m][r] + log2f(total)) / kLog2e;
       }
     }
   }
@@ -234,8 +236,8 @@ FJ_DEVICE void write_split_output(const KernelParams& p, const float (&o)[kTiles
       total += __shfl_xor_sync(0xffffffffu, total, 2);
       const long long i = rows[m][r];
       if (i >= p.seqlen_q) continue;
-      const bool any_visible = total > 0.0f;
-      const float inverse = any_visible ? 1.0f / total : 0.0f;
+      const bool none_visible = total == 0.0f;  // NaN stays NaN, as in finish_rows
+      const float inverse = none_visible ? 0.0f : 1.0f / total;
       float* out_row = p.split_o + (first_row + i) * p.head_dim_v;
 #pragma unroll
       for (int n = 0; n < kDimV / 8; ++n) {
@@ -245,7 +247,7 @@ FJ_DEVICE void write_split_output(const KernelParams& p, const float (&o)[kTiles
       }
       if (quad == 0) {
         p.split_lse[first_row + i] =
-            any_visible ? (row_max[m][r] + log2f(total)) / kLog2e : negative_infinity<float>();
+            none_visible ? negative_infinity<float>() : (row_max[m][r] + log2f(total)) / kLog2e;
       }
     }
   }
