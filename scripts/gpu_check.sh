@@ -6,7 +6,7 @@
 # --tests-only stops after pytest and --no-tests skips it, for machines whose
 # single command must end sooner than the whole check (about 8 minutes on an H200).
 # --compare-forward-groups (with --no-tests) also runs test_attention.py with the
-# three-consumer-warpgroup forward (FLASHJIT_CUDA_FORWARD_GROUPS=3) and times the
+# three-consumer-warpgroup forward (FLASHJIT_CUDA_TILES=groups=3) and times the
 # forward with two and with three groups in one run (gpu_attention.py --forward-only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,15 +46,13 @@ bench_args=()
 python3 bench/gpu_attention.py --out "$OUT" "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log" | tail -25
 
 if [[ " $* " == *" --compare-forward-groups "* ]]; then
-  step "test_attention.py with three consumer warpgroups (FLASHJIT_CUDA_FORWARD_GROUPS=3)"
-  FLASHJIT_CUDA_FORWARD_GROUPS=3 FLASHJIT_TEST_DEVICE=cuda timeout 400 python3 -m pytest tests/python/test_attention.py \
+  step "test_attention.py with three consumer warpgroups (FLASHJIT_CUDA_TILES=groups=3)"
+  FLASHJIT_CUDA_TILES=groups=3 FLASHJIT_TEST_DEVICE=cuda timeout 400 python3 -m pytest tests/python/test_attention.py \
     -q --maxfail=10 2>&1 | tee "$OUT/pytest-forward-groups-3.log" | tail -5
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   step "forward with two and three consumer warpgroups"
-  for groups in 2 3; do
-    FLASHJIT_CUDA_FORWARD_GROUPS=$groups timeout 200 python3 bench/gpu_attention.py --forward-only --label "forward-groups-$groups" \
-      --out "$OUT" 2>&1 | tee "$OUT/bench-forward-groups-$groups.log" | grep "^| "
-  done
+  timeout 300 python3 bench/gpu_attention.py --forward-only --tiles default groups=3 --label forward-groups \
+    --out "$OUT" 2>&1 | tee "$OUT/bench-forward-groups.log" | grep "^| "
 fi
 echo "gpu_check status: $status"
 exit $status
