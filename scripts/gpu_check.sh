@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one run: build, the full pytest suite on
-# CUDA, compute-sanitizer memcheck on small cases, and the benchmark table.
+# CUDA, compute-sanitizer memcheck, racecheck and synccheck on small cases, and
+# the benchmark table.
 # Logs go to $OUT (default /tmp/flashjit-gpu-check). Usage:
 #   bash scripts/gpu_check.sh [--quick-bench] [--tests-only | --no-tests]
 # --tests-only stops after pytest and --no-tests skips it, for machines whose
@@ -35,10 +36,12 @@ if [[ " $* " != *" --no-tests "* ]]; then
   fi
 fi
 
-step "compute-sanitizer memcheck"
-compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitizer_cases.py >"$OUT/memcheck.log" 2>&1 \
-  || status=1
-tail -8 "$OUT/memcheck.log"
+for tool in memcheck racecheck synccheck; do
+  step "compute-sanitizer $tool"
+  compute-sanitizer --tool "$tool" --error-exitcode 1 python3 scripts/sanitizer_cases.py >"$OUT/$tool.log" 2>&1 \
+    || status=1
+  tail -3 "$OUT/$tool.log"
+done
 
 step "benchmark"
 bench_args=()

@@ -11,7 +11,6 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
-#include <cxxabi.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -36,8 +35,8 @@ using Array = nb::ndarray<nb::ro>;
 void restore_gil(PyThreadState* state) {
   try {
     PyEval_RestoreThread(state);
-  } catch (abi::__forced_unwind&) {
-    for (;;) pause();
+  } catch (...) {  // abi::__forced_unwind: the only thing PyEval_RestoreThread throws (not named: no binding)
+    for (;;) pause();  // never leaves the handler, which a forced unwind does not allow without rethrowing
   }
 }
 

@@ -100,6 +100,9 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
 
   // S = Q K^T -> logits;  dP = dO V^T
   gemm(rows, ld_k, p.head_dim_qk, w.q, ld_qk, w.k_t, ld_k, w.p, ld_k, false);
+  // Rows the forward took as row-by-row dot products, in its order (first_few_row; k rows loaded).
+  const int64_t few = std::max(query0, first_few_row(p.seqlen_q)) - query0;
+  if (few < rows) gemm_abt_rows(rows - few, cols, ld_qk, w.q + few * ld_qk, ld_qk, w.k, ld_qk, w.p + few * ld_k, ld_k);
   compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p,
                  softcap ? w.softcap_grad : static_cast<Acc*>(nullptr));
   gemm(rows, ld_k, p.head_dim_v, w.dout, ld_v, w.v_t, ld_k, w.dp, ld_k, false);
@@ -163,7 +166,7 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
   const int64_t ld_k = round_up(cols, kLanes<Acc>);
   const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
   const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
-  load_key_block<T>(p, b, h_kv, key0, cols, false, w);
+  load_key_block<T>(p, b, h_kv, key0, cols, first_few_row(p.seqlen_q) < p.seqlen_q, w);
   std::fill(w.acc_a, w.acc_a + cols * ld_qk, Acc(0));
   std::fill(w.acc_b, w.acc_b + cols * ld_v, Acc(0));
   const int64_t query_begin = p.query_begin(key0);

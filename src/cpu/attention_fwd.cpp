@@ -14,8 +14,6 @@
 namespace flashjit::cpu {
 namespace {
 
-constexpr int64_t kFewRows = 4;
-
 // Tile buffers of one task (uninitialised; see thread_scratch).
 template <typename Acc>
 struct ForwardScratch {

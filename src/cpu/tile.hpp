@@ -28,6 +28,18 @@ inline constexpr int kVectorBytes = 32;
 inline constexpr int64_t kBlockQ = 64;
 inline constexpr int64_t kBlockK = 64;
 
+// The forward takes the scores of a block of at most kFewRows queries (decoding,
+// or a sequence's last few rows) as row-by-row dot products (gemm_abt_rows),
+// whose order of additions differs from gemm's. The backward recomputes those
+// rows' scores the same way, so that P = exp(S - LSE) matches the forward's LSE
+// to the last bit instead of to the rounding of a differently ordered sum.
+inline constexpr int64_t kFewRows = 4;
+// The first query row of a sequence of seqlen_q the forward takes that way (seqlen_q: none).
+inline int64_t first_few_row(int64_t seqlen_q) {
+  const int64_t last_block = seqlen_q > 0 ? (seqlen_q - 1) / kBlockQ * kBlockQ : 0;
+  return seqlen_q - last_block <= kFewRows ? last_block : seqlen_q;
+}
+
 // Calls fn(T{}) with T the storage type of a floating dtype.
 template <typename Fn>
 void dispatch_float_dtype(fj_dtype dtype, const char* op, Fn&& fn) {
