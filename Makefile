@@ -1,6 +1,7 @@
 # make demo: set up, build, and run a quick `flashjit bench` on the GPU if there is one, else the CPU
 #            (flashjit vs naive attention and PyTorch SDPA; tables, CSV, JSON and plots in build/demo).
-# make test: set up, build, and run every test (ctest, then pytest).
+# make test: set up, build, and run every test (ctest, then pytest, which includes a fuzzer sweep),
+#            then the same under AddressSanitizer and UndefinedBehaviorSanitizer (make sanitize).
 PYTHON ?= python3
 BUILD_DIR ?= build/cpp
 JOBS ?= $(shell nproc)
@@ -26,6 +27,7 @@ test: setup build-cpp install
 	@status=0; \
 	(cd $(BUILD_DIR) && $(NVRTC_ENV) ctest --output-on-failure -j $(JOBS)) || status=1; \
 	$(PYTHON) -m pytest tests/python -q || status=1; \
+	$(MAKE) --no-print-directory sanitize || status=1; \
 	exit $$status
 
 test-cpp: build-cpp

@@ -127,7 +127,15 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
       }
       for (int64_t c = cols; c < ld_k; ++c) pd_row[c] = Acc(0);
     }
-    const Acc delta = w.delta[r];
+    // D = rowsum(dO * O) comes from the stored O, rounded to the input dtype. Where
+    // this tile holds every key the row sees, D = sum_j P_ij dP_ij from the tile
+    // itself is exact to the rounding of this sum, and dS of a row that sees one
+    // key is exactly 0 as it should be.
+    Acc delta = w.delta[r];
+    if (p.key_begin(query0 + r) >= key0 && p.key_end(query0 + r) <= key0 + cols) {
+      delta = 0;
+      for (int64_t c = 0; c < cols; ++c) delta += p_row[c] * ds_row[c];
+    }
     if (softcap) {
       const Acc* g_row = w.softcap_grad + r * ld_k;
       for (int64_t c = 0; c < cols; ++c) ds_row[c] = p_row[c] * (ds_row[c] - delta) * g_row[c] * scale;

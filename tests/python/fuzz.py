@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import random
 import sys
 import time
@@ -149,6 +150,12 @@ def main() -> int:
     parser.add_argument("--only", type=int, default=None, help="run only case INDEX of the sweep")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "unknown"
+    print(f"# flashjit fuzz: {args.cases} cases, seed {args.seed}, device {args.device}\n\n"
+          f"- date: {time.strftime('%Y-%m-%d')}\n- commit: {commit}\n- flashjit {flashjit.__version__}, "
+          f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}".rstrip() +
+          f"\n- command: `python tests/python/fuzz.py --cases {args.cases} --seed {args.seed} "
+          f"--device {args.device}`\n", flush=True)
     start = time.time()
     failures = run(args.cases, args.seed, args.device, args.only, progress=True)
     for index, case, message in failures:
