@@ -4,6 +4,7 @@
     flashjit info [--json]                     version, backends, GPU, NVRTC, kernel cache
     flashjit precompile [--arch 90] ...        compile the common CUDA kernels ahead of time
     flashjit cache clear                       delete this version's on-disk kernel cache
+    flashjit tune [--head-dims 64 128] ...     measure the sm_90a forward's tiles on this GPU and keep the fastest
     flashjit demo ...                          the CPU forward+backward demo (python -m flashjit.demo)
 """
 
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     from . import bench
 
     parser = argparse.ArgumentParser(prog="flashjit", description="flashjit attention engine", epilog=_EPILOG)
-    commands = parser.add_subparsers(dest="command", metavar="{bench,info,precompile,cache,demo}")
+    commands = parser.add_subparsers(dest="command", metavar="{bench,info,precompile,cache,tune,demo}")
     commands.required = True
     bench_parser = commands.add_parser("bench", help="benchmark against naive attention and PyTorch",
                                        description=bench.__doc__.split("\n\n")[0])
@@ -43,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="the on-disk kernel cache")
     cache.add_argument("action", choices=["clear", "info"], help="clear: delete this version's cache; "
                        "info: where it is and how large")
+    tune = commands.add_parser("tune", help="measure the sm_90a forward's tile choices on this GPU",
+                               description="Times candidate tile configurations of the sm_90a forward per problem "
+                               "class (dtype, head dim, causal, key length) and keeps each class's fastest in the "
+                               "GPU's tuning file in the kernel cache directory; later calls take it.")
+    tune.add_argument("--gpu", type=int, default=0, metavar="INDEX", help="device index (default 0)")
+    tune.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    tune.add_argument("--head-dims", nargs="+", type=_head_dim, default=[64, 128, 256], metavar="D")
+    tune.add_argument("--seqlens", nargs="+", type=int, default=[1024, 4096, 16384], metavar="N")
     commands.add_parser("demo", help="the CPU demo (options: flashjit demo --help)", add_help=False)
     return parser
 
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return info(as_json=args.json)
     if args.command == "precompile":
         return precompile(args.arch, args.gpu, args.dtypes, args.head_dims, not args.quiet)
+    if args.command == "tune":
+        return tune(args.gpu, args.dtype, args.head_dims, args.seqlens)
     return cache_info() if args.action == "info" else cache_clear()
 
 
@@ -131,7 +142,8 @@ def collect_info() -> dict:
         for index in range(flashjit.cuda.device_count()):
             gpu = flashjit.cuda.device_info(index)
             gpus.append({"index": index, "name": gpu["name"], "arch": f"sm_{gpu['arch']}",
-                         "multiprocessors": gpu["multiprocessors"]})
+                         "multiprocessors": gpu["multiprocessors"],
+                         "tuning": flashjit.cuda.tuning_info(index) if gpu["arch"] == 90 else None})
         if not gpus:
             flashjit.cuda.device_info(0)  # raises with the reason (no driver, no device)
             result["gpu_note"] = "no CUDA device visible to the driver"
@@ -184,6 +196,8 @@ def info(as_json: bool = False) -> int:
         print("torch: not installed")
     for gpu in result["gpus"]:
         print(f"gpu {gpu['index']}: {gpu['name']}, {gpu['arch']}, {gpu['multiprocessors']} SMs")
+        if gpu["tuning"]:
+            print("  tuned tiles: " + gpu["tuning"].replace("\n", "\n    "))
     if not result["gpus"]:
         print(f"gpu: none ({result.get('gpu_note', '')})")
     if result["nvrtc"]:
@@ -252,6 +266,30 @@ def precompile(arch: int, gpu: int, dtypes: list[str] | None, head_dims: list[in
     print(f"{len(configs)} kernel configs for {target} in {time.monotonic() - start:.1f} s: "
           f"{after['compiles'] - before['compiles']} kernels compiled, "
           f"{after['disk_loads'] - before['disk_loads']} loaded from disk; cache {version_cache_dir()}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- tune
+
+def tune(gpu: int, dtype: str, head_dims: list[int], seqlens: list[int]) -> int:
+    import flashjit
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("flashjit tune: needs torch with CUDA (pip install torch)", file=sys.stderr)
+        return 1
+    if flashjit.cuda.device_count() == 0:
+        print("flashjit tune: no CUDA GPU found", file=sys.stderr)
+        return 1
+    try:
+        results = flashjit.cuda.tune(head_dims, seqlens, dtype=dtype, device=gpu)
+    except NotImplementedError as error:
+        print(f"flashjit tune: {error}", file=sys.stderr)
+        return 1
+    for key, result in results.items():
+        print(f"{key}: {result['tiles']} ({result['tflops'][result['tiles']]:.0f} TFLOP/s)")
+    print(flashjit.cuda.tuning_info(gpu))
     return 0
 
 

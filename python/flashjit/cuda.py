@@ -156,3 +156,95 @@ def clear_cache() -> dict:
     removed = remove_cache_files(None)
     clear_memory_cache()
     return removed
+
+
+# ---- tile choices measured on the device ------------------------------------------------------
+
+# Candidate FLASHJIT_CUDA_TILES settings per padded head dim; "softmax=fast" forces
+# nothing beyond the built-in choice (it stands for it while tuning, whatever a
+# tuning file says).
+_BUILT_IN = "softmax=fast"
+_CANDIDATES = {
+    64: [_BUILT_IN, "groups=3", "stages=3,q=1", "n=96", "n=192,q=1"],
+    128: [_BUILT_IN, "n=96", "n=160", "n=176,q=1", "stages=3,q=1", "n=192,q=1"],
+    192: [_BUILT_IN, "n=64", "n=112,q=1"],
+    256: [_BUILT_IN, "n=64", "n=48,q=2"],
+}
+
+
+def tuning_key(config: KernelConfig, seqlen_k: int, arch: int = 90) -> str:
+    """The problem class a tuned choice applies to (the tuning file's first column)."""
+    return _C.cuda_tuning_key(config._tuple(arch, 0), int(seqlen_k))
+
+
+def tuning_info(device: int = 0) -> str:
+    """The device's tuning file and the choices it holds, or why it is ignored."""
+    info = device_info(device)
+    return _C.cuda_describe_tuning(info["name"], info["arch"])
+
+
+def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, True), dtype: str = "bfloat16",
+         candidates: dict | None = None, device: int = 0, margin: float = 0.02, progress: bool = True) -> dict:
+    """Times candidate tile configurations of the sm_90a forward on this GPU, per problem
+    class (dtype, head dim, causal bounds, key length band), and stores each class's
+    fastest in the device's tuning file, which later forwards take; a candidate must beat
+    the built-in choice by `margin` to replace it. Problems: B*N = 16k tokens, H = 2048 / D.
+    Returns {class key: {"tiles": chosen, "tflops": {candidate: TFLOP/s}}}. Needs torch
+    and an sm_90 GPU."""
+    import statistics
+
+    import torch
+
+    from . import ops
+
+    info = device_info(device)
+    if info["arch"] != 90:
+        raise NotImplementedError(f"[tune] the tuned kernels are sm_90a ones; device {device} ({info['name']}) is "
+                                  f"sm_{info['arch']}")
+    candidates = candidates or _CANDIDATES
+    problems = [(d, n, c) for d in head_dims for n in seqlens for c in causal]
+    results, saved = {}, os.environ.get("FLASHJIT_CUDA_TILES")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        for index, (head_dim, seqlen, is_causal) in enumerate(problems):
+            batch, heads = max(1, 16384 // seqlen), max(1, 2048 // head_dim)
+            q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=f"cuda:{device}",
+                                   dtype=getattr(torch, dtype)) for _ in range(3))
+            flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if is_causal else 1)
+            key = tuning_key(KernelConfig(dtype=dtype, head_dim=head_dim, window=bool(is_causal)), seqlen)
+            measured = {}
+            for tiles in candidates.get(-(-head_dim // 64) * 64, [_BUILT_IN]):
+                os.environ["FLASHJIT_CUDA_TILES"] = tiles
+                try:
+                    call = lambda: ops.attention(q, k, v, None, None, 0.0, 1 if is_causal else 0)  # noqa: E731
+                    call()
+                    torch.cuda.synchronize(device)
+                    samples = []
+                    for _ in range(5):
+                        start.record()
+                        for _ in range(5):
+                            call()
+                        end.record()
+                        end.synchronize()
+                        samples.append(start.elapsed_time(end) / 5)
+                    measured[tiles] = flops / statistics.median(samples) / 1e9
+                except (ValueError, NotImplementedError):
+                    continue  # no room for this candidate here
+            best = max(measured, key=measured.get)
+            if measured[best] < measured.get(_BUILT_IN, 0.0) * (1 + margin):
+                best = _BUILT_IN
+            results[key] = {"tiles": best, "tflops": measured}
+            if progress:
+                print(f"[{index + 1}/{len(problems)}] {key}: {best} "
+                      + ", ".join(f"{t} {x:.0f}" for t, x in measured.items()), file=sys.stderr, flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("FLASHJIT_CUDA_TILES", None)
+        else:
+            os.environ["FLASHJIT_CUDA_TILES"] = saved
+    entries = "".join(f"{key} {r['tiles']} {r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items()
+                      if r["tiles"] != _BUILT_IN)
+    results_path = _C.cuda_save_tuning(info["name"], info["arch"], entries)
+    if progress:
+        print(f"tuning file: {results_path}", file=sys.stderr)
+    return results

@@ -214,24 +214,45 @@ void check(fj_status status) {
 // (backward, dtype, head_dim_qk, head_dim_v, mask, mask_dtype, window, dropout, softcap, arch, device_index)
 using KernelConfigTuple = std::tuple<bool, int, int, int, int, int, bool, bool, bool, int, int>;
 
+fj_kernel_config kernel_config(const KernelConfigTuple& t) {
+  fj_kernel_config config = fj_kernel_config_default();
+  config.backward = std::get<0>(t);
+  config.dtype = fj_dtype(std::get<1>(t));
+  config.head_dim_qk = std::get<2>(t);
+  config.head_dim_v = std::get<3>(t);
+  config.mask = std::get<4>(t);
+  config.mask_dtype = fj_dtype(std::get<5>(t));
+  config.window = std::get<6>(t);
+  config.dropout = std::get<7>(t);
+  config.softcap = std::get<8>(t);
+  config.arch = std::get<9>(t);
+  config.device_index = std::get<10>(t);
+  return config;
+}
+
 void cuda_precompile(const std::vector<KernelConfigTuple>& configs) {
   std::vector<fj_kernel_config> c_configs;
-  for (const KernelConfigTuple& t : configs) {
-    fj_kernel_config config = fj_kernel_config_default();
-    config.backward = std::get<0>(t);
-    config.dtype = fj_dtype(std::get<1>(t));
-    config.head_dim_qk = std::get<2>(t);
-    config.head_dim_v = std::get<3>(t);
-    config.mask = std::get<4>(t);
-    config.mask_dtype = fj_dtype(std::get<5>(t));
-    config.window = std::get<6>(t);
-    config.dropout = std::get<7>(t);
-    config.softcap = std::get<8>(t);
-    config.arch = std::get<9>(t);
-    config.device_index = std::get<10>(t);
-    c_configs.push_back(config);
-  }
+  for (const KernelConfigTuple& t : configs) c_configs.push_back(kernel_config(t));
   check(without_gil([&] { return fj_cuda_precompile(c_configs.data(), int32_t(c_configs.size())); }));
+}
+
+std::string cuda_tuning_key(const KernelConfigTuple& config, int64_t seqlen_k) {
+  const fj_kernel_config c = kernel_config(config);
+  char buffer[512];
+  check(fj_cuda_tuning_key(&c, seqlen_k, buffer, sizeof buffer));
+  return buffer;
+}
+
+std::string cuda_save_tuning(const std::string& device_name, int arch, const std::string& entries) {
+  char path[4096];
+  check(fj_cuda_save_tuning(device_name.c_str(), arch, entries.c_str(), path, sizeof path));
+  return path;
+}
+
+std::string cuda_describe_tuning(const std::string& device_name, int arch) {
+  std::string buffer(1 << 16, '\0');
+  check(fj_cuda_describe_tuning(device_name.c_str(), arch, buffer.data(), buffer.size()));
+  return buffer.c_str();
 }
 
 nb::dict cuda_cache_stats() {
@@ -297,6 +318,9 @@ NB_MODULE(_C, m) {
   m.def("cuda_cache_stats", &cuda_cache_stats);
   m.def("cuda_clear_memory_cache", [] { check(fj_cuda_clear_memory_cache()); });
   m.def("cuda_cache_dir", &cuda_cache_dir, nb::arg("arch") = 0);
+  m.def("cuda_tuning_key", &cuda_tuning_key, nb::arg("config"), nb::arg("seqlen_k"));
+  m.def("cuda_save_tuning", &cuda_save_tuning, nb::arg("device_name"), nb::arg("arch"), nb::arg("entries"));
+  m.def("cuda_describe_tuning", &cuda_describe_tuning, nb::arg("device_name"), nb::arg("arch"));
   m.def("cuda_nvrtc_version", &cuda_nvrtc_version);
   m.def("cuda_device_count", [] { return int(fj_cuda_device_count()); });
   m.def("cuda_device_info", &cuda_device_info, nb::arg("device_index"));

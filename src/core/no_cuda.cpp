@@ -37,6 +37,15 @@ fj_status fj_cuda_cache_dir(int32_t, char*, size_t) {
 fj_status fj_cuda_nvrtc_version(int32_t*, int32_t*) {
   return no_cuda();
 }
+fj_status fj_cuda_tuning_key(const fj_kernel_config*, int64_t, char*, size_t) {
+  return no_cuda();
+}
+fj_status fj_cuda_save_tuning(const char*, int32_t, const char*, char*, size_t) {
+  return no_cuda();
+}
+fj_status fj_cuda_describe_tuning(const char*, int32_t, char*, size_t) {
+  return no_cuda();
+}
 int32_t fj_cuda_device_count(void) {
   return 0;
 }

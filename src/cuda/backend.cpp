@@ -17,6 +17,7 @@
 #include "cuda/driver.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
+#include "cuda/tuning.hpp"
 #include "cuda/kernels/params.cuh"
 
 namespace flashjit::cuda {
@@ -342,7 +343,11 @@ void forward(const AttentionProblem& problem) {
     const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
     if (splits > 1 && split_forward(p, launch, params, split_spec, splits)) return;
   }
-  KernelSpec spec = forward_kernel(traits);
+  // Tile choices measured on this device for the problem's class (flashjit tune), where any.
+  const ForwardTiles tuned = launch.arch == 90 ? tuned_forward_tiles(device_info(launch.device_index).name, launch.arch,
+                                                                     tuning_key(traits, p.seqlen_k))
+                                               : ForwardTiles{};
+  KernelSpec spec = forward_kernel(traits, tuned);
   if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
     traits.tma = false;  // operands TMA cannot address: the mma.sync kernel
     spec = forward_kernel(traits);

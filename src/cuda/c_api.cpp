@@ -7,6 +7,7 @@
 #include "cuda/driver.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
+#include "cuda/tuning.hpp"
 #include "flashjit/flashjit.h"
 
 namespace {
@@ -116,6 +117,33 @@ fj_status fj_cuda_cache_dir(int32_t arch, char* buffer, size_t size) {
   return guarded([&] {
     copy_text(arch == 0 ? cuda::cache_base_directory() : cuda::cache_directory(arch), buffer, size,
               "cache_dir");
+  });
+}
+
+fj_status fj_cuda_tuning_key(const fj_kernel_config* config, int64_t seqlen_k, char* buffer, size_t size) {
+  return guarded([&] {
+    if (config == nullptr) throw_value_error("[tuning_key] config: expected a non-null pointer");
+    if (seqlen_k < 1) throw_value_error("[tuning_key] seqlen_k: expected >= 1, got ", seqlen_k);
+    copy_text(cuda::tuning_key(traits_of(*config, 0), seqlen_k), buffer, size, "tuning_key");
+  });
+}
+
+fj_status fj_cuda_save_tuning(const char* device_name, int32_t arch, const char* entries, char* path,
+                              size_t path_size) {
+  return guarded([&] {
+    if (device_name == nullptr || *device_name == '\0') {
+      throw_value_error("[save_tuning] device_name: expected a device's name");
+    }
+    if (entries == nullptr) throw_value_error("[save_tuning] entries: expected a non-null pointer");
+    const std::string written = cuda::save_tuning(device_name, arch, entries);
+    if (path != nullptr) copy_text(written, path, path_size, "save_tuning");
+  });
+}
+
+fj_status fj_cuda_describe_tuning(const char* device_name, int32_t arch, char* buffer, size_t size) {
+  return guarded([&] {
+    if (device_name == nullptr) throw_value_error("[describe_tuning] device_name: expected a device's name");
+    copy_text(cuda::describe_tuning(device_name, arch), buffer, size, "describe_tuning");
   });
 }
 

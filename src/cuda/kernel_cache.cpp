@@ -20,11 +20,6 @@
 #include "flashjit/flashjit.h"
 
 namespace flashjit::cuda {
-namespace {
-
-// Entry format 2: magic, the entry's key (32 hex digits), cubin size, checksum, cubin.
-constexpr char kMagic[8] = {'F', 'J', 'C', 'U', 'B', 'I', 'N', '2'};
-constexpr size_t kKeyLength = 32;
 
 // FNV-1a, 64 bits; two bases give the 128-bit key.
 uint64_t fnv1a(const std::string& text, uint64_t hash) {
@@ -33,16 +28,6 @@ uint64_t fnv1a(const std::string& text, uint64_t hash) {
     hash *= 0x100000001b3ULL;
   }
   return hash;
-}
-
-std::string hex(uint64_t value) {
-  char buffer[17];
-  std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(value));
-  return buffer;
-}
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 void make_directories(const std::string& path) {
@@ -76,6 +61,22 @@ void write_atomically(const std::string& path, const std::string& contents) {
     std::remove(temporary.c_str());
     throw_unsupported("[cuda] cannot rename ", temporary, " to ", path, ": ", std::strerror(errno));
   }
+}
+
+namespace {
+
+// Entry format 2: magic, the entry's key (32 hex digits), cubin size, checksum, cubin.
+constexpr char kMagic[8] = {'F', 'J', 'C', 'U', 'B', 'I', 'N', '2'};
+constexpr size_t kKeyLength = 32;
+
+std::string hex(uint64_t value) {
+  char buffer[17];
+  std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(value));
+  return buffer;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 std::string cache_entry(const std::string& key, const std::string& cubin) {

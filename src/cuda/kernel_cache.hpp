@@ -39,6 +39,13 @@ std::shared_ptr<const std::string> kernel_binary(const KernelSpec& spec, bool ca
 CUfunction kernel_function(const KernelSpec& spec, int device_index, bool capturing);
 
 CacheStats cache_stats();
+
+// Helpers of the files under the cache directory (kernel_cache.cpp).
+uint64_t fnv1a(const std::string& text, uint64_t hash = 0xcbf29ce484222325ULL);
+// Creates a directory and its parents; an error names it and says to set FLASHJIT_CACHE_DIR.
+void make_directories(const std::string& path);
+// Writes to a temporary name in the same directory, then renames over the target.
+void write_atomically(const std::string& path, const std::string& contents);
 // Forgets compiled binaries and loaded modules held in memory (the disk cache stays).
 void clear_memory_cache();
 

@@ -429,7 +429,7 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
 // that the consumers' accumulators and score tiles fit in their registers (240,
 // or 160) and the rings in shared memory. Head dims of 32 or less stay on
 // mma.sync: padding them to 64 would double the work.
-KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
+KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const ForwardTiles& tuned = ForwardTiles{}) {
   KernelSpec spec = mma_spec(traits, entry == KernelEntry::kBackwardPrep ? KernelEntry::kBackwardDq : entry);
   spec.entry = entry;
   spec.family = KernelFamily::kHopper;
@@ -468,7 +468,15 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry) {
     doubled.q_buffers = 2;
     if (fits(doubled)) spec = doubled;
     const ForwardTiles forced = forced_forward_tiles();
-    if (forced.forced()) spec = with_forced_tiles(spec, forced);
+    if (forced.forced()) {
+      spec = with_forced_tiles(spec, forced);
+    } else if (tuned.forced()) {
+      try {
+        spec = with_forced_tiles(spec, tuned);
+      } catch (const Error&) {
+        // A tuned choice that cannot run for these traits (another feature set): the built-in one.
+      }
+    }
   }
   return spec;
 }
@@ -490,9 +498,9 @@ bool hopper_applies(const KernelTraits& traits) {
 
 }  // namespace
 
-KernelSpec forward_kernel(const KernelTraits& traits) {
+KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned) {
   if (hopper_applies(traits)) {
-    const KernelSpec spec = hopper_spec(traits, KernelEntry::kForward);
+    const KernelSpec spec = hopper_spec(traits, KernelEntry::kForward, tuned);
     if (fits(spec)) return spec;
   }
   if (uses_tensor_cores(traits)) {

@@ -100,7 +100,9 @@ struct ForwardTiles {
 ForwardTiles parse_forward_tiles(const char* text);
 ForwardTiles forced_forward_tiles();
 // The kernels for a problem's traits; each fits the opt-in shared memory of traits.arch.
-KernelSpec forward_kernel(const KernelTraits& traits);
+// tuned: a measured tile choice for the problem's class (tuning.hpp), taken for
+// the sm_90a forward unless FLASHJIT_CUDA_TILES forces one; ignored where it cannot run.
+KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned = ForwardTiles{});
 // The split forward and its combine kernel, for problems with too few query
 // blocks to fill the GPU. The split forward is a kMma kernel without dropout;
 // where the traits allow none (other dtypes, dropout, no fit), the returned

@@ -17,6 +17,7 @@
 
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
+#include "cuda/tuning.hpp"
 #include "flashjit/flashjit.h"
 
 namespace {
@@ -186,6 +187,60 @@ TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
       ASSERT_NO_THROW(kernel_binary(forced, false)) << tiles << ": " << forced.name();
     }
   }
+}
+
+// Tuned choices: saved, read back and taken for their class; a file with a
+// wrong checksum, or measured on another device, is ignored (not trusted);
+// FLASHJIT_CUDA_TILES wins over a tuned choice.
+TEST_F(CudaCompile, TunedChoicesAreUsedAndBadTuningFilesIgnored) {
+  using namespace flashjit::cuda;
+  KernelTraits traits;
+  traits.dtype = FJ_BFLOAT16;
+  traits.head_dim_qk = traits.head_dim_v = 64;
+  traits.arch = 90;
+  const std::string key = tuning_key(traits, 16384);
+  EXPECT_EQ(key, "bfloat16_qk64_v64_mask-none_keys-more");
+  EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, key).forced());  // nothing tuned yet
+  const std::string path = save_tuning("NVIDIA H200", 90, key + " groups=3 464.1\n");
+  const ForwardTiles tuned = tuned_forward_tiles("NVIDIA H200", 90, key);
+  EXPECT_EQ(tuned.groups, 3);
+  EXPECT_EQ(forward_kernel(traits, tuned).threads, 512);
+  EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, tuning_key(traits, 1024)).forced());  // another class
+  EXPECT_FALSE(tuned_forward_tiles("NVIDIA H100", 90, key).forced());                       // another device
+  setenv("FLASHJIT_CUDA_TILES", "groups=2", 1);
+  EXPECT_EQ(forward_kernel(traits, tuned).threads, 384);
+  unsetenv("FLASHJIT_CUDA_TILES");
+
+  std::string text;
+  {
+    std::ifstream in(path);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const auto rewrite = [&](const std::string& contents) {
+    std::ofstream(path, std::ios::trunc) << contents;
+    clear_tuning();
+  };
+  std::string corrupt = text;
+  corrupt.replace(corrupt.find("groups=3"), 8, "groups=2");  // edited without a new checksum
+  rewrite(corrupt);
+  EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, key).forced());
+  EXPECT_NE(describe_tuning("NVIDIA H200", 90).find("ignored: its checksum does not match"), std::string::npos)
+      << describe_tuning("NVIDIA H200", 90);
+  // Another device's file under this device's name, with a valid checksum of its own.
+  const std::string foreign = save_tuning("NVIDIA H100 80GB HBM3", 90, key + " groups=3 400\n");
+  std::string foreign_text;
+  {
+    std::ifstream in(foreign);
+    foreign_text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  rewrite(foreign_text);
+  EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, key).forced());
+  EXPECT_NE(describe_tuning("NVIDIA H200", 90).find("measured on NVIDIA H100 80GB HBM3"), std::string::npos);
+  rewrite("not a tuning file\n");
+  EXPECT_NE(describe_tuning("NVIDIA H200", 90).find("not a flashjit tuning file"), std::string::npos);
+  // A configuration that does not parse is refused when saving.
+  EXPECT_THROW(save_tuning("NVIDIA H200", 90, key + " n=100 1\n"), std::exception);
+  clear_tuning();
 }
 
 // FLASHJIT_CUDA_TILES: every key parsed, bad values named in the error.

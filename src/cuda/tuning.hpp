@@ -1,0 +1,47 @@
+// Tile choices of the sm_90a forward measured on a device (`flashjit tune`).
+//
+// A tuning file holds, for one device (by name) and arch, the configuration
+// (FLASHJIT_CUDA_TILES syntax) that measured fastest for each problem class:
+//
+//   <cache base>/<version>/tuning/sm<arch>-<device name, [A-Za-z0-9._-] kept>.txt
+//
+//   flashjit tuning 1
+//   device NVIDIA H200
+//   arch 90
+//   version 0.1.0
+//   entry <class key> <tiles> <TFLOP/s measured>
+//   ...
+//   checksum <FNV-1a 64 of every byte above, hex>
+//
+// A file is read once a process; one that is not flashjit's, names another
+// device, arch or library version, fails its checksum or holds a malformed line
+// is ignored whole, with one warning on stderr. FLASHJIT_CUDA_TILES, when set,
+// wins over a tuned choice.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "cuda/kernel_spec.hpp"
+
+namespace flashjit::cuda {
+
+// The class a tuned choice applies to: dtype, the forward kernel's padded head
+// dims, features, and the key length in three bands (up to 2k, up to 8k, more).
+std::string tuning_key(const KernelTraits& traits, int64_t seqlen_k);
+
+// The tuned tiles for a class on a device; not forced (ForwardTiles{}) where
+// nothing was tuned.
+ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const std::string& key);
+
+// Writes the tuning file of a device from "<key> <tiles> <TFLOP/s>" lines
+// (checked: tiles must parse) and makes later calls read it; returns its path.
+std::string save_tuning(const std::string& device_name, int arch, const std::string& entries);
+
+// For `flashjit info`: the file's path, then its "<key> <tiles>" lines, or why it is ignored.
+std::string describe_tuning(const std::string& device_name, int arch);
+
+// Forgets the tuning files read by this process.
+void clear_tuning();
+
+}  // namespace flashjit::cuda

@@ -1,0 +1,50 @@
+"""Tile choices measured on the GPU (flashjit.cuda.tune, `flashjit tune`): a stored
+choice is what later forwards compile. GPU tests skip without an sm_90 device; the
+file handling (checksums, foreign devices) is tested in C++ (test_cuda_compile.cpp)."""
+
+import os
+
+import pytest
+import torch
+
+import flashjit
+from conftest import DEVICE
+
+needs_sm90 = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available()
+                                or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+
+
+def forward_cubins(directory):
+    return sorted(name for root, _, names in os.walk(directory) for name in names
+                  if name.startswith("hopper-forward") and name.endswith(".cubin"))
+
+
+@needs_sm90
+def test_a_stored_choice_is_what_later_forwards_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FLASHJIT_CUDA_TILES", raising=False)
+    flashjit.cuda.clear_memory_cache()
+    # One candidate: it is stored whatever it measures.
+    results = flashjit.cuda.tune(head_dims=(64,), seqlens=(1024,), causal=(False,), candidates={64: ["groups=3"]},
+                                 progress=False)
+    (key, result), = results.items()
+    assert result["tiles"] == "groups=3" and result["tflops"]["groups=3"] > 0
+    assert f"{key} groups=3" in flashjit.cuda.tuning_info()
+    for cubin in forward_cubins(tmp_path):
+        os.remove(os.path.join(tmp_path, flashjit.__version__, "sm_90", cubin))
+    flashjit.cuda.clear_memory_cache()
+    q = torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    flashjit.scaled_dot_product_attention(q, q, q)
+    assert [name for name in forward_cubins(tmp_path) if "_t512_" in name], forward_cubins(tmp_path)
+    # Another key length band was not tuned: the built-in choice (two consumer warpgroups).
+    q = torch.randn(1, 4, 16384, 64, device="cuda", dtype=torch.bfloat16)
+    flashjit.scaled_dot_product_attention(q, q, q)
+    assert [name for name in forward_cubins(tmp_path) if "_t384_" in name], forward_cubins(tmp_path)
+
+
+@pytest.mark.skipif(flashjit.cuda.device_count() > 0, reason="checks the message on a machine without a GPU")
+def test_tune_without_a_gpu_says_so(capsys):
+    from flashjit import cli
+
+    assert cli.main(["tune"]) == 1
+    assert "no CUDA GPU found" in capsys.readouterr().err
