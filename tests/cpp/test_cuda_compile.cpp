@@ -71,6 +71,20 @@ class CudaCompile : public ::testing::Test {
   fs::path directory_;
 };
 
+// Traits of a half-precision problem for sm_90 without features.
+flashjit::cuda::KernelTraits sm90_traits(fj_dtype dtype, int head_dim) {
+  flashjit::cuda::KernelTraits traits;
+  traits.dtype = dtype;
+  traits.head_dim_qk = traits.head_dim_v = head_dim;
+  traits.arch = 90;
+  return traits;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
 fj_kernel_config config(fj_dtype dtype, int head_dim, int arch) {
   fj_kernel_config c = fj_kernel_config_default();
   c.dtype = dtype;
@@ -146,10 +160,7 @@ TEST_F(CudaCompile, RepresentativeKernelsCompileForSm80AndSm90) {
 TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
   REQUIRE_NVRTC();
   setenv("FLASHJIT_CUDA_TILES", "groups=3", 1);
-  flashjit::cuda::KernelTraits traits;
-  traits.dtype = FJ_BFLOAT16;
-  traits.head_dim_qk = traits.head_dim_v = 64;
-  traits.arch = 90;
+  const flashjit::cuda::KernelTraits traits = sm90_traits(FJ_BFLOAT16, 64);
   const flashjit::cuda::KernelSpec spec = flashjit::cuda::forward_kernel(traits);
   EXPECT_EQ(spec.threads, 512);
   EXPECT_EQ(spec.block_rows(), 192);
@@ -170,11 +181,8 @@ TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
 TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
-  KernelTraits traits;
-  traits.dtype = FJ_FLOAT16;
-  traits.arch = 90;
   for (int head_dim : {64, 128, 256}) {
-    traits.head_dim_qk = traits.head_dim_v = head_dim;
+    const KernelTraits traits = sm90_traits(FJ_FLOAT16, head_dim);
     const KernelSpec spec = forward_kernel(traits);
     EXPECT_TRUE(spec.o_tma) << spec.name();
     EXPECT_EQ(spec.q_buffers, head_dim <= 128 ? 2 : 1) << spec.name();
@@ -194,10 +202,7 @@ TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
 // FLASHJIT_CUDA_TILES wins over a tuned choice.
 TEST_F(CudaCompile, TunedChoicesAreUsedAndBadTuningFilesIgnored) {
   using namespace flashjit::cuda;
-  KernelTraits traits;
-  traits.dtype = FJ_BFLOAT16;
-  traits.head_dim_qk = traits.head_dim_v = 64;
-  traits.arch = 90;
+  const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 64);
   const std::string key = tuning_key(traits, 16384);
   EXPECT_EQ(key, "bfloat16_qk64_v64_mask-none_keys-more");
   EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, key).forced());  // nothing tuned yet
@@ -211,11 +216,7 @@ TEST_F(CudaCompile, TunedChoicesAreUsedAndBadTuningFilesIgnored) {
   EXPECT_EQ(forward_kernel(traits, tuned).threads, 384);
   unsetenv("FLASHJIT_CUDA_TILES");
 
-  std::string text;
-  {
-    std::ifstream in(path);
-    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
+  const std::string text = read_text(path);
   const auto rewrite = [&](const std::string& contents) {
     std::ofstream(path, std::ios::trunc) << contents;
     clear_tuning();
@@ -228,12 +229,7 @@ TEST_F(CudaCompile, TunedChoicesAreUsedAndBadTuningFilesIgnored) {
       << describe_tuning("NVIDIA H200", 90);
   // Another device's file under this device's name, with a valid checksum of its own.
   const std::string foreign = save_tuning("NVIDIA H100 80GB HBM3", 90, key + " groups=3 400\n");
-  std::string foreign_text;
-  {
-    std::ifstream in(foreign);
-    foreign_text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  rewrite(foreign_text);
+  rewrite(read_text(foreign));
   EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, key).forced());
   EXPECT_NE(describe_tuning("NVIDIA H200", 90).find("measured on NVIDIA H100 80GB HBM3"), std::string::npos);
   rewrite("not a tuning file\n");
@@ -270,10 +266,7 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
 // A forced configuration that cannot run says so instead of falling back silently.
 TEST(ForwardTiles, ForcedConfigurationThatDoesNotFitIsAnError) {
   using namespace flashjit::cuda;
-  KernelTraits traits;
-  traits.dtype = FJ_BFLOAT16;
-  traits.head_dim_qk = traits.head_dim_v = 256;
-  traits.arch = 90;
+  const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 256);
   setenv("FLASHJIT_CUDA_TILES", "n=128,q=2", 1);
   EXPECT_THROW(forward_kernel(traits), std::exception);
   setenv("FLASHJIT_CUDA_TILES", "groups=3", 1);
