@@ -9,20 +9,14 @@
 # --compare-forward-groups (with --no-tests) also runs test_attention.py with the
 # three-consumer-warpgroup forward (FLASHJIT_CUDA_TILES=groups=3) and times the
 # forward with two and with three groups in one run (gpu_attention.py --forward-only).
-set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flashjit-gpu-check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
-status=0
-step() { echo; echo "==== $* ($(date +%T))"; }
+source "$(dirname "$0")/gpu_common.sh"
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 step "build"
-python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+build
 python3 -c "import flashjit; print(flashjit.__version__, flashjit.backends(), flashjit.cuda.device_info(), \
 flashjit.cuda.nvrtc_version())"
 

@@ -5,14 +5,8 @@
 # FLASHJIT_CUDA_TILES settings as columns, and (--ncu) Nsight Compute on one
 # D128 forward. Logs and records go to $OUT (default /tmp/flashjit-forward-study).
 #   bash scripts/gpu_forward_study.sh [--no-tests] [--no-memcheck] [--ncu] [--tiles T1 T2 ...]
-set -uo pipefail
-cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flashjit-forward-study}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
-status=0
-step() { echo; echo "==== $* ($(date +%T))"; }
+source "$(dirname "$0")/gpu_common.sh"
 tests=1 memcheck=1 ncu=0 tiles=()
 while (($#)); do
   case $1 in
@@ -30,7 +24,7 @@ step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 
 step "build"
-python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+build
 
 if ((tests)); then
   step "test_attention.py (FLASHJIT_TEST_DEVICE=cuda)"
