@@ -152,50 +152,55 @@ bool ranges_overlap(const fj_tensor& a, const fj_tensor& b) {
   return !x.empty && !y.empty && x.first <= y.last && y.first <= x.last;
 }
 
-bool same_strides(const fj_tensor& a, const fj_tensor& b) {
-  if (a.ndim != b.ndim) return false;
-  for (int d = 0; d < a.ndim; ++d)
-    if ((a.shape[d] > 1 ? a.strides[d] : 0) != (b.shape[d] > 1 ? b.strides[d] : 0)) return false;
-  return true;
-}
-
-// Whether delta (in elements) equals sum_d k_d * stride_d for integers |k_d| <
-// extent_d (and, with nonzero, some k_d != 0): whether two copies of a strided
-// layout `delta` elements apart share an element (or one copy, delta = 0, maps
-// two indices to one element). Dims go from the largest stride down; a dim's
-// k is confined to the values that leave a remainder the inner dims can still
-// reach. Searches at most kMaxNodes steps and answers true (unproven: assume
-// shared) beyond that.
+// Whether delta (in elements) equals sum_d k_d * stride_d for integers k_d in
+// [lo_d, hi_d] (and, with nonzero, some k_d != 0): whether an element of one
+// strided view is an element of another view `delta` elements further on (k_d
+// = its index minus the other's), or, delta = 0 with k_d in [-(extent - 1),
+// extent - 1] and nonzero, whether one view maps two indices to one element.
+// Dims go from the largest stride down; a dim's k is confined to the values
+// that leave a remainder the inner dims can still reach. Searches at most
+// kMaxNodes steps and answers true (unproven: assume shared) beyond that.
 struct StridedDim {
-  int64_t stride;
-  int64_t extent;
+  int64_t stride;  // > 0
+  int64_t lo, hi;
 };
 bool representable(int64_t delta, const StridedDim* dims, int count, bool nonzero, int64_t& budget) {
   if (--budget < 0) return true;
   if (count == 0) return delta == 0 && !nonzero;
-  int64_t inner = 0;  // the largest |sum| the remaining dims reach
-  for (int d = 1; d < count; ++d) inner += (dims[d].extent - 1) * dims[d].stride;
-  const int64_t stride = dims[0].stride, reach = dims[0].extent - 1;
-  // k * stride within [delta - inner, delta + inner], |k| <= reach.
+  int64_t inner_lo = 0, inner_hi = 0;  // the sums the remaining dims reach
+  for (int d = 1; d < count; ++d) {
+    inner_lo += dims[d].lo * dims[d].stride;
+    inner_hi += dims[d].hi * dims[d].stride;
+  }
+  const int64_t stride = dims[0].stride;
+  // k * stride within [delta - inner_hi, delta - inner_lo], k within [lo, hi].
   const auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); };
-  const int64_t lo = std::max(-reach, -floor_div(-(delta - inner), stride));
-  const int64_t hi = std::min(reach, floor_div(delta + inner, stride));
+  const int64_t lo = std::max(dims[0].lo, -floor_div(-(delta - inner_hi), stride));
+  const int64_t hi = std::min(dims[0].hi, floor_div(delta - inner_lo, stride));
   for (int64_t k = lo; k <= hi; ++k) {
     if (representable(delta - k * stride, dims + 1, count - 1, nonzero && k == 0, budget)) return true;
   }
   return false;
 }
 
-// Whether the elements of x and of y (the same dims, y's data `delta_bytes`
-// after x's) are provably apart; with x == y (delta 0, same tensor) whether x
-// maps every index to its own element.
-bool provably_disjoint(const fj_tensor& t, int64_t delta_bytes, bool same_tensor) {
-  const int64_t element = dtype_size(t.dtype);
-  if (delta_bytes % element != 0) return false;
+// Whether the elements of x and of y (y's data `delta_bytes` after x's; with x
+// the same tensor as y, delta 0) are provably apart: no element of x is one of
+// y, or (same tensor) x maps every index to its own element. Views of other
+// shapes are compared dim by dim where their strides agree (dq, dk and dv of
+// grouped heads sliced from one buffer); dims with different strides, or a
+// byte offset between elements, are not proven apart.
+bool provably_disjoint(const fj_tensor& x, const fj_tensor& y, int64_t delta_bytes, bool same_tensor) {
+  const int64_t element = dtype_size(x.dtype);
+  if (x.dtype != y.dtype || x.ndim != y.ndim || delta_bytes % element != 0) return false;
   StridedDim dims[FJ_MAX_DIMS];
   int count = 0;
-  for (int d = 0; d < t.ndim; ++d) {
-    if (t.shape[d] > 1) dims[count++] = StridedDim{t.strides[d] < 0 ? -t.strides[d] : t.strides[d], t.shape[d]};
+  for (int d = 0; d < x.ndim; ++d) {
+    const int64_t extent_x = x.shape[d], extent_y = y.shape[d];
+    if (extent_x <= 1 && extent_y <= 1) continue;
+    if (extent_x > 1 && extent_y > 1 && x.strides[d] != y.strides[d]) return false;
+    const int64_t stride = extent_x > 1 ? x.strides[d] : y.strides[d];
+    // Index in x minus index in y; strides are >= 0 (check_tensor) and nonzero here.
+    dims[count++] = StridedDim{stride, -(extent_y - 1), extent_x - 1};
   }
   for (int i = 1; i < count; ++i) {  // largest stride first
     for (int j = i; j > 0 && dims[j].stride > dims[j - 1].stride; --j) std::swap(dims[j], dims[j - 1]);
@@ -214,9 +219,9 @@ struct Named {
 //  - no output maps two of its indices to one element (a zero stride, or
 //    strides that fold rows onto each other);
 //  - no output shares bytes with an input (the mask included);
-//  - outputs are pairwise apart: byte ranges that do not meet, or views with
-//    identical strides provably never on one element, such as dq, dk, dv sliced
-//    from one packed [B, S, 3, H, D] buffer.
+//  - outputs are pairwise apart: byte ranges that do not meet, or views whose
+//    strides agree and that provably never share an element, such as dq, dk, dv
+//    sliced from one packed [B, S, Hq + 2 Hkv, D] buffer.
 void check_outputs(const char* op, std::initializer_list<Named> outputs,
                    std::initializer_list<Named> inputs) {
   for (const Named& out : outputs) {
@@ -227,7 +232,7 @@ void check_outputs(const char* op, std::initializer_list<Named> outputs,
                           t.shape[d], "; every output element needs its own memory");
       }
     }
-    if (!has_no_elements(t) && !provably_disjoint(t, 0, true)) {
+    if (!has_no_elements(t) && !provably_disjoint(t, t, 0, true)) {
       throw_value_error("[", op, "] ", out.name, ": output strides ", dims_string(t.strides, t.ndim), " of shape ",
                         shape_string(t),
                         " map several elements to one address; every output element needs its own memory");
@@ -244,8 +249,7 @@ void check_outputs(const char* op, std::initializer_list<Named> outputs,
       const fj_tensor &x = *a->tensor, &y = *b->tensor;
       if (!ranges_overlap(x, y)) continue;
       const int64_t delta = int64_t(reinterpret_cast<uintptr_t>(y.data) - reinterpret_cast<uintptr_t>(x.data));
-      if (x.dtype != y.dtype || !same_strides(x, y) || shape_string(x) != shape_string(y) ||
-          !provably_disjoint(x, delta, false)) {
+      if (!provably_disjoint(x, y, delta, false)) {
         throw_value_error("[", op, "] ", b->name, ": output memory overlaps output ", a->name,
                           " (elements of one would be written as elements of the other); pass separate buffers");
       }
