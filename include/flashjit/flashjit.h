@@ -151,7 +151,8 @@ typedef struct fj_kernel_config {
 fj_kernel_config fj_kernel_config_default(void);
 
 /* Compiles (or finds in the cache) the kernels of each config. With arch set, no
- * GPU is needed: only NVRTC. */
+ * GPU is needed: only NVRTC. With arch 0 (the device's) a forward config also
+ * compiles the tile choices tuned on that device for its classes. */
 fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count);
 
 typedef struct fj_cuda_cache_stats {
@@ -179,8 +180,9 @@ fj_status fj_cuda_device_info(int32_t device_index, int32_t* arch, int32_t* mult
  * problem class; later forwards on that device take it (FLASHJIT_CUDA_TILES still wins).
  * The class key of a config's forward at a key length: */
 fj_status fj_cuda_tuning_key(const fj_kernel_config* config, int64_t seqlen_k, char* buffer, size_t size);
-/* Writes the tuning file of a device from lines "<key> <tiles> <TFLOP/s>"; its path goes to
- * path (unless NULL). */
+/* Writes the tuning file of a device from lines "<key> <tiles> <TFLOP/s>" (tiles "built-in":
+ * drop the class), keeping other classes of a valid earlier file; its path goes to path
+ * (unless NULL). */
 fj_status fj_cuda_save_tuning(const char* device_name, int32_t arch, const char* entries, char* path,
                               size_t path_size);
 /* The tuning file of a device and the choices it holds, or why it is ignored. */

@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--gpu", type=int, default=0, metavar="INDEX", help="device index (default 0)")
     tune.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     tune.add_argument("--head-dims", nargs="+", type=_head_dim, default=[64, 128, 256], metavar="D")
-    tune.add_argument("--seqlens", nargs="+", type=int, default=[1024, 4096, 16384], metavar="N")
+    tune.add_argument("--seqlens", nargs="+", type=_seqlen, default=[1024, 4096, 16384], metavar="N")
     commands.add_parser("demo", help="the CPU demo (options: flashjit demo --help)", add_help=False)
     return parser
 
@@ -62,6 +62,12 @@ def _arch(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a compute capability of at least 80 such as 80, 90 or sm_90, "
                                          f"got {text!r}")
     return int(digits)
+
+
+def _seqlen(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def _head_dim(text: str) -> int:

@@ -187,8 +187,9 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
          candidates: dict | None = None, device: int = 0, margin: float = 0.02, progress: bool = True) -> dict:
     """Times candidate tile configurations of the sm_90a forward on this GPU, per problem
     class (dtype, head dim, causal bounds, key length band), and stores each class's
-    fastest in the device's tuning file, which later forwards take; a candidate must beat
-    the built-in choice by `margin` to replace it. Problems: B*N = 16k tokens, H = 2048 / D.
+    fastest in the device's tuning file, which later forwards take (classes measured
+    before and not now keep their entries); a candidate must beat the built-in choice by
+    `margin` to replace it. Problems: B*N = 16k tokens, H = 2048 / D.
     Returns {class key: {"tiles": chosen, "tflops": {candidate: TFLOP/s}}}. Needs torch
     and an sm_90 GPU."""
     import statistics
@@ -197,6 +198,9 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
 
     from . import ops
 
+    for name, values in (("head_dims", head_dims), ("seqlens", seqlens)):
+        if not values or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values):
+            raise ValueError(f"[tune] {name}: expected positive integers, got {values!r}")
     info = device_info(device)
     if info["arch"] != 90:
         raise NotImplementedError(f"[tune] the tuned kernels are sm_90a ones; device {device} ({info['name']}) is "
@@ -204,7 +208,8 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
     candidates = candidates or _CANDIDATES
     problems = [(d, n, c) for d in head_dims for n in seqlens for c in causal]
     results, saved = {}, os.environ.get("FLASHJIT_CUDA_TILES")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     try:
         for index, (head_dim, seqlen, is_causal) in enumerate(problems):
             batch, heads = max(1, 16384 // seqlen), max(1, 2048 // head_dim)
@@ -220,16 +225,19 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
                     call()
                     torch.cuda.synchronize(device)
                     samples = []
+                    stream = torch.cuda.current_stream(device)
                     for _ in range(5):
-                        start.record()
+                        start.record(stream)
                         for _ in range(5):
                             call()
-                        end.record()
+                        end.record(stream)
                         end.synchronize()
                         samples.append(start.elapsed_time(end) / 5)
                     measured[tiles] = flops / statistics.median(samples) / 1e9
                 except (ValueError, NotImplementedError):
                     continue  # no room for this candidate here
+            if not measured:
+                continue  # no candidate could run here
             best = max(measured, key=measured.get)
             if measured[best] < measured.get(_BUILT_IN, 0.0) * (1 + margin):
                 best = _BUILT_IN
@@ -242,8 +250,9 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
             os.environ.pop("FLASHJIT_CUDA_TILES", None)
         else:
             os.environ["FLASHJIT_CUDA_TILES"] = saved
-    entries = "".join(f"{key} {r['tiles']} {r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items()
-                      if r["tiles"] != _BUILT_IN)
+    # A class whose built-in choice won drops any entry an earlier run left for it.
+    entries = "".join(f"{key} {'built-in' if r['tiles'] == _BUILT_IN else r['tiles']} "
+                      f"{r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items())
     results_path = _C.cuda_save_tuning(info["name"], info["arch"], entries)
     if progress:
         print(f"tuning file: {results_path}", file=sys.stderr)

@@ -128,11 +128,14 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
       for (int64_t c = cols; c < ld_k; ++c) pd_row[c] = Acc(0);
     }
     // D = rowsum(dO * O) comes from the stored O, rounded to the input dtype. Where
-    // this tile holds every key the row sees, D = sum_j P_ij dP_ij from the tile
-    // itself is exact to the rounding of this sum, and dS of a row that sees one
-    // key is exactly 0 as it should be.
+    // the row sees keys of one 64-aligned block only, and this tile holds them all,
+    // D = sum_j P_ij dP_ij from the tile is exact to the rounding of this sum (dS of
+    // a row that sees one key is exactly 0, as it should be); the dQ and the dK/dV
+    // passes then both take it, whatever their tiles' alignment.
     Acc delta = w.delta[r];
-    if (p.key_begin(query0 + r) >= key0 && p.key_end(query0 + r) <= key0 + cols) {
+    const int64_t first_key = p.key_begin(query0 + r), end_key = p.key_end(query0 + r);
+    if (first_key < end_key && first_key / kBlockK == (end_key - 1) / kBlockK && first_key >= key0 &&
+        end_key <= key0 + cols) {
       delta = 0;
       for (int64_t c = 0; c < cols; ++c) delta += p_row[c] * ds_row[c];
     }

@@ -1,6 +1,7 @@
 #include "cuda/kernel_spec.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -261,7 +262,9 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
   traits.window = p.window_left >= 0 || p.window_right >= 0;
   traits.dropout = p.has_dropout();
   traits.softcap = p.softcap > 0.0;
-  traits.positive_scale = p.scale > 0.0;
+  // As the kernels form it: scale * log2(e) in float, a normal positive number.
+  const float scale_log2 = float(p.scale) * 1.4426950408889634f;
+  traits.positive_scale = std::isnormal(scale_log2) && scale_log2 > 0.0f;
   const auto row_aligned = [](const Operand& x) {
     return reinterpret_cast<uintptr_t>(x.data) % 16 == 0 && x.stride_batch % 8 == 0 &&
            x.stride_head % 8 == 0 && x.stride_seq % 8 == 0;

@@ -73,7 +73,7 @@ struct KernelTraits {
   bool window = false;
   bool dropout = false;
   bool softcap = false;
-  bool positive_scale = true;  // scale > 0 (kernels may fold it into the exponent)
+  bool positive_scale = true;  // scale * log2(e) a normal positive float (kernels may fold it into the exponent)
   // Every q/k/v row starts 16-byte aligned and head dims are multiples of 8.
   bool aligned = true;
   // TMA descriptors can address q, k, v (and dout): kHopper kernels may be chosen.

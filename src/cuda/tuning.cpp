@@ -15,9 +15,16 @@ namespace flashjit::cuda {
 namespace {
 
 constexpr const char* kHeader = "flashjit tuning 1";
+// In save_tuning's entries: the class's built-in choice measured best (its entry is dropped).
+constexpr const char* kBuiltIn = "built-in";
+
+struct TunedChoice {
+  std::string tiles;  // FLASHJIT_CUDA_TILES text
+  double tflops = 0;  // as measured by the tuner
+};
 
 struct TuningTable {
-  std::map<std::string, std::string> tiles;  // class key -> FLASHJIT_CUDA_TILES text
+  std::map<std::string, TunedChoice> tiles;  // by class key
   std::string problem;                       // why the file is ignored ("" when it is used or absent)
   bool present = false;
 };
@@ -70,6 +77,7 @@ TuningTable read_table(const std::string& path, const std::string& device_name, 
   std::istringstream lines(body);
   std::string line;
   std::getline(lines, line);  // the header
+  unsigned named = 0;  // bits: the device, arch and version lines seen, each required
   while (std::getline(lines, line)) {
     std::istringstream fields(line);
     std::string kind;
@@ -78,14 +86,17 @@ TuningTable read_table(const std::string& path, const std::string& device_name, 
       std::string name;
       std::getline(fields >> std::ws, name);
       if (name != device_name) return fail(str_cat("it was measured on ", name, ", not ", device_name));
+      named |= 1;
     } else if (kind == "arch") {
       int value = 0;
       fields >> value;
       if (value != arch) return fail(str_cat("it is for sm_", value, ", not sm_", arch));
+      named |= 2;
     } else if (kind == "version") {
       std::string version;
       fields >> version;
       if (version != fj_version()) return fail(str_cat("it is for flashjit ", version, ", not ", fj_version()));
+      named |= 4;
     } else if (kind == "entry") {
       std::string key, tiles;
       double tflops = 0;
@@ -95,11 +106,12 @@ TuningTable read_table(const std::string& path, const std::string& device_name, 
       } catch (const Error& error) {
         return fail(error.what());
       }
-      table.tiles[key] = tiles;
+      table.tiles[key] = TunedChoice{tiles, tflops};
     } else if (!kind.empty()) {
       return fail(str_cat("an unknown line: '", line, "'"));
     }
   }
+  if (named != 7) return fail("it does not name its device, arch and flashjit version");
   return table;
 }
 
@@ -135,11 +147,13 @@ ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const
   std::lock_guard<std::mutex> lock(g_mutex);
   const TuningTable& table = table_for(device_name, arch);
   auto found = table.tiles.find(key);
-  return found == table.tiles.end() ? ForwardTiles{} : parse_forward_tiles(found->second.c_str());
+  return found == table.tiles.end() ? ForwardTiles{} : parse_forward_tiles(found->second.tiles.c_str());
 }
 
 std::string save_tuning(const std::string& device_name, int arch, const std::string& entries) {
-  std::string body = str_cat(kHeader, "\ndevice ", device_name, "\narch ", arch, "\nversion ", fj_version(), "\n");
+  const std::string path = tuning_path(device_name, arch);
+  // The classes measured before and not measured now stay (a valid file's only).
+  std::map<std::string, TunedChoice> choices = read_table(path, device_name, arch).tiles;
   std::istringstream lines(entries);
   std::string line;
   while (std::getline(lines, line)) {
@@ -150,10 +164,15 @@ std::string save_tuning(const std::string& device_name, int arch, const std::str
     if (!(fields >> tiles >> tflops)) {
       throw_value_error("[tuning] entries: expected lines '<key> <tiles> <TFLOP/s>', got '", line, "'");
     }
+    if (tiles == kBuiltIn) {
+      choices.erase(key);
+      continue;
+    }
     parse_forward_tiles(tiles.c_str());  // raises naming a bad configuration
-    body += str_cat("entry ", key, " ", tiles, " ", tflops, "\n");
+    choices[key] = TunedChoice{tiles, tflops};
   }
-  const std::string path = tuning_path(device_name, arch);
+  std::string body = str_cat(kHeader, "\ndevice ", device_name, "\narch ", arch, "\nversion ", fj_version(), "\n");
+  for (const auto& [key, choice] : choices) body += str_cat("entry ", key, " ", choice.tiles, " ", choice.tflops, "\n");
   make_directories(path.substr(0, path.rfind('/')));
   write_atomically(path, body + "checksum " + checksum_text(body) + "\n");
   clear_tuning();
@@ -167,7 +186,7 @@ std::string describe_tuning(const std::string& device_name, int arch) {
   if (!table.present) return str_cat(path, ": none (nothing tuned; built-in choices)");
   if (!table.problem.empty()) return str_cat(path, ": ignored: ", table.problem);
   std::string out = str_cat(path, ": ", table.tiles.size(), " tuned classes");
-  for (const auto& [key, tiles] : table.tiles) out += str_cat("\n", key, " ", tiles);
+  for (const auto& [key, choice] : table.tiles) out += str_cat("\n", key, " ", choice.tiles);
   return out;
 }
 

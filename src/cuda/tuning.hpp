@@ -35,7 +35,9 @@ std::string tuning_key(const KernelTraits& traits, int64_t seqlen_k);
 ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const std::string& key);
 
 // Writes the tuning file of a device from "<key> <tiles> <TFLOP/s>" lines
-// (checked: tiles must parse) and makes later calls read it; returns its path.
+// (checked: tiles must parse; "built-in" drops the class's entry), keeping the
+// classes of a valid earlier file that these lines do not name, and makes later
+// calls read it; returns its path.
 std::string save_tuning(const std::string& device_name, int arch, const std::string& entries);
 
 // For `flashjit info`: the file's path, then its "<key> <tiles>" lines, or why it is ignored.

@@ -80,6 +80,13 @@ flashjit::cuda::KernelTraits sm90_traits(fj_dtype dtype, int head_dim) {
   return traits;
 }
 
+// The tuning file's checksum of a text (FNV-1a 64, hex).
+std::string checksum_of(const std::string& text) {
+  char buffer[17];
+  std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(flashjit::cuda::fnv1a(text)));
+  return buffer;
+}
+
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
@@ -236,6 +243,19 @@ TEST_F(CudaCompile, TunedChoicesAreUsedAndBadTuningFilesIgnored) {
   EXPECT_NE(describe_tuning("NVIDIA H200", 90).find("not a flashjit tuning file"), std::string::npos);
   // A configuration that does not parse is refused when saving.
   EXPECT_THROW(save_tuning("NVIDIA H200", 90, key + " n=100 1\n"), std::exception);
+  // A file that does not say which device, arch and version it is for is ignored.
+  std::string unnamed = "flashjit tuning 1\nentry " + key + " groups=3 1\n";
+  rewrite(unnamed + "checksum " + checksum_of(unnamed) + "\n");
+  EXPECT_NE(describe_tuning("NVIDIA H200", 90).find("does not name its device"), std::string::npos)
+      << describe_tuning("NVIDIA H200", 90);
+  // Saving merges: classes measured before and not now stay; "built-in" drops one.
+  std::remove(path.c_str());
+  clear_tuning();
+  const std::string short_key = tuning_key(traits, 1024);
+  save_tuning("NVIDIA H200", 90, key + " groups=3 464\n" + short_key + " n=96 300\n");
+  save_tuning("NVIDIA H200", 90, short_key + " built-in 310\n");
+  EXPECT_EQ(tuned_forward_tiles("NVIDIA H200", 90, key).groups, 3);
+  EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, short_key).forced());
   clear_tuning();
 }
 

@@ -3,7 +3,8 @@
 // O_s and its LSE_s (natural log, -inf where it saw no key). With
 // M = max_s LSE_s and w_s = exp(LSE_s - M):
 //   O = sum_s w_s O_s / sum_s w_s,   LSE = M + log(sum_s w_s).
-// A row no split saw any key of gets O = 0 and LSE = -inf, as in the unsplit kernel.
+// A row no split saw any key of gets O = 0 and LSE = -inf, as in the unsplit kernel;
+// a NaN LSE of any split gives NaN O and LSE.
 // A warp a (batch, head, query) row; the lanes stride over the value head dim.
 #pragma once
 
@@ -21,8 +22,12 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_co
   const int b = static_cast<int>(batch_head / p.heads_q);
   const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
 
+  // The largest LSE; a NaN one (a NaN score in its span) wins, so that O and LSE come out NaN.
   float top = negative_infinity<float>();
-  for (int s = 0; s < p.num_splits; ++s) top = fmaxf(top, p.split_lse[s * rows + row]);
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float x = p.split_lse[s * rows + row];
+    top = x != x || x > top ? x : top;
+  }
   elem_t* out = operand_row<elem_t>(p.o, b, h, i);
   float* lse = operand_row<float>(p.lse, b, h, i);
   if (top == negative_infinity<float>()) {
