@@ -344,10 +344,9 @@ void forward(const AttentionProblem& problem) {
     if (splits > 1 && split_forward(p, launch, params, split_spec, splits)) return;
   }
   // Tile choices measured on this device for the problem's class (flashjit tune), where any.
-  const bool sm90a = launch.arch == 90 && traits.tma && (traits.dtype == FJ_FLOAT16 || traits.dtype == FJ_BFLOAT16);
-  const ForwardTiles tuned =
-      sm90a ? tuned_forward_tiles(device_info(launch.device_index).name, launch.arch, tuning_key(traits, p.seqlen_k))
-            : ForwardTiles{};
+  const ForwardTiles tuned = hopper_applies(traits) ? tuned_forward_tiles(device_info(launch.device_index).name,
+                                                                          launch.arch, tuning_key(traits, p.seqlen_k))
+                                                    : ForwardTiles{};
   KernelSpec spec = forward_kernel(traits, tuned);
   if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
     traits.tma = false;  // operands TMA cannot address: the mma.sync kernel

@@ -93,7 +93,7 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
       } else {
         cuda::kernel_binary(cuda::forward_kernel(traits), false);
         // And the tile choices tuned on this device for the config's classes (each key length band).
-        if (configs[index].arch == 0 && traits.arch == 90) {
+        if (configs[index].arch == 0 && cuda::hopper_applies(traits)) {
           const std::string& device = cuda::device_info(configs[index].device_index).name;
           for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
             const cuda::ForwardTiles tuned =

@@ -494,12 +494,12 @@ KernelTraits prep_traits(const KernelTraits& traits) {
   return plain;
 }
 
+}  // namespace
+
 bool hopper_applies(const KernelTraits& traits) {
   const int head_dim = std::max(traits.head_dim_qk, traits.head_dim_v);
   return uses_tensor_cores(traits) && traits.arch == 90 && traits.tma && head_dim > 32 && head_dim <= 256;
 }
-
-}  // namespace
 
 KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned) {
   if (hopper_applies(traits)) {

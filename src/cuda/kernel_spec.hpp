@@ -100,6 +100,9 @@ struct ForwardTiles {
 ForwardTiles parse_forward_tiles(const char* text);
 ForwardTiles forced_forward_tiles();
 // The kernels for a problem's traits; each fits the opt-in shared memory of traits.arch.
+// Whether the traits take the sm_90a (kHopper) kernels: sm_90, half types, head
+// dims 33-256, operands TMA can address.
+bool hopper_applies(const KernelTraits& traits);
 // tuned: a measured tile choice for the problem's class (tuning.hpp), taken for
 // the sm_90a forward unless FLASHJIT_CUDA_TILES forces one; ignored where it cannot run.
 KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned = ForwardTiles{});

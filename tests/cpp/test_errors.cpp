@@ -286,41 +286,12 @@ TEST(Windows, BoundsBeyondTheSequencesEqualUnbounded) {
   for (double x : l2.values()) EXPECT_TRUE(std::isfinite(x));
 }
 
-TEST(Outputs, PackedGradientViewsAreAccepted) {
-  // dq, dk, dv sliced from one [B, S, 3, H, D] buffer: interleaved, never the same element.
-  const int64_t B = 2, H = 3, S = 20, D = 8;
-  AttentionBuffers t(B, H, H, S, S, D, FJ_FLOAT32);
-  fj_attention_options options = fj_attention_options_default();
-  ASSERT_EQ(t.forward(options), FJ_SUCCESS) << fj_last_error();
-  ASSERT_EQ(t.backward(options), FJ_SUCCESS) << fj_last_error();
-
-  std::vector<float> packed(size_t(B * S * 3 * H * D), NAN);
-  fj_tensor grads[3];
-  for (int which = 0; which < 3; ++which) {
-    grads[which] = t.dq.view();
-    grads[which].data = packed.data() + which * H * D;
-    const int64_t strides[4] = {S * 3 * H * D, D, 3 * H * D, 1};
-    for (int d = 0; d < 4; ++d) grads[which].strides[d] = strides[d];
-  }
-  fj_tensor qv = t.q.view(), kv = t.k.view(), vv = t.v.view(), ov = t.o.view(), lv = t.lse.view();
-  fj_tensor dov = t.dout.view();
-  ASSERT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &grads[0], &grads[1], &grads[2]),
-            FJ_SUCCESS)
-      << fj_last_error();
-  const std::vector<double> expected[3] = {t.dq.values(), t.dk.values(), t.dv.values()};
-  for (int which = 0; which < 3; ++which) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t s = 0; s < S; ++s)
-          for (int64_t d = 0; d < D; ++d)
-            ASSERT_EQ(double(packed[size_t(((b * S + s) * 3 + which) * H * D + h * D + d)]),
-                      expected[which][size_t(((b * H + h) * S + s) * D + d)]);
-  }
-}
-
-TEST(Outputs, PackedGroupedHeadGradientViewsAreAccepted) {
-  // dq (4 heads), dk and dv (2 heads each) sliced from one [B, S, 4 + 2 + 2, D] buffer.
-  const int64_t B = 2, Hq = 4, Hkv = 2, S = 20, D = 8, H = Hq + 2 * Hkv;
+// dq (Hq heads), dk and dv (Hkv heads each) sliced from one [B, S, Hq + 2 Hkv, D]
+// buffer (with Hq = Hkv, the packed [B, S, 3, H, D] layout): interleaved, never
+// the same element, so accepted, and written as the separate gradients are.
+// Shifted by a head, dk's first head would be dq's last: rejected.
+void check_packed_gradients(int64_t Hq, int64_t Hkv) {
+  const int64_t B = 2, S = 20, D = 8, H = Hq + 2 * Hkv;
   AttentionBuffers t(B, Hq, Hkv, S, S, D, FJ_FLOAT32);
   fj_attention_options options = fj_attention_options_default();
   ASSERT_EQ(t.forward(options), FJ_SUCCESS) << fj_last_error();
@@ -347,12 +318,19 @@ TEST(Outputs, PackedGroupedHeadGradientViewsAreAccepted) {
           for (int64_t d = 0; d < D; ++d)
             ASSERT_EQ(double(packed[size_t(((b * S + s) * H + first_head[which] + h) * D + d)]),
                       expected[which][size_t(((b * heads[which] + h) * S + s) * D + d)]);
-  // One head further on, dk's first head would be dq's last: rejected.
   grads[1].data = packed.data() + (Hq - 1) * D;
   EXPECT_EQ(fj_attention_backward(&qv, &kv, &vv, &ov, &lv, &dov, &options, &grads[0], &grads[1], &grads[2]),
             FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("dk: output memory overlaps output dq"), std::string::npos)
       << fj_last_error();
+}
+
+TEST(Outputs, PackedGradientViewsAreAccepted) {
+  check_packed_gradients(3, 3);
+}
+
+TEST(Outputs, PackedGroupedHeadGradientViewsAreAccepted) {
+  check_packed_gradients(4, 2);
 }
 
 }  // namespace
