@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                                "class (dtype, head dim, causal, key length) and keeps each class's fastest in the "
                                "GPU's tuning file in the kernel cache directory; later calls take it.")
     tune.add_argument("--gpu", type=int, default=0, metavar="INDEX", help="device index (default 0)")
-    tune.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    tune.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16", "float16"],
+                      metavar="DTYPE", help="bfloat16, float16 or both (default: both)")
     tune.add_argument("--head-dims", nargs="+", type=_head_dim, default=[64, 128, 256], metavar="D")
     tune.add_argument("--seqlens", nargs="+", type=_seqlen, default=[1024, 4096, 16384], metavar="N")
     commands.add_parser("demo", help="the CPU demo (options: flashjit demo --help)", add_help=False)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "precompile":
         return precompile(args.arch, args.gpu, args.dtypes, args.head_dims, not args.quiet)
     if args.command == "tune":
-        return tune(args.gpu, args.dtype, args.head_dims, args.seqlens)
+        return tune(args.gpu, args.dtypes, args.head_dims, args.seqlens)
     return cache_info() if args.action == "info" else cache_clear()
 
 
@@ -277,7 +278,7 @@ def precompile(arch: int, gpu: int, dtypes: list[str] | None, head_dims: list[in
 
 # ----------------------------------------------------------------------------- tune
 
-def tune(gpu: int, dtype: str, head_dims: list[int], seqlens: list[int]) -> int:
+def tune(gpu: int, dtypes: list[str], head_dims: list[int], seqlens: list[int]) -> int:
     import flashjit
 
     try:
@@ -289,7 +290,7 @@ def tune(gpu: int, dtype: str, head_dims: list[int], seqlens: list[int]) -> int:
         print("flashjit tune: no CUDA GPU found", file=sys.stderr)
         return 1
     try:
-        results = flashjit.cuda.tune(head_dims, seqlens, dtype=dtype, device=gpu)
+        results = flashjit.cuda.tune(head_dims, seqlens, dtype=tuple(dtypes), device=gpu)
     except NotImplementedError as error:
         print(f"flashjit tune: {error}", file=sys.stderr)
         return 1

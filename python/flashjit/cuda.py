@@ -163,12 +163,16 @@ def clear_cache() -> dict:
 # Candidate FLASHJIT_CUDA_TILES settings per padded head dim; "softmax=fast" forces
 # nothing beyond the built-in choice (it stands for it while tuning, whatever a
 # tuning file says).
-_BUILT_IN = "softmax=fast"
+# The hand-set choice of every class (a forced configuration that changes nothing),
+# always a candidate; the tuner stores it by this name where it wins, so that the
+# device's file, not the built-in table, decides the class.
+_HAND_SET = "softmax=fast"
 _CANDIDATES = {
-    64: [_BUILT_IN, "groups=3", "stages=3,q=1", "n=96", "n=192,q=1"],
-    128: [_BUILT_IN, "n=96", "n=160", "n=176,q=1", "stages=3,q=1", "n=192,q=1"],
-    192: [_BUILT_IN, "n=64", "n=112,q=1"],
-    256: [_BUILT_IN, "n=64", "n=48,q=2"],
+    64: [_HAND_SET, "groups=3", "groups=3,n=112", "groups=3,n=128", "groups=3,stages=3", "stages=3,q=1", "n=96",
+         "n=192,q=1"],
+    128: [_HAND_SET, "n=96", "n=160", "n=176,q=1", "stages=3,q=1", "n=192,q=1"],
+    192: [_HAND_SET, "n=64", "n=112,q=1"],
+    256: [_HAND_SET, "n=64", "n=48,q=2", "n=96,q=1"],
 }
 
 
@@ -183,21 +187,25 @@ def tuning_info(device: int = 0) -> str:
     return _C.cuda_describe_tuning(info["name"], info["arch"])
 
 
-def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, True), dtype: str = "bfloat16",
-         candidates: dict | None = None, device: int = 0, margin: float = 0.02, progress: bool = True) -> dict:
+def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, True),
+         dtype: str | tuple = ("bfloat16", "float16"), candidates: dict | None = None, device: int = 0,
+         margin: float = 0.02, progress: bool = True) -> dict:
     """Times candidate tile configurations of the sm_90a forward on this GPU, per problem
     class (dtype, head dim, causal bounds, key length band), and stores each class's
-    fastest in the device's tuning file, which later forwards take (classes measured
-    before and not now keep their entries); a candidate must beat the built-in choice by
-    `margin` to replace it. Problems: B*N = 16k tokens, H = 2048 / D.
-    Returns {class key: {"tiles": chosen, "tflops": {candidate: TFLOP/s}}}. Needs torch
-    and an sm_90 GPU."""
+    fastest in the device's tuning file, which later forwards take before the built-in
+    table (classes measured before and not now keep their entries); a candidate must
+    beat the hand-set choice by `margin` to be stored instead of it. Problems: B*N = 16k
+    tokens, H = 2048 / D. Returns {class key: {"tiles": chosen, "tflops": {candidate:
+    TFLOP/s}}}. Needs torch and an sm_90 GPU."""
     import statistics
 
     import torch
 
     from . import ops
 
+    dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    if not dtypes or any(d not in ("bfloat16", "float16") for d in dtypes):
+        raise ValueError(f"[tune] dtype: expected 'bfloat16', 'float16' or both, got {dtype!r}")
     for name, values in (("head_dims", head_dims), ("seqlens", seqlens)):
         if not values or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values):
             raise ValueError(f"[tune] {name}: expected positive integers, got {values!r}")
@@ -206,19 +214,19 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
         raise NotImplementedError(f"[tune] the tuned kernels are sm_90a ones; device {device} ({info['name']}) is "
                                   f"sm_{info['arch']}")
     candidates = candidates or _CANDIDATES
-    problems = [(d, n, c) for d in head_dims for n in seqlens for c in causal]
+    problems = [(t, d, n, c) for t in dtypes for d in head_dims for n in seqlens for c in causal]
     results, saved = {}, os.environ.get("FLASHJIT_CUDA_TILES")
     with torch.cuda.device(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     try:
-        for index, (head_dim, seqlen, is_causal) in enumerate(problems):
+        for index, (dtype, head_dim, seqlen, is_causal) in enumerate(problems):
             batch, heads = max(1, 16384 // seqlen), max(1, 2048 // head_dim)
             q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=f"cuda:{device}",
                                    dtype=getattr(torch, dtype)) for _ in range(3))
             flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if is_causal else 1)
             key = tuning_key(KernelConfig(dtype=dtype, head_dim=head_dim, window=bool(is_causal)), seqlen)
             measured = {}
-            for tiles in candidates.get(-(-head_dim // 64) * 64, [_BUILT_IN]):
+            for tiles in candidates.get(-(-head_dim // 64) * 64, [_HAND_SET]):
                 os.environ["FLASHJIT_CUDA_TILES"] = tiles
                 try:
                     call = lambda: ops.attention(q, k, v, None, None, 0.0, 1 if is_causal else 0)  # noqa: E731
@@ -239,8 +247,8 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
             if not measured:
                 continue  # no candidate could run here
             best = max(measured, key=measured.get)
-            if measured[best] < measured.get(_BUILT_IN, 0.0) * (1 + margin):
-                best = _BUILT_IN
+            if measured[best] < measured.get(_HAND_SET, 0.0) * (1 + margin):
+                best = _HAND_SET
             results[key] = {"tiles": best, "tflops": measured}
             if progress:
                 print(f"[{index + 1}/{len(problems)}] {key}: {best} "
@@ -250,9 +258,7 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
             os.environ.pop("FLASHJIT_CUDA_TILES", None)
         else:
             os.environ["FLASHJIT_CUDA_TILES"] = saved
-    # A class whose built-in choice won drops any entry an earlier run left for it.
-    entries = "".join(f"{key} {'built-in' if r['tiles'] == _BUILT_IN else r['tiles']} "
-                      f"{r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items())
+    entries = "".join(f"{key} {r['tiles']} {r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items())
     results_path = _C.cuda_save_tuning(info["name"], info["arch"], entries)
     if progress:
         print(f"tuning file: {results_path}", file=sys.stderr)

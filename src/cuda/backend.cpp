@@ -232,6 +232,40 @@ class StreamScratch {
   CUstream stream_;
 };
 
+// The persistent forward's tile counter of a stream: two words that the kernel
+// leaves at zero (KernelParams::tile_counter_resets), so that a call needs no
+// memset before its launch. Launches on one stream run one after another, so
+// they can share it; streams are told apart by the driver's stream id, which a
+// process never reuses (a handle can be: a destroyed stream's work may still run
+// when a new stream gets its handle). nullptr where no counter of its own can
+// be had: a per-thread default stream (one handle, many streams), a driver
+// without stream ids, kMaxStreamCounters streams on the device already, or no
+// memory; the caller then zeroes scratch before the launch.
+constexpr size_t kMaxStreamCounters = 1024;
+unsigned* stream_tile_counter(CUstream stream, int device_index) {
+  constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD
+  const Driver& d = driver();
+  if (reinterpret_cast<uintptr_t>(stream) == kPerThreadStream || d.cuStreamGetId == nullptr ||
+      d.cuMemAlloc == nullptr) {
+    return nullptr;
+  }
+  unsigned long long id = 0;
+  if (d.cuStreamGetId(stream, &id) != 0) return nullptr;
+  static std::mutex mutex;
+  static std::map<std::pair<int, unsigned long long>, CUdeviceptr> counters;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = counters.find({device_index, id});
+  if (found != counters.end()) return reinterpret_cast<unsigned*>(found->second);
+  if (counters.size() >= kMaxStreamCounters) return nullptr;
+  CUdeviceptr counter = 0;
+  if (d.cuMemAlloc(&counter, 2 * sizeof(unsigned)) != 0) return nullptr;
+  // Zeroed in the stream's order, before the first launch that takes it; the
+  // allocation is never freed (8 bytes a stream, for the process's life).
+  if (d.cuMemsetD32Async(counter, 0, 2, stream) != 0) return nullptr;
+  counters.emplace(std::make_pair(device_index, id), counter);
+  return reinterpret_cast<unsigned*>(counter);
+}
+
 // Rows of the sm_90a forward's output boxes: a consumer warpgroup's share of a work tile.
 constexpr int kOutputBoxRows = 64;
 
@@ -364,28 +398,36 @@ void forward(const AttentionProblem& problem) {
     run(spec, function, launch, params, tiles);
     return;
   }
-  // A persistent grid (a block an SM, taking work tiles from a counter zeroed in
-  // stream order), or a block a tile.
+  // A persistent grid (a block an SM, taking work tiles from a counter), or a block a tile.
   if (tiles == 0) return;
   if (tiles > std::numeric_limits<int>::max() / 2) {
     throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
   }
-  // Under stream capture the grid is a block a tile: the counter would put
-  // allocation nodes into the graph, which then can be neither cloned nor
-  // instantiated twice. A counter that cannot be allocated (a device without
-  // memory pools, no memory left) falls back the same way.
+  // The counter is the stream's own (stream_tile_counter), else scratch zeroed
+  // before the launch. Under stream capture the grid is a block a tile: a graph
+  // may be replayed on any stream, beside other work that takes the counter, and
+  // scratch would put allocation nodes into the graph, which then can be
+  // neither cloned nor instantiated twice. Without any counter (a device
+  // without memory pools, no memory left) it is a block a tile too.
   std::optional<StreamScratch> counter;
   int64_t blocks = tiles;
   if (persistent_forward() && !launch.capturing) {
-    try {
-      counter.emplace(sizeof(unsigned), launch.stream, launch.device_index);
-      check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter->get()), 0, 1, launch.stream),
-            "cuMemsetD32Async");
-      params.tile_counter = static_cast<unsigned*>(counter->get());
+    const ForwardTiles forced = forced_forward_tiles();
+    params.tile_counter =
+        forced.stream_counter == 0 ? nullptr : stream_tile_counter(launch.stream, launch.device_index);
+    params.tile_counter_resets = params.tile_counter != nullptr;
+    if (params.tile_counter == nullptr) {
+      try {
+        counter.emplace(sizeof(unsigned), launch.stream, launch.device_index);
+        check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter->get()), 0, 1, launch.stream),
+              "cuMemsetD32Async");
+        params.tile_counter = static_cast<unsigned*>(counter->get());
+      } catch (const Error&) {
+        counter.reset();
+      }
+    }
+    if (params.tile_counter != nullptr) {
       blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
-    } catch (const Error&) {
-      counter.reset();
-      params.tile_counter = nullptr;
     }
   }
   run(spec, function, launch, params, blocks);

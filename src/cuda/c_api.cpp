@@ -92,9 +92,11 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
         for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits)) cuda::kernel_binary(spec, false);
       } else {
         cuda::kernel_binary(cuda::forward_kernel(traits), false);
-        // And the tile choices tuned on this device for the config's classes (each key length band).
-        if (configs[index].arch == 0 && cuda::hopper_applies(traits)) {
-          const std::string& device = cuda::device_info(configs[index].device_index).name;
+        // And the tile choices of the config's classes (each key length band):
+        // tuned on this device, or (for a named arch: no device) the built-in table's.
+        if (cuda::hopper_applies(traits)) {
+          const std::string device =
+              configs[index].arch == 0 ? cuda::device_info(configs[index].device_index).name : std::string();
           for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
             const cuda::ForwardTiles tuned =
                 cuda::tuned_forward_tiles(device, traits.arch, cuda::tuning_key(traits, seqlen_k));

@@ -53,6 +53,8 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuMemAllocFromPoolAsync);
       FJ_RESOLVE(library, "libcuda", table, cuMemsetD32Async);
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);
+      table.cuMemAlloc = reinterpret_cast<decltype(table.cuMemAlloc)>(dlsym(library, "cuMemAlloc_v2"));
+      table.cuStreamGetId = reinterpret_cast<decltype(table.cuStreamGetId)>(dlsym(library, "cuStreamGetId"));
       table.cuTensorMapEncodeTiled =
           reinterpret_cast<decltype(table.cuTensorMapEncodeTiled)>(dlsym(library, "cuTensorMapEncodeTiled"));
     } catch (const Error& e) {

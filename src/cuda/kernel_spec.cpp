@@ -288,7 +288,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -319,8 +319,11 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "softmax") {
       if (value != "fast" && value != "plain") fail(item, "softmax=fast or softmax=plain");
       tiles.fast_softmax = value == "fast" ? 1 : 0;
+    } else if (key == "counter") {
+      if (value != "stream" && value != "memset") fail(item, "counter=stream or counter=memset");
+      tiles.stream_counter = value == "stream" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter");
     }
   }
   return tiles;
@@ -415,7 +418,7 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
   if (forced.q_buffers) spec.q_buffers = forced.q_buffers;
   if (forced.o_tma >= 0) spec.o_tma = forced.o_tma == 1;
   if (forced.fast_softmax == 0) spec.fold_scale = spec.lazy_rescale = false;
-  if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 96) {
+  if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 128) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 takes at most n=96, got n=", spec.block_n);
   }
   if (!fits(spec)) {

@@ -95,7 +95,13 @@ struct ForwardTiles {
   int o_tma = -1;     // 1: O by TMA stores ("o=tma"); 0: direct stores ("o=direct")
   int groups = 0;     // consumer warpgroups: 2, or 3 (head dims up to 64)
   int fast_softmax = -1;  // 0 ("softmax=plain"): neither fold_scale nor lazy_rescale; 1: where they apply
-  bool forced() const { return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0; }
+  // The persistent grid's tile counter, a launch choice rather than a tile: 1
+  // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
+  // ("counter=memset"): scratch zeroed before each launch.
+  int stream_counter = -1;
+  bool forced() const {
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
+  }
 };
 ForwardTiles parse_forward_tiles(const char* text);
 ForwardTiles forced_forward_tiles();

@@ -8,6 +8,7 @@
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "cuda/embedded_sources.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "flashjit/flashjit.h"
 
@@ -26,6 +27,7 @@ struct TunedChoice {
 struct TuningTable {
   std::map<std::string, TunedChoice> tiles;  // by class key
   std::string problem;                       // why the file is ignored ("" when it is used or absent)
+  std::string device;                        // the built-in table's: where it was measured
   bool present = false;
 };
 
@@ -53,13 +55,11 @@ std::string checksum_text(const std::string& body) {
   return buffer;
 }
 
-// The table of a file, or the reason it is not used.
-TuningTable read_table(const std::string& path, const std::string& device_name, int arch) {
+// The table a tuning file's text holds, or the reason it is not used. The
+// built-in table (built_in) may name any device of its arch and any version.
+TuningTable parse_table(const std::string& text, const std::string& device_name, int arch, bool built_in) {
   TuningTable table;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return table;  // nothing tuned
   table.present = true;
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const size_t checksum_at = text.rfind("checksum ");
   const auto fail = [&](const std::string& why) {
     table.tiles.clear();
@@ -85,7 +85,10 @@ TuningTable read_table(const std::string& path, const std::string& device_name, 
     if (kind == "device") {
       std::string name;
       std::getline(fields >> std::ws, name);
-      if (name != device_name) return fail(str_cat("it was measured on ", name, ", not ", device_name));
+      if (built_in) table.device = name;
+      if (!built_in && name != device_name) {
+        return fail(str_cat("it was measured on ", name, ", not ", device_name));
+      }
       named |= 1;
     } else if (kind == "arch") {
       int value = 0;
@@ -95,7 +98,7 @@ TuningTable read_table(const std::string& path, const std::string& device_name, 
     } else if (kind == "version") {
       std::string version;
       fields >> version;
-      if (version != fj_version()) return fail(str_cat("it is for flashjit ", version, ", not ", fj_version()));
+      if (!built_in && version != fj_version()) return fail(str_cat("it is for flashjit ", version, ", not ", fj_version()));
       named |= 4;
     } else if (kind == "entry") {
       std::string key, tiles;
@@ -113,6 +116,31 @@ TuningTable read_table(const std::string& path, const std::string& device_name, 
   }
   if (named != 7) return fail("it does not name its device, arch and flashjit version");
   return table;
+}
+
+// The table of a tuning file; not present where there is no file.
+TuningTable read_table(const std::string& path, const std::string& device_name, int arch) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return TuningTable{};  // nothing tuned
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return parse_table(text, device_name, arch, false);
+}
+
+// The choices committed with the library for an arch (the tuner's output on one
+// device of it, src/cuda/tuned_sm<arch>.txt), read once; not present for an arch without one.
+const TuningTable& built_in_table(int arch) {
+  static std::map<int, TuningTable> tables;  // by arch; the caller holds g_mutex
+  auto found = tables.find(arch);
+  if (found != tables.end()) return found->second;
+  TuningTable table;
+  if (arch == 90) {
+    table = parse_table(embedded_source("tuned_sm90.txt"), "", arch, true);
+    if (!table.problem.empty()) {
+      std::fprintf(stderr, "flashjit: warning: ignoring the built-in tuning table of sm_%d: %s\n", arch,
+                   table.problem.c_str());
+    }
+  }
+  return tables.emplace(arch, std::move(table)).first->second;
 }
 
 // The table of a device, read once (the caller holds g_mutex).
@@ -145,9 +173,15 @@ std::string tuning_key(const KernelTraits& traits, int64_t seqlen_k) {
 
 ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const std::string& key) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  const TuningTable& table = table_for(device_name, arch);
-  auto found = table.tiles.find(key);
-  return found == table.tiles.end() ? ForwardTiles{} : parse_forward_tiles(found->second.tiles.c_str());
+  const auto find = [&](const TuningTable& table) {
+    auto found = table.tiles.find(key);
+    return found == table.tiles.end() ? ForwardTiles{} : parse_forward_tiles(found->second.tiles.c_str());
+  };
+  if (!device_name.empty()) {
+    const ForwardTiles tuned = find(table_for(device_name, arch));
+    if (tuned.forced()) return tuned;
+  }
+  return find(built_in_table(arch));
 }
 
 std::string save_tuning(const std::string& device_name, int arch, const std::string& entries) {
@@ -183,10 +217,22 @@ std::string describe_tuning(const std::string& device_name, int arch) {
   std::lock_guard<std::mutex> lock(g_mutex);
   const std::string path = tuning_path(device_name, arch);
   const TuningTable& table = table_for(device_name, arch);
-  if (!table.present) return str_cat(path, ": none (nothing tuned; built-in choices)");
-  if (!table.problem.empty()) return str_cat(path, ": ignored: ", table.problem);
-  std::string out = str_cat(path, ": ", table.tiles.size(), " tuned classes");
-  for (const auto& [key, choice] : table.tiles) out += str_cat("\n", key, " ", choice.tiles);
+  std::string out;
+  if (!table.present) {
+    out = str_cat(path, ": none (nothing tuned on this device)");
+  } else if (!table.problem.empty()) {
+    out = str_cat(path, ": ignored: ", table.problem);
+  } else {
+    out = str_cat(path, ": ", table.tiles.size(), " tuned classes");
+    for (const auto& [key, choice] : table.tiles) out += str_cat("\n", key, " ", choice.tiles);
+  }
+  const TuningTable& built_in = built_in_table(arch);
+  if (!built_in.present) return out + str_cat("\nbuilt-in: none for sm_", arch, " (hand-set choices)");
+  if (!built_in.problem.empty()) return out + str_cat("\nbuilt-in: ignored: ", built_in.problem);
+  out += str_cat("\nbuilt-in (measured on ", built_in.device, "): ", built_in.tiles.size(), " classes");
+  for (const auto& [key, choice] : built_in.tiles) {
+    if (table.tiles.count(key) == 0) out += str_cat("\n", key, " ", choice.tiles, " (built-in)");
+  }
   return out;
 }
 

@@ -30,8 +30,10 @@ namespace flashjit::cuda {
 // dims, features, and the key length in three bands (up to 2k, up to 8k, more).
 std::string tuning_key(const KernelTraits& traits, int64_t seqlen_k);
 
-// The tuned tiles for a class on a device; not forced (ForwardTiles{}) where
-// nothing was tuned.
+// The tiles for a class on a device: those tuned on it, else those of the
+// built-in table of its arch (src/cuda/tuned_sm<arch>.txt: the tuner's output
+// on one device of the arch, committed); not forced (ForwardTiles{}) where
+// neither has the class. An empty device name: the built-in table's alone.
 ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const std::string& key);
 
 // Writes the tuning file of a device from "<key> <tiles> <TFLOP/s>" lines

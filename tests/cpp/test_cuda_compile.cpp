@@ -209,9 +209,11 @@ TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
 // FLASHJIT_CUDA_TILES wins over a tuned choice.
 TEST_F(CudaCompile, TunedChoicesAreUsedAndBadTuningFilesIgnored) {
   using namespace flashjit::cuda;
-  const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 64);
+  // A class the built-in table (tuned_sm90.txt) leaves alone: the tuner measures no softcap kernels.
+  KernelTraits traits = sm90_traits(FJ_BFLOAT16, 64);
+  traits.softcap = true;
   const std::string key = tuning_key(traits, 16384);
-  EXPECT_EQ(key, "bfloat16_qk64_v64_mask-none_keys-more");
+  EXPECT_EQ(key, "bfloat16_qk64_v64_mask-none_softcap_keys-more");
   EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, key).forced());  // nothing tuned yet
   const std::string path = save_tuning("NVIDIA H200", 90, key + " groups=3 464.1\n");
   const ForwardTiles tuned = tuned_forward_tiles("NVIDIA H200", 90, key);
@@ -271,7 +273,10 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_FALSE(parse_forward_tiles("").forced());
   EXPECT_FALSE(parse_forward_tiles(nullptr).forced());
   EXPECT_TRUE(parse_forward_tiles("o=tma").forced());
-  for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n"}) {
+  EXPECT_EQ(parse_forward_tiles("counter=memset").stream_counter, 0);
+  EXPECT_EQ(parse_forward_tiles("counter=stream").stream_counter, 1);
+  for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
+                          "counter=zero"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

@@ -106,6 +106,34 @@ def test_many_work_tiles_per_block(causal, D):
     run(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=D, dtype=torch.bfloat16, causal=causal)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's tile counters are CUDA's")
+def test_stream_tile_counters_reset_between_launches(monkeypatch):
+    # The persistent forward takes work tiles from a counter of its stream's own,
+    # which each launch must leave at zero: calls with different numbers of work
+    # tiles, interleaved over three streams and repeated, give bitwise what
+    # launches with a counter zeroed before each (counter=memset) give.
+    shapes = [(4, 16, 600, 64), (1, 3, 200, 128), (2, 8, 1000, 64), (3, 5, 129, 256)]
+    inputs = [tuple(torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)) for shape in shapes]
+    monkeypatch.setenv("FLASHJIT_CUDA_TILES", "counter=memset")
+    expected = [flashjit.attention(*x, causal=i % 2 == 1) for i, x in enumerate(inputs)]
+    monkeypatch.setenv("FLASHJIT_CUDA_TILES", "counter=stream")
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    torch.cuda.synchronize()
+    outputs = []
+    for repeat in range(4):
+        for i, x in enumerate(inputs):
+            stream = streams[(i + repeat) % 3]
+            with torch.cuda.stream(stream):
+                outputs.append((i, flashjit.attention(*x, causal=i % 2 == 1), stream))
+    torch.cuda.synchronize()
+    for i, o, _ in outputs:
+        assert torch.equal(o, expected[i]), f"shape {shapes[i]}"
+    # The default stream as well, and once more after the other streams' launches.
+    monkeypatch.delenv("FLASHJIT_CUDA_TILES")
+    for i, x in enumerate(inputs):
+        assert torch.equal(flashjit.attention(*x, causal=i % 2 == 1), expected[i])
+
+
 # Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.

@@ -34,7 +34,7 @@ namespace mma {
 
 static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups of 64 rows");
 // Three consumers hold 160 registers a thread: S, P and O fit for head dim 64 and up to 96 keys a step.
-static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 96), "three consumers: small tiles only");
+static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 128), "three consumers: small tiles only");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 
 constexpr int kQBuffers = FJ_Q_BUFFERS;
@@ -112,7 +112,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     int tile = next_tile(p, true);
     for (int n = 0;; ++n) {
       tiles.push(n, tile);
-      if (tile >= num_tiles) return;
+      if (tile >= num_tiles) {
+        done_taking_tiles(p);
+        return;
+      }
       const QueryBlock block(p, tile);
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {

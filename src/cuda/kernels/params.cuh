@@ -46,8 +46,11 @@ struct KernelParams {
   int num_query_blocks;  // ceil(seqlen_q / block rows) for the launched kernel
   int num_key_blocks;    // ceil(seqlen_k / block rows) for the dK/dV kernel
   // Persistent sm_90a forward: blocks take work tiles (query block, batch, head)
-  // from this counter, zeroed before the launch (nullptr: a block a tile).
+  // from tile_counter[0], zero at the launch (nullptr: a block a tile). With
+  // tile_counter_resets, tile_counter[1] counts the blocks done taking tiles, and
+  // the last of them sets both back to zero for the next launch on the stream.
   unsigned* tile_counter;
+  int tile_counter_resets;
   // Split forward (few query blocks, many keys: decoding): blockIdx.y picks a span
   // of split_keys keys (a multiple of the key step); each block writes its span's
   // normalised O and LSE (natural log, -inf: no key) as floats to split_o

@@ -143,8 +143,10 @@ struct Ring {
   FJ_DEVICE static int buffer(int use) { return use % kBuffers; }
   // Consumer: waits until the bytes of use j arrived.
   FJ_DEVICE void consume(int use) const { mbarrier_wait(&full[buffer(use)], (use / kBuffers) & 1); }
-  // Consumer warp: done with the buffer of use j (after the wgmma that read it).
+  // Consumer warp: done with the buffer of use j (after the wgmma that read it);
+  // every lane's reads of it come before lane 0's arrival.
   FJ_DEVICE void release(int use, int lane) const {
+    __syncwarp();
     if (lane == 0) mbarrier_arrive(&empty[use % kBuffers]);
   }
 };
@@ -278,8 +280,7 @@ struct TileQueue {
   FJ_DEVICE int pop(int n, int lane) const {
     ring.consume(n);
     const int tile = slots[n % 2];
-    __syncwarp();  // every lane has read the slot before the warp frees it
-    ring.release(n, lane);
+    ring.release(n, lane);  // after every lane's read of the slot
     return tile;
   }
 };
@@ -291,6 +292,18 @@ FJ_DEVICE int next_tile(const KernelParams& p, bool first) {
   if (first) return static_cast<int>(blockIdx.x);
   if (p.tile_counter == nullptr) return 0x7fffffff;
   return static_cast<int>(gridDim.x + atomicAdd(p.tile_counter, 1u));
+}
+
+// By the producer thread once next_tile gave it no more work: with a counter
+// that resets itself, the last block to get here (every block's fetches of
+// tile_counter[0] are done by then) zeroes both counters for the next launch.
+FJ_DEVICE void done_taking_tiles(const KernelParams& p) {
+  if (p.tile_counter == nullptr || !p.tile_counter_resets) return;
+  __threadfence();  // this block's fetches, before its count
+  if (atomicAdd(p.tile_counter + 1, 1u) == gridDim.x - 1) {
+    atomicExch(p.tile_counter, 0u);
+    atomicExch(p.tile_counter + 1, 0u);
+  }
 }
 
 // A block of kBlockM query rows (late blocks first, block_coordinates) and the

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The sm_90a forward's tuner on the GPU machine in one call: build, then
+# `flashjit tune` over the benchmark grid (bf16 and fp16, head dims 64/128/256,
+# N 1k/4k/16k, causal and not). The candidates' kernels are compiled first, in
+# parallel processes, so that the tuner's single process only times them. The
+# tuning file it writes is copied to $OUT/tuned_sm90.txt: committed as
+# src/cuda/tuned_sm90.txt, it is the built-in table.
+#   bash scripts/gpu_tune.sh
+OUT=${OUT:-/tmp/flashjit-tune}
+source "$(dirname "$0")/gpu_common.sh"
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+
+step "build"
+build
+
+step "compile the candidates ($(nproc) processes)"
+python3 - >"$OUT/candidates.txt" <<'EOF'
+from flashjit.cuda import _CANDIDATES
+for dtype in ("bfloat16", "float16"):
+    for head_dim in (64, 128, 256):
+        for causal in (0, 1):
+            for tiles in _CANDIDATES[head_dim]:
+                print(dtype, head_dim, causal, tiles)
+EOF
+wc -l <"$OUT/candidates.txt"
+xargs -P "$(nproc)" -L 1 python3 -c '
+import os, sys, torch, flashjit
+from flashjit import ops
+dtype, head_dim, causal, tiles = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+os.environ["FLASHJIT_CUDA_TILES"] = tiles
+q = torch.randn(1, 1, 256, head_dim, device="cuda", dtype=getattr(torch, dtype))
+try:
+    ops.attention(q, q, q, None, None, 0.0, causal)
+except (ValueError, NotImplementedError) as error:
+    print(tiles, head_dim, "does not run:", error)
+' <"$OUT/candidates.txt" 2>&1 | tail -20
+
+step "flashjit tune"
+timeout 500 python3 -m flashjit tune >"$OUT/tune.log" 2>&1 || status=1
+grep -v "^\[" "$OUT/tune.log" | tail -45
+cp "$FLASHJIT_CACHE_DIR"/*/tuning/sm90-*.txt "$OUT/tuned_sm90.txt" 2>/dev/null || status=1
+echo "tune status: $status"
+exit $status
