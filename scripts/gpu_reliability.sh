@@ -45,7 +45,7 @@ grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$OUT/racecheck.log"
 grep -E "^========= (Error|Warning)" "$OUT/racecheck.log" | sort | uniq -c | head -10
 
 step "fuzzer: $cases cases on CUDA"
-timeout 400 python3 tests/python/fuzz.py --cases "$cases" --device cuda >"$OUT/fuzz.log" 2>&1 || status=1
+timeout 400 python3 tests/python/fuzz.py --cases "$cases" --device cuda --jobs 8 >"$OUT/fuzz.log" 2>&1 || status=1
 tail -5 "$OUT/fuzz.log"
 
 if ((bench)); then

@@ -8,7 +8,7 @@ slices), causal mode, window, mask (boolean or additive, broadcast), softcap,
 scale and dropout from one seeded generator, so a failing case is named by its
 seed and index and rerun alone with --only.
 
-    python tests/python/fuzz.py --cases 2000 [--seed 0] [--device cuda] [--only 17]
+    python tests/python/fuzz.py --cases 2000 [--seed 0] [--device cuda] [--only 17] [--jobs 8]
 
 test_fuzz.py runs a short fixed-seed sweep in CI.
 """
@@ -121,14 +121,16 @@ def run_case(case: dict, device: str) -> None:
         check(name, got.grad, base.grad, ref.grad, dtype)
 
 
-def run(cases: int, seed: int = 0, device: str = "cpu", only: int | None = None, progress: bool = False) -> list:
-    """Runs `cases` cases from `seed`; returns the failures as (index, case, message)."""
+def run(cases: int, seed: int = 0, device: str = "cpu", only: int | None = None, progress: bool = False,
+        shard: tuple[int, int] = (0, 1)) -> list:
+    """Runs `cases` cases from `seed` (those with index % shard[1] == shard[0]); returns
+    the failures as (index, case, message)."""
     rng = random.Random(seed)
     failures = []
     start = time.time()
     for index in range(cases):
         case = draw_case(rng, device)
-        if only is not None and index != only:
+        if (only is not None and index != only) or index % shard[1] != shard[0]:
             continue
         try:
             run_case(case, device)
@@ -148,7 +150,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--only", type=int, default=None, help="run only case INDEX of the sweep")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes that share the cases (each compiles its own kernels: on CUDA most of the time)")
+    parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # I/N: the cases with index % N == I
     args = parser.parse_args()
+    shard = tuple(int(x) for x in args.shard.split("/"))
+    if args.jobs > 1:
+        return run_jobs(args)
     torch.manual_seed(args.seed)
     commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "unknown"
     print(f"# flashjit fuzz: {args.cases} cases, seed {args.seed}, device {args.device}\n\n"
@@ -157,13 +165,43 @@ def main() -> int:
           f"\n- command: `python tests/python/fuzz.py --cases {args.cases} --seed {args.seed} "
           f"--device {args.device}`\n", flush=True)
     start = time.time()
-    failures = run(args.cases, args.seed, args.device, args.only, progress=True)
+    failures = run(args.cases, args.seed, args.device, args.only, progress=shard == (0, 1), shard=shard)
     for index, case, message in failures:
         print(f"case {index} (seed {args.seed}): {case}\n  {message}")
-    ran = 1 if args.only is not None else args.cases
+    ran = 1 if args.only is not None else len(range(shard[0], args.cases, shard[1]))
     print(f"fuzz: {ran} cases on {args.device}, seed {args.seed}: {len(failures)} mismatches "
           f"in {time.time() - start:.0f} s")
     return 1 if failures else 0
+
+
+def run_jobs(args) -> int:
+    """The sweep over args.jobs processes (--shard i/jobs each); their failures and one summary."""
+    import subprocess
+
+    start = time.time()
+    base = [sys.executable, __file__, "--cases", str(args.cases), "--seed", str(args.seed), "--device", args.device]
+    jobs = [subprocess.Popen(base + ["--shard", f"{i}/{args.jobs}"], stdout=subprocess.PIPE, text=True)
+            for i in range(args.jobs)]
+    outputs = [job.communicate()[0] for job in jobs]
+    first = outputs[0].splitlines()
+    end = next((i for i, line in enumerate(first) if line.startswith("- command:")), len(first) - 1)
+    print("\n".join(first[:end + 1]).replace(f"--device {args.device}`", f"--device {args.device} --jobs {args.jobs}`"))
+    mismatches, crashed = 0, 0
+    for job, output in zip(jobs, outputs):
+        lines = output.strip().splitlines()
+        summary = lines[-1] if lines and lines[-1].startswith("fuzz:") else None
+        if summary is None:
+            crashed += 1
+            print(f"a fuzz process ended without its summary (exit {job.returncode}):\n{output[-2000:]}")
+            continue
+        mismatches += int(summary.split(": ")[2].split()[0])
+        end = next((i for i, line in enumerate(lines) if line.startswith("- command:")), 0)
+        for line in lines[end + 1:-1]:
+            if line.strip():
+                print(line)
+    print(f"fuzz: {args.cases} cases on {args.device}, seed {args.seed}, {args.jobs} processes: {mismatches} mismatches "
+          f"in {time.time() - start:.0f} s")
+    return 1 if mismatches or crashed else 0
 
 
 if __name__ == "__main__":
