@@ -124,11 +124,14 @@ def implementations(tiles, fa4=None):
     return impls
 
 
+DTYPE = torch.bfloat16  # --dtype
+
+
 def measure(impl, batch, heads_q, heads_kv, seqlen, head_dim, causal, forward_only=False, backward=True):
     """(forward ms, backward ms); NaN for what is not measured."""
     def make(heads):
         shape = (batch, seqlen, heads, head_dim) if impl.layout == "bshd" else (batch, heads, seqlen, head_dim)
-        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        return torch.randn(shape, device="cuda", dtype=DTYPE, requires_grad=True)
 
     q, k, v = make(heads_q), make(heads_kv), make(heads_kv)
     with impl:
@@ -186,8 +189,8 @@ def table(rows, names, forward_only):
 
 def peak_memory_mib(impl):
     shape = (1, 16, 8192, 128)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", dtype=DTYPE)
     impl(q, k, v, False).backward(grad)  # warm-up: compile, workspaces
     q.grad = k.grad = v.grad = None
     torch.cuda.synchronize()
@@ -257,6 +260,8 @@ def main():
                         help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")
     parser.add_argument("--label", default="", help="a tag for the record's file name and title")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                        help="the inputs' dtype (default bfloat16)")
     parser.add_argument("--render", metavar="LOG",
                         help="print the table of a run's JSON rows (its log) instead of measuring: for a run that "
                         "ended before its record was written")
@@ -267,6 +272,8 @@ def main():
         names = list(dict.fromkeys(name for row in rows for name in row["tflops"]))
         print("\n".join(table(rows, names, args.forward_only)))
         return
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     torch.manual_seed(0)
     impls = implementations(args.tiles, None if args.no_fa4 else fa4_function())
     rows = []
@@ -298,18 +305,20 @@ def main():
              f"- torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, flashjit {flashjit.__version__}, "
              f"NVRTC {'.'.join(map(str, flashjit.cuda.nvrtc_version()))}"
              + ("" if "FA4" not in names else f", flash-attn-4 {fa4_version()}"),
-             "- bf16, B*N = 16384, H = 2048 / D (GQA: 32 query heads, 8 key/value heads); TFLOP/s "
+             f"- {'bf16' if DTYPE == torch.bfloat16 else 'fp16'}, B*N = 16384, H = 2048 / D "
+             "(GQA: 32 query heads, 8 key/value heads); TFLOP/s "
              "(backward 2.5x the forward's FLOPs); GPU time per call of back-to-back calls (CUDA events), median",
              ""] + table(rows, names, args.forward_only)
     if not args.forward_only:
-        lines += ["", "Peak extra memory of forward+backward, B1 H16 N8192 D128 bf16 (MiB): " +
+        lines += ["", f"Peak extra memory of forward+backward, B1 H16 N8192 D128 {args.dtype} (MiB): " +
                   ", ".join(f"{name} {value:.0f}" for name, value in memory.items()), "",
                   f"Kernel compile (cold, bf16 D128 forward): {cold:.2f} s; load from a warm disk cache: "
                   f"{warm * 1e3:.1f} ms"]
     text = "\n".join(lines) + "\n"
     print(text)
+    label = "-".join(x for x in (args.label, "fp16" if args.dtype == "float16" else "") if x)
     save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}), "attention", commit,
-                text, args.label)
+                text, label)
 
 
 def fa4_version():
