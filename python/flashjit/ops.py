@@ -250,6 +250,55 @@ def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
 bwd.register_autograd(_bwd_backward, setup_context=_setup_bwd)
 
 
+# ---- torch.func.vmap -------------------------------------------------------------------------------------
+# Both ops batch by folding the mapped dim into the batch dim (every tensor
+# argument leads with the batch, or broadcasts over it from size 1: the mask),
+# running once, and unfolding the outputs.
+
+def _fold(x: Optional[Tensor], dim: Optional[int], size: int, batch: int, is_mask: bool) -> Optional[Tensor]:
+    """x mapped over `dim` (None: not mapped) as one tensor whose first dim is size * batch
+    (or 1, for a mask that broadcasts over both)."""
+    if x is None:
+        return None
+    if dim is None:
+        if is_mask and x.shape[0] == 1:
+            return x  # broadcasts over the folded batch as it did over the batch
+        x = x.unsqueeze(0).expand(size, *x.shape)
+    else:
+        x = x.movedim(dim, 0)
+        if x.shape[1] == 1 and batch != 1:
+            x = x.expand(size, batch, *x.shape[2:])
+    return x.reshape(size * x.shape[1], *x.shape[2:])
+
+
+def _vmap_rule(op, tensor_positions: tuple[int, ...], rng_position: int, dropout_position: int):
+    mask_position = tensor_positions[-1]
+
+    def rule(info, in_dims, *args):
+        size = info.batch_size
+        if args[rng_position] is not None and args[dropout_position] > 0:
+            if info.randomness == "error":
+                raise RuntimeError("vmap: flashjit attention with dropout_p > 0 is random; pass "
+                                   "randomness='different' or 'same' to vmap")
+            if info.randomness == "same":  # one dropout mask for every mapped slice: a call each
+                slices = [op(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)])
+                          for i in range(size)]
+                return tuple(torch.stack(parts) for parts in zip(*slices)), (0,) * len(slices[0])
+        first, first_dim = args[tensor_positions[0]], in_dims[tensor_positions[0]]
+        batch = first.shape[0] if first_dim is None else first.movedim(first_dim, 0).shape[1]
+        folded = list(args)
+        for position in tensor_positions:
+            folded[position] = _fold(args[position], in_dims[position], size, batch, position == mask_position)
+        outputs = op(*folded)
+        return tuple(x.reshape(size, batch, *x.shape[1:]) for x in outputs), (0,) * len(outputs)
+    return rule
+
+
+# Tensor arguments: fwd's q, k, v, mask; bwd's dout, q, k, v, o, lse, mask.
+torch.library.register_vmap(fwd, _vmap_rule(fwd, (0, 1, 2, 3), 10, 9))
+torch.library.register_vmap(bwd, _vmap_rule(bwd, (0, 1, 2, 3, 4, 5, 6), 13, 12))
+
+
 class _EagerAttention(torch.autograd.Function):
     """The same kernels and autograd rule without the dispatcher round trip.
     Inputs: q, k, v and the op's other arguments as one tuple (fewer arguments
@@ -264,18 +313,72 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
-        # create_graph=True needs the op, whose backward is differentiable.
-        grads = _fwd_backward(ctx, grad_o, grad_lse, bwd if torch.is_grad_enabled() else _backward)
+        # create_graph=True needs the op, whose backward is differentiable; a batched
+        # gradient (vmap over the backward) needs its batching rule.
+        plain = not torch.is_grad_enabled() and _plain_eager(grad_o)
+        grads = _fwd_backward(ctx, grad_o, grad_lse, _backward if plain else bwd)
         return grads[0], grads[1], grads[2], None
 
 
+# Wrappers of torch.func transforms (and of the older vmap gradcheck uses) hold no storage of their own.
+_has_storage = torch._C._has_storage
+
+
+class _FuncAttention(torch.autograd.Function):
+    """The ops under torch.func transforms (grad, vjp, jacrev, vmap, ...), which take
+    autograd.Functions with a setup_context (the custom op's own autograd has none).
+    vmap is the ops' batching rule, through the forward's call of fwd."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, options):
+        with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd rule
+            return fwd(q, k, v, *options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, options = inputs
+        _setup_fwd(ctx, (q, k, v, *options), output)
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        grads = _fwd_backward(ctx, grad_o, grad_lse, lambda *a: _FuncAttentionBackward.apply(*a[:6], a[6:]))
+        return grads[0], grads[1], grads[2], None
+
+
+class _FuncAttentionBackward(torch.autograd.Function):
+    """bwd under torch.func transforms, differentiable again (_bwd_backward)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dout, q, k, v, o, lse, options):
+        with torch._C._AutoDispatchBelowAutograd():
+            return bwd(dout, q, k, v, o, lse, *options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dout, q, k, v, o, lse, options = inputs
+        _setup_bwd(ctx, (dout, q, k, v, o, lse, *options), output)
+
+    @staticmethod
+    def backward(ctx, grad_dq, grad_dk, grad_dv):
+        return (*_bwd_backward(ctx, grad_dq, grad_dk, grad_dv)[:6], None)
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _plain_eager(*tensors) -> bool:
-    """True when no compiler, tracer, dispatch mode or tensor subclass is in play, and
-    the tensors hold data (meta tensors take the custom ops, whose fake kernels give
-    the outputs' shapes, as torch's own operators do on the meta device)."""
+    """True when no compiler, tracer, dispatch mode, torch.func transform or tensor
+    subclass is in play, and the tensors hold data (meta tensors take the custom ops,
+    whose fake kernels give the outputs' shapes, as torch's own operators do on the
+    meta device)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
         return False
-    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta) for t in tensors)
+    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
+                             and _has_storage(t)) for t in tensors)
 
 
 def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
@@ -297,4 +400,6 @@ def attention(q, k, v, mask=None, scale=None, softcap=0.0, causal=0, window_left
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerAttention.apply(q, k, v, args[3:])
         return _forward(*args)  # nothing to differentiate: no autograd node
+    if not torch.compiler.is_compiling() and any(_functorch_wrapped(x) for x in (q, k, v)):
+        return _FuncAttention.apply(q, k, v, args[3:])
     return fwd(*args)
