@@ -20,6 +20,16 @@ _OP = "scaled_dot_product_attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+class SDPAValueError(ValueError, RuntimeError):
+    """A bad argument to the SDPA drop-in: a ValueError, and a RuntimeError as
+    torch's scaled_dot_product_attention raises for the same input."""
+
+
+class SDPATypeError(TypeError, RuntimeError):
+    """A wrong dtype or type given to the SDPA drop-in: a TypeError, and a
+    RuntimeError where torch's function raises one."""
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -27,35 +37,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check(query, key, value, attn_mask, dropout_p, is_causal):
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor):
-            raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
+            raise SDPATypeError(f"[{_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
         check_dense(_OP, name, x)
         if x.ndim < 2:
-            raise ValueError(f"[{_OP}] {name}: expected at least 2 dims (..., seqlen, head_dim), got {x.ndim}")
+            raise SDPAValueError(f"[{_OP}] {name}: expected at least 2 dims (..., seqlen, head_dim), got {x.ndim}")
         if x.dtype != query.dtype:
-            raise TypeError(f"[{_OP}] {name}: expected dtype {_dtype_name(query.dtype)} (the dtype of query), "
-                            f"got {_dtype_name(x.dtype)}")
+            raise SDPATypeError(f"[{_OP}] {name}: expected dtype {_dtype_name(query.dtype)} (the dtype of query), "
+                                f"got {_dtype_name(x.dtype)}")
         if x.device != query.device:
-            raise ValueError(f"[{_OP}] {name}: expected device {query.device} (the device of query), got {x.device}")
+            raise SDPAValueError(f"[{_OP}] {name}: expected device {query.device} (the device of query), "
+                                 f"got {x.device}")
     if query.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"[{_OP}] query: expected dtype float32, float16, bfloat16 or float64, got "
-                        f"{_dtype_name(query.dtype)}")
+        raise SDPATypeError(f"[{_OP}] query: expected dtype float32, float16, bfloat16 or float64, got "
+                            f"{_dtype_name(query.dtype)}")
     if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"[{_OP}] key: head dim {key.shape[-1]} does not match query's {query.shape[-1]}")
+        raise SDPAValueError(f"[{_OP}] key: head dim {key.shape[-1]} does not match query's {query.shape[-1]}")
     if value.shape[-2] != key.shape[-2]:
-        raise ValueError(f"[{_OP}] value: sequence length {value.shape[-2]} does not match key's {key.shape[-2]}")
+        raise SDPAValueError(f"[{_OP}] value: sequence length {value.shape[-2]} does not match key's {key.shape[-2]}")
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"[{_OP}] attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+            raise SDPATypeError(f"[{_OP}] attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
         check_dense(_OP, "attn_mask", attn_mask)
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
             floats = " or float32" if query.dtype == torch.float32 else f", float32 or {_dtype_name(query.dtype)}"
-            raise TypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend){floats} (added to the "
-                            f"scores), got {_dtype_name(attn_mask.dtype)}")
-        if is_causal:
-            raise ValueError(f"[{_OP}] attn_mask: must be None when is_causal=True (add the causal mask to "
-                             "attn_mask instead)")
+            raise SDPATypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend){floats} (added to the "
+                                f"scores), got {_dtype_name(attn_mask.dtype)}")
     if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"[{_OP}] dropout_p: expected a value in [0, 1], got {dropout_p}")
+        raise SDPAValueError(f"[{_OP}] dropout_p: expected a value in [0, 1], got {dropout_p}")
 
 
 _SDPA_NAMES = {"q": "query", "k": "key", "v": "value", "mask": "attn_mask", "o": "output", "lse": "output"}
@@ -70,7 +78,8 @@ def _as_sdpa_error(error: Exception) -> Exception:
         text = f"[{_OP}] {_SDPA_NAMES.get(match.group(1), match.group(1))}:{text[match.end():]}"
     elif text.startswith("[attention]"):
         text = f"[{_OP}]{text[len('[attention]'):]}"
-    return type(error)(text)
+    kind = {ValueError: SDPAValueError, TypeError: SDPATypeError}.get(type(error), type(error))
+    return kind(text)
 
 
 def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
@@ -81,15 +90,15 @@ def _heads(query, key, value, enable_gqa) -> tuple[int, int]:
     if enable_gqa:
         for name, heads in (("key", heads_k), ("value", heads_v)):
             if heads_q % heads:
-                raise ValueError(f"[{_OP}] {name}: query heads ({heads_q}) must be a multiple of {name} heads "
-                                 f"({heads}) with enable_gqa=True")
+                raise SDPAValueError(f"[{_OP}] {name}: query heads ({heads_q}) must be a multiple of {name} heads "
+                                     f"({heads}) with enable_gqa=True")
         # Key and value head counts may differ (torch repeats each); the kernels need one count.
         return heads_q, heads_k if heads_k == heads_v else heads_q
     try:
         heads = torch.broadcast_shapes((heads_q,), (heads_k,), (heads_v,))[0]
     except RuntimeError:
-        raise ValueError(f"[{_OP}] key: {heads_k} heads (value {heads_v}) do not broadcast with query's {heads_q}; "
-                         "pass enable_gqa=True for grouped-query attention") from None
+        raise SDPAValueError(f"[{_OP}] key: {heads_k} heads (value {heads_v}) do not broadcast with query's {heads_q}; "
+                             "pass enable_gqa=True for grouped-query attention") from None
     # Key/value heads of 1 are shared by every query head without a copy.
     return heads, 1 if heads_k == heads_v == 1 else heads
 
@@ -110,8 +119,8 @@ def _mask_as_4d(mask: Tensor, batch_dims: tuple, batch: int, heads: int, seqlen_
     rank = len(batch_dims) + 3
     scores = (*batch_dims, heads, seqlen_q, seqlen_k)
     if mask.ndim > rank or any(m not in (1, s) for m, s in zip(mask.shape[::-1], scores[::-1])):
-        raise ValueError(f"[{_OP}] attn_mask: shape {list(mask.shape)} does not broadcast to the scores' "
-                         f"{list(scores)}")
+        raise SDPAValueError(f"[{_OP}] attn_mask: shape {list(mask.shape)} does not broadcast to the scores' "
+                             f"{list(scores)}")
     mask = mask[(None,) * (rank - mask.ndim)]
     if len(batch_dims) == 1:
         return mask
@@ -126,7 +135,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev);
     leading dims broadcast. attn_mask: bool (True = attend) or float added to the scores,
-    broadcastable to (N, ..., Hq, L, S); not together with is_causal (top-left aligned).
+    broadcastable to (N, ..., Hq, L, S); with is_causal (top-left aligned) both apply, as torch's
+    CPU function does.
     scale defaults to 1/sqrt(E). enable_gqa=True lets Hq be a multiple of H. Dropout draws
     its seed from torch's default generator. Rows with no visible key give 0.
     Differentiable through query, key and value.
@@ -147,8 +157,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if not batch_dims == key.shape[:-3] == value.shape[:-3]:
             batch_dims = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
     except RuntimeError:
-        raise ValueError(f"[{_OP}] key: batch dims {list(key.shape[:-3])} do not broadcast with query's "
-                         f"{list(query.shape[:-3])}") from None
+        raise SDPAValueError(f"[{_OP}] key: batch dims {list(key.shape[:-3])} do not broadcast with query's "
+                             f"{list(query.shape[:-3])}") from None
     batch = math.prod(batch_dims)
     seqlen_q, seqlen_k = query.shape[-2], key.shape[-2]
     q = _as_4d(query, batch_dims, batch, heads_q)

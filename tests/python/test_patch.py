@@ -154,6 +154,46 @@ def test_tensor_subclass_falls_back():
 def test_bad_input_raises_flashjit_error_when_patched():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     flashjit.patch_sdpa()
-    with pytest.raises(ValueError, match=r"attn_mask: must be None when is_causal=True"):
-        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE),
-                                       is_causal=True)
+    with pytest.raises(ValueError, match=r"\[scaled_dot_product_attention\] key: head dim 8 does not match"):
+        F.scaled_dot_product_attention(q, q[..., :8], q)
+
+
+def test_mask_and_is_causal_both_apply():
+    # torch's CPU function takes both (the mask and the top-left causal bound); so does flashjit.
+    q, k, v = (torch.randn(2, 3, 6, 8, device=DEVICE) for _ in range(3))
+    mask = torch.rand(6, 6, device=DEVICE) > 0.3
+    mask[:, 0] = True
+    combined = mask & torch.ones(6, 6, dtype=torch.bool, device=DEVICE).tril()
+    want = ORIGINAL(q, k, v, attn_mask=combined)
+    got = flashjit.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    assert (got - want).abs().max() < 1e-5
+
+
+def _bad_sdpa_inputs():
+    """(name, args, kwargs) that torch's scaled_dot_product_attention refuses."""
+    q = torch.randn(2, 3, 5, 8, device=DEVICE)
+    return [
+        ("1-d inputs", (q[0, 0, 0], q[0, 0, 0], q[0, 0, 0]), {}),
+        ("mixed dtypes", (q, q.double(), q), {}),
+        ("integer dtype", (q.long(), q.long(), q.long()), {}),
+        ("head dims differ", (q, q[..., :4], q), {}),
+        ("heads not a multiple", (q, q[:, :2], q[:, :2]), dict(enable_gqa=True)),
+        ("mask shape", (q, q, q), dict(attn_mask=torch.ones(4, 5, dtype=torch.bool, device=DEVICE))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_sdpa_inputs())),
+                         ids=[name for name, _, _ in _bad_sdpa_inputs()])
+def test_errors_are_of_the_kind_torch_raises(case):
+    # Code written against torch catches what torch raises (RuntimeError); flashjit's
+    # errors are that and a ValueError/TypeError with flashjit's message.
+    name, args, kwargs = _bad_sdpa_inputs()[case]
+    with pytest.raises(Exception) as torch_error:
+        ORIGINAL(*args, **kwargs)
+    with pytest.raises(Exception) as ours:
+        flashjit.scaled_dot_product_attention(*args, **kwargs)
+    assert isinstance(ours.value, type(torch_error.value)), (name, ours.value, torch_error.value)
+    assert "[scaled_dot_product_attention]" in str(ours.value)
+    flashjit.patch_sdpa()
+    with pytest.raises(type(torch_error.value)):
+        F.scaled_dot_product_attention(*args, **kwargs)
