@@ -231,6 +231,21 @@ _routed.__doc__ = ("torch.nn.functional.scaled_dot_product_attention routed to f
                    "calls torch's own function, with a warning once per reason, where flashjit cannot serve.")
 
 
+def _script_as_torch_op() -> None:
+    """TorchScript compiles the functions a scripted module calls; told that the router is
+    torch's builtin op, it calls aten::scaled_dot_product_attention there (torch's kernels:
+    a scripted module does not run flashjit), as it did before the patch."""
+    try:
+        from torch.jit import _builtins
+
+        _builtins._register_builtin(_routed, "aten::scaled_dot_product_attention")
+    except (ImportError, AttributeError):  # a torch without this registry: scripting fails as before
+        pass
+
+
+_script_as_torch_op()
+
+
 def is_sdpa_patched() -> bool:
     return F.scaled_dot_product_attention is _routed
 

@@ -197,3 +197,21 @@ def test_errors_are_of_the_kind_torch_raises(case):
     flashjit.patch_sdpa()
     with pytest.raises(type(torch_error.value)):
         F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def _scripted_sdpa(q):
+    return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def test_scripted_modules_keep_working_with_torchs_op():
+    # TorchScript cannot compile the router; it is registered as torch's builtin op, so
+    # scripted code calls aten::scaled_dot_product_attention (torch's kernels), as before the patch.
+    torch.manual_seed(0)
+    flashjit.patch_sdpa()
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True, device=DEVICE)
+    assert (torch.jit.script(mha)(x, x, x)[0] - mha(x, x, x)[0]).abs().max() < 1e-5
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, device=DEVICE).eval()
+    assert (torch.jit.script(layer)(x) - layer(x)).abs().max() < 1e-5
+    kinds = [node.kind() for node in torch.jit.script(_scripted_sdpa).graph.nodes()]
+    assert "aten::scaled_dot_product_attention" in kinds
