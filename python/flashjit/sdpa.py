@@ -16,6 +16,11 @@ from torch import Tensor
 from . import ops
 from .api import backends, check_dense
 
+try:
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # a torch without attention biases
+    CausalBias = CausalVariant = None
+
 _OP = "scaled_dot_product_attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -128,6 +133,22 @@ def _mask_as_4d(mask: Tensor, batch_dims: tuple, batch: int, heads: int, seqlen_
     return mask.expand(*batch_dims, *mask.shape[-3:]).reshape(batch, *mask.shape[-3:])
 
 
+def _is_causal_bias(attn_mask) -> bool:
+    return CausalBias is not None and isinstance(attn_mask, CausalBias)
+
+
+def _causal_bias_code(bias, query: Tensor, key: Tensor, is_causal: bool) -> int:
+    """The causal mode of a torch.nn.attention.bias.CausalBias: causal_upper_left is
+    is_causal's top-left alignment, causal_lower_right flashjit's bottom-right one."""
+    if is_causal:
+        raise SDPAValueError(f"[{_OP}] attn_mask: CausalBias should not be used with causal=True (is_causal=True "
+                             "is causal_upper_left already)")
+    if (bias.seq_len_q, bias.seq_len_kv) != (query.shape[-2], key.shape[-2]):
+        raise SDPAValueError(f"[{_OP}] attn_mask: a CausalBias of {bias.seq_len_q} x {bias.seq_len_kv} for "
+                             f"{query.shape[-2]} queries and {key.shape[-2]} keys")
+    return 1 if bias.variant == CausalVariant.UPPER_LEFT else 2
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -136,14 +157,23 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev);
     leading dims broadcast. attn_mask: bool (True = attend) or float added to the scores,
     broadcastable to (N, ..., Hq, L, S); with is_causal (top-left aligned) both apply, as torch's
-    CPU function does.
+    CPU function does; or a torch.nn.attention.bias.CausalBias (causal_upper_left,
+    causal_lower_right), served as a causal bound, not a mask.
     scale defaults to 1/sqrt(E). enable_gqa=True lets Hq be a multiple of H. Dropout draws
     its seed from torch's default generator. Rows with no visible key give 0.
     Differentiable through query, key and value.
     """
+    bias = attn_mask if _is_causal_bias(attn_mask) else None
+    if bias is not None:
+        attn_mask = None
     _check(query, key, value, attn_mask, dropout_p, is_causal)
+    causal = 1 if is_causal else 0
+    if bias is not None:
+        causal = _causal_bias_code(bias, query, key, is_causal)
     if query.shape[-1] == 0 or value.shape[-1] == 0:
         # Empty head dims hold no work; torch's own function defines the result.
+        if bias is not None:
+            attn_mask = bias._materialize(query.device)
         return torch._C._nn.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                          scale=scale, enable_gqa=enable_gqa)
     out_rank = max(query.ndim, key.ndim, value.ndim)
@@ -169,7 +199,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else float(dropout_p)
     rng = ops.dropout_rng() if dropout_p > 0 else None
-    args = (q, k, v, mask, None if scale is None else float(scale), 0.0, 1 if is_causal else 0, -1, -1, dropout_p, rng)
+    args = (q, k, v, mask, None if scale is None else float(scale), 0.0, causal, -1, -1, dropout_p, rng)
     if torch.compiler.is_compiling():
         o, _ = ops.attention(*args)
     else:
@@ -215,10 +245,18 @@ def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
 
 
 def _routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
-    reason = _fallback_reason(query, key, value, attn_mask)
+    bias = _is_causal_bias(attn_mask)
+    reason = _fallback_reason(query, key, value, None if bias else attn_mask)
     if reason is None:
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                             enable_gqa=enable_gqa)
+    # Tensor subclasses that define __torch_function__ (CausalBias among them) take
+    # over as they do for torch's function: they are handed this router, which is
+    # torch.nn.functional.scaled_dot_product_attention while patched.
+    relevant = tuple(x for x in (query, key, value, attn_mask) if x is not None)
+    if torch.overrides.has_torch_function(relevant):
+        return torch.overrides.handle_torch_function(_routed, relevant, query, key, value, attn_mask, dropout_p,
+                                                     is_causal, scale=scale, enable_gqa=enable_gqa)
     # torch.compile cannot trace warnings.warn; eager calls report the reason.
     if reason not in _warned and not torch.compiler.is_compiling():
         _warned.add(reason)

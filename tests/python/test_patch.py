@@ -215,3 +215,52 @@ def test_scripted_modules_keep_working_with_torchs_op():
     assert (torch.jit.script(layer)(x) - layer(x)).abs().max() < 1e-5
     kinds = [node.kind() for node in torch.jit.script(_scripted_sdpa).graph.nodes()]
     assert "aten::scaled_dot_product_attention" in kinds
+
+
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("L,S", [(5, 5), (4, 9), (9, 4)])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_causal_bias_is_served_as_a_causal_bound(variant, L, S, compiled, calls):
+    # torch.nn.attention.bias.causal_upper_left / causal_lower_right are flashjit's two
+    # causal alignments: served natively (no mask), eager and under torch.compile.
+    from torch.nn.attention import bias as attention_bias
+
+    make = getattr(attention_bias, f"causal_{variant}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that lower-right rows past the keys see nothing
+        bias = make(L, S)
+    torch.manual_seed(L * S)
+    q, k, v = (torch.randn(2, 3, n, 8, device=DEVICE) for n in (L, S, S))
+    want = ORIGINAL(q, k, v, attn_mask=bias._materialize(DEVICE))
+    flashjit.patch_sdpa()
+
+    def f(q, k, v, b):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=b)
+
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        got = f(q, k, v, bias)
+    assert calls["n"] >= (0 if compiled else 1)
+    finite = torch.isfinite(want)  # torch gives NaN where a lower-right row sees no key; flashjit 0
+    assert (got[finite] - want[finite]).abs().max() < 1e-5
+    assert torch.equal(got[~finite], torch.zeros_like(got[~finite]))
+
+
+def test_causal_bias_errors_and_fallback():
+    from torch.nn.attention.bias import causal_lower_right
+
+    q, k, v = (torch.randn(2, 3, n, 8, device=DEVICE) for n in (4, 9, 9))
+    flashjit.patch_sdpa()
+    with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(4, 9), is_causal=True)
+    with pytest.raises(RuntimeError, match="a CausalBias of 4 x 8 for 4 queries and 9 keys"):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(4, 8))
+    # Where flashjit cannot serve (the meta device), the bias's own __torch_function__ takes
+    # over as it does for torch's function, and torch computes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        o = F.scaled_dot_product_attention(*(x.to("meta") for x in (q, k, v)), attn_mask=causal_lower_right(4, 9))
+    assert o.shape == (2, 3, 4, 8) and o.device.type == "meta"
