@@ -1,0 +1,171 @@
+"""PyTorch's own SDPA tests against flashjit's drop-in.
+
+Runs PyTorch's `test/test_transformers.py` (a copy the caller provides; it is not
+part of this repository) twice with pytest on one device: as is, and with
+`flashjit.patch_sdpa()` called before the file is imported. Prints the tests that
+pass plain and fail patched, and how many SDPA calls flashjit served and how many
+it handed back to torch (so that a pass cannot come from everything falling back).
+
+    python scripts/torch_sdpa_suite.py PATH/test_transformers.py [--device cpu|cuda] [--out bench/results]
+        [-k EXPRESSION] [--timeout SECONDS]
+
+The file's imports need torch's test helpers (torch.testing._internal, shipped
+with torch) and, outside fbcode, test_cpp_extensions_open_device_registration
+from torch's test folder: a stub of the two names it takes is put beside it, so
+the tests that build a C++ extension fail in both runs alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+
+_STUB = '''"""Stub for torch's test_cpp_extensions_open_device_registration (not available here)."""
+
+
+def remove_build_path():
+    pass
+
+
+def generate_faked_module():
+    raise RuntimeError("the open-device C++ extension is not available in this run")
+'''
+
+# A pytest plugin for the patched run: patch before collection imports the test
+# file, count what the router served and what it handed to torch.
+_PLUGIN = '''
+import json
+import os
+
+import flashjit
+import flashjit.sdpa as sdpa
+
+counts = {"served": 0, "fallback": 0}
+
+
+def pytest_configure(config):
+    flashjit.patch_sdpa()
+    served = sdpa.scaled_dot_product_attention
+    original = sdpa._patch["original"]
+
+    def counted_served(*args, **kwargs):
+        counts["served"] += 1
+        return served(*args, **kwargs)
+
+    def counted_original(*args, **kwargs):
+        counts["fallback"] += 1
+        return original(*args, **kwargs)
+
+    sdpa.scaled_dot_product_attention = counted_served
+    sdpa._patch["original"] = counted_original
+
+
+def pytest_unconfigure(config):
+    with open(os.environ["FLASHJIT_SUITE_COUNTS"], "w") as out:
+        json.dump(counts, out)
+'''
+
+
+def outcomes(junit: pathlib.Path) -> dict[str, str]:
+    """test id -> passed / failed / skipped, from a junit XML report."""
+    result = {}
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        result[name] = ("failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds
+                        else "passed")
+    return result
+
+
+def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path, keyword: str | None,
+        timeout: int) -> tuple[dict[str, str], dict | None, float]:
+    junit = work / f"{'patched' if patched else 'plain'}.xml"
+    env = dict(os.environ, PYTORCH_TESTING_DEVICE_ONLY_FOR=device,
+               PYTHONPATH=os.pathsep.join([str(work), str(test_file.parent), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               "-o", "junit_family=xunit1"]
+    if keyword:
+        command += ["-k", keyword]
+    counts_file = work / "counts.json"
+    if patched:
+        command += ["-p", "flashjit_suite_plugin"]
+        env["FLASHJIT_SUITE_COUNTS"] = str(counts_file)
+    start = datetime.datetime.now()
+    print(f"[{'patched' if patched else 'plain'}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    with open(work / f"{'patched' if patched else 'plain'}.log", "w") as log:
+        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
+    seconds = (datetime.datetime.now() - start).total_seconds()
+    counts = json.loads(counts_file.read_text()) if patched and counts_file.exists() else None
+    return outcomes(junit), counts, seconds
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("test_file", type=pathlib.Path, help="PyTorch's test/test_transformers.py")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None, help="directory for the markdown record")
+    parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression (both runs)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    args = parser.parse_args()
+    missing = [name for name in ("expecttest", "hypothesis") if not _importable(name)]
+    if missing:
+        print(f"torch's test helpers need {' and '.join(missing)}: pip install {' '.join(missing)}", file=sys.stderr)
+        return 2
+    import torch
+
+    import flashjit
+
+    test_file = args.test_file.resolve()
+    with tempfile.TemporaryDirectory() as directory:
+        work = pathlib.Path(directory)
+        (work / "test_cpp_extensions_open_device_registration.py").write_text(_STUB)
+        (work / "flashjit_suite_plugin.py").write_text(_PLUGIN)
+        plain, _, plain_seconds = run(test_file, args.device, False, work, args.keyword, args.timeout)
+        patched, counts, patched_seconds = run(test_file, args.device, True, work, args.keyword, args.timeout)
+        tail = (work / "patched.log").read_text().strip().splitlines()[-1:]
+    passed_plain = {name for name, outcome in plain.items() if outcome == "passed"}
+    broken = sorted(name for name in passed_plain if patched.get(name) != "passed")
+    fixed = sorted(name for name, outcome in patched.items() if outcome == "passed" and plain.get(name) == "failed")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    commit = os.environ.get("FLASHJIT_COMMIT") or os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
+    summary = (f"plain: {len(passed_plain)} passed of {len(plain)} ({plain_seconds:.0f} s); patched: "
+               f"{sum(o == 'passed' for o in patched.values())} passed of {len(patched)} ({patched_seconds:.0f} s); "
+               f"{len(broken)} pass plain and not patched")
+    lines = [f"# PyTorch's test_transformers.py under flashjit.patch_sdpa(): {device}", "",
+             f"- date: {datetime.date.today()}", f"- commit: {commit}",
+             f"- command: `python scripts/torch_sdpa_suite.py test_transformers.py --device {args.device}"
+             + (f" -k '{args.keyword}'" if args.keyword else "") + "`",
+             f"- torch {torch.__version__}, flashjit {flashjit.__version__}", "",
+             summary, "",
+             f"SDPA calls in the patched run: {counts['served'] if counts else '?'} served by flashjit, "
+             f"{counts['fallback'] if counts else '?'} handed to torch's function.", "",
+             f"Pass plain, not patched ({len(broken)}):", ""]
+    lines += [f"- `{name}` ({patched.get(name, 'not run')})" for name in broken] or ["- none"]
+    lines += ["", f"Fail plain, pass patched ({len(fixed)}):", ""]
+    lines += [f"- `{name}`" for name in fixed] or ["- none"]
+    lines += ["", f"patched run's last line: {tail[0] if tail else ''}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        tag = "cpu" if args.device == "cpu" else device.split()[-1].lower()
+        path = pathlib.Path(args.out) / f"{tag}-torch-sdpa-suite-{datetime.date.today()}-{commit}.md"
+        path.write_text(text)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0 if not broken else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
