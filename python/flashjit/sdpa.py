@@ -67,6 +67,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal):
             floats = " or float32" if query.dtype == torch.float32 else f", float32 or {_dtype_name(query.dtype)}"
             raise SDPATypeError(f"[{_OP}] attn_mask: expected dtype bool (True = attend){floats} (added to the "
                                 f"scores), got {_dtype_name(attn_mask.dtype)}")
+        if is_causal:
+            raise SDPAValueError(f"[{_OP}] attn_mask: must be None when is_causal=True (Explicit attn_mask should "
+                                 "not be set when is_causal=True; add the causal mask to attn_mask instead)")
     if not 0.0 <= dropout_p <= 1.0:
         raise SDPAValueError(f"[{_OP}] dropout_p: expected a value in [0, 1], got {dropout_p}")
 
@@ -156,8 +159,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev);
     leading dims broadcast. attn_mask: bool (True = attend) or float added to the scores,
-    broadcastable to (N, ..., Hq, L, S); with is_causal (top-left aligned) both apply, as torch's
-    CPU function does; or a torch.nn.attention.bias.CausalBias (causal_upper_left,
+    broadcastable to (N, ..., Hq, L, S), not together with is_causal (top-left aligned);
+    or a torch.nn.attention.bias.CausalBias (causal_upper_left,
     causal_lower_right), served as a causal bound, not a mask.
     scale defaults to 1/sqrt(E). enable_gqa=True lets Hq be a multiple of H. Dropout draws
     its seed from torch's default generator. Rows with no visible key give 0.
@@ -216,7 +219,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 # ---- routing torch.nn.functional.scaled_dot_product_attention here ---------------------------------------
 
-_patch = {"original": None}
+# "original": what patch_sdpa() replaced (torch's function until then, for the operator below).
+_patch = {"original": F.scaled_dot_product_attention}
 _warned: set[str] = set()
 
 
@@ -269,19 +273,35 @@ _routed.__doc__ = ("torch.nn.functional.scaled_dot_product_attention routed to f
                    "calls torch's own function, with a warning once per reason, where flashjit cannot serve.")
 
 
-def _script_as_torch_op() -> None:
-    """TorchScript compiles the functions a scripted module calls; told that the router is
-    torch's builtin op, it calls aten::scaled_dot_product_attention there (torch's kernels:
-    a scripted module does not run flashjit), as it did before the patch."""
+# TorchScript cannot compile the router (keyword-only arguments, Python throughout);
+# it compiles calls to operators. flashjit::sdpa is the router as an operator with
+# torch's SDPA schema (CompositeImplicitAutograd: autograd flows through what it
+# calls), and the router is registered as that builtin, so that a scripted module
+# (nn.MultiheadAttention, nn.TransformerEncoderLayer) runs flashjit as its eager
+# twin does, with the same dropout stream.
+_SDPA_SCHEMA = ("sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, float dropout_p=0.0, "
+                "bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor")
+
+
+def _sdpa_operator(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                   enable_gqa=False):
+    return _routed(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def _script_as_operator() -> None:
     try:
         from torch.jit import _builtins
 
-        _builtins._register_builtin(_routed, "aten::scaled_dot_product_attention")
-    except (ImportError, AttributeError):  # a torch without this registry: scripting fails as before
+        _library = torch.library.Library("flashjit", "FRAGMENT")
+        _library.define(_SDPA_SCHEMA)
+        _library.impl("sdpa", _sdpa_operator, "CompositeImplicitAutograd")
+        _patch["library"] = _library  # kept alive: the registration lasts while it does
+        _builtins._register_builtin(_routed, "flashjit::sdpa")
+    except (ImportError, AttributeError, RuntimeError):  # a torch without these: scripting fails as before
         pass
 
 
-_script_as_torch_op()
+_script_as_operator()
 
 
 def is_sdpa_patched() -> bool:

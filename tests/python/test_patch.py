@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashjit
 import flashjit.sdpa
@@ -158,21 +159,12 @@ def test_bad_input_raises_flashjit_error_when_patched():
         F.scaled_dot_product_attention(q, q[..., :8], q)
 
 
-def test_mask_and_is_causal_both_apply():
-    # torch's CPU function takes both (the mask and the top-left causal bound); so does flashjit.
-    q, k, v = (torch.randn(2, 3, 6, 8, device=DEVICE) for _ in range(3))
-    mask = torch.rand(6, 6, device=DEVICE) > 0.3
-    mask[:, 0] = True
-    combined = mask & torch.ones(6, 6, dtype=torch.bool, device=DEVICE).tril()
-    want = ORIGINAL(q, k, v, attn_mask=combined)
-    got = flashjit.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
-    assert (got - want).abs().max() < 1e-5
-
-
 def _bad_sdpa_inputs():
     """(name, args, kwargs) that torch's scaled_dot_product_attention refuses."""
     q = torch.randn(2, 3, 5, 8, device=DEVICE)
+    mask = torch.ones(5, 5, dtype=torch.bool, device=DEVICE)
     return [
+        ("mask and is_causal", (q, q, q), dict(attn_mask=mask, is_causal=True)),
         ("1-d inputs", (q[0, 0, 0], q[0, 0, 0], q[0, 0, 0]), {}),
         ("mixed dtypes", (q, q.double(), q), {}),
         ("integer dtype", (q.long(), q.long(), q.long()), {}),
@@ -188,7 +180,8 @@ def test_errors_are_of_the_kind_torch_raises(case):
     # Code written against torch catches what torch raises (RuntimeError); flashjit's
     # errors are that and a ValueError/TypeError with flashjit's message.
     name, args, kwargs = _bad_sdpa_inputs()[case]
-    with pytest.raises(Exception) as torch_error:
+    # The math backend is torch's reference (its CPU flash kernel lets a mask with is_causal pass).
+    with pytest.raises(Exception) as torch_error, sdpa_kernel(SDPBackend.MATH):
         ORIGINAL(*args, **kwargs)
     with pytest.raises(Exception) as ours:
         flashjit.scaled_dot_product_attention(*args, **kwargs)
@@ -203,18 +196,28 @@ def _scripted_sdpa(q):
     return F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
 
-def test_scripted_modules_keep_working_with_torchs_op():
-    # TorchScript cannot compile the router; it is registered as torch's builtin op, so
-    # scripted code calls aten::scaled_dot_product_attention (torch's kernels), as before the patch.
+def test_scripted_modules_run_flashjit(calls):
+    # TorchScript cannot compile the router; it is registered as the builtin operator
+    # flashjit::sdpa (torch's SDPA schema), so scripted code calls flashjit as eager code does,
+    # with the same dropout stream.
     torch.manual_seed(0)
     flashjit.patch_sdpa()
-    x = torch.randn(2, 5, 16, device=DEVICE)
+    x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
     mha = torch.nn.MultiheadAttention(16, 4, batch_first=True, device=DEVICE)
-    assert (torch.jit.script(mha)(x, x, x)[0] - mha(x, x, x)[0]).abs().max() < 1e-5
-    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, device=DEVICE).eval()
-    assert (torch.jit.script(layer)(x) - layer(x)).abs().max() < 1e-5
+    scripted = torch.jit.script(mha)
+    y = scripted(x, x, x, need_weights=False)[0]
+    assert calls["n"] == 1
+    assert (y - mha(x, x, x, need_weights=False)[0]).abs().max() < 1e-5
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, device=DEVICE)  # dropout 0.1
+    scripted = torch.jit.script(layer)
+    torch.manual_seed(42)
+    want = layer(x)
+    torch.manual_seed(42)
+    assert (scripted(x) - want).abs().max() < 1e-5
     kinds = [node.kind() for node in torch.jit.script(_scripted_sdpa).graph.nodes()]
-    assert "aten::scaled_dot_product_attention" in kinds
+    assert "flashjit::sdpa" in kinds
 
 
 @pytest.mark.parametrize("variant", ["upper_left", "lower_right"])

@@ -196,6 +196,8 @@ def q_k_v(Hq=4, Hkv=4, dtype=torch.float32, E=16, Ev=16, L=8, S=12):
 
 OP = r"\[scaled_dot_product_attention\]"
 BAD = [
+    ("mask and is_causal", ValueError, OP + r" attn_mask: must be None when is_causal=True",
+     q_k_v(), dict(attn_mask=torch.ones(8, 12, dtype=torch.bool), is_causal=True)),
     ("integer mask", TypeError, OP + r" attn_mask: expected dtype bool \(True = attend\), float32 or float16",
      q_k_v(dtype=torch.float16), dict(attn_mask=torch.ones(8, 12, dtype=torch.int32))),
     ("float64 mask with float32 query", TypeError, r"attn_mask: expected dtype .* got float64",
