@@ -243,7 +243,190 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     if (threadIdx.x % 128 == 0) bulk_wait_all();  // shared memory stays until the stores are done
 #endif
   };
+#if FJ_CHAIN
+  static_assert(FJ_O_TMA && kQBuffers == 2, "the chained schedule stores O by TMA and holds two Q tiles");
+  // FJ_CHAIN: the consumers' schedule runs on across work tiles. A tile's last
+  // step issues its last P V and the next tile's first S in one turn; once the
+  // P V is done, O is stored while that S runs, and the next tile's softmax
+  // follows. There is no step with only an S (fill) or only a P V (drain)
+  // between work tiles, as consumer_steps has at each tile's ends.
+  const auto consume_chained = [&](int consumer) {
+    const int warp = threadIdx.x / 32 - 4;
+    const int lane = threadIdx.x % 32;
+    const int quad = lane % 4;
+    const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+    int kv_use = 0, q_use = 0, popped = 0;
+    int store_pending = -1;  // the Q buffer of the last O store, freed once the store has read it
+    const auto free_stored = [&] {
+      if (store_pending >= 0 && threadIdx.x % 128 == 0) {
+        bulk_wait_read();
+        mbarrier_arrive(&q_ring.empty[store_pending]);
+      }
+      store_pending = -1;
+    };
+    // A work tile: its block, the first of its K/V ring uses and its Q buffer.
+    struct Work {
+      int tile, kv_base, q_buffer;
+      QueryBlock block;
+    };
+    const auto make_work = [&](int tile) { return Work{tile, kv_use, q_ring.buffer(q_use), QueryBlock(p, tile)}; };
+    // This thread's rows of a work tile (recomputed where needed: fewer registers held).
+    const auto rows_of = [&](const Work& w, long long (&rows)[1][2]) {
+      rows[0][0] = w.block.first_query + warp * 16 + lane / 4;
+      rows[0][1] = rows[0][0] + 8;
+    };
+    // The next work tile with keys to see (O = 0, LSE = -inf written for those without);
+    // tile >= num_tiles when there is none.
+    const auto next_work = [&] {
+      for (;;) {
+        const int tile = tiles.pop(popped++, lane);
+        const Work w = make_work(tile);
+        if (tile >= num_tiles || w.block.tiles > 0) return w;
+        float none[1][2] = {{negative_infinity<float>(), negative_infinity<float>()}}, zeros[1][2] = {{0.0f, 0.0f}};
+        float empty_o[1][kDimV / 8][4];
+        zero(empty_o);
+        long long rows[1][2];
+        rows_of(w, rows);
+        write_output(p, empty_o, none, zeros, rows, w.block.b, w.block.h, quad);
+      }
+    };
+    // The use of work w's rings: its Q buffer, and K/V uses from kv_base (the producer's order).
+    const auto start_work = [&](const Work& w) {
+      q_ring.consume(q_use);
+      ++q_use;
+      kv_use += w.block.tiles;
+    };
+
+    float o[1][kDimV / 8][4];
+    float row_max[1][2], row_sum[1][2], scale_old[1][2];
+    float s[1][kBlockN / 8][4];
+    unsigned prob[kBlockN / 16][4];
+    bool rescale = false;
+    const auto reset_rows = [&] {
+      zero(o);
+      row_max[0][0] = row_max[0][1] = negative_infinity<float>();
+      row_sum[0][0] = row_sum[0][1] = 0.0f;
+    };
+    const auto issue_s = [&](const Work& w, int j) {
+      wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s[0], q_tiles + w.q_buffer * kBlockM * kQTileDim, consumer * 64,
+                                                   k_tiles + k_ring.buffer(w.kv_base + j) * kBlockN * kDimQk);
+    };
+    const auto issue_pv = [&](const Work& w, int j) {
+      wgmma_fragments_by_rows<kBlockN, kDimV>(o[0], prob, v_tiles + v_ring.buffer(w.kv_base + j) * kBlockN * kDimV);
+    };
+    // Logits, softmax and dropout of S_j (its products done), then P_j as fragments.
+    const auto softmax_tile = [&](const Work& w, int j) {
+      pin(s[0]);
+      k_ring.release(w.kv_base + j, lane);
+      long long rows[1][2];
+      rows_of(w, rows);
+      const long long tile_start = w.block.tile_start(j);
+      const long long consumer_first = w.block.first_query + consumer * 64;
+      if (w.block.interior(p, j, consumer_first, consumer_first + 64 <= p.seqlen_q)) {
+        tile_logits<1, true>(s, p, rows, tile_start, w.block.b, w.block.h, quad, scale_log2);
+      } else {
+        tile_logits<1, false>(s, p, rows, tile_start, w.block.b, w.block.h, quad, scale_log2);
+      }
+      rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
+#if FJ_DROPOUT
+      apply_dropout(s, p, static_cast<long long>(w.block.b) * p.heads_q + w.block.h, rows, tile_start, quad);
+#endif
+    };
+    const auto pv_done = [&](const Work& w, int j) {
+      pin(o[0]);
+      pin(prob);
+      v_ring.release(w.kv_base + j, lane);
+    };
+    const auto prepare = [&](int j) {
+      if (j > 0 && rescale) rescale_rows(o, scale_old);
+      to_fragments<kBlockN>(prob, s[0]);
+    };
+    const auto store = [&](const Work& w) {
+      free_stored();
+      long long rows[1][2];
+      rows_of(w, rows);
+      store_output_tile(p, o, row_max, row_sum, rows, w.block.b, w.block.h, quad, warp, consumer,
+                        q_tiles + w.q_buffer * kBlockM * kQTileDim, w.block.first_query);
+      store_pending = w.q_buffer;
+    };
+
+    first_turn(consumer);
+    Work w = next_work();
+    if (w.tile < num_tiles) {
+      start_work(w);
+      reset_rows();
+      // The first work tile's first step: S_0 alone.
+      k_ring.consume(w.kv_base);
+      wait_turn(consumer);
+      wgmma_fence();
+      issue_s(w, 0);
+      wgmma_commit();
+      pass_turn(consumer);
+      wgmma_wait<0>();
+      softmax_tile(w, 0);
+      prepare(0);
+      for (;;) {
+        for (int j = 1; j < w.block.tiles; ++j) {
+          k_ring.consume(w.kv_base + j);
+          v_ring.consume(w.kv_base + j - 1);
+          wait_turn(consumer);
+          wgmma_fence();
+          issue_s(w, j);
+          wgmma_commit();
+          issue_pv(w, j - 1);
+          wgmma_commit();
+          pass_turn(consumer);
+          wgmma_wait<1>();
+          free_stored();  // the previous work tile's Q buffer, once its O store has read it
+          softmax_tile(w, j);
+          wgmma_wait<0>();
+          pv_done(w, j - 1);
+          prepare(j);
+        }
+        const int last = w.block.tiles - 1;
+        free_stored();  // before waiting on a Q load that may need that buffer
+        const Work next = next_work();
+        v_ring.consume(w.kv_base + last);
+        if (next.tile >= num_tiles) {
+          // The last work tile: its last P V alone.
+          wait_turn(consumer);
+          wgmma_fence();
+          issue_pv(w, last);
+          wgmma_commit();
+          pass_turn(consumer);
+          wgmma_wait<0>();
+          pv_done(w, last);
+          store(w);
+          break;
+        }
+        start_work(next);
+        k_ring.consume(next.kv_base);
+        // This tile's last P V, then the next tile's first S; O is stored while the S runs.
+        wait_turn(consumer);
+        wgmma_fence();
+        issue_pv(w, last);
+        wgmma_commit();
+        issue_s(next, 0);
+        wgmma_commit();
+        pass_turn(consumer);
+        wgmma_wait<1>();
+        pv_done(w, last);
+        store(w);
+        reset_rows();
+        w = next;
+        wgmma_wait<0>();
+        softmax_tile(w, 0);
+        prepare(0);
+      }
+    }
+    last_turn(consumer);
+    if (threadIdx.x % 128 == 0) bulk_wait_all();  // shared memory stays until the stores are done
+  };
+  (void)consume;
+  specialised_roles(init, produce, consume_chained);
+#else
   specialised_roles(init, produce, consume);
+#endif
 }
 
 }  // namespace mma
