@@ -7,7 +7,7 @@ pass plain and fail patched, and how many SDPA calls flashjit served and how man
 it handed back to torch (so that a pass cannot come from everything falling back).
 
     python scripts/torch_sdpa_suite.py PATH/test_transformers.py [--device cpu|cuda] [--out bench/results]
-        [-k EXPRESSION] [--timeout SECONDS]
+        [-k EXPRESSION] [--timeout SECONDS] [--source 'pytorch/pytorch at <commit>']
 
 The file's imports need torch's test helpers (torch.testing._internal, shipped
 with torch) and, outside fbcode, test_cpp_extensions_open_device_registration
@@ -119,6 +119,8 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="directory for the markdown record")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression (both runs)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    parser.add_argument("--source", default="", help="where the test file came from (for the record), e.g. "
+                        "'pytorch/pytorch at <commit>'")
     args = parser.parse_args()
     missing = [name for name in ("expecttest", "hypothesis") if not _importable(name)]
     if missing:
@@ -148,7 +150,8 @@ def main() -> int:
              f"- date: {datetime.date.today()}", f"- commit: {commit}",
              f"- command: `python scripts/torch_sdpa_suite.py test_transformers.py --device {args.device}"
              + (f" -k '{args.keyword}'" if args.keyword else "") + "`",
-             f"- torch {torch.__version__}, flashjit {flashjit.__version__}", "",
+             f"- torch {torch.__version__}, flashjit {flashjit.__version__}"
+             + (f"; test_transformers.py: {args.source}" if args.source else ""), "",
              summary, "",
              f"SDPA calls in the patched run: {counts['served'] if counts else '?'} served by flashjit, "
              f"{counts['fallback'] if counts else '?'} handed to torch's function.", "",
