@@ -27,12 +27,13 @@ EOF
 wc -l <"$OUT/candidates.txt"
 xargs -P "$(nproc)" -L 1 python3 -c '
 import os, sys, torch, flashjit
+from flashjit.options import AttentionOptions
 from flashjit import ops
 dtype, head_dim, causal, tiles = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 os.environ["FLASHJIT_CUDA_TILES"] = tiles
 q = torch.randn(1, 1, 256, head_dim, device="cuda", dtype=getattr(torch, dtype))
 try:
-    ops.attention(q, q, q, None, None, 0.0, causal)
+    ops.attention(q, q, q, AttentionOptions(causal=causal))
 except (ValueError, NotImplementedError) as error:
     print(tiles, head_dim, "does not run:", error)
 ' <"$OUT/candidates.txt" 2>&1 | tail -20

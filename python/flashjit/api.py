@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
 from . import _C
-
-_CAUSAL_MODES = {"none": 0, "top_left": 1, "bottom_right": 2}
+from .options import INT64_MAX, U64_MAX, AttentionOptions, integer, seed_and_offset
 
 
 def backends() -> list[str]:
@@ -27,31 +24,6 @@ def check_dense(op: str, name: str, x) -> None:
                         "and mask the padding")
     if str(getattr(x, "layout", "torch.strided")) != "torch.strided":
         raise TypeError(f"[{op}] {name}: expected a dense (strided) tensor, got layout {x.layout}")
-
-
-def integer(op: str, name: str, value, low: int, high: int, expected: str) -> int:
-    """value as an int within [low, high]; anything else (floats, bools, strings,
-    out-of-range integers) is an error naming the argument, never coerced."""
-    if isinstance(value, (bool, np.bool_)) or not hasattr(type(value), "__index__"):
-        raise TypeError(f"[{op}] {name}: expected an integer ({expected}), got {value!r}")
-    value = operator.index(value)
-    if not low <= value <= high:
-        raise ValueError(f"[{op}] {name}: expected {expected}, got {value}")
-    return value
-
-
-_INT64_MAX = (1 << 63) - 1
-_U64_MAX = (1 << 64) - 1
-
-
-def seed_and_offset(op: str, seed, offset) -> tuple:
-    """seed (None: drawn) and offset as unsigned 64-bit integers."""
-    return (None if seed is None else integer(op, "seed", seed, 0, _U64_MAX, "0..2^64-1"),
-            integer(op, "offset", offset, 0, _U64_MAX, "0..2^64-1"))
-
-
-def num_threads_value(op: str, num_threads) -> int:
-    return integer(op, "num_threads", num_threads, 0, 1024, "0 (default) to 1024")
 
 
 def _library(op: str, name: str, x, like=None) -> str:
@@ -76,16 +48,6 @@ def _library_of(op: str, q, **others) -> str:
     return kind
 
 
-def _causal_code(op: str, causal) -> int:
-    if causal is None or causal is False:
-        return 0
-    if causal is True:
-        return 1
-    if isinstance(causal, str) and causal in _CAUSAL_MODES:
-        return _CAUSAL_MODES[causal]
-    raise ValueError(f"[{op}] causal: expected False, True, 'top_left' or 'bottom_right', got {causal!r}")
-
-
 def _prepare_mask(op: str, mask, kind: str):
     """Prepends size-1 dims so that a mask broadcastable from the right becomes 4-d."""
     if mask is None:
@@ -105,46 +67,22 @@ def output_shapes(op: str, q, v):
     return (*q.shape[:3], v.shape[3]), tuple(q.shape[:3])
 
 
-def _window(op: str, window) -> tuple[int, int]:
-    try:
-        window_left, window_right = window
-    except (TypeError, ValueError):
-        raise ValueError(f"[{op}] window: expected a pair (left, right), got {window!r}") from None
-    expected = "-1 (unbounded) or 0..2^63-1"
-    return (integer(op, "window_left", window_left, -1, _INT64_MAX, expected),
-            integer(op, "window_right", window_right, -1, _INT64_MAX, expected))
-
-
-def _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads):
-    window_left, window_right = _window(op, window)
+def _numpy_call(op: str, attn_mask, options: AttentionOptions, dropout_p, seed, offset) -> dict:
+    """The C API's keyword arguments for numpy arrays (a seed is required for dropout)."""
     seed, offset = seed_and_offset(op, seed, offset)
     if dropout_p and seed is None:
         raise ValueError(f"[{op}] seed: required when dropout_p > 0 with numpy arrays; pass the same seed and "
                          "offset to attention_backward to drop the same elements")
-    return dict(
-        mask=_prepare_mask(op, attn_mask, "numpy"),
-        scale=None if scale is None else float(scale),
-        softcap=float(softcap),
-        causal=_causal_code(op, causal),
-        window_left=window_left,
-        window_right=window_right,
-        dropout_p=float(dropout_p),
-        seed=seed or 0,
-        offset=offset,
-        num_threads=num_threads_value(op, num_threads),
-    )
+    return options.c_kwargs(_prepare_mask(op, attn_mask, "numpy"), seed or 0, offset)
 
 
-def _torch_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads):
-    """Arguments of ops.attention after the keyword arguments (mask onward)."""
+def _torch_tensors(op: str, attn_mask, options: AttentionOptions, seed, offset) -> dict:
+    """The torch ops' per-call tensors: the mask, and the dropout seed as a tensor."""
     from . import ops
 
-    window_left, window_right = _window(op, window)
     seed, offset = seed_and_offset(op, seed, offset)
-    rng = ops.dropout_rng(seed, offset) if dropout_p else None
-    return (_prepare_mask(op, attn_mask, "torch"), None if scale is None else float(scale),
-            float(softcap), _causal_code(op, causal), window_left, window_right, float(dropout_p), rng,
-            num_threads_value(op, num_threads))
+    rng = ops.dropout_rng(seed, offset) if options.dropout_p else None
+    return dict(mask=_prepare_mask(op, attn_mask, "torch"), rng=rng)
 
 
 def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1),
@@ -167,18 +105,18 @@ def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
     """
     op = "attention"
     kind = _library_of(op, q, k=k, v=v)
+    options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
+                                    dropout_p=dropout_p, num_threads=num_threads)
     if kind == "torch":
         from . import ops
 
-        o, lse = ops.attention(q, k, v, *_torch_options(op, attn_mask, scale, softcap, causal, window, dropout_p,
-                                                          seed, offset, num_threads))
+        o, lse = ops.attention(q, k, v, options, **_torch_tensors(op, attn_mask, options, seed, offset))
     else:
-        options = _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset,
-                                 num_threads)
+        call = _numpy_call(op, attn_mask, options, dropout_p, seed, offset)
         o_shape, lse_shape = output_shapes(op, q, v)
         o = np.empty(o_shape, dtype=q.dtype)
         lse = np.empty(lse_shape, dtype=np.float64 if q.dtype == np.float64 else np.float32)
-        _C.forward(q, k, v, o, lse, **options)
+        _C.forward(q, k, v, o, lse, **call)
     return (o, lse) if return_lse else o
 
 
@@ -193,17 +131,19 @@ def attention_backward(q, k, v, o, lse, dout, *, attn_mask=None, scale=None, sof
     """
     op = "attention_backward"
     kind = _library_of(op, q, k=k, v=v, o=o, lse=lse, dout=dout)
+    options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
+                                    dropout_p=dropout_p, num_threads=num_threads)
     if kind == "torch":
         from . import ops
 
         if dropout_p and seed is None:
             raise ValueError(f"[{op}] seed: required when dropout_p > 0; pass the seed and offset given to "
                              "attention()")
-        return ops.bwd(dout, q, k, v, o, lse, *_torch_options(op, attn_mask, scale, softcap, causal, window,
-                                                              dropout_p, seed, offset, num_threads))
-    options = _numpy_options(op, attn_mask, scale, softcap, causal, window, dropout_p, seed, offset, num_threads)
+        tensors = _torch_tensors(op, attn_mask, options, seed, offset)
+        return ops.bwd(dout, q, k, v, o, lse, *options.op_args(tensors["mask"], tensors["rng"]))
+    call = _numpy_call(op, attn_mask, options, dropout_p, seed, offset)
     dq, dk, dv = (np.empty(x.shape, dtype=q.dtype) for x in (q, k, v))
-    _C.backward(q, k, v, o, lse, dout, dq, dk, dv, **options)
+    _C.backward(q, k, v, o, lse, dout, dq, dk, dv, **call)
     return dq, dk, dv
 
 
@@ -211,10 +151,10 @@ def dropout_keep_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, *, d
                       offset: int = 0) -> np.ndarray:
     """The keep mask (True = kept) that attention() uses for these sizes, seed and offset."""
     op = "dropout_keep_mask"
-    sizes = [integer(op, name, value, 0, _INT64_MAX, ">= 0")
+    sizes = [integer(op, name, value, 0, INT64_MAX, ">= 0")
              for name, value in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k))]
-    seed = integer(op, "seed", seed, 0, _U64_MAX, "0..2^64-1")
-    offset = integer(op, "offset", offset, 0, _U64_MAX, "0..2^64-1")
+    seed = integer(op, "seed", seed, 0, U64_MAX, "0..2^64-1")
+    offset = integer(op, "offset", offset, 0, U64_MAX, "0..2^64-1")
     keep = np.empty(sizes, dtype=np.uint8)
     _C.dropout_keep_mask(seed, offset, float(dropout_p), keep)
     return keep.astype(bool)

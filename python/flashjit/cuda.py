@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import _C
+from .options import AttentionOptions
 
 _DTYPES = _C.DTYPES
 _MASKS = {None: 0, "none": 0, "bool": 1, "additive": 2}
@@ -225,11 +226,12 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
                                    dtype=getattr(torch, dtype)) for _ in range(3))
             flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if is_causal else 1)
             key = tuning_key(KernelConfig(dtype=dtype, head_dim=head_dim, window=bool(is_causal)), seqlen)
+            options = AttentionOptions(causal=1 if is_causal else 0)
             measured = {}
             for tiles in candidates.get(-(-head_dim // 64) * 64, [_HAND_SET]):
                 os.environ["FLASHJIT_CUDA_TILES"] = tiles
                 try:
-                    call = lambda: ops.attention(q, k, v, None, None, 0.0, 1 if is_causal else 0)  # noqa: E731
+                    call = lambda: ops.attention(q, k, v, options)  # noqa: E731
                     call()
                     torch.cuda.synchronize(device)
                     samples = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .api import _causal_code, _window
+from .options import AttentionOptions
 
 try:
     from . import _mlx
@@ -67,12 +67,12 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
     (not the mask; lse is returned through mx.stop_gradient).
     """
     op = "flashjit.mlx.attention"
-    window_left, window_right = _window(op, window)
+    options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
+                                    dropout_p=dropout_p)
     if mask is not None and mask.ndim < 4:
         mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
-    o, lse = _mlx.attention(q, k, v, mask, None if scale is None else float(scale), float(softcap),
-                            _causal_code(op, causal), window_left, window_right, float(dropout_p),
-                            _rng(dropout_p, seed, offset))
+    o, lse = _mlx.attention(q, k, v, mask, options.scale, options.softcap, options.causal, options.window_left,
+                            options.window_right, options.dropout_p, _rng(dropout_p, seed, offset))
     return (o, mx.stop_gradient(lse)) if return_lse else o  # the log-sum-exp carries no gradient
 
 

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from . import _C
 from .api import output_shapes
+from .options import AttentionOptions
 
 _U64 = (1 << 64) - 1
 
@@ -145,7 +146,8 @@ def _bwd_fake(dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, 
 
 # ---- autograd -------------------------------------------------------------------------------------------
 
-_OPTION_NAMES = ("scale", "softcap", "causal", "window_left", "window_right", "dropout_p", "num_threads")
+# The ops' arguments after their tensors, as one value (options.py).
+_NO_GRADS = (None,) * AttentionOptions.OP_ARG_COUNT
 
 
 def _save(ctx, **tensors):
@@ -167,11 +169,10 @@ def _check_mask_grad(mask_needs_grad: bool):
 
 def _setup_fwd(ctx, inputs, output):
     """Autograd context of fwd, shared by the custom op and the eager path."""
-    q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads = inputs
+    q, k, v = inputs[:3]
+    ctx.options, mask, rng = AttentionOptions.from_op_args(inputs[3:])
     o, lse = output
     _save(ctx, q=q, k=k, v=v, o=o, lse=lse, mask=mask, rng=rng)
-    ctx.options = dict(zip(_OPTION_NAMES, (scale, softcap, causal, window_left, window_right, dropout_p,
-                                           num_threads)))
     ctx.mark_non_differentiable(lse)
 
 
@@ -179,11 +180,8 @@ def _fwd_backward(ctx, grad_o, grad_lse, run=None):
     """Gradients of fwd's inputs; `run` computes dq, dk, dv (default: the bwd op)."""
     _check_mask_grad(ctx.needs_input_grad[3])
     s = _saved(ctx)
-    opt = ctx.options
-    dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, s.mask, opt["scale"], opt["softcap"],
-                              opt["causal"], opt["window_left"], opt["window_right"], opt["dropout_p"], s.rng,
-                              opt["num_threads"])
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, *ctx.options.op_args(s.mask, s.rng))
+    return (dq, dk, dv) + _NO_GRADS
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_setup_fwd)
@@ -220,11 +218,9 @@ def naive_attention(q, k, v, mask, scale, softcap, causal, window_left, window_r
 
 
 def _setup_bwd(ctx, inputs, output):
-    dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, _ = inputs
+    dout, q, k, v = inputs[:4]
+    ctx.options, mask, _ = AttentionOptions.from_op_args(inputs[6:])
     _save(ctx, dout=dout, q=q, k=k, v=v, mask=mask)
-    ctx.options = dict(scale=scale, softcap=softcap, causal=causal, window_left=window_left,
-                       window_right=window_right)
-    ctx.dropout_p = dropout_p
 
 
 def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
@@ -232,19 +228,20 @@ def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
     o and lse are taken to be the forward's outputs for q, k, v, so every
     gradient reaches q, k, v and none goes to o or lse."""
     _check_mask_grad(ctx.needs_input_grad[6])
-    if ctx.dropout_p:
+    opt = ctx.options
+    if opt.dropout_p:
         raise NotImplementedError("[attention] double backward: not supported with dropout_p > 0")
     s = _saved(ctx)
     with torch.enable_grad():
         dout, q, k, v = (x.detach().requires_grad_() for x in (s.dout, s.q, s.k, s.v))
-        o = naive_attention(q, k, v, s.mask, **ctx.options)
+        o = naive_attention(q, k, v, s.mask, opt.scale, opt.softcap, opt.causal, opt.window_left, opt.window_right)
         first = torch.autograd.grad(o, (q, k, v), dout.to(o.dtype), create_graph=True)
         first = [g.to(x.dtype) for g, x in zip(first, (q, k, v))]
         pairs = [(g, gg) for g, gg in zip(first, (grad_dq, grad_dk, grad_dv)) if gg is not None]
         second = torch.autograd.grad([g for g, _ in pairs], (dout, q, k, v), [gg for _, gg in pairs],
                                      allow_unused=True, materialize_grads=True)
     ddout, dq, dk, dv = second
-    return (ddout, dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None)
+    return (ddout, dq, dk, dv, None, None) + _NO_GRADS
 
 
 bwd.register_autograd(_bwd_backward, setup_context=_setup_bwd)
@@ -390,11 +387,10 @@ def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
     return torch.tensor(as_int64, dtype=torch.int64)
 
 
-def attention(q, k, v, mask=None, scale=None, softcap=0.0, causal=0, window_left=-1, window_right=-1,
-              dropout_p=0.0, rng=None, num_threads=0):
-    """o, lse with autograd through q, k, v (lse is not differentiable)."""
-    args = (q, k, v, mask, scale, float(softcap), int(causal), int(window_left), int(window_right),
-            float(dropout_p), rng, int(num_threads))
+def attention(q, k, v, options: AttentionOptions, mask=None, rng=None):
+    """o, lse with autograd through q, k, v (lse is not differentiable); rng: the
+    dropout seed and offset as a tensor (dropout_rng), needed when options.dropout_p > 0."""
+    args = (q, k, v, *options.op_args(mask, rng))
     _check_mask_grad(mask is not None and mask.requires_grad and torch.is_grad_enabled())
     if _plain_eager(q, k, v, mask, rng):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import ops
 from .api import backends, check_dense
+from .options import AttentionOptions
 
 try:
     from torch.nn.attention.bias import CausalBias, CausalVariant
@@ -202,12 +203,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else float(dropout_p)
     rng = ops.dropout_rng() if dropout_p > 0 else None
-    args = (q, k, v, mask, None if scale is None else float(scale), 0.0, causal, -1, -1, dropout_p, rng)
+    options = AttentionOptions(scale=None if scale is None else float(scale), causal=causal, dropout_p=dropout_p)
     if torch.compiler.is_compiling():
-        o, _ = ops.attention(*args)
+        o, _ = ops.attention(q, k, v, options, mask, rng)
     else:
         try:
-            o, _ = ops.attention(*args)
+            o, _ = ops.attention(q, k, v, options, mask, rng)
         except (ValueError, TypeError, NotImplementedError) as error:
             raise _as_sdpa_error(error) from None
     if drop_all:
