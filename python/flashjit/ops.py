@@ -15,7 +15,6 @@ recompile for) every new seed.
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Optional
 
@@ -26,6 +25,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 from . import _C
 from .api import output_shapes
 from .options import AttentionOptions
+from .reference import naive_attention
 
 _U64 = (1 << 64) - 1
 
@@ -187,36 +187,6 @@ def _fwd_backward(ctx, grad_o, grad_lse, run=None):
 fwd.register_autograd(_fwd_backward, setup_context=_setup_fwd)
 
 
-def naive_attention(q, k, v, mask, scale, softcap, causal, window_left, window_right):
-    """Differentiable matmul-softmax-matmul with every option but dropout, in
-    float32 or wider. Materialises [B, Hq, Sq, Sk]: used for double backward only."""
-    compute = torch.promote_types(q.dtype, torch.float32)
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(compute)
-    seqlen_q, seqlen_k = q.shape[2], k.shape[2]
-    rows = torch.arange(seqlen_q, device=q.device)[:, None]
-    cols = torch.arange(seqlen_k, device=q.device)[None, :]
-    right = 0 if causal else window_right
-    relative = cols - rows - (0 if causal == 1 else seqlen_k - seqlen_q)
-    hidden = torch.zeros(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-    if window_left >= 0:
-        hidden |= relative < -window_left
-    if right >= 0:
-        hidden |= relative > right
-    s = s.masked_fill(hidden, float("-inf"))
-    # Rows that see no key give 0 and no gradient, as the kernels do: softmax of a
-    # finite stand-in row, then zeroed, keeps NaN out of both passes.
-    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    return p @ v
-
-
 def _setup_bwd(ctx, inputs, output):
     dout, q, k, v = inputs[:4]
     ctx.options, mask, _ = AttentionOptions.from_op_args(inputs[6:])
@@ -234,7 +204,8 @@ def _bwd_backward(ctx, grad_dq, grad_dk, grad_dv):
     s = _saved(ctx)
     with torch.enable_grad():
         dout, q, k, v = (x.detach().requires_grad_() for x in (s.dout, s.q, s.k, s.v))
-        o = naive_attention(q, k, v, s.mask, opt.scale, opt.softcap, opt.causal, opt.window_left, opt.window_right)
+        o = naive_attention(q, k, v, attn_mask=s.mask, scale=opt.scale, softcap=opt.softcap, causal=opt.causal,
+                            window=(opt.window_left, opt.window_right))
         first = torch.autograd.grad(o, (q, k, v), dout.to(o.dtype), create_graph=True)
         first = [g.to(x.dtype) for g, x in zip(first, (q, k, v))]
         pairs = [(g, gg) for g, gg in zip(first, (grad_dq, grad_dk, grad_dv)) if gg is not None]

@@ -10,50 +10,17 @@ import math
 
 import torch
 
+from flashjit import reference
+
 FLOOR = {torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-6, torch.float64: 1e-12}
-
-
-def visible(seqlen_q, seqlen_k, causal, window):
-    """Bool [Sq, Sk]: keys each query may see through the causal and window bounds."""
-    left, right = window
-    if causal:
-        right = 0
-    shift = 0 if causal in (True, "top_left") else seqlen_k - seqlen_q
-    i = torch.arange(seqlen_q)[:, None]
-    j = torch.arange(seqlen_k)[None, :]
-    rel = j - i - shift
-    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
-    if left >= 0:
-        keep &= rel >= -left
-    if right >= 0:
-        keep &= rel <= right
-    return keep
 
 
 def naive_attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1),
                     dropout_p=0.0, keep=None, dtype=torch.float64):
-    """o, lse computed in `dtype` (differentiable). keep: bool [B, Hq, Sq, Sk] dropout mask."""
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            s = s.masked_fill(~attn_mask, float("-inf"))
-        else:
-            s = s + attn_mask.to(dtype)
-    s = s.masked_fill(~visible(q.shape[2], k.shape[2], causal, window), float("-inf"))
-    lse = torch.logsumexp(s.to(torch.float64), dim=-1)
-    # Rows with no visible key: probabilities 0 (SDPA semantics), not NaN.
-    empty = torch.isinf(lse) & (lse < 0)
-    p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)
-    if dropout_p:
-        p = p * keep.to(dtype) / (1.0 - dropout_p)
-    return p @ v, lse
+    """o, lse computed in `dtype` (differentiable): flashjit.reference's naive attention.
+    keep: bool [B, Hq, Sq, Sk] dropout mask."""
+    return reference.naive_attention(q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, causal=causal,
+                                     window=window, dropout_p=dropout_p, keep=keep, dtype=dtype, return_lse=True)
 
 
 def max_err(a, b):
