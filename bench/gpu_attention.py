@@ -7,7 +7,7 @@ the backward) where the `flash-attn-4` package imports.
 
 Grid: bf16, B*N = 16k tokens, H = 2048 / D, D in {64, 128, 256}, N in {1k, 4k,
 16k}, causal and not; plus GQA model shapes (32 query heads sharing 8 key/value
-heads, D 128, causal, N 1k/4k/16k). Forward and backward TFLOP/s (DESIGN.md §5
+heads, D 128, causal, N 1k/4k/16k). Forward and backward TFLOP/s (docs/measurement.md
 FLOP counts) and the ratios to cuDNN and FA4.
 
 Timing: each sample is a run of calls back to back between two CUDA events (the

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flashjit
-from gpu_attention import flops  # DESIGN.md §5's counts, as the main benchmark
+from gpu_attention import flops  # docs/measurement.md's counts, as the main benchmark
 
 
 def impls():

@@ -11,7 +11,7 @@ error against a float64 reference is taken on one small case.
   are rotated (several copies, used in turn). Forward runs as in training:
   the inputs require grad. Backward is `torch.autograd.grad` of one retained
   forward graph.
-- TFLOP/s (DESIGN.md §5): forward 4·B·H·Sq·Sk·D, halved for causal; backward
+- TFLOP/s (docs/measurement.md): forward 4·B·H·Sq·Sk·D, halved for causal; backward
   2.5× forward; forward+backward 3.5×.
 - Peak memory of one forward+backward, beyond what is allocated before it (the
   inputs), after warm-up. CUDA: `torch.cuda.max_memory_allocated` after
@@ -61,7 +61,7 @@ COLUMNS = ("impl", "device", "dtype", "batch", "heads", "seqlen", "head_dim", "c
 ERROR_CASE = {"batch": 2, "heads": 2, "seqlen": 256}
 
 # Sweeps sized to the device. CPU: a couple of minutes on two cores. GPU: the
-# training shapes of DESIGN.md §5 (B·N tokens, hidden = H·D), a few minutes on an H100.
+# training shapes (B·N tokens, hidden = H·D; docs/measurement.md), a few minutes on an H100.
 DEFAULTS = {
     "cpu": dict(dtypes=["float32"], head_dims=[64], seqlens=[256, 512, 1024, 2048], tokens=2048, hidden=512,
                 modes=["fwd", "bwd", "fwdbwd"], repeats=5),
@@ -111,7 +111,7 @@ class Row:
 
 
 def flops(case: Case, mode: str) -> float:
-    """DESIGN.md §5: forward 4·B·H·Sq·Sk·D, halved for causal; backward 2.5×, both 3.5×."""
+    """docs/measurement.md: forward 4·B·H·Sq·Sk·D, halved for causal; backward 2.5×, both 3.5×."""
     forward = 4.0 * case.batch * case.heads * case.seqlen * case.seqlen * case.head_dim
     if case.causal:
         forward /= 2

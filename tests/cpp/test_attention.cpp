@@ -1,5 +1,5 @@
-// CPU forward and backward against the float64 reference over DESIGN.md §4's
-// shape list and every feature of the problem description.
+// CPU forward and backward against the float64 reference (docs/tolerance.md)
+// over a shape list and every feature of the problem description.
 #include <gtest/gtest.h>
 
 #include <vector>

@@ -1,5 +1,5 @@
 """flashjit.attention forward and autograd backward against the float64
-reference, over DESIGN.md §4's feature x shape matrix, on FLASHJIT_TEST_DEVICE."""
+reference (docs/tolerance.md), over a feature x shape matrix, on FLASHJIT_TEST_DEVICE."""
 
 import numpy as np
 import pytest
