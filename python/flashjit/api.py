@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _C
+from .arrays import check_dense, output_shapes
 from .options import INT64_MAX, U64_MAX, AttentionOptions, integer, seed_and_offset
 
 
@@ -15,15 +16,6 @@ def backends() -> list[str]:
 
 def _is_torch(x) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
-
-
-def check_dense(op: str, name: str, x) -> None:
-    """Rejects torch tensors whose elements flashjit cannot address: nested and sparse ones."""
-    if getattr(x, "is_nested", False):
-        raise TypeError(f"[{op}] {name}: nested tensors are not supported; pad the sequences into one tensor "
-                        "and mask the padding")
-    if str(getattr(x, "layout", "torch.strided")) != "torch.strided":
-        raise TypeError(f"[{op}] {name}: expected a dense (strided) tensor, got layout {x.layout}")
 
 
 def _library(op: str, name: str, x, like=None) -> str:
@@ -57,14 +49,6 @@ def _prepare_mask(op: str, mask, kind: str):
         raise ValueError(f"[{op}] mask: expected at most 4 dims broadcastable to "
                          f"[batch, heads_q, seqlen_q, seqlen_k], got {mask.ndim}")
     return mask[(None,) * (4 - mask.ndim)]
-
-
-def output_shapes(op: str, q, v):
-    """Shapes of o and lse; names the argument when a rank is wrong."""
-    for name, x in (("q", q), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"[{op}] {name}: expected 4 dims [batch, heads, seqlen, head_dim], got {x.ndim}")
-    return (*q.shape[:3], v.shape[3]), tuple(q.shape[:3])
 
 
 def _numpy_call(op: str, attn_mask, options: AttentionOptions, dropout_p, seed, offset) -> dict:

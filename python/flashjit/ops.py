@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import _C
-from .api import output_shapes
+from .arrays import output_shapes
 from .options import AttentionOptions
 from .reference import naive_attention
 

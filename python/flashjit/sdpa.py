@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .api import backends, check_dense
+from .api import backends
+from .arrays import check_dense
 from .options import AttentionOptions
 
 try:
