@@ -124,6 +124,15 @@ class Unsupported(Exception):
     """The implementation cannot run this case on this device."""
 
 
+def resident_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
@@ -249,11 +258,7 @@ class _HostPeak:
 
     @staticmethod
     def _kib(field: str) -> int:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        raise RuntimeError(f"{field} not in /proc/self/status")
+        return resident_kib(field)
 
     def start(self):
         self._trim(0)  # freed heap back to the system, so that reuse does not hide growth

@@ -20,17 +20,9 @@ import subprocess
 import sys
 import time
 
-from .bench import _cpu_name
+from .bench import _cpu_name, resident_kib
 
 IMPLEMENTATIONS = ("flashjit", "naive", "sdpa")
-
-
-def _resident_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _naive(q, k, v, causal):
@@ -67,9 +59,9 @@ def _inputs(seqlen: int, heads: int, head_dim: int, dtype_name: str):
 def _measure(impl: str, seqlen: int, heads: int, head_dim: int, dtype_name: str, causal: bool, repeats: int):
     """Runs in a child process: time and peak memory of one implementation."""
     q, k, v, dout = _inputs(seqlen, heads, head_dim, dtype_name)
-    before = _resident_kib("VmRSS")
+    before = resident_kib("VmRSS")
     _forward_backward(impl, q, k, v, dout, causal)
-    peak = _resident_kib("VmHWM") - before
+    peak = resident_kib("VmHWM") - before
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
