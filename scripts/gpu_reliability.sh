@@ -4,15 +4,19 @@
 # whether compute-sanitizer racecheck understands mbarrier ordering
 # (scripts/racecheck_probe.cu, three modes); racecheck on the sanitizer cases;
 # the differential fuzzer on CUDA; and the forward timed with the stream's own
-# tile counter and with a memset one (gpu_attention.py --tiles).
-#   bash scripts/gpu_reliability.sh [--cases N] [--no-bench]
+# tile counter and with a memset one (gpu_attention.py --tiles); the edge-accuracy
+# cases against cuDNN, flash and FA4 (bench/edge_accuracy.py); and, given a copy of
+# PyTorch's test_transformers.py (with expecttest and hypothesis importable), PyTorch's
+# SDPA tests plain and under the patch (scripts/torch_sdpa_suite.py --device cuda).
+#   bash scripts/gpu_reliability.sh [--cases N] [--no-bench] [--torch-suite PATH]
 OUT=${OUT:-/tmp/flashjit-reliability}
 source "$(dirname "$0")/gpu_common.sh"
-cases=500 bench=1
+cases=500 bench=1 torch_suite=""
 while (($#)); do
   case $1 in
     --cases) shift; cases=$1 ;;
     --no-bench) bench=0 ;;
+    --torch-suite) shift; torch_suite=$1 ;;
     *) echo "unknown argument $1"; exit 2 ;;
   esac
   shift
@@ -47,6 +51,18 @@ grep -E "^========= (Error|Warning)" "$OUT/racecheck.log" | sort | uniq -c | hea
 step "fuzzer: $cases cases on CUDA"
 timeout 400 python3 tests/python/fuzz.py --cases "$cases" --device cuda --jobs 8 >"$OUT/fuzz.log" 2>&1 || status=1
 tail -5 "$OUT/fuzz.log"
+
+step "edge accuracy: flashjit, cuDNN, flash, mem-efficient, FA4 against float64"
+timeout 300 python3 bench/edge_accuracy.py --device cuda --out "$OUT" >"$OUT/edge.log" 2>&1 || status=1
+grep "^| " "$OUT/edge.log" | head -40
+
+if [[ -n $torch_suite ]]; then
+  step "PyTorch's test_transformers.py plain and patched on CUDA"
+  timeout 1500 python3 scripts/torch_sdpa_suite.py "$torch_suite" --device cuda --out "$OUT" \
+    --source "pytorch/pytorch test/test_transformers.py at 00030eb8e81f911c48c4d7634fa6b8bb2fae1a1b" \
+    >"$OUT/torch-suite.log" 2>&1 || status=1
+  sed -n '/^plain/,/^Fail plain/p' "$OUT/torch-suite.log" | head -40
+fi
 
 if ((bench)); then
   step "forward: the stream's tile counter vs one zeroed by a memset"
