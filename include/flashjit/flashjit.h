@@ -104,6 +104,19 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
                                 const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,
                                 fj_tensor* dv);
 
+/* The validation of fj_attention_forward / fj_attention_backward without the call:
+ * the same errors for the same descriptors, which may have NULL data pointers (for
+ * front ends that describe tensors without memory: shape inference, lazy arrays).
+ * Memory shared between tensors, which depends on addresses, is checked only by
+ * the calls; an output's own strides (no two elements at one address) by both. */
+fj_status fj_attention_check_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                     const fj_attention_options* options, const fj_tensor* o,
+                                     const fj_tensor* lse);
+fj_status fj_attention_check_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                      const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                      const fj_attention_options* options, const fj_tensor* dq,
+                                      const fj_tensor* dk, const fj_tensor* dv);
+
 /* The dropout rule, exposed so that tests and other backends can reproduce it.
  * Philox4x32-10 (Salmon et al., 2011) with
  *   key     = (lo32(seed), hi32(seed) ^ hi32(offset))

@@ -15,6 +15,7 @@ recompile for) every new seed.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Optional
 
@@ -99,6 +100,35 @@ def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, win
            window_left, window_right, dropout_p, seed, offset, num_threads, _stream(inputs[0]))
 
 
+def _descriptor(x: Tensor, compact: bool = False):
+    """x as the C API sees it but without its memory (a NULL data pointer): for
+    validating fake and meta tensors. The strides are those _run would pass (a
+    copy where the last dim is not unit-stride; a mask's stride-0 dims as size 1).
+    None for a dtype flashjit does not take (the call itself names it)."""
+    dtype = _DTYPE_CODES.get(x.dtype)
+    if dtype is None:
+        return None
+    shape, strides = list(x.shape), list(x.stride())
+    if compact:
+        shape = [1 if stride == 0 else size for size, stride in zip(shape, strides)]
+    elif shape and shape[-1] > 1 and strides[-1] != 1:
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    device = _CUDA if x.device.type == "cuda" else _CPU  # meta: checked as if on the CPU
+    return (0, dtype, device, x.device.index or 0, tuple(shape), tuple(strides))
+
+
+def _check(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+           num_threads):
+    """The C API's validation of a call on descriptors alone (the fake kernels'
+    shapes come with the errors the call would raise)."""
+    refs = [_descriptor(x) for x in (*inputs, *outputs)]
+    mask_ref = None if mask is None else _descriptor(mask, compact=True)
+    if any(ref is None for ref in refs) or (mask is not None and mask_ref is None):
+        return
+    kernel(*refs, mask_ref, scale, softcap, causal, window_left, window_right, dropout_p, 0, 0, num_threads, 0,
+           check_only=True)
+
+
 def _forward(q, k, v, *options):
     o_shape, lse_shape = output_shapes("attention", q, v)
     o = q.new_empty(o_shape)
@@ -124,9 +154,11 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads):
+def _fwd_fake(q, k, v, *options):
     o_shape, lse_shape = output_shapes("attention", q, v)
-    return q.new_empty(o_shape), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+    o, lse = q.new_empty(o_shape), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+    _check(_C.forward, (q, k, v), (o, lse), *options)
+    return o, lse
 
 
 @torch.library.custom_op("flashjit::bwd", mutates_args=())
@@ -139,9 +171,10 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, m
 
 
 @bwd.register_fake
-def _bwd_fake(dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-              num_threads):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _bwd_fake(dout, q, k, v, o, lse, *options):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _check(_C.backward, (q, k, v, o, lse, dout), (dq, dk, dv), *options)
+    return dq, dk, dv
 
 
 # ---- autograd -------------------------------------------------------------------------------------------

@@ -172,13 +172,18 @@ fj_attention_options make_options(const char* op, nb::handle mask, std::optional
 void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
              std::optional<double> scale, double softcap, int causal, int64_t window_left,
              int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-             uintptr_t stream) {
+             uintptr_t stream, bool check_only) {
   constexpr const char* op = "attention";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
+  if (check_only) {
+    const fj_status status = fj_attention_check_forward(&tq, &tk, &tv, &options, &to, &tlse);
+    if (status != FJ_SUCCESS) raise_status(status);
+    return;
+  }
   const fj_status status = without_gil([&] { return fj_attention_forward(&tq, &tk, &tv, &options, &to, &tlse); });
   if (status != FJ_SUCCESS) raise_status(status);
 }
@@ -186,7 +191,7 @@ void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle 
 void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
               nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
               double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
-              uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream) {
+              uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream, bool check_only) {
   constexpr const char* op = "attention_backward";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   const fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
@@ -195,6 +200,12 @@ void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
+  if (check_only) {
+    const fj_status status = fj_attention_check_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk,
+                                                         &tdv);
+    if (status != FJ_SUCCESS) raise_status(status);
+    return;
+  }
   const fj_status status = without_gil(
       [&] { return fj_attention_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv); });
   if (status != FJ_SUCCESS) raise_status(status);
@@ -293,12 +304,12 @@ NB_MODULE(_C, m) {
   m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
         nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
-        nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0);
+        nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false);
   m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
         nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
-        nb::arg("num_threads"), nb::arg("stream") = 0);
+        nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false);
   m.def("dropout_keep_mask", &dropout_keep_mask, nb::arg("seed"), nb::arg("offset"), nb::arg("p"),
         nb::arg("keep").noconvert());
   nb::dict dtypes;

@@ -49,6 +49,19 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
   });
 }
 
+fj_status fj_attention_check_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                     const fj_attention_options* options, const fj_tensor* o,
+                                     const fj_tensor* lse) {
+  return flashjit::guarded([&] { flashjit::make_forward_problem(q, k, v, options, o, lse, true); });
+}
+
+fj_status fj_attention_check_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                      const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                      const fj_attention_options* options, const fj_tensor* dq,
+                                      const fj_tensor* dk, const fj_tensor* dv) {
+  return flashjit::guarded([&] { flashjit::make_backward_problem(q, k, v, o, lse, dout, options, dq, dk, dv, true); });
+}
+
 int fj_dropout_keep(uint64_t seed, uint64_t offset, double p, int64_t b, int64_t h, int64_t num_heads,
                     int64_t i, int64_t j) {
   if (!(p > 0.0)) return 1;

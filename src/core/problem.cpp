@@ -40,6 +40,19 @@ std::string shape_string(const fj_tensor& t) {
   return dims_string(t.shape, t.ndim);
 }
 
+// Set while a problem is validated from descriptors alone (make_*_problem's descriptors_only).
+thread_local bool t_descriptors_only = false;
+
+struct DescriptorsOnly {
+  explicit DescriptorsOnly(bool on) : previous_(t_descriptors_only) { t_descriptors_only = on; }
+  ~DescriptorsOnly() { t_descriptors_only = previous_; }
+  DescriptorsOnly(const DescriptorsOnly&) = delete;
+  DescriptorsOnly& operator=(const DescriptorsOnly&) = delete;
+
+ private:
+  bool previous_;
+};
+
 // Checks that a tensor argument is present and well formed (pointer, rank,
 // non-negative sizes and strides, contiguous last dim).
 const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor* t, int ndim) {
@@ -72,7 +85,7 @@ const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor*
                         " with these strides exceeds the address space");
     }
   }
-  if (elements > 0 && t->data == nullptr) {
+  if (elements > 0 && t->data == nullptr && !t_descriptors_only) {
     throw_value_error("[", op, "] ", name, ": data pointer is NULL");
   }
   return *t;
@@ -237,6 +250,7 @@ void check_outputs(const char* op, std::initializer_list<Named> outputs,
                         shape_string(t),
                         " map several elements to one address; every output element needs its own memory");
     }
+    if (t_descriptors_only) continue;  // no addresses to compare with the inputs
     for (const Named& in : inputs) {
       if (in.tensor != nullptr && ranges_overlap(t, *in.tensor)) {
         throw_value_error("[", op, "] ", out.name, ": output memory overlaps input ", in.name,
@@ -244,6 +258,7 @@ void check_outputs(const char* op, std::initializer_list<Named> outputs,
       }
     }
   }
+  if (t_descriptors_only) return;  // nor between outputs
   for (auto a = outputs.begin(); a != outputs.end(); ++a) {
     for (auto b = a + 1; b != outputs.end(); ++b) {
       const fj_tensor &x = *a->tensor, &y = *b->tensor;
@@ -258,7 +273,8 @@ void check_outputs(const char* op, std::initializer_list<Named> outputs,
 }
 
 const fj_tensor* mask_of(const fj_attention_options* options) {
-  return options->mask.data != nullptr ? &options->mask : nullptr;
+  const bool present = t_descriptors_only ? options->mask.ndim > 0 : options->mask.data != nullptr;
+  return present ? &options->mask : nullptr;
 }
 
 // Options shared by both directions: scale, softcap, causal, window, mask, dropout.
@@ -449,8 +465,9 @@ const fj_tensor& check_operand(const char* op, const char* name, const fj_tensor
 
 AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                       const fj_attention_options* options, const fj_tensor* o,
-                                      const fj_tensor* lse) {
+                                      const fj_tensor* lse, bool descriptors_only) {
   constexpr const char* op = "attention";
+  const DescriptorsOnly only(descriptors_only);
   AttentionProblem p = make_inputs(op, q, k, v);
   const int64_t o_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
   const fj_tensor& out = check_operand(op, "o", o, *q, o_shape, "[batch, heads_q, seqlen_q, head_dim_v]");
@@ -464,8 +481,9 @@ AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, co
 AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                        const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                        const fj_attention_options* options, const fj_tensor* dq,
-                                       const fj_tensor* dk, const fj_tensor* dv) {
+                                       const fj_tensor* dk, const fj_tensor* dv, bool descriptors_only) {
   constexpr const char* op = "attention_backward";
+  const DescriptorsOnly only(descriptors_only);
   AttentionProblem p = make_inputs(op, q, k, v);
   const int64_t o_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
   const int64_t q_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk};

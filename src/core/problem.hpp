@@ -102,13 +102,17 @@ struct AttentionProblem {
 };
 
 // Build and validate. Throw flashjit::Error naming the argument on bad input.
+// descriptors_only: validate shapes, strides, dtypes, devices and options alone
+// (data pointers may be NULL; memory shared between tensors, a fact of
+// addresses, is not checked), for callers that describe tensors without memory
+// (torch's fake tensors, lazy arrays).
 AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                       const fj_attention_options* options, const fj_tensor* o,
-                                      const fj_tensor* lse);
+                                      const fj_tensor* lse, bool descriptors_only = false);
 
 AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                        const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                        const fj_attention_options* options, const fj_tensor* dq,
-                                       const fj_tensor* dk, const fj_tensor* dv);
+                                       const fj_tensor* dk, const fj_tensor* dv, bool descriptors_only = false);
 
 }  // namespace flashjit

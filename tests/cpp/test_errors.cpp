@@ -67,6 +67,16 @@ class Errors : public ::testing::Test {
     EXPECT_NE(message.find(bad.message), std::string::npos)
         << bad.name << ": message \"" << message << "\" lacks \"" << bad.message << "\"";
     EXPECT_TRUE(o_.guards_intact()) << bad.name;
+    // The checks without a call see the same, except facts of addresses (NULL data,
+    // memory shared between tensors); an output's own strides are checked by both.
+    const bool address_fact = bad.message.find("NULL") != std::string::npos ||
+                              bad.message.find("overlap") != std::string::npos;
+    if (address_fact) return;
+    const fj_status check_forward = fj_attention_check_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse);
+    const fj_status check_backward =
+        fj_attention_check_backward(&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.options, &c.dq, &c.dk, &c.dv);
+    EXPECT_EQ(check_forward, forward) << bad.name;
+    EXPECT_EQ(check_backward, backward) << bad.name;
   }
 };
 
@@ -226,6 +236,32 @@ TEST_F(Errors, NullPointersToStructs) {
   EXPECT_NE(std::string(fj_last_error()).find("q: expected a tensor, got NULL"), std::string::npos);
   EXPECT_EQ(fj_attention_forward(&c.q, &c.k, &c.v, nullptr, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("options: expected a pointer, got NULL"), std::string::npos);
+}
+
+// fj_attention_check_*: descriptors without memory (NULL data) pass where their shapes do;
+// a wrong shape is named as the call would name it.
+TEST_F(Errors, ChecksTakeDescriptorsWithoutData) {
+  Call c = valid();
+  for (fj_tensor* t : {&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.dq, &c.dk, &c.dv}) t->data = nullptr;
+  EXPECT_EQ(fj_attention_check_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(fj_attention_check_backward(&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.options, &c.dq, &c.dk, &c.dv),
+            FJ_SUCCESS)
+      << fj_last_error();
+  c.options.mask = mask_.view();
+  c.options.mask.data = nullptr;
+  EXPECT_EQ(fj_attention_check_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_SUCCESS) << fj_last_error();
+  c.options.mask.shape[3] = 11;  // a mask without data is still checked
+  EXPECT_EQ(fj_attention_check_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("mask"), std::string::npos) << fj_last_error();
+  c = valid();
+  c.k.shape[3] = 8;
+  EXPECT_EQ(fj_attention_check_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("k: head_dim 8 does not match q's 16"), std::string::npos)
+      << fj_last_error();
+  // The call itself still refuses NULL data.
+  c = valid();
+  c.q.data = nullptr;
+  EXPECT_EQ(fj_attention_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
 }
 
 TEST_F(Errors, SuccessClearsTheLastError) {

@@ -66,3 +66,22 @@ def test_fake_outputs_have_exact_shapes_strides_and_dtypes():
     for r, f in zip((*real, *real_grads), (*fake, *fake_grads)):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
     assert real[1].dtype == torch.float32 and real_grads[0].stride() == q.stride()
+
+
+@pytest.mark.parametrize("bad", ["head_dim", "heads", "dtype", "window"])
+def test_fake_kernels_raise_the_calls_errors(bad):
+    # The fake (shape) kernels validate through the C API on descriptors alone, so meta
+    # tensors and torch.compile's tracing meet the same errors as the call itself.
+    q = torch.empty(2, 4, 8, 16, device="meta")
+    k = {"head_dim": torch.empty(2, 2, 10, 8, device="meta"), "heads": torch.empty(2, 3, 10, 16, device="meta"),
+         "dtype": torch.empty(2, 2, 10, 16, device="meta", dtype=torch.float64)}.get(bad, q)
+    window = (-2, -1) if bad == "window" else (-1, -1)
+    message = {"head_dim": r"k: head_dim 8 does not match q's 16",
+               "heads": r"k: query heads \(4\) must be a multiple of key/value heads \(3\)",
+               "dtype": r"k: expected dtype float32", "window": r"window_left"}[bad]
+    message = r"\[attention(_backward)?\] " + message
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.flashjit.fwd(q, k, k, None, None, 0.0, 0, *window, 0.0, None, 0)
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.flashjit.bwd(q, q, k, k, q, torch.empty(2, 4, 8, device="meta"), None, None, 0.0, 0, *window,
+                               0.0, None, 0)
