@@ -6,6 +6,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/tuple.h>
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -287,54 +288,67 @@ std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::ve
                             [this](const auto& merged) { return backward_node(stream(), options_, merged); });
 }
 
-std::string shape_text(const mx::array& x) {
-  std::ostringstream text;
-  text << "(";
-  for (size_t d = 0; d < x.ndim(); ++d) text << (d ? ", " : "") << x.shape(int(d));
-  text << (x.ndim() == 1 ? ",)" : ")");
-  return text.str();
-}
-
 [[noreturn]] void bad(const std::string& message) {
   throw std::invalid_argument(std::string(kOp) + " " + message);
 }
 
-void check_inputs(const mx::array& q, const mx::array& k, const mx::array& v,
-                  const std::optional<mx::array>& mask) {
+// An array as the C API describes it, without memory (lazy arrays have none yet):
+// row-major strides, as rows() makes them before a call.
+fj_tensor describe(const mx::array& x) {
+  fj_tensor t{};
+  t.dtype = dtype_of(x.dtype());
+  t.device_type = FJ_DEVICE_CPU;
+  t.ndim = int32_t(std::min<size_t>(x.ndim(), FJ_MAX_DIMS));
+  int64_t stride = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    t.shape[d] = x.shape(d);
+    t.strides[d] = stride;
+    stride *= std::max<int64_t>(1, t.shape[d]);
+  }
+  return t;
+}
+
+// The inputs and options checked by the C API (fj_attention_check_forward), whose
+// errors name the argument; dtypes the C API has no code for are named here.
+void check_inputs(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
+                  const Options& o) {
   const std::pair<const char*, const mx::array*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, x] : named) {
-    if (x->ndim() != 4) {
-      bad(std::string(name) + ": expected 4 dims [batch, heads, seqlen, head_dim], got shape " +
-          shape_text(*x));
-    }
     const fj_dtype dtype = dtype_of(x->dtype());
     if (dtype != FJ_FLOAT32 && dtype != FJ_FLOAT16 && dtype != FJ_BFLOAT16 && dtype != FJ_FLOAT64) {
       bad(std::string(name) + ": expected float32, float16, bfloat16 or float64");
     }
-    if (x->dtype() != q.dtype()) bad(std::string(name) + ": expected the dtype of q");
   }
-  if (k.shape(0) != q.shape(0) || v.shape(0) != q.shape(0)) {
-    bad("k, v: expected the batch size of q, " + std::to_string(q.shape(0)));
-  }
-  if (k.shape(1) != v.shape(1) || k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0) {
-    bad("k, v: expected the same number of heads, dividing q's " + std::to_string(q.shape(1)) + "; got " +
-        shape_text(k) + " and " + shape_text(v));
-  }
-  if (k.shape(2) != v.shape(2)) bad("v: expected the sequence length of k, " + std::to_string(k.shape(2)));
-  if (k.shape(3) != q.shape(3)) bad("k: expected the head dim of q, " + std::to_string(q.shape(3)));
-  if (!mask) return;
-  const mx::array& m = *mask;
-  if (m.ndim() != 4)
-    bad("mask: expected 4 dims broadcastable to [batch, heads_q, seqlen_q, seqlen_k], got " + shape_text(m));
-  const int full[4] = {q.shape(0), q.shape(1), q.shape(2), k.shape(2)};
-  for (int d = 0; d < 4; ++d) {
-    if (m.shape(d) != 1 && m.shape(d) != full[d]) {
-      bad("mask: shape " + shape_text(m) + " does not broadcast to (" + std::to_string(full[0]) + ", " +
-          std::to_string(full[1]) + ", " + std::to_string(full[2]) + ", " + std::to_string(full[3]) + ")");
-    }
-  }
-  if (m.dtype() != mx::bool_ && m.dtype() != mx::float32 && m.dtype() != q.dtype()) {
+  if (mask && mask->dtype() != mx::bool_ && dtype_of(mask->dtype()) == FJ_INT64) {
     bad("mask: expected bool (True = attend) or an additive float32 or q-dtype mask");
+  }
+  const fj_tensor tq = describe(q), tk = describe(k), tv = describe(v);
+  fj_tensor to = tq, tlse = tq;
+  if (q.ndim() == 4 && v.ndim() == 4) {  // o [B, Hq, Sq, Dv], lse [B, Hq, Sq]: other ranks fail on q first
+    to.shape[3] = v.shape(3);
+    to.strides[2] = v.shape(3);
+    to.strides[1] = to.strides[2] * q.shape(2);
+    to.strides[0] = to.strides[1] * q.shape(1);
+    tlse.ndim = 3;
+    tlse.dtype = tq.dtype == FJ_FLOAT64 ? FJ_FLOAT64 : FJ_FLOAT32;
+    tlse.strides[2] = 1;
+    tlse.strides[1] = q.shape(2);
+    tlse.strides[0] = int64_t(q.shape(1)) * q.shape(2);
+  }
+  fj_attention_options options = fj_attention_options_default();
+  options.has_scale = o.scale.has_value();
+  options.scale = o.scale.value_or(0.0);
+  options.softcap = o.softcap;
+  options.causal = fj_causal(o.causal);
+  options.window_left = o.window_left;
+  options.window_right = o.window_right;
+  options.dropout_p = o.dropout_p;
+  if (mask) options.mask = describe(*mask);
+  if (fj_attention_check_forward(&tq, &tk, &tv, &options, &to, &tlse) != FJ_SUCCESS) {
+    std::string message = fj_last_error();
+    const std::string prefix = "[attention] ";
+    if (message.rfind(prefix, 0) == 0) message = message.substr(prefix.size());
+    bad(message);
   }
 }
 
@@ -343,17 +357,11 @@ std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& 
                                            double softcap, int causal, int64_t window_left,
                                            int64_t window_right, double dropout_p,
                                            std::optional<mx::array> rng) {
-  check_inputs(q, k, v, mask);
-  if (causal < 0 || causal > 2) bad("causal: expected 0 (none), 1 (top left) or 2 (bottom right)");
-  if (softcap < 0 || !std::isfinite(softcap)) bad("softcap: expected a finite value >= 0");
-  if (scale && !std::isfinite(*scale)) bad("scale: expected a finite value");
-  if (window_left < -1 || window_right < -1) bad("window: expected bounds >= -1 (-1 = unbounded)");
-  if (causal != 0 && window_right > 0) bad("window: a right bound above 0 contradicts causal");
-  if (!(dropout_p >= 0 && dropout_p < 1)) bad("dropout_p: expected 0 <= p < 1");
+  Options options{scale, softcap, causal, window_left, window_right, mask.has_value(), dropout_p};
+  check_inputs(q, k, v, mask, options);
   if (dropout_p > 0 && (!rng || rng->dtype() != mx::uint32 || rng->ndim() != 1 || rng->shape(0) != 4)) {
     bad("rng: expected 4 uint32 (seed low, high, offset low, high) with dropout");
   }
-  Options options{scale, softcap, causal, window_left, window_right, mask.has_value(), dropout_p};
   if (causal != 0) options.window_right = 0;
   std::vector<mx::array> inputs = {rows(q), rows(k), rows(v)};
   if (mask) inputs.push_back(rows(*mask));  // the C API takes no negative strides

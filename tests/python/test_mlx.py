@@ -186,11 +186,14 @@ def test_bad_inputs_raise_clear_errors():
     cases = [
         ((q[0], k, k), {}, "q: expected 4 dims"),
         ((q.astype(mx.int32), k, k), {}, "q: expected float32, float16, bfloat16 or float64"),
-        ((q, mx.zeros((1, 3, 8, 16)), mx.zeros((1, 3, 8, 16))), {}, "k, v: expected the same number of heads"),
-        ((q, k, mx.zeros((1, 2, 9, 16))), {}, "v: expected the sequence length of k"),
-        ((q, k, k), dict(mask=mx.zeros((1, 4, 7, 8), dtype=mx.bool_)), "mask: shape"),
+        ((q, mx.zeros((1, 3, 8, 16)), mx.zeros((1, 3, 8, 16))), {},
+         r"k: query heads \(4\) must be a multiple of key/value heads \(3\)"),
+        ((q, k, mx.zeros((1, 2, 9, 16))), {}, "v: expected shape"),
+        ((q, k, k), dict(mask=mx.zeros((1, 4, 7, 8), dtype=mx.bool_)), "mask: dim 2 .* has size 7"),
+        ((q, k, k), dict(mask=mx.zeros((1, 1, 8, 8), dtype=mx.int32)), "mask: expected bool"),
         ((q, k, k), dict(causal="left"), "causal: expected"),
-        ((q, k, k), dict(causal=True, window=(2, 3)), "window: a right bound above 0 contradicts causal"),
+        ((q, k, k), dict(causal=True, window=(2, 3)), "window_right: expected -1 or 0 with a causal mask"),
+        ((q, k, k), dict(softcap=-1.0), "softcap: expected a finite value >= 0"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
