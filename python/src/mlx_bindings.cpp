@@ -70,8 +70,8 @@ fj_tensor tensor_of(const mx::array& a) {
   return t;
 }
 
-// The C API's options; `extra` are the primitive's inputs from the mask on (mask, then rng).
-fj_attention_options options_of(const Options& o, const mx::array* extra) {
+// The C API's options without the mask and the dropout seed.
+fj_attention_options scalar_options(const Options& o) {
   fj_attention_options options = fj_attention_options_default();
   options.has_scale = o.scale.has_value();
   options.scale = o.scale.value_or(0.0);
@@ -79,10 +79,16 @@ fj_attention_options options_of(const Options& o, const mx::array* extra) {
   options.causal = fj_causal(o.causal);
   options.window_left = o.window_left;
   options.window_right = o.window_right;
+  options.dropout_p = o.dropout_p;
+  return options;
+}
+
+// The C API's options; `extra` are the primitive's inputs from the mask on (mask, then rng).
+fj_attention_options options_of(const Options& o, const mx::array* extra) {
+  fj_attention_options options = scalar_options(o);
   if (o.has_mask) options.mask = tensor_of(*extra++);
   if (o.dropout_p > 0) {
     const uint32_t* words = extra->data<uint32_t>();  // seed (low, high), offset (low, high)
-    options.dropout_p = o.dropout_p;
     options.dropout_seed = uint64_t(words[0]) | (uint64_t(words[1]) << 32);
     options.dropout_offset = uint64_t(words[2]) | (uint64_t(words[3]) << 32);
   }
@@ -335,14 +341,7 @@ void check_inputs(const mx::array& q, const mx::array& k, const mx::array& v, co
     tlse.strides[1] = q.shape(2);
     tlse.strides[0] = int64_t(q.shape(1)) * q.shape(2);
   }
-  fj_attention_options options = fj_attention_options_default();
-  options.has_scale = o.scale.has_value();
-  options.scale = o.scale.value_or(0.0);
-  options.softcap = o.softcap;
-  options.causal = fj_causal(o.causal);
-  options.window_left = o.window_left;
-  options.window_right = o.window_right;
-  options.dropout_p = o.dropout_p;
+  fj_attention_options options = scalar_options(o);
   if (mask) options.mask = describe(*mask);
   if (fj_attention_check_forward(&tq, &tk, &tv, &options, &to, &tlse) != FJ_SUCCESS) {
     std::string message = fj_last_error();
