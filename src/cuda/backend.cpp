@@ -17,6 +17,7 @@
 #include "cuda/driver.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
+#include "cuda/settings.hpp"
 #include "cuda/tuning.hpp"
 #include "cuda/kernels/params.cuh"
 
@@ -120,30 +121,10 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// A switch read from the environment: on unless set to "0".
-bool env_switch_on(const char* name) {
-  const char* value = std::getenv(name);
-  return value == nullptr || std::strcmp(value, "0") != 0;
-}
-
-// FLASHJIT_CUDA_HOPPER=0 keeps the sm_90a kernels out: the mma.sync kernels run
-// instead (for comparisons, or should a driver mishandle TMA). Read once.
-bool hopper_enabled() {
-  static const bool enabled = env_switch_on("FLASHJIT_CUDA_HOPPER");
-  return enabled;
-}
-
 KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) {
   KernelTraits traits = traits_of(p, launch.arch);
-  traits.tma = traits.tma && hopper_enabled();
+  traits.tma = traits.tma && settings::hopper_kernels();  // FLASHJIT_CUDA_HOPPER=0: the mma.sync kernels
   return traits;
-}
-
-// Whether the sm_90a forward runs a persistent grid (a block an SM taking work
-// tiles from a counter) or a block a tile: FLASHJIT_CUDA_PERSISTENT=0, for comparisons. Read once.
-bool persistent_forward() {
-  static const bool persistent = env_switch_on("FLASHJIT_CUDA_PERSISTENT");
-  return persistent;
 }
 
 // The TMA descriptor of a 16-bit operand [batch, heads, seqlen, dim]: boxes of
@@ -278,15 +259,6 @@ bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const 
          encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, spec.block_n);
 }
 
-// FLASHJIT_CUDA_SPLITS=n forces the forward to split the keys n ways wherever a
-// split forward applies (0 or 1: never), for tests; unset, forward_splits()
-// decides. Read at every call, so that a test can switch it.
-std::optional<int> forced_splits() {
-  const char* value = std::getenv("FLASHJIT_CUDA_SPLITS");
-  if (value == nullptr || *value == '\0') return std::nullopt;
-  return std::max(1, std::atoi(value));
-}
-
 constexpr int kMaxSplits = 32;
 constexpr int64_t kMaxGridY = 65535;                 // blockIdx.y picks the split
 constexpr int64_t kMinSplitKeyTiles = 4;             // key tiles a split walks, at least
@@ -301,7 +273,7 @@ int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int 
   if (!split_spec.split) return 1;
   const int64_t query_blocks = ceil_div(p.seqlen_q, split_spec.block_rows());
   const int64_t key_tiles = ceil_div(p.seqlen_k, split_spec.block_n);
-  if (const std::optional<int> forced = forced_splits()) {
+  if (const std::optional<int> forced = settings::forced_splits()) {  // tests force splits
     return int(std::min<int64_t>({*forced, key_tiles, kMaxGridY}));
   }
   const int64_t blocks = query_blocks * p.batch * p.heads_q;
@@ -412,7 +384,7 @@ void forward(const AttentionProblem& problem) {
   // without memory pools, no memory left) it is a block a tile too.
   std::optional<StreamScratch> counter;
   int64_t blocks = tiles;
-  if (persistent_forward() && !launch.capturing) {
+  if (settings::persistent_forward() && !launch.capturing) {
     const ForwardTiles forced = forced_forward_tiles();
     params.tile_counter =
         forced.stream_counter == 0 ? nullptr : stream_tile_counter(launch.stream, launch.device_index);

@@ -9,6 +9,7 @@
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "cuda/embedded_sources.hpp"
+#include "cuda/settings.hpp"
 
 namespace flashjit::cuda {
 namespace {
@@ -334,7 +335,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
 }
 
 ForwardTiles forced_forward_tiles() {
-  return parse_forward_tiles(std::getenv("FLASHJIT_CUDA_TILES"));
+  return parse_forward_tiles(settings::forced_tiles());
 }
 
 namespace {

@@ -1,0 +1,36 @@
+#include "cuda/settings.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+namespace flashjit::cuda::settings {
+namespace {
+
+// On unless set to "0".
+bool switch_on(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+}  // namespace
+
+bool hopper_kernels() {
+  static const bool enabled = switch_on("FLASHJIT_CUDA_HOPPER");
+  return enabled;
+}
+
+bool persistent_forward() {
+  static const bool persistent = switch_on("FLASHJIT_CUDA_PERSISTENT");
+  return persistent;
+}
+
+const char* forced_tiles() { return std::getenv("FLASHJIT_CUDA_TILES"); }
+
+std::optional<int> forced_splits() {
+  const char* value = std::getenv("FLASHJIT_CUDA_SPLITS");
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  return std::max(1, std::atoi(value));
+}
+
+}  // namespace flashjit::cuda::settings

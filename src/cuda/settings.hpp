@@ -1,0 +1,24 @@
+// The CUDA backend's environment switches, each read here and nowhere else.
+//
+// Read once a process (they pick kernel families and grids a process keeps):
+//   FLASHJIT_CUDA_HOPPER=0      no sm_90a kernels: the mma.sync ones run instead
+//   FLASHJIT_CUDA_PERSISTENT=0  the sm_90a forward runs a block a work tile
+// Read at every kernel choice (tests and the tuner switch them within a process):
+//   FLASHJIT_CUDA_TILES         the sm_90a forward's tiles (kernel_spec.hpp, ForwardTiles)
+//   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
+// FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
+// and where the kernel cache finds its directory (kernel_cache.cpp).
+#pragma once
+
+#include <optional>
+
+namespace flashjit::cuda::settings {
+
+bool hopper_kernels();
+bool persistent_forward();
+// The text of FLASHJIT_CUDA_TILES, or nullptr when unset.
+const char* forced_tiles();
+// FLASHJIT_CUDA_SPLITS as a count of at least 1; nullopt when unset or empty.
+std::optional<int> forced_splits();
+
+}  // namespace flashjit::cuda::settings
