@@ -285,18 +285,13 @@ _SDPA_SCHEMA = ("sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=
                 "bool is_causal=False, *, float? scale=None, bool enable_gqa=False) -> Tensor")
 
 
-def _sdpa_operator(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
-                   enable_gqa=False):
-    return _routed(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-
-
 def _script_as_operator() -> None:
     try:
         from torch.jit import _builtins
 
         _library = torch.library.Library("flashjit", "FRAGMENT")
         _library.define(_SDPA_SCHEMA)
-        _library.impl("sdpa", _sdpa_operator, "CompositeImplicitAutograd")
+        _library.impl("sdpa", _routed, "CompositeImplicitAutograd")  # the router has the schema's signature
         _patch["library"] = _library  # kept alive: the registration lasts while it does
         _builtins._register_builtin(_routed, "flashjit::sdpa")
     except (ImportError, AttributeError, RuntimeError):  # a torch without these: scripting fails as before

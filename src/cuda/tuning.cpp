@@ -20,8 +20,9 @@ constexpr const char* kHeader = "flashjit tuning 1";
 constexpr const char* kBuiltIn = "built-in";
 
 struct TunedChoice {
-  std::string tiles;  // FLASHJIT_CUDA_TILES text
-  double tflops = 0;  // as measured by the tuner
+  std::string tiles;     // FLASHJIT_CUDA_TILES text
+  double tflops = 0;     // as measured by the tuner
+  ForwardTiles parsed;   // tiles, parsed once when the file is read or saved
 };
 
 struct TuningTable {
@@ -105,11 +106,10 @@ TuningTable parse_table(const std::string& text, const std::string& device_name,
       double tflops = 0;
       if (!(fields >> key >> tiles >> tflops)) return fail(str_cat("a malformed line: '", line, "'"));
       try {
-        parse_forward_tiles(tiles.c_str());
+        table.tiles[key] = TunedChoice{tiles, tflops, parse_forward_tiles(tiles.c_str())};
       } catch (const Error& error) {
         return fail(error.what());
       }
-      table.tiles[key] = TunedChoice{tiles, tflops};
     } else if (!kind.empty()) {
       return fail(str_cat("an unknown line: '", line, "'"));
     }
@@ -175,7 +175,7 @@ ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const
   std::lock_guard<std::mutex> lock(g_mutex);
   const auto find = [&](const TuningTable& table) {
     auto found = table.tiles.find(key);
-    return found == table.tiles.end() ? ForwardTiles{} : parse_forward_tiles(found->second.tiles.c_str());
+    return found == table.tiles.end() ? ForwardTiles{} : found->second.parsed;
   };
   if (!device_name.empty()) {
     const ForwardTiles tuned = find(table_for(device_name, arch));
@@ -202,8 +202,7 @@ std::string save_tuning(const std::string& device_name, int arch, const std::str
       choices.erase(key);
       continue;
     }
-    parse_forward_tiles(tiles.c_str());  // raises naming a bad configuration
-    choices[key] = TunedChoice{tiles, tflops};
+    choices[key] = TunedChoice{tiles, tflops, parse_forward_tiles(tiles.c_str())};  // raises naming a bad one
   }
   std::string body = str_cat(kHeader, "\ndevice ", device_name, "\narch ", arch, "\nversion ", fj_version(), "\n");
   for (const auto& [key, choice] : choices) body += str_cat("entry ", key, " ", choice.tiles, " ", choice.tflops, "\n");
