@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The forward kernel's work on the GPU machine in one call: build, the forward
 # tests on CUDA (test_attention.py, including every forced tile configuration),
-# compute-sanitizer memcheck on small cases, the forward benchmark with several
+# compute-sanitizer memcheck on small cases (once per --tiles value), the forward benchmark with several
 # FLASHJIT_CUDA_TILES settings as columns, and (--ncu) Nsight Compute on one
 # D128 forward. Logs and records go to $OUT (default /tmp/flashjit-forward-study).
 #   bash scripts/gpu_forward_study.sh [--no-tests] [--no-memcheck] [--ncu] [--tiles T1 T2 ...]
@@ -38,6 +38,13 @@ if ((memcheck)); then
   timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitizer_cases.py \
     >"$OUT/memcheck.log" 2>&1 || status=1
   tail -3 "$OUT/memcheck.log"
+  for t in "${tiles[@]}"; do
+    [ "$t" = default ] && continue
+    step "compute-sanitizer memcheck, FLASHJIT_CUDA_TILES=$t"
+    FLASHJIT_CUDA_TILES=$t timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      python3 scripts/sanitizer_cases.py >"$OUT/memcheck-$t.log" 2>&1 || status=1
+    tail -3 "$OUT/memcheck-$t.log"
+  done
 fi
 
 step "forward benchmark, tiles: ${tiles[*]}"
