@@ -6,6 +6,7 @@ target, and prints one line per kernel; ptxas warnings (wgmma serialisation,
 ignored setmaxnreg) are printed in full. Needs nvcc on PATH.
 
     python scripts/kernel_resources.py [--arch 90] [--dtype bfloat16] [--head-dims 64 128 256] [--extras]
+        [--backward] [--sass DIR]
 """
 
 import argparse
@@ -25,6 +26,9 @@ def main():
     parser.add_argument("--extras", action="store_true",
                         help="also causal/window kernels and mask + window + dropout + softcap kernels")
     parser.add_argument("--backward", action="store_true", help="also the backward kernels")
+    parser.add_argument("--sass", metavar="DIR",
+                        help="also write each kernel's SASS to DIR/<kernel name>.sass (to compare two "
+                             "commits' machine code: diff -r)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as cache:
@@ -42,12 +46,15 @@ def main():
                                                 window=True, dropout=True, softcap=True))
         flashjit.precompile(configs, arch=args.arch)
         failed = False
+        if args.sass:
+            os.makedirs(args.sass, exist_ok=True)
         for source in sorted(pathlib.Path(cache).rglob("*.cu")):
             text = source.read_text()
             name = text.splitlines()[0].removeprefix("// flashjit kernel ").strip()
             target = f"sm_{args.arch}a" if name.endswith("a") else f"sm_{args.arch}"
+            cubin = os.path.join(cache, "kernel.cubin")
             result = subprocess.run(
-                ["nvcc", "-cubin", f"-arch={target}", "-std=c++17", "-Xptxas", "-v", "-diag-suppress", "177", "-o", os.devnull,
+                ["nvcc", "-cubin", f"-arch={target}", "-std=c++17", "-Xptxas", "-v", "-diag-suppress", "177", "-o", cubin,
                  "-x", "cu", str(source)], capture_output=True, text=True)
             log = result.stdout + result.stderr
             if result.returncode != 0:
@@ -63,6 +70,9 @@ def main():
             for line in log.splitlines():
                 if "warning" in line.lower():
                     print(f"    {line.strip()}")
+            if args.sass:
+                sass = subprocess.run(["cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+                pathlib.Path(args.sass, f"{name}.sass").write_text(sass)
     sys.exit(1 if failed else 0)
 
 
