@@ -6,16 +6,41 @@ target, and prints one line per kernel; ptxas warnings (wgmma serialisation,
 ignored setmaxnreg) are printed in full. Needs nvcc on PATH.
 
     python scripts/kernel_resources.py [--arch 90] [--dtype bfloat16] [--head-dims 64 128 256] [--extras]
-        [--backward] [--sass DIR]
+        [--backward] [--code DIR]
 """
 
 import argparse
 import os
 import pathlib
 import re
+import struct
 import subprocess
 import sys
 import tempfile
+
+
+def code_sections(cubin):
+    """The cubin's code and kernel-info sections (.text.*, .nv.info.*, .nv.shared.*,
+    .nv.constant0.*) by name, hex: what runs, without the symbol and string tables."""
+    data = pathlib.Path(cubin).read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "a 64-bit ELF cubin"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_offset = headers[shstrndx][4]
+
+    def name(header):
+        start = names_offset + header[0]
+        return data[start:data.index(b"\0", start)].decode()
+
+    lines = []
+    for header in headers:
+        section = name(header)
+        if section.startswith((".text.", ".nv.info.", ".nv.shared.", ".nv.constant0.")):
+            kind, offset, size = header[1], header[4], header[5]
+            body = b"" if kind == 8 else data[offset:offset + size]  # SHT_NOBITS: a size alone
+            lines.append(f"{section} {size} {body.hex()}")
+    return "\n".join(sorted(lines)) + "\n"
 
 
 def main():
@@ -26,9 +51,9 @@ def main():
     parser.add_argument("--extras", action="store_true",
                         help="also causal/window kernels and mask + window + dropout + softcap kernels")
     parser.add_argument("--backward", action="store_true", help="also the backward kernels")
-    parser.add_argument("--sass", metavar="DIR",
-                        help="also write each kernel's SASS to DIR/<kernel name>.sass (to compare two "
-                             "commits' machine code: diff -r)")
+    parser.add_argument("--code", metavar="DIR",
+                        help="also write each kernel's machine code (the cubin's code sections, hex) to "
+                             "DIR/<kernel name>.code, to compare two commits' kernels: diff -r")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as cache:
@@ -46,8 +71,8 @@ def main():
                                                 window=True, dropout=True, softcap=True))
         flashjit.precompile(configs, arch=args.arch)
         failed = False
-        if args.sass:
-            os.makedirs(args.sass, exist_ok=True)
+        if args.code:
+            os.makedirs(args.code, exist_ok=True)
         for source in sorted(pathlib.Path(cache).rglob("*.cu")):
             text = source.read_text()
             name = text.splitlines()[0].removeprefix("// flashjit kernel ").strip()
@@ -70,9 +95,8 @@ def main():
             for line in log.splitlines():
                 if "warning" in line.lower():
                     print(f"    {line.strip()}")
-            if args.sass:
-                sass = subprocess.run(["cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
-                pathlib.Path(args.sass, f"{name}.sass").write_text(sass)
+            if args.code:
+                pathlib.Path(args.code, f"{name}.code").write_text(code_sections(cubin))
     sys.exit(1 if failed else 0)
 
 
