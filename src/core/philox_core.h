@@ -1,18 +1,11 @@
 // Philox4x32-10 and the dropout keep rule of flashjit.h (fj_dropout_keep).
 // Shared verbatim by the host (CPU backend, C API) and the CUDA kernels: the CUDA
 // backend embeds this file into every kernel source, so both backends drop
-// exactly the same elements. No includes under NVRTC; the kernel prelude
-// defines the fixed-width integer types.
+// exactly the same elements (host_device.h).
 #pragma once
 
-#if defined(__CUDACC_RTC__)
-#define FJ_HOST_DEVICE __device__ __forceinline__
-#elif defined(__CUDACC__)
-#include <cstdint>
-#define FJ_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#include <cstdint>
-#define FJ_HOST_DEVICE inline
+#ifndef FJ_HOST_DEVICE  // kernel sources embed host_device.h before this file
+#include "core/host_device.h"
 #endif
 
 namespace flashjit {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "core/bounds_core.h"
 #include "flashjit/flashjit.h"
 
 namespace flashjit {
@@ -77,28 +78,14 @@ struct AttentionProblem {
   int64_t group_size() const { return heads_kv > 0 ? heads_q / heads_kv : 0; }
   bool has_dropout() const { return dropout_threshold != 0; }
 
-  // First and one-past-last key a query row can see through the causal/window bounds.
-  int64_t key_begin(int64_t query) const {
-    if (window_left < 0) return 0;
-    const int64_t begin = query + diagonal_shift - window_left;
-    return begin < 0 ? 0 : (begin > seqlen_k ? seqlen_k : begin);
-  }
-  int64_t key_end(int64_t query) const {
-    if (window_right < 0) return seqlen_k;
-    const int64_t end = query + diagonal_shift + window_right + 1;
-    return end < 0 ? 0 : (end > seqlen_k ? seqlen_k : end);
-  }
-  // First and one-past-last query row that can see a given key.
+  // First and one-past-last key a query row can see, and query row that can see
+  // a key, through the causal/window bounds (bounds_core.h).
+  int64_t key_begin(int64_t query) const { return visible_key_begin(query, diagonal_shift, window_left, seqlen_k); }
+  int64_t key_end(int64_t query) const { return visible_key_end(query, diagonal_shift, window_right, seqlen_k); }
   int64_t query_begin(int64_t key) const {
-    if (window_right < 0) return 0;
-    const int64_t begin = key - diagonal_shift - window_right;
-    return begin < 0 ? 0 : (begin > seqlen_q ? seqlen_q : begin);
+    return visible_query_begin(key, diagonal_shift, window_right, seqlen_q);
   }
-  int64_t query_end(int64_t key) const {
-    if (window_left < 0) return seqlen_q;
-    const int64_t end = key - diagonal_shift + window_left + 1;
-    return end < 0 ? 0 : (end > seqlen_q ? seqlen_q : end);
-  }
+  int64_t query_end(int64_t key) const { return visible_query_end(key, diagonal_shift, window_left, seqlen_q); }
 };
 
 // Build and validate. Throw flashjit::Error naming the argument on bad input.

@@ -37,15 +37,33 @@ int accumulator_size(fj_dtype dtype) {
   return dtype == FJ_FLOAT64 ? 8 : 4;
 }
 
-const char* entry_name(KernelEntry entry) {
-  switch (entry) {
-    case KernelEntry::kForward: return "forward";
-    case KernelEntry::kBackwardDq: return "backward_dq";
-    case KernelEntry::kBackwardDkDv: return "backward_dkdv";
-    case KernelEntry::kBackwardPrep: return "backward_prep";
-    case KernelEntry::kForwardCombine: return "forward_combine";
+// Every entry's names: in kernel names, the C function, the source's macro.
+struct EntryNames {
+  KernelEntry entry;
+  const char* name;
+  const char* function;
+  const char* macro;
+};
+constexpr EntryNames kEntries[] = {
+    {KernelEntry::kForward, "forward", "fj_attention_forward", "FJ_FORWARD"},
+    {KernelEntry::kBackwardDq, "backward_dq", "fj_attention_backward_dq", "FJ_BACKWARD_DQ"},
+    {KernelEntry::kBackwardDkDv, "backward_dkdv", "fj_attention_backward_dkdv", "FJ_BACKWARD_DKDV"},
+    {KernelEntry::kBackwardPrep, "backward_prep", "fj_attention_backward_prep", "FJ_BACKWARD_PREP"},
+    {KernelEntry::kForwardCombine, "forward_combine", "fj_attention_forward_combine", "FJ_FORWARD_COMBINE"},
+};
+
+const EntryNames& entry_names(KernelEntry entry) {
+  for (const EntryNames& names : kEntries) {
+    if (names.entry == entry) return names;
   }
-  return "?";
+  throw_value_error("[cuda] kernel entry ", int(entry), " has no names");
+}
+
+// FJ_FORWARD ... FJ_FORWARD_COMBINE: 1 for this kernel's entry, 0 for the others.
+std::string entry_macros(KernelEntry entry) {
+  std::string text;
+  for (const EntryNames& names : kEntries) text += str_cat("#define ", names.macro, " ", int(names.entry == entry), "\n");
+  return text;
 }
 
 // Drops "#pragma once" lines: the program is one translation unit.
@@ -121,27 +139,19 @@ std::string KernelSpec::name() const {
   std::string mask_text = "none";
   if (mask == MaskKind::kBool) mask_text = "bool";
   if (mask == MaskKind::kAdditive) mask_text = str_cat("add-", dtype_name(mask_dtype));
-  return str_cat(family_name(family), entry_name(entry), "_", dtype_name(dtype), "_qk", head_dim_qk, "_v",
+  return str_cat(family_name(family), entry_names(entry).name, "_", dtype_name(dtype), "_qk", head_dim_qk, "_v",
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
-                 dkdv_part == 1 ? "_dv-only" : (dkdv_part == 2 ? "_dk-only" : ""), "_n", block_n,
+                 dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
+                 "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
                  fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "", chain ? "_chain" : "", "_sm", arch,
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
-const char* KernelSpec::function_name() const {
-  switch (entry) {
-    case KernelEntry::kForward: return "fj_attention_forward";
-    case KernelEntry::kBackwardDq: return "fj_attention_backward_dq";
-    case KernelEntry::kBackwardDkDv: return "fj_attention_backward_dkdv";
-    case KernelEntry::kBackwardPrep: return "fj_attention_backward_prep";
-    case KernelEntry::kForwardCombine: return "fj_attention_forward_combine";
-  }
-  return "";
-}
+const char* KernelSpec::function_name() const { return entry_names(entry).function; }
 
 int KernelSpec::row_warps() const {
   return family == KernelFamily::kHopper ? threads / 32 - kProducerWarps : threads / 32;
@@ -203,7 +213,7 @@ std::string KernelSpec::source() const {
       "typedef unsigned long long uint64_t;\n"
       "typedef long long int64_t;\n"
       "#endif\n",
-      "#define FJ_ENTRY ", int(entry), "\n", "#define FJ_ELEM ", device_type_name(dtype), "\n",
+      entry_macros(entry), "#define FJ_ELEM ", device_type_name(dtype), "\n",
       "#define FJ_ACC ", dtype == FJ_FLOAT64 ? "double" : "float", "\n", "#define FJ_HEAD_DIM_QK ",
       head_dim_qk, "\n", "#define FJ_HEAD_DIM_V ", head_dim_v, "\n", "#define FJ_THREADS ", threads, "\n",
       "#define FJ_BLOCK_N ", block_n, "\n", "#define FJ_MASK ", int(mask), "\n", "#define FJ_MASK_TYPE ",
@@ -211,7 +221,8 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
-      "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_DKDV_PART ", dkdv_part, "\n", "#define FJ_WGMMA ",
+      "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_WITH_DV ",
+      int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
       "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_FOLD_SCALE ", fold_scale ? 1 : 0, "\n",
       "#define FJ_LAZY_RESCALE ", lazy_rescale ? 1 : 0, "\n", "#define FJ_CHAIN ", chain ? 1 : 0, "\n",
@@ -220,7 +231,9 @@ std::string KernelSpec::source() const {
   const auto append = [&](const char* file) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
   };
-  for (const char* file : {"philox_core.h", "params.cuh", "common.cuh"}) append(file);
+  for (const char* file : {"host_device.h", "philox_core.h", "bounds_core.h", "params.cuh", "common.cuh"}) {
+    append(file);
+  }
   if (entry == KernelEntry::kForwardCombine) {
     append("combine.cuh");
     return text;
@@ -555,8 +568,8 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
       specs.push_back(dkdv);
     } else {  // dV and dK each in a kernel of its own, as in the mma.sync backward
       KernelSpec dv = dkdv, dk = dkdv;
-      dv.dkdv_part = 1;
-      dk.dkdv_part = 2;
+      dv.dkdv_part = DkDvPart::kDvOnly;
+      dk.dkdv_part = DkDvPart::kDkOnly;
       specs.push_back(dv);
       specs.push_back(dk);
     }
@@ -574,8 +587,8 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
   if (!fits(dkdv)) return {dq, simt_dkdv};
   if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) return {dq, dkdv};
   KernelSpec dv = dkdv, dk = dkdv;
-  dv.dkdv_part = 1;
-  dk.dkdv_part = 2;
+  dv.dkdv_part = DkDvPart::kDvOnly;
+  dk.dkdv_part = DkDvPart::kDkOnly;
   return {dq, dv, dk};
 }
 

@@ -14,7 +14,13 @@ namespace flashjit::cuda {
 // kBackwardPrep (kHopper only): delta = rowsum(dO * O) and LSE * log2(e) into
 // scratch for the dQ and dK/dV kernels. kForwardCombine: merges the partial
 // outputs of a split forward (KernelParams::split_o) into O and LSE.
+// Each entry is named in the kernel source by a macro of its own (FJ_FORWARD,
+// FJ_BACKWARD_DQ, ...: 1 for the kernel's entry, 0 for the others).
 enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv, kBackwardPrep, kForwardCombine };
+
+// The gradients a dK/dV kernel computes (FJ_WITH_DK, FJ_WITH_DV in its source):
+// above head dim 128 dK and dV take a kernel each.
+enum class DkDvPart { kBoth, kDvOnly, kDkOnly };
 
 // kSimt: scalar arithmetic in the accumulator type (attention_simt.cuh): float32,
 // float64, any alignment. kMma: tensor cores through mma.sync, float16/bfloat16
@@ -39,7 +45,7 @@ struct KernelSpec {
   bool split = false;    // kMma forward over a span of keys, writing partials (KernelParams::split_o)
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
-  int dkdv_part = 0;  // dK/dV (kMma, kHopper): 0 both, 1 dV alone, 2 dK alone
+  DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
   int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)
   bool o_tma = false; // kHopper forward: O leaves through shared memory (the Q buffer) by TMA stores

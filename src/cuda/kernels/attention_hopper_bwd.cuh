@@ -4,20 +4,20 @@
 // loads with TMA and two consumer warpgroups of 64 rows that multiply with
 // wgmma and take turns issuing (pipeline.cuh).
 //
-//   prep (FJ_ENTRY 3): delta = rowsum(dO * O) and LSE * log2(e) of every query
+//   prep (FJ_BACKWARD_PREP): delta = rowsum(dO * O) and LSE * log2(e) of every query
 //     row into scratch rows padded to whole query tiles (padding: 0 and +inf),
 //     eight lanes a row.
-//   dQ (FJ_ENTRY 1): a block of 128 query rows; per key tile j
+//   dQ (FJ_BACKWARD_DQ): a block of 128 query rows; per key tile j
 //       S_j = Q K_j^T, dP_j = dO V_j^T       wgmma from shared memory
 //       dQ += dS_{j-1} K_{j-1}               wgmma, dS in registers, issued with them
 //       dS_j = P_j (dP_j - delta) scale      while dQ's product runs
-//   dK/dV (FJ_ENTRY 2): a block of 128 keys; per tile t of queries of every
+//   dK/dV (FJ_BACKWARD_DKDV): a block of 128 keys; per tile t of queries of every
 //     query head of the GQA group (Q_t, dO_t, and LSE and delta by bulk copy)
 //       S^T = K Q_t^T, dP^T = V dO_t^T      wgmma from shared memory
 //       dV += P^T_{t-1} dO_{t-1}, dK += dS^T_{t-1} Q_{t-1}    from registers
 //     Above head dim 128 the dK and dV accumulators do not both fit in the
-//     consumers' registers: FJ_DKDV_PART 1 builds a kernel for dV alone (no V,
-//     no dP^T), 2 one for dK alone.
+//     consumers' registers: a kernel with FJ_WITH_DV alone computes dV (no V,
+//     no dP^T), one with FJ_WITH_DK alone dK.
 //
 // A tile that serves two steps (K_j in dQ, Q_t and dO_t in dK/dV) has a ring of
 // kStages + 1 buffers. The per-element gradient and the stores are
@@ -30,7 +30,7 @@ namespace mma {
 static_assert(kRowTiles == 1 && kWarps == 8 && kBlockM == 128, "two consumer warpgroups of 64 rows");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 
-#if FJ_ENTRY == 3
+#if FJ_BACKWARD_PREP
 // Eight lanes a row, each reading 16-byte vectors of O and dO where the row's
 // address and the head dim allow it (element by element otherwise).
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
@@ -74,9 +74,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
     static_cast<float*>(p.lse_log2)[row] = lse2;
   }
 }
-#endif  // FJ_ENTRY == 3
+#endif  // FJ_BACKWARD_PREP
 
-#if FJ_ENTRY == 1
+#if FJ_BACKWARD_DQ
 constexpr int kKeyBuffers = kStages + 1;  // K_j serves S_j, then dQ += dS_j K_j a step later
 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
@@ -179,12 +179,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   };
   specialised_roles(init, produce, consume);
 }
-#endif  // FJ_ENTRY == 1
+#endif  // FJ_BACKWARD_DQ
 
-#if FJ_ENTRY == 2
+#if FJ_BACKWARD_DKDV
 constexpr int kQueryBuffers = kStages + 1;  // Q_t and dO_t serve step t, then dK and dV a step later
-constexpr bool kWithDv = FJ_DKDV_PART != 2;
-constexpr bool kWithDk = FJ_DKDV_PART != 1;  // needs V and dP^T
+constexpr bool kWithDv = FJ_WITH_DV;
+constexpr bool kWithDk = FJ_WITH_DK;  // needs V and dP^T
 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_backward_dkdv(const __grid_constant__ KernelParams p) {
@@ -331,7 +331,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   };
   specialised_roles(init, produce, consume);
 }
-#endif  // FJ_ENTRY == 2
+#endif  // FJ_BACKWARD_DKDV
 
 }  // namespace mma
 }  // namespace flashjit

@@ -2,26 +2,26 @@
 // split in two kernels so that every gradient has one writer and the sums run
 // in a fixed order: no atomics, bitwise deterministic.
 //
-//   dQ kernel (FJ_ENTRY 1): each warp owns 16 query rows; K and V stream through
+//   dQ kernel (FJ_BACKWARD_DQ): each warp owns 16 query rows; K and V stream through
 //     in double-buffered tiles of FJ_BLOCK_N keys. Per tile: S = Q K^T,
 //     dP = dO V^T, dS = P (dP - delta) scale, dQ += dS K. It also writes
 //     delta = rowsum(dO * O) for its rows, which the dK/dV kernel reads.
-//   dK/dV kernel (FJ_ENTRY 2): each warp owns 16 keys of one kv head; Q, dO,
+//   dK/dV kernel (FJ_BACKWARD_DKDV): each warp owns 16 keys of one kv head; Q, dO,
 //     LSE and delta of every query head of the group stream through in
 //     double-buffered tiles of FJ_BLOCK_N queries. Per tile, transposed:
 //     S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q. Above head dim
-//     128 the dK and dV accumulators do not both fit in registers: FJ_DKDV_PART
-//     1 builds a kernel for dV alone (no dP^T), 2 one for dK alone.
+//     128 the dK and dV accumulators do not both fit in registers: a kernel
+//     with FJ_WITH_DV alone computes dV (no dP^T), one with FJ_WITH_DK alone dK.
 //
 // The per-element gradient and the stores are gradient.cuh's. Macros from the
-// prelude: those of mma_common.cuh and FJ_ENTRY, FJ_MASK, FJ_MASK_TYPE,
-// FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
+// prelude: those of mma_common.cuh and the entry's (FJ_BACKWARD_DQ, FJ_BACKWARD_DKDV),
+// FJ_WITH_DK, FJ_WITH_DV, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
 
 namespace flashjit {
 namespace mma {
 
-#if FJ_ENTRY == 1
+#if FJ_BACKWARD_DQ
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]
@@ -130,9 +130,9 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
 #pragma unroll
   for (int m = 0; m < kRowTiles; ++m) store_rows<kDimQk>(p.dq, b, h, rows[m], p.seqlen_q, p.head_dim_qk, dq[m], quad);
 }
-#endif  // FJ_ENTRY == 1
+#endif  // FJ_BACKWARD_DQ
 
-#if FJ_ENTRY == 2
+#if FJ_BACKWARD_DKDV
 static_assert(kRowTiles == 1, "the dK/dV kernel gives each warp one 16-key tile");
 
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkdv(const KernelParams p) {
@@ -189,11 +189,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
   if (tiles > 0) load_queries(0, 0);
   cp_async_commit();
 
-#if FJ_DKDV_PART != 2
+#if FJ_WITH_DV
   float dv[1][kDimV / 8][4];
   zero(dv);
 #endif
-#if FJ_DKDV_PART != 1
+#if FJ_WITH_DK
   float dk[1][kDimQk / 8][4];
   zero(dk);
 #endif
@@ -217,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
     zero(st);
     zero(dpt);
     mma_rows_by_rows<kDimQk, kBlockN, kPitchQk, kPitchQk>(st, k_warp, q_tile, lane);
-#if FJ_DKDV_PART != 1
+#if FJ_WITH_DK
     mma_rows_by_rows<kDimV, kBlockN, kPitchV, kPitchV>(dpt, v_warp, dout_tile, lane);
 #endif
 
@@ -230,23 +230,23 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkd
       dkdv_tile_gradient<false>(st[0], dpt[0], p, keys, lse_tile, delta_tile, start, b, h, batch_head,
                                 quad, scale_log2);
     }
-#if FJ_DKDV_PART != 2
+#if FJ_WITH_DV
     mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(dv, st, dout_tile, lane);
 #endif
-#if FJ_DKDV_PART != 1
+#if FJ_WITH_DK
     mma_fragments_by_rows<kBlockN, kDimQk, kPitchQk>(dk, dpt, q_tile, lane);
 #endif
     __syncthreads();  // every warp done with this buffer before it is refilled
   }
   cp_async_wait<0>();
-#if FJ_DKDV_PART != 1
+#if FJ_WITH_DK
   store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk[0], quad);
 #endif
-#if FJ_DKDV_PART != 2
+#if FJ_WITH_DV
   store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv[0], quad);
 #endif
 }
-#endif  // FJ_ENTRY == 2
+#endif  // FJ_BACKWARD_DKDV
 
 }  // namespace mma
 }  // namespace flashjit

@@ -6,7 +6,7 @@
 // shuffle. The other operand streams through shared memory in tiles of
 // FJ_BLOCK_N rows, converted to the accumulator type once on load.
 //
-// Macros from the prelude: FJ_ENTRY (0 forward, 1 dQ, 2 dK/dV), FJ_ELEM, FJ_ACC, FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V
+// Macros from the prelude: the entry's (FJ_FORWARD, FJ_BACKWARD_DQ, FJ_BACKWARD_DKDV), FJ_ELEM, FJ_ACC, FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V
 // (multiples of kLanes), FJ_THREADS, FJ_BLOCK_N, FJ_MASK, FJ_MASK_TYPE,
 // FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
@@ -70,7 +70,7 @@ FJ_DEVICE acc_t dot_with_tile_row(const acc_t (&slice)[kSlice], const acc_t* til
   return row_sum(partial);
 }
 
-#if FJ_ENTRY == 0
+#if FJ_FORWARD
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* k_tile = reinterpret_cast<acc_t*>(shared_bytes);  // [kTile][FJ_HEAD_DIM_QK]
@@ -167,9 +167,9 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(co
   }
 }
 
-#endif  // FJ_ENTRY == 0
+#endif  // FJ_FORWARD
 
-#if FJ_ENTRY == 1
+#if FJ_BACKWARD_DQ
 // dQ for kRows query rows, over the keys they see. Also writes delta =
 // rowsum(dO * O) for its rows, which the dK/dV kernel (launched next) reads.
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_dq(const KernelParams p) {
@@ -240,9 +240,9 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_d
   if (row_valid) store_slice(operand_row<elem_t>(p.dq, b, h, i), dq, acc_t(1), p.head_dim_qk, lane);
 }
 
-#endif  // FJ_ENTRY == 1
+#endif  // FJ_BACKWARD_DQ
 
-#if FJ_ENTRY == 2
+#if FJ_BACKWARD_DKDV
 // dK and dV for kRows keys of one kv head, summed over the query heads of its
 // group and the queries that see them: no atomics, deterministic.
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_dkdv(const KernelParams p) {
@@ -327,7 +327,7 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_d
   }
 }
 
-#endif  // FJ_ENTRY == 2
+#endif  // FJ_BACKWARD_DKDV
 
 }  // namespace simt
 }  // namespace flashjit

@@ -77,27 +77,18 @@ FJ_DEVICE T* operand_row(const KernelOperand& operand, int b, int h, long long s
          s * operand.stride_seq;
 }
 
-// First and one-past-last key a query row can see through the causal/window bounds.
+// The causal/window bounds of the call's options (bounds_core.h).
 FJ_DEVICE long long key_begin(const KernelParams& p, long long query) {
-  if (p.window_left < 0) return 0;
-  const long long begin = query + p.diagonal_shift - p.window_left;
-  return begin < 0 ? 0 : (begin > p.seqlen_k ? p.seqlen_k : begin);
+  return visible_key_begin(query, p.diagonal_shift, p.window_left, p.seqlen_k);
 }
 FJ_DEVICE long long key_end(const KernelParams& p, long long query) {
-  if (p.window_right < 0) return p.seqlen_k;
-  const long long end = query + p.diagonal_shift + p.window_right + 1;
-  return end < 0 ? 0 : (end > p.seqlen_k ? p.seqlen_k : end);
+  return visible_key_end(query, p.diagonal_shift, p.window_right, p.seqlen_k);
 }
-// First and one-past-last query row that can see a key.
 FJ_DEVICE long long query_begin(const KernelParams& p, long long key) {
-  if (p.window_right < 0) return 0;
-  const long long begin = key - p.diagonal_shift - p.window_right;
-  return begin < 0 ? 0 : (begin > p.seqlen_q ? p.seqlen_q : begin);
+  return visible_query_begin(key, p.diagonal_shift, p.window_right, p.seqlen_q);
 }
 FJ_DEVICE long long query_end(const KernelParams& p, long long key) {
-  if (p.window_left < 0) return p.seqlen_q;
-  const long long end = key - p.diagonal_shift + p.window_left + 1;
-  return end < 0 ? 0 : (end > p.seqlen_q ? p.seqlen_q : end);
+  return visible_query_end(key, p.diagonal_shift, p.window_left, p.seqlen_q);
 }
 
 // [begin, end) as columns of a tile that starts at tile_start and is kColumns
@@ -127,8 +118,7 @@ FJ_DEVICE ColumnSpan<kColumns> query_span(const KernelParams& p, long long j, lo
 }
 
 FJ_DEVICE bool visible(const KernelParams& p, long long query, long long key) {
-  const long long shifted = key - query - p.diagonal_shift;
-  return (p.window_left < 0 || shifted >= -p.window_left) && (p.window_right < 0 || shifted <= p.window_right);
+  return key_visible(query, key, p.diagonal_shift, p.window_left, p.window_right);
 }
 
 #if FJ_MASK != 0
