@@ -141,6 +141,9 @@ def run(cases: int, seed: int = 0, device: str = "cpu", only: int | None = None,
         if progress and (index + 1) % 50 == 0:
             print(f"[{index + 1}/{cases}] {len(failures)} failed, {time.time() - start:.0f} s", file=sys.stderr,
                   flush=True)
+        elif shard[1] > 1 and (index // shard[1] + 1) % 10 == 0:
+            print(f"[shard {shard[0]}/{shard[1]}: case {index + 1} of {cases}] {len(failures)} failed, "
+                  f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return failures
 
 
@@ -180,7 +183,9 @@ def run_jobs(args) -> int:
 
     start = time.time()
     base = [sys.executable, __file__, "--cases", str(args.cases), "--seed", str(args.seed), "--device", args.device]
-    jobs = [subprocess.Popen(base + ["--shard", f"{i}/{args.jobs}"], stdout=subprocess.PIPE, text=True)
+    # The processes share the CPU: torch's own threads (the float64 references) divided among them.
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    jobs = [subprocess.Popen(base + ["--shard", f"{i}/{args.jobs}"], stdout=subprocess.PIPE, text=True, env=env)
             for i in range(args.jobs)]
     outputs = [job.communicate()[0] for job in jobs]
     first = outputs[0].splitlines()
