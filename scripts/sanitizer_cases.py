@@ -2,6 +2,8 @@
 windows, GQA, dropout, softcap, odd sizes, strided inputs; forward and backward.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/sanitizer_cases.py
+
+Under FLASHJIT_CUDA_TILES, the cases that configuration cannot run are skipped (and say so).
 """
 
 import os
@@ -35,9 +37,16 @@ for case in cases:
     os.environ.pop("FLASHJIT_CUDA_SPLITS", None)
     if "splits" in case:
         os.environ["FLASHJIT_CUDA_SPLITS"] = str(case["splits"])
-    o = flashjit.attention(q, k, v, attn_mask=mask, causal=case.get("causal") or False,
-                           window=case.get("window", (-1, -1)),
-                           dropout_p=case.get("dropout", 0.0), softcap=case.get("softcap", 0.0))
+    try:
+        o = flashjit.attention(q, k, v, attn_mask=mask, causal=case.get("causal") or False,
+                               window=case.get("window", (-1, -1)),
+                               dropout_p=case.get("dropout", 0.0), softcap=case.get("softcap", 0.0))
+    except ValueError as error:
+        if "FLASHJIT_CUDA_TILES" not in str(error):
+            raise
+        # A forced tile configuration that cannot run for this case (e.g. groups=3 above head dim 64).
+        print("skipped", {k: v for k, v in case.items() if k != "dtype"}, dtype, "-", error, flush=True)
+        continue
     o.backward(torch.randn_like(o))
     torch.cuda.synchronize()
     print("ok", {k: v for k, v in case.items() if k != "dtype"}, dtype, flush=True)

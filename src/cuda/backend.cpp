@@ -362,7 +362,6 @@ void forward(const AttentionProblem& problem) {
   if (spec.o_tma &&
       !encode_tensor_map(&params.o_map, p.o, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, kOutputBoxRows)) {
     spec.o_tma = false;
-    spec.chain = false;  // the chained schedule stores O by TMA
   }
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
   const CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);

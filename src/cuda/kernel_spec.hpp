@@ -55,9 +55,6 @@ struct KernelSpec {
   // kHopper forward without dropout: a row's base moves only when its maximum
   // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
   bool lazy_rescale = false;
-  // kHopper forward with o_tma and two Q buffers: a work tile's last P V is issued
-  // together with the next work tile's first S, and O's store runs beside that S.
-  bool chain = false;
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -108,10 +105,8 @@ struct ForwardTiles {
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
-  int chain = -1;  // 1 ("chain=on"): KernelSpec::chain; 0 ("chain=off")
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
-           chain >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

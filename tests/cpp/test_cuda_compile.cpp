@@ -183,8 +183,8 @@ TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
   EXPECT_EQ(flashjit::cuda::forward_kernel(traits).threads, 384);  // the default again
 }
 
-// Every forward epilogue, Q ring and schedule (chain=on) the tile override can
-// pick compiles for sm_90a, and the default takes two Q buffers and TMA stores where they fit.
+// Every forward epilogue and Q ring the tile override can pick compiles for
+// sm_90a, and the default takes two Q buffers and TMA stores where they fit.
 TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -193,8 +193,8 @@ TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
     const KernelSpec spec = forward_kernel(traits);
     EXPECT_TRUE(spec.o_tma) << spec.name();
     EXPECT_EQ(spec.q_buffers, head_dim <= 128 ? 2 : 1) << spec.name();
-    for (const std::string tiles : {"o=direct,q=1", "o=direct", "q=1", "n=64,stages=3", "chain=on"}) {
-      if (head_dim == 256 && (tiles == "n=64,stages=3" || tiles == "chain=on")) continue;  // no room
+    for (const std::string tiles : {"o=direct,q=1", "o=direct", "q=1", "n=64,stages=3"}) {
+      if (head_dim == 256 && tiles == "n=64,stages=3") continue;  // no room for three stages
       setenv("FLASHJIT_CUDA_TILES", tiles.c_str(), 1);
       const KernelSpec forced = forward_kernel(traits);
       unsetenv("FLASHJIT_CUDA_TILES");
@@ -275,10 +275,8 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_TRUE(parse_forward_tiles("o=tma").forced());
   EXPECT_EQ(parse_forward_tiles("counter=memset").stream_counter, 0);
   EXPECT_EQ(parse_forward_tiles("counter=stream").stream_counter, 1);
-  EXPECT_EQ(parse_forward_tiles("chain=on").chain, 1);
-  EXPECT_EQ(parse_forward_tiles("chain=off").chain, 0);
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "chain=1"}) {
+                          "counter=zero"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";
@@ -298,8 +296,6 @@ TEST(ForwardTiles, ForcedConfigurationThatDoesNotFitIsAnError) {
   EXPECT_THROW(forward_kernel(traits), std::exception);
   setenv("FLASHJIT_CUDA_TILES", "groups=3", 1);
   EXPECT_THROW(forward_kernel(traits), std::exception);  // head dim 256
-  setenv("FLASHJIT_CUDA_TILES", "chain=on,q=1", 1);
-  EXPECT_THROW(forward_kernel(sm90_traits(FJ_BFLOAT16, 128)), std::exception);  // one Q buffer
   unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_NO_THROW(forward_kernel(traits));
 }

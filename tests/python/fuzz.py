@@ -161,7 +161,7 @@ def main() -> int:
     if args.jobs > 1:
         return run_jobs(args)
     torch.manual_seed(args.seed)
-    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "unknown"
+    commit = os.environ.get("FLASHJIT_COMMIT") or os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip() or "unknown"
     print(f"# flashjit fuzz: {args.cases} cases, seed {args.seed}, device {args.device}\n\n"
           f"- date: {time.strftime('%Y-%m-%d')}\n- commit: {commit}\n- flashjit {flashjit.__version__}, "
           f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}".rstrip() +
