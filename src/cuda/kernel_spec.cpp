@@ -9,6 +9,7 @@
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "cuda/embedded_sources.hpp"
+#include "cuda/kernels/shared_layout.h"
 #include "cuda/settings.hpp"
 
 namespace flashjit::cuda {
@@ -162,40 +163,31 @@ int KernelSpec::block_rows() const {
 }
 
 int KernelSpec::shared_memory_bytes() const {
+  // The kernels' own layouts (kernels/shared_layout.h), for the sizes compiled in.
   if (entry == KernelEntry::kForwardCombine) return 0;
-  if (family == KernelFamily::kHopper) {
-    // Swizzled 16-bit tiles (no padding) from a 1024-byte boundary, then (dK/dV)
-    // float LSE and delta rows, then a full and an empty mbarrier per ring buffer
-    // and one for the block's own rows (attention_hopper*.cuh).
-    const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
-    switch (entry) {
-      case KernelEntry::kForward: {  // Q, K and V rings, the tile queue (+ its 2 int slots)
-        const int q_row = o_tma ? std::max(qk, v) : qk;  // O is staged in the Q buffer
-        return 1024 + 2 * (q_buffers * rows * q_row + stages * n * (qk + v)) +
-               8 * (2 * q_buffers + 4 * stages + 4 + 1);
+  const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
+  switch (family) {
+    case KernelFamily::kHopper:
+      switch (entry) {
+        case KernelEntry::kForward: {
+          const int q_row = o_tma ? std::max(qk, v) : qk;  // O is staged in the Q buffer
+          return layout::kHopperBaseAlignment + layout::hopper_forward(rows, q_row, n, qk, v, q_buffers, stages).bytes;
+        }
+        case KernelEntry::kBackwardDq:
+          return layout::kHopperBaseAlignment + layout::hopper_backward_dq(rows, n, qk, v, stages).bytes;
+        case KernelEntry::kBackwardDkDv:
+          return layout::kHopperBaseAlignment + layout::hopper_backward_dkdv(rows, n, qk, v, stages).bytes;
+        case KernelEntry::kBackwardPrep:
+        case KernelEntry::kForwardCombine: return 0;
       }
-      case KernelEntry::kBackwardDq:  // Q, dO; a K ring of stages + 1, a V ring of `stages`
-        return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * qk + stages * n * v) +
-               8 * (1 + 4 * stages + 2);
-      case KernelEntry::kBackwardDkDv:  // K, V; Q (with LSE and delta) and dO rings of stages + 1
-        return 1024 + 2 * (rows * (qk + v) + (stages + 1) * n * (qk + v)) + (stages + 1) * n * 8 +
-               8 * (1 + 4 * (stages + 1));
-      case KernelEntry::kBackwardPrep:
-      case KernelEntry::kForwardCombine: return 0;
-    }
+      return 0;
+    case KernelFamily::kMma:
+      if (entry == KernelEntry::kForward) return layout::mma_forward(rows, n, qk + 8, v + 8).bytes;
+      return layout::mma_backward(rows, n, qk + 8, v + 8, entry == KernelEntry::kBackwardDkDv).bytes;
+    case KernelFamily::kSimt:
+      return layout::simt(n, qk, v, int(accumulator_size(dtype)), entry == KernelEntry::kBackwardDkDv).bytes;
   }
-  if (family == KernelFamily::kMma) {
-    const int pitch_qk = head_dim_qk + 8;  // 16-bit elements; rows padded by 16 bytes
-    const int pitch_v = head_dim_v + 8;
-    if (entry == KernelEntry::kForward) return 2 * ((block_rows() + block_n) * pitch_qk + block_n * pitch_v);
-    // Backward: the block's own rows of two operands, two buffers of the streamed
-    // pair, and (dK/dV) two buffers of float LSE and delta.
-    const int tiles = 2 * (block_rows() + 2 * block_n) * (pitch_qk + pitch_v);
-    return entry == KernelEntry::kBackwardDkDv ? tiles + 2 * 2 * block_n * 4 : tiles;
-  }
-  const int rows_bytes = block_n * (head_dim_qk + head_dim_v) * accumulator_size(dtype);
-  return entry == KernelEntry::kBackwardDkDv ? rows_bytes + 2 * block_n * accumulator_size(dtype)
-                                             : rows_bytes;
+  return 0;
 }
 
 std::vector<std::string> KernelSpec::compile_options() const {
@@ -230,7 +222,7 @@ std::string KernelSpec::source() const {
   const auto append = [&](const char* file) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
   };
-  for (const char* file : {"host_device.h", "philox_core.h", "bounds_core.h", "params.cuh", "common.cuh"}) {
+  for (const char* file : {"host_device.h", "philox_core.h", "bounds_core.h", "shared_layout.h", "params.cuh", "common.cuh"}) {
     append(file);
   }
   if (entry == KernelEntry::kForwardCombine) {

@@ -79,15 +79,21 @@ FJ_DEVICE void store_output_tile(const KernelParams& p, const float (&o)[1][kDim
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_forward(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
-  elem_t* q_tiles = reinterpret_cast<elem_t*>(aligned_for_swizzle(shared_raw));  // kQBuffers x [kBlockM][kQTileDim]
-  elem_t* k_tiles = q_tiles + kQBuffers * kBlockM * kQTileDim;                    // kStages x [kBlockN][kDimQk]
-  elem_t* v_tiles = k_tiles + kStages * kBlockN * kDimQk;                         // kStages x [kBlockN][kDimV]
-  unsigned long long* barriers = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kBlockN * kDimV);
-  const Ring<kQBuffers> q_ring = Ring<kQBuffers>::at(barriers);
-  const Ring<kStages> k_ring = Ring<kStages>::at(barriers + Ring<kQBuffers>::kBarriers);
-  const Ring<kStages> v_ring = Ring<kStages>::at(barriers + Ring<kQBuffers>::kBarriers + Ring<kStages>::kBarriers);
-  unsigned long long* queue_barriers = barriers + Ring<kQBuffers>::kBarriers + 2 * Ring<kStages>::kBarriers;
-  const TileQueue tiles{Ring<2>::at(queue_barriers), reinterpret_cast<int*>(queue_barriers + Ring<2>::kBarriers)};
+  constexpr layout::HopperForward kLayout =
+      layout::hopper_forward(kBlockM, kQTileDim, kBlockN, kDimQk, kDimV, kQBuffers, kStages);
+  static_assert(kLayout.k_ring - kLayout.q_ring == Ring<kQBuffers>::kBarriers * layout::kBarrierBytes &&
+                    kLayout.queue_slots - kLayout.queue_ring == Ring<2>::kBarriers * layout::kBarrierBytes,
+                "shared_layout.h sizes the rings as pipeline.cuh does");
+  unsigned char* const base = aligned_for_swizzle(shared_raw);
+  elem_t* q_tiles = reinterpret_cast<elem_t*>(base + kLayout.q_tiles);  // kQBuffers x [kBlockM][kQTileDim]
+  elem_t* k_tiles = reinterpret_cast<elem_t*>(base + kLayout.k_tiles);  // kStages x [kBlockN][kDimQk]
+  elem_t* v_tiles = reinterpret_cast<elem_t*>(base + kLayout.v_tiles);  // kStages x [kBlockN][kDimV]
+  const auto barriers_at = [&](int offset) { return reinterpret_cast<unsigned long long*>(base + offset); };
+  const Ring<kQBuffers> q_ring = Ring<kQBuffers>::at(barriers_at(kLayout.q_ring));
+  const Ring<kStages> k_ring = Ring<kStages>::at(barriers_at(kLayout.k_ring));
+  const Ring<kStages> v_ring = Ring<kStages>::at(barriers_at(kLayout.v_ring));
+  const TileQueue tiles{Ring<2>::at(barriers_at(kLayout.queue_ring)),
+                        reinterpret_cast<int*>(base + kLayout.queue_slots)};
   const int num_tiles = p.num_query_blocks * p.batch * p.heads_q;
 
   const auto init = [&] {

@@ -82,13 +82,18 @@ constexpr int kKeyBuffers = kStages + 1;  // K_j serves S_j, then dQ += dS_j K_j
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_backward_dq(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
-  elem_t* q_tile = reinterpret_cast<elem_t*>(aligned_for_swizzle(shared_raw));  // [kBlockM][kDimQk]
-  elem_t* dout_tile = q_tile + kBlockM * kDimQk;                                  // [kBlockM][kDimV]
-  elem_t* k_tiles = dout_tile + kBlockM * kDimV;                                  // kKeyBuffers x [kBlockN][kDimQk]
-  elem_t* v_tiles = k_tiles + kKeyBuffers * kBlockN * kDimQk;                     // kStages x [kBlockN][kDimV]
-  unsigned long long* rows_full = reinterpret_cast<unsigned long long*>(v_tiles + kStages * kBlockN * kDimV);
-  const Ring<kKeyBuffers> k_ring = Ring<kKeyBuffers>::at(rows_full + 1);
-  const Ring<kStages> v_ring = Ring<kStages>::at(rows_full + 1 + Ring<kKeyBuffers>::kBarriers);
+  constexpr layout::HopperBackwardDq kLayout = layout::hopper_backward_dq(kBlockM, kBlockN, kDimQk, kDimV, kStages);
+  static_assert(kLayout.v_ring - kLayout.k_ring == Ring<kKeyBuffers>::kBarriers * layout::kBarrierBytes &&
+                    kLayout.bytes - kLayout.v_ring == Ring<kStages>::kBarriers * layout::kBarrierBytes,
+                "shared_layout.h sizes the rings as pipeline.cuh does");
+  unsigned char* const base = aligned_for_swizzle(shared_raw);
+  elem_t* q_tile = reinterpret_cast<elem_t*>(base + kLayout.q_tile);        // [kBlockM][kDimQk]
+  elem_t* dout_tile = reinterpret_cast<elem_t*>(base + kLayout.dout_tile);  // [kBlockM][kDimV]
+  elem_t* k_tiles = reinterpret_cast<elem_t*>(base + kLayout.k_tiles);      // kKeyBuffers x [kBlockN][kDimQk]
+  elem_t* v_tiles = reinterpret_cast<elem_t*>(base + kLayout.v_tiles);      // kStages x [kBlockN][kDimV]
+  unsigned long long* rows_full = reinterpret_cast<unsigned long long*>(base + kLayout.rows_full);
+  const Ring<kKeyBuffers> k_ring = Ring<kKeyBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.k_ring));
+  const Ring<kStages> v_ring = Ring<kStages>::at(reinterpret_cast<unsigned long long*>(base + kLayout.v_ring));
   const QueryBlock block(p);
   const int b = block.b, h = block.h;
 
@@ -189,15 +194,23 @@ constexpr bool kWithDk = FJ_WITH_DK;  // needs V and dP^T
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_backward_dkdv(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
-  elem_t* k_tile = reinterpret_cast<elem_t*>(aligned_for_swizzle(shared_raw));  // [kBlockM][kDimQk]: the keys
-  elem_t* v_tile = k_tile + kBlockM * kDimQk;                                     // [kBlockM][kDimV]
-  elem_t* q_tiles = v_tile + kBlockM * kDimV;                                     // kQueryBuffers x [kBlockN][kDimQk]
-  elem_t* dout_tiles = q_tiles + kQueryBuffers * kBlockN * kDimQk;                // kQueryBuffers x [kBlockN][kDimV]
-  float* lse_tiles = reinterpret_cast<float*>(dout_tiles + kQueryBuffers * kBlockN * kDimV);  // [kQueryBuffers][kBlockN]
-  float* delta_tiles = lse_tiles + kQueryBuffers * kBlockN;                                    // [kQueryBuffers][kBlockN]
-  unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(delta_tiles + kQueryBuffers * kBlockN);
-  const Ring<kQueryBuffers> q_ring = Ring<kQueryBuffers>::at(keys_full + 1);  // Q, LSE and delta of a tile
-  const Ring<kQueryBuffers> dout_ring = Ring<kQueryBuffers>::at(keys_full + 1 + Ring<kQueryBuffers>::kBarriers);
+  constexpr layout::HopperBackwardDkDv kLayout =
+      layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages);
+  static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
+                    kLayout.bytes - kLayout.dout_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes,
+                "shared_layout.h sizes the rings as pipeline.cuh does");
+  unsigned char* const base = aligned_for_swizzle(shared_raw);
+  elem_t* k_tile = reinterpret_cast<elem_t*>(base + kLayout.k_tile);          // [kBlockM][kDimQk]: the keys
+  elem_t* v_tile = reinterpret_cast<elem_t*>(base + kLayout.v_tile);          // [kBlockM][kDimV]
+  elem_t* q_tiles = reinterpret_cast<elem_t*>(base + kLayout.q_tiles);        // kQueryBuffers x [kBlockN][kDimQk]
+  elem_t* dout_tiles = reinterpret_cast<elem_t*>(base + kLayout.dout_tiles);  // kQueryBuffers x [kBlockN][kDimV]
+  float* lse_tiles = reinterpret_cast<float*>(base + kLayout.lse_tiles);      // [kQueryBuffers][kBlockN]
+  float* delta_tiles = reinterpret_cast<float*>(base + kLayout.delta_tiles);  // [kQueryBuffers][kBlockN]
+  unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
+  // Q, LSE and delta of a tile; dO of a tile.
+  const Ring<kQueryBuffers> q_ring = Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.q_ring));
+  const Ring<kQueryBuffers> dout_ring =
+      Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.dout_ring));
 
   int block, b, kv_head;
   block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);

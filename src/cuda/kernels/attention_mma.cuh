@@ -24,9 +24,10 @@ FJ_DEVICE void scores(float (&s)[kRowTiles][kBlockN / 8][4], const elem_t* q_til
 
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]
-  elem_t* k_tile = q_tile + kBlockM * kPitchQk;                // [kBlockN][kPitchQk]
-  elem_t* v_tile = k_tile + kBlockN * kPitchQk;                // [kBlockN][kPitchV]
+  constexpr layout::MmaForward kLayout = layout::mma_forward(kBlockM, kBlockN, kPitchQk, kPitchV);
+  elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.q_tile);  // [kBlockM][kPitchQk]
+  elem_t* k_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.k_tile);  // [kBlockN][kPitchQk]
+  elem_t* v_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.v_tile);  // [kBlockN][kPitchV]
 
   int block, b, h;
   block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);

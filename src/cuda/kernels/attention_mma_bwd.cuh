@@ -24,10 +24,11 @@ namespace mma {
 #if FJ_BACKWARD_DQ
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]
-  elem_t* dout_tile = q_tile + kBlockM * kPitchQk;             // [kBlockM][kPitchV]
-  elem_t* k_tiles = dout_tile + kBlockM * kPitchV;             // 2 x [kBlockN][kPitchQk]
-  elem_t* v_tiles = k_tiles + 2 * kBlockN * kPitchQk;          // 2 x [kBlockN][kPitchV]
+  constexpr layout::MmaBackward kLayout = layout::mma_backward(kBlockM, kBlockN, kPitchQk, kPitchV, false);
+  elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.own_qk);        // [kBlockM][kPitchQk]
+  elem_t* dout_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.own_v);      // [kBlockM][kPitchV]
+  elem_t* k_tiles = reinterpret_cast<elem_t*>(shared_bytes + kLayout.streamed_qk);  // 2 x [kBlockN][kPitchQk]
+  elem_t* v_tiles = reinterpret_cast<elem_t*>(shared_bytes + kLayout.streamed_v);   // 2 x [kBlockN][kPitchV]
 
   int block, b, h;
   block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
@@ -137,12 +138,13 @@ static_assert(kRowTiles == 1, "the dK/dV kernel gives each warp one 16-key tile"
 
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dkdv(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  elem_t* k_tile = reinterpret_cast<elem_t*>(shared_bytes);  // [kBlockM][kPitchQk]: the block's keys
-  elem_t* v_tile = k_tile + kBlockM * kPitchQk;                // [kBlockM][kPitchV]
-  elem_t* q_tiles = v_tile + kBlockM * kPitchV;                // 2 x [kBlockN][kPitchQk]
-  elem_t* dout_tiles = q_tiles + 2 * kBlockN * kPitchQk;       // 2 x [kBlockN][kPitchV]
-  float* lse_tiles = reinterpret_cast<float*>(dout_tiles + 2 * kBlockN * kPitchV);  // 2 x [kBlockN], log2
-  float* delta_tiles = lse_tiles + 2 * kBlockN;                                       // 2 x [kBlockN]
+  constexpr layout::MmaBackward kLayout = layout::mma_backward(kBlockM, kBlockN, kPitchQk, kPitchV, true);
+  elem_t* k_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.own_qk);  // [kBlockM][kPitchQk]: the block's keys
+  elem_t* v_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.own_v);   // [kBlockM][kPitchV]
+  elem_t* q_tiles = reinterpret_cast<elem_t*>(shared_bytes + kLayout.streamed_qk);    // 2 x [kBlockN][kPitchQk]
+  elem_t* dout_tiles = reinterpret_cast<elem_t*>(shared_bytes + kLayout.streamed_v);  // 2 x [kBlockN][kPitchV]
+  float* lse_tiles = reinterpret_cast<float*>(shared_bytes + kLayout.lse_tiles);      // 2 x [kBlockN], log2
+  float* delta_tiles = reinterpret_cast<float*>(shared_bytes + kLayout.delta_tiles);  // 2 x [kBlockN]
 
   int block, b, kv_head;
   block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);

@@ -73,8 +73,9 @@ FJ_DEVICE acc_t dot_with_tile_row(const acc_t (&slice)[kSlice], const acc_t* til
 #if FJ_FORWARD
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  acc_t* k_tile = reinterpret_cast<acc_t*>(shared_bytes);  // [kTile][FJ_HEAD_DIM_QK]
-  acc_t* v_tile = k_tile + kTile * FJ_HEAD_DIM_QK;          // [kTile][FJ_HEAD_DIM_V]
+  constexpr layout::Simt kLayout = layout::simt(kTile, FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V, sizeof(acc_t), false);
+  acc_t* k_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.streamed_qk);  // [kTile][FJ_HEAD_DIM_QK]
+  acc_t* v_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.streamed_v);   // [kTile][FJ_HEAD_DIM_V]
 
   int block, b, h;
   block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
@@ -174,8 +175,9 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(co
 // rowsum(dO * O) for its rows, which the dK/dV kernel (launched next) reads.
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_dq(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  acc_t* k_tile = reinterpret_cast<acc_t*>(shared_bytes);
-  acc_t* v_tile = k_tile + kTile * FJ_HEAD_DIM_QK;
+  constexpr layout::Simt kLayout = layout::simt(kTile, FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V, sizeof(acc_t), false);
+  acc_t* k_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.streamed_qk);
+  acc_t* v_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.streamed_v);
 
   int block, b, h;
   block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
@@ -247,10 +249,11 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_d
 // group and the queries that see them: no atomics, deterministic.
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_backward_dkdv(const KernelParams p) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  acc_t* q_tile = reinterpret_cast<acc_t*>(shared_bytes);  // [kTile][FJ_HEAD_DIM_QK]
-  acc_t* dout_tile = q_tile + kTile * FJ_HEAD_DIM_QK;       // [kTile][FJ_HEAD_DIM_V]
-  acc_t* lse_tile = dout_tile + kTile * FJ_HEAD_DIM_V;      // [kTile]
-  acc_t* delta_tile = lse_tile + kTile;                     // [kTile]
+  constexpr layout::Simt kLayout = layout::simt(kTile, FJ_HEAD_DIM_QK, FJ_HEAD_DIM_V, sizeof(acc_t), true);
+  acc_t* q_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.streamed_qk);    // [kTile][FJ_HEAD_DIM_QK]
+  acc_t* dout_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.streamed_v);  // [kTile][FJ_HEAD_DIM_V]
+  acc_t* lse_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.lse_tile);     // [kTile]
+  acc_t* delta_tile = reinterpret_cast<acc_t*>(shared_bytes + kLayout.delta_tile); // [kTile]
 
   int block, b, kv_head;
   block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);

@@ -18,6 +18,7 @@ namespace flashjit {
 namespace mma {
 
 typedef FJ_ELEM elem_t;
+static_assert(sizeof(elem_t) == layout::kHalfBytes, "the tensor-core kernels take 16-bit elements");
 
 constexpr int kWarps = FJ_WARPS;
 constexpr int kThreads = kWarps * 32;
