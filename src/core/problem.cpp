@@ -502,4 +502,23 @@ AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, c
   return p;
 }
 
+AttentionProblem with_query_groups_packed(const AttentionProblem& p) {
+  const int64_t group = p.group_size();
+  const bool sees_every_key = p.window_right < 0 || p.diagonal_shift + p.window_right >= p.seqlen_k - 1;
+  if (p.seqlen_q != 1 || group <= 1 || p.has_dropout() || p.window_left >= 0 || !sees_every_key) return p;
+  // Row r of packed head h is query head h * group + r.
+  AttentionProblem packed = p;
+  packed.heads_q = p.heads_kv;
+  packed.seqlen_q = group;
+  for (Operand* x : {&packed.q, &packed.o}) {
+    x->stride_seq = x->stride_head;
+    x->stride_head *= group;
+  }
+  packed.lse_stride_seq = p.lse_stride_head;
+  packed.lse_stride_head = p.lse_stride_head * group;
+  packed.mask_stride[2] = p.mask_stride[1];
+  packed.mask_stride[1] = p.mask_stride[1] * group;
+  return packed;
+}
+
 }  // namespace flashjit

@@ -102,4 +102,13 @@ AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, c
                                        const fj_attention_options* options, const fj_tensor* dq,
                                        const fj_tensor* dk, const fj_tensor* dv, bool descriptors_only = false);
 
+// One query with grouped heads (decoding with GQA/MQA) as the same attention
+// with the group's query heads as query rows of their key/value head, so that a
+// kernel reads each key once for the whole group instead of once a query head.
+// Only where nothing depends on a row's index: one query row, no dropout (its
+// counter names the head and row), no left window bound, and a right bound
+// (causal) that lets the query see every key; p itself otherwise. The strides
+// address the caller's q, o, lse and mask in place (no copy).
+AttentionProblem with_query_groups_packed(const AttentionProblem& p);
+
 }  // namespace flashjit

@@ -314,32 +314,8 @@ bool split_forward(const AttentionProblem& p, const Launch& launch, KernelParams
   return true;
 }
 
-// One query with grouped heads (decoding with GQA/MQA): the group's query heads
-// become query rows of their key/value head, so that a block reads each key once
-// for the whole group instead of once a query head. Only where nothing depends on
-// the row index: no dropout (its counter names the head and row), no left window
-// bound, and a right bound (causal) that lets the one query see every key. The
-// strides map row r of packed head k to query head k * group + r, in place.
-AttentionProblem packed_query_groups(const AttentionProblem& p) {
-  const int64_t group = p.group_size();
-  const bool sees_every_key = p.window_right < 0 || p.diagonal_shift + p.window_right >= p.seqlen_k - 1;
-  if (p.seqlen_q != 1 || group <= 1 || p.has_dropout() || p.window_left >= 0 || !sees_every_key) return p;
-  AttentionProblem packed = p;
-  packed.heads_q = p.heads_kv;
-  packed.seqlen_q = group;
-  for (Operand* x : {&packed.q, &packed.o}) {
-    x->stride_seq = x->stride_head;
-    x->stride_head *= group;
-  }
-  packed.lse_stride_seq = p.lse_stride_head;
-  packed.lse_stride_head = p.lse_stride_head * group;
-  packed.mask_stride[2] = p.mask_stride[1];
-  packed.mask_stride[1] = p.mask_stride[1] * group;
-  return packed;
-}
-
 void forward(const AttentionProblem& problem) {
-  const AttentionProblem p = packed_query_groups(problem);
+  const AttentionProblem p = with_query_groups_packed(problem);
   const Launch launch = prepare(p);
   KernelParams params = params_of(p);
   KernelTraits traits = traits_for_launch(p, launch);

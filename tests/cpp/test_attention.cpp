@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "core/backend.hpp"
 #include "harness.hpp"
 
 namespace flashjit::testing {
@@ -221,6 +222,42 @@ INSTANTIATE_TEST_SUITE_P(Cpu, AttentionCase, ::testing::ValuesIn(all_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) {
                            return info.param.name + "_" + std::to_string(info.index);
                          });
+
+}  // namespace
+}  // namespace flashjit::testing
+
+namespace flashjit::testing {
+namespace {
+
+// with_query_groups_packed: a decoding step with grouped heads run as the packed
+// problem gives the unpacked problem's o and lse, and is packed only where
+// nothing depends on the query row (here: not with a left window bound).
+TEST(QueryGroupPacking, PackedDecodeEqualsUnpacked) {
+  const Backend& cpu = backend_for(FJ_DEVICE_CPU, "test");
+  for (const fj_causal causal : {FJ_CAUSAL_NONE, FJ_CAUSAL_BOTTOM_RIGHT}) {
+    AttentionBuffers plain(2, 8, 2, 1, 77, 40, FJ_FLOAT32);
+    GuardedTensor packed_o(plain.o.shape(), FJ_FLOAT32), packed_lse(plain.lse.shape(), FJ_FLOAT32);
+    fj_attention_options options = fj_attention_options_default();
+    options.causal = causal;
+    fj_tensor q = plain.q.view(), k = plain.k.view(), v = plain.v.view(), o = plain.o.view(),
+              lse = plain.lse.view(), o2 = packed_o.view(), lse2 = packed_lse.view();
+    const AttentionProblem problem = make_forward_problem(&q, &k, &v, &options, &o, &lse);
+    const AttentionProblem packed = with_query_groups_packed(make_forward_problem(&q, &k, &v, &options, &o2, &lse2));
+    EXPECT_EQ(packed.heads_q, 2);
+    EXPECT_EQ(packed.seqlen_q, 4);
+    cpu.forward(problem);
+    cpu.forward(packed);
+    EXPECT_EQ(plain.o.values(), packed_o.values());
+    EXPECT_EQ(plain.lse.values(), packed_lse.values());
+    EXPECT_TRUE(packed_o.guards_intact() && packed_lse.guards_intact());
+  }
+  AttentionBuffers windowed(1, 4, 2, 1, 20, 16, FJ_FLOAT32);
+  fj_attention_options options = fj_attention_options_default();
+  options.window_left = 5;
+  fj_tensor q = windowed.q.view(), k = windowed.k.view(), v = windowed.v.view(), o = windowed.o.view(),
+            lse = windowed.lse.view();
+  EXPECT_EQ(with_query_groups_packed(make_forward_problem(&q, &k, &v, &options, &o, &lse)).seqlen_q, 1);
+}
 
 }  // namespace
 }  // namespace flashjit::testing
