@@ -285,47 +285,92 @@ int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int 
   return int(std::max<int64_t>(splits, 1));
 }
 
+// One kernel of a call: what it is, its compiled function, its parameters and its grid.
+struct KernelLaunch {
+  KernelSpec spec;
+  CUfunction function = nullptr;
+  KernelParams params{};
+  int64_t blocks = 0;  // grid x
+  int splits = 1;      // grid y: the split forward's spans of keys
+};
+
+// What a call enqueues, in stream order: its kernels, chosen, with their TMA
+// descriptors encoded and their functions compiled or loaded before anything is
+// enqueued, and the stream-ordered scratch they share (freed in stream order
+// once the plan is gone, after its kernels). zero_first: a word of the scratch
+// to zero before the first kernel (the persistent forward's tile counter).
+struct Plan {
+  static constexpr size_t kMaxKernels = 4;
+  std::array<KernelLaunch, kMaxKernels> kernels;
+  size_t count = 0;
+  std::optional<StreamScratch> scratch;
+  unsigned* zero_first = nullptr;
+
+  KernelLaunch& add(const KernelSpec& spec, const KernelParams& params, const Launch& launch) {
+    if (count == kMaxKernels) {
+      throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] more than ", kMaxKernels, " kernels in one call"));
+    }
+    KernelLaunch& kernel = kernels[count++];
+    kernel.spec = spec;
+    kernel.params = params;
+    kernel.function = kernel_function(spec, launch.device_index, launch.capturing);
+    return kernel;
+  }
+};
+
+void enqueue(Plan& plan, const Launch& launch) {
+  if (plan.zero_first != nullptr) {
+    check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(plan.zero_first), 0, 1, launch.stream),
+          "cuMemsetD32Async");
+  }
+  for (size_t index = 0; index < plan.count; ++index) {
+    KernelLaunch& kernel = plan.kernels[index];
+    run(kernel.spec, kernel.function, launch, kernel.params, kernel.blocks, kernel.splits);
+  }
+}
+
+// Scratch of `bytes` for the plan; false (and none) where the device has no
+// pool or no memory left, for callers that can do without it.
+bool try_scratch(Plan& plan, size_t bytes, const Launch& launch) {
+  try {
+    plan.scratch.emplace(bytes, launch.stream, launch.device_index);
+    return true;
+  } catch (const Error&) {
+    plan.scratch.reset();
+    return false;
+  }
+}
+
 // The split forward: a kMma block for each (query block, batch, head) and span of
-// keys writes partials into scratch, then the combine kernel merges them into o and lse.
-// False (nothing enqueued) where the scratch cannot be had: the unsplit forward runs.
-bool split_forward(const AttentionProblem& p, const Launch& launch, KernelParams& params,
-                   const KernelSpec& spec, int splits) {
-  const KernelSpec combine = combine_kernel(traits_for_launch(p, launch));
-  const CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);
-  const CUfunction combine_function = kernel_function(combine, launch.device_index, launch.capturing);
+// keys writes partials into scratch, then the combine kernel merges them into o
+// and lse. False (an empty plan) where the scratch cannot be had.
+bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& launch, KernelParams params,
+                        const KernelSpec& spec, int splits) {
   const int64_t key_tiles = ceil_div(p.seqlen_k, spec.block_n);
   const int64_t tiles_per_split = ceil_div(key_tiles, splits);
   splits = int(ceil_div(key_tiles, tiles_per_split));  // no span past the last key
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
-  std::optional<StreamScratch> scratch;
-  try {
-    scratch.emplace(size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float), launch.stream,
-                    launch.device_index);
-  } catch (const Error&) {
-    return false;  // no pool on this device, or no memory left
+  if (!try_scratch(plan, size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float), launch)) {
+    return false;
   }
-  params.split_o = static_cast<float*>(scratch->get());
+  params.split_o = static_cast<float*>(plan.scratch->get());
   params.split_lse = params.split_o + int64_t(splits) * rows * p.head_dim_v;
   params.num_splits = splits;
   params.split_keys = checked_int(tiles_per_split * spec.block_n, "keys a split");
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
-  run(spec, function, launch, params, int64_t(params.num_query_blocks) * p.batch * p.heads_q, splits);
-  run(combine, combine_function, launch, params, ceil_div(rows, combine.threads / 32));
+  KernelLaunch& partials = plan.add(spec, params, launch);
+  partials.blocks = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
+  partials.splits = splits;
+  const KernelSpec combine = combine_kernel(traits_for_launch(p, launch));
+  plan.add(combine, params, launch).blocks = ceil_div(rows, combine.threads / 32);
   return true;
 }
 
-void forward(const AttentionProblem& problem) {
-  const AttentionProblem p = with_query_groups_packed(problem);
-  const Launch launch = prepare(p);
-  KernelParams params = params_of(p);
+// The unsplit forward's kernel: the sm_90a one (with the tile choice measured
+// for the problem's class on this device, where any) where TMA can address the
+// operands, else the mma.sync or scalar one; params gets the TMA descriptors.
+KernelSpec forward_spec(const AttentionProblem& p, const Launch& launch, KernelParams& params) {
   KernelTraits traits = traits_for_launch(p, launch);
-  // Under stream capture no split: its scratch would put memory nodes into the graph.
-  if (!launch.capturing && p.seqlen_k > 0) {
-    const KernelSpec split_spec = split_forward_kernel(traits);
-    const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
-    if (splits > 1 && split_forward(p, launch, params, split_spec, splits)) return;
-  }
-  // Tile choices measured on this device for the problem's class (flashjit tune), where any.
   const ForwardTiles tuned = hopper_applies(traits) ? tuned_forward_tiles(device_info(launch.device_index).name,
                                                                           launch.arch, tuning_key(traits, p.seqlen_k))
                                                     : ForwardTiles{};
@@ -339,46 +384,63 @@ void forward(const AttentionProblem& problem) {
       !encode_tensor_map(&params.o_map, p.o, p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, kOutputBoxRows)) {
     spec.o_tma = false;
   }
-  params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
-  const CUfunction function = kernel_function(spec, launch.device_index, launch.capturing);
-  const int64_t tiles = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
-  if (spec.family != KernelFamily::kHopper) {
-    run(spec, function, launch, params, tiles);
-    return;
+  return spec;
+}
+
+// The sm_90a forward's grid: persistent (a block an SM, taking work tiles from a
+// counter) or a block a tile. The counter is the stream's own
+// (stream_tile_counter), else scratch zeroed before the launch. Under stream
+// capture the grid is a block a tile: a graph may be replayed on any stream,
+// beside other work that takes the counter, and scratch would put allocation
+// nodes into the graph, which then can be neither cloned nor instantiated
+// twice. Without any counter (a device without memory pools, no memory left) it
+// is a block a tile too.
+void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int64_t tiles) {
+  kernel.blocks = tiles;
+  if (!settings::persistent_forward() || launch.capturing) return;
+  KernelParams& params = kernel.params;
+  const ForwardTiles forced = forced_forward_tiles();
+  params.tile_counter = forced.stream_counter == 0 ? nullptr : stream_tile_counter(launch.stream, launch.device_index);
+  params.tile_counter_resets = params.tile_counter != nullptr;
+  if (params.tile_counter == nullptr && try_scratch(plan, sizeof(unsigned), launch)) {
+    params.tile_counter = plan.zero_first = static_cast<unsigned*>(plan.scratch->get());
   }
-  // A persistent grid (a block an SM, taking work tiles from a counter), or a block a tile.
+  if (params.tile_counter != nullptr) {
+    kernel.blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
+  }
+}
+
+// The forward's plan: the split forward where the keys of a few query blocks are
+// spread over the GPU and its scratch can be had (not under stream capture: its
+// scratch would put memory nodes into the graph), else one forward kernel.
+void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
+  KernelParams params = params_of(p);
+  if (!launch.capturing && p.seqlen_k > 0) {
+    const KernelSpec split_spec = split_forward_kernel(traits_for_launch(p, launch));
+    const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
+    if (splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits)) return;
+  }
+  const KernelSpec spec = forward_spec(p, launch, params);
+  params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
+  const int64_t tiles = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
   if (tiles == 0) return;
-  if (tiles > std::numeric_limits<int>::max() / 2) {
+  if (spec.family == KernelFamily::kHopper && tiles > std::numeric_limits<int>::max() / 2) {
     throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
   }
-  // The counter is the stream's own (stream_tile_counter), else scratch zeroed
-  // before the launch. Under stream capture the grid is a block a tile: a graph
-  // may be replayed on any stream, beside other work that takes the counter, and
-  // scratch would put allocation nodes into the graph, which then can be
-  // neither cloned nor instantiated twice. Without any counter (a device
-  // without memory pools, no memory left) it is a block a tile too.
-  std::optional<StreamScratch> counter;
-  int64_t blocks = tiles;
-  if (settings::persistent_forward() && !launch.capturing) {
-    const ForwardTiles forced = forced_forward_tiles();
-    params.tile_counter =
-        forced.stream_counter == 0 ? nullptr : stream_tile_counter(launch.stream, launch.device_index);
-    params.tile_counter_resets = params.tile_counter != nullptr;
-    if (params.tile_counter == nullptr) {
-      try {
-        counter.emplace(sizeof(unsigned), launch.stream, launch.device_index);
-        check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter->get()), 0, 1, launch.stream),
-              "cuMemsetD32Async");
-        params.tile_counter = static_cast<unsigned*>(counter->get());
-      } catch (const Error&) {
-        counter.reset();
-      }
-    }
-    if (params.tile_counter != nullptr) {
-      blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
-    }
+  KernelLaunch& kernel = plan.add(spec, params, launch);
+  if (spec.family == KernelFamily::kHopper) {
+    take_work_tiles(plan, kernel, launch, tiles);
+  } else {
+    kernel.blocks = tiles;
   }
-  run(spec, function, launch, params, blocks);
+}
+
+void forward(const AttentionProblem& problem) {
+  const AttentionProblem p = with_query_groups_packed(problem);
+  const Launch launch = prepare(p);
+  Plan plan;
+  plan_forward(plan, p, launch);
+  enqueue(plan, launch);
 }
 
 // The TMA descriptors a kHopper backward kernel reads: the block's own rows
@@ -395,66 +457,67 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
          encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, key_box);
 }
 
-// mma.sync / scalar: the dQ kernel, which also writes delta = rowsum(dO * O),
-// then the dK/dV kernel (or a dV and a dK kernel) reading it.
-// sm_90a: a prep kernel writes delta and LSE in the log2 domain into scratch
-// rows padded to whole query tiles, then the dQ and the dK/dV kernels read them.
-void backward(const AttentionProblem& p) {
-  const Launch launch = prepare(p);
-  const KernelParams base = params_of(p);
+// The backward's kernels and their TMA descriptors: the sm_90a kernels where TMA
+// can address every operand, else the mma.sync or scalar ones (which read no map).
+std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
+                                       std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
   std::vector<KernelSpec> specs = backward_kernels(traits);
-  // Two to four kernels: their parameters and functions without a heap allocation per call.
-  constexpr size_t kMaxKernels = 4;
-  std::array<KernelParams, kMaxKernels> params;
-  params.fill(base);
-  const auto encode_all = [&] {
-    for (size_t index = 0; index < specs.size(); ++index) {
-      const bool reads_maps = specs[index].entry != KernelEntry::kBackwardPrep;
-      if (reads_maps && !encode_backward_maps(params[index], p, specs[index])) return false;
-    }
-    return true;
-  };
-  if (specs[0].family == KernelFamily::kHopper && !encode_all()) {
-    traits.tma = false;  // operands TMA cannot address: the mma.sync kernels (which read no map)
-    specs = backward_kernels(traits);
-  }
-  if (specs.size() > kMaxKernels) {
+  if (specs.size() > Plan::kMaxKernels) {
     throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most 4 expected"));
   }
-  // Compile (or load) every kernel before enqueueing anything.
-  std::array<CUfunction, kMaxKernels> functions{};
   for (size_t index = 0; index < specs.size(); ++index) {
-    functions[index] = kernel_function(specs[index], launch.device_index, launch.capturing);
+    const bool reads_maps = specs[index].family == KernelFamily::kHopper &&
+                            specs[index].entry != KernelEntry::kBackwardPrep;
+    if (reads_maps && !encode_backward_maps(params[index], p, specs[index])) {
+      traits.tma = false;
+      return backward_kernels(traits);
+    }
   }
-  const bool hopper = specs[0].family == KernelFamily::kHopper;
-  const int64_t pitch =
-      hopper ? ceil_div(p.seqlen_q, specs[1].block_rows()) * specs[1].block_rows() : p.seqlen_q;
+  return specs;
+}
+
+// The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
+// = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
+// reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
+// scratch rows padded to whole dQ query blocks, then the dQ and the dK/dV kernels
+// read them. Same stream, in order: each kernel's scratch is written by the one before.
+void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
+  std::array<KernelParams, Plan::kMaxKernels> params;
+  params.fill(params_of(p));
+  const std::vector<KernelSpec> specs = backward_specs(p, launch, params);
+  const bool hopper = specs.front().family == KernelFamily::kHopper;
+  const auto dq = std::find_if(specs.begin(), specs.end(),
+                               [](const KernelSpec& spec) { return spec.entry == KernelEntry::kBackwardDq; });
+  const int64_t pitch = hopper ? ceil_div(p.seqlen_q, dq->block_rows()) * dq->block_rows() : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
-  StreamScratch scratch(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream,
-                        launch.device_index);
-  // Same stream, in order: each kernel's scratch is written by the one before.
+  plan.scratch.emplace(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream,
+                       launch.device_index);
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
-    kernel_params.delta = scratch.get();
-    kernel_params.lse_log2 = hopper ? static_cast<float*>(scratch.get()) + scratch_rows : nullptr;
+    kernel_params.delta = plan.scratch->get();
+    kernel_params.lse_log2 = hopper ? static_cast<float*>(plan.scratch->get()) + scratch_rows : nullptr;
     kernel_params.scratch_pitch = pitch;
     kernel_params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
     kernel_params.num_key_blocks = int(ceil_div(p.seqlen_k, spec.block_rows()));
-    int64_t blocks = 0;
+    KernelLaunch& kernel = plan.add(spec, kernel_params, launch);
     switch (spec.entry) {
-      case KernelEntry::kBackwardPrep:
-        blocks = ceil_div(scratch_rows, spec.threads / 8);
-        break;  // eight lanes a row
+      case KernelEntry::kBackwardPrep: kernel.blocks = ceil_div(scratch_rows, spec.threads / 8); break;  // 8 lanes a row
       case KernelEntry::kBackwardDq:
-        blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q;
+        kernel.blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q;
         break;
-      default: blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
+      default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
     }
-    run(spec, functions[index], launch, kernel_params, blocks);
   }
+}
+
+void backward(const AttentionProblem& p) {
+  const Launch launch = prepare(p);
+  Plan plan;
+  plan_backward(plan, p, launch);
+  enqueue(plan, launch);
 }
 
 }  // namespace

@@ -155,7 +155,7 @@ def test_tensor_subclass_falls_back():
 def test_bad_input_raises_flashjit_error_when_patched():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     flashjit.patch_sdpa()
-    with pytest.raises(ValueError, match=r"\[scaled_dot_product_attention\] key: head dim 8 does not match"):
+    with pytest.raises(ValueError, match=r"\[scaled_dot_product_attention\] key: head_dim 8 does not match query"):
         F.scaled_dot_product_attention(q, q[..., :8], q)
 
 
