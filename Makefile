@@ -14,7 +14,8 @@ setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 build-cpp:
-	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=OFF
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=OFF \
+	  -DFLASHJIT_EXTRA_BACKENDS=tests/backend
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
 install:
@@ -48,10 +49,11 @@ SAN_DIR ?= build/sanitize
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_ENV = ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 SAN_TESTS = tests/python/test_attention.py tests/python/test_errors.py tests/python/test_gradcheck.py \
-	tests/python/test_sdpa.py tests/python/test_process.py
+	tests/python/test_sdpa.py tests/python/test_process.py tests/python/test_backends.py
 
 sanitize:
 	cmake -S . -B $(SAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=ON \
+	  -DFLASHJIT_EXTRA_BACKENDS=tests/backend \
 	  -DFLASHJIT_MLX=OFF -DPython_EXECUTABLE="$$(command -v $(PYTHON))" \
 	  -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" \
 	  -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"

@@ -136,71 +136,17 @@ const char* fj_last_error(void);
 
 const char* fj_version(void);
 
-/* Names of the compiled-in backends, comma separated ("cpu"). */
+/* Names of the compiled-in backends, comma separated ("cpu,cuda"). A backend's name is its
+ * device's: fj_tensor.device_type is FJ_DEVICE_CPU or FJ_DEVICE_CUDA for those two, and for
+ * any other backend the code fj_device_type_by_name gives. */
 const char* fj_backends(void);
 
+/* The device type code of a compiled-in backend's device by its name; FJ_ERROR_UNSUPPORTED
+ * (naming the compiled-in backends) when this build has none of that name. */
+fj_status fj_device_type_by_name(const char* name, int32_t* device_type);
 
-/* ---- CUDA: run-time compiled kernels and their cache ---------------------
- * Kernels are compiled by NVRTC on first use and cached in memory and on disk
- * ($FLASHJIT_CACHE_DIR, else ~/.cache/flashjit). Without the CUDA backend in the
- * build, or without NVRTC or a GPU where one is needed, these return
- * FJ_ERROR_UNSUPPORTED with the reason in fj_last_error(). */
+/* Backend-specific entry points have headers of their own: flashjit/cuda.h. */
 
-/* What a kernel is specialised on; sizes and pointers are run-time values. */
-typedef struct fj_kernel_config {
-  int32_t backward;    /* 0: the forward kernel; 1: the backward kernels */
-  fj_dtype dtype;      /* float32, float16, bfloat16 or float64 */
-  int32_t head_dim_qk; /* 1..256 */
-  int32_t head_dim_v;  /* 1..256 */
-  int32_t mask;        /* 0: none, 1: boolean, 2: additive */
-  fj_dtype mask_dtype; /* additive masks: float32 or dtype */
-  int32_t window;      /* nonzero: causal or sliding-window bounds */
-  int32_t dropout;     /* nonzero: dropout */
-  int32_t softcap;     /* nonzero: softcap */
-  int32_t arch;        /* target, e.g. 90 for sm_90; 0: the arch of device_index (needs a GPU) */
-  int32_t device_index;
-} fj_kernel_config;
-
-fj_kernel_config fj_kernel_config_default(void);
-
-/* Compiles (or finds in the cache) the kernels of each config. With arch set, no
- * GPU is needed: only NVRTC. A forward config also compiles the tile choices of
- * its classes: with arch 0 (the device's) those tuned on that device or else the
- * built-in table's, with arch set the built-in table's. */
-fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count);
-
-typedef struct fj_cuda_cache_stats {
-  int64_t compiles;    /* NVRTC compilations in this process */
-  int64_t disk_loads;  /* binaries read from the disk cache */
-  int64_t memory_hits; /* lookups answered from memory */
-  double last_compile_seconds;
-  double last_disk_load_seconds;
-} fj_cuda_cache_stats;
-
-fj_status fj_cuda_get_cache_stats(fj_cuda_cache_stats* stats);
-/* Forgets binaries and loaded kernels held in memory; the disk cache stays. */
-fj_status fj_cuda_clear_memory_cache(void);
-/* The disk cache's base directory and the directory of one arch's entries. */
-fj_status fj_cuda_cache_dir(int32_t arch, char* buffer, size_t size);
-fj_status fj_cuda_nvrtc_version(int32_t* major, int32_t* minor);
-/* Number of CUDA devices (0 without a driver or GPU; never fails). */
-int32_t fj_cuda_device_count(void);
-/* Arch (e.g. 90), multiprocessor count and name of a device. */
-fj_status fj_cuda_device_info(int32_t device_index, int32_t* arch, int32_t* multiprocessors, char* name,
-                              size_t name_size);
-
-/* Tile choices of the sm_90a forward measured on a device (flashjit tune). A tuning file
- * holds, for one device (by name) and arch, the configuration measured fastest for each
- * problem class; later forwards on that device take it (FLASHJIT_CUDA_TILES still wins).
- * The class key of a config's forward at a key length: */
-fj_status fj_cuda_tuning_key(const fj_kernel_config* config, int64_t seqlen_k, char* buffer, size_t size);
-/* Writes the tuning file of a device from lines "<key> <tiles> <TFLOP/s>" (tiles "built-in":
- * drop the class), keeping other classes of a valid earlier file; its path goes to path
- * (unless NULL). */
-fj_status fj_cuda_save_tuning(const char* device_name, int32_t arch, const char* entries, char* path,
-                              size_t path_size);
-/* The tuning file of a device and the choices it holds, or why it is ignored. */
-fj_status fj_cuda_describe_tuning(const char* device_name, int32_t arch, char* buffer, size_t size);
 
 #ifdef __cplusplus
 }

@@ -36,7 +36,9 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPES.items()}
-_CPU, _CUDA = _C.DEVICES["cpu"], _C.DEVICES["cuda"]
+# Device codes of the compiled-in backends by name, which is torch's device type ("cpu", "cuda").
+_DEVICE_CODES = _C.DEVICES
+_CPU = _DEVICE_CODES["cpu"]
 
 
 def _ref(x: Tensor):
@@ -44,10 +46,9 @@ def _ref(x: Tensor):
     (DLPack) for a dtype or device flashjit does not take, so that _C names it.
     A descriptor holds no reference: the caller keeps x alive through the call."""
     dtype = _DTYPE_CODES.get(x.dtype)
-    if x.is_cpu and dtype is not None:
-        return (x.data_ptr(), dtype, _CPU, 0, x.shape, x.stride())
-    if x.is_cuda and dtype is not None:
-        return (x.data_ptr(), dtype, _CUDA, x.get_device(), x.shape, x.stride())
+    device = _DEVICE_CODES.get(x.device.type)
+    if dtype is not None and device is not None:
+        return (x.data_ptr(), dtype, device, x.device.index or 0, x.shape, x.stride())
     return x.detach()
 
 
@@ -113,7 +114,7 @@ def _descriptor(x: Tensor, compact: bool = False):
         shape = [1 if stride == 0 else size for size, stride in zip(shape, strides)]
     elif shape and shape[-1] > 1 and strides[-1] != 1:
         strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    device = _CUDA if x.device.type == "cuda" else _CPU  # meta: checked as if on the CPU
+    device = _DEVICE_CODES.get(x.device.type, _CPU)  # meta: checked as if on the CPU
     return (0, dtype, device, x.device.index or 0, tuple(shape), tuple(strides))
 
 

@@ -215,7 +215,7 @@ _warned: set[str] = set()
 
 
 # Read once: torch.compile traces _fallback_reason, and cannot trace into _C.
-_SERVED_DEVICES = tuple(name for name in ("cpu", "cuda") if name in backends())
+_SERVED_DEVICES = tuple(backends())
 
 
 def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:

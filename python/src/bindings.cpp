@@ -13,12 +13,14 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
 
 namespace nb = nanobind;
@@ -319,9 +321,16 @@ NB_MODULE(_C, m) {
   dtypes["float64"] = int(FJ_FLOAT64);
   dtypes["bool"] = int(FJ_BOOL);
   m.attr("DTYPES") = dtypes;  // descriptor codes by dtype name
-  nb::dict devices;
-  devices["cpu"] = int(FJ_DEVICE_CPU);
-  devices["cuda"] = int(FJ_DEVICE_CUDA);
+  nb::dict devices;  // device codes of the compiled-in backends, by name
+  const std::string names = fj_backends();
+  for (size_t start = 0; start < names.size();) {
+    const size_t comma = std::min(names.find(',', start), names.size());
+    const std::string name = names.substr(start, comma - start);
+    int32_t code = 0;
+    check(fj_device_type_by_name(name.c_str(), &code));
+    devices[name.c_str()] = code;
+    start = comma + 1;
+  }
   m.attr("DEVICES") = devices;
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });

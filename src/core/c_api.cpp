@@ -125,4 +125,16 @@ const char* fj_backends(void) {
   return flashjit::backend_names();
 }
 
+fj_status fj_device_type_by_name(const char* name, int32_t* device_type) {
+  return flashjit::guarded([&] {
+    if (device_type == nullptr) flashjit::throw_value_error("[device_type_by_name] device_type: expected a pointer, got NULL");
+    const flashjit::Backend* backend = flashjit::backend_named(name);
+    if (backend == nullptr) {
+      flashjit::throw_unsupported("[device_type_by_name] name: no backend '", name == nullptr ? "(NULL)" : name,
+                                  "' in this build (compiled-in backends: ", flashjit::backend_names(), ")");
+    }
+    *device_type = int32_t(backend->device_type);
+  });
+}
+
 }  // extern "C"

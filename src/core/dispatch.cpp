@@ -1,3 +1,4 @@
+#include <cstring>
 #include <string>
 
 #include "core/backend.hpp"
@@ -35,12 +36,31 @@ const Backend& backend_for(fj_device_type device_type, const char* op) {
   for (int i = 0; i < r.count; ++i) {
     if (r.backends[i]->device_type == device_type) return *r.backends[i];
   }
-  throw_unsupported("[", op, "] no backend for device ", device_type == FJ_DEVICE_CUDA ? "cuda" : "cpu",
-                    " in this build (compiled-in backends: ", r.names, ")");
+  const char* name = device_name(device_type);
+  throw_unsupported("[", op, "] no backend for device ", name != nullptr ? name : "?", " in this build (compiled-in backends: ",
+                    r.names, ")");
 }
 
 const char* backend_names() {
   return registry().names.c_str();
+}
+
+const Backend* backend_named(const char* name) {
+  const Registry& r = registry();
+  for (int i = 0; name != nullptr && i < r.count; ++i) {
+    if (std::strcmp(r.backends[i]->name, name) == 0) return r.backends[i];
+  }
+  return nullptr;
+}
+
+const char* device_name(int32_t device_type) {
+  const Registry& r = registry();
+  for (int i = 0; i < r.count; ++i) {
+    if (r.backends[i]->device_type == device_type) return r.backends[i]->name;
+  }
+  if (device_type == FJ_DEVICE_CPU) return "cpu";
+  if (device_type == FJ_DEVICE_CUDA) return "cuda";
+  return nullptr;
 }
 
 }  // namespace flashjit

@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "core/backend.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 #include "core/philox.hpp"
@@ -62,8 +63,9 @@ const fj_tensor& check_tensor(const char* op, const char* name, const fj_tensor*
                       ndim == 4 ? std::string(" ") + kDimNames : std::string(), ", got ", t->ndim);
   }
   const int32_t device = enum_code(t->device_type);
-  if (device != FJ_DEVICE_CPU && device != FJ_DEVICE_CUDA) {
-    throw_value_error("[", op, "] ", name, ": unknown device type ", device);
+  if (device_name(device) == nullptr) {
+    throw_value_error("[", op, "] ", name, ": unknown device type ", device, " (this build has devices ",
+                      backend_names(), ")");
   }
   const int32_t dtype = enum_code(t->dtype);
   if (dtype < FJ_FLOAT32 || dtype > FJ_INT64) {
@@ -127,9 +129,8 @@ void check_same_dtype(const char* op, const char* name, const fj_tensor& t, fj_d
 
 void check_same_device(const char* op, const char* name, const fj_tensor& t, const fj_tensor& q) {
   if (t.device_type != q.device_type || t.device_index != q.device_index) {
-    throw_value_error("[", op, "] ", name, ": expected the device of q (",
-                      q.device_type == FJ_DEVICE_CPU ? "cpu" : "cuda", ":", q.device_index, "), got ",
-                      t.device_type == FJ_DEVICE_CPU ? "cpu" : "cuda", ":", t.device_index);
+    throw_value_error("[", op, "] ", name, ": expected the device of q (", device_name(q.device_type), ":",
+                      q.device_index, "), got ", device_name(t.device_type), ":", t.device_index);
   }
 }
 

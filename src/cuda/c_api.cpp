@@ -8,6 +8,7 @@
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
 #include "cuda/tuning.hpp"
+#include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
 
 namespace {

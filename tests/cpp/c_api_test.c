@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
 
 static fj_tensor view4(float* data, int64_t b, int64_t h, int64_t s, int64_t d) {
@@ -20,6 +21,12 @@ static fj_tensor view4(float* data, int64_t b, int64_t h, int64_t s, int64_t d) 
 
 int main(void) {
   enum { B = 1, H = 2, S = 5, D = 4 };
+  int32_t cpu_code = -1;
+  if (fj_device_type_by_name("cpu", &cpu_code) != FJ_SUCCESS || cpu_code != FJ_DEVICE_CPU) {
+    fprintf(stderr, "fj_device_type_by_name(\"cpu\"): %s\n", fj_last_error());
+    return 1;
+  }
+  if (fj_cuda_device_count() < 0) return 1; /* flashjit/cuda.h: 0 without a GPU, never fails */
   float q[B * H * S * D], k[B * H * S * D], v[B * H * S * D], o[B * H * S * D], lse[B * H * S];
   for (int i = 0; i < B * H * S * D; ++i) {
     q[i] = (float)sin(i);

@@ -1,8 +1,9 @@
-// The CUDA entry points of the C API in a build without the CUDA backend: each
-// reports that clearly instead of failing to link.
+// flashjit/cuda.h's entry points in a build without the CUDA backend
+// (FLASHJIT_CUDA=OFF): each reports that clearly instead of failing to link.
 #include <cstring>
 
 #include "core/guarded.hpp"
+#include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
 
 namespace {
