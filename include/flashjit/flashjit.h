@@ -45,7 +45,12 @@ typedef enum fj_dtype {
   FJ_INT64 = 7
 } fj_dtype;
 
-typedef enum fj_device_type { FJ_DEVICE_CPU = 0, FJ_DEVICE_CUDA = 1 } fj_device_type;
+/* Other backends' devices have codes of their own (fj_device_type_by_name), below the last value. */
+typedef enum fj_device_type {
+  FJ_DEVICE_CPU = 0,
+  FJ_DEVICE_CUDA = 1,
+  FJ_DEVICE_TYPE_MAX_ENUM = 0x7FFFFFFF /* not a device: makes every code a valid value in C++ */
+} fj_device_type;
 
 /* Causal masks. TOP_LEFT keeps key j for query i when j <= i (SDPA's is_causal);
  * BOTTOM_RIGHT keeps j <= i + Sk - Sq (flash-attn and MLX). */

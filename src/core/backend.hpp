@@ -13,14 +13,14 @@ namespace flashjit {
 
 struct Backend {
   const char* name;
-  fj_device_type device_type;
+  int32_t device_type;  // FJ_DEVICE_CPU, FJ_DEVICE_CUDA, or a code of its own
   // Throws flashjit::Error(FJ_ERROR_UNSUPPORTED, ...) for a problem it cannot run.
   void (*forward)(const AttentionProblem& problem);
   void (*backward)(const AttentionProblem& problem);
 };
 
 // The backend for a device, or an FJ_ERROR_UNSUPPORTED error naming what is compiled in.
-const Backend& backend_for(fj_device_type device_type, const char* op);
+const Backend& backend_for(int32_t device_type, const char* op);
 
 // Comma-separated names of the compiled-in backends.
 const char* backend_names();

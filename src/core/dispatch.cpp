@@ -31,7 +31,7 @@ const Registry& registry() {
 
 }  // namespace
 
-const Backend& backend_for(fj_device_type device_type, const char* op) {
+const Backend& backend_for(int32_t device_type, const char* op) {
   const Registry& r = registry();
   for (int i = 0; i < r.count; ++i) {
     if (r.backends[i]->device_type == device_type) return *r.backends[i];

@@ -41,7 +41,7 @@ struct AttentionProblem {
   int64_t head_dim_v = 0;
   fj_dtype dtype = FJ_FLOAT32;      // q, k, v, o (and the gradients)
   fj_dtype lse_dtype = FJ_FLOAT32;  // float32, or float64 for float64 inputs
-  fj_device_type device_type = FJ_DEVICE_CPU;
+  int32_t device_type = FJ_DEVICE_CPU;  // a backend's device code (backend.hpp)
   int32_t device_index = 0;
 
   // Tensors. Forward reads q, k, v and writes o, lse; backward also reads o, lse,

@@ -28,6 +28,6 @@ void backward(const flashjit::AttentionProblem& problem) {
 extern "C" int64_t flashjit_relay_backend_calls(void) { return calls.load(); }
 
 const flashjit::Backend& flashjit_backend_relay() {
-  static const flashjit::Backend backend{"relay", static_cast<fj_device_type>(100), forward, backward};
+  static const flashjit::Backend backend{"relay", 100, forward, backward};
   return backend;
 }

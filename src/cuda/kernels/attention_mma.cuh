@@ -40,13 +40,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
 #if FJ_DROPOUT
   const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
 #endif
-  // This thread's rows: first_query + (warp * kRowTiles + m) * 16 + group (+ 8).
   long long rows[kRowTiles][2];
-#pragma unroll
-  for (int m = 0; m < kRowTiles; ++m) {
-    rows[m][0] = first_query + (warp * kRowTiles + m) * 16 + group;
-    rows[m][1] = rows[m][0] + 8;
-  }
+  fragment_rows(first_query, warp, group, rows);
 
   const bool block_full = first_query + kBlockM <= p.seqlen_q;
   const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;

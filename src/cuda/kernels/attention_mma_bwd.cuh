@@ -39,13 +39,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_backward_dq(
   const int quad = lane % 4;
   const long long first_query = static_cast<long long>(block) * kBlockM;
   const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-  // This thread's rows: first_query + (warp * kRowTiles + m) * 16 + group (+ 8).
   long long rows[kRowTiles][2];
-#pragma unroll
-  for (int m = 0; m < kRowTiles; ++m) {
-    rows[m][0] = first_query + (warp * kRowTiles + m) * 16 + group;
-    rows[m][1] = rows[m][0] + 8;
-  }
+  fragment_rows(first_query, warp, group, rows);
 
   const bool block_full = first_query + kBlockM <= p.seqlen_q;
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;

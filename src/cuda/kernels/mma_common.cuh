@@ -31,6 +31,17 @@ constexpr int kDimV = FJ_HEAD_DIM_V;
 // land in 8 different bank groups.
 constexpr int kPitchQk = kDimQk + 8;
 constexpr int kPitchV = kDimV + 8;
+
+// This thread's rows of a block whose first row is first_row: its warp owns
+// kRowTiles tiles of 16 rows, and of tile m it holds rows group and group + 8.
+FJ_DEVICE void fragment_rows(long long first_row, int warp, int group, long long (&rows)[kRowTiles][2]) {
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+    rows[m][0] = first_row + (warp * kRowTiles + m) * 16 + group;
+    rows[m][1] = rows[m][0] + 8;
+  }
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 
 FJ_DEVICE unsigned shared_address(const void* pointer) {
