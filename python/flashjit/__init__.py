@@ -16,9 +16,11 @@ from . import cuda  # noqa: E402
 from ._C import version as _version  # noqa: E402
 from .api import attention, attention_backward, backends, dropout_keep_mask  # noqa: E402
 from .cuda import precompile  # noqa: E402
+from .profiler import profile  # noqa: E402
 
 __version__ = _version()
-__all__ = ["attention", "attention_backward", "backends", "cuda", "dropout_keep_mask", "precompile", "__version__"]
+__all__ = ["attention", "attention_backward", "backends", "cuda", "dropout_keep_mask", "precompile", "profile",
+           "__version__"]
 
 try:
     import torch as _torch  # noqa: F401  (the torch front end is optional)

@@ -1,0 +1,334 @@
+"""What attention costs: flashjit.profile() records every attention call made inside it.
+
+    with flashjit.profile() as prof:
+        loss = model(batch).loss
+        loss.backward()
+    print(prof.table())          # also printed at exit with report=True
+    prof.to_json()               # a dict: calls, per-shape summary, totals
+
+Each call of flashjit's kernels (forward and backward, torch tensors, eager or
+compiled) is one record: shapes, dtype, causal/window bounds, mask, dropout, its
+time, its FLOPs (docs/measurement.md: the forward counts the visible score
+entries exactly, 2 (Dqk + Dv) FLOPs each; the backward 2.5x that), the bytes it
+reads and writes, and from those its TFLOP/s, GB/s and share of the device's
+peak. With ``framework=True`` calls of torch's own
+``scaled_dot_product_attention`` made inside the block (those flashjit does not
+serve) are recorded too, forward only, as "torch".
+
+Time: on a GPU, CUDA events around each call on its stream, read once at exit
+(no synchronisation per call unless ``sync=True``); on the CPU, the wall clock
+(its calls are synchronous). The block's own duration (synchronised at entry
+and exit) gives attention's share of it. The device's peak is a matrix product
+of the call's dtype measured once per device and dtype (``peak=True``) and kept
+in the kernel cache directory. Off (outside every profile block) the hooks cost
+one global lookup per call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+# The open profile, if any (the hooks in ops.py read this one name).
+_active: Optional["Profile"] = None
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: int = 0, window_left: int = -1,
+                  window_right: int = -1) -> int:
+    """Score entries a call computes: key j is visible from query i when
+    -window_left <= j - i - shift <= window_right (src/core/bounds_core.h; causal is
+    window_right = 0, shift 0 for top-left alignment (1), Sk - Sq otherwise)."""
+    if causal:
+        window_right = 0
+    shift = 0 if causal == 1 else seqlen_k - seqlen_q
+    if window_left < 0 and window_right < 0:
+        return seqlen_q * seqlen_k
+    total = 0
+    for i in range(seqlen_q):
+        begin = 0 if window_left < 0 else min(max(i + shift - window_left, 0), seqlen_k)
+        end = seqlen_k if window_right < 0 else min(max(i + shift + window_right + 1, 0), seqlen_k)
+        total += max(end - begin, 0)
+    return total
+
+
+@dataclass
+class Call:
+    """One attention call."""
+    direction: str  # "forward" or "backward"
+    impl: str       # "flashjit" or "torch"
+    device: str
+    dtype: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim_qk: int
+    head_dim_v: int
+    causal: int = 0
+    window_left: int = -1
+    window_right: int = -1
+    mask: bool = False
+    dropout_p: float = 0.0
+    flops: float = 0.0
+    bytes: float = 0.0
+    ms: float = float("nan")
+    _events: object = field(default=None, repr=False, compare=False)
+
+    def shape_key(self) -> str:
+        features = [f"causal={'top-left' if self.causal == 1 else 'bottom-right'}"] if self.causal else []
+        if self.window_left >= 0 or (self.window_right >= 0 and not self.causal):
+            features.append(f"window=({self.window_left},{self.window_right})")
+        if self.mask:
+            features.append("mask")
+        if self.dropout_p:
+            features.append(f"dropout={self.dropout_p:g}")
+        heads = f"H{self.heads_q}" + (f"/{self.heads_kv}" if self.heads_kv != self.heads_q else "")
+        dims = f"D{self.head_dim_qk}" + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim_qk else "")
+        return " ".join([self.dtype, f"B{self.batch}", heads, f"Sq{self.seqlen_q}", f"Sk{self.seqlen_k}", dims]
+                        + features)
+
+
+class Profile:
+    """The records of one profile block; see the module's doc."""
+
+    def __init__(self, sync: bool = False, framework: bool = False, peak: bool = False):
+        self.sync, self.framework, self.measure_peak = sync, framework, peak
+        self.calls: list[Call] = []
+        self.elapsed_ms = float("nan")
+        self.peak_memory_mib = float("nan")
+        self.peaks: dict[str, float] = {}  # TFLOP/s by "device dtype"
+        self._cuda = False
+
+    # ---- recording (ops.py and the framework hook call these) ----------------------------------------
+
+    def begin(self, direction: str, impl: str, q, k, v, causal=0, window_left=-1, window_right=-1, mask=None,
+              dropout_p=0.0) -> Call:
+        batch, heads_q, seqlen_q, head_dim_qk = q.shape[-4:] if q.ndim >= 4 else (1, *q.shape[-3:])
+        heads_kv, seqlen_k, head_dim_v = k.shape[-3], k.shape[-2], v.shape[-1]
+        dtype = str(q.dtype).removeprefix("torch.")
+        call = Call(direction, impl, str(q.device), dtype, int(batch), int(heads_q), int(heads_kv), int(seqlen_q),
+                    int(seqlen_k), int(head_dim_qk), int(head_dim_v), int(causal), int(window_left),
+                    int(window_right), mask is not None, float(dropout_p))
+        pairs = visible_pairs(call.seqlen_q, call.seqlen_k, call.causal, call.window_left, call.window_right)
+        forward_flops = 2.0 * call.batch * call.heads_q * pairs * (call.head_dim_qk + call.head_dim_v)
+        call.flops = forward_flops * (2.5 if direction == "backward" else 1.0)
+        size = _BYTES.get(dtype, 4)
+        q_o = call.batch * call.heads_q * call.seqlen_q * (call.head_dim_qk + call.head_dim_v)
+        k_v = call.batch * call.heads_kv * call.seqlen_k * (call.head_dim_qk + call.head_dim_v)
+        lse = call.batch * call.heads_q * call.seqlen_q * 4
+        # forward: q, k, v read, o and lse written; backward: those read with dO, dq, dk, dv written
+        call.bytes = (q_o + k_v) * size + lse if direction == "forward" else (2 * q_o + 2 * k_v) * size + lse
+        if q.is_cuda:
+            import torch
+            self._cuda = True
+            if self.sync:
+                torch.cuda.synchronize(q.device)
+                call._events = time.perf_counter()
+            else:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+                call._events = start
+        else:
+            call._events = time.perf_counter()
+        return call
+
+    def end(self, call: Call) -> None:
+        if isinstance(call._events, float):
+            if self.sync and self._cuda and call.device.startswith("cuda"):
+                import torch
+                torch.cuda.synchronize(call.device)
+            call.ms = (time.perf_counter() - call._events) * 1e3
+            call._events = None
+        else:
+            import torch
+            stop = torch.cuda.Event(enable_timing=True)
+            stop.record()
+            call._events = (call._events, stop)
+        self.calls.append(call)
+
+    # ---- reading ---------------------------------------------------------------------------------------
+
+    def _resolve(self) -> None:
+        for call in self.calls:
+            if isinstance(call._events, tuple):
+                start, stop = call._events
+                stop.synchronize()
+                call.ms = start.elapsed_time(stop)
+                call._events = None
+
+    def attention_ms(self) -> float:
+        return sum(call.ms for call in self.calls)
+
+    def summary(self) -> list[dict]:
+        """One row per (direction, implementation, shape and features)."""
+        rows: dict[tuple, dict] = {}
+        for call in self.calls:
+            key = (call.direction, call.impl, call.shape_key())
+            row = rows.setdefault(key, dict(direction=call.direction, impl=call.impl, shape=call.shape_key(),
+                                            device=call.device, dtype=call.dtype, calls=0, ms=0.0, flops=0.0,
+                                            bytes=0.0))
+            row["calls"] += 1
+            row["ms"] += call.ms
+            row["flops"] += call.flops
+            row["bytes"] += call.bytes
+        for row in rows.values():
+            seconds = row["ms"] / 1e3
+            row["tflops"] = row["flops"] / seconds / 1e12 if seconds > 0 else float("nan")
+            row["gbps"] = row["bytes"] / seconds / 1e9 if seconds > 0 else float("nan")
+            peak = self.peaks.get(f"{row['device']} {row['dtype']}")
+            row["peak_share"] = row["tflops"] / peak if peak else float("nan")
+        return list(rows.values())
+
+    def to_json(self) -> dict:
+        calls = [{k: v for k, v in asdict(call).items() if not k.startswith("_")} for call in self.calls]
+        return dict(calls=calls, summary=self.summary(), attention_ms=self.attention_ms(),
+                    elapsed_ms=self.elapsed_ms, attention_share=self.attention_ms() / self.elapsed_ms
+                    if self.elapsed_ms > 0 else float("nan"), peak_memory_mib=self.peak_memory_mib,
+                    peak_tflops=self.peaks)
+
+    def table(self) -> str:
+        lines = ["| pass | impl | shape | calls | ms | TFLOP/s | GB/s | of peak |", "|---|---|---|---|---|---|---|---|"]
+        for row in self.summary():
+            share = f"{row['peak_share']:.0%}" if row["peak_share"] == row["peak_share"] else "–"
+            lines.append(f"| {row['direction']} | {row['impl']} | {row['shape']} | {row['calls']} | "
+                         f"{row['ms']:.2f} | {row['tflops']:.2f} | {row['gbps']:.1f} | {share} |")
+        attention = self.attention_ms()
+        share = attention / self.elapsed_ms if self.elapsed_ms > 0 else float("nan")
+        lines.append("")
+        lines.append(f"attention: {attention:.2f} ms of {self.elapsed_ms:.2f} ms in the block ({share:.0%})"
+                     + (f"; peak memory {self.peak_memory_mib:.0f} MiB" if self.peak_memory_mib == self.peak_memory_mib
+                        else ""))
+        return "\n".join(lines)
+
+
+def device_peak_tflops(device: str, dtype: str) -> float:
+    """A square matrix product's TFLOP/s on a device in a dtype, measured once and
+    kept (JSON, in the kernel cache directory's parent) for later processes."""
+    import torch
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    key = f"{name} {dtype}"
+    base = os.environ.get("FLASHJIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flashjit")
+    path = os.path.join(base, "peak_tflops.json")
+    try:
+        with open(path) as file:
+            known = json.load(file)
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key])
+    size = 4096 if device.startswith("cuda") else 512
+    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn_like(a)
+    for _ in range(2):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    repeats, start = 10, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    tflops = 2.0 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+    known[key] = tflops
+    try:
+        os.makedirs(base, exist_ok=True)
+        with open(path + ".tmp", "w") as file:
+            json.dump(known, file)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return tflops
+
+
+class profile:  # noqa: N801  (used as a context manager, like torch.profiler.profile)
+    """Records every attention call inside the block (module doc). ``report``
+    prints the table at exit; ``json_path`` writes to_json() there."""
+
+    def __init__(self, *, sync: bool = False, framework: bool = False, peak: bool = False, report: bool = False,
+                 json_path: Optional[str] = None):
+        self.profile = Profile(sync=sync, framework=framework, peak=peak)
+        self.report, self.json_path = report, json_path
+        self._saved_sdpa = None
+
+    def __enter__(self) -> Profile:
+        global _active
+        if _active is not None:
+            raise RuntimeError("[profile] a profile block is already open; profile blocks do not nest")
+        self._sync_devices()
+        self._torch_peak_reset()
+        if self.profile.framework:
+            self._hook_torch_sdpa()
+        self._start = time.perf_counter()
+        _active = self.profile
+        return self.profile
+
+    def __exit__(self, *exc) -> None:
+        global _active
+        _active = None
+        if self._saved_sdpa is not None:
+            import torch.nn.functional as F
+            F.scaled_dot_product_attention = self._saved_sdpa
+        self._sync_devices()
+        prof = self.profile
+        prof.elapsed_ms = (time.perf_counter() - self._start) * 1e3
+        prof._resolve()
+        prof.peak_memory_mib = self._torch_peak()
+        if prof.measure_peak:
+            for device, dtype in {(c.device, c.dtype) for c in prof.calls}:
+                prof.peaks[f"{device} {dtype}"] = device_peak_tflops(device, dtype)
+        if self.json_path:
+            with open(self.json_path, "w") as file:
+                json.dump(prof.to_json(), file, indent=1)
+        if self.report:
+            print(prof.table())
+
+    def _sync_devices(self) -> None:
+        try:
+            import torch
+        except ImportError:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def _torch_peak_reset(self) -> None:
+        try:
+            import torch
+        except ImportError:
+            return
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _torch_peak(self) -> float:
+        try:
+            import torch
+        except ImportError:
+            return float("nan")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.max_memory_allocated() / 2 ** 20
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's high-water mark
+
+    def _hook_torch_sdpa(self) -> None:
+        """torch's SDPA calls inside the block (those not served by flashjit), timed forward."""
+        import torch.nn.functional as F
+        original = F.scaled_dot_product_attention
+        self._saved_sdpa = original
+        prof = self.profile
+
+        def timed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
+            from . import sdpa
+            if original is sdpa._routed or getattr(original, "__module__", "").startswith("flashjit"):
+                return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+            call = prof.begin("forward", "torch", query, key, value, causal=1 if is_causal else 0, mask=attn_mask,
+                              dropout_p=dropout_p)
+            out = original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+            prof.end(call)
+            return out
+
+        F.scaled_dot_product_attention = timed

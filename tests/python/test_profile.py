@@ -1,0 +1,118 @@
+"""flashjit.profile(): every attention call inside the block is recorded with
+its FLOPs, bytes and time; calls outside it are not; torch's own SDPA calls
+with framework=True; a table and JSON at exit."""
+
+import json
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import profiler
+
+
+def _inputs(B=2, Hq=4, Hkv=2, Sq=33, Sk=47, D=16, grad=True):
+    torch.manual_seed(0)
+    q = torch.randn(B, Hq, Sq, D, requires_grad=grad)
+    k = torch.randn(B, Hkv, Sk, D, requires_grad=grad)
+    v = torch.randn(B, Hkv, Sk, D, requires_grad=grad)
+    return q, k, v
+
+
+def _visible_by_mask(Sq, Sk, causal, window):
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Sk)[None, :]
+    shift = 0 if causal == "top_left" else Sk - Sq
+    rel = j - i - shift
+    left, right = window
+    if causal:
+        right = 0
+    visible = torch.ones(Sq, Sk, dtype=torch.bool)
+    if left >= 0:
+        visible &= rel >= -left
+    if right >= 0:
+        visible &= rel <= right
+    return int(visible.sum())
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), ("top_left", (-1, -1)), ("bottom_right", (-1, -1)),
+                                           (False, (5, 3)), ("bottom_right", (7, -1))])
+def test_counts_flops_and_bytes(causal, window):
+    q, k, v = _inputs()
+    flashjit.attention(q, k, v).sum().backward()  # outside the block: not recorded
+    with flashjit.profile() as prof:
+        for _ in range(3):
+            flashjit.attention(q, k, v, causal=causal, window=window).sum().backward()
+    assert profiler._active is None
+    assert [c.direction for c in prof.calls].count("forward") == 3
+    assert [c.direction for c in prof.calls].count("backward") == 3
+    pairs = _visible_by_mask(33, 47, causal, window)
+    forward = next(c for c in prof.calls if c.direction == "forward")
+    backward = next(c for c in prof.calls if c.direction == "backward")
+    assert forward.flops == 2 * 2 * 4 * pairs * (16 + 16)
+    assert backward.flops == 2.5 * forward.flops
+    assert forward.bytes == (2 * 4 * 33 * 32 + 2 * 2 * 47 * 32) * 4 + 2 * 4 * 33 * 4
+    assert all(c.ms > 0 for c in prof.calls)
+    assert prof.elapsed_ms >= prof.attention_ms() > 0
+    (row,) = [r for r in prof.summary() if r["direction"] == "forward"]
+    assert row["calls"] == 3 and row["impl"] == "flashjit" and "B2 H4/2 Sq33 Sk47 D16" in row["shape"]
+
+
+def test_framework_calls_table_and_json(tmp_path):
+    q, k, v = _inputs(grad=False)
+    path = tmp_path / "profile.json"
+    with flashjit.profile(framework=True, json_path=str(path)) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                         is_causal=True)
+        flashjit.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.nn.functional.scaled_dot_product_attention.__module__.startswith("torch")  # unhooked at exit
+    assert [(c.impl, c.direction) for c in prof.calls] == [("torch", "forward"), ("flashjit", "forward")]
+    assert prof.calls[0].causal == 1
+    record = json.loads(path.read_text())
+    assert len(record["calls"]) == 2 and record["summary"][0]["impl"] == "torch"
+    assert 0 < record["attention_share"] <= 1
+    table = prof.table()
+    assert "| forward | torch |" in table and "| forward | flashjit |" in table and "attention:" in table
+
+
+def test_patched_sdpa_is_recorded_once_as_flashjit():
+    q, k, v = _inputs(grad=False, Hkv=4)
+    with flashjit.sdpa_patched(), flashjit.profile(framework=True) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert [(c.impl, c.direction) for c in prof.calls] == [("flashjit", "forward")]
+
+
+def test_blocks_do_not_nest_and_peak_is_measured_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    q, k, v = _inputs(grad=False)
+    with flashjit.profile(peak=True) as prof:
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with flashjit.profile():
+                pass
+        flashjit.attention(q, k, v)
+    (key,) = prof.peaks
+    assert key == "cpu float32" and prof.peaks[key] > 0
+    stored = json.loads((tmp_path / "peak_tflops.json").read_text())
+    assert len(stored) == 1 and list(stored.values())[0] == prof.peaks[key]
+    row = prof.summary()[0]
+    assert row["peak_share"] == pytest.approx(row["tflops"] / prof.peaks[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in flashjit.backends(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sync", [False, True])
+def test_cuda_calls_are_timed_by_events(sync):
+    q, k, v = (x.detach().cuda().half().requires_grad_() for x in _inputs(Sq=300, Sk=300, D=64))
+    with flashjit.profile(sync=sync) as prof:
+        flashjit.attention(q, k, v, causal="bottom_right").sum().backward()
+    assert [c.direction for c in prof.calls] == ["forward", "backward"]
+    assert all(c.ms > 0 and c.device.startswith("cuda") for c in prof.calls)
+    assert prof.peak_memory_mib > 0
+
+
+def test_compiled_calls_are_recorded():
+    q, k, v = _inputs(grad=False)
+    compiled = torch.compile(lambda q, k, v: flashjit.attention(q, k, v, causal="bottom_right"), fullgraph=True)
+    compiled(q, k, v)  # compile outside the block
+    with flashjit.profile() as prof:
+        compiled(q, k, v)
+    assert [(c.impl, c.direction, c.causal) for c in prof.calls] == [("flashjit", "forward", 2)]
