@@ -29,3 +29,8 @@ if "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then extra+=
 # Its wheels need glibc 2.35+ on Linux; where none installs, the MLX tests skip.
 "$PYTHON" -m pip install -q --disable-pip-version-check "mlx[cpu]==0.32.4" ||
   echo "setup: no mlx wheel for this machine; flashjit.mlx is not built and its tests skip"
+# mlx-lm (with transformers): the tests of flashjit.mlx's switch for mlx-lm's attention.
+if "$PYTHON" -c 'import mlx.core, transformers' 2>/dev/null; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check "mlx-lm==0.32.2" ||
+    echo "setup: mlx-lm did not install; its tests skip"
+fi

@@ -13,7 +13,12 @@ own; they run on a CPU stream (MLX on Linux; a Metal backend is not there yet).
 
 from __future__ import annotations
 
+import contextlib
+import math
+import sys
+
 import mlx.core as mx
+import mlx.nn as nn
 
 from .options import AttentionOptions
 
@@ -23,7 +28,8 @@ except ImportError as error:  # built only where MLX was installed at build time
     raise ImportError("flashjit.mlx: this flashjit build has no MLX primitives; install mlx "
                       "(pip install 'mlx[cpu]' on Linux) and reinstall flashjit") from error
 
-__all__ = ["attention", "scaled_dot_product_attention"]
+__all__ = ["attention", "scaled_dot_product_attention", "MultiHeadAttention", "patch_mlx_lm", "unpatch_mlx_lm",
+           "mlx_lm_patched", "mlx_lm_attention"]
 
 
 def _check_bindings():
@@ -86,3 +92,77 @@ def scaled_dot_product_attention(q, k, v, *, scale=None, mask=None):
                              f"'causal', got {mask!r}")
         mask, causal = None, "bottom_right"
     return attention(q, k, v, mask=mask, scale=scale, causal=causal)
+
+
+class MultiHeadAttention(nn.MultiHeadAttention):
+    """mlx.nn.MultiHeadAttention computed by flashjit: the same parameters (weights load
+    into either), the same call (queries, keys, values, mask=None: an additive or bool
+    array broadcastable to [B, heads, L, S], or "causal")."""
+
+    def __call__(self, queries, keys, values, mask=None):
+        queries, keys, values = self.query_proj(queries), self.key_proj(keys), self.value_proj(values)
+        heads = self.num_heads
+        queries, keys, values = (mx.unflatten(x, -1, (heads, -1)).transpose(0, 2, 1, 3)
+                                 for x in (queries, keys, values))
+        out = scaled_dot_product_attention(queries, keys, values, scale=1 / math.sqrt(queries.shape[-1]), mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).flatten(-2, -1))
+
+
+# ---- routing mlx-lm's attention here ----------------------------------------------------------------------
+
+_mlx_lm = {"original": None}
+
+
+def _mlx_lm_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    """mlx_lm.models.base.scaled_dot_product_attention's signature: flashjit serves it,
+    except a quantized cache and attention sinks, which go to mlx-lm's own function."""
+    if sinks is not None or hasattr(cache, "bits"):
+        return _mlx_lm["original"](queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    return scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def _mlx_lm_modules():
+    """mlx_lm.models.base and the loaded model modules (each imports the function by name)."""
+    return [module for name, module in list(sys.modules.items())
+            if module is not None and (name == "mlx_lm.models.base" or name.startswith("mlx_lm.models."))]
+
+
+def patch_mlx_lm() -> None:
+    """Routes mlx-lm's attention (mlx_lm.models.base.scaled_dot_product_attention, in the
+    base module and in every model module) to flashjit; models imported later take it too.
+    unpatch_mlx_lm() puts mlx-lm's function back."""
+    try:
+        import mlx_lm.models.base as base
+    except ImportError as error:
+        raise ImportError("flashjit.mlx.patch_mlx_lm: mlx-lm is not installed (pip install mlx-lm)") from error
+    if _mlx_lm["original"] is None:
+        _mlx_lm["original"] = base.scaled_dot_product_attention
+    for module in _mlx_lm_modules():
+        if getattr(module, "scaled_dot_product_attention", None) is _mlx_lm["original"]:
+            module.scaled_dot_product_attention = _mlx_lm_attention
+
+
+def unpatch_mlx_lm() -> None:
+    original = _mlx_lm["original"]
+    if original is None:
+        return
+    for module in _mlx_lm_modules():
+        if getattr(module, "scaled_dot_product_attention", None) is _mlx_lm_attention:
+            module.scaled_dot_product_attention = original
+
+
+def mlx_lm_patched() -> bool:
+    base = sys.modules.get("mlx_lm.models.base")
+    return base is not None and base.scaled_dot_product_attention is _mlx_lm_attention
+
+
+@contextlib.contextmanager
+def mlx_lm_attention():
+    """with flashjit.mlx.mlx_lm_attention(): ... (patched inside, as it was after)."""
+    was = mlx_lm_patched()
+    patch_mlx_lm()
+    try:
+        yield
+    finally:
+        if not was:
+            unpatch_mlx_lm()

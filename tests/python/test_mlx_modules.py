@@ -1,0 +1,84 @@
+"""flashjit.mlx's drop-ins: MultiHeadAttention (mlx.nn.MultiHeadAttention's parameters
+and call) and the switch that routes mlx-lm's attention to flashjit and back."""
+
+import sys
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+nn = pytest.importorskip("mlx.nn")
+fm = pytest.importorskip("flashjit.mlx")
+
+
+def _close(a, b, tol=2e-5):
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mask", [None, "additive causal", "bool"])
+def test_multi_head_attention_matches_mlx(mask):
+    mx.random.seed(0)
+    ours = fm.MultiHeadAttention(48, 6, key_input_dims=40, value_dims=36, bias=True)
+    theirs = nn.MultiHeadAttention(48, 6, key_input_dims=40, value_dims=36, bias=True)
+    theirs.update(ours.parameters())  # the same parameters load into either
+    queries, keys = mx.random.normal((2, 11, 48)), mx.random.normal((2, 13, 40))
+    values = mx.random.normal((2, 13, 40))
+    if mask == "additive causal":
+        mask = nn.MultiHeadAttention.create_additive_causal_mask(13)[-11:]
+    elif mask == "bool":
+        mask = mx.random.uniform(shape=(2, 1, 11, 13)) > 0.3
+    _close(ours(queries, keys, values, mask), theirs(queries, keys, values, mask))
+
+    def loss(model, *inputs):
+        return (model(*inputs, mask) ** 2).sum()
+
+    ours_grads = nn.value_and_grad(ours, loss)(ours, queries, keys, values)[1]
+    theirs_grads = nn.value_and_grad(theirs, loss)(theirs, queries, keys, values)[1]
+    for (name, a), (_, b) in zip(sorted(_flat(ours_grads)), sorted(_flat(theirs_grads))):
+        _close(a, b, 1e-4)
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flat(value, f"{prefix}{key}.")
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _flat(value, f"{prefix}{index}.")
+    else:
+        yield prefix, tree
+
+
+def test_mlx_lm_attention_is_routed_and_restored():
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.models import base, llama
+
+    original = base.scaled_dot_product_attention
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97)
+    mx.random.seed(1)
+    model = llama.Model(args)
+    tokens = mx.array(np.random.default_rng(0).integers(0, 97, (2, 21)))
+
+    def loss(model):
+        logits = model(tokens[:, :-1])
+        return nn.losses.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    plain_loss, plain_grads = nn.value_and_grad(model, loss)(model)
+    with fm.mlx_lm_attention():
+        assert llama.scaled_dot_product_attention is not original and base.scaled_dot_product_attention is not original
+        assert fm.mlx_lm_patched()
+        routed_loss, routed_grads = nn.value_and_grad(model, loss)(model)
+    assert llama.scaled_dot_product_attention is original and base.scaled_dot_product_attention is original
+    assert not fm.mlx_lm_patched()
+    _close(routed_loss, plain_loss, 1e-5)
+    for (_, a), (_, b) in zip(sorted(_flat(routed_grads)), sorted(_flat(plain_grads))):
+        _close(a, b, 1e-4)
+
+
+def test_patch_mlx_lm_without_mlx_lm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)
+    monkeypatch.setitem(sys.modules, "mlx_lm.models", None)
+    monkeypatch.setitem(sys.modules, "mlx_lm.models.base", None)
+    with pytest.raises(ImportError, match="mlx-lm is not installed"):
+        fm.patch_mlx_lm()
