@@ -20,7 +20,8 @@ fi
 # matplotlib: the plots of `flashjit bench`. transformers (Python 3.11+; its tests skip
 # without it): the tests of flashjit's transformers attention backend.
 extra=()
-if "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then extra+=("transformers==5.24.0"); fi
+# peft: the LoRA fine-tuning example on torch (examples/finetune/torch_lora.py) and its test.
+if "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then extra+=("transformers==5.24.0" "peft==0.18.0"); fi
 # nanobind is pinned to the one whose type registry mlx.core's bindings share (flashjit.mlx).
 "$PYTHON" -m pip install -q --disable-pip-version-check \
   "torch==2.13.0" "nvidia-cuda-nvrtc==13.0.*" "nanobind==3.1.0" numpy pytest "scikit-build-core>=0.10" "cmake>=3.21" \

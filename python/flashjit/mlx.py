@@ -29,7 +29,7 @@ except ImportError as error:  # built only where MLX was installed at build time
                       "(pip install 'mlx[cpu]' on Linux) and reinstall flashjit") from error
 
 __all__ = ["attention", "scaled_dot_product_attention", "MultiHeadAttention", "patch_mlx_lm", "unpatch_mlx_lm",
-           "mlx_lm_patched", "mlx_lm_attention"]
+           "mlx_lm_patched", "mlx_lm_attention", "profile_step"]
 
 
 def _check_bindings():
@@ -166,3 +166,84 @@ def mlx_lm_attention():
     finally:
         if not was:
             unpatch_mlx_lm()
+
+
+# ---- attention's share of a step ----------------------------------------------------------------------
+
+def profile_step(step, repeats: int = 5) -> dict:
+    """Attention's cost in one MLX step: runs `step()` (which must evaluate its
+    work) once, recording every attention call made through flashjit.mlx or
+    mx.fast.scaled_dot_product_attention (MLX builds its graph lazily, so a call
+    has no time of its own inside the step); then times each distinct call
+    (shapes, dtype, mask, implementation) in isolation, forward and backward
+    (mx.grad), median of `repeats`, with fresh inputs of the same shapes and the
+    call's own mask. Returns the step's time, the calls' estimated total, the share,
+    and a row per distinct call with its TFLOP/s (docs/measurement.md: forward
+    4 B H Sq Sk D, halved for causal Sq = Sk; forward + backward 3.5x), and "table"."""
+    import time as _time
+
+    calls: dict[tuple, dict] = {}
+    original_fast = mx.fast.scaled_dot_product_attention
+
+    def record(impl, q, k, v, scale, mask):
+        key = (impl, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), scale,
+               mask if isinstance(mask, str) or mask is None else (tuple(mask.shape), str(mask.dtype)))
+        entry = calls.setdefault(key, dict(impl=impl, q=tuple(q.shape), k=tuple(k.shape), v=tuple(v.shape),
+                                           dtype=q.dtype, scale=scale, mask=mask, calls=0))
+        entry["calls"] += 1
+
+    def fast(q, k, v, *args, scale=None, mask=None, **kwargs):
+        record("mx.fast", q, k, v, scale, mask)
+        return original_fast(q, k, v, *args, scale=scale, mask=mask, **kwargs)
+
+    def ours(q, k, v, *, scale=None, mask=None):
+        record("flashjit", q, k, v, scale, mask)
+        return _sdpa_unrecorded(q, k, v, scale=scale, mask=mask)
+
+    global scaled_dot_product_attention
+    saved_ours = scaled_dot_product_attention
+    mx.fast.scaled_dot_product_attention, scaled_dot_product_attention = fast, ours
+    try:
+        start = _time.perf_counter()
+        step()
+        step_ms = (_time.perf_counter() - start) * 1e3
+    finally:
+        mx.fast.scaled_dot_product_attention, scaled_dot_product_attention = original_fast, saved_ours
+
+    rows = []
+    for entry in calls.values():
+        run = original_fast if entry["impl"] == "mx.fast" else _sdpa_unrecorded
+        q, k, v = (mx.random.normal(entry[name]).astype(entry["dtype"]) for name in ("q", "k", "v"))
+
+        def loss(q, k, v, run=run, entry=entry):
+            return run(q, k, v, scale=entry["scale"], mask=entry["mask"]).astype(mx.float32).sum()
+
+        grad = mx.grad(loss, argnums=(0, 1, 2))
+        times = []
+        for _ in range(repeats + 1):  # the first compiles
+            begin = _time.perf_counter()
+            mx.eval(grad(q, k, v))
+            times.append((_time.perf_counter() - begin) * 1e3)
+        ms = sorted(times[1:])[len(times[1:]) // 2]
+        batch, heads, seqlen_q, dim = entry["q"]
+        seqlen_k = entry["k"][-2]
+        forward_flops = 4.0 * batch * heads * seqlen_q * seqlen_k * dim
+        if entry["mask"] == "causal" and seqlen_q == seqlen_k:
+            forward_flops /= 2
+        dtype = str(entry["dtype"]).removeprefix("mlx.core.")
+        rows.append(dict(impl=entry["impl"], shape=f"{dtype} B{batch} H{heads} Sq{seqlen_q} Sk{seqlen_k} D{dim}"
+                         + (f" mask={entry['mask']}" if isinstance(entry["mask"], str) else
+                            " mask=array" if entry["mask"] is not None else ""),
+                         calls=entry["calls"], ms_per_call=ms, ms=ms * entry["calls"],
+                         tflops=3.5 * forward_flops / (ms / 1e3) / 1e12))
+    attention_ms = sum(row["ms"] for row in rows)
+    lines = ["| impl | shape | calls | ms a call (fwd+bwd) | TFLOP/s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['impl']} | {r['shape']} | {r['calls']} | {r['ms_per_call']:.2f} | {r['tflops']:.3f} |"
+              for r in rows]
+    lines.append(f"\nattention: about {attention_ms:.1f} ms of a {step_ms:.1f} ms step "
+                 f"({attention_ms / step_ms:.0%}; each call timed alone, forward and backward)")
+    return dict(step_ms=step_ms, attention_ms=attention_ms, share=attention_ms / step_ms, rows=rows,
+                table="\n".join(lines))
+
+
+_sdpa_unrecorded = scaled_dot_product_attention
