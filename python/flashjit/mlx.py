@@ -20,6 +20,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import profiler as _profiler
 from .options import AttentionOptions
 
 try:
@@ -77,6 +78,11 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
                                     dropout_p=dropout_p)
     if mask is not None and mask.ndim < 4:
         mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    if _profiler._active is not None:  # flashjit.profile(): replayed alone at the block's exit
+        _profiler._active.record_mlx(
+            "flashjit", lambda q, k, v: attention(q, k, v, mask=mask, scale=scale, softcap=softcap, causal=causal,
+                                                  window=window, dropout_p=dropout_p, seed=seed, offset=offset),
+            q, k, v, options.causal, options.window_left, options.window_right, mask, options.dropout_p)
     o, lse = _mlx.attention(q, k, v, mask, options.scale, options.softcap, options.causal, options.window_left,
                             options.window_right, options.dropout_p, _rng(dropout_p, seed, offset))
     return (o, mx.stop_gradient(lse)) if return_lse else o  # the log-sum-exp carries no gradient

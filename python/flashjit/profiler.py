@@ -78,6 +78,7 @@ class Call:
     flops: float = 0.0
     bytes: float = 0.0
     ms: float = float("nan")
+    timed_alone: bool = False  # MLX: the call's lazy graph timed by itself at the block's exit
     _events: object = field(default=None, repr=False, compare=False)
 
     def shape_key(self) -> str:
@@ -124,7 +125,7 @@ class Profile:
         lse = call.batch * call.heads_q * call.seqlen_q * 4
         # forward: q, k, v read, o and lse written; backward: those read with dO, dq, dk, dv written
         call.bytes = (q_o + k_v) * size + lse if direction == "forward" else (2 * q_o + 2 * k_v) * size + lse
-        if q.is_cuda:
+        if getattr(q, "is_cuda", False):
             import torch
             self._cuda = True
             if self.sync:
@@ -152,11 +153,35 @@ class Profile:
             call._events = (call._events, stop)
         self.calls.append(call)
 
+    def record_mlx(self, impl: str, run, q, k, v, causal=0, window_left=-1, window_right=-1, mask=None,
+                   dropout_p=0.0) -> None:
+        """An MLX call: MLX builds its graph lazily, so the call has no time of its own
+        inside a step; `run(q, k, v)` replays it at the block's exit, timed alone
+        (forward, evaluated), once per distinct call."""
+        import mlx.core as mx
+
+        dtype = str(q.dtype).removeprefix("mlx.core.")
+        device = f"mlx:{'gpu' if mx.default_device() == mx.gpu else 'cpu'}"
+        shape = _Shape(q.shape, dtype, device)
+        call = self.begin("forward", impl, shape, _Shape(k.shape), _Shape(v.shape), causal, window_left,
+                          window_right, mask, dropout_p)
+        call.timed_alone = True
+        call._events = ("mlx", run, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
+        self.calls.append(call)
+
     # ---- reading ---------------------------------------------------------------------------------------
 
     def _resolve(self) -> None:
+        alone: dict[tuple, float] = {}
         for call in self.calls:
-            if isinstance(call._events, tuple):
+            if isinstance(call._events, tuple) and call._events[0] == "mlx":
+                _, run, q_shape, k_shape, v_shape, dtype = call._events
+                key = (call.impl, call.shape_key(), id(run) if call.mask else 0)
+                if key not in alone:
+                    alone[key] = _time_mlx(run, q_shape, k_shape, v_shape, dtype)
+                call.ms = alone[key]
+                call._events = None
+            elif isinstance(call._events, tuple):
                 start, stop = call._events
                 stop.synchronize()
                 call.ms = start.elapsed_time(stop)
@@ -207,6 +232,26 @@ class Profile:
         return "\n".join(lines)
 
 
+class _Shape:
+    """Enough of an array for Profile.begin: its shape, dtype name and device (MLX arrays)."""
+
+    def __init__(self, shape, dtype="", device="cpu"):
+        self.shape, self.dtype, self.device, self.ndim, self.is_cuda = tuple(shape), dtype, device, len(shape), False
+
+
+def _time_mlx(run, q_shape, k_shape, v_shape, dtype, repeats: int = 3) -> float:
+    """Milliseconds of run(q, k, v) evaluated alone on fresh inputs of those shapes, median."""
+    import mlx.core as mx
+
+    q, k, v = (mx.random.normal(shape).astype(dtype) for shape in (q_shape, k_shape, v_shape))
+    times = []
+    for _ in range(repeats + 1):  # the first may compile
+        start = time.perf_counter()
+        mx.eval(run(q, k, v))
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
 def device_peak_tflops(device: str, dtype: str) -> float:
     """A square matrix product's TFLOP/s on a device in a dtype, measured once and
     kept (JSON, in the kernel cache directory's parent) for later processes."""
@@ -255,6 +300,7 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
         self.profile = Profile(sync=sync, framework=framework, peak=peak)
         self.report, self.json_path = report, json_path
         self._saved_sdpa = None
+        self._saved_fast = None
 
     def __enter__(self) -> Profile:
         global _active
@@ -264,6 +310,7 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
         self._torch_peak_reset()
         if self.profile.framework:
             self._hook_torch_sdpa()
+            self._hook_mx_fast()
         self._start = time.perf_counter()
         _active = self.profile
         return self.profile
@@ -274,6 +321,9 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
         if self._saved_sdpa is not None:
             import torch.nn.functional as F
             F.scaled_dot_product_attention = self._saved_sdpa
+        if self._saved_fast is not None:
+            import mlx.core as mx
+            mx.fast.scaled_dot_product_attention = self._saved_fast
         self._sync_devices()
         prof = self.profile
         prof.elapsed_ms = (time.perf_counter() - self._start) * 1e3
@@ -314,9 +364,31 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's high-water mark
 
+    def _hook_mx_fast(self) -> None:
+        """mx.fast.scaled_dot_product_attention's calls inside the block (where MLX is loaded)."""
+        import sys
+        if "mlx.core" not in sys.modules:
+            return
+        import mlx.core as mx
+        original = mx.fast.scaled_dot_product_attention
+        self._saved_fast = original
+        prof = self.profile
+
+        def recorded(q, k, v, *args, scale=None, mask=None, **kwargs):
+            causal = 2 if isinstance(mask, str) and mask == "causal" else 0
+            array_mask = None if isinstance(mask, str) else mask
+            prof.record_mlx("mx.fast", lambda q, k, v: original(q, k, v, *args, scale=scale, mask=mask, **kwargs),
+                            q, k, v, causal=causal, mask=array_mask)
+            return original(q, k, v, *args, scale=scale, mask=mask, **kwargs)
+
+        mx.fast.scaled_dot_product_attention = recorded
+
     def _hook_torch_sdpa(self) -> None:
         """torch's SDPA calls inside the block (those not served by flashjit), timed forward."""
-        import torch.nn.functional as F
+        try:
+            import torch.nn.functional as F
+        except ImportError:
+            return
         original = F.scaled_dot_product_attention
         self._saved_sdpa = original
         prof = self.profile

@@ -116,3 +116,24 @@ def test_compiled_calls_are_recorded():
     with flashjit.profile() as prof:
         compiled(q, k, v)
     assert [(c.impl, c.direction, c.causal) for c in prof.calls] == [("flashjit", "forward", 2)]
+
+
+def test_mlx_calls_are_recorded_and_timed_alone():
+    mx = pytest.importorskip("mlx.core")
+    fm = pytest.importorskip("flashjit.mlx")
+    q, k, v = (mx.random.normal(shape) for shape in ((2, 4, 33, 16), (2, 2, 47, 16), (2, 2, 47, 16)))
+    fm.attention(q, k, v)  # outside the block: not recorded
+    original = mx.fast.scaled_dot_product_attention
+    with flashjit.profile(framework=True) as prof:
+        assert mx.fast.scaled_dot_product_attention is not original
+        for _ in range(2):
+            mx.eval(fm.attention(q, k, v, causal="bottom_right"))
+        mx.eval(mx.fast.scaled_dot_product_attention(q, mx.repeat(k, 2, 1), mx.repeat(v, 2, 1), scale=0.25,
+                                                     mask="causal"))
+    assert mx.fast.scaled_dot_product_attention is original  # unhooked at exit
+    assert [(c.impl, c.direction, c.causal) for c in prof.calls] == [("flashjit", "forward", 2)] * 2 + [
+        ("mx.fast", "forward", 2)]
+    assert all(c.timed_alone and c.ms > 0 and c.device == "mlx:cpu" for c in prof.calls)
+    assert prof.calls[0].flops == 2 * 2 * 4 * _visible_by_mask(33, 47, "bottom_right", (-1, -1)) * 32
+    rows = {(r["impl"], r["calls"]) for r in prof.summary()}
+    assert rows == {("flashjit", 2), ("mx.fast", 1)}
