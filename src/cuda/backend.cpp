@@ -295,16 +295,16 @@ struct KernelLaunch {
 };
 
 // What a call enqueues, in stream order: its kernels, chosen, with their TMA
-// descriptors encoded and their functions compiled or loaded before anything is
-// enqueued, and the stream-ordered scratch they share (freed in stream order
-// once the plan is gone, after its kernels). zero_first: a word of the scratch
-// to zero before the first kernel (the persistent forward's tile counter).
+// descriptors encoded and their functions compiled or loaded before anything
+// touches the stream (under stream capture a kernel not compiled yet is an error,
+// which then leaves the graph as it was), and the stream-ordered scratch they
+// share (taken once the functions are loaded; freed in stream order once the plan
+// is gone, after its kernels).
 struct Plan {
   static constexpr size_t kMaxKernels = 4;
   std::array<KernelLaunch, kMaxKernels> kernels;
   size_t count = 0;
   std::optional<StreamScratch> scratch;
-  unsigned* zero_first = nullptr;
 
   KernelLaunch& add(const KernelSpec& spec, const KernelParams& params, const Launch& launch) {
     if (count == kMaxKernels) {
@@ -319,10 +319,6 @@ struct Plan {
 };
 
 void enqueue(Plan& plan, const Launch& launch) {
-  if (plan.zero_first != nullptr) {
-    check(driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(plan.zero_first), 0, 1, launch.stream),
-          "cuMemsetD32Async");
-  }
   for (size_t index = 0; index < plan.count; ++index) {
     KernelLaunch& kernel = plan.kernels[index];
     run(kernel.spec, kernel.function, launch, kernel.params, kernel.blocks, kernel.splits);
@@ -350,11 +346,6 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
   const int64_t tiles_per_split = ceil_div(key_tiles, splits);
   splits = int(ceil_div(key_tiles, tiles_per_split));  // no span past the last key
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
-  if (!try_scratch(plan, size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float), launch)) {
-    return false;
-  }
-  params.split_o = static_cast<float*>(plan.scratch->get());
-  params.split_lse = params.split_o + int64_t(splits) * rows * p.head_dim_v;
   params.num_splits = splits;
   params.split_keys = checked_int(tiles_per_split * spec.block_n, "keys a split");
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
@@ -362,7 +353,16 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
   partials.blocks = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
   partials.splits = splits;
   const KernelSpec combine = combine_kernel(traits_for_launch(p, launch));
-  plan.add(combine, params, launch).blocks = ceil_div(rows, combine.threads / 32);
+  KernelLaunch& merge = plan.add(combine, params, launch);
+  merge.blocks = ceil_div(rows, combine.threads / 32);
+  if (!try_scratch(plan, size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float), launch)) {
+    plan.count = 0;
+    return false;
+  }
+  for (KernelLaunch* kernel : {&partials, &merge}) {
+    kernel->params.split_o = static_cast<float*>(plan.scratch->get());
+    kernel->params.split_lse = kernel->params.split_o + int64_t(splits) * rows * p.head_dim_v;
+  }
   return true;
 }
 
@@ -403,7 +403,13 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
   params.tile_counter = forced.stream_counter == 0 ? nullptr : stream_tile_counter(launch.stream, launch.device_index);
   params.tile_counter_resets = params.tile_counter != nullptr;
   if (params.tile_counter == nullptr && try_scratch(plan, sizeof(unsigned), launch)) {
-    params.tile_counter = plan.zero_first = static_cast<unsigned*>(plan.scratch->get());
+    // Zeroed before the launch in the stream's order; where that fails, a block a tile.
+    unsigned* counter = static_cast<unsigned*>(plan.scratch->get());
+    if (driver().cuMemsetD32Async(reinterpret_cast<CUdeviceptr>(counter), 0, 1, launch.stream) == 0) {
+      params.tile_counter = counter;
+    } else {
+      plan.scratch.reset();
+    }
   }
   if (params.tile_counter != nullptr) {
     kernel.blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
@@ -492,13 +498,9 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   const int64_t pitch = hopper ? ceil_div(p.seqlen_q, dq->block_rows()) * dq->block_rows() : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
-  plan.scratch.emplace(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream,
-                       launch.device_index);
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
-    kernel_params.delta = plan.scratch->get();
-    kernel_params.lse_log2 = hopper ? static_cast<float*>(plan.scratch->get()) + scratch_rows : nullptr;
     kernel_params.scratch_pitch = pitch;
     kernel_params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
     kernel_params.num_key_blocks = int(ceil_div(p.seqlen_k, spec.block_rows()));
@@ -510,6 +512,13 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
         break;
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
     }
+  }
+  plan.scratch.emplace(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream,
+                       launch.device_index);
+  for (size_t index = 0; index < plan.count; ++index) {
+    KernelParams& kernel_params = plan.kernels[index].params;
+    kernel_params.delta = plan.scratch->get();
+    kernel_params.lse_log2 = hopper ? static_cast<float*>(plan.scratch->get()) + scratch_rows : nullptr;
   }
 }
 
