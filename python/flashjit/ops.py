@@ -39,7 +39,7 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 _DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPES.items()}
 # Device codes of the compiled-in backends by name, which is torch's device type ("cpu", "cuda").
 _DEVICE_CODES = _C.DEVICES
-_CPU = _DEVICE_CODES["cpu"]
+_CPU, _CUDA = _DEVICE_CODES["cpu"], _DEVICE_CODES.get("cuda")
 
 
 def _ref(x: Tensor):
@@ -47,9 +47,14 @@ def _ref(x: Tensor):
     (DLPack) for a dtype or device flashjit does not take, so that _C names it.
     A descriptor holds no reference: the caller keeps x alive through the call."""
     dtype = _DTYPE_CODES.get(x.dtype)
-    device = _DEVICE_CODES.get(x.device.type)
-    if dtype is not None and device is not None:
-        return (x.data_ptr(), dtype, device, x.device.index or 0, x.shape, x.stride())
+    if dtype is not None:
+        if x.is_cpu:  # the common devices without building a torch.device (host time per call)
+            return (x.data_ptr(), dtype, _CPU, 0, x.shape, x.stride())
+        if x.is_cuda and _CUDA is not None:
+            return (x.data_ptr(), dtype, _CUDA, x.get_device(), x.shape, x.stride())
+        device = _DEVICE_CODES.get(x.device.type)
+        if device is not None:
+            return (x.data_ptr(), dtype, device, x.device.index or 0, x.shape, x.stride())
     return x.detach()
 
 
