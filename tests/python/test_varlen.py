@@ -1,0 +1,93 @@
+"""flashjit.varlen_attention: each packed sequence attends only to its own keys, against
+float64 attention of that sequence alone (outputs, LSE, gradients), with every option."""
+
+import pytest
+import torch
+
+import flashjit
+from conftest import DEVICE
+from reference import check, leaves, naive_attention
+
+LENGTHS_Q = [5, 0, 1, 33, 130, 64, 7]
+LENGTHS_K = [9, 4, 1, 33, 97, 64, 0]
+
+
+def _offsets(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal="top_left"), dict(window=(6, 2)),
+                                     dict(softcap=5.0, scale=0.3), dict(dropout_p=0.25, seed=11, offset=3)])
+def test_matches_each_sequence_alone(dtype, options):
+    torch.manual_seed(0)
+    Hq, Hkv, D, Dv = 4, 2, 24, 16
+    q = torch.randn(sum(LENGTHS_Q), Hq, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(LENGTHS_K), Hkv, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(LENGTHS_K), Hkv, Dv, device=DEVICE, dtype=dtype, requires_grad=True)
+    cu_q, cu_k = _offsets(LENGTHS_Q), _offsets(LENGTHS_K)
+    o, lse = flashjit.varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS_Q), max(LENGTHS_K), return_lse=True,
+                                       **options)
+    assert o.shape == (sum(LENGTHS_Q), Hq, Dv) and lse.shape == (Hq, sum(LENGTHS_Q))
+    dout = torch.randn_like(o)
+    o.backward(dout)
+    causal = options.get("causal", False)
+    causal = "bottom_right" if causal is True else causal
+    reference_options = dict(causal=causal, window=options.get("window", (-1, -1)),
+                             softcap=options.get("softcap", 0.0), scale=options.get("scale"))
+    dk_seen = torch.zeros(k.shape[0], dtype=torch.bool)
+    for i in range(len(LENGTHS_Q)):
+        qb, qe = cu_q[i].item(), cu_q[i + 1].item()
+        kb, ke = cu_k[i].item(), cu_k[i + 1].item()
+        if qe == qb:
+            continue
+        view = [x.detach()[b:e].transpose(0, 1).unsqueeze(0) for x, b, e in ((q, qb, qe), (k, kb, ke), (v, kb, ke))]
+        keep = None
+        if options.get("dropout_p"):
+            keep = torch.from_numpy(flashjit.dropout_keep_mask(1, Hq, qe - qb, ke - kb, dropout_p=options["dropout_p"],
+                                                               seed=options["seed"], offset=options["offset"] + i))
+        exact = leaves(*view, dtype=torch.float64, device="cpu")
+        base = leaves(*view, device="cpu")
+        exact_o, exact_lse = naive_attention(*exact, dropout_p=options.get("dropout_p", 0.0), keep=keep,
+                                             **reference_options)
+        base_o, base_lse = naive_attention(*base, dropout_p=options.get("dropout_p", 0.0), keep=keep, dtype=dtype,
+                                           **reference_options)
+        check("o", o[qb:qe].transpose(0, 1).unsqueeze(0), base_o, exact_o, dtype)
+        check("lse", lse[:, qb:qe].unsqueeze(0), base_lse, exact_lse, torch.float32)
+        g = dout[qb:qe].transpose(0, 1).unsqueeze(0).cpu()
+        exact_o.backward(g.double())
+        base_o.backward(g)
+        for name, grad, b, e, base_x, exact_x in (("dq", q.grad, qb, qe, base[0], exact[0]),
+                                                  ("dk", k.grad, kb, ke, base[1], exact[1]),
+                                                  ("dv", v.grad, kb, ke, base[2], exact[2])):
+            check(name, grad[b:e].transpose(0, 1).unsqueeze(0), base_x.grad, exact_x.grad, dtype)
+        dk_seen[kb:ke] = True
+    # Keys of a sequence without queries get no gradient.
+    assert (k.grad[~dk_seen] == 0).all() and (v.grad[~dk_seen] == 0).all()
+
+
+def test_no_grad_and_a_sequence_without_keys():
+    q = torch.randn(6, 2, 8, device=DEVICE)
+    k = torch.randn(3, 2, 8, device=DEVICE)
+    o, lse = flashjit.varlen_attention(q, k, k, _offsets([3, 3]), _offsets([3, 0]), return_lse=True)
+    assert (o[3:] == 0).all() and torch.isneginf(lse[:, 3:]).all()
+    expected = flashjit.attention(q[:3].transpose(0, 1)[None], k.transpose(0, 1)[None], k.transpose(0, 1)[None])
+    torch.testing.assert_close(o[:3], expected[0].transpose(0, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cu_q,cu_k,max_q,match", [
+    ([0, 3, 6], [0, 2], None, r"cu_seqlens_k: expected 3 offsets \(those of cu_seqlens_q\), got 2"),
+    ([1, 3, 6], [0, 2, 4], None, r"cu_seqlens_q: expected the first offset to be 0, got 1"),
+    ([0, 4, 3, 6], [0, 1, 2, 4], None, r"cu_seqlens_q: offsets must not decrease; offset 2 is 3 after 4"),
+    ([0, 3, 5], [0, 2, 4], None, r"cu_seqlens_q: expected the last offset to be the number of rows \(6\), got 5"),
+    ([0, 3, 6], [0, 2, 4], 2, r"max_seqlen_q: 2 is less than the longest sequence \(3\)"),
+])
+def test_bad_offsets(cu_q, cu_k, max_q, match):
+    q, k = torch.randn(6, 2, 8), torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        flashjit.varlen_attention(q, k, k, torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32),
+                                  max_q)
+    with pytest.raises(ValueError, match="cu_seqlens_q: expected a 1-d int32"):
+        flashjit.varlen_attention(q, k, k, torch.tensor([0.0, 6.0]), torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"q: expected 3 dims \[total, heads, head_dim\], got 4"):
+        flashjit.varlen_attention(q[None], k, k, torch.tensor([0, 6]), torch.tensor([0, 4]))
