@@ -78,6 +78,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
+    if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None:
+        return _packed_attention(module, query, key, value, scaling, is_causal, softcap, dropout, position_bias,
+                                 kwargs)
     if query.shape[0] == 1 and key.shape[0] > 1:  # queries shared by the batch (learned queries), as sdpa
         query = query.expand(key.shape[0], -1, -1, -1)
     causal = _causal(module, query, attention_mask, is_causal)
@@ -87,6 +90,29 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = attention(query, key, value, attn_mask=mask, scale=scaling, softcap=float(softcap or 0.0),
                     causal=causal, dropout_p=float(dropout))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(module, query, key, value, scaling, is_causal, softcap, dropout, position_bias, kwargs):
+    """Packed sequences described by cu_seq_lens_q/k (DataCollatorWithFlattening with
+    return_flash_attn_kwargs=True, as transformers' FlashAttention integrations take them):
+    one row of the batch holding the sequences one after another, each attending to its own
+    keys (causal per sequence), through varlen_attention; the mask transformers built for the
+    whole row is not used, as in those integrations."""
+    from .varlen import varlen_attention
+
+    if query.shape[0] != 1:
+        raise ValueError(f"[{_OP}] cu_seq_lens_q: packed sequences must be one row of the batch, got a batch of "
+                         f"{query.shape[0]}")
+    if position_bias is not None:
+        raise ValueError(f"[{_OP}] position_bias: not supported with packed sequences (cu_seq_lens_q)")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"[{_OP}] key: {key.shape[1]} heads do not divide the query's {query.shape[1]}")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                           kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs.get("max_length_q"),
+                           kwargs.get("max_length_k"), causal="bottom_right" if causal else False,
+                           softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout))
+    return out.unsqueeze(0), None
 
 
 def register(name: str = NAME) -> str:
