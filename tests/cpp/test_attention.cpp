@@ -261,3 +261,25 @@ TEST(QueryGroupPacking, PackedDecodeEqualsUnpacked) {
 
 }  // namespace
 }  // namespace flashjit::testing
+
+namespace flashjit::testing {
+namespace {
+
+// An output without elements is never written, so any strides do (frameworks give
+// empty arrays zero strides): a backward over no keys leaves dk and dv empty and
+// writes dq = 0.
+TEST(EmptyOutputs, ZeroStridesAreAccepted) {
+  AttentionBuffers b(1, 2, 2, 5, 0, 8, FJ_FLOAT32);
+  GuardedTensor dk({1, 2, 0, 8}, {0, 0, 0, 1}, FJ_FLOAT32), dv({1, 2, 0, 8}, {0, 0, 0, 1}, FJ_FLOAT32);
+  fj_attention_options options = fj_attention_options_default();
+  ASSERT_EQ(b.forward(options), FJ_SUCCESS) << fj_last_error();
+  b.dq.poison();
+  fj_tensor q = b.q.view(), k = b.k.view(), v = b.v.view(), o = b.o.view(), lse = b.lse.view(),
+            dout = b.dout.view(), dq = b.dq.view(), dkv = dk.view(), dvv = dv.view();
+  ASSERT_EQ(fj_attention_backward(&q, &k, &v, &o, &lse, &dout, &options, &dq, &dkv, &dvv), FJ_SUCCESS)
+      << fj_last_error();
+  for (double x : b.dq.values()) EXPECT_EQ(x, 0.0);
+}
+
+}  // namespace
+}  // namespace flashjit::testing

@@ -82,3 +82,31 @@ def test_patch_mlx_lm_without_mlx_lm(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlx_lm.models.base", None)
     with pytest.raises(ImportError, match="mlx-lm is not installed"):
         fm.patch_mlx_lm()
+
+
+def test_varlen_attention_is_each_sequence_alone():
+    lengths_q, lengths_k = [5, 0, 1, 20, 9], [6, 3, 1, 20, 0]
+    offsets_q = [0] + [int(x) for x in np.cumsum(lengths_q)]
+    offsets_k = [0] + [int(x) for x in np.cumsum(lengths_k)]
+    mx.random.seed(2)
+    q = mx.random.normal((sum(lengths_q), 4, 16))
+    k, v = mx.random.normal((sum(lengths_k), 2, 16)), mx.random.normal((sum(lengths_k), 2, 8))
+    o, lse = fm.varlen_attention(q, k, v, mx.array(offsets_q, dtype=mx.int32), offsets_k, causal=True, softcap=4.0,
+                                 return_lse=True)
+    assert o.shape == (sum(lengths_q), 4, 8) and lse.shape == (4, sum(lengths_q))
+    for i in range(len(lengths_q)):
+        (qb, qe), (kb, ke) = offsets_q[i:i + 2], offsets_k[i:i + 2]
+        if qe == qb:
+            continue
+        alone, alone_lse = fm.attention(q[qb:qe].transpose(1, 0, 2)[None], k[kb:ke].transpose(1, 0, 2)[None],
+                                        v[kb:ke].transpose(1, 0, 2)[None], causal="bottom_right", softcap=4.0,
+                                        return_lse=True)
+        assert mx.array_equal(o[qb:qe], alone[0].transpose(1, 0, 2)).item()
+        assert mx.array_equal(lse[:, qb:qe], alone_lse[0], equal_nan=True).item()
+    grads = mx.grad(lambda q, k, v: fm.varlen_attention(q, k, v, offsets_q, offsets_k, causal=True).sum(),
+                    argnums=(0, 1, 2))(q, k, v)
+    assert all(g.shape == x.shape for g, x in zip(grads, (q, k, v)))
+    # The keys of sequence 1 (no queries) get no gradient.
+    assert mx.all(grads[1][offsets_k[1]:offsets_k[2]] == 0).item()
+    with pytest.raises(ValueError, match="cu_seqlens_k: expected 6 offsets"):
+        fm.varlen_attention(q, k, v, offsets_q, [0, 6, 9, 10, 30])
