@@ -13,42 +13,12 @@ every attention call (flashjit's or torch's) and gives attention's share of the 
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mlx_lora import CONFIGS, corpus_tokens  # noqa: E402  (the shared configurations and corpus)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(CONFIGS), default="tiny")
-    parser.add_argument("--model-path", help="a local transformers checkpoint (weights and tokenizer)")
-    parser.add_argument("--data", help="a local text file (default: a generated corpus)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-layers", type=int, default=-1, help="blocks given LoRA adapters, from the last "
-                        "(-1: all)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--use-flash-attention", action="store_true")
-    parser.add_argument("--flash-block-size", type=int, help="keys a step of flashjit's CUDA forward")
-    parser.add_argument("--profile-attention", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json-out", help="write the summary here as JSON")
-    args = parser.parse_args(argv)
-    for name in ("seq_len", "batch_size", "steps", "lora_rank"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
-    return args
+from common import CONFIGS, corpus_tokens, parse_args, record_step, summarize  # noqa: E402
 
 
 def build_model(args, attn_implementation):
@@ -71,7 +41,7 @@ def build_model(args, attn_implementation):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = parse_args(__doc__, "transformers", ["cpu", "cuda"], argv)
     if args.flash_block_size:
         os.environ["FLASHJIT_CUDA_TILES"] = f"n={args.flash_block_size}"
     import peft
@@ -114,11 +84,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         loss = train_step(batches[step])
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mib()
-        history.append(dict(step=step + 1, loss=loss, seconds=seconds, tokens_per_second=tokens_per_step / seconds,
-                            peak_memory_mib=peak))
-        print(f"step {step + 1:4d}  loss {loss:.4f}  {tokens_per_step / seconds:9.0f} tokens/s  "
-              f"peak {peak:8.1f} MiB", flush=True)
+        record_step(history, step + 1, loss, seconds, tokens_per_step,
+                    torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mib())
     attention = None
     if args.profile_attention:
         with flashjit.profile(framework=True, peak=True) as prof:
@@ -126,22 +93,7 @@ def main(argv=None) -> dict:
         print(prof.table(), flush=True)
         record = prof.to_json()
         attention = {k: record[k] for k in ("attention_ms", "elapsed_ms", "attention_share", "summary", "peak_tflops")}
-    timed = history[1:] or history
-    summary = dict(
-        model=args.model, device=args.device, dtype=args.dtype, flash_attention=args.use_flash_attention,
-        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, trainable_parameters=trainable,
-        first_loss=history[0]["loss"], last_loss=history[-1]["loss"],
-        tokens_per_second=tokens_per_step * len(timed) / sum(h["seconds"] for h in timed),
-        peak_memory_mib=max(h["peak_memory_mib"] for h in history), history=history, attention=attention)
-    print(f"summary: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
-          f"{summary['tokens_per_second']:.0f} tokens/s, peak {summary['peak_memory_mib']:.1f} MiB", flush=True)
-    if args.json_out:
-        with open(args.json_out, "w") as file:
-            json.dump(summary, file, indent=1)
-    if not all(math.isfinite(h["loss"]) for h in history):
-        print("error: the loss is not finite", file=sys.stderr)
-        sys.exit(1)
-    return summary
+    return summarize(args, history, trainable, tokens_per_step, attention)
 
 
 def _rss_peak_mib() -> float:

@@ -232,6 +232,15 @@ class Profile:
         return "\n".join(lines)
 
 
+def _torch_with_cuda():
+    """torch, where it is installed and has initialised CUDA in this process; else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 class _Shape:
     """Enough of an array for Profile.begin: its shape, dtype name and device (MLX arrays)."""
 
@@ -339,27 +348,18 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
             print(prof.table())
 
     def _sync_devices(self) -> None:
-        try:
-            import torch
-        except ImportError:
-            return
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch = _torch_with_cuda()
+        if torch is not None:
             torch.cuda.synchronize()
 
     def _torch_peak_reset(self) -> None:
-        try:
-            import torch
-        except ImportError:
-            return
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch = _torch_with_cuda()
+        if torch is not None:
             torch.cuda.reset_peak_memory_stats()
 
     def _torch_peak(self) -> float:
-        try:
-            import torch
-        except ImportError:
-            return float("nan")
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch = _torch_with_cuda()
+        if torch is not None:
             return torch.cuda.max_memory_allocated() / 2 ** 20
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's high-water mark
