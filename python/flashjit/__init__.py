@@ -29,6 +29,7 @@ except ImportError:
 else:
     from . import ops  # registers torch.ops.flashjit.fwd and .bwd
     from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
-    from .varlen import varlen_attention
+    from .varlen import attention_with_kvcache, varlen_attention
 
-    __all__ += ["scaled_dot_product_attention", "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "varlen_attention"]
+    __all__ += ["scaled_dot_product_attention", "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "varlen_attention",
+                "attention_with_kvcache"]

@@ -151,3 +151,96 @@ class _NoContext:
 
     def mark_non_differentiable(self, *tensors):
         pass
+
+
+_KV_OP = "attention_with_kvcache"
+
+
+def _cache_rows(cache: Tensor, page_table: Optional[Tensor], b: int, begin: int, end: int) -> Tensor:
+    """Rows begin:end of sequence b's cache as [end - begin, H, D]: a view of a dense cache, or
+    (pages [num_pages, page_size, H, D]) the rows gathered from its pages."""
+    if page_table is None:
+        return cache[b, begin:end]
+    page_size = cache.shape[1]
+    rows = torch.arange(begin, end, device=cache.device)
+    pages = page_table[b].to(cache.device).long()[rows // page_size]
+    return cache[pages, rows % page_size]
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=None, k=None, v=None, causal=False,
+                           window=(-1, -1), softcap=0.0, scale=None, return_lse=False):
+    """flash-attn's flash_attn_with_kvcache: q [B, Sq, Hq, D] attends to the first
+    cache_seqlens[b] (+ S_new) keys of its sequence's cache → [B, Sq, Hq, Dv] (and lse
+    [B, Hq, Sq]). The cache is k_cache [B, S_cache, Hkv, D], v_cache [B, S_cache, Hkv, Dv],
+    or with page_table [B, max_pages] (int32) pages [num_pages, page_size, Hkv, D]. k, v
+    [B, S_new, Hkv, D] given are first written into the cache at each sequence's length (in
+    place). causal=True aligns bottom-right (the last query sees the last key).
+
+    This version runs one kernel call per sequence (on views of a dense cache; a paged one's
+    rows are gathered first); not differentiable (a cache is for inference)."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"[{_KV_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"[{_KV_OP}] {name}: expected 4 dims, got {x.ndim}")
+    batch = q.shape[0]
+    lengths = _lengths("cache_seqlens", cache_seqlens, batch)
+    if page_table is not None:
+        if not isinstance(page_table, Tensor) or page_table.dtype not in (torch.int32, torch.int64) or \
+                page_table.ndim != 2 or page_table.shape[0] != batch:
+            raise ValueError(f"[{_KV_OP}] page_table: expected an int32 tensor [batch={batch}, max_pages]")
+        capacity = page_table.shape[1] * k_cache.shape[1]
+        pages = page_table.tolist()
+        for b, row in enumerate(pages):
+            used = -(-(lengths[b] + (0 if k is None else k.shape[1])) // k_cache.shape[1])
+            for p in row[:used]:
+                if not 0 <= p < k_cache.shape[0]:
+                    raise ValueError(f"[{_KV_OP}] page_table: page {p} of sequence {b} is out of range "
+                                     f"(0..{k_cache.shape[0] - 1})")
+    else:
+        capacity = k_cache.shape[1]
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"[{_KV_OP}] k_cache: expected a batch of {batch} (q's), got {k_cache.shape[0]}")
+    new = 0
+    if (k is None) != (v is None):
+        raise ValueError(f"[{_KV_OP}] k, v: give both new keys and values, or neither")
+    if k is not None:
+        new = k.shape[1]
+        for b in range(batch):
+            if lengths[b] + new > capacity:
+                raise ValueError(f"[{_KV_OP}] k: sequence {b} holds {lengths[b]} keys; {new} more do not fit "
+                                 f"its cache of {capacity}")
+        for b in range(batch):  # appended in place before attending
+            for cache, values in ((k_cache, k), (v_cache, v)):
+                if page_table is None:
+                    cache[b, lengths[b]:lengths[b] + new] = values[b]
+                else:
+                    rows = torch.arange(lengths[b], lengths[b] + new, device=cache.device)
+                    page = torch.as_tensor(pages[b], device=cache.device)[rows // cache.shape[1]]
+                    cache[page, rows % cache.shape[1]] = values[b]
+    options = dict(scale=scale, softcap=softcap, causal="bottom_right" if causal is True else causal, window=window)
+    o = q.new_empty(batch, q.shape[1], q.shape[2], v_cache.shape[-1])
+    lse = torch.empty(batch, q.shape[2], q.shape[1], dtype=ops.lse_dtype(q.dtype), device=q.device)
+    from .api import attention
+
+    with torch.no_grad():
+        for b in range(batch):
+            keys = lengths[b] + new
+            kb = _cache_rows(k_cache, page_table, b, 0, keys)
+            vb = _cache_rows(v_cache, page_table, b, 0, keys)
+            ob, lseb = attention(q[b:b + 1].transpose(1, 2), kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
+                                 return_lse=True, **options)
+            o[b] = ob[0].transpose(0, 1)
+            lse[b] = lseb[0]
+    return (o, lse) if return_lse else o
+
+
+def _lengths(name: str, lengths, batch: int) -> list[int]:
+    if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.ndim != 1 or \
+            lengths.shape[0] != batch:
+        raise ValueError(f"[{_KV_OP}] {name}: expected an int32 tensor of {batch} lengths (q's batch)")
+    values = lengths.tolist()
+    for b, value in enumerate(values):
+        if value < 0:
+            raise ValueError(f"[{_KV_OP}] {name}: length {value} of sequence {b} is negative")
+    return values
