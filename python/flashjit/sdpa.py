@@ -142,6 +142,31 @@ def _causal_bias_code(bias, query: Tensor, key: Tensor, is_causal: bool) -> int:
     return 1 if bias.variant == CausalVariant.UPPER_LEFT else 2
 
 
+_PLAIN_OPTIONS: dict = {}
+
+
+def _plain_options(scale, causal: int) -> AttentionOptions:
+    """The options of a call without mask or dropout, made once per (scale, causal)."""
+    key = (None if scale is None else float(scale), causal)
+    options = _PLAIN_OPTIONS.get(key)
+    if options is None:
+        options = AttentionOptions(scale=key[0], causal=causal)
+        if len(_PLAIN_OPTIONS) < 256:  # a few scales in practice; never an unbounded cache
+            _PLAIN_OPTIONS[key] = options
+    return options
+
+
+def _call(q, k, v, options: AttentionOptions, mask, rng) -> Tensor:
+    """ops.attention's output, its errors in this function's names (not while compiling: the
+    tracer takes the errors as they are)."""
+    if torch.compiler.is_compiling():
+        return ops.attention(q, k, v, options, mask, rng)[0]
+    try:
+        return ops.attention(q, k, v, options, mask, rng)[0]
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise _as_sdpa_error(error) from None
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -169,6 +194,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             attn_mask = bias._materialize(query.device)
         return torch._C._nn.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
                                                          scale=scale, enable_gqa=enable_gqa)
+    if (attn_mask is None and not dropout_p and query.ndim == key.ndim == value.ndim == 4
+            and query.shape[0] == key.shape[0] == value.shape[0] and key.shape[1] == value.shape[1]
+            and (query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0))):
+        # The common call ([B, H, S, D], no mask, no dropout): nothing to broadcast or reshape.
+        return _call(query, key, value, _plain_options(scale, causal), None, None)
     out_rank = max(query.ndim, key.ndim, value.ndim)
     # Leading dims broadcast as in torch.matmul; a 2-d input gets a heads dim of 1.
     rank = max(out_rank, 3)
@@ -193,13 +223,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     dropout_p = 0.0 if drop_all else float(dropout_p)
     rng = ops.dropout_rng() if dropout_p > 0 else None
     options = AttentionOptions(scale=None if scale is None else float(scale), causal=causal, dropout_p=dropout_p)
-    if torch.compiler.is_compiling():
-        o, _ = ops.attention(q, k, v, options, mask, rng)
-    else:
-        try:
-            o, _ = ops.attention(q, k, v, options, mask, rng)
-        except (ValueError, TypeError, NotImplementedError) as error:
-            raise _as_sdpa_error(error) from None
+    o = _call(q, k, v, options, mask, rng)
     if drop_all:
         o = o * 0.0
     if len(batch_dims) != 1:  # o is [batch, heads_q, seqlen_q, Ev]
