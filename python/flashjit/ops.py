@@ -136,30 +136,30 @@ def _check(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, w
            check_only=True)
 
 
-def _profiled(direction, q, k, v, options):
-    """A record of flashjit.profile() for this call (options: the ops' arguments after the tensors)."""
+def _run_recorded(direction: str, kernel, inputs, outputs, *options):
+    """_run, recorded by an open flashjit.profile() (the one global lookup when none is)."""
+    profile = _profiler._active
+    if profile is None:
+        _run(kernel, inputs, outputs, *options)
+        return
     mask, _, _, causal, window_left, window_right, dropout_p = options[:7]
-    return _profiler._active.begin(direction, "flashjit", q, k, v, causal, window_left, window_right, mask, dropout_p)
+    call = profile.begin(direction, "flashjit", *inputs[:3], causal, window_left, window_right, mask, dropout_p)
+    _run(kernel, inputs, outputs, *options)
+    profile.end(call)
 
 
 def _forward(q, k, v, *options):
     o_shape, lse_shape = output_shapes("attention", q, v)
     o = q.new_empty(o_shape)
     lse = q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
-    call = None if _profiler._active is None else _profiled("forward", q, k, v, options)
-    _run(_C.forward, (q, k, v), (o, lse), *options)
-    if call is not None:
-        _profiler._active.end(call)
+    _run_recorded("forward", _C.forward, (q, k, v), (o, lse), *options)
     return o, lse
 
 
 def _backward(dout, q, k, v, o, lse, *options):
     # Gradients take the layout of their inputs (empty_like keeps dense strides).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    call = None if _profiler._active is None else _profiled("backward", q, k, v, options)
-    _run(_C.backward, (q, k, v, o, lse, dout), (dq, dk, dv), *options)
-    if call is not None:
-        _profiler._active.end(call)
+    _run_recorded("backward", _C.backward, (q, k, v, o, lse, dout), (dq, dk, dv), *options)
     return dq, dk, dv
 
 

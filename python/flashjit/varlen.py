@@ -10,7 +10,7 @@ them, from 0 to the total). Attention never crosses a sequence boundary.
 This version runs one kernel call per sequence on views of the packed tensors (no
 copies; the outputs are written in place into the packed result), with the offsets
 read on the host (a device synchronisation for offsets on a GPU); kernels that take the
-offsets themselves are future work, and the custom op under torch.compile with them.
+offsets themselves are future work, and the custom op under torch.compile with them. flashjit.profile() records each sequence's call.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class _VarlenAttention(torch.autograd.Function):
             (qb, qe), (kb, ke) = offsets_q[i:i + 2], offsets_k[i:i + 2]
             if qe == qb:
                 continue
-            ops._run(_C.forward, (_sequence(q, qb, qe), _sequence(k, kb, ke), _sequence(v, kb, ke)),
-                     (_sequence(o, qb, qe), _lse_sequence(lse, qb, qe)), *_sequence_args(options, rng, i))
+            ops._run_recorded("forward", _C.forward, (_sequence(q, qb, qe), _sequence(k, kb, ke), _sequence(v, kb, ke)),
+                              (_sequence(o, qb, qe), _lse_sequence(lse, qb, qe)), *_sequence_args(options, rng, i))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.offsets, ctx.options, ctx.rng = (offsets_q, offsets_k), options, rng
         ctx.mark_non_differentiable(lse)
@@ -96,8 +96,9 @@ class _VarlenAttention(torch.autograd.Function):
                 continue
             inputs = (_sequence(q, qb, qe), _sequence(k, kb, ke), _sequence(v, kb, ke), _sequence(o, qb, qe),
                       _lse_sequence(lse, qb, qe), _sequence(grad_o, qb, qe))
-            ops._run(_C.backward, inputs, (_sequence(dq, qb, qe), _sequence(dk, kb, ke), _sequence(dv, kb, ke)),
-                     *_sequence_args(ctx.options, ctx.rng, i))
+            ops._run_recorded("backward", _C.backward, inputs,
+                              (_sequence(dq, qb, qe), _sequence(dk, kb, ke), _sequence(dv, kb, ke)),
+                              *_sequence_args(ctx.options, ctx.rng, i))
         return dq, dk, dv, None, None, None, None
 
 

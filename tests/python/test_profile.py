@@ -137,3 +137,12 @@ def test_mlx_calls_are_recorded_and_timed_alone():
     assert prof.calls[0].flops == 2 * 2 * 4 * _visible_by_mask(33, 47, "bottom_right", (-1, -1)) * 32
     rows = {(r["impl"], r["calls"]) for r in prof.summary()}
     assert rows == {("flashjit", 2), ("mx.fast", 1)}
+
+
+def test_varlen_calls_are_recorded_per_sequence():
+    q, k = torch.randn(12, 4, 16, requires_grad=True), torch.randn(9, 2, 16, requires_grad=True)
+    cu_q, cu_k = torch.tensor([0, 5, 5, 12], dtype=torch.int32), torch.tensor([0, 4, 6, 9], dtype=torch.int32)
+    with flashjit.profile() as prof:
+        flashjit.varlen_attention(q, k, k, cu_q, cu_k, causal=True).sum().backward()
+    assert [(c.direction, c.seqlen_q, c.seqlen_k) for c in prof.calls] == [
+        ("forward", 5, 4), ("forward", 7, 3), ("backward", 5, 4), ("backward", 7, 3)]
