@@ -177,71 +177,30 @@ def mlx_lm_attention():
 # ---- attention's share of a step ----------------------------------------------------------------------
 
 def profile_step(step, repeats: int = 5) -> dict:
-    """Attention's cost in one MLX step: runs `step()` (which must evaluate its
-    work) once, recording every attention call made through flashjit.mlx or
-    mx.fast.scaled_dot_product_attention (MLX builds its graph lazily, so a call
-    has no time of its own inside the step); then times each distinct call
-    (shapes, dtype, mask, implementation) in isolation, forward and backward
-    (mx.grad), median of `repeats`, with fresh inputs of the same shapes and the
-    call's own mask. Returns the step's time, the calls' estimated total, the share,
-    and a row per distinct call with its TFLOP/s (docs/measurement.md: forward
-    4 B H Sq Sk D, halved for causal Sq = Sk; forward + backward 3.5x), and "table"."""
+    """Attention's cost in one MLX step: runs `step()` (which must evaluate its work) once
+    inside flashjit.profile(framework=True), which records every attention call through
+    flashjit.mlx or mx.fast.scaled_dot_product_attention (MLX builds its graph lazily, so a
+    call has no time of its own inside the step); then times each distinct call alone,
+    forward and backward (mx.grad), median of `repeats`, on fresh inputs of its shapes with
+    its own mask. Returns the step's time, the calls' estimated total, the share, a row per
+    distinct call with its TFLOP/s (the call's exact FLOPs, forward + backward 3.5x the
+    forward's, docs/measurement.md), and "table"."""
     import time as _time
 
-    calls: dict[tuple, dict] = {}
-    original_fast = mx.fast.scaled_dot_product_attention
-
-    def record(impl, q, k, v, scale, mask):
-        key = (impl, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), scale,
-               mask if isinstance(mask, str) or mask is None else (tuple(mask.shape), str(mask.dtype)))
-        entry = calls.setdefault(key, dict(impl=impl, q=tuple(q.shape), k=tuple(k.shape), v=tuple(v.shape),
-                                           dtype=q.dtype, scale=scale, mask=mask, calls=0))
-        entry["calls"] += 1
-
-    def fast(q, k, v, *args, scale=None, mask=None, **kwargs):
-        record("mx.fast", q, k, v, scale, mask)
-        return original_fast(q, k, v, *args, scale=scale, mask=mask, **kwargs)
-
-    def ours(q, k, v, *, scale=None, mask=None):
-        record("flashjit", q, k, v, scale, mask)
-        return _sdpa_unrecorded(q, k, v, scale=scale, mask=mask)
-
-    global scaled_dot_product_attention
-    saved_ours = scaled_dot_product_attention
-    mx.fast.scaled_dot_product_attention, scaled_dot_product_attention = fast, ours
-    try:
+    with _profiler.profile(framework=True) as prof:
+        prof.time_mlx_alone = False
         start = _time.perf_counter()
         step()
         step_ms = (_time.perf_counter() - start) * 1e3
-    finally:
-        mx.fast.scaled_dot_product_attention, scaled_dot_product_attention = original_fast, saved_ours
-
+    groups: dict[tuple, list] = {}
+    for call in prof.calls:
+        if call._replay is not None:
+            groups.setdefault((call.impl, call.shape_key()), []).append(call)
     rows = []
-    for entry in calls.values():
-        run = original_fast if entry["impl"] == "mx.fast" else _sdpa_unrecorded
-        q, k, v = (mx.random.normal(entry[name]).astype(entry["dtype"]) for name in ("q", "k", "v"))
-
-        def loss(q, k, v, run=run, entry=entry):
-            return run(q, k, v, scale=entry["scale"], mask=entry["mask"]).astype(mx.float32).sum()
-
-        grad = mx.grad(loss, argnums=(0, 1, 2))
-        times = []
-        for _ in range(repeats + 1):  # the first compiles
-            begin = _time.perf_counter()
-            mx.eval(grad(q, k, v))
-            times.append((_time.perf_counter() - begin) * 1e3)
-        ms = sorted(times[1:])[len(times[1:]) // 2]
-        batch, heads, seqlen_q, dim = entry["q"]
-        seqlen_k = entry["k"][-2]
-        forward_flops = 4.0 * batch * heads * seqlen_q * seqlen_k * dim
-        if entry["mask"] == "causal" and seqlen_q == seqlen_k:
-            forward_flops /= 2
-        dtype = str(entry["dtype"]).removeprefix("mlx.core.")
-        rows.append(dict(impl=entry["impl"], shape=f"{dtype} B{batch} H{heads} Sq{seqlen_q} Sk{seqlen_k} D{dim}"
-                         + (f" mask={entry['mask']}" if isinstance(entry["mask"], str) else
-                            " mask=array" if entry["mask"] is not None else ""),
-                         calls=entry["calls"], ms_per_call=ms, ms=ms * entry["calls"],
-                         tflops=3.5 * forward_flops / (ms / 1e3) / 1e12))
+    for (impl, shape), calls in groups.items():
+        ms = _profiler.mlx_call_ms(*calls[0]._replay, repeats=repeats, backward=True)
+        rows.append(dict(impl=impl, shape=shape, calls=len(calls), ms_per_call=ms, ms=ms * len(calls),
+                         tflops=3.5 * calls[0].flops / (ms / 1e3) / 1e12))
     attention_ms = sum(row["ms"] for row in rows)
     lines = ["| impl | shape | calls | ms a call (fwd+bwd) | TFLOP/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['impl']} | {r['shape']} | {r['calls']} | {r['ms_per_call']:.2f} | {r['tflops']:.3f} |"
@@ -250,9 +209,6 @@ def profile_step(step, repeats: int = 5) -> dict:
                  f"({attention_ms / step_ms:.0%}; each call timed alone, forward and backward)")
     return dict(step_ms=step_ms, attention_ms=attention_ms, share=attention_ms / step_ms, rows=rows,
                 table="\n".join(lines))
-
-
-_sdpa_unrecorded = scaled_dot_product_attention
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,

@@ -80,6 +80,7 @@ class Call:
     ms: float = float("nan")
     timed_alone: bool = False  # MLX: the call's lazy graph timed by itself at the block's exit
     _events: object = field(default=None, repr=False, compare=False)
+    _replay: object = field(default=None, repr=False, compare=False)  # MLX: (run, q, k, v shapes, dtype)
 
     def shape_key(self) -> str:
         features = [f"causal={'top-left' if self.causal == 1 else 'bottom-right'}"] if self.causal else []
@@ -105,6 +106,7 @@ class Profile:
         self.peak_memory_mib = float("nan")
         self.peaks: dict[str, float] = {}  # TFLOP/s by "device dtype"
         self._cuda = False
+        self.time_mlx_alone = True  # flashjit.mlx.profile_step times MLX calls its own way
 
     # ---- recording (ops.py and the framework hook call these) ----------------------------------------
 
@@ -165,8 +167,9 @@ class Profile:
         shape = _Shape(q.shape, dtype, device)
         call = self.begin("forward", impl, shape, _Shape(k.shape), _Shape(v.shape), causal, window_left,
                           window_right, mask, dropout_p)
-        call.timed_alone = True
-        call._events = ("mlx", run, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
+        call.timed_alone = self.time_mlx_alone
+        call._events = None
+        call._replay = (run, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype)
         self.calls.append(call)
 
     # ---- reading ---------------------------------------------------------------------------------------
@@ -174,13 +177,11 @@ class Profile:
     def _resolve(self) -> None:
         alone: dict[tuple, float] = {}
         for call in self.calls:
-            if isinstance(call._events, tuple) and call._events[0] == "mlx":
-                _, run, q_shape, k_shape, v_shape, dtype = call._events
-                key = (call.impl, call.shape_key(), id(run) if call.mask else 0)
+            if call.timed_alone:
+                key = (call.impl, call.shape_key())
                 if key not in alone:
-                    alone[key] = _time_mlx(run, q_shape, k_shape, v_shape, dtype)
+                    alone[key] = mlx_call_ms(*call._replay)
                 call.ms = alone[key]
-                call._events = None
             elif isinstance(call._events, tuple):
                 start, stop = call._events
                 stop.synchronize()
@@ -248,15 +249,17 @@ class _Shape:
         self.shape, self.dtype, self.device, self.ndim, self.is_cuda = tuple(shape), dtype, device, len(shape), False
 
 
-def _time_mlx(run, q_shape, k_shape, v_shape, dtype, repeats: int = 3) -> float:
-    """Milliseconds of run(q, k, v) evaluated alone on fresh inputs of those shapes, median."""
+def mlx_call_ms(run, q_shape, k_shape, v_shape, dtype, repeats: int = 3, backward: bool = False) -> float:
+    """Milliseconds of run(q, k, v) (with backward=True: its gradients by mx.grad) evaluated
+    alone on fresh inputs of those shapes, median of `repeats` after one that may compile."""
     import mlx.core as mx
 
     q, k, v = (mx.random.normal(shape).astype(dtype) for shape in (q_shape, k_shape, v_shape))
+    fn = mx.grad(lambda q, k, v: run(q, k, v).astype(mx.float32).sum(), argnums=(0, 1, 2)) if backward else run
     times = []
-    for _ in range(repeats + 1):  # the first may compile
+    for _ in range(repeats + 1):
         start = time.perf_counter()
-        mx.eval(run(q, k, v))
+        mx.eval(fn(q, k, v))
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times[1:])[len(times[1:]) // 2]
 

@@ -60,17 +60,17 @@ def _lse_sequence(lse: Tensor, begin: int, end: int) -> Tensor:
     return lse[:, begin:end].unsqueeze(0)
 
 
-def _sequence_args(options: AttentionOptions, rng: Optional[Tensor], index: int) -> tuple:
+def _sequence_args(options: AttentionOptions, seed_offset: Optional[tuple[int, int]], index: int) -> tuple:
     """The ops' arguments for sequence `index`: its dropout draws from offset + index."""
-    if rng is None:
+    if seed_offset is None:
         return options.op_args(None, None)
-    seed, offset = ops._seed_offset(rng)
+    seed, offset = seed_offset
     return options.op_args(None, ops.dropout_rng(seed, offset + index))
 
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, offsets_q, offsets_k, options, rng):
+    def forward(ctx, q, k, v, offsets_q, offsets_k, options, seed_offset):
         o = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
         lse = torch.empty(q.shape[1], q.shape[0], dtype=ops.lse_dtype(q.dtype), device=q.device)
         for i in range(len(offsets_q) - 1):
@@ -78,9 +78,9 @@ class _VarlenAttention(torch.autograd.Function):
             if qe == qb:
                 continue
             ops._run_recorded("forward", _C.forward, (_sequence(q, qb, qe), _sequence(k, kb, ke), _sequence(v, kb, ke)),
-                              (_sequence(o, qb, qe), _lse_sequence(lse, qb, qe)), *_sequence_args(options, rng, i))
+                              (_sequence(o, qb, qe), _lse_sequence(lse, qb, qe)), *_sequence_args(options, seed_offset, i))
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.offsets, ctx.options, ctx.rng = (offsets_q, offsets_k), options, rng
+        ctx.offsets, ctx.options, ctx.seed_offset = (offsets_q, offsets_k), options, seed_offset
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -98,7 +98,7 @@ class _VarlenAttention(torch.autograd.Function):
                       _lse_sequence(lse, qb, qe), _sequence(grad_o, qb, qe))
             ops._run_recorded("backward", _C.backward, inputs,
                               (_sequence(dq, qb, qe), _sequence(dk, kb, ke), _sequence(dv, kb, ke)),
-                              *_sequence_args(ctx.options, ctx.rng, i))
+                              *_sequence_args(ctx.options, ctx.seed_offset, i))
         return dq, dk, dv, None, None, None, None
 
 
@@ -132,26 +132,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     options = AttentionOptions.make(_OP, scale=scale, softcap=softcap,
                                     causal="bottom_right" if causal is True else causal, window=window,
                                     dropout_p=dropout_p)
-    rng = None
+    seed_offset = None  # (seed, offset) as unsigned 64-bit integers, read once
     if dropout_p:
         seed, offset = seed_and_offset(_OP, seed, offset)
-        rng = ops.dropout_rng(seed, offset) if seed is not None else ops.dropout_rng()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _VarlenAttention.apply(q, k, v, offsets_q, offsets_k, options, rng)
-    else:
-        with torch.no_grad():
-            o, lse = _VarlenAttention.forward(_NoContext(), q, k, v, offsets_q, offsets_k, options, rng)
+        seed_offset = ops._seed_offset(ops.dropout_rng() if seed is None else ops.dropout_rng(seed, offset))
+    o, lse = _VarlenAttention.apply(q, k, v, offsets_q, offsets_k, options, seed_offset)
     return (o, lse) if return_lse else o
-
-
-class _NoContext:
-    """Stands in for autograd's context where nothing is differentiated."""
-
-    def save_for_backward(self, *tensors):
-        pass
-
-    def mark_non_differentiable(self, *tensors):
-        pass
 
 
 _KV_OP = "attention_with_kvcache"
