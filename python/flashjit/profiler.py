@@ -26,11 +26,14 @@ one global lookup per call.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+import numpy as np
 
 # The open profile, if any (the hooks in ops.py read this one name).
 _active: Optional["Profile"] = None
@@ -38,22 +41,22 @@ _active: Optional["Profile"] = None
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
+@functools.lru_cache(maxsize=256)
 def visible_pairs(seqlen_q: int, seqlen_k: int, causal: int = 0, window_left: int = -1,
                   window_right: int = -1) -> int:
     """Score entries a call computes: key j is visible from query i when
     -window_left <= j - i - shift <= window_right (src/core/bounds_core.h; causal is
-    window_right = 0, shift 0 for top-left alignment (1), Sk - Sq otherwise)."""
+    window_right = 0, shift 0 for top-left alignment (1), Sk - Sq otherwise). Cached: a
+    training step repeats a few shapes."""
     if causal:
         window_right = 0
     shift = 0 if causal == 1 else seqlen_k - seqlen_q
     if window_left < 0 and window_right < 0:
         return seqlen_q * seqlen_k
-    total = 0
-    for i in range(seqlen_q):
-        begin = 0 if window_left < 0 else min(max(i + shift - window_left, 0), seqlen_k)
-        end = seqlen_k if window_right < 0 else min(max(i + shift + window_right + 1, 0), seqlen_k)
-        total += max(end - begin, 0)
-    return total
+    rows = np.arange(seqlen_q, dtype=np.int64) + shift
+    begin = np.zeros_like(rows) if window_left < 0 else np.clip(rows - window_left, 0, seqlen_k)
+    end = np.full_like(rows, seqlen_k) if window_right < 0 else np.clip(rows + window_right + 1, 0, seqlen_k)
+    return int(np.maximum(end - begin, 0).sum())
 
 
 @dataclass
