@@ -352,8 +352,8 @@ def probe(impl: str, case: Case, device: str, flex_dynamic: bool = True) -> _Pro
 
 
 def _rows_for(impl: str, case: Case, config: Config, status: str = "ok", reason: str = "") -> dict[str, Row]:
-    return {mode: Row(impl, config.device, case.dtype, case.batch, case.heads, case.seqlen, case.head_dim, case.causal,
-                      mode, status=status, reason=reason) for mode in config.modes}
+    return {mode: Row(**vars(case), impl=impl, device=config.device, mode=mode, status=status, reason=reason)
+            for mode in config.modes}
 
 
 def measure(impl: str, case: Case, config: Config, checked: _Probe, peak) -> list[Row]:

@@ -32,7 +32,7 @@ QUICK = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(unsafe_hash=True)  # not frozen: Row extends it
 class Case:
     dtype: str
     batch: int
@@ -47,16 +47,11 @@ class Case:
 
 
 @dataclass
-class Row:
-    impl: str
-    device: str
-    dtype: str
-    batch: int
-    heads: int
-    seqlen: int
-    head_dim: int
-    causal: bool
-    mode: str
+class Row(Case):
+    """One result: a case, measured by one implementation in one mode (COLUMNS orders the fields in records)."""
+    impl: str = ""
+    device: str = ""
+    mode: str = ""
     ms: float = math.nan
     tflops: float = math.nan
     flashjit_speedup: float = math.nan
