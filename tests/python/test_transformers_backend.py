@@ -216,22 +216,24 @@ def test_packed_sequences_equal_the_documents_one_by_one():
     torch.manual_seed(3)
     docs = [torch.randint(1, 97, (n,)) for n in lengths]
     (packed_model,) = models(llama_config(), [(NAME, torch.float64, DEVICE)])
-    (single_model,) = models(llama_config(), [("sdpa", torch.float64, "cpu")])  # eager softmaxes in float32
+    # The reference runs on the same device: rotary tables are float32, and a CPU and a GPU
+    # round them differently (1e-6 in the logits). sdpa, not eager: eager softmaxes in float32.
+    (single_model,) = models(llama_config(), [("sdpa", torch.float64, DEVICE)])
     ids = torch.cat(docs)[None]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     logits = packed_model(input_ids=ids.to(DEVICE), position_ids=positions.to(DEVICE),
                           cu_seq_lens_q=cu.to(DEVICE), cu_seq_lens_k=cu.to(DEVICE),
                           max_length_q=max(lengths), max_length_k=max(lengths)).logits[0]
-    weight = torch.randn(sum(lengths), 97, dtype=torch.float64)
-    (logits * weight.to(logits.device)).sum().backward()
+    weight = torch.randn(sum(lengths), 97, dtype=torch.float64, device=DEVICE)
+    (logits * weight).sum().backward()
     expected = []
     for doc in docs:
-        expected.append(single_model(input_ids=doc[None]).logits[0])
+        expected.append(single_model(input_ids=doc[None].to(DEVICE)).logits[0])
     expected = torch.cat(expected)
     (expected * weight).sum().backward()
-    torch.testing.assert_close(logits.cpu(), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
     for ours, theirs in ((packed_model.model.layers[0].self_attn.q_proj.weight.grad,
                           single_model.model.layers[0].self_attn.q_proj.weight.grad),
                          (packed_model.model.embed_tokens.weight.grad, single_model.model.embed_tokens.weight.grad)):
-        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
