@@ -146,9 +146,12 @@ def measure(impl, batch, heads_q, heads_kv, seqlen, head_dim, causal, forward_on
     return forward_ms, backward_ms
 
 
-def cases(quick):
-    """(label, batch, heads_q, heads_kv, seqlen, head_dim, causal) of the grid."""
+def cases(quick, only_head_dims=None):
+    """(label, batch, heads_q, heads_kv, seqlen, head_dim, causal) of the grid; only_head_dims
+    keeps those head dims (the GQA rows are head dim 128)."""
     head_dims = (128,) if quick else (64, 128, 256)
+    if only_head_dims:
+        head_dims = tuple(d for d in head_dims if d in only_head_dims)
     seqlens = (1024, 4096) if quick else (1024, 4096, 16384)
     grid = []
     for head_dim in head_dims:
@@ -156,7 +159,7 @@ def cases(quick):
             for causal in (False, True):
                 heads = 2048 // head_dim
                 grid.append((str(head_dim), 16384 // seqlen, heads, heads, seqlen, head_dim, causal))
-    for seqlen in seqlens:
+    for seqlen in seqlens if 128 in head_dims else ():
         grid.append(("GQA 32/8, 128", 16384 // seqlen, 32, 8, seqlen, 128, True))
     return grid
 
@@ -254,6 +257,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
     parser.add_argument("--quick", action="store_true", help="D=128, N=1k and 4k only")
+    parser.add_argument("--head-dims", type=int, nargs="+", choices=(64, 128, 256), default=None,
+                        help="only these head dims of the grid (default: all)")
     parser.add_argument("--forward-only", action="store_true",
                         help="time the forward alone (no backward, memory or compile figures)")
     parser.add_argument("--tiles", nargs="+", default=["default"],
@@ -277,7 +282,7 @@ def main():
     torch.manual_seed(0)
     impls = implementations(args.tiles, None if args.no_fa4 else fa4_function())
     rows = []
-    for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in cases(args.quick):
+    for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in cases(args.quick, args.head_dims):
         row = {"D": label, "N": seqlen, "causal": causal, "tflops": {}}
         for impl in impls:
             try:

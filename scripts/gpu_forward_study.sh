@@ -4,16 +4,17 @@
 # compute-sanitizer memcheck on small cases (once per --tiles value), the forward benchmark with several
 # FLASHJIT_CUDA_TILES settings as columns, and (--ncu) Nsight Compute on one
 # D128 forward. Logs and records go to $OUT (default /tmp/flashjit-forward-study).
-#   bash scripts/gpu_forward_study.sh [--no-tests] [--no-memcheck] [--ncu] [--tiles T1 T2 ...]
+#   bash scripts/gpu_forward_study.sh [--no-tests] [--no-memcheck] [--ncu] [--tiles T1 T2 ...] [--head-dims D ...]
 OUT=${OUT:-/tmp/flashjit-forward-study}
 source "$(dirname "$0")/gpu_common.sh"
-tests=1 memcheck=1 ncu=0 tiles=()
+tests=1 memcheck=1 ncu=0 tiles=() head_dims=()
 while (($#)); do
   case $1 in
     --no-tests) tests=0 ;;
     --no-memcheck) memcheck=0 ;;
     --ncu) ncu=1 ;;
     --tiles) shift; while (($#)) && [[ $1 != --* ]]; do tiles+=("$1"); shift; done; continue ;;
+    --head-dims) shift; while (($#)) && [[ $1 != --* ]]; do head_dims+=("$1"); shift; done; continue ;;
     *) echo "unknown argument $1"; exit 2 ;;
   esac
   shift
@@ -49,7 +50,7 @@ fi
 
 step "forward benchmark, tiles: ${tiles[*]}"
 timeout 420 python3 bench/gpu_attention.py --forward-only --no-fa4 --out "$OUT" --tiles "${tiles[@]}" \
-  >"$OUT/bench.log" 2>&1 || status=1
+  ${head_dims[@]+--head-dims "${head_dims[@]}"} >"$OUT/bench.log" 2>&1 || status=1
 grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
 
 if ((ncu)); then
