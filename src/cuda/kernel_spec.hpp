@@ -55,9 +55,6 @@ struct KernelSpec {
   // kHopper forward without dropout: a row's base moves only when its maximum
   // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
   bool lazy_rescale = false;
-  // kHopper forward: of every 8 column fragments of a score tile, this many take
-  // exp2 from a polynomial on the FMA pipes rather than the MUFU unit (softmax.cuh, poly_exp2).
-  int poly_exp = 0;
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -93,7 +90,7 @@ struct KernelTraits {
 KernelTraits traits_of(const AttentionProblem& problem, int arch);
 
 // A forced tile configuration of the sm_90a forward, from FLASHJIT_CUDA_TILES
-// ("n=128,stages=2,q=2,o=tma,groups=2,softmax=fast,exp=2"; any subset of the keys, for
+// ("n=128,stages=2,q=2,o=tma,groups=2,softmax=fast"; any subset of the keys, for
 // comparisons and the tuner). Zero or -1 fields are not forced. Read at every
 // kernel choice, so that a benchmark can switch it between calls; a malformed
 // value raises an error naming the key and what it accepts.
@@ -104,14 +101,12 @@ struct ForwardTiles {
   int o_tma = -1;     // 1: O by TMA stores ("o=tma"); 0: direct stores ("o=direct")
   int groups = 0;     // consumer warpgroups: 2, or 3 (head dims up to 64)
   int fast_softmax = -1;  // 0 ("softmax=plain"): neither fold_scale nor lazy_rescale; 1: where they apply
-  int poly_exp = -1;  // "exp=0..8": of every 8 score column fragments, those whose exp2 is a polynomial
   // The persistent grid's tile counter, a launch choice rather than a tile: 1
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || poly_exp >= 0 ||
-           stream_counter >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

@@ -92,31 +92,6 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
   }
 }
 
-// FJ_POLY_EXP (sm_90a forward; 0 elsewhere): of every 8 column fragments of a
-// score tile, the first FJ_POLY_EXP take exp2 from poly_exp2 instead of the MUFU
-// unit, which does 16 exponentials a clock per SM: at head dim 64 a tile's
-// exponentials take as long as its two matrix products, and the FMA pipes have
-// room beside them.
-constexpr int kPolyExp = FJ_POLY_EXP;
-static_assert(kPolyExp >= 0 && kPolyExp <= 8, "FJ_POLY_EXP: of 8 fragments");
-
-// 2^x on the FMA pipes: x = n + f with n the nearest integer (the low bits of
-// x + 1.5 * 2^23) and f in [-1/2, 1/2]; 2^f by a cubic fitted for relative error
-// (7.5e-5 at most, below the half-ulp of the P operand in float16 and bfloat16),
-// times 2^n built as a float's exponent field. x is clamped at -127, where that
-// field is 0: 2^x = 0 exactly there and for -inf, as ex2.approx.ftz gives. NaN
-// passes the clamp (max.NaN) and comes out NaN.
-FJ_DEVICE float poly_exp2(float x) {
-  asm("max.NaN.f32 %0, %0, 0fC2FE0000;\n" : "+f"(x));  // -127
-  const float shifted = x + 12582912.0f;             // 1.5 * 2^23: round to nearest integer
-  const float whole = shifted - 12582912.0f;
-  const float f = x - whole;
-  const float poly = fmaf(fmaf(fmaf(0x1.c3f76p-5f, f, 0x1.f0de1cp-3f), f, 0x1.62f31ap-1f), f, 0x1.fff692p-1f);
-  // The low bits of `shifted` hold n (two's complement); (n + 127) << 23 is 2^n's bit pattern.
-  const float power = __int_as_float((__float_as_int(shifted) + 127) << 23);
-  return poly * power;
-}
-
 // One online-softmax step: the row bases take this tile's logits (a base moves
 // to the new maximum only past kRebaseSlack), S becomes P = exp2(S - base), the
 // row sums are rescaled and extended, and scale_old receives the factor that
@@ -148,8 +123,7 @@ FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)
     for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float x = kFoldScale ? fmaf(s[m][n][e], scale_log2, -base[e / 2]) : s[m][n][e] - base[e / 2];
-        s[m][n][e] = n % 8 < kPolyExp ? poly_exp2(x) : fast_exp2(x);
+        s[m][n][e] = kFoldScale ? fast_exp2(fmaf(s[m][n][e], scale_log2, -base[e / 2])) : fast_exp2(s[m][n][e] - base[e / 2]);
       }
     }
 #pragma unroll
