@@ -122,6 +122,31 @@ fj_status fj_attention_check_backward(const fj_tensor* q, const fj_tensor* k, co
                                       const fj_attention_options* options, const fj_tensor* dq,
                                       const fj_tensor* dk, const fj_tensor* dv);
 
+/* Variable-length batches: the sequences of a batch packed one after another, no padding
+ * (the layouts of flash-attn's varlen functions):
+ *   q [total_q, Hq, Dqk]   k [total_k, Hkv, Dqk]   v [total_k, Hkv, Dv]
+ *   o [total_q, Hq, Dv]  lse [Hq, total_q]
+ * Sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, o and lse and rows
+ * cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k and v; attention never crosses a sequence
+ * boundary, and a sequence may be empty. Causal and window bounds apply to each sequence with
+ * its own lengths (FJ_CAUSAL_BOTTOM_RIGHT: its last query sees its last key). Dropout drops
+ * what it would drop in a padded batch [batch, Hq, max_seqlen_q, max_seqlen_k] at the same
+ * (b, h, i, j), i and j counted within the sequence. Masks are not taken. */
+typedef struct fj_varlen {
+  fj_tensor cu_seqlens_q; /* int32 [batch + 1] in host memory: 0, never decreasing, total_q last */
+  fj_tensor cu_seqlens_k; /* int32 [batch + 1] in host memory: 0, never decreasing, total_k last */
+  int64_t max_seqlen_q;   /* 0 (the longest) or a bound on the lengths */
+  int64_t max_seqlen_k;
+} fj_varlen;
+
+fj_status fj_attention_varlen_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                      const fj_varlen* varlen, const fj_attention_options* options, fj_tensor* o,
+                                      fj_tensor* lse);
+fj_status fj_attention_varlen_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                       const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                       const fj_varlen* varlen, const fj_attention_options* options,
+                                       fj_tensor* dq, fj_tensor* dk, fj_tensor* dv);
+
 /* The dropout rule, exposed so that tests and other backends can reproduce it.
  * Philox4x32-10 (Salmon et al., 2011) with
  *   key     = (lo32(seed), hi32(seed) ^ hi32(offset))

@@ -26,6 +26,7 @@ one global lookup per call.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -114,20 +115,31 @@ class Profile:
     # ---- recording (ops.py and the framework hook call these) ----------------------------------------
 
     def begin(self, direction: str, impl: str, q, k, v, causal=0, window_left=-1, window_right=-1, mask=None,
-              dropout_p=0.0) -> Call:
-        batch, heads_q, seqlen_q, head_dim_qk = q.shape[-4:] if q.ndim >= 4 else (1, *q.shape[-3:])
-        heads_kv, seqlen_k, head_dim_v = k.shape[-3], k.shape[-2], v.shape[-1]
+              dropout_p=0.0, sequences=None) -> Call:
+        """sequences: a variable-length batch's (len_q, len_k) per sequence, with q, k, v packed
+        [total, heads, head_dim]; the record's batch is their count, its lengths the longest."""
+        if sequences is not None:
+            heads_q, head_dim_qk, heads_kv, head_dim_v = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
+            batch = len(sequences)
+            seqlen_q = max((a for a, _ in sequences), default=0)
+            seqlen_k = max((b for _, b in sequences), default=0)
+        else:
+            batch, heads_q, seqlen_q, head_dim_qk = q.shape[-4:] if q.ndim >= 4 else (1, *q.shape[-3:])
+            heads_kv, seqlen_k, head_dim_v = k.shape[-3], k.shape[-2], v.shape[-1]
+            sequences = [(seqlen_q, seqlen_k)] * int(batch)
         dtype = str(q.dtype).removeprefix("torch.")
         call = Call(direction, impl, str(q.device), dtype, int(batch), int(heads_q), int(heads_kv), int(seqlen_q),
                     int(seqlen_k), int(head_dim_qk), int(head_dim_v), int(causal), int(window_left),
                     int(window_right), mask is not None, float(dropout_p))
-        pairs = visible_pairs(call.seqlen_q, call.seqlen_k, call.causal, call.window_left, call.window_right)
-        forward_flops = 2.0 * call.batch * call.heads_q * pairs * (call.head_dim_qk + call.head_dim_v)
+        pairs = sum(count * visible_pairs(int(a), int(b), call.causal, call.window_left, call.window_right)
+                    for (a, b), count in collections.Counter(sequences).items())
+        forward_flops = 2.0 * call.heads_q * pairs * (call.head_dim_qk + call.head_dim_v)
         call.flops = forward_flops * (2.5 if direction == "backward" else 1.0)
         size = _BYTES.get(dtype, 4)
-        q_o = call.batch * call.heads_q * call.seqlen_q * (call.head_dim_qk + call.head_dim_v)
-        k_v = call.batch * call.heads_kv * call.seqlen_k * (call.head_dim_qk + call.head_dim_v)
-        lse = call.batch * call.heads_q * call.seqlen_q * 4
+        rows_q, rows_k = sum(a for a, _ in sequences), sum(b for _, b in sequences)
+        q_o = call.heads_q * rows_q * (call.head_dim_qk + call.head_dim_v)
+        k_v = call.heads_kv * rows_k * (call.head_dim_qk + call.head_dim_v)
+        lse = call.heads_q * rows_q * 4
         # forward: q, k, v read, o and lse written; backward: those read with dO, dq, dk, dv written
         call.bytes = (q_o + k_v) * size + lse if direction == "forward" else (2 * q_o + 2 * k_v) * size + lse
         if getattr(q, "is_cuda", False):

@@ -7,10 +7,11 @@ one after another, sequence i being rows cu_seqlens_q[i]:cu_seqlens_q[i + 1] of 
 cu_seqlens_k[i]:cu_seqlens_k[i + 1] of k and v (int32 or int64 offsets, batch + 1 of
 them, from 0 to the total). Attention never crosses a sequence boundary.
 
-This version runs one kernel call per sequence on views of the packed tensors (no
-copies; the outputs are written in place into the packed result), with the offsets
-read on the host (a device synchronisation for offsets on a GPU); kernels that take the
-offsets themselves are future work, and the custom op under torch.compile with them. flashjit.profile() records each sequence's call.
+The whole batch is one call of the C API's variable-length entry (fj_attention_varlen_*),
+whose offsets live in host memory: offsets on a GPU are copied to the host first (a
+synchronisation). On the CPU the sequences share one pool of tasks; on a GPU each sequence
+is a launch of its own on the caller's stream. Dropout drops what it drops in the padded
+batch [batch, Hq, max_q, max_k] at the same (sequence, head, row, key).
 """
 
 from __future__ import annotations
@@ -21,85 +22,111 @@ import torch
 from torch import Tensor
 
 from . import _C, ops
+from . import profiler as _profiler
 from .arrays import check_dense
 from .options import AttentionOptions, seed_and_offset
 
 _OP = "varlen_attention"
 
 
-def _offsets(name: str, offsets, total: int, batch: Optional[int]) -> list[int]:
-    """The offsets as a host list, checked: 1-d integers, batch + 1 of them, from 0 to the
-    total, never decreasing."""
+def _offsets(name: str, offsets) -> Tensor:
+    """The offsets as the C API reads them: a contiguous int32 tensor in host memory (one
+    device-to-host copy for offsets on a GPU). Their values are checked by the call."""
     if not isinstance(offsets, Tensor):
         raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor of int32 offsets, got {type(offsets).__name__}")
     if offsets.dtype not in (torch.int32, torch.int64) or offsets.ndim != 1 or offsets.numel() < 1:
         raise ValueError(f"[{_OP}] {name}: expected a 1-d int32 (or int64) tensor of batch + 1 offsets, got "
                          f"{str(offsets.dtype).removeprefix('torch.')} of shape {list(offsets.shape)}")
-    values = offsets.tolist()
-    if batch is not None and len(values) != batch + 1:
-        raise ValueError(f"[{_OP}] {name}: expected {batch + 1} offsets (those of cu_seqlens_q), got {len(values)}")
-    if values[0] != 0:
-        raise ValueError(f"[{_OP}] {name}: expected the first offset to be 0, got {values[0]}")
-    for i in range(len(values) - 1):
-        if values[i + 1] < values[i]:
-            raise ValueError(f"[{_OP}] {name}: offsets must not decrease; offset {i + 1} is {values[i + 1]} after "
-                             f"{values[i]}")
-    if values[-1] != total:
-        raise ValueError(f"[{_OP}] {name}: expected the last offset to be the number of rows ({total}), got "
-                         f"{values[-1]}")
-    return values
+    if offsets.dtype == torch.int64 and offsets.numel() and int(offsets.abs().max()) >= 2**31:
+        raise ValueError(f"[{_OP}] {name}: offsets must fit int32, got {int(offsets.abs().max())}")
+    return offsets.to(device="cpu", dtype=torch.int32).contiguous()
 
 
-def _sequence(x: Tensor, begin: int, end: int) -> Tensor:
-    """Rows begin:end of a packed [total, H, D] tensor as a [1, H, end - begin, D] view."""
-    return x[begin:end].transpose(0, 1).unsqueeze(0)
+def _lengths_of(offsets: Tensor) -> list[int]:
+    return (offsets[1:] - offsets[:-1]).tolist()
 
 
-def _lse_sequence(lse: Tensor, begin: int, end: int) -> Tensor:
-    """Columns begin:end of lse [H, total] as a [1, H, end - begin] view."""
-    return lse[:, begin:end].unsqueeze(0)
+def _run(direction: str, kernel, offsets_q: Tensor, offsets_k: Tensor, max_q: int, max_k: int, inputs, outputs,
+         options: tuple):
+    """One call of the C API's varlen entry for the whole batch (offsets as _offsets gives
+    them; options: the ops' trailing arguments), recorded by an open flashjit.profile() with
+    each sequence's work."""
+
+    def call(*tensors, **kwargs):
+        kernel(offsets_q, offsets_k, max_q, max_k, *tensors, **kwargs)
+
+    profile = _profiler._active
+    if profile is None:
+        ops._run(call, inputs, outputs, *options)
+        return
+    opt, _, _ = AttentionOptions.from_op_args(options)
+    sequences = list(zip(_lengths_of(offsets_q), _lengths_of(offsets_k)))
+    record = profile.begin(direction, "flashjit", *inputs[:3], opt.causal, opt.window_left, opt.window_right, None,
+                           opt.dropout_p, sequences=sequences)
+    ops._run(call, inputs, outputs, *options)
+    profile.end(record)
 
 
-def _sequence_args(options: AttentionOptions, seed_offset: Optional[tuple[int, int]], index: int) -> tuple:
-    """The ops' arguments for sequence `index`: its dropout draws from offset + index."""
-    if seed_offset is None:
-        return options.op_args(None, None)
-    seed, offset = seed_offset
-    return options.op_args(None, ops.dropout_rng(seed, offset + index))
+def _outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    o = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    return o, torch.empty(q.shape[1], q.shape[0], dtype=ops.lse_dtype(q.dtype), device=q.device)
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, offsets_q, offsets_k, options, seed_offset):
-        o = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
-        lse = torch.empty(q.shape[1], q.shape[0], dtype=ops.lse_dtype(q.dtype), device=q.device)
-        for i in range(len(offsets_q) - 1):
-            (qb, qe), (kb, ke) = offsets_q[i:i + 2], offsets_k[i:i + 2]
-            if qe == qb:
-                continue
-            ops._run_recorded("forward", _C.forward, (_sequence(q, qb, qe), _sequence(k, kb, ke), _sequence(v, kb, ke)),
-                              (_sequence(o, qb, qe), _lse_sequence(lse, qb, qe)), *_sequence_args(options, seed_offset, i))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.offsets, ctx.options, ctx.seed_offset = (offsets_q, offsets_k), options, seed_offset
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+# Custom ops, so that torch.compile traces through a call (their fake kernels give the
+# shapes) and autograd reaches the backward. The offsets go to the host inside the ops.
+@torch.library.custom_op("flashjit::varlen_fwd", mutates_args=())
+def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+               max_seqlen_k: int, mask: Optional[Tensor], scale: Optional[float], softcap: float, causal: int,
+               window_left: int, window_right: int, dropout_p: float, rng: Optional[Tensor],
+               num_threads: int) -> tuple[Tensor, Tensor]:
+    """o [total_q, Hq, Dv] and lse [Hq, total_q] (float32; float64 for float64)."""
+    o, lse = _outputs(q, v)
+    _run("forward", _C.varlen_forward, _offsets("cu_seqlens_q", cu_seqlens_q), _offsets("cu_seqlens_k", cu_seqlens_k),
+         max_seqlen_q, max_seqlen_k, (q, k, v), (o, lse),
+         (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads))
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, grad_o, grad_lse):
-        q, k, v, o, lse = ctx.saved_tensors
-        offsets_q, offsets_k = ctx.offsets
-        grad_o = grad_o.contiguous() if grad_o.stride(-1) != 1 else grad_o
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for i in range(len(offsets_q) - 1):
-            (qb, qe), (kb, ke) = offsets_q[i:i + 2], offsets_k[i:i + 2]
-            if qe == qb or ke == kb:
-                continue
-            inputs = (_sequence(q, qb, qe), _sequence(k, kb, ke), _sequence(v, kb, ke), _sequence(o, qb, qe),
-                      _lse_sequence(lse, qb, qe), _sequence(grad_o, qb, qe))
-            ops._run_recorded("backward", _C.backward, inputs,
-                              (_sequence(dq, qb, qe), _sequence(dk, kb, ke), _sequence(dv, kb, ke)),
-                              *_sequence_args(ctx.options, ctx.seed_offset, i))
-        return dq, dk, dv, None, None, None, None
+
+@varlen_fwd.register_fake
+def _varlen_fwd_fake(q, k, v, *rest):
+    return _outputs(q, v)
+
+
+@torch.library.custom_op("flashjit::varlen_bwd", mutates_args=())
+def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+               cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, mask: Optional[Tensor],
+               scale: Optional[float], softcap: float, causal: int, window_left: int, window_right: int,
+               dropout_p: float, rng: Optional[Tensor], num_threads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of the packed q, k, v (deterministic; dk, dv summed over each GQA group)."""
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _run("backward", _C.varlen_backward, _offsets("cu_seqlens_q", cu_seqlens_q),
+         _offsets("cu_seqlens_k", cu_seqlens_k), max_seqlen_q, max_seqlen_k, (q, k, v, o, lse, dout), (dq, dk, dv),
+         (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads))
+    return dq, dk, dv
+
+
+@varlen_bwd.register_fake
+def _varlen_bwd_fake(dout, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_varlen_fwd(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k = inputs[:7]
+    ctx.lengths = (max_q, max_k)
+    ctx.options = inputs[7:]
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_fwd_backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = varlen_bwd(grad_o, q, k, v, o, lse, cu_q, cu_k, *ctx.lengths, *ctx.options)
+    return (dq, dk, dv) + (None,) * (4 + AttentionOptions.OP_ARG_COUNT)
+
+
+varlen_fwd.register_autograd(_varlen_fwd_backward, setup_context=_setup_varlen_fwd)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
@@ -110,10 +137,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
     causal: False, True or 'bottom_right' (as flash-attn: the last query of a sequence sees
     its last key), 'top_left'. window, softcap, scale, dropout_p as flashjit.attention;
-    sequence i draws its dropout from (seed, offset + i) as a batch of one (the keep mask of
-    flashjit.dropout_keep_mask(1, Hq, len_q, len_k, seed=seed, offset=offset + i)); without a
-    seed it is drawn from torch's generator. max_seqlen_q/k, where given, must bound the
-    lengths. Differentiable through q, k and v.
+    sequence i keeps what flashjit.dropout_keep_mask(batch, Hq, max_q, max_k, seed=seed,
+    offset=offset)[i, :, :len_q, :len_k] keeps (a padded batch's mask); without a seed it is
+    drawn from torch's generator. max_seqlen_q/k, where given, must bound the lengths.
+    Differentiable through q, k and v.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
@@ -121,22 +148,18 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         check_dense(_OP, name, x)
         if x.ndim != 3:
             raise ValueError(f"[{_OP}] {name}: expected 3 dims [total, heads, head_dim], got {x.ndim}")
-    if k.shape[0] != v.shape[0]:
-        raise ValueError(f"[{_OP}] v: expected {k.shape[0]} rows (those of k), got {v.shape[0]}")
-    offsets_q = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
-    offsets_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], len(offsets_q) - 1)
-    for name, bound, offsets in (("max_seqlen_q", max_seqlen_q, offsets_q), ("max_seqlen_k", max_seqlen_k, offsets_k)):
-        longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
-        if bound is not None and int(bound) < longest:
-            raise ValueError(f"[{_OP}] {name}: {bound} is less than the longest sequence ({longest})")
+    for name, offsets in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(offsets, Tensor):
+            raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor of int32 offsets, got {type(offsets).__name__}")
     options = AttentionOptions.make(_OP, scale=scale, softcap=softcap,
                                     causal="bottom_right" if causal is True else causal, window=window,
                                     dropout_p=dropout_p)
-    seed_offset = None  # (seed, offset) as unsigned 64-bit integers, read once
+    rng = None
     if dropout_p:
         seed, offset = seed_and_offset(_OP, seed, offset)
-        seed_offset = ops._seed_offset(ops.dropout_rng() if seed is None else ops.dropout_rng(seed, offset))
-    o, lse = _VarlenAttention.apply(q, k, v, offsets_q, offsets_k, options, seed_offset)
+        rng = ops.dropout_rng(seed, offset)
+    o, lse = varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0), int(max_seqlen_k or 0),
+                        *options.op_args(None, rng))
     return (o, lse) if return_lse else o
 
 

@@ -213,6 +213,53 @@ void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
+void check(fj_status status);
+
+// A variable-length batch's offsets (host int32 tensors) and length bounds.
+fj_varlen make_varlen(const char* op, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q,
+                      int64_t max_seqlen_k) {
+  fj_varlen varlen;
+  varlen.cu_seqlens_q = to_tensor(op, "cu_seqlens_q", cu_seqlens_q);
+  varlen.cu_seqlens_k = to_tensor(op, "cu_seqlens_k", cu_seqlens_k);
+  varlen.max_seqlen_q = max_seqlen_q;
+  varlen.max_seqlen_k = max_seqlen_k;
+  return varlen;
+}
+
+void varlen_forward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                    nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
+                    std::optional<double> scale, double softcap, int causal, int64_t window_left,
+                    int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
+                    uintptr_t stream) {
+  constexpr const char* op = "varlen_attention";
+  const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
+  fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
+  const fj_attention_options options =
+      make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
+                   num_threads, stream);
+  check(without_gil([&] { return fj_attention_varlen_forward(&tq, &tk, &tv, &varlen, &options, &to, &tlse); }));
+}
+
+void varlen_backward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                     nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
+                     nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
+                     double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
+                     uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream) {
+  constexpr const char* op = "varlen_attention_backward";
+  const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
+  const fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
+  const fj_tensor tdout = to_tensor(op, "dout", dout);
+  fj_tensor tdq = to_tensor(op, "dq", dq), tdk = to_tensor(op, "dk", dk), tdv = to_tensor(op, "dv", dv);
+  const fj_attention_options options =
+      make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
+                   num_threads, stream);
+  check(without_gil([&] {
+    return fj_attention_varlen_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &varlen, &options, &tdq, &tdk, &tdv);
+  }));
+}
+
 void dropout_keep_mask(uint64_t seed, uint64_t offset, double p,
                        nb::ndarray<uint8_t, nb::ndim<4>, nb::c_contig, nb::device::cpu> keep) {
   const fj_status status = fj_dropout_keep_mask(seed, offset, p, keep.shape(0), keep.shape(1), keep.shape(2),
@@ -312,6 +359,17 @@ NB_MODULE(_C, m) {
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
         nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false);
+  m.def("varlen_forward", &varlen_forward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k"),
+        nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
+        nb::arg("lse"), nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
+        nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
+        nb::arg("num_threads"), nb::arg("stream") = 0);
+  m.def("varlen_backward", &varlen_backward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k"),
+        nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
+        nb::arg("lse"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),
+        nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
+        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"), nb::arg("num_threads"),
+        nb::arg("stream") = 0);
   m.def("dropout_keep_mask", &dropout_keep_mask, nb::arg("seed"), nb::arg("offset"), nb::arg("p"),
         nb::arg("keep").noconvert());
   nb::dict dtypes;

@@ -49,6 +49,26 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
   });
 }
 
+fj_status fj_attention_varlen_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                      const fj_varlen* varlen, const fj_attention_options* options, fj_tensor* o,
+                                      fj_tensor* lse) {
+  return flashjit::guarded([&] {
+    const flashjit::AttentionProblem problem = flashjit::make_varlen_forward_problem(q, k, v, varlen, options, o, lse);
+    flashjit::backend_for(problem.device_type, "varlen_attention").forward(problem);
+  });
+}
+
+fj_status fj_attention_varlen_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                       const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                       const fj_varlen* varlen, const fj_attention_options* options,
+                                       fj_tensor* dq, fj_tensor* dk, fj_tensor* dv) {
+  return flashjit::guarded([&] {
+    const flashjit::AttentionProblem problem =
+        flashjit::make_varlen_backward_problem(q, k, v, o, lse, dout, varlen, options, dq, dk, dv);
+    flashjit::backend_for(problem.device_type, "varlen_attention_backward").backward(problem);
+  });
+}
+
 fj_status fj_attention_check_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                      const fj_attention_options* options, const fj_tensor* o,
                                      const fj_tensor* lse) {

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <tuple>
 
 #include "core/backend.hpp"
 #include "core/dtype.hpp"
@@ -464,11 +465,10 @@ const fj_tensor& check_operand(const char* op, const char* name, const fj_tensor
 
 }  // namespace
 
-AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
-                                      const fj_attention_options* options, const fj_tensor* o,
-                                      const fj_tensor* lse, bool descriptors_only) {
-  constexpr const char* op = "attention";
-  const DescriptorsOnly only(descriptors_only);
+namespace {
+
+AttentionProblem forward_problem(const char* op, const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                 const fj_attention_options* options, const fj_tensor* o, const fj_tensor* lse) {
   AttentionProblem p = make_inputs(op, q, k, v);
   const int64_t o_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
   const fj_tensor& out = check_operand(op, "o", o, *q, o_shape, "[batch, heads_q, seqlen_q, head_dim_v]");
@@ -479,12 +479,10 @@ AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, co
   return p;
 }
 
-AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
-                                       const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
-                                       const fj_attention_options* options, const fj_tensor* dq,
-                                       const fj_tensor* dk, const fj_tensor* dv, bool descriptors_only) {
-  constexpr const char* op = "attention_backward";
-  const DescriptorsOnly only(descriptors_only);
+AttentionProblem backward_problem(const char* op, const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                  const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                  const fj_attention_options* options, const fj_tensor* dq, const fj_tensor* dk,
+                                  const fj_tensor* dv) {
   AttentionProblem p = make_inputs(op, q, k, v);
   const int64_t o_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
   const int64_t q_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk};
@@ -501,6 +499,212 @@ AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, c
       op, {{"dq", dq}, {"dk", dk}, {"dv", dv}},
       {{"q", q}, {"k", k}, {"v", v}, {"o", o}, {"lse", lse}, {"dout", dout}, {"mask", mask_of(options)}});
   return p;
+}
+
+// ---- variable-length batches ----
+
+// A packed [total, heads, dim] operand as the [1, heads, total, dim] tensor the dense checks take.
+fj_tensor as_sequence_major(const char* op, const char* name, const fj_tensor* t) {
+  const fj_tensor& packed = check_tensor(op, name, t, 3);
+  fj_tensor view = packed;
+  view.ndim = 4;
+  view.shape[0] = 1, view.shape[1] = packed.shape[1], view.shape[2] = packed.shape[0], view.shape[3] = packed.shape[2];
+  view.strides[0] = 0, view.strides[1] = packed.strides[1], view.strides[2] = packed.strides[0];
+  view.strides[3] = packed.strides[2];
+  return view;
+}
+
+// lse [heads, total] as [1, heads, total].
+fj_tensor lse_as_batch_of_one(const char* op, const fj_tensor* t) {
+  const fj_tensor& packed = check_tensor(op, "lse", t, 2);
+  fj_tensor view = packed;
+  view.ndim = 3;
+  view.shape[0] = 1, view.shape[1] = packed.shape[0], view.shape[2] = packed.shape[1];
+  view.strides[0] = 0, view.strides[1] = packed.strides[0], view.strides[2] = packed.strides[1];
+  return view;
+}
+
+// The offsets of one side: int32 [batch + 1] in host memory, 0 first, never
+// decreasing, the total last; returns the longest length.
+int64_t check_offsets(const char* op, const char* name, const fj_tensor* t, int64_t batch, int64_t total) {
+  const fj_tensor& offsets = check_tensor(op, name, t, 1);
+  if (offsets.dtype != FJ_INT32) {
+    throw_type_error("[", op, "] ", name, ": expected dtype int32, got ", dtype_name(offsets.dtype));
+  }
+  if (offsets.device_type != FJ_DEVICE_CPU) {
+    throw_value_error("[", op, "] ", name, ": expected host (cpu) memory, got ", device_name(offsets.device_type),
+                      ":", offsets.device_index, " (the offsets are read before the launch)");
+  }
+  if (offsets.shape[0] < 1 || (batch >= 0 && offsets.shape[0] != batch + 1)) {
+    throw_value_error("[", op, "] ", name, ": expected ",
+                      batch >= 0 ? str_cat(batch + 1, " offsets (batch + 1, as cu_seqlens_q)")
+                                 : std::string("batch + 1 >= 1 offsets"),
+                      ", got ", offsets.shape[0]);
+  }
+  if (offsets.data == nullptr) return 0;  // descriptors only
+  const auto at = [&](int64_t i) {
+    return int64_t(static_cast<const int32_t*>(offsets.data)[i * offsets.strides[0]]);
+  };
+  if (at(0) != 0) throw_value_error("[", op, "] ", name, ": expected offset 0 to be 0, got ", at(0));
+  int64_t longest = 0;
+  for (int64_t i = 1; i < offsets.shape[0]; ++i) {
+    if (at(i) < at(i - 1)) {
+      throw_value_error("[", op, "] ", name, ": offsets must not decrease; offset ", i, " is ", at(i), " after ",
+                        at(i - 1));
+    }
+    longest = std::max(longest, at(i) - at(i - 1));
+  }
+  const int64_t last = at(offsets.shape[0] - 1);
+  if (last != total) {
+    throw_value_error("[", op, "] ", name, ": expected the last offset to be the number of packed rows (", total,
+                      "), got ", last);
+  }
+  return longest;
+}
+
+// The varlen fields of a problem validated as the dense call on the packed views.
+void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_options* options,
+                  AttentionProblem& p) {
+  if (varlen == nullptr) throw_value_error("[", op, "] varlen: expected a pointer, got NULL");
+  const int64_t total_q = p.seqlen_q, total_k = p.seqlen_k;
+  const int64_t longest_q = check_offsets(op, "cu_seqlens_q", &varlen->cu_seqlens_q, -1, total_q);
+  const int64_t batch = varlen->cu_seqlens_q.shape[0] - 1;
+  const int64_t longest_k = check_offsets(op, "cu_seqlens_k", &varlen->cu_seqlens_k, batch, total_k);
+  int64_t max_q = varlen->max_seqlen_q, max_k = varlen->max_seqlen_k;
+  for (auto [name, bound, longest] : {std::tuple{"max_seqlen_q", &max_q, longest_q},
+                                      std::tuple{"max_seqlen_k", &max_k, longest_k}}) {
+    if (*bound < 0 || (*bound > 0 && *bound < longest)) {
+      throw_value_error("[", op, "] ", name, ": expected 0 (the longest) or a bound >= the longest sequence (",
+                        longest, "), got ", *bound);
+    }
+    if (*bound == 0) *bound = longest;
+  }
+  p.batch = batch;
+  p.seqlen_q = max_q;
+  p.seqlen_k = max_k;
+  p.cu_seqlens_q = static_cast<const int32_t*>(varlen->cu_seqlens_q.data);
+  p.cu_seqlens_k = static_cast<const int32_t*>(varlen->cu_seqlens_k.data);
+  if (varlen->cu_seqlens_q.strides[0] != 1 && batch > 0) {
+    throw_value_error("[", op, "] cu_seqlens_q: expected contiguous offsets (stride 1), got stride ",
+                      varlen->cu_seqlens_q.strides[0]);
+  }
+  if (varlen->cu_seqlens_k.strides[0] != 1 && batch > 0) {
+    throw_value_error("[", op, "] cu_seqlens_k: expected contiguous offsets (stride 1), got stride ",
+                      varlen->cu_seqlens_k.strides[0]);
+  }
+  if (!dropout_counter_fits(p.batch * p.heads_q, p.seqlen_q, p.seqlen_k)) {
+    throw_value_error("[", op, "] q: sizes exceed the dropout counter range (batch*heads and seqlen_q below 2^32)");
+  }
+  // The packed views' batch strides are 0 already (batch 1); the offsets place each sequence.
+}
+
+// Before the dense checks, which would name the views' shapes: no mask, and the
+// packed shapes of every operand after q and k.
+void check_packed_shapes(const char* op, const fj_attention_options* options,
+                         std::initializer_list<std::tuple<const char*, const fj_tensor*, const char*>> operands,
+                         const fj_tensor* q, const fj_tensor* k, const fj_tensor* v) {
+  if (options != nullptr && mask_of(options) != nullptr) {
+    throw_value_error("[", op, "] mask: variable-length batches take no mask (attention stays within each sequence)");
+  }
+  const int64_t total_q = q->shape[0], heads_q = q->shape[1], dim_qk = q->shape[2];
+  const int64_t total_k = k->shape[0], heads_kv = k->shape[1], dim_v = v->shape[2];
+  for (const auto& [name, t, layout] : operands) {
+    const std::string which = layout;
+    int64_t expected[3] = {total_q, heads_q, dim_v};
+    if (which == "v") expected[0] = total_k, expected[1] = heads_kv;
+    if (which == "q") expected[2] = dim_qk;
+    if (which == "k") expected[0] = total_k, expected[1] = heads_kv, expected[2] = dim_qk;
+    if (which == "lse") expected[0] = heads_q, expected[1] = total_q;
+    const char* why = which == "v"     ? "[total_k, heads_kv, head_dim_v]: the rows and heads of k"
+                      : which == "q"   ? "[total_q, heads_q, head_dim_qk]: the shape of q"
+                      : which == "k"   ? "[total_k, heads_kv, head_dim_qk]: the shape of k"
+                      : which == "lse" ? "[heads_q, total_q]"
+                                       : "[total_q, heads_q, head_dim_v]";
+    check_tensor(op, name, t, which == "lse" ? 2 : 3);
+    check_shape(op, name, *t, expected, why);
+  }
+}
+
+}  // namespace
+
+AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                      const fj_attention_options* options, const fj_tensor* o,
+                                      const fj_tensor* lse, bool descriptors_only) {
+  const DescriptorsOnly only(descriptors_only);
+  return forward_problem("attention", q, k, v, options, o, lse);
+}
+
+AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                       const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                       const fj_attention_options* options, const fj_tensor* dq,
+                                       const fj_tensor* dk, const fj_tensor* dv, bool descriptors_only) {
+  const DescriptorsOnly only(descriptors_only);
+  return backward_problem("attention_backward", q, k, v, o, lse, dout, options, dq, dk, dv);
+}
+
+AttentionProblem make_varlen_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                             const fj_varlen* varlen, const fj_attention_options* options,
+                                             const fj_tensor* o, const fj_tensor* lse, bool descriptors_only) {
+  constexpr const char* op = "varlen_attention";
+  const DescriptorsOnly only(descriptors_only);
+  const fj_tensor q4 = as_sequence_major(op, "q", q), k4 = as_sequence_major(op, "k", k),
+                  v4 = as_sequence_major(op, "v", v);
+  check_packed_shapes(op, options, {{"v", v, "v"}, {"o", o, "o"}, {"lse", lse, "lse"}}, q, k, v);
+  const fj_tensor o4 = as_sequence_major(op, "o", o), lse3 = lse_as_batch_of_one(op, lse);
+  AttentionProblem p = forward_problem(op, &q4, &k4, &v4, options, &o4, &lse3);
+  apply_varlen(op, varlen, options, p);
+  return p;
+}
+
+AttentionProblem make_varlen_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                              const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                              const fj_varlen* varlen, const fj_attention_options* options,
+                                              const fj_tensor* dq, const fj_tensor* dk, const fj_tensor* dv,
+                                              bool descriptors_only) {
+  constexpr const char* op = "varlen_attention_backward";
+  const DescriptorsOnly only(descriptors_only);
+  const fj_tensor q4 = as_sequence_major(op, "q", q), k4 = as_sequence_major(op, "k", k),
+                  v4 = as_sequence_major(op, "v", v);
+  check_packed_shapes(op, options,
+                      {{"v", v, "v"}, {"o", o, "o"}, {"lse", lse, "lse"}, {"dout", dout, "o"}, {"dq", dq, "q"},
+                       {"dk", dk, "k"}, {"dv", dv, "v"}},
+                      q, k, v);
+  const fj_tensor o4 = as_sequence_major(op, "o", o), dout4 = as_sequence_major(op, "dout", dout),
+                  dq4 = as_sequence_major(op, "dq", dq), dk4 = as_sequence_major(op, "dk", dk),
+                  dv4 = as_sequence_major(op, "dv", dv);
+  const fj_tensor lse3 = lse_as_batch_of_one(op, lse);
+  AttentionProblem p = backward_problem(op, &q4, &k4, &v4, &o4, &lse3, &dout4, options, &dq4, &dk4, &dv4);
+  apply_varlen(op, varlen, options, p);
+  return p;
+}
+
+AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b) {
+  AttentionProblem s = p;
+  const int64_t first_q = p.cu_seqlens_q[b], first_k = p.cu_seqlens_k[b];
+  s.batch = 1;
+  s.seqlen_q = p.cu_seqlens_q[b + 1] - first_q;
+  s.seqlen_k = p.cu_seqlens_k[b + 1] - first_k;
+  s.cu_seqlens_q = s.cu_seqlens_k = nullptr;
+  s.dropout_batch = p.dropout_batch + b;
+  s.diagonal_shift = p.causal == FJ_CAUSAL_TOP_LEFT ? 0 : s.seqlen_k - s.seqlen_q;
+  const int64_t element = int64_t(dtype_size(p.dtype));
+  const auto advance = [&](Operand& x, int64_t rows) {
+    if (x.data != nullptr) x.data = static_cast<char*>(x.data) + rows * x.stride_seq * element;
+  };
+  for (Operand* x : {&s.q, &s.o, &s.dout, &s.dq}) advance(*x, first_q);
+  for (Operand* x : {&s.k, &s.v, &s.dk, &s.dv}) advance(*x, first_k);
+  if (s.lse != nullptr) {
+    s.lse = static_cast<char*>(s.lse) + first_q * p.lse_stride_seq * int64_t(dtype_size(p.lse_dtype));
+  }
+  return s;
+}
+
+std::vector<AttentionProblem> dense_parts(const AttentionProblem& p) {
+  if (!p.varlen()) return {p};
+  std::vector<AttentionProblem> parts;
+  parts.reserve(size_t(p.batch));
+  for (int64_t b = 0; b < p.batch; ++b) parts.push_back(sequence_problem(p, b));
+  return parts;
 }
 
 AttentionProblem with_query_groups_packed(const AttentionProblem& p) {

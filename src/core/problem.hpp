@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "core/bounds_core.h"
 #include "flashjit/flashjit.h"
@@ -75,6 +76,18 @@ struct AttentionProblem {
   int32_t num_threads = 0;
   void* stream = nullptr;  // CUDA stream to enqueue on
 
+  // A variable-length batch (fj_attention_varlen_*): the operands are packed, sequence
+  // b being rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, o, lse, dout and dq
+  // and rows cu_seqlens_k[b] .. of k, v, dk and dv; seqlen_q and seqlen_k are the
+  // longest lengths and the batch strides 0. Host memory, validated. Null: a dense batch.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  // The dropout counter's batch index of batch entry 0: a sequence of a variable-length
+  // batch run as a problem of its own draws as batch entry `dropout_batch` of a padded batch.
+  int64_t dropout_batch = 0;
+
+  bool varlen() const { return cu_seqlens_q != nullptr; }
+
   int64_t group_size() const { return heads_kv > 0 ? heads_q / heads_kv : 0; }
   bool has_dropout() const { return dropout_threshold != 0; }
 
@@ -101,6 +114,23 @@ AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, c
                                        const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                        const fj_attention_options* options, const fj_tensor* dq,
                                        const fj_tensor* dk, const fj_tensor* dv, bool descriptors_only = false);
+
+// A variable-length batch's call (fj_varlen's layouts, see flashjit.h): validated as
+// the dense call on [1, H, total, D] views of the packed operands, then the offsets.
+AttentionProblem make_varlen_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                             const fj_varlen* varlen, const fj_attention_options* options,
+                                             const fj_tensor* o, const fj_tensor* lse, bool descriptors_only = false);
+AttentionProblem make_varlen_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                              const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                              const fj_varlen* varlen, const fj_attention_options* options,
+                                              const fj_tensor* dq, const fj_tensor* dk, const fj_tensor* dv,
+                                              bool descriptors_only = false);
+
+// Sequence b of a variable-length batch as a dense problem of batch 1 (views of the
+// packed operands, its own lengths and causal diagonal, dropout_batch = b).
+AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b);
+// The dense problems a call runs: p itself, or each sequence of a variable-length batch.
+std::vector<AttentionProblem> dense_parts(const AttentionProblem& p);
 
 // One query with grouped heads (decoding with GQA/MQA) as the same attention
 // with the group's query heads as query rows of their key/value head, so that a

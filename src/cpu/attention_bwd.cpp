@@ -203,23 +203,34 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
   }
 }
 
+int64_t query_blocks(const AttentionProblem& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
+int64_t key_blocks(const AttentionProblem& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
+
+// Each pool of tasks spans every part (dense_parts: the sequences of a variable-length batch).
 template <typename T>
-void backward_typed(const AttentionProblem& p) {
+void backward_typed(const AttentionProblem& whole) {
   using Acc = typename AccumulatorOf<T>::type;
-  const int64_t query_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const int64_t key_blocks = (p.seqlen_k + kBlockK - 1) / kBlockK;
-  const int64_t dq_tasks = p.batch * p.heads_q * query_blocks;
-  const int64_t dkdv_tasks = p.batch * p.heads_kv * key_blocks;
-  const double flops = 5.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
-  const int workers = worker_count(p.num_threads, std::max(dq_tasks, dkdv_tasks), flops);
-  parallel_for(dq_tasks, workers, [&](int64_t task, int) {
-    const int64_t bh = task / query_blocks;
-    dq_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, (task % query_blocks) * kBlockQ,
+  const std::vector<AttentionProblem> parts = dense_parts(whole);
+  const PartTasks dq_tasks(parts, [](const AttentionProblem& p) { return p.batch * p.heads_q * query_blocks(p); });
+  const PartTasks dkdv_tasks(parts,
+                             [](const AttentionProblem& p) { return p.batch * p.heads_kv * key_blocks(p); });
+  double flops = 0;
+  for (const AttentionProblem& p : parts) {
+    flops += 5.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
+  }
+  const int workers = worker_count(whole.num_threads, std::max(dq_tasks.total(), dkdv_tasks.total()), flops);
+  parallel_for(dq_tasks.total(), workers, [&](int64_t task, int) {
+    const auto [part, index] = dq_tasks.locate(task);
+    const AttentionProblem& p = parts[part];
+    const int64_t bh = index / query_blocks(p);
+    dq_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, (index % query_blocks(p)) * kBlockQ,
                      thread_scratch<BackwardScratch<Acc>>(p));
   });
-  parallel_for(dkdv_tasks, workers, [&](int64_t task, int) {
-    const int64_t bh = task / key_blocks;
-    dkdv_block<T, Acc>(p, bh / p.heads_kv, bh % p.heads_kv, (task % key_blocks) * kBlockK,
+  parallel_for(dkdv_tasks.total(), workers, [&](int64_t task, int) {
+    const auto [part, index] = dkdv_tasks.locate(task);
+    const AttentionProblem& p = parts[part];
+    const int64_t bh = index / key_blocks(p);
+    dkdv_block<T, Acc>(p, bh / p.heads_kv, bh % p.heads_kv, (index % key_blocks(p)) * kBlockK,
                        thread_scratch<BackwardScratch<Acc>>(p));
   });
 }

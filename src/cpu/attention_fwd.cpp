@@ -139,17 +139,26 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   }
 }
 
+int64_t query_blocks(const AttentionProblem& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
+
+// One pool of tasks over every (part, batch, query head, query block): the sequences of
+// a variable-length batch share the workers instead of running one after another.
 template <typename T>
-void forward_typed(const AttentionProblem& p) {
+void forward_typed(const AttentionProblem& whole) {
   using Acc = typename AccumulatorOf<T>::type;
-  const int64_t query_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const int64_t tasks = p.batch * p.heads_q * query_blocks;
-  const double flops = 2.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
-  const int workers = worker_count(p.num_threads, tasks, flops);
-  parallel_for(tasks, workers, [&](int64_t task, int) {
-    const int64_t block = task % query_blocks;
-    const int64_t bh = task / query_blocks;
-    forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, block * kBlockQ);
+  const std::vector<AttentionProblem> parts = dense_parts(whole);
+  const PartTasks tasks(parts, [](const AttentionProblem& p) { return p.batch * p.heads_q * query_blocks(p); });
+  double flops = 0;
+  for (const AttentionProblem& p : parts) {
+    flops += 2.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
+  }
+  const int workers = worker_count(whole.num_threads, tasks.total(), flops);
+  parallel_for(tasks.total(), workers, [&](int64_t task, int) {
+    const auto [part, index] = tasks.locate(task);
+    const AttentionProblem& p = parts[part];
+    const int64_t blocks = query_blocks(p);
+    const int64_t bh = index / blocks;
+    forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, (index % blocks) * kBlockQ);
   });
 }
 

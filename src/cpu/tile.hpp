@@ -4,10 +4,12 @@
 // (scale, softcap, masks) shared by forward and backward.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.hpp"
@@ -329,7 +331,7 @@ void compute_logits(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
 // keep[c] = 1 when element (b, h, query, key0 + c) survives dropout.
 inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t query, int64_t key0,
                              int64_t cols, uint8_t* keep) {
-  const int64_t batch_head = b * p.heads_q + h;
+  const int64_t batch_head = (p.dropout_batch + b) * p.heads_q + h;
   const int64_t key_end = key0 + cols;
   for (int64_t quad = key0 >> 2; quad * 4 < key_end; ++quad) {
     const Philox4x32 words = dropout_words(p.dropout_seed, p.dropout_offset, batch_head, query, quad);
@@ -339,5 +341,24 @@ inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, in
     }
   }
 }
+
+// The tasks of a call over its dense parts (dense_parts: the problem, or each sequence of a
+// variable-length batch): part i owns tasks [first[i], first[i + 1]), count(part) of them.
+class PartTasks {
+ public:
+  template <typename Count>
+  PartTasks(const std::vector<AttentionProblem>& parts, Count count) : first_(parts.size() + 1, 0) {
+    for (size_t i = 0; i < parts.size(); ++i) first_[i + 1] = first_[i] + count(parts[i]);
+  }
+  int64_t total() const { return first_.back(); }
+  // The part of a task and the task's index within it.
+  std::pair<size_t, int64_t> locate(int64_t task) const {
+    const size_t part = size_t(std::upper_bound(first_.begin(), first_.end(), task) - first_.begin()) - 1;
+    return {part, task - first_[part]};
+  }
+
+ private:
+  std::vector<int64_t> first_;
+};
 
 }  // namespace flashjit::cpu

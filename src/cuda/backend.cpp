@@ -65,6 +65,7 @@ KernelParams params_of(const AttentionProblem& p) {
   params.dropout_offset = p.dropout_offset;
   params.dropout_threshold = p.dropout_threshold;
   params.dropout_keep_scale = p.has_dropout() ? 1.0 / (1.0 - p.dropout_p) : 1.0;
+  params.dropout_head_base = p.dropout_batch * p.heads_q;
   return params;
 }
 
@@ -441,12 +442,16 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
+// A variable-length batch runs as one launch plan a sequence (dense_parts), on the stream in order.
 void forward(const AttentionProblem& problem) {
-  const AttentionProblem p = with_query_groups_packed(problem);
-  const Launch launch = prepare(p);
-  Plan plan;
-  plan_forward(plan, p, launch);
-  enqueue(plan, launch);
+  for (const AttentionProblem& part : dense_parts(problem)) {
+    if (part.seqlen_q == 0) continue;
+    const AttentionProblem p = with_query_groups_packed(part);
+    const Launch launch = prepare(p);
+    Plan plan;
+    plan_forward(plan, p, launch);
+    enqueue(plan, launch);
+  }
 }
 
 // The TMA descriptors a kHopper backward kernel reads: the block's own rows
@@ -522,11 +527,14 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   }
 }
 
-void backward(const AttentionProblem& p) {
-  const Launch launch = prepare(p);
-  Plan plan;
-  plan_backward(plan, p, launch);
-  enqueue(plan, launch);
+void backward(const AttentionProblem& problem) {
+  for (const AttentionProblem& p : dense_parts(problem)) {
+    if (p.seqlen_q == 0 && p.seqlen_k == 0) continue;
+    const Launch launch = prepare(p);
+    Plan plan;
+    plan_backward(plan, p, launch);
+    enqueue(plan, launch);
+  }
 }
 
 }  // namespace

@@ -139,10 +139,14 @@ def test_mlx_calls_are_recorded_and_timed_alone():
     assert rows == {("flashjit", 2), ("mx.fast", 1)}
 
 
-def test_varlen_calls_are_recorded_per_sequence():
+def test_a_varlen_call_is_one_record_with_each_sequences_work():
     q, k = torch.randn(12, 4, 16, requires_grad=True), torch.randn(9, 2, 16, requires_grad=True)
     cu_q, cu_k = torch.tensor([0, 5, 5, 12], dtype=torch.int32), torch.tensor([0, 4, 6, 9], dtype=torch.int32)
     with flashjit.profile() as prof:
         flashjit.varlen_attention(q, k, k, cu_q, cu_k, causal=True).sum().backward()
-    assert [(c.direction, c.seqlen_q, c.seqlen_k) for c in prof.calls] == [
-        ("forward", 5, 4), ("forward", 7, 3), ("backward", 5, 4), ("backward", 7, 3)]
+    assert [(c.direction, c.batch, c.seqlen_q, c.seqlen_k) for c in prof.calls] == [
+        ("forward", 3, 7, 4), ("backward", 3, 7, 4)]
+    # Bottom-right causal pairs of the sequences (5, 4), (0, 2), (7, 3): 10 + 0 + 6.
+    pairs = 10 + 0 + 6
+    assert prof.calls[0].flops == 2.0 * 4 * pairs * (16 + 16)
+    assert prof.calls[1].flops == 2.5 * prof.calls[0].flops

@@ -36,16 +36,18 @@ def test_matches_each_sequence_alone(dtype, options):
     reference_options = dict(causal=causal, window=options.get("window", (-1, -1)),
                              softcap=options.get("softcap", 0.0), scale=options.get("scale"))
     dk_seen = torch.zeros(k.shape[0], dtype=torch.bool)
+    keep_all = None
+    if options.get("dropout_p"):  # the padded batch's mask
+        keep_all = torch.from_numpy(flashjit.dropout_keep_mask(len(LENGTHS_Q), Hq, max(LENGTHS_Q), max(LENGTHS_K),
+                                                               dropout_p=options["dropout_p"], seed=options["seed"],
+                                                               offset=options["offset"]))
     for i in range(len(LENGTHS_Q)):
         qb, qe = cu_q[i].item(), cu_q[i + 1].item()
         kb, ke = cu_k[i].item(), cu_k[i + 1].item()
         if qe == qb:
             continue
         view = [x.detach()[b:e].transpose(0, 1).unsqueeze(0) for x, b, e in ((q, qb, qe), (k, kb, ke), (v, kb, ke))]
-        keep = None
-        if options.get("dropout_p"):
-            keep = torch.from_numpy(flashjit.dropout_keep_mask(1, Hq, qe - qb, ke - kb, dropout_p=options["dropout_p"],
-                                                               seed=options["seed"], offset=options["offset"] + i))
+        keep = None if keep_all is None else keep_all[i:i + 1, :, :qe - qb, :ke - kb]
         exact = leaves(*view, dtype=torch.float64, device="cpu")
         base = leaves(*view, device="cpu")
         exact_o, exact_lse = naive_attention(*exact, dropout_p=options.get("dropout_p", 0.0), keep=keep,
@@ -76,11 +78,13 @@ def test_no_grad_and_a_sequence_without_keys():
 
 
 @pytest.mark.parametrize("cu_q,cu_k,max_q,match", [
-    ([0, 3, 6], [0, 2], None, r"cu_seqlens_k: expected 3 offsets \(those of cu_seqlens_q\), got 2"),
-    ([1, 3, 6], [0, 2, 4], None, r"cu_seqlens_q: expected the first offset to be 0, got 1"),
+    ([0, 3, 6], [0, 2], None, r"cu_seqlens_k: expected 3 offsets \(batch \+ 1, as cu_seqlens_q\), got 2"),
+    ([1, 3, 6], [0, 2, 4], None, r"cu_seqlens_q: expected offset 0 to be 0, got 1"),
     ([0, 4, 3, 6], [0, 1, 2, 4], None, r"cu_seqlens_q: offsets must not decrease; offset 2 is 3 after 4"),
-    ([0, 3, 5], [0, 2, 4], None, r"cu_seqlens_q: expected the last offset to be the number of rows \(6\), got 5"),
-    ([0, 3, 6], [0, 2, 4], 2, r"max_seqlen_q: 2 is less than the longest sequence \(3\)"),
+    ([0, 3, 5], [0, 2, 4], None,
+     r"cu_seqlens_q: expected the last offset to be the number of packed rows \(6\), got 5"),
+    ([0, 3, 6], [0, 2, 4], 2, r"max_seqlen_q: expected 0 \(the longest\) or a bound >= the longest sequence "
+                              r"\(3\), got 2"),
 ])
 def test_bad_offsets(cu_q, cu_k, max_q, match):
     q, k = torch.randn(6, 2, 8), torch.randn(4, 2, 8)
@@ -91,3 +95,44 @@ def test_bad_offsets(cu_q, cu_k, max_q, match):
         flashjit.varlen_attention(q, k, k, torch.tensor([0.0, 6.0]), torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"q: expected 3 dims \[total, heads, head_dim\], got 4"):
         flashjit.varlen_attention(q[None], k, k, torch.tensor([0, 6]), torch.tensor([0, 4]))
+
+
+def _small_batch(requires_grad=True):
+    torch.manual_seed(1)
+    q = torch.randn(sum(LENGTHS_Q), 4, 16, device=DEVICE, requires_grad=requires_grad)
+    k = torch.randn(sum(LENGTHS_K), 2, 16, device=DEVICE, requires_grad=requires_grad)
+    v = torch.randn(sum(LENGTHS_K), 2, 16, device=DEVICE, requires_grad=requires_grad)
+    return q, k, v
+
+
+def test_compiles_into_one_graph_with_its_gradients():
+    """flashjit::varlen_fwd / varlen_bwd are custom ops: torch.compile(fullgraph=True) traces
+    through them (fake kernels for the shapes) and gives eager's outputs and gradients."""
+    cu_q, cu_k = _offsets(LENGTHS_Q), _offsets(LENGTHS_K)
+
+    def step(q, k, v):
+        return flashjit.varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS_Q), max(LENGTHS_K), causal=True)
+
+    q, k, v = _small_batch()
+    eager = step(q, k, v)
+    eager.square().sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
+    compiled.square().sum().backward()
+    assert torch.equal(compiled, eager)
+    for got, expected in zip((q.grad, k.grad, v.grad), grads):
+        assert torch.equal(got, expected)
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    q, k, v = _small_batch()
+    cu_q, cu_k = _offsets(LENGTHS_Q), _offsets(LENGTHS_K)
+    options = (None, None, 0.0, 2, -1, -1, 0.0, None, 0)
+    opcheck(torch.ops.flashjit.varlen_fwd.default, (q, k, v, cu_q, cu_k, 0, 0, *options))
+    o, lse = flashjit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    opcheck(torch.ops.flashjit.varlen_bwd.default,
+            (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, cu_q, cu_k, 0, 0, *options))

@@ -173,7 +173,7 @@ FJ_DEVICE bool all_visible(const KernelParams& p, long long query_first, long lo
 
 // Dropout keep decision for (batch-head bh, query i, key j): the shared Philox rule.
 FJ_DEVICE bool dropout_keeps(const KernelParams& p, long long bh, long long i, long long j) {
-  return dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, bh, i, j);
+  return dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, p.dropout_head_base + bh, i, j);
 }
 
 // Linear block index (or work tile) -> (block, batch, head). Under causal

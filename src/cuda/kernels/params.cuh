@@ -75,6 +75,9 @@ struct KernelParams {
   unsigned long long dropout_offset;
   unsigned int dropout_threshold;  // drop when the Philox word is below this
   double dropout_keep_scale;       // 1 / (1 - p)
+  // Added to b * heads_q + h in the dropout counter: a sequence of a variable-length
+  // batch, run as a batch of one, draws as its batch entry (AttentionProblem::dropout_batch).
+  long long dropout_head_base;
 };
 
 }  // namespace flashjit
