@@ -131,12 +131,20 @@ fj_status fj_attention_check_backward(const fj_tensor* q, const fj_tensor* k, co
  * boundary, and a sequence may be empty. Causal and window bounds apply to each sequence with
  * its own lengths (FJ_CAUSAL_BOTTOM_RIGHT: its last query sees its last key). Dropout drops
  * what it would drop in a padded batch [batch, Hq, max_seqlen_q, max_seqlen_k] at the same
- * (b, h, i, j), i and j counted within the sequence. Masks are not taken. */
+ * (b, h, i, j), i and j counted within the sequence. Masks are not taken.
+ *
+ * A KV cache: seqused_k (int32 [batch], host memory) gives each sequence's key count, its
+ * first keys; with page_table (int32 [batch, max_pages], host memory) k and v are pages
+ * [num_pages, page_size, Hkv, D] (page_size a multiple of 16) and key j of sequence b is row
+ * j % page_size of page page_table[b][j / page_size]; cu_seqlens_k is then absent (ndim 0,
+ * data NULL). Paged caches are forward only. */
 typedef struct fj_varlen {
   fj_tensor cu_seqlens_q; /* int32 [batch + 1] in host memory: 0, never decreasing, total_q last */
   fj_tensor cu_seqlens_k; /* int32 [batch + 1] in host memory: 0, never decreasing, total_k last */
   int64_t max_seqlen_q;   /* 0 (the longest) or a bound on the lengths */
   int64_t max_seqlen_k;
+  fj_tensor seqused_k;    /* optional: int32 [batch], keys each sequence uses (<= its rows or pages) */
+  fj_tensor page_table;   /* optional: int32 [batch, max_pages]; needs seqused_k */
 } fj_varlen;
 
 fj_status fj_attention_varlen_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,

@@ -16,6 +16,8 @@ batch [batch, Hq, max_q, max_k] at the same (sequence, head, row, key).
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Optional
 
 import torch
@@ -46,11 +48,11 @@ def _lengths_of(offsets: Tensor) -> list[int]:
     return (offsets[1:] - offsets[:-1]).tolist()
 
 
-def _run(direction: str, kernel, offsets_q: Tensor, offsets_k: Tensor, max_q: int, max_k: int, inputs, outputs,
-         options: tuple):
+def _run(direction: str, kernel, offsets_q: Tensor, offsets_k: Optional[Tensor], max_q: int, max_k: int, inputs,
+         outputs, options: tuple, key_lengths: Optional[list] = None):
     """One call of the C API's varlen entry for the whole batch (offsets as _offsets gives
     them; options: the ops' trailing arguments), recorded by an open flashjit.profile() with
-    each sequence's work."""
+    each sequence's work (key_lengths: the keys each uses, where not the offsets' spans)."""
 
     def call(*tensors, **kwargs):
         kernel(offsets_q, offsets_k, max_q, max_k, *tensors, **kwargs)
@@ -60,7 +62,7 @@ def _run(direction: str, kernel, offsets_q: Tensor, offsets_k: Tensor, max_q: in
         ops._run(call, inputs, outputs, *options)
         return
     opt, _, _ = AttentionOptions.from_op_args(options)
-    sequences = list(zip(_lengths_of(offsets_q), _lengths_of(offsets_k)))
+    sequences = list(zip(_lengths_of(offsets_q), key_lengths or _lengths_of(offsets_k)))
     record = profile.begin(direction, "flashjit", *inputs[:3], opt.causal, opt.window_left, opt.window_right, None,
                            opt.dropout_p, sequences=sequences)
     ops._run(call, inputs, outputs, *options)
@@ -186,8 +188,10 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     [B, S_new, Hkv, D] given are first written into the cache at each sequence's length (in
     place). causal=True aligns bottom-right (the last query sees the last key).
 
-    This version runs one kernel call per sequence (on views of a dense cache; a paged one's
-    rows are gathered first); not differentiable (a cache is for inference)."""
+    One call of the C API's varlen entry for the batch: the cache as packed rows with each
+    sequence's key count (seqused_k), or its pages through the page table (on the CPU the
+    pages are read in place; on CUDA, which has no paged kernels yet, each sequence's used rows
+    are gathered first). Not differentiable (a cache is for inference)."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(x, Tensor):
             raise TypeError(f"[{_KV_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -228,21 +232,38 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
                     rows = torch.arange(lengths[b], lengths[b] + new, device=cache.device)
                     page = torch.as_tensor(pages[b], device=cache.device)[rows // cache.shape[1]]
                     cache[page, rows % cache.shape[1]] = values[b]
-    options = dict(scale=scale, softcap=softcap, causal="bottom_right" if causal is True else causal, window=window)
-    o = q.new_empty(batch, q.shape[1], q.shape[2], v_cache.shape[-1])
-    lse = torch.empty(batch, q.shape[2], q.shape[1], dtype=ops.lse_dtype(q.dtype), device=q.device)
-    from .api import attention
-
+    options = AttentionOptions.make(_KV_OP, scale=scale, softcap=softcap,
+                                    causal="bottom_right" if causal is True else causal, window=window)
+    sq, heads_q = q.shape[1], q.shape[2]
+    used = [lengths[b] + new for b in range(batch)]
+    offsets_q = torch.arange(batch + 1, dtype=torch.int32) * sq
+    keys, values, offsets_k, seqused, table = k_cache, v_cache, None, torch.tensor(used, dtype=torch.int32), None
+    if page_table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
+        keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
+        offsets_k = torch.arange(batch + 1, dtype=torch.int32) * k_cache.shape[1]
+    elif q.is_cuda:  # no paged kernels on CUDA yet: the used rows gathered, packed
+        keys, values = (_gather_pages(c, pages, used) for c in (k_cache, v_cache))
+        offsets_k = torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32)
+        seqused = None
+    else:
+        table = page_table.to(device="cpu", dtype=torch.int32).contiguous()
+    q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
+    o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
+    lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)
     with torch.no_grad():
-        for b in range(batch):
-            keys = lengths[b] + new
-            kb = _cache_rows(k_cache, page_table, b, 0, keys)
-            vb = _cache_rows(v_cache, page_table, b, 0, keys)
-            ob, lseb = attention(q[b:b + 1].transpose(1, 2), kb.transpose(0, 1)[None], vb.transpose(0, 1)[None],
-                                 return_lse=True, **options)
-            o[b] = ob[0].transpose(0, 1)
-            lse[b] = lseb[0]
-    return (o, lse) if return_lse else o
+        _run("forward", functools.partial(_C.varlen_forward, seqused_k=seqused, page_table=table), offsets_q,
+             offsets_k, 0, 0, (q_rows, keys, values), (o, lse), options.op_args(None, None), key_lengths=used)
+    o = o.view(batch, sq, heads_q, -1)
+    return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
+
+
+def _gather_pages(pages: Tensor, table: list, used: list) -> Tensor:
+    """The first used[b] keys of each sequence, in order, from pages [num_pages, page_size, H, D]
+    through the page table's rows (lists): packed rows [sum(used), H, D]."""
+    page_size = pages.shape[1]
+    rows = [table[b][j // page_size] * page_size + j % page_size for b, n in enumerate(used) for j in range(n)]
+    flat = pages.reshape(-1, pages.shape[2], pages.shape[3])
+    return flat[torch.tensor(rows, dtype=torch.long, device=pages.device)]
 
 
 def _lengths(name: str, lengths, batch: int) -> list[int]:

@@ -217,12 +217,15 @@ void check(fj_status status);
 
 // A variable-length batch's offsets (host int32 tensors) and length bounds.
 fj_varlen make_varlen(const char* op, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t max_seqlen_q,
-                      int64_t max_seqlen_k) {
+                      int64_t max_seqlen_k, nb::handle seqused_k = nb::none(), nb::handle page_table = nb::none()) {
   fj_varlen varlen;
+  std::memset(&varlen, 0, sizeof varlen);
   varlen.cu_seqlens_q = to_tensor(op, "cu_seqlens_q", cu_seqlens_q);
-  varlen.cu_seqlens_k = to_tensor(op, "cu_seqlens_k", cu_seqlens_k);
+  if (!cu_seqlens_k.is_none()) varlen.cu_seqlens_k = to_tensor(op, "cu_seqlens_k", cu_seqlens_k);
   varlen.max_seqlen_q = max_seqlen_q;
   varlen.max_seqlen_k = max_seqlen_k;
+  if (!seqused_k.is_none()) varlen.seqused_k = to_tensor(op, "seqused_k", seqused_k);
+  if (!page_table.is_none()) varlen.page_table = to_tensor(op, "page_table", page_table);
   return varlen;
 }
 
@@ -230,9 +233,10 @@ void varlen_forward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t ma
                     nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
                     std::optional<double> scale, double softcap, int causal, int64_t window_left,
                     int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-                    uintptr_t stream) {
+                    uintptr_t stream, nb::handle seqused_k, nb::handle page_table) {
   constexpr const char* op = "varlen_attention";
-  const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                       page_table);
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
   const fj_attention_options options =
@@ -359,11 +363,12 @@ NB_MODULE(_C, m) {
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
         nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false);
-  m.def("varlen_forward", &varlen_forward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k"),
+  m.def("varlen_forward", &varlen_forward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k").none(),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
         nb::arg("lse"), nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
-        nb::arg("num_threads"), nb::arg("stream") = 0);
+        nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("seqused_k").none() = nb::none(),
+        nb::arg("page_table").none() = nb::none());
   m.def("varlen_backward", &varlen_backward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k"),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
         nb::arg("lse"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),

@@ -562,6 +562,82 @@ int64_t check_offsets(const char* op, const char* name, const fj_tensor* t, int6
   return longest;
 }
 
+bool present(const fj_tensor& t) { return t.ndim > 0 || t.data != nullptr; }
+
+// An int32 host tensor of `ndim` dims with contiguous rows.
+const fj_tensor& check_host_int32(const char* op, const char* name, const fj_tensor& t, int ndim) {
+  check_tensor(op, name, &t, ndim);
+  if (t.dtype != FJ_INT32) throw_type_error("[", op, "] ", name, ": expected dtype int32, got ", dtype_name(t.dtype));
+  if (t.device_type != FJ_DEVICE_CPU) {
+    throw_value_error("[", op, "] ", name, ": expected host (cpu) memory, got ", device_name(t.device_type), ":",
+                      t.device_index, " (it is read before the launch)");
+  }
+  if (!has_no_elements(t) && t.shape[ndim - 1] > 1 && t.strides[ndim - 1] != 1) {
+    throw_value_error("[", op, "] ", name, ": expected the last dim contiguous (stride 1), got stride ",
+                      t.strides[ndim - 1]);
+  }
+  return t;
+}
+
+// seqused_k: int32 [batch], each at least 0 and at most `capacity(b)`; returns the largest.
+template <typename Capacity>
+int64_t check_seqused(const char* op, const fj_varlen& varlen, int64_t batch, Capacity capacity,
+                      const char* what) {
+  const fj_tensor& used = check_host_int32(op, "seqused_k", varlen.seqused_k, 1);
+  if (used.shape[0] != batch) {
+    throw_value_error("[", op, "] seqused_k: expected ", batch, " counts (one a sequence), got ", used.shape[0]);
+  }
+  int64_t longest = 0;
+  for (int64_t b = 0; used.data != nullptr && b < batch; ++b) {
+    const int64_t n = static_cast<const int32_t*>(used.data)[b];
+    if (n < 0 || n > capacity(b)) {
+      throw_value_error("[", op, "] seqused_k: sequence ", b, " uses ", n, " keys; expected 0 to ", capacity(b),
+                        " (", what, ")");
+    }
+    longest = std::max(longest, n);
+  }
+  return longest;
+}
+
+// seqused_k over keys at cu_seqlens_k: a sequence uses the first of its rows.
+int64_t apply_seqused(const char* op, const fj_varlen& varlen, int64_t batch, AttentionProblem& p) {
+  const auto* offsets = static_cast<const int32_t*>(varlen.cu_seqlens_k.data);
+  const int64_t longest = check_seqused(
+      op, varlen, batch, [&](int64_t b) { return offsets == nullptr ? INT32_MAX : int64_t(offsets[b + 1] - offsets[b]); },
+      "its rows in cu_seqlens_k");
+  p.seqused_k = static_cast<const int32_t*>(varlen.seqused_k.data);
+  return longest;
+}
+
+// The page table and the pages (k and v as given, [num_pages, page_size, Hkv, D]).
+int64_t apply_pages(const char* op, const fj_varlen& varlen, int64_t batch, AttentionProblem& p) {
+  const fj_tensor& table = check_host_int32(op, "page_table", varlen.page_table, 2);
+  if (table.shape[0] != batch) {
+    throw_value_error("[", op, "] page_table: expected ", batch, " rows (one a sequence), got ", table.shape[0]);
+  }
+  if (!present(varlen.seqused_k)) {
+    throw_value_error("[", op, "] seqused_k: expected each sequence's key count with a page table");
+  }
+  const int64_t max_pages = table.shape[1];
+  const int64_t longest =
+      check_seqused(op, varlen, batch, [&](int64_t) { return max_pages * p.page_size; }, "its pages");
+  const auto* pages = static_cast<const int32_t*>(table.data);
+  const auto* used = static_cast<const int32_t*>(varlen.seqused_k.data);
+  for (int64_t b = 0; pages != nullptr && used != nullptr && b < batch; ++b) {
+    for (int64_t j = 0; j * p.page_size < used[b]; ++j) {
+      const int64_t page = pages[b * table.strides[0] + j];
+      if (page < 0 || page >= p.num_pages) {
+        throw_value_error("[", op, "] page_table: page ", j, " of sequence ", b, " is ", page, "; expected 0 to ",
+                          p.num_pages - 1);
+      }
+    }
+  }
+  p.page_table = pages;
+  p.page_table_stride = table.strides[0];
+  p.seqused_k = used;
+  return longest;
+}
+
 // The varlen fields of a problem validated as the dense call on the packed views.
 void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_options* options,
                   AttentionProblem& p) {
@@ -569,7 +645,17 @@ void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_op
   const int64_t total_q = p.seqlen_q, total_k = p.seqlen_k;
   const int64_t longest_q = check_offsets(op, "cu_seqlens_q", &varlen->cu_seqlens_q, -1, total_q);
   const int64_t batch = varlen->cu_seqlens_q.shape[0] - 1;
-  const int64_t longest_k = check_offsets(op, "cu_seqlens_k", &varlen->cu_seqlens_k, batch, total_k);
+  const bool paged = present(varlen->page_table);
+  int64_t longest_k = 0;
+  if (paged) {
+    if (present(varlen->cu_seqlens_k)) {
+      throw_value_error("[", op, "] cu_seqlens_k: expected none with a page table (the pages place the keys)");
+    }
+    longest_k = apply_pages(op, *varlen, batch, p);
+  } else {
+    longest_k = check_offsets(op, "cu_seqlens_k", &varlen->cu_seqlens_k, batch, total_k);
+    if (present(varlen->seqused_k)) longest_k = apply_seqused(op, *varlen, batch, p);
+  }
   int64_t max_q = varlen->max_seqlen_q, max_k = varlen->max_seqlen_k;
   for (auto [name, bound, longest] : {std::tuple{"max_seqlen_q", &max_q, longest_q},
                                       std::tuple{"max_seqlen_k", &max_k, longest_k}}) {
@@ -583,12 +669,12 @@ void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_op
   p.seqlen_q = max_q;
   p.seqlen_k = max_k;
   p.cu_seqlens_q = static_cast<const int32_t*>(varlen->cu_seqlens_q.data);
-  p.cu_seqlens_k = static_cast<const int32_t*>(varlen->cu_seqlens_k.data);
+  p.cu_seqlens_k = paged ? nullptr : static_cast<const int32_t*>(varlen->cu_seqlens_k.data);
   if (varlen->cu_seqlens_q.strides[0] != 1 && batch > 0) {
     throw_value_error("[", op, "] cu_seqlens_q: expected contiguous offsets (stride 1), got stride ",
                       varlen->cu_seqlens_q.strides[0]);
   }
-  if (varlen->cu_seqlens_k.strides[0] != 1 && batch > 0) {
+  if (!paged && varlen->cu_seqlens_k.strides[0] != 1 && batch > 0) {
     throw_value_error("[", op, "] cu_seqlens_k: expected contiguous offsets (stride 1), got stride ",
                       varlen->cu_seqlens_k.strides[0]);
   }
@@ -598,18 +684,39 @@ void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_op
   // The packed views' batch strides are 0 already (batch 1); the offsets place each sequence.
 }
 
+// Pages [num_pages, page_size, heads, dim] as the [1, heads, page_size, dim] view of their first
+// page, for the dense checks of dtype, device and row layout.
+fj_tensor first_page(const char* op, const char* name, const fj_tensor* t) {
+  const fj_tensor& pages = check_tensor(op, name, t, 4);
+  if (pages.shape[0] < 1) throw_value_error("[", op, "] ", name, ": expected at least one page, got none");
+  if (pages.shape[1] < 16 || pages.shape[1] % 16 != 0) {
+    throw_value_error("[", op, "] ", name, ": expected a page size (dim 1) that is a multiple of 16, got ",
+                      pages.shape[1]);
+  }
+  fj_tensor view = pages;
+  view.shape[0] = 1, view.shape[1] = pages.shape[2], view.shape[2] = pages.shape[1], view.shape[3] = pages.shape[3];
+  view.strides[0] = 0, view.strides[1] = pages.strides[2], view.strides[2] = pages.strides[1];
+  view.strides[3] = pages.strides[3];
+  return view;
+}
+
 // Before the dense checks, which would name the views' shapes: no mask, and the
-// packed shapes of every operand after q and k.
+// packed shapes of every operand after q and k (k and v as pages with a page table).
 void check_packed_shapes(const char* op, const fj_attention_options* options,
                          std::initializer_list<std::tuple<const char*, const fj_tensor*, const char*>> operands,
-                         const fj_tensor* q, const fj_tensor* k, const fj_tensor* v) {
+                         const fj_tensor* q, const fj_tensor* k, const fj_tensor* v, bool paged = false) {
   if (options != nullptr && mask_of(options) != nullptr) {
     throw_value_error("[", op, "] mask: variable-length batches take no mask (attention stays within each sequence)");
   }
   const int64_t total_q = q->shape[0], heads_q = q->shape[1], dim_qk = q->shape[2];
-  const int64_t total_k = k->shape[0], heads_kv = k->shape[1], dim_v = v->shape[2];
+  const int64_t total_k = k->shape[0], heads_kv = k->shape[paged ? 2 : 1], dim_v = v->shape[paged ? 3 : 2];
+  if (paged) {
+    const int64_t expected[4] = {k->shape[0], k->shape[1], heads_kv, dim_v};
+    check_shape(op, "v", *v, expected, "[num_pages, page_size, heads_kv, head_dim_v]: the pages of k");
+  }
   for (const auto& [name, t, layout] : operands) {
     const std::string which = layout;
+    if (paged && which == "v") continue;
     int64_t expected[3] = {total_q, heads_q, dim_v};
     if (which == "v") expected[0] = total_k, expected[1] = heads_kv;
     if (which == "q") expected[2] = dim_qk;
@@ -647,11 +754,20 @@ AttentionProblem make_varlen_forward_problem(const fj_tensor* q, const fj_tensor
                                              const fj_tensor* o, const fj_tensor* lse, bool descriptors_only) {
   constexpr const char* op = "varlen_attention";
   const DescriptorsOnly only(descriptors_only);
-  const fj_tensor q4 = as_sequence_major(op, "q", q), k4 = as_sequence_major(op, "k", k),
-                  v4 = as_sequence_major(op, "v", v);
-  check_packed_shapes(op, options, {{"v", v, "v"}, {"o", o, "o"}, {"lse", lse, "lse"}}, q, k, v);
+  const bool paged = varlen != nullptr && present(varlen->page_table);
+  const fj_tensor q4 = as_sequence_major(op, "q", q);
+  const fj_tensor k4 = paged ? first_page(op, "k", k) : as_sequence_major(op, "k", k);
+  const fj_tensor v4 = paged ? first_page(op, "v", v) : as_sequence_major(op, "v", v);
+  check_packed_shapes(op, options, {{"v", v, "v"}, {"o", o, "o"}, {"lse", lse, "lse"}}, q, k, v, paged);
   const fj_tensor o4 = as_sequence_major(op, "o", o), lse3 = lse_as_batch_of_one(op, lse);
   AttentionProblem p = forward_problem(op, &q4, &k4, &v4, options, &o4, &lse3);
+  if (paged) {  // every page, not only the first: k's and v's batch strides step pages
+    check_outputs(op, {{"o", &o4}, {"lse", &lse3}}, {{"k", k}, {"v", v}});
+    p.page_size = k->shape[1];
+    p.num_pages = k->shape[0];
+    p.k.stride_batch = k->shape[0] == 1 ? 0 : k->strides[0];
+    p.v.stride_batch = v->shape[0] == 1 ? 0 : v->strides[0];
+  }
   apply_varlen(op, varlen, options, p);
   return p;
 }
@@ -663,6 +779,9 @@ AttentionProblem make_varlen_backward_problem(const fj_tensor* q, const fj_tenso
                                               bool descriptors_only) {
   constexpr const char* op = "varlen_attention_backward";
   const DescriptorsOnly only(descriptors_only);
+  if (varlen != nullptr && present(varlen->page_table)) {
+    throw_unsupported("[", op, "] page_table: paged KV caches are forward only (a cache is for inference)");
+  }
   const fj_tensor q4 = as_sequence_major(op, "q", q), k4 = as_sequence_major(op, "k", k),
                   v4 = as_sequence_major(op, "v", v);
   check_packed_shapes(op, options,
@@ -680,11 +799,15 @@ AttentionProblem make_varlen_backward_problem(const fj_tensor* q, const fj_tenso
 
 AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b) {
   AttentionProblem s = p;
-  const int64_t first_q = p.cu_seqlens_q[b], first_k = p.cu_seqlens_k[b];
+  const int64_t first_q = p.cu_seqlens_q[b], first_k = p.cu_seqlens_k != nullptr ? p.cu_seqlens_k[b] : 0;
   s.batch = 1;
   s.seqlen_q = p.cu_seqlens_q[b + 1] - first_q;
-  s.seqlen_k = p.cu_seqlens_k[b + 1] - first_k;
-  s.cu_seqlens_q = s.cu_seqlens_k = nullptr;
+  s.seqlen_k = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - first_k;
+  s.cu_seqlens_q = s.cu_seqlens_k = s.seqused_k = nullptr;
+  if (p.page_table != nullptr) {  // the sequence's row of the table; the pages stay where they are
+    s.page_table = p.page_table + b * p.page_table_stride;
+    s.page_table_stride = 0;
+  }
   s.dropout_batch = p.dropout_batch + b;
   s.diagonal_shift = p.causal == FJ_CAUSAL_TOP_LEFT ? 0 : s.seqlen_k - s.seqlen_q;
   const int64_t element = int64_t(dtype_size(p.dtype));

@@ -82,11 +82,34 @@ struct AttentionProblem {
   // longest lengths and the batch strides 0. Host memory, validated. Null: a dense batch.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  // A KV cache (fj_varlen.seqused_k): sequence b uses its first seqused_k[b] keys.
+  const int32_t* seqused_k = nullptr;
+  // A paged KV cache (fj_varlen.page_table): key j of batch entry b is row j % page_size
+  // of page page_table[b * page_table_stride + j / page_size]; k's and v's batch strides
+  // step pages. Null: each key at its row.
+  const int32_t* page_table = nullptr;
+  int64_t page_table_stride = 0;
+  int64_t page_size = 0;
+  int64_t num_pages = 0;
+
   // The dropout counter's batch index of batch entry 0: a sequence of a variable-length
   // batch run as a problem of its own draws as batch entry `dropout_batch` of a padded batch.
   int64_t dropout_batch = 0;
 
   bool varlen() const { return cu_seqlens_q != nullptr; }
+
+  // Key `key`'s row of a key-side operand (k, v), through the page table where there is one.
+  template <typename T>
+  T* key_row(const Operand& x, int64_t b, int64_t h, int64_t key) const {
+    if (page_table == nullptr) return x.row<T>(b, h, key);
+    return x.row<T>(page_table[b * page_table_stride + key / page_size], h, key % page_size);
+  }
+  // How many of `count` keys from `key` on lie in consecutive rows (the rest of its page).
+  int64_t consecutive_keys(int64_t key, int64_t count) const {
+    if (page_table == nullptr) return count;
+    const int64_t left = page_size - key % page_size;
+    return count < left ? count : left;
+  }
 
   int64_t group_size() const { return heads_kv > 0 ? heads_q / heads_kv : 0; }
   bool has_dropout() const { return dropout_threshold != 0; }

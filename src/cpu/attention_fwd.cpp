@@ -63,30 +63,31 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   // Keys visible to some row of the block (the bounds are monotone in the row).
   const int64_t key_begin = p.key_begin(query0);
   const int64_t key_end = p.key_end(query0 + rows - 1);
-  for (int64_t key0 = key_begin; key0 < key_end; key0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, key_end - key0);
+  // A block never crosses a page of a paged cache (its keys' rows are consecutive).
+  for (int64_t key0 = key_begin, cols = 0; key0 < key_end; key0 += cols) {
+    cols = p.consecutive_keys(key0, std::min(kBlockK, key_end - key0));
     const int64_t ld_k = round_up(cols, kLanes<Acc>);
     const Acc* v_tile = w.v;
     int64_t ld_v_tile = ld_v;
     if (in_place_v) {
-      v_tile = reinterpret_cast<const Acc*>(p.v.row<const T>(b, h_kv, key0));
+      v_tile = reinterpret_cast<const Acc*>(p.key_row<const T>(p.v, b, h_kv, key0));
       ld_v_tile = p.v.stride_seq;
     } else {
-      pack_rows(p.v.row<const T>(b, h_kv, key0), p.v.stride_seq, cols, d_v, w.v, ld_v);
+      pack_rows(p.key_row<const T>(p.v, b, h_kv, key0), p.v.stride_seq, cols, d_v, w.v, ld_v);
     }
 
     // S = Q K^T, then logits (scale, softcap, masks).
     if (few_rows) {
       if (in_place_k) {
         gemm_abt_rows(rows, cols, ld_qk, w.q, ld_qk,
-                      reinterpret_cast<const Acc*>(p.k.row<const T>(b, h_kv, key0)), p.k.stride_seq, w.s,
+                      reinterpret_cast<const Acc*>(p.key_row<const T>(p.k, b, h_kv, key0)), p.k.stride_seq, w.s,
                       ld_k);
       } else {
-        pack_rows(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_rows, ld_qk);
+        pack_rows(p.key_row<const T>(p.k, b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_rows, ld_qk);
         gemm_abt_rows(rows, cols, ld_qk, w.q, ld_qk, w.k_rows, ld_qk, w.s, ld_k);
       }
     } else {
-      pack_transposed(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t, ld_k);
+      pack_transposed(p.key_row<const T>(p.k, b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t, ld_k);
       gemm(rows, ld_k, d_qk, w.q, ld_qk, w.k_t, ld_k, w.s, ld_k, false);
     }
     compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s, static_cast<Acc*>(nullptr));

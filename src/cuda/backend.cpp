@@ -444,6 +444,10 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 
 // A variable-length batch runs as one launch plan a sequence (dense_parts), on the stream in order.
 void forward(const AttentionProblem& problem) {
+  if (problem.page_table != nullptr) {
+    throw_unsupported("[cuda] page_table: paged KV caches run on the CPU backend in this version "
+                      "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
+  }
   for (const AttentionProblem& part : dense_parts(problem)) {
     if (part.seqlen_q == 0) continue;
     const AttentionProblem p = with_query_groups_packed(part);

@@ -61,7 +61,7 @@ struct Packed {
   std::vector<int32_t> offsets_q, offsets_k;
   GuardedTensor q, k, v, dout, o, lse, dq, dk, dv;          // the varlen call's
   GuardedTensor o_ref, lse_ref, dq_ref, dk_ref, dv_ref;     // the dense calls'
-  fj_varlen varlen;
+  fj_varlen varlen{};
 
   Packed(std::vector<int64_t> lq, std::vector<int64_t> lk, int64_t hq, int64_t hkv, int64_t d, fj_dtype dtype)
       : lengths_q(lq), lengths_k(lk), offsets_q(offsets_of(lq)), offsets_k(offsets_of(lk)),
@@ -238,6 +238,151 @@ TEST(Varlen, BadInputsAreNamedAndNothingIsWritten) {
   v.shape[0] -= 1;
   EXPECT_EQ(fj_attention_varlen_forward(&q, &k, &v, &p.varlen, &options, &o, &lse), FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("v: expected shape [12, 1, 8]"), std::string::npos) << fj_last_error();
+}
+
+// A KV cache: each sequence uses the first seqused_k[b] of its rows (a dense cache [B, S_cache]
+// as packed rows), or its keys live in shuffled pages. Against the dense call on that
+// sequence's keys alone: bit for bit for the dense cache (the same blocks), to float64
+// rounding for pages (blocks end at page boundaries).
+struct Cache {
+  int64_t batch = 3, sq = 5, capacity = 64, heads_q = 4, heads_kv = 2, dim = 16, page = 16;
+  std::vector<int32_t> used = {17, 0, 40};
+  std::vector<int32_t> offsets_q, offsets_k, table;
+  int64_t pages_per_sequence = 4, num_pages = 14;
+  GuardedTensor q, k, v, o, lse, k_pages, v_pages, o_ref, lse_ref;
+  fj_varlen varlen{};
+
+  Cache()
+      : q({3 * 5, 4, 16}, FJ_FLOAT64), k({3 * 64, 2, 16}, FJ_FLOAT64), v({3 * 64, 2, 16}, FJ_FLOAT64),
+        o({3 * 5, 4, 16}, FJ_FLOAT64), lse({4, 3 * 5}, FJ_FLOAT64), k_pages({14, 16, 2, 16}, FJ_FLOAT64, Layout::kPadded),
+        v_pages({14, 16, 2, 16}, FJ_FLOAT64), o_ref({3 * 5, 4, 16}, FJ_FLOAT64), lse_ref({4, 3 * 5}, FJ_FLOAT64) {
+    q.fill_normal(1), k.fill_normal(2), v.fill_normal(3);
+    for (int64_t b = 0; b <= batch; ++b) offsets_q.push_back(int32_t(b * sq)), offsets_k.push_back(int32_t(b * capacity));
+    // Pages in a shuffled order: sequence b's page i is page (5 * (b * 4 + i) + 3) % 14 (all distinct).
+    std::vector<double> kv = k.values(), vv = v.values(), kp(size_t(k_pages.numel()), 0.5), vp(kp);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < pages_per_sequence; ++i) {
+        const int64_t index = (5 * (b * pages_per_sequence + i) + 3) % num_pages;
+        table.push_back(int32_t(index));
+        const int64_t row_elems = heads_kv * dim, page_elems = page * row_elems;
+        std::copy_n(kv.begin() + (b * capacity + i * page) * row_elems, page_elems, kp.begin() + index * page_elems);
+        std::copy_n(vv.begin() + (b * capacity + i * page) * row_elems, page_elems, vp.begin() + index * page_elems);
+      }
+    }
+    k_pages.fill(kp), v_pages.fill(vp);
+    for (GuardedTensor* t : {&o, &lse, &o_ref, &lse_ref}) t->poison();
+    varlen.cu_seqlens_q = host_offsets(offsets_q);
+    varlen.cu_seqlens_k = host_offsets(offsets_k);
+    varlen.seqused_k = host_offsets(used);
+    varlen.seqused_k.shape[0] = batch;
+  }
+  fj_tensor table_view() {
+    fj_tensor t = host_offsets(table);
+    t.ndim = 2;
+    t.shape[0] = batch, t.shape[1] = pages_per_sequence;
+    t.strides[0] = pages_per_sequence, t.strides[1] = 1;
+    return t;
+  }
+  void use_pages() {
+    varlen.page_table = table_view();
+    std::memset(&varlen.cu_seqlens_k, 0, sizeof varlen.cu_seqlens_k);
+  }
+  fj_status forward(const fj_attention_options& options, bool paged) {
+    fj_tensor tq = q.view(), tk = paged ? k_pages.view() : k.view(), tv = paged ? v_pages.view() : v.view();
+    fj_tensor to = o.view(), tlse = lse.view();
+    return fj_attention_varlen_forward(&tq, &tk, &tv, &varlen, &options, &to, &tlse);
+  }
+  void dense_one_by_one(const fj_attention_options& options) {
+    for (int64_t b = 0; b < batch; ++b) {
+      fj_tensor sq_ = sequence_view(q.view(), b * sq, sq), sk = sequence_view(k.view(), b * capacity, used[b]),
+                sv = sequence_view(v.view(), b * capacity, used[b]), so = sequence_view(o_ref.view(), b * sq, sq),
+                slse = lse_view(lse_ref.view(), b * sq, sq);
+      ASSERT_EQ(fj_attention_forward(&sq_, &sk, &sv, &options, &so, &slse), FJ_SUCCESS) << fj_last_error();
+    }
+  }
+};
+
+double max_difference(const std::vector<double>& a, const std::vector<double>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isinf(a[i]) && a[i] == b[i]) continue;
+    worst = std::max(worst, std::abs(a[i] - b[i]));
+  }
+  return worst;
+}
+
+TEST(VarlenCache, UsedKeysOfADenseCacheAndOfPages) {
+  for (const fj_causal causal : {FJ_CAUSAL_NONE, FJ_CAUSAL_BOTTOM_RIGHT}) {
+    Cache cache;
+    fj_attention_options options = fj_attention_options_default();
+    options.causal = causal;
+    cache.dense_one_by_one(options);
+    ASSERT_EQ(cache.forward(options, false), FJ_SUCCESS) << fj_last_error();
+    EXPECT_TRUE(same_bits(cache.o.values(), cache.o_ref.values()));
+    EXPECT_TRUE(same_bits(cache.lse.values(), cache.lse_ref.values()));
+    cache.o.poison(), cache.lse.poison();
+    cache.use_pages();
+    ASSERT_EQ(cache.forward(options, true), FJ_SUCCESS) << fj_last_error();
+    EXPECT_LT(max_difference(cache.o.values(), cache.o_ref.values()), 1e-12);
+    EXPECT_LT(max_difference(cache.lse.values(), cache.lse_ref.values()), 1e-12);
+    EXPECT_TRUE(cache.o.guards_intact() && cache.lse.guards_intact());
+  }
+}
+
+TEST(VarlenCache, BadCachesAreNamed) {
+  const auto expect_error = [](Cache& cache, bool paged, const char* text) {
+    fj_attention_options options = fj_attention_options_default();
+    EXPECT_NE(cache.forward(options, paged), FJ_SUCCESS) << text;
+    EXPECT_NE(std::string(fj_last_error()).find(text), std::string::npos) << fj_last_error();
+    for (double x : cache.o.values()) ASSERT_TRUE(std::isnan(x)) << text;
+  };
+  {
+    Cache cache;
+    cache.used[2] = 65;
+    expect_error(cache, false, "seqused_k: sequence 2 uses 65 keys; expected 0 to 64 (its rows in cu_seqlens_k)");
+  }
+  {
+    Cache cache;
+    cache.use_pages();
+    cache.table[9] = 14;
+    expect_error(cache, true, "page_table: page 1 of sequence 2 is 14; expected 0 to 13");
+  }
+  {
+    Cache cache;
+    cache.use_pages();
+    cache.varlen.cu_seqlens_k = host_offsets(cache.offsets_k);
+    expect_error(cache, true, "cu_seqlens_k: expected none with a page table");
+  }
+  {
+    Cache cache;
+    cache.use_pages();
+    cache.used[0] = 65;
+    expect_error(cache, true, "seqused_k: sequence 0 uses 65 keys; expected 0 to 64 (its pages)");
+  }
+  {
+    Cache cache;
+    cache.use_pages();
+    std::memset(&cache.varlen.seqused_k, 0, sizeof cache.varlen.seqused_k);
+    expect_error(cache, true, "seqused_k: expected each sequence's key count with a page table");
+  }
+  {
+    Cache cache;
+    cache.use_pages();
+    fj_attention_options options = fj_attention_options_default();
+    fj_tensor q = cache.q.view(), k = cache.k_pages.view(), v = cache.v_pages.view(), o = cache.o.view(),
+              lse = cache.lse.view();
+    k.shape[1] = v.shape[1] = 8;
+    EXPECT_EQ(fj_attention_varlen_forward(&q, &k, &v, &cache.varlen, &options, &o, &lse), FJ_ERROR_INVALID_VALUE);
+    EXPECT_NE(std::string(fj_last_error()).find("k: expected a page size (dim 1) that is a multiple of 16, got 8"),
+              std::string::npos)
+        << fj_last_error();
+    fj_tensor dout = o, dq = q, dk = cache.k_pages.view(), dv = cache.v_pages.view();
+    k = cache.k_pages.view(), v = cache.v_pages.view();
+    EXPECT_EQ(fj_attention_varlen_backward(&q, &k, &v, &o, &lse, &dout, &cache.varlen, &options, &dq, &dk, &dv),
+              FJ_ERROR_UNSUPPORTED);
+    EXPECT_NE(std::string(fj_last_error()).find("paged KV caches are forward only"), std::string::npos)
+        << fj_last_error();
+  }
 }
 
 }  // namespace
