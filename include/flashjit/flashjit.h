@@ -154,6 +154,11 @@ fj_status fj_attention_varlen_backward(const fj_tensor* q, const fj_tensor* k, c
                                        const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                        const fj_varlen* varlen, const fj_attention_options* options,
                                        fj_tensor* dq, fj_tensor* dk, fj_tensor* dv);
+/* Their validation without the call, as fj_attention_check_forward (tensor data may be NULL;
+ * the offsets, counts and page table are checked where their data is given). */
+fj_status fj_attention_varlen_check_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                            const fj_varlen* varlen, const fj_attention_options* options,
+                                            const fj_tensor* o, const fj_tensor* lse);
 
 /* The dropout rule, exposed so that tests and other backends can reproduce it.
  * Philox4x32-10 (Salmon et al., 2011) with

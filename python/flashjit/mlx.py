@@ -215,39 +215,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
                      window=(-1, -1), softcap=0.0, dropout_p=0.0, scale=None, seed=None, offset=0,
                      return_lse=False):
     """flashjit.varlen_attention for MLX arrays: packed q [total_q, Hq, D], k [total_k, Hkv, D],
-    v [total_k, Hkv, Dv] and batch + 1 offsets (an array or a list) → o [total_q, Hq, Dv] (and
-    lse [Hq, total_q]); causal=True aligns bottom-right as flash-attn's; sequence i draws its
-    dropout from offset + i. One primitive a sequence, joined with mx.concatenate."""
+    v [total_k, Hkv, Dv] and batch + 1 int32 offsets (arrays or lists) → o [total_q, Hq, Dv]
+    (and lse [Hq, total_q]); causal=True aligns bottom-right as flash-attn's; dropout drops what
+    the padded batch drops (as flashjit.varlen_attention). One primitive for the batch
+    (the C API's varlen entry), differentiable through q, k and v."""
     op = "flashjit.mlx.varlen_attention"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 3:
-            raise ValueError(f"[{op}] {name}: expected 3 dims [total, heads, head_dim], got {x.ndim}")
-    offsets = []
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
-        values = [int(x) for x in (cu.tolist() if hasattr(cu, "tolist") else cu)]
-        if not values or values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"[{op}] {name}: expected offsets from 0 to {total} that never decrease, got {values}")
-        offsets.append(values)
-    if len(offsets[0]) != len(offsets[1]):
-        raise ValueError(f"[{op}] cu_seqlens_k: expected {len(offsets[0])} offsets (those of cu_seqlens_q), got "
-                         f"{len(offsets[1])}")
-    for name, bound, values in (("max_seqlen_q", max_seqlen_q, offsets[0]), ("max_seqlen_k", max_seqlen_k, offsets[1])):
-        longest = max((b - a for a, b in zip(values, values[1:])), default=0)
-        if bound is not None and int(bound) < longest:
-            raise ValueError(f"[{op}] {name}: {bound} is less than the longest sequence ({longest})")
-    causal = "bottom_right" if causal is True else causal
-    outputs, lses = [], []
-    for i in range(len(offsets[0]) - 1):
-        (qb, qe), (kb, ke) = offsets[0][i:i + 2], offsets[1][i:i + 2]
-        if qe == qb:
-            continue
-        o, lse = attention(*(x[b:e].transpose(1, 0, 2)[None] for x, b, e in ((q, qb, qe), (k, kb, ke), (v, kb, ke))),
-                           scale=scale, softcap=softcap, causal=causal, window=window, dropout_p=dropout_p,
-                           seed=None if seed is None else seed, offset=offset + i, return_lse=True)
-        outputs.append(o[0].transpose(1, 0, 2))
-        lses.append(lse[0])
-    if not outputs:
-        empty = mx.zeros((0, q.shape[1], v.shape[2]), dtype=q.dtype)
-        return (empty, mx.zeros((q.shape[1], 0), dtype=mx.float32)) if return_lse else empty
-    o = mx.concatenate(outputs, axis=0)
-    return (o, mx.concatenate(lses, axis=1)) if return_lse else o
+    options = AttentionOptions.make(op, scale=scale, softcap=softcap,
+                                    causal="bottom_right" if causal is True else causal, window=window,
+                                    dropout_p=dropout_p)
+    offsets = [x if isinstance(x, mx.array) else mx.array(list(x), dtype=mx.int32) for x in (cu_seqlens_q, cu_seqlens_k)]
+    o, lse = _mlx.varlen_attention(q, k, v, *offsets, int(max_seqlen_q or 0), int(max_seqlen_k or 0), options.scale,
+                                   options.softcap, options.causal, options.window_left, options.window_right,
+                                   options.dropout_p, _rng(dropout_p, seed, offset))
+    return (o, mx.stop_gradient(lse)) if return_lse else o

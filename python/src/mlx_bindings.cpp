@@ -38,14 +38,23 @@ struct Options {
   int64_t window_right = -1;
   bool has_mask = false;
   double dropout_p = 0.0;  // > 0: an input after the mask holds the seed and offset as 4 uint32
+  // A variable-length batch (fj_varlen): packed q, k, v [total, heads, dim], and the int32
+  // offsets cu_seqlens_q, cu_seqlens_k as the two inputs after the tensors (no mask).
+  bool varlen = false;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
 
   bool operator==(const Options& o) const {
     return scale == o.scale && softcap == o.softcap && causal == o.causal && window_left == o.window_left &&
-           window_right == o.window_right && has_mask == o.has_mask && dropout_p == o.dropout_p;
+           window_right == o.window_right && has_mask == o.has_mask && dropout_p == o.dropout_p &&
+           varlen == o.varlen && max_seqlen_q == o.max_seqlen_q && max_seqlen_k == o.max_seqlen_k;
   }
-  // Where the mask and the dropout seed sit among a primitive's inputs, after `first` others.
+  // Where the mask and the dropout seed sit among a primitive's inputs, after `first` tensors.
   size_t mask_index(size_t first) const { return has_mask ? first : size_t(-1); }
-  size_t rng_index(size_t first) const { return dropout_p > 0 ? first + (has_mask ? 1 : 0) : size_t(-1); }
+  size_t rng_index(size_t first) const {
+    return dropout_p > 0 ? first + (varlen ? 2 : 0) + (has_mask ? 1 : 0) : size_t(-1);
+  }
+  // The offsets of a variable-length batch, from the primitive's input `first` on.
+  fj_varlen varlen_of(const mx::array* offsets) const;
 };
 
 fj_dtype dtype_of(const mx::Dtype& dtype) {
@@ -54,6 +63,7 @@ fj_dtype dtype_of(const mx::Dtype& dtype) {
   if (dtype == mx::bfloat16) return FJ_BFLOAT16;
   if (dtype == mx::float64) return FJ_FLOAT64;
   if (dtype == mx::bool_) return FJ_BOOL;
+  if (dtype == mx::int32) return FJ_INT32;
   return FJ_INT64;  // any other dtype: rejected by check_inputs before a graph node is made
 }
 
@@ -68,6 +78,15 @@ fj_tensor tensor_of(const mx::array& a) {
     t.strides[d] = a.strides()[d];
   }
   return t;
+}
+
+fj_varlen Options::varlen_of(const mx::array* offsets) const {
+  fj_varlen out{};
+  out.cu_seqlens_q = tensor_of(offsets[0]);
+  out.cu_seqlens_k = tensor_of(offsets[1]);
+  out.max_seqlen_q = max_seqlen_q;
+  out.max_seqlen_k = max_seqlen_k;
+  return out;
 }
 
 // The C API's options without the mask and the dropout seed.
@@ -128,11 +147,14 @@ class Node : public mx::Primitive {
   Options options_;
 };
 
-// o [B, Hq, Sq, Dv] and lse [B, Hq, Sq] over q, k, v.
+// o [B, Hq, Sq, Dv] and lse [B, Hq, Sq] over q, k, v; packed (3-dim q): o [total_q, Hq, Dv]
+// and lse [Hq, total_q].
 std::vector<mx::Shape> forward_shapes(const std::vector<mx::array>& inputs) {
-  mx::Shape o = inputs[0].shape();
+  const mx::array& q = inputs[0];
+  if (q.ndim() == 3) return {{q.shape(0), q.shape(1), inputs[2].shape(2)}, {q.shape(1), q.shape(0)}};
+  mx::Shape o = q.shape();
   o[3] = inputs[2].shape(3);
-  mx::Shape lse = inputs[0].shape();
+  mx::Shape lse = q.shape();
   lse.pop_back();
   return {o, lse};
 }
@@ -141,12 +163,17 @@ class Forward : public Node {
  public:
   using Node::Node;
 
-  // inputs: q, k, v[, mask][, rng]; outputs: o, lse.
+  // inputs: q, k, v[, mask | cu_seqlens_q, cu_seqlens_k][, rng]; outputs: o, lse.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       const fj_tensor q = tensor_of(in[0]), k = tensor_of(in[1]), v = tensor_of(in[2]);
-      const fj_attention_options opts = options_of(options, in.data() + 3);
       fj_tensor o = tensor_of(out[0]), lse = tensor_of(out[1]);
+      if (options.varlen) {
+        const fj_varlen varlen = options.varlen_of(in.data() + 3);
+        const fj_attention_options opts = options_of(options, in.data() + 5);
+        return fj_attention_varlen_forward(&q, &k, &v, &varlen, &opts, &o, &lse);
+      }
+      const fj_attention_options opts = options_of(options, in.data() + 3);
       return fj_attention_forward(&q, &k, &v, &opts, &o, &lse);
     });
   }
@@ -168,13 +195,19 @@ class Backward : public Node {
  public:
   using Node::Node;
 
-  // inputs: q, k, v, o, lse, dout[, mask][, rng]; outputs: dq, dk, dv.
+  // inputs: q, k, v, o, lse, dout[, mask | cu_seqlens_q, cu_seqlens_k][, rng]; outputs: dq, dk, dv.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       fj_tensor t[6];
       for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i]);
-      const fj_attention_options opts = options_of(options, in.data() + 6);
       fj_tensor dq = tensor_of(out[0]), dk = tensor_of(out[1]), dv = tensor_of(out[2]);
+      if (options.varlen) {
+        const fj_varlen varlen = options.varlen_of(in.data() + 6);
+        const fj_attention_options opts = options_of(options, in.data() + 8);
+        return fj_attention_varlen_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &varlen, &opts, &dq, &dk,
+                                            &dv);
+      }
+      const fj_attention_options opts = options_of(options, in.data() + 6);
       return fj_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv);
     });
   }
@@ -284,12 +317,14 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
 
 std::pair<std::vector<mx::array>, std::vector<int>> Forward::vmap(const std::vector<mx::array>& inputs,
                                                                   const std::vector<int>& axes) {
+  if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
   return vmap_through_batch(inputs, axes, options_.mask_index(3), options_.rng_index(3),
                             [this](const auto& merged) { return forward_node(stream(), options_, merged); });
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::vector<mx::array>& inputs,
                                                                    const std::vector<int>& axes) {
+  if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
   return vmap_through_batch(inputs, axes, options_.mask_index(6), options_.rng_index(6),
                             [this](const auto& merged) { return backward_node(stream(), options_, merged); });
 }
@@ -369,6 +404,58 @@ std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& 
   return {out[0], out[1]};
 }
 
+// Packed q [total_q, Hq, D], k, v [total_k, Hkv, D(v)] and the int32 offsets (evaluated here:
+// the C API checks their values before a node is made, so the node's call cannot fail).
+std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                                                  mx::array cu_seqlens_q, mx::array cu_seqlens_k,
+                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                  std::optional<double> scale, double softcap, int causal,
+                                                  int64_t window_left, int64_t window_right, double dropout_p,
+                                                  std::optional<mx::array> rng) {
+  Options options{scale, softcap, causal, window_left, window_right, false, dropout_p};
+  options.varlen = true;
+  options.max_seqlen_q = max_seqlen_q;
+  options.max_seqlen_k = max_seqlen_k;
+  const std::pair<const char*, const mx::array*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, x] : named) {
+    const fj_dtype dtype = dtype_of(x->dtype());
+    if (dtype != FJ_FLOAT32 && dtype != FJ_FLOAT16 && dtype != FJ_BFLOAT16 && dtype != FJ_FLOAT64) {
+      bad(std::string(name) + ": expected float32, float16, bfloat16 or float64");
+    }
+  }
+  cu_seqlens_q = rows(mx::astype(cu_seqlens_q, mx::int32, cpu_stream()));
+  cu_seqlens_k = rows(mx::astype(cu_seqlens_k, mx::int32, cpu_stream()));
+  mx::eval({cu_seqlens_q, cu_seqlens_k});
+  const fj_tensor tq = describe(q), tk = describe(k), tv = describe(v);
+  fj_tensor to = tq, tlse = tq;
+  if (q.ndim() == 3 && v.ndim() == 3) {  // o [total_q, Hq, Dv], lse [Hq, total_q]: other ranks fail on q first
+    to.shape[2] = v.shape(2);
+    to.strides[1] = v.shape(2);
+    to.strides[0] = to.strides[1] * q.shape(1);
+    tlse.ndim = 2;
+    tlse.dtype = tq.dtype == FJ_FLOAT64 ? FJ_FLOAT64 : FJ_FLOAT32;
+    tlse.shape[0] = q.shape(1), tlse.shape[1] = q.shape(0);
+    tlse.strides[0] = q.shape(0), tlse.strides[1] = 1;
+  }
+  const fj_attention_options scalars = scalar_options(options);
+  const mx::array offsets[2] = {cu_seqlens_q, cu_seqlens_k};
+  const fj_varlen varlen = options.varlen_of(offsets);
+  if (fj_attention_varlen_check_forward(&tq, &tk, &tv, &varlen, &scalars, &to, &tlse) != FJ_SUCCESS) {
+    std::string message = fj_last_error();
+    const std::string prefix = "[varlen_attention] ";
+    if (message.rfind(prefix, 0) == 0) message = message.substr(prefix.size());
+    bad(message);
+  }
+  if (dropout_p > 0 && (!rng || rng->dtype() != mx::uint32 || rng->ndim() != 1 || rng->shape(0) != 4)) {
+    bad("rng: expected 4 uint32 (seed low, high, offset low, high) with dropout");
+  }
+  if (causal != 0) options.window_right = 0;
+  std::vector<mx::array> inputs = {rows(q), rows(k), rows(v), cu_seqlens_q, cu_seqlens_k};
+  if (dropout_p > 0) inputs.push_back(rows(*rng));
+  const std::vector<mx::array> out = forward_node(cpu_stream(), options, inputs);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 NB_MODULE(_mlx, m) {
@@ -378,4 +465,9 @@ NB_MODULE(_mlx, m) {
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("rng").none(),
         "o, lse: lazy MLX arrays from the flashjit attention primitive; differentiable through q, k, v.");
+  m.def("varlen_attention", &varlen_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("cu_seqlens_q"),
+        nb::arg("cu_seqlens_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("scale").none(),
+        nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"), nb::arg("window_right"),
+        nb::arg("dropout_p"), nb::arg("rng").none(),
+        "o [total_q, Hq, Dv], lse [Hq, total_q]: the primitive over a packed variable-length batch.");
 }

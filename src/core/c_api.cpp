@@ -69,6 +69,12 @@ fj_status fj_attention_varlen_backward(const fj_tensor* q, const fj_tensor* k, c
   });
 }
 
+fj_status fj_attention_varlen_check_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                            const fj_varlen* varlen, const fj_attention_options* options,
+                                            const fj_tensor* o, const fj_tensor* lse) {
+  return flashjit::guarded([&] { flashjit::make_varlen_forward_problem(q, k, v, varlen, options, o, lse, true); });
+}
+
 fj_status fj_attention_check_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                      const fj_attention_options* options, const fj_tensor* o,
                                      const fj_tensor* lse) {

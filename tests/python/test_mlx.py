@@ -190,7 +190,7 @@ def test_bad_inputs_raise_clear_errors():
          r"k: query heads \(4\) must be a multiple of key/value heads \(3\)"),
         ((q, k, mx.zeros((1, 2, 9, 16))), {}, "v: expected shape"),
         ((q, k, k), dict(mask=mx.zeros((1, 4, 7, 8), dtype=mx.bool_)), "mask: dim 2 .* has size 7"),
-        ((q, k, k), dict(mask=mx.zeros((1, 1, 8, 8), dtype=mx.int32)), "mask: expected bool"),
+        ((q, k, k), dict(mask=mx.zeros((1, 1, 8, 8), dtype=mx.int32)), "mask: expected a bool .* mask, got int32"),
         ((q, k, k), dict(causal="left"), "causal: expected"),
         ((q, k, k), dict(causal=True, window=(2, 3)), "window_right: expected -1 or 0 with a causal mask"),
         ((q, k, k), dict(softcap=-1.0), "softcap: expected a finite value >= 0"),

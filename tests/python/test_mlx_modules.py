@@ -110,3 +110,25 @@ def test_varlen_attention_is_each_sequence_alone():
     assert mx.all(grads[1][offsets_k[1]:offsets_k[2]] == 0).item()
     with pytest.raises(ValueError, match="cu_seqlens_k: expected 6 offsets"):
         fm.varlen_attention(q, k, v, offsets_q, [0, 6, 9, 10, 30])
+
+
+def test_varlen_dropout_draws_as_the_padded_batch():
+    """Equal lengths: the packed batch is the dense batch stored sequence-major, and dropout
+    (drawn as the padded batch) drops the same elements: the same outputs and gradients."""
+    batch, length, heads, dim = 3, 11, 2, 8
+    mx.random.seed(4)
+    q, k, v = (mx.random.normal((batch * length, heads, dim)) for _ in range(3))
+    offsets = [i * length for i in range(batch + 1)]
+    options = dict(dropout_p=0.3, seed=5, offset=2)
+
+    def packed(q, k, v):
+        return fm.varlen_attention(q, k, v, offsets, offsets, **options)
+
+    def dense(q, k, v):
+        as_batch = [x.reshape(batch, length, heads, dim).transpose(0, 2, 1, 3) for x in (q, k, v)]
+        return fm.attention(*as_batch, **options).transpose(0, 2, 1, 3).reshape(batch * length, heads, dim)
+
+    assert mx.array_equal(packed(q, k, v), dense(q, k, v)).item()
+    grads = [mx.grad(lambda *x: (f(*x) ** 2).sum(), argnums=(0, 1, 2))(q, k, v) for f in (packed, dense)]
+    for got, expected in zip(*grads):
+        assert mx.allclose(got, expected, rtol=1e-6, atol=1e-6).item()
