@@ -8,6 +8,14 @@ Time: CUDA events around back-to-back calls on a GPU, the wall clock on the CPU;
 of --repeats after a warm-up.
 
     python bench/varlen.py [--device cuda] [--tokens 16384] [--min-len 128] [--max-len 4096] [--out DIR]
+
+--decode times one query token a sequence against a KV cache instead (flash-attn's
+flash_attn_with_kvcache through flashjit.attention_with_kvcache): --batch sequences whose
+cache lengths are drawn from [--min-len, --max-len], the cache contiguous [B, S_cache, Hkv, D]
+and the same keys in shuffled pages of --page-size rows, against torch's SDPA on the cache
+with a mask of each sequence's keys; microseconds a call and K/V bytes read a second.
+
+    python bench/varlen.py --decode [--device cuda] [--batch 16] [--min-len 1024] [--max-len 8192] [--out DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +52,76 @@ def timed(fn, device, repeats):
     return statistics.median(samples)
 
 
+def record(args, device, dtype, title: str, command: str, facts: list, header: list, rows: list, kind: str):
+    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, " \
+        f"{torch.get_num_threads()} threads)"
+    lines = [f"# {title}: {name}", "", f"- date: {datetime.date.today().isoformat()}", f"- commit: {commit}",
+             f"- command: `{command}`",
+             f"- torch {torch.__version__}, flashjit {flashjit.__version__}, {str(dtype).removeprefix('torch.')}",
+             *[f"- {fact}" for fact in facts], "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        tag = "h200" if "H200" in name else ("gpu" if device == "cuda" else "cpu")
+        path = os.path.join(args.out, f"{tag}-{kind}-{datetime.date.today().isoformat()}-{commit}.md")
+        with open(path, "w") as file:
+            file.write(text)
+        print(f"wrote {path}")
+
+
+def decode(args, device, dtype):
+    """One query token a sequence against a contiguous and a paged KV cache."""
+    generator = torch.Generator().manual_seed(args.seed)
+    lengths = torch.randint(args.min_len, args.max_len + 1, (args.batch,), generator=generator).tolist()
+    B, Hq, Hkv, D, page = args.batch, args.heads, args.kv_heads, args.head_dim, args.page_size
+    capacity = -(-max(lengths) // page) * page
+    torch.manual_seed(args.seed)
+    k_cache = torch.randn(B, capacity, Hkv, D, device=device, dtype=dtype)
+    v_cache = torch.randn(B, capacity, Hkv, D, device=device, dtype=dtype)
+    q = torch.randn(B, 1, Hq, D, device=device, dtype=dtype)
+    used = torch.tensor(lengths, dtype=torch.int32, device=device)
+    pages_per_sequence = capacity // page
+    order = torch.randperm(B * pages_per_sequence, generator=generator).reshape(B, pages_per_sequence)
+    k_pages = torch.empty(B * pages_per_sequence, page, Hkv, D, device=device, dtype=dtype)
+    v_pages = torch.empty_like(k_pages)
+    for b in range(B):
+        for i in range(pages_per_sequence):
+            k_pages[order[b, i]] = k_cache[b, i * page:(i + 1) * page]
+            v_pages[order[b, i]] = v_cache[b, i * page:(i + 1) * page]
+    table = order.to(torch.int32).to(device)
+    mask = (torch.arange(capacity, device=device)[None, :] < used[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    sdpa_q, sdpa_k, sdpa_v = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+
+    impls = {
+        "flashjit contiguous cache": lambda: flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=used),
+        "flashjit paged cache": lambda: flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=used,
+                                                                        page_table=table),
+        "torch SDPA, cache + mask": lambda: F.scaled_dot_product_attention(sdpa_q, sdpa_k, sdpa_v, attn_mask=mask,
+                                                                           enable_gqa=True),
+    }
+    paged = impls["flashjit paged cache"]()
+    contiguous = impls["flashjit contiguous cache"]()
+    torch.testing.assert_close(paged, contiguous, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+    bytes_read = 2 * sum(lengths) * Hkv * D * torch.finfo(dtype).bits // 8
+    rows = []
+    with torch.no_grad():
+        for name, fn in impls.items():
+            ms = timed(fn, device, args.repeats)
+            rows.append([name, f"{ms * 1e3:.0f}", f"{bytes_read / ms / 1e9:.3f}"])
+    command = (f"python bench/varlen.py --decode --device {device} --batch {B} --min-len {args.min_len} --max-len "
+               f"{args.max_len} --heads {Hq} --kv-heads {Hkv} --head-dim {D} --page-size {page}")
+    facts = [f"{B} sequences of {min(lengths)}-{max(lengths)} cached keys (mean {sum(lengths) / B:.0f}), one query "
+             f"token each, {Hq} query heads sharing {Hkv} key/value heads, head dim {D}; pages of {page} keys in "
+             f"shuffled order; GB/s: K and V bytes of the used keys per second"]
+    record(args, device, dtype, "KV-cache decoding", command, facts, ["implementation", "µs a call", "K+V GB/s"],
+           rows, "kvcache")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -56,9 +134,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
+    parser.add_argument("--decode", action="store_true", help="time KV-cache decoding (see above)")
+    parser.add_argument("--batch", type=int, default=16, help="--decode: sequences")
+    parser.add_argument("--kv-heads", type=int, default=None, help="--decode: key/value heads (default heads / 4)")
+    parser.add_argument("--page-size", type=int, default=64, help="--decode: keys a page")
     args = parser.parse_args()
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    if args.decode:
+        args.kv_heads = args.kv_heads or max(1, args.heads // 4)
+        decode(args, device, dtype)
+        return
     generator = torch.Generator().manual_seed(args.seed)
     lengths, total = [], 0
     while total < args.tokens:
@@ -107,31 +193,15 @@ def main():
 
         both_ms = timed(both, device, args.repeats)
         rows.append((name, forward_ms, both_ms, work / forward_ms / 1e9, 3.5 * work / both_ms / 1e9))
-    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, " \
-        f"{torch.get_num_threads()} threads)"
-    lines = [f"# Packed variable-length attention: {name}", "",
-             f"- date: {datetime.date.today().isoformat()}", f"- commit: {commit}",
-             f"- command: `python bench/varlen.py --device {device} --tokens {args.tokens} --min-len {args.min_len} "
-             f"--max-len {args.max_len} --heads {H} --head-dim {D}`",
-             f"- torch {torch.__version__}, flashjit {flashjit.__version__}, {str(dtype).removeprefix('torch.')}",
-             f"- {len(lengths)} documents, {total} tokens, longest {longest} (padded: {len(lengths) * longest} "
-             f"tokens); causal; TFLOP/s over the real work only", "",
-             "| implementation | forward ms | fwd+bwd ms | forward TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd vs torch padded |",
-             "|---|---|---|---|---|---|"]
     torch_both = next(r[2] for r in rows if r[0] == "torch SDPA padded")
-    for r in rows:
-        lines.append(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.3f} | {torch_both / r[2]:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = "h200" if "H200" in name else ("gpu" if device == "cuda" else "cpu")
-        path = os.path.join(args.out, f"{tag}-varlen-{datetime.date.today().isoformat()}-{commit}.md")
-        with open(path, "w") as file:
-            file.write(text)
-        print(f"wrote {path}")
+    command = (f"python bench/varlen.py --device {device} --tokens {args.tokens} --min-len {args.min_len} "
+               f"--max-len {args.max_len} --heads {H} --head-dim {D}")
+    facts = [f"{len(lengths)} documents, {total} tokens, longest {longest} (padded: {len(lengths) * longest} tokens); "
+             f"causal; TFLOP/s over the real work only"]
+    header = ["implementation", "forward ms", "fwd+bwd ms", "forward TFLOP/s", "fwd+bwd TFLOP/s",
+              "fwd+bwd vs torch padded"]
+    table = [[r[0], f"{r[1]:.2f}", f"{r[2]:.2f}", f"{r[3]:.3f}", f"{r[4]:.3f}", f"{torch_both / r[2]:.2f}"] for r in rows]
+    record(args, device, dtype, "Packed variable-length attention", command, facts, header, table, "varlen")
 
 
 if __name__ == "__main__":
