@@ -112,7 +112,7 @@ def decode(args, device, dtype):
     with torch.no_grad():
         for name, fn in impls.items():
             ms = timed(fn, device, args.repeats)
-            rows.append([name, f"{ms * 1e3:.0f}", f"{bytes_read / ms / 1e9:.3f}"])
+            rows.append([name, f"{ms * 1e3:.0f}", f"{bytes_read / ms / 1e6:.2f}"])
     command = (f"python bench/varlen.py --decode --device {device} --batch {B} --min-len {args.min_len} --max-len "
                f"{args.max_len} --heads {Hq} --kv-heads {Hkv} --head-dim {D} --page-size {page}")
     facts = [f"{B} sequences of {min(lengths)}-{max(lengths)} cached keys (mean {sum(lengths) / B:.0f}), one query "
