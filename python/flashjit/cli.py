@@ -136,6 +136,7 @@ def collect_info() -> dict:
         "python": platform.python_version(),
         "cpu_cores": os.cpu_count(),
         "flashjit_threads": int(os.environ.get("FLASHJIT_NUM_THREADS", "0") or 0) or os.cpu_count(),
+        **_cpu_kernels(),
     }
     try:
         import torch
@@ -188,6 +189,17 @@ def collect_info() -> dict:
     return result
 
 
+def _cpu_kernels() -> dict:
+    """The CPU kernel variant calls take and those compiled in (or why none can run)."""
+    from . import _C
+
+    try:
+        variant, variants = _C.cpu_kernels()
+    except (ValueError, NotImplementedError, RuntimeError) as error:
+        variant, variants = f"none ({_error_text(error)})", ""
+    return {"cpu_kernels": variant, "cpu_kernel_variants": variants}
+
+
 def info(as_json: bool = False) -> int:
     result = collect_info()
     if as_json:
@@ -197,6 +209,8 @@ def info(as_json: bool = False) -> int:
     print(f"backends: {', '.join(result['backends'])}")
     print(f"cpu: {result['cpu_cores']} cores, flashjit threads {result['flashjit_threads']} "
           f"(FLASHJIT_NUM_THREADS {'set' if os.environ.get('FLASHJIT_NUM_THREADS') else 'unset'})")
+    print(f"cpu kernels: {result['cpu_kernels']} (compiled: {result['cpu_kernel_variants']}; "
+          f"FLASHJIT_CPU_ISA {os.environ.get('FLASHJIT_CPU_ISA') or 'unset'})")
     if result["torch"] is not None:
         print(f"torch: {result['torch']}" + (f" (CUDA {result['torch_cuda']})" if result["torch_cuda"] else " (CPU)"))
     else:

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "flashjit/cuda.h"
+#include "flashjit/cpu.h"
 #include "flashjit/flashjit.h"
 
 namespace nb = nanobind;
@@ -397,6 +398,11 @@ NB_MODULE(_C, m) {
   m.attr("DEVICES") = devices;
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });
+  m.def("cpu_kernels", [] {
+    const char *variant = nullptr, *variants = nullptr;
+    check(fj_cpu_kernels(&variant, &variants));
+    return std::make_tuple(std::string(variant), std::string(variants));
+  });
   m.def("cuda_precompile", &cuda_precompile, nb::arg("configs"));
   m.def("cuda_cache_stats", &cuda_cache_stats);
   m.def("cuda_clear_memory_cache", [] { check(fj_cuda_clear_memory_cache()); });

@@ -14,7 +14,7 @@
 #include "cpu/thread_pool.hpp"
 #include "cpu/tile.hpp"
 
-namespace flashjit::cpu {
+namespace flashjit::cpu::FJ_CPU_ISA {
 namespace {
 
 // Tile buffers of one task (uninitialised; see thread_scratch).
@@ -242,4 +242,4 @@ void attention_backward(const AttentionProblem& p) {
                        [&](auto element) { backward_typed<decltype(element)>(p); });
 }
 
-}  // namespace flashjit::cpu
+}  // namespace flashjit::cpu::FJ_CPU_ISA

@@ -11,7 +11,7 @@
 #include "cpu/thread_pool.hpp"
 #include "cpu/tile.hpp"
 
-namespace flashjit::cpu {
+namespace flashjit::cpu::FJ_CPU_ISA {
 namespace {
 
 // Tile buffers of one task (uninitialised; see thread_scratch).
@@ -169,4 +169,4 @@ void attention_forward(const AttentionProblem& p) {
   dispatch_float_dtype(p.dtype, "attention", [&](auto element) { forward_typed<decltype(element)>(p); });
 }
 
-}  // namespace flashjit::cpu
+}  // namespace flashjit::cpu::FJ_CPU_ISA

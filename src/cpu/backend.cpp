@@ -1,6 +1,81 @@
-#include "core/backend.hpp"
+// The CPU backend: the kernels of the instruction-set variant this processor runs.
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
+#include "core/backend.hpp"
+#include "core/error.hpp"
+#include "core/guarded.hpp"
 #include "cpu/kernels.hpp"
+#include "flashjit/cpu.h"
+
+namespace flashjit::cpu {
+namespace {
+
+struct Variant {
+  const char* name;
+  void (*forward)(const AttentionProblem&);
+  void (*backward)(const AttentionProblem&);
+  bool (*runs_here)();
+};
+
+#if FJ_CPU_MULTI_ISA
+// Widest first.
+const Variant kVariants[] = {
+    {"avx512", avx512::attention_forward, avx512::attention_backward,
+     [] {
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+     }},
+    {"avx2", avx2::attention_forward, avx2::attention_backward,
+     [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }},
+    {"baseline", baseline::attention_forward, baseline::attention_backward, [] { return true; }},
+};
+constexpr const char* kNames = "baseline,avx2,avx512";
+#else
+const Variant kVariants[] = {{"native", native::attention_forward, native::attention_backward, [] { return true; }}};
+constexpr const char* kNames = "native";
+#endif
+
+// FLASHJIT_CPU_ISA's variant, or the widest that runs here; a named variant that is not
+// compiled in or that this processor cannot run is an error, never an illegal instruction.
+const Variant& chosen() {
+  const char* wanted = std::getenv("FLASHJIT_CPU_ISA");
+  if (wanted == nullptr || *wanted == '\0' || std::strcmp(wanted, "auto") == 0) {
+    for (const Variant& v : kVariants) {
+      if (v.runs_here()) return v;
+    }
+  }
+  for (const Variant& v : kVariants) {
+    if (std::strcmp(v.name, wanted) != 0) continue;
+    if (!v.runs_here()) {
+      throw_unsupported("[cpu] FLASHJIT_CPU_ISA: this processor cannot run the ", v.name, " kernels");
+    }
+    return v;
+  }
+  throw_value_error("[cpu] FLASHJIT_CPU_ISA: '", wanted, "' is not a compiled-in variant; expected auto or one of ",
+                    kNames);
+}
+
+}  // namespace
+
+void attention_forward(const AttentionProblem& problem) { chosen().forward(problem); }
+void attention_backward(const AttentionProblem& problem) { chosen().backward(problem); }
+const char* kernel_variant() { return chosen().name; }
+const char* kernel_variants() { return kNames; }
+
+}  // namespace flashjit::cpu
+
+extern "C" fj_status fj_cpu_kernels(const char** variant, const char** variants) {
+  return flashjit::guarded([&] {
+    if (variant == nullptr || variants == nullptr) {
+      flashjit::throw_value_error("[cpu_kernels] variant, variants: expected pointers, got NULL");
+    }
+    *variants = flashjit::cpu::kernel_variants();
+    *variant = flashjit::cpu::kernel_variant();
+  });
+}
 
 const flashjit::Backend& flashjit_backend_cpu() {
   static const flashjit::Backend backend{"cpu", FJ_DEVICE_CPU, flashjit::cpu::attention_forward,

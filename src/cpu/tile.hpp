@@ -1,7 +1,14 @@
 // Building blocks of the CPU kernels: packed tiles in the accumulation type,
-// a register-blocked GEMM on GCC/Clang vector extensions (compiled for the
-// build machine's widest vectors), a vectorised exp, and the score transform
-// (scale, softcap, masks) shared by forward and backward.
+// a register-blocked GEMM on GCC/Clang vector extensions, a vectorised exp, and
+// the score transform (scale, softcap, masks) shared by forward and backward.
+//
+// The kernels are compiled once per instruction-set variant (src/cpu/CMakeLists.txt),
+// each in a namespace of its own so that no function of one variant stands in for
+// another's: a variant's translation unit defines FJ_CPU_ISA (the namespace),
+// FJ_CPU_TARGET (what GCC may use in every function from the end of these includes
+// to the end of the unit; the headers before it keep the build's baseline flags) and
+// FJ_CPU_VECTOR_BYTES. Without them there is one variant, `native`, built with the
+// build's own flags (FLASHJIT_NATIVE).
 #pragma once
 
 #include <algorithm>
@@ -17,9 +24,20 @@
 #include "core/philox.hpp"
 #include "core/problem.hpp"
 
-namespace flashjit::cpu {
+#ifndef FJ_CPU_ISA
+#define FJ_CPU_ISA native
+#endif
+#ifdef FJ_CPU_TARGET
+#define FJ_CPU_PRAGMA_(x) _Pragma(#x)
+#define FJ_CPU_TARGET_PRAGMA_(features) FJ_CPU_PRAGMA_(GCC target(features))
+FJ_CPU_TARGET_PRAGMA_(FJ_CPU_TARGET)
+#endif
 
-#if defined(__AVX512F__)
+namespace flashjit::cpu::FJ_CPU_ISA {
+
+#if defined(FJ_CPU_VECTOR_BYTES)
+inline constexpr int kVectorBytes = FJ_CPU_VECTOR_BYTES;
+#elif defined(__AVX512F__)
 inline constexpr int kVectorBytes = 64;
 #else
 inline constexpr int kVectorBytes = 32;
@@ -361,4 +379,4 @@ class PartTasks {
   std::vector<int64_t> first_;
 };
 
-}  // namespace flashjit::cpu
+}  // namespace flashjit::cpu::FJ_CPU_ISA

@@ -1,0 +1,60 @@
+"""Which instruction sets a flashjit binary's functions use: every function with AVX-512
+(zmm or mask registers) must be one of the avx512 variant's CPU kernels, every function
+with AVX (ymm registers) one of the avx2 or avx512 variant's, so that a processor without
+them never reaches those instructions (the backend chooses a variant by what the
+processor reports). Also checks that those variants do use their instruction sets.
+
+    python scripts/check_cpu_isa.py BINARY    (a .so, .a or .o; needs objdump)
+
+Exit status 0 when the binary keeps to this, 1 otherwise (the offending functions listed).
+"""
+
+import re
+import subprocess
+import sys
+
+FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
+ZMM = re.compile(r"%zmm\d+|%k[1-7]\b")
+YMM = re.compile(r"%ymm\d+")
+
+
+def functions(binary):
+    """{function name: set of 'zmm'/'ymm' it uses} from objdump's disassembly."""
+    text = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", binary], capture_output=True, text=True,
+                          check=True).stdout
+    uses, name = {}, None
+    for line in text.splitlines():
+        match = FUNCTION.match(line)
+        if match:
+            name = match.group(1)
+            uses.setdefault(name, set())
+        elif name is not None:
+            if ZMM.search(line):
+                uses[name].add("zmm")
+            if YMM.search(line):
+                uses[name].add("ymm")
+    return uses
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    uses = functions(sys.argv[1])
+    bad = [(name, sorted(found)) for name, found in uses.items()
+           if ("zmm" in found and "::avx512::" not in name)
+           or ("ymm" in found and "::avx512::" not in name and "::avx2::" not in name)]
+    for name, found in bad[:20]:
+        print(f"outside its variant: {', '.join(found)} in {name}")
+    missing = [variant for variant, register in (("avx512", "zmm"), ("avx2", "ymm"))
+               if not any(register in found for name, found in uses.items() if f"::{variant}::" in name)]
+    for variant in missing:
+        print(f"the {variant} variant uses no {dict(avx512='zmm', avx2='ymm')[variant]} register: not built for it?")
+    kernels = sum(1 for name in uses if "flashjit::cpu::" in name)
+    print(f"{len(uses)} functions, {kernels} in flashjit::cpu; {len(bad)} outside their variant"
+          + (f"; variants without their registers: {', '.join(missing)}" if missing else ""))
+    return 1 if bad or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The CPU kernel variants (flashjit/cpu.h): calls take the widest instruction set this
+processor runs; FLASHJIT_CPU_ISA picks another compiled-in variant, which computes the
+same attention (to float32 rounding), and a variant that is not compiled in, or that the
+processor cannot run, is an error naming the variable, not an illegal instruction."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flashjit import _C
+
+VARIANT, VARIANTS = _C.cpu_kernels()
+
+CALL = """
+import sys, numpy as np, flashjit
+from flashjit import _C
+rng = np.random.default_rng(0)
+q, k, v, dout = (rng.standard_normal((2, 4, 150, 72)).astype(np.float32) for _ in range(4))
+o, lse = flashjit.attention(q, k, v, causal=True, return_lse=True)
+dq, dk, dv = flashjit.attention_backward(q, k, v, o, lse, dout, causal=True)
+np.savez(sys.argv[1], o=o, lse=lse, dq=dq, dk=dk, dv=dv)
+print(_C.cpu_kernels()[0])
+"""
+
+
+def run(variant, out):
+    env = dict(os.environ, FLASHJIT_CPU_ISA=variant)
+    return subprocess.run([sys.executable, "-c", CALL, str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_info_names_the_variant():
+    text = subprocess.run([sys.executable, "-m", "flashjit", "info"], capture_output=True, text=True,
+                          timeout=120).stdout
+    assert f"cpu kernels: {VARIANT} (compiled: {VARIANTS};" in text
+
+
+@pytest.mark.parametrize("variant", VARIANTS.split(","))
+def test_every_variant_computes_the_same_attention(variant, tmp_path):
+    widest = run("auto", tmp_path / "auto.npz")
+    assert widest.returncode == 0, widest.stderr
+    assert widest.stdout.strip() == VARIANT
+    chosen = run(variant, tmp_path / f"{variant}.npz")
+    if chosen.returncode != 0 and "cannot run" in chosen.stderr:
+        pytest.skip(f"this processor cannot run the {variant} kernels")
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() == variant
+    expected, got = np.load(tmp_path / "auto.npz"), np.load(tmp_path / f"{variant}.npz")
+    for name in ("o", "lse", "dq", "dk", "dv"):
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+def test_an_unknown_variant_is_named():
+    result = run("avx9000", "unused")
+    assert result.returncode != 0
+    assert "FLASHJIT_CPU_ISA: 'avx9000' is not a compiled-in variant; expected auto or one of " + VARIANTS \
+        in result.stderr
