@@ -54,8 +54,7 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--label", default="")
     args = parser.parse_args()
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-    from flashjit import _C  # noqa: E402  (the installed package's module)
+    from flashjit import _C
 
     _, variants = _C.cpu_kernels()
     results = {}
