@@ -33,3 +33,14 @@ else:
 
     __all__ += ["scaled_dot_product_attention", "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "varlen_attention",
                 "attention_with_kvcache"]
+
+# The torch front end's names, where torch is not installed: reaching one says what to install.
+_NEEDS_TORCH = {"scaled_dot_product_attention", "patch_sdpa", "unpatch_sdpa", "sdpa_patched", "varlen_attention",
+                "attention_with_kvcache", "ops", "sdpa", "varlen"}
+
+
+def __getattr__(name):
+    if name in _NEEDS_TORCH:
+        raise ImportError(f"flashjit.{name} needs torch, which is not installed: pip install torch "
+                          f"(flashjit.attention takes numpy arrays without it)")
+    raise AttributeError(f"module 'flashjit' has no attribute {name!r}")

@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("flashjit bench: needs torch (pip install torch matplotlib); `flashjit info` works without it",
+                  file=sys.stderr)
+            return 1
         from . import bench
 
         return bench.run(args, args.subparser, argv[1:])

@@ -17,17 +17,25 @@ import contextlib
 import math
 import sys
 
-import mlx.core as mx
-import mlx.nn as nn
+try:
+    import mlx.core as mx
+    import mlx.nn as nn
+except ImportError:
+    raise ImportError("flashjit.mlx needs mlx, which is not installed: pip install 'mlx[cpu]' (Linux) or "
+                      "pip install mlx (macOS), then rebuild flashjit with it in a flashjit checkout: "
+                      "pip install --no-build-isolation --force-reinstall --no-deps .") from None
 
 from . import profiler as _profiler
 from .options import AttentionOptions
 
 try:
     from . import _mlx
-except ImportError as error:  # built only where MLX was installed at build time
-    raise ImportError("flashjit.mlx: this flashjit build has no MLX primitives; install mlx "
-                      "(pip install 'mlx[cpu]' on Linux) and reinstall flashjit") from error
+except ImportError:  # built only where MLX was importable at build time
+    raise ImportError(
+        "flashjit.mlx: this flashjit build has no MLX primitives (mlx was not importable while it was built; "
+        "pip's isolated builds never see it). With mlx installed, build from a flashjit checkout without "
+        "isolation: pip install nanobind==3.1.0 'scikit-build-core>=0.10' && "
+        "pip install --no-build-isolation --force-reinstall --no-deps .") from None
 
 __all__ = ["attention", "scaled_dot_product_attention", "MultiHeadAttention", "patch_mlx_lm", "unpatch_mlx_lm",
            "mlx_lm_patched", "mlx_lm_attention", "profile_step", "varlen_attention"]

@@ -23,7 +23,11 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-import torch
+try:
+    import torch
+except ImportError:
+    raise ImportError("flashjit.transformers needs torch, which is not installed: pip install torch transformers") \
+        from None
 
 from .api import attention
 
