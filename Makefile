@@ -2,7 +2,11 @@
 #            (flashjit vs naive attention and PyTorch SDPA; tables, CSV, JSON and plots in build/demo).
 # make test: set up, build, and run every test (ctest, then pytest, which includes a fuzzer sweep),
 #            then the same under AddressSanitizer and UndefinedBehaviorSanitizer (make sanitize).
-PYTHON ?= python3
+# Python packages go into a virtual environment in the checkout (.venv, made from BASE_PYTHON);
+# PYTHON=... uses another interpreter instead (make test PYTHON=python3: the one on the PATH).
+BASE_PYTHON ?= python3
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
 BUILD_DIR ?= build/cpp
 JOBS ?= $(shell nproc)
 
@@ -11,7 +15,7 @@ JOBS ?= $(shell nproc)
 all: build-cpp install
 
 setup:
-	PYTHON=$(PYTHON) bash scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) BASE_PYTHON=$(BASE_PYTHON) bash scripts/setup.sh
 
 build-cpp:
 	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=OFF \
@@ -19,7 +23,11 @@ build-cpp:
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
 install:
-	$(PYTHON) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
+	@echo "install: building flashjit's Python package with $(PYTHON) (about a minute; log in build/install.log)"
+	@mkdir -p build
+	@$(PYTHON) -m pip install --disable-pip-version-check --no-build-isolation --no-deps . >build/install.log 2>&1 \
+	  || { tail -40 build/install.log; exit 1; }
+	@echo "install: done ($$($(PYTHON) -c 'import flashjit; print(flashjit.__version__, flashjit.__file__)'))"
 
 # ctest's CUDA compile tests need NVRTC: the wheel that setup installs.
 NVRTC_ENV = FLASHJIT_NVRTC="$$($(PYTHON) $(CURDIR)/python/flashjit/_nvrtc.py)" FLASHJIT_REQUIRE_NVRTC=1
