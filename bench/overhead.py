@@ -12,7 +12,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -78,13 +77,9 @@ def entry_points(q, k, v):
 
 
 def commit() -> str:
-    if os.environ.get("FLASHJIT_COMMIT"):  # the GPU machine may get the tree without its git history
-        return os.environ["FLASHJIT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(__file__)).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from flashjit.bench.provenance import record_commit
+
+    return record_commit()
 
 
 def main(argv=None) -> int:

@@ -25,13 +25,13 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 import flashjit
+from flashjit.bench.provenance import record_commit
 
 
 def timed(fn, device, repeats):
@@ -53,8 +53,7 @@ def timed(fn, device, repeats):
 
 
 def record(args, device, dtype, title: str, command: str, facts: list, header: list, rows: list, kind: str):
-    commit = os.environ.get("FLASHJIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = record_commit()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads)"
     lines = [f"# {title}: {name}", "", f"- date: {datetime.date.today().isoformat()}", f"- commit: {commit}",

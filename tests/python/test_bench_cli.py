@@ -250,3 +250,22 @@ def test_bench_cuda_sweep(tmp_path):
         if row["status"] == "ok":
             assert float(row["ms"]) > 0 and float(row["peak_mib"]) > 0, what
             assert float(row["err_out"]) < 0.05 and float(row["err_grad"]) < 0.05, what
+
+
+def test_records_name_the_commit_or_else_the_version(tmp_path, monkeypatch):
+    """In a flashjit checkout a record names its commit; outside one (an installed package
+    run anywhere) the version, never "unknown"."""
+    import re
+    import subprocess as sp
+
+    from flashjit.bench.provenance import record_commit
+
+    monkeypatch.delenv("FLASHJIT_COMMIT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert record_commit() == f"v{flashjit.__version__}"
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if sp.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True).returncode == 0:
+        monkeypatch.chdir(checkout)
+        assert re.fullmatch(r"[0-9a-f]{7,40}", record_commit())
+    monkeypatch.setenv("FLASHJIT_COMMIT", "abc1234")
+    assert record_commit() == "abc1234"

@@ -42,11 +42,21 @@ def _git_commit() -> tuple[str, bool | None]:
 
     try:
         top = git("rev-parse", "--show-toplevel")
-        if not top or not os.path.exists(os.path.join(top, "python", "flashjit", "bench.py")):
+        if not top or not os.path.exists(os.path.join(top, "python", "flashjit", "__init__.py")):
             return "", None
         return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return "", None
+
+
+def record_commit() -> str:
+    """What a record's name and header say it was measured at: FLASHJIT_COMMIT (a GPU machine
+    may get the tree without its history), else the checkout's commit, else (an installed
+    package outside a checkout) the version, as "v0.1.0"."""
+    import flashjit
+
+    commit, _ = _git_commit()
+    return commit or f"v{flashjit.__version__}"
 
 
 def metadata(config: Config, argv: list[str]) -> dict:
@@ -60,7 +70,7 @@ def metadata(config: Config, argv: list[str]) -> dict:
         "command": shlex.join(["flashjit", "bench", *argv]),
         "argv": sys.argv,
         "flashjit": flashjit.__version__,
-        "commit": commit or "unknown",
+        "commit": commit or f"v{flashjit.__version__}",
         "worktree_modified": dirty,
         "torch": torch.__version__,
         "python": platform.python_version(),
