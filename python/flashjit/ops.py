@@ -319,15 +319,24 @@ torch.library.register_vmap(fwd, _vmap_rule(fwd, (0, 1, 2, 3), 10, 9))
 torch.library.register_vmap(bwd, _vmap_rule(bwd, (0, 1, 2, 3, 4, 5, 6), 13, 12))
 
 
+# Whether a torch profiler records: the eager path then names its work as the ops do.
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
 class _EagerAttention(torch.autograd.Function):
     """The same kernels and autograd rule without the dispatcher round trip.
     Inputs: q, k, v and the op's other arguments as one tuple (fewer arguments
-    make apply cheaper; no gradient flows into the mask or rng)."""
+    make apply cheaper; no gradient flows into the mask or rng). Under a torch
+    profiler its work is recorded as flashjit::fwd and flashjit::bwd."""
 
     @staticmethod
     def forward(ctx, q, k, v, options):
         inputs = (q, k, v, *options)
-        output = _forward(*inputs)
+        if _profiler_enabled():
+            with torch.profiler.record_function("flashjit::fwd"):
+                output = _forward(*inputs)
+        else:
+            output = _forward(*inputs)
         _setup_fwd(ctx, inputs, output)
         return output
 
@@ -336,7 +345,11 @@ class _EagerAttention(torch.autograd.Function):
         # create_graph=True needs the op, whose backward is differentiable; a batched
         # gradient (vmap over the backward) needs its batching rule.
         plain = not torch.is_grad_enabled() and _plain_eager(grad_o)
-        grads = _fwd_backward(ctx, grad_o, grad_lse, _backward if plain else bwd)
+        if plain and _profiler_enabled():
+            with torch.profiler.record_function("flashjit::bwd"):
+                grads = _fwd_backward(ctx, grad_o, grad_lse, _backward)
+        else:
+            grads = _fwd_backward(ctx, grad_o, grad_lse, _backward if plain else bwd)
         return grads[0], grads[1], grads[2], None
 
 

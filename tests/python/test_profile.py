@@ -150,3 +150,13 @@ def test_a_varlen_call_is_one_record_with_each_sequences_work():
     pairs = 10 + 0 + 6
     assert prof.calls[0].flops == 2.0 * 4 * pairs * (16 + 16)
     assert prof.calls[1].flops == 2.5 * prof.calls[0].flops
+
+
+def test_torch_profiler_names_the_eager_path_as_the_ops():
+    """The eager path (no dispatcher round trip) shows up in torch.profiler as flashjit::fwd
+    and flashjit::bwd, the names the custom ops have under torch.compile."""
+    x = torch.randn(1, 2, 8, 16, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        flashjit.scaled_dot_product_attention(x, x, x).sum().backward()
+    names = {event.name for event in prof.events()}
+    assert {"flashjit::fwd", "flashjit::bwd"} <= names, sorted(names)
