@@ -269,3 +269,32 @@ def test_records_name_the_commit_or_else_the_version(tmp_path, monkeypatch):
         assert re.fullmatch(r"[0-9a-f]{7,40}", record_commit())
     monkeypatch.setenv("FLASHJIT_COMMIT", "abc1234")
     assert record_commit() == "abc1234"
+
+
+@pytest.mark.parametrize("suite,fields", [("gqa", dict(heads_kv="2", seqlen_q="0", masked="False")),
+                                          ("masked", dict(heads_kv="0", seqlen_q="0", masked="True")),
+                                          ("decode", dict(heads_kv="0", seqlen_q="1", masked="False"))])
+def test_bench_suites(suite, fields, tmp_path):
+    """--suite gqa / masked / decode: the cases carry the suite's shape, every implementation that
+    takes it runs with errors at float32's level, and the record names the suite."""
+    done = flashjit_command("bench", "--device", "cpu", "--suite", suite, "--seqlens", "64", "--head-dims", "16",
+                            "--heads", "8", "--batch", "2", "--impls", "flashjit,naive,sdpa-math", "--repeats", "1",
+                            "--out", str(tmp_path), "--no-plot", "--no-progress", env={"FLASHJIT_COMMIT": "abc1234"})
+    assert done.returncode == 0, done.stderr
+    (record,) = [name for name in os.listdir(tmp_path) if name.endswith(".md")]
+    assert record.startswith(f"cpu-bench-{suite}-") and f"- suite: {suite} (" in (tmp_path / record).read_text()
+    _, rows = read_csv(tmp_path / record.replace(".md", ".csv"))
+    assert rows and all(row["status"] == "ok" for row in rows), [row["reason"] for row in rows]
+    assert all(row[key] == value for row in rows for key, value in fields.items())
+    assert all(float(row["err_out"]) < 1e-5 for row in rows)
+    if suite == "decode":
+        assert {row["mode"] for row in rows} == {"fwd"} and {row["causal"] for row in rows} == {"False"}
+    else:
+        assert all(float(row["err_grad"]) < 1e-5 for row in rows)
+
+
+def test_bench_decode_suite_refuses_causal_and_backward(capsys):
+    for args in (["--causal", "yes"], ["--modes", "bwd"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--device", "cpu", "--suite", "decode", *args])
+        assert "--suite decode: forward only and no causal mask" in capsys.readouterr().err

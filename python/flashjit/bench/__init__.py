@@ -46,7 +46,7 @@ from typing import Callable, Iterable
 
 # Also what other modules take from flashjit.bench (COLUMNS, FLOP_FACTOR, resident_kib, _cpu_name).
 from .cases import (COLUMNS, DEFAULT_IMPLS, DEFAULTS, DTYPES, ERROR_CASE, FLOP_FACTOR,  # noqa: F401
-                    IMPLS, MATERIALISING, MODES, QUICK, Case, Row, _first_line, flops, resident_kib)
+                    IMPLS, MATERIALISING, MODES, QUICK, SUITES, Case, Row, _first_line, flops, resident_kib)
 from .memory import _available_bytes, _CudaPeak, _element_size, _HostPeak, _materialised_bytes
 from .output import markdown_record, plot, report, write_csv, write_json
 from .provenance import CpuShare, _cpu_name, _load_average, device_tag, metadata  # noqa: F401
@@ -58,26 +58,50 @@ class Unsupported(Exception):
     """The implementation cannot run this case on this device."""
 
 
-def _naive(causal: bool, seqlen: int, device: str):
+def padding_mask(case: Case, device: str):
+    """The masked suite's bool mask (True = attend), or None: key padding [B, 1, 1, N], with
+    the causal bound folded in ([B, 1, N, N]) for causal cases, since SDPA takes a mask or
+    is_causal but not both."""
+    if not case.masked:
+        return None
+    import torch
+
+    mask = torch.ones(case.batch, 1, 1, case.seqlen, dtype=torch.bool, device=device)
+    mask[1::2, ..., case.seqlen - case.seqlen // 4:] = False
+    if case.causal:
+        mask = mask & torch.ones(case.queries, case.seqlen, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+def _is_causal(case: Case) -> bool:
+    """is_causal of a call: the causal bound, unless the mask carries it."""
+    return case.causal and not case.masked
+
+
+def _naive(case: Case, device: str):
     from ..reference import naive_attention
 
-    def run(q, k, v):  # in the inputs' dtype: the unfused baseline
-        return naive_attention(q, k, v, causal=causal, dtype=q.dtype)
+    mask = padding_mask(case, device)
+
+    def run(q, k, v):  # in the inputs' dtype: the unfused baseline (it expands grouped heads)
+        return naive_attention(q, k, v, attn_mask=mask, causal=_is_causal(case), dtype=q.dtype)
 
     return run
 
 
-def _sdpa(backend_name: str, causal: bool):
+def _sdpa(backend_name: str, case: Case, device: str):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name, None)
     if backend is None:
         raise Unsupported(f"torch {_torch_version()} has no SDPBackend.{backend_name}")
+    mask, gqa = padding_mask(case, device), bool(case.heads_kv)
 
     def run(q, k, v):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=_is_causal(case),
+                                                  enable_gqa=gqa)
 
     return run
 
@@ -122,11 +146,14 @@ def _flex(causal: bool, seqlen: int, device: str, dynamic: bool = True):
     return run
 
 
-def _flashjit(causal: bool):
+def _flashjit(case: Case, device: str):
     import flashjit
 
+    mask, gqa = padding_mask(case, device), bool(case.heads_kv)
+
     def run(q, k, v):
-        return flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return flashjit.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=_is_causal(case),
+                                                     enable_gqa=gqa)
 
     return run
 
@@ -134,14 +161,16 @@ def _flashjit(causal: bool):
 def build(impl: str, case: Case, device: str, flex_dynamic: bool = True) -> Callable:
     """A function (q, k, v) -> o for one implementation and case."""
     if impl == "flashjit":
-        return _flashjit(case.causal)
+        return _flashjit(case, device)
     if impl == "naive":
-        return _naive(case.causal, case.seqlen, device)
+        return _naive(case, device)
     if impl == "flex":
+        if case.heads_kv or case.seqlen_q or case.masked:
+            raise Unsupported("flex: timed in the prefill suite only")
         return _flex(case.causal, case.seqlen, device, flex_dynamic)
     backend = {"sdpa-math": "MATH", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                "sdpa-cudnn": "CUDNN_ATTENTION"}[impl]
-    return _sdpa(backend, case.causal)
+    return _sdpa(backend, case, device)
 
 
 def _torch_version() -> str:
@@ -228,7 +257,14 @@ class Config:
     hidden: int | None = None
     seed: int = 0
     flex_compile: str = "dynamic"
+    suite: str = "prefill"
     notes: list = field(default_factory=list)
+
+    def suite_fields(self, heads: int) -> dict:
+        """The Case fields a suite sets (SUITES)."""
+        if self.suite == "gqa":
+            return {"heads_kv": max(1, heads // 4)}
+        return {"masked": True} if self.suite == "masked" else {"seqlen_q": 1} if self.suite == "decode" else {}
 
     def cases(self) -> list[Case]:
         cases = []
@@ -238,7 +274,7 @@ class Config:
                 for causal in self.causal:
                     for seqlen in self.seqlens:
                         batch = self.batch if self.batch is not None else max(1, self.tokens // seqlen)
-                        cases.append(Case(dtype, batch, heads, seqlen, head_dim, causal))
+                        cases.append(Case(dtype, batch, heads, seqlen, head_dim, causal, **self.suite_fields(heads)))
         return cases
 
 
@@ -246,9 +282,11 @@ def _inputs(case: Case, device: str, sets: int):
     import torch
 
     dtype = getattr(torch, case.dtype)
-    shape = (case.batch, case.heads, case.seqlen, case.head_dim)
-    return [(*(torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)),
-             torch.randn(shape, device=device, dtype=dtype)) for _ in range(sets)]
+    q_shape = (case.batch, case.heads, case.queries, case.head_dim)
+    kv_shape = (case.batch, case.kv_heads, case.seqlen, case.head_dim)
+    return [(torch.randn(q_shape, device=device, dtype=dtype, requires_grad=True),
+             *(torch.randn(kv_shape, device=device, dtype=dtype, requires_grad=True) for _ in range(2)),
+             torch.randn(q_shape, device=device, dtype=dtype)) for _ in range(sets)]
 
 
 def _input_sets(case: Case, device: str, impl: str) -> int:
@@ -314,14 +352,17 @@ def probe(impl: str, case: Case, device: str, flex_dynamic: bool = True) -> _Pro
     """Runs the small error case; its failures say what the implementation supports."""
     import torch
 
+    # The error case in the suite's shape: grouped heads 2 / 1 (gqa), one query (decode), the mask.
     small = Case(case.dtype, ERROR_CASE["batch"], ERROR_CASE["heads"], ERROR_CASE["seqlen"], case.head_dim,
-                 case.causal)
+                 case.causal, heads_kv=1 if case.heads_kv else 0, seqlen_q=case.seqlen_q, masked=case.masked)
     result = _Probe()
     generator = torch.Generator().manual_seed(1234 + case.head_dim)
-    shape = (small.batch, small.heads, small.seqlen, small.head_dim)
-    exact = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4)]
+    q_shape = (small.batch, small.heads, small.queries, small.head_dim)
+    kv_shape = (small.batch, small.kv_heads, small.seqlen, small.head_dim)
+    exact = [torch.randn(shape, generator=generator, dtype=torch.float64)
+             for shape in (q_shape, kv_shape, kv_shape, q_shape)]
     leaves = [x.detach().requires_grad_() for x in exact[:3]]
-    reference = _naive(case.causal, small.seqlen, "cpu")(*leaves)
+    reference = _naive(small, "cpu")(*leaves)
     reference_grads = torch.autograd.grad(reference, leaves, exact[3])
     dtype = getattr(torch, case.dtype)
     q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in exact[:3])
@@ -577,6 +618,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--flex-compile", choices=["dynamic", "static"], default="dynamic",
                         help="FlexAttention compiled for dynamic shapes (one compile per head dim and mask) "
                         "or per shape (slower to compile)")
+    parser.add_argument("--suite", choices=list(SUITES), default="prefill",
+                        help="the problem family: " + "; ".join(f"{name}: {text}" for name, text in SUITES.items()))
     parser.add_argument("--quick", action="store_true", help="a smaller sweep (GPU: D128, N 1k and 4k; "
                         "CPU: N 256-1024, fwd and bwd, 3 runs)")
     parser.add_argument("--out", metavar="DIR", help="write CSV, JSON, a markdown record and PNG plots here")
@@ -614,16 +657,23 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Co
     batch, tokens = args.batch, None
     if batch is None:
         tokens = args.tokens or defaults["tokens"]
+    causal = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    modes = [mode for mode in MODES if mode in (_flatten(args.modes) or defaults["modes"])]
+    if args.suite == "decode":  # one query sees every key; decoding has no backward
+        if args.causal == "yes" or (args.modes and modes != ["fwd"]):
+            parser.error("--suite decode: forward only and no causal mask (one query sees every key)")
+        causal, modes = [False], ["fwd"]
     return Config(
         device=device,
         dtypes=list(dict.fromkeys(_flatten(args.dtypes) or defaults["dtypes"])),
         head_dims=head_dims,
         seqlens=sorted(set(_flatten(args.seqlens) or defaults["seqlens"])),
-        causal={"both": [False, True], "yes": [True], "no": [False]}[args.causal],
+        causal=causal,
         impls=list(dict.fromkeys(_flatten(args.impls) or DEFAULT_IMPLS[device])),
-        modes=[mode for mode in MODES if mode in (_flatten(args.modes) or defaults["modes"])],
+        modes=modes,
         repeats=pick("repeats"),
         batch=batch, tokens=tokens, heads=heads, hidden=hidden, seed=args.seed, flex_compile=args.flex_compile,
+        suite=args.suite,
     )
 
 
@@ -659,7 +709,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[st
     print(f"sweep took {meta['seconds']:.0f} s")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = args.name or f"{device_tag(meta)}-bench-{datetime.date.today().isoformat()}-{meta['commit']}"
+        suite = "" if args.suite == "prefill" else f"-{args.suite}"
+        stem = args.name or f"{device_tag(meta)}-bench{suite}-{datetime.date.today().isoformat()}-{meta['commit']}"
         base = os.path.join(args.out, stem)
         write_csv(rows, base + ".csv")
         write_json(rows, meta, base + ".json")

@@ -14,8 +14,18 @@ FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Implementations that hold the Sq x Sk score matrix (checked against free memory first).
 MATERIALISING = ("naive", "sdpa-math")
-COLUMNS = ("impl", "device", "dtype", "batch", "heads", "seqlen", "head_dim", "causal", "mode", "ms", "tflops",
-           "flashjit_speedup", "peak_mib", "err_out", "err_grad", "runs", "status", "reason")
+COLUMNS = ("impl", "device", "dtype", "batch", "heads", "seqlen", "head_dim", "causal", "heads_kv", "seqlen_q",
+           "masked", "mode", "ms", "tflops", "flashjit_speedup", "peak_mib", "err_out", "err_grad", "runs", "status",
+           "reason")
+# Problem families (`flashjit bench --suite`): prefill (self-attention, Sq = Sk = N), gqa (key/value
+# heads H / 4), masked (a boolean key-padding mask: odd batch entries lose their last N / 4 keys),
+# decode (one query against N keys; forward only, no causal mask).
+SUITES = {
+    "prefill": "self-attention, Sq = Sk = N",
+    "gqa": "grouped-query attention, H / 4 key/value heads (enable_gqa)",
+    "masked": "a boolean key-padding mask [B, 1, 1, N]: odd batch entries lose their last N / 4 keys",
+    "decode": "one query token against N keys (Sq = 1), forward only, no causal mask",
+}
 ERROR_CASE = {"batch": 2, "heads": 2, "seqlen": 256}
 
 # Sweeps sized to the device. CPU: a couple of minutes on two cores. GPU: the
@@ -40,10 +50,22 @@ class Case:
     seqlen: int
     head_dim: int
     causal: bool
+    heads_kv: int = 0    # 0: heads (no grouping)
+    seqlen_q: int = 0    # 0: seqlen (self-attention); 1: decoding
+    masked: bool = False  # a key-padding mask (SUITES["masked"])
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads_kv or self.heads
+
+    @property
+    def queries(self) -> int:
+        return self.seqlen_q or self.seqlen
 
     def label(self) -> str:
-        return (f"{self.dtype} B{self.batch} H{self.heads} N{self.seqlen} D{self.head_dim}"
-                f"{' causal' if self.causal else ''}")
+        return (f"{self.dtype} B{self.batch} H{self.heads}" + (f"/{self.heads_kv}" if self.heads_kv else "")
+                + (f" Sq{self.seqlen_q}" if self.seqlen_q else "") + f" N{self.seqlen} D{self.head_dim}"
+                + (" causal" if self.causal else "") + (" masked" if self.masked else ""))
 
 
 @dataclass
@@ -64,8 +86,9 @@ class Row(Case):
 
 
 def flops(case: Case, mode: str) -> float:
-    """docs/measurement.md: forward 4·B·H·Sq·Sk·D, halved for causal; backward 2.5×, both 3.5×."""
-    forward = 4.0 * case.batch * case.heads * case.seqlen * case.seqlen * case.head_dim
+    """docs/measurement.md: forward 4·B·H·Sq·Sk·D, halved for causal; backward 2.5×, both 3.5×
+    (a padding mask's hidden keys are counted: the work of the dense problem)."""
+    forward = 4.0 * case.batch * case.heads * case.queries * case.seqlen * case.head_dim
     if case.causal:
         forward /= 2
     return forward * FLOP_FACTOR[mode]

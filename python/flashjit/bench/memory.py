@@ -128,6 +128,6 @@ def _materialised_bytes(impl: str, case: Case) -> int:
     """Rough peak of an implementation that holds the score matrix: about four Sq x Sk
     tensors live in forward+backward (scores, probabilities, their gradients);
     SDPA's math backend computes them in float32 for half inputs."""
-    scores = case.batch * case.heads * case.seqlen * case.seqlen
+    scores = case.batch * case.heads * case.queries * case.seqlen
     element = max(4, _element_size(case.dtype)) if impl == "sdpa-math" else _element_size(case.dtype)
     return 4 * scores * element

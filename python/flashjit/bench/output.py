@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict
 from typing import Callable
 
-from .cases import COLUMNS, ERROR_CASE, Row
+from .cases import COLUMNS, ERROR_CASE, SUITES, Row
 
 
 _SHORT = {"unsupported": "unsup", "skipped": "skip", "error": "ERROR"}
@@ -161,6 +161,7 @@ def markdown_record(rows: list[Row], meta: dict, plots: list[str]) -> str:
              f"- commit: {meta['commit']}" + (" (working tree modified)" if meta.get("worktree_modified") else ""),
              f"- command: `{meta['command']}`",
              f"- flashjit {meta['flashjit']}, torch {meta['torch']}, Python {meta['python']}",
+             f"- suite: {config.get('suite', 'prefill')} ({SUITES[config.get('suite', 'prefill')]})",
              f"- sizes: {sizes}; {meta['timing']}; TFLOP/s: {meta['flops']}",
              f"- sweep time {meta['seconds']:.0f} s; system load average (1 min) before / after: "
              f"{meta['load_average_before']} / {meta['load_average_after']}; share of the CPU time taken by "
