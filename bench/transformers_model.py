@@ -206,8 +206,16 @@ def main():
         for name, run in runs.items():
             rows[name]["generate"] = times[name]
             rows[name]["tokens"] = run()[:, args.prompt:].cpu()
+    def shown(value):  # (ms, MiB) of a training case, or None (out of memory)
+        if value is None:
+            return "out of memory"
+        ms, mib = value
+        return f"{ms:.1f} ms" + (f", {mib:.0f} MiB" if mib == mib else "")
+
     for name in names:
-        print(name, {k: v for k, v in rows[name].items() if k != "tokens"}, kernels[name], flush=True)
+        print(f"{name}: train {shown(rows[name]['train'])}; padded {shown(rows[name]['train, padded'])}; "
+              f"generate {rows[name]['generate']:.0f} ms" + (f"; kernels {kernels[name]}" if kernels[name] else ""),
+              flush=True)
 
     commit = record_commit()
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
@@ -224,7 +232,8 @@ def main():
              f"{args.seqlen // 4} tokens shorter (right padding). generate: B{args.batch}, a {args.prompt}-token "
              f"left-padded prompt, {args.new_tokens} new tokens, greedy, KV cache",
              f"- medians of {args.runs} synchronised runs ({max(3, args.runs // 2)} for generate), the backends "
-             "taking turns in each round; memory: peak allocated above weights and inputs", "",
+             "taking turns in each round; memory: peak allocated above weights and inputs (GPU only: – on the CPU)",
+             "",
              "| backend | train ms | train tokens/s | train peak MiB | padded ms | padded peak MiB | generate ms "
              "| new tokens/s | same tokens as " + first + " |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -236,7 +245,8 @@ def main():
                 cells += ["out of memory"] * (3 if case == "train" else 2)
                 continue
             ms, mib = value
-            cells += [f"{ms:.1f}"] + ([f"{tokens / ms * 1e3:,.0f}"] if case == "train" else []) + [f"{mib:.0f}"]
+            memory = f"{mib:.0f}" if mib == mib else "–"  # measured on a GPU only
+            cells += [f"{ms:.1f}"] + ([f"{tokens / ms * 1e3:,.0f}"] if case == "train" else []) + [memory]
         cells += [f"{row['generate']:.0f}", f"{args.batch * args.new_tokens / row['generate'] * 1e3:,.0f}",
                   "yes" if torch.equal(row["tokens"], rows[first]["tokens"]) else "no"]
         lines.append("| " + " | ".join(cells) + " |")
