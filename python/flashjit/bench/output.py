@@ -201,8 +201,13 @@ def plot(rows: list[Row], out_dir: str, stem: str) -> list[str]:
             return
         head_dims = sorted({row.head_dim for row in chosen})
         causals = sorted({row.causal for row in chosen})
-        fig, axes = plt.subplots(len(causals), len(head_dims), figsize=(3.3 * len(head_dims) + 0.4,
-                                 2.5 * len(causals) + 0.8), squeeze=False, sharex=True)
+        labels_shown = [impl for impl in impls if any(row.impl == impl for row in chosen)]
+        width = 3.3 * len(head_dims) + 0.4
+        # As many legend entries a row as the width holds (about 1.2 inches each), the rows below the plots.
+        legend_columns = max(1, min(len(labels_shown), int(width / 1.2)))
+        legend_rows = -(-len(labels_shown) // legend_columns)
+        height = 2.5 * len(causals) + 0.6 + 0.25 * legend_rows
+        fig, axes = plt.subplots(len(causals), len(head_dims), figsize=(width, height), squeeze=False, sharex=True)
         for i, causal in enumerate(causals):
             for j, head_dim in enumerate(head_dims):
                 axis = axes[i][j]
@@ -235,12 +240,12 @@ def plot(rows: list[Row], out_dir: str, stem: str) -> list[str]:
             for handle, label in zip(*axis.get_legend_handles_labels()):
                 handles.setdefault(label, handle)
         labels = [impl for impl in impls if impl in handles]
-        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(len(labels), 7),
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=legend_columns,
                    fontsize=8, frameon=False)
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout(rect=(0, 0.07 if len(causals) > 1 else 0.12, 1, 1))
+        fig.suptitle(title.replace(" (", "\n(") if width < 6 else title, fontsize=10)  # one panel: two lines
+        fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.1) / height, 1, 1))
         path = os.path.join(out_dir, f"{stem}-{name}.png")
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)  # nothing outside the figure is cut
         plt.close(fig)
         _shrink_png(path)
         written.append(path)
