@@ -95,10 +95,10 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
     // Online softmax: rescale the running output by exp(old max - new max).
     for (int64_t r = 0; r < rows; ++r) {
       Acc* s_row = w.s + r * ld_k;
-      const Acc block_max = *std::max_element(s_row, s_row + ld_k);
+      const Acc block_max = row_max(s_row, ld_k);
       const Acc new_max = std::max(w.row_max[r], block_max);
       if (new_max == kNegInf<Acc>) {  // nothing visible yet: P row is 0
-        // ... unless the scores were NaN (max_element skips them): the row's sum and O become NaN.
+        // ... unless the scores were NaN (row_max skips them): the row's sum and O become NaN.
         if (std::any_of(s_row, s_row + cols, [](Acc x) { return x != x; })) {
           w.row_sum[r] = std::numeric_limits<Acc>::quiet_NaN();
           std::fill(s_row, s_row + ld_k, std::numeric_limits<Acc>::quiet_NaN());

@@ -198,6 +198,35 @@ inline void gemm_abt_rows(int64_t rows, int64_t cols, int64_t depth, const Acc* 
   }
 }
 
+// The largest of x[0..n) (n a multiple of the lanes), NaN skipped; -inf where there is no
+// number. Four vector accumulators: a scalar chain (std::max_element) waits a compare's
+// latency for every element, which cost as much as the tile's two GEMMs.
+template <typename Acc>
+inline Acc row_max(const Acc* x, int64_t n) {
+  using V = typename VectorOf<Acc>::type;
+  constexpr int64_t L = kLanes<Acc>;
+  V m0 = V{} + kNegInf<Acc>, m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 * L <= n; j += 4 * L) {
+    const V a = load_vector<V>(x + j), b = load_vector<V>(x + j + L);
+    const V c = load_vector<V>(x + j + 2 * L), d = load_vector<V>(x + j + 3 * L);
+    m0 = a > m0 ? a : m0;  // a NaN compares false and leaves the maximum as it was
+    m1 = b > m1 ? b : m1;
+    m2 = c > m2 ? c : m2;
+    m3 = d > m3 ? d : m3;
+  }
+  for (; j < n; j += L) {
+    const V a = load_vector<V>(x + j);
+    m0 = a > m0 ? a : m0;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  m2 = m3 > m2 ? m3 : m2;
+  m0 = m2 > m0 ? m2 : m0;
+  Acc best = kNegInf<Acc>;
+  for (int64_t l = 0; l < L; ++l) best = m0[l] > best ? m0[l] : best;
+  return best;
+}
+
 // x[j] = exp(x[j] - shift) for j < n (n a multiple of the lanes); returns the sum.
 // float: Cephes-style range reduction and degree-6 polynomial (about 1 ulp);
 // arguments below -87 (and -inf) give exactly 0, above 88 they saturate at e^88.
