@@ -160,11 +160,22 @@ inline void gemm(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_
 // multiple of kLanes<Acc>, with A and B zero-padded up to it (B may be the
 // caller's rows in place when they need no padding). Four columns at a time keep
 // four independent accumulator chains in flight instead of one.
+// A vector's lanes combined by `op` as a tree (log2(lanes) dependent steps; a running
+// scalar waits on each step's latency, 16 of them a row at AVX-512).
+template <typename Acc, typename Op>
+inline Acc lane_tree(typename VectorOf<Acc>::type v, Op op) {
+  constexpr int64_t L = kLanes<Acc>;
+  Acc part[L];
+  std::memcpy(part, &v, sizeof part);
+  for (int64_t width = L / 2; width >= 1; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) part[l] = op(part[l], part[l + width]);
+  }
+  return part[0];
+}
+
 template <typename Acc>
 inline Acc lane_sum(typename VectorOf<Acc>::type v) {
-  Acc total = 0;
-  for (int64_t l = 0; l < kLanes<Acc>; ++l) total += v[l];
-  return total;
+  return lane_tree<Acc>(v, [](Acc a, Acc b) { return a + b; });
 }
 
 template <typename Acc>
@@ -223,9 +234,7 @@ inline Acc row_max(const Acc* x, int64_t n) {
   m0 = m1 > m0 ? m1 : m0;
   m2 = m3 > m2 ? m3 : m2;
   m0 = m2 > m0 ? m2 : m0;
-  Acc best = kNegInf<Acc>;
-  for (int64_t l = 0; l < L; ++l) best = m0[l] > best ? m0[l] : best;
-  return best;
+  return lane_tree<Acc>(m0, [](Acc a, Acc b) { return b > a ? b : a; });
 }
 
 // x[j] = exp(x[j] - shift) for j < n (n a multiple of the lanes); returns the sum.
@@ -263,9 +272,7 @@ inline float exp_shifted_sum(float* x, int64_t n, float shift) {
     store_vector(x + j, value);
     total += value;
   }
-  float sum = 0.0f;
-  for (int64_t l = 0; l < L; ++l) sum += total[l];
-  return sum;
+  return lane_sum<float>(total);
 }
 
 inline double exp_shifted_sum(double* x, int64_t n, double shift) {
