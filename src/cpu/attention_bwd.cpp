@@ -64,9 +64,7 @@ void load_query_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t q
   for (int64_t r = 0; r < rows; ++r) {
     const T* o_row = p.o.row<const T>(b, h, query0 + r);
     const Acc* do_row = w.dout + r * ld_v;
-    Acc delta = 0;
-    for (int64_t c = 0; c < p.head_dim_v; ++c) delta += do_row[c] * to_acc<Acc>(o_row[c]);
-    w.delta[r] = delta;
+    w.delta[r] = dot_row(do_row, o_row, p.head_dim_v);
     const int64_t index = b * p.lse_stride_batch + h * p.lse_stride_head + (query0 + r) * p.lse_stride_seq;
     w.lse[r] = p.lse_dtype == FJ_FLOAT64 ? Acc(static_cast<const double*>(p.lse)[index])
                                          : Acc(static_cast<const float*>(p.lse)[index]);

@@ -210,6 +210,32 @@ inline void gemm_abt_rows(int64_t rows, int64_t cols, int64_t depth, const Acc* 
   }
 }
 
+// sum over c < n of a[c] * b[c], a packed in the accumulation type and b a caller's row (any
+// element type): two vector accumulators and a tree of the lanes (a running scalar waits an
+// add's latency for every element).
+template <typename T, typename Acc>
+inline Acc dot_row(const Acc* a, const T* b, int64_t n) {
+  using V = typename VectorOf<Acc>::type;
+  constexpr int64_t L = kLanes<Acc>;
+  V even{}, odd{};
+  int64_t c = 0;
+  for (; c + 2 * L <= n; c += 2 * L) {
+    V x, y;
+    if constexpr (std::is_same_v<T, Acc>) {
+      x = load_vector<V>(b + c), y = load_vector<V>(b + c + L);
+    } else {
+      Acc converted[2 * L];
+      for (int64_t l = 0; l < 2 * L; ++l) converted[l] = to_acc<Acc>(b[c + l]);
+      x = load_vector<V>(converted), y = load_vector<V>(converted + L);
+    }
+    even += load_vector<V>(a + c) * x;
+    odd += load_vector<V>(a + c + L) * y;
+  }
+  Acc total = lane_sum<Acc>(even + odd);
+  for (; c < n; ++c) total += a[c] * to_acc<Acc>(b[c]);
+  return total;
+}
+
 // The largest of x[0..n) (n a multiple of the lanes), NaN skipped; -inf where there is no
 // number. Four vector accumulators: a scalar chain (std::max_element) waits a compare's
 // latency for every element, which cost as much as the tile's two GEMMs.
