@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh [--quick-bench] [--tests-only | --no-tests]
 # --tests-only stops after pytest and --no-tests skips it, for machines whose
 # single command must end sooner than the whole check (about 8 minutes on an H200).
+# PYTEST_FILES (default tests/python) and PYTEST_WORKERS (default 8) split the pytest run over calls.
 # --compare-forward-groups (with --no-tests) also runs test_attention.py with the
 # three-consumer-warpgroup forward (FLASHJIT_CUDA_TILES=groups=3) and times the
 # forward with two and with three groups in one run (gpu_attention.py --forward-only).
@@ -22,7 +23,10 @@ flashjit.cuda.nvrtc_version())"
 
 if [[ " $* " != *" --no-tests "* ]]; then
   step "pytest (FLASHJIT_TEST_DEVICE=cuda)"
-  FLASHJIT_TEST_DEVICE=cuda python3 -m pytest tests/python -q --maxfail=40 --durations=5 2>&1 | tee "$OUT/pytest-cuda.log" | tail -30
+  # In parallel processes (kernels compile on the CPUs), each test cut off after 240 s so that a
+  # slow one is named rather than eating the call; PYTEST_FILES picks files (the call's time limit).
+  FLASHJIT_TEST_DEVICE=cuda python3 -m pytest ${PYTEST_FILES:-tests/python} -q -n "${PYTEST_WORKERS:-8}" \
+    --timeout 240 -rfE --maxfail=40 --durations=10 -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   if [[ " $* " == *" --tests-only "* ]]; then
     echo "gpu_check status: $status"
