@@ -325,9 +325,22 @@ inline void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t cols, 
 // then 128-bit halves interleaved (a scalar transpose stores each element to its own cache
 // line, which cost a third of a GEMM on the same tile).
 typedef float Float8 __attribute__((vector_size(32)));
-inline void transpose_8x8(const float* src, int64_t stride, float* dst, int64_t ld) {
+inline Float8 load_float8(const float* p) { return load_vector<Float8>(p); }
+// bfloat16 is a float's upper half: widened and shifted, 8 at a time.
+inline Float8 load_float8(const BFloat16* p) {
+  typedef uint16_t Bits16x8 __attribute__((vector_size(16)));
+  typedef uint32_t Bits32x8 __attribute__((vector_size(32)));
+  const Bits32x8 wide = __builtin_convertvector(load_vector<Bits16x8>(reinterpret_cast<const uint16_t*>(p)), Bits32x8)
+                        << 16;
+  Float8 out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+}
+
+template <typename T>
+inline void transpose_8x8(const T* src, int64_t stride, float* dst, int64_t ld) {
   Float8 r[8];
-  for (int i = 0; i < 8; ++i) r[i] = load_vector<Float8>(src + i * stride);
+  for (int i = 0; i < 8; ++i) r[i] = load_float8(src + i * stride);
   Float8 t[8], u[8];
   for (int i = 0; i < 4; ++i) {
     t[2 * i] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
@@ -353,12 +366,13 @@ inline void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t 
     for (int64_t r = rows; r < ld; ++r) dst[c * ld + r] = Acc(0);
   }
   int64_t first_row = 0;
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<Acc, float>) {  // whole 8 x 8 tiles in registers
+  if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, BFloat16>) && std::is_same_v<Acc, float>) {
+    // whole 8 x 8 tiles in registers
     for (; first_row + 8 <= rows; first_row += 8) {
       int64_t c = 0;
       for (; c + 8 <= cols; c += 8) transpose_8x8(src + first_row * stride + c, stride, dst + c * ld + first_row, ld);
       for (; c < cols; ++c) {
-        for (int64_t r = first_row; r < first_row + 8; ++r) dst[c * ld + r] = src[r * stride + c];
+        for (int64_t r = first_row; r < first_row + 8; ++r) dst[c * ld + r] = to_acc<Acc>(src[r * stride + c]);
       }
     }
   }
