@@ -191,26 +191,33 @@ void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle 
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
+// The nine tensors of a backward call as the C API describes them.
+struct BackwardTensors {
+  fj_tensor q, k, v, o, lse, dout, dq, dk, dv;
+  BackwardTensors(const char* op, nb::handle q_, nb::handle k_, nb::handle v_, nb::handle o_, nb::handle lse_,
+                  nb::handle dout_, nb::handle dq_, nb::handle dk_, nb::handle dv_)
+      : q(to_tensor(op, "q", q_)), k(to_tensor(op, "k", k_)), v(to_tensor(op, "v", v_)), o(to_tensor(op, "o", o_)),
+        lse(to_tensor(op, "lse", lse_)), dout(to_tensor(op, "dout", dout_)), dq(to_tensor(op, "dq", dq_)),
+        dk(to_tensor(op, "dk", dk_)), dv(to_tensor(op, "dv", dv_)) {}
+};
+
 void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
               nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
               double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
               uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream, bool check_only) {
   constexpr const char* op = "attention_backward";
-  const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
-  const fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
-  const fj_tensor tdout = to_tensor(op, "dout", dout);
-  fj_tensor tdq = to_tensor(op, "dq", dq), tdk = to_tensor(op, "dk", dk), tdv = to_tensor(op, "dv", dv);
+  BackwardTensors t(op, q, k, v, o, lse, dout, dq, dk, dv);
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
   if (check_only) {
-    const fj_status status = fj_attention_check_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk,
-                                                         &tdv);
+    const fj_status status =
+        fj_attention_check_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &options, &t.dq, &t.dk, &t.dv);
     if (status != FJ_SUCCESS) raise_status(status);
     return;
   }
   const fj_status status = without_gil(
-      [&] { return fj_attention_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv); });
+      [&] { return fj_attention_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &options, &t.dq, &t.dk, &t.dv); });
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
@@ -253,15 +260,13 @@ void varlen_backward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t m
                      uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream) {
   constexpr const char* op = "varlen_attention_backward";
   const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
-  const fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
-  const fj_tensor tdout = to_tensor(op, "dout", dout);
-  fj_tensor tdq = to_tensor(op, "dq", dq), tdk = to_tensor(op, "dk", dk), tdv = to_tensor(op, "dv", dv);
+  BackwardTensors t(op, q, k, v, o, lse, dout, dq, dk, dv);
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
   check(without_gil([&] {
-    return fj_attention_varlen_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &varlen, &options, &tdq, &tdk, &tdv);
+    return fj_attention_varlen_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &varlen, &options, &t.dq, &t.dk,
+                                        &t.dv);
   }));
 }
 

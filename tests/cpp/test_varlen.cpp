@@ -336,34 +336,27 @@ TEST(VarlenCache, BadCachesAreNamed) {
     EXPECT_NE(std::string(fj_last_error()).find(text), std::string::npos) << fj_last_error();
     for (double x : cache.o.values()) ASSERT_TRUE(std::isnan(x)) << text;
   };
-  {
+  struct Bad {
+    bool paged;
+    const char* expect;
+    void (*spoil)(Cache&);
+  };
+  const Bad cases[] = {
+      {false, "seqused_k: sequence 2 uses 65 keys; expected 0 to 64 (its rows in cu_seqlens_k)",
+       [](Cache& c) { c.used[2] = 65; }},
+      {true, "page_table: page 1 of sequence 2 is 14; expected 0 to 13",
+       [](Cache& c) { c.use_pages(), c.table[9] = 14; }},
+      {true, "cu_seqlens_k: expected none with a page table",
+       [](Cache& c) { c.use_pages(), c.varlen.cu_seqlens_k = host_offsets(c.offsets_k); }},
+      {true, "seqused_k: sequence 0 uses 65 keys; expected 0 to 64 (its pages)",
+       [](Cache& c) { c.use_pages(), c.used[0] = 65; }},
+      {true, "seqused_k: expected each sequence's key count with a page table",
+       [](Cache& c) { c.use_pages(), std::memset(&c.varlen.seqused_k, 0, sizeof c.varlen.seqused_k); }},
+  };
+  for (const Bad& bad : cases) {
     Cache cache;
-    cache.used[2] = 65;
-    expect_error(cache, false, "seqused_k: sequence 2 uses 65 keys; expected 0 to 64 (its rows in cu_seqlens_k)");
-  }
-  {
-    Cache cache;
-    cache.use_pages();
-    cache.table[9] = 14;
-    expect_error(cache, true, "page_table: page 1 of sequence 2 is 14; expected 0 to 13");
-  }
-  {
-    Cache cache;
-    cache.use_pages();
-    cache.varlen.cu_seqlens_k = host_offsets(cache.offsets_k);
-    expect_error(cache, true, "cu_seqlens_k: expected none with a page table");
-  }
-  {
-    Cache cache;
-    cache.use_pages();
-    cache.used[0] = 65;
-    expect_error(cache, true, "seqused_k: sequence 0 uses 65 keys; expected 0 to 64 (its pages)");
-  }
-  {
-    Cache cache;
-    cache.use_pages();
-    std::memset(&cache.varlen.seqused_k, 0, sizeof cache.varlen.seqused_k);
-    expect_error(cache, true, "seqused_k: expected each sequence's key count with a page table");
+    bad.spoil(cache);
+    expect_error(cache, bad.paged, bad.expect);
   }
   {
     Cache cache;
