@@ -87,13 +87,9 @@ def main():
         lines.append(f"| {head_dim} | {seqlen} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |" + ratio)
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = f"-{args.label}" if args.label else ""
-        path = os.path.join(args.out, f"cpu-variants-{datetime.date.today().isoformat()}-{commit}{tag}.md")
-        with open(path, "w") as file:
-            file.write(text)
-        print(f"wrote {path}")
+    from gpu_attention import save_record  # bench/ is the script's folder
+
+    save_record(args.out, "cpu", "variants", commit, text, args.label)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import time
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import flashjit
+from gpu_attention import save_record  # bench/ is the script's folder
 from flashjit.bench.provenance import record_commit
 
 
@@ -64,13 +64,7 @@ def record(args, device, dtype, title: str, command: str, facts: list, header: l
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = "h200" if "H200" in name else ("gpu" if device == "cuda" else "cpu")
-        path = os.path.join(args.out, f"{tag}-{kind}-{datetime.date.today().isoformat()}-{commit}.md")
-        with open(path, "w") as file:
-            file.write(text)
-        print(f"wrote {path}")
+    save_record(args.out, "h200" if "H200" in name else ("gpu" if device == "cuda" else "cpu"), kind, commit, text)
 
 
 def decode(args, device, dtype):

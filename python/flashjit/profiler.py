@@ -123,20 +123,22 @@ class Profile:
             batch = len(sequences)
             seqlen_q = max((a for a, _ in sequences), default=0)
             seqlen_k = max((b for _, b in sequences), default=0)
+            shapes = collections.Counter(sequences)  # {(len_q, len_k): sequences of that shape}
         else:
             batch, heads_q, seqlen_q, head_dim_qk = q.shape[-4:] if q.ndim >= 4 else (1, *q.shape[-3:])
             heads_kv, seqlen_k, head_dim_v = k.shape[-3], k.shape[-2], v.shape[-1]
-            sequences = [(seqlen_q, seqlen_k)] * int(batch)
+            shapes = {(seqlen_q, seqlen_k): int(batch)}
         dtype = str(q.dtype).removeprefix("torch.")
         call = Call(direction, impl, str(q.device), dtype, int(batch), int(heads_q), int(heads_kv), int(seqlen_q),
                     int(seqlen_k), int(head_dim_qk), int(head_dim_v), int(causal), int(window_left),
                     int(window_right), mask is not None, float(dropout_p))
         pairs = sum(count * visible_pairs(int(a), int(b), call.causal, call.window_left, call.window_right)
-                    for (a, b), count in collections.Counter(sequences).items())
+                    for (a, b), count in shapes.items())
         forward_flops = 2.0 * call.heads_q * pairs * (call.head_dim_qk + call.head_dim_v)
         call.flops = forward_flops * (2.5 if direction == "backward" else 1.0)
         size = _BYTES.get(dtype, 4)
-        rows_q, rows_k = sum(a for a, _ in sequences), sum(b for _, b in sequences)
+        rows_q = sum(count * a for (a, _), count in shapes.items())
+        rows_k = sum(count * b for (_, b), count in shapes.items())
         q_o = call.heads_q * rows_q * (call.head_dim_qk + call.head_dim_v)
         k_v = call.heads_kv * rows_k * (call.head_dim_qk + call.head_dim_v)
         lse = call.heads_q * rows_q * 4

@@ -153,6 +153,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     for name, offsets in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(offsets, Tensor):
             raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor of int32 offsets, got {type(offsets).__name__}")
+    # The C API reads the offsets on the host: copied there once (a no-op for host offsets), so
+    # that the backward, which gets the same tensors, needs no second device-to-host copy.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to("cpu"), cu_seqlens_k.to("cpu")
     options = AttentionOptions.make(_OP, scale=scale, softcap=softcap,
                                     causal="bottom_right" if causal is True else causal, window=window,
                                     dropout_p=dropout_p)
@@ -242,7 +245,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
         keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
         offsets_k = torch.arange(batch + 1, dtype=torch.int32) * k_cache.shape[1]
     elif q.is_cuda:  # no paged kernels on CUDA yet: the used rows gathered, packed
-        keys, values = (_gather_pages(c, pages, used) for c in (k_cache, v_cache))
+        keys, values = (_gather_pages(c, page_table, used) for c in (k_cache, v_cache))
         offsets_k = torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32)
         seqused = None
     else:
@@ -257,13 +260,15 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
 
 
-def _gather_pages(pages: Tensor, table: list, used: list) -> Tensor:
+def _gather_pages(pages: Tensor, table: Tensor, used: list) -> Tensor:
     """The first used[b] keys of each sequence, in order, from pages [num_pages, page_size, H, D]
-    through the page table's rows (lists): packed rows [sum(used), H, D]."""
-    page_size = pages.shape[1]
-    rows = [table[b][j // page_size] * page_size + j % page_size for b, n in enumerate(used) for j in range(n)]
-    flat = pages.reshape(-1, pages.shape[2], pages.shape[3])
-    return flat[torch.tensor(rows, dtype=torch.long, device=pages.device)]
+    through the page table [B, max_pages]: packed rows [sum(used), H, D], indexed on the pages'
+    device (no per-key Python work)."""
+    page_size, device = pages.shape[1], pages.device
+    keys = torch.arange(max(used, default=0), device=device)
+    rows = table.to(device=device, dtype=torch.long)[:, keys // page_size] * page_size + keys % page_size
+    kept = keys[None, :] < torch.tensor(used, device=device)[:, None]  # [B, longest]: row-major = sequence order
+    return pages.reshape(-1, pages.shape[2], pages.shape[3])[rows[kept]]
 
 
 def _lengths(name: str, lengths, batch: int) -> list[int]:

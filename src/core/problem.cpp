@@ -822,12 +822,10 @@ AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b) {
   return s;
 }
 
-std::vector<AttentionProblem> dense_parts(const AttentionProblem& p) {
-  if (!p.varlen()) return {p};
-  std::vector<AttentionProblem> parts;
-  parts.reserve(size_t(p.batch));
-  for (int64_t b = 0; b < p.batch; ++b) parts.push_back(sequence_problem(p, b));
-  return parts;
+DenseParts::DenseParts(const AttentionProblem& p) : whole_(&p) {
+  if (!p.varlen() || p.batch == 0) return;  // a batch of no sequence: one empty part, as a dense call
+  sequences_.reserve(size_t(p.batch));
+  for (int64_t b = 0; b < p.batch; ++b) sequences_.push_back(sequence_problem(p, b));
 }
 
 AttentionProblem with_query_groups_packed(const AttentionProblem& p) {

@@ -152,8 +152,20 @@ AttentionProblem make_varlen_backward_problem(const fj_tensor* q, const fj_tenso
 // Sequence b of a variable-length batch as a dense problem of batch 1 (views of the
 // packed operands, its own lengths and causal diagonal, dropout_batch = b).
 AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b);
-// The dense problems a call runs: p itself, or each sequence of a variable-length batch.
-std::vector<AttentionProblem> dense_parts(const AttentionProblem& p);
+// The dense problems a call runs: p itself (nothing copied or allocated, the common case on
+// every call's path), or each sequence of a variable-length batch (sequence_problem).
+class DenseParts {
+ public:
+  explicit DenseParts(const AttentionProblem& p);
+  const AttentionProblem* begin() const { return sequences_.empty() ? whole_ : sequences_.data(); }
+  const AttentionProblem* end() const { return begin() + size(); }
+  size_t size() const { return sequences_.empty() ? 1 : sequences_.size(); }
+  const AttentionProblem& operator[](size_t i) const { return begin()[i]; }
+
+ private:
+  const AttentionProblem* whole_;
+  std::vector<AttentionProblem> sequences_;
+};
 
 // One query with grouped heads (decoding with GQA/MQA) as the same attention
 // with the group's query heads as query rows of their key/value head, so that a

@@ -204,11 +204,11 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
 int64_t query_blocks(const AttentionProblem& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
 int64_t key_blocks(const AttentionProblem& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
 
-// Each pool of tasks spans every part (dense_parts: the sequences of a variable-length batch).
+// Each pool of tasks spans every part (DenseParts: the sequences of a variable-length batch).
 template <typename T>
 void backward_typed(const AttentionProblem& whole) {
   using Acc = typename AccumulatorOf<T>::type;
-  const std::vector<AttentionProblem> parts = dense_parts(whole);
+  const DenseParts parts(whole);
   const PartTasks dq_tasks(parts, [](const AttentionProblem& p) { return p.batch * p.heads_q * query_blocks(p); });
   const PartTasks dkdv_tasks(parts,
                              [](const AttentionProblem& p) { return p.batch * p.heads_kv * key_blocks(p); });

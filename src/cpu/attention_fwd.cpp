@@ -147,7 +147,7 @@ int64_t query_blocks(const AttentionProblem& p) { return (p.seqlen_q + kBlockQ -
 template <typename T>
 void forward_typed(const AttentionProblem& whole) {
   using Acc = typename AccumulatorOf<T>::type;
-  const std::vector<AttentionProblem> parts = dense_parts(whole);
+  const DenseParts parts(whole);
   const PartTasks tasks(parts, [](const AttentionProblem& p) { return p.batch * p.heads_q * query_blocks(p); });
   double flops = 0;
   for (const AttentionProblem& p : parts) {

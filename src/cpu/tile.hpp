@@ -472,22 +472,30 @@ inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, in
   }
 }
 
-// The tasks of a call over its dense parts (dense_parts: the problem, or each sequence of a
+// The tasks of a call over its dense parts (DenseParts: the problem, or each sequence of a
 // variable-length batch): part i owns tasks [first[i], first[i + 1]), count(part) of them.
+// One part (a dense call) keeps only its count.
 class PartTasks {
  public:
   template <typename Count>
-  PartTasks(const std::vector<AttentionProblem>& parts, Count count) : first_(parts.size() + 1, 0) {
+  PartTasks(const DenseParts& parts, Count count) {
+    if (parts.size() == 1) {
+      single_ = count(parts[0]);
+      return;
+    }
+    first_.assign(parts.size() + 1, 0);
     for (size_t i = 0; i < parts.size(); ++i) first_[i + 1] = first_[i] + count(parts[i]);
   }
-  int64_t total() const { return first_.back(); }
+  int64_t total() const { return first_.empty() ? single_ : first_.back(); }
   // The part of a task and the task's index within it.
   std::pair<size_t, int64_t> locate(int64_t task) const {
+    if (first_.empty()) return {0, task};
     const size_t part = size_t(std::upper_bound(first_.begin(), first_.end(), task) - first_.begin()) - 1;
     return {part, task - first_[part]};
   }
 
  private:
+  int64_t single_ = 0;
   std::vector<int64_t> first_;
 };
 

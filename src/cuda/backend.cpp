@@ -442,13 +442,13 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
-// A variable-length batch runs as one launch plan a sequence (dense_parts), on the stream in order.
+// A variable-length batch runs as one launch plan a sequence (DenseParts), on the stream in order.
 void forward(const AttentionProblem& problem) {
   if (problem.page_table != nullptr) {
     throw_unsupported("[cuda] page_table: paged KV caches run on the CPU backend in this version "
                       "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
   }
-  for (const AttentionProblem& part : dense_parts(problem)) {
+  for (const AttentionProblem& part : DenseParts(problem)) {
     if (part.seqlen_q == 0) continue;
     const AttentionProblem p = with_query_groups_packed(part);
     const Launch launch = prepare(p);
@@ -532,7 +532,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
 }
 
 void backward(const AttentionProblem& problem) {
-  for (const AttentionProblem& p : dense_parts(problem)) {
+  for (const AttentionProblem& p : DenseParts(problem)) {
     if (p.seqlen_q == 0 && p.seqlen_k == 0) continue;
     const Launch launch = prepare(p);
     Plan plan;

@@ -92,6 +92,6 @@ def test_gathered_pages_are_each_sequences_keys_in_order():
     k_cache, v_cache, _ = _dense([14, 0, 31])
     k_pages, _, table = _paged(k_cache, v_cache, 4)
     used = [19, 0, 36]
-    gathered = _gather_pages(k_pages, table.tolist(), used)
+    gathered = _gather_pages(k_pages, table, used)
     expected = torch.cat([k_cache[b, :n] for b, n in enumerate(used)])
     assert torch.equal(gathered, expected)
