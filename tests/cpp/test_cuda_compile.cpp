@@ -194,7 +194,7 @@ TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
     const KernelSpec spec = forward_kernel(traits);
     EXPECT_TRUE(spec.o_tma) << spec.name();
     EXPECT_EQ(spec.q_buffers, head_dim <= 128 ? 2 : 1) << spec.name();
-    for (const std::string tiles : {"o=direct,q=1", "o=direct", "q=1", "n=64,stages=3", "take=early"}) {
+    for (const std::string tiles : {"o=direct,q=1", "o=direct", "q=1", "n=64,stages=3"}) {
       if (head_dim == 256 && tiles == "n=64,stages=3") continue;  // no room for three stages
       setenv("FLASHJIT_CUDA_TILES", tiles.c_str(), 1);
       const KernelSpec forced = forward_kernel(traits);
@@ -276,10 +276,8 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_TRUE(parse_forward_tiles("o=tma").forced());
   EXPECT_EQ(parse_forward_tiles("counter=memset").stream_counter, 0);
   EXPECT_EQ(parse_forward_tiles("counter=stream").stream_counter, 1);
-  EXPECT_EQ(parse_forward_tiles("take=early").take_early, 1);
-  EXPECT_EQ(parse_forward_tiles("take=late").take_early, 0);
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "take=soon"}) {
+                          "counter=zero"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

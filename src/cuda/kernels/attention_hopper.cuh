@@ -26,7 +26,7 @@
 // mma.sync kernel.
 //
 // Macros from the prelude: those of mma_common.cuh (FJ_WARPS = 8 or 12 consumer warps)
-// and FJ_STAGES, FJ_Q_BUFFERS, FJ_O_TMA, FJ_TAKE_EARLY, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
+// and FJ_STAGES, FJ_Q_BUFFERS, FJ_O_TMA, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
 
 namespace flashjit {
@@ -109,7 +109,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // rings run on across work tiles; the next tile's Q and first K load while the
   // consumers finish and store this one. The next tile is taken once this one's
   // loads are issued, so that the block nearest done takes it (heavy tiles come
-  // first under causal bounds), or (FJ_TAKE_EARLY) as they start.
+  // first under causal bounds).
   const auto produce = [&] {
     prefetch_tensor_map(p.q_map);
     prefetch_tensor_map(p.k_map);
@@ -123,9 +123,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         return;
       }
       const QueryBlock block(p, tile);
-      // FJ_TAKE_EARLY: the next tile's fetch is issued now and its value waited
-      // for only after this tile's loads, so that its latency hides behind them.
-      const int next = FJ_TAKE_EARLY ? next_tile(p, false) : 0;
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
         const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
@@ -146,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         }
         kv_use += block.tiles;
       }
-      tile = FJ_TAKE_EARLY ? next : next_tile(p, false);
+      tile = next_tile(p, false);
     }
   };
   const auto consume = [&](int consumer) {
