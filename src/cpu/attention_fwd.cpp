@@ -10,6 +10,9 @@
 #include "cpu/kernels.hpp"
 #include "cpu/thread_pool.hpp"
 #include "cpu/tile.hpp"
+#if FJ_CPU_AMX
+#include "cpu/amx.hpp"
+#endif
 
 namespace flashjit::cpu::FJ_CPU_ISA {
 namespace {
@@ -19,6 +22,8 @@ template <typename Acc>
 struct ForwardScratch {
   Acc *q, *k_t, *k_rows, *v, *s, *o, *row_max, *row_sum;
   uint8_t* keep;
+  uint16_t *q16, *p16, *v16;  // bfloat16 tiles of the AMX kernels: Q, P, an edge block of V pairs
+  float* sum_lanes;            // the AMX kernels' row sums in vector lanes (softmax_visible_block)
 
   void carve(const AttentionProblem& p, ScratchSlicer& slicer) {
     const int64_t ld_k = round_up(kBlockK, kLanes<Acc>);
@@ -33,8 +38,70 @@ struct ForwardScratch {
     row_max = slicer.take<Acc>(kBlockQ);
     row_sum = slicer.take<Acc>(kBlockQ);
     keep = slicer.take<uint8_t>(kBlockK);
+#if FJ_CPU_AMX
+    q16 = slicer.take<uint16_t>(kBlockQ * round_up(p.head_dim_qk, 32));
+    p16 = slicer.take<uint16_t>(kBlockQ * kBlockK);
+    v16 = slicer.take<uint16_t>(kBlockK * ld_v);
+    sum_lanes = slicer.take<float>(kBlockQ * kLanes<float>);
+#endif
   }
 };
+
+// One block of keys through the online softmax: each row's maximum and sum move
+// on, the running output is rescaled by exp(old max - new max), and S becomes P
+// (dropped-out entries 0, the kept ones scaled by 1 / (1 - p)).
+template <typename Acc>
+void online_softmax(const AttentionProblem& p, const ForwardScratch<Acc>& w, int64_t b, int64_t h, int64_t query0,
+                    int64_t rows, int64_t key0, int64_t cols, int64_t ld_k, int64_t ld_v) {
+  const Acc keep_scale = Acc(1.0 / (1.0 - p.dropout_p));
+  for (int64_t r = 0; r < rows; ++r) {
+    Acc* s_row = w.s + r * ld_k;
+    const Acc block_max = row_max_of(s_row, ld_k);
+    const Acc new_max = std::max(w.row_max[r], block_max);
+    if (new_max == kNegInf<Acc>) {  // nothing visible yet: P row is 0
+      // ... unless the scores were NaN (row_max skips them): the row's sum and O become NaN.
+      if (std::any_of(s_row, s_row + cols, [](Acc x) { return x != x; })) {
+        w.row_sum[r] = std::numeric_limits<Acc>::quiet_NaN();
+        std::fill(s_row, s_row + ld_k, std::numeric_limits<Acc>::quiet_NaN());
+      } else {
+        std::fill(s_row, s_row + ld_k, Acc(0));
+      }
+      continue;
+    }
+    const Acc correction = std::exp(w.row_max[r] - new_max);
+    const Acc block_sum = exp_shifted_sum(s_row, ld_k, new_max);
+    w.row_sum[r] = w.row_sum[r] * correction + block_sum;
+    w.row_max[r] = new_max;
+    if (correction != Acc(1)) {
+      Acc* o_row = w.o + r * ld_v;
+      for (int64_t c = 0; c < ld_v; ++c) o_row[c] *= correction;
+    }
+    if (p.has_dropout()) {
+      // The normaliser uses every probability; only the output sees dropout.
+      dropout_keep_row(p, b, h, query0 + r, key0, cols, w.keep);
+      for (int64_t c = 0; c < cols; ++c) s_row[c] = w.keep[c] ? s_row[c] * keep_scale : Acc(0);
+    }
+  }
+}
+
+// O / rowsum into the output and the LSE of every row of the block.
+template <typename T, typename Acc>
+void finish_rows(const AttentionProblem& p, const ForwardScratch<Acc>& w, int64_t b, int64_t h, int64_t query0,
+                 int64_t rows, int64_t ld_v) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t query = query0 + r;
+    const bool empty = w.row_sum[r] == Acc(0);  // every key masked (a NaN sum stays NaN: O and LSE NaN)
+    const Acc inv_sum = empty ? Acc(0) : Acc(1) / w.row_sum[r];
+    store_row(w.o + r * ld_v, p.head_dim_v, inv_sum, p.o.row<T>(b, h, query));
+    const double lse = empty ? -INFINITY : double(w.row_max[r]) + std::log(double(w.row_sum[r]));
+    const int64_t lse_index = b * p.lse_stride_batch + h * p.lse_stride_head + query * p.lse_stride_seq;
+    if (p.lse_dtype == FJ_FLOAT64) {
+      static_cast<double*>(p.lse)[lse_index] = lse;
+    } else {
+      static_cast<float*>(p.lse)[lse_index] = float(lse);
+    }
+  }
+}
 
 template <typename T, typename Acc>
 void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0) {
@@ -45,7 +112,6 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   const int64_t d_v = p.head_dim_v;
   const int64_t ld_qk = round_up(d_qk, kLanes<Acc>);
   const int64_t ld_v = round_up(d_v, kLanes<Acc>);
-  const Acc keep_scale = Acc(1.0 / (1.0 - p.dropout_p));
   // Decode-like blocks of a few queries: dot products against K rows beat
   // transposing each K block for the GEMM.
   const bool few_rows = rows <= kFewRows;
@@ -92,53 +158,73 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
     }
     compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s, static_cast<Acc*>(nullptr));
 
-    // Online softmax: rescale the running output by exp(old max - new max).
-    for (int64_t r = 0; r < rows; ++r) {
-      Acc* s_row = w.s + r * ld_k;
-      const Acc block_max = row_max(s_row, ld_k);
-      const Acc new_max = std::max(w.row_max[r], block_max);
-      if (new_max == kNegInf<Acc>) {  // nothing visible yet: P row is 0
-        // ... unless the scores were NaN (row_max skips them): the row's sum and O become NaN.
-        if (std::any_of(s_row, s_row + cols, [](Acc x) { return x != x; })) {
-          w.row_sum[r] = std::numeric_limits<Acc>::quiet_NaN();
-          std::fill(s_row, s_row + ld_k, std::numeric_limits<Acc>::quiet_NaN());
-        } else {
-          std::fill(s_row, s_row + ld_k, Acc(0));
-        }
-        continue;
-      }
-      const Acc correction = std::exp(w.row_max[r] - new_max);
-      const Acc block_sum = exp_shifted_sum(s_row, ld_k, new_max);
-      w.row_sum[r] = w.row_sum[r] * correction + block_sum;
-      w.row_max[r] = new_max;
-      if (correction != Acc(1)) {
-        Acc* o_row = w.o + r * ld_v;
-        for (int64_t c = 0; c < ld_v; ++c) o_row[c] *= correction;
-      }
-      if (p.has_dropout()) {
-        // The normaliser uses every probability; only the output sees dropout.
-        dropout_keep_row(p, b, h, query0 + r, key0, cols, w.keep);
-        for (int64_t c = 0; c < cols; ++c) s_row[c] = w.keep[c] ? s_row[c] * keep_scale : Acc(0);
-      }
-    }
+    online_softmax(p, w, b, h, query0, rows, key0, cols, ld_k, ld_v);
     // O += P V
     gemm(rows, ld_v, cols, w.s, ld_k, v_tile, ld_v_tile, w.o, ld_v, true);
   }
 
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t query = query0 + r;
-    const bool empty = w.row_sum[r] == Acc(0);  // every key masked (a NaN sum stays NaN: O and LSE NaN)
-    const Acc inv_sum = empty ? Acc(0) : Acc(1) / w.row_sum[r];
-    store_row(w.o + r * ld_v, d_v, inv_sum, p.o.row<T>(b, h, query));
-    const double lse = empty ? -INFINITY : double(w.row_max[r]) + std::log(double(w.row_sum[r]));
-    const int64_t lse_index = b * p.lse_stride_batch + h * p.lse_stride_head + query * p.lse_stride_seq;
-    if (p.lse_dtype == FJ_FLOAT64) {
-      static_cast<double*>(p.lse)[lse_index] = lse;
-    } else {
-      static_cast<float*>(p.lse)[lse_index] = float(lse);
-    }
-  }
+  finish_rows<T>(p, w, b, h, query0, rows, ld_v);
 }
+
+#if FJ_CPU_AMX
+// Problems whose query blocks take the AMX kernels: bfloat16 with blocks of more
+// than a few rows (decoding keeps the row-by-row products, which read K and V once
+// without packing them).
+bool amx_applies(const AttentionProblem& p) { return p.seqlen_q >= 16; }
+
+// The packed K and V a thread keeps between calls (larger copies are freed after their call).
+constexpr size_t kKeptPackingBytes = size_t(64) << 20;
+
+// forward_block for bfloat16 on AMX tiles: S = Q K^T and O += P V from the packed
+// K/V pairs (amx.hpp) in float32, over key blocks aligned to kBlockK; the logits,
+// the online softmax and the output are forward_block's. P is rounded to bfloat16
+// for its product with V (the row sums take it unrounded).
+void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b, int64_t h, int64_t query0) {
+  const auto w = thread_scratch<ForwardScratch<float>>(p);
+  const AmxTiles tiles;
+  const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows16 = round_up(rows, 16);
+  const int64_t h_kv = h / p.group_size();
+  const int64_t depth = kv.depth(), ld_v = kv.ld_v();
+  pack_bf16_rows(p.q.row<const BFloat16>(b, h, query0), p.q.stride_seq, rows, rows16, p.head_dim_qk, w.q16, depth);
+  std::fill(w.o, w.o + rows16 * ld_v, 0.0f);
+  std::fill(w.row_max, w.row_max + rows, kNegInf<float>);
+  std::fill(w.row_sum, w.row_sum + rows, 0.0f);
+  std::fill(w.sum_lanes, w.sum_lanes + rows * kLanes<float>, 0.0f);
+
+  const int64_t key_begin = p.key_begin(query0);
+  const int64_t key_end = p.key_end(query0 + rows - 1);
+  const bool plain = p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && p.scale > 0;
+  for (int64_t key0 = key_begin / kBlockK * kBlockK; key0 < key_end; key0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, key_end - key0);  // the rest of the block is seen by no row
+    const int64_t ld_k = round_up(cols, 16);
+    amx_product(rows16, ld_k / 16, depth, w.q16, depth, kv.k_block(b, h_kv, key0), 2 * kBlockK, w.s, ld_k, false);
+    // Blocks every row sees whole take the fused step (the scale inside the exponent).
+    const bool visible = plain && cols == ld_k && p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
+    if (!visible || !softmax_visible_block(w.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum,
+                                           w.sum_lanes, w.o, ld_v, w.p16)) {
+      fold_row_sums(rows, w.row_sum, w.sum_lanes);
+      compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s, static_cast<float*>(nullptr));
+      online_softmax(p, w, b, h, query0, rows, key0, cols, ld_k, ld_v);
+      pack_probabilities(w.s, ld_k, rows, ld_k, w.p16);
+    }
+    // Keys of the block that no row sees take no part in the product (0 * inf would be NaN).
+    const uint16_t* v = kv.v_block(b, h_kv, key0);
+    const int64_t skip = key_begin - key0, keys = round_up(cols, 32);
+    if (skip > 0 || cols < keys) {
+      std::memcpy(w.v16, v, size_t(keys * ld_v) * 2);
+      for (int64_t n = 0; n < keys; ++n) {
+        if (n >= skip && n < cols) continue;
+        uint16_t* pair_row = w.v16 + (n / 2) * 2 * ld_v + n % 2;
+        for (int64_t c = 0; c < ld_v; ++c) pair_row[2 * c] = 0;
+      }
+      v = w.v16;
+    }
+    amx_product(rows16, ld_v / 16, keys, w.p16, kBlockK, v, 2 * ld_v, w.o, ld_v, true);
+  }
+  fold_row_sums(rows, w.row_sum, w.sum_lanes);
+  finish_rows<BFloat16>(p, w, b, h, query0, rows, ld_v);
+}
+#endif
 
 int64_t query_blocks(const AttentionProblem& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
 
@@ -154,6 +240,38 @@ void forward_typed(const AttentionProblem& whole) {
     flops += 2.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
   }
   const int workers = worker_count(whole.num_threads, tasks.total(), flops);
+#if FJ_CPU_AMX
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    // K and V of every part packed into AMX pairs first (a part of few queries keeps its own path).
+    int64_t elements = 0;
+    for (const AttentionProblem& p : parts) elements += round_up(PackedKv::elements(p, amx_applies(p)), 32);
+    uint16_t* data = reinterpret_cast<uint16_t*>(thread_packing_buffer(size_t(elements) * 2));
+    std::vector<PackedKv> packed;
+    packed.reserve(parts.size());
+    for (const AttentionProblem& p : parts) {
+      packed.emplace_back(p, amx_applies(p), data);
+      data += round_up(PackedKv::elements(p, amx_applies(p)), 32);
+    }
+    const PartTasks pack_tasks(parts, [&](const AttentionProblem& p) { return PackedKv::count(p, amx_applies(p)); });
+    parallel_for(pack_tasks.total(), workers, [&](int64_t task, int) {
+      const auto [part, index] = pack_tasks.locate(task);
+      packed[part].pack(parts[part], index);
+    });
+    parallel_for(tasks.total(), workers, [&](int64_t task, int) {
+      const auto [part, index] = tasks.locate(task);
+      const AttentionProblem& p = parts[part];
+      const int64_t blocks = query_blocks(p);
+      const int64_t bh = index / blocks, query0 = (index % blocks) * kBlockQ;
+      if (amx_applies(p) && p.seqlen_q - query0 > kFewRows) {
+        forward_block_amx(p, packed[part], bh / p.heads_q, bh % p.heads_q, query0);
+      } else {
+        forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, query0);
+      }
+    });
+    trim_thread_packing_buffer(kKeptPackingBytes);
+    return;
+  }
+#endif
   parallel_for(tasks.total(), workers, [&](int64_t task, int) {
     const auto [part, index] = tasks.locate(task);
     const AttentionProblem& p = parts[part];

@@ -3,6 +3,11 @@
 #include <cstring>
 #include <string>
 
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "core/backend.hpp"
 #include "core/error.hpp"
 #include "core/guarded.hpp"
@@ -20,19 +25,40 @@ struct Variant {
 };
 
 #if FJ_CPU_MULTI_ISA
+bool runs_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
+         __builtin_cpu_supports("fma");
+}
+
+// AMX needs the processor's tiles and the kernel's leave to use their state: Linux
+// grants it to the process on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA),
+// once, for every thread.
+bool runs_amx() {
+  static const bool granted = [] {
+    if (!runs_avx512() || !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("amx-bf16")) {
+      return false;
+    }
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+    return false;
+#endif
+  }();
+  return granted;
+}
+
 // Widest first.
 const Variant kVariants[] = {
-    {"avx512", avx512::attention_forward, avx512::attention_backward,
-     [] {
-       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-     }},
+    {"amx", amx::attention_forward, amx::attention_backward, runs_amx},
+    {"avx512", avx512::attention_forward, avx512::attention_backward, runs_avx512},
     {"avx2", avx2::attention_forward, avx2::attention_backward,
      [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }},
     {"baseline", baseline::attention_forward, baseline::attention_backward, [] { return true; }},
 };
-constexpr const char* kNames = "baseline,avx2,avx512";
+constexpr const char* kNames = "baseline,avx2,avx512,amx";
 #else
 const Variant kVariants[] = {{"native", native::attention_forward, native::attention_backward, [] { return true; }}};
 constexpr const char* kNames = "native";

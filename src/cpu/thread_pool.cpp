@@ -155,21 +155,41 @@ int default_num_threads() {
   return threads;
 }
 
-char* thread_scratch_buffer(size_t bytes) {
-  constexpr std::align_val_t kAlignment{64};
-  struct AlignedDelete {
-    void operator()(char* p) const { ::operator delete(p, kAlignment); }
-  };
-  thread_local std::unique_ptr<char, AlignedDelete> buffer;
-  thread_local size_t capacity = 0;
-  if (bytes > capacity) {
-    const size_t grown = std::max(bytes, capacity * 2);
-    buffer.reset();
-    capacity = 0;
-    buffer.reset(static_cast<char*>(::operator new(grown, kAlignment)));  // throws std::bad_alloc
-    capacity = grown;
+namespace {
+
+struct AlignedDelete {
+  void operator()(char* p) const { ::operator delete(p, std::align_val_t{64}); }
+};
+
+struct ThreadBuffer {
+  std::unique_ptr<char, AlignedDelete> data;
+  size_t capacity = 0;
+
+  char* get(size_t bytes) {
+    if (bytes > capacity) {
+      const size_t grown = std::max(bytes, capacity * 2);
+      data.reset();
+      capacity = 0;
+      data.reset(static_cast<char*>(::operator new(grown, std::align_val_t{64})));  // throws std::bad_alloc
+      capacity = grown;
+    }
+    return data.get();
   }
-  return buffer.get();
+};
+
+thread_local ThreadBuffer scratch_buffer, packing_buffer;
+
+}  // namespace
+
+char* thread_scratch_buffer(size_t bytes) { return scratch_buffer.get(bytes); }
+
+char* thread_packing_buffer(size_t bytes) { return packing_buffer.get(bytes); }
+
+void trim_thread_packing_buffer(size_t keep_bytes) {
+  if (packing_buffer.capacity > keep_bytes) {
+    packing_buffer.data.reset();
+    packing_buffer.capacity = 0;
+  }
 }
 
 int worker_count(int num_threads, int64_t count, double flops) {

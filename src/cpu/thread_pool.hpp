@@ -28,6 +28,12 @@ void parallel_for(int64_t count, int workers_wanted,
 // At least `bytes`, 64-byte aligned, uninitialised; a later call may move it.
 char* thread_scratch_buffer(size_t bytes);
 
+// A second such buffer of the calling thread for operands a call packs once and its
+// tasks share (the AMX kernels' K and V); trim_thread_packing_buffer frees it when it
+// holds more than keep_bytes, so that one long call does not keep its copy.
+char* thread_packing_buffer(size_t bytes);
+void trim_thread_packing_buffer(size_t keep_bytes);
+
 // Cuts typed, 64-byte aligned slices out of a buffer; with a null buffer it only
 // counts the bytes needed.
 class ScratchSlicer {

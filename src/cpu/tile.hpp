@@ -160,22 +160,30 @@ inline void gemm(int64_t rows, int64_t cols, int64_t depth, const Acc* a, int64_
 // multiple of kLanes<Acc>, with A and B zero-padded up to it (B may be the
 // caller's rows in place when they need no padding). Four columns at a time keep
 // four independent accumulator chains in flight instead of one.
-// A vector's lanes combined by `op` as a tree (log2(lanes) dependent steps; a running
-// scalar waits on each step's latency, 16 of them a row at AVX-512).
+// v with lanes i and i ^ Width exchanged.
+template <int64_t Width, typename V, size_t... I>
+inline V swap_lanes(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (I ^ Width)...);
+}
+
+// A vector's lanes combined by `op` (on whole vectors) as a tree in registers: log2(lanes)
+// steps of a lane exchange and one `op`, lane 0 keeping ((x0 op x8) op (x4 op x12)) op ...
+// (a running scalar waits on each step's latency, 16 of them a row at AVX-512; a tree
+// through memory stalls on reloading what was just stored).
 template <typename Acc, typename Op>
 inline Acc lane_tree(typename VectorOf<Acc>::type v, Op op) {
   constexpr int64_t L = kLanes<Acc>;
-  Acc part[L];
-  std::memcpy(part, &v, sizeof part);
-  for (int64_t width = L / 2; width >= 1; width /= 2) {
-    for (int64_t l = 0; l < width; ++l) part[l] = op(part[l], part[l + width]);
-  }
-  return part[0];
+  using Lanes = std::make_index_sequence<size_t(L)>;
+  if constexpr (L >= 16) v = op(v, swap_lanes<8>(v, Lanes{}));
+  if constexpr (L >= 8) v = op(v, swap_lanes<4>(v, Lanes{}));
+  if constexpr (L >= 4) v = op(v, swap_lanes<2>(v, Lanes{}));
+  if constexpr (L >= 2) v = op(v, swap_lanes<1>(v, Lanes{}));
+  return v[0];
 }
 
 template <typename Acc>
 inline Acc lane_sum(typename VectorOf<Acc>::type v) {
-  return lane_tree<Acc>(v, [](Acc a, Acc b) { return a + b; });
+  return lane_tree<Acc>(v, [](auto a, auto b) { return a + b; });
 }
 
 template <typename Acc>
@@ -240,7 +248,7 @@ inline Acc dot_row(const Acc* a, const T* b, int64_t n) {
 // number. Four vector accumulators: a scalar chain (std::max_element) waits a compare's
 // latency for every element, which cost as much as the tile's two GEMMs.
 template <typename Acc>
-inline Acc row_max(const Acc* x, int64_t n) {
+inline Acc row_max_of(const Acc* x, int64_t n) {
   using V = typename VectorOf<Acc>::type;
   constexpr int64_t L = kLanes<Acc>;
   V m0 = V{} + kNegInf<Acc>, m1 = m0, m2 = m0, m3 = m0;
@@ -260,41 +268,46 @@ inline Acc row_max(const Acc* x, int64_t n) {
   m0 = m1 > m0 ? m1 : m0;
   m2 = m3 > m2 ? m3 : m2;
   m0 = m2 > m0 ? m2 : m0;
-  return lane_tree<Acc>(m0, [](Acc a, Acc b) { return b > a ? b : a; });
+  return lane_tree<Acc>(m0, [](auto a, auto b) { return b > a ? b : a; });
 }
 
-// x[j] = exp(x[j] - shift) for j < n (n a multiple of the lanes); returns the sum.
-// float: Cephes-style range reduction and degree-6 polynomial (about 1 ulp);
-// arguments below -87 (and -inf) give exactly 0, above 88 they saturate at e^88.
-inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+// exp(arg) on a vector of floats: Cephes-style range reduction and degree-6
+// polynomial (about 1 ulp); arguments below -87 (and -inf) give exactly 0, above 88
+// they saturate at e^88; NaN stays NaN.
+inline VectorOf<float>::type exp_vector(VectorOf<float>::type arg) {
   using V = VectorOf<float>::type;
   using VI = VectorOf<float>::int_type;
-  constexpr int64_t L = kLanes<float>;
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2High = 0.693359375f;
   constexpr float kLn2Low = -2.12194440e-4f;
   constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   constexpr float kUnderflow = -87.0f;
   constexpr float kOverflow = 88.0f;
+  const V low_clamped = arg < kUnderflow ? V{} + kUnderflow : arg;
+  const V clamped = low_clamped > kOverflow ? V{} + kOverflow : low_clamped;  // inf, not garbage
+  const V n_float = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
+  V r = clamped - n_float * kLn2High;
+  r = r - n_float * kLn2Low;
+  V poly = V{} + 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const V mantissa = poly * r * r + r + 1.0f;
+  const VI exponent_bits = (__builtin_convertvector(n_float, VI) + 127) << 23;
+  V two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof two_to_n);
+  return arg < kUnderflow ? V{} : mantissa * two_to_n;
+}
+
+// x[j] = exp(x[j] - shift) for j < n (n a multiple of the lanes); returns the sum.
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+  using V = VectorOf<float>::type;
+  constexpr int64_t L = kLanes<float>;
   V total = V{};
   for (int64_t j = 0; j < n; j += L) {
-    const V arg = load_vector<V>(x + j) - shift;
-    const V low_clamped = arg < kUnderflow ? V{} + kUnderflow : arg;
-    const V clamped = low_clamped > kOverflow ? V{} + kOverflow : low_clamped;  // inf, not garbage
-    const V n_float = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
-    V r = clamped - n_float * kLn2High;
-    r = r - n_float * kLn2Low;
-    V poly = V{} + 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    const V mantissa = poly * r * r + r + 1.0f;
-    const VI exponent_bits = (__builtin_convertvector(n_float, VI) + 127) << 23;
-    V two_to_n;
-    std::memcpy(&two_to_n, &exponent_bits, sizeof two_to_n);
-    const V value = arg < kUnderflow ? V{} : mantissa * two_to_n;
+    const V value = exp_vector(load_vector<V>(x + j) - shift);
     store_vector(x + j, value);
     total += value;
   }

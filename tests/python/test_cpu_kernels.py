@@ -58,3 +58,42 @@ def test_an_unknown_variant_is_named():
     assert result.returncode != 0
     assert "FLASHJIT_CPU_ISA: 'avx9000' is not a compiled-in variant; expected auto or one of " + VARIANTS \
         in result.stderr
+
+
+BF16_CALL = """
+import sys, numpy as np, torch, flashjit
+from flashjit import _C
+torch.manual_seed(0)
+q, k, v, dout = (torch.randn(2, 4, 150, 72).to(torch.bfloat16) for _ in range(4))
+o, lse = flashjit.attention(q, k, v, causal=True, return_lse=True)
+dq, dk, dv = flashjit.attention_backward(q, k, v, o, lse, dout, causal=True)
+np.savez(sys.argv[1], o=o.float().numpy(), lse=lse.numpy(), dq=dq.float().numpy(), dk=dk.float().numpy(),
+         dv=dv.float().numpy())
+print(_C.cpu_kernels()[0])
+"""
+
+
+@pytest.mark.parametrize("variant", VARIANTS.split(","))
+def test_every_variant_computes_bfloat16_attention_within_its_rounding(variant, tmp_path):
+    # The amx variant multiplies bfloat16 on AMX tiles and rounds P to bfloat16 for P V, so its
+    # outputs are not those of the others bit for bit; each must stay within bfloat16's rounding
+    # of the float64 attention of the same inputs.
+    env = dict(os.environ, FLASHJIT_CPU_ISA=variant)
+    result = subprocess.run([sys.executable, "-c", BF16_CALL, str(tmp_path / "out.npz")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "cannot run" in result.stderr:
+        pytest.skip(f"this processor cannot run the {variant} kernels")
+    assert result.returncode == 0, result.stderr
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 4, 150, 72).to(torch.bfloat16).double().requires_grad_() for _ in range(4))
+    scores = (q @ k.transpose(-1, -2)) / 72 ** 0.5
+    scores = scores.masked_fill(torch.ones(150, 150, dtype=torch.bool).triu(1), float("-inf"))
+    o = scores.softmax(-1) @ v
+    o.backward(dout.detach())
+    got = np.load(tmp_path / "out.npz")
+    for name, exact, tol in (("o", o, 1e-2), ("lse", scores.logsumexp(-1), 1e-2), ("dq", q.grad, 5e-2),
+                             ("dk", k.grad, 5e-2), ("dv", v.grad, 5e-2)):
+        exact = exact.detach().numpy()
+        err = np.abs(got[name] - exact).max()
+        assert err <= tol * max(1.0, np.abs(exact).max()), f"{variant} {name}: error {err:.3g}"

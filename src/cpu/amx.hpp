@@ -1,0 +1,314 @@
+// bfloat16 matrix products on AMX tiles (the `amx` variant of the CPU kernels:
+// FJ_CPU_AMX). A tile register holds 16 rows of 64 bytes; TDPBF16PS adds to a
+// 16 x 16 float tile C the products of a 16 x 32 bfloat16 tile A and a
+// 32 x 16 bfloat16 tile B that is stored pairwise ("VNNI": row i of B's tile holds
+// B[2i][n], B[2i + 1][n] for n = 0..15), accumulating in float32.
+//
+// The forward packs K and V once per call into these pair layouts, a block of
+// kBlockK keys at a time (PackedKv), so that every query block and every query
+// head of a GQA group reads them as they are:
+//   K block: [depth32 / 2][kBlockK][2]  (pairs of head-dim columns) for S = Q K^T
+//   V block: [kBlockK / 2][ld_v][2]     (pairs of key rows)         for O += P V
+// with zeros past the head dims and past the sequence's last key.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/tile.hpp"
+
+namespace flashjit::cpu::FJ_CPU_ISA {
+
+static_assert(kBlockK == 64, "the AMX kernels take key blocks of 64");
+
+// The tile configuration every AMX kernel here uses: eight tiles of 16 rows x 64
+// bytes (C: 0-3, A: 4-5, B: 6-7). Per thread; loaded for each task, released after.
+class AmxTiles {
+ public:
+  AmxTiles() {
+    struct alignas(64) Config {
+      uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      uint16_t bytes_per_row[16] = {};
+      uint8_t rows[16] = {};
+    } config;
+    for (int t = 0; t < 8; ++t) {
+      config.bytes_per_row[t] = 64;
+      config.rows[t] = 16;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~AmxTiles() { _tile_release(); }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
+
+inline int64_t amx_depth(int64_t head_dim) { return round_up(head_dim, 32); }
+
+// C (+)= A B over depth / 32 steps for R row tiles x N column tiles (R, N in 1..2).
+// a: the first row tile's first element; the second row tile starts a_rows later.
+// b: pair-rows of the first column tile; the second starts b_cols later; each step
+// of 32 advances a by 32 elements and b by b_step elements. c: float rows of ldc.
+template <int R, int N>
+inline void amx_tile_product(int64_t steps, const uint16_t* a, int64_t lda, int64_t a_rows, const uint16_t* b,
+                             int64_t ldb, int64_t b_cols, int64_t b_step, float* c, int64_t ldc, bool accumulate) {
+  const int64_t a_stride = lda * 2, b_stride = ldb * 2, c_stride = ldc * 4;
+  float* c1 = c + 16 * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, c_stride);
+    if constexpr (N == 2) _tile_loadd(1, c + 16, c_stride);
+    if constexpr (R == 2) _tile_loadd(2, c1, c_stride);
+    if constexpr (R == 2 && N == 2) _tile_loadd(3, c1 + 16, c_stride);
+  } else {
+    _tile_zero(0);
+    if constexpr (N == 2) _tile_zero(1);
+    if constexpr (R == 2) _tile_zero(2);
+    if constexpr (R == 2 && N == 2) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < steps; ++k) {
+    const uint16_t* ak = a + k * 32;
+    const uint16_t* bk = b + k * b_step;
+    _tile_loadd(4, ak, a_stride);
+    _tile_loadd(6, bk, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (N == 2) {
+      _tile_loadd(7, bk + b_cols, b_stride);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (R == 2) {
+      _tile_loadd(5, ak + a_rows, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (N == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, c_stride);
+  if constexpr (N == 2) _tile_stored(1, c + 16, c_stride);
+  if constexpr (R == 2) _tile_stored(2, c1, c_stride);
+  if constexpr (R == 2 && N == 2) _tile_stored(3, c1 + 16, c_stride);
+}
+
+// C[rows16 x 16 col_tiles] (+)= A[rows16 x depth] B, A row-major bfloat16 (lda
+// elements a row), B in pair rows of ldb elements (2 per column), 16 columns a
+// tile; rows16 a multiple of 16, depth of 32.
+inline void amx_product(int64_t rows16, int64_t col_tiles, int64_t depth, const uint16_t* a, int64_t lda,
+                        const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  const int64_t steps = depth / 32, b_step = 16 * ldb;
+  for (int64_t m = 0; m < rows16; m += 32) {
+    const bool two_rows = m + 32 <= rows16;
+    for (int64_t n = 0; n < col_tiles; n += 2) {
+      const bool two_cols = n + 2 <= col_tiles;
+      const uint16_t* am = a + m * lda;
+      const uint16_t* bn = b + n * 32;
+      float* cmn = c + m * ldc + n * 16;
+      if (two_rows && two_cols) {
+        amx_tile_product<2, 2>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
+      } else if (two_rows) {
+        amx_tile_product<2, 1>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
+      } else if (two_cols) {
+        amx_tile_product<1, 2>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
+      } else {
+        amx_tile_product<1, 1>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
+      }
+    }
+  }
+}
+
+// dst[r][c] = src row r's bfloat16 bits for c < cols, 0 up to ld; rows up to rows16 zero.
+inline void pack_bf16_rows(const BFloat16* src, int64_t stride, int64_t rows, int64_t rows16, int64_t cols,
+                           uint16_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows16; ++r) {
+    uint16_t* out = dst + r * ld;
+    if (r < rows) {
+      std::memcpy(out, src + r * stride, size_t(cols) * 2);
+      std::fill(out + cols, out + ld, uint16_t(0));
+    } else {
+      std::fill(out, out + ld, uint16_t(0));
+    }
+  }
+}
+
+// P as bfloat16 (round to nearest even, NaN kept) from float rows of ld_s: rows
+// [0, rows) of cols16 columns, zeros after them up to kBlockK. Rows from `rows` to
+// rows16 are left as they are: their products land in O's padding rows, never stored.
+inline void pack_probabilities(const float* s, int64_t ld_s, int64_t rows, int64_t cols16, uint16_t* p) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = s + r * ld_s;
+    uint16_t* out = p + r * kBlockK;
+    int64_t c = 0;
+    for (; c + 32 <= cols16; c += 32) {
+      const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + c + 16), _mm512_loadu_ps(in + c));
+      _mm512_storeu_si512(out + c, reinterpret_cast<__m512i>(pair));
+    }
+    if (c < cols16) {  // 16 left
+      const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(in + c));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), reinterpret_cast<__m256i>(half));
+      c += 16;
+    }
+    std::fill(out + c, out + kBlockK, uint16_t(0));
+  }
+}
+
+// 2^t on 16 floats: t = n + f with n an integer and |f| <= 1/2, 2^f from a degree-5
+// polynomial (fitted for relative error 2.3e-7 in float32), scaled by 2^n with VSCALEFPS
+// (no integer exponent arithmetic). t below -160 (and -inf) gives exactly 0; NaN stays NaN.
+inline __m512 exp2_vector(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-160.0f), t);  // NaN t is the second operand: kept
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 poly = _mm512_set1_ps(1.3276467e-3f);
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.6755410e-3f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.5507135e-2f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.4022120e-1f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.9314694e-1f));
+  poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(1.0000001f));
+  return _mm512_scalef_ps(poly, n);
+}
+
+// Rows whose maximum grows by at most this much keep their base (the maximum their
+// probabilities are taken against), so that O is rescaled rarely; P then stays below
+// e^kRebaseSlack. Exact either way: O, the sums and the LSE share the base.
+inline constexpr float kRebaseSlack = 8.0f;
+
+// The online-softmax step of a block whose keys every row sees, without a mask,
+// softcap or dropout, for scale > 0: from raw dot products S (rows of ld_k floats,
+// ld_k of 16), P = exp(scale * S - base) goes to p (bfloat16, rows of kBlockK,
+// zeros past ld_k; pack_probabilities' rows), each row's sum grows in its 16 lanes of
+// sum_lanes (folded into the row sums by fold_row_sums), and rows whose base moved
+// have O and their sums rescaled. A row's maximum is taken across lanes only when
+// some lane passes base + kRebaseSlack. Returns false, changing nothing, where a row
+// without a base yet has no number to take one from (all NaN or -inf): the general
+// path handles that.
+inline bool softmax_visible_block(const float* s, int64_t ld_k, int64_t rows, float scale,
+                                  float* row_max, float* row_sum, float* sum_lanes, float* o, int64_t ld_v,
+                                  uint16_t* p) {
+  using V = VectorOf<float>::type;
+  constexpr int64_t L = kLanes<float>;
+  constexpr float kLog2e = 1.44269504088896341f;
+  static_assert(L == 16, "AVX-512 vectors of 16 floats");
+  float new_base[kBlockQ];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = s + r * ld_k;
+    V m = V{} + kNegInf<float>;
+    for (int64_t c = 0; c < ld_k; c += L) {
+      const V x = load_vector<V>(in + c);
+      m = x > m ? x : m;  // a NaN compares false and leaves the maximum as it was
+    }
+    m *= scale;
+    const __mmask16 passes = _mm512_cmp_ps_mask(__m512(m), _mm512_set1_ps(row_max[r] + kRebaseSlack), _CMP_GT_OQ);
+    if (passes == 0) {
+      if (row_max[r] == kNegInf<float>) return false;
+      new_base[r] = row_max[r];
+    } else {
+      new_base[r] = lane_tree<float>(m, [](auto a, auto b) { return b > a ? b : a; });
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* lanes = sum_lanes + r * L;
+    if (new_base[r] != row_max[r]) {
+      const float correction = std::exp(row_max[r] - new_base[r]);  // 0 from -inf
+      row_sum[r] *= correction;
+      store_vector(lanes, load_vector<V>(lanes) * correction);
+      float* out = o + r * ld_v;
+      for (int64_t c = 0; c < ld_v; c += L) store_vector(out + c, load_vector<V>(out + c) * correction);
+      row_max[r] = new_base[r];
+    }
+    const float* in = s + r * ld_k;
+    uint16_t* p_row = p + r * kBlockK;
+    // P = 2^(S * scale * log2(e) - base * log2(e)): one fused multiply-add before the exponential.
+    const __m512 factor = _mm512_set1_ps(scale * kLog2e), shift = _mm512_set1_ps(-row_max[r] * kLog2e);
+    __m512 total = _mm512_loadu_ps(lanes);
+    int64_t c = 0;
+    for (; c + 2 * L <= ld_k; c += 2 * L) {
+      const __m512 lo = exp2_vector(_mm512_fmadd_ps(_mm512_loadu_ps(in + c), factor, shift));
+      const __m512 hi = exp2_vector(_mm512_fmadd_ps(_mm512_loadu_ps(in + c + L), factor, shift));
+      total = _mm512_add_ps(total, _mm512_add_ps(lo, hi));
+      _mm512_storeu_si512(p_row + c, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+    if (c < ld_k) {
+      const __m512 lo = exp2_vector(_mm512_fmadd_ps(_mm512_loadu_ps(in + c), factor, shift));
+      total = _mm512_add_ps(total, lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_row + c), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(lo)));
+      c += L;
+    }
+    _mm512_storeu_ps(lanes, total);
+    std::fill(p_row + c, p_row + kBlockK, uint16_t(0));
+  }
+  return true;
+}
+
+// Adds each row's lanes of sum_lanes into its row sum and clears them.
+inline void fold_row_sums(int64_t rows, float* row_sum, float* sum_lanes) {
+  using V = VectorOf<float>::type;
+  constexpr int64_t L = kLanes<float>;
+  for (int64_t r = 0; r < rows; ++r) {
+    row_sum[r] += lane_sum<float>(load_vector<V>(sum_lanes + r * L));
+    std::fill(sum_lanes + r * L, sum_lanes + (r + 1) * L, 0.0f);
+  }
+}
+
+// K and V of a call in the pair layouts above, per (batch, key/value head, block of
+// kBlockK keys); the keys of a block are read row by row (a paged cache's pages too).
+class PackedKv {
+ public:
+  // Blocks to pack (pack's tasks): none where `used` is false.
+  static int64_t count(const AttentionProblem& p, bool used) {
+    return used ? p.batch * p.heads_kv * ((p.seqlen_k + kBlockK - 1) / kBlockK) : 0;
+  }
+  // Elements the packed blocks take (pack writes every one of them).
+  static int64_t elements(const AttentionProblem& p, bool used) {
+    return count(p, used) * (amx_depth(p.head_dim_qk) * kBlockK + kBlockK * round_up(p.head_dim_v, 16));
+  }
+  // data: elements(p, used) elements, 64-byte aligned, kept by the caller.
+  PackedKv(const AttentionProblem& p, bool used, uint16_t* data)
+      : depth_(amx_depth(p.head_dim_qk)),
+        ld_v_(round_up(p.head_dim_v, 16)),
+        blocks_((p.seqlen_k + kBlockK - 1) / kBlockK),
+        heads_(p.heads_kv),
+        tasks_(count(p, used)),
+        data_(data) {}
+
+  int64_t tasks() const { return tasks_; }
+  int64_t depth() const { return depth_; }
+  int64_t ld_v() const { return ld_v_; }
+  const uint16_t* k_block(int64_t b, int64_t h_kv, int64_t key0) const { return block(b, h_kv, key0); }
+  const uint16_t* v_block(int64_t b, int64_t h_kv, int64_t key0) const {
+    return block(b, h_kv, key0) + depth_ * kBlockK;
+  }
+
+  // Packs task `index` (batch, head, block in that order).
+  void pack(const AttentionProblem& p, int64_t index) {
+    const int64_t j = index % blocks_, bh = index / blocks_;
+    const int64_t b = bh / heads_, h_kv = bh % heads_;
+    uint32_t* k_pairs = reinterpret_cast<uint32_t*>(data_ + size_t(index) * size_t(block_elems()));
+    uint16_t* v_pairs = reinterpret_cast<uint16_t*>(k_pairs) + depth_ * kBlockK;
+    const int64_t key0 = j * kBlockK, keys = std::min(kBlockK, p.seqlen_k - key0);
+    const int64_t d_qk = p.head_dim_qk, d_v = p.head_dim_v;
+    // K: word (i, n) = columns 2i, 2i + 1 of key n.
+    std::fill(k_pairs, k_pairs + depth_ / 2 * kBlockK, 0u);
+    for (int64_t n = 0; n < keys; ++n) {
+      const uint16_t* row = reinterpret_cast<const uint16_t*>(p.key_row<const BFloat16>(p.k, b, h_kv, key0 + n));
+      for (int64_t i = 0; 2 * i < d_qk; ++i) {
+        const uint32_t hi = 2 * i + 1 < d_qk ? row[2 * i + 1] : 0u;
+        k_pairs[i * kBlockK + n] = uint32_t(row[2 * i]) | hi << 16;
+      }
+    }
+    // V: pair row i = keys 2i and 2i + 1, column by column.
+    std::fill(v_pairs, v_pairs + kBlockK * ld_v_, uint16_t(0));
+    for (int64_t n = 0; n < keys; ++n) {
+      const uint16_t* row = reinterpret_cast<const uint16_t*>(p.key_row<const BFloat16>(p.v, b, h_kv, key0 + n));
+      uint16_t* out = v_pairs + (n / 2) * 2 * ld_v_ + (n % 2);
+      for (int64_t c = 0; c < d_v; ++c) out[2 * c] = row[c];
+    }
+  }
+
+ private:
+  int64_t block_elems() const { return depth_ * kBlockK + kBlockK * ld_v_; }
+  const uint16_t* block(int64_t b, int64_t h_kv, int64_t key0) const {
+    return data_ + size_t(((b * heads_ + h_kv) * blocks_ + key0 / kBlockK) * block_elems());
+  }
+
+  int64_t depth_, ld_v_, blocks_, heads_, tasks_;
+  uint16_t* data_;
+};
+
+}  // namespace flashjit::cpu::FJ_CPU_ISA
