@@ -18,6 +18,11 @@
 
 #include "cpu/tile.hpp"
 
+// GCC 12 reports the undefined pass-through operand of its own AVX-512 intrinsics
+// (_mm512_max_ps and others) as maybe uninitialized where they inline here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace flashjit::cpu::FJ_CPU_ISA {
 
 static_assert(kBlockK == 64, "the AMX kernels take key blocks of 64");
@@ -246,6 +251,69 @@ inline void fold_row_sums(int64_t rows, float* row_sum, float* sum_lanes) {
   }
 }
 
+// Pairs of columns of up to kBlockK rows (row(n) gives row n's bfloat16 bits): word
+// (i, n) of out (depth / 2 x kBlockK words) holds columns 2i and 2i + 1 of row n, zeros
+// past `cols` columns and `rows` rows. The B operand of a product over the columns.
+template <typename Row>
+inline void pack_column_pairs(Row row, int64_t rows, int64_t cols, int64_t depth, uint16_t* out) {
+  uint32_t* words = reinterpret_cast<uint32_t*>(out);
+  std::fill(words, words + depth / 2 * kBlockK, 0u);
+  for (int64_t n = 0; n < rows; ++n) {
+    const uint16_t* in = row(n);
+    for (int64_t i = 0; 2 * i < cols; ++i) {
+      const uint32_t hi = 2 * i + 1 < cols ? in[2 * i + 1] : 0u;
+      words[i * kBlockK + n] = uint32_t(in[2 * i]) | hi << 16;
+    }
+  }
+}
+
+// Pairs of up to kBlockK rows: pair row i of out (kBlockK / 2 rows of 2 * ld elements)
+// holds rows 2i and 2i + 1 column by column, zeros past `cols` and `rows`. The B
+// operand of a product over the rows.
+template <typename Row>
+inline void pack_row_pairs(Row row, int64_t rows, int64_t cols, int64_t ld, uint16_t* out) {
+  std::fill(out, out + kBlockK * ld, uint16_t(0));
+  for (int64_t n = 0; n < rows; ++n) {
+    const uint16_t* in = row(n);
+    uint16_t* pair = out + (n / 2) * 2 * ld + n % 2;
+    for (int64_t c = 0; c < cols; ++c) pair[2 * c] = in[c];
+  }
+}
+
+// Float rows [0, rows) of x (ld_x a row) as bfloat16 row pairs over 16 * tiles
+// columns (pack_row_pairs' layout, ldp = kBlockK), pair rows up to rows32 / 2 with
+// zeros for the rows past `rows`.
+inline void pack_float_row_pairs(const float* x, int64_t ld_x, int64_t rows, int64_t rows32, int64_t tiles,
+                                 uint16_t* out) {
+  // Lane 2j takes element j of the first row, lane 2j + 1 element j of the second.
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  for (int64_t i = 0; 2 * i < rows32; ++i) {
+    uint16_t* pair_row = out + i * 2 * kBlockK;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const __m512 first = 2 * i < rows ? _mm512_loadu_ps(x + 2 * i * ld_x + 16 * t) : _mm512_setzero_ps();
+      const __m512 second = 2 * i + 1 < rows ? _mm512_loadu_ps(x + (2 * i + 1) * ld_x + 16 * t) : _mm512_setzero_ps();
+      const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+      _mm512_storeu_si512(pair_row + 32 * t, _mm512_permutexvar_epi16(interleave, both));
+    }
+  }
+}
+
+// A copy of pair rows (pack_row_pairs' layout, `count` rows of ld columns) with the
+// rows outside [begin, end) zeroed: rows a product must not take (0 * inf is NaN).
+inline const uint16_t* rows_between(const uint16_t* pairs, int64_t count, int64_t ld, int64_t begin, int64_t end,
+                                    uint16_t* copy) {
+  if (begin <= 0 && end >= count) return pairs;
+  std::memcpy(copy, pairs, size_t(count * ld) * 2);
+  for (int64_t n = 0; n < count; ++n) {
+    if (n >= begin && n < end) continue;
+    uint16_t* pair_row = copy + (n / 2) * 2 * ld + n % 2;
+    for (int64_t c = 0; c < ld; ++c) pair_row[2 * c] = 0;
+  }
+  return copy;
+}
+
 // K and V of a call in the pair layouts above, per (batch, key/value head, block of
 // kBlockK keys); the keys of a block are read row by row (a paged cache's pages too).
 class PackedKv {
@@ -282,23 +350,12 @@ class PackedKv {
     uint32_t* k_pairs = reinterpret_cast<uint32_t*>(data_ + size_t(index) * size_t(block_elems()));
     uint16_t* v_pairs = reinterpret_cast<uint16_t*>(k_pairs) + depth_ * kBlockK;
     const int64_t key0 = j * kBlockK, keys = std::min(kBlockK, p.seqlen_k - key0);
-    const int64_t d_qk = p.head_dim_qk, d_v = p.head_dim_v;
-    // K: word (i, n) = columns 2i, 2i + 1 of key n.
-    std::fill(k_pairs, k_pairs + depth_ / 2 * kBlockK, 0u);
-    for (int64_t n = 0; n < keys; ++n) {
-      const uint16_t* row = reinterpret_cast<const uint16_t*>(p.key_row<const BFloat16>(p.k, b, h_kv, key0 + n));
-      for (int64_t i = 0; 2 * i < d_qk; ++i) {
-        const uint32_t hi = 2 * i + 1 < d_qk ? row[2 * i + 1] : 0u;
-        k_pairs[i * kBlockK + n] = uint32_t(row[2 * i]) | hi << 16;
-      }
-    }
-    // V: pair row i = keys 2i and 2i + 1, column by column.
-    std::fill(v_pairs, v_pairs + kBlockK * ld_v_, uint16_t(0));
-    for (int64_t n = 0; n < keys; ++n) {
-      const uint16_t* row = reinterpret_cast<const uint16_t*>(p.key_row<const BFloat16>(p.v, b, h_kv, key0 + n));
-      uint16_t* out = v_pairs + (n / 2) * 2 * ld_v_ + (n % 2);
-      for (int64_t c = 0; c < d_v; ++c) out[2 * c] = row[c];
-    }
+    pack_column_pairs(
+        [&](int64_t n) { return reinterpret_cast<const uint16_t*>(p.key_row<const BFloat16>(p.k, b, h_kv, key0 + n)); },
+        keys, p.head_dim_qk, depth_, reinterpret_cast<uint16_t*>(k_pairs));
+    pack_row_pairs(
+        [&](int64_t n) { return reinterpret_cast<const uint16_t*>(p.key_row<const BFloat16>(p.v, b, h_kv, key0 + n)); },
+        keys, p.head_dim_v, ld_v_, v_pairs);
   }
 
  private:
@@ -311,4 +368,117 @@ class PackedKv {
   uint16_t* data_;
 };
 
+// The backward's operands in the tiles' layouts, packed once per call. Key side, per
+// (batch, key/value head, block of kBlockK keys): K and V as pairs of head-dim columns
+// (S = Q K^T, dP = dO V^T) and K as pairs of keys (dQ += dS K). Query side, per (batch,
+// query head, block of kBlockQ queries): Q and dO rows (A of S and dP), Q^T and dO^T
+// (A of dK^T += Q^T dS and dV^T += dO^T P: rows are head-dim columns, kBlockQ queries
+// each, zeros past the sequence), and each row's LSE and D = rowsum(dO * O).
+class PackedBackward {
+ public:
+  explicit PackedBackward(const AttentionProblem& p)
+      : depth_qk_(amx_depth(p.head_dim_qk)),
+        depth_v_(amx_depth(p.head_dim_v)),
+        ld_qk_(round_up(p.head_dim_qk, 16)),
+        ld_v_(round_up(p.head_dim_v, 16)),
+        key_blocks_((p.seqlen_k + kBlockK - 1) / kBlockK),
+        query_blocks_((p.seqlen_q + kBlockQ - 1) / kBlockQ),
+        heads_q_(p.heads_q),
+        heads_kv_(p.heads_kv),
+        key_tasks_(p.batch * p.heads_kv * key_blocks_),
+        query_tasks_(p.batch * p.heads_q * query_blocks_) {}
+
+  // uint16 elements of the packed operands (the float rows count two each).
+  int64_t elements() const { return key_tasks_ * key_elems() + query_tasks_ * query_elems(); }
+  void place(uint16_t* data) { data_ = data; }
+  int64_t tasks() const { return key_tasks_ + query_tasks_; }
+  int64_t depth_qk() const { return depth_qk_; }
+  int64_t depth_v() const { return depth_v_; }
+  int64_t ld_qk() const { return ld_qk_; }
+  int64_t ld_v() const { return ld_v_; }
+
+  const uint16_t* k_columns(int64_t b, int64_t h_kv, int64_t key0) const { return key_block(b, h_kv, key0); }
+  const uint16_t* v_columns(int64_t b, int64_t h_kv, int64_t key0) const {
+    return key_block(b, h_kv, key0) + depth_qk_ * kBlockK;
+  }
+  const uint16_t* k_rows(int64_t b, int64_t h_kv, int64_t key0) const {
+    return v_columns(b, h_kv, key0) + depth_v_ * kBlockK;
+  }
+  const uint16_t* q(int64_t b, int64_t h, int64_t query0) const { return query_block(b, h, query0); }
+  const uint16_t* dout(int64_t b, int64_t h, int64_t query0) const { return q(b, h, query0) + kBlockQ * depth_qk_; }
+  const uint16_t* q_t(int64_t b, int64_t h, int64_t query0) const { return dout(b, h, query0) + kBlockQ * depth_v_; }
+  const uint16_t* dout_t(int64_t b, int64_t h, int64_t query0) const { return q_t(b, h, query0) + ld_qk_ * kBlockQ; }
+  const float* lse(int64_t b, int64_t h, int64_t query0) const {
+    return reinterpret_cast<const float*>(dout_t(b, h, query0) + ld_v_ * kBlockQ);
+  }
+  const float* delta(int64_t b, int64_t h, int64_t query0) const { return lse(b, h, query0) + kBlockQ; }
+
+  // Packs task `index`: the key blocks first, then the query blocks. row_buffer: head_dim_v floats.
+  void pack(const AttentionProblem& p, int64_t index, float* row_buffer) const {
+    if (index < key_tasks_) {
+      const int64_t j = index % key_blocks_, bh = index / key_blocks_;
+      const int64_t b = bh / heads_kv_, h_kv = bh % heads_kv_, key0 = j * kBlockK;
+      const int64_t keys = std::min(kBlockK, p.seqlen_k - key0);
+      const auto k_row = [&](int64_t n) { return reinterpret_cast<const uint16_t*>(p.k.row<const BFloat16>(b, h_kv, key0 + n)); };
+      const auto v_row = [&](int64_t n) { return reinterpret_cast<const uint16_t*>(p.v.row<const BFloat16>(b, h_kv, key0 + n)); };
+      uint16_t* out = const_cast<uint16_t*>(key_block(b, h_kv, key0));
+      pack_column_pairs(k_row, keys, p.head_dim_qk, depth_qk_, out);
+      pack_column_pairs(v_row, keys, p.head_dim_v, depth_v_, out + depth_qk_ * kBlockK);
+      pack_row_pairs(k_row, keys, p.head_dim_qk, ld_qk_, out + (depth_qk_ + depth_v_) * kBlockK);
+      return;
+    }
+    index -= key_tasks_;
+    const int64_t i = index % query_blocks_, bh = index / query_blocks_;
+    const int64_t b = bh / heads_q_, h = bh % heads_q_, query0 = i * kBlockQ;
+    const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0);
+    uint16_t* q_rows = const_cast<uint16_t*>(q(b, h, query0));
+    pack_bf16_rows(p.q.row<const BFloat16>(b, h, query0), p.q.stride_seq, rows, kBlockQ, p.head_dim_qk, q_rows,
+                   depth_qk_);
+    uint16_t* do_rows = q_rows + kBlockQ * depth_qk_;
+    pack_bf16_rows(p.dout.row<const BFloat16>(b, h, query0), p.dout.stride_seq, rows, kBlockQ, p.head_dim_v, do_rows,
+                   depth_v_);
+    transpose_rows(q_rows, depth_qk_, ld_qk_, const_cast<uint16_t*>(q_t(b, h, query0)));
+    transpose_rows(do_rows, depth_v_, ld_v_, const_cast<uint16_t*>(dout_t(b, h, query0)));
+    float* lse_out = const_cast<float*>(lse(b, h, query0));
+    float* delta_out = lse_out + kBlockQ;
+    for (int64_t r = 0; r < kBlockQ; ++r) {
+      if (r >= rows) {
+        lse_out[r] = kNegInf<float>;
+        delta_out[r] = 0.0f;
+        continue;
+      }
+      const int64_t at = b * p.lse_stride_batch + h * p.lse_stride_head + (query0 + r) * p.lse_stride_seq;
+      lse_out[r] = p.lse_dtype == FJ_FLOAT64 ? float(static_cast<const double*>(p.lse)[at])
+                                             : static_cast<const float*>(p.lse)[at];
+      // D as the float32 kernels take it: dO widened, times the stored O.
+      pack_rows(p.dout.row<const BFloat16>(b, h, query0 + r), 0, 1, p.head_dim_v, row_buffer,
+                round_up(p.head_dim_v, kLanes<float>));
+      delta_out[r] = dot_row(row_buffer, p.o.row<const BFloat16>(b, h, query0 + r), p.head_dim_v);
+    }
+  }
+
+ private:
+  // out[c][r] = rows[r][c] for kBlockQ rows of `depth` elements, c < ld.
+  static void transpose_rows(const uint16_t* rows, int64_t depth, int64_t ld, uint16_t* out) {
+    for (int64_t c = 0; c < ld; ++c) {
+      for (int64_t r = 0; r < kBlockQ; ++r) out[c * kBlockQ + r] = rows[r * depth + c];
+    }
+  }
+  int64_t key_elems() const { return (depth_qk_ + depth_v_) * kBlockK + kBlockK * ld_qk_; }
+  int64_t query_elems() const { return kBlockQ * (depth_qk_ + depth_v_ + ld_qk_ + ld_v_) + 2 * 2 * kBlockQ; }
+  const uint16_t* key_block(int64_t b, int64_t h_kv, int64_t key0) const {
+    return data_ + size_t(((b * heads_kv_ + h_kv) * key_blocks_ + key0 / kBlockK) * key_elems());
+  }
+  const uint16_t* query_block(int64_t b, int64_t h, int64_t query0) const {
+    return data_ + size_t(key_tasks_ * key_elems()) +
+           size_t(((b * heads_q_ + h) * query_blocks_ + query0 / kBlockQ) * query_elems());
+  }
+
+  int64_t depth_qk_, depth_v_, ld_qk_, ld_v_, key_blocks_, query_blocks_, heads_q_, heads_kv_, key_tasks_,
+      query_tasks_;
+  uint16_t* data_ = nullptr;
+};
+
 }  // namespace flashjit::cpu::FJ_CPU_ISA
+
+#pragma GCC diagnostic pop

@@ -13,6 +13,9 @@
 #include "cpu/kernels.hpp"
 #include "cpu/thread_pool.hpp"
 #include "cpu/tile.hpp"
+#if FJ_CPU_AMX
+#include "cpu/amx.hpp"
+#endif
 
 namespace flashjit::cpu::FJ_CPU_ISA {
 namespace {
@@ -29,6 +32,8 @@ struct BackwardScratch {
   // Accumulators: dq (ld_qk) or dk (ld_qk) and dv (ld_v).
   Acc *acc_a, *acc_b;
   uint8_t* keep;
+  // bfloat16 tiles of the AMX kernels: dS rows, P and dS as row pairs, an edge copy of an operand.
+  uint16_t *ds16, *p_pairs, *ds_pairs, *edge;
 
   void carve(const AttentionProblem& pr, ScratchSlicer& slicer) {
     const int64_t ld_qk = round_up(pr.head_dim_qk, kLanes<Acc>);
@@ -50,6 +55,12 @@ struct BackwardScratch {
     acc_a = slicer.take<Acc>(block * ld_qk);
     acc_b = slicer.take<Acc>(block * ld_v);
     keep = slicer.take<uint8_t>(kBlockK);
+#if FJ_CPU_AMX
+    ds16 = slicer.take<uint16_t>(kBlockQ * kBlockK);
+    p_pairs = slicer.take<uint16_t>(kBlockQ * kBlockK);
+    ds_pairs = slicer.take<uint16_t>(kBlockQ * kBlockK);
+    edge = slicer.take<uint16_t>(std::max(kBlockQ, kBlockK) * std::max(ld_qk, ld_v));
+#endif
   }
 };
 
@@ -84,37 +95,25 @@ void load_key_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t 
   }
 }
 
-// For the loaded query and key blocks: w.p = P, w.p_dropped = dropout(P) (when
-// dropout is on), w.dp = dS (already multiplied by softcap' and scale).
+// From logits (w.p) and dP = dO V^T (w.dp) of a tile: w.p = P = exp(logits - lse),
+// w.p_dropped = dropout(P) (when dropout is on), w.dp = dS (multiplied by softcap' and
+// scale); lse and delta per row of the tile.
 template <typename Acc>
-void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, int64_t rows,
-                    int64_t key0, int64_t cols, const BackwardScratch<Acc>& w) {
-  const int64_t ld_k = round_up(cols, kLanes<Acc>);
-  const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
-  const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
+void softmax_gradient(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, int64_t rows, int64_t key0,
+                      int64_t cols, int64_t ld_k, const Acc* lse, const Acc* row_delta, const BackwardScratch<Acc>& w) {
   const bool softcap = p.softcap > 0.0;
   const Acc keep_scale = Acc(1.0 / (1.0 - p.dropout_p));
   const Acc scale = Acc(p.scale);
-
-  // S = Q K^T -> logits;  dP = dO V^T
-  gemm(rows, ld_k, p.head_dim_qk, w.q, ld_qk, w.k_t, ld_k, w.p, ld_k, false);
-  // Rows the forward took as row-by-row dot products, in its order (first_few_row; k rows loaded).
-  const int64_t few = std::max(query0, first_few_row(p.seqlen_q)) - query0;
-  if (few < rows) gemm_abt_rows(rows - few, cols, ld_qk, w.q + few * ld_qk, ld_qk, w.k, ld_qk, w.p + few * ld_k, ld_k);
-  compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p,
-                 softcap ? w.softcap_grad : static_cast<Acc*>(nullptr));
-  gemm(rows, ld_k, p.head_dim_v, w.dout, ld_v, w.v_t, ld_k, w.dp, ld_k, false);
-
   for (int64_t r = 0; r < rows; ++r) {
     Acc* p_row = w.p + r * ld_k;
     Acc* ds_row = w.dp + r * ld_k;
-    if (w.lse[r] == kNegInf<Acc>) {  // fully masked row: no gradient flows
+    if (lse[r] == kNegInf<Acc>) {  // fully masked row: no gradient flows
       std::fill(p_row, p_row + ld_k, Acc(0));
       std::fill(ds_row, ds_row + ld_k, Acc(0));
       if (p.has_dropout()) std::fill(w.p_dropped + r * ld_k, w.p_dropped + (r + 1) * ld_k, Acc(0));
       continue;
     }
-    exp_shifted_sum(p_row, ld_k, w.lse[r]);  // P = exp(logits - lse)
+    exp_shifted_sum(p_row, ld_k, lse[r]);  // P = exp(logits - lse)
     if (p.has_dropout()) {
       Acc* pd_row = w.p_dropped + r * ld_k;
       dropout_keep_row(p, b, h, query0 + r, key0, cols, w.keep);
@@ -130,7 +129,7 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
     // D = sum_j P_ij dP_ij from the tile is exact to the rounding of this sum (dS of
     // a row that sees one key is exactly 0, as it should be); the dQ and the dK/dV
     // passes then both take it, whatever their tiles' alignment.
-    Acc delta = w.delta[r];
+    Acc delta = row_delta[r];
     const int64_t first_key = p.key_begin(query0 + r), end_key = p.key_end(query0 + r);
     if (first_key < end_key && first_key / kBlockK == (end_key - 1) / kBlockK && first_key >= key0 &&
         end_key <= key0 + cols) {
@@ -145,6 +144,27 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
     }
     for (int64_t c = cols; c < ld_k; ++c) ds_row[c] = Acc(0);
   }
+}
+
+// For the loaded query and key blocks: w.p = P, w.p_dropped = dropout(P) (when
+// dropout is on), w.dp = dS (already multiplied by softcap' and scale).
+template <typename Acc>
+void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0, int64_t rows,
+                    int64_t key0, int64_t cols, const BackwardScratch<Acc>& w) {
+  const int64_t ld_k = round_up(cols, kLanes<Acc>);
+  const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
+  const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
+  const bool softcap = p.softcap > 0.0;
+
+  // S = Q K^T -> logits;  dP = dO V^T
+  gemm(rows, ld_k, p.head_dim_qk, w.q, ld_qk, w.k_t, ld_k, w.p, ld_k, false);
+  // Rows the forward took as row-by-row dot products, in its order (first_few_row; k rows loaded).
+  const int64_t few = std::max(query0, first_few_row(p.seqlen_q)) - query0;
+  if (few < rows) gemm_abt_rows(rows - few, cols, ld_qk, w.q + few * ld_qk, ld_qk, w.k, ld_qk, w.p + few * ld_k, ld_k);
+  compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p,
+                 softcap ? w.softcap_grad : static_cast<Acc*>(nullptr));
+  gemm(rows, ld_k, p.head_dim_v, w.dout, ld_v, w.v_t, ld_k, w.dp, ld_k, false);
+  softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, w.lse, w.delta, w);
 }
 
 template <typename T, typename Acc>
@@ -204,19 +224,167 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
 int64_t query_blocks(const AttentionProblem& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
 int64_t key_blocks(const AttentionProblem& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
 
+#if FJ_CPU_AMX
+// The AMX backward (bfloat16, problems the AMX forward takes): the dQ and dK/dV passes of
+// the float32 kernels with their products on AMX tiles over the operands packed once
+// (PackedBackward), blocks aligned to kBlockQ / kBlockK; P and dS are rounded to
+// bfloat16 for the products that take them, as the GPU kernels do. S is computed as the
+// AMX forward computes it, so P = exp(S - lse) meets its LSE to the last bit.
+
+// S = Q K^T -> logits, dP = dO V^T, then P and dS (softmax_gradient) for one tile.
+void amx_tile_gradients(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h, int64_t query0,
+                        int64_t rows, int64_t key0, int64_t cols, const BackwardScratch<float>& w) {
+  const int64_t h_kv = h / p.group_size(), ld_k = round_up(cols, 16), rows16 = round_up(rows, 16);
+  amx_product(rows16, ld_k / 16, pack.depth_qk(), pack.q(b, h, query0), pack.depth_qk(),
+              pack.k_columns(b, h_kv, key0), 2 * kBlockK, w.p, ld_k, false);
+  compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p, p.softcap > 0.0 ? w.softcap_grad : nullptr);
+  amx_product(rows16, ld_k / 16, pack.depth_v(), pack.dout(b, h, query0), pack.depth_v(),
+              pack.v_columns(b, h_kv, key0), 2 * kBlockK, w.dp, ld_k, false);
+  softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, pack.lse(b, h, query0), pack.delta(b, h, query0), w);
+}
+
+// dQ of one query block: dQ += dS K over its key blocks.
+void amx_dq_block(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h, int64_t query0,
+                  const BackwardScratch<float>& w) {
+  const AmxTiles tiles;
+  const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows16 = round_up(rows, 16);
+  const int64_t h_kv = h / p.group_size(), ld_qk = pack.ld_qk();
+  std::fill(w.acc_a, w.acc_a + rows16 * ld_qk, 0.0f);
+  const int64_t key_begin = p.key_begin(query0);
+  const int64_t key_end = p.key_end(query0 + rows - 1);
+  for (int64_t key0 = key_begin / kBlockK * kBlockK; key0 < key_end; key0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, key_end - key0), ld_k = round_up(cols, 16), keys = round_up(cols, 32);
+    amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
+    pack_probabilities(w.dp, ld_k, rows, ld_k, w.ds16);
+    // Keys of the block that no row sees take no part (0 * inf would be NaN).
+    const uint16_t* k = rows_between(pack.k_rows(b, h_kv, key0), keys, ld_qk, key_begin - key0, cols, w.edge);
+    amx_product(rows16, ld_qk / 16, keys, w.ds16, kBlockK, k, 2 * ld_qk, w.acc_a, ld_qk, true);
+  }
+  for (int64_t r = 0; r < rows; ++r) store_row(w.acc_a + r * ld_qk, p.head_dim_qk, 1.0f, p.dq.row<BFloat16>(b, h, query0 + r));
+}
+
+// Columns outside [begin, end) of kBlockQ-wide rows (ld of them) zeroed in a copy, or the rows themselves.
+const uint16_t* columns_between(const uint16_t* rows, int64_t ld, int64_t begin, int64_t end, uint16_t* copy) {
+  if (begin <= 0 && end >= kBlockQ) return rows;
+  for (int64_t c = 0; c < ld; ++c) {
+    for (int64_t r = 0; r < kBlockQ; ++r) copy[c * kBlockQ + r] = r >= begin && r < end ? rows[c * kBlockQ + r] : 0;
+  }
+  return copy;
+}
+
+// dK and dV of one key block: dV^T += dO^T dropout(P) and dK^T += Q^T dS over the query
+// blocks of every query head of its group, then stored transposed.
+void amx_dkdv_block(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h_kv, int64_t key0,
+                    const BackwardScratch<float>& w) {
+  const AmxTiles tiles;
+  const int64_t cols = std::min(kBlockK, p.seqlen_k - key0), ld_k = round_up(cols, 16);
+  const int64_t ld_qk = pack.ld_qk(), ld_v = pack.ld_v();
+  float* dk_t = w.acc_a;  // [ld_qk][kBlockK]
+  float* dv_t = w.acc_b;  // [ld_v][kBlockK]
+  std::fill(dk_t, dk_t + ld_qk * kBlockK, 0.0f);
+  std::fill(dv_t, dv_t + ld_v * kBlockK, 0.0f);
+  const int64_t query_begin = p.query_begin(key0);
+  const int64_t query_end = p.query_end(key0 + cols - 1);
+  const int64_t group = p.group_size();
+  for (int64_t h = h_kv * group; h < (h_kv + 1) * group; ++h) {
+    for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows32 = round_up(rows, 32);
+      amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
+      pack_float_row_pairs(p.has_dropout() ? w.p_dropped : w.p, ld_k, rows, rows32, ld_k / 16, w.p_pairs);
+      pack_float_row_pairs(w.dp, ld_k, rows, rows32, ld_k / 16, w.ds_pairs);
+      // Query rows of the block that see none of these keys take no part.
+      const int64_t begin = query_begin - query0, end = query_end - query0;
+      const uint16_t* dout_t = columns_between(pack.dout_t(b, h, query0), ld_v, begin, end, w.edge);
+      amx_product(ld_v, ld_k / 16, rows32, dout_t, kBlockQ, w.p_pairs, 2 * kBlockK, dv_t, kBlockK, true);
+      const uint16_t* q_t = columns_between(pack.q_t(b, h, query0), ld_qk, begin, end, w.edge);
+      amx_product(ld_qk, ld_k / 16, rows32, q_t, kBlockQ, w.ds_pairs, 2 * kBlockK, dk_t, kBlockK, true);
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    BFloat16* dk = p.dk.row<BFloat16>(b, h_kv, key0 + c);
+    BFloat16* dv = p.dv.row<BFloat16>(b, h_kv, key0 + c);
+    for (int64_t d = 0; d < p.head_dim_qk; ++d) dk[d] = bfloat16_from_float(dk_t[d * kBlockK + c]);
+    for (int64_t d = 0; d < p.head_dim_v; ++d) dv[d] = bfloat16_from_float(dv_t[d * kBlockK + c]);
+  }
+}
+
+// Problems the AMX forward takes (attention_fwd.cpp's amx_applies).
+bool amx_backward_applies(const AttentionProblem& p) { return p.seqlen_q >= 16; }
+
+// The parts of a call amx_backward_applies to, through the AMX passes (other parts count no tasks).
+void amx_backward(const DenseParts& parts, int workers) {
+  std::vector<PackedBackward> packed;
+  packed.reserve(parts.size());
+  int64_t elements = 0;
+  for (const AttentionProblem& p : parts) {
+    packed.emplace_back(p);
+    if (amx_backward_applies(p)) elements += round_up(packed.back().elements(), 32);
+  }
+  uint16_t* data = reinterpret_cast<uint16_t*>(thread_packing_buffer(size_t(elements) * 2));
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (!amx_backward_applies(parts[i])) continue;
+    packed[i].place(data);
+    data += round_up(packed[i].elements(), 32);
+  }
+  const PartTasks pack_tasks(parts, [](const AttentionProblem& p) {
+    return amx_backward_applies(p) ? PackedBackward(p).tasks() : int64_t(0);
+  });
+  parallel_for(pack_tasks.total(), workers, [&](int64_t task, int) {
+    const auto [part, index] = pack_tasks.locate(task);
+    const auto w = thread_scratch<BackwardScratch<float>>(parts[part]);
+    packed[part].pack(parts[part], index, w.q);
+  });
+  const PartTasks dq_tasks(parts, [](const AttentionProblem& p) {
+    return amx_backward_applies(p) ? p.batch * p.heads_q * query_blocks(p) : int64_t(0);
+  });
+  parallel_for(dq_tasks.total(), workers, [&](int64_t task, int) {
+    const auto [part, index] = dq_tasks.locate(task);
+    const AttentionProblem& p = parts[part];
+    const int64_t bh = index / query_blocks(p);
+    amx_dq_block(p, packed[part], bh / p.heads_q, bh % p.heads_q, (index % query_blocks(p)) * kBlockQ,
+                 thread_scratch<BackwardScratch<float>>(p));
+  });
+  const PartTasks dkdv_tasks(parts, [](const AttentionProblem& p) {
+    return amx_backward_applies(p) ? p.batch * p.heads_kv * key_blocks(p) : int64_t(0);
+  });
+  parallel_for(dkdv_tasks.total(), workers, [&](int64_t task, int) {
+    const auto [part, index] = dkdv_tasks.locate(task);
+    const AttentionProblem& p = parts[part];
+    const int64_t bh = index / key_blocks(p);
+    amx_dkdv_block(p, packed[part], bh / p.heads_kv, bh % p.heads_kv, (index % key_blocks(p)) * kBlockK,
+                   thread_scratch<BackwardScratch<float>>(p));
+  });
+  trim_thread_packing_buffer(size_t(64) << 20);
+}
+#endif
+
 // Each pool of tasks spans every part (DenseParts: the sequences of a variable-length batch).
 template <typename T>
 void backward_typed(const AttentionProblem& whole) {
   using Acc = typename AccumulatorOf<T>::type;
   const DenseParts parts(whole);
-  const PartTasks dq_tasks(parts, [](const AttentionProblem& p) { return p.batch * p.heads_q * query_blocks(p); });
-  const PartTasks dkdv_tasks(parts,
-                             [](const AttentionProblem& p) { return p.batch * p.heads_kv * key_blocks(p); });
+  // With the amx kernels, bfloat16 parts they apply to take the AMX passes (amx_backward) and count
+  // no tasks here.
+  const auto here = [](const AttentionProblem& p) {
+#if FJ_CPU_AMX
+    if (std::is_same_v<T, BFloat16> && amx_backward_applies(p)) return false;
+#endif
+    return true;
+  };
+  const PartTasks dq_tasks(parts, [&](const AttentionProblem& p) {
+    return here(p) ? p.batch * p.heads_q * query_blocks(p) : int64_t(0);
+  });
+  const PartTasks dkdv_tasks(parts, [&](const AttentionProblem& p) {
+    return here(p) ? p.batch * p.heads_kv * key_blocks(p) : int64_t(0);
+  });
   double flops = 0;
   for (const AttentionProblem& p : parts) {
     flops += 5.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
   }
   const int workers = worker_count(whole.num_threads, std::max(dq_tasks.total(), dkdv_tasks.total()), flops);
+#if FJ_CPU_AMX
+  if constexpr (std::is_same_v<T, BFloat16>) amx_backward(parts, workers);
+#endif
   parallel_for(dq_tasks.total(), workers, [&](int64_t task, int) {
     const auto [part, index] = dq_tasks.locate(task);
     const AttentionProblem& p = parts[part];

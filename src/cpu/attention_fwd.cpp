@@ -208,17 +208,8 @@ void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b,
       pack_probabilities(w.s, ld_k, rows, ld_k, w.p16);
     }
     // Keys of the block that no row sees take no part in the product (0 * inf would be NaN).
-    const uint16_t* v = kv.v_block(b, h_kv, key0);
-    const int64_t skip = key_begin - key0, keys = round_up(cols, 32);
-    if (skip > 0 || cols < keys) {
-      std::memcpy(w.v16, v, size_t(keys * ld_v) * 2);
-      for (int64_t n = 0; n < keys; ++n) {
-        if (n >= skip && n < cols) continue;
-        uint16_t* pair_row = w.v16 + (n / 2) * 2 * ld_v + n % 2;
-        for (int64_t c = 0; c < ld_v; ++c) pair_row[2 * c] = 0;
-      }
-      v = w.v16;
-    }
+    const int64_t keys = round_up(cols, 32);
+    const uint16_t* v = rows_between(kv.v_block(b, h_kv, key0), keys, ld_v, key_begin - key0, cols, w.v16);
     amx_product(rows16, ld_v / 16, keys, w.p16, kBlockK, v, 2 * ld_v, w.o, ld_v, true);
   }
   fold_row_sums(rows, w.row_sum, w.sum_lanes);
@@ -262,7 +253,7 @@ void forward_typed(const AttentionProblem& whole) {
       const AttentionProblem& p = parts[part];
       const int64_t blocks = query_blocks(p);
       const int64_t bh = index / blocks, query0 = (index % blocks) * kBlockQ;
-      if (amx_applies(p) && p.seqlen_q - query0 > kFewRows) {
+      if (amx_applies(p)) {  // every block, so that the backward's S matches this one's bit for bit
         forward_block_amx(p, packed[part], bh / p.heads_q, bh % p.heads_q, query0);
       } else {
         forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, query0);
