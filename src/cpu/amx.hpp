@@ -241,6 +241,46 @@ inline bool softmax_visible_block(const float* s, int64_t ld_k, int64_t rows, fl
   return true;
 }
 
+// The backward's P and dS of a block every row sees whole, without mask, softcap or
+// dropout, in place of S (raw dot products) and dP: P = exp(scale * S - lse) and
+// dS = P * (dP - D) * scale, one pass over the tile (ld_k floats a row, ld_k of 16).
+// D is delta[r], or sum_j P_ij dP_ij where the row sees keys of this block only (as
+// softmax_gradient takes it). Returns false, changing nothing, where a row has no
+// finite LSE: the general path handles that.
+inline bool gradient_visible_block(const AttentionProblem& p, int64_t query0, int64_t rows, int64_t key0, int64_t cols,
+                                   float* s, float* dp, int64_t ld_k, const float* lse, const float* delta) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!(lse[r] > kNegInf<float>)) return false;
+  }
+  const float scale = float(p.scale);
+  const __m512 factor = _mm512_set1_ps(scale * kLog2e), scale_v = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s_row = s + r * ld_k;
+    float* dp_row = dp + r * ld_k;
+    const __m512 shift = _mm512_set1_ps(-lse[r] * kLog2e);
+    for (int64_t c = 0; c < ld_k; c += 16) {
+      _mm512_storeu_ps(s_row + c, exp2_vector(_mm512_fmadd_ps(_mm512_loadu_ps(s_row + c), factor, shift)));
+    }
+    float row_delta = delta[r];
+    const int64_t first_key = p.key_begin(query0 + r), end_key = p.key_end(query0 + r);
+    if (first_key / kBlockK == (end_key - 1) / kBlockK && first_key >= key0 && end_key <= key0 + cols) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t c = 0; c < ld_k; c += 16) {
+        sum = _mm512_fmadd_ps(_mm512_loadu_ps(s_row + c), _mm512_loadu_ps(dp_row + c), sum);
+      }
+      row_delta = lane_sum<float>(VectorOf<float>::type(sum));
+    }
+    const __m512 d = _mm512_set1_ps(row_delta);
+    for (int64_t c = 0; c < ld_k; c += 16) {
+      const __m512 prob = _mm512_loadu_ps(s_row + c);
+      _mm512_storeu_ps(dp_row + c,
+                       _mm512_mul_ps(_mm512_mul_ps(prob, _mm512_sub_ps(_mm512_loadu_ps(dp_row + c), d)), scale_v));
+    }
+  }
+  return true;
+}
+
 // Adds each row's lanes of sum_lanes into its row sum and clears them.
 inline void fold_row_sums(int64_t rows, float* row_sum, float* sum_lanes) {
   using V = VectorOf<float>::type;

@@ -237,10 +237,16 @@ void amx_tile_gradients(const AttentionProblem& p, const PackedBackward& pack, i
   const int64_t h_kv = h / p.group_size(), ld_k = round_up(cols, 16), rows16 = round_up(rows, 16);
   amx_product(rows16, ld_k / 16, pack.depth_qk(), pack.q(b, h, query0), pack.depth_qk(),
               pack.k_columns(b, h_kv, key0), 2 * kBlockK, w.p, ld_k, false);
-  compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p, p.softcap > 0.0 ? w.softcap_grad : nullptr);
   amx_product(rows16, ld_k / 16, pack.depth_v(), pack.dout(b, h, query0), pack.depth_v(),
               pack.v_columns(b, h_kv, key0), 2 * kBlockK, w.dp, ld_k, false);
-  softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, pack.lse(b, h, query0), pack.delta(b, h, query0), w);
+  const float* lse = pack.lse(b, h, query0);
+  const float* delta = pack.delta(b, h, query0);
+  // Blocks every row sees whole take one fused pass (the scale inside the exponent).
+  const bool visible = p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && cols == ld_k &&
+                       p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
+  if (visible && gradient_visible_block(p, query0, rows, key0, cols, w.p, w.dp, ld_k, lse, delta)) return;
+  compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p, p.softcap > 0.0 ? w.softcap_grad : nullptr);
+  softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, lse, delta, w);
 }
 
 // dQ of one query block: dQ += dS K over its key blocks.
