@@ -314,6 +314,59 @@ void amx_dkdv_block(const AttentionProblem& p, const PackedBackward& pack, int64
   }
 }
 
+// dQ, dK and dV of one key/value head in one pass (five products a tile instead of the
+// two passes' seven): key blocks in order, each over the query blocks of every query
+// head of the group, dK and dV stored after their block, dQ accumulated in the task's
+// own rows (in the same order of key blocks as amx_dq_block's) and stored at the end.
+void amx_head_backward(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h_kv,
+                       const BackwardScratch<float>& w) {
+  const AmxTiles tiles;
+  const int64_t ld_qk = pack.ld_qk(), ld_v = pack.ld_v(), group = p.group_size();
+  const int64_t query_rows = round_up(p.seqlen_q, kBlockQ);
+  std::vector<float> dq(size_t(group * query_rows * ld_qk), 0.0f);
+  float* dk_t = w.acc_a;  // [ld_qk][kBlockK]
+  float* dv_t = w.acc_b;  // [ld_v][kBlockK]
+  for (int64_t key0 = 0; key0 < p.seqlen_k; key0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, p.seqlen_k - key0), ld_k = round_up(cols, 16), keys = round_up(cols, 32);
+    std::fill(dk_t, dk_t + ld_qk * kBlockK, 0.0f);
+    std::fill(dv_t, dv_t + ld_v * kBlockK, 0.0f);
+    const int64_t query_begin = p.query_begin(key0);
+    const int64_t query_end = p.query_end(key0 + cols - 1);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = h_kv * group + g;
+      for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
+        const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows16 = round_up(rows, 16);
+        const int64_t rows32 = round_up(rows, 32);
+        amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
+        pack_float_row_pairs(p.has_dropout() ? w.p_dropped : w.p, ld_k, rows, rows32, ld_k / 16, w.p_pairs);
+        pack_float_row_pairs(w.dp, ld_k, rows, rows32, ld_k / 16, w.ds_pairs);
+        const int64_t begin = query_begin - query0, end = query_end - query0;
+        const uint16_t* dout_t = columns_between(pack.dout_t(b, h, query0), ld_v, begin, end, w.edge);
+        amx_product(ld_v, ld_k / 16, rows32, dout_t, kBlockQ, w.p_pairs, 2 * kBlockK, dv_t, kBlockK, true);
+        const uint16_t* q_t = columns_between(pack.q_t(b, h, query0), ld_qk, begin, end, w.edge);
+        amx_product(ld_qk, ld_k / 16, rows32, q_t, kBlockQ, w.ds_pairs, 2 * kBlockK, dk_t, kBlockK, true);
+        // dQ += dS K over the keys this query block sees (amx_dq_block's operands).
+        pack_probabilities(w.dp, ld_k, rows, ld_k, w.ds16);
+        const int64_t key_begin = p.key_begin(query0);
+        const uint16_t* k = rows_between(pack.k_rows(b, h_kv, key0), keys, ld_qk, key_begin - key0, cols, w.edge);
+        amx_product(rows16, ld_qk / 16, keys, w.ds16, kBlockK, k, 2 * ld_qk, dq.data() + (g * query_rows + query0) * ld_qk,
+                    ld_qk, true);
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      BFloat16* dk = p.dk.row<BFloat16>(b, h_kv, key0 + c);
+      BFloat16* dv = p.dv.row<BFloat16>(b, h_kv, key0 + c);
+      for (int64_t d = 0; d < p.head_dim_qk; ++d) dk[d] = bfloat16_from_float(dk_t[d * kBlockK + c]);
+      for (int64_t d = 0; d < p.head_dim_v; ++d) dv[d] = bfloat16_from_float(dv_t[d * kBlockK + c]);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t r = 0; r < p.seqlen_q; ++r) {
+      store_row(dq.data() + (g * query_rows + r) * ld_qk, p.head_dim_qk, 1.0f, p.dq.row<BFloat16>(b, h_kv * group + g, r));
+    }
+  }
+}
+
 // Problems the AMX forward takes (attention_fwd.cpp's amx_applies).
 bool amx_backward_applies(const AttentionProblem& p) { return p.seqlen_q >= 16; }
 
@@ -340,6 +393,21 @@ void amx_backward(const DenseParts& parts, int workers) {
     const auto w = thread_scratch<BackwardScratch<float>>(parts[part]);
     packed[part].pack(parts[part], index, w.q);
   });
+  // One pass a key/value head where the heads keep every worker busy; else the dQ and the dK/dV
+  // passes, whose tasks are blocks.
+  const PartTasks head_tasks(parts, [](const AttentionProblem& p) {
+    return amx_backward_applies(p) ? p.batch * p.heads_kv : int64_t(0);
+  });
+  const int64_t heads = head_tasks.total();
+  if (heads >= 4 * workers || (heads >= workers && heads % workers == 0)) {
+    parallel_for(heads, workers, [&](int64_t task, int) {
+      const auto [part, index] = head_tasks.locate(task);
+      const AttentionProblem& p = parts[part];
+      amx_head_backward(p, packed[part], index / p.heads_kv, index % p.heads_kv, thread_scratch<BackwardScratch<float>>(p));
+    });
+    trim_thread_packing_buffer(size_t(64) << 20);
+    return;
+  }
   const PartTasks dq_tasks(parts, [](const AttentionProblem& p) {
     return amx_backward_applies(p) ? p.batch * p.heads_q * query_blocks(p) : int64_t(0);
   });
@@ -387,7 +455,11 @@ void backward_typed(const AttentionProblem& whole) {
   for (const AttentionProblem& p : parts) {
     flops += 5.0 * p.batch * p.heads_q * p.seqlen_q * p.seqlen_k * (p.head_dim_qk + p.head_dim_v);
   }
-  const int workers = worker_count(whole.num_threads, std::max(dq_tasks.total(), dkdv_tasks.total()), flops);
+  int64_t blocks = 0;  // tasks of either pass, whichever kernels take them
+  for (const AttentionProblem& p : parts) {
+    blocks += std::max(p.batch * p.heads_q * query_blocks(p), p.batch * p.heads_kv * key_blocks(p));
+  }
+  const int workers = worker_count(whole.num_threads, blocks, flops);
 #if FJ_CPU_AMX
   if constexpr (std::is_same_v<T, BFloat16>) amx_backward(parts, workers);
 #endif
