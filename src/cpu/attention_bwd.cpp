@@ -146,6 +146,14 @@ void softmax_gradient(const AttentionProblem& p, int64_t b, int64_t h, int64_t q
   }
 }
 
+// Reloads the k rows of keys [key0, key0 + cols) (dq_product may have zeroed some).
+template <typename T, typename Acc>
+void load_key_rows(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0, int64_t cols,
+                   const BackwardScratch<Acc>& w) {
+  const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
+  pack_rows(p.k.row<const T>(b, h_kv, key0), p.k.stride_seq, cols, p.head_dim_qk, w.k, ld_qk);
+}
+
 // For the loaded query and key blocks: w.p = P, w.p_dropped = dropout(P) (when
 // dropout is on), w.dp = dS (already multiplied by softcap' and scale).
 template <typename Acc>
@@ -167,6 +175,17 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
   softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, w.lse, w.delta, w);
 }
 
+// dQ += dS K for a tile (w.dp, w.k loaded with its keys' rows), into dq (rows of ld_qk). Keys
+// of the block before the query block's first visible key take no part (0 * inf is NaN).
+template <typename Acc>
+void dq_product(const AttentionProblem& p, int64_t query0, int64_t rows, int64_t key0, int64_t cols,
+                const BackwardScratch<Acc>& w, Acc* dq) {
+  const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
+  const int64_t skip = std::min(cols, p.key_begin(query0) - key0);
+  if (skip > 0) std::fill(w.k, w.k + skip * ld_qk, Acc(0));
+  gemm(rows, ld_qk, cols, w.dp, round_up(cols, kLanes<Acc>), w.k, ld_qk, dq, ld_qk, true);
+}
+
 template <typename T, typename Acc>
 void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0,
               const BackwardScratch<Acc>& w) {
@@ -177,12 +196,13 @@ void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0,
   std::fill(w.acc_a, w.acc_a + rows * ld_qk, Acc(0));
   const int64_t key_begin = p.key_begin(query0);
   const int64_t key_end = p.key_end(query0 + rows - 1);
-  for (int64_t key0 = key_begin; key0 < key_end; key0 += kBlockK) {
+  // Key blocks aligned to kBlockK, as dkdv_block's and head_backward's: each element of dQ sums
+  // the same blocks in the same order in either schedule.
+  for (int64_t key0 = key_begin / kBlockK * kBlockK; key0 < key_end; key0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, key_end - key0);
     load_key_block<T>(p, b, h_kv, key0, cols, true, w);
     tile_gradients(p, b, h, query0, rows, key0, cols, w);
-    // dQ += dS K
-    gemm(rows, ld_qk, cols, w.dp, round_up(cols, kLanes<Acc>), w.k, ld_qk, w.acc_a, ld_qk, true);
+    dq_product(p, query0, rows, key0, cols, w, w.acc_a);
   }
   for (int64_t r = 0; r < rows; ++r)
     store_row(w.acc_a + r * ld_qk, p.head_dim_qk, Acc(1), p.dq.row<T>(b, h, query0 + r));
@@ -221,8 +241,57 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
   }
 }
 
+// dQ, dK and dV of one key/value head in one pass (five products a tile instead of the two
+// passes' seven): dkdv_block's loops over aligned key blocks, with dQ += dS K of each tile
+// summed in the task's own rows in the order dq_block sums them, and stored at the end.
+template <typename T, typename Acc>
+void head_backward(const AttentionProblem& p, int64_t b, int64_t h_kv, const BackwardScratch<Acc>& w) {
+  const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
+  const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
+  const int64_t group = p.group_size();
+  std::vector<Acc> dq(size_t(group * p.seqlen_q * ld_qk), Acc(0));
+  for (int64_t key0 = 0; key0 < p.seqlen_k; key0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, p.seqlen_k - key0);
+    const int64_t ld_k = round_up(cols, kLanes<Acc>);
+    load_key_block<T>(p, b, h_kv, key0, cols, true, w);
+    std::fill(w.acc_a, w.acc_a + cols * ld_qk, Acc(0));
+    std::fill(w.acc_b, w.acc_b + cols * ld_v, Acc(0));
+    const int64_t query_begin = p.query_begin(key0);
+    const int64_t query_end = p.query_end(key0 + cols - 1);
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = h_kv * group + g;
+      for (int64_t query0 = query_begin; query0 < query_end; query0 += kBlockQ) {
+        const int64_t rows = std::min(kBlockQ, query_end - query0);
+        load_query_block<T>(p, b, h, query0, rows, w);
+        tile_gradients(p, b, h, query0, rows, key0, cols, w);
+        const Acc* p_used = p.has_dropout() ? w.p_dropped : w.p;
+        transpose(p_used, ld_k, rows, cols, w.transposed, rows);
+        gemm(cols, ld_v, rows, w.transposed, rows, w.dout, ld_v, w.acc_b, ld_v, true);
+        transpose(w.dp, ld_k, rows, cols, w.transposed, rows);
+        gemm(cols, ld_qk, rows, w.transposed, rows, w.q, ld_qk, w.acc_a, ld_qk, true);
+        // Last: dq_product zeroes the rows of w.k this query block does not see.
+        dq_product(p, query0, rows, key0, cols, w, dq.data() + (g * p.seqlen_q + query0) * ld_qk);
+        if (p.key_begin(query0) > key0) load_key_rows<T>(p, b, h_kv, key0, cols, w);
+      }
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      store_row(w.acc_a + c * ld_qk, p.head_dim_qk, Acc(1), p.dk.row<T>(b, h_kv, key0 + c));
+      store_row(w.acc_b + c * ld_v, p.head_dim_v, Acc(1), p.dv.row<T>(b, h_kv, key0 + c));
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t r = 0; r < p.seqlen_q; ++r) {
+      store_row(dq.data() + (g * p.seqlen_q + r) * ld_qk, p.head_dim_qk, Acc(1), p.dq.row<T>(b, h_kv * group + g, r));
+    }
+  }
+}
+
 int64_t query_blocks(const AttentionProblem& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
 int64_t key_blocks(const AttentionProblem& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
+
+// Whether a call's backward takes one pass a key/value head: where its `heads` tasks keep every
+// worker busy (many of them, or a multiple of the workers).
+bool one_pass(int64_t heads, int workers) { return heads >= 4 * workers || (heads >= workers && heads % workers == 0); }
 
 #if FJ_CPU_AMX
 // The AMX backward (bfloat16, problems the AMX forward takes): the dQ and dK/dV passes of
@@ -399,7 +468,7 @@ void amx_backward(const DenseParts& parts, int workers) {
     return amx_backward_applies(p) ? p.batch * p.heads_kv : int64_t(0);
   });
   const int64_t heads = head_tasks.total();
-  if (heads >= 4 * workers || (heads >= workers && heads % workers == 0)) {
+  if (one_pass(heads, workers)) {
     parallel_for(heads, workers, [&](int64_t task, int) {
       const auto [part, index] = head_tasks.locate(task);
       const AttentionProblem& p = parts[part];
@@ -463,6 +532,17 @@ void backward_typed(const AttentionProblem& whole) {
 #if FJ_CPU_AMX
   if constexpr (std::is_same_v<T, BFloat16>) amx_backward(parts, workers);
 #endif
+  // One pass a key/value head where the heads keep every worker busy (one_pass, as the AMX
+  // kernels choose); else the dQ and the dK/dV passes over blocks. Both give the same bits.
+  const PartTasks head_tasks(parts, [&](const AttentionProblem& p) { return here(p) ? p.batch * p.heads_kv : int64_t(0); });
+  if (one_pass(head_tasks.total(), workers)) {
+    parallel_for(head_tasks.total(), workers, [&](int64_t task, int) {
+      const auto [part, index] = head_tasks.locate(task);
+      const AttentionProblem& p = parts[part];
+      head_backward<T, Acc>(p, index / p.heads_kv, index % p.heads_kv, thread_scratch<BackwardScratch<Acc>>(p));
+    });
+    return;
+  }
   parallel_for(dq_tasks.total(), workers, [&](int64_t task, int) {
     const auto [part, index] = dq_tasks.locate(task);
     const AttentionProblem& p = parts[part];
