@@ -94,28 +94,46 @@ inline void amx_tile_product(int64_t steps, const uint16_t* a, int64_t lda, int6
 
 // C[rows16 x 16 col_tiles] (+)= A[rows16 x depth] B, A row-major bfloat16 (lda
 // elements a row), B in pair rows of ldb elements (2 per column), 16 columns a
-// tile; rows16 a multiple of 16, depth of 32.
-inline void amx_product(int64_t rows16, int64_t col_tiles, int64_t depth, const uint16_t* a, int64_t lda,
-                        const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  const int64_t steps = depth / 32, b_step = 16 * ldb;
-  for (int64_t m = 0; m < rows16; m += 32) {
-    const bool two_rows = m + 32 <= rows16;
-    for (int64_t n = 0; n < col_tiles; n += 2) {
-      const bool two_cols = n + 2 <= col_tiles;
-      const uint16_t* am = a + m * lda;
-      const uint16_t* bn = b + n * 32;
-      float* cmn = c + m * ldc + n * 16;
-      if (two_rows && two_cols) {
-        amx_tile_product<2, 2>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
-      } else if (two_rows) {
-        amx_tile_product<2, 1>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
-      } else if (two_cols) {
-        amx_tile_product<1, 2>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
-      } else {
-        amx_tile_product<1, 1>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
-      }
+// tile; rows16 a multiple of 16, depth of 32. In pieces of up to 2 x 2 tiles, so that
+// a caller can issue them one at a time between other work (the tile unit then runs
+// beside the vector units).
+struct AmxProduct {
+  int64_t rows16 = 0, col_tiles = 0, depth = 0;
+  const uint16_t* a = nullptr;
+  int64_t lda = 0;
+  const uint16_t* b = nullptr;
+  int64_t ldb = 0;
+  float* c = nullptr;
+  int64_t ldc = 0;
+  bool accumulate = false;
+
+  int64_t pieces() const { return (rows16 + 31) / 32 * ((col_tiles + 1) / 2); }
+  void piece(int64_t i) const {
+    const int64_t col_pairs = (col_tiles + 1) / 2;
+    const int64_t m = i / col_pairs * 32, n = i % col_pairs * 2;
+    const int64_t steps = depth / 32, b_step = 16 * ldb;
+    const bool two_rows = m + 32 <= rows16, two_cols = n + 2 <= col_tiles;
+    const uint16_t* am = a + m * lda;
+    const uint16_t* bn = b + n * 32;
+    float* cmn = c + m * ldc + n * 16;
+    if (two_rows && two_cols) {
+      amx_tile_product<2, 2>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
+    } else if (two_rows) {
+      amx_tile_product<2, 1>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
+    } else if (two_cols) {
+      amx_tile_product<1, 2>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
+    } else {
+      amx_tile_product<1, 1>(steps, am, lda, 16 * lda, bn, ldb, 32, b_step, cmn, ldc, accumulate);
     }
   }
+  void all() const {
+    for (int64_t i = 0; i < pieces(); ++i) piece(i);
+  }
+};
+
+inline void amx_product(int64_t rows16, int64_t col_tiles, int64_t depth, const uint16_t* a, int64_t lda,
+                        const uint16_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  AmxProduct{rows16, col_tiles, depth, a, lda, b, ldb, c, ldc, accumulate}.all();
 }
 
 // dst[r][c] = src row r's bfloat16 bits for c < cols, 0 up to ld; rows up to rows16 zero.
@@ -183,9 +201,11 @@ inline constexpr float kRebaseSlack = 8.0f;
 // some lane passes base + kRebaseSlack. Returns false, changing nothing, where a row
 // without a base yet has no number to take one from (all NaN or -inf): the general
 // path handles that.
+// between(r) runs after every 16 rows of the exponentials (r rows done) and after the last.
+template <typename Between>
 inline bool softmax_visible_block(const float* s, int64_t ld_k, int64_t rows, float scale,
                                   float* row_max, float* row_sum, float* sum_lanes, float* o, int64_t ld_v,
-                                  uint16_t* p) {
+                                  uint16_t* p, Between between) {
   using V = VectorOf<float>::type;
   constexpr int64_t L = kLanes<float>;
   constexpr float kLog2e = 1.44269504088896341f;
@@ -237,6 +257,7 @@ inline bool softmax_visible_block(const float* s, int64_t ld_k, int64_t rows, fl
     }
     _mm512_storeu_ps(lanes, total);
     std::fill(p_row + c, p_row + kBlockK, uint16_t(0));
+    if ((r + 1) % 16 == 0 || r + 1 == rows) between(r + 1);
   }
   return true;
 }

@@ -23,6 +23,7 @@ struct ForwardScratch {
   Acc *q, *k_t, *k_rows, *v, *s, *o, *row_max, *row_sum;
   uint8_t* keep;
   uint16_t *q16, *p16, *v16;  // bfloat16 tiles of the AMX kernels: Q, P, an edge block of V pairs
+  Acc* s_next;                 // the AMX kernels' S of the next key block, computed during this one's softmax
   float* sum_lanes;            // the AMX kernels' row sums in vector lanes (softmax_visible_block)
 
   void carve(const AttentionProblem& p, ScratchSlicer& slicer) {
@@ -43,6 +44,7 @@ struct ForwardScratch {
     p16 = slicer.take<uint16_t>(kBlockQ * kBlockK);
     v16 = slicer.take<uint16_t>(kBlockK * ld_v);
     sum_lanes = slicer.take<float>(kBlockQ * kLanes<float>);
+    s_next = slicer.take<Acc>(kBlockQ * ld_k);
 #endif
   }
 };
@@ -194,19 +196,36 @@ void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b,
   const int64_t key_begin = p.key_begin(query0);
   const int64_t key_end = p.key_end(query0 + rows - 1);
   const bool plain = p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && p.scale > 0;
-  for (int64_t key0 = key_begin / kBlockK * kBlockK; key0 < key_end; key0 += kBlockK) {
+  // S of a key block: into one of two buffers, the next block's in pieces between the rows of
+  // this block's exponentials, so that the tile unit runs beside the vector units.
+  float* s_buffers[2] = {w.s, w.s_next};
+  const auto s_product = [&](int64_t key0, float* s) {
+    const int64_t ld_k = round_up(std::min(kBlockK, key_end - key0), 16);
+    return AmxProduct{rows16, ld_k / 16, depth, w.q16, depth, kv.k_block(b, h_kv, key0), 2 * kBlockK, s, ld_k, false};
+  };
+  const int64_t first_key = key_begin / kBlockK * kBlockK;
+  s_product(first_key, s_buffers[0]).all();
+  for (int64_t key0 = first_key, which = 0; key0 < key_end; key0 += kBlockK, which ^= 1) {
     const int64_t cols = std::min(kBlockK, key_end - key0);  // the rest of the block is seen by no row
     const int64_t ld_k = round_up(cols, 16);
-    amx_product(rows16, ld_k / 16, depth, w.q16, depth, kv.k_block(b, h_kv, key0), 2 * kBlockK, w.s, ld_k, false);
+    ForwardScratch<float> ws = w;
+    ws.s = s_buffers[which];
+    const AmxProduct next = key0 + kBlockK < key_end ? s_product(key0 + kBlockK, s_buffers[which ^ 1]) : AmxProduct{};
+    const int64_t pieces = next.pieces();
+    int64_t issued = 0;
+    const auto between = [&](int64_t rows_done) {
+      for (const int64_t due = pieces * rows_done / rows; issued < due;) next.piece(issued++);
+    };
     // Blocks every row sees whole take the fused step (the scale inside the exponent).
     const bool visible = plain && cols == ld_k && p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
-    if (!visible || !softmax_visible_block(w.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum,
-                                           w.sum_lanes, w.o, ld_v, w.p16)) {
+    if (!visible || !softmax_visible_block(ws.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum, w.sum_lanes, w.o,
+                                           ld_v, w.p16, between)) {
       fold_row_sums(rows, w.row_sum, w.sum_lanes);
-      compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s, static_cast<float*>(nullptr));
-      online_softmax(p, w, b, h, query0, rows, key0, cols, ld_k, ld_v);
-      pack_probabilities(w.s, ld_k, rows, ld_k, w.p16);
+      compute_logits(p, b, h, query0, rows, key0, cols, ld_k, ws.s, static_cast<float*>(nullptr));
+      online_softmax(p, ws, b, h, query0, rows, key0, cols, ld_k, ld_v);
+      pack_probabilities(ws.s, ld_k, rows, ld_k, w.p16);
     }
+    while (issued < pieces) next.piece(issued++);
     // Keys of the block that no row sees take no part in the product (0 * inf would be NaN).
     const int64_t keys = round_up(cols, 32);
     const uint16_t* v = rows_between(kv.v_block(b, h_kv, key0), keys, ld_v, key_begin - key0, cols, w.v16);
