@@ -13,6 +13,9 @@
 #if FJ_CPU_AMX
 #include "cpu/amx.hpp"
 #endif
+#if FJ_CPU_VECTOR_BYTES == 64
+#include "cpu/softmax512.hpp"
+#endif
 
 namespace flashjit::cpu::FJ_CPU_ISA {
 namespace {
@@ -24,7 +27,7 @@ struct ForwardScratch {
   uint8_t* keep;
   uint16_t *q16, *p16, *v16;  // bfloat16 tiles of the AMX kernels: Q, P, an edge block of V pairs
   Acc* s_next;                 // the AMX kernels' S of the next key block, computed during this one's softmax
-  float* sum_lanes;            // the AMX kernels' row sums in vector lanes (softmax_visible_block)
+  float* sum_lanes;            // AVX-512: row sums in vector lanes (softmax_visible_block)
 
   void carve(const AttentionProblem& p, ScratchSlicer& slicer) {
     const int64_t ld_k = round_up(kBlockK, kLanes<Acc>);
@@ -39,11 +42,13 @@ struct ForwardScratch {
     row_max = slicer.take<Acc>(kBlockQ);
     row_sum = slicer.take<Acc>(kBlockQ);
     keep = slicer.take<uint8_t>(kBlockK);
+#if FJ_CPU_VECTOR_BYTES == 64
+    sum_lanes = slicer.take<float>(kBlockQ * kLanes<float>);
+#endif
 #if FJ_CPU_AMX
     q16 = slicer.take<uint16_t>(kBlockQ * round_up(p.head_dim_qk, 32));
     p16 = slicer.take<uint16_t>(kBlockQ * kBlockK);
     v16 = slicer.take<uint16_t>(kBlockK * ld_v);
-    sum_lanes = slicer.take<float>(kBlockQ * kLanes<float>);
     s_next = slicer.take<Acc>(kBlockQ * ld_k);
 #endif
   }
@@ -127,6 +132,10 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   std::fill(w.o, w.o + rows * ld_v, Acc(0));
   std::fill(w.row_max, w.row_max + rows, kNegInf<Acc>);
   std::fill(w.row_sum, w.row_sum + rows, Acc(0));
+#if FJ_CPU_VECTOR_BYTES == 64
+  std::fill(w.sum_lanes, w.sum_lanes + rows * kLanes<float>, 0.0f);
+  const bool plain = p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && p.scale > 0;
+#endif
 
   // Keys visible to some row of the block (the bounds are monotone in the row).
   const int64_t key_begin = p.key_begin(query0);
@@ -158,6 +167,19 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
       pack_transposed(p.key_row<const T>(p.k, b, h_kv, key0), p.k.stride_seq, cols, d_qk, w.k_t, ld_k);
       gemm(rows, ld_k, d_qk, w.q, ld_qk, w.k_t, ld_k, w.s, ld_k, false);
     }
+#if FJ_CPU_VECTOR_BYTES == 64
+    // Blocks every row sees whole take the fused step (softmax512.hpp); P goes over S.
+    if constexpr (std::is_same_v<Acc, float>) {
+      const bool visible = plain && !few_rows && cols == ld_k && p.key_begin(query0 + rows - 1) <= key0 &&
+                           p.key_end(query0) >= key0 + cols;
+      if (visible && softmax_visible_block(w.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum, w.sum_lanes, w.o,
+                                           ld_v, FloatInPlace{w.s, ld_k}, no_work)) {
+        gemm(rows, ld_v, cols, w.s, ld_k, v_tile, ld_v_tile, w.o, ld_v, true);
+        continue;
+      }
+      fold_row_sums(rows, w.row_sum, w.sum_lanes);
+    }
+#endif
     compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.s, static_cast<Acc*>(nullptr));
 
     online_softmax(p, w, b, h, query0, rows, key0, cols, ld_k, ld_v);
@@ -165,6 +187,9 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
     gemm(rows, ld_v, cols, w.s, ld_k, v_tile, ld_v_tile, w.o, ld_v, true);
   }
 
+#if FJ_CPU_VECTOR_BYTES == 64
+  if constexpr (std::is_same_v<Acc, float>) fold_row_sums(rows, w.row_sum, w.sum_lanes);
+#endif
   finish_rows<T>(p, w, b, h, query0, rows, ld_v);
 }
 
@@ -219,7 +244,7 @@ void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b,
     // Blocks every row sees whole take the fused step (the scale inside the exponent).
     const bool visible = plain && cols == ld_k && p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
     if (!visible || !softmax_visible_block(ws.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum, w.sum_lanes, w.o,
-                                           ld_v, w.p16, between)) {
+                                           ld_v, BfloatRows{w.p16}, between)) {
       fold_row_sums(rows, w.row_sum, w.sum_lanes);
       compute_logits(p, b, h, query0, rows, key0, cols, ld_k, ws.s, static_cast<float*>(nullptr));
       online_softmax(p, ws, b, h, query0, rows, key0, cols, ld_k, ld_v);
