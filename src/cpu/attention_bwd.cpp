@@ -16,6 +16,9 @@
 #if FJ_CPU_AMX
 #include "cpu/amx.hpp"
 #endif
+#if FJ_CPU_VECTOR_BYTES == 64
+#include "cpu/softmax512.hpp"
+#endif
 
 namespace flashjit::cpu::FJ_CPU_ISA {
 namespace {
@@ -169,9 +172,17 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
   // Rows the forward took as row-by-row dot products, in its order (first_few_row; k rows loaded).
   const int64_t few = std::max(query0, first_few_row(p.seqlen_q)) - query0;
   if (few < rows) gemm_abt_rows(rows - few, cols, ld_qk, w.q + few * ld_qk, ld_qk, w.k, ld_qk, w.p + few * ld_k, ld_k);
+  gemm(rows, ld_k, p.head_dim_v, w.dout, ld_v, w.v_t, ld_k, w.dp, ld_k, false);
+#if FJ_CPU_VECTOR_BYTES == 64
+  // Blocks every row sees whole take P and dS in one fused pass (softmax512.hpp).
+  if constexpr (std::is_same_v<Acc, float>) {
+    const bool visible = p.mask_kind == MaskKind::kNone && !softcap && !p.has_dropout() && cols == ld_k &&
+                         p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
+    if (visible && gradient_visible_block(p, query0, rows, key0, cols, w.p, w.dp, ld_k, w.lse, w.delta)) return;
+  }
+#endif
   compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p,
                  softcap ? w.softcap_grad : static_cast<Acc*>(nullptr));
-  gemm(rows, ld_k, p.head_dim_v, w.dout, ld_v, w.v_t, ld_k, w.dp, ld_k, false);
   softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, w.lse, w.delta, w);
 }
 
