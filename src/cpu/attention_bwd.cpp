@@ -219,20 +219,23 @@ void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0,
     store_row(w.acc_a + r * ld_qk, p.head_dim_qk, Acc(1), p.dq.row<T>(b, h, query0 + r));
 }
 
+// dK and dV of one key block over the query blocks of every query head of its group; with dq
+// (group x seqlen_q rows of ld_qk, head_backward's) also dQ += dS K of each tile into it.
 template <typename T, typename Acc>
-void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0,
-                const BackwardScratch<Acc>& w) {
+void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0, const BackwardScratch<Acc>& w,
+                Acc* dq = nullptr) {
   const int64_t cols = std::min(kBlockK, p.seqlen_k - key0);
   const int64_t ld_k = round_up(cols, kLanes<Acc>);
   const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
   const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
-  load_key_block<T>(p, b, h_kv, key0, cols, first_few_row(p.seqlen_q) < p.seqlen_q, w);
+  load_key_block<T>(p, b, h_kv, key0, cols, dq != nullptr || first_few_row(p.seqlen_q) < p.seqlen_q, w);
   std::fill(w.acc_a, w.acc_a + cols * ld_qk, Acc(0));
   std::fill(w.acc_b, w.acc_b + cols * ld_v, Acc(0));
   const int64_t query_begin = p.query_begin(key0);
   const int64_t query_end = p.query_end(key0 + cols - 1);
   const int64_t group = p.group_size();
-  for (int64_t h = h_kv * group; h < (h_kv + 1) * group; ++h) {
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = h_kv * group + g;
     for (int64_t query0 = query_begin; query0 < query_end; query0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, query_end - query0);
       load_query_block<T>(p, b, h, query0, rows, w);
@@ -244,6 +247,11 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
       // dK += dS^T Q
       transpose(w.dp, ld_k, rows, cols, w.transposed, rows);
       gemm(cols, ld_qk, rows, w.transposed, rows, w.q, ld_qk, w.acc_a, ld_qk, true);
+      if (dq != nullptr) {
+        // Last: dq_product zeroes the rows of w.k this query block does not see.
+        dq_product(p, query0, rows, key0, cols, w, dq + (g * p.seqlen_q + query0) * ld_qk);
+        if (p.key_begin(query0) > key0) load_key_rows<T>(p, b, h_kv, key0, cols, w);
+      }
     }
   }
   for (int64_t c = 0; c < cols; ++c) {
@@ -253,43 +261,15 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
 }
 
 // dQ, dK and dV of one key/value head in one pass (five products a tile instead of the two
-// passes' seven): dkdv_block's loops over aligned key blocks, with dQ += dS K of each tile
-// summed in the task's own rows in the order dq_block sums them, and stored at the end.
+// passes' seven): dkdv_block over the head's key blocks, with dQ += dS K of each tile summed
+// in the task's own rows in the order dq_block sums them (key blocks aligned to kBlockK, in
+// order), stored at the end.
 template <typename T, typename Acc>
 void head_backward(const AttentionProblem& p, int64_t b, int64_t h_kv, const BackwardScratch<Acc>& w) {
   const int64_t ld_qk = round_up(p.head_dim_qk, kLanes<Acc>);
-  const int64_t ld_v = round_up(p.head_dim_v, kLanes<Acc>);
   const int64_t group = p.group_size();
   std::vector<Acc> dq(size_t(group * p.seqlen_q * ld_qk), Acc(0));
-  for (int64_t key0 = 0; key0 < p.seqlen_k; key0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, p.seqlen_k - key0);
-    const int64_t ld_k = round_up(cols, kLanes<Acc>);
-    load_key_block<T>(p, b, h_kv, key0, cols, true, w);
-    std::fill(w.acc_a, w.acc_a + cols * ld_qk, Acc(0));
-    std::fill(w.acc_b, w.acc_b + cols * ld_v, Acc(0));
-    const int64_t query_begin = p.query_begin(key0);
-    const int64_t query_end = p.query_end(key0 + cols - 1);
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = h_kv * group + g;
-      for (int64_t query0 = query_begin; query0 < query_end; query0 += kBlockQ) {
-        const int64_t rows = std::min(kBlockQ, query_end - query0);
-        load_query_block<T>(p, b, h, query0, rows, w);
-        tile_gradients(p, b, h, query0, rows, key0, cols, w);
-        const Acc* p_used = p.has_dropout() ? w.p_dropped : w.p;
-        transpose(p_used, ld_k, rows, cols, w.transposed, rows);
-        gemm(cols, ld_v, rows, w.transposed, rows, w.dout, ld_v, w.acc_b, ld_v, true);
-        transpose(w.dp, ld_k, rows, cols, w.transposed, rows);
-        gemm(cols, ld_qk, rows, w.transposed, rows, w.q, ld_qk, w.acc_a, ld_qk, true);
-        // Last: dq_product zeroes the rows of w.k this query block does not see.
-        dq_product(p, query0, rows, key0, cols, w, dq.data() + (g * p.seqlen_q + query0) * ld_qk);
-        if (p.key_begin(query0) > key0) load_key_rows<T>(p, b, h_kv, key0, cols, w);
-      }
-    }
-    for (int64_t c = 0; c < cols; ++c) {
-      store_row(w.acc_a + c * ld_qk, p.head_dim_qk, Acc(1), p.dk.row<T>(b, h_kv, key0 + c));
-      store_row(w.acc_b + c * ld_v, p.head_dim_v, Acc(1), p.dv.row<T>(b, h_kv, key0 + c));
-    }
-  }
+  for (int64_t key0 = 0; key0 < p.seqlen_k; key0 += kBlockK) dkdv_block<T>(p, b, h_kv, key0, w, dq.data());
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t r = 0; r < p.seqlen_q; ++r) {
       store_row(dq.data() + (g * p.seqlen_q + r) * ld_qk, p.head_dim_qk, Acc(1), p.dq.row<T>(b, h_kv * group + g, r));
@@ -329,6 +309,16 @@ void amx_tile_gradients(const AttentionProblem& p, const PackedBackward& pack, i
   softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, lse, delta, w);
 }
 
+// dQ += dS K for a tile (w.dp from amx_tile_gradients) into dq (rows of ld_qk). Keys of the
+// block that no row of the query block sees take no part (0 * inf would be NaN).
+void amx_dq_product(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h_kv, int64_t query0,
+                    int64_t rows, int64_t key0, int64_t cols, const BackwardScratch<float>& w, float* dq) {
+  const int64_t ld_k = round_up(cols, 16), keys = round_up(cols, 32), ld_qk = pack.ld_qk();
+  pack_probabilities(w.dp, ld_k, rows, ld_k, w.ds16);
+  const uint16_t* k = rows_between(pack.k_rows(b, h_kv, key0), keys, ld_qk, p.key_begin(query0) - key0, cols, w.edge);
+  amx_product(round_up(rows, 16), ld_qk / 16, keys, w.ds16, kBlockK, k, 2 * ld_qk, dq, ld_qk, true);
+}
+
 // dQ of one query block: dQ += dS K over its key blocks.
 void amx_dq_block(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h, int64_t query0,
                   const BackwardScratch<float>& w) {
@@ -339,12 +329,9 @@ void amx_dq_block(const AttentionProblem& p, const PackedBackward& pack, int64_t
   const int64_t key_begin = p.key_begin(query0);
   const int64_t key_end = p.key_end(query0 + rows - 1);
   for (int64_t key0 = key_begin / kBlockK * kBlockK; key0 < key_end; key0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, key_end - key0), ld_k = round_up(cols, 16), keys = round_up(cols, 32);
+    const int64_t cols = std::min(kBlockK, key_end - key0);
     amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
-    pack_probabilities(w.dp, ld_k, rows, ld_k, w.ds16);
-    // Keys of the block that no row sees take no part (0 * inf would be NaN).
-    const uint16_t* k = rows_between(pack.k_rows(b, h_kv, key0), keys, ld_qk, key_begin - key0, cols, w.edge);
-    amx_product(rows16, ld_qk / 16, keys, w.ds16, kBlockK, k, 2 * ld_qk, w.acc_a, ld_qk, true);
+    amx_dq_product(p, pack, b, h_kv, query0, rows, key0, cols, w, w.acc_a);
   }
   for (int64_t r = 0; r < rows; ++r) store_row(w.acc_a + r * ld_qk, p.head_dim_qk, 1.0f, p.dq.row<BFloat16>(b, h, query0 + r));
 }
@@ -359,9 +346,10 @@ const uint16_t* columns_between(const uint16_t* rows, int64_t ld, int64_t begin,
 }
 
 // dK and dV of one key block: dV^T += dO^T dropout(P) and dK^T += Q^T dS over the query
-// blocks of every query head of its group, then stored transposed.
+// blocks of every query head of its group, then stored transposed; with dq (group x
+// query_rows rows of ld_qk, amx_head_backward's) also dQ += dS K of each tile into it.
 void amx_dkdv_block(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h_kv, int64_t key0,
-                    const BackwardScratch<float>& w) {
+                    const BackwardScratch<float>& w, float* dq = nullptr, int64_t query_rows = 0) {
   const AmxTiles tiles;
   const int64_t cols = std::min(kBlockK, p.seqlen_k - key0), ld_k = round_up(cols, 16);
   const int64_t ld_qk = pack.ld_qk(), ld_v = pack.ld_v();
@@ -372,7 +360,8 @@ void amx_dkdv_block(const AttentionProblem& p, const PackedBackward& pack, int64
   const int64_t query_begin = p.query_begin(key0);
   const int64_t query_end = p.query_end(key0 + cols - 1);
   const int64_t group = p.group_size();
-  for (int64_t h = h_kv * group; h < (h_kv + 1) * group; ++h) {
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = h_kv * group + g;
     for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows32 = round_up(rows, 32);
       amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
@@ -384,6 +373,9 @@ void amx_dkdv_block(const AttentionProblem& p, const PackedBackward& pack, int64
       amx_product(ld_v, ld_k / 16, rows32, dout_t, kBlockQ, w.p_pairs, 2 * kBlockK, dv_t, kBlockK, true);
       const uint16_t* q_t = columns_between(pack.q_t(b, h, query0), ld_qk, begin, end, w.edge);
       amx_product(ld_qk, ld_k / 16, rows32, q_t, kBlockQ, w.ds_pairs, 2 * kBlockK, dk_t, kBlockK, true);
+      if (dq != nullptr) {
+        amx_dq_product(p, pack, b, h_kv, query0, rows, key0, cols, w, dq + (g * query_rows + query0) * ld_qk);
+      }
     }
   }
   for (int64_t c = 0; c < cols; ++c) {
@@ -395,51 +387,14 @@ void amx_dkdv_block(const AttentionProblem& p, const PackedBackward& pack, int64
 }
 
 // dQ, dK and dV of one key/value head in one pass (five products a tile instead of the
-// two passes' seven): key blocks in order, each over the query blocks of every query
-// head of the group, dK and dV stored after their block, dQ accumulated in the task's
-// own rows (in the same order of key blocks as amx_dq_block's) and stored at the end.
+// two passes' seven): amx_dkdv_block over the head's key blocks in order, dQ accumulated in
+// the task's own rows (in amx_dq_block's order of key blocks) and stored at the end.
 void amx_head_backward(const AttentionProblem& p, const PackedBackward& pack, int64_t b, int64_t h_kv,
                        const BackwardScratch<float>& w) {
-  const AmxTiles tiles;
-  const int64_t ld_qk = pack.ld_qk(), ld_v = pack.ld_v(), group = p.group_size();
+  const int64_t ld_qk = pack.ld_qk(), group = p.group_size();
   const int64_t query_rows = round_up(p.seqlen_q, kBlockQ);
   std::vector<float> dq(size_t(group * query_rows * ld_qk), 0.0f);
-  float* dk_t = w.acc_a;  // [ld_qk][kBlockK]
-  float* dv_t = w.acc_b;  // [ld_v][kBlockK]
-  for (int64_t key0 = 0; key0 < p.seqlen_k; key0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, p.seqlen_k - key0), ld_k = round_up(cols, 16), keys = round_up(cols, 32);
-    std::fill(dk_t, dk_t + ld_qk * kBlockK, 0.0f);
-    std::fill(dv_t, dv_t + ld_v * kBlockK, 0.0f);
-    const int64_t query_begin = p.query_begin(key0);
-    const int64_t query_end = p.query_end(key0 + cols - 1);
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = h_kv * group + g;
-      for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
-        const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows16 = round_up(rows, 16);
-        const int64_t rows32 = round_up(rows, 32);
-        amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
-        pack_float_row_pairs(p.has_dropout() ? w.p_dropped : w.p, ld_k, rows, rows32, ld_k / 16, w.p_pairs);
-        pack_float_row_pairs(w.dp, ld_k, rows, rows32, ld_k / 16, w.ds_pairs);
-        const int64_t begin = query_begin - query0, end = query_end - query0;
-        const uint16_t* dout_t = columns_between(pack.dout_t(b, h, query0), ld_v, begin, end, w.edge);
-        amx_product(ld_v, ld_k / 16, rows32, dout_t, kBlockQ, w.p_pairs, 2 * kBlockK, dv_t, kBlockK, true);
-        const uint16_t* q_t = columns_between(pack.q_t(b, h, query0), ld_qk, begin, end, w.edge);
-        amx_product(ld_qk, ld_k / 16, rows32, q_t, kBlockQ, w.ds_pairs, 2 * kBlockK, dk_t, kBlockK, true);
-        // dQ += dS K over the keys this query block sees (amx_dq_block's operands).
-        pack_probabilities(w.dp, ld_k, rows, ld_k, w.ds16);
-        const int64_t key_begin = p.key_begin(query0);
-        const uint16_t* k = rows_between(pack.k_rows(b, h_kv, key0), keys, ld_qk, key_begin - key0, cols, w.edge);
-        amx_product(rows16, ld_qk / 16, keys, w.ds16, kBlockK, k, 2 * ld_qk, dq.data() + (g * query_rows + query0) * ld_qk,
-                    ld_qk, true);
-      }
-    }
-    for (int64_t c = 0; c < cols; ++c) {
-      BFloat16* dk = p.dk.row<BFloat16>(b, h_kv, key0 + c);
-      BFloat16* dv = p.dv.row<BFloat16>(b, h_kv, key0 + c);
-      for (int64_t d = 0; d < p.head_dim_qk; ++d) dk[d] = bfloat16_from_float(dk_t[d * kBlockK + c]);
-      for (int64_t d = 0; d < p.head_dim_v; ++d) dv[d] = bfloat16_from_float(dv_t[d * kBlockK + c]);
-    }
-  }
+  for (int64_t key0 = 0; key0 < p.seqlen_k; key0 += kBlockK) amx_dkdv_block(p, pack, b, h_kv, key0, w, dq.data(), query_rows);
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t r = 0; r < p.seqlen_q; ++r) {
       store_row(dq.data() + (g * query_rows + r) * ld_qk, p.head_dim_qk, 1.0f, p.dq.row<BFloat16>(b, h_kv * group + g, r));
