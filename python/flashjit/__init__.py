@@ -40,7 +40,15 @@ _NEEDS_TORCH = {"scaled_dot_product_attention", "patch_sdpa", "unpatch_sdpa", "s
 
 
 def __getattr__(name):
-    if name in _NEEDS_TORCH:
+    if name == "distributed":  # imported on first use: torch.distributed costs time at import
+        import importlib
+
+        try:
+            return importlib.import_module(".distributed", __name__)
+        except ImportError as error:
+            if "torch" not in str(error):
+                raise
+    if name in _NEEDS_TORCH or name == "distributed":
         raise ImportError(f"flashjit.{name} needs torch, which is not installed: pip install torch "
                           f"(flashjit.attention takes numpy arrays without it)")
     raise AttributeError(f"module 'flashjit' has no attribute {name!r}")

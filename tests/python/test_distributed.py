@@ -1,0 +1,108 @@
+"""flashjit.distributed.ring_attention over gloo on the CPU: 2 and 4 processes, each holding its
+shard of one sequence, against flashjit.attention on the whole sequence in one process (outputs,
+LSEs and the gradients of q, k and v), both layouts, causal and not, GQA, windows, float64 and
+float32; the same bits on a second run; uneven shards refused with their lengths named."""
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flashjit
+from conftest import DEVICE
+from flashjit import distributed as fd
+
+pytestmark = [pytest.mark.skipif(DEVICE != "cpu", reason="gloo ranks on the CPU"),
+              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")]
+
+CASES = [
+    dict(causal=False), dict(causal=True), dict(causal=True, window=(40, -1)), dict(causal=False, window=(30, 20)),
+    dict(causal=True, softcap=5.0, scale=0.3),
+]
+
+
+def check_rank(rank, world, layout, case, dtype, hq, hkv, chunk):
+    torch.manual_seed(1234)
+    S = chunk * (2 * world if layout == "zigzag" else world)
+    q = torch.randn(2, hq, S, 32, dtype=dtype)
+    k, v = (torch.randn(2, hkv, S, 32, dtype=dtype) for _ in range(2))
+    dout = torch.randn(2, hq, S, 32, dtype=dtype)
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = flashjit.attention(*full, return_lse=True, **case)
+    o_ref.backward(dout)
+    local = [fd.shard(x, layout=layout).requires_grad_() for x in (q, k, v)]
+    o, lse = fd.ring_attention(*local, layout=layout, return_lse=True, **case)
+    o.backward(fd.shard(dout, layout=layout))
+    tol = 1e-10 if dtype == torch.float64 else 3e-5
+    pairs = [("o", o, o_ref), ("lse", lse, lse_ref)] + [(name, x.grad, y.grad) for name, x, y in
+                                                         zip(("dq", "dk", "dv"), local, full)]
+    for name, got, want in pairs:
+        want = fd.shard(want.detach(), layout=layout)
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got)), f"{name}: non-finite entries differ"
+        err = (got.detach().double() - want.double())[finite].abs().max().item() if finite.any() else 0.0
+        assert err <= tol * max(1.0, want[finite].abs().max().item()), f"{name}: error {err:.3g}"
+    # The same bits on a second run (a fixed order of merges and sums).
+    again = [x.detach().clone().requires_grad_() for x in local]
+    o2 = fd.ring_attention(*again, layout=layout, **case)
+    o2.backward(fd.shard(dout, layout=layout))
+    assert torch.equal(o2, o) and all(torch.equal(a.grad, b.grad) for a, b in zip(again, local)), "not deterministic"
+    # The whole output gathered back equals the reference on every rank.
+    assert torch.allclose(fd.unshard(o.detach(), layout=layout).double(), o_ref.detach().double(), atol=tol * 10)
+
+
+def worker(rank, world, store, failures):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for layout in fd.LAYOUTS:
+            for case in CASES:
+                for dtype in (torch.float64, torch.float32):
+                    for hq, hkv in ((4, 4), (4, 2)):
+                        try:
+                            check_rank(rank, world, layout, case, dtype, hq, hkv, chunk=24)
+                        except Exception:
+                            failures.put(f"rank {rank}, {layout}, {case}, {dtype}, {hq}/{hkv}:\n"
+                                         f"{traceback.format_exc(limit=3)}")
+        # Errors: shards of different lengths, and an odd shard for zigzag, named.
+        q = torch.randn(1, 2, 8 + (2 if rank == 1 else 0), 16)
+        try:
+            fd.ring_attention(q, q, q)
+            failures.put(f"rank {rank}: shards of different lengths were accepted")
+        except ValueError as error:
+            if "same length" not in str(error):
+                failures.put(f"rank {rank}: unclear error {error}")
+        q = torch.randn(1, 2, 7, 16)
+        try:
+            fd.ring_attention(q, q, q, layout="zigzag")
+            failures.put(f"rank {rank}: an odd zigzag shard was accepted")
+        except ValueError as error:
+            if "multiple of 2" not in str(error):
+                failures.put(f"rank {rank}: unclear error {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_matches_one_process(world, tmp_path):
+    context = mp.get_context("spawn")
+    failures = context.Queue()
+    os.environ.setdefault("FLASHJIT_NUM_THREADS", "1")  # the ranks share this machine's cores
+    mp.start_processes(worker, args=(world, str(tmp_path / "store"), failures), nprocs=world, join=True,
+                       start_method="spawn")
+    found = []
+    while not failures.empty():
+        found.append(failures.get())
+    assert not found, "\n".join(found[:5])
+
+
+def test_without_a_process_group_the_error_says_what_to_do():
+    q = torch.randn(1, 2, 8, 16)
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fd.ring_attention(q, q, q)
+    with pytest.raises(ValueError, match="layout"):
+        fd.chunks_of(0, 2, "striped")
