@@ -121,30 +121,6 @@ def _exchange(tensors, rank, world, group):
     return dist.batch_isend_irecv(ops), received
 
 
-def _pair_backward(q, k, v, o, lse, dout, how, options):
-    """Gradients of one (query chunk, key chunk) pair given the whole ring's O and LSE.
-
-    flashjit's CPU backward takes D = rowsum(dO * O) from the tile itself where all of a row's
-    visible keys lie in one block of 64 keys (exact for a whole attention, not for a part of one):
-    on the CPU each pair's keys are therefore made to span more than one such block (padded with
-    keys no query sees) and its bounds become a mask, so that D always comes from O."""
-    if q.device.type != "cpu":
-        return attention_backward(q, k, v, o, lse, dout, **options, **how)
-    length = k.shape[2]
-    mask = how.get("attn_mask")
-    if mask is None:
-        mask = torch.ones(q.shape[2], length, dtype=torch.bool, device=q.device)
-        if how.get("causal"):
-            mask = mask.tril()
-    pad = max(0, 65 - length)
-    if pad:
-        k = torch.cat([k, k.new_zeros(k.shape[:2] + (pad, k.shape[3]))], dim=2)
-        v = torch.cat([v, v.new_zeros(v.shape[:2] + (pad, v.shape[3]))], dim=2)
-        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
-    dq, dk, dv = attention_backward(q, k, v, o, lse, dout, attn_mask=mask, **options)
-    return dq, dk[:, :, :length], dv[:, :, :length]
-
-
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, layout, window, softcap, scale):
@@ -211,8 +187,8 @@ class _Ring(torch.autograd.Function):
                     how = _pair(qc, kc, length, causal, window, q.device)
                     if how is None:
                         continue
-                    dq_ij, dk_ij, dv_ij = _pair_backward(q_parts[i], k_parts[j], v_parts[j], o_parts[i],
-                                                         lse_parts[i], do_parts[i], how, options)
+                    dq_ij, dk_ij, dv_ij = attention_backward(q_parts[i], k_parts[j], v_parts[j], o_parts[i],
+                                                             lse_parts[i], do_parts[i], **options, **how)
                     dq_parts[i].add_(dq_ij.to(acc))
                     dk_parts[j].add_(dk_ij.to(acc))
                     dv_parts[j].add_(dv_ij.to(acc))

@@ -8,6 +8,7 @@
 //   dQ = dS K      dK = dS^T Q      dV = dropout(P)^T dO
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "core/error.hpp"
 #include "cpu/kernels.hpp"
@@ -136,8 +137,12 @@ void softmax_gradient(const AttentionProblem& p, int64_t b, int64_t h, int64_t q
     const int64_t first_key = p.key_begin(query0 + r), end_key = p.key_end(query0 + r);
     if (first_key < end_key && first_key / kBlockK == (end_key - 1) / kBlockK && first_key >= key0 &&
         end_key <= key0 + cols) {
-      delta = 0;
-      for (int64_t c = 0; c < cols; ++c) delta += p_row[c] * ds_row[c];
+      Acc tile_delta = 0, mass = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        tile_delta += p_row[c] * ds_row[c];
+        mass += p_row[c];
+      }
+      if (holds_whole_row(mass, cols)) delta = tile_delta;
     }
     if (softcap) {
       const Acc* g_row = w.softcap_grad + r * ld_k;

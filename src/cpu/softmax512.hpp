@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "cpu/tile.hpp"
 
@@ -115,8 +116,8 @@ inline bool softmax_visible_block(const float* s, int64_t ld_k, int64_t rows, fl
 // The backward's P and dS of a block every row sees whole, without mask, softcap or
 // dropout, in place of S (raw dot products) and dP: P = exp(scale * S - lse) and
 // dS = P * (dP - D) * scale, one pass over the tile (ld_k floats a row, ld_k of 16).
-// D is delta[r], or sum_j P_ij dP_ij where the row sees keys of this block only (as
-// softmax_gradient takes it). Returns false, changing nothing, where a row has no
+// D is delta[r], or sum_j P_ij dP_ij where the row sees keys of this block only and its
+// probabilities here sum to 1 (as softmax_gradient takes it). Returns false, changing nothing, where a row has no
 // finite LSE: the general path handles that.
 inline bool gradient_visible_block(const AttentionProblem& p, int64_t query0, int64_t rows, int64_t key0, int64_t cols,
                                    float* s, float* dp, int64_t ld_k, const float* lse, const float* delta) {
@@ -136,11 +137,15 @@ inline bool gradient_visible_block(const AttentionProblem& p, int64_t query0, in
     float row_delta = delta[r];
     const int64_t first_key = p.key_begin(query0 + r), end_key = p.key_end(query0 + r);
     if (first_key / kBlockK == (end_key - 1) / kBlockK && first_key >= key0 && end_key <= key0 + cols) {
-      __m512 sum = _mm512_setzero_ps();
+      __m512 sum = _mm512_setzero_ps(), mass = _mm512_setzero_ps();
       for (int64_t c = 0; c < ld_k; c += 16) {
-        sum = _mm512_fmadd_ps(_mm512_loadu_ps(s_row + c), _mm512_loadu_ps(dp_row + c), sum);
+        const __m512 prob = _mm512_loadu_ps(s_row + c);
+        sum = _mm512_fmadd_ps(prob, _mm512_loadu_ps(dp_row + c), sum);
+        mass = _mm512_add_ps(mass, prob);
       }
-      row_delta = lane_sum<float>(VectorOf<float>::type(sum));
+      if (holds_whole_row(lane_sum<float>(VectorOf<float>::type(mass)), cols)) {
+        row_delta = lane_sum<float>(VectorOf<float>::type(sum));
+      }
     }
     const __m512 d = _mm512_set1_ps(row_delta);
     for (int64_t c = 0; c < ld_k; c += 16) {

@@ -471,6 +471,15 @@ void compute_logits(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
   }
 }
 
+// Whether a row's probabilities in a tile (their sum `mass` over `count` keys) are the whole of
+// its attention: a row whose keys the tile holds all of sums to 1, to rounding. It does not where
+// the LSE given is that of a larger attention (a ring's parts: flashjit.distributed); then
+// D = rowsum(dO * O) must come from O, not from the tile.
+template <typename Acc>
+inline bool holds_whole_row(Acc mass, int64_t count) {
+  return std::abs(mass - Acc(1)) <= Acc(16) * std::numeric_limits<Acc>::epsilon() * Acc(count + 16);
+}
+
 // keep[c] = 1 when element (b, h, query, key0 + c) survives dropout.
 inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t query, int64_t key0,
                              int64_t cols, uint8_t* keep) {
