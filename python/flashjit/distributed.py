@@ -239,3 +239,85 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     left, right = window
     out, lse = _Ring.apply(q, k, v, group, bool(causal), layout, (int(left), int(right)), float(softcap), scale)
     return (out, lse) if return_lse else out
+
+
+def _layout_order(world: int, layout: str) -> list[int]:
+    """The global chunks in the order the ranks hold them (rank 0's first)."""
+    return [c for r in range(world) for c in chunks_of(r, world, layout)]
+
+
+def _seq_to_heads(x: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """[B, H, S_local, D] on each rank -> [B, H / P, S, D]: this rank's heads over the whole sequence."""
+    _, world = _world(group)
+    b, h, length, d = x.shape
+    send = x.reshape(b, world, h // world, length, d).transpose(0, 1).contiguous()
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send, group=group)
+    # received[r]: rank r's shard of these heads; its chunks in layout order, then in sequence order.
+    per_rank = len(chunks_of(0, world, layout))
+    pieces = [piece for r in range(world) for piece in received[r].chunk(per_rank, dim=2)]
+    order = _layout_order(world, layout)
+    return torch.cat([pieces[order.index(c)] for c in range(len(order))], dim=2)
+
+
+def _heads_to_seq(x: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """The inverse of _seq_to_heads: [B, H / P, S, D] -> [B, H, S_local, D]."""
+    _, world = _world(group)
+    b, h_part, length, d = x.shape
+    chunks = x.chunk(len(_layout_order(world, layout)), dim=2)
+    per_rank = len(chunks_of(0, world, layout))
+    send = torch.stack([torch.cat([chunks[c] for c in chunks_of(r, world, layout)], dim=2) for r in range(world)])
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send.contiguous(), group=group)
+    # received[r]: head group r of this rank's shard.
+    return received.transpose(0, 1).reshape(b, world * h_part, length // world, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, layout):
+        ctx.setup = (group, layout)
+        return _seq_to_heads(x, group, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad.contiguous(), *ctx.setup), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, layout):
+        ctx.setup = (group, layout)
+        return _heads_to_seq(x, group, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad.contiguous(), *ctx.setup), None, None
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = False,
+                      layout: str = "zigzag", window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                      scale: float | None = None, return_lse: bool = False):
+    """ring_attention's contract by all-to-all instead of a ring: heads are exchanged for sequence
+    (each rank attends over the whole sequence for H / P of the heads, then the outputs go back),
+    two all-to-alls each way. The query and key/value head counts must divide by the ranks."""
+    op = "ulysses_attention"
+    _check_layout(op, layout)
+    _, world = _world(group)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"[{op}] {name}: expected a 4-d torch tensor [B, H, S_local, D], got "
+                             f"{getattr(x, 'shape', type(x))}")
+        if x.shape[1] % world:
+            raise ValueError(f"[{op}] {name}: its {x.shape[1]} heads must divide by the {world} ranks "
+                             "(ring_attention takes any head count)")
+    per_rank = len(chunks_of(0, world, layout))
+    if q.shape[2] % per_rank or k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"[{op}] q, k, v: shards of one length, a multiple of {per_rank} for layout {layout!r}; got "
+                         f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
+    full = [_SeqToHeads.apply(x.contiguous(), group, layout) for x in (q, k, v)]
+    out, lse = attention(*full, causal=causal, window=window, softcap=softcap, scale=scale, return_lse=True)
+    out = _HeadsToSeq.apply(out, group, layout)
+    if not return_lse:
+        return out
+    return out, _heads_to_seq(lse.unsqueeze(-1), group, layout).squeeze(-1)

@@ -1,4 +1,4 @@
-"""flashjit.distributed.ring_attention over gloo on the CPU: 2 and 4 processes, each holding its
+"""flashjit.distributed.ring_attention and ulysses_attention over gloo on the CPU: 2 and 4 processes, each holding its
 shard of one sequence, against flashjit.attention on the whole sequence in one process (outputs,
 LSEs and the gradients of q, k and v), both layouts, causal and not, GQA, windows, float64 and
 float32; the same bits on a second run; uneven shards refused with their lengths named."""
@@ -24,7 +24,7 @@ CASES = [
 ]
 
 
-def check_rank(rank, world, layout, case, dtype, hq, hkv, chunk):
+def check_rank(rank, world, layout, case, dtype, hq, hkv, chunk, method):
     torch.manual_seed(1234)
     S = chunk * (2 * world if layout == "zigzag" else world)
     q = torch.randn(2, hq, S, 32, dtype=dtype)
@@ -34,7 +34,7 @@ def check_rank(rank, world, layout, case, dtype, hq, hkv, chunk):
     o_ref, lse_ref = flashjit.attention(*full, return_lse=True, **case)
     o_ref.backward(dout)
     local = [fd.shard(x, layout=layout).requires_grad_() for x in (q, k, v)]
-    o, lse = fd.ring_attention(*local, layout=layout, return_lse=True, **case)
+    o, lse = method(*local, layout=layout, return_lse=True, **case)
     o.backward(fd.shard(dout, layout=layout))
     tol = 1e-10 if dtype == torch.float64 else 3e-5
     pairs = [("o", o, o_ref), ("lse", lse, lse_ref)] + [(name, x.grad, y.grad) for name, x, y in
@@ -47,7 +47,7 @@ def check_rank(rank, world, layout, case, dtype, hq, hkv, chunk):
         assert err <= tol * max(1.0, want[finite].abs().max().item()), f"{name}: error {err:.3g}"
     # The same bits on a second run (a fixed order of merges and sums).
     again = [x.detach().clone().requires_grad_() for x in local]
-    o2 = fd.ring_attention(*again, layout=layout, **case)
+    o2 = method(*again, layout=layout, **case)
     o2.backward(fd.shard(dout, layout=layout))
     assert torch.equal(o2, o) and all(torch.equal(a.grad, b.grad) for a, b in zip(again, local)), "not deterministic"
     # The whole output gathered back equals the reference on every rank.
@@ -61,11 +61,14 @@ def worker(rank, world, store, failures):
             for case in CASES:
                 for dtype in (torch.float64, torch.float32):
                     for hq, hkv in ((4, 4), (4, 2)):
-                        try:
-                            check_rank(rank, world, layout, case, dtype, hq, hkv, chunk=24)
-                        except Exception:
-                            failures.put(f"rank {rank}, {layout}, {case}, {dtype}, {hq}/{hkv}:\n"
-                                         f"{traceback.format_exc(limit=3)}")
+                        for method in (fd.ring_attention, fd.ulysses_attention):
+                            if method is fd.ulysses_attention and hkv % world:
+                                continue  # its heads must divide by the ranks (checked below)
+                            try:
+                                check_rank(rank, world, layout, case, dtype, hq, hkv, 24, method)
+                            except Exception:
+                                failures.put(f"rank {rank}, {method.__name__}, {layout}, {case}, {dtype}, "
+                                             f"{hq}/{hkv}:\n{traceback.format_exc(limit=3)}")
         # Errors: shards of different lengths, and an odd shard for zigzag, named.
         q = torch.randn(1, 2, 8 + (2 if rank == 1 else 0), 16)
         try:
@@ -73,6 +76,13 @@ def worker(rank, world, store, failures):
             failures.put(f"rank {rank}: shards of different lengths were accepted")
         except ValueError as error:
             if "same length" not in str(error):
+                failures.put(f"rank {rank}: unclear error {error}")
+        q = torch.randn(1, world + 1, 8, 16)
+        try:
+            fd.ulysses_attention(q, q, q)
+            failures.put(f"rank {rank}: heads that do not divide by the ranks were accepted")
+        except ValueError as error:
+            if "must divide" not in str(error):
                 failures.put(f"rank {rank}: unclear error {error}")
         q = torch.randn(1, 2, 7, 16)
         try:
