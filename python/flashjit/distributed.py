@@ -273,26 +273,18 @@ def _heads_to_seq(x: torch.Tensor, group, layout: str) -> torch.Tensor:
     return received.transpose(0, 1).reshape(b, world * h_part, length // world, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """_seq_to_heads (to_heads) or _heads_to_seq, with the other as its backward."""
+
     @staticmethod
-    def forward(ctx, x, group, layout):
-        ctx.setup = (group, layout)
-        return _seq_to_heads(x, group, layout)
+    def forward(ctx, x, group, layout, to_heads):
+        ctx.setup = (group, layout, to_heads)
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, layout)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad.contiguous(), *ctx.setup), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, layout):
-        ctx.setup = (group, layout)
-        return _heads_to_seq(x, group, layout)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad.contiguous(), *ctx.setup), None, None
+        group, layout, to_heads = ctx.setup
+        return (_heads_to_seq if to_heads else _seq_to_heads)(grad.contiguous(), group, layout), None, None, None
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = False,
@@ -315,9 +307,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     if q.shape[2] % per_rank or k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
         raise ValueError(f"[{op}] q, k, v: shards of one length, a multiple of {per_rank} for layout {layout!r}; got "
                          f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
-    full = [_SeqToHeads.apply(x.contiguous(), group, layout) for x in (q, k, v)]
+    full = [_Exchange.apply(x.contiguous(), group, layout, True) for x in (q, k, v)]
     out, lse = attention(*full, causal=causal, window=window, softcap=softcap, scale=scale, return_lse=True)
-    out = _HeadsToSeq.apply(out, group, layout)
+    out = _Exchange.apply(out, group, layout, False)
     if not return_lse:
         return out
     return out, _heads_to_seq(lse.unsqueeze(-1), group, layout).squeeze(-1)

@@ -69,28 +69,20 @@ def worker(rank, world, store, failures):
                             except Exception:
                                 failures.put(f"rank {rank}, {method.__name__}, {layout}, {case}, {dtype}, "
                                              f"{hq}/{hkv}:\n{traceback.format_exc(limit=3)}")
-        # Errors: shards of different lengths, and an odd shard for zigzag, named.
-        q = torch.randn(1, 2, 8 + (2 if rank == 1 else 0), 16)
-        try:
-            fd.ring_attention(q, q, q)
-            failures.put(f"rank {rank}: shards of different lengths were accepted")
-        except ValueError as error:
-            if "same length" not in str(error):
-                failures.put(f"rank {rank}: unclear error {error}")
-        q = torch.randn(1, world + 1, 8, 16)
-        try:
-            fd.ulysses_attention(q, q, q)
-            failures.put(f"rank {rank}: heads that do not divide by the ranks were accepted")
-        except ValueError as error:
-            if "must divide" not in str(error):
-                failures.put(f"rank {rank}: unclear error {error}")
-        q = torch.randn(1, 2, 7, 16)
-        try:
-            fd.ring_attention(q, q, q, layout="zigzag")
-            failures.put(f"rank {rank}: an odd zigzag shard was accepted")
-        except ValueError as error:
-            if "multiple of 2" not in str(error):
-                failures.put(f"rank {rank}: unclear error {error}")
+        # Errors, each named: shards of different lengths, heads that do not divide by the ranks
+        # (all-to-all), an odd shard for zigzag.
+        uneven = torch.randn(1, 2, 8 + (2 if rank == 1 else 0), 16)
+        heads = torch.randn(1, world + 1, 8, 16)
+        odd = torch.randn(1, 2, 7, 16)
+        for call, inputs, expected in ((fd.ring_attention, uneven, "same length"),
+                                       (fd.ulysses_attention, heads, "must divide"),
+                                       (fd.ring_attention, odd, "multiple of 2")):
+            try:
+                call(inputs, inputs, inputs)
+                failures.put(f"rank {rank}: {call.__name__} accepted {tuple(inputs.shape)} ({expected})")
+            except ValueError as error:
+                if expected not in str(error):
+                    failures.put(f"rank {rank}: unclear error {error}")
     finally:
         dist.destroy_process_group()
 
