@@ -204,25 +204,19 @@ class _Ring(torch.autograd.Function):
         return dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), None, None, None, None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = False,
-                   layout: str = "zigzag", window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                   scale: float | None = None, return_lse: bool = False):
-    """Attention of this rank's queries over the keys of every rank in `group`.
-
-    q: [B, Hq, S_local, D], k and v: [B, Hkv, S_local, D] (Hq a multiple of Hkv: K/V travel as
-    the smaller tensors), each rank's shard in `layout` (shard() makes them); S_local the same on
-    every rank (even for zigzag). causal aligns top-left over the full sequence; window (left,
-    right) counts keys around each query's position in the full sequence, -1 = unbounded.
-    Returns this rank's rows of the output (and of the LSE, float32, with return_lse=True);
-    differentiable through q, k and v.
-    """
-    op = "ring_attention"
+def _check_shards(op: str, q, k, v, group, layout: str, heads_divide: bool = False) -> None:
+    """Each argument named where it is not what the exchanges need: 4-d tensors, shards of one length
+    on every rank (a multiple of the layout's chunks a rank), head counts that divide by the ranks
+    (heads_divide: the all-to-all's)."""
     _check_layout(op, layout)
     _, world = _world(group)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"[{op}] {name}: expected a 4-d torch tensor [B, H, S_local, D], got "
                              f"{getattr(x, 'shape', type(x))}")
+        if heads_divide and x.shape[1] % world:
+            raise ValueError(f"[{op}] {name}: its {x.shape[1]} heads must divide by the {world} ranks "
+                             "(ring_attention takes any head count)")
     if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
         raise ValueError(f"[{op}] k, v: each rank's key shard must be as long as its query shard "
                          f"({q.shape[2]}), got {k.shape[2]} and {v.shape[2]}")
@@ -236,6 +230,21 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     if any(int(x) != q.shape[2] for x in gathered):
         raise ValueError(f"[{op}] q: every rank must hold a shard of the same length; got "
                          f"{[int(x) for x in gathered]} on ranks 0..{world - 1}")
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None, *, causal: bool = False,
+                   layout: str = "zigzag", window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                   scale: float | None = None, return_lse: bool = False):
+    """Attention of this rank's queries over the keys of every rank in `group`.
+
+    q: [B, Hq, S_local, D], k and v: [B, Hkv, S_local, D] (Hq a multiple of Hkv: K/V travel as
+    the smaller tensors), each rank's shard in `layout` (shard() makes them); S_local the same on
+    every rank (even for zigzag). causal aligns top-left over the full sequence; window (left,
+    right) counts keys around each query's position in the full sequence, -1 = unbounded.
+    Returns this rank's rows of the output (and of the LSE, float32, with return_lse=True);
+    differentiable through q, k and v.
+    """
+    _check_shards("ring_attention", q, k, v, group, layout)
     left, right = window
     out, lse = _Ring.apply(q, k, v, group, bool(causal), layout, (int(left), int(right)), float(softcap), scale)
     return (out, lse) if return_lse else out
@@ -265,7 +274,6 @@ def _heads_to_seq(x: torch.Tensor, group, layout: str) -> torch.Tensor:
     _, world = _world(group)
     b, h_part, length, d = x.shape
     chunks = x.chunk(len(_layout_order(world, layout)), dim=2)
-    per_rank = len(chunks_of(0, world, layout))
     send = torch.stack([torch.cat([chunks[c] for c in chunks_of(r, world, layout)], dim=2) for r in range(world)])
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send.contiguous(), group=group)
@@ -293,20 +301,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     """ring_attention's contract by all-to-all instead of a ring: heads are exchanged for sequence
     (each rank attends over the whole sequence for H / P of the heads, then the outputs go back),
     two all-to-alls each way. The query and key/value head counts must divide by the ranks."""
-    op = "ulysses_attention"
-    _check_layout(op, layout)
-    _, world = _world(group)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"[{op}] {name}: expected a 4-d torch tensor [B, H, S_local, D], got "
-                             f"{getattr(x, 'shape', type(x))}")
-        if x.shape[1] % world:
-            raise ValueError(f"[{op}] {name}: its {x.shape[1]} heads must divide by the {world} ranks "
-                             "(ring_attention takes any head count)")
-    per_rank = len(chunks_of(0, world, layout))
-    if q.shape[2] % per_rank or k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
-        raise ValueError(f"[{op}] q, k, v: shards of one length, a multiple of {per_rank} for layout {layout!r}; got "
-                         f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
+    _check_shards("ulysses_attention", q, k, v, group, layout, heads_divide=True)
     full = [_Exchange.apply(x.contiguous(), group, layout, True) for x in (q, k, v)]
     out, lse = attention(*full, causal=causal, window=window, softcap=softcap, scale=scale, return_lse=True)
     out = _Exchange.apply(out, group, layout, False)
