@@ -245,6 +245,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
     differentiable through q, k and v.
     """
     _check_shards("ring_attention", q, k, v, group, layout)
+    if _world(group)[1] == 1:  # the shard is the whole sequence, in order: one call, exactly attention()'s
+        return attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse)
     left, right = window
     out, lse = _Ring.apply(q, k, v, group, bool(causal), layout, (int(left), int(right)), float(softcap), scale)
     return (out, lse) if return_lse else out
@@ -302,6 +304,8 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=N
     (each rank attends over the whole sequence for H / P of the heads, then the outputs go back),
     two all-to-alls each way. The query and key/value head counts must divide by the ranks."""
     _check_shards("ulysses_attention", q, k, v, group, layout, heads_divide=True)
+    if _world(group)[1] == 1:
+        return attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, return_lse=return_lse)
     full = [_Exchange.apply(x.contiguous(), group, layout, True) for x in (q, k, v)]
     out, lse = attention(*full, causal=causal, window=window, softcap=softcap, scale=scale, return_lse=True)
     out = _Exchange.apply(out, group, layout, False)

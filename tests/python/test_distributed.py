@@ -15,8 +15,8 @@ import flashjit
 from conftest import DEVICE
 from flashjit import distributed as fd
 
-pytestmark = [pytest.mark.skipif(DEVICE != "cpu", reason="gloo ranks on the CPU"),
-              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")]
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+cpu_ranks = pytest.mark.skipif(DEVICE != "cpu", reason="gloo ranks on the CPU")
 
 CASES = [
     dict(causal=False), dict(causal=True), dict(causal=True, window=(40, -1)), dict(causal=False, window=(30, 20)),
@@ -87,6 +87,7 @@ def worker(rank, world, store, failures):
         dist.destroy_process_group()
 
 
+@cpu_ranks
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_matches_one_process(world, tmp_path):
     context = mp.get_context("spawn")
@@ -100,6 +101,37 @@ def test_ring_attention_matches_one_process(world, tmp_path):
     assert not found, "\n".join(found[:5])
 
 
+def one_rank(rank, world, store, failures, device):
+    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(7)
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        q, k, v = (torch.randn(2, 4, 96, 32).to(device, dtype) for _ in range(3))
+        for method in (fd.ring_attention, fd.ulysses_attention):
+            for layout in fd.LAYOUTS:
+                for case in CASES:
+                    got = method(fd.shard(q, layout=layout), fd.shard(k, layout=layout), fd.shard(v, layout=layout),
+                                 layout=layout, **case)
+                    if not torch.equal(got, flashjit.attention(q, k, v, **case)):
+                        failures.put(f"{method.__name__}, {layout}, {case}: not attention()'s bits with one rank")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_is_exactly_attention(tmp_path):
+    # A world of one holds the whole sequence in order: the result is flashjit.attention's, bit for bit
+    # (on FLASHJIT_TEST_DEVICE: gloo on the CPU, NCCL on a GPU).
+    failures = mp.get_context("spawn").Queue()
+    mp.start_processes(one_rank, args=(1, str(tmp_path / "store"), failures, DEVICE), nprocs=1, join=True,
+                       start_method="spawn")
+    found = []
+    while not failures.empty():
+        found.append(failures.get())
+    assert not found, "\n".join(found[:5])
+
+
+@cpu_ranks
 def test_without_a_process_group_the_error_says_what_to_do():
     q = torch.randn(1, 2, 8, 16)
     if dist.is_initialized():
