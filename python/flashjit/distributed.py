@@ -174,14 +174,19 @@ class _Ring(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dq_parts = dq.chunk(per_rank, dim=2)
         k_cur, v_cur = k.contiguous(), v.contiguous()
-        dk_cur = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv_cur = torch.zeros(v.shape, dtype=acc, device=v.device)
+        # dK/dV of the shard in hand: this step's sums, added to what the ranks before summed
+        # (arriving from the previous rank while this step computes), then sent on while the next
+        # step computes; after the last step they reach the shard's owner (rank + 1 holds the shard
+        # that came from rank - (P - 1)).
+        sums_requests, sums_incoming = [], None
         for step in range(world):
             source = (rank - step) % world
-            # K/V for the next step travel while this one is used; dK/dV go after they are summed.
+            # K/V for the next step travel while this one is used.
             requests, incoming = _exchange([k_cur, v_cur], rank, world, group) if step + 1 < world else ([], None)
             k_parts, v_parts = k_cur.chunk(per_rank, dim=2), v_cur.chunk(per_rank, dim=2)
-            dk_parts, dv_parts = dk_cur.chunk(per_rank, dim=2), dv_cur.chunk(per_rank, dim=2)
+            dk_step = torch.zeros(k.shape, dtype=acc, device=k.device)
+            dv_step = torch.zeros(v.shape, dtype=acc, device=v.device)
+            dk_parts, dv_parts = dk_step.chunk(per_rank, dim=2), dv_step.chunk(per_rank, dim=2)
             for i, qc in enumerate(chunks_of(rank, world, layout)):
                 for j, kc in enumerate(chunks_of(source, world, layout)):
                     how = _pair(qc, kc, length, causal, window, q.device)
@@ -192,15 +197,18 @@ class _Ring(torch.autograd.Function):
                     dq_parts[i].add_(dq_ij.to(acc))
                     dk_parts[j].add_(dk_ij.to(acc))
                     dv_parts[j].add_(dv_ij.to(acc))
-            for request in requests:
+            for request in sums_requests:
                 request.wait()
-            # dK/dV of the shard in hand follow it to the next rank; after the last step they reach
-            # the shard's owner (rank + 1 holds the shard that came from rank - (P - 1)).
-            requests, (dk_cur, dv_cur) = _exchange([dk_cur, dv_cur], rank, world, group)
+            if sums_incoming is not None:
+                dk_step, dv_step = sums_incoming[0] + dk_step, sums_incoming[1] + dv_step
+            sums_requests, sums_incoming = _exchange([dk_step, dv_step], rank, world, group)
             for request in requests:
                 request.wait()
             if incoming is not None:
                 k_cur, v_cur = incoming
+        for request in sums_requests:
+            request.wait()
+        dk_cur, dv_cur = sums_incoming
         return dq.to(q.dtype), dk_cur.to(k.dtype), dv_cur.to(v.dtype), None, None, None, None, None, None
 
 
