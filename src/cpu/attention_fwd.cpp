@@ -206,10 +206,11 @@ constexpr size_t kKeptPackingBytes = size_t(64) << 20;
 // K/V pairs (amx.hpp) in float32, over key blocks aligned to kBlockK; the logits,
 // the online softmax and the output are forward_block's. P is rounded to bfloat16
 // for its product with V (the row sums take it unrounded).
-void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b, int64_t h, int64_t query0) {
+void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b, int64_t h, int64_t query0,
+                       int64_t block_rows) {
   const auto w = thread_scratch<ForwardScratch<float>>(p);
   const AmxTiles tiles;
-  const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows16 = round_up(rows, 16);
+  const int64_t rows = std::min(block_rows, p.seqlen_q - query0), rows16 = round_up(rows, 16);
   const int64_t h_kv = h / p.group_size();
   const int64_t depth = kv.depth(), ld_v = kv.ld_v();
   pack_bf16_rows(p.q.row<const BFloat16>(b, h, query0), p.q.stride_seq, rows, rows16, p.head_dim_qk, w.q16, depth);
@@ -298,7 +299,12 @@ void forward_typed(const AttentionProblem& whole) {
       const int64_t blocks = query_blocks(p);
       const int64_t bh = index / blocks, query0 = (index % blocks) * kBlockQ;
       if (amx_applies(p)) {  // every block, so that the backward's S matches this one's bit for bit
-        forward_block_amx(p, packed[part], bh / p.heads_q, bh % p.heads_q, query0);
+        // Up to head dim 64 in halves of 32 rows: O, two S buffers, P and a K/V block then fit L1
+        // (bench/NOTES.md). A tile's rows are independent, so S keeps the backward's bits.
+        const int64_t half = p.head_dim_qk <= 64 && p.head_dim_v <= 64 ? kBlockQ / 2 : kBlockQ;
+        for (int64_t q = query0; q < std::min(query0 + kBlockQ, p.seqlen_q); q += half) {
+          forward_block_amx(p, packed[part], bh / p.heads_q, bh % p.heads_q, q, half);
+        }
       } else {
         forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, query0);
       }
