@@ -230,7 +230,7 @@ void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b,
     return AmxProduct{rows16, ld_k / 16, depth, w.q16, depth, kv.k_block(b, h_kv, key0), 2 * kBlockK, s, ld_k, false};
   };
   const int64_t first_key = key_begin / kBlockK * kBlockK;
-  s_product(first_key, s_buffers[0]).all();
+  if (first_key < key_end) s_product(first_key, s_buffers[0]).all();
   for (int64_t key0 = first_key, which = 0; key0 < key_end; key0 += kBlockK, which ^= 1) {
     const int64_t cols = std::min(kBlockK, key_end - key0);  // the rest of the block is seen by no row
     const int64_t ld_k = round_up(cols, 16);
