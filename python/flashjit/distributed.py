@@ -77,24 +77,32 @@ def unshard(x: torch.Tensor, group=None, *, layout: str = "zigzag", dim: int = 2
 
 def _pair(q_chunk: int, k_chunk: int, length: int, causal: bool, window: tuple[int, int], device):
     """How queries of chunk q_chunk see keys of chunk k_chunk: None (not at all), {} (every key),
-    {'causal': True} (the diagonal), or {'attn_mask': bool [length, length]}."""
-    q_pos = q_chunk * length + torch.arange(length, device=device).unsqueeze(1)
-    k_pos = k_chunk * length + torch.arange(length, device=device).unsqueeze(0)
-    visible = torch.ones(length, length, dtype=torch.bool, device=device)
+    {'causal': True} (the diagonal), or {'attn_mask': bool [length, length]} (a window cuts them).
+    Decided from the offsets key - query the pair spans; a mask is built only where it is needed."""
     left, right = window
-    if causal:
-        visible &= k_pos <= q_pos
-    if left >= 0:
-        visible &= k_pos >= q_pos - left
-    if right >= 0:
-        visible &= k_pos <= q_pos + right
-    if not visible.any():
+    lowest = -left if left >= 0 else -float("inf")  # key - query, the visible range
+    highest = min(right if right >= 0 else float("inf"), 0 if causal else float("inf"))
+    span_low = (k_chunk - q_chunk) * length - (length - 1)
+    span_high = (k_chunk - q_chunk) * length + (length - 1)
+    if span_high < lowest or span_low > highest:
         return None
-    if visible.all():
+    if span_low >= lowest and span_high <= highest:
         return {}
-    if torch.equal(visible, torch.ones_like(visible).tril()):  # the causal diagonal
+    if q_chunk == k_chunk and highest == 0 and span_low >= lowest:  # the causal diagonal
         return {"causal": True}
-    return {"attn_mask": visible}
+    offsets = (k_chunk - q_chunk) * length + torch.arange(length, device=device).unsqueeze(0) \
+        - torch.arange(length, device=device).unsqueeze(1)
+    return {"attn_mask": (offsets >= lowest) & (offsets <= highest)}
+
+
+def _pairs(rank: int, source: int, world: int, layout: str, length: int, causal: bool, window, device):
+    """(i, j, how) for this rank's query chunk i and the key chunk j held by `source`, where the
+    queries see some of the keys (_pair's `how`)."""
+    for i, qc in enumerate(chunks_of(rank, world, layout)):
+        for j, kc in enumerate(chunks_of(source, world, layout)):
+            how = _pair(qc, kc, length, causal, window, device)
+            if how is not None:
+                yield i, j, how
 
 
 def _merge(o_acc, lse_acc, o, lse):
@@ -135,13 +143,9 @@ class _Ring(torch.autograd.Function):
             source = (rank - step) % world
             requests, incoming = _exchange([k_cur, v_cur], rank, world, group) if step + 1 < world else ([], None)
             k_parts, v_parts = k_cur.chunk(per_rank, dim=2), v_cur.chunk(per_rank, dim=2)
-            for i, qc in enumerate(chunks_of(rank, world, layout)):
-                for j, kc in enumerate(chunks_of(source, world, layout)):
-                    how = _pair(qc, kc, length, causal, window, q.device)
-                    if how is None:
-                        continue
-                    o, lse = attention(q_parts[i], k_parts[j], v_parts[j], return_lse=True, **options, **how)
-                    merged[i] = _merge(*merged[i], o, lse)
+            for i, j, how in _pairs(rank, source, world, layout, length, causal, window, q.device):
+                o, lse = attention(q_parts[i], k_parts[j], v_parts[j], return_lse=True, **options, **how)
+                merged[i] = _merge(*merged[i], o, lse)
             for request in requests:
                 request.wait()
             if incoming is not None:
@@ -187,16 +191,12 @@ class _Ring(torch.autograd.Function):
             dk_step = torch.zeros(k.shape, dtype=acc, device=k.device)
             dv_step = torch.zeros(v.shape, dtype=acc, device=v.device)
             dk_parts, dv_parts = dk_step.chunk(per_rank, dim=2), dv_step.chunk(per_rank, dim=2)
-            for i, qc in enumerate(chunks_of(rank, world, layout)):
-                for j, kc in enumerate(chunks_of(source, world, layout)):
-                    how = _pair(qc, kc, length, causal, window, q.device)
-                    if how is None:
-                        continue
-                    dq_ij, dk_ij, dv_ij = attention_backward(q_parts[i], k_parts[j], v_parts[j], o_parts[i],
-                                                             lse_parts[i], do_parts[i], **options, **how)
-                    dq_parts[i].add_(dq_ij.to(acc))
-                    dk_parts[j].add_(dk_ij.to(acc))
-                    dv_parts[j].add_(dv_ij.to(acc))
+            for i, j, how in _pairs(rank, source, world, layout, length, causal, window, q.device):
+                dq_ij, dk_ij, dv_ij = attention_backward(q_parts[i], k_parts[j], v_parts[j], o_parts[i], lse_parts[i],
+                                                         do_parts[i], **options, **how)
+                dq_parts[i].add_(dq_ij.to(acc))
+                dk_parts[j].add_(dk_ij.to(acc))
+                dv_parts[j].add_(dv_ij.to(acc))
             for request in sums_requests:
                 request.wait()
             if sums_incoming is not None:

@@ -51,6 +51,11 @@ class AmxTiles {
 
 inline int64_t amx_depth(int64_t head_dim) { return round_up(head_dim, 32); }
 
+// Problems the AMX kernels take, forward and backward alike (the backward's S must be the
+// forward's): bfloat16 of at least 16 queries; decoding keeps the row-by-row products, which
+// read K and V once without packing them.
+inline bool amx_applies(const AttentionProblem& p) { return p.seqlen_q >= 16; }
+
 // C (+)= A B over depth / 32 steps for R row tiles x N column tiles (R, N in 1..2).
 // a: the first row tile's first element; the second row tile starts a_rows later.
 // b: pair-rows of the first column tile; the second starts b_cols later; each step

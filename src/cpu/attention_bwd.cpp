@@ -181,9 +181,7 @@ void tile_gradients(const AttentionProblem& p, int64_t b, int64_t h, int64_t que
 #if FJ_CPU_VECTOR_BYTES == 64
   // Blocks every row sees whole take P and dS in one fused pass (softmax512.hpp).
   if constexpr (std::is_same_v<Acc, float>) {
-    const bool visible = p.mask_kind == MaskKind::kNone && !softcap && !p.has_dropout() && cols == ld_k &&
-                         p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
-    if (visible && gradient_visible_block(p, query0, rows, key0, cols, w.p, w.dp, ld_k, w.lse, w.delta)) return;
+    if (fused_block(p, query0, rows, key0, cols) && gradient_visible_block(p, query0, rows, key0, cols, w.p, w.dp, ld_k, w.lse, w.delta)) return;
   }
 #endif
   compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p,
@@ -307,9 +305,7 @@ void amx_tile_gradients(const AttentionProblem& p, const PackedBackward& pack, i
   const float* lse = pack.lse(b, h, query0);
   const float* delta = pack.delta(b, h, query0);
   // Blocks every row sees whole take one fused pass (the scale inside the exponent).
-  const bool visible = p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && cols == ld_k &&
-                       p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
-  if (visible && gradient_visible_block(p, query0, rows, key0, cols, w.p, w.dp, ld_k, lse, delta)) return;
+  if (fused_block(p, query0, rows, key0, cols) && gradient_visible_block(p, query0, rows, key0, cols, w.p, w.dp, ld_k, lse, delta)) return;
   compute_logits(p, b, h, query0, rows, key0, cols, ld_k, w.p, p.softcap > 0.0 ? w.softcap_grad : nullptr);
   softmax_gradient(p, b, h, query0, rows, key0, cols, ld_k, lse, delta, w);
 }
@@ -407,26 +403,23 @@ void amx_head_backward(const AttentionProblem& p, const PackedBackward& pack, in
   }
 }
 
-// Problems the AMX forward takes (attention_fwd.cpp's amx_applies).
-bool amx_backward_applies(const AttentionProblem& p) { return p.seqlen_q >= 16; }
-
-// The parts of a call amx_backward_applies to, through the AMX passes (other parts count no tasks).
+// The parts of a call amx_applies to, through the AMX passes (other parts count no tasks).
 void amx_backward(const DenseParts& parts, int workers) {
   std::vector<PackedBackward> packed;
   packed.reserve(parts.size());
   int64_t elements = 0;
   for (const AttentionProblem& p : parts) {
     packed.emplace_back(p);
-    if (amx_backward_applies(p)) elements += round_up(packed.back().elements(), 32);
+    if (amx_applies(p)) elements += round_up(packed.back().elements(), 32);
   }
   uint16_t* data = reinterpret_cast<uint16_t*>(thread_packing_buffer(size_t(elements) * 2));
   for (size_t i = 0; i < parts.size(); ++i) {
-    if (!amx_backward_applies(parts[i])) continue;
+    if (!amx_applies(parts[i])) continue;
     packed[i].place(data);
     data += round_up(packed[i].elements(), 32);
   }
   const PartTasks pack_tasks(parts, [](const AttentionProblem& p) {
-    return amx_backward_applies(p) ? PackedBackward(p).tasks() : int64_t(0);
+    return amx_applies(p) ? PackedBackward(p).tasks() : int64_t(0);
   });
   parallel_for(pack_tasks.total(), workers, [&](int64_t task, int) {
     const auto [part, index] = pack_tasks.locate(task);
@@ -436,7 +429,7 @@ void amx_backward(const DenseParts& parts, int workers) {
   // One pass a key/value head where the heads keep every worker busy; else the dQ and the dK/dV
   // passes, whose tasks are blocks.
   const PartTasks head_tasks(parts, [](const AttentionProblem& p) {
-    return amx_backward_applies(p) ? p.batch * p.heads_kv : int64_t(0);
+    return amx_applies(p) ? p.batch * p.heads_kv : int64_t(0);
   });
   const int64_t heads = head_tasks.total();
   if (one_pass(heads, workers)) {
@@ -445,11 +438,11 @@ void amx_backward(const DenseParts& parts, int workers) {
       const AttentionProblem& p = parts[part];
       amx_head_backward(p, packed[part], index / p.heads_kv, index % p.heads_kv, thread_scratch<BackwardScratch<float>>(p));
     });
-    trim_thread_packing_buffer(size_t(64) << 20);
+    trim_thread_packing_buffer();
     return;
   }
   const PartTasks dq_tasks(parts, [](const AttentionProblem& p) {
-    return amx_backward_applies(p) ? p.batch * p.heads_q * query_blocks(p) : int64_t(0);
+    return amx_applies(p) ? p.batch * p.heads_q * query_blocks(p) : int64_t(0);
   });
   parallel_for(dq_tasks.total(), workers, [&](int64_t task, int) {
     const auto [part, index] = dq_tasks.locate(task);
@@ -459,7 +452,7 @@ void amx_backward(const DenseParts& parts, int workers) {
                  thread_scratch<BackwardScratch<float>>(p));
   });
   const PartTasks dkdv_tasks(parts, [](const AttentionProblem& p) {
-    return amx_backward_applies(p) ? p.batch * p.heads_kv * key_blocks(p) : int64_t(0);
+    return amx_applies(p) ? p.batch * p.heads_kv * key_blocks(p) : int64_t(0);
   });
   parallel_for(dkdv_tasks.total(), workers, [&](int64_t task, int) {
     const auto [part, index] = dkdv_tasks.locate(task);
@@ -468,7 +461,7 @@ void amx_backward(const DenseParts& parts, int workers) {
     amx_dkdv_block(p, packed[part], bh / p.heads_kv, bh % p.heads_kv, (index % key_blocks(p)) * kBlockK,
                    thread_scratch<BackwardScratch<float>>(p));
   });
-  trim_thread_packing_buffer(size_t(64) << 20);
+  trim_thread_packing_buffer();
 }
 #endif
 
@@ -481,7 +474,7 @@ void backward_typed(const AttentionProblem& whole) {
   // no tasks here.
   const auto here = [](const AttentionProblem& p) {
 #if FJ_CPU_AMX
-    if (std::is_same_v<T, BFloat16> && amx_backward_applies(p)) return false;
+    if (std::is_same_v<T, BFloat16> && amx_applies(p)) return false;
 #endif
     return true;
   };

@@ -134,7 +134,6 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
   std::fill(w.row_sum, w.row_sum + rows, Acc(0));
 #if FJ_CPU_VECTOR_BYTES == 64
   std::fill(w.sum_lanes, w.sum_lanes + rows * kLanes<float>, 0.0f);
-  const bool plain = p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && p.scale > 0;
 #endif
 
   // Keys visible to some row of the block (the bounds are monotone in the row).
@@ -170,9 +169,8 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
 #if FJ_CPU_VECTOR_BYTES == 64
     // Blocks every row sees whole take the fused step (softmax512.hpp); P goes over S.
     if constexpr (std::is_same_v<Acc, float>) {
-      const bool visible = plain && !few_rows && cols == ld_k && p.key_begin(query0 + rows - 1) <= key0 &&
-                           p.key_end(query0) >= key0 + cols;
-      if (visible && softmax_visible_block(w.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum, w.sum_lanes, w.o,
+      // (The fused step's lazy base takes the maximum of the scaled logits: scale > 0.)
+      if (!few_rows && p.scale > 0 && fused_block(p, query0, rows, key0, cols) && softmax_visible_block(w.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum, w.sum_lanes, w.o,
                                            ld_v, FloatInPlace{w.s, ld_k}, no_work)) {
         gemm(rows, ld_v, cols, w.s, ld_k, v_tile, ld_v_tile, w.o, ld_v, true);
         continue;
@@ -194,14 +192,6 @@ void forward_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t quer
 }
 
 #if FJ_CPU_AMX
-// Problems whose query blocks take the AMX kernels: bfloat16 with blocks of more
-// than a few rows (decoding keeps the row-by-row products, which read K and V once
-// without packing them).
-bool amx_applies(const AttentionProblem& p) { return p.seqlen_q >= 16; }
-
-// The packed K and V a thread keeps between calls (larger copies are freed after their call).
-constexpr size_t kKeptPackingBytes = size_t(64) << 20;
-
 // forward_block for bfloat16 on AMX tiles: S = Q K^T and O += P V from the packed
 // K/V pairs (amx.hpp) in float32, over key blocks aligned to kBlockK; the logits,
 // the online softmax and the output are forward_block's. P is rounded to bfloat16
@@ -221,7 +211,6 @@ void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b,
 
   const int64_t key_begin = p.key_begin(query0);
   const int64_t key_end = p.key_end(query0 + rows - 1);
-  const bool plain = p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && p.scale > 0;
   // S of a key block: into one of two buffers, the next block's in pieces between the rows of
   // this block's exponentials, so that the tile unit runs beside the vector units.
   float* s_buffers[2] = {w.s, w.s_next};
@@ -242,9 +231,8 @@ void forward_block_amx(const AttentionProblem& p, const PackedKv& kv, int64_t b,
     const auto between = [&](int64_t rows_done) {
       for (const int64_t due = pieces * rows_done / rows; issued < due;) next.piece(issued++);
     };
-    // Blocks every row sees whole take the fused step (the scale inside the exponent).
-    const bool visible = plain && cols == ld_k && p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
-    if (!visible || !softmax_visible_block(ws.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum, w.sum_lanes, w.o,
+    // Blocks every row sees whole take the fused step (the scale inside the exponent; scale > 0).
+    if (!(p.scale > 0 && fused_block(p, query0, rows, key0, cols)) || !softmax_visible_block(ws.s, ld_k, rows, float(p.scale), w.row_max, w.row_sum, w.sum_lanes, w.o,
                                            ld_v, BfloatRows{w.p16}, between)) {
       fold_row_sums(rows, w.row_sum, w.sum_lanes);
       compute_logits(p, b, h, query0, rows, key0, cols, ld_k, ws.s, static_cast<float*>(nullptr));
@@ -309,7 +297,7 @@ void forward_typed(const AttentionProblem& whole) {
         forward_block<T, Acc>(p, bh / p.heads_q, bh % p.heads_q, query0);
       }
     });
-    trim_thread_packing_buffer(kKeptPackingBytes);
+    trim_thread_packing_buffer();
     return;
   }
 #endif

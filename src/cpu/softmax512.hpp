@@ -20,6 +20,13 @@
 
 namespace flashjit::cpu::FJ_CPU_ISA {
 
+// Whether a block of rows [query0, query0 + rows) and keys [key0, key0 + cols) takes the fused
+// steps below: no mask, softcap or dropout, every row sees every key, cols a multiple of 16.
+inline bool fused_block(const AttentionProblem& p, int64_t query0, int64_t rows, int64_t key0, int64_t cols) {
+  return p.mask_kind == MaskKind::kNone && !(p.softcap > 0) && !p.has_dropout() && cols % 16 == 0 &&
+         p.key_begin(query0 + rows - 1) <= key0 && p.key_end(query0) >= key0 + cols;
+}
+
 // P written over S (rows of ld floats).
 struct FloatInPlace {
   float* s;
@@ -93,8 +100,8 @@ inline bool softmax_visible_block(const float* s, int64_t ld_k, int64_t rows, fl
       const float correction = std::exp(row_max[r] - new_base[r]);  // 0 from -inf
       row_sum[r] *= correction;
       store_vector(lanes, load_vector<V>(lanes) * correction);
-      float* out = o + r * ld_v;
-      for (int64_t c = 0; c < ld_v; c += L) store_vector(out + c, load_vector<V>(out + c) * correction);
+      float* o_row = o + r * ld_v;
+      for (int64_t c = 0; c < ld_v; c += L) store_vector(o_row + c, load_vector<V>(o_row + c) * correction);
       row_max[r] = new_base[r];
     }
     const float* in = s + r * ld_k;

@@ -185,8 +185,8 @@ char* thread_scratch_buffer(size_t bytes) { return scratch_buffer.get(bytes); }
 
 char* thread_packing_buffer(size_t bytes) { return packing_buffer.get(bytes); }
 
-void trim_thread_packing_buffer(size_t keep_bytes) {
-  if (packing_buffer.capacity > keep_bytes) {
+void trim_thread_packing_buffer() {
+  if (packing_buffer.capacity > kKeptPackingBytes) {
     packing_buffer.data.reset();
     packing_buffer.capacity = 0;
   }

@@ -30,9 +30,10 @@ char* thread_scratch_buffer(size_t bytes);
 
 // A second such buffer of the calling thread for operands a call packs once and its
 // tasks share (the AMX kernels' K and V); trim_thread_packing_buffer frees it when it
-// holds more than keep_bytes, so that one long call does not keep its copy.
+// holds more than kKeptPackingBytes, so that one long call does not keep its copy.
+inline constexpr size_t kKeptPackingBytes = size_t(64) << 20;
 char* thread_packing_buffer(size_t bytes);
-void trim_thread_packing_buffer(size_t keep_bytes);
+void trim_thread_packing_buffer();
 
 // Cuts typed, 64-byte aligned slices out of a buffer; with a null buffer it only
 // counts the bytes needed.
