@@ -6,13 +6,14 @@ target, and prints one line per kernel; ptxas warnings (wgmma serialisation,
 ignored setmaxnreg) are printed in full. Needs nvcc on PATH.
 
     python scripts/kernel_resources.py [--arch 90] [--dtype bfloat16] [--head-dims 64 128 256] [--extras]
-        [--backward] [--code DIR]
+        [--backward] [--code DIR] [--sass DIR]
 """
 
 import argparse
 import os
 import pathlib
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -43,6 +44,19 @@ def code_sections(cubin):
     return "\n".join(sorted(lines)) + "\n"
 
 
+def write_sass(nvdisasm, cubin, path):
+    """The cubin's disassembly, then its instructions counted by opcode (without modifiers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = subprocess.run([nvdisasm, "-c", "-g", cubin], capture_output=True, text=True, check=True).stdout
+    counts = {}
+    for line in text.splitlines():
+        match = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if match:
+            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    summary = "\n".join(f"// {count:6d} {opcode}" for opcode, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+    path.write_text(text + "\n// instructions by opcode\n" + summary + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
@@ -54,7 +68,13 @@ def main():
     parser.add_argument("--code", metavar="DIR",
                         help="also write each kernel's machine code (the cubin's code sections, hex) to "
                              "DIR/<kernel name>.code, to compare two commits' kernels: diff -r")
+    parser.add_argument("--sass", metavar="DIR",
+                        help="also write each kernel's disassembly to DIR/<kernel name>.sass (needs nvdisasm on "
+                             "PATH or in $NVDISASM) with a count of its instructions by opcode")
     args = parser.parse_args()
+    nvdisasm = os.environ.get("NVDISASM") or shutil.which("nvdisasm")
+    if args.sass and not nvdisasm:
+        parser.error("--sass needs nvdisasm (PATH or $NVDISASM)")
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["FLASHJIT_CACHE_DIR"] = cache
@@ -97,6 +117,8 @@ def main():
                     print(f"    {line.strip()}")
             if args.code:
                 pathlib.Path(args.code, f"{name}.code").write_text(code_sections(cubin))
+            if args.sass:
+                write_sass(nvdisasm, cubin, pathlib.Path(args.sass, f"{name}.sass"))
     sys.exit(1 if failed else 0)
 
 

@@ -7,7 +7,8 @@ pass plain and fail patched, and how many SDPA calls flashjit served and how man
 it handed back to torch (so that a pass cannot come from everything falling back).
 
     python scripts/torch_sdpa_suite.py PATH/test_transformers.py [--device cpu|cuda] [--out bench/results]
-        [-k EXPRESSION] [--timeout SECONDS] [--source 'pytorch/pytorch at <commit>']
+        [-k EXPRESSION] [--timeout SECONDS] [--workers N] [--test-timeout SECONDS]
+        [--source 'pytorch/pytorch at <commit>']
 
 The file's imports need torch's test helpers (torch.testing._internal, shipped
 with torch) and, outside fbcode, test_cpp_extensions_open_device_registration
@@ -68,7 +69,9 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    with open(os.environ["FLASHJIT_SUITE_COUNTS"], "w") as out:
+    # One file a process (pytest-xdist's workers each count their own calls).
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(os.environ["FLASHJIT_SUITE_COUNTS"] + "." + worker, "w") as out:
         json.dump(counts, out)
 '''
 
@@ -85,7 +88,7 @@ def outcomes(junit: pathlib.Path) -> dict[str, str]:
 
 
 def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path, keyword: str | None,
-        timeout: int) -> tuple[dict[str, str], dict | None, float]:
+        timeout: int, workers: int, test_timeout: int) -> tuple[dict[str, str], dict | None, float]:
     junit = work / f"{'patched' if patched else 'plain'}.xml"
     env = dict(os.environ, PYTORCH_TESTING_DEVICE_ONLY_FOR=device,
                PYTHONPATH=os.pathsep.join([str(work), str(test_file.parent), os.environ.get("PYTHONPATH", "")]))
@@ -93,6 +96,10 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
                "-o", "junit_family=xunit1"]
     if keyword:
         command += ["-k", keyword]
+    if workers > 1:
+        command += ["-n", str(workers)]
+    if test_timeout:
+        command += ["--timeout", str(test_timeout)]
     counts_file = work / "counts.json"
     if patched:
         command += ["-p", "flashjit_suite_plugin"]
@@ -102,7 +109,12 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
     with open(work / f"{'patched' if patched else 'plain'}.log", "w") as log:
         subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
     seconds = (datetime.datetime.now() - start).total_seconds()
-    counts = json.loads(counts_file.read_text()) if patched and counts_file.exists() else None
+    counts = None
+    if patched:
+        for part in work.glob("counts.json.*"):
+            counts = counts or {"served": 0, "fallback": 0}
+            for key, value in json.loads(part.read_text()).items():
+                counts[key] += value
     return outcomes(junit), counts, seconds
 
 
@@ -119,12 +131,18 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="directory for the markdown record")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression (both runs)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    parser.add_argument("--workers", type=int, default=1, help="pytest-xdist processes a run (needs pytest-xdist)")
+    parser.add_argument("--test-timeout", type=int, default=0,
+                        help="seconds a test may take before it counts as failed (needs pytest-timeout)")
     parser.add_argument("--source", default="", help="where the test file came from (for the record), e.g. "
                         "'pytorch/pytorch at <commit>'")
     args = parser.parse_args()
-    missing = [name for name in ("expecttest", "hypothesis") if not _importable(name)]
+    needed = ["expecttest", "hypothesis"] + (["xdist"] if args.workers > 1 else []) + (
+        ["pytest_timeout"] if args.test_timeout else [])
+    missing = [name for name in needed if not _importable(name)]
     if missing:
-        print(f"torch's test helpers need {' and '.join(missing)}: pip install {' '.join(missing)}", file=sys.stderr)
+        print(f"this run needs {' and '.join(missing)}: pip install "
+              f"{' '.join(name.replace('xdist', 'pytest-xdist').replace('_', '-') for name in missing)}", file=sys.stderr)
         return 2
     import torch
 
@@ -135,8 +153,10 @@ def main() -> int:
         work = pathlib.Path(directory)
         (work / "test_cpp_extensions_open_device_registration.py").write_text(_STUB)
         (work / "flashjit_suite_plugin.py").write_text(_PLUGIN)
-        plain, _, plain_seconds = run(test_file, args.device, False, work, args.keyword, args.timeout)
-        patched, counts, patched_seconds = run(test_file, args.device, True, work, args.keyword, args.timeout)
+        plain, _, plain_seconds = run(test_file, args.device, False, work, args.keyword, args.timeout, args.workers,
+                                         args.test_timeout)
+        patched, counts, patched_seconds = run(test_file, args.device, True, work, args.keyword, args.timeout,
+                                                  args.workers, args.test_timeout)
         tail = (work / "patched.log").read_text().strip().splitlines()[-1:]
     passed_plain = {name for name, outcome in plain.items() if outcome == "passed"}
     broken = sorted(name for name in passed_plain if patched.get(name) != "passed")
@@ -149,7 +169,8 @@ def main() -> int:
     lines = [f"# PyTorch's test_transformers.py under flashjit.patch_sdpa(): {device}", "",
              f"- date: {datetime.date.today()}", f"- commit: {commit}",
              f"- command: `python scripts/torch_sdpa_suite.py test_transformers.py --device {args.device}"
-             + (f" -k '{args.keyword}'" if args.keyword else "") + "`",
+             + (f" -k '{args.keyword}'" if args.keyword else "")
+             + (f" --workers {args.workers}" if args.workers > 1 else "") + "`",
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}"
              + (f"; test_transformers.py: {args.source}" if args.source else ""), "",
              summary, "",
