@@ -220,6 +220,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DROPOUT
             apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
 #endif
+            return rescale;  // warp-uniform: consumer_steps waits for P_{j-1} V_{j-1} after this work
           },
           [&](int j) {  // O += P_j V_j
             wgmma_fragments_by_rows<kBlockN, kDimV>(o[0], prob,

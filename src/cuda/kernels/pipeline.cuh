@@ -220,6 +220,11 @@ FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
 // persistent kernel runs one turn sequence over all its work tiles, so that a
 // warpgroup finishing a tile cannot arrive twice on a barrier the other has
 // not yet waited on); consumer_schedule is one block's whole sequence.
+template <class T>
+constexpr bool kReturnsBool = false;
+template <>
+constexpr bool kReturnsBool<bool> = true;
+
 template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
 FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
                               IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
@@ -242,8 +247,12 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
     wgmma_commit();
     pass_turn(consumer);
     wgmma_wait<1>();  // tile j's products done; tile j - 1's may still run beside after_first
-    after_first(j);
-    wgmma_wait<0>();
+    if constexpr (kReturnsBool<decltype(after_first(j))> && !FJ_EARLY_WAIT) {
+      wgmma_wait_all_after(after_first(j));  // after_first returns a warp-uniform value
+    } else {
+      after_first(j);
+      wgmma_wait<0>();
+    }
     after_second(j - 1);
     prepare(j);
   }

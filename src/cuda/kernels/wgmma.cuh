@@ -56,6 +56,19 @@ template <int kPending>
 FJ_DEVICE void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
+// wgmma_wait<0> placed after the work before it: ptxas schedules a wait (it has no
+// operands) early in its basic block, so register math written before it (the
+// softmax meant to run beside P V) can end up after it, the products no longer
+// overlapped. A branch on a warp-uniform value from that work gives the wait a
+// block of its own; the two texts differ so that the compiler cannot merge them
+// back above the branch.
+FJ_DEVICE void wgmma_wait_all_after(bool uniform) {
+  if (uniform) {
+    asm volatile("wgmma.wait_group.sync.aligned 0; // after\n" ::: "memory");
+  } else {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  }
+}
 // Shared memory written through the generic proxy (cp.async, stores) before the
 // tensor cores read it: each writer fences, then the block synchronises.
 FJ_DEVICE void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
