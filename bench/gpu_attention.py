@@ -146,13 +146,15 @@ def measure(impl, batch, heads_q, heads_kv, seqlen, head_dim, causal, forward_on
     return forward_ms, backward_ms
 
 
-def cases(quick, only_head_dims=None):
+def cases(quick, only_head_dims=None, only_seqlens=None):
     """(label, batch, heads_q, heads_kv, seqlen, head_dim, causal) of the grid; only_head_dims
-    keeps those head dims (the GQA rows are head dim 128)."""
+    and only_seqlens keep those head dims and lengths (the GQA rows are head dim 128)."""
     head_dims = (128,) if quick else (64, 128, 256)
     if only_head_dims:
         head_dims = tuple(d for d in head_dims if d in only_head_dims)
     seqlens = (1024, 4096) if quick else (1024, 4096, 16384)
+    if only_seqlens:
+        seqlens = tuple(n for n in seqlens if n in only_seqlens)
     grid = []
     for head_dim in head_dims:
         for seqlen in seqlens:
@@ -255,6 +257,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="D=128, N=1k and 4k only")
     parser.add_argument("--head-dims", type=int, nargs="+", choices=(64, 128, 256), default=None,
                         help="only these head dims of the grid (default: all)")
+    parser.add_argument("--seqlens", type=int, nargs="+", choices=(1024, 4096, 16384), default=None,
+                        help="only these sequence lengths of the grid (default: all)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every implementation this many times a case, in rotating order, and report "
+                             "the median (an A/B of two tile settings then does not depend on which ran first)")
     parser.add_argument("--forward-only", action="store_true",
                         help="time the forward alone (no backward, memory or compile figures)")
     parser.add_argument("--tiles", nargs="+", default=["default"],
@@ -278,18 +285,30 @@ def main():
     torch.manual_seed(0)
     impls = implementations(args.tiles, None if args.no_fa4 else fa4_function())
     rows = []
-    for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in cases(args.quick, args.head_dims):
+    for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in cases(args.quick, args.head_dims, args.seqlens):
         row = {"D": label, "N": seqlen, "causal": causal, "tflops": {}}
-        for impl in impls:
-            try:
-                forward_ms, backward_ms = measure(impl, batch, heads_q, heads_kv, seqlen, head_dim, causal,
-                                                  args.forward_only)
-            except Exception as error:  # a peer that does not take this case
-                print(f"{impl.name} D{head_dim} N{seqlen} causal={causal}: {type(error).__name__}: "
-                      f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
-                continue
-            row["tflops"][impl.name] = (flops(batch, heads_q, seqlen, head_dim, causal, False) / forward_ms / 1e9,
-                                        flops(batch, heads_q, seqlen, head_dim, causal, True) / backward_ms / 1e9)
+        rounds = {}  # name -> [(forward, backward) TFLOP/s of each round]
+        failed = set()
+        for round_index in range(max(1, args.rounds)):
+            shift = round_index % len(impls)
+            for impl in impls[shift:] + impls[:shift]:
+                if impl.name in failed:
+                    continue
+                try:
+                    forward_ms, backward_ms = measure(impl, batch, heads_q, heads_kv, seqlen, head_dim, causal,
+                                                      args.forward_only)
+                except Exception as error:  # a peer that does not take this case
+                    print(f"{impl.name} D{head_dim} N{seqlen} causal={causal}: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}", file=sys.stderr)
+                    failed.add(impl.name)
+                    continue
+                rounds.setdefault(impl.name, []).append(
+                    (flops(batch, heads_q, seqlen, head_dim, causal, False) / forward_ms / 1e9,
+                     flops(batch, heads_q, seqlen, head_dim, causal, True) / backward_ms / 1e9))
+        for name, values in rounds.items():
+            row["tflops"][name] = tuple(statistics.median(v[i] for v in values) for i in range(2))
+            if len(values) > 1:
+                row.setdefault("rounds", {})[name] = [round(v[0], 1) for v in values]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items()}, default=lambda x: round(x, 1)), flush=True)
     plain = [impl for impl in impls if impl.name in ("flashjit", "cuDNN", "torch-flash")]
@@ -308,7 +327,9 @@ def main():
              + ("" if "FA4" not in names else f", flash-attn-4 {fa4_version()}"),
              f"- {'bf16' if DTYPE == torch.bfloat16 else 'fp16'}, B*N = 16384, H = 2048 / D "
              "(GQA: 32 query heads, 8 key/value heads); TFLOP/s "
-             "(backward 2.5x the forward's FLOPs); GPU time per call of back-to-back calls (CUDA events), median",
+             "(backward 2.5x the forward's FLOPs); GPU time per call of back-to-back calls (CUDA events), median"
+             + (f"; each the median of {args.rounds} rounds with the implementations in rotating order (every "
+                "round's forward figure in the run's log)" if args.rounds > 1 else ""),
              ""] + table(rows, names, args.forward_only)
     if not args.forward_only:
         lines += ["", f"Peak extra memory of forward+backward, B1 H16 N8192 D128 {args.dtype} (MiB): " +
