@@ -247,7 +247,7 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
     wgmma_commit();
     pass_turn(consumer);
     wgmma_wait<1>();  // tile j's products done; tile j - 1's may still run beside after_first
-    if constexpr (kReturnsBool<decltype(after_first(j))> && !FJ_EARLY_WAIT) {
+    if constexpr (kReturnsBool<decltype(after_first(j))>) {
       wgmma_wait_all_after(after_first(j));  // after_first returns a warp-uniform value
     } else {
       after_first(j);
