@@ -107,7 +107,11 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
     start = datetime.datetime.now()
     print(f"[{'patched' if patched else 'plain'}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
     with open(work / f"{'patched' if patched else 'plain'}.log", "w") as log:
-        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
+        try:
+            subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
+        except subprocess.TimeoutExpired:
+            print(f"[{'patched' if patched else 'plain'}] stopped after --timeout {timeout} s: no outcomes",
+                  file=sys.stderr, flush=True)
     seconds = (datetime.datetime.now() - start).total_seconds()
     counts = None
     if patched:
@@ -115,7 +119,7 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
             counts = counts or {"served": 0, "fallback": 0}
             for key, value in json.loads(part.read_text()).items():
                 counts[key] += value
-    return outcomes(junit), counts, seconds
+    return (outcomes(junit) if junit.exists() else {}), counts, seconds
 
 
 def _importable(name: str) -> bool:
