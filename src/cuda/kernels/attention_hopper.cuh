@@ -174,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       rows[0][0] = block.first_query + warp * 16 + lane / 4;
       rows[0][1] = rows[0][0] + 8;
       const long long consumer_first = block.first_query + consumer * 64;
-      const bool rows_full = consumer_first + 64 <= p.seqlen_q;
+      const QueryBlock::Interior interior = block.interior_tiles(p, consumer_first, consumer_first + 64 <= p.seqlen_q);
 
       float o[1][kDimV / 8][4];
       zero(o);
@@ -210,7 +210,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             if (j == block.tiles - 1) q_ring.release(q_use, lane);  // the last read of Q
 #endif
             const long long tile_start = block.tile_start(j);
-            if (block.interior(p, j, consumer_first, rows_full)) {
+            if (interior.contains(j)) {
               tile_logits<1, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
             } else {
               tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);

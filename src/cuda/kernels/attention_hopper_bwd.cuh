@@ -129,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     rows[0] = block.first_query + warp * 16 + lane / 4;
     rows[1] = rows[0] + 8;
     const long long consumer_first = block.first_query + consumer * 64;
-    const bool rows_full_block = consumer_first + 64 <= p.seqlen_q;
+    const QueryBlock::Interior interior = block.interior_tiles(p, consumer_first, consumer_first + 64 <= p.seqlen_q);
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
     float lse2[2], delta[2];
 #pragma unroll
@@ -162,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             pin(s);
             pin(dp);
             v_ring.release(j, lane);
-            if (block.interior(p, j, consumer_first, rows_full_block)) {
+            if (interior.contains(j)) {
               dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, block.tile_start(j), b, h, batch_head, quad,
                                      scale_log2);
             } else {

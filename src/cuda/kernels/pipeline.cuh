@@ -345,11 +345,23 @@ struct QueryBlock {
     tiles = first_tile < key_hi ? static_cast<int>((key_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
   }
   FJ_DEVICE long long tile_start(int j) const { return first_tile + static_cast<long long>(j) * kBlockN; }
-  // Whether tile j is wholly visible to query rows first..first + 63 (all below seqlen_q: rows_full).
-  FJ_DEVICE bool interior(const KernelParams& p, int j, long long first, bool rows_full) const {
-    const long long start = tile_start(j);
-    return rows_full && start >= key_lo && start + kBlockN <= key_hi &&
-           all_visible(p, first, first + 63, start, start + kBlockN - 1);
+  // The key tiles wholly visible to query rows first..first + 63 (all below seqlen_q:
+  // rows_full) are tiles lo..hi - 1: a row's first and last visible keys never fall as the
+  // row grows, so the last row bounds where such a tile may start and the first row where it
+  // may end. Found once a work tile, so that a step tests two ints after its S wait.
+  struct Interior {
+    int lo = 0, hi = 0;
+    FJ_DEVICE bool contains(int j) const { return j >= lo && j < hi; }
+  };
+  FJ_DEVICE Interior interior_tiles(const KernelParams& p, long long first, bool rows_full) const {
+    Interior range;
+    if (!rows_full) return range;
+    const long long start = max(key_lo, key_begin(p, first + 63));
+    const long long end = min(key_hi, key_end(p, first));
+    range.lo = start <= first_tile ? 0 : static_cast<int>((start - first_tile + kBlockN - 1) / kBlockN);
+    range.hi = end <= first_tile ? 0 : static_cast<int>((end - first_tile) / kBlockN);
+    if (range.hi < range.lo) range.hi = range.lo;
+    return range;
   }
 };
 
