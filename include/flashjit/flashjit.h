@@ -93,6 +93,13 @@ typedef struct fj_attention_options {
   /* CUDA: the cudaStream_t / CUstream to launch on (NULL = the legacy default stream).
    * Work is only enqueued; the call does not synchronise. Ignored on the CPU. */
   void* stream;
+  /* CUDA: device memory the call uses as its scratch instead of taking scratch from
+   * flashjit's stream-ordered pool, for callers that record calls into CUDA graphs that
+   * must hold no memory nodes (a child graph cannot). NULL: flashjit's own. Given, it
+   * holds workspace_bytes, at least what fj_attention_prepare_* reports, and stays
+   * untouched until the call's work on the stream is done. Ignored on the CPU. */
+  void* workspace;
+  size_t workspace_bytes;
 } fj_attention_options;
 
 fj_attention_options fj_attention_options_default(void);
@@ -108,6 +115,20 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
                                 const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                 const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,
                                 fj_tensor* dv);
+
+/* Before recording a call into a CUDA graph: chooses the kernels the same call makes under
+ * stream capture, compiles and loads them (a call under capture does not compile), and
+ * writes the workspace it needs (bytes, for fj_attention_options.workspace) to
+ * *workspace_bytes; nothing is enqueued and no output is written. The arguments are the
+ * call's own (data pointers included: they decide which kernels can read them). On the
+ * CPU: validation only, and 0 bytes. */
+fj_status fj_attention_prepare_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                       const fj_attention_options* options, fj_tensor* o, fj_tensor* lse,
+                                       size_t* workspace_bytes);
+fj_status fj_attention_prepare_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                        const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                        const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,
+                                        fj_tensor* dv, size_t* workspace_bytes);
 
 /* The validation of fj_attention_forward / fj_attention_backward without the call:
  * the same errors for the same descriptors, which may have NULL data pointers (for

@@ -172,23 +172,38 @@ fj_attention_options make_options(const char* op, nb::handle mask, std::optional
   return options;
 }
 
-void forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
-             std::optional<double> scale, double softcap, int causal, int64_t window_left,
-             int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-             uintptr_t stream, bool check_only) {
+// The caller's workspace, (device pointer, bytes), into the options.
+using Workspace = std::optional<std::tuple<uintptr_t, size_t>>;
+void set_workspace(fj_attention_options& options, const Workspace& workspace) {
+  if (!workspace) return;
+  options.workspace = reinterpret_cast<void*>(std::get<0>(*workspace));
+  options.workspace_bytes = std::get<1>(*workspace);
+}
+
+// check_only: validation alone; prepare: fj_attention_prepare_* (returns the workspace bytes);
+// else the call (returns 0).
+size_t forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
+               std::optional<double> scale, double softcap, int causal, int64_t window_left,
+               int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
+               uintptr_t stream, bool check_only, bool prepare, const Workspace& workspace) {
   constexpr const char* op = "attention";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
-  const fj_attention_options options =
+  fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
+  set_workspace(options, workspace);
+  size_t bytes = 0;
+  fj_status status;
   if (check_only) {
-    const fj_status status = fj_attention_check_forward(&tq, &tk, &tv, &options, &to, &tlse);
-    if (status != FJ_SUCCESS) raise_status(status);
-    return;
+    status = fj_attention_check_forward(&tq, &tk, &tv, &options, &to, &tlse);
+  } else if (prepare) {
+    status = without_gil([&] { return fj_attention_prepare_forward(&tq, &tk, &tv, &options, &to, &tlse, &bytes); });
+  } else {
+    status = without_gil([&] { return fj_attention_forward(&tq, &tk, &tv, &options, &to, &tlse); });
   }
-  const fj_status status = without_gil([&] { return fj_attention_forward(&tq, &tk, &tv, &options, &to, &tlse); });
   if (status != FJ_SUCCESS) raise_status(status);
+  return bytes;
 }
 
 // The nine tensors of a backward call as the C API describes them.
@@ -201,24 +216,32 @@ struct BackwardTensors {
         dk(to_tensor(op, "dk", dk_)), dv(to_tensor(op, "dv", dv_)) {}
 };
 
-void backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
-              nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
-              double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
-              uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream, bool check_only) {
+size_t backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
+                nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
+                double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
+                uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream, bool check_only, bool prepare,
+                const Workspace& workspace) {
   constexpr const char* op = "attention_backward";
   BackwardTensors t(op, q, k, v, o, lse, dout, dq, dk, dv);
-  const fj_attention_options options =
+  fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
+  set_workspace(options, workspace);
+  size_t bytes = 0;
+  fj_status status;
   if (check_only) {
-    const fj_status status =
-        fj_attention_check_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &options, &t.dq, &t.dk, &t.dv);
-    if (status != FJ_SUCCESS) raise_status(status);
-    return;
+    status = fj_attention_check_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &options, &t.dq, &t.dk, &t.dv);
+  } else if (prepare) {
+    status = without_gil([&] {
+      return fj_attention_prepare_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &options, &t.dq, &t.dk, &t.dv,
+                                           &bytes);
+    });
+  } else {
+    status = without_gil(
+        [&] { return fj_attention_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &options, &t.dq, &t.dk, &t.dv); });
   }
-  const fj_status status = without_gil(
-      [&] { return fj_attention_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &options, &t.dq, &t.dk, &t.dv); });
   if (status != FJ_SUCCESS) raise_status(status);
+  return bytes;
 }
 
 void check(fj_status status);
@@ -363,12 +386,14 @@ NB_MODULE(_C, m) {
   m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
         nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
-        nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false);
+        nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false,
+        nb::arg("prepare") = false, nb::arg("workspace") = nb::none());
   m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
         nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
-        nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false);
+        nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false,
+        nb::arg("prepare") = false, nb::arg("workspace") = nb::none());
   m.def("varlen_forward", &varlen_forward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k").none(),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
         nb::arg("lse"), nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),

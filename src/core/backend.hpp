@@ -17,6 +17,10 @@ struct Backend {
   // Throws flashjit::Error(FJ_ERROR_UNSUPPORTED, ...) for a problem it cannot run.
   void (*forward)(const AttentionProblem& problem);
   void (*backward)(const AttentionProblem& problem);
+  // fj_attention_prepare_*: readies the kernels of the forward (backward = false) or the
+  // backward of a problem as a call under stream capture would take them, and returns the
+  // scratch bytes that call needs; enqueues nothing. Null: nothing to prepare, no scratch.
+  size_t (*prepare)(const AttentionProblem& problem, bool backward) = nullptr;
 };
 
 // The backend for a device, or an FJ_ERROR_UNSUPPORTED error naming what is compiled in.

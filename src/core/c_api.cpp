@@ -17,6 +17,16 @@ namespace {
 #define FJ_STRINGIFY_(x) #x
 #define FJ_STRINGIFY(x) FJ_STRINGIFY_(x)
 
+// fj_attention_prepare_*: the backend readies the call's kernels as under stream capture and
+// reports its scratch; nothing runs.
+void prepare(const flashjit::AttentionProblem& problem, bool backward, size_t* workspace_bytes, const char* op) {
+  if (workspace_bytes == nullptr) {
+    flashjit::throw_value_error("[", op, "] workspace_bytes: expected a pointer to write the size to, got NULL");
+  }
+  const flashjit::Backend& backend = flashjit::backend_for(problem.device_type, op);
+  *workspace_bytes = backend.prepare == nullptr ? 0 : backend.prepare(problem, backward);
+}
+
 }  // namespace
 
 extern "C" {
@@ -46,6 +56,24 @@ fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj
     const flashjit::AttentionProblem problem =
         flashjit::make_backward_problem(q, k, v, o, lse, dout, options, dq, dk, dv);
     flashjit::backend_for(problem.device_type, "attention_backward").backward(problem);
+  });
+}
+
+fj_status fj_attention_prepare_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                       const fj_attention_options* options, fj_tensor* o, fj_tensor* lse,
+                                       size_t* workspace_bytes) {
+  return flashjit::guarded([&] {
+    prepare(flashjit::make_forward_problem(q, k, v, options, o, lse), false, workspace_bytes, "attention");
+  });
+}
+
+fj_status fj_attention_prepare_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
+                                        const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
+                                        const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,
+                                        fj_tensor* dv, size_t* workspace_bytes) {
+  return flashjit::guarded([&] {
+    prepare(flashjit::make_backward_problem(q, k, v, o, lse, dout, options, dq, dk, dv), true, workspace_bytes,
+            "attention_backward");
   });
 }
 

@@ -350,6 +350,12 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   }
   p.num_threads = opt.num_threads;
   p.stream = opt.stream;
+  if (opt.workspace == nullptr && opt.workspace_bytes != 0) {
+    throw_value_error("[", op, "] workspace: NULL with workspace_bytes = ", opt.workspace_bytes,
+                      "; expected a device pointer, or workspace_bytes = 0");
+  }
+  p.workspace = opt.workspace;
+  p.workspace_bytes = opt.workspace_bytes;
 
   const fj_tensor& mask = opt.mask;
   if (mask.data == nullptr && mask.ndim == 0) return;  // no mask

@@ -75,6 +75,8 @@ struct AttentionProblem {
 
   int32_t num_threads = 0;
   void* stream = nullptr;  // CUDA stream to enqueue on
+  void* workspace = nullptr;  // CUDA: the caller's scratch (fj_attention_options.workspace), or null
+  size_t workspace_bytes = 0;
 
   // A variable-length batch (fj_attention_varlen_*): the operands are packed, sequence
   // b being rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, o, lse, dout and dq

@@ -72,7 +72,12 @@ KernelParams params_of(const AttentionProblem& p) {
 struct Launch {
   CUstream stream = nullptr;
   int device_index = 0;
-  bool capturing = false;
+  bool capturing = false;  // the stream is capturing a graph: kernels not compiled yet are an error
+  // The choices of a call recorded into a graph: no scratch of flashjit's own (no split
+  // forward, no persistent grid's counter; the backward's scratch the caller's workspace
+  // where one is given). Under capture, with a workspace, and for fj_attention_prepare_*.
+  bool graph_safe = false;
+  bool planning = false;  // fj_attention_prepare_*: plan, load kernels, enqueue nothing
   int arch = 0;
 };
 
@@ -95,7 +100,8 @@ Launch prepare(const AttentionProblem& p) {
   int status = kStreamCaptureStatusNone;
   check(driver().cuStreamIsCapturing(launch.stream, &status), "cuStreamIsCapturing");
   launch.capturing = status != kStreamCaptureStatusNone;
-  if (!launch.capturing) {
+  launch.graph_safe = launch.capturing || p.workspace != nullptr;
+  if (!launch.graph_safe) {
     try {
       scratch_pool(launch.device_index);
     } catch (const Error&) {
@@ -306,6 +312,7 @@ struct Plan {
   std::array<KernelLaunch, kMaxKernels> kernels;
   size_t count = 0;
   std::optional<StreamScratch> scratch;
+  size_t scratch_bytes = 0;  // what the plan's kernels need (planning: reported, not taken)
 
   KernelLaunch& add(const KernelSpec& spec, const KernelParams& params, const Launch& launch) {
     if (count == kMaxKernels) {
@@ -398,7 +405,7 @@ KernelSpec forward_spec(const AttentionProblem& p, const Launch& launch, KernelP
 // is a block a tile too.
 void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int64_t tiles) {
   kernel.blocks = tiles;
-  if (!settings::persistent_forward() || launch.capturing) return;
+  if (!settings::persistent_forward() || launch.graph_safe) return;
   KernelParams& params = kernel.params;
   const ForwardTiles forced = forced_forward_tiles();
   params.tile_counter = forced.stream_counter == 0 ? nullptr : stream_tile_counter(launch.stream, launch.device_index);
@@ -422,7 +429,7 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
 // scratch would put memory nodes into the graph), else one forward kernel.
 void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   KernelParams params = params_of(p);
-  if (!launch.capturing && p.seqlen_k > 0) {
+  if (!launch.graph_safe && p.seqlen_k > 0) {
     const KernelSpec split_spec = split_forward_kernel(traits_for_launch(p, launch));
     const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
     if (splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits)) return;
@@ -443,11 +450,15 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 }
 
 // A variable-length batch runs as one launch plan a sequence (DenseParts), on the stream in order.
-void forward(const AttentionProblem& problem) {
+void check_unpaged(const AttentionProblem& problem) {
   if (problem.page_table != nullptr) {
     throw_unsupported("[cuda] page_table: paged KV caches run on the CPU backend in this version "
                       "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
   }
+}
+
+void forward(const AttentionProblem& problem) {
+  check_unpaged(problem);
   for (const AttentionProblem& part : DenseParts(problem)) {
     if (part.seqlen_q == 0) continue;
     const AttentionProblem p = with_query_groups_packed(part);
@@ -522,12 +533,20 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
     }
   }
-  plan.scratch.emplace(size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1), launch.stream,
-                       launch.device_index);
+  plan.scratch_bytes = size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1);
+  if (launch.planning) return;
+  void* scratch = p.workspace;
+  if (scratch == nullptr) {
+    plan.scratch.emplace(plan.scratch_bytes, launch.stream, launch.device_index);
+    scratch = plan.scratch->get();
+  } else if (p.workspace_bytes < plan.scratch_bytes) {
+    throw_value_error("[cuda] workspace_bytes: this backward needs ", plan.scratch_bytes, " bytes of workspace, got ",
+                      p.workspace_bytes, " (fj_attention_prepare_backward reports the size)");
+  }
   for (size_t index = 0; index < plan.count; ++index) {
     KernelParams& kernel_params = plan.kernels[index].params;
-    kernel_params.delta = plan.scratch->get();
-    kernel_params.lse_log2 = hopper ? static_cast<float*>(plan.scratch->get()) + scratch_rows : nullptr;
+    kernel_params.delta = scratch;
+    kernel_params.lse_log2 = hopper ? static_cast<float*>(scratch) + scratch_rows : nullptr;
   }
 }
 
@@ -541,11 +560,33 @@ void backward(const AttentionProblem& problem) {
   }
 }
 
+// fj_attention_prepare_*: each part planned as a call under capture would plan it (its
+// kernels compiled and loaded now), nothing enqueued; the largest scratch of the parts,
+// which run one after another on the stream and can share one workspace.
+size_t prepare_call(const AttentionProblem& problem, bool backward) {
+  if (!backward) check_unpaged(problem);
+  size_t needed = 0;
+  for (const AttentionProblem& part : DenseParts(problem)) {
+    if (backward ? part.seqlen_q == 0 && part.seqlen_k == 0 : part.seqlen_q == 0) continue;
+    const AttentionProblem p = backward ? part : with_query_groups_packed(part);
+    Launch launch = prepare(p);
+    launch.graph_safe = launch.planning = true;
+    Plan plan;
+    if (backward) {
+      plan_backward(plan, p, launch);
+    } else {
+      plan_forward(plan, p, launch);
+    }
+    needed = std::max(needed, plan.scratch_bytes);
+  }
+  return needed;
+}
+
 }  // namespace
 }  // namespace flashjit::cuda
 
 const flashjit::Backend& flashjit_backend_cuda() {
   static const flashjit::Backend backend{"cuda", FJ_DEVICE_CUDA, flashjit::cuda::forward,
-                                         flashjit::cuda::backward};
+                                         flashjit::cuda::backward, flashjit::cuda::prepare_call};
   return backend;
 }

@@ -1,6 +1,7 @@
 // Bad input: each gets a status and a message naming the argument and the value.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -240,6 +241,43 @@ TEST_F(Errors, NullPointersToStructs) {
 
 // fj_attention_check_*: descriptors without memory (NULL data) pass where their shapes do;
 // a wrong shape is named as the call would name it.
+// fj_attention_prepare_*: validation as the call's, nothing written, the workspace size out
+// (0 on the CPU, which takes no scratch of the caller's); a NULL size pointer or a NULL
+// workspace with a size is named.
+TEST_F(Errors, PrepareValidatesWritesNothingAndReportsTheWorkspace) {
+  Call c = valid();
+  o_.poison();
+  dq_.poison();
+  const auto untouched = [](const std::vector<double>& values) {
+    return std::all_of(values.begin(), values.end(), [](double x) { return std::isnan(x); });
+  };
+  size_t bytes = 123;
+  EXPECT_EQ(fj_attention_prepare_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse, &bytes), FJ_SUCCESS)
+      << fj_last_error();
+  EXPECT_EQ(bytes, 0u);
+  bytes = 123;
+  EXPECT_EQ(fj_attention_prepare_backward(&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.options, &c.dq, &c.dk, &c.dv,
+                                          &bytes),
+            FJ_SUCCESS)
+      << fj_last_error();
+  EXPECT_EQ(bytes, 0u);
+  EXPECT_TRUE(untouched(o_.values()));
+  EXPECT_TRUE(untouched(dq_.values()));
+
+  EXPECT_EQ(fj_attention_prepare_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse, nullptr),
+            FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("workspace_bytes"), std::string::npos) << fj_last_error();
+  c.options.workspace_bytes = 64;  // and no workspace
+  EXPECT_EQ(fj_attention_prepare_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse, &bytes),
+            FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("workspace"), std::string::npos) << fj_last_error();
+  EXPECT_EQ(fj_attention_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
+  c.options.workspace_bytes = 0;
+  c.k.shape[3] = 8;  // a bad call is rejected by prepare as by the call
+  EXPECT_EQ(fj_attention_prepare_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse, &bytes),
+            FJ_ERROR_INVALID_VALUE);
+}
+
 TEST_F(Errors, ChecksTakeDescriptorsWithoutData) {
   Call c = valid();
   for (fj_tensor* t : {&c.q, &c.k, &c.v, &c.o, &c.lse, &c.dout, &c.dq, &c.dk, &c.dv}) t->data = nullptr;
