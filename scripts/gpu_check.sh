@@ -6,7 +6,9 @@
 #   bash scripts/gpu_check.sh [--quick-bench] [--tests-only | --no-tests]
 # --tests-only stops after pytest and --no-tests skips it, for machines whose
 # single command must end sooner than the whole check (about 8 minutes on an H200).
-# PYTEST_FILES (default tests/python) and PYTEST_WORKERS (default 8) split the pytest run over calls.
+# PYTEST_FILES (default tests/python) and PYTEST_WORKERS (default 8) split the pytest run over calls;
+# PYTEST_PART=1 takes the forward's files (test_attention, test_split_forward, test_cuda_graphs,
+# test_prepare: about 4 minutes on an H200 with 12 workers), PYTEST_PART=2 every other file.
 # --compare-forward-groups (with --no-tests) also runs test_attention.py with the
 # three-consumer-warpgroup forward (FLASHJIT_CUDA_TILES=groups=3) and times the
 # forward with two and with three groups in one run (gpu_attention.py --forward-only).
@@ -25,6 +27,12 @@ if [[ " $* " != *" --no-tests "* ]]; then
   step "pytest (FLASHJIT_TEST_DEVICE=cuda)"
   # In parallel processes (kernels compile on the CPUs), each test cut off after 240 s so that a
   # slow one is named rather than eating the call; PYTEST_FILES picks files (the call's time limit).
+  part1="tests/python/test_attention.py tests/python/test_split_forward.py tests/python/test_cuda_graphs.py
+    tests/python/test_prepare.py"
+  case "${PYTEST_PART:-}" in
+    1) PYTEST_FILES=$part1 ;;
+    2) PYTEST_FILES=$(ls tests/python/test_*.py | grep -v -x -F "$(echo $part1 | tr ' ' '\n')" | tr '\n' ' ') ;;
+  esac
   FLASHJIT_TEST_DEVICE=cuda python3 -m pytest ${PYTEST_FILES:-tests/python} -q -n "${PYTEST_WORKERS:-8}" \
     --timeout 240 -rfE --maxfail=40 --durations=10 -p no:cacheprovider 2>&1 | tee "$OUT/pytest-cuda.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
