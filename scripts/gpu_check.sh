@@ -8,7 +8,7 @@
 # single command must end sooner than the whole check (about 8 minutes on an H200).
 # PYTEST_FILES (default tests/python) and PYTEST_WORKERS (default 8) split the pytest run over calls;
 # PYTEST_PART=1 takes the forward's files (test_attention, test_split_forward, test_cuda_graphs,
-# test_prepare: about 4 minutes on an H200 with 12 workers), PYTEST_PART=2 every other file.
+# test_prepare; test_attention.py alone took 198 s on an H200 with 12 workers), PYTEST_PART=2 every other file.
 # --compare-forward-groups (with --no-tests) also runs test_attention.py with the
 # three-consumer-warpgroup forward (FLASHJIT_CUDA_TILES=groups=3) and times the
 # forward with two and with three groups in one run (gpu_attention.py --forward-only).
