@@ -449,26 +449,6 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
-// A variable-length batch runs as one launch plan a sequence (DenseParts), on the stream in order.
-void check_unpaged(const AttentionProblem& problem) {
-  if (problem.page_table != nullptr) {
-    throw_unsupported("[cuda] page_table: paged KV caches run on the CPU backend in this version "
-                      "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
-  }
-}
-
-void forward(const AttentionProblem& problem) {
-  check_unpaged(problem);
-  for (const AttentionProblem& part : DenseParts(problem)) {
-    if (part.seqlen_q == 0) continue;
-    const AttentionProblem p = with_query_groups_packed(part);
-    const Launch launch = prepare(p);
-    Plan plan;
-    plan_forward(plan, p, launch);
-    enqueue(plan, launch);
-  }
-}
-
 // The TMA descriptors a kHopper backward kernel reads: the block's own rows
 // (queries for dQ, keys for dK/dV) in boxes of block_rows, the streamed ones in
 // boxes of block_n.
@@ -550,37 +530,37 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   }
 }
 
-void backward(const AttentionProblem& problem) {
-  for (const AttentionProblem& p : DenseParts(problem)) {
-    if (p.seqlen_q == 0 && p.seqlen_k == 0) continue;
-    const Launch launch = prepare(p);
-    Plan plan;
-    plan_backward(plan, p, launch);
-    enqueue(plan, launch);
+// A call's plans, one a part (a variable-length batch runs as one plan a sequence,
+// DenseParts), each enqueued on the stream in order; or (planning, fj_attention_prepare_*)
+// each made as a call under capture would make it, its kernels compiled and loaded, nothing
+// enqueued. Returns the largest scratch of the parts, which run one after another and can
+// share one workspace.
+size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
+  if (!backward && problem.page_table != nullptr) {
+    throw_unsupported("[cuda] page_table: paged KV caches run on the CPU backend in this version "
+                      "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
   }
-}
-
-// fj_attention_prepare_*: each part planned as a call under capture would plan it (its
-// kernels compiled and loaded now), nothing enqueued; the largest scratch of the parts,
-// which run one after another on the stream and can share one workspace.
-size_t prepare_call(const AttentionProblem& problem, bool backward) {
-  if (!backward) check_unpaged(problem);
   size_t needed = 0;
   for (const AttentionProblem& part : DenseParts(problem)) {
     if (backward ? part.seqlen_q == 0 && part.seqlen_k == 0 : part.seqlen_q == 0) continue;
     const AttentionProblem p = backward ? part : with_query_groups_packed(part);
     Launch launch = prepare(p);
-    launch.graph_safe = launch.planning = true;
+    if (planning) launch.graph_safe = launch.planning = true;
     Plan plan;
     if (backward) {
       plan_backward(plan, p, launch);
     } else {
       plan_forward(plan, p, launch);
     }
+    if (!planning) enqueue(plan, launch);
     needed = std::max(needed, plan.scratch_bytes);
   }
   return needed;
 }
+
+void forward(const AttentionProblem& problem) { run_parts(problem, false, false); }
+void backward(const AttentionProblem& problem) { run_parts(problem, true, false); }
+size_t prepare_call(const AttentionProblem& problem, bool backward) { return run_parts(problem, backward, true); }
 
 }  // namespace
 }  // namespace flashjit::cuda
