@@ -89,7 +89,8 @@ def outcomes(junit: pathlib.Path) -> dict[str, str]:
 
 def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path, keyword: str | None,
         timeout: int, workers: int, test_timeout: int) -> tuple[dict[str, str], dict | None, float]:
-    junit = work / f"{'patched' if patched else 'plain'}.xml"
+    name = "patched" if patched else "plain"
+    junit = work / f"{name}.xml"
     env = dict(os.environ, PYTORCH_TESTING_DEVICE_ONLY_FOR=device,
                PYTHONPATH=os.pathsep.join([str(work), str(test_file.parent), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
@@ -105,12 +106,12 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
         command += ["-p", "flashjit_suite_plugin"]
         env["FLASHJIT_SUITE_COUNTS"] = str(counts_file)
     start = datetime.datetime.now()
-    print(f"[{'patched' if patched else 'plain'}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
-    with open(work / f"{'patched' if patched else 'plain'}.log", "w") as log:
+    print(f"[{name}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    with open(work / f"{name}.log", "w") as log:
         try:
             subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
         except subprocess.TimeoutExpired:
-            print(f"[{'patched' if patched else 'plain'}] stopped after --timeout {timeout} s: no outcomes",
+            print(f"[{name}] stopped after --timeout {timeout} s: no outcomes",
                   file=sys.stderr, flush=True)
     seconds = (datetime.datetime.now() - start).total_seconds()
     counts = None
