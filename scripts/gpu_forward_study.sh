@@ -3,7 +3,7 @@
 # tests on CUDA (test_attention.py, including every forced tile configuration),
 # compute-sanitizer memcheck on small cases (once per --tiles value), the forward benchmark with several
 # FLASHJIT_CUDA_TILES settings as columns, and (--ncu) Nsight Compute on one
-# D128 forward. Logs and records go to $OUT (default /tmp/flashjit-forward-study).
+# D128 forward through scripts/gpu_ncu.sh. Logs and records go to $OUT (default /tmp/flashjit-forward-study).
 #   bash scripts/gpu_forward_study.sh [--no-tests] [--no-memcheck] [--ncu] [--tiles T1 T2 ...] [--head-dims D ...]
 OUT=${OUT:-/tmp/flashjit-forward-study}
 source "$(dirname "$0")/gpu_common.sh"
@@ -54,15 +54,8 @@ timeout 420 python3 bench/gpu_attention.py --forward-only --no-fa4 --out "$OUT" 
 grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
 
 if ((ncu)); then
-  step "ncu: D128 N4096 forward"
-  timeout 240 ncu --clock-control none -k regex:fj_attention_forward --launch-skip 1 -c 1 --set full \
-    --import-source yes -f -o "$OUT/forward" python3 bench/profile_cuda.py --head-dim 128 --seqlen 4096 \
-    >"$OUT/ncu.log" 2>&1 || status=1
-  ncu --import "$OUT/forward.ncu-rep" --page details >"$OUT/ncu-details.txt" 2>&1
-  ncu --import "$OUT/forward.ncu-rep" --page source --csv --print-source sass 2>/dev/null | gzip >"$OUT/ncu-sass.csv.gz"
-  rm -f "$OUT/forward.ncu-rep"
-  grep -E "Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible" \
-    "$OUT/ncu-details.txt" | head -12
+  step "ncu: D128 N4096 forward (scripts/gpu_ncu.sh)"
+  OUT=$OUT/ncu timeout 300 bash scripts/gpu_ncu.sh 128:4096 || status=1
 fi
 echo "forward study status: $status"
 exit $status
