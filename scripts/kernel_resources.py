@@ -113,7 +113,7 @@ def main():
                   f"stack {stack.group(1) if stack else '?'} B, spills {spill.group(1) if spill else '?'}/"
                   f"{spill.group(2) if spill else '?'} B")
             for line in log.splitlines():
-                if "warning" in line.lower():
+                if "warning" in line.lower() or "performance loss" in line.lower():
                     print(f"    {line.strip()}")
             if args.code:
                 pathlib.Path(args.code, f"{name}.code").write_text(code_sections(cubin))

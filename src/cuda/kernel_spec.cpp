@@ -437,8 +437,9 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
                       three_groups ? "groups=3" : "softmax=plain");
   }
   if (forced.early_exp >= 0) spec.early_exp = forced.early_exp == 1;
-  // Early exponentials need the lazy bases (not with dropout) and the registers of two consumer warpgroups.
-  spec.early_exp = spec.early_exp && spec.lazy_rescale && !three_groups;
+  // Early exponentials need the lazy bases (not with dropout) and the registers of two consumer
+  // warpgroups at head dims up to 64 (P in floats beside S: at 128 ptxas spills).
+  spec.early_exp = spec.early_exp && spec.lazy_rescale && !three_groups && head_dim <= 64;
   if (!fits(spec)) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: ", spec.name(), " needs ", spec.shared_memory_bytes(),
                       " bytes of shared memory; sm_", spec.arch, " has ", max_shared_memory_bytes(spec.arch));

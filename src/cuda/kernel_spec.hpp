@@ -55,7 +55,7 @@ struct KernelSpec {
   // kHopper forward without dropout: a row's base moves only when its maximum
   // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
   bool lazy_rescale = false;
-  // kHopper forward with lazy_rescale and two consumer warpgroups: a step's
+  // kHopper forward with lazy_rescale, two consumer warpgroups, head dims up to 64: a step's
   // exponentials are taken against the row bases before its maxima are known, and
   // again where a base moved (softmax.cuh, softmax_step_early).
   bool early_exp = false;

@@ -192,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       float s[1][kBlockN / 8][4];
       unsigned prob[kBlockN / 16][4];
 #if FJ_EARLY_EXP
-      unsigned prob_next[kBlockN / 16][4];  // P_j, formed while P_{j-1} V_{j-1} still reads prob
+      float p_next[1][kBlockN / 8][4];  // P_j, formed while P_{j-1} V_{j-1} still reads prob
 #endif
       float scale_old[1][2];
       bool rescale = false;
@@ -224,9 +224,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_EARLY_EXP
             if (j == 0) {  // every row's first visible tile moves its base: no early exponentials
               rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
-              to_fragments<kBlockN>(prob_next, s[0]);
+#pragma unroll
+              for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) p_next[0][n][e] = s[0][n][e];
+              }
             } else {
-              rescale = softmax_step_early(s, row_max, row_sum, scale_old, scale_log2, prob_next);
+              rescale = softmax_step_early(s, p_next, row_max, row_sum, scale_old, scale_log2);
             }
 #else
             rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
@@ -248,11 +252,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           [&](int j) {
             if (j > 0 && rescale) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's bases
 #if FJ_EARLY_EXP
-#pragma unroll
-            for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) prob[kk][e] = prob_next[kk][e];
-            }
+            to_fragments<kBlockN>(prob, p_next[0]);
 #else
             to_fragments<kBlockN>(prob, s[0]);
 #endif

@@ -139,34 +139,28 @@ FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)
 }
 
 #if FJ_EARLY_EXP
-// softmax_step for one 16-row tile, then P as A fragments (to_fragments), with
-// the exponentials ahead of the maxima: P is taken against the bases the rows
-// already have (exp2 does not wait for the row maxima and their shuffles), and
-// kept where no row of the warp moves its base, which lazy bases make the rule
-// after a row's first tile; otherwise softmax_step runs on S, still intact.
-// Either way P, the sums and the bases are bit for bit softmax_step's. Returns
-// whether any row of the warp moved its base (warp-uniform).
-FJ_DEVICE bool softmax_step_early(float (&s)[1][kBlockN / 8][4], float (&row_max)[1][2], float (&row_sum)[1][2],
-                                  float (&scale_old)[1][2], float scale_log2, unsigned (&prob)[kBlockN / 16][4]) {
+// softmax_step for one 16-row tile with the exponentials ahead of the maxima:
+// P (into p, S stays) is taken against the bases the rows already have, so
+// exp2 does not wait for the row maxima and their shuffles, and is kept where no
+// row of the warp moves its base, which lazy bases make the rule after a row's
+// first tile; otherwise softmax_step runs on S into p. Either way p, the sums and
+// the bases are bit for bit softmax_step's. P stays in floats until the caller
+// packs it after its P V wait: A fragments written while a wgmma is in flight
+// make ptxas serialise every wgmma of the kernel. Returns whether any row of the
+// warp moved its base (warp-uniform).
+FJ_DEVICE bool softmax_step_early(const float (&s)[1][kBlockN / 8][4], float (&p)[1][kBlockN / 8][4],
+                                  float (&row_max)[1][2], float (&row_sum)[1][2], float (&scale_old)[1][2],
+                                  float scale_log2) {
   static_assert(FJ_LAZY_RESCALE, "P is kept only where the bases stay");
-  float base[2], sum_part[2][kBlockN / 8];
+  float base[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) base[r] = row_max[0][r] == negative_infinity<float>() ? 0.0f : row_max[0][r];
 #pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    float p[2][4];
+  for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int n = 2 * kk + half;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float x = s[0][n][e];
-        p[half][e] = kFoldScale ? fast_exp2(fmaf(x, scale_log2, -base[e / 2])) : fast_exp2(x - base[e / 2]);
-      }
-      sum_part[0][n] = p[half][0] + p[half][1];
-      sum_part[1][n] = p[half][2] + p[half][3];
+    for (int e = 0; e < 4; ++e) {
+      p[0][n][e] = kFoldScale ? fast_exp2(fmaf(s[0][n][e], scale_log2, -base[e / 2])) : fast_exp2(s[0][n][e] - base[e / 2]);
     }
-    a_from_c(prob[kk], p[0], p[1]);
   }
   bool moved = false;
 #pragma unroll
@@ -178,14 +172,18 @@ FJ_DEVICE bool softmax_step_early(float (&s)[1][kBlockN / 8][4], float (&row_max
     moved = moved || tmax > row_max[0][r] + kRebaseSlack;
   }
   if (__any_sync(0xffffffffu, moved)) {
-    softmax_step(s, row_max, row_sum, scale_old, scale_log2);
-    to_fragments<kBlockN>(prob, s[0]);
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[0][n][e] = s[0][n][e];
+    }
+    softmax_step(p, row_max, row_sum, scale_old, scale_log2);
     return true;
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     scale_old[0][r] = 1.0f;
-    row_sum[0][r] = row_sum[0][r] * 1.0f + fold_parts<true>(sum_part[r]);
+    row_sum[0][r] = row_sum[0][r] * 1.0f + row_reduce<true>(p[0], r);
   }
   return false;
 }
