@@ -148,7 +148,7 @@ std::string KernelSpec::name() const {
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
-                 fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "", early_exp ? "_early" : "", "_sm", arch,
+                 fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "", "_sm", arch,
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
@@ -217,8 +217,7 @@ std::string KernelSpec::source() const {
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
       "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_FOLD_SCALE ", fold_scale ? 1 : 0, "\n",
-      "#define FJ_LAZY_RESCALE ", lazy_rescale ? 1 : 0, "\n", "#define FJ_EARLY_EXP ", early_exp ? 1 : 0, "\n",
-      "#define FJ_ELEM_IS_BF16 ",
+      "#define FJ_LAZY_RESCALE ", lazy_rescale ? 1 : 0, "\n", "#define FJ_ELEM_IS_BF16 ",
       dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
   const auto append = [&](const char* file) {
     text += str_cat("// ---- ", file, "\n", without_pragma_once(embedded_source(file)));
@@ -295,7 +294,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, exp; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -329,11 +328,8 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "counter") {
       if (value != "stream" && value != "memset") fail(item, "counter=stream or counter=memset");
       tiles.stream_counter = value == "stream" ? 1 : 0;
-    } else if (key == "exp") {
-      if (value != "early" && value != "late") fail(item, "exp=early or exp=late");
-      tiles.early_exp = value == "early" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, exp");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter");
     }
   }
   return tiles;
@@ -428,18 +424,9 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
   if (forced.q_buffers) spec.q_buffers = forced.q_buffers;
   if (forced.o_tma >= 0) spec.o_tma = forced.o_tma == 1;
   if (forced.fast_softmax == 0) spec.fold_scale = spec.lazy_rescale = false;
-  const bool three_groups = spec.threads > (8 + kProducerWarps) * 32;
-  if (three_groups && spec.block_n > 128) {
+  if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 128) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 takes at most n=96, got n=", spec.block_n);
   }
-  if (forced.early_exp == 1 && (three_groups || forced.fast_softmax == 0)) {
-    throw_value_error("[cuda] FLASHJIT_CUDA_TILES: exp=early needs two consumer warpgroups and softmax=fast, got ",
-                      three_groups ? "groups=3" : "softmax=plain");
-  }
-  if (forced.early_exp >= 0) spec.early_exp = forced.early_exp == 1;
-  // Early exponentials need the lazy bases (not with dropout) and the registers of two consumer
-  // warpgroups at head dims up to 64 (P in floats beside S: at 128 ptxas spills).
-  spec.early_exp = spec.early_exp && spec.lazy_rescale && !three_groups && head_dim <= 64;
   if (!fits(spec)) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: ", spec.name(), " needs ", spec.shared_memory_bytes(),
                       " bytes of shared memory; sm_", spec.arch, " has ", max_shared_memory_bytes(spec.arch));

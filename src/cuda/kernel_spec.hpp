@@ -55,10 +55,6 @@ struct KernelSpec {
   // kHopper forward without dropout: a row's base moves only when its maximum
   // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
   bool lazy_rescale = false;
-  // kHopper forward with lazy_rescale, two consumer warpgroups, head dims up to 64: a step's
-  // exponentials are taken against the row bases before its maxima are known, and
-  // again where a base moved (softmax.cuh, softmax_step_early).
-  bool early_exp = false;
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -94,7 +90,7 @@ struct KernelTraits {
 KernelTraits traits_of(const AttentionProblem& problem, int arch);
 
 // A forced tile configuration of the sm_90a forward, from FLASHJIT_CUDA_TILES
-// ("n=128,stages=2,q=2,o=tma,groups=2,softmax=fast,exp=early"; any subset of the keys, for
+// ("n=128,stages=2,q=2,o=tma,groups=2,softmax=fast"; any subset of the keys, for
 // comparisons and the tuner). Zero or -1 fields are not forced. Read at every
 // kernel choice, so that a benchmark can switch it between calls; a malformed
 // value raises an error naming the key and what it accepts.
@@ -109,10 +105,8 @@ struct ForwardTiles {
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
-  int early_exp = -1;  // 1 ("exp=early"): KernelSpec::early_exp where O is rescaled lazily; 0 ("exp=late"): not
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
-           early_exp >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

@@ -276,11 +276,8 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_TRUE(parse_forward_tiles("o=tma").forced());
   EXPECT_EQ(parse_forward_tiles("counter=memset").stream_counter, 0);
   EXPECT_EQ(parse_forward_tiles("counter=stream").stream_counter, 1);
-  EXPECT_EQ(parse_forward_tiles("exp=early").early_exp, 1);
-  EXPECT_EQ(parse_forward_tiles("exp=late").early_exp, 0);
-  EXPECT_TRUE(parse_forward_tiles("exp=late").forced());
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "exp=soon"}) {
+                          "counter=zero"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

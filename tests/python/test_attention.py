@@ -138,7 +138,7 @@ def test_stream_tile_counters_reset_between_launches(monkeypatch):
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
-                                   "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "exp=early"])
+                                   "n=160,q=1", "groups=3", "softmax=plain", "stages=4"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
@@ -148,41 +148,6 @@ def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
     monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
     # 3 x 3 work tiles of 128 rows, the last partly past the sequence.
     run(B=3, Hq=3, Hkv=1, Sq=300, Sk=333, D=D, dtype=torch.bfloat16, causal=causal)
-
-
-# exp=early takes a step's exponentials against the rows' bases before the
-# step's maxima are known and redoes the step where a base moves: outputs and
-# LSE must be bit for bit those of the plain order. Keys whose scores grow
-# along the sequence make bases move in late tiles too, not only in the first.
-@pytest.mark.skipif(DEVICE != "cuda", reason="a tile choice of the CUDA forward")
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_early_exponentials_are_bitwise_the_plain_order(D, causal, dtype, monkeypatch):
-    torch.manual_seed(D + 7)
-    B, Hq, Hkv, Sq, Sk = 2, 4, 2, 333, 1100
-    q = torch.randn(B, Hq, Sq, D, device="cuda").to(dtype)
-    growth = torch.linspace(0.2, 6.0, Sk, device="cuda").view(1, 1, Sk, 1)
-    k = (torch.randn(B, Hkv, Sk, D, device="cuda") * growth).to(dtype)
-    k[1] = torch.randn(Hkv, Sk, D, device="cuda").to(dtype)  # batch 1: scores of one scale
-    v = torch.randn(B, Hkv, Sk, D, device="cuda").to(dtype)
-    results = {}
-    for order in ("late", "early"):
-        monkeypatch.setenv("FLASHJIT_CUDA_TILES", f"exp={order}")
-        results[order] = flashjit.attention(q, k, v, causal=causal, return_lse=True)
-    o_late, lse_late = results["late"]
-    o_early, lse_early = results["early"]
-    assert torch.equal(o_early, o_late)
-    assert torch.equal(lse_early, lse_late)  # (test_forced_forward_tiles compares exp=early with float64)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="a tile choice of the CUDA forward")
-@pytest.mark.parametrize("tiles", ["groups=3,exp=early", "softmax=plain,exp=early"])
-def test_early_exponentials_reject_what_they_cannot_run_with(tiles, monkeypatch):
-    monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
-    q, k, v = (torch.randn(1, 2, 200, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with pytest.raises(ValueError, match="exp=early needs two consumer warpgroups and softmax=fast"):
-        flashjit.attention(q, k, v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -26,15 +26,13 @@
 // mma.sync kernel.
 //
 // Macros from the prelude: those of mma_common.cuh (FJ_WARPS = 8 or 12 consumer warps)
-// and FJ_STAGES, FJ_Q_BUFFERS, FJ_O_TMA, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP,
-// FJ_FOLD_SCALE, FJ_LAZY_RESCALE, FJ_EARLY_EXP.
+// and FJ_STAGES, FJ_Q_BUFFERS, FJ_O_TMA, FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP.
 #pragma once
 
 namespace flashjit {
 namespace mma {
 
 static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups of 64 rows");
-static_assert(!FJ_EARLY_EXP || kConsumers == 2, "early exponentials: the registers of two consumer warpgroups");
 // Three consumers hold 160 registers a thread: S, P and O fit for head dim 64 and up to 96 keys a step.
 static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 128), "three consumers: small tiles only");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
@@ -191,9 +189,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       q_ring.consume(q_use);
       float s[1][kBlockN / 8][4];
       unsigned prob[kBlockN / 16][4];
-#if FJ_EARLY_EXP
-      float p_next[1][kBlockN / 8][4];  // P_j, formed while P_{j-1} V_{j-1} still reads prob
-#endif
       float scale_old[1][2];
       bool rescale = false;
       consumer_steps(
@@ -221,20 +216,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
               tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
             }
             // O is rescaled (in prepare) only where a row of this warp moved its base.
-#if FJ_EARLY_EXP
-            if (j == 0) {  // every row's first visible tile moves its base: no early exponentials
-              rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
-#pragma unroll
-              for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) p_next[0][n][e] = s[0][n][e];
-              }
-            } else {
-              rescale = softmax_step_early(s, p_next, row_max, row_sum, scale_old, scale_log2);
-            }
-#else
             rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
-#endif
 #if FJ_DROPOUT
             apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
 #endif
@@ -251,11 +233,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           },
           [&](int j) {
             if (j > 0 && rescale) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's bases
-#if FJ_EARLY_EXP
-            to_fragments<kBlockN>(prob, p_next[0]);
-#else
             to_fragments<kBlockN>(prob, s[0]);
-#endif
           });
       kv_use += block.tiles;
       ++q_use;

@@ -26,24 +26,18 @@ FJ_DEVICE void reduce_level(float (&part)[kBlockN / 8]) {
   }
 }
 
-// The tree over a row's parts (one a column fragment: its two columns combined).
 template <bool kSum>
-FJ_DEVICE float fold_parts(float (&part)[kBlockN / 8]) {
+FJ_DEVICE float row_reduce(const float (&c)[kBlockN / 8][4], int r) {
   constexpr int kParts = kBlockN / 8;
+  float part[kParts];
+#pragma unroll
+  for (int n = 0; n < kParts; ++n) part[n] = kSum ? c[n][2 * r] + c[n][2 * r + 1] : fmaxf(c[n][2 * r], c[n][2 * r + 1]);
   // Fold an odd tail (kParts = 6, 10, 12, 22, ...) into a power of two first.
   constexpr int kPow2 = kParts >= 16 ? 16 : kParts >= 8 ? 8 : kParts >= 4 ? 4 : kParts >= 2 ? 2 : 1;
 #pragma unroll
   for (int n = kPow2; n < kParts; ++n) part[n - kPow2] = kSum ? part[n - kPow2] + part[n] : fmaxf(part[n - kPow2], part[n]);
   reduce_level<kSum, kPow2 / 2>(part);
   return part[0];
-}
-
-template <bool kSum>
-FJ_DEVICE float row_reduce(const float (&c)[kBlockN / 8][4], int r) {
-  float part[kBlockN / 8];
-#pragma unroll
-  for (int n = 0; n < kBlockN / 8; ++n) part[n] = kSum ? c[n][2 * r] + c[n][2 * r + 1] : fmaxf(c[n][2 * r], c[n][2 * r + 1]);
-  return fold_parts<kSum>(part);
 }
 
 // kFoldScale (sm_90a forward without softcap or additive mask, scale > 0): S
@@ -137,57 +131,6 @@ FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)
   }
   return moved;
 }
-
-#if FJ_EARLY_EXP
-// softmax_step for one 16-row tile with the exponentials ahead of the maxima:
-// P (into p, S stays) is taken against the bases the rows already have, so
-// exp2 does not wait for the row maxima and their shuffles, and is kept where no
-// row of the warp moves its base, which lazy bases make the rule after a row's
-// first tile; otherwise softmax_step runs on S into p. Either way p, the sums and
-// the bases are bit for bit softmax_step's. P stays in floats until the caller
-// packs it after its P V wait: A fragments written while a wgmma is in flight
-// make ptxas serialise every wgmma of the kernel. Returns whether any row of the
-// warp moved its base (warp-uniform).
-FJ_DEVICE bool softmax_step_early(const float (&s)[1][kBlockN / 8][4], float (&p)[1][kBlockN / 8][4],
-                                  float (&row_max)[1][2], float (&row_sum)[1][2], float (&scale_old)[1][2],
-                                  float scale_log2) {
-  static_assert(FJ_LAZY_RESCALE, "P is kept only where the bases stay");
-  float base[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) base[r] = row_max[0][r] == negative_infinity<float>() ? 0.0f : row_max[0][r];
-#pragma unroll
-  for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      p[0][n][e] = kFoldScale ? fast_exp2(fmaf(s[0][n][e], scale_log2, -base[e / 2])) : fast_exp2(s[0][n][e] - base[e / 2]);
-    }
-  }
-  bool moved = false;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float tmax = row_reduce<false>(s[0], r);
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-    if constexpr (kFoldScale) tmax *= scale_log2;
-    moved = moved || tmax > row_max[0][r] + kRebaseSlack;
-  }
-  if (__any_sync(0xffffffffu, moved)) {
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) p[0][n][e] = s[0][n][e];
-    }
-    softmax_step(p, row_max, row_sum, scale_old, scale_log2);
-    return true;
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    scale_old[0][r] = 1.0f;
-    row_sum[0][r] = row_sum[0][r] * 1.0f + row_reduce<true>(p[0], r);
-  }
-  return false;
-}
-#endif
 
 // Rows of C fragments times per-row factors (rows g and g + 8 of each tile).
 template <int kTiles, int kN>
