@@ -68,8 +68,20 @@ def _rng(dropout_p, seed, offset):
     return mx.array([seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32], dtype=mx.uint32)
 
 
+def _on_gpu(stream):
+    """Whether a call's nodes go to MLX's GPU stream: stream=mx.gpu or mx.cpu (or a Device or
+    Stream of either); by default MLX's default device where flashjit can run there (MLX on CUDA),
+    else the CPU."""
+    if stream is None:
+        return mx.default_device() == mx.gpu and _mlx.cuda_available()
+    device = getattr(stream, "device", stream)
+    if device == mx.gpu or device == mx.cpu:
+        return device == mx.gpu
+    raise TypeError(f"flashjit.mlx: stream: expected mx.cpu, mx.gpu, a Device or a Stream, got {stream!r}")
+
+
 def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1), dropout_p=0.0,
-              seed=None, offset=0, return_lse=False):
+              seed=None, offset=0, return_lse=False, stream=None):
     """o (and with return_lse=True the log-sum-exp, float32) as lazy MLX arrays.
 
     mask: bool (True = attend) or additive float32 / q-dtype, broadcastable to
@@ -80,6 +92,9 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
     from MLX's random state. The backward drops the same elements.
     Rows that see no key give o = 0 and lse = -inf. Differentiable through q, k and v
     (not the mask; lse is returned through mx.stop_gradient).
+    stream: mx.cpu or mx.gpu (MLX on CUDA: flashjit's CUDA kernels recorded into MLX's command
+    encoder); default: MLX's default device where flashjit runs there, else the CPU. On the GPU,
+    dropout needs seed= (a drawn seed would be computed after the call is recorded).
     """
     op = "flashjit.mlx.attention"
     options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
@@ -92,7 +107,7 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
                                                   window=window, dropout_p=dropout_p, seed=seed, offset=offset),
             q, k, v, options.causal, options.window_left, options.window_right, mask, options.dropout_p)
     o, lse = _mlx.attention(q, k, v, mask, options.scale, options.softcap, options.causal, options.window_left,
-                            options.window_right, options.dropout_p, _rng(dropout_p, seed, offset))
+                            options.window_right, options.dropout_p, _rng(dropout_p, seed, offset), _on_gpu(stream))
     return (o, mx.stop_gradient(lse)) if return_lse else o  # the log-sum-exp carries no gradient
 
 

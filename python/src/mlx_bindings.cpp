@@ -1,6 +1,6 @@
 // flashjit as MLX primitives: attention forward (o, lse) and its fused backward
-// (dq, dk, dv) are nodes of MLX's lazy graph, evaluated on a CPU stream through
-// flashjit's C API. mx.grad / mx.vjp reach the backward through Forward::vjp;
+// (dq, dk, dv) are nodes of MLX's lazy graph, evaluated through flashjit's C API
+// on a CPU stream or, where MLX runs on CUDA, on its GPU stream (eval_gpu). mx.grad / mx.vjp reach the backward through Forward::vjp;
 // mx.compile sees both as ordinary primitives.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -22,6 +22,20 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+
+#if FLASHJIT_MLX_CUDA
+// MLX's CUDA backend is part of libmlx only where mlx-cuda is installed: its symbols
+// are referenced weakly, so that the module still loads beside mlx-cpu's libmlx
+// (get_command_encoder is then null and eval_gpu says what is missing).
+#include "mlx/backend/cuda/device.h"
+namespace mlx::core::cu {
+__attribute__((weak)) CommandEncoder& get_command_encoder(Stream s);
+}
+asm(".weak _ZN3mlx4core2cu14CommandEncoder14CaptureContextC1ERS2_\n"
+    ".weak _ZN3mlx4core2cu14CommandEncoder14CaptureContextD1Ev\n"
+    ".weak _ZN3mlx4core2cu14CommandEncoder15set_input_arrayERKNS0_5arrayE\n"
+    ".weak _ZN3mlx4core2cu14CommandEncoder16set_output_arrayERKNS0_5arrayE\n");
+#endif
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
@@ -67,11 +81,13 @@ fj_dtype dtype_of(const mx::Dtype& dtype) {
   return FJ_INT64;  // any other dtype: rejected by check_inputs before a graph node is made
 }
 
-fj_tensor tensor_of(const mx::array& a) {
+// An evaluated array; on MLX's GPU stream its memory is the CUDA device's.
+fj_tensor tensor_of(const mx::array& a, const mx::Device& device = mx::Device::cpu) {
   fj_tensor t{};
   t.data = const_cast<void*>(static_cast<const void*>(a.data<char>()));
   t.dtype = dtype_of(a.dtype());
-  t.device_type = FJ_DEVICE_CPU;
+  t.device_type = device == mx::Device::gpu ? FJ_DEVICE_CUDA : FJ_DEVICE_CPU;
+  t.device_index = device.index;
   t.ndim = int32_t(a.ndim());
   for (size_t d = 0; d < a.ndim(); ++d) {
     t.shape[d] = a.shape(int(d));
@@ -103,10 +119,15 @@ fj_attention_options scalar_options(const Options& o) {
 }
 
 // The C API's options; `extra` are the primitive's inputs from the mask on (mask, then rng).
-fj_attention_options options_of(const Options& o, const mx::array* extra) {
+fj_attention_options options_of(const Options& o, const mx::array* extra, const mx::Device& device = mx::Device::cpu) {
   fj_attention_options options = scalar_options(o);
-  if (o.has_mask) options.mask = tensor_of(*extra++);
+  if (o.has_mask) options.mask = tensor_of(*extra++, device);
   if (o.dropout_p > 0) {
+    // The seed is read on the host: on the GPU stream it must be computed already (a given seed).
+    if (device == mx::Device::gpu && !extra->is_available()) {
+      throw std::runtime_error(std::string(kOp) + " dropout on MLX's GPU stream needs seed= (a drawn seed is "
+                               "computed on the GPU after the call is recorded)");
+    }
     const uint32_t* words = extra->data<uint32_t>();  // seed (low, high), offset (low, high)
     options.dropout_seed = uint64_t(words[0]) | (uint64_t(words[1]) << 32);
     options.dropout_offset = uint64_t(words[2]) | (uint64_t(words[3]) << 32);
@@ -130,14 +151,54 @@ void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std
   encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
 }
 
-// What both primitives share: their options, no GPU kernels, equivalence for mx.compile.
+// Whether eval_gpu can run: built against MLX's CUDA headers, and libmlx has the CUDA backend.
+bool cuda_available() {
+#if FLASHJIT_MLX_CUDA
+  return &mx::cu::get_command_encoder != nullptr;
+#else
+  return false;
+#endif
+}
+
+// Allocates the outputs and records call(inputs, outputs, cuda_options) into the GPU
+// stream's command encoder: prepare(..., &bytes) first compiles and loads the kernels
+// (nothing may compile while the encoder captures) and sizes the scratch, which the
+// call then takes from an array the encoder keeps until the work is done (no memory
+// nodes in the captured graph).
+template <typename Call>
+void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
+                  Call call) {
+#if FLASHJIT_MLX_CUDA
+  if (!cuda_available()) {
+    throw std::runtime_error(std::string(kOp) + " this libmlx has no CUDA backend (pip install \"mlx[cuda13]\")");
+  }
+  for (mx::array& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cu::get_command_encoder(stream);
+  fj_attention_options cuda{};
+  size_t bytes = 0;
+  check(call(inputs, outputs, cuda, &bytes));  // prepare: cuda.stream unset, nothing enqueued
+  mx::array workspace({int(std::max<size_t>(bytes, 1))}, mx::uint8, nullptr, {});
+  workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
+  encoder.add_temporary(workspace);
+  for (const mx::array& x : inputs) encoder.set_input_array(x);
+  for (mx::array& x : outputs) encoder.set_output_array(x);
+  cuda.stream = static_cast<cudaStream_t>(encoder.stream());
+  cuda.workspace = workspace.data<void>();
+  cuda.workspace_bytes = bytes;
+  {
+    auto capture = encoder.capture_context();
+    check(call(inputs, outputs, cuda, nullptr));
+  }
+#else
+  (void)stream, (void)inputs, (void)outputs, (void)call;
+  throw std::runtime_error(std::string(kOp) + " was built without MLX's CUDA headers: run it on a cpu stream");
+#endif
+}
+
+// What both primitives share: their options and equivalence for mx.compile.
 class Node : public mx::Primitive {
  public:
   Node(mx::Stream stream, Options options) : mx::Primitive(stream), options_(options) {}
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string(kOp) + " has CPU kernels only in MLX; run it on a cpu stream");
-  }
 
   bool is_equivalent(const mx::Primitive& other) const override {
     return typeid(other) == typeid(*this) && static_cast<const Node&>(other).options_ == options_;
@@ -178,6 +239,20 @@ class Forward : public Node {
     });
   }
 
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    if (options_.varlen) throw std::runtime_error(std::string(kOp) + " varlen_attention runs on a cpu stream only");
+    const mx::Device device = stream().device;
+    enqueue_cuda(stream(), inputs, outputs,
+                 [&, options = options_](auto& in, auto& out, const fj_attention_options& cuda, size_t* bytes) {
+      const fj_tensor q = tensor_of(in[0], device), k = tensor_of(in[1], device), v = tensor_of(in[2], device);
+      fj_tensor o = tensor_of(out[0], device), lse = tensor_of(out[1], device);
+      fj_attention_options opts = options_of(options, in.data() + 3, device);
+      opts.stream = cuda.stream, opts.workspace = cuda.workspace, opts.workspace_bytes = cuda.workspace_bytes;
+      return bytes ? fj_attention_prepare_forward(&q, &k, &v, &opts, &o, &lse, bytes)
+                   : fj_attention_forward(&q, &k, &v, &opts, &o, &lse);
+    });
+  }
+
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
 
@@ -212,6 +287,22 @@ class Backward : public Node {
     });
   }
 
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    if (options_.varlen) throw std::runtime_error(std::string(kOp) + " varlen_attention runs on a cpu stream only");
+    const mx::Device device = stream().device;
+    enqueue_cuda(stream(), inputs, outputs,
+                 [&, options = options_](auto& in, auto& out, const fj_attention_options& cuda, size_t* bytes) {
+      fj_tensor t[6];
+      for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i], device);
+      fj_tensor dq = tensor_of(out[0], device), dk = tensor_of(out[1], device), dv = tensor_of(out[2], device);
+      fj_attention_options opts = options_of(options, in.data() + 6, device);
+      opts.stream = cuda.stream, opts.workspace = cuda.workspace, opts.workspace_bytes = cuda.workspace_bytes;
+      return bytes ? fj_attention_prepare_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv,
+                                                   bytes)
+                   : fj_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv);
+    });
+  }
+
   const char* name() const override { return "FlashjitAttentionBackward"; }
 
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
@@ -242,16 +333,22 @@ mx::Stream cpu_stream() {
   return mx::default_stream(mx::Device(mx::Device::cpu));
 }
 
-// Row-contiguous on the CPU stream (a no-op node for arrays that already are).
-mx::array rows(const mx::array& x) {
-  return mx::contiguous(x, false, cpu_stream());
+// The stream a call's nodes go to: MLX's default GPU stream, or the CPU's.
+mx::Stream target_stream(bool gpu) {
+  return gpu ? mx::default_stream(mx::Device(mx::Device::gpu)) : cpu_stream();
+}
+
+// Row-contiguous on `stream` (a no-op node for arrays that already are).
+mx::array rows(const mx::array& x, const mx::Stream& stream) {
+  return mx::contiguous(x, false, stream);
 }
 
 // vmap: the mapped axis of each input becomes part of its batch dim (dim 0), so one
 // call covers the whole map; inputs without the axis are broadcast over it (a mask of
 // batch 1, at mask_index, stays batch 1). The outputs come back split as (V, B, ...).
 std::pair<std::vector<mx::array>, std::vector<int>> vmap_through_batch(
-    const std::vector<mx::array>& inputs, const std::vector<int>& axes, size_t mask_index, size_t rng_index,
+    const mx::Stream& stream, const std::vector<mx::array>& inputs, const std::vector<int>& axes, size_t mask_index,
+    size_t rng_index,
     const std::function<std::vector<mx::array>(const std::vector<mx::array>&)>& apply) {
   int width = 1;
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -268,11 +365,11 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_through_batch(
       continue;
     }
     if (axes[i] >= 0) {
-      x = mx::moveaxis(x, axes[i], 0, cpu_stream());
+      x = mx::moveaxis(x, axes[i], 0, stream);
       if (x.shape(1) != batch) {  // a mapped mask of batch 1: its batch broadcast before merging
         mx::Shape shape = x.shape();
         shape[1] = batch;
-        x = mx::broadcast_to(x, shape, cpu_stream());
+        x = mx::broadcast_to(x, shape, stream);
       }
     } else if (i == mask_index && x.shape(0) == 1) {
       merged.push_back(x);
@@ -280,18 +377,18 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_through_batch(
     } else {
       mx::Shape shape = x.shape();
       shape.insert(shape.begin(), width);
-      x = mx::broadcast_to(mx::expand_dims(x, 0, cpu_stream()), shape, cpu_stream());
+      x = mx::broadcast_to(mx::expand_dims(x, 0, stream), shape, stream);
     }
     mx::Shape shape(x.shape().begin() + 1, x.shape().end());
     shape[0] *= width;
-    merged.push_back(rows(mx::reshape(x, shape, cpu_stream())));
+    merged.push_back(rows(mx::reshape(x, shape, stream), stream));
   }
   std::vector<mx::array> outputs = apply(merged);
   for (mx::array& out : outputs) {
     mx::Shape shape = out.shape();
     shape[0] /= width;
     shape.insert(shape.begin(), width);
-    out = mx::reshape(out, shape, cpu_stream());
+    out = mx::reshape(out, shape, stream);
   }
   return {outputs, std::vector<int>(outputs.size(), 0)};
 }
@@ -301,7 +398,7 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
                                     const std::vector<mx::array>& outputs) {
   // lse is not differentiable: its cotangent is ignored.
   std::vector<mx::array> inputs = {primals[0], primals[1], primals[2],
-                                   outputs[0], outputs[1], rows(cotangents[0])};
+                                   outputs[0], outputs[1], rows(cotangents[0], stream())};
   for (size_t i = 3; i < primals.size(); ++i) inputs.push_back(primals[i]);  // mask, dropout seed
   const std::vector<mx::array> grads = backward_node(stream(), options_, inputs);
   std::vector<mx::array> out;
@@ -309,7 +406,7 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
     if (arg < 3) {
       out.push_back(grads[arg]);
     } else {  // no gradient flows into the mask or the seed
-      out.push_back(mx::zeros_like(primals[arg], cpu_stream()));
+      out.push_back(mx::zeros_like(primals[arg], stream()));
     }
   }
   return out;
@@ -318,14 +415,14 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
 std::pair<std::vector<mx::array>, std::vector<int>> Forward::vmap(const std::vector<mx::array>& inputs,
                                                                   const std::vector<int>& axes) {
   if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
-  return vmap_through_batch(inputs, axes, options_.mask_index(3), options_.rng_index(3),
+  return vmap_through_batch(stream(), inputs, axes, options_.mask_index(3), options_.rng_index(3),
                             [this](const auto& merged) { return forward_node(stream(), options_, merged); });
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::vector<mx::array>& inputs,
                                                                    const std::vector<int>& axes) {
   if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
-  return vmap_through_batch(inputs, axes, options_.mask_index(6), options_.rng_index(6),
+  return vmap_through_batch(stream(), inputs, axes, options_.mask_index(6), options_.rng_index(6),
                             [this](const auto& merged) { return backward_node(stream(), options_, merged); });
 }
 
@@ -390,17 +487,19 @@ std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& 
                                            std::optional<mx::array> mask, std::optional<double> scale,
                                            double softcap, int causal, int64_t window_left,
                                            int64_t window_right, double dropout_p,
-                                           std::optional<mx::array> rng) {
+                                           std::optional<mx::array> rng, bool gpu) {
   Options options{scale, softcap, causal, window_left, window_right, mask.has_value(), dropout_p};
+  if (gpu && !cuda_available()) bad("gpu: MLX's GPU stream needs flashjit built against MLX's CUDA headers and mlx-cuda");
+  const mx::Stream stream = target_stream(gpu);
   check_inputs(q, k, v, mask, options);
   if (dropout_p > 0 && (!rng || rng->dtype() != mx::uint32 || rng->ndim() != 1 || rng->shape(0) != 4)) {
     bad("rng: expected 4 uint32 (seed low, high, offset low, high) with dropout");
   }
   if (causal != 0) options.window_right = 0;
-  std::vector<mx::array> inputs = {rows(q), rows(k), rows(v)};
-  if (mask) inputs.push_back(rows(*mask));  // the C API takes no negative strides
-  if (dropout_p > 0) inputs.push_back(rows(*rng));
-  const std::vector<mx::array> out = forward_node(cpu_stream(), options, inputs);
+  std::vector<mx::array> inputs = {rows(q, stream), rows(k, stream), rows(v, stream)};
+  if (mask) inputs.push_back(rows(*mask, stream));  // the C API takes no negative strides
+  if (dropout_p > 0) inputs.push_back(rows(*rng, stream));
+  const std::vector<mx::array> out = forward_node(stream, options, inputs);
   return {out[0], out[1]};
 }
 
@@ -423,8 +522,8 @@ std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::
       bad(std::string(name) + ": expected float32, float16, bfloat16 or float64");
     }
   }
-  cu_seqlens_q = rows(mx::astype(cu_seqlens_q, mx::int32, cpu_stream()));
-  cu_seqlens_k = rows(mx::astype(cu_seqlens_k, mx::int32, cpu_stream()));
+  cu_seqlens_q = rows(mx::astype(cu_seqlens_q, mx::int32, cpu_stream()), cpu_stream());
+  cu_seqlens_k = rows(mx::astype(cu_seqlens_k, mx::int32, cpu_stream()), cpu_stream());
   mx::eval({cu_seqlens_q, cu_seqlens_k});
   const fj_tensor tq = describe(q), tk = describe(k), tv = describe(v);
   fj_tensor to = tq, tlse = tq;
@@ -450,8 +549,9 @@ std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::
     bad("rng: expected 4 uint32 (seed low, high, offset low, high) with dropout");
   }
   if (causal != 0) options.window_right = 0;
-  std::vector<mx::array> inputs = {rows(q), rows(k), rows(v), cu_seqlens_q, cu_seqlens_k};
-  if (dropout_p > 0) inputs.push_back(rows(*rng));
+  std::vector<mx::array> inputs = {rows(q, cpu_stream()), rows(k, cpu_stream()), rows(v, cpu_stream()), cu_seqlens_q,
+                                   cu_seqlens_k};
+  if (dropout_p > 0) inputs.push_back(rows(*rng, cpu_stream()));
   const std::vector<mx::array> out = forward_node(cpu_stream(), options, inputs);
   return {out[0], out[1]};
 }
@@ -459,12 +559,16 @@ std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::
 }  // namespace
 
 NB_MODULE(_mlx, m) {
-  m.doc() = "flashjit attention as MLX primitives (CPU streams)";
+  m.doc() = "flashjit attention as MLX primitives (CPU streams; MLX's GPU stream where MLX runs on CUDA)";
   nb::module_::import_("mlx.core");  // registers mlx.core.array with nanobind
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("rng").none(),
-        "o, lse: lazy MLX arrays from the flashjit attention primitive; differentiable through q, k, v.");
+        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("rng").none(), nb::arg("gpu") = false,
+        "o, lse: lazy MLX arrays from the flashjit attention primitive (on MLX's GPU stream with gpu=True); "
+        "differentiable through q, k, v.");
+  m.def("cuda_available", &cuda_available,
+        "Whether the primitives can run on MLX's GPU stream: built against MLX's CUDA headers, and the loaded "
+        "libmlx has MLX's CUDA backend (mlx-cuda).");
   m.def("varlen_attention", &varlen_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("cu_seqlens_q"),
         nb::arg("cu_seqlens_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("scale").none(),
         nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"), nb::arg("window_right"),

@@ -198,3 +198,32 @@ def test_bad_inputs_raise_clear_errors():
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             fm.attention(*args, **kwargs)
+
+
+def test_stream_choice_is_checked():
+    # MLX's GPU stream needs flashjit built against MLX's CUDA headers and mlx-cuda's libmlx;
+    # elsewhere asking for it is a clear error, and the default stays on the CPU.
+    q = mx.random.normal((1, 2, 16, 32))
+    assert isinstance(flashjit._mlx.cuda_available(), bool)
+    with pytest.raises(TypeError, match="stream: expected mx.cpu, mx.gpu"):
+        flashjit.mlx.attention(q, q, q, stream="somewhere")
+    cpu = flashjit.mlx.attention(q, q, q, stream=mx.cpu)
+    assert mx.array_equal(cpu, flashjit.mlx.attention(q, q, q, stream=mx.Device(mx.cpu)))
+    if not flashjit._mlx.cuda_available():
+        with pytest.raises(ValueError, match="gpu: MLX's GPU stream needs"):
+            flashjit.mlx.attention(q, q, q, stream=mx.gpu)
+
+
+@pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_stream_matches_the_cpu_stream(causal):
+    q, k, v = (mx.random.normal((2, 4, 200, 64)).astype(mx.bfloat16) for _ in range(3))
+    loss = lambda stream: lambda q, k, v: flashjit.mlx.attention(q, k, v, causal=causal, stream=stream).astype(
+        mx.float32).sum()
+    o_gpu = flashjit.mlx.attention(q, k, v, causal=causal, stream=mx.gpu)
+    o_cpu = flashjit.mlx.attention(q, k, v, causal=causal, stream=mx.cpu)
+    assert mx.allclose(o_gpu.astype(mx.float32), o_cpu.astype(mx.float32), atol=2e-2, rtol=2e-2)
+    g_gpu = mx.grad(loss(mx.gpu), argnums=(0, 1, 2))(q, k, v)
+    g_cpu = mx.grad(loss(mx.cpu), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_gpu, g_cpu):
+        assert mx.allclose(a.astype(mx.float32), b.astype(mx.float32), atol=5e-2, rtol=5e-2)
