@@ -1,0 +1,110 @@
+"""flashjit's MLX primitives on MLX's GPU stream (MLX on CUDA) against MLX's own attention.
+
+bf16, B 4, H 16, head dim 64 and 128, N 1024, 4000 (not a multiple of 128: MLX's unfused
+backward), 4096 and 16384 (B 1 there), causal and not: forward and forward+backward
+time on the GPU for flashjit.mlx.attention(stream=mx.gpu) and
+mx.fast.scaled_dot_product_attention, as TFLOP/s (forward 4*B*H*N^2*D, halved for
+causal; backward 2.5x), with the largest difference between the two outputs.
+Timing: `--runs` evaluations of `--calls` calls each (one mx.eval a run, the outputs
+summed so that every call is computed), mx.synchronize() around, median.
+
+    python bench/mlx_gpu.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+
+import flashjit
+import flashjit.mlx as fm
+from gpu_attention import record_commit, save_record, shown_arguments
+
+
+def median_ms(fn, runs, calls):
+    def run():
+        total = None
+        for _ in range(calls):
+            out = fn()
+            part = sum(x.astype(mx.float32).sum() for x in (out if isinstance(out, tuple) else (out,)))
+            total = part if total is None else total + part
+        mx.eval(total)
+
+    run()  # warm-up: compilation, graph caches
+    mx.synchronize()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        mx.synchronize()
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="directory for the markdown record")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="head dim 128, N 4096 only")
+    args = parser.parse_args()
+    if not flashjit._mlx.cuda_available():
+        sys.exit("mlx_gpu.py: flashjit.mlx has no GPU stream here (MLX on CUDA and flashjit's eval_gpu needed)")
+    mx.set_default_device(mx.gpu)
+    device = flashjit.cuda.device_info()["name"]
+    mx.random.seed(0)
+    heads = 16
+    impls = {
+        "flashjit": lambda q, k, v, c: fm.attention(q, k, v, causal=c, stream=mx.gpu),
+        "mx.fast": lambda q, k, v, c: mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=q.shape[-1] ** -0.5, mask="causal" if c else None),
+    }
+    cases = [(128, 4096)] if args.quick else [(d, n) for d in (64, 128) for n in (1024, 4000, 4096, 16384)]
+    rows = []
+    for head_dim, seqlen in cases:
+        batch = 1 if seqlen > 4096 else 4
+        for causal in (False, True):
+            q, k, v = (mx.random.normal((batch, heads, seqlen, head_dim)).astype(mx.bfloat16) for _ in range(3))
+            flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+            row = {"D": head_dim, "N": seqlen, "B": batch, "causal": causal}
+            outputs = {}
+            for name, impl in impls.items():
+                def loss(q, k, v, impl=impl):
+                    return impl(q, k, v, causal).astype(mx.float32).sum()
+                grad = mx.grad(loss, argnums=(0, 1, 2))
+                outputs[name] = impl(q, k, v, causal).astype(mx.float32)
+                forward = median_ms(lambda: impl(q, k, v, causal), args.runs, args.calls)
+                both = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
+                backward = max(both - forward, 1e-6)
+                row[name] = (flops / forward / 1e9, 2.5 * flops / backward / 1e9, forward, both)
+            row["difference"] = float(mx.abs(outputs["flashjit"] - outputs["mx.fast"]).max())
+            rows.append(row)
+            print(row, flush=True)
+
+    commit = record_commit()
+    lines = ["# MLX GPU benchmark: flashjit.mlx on MLX's GPU stream against mx.fast", "",
+             f"- date: {datetime.date.today()}", f"- commit: {commit}",
+             f"- command: `python bench/mlx_gpu.py{shown_arguments(sys.argv[1:])}`",
+             f"- {device}, mlx {mx.__version__}, flashjit {flashjit.__version__}",
+             f"- bf16, H{heads}; TFLOP/s (backward 2.5x the forward's FLOPs, its time fwd+bwd minus fwd); "
+             f"median of {args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|", "",
+             "| D | N | B | causal | flashjit fwd | mx.fast fwd | flashjit bwd | mx.fast bwd | fwd speedup "
+             "| fwd+bwd speedup | difference |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ours, theirs = row["flashjit"], row["mx.fast"]
+        lines.append(f"| {row['D']} | {row['N']} | {row['B']} | {'yes' if row['causal'] else 'no'} | {ours[0]:.0f} | "
+                     f"{theirs[0]:.0f} | {ours[1]:.0f} | {theirs[1]:.0f} | {theirs[2] / ours[2]:.2f}x | "
+                     f"{theirs[3] / ours[3]:.2f}x | {row['difference']:.1e} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    save_record(args.out, "h200" if "H200" in device else "gpu", "mlx", commit, text)
+
+
+if __name__ == "__main__":
+    main()
