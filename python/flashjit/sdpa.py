@@ -242,8 +242,20 @@ _warned: set[str] = set()
 _SERVED_DEVICES = tuple(backends())
 
 
+def _torch_backends_chosen() -> bool:
+    """Whether one of torch's SDPA backends is switched off (torch.nn.attention.sdpa_kernel,
+    torch.backends.cuda.enable_*_sdp): the caller then chose among torch's own kernels."""
+    flags = torch.backends.cuda
+    return not (flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
+                and getattr(flags, "cudnn_sdp_enabled", lambda: True)())
+
+
 def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
     """Why flashjit cannot serve this call, or None when it can."""
+    # A choice among torch's backends is honoured in eager code (torch.compile traces the
+    # router without the flags: compiled code is served by flashjit either way).
+    if not torch.compiler.is_compiling() and _torch_backends_chosen():
+        return "torch's SDPA backends were chosen (torch.nn.attention.sdpa_kernel or enable_*_sdp)"
     for name, x in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         if x is None:
             continue

@@ -4,6 +4,7 @@
 #include "core/backend.hpp"
 
 #include <algorithm>
+#include <numeric>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -312,6 +313,7 @@ struct Plan {
   std::array<KernelLaunch, kMaxKernels> kernels;
   size_t count = 0;
   std::optional<StreamScratch> scratch;
+  std::optional<StreamScratch> table;  // a variable-length batch's sequences (plan_varlen_forward)
   size_t scratch_bytes = 0;  // what the plan's kernels need (planning: reported, not taken)
 
   KernelLaunch& add(const KernelSpec& spec, const KernelParams& params, const Launch& launch) {
@@ -449,6 +451,74 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
+// A variable-length forward in one launch of the persistent sm_90a kernel
+// (FJ_VARLEN): TMA over the packed operands as one batch entry of all their rows, a
+// table of the sequences (kVarlenFields ints each, longest first, so that the heavy
+// work tiles start first) copied into scratch on the stream, and the work tiles of
+// every sequence taken from the counter. False, with nothing planned, where that
+// kernel cannot take the call (other archs and kernels, masks, KV caches, graph
+// capture, no scratch): the caller then launches a sequence at a time.
+bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
+  if (launch.graph_safe || !settings::persistent_forward() || p.batch == 0 || p.mask != nullptr ||
+      p.page_table != nullptr || p.seqused_k != nullptr || p.cu_seqlens_k == nullptr ||
+      driver().cuMemcpyHtoDAsync == nullptr) {
+    return false;
+  }
+  AttentionProblem packed = p;  // the packed operands as one batch entry
+  packed.batch = 1;
+  packed.seqlen_q = p.cu_seqlens_q[p.batch];
+  packed.seqlen_k = p.cu_seqlens_k[p.batch];
+  packed.cu_seqlens_q = packed.cu_seqlens_k = nullptr;
+  if (packed.seqlen_q == 0) return true;  // no query row: nothing to run
+  if (packed.seqlen_k == 0) return false;  // every row sees no key: the per-sequence path writes O = 0, LSE = -inf
+  const KernelTraits traits = traits_for_launch(packed, launch);
+  if (!hopper_applies(traits)) return false;
+  KernelSpec spec = forward_kernel(
+      traits, tuned_forward_tiles(device_info(launch.device_index).name, launch.arch, tuning_key(traits, p.seqlen_k)));
+  KernelParams params = params_of(p);
+  if (spec.family != KernelFamily::kHopper || !encode_forward_maps(params, packed, spec)) return false;
+  spec.varlen = true;
+  spec.o_tma = false;
+  std::vector<int64_t> order(size_t(p.batch));
+  std::iota(order.begin(), order.end(), 0);
+  const auto queries = [&](int64_t b) { return int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b]; };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return queries(a) > queries(b); });
+  std::vector<int32_t> table;
+  table.reserve(order.size() * kVarlenFields);
+  int64_t tiles = 0;
+  for (const int64_t b : order) {
+    const int32_t row = p.cu_seqlens_q[b], key_row = p.cu_seqlens_k[b];
+    for (const int64_t field : {tiles, b, int64_t(row), queries(b), int64_t(key_row),
+                                int64_t(p.cu_seqlens_k[b + 1]) - key_row}) {
+      table.push_back(int32_t(field));
+    }
+    tiles += ceil_div(queries(b), spec.block_rows()) * p.heads_q;
+  }
+  if (tiles > std::numeric_limits<int>::max() / 2) {
+    throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
+  }
+  params.num_work_tiles = int(tiles);
+  params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
+  const size_t table_bytes = table.size() * sizeof(int32_t);
+  plan.scratch_bytes = table_bytes;
+  if (launch.planning) return true;
+  try {
+    plan.table.emplace(table_bytes, launch.stream, launch.device_index);
+  } catch (const Error&) {
+    return false;
+  }
+  const CUdeviceptr device_table = reinterpret_cast<CUdeviceptr>(plan.table->get());
+  // From pageable memory the copy has read the table when the call returns.
+  if (driver().cuMemcpyHtoDAsync(device_table, table.data(), table_bytes, launch.stream) != 0) {
+    plan.table.reset();
+    return false;
+  }
+  params.varlen = reinterpret_cast<const int*>(device_table);
+  KernelLaunch& kernel = plan.add(spec, params, launch);
+  take_work_tiles(plan, kernel, launch, tiles);
+  return true;
+}
+
 // The TMA descriptors a kHopper backward kernel reads: the block's own rows
 // (queries for dQ, keys for dK/dV) in boxes of block_rows, the streamed ones in
 // boxes of block_n.
@@ -541,6 +611,15 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
                       "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
   }
   size_t needed = 0;
+  if (!backward && problem.varlen() && settings::varlen_single_launch()) {
+    Launch launch = prepare(problem);
+    if (planning) launch.graph_safe = launch.planning = true;
+    Plan plan;
+    if (plan_varlen_forward(plan, problem, launch)) {
+      if (!planning) enqueue(plan, launch);
+      return plan.scratch_bytes;
+    }
+  }
   for (const AttentionProblem& part : DenseParts(problem)) {
     if (backward ? part.seqlen_q == 0 && part.seqlen_k == 0 : part.seqlen_q == 0) continue;
     const AttentionProblem p = backward ? part : with_query_groups_packed(part);

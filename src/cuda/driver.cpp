@@ -55,6 +55,8 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);
       table.cuMemAlloc = reinterpret_cast<decltype(table.cuMemAlloc)>(dlsym(library, "cuMemAlloc_v2"));
       table.cuStreamGetId = reinterpret_cast<decltype(table.cuStreamGetId)>(dlsym(library, "cuStreamGetId"));
+      table.cuMemcpyHtoDAsync =
+          reinterpret_cast<decltype(table.cuMemcpyHtoDAsync)>(dlsym(library, "cuMemcpyHtoDAsync_v2"));
       table.cuTensorMapEncodeTiled =
           reinterpret_cast<decltype(table.cuTensorMapEncodeTiled)>(dlsym(library, "cuTensorMapEncodeTiled"));
     } catch (const Error& e) {

@@ -75,6 +75,7 @@ struct Driver {
   // long as the process, and a stream's id, unique within the process (CUDA 12.0).
   CUresult (*cuMemAlloc)(CUdeviceptr*, size_t);
   CUresult (*cuStreamGetId)(CUstream, unsigned long long*);
+  CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
   // CUDA 12.0 and newer drivers; nullptr where the driver has none (no TMA kernels then).
   CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address,
                                      const uint64_t* sizes, const uint64_t* stride_bytes, const unsigned* box,

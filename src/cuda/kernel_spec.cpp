@@ -142,7 +142,8 @@ std::string KernelSpec::name() const {
   if (mask == MaskKind::kAdditive) mask_text = str_cat("add-", dtype_name(mask_dtype));
   return str_cat(family_name(family), entry_names(entry).name, "_", dtype_name(dtype), "_qk", head_dim_qk, "_v",
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
-                 softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", "_t", threads,
+                 softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
+                 "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
                  "_n", block_n,
@@ -212,7 +213,7 @@ std::string KernelSpec::source() const {
       mask == MaskKind::kNone ? "unsigned char" : device_type_name(mask_dtype), "\n",
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
-      "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",

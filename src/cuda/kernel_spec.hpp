@@ -43,6 +43,8 @@ struct KernelSpec {
   bool softcap = false;
   bool aligned = false;  // 16-byte aligned rows: cp.async loads (kMma)
   bool split = false;    // kMma forward over a span of keys, writing partials (KernelParams::split_o)
+  // kHopper forward over a variable-length batch in one launch (KernelParams::varlen; O by the threads).
+  bool varlen = false;
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)

@@ -33,4 +33,6 @@ std::optional<int> forced_splits() {
   return std::max(1, std::atoi(value));
 }
 
+bool varlen_single_launch() { return switch_on("FLASHJIT_CUDA_VARLEN"); }
+
 }  // namespace flashjit::cuda::settings

@@ -39,7 +39,8 @@ bool have_nvrtc() {
     }                                                                                     \
   } while (0)
 
-// A fresh cache directory per test, removed afterwards.
+// A fresh cache directory per test, removed afterwards (kept, to read the generated
+// sources and cubins, with FLASHJIT_TEST_KEEP_CACHE=1).
 class CudaCompile : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -51,7 +52,7 @@ class CudaCompile : public ::testing::Test {
     ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
   }
   void TearDown() override {
-    fs::remove_all(directory_);
+    if (std::getenv("FLASHJIT_TEST_KEEP_CACHE") == nullptr) fs::remove_all(directory_);
     unsetenv("FLASHJIT_CACHE_DIR");
   }
 
@@ -182,6 +183,25 @@ TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
   unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_EQ(stats().compiles, 2);
   EXPECT_EQ(flashjit::cuda::forward_kernel(traits).threads, 384);  // the default again
+}
+
+// The variable-length forward in one launch (FJ_VARLEN: work tiles of every
+// sequence from a table, O stored by the threads) compiles for sm_90a at every
+// padded head dim, plain and with windows, dropout and softcap.
+TEST_F(CudaCompile, VarlenForwardCompilesForSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  for (int head_dim : {64, 128, 256}) {
+    for (bool extras : {false, true}) {
+      KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
+      traits.window = traits.dropout = traits.softcap = extras;
+      KernelSpec spec = forward_kernel(traits);
+      spec.varlen = true;
+      spec.o_tma = false;
+      EXPECT_NE(spec.name().find("_varlen"), std::string::npos) << spec.name();
+      ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+    }
+  }
 }
 
 // Every forward epilogue and Q ring the tile override can pick compiles for

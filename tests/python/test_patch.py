@@ -126,6 +126,24 @@ def test_unsupported_device_falls_back_with_one_warning(calls):
     assert calls["n"] == 0
 
 
+def test_a_choice_of_torch_backends_is_honoured(calls):
+    # torch.nn.attention.sdpa_kernel picks among torch's own kernels: under the patch such
+    # a call goes to torch's function, which runs the chosen kernel or raises as it would.
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with flashjit.sdpa_patched(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning, once a process
+        with sdpa_kernel(SDPBackend.MATH):
+            out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            expected = ORIGINAL(q, q, q, is_causal=True)
+        assert calls["n"] == 0
+        assert torch.equal(out, expected)
+        with sdpa_kernel([SDPBackend.ERROR]), pytest.raises(RuntimeError, match="No viable backend"):
+            F.scaled_dot_product_attention(q, q, q)
+        assert calls["n"] == 0
+        F.scaled_dot_product_attention(q, q, q)  # outside the block: flashjit's again
+        assert calls["n"] == 1
+
+
 def test_float_mask_requiring_grad_falls_back_and_gets_its_gradient(calls):
     flashjit.sdpa._warned.clear()
     q = torch.randn(1, 2, 8, 16, device=DEVICE, requires_grad=True)

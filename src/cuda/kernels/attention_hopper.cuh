@@ -36,6 +36,9 @@ static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups
 // Three consumers hold 160 registers a thread: S, P and O fit for head dim 64 and up to 96 keys a step.
 static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 128), "three consumers: small tiles only");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
+// A variable-length batch stores O by the threads: a TMA box would write past a sequence's last row.
+static_assert(!FJ_VARLEN || !FJ_O_TMA, "varlen: direct O stores");
+constexpr bool kVarlen = FJ_VARLEN;
 
 constexpr int kQBuffers = FJ_Q_BUFFERS;
 // A Q buffer holds the work tile's Q, then (FJ_O_TMA) its O.
@@ -94,7 +97,17 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const Ring<kStages> v_ring = Ring<kStages>::at(barriers_at(kLayout.v_ring));
   const TileQueue tiles{Ring<2>::at(barriers_at(kLayout.queue_ring)),
                         reinterpret_cast<int*>(base + kLayout.queue_slots)};
-  const int num_tiles = p.num_query_blocks * p.batch * p.heads_q;
+  const int num_tiles = kVarlen ? p.num_work_tiles : p.num_query_blocks * p.batch * p.heads_q;
+  // The parameters a work tile runs with: the kernel's own, or (FJ_VARLEN) its sequence's.
+#if FJ_VARLEN
+#define FJ_TILE_PARAMS(tile, local)      \
+  int local;                             \
+  const KernelParams sp = sequence_params(p, tile, &local)
+#else
+#define FJ_TILE_PARAMS(tile, local) \
+  const int local = tile;           \
+  const KernelParams& sp = p
+#endif
 
   const auto init = [&] {
     // A Q buffer is freed by each consumer warp after its last S, or (FJ_O_TMA)
@@ -122,22 +135,25 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         done_taking_tiles(p);
         return;
       }
-      const QueryBlock block(p, tile);
+      FJ_TILE_PARAMS(tile, local_tile);
+      const QueryBlock block(sp, local_tile);
+      const long long q_row0 = kVarlen ? sp.q_row0 : 0, k_row0 = kVarlen ? sp.k_row0 : 0;
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
         const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
-        tma_load_tile<kBlockM, kDimQk>(q_tiles + q_buffer * kBlockM * kQTileDim, p.q_map, block.first_query, block.h,
-                                       block.b, &q_ring.full[q_buffer]);
+        tma_load_tile<kBlockM, kDimQk>(q_tiles + q_buffer * kBlockM * kQTileDim, p.q_map, q_row0 + block.first_query,
+                                       block.h, block.b, &q_ring.full[q_buffer]);
         // In the order the consumers need them: K_j, then V_{j-1}.
         for (int j = 0; j <= block.tiles; ++j) {
           if (j < block.tiles) {
             const int buffer = k_ring.produce(kv_use + j, kTileBytes<kBlockN, kDimQk>);
-            tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, block.tile_start(j),
+            tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, k_row0 + block.tile_start(j),
                                            block.kv_head, block.b, &k_ring.full[buffer]);
           }
           if (j > 0) {
             const int buffer = v_ring.produce(kv_use + j - 1, kTileBytes<kBlockN, kDimV>);
-            tma_load_tile<kBlockN, kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map, block.tile_start(j - 1),
+            tma_load_tile<kBlockN, kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map,
+                                          k_row0 + block.tile_start(j - 1),
                                           block.kv_head, block.b, &v_ring.full[buffer]);
           }
         }
@@ -168,20 +184,21 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     for (int n = 0;; ++n) {
       const int tile = tiles.pop(n, lane);
       if (tile >= num_tiles) break;
-      const QueryBlock block(p, tile);
+      FJ_TILE_PARAMS(tile, local_tile);
+      const QueryBlock block(sp, local_tile);
       const int b = block.b, h = block.h;
       long long rows[1][2];
       rows[0][0] = block.first_query + warp * 16 + lane / 4;
       rows[0][1] = rows[0][0] + 8;
       const long long consumer_first = block.first_query + consumer * 64;
-      const QueryBlock::Interior interior = block.interior_tiles(p, consumer_first, consumer_first + 64 <= p.seqlen_q);
+      const QueryBlock::Interior interior = block.interior_tiles(sp, consumer_first, consumer_first + 64 <= sp.seqlen_q);
 
       float o[1][kDimV / 8][4];
       zero(o);
       float row_max[1][2] = {{negative_infinity<float>(), negative_infinity<float>()}};  // log2 domain
       float row_sum[1][2] = {{0.0f, 0.0f}};
       if (block.tiles == 0) {
-        write_output(p, o, row_max, row_sum, rows, b, h, quad);  // O = 0, LSE = -inf
+        write_output(sp, o, row_max, row_sum, rows, b, h, quad);  // O = 0, LSE = -inf
         continue;
       }
       const int q_buffer = q_ring.buffer(q_use);
@@ -211,14 +228,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
             const long long tile_start = block.tile_start(j);
             if (interior.contains(j)) {
-              tile_logits<1, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
+              tile_logits<1, true>(s, sp, rows, tile_start, b, h, quad, scale_log2);
             } else {
-              tile_logits<1, false>(s, p, rows, tile_start, b, h, quad, scale_log2);
+              tile_logits<1, false>(s, sp, rows, tile_start, b, h, quad, scale_log2);
             }
             // O is rescaled (in prepare) only where a row of this warp moved its base.
             rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
 #if FJ_DROPOUT
-            apply_dropout(s, p, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
+            apply_dropout(s, sp, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
 #endif
             return rescale;  // warp-uniform: consumer_steps waits for P_{j-1} V_{j-1} after this work
           },
@@ -238,11 +255,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       kv_use += block.tiles;
       ++q_use;
 #if FJ_O_TMA
-      store_output_tile(p, o, row_max, row_sum, rows, b, h, quad, warp, consumer, q_tile, block.first_query);
+      store_output_tile(sp, o, row_max, row_sum, rows, b, h, quad, warp, consumer, q_tile, block.first_query);
       store_pending = q_buffer;
       if (kQBuffers == 1) free_stored();  // the producer waits for this buffer before the next Q
 #else
-      write_output(p, o, row_max, row_sum, rows, b, h, quad);
+      write_output(sp, o, row_max, row_sum, rows, b, h, quad);
 #endif
     }
     last_turn(consumer);
@@ -251,6 +268,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
   };
   specialised_roles(init, produce, consume);
+#undef FJ_TILE_PARAMS
 }
 
 }  // namespace mma

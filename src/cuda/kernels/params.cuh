@@ -78,6 +78,21 @@ struct KernelParams {
   // Added to b * heads_q + h in the dropout counter: a sequence of a variable-length
   // batch, run as a batch of one, draws as its batch entry (AttentionProblem::dropout_batch).
   long long dropout_head_base;
+
+  // A variable-length batch in one launch (the sm_90a forward with FJ_VARLEN): q, k, v,
+  // o and lse are the packed operands (batch strides 0, maps over one batch entry of all
+  // the rows); batch entries, in the order their work tiles come (longest first), are
+  // kVarlenFields ints each: first work tile, sequence index, first query row, queries,
+  // first key row, keys. num_work_tiles counts the tiles of all of them. A sequence's
+  // diagonal shift is its keys - queries unless varlen_top_left. q_row0 and k_row0 are
+  // the rows of the sequence a work tile belongs to (sequence_params), 0 otherwise.
+  const int* varlen;
+  int num_work_tiles;
+  int varlen_top_left;
+  long long q_row0;
+  long long k_row0;
 };
+
+constexpr int kVarlenFields = 6;
 
 }  // namespace flashjit

@@ -315,6 +315,38 @@ FJ_DEVICE void done_taking_tiles(const KernelParams& p) {
   }
 }
 
+#if FJ_VARLEN
+// Work tile `tile` of a variable-length batch: the parameters of its sequence alone
+// (as the host's sequence_problem makes them for a launch a sequence: its lengths,
+// diagonal shift and dropout batch entry, o and lse from its first row, batch entry 0)
+// and the tile's index among the sequence's own, in *local_tile.
+FJ_DEVICE KernelParams sequence_params(const KernelParams& p, int tile, int* local_tile) {
+  int lo = 0, hi = p.batch - 1;  // the last entry whose first tile is at most `tile`
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.varlen[mid * kVarlenFields] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int* entry = p.varlen + lo * kVarlenFields;
+  *local_tile = tile - entry[0];
+  KernelParams s = p;
+  s.batch = 1;
+  s.q_row0 = entry[2];
+  s.seqlen_q = entry[3];
+  s.k_row0 = entry[4];
+  s.seqlen_k = entry[5];
+  s.num_query_blocks = (entry[3] + kBlockM - 1) / kBlockM;
+  s.diagonal_shift = p.varlen_top_left ? 0 : static_cast<long long>(entry[5]) - entry[3];
+  s.dropout_head_base = p.dropout_head_base + static_cast<long long>(entry[1]) * p.heads_q;
+  s.o.data = static_cast<elem_t*>(p.o.data) + s.q_row0 * p.o.stride_seq;
+  s.lse.data = static_cast<float*>(p.lse.data) + s.q_row0 * p.lse.stride_seq;
+  return s;
+}
+#endif
+
 // A block of kBlockM query rows (late blocks first, block_coordinates) and the
 // tiles of kBlockN keys its rows can see through the causal/window bounds.
 struct QueryBlock {
