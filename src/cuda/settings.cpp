@@ -33,6 +33,9 @@ std::optional<int> forced_splits() {
   return std::max(1, std::atoi(value));
 }
 
-bool varlen_single_launch() { return switch_on("FLASHJIT_CUDA_VARLEN"); }
+bool varlen_single_launch() {
+  const char* value = std::getenv("FLASHJIT_CUDA_VARLEN");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
 
 }  // namespace flashjit::cuda::settings

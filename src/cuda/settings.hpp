@@ -6,7 +6,7 @@
 // Read at every kernel choice (tests and the tuner switch them within a process):
 //   FLASHJIT_CUDA_TILES         the sm_90a forward's tiles (kernel_spec.hpp, ForwardTiles)
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
-//   FLASHJIT_CUDA_VARLEN=0      a variable-length forward launches a sequence at a time
+//   FLASHJIT_CUDA_VARLEN=1      a variable-length forward in one launch where the sm_90a kernel takes it
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
@@ -21,7 +21,8 @@ bool persistent_forward();
 const char* forced_tiles();
 // FLASHJIT_CUDA_SPLITS as a count of at least 1; nullopt when unset or empty.
 std::optional<int> forced_splits();
-// A variable-length forward in one launch where the sm_90a kernel takes it (unless FLASHJIT_CUDA_VARLEN=0).
+// A variable-length forward in one launch where the sm_90a kernel takes it (FLASHJIT_CUDA_VARLEN=1; off
+// by default until it has run on a GPU: a launch a sequence otherwise).
 bool varlen_single_launch();
 
 }  // namespace flashjit::cuda::settings

@@ -16,13 +16,16 @@ def _offsets(lengths):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
 
 
-# Head dims 64 and 128 in bfloat16 take CUDA's single-launch sm_90a forward (every
-# sequence's work tiles in one persistent grid); 24/16 the per-sequence kernels.
+# Head dims 64 and 128 in bfloat16 take the sm_90a kernels on an H100/H200: a launch
+# a sequence, or with FLASHJIT_CUDA_VARLEN=1 the single-launch forward (every
+# sequence's work tiles in one persistent grid); 24/16 the mma.sync kernels.
+@pytest.mark.parametrize("launch", ["sequences", "one"] if DEVICE == "cuda" else ["sequences"])
 @pytest.mark.parametrize("D,Dv", [(24, 16), (64, 64), (128, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal="top_left"), dict(window=(6, 2)),
                                      dict(softcap=5.0, scale=0.3), dict(dropout_p=0.25, seed=11, offset=3)])
-def test_matches_each_sequence_alone(dtype, options, D, Dv):
+def test_matches_each_sequence_alone(dtype, options, D, Dv, launch, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CUDA_VARLEN", "1" if launch == "one" else "0")
     torch.manual_seed(0)
     Hq, Hkv = 4, 2
     q = torch.randn(sum(LENGTHS_Q), Hq, D, device=DEVICE, dtype=dtype, requires_grad=True)
