@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -173,9 +174,29 @@ def main():
     def flashjit_padded():
         return flashjit.attention(*padded, attn_mask=causal_mask)
 
+    def varlen_one_launch():  # CUDA: the forward's sequences in one launch (FLASHJIT_CUDA_VARLEN=1)
+        os.environ["FLASHJIT_CUDA_VARLEN"] = "1"
+        try:
+            return varlen()
+        finally:
+            os.environ.pop("FLASHJIT_CUDA_VARLEN")
+
+    # The dense kernel on the same tokens as equal documents of the mean length (its own work).
+    mean = max(1, round(total / len(lengths)))
+    dense = [torch.randn(total // mean, H, mean, D, device=device, dtype=dtype, requires_grad=True)
+             for _ in range(3)]
+    grad_dense = torch.randn(total // mean, H, mean, D, device=device, dtype=dtype)
+
+    def dense_mean():
+        return flashjit.attention(*dense, causal=True)
+
     impls = {"flashjit varlen": (varlen, grad_packed), "torch SDPA padded": (sdpa_padded, grad_padded),
              "flashjit padded": (flashjit_padded, grad_padded)}
+    if device == "cuda":
+        impls["flashjit varlen, one launch"] = (varlen_one_launch, grad_packed)
+    impls[f"flashjit dense, {total // mean} x {mean} tokens"] = (dense_mean, grad_dense)
     work = sum(4.0 * H * n * (n + 1) / 2 * D for n in lengths)  # each document's causal forward
+    dense_work = (total // mean) * 4.0 * H * mean * (mean + 1) / 2 * D
     rows = []
     for name, (fn, grad) in impls.items():
         with torch.no_grad():
@@ -185,7 +206,8 @@ def main():
             fn().backward(grad)
 
         both_ms = timed(both, device, args.repeats)
-        rows.append((name, forward_ms, both_ms, work / forward_ms / 1e9, 3.5 * work / both_ms / 1e9))
+        flops = dense_work if fn is dense_mean else work
+        rows.append((name, forward_ms, both_ms, flops / forward_ms / 1e9, 3.5 * flops / both_ms / 1e9))
     torch_both = next(r[2] for r in rows if r[0] == "torch SDPA padded")
     command = (f"python bench/varlen.py --device {device} --tokens {args.tokens} --min-len {args.min_len} "
                f"--max-len {args.max_len} --heads {H} --head-dim {D}")

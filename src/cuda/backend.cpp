@@ -451,26 +451,65 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
-// A variable-length forward in one launch of the persistent sm_90a kernel
-// (FJ_VARLEN): TMA over the packed operands as one batch entry of all their rows, a
-// table of the sequences (kVarlenFields ints each, longest first, so that the heavy
-// work tiles start first) copied into scratch on the stream, and the work tiles of
-// every sequence taken from the counter. False, with nothing planned, where that
-// kernel cannot take the call (other archs and kernels, masks, KV caches, graph
-// capture, no scratch): the caller then launches a sequence at a time.
-bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
-  if (launch.graph_safe || !settings::persistent_forward() || p.batch == 0 || p.mask != nullptr ||
-      p.page_table != nullptr || p.seqused_k != nullptr || p.cu_seqlens_k == nullptr ||
-      driver().cuMemcpyHtoDAsync == nullptr) {
+// Whether a variable-length call may run in one launch a kernel (FJ_VARLEN):
+// outside graph capture (its table is copied from host memory), without masks or
+// KV caches, with keys. `packed` gets the packed operands as one batch entry.
+bool varlen_single_launch(const AttentionProblem& p, const Launch& launch, AttentionProblem& packed) {
+  if (launch.graph_safe || p.batch == 0 || p.mask != nullptr || p.page_table != nullptr || p.seqused_k != nullptr ||
+      p.cu_seqlens_k == nullptr || driver().cuMemcpyHtoDAsync == nullptr) {
     return false;
   }
-  AttentionProblem packed = p;  // the packed operands as one batch entry
+  packed = p;
   packed.batch = 1;
   packed.seqlen_q = p.cu_seqlens_q[p.batch];
   packed.seqlen_k = p.cu_seqlens_k[p.batch];
   packed.cu_seqlens_q = packed.cu_seqlens_k = nullptr;
-  if (packed.seqlen_q == 0) return true;  // no query row: nothing to run
-  if (packed.seqlen_k == 0) return false;  // every row sees no key: the per-sequence path writes O = 0, LSE = -inf
+  return packed.seqlen_q > 0 && packed.seqlen_k > 0;
+}
+
+// The table of a variable-length batch's sequences (KernelParams::varlen): longest
+// first, so that the heavy work tiles start first; query tiles of query_rows rows
+// over the query heads, key tiles of key_rows rows over the key/value heads.
+std::vector<int32_t> varlen_table(const AttentionProblem& p, int query_rows, int key_rows, int64_t* query_tiles,
+                                  int64_t* key_tiles) {
+  std::vector<int64_t> order(size_t(p.batch));
+  std::iota(order.begin(), order.end(), 0);
+  const auto queries = [&](int64_t b) { return int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b]; };
+  const auto keys = [&](int64_t b) { return int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b]; };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return queries(a) > queries(b); });
+  std::vector<int32_t> table;
+  table.reserve(order.size() * kVarlenFields);
+  *query_tiles = *key_tiles = 0;
+  for (const int64_t b : order) {
+    for (const int64_t field : {*query_tiles, *key_tiles, b, int64_t(p.cu_seqlens_q[b]), queries(b),
+                                int64_t(p.cu_seqlens_k[b]), keys(b)}) {
+      table.push_back(int32_t(field));
+    }
+    *query_tiles += ceil_div(queries(b), query_rows) * p.heads_q;
+    *key_tiles += ceil_div(keys(b), key_rows) * p.heads_kv;
+  }
+  if (std::max(*query_tiles, *key_tiles) > std::numeric_limits<int>::max() / 2) {
+    throw_unsupported("[cuda] ", std::max(*query_tiles, *key_tiles), " blocks is more than one launch takes (2^30)");
+  }
+  return table;
+}
+
+// The table into device memory on the stream (from pageable memory the copy has
+// read it when the call returns); false where that fails.
+bool copy_table(const std::vector<int32_t>& table, void* device, const Launch& launch) {
+  return driver().cuMemcpyHtoDAsync(reinterpret_cast<CUdeviceptr>(device), table.data(),
+                                    table.size() * sizeof(int32_t), launch.stream) == 0;
+}
+
+// A variable-length forward in one launch of the persistent sm_90a kernel
+// (FJ_VARLEN): TMA over the packed operands, the sequences' table in scratch, the
+// work tiles of every sequence taken from the counter; a work tile runs with its
+// sequence's parameters and stores O by its threads (a TMA box would write past the
+// sequence's last row). False, with nothing planned, where it cannot: the caller
+// then launches a sequence at a time.
+bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
+  AttentionProblem packed;
+  if (!varlen_single_launch(p, launch, packed) || !settings::persistent_forward()) return false;
   const KernelTraits traits = traits_for_launch(packed, launch);
   if (!hopper_applies(traits)) return false;
   KernelSpec spec = forward_kernel(
@@ -479,41 +518,22 @@ bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& la
   if (spec.family != KernelFamily::kHopper || !encode_forward_maps(params, packed, spec)) return false;
   spec.varlen = true;
   spec.o_tma = false;
-  std::vector<int64_t> order(size_t(p.batch));
-  std::iota(order.begin(), order.end(), 0);
-  const auto queries = [&](int64_t b) { return int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b]; };
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return queries(a) > queries(b); });
-  std::vector<int32_t> table;
-  table.reserve(order.size() * kVarlenFields);
-  int64_t tiles = 0;
-  for (const int64_t b : order) {
-    const int32_t row = p.cu_seqlens_q[b], key_row = p.cu_seqlens_k[b];
-    for (const int64_t field : {tiles, b, int64_t(row), queries(b), int64_t(key_row),
-                                int64_t(p.cu_seqlens_k[b + 1]) - key_row}) {
-      table.push_back(int32_t(field));
-    }
-    tiles += ceil_div(queries(b), spec.block_rows()) * p.heads_q;
-  }
-  if (tiles > std::numeric_limits<int>::max() / 2) {
-    throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
-  }
+  int64_t tiles = 0, key_tiles = 0;
+  const std::vector<int32_t> table = varlen_table(p, spec.block_rows(), spec.block_rows(), &tiles, &key_tiles);
   params.num_work_tiles = int(tiles);
   params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
-  const size_t table_bytes = table.size() * sizeof(int32_t);
-  plan.scratch_bytes = table_bytes;
+  plan.scratch_bytes = table.size() * sizeof(int32_t);
   if (launch.planning) return true;
   try {
-    plan.table.emplace(table_bytes, launch.stream, launch.device_index);
+    plan.table.emplace(plan.scratch_bytes, launch.stream, launch.device_index);
   } catch (const Error&) {
     return false;
   }
-  const CUdeviceptr device_table = reinterpret_cast<CUdeviceptr>(plan.table->get());
-  // From pageable memory the copy has read the table when the call returns.
-  if (driver().cuMemcpyHtoDAsync(device_table, table.data(), table_bytes, launch.stream) != 0) {
+  if (!copy_table(table, plan.table->get(), launch)) {
     plan.table.reset();
     return false;
   }
-  params.varlen = reinterpret_cast<const int*>(device_table);
+  params.varlen = static_cast<const int*>(plan.table->get());
   KernelLaunch& kernel = plan.add(spec, params, launch);
   take_work_tiles(plan, kernel, launch, tiles);
   return true;
@@ -600,6 +620,70 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   }
 }
 
+// A variable-length backward in one launch a kernel (FJ_VARLEN): the sm_90a prep,
+// dQ and dK/dV kernels over every sequence, their blocks found in the sequences'
+// table (query blocks for dQ, key blocks for dK/dV), the prep's scratch rows entry by
+// entry of the table (each padded to the longest sequence's query blocks). False,
+// with nothing planned, where it cannot (then a launch a sequence).
+bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
+  AttentionProblem packed;
+  if (!varlen_single_launch(p, launch, packed)) return false;
+  const KernelTraits traits = traits_for_launch(packed, launch);
+  if (!hopper_applies(traits)) return false;
+  std::vector<KernelSpec> specs = backward_kernels(traits);
+  if (specs.size() > Plan::kMaxKernels) return false;
+  std::array<KernelParams, Plan::kMaxKernels> params;
+  params.fill(params_of(p));
+  const KernelSpec* dq = nullptr;
+  const KernelSpec* dkdv = nullptr;
+  for (size_t index = 0; index < specs.size(); ++index) {
+    KernelSpec& spec = specs[index];
+    if (spec.family != KernelFamily::kHopper) return false;
+    if (spec.entry != KernelEntry::kBackwardPrep && !encode_backward_maps(params[index], packed, spec)) return false;
+    spec.varlen = true;
+    if (spec.entry == KernelEntry::kBackwardDq) dq = &spec;
+    if (spec.entry == KernelEntry::kBackwardDkDv) dkdv = &spec;
+  }
+  if (dq == nullptr || dkdv == nullptr) return false;
+  int64_t query_tiles = 0, key_tiles = 0;
+  const std::vector<int32_t> table = varlen_table(p, dq->block_rows(), dkdv->block_rows(), &query_tiles, &key_tiles);
+  const int64_t pitch = ceil_div(p.seqlen_q, dq->block_rows()) * dq->block_rows();  // seqlen_q: the longest
+  const int64_t scratch_rows = p.batch * p.heads_q * pitch;
+  const size_t scratch_floats = size_t(scratch_rows) * 2;  // delta, then LSE * log2(e)
+  const size_t table_offset = (scratch_floats * sizeof(float) + 15) / 16 * 16;
+  for (size_t index = 0; index < specs.size(); ++index) {
+    const KernelSpec& spec = specs[index];
+    KernelParams& kernel_params = params[index];
+    kernel_params.scratch_pitch = pitch;
+    kernel_params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
+    KernelLaunch& kernel = plan.add(spec, kernel_params, launch);
+    switch (spec.entry) {
+      case KernelEntry::kBackwardPrep: kernel.blocks = ceil_div(scratch_rows, spec.threads / 8); break;  // 8 lanes a row
+      case KernelEntry::kBackwardDq: kernel.blocks = query_tiles; break;
+      default: kernel.blocks = key_tiles; break;
+    }
+  }
+  plan.scratch_bytes = table_offset + table.size() * sizeof(int32_t);
+  if (launch.planning) return true;
+  if (!try_scratch(plan, plan.scratch_bytes, launch)) {
+    plan.count = 0;
+    return false;
+  }
+  char* scratch = static_cast<char*>(plan.scratch->get());
+  if (!copy_table(table, scratch + table_offset, launch)) {
+    plan.count = 0;
+    plan.scratch.reset();
+    return false;
+  }
+  for (size_t index = 0; index < plan.count; ++index) {
+    KernelParams& kernel_params = plan.kernels[index].params;
+    kernel_params.delta = scratch;
+    kernel_params.lse_log2 = reinterpret_cast<float*>(scratch) + scratch_rows;
+    kernel_params.varlen = reinterpret_cast<const int*>(scratch + table_offset);
+  }
+  return true;
+}
+
 // A call's plans, one a part (a variable-length batch runs as one plan a sequence,
 // DenseParts), each enqueued on the stream in order; or (planning, fj_attention_prepare_*)
 // each made as a call under capture would make it, its kernels compiled and loaded, nothing
@@ -611,11 +695,11 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
                       "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
   }
   size_t needed = 0;
-  if (!backward && problem.varlen() && settings::varlen_single_launch()) {
+  if (problem.varlen() && settings::varlen_single_launch()) {
     Launch launch = prepare(problem);
     if (planning) launch.graph_safe = launch.planning = true;
     Plan plan;
-    if (plan_varlen_forward(plan, problem, launch)) {
+    if (backward ? plan_varlen_backward(plan, problem, launch) : plan_varlen_forward(plan, problem, launch)) {
       if (!planning) enqueue(plan, launch);
       return plan.scratch_bytes;
     }

@@ -185,10 +185,10 @@ TEST_F(CudaCompile, ThreeConsumerGroupForwardCompilesForSm90) {
   EXPECT_EQ(flashjit::cuda::forward_kernel(traits).threads, 384);  // the default again
 }
 
-// The variable-length forward in one launch (FJ_VARLEN: work tiles of every
-// sequence from a table, O stored by the threads) compiles for sm_90a at every
-// padded head dim, plain and with windows, dropout and softcap.
-TEST_F(CudaCompile, VarlenForwardCompilesForSm90) {
+// The variable-length forward and backward in one launch a kernel (FJ_VARLEN: blocks
+// of every sequence found in a table; the forward stores O by its threads) compile
+// for sm_90a at every padded head dim, plain and with windows, dropout and softcap.
+TEST_F(CudaCompile, VarlenKernelsCompileForSm90) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
   for (int head_dim : {64, 128, 256}) {
@@ -200,6 +200,11 @@ TEST_F(CudaCompile, VarlenForwardCompilesForSm90) {
       spec.o_tma = false;
       EXPECT_NE(spec.name().find("_varlen"), std::string::npos) << spec.name();
       ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+      for (KernelSpec backward : backward_kernels(traits)) {
+        ASSERT_EQ(backward.family, KernelFamily::kHopper) << backward.name();
+        backward.varlen = true;
+        ASSERT_NO_THROW(kernel_binary(backward, false)) << backward.name();
+      }
     }
   }
 }

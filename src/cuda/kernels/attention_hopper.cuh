@@ -100,9 +100,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const int num_tiles = kVarlen ? p.num_work_tiles : p.num_query_blocks * p.batch * p.heads_q;
   // The parameters a work tile runs with: the kernel's own, or (FJ_VARLEN) its sequence's.
 #if FJ_VARLEN
-#define FJ_TILE_PARAMS(tile, local)      \
-  int local;                             \
-  const KernelParams sp = sequence_params(p, tile, &local)
+#define FJ_TILE_PARAMS(tile, local)                                       \
+  const int entry_of_tile = varlen_entry(p, kFirstQueryTile, tile);        \
+  const int local = tile - p.varlen[entry_of_tile * kVarlenFields];         \
+  const KernelParams sp = sequence_params(p, entry_of_tile)
 #else
 #define FJ_TILE_PARAMS(tile, local) \
   const int local = tile;           \

@@ -29,6 +29,7 @@ namespace mma {
 
 static_assert(kRowTiles == 1 && kWarps == 8 && kBlockM == 128, "two consumer warpgroups of 64 rows");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
+constexpr bool kVarlenKernel = FJ_VARLEN;  // FJ_VARLEN: a variable-length batch (KernelParams::varlen)
 
 #if FJ_BACKWARD_PREP
 // Eight lanes a row, each reading 16-byte vectors of O and dO where the row's
@@ -47,9 +48,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   const long long i = row - batch_head * p.scratch_pitch;
   const int b = static_cast<int>(batch_head / p.heads_q);
   const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
-  if (in_scratch && i < p.seqlen_q) {
-    const elem_t* o_row = operand_row<const elem_t>(p.o, b, h, i);
-    const elem_t* dout_row = operand_row<const elem_t>(p.dout, b, h, i);
+#if FJ_VARLEN  // scratch rows entry-major: b is the varlen entry, its rows its sequence's
+  const KernelParams sp = sequence_params(p, min(b, p.batch - 1));
+  const int ob = 0;
+#else
+  const KernelParams& sp = p;
+  const int ob = b;
+#endif
+  if (in_scratch && i < sp.seqlen_q) {
+    const elem_t* o_row = operand_row<const elem_t>(sp.o, ob, h, i);
+    const elem_t* dout_row = operand_row<const elem_t>(sp.dout, ob, h, i);
     const bool vectors = p.head_dim_v % kVector == 0 &&
                          ((reinterpret_cast<unsigned long long>(o_row) |
                            reinterpret_cast<unsigned long long>(dout_row)) % 16) == 0;
@@ -65,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
     } else {
       for (int d = lane; d < p.head_dim_v; d += kLanesPerRow) delta += to_float(o_row[d]) * to_float(dout_row[d]);
     }
-    lse2 = lse_log2(*operand_row<const float>(p.lse, b, h, i));
+    lse2 = lse_log2(*operand_row<const float>(sp.lse, ob, h, i));
   }
 #pragma unroll
   for (int offset = kLanesPerRow / 2; offset >= 1; offset /= 2) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
@@ -94,8 +102,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   unsigned long long* rows_full = reinterpret_cast<unsigned long long*>(base + kLayout.rows_full);
   const Ring<kKeyBuffers> k_ring = Ring<kKeyBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.k_ring));
   const Ring<kStages> v_ring = Ring<kStages>::at(reinterpret_cast<unsigned long long*>(base + kLayout.v_ring));
+#if FJ_VARLEN
+  const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(blockIdx.x));
+  const KernelParams sp = sequence_params(p, entry);
+  const QueryBlock block(sp, static_cast<int>(blockIdx.x) - p.varlen[entry * kVarlenFields + kFirstQueryTile]);
+#else
+  const KernelParams& sp = p;
   const QueryBlock block(p);
+#endif
   const int b = block.b, h = block.h;
+  const long long q_row0 = kVarlenKernel ? sp.q_row0 : 0, k_row0 = kVarlenKernel ? sp.k_row0 : 0;
 
   const auto init = [&] {
     mbarrier_init(rows_full, 1);
@@ -109,14 +125,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     prefetch_tensor_map(p.k_map);
     prefetch_tensor_map(p.v_map);
     mbarrier_expect_bytes(rows_full, kTileBytes<kBlockM, kDimQk> + kTileBytes<kBlockM, kDimV>);
-    tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, block.first_query, h, b, rows_full);
-    tma_load_tile<kBlockM, kDimV>(dout_tile, p.dout_map, block.first_query, h, b, rows_full);
+    tma_load_tile<kBlockM, kDimQk>(q_tile, p.q_map, q_row0 + block.first_query, h, b, rows_full);
+    tma_load_tile<kBlockM, kDimV>(dout_tile, p.dout_map, q_row0 + block.first_query, h, b, rows_full);
     for (int j = 0; j < block.tiles; ++j) {
       const int k_buffer = k_ring.produce(j, kTileBytes<kBlockN, kDimQk>);
-      tma_load_tile<kBlockN, kDimQk>(k_tiles + k_buffer * kBlockN * kDimQk, p.k_map, block.tile_start(j),
+      tma_load_tile<kBlockN, kDimQk>(k_tiles + k_buffer * kBlockN * kDimQk, p.k_map, k_row0 + block.tile_start(j),
                                      block.kv_head, b, &k_ring.full[k_buffer]);
       const int v_buffer = v_ring.produce(j, kTileBytes<kBlockN, kDimV>);
-      tma_load_tile<kBlockN, kDimV>(v_tiles + v_buffer * kBlockN * kDimV, p.v_map, block.tile_start(j),
+      tma_load_tile<kBlockN, kDimV>(v_tiles + v_buffer * kBlockN * kDimV, p.v_map, k_row0 + block.tile_start(j),
                                     block.kv_head, b, &v_ring.full[v_buffer]);
     }
   };
@@ -129,13 +145,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     rows[0] = block.first_query + warp * 16 + lane / 4;
     rows[1] = rows[0] + 8;
     const long long consumer_first = block.first_query + consumer * 64;
-    const QueryBlock::Interior interior = block.interior_tiles(p, consumer_first, consumer_first + 64 <= p.seqlen_q);
+    const QueryBlock::Interior interior = block.interior_tiles(sp, consumer_first, consumer_first + 64 <= sp.seqlen_q);
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
     float lse2[2], delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      lse2[r] = static_cast<const float*>(p.lse_log2)[batch_head * p.scratch_pitch + rows[r]];
-      delta[r] = static_cast<const float*>(p.delta)[batch_head * p.scratch_pitch + rows[r]];
+      lse2[r] = static_cast<const float*>(sp.lse_log2)[batch_head * p.scratch_pitch + rows[r]];
+      delta[r] = static_cast<const float*>(sp.delta)[batch_head * p.scratch_pitch + rows[r]];
     }
 
     float dq[kDimQk / 8][4];
@@ -163,10 +179,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             pin(dp);
             v_ring.release(j, lane);
             if (interior.contains(j)) {
-              dq_tile_gradient<true>(s, dp, p, rows, lse2, delta, block.tile_start(j), b, h, batch_head, quad,
+              dq_tile_gradient<true>(s, dp, sp, rows, lse2, delta, block.tile_start(j), b, h, batch_head, quad,
                                      scale_log2);
             } else {
-              dq_tile_gradient<false>(s, dp, p, rows, lse2, delta, block.tile_start(j), b, h, batch_head, quad,
+              dq_tile_gradient<false>(s, dp, sp, rows, lse2, delta, block.tile_start(j), b, h, batch_head, quad,
                                       scale_log2);
             }
           },
@@ -180,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           },
           [&](int) { to_fragments<kBlockN>(dscore, s); });
     }
-    store_rows<kDimQk>(p.dq, b, h, rows, p.seqlen_q, p.head_dim_qk, dq, quad);
+    store_rows<kDimQk>(sp.dq, b, h, rows, sp.seqlen_q, p.head_dim_qk, dq, quad);
   };
   specialised_roles(init, produce, consume);
 }
@@ -213,11 +229,20 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.dout_ring));
 
   int block, b, kv_head;
+#if FJ_VARLEN
+  const int entry = varlen_entry(p, kFirstKeyTile, static_cast<int>(blockIdx.x));
+  const KernelParams sp = sequence_params(p, entry);
+  block_coordinates(static_cast<int>(blockIdx.x) - p.varlen[entry * kVarlenFields + kFirstKeyTile], sp.num_key_blocks,
+                    p.heads_kv, &block, &b, &kv_head, false);
+#else
+  const KernelParams& sp = p;
   block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);
+#endif
+  const long long q_row0 = kVarlenKernel ? sp.q_row0 : 0, k_row0 = kVarlenKernel ? sp.k_row0 : 0;
   const long long first_key = static_cast<long long>(block) * kBlockM;
-  const long long last_key = min(first_key + kBlockM, static_cast<long long>(p.seqlen_k)) - 1;
-  const long long query_lo = query_begin(p, first_key);
-  const long long query_hi = query_end(p, last_key);
+  const long long last_key = min(first_key + kBlockM, static_cast<long long>(sp.seqlen_k)) - 1;
+  const long long query_lo = query_begin(sp, first_key);
+  const long long query_hi = query_end(sp, last_key);
   // The query tiles of every head of the group, one sequence: tile t is head
   // member t / tiles_per_head, queries first_tile + (t % tiles_per_head) * kBlockN.
   const long long first_tile = query_lo / kBlockN * kBlockN;
@@ -239,22 +264,22 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     prefetch_tensor_map(p.q_map);
     prefetch_tensor_map(p.dout_map);
     mbarrier_expect_bytes(keys_full, kTileBytes<kBlockM, kDimQk> + (kWithDk ? kTileBytes<kBlockM, kDimV> : 0));
-    tma_load_tile<kBlockM, kDimQk>(k_tile, p.k_map, first_key, kv_head, b, keys_full);
-    if (kWithDk) tma_load_tile<kBlockM, kDimV>(v_tile, p.v_map, first_key, kv_head, b, keys_full);
+    tma_load_tile<kBlockM, kDimQk>(k_tile, p.k_map, k_row0 + first_key, kv_head, b, keys_full);
+    if (kWithDk) tma_load_tile<kBlockM, kDimV>(v_tile, p.v_map, k_row0 + first_key, kv_head, b, keys_full);
     constexpr unsigned kRowBytes = kBlockN * sizeof(float);
     for (int t = 0; t < tiles; ++t) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long scratch_row = (static_cast<long long>(b) * p.heads_q + h) * p.scratch_pitch + start;
       const int q_buffer = q_ring.produce(t, kTileBytes<kBlockN, kDimQk> + 2 * kRowBytes);
-      tma_load_tile<kBlockN, kDimQk>(q_tiles + q_buffer * kBlockN * kDimQk, p.q_map, start, h, b,
+      tma_load_tile<kBlockN, kDimQk>(q_tiles + q_buffer * kBlockN * kDimQk, p.q_map, q_row0 + start, h, b,
                                      &q_ring.full[q_buffer]);
-      bulk_load(lse_tiles + q_buffer * kBlockN, static_cast<const float*>(p.lse_log2) + scratch_row, kRowBytes,
+      bulk_load(lse_tiles + q_buffer * kBlockN, static_cast<const float*>(sp.lse_log2) + scratch_row, kRowBytes,
                 &q_ring.full[q_buffer]);
-      bulk_load(delta_tiles + q_buffer * kBlockN, static_cast<const float*>(p.delta) + scratch_row, kRowBytes,
+      bulk_load(delta_tiles + q_buffer * kBlockN, static_cast<const float*>(sp.delta) + scratch_row, kRowBytes,
                 &q_ring.full[q_buffer]);
       const int dout_buffer = dout_ring.produce(t, kTileBytes<kBlockN, kDimV>);
-      tma_load_tile<kBlockN, kDimV>(dout_tiles + dout_buffer * kBlockN * kDimV, p.dout_map, start, h, b,
+      tma_load_tile<kBlockN, kDimV>(dout_tiles + dout_buffer * kBlockN * kDimV, p.dout_map, q_row0 + start, h, b,
                                     &dout_ring.full[dout_buffer]);
     }
   };
@@ -266,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     keys[0] = first_key + warp * 16 + lane / 4;
     keys[1] = keys[0] + 8;
     const long long consumer_first = first_key + consumer * 64;
-    const bool keys_full_block = consumer_first + 64 <= p.seqlen_k;
+    const bool keys_full_block = consumer_first + 64 <= sp.seqlen_k;
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
 
     float dv[kDimV / 8][4], dk[kDimQk / 8][4];
@@ -303,14 +328,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             const long long start = tile_start(t);
             const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
             const bool interior = keys_full_block && start >= query_lo && start + kBlockN <= query_hi &&
-                                  all_visible(p, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
+                                  all_visible(sp, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
             const float* lse_tile = lse_tiles + q_ring.buffer(t) * kBlockN;
             const float* delta_tile = delta_tiles + q_ring.buffer(t) * kBlockN;
             if (interior) {
-              dkdv_tile_gradient<true>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
+              dkdv_tile_gradient<true>(st, dpt, sp, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
                                        scale_log2);
             } else {
-              dkdv_tile_gradient<false>(st, dpt, p, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
+              dkdv_tile_gradient<false>(st, dpt, sp, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
                                         scale_log2);
             }
           },
@@ -339,8 +364,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
           });
     }
-    if (kWithDk) store_rows<kDimQk>(p.dk, b, kv_head, keys, p.seqlen_k, p.head_dim_qk, dk, quad);
-    if (kWithDv) store_rows<kDimV>(p.dv, b, kv_head, keys, p.seqlen_k, p.head_dim_v, dv, quad);
+    if (kWithDk) store_rows<kDimQk>(sp.dk, b, kv_head, keys, sp.seqlen_k, p.head_dim_qk, dk, quad);
+    if (kWithDv) store_rows<kDimV>(sp.dv, b, kv_head, keys, sp.seqlen_k, p.head_dim_v, dv, quad);
   };
   specialised_roles(init, produce, consume);
 }

@@ -79,13 +79,15 @@ struct KernelParams {
   // batch, run as a batch of one, draws as its batch entry (AttentionProblem::dropout_batch).
   long long dropout_head_base;
 
-  // A variable-length batch in one launch (the sm_90a forward with FJ_VARLEN): q, k, v,
-  // o and lse are the packed operands (batch strides 0, maps over one batch entry of all
-  // the rows); batch entries, in the order their work tiles come (longest first), are
-  // kVarlenFields ints each: first work tile, sequence index, first query row, queries,
-  // first key row, keys. num_work_tiles counts the tiles of all of them. A sequence's
-  // diagonal shift is its keys - queries unless varlen_top_left. q_row0 and k_row0 are
-  // the rows of the sequence a work tile belongs to (sequence_params), 0 otherwise.
+  // A variable-length batch in one launch (the sm_90a kernels with FJ_VARLEN): q, k, v,
+  // o, lse and the gradients are the packed operands (batch strides 0, maps over one
+  // batch entry of all the rows). Entry s of varlen (kVarlenFields ints; the order of
+  // the forward's work, longest first) is a sequence: first query tile and first key
+  // tile of its work (counted over all heads), sequence index, first query row,
+  // queries, first key row, keys. num_work_tiles counts the forward's tiles of all of
+  // them; the backward's scratch rows are entry-major. A sequence's diagonal shift is
+  // its keys - queries unless varlen_top_left. q_row0 and k_row0 are the first rows
+  // of the sequence a block works on (sequence_params), 0 otherwise.
   const int* varlen;
   int num_work_tiles;
   int varlen_top_left;
@@ -93,6 +95,7 @@ struct KernelParams {
   long long k_row0;
 };
 
-constexpr int kVarlenFields = 6;
+constexpr int kVarlenFields = 7;
+enum VarlenField { kFirstQueryTile, kFirstKeyTile, kSequence, kFirstQuery, kQueries, kFirstKey, kKeys };
 
 }  // namespace flashjit

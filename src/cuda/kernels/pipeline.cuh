@@ -316,33 +316,50 @@ FJ_DEVICE void done_taking_tiles(const KernelParams& p) {
 }
 
 #if FJ_VARLEN
-// Work tile `tile` of a variable-length batch: the parameters of its sequence alone
-// (as the host's sequence_problem makes them for a launch a sequence: its lengths,
-// diagonal shift and dropout batch entry, o and lse from its first row, batch entry 0)
-// and the tile's index among the sequence's own, in *local_tile.
-FJ_DEVICE KernelParams sequence_params(const KernelParams& p, int tile, int* local_tile) {
-  int lo = 0, hi = p.batch - 1;  // the last entry whose first tile is at most `tile`
+// The entry of a variable-length batch (KernelParams::varlen) whose work holds tile
+// `tile` of the kind `field` (kFirstQueryTile or kFirstKeyTile): the last entry whose
+// first tile is at most `tile` (entries without work share the next one's first tile).
+FJ_DEVICE int varlen_entry(const KernelParams& p, VarlenField field, int tile) {
+  int lo = 0, hi = p.batch - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (p.varlen[mid * kVarlenFields] <= tile) {
+    if (p.varlen[mid * kVarlenFields + field] <= tile) {
       lo = mid;
     } else {
       hi = mid - 1;
     }
   }
-  const int* entry = p.varlen + lo * kVarlenFields;
-  *local_tile = tile - entry[0];
+  return lo;
+}
+
+// The parameters of entry `entry`'s sequence alone, as the host's sequence_problem
+// makes them for a launch a sequence: its lengths, blocks, diagonal shift and dropout
+// batch entry; o, lse and the gradients from its first rows; the backward's scratch
+// rows of the entry; batch entry 0 (q_row0 and k_row0 place its rows for TMA).
+FJ_DEVICE KernelParams sequence_params(const KernelParams& p, int entry) {
+  const int* e = p.varlen + entry * kVarlenFields;
   KernelParams s = p;
   s.batch = 1;
-  s.q_row0 = entry[2];
-  s.seqlen_q = entry[3];
-  s.k_row0 = entry[4];
-  s.seqlen_k = entry[5];
-  s.num_query_blocks = (entry[3] + kBlockM - 1) / kBlockM;
-  s.diagonal_shift = p.varlen_top_left ? 0 : static_cast<long long>(entry[5]) - entry[3];
-  s.dropout_head_base = p.dropout_head_base + static_cast<long long>(entry[1]) * p.heads_q;
-  s.o.data = static_cast<elem_t*>(p.o.data) + s.q_row0 * p.o.stride_seq;
-  s.lse.data = static_cast<float*>(p.lse.data) + s.q_row0 * p.lse.stride_seq;
+  s.q_row0 = e[kFirstQuery];
+  s.seqlen_q = e[kQueries];
+  s.k_row0 = e[kFirstKey];
+  s.seqlen_k = e[kKeys];
+  s.num_query_blocks = (e[kQueries] + kBlockM - 1) / kBlockM;
+  s.num_key_blocks = (e[kKeys] + kBlockM - 1) / kBlockM;
+  s.diagonal_shift = p.varlen_top_left ? 0 : static_cast<long long>(e[kKeys]) - e[kQueries];
+  s.dropout_head_base = p.dropout_head_base + static_cast<long long>(e[kSequence]) * p.heads_q;
+  const auto rows_from = [](KernelOperand& x, long long rows) {
+    if (x.data != nullptr) x.data = static_cast<elem_t*>(x.data) + rows * x.stride_seq;
+  };
+  rows_from(s.o, s.q_row0);
+  rows_from(s.dout, s.q_row0);
+  rows_from(s.dq, s.q_row0);
+  rows_from(s.dk, s.k_row0);
+  rows_from(s.dv, s.k_row0);
+  if (p.lse.data != nullptr) s.lse.data = static_cast<float*>(p.lse.data) + s.q_row0 * p.lse.stride_seq;
+  const long long scratch_rows = static_cast<long long>(entry) * p.heads_q * p.scratch_pitch;
+  if (p.delta != nullptr) s.delta = static_cast<float*>(p.delta) + scratch_rows;
+  if (p.lse_log2 != nullptr) s.lse_log2 = static_cast<float*>(p.lse_log2) + scratch_rows;
   return s;
 }
 #endif
