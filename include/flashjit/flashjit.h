@@ -89,6 +89,12 @@ typedef struct fj_attention_options {
   double dropout_p;
   uint64_t dropout_seed;
   uint64_t dropout_offset;
+  /* Optional (NULL: off): four uint32 words, seed low, seed high, offset low, offset high,
+   * that replace dropout_seed and dropout_offset, read when the call's work runs: CUDA
+   * memory of the call's device, read by the kernels (a call recorded into a CUDA graph
+   * draws what the words hold at each replay, and a seed computed earlier on the stream
+   * needs no copy to the host); host memory on the CPU, read by the call. 4-byte aligned. */
+  const void* dropout_seed_words;
   int32_t num_threads; /* CPU: 0 = FLASHJIT_NUM_THREADS or all cores */
   /* CUDA: the cudaStream_t / CUstream to launch on (NULL = the legacy default stream).
    * Work is only enqueued; the call does not synchronise. Ignored on the CPU. */

@@ -93,8 +93,7 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
     Rows that see no key give o = 0 and lse = -inf. Differentiable through q, k and v
     (not the mask; lse is returned through mx.stop_gradient).
     stream: mx.cpu or mx.gpu (MLX on CUDA: flashjit's CUDA kernels recorded into MLX's command
-    encoder); default: MLX's default device where flashjit runs there, else the CPU. On the GPU,
-    dropout needs seed= (a drawn seed would be computed after the call is recorded).
+    encoder); default: MLX's default device where flashjit runs there, else the CPU.
     """
     op = "flashjit.mlx.attention"
     options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,

@@ -123,10 +123,11 @@ fj_attention_options options_of(const Options& o, const mx::array* extra, const 
   fj_attention_options options = scalar_options(o);
   if (o.has_mask) options.mask = tensor_of(*extra++, device);
   if (o.dropout_p > 0) {
-    // The seed is read on the host: on the GPU stream it must be computed already (a given seed).
-    if (device == mx::Device::gpu && !extra->is_available()) {
-      throw std::runtime_error(std::string(kOp) + " dropout on MLX's GPU stream needs seed= (a drawn seed is "
-                               "computed on the GPU after the call is recorded)");
+    // On the GPU stream the kernels read the words where MLX computed them, when they run
+    // (a drawn seed is not computed yet when the call is recorded).
+    if (device == mx::Device::gpu) {
+      options.dropout_seed_words = extra->data<uint32_t>();
+      return options;
     }
     const uint32_t* words = extra->data<uint32_t>();  // seed (low, high), offset (low, high)
     options.dropout_seed = uint64_t(words[0]) | (uint64_t(words[1]) << 32);

@@ -338,6 +338,21 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   p.dropout_threshold = dropout_threshold(opt.dropout_p);
   p.dropout_seed = opt.dropout_seed;
   p.dropout_offset = opt.dropout_offset;
+  if (opt.dropout_seed_words != nullptr && p.dropout_p > 0) {
+    if (reinterpret_cast<uintptr_t>(opt.dropout_seed_words) % alignof(uint32_t) != 0) {
+      throw_value_error("[", op, "] dropout_seed_words: expected a 4-byte aligned pointer, got ",
+                        opt.dropout_seed_words);
+    }
+    const auto* words = static_cast<const uint32_t*>(opt.dropout_seed_words);
+    if (q.device_type == FJ_DEVICE_CPU) {  // host memory, and the call runs now
+      p.dropout_seed = uint64_t(words[0]) | (uint64_t(words[1]) << 32);
+      p.dropout_offset = uint64_t(words[2]) | (uint64_t(words[3]) << 32);
+    } else if (q.device_type == FJ_DEVICE_CUDA) {
+      p.dropout_seed_words = words;
+    } else {
+      throw_unsupported("[", op, "] dropout_seed_words: read on the CPU and CUDA backends only");
+    }
+  }
   if (!dropout_counter_fits(p.batch * p.heads_q, p.seqlen_q, p.seqlen_k)) {
     throw_value_error("[", op,
                       "] q: sizes exceed the dropout counter range (batch*heads and seqlen_q "

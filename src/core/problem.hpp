@@ -72,6 +72,9 @@ struct AttentionProblem {
   uint32_t dropout_threshold = 0;  // drop when the Philox word is below this
   uint64_t dropout_seed = 0;
   uint64_t dropout_offset = 0;
+  // fj_attention_options.dropout_seed_words on a device that reads them when the work runs
+  // (CUDA); nullptr on the CPU, which read them into dropout_seed and dropout_offset.
+  const uint32_t* dropout_seed_words = nullptr;
 
   int32_t num_threads = 0;
   void* stream = nullptr;  // CUDA stream to enqueue on

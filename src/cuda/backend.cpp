@@ -64,6 +64,7 @@ KernelParams params_of(const AttentionProblem& p) {
   params.diagonal_shift = p.diagonal_shift;
   params.dropout_seed = p.dropout_seed;
   params.dropout_offset = p.dropout_offset;
+  params.dropout_seed_words = p.dropout_seed_words;
   params.dropout_threshold = p.dropout_threshold;
   params.dropout_keep_scale = p.has_dropout() ? 1.0 / (1.0 - p.dropout_p) : 1.0;
   params.dropout_head_base = p.dropout_batch * p.heads_q;

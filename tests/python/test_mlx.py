@@ -227,3 +227,19 @@ def test_gpu_stream_matches_the_cpu_stream(causal):
     g_cpu = mx.grad(loss(mx.cpu), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_gpu, g_cpu):
         assert mx.allclose(a.astype(mx.float32), b.astype(mx.float32), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
+def test_gpu_stream_dropout_reads_the_drawn_seed():
+    # Without seed= the seed is drawn from MLX's random state on the GPU: the kernels read the
+    # drawn words in place (they are computed after the call is recorded), and drop what the
+    # CPU stream drops for the same words.
+    q, k, v = (mx.random.normal((1, 2, 96, 64)).astype(mx.bfloat16) for _ in range(3))
+    outputs = []
+    for stream in (mx.gpu, mx.cpu):
+        mx.random.seed(3)
+        outputs.append(flashjit.mlx.attention(q, k, v, dropout_p=0.3, stream=stream).astype(mx.float32))
+    assert mx.allclose(outputs[0], outputs[1], atol=2e-2, rtol=2e-2)
+    mx.random.seed(4)
+    other = flashjit.mlx.attention(q, k, v, dropout_p=0.3, stream=mx.gpu).astype(mx.float32)
+    assert not mx.allclose(outputs[0], other, atol=2e-2, rtol=2e-2)

@@ -140,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(co
 #pragma unroll
     for (int quad = 0; quad < kTile / 4; ++quad) {
 #if FJ_DROPOUT
-      const Philox4x32 words = dropout_words(p.dropout_seed, p.dropout_offset, p.dropout_head_base + batch_head, i,
+      const Philox4x32 words = dropout_words(dropout_seed_of(p), dropout_offset_of(p), p.dropout_head_base + batch_head, i,
                                              (tile_start >> 2) + quad);
 #endif
 #pragma unroll

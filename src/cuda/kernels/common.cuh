@@ -171,9 +171,21 @@ FJ_DEVICE bool all_visible(const KernelParams& p, long long query_first, long lo
          (p.window_right < 0 || key_last - query_first - p.diagonal_shift <= p.window_right);
 }
 
+// The dropout seed and offset of a call: its words in device memory where given
+// (read when the kernel runs: a replayed graph draws what they hold then), else the
+// values in the parameters.
+FJ_DEVICE unsigned long long dropout_seed_of(const KernelParams& p) {
+  if (p.dropout_seed_words == nullptr) return p.dropout_seed;
+  return p.dropout_seed_words[0] | (static_cast<unsigned long long>(p.dropout_seed_words[1]) << 32);
+}
+FJ_DEVICE unsigned long long dropout_offset_of(const KernelParams& p) {
+  if (p.dropout_seed_words == nullptr) return p.dropout_offset;
+  return p.dropout_seed_words[2] | (static_cast<unsigned long long>(p.dropout_seed_words[3]) << 32);
+}
+
 // Dropout keep decision for (batch-head bh, query i, key j): the shared Philox rule.
 FJ_DEVICE bool dropout_keeps(const KernelParams& p, long long bh, long long i, long long j) {
-  return dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, p.dropout_head_base + bh, i, j);
+  return dropout_keep(dropout_seed_of(p), dropout_offset_of(p), p.dropout_threshold, p.dropout_head_base + bh, i, j);
 }
 
 // Linear block index (or work tile) -> (block, batch, head). Under causal

@@ -254,7 +254,8 @@ FJ_DEVICE void dropout_factors(float (&factor)[4], const KernelParams& p, long l
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const Philox4x32 words =
-        dropout_words(p.dropout_seed, p.dropout_offset, p.dropout_head_base + batch_head, rows[r], key_pair >> 2);
+        dropout_words(dropout_seed_of(p), dropout_offset_of(p), p.dropout_head_base + batch_head, rows[r],
+                      key_pair >> 2);
     factor[2 * r] = words.word[word] >= p.dropout_threshold ? keep_scale : 0.0f;
     factor[2 * r + 1] = words.word[word + 1] >= p.dropout_threshold ? keep_scale : 0.0f;
   }

@@ -73,6 +73,9 @@ struct KernelParams {
 
   unsigned long long dropout_seed;
   unsigned long long dropout_offset;
+  // Device words (seed low, high, offset low, high) read in place of the two above where
+  // given (fj_attention_options.dropout_seed_words): dropout_seed_of, dropout_offset_of.
+  const unsigned* dropout_seed_words;
   unsigned int dropout_threshold;  // drop when the Philox word is below this
   double dropout_keep_scale;       // 1 / (1 - p)
   // Added to b * heads_q + h in the dropout counter: a sequence of a variable-length
