@@ -239,6 +239,17 @@ def shown_arguments(argv):
 from flashjit.bench.provenance import record_commit  # noqa: E402,F401  (the bench scripts import it from here)
 
 
+def record_text(title, script, commit, facts, header, rows, align=None):
+    """A record: title, date, commit, the command (`python bench/<script>` and this run's
+    arguments, less --out), one line a fact, then the table (align: one of "l", "r" a column)."""
+    align = align or "l" * len(header)
+    lines = [f"# {title}", "", f"- date: {datetime.date.today()}", f"- commit: {commit}",
+             f"- command: `python bench/{script}{shown_arguments(sys.argv[1:])}`", *[f"- {fact}" for fact in facts], "",
+             "| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def save_record(out, tag, kind, commit, text, label=""):
     """Writes out/<tag>-<kind>-<date>-<commit>[-label].md."""
     if not out:

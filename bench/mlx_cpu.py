@@ -12,11 +12,9 @@ reference on the same inputs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 
 import mlx.core as mx
@@ -24,7 +22,7 @@ import numpy as np
 
 import flashjit
 import flashjit.mlx as fm
-from gpu_attention import record_commit, save_record, shown_arguments
+from gpu_attention import record_commit, record_text, save_record
 
 
 def median_ms(fn, runs):
@@ -77,21 +75,17 @@ def main():
                 print(row, flush=True)
 
     commit = record_commit()
-    lines = [f"# MLX CPU benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "",
-             f"- date: {datetime.date.today()}", f"- commit: {commit}",
-             f"- command: `python bench/mlx_cpu.py{shown_arguments(sys.argv[1:])}`",
-             f"- mlx {mx.__version__}, flashjit {flashjit.__version__}, Python {platform.python_version()}",
-             f"- float32, B1, H{heads}; milliseconds, median of {args.runs} evaluations; max error of the "
-             "forward against float64", "",
-             "| D | N | causal | flashjit fwd | mx.fast fwd | flashjit fwd+bwd | mx.fast fwd+bwd "
-             "| fwd speedup | fwd+bwd speedup | flashjit error | mx.fast error |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        ours, theirs = row["flashjit"], row["mx.fast"]
-        lines.append(f"| {row['D']} | {row['N']} | {'yes' if row['causal'] else 'no'} | {ours[0]:.2f} | "
-                     f"{theirs[0]:.2f} | {ours[1]:.2f} | {theirs[1]:.2f} | {theirs[0] / ours[0]:.2f}x | "
-                     f"{theirs[1] / ours[1]:.2f}x | {ours[2]:.1e} | {theirs[2]:.1e} |")
-    text = "\n".join(lines) + "\n"
+    facts = [f"mlx {mx.__version__}, flashjit {flashjit.__version__}, Python {platform.python_version()}",
+             f"float32, B1, H{heads}; milliseconds, median of {args.runs} evaluations; max error of the forward "
+             "against float64"]
+    header = ["D", "N", "causal", "flashjit fwd", "mx.fast fwd", "flashjit fwd+bwd", "mx.fast fwd+bwd", "fwd speedup",
+              "fwd+bwd speedup", "flashjit error", "mx.fast error"]
+    table = [[row["D"], row["N"], "yes" if row["causal"] else "no", f"{row['flashjit'][0]:.2f}",
+              f"{row['mx.fast'][0]:.2f}", f"{row['flashjit'][1]:.2f}", f"{row['mx.fast'][1]:.2f}",
+              f"{row['mx.fast'][0] / row['flashjit'][0]:.2f}x", f"{row['mx.fast'][1] / row['flashjit'][1]:.2f}x",
+              f"{row['flashjit'][2]:.1e}", f"{row['mx.fast'][2]:.1e}"] for row in rows]
+    text = record_text(f"MLX CPU benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                       "mlx_cpu.py", commit, facts, header, table, align="rrl" + "r" * 8)
     print(text)
     save_record(args.out, "cpu", "mlx", commit, text)
 

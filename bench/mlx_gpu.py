@@ -14,7 +14,6 @@ summed so that every call is computed), mx.synchronize() around, median.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import mlx.core as mx
 
 import flashjit
 import flashjit.mlx as fm
-from gpu_attention import record_commit, save_record, shown_arguments
+from gpu_attention import record_commit, record_text, save_record
 
 
 def median_ms(fn, runs, calls):
@@ -87,21 +86,17 @@ def main():
             print(row, flush=True)
 
     commit = record_commit()
-    lines = ["# MLX GPU benchmark: flashjit.mlx on MLX's GPU stream against mx.fast", "",
-             f"- date: {datetime.date.today()}", f"- commit: {commit}",
-             f"- command: `python bench/mlx_gpu.py{shown_arguments(sys.argv[1:])}`",
-             f"- {device}, mlx {mx.__version__}, flashjit {flashjit.__version__}",
-             f"- bf16, H{heads}; TFLOP/s (backward 2.5x the forward's FLOPs, its time fwd+bwd minus fwd); "
-             f"median of {args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|", "",
-             "| D | N | B | causal | flashjit fwd | mx.fast fwd | flashjit bwd | mx.fast bwd | fwd speedup "
-             "| fwd+bwd speedup | difference |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        ours, theirs = row["flashjit"], row["mx.fast"]
-        lines.append(f"| {row['D']} | {row['N']} | {row['B']} | {'yes' if row['causal'] else 'no'} | {ours[0]:.0f} | "
-                     f"{theirs[0]:.0f} | {ours[1]:.0f} | {theirs[1]:.0f} | {theirs[2] / ours[2]:.2f}x | "
-                     f"{theirs[3] / ours[3]:.2f}x | {row['difference']:.1e} |")
-    text = "\n".join(lines) + "\n"
+    facts = [f"{device}, mlx {mx.__version__}, flashjit {flashjit.__version__}",
+             f"bf16, H{heads}; TFLOP/s (backward 2.5x the forward's FLOPs, its time fwd+bwd minus fwd); median of "
+             f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|"]
+    header = ["D", "N", "B", "causal", "flashjit fwd", "mx.fast fwd", "flashjit bwd", "mx.fast bwd", "fwd speedup",
+              "fwd+bwd speedup", "difference"]
+    table = [[row["D"], row["N"], row["B"], "yes" if row["causal"] else "no", f"{row['flashjit'][0]:.0f}",
+              f"{row['mx.fast'][0]:.0f}", f"{row['flashjit'][1]:.0f}", f"{row['mx.fast'][1]:.0f}",
+              f"{row['mx.fast'][2] / row['flashjit'][2]:.2f}x", f"{row['mx.fast'][3] / row['flashjit'][3]:.2f}x",
+              f"{row['difference']:.1e}"] for row in rows]
+    text = record_text("MLX GPU benchmark: flashjit.mlx on MLX's GPU stream against mx.fast", "mlx_gpu.py", commit,
+                       facts, header, table, align="rrrl" + "r" * 7)
     print(text)
     save_record(args.out, "h200" if "H200" in device else "gpu", "mlx", commit, text)
 
