@@ -57,6 +57,9 @@ struct KernelSpec {
   // kHopper forward without dropout: a row's base moves only when its maximum
   // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
   bool lazy_rescale = false;
+  // kHopper forward: a consumer passes the turn once S_j is issued and issues P_{j-1} V_{j-1}
+  // after it, outside the turn (pipeline.cuh, consumer_steps; FLASHJIT_CUDA_TILES turn=s).
+  bool turn_after_s = false;
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -107,8 +110,10 @@ struct ForwardTiles {
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
+  int turn_after_s = -1;  // 1 ("turn=s"): KernelSpec::turn_after_s; 0 ("turn=both"): not
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
+           turn_after_s >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);
