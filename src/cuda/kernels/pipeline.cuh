@@ -243,15 +243,9 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
     wgmma_fence();
     issue_first(j);
     wgmma_commit();
-#if FJ_TURN_AFTER_S  // the other warpgroup's S may go ahead of this one's P V
-    pass_turn(consumer);
-    issue_second(j - 1);
-    wgmma_commit();
-#else
     issue_second(j - 1);
     wgmma_commit();
     pass_turn(consumer);
-#endif
     wgmma_wait<1>();  // tile j's products done; tile j - 1's may still run beside after_first
     if constexpr (kReturnsBool<decltype(after_first(j))>) {
       wgmma_wait_all_after(after_first(j));  // after_first returns a warp-uniform value
