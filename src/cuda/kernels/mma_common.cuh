@@ -94,27 +94,6 @@ FJ_DEVICE float fast_exp2(float x) {
   return result;
 }
 
-// 2^x on the FMA pipe (the MUFU is the forward's bottleneck at small head dims,
-// where its exponentials take as many cycles as the tensor products): x rounded
-// to j + f with f in [-1/2, 1/2] by a magic addition whose low bits give j + 127,
-// 2^f from a degree-3 polynomial (relative error 7.5e-5, fitted for this range),
-// times 2^j built from j's bits. x is clamped at -127 so that 2^j's bits are 0
-// there and the flushed product is exactly 0, as ex2 gives for -inf; x must stay
-// below 127.5 (P stays below 2^kRebaseSlack); NaN stays NaN (max.NaN), as with ex2.
-FJ_DEVICE float poly_exp2(float x) {
-  constexpr float kMagic = 12582912.0f + 127.0f;  // 1.5 * 2^23: rounding to an integer at the last bit
-  asm("max.NaN.f32 %0, %0, 0fC2FE0000;\n" : "+f"(x));  // -127
-  const float rounded = x + kMagic;
-  const float f = x - (rounded - kMagic);
-  float p = fmaf(0.05517605f, f, 0.24261150f);
-  p = fmaf(p, f, 0.69326019f);
-  p = fmaf(p, f, 0.99992806f);
-  const float scale = __uint_as_float(__float_as_uint(rounded) << 23);
-  float result;
-  asm("mul.ftz.f32 %0, %1, %2;\n" : "=f"(result) : "f"(p), "f"(scale));
-  return result;
-}
-
 // Two floats -> one register of two 16-bit values (lo = first).
 FJ_DEVICE unsigned pack2(float lo, float hi) {
   unsigned result;

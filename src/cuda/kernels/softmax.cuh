@@ -50,9 +50,6 @@ static_assert(!kFoldScale || (FJ_MASK != 2 && !FJ_SOFTCAP), "the scale folds onl
 // that O is rescaled rarely; P then stays below 2^kRebaseSlack. Exact either
 // way: O, the sums and the LSE all use the same base. Not with dropout, whose
 // factor 1 / (1 - p) multiplies P (fp16 would overflow as p nears 1).
-// FJ_POLY_EXP (KernelSpec::poly_exp): column groups n with n % 4 below it take
-// P from poly_exp2 (FMA pipe), the others from ex2 (MUFU).
-constexpr int kPolyExp = FJ_POLY_EXP;
 constexpr float kRebaseSlack = FJ_LAZY_RESCALE ? 8.0f : 0.0f;
 static_assert(!FJ_LAZY_RESCALE || !FJ_DROPOUT, "dropout scales P: its base follows the maximum");
 
@@ -126,8 +123,7 @@ FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)
     for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float x = kFoldScale ? fmaf(s[m][n][e], scale_log2, -base[e / 2]) : s[m][n][e] - base[e / 2];
-        s[m][n][e] = n % 4 < kPolyExp ? poly_exp2(x) : fast_exp2(x);
+        s[m][n][e] = kFoldScale ? fast_exp2(fmaf(s[m][n][e], scale_log2, -base[e / 2])) : fast_exp2(s[m][n][e] - base[e / 2]);
       }
     }
 #pragma unroll
