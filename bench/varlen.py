@@ -4,8 +4,8 @@ padded to the longest (torch's SDPA with a padding mask, and flashjit's dense pa
 Documents of lengths drawn from [--min-len, --max-len] fill --tokens tokens; causal
 self-attention, forward and forward + backward. TFLOP/s count the real work only (each
 document's own causal attention, docs/measurement.md), so padding shows as lost speed.
-Time: CUDA events around back-to-back calls on a GPU, the wall clock on the CPU; median
-of --repeats after a warm-up.
+Time: on a GPU, CUDA events around 10 back-to-back calls, the implementations in turn in
+each of --repeats rounds; the wall clock around a call on the CPU; medians, after a warm-up.
 
     python bench/varlen.py [--device cuda] [--tokens 16384] [--min-len 128] [--max-len 4096] [--out DIR]
 
@@ -35,22 +35,29 @@ from gpu_attention import save_record  # bench/ is the script's folder
 from flashjit.bench.provenance import record_commit
 
 
-def timed(fn, device, repeats):
-    fn()
-    samples = []
+def timed(fns: dict, device, repeats, calls=10) -> dict:
+    """Median milliseconds a call of each function. On a GPU: CUDA events around `calls`
+    back-to-back calls, the functions taken in turn in each of `repeats` rounds (so that a
+    change of clocks or of the machine's load falls on all of them alike); the wall clock
+    around one call on the CPU."""
+    for fn in fns.values():
+        fn()
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(calls):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / calls)
+            else:
+                begin = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - begin) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def record(args, device, dtype, title: str, command: str, facts: list, header: list, rows: list, kind: str):
@@ -102,11 +109,9 @@ def decode(args, device, dtype):
     contiguous = impls["flashjit contiguous cache"]()
     torch.testing.assert_close(paged, contiguous, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
     bytes_read = 2 * sum(lengths) * Hkv * D * torch.finfo(dtype).bits // 8
-    rows = []
     with torch.no_grad():
-        for name, fn in impls.items():
-            ms = timed(fn, device, args.repeats)
-            rows.append([name, f"{ms * 1e3:.0f}", f"{bytes_read / ms / 1e6:.2f}"])
+        times = timed(impls, device, args.repeats)
+    rows = [[name, f"{ms * 1e3:.0f}", f"{bytes_read / ms / 1e6:.2f}"] for name, ms in times.items()]
     command = (f"python bench/varlen.py --decode --device {device} --batch {B} --min-len {args.min_len} --max-len "
                f"{args.max_len} --heads {Hq} --kv-heads {Hkv} --head-dim {D} --page-size {page}")
     facts = [f"{B} sequences of {min(lengths)}-{max(lengths)} cached keys (mean {sum(lengths) / B:.0f}), one query "
@@ -197,17 +202,14 @@ def main():
     impls[f"flashjit dense, {total // mean} x {mean} tokens"] = (dense_mean, grad_dense)
     work = sum(4.0 * H * n * (n + 1) / 2 * D for n in lengths)  # each document's causal forward
     dense_work = (total // mean) * 4.0 * H * mean * (mean + 1) / 2 * D
+    with torch.no_grad():
+        forward = timed({name: fn for name, (fn, _) in impls.items()}, device, args.repeats)
+    both = timed({name: lambda fn=fn, grad=grad: fn().backward(grad) for name, (fn, grad) in impls.items()}, device,
+                 args.repeats)
     rows = []
-    for name, (fn, grad) in impls.items():
-        with torch.no_grad():
-            forward_ms = timed(fn, device, args.repeats)
-
-        def both(fn=fn, grad=grad):
-            fn().backward(grad)
-
-        both_ms = timed(both, device, args.repeats)
+    for name, (fn, _) in impls.items():
         flops = dense_work if fn is dense_mean else work
-        rows.append((name, forward_ms, both_ms, flops / forward_ms / 1e9, 3.5 * flops / both_ms / 1e9))
+        rows.append((name, forward[name], both[name], flops / forward[name] / 1e9, 3.5 * flops / both[name] / 1e9))
     torch_both = next(r[2] for r in rows if r[0] == "torch SDPA padded")
     command = (f"python bench/varlen.py --device {device} --tokens {args.tokens} --min-len {args.min_len} "
                f"--max-len {args.max_len} --heads {H} --head-dim {D}")
