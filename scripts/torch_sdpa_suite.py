@@ -8,7 +8,11 @@ it handed back to torch (so that a pass cannot come from everything falling back
 
     python scripts/torch_sdpa_suite.py PATH/test_transformers.py [--device cpu|cuda] [--out bench/results]
         [-k EXPRESSION] [--timeout SECONDS] [--workers N] [--test-timeout SECONDS]
-        [--source 'pytorch/pytorch at <commit>']
+        [--source 'pytorch/pytorch at <commit>'] [--shard K/N]
+
+--shard K/N keeps the K-th of N equal slices of the selected tests (by test id, the
+same slice in both runs and in every worker), so that a suite longer than one sitting
+can run as N calls; each slice writes its own record.
 
 The file's imports need torch's test helpers (torch.testing._internal, shipped
 with torch) and, outside fbcode, test_cpp_extensions_open_device_registration
@@ -37,6 +41,20 @@ def remove_build_path():
 
 def generate_faked_module():
     raise RuntimeError("the open-device C++ extension is not available in this run")
+'''
+
+# A pytest plugin for both runs with --shard K/N: keeps every N-th test of the
+# selection, sorted by id, from the K-th (1-based).
+_SHARD_PLUGIN = '''
+import os
+
+
+def pytest_collection_modifyitems(config, items):
+    k, n = (int(x) for x in os.environ["FLASHJIT_SUITE_SHARD"].split("/"))
+    order = sorted(range(len(items)), key=lambda i: items[i].nodeid)
+    keep = {i for rank, i in enumerate(order) if rank % n == k - 1}
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i not in keep])
+    items[:] = [item for i, item in enumerate(items) if i in keep]
 '''
 
 # A pytest plugin for the patched run: patch before collection imports the test
@@ -88,7 +106,7 @@ def outcomes(junit: pathlib.Path) -> dict[str, str]:
 
 
 def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path, keyword: str | None,
-        timeout: int, workers: int, test_timeout: int) -> tuple[dict[str, str], dict | None, float]:
+        timeout: int, workers: int, test_timeout: int, shard: str | None) -> tuple[dict[str, str], dict | None, float]:
     name = "patched" if patched else "plain"
     junit = work / f"{name}.xml"
     env = dict(os.environ, PYTORCH_TESTING_DEVICE_ONLY_FOR=device,
@@ -101,6 +119,9 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
         command += ["-n", str(workers)]
     if test_timeout:
         command += ["--timeout", str(test_timeout)]
+    if shard:
+        command += ["-p", "flashjit_suite_shard"]
+        env["FLASHJIT_SUITE_SHARD"] = shard
     counts_file = work / "counts.json"
     if patched:
         command += ["-p", "flashjit_suite_plugin"]
@@ -141,7 +162,15 @@ def main() -> int:
                         help="seconds a test may take before it counts as failed (needs pytest-timeout)")
     parser.add_argument("--source", default="", help="where the test file came from (for the record), e.g. "
                         "'pytorch/pytorch at <commit>'")
+    parser.add_argument("--shard", default=None, metavar="K/N", help="run the K-th of N slices of the tests")
     args = parser.parse_args()
+    if args.shard:
+        try:
+            k, n = (int(x) for x in args.shard.split("/"))
+            if not 1 <= k <= n:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--shard: expected K/N with 1 <= K <= N, got {args.shard!r}")
     needed = ["expecttest", "hypothesis"] + (["xdist"] if args.workers > 1 else []) + (
         ["pytest_timeout"] if args.test_timeout else [])
     missing = [name for name in needed if not _importable(name)]
@@ -158,10 +187,11 @@ def main() -> int:
         work = pathlib.Path(directory)
         (work / "test_cpp_extensions_open_device_registration.py").write_text(_STUB)
         (work / "flashjit_suite_plugin.py").write_text(_PLUGIN)
+        (work / "flashjit_suite_shard.py").write_text(_SHARD_PLUGIN)
         plain, _, plain_seconds = run(test_file, args.device, False, work, args.keyword, args.timeout, args.workers,
-                                         args.test_timeout)
+                                      args.test_timeout, args.shard)
         patched, counts, patched_seconds = run(test_file, args.device, True, work, args.keyword, args.timeout,
-                                                  args.workers, args.test_timeout)
+                                               args.workers, args.test_timeout, args.shard)
         tail = (work / "patched.log").read_text().strip().splitlines()[-1:]
     passed_plain = {name for name, outcome in plain.items() if outcome == "passed"}
     broken = sorted(name for name in passed_plain if patched.get(name) != "passed")
@@ -175,7 +205,8 @@ def main() -> int:
              f"- date: {datetime.date.today()}", f"- commit: {commit}",
              f"- command: `python scripts/torch_sdpa_suite.py test_transformers.py --device {args.device}"
              + (f" -k '{args.keyword}'" if args.keyword else "")
-             + (f" --workers {args.workers}" if args.workers > 1 else "") + "`",
+             + (f" --workers {args.workers}" if args.workers > 1 else "")
+             + (f" --shard {args.shard}" if args.shard else "") + "`",
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}"
              + (f"; test_transformers.py: {args.source}" if args.source else ""), "",
              summary, "",
@@ -190,7 +221,8 @@ def main() -> int:
     print(text)
     if args.out:
         tag = "cpu" if args.device == "cpu" else device.split()[-1].lower()
-        path = pathlib.Path(args.out) / f"{tag}-torch-sdpa-suite-{datetime.date.today()}-{commit}.md"
+        slice_tag = f"-shard{args.shard.replace('/', 'of')}" if args.shard else ""
+        path = pathlib.Path(args.out) / f"{tag}-torch-sdpa-suite-{datetime.date.today()}-{commit}{slice_tag}.md"
         path.write_text(text)
         print(f"wrote {path}", file=sys.stderr)
     return 0 if not broken else 1
