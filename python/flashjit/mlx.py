@@ -8,7 +8,11 @@
 q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] (Hq a multiple of Hkv: grouped-query
 attention without copies). The forward (o and the log-sum-exp) and the fused backward are
 primitives of MLX's graph, so mx.eval, mx.grad, mx.vjp and mx.compile treat them like MLX's
-own; they run on a CPU stream (MLX on Linux; a Metal backend is not there yet).
+own. They run on a CPU stream wherever MLX runs on Linux, through flashjit's C API; where MLX
+runs on CUDA (mlx-cuda installed, and flashjit built with MLX's CUDA headers beside the CUDA
+toolkit's: flashjit._mlx.cuda_available()), attention also runs on MLX's GPU stream, its CUDA
+kernels recorded into MLX's command encoder (new, not yet run on a GPU). varlen_attention runs
+on a CPU stream only; a Metal backend is not there yet.
 """
 
 from __future__ import annotations
@@ -68,15 +72,18 @@ def _rng(dropout_p, seed, offset):
     return mx.array([seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32], dtype=mx.uint32)
 
 
-def _on_gpu(stream):
-    """Whether a call's nodes go to MLX's GPU stream: stream=mx.gpu or mx.cpu (or a Device or
-    Stream of either); by default MLX's default device where flashjit can run there (MLX on CUDA),
-    else the CPU."""
+def _target(stream):
+    """Where a call's nodes go, as the extension takes it: the Stream given, or a Device (its
+    default stream) for stream=mx.gpu or mx.cpu or a Device of either, of any index (a Device
+    compares equal to mx.gpu only with index 0, so its type is what tells); by default MLX's
+    default device where flashjit can run there (MLX on CUDA), else None: the CPU's stream."""
     if stream is None:
-        return mx.default_device() == mx.gpu and _mlx.cuda_available()
-    device = getattr(stream, "device", stream)
-    if device == mx.gpu or device == mx.cpu:
-        return device == mx.gpu
+        device = mx.default_device()
+        return device if device.type == mx.gpu and _mlx.cuda_available() else None
+    if isinstance(stream, mx.DeviceType):
+        return mx.Device(stream)
+    if isinstance(stream, (mx.Device, mx.Stream)):
+        return stream
     raise TypeError(f"flashjit.mlx: stream: expected mx.cpu, mx.gpu, a Device or a Stream, got {stream!r}")
 
 
@@ -92,21 +99,24 @@ def attention(q, k, v, *, mask=None, scale=None, softcap=0.0, causal=False, wind
     from MLX's random state. The backward drops the same elements.
     Rows that see no key give o = 0 and lse = -inf. Differentiable through q, k and v
     (not the mask; lse is returned through mx.stop_gradient).
-    stream: mx.cpu or mx.gpu (MLX on CUDA: flashjit's CUDA kernels recorded into MLX's command
-    encoder); default: MLX's default device where flashjit runs there, else the CPU.
+    stream: mx.cpu or mx.gpu, a Device (its default stream) or a Stream (MLX on CUDA: on a GPU,
+    flashjit's CUDA kernels recorded into MLX's command encoder); default: MLX's default device
+    where flashjit runs there, else the CPU.
     """
     op = "flashjit.mlx.attention"
     options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
                                     dropout_p=dropout_p)
+    target = _target(stream)
     if mask is not None and mask.ndim < 4:
         mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     if _profiler._active is not None:  # flashjit.profile(): replayed alone at the block's exit
         _profiler._active.record_mlx(
             "flashjit", lambda q, k, v: attention(q, k, v, mask=mask, scale=scale, softcap=softcap, causal=causal,
-                                                  window=window, dropout_p=dropout_p, seed=seed, offset=offset),
+                                                  window=window, dropout_p=dropout_p, seed=seed, offset=offset,
+                                                  stream=stream),
             q, k, v, options.causal, options.window_left, options.window_right, mask, options.dropout_p)
     o, lse = _mlx.attention(q, k, v, mask, options.scale, options.softcap, options.causal, options.window_left,
-                            options.window_right, options.dropout_p, _rng(dropout_p, seed, offset), _on_gpu(stream))
+                            options.window_right, options.dropout_p, _rng(dropout_p, seed, offset), target)
     return (o, mx.stop_gradient(lse)) if return_lse else o  # the log-sum-exp carries no gradient
 
 

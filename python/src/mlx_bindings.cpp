@@ -5,9 +5,11 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/variant.h>
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -16,6 +18,7 @@
 #include <string>
 #include <tuple>
 #include <typeinfo>
+#include <variant>
 #include <vector>
 
 #include "flashjit/flashjit.h"
@@ -24,17 +27,24 @@
 #include "mlx/primitives.h"
 
 #if FLASHJIT_MLX_CUDA
-// MLX's CUDA backend is part of libmlx only where mlx-cuda is installed: its symbols
-// are referenced weakly, so that the module still loads beside mlx-cpu's libmlx
-// (get_command_encoder is then null and eval_gpu says what is missing).
+// MLX's CUDA backend is part of libmlx only where mlx-cuda is installed: every symbol of it
+// that eval_gpu calls is referenced weakly, so that the module still loads beside mlx-cpu's
+// libmlx (they are then null, cuda_available() is false and eval_gpu says what is missing).
+// The rest of the backend it uses is inline in the headers (gpu_ptr, add_temporary, stream).
 #include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
 namespace mlx::core::cu {
 __attribute__((weak)) CommandEncoder& get_command_encoder(Stream s);
 }
-asm(".weak _ZN3mlx4core2cu14CommandEncoder14CaptureContextC1ERS2_\n"
-    ".weak _ZN3mlx4core2cu14CommandEncoder14CaptureContextD1Ev\n"
-    ".weak _ZN3mlx4core2cu14CommandEncoder15set_input_arrayERKNS0_5arrayE\n"
-    ".weak _ZN3mlx4core2cu14CommandEncoder16set_output_arrayERKNS0_5arrayE\n");
+// Member functions cannot be redeclared weak in C++: these declarations under their mangled
+// names make the references weak, and let cuda_available() test each address (the compiler
+// then knows it may be null).
+extern "C" {
+__attribute__((weak)) void flashjit_mlx_capture_begin() asm("_ZN3mlx4core2cu14CommandEncoder14CaptureContextC1ERS2_");
+__attribute__((weak)) void flashjit_mlx_capture_end() asm("_ZN3mlx4core2cu14CommandEncoder14CaptureContextD1Ev");
+__attribute__((weak)) void flashjit_mlx_set_input() asm("_ZN3mlx4core2cu14CommandEncoder15set_input_arrayERKNS0_5arrayE");
+__attribute__((weak)) void flashjit_mlx_set_output() asm("_ZN3mlx4core2cu14CommandEncoder16set_output_arrayERKNS0_5arrayE");
+}
 #endif
 
 namespace nb = nanobind;
@@ -81,10 +91,21 @@ fj_dtype dtype_of(const mx::Dtype& dtype) {
   return FJ_INT64;  // any other dtype: rejected by check_inputs before a graph node is made
 }
 
+// Where an evaluated array's first element is for code on `device`. On MLX's CUDA backend
+// array::data() is the host's view of the buffer (getting it may move the buffer to managed
+// memory and wait for the device), so kernels take gpu_ptr: the buffer's device address plus
+// the array's offset.
+const void* address_of(const mx::array& a, [[maybe_unused]] const mx::Device& device) {
+#if FLASHJIT_MLX_CUDA
+  if (device == mx::Device::gpu) return mx::gpu_ptr<void>(a);
+#endif
+  return a.data<char>();
+}
+
 // An evaluated array; on MLX's GPU stream its memory is the CUDA device's.
 fj_tensor tensor_of(const mx::array& a, const mx::Device& device = mx::Device::cpu) {
   fj_tensor t{};
-  t.data = const_cast<void*>(static_cast<const void*>(a.data<char>()));
+  t.data = const_cast<void*>(address_of(a, device));
   t.dtype = dtype_of(a.dtype());
   t.device_type = device == mx::Device::gpu ? FJ_DEVICE_CUDA : FJ_DEVICE_CPU;
   t.device_index = device.index;
@@ -126,7 +147,7 @@ fj_attention_options options_of(const Options& o, const mx::array* extra, const 
     // On the GPU stream the kernels read the words where MLX computed them, when they run
     // (a drawn seed is not computed yet when the call is recorded).
     if (device == mx::Device::gpu) {
-      options.dropout_seed_words = extra->data<uint32_t>();
+      options.dropout_seed_words = address_of(*extra, device);
       return options;
     }
     const uint32_t* words = extra->data<uint32_t>();  // seed (low, high), offset (low, high)
@@ -152,10 +173,13 @@ void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std
   encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
 }
 
-// Whether eval_gpu can run: built against MLX's CUDA headers, and libmlx has the CUDA backend.
+// Whether eval_gpu can run: built against MLX's CUDA headers, and libmlx has every symbol of
+// the CUDA backend that it calls.
 bool cuda_available() {
 #if FLASHJIT_MLX_CUDA
-  return &mx::cu::get_command_encoder != nullptr;
+  return &mx::cu::get_command_encoder != nullptr && &flashjit_mlx_capture_begin != nullptr &&
+         &flashjit_mlx_capture_end != nullptr && &flashjit_mlx_set_input != nullptr &&
+         &flashjit_mlx_set_output != nullptr;
 #else
   return false;
 #endif
@@ -165,7 +189,9 @@ bool cuda_available() {
 // stream's command encoder: prepare(..., &bytes) first compiles and loads the kernels
 // (nothing may compile while the encoder captures) and sizes the scratch, which the
 // call then takes from an array the encoder keeps until the work is done (no memory
-// nodes in the captured graph).
+// nodes in the captured graph). A failed call's capture is discarded and its error thrown
+// once the capture has ended, so the stream leaves capture mode and no partial graph joins
+// the encoder's.
 template <typename Call>
 void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
                   Call call) {
@@ -178,18 +204,29 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   fj_attention_options cuda{};
   size_t bytes = 0;
   check(call(inputs, outputs, cuda, &bytes));  // prepare: cuda.stream unset, nothing enqueued
-  mx::array workspace({int(std::max<size_t>(bytes, 1))}, mx::uint8, nullptr, {});
+  // As rows of 256 bytes (MLX's workspace alignment): a shape's dims are int32, so one dim of
+  // bytes would overflow above 2 GiB; rows reach 512 GiB, more than any device holds.
+  constexpr size_t row = 256;
+  const size_t row_count = (std::max<size_t>(bytes, 1) + row - 1) / row;
+  mx::array workspace({int(row_count), int(row)}, mx::uint8, nullptr, {});
   workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
   encoder.add_temporary(workspace);
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);
   cuda.stream = static_cast<cudaStream_t>(encoder.stream());
-  cuda.workspace = workspace.data<void>();
+  cuda.workspace = mx::gpu_ptr<void>(workspace);
   cuda.workspace_bytes = bytes;
+  std::exception_ptr error;
   {
     auto capture = encoder.capture_context();
-    check(call(inputs, outputs, cuda, nullptr));
+    try {
+      check(call(inputs, outputs, cuda, nullptr));
+    } catch (...) {
+      error = std::current_exception();
+      capture.discard = true;
+    }
   }
+  if (error) std::rethrow_exception(error);
 #else
   (void)stream, (void)inputs, (void)outputs, (void)call;
   throw std::runtime_error(std::string(kOp) + " was built without MLX's CUDA headers: run it on a cpu stream");
@@ -332,11 +369,6 @@ std::vector<mx::array> backward_node(const mx::Stream& stream, const Options& op
 
 mx::Stream cpu_stream() {
   return mx::default_stream(mx::Device(mx::Device::cpu));
-}
-
-// The stream a call's nodes go to: MLX's default GPU stream, or the CPU's.
-mx::Stream target_stream(bool gpu) {
-  return gpu ? mx::default_stream(mx::Device(mx::Device::gpu)) : cpu_stream();
 }
 
 // Row-contiguous on `stream` (a no-op node for arrays that already are).
@@ -484,14 +516,29 @@ void check_inputs(const mx::array& q, const mx::array& k, const mx::array& v, co
   }
 }
 
+// Where a call's nodes may go: a stream, or a device (its default stream).
+using Target = std::optional<std::variant<mx::Stream, mx::Device>>;
+
+// The stream a call's nodes go to: the one given, the given device's default stream (a GPU
+// of any index), or by default the CPU's. A GPU is checked before MLX is asked for its stream,
+// so that mlx-cpu's libmlx gets flashjit's error, which says what is missing.
+mx::Stream target_stream(const Target& target) {
+  if (!target) return cpu_stream();
+  const mx::Stream* stream = std::get_if<mx::Stream>(&*target);
+  const mx::Device device = stream ? stream->device : std::get<mx::Device>(*target);
+  if (device == mx::Device::gpu && !cuda_available()) {
+    bad("gpu: MLX's GPU stream needs flashjit built against MLX's CUDA headers and mlx-cuda");
+  }
+  return stream ? *stream : mx::default_stream(device);
+}
+
 std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& k, const mx::array& v,
                                            std::optional<mx::array> mask, std::optional<double> scale,
                                            double softcap, int causal, int64_t window_left,
                                            int64_t window_right, double dropout_p,
-                                           std::optional<mx::array> rng, bool gpu) {
+                                           std::optional<mx::array> rng, const Target& target) {
   Options options{scale, softcap, causal, window_left, window_right, mask.has_value(), dropout_p};
-  if (gpu && !cuda_available()) bad("gpu: MLX's GPU stream needs flashjit built against MLX's CUDA headers and mlx-cuda");
-  const mx::Stream stream = target_stream(gpu);
+  const mx::Stream stream = target_stream(target);
   check_inputs(q, k, v, mask, options);
   if (dropout_p > 0 && (!rng || rng->dtype() != mx::uint32 || rng->ndim() != 1 || rng->shape(0) != 4)) {
     bad("rng: expected 4 uint32 (seed low, high, offset low, high) with dropout");
@@ -564,8 +611,9 @@ NB_MODULE(_mlx, m) {
   nb::module_::import_("mlx.core");  // registers mlx.core.array with nanobind
   m.def("attention", &attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
-        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("rng").none(), nb::arg("gpu") = false,
-        "o, lse: lazy MLX arrays from the flashjit attention primitive (on MLX's GPU stream with gpu=True); "
+        nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("rng").none(), nb::arg("stream").none() = nb::none(),
+        "o, lse: lazy MLX arrays from the flashjit attention primitive on `stream` (an mx.Stream, or an mx.Device "
+        "for its default stream; None: the CPU's); "
         "differentiable through q, k, v.");
   m.def("cuda_available", &cuda_available,
         "Whether the primitives can run on MLX's GPU stream: built against MLX's CUDA headers, and the loaded "

@@ -209,9 +209,11 @@ def test_stream_choice_is_checked():
         flashjit.mlx.attention(q, q, q, stream="somewhere")
     cpu = flashjit.mlx.attention(q, q, q, stream=mx.cpu)
     assert mx.array_equal(cpu, flashjit.mlx.attention(q, q, q, stream=mx.Device(mx.cpu)))
+    assert mx.array_equal(cpu, flashjit.mlx.attention(q, q, q, stream=mx.new_stream(mx.cpu)))
     if not flashjit._mlx.cuda_available():
-        with pytest.raises(ValueError, match="gpu: MLX's GPU stream needs"):
-            flashjit.mlx.attention(q, q, q, stream=mx.gpu)
+        for gpu in (mx.gpu, mx.Device(mx.gpu, 1)):  # a GPU of any index, not only MLX's default one
+            with pytest.raises(ValueError, match="gpu: MLX's GPU stream needs"):
+                flashjit.mlx.attention(q, q, q, stream=gpu)
 
 
 @pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
