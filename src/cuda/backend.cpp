@@ -505,8 +505,9 @@ bool copy_table(const std::vector<int32_t>& table, void* device, const Launch& l
 // A variable-length forward in one launch of the persistent sm_90a kernel
 // (FJ_VARLEN): TMA over the packed operands, the sequences' table in scratch, the
 // work tiles of every sequence taken from the counter; a work tile runs with its
-// sequence's parameters and stores O by its threads (a TMA box would write past the
-// sequence's last row). False, with nothing planned, where it cannot: the caller
+// sequence's parameters and stores O with TMA where a consumer's 64 rows end inside
+// the sequence, by its threads where they do not (a box would write past the
+// sequence's last row, into the next one). False, with nothing planned, where it cannot: the caller
 // then launches a sequence at a time.
 bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   AttentionProblem packed;
@@ -518,7 +519,11 @@ bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& la
   KernelParams params = params_of(p);
   if (spec.family != KernelFamily::kHopper || !encode_forward_maps(params, packed, spec)) return false;
   spec.varlen = true;
-  spec.o_tma = false;
+  // O by TMA for the 64-row halves that end inside their sequence, by the threads for the others.
+  if (spec.o_tma && !encode_tensor_map(&params.o_map, packed.o, 1, packed.heads_q, packed.seqlen_q,
+                                       packed.head_dim_v, kOutputBoxRows)) {
+    spec.o_tma = false;
+  }
   int64_t tiles = 0, key_tiles = 0;
   const std::vector<int32_t> table = varlen_table(p, spec.block_rows(), spec.block_rows(), &tiles, &key_tiles);
   params.num_work_tiles = int(tiles);
@@ -624,7 +629,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
 // A variable-length backward in one launch a kernel (FJ_VARLEN): the sm_90a prep,
 // dQ and dK/dV kernels over every sequence, their blocks found in the sequences'
 // table (query blocks for dQ, key blocks for dK/dV), the prep's scratch rows entry by
-// entry of the table (each padded to the longest sequence's query blocks). False,
+// entry of the table (a row a query of each head, padded to whole dQ blocks). False,
 // with nothing planned, where it cannot (then a launch a sequence).
 bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   AttentionProblem packed;
@@ -648,14 +653,15 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   if (dq == nullptr || dkdv == nullptr) return false;
   int64_t query_tiles = 0, key_tiles = 0;
   const std::vector<int32_t> table = varlen_table(p, dq->block_rows(), dkdv->block_rows(), &query_tiles, &key_tiles);
-  const int64_t pitch = ceil_div(p.seqlen_q, dq->block_rows()) * dq->block_rows();  // seqlen_q: the longest
-  const int64_t scratch_rows = p.batch * p.heads_q * pitch;
+  // Scratch rows a dQ tile of every sequence and head (sequence_params places an entry's).
+  const int64_t scratch_rows = query_tiles * dq->block_rows();
   const size_t scratch_floats = size_t(scratch_rows) * 2;  // delta, then LSE * log2(e)
   const size_t table_offset = (scratch_floats * sizeof(float) + 15) / 16 * 16;
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
-    kernel_params.scratch_pitch = pitch;
+    kernel_params.scratch_pitch = dq->block_rows();
+    kernel_params.num_work_tiles = int(query_tiles);
     kernel_params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
     KernelLaunch& kernel = plan.add(spec, kernel_params, launch);
     switch (spec.entry) {

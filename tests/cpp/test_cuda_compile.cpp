@@ -197,9 +197,11 @@ TEST_F(CudaCompile, VarlenKernelsCompileForSm90) {
       traits.window = traits.dropout = traits.softcap = extras;
       KernelSpec spec = forward_kernel(traits);
       spec.varlen = true;
-      spec.o_tma = false;
-      EXPECT_NE(spec.name().find("_varlen"), std::string::npos) << spec.name();
-      ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+      for (bool o_tma : {false, true}) {  // O by TMA inside a sequence, or by the threads only
+        spec.o_tma = o_tma;
+        EXPECT_NE(spec.name().find("_varlen"), std::string::npos) << spec.name();
+        ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+      }
       for (KernelSpec backward : backward_kernels(traits)) {
         ASSERT_EQ(backward.family, KernelFamily::kHopper) << backward.name();
         backward.varlen = true;

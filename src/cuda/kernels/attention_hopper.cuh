@@ -18,7 +18,8 @@
 //     of the Q buffer (its last S has read them), and one thread stores them
 //     with TMA; the buffer goes back to the producer once the store has read it
 //     (at once with one Q buffer; with two, during the next work tile). Without
-//     FJ_O_TMA (an output TMA cannot address) the threads store O directly.
+//     FJ_O_TMA (an output TMA cannot address) the threads store O directly, as
+//     they do (FJ_VARLEN) for 64 rows that cross the end of their sequence.
 //
 // Head dims are padded to multiples of 64 (one swizzled region each); the TMA
 // fills rows past the sequence and columns past the head dim with zeros. The
@@ -36,8 +37,6 @@ static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups
 // Three consumers hold 160 registers a thread: S, P and O fit for head dim 64 and up to 96 keys a step.
 static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 128), "three consumers: small tiles only");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
-// A variable-length batch stores O by the threads: a TMA box would write past a sequence's last row.
-static_assert(!FJ_VARLEN || !FJ_O_TMA, "varlen: direct O stores");
 constexpr bool kVarlen = FJ_VARLEN;
 
 constexpr int kQBuffers = FJ_Q_BUFFERS;
@@ -48,9 +47,10 @@ constexpr int kEpilogueBarrier = kTurnBarrier + kConsumers;  // + consumer: one 
 #if FJ_O_TMA
 // This consumer warpgroup's 64 rows of O / rowsum into its rows of the Q
 // buffer (the swizzled layout of the Q tile), LSE to memory; then one thread
-// stores them with TMA boxes of 64 rows and returns (in that thread) with the
-// stores committed.
-FJ_DEVICE void store_output_tile(const KernelParams& p, const float (&o)[1][kDimV / 8][4],
+// stores them with TMA boxes of 64 rows through o_map (the kernel parameter's:
+// a copy of a tensor map outside parameter or global memory does not address)
+// and returns (in that thread) with the stores committed.
+FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, const float (&o)[1][kDimV / 8][4],
                                  const float (&row_max)[1][2], const float (&row_sum)[1][2],
                                  const long long (&rows)[1][2], int b, int h, int quad, int warp, int consumer,
                                  elem_t* tile, long long first_query) {
@@ -71,7 +71,7 @@ FJ_DEVICE void store_output_tile(const KernelParams& p, const float (&o)[1][kDim
   if (threadIdx.x % 128 == 0) {
 #pragma unroll
     for (int region = 0; region < kDimV / kSwizzleElems; ++region) {
-      tma_store(tile + region * kBlockM * kSwizzleElems + consumer * 64 * kSwizzleElems, p.o_map,
+      tma_store(tile + region * kBlockM * kSwizzleElems + consumer * 64 * kSwizzleElems, o_map,
                 region * kSwizzleElems, static_cast<int>(first_query + consumer * 64), h, b);
     }
     bulk_commit();
@@ -255,12 +255,29 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           });
       kv_use += block.tiles;
       ++q_use;
-#if FJ_O_TMA
-      store_output_tile(sp, o, row_max, row_sum, rows, b, h, quad, warp, consumer, q_tile, block.first_query);
-      store_pending = q_buffer;
-      if (kQBuffers == 1) free_stored();  // the producer waits for this buffer before the next Q
+#if FJ_VARLEN
+      // The sequence's parameters again from the table, so that its output fields are not
+      // held in registers through the loop (the table's loads are not moved across it).
+      const KernelParams out = sequence_params(p, entry_of_tile);
 #else
-      write_output(sp, o, row_max, row_sum, rows, b, h, quad);
+      const KernelParams& out = p;
+#endif
+#if FJ_O_TMA
+      if (!kVarlen || consumer_first + 64 <= out.seqlen_q) {
+        const long long q_row0 = kVarlen ? out.q_row0 : 0;
+        store_output_tile(out, p.o_map, o, row_max, row_sum, rows, b, h, quad, warp, consumer, q_tile,
+                          q_row0 + block.first_query);
+        store_pending = q_buffer;
+        if (kQBuffers == 1) free_stored();  // the producer waits for this buffer before the next Q
+      } else {
+        // A sequence's last rows (FJ_VARLEN): a 64-row box would write into the next sequence's.
+        write_output(out, o, row_max, row_sum, rows, b, h, quad);
+        named_barrier_sync(kEpilogueBarrier + consumer, 128);  // every warp's last S has read Q
+        store_pending = q_buffer;
+        free_stored();
+      }
+#else
+      write_output(out, o, row_max, row_sum, rows, b, h, quad);
 #endif
     }
     last_turn(consumer);

@@ -41,17 +41,24 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   constexpr int kRowsPerBlock = (kThreads + kProducerThreads) / kLanesPerRow;
   const long long row = static_cast<long long>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanesPerRow;
   const int lane = threadIdx.x % kLanesPerRow;
-  const bool in_scratch = row < static_cast<long long>(p.batch) * p.heads_q * p.scratch_pitch;
   float delta = 0.0f;
   float lse2 = -negative_infinity<float>();
+#if FJ_VARLEN  // scratch rows entry by entry: an entry's heads, each padded to whole dQ tiles of scratch_pitch rows
+  const bool in_scratch = row < static_cast<long long>(p.num_work_tiles) * p.scratch_pitch;
+  const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(min(row / p.scratch_pitch,
+                                                                            p.num_work_tiles - 1LL)));
+  const KernelParams sp = sequence_params(p, entry);
+  const long long first_row = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
+  const long long local = row - first_row;
+  const int h = static_cast<int>(local / sp.scratch_pitch);
+  const long long i = local - h * sp.scratch_pitch;
+  const int ob = 0;
+#else
+  const bool in_scratch = row < static_cast<long long>(p.batch) * p.heads_q * p.scratch_pitch;
   const long long batch_head = row / p.scratch_pitch;
   const long long i = row - batch_head * p.scratch_pitch;
   const int b = static_cast<int>(batch_head / p.heads_q);
   const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
-#if FJ_VARLEN  // scratch rows entry-major: b is the varlen entry, its rows its sequence's
-  const KernelParams sp = sequence_params(p, min(b, p.batch - 1));
-  const int ob = 0;
-#else
   const KernelParams& sp = p;
   const int ob = b;
 #endif
@@ -150,8 +157,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     float lse2[2], delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      lse2[r] = static_cast<const float*>(sp.lse_log2)[batch_head * p.scratch_pitch + rows[r]];
-      delta[r] = static_cast<const float*>(sp.delta)[batch_head * p.scratch_pitch + rows[r]];
+      lse2[r] = static_cast<const float*>(sp.lse_log2)[batch_head * sp.scratch_pitch + rows[r]];
+      delta[r] = static_cast<const float*>(sp.delta)[batch_head * sp.scratch_pitch + rows[r]];
     }
 
     float dq[kDimQk / 8][4];
@@ -270,7 +277,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     for (int t = 0; t < tiles; ++t) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
-      const long long scratch_row = (static_cast<long long>(b) * p.heads_q + h) * p.scratch_pitch + start;
+      const long long scratch_row = (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
       const int q_buffer = q_ring.produce(t, kTileBytes<kBlockN, kDimQk> + 2 * kRowBytes);
       tma_load_tile<kBlockN, kDimQk>(q_tiles + q_buffer * kBlockN * kDimQk, p.q_map, q_row0 + start, h, b,
                                      &q_ring.full[q_buffer]);

@@ -31,7 +31,8 @@ struct KernelParams {
   KernelOperand lse;                     // [batch, heads_q, seqlen_q], accumulator type
   void* delta;                           // backward scratch: rowsum(dO * O), [B * Hq][scratch_pitch]
   void* lse_log2;                        // sm_90a backward scratch: LSE * log2(e) (+inf: no key), same layout
-  long long scratch_pitch;               // seqlen_q (mma.sync), or rounded up to whole query tiles (sm_90a)
+  long long scratch_pitch;               // seqlen_q (mma.sync), or rounded up to whole query tiles (sm_90a;
+                                         // FJ_VARLEN: a dQ tile's rows, sequence_params gives a sequence's)
   const void* mask;                      // [b, h, i, j] with zero strides on broadcast dims
   long long mask_stride[4];
 
@@ -87,8 +88,8 @@ struct KernelParams {
   // batch entry of all the rows). Entry s of varlen (kVarlenFields ints; the order of
   // the forward's work, longest first) is a sequence: first query tile and first key
   // tile of its work (counted over all heads), sequence index, first query row,
-  // queries, first key row, keys. num_work_tiles counts the forward's tiles of all of
-  // them; the backward's scratch rows are entry-major. A sequence's diagonal shift is
+  // queries, first key row, keys. num_work_tiles counts the forward's (the backward's:
+  // dQ's) tiles of all of them; the backward's scratch rows are entry-major. A sequence's diagonal shift is
   // its keys - queries unless varlen_top_left. q_row0 and k_row0 are the first rows
   // of the sequence a block works on (sequence_params), 0 otherwise.
   const int* varlen;

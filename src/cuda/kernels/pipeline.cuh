@@ -335,7 +335,7 @@ FJ_DEVICE int varlen_entry(const KernelParams& p, VarlenField field, int tile) {
 // The parameters of entry `entry`'s sequence alone, as the host's sequence_problem
 // makes them for a launch a sequence: its lengths, blocks, diagonal shift and dropout
 // batch entry; o, lse and the gradients from its first rows; the backward's scratch
-// rows of the entry; batch entry 0 (q_row0 and k_row0 place its rows for TMA).
+// rows of the entry and their pitch; batch entry 0 (q_row0 and k_row0 place its rows for TMA).
 FJ_DEVICE KernelParams sequence_params(const KernelParams& p, int entry) {
   const int* e = p.varlen + entry * kVarlenFields;
   KernelParams s = p;
@@ -357,7 +357,10 @@ FJ_DEVICE KernelParams sequence_params(const KernelParams& p, int entry) {
   rows_from(s.dk, s.k_row0);
   rows_from(s.dv, s.k_row0);
   if (p.lse.data != nullptr) s.lse.data = static_cast<float*>(p.lse.data) + s.q_row0 * p.lse.stride_seq;
-  const long long scratch_rows = static_cast<long long>(entry) * p.heads_q * p.scratch_pitch;
+  // The backward's scratch (plan_varlen_backward): scratch_pitch is a dQ tile's rows; an
+  // entry's rows start at its first dQ tile, a head's at whole tiles of its queries.
+  const long long scratch_rows = static_cast<long long>(e[kFirstQueryTile]) * p.scratch_pitch;
+  s.scratch_pitch = (e[kQueries] + p.scratch_pitch - 1) / p.scratch_pitch * p.scratch_pitch;
   if (p.delta != nullptr) s.delta = static_cast<float*>(p.delta) + scratch_rows;
   if (p.lse_log2 != nullptr) s.lse_log2 = static_cast<float*>(p.lse_log2) + scratch_rows;
   return s;
