@@ -296,7 +296,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter, order; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -330,8 +330,11 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "counter") {
       if (value != "stream" && value != "memset") fail(item, "counter=stream or counter=memset");
       tiles.stream_counter = value == "stream" ? 1 : 0;
+    } else if (key == "order") {
+      if (value != "rows" && value != "heads") fail(item, "order=rows or order=heads");
+      tiles.row_order = value == "rows" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, order");
     }
   }
   return tiles;

@@ -107,8 +107,13 @@ struct ForwardTiles {
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
+  // The order of the work tiles, also a launch choice: 1 ("order=rows"): causal problems'
+  // tiles in sections of (batch, head) pairs whose K and V fit in L2, query blocks major
+  // (KernelParams::tile_section); 0 ("order=heads"): head by head.
+  int row_order = -1;
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
+           row_order >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

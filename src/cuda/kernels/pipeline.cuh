@@ -381,10 +381,14 @@ struct QueryBlock {
     block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
     locate(p, block);
   }
-  // Work tile `tile` of a persistent grid, in the same order.
+  // Work tile `tile` of the sm_90a forward, in the same order or (tile_section) by sections.
   FJ_DEVICE QueryBlock(const KernelParams& p, int tile) {
     int block;
-    block_coordinates(tile, p.num_query_blocks, p.heads_q, &block, &b, &h);
+    if (p.tile_section > 1) {
+      section_coordinates(tile, p.num_query_blocks, p.heads_q, p.batch * p.heads_q, p.tile_section, &block, &b, &h);
+    } else {
+      block_coordinates(tile, p.num_query_blocks, p.heads_q, &block, &b, &h);
+    }
     locate(p, block);
   }
   FJ_DEVICE void locate(const KernelParams& p, int block) {
