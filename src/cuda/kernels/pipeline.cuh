@@ -220,6 +220,7 @@ FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
 // persistent kernel runs one turn sequence over all its work tiles, so that a
 // warpgroup finishing a tile cannot arrive twice on a barrier the other has
 // not yet waited on); consumer_schedule is one block's whole sequence.
+constexpr bool kTurnInner = FJ_TURN_INNER;
 template <class T>
 constexpr bool kReturnsBool = false;
 template <>
@@ -228,12 +229,15 @@ constexpr bool kReturnsBool<bool> = true;
 template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
 FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
                               IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
+  // FJ_TURN_INNER: a work tile's first S and last P V are issued outside the turns (each
+  // warpgroup has steps - 1 turns a tile, the same count as the others, so the turn order
+  // holds); its first softmax then need not wait for the other warpgroup's turn.
   arrive(0);
-  wait_turn(consumer);
+  if (!kTurnInner) wait_turn(consumer);
   wgmma_fence();
   issue_first(0);
   wgmma_commit();
-  pass_turn(consumer);
+  if (!kTurnInner) pass_turn(consumer);
   wgmma_wait<0>();
   after_first(0);
   prepare(0);
@@ -257,11 +261,11 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
     prepare(j);
   }
   arrive(steps);
-  wait_turn(consumer);
+  if (!kTurnInner) wait_turn(consumer);
   wgmma_fence();
   issue_second(steps - 1);
   wgmma_commit();
-  pass_turn(consumer);
+  if (!kTurnInner) pass_turn(consumer);
   wgmma_wait<0>();
   after_second(steps - 1);
 }
