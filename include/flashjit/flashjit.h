@@ -165,6 +165,11 @@ fj_status fj_attention_check_backward(const fj_tensor* q, const fj_tensor* k, co
  * [num_pages, page_size, Hkv, D] (page_size a multiple of 16) and key j of sequence b is row
  * j % page_size of page page_table[b][j / page_size]; cu_seqlens_k is then absent (ndim 0,
  * data NULL). Paged caches are forward only. */
+/* The offsets may instead be in the CUDA memory of CUDA operands (both of them, with both maxima
+ * given and no seqused_k or page_table): the host does not read them then. Where one launch runs
+ * the batch (sm_90, FLASHJIT_CUDA_VARLEN=1) a kernel builds its table from them without any check,
+ * each offset clamped into the packed rows; elsewhere the backend copies them to the host (waiting
+ * for the stream) and checks them as host offsets. */
 typedef struct fj_varlen {
   fj_tensor cu_seqlens_q; /* int32 [batch + 1] in host memory: 0, never decreasing, total_q last */
   fj_tensor cu_seqlens_k; /* int32 [batch + 1] in host memory: 0, never decreasing, total_k last */

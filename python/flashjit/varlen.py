@@ -10,7 +10,10 @@ them, from 0 to the total). Attention never crosses a sequence boundary.
 The whole batch is one call of the C API's variable-length entry (fj_attention_varlen_*),
 whose offsets live in host memory: offsets on a GPU are copied to the host first (a
 synchronisation). On the CPU the sequences share one pool of tasks; on a GPU each sequence
-is a launch of its own on the caller's stream. Dropout drops what it drops in the padded
+is a launch of its own on the caller's stream, or, with FLASHJIT_CUDA_VARLEN=1 on sm_90, the
+batch is one launch a kernel, and offsets on the GPU with both maxima given stay there (a
+kernel builds the sequences' table; their values are then not checked, only clamped into
+the packed rows). Dropout drops what it drops in the padded
 batch [batch, Hq, max_q, max_k] at the same (sequence, head, row, key).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from typing import Optional
 
 import torch
@@ -33,15 +37,28 @@ _OP = "varlen_attention"
 
 def _offsets(name: str, offsets) -> Tensor:
     """The offsets as the C API reads them: a contiguous int32 tensor in host memory (one
-    device-to-host copy for offsets on a GPU). Their values are checked by the call."""
+    device-to-host copy for offsets on a GPU), whose values the call checks; or, where
+    varlen_attention kept them on the GPU (_offsets_stay_on_device), there, as int32,
+    their values read by the kernels only (clamped into the packed rows, never checked)."""
     if not isinstance(offsets, Tensor):
         raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor of int32 offsets, got {type(offsets).__name__}")
     if offsets.dtype not in (torch.int32, torch.int64) or offsets.ndim != 1 or offsets.numel() < 1:
         raise ValueError(f"[{_OP}] {name}: expected a 1-d int32 (or int64) tensor of batch + 1 offsets, got "
                          f"{str(offsets.dtype).removeprefix('torch.')} of shape {list(offsets.shape)}")
+    if offsets.is_cuda:
+        return offsets.to(dtype=torch.int32).contiguous()
     if offsets.dtype == torch.int64 and offsets.numel() and int(offsets.abs().max()) >= 2**31:
         raise ValueError(f"[{_OP}] {name}: offsets must fit int32, got {int(offsets.abs().max())}")
     return offsets.to(device="cpu", dtype=torch.int32).contiguous()
+
+
+def _offsets_stay_on_device(q: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q, max_seqlen_k) -> bool:
+    """Whether the offsets go to the C API in GPU memory (no wait for the GPU before the call):
+    CUDA operands and offsets, both maxima given, and the one-launch path switched on
+    (FLASHJIT_CUDA_VARLEN=1, while it is measured; elsewhere the backend would copy them to
+    the host itself)."""
+    return (q.is_cuda and cu_seqlens_q.is_cuda and cu_seqlens_k.is_cuda and bool(max_seqlen_q)
+            and bool(max_seqlen_k) and os.environ.get("FLASHJIT_CUDA_VARLEN") == "1")
 
 
 def _lengths_of(offsets: Tensor) -> list[int]:
@@ -75,7 +92,8 @@ def _outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # Custom ops, so that torch.compile traces through a call (their fake kernels give the
-# shapes) and autograd reaches the backward. The offsets go to the host inside the ops.
+# shapes) and autograd reaches the backward. The offsets go to the host inside the ops (or stay
+# on the device: _offsets).
 @torch.library.custom_op("flashjit::varlen_fwd", mutates_args=())
 def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                max_seqlen_k: int, mask: Optional[Tensor], scale: Optional[float], softcap: float, causal: int,
@@ -153,9 +171,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     for name, offsets in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(offsets, Tensor):
             raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor of int32 offsets, got {type(offsets).__name__}")
-    # The C API reads the offsets on the host: copied there once (a no-op for host offsets), so
-    # that the backward, which gets the same tensors, needs no second device-to-host copy.
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to("cpu"), cu_seqlens_k.to("cpu")
+    # The C API reads the offsets on the host unless they stay on the device: copied there once
+    # (a no-op for host offsets), so that the backward, which gets the same tensors, needs no
+    # second device-to-host copy.
+    if not _offsets_stay_on_device(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to("cpu"), cu_seqlens_k.to("cpu")
     options = AttentionOptions.make(_OP, scale=scale, softcap=softcap,
                                     causal="bottom_right" if causal is True else causal, window=window,
                                     dropout_p=dropout_p)

@@ -546,13 +546,20 @@ fj_tensor lse_as_batch_of_one(const char* op, const fj_tensor* t) {
 }
 
 // The offsets of one side: int32 [batch + 1] in host memory, 0 first, never
-// decreasing, the total last; returns the longest length.
-int64_t check_offsets(const char* op, const char* name, const fj_tensor* t, int64_t batch, int64_t total) {
+// decreasing, the total last; returns the longest length. Or (on_device) in the
+// memory of the operands' device `q`: their values are not read here (0 returned).
+int64_t check_offsets(const char* op, const char* name, const fj_tensor* t, int64_t batch, int64_t total,
+                      const fj_tensor& q, bool on_device) {
   const fj_tensor& offsets = check_tensor(op, name, t, 1);
   if (offsets.dtype != FJ_INT32) {
     throw_type_error("[", op, "] ", name, ": expected dtype int32, got ", dtype_name(offsets.dtype));
   }
-  if (offsets.device_type != FJ_DEVICE_CPU) {
+  if (on_device && (offsets.device_type != q.device_type || offsets.device_index != q.device_index)) {
+    throw_value_error("[", op, "] ", name, ": expected the memory of the operands (", device_name(q.device_type), ":",
+                      q.device_index, ") as cu_seqlens_q's, got ", device_name(offsets.device_type), ":",
+                      offsets.device_index);
+  }
+  if (!on_device && offsets.device_type != FJ_DEVICE_CPU) {
     throw_value_error("[", op, "] ", name, ": expected host (cpu) memory, got ", device_name(offsets.device_type),
                       ":", offsets.device_index, " (the offsets are read before the launch)");
   }
@@ -562,7 +569,7 @@ int64_t check_offsets(const char* op, const char* name, const fj_tensor* t, int6
                                  : std::string("batch + 1 >= 1 offsets"),
                       ", got ", offsets.shape[0]);
   }
-  if (offsets.data == nullptr) return 0;  // descriptors only
+  if (offsets.data == nullptr || on_device) return 0;  // descriptors only, or not readable here
   const auto at = [&](int64_t i) {
     return int64_t(static_cast<const int32_t*>(offsets.data)[i * offsets.strides[0]]);
   };
@@ -660,11 +667,29 @@ int64_t apply_pages(const char* op, const fj_varlen& varlen, int64_t batch, Atte
 }
 
 // The varlen fields of a problem validated as the dense call on the packed views.
-void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_options* options,
+// Offsets in the CUDA memory of the operands (fj_varlen) are not read by the host: the
+// maxima must be given, and the counts and pages that the host reads cannot come with them.
+void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_options* options, const fj_tensor& q,
                   AttentionProblem& p) {
   if (varlen == nullptr) throw_value_error("[", op, "] varlen: expected a pointer, got NULL");
   const int64_t total_q = p.seqlen_q, total_k = p.seqlen_k;
-  const int64_t longest_q = check_offsets(op, "cu_seqlens_q", &varlen->cu_seqlens_q, -1, total_q);
+  const bool on_device = varlen->cu_seqlens_q.ndim == 1 && varlen->cu_seqlens_q.device_type != FJ_DEVICE_CPU &&
+                         q.device_type != FJ_DEVICE_CPU;
+  if (on_device) {
+    if (present(varlen->page_table) || present(varlen->seqused_k)) {
+      throw_value_error("[", op, "] cu_seqlens_q: expected host (cpu) memory with ",
+                        present(varlen->page_table) ? "page_table" : "seqused_k",
+                        " (offsets in device memory go with neither)");
+    }
+    for (auto [name, bound] : {std::pair{"max_seqlen_q", varlen->max_seqlen_q},
+                               std::pair{"max_seqlen_k", varlen->max_seqlen_k}}) {
+      if (bound <= 0) {
+        throw_value_error("[", op, "] ", name, ": expected the longest length (> 0) with offsets in device memory "
+                          "(the host does not read them), got ", bound);
+      }
+    }
+  }
+  const int64_t longest_q = check_offsets(op, "cu_seqlens_q", &varlen->cu_seqlens_q, -1, total_q, q, on_device);
   const int64_t batch = varlen->cu_seqlens_q.shape[0] - 1;
   const bool paged = present(varlen->page_table);
   int64_t longest_k = 0;
@@ -674,7 +699,7 @@ void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_op
     }
     longest_k = apply_pages(op, *varlen, batch, p);
   } else {
-    longest_k = check_offsets(op, "cu_seqlens_k", &varlen->cu_seqlens_k, batch, total_k);
+    longest_k = check_offsets(op, "cu_seqlens_k", &varlen->cu_seqlens_k, batch, total_k, q, on_device);
     if (present(varlen->seqused_k)) longest_k = apply_seqused(op, *varlen, batch, p);
   }
   int64_t max_q = varlen->max_seqlen_q, max_k = varlen->max_seqlen_k;
@@ -691,6 +716,9 @@ void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_op
   p.seqlen_k = max_k;
   p.cu_seqlens_q = static_cast<const int32_t*>(varlen->cu_seqlens_q.data);
   p.cu_seqlens_k = paged ? nullptr : static_cast<const int32_t*>(varlen->cu_seqlens_k.data);
+  p.offsets_on_device = on_device;
+  p.total_q = total_q;
+  p.total_k = total_k;
   if (varlen->cu_seqlens_q.strides[0] != 1 && batch > 0) {
     throw_value_error("[", op, "] cu_seqlens_q: expected contiguous offsets (stride 1), got stride ",
                       varlen->cu_seqlens_q.strides[0]);
@@ -789,7 +817,7 @@ AttentionProblem make_varlen_forward_problem(const fj_tensor* q, const fj_tensor
     p.k.stride_batch = k->shape[0] == 1 ? 0 : k->strides[0];
     p.v.stride_batch = v->shape[0] == 1 ? 0 : v->strides[0];
   }
-  apply_varlen(op, varlen, options, p);
+  apply_varlen(op, varlen, options, *q, p);
   return p;
 }
 
@@ -814,8 +842,31 @@ AttentionProblem make_varlen_backward_problem(const fj_tensor* q, const fj_tenso
                   dv4 = as_sequence_major(op, "dv", dv);
   const fj_tensor lse3 = lse_as_batch_of_one(op, lse);
   AttentionProblem p = backward_problem(op, &q4, &k4, &v4, &o4, &lse3, &dout4, options, &dq4, &dk4, &dv4);
-  apply_varlen(op, varlen, options, p);
+  apply_varlen(op, varlen, options, *q, p);
   return p;
+}
+
+void adopt_host_offsets(const char* op, AttentionProblem& p, const int32_t* offsets_q, const int32_t* offsets_k) {
+  fj_tensor host{};
+  host.dtype = FJ_INT32;
+  host.device_type = FJ_DEVICE_CPU;
+  host.ndim = 1;
+  host.shape[0] = p.batch + 1;
+  host.strides[0] = 1;
+  fj_tensor q = host, k = host;
+  q.data = const_cast<int32_t*>(offsets_q);
+  k.data = const_cast<int32_t*>(offsets_k);
+  const int64_t longest_q = check_offsets(op, "cu_seqlens_q", &q, p.batch, p.total_q, host, false);
+  const int64_t longest_k = check_offsets(op, "cu_seqlens_k", &k, p.batch, p.total_k, host, false);
+  for (auto [name, bound, longest] : {std::tuple{"max_seqlen_q", p.seqlen_q, longest_q},
+                                      std::tuple{"max_seqlen_k", p.seqlen_k, longest_k}}) {
+    if (bound < longest) {
+      throw_value_error("[", op, "] ", name, ": expected a bound >= the longest sequence (", longest, "), got ", bound);
+    }
+  }
+  p.cu_seqlens_q = offsets_q;
+  p.cu_seqlens_k = offsets_k;
+  p.offsets_on_device = false;
 }
 
 AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b) {

@@ -87,6 +87,11 @@ struct AttentionProblem {
   // longest lengths and the batch strides 0. Host memory, validated. Null: a dense batch.
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
+  // The offsets are in the operands' device memory instead (CUDA; fj_varlen): not
+  // validated, never read by the host; seqlen_q and seqlen_k are the given maxima.
+  bool offsets_on_device = false;
+  int64_t total_q = 0;  // the packed rows of q and of k (a variable-length batch's totals)
+  int64_t total_k = 0;
   // A KV cache (fj_varlen.seqused_k): sequence b uses its first seqused_k[b] keys.
   const int32_t* seqused_k = nullptr;
   // A paged KV cache (fj_varlen.page_table): key j of batch entry b is row j % page_size
@@ -157,6 +162,10 @@ AttentionProblem make_varlen_backward_problem(const fj_tensor* q, const fj_tenso
 // Sequence b of a variable-length batch as a dense problem of batch 1 (views of the
 // packed operands, its own lengths and causal diagonal, dropout_batch = b).
 AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b);
+// A variable-length problem whose offsets were in device memory, given them in host
+// memory (a backend's copy, batch + 1 each): checked as host offsets are (and against
+// the maxima the call gave), then taken; `op` names the call in errors.
+void adopt_host_offsets(const char* op, AttentionProblem& p, const int32_t* offsets_q, const int32_t* offsets_k);
 // The dense problems a call runs: p itself (nothing copied or allocated, the common case on
 // every call's path), or each sequence of a variable-length batch (sequence_problem).
 class DenseParts {

@@ -310,7 +310,7 @@ struct KernelLaunch {
 // share (taken once the functions are loaded; freed in stream order once the plan
 // is gone, after its kernels).
 struct Plan {
-  static constexpr size_t kMaxKernels = 4;
+  static constexpr size_t kMaxKernels = 5;  // a varlen table kernel and four backward kernels
   std::array<KernelLaunch, kMaxKernels> kernels;
   size_t count = 0;
   std::optional<StreamScratch> scratch;
@@ -467,8 +467,8 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 }
 
 // Whether a variable-length call may run in one launch a kernel (FJ_VARLEN):
-// outside graph capture (its table is copied from host memory), without masks or
-// KV caches, with keys. `packed` gets the packed operands as one batch entry.
+// outside graph capture (its table is written on the stream), without masks or KV
+// caches, with keys. `packed` gets the packed operands as one batch entry.
 bool varlen_single_launch(const AttentionProblem& p, const Launch& launch, AttentionProblem& packed) {
   if (launch.graph_safe || p.batch == 0 || p.mask != nullptr || p.page_table != nullptr || p.seqused_k != nullptr ||
       p.cu_seqlens_k == nullptr || driver().cuMemcpyHtoDAsync == nullptr) {
@@ -476,53 +476,92 @@ bool varlen_single_launch(const AttentionProblem& p, const Launch& launch, Atten
   }
   packed = p;
   packed.batch = 1;
-  packed.seqlen_q = p.cu_seqlens_q[p.batch];
-  packed.seqlen_k = p.cu_seqlens_k[p.batch];
+  packed.seqlen_q = p.total_q;
+  packed.seqlen_k = p.total_k;
   packed.cu_seqlens_q = packed.cu_seqlens_k = nullptr;
+  packed.offsets_on_device = false;
   return packed.seqlen_q > 0 && packed.seqlen_k > 0;
 }
 
 // The table of a variable-length batch's sequences (KernelParams::varlen): longest
 // first, so that the heavy work tiles start first; query tiles of query_rows rows
-// over the query heads, key tiles of key_rows rows over the key/value heads.
-std::vector<int32_t> varlen_table(const AttentionProblem& p, int query_rows, int key_rows, int64_t* query_tiles,
-                                  int64_t* key_tiles) {
-  std::vector<int64_t> order(size_t(p.batch));
-  std::iota(order.begin(), order.end(), 0);
-  const auto queries = [&](int64_t b) { return int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b]; };
-  const auto keys = [&](int64_t b) { return int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b]; };
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return queries(a) > queries(b); });
-  std::vector<int32_t> table;
-  table.reserve(order.size() * kVarlenFields);
-  *query_tiles = *key_tiles = 0;
-  for (const int64_t b : order) {
-    for (const int64_t field : {*query_tiles, *key_tiles, b, int64_t(p.cu_seqlens_q[b]), queries(b),
-                                int64_t(p.cu_seqlens_k[b]), keys(b)}) {
-      table.push_back(int32_t(field));
+// over the query heads, key tiles of key_rows rows over the key/value heads; then
+// the totals of both (the trailer the kernels read). From the host's offsets it is
+// written here (`host`) and its counts are exact; from offsets in device memory the
+// table kernel writes it (add_table_kernel) and the counts here are bounds: a
+// sequence's last tile is partial at most once a sequence and head.
+struct VarlenTable {
+  std::vector<int32_t> host;  // empty: built on the device
+  int64_t query_tiles = 0, key_tiles = 0;
+  size_t bytes = 0;
+};
+
+VarlenTable varlen_table(const AttentionProblem& p, int query_rows, int key_rows) {
+  VarlenTable table;
+  table.bytes = (size_t(p.batch) * kVarlenFields + 2) * sizeof(int32_t);
+  if (p.offsets_on_device) {
+    table.query_tiles = (ceil_div(p.total_q, query_rows) + p.batch) * p.heads_q;
+    table.key_tiles = (ceil_div(p.total_k, key_rows) + p.batch) * p.heads_kv;
+  } else {
+    std::vector<int64_t> order(size_t(p.batch));
+    std::iota(order.begin(), order.end(), 0);
+    const auto queries = [&](int64_t b) { return int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b]; };
+    const auto keys = [&](int64_t b) { return int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b]; };
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return queries(a) > queries(b); });
+    table.host.reserve(table.bytes / sizeof(int32_t));
+    for (const int64_t b : order) {
+      for (const int64_t field : {table.query_tiles, table.key_tiles, b, int64_t(p.cu_seqlens_q[b]), queries(b),
+                                  int64_t(p.cu_seqlens_k[b]), keys(b)}) {
+        table.host.push_back(int32_t(field));
+      }
+      table.query_tiles += ceil_div(queries(b), query_rows) * p.heads_q;
+      table.key_tiles += ceil_div(keys(b), key_rows) * p.heads_kv;
     }
-    *query_tiles += ceil_div(queries(b), query_rows) * p.heads_q;
-    *key_tiles += ceil_div(keys(b), key_rows) * p.heads_kv;
+    table.host.push_back(int32_t(std::min<int64_t>(table.query_tiles, std::numeric_limits<int>::max())));
+    table.host.push_back(int32_t(std::min<int64_t>(table.key_tiles, std::numeric_limits<int>::max())));
   }
-  if (std::max(*query_tiles, *key_tiles) > std::numeric_limits<int>::max() / 2) {
-    throw_unsupported("[cuda] ", std::max(*query_tiles, *key_tiles), " blocks is more than one launch takes (2^30)");
+  if (std::max(table.query_tiles, table.key_tiles) > std::numeric_limits<int>::max() / 2) {
+    throw_unsupported("[cuda] ", std::max(table.query_tiles, table.key_tiles),
+                      " blocks is more than one launch takes (2^30)");
   }
   return table;
 }
 
-// The table into device memory on the stream (from pageable memory the copy has
-// read it when the call returns); false where that fails.
-bool copy_table(const std::vector<int32_t>& table, void* device, const Launch& launch) {
-  return driver().cuMemcpyHtoDAsync(reinterpret_cast<CUdeviceptr>(device), table.data(),
-                                    table.size() * sizeof(int32_t), launch.stream) == 0;
+// The table kernel (offsets in device memory), added to the plan before the kernels
+// that read its table; its output pointer is set by place_table.
+void add_table_kernel(Plan& plan, const AttentionProblem& p, const KernelTraits& traits, int query_rows,
+                      int key_rows, const Launch& launch) {
+  KernelParams params = params_of(p);
+  params.seqlen_q = int(p.total_q);
+  params.seqlen_k = int(p.total_k);
+  params.cu_seqlens_q = p.cu_seqlens_q;
+  params.cu_seqlens_k = p.cu_seqlens_k;
+  params.varlen_query_rows = query_rows;
+  params.varlen_key_rows = key_rows;
+  plan.add(varlen_table_kernel(traits), params, launch).blocks = 1;
+}
+
+// The table into `device` on the stream: copied from the host (from pageable memory the
+// copy has read it when the call returns), or written by the plan's table kernel.
+// Every kernel of the plan then reads it. False where the copy fails.
+bool place_table(Plan& plan, const VarlenTable& table, void* device, const Launch& launch) {
+  if (!table.host.empty() &&
+      driver().cuMemcpyHtoDAsync(reinterpret_cast<CUdeviceptr>(device), table.host.data(),
+                                 table.host.size() * sizeof(int32_t), launch.stream) != 0) {
+    return false;
+  }
+  for (size_t index = 0; index < plan.count; ++index) plan.kernels[index].params.varlen = static_cast<int*>(device);
+  return true;
 }
 
 // A variable-length forward in one launch of the persistent sm_90a kernel
-// (FJ_VARLEN): TMA over the packed operands, the sequences' table in scratch, the
-// work tiles of every sequence taken from the counter; a work tile runs with its
-// sequence's parameters and stores O with TMA where a consumer's 64 rows end inside
-// the sequence, by its threads where they do not (a box would write past the
-// sequence's last row, into the next one). False, with nothing planned, where it cannot: the caller
-// then launches a sequence at a time.
+// (FJ_VARLEN), after the table kernel where the offsets are in device memory: TMA
+// over the packed operands, the sequences' table in scratch, the work tiles of every
+// sequence taken from the counter; a work tile runs with its sequence's parameters
+// and stores O with TMA where a consumer's 64 rows end inside the sequence, by its
+// threads where they do not (a box would write past the sequence's last row, into
+// the next one). False, with nothing planned, where it cannot: the caller then
+// launches a sequence at a time.
 bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   AttentionProblem packed;
   if (!varlen_single_launch(p, launch, packed) || !settings::persistent_forward()) return false;
@@ -538,24 +577,25 @@ bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& la
                                        packed.head_dim_v, kOutputBoxRows)) {
     spec.o_tma = false;
   }
-  int64_t tiles = 0, key_tiles = 0;
-  const std::vector<int32_t> table = varlen_table(p, spec.block_rows(), spec.block_rows(), &tiles, &key_tiles);
-  params.num_work_tiles = int(tiles);
+  const VarlenTable table = varlen_table(p, spec.block_rows(), spec.block_rows());
+  params.num_work_tiles = int(table.query_tiles);
   params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
-  plan.scratch_bytes = table.size() * sizeof(int32_t);
+  plan.scratch_bytes = table.bytes;
   if (launch.planning) return true;
+  if (p.offsets_on_device) add_table_kernel(plan, p, traits, spec.block_rows(), spec.block_rows(), launch);
+  KernelLaunch& kernel = plan.add(spec, params, launch);  // compiled before anything touches the stream
   try {
-    plan.table.emplace(plan.scratch_bytes, launch.stream, launch.device_index);
+    plan.table.emplace(table.bytes, launch.stream, launch.device_index);
   } catch (const Error&) {
+    plan.count = 0;
     return false;
   }
-  if (!copy_table(table, plan.table->get(), launch)) {
+  if (!place_table(plan, table, plan.table->get(), launch)) {
+    plan.count = 0;
     plan.table.reset();
     return false;
   }
-  params.varlen = static_cast<const int*>(plan.table->get());
-  KernelLaunch& kernel = plan.add(spec, params, launch);
-  take_work_tiles(plan, kernel, launch, tiles);
+  take_work_tiles(plan, kernel, launch, table.query_tiles);
   return true;
 }
 
@@ -580,7 +620,8 @@ std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& 
   KernelTraits traits = traits_for_launch(p, launch);
   std::vector<KernelSpec> specs = backward_kernels(traits);
   if (specs.size() > Plan::kMaxKernels) {
-    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most 4 expected"));
+    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
+                                           " expected"));
   }
   for (size_t index = 0; index < specs.size(); ++index) {
     const bool reads_maps = specs[index].family == KernelFamily::kHopper &&
@@ -640,18 +681,19 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   }
 }
 
-// A variable-length backward in one launch a kernel (FJ_VARLEN): the sm_90a prep,
-// dQ and dK/dV kernels over every sequence, their blocks found in the sequences'
-// table (query blocks for dQ, key blocks for dK/dV), the prep's scratch rows entry by
-// entry of the table (a row a query of each head, padded to whole dQ blocks). False,
-// with nothing planned, where it cannot (then a launch a sequence).
+// A variable-length backward in one launch a kernel (FJ_VARLEN), after the table
+// kernel where the offsets are in device memory: the sm_90a prep, dQ and dK/dV kernels
+// over every sequence, their blocks found in the sequences' table (query blocks for dQ,
+// key blocks for dK/dV; blocks past the table's counts return at once), the prep's
+// scratch rows entry by entry of the table (a row a query of each head, padded to whole
+// dQ blocks). False, with nothing planned, where it cannot (then a launch a sequence).
 bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   AttentionProblem packed;
   if (!varlen_single_launch(p, launch, packed)) return false;
   const KernelTraits traits = traits_for_launch(packed, launch);
   if (!hopper_applies(traits)) return false;
   std::vector<KernelSpec> specs = backward_kernels(traits);
-  if (specs.size() > Plan::kMaxKernels) return false;
+  if (specs.size() + 1 > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
   const KernelSpec* dq = nullptr;
@@ -665,33 +707,33 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
     if (spec.entry == KernelEntry::kBackwardDkDv) dkdv = &spec;
   }
   if (dq == nullptr || dkdv == nullptr) return false;
-  int64_t query_tiles = 0, key_tiles = 0;
-  const std::vector<int32_t> table = varlen_table(p, dq->block_rows(), dkdv->block_rows(), &query_tiles, &key_tiles);
+  const VarlenTable table = varlen_table(p, dq->block_rows(), dkdv->block_rows());
   // Scratch rows a dQ tile of every sequence and head (sequence_params places an entry's).
-  const int64_t scratch_rows = query_tiles * dq->block_rows();
+  const int64_t scratch_rows = table.query_tiles * dq->block_rows();
   const size_t scratch_floats = size_t(scratch_rows) * 2;  // delta, then LSE * log2(e)
   const size_t table_offset = (scratch_floats * sizeof(float) + 15) / 16 * 16;
+  plan.scratch_bytes = table_offset + table.bytes;
+  if (launch.planning) return true;
+  if (p.offsets_on_device) add_table_kernel(plan, p, traits, dq->block_rows(), dkdv->block_rows(), launch);
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
     kernel_params.scratch_pitch = dq->block_rows();
-    kernel_params.num_work_tiles = int(query_tiles);
+    kernel_params.num_work_tiles = int(table.query_tiles);
     kernel_params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
     KernelLaunch& kernel = plan.add(spec, kernel_params, launch);
     switch (spec.entry) {
       case KernelEntry::kBackwardPrep: kernel.blocks = ceil_div(scratch_rows, spec.threads / 8); break;  // 8 lanes a row
-      case KernelEntry::kBackwardDq: kernel.blocks = query_tiles; break;
-      default: kernel.blocks = key_tiles; break;
+      case KernelEntry::kBackwardDq: kernel.blocks = table.query_tiles; break;
+      default: kernel.blocks = table.key_tiles; break;
     }
   }
-  plan.scratch_bytes = table_offset + table.size() * sizeof(int32_t);
-  if (launch.planning) return true;
   if (!try_scratch(plan, plan.scratch_bytes, launch)) {
     plan.count = 0;
     return false;
   }
   char* scratch = static_cast<char*>(plan.scratch->get());
-  if (!copy_table(table, scratch + table_offset, launch)) {
+  if (!place_table(plan, table, scratch + table_offset, launch)) {
     plan.count = 0;
     plan.scratch.reset();
     return false;
@@ -700,9 +742,33 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
     KernelParams& kernel_params = plan.kernels[index].params;
     kernel_params.delta = scratch;
     kernel_params.lse_log2 = reinterpret_cast<float*>(scratch) + scratch_rows;
-    kernel_params.varlen = reinterpret_cast<const int*>(scratch + table_offset);
   }
   return true;
+}
+
+// Offsets in device memory where one launch does not apply: copied to the host (a wait
+// for the stream's work before the call) into `storage`, checked as host offsets are,
+// and the problem returned with them. Not under stream capture, where nothing may wait.
+AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& launch,
+                                      std::vector<int32_t>& storage) {
+  if (launch.capturing || launch.planning || driver().cuMemcpyDtoHAsync == nullptr ||
+      driver().cuStreamSynchronize == nullptr) {
+    throw_unsupported("[cuda] cu_seqlens_q: offsets in device memory take the one-launch path (sm_90, "
+                      "FLASHJIT_CUDA_VARLEN=1) under stream capture and fj_attention_prepare_*; pass them in "
+                      "host memory here");
+  }
+  const size_t count = size_t(p.batch) + 1;
+  storage.assign(2 * count, 0);
+  const auto copy = [&](int32_t* host, const int32_t* device) {
+    return driver().cuMemcpyDtoHAsync(host, reinterpret_cast<CUdeviceptr>(device), count * sizeof(int32_t),
+                                      launch.stream);
+  };
+  check(copy(storage.data(), p.cu_seqlens_q), "cuMemcpyDtoHAsync");
+  check(copy(storage.data() + count, p.cu_seqlens_k), "cuMemcpyDtoHAsync");
+  check(driver().cuStreamSynchronize(launch.stream), "cuStreamSynchronize");
+  AttentionProblem host = p;
+  adopt_host_offsets("varlen_attention", host, storage.data(), storage.data() + count);
+  return host;
 }
 
 // A call's plans, one a part (a variable-length batch runs as one plan a sequence,
@@ -716,13 +782,18 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
                       "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
   }
   size_t needed = 0;
-  if (problem.varlen() && settings::varlen_single_launch()) {
+  if (problem.varlen() && (settings::varlen_single_launch() || problem.offsets_on_device)) {
     Launch launch = prepare(problem);
     if (planning) launch.graph_safe = launch.planning = true;
     Plan plan;
-    if (backward ? plan_varlen_backward(plan, problem, launch) : plan_varlen_forward(plan, problem, launch)) {
+    if (settings::varlen_single_launch() &&
+        (backward ? plan_varlen_backward(plan, problem, launch) : plan_varlen_forward(plan, problem, launch))) {
       if (!planning) enqueue(plan, launch);
       return plan.scratch_bytes;
+    }
+    if (problem.offsets_on_device) {
+      std::vector<int32_t> offsets;
+      return run_parts(with_offsets_on_host(problem, launch, offsets), backward, planning);
     }
   }
   for (const AttentionProblem& part : DenseParts(problem)) {

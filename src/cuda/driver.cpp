@@ -57,6 +57,10 @@ struct LoadedDriver {
       table.cuStreamGetId = reinterpret_cast<decltype(table.cuStreamGetId)>(dlsym(library, "cuStreamGetId"));
       table.cuMemcpyHtoDAsync =
           reinterpret_cast<decltype(table.cuMemcpyHtoDAsync)>(dlsym(library, "cuMemcpyHtoDAsync_v2"));
+      table.cuMemcpyDtoHAsync =
+          reinterpret_cast<decltype(table.cuMemcpyDtoHAsync)>(dlsym(library, "cuMemcpyDtoHAsync_v2"));
+      table.cuStreamSynchronize =
+          reinterpret_cast<decltype(table.cuStreamSynchronize)>(dlsym(library, "cuStreamSynchronize"));
       table.cuTensorMapEncodeTiled =
           reinterpret_cast<decltype(table.cuTensorMapEncodeTiled)>(dlsym(library, "cuTensorMapEncodeTiled"));
     } catch (const Error& e) {

@@ -72,10 +72,13 @@ struct Driver {
   CUresult (*cuMemsetD32Async)(CUdeviceptr, unsigned, size_t, CUstream);
   CUresult (*cuGetErrorString)(CUresult, const char**);
   // Optional (nullptr where the driver has none): device memory that lives as
-  // long as the process, and a stream's id, unique within the process (CUDA 12.0).
+  // long as the process, a stream's id, unique within the process (CUDA 12.0), and
+  // the copies of a variable-length batch's table and offsets.
   CUresult (*cuMemAlloc)(CUdeviceptr*, size_t);
   CUresult (*cuStreamGetId)(CUstream, unsigned long long*);
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
+  CUresult (*cuMemcpyDtoHAsync)(void*, CUdeviceptr, size_t, CUstream);
+  CUresult (*cuStreamSynchronize)(CUstream);
   // CUDA 12.0 and newer drivers; nullptr where the driver has none (no TMA kernels then).
   CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address,
                                      const uint64_t* sizes, const uint64_t* stride_bytes, const unsigned* box,

@@ -51,6 +51,7 @@ constexpr EntryNames kEntries[] = {
     {KernelEntry::kBackwardDkDv, "backward_dkdv", "fj_attention_backward_dkdv", "FJ_BACKWARD_DKDV"},
     {KernelEntry::kBackwardPrep, "backward_prep", "fj_attention_backward_prep", "FJ_BACKWARD_PREP"},
     {KernelEntry::kForwardCombine, "forward_combine", "fj_attention_forward_combine", "FJ_FORWARD_COMBINE"},
+    {KernelEntry::kVarlenTable, "varlen_table", "fj_varlen_table", "FJ_VARLEN_TABLE"},
 };
 
 const EntryNames& entry_names(KernelEntry entry) {
@@ -165,7 +166,7 @@ int KernelSpec::block_rows() const {
 
 int KernelSpec::shared_memory_bytes() const {
   // The kernels' own layouts (kernels/shared_layout.h), for the sizes compiled in.
-  if (entry == KernelEntry::kForwardCombine) return 0;
+  if (entry == KernelEntry::kForwardCombine || entry == KernelEntry::kVarlenTable) return 0;
   const int qk = head_dim_qk, v = head_dim_v, rows = block_rows(), n = block_n;
   switch (family) {
     case KernelFamily::kHopper:
@@ -179,7 +180,8 @@ int KernelSpec::shared_memory_bytes() const {
         case KernelEntry::kBackwardDkDv:
           return layout::kHopperBaseAlignment + layout::hopper_backward_dkdv(rows, n, qk, v, stages).bytes;
         case KernelEntry::kBackwardPrep:
-        case KernelEntry::kForwardCombine: return 0;
+        case KernelEntry::kForwardCombine:
+        case KernelEntry::kVarlenTable: return 0;
       }
       return 0;
     case KernelFamily::kMma:
@@ -227,8 +229,8 @@ std::string KernelSpec::source() const {
   for (const char* file : {"host_device.h", "philox_core.h", "bounds_core.h", "shared_layout.h", "params.cuh", "common.cuh"}) {
     append(file);
   }
-  if (entry == KernelEntry::kForwardCombine) {
-    append("combine.cuh");
+  if (entry == KernelEntry::kForwardCombine || entry == KernelEntry::kVarlenTable) {
+    append(entry == KernelEntry::kForwardCombine ? "combine.cuh" : "varlen_table.cuh");
     return text;
   }
   if (family == KernelFamily::kSimt) {
@@ -409,7 +411,8 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
       spec.block_n = head_dim > 128 || (head_dim > 64 && extras) ? 32 : 64;
       break;
     case KernelEntry::kBackwardPrep:
-    case KernelEntry::kForwardCombine: break;  // kHopper only; no tiles
+    case KernelEntry::kForwardCombine:
+    case KernelEntry::kVarlenTable: break;  // kHopper only; no tiles
   }
   // Smaller steps where the arch's shared memory is too small (sm_86/89: 99 KB).
   while (!fits(spec) && spec.block_n > 16) spec.block_n /= 2;
@@ -474,7 +477,8 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
       spec.block_n = head_dim <= 64 ? 64 : 32;
       break;
     case KernelEntry::kBackwardPrep: spec.block_n = 64; break;
-    case KernelEntry::kForwardCombine: break;  // not a kHopper kernel
+    case KernelEntry::kForwardCombine:
+    case KernelEntry::kVarlenTable: break;  // not kHopper kernels
   }
   // Masks, dropout and softcap hold more per element: half the rows a step keeps
   // those kernels from spilling (scripts/kernel_resources.py).
@@ -548,6 +552,14 @@ KernelSpec combine_kernel(const KernelTraits& traits) {
   spec.arch = traits.arch;
   spec.threads = 128;  // a warp a row
   spec.block_n = 0;
+  return spec;
+}
+
+// The device-side table of a variable-length batch (varlen_table.cuh): one block, sizes at run time.
+KernelSpec varlen_table_kernel(const KernelTraits& traits) {
+  KernelSpec spec = combine_kernel(traits);
+  spec.entry = KernelEntry::kVarlenTable;
+  spec.threads = 1024;
   return spec;
 }
 

@@ -16,7 +16,7 @@ namespace flashjit::cuda {
 // outputs of a split forward (KernelParams::split_o) into O and LSE.
 // Each entry is named in the kernel source by a macro of its own (FJ_FORWARD,
 // FJ_BACKWARD_DQ, ...: 1 for the kernel's entry, 0 for the others).
-enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv, kBackwardPrep, kForwardCombine };
+enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv, kBackwardPrep, kForwardCombine, kVarlenTable };
 
 // The gradients a dK/dV kernel computes (FJ_WITH_DK, FJ_WITH_DV in its source):
 // above head dim 128 dK and dV take a kernel each.
@@ -135,6 +135,7 @@ KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned 
 // spec has split == false.
 KernelSpec split_forward_kernel(const KernelTraits& traits);
 KernelSpec combine_kernel(const KernelTraits& traits);
+KernelSpec varlen_table_kernel(const KernelTraits& traits);
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);
 // Opt-in shared memory a block may use on a compute capability (80 for sm_80).
 int max_shared_memory_bytes(int arch);

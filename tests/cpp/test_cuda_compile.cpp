@@ -202,6 +202,7 @@ TEST_F(CudaCompile, VarlenKernelsCompileForSm90) {
         EXPECT_NE(spec.name().find("_varlen"), std::string::npos) << spec.name();
         ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
       }
+      ASSERT_NO_THROW(kernel_binary(varlen_table_kernel(traits), false));  // the table built on the device
       for (KernelSpec backward : backward_kernels(traits)) {
         ASSERT_EQ(backward.family, KernelFamily::kHopper) << backward.name();
         backward.varlen = true;

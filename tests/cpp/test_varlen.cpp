@@ -311,6 +311,48 @@ double max_difference(const std::vector<double>& a, const std::vector<double>& b
   return worst;
 }
 
+// Offsets in the operands' CUDA memory are not read by the host: the check names the
+// maxima they need and the inputs they cannot come with (descriptors only: no GPU here).
+TEST(Varlen, OffsetsInDeviceMemoryNeedTheMaxima) {
+  struct Bad {
+    const char* expect;
+    void (*spoil)(fj_varlen&, fj_tensor&);
+  };
+  const Bad cases[] = {
+      {"max_seqlen_q: expected the longest length (> 0) with offsets in device memory",
+       [](fj_varlen& v, fj_tensor&) { v.max_seqlen_q = 0; }},
+      {"max_seqlen_k: expected the longest length (> 0) with offsets in device memory",
+       [](fj_varlen& v, fj_tensor&) { v.max_seqlen_k = 0; }},
+      {"cu_seqlens_k: expected the memory of the operands (cuda:0)",
+       [](fj_varlen& v, fj_tensor&) { v.cu_seqlens_k.device_index = 1; }},
+      {"cu_seqlens_q: expected host (cpu) memory with seqused_k",
+       [](fj_varlen& v, fj_tensor& used) { v.seqused_k = used; }},
+      {"", [](fj_varlen&, fj_tensor&) {}},  // the maxima given: accepted without reading the offsets
+  };
+  for (const Bad& bad : cases) {
+    Packed p({3, 5, 2}, {4, 8, 1}, 2, 1, 8, FJ_FLOAT16);
+    fj_tensor q = p.q.view(), k = p.k.view(), v = p.v.view(), o = p.o.view(), lse = p.lse.view();
+    for (fj_tensor* t : {&q, &k, &v, &o, &lse, &p.varlen.cu_seqlens_q, &p.varlen.cu_seqlens_k}) {
+      t->data = nullptr;
+      t->device_type = FJ_DEVICE_CUDA;
+      t->device_index = 0;
+    }
+    fj_tensor used = p.varlen.cu_seqlens_q;
+    used.shape[0] = 3;
+    p.varlen.max_seqlen_q = 5;
+    p.varlen.max_seqlen_k = 8;
+    bad.spoil(p.varlen, used);
+    const fj_attention_options options = fj_attention_options_default();
+    const fj_status status = fj_attention_varlen_check_forward(&q, &k, &v, &p.varlen, &options, &o, &lse);
+    if (*bad.expect == '\0') {
+      EXPECT_EQ(status, FJ_SUCCESS) << fj_last_error();
+    } else {
+      EXPECT_NE(status, FJ_SUCCESS) << bad.expect;
+      EXPECT_NE(std::string(fj_last_error()).find(bad.expect), std::string::npos) << fj_last_error();
+    }
+  }
+}
+
 TEST(VarlenCache, UsedKeysOfADenseCacheAndOfPages) {
   for (const fj_causal causal : {FJ_CAUSAL_NONE, FJ_CAUSAL_BOTTOM_RIGHT}) {
     Cache cache;

@@ -142,3 +142,38 @@ def test_opcheck():
     o, lse = flashjit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
     opcheck(torch.ops.flashjit.varlen_bwd.default,
             (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, cu_q, cu_k, 0, 0, *options))
+
+
+# With FLASHJIT_CUDA_VARLEN=1, offsets in GPU memory with both maxima given stay there: a
+# kernel builds the sequences' table (the same order as the host's, so the same bits), no
+# value is checked, and offsets past the packed rows are clamped, never followed. Where one
+# launch does not apply (head dim 24: the mma.sync kernels) the backend copies them to the
+# host and checks them as host offsets.
+@pytest.mark.skipif(DEVICE != "cuda", reason="offsets in GPU memory")
+def test_offsets_in_gpu_memory(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CUDA_VARLEN", "1")
+    torch.manual_seed(0)
+    for D in (64, 24):
+        q = torch.randn(sum(LENGTHS_Q), 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(sum(LENGTHS_K), 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(sum(LENGTHS_K), 2, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cu_q, cu_k = _offsets(LENGTHS_Q), _offsets(LENGTHS_K)
+        max_q, max_k = max(LENGTHS_Q), max(LENGTHS_K)
+        results = []
+        for offsets in ((cu_q, cu_k), (cu_q.cpu(), cu_k.cpu())):
+            o = flashjit.varlen_attention(q, k, v, *offsets, max_q, max_k, causal=True)
+            o.backward(torch.ones_like(o))
+            results.append([o.detach()] + [x.grad.clone() for x in (q, k, v)])
+            for x in (q, k, v):
+                x.grad = None
+        for on_device, on_host in zip(*results):
+            assert torch.equal(on_device, on_host)
+        bad_q = cu_q.clone()
+        bad_q[-1] += 100  # past the packed rows
+        if D == 64:
+            with torch.no_grad():
+                flashjit.varlen_attention(q, k, v, bad_q, cu_k, max_q, max_k, causal=True)
+            torch.cuda.synchronize()  # clamped: the kernels read and wrote inside the operands
+        else:
+            with pytest.raises(ValueError, match="cu_seqlens_q: expected the last offset to be the number of packed"):
+                flashjit.varlen_attention(q, k, v, bad_q, cu_k, max_q, max_k, causal=True)

@@ -97,7 +97,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const Ring<kStages> v_ring = Ring<kStages>::at(barriers_at(kLayout.v_ring));
   const TileQueue tiles{Ring<2>::at(barriers_at(kLayout.queue_ring)),
                         reinterpret_cast<int*>(base + kLayout.queue_slots)};
-  const int num_tiles = kVarlen ? p.num_work_tiles : p.num_query_blocks * p.batch * p.heads_q;
+#if FJ_VARLEN
+  const int num_tiles = varlen_tiles(p, kFirstQueryTile);
+#else
+  const int num_tiles = p.num_query_blocks * p.batch * p.heads_q;
+#endif
   // The parameters a work tile runs with: the kernel's own, or (FJ_VARLEN) its sequence's.
 #if FJ_VARLEN
 #define FJ_TILE_PARAMS(tile, local)                                       \

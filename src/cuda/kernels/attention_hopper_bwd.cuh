@@ -44,9 +44,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   float delta = 0.0f;
   float lse2 = -negative_infinity<float>();
 #if FJ_VARLEN  // scratch rows entry by entry: an entry's heads, each padded to whole dQ tiles of scratch_pitch rows
-  const bool in_scratch = row < static_cast<long long>(p.num_work_tiles) * p.scratch_pitch;
+  const int query_tiles = varlen_tiles(p, kFirstQueryTile);
+  const bool in_scratch = row < static_cast<long long>(query_tiles) * p.scratch_pitch;
   const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(min(row / p.scratch_pitch,
-                                                                            p.num_work_tiles - 1LL)));
+                                                                            max(query_tiles - 1, 0) * 1LL)));
   const KernelParams sp = sequence_params(p, entry);
   const long long first_row = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
   const long long local = row - first_row;
@@ -110,6 +111,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const Ring<kKeyBuffers> k_ring = Ring<kKeyBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.k_ring));
   const Ring<kStages> v_ring = Ring<kStages>::at(reinterpret_cast<unsigned long long*>(base + kLayout.v_ring));
 #if FJ_VARLEN
+  // The grid may be a bound (a table built on the device): blocks past the tiles have no work.
+  if (static_cast<int>(blockIdx.x) >= varlen_tiles(p, kFirstQueryTile)) return;
   const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(blockIdx.x));
   const KernelParams sp = sequence_params(p, entry);
   const QueryBlock block(sp, static_cast<int>(blockIdx.x) - p.varlen[entry * kVarlenFields + kFirstQueryTile]);
@@ -237,6 +240,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 
   int block, b, kv_head;
 #if FJ_VARLEN
+  if (static_cast<int>(blockIdx.x) >= varlen_tiles(p, kFirstKeyTile)) return;  // a bound's blocks past the tiles
   const int entry = varlen_entry(p, kFirstKeyTile, static_cast<int>(blockIdx.x));
   const KernelParams sp = sequence_params(p, entry);
   block_coordinates(static_cast<int>(blockIdx.x) - p.varlen[entry * kVarlenFields + kFirstKeyTile], sp.num_key_blocks,

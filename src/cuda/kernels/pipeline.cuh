@@ -320,6 +320,12 @@ FJ_DEVICE void done_taking_tiles(const KernelParams& p) {
 }
 
 #if FJ_VARLEN
+// The query tiles (kFirstQueryTile) or key tiles (kFirstKeyTile) of all the sequences:
+// the table's trailer.
+FJ_DEVICE int varlen_tiles(const KernelParams& p, VarlenField field) {
+  return p.varlen[p.batch * kVarlenFields + (field == kFirstQueryTile ? 0 : 1)];
+}
+
 // The entry of a variable-length batch (KernelParams::varlen) whose work holds tile
 // `tile` of the kind `field` (kFirstQueryTile or kFirstKeyTile): the last entry whose
 // first tile is at most `tile` (entries without work share the next one's first tile).
