@@ -167,12 +167,13 @@ fj_status fj_attention_check_backward(const fj_tensor* q, const fj_tensor* k, co
  * data NULL). Paged caches are forward only. */
 /* The offsets may instead be in the CUDA memory of CUDA operands (both of them, with both maxima
  * given and no seqused_k or page_table): the host does not read them then. Where one launch runs
- * the batch (sm_90, FLASHJIT_CUDA_VARLEN=1) a kernel builds its table from them without any check,
- * each offset clamped into the packed rows; elsewhere the backend copies them to the host (waiting
- * for the stream) and checks them as host offsets. */
+ * the batch (sm_90, FLASHJIT_CUDA_VARLEN=1) a kernel builds its table from them without any check
+ * (of them or of the maxima against them): each offset is raised to the largest before it and
+ * clamped into the packed rows, so that no sequence reaches outside the operands. Elsewhere the
+ * backend copies them to the host (waiting for the stream) and checks them as host offsets. */
 typedef struct fj_varlen {
-  fj_tensor cu_seqlens_q; /* int32 [batch + 1] in host memory: 0, never decreasing, total_q last */
-  fj_tensor cu_seqlens_k; /* int32 [batch + 1] in host memory: 0, never decreasing, total_k last */
+  fj_tensor cu_seqlens_q; /* int32 [batch + 1] in host memory (or see above): 0, never decreasing, total_q last */
+  fj_tensor cu_seqlens_k; /* int32 [batch + 1] in host memory (or see above): 0, never decreasing, total_k last */
   int64_t max_seqlen_q;   /* 0 (the longest) or a bound on the lengths */
   int64_t max_seqlen_k;
   fj_tensor seqused_k;    /* optional: int32 [batch], keys each sequence uses (<= its rows or pages) */

@@ -39,7 +39,8 @@ def _offsets(name: str, offsets) -> Tensor:
     """The offsets as the C API reads them: a contiguous int32 tensor in host memory (one
     device-to-host copy for offsets on a GPU), whose values the call checks; or, where
     varlen_attention kept them on the GPU (_offsets_stay_on_device), there, as int32,
-    their values read by the kernels only (clamped into the packed rows, never checked)."""
+    their values read by the kernels only (never checked; raised to never decrease and
+    clamped into the packed rows; int64 offsets are narrowed without a check)."""
     if not isinstance(offsets, Tensor):
         raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor of int32 offsets, got {type(offsets).__name__}")
     if offsets.dtype not in (torch.int32, torch.int64) or offsets.ndim != 1 or offsets.numel() < 1:
@@ -57,8 +58,8 @@ def _offsets_stay_on_device(q: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tenso
     CUDA operands and offsets, both maxima given, and the one-launch path switched on
     (FLASHJIT_CUDA_VARLEN=1, while it is measured; elsewhere the backend would copy them to
     the host itself)."""
-    return (q.is_cuda and cu_seqlens_q.is_cuda and cu_seqlens_k.is_cuda and bool(max_seqlen_q)
-            and bool(max_seqlen_k) and os.environ.get("FLASHJIT_CUDA_VARLEN") == "1")
+    return (q.is_cuda and cu_seqlens_q.device == q.device and cu_seqlens_k.device == q.device
+            and bool(max_seqlen_q) and bool(max_seqlen_k) and os.environ.get("FLASHJIT_CUDA_VARLEN") == "1")
 
 
 def _lengths_of(offsets: Tensor) -> list[int]:

@@ -471,7 +471,8 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 // caches, with keys. `packed` gets the packed operands as one batch entry.
 bool varlen_single_launch(const AttentionProblem& p, const Launch& launch, AttentionProblem& packed) {
   if (launch.graph_safe || p.batch == 0 || p.mask != nullptr || p.page_table != nullptr || p.seqused_k != nullptr ||
-      p.cu_seqlens_k == nullptr || driver().cuMemcpyHtoDAsync == nullptr) {
+      p.cu_seqlens_k == nullptr || driver().cuMemcpyHtoDAsync == nullptr ||
+      std::max(p.total_q, p.total_k) > std::numeric_limits<int32_t>::max()) {
     return false;
   }
   packed = p;
@@ -693,7 +694,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   const KernelTraits traits = traits_for_launch(packed, launch);
   if (!hopper_applies(traits)) return false;
   std::vector<KernelSpec> specs = backward_kernels(traits);
-  if (specs.size() + 1 > Plan::kMaxKernels) return false;
+  if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
   const KernelSpec* dq = nullptr;
@@ -748,14 +749,20 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
 
 // Offsets in device memory where one launch does not apply: copied to the host (a wait
 // for the stream's work before the call) into `storage`, checked as host offsets are,
-// and the problem returned with them. Not under stream capture, where nothing may wait.
+// and the problem returned with them (an empty batch needs none). Not under stream
+// capture or in fj_attention_prepare_*, where nothing may wait.
 AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& launch,
                                       std::vector<int32_t>& storage) {
-  if (launch.capturing || launch.planning || driver().cuMemcpyDtoHAsync == nullptr ||
+  if (p.batch == 0) {
+    AttentionProblem empty = p;
+    empty.offsets_on_device = false;  // nothing reads them
+    return empty;
+  }
+  if (launch.capturing || launch.planning || launch.graph_safe || driver().cuMemcpyDtoHAsync == nullptr ||
       driver().cuStreamSynchronize == nullptr) {
-    throw_unsupported("[cuda] cu_seqlens_q: offsets in device memory take the one-launch path (sm_90, "
-                      "FLASHJIT_CUDA_VARLEN=1) under stream capture and fj_attention_prepare_*; pass them in "
-                      "host memory here");
+    throw_unsupported("[cuda] cu_seqlens_q: offsets in device memory are copied to the host here, which cannot "
+                      "wait under stream capture, with a workspace or in fj_attention_prepare_*: pass them in "
+                      "host memory");
   }
   const size_t count = size_t(p.batch) + 1;
   storage.assign(2 * count, 0);

@@ -559,6 +559,7 @@ KernelSpec combine_kernel(const KernelTraits& traits) {
 KernelSpec varlen_table_kernel(const KernelTraits& traits) {
   KernelSpec spec = combine_kernel(traits);
   spec.entry = KernelEntry::kVarlenTable;
+  spec.dtype = FJ_FLOAT16;  // reads no operand: one kernel for every dtype
   spec.threads = 1024;
   return spec;
 }

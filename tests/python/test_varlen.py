@@ -168,12 +168,16 @@ def test_offsets_in_gpu_memory(monkeypatch):
                 x.grad = None
         for on_device, on_host in zip(*results):
             assert torch.equal(on_device, on_host)
-        bad_q = cu_q.clone()
-        bad_q[-1] += 100  # past the packed rows
-        if D == 64:
-            with torch.no_grad():
-                flashjit.varlen_attention(q, k, v, bad_q, cu_k, max_q, max_k, causal=True)
-            torch.cuda.synchronize()  # clamped: the kernels read and wrote inside the operands
-        else:
-            with pytest.raises(ValueError, match="cu_seqlens_q: expected the last offset to be the number of packed"):
-                flashjit.varlen_attention(q, k, v, bad_q, cu_k, max_q, max_k, causal=True)
+        past_end = cu_q.clone()
+        past_end[-1] += 100  # past the packed rows
+        decreasing = cu_k.clone()
+        decreasing[1], decreasing[2] = decreasing[2], decreasing[1] - 1  # overlapping sequences
+        one_launch = D == 64 and torch.cuda.get_device_capability() == (9, 0)
+        for bad_q, bad_k in ((past_end, cu_k), (cu_q, decreasing)):
+            if one_launch:
+                o = flashjit.varlen_attention(q, k, v, bad_q, bad_k, max_q, max_k, causal=True)
+                o.sum().backward()
+                torch.cuda.synchronize()  # no fault: the kernels stayed inside the operands and the scratch
+            else:
+                with pytest.raises(ValueError, match="cu_seqlens_[qk]: (expected the last offset|offsets must not)"):
+                    flashjit.varlen_attention(q, k, v, bad_q, bad_k, max_q, max_k, causal=True)
