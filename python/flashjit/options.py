@@ -84,6 +84,11 @@ class AttentionOptions:
              num_threads=0) -> "AttentionOptions":
         """From a front end's arguments (causal: False/True/'top_left'/'bottom_right'),
         each checked, with errors naming `op` and the argument."""
+        if (scale is None and softcap.__class__ is float and softcap == 0.0 and (causal is False or causal is True)
+                and window.__class__ is tuple and window == (-1, -1) and window[0].__class__ is int
+                and window[1].__class__ is int and dropout_p.__class__ is float and dropout_p == 0.0
+                and num_threads.__class__ is int and num_threads == 0):
+            return _PLAIN[causal]  # the defaults, with or without causal (host time per call)
         window_left, window_right = window_bounds(op, window)
         return cls(None if scale is None else float(scale), float(softcap), causal_code(op, causal), window_left,
                    window_right, float(dropout_p), num_threads_value(op, num_threads))
@@ -107,3 +112,7 @@ class AttentionOptions:
         return dict(mask=mask, scale=self.scale, softcap=self.softcap, causal=self.causal,
                     window_left=self.window_left, window_right=self.window_right, dropout_p=self.dropout_p,
                     seed=seed, offset=offset, num_threads=self.num_threads)
+
+
+# AttentionOptions.make's result for the default arguments, without and with causal=True.
+_PLAIN = {False: AttentionOptions(), True: AttentionOptions(causal=1)}
