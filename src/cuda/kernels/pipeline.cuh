@@ -207,7 +207,8 @@ FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
 }
 
 // The consumers' schedule over `steps` tiles (steps > 0), the same in every
-// sm_90a kernel. Step j issues, in this warpgroup's turn, the products of tile
+// sm_90a kernel. Step j issues, in this warpgroup's turn (FJ_TURN_INNER: the first
+// and the last issue outside it), the products of tile
 // j (issue_first: S and its kin, from shared memory) and those of tile j - 1
 // that take registers (issue_second: P V, dS K, ...), each as a commit group;
 // the register math on tile j (after_first) runs while tile j - 1's products
