@@ -35,18 +35,18 @@ from .options import AttentionOptions, seed_and_offset
 _OP = "varlen_attention"
 
 
-def _offsets(name: str, offsets) -> Tensor:
+def _offsets(name: str, offsets, on_device: bool = False) -> Tensor:
     """The offsets as the C API reads them: a contiguous int32 tensor in host memory (one
-    device-to-host copy for offsets on a GPU), whose values the call checks; or, where
-    varlen_attention kept them on the GPU (_offsets_stay_on_device), there, as int32,
-    their values read by the kernels only (never checked; raised to never decrease and
-    clamped into the packed rows; int64 offsets are narrowed without a check)."""
+    device-to-host copy for offsets on a GPU), whose values the call checks; or, on_device
+    (_offsets_stay_on_device), left on the GPU as int32, their values read by the kernels
+    only (never checked; raised to never decrease and clamped into the packed rows; int64
+    offsets are narrowed without a check)."""
     if not isinstance(offsets, Tensor):
         raise TypeError(f"[{_OP}] {name}: expected a torch.Tensor of int32 offsets, got {type(offsets).__name__}")
     if offsets.dtype not in (torch.int32, torch.int64) or offsets.ndim != 1 or offsets.numel() < 1:
         raise ValueError(f"[{_OP}] {name}: expected a 1-d int32 (or int64) tensor of batch + 1 offsets, got "
                          f"{str(offsets.dtype).removeprefix('torch.')} of shape {list(offsets.shape)}")
-    if offsets.is_cuda:
+    if on_device:
         return offsets.to(dtype=torch.int32).contiguous()
     if offsets.dtype == torch.int64 and offsets.numel() and int(offsets.abs().max()) >= 2**31:
         raise ValueError(f"[{_OP}] {name}: offsets must fit int32, got {int(offsets.abs().max())}")
@@ -102,8 +102,9 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
                num_threads: int) -> tuple[Tensor, Tensor]:
     """o [total_q, Hq, Dv] and lse [Hq, total_q] (float32; float64 for float64)."""
     o, lse = _outputs(q, v)
-    _run("forward", _C.varlen_forward, _offsets("cu_seqlens_q", cu_seqlens_q), _offsets("cu_seqlens_k", cu_seqlens_k),
-         max_seqlen_q, max_seqlen_k, (q, k, v), (o, lse),
+    on_device = _offsets_stay_on_device(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _run("forward", _C.varlen_forward, _offsets("cu_seqlens_q", cu_seqlens_q, on_device),
+         _offsets("cu_seqlens_k", cu_seqlens_k, on_device), max_seqlen_q, max_seqlen_k, (q, k, v), (o, lse),
          (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads))
     return o, lse
 
@@ -121,8 +122,10 @@ def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
     """dq, dk, dv of the packed q, k, v (deterministic; dk, dv summed over each GQA group)."""
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _run("backward", _C.varlen_backward, _offsets("cu_seqlens_q", cu_seqlens_q),
-         _offsets("cu_seqlens_k", cu_seqlens_k), max_seqlen_q, max_seqlen_k, (q, k, v, o, lse, dout), (dq, dk, dv),
+    on_device = _offsets_stay_on_device(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _run("backward", _C.varlen_backward, _offsets("cu_seqlens_q", cu_seqlens_q, on_device),
+         _offsets("cu_seqlens_k", cu_seqlens_k, on_device), max_seqlen_q, max_seqlen_k, (q, k, v, o, lse, dout),
+         (dq, dk, dv),
          (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads))
     return dq, dk, dv
 

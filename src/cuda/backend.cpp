@@ -579,7 +579,6 @@ bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& la
     spec.o_tma = false;
   }
   const VarlenTable table = varlen_table(p, spec.block_rows(), spec.block_rows());
-  params.num_work_tiles = int(table.query_tiles);
   params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
   plan.scratch_bytes = table.bytes;
   if (launch.planning) return true;
@@ -720,7 +719,6 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
     kernel_params.scratch_pitch = dq->block_rows();
-    kernel_params.num_work_tiles = int(table.query_tiles);
     kernel_params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
     KernelLaunch& kernel = plan.add(spec, kernel_params, launch);
     switch (spec.entry) {
@@ -758,7 +756,7 @@ AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& l
     empty.offsets_on_device = false;  // nothing reads them
     return empty;
   }
-  if (launch.capturing || launch.planning || launch.graph_safe || driver().cuMemcpyDtoHAsync == nullptr ||
+  if (launch.graph_safe || driver().cuMemcpyDtoHAsync == nullptr ||  // capture, workspace, prepare_*
       driver().cuStreamSynchronize == nullptr) {
     throw_unsupported("[cuda] cu_seqlens_q: offsets in device memory are copied to the host here, which cannot "
                       "wait under stream capture, with a workspace or in fj_attention_prepare_*: pass them in "

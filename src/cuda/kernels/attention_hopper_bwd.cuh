@@ -46,8 +46,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
 #if FJ_VARLEN  // scratch rows entry by entry: an entry's heads, each padded to whole dQ tiles of scratch_pitch rows
   const int query_tiles = varlen_tiles(p, kFirstQueryTile);
   const bool in_scratch = row < static_cast<long long>(query_tiles) * p.scratch_pitch;
-  const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(min(row / p.scratch_pitch,
-                                                                            max(query_tiles - 1, 0) * 1LL)));
+  const int last_tile = max(query_tiles - 1, 0);
+  const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(min(row / p.scratch_pitch, 0LL + last_tile)));
   const KernelParams sp = sequence_params(p, entry);
   const long long first_row = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
   const long long local = row - first_row;

@@ -94,12 +94,11 @@ struct KernelParams {
   // tile of its work (counted over all heads), sequence index, first query row,
   // queries, first key row, keys; after the last entry, the query tiles and the key
   // tiles of all of them (varlen_tiles), which the kernels read (the host knows only a
-  // bound where the table was built on the device). num_work_tiles is the host's count
-  // or bound; the backward's scratch rows are entry-major. A sequence's diagonal shift is
+  // bound where the table was built on the device); the backward's scratch rows are
+  // entry-major. A sequence's diagonal shift is
   // its keys - queries unless varlen_top_left. q_row0 and k_row0 are the first rows
   // of the sequence a block works on (sequence_params), 0 otherwise.
   const int* varlen;
-  int num_work_tiles;
   // The device-side table's inputs (varlen_table.cuh): offsets in device memory and the
   // rows of a query tile and of a key tile the counts are taken in.
   const int* cu_seqlens_q;
