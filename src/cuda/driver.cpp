@@ -43,6 +43,7 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuCtxSetCurrent);
       FJ_RESOLVE(library, "libcuda", table, cuModuleLoadData);
       FJ_RESOLVE(library, "libcuda", table, cuModuleGetFunction);
+      FJ_RESOLVE(library, "libcuda", table, cuFuncGetAttribute);
       FJ_RESOLVE(library, "libcuda", table, cuFuncSetAttribute);
       FJ_RESOLVE(library, "libcuda", table, cuLaunchKernel);
       FJ_RESOLVE(library, "libcuda", table, cuStreamIsCapturing);

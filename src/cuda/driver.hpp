@@ -25,6 +25,7 @@ constexpr int kAttrMultiprocessorCount = 16;
 constexpr int kAttrComputeCapabilityMajor = 75;
 constexpr int kAttrComputeCapabilityMinor = 76;
 constexpr int kAttrMaxSharedMemoryPerBlockOptin = 97;
+constexpr int kFuncAttrStaticSharedSize = 1;  // CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
 constexpr int kFuncAttrMaxDynamicSharedSize = 8;
 constexpr int kStreamCaptureStatusNone = 0;
 // cuTensorMapEncodeTiled's enums (CUtensorMapDataType, ...Swizzle, ...L2promotion, ...FloatOOBfill).
@@ -60,6 +61,7 @@ struct Driver {
   CUresult (*cuCtxSetCurrent)(CUcontext);
   CUresult (*cuModuleLoadData)(CUmodule*, const void*);
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
+  CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
   CUresult (*cuFuncSetAttribute)(CUfunction, int, int);
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                              CUstream, void**, void**);

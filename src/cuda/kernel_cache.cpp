@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -300,8 +301,11 @@ CUfunction kernel_function(const KernelSpec& spec, int device_index, bool captur
   check(d.cuModuleLoadData(&module, cubin->data()), "cuModuleLoadData");
   CUfunction function = nullptr;
   check(d.cuModuleGetFunction(&function, module, spec.function_name()), "cuModuleGetFunction");
+  // A block's static and dynamic shared memory together are bounded by the device's opt-in maximum.
+  int static_bytes = 0;
+  check(d.cuFuncGetAttribute(&static_bytes, kFuncAttrStaticSharedSize, function), "cuFuncGetAttribute");
   check(d.cuFuncSetAttribute(function, kFuncAttrMaxDynamicSharedSize,
-                             device_info(device_index).max_shared_memory),
+                             std::max(0, device_info(device_index).max_shared_memory - static_bytes)),
         "cuFuncSetAttribute");
   std::lock_guard<std::mutex> lock(c.mutex);
   return c.functions.emplace(std::move(loaded_key), function).first->second;
