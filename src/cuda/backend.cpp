@@ -427,17 +427,6 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
   }
 }
 
-// The (batch, head) pairs of a section of the causal work-tile order
-// (KernelParams::tile_section): the largest power of two, at most all pairs, whose K and
-// V fit in kSectionL2Bytes together, so that a section's blocks find them in L2.
-constexpr int64_t kSectionL2Bytes = int64_t(32) << 20;
-int causal_tile_section(const AttentionProblem& p) {
-  const int64_t pair_bytes = std::max<int64_t>(1, int64_t(p.seqlen_k) * (p.head_dim_qk + p.head_dim_v) * 2);
-  int64_t section = 1;
-  while (2 * section * pair_bytes <= kSectionL2Bytes && 2 * section <= p.batch * p.heads_q) section *= 2;
-  return int(section);
-}
-
 // The forward's plan: the split forward where the keys of a few query blocks are
 // spread over the GPU and its scratch can be had (not under stream capture: its
 // scratch would put memory nodes into the graph), else one forward kernel.
@@ -454,9 +443,6 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   if (tiles == 0) return;
   if (spec.family == KernelFamily::kHopper && tiles > std::numeric_limits<int>::max() / 2) {
     throw_unsupported("[cuda] ", tiles, " query blocks is more than one launch takes (2^30)");
-  }
-  if (spec.family == KernelFamily::kHopper && p.causal != FJ_CAUSAL_NONE && forced_forward_tiles().row_order == 1) {
-    params.tile_section = causal_tile_section(p);
   }
   KernelLaunch& kernel = plan.add(spec, params, launch);
   if (spec.family == KernelFamily::kHopper) {

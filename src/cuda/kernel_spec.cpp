@@ -150,7 +150,7 @@ std::string KernelSpec::name() const {
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
-                 fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "", turn_inner ? "_turn-inner" : "", "_sm", arch,
+                 fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "", "_sm", arch,
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
@@ -220,7 +220,7 @@ std::string KernelSpec::source() const {
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
       "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_FOLD_SCALE ", fold_scale ? 1 : 0, "\n",
-      "#define FJ_LAZY_RESCALE ", lazy_rescale ? 1 : 0, "\n", "#define FJ_TURN_INNER ", turn_inner ? 1 : 0, "\n",
+      "#define FJ_LAZY_RESCALE ", lazy_rescale ? 1 : 0, "\n",
       "#define FJ_ELEM_IS_BF16 ",
       dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
   const auto append = [&](const char* file) {
@@ -298,7 +298,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, order, turn; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -332,14 +332,8 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "counter") {
       if (value != "stream" && value != "memset") fail(item, "counter=stream or counter=memset");
       tiles.stream_counter = value == "stream" ? 1 : 0;
-    } else if (key == "order") {
-      if (value != "rows" && value != "heads") fail(item, "order=rows or order=heads");
-      tiles.row_order = value == "rows" ? 1 : 0;
-    } else if (key == "turn") {
-      if (value != "inner" && value != "all") fail(item, "turn=inner or turn=all");
-      tiles.turn_inner = value == "inner" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, order, turn");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter");
     }
   }
   return tiles;
@@ -435,7 +429,6 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
   if (forced.q_buffers) spec.q_buffers = forced.q_buffers;
   if (forced.o_tma >= 0) spec.o_tma = forced.o_tma == 1;
   if (forced.fast_softmax == 0) spec.fold_scale = spec.lazy_rescale = false;
-  if (forced.turn_inner >= 0) spec.turn_inner = forced.turn_inner == 1;
   if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 128) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 takes at most n=96, got n=", spec.block_n);
   }

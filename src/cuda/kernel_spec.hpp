@@ -57,9 +57,6 @@ struct KernelSpec {
   // kHopper forward without dropout: a row's base moves only when its maximum
   // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
   bool lazy_rescale = false;
-  // kHopper forward: a work tile's first S and last P V issued outside the consumers'
-  // turns (pipeline.cuh, consumer_steps; FLASHJIT_CUDA_TILES turn=inner).
-  bool turn_inner = false;
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -110,14 +107,8 @@ struct ForwardTiles {
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
-  // The order of the work tiles, also a launch choice: 1 ("order=rows"): causal problems'
-  // tiles in sections of (batch, head) pairs whose K and V fit in L2, query blocks major
-  // (KernelParams::tile_section); 0 ("order=heads"): head by head.
-  int row_order = -1;
-  int turn_inner = -1;  // 1 ("turn=inner"): KernelSpec::turn_inner; 0 ("turn=all"): not
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
-           row_order >= 0 || turn_inner >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

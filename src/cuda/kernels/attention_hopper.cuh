@@ -13,8 +13,7 @@
 //       O  += P_{j-1} V_{j-1}         wgmma, P in registers, issued with S_j
 //       softmax(S_j) -> P_j           while the tensor cores run P_{j-1} V_{j-1}
 //     and the warpgroups take turns issuing (a named barrier each), so that
-//     one's softmax runs beside the others' matrix products (FJ_TURN_INNER: but
-//     a work tile's first S and last P V, issued outside the turns).
+//     one's softmax runs beside the others' matrix products.
 //   epilogue (FJ_O_TMA): each consumer writes its 64 rows of O into its own rows
 //     of the Q buffer (its last S has read them), and one thread stores them
 //     with TMA; the buffer goes back to the producer once the store has read it

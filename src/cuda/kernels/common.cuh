@@ -199,19 +199,6 @@ FJ_DEVICE void block_coordinates(int linear, int num_blocks, int heads, int* blo
   *b = batch_head / heads;
   *h = batch_head - *b * heads;
 }
-// Work tile `linear` in sections of `section` (batch, head) pairs (KernelParams::tile_section):
-// within a section the query block is the major index, late blocks first, then the pair.
-FJ_DEVICE void section_coordinates(int linear, int num_blocks, int heads, int batch_heads, int section, int* block,
-                                   int* b, int* h) {
-  const int per_section = section * num_blocks;
-  const int first = linear / per_section * section;  // the section's first pair
-  const int width = min(section, batch_heads - first);
-  const int index = linear - first * num_blocks;
-  *block = num_blocks - 1 - index / width;
-  const int batch_head = first + index % width;
-  *b = batch_head / heads;
-  *h = batch_head - *b * heads;
-}
 // The thread block's own coordinates.
 FJ_DEVICE void block_coordinates(int num_blocks, int heads, int* block, int* b, int* h, bool late_first = true) {
   block_coordinates(static_cast<int>(blockIdx.x), num_blocks, heads, block, b, h, late_first);

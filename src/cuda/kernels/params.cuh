@@ -52,10 +52,6 @@ struct KernelParams {
   // the last of them sets both back to zero for the next launch on the stream.
   unsigned* tile_counter;
   int tile_counter_resets;
-  // sm_90a forward's work tiles (QueryBlock): above 1, in sections of this many
-  // (batch, head) pairs, the query block major within a section (late first), so that
-  // every head's heaviest causal blocks start first; else head by head, late blocks first.
-  int tile_section;
   // Split forward (few query blocks, many keys: decoding): blockIdx.y picks a span
   // of split_keys keys (a multiple of the key step); each block writes its span's
   // normalised O and LSE (natural log, -inf: no key) as floats to split_o

@@ -207,8 +207,7 @@ FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
 }
 
 // The consumers' schedule over `steps` tiles (steps > 0), the same in every
-// sm_90a kernel. Step j issues, in this warpgroup's turn (FJ_TURN_INNER: the first
-// and the last issue outside it), the products of tile
+// sm_90a kernel. Step j issues, in this warpgroup's turn, the products of tile
 // j (issue_first: S and its kin, from shared memory) and those of tile j - 1
 // that take registers (issue_second: P V, dS K, ...), each as a commit group;
 // the register math on tile j (after_first) runs while tile j - 1's products
@@ -221,7 +220,6 @@ FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
 // persistent kernel runs one turn sequence over all its work tiles, so that a
 // warpgroup finishing a tile cannot arrive twice on a barrier the other has
 // not yet waited on); consumer_schedule is one block's whole sequence.
-constexpr bool kTurnInner = FJ_TURN_INNER;
 template <class T>
 constexpr bool kReturnsBool = false;
 template <>
@@ -230,15 +228,12 @@ constexpr bool kReturnsBool<bool> = true;
 template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
 FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
                               IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
-  // FJ_TURN_INNER: a work tile's first S and last P V are issued outside the turns (each
-  // warpgroup has steps - 1 turns a tile, the same count as the others, so the turn order
-  // holds); its first softmax then need not wait for the other warpgroup's turn.
   arrive(0);
-  if (!kTurnInner) wait_turn(consumer);
+  wait_turn(consumer);
   wgmma_fence();
   issue_first(0);
   wgmma_commit();
-  if (!kTurnInner) pass_turn(consumer);
+  pass_turn(consumer);
   wgmma_wait<0>();
   after_first(0);
   prepare(0);
@@ -262,11 +257,11 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
     prepare(j);
   }
   arrive(steps);
-  if (!kTurnInner) wait_turn(consumer);
+  wait_turn(consumer);
   wgmma_fence();
   issue_second(steps - 1);
   wgmma_commit();
-  if (!kTurnInner) pass_turn(consumer);
+  pass_turn(consumer);
   wgmma_wait<0>();
   after_second(steps - 1);
 }
@@ -392,14 +387,10 @@ struct QueryBlock {
     block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
     locate(p, block);
   }
-  // Work tile `tile` of the sm_90a forward, in the same order or (tile_section) by sections.
+  // Work tile `tile` of a persistent grid, in the same order.
   FJ_DEVICE QueryBlock(const KernelParams& p, int tile) {
     int block;
-    if (p.tile_section > 1) {
-      section_coordinates(tile, p.num_query_blocks, p.heads_q, p.batch * p.heads_q, p.tile_section, &block, &b, &h);
-    } else {
-      block_coordinates(tile, p.num_query_blocks, p.heads_q, &block, &b, &h);
-    }
+    block_coordinates(tile, p.num_query_blocks, p.heads_q, &block, &b, &h);
     locate(p, block);
   }
   FJ_DEVICE void locate(const KernelParams& p, int block) {
