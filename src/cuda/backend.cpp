@@ -398,7 +398,7 @@ KernelSpec forward_spec(const AttentionProblem& p, const Launch& launch, KernelP
   return spec;
 }
 
-// The sm_90a forward's grid: persistent (a block an SM, or two for blocks_per_sm 2, taking work tiles from a
+// The sm_90a forward's grid: persistent (a block an SM, taking work tiles from a
 // counter) or a block a tile. The counter is the stream's own
 // (stream_tile_counter), else scratch zeroed before the launch. Under stream
 // capture the grid is a block a tile: a graph may be replayed on any stream,
@@ -423,8 +423,7 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
     }
   }
   if (params.tile_counter != nullptr) {
-    kernel.blocks = std::min<int64_t>(tiles, int64_t{device_info(launch.device_index).multiprocessors} *
-                                                 kernel.spec.blocks_per_sm);
+    kernel.blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
   }
 }
 

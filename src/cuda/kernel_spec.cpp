@@ -150,8 +150,7 @@ std::string KernelSpec::name() const {
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
-                 fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "",
-                 blocks_per_sm > 1 ? str_cat("_b", blocks_per_sm) : std::string(), "_sm", arch,
+                 fold_scale ? "_fold" : "", lazy_rescale ? "_lazy" : "", "_sm", arch,
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
@@ -220,7 +219,7 @@ std::string KernelSpec::source() const {
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
-      "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_MIN_BLOCKS ", blocks_per_sm, "\n", "#define FJ_FOLD_SCALE ", fold_scale ? 1 : 0, "\n",
+      "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_FOLD_SCALE ", fold_scale ? 1 : 0, "\n",
       "#define FJ_LAZY_RESCALE ", lazy_rescale ? 1 : 0, "\n",
       "#define FJ_ELEM_IS_BF16 ",
       dtype == FJ_BFLOAT16 ? 1 : 0, "\n");
@@ -299,7 +298,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, blocks; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -333,10 +332,8 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "counter") {
       if (value != "stream" && value != "memset") fail(item, "counter=stream or counter=memset");
       tiles.stream_counter = value == "stream" ? 1 : 0;
-    } else if (key == "blocks") {
-      tiles.blocks = number(item, value, 1, 2, "blocks=1 or blocks=2");
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, blocks");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter");
     }
   }
   return tiles;
@@ -367,10 +364,7 @@ KernelSpec simt_spec(const KernelTraits& traits, KernelEntry entry) {
 }
 
 bool fits(const KernelSpec& spec) {
-  // Blocks side by side share the SM's shared memory, 1 KB of it reserved for each.
-  const int limit = spec.blocks_per_sm == 1 ? max_shared_memory_bytes(spec.arch)
-                                            : (max_shared_memory_bytes(spec.arch) + 1024) / spec.blocks_per_sm - 1024;
-  return spec.shared_memory_bytes() <= limit;
+  return spec.shared_memory_bytes() <= max_shared_memory_bytes(spec.arch);
 }
 
 bool uses_tensor_cores(const KernelTraits& traits) {
@@ -435,26 +429,12 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
   if (forced.q_buffers) spec.q_buffers = forced.q_buffers;
   if (forced.o_tma >= 0) spec.o_tma = forced.o_tma == 1;
   if (forced.fast_softmax == 0) spec.fold_scale = spec.lazy_rescale = false;
-  if (forced.blocks == 2) {
-    // Two blocks an SM: 384 threads each at 80 registers at launch, the consumers 104 after the
-    // producer's release (pipeline.cuh); 64 keys a step (32 with masks, dropout or softcap)
-    // unless forced, and half the shared memory each.
-    if (spec.threads != (8 + kProducerWarps) * 32) {
-      throw_value_error("[cuda] FLASHJIT_CUDA_TILES: blocks=2 takes two consumer warpgroups (groups=2)");
-    }
-    if (head_dim > 64) throw_value_error("[cuda] FLASHJIT_CUDA_TILES: blocks=2 needs head dims up to 64, got ", head_dim);
-    spec.blocks_per_sm = 2;
-    const bool extras = spec.mask != MaskKind::kNone || spec.dropout || spec.softcap;
-    if (!forced.block_n) spec.block_n = extras ? 32 : 64;
-    if (!forced.q_buffers && !fits(spec)) spec.q_buffers = 1;
-  }
   if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 128) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 takes at most n=96, got n=", spec.block_n);
   }
   if (!fits(spec)) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: ", spec.name(), " needs ", spec.shared_memory_bytes(),
-                      " bytes of shared memory; sm_", spec.arch, " has ", max_shared_memory_bytes(spec.arch),
-                      spec.blocks_per_sm > 1 ? " for a block, less for two beside each other" : "");
+                      " bytes of shared memory; sm_", spec.arch, " has ", max_shared_memory_bytes(spec.arch));
   }
   return spec;
 }

@@ -57,10 +57,6 @@ struct KernelSpec {
   // kHopper forward without dropout: a row's base moves only when its maximum
   // grows past a slack, so O is rarely rescaled (softmax.cuh, kRebaseSlack).
   bool lazy_rescale = false;
-  // kHopper forward: blocks an SM its launch bounds and register shares are sized for (1, or 2:
-  // two persistent blocks an SM, each with two consumer warpgroups, so that one's work-tile
-  // boundary runs beside the other's steps).
-  int blocks_per_sm = 1;
   int block_n = 32;   // rows of the streamed operand per step
   int arch = 0;       // 90 for sm_90
 
@@ -111,10 +107,8 @@ struct ForwardTiles {
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
-  int blocks = 0;  // blocks an SM: 1, or 2 ("blocks=2", two consumer warpgroups each)
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
-           blocks;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

@@ -79,7 +79,7 @@ FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, 
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, kMinBlocks)
+extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_forward(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   constexpr layout::HopperForward kLayout =

@@ -14,12 +14,9 @@ constexpr int kProducerThreads = 128;
 constexpr int kConsumers = kWarps / 4;  // consumer warpgroups: 2, or 3 (a forward variant at head dim 64)
 static_assert(kWarps % 4 == 0 && (kConsumers == 2 || kConsumers == 3), "two or three consumer warpgroups");
 // 24 + 2 x 240 (or 3 x 160) registers a thread fit the 64K of the SM that the
-// launch bounds (384 threads at 168 registers, or 512 at 128) reserve. Two blocks
-// an SM (FJ_MIN_BLOCKS 2, the forward only) reserve 384 x 80 each: 24 + 2 x 104.
-constexpr int kMinBlocks = FJ_MIN_BLOCKS;
-static_assert(kMinBlocks == 1 || (kMinBlocks == 2 && kConsumers == 2), "two blocks an SM: two consumer warpgroups");
+// launch bounds (384 threads at 168 registers, or 512 at 128) reserve.
 constexpr int kProducerRegisters = 24;
-constexpr int kConsumerRegisters = kMinBlocks == 2 ? 104 : kConsumers == 2 ? 240 : 160;
+constexpr int kConsumerRegisters = kConsumers == 2 ? 240 : 160;
 // Consumer w issues its wgmma after named barrier kTurnBarrier + w, then passes
 // the turn to the next, so that one consumer's softmax runs beside the others'
 // products. Each turn barrier joins two warpgroups: the one waiting for its
