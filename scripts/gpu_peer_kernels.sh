@@ -4,13 +4,14 @@
 # and for flashjit's, on each CASE (HEADDIM:SEQLEN[:causal], B*N = 16k, H = 2048 / D, bf16):
 # kernel names (which carry the peers' tile shapes), grid, block, registers, shared memory,
 # blocks an SM, duration. The table goes to stdout and $OUT/peer-kernels.txt.
-#   bash scripts/gpu_peer_kernels.sh [--no-build] CASE...
+#   bash scripts/gpu_peer_kernels.sh [--no-build] [--impls cudnn flash flashjit] CASE...
 OUT=${OUT:-/tmp/flashjit-peers}
 source "$(dirname "$0")/gpu_common.sh"
-do_build=1 cases=()
+do_build=1 cases=() impls=(cudnn flash flashjit)
 while (($#)); do
   case $1 in
     --no-build) do_build=0 ;;
+    --impls) shift; impls=(); while (($#)) && [[ $1 != --* ]] && [[ $1 != *:* ]]; do impls+=("$1"); shift; done; continue ;;
     *) cases+=("$1") ;;
   esac
   shift
@@ -34,13 +35,15 @@ torch.cuda.synchronize()
 PY
 for case in "${cases[@]}"; do
   IFS=: read -r dim seqlen causal <<<"$case"
-  for impl in cudnn flash flashjit; do
+  for impl in "${impls[@]}"; do
     step "$impl D$dim N$seqlen ${causal:-non-causal}"
     timeout 120 ncu --kernel-name "regex:fprop|sdpa|flash_fwd|fmha|fj_attention_forward" --launch-skip 2 --launch-count 1 --section LaunchStats --section Occupancy \
       --section SpeedOfLight python3 "$OUT/peer_forward.py" $impl "$dim" "$seqlen" "$([ -n "$causal" ] && echo 1 || echo 0)" \
-      >"$OUT/ncu-$impl-d$dim-n$seqlen${causal:+-causal}.txt" 2>&1 || status=1
+      >"$OUT/ncu-one.txt" 2>&1 || status=1
+    cat "$OUT/ncu-one.txt" >>"$OUT/ncu-details.txt"
     grep -E "^  [a-zA-Z_].*\(|Duration|Grid Size|Block Size|Registers Per Thread|Dynamic Shared Memory Per Block|Static Shared Memory Per Block|Block Limit (Registers|Shared Mem)|Theoretical Occupancy|Achieved Active Warps|Compute \(SM\) Throughput" \
-      "$OUT/ncu-$impl-d$dim-n$seqlen${causal:+-causal}.txt" | sed 's/  */ /g' | tee -a "$OUT/peer-kernels.txt"
+      "$OUT/ncu-one.txt" | sed 's/  */ /g' | tee -a "$OUT/peer-kernels.txt"
   done
 done
+rm -f "$OUT/ncu-one.txt" "$OUT/peer_forward.py"
 exit $status
