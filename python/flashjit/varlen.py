@@ -216,9 +216,9 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     place). causal=True aligns bottom-right (the last query sees the last key).
 
     One call of the C API's varlen entry for the batch: the cache as packed rows with each
-    sequence's key count (seqused_k), or its pages through the page table (on the CPU the
-    pages are read in place; on CUDA, which has no paged kernels yet, each sequence's used rows
-    are gathered first). Not differentiable (a cache is for inference)."""
+    sequence's key count (seqused_k), or its pages through the page table, read in place (on
+    CUDA in one launch for float16/bfloat16; for float32 each sequence's used rows are gathered
+    first). Not differentiable (a cache is for inference)."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(x, Tensor):
             raise TypeError(f"[{_KV_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -268,7 +268,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     if page_table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
         keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
         offsets_k = torch.arange(batch + 1, dtype=torch.int32) * k_cache.shape[1]
-    elif q.is_cuda:  # no paged kernels on CUDA yet: the used rows gathered, packed
+    elif q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        # CUDA reads pages in place for half types; otherwise the used rows gathered, packed
         keys, values = (_gather_pages(c, page_table, used) for c in (k_cache, v_cache))
         offsets_k = torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32)
         seqused = None

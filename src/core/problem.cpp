@@ -279,6 +279,16 @@ const fj_tensor* mask_of(const fj_attention_options* options) {
   return present ? &options->mask : nullptr;
 }
 
+// The window bounds and the diagonal of the options for p's lengths (checked by the caller).
+// A bound at least Sq + Sk away from the diagonal excludes nothing: treat it as unbounded,
+// which also keeps the index arithmetic far from overflow.
+void apply_window_bounds(const fj_attention_options& opt, AttentionProblem& p) {
+  const int64_t no_bound = p.seqlen_q + p.seqlen_k;
+  p.window_left = opt.window_left >= no_bound ? -1 : opt.window_left;
+  p.window_right = opt.causal != FJ_CAUSAL_NONE ? 0 : opt.window_right >= no_bound ? -1 : opt.window_right;
+  p.diagonal_shift = opt.causal == FJ_CAUSAL_TOP_LEFT ? 0 : p.seqlen_k - p.seqlen_q;
+}
+
 // Options shared by both directions: scale, softcap, causal, window, mask, dropout.
 void apply_options(const char* op, const fj_attention_options* options, const fj_tensor& q,
                    AttentionProblem& p) {
@@ -317,19 +327,10 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
     throw_value_error("[", op, "] window_right: expected -1 (unbounded) or >= 0, got ", opt.window_right);
   }
   p.causal = opt.causal;
-  // A bound at least Sq + Sk away from the diagonal excludes nothing: treat it as
-  // unbounded, which also keeps the index arithmetic far from overflow.
-  const int64_t no_bound = p.seqlen_q + p.seqlen_k;
-  p.window_left = opt.window_left >= no_bound ? -1 : opt.window_left;
-  p.window_right = opt.window_right >= no_bound ? -1 : opt.window_right;
-  if (opt.causal != FJ_CAUSAL_NONE) {
-    if (opt.window_right > 0) {
-      throw_value_error("[", op, "] window_right: expected -1 or 0 with a causal mask, got ",
-                        opt.window_right);
-    }
-    p.window_right = 0;
+  if (opt.causal != FJ_CAUSAL_NONE && opt.window_right > 0) {
+    throw_value_error("[", op, "] window_right: expected -1 or 0 with a causal mask, got ", opt.window_right);
   }
-  p.diagonal_shift = opt.causal == FJ_CAUSAL_TOP_LEFT ? 0 : p.seqlen_k - p.seqlen_q;
+  apply_window_bounds(opt, p);
 
   if (!(opt.dropout_p >= 0.0 && opt.dropout_p < 1.0)) {
     throw_value_error("[", op, "] dropout_p: expected a value in [0, 1), got ", opt.dropout_p);
@@ -818,6 +819,9 @@ AttentionProblem make_varlen_forward_problem(const fj_tensor* q, const fj_tensor
     p.v.stride_batch = v->shape[0] == 1 ? 0 : v->strides[0];
   }
   apply_varlen(op, varlen, options, *q, p);
+  // Again for the longest lengths: the checks above saw the first page's rows as the keys,
+  // which would have taken a window wider than a page for no window at all.
+  if (paged) apply_window_bounds(*options, p);
   return p;
 }
 

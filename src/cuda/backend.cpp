@@ -452,6 +452,88 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
+// A KV cache's forward in one launch of the mma.sync forward (FJ_KV_CACHE), split over the
+// keys where the batch cannot fill the GPU: a variable-length call whose sequences all have
+// the same number of queries and whose keys are a cache (seqused_k: each sequence's own count
+// of the rows its offset starts, at one stride a sequence; or a page table), with half types,
+// no mask and no dropout, outside graph capture (the counts and the table are copied to the
+// device on the stream). It runs as a dense batch of the queries against the longest count,
+// each block bounding its keys by its entry's count. False (an empty plan) where it does not
+// apply; the caller then runs the sequences one by one.
+bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
+  if (launch.graph_safe || p.offsets_on_device || p.batch == 0 || p.mask != nullptr || p.has_dropout() ||
+      (p.seqused_k == nullptr && p.page_table == nullptr) || driver().cuMemcpyHtoDAsync == nullptr) {
+    return false;
+  }
+  const int64_t queries = int64_t(p.cu_seqlens_q[1]) - p.cu_seqlens_q[0];
+  const int64_t key_stride = p.page_table != nullptr || p.cu_seqlens_k == nullptr
+                                 ? 0
+                                 : int64_t(p.cu_seqlens_k[1]) - p.cu_seqlens_k[0];
+  std::vector<int32_t> counts(size_t(p.batch));
+  int64_t longest = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b] != queries) return false;
+    if (p.page_table == nullptr &&
+        (p.cu_seqlens_k == nullptr || int64_t(p.cu_seqlens_k[b]) != p.cu_seqlens_k[0] + b * key_stride)) {
+      return false;
+    }
+    counts[size_t(b)] = p.seqused_k != nullptr ? p.seqused_k[b]
+                                                : int32_t(int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b]);
+    longest = std::max<int64_t>(longest, counts[size_t(b)]);
+  }
+  if (queries == 0 || longest == 0) return false;  // nothing to bound: the sequences' own plans
+  // The dense batch: entry b's queries are its packed rows, its keys the cache's.
+  AttentionProblem dense = p;
+  dense.cu_seqlens_q = dense.cu_seqlens_k = dense.seqused_k = dense.page_table = nullptr;
+  dense.seqlen_q = queries;
+  dense.seqlen_k = longest;
+  const int64_t element = int64_t(dtype_size(p.dtype));
+  for (Operand* x : {&dense.q, &dense.o}) {
+    x->data = static_cast<char*>(x->data) + int64_t(p.cu_seqlens_q[0]) * x->stride_seq * element;
+    x->stride_batch = queries * x->stride_seq;
+  }
+  if (dense.lse != nullptr) {
+    dense.lse = static_cast<char*>(dense.lse) + int64_t(p.cu_seqlens_q[0]) * p.lse_stride_seq * int64_t(dtype_size(p.lse_dtype));
+    dense.lse_stride_batch = queries * p.lse_stride_seq;
+  }
+  if (p.page_table == nullptr) {
+    for (Operand* x : {&dense.k, &dense.v}) {
+      x->data = static_cast<char*>(x->data) + int64_t(p.cu_seqlens_k[0]) * x->stride_seq * element;
+      x->stride_batch = key_stride * x->stride_seq;
+    }
+  }
+  const bool top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
+  dense.diagonal_shift = top_left ? 0 : longest - queries;
+  dense = with_query_groups_packed(dense);
+  KernelSpec spec = split_forward_kernel(traits_for_launch(dense, launch));
+  if (!spec.split) return false;  // no mma.sync kernel for these traits
+  spec.kv_cache = p.page_table != nullptr ? 2 : 1;
+  // Per-entry counts, then the page table's rows, in device memory for the kernels.
+  std::vector<int32_t> arrays = counts;
+  if (p.page_table != nullptr) {
+    arrays.insert(arrays.end(), p.page_table, p.page_table + p.batch * p.page_table_stride);
+  }
+  plan.table.emplace(arrays.size() * sizeof(int32_t), launch.stream, launch.device_index);
+  int32_t* device = static_cast<int32_t*>(plan.table->get());
+  check(driver().cuMemcpyHtoDAsync(reinterpret_cast<CUdeviceptr>(device), arrays.data(),
+                                   arrays.size() * sizeof(int32_t), launch.stream),
+        "cuMemcpyHtoDAsync");
+  KernelParams params = params_of(dense);
+  params.seqused_k = device;
+  params.varlen_top_left = top_left ? 1 : 0;
+  if (p.page_table != nullptr) {
+    params.page_table = device + p.batch;
+    params.page_table_stride = p.page_table_stride;
+    params.page_size = checked_int(p.page_size, "page size");
+  }
+  const int splits = forward_splits(dense, spec, device_info(launch.device_index).multiprocessors);
+  if (splits > 1 && plan_split_forward(plan, dense, launch, params, spec, splits)) return true;
+  spec.split = false;
+  params.num_query_blocks = int(ceil_div(dense.seqlen_q, spec.block_rows()));
+  plan.add(spec, params, launch).blocks = int64_t(params.num_query_blocks) * dense.batch * dense.heads_q;
+  return true;
+}
+
 // Whether a variable-length call may run in one launch a kernel (FJ_VARLEN):
 // outside graph capture (its table is written on the stream), without masks or KV
 // caches, with keys. `packed` gets the packed operands as one batch entry.
@@ -768,9 +850,19 @@ AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& l
 // enqueued. Returns the largest scratch of the parts, which run one after another and can
 // share one workspace.
 size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
-  if (!backward && problem.page_table != nullptr) {
-    throw_unsupported("[cuda] page_table: paged KV caches run on the CPU backend in this version "
-                      "(flashjit.attention_with_kvcache gathers the pages for CUDA tensors)");
+  if (!backward && problem.varlen() && (problem.seqused_k != nullptr || problem.page_table != nullptr)) {
+    Launch launch = prepare(problem);
+    if (planning) launch.graph_safe = launch.planning = true;
+    Plan plan;
+    if (plan_kv_cache_forward(plan, problem, launch)) {
+      if (!planning) enqueue(plan, launch);
+      return plan.scratch_bytes;
+    }
+    if (problem.page_table != nullptr) {
+      throw_unsupported("[cuda] page_table: a paged KV cache runs on CUDA for float16/bfloat16 without mask or "
+                        "dropout, outside graph capture, with the same number of queries in every sequence "
+                        "(flashjit.attention_with_kvcache gathers the pages for other calls)");
+    }
   }
   size_t needed = 0;
   if (problem.varlen() && (settings::varlen_single_launch() || problem.offsets_on_device)) {

@@ -45,6 +45,9 @@ struct KernelSpec {
   bool split = false;    // kMma forward over a span of keys, writing partials (KernelParams::split_o)
   // kHopper forward over a variable-length batch in one launch (KernelParams::varlen; O by the threads).
   bool varlen = false;
+  // kMma forward over a KV cache in one launch (FJ_KV_CACHE): 1, each batch entry's own key
+  // count (KernelParams::seqused_k); 2, and its keys through a page table. 0: neither.
+  int kv_cache = 0;
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)

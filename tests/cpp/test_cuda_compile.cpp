@@ -372,6 +372,39 @@ TEST_F(CudaCompile, SplitForwardAndCombineCompileForSm80AndSm90) {
   EXPECT_FALSE(split_forward_kernel(float32).split);
 }
 
+// The KV-cache forward (FJ_KV_CACHE: each batch entry's own key count, and 2: its keys
+// through a page table), split and not, with and without the extras, for sm_80 and sm_90.
+TEST_F(CudaCompile, KvCacheForwardCompilesForSm80AndSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  int compiled = 0;
+  for (int arch : {80, 90}) {
+    for (int head_dim : {64, 128}) {
+      for (int extras : {0, 1}) {
+        for (int kv_cache : {1, 2}) {
+          for (bool split : {true, false}) {
+            KernelTraits traits;
+            traits.dtype = extras ? FJ_FLOAT16 : FJ_BFLOAT16;
+            traits.head_dim_qk = traits.head_dim_v = head_dim;
+            traits.window = extras;
+            traits.softcap = extras;
+            traits.aligned = !(extras && kv_cache == 2);  // the element-wise loads too
+            traits.arch = arch;
+            KernelSpec spec = split_forward_kernel(traits);
+            ASSERT_TRUE(spec.split) << spec.name();
+            spec.split = split;
+            spec.kv_cache = kv_cache;
+            EXPECT_NE(spec.name().find(kv_cache == 1 ? "_kvcache" : "_paged"), std::string::npos);
+            ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+            ++compiled;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(stats().compiles, compiled);
+}
+
 // Kernel selection alone (no NVRTC): every kernel chosen for a problem fits the
 // opt-in shared memory of the arch it is for, so no launch fails on sm_86/89
 // (99 KB) where the H100's choice (227 KB) would not fit.

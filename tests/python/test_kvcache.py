@@ -95,3 +95,60 @@ def test_gathered_pages_are_each_sequences_keys_in_order():
     gathered = _gather_pages(k_pages, table, used)
     expected = torch.cat([k_cache[b, :n] for b, n in enumerate(used)])
     assert torch.equal(gathered, expected)
+
+
+def _shuffled_pages(cache, page_size, generator):
+    """cache [B, S, H, D] as pages [B * S / page_size + 3, page_size, H, D] in shuffled order
+    (three pages of noise that no table entry names) and the page table [B, S / page_size]."""
+    batch, capacity = cache.shape[:2]
+    per_sequence = capacity // page_size
+    num_pages = batch * per_sequence + 3
+    order = torch.randperm(num_pages, generator=generator)[:batch * per_sequence].reshape(batch, per_sequence)
+    pages = torch.randn(num_pages, page_size, *cache.shape[2:], generator=generator).to(cache.device, cache.dtype)
+    for b in range(batch):
+        pages[order[b].to(cache.device)] = cache[b].reshape(per_sequence, page_size, *cache.shape[2:])
+    return pages, order.to(device=cache.device, dtype=torch.int32)
+
+
+# Half types with the query heads of a group (on CUDA: the whole batch in one launch of the
+# mma.sync forward, each block bounded by its sequence's own key count, split over the keys
+# or not, the pages read in place): each sequence against the float64 reference of its
+# used keys alone; the paged cache (pages of 16 and 64 keys, shuffled) bit for bit the dense
+# cache's result on CUDA, where both run the same arithmetic.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq,causal,window,softcap", [
+    (1, False, (-1, -1), 0.0), (1, True, (-1, -1), 0.0), (4, True, (-1, -1), 0.0), (4, "top_left", (-1, -1), 0.0),
+    (1, False, (-1, -1), 5.0), (3, True, (40, -1), 0.0)])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softcap, splits, monkeypatch):
+    if splits is not None:
+        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
+    generator = torch.Generator().manual_seed(D * 10 + sq)
+    batch, heads_q, heads_kv, capacity = 4, 8, 2, 320
+    lengths = [200, 0, 1, 317]  # one empty sequence, one of a single key, one nearly full
+    k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, D, generator=generator).to(DEVICE, dtype)
+                        for _ in range(2))
+    q = torch.randn(batch, sq, heads_q, D, generator=generator).to(DEVICE, dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    options = dict(causal=causal, window=window, softcap=softcap)
+    o, lse = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, return_lse=True, **options)
+    alignment = "top_left" if causal == "top_left" else ("bottom_right" if causal else False)
+    for b, n in enumerate(lengths):
+        inputs = [x.transpose(1, 2).cpu() for x in (q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n])]
+        inputs[1:] = [x.repeat_interleave(heads_q // heads_kv, dim=1) for x in inputs[1:]]
+        exact_o, exact_lse = naive_attention(*(x.double() for x in inputs), causal=alignment, window=window,
+                                             softcap=softcap)
+        base_o, base_lse = naive_attention(*inputs, causal=alignment, window=window, softcap=softcap, dtype=dtype)
+        check(f"o[{b}]", o[b:b + 1].transpose(1, 2), base_o, exact_o, dtype)
+        check(f"lse[{b}]", lse[b:b + 1], base_lse, exact_lse, dtype)
+    for page_size in (16, 64):
+        k_pages, table = _shuffled_pages(k_cache, page_size, generator)
+        v_pages = torch.empty_like(k_pages)
+        for b in range(batch):
+            v_pages[table[b].long()] = v_cache[b].reshape(-1, page_size, heads_kv, D)
+        o_paged, lse_paged = flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=seqlens,
+                                                             page_table=table, return_lse=True, **options)
+        tolerance = dict(rtol=0, atol=0) if DEVICE == "cuda" else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(o_paged, o, **tolerance)
+        torch.testing.assert_close(lse_paged, lse, **tolerance)

@@ -8,7 +8,8 @@
 //
 // The online softmax is softmax.cuh's. Macros from the prelude: those of
 // mma_common.cuh and FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP,
-// FJ_SPLIT (a span of the keys a block, partial results for combine.cuh).
+// FJ_SPLIT (a span of the keys a block, partial results for combine.cuh), FJ_KV_CACHE (each
+// batch entry's own key count, 2: and its keys through a page table; KernelParams::seqused_k).
 #pragma once
 
 namespace flashjit {
@@ -22,7 +23,35 @@ FJ_DEVICE void scores(float (&s)[kRowTiles][kBlockN / 8][4], const elem_t* q_til
                                                         lane);
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(const KernelParams p) {
+#if FJ_KV_CACHE
+// A KV cache's batch entry b: its own key count (clamped into the cache's rows) and, aligned
+// bottom-right, the diagonal that count puts it on.
+FJ_DEVICE KernelParams kv_cache_params(const KernelParams& p, int b) {
+  KernelParams entry = p;
+  const int used = max(0, min(p.seqused_k[b], p.seqlen_k));
+  entry.seqlen_k = used;
+  if (!p.varlen_top_left) entry.diagonal_shift = p.diagonal_shift + (used - p.seqlen_k);
+  return entry;
+}
+#endif
+
+// Key rows [first, first + kBlockN) of k or v into a tile: in place, or (FJ_KV_CACHE 2)
+// each through the batch entry's row of the page table.
+template <int kDim>
+FJ_DEVICE void load_key_tile(elem_t* tile, const KernelParams& p, const KernelOperand& x, int b, int kv_head,
+                             long long first, long long row_end, int dim) {
+#if FJ_KV_CACHE == 2
+  const int* pages = p.page_table + b * p.page_table_stride;
+  const elem_t* head = static_cast<const elem_t*>(x.data) + kv_head * x.stride_head;
+  load_rows<kBlockN, kDim>(tile, first, row_end, dim, head, [&](long long row) {
+    return head + static_cast<long long>(pages[row / p.page_size]) * x.stride_batch + (row % p.page_size) * x.stride_seq;
+  });
+#else
+  load_tile<kBlockN, kDim>(tile, operand_row<const elem_t>(x, b, kv_head, 0), x.stride_seq, first, row_end, dim);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(const KernelParams launch_params) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   constexpr layout::MmaForward kLayout = layout::mma_forward(kBlockM, kBlockN, kPitchQk, kPitchV);
   elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.q_tile);  // [kBlockM][kPitchQk]
@@ -30,7 +59,12 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
   elem_t* v_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.v_tile);  // [kBlockN][kPitchV]
 
   int block, b, h;
-  block_coordinates(p.num_query_blocks, p.heads_q, &block, &b, &h);
+  block_coordinates(launch_params.num_query_blocks, launch_params.heads_q, &block, &b, &h);
+#if FJ_KV_CACHE
+  const KernelParams p = kv_cache_params(launch_params, b);
+#else
+  const KernelParams& p = launch_params;
+#endif
   const int kv_head = h / p.group_size;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -56,14 +90,12 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
   const long long key_hi = key_end(p, last_query);
 #endif
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const elem_t* k_base = operand_row<const elem_t>(p.k, b, kv_head, 0);
-  const elem_t* v_base = operand_row<const elem_t>(p.v, b, kv_head, 0);
 
   load_tile<kBlockM, kDimQk>(q_tile, operand_row<const elem_t>(p.q, b, h, 0), p.q.stride_seq, first_query,
                              p.seqlen_q, p.head_dim_qk);
   const long long first_tile = key_lo / kBlockN * kBlockN;
   if (first_tile < key_hi) {
-    load_tile<kBlockN, kDimQk>(k_tile, k_base, p.k.stride_seq, first_tile, key_hi, p.head_dim_qk);
+    load_key_tile<kDimQk>(k_tile, p, p.k, b, kv_head, first_tile, key_hi, p.head_dim_qk);
   }
   cp_async_commit();
 
@@ -78,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
   for (long long tile_start = first_tile; tile_start < key_hi; tile_start += kBlockN) {
     cp_async_wait<0>();
     __syncthreads();  // K tile (and Q) in shared memory; V tile free
-    load_tile<kBlockN, kDimV>(v_tile, v_base, p.v.stride_seq, tile_start, key_hi, p.head_dim_v);
+    load_key_tile<kDimV>(v_tile, p, p.v, b, kv_head, tile_start, key_hi, p.head_dim_v);
     cp_async_commit();
 
     float s[kRowTiles][kBlockN / 8][4];
@@ -102,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     cp_async_wait<0>();
     __syncthreads();  // V tile in shared memory; every warp done reading K
     if (tile_start + kBlockN < key_hi) {
-      load_tile<kBlockN, kDimQk>(k_tile, k_base, p.k.stride_seq, tile_start + kBlockN, key_hi, p.head_dim_qk);
+      load_key_tile<kDimQk>(k_tile, p, p.k, b, kv_head, tile_start + kBlockN, key_hi, p.head_dim_qk);
     }
     cp_async_commit();
 

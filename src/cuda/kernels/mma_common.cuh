@@ -146,6 +146,35 @@ FJ_DEVICE void load_tile(elem_t* tile, const elem_t* base, long long stride_seq,
   }
 }
 
+// load_tile's loop with each row's address from row_pointer(row) (a paged KV cache's rows):
+// rows at or past row_end are zero and their addresses are not formed (an empty copy names
+// `any`, an address of the operand, instead).
+template <int kRows, int kDim, class RowPointer>
+FJ_DEVICE void load_rows(elem_t* tile, long long first, long long row_end, int dim, const elem_t* any,
+                         RowPointer row_pointer) {
+  constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
+  for (int index = threadIdx.x; index < kRows * kChunks; index += kThreads) {
+    const int r = index / kChunks;
+    const int c = index - r * kChunks;
+    const long long row = first + r;
+    elem_t* destination = tile + tile_offset<kRows, kDim>(r, c * 8);
+#if FJ_ALIGNED
+    if (row < row_end && c * 8 < dim) {
+      cp_async_16(destination, row_pointer(row) + c * 8, 16);
+    } else {
+      cp_async_16(destination, any, 0);  // zero fill; nothing is read
+    }
+#else
+    const elem_t* source = row < row_end ? row_pointer(row) : nullptr;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int d = c * 8 + e;
+      destination[e] = (source != nullptr && d < dim) ? source[d] : elem_t{0};
+    }
+#endif
+  }
+}
+
 // The A fragment of a 16-deep step from the C fragments of two adjacent 8-column tiles.
 FJ_DEVICE void a_from_c(unsigned (&a)[4], const float (&left)[4], const float (&right)[4]) {
   a[0] = pack2(left[0], left[1]);

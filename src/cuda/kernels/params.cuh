@@ -104,6 +104,16 @@ struct KernelParams {
   int varlen_top_left;
   long long q_row0;
   long long k_row0;
+
+  // A KV cache in one launch (the mma.sync forward with FJ_KV_CACHE): batch entry b uses its
+  // first seqused_k[b] keys (device memory; seqlen_k is the longest), its diagonal shifted
+  // by its own count unless varlen_top_left (kv_cache_params). FJ_KV_CACHE 2: key j of entry
+  // b is row j % page_size of page page_table[b * page_table_stride + j / page_size] (device
+  // memory), k's and v's batch strides stepping pages.
+  const int* seqused_k;
+  const int* page_table;
+  long long page_table_stride;
+  int page_size;
 };
 
 constexpr int kVarlenFields = 7;
