@@ -268,19 +268,30 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     if page_table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
         keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
         offsets_k = torch.arange(batch + 1, dtype=torch.int32) * k_cache.shape[1]
-    elif q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        # CUDA reads pages in place for half types; otherwise the used rows gathered, packed
-        keys, values = (_gather_pages(c, page_table, used) for c in (k_cache, v_cache))
-        offsets_k = torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32)
-        seqused = None
     else:
         table = page_table.to(device="cpu", dtype=torch.int32).contiguous()
     q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
     o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
     lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)
-    with torch.no_grad():
-        _run("forward", functools.partial(_C.varlen_forward, seqused_k=seqused, page_table=table), offsets_q,
-             offsets_k, 0, 0, (q_rows, keys, values), (o, lse), options.op_args(None, None), key_lengths=used)
+
+    def attend(keys, values, offsets_k, seqused, table):
+        with torch.no_grad():
+            _run("forward", functools.partial(_C.varlen_forward, seqused_k=seqused, page_table=table), offsets_q,
+                 offsets_k, 0, 0, (q_rows, keys, values), (o, lse), options.op_args(None, None), key_lengths=used)
+
+    # CUDA reads the pages in place where it can (half types, outside graph capture); otherwise
+    # each sequence's used rows are gathered and packed first.
+    gather = table is not None and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16)
+    if not gather:
+        try:
+            attend(keys, values, offsets_k, seqused, table)
+        except NotImplementedError:
+            if table is None or not q.is_cuda:
+                raise
+            gather = True
+    if gather:
+        gathered = [_gather_pages(c, page_table, used) for c in (k_cache, v_cache)]
+        attend(*gathered, torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32), None, None)
     o = o.view(batch, sq, heads_q, -1)
     return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
 

@@ -462,7 +462,7 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 // apply; the caller then runs the sequences one by one.
 bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   if (launch.graph_safe || p.offsets_on_device || p.batch == 0 || p.mask != nullptr || p.has_dropout() ||
-      (p.seqused_k == nullptr && p.page_table == nullptr) || driver().cuMemcpyHtoDAsync == nullptr) {
+      p.seqused_k == nullptr || driver().cuMemcpyHtoDAsync == nullptr) {
     return false;
   }
   const int64_t queries = int64_t(p.cu_seqlens_q[1]) - p.cu_seqlens_q[0];
@@ -477,11 +477,10 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
         (p.cu_seqlens_k == nullptr || int64_t(p.cu_seqlens_k[b]) != p.cu_seqlens_k[0] + b * key_stride)) {
       return false;
     }
-    counts[size_t(b)] = p.seqused_k != nullptr ? p.seqused_k[b]
-                                                : int32_t(int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b]);
+    counts[size_t(b)] = p.seqused_k[b];  // a page table comes with the counts (apply_pages)
     longest = std::max<int64_t>(longest, counts[size_t(b)]);
   }
-  if (queries == 0 || longest == 0) return false;  // nothing to bound: the sequences' own plans
+  if (queries == 0) return true;  // no output row: nothing to do
   // The dense batch: entry b's queries are its packed rows, its keys the cache's.
   AttentionProblem dense = p;
   dense.cu_seqlens_q = dense.cu_seqlens_k = dense.seqused_k = dense.page_table = nullptr;
@@ -508,29 +507,46 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   KernelSpec spec = split_forward_kernel(traits_for_launch(dense, launch));
   if (!spec.split) return false;  // no mma.sync kernel for these traits
   spec.kv_cache = p.page_table != nullptr ? 2 : 1;
-  // Per-entry counts, then the page table's rows, in device memory for the kernels.
+  // Per-entry counts, then the pages each entry reads (its table row up to its count, rows
+  // packed `width` apart whatever the caller's row stride), for the kernels in device memory.
   std::vector<int32_t> arrays = counts;
+  int64_t width = 0;
   if (p.page_table != nullptr) {
-    arrays.insert(arrays.end(), p.page_table, p.page_table + p.batch * p.page_table_stride);
+    for (const int32_t count : counts) width = std::max(width, ceil_div(int64_t(count), p.page_size));
+    arrays.resize(size_t(p.batch * (1 + width)), 0);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int32_t* row = p.page_table + b * p.page_table_stride;
+      std::copy(row, row + ceil_div(int64_t(counts[size_t(b)]), p.page_size), arrays.begin() + p.batch + b * width);
+    }
   }
-  plan.table.emplace(arrays.size() * sizeof(int32_t), launch.stream, launch.device_index);
-  int32_t* device = static_cast<int32_t*>(plan.table->get());
-  check(driver().cuMemcpyHtoDAsync(reinterpret_cast<CUdeviceptr>(device), arrays.data(),
-                                   arrays.size() * sizeof(int32_t), launch.stream),
-        "cuMemcpyHtoDAsync");
   KernelParams params = params_of(dense);
-  params.seqused_k = device;
   params.varlen_top_left = top_left ? 1 : 0;
-  if (p.page_table != nullptr) {
-    params.page_table = device + p.batch;
-    params.page_table_stride = p.page_table_stride;
-    params.page_size = checked_int(p.page_size, "page size");
-  }
+  params.page_table_stride = width;
+  params.page_size = p.page_table != nullptr ? checked_int(p.page_size, "page size") : 0;
   const int splits = forward_splits(dense, spec, device_info(launch.device_index).multiprocessors);
-  if (splits > 1 && plan_split_forward(plan, dense, launch, params, spec, splits)) return true;
-  spec.split = false;
-  params.num_query_blocks = int(ceil_div(dense.seqlen_q, spec.block_rows()));
-  plan.add(spec, params, launch).blocks = int64_t(params.num_query_blocks) * dense.batch * dense.heads_q;
+  if (splits <= 1 || !plan_split_forward(plan, dense, launch, params, spec, splits)) {
+    spec.split = false;
+    params.num_query_blocks = int(ceil_div(dense.seqlen_q, spec.block_rows()));
+    plan.add(spec, params, launch).blocks = int64_t(params.num_query_blocks) * dense.batch * dense.heads_q;
+  }
+  // The kernels are compiled; then the arrays, or (no memory, no pool) an empty plan.
+  try {
+    plan.table.emplace(arrays.size() * sizeof(int32_t), launch.stream, launch.device_index);
+  } catch (const Error&) {
+    plan.table.reset();
+  }
+  int32_t* device = plan.table ? static_cast<int32_t*>(plan.table->get()) : nullptr;
+  if (device == nullptr || driver().cuMemcpyHtoDAsync(reinterpret_cast<CUdeviceptr>(device), arrays.data(),
+                                                      arrays.size() * sizeof(int32_t), launch.stream) != 0) {
+    plan.count = 0;
+    plan.scratch.reset();
+    plan.table.reset();
+    return false;
+  }
+  for (size_t index = 0; index < plan.count; ++index) {
+    plan.kernels[index].params.seqused_k = device;
+    if (p.page_table != nullptr) plan.kernels[index].params.page_table = device + p.batch;
+  }
   return true;
 }
 

@@ -152,3 +152,20 @@ def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softca
         tolerance = dict(rtol=0, atol=0) if DEVICE == "cuda" else dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(o_paged, o, **tolerance)
         torch.testing.assert_close(lse_paged, lse, **tolerance)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_half_cache_with_no_key_anywhere(paged):
+    # Every sequence empty: O = 0 and LSE = -inf (on CUDA through the one-launch path, which
+    # then reads no page), as for an empty sequence among others.
+    q = torch.randn(2, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(2, 32, 2, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    table = None
+    if paged:
+        k_cache, v_cache = (c.reshape(4, 16, 2, 64) for c in (k_cache, v_cache))
+        table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    o, lse = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, page_table=table,
+                                             return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o))
+    assert torch.isinf(lse).all() and (lse < 0).all()
