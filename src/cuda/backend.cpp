@@ -276,7 +276,7 @@ constexpr int64_t kMaxSplitScratchBytes = 16 << 20;  // the partial outputs, at 
 // How many ways the forward splits the keys: where a single query block covers
 // every query (decoding, a few queries a batch and head) and the blocks cannot
 // fill the GPU, each block walking all keys alone would leave most SMs idle;
-// splits bring the grid to about two blocks an SM, each split walking at least
+// splits bring the grid to about two blocks an SM (eight of one warp), each split walking at least
 // kMinSplitKeyTiles key tiles. 1: no split.
 int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int multiprocessors) {
   if (!split_spec.split) return 1;
@@ -287,8 +287,10 @@ int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int 
   }
   const int64_t blocks = query_blocks * p.batch * p.heads_q;
   if (query_blocks != 1 || blocks == 0) return 1;
-  int64_t splits =
-      std::min<int64_t>({2 * multiprocessors / blocks, key_tiles / kMinSplitKeyTiles, kMaxSplits});
+  // One-warp blocks (decoding) fit several an SM: enough of them to keep loads in flight.
+  const bool one_warp = split_spec.threads == 32;
+  const int64_t per_sm = one_warp ? 8 : 2, most = one_warp ? 4 * kMaxSplits : kMaxSplits;
+  int64_t splits = std::min<int64_t>({per_sm * multiprocessors / blocks, key_tiles / kMinSplitKeyTiles, most});
   const int64_t bytes_per_split = p.batch * p.heads_q * p.seqlen_q * (p.head_dim_v + 1) * 4;
   splits = std::min<int64_t>(splits, kMaxSplitScratchBytes / std::max<int64_t>(bytes_per_split, 1));
   return int(std::max<int64_t>(splits, 1));
@@ -433,7 +435,7 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
 void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   KernelParams params = params_of(p);
   if (!launch.graph_safe && p.seqlen_k > 0) {
-    const KernelSpec split_spec = split_forward_kernel(traits_for_launch(p, launch));
+    const KernelSpec split_spec = split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q);
     const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
     if (splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits)) return;
   }
@@ -504,7 +506,7 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   const bool top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
   dense.diagonal_shift = top_left ? 0 : longest - queries;
   dense = with_query_groups_packed(dense);
-  KernelSpec spec = split_forward_kernel(traits_for_launch(dense, launch));
+  KernelSpec spec = split_forward_kernel(traits_for_launch(dense, launch), dense.seqlen_q);
   if (!spec.split) return false;  // no mma.sync kernel for these traits
   spec.kv_cache = p.page_table != nullptr ? 2 : 1;
   // Per-entry counts, then the pages each entry reads (its table row up to its count, rows

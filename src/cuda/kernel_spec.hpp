@@ -127,7 +127,9 @@ KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned 
 // blocks to fill the GPU. The split forward is a kMma kernel without dropout;
 // where the traits allow none (other dtypes, dropout, no fit), the returned
 // spec has split == false.
-KernelSpec split_forward_kernel(const KernelTraits& traits);
+// query_rows (a batch and head's, GQA groups packed), where given and at most 16, takes
+// blocks of one warp and one 16-row tile where FLASHJIT_CUDA_DECODE_WARPS=1.
+KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows = 0);
 KernelSpec combine_kernel(const KernelTraits& traits);
 KernelSpec varlen_table_kernel(const KernelTraits& traits);
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);

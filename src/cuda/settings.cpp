@@ -4,6 +4,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/error.hpp"
+
 namespace flashjit::cuda::settings {
 namespace {
 
@@ -31,6 +33,13 @@ std::optional<int> forced_splits() {
   const char* value = std::getenv("FLASHJIT_CUDA_SPLITS");
   if (value == nullptr || *value == '\0') return std::nullopt;
   return std::max(1, std::atoi(value));
+}
+
+int decode_warps() {
+  const char* value = std::getenv("FLASHJIT_CUDA_DECODE_WARPS");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "4") == 0) return 4;
+  if (std::strcmp(value, "1") == 0) return 1;
+  throw_value_error("[cuda] FLASHJIT_CUDA_DECODE_WARPS: expected 1 or 4, got '", value, "'");
 }
 
 bool varlen_single_launch() {

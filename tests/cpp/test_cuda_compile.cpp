@@ -405,6 +405,43 @@ TEST_F(CudaCompile, KvCacheForwardCompilesForSm80AndSm90) {
   EXPECT_EQ(stats().compiles, compiled);
 }
 
+// Blocks of one warp for decoding (FLASHJIT_CUDA_DECODE_WARPS=1, up to 16 query rows): the
+// split forward, plain and over a KV cache, compiles at each head dim; more rows, or the
+// variable unset, keep the four-warp blocks; a bad value is an error naming the variable.
+TEST_F(CudaCompile, OneWarpDecodeBlocksCompile) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  setenv("FLASHJIT_CUDA_DECODE_WARPS", "1", 1);
+  int compiled = 0;
+  for (int arch : {80, 90}) {
+    for (int head_dim : {64, 128, 256}) {
+      for (int kv_cache : {0, 2}) {
+        KernelTraits traits;
+        traits.dtype = FJ_BFLOAT16;
+        traits.head_dim_qk = traits.head_dim_v = head_dim;
+        traits.arch = arch;
+        KernelSpec spec = split_forward_kernel(traits, 16);
+        ASSERT_TRUE(spec.split) << spec.name();
+        EXPECT_EQ(spec.threads, 32);
+        EXPECT_EQ(spec.block_rows(), 16);
+        spec.kv_cache = kv_cache;
+        ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+        ++compiled;
+        EXPECT_EQ(split_forward_kernel(traits, 17).threads, 128);
+      }
+    }
+  }
+  EXPECT_EQ(stats().compiles, compiled);
+  setenv("FLASHJIT_CUDA_DECODE_WARPS", "3", 1);
+  KernelTraits traits;
+  traits.dtype = FJ_FLOAT16;
+  traits.head_dim_qk = traits.head_dim_v = 64;
+  traits.arch = 90;
+  EXPECT_THROW(split_forward_kernel(traits, 1), std::exception);
+  unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
+  EXPECT_EQ(split_forward_kernel(traits, 1).threads, 128);
+}
+
 // Kernel selection alone (no NVRTC): every kernel chosen for a problem fits the
 // opt-in shared memory of the arch it is for, so no launch fails on sm_86/89
 // (99 KB) where the H100's choice (227 KB) would not fit.

@@ -121,9 +121,11 @@ def _shuffled_pages(cache, page_size, generator):
     (1, False, (-1, -1), 0.0), (1, True, (-1, -1), 0.0), (4, True, (-1, -1), 0.0), (4, "top_left", (-1, -1), 0.0),
     (1, False, (-1, -1), 5.0), (3, True, (40, -1), 0.0)])
 @pytest.mark.parametrize("splits", [None, 1, 3])
-def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softcap, splits, monkeypatch):
+@pytest.mark.parametrize("warps", [4, 1])  # FLASHJIT_CUDA_DECODE_WARPS: blocks of one warp for up to 16 rows
+def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softcap, splits, warps, monkeypatch):
     if splits is not None:
         monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
+    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", str(warps))
     generator = torch.Generator().manual_seed(D * 10 + sq)
     batch, heads_q, heads_kv, capacity = 4, 8, 2, 320
     lengths = [200, 0, 1, 317]  # one empty sequence, one of a single key, one nearly full

@@ -65,6 +65,35 @@ def test_decoding_shape_splits_by_itself(monkeypatch):
     run(B=2, Hq=16, Hkv=4, Sq=1, Sk=3000, D=128, dtype=torch.bfloat16)
 
 
+# Blocks of one warp over up to 16 query rows (FLASHJIT_CUDA_DECODE_WARPS=1): the same
+# function, split by the backend's choice or forced, with every feature the split takes.
+@pytest.mark.parametrize("case", [
+    dict(B=2, Hq=16, Hkv=4, Sq=1, Sk=3000, D=128),
+    dict(B=3, Hq=4, Hkv=2, Sq=3, Sk=300, D=64),
+    dict(B=1, Hq=2, Hkv=2, Sq=16, Sk=1000, D=256),
+    dict(B=2, Hq=4, Hkv=2, Sq=7, Sk=129, D=72, Dv=40),
+    dict(B=2, Hq=8, Hkv=2, Sq=2, Sk=500, D=128, causal="bottom_right"),
+    dict(B=2, Hq=4, Hkv=4, Sq=9, Sk=500, D=64, causal="top_left"),
+    dict(B=2, Hq=4, Hkv=4, Sq=5, Sk=400, D=64, window=(40, 7), softcap=8.0),
+    dict(B=1, Hq=32, Hkv=8, Sq=1, Sk=40000, D=128)])
+@pytest.mark.parametrize("forced", [None, 5])
+def test_one_warp_blocks(monkeypatch, case, forced):
+    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "1")
+    if forced is None:
+        monkeypatch.delenv("FLASHJIT_CUDA_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(forced))
+    run(dtype=torch.bfloat16, **case)
+
+
+def test_decode_warps_switch_is_checked(monkeypatch):
+    import flashjit
+    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "2")
+    q = torch.randn(1, 2, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FLASHJIT_CUDA_DECODE_WARPS"):
+        flashjit.attention(q, q, q)
+
+
 def test_dropout_does_not_split(splits):
     splits(4)
     run(B=1, Hq=2, Hkv=1, Sq=3, Sk=300, D=64, dtype=torch.float16, dropout_p=0.2)
