@@ -1,11 +1,13 @@
 """Decoding-shaped attention on the GPU: one new query per sequence against a KV
-cache, flashjit (keys split over blocks by its own choice, and with
-FLASHJIT_CUDA_SPLITS=1: no split) against PyTorch's SDPA (its own kernel choice),
-all in one run. bf16, 32 query heads sharing 8 key/value heads, head dim 128, with
-no mask and with a boolean key mask (a batch of cached sequences of unequal length).
-Microseconds per call, each call synchronised; median of repeated timings.
+cache, flashjit (keys split over blocks by its own choice; with blocks of one warp,
+FLASHJIT_CUDA_DECODE_WARPS=1; and with FLASHJIT_CUDA_SPLITS=1: no split) against
+PyTorch's SDPA (its own kernel choice), all in one run, on B 1/16/64 x cached keys
+1k/8k/32k/128k (B 64 up to 32k). bf16, 32 query heads sharing 8 key/value heads,
+head dim 128, with no mask and with a boolean key mask (a batch of cached sequences
+of unequal length). GPU time a call over back-to-back calls (CUDA events), the K/V
+bytes read a second, and host time of synchronised single calls.
 
-    python bench/decode.py --out bench/results
+    python bench/decode.py --out bench/results [--sizes 1x8192 16x32768 ...]
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from flashjit.bench import device_tag
 from gpu_attention import record_commit, save_record, shown_arguments
 
 
-def per_call_us(fn, calls=50, repeats=5):
+def per_call_us(fn, calls=20, repeats=5):
+    """Host microseconds of one call, each call synchronised (host time included); median of repeats."""
     fn()
     torch.cuda.synchronize()
     medians = []
@@ -38,56 +41,101 @@ def per_call_us(fn, calls=50, repeats=5):
     return statistics.median(medians)
 
 
-def no_split(fn):
+def back_to_back_us(fn, calls=100, repeats=3):
+    """GPU microseconds a call over `calls` back-to-back calls (CUDA events around them); median of repeats."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def with_env(fn, **variables):
+    """fn run with environment variables set for the call (flashjit reads these at every call)."""
     def run():
-        os.environ["FLASHJIT_CUDA_SPLITS"] = "1"
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
         try:
             return fn()
         finally:
-            del os.environ["FLASHJIT_CUDA_SPLITS"]
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return run
+
+
+SIZES = [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 1024), (16, 8192), (16, 32768), (16, 131072),
+         (64, 1024), (64, 8192), (64, 32768)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="BxKEYS",
+                        help="batch x cached keys, e.g. 1x8192 16x32768 (default: issue's grid)")
     args = parser.parse_args()
-    os.environ.pop("FLASHJIT_CUDA_SPLITS", None)
+    for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS"):
+        os.environ.pop(name, None)
+    sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes] if args.sizes else SIZES
     heads_q, heads_kv, head_dim = 32, 8, 128
+    names = ["flashjit", "flashjit, one-warp blocks", "flashjit, no split", "torch"]
     rows = []
-    for batch in (1, 8):
-        for keys in (512, 2048, 8192, 32768):
-            q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(batch, heads_kv, keys, head_dim, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2))
-            lengths = torch.randint(keys // 2, keys + 1, (batch,), device="cuda")
-            mask = (torch.arange(keys, device="cuda") < lengths[:, None])[:, None, None, :]
-            for masked in (False, True):
-                m = mask if masked else None
-                cases = {
-                    "flashjit": lambda: flashjit.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
-                    "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
-                }
-                cases["flashjit, no split"] = no_split(cases["flashjit"])
-                row = {"B": batch, "keys": keys, "mask": masked}
-                row.update({name: per_call_us(fn) for name, fn in cases.items()})
-                rows.append(row)
-                print(row, flush=True)
+    torch.manual_seed(0)
+    for batch, keys in sizes:
+        q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, heads_kv, keys, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        lengths = torch.randint(keys // 2, keys + 1, (batch,), device="cuda")
+        mask = (torch.arange(keys, device="cuda") < lengths[:, None])[:, None, None, :]
+        for masked in (False, True):
+            m = mask if masked else None
+            cases = {
+                "flashjit": lambda: flashjit.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
+                "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
+            }
+            cases["flashjit, one-warp blocks"] = with_env(cases["flashjit"], FLASHJIT_CUDA_DECODE_WARPS="1")
+            cases["flashjit, no split"] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS="1")
+            expected = cases["torch"]().float()
+            for name in names[:-1]:
+                torch.testing.assert_close(cases[name]().float(), expected, rtol=2e-2, atol=2e-2)
+            # K and V bytes a call reads: the whole cache, or (masked) the keys the mask keeps.
+            kept = int(lengths.sum()) if masked else batch * keys
+            row = {"B": batch, "keys": keys, "mask": masked, "bytes": 2 * kept * heads_kv * head_dim * 2}
+            row.update({name: back_to_back_us(fn) for name, fn in cases.items()})
+            row.update({name + " sync": per_call_us(fn) for name, fn in cases.items()})
+            rows.append(row)
+            print({key: round(value, 1) if isinstance(value, float) else value for key, value in row.items()},
+                  flush=True)
 
     commit = record_commit()
-    names = ["flashjit", "flashjit, no split", "torch"]
     lines = [f"# Decoding benchmark: {torch.cuda.get_device_name()}", "",
              f"- date: {datetime.date.today()}", f"- commit: {commit}",
              f"- command: `python bench/decode.py{shown_arguments(sys.argv[1:])}`",
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}",
              f"- bf16, one query, {heads_q} query heads, {heads_kv} key/value heads, head dim {head_dim}; "
              "mask: boolean, each sequence's cached length drawn from [keys / 2, keys]",
-             "- microseconds per synchronised call (host time included), median of 5 x 50 calls", "",
-             "| B | keys | mask | " + " | ".join(names) + " | flashjit vs torch |",
-             "|---:|---:|---|" + "---:|" * (len(names) + 1)]
+             "- µs: GPU time a call over 100 back-to-back calls (CUDA events), median of 3; TB/s: K and V bytes "
+             "read (masked: the kept keys') over that time; sync µs: host time of one synchronised call, median "
+             "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; no split: FLASHJIT_CUDA_SPLITS=1", "",
+             "| B | keys | mask | " + " | ".join(f"{n} µs" for n in names) + " | flashjit TB/s | torch TB/s | "
+             "one-warp TB/s | flashjit vs torch | one-warp vs torch | " +
+             " | ".join(f"{n} sync µs" for n in names) + " |",
+             "|---:|---:|---|" + "---:|" * (2 * len(names) + 5)]
     for row in rows:
+        tbs = {n: row["bytes"] / row[n] / 1e6 for n in names}
         lines.append(f"| {row['B']} | {row['keys']} | {'yes' if row['mask'] else 'no'} | " +
-                     " | ".join(f"{row[n]:.1f}" for n in names) + f" | {row['torch'] / row['flashjit']:.2f}x |")
+                     " | ".join(f"{row[n]:.1f}" for n in names) +
+                     f" | {tbs['flashjit']:.2f} | {tbs['torch']:.2f} | {tbs['flashjit, one-warp blocks']:.2f} | "
+                     f"{row['torch'] / row['flashjit']:.2f}x | {row['torch'] / row['flashjit, one-warp blocks']:.2f}x | " +
+                     " | ".join(f"{row[n + ' sync']:.1f}" for n in names) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}), "decode", commit, text)
