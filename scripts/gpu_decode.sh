@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Decoding on the GPU machine in one call: build, the split-forward and KV-cache tests on CUDA
+# (test_split_forward.py, test_kvcache.py: one-warp blocks, forced splits, pages), then
+# bench/decode.py (the decoding grid against torch's SDPA) and the KV-cache batch of
+# bench/varlen.py --decode. Logs and records go to $OUT (default /tmp/flashjit-decode).
+#   bash scripts/gpu_decode.sh [--no-tests] [--sizes 1x8192 16x32768 ...]
+OUT=${OUT:-/tmp/flashjit-decode}
+source "$(dirname "$0")/gpu_common.sh"
+tests=1 sizes=()
+while (($#)); do
+  case $1 in
+    --no-tests) tests=0 ;;
+    --sizes) shift; while (($#)) && [[ $1 != --* ]]; do sizes+=("$1"); shift; done; continue ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+  shift
+done
+
+step "build"
+build
+
+if ((tests)); then
+  step "test_split_forward.py, test_kvcache.py (FLASHJIT_TEST_DEVICE=cuda)"
+  FLASHJIT_TEST_DEVICE=cuda timeout 300 python3 -m pytest tests/python/test_split_forward.py \
+    tests/python/test_kvcache.py -q -x -n 8 2>&1 | tee "$OUT/pytest-decode.log" | tail -5
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+step "decoding grid (bench/decode.py)"
+timeout 300 python3 bench/decode.py --out "$OUT" ${sizes[@]+--sizes "${sizes[@]}"} >"$OUT/decode.log" 2>&1 || status=1
+grep "^|" "$OUT/decode.log" | cut -d'|' -f1-13
+
+step "KV-cache batch (bench/varlen.py --decode)"
+timeout 200 python3 bench/varlen.py --device cuda --decode --batch 16 --min-len 1024 --max-len 8192 --heads 32 \
+  --kv-heads 8 --head-dim 128 --page-size 64 --repeats 20 --out "$OUT" >"$OUT/kvcache.log" 2>&1 || status=1
+grep "^|" "$OUT/kvcache.log"
+echo "gpu_decode status: $status"
+exit $status
