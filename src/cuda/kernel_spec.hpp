@@ -48,6 +48,9 @@ struct KernelSpec {
   // kMma forward over a KV cache in one launch (FJ_KV_CACHE): 1, each batch entry's own key
   // count (KernelParams::seqused_k); 2, and its keys through a page table. 0: neither.
   int kv_cache = 0;
+  // Edge tiles of kernels with bounds take the two-sided column test even where the left bound
+  // is absent (FJ_EDGE_GENERAL; FLASHJIT_CUDA_TILES "edges=general", for comparisons).
+  bool edge_general = false;
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)
@@ -110,8 +113,10 @@ struct ForwardTiles {
   // ("counter=stream"): the stream's own, which the kernel leaves at zero; 0
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
+  int edge_general = -1;  // 1 ("edges=general"): the two-sided edge test (KernelSpec::edge_general)
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
+           edge_general >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

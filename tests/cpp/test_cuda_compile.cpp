@@ -305,8 +305,10 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_EQ(parse_forward_tiles("counter=memset").stream_counter, 0);
   EXPECT_EQ(parse_forward_tiles("counter=stream").stream_counter, 1);
   EXPECT_TRUE(parse_forward_tiles("counter=stream").forced());
+  EXPECT_EQ(parse_forward_tiles("edges=general").edge_general, 1);
+  EXPECT_EQ(parse_forward_tiles("edges=right").edge_general, 0);
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "poly=5", "turn=s"}) {
+                          "counter=zero", "poly=5", "turn=s", "edges=left"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

@@ -55,10 +55,19 @@ static_assert(!FJ_LAZY_RESCALE || !FJ_DROPOUT, "dropout scales P: its base follo
 
 // Logits of one S tile in the log2 domain (raw with kFoldScale). Edge tiles
 // (not kInterior) take each row's visible keys through the causal/window bounds
-// as a column span, -inf elsewhere and in rows past the sequence.
-template <int kTiles, bool kInterior>
+// as a column span, -inf elsewhere and in rows past the sequence; kRightOnly: no
+// left bound (window_left < 0, so every span starts at column 0: one compare a key).
+template <int kTiles, bool kInterior, bool kRightOnly = false>
 FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParams& p, const long long (&rows)[kTiles][2],
                            long long tile_start, int b, int h, int quad, float scale_log2) {
+  if constexpr (!kInterior && !kRightOnly && FJ_HAS_WINDOW && !FJ_EDGE_GENERAL) {
+    // Causal, or a right bound alone: the spans' right ends cut the tile. (Kernels without
+    // bounds keep the general test: their edge tiles, at the sequence's end, are rare.)
+    if (p.window_left < 0) {
+      tile_logits<kTiles, false, true>(s, p, rows, tile_start, b, h, quad, scale_log2);
+      return;
+    }
+  }
   // Interior tiles of a kernel that folds the scale and has no mask: the raw dot products as they are.
   if constexpr (!(kInterior && kFoldScale && FJ_MASK == 0)) {
 #pragma unroll
@@ -74,7 +83,7 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
             float& x = s[m][n][2 * r + c];
             const int column = n * 8 + quad * 2 + c;
             float unused_tanh;
-            if (kInterior || span.contains(column)) {
+            if (kInterior || (kRightOnly ? column < span.last : span.contains(column))) {
               if constexpr (kFoldScale) {
 #if FJ_MASK == 1
                 if (mask_hides(p, b, h, i, tile_start + column)) x = negative_infinity<float>();
