@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import flashjit
 from flashjit.bench import device_tag
-from gpu_attention import record_commit, save_record, shown_arguments
+from gpu_attention import record_commit, save_record, shown_arguments, time_ms
 
 
 def per_call_us(fn, calls=20, repeats=5):
@@ -41,20 +41,9 @@ def per_call_us(fn, calls=20, repeats=5):
     return statistics.median(medians)
 
 
-def back_to_back_us(fn, calls=100, repeats=3):
-    """GPU microseconds a call over `calls` back-to-back calls (CUDA events around them); median of repeats."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+def back_to_back_us(fn):
+    """GPU microseconds a call over back-to-back calls (CUDA events around them; gpu_attention.time_ms)."""
+    return time_ms(fn) * 1e3
 
 
 def with_env(fn, **variables):
@@ -122,7 +111,7 @@ def main():
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}",
              f"- bf16, one query, {heads_q} query heads, {heads_kv} key/value heads, head dim {head_dim}; "
              "mask: boolean, each sequence's cached length drawn from [keys / 2, keys]",
-             "- µs: GPU time a call over 100 back-to-back calls (CUDA events), median of 3; TB/s: K and V bytes "
+             "- µs: GPU time a call over back-to-back calls (CUDA events), median of 7 runs; TB/s: K and V bytes "
              "read (masked: the kept keys') over that time; sync µs: host time of one synchronised call, median "
              "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; no split: FLASHJIT_CUDA_SPLITS=1", "",
              "| B | keys | mask | " + " | ".join(f"{n} µs" for n in names) + " | flashjit TB/s | torch TB/s | "

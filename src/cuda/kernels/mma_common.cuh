@@ -122,33 +122,9 @@ FJ_DEVICE int tile_offset(int row, int column) {
 }
 
 // Rows [first, first + kRows) of an operand into a shared-memory tile
-// (tile_offset); rows at or past row_end and columns past dim are zero.
-template <int kRows, int kDim>
-FJ_DEVICE void load_tile(elem_t* tile, const elem_t* base, long long stride_seq, long long first, long long row_end,
-                         int dim) {
-  constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
-  for (int index = threadIdx.x; index < kRows * kChunks; index += kThreads) {
-    const int r = index / kChunks;
-    const int c = index - r * kChunks;
-    const long long row = first + r;
-    elem_t* destination = tile + tile_offset<kRows, kDim>(r, c * 8);
-#if FJ_ALIGNED
-    // Aligned: pointers and strides are multiples of 8 elements, dim a multiple of 8.
-    const bool valid = row < row_end && c * 8 < dim;
-    cp_async_16(destination, valid ? base + row * stride_seq + c * 8 : base, valid ? 16 : 0);
-#else
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int d = c * 8 + e;
-      destination[e] = (row < row_end && d < dim) ? base[row * stride_seq + d] : elem_t{0};
-    }
-#endif
-  }
-}
-
-// load_tile's loop with each row's address from row_pointer(row) (a paged KV cache's rows):
-// rows at or past row_end are zero and their addresses are not formed (an empty copy names
-// `any`, an address of the operand, instead).
+// (tile_offset), each row's address from row_pointer(row); rows at or past
+// row_end and columns past dim are zero, and their addresses are not formed (an
+// empty copy names `any`, an address of the operand, instead).
 template <int kRows, int kDim, class RowPointer>
 FJ_DEVICE void load_rows(elem_t* tile, long long first, long long row_end, int dim, const elem_t* any,
                          RowPointer row_pointer) {
@@ -159,11 +135,9 @@ FJ_DEVICE void load_rows(elem_t* tile, long long first, long long row_end, int d
     const long long row = first + r;
     elem_t* destination = tile + tile_offset<kRows, kDim>(r, c * 8);
 #if FJ_ALIGNED
-    if (row < row_end && c * 8 < dim) {
-      cp_async_16(destination, row_pointer(row) + c * 8, 16);
-    } else {
-      cp_async_16(destination, any, 0);  // zero fill; nothing is read
-    }
+    // Aligned: pointers and strides are multiples of 8 elements, dim a multiple of 8.
+    const bool valid = row < row_end && c * 8 < dim;
+    cp_async_16(destination, valid ? row_pointer(row) + c * 8 : any, valid ? 16 : 0);
 #else
     const elem_t* source = row < row_end ? row_pointer(row) : nullptr;
 #pragma unroll
@@ -173,6 +147,13 @@ FJ_DEVICE void load_rows(elem_t* tile, long long first, long long row_end, int d
     }
 #endif
   }
+}
+
+// load_rows of an operand's rows in place: row r at base + r * stride_seq.
+template <int kRows, int kDim>
+FJ_DEVICE void load_tile(elem_t* tile, const elem_t* base, long long stride_seq, long long first, long long row_end,
+                         int dim) {
+  load_rows<kRows, kDim>(tile, first, row_end, dim, base, [=](long long row) { return base + row * stride_seq; });
 }
 
 // The A fragment of a 16-deep step from the C fragments of two adjacent 8-column tiles.
