@@ -181,8 +181,12 @@ def main():
     grad_packed = torch.randn(total, H, D, device=device, dtype=dtype)
     grad_padded = torch.randn(len(lengths), H, longest, D, device=device, dtype=dtype)
 
-    def varlen():
-        return flashjit.varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
+    def varlen():  # CUDA: a launch a sequence (FLASHJIT_CUDA_VARLEN=0)
+        os.environ["FLASHJIT_CUDA_VARLEN"] = "0"
+        try:
+            return flashjit.varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
+        finally:
+            os.environ.pop("FLASHJIT_CUDA_VARLEN")
 
     def sdpa_padded():
         return F.scaled_dot_product_attention(*padded, attn_mask=causal_mask)
@@ -190,7 +194,7 @@ def main():
     def flashjit_padded():
         return flashjit.attention(*padded, attn_mask=causal_mask)
 
-    def varlen_one_launch(offsets=cu):  # CUDA: the forward's sequences in one launch (FLASHJIT_CUDA_VARLEN=1)
+    def varlen_one_launch(offsets=cu):  # CUDA: the sequences in one launch a kernel (the default)
         os.environ["FLASHJIT_CUDA_VARLEN"] = "1"
         try:
             return flashjit.varlen_attention(q, k, v, offsets, offsets, longest, longest, causal=True)
@@ -209,7 +213,8 @@ def main():
     def dense_mean():
         return flashjit.attention(*dense, causal=True)
 
-    impls = {"flashjit varlen": (varlen, grad_packed), "torch SDPA padded": (sdpa_padded, grad_padded),
+    impls = {"flashjit varlen" + (", a launch a sequence" if device == "cuda" else ""): (varlen, grad_packed),
+             "torch SDPA padded": (sdpa_padded, grad_padded),
              "flashjit padded": (flashjit_padded, grad_padded)}
     if device == "cuda":
         impls["flashjit varlen, one launch"] = (varlen_one_launch, grad_packed)

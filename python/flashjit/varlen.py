@@ -10,7 +10,7 @@ them, from 0 to the total). Attention never crosses a sequence boundary.
 The whole batch is one call of the C API's variable-length entry (fj_attention_varlen_*),
 whose offsets live in host memory: offsets on a GPU are copied to the host first (a
 synchronisation). On the CPU the sequences share one pool of tasks; on a GPU each sequence
-is a launch of its own on the caller's stream, or, with FLASHJIT_CUDA_VARLEN=1 on sm_90, the
+is a launch of its own on the caller's stream, or, on sm_90 (unless FLASHJIT_CUDA_VARLEN=0), the
 batch is one launch a kernel, and offsets on the GPU with both maxima given stay there (a
 kernel builds the sequences' table; their values are then not checked, only clamped into
 the packed rows). Dropout drops what it drops in the padded
@@ -55,11 +55,11 @@ def _offsets(name: str, offsets, on_device: bool = False) -> Tensor:
 
 def _offsets_stay_on_device(q: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q, max_seqlen_k) -> bool:
     """Whether the offsets go to the C API in GPU memory (no wait for the GPU before the call):
-    CUDA operands and offsets, both maxima given, and the one-launch path switched on
-    (FLASHJIT_CUDA_VARLEN=1, while it is measured; elsewhere the backend would copy them to
-    the host itself)."""
+    CUDA operands and offsets, both maxima given, and the one-launch path not switched off
+    (FLASHJIT_CUDA_VARLEN=0; where one launch does not apply the backend copies them to the
+    host itself)."""
     return (q.is_cuda and cu_seqlens_q.device == q.device and cu_seqlens_k.device == q.device
-            and bool(max_seqlen_q) and bool(max_seqlen_k) and os.environ.get("FLASHJIT_CUDA_VARLEN") == "1")
+            and bool(max_seqlen_q) and bool(max_seqlen_k) and os.environ.get("FLASHJIT_CUDA_VARLEN") != "0")
 
 
 def _lengths_of(offsets: Tensor) -> list[int]:

@@ -44,7 +44,7 @@ int decode_warps() {
 
 bool varlen_single_launch() {
   const char* value = std::getenv("FLASHJIT_CUDA_VARLEN");
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  return value == nullptr || std::strcmp(value, "0") != 0;
 }
 
 }  // namespace flashjit::cuda::settings

@@ -6,7 +6,7 @@
 // Read at every kernel choice (tests and the tuner switch them within a process):
 //   FLASHJIT_CUDA_TILES         the sm_90a forward's tiles (kernel_spec.hpp, ForwardTiles)
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
-//   FLASHJIT_CUDA_VARLEN=1      a variable-length forward in one launch where the sm_90a kernel takes it
+//   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
 //   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4)
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
@@ -22,8 +22,8 @@ bool persistent_forward();
 const char* forced_tiles();
 // FLASHJIT_CUDA_SPLITS as a count of at least 1; nullopt when unset or empty.
 std::optional<int> forced_splits();
-// A variable-length forward in one launch where the sm_90a kernel takes it (FLASHJIT_CUDA_VARLEN=1; off
-// by default until it has run on a GPU: a launch a sequence otherwise).
+// A variable-length call in one launch a kernel where the sm_90a kernels take it (the default;
+// FLASHJIT_CUDA_VARLEN=0: a launch a sequence, for comparisons).
 bool varlen_single_launch();
 // FLASHJIT_CUDA_DECODE_WARPS: 1 (blocks of one warp over 16 query rows, many blocks an SM)
 // or 4 (the split forward's usual blocks) where the split forward has up to 16 query rows
