@@ -12,3 +12,11 @@ step() { echo; echo "==== $* ($(date +%T))"; }
 build() {
   python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 }
+# The KV-cache decoding batch of bench/varlen.py --decode (16 sequences of 1k-8k keys, GQA 32/8,
+# D 128, 64-key pages), its log in $OUT/$1 and its table printed.
+kvcache_bench() {
+  step "KV-cache decoding (bench/varlen.py --decode)"
+  timeout 300 python3 bench/varlen.py --device cuda --decode --batch 16 --min-len 1024 --max-len 8192 --heads 32 \
+    --kv-heads 8 --head-dim 128 --page-size 64 --repeats 20 --out "$OUT" >"$OUT/$1" 2>&1 || status=1
+  grep "^|" "$OUT/$1"
+}

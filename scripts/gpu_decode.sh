@@ -30,9 +30,6 @@ step "decoding grid (bench/decode.py)"
 timeout 300 python3 bench/decode.py --out "$OUT" ${sizes[@]+--sizes "${sizes[@]}"} >"$OUT/decode.log" 2>&1 || status=1
 grep "^|" "$OUT/decode.log" | cut -d'|' -f1-13
 
-step "KV-cache batch (bench/varlen.py --decode)"
-timeout 200 python3 bench/varlen.py --device cuda --decode --batch 16 --min-len 1024 --max-len 8192 --heads 32 \
-  --kv-heads 8 --head-dim 128 --page-size 64 --repeats 20 --out "$OUT" >"$OUT/kvcache.log" 2>&1 || status=1
-grep "^|" "$OUT/kvcache.log"
+kvcache_bench kvcache.log
 echo "gpu_decode status: $status"
 exit $status

@@ -26,9 +26,6 @@ timeout 300 python3 bench/varlen.py --device cuda --tokens 16384 --min-len 128 -
   --head-dim 128 --repeats 10 --out "$OUT" >"$OUT/varlen.log" 2>&1 || status=1
 grep "^|" "$OUT/varlen.log"
 
-step "KV-cache decoding (bench/varlen.py --decode)"
-timeout 300 python3 bench/varlen.py --device cuda --decode --batch 16 --min-len 1024 --max-len 8192 --heads 32 \
-  --kv-heads 8 --head-dim 128 --page-size 64 --repeats 20 --out "$OUT" >"$OUT/decode.log" 2>&1 || status=1
-grep "^|" "$OUT/decode.log"
+kvcache_bench decode.log
 echo "gpu_varlen status: $status"
 exit $status
