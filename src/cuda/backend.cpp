@@ -459,9 +459,10 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 // the same number of queries and whose keys are a cache (seqused_k: each sequence's own count
 // of the rows its offset starts, at one stride a sequence; or a page table), with half types,
 // no mask and no dropout, outside graph capture (the counts and the table are copied to the
-// device on the stream). It runs as a dense batch of the queries against the longest count,
-// each block bounding its keys by its entry's count. False (an empty plan) where it does not
-// apply; the caller then runs the sequences one by one.
+// device on the stream), and on sm_90 with no more queries a sequence than one block's rows
+// (decoding; longer ones run the sm_90a forward a sequence). It runs as a dense batch of the
+// queries against the longest count, each block bounding its keys by its entry's count. False
+// (an empty plan) where it does not apply; the caller then runs the sequences one by one.
 bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   if (launch.graph_safe || p.offsets_on_device || p.batch == 0 || p.mask != nullptr || p.has_dropout() ||
       p.seqused_k == nullptr || driver().cuMemcpyHtoDAsync == nullptr) {
@@ -508,6 +509,9 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   dense = with_query_groups_packed(dense);
   KernelSpec spec = split_forward_kernel(traits_for_launch(dense, launch), dense.seqlen_q);
   if (!spec.split) return false;  // no mma.sync kernel for these traits
+  // More queries than one block's rows (a prefill against the cache): on sm_90 the sequences'
+  // own sm_90a forwards beat one mma.sync launch.
+  if (hopper_applies(traits_for_launch(dense, launch)) && dense.seqlen_q > spec.block_rows()) return false;
   spec.kv_cache = p.page_table != nullptr ? 2 : 1;
   // Per-entry counts, then the pages each entry reads (its table row up to its count, rows
   // packed `width` apart whatever the caller's row stride), for the kernels in device memory.
