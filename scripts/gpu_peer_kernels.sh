@@ -4,13 +4,17 @@
 # and for flashjit's, on each CASE (HEADDIM:SEQLEN[:causal], B*N = 16k, H = 2048 / D, bf16):
 # kernel names (which carry the peers' tile shapes), grid, block, registers, shared memory,
 # blocks an SM, duration. The table goes to stdout and $OUT/peer-kernels.txt.
-#   bash scripts/gpu_peer_kernels.sh [--no-build] [--impls cudnn flash flashjit] CASE...
+# --sass: also each kernel's per-instruction page (Nsight Compute's full set: stall samples and
+# executed instructions) summarised by scripts/ncu_stalls.py into $OUT/sass-<impl>-<case>.txt,
+# e.g. to compare the warp instructions flashjit and cuDNN execute by opcode.
+#   bash scripts/gpu_peer_kernels.sh [--no-build] [--sass] [--impls cudnn flash flashjit] CASE...
 OUT=${OUT:-/tmp/flashjit-peers}
 source "$(dirname "$0")/gpu_common.sh"
-do_build=1 cases=() impls=(cudnn flash flashjit)
+do_build=1 sass=0 cases=() impls=(cudnn flash flashjit)
 while (($#)); do
   case $1 in
     --no-build) do_build=0 ;;
+    --sass) sass=1 ;;
     --impls) shift; impls=(); while (($#)) && [[ $1 != --* ]] && [[ $1 != *:* ]]; do impls+=("$1"); shift; done; continue ;;
     *) cases+=("$1") ;;
   esac
@@ -41,6 +45,16 @@ for case in "${cases[@]}"; do
       --section SpeedOfLight python3 "$OUT/peer_forward.py" $impl "$dim" "$seqlen" "$([ -n "$causal" ] && echo 1 || echo 0)" \
       >"$OUT/ncu-one.txt" 2>&1 || status=1
     cat "$OUT/ncu-one.txt" >>"$OUT/ncu-details.txt"
+    if ((sass)); then
+      tag="$impl-d$dim-n$seqlen${causal:+-causal}"
+      timeout 200 ncu --kernel-name "regex:fprop|sdpa|flash_fwd|fmha|fj_attention_forward" --launch-skip 2 \
+        --launch-count 1 --set full --import-source no -f -o "$OUT/$tag" python3 "$OUT/peer_forward.py" $impl "$dim" \
+        "$seqlen" "$([ -n "$causal" ] && echo 1 || echo 0)" >/dev/null 2>&1 || status=1
+      ncu --import "$OUT/$tag.ncu-rep" --page source --csv --print-source sass 2>/dev/null >"$OUT/sass.csv"
+      python3 scripts/ncu_stalls.py "$OUT/sass.csv" --top 15 >"$OUT/sass-$tag.txt" 2>&1 || status=1
+      rm -f "$OUT/$tag.ncu-rep" "$OUT/sass.csv"
+      sed -n '/warp instructions executed/,/^--/p' "$OUT/sass-$tag.txt" | head -14
+    fi
     grep -E "^  [a-zA-Z_].*\(|Duration|Grid Size|Block Size|Registers Per Thread|Dynamic Shared Memory Per Block|Static Shared Memory Per Block|Block Limit (Registers|Shared Mem)|Theoretical Occupancy|Achieved Active Warps|Compute \(SM\) Throughput" \
       "$OUT/ncu-one.txt" | sed 's/  */ /g' | tee -a "$OUT/peer-kernels.txt"
   done

@@ -2,8 +2,9 @@
 
 Reads the CSV of `ncu --import R.ncu-rep --page source --csv --print-source sass` (one table per
 profiled kernel) and prints, per kernel: the sampled total, the instructions with the most samples
-(with the stall reasons the CSV breaks them into, where it does), the samples by opcode, and the
-hottest stretches of 24 consecutive instructions, so that a wait can be read in its context.
+(with the stall reasons the CSV breaks them into, where it does), the samples by opcode, the warp
+instructions executed by opcode (where the CSV has them), and the hottest stretches of 24
+consecutive instructions, so that a wait can be read in its context.
 
     python scripts/ncu_stalls.py SASS.csv[.gz] [--top 30]
 """
@@ -81,6 +82,18 @@ def summarise(title: str, header: list[str], rows: list[list[str]], top: int) ->
         by_opcode[key] = by_opcode.get(key, 0.0) + value
     for key, value in sorted(by_opcode.items(), key=lambda kv: -kv[1])[:20]:
         print(f"{value:8.0f} {100 * value / total:5.1f}%  {key}")
+    # What the warps executed, by opcode (the SourceCounters section's per-instruction counts):
+    # comparable between two kernels of the same problem, e.g. flashjit's and a peer's.
+    executed = column.get("Instructions Executed")
+    if executed is not None:
+        counts: dict[str, float] = {}
+        for row in rows:
+            key = opcode(row[source]).split(".")[0]
+            counts[key] = counts.get(key, 0.0) + number(row[executed])
+        everything = sum(counts.values()) or 1.0
+        print(f"-- warp instructions executed by opcode: {everything:.0f} in all")
+        for key, value in sorted(counts.items(), key=lambda kv: -kv[1])[:30]:
+            print(f"{value:12.0f} {100 * value / everything:5.1f}%  {key}")
     window = 24
     print(f"-- hottest stretches of {window} instructions")
     sums = [sum(values[i:i + window]) for i in range(max(1, len(values) - window + 1))]
