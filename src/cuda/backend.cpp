@@ -468,20 +468,15 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
       p.seqused_k == nullptr || driver().cuMemcpyHtoDAsync == nullptr) {
     return false;
   }
-  const int64_t queries = int64_t(p.cu_seqlens_q[1]) - p.cu_seqlens_q[0];
-  const int64_t key_stride = p.page_table != nullptr || p.cu_seqlens_k == nullptr
-                                 ? 0
-                                 : int64_t(p.cu_seqlens_k[1]) - p.cu_seqlens_k[0];
-  std::vector<int32_t> counts(size_t(p.batch));
+  // The offsets start at 0 (validated): sequence b's queries are rows b * queries on, and
+  // (without pages) its keys rows b * key_stride on.
+  const int64_t queries = p.cu_seqlens_q[1];
+  const int64_t key_stride = p.page_table != nullptr ? 0 : p.cu_seqlens_k[1];
   int64_t longest = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
-    if (int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b] != queries) return false;
-    if (p.page_table == nullptr &&
-        (p.cu_seqlens_k == nullptr || int64_t(p.cu_seqlens_k[b]) != p.cu_seqlens_k[0] + b * key_stride)) {
-      return false;
-    }
-    counts[size_t(b)] = p.seqused_k[b];  // a page table comes with the counts (apply_pages)
-    longest = std::max<int64_t>(longest, counts[size_t(b)]);
+    if (p.cu_seqlens_q[b + 1] != (b + 1) * queries) return false;
+    if (p.page_table == nullptr && p.cu_seqlens_k[b] != b * key_stride) return false;
+    longest = std::max<int64_t>(longest, p.seqused_k[b]);  // a page table comes with the counts (apply_pages)
   }
   if (queries == 0) return true;  // no output row: nothing to do
   // The dense batch: entry b's queries are its packed rows, its keys the cache's.
@@ -489,40 +484,31 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   dense.cu_seqlens_q = dense.cu_seqlens_k = dense.seqused_k = dense.page_table = nullptr;
   dense.seqlen_q = queries;
   dense.seqlen_k = longest;
-  const int64_t element = int64_t(dtype_size(p.dtype));
-  for (Operand* x : {&dense.q, &dense.o}) {
-    x->data = static_cast<char*>(x->data) + int64_t(p.cu_seqlens_q[0]) * x->stride_seq * element;
-    x->stride_batch = queries * x->stride_seq;
-  }
-  if (dense.lse != nullptr) {
-    dense.lse = static_cast<char*>(dense.lse) + int64_t(p.cu_seqlens_q[0]) * p.lse_stride_seq * int64_t(dtype_size(p.lse_dtype));
-    dense.lse_stride_batch = queries * p.lse_stride_seq;
-  }
+  for (Operand* x : {&dense.q, &dense.o}) x->stride_batch = queries * x->stride_seq;
+  dense.lse_stride_batch = queries * p.lse_stride_seq;
   if (p.page_table == nullptr) {
-    for (Operand* x : {&dense.k, &dense.v}) {
-      x->data = static_cast<char*>(x->data) + int64_t(p.cu_seqlens_k[0]) * x->stride_seq * element;
-      x->stride_batch = key_stride * x->stride_seq;
-    }
+    for (Operand* x : {&dense.k, &dense.v}) x->stride_batch = key_stride * x->stride_seq;
   }
   const bool top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
   dense.diagonal_shift = top_left ? 0 : longest - queries;
   dense = with_query_groups_packed(dense);
-  KernelSpec spec = split_forward_kernel(traits_for_launch(dense, launch), dense.seqlen_q);
+  const KernelTraits traits = traits_for_launch(dense, launch);
+  KernelSpec spec = split_forward_kernel(traits, dense.seqlen_q);
   if (!spec.split) return false;  // no mma.sync kernel for these traits
   // More queries than one block's rows (a prefill against the cache): on sm_90 the sequences'
   // own sm_90a forwards beat one mma.sync launch.
-  if (hopper_applies(traits_for_launch(dense, launch)) && dense.seqlen_q > spec.block_rows()) return false;
+  if (hopper_applies(traits) && dense.seqlen_q > spec.block_rows()) return false;
   spec.kv_cache = p.page_table != nullptr ? 2 : 1;
   // Per-entry counts, then the pages each entry reads (its table row up to its count, rows
   // packed `width` apart whatever the caller's row stride), for the kernels in device memory.
-  std::vector<int32_t> arrays = counts;
+  std::vector<int32_t> arrays(p.seqused_k, p.seqused_k + p.batch);
   int64_t width = 0;
   if (p.page_table != nullptr) {
-    for (const int32_t count : counts) width = std::max(width, ceil_div(int64_t(count), p.page_size));
+    for (int64_t b = 0; b < p.batch; ++b) width = std::max(width, ceil_div(int64_t(p.seqused_k[b]), p.page_size));
     arrays.resize(size_t(p.batch * (1 + width)), 0);
     for (int64_t b = 0; b < p.batch; ++b) {
       const int32_t* row = p.page_table + b * p.page_table_stride;
-      std::copy(row, row + ceil_div(int64_t(counts[size_t(b)]), p.page_size), arrays.begin() + p.batch + b * width);
+      std::copy(row, row + ceil_div(int64_t(p.seqused_k[b]), p.page_size), arrays.begin() + p.batch + b * width);
     }
   }
   KernelParams params = params_of(dense);
@@ -872,19 +858,19 @@ AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& l
 // enqueued. Returns the largest scratch of the parts, which run one after another and can
 // share one workspace.
 size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
-  if (!backward && problem.varlen() && (problem.seqused_k != nullptr || problem.page_table != nullptr)) {
-    Launch launch = prepare(problem);
-    if (planning) launch.graph_safe = launch.planning = true;
+  // (Planning is for graph capture, which the one-launch KV cache does not take.)
+  if (!backward && !planning && problem.varlen() && (problem.seqused_k != nullptr || problem.page_table != nullptr)) {
+    const Launch launch = prepare(problem);
     Plan plan;
     if (plan_kv_cache_forward(plan, problem, launch)) {
-      if (!planning) enqueue(plan, launch);
+      enqueue(plan, launch);
       return plan.scratch_bytes;
     }
-    if (problem.page_table != nullptr) {
-      throw_unsupported("[cuda] page_table: a paged KV cache runs on CUDA for float16/bfloat16 without mask or "
-                        "dropout, outside graph capture, with the same number of queries in every sequence "
-                        "(flashjit.attention_with_kvcache gathers the pages for other calls)");
-    }
+  }
+  if (!backward && problem.page_table != nullptr) {
+    throw_unsupported("[cuda] page_table: a paged KV cache runs on CUDA for float16/bfloat16 without mask or "
+                      "dropout, outside graph capture, with the same number of queries in every sequence "
+                      "(flashjit.attention_with_kvcache gathers the pages for other calls)");
   }
   size_t needed = 0;
   if (problem.varlen() && (settings::varlen_single_launch() || problem.offsets_on_device)) {
