@@ -276,7 +276,8 @@ constexpr int64_t kMaxSplitScratchBytes = 16 << 20;  // the partial outputs, at 
 // How many ways the forward splits the keys: where a single query block covers
 // every query (decoding, a few queries a batch and head) and the blocks cannot
 // fill the GPU, each block walking all keys alone would leave most SMs idle;
-// splits bring the grid to about two blocks an SM (eight of one warp), each split walking at least
+// splits bring the grid to about two blocks an SM (eight of one warp; one of the
+// sm_90a kernel, which fills an SM alone), each split walking at least
 // kMinSplitKeyTiles key tiles. 1: no split.
 int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int multiprocessors) {
   if (!split_spec.split) return 1;
@@ -289,7 +290,8 @@ int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int 
   if (query_blocks != 1 || blocks == 0) return 1;
   // One-warp blocks (decoding) fit several an SM: enough of them to keep loads in flight.
   const bool one_warp = split_spec.threads == 32;
-  const int64_t per_sm = one_warp ? 8 : 2, most = one_warp ? 4 * kMaxSplits : kMaxSplits;
+  const int64_t per_sm = one_warp ? 8 : (split_spec.family == KernelFamily::kHopper ? 1 : 2);
+  const int64_t most = one_warp ? 4 * kMaxSplits : kMaxSplits;
   int64_t splits = std::min<int64_t>({per_sm * multiprocessors / blocks, key_tiles / kMinSplitKeyTiles, most});
   const int64_t bytes_per_split = p.batch * p.heads_q * p.seqlen_q * (p.head_dim_v + 1) * 4;
   splits = std::min<int64_t>(splits, kMaxSplitScratchBytes / std::max<int64_t>(bytes_per_split, 1));
@@ -350,9 +352,10 @@ bool try_scratch(Plan& plan, size_t bytes, const Launch& launch) {
   }
 }
 
-// The split forward: a kMma block for each (query block, batch, head) and span of
-// keys writes partials into scratch, then the combine kernel merges them into o
-// and lse. False (an empty plan) where the scratch cannot be had.
+// The split forward: a block for each (query block, batch, head) and span of keys
+// (kMma: a grid of blocks by spans; kHopper: a block a work tile, span by span)
+// writes partials into scratch, then the combine kernel merges them into o and
+// lse. False (an empty plan) where the scratch cannot be had.
 bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& launch, KernelParams params,
                         const KernelSpec& spec, int splits) {
   const int64_t key_tiles = ceil_div(p.seqlen_k, spec.block_n);
@@ -364,7 +367,11 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
   KernelLaunch& partials = plan.add(spec, params, launch);
   partials.blocks = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
-  partials.splits = splits;
+  if (spec.family == KernelFamily::kHopper) {
+    partials.blocks *= splits;  // no tile counter: each block runs the work tile of its index
+  } else {
+    partials.splits = splits;
+  }
   const KernelSpec combine = combine_kernel(traits_for_launch(p, launch));
   KernelLaunch& merge = plan.add(combine, params, launch);
   merge.blocks = ceil_div(rows, combine.threads / 32);
@@ -434,12 +441,17 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
 // scratch would put memory nodes into the graph), else one forward kernel.
 void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   KernelParams params = params_of(p);
+  const KernelSpec spec = forward_spec(p, launch, params);
   if (!launch.graph_safe && p.seqlen_k > 0) {
-    const KernelSpec split_spec = split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q);
+    // On sm_90 the sm_90a kernel splits (its TMA pipeline streams the keys at the memory's
+    // speed), without dropout and unless one-warp mma.sync blocks are asked for.
+    const KernelSpec hopper_split = hopper_split_kernel(spec);
+    const KernelSpec split_spec = hopper_split.split && settings::decode_warps() != 1
+                                      ? hopper_split
+                                      : split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q);
     const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
     if (splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits)) return;
   }
-  const KernelSpec spec = forward_spec(p, launch, params);
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
   const int64_t tiles = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
   if (tiles == 0) return;

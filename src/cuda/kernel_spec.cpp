@@ -547,6 +547,14 @@ KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows) 
   return spec;
 }
 
+KernelSpec hopper_split_kernel(const KernelSpec& forward) {
+  KernelSpec spec = forward;
+  spec.split = forward.family == KernelFamily::kHopper && forward.entry == KernelEntry::kForward &&
+               !forward.dropout && !forward.varlen && forward.kv_cache == 0;
+  if (spec.split) spec.o_tma = false;  // the partials are floats in scratch
+  return spec;
+}
+
 // The combine kernel takes sizes at run time: one per dtype and arch.
 KernelSpec combine_kernel(const KernelTraits& traits) {
   KernelSpec spec;

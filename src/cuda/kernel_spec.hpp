@@ -135,6 +135,10 @@ KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned 
 // query_rows (a batch and head's, GQA groups packed), where given and at most 16, takes
 // blocks of one warp and one 16-row tile where FLASHJIT_CUDA_DECODE_WARPS=1.
 KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows = 0);
+// The sm_90a forward `forward` (forward_kernel's kHopper spec) as a split forward: its work
+// tiles split by split, float partials for the combine kernel, no output TMA. split ==
+// false for another family or with dropout.
+KernelSpec hopper_split_kernel(const KernelSpec& forward);
 KernelSpec combine_kernel(const KernelTraits& traits);
 KernelSpec varlen_table_kernel(const KernelTraits& traits);
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);

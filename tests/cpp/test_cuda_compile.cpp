@@ -374,6 +374,43 @@ TEST_F(CudaCompile, SplitForwardAndCombineCompileForSm80AndSm90) {
   EXPECT_FALSE(split_forward_kernel(float32).split);
 }
 
+// The sm_90a forward as a split forward (decoding on sm_90): at each head dim, plain and with
+// the extras, for both half types and the three-warpgroup D64 variant; none with dropout.
+TEST_F(CudaCompile, HopperSplitForwardCompilesForSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  int compiled = 0;
+  for (int head_dim : {64, 128, 256}) {
+    for (int extras : {0, 1}) {
+      KernelTraits traits;
+      traits.dtype = extras ? FJ_FLOAT16 : FJ_BFLOAT16;
+      traits.head_dim_qk = traits.head_dim_v = head_dim;
+      traits.mask = extras ? flashjit::MaskKind::kBool : flashjit::MaskKind::kNone;
+      traits.window = extras;
+      traits.softcap = extras;
+      traits.arch = 90;
+      ForwardTiles tuned;
+      if (head_dim == 64 && !extras) tuned.groups = 3;
+      const KernelSpec forward = forward_kernel(traits, tuned);
+      ASSERT_EQ(forward.family, KernelFamily::kHopper) << forward.name();
+      const KernelSpec split = hopper_split_kernel(forward);
+      ASSERT_TRUE(split.split) << split.name();
+      EXPECT_FALSE(split.o_tma);
+      EXPECT_NE(split.name().find("_split"), std::string::npos);
+      ASSERT_NO_THROW(kernel_binary(split, false)) << split.name();
+      ++compiled;
+      traits.dropout = true;
+      EXPECT_FALSE(hopper_split_kernel(forward_kernel(traits)).split);
+    }
+  }
+  EXPECT_EQ(stats().compiles, compiled);
+  KernelTraits traits;
+  traits.arch = 80;
+  traits.dtype = FJ_BFLOAT16;
+  traits.head_dim_qk = traits.head_dim_v = 128;
+  EXPECT_FALSE(hopper_split_kernel(forward_kernel(traits)).split);  // a kMma forward
+}
+
 // The KV-cache forward (FJ_KV_CACHE: each batch entry's own key count, and 2: its keys
 // through a page table), split and not, with and without the extras, for sm_80 and sm_90.
 TEST_F(CudaCompile, KvCacheForwardCompilesForSm80AndSm90) {

@@ -38,6 +38,7 @@ static_assert(kRowTiles == 1 && kBlockM == 64 * kConsumers, "consumer warpgroups
 static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 128), "three consumers: small tiles only");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 constexpr bool kVarlen = FJ_VARLEN;
+static_assert(!FJ_SPLIT || (!FJ_O_TMA && !FJ_VARLEN), "a split forward writes float partials of a dense batch");
 
 constexpr int kQBuffers = FJ_Q_BUFFERS;
 // A Q buffer holds the work tile's Q, then (FJ_O_TMA) its O.
@@ -100,7 +101,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_VARLEN
   const int num_tiles = varlen_tiles(p, kFirstQueryTile);
 #else
-  const int num_tiles = p.num_query_blocks * p.batch * p.heads_q;
+  // FJ_SPLIT: the work tiles of split 0, then those of split 1, ...
+  const int tiles_a_split = p.num_query_blocks * p.batch * p.heads_q;
+  const int num_tiles = tiles_a_split * (FJ_SPLIT ? p.num_splits : 1);
 #endif
   // The parameters a work tile runs with: the kernel's own, or (FJ_VARLEN) its sequence's.
 #if FJ_VARLEN
@@ -113,6 +116,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const int local = tile;           \
   const KernelParams& sp = p
 #endif
+  // A work tile's query block, over (FJ_SPLIT) its split's span of keys alone.
+  const auto block_of = [&](const KernelParams& sp, int local) {
+#if FJ_SPLIT
+    QueryBlock block(sp, local % tiles_a_split);
+    block.clip_keys(static_cast<long long>(local / tiles_a_split) * p.split_keys, p.split_keys);
+    return block;
+#else
+    return QueryBlock(sp, local);
+#endif
+  };
 
   const auto init = [&] {
     // A Q buffer is freed by each consumer warp after its last S, or (FJ_O_TMA)
@@ -141,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         return;
       }
       FJ_TILE_PARAMS(tile, local_tile);
-      const QueryBlock block(sp, local_tile);
+      const QueryBlock block = block_of(sp, local_tile);
       const long long q_row0 = kVarlen ? sp.q_row0 : 0, k_row0 = kVarlen ? sp.k_row0 : 0;
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
@@ -190,7 +203,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int tile = tiles.pop(n, lane);
       if (tile >= num_tiles) break;
       FJ_TILE_PARAMS(tile, local_tile);
-      const QueryBlock block(sp, local_tile);
+      const QueryBlock block = block_of(sp, local_tile);
+#if FJ_SPLIT
+      const int split = local_tile / tiles_a_split;
+#else
+      const int split = 0;
+#endif
       const int b = block.b, h = block.h;
       long long rows[1][2];
       rows[0][0] = block.first_query + warp * 16 + lane / 4;
@@ -203,12 +221,41 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       float row_max[1][2] = {{negative_infinity<float>(), negative_infinity<float>()}};  // log2 domain
       float row_sum[1][2] = {{0.0f, 0.0f}};
       if (block.tiles == 0) {
-        write_output(sp, o, row_max, row_sum, rows, b, h, quad);  // O = 0, LSE = -inf
+        write_result(sp, o, row_max, row_sum, rows, b, h, quad, split);  // O = 0, LSE = -inf
         continue;
       }
       const int q_buffer = q_ring.buffer(q_use);
       elem_t* q_tile = q_tiles + q_buffer * kBlockM * kQTileDim;
       q_ring.consume(q_use);
+      if (FJ_SPLIT && consumer_first >= sp.seqlen_q) {
+        // No row of this warpgroup is a query (decoding: a block's few packed rows all lie in
+        // the first): its turns and buffers, no product, no output. Only in split kernels: in
+        // the others the branch alone makes ptxas spill in the step loop (D64 with three
+        // warpgroups 52 -> 132 bytes, D256 0 -> 36), where it would save a 192-row tile's last
+        // warpgroups at most.
+        idle_steps(
+            consumer, block.tiles,
+            [&](int j) {
+              if (j < block.tiles) k_ring.consume(kv_use + j);
+              if (j > 0) v_ring.consume(kv_use + j - 1);
+            },
+            [&](int j) {
+              k_ring.release(kv_use + j, lane);
+#if FJ_O_TMA
+              if (j == 0) free_stored();
+#else
+              if (j == block.tiles - 1) q_ring.release(q_use, lane);
+#endif
+            },
+            [&](int j) { v_ring.release(kv_use + j, lane); });
+        kv_use += block.tiles;
+        ++q_use;
+#if FJ_O_TMA
+        store_pending = q_buffer;  // freed as a stored buffer is
+        if (kQBuffers == 1) free_stored();
+#endif
+        continue;
+      }
       float s[1][kBlockN / 8][4];
       unsigned prob[kBlockN / 16][4];
       float scale_old[1][2];
@@ -281,7 +328,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         free_stored();
       }
 #else
-      write_output(out, o, row_max, row_sum, rows, b, h, quad);
+      write_result(out, o, row_max, row_sum, rows, b, h, quad, split);
 #endif
     }
     last_turn(consumer);

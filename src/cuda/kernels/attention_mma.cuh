@@ -152,11 +152,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     __syncthreads();  // every warp done reading V before the next tile's V load
   }
   cp_async_wait<0>();
-#if FJ_SPLIT
-  write_split_output(p, o, row_max, row_sum, rows, b, h, quad);
-#else
-  write_output(p, o, row_max, row_sum, rows, b, h, quad);
-#endif
+  write_result(p, o, row_max, row_sum, rows, b, h, quad, static_cast<int>(blockIdx.y));
 }
 
 }  // namespace mma

@@ -265,6 +265,20 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
   wgmma_wait<0>();
   after_second(steps - 1);
 }
+// consumer_steps for a warpgroup none of whose rows is a query (a work tile's
+// last rows past the sequence, a decoding block's packed rows in the first
+// warpgroup alone): the same turns, the same buffers waited for and freed
+// (after_first(j) frees K_j, after_second(j) V_j), and no product.
+template <class Arrive, class AfterFirst, class AfterSecond>
+FJ_DEVICE void idle_steps(int consumer, int steps, Arrive arrive, AfterFirst after_first, AfterSecond after_second) {
+  for (int j = 0; j <= steps; ++j) {
+    arrive(j);
+    wait_turn(consumer);
+    pass_turn(consumer);
+    if (j < steps) after_first(j);
+    if (j > 0) after_second(j - 1);
+  }
+}
 template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
 FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
                                  IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
@@ -399,6 +413,15 @@ struct QueryBlock {
     const long long last_query = min(first_query + kBlockM, static_cast<long long>(p.seqlen_q)) - 1;
     key_lo = key_begin(p, first_query);
     key_hi = key_end(p, last_query);
+    count_tiles();
+  }
+  // Only keys lo .. lo + count - 1 (a split forward's span, lo and count whole tiles).
+  FJ_DEVICE void clip_keys(long long lo, long long count) {
+    key_lo = max(key_lo, lo);
+    key_hi = min(key_hi, lo + count);
+    count_tiles();
+  }
+  FJ_DEVICE void count_tiles() {
     first_tile = key_lo / kBlockN * kBlockN;
     tiles = first_tile < key_hi ? static_cast<int>((key_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
   }

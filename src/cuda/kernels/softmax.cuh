@@ -227,15 +227,15 @@ FJ_DEVICE void write_output(const KernelParams& p, const float (&o)[kTiles][kDim
 }
 
 #if FJ_SPLIT
-// write_output for a split forward: this split's normalised rows and LSE as
+// write_output for a split forward: split `split`'s normalised rows and LSE as
 // floats into the partials (KernelParams::split_o, split_lse) for combine.cuh.
 template <int kTiles>
 FJ_DEVICE void write_split_output(const KernelParams& p, const float (&o)[kTiles][kDimV / 8][4],
                                   const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
-                                  const long long (&rows)[kTiles][2], int b, int h, int quad) {
+                                  const long long (&rows)[kTiles][2], int b, int h, int quad, int split) {
   const long long all_rows = static_cast<long long>(p.batch) * p.heads_q * p.seqlen_q;
   const long long first_row =
-      static_cast<long long>(blockIdx.y) * all_rows + (static_cast<long long>(b) * p.heads_q + h) * p.seqlen_q;
+      static_cast<long long>(split) * all_rows + (static_cast<long long>(b) * p.heads_q + h) * p.seqlen_q;
 #pragma unroll
   for (int m = 0; m < kTiles; ++m) {
 #pragma unroll
@@ -262,6 +262,19 @@ FJ_DEVICE void write_split_output(const KernelParams& p, const float (&o)[kTiles
   }
 }
 #endif
+
+// The rows' results: the output and LSE, or (FJ_SPLIT) split `split`'s partials.
+template <int kTiles>
+FJ_DEVICE void write_result(const KernelParams& p, const float (&o)[kTiles][kDimV / 8][4],
+                            const float (&row_max)[kTiles][2], const float (&row_sum)[kTiles][2],
+                            const long long (&rows)[kTiles][2], int b, int h, int quad, int split) {
+#if FJ_SPLIT
+  write_split_output(p, o, row_max, row_sum, rows, b, h, quad, split);
+#else
+  (void)split;
+  write_output(p, o, row_max, row_sum, rows, b, h, quad);
+#endif
+}
 
 }  // namespace mma
 }  // namespace flashjit
