@@ -1,6 +1,7 @@
 """Decoding-shaped attention on the GPU: one new query per sequence against a KV
-cache, flashjit (keys split over blocks by its own choice; with blocks of one warp,
-FLASHJIT_CUDA_DECODE_WARPS=1; and with FLASHJIT_CUDA_SPLITS=1: no split) against
+cache, flashjit (keys split over blocks by its own choice; with mma.sync blocks of one
+warp, FLASHJIT_CUDA_DECODE_WARPS=1; with the usual split forward, FLASHJIT_CUDA_DECODE_WARPS=4,
+on sm_90 the sm_90a kernel's; and with FLASHJIT_CUDA_SPLITS=1: no split) against
 PyTorch's SDPA (its own kernel choice), all in one run, on B 1/16/64 x cached keys
 1k/8k/32k/128k (B 64 up to 32k). bf16, 32 query heads sharing 8 key/value heads,
 head dim 128, with no mask and with a boolean key mask (a batch of cached sequences
@@ -76,7 +77,7 @@ def main():
         os.environ.pop(name, None)
     sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes] if args.sizes else SIZES
     heads_q, heads_kv, head_dim = 32, 8, 128
-    names = ["flashjit", "flashjit, one-warp blocks", "flashjit, no split", "torch"]
+    names = ["flashjit", "flashjit, one-warp blocks", "flashjit, warps=4", "flashjit, no split", "torch"]
     rows = []
     torch.manual_seed(0)
     for batch, keys in sizes:
@@ -91,6 +92,7 @@ def main():
                 "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True),
             }
             cases["flashjit, one-warp blocks"] = with_env(cases["flashjit"], FLASHJIT_CUDA_DECODE_WARPS="1")
+            cases["flashjit, warps=4"] = with_env(cases["flashjit"], FLASHJIT_CUDA_DECODE_WARPS="4")
             cases["flashjit, no split"] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS="1")
             expected = cases["torch"]().float()
             for name in names[:-1]:
@@ -113,7 +115,8 @@ def main():
              "mask: boolean, each sequence's cached length drawn from [keys / 2, keys]",
              "- µs: GPU time a call over back-to-back calls (CUDA events), median of 7 runs; TB/s: K and V bytes "
              "read (masked: the kept keys') over that time; sync µs: host time of one synchronised call, median "
-             "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; no split: FLASHJIT_CUDA_SPLITS=1", "",
+             "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; warps=4: FLASHJIT_CUDA_DECODE_WARPS=4 (on sm_90 "
+             "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1", "",
              "| B | keys | mask | " + " | ".join(f"{n} µs" for n in names) + " | flashjit TB/s | torch TB/s | "
              "one-warp TB/s | flashjit vs torch | one-warp vs torch | " +
              " | ".join(f"{n} sync µs" for n in names) + " |",

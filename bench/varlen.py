@@ -105,17 +105,18 @@ def decode(args, device, dtype):
         "torch SDPA, cache + mask": lambda: F.scaled_dot_product_attention(sdpa_q, sdpa_k, sdpa_v, attn_mask=mask,
                                                                            enable_gqa=True),
     }
-    if device == "cuda":  # blocks of one warp for the decoding rows (FLASHJIT_CUDA_DECODE_WARPS=1)
-        def one_warp(fn):
+    if device == "cuda":  # the decoding rows' blocks forced: of one warp, or of four (FLASHJIT_CUDA_DECODE_WARPS)
+        def with_warps(fn, warps):
             def run():
-                os.environ["FLASHJIT_CUDA_DECODE_WARPS"] = "1"
+                os.environ["FLASHJIT_CUDA_DECODE_WARPS"] = warps
                 try:
                     return fn()
                 finally:
                     os.environ.pop("FLASHJIT_CUDA_DECODE_WARPS")
             return run
         for name in ("flashjit contiguous cache", "flashjit paged cache"):
-            impls[name + ", one-warp blocks"] = one_warp(impls[name])
+            impls[name + ", one-warp blocks"] = with_warps(impls[name], "1")
+            impls[name + ", four-warp blocks"] = with_warps(impls[name], "4")
     paged = impls["flashjit paged cache"]()
     contiguous = impls["flashjit contiguous cache"]()
     torch.testing.assert_close(paged, contiguous, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)

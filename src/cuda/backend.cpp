@@ -352,6 +352,17 @@ bool try_scratch(Plan& plan, size_t bytes, const Launch& launch) {
   }
 }
 
+// Whether a decoding forward splits over blocks of one warp (mma.sync, up to 16 query rows a
+// batch and head) rather than the usual split forward: FLASHJIT_CUDA_DECODE_WARPS=1 or 4
+// forces it; otherwise on sm_90 where they were measured faster (bench/NOTES.md, 2026-12-04):
+// KV caches, and key masks over at least 16 batch-heads (GQA groups packed), whose loads the
+// sm_90a kernel makes in its softmax's path.
+bool one_warp_decoding(const AttentionProblem& p, const Launch& launch, bool kv_cache) {
+  const int forced = settings::decode_warps();
+  if (forced != 0) return forced == 1;
+  return launch.arch == 90 && (kv_cache || (p.mask != nullptr && p.batch * p.heads_q >= 16));
+}
+
 // The split forward: a block for each (query block, batch, head) and span of keys
 // (kMma: a grid of blocks by spans; kHopper: a block a work tile, span by span)
 // writes partials into scratch, then the combine kernel merges them into o and
@@ -444,11 +455,11 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   const KernelSpec spec = forward_spec(p, launch, params);
   if (!launch.graph_safe && p.seqlen_k > 0) {
     // On sm_90 the sm_90a kernel splits (its TMA pipeline streams the keys at the memory's
-    // speed), without dropout and unless one-warp mma.sync blocks are asked for.
+    // speed), without dropout and unless one-warp mma.sync blocks take the problem.
     const KernelSpec hopper_split = hopper_split_kernel(spec);
-    const KernelSpec split_spec = hopper_split.split && settings::decode_warps() != 1
-                                      ? hopper_split
-                                      : split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q);
+    const KernelSpec mma_split =
+        split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q, one_warp_decoding(p, launch, false));
+    const KernelSpec& split_spec = hopper_split.split && mma_split.threads != 32 ? hopper_split : mma_split;
     const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
     if (splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits)) return;
   }
@@ -505,7 +516,7 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   dense.diagonal_shift = top_left ? 0 : longest - queries;
   dense = with_query_groups_packed(dense);
   const KernelTraits traits = traits_for_launch(dense, launch);
-  KernelSpec spec = split_forward_kernel(traits, dense.seqlen_q);
+  KernelSpec spec = split_forward_kernel(traits, dense.seqlen_q, one_warp_decoding(dense, launch, true));
   if (!spec.split) return false;  // no mma.sync kernel for these traits
   // More queries than one block's rows (a prefill against the cache): on sm_90 the sequences'
   // own sm_90a forwards beat one mma.sync launch.

@@ -533,11 +533,11 @@ KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned)
   return simt_spec(traits, KernelEntry::kForward);
 }
 
-KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows) {
+KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows, bool one_warp) {
   KernelSpec spec;
   if (!uses_tensor_cores(traits) || traits.dropout) return spec;
   spec = mma_spec(traits, KernelEntry::kForward);
-  if (query_rows > 0 && query_rows <= 16 && settings::decode_warps() == 1) {
+  if (one_warp && query_rows > 0 && query_rows <= 16) {
     // Decoding: a block's other warps would hold rows past the queries; one warp a block,
     // and many blocks an SM, each streaming its own span of keys.
     spec.threads = 32;

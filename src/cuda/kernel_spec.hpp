@@ -132,9 +132,9 @@ KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned 
 // blocks to fill the GPU. The split forward is a kMma kernel without dropout;
 // where the traits allow none (other dtypes, dropout, no fit), the returned
 // spec has split == false.
-// query_rows (a batch and head's, GQA groups packed), where given and at most 16, takes
-// blocks of one warp and one 16-row tile where FLASHJIT_CUDA_DECODE_WARPS=1.
-KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows = 0);
+// With one_warp, query_rows (a batch and head's, GQA groups packed), where given and at
+// most 16, takes blocks of one warp and one 16-row tile.
+KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows = 0, bool one_warp = false);
 // The sm_90a forward `forward` (forward_kernel's kHopper spec) as a split forward: its work
 // tiles split by split, float partials for the combine kernel, no output TMA. split ==
 // false for another family or with dropout.

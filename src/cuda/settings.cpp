@@ -37,7 +37,8 @@ std::optional<int> forced_splits() {
 
 int decode_warps() {
   const char* value = std::getenv("FLASHJIT_CUDA_DECODE_WARPS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "4") == 0) return 4;
+  if (value == nullptr || *value == '\0') return 0;
+  if (std::strcmp(value, "4") == 0) return 4;
   if (std::strcmp(value, "1") == 0) return 1;
   throw_value_error("[cuda] FLASHJIT_CUDA_DECODE_WARPS: expected 1 or 4, got '", value, "'");
 }

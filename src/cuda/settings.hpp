@@ -7,7 +7,7 @@
 //   FLASHJIT_CUDA_TILES         the sm_90a forward's tiles (kernel_spec.hpp, ForwardTiles)
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
 //   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
-//   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4)
+//   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4), forced
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
@@ -25,9 +25,10 @@ std::optional<int> forced_splits();
 // A variable-length call in one launch a kernel where the sm_90a kernels take it (the default;
 // FLASHJIT_CUDA_VARLEN=0: a launch a sequence, for comparisons).
 bool varlen_single_launch();
-// FLASHJIT_CUDA_DECODE_WARPS: 1 (blocks of one warp over 16 query rows, many blocks an SM)
-// or 4 (the split forward's usual blocks) where the split forward has up to 16 query rows
-// a batch and head; 4 when unset. Any other value raises an error naming the variable.
+// FLASHJIT_CUDA_DECODE_WARPS: 1 (mma.sync blocks of one warp over 16 query rows, many blocks
+// an SM) or 4 (the split forward's usual blocks: on sm_90 the sm_90a kernel's) where the split
+// forward has up to 16 query rows a batch and head; 0 when unset (the backend chooses). Any
+// other value raises an error naming the variable.
 int decode_warps();
 
 }  // namespace flashjit::cuda::settings

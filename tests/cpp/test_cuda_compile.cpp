@@ -17,6 +17,7 @@
 
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
+#include "cuda/settings.hpp"
 #include "cuda/tuning.hpp"
 #include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
@@ -444,13 +445,13 @@ TEST_F(CudaCompile, KvCacheForwardCompilesForSm80AndSm90) {
   EXPECT_EQ(stats().compiles, compiled);
 }
 
-// Blocks of one warp for decoding (FLASHJIT_CUDA_DECODE_WARPS=1, up to 16 query rows): the
-// split forward, plain and over a KV cache, compiles at each head dim; more rows, or the
-// variable unset, keep the four-warp blocks; a bad value is an error naming the variable.
+// Blocks of one warp for decoding (up to 16 query rows): the split forward, plain and over a
+// KV cache, compiles at each head dim; more rows keep the four-warp blocks. The switch
+// FLASHJIT_CUDA_DECODE_WARPS reads 1, 4 or unset (0: the backend chooses); any other value
+// is an error naming the variable.
 TEST_F(CudaCompile, OneWarpDecodeBlocksCompile) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
-  setenv("FLASHJIT_CUDA_DECODE_WARPS", "1", 1);
   int compiled = 0;
   for (int arch : {80, 90}) {
     for (int head_dim : {64, 128, 256}) {
@@ -459,26 +460,33 @@ TEST_F(CudaCompile, OneWarpDecodeBlocksCompile) {
         traits.dtype = FJ_BFLOAT16;
         traits.head_dim_qk = traits.head_dim_v = head_dim;
         traits.arch = arch;
-        KernelSpec spec = split_forward_kernel(traits, 16);
+        KernelSpec spec = split_forward_kernel(traits, 16, true);
         ASSERT_TRUE(spec.split) << spec.name();
         EXPECT_EQ(spec.threads, 32);
         EXPECT_EQ(spec.block_rows(), 16);
         spec.kv_cache = kv_cache;
         ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
         ++compiled;
-        EXPECT_EQ(split_forward_kernel(traits, 17).threads, 128);
+        EXPECT_EQ(split_forward_kernel(traits, 17, true).threads, 128);
+        EXPECT_EQ(split_forward_kernel(traits, 16, false).threads, 128);
       }
     }
   }
   EXPECT_EQ(stats().compiles, compiled);
-  setenv("FLASHJIT_CUDA_DECODE_WARPS", "3", 1);
-  KernelTraits traits;
-  traits.dtype = FJ_FLOAT16;
-  traits.head_dim_qk = traits.head_dim_v = 64;
-  traits.arch = 90;
-  EXPECT_THROW(split_forward_kernel(traits, 1), std::exception);
   unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
-  EXPECT_EQ(split_forward_kernel(traits, 1).threads, 128);
+  EXPECT_EQ(settings::decode_warps(), 0);
+  for (const char* value : {"1", "4"}) {
+    setenv("FLASHJIT_CUDA_DECODE_WARPS", value, 1);
+    EXPECT_EQ(settings::decode_warps(), std::atoi(value));
+  }
+  setenv("FLASHJIT_CUDA_DECODE_WARPS", "3", 1);
+  try {
+    settings::decode_warps();
+    ADD_FAILURE() << "FLASHJIT_CUDA_DECODE_WARPS=3 was taken";
+  } catch (const std::exception& error) {
+    EXPECT_NE(std::string(error.what()).find("FLASHJIT_CUDA_DECODE_WARPS"), std::string::npos) << error.what();
+  }
+  unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
 }
 
 // Kernel selection alone (no NVRTC): every kernel chosen for a problem fits the
