@@ -1,7 +1,7 @@
 """Which instruction sets a flashjit binary's functions use: every function with AMX tiles
 (tmm registers) must be one of the amx variant's CPU kernels, every function with AVX-512
-(zmm or mask registers) one of the avx512 or amx variant's, every function with AVX (ymm
-registers) one of the avx2, avx512 or amx variant's, so that a processor without them
+(zmm or mask registers) one of the avx512, avx512bf16 or amx variant's, every function with AVX
+(ymm registers) one of the avx2, avx512, avx512bf16 or amx variant's, so that a processor without them
 never reaches those instructions (the backend chooses a variant by what the processor
 reports). Also checks that those variants do use their instruction sets.
 
@@ -19,7 +19,7 @@ ZMM = re.compile(r"%zmm\d+|%k[1-7]\b")
 YMM = re.compile(r"%ymm\d+")
 TMM = re.compile(r"%tmm\d+")
 # The registers each variant may use beyond the baseline, widest first.
-ALLOWED = {"amx": {"tmm", "zmm", "ymm"}, "avx512": {"zmm", "ymm"}, "avx2": {"ymm"}}
+ALLOWED = {"amx": {"tmm", "zmm", "ymm"}, "avx512bf16": {"zmm", "ymm"}, "avx512": {"zmm", "ymm"}, "avx2": {"ymm"}}
 
 
 def functions(binary):
@@ -53,7 +53,7 @@ def main():
     bad = [(name, sorted(found - allowed(name))) for name, found in uses.items() if found - allowed(name)]
     for name, found in bad[:20]:
         print(f"outside its variant: {', '.join(found)} in {name}")
-    own = {"amx": "tmm", "avx512": "zmm", "avx2": "ymm"}
+    own = {"amx": "tmm", "avx512bf16": "zmm", "avx512": "zmm", "avx2": "ymm"}
     missing = [variant for variant, register in own.items()
                if not any(register in found for name, found in uses.items() if f"::{variant}::" in name)]
     for variant in missing:

@@ -4,6 +4,11 @@
 // 32 x 16 bfloat16 tile B that is stored pairwise ("VNNI": row i of B's tile holds
 // B[2i][n], B[2i + 1][n] for n = 0..15), accumulating in float32.
 //
+// The `avx512bf16` variant (FJ_CPU_AMX with FJ_CPU_AMX_TILES 0: processors with
+// AVX-512-BF16 and no AMX, such as AMD's Zen 4) runs the same kernels on the same
+// layouts, each tile product as VDPBF16PS on vectors: a pair of A's row, broadcast,
+// times a pair row of B (16 columns), into a row of C held in a register.
+//
 // The forward packs K and V once per call into these pair layouts, a block of
 // kBlockK keys at a time (PackedKv), so that every query block and every query
 // head of a GQA group reads them as they are:
@@ -30,6 +35,7 @@ static_assert(kBlockK == 64, "the AMX kernels take key blocks of 64");
 
 // The tile configuration every AMX kernel here uses: eight tiles of 16 rows x 64
 // bytes (C: 0-3, A: 4-5, B: 6-7). Per thread; loaded for each task, released after.
+#if FJ_CPU_AMX_TILES
 class AmxTiles {
  public:
   AmxTiles() {
@@ -48,6 +54,15 @@ class AmxTiles {
   AmxTiles(const AmxTiles&) = delete;
   AmxTiles& operator=(const AmxTiles&) = delete;
 };
+#else
+class AmxTiles {  // vectors need no tile state
+ public:
+  AmxTiles() {}  // user-provided: a held AmxTiles is a scope, as with tiles
+  ~AmxTiles() {}
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
+#endif
 
 inline int64_t amx_depth(int64_t head_dim) { return round_up(head_dim, 32); }
 
@@ -60,6 +75,7 @@ inline bool amx_applies(const AttentionProblem& p) { return p.seqlen_q >= 16; }
 // a: the first row tile's first element; the second row tile starts a_rows later.
 // b: pair-rows of the first column tile; the second starts b_cols later; each step
 // of 32 advances a by 32 elements and b by b_step elements. c: float rows of ldc.
+#if FJ_CPU_AMX_TILES
 template <int R, int N>
 inline void amx_tile_product(int64_t steps, const uint16_t* a, int64_t lda, int64_t a_rows, const uint16_t* b,
                              int64_t ldb, int64_t b_cols, int64_t b_step, float* c, int64_t ldc, bool accumulate) {
@@ -97,6 +113,48 @@ inline void amx_tile_product(int64_t steps, const uint16_t* a, int64_t lda, int6
   if constexpr (R == 2) _tile_stored(2, c1, c_stride);
   if constexpr (R == 2 && N == 2) _tile_stored(3, c1 + 16, c_stride);
 }
+#else
+// Eight rows of C (+)= A B for N column tiles, on VDPBF16PS: per pair of depth, N pair rows
+// of B, and each row's pair of A broadcast (16 accumulators at N = 2).
+template <int N>
+inline void bf16_vector_rows(int64_t steps, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+                             int64_t b_cols, int64_t b_step, float* c, int64_t ldc, bool accumulate) {
+  constexpr int kRows = 8;
+  __m512 acc[kRows][N];
+  for (int r = 0; r < kRows; ++r) {
+    for (int n = 0; n < N; ++n) acc[r][n] = accumulate ? _mm512_loadu_ps(c + r * ldc + n * 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < steps; ++k) {
+    const uint16_t* ak = a + k * 32;
+    const uint16_t* bk = b + k * b_step;
+    for (int pair = 0; pair < 16; ++pair) {
+      __m512bh row[N];
+      for (int n = 0; n < N; ++n) row[n] = (__m512bh)_mm512_loadu_si512(bk + pair * ldb + n * b_cols);
+      for (int r = 0; r < kRows; ++r) {
+        int32_t bits;
+        std::memcpy(&bits, ak + r * lda + 2 * pair, sizeof(bits));
+        const __m512bh x = (__m512bh)_mm512_set1_epi32(bits);
+        for (int n = 0; n < N; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], x, row[n]);
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int n = 0; n < N; ++n) _mm512_storeu_ps(c + r * ldc + n * 16, acc[r][n]);
+  }
+}
+
+// amx_tile_product's contract on vectors: R row tiles of 16 rows, 8 rows at a time.
+template <int R, int N>
+inline void amx_tile_product(int64_t steps, const uint16_t* a, int64_t lda, int64_t a_rows, const uint16_t* b,
+                             int64_t ldb, int64_t b_cols, int64_t b_step, float* c, int64_t ldc, bool accumulate) {
+  for (int tile = 0; tile < R; ++tile) {
+    for (int half = 0; half < 2; ++half) {
+      bf16_vector_rows<N>(steps, a + tile * a_rows + half * 8 * lda, lda, b, ldb, b_cols, b_step,
+                          c + (tile * 16 + half * 8) * ldc, ldc, accumulate);
+    }
+  }
+}
+#endif
 
 // C[rows16 x 16 col_tiles] (+)= A[rows16 x depth] B, A row-major bfloat16 (lda
 // elements a row), B in pair rows of ldb elements (2 per column), 16 columns a

@@ -50,15 +50,18 @@ bool runs_amx() {
   return granted;
 }
 
+bool runs_avx512bf16() { return runs_avx512() && __builtin_cpu_supports("avx512bf16"); }
+
 // Widest first.
 const Variant kVariants[] = {
     {"amx", amx::attention_forward, amx::attention_backward, runs_amx},
+    {"avx512bf16", avx512bf16::attention_forward, avx512bf16::attention_backward, runs_avx512bf16},
     {"avx512", avx512::attention_forward, avx512::attention_backward, runs_avx512},
     {"avx2", avx2::attention_forward, avx2::attention_backward,
      [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }},
     {"baseline", baseline::attention_forward, baseline::attention_backward, [] { return true; }},
 };
-constexpr const char* kNames = "baseline,avx2,avx512,amx";
+constexpr const char* kNames = "baseline,avx2,avx512,avx512bf16,amx";
 #else
 const Variant kVariants[] = {{"native", native::attention_forward, native::attention_backward, [] { return true; }}};
 constexpr const char* kNames = "native";
