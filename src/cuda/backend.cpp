@@ -459,7 +459,8 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
     const KernelSpec hopper_split = hopper_split_kernel(spec);
     const KernelSpec mma_split =
         split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q, one_warp_decoding(p, launch, false));
-    const KernelSpec& split_spec = hopper_split.split && mma_split.threads != 32 ? hopper_split : mma_split;
+    const bool one_warp = mma_split.split && mma_split.threads == 32;
+    const KernelSpec& split_spec = hopper_split.split && !one_warp ? hopper_split : mma_split;
     const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
     if (splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits)) return;
   }

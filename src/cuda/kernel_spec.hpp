@@ -42,7 +42,7 @@ struct KernelSpec {
   bool dropout = false;
   bool softcap = false;
   bool aligned = false;  // 16-byte aligned rows: cp.async loads (kMma)
-  bool split = false;    // kMma forward over a span of keys, writing partials (KernelParams::split_o)
+  bool split = false;    // kMma or kHopper forward over spans of keys, writing partials (KernelParams::split_o)
   // kHopper forward over a variable-length batch in one launch (KernelParams::varlen; O by the threads).
   bool varlen = false;
   // kMma forward over a KV cache in one launch (FJ_KV_CACHE): 1, each batch entry's own key
@@ -129,9 +129,9 @@ bool hopper_applies(const KernelTraits& traits);
 // the sm_90a forward unless FLASHJIT_CUDA_TILES forces one; ignored where it cannot run.
 KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned = ForwardTiles{});
 // The split forward and its combine kernel, for problems with too few query
-// blocks to fill the GPU. The split forward is a kMma kernel without dropout;
-// where the traits allow none (other dtypes, dropout, no fit), the returned
-// spec has split == false.
+// blocks to fill the GPU. split_forward_kernel's is a kMma kernel without dropout
+// (hopper_split_kernel below makes sm_90's); where the traits allow none (other
+// dtypes, dropout, no fit), the returned spec has split == false.
 // With one_warp, query_rows (a batch and head's, GQA groups packed), where given and at
 // most 16, takes blocks of one warp and one 16-row tile.
 KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows = 0, bool one_warp = false);

@@ -2,7 +2,10 @@
 // warpgroup that loads tiles with TMA and two (or, as a variant at head dim 64,
 // three) consumer warpgroups that multiply with wgmma, 64 query rows each
 // (kBlockM = 128 or 192 a work tile). The grid is persistent: a block an SM,
-// taking work tiles from a counter (TileQueue).
+// taking work tiles from a counter (TileQueue). FJ_SPLIT (decoding): the work
+// tiles of each span of keys in turn, a block a work tile, float partials for
+// combine.cuh; a consumer warpgroup none of whose rows is a query only takes its
+// turns (idle_steps).
 //
 //   producer (warpgroup 0): one thread loads each work tile's Q tile into a
 //     ring of kQBuffers, then K and V tiles of kBlockN keys into rings of
@@ -227,6 +230,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int q_buffer = q_ring.buffer(q_use);
       elem_t* q_tile = q_tiles + q_buffer * kBlockM * kQTileDim;
       q_ring.consume(q_use);
+      // The same waits and releases as the working path's lambdas below: a change to
+      // either must be made to both, or the rings' phases break.
       if (FJ_SPLIT && consumer_first >= sp.seqlen_q) {
         // No row of this warpgroup is a query (decoding: a block's few packed rows all lie in
         // the first): its turns and buffers, no product, no output. Only in split kernels: in
@@ -241,19 +246,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             },
             [&](int j) {
               k_ring.release(kv_use + j, lane);
-#if FJ_O_TMA
-              if (j == 0) free_stored();
-#else
-              if (j == block.tiles - 1) q_ring.release(q_use, lane);
-#endif
+              if (j == block.tiles - 1) q_ring.release(q_use, lane);  // split kernels: no FJ_O_TMA
             },
             [&](int j) { v_ring.release(kv_use + j, lane); });
         kv_use += block.tiles;
         ++q_use;
-#if FJ_O_TMA
-        store_pending = q_buffer;  // freed as a stored buffer is
-        if (kQBuffers == 1) free_stored();
-#endif
         continue;
       }
       float s[1][kBlockN / 8][4];

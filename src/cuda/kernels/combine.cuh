@@ -1,5 +1,5 @@
-// Merges the partial results of a split forward (attention_mma.cuh with
-// FJ_SPLIT): each split saw a span of the keys and wrote its normalised output
+// Merges the partial results of a split forward (attention_mma.cuh or
+// attention_hopper.cuh with FJ_SPLIT): each split saw a span of the keys and wrote its normalised output
 // O_s and its LSE_s (natural log, -inf where it saw no key). With
 // M = max_s LSE_s and w_s = exp(LSE_s - M):
 //   O = sum_s w_s O_s / sum_s w_s,   LSE = M + log(sum_s w_s).
