@@ -106,20 +106,25 @@ def decode(args, device, dtype):
                                                                            enable_gqa=True),
     }
     if device == "cuda":  # the decoding rows' blocks forced: of one warp, or of four (FLASHJIT_CUDA_DECODE_WARPS)
-        def with_warps(fn, warps):
+        def with_env(fn, name, value):
             def run():
-                os.environ["FLASHJIT_CUDA_DECODE_WARPS"] = warps
+                os.environ[name] = value
                 try:
                     return fn()
                 finally:
-                    os.environ.pop("FLASHJIT_CUDA_DECODE_WARPS")
+                    os.environ.pop(name)
             return run
         for name in ("flashjit contiguous cache", "flashjit paged cache"):
-            impls[name + ", one-warp blocks"] = with_warps(impls[name], "1")
-            impls[name + ", four-warp blocks"] = with_warps(impls[name], "4")
+            impls[name + ", one-warp blocks"] = with_env(impls[name], "FLASHJIT_CUDA_DECODE_WARPS", "1")
+            impls[name + ", four-warp blocks"] = with_env(impls[name], "FLASHJIT_CUDA_DECODE_WARPS", "4")
+        # The cache in place on the sm_90a split forward (FLASHJIT_CUDA_KV_HOPPER=1; sm_90 only).
+        impls["flashjit contiguous cache, sm_90a split"] = with_env(impls["flashjit contiguous cache"],
+                                                                    "FLASHJIT_CUDA_KV_HOPPER", "1")
     paged = impls["flashjit paged cache"]()
     contiguous = impls["flashjit contiguous cache"]()
     torch.testing.assert_close(paged, contiguous, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
+    for name in [n for n in impls if n.startswith("flashjit ") and n.endswith("sm_90a split")]:
+        torch.testing.assert_close(impls[name](), contiguous, rtol=2e-2, atol=2e-2)
     bytes_read = 2 * sum(lengths) * Hkv * D * torch.finfo(dtype).bits // 8
     with torch.no_grad():
         times = timed(impls, device, args.repeats)

@@ -478,6 +478,19 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
+// A KV cache in place (no pages) on the sm_90a split forward (FJ_KV_CACHE 1): each work tile
+// bounded by its entry's key count, at least one split. False (an empty plan) where the
+// sm_90a kernel does not take the operands or no scratch can be had.
+bool plan_hopper_kv_cache(Plan& plan, const AttentionProblem& dense, const Launch& launch, KernelParams params,
+                          int multiprocessors) {
+  const KernelSpec forward = forward_spec(dense, launch, params);
+  KernelSpec spec = hopper_split_kernel(forward);
+  if (!spec.split) return false;
+  spec.kv_cache = 1;
+  const int splits = std::max(1, forward_splits(dense, spec, multiprocessors));
+  return plan_split_forward(plan, dense, launch, params, spec, splits);
+}
+
 // A KV cache's forward in one launch of the mma.sync forward (FJ_KV_CACHE), split over the
 // keys where the batch cannot fill the GPU: a variable-length call whose sequences all have
 // the same number of queries and whose keys are a cache (seqused_k: each sequence's own count
@@ -539,11 +552,16 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   params.varlen_top_left = top_left ? 1 : 0;
   params.page_table_stride = width;
   params.page_size = p.page_table != nullptr ? checked_int(p.page_size, "page size") : 0;
-  const int splits = forward_splits(dense, spec, device_info(launch.device_index).multiprocessors);
-  if (splits <= 1 || !plan_split_forward(plan, dense, launch, params, spec, splits)) {
-    spec.split = false;
-    params.num_query_blocks = int(ceil_div(dense.seqlen_q, spec.block_rows()));
-    plan.add(spec, params, launch).blocks = int64_t(params.num_query_blocks) * dense.batch * dense.heads_q;
+  const int multiprocessors = device_info(launch.device_index).multiprocessors;
+  const bool on_hopper = p.page_table == nullptr && settings::kv_cache_hopper() && hopper_applies(traits) &&
+                         plan_hopper_kv_cache(plan, dense, launch, params, multiprocessors);
+  if (!on_hopper) {
+    const int splits = forward_splits(dense, spec, multiprocessors);
+    if (splits <= 1 || !plan_split_forward(plan, dense, launch, params, spec, splits)) {
+      spec.split = false;
+      params.num_query_blocks = int(ceil_div(dense.seqlen_q, spec.block_rows()));
+      plan.add(spec, params, launch).blocks = int64_t(params.num_query_blocks) * dense.batch * dense.heads_q;
+    }
   }
   // The kernels are compiled; then the arrays, or (no memory, no pool) an empty plan.
   try {

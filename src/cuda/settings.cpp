@@ -43,6 +43,11 @@ int decode_warps() {
   throw_value_error("[cuda] FLASHJIT_CUDA_DECODE_WARPS: expected 1 or 4, got '", value, "'");
 }
 
+bool kv_cache_hopper() {
+  const char* value = std::getenv("FLASHJIT_CUDA_KV_HOPPER");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
 bool varlen_single_launch() {
   const char* value = std::getenv("FLASHJIT_CUDA_VARLEN");
   return value == nullptr || std::strcmp(value, "0") != 0;

@@ -400,6 +400,13 @@ TEST_F(CudaCompile, HopperSplitForwardCompilesForSm90) {
       EXPECT_NE(split.name().find("_split"), std::string::npos);
       ASSERT_NO_THROW(kernel_binary(split, false)) << split.name();
       ++compiled;
+      if (!extras) {  // over a KV cache in place (FLASHJIT_CUDA_KV_HOPPER): no mask there
+        KernelSpec cache = split;
+        cache.kv_cache = 1;
+        EXPECT_NE(cache.name().find("_kvcache"), std::string::npos);
+        ASSERT_NO_THROW(kernel_binary(cache, false)) << cache.name();
+        ++compiled;
+      }
       traits.dropout = true;
       EXPECT_FALSE(hopper_split_kernel(forward_kernel(traits)).split);
     }

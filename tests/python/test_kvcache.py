@@ -115,20 +115,13 @@ def _shuffled_pages(cache, page_size, generator):
 # or not, the pages read in place): each sequence against the float64 reference of its
 # used keys alone; the paged cache (pages of 16 and 64 keys, shuffled) bit for bit the dense
 # cache's result on CUDA, where both run the same arithmetic.
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("sq,causal,window,softcap", [
-    (1, False, (-1, -1), 0.0), (1, True, (-1, -1), 0.0), (4, True, (-1, -1), 0.0), (4, "top_left", (-1, -1), 0.0),
-    (1, False, (-1, -1), 5.0), (3, True, (40, -1), 0.0)])
-@pytest.mark.parametrize("splits", [None, 1, 3])
-@pytest.mark.parametrize("warps", [4, 1])  # FLASHJIT_CUDA_DECODE_WARPS: blocks of one warp for up to 16 rows
-def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softcap, splits, warps, monkeypatch):
-    if splits is not None:
-        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
-    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", str(warps))
+def _each_sequence(dtype, D, sq, causal, window, softcap):
+    """A half cache of four sequences (one empty, one of a single key, one nearly full) through
+    attention_with_kvcache, each sequence checked against the float64 reference of its used keys
+    alone; returns what the check needs to go on (the cache, q, lengths, options, o and LSE)."""
     generator = torch.Generator().manual_seed(D * 10 + sq)
     batch, heads_q, heads_kv, capacity = 4, 8, 2, 320
-    lengths = [200, 0, 1, 317]  # one empty sequence, one of a single key, one nearly full
+    lengths = [200, 0, 1, 317]
     k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, D, generator=generator).to(DEVICE, dtype)
                         for _ in range(2))
     q = torch.randn(batch, sq, heads_q, D, generator=generator).to(DEVICE, dtype)
@@ -144,6 +137,24 @@ def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softca
         base_o, base_lse = naive_attention(*inputs, causal=alignment, window=window, softcap=softcap, dtype=dtype)
         check(f"o[{b}]", o[b:b + 1].transpose(1, 2), base_o, exact_o, dtype)
         check(f"lse[{b}]", lse[b:b + 1], base_lse, exact_lse, dtype)
+    return generator, k_cache, v_cache, q, seqlens, options, o, lse
+
+
+CACHE_CASES = [(1, False, (-1, -1), 0.0), (1, True, (-1, -1), 0.0), (4, True, (-1, -1), 0.0),
+               (4, "top_left", (-1, -1), 0.0), (1, False, (-1, -1), 5.0), (3, True, (40, -1), 0.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq,causal,window,softcap", CACHE_CASES)
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("warps", [4, 1])  # FLASHJIT_CUDA_DECODE_WARPS: blocks of one warp for up to 16 rows
+def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softcap, splits, warps, monkeypatch):
+    if splits is not None:
+        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
+    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", str(warps))
+    generator, k_cache, v_cache, q, seqlens, options, o, lse = _each_sequence(dtype, D, sq, causal, window, softcap)
+    batch, heads_kv = k_cache.shape[0], k_cache.shape[2]
     for page_size in (16, 64):
         k_pages, table = _shuffled_pages(k_cache, page_size, generator)
         v_pages = torch.empty_like(k_pages)
@@ -154,6 +165,21 @@ def test_half_cache_each_sequence_and_pages(dtype, D, sq, causal, window, softca
         tolerance = dict(rtol=0, atol=0) if DEVICE == "cuda" else dict(rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(o_paged, o, **tolerance)
         torch.testing.assert_close(lse_paged, lse, **tolerance)
+
+
+# FLASHJIT_CUDA_KV_HOPPER=1: the cache in place on sm_90's sm_90a split forward, each work tile
+# bounded by its sequence's count (elsewhere the switch changes nothing: CUDA only).
+@pytest.mark.skipif(DEVICE != "cuda", reason="a switch of the CUDA backend")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("sq,causal,window,softcap", CACHE_CASES)
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_half_cache_on_the_sm90a_split(dtype, D, sq, causal, window, softcap, splits, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_HOPPER", "1")
+    monkeypatch.delenv("FLASHJIT_CUDA_DECODE_WARPS", raising=False)
+    if splits is not None:
+        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
+    _each_sequence(dtype, D, sq, causal, window, softcap)
 
 
 @pytest.mark.parametrize("paged", [False, True])

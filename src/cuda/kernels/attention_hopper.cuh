@@ -42,6 +42,7 @@ static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 128)
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 constexpr bool kVarlen = FJ_VARLEN;
 static_assert(!FJ_SPLIT || (!FJ_O_TMA && !FJ_VARLEN), "a split forward writes float partials of a dense batch");
+static_assert(FJ_KV_CACHE == 0 || (FJ_KV_CACHE == 1 && !FJ_VARLEN), "a KV cache in place (no pages) of a dense batch");
 
 constexpr int kQBuffers = FJ_Q_BUFFERS;
 // A Q buffer holds the work tile's Q, then (FJ_O_TMA) its O.
@@ -108,12 +109,22 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const int tiles_a_split = p.num_query_blocks * p.batch * p.heads_q;
   const int num_tiles = tiles_a_split * (FJ_SPLIT ? p.num_splits : 1);
 #endif
-  // The parameters a work tile runs with: the kernel's own, or (FJ_VARLEN) its sequence's.
+  // The parameters a work tile runs with: the kernel's own, or (FJ_VARLEN) its sequence's,
+  // or (FJ_KV_CACHE) its batch entry's key count.
 #if FJ_VARLEN
 #define FJ_TILE_PARAMS(tile, local)                                       \
   const int entry_of_tile = varlen_entry(p, kFirstQueryTile, tile);        \
   const int local = tile - p.varlen[entry_of_tile * kVarlenFields];         \
   const KernelParams sp = sequence_params(p, entry_of_tile)
+#elif FJ_KV_CACHE
+  const auto batch_of_tile = [&](int local) {
+    int block, b, h;
+    block_coordinates(local % tiles_a_split, p.num_query_blocks, p.heads_q, &block, &b, &h);
+    return b;
+  };
+#define FJ_TILE_PARAMS(tile, local) \
+  const int local = tile;           \
+  const KernelParams sp = kv_cache_params(p, batch_of_tile(local))
 #else
 #define FJ_TILE_PARAMS(tile, local) \
   const int local = tile;           \

@@ -23,18 +23,6 @@ FJ_DEVICE void scores(float (&s)[kRowTiles][kBlockN / 8][4], const elem_t* q_til
                                                         lane);
 }
 
-#if FJ_KV_CACHE
-// A KV cache's batch entry b: its own key count (clamped into the cache's rows) and, aligned
-// bottom-right, the diagonal that count puts it on.
-FJ_DEVICE KernelParams kv_cache_params(const KernelParams& p, int b) {
-  KernelParams entry = p;
-  const int used = max(0, min(p.seqused_k[b], p.seqlen_k));
-  entry.seqlen_k = used;
-  if (!p.varlen_top_left) entry.diagonal_shift = p.diagonal_shift + (used - p.seqlen_k);
-  return entry;
-}
-#endif
-
 // Key rows [first, first + kBlockN) of k or v into a tile: in place, or (FJ_KV_CACHE 2)
 // each through the batch entry's row of the page table.
 template <int kDim>

@@ -272,5 +272,17 @@ FJ_DEVICE void dropout_factors(float (&factor)[4], const KernelParams& p, long l
 }
 #endif
 
+#if FJ_KV_CACHE
+// A KV cache's batch entry b: its own key count (clamped into the cache's rows) and, aligned
+// bottom-right, the diagonal that count puts it on.
+FJ_DEVICE KernelParams kv_cache_params(const KernelParams& p, int b) {
+  KernelParams entry = p;
+  const int used = max(0, min(p.seqused_k[b], p.seqlen_k));
+  entry.seqlen_k = used;
+  if (!p.varlen_top_left) entry.diagonal_shift = p.diagonal_shift + (used - p.seqlen_k);
+  return entry;
+}
+#endif
+
 }  // namespace mma
 }  // namespace flashjit
