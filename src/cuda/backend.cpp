@@ -478,15 +478,22 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   }
 }
 
-// A KV cache in place (no pages) on the sm_90a split forward (FJ_KV_CACHE 1): each work tile
-// bounded by its entry's key count, at least one split. False (an empty plan) where the
-// sm_90a kernel does not take the operands or no scratch can be had.
-bool plan_hopper_kv_cache(Plan& plan, const AttentionProblem& dense, const Launch& launch, KernelParams params,
-                          int multiprocessors) {
+// A KV cache on the sm_90a split forward (FJ_KV_CACHE): each work tile bounded by its entry's
+// key count, at least one split; in pages (p's page table), K and V through maps whose outer
+// dimension is the page, a key tile within one page. False (an empty plan) where the sm_90a
+// kernel does not take the operands or no scratch can be had.
+bool plan_hopper_kv_cache(Plan& plan, const AttentionProblem& p, const AttentionProblem& dense, const Launch& launch,
+                          KernelParams params, int multiprocessors) {
   const KernelSpec forward = forward_spec(dense, launch, params);
-  KernelSpec spec = hopper_split_kernel(forward);
+  const bool paged = p.page_table != nullptr;
+  const KernelSpec spec = hopper_kv_cache_kernel(forward, paged ? p.page_size : 0);
   if (!spec.split) return false;
-  spec.kv_cache = 1;
+  if (paged && !(encode_tensor_map(&params.k_map, dense.k, p.num_pages, dense.heads_kv, p.page_size,
+                                   dense.head_dim_qk, spec.block_n) &&
+                 encode_tensor_map(&params.v_map, dense.v, p.num_pages, dense.heads_kv, p.page_size,
+                                   dense.head_dim_v, spec.block_n))) {
+    return false;
+  }
   const int splits = std::max(1, forward_splits(dense, spec, multiprocessors));
   return plan_split_forward(plan, dense, launch, params, spec, splits);
 }
@@ -553,8 +560,8 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   params.page_table_stride = width;
   params.page_size = p.page_table != nullptr ? checked_int(p.page_size, "page size") : 0;
   const int multiprocessors = device_info(launch.device_index).multiprocessors;
-  const bool on_hopper = p.page_table == nullptr && settings::kv_cache_hopper() && hopper_applies(traits) &&
-                         plan_hopper_kv_cache(plan, dense, launch, params, multiprocessors);
+  const bool on_hopper = settings::kv_cache_hopper() && hopper_applies(traits) &&
+                         plan_hopper_kv_cache(plan, p, dense, launch, params, multiprocessors);
   if (!on_hopper) {
     const int splits = forward_splits(dense, spec, multiprocessors);
     if (splits <= 1 || !plan_split_forward(plan, dense, launch, params, spec, splits)) {

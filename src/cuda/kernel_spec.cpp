@@ -555,6 +555,17 @@ KernelSpec hopper_split_kernel(const KernelSpec& forward) {
   return spec;
 }
 
+KernelSpec hopper_kv_cache_kernel(const KernelSpec& forward, int64_t page_size) {
+  KernelSpec spec = hopper_split_kernel(forward);
+  spec.kv_cache = page_size > 0 ? 2 : 1;
+  if (page_size > 0 && page_size % spec.block_n != 0) {
+    // A smaller step needs no more shared memory: the spec still fits.
+    if (page_size % 16 != 0 || spec.block_n % page_size != 0) spec.split = false;
+    spec.block_n = int(page_size);
+  }
+  return spec;
+}
+
 // The combine kernel takes sizes at run time: one per dtype and arch.
 KernelSpec combine_kernel(const KernelTraits& traits) {
   KernelSpec spec;

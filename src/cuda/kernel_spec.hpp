@@ -139,6 +139,10 @@ KernelSpec split_forward_kernel(const KernelTraits& traits, int64_t query_rows =
 // tiles split by split, float partials for the combine kernel, no output TMA. split ==
 // false for another family or with dropout.
 KernelSpec hopper_split_kernel(const KernelSpec& forward);
+// hopper_split_kernel's spec over a KV cache (FJ_KV_CACHE): in place (page_size 0), or in pages
+// of page_size keys, whose key tiles must each lie in one page (block_n lowered to the page
+// size where that divides it). split == false where neither holds.
+KernelSpec hopper_kv_cache_kernel(const KernelSpec& forward, int64_t page_size);
 KernelSpec combine_kernel(const KernelTraits& traits);
 KernelSpec varlen_table_kernel(const KernelTraits& traits);
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);

@@ -400,12 +400,21 @@ TEST_F(CudaCompile, HopperSplitForwardCompilesForSm90) {
       EXPECT_NE(split.name().find("_split"), std::string::npos);
       ASSERT_NO_THROW(kernel_binary(split, false)) << split.name();
       ++compiled;
-      if (!extras) {  // over a KV cache in place (FLASHJIT_CUDA_KV_HOPPER): no mask there
-        KernelSpec cache = split;
-        cache.kv_cache = 1;
-        EXPECT_NE(cache.name().find("_kvcache"), std::string::npos);
-        ASSERT_NO_THROW(kernel_binary(cache, false)) << cache.name();
-        ++compiled;
+      if (!extras) {  // over a KV cache (FLASHJIT_CUDA_KV_HOPPER), in place and in pages: no mask there
+        const KernelSpec in_place = hopper_kv_cache_kernel(forward, 0);
+        const KernelSpec paged = hopper_kv_cache_kernel(forward, 16);
+        ASSERT_TRUE(in_place.split) << in_place.name();
+        ASSERT_TRUE(paged.split) << paged.name();
+        EXPECT_NE(in_place.name().find("_kvcache"), std::string::npos);
+        EXPECT_EQ(in_place.block_n, forward.block_n);
+        EXPECT_EQ(paged.block_n, 16);  // a key tile within a page of 16
+        EXPECT_EQ(hopper_kv_cache_kernel(forward, 16 * forward.block_n).block_n, forward.block_n);
+        EXPECT_FALSE(hopper_kv_cache_kernel(forward, 40).split);  // no whole tiles in a page
+        EXPECT_FALSE(hopper_kv_cache_kernel(forward, forward.block_n + 16).split);
+        for (const KernelSpec& cache : {in_place, paged}) {
+          ASSERT_NO_THROW(kernel_binary(cache, false)) << cache.name();
+          ++compiled;
+        }
       }
       traits.dropout = true;
       EXPECT_FALSE(hopper_split_kernel(forward_kernel(traits)).split);

@@ -179,7 +179,26 @@ def test_half_cache_on_the_sm90a_split(dtype, D, sq, causal, window, softcap, sp
     monkeypatch.delenv("FLASHJIT_CUDA_DECODE_WARPS", raising=False)
     if splits is not None:
         monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
-    _each_sequence(dtype, D, sq, causal, window, softcap)
+    generator, k_cache, v_cache, q, seqlens, options, o, lse = _each_sequence(dtype, D, sq, causal, window, softcap)
+    # Pages (a key tile within a page: steps of 16 keys, and of 64 at 64-key pages; in pages of 48,
+    # no whole tiles: the one-warp blocks), within half-precision rounding of the cache in place.
+    batch, heads_kv = k_cache.shape[0], k_cache.shape[2]
+    for page_size in (16, 48, 64):
+        if k_cache.shape[1] % page_size:
+            k_used, v_used = (x[:, :k_cache.shape[1] // page_size * page_size] for x in (k_cache, v_cache))
+        else:
+            k_used, v_used = k_cache, v_cache
+        k_pages, table = _shuffled_pages(k_used, page_size, generator)
+        v_pages = torch.empty_like(k_pages)
+        for b in range(batch):
+            v_pages[table[b].long()] = v_used[b].reshape(-1, page_size, heads_kv, D)
+        lengths = seqlens.clamp(max=k_used.shape[1])
+        o_paged, lse_paged = flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths,
+                                                             page_table=table, return_lse=True, **options)
+        o_here, lse_here = flashjit.attention_with_kvcache(q, k_used, v_used, cache_seqlens=lengths,
+                                                           return_lse=True, **options)
+        torch.testing.assert_close(o_paged, o_here, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse_paged, lse_here, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("paged", [False, True])

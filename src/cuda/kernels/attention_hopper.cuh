@@ -42,7 +42,7 @@ static_assert(kConsumers == 2 || (kDimQk <= 64 && kDimV <= 64 && kBlockN <= 128)
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 constexpr bool kVarlen = FJ_VARLEN;
 static_assert(!FJ_SPLIT || (!FJ_O_TMA && !FJ_VARLEN), "a split forward writes float partials of a dense batch");
-static_assert(FJ_KV_CACHE == 0 || (FJ_KV_CACHE == 1 && !FJ_VARLEN), "a KV cache in place (no pages) of a dense batch");
+static_assert(FJ_KV_CACHE == 0 || !FJ_VARLEN, "a KV cache of a dense batch");
 
 constexpr int kQBuffers = FJ_Q_BUFFERS;
 // A Q buffer holds the work tile's Q, then (FJ_O_TMA) its O.
@@ -170,6 +170,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       FJ_TILE_PARAMS(tile, local_tile);
       const QueryBlock block = block_of(sp, local_tile);
       const long long q_row0 = kVarlen ? sp.q_row0 : 0, k_row0 = kVarlen ? sp.k_row0 : 0;
+      // Key tile j for TMA: its first row and the map's outer coordinate, the batch entry, or
+      // (FJ_KV_CACHE 2) its page through the entry's row of the table (the tile lies in one page).
+      const auto key_tile_at = [&](int j, long long& row, int& outer) {
+        const long long key = block.tile_start(j);
+#if FJ_KV_CACHE == 2
+        outer = p.page_table[block.b * p.page_table_stride + static_cast<int>(key / p.page_size)];
+        row = key % p.page_size;
+#else
+        outer = block.b;
+        row = k_row0 + key;
+#endif
+      };
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
         const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
@@ -177,16 +189,19 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
                                        block.h, block.b, &q_ring.full[q_buffer]);
         // In the order the consumers need them: K_j, then V_{j-1}.
         for (int j = 0; j <= block.tiles; ++j) {
+          long long row;
+          int outer;
           if (j < block.tiles) {
             const int buffer = k_ring.produce(kv_use + j, kTileBytes<kBlockN, kDimQk>);
-            tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, k_row0 + block.tile_start(j),
-                                           block.kv_head, block.b, &k_ring.full[buffer]);
+            key_tile_at(j, row, outer);
+            tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, row, block.kv_head, outer,
+                                           &k_ring.full[buffer]);
           }
           if (j > 0) {
             const int buffer = v_ring.produce(kv_use + j - 1, kTileBytes<kBlockN, kDimV>);
-            tma_load_tile<kBlockN, kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map,
-                                          k_row0 + block.tile_start(j - 1),
-                                          block.kv_head, block.b, &v_ring.full[buffer]);
+            key_tile_at(j - 1, row, outer);
+            tma_load_tile<kBlockN, kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map, row, block.kv_head, outer,
+                                          &v_ring.full[buffer]);
           }
         }
         kv_use += block.tiles;
