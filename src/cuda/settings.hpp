@@ -8,7 +8,7 @@
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
 //   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
 //   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4), forced
-//   FLASHJIT_CUDA_KV_HOPPER=1   a KV cache in place (no pages) on the sm_90a split forward (default: mma.sync)
+//   FLASHJIT_CUDA_KV_HOPPER=1   a KV cache (in place or paged) on the sm_90a split forward (default: mma.sync)
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
@@ -31,8 +31,9 @@ bool varlen_single_launch();
 // forward has up to 16 query rows a batch and head; 0 when unset (the backend chooses). Any
 // other value raises an error naming the variable.
 int decode_warps();
-// FLASHJIT_CUDA_KV_HOPPER=1: decoding over a KV cache in place (no page table) on sm_90 runs the
-// sm_90a split forward rather than the mma.sync one (off by default until measured on a GPU).
+// FLASHJIT_CUDA_KV_HOPPER=1: decoding over a KV cache (in place, or in pages that whole key steps
+// fit) on sm_90 runs the sm_90a split forward rather than the mma.sync one (off by default until
+// measured on a GPU).
 bool kv_cache_hopper();
 
 }  // namespace flashjit::cuda::settings

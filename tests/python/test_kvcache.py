@@ -116,7 +116,8 @@ def _shuffled_pages(cache, page_size, generator):
 # used keys alone; the paged cache (pages of 16 and 64 keys, shuffled) bit for bit the dense
 # cache's result on CUDA, where both run the same arithmetic.
 def _each_sequence(dtype, D, sq, causal, window, softcap):
-    """A half cache of four sequences (one empty, one of a single key, one nearly full) through
+    """A half cache of four sequences (one empty, one of a single key, one nearly full; NaN past
+    each count) through
     attention_with_kvcache, each sequence checked against the float64 reference of its used keys
     alone; returns what the check needs to go on (the cache, q, lengths, options, o and LSE)."""
     generator = torch.Generator().manual_seed(D * 10 + sq)
@@ -124,6 +125,9 @@ def _each_sequence(dtype, D, sq, causal, window, softcap):
     lengths = [200, 0, 1, 317]
     k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, D, generator=generator).to(DEVICE, dtype)
                         for _ in range(2))
+    for b, n in enumerate(lengths):  # rows past a count hold anything (NaN here): never read into O
+        k_cache[b, n:] = float("nan")
+        v_cache[b, n:] = float("nan")
     q = torch.randn(batch, sq, heads_q, D, generator=generator).to(DEVICE, dtype)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     options = dict(causal=causal, window=window, softcap=softcap)

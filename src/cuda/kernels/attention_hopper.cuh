@@ -84,6 +84,23 @@ FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, 
 }
 #endif
 
+#if FJ_KV_CACHE
+// Rows first .. kBlockN - 1 of a V tile to zero, by a consumer warpgroup's 128 threads, seen by
+// its wgmma after: a cache's rows past an entry's key count are memory the TMA loads as they
+// are (not its zero fill past the map), and P = 0 there would still give 0 x NaN = NaN where
+// they hold NaN or Inf. A warpgroup zeroes before its own product: two doing so write the same
+// zeros.
+FJ_DEVICE void zero_rows_past_count(elem_t* tile, int first, int consumer) {
+  constexpr int kChunks = kDimV / 8;  // 16-byte chunks a row
+  for (int index = first * kChunks + static_cast<int>(threadIdx.x % 128); index < kBlockN * kChunks; index += 128) {
+    const int r = index / kChunks, c = index - r * kChunks;
+    *reinterpret_cast<uint4*>(tile + tile_offset<kBlockN, kDimV>(r, c * 8)) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  fence_async_shared();  // the stores above, before the wgmma reads the tile
+  named_barrier_sync(kEpilogueBarrier + consumer, 128);
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_forward(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
@@ -288,6 +305,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           [&](int j) {  // K_j, and V_{j-1}
             if (j < block.tiles) k_ring.consume(kv_use + j);
             if (j > 0) v_ring.consume(kv_use + j - 1);
+#if FJ_KV_CACHE
+            if (j == block.tiles) {  // the last V tile: its rows past the entry's count
+              const long long past = sp.seqlen_k - block.tile_start(j - 1);
+              if (past < kBlockN) {
+                zero_rows_past_count(v_tiles + v_ring.buffer(kv_use + j - 1) * kBlockN * kDimV,
+                                     static_cast<int>(past), consumer);
+              }
+            }
+#endif
           },
           [&](int j) {  // S_j = Q K_j^T
             wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(s[0], q_tile, consumer * 64,
