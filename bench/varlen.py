@@ -117,9 +117,9 @@ def decode(args, device, dtype):
         for name in ("flashjit contiguous cache", "flashjit paged cache"):
             impls[name + ", one-warp blocks"] = with_env(impls[name], "FLASHJIT_CUDA_DECODE_WARPS", "1")
             impls[name + ", four-warp blocks"] = with_env(impls[name], "FLASHJIT_CUDA_DECODE_WARPS", "4")
-        # The cache in place on the sm_90a split forward (FLASHJIT_CUDA_KV_HOPPER=1; sm_90 only).
-        impls["flashjit contiguous cache, sm_90a split"] = with_env(impls["flashjit contiguous cache"],
-                                                                    "FLASHJIT_CUDA_KV_HOPPER", "1")
+        # The cache on the sm_90a split forward (FLASHJIT_CUDA_KV_HOPPER=1; sm_90 only).
+        for name in ("flashjit contiguous cache", "flashjit paged cache"):
+            impls[name + ", sm_90a split"] = with_env(impls[name], "FLASHJIT_CUDA_KV_HOPPER", "1")
     paged = impls["flashjit paged cache"]()
     contiguous = impls["flashjit contiguous cache"]()
     torch.testing.assert_close(paged, contiguous, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
