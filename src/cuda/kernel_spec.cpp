@@ -559,8 +559,10 @@ KernelSpec hopper_kv_cache_kernel(const KernelSpec& forward, int64_t page_size) 
   KernelSpec spec = hopper_split_kernel(forward);
   spec.kv_cache = page_size > 0 ? 2 : 1;
   if (page_size > 0 && page_size % spec.block_n != 0) {
-    // A smaller step needs no more shared memory: the spec still fits.
     if (page_size % 16 != 0 || spec.block_n % page_size != 0) spec.split = false;
+    // A smaller step: as many keys in flight through a deeper ring (four stages of 64 keys
+    // take no more shared memory than two of 128, so the spec still fits).
+    spec.stages = std::max(spec.stages, std::min(4, 2 * spec.block_n / int(page_size)));
     spec.block_n = int(page_size);
   }
   return spec;
