@@ -9,7 +9,6 @@ backward, median of --repeats after two warm-up calls; B * N = 2048 tokens, H = 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -85,26 +84,21 @@ def main() -> int:
             times[impl] = json.loads(out.strip().splitlines()[-1])
         for mode in ("fwd", "fwd+bwd"):
             rows.append((head_dim, seqlen, mode, times["flashjit"][mode], times["torch"][mode]))
-    import torch
-
     import flashjit
+    import torch
+    from gpu_attention import record_commit, record_text, save_record  # bench/ is the script's folder
 
-    commit = os.environ.get("FLASHJIT_COMMIT") or os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
-    lines = [f"# flashjit and torch's CPU SDPA, each in its own process ({args.dtype})", "",
-             f"- date: {datetime.date.today()}", f"- commit: {commit}",
-             f"- command: `python bench/separate_processes.py {' '.join(sys.argv[1:])}`",
-             f"- torch {torch.__version__}, flashjit {flashjit.__version__}, {os.cpu_count()} CPUs, "
+    commit = record_commit()
+    facts = [f"torch {torch.__version__}, flashjit {flashjit.__version__}, {os.cpu_count()} CPUs, "
              f"cpu kernels {flashjit._C.cpu_kernels()[0]}",
-             f"- B * N = 2048 tokens, H = 512 / D; wall clock, median of {args.repeats} after two warm-up calls", "",
-             "| D | N | mode | flashjit ms | torch ms | torch / flashjit |", "|---:|---:|---|---:|---:|---:|"]
-    lines += [f"| {d} | {n} | {mode} | {f:.1f} | {t:.1f} | {t / f:.2f}× |" for d, n, mode, f, t in rows]
-    text = "\n".join(lines) + "\n"
+             f"B * N = 2048 tokens, H = 512 / D; wall clock, median of {args.repeats} after two warm-up calls"]
+    text = record_text(f"flashjit and torch's CPU SDPA, each in its own process ({args.dtype})",
+                       "separate_processes.py", commit, facts,
+                       ["D", "N", "mode", "flashjit ms", "torch ms", "torch / flashjit"],
+                       [(d, n, mode, f"{f:.1f}", f"{t:.1f}", f"{t / f:.2f}×") for d, n, mode, f, t in rows],
+                       align="rrlrrr")
     print(text)
-    if args.out:
-        path = os.path.join(args.out, f"cpu-separate-{args.dtype}-{datetime.date.today()}-{commit}.md")
-        with open(path, "w") as out:
-            out.write(text)
-        print(f"wrote {path}")
+    save_record(args.out, "cpu", f"separate-{args.dtype}", commit, text)
     return 0
 
 
