@@ -452,17 +452,25 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
 // scratch would put memory nodes into the graph), else one forward kernel.
 void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   KernelParams params = params_of(p);
+  const int multiprocessors = device_info(launch.device_index).multiprocessors;
+  const auto split = [&](const KernelSpec& split_spec) {
+    const int splits = forward_splits(p, split_spec, multiprocessors);
+    return splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits);
+  };
+  const bool may_split = !launch.graph_safe && p.seqlen_k > 0;
+  const KernelSpec mma_split = may_split ? split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q,
+                                                                one_warp_decoding(p, launch, false))
+                                         : KernelSpec{};
+  // One-warp mma.sync blocks, where they take the problem, before the unsplit kernel's choice
+  // (whose TMA descriptors they do not need).
+  const bool one_warp = mma_split.split && mma_split.threads == 32;
+  if (one_warp && split(mma_split)) return;
   const KernelSpec spec = forward_spec(p, launch, params);
-  if (!launch.graph_safe && p.seqlen_k > 0) {
+  if (may_split && !one_warp) {
     // On sm_90 the sm_90a kernel splits (its TMA pipeline streams the keys at the memory's
-    // speed), without dropout and unless one-warp mma.sync blocks take the problem.
+    // speed), without dropout; elsewhere the mma.sync one.
     const KernelSpec hopper_split = hopper_split_kernel(spec);
-    const KernelSpec mma_split =
-        split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q, one_warp_decoding(p, launch, false));
-    const bool one_warp = mma_split.split && mma_split.threads == 32;
-    const KernelSpec& split_spec = hopper_split.split && !one_warp ? hopper_split : mma_split;
-    const int splits = forward_splits(p, split_spec, device_info(launch.device_index).multiprocessors);
-    if (splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits)) return;
+    if (split(hopper_split.split ? hopper_split : mma_split)) return;
   }
   params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
   const int64_t tiles = int64_t(params.num_query_blocks) * p.batch * p.heads_q;
