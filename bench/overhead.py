@@ -59,11 +59,26 @@ def entry_points(q, k, v):
     def kernel_alone():
         _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
 
+    def validation_alone():
+        _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, check_only=True)
+
+    def planning_alone():
+        _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, prepare=True)
+
+    def outputs_alone():
+        return q.new_empty(o.shape), q.new_empty(lse.shape, dtype=lse.dtype)
+
     compiled = []
     if not q.is_cuda:  # on a GPU this entry would need a Triton toolchain; the others measure the host path
         compiled_sdpa = torch.compile(flashjit.scaled_dot_product_attention, fullgraph=True, dynamic=False)
         compiled = [("torch.compile(flashjit SDPA)", lambda: compiled_sdpa(q, k, v), train(compiled_sdpa))]
     return [
+        # The parts of a call, for where its host time goes: the C API's validation, its
+        # choice of kernels as fj_attention_prepare_forward makes it (for a graph: no split, no
+        # counter; encoding and loading, nothing enqueued), and the outputs' allocation.
+        ("parts: _C validation alone (check_only)", validation_alone, None),
+        ("parts: _C planning alone (prepare, nothing enqueued)", planning_alone, None),
+        ("parts: the two outputs' allocation", outputs_alone, None),
         ("kernel alone: _C call, outputs preallocated", kernel_alone, None),
         ("flashjit.attention (eager path)", lambda: flashjit.attention(q, k, v), train(flashjit.attention)),
         ("torch.ops.flashjit.fwd (custom op)", lambda: op(q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0),

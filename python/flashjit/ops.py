@@ -219,13 +219,15 @@ def _check_mask_grad(mask_needs_grad: bool):
                                   "computes them)")
 
 
+_SAVED_BY_FWD = ("q", "k", "v", "o", "lse", "mask", "rng")
+
+
 def _setup_fwd(ctx, inputs, output):
     """Autograd context of fwd, shared by the custom op and the eager path."""
-    q, k, v = inputs[:3]
     ctx.options, mask, rng = AttentionOptions.from_op_args(inputs[3:])
-    o, lse = output
-    _save(ctx, q=q, k=k, v=v, o=o, lse=lse, mask=mask, rng=rng)
-    ctx.mark_non_differentiable(lse)
+    ctx.saved_names = _SAVED_BY_FWD
+    ctx.save_for_backward(*inputs[:3], *output, mask, rng)
+    ctx.mark_non_differentiable(output[1])
 
 
 def _fwd_backward(ctx, grad_o, grad_lse, run=None):
@@ -326,18 +328,26 @@ _profiler_enabled = torch._C._autograd._profiler_enabled
 class _EagerAttention(torch.autograd.Function):
     """The same kernels and autograd rule without the dispatcher round trip.
     Inputs: q, k, v and the op's other arguments as one tuple (fewer arguments
-    make apply cheaper; no gradient flows into the mask or rng). Under a torch
-    profiler its work is recorded as flashjit::fwd and flashjit::bwd."""
+    make apply cheaper; no gradient flows into the mask or rng), and the call's
+    _Plan where one applies. Under a torch profiler its work is recorded as
+    flashjit::fwd and flashjit::bwd."""
 
     @staticmethod
-    def forward(ctx, q, k, v, options):
+    def forward(ctx, q, k, v, options, plan):
         inputs = (q, k, v, *options)
         if _profiler_enabled():
             with torch.profiler.record_function("flashjit::fwd"):
-                output = _forward(*inputs)
+                output = _forward(*inputs) if plan is None else plan.forward(q, k, v)
         else:
-            output = _forward(*inputs)
-        _setup_fwd(ctx, inputs, output)
+            output = _forward(*inputs) if plan is None else plan.forward(q, k, v)
+        ctx.plan = plan
+        if plan is None:
+            _setup_fwd(ctx, inputs, output)
+        else:  # _setup_fwd's context, with the plan's options value
+            ctx.options = plan.options
+            ctx.saved_names = _SAVED_BY_FWD
+            ctx.save_for_backward(q, k, v, *output, None, None)
+            ctx.mark_non_differentiable(output[1])
         return output
 
     @staticmethod
@@ -345,12 +355,20 @@ class _EagerAttention(torch.autograd.Function):
         # create_graph=True needs the op, whose backward is differentiable; a batched
         # gradient (vmap over the backward) needs its batching rule.
         plain = not torch.is_grad_enabled() and _plain_eager(grad_o)
-        if plain and _profiler_enabled():
+        if plain and ctx.plan is not None and not _profiler_enabled() and _profiler._active is None:
+            q, k, v, o, lse = ctx.saved_tensors[:5]
+            grads = ctx.plan.backward(grad_o, q, k, v, o, lse)
+        elif plain and _profiler_enabled():
             with torch.profiler.record_function("flashjit::bwd"):
                 grads = _fwd_backward(ctx, grad_o, grad_lse, _backward)
         else:
             grads = _fwd_backward(ctx, grad_o, grad_lse, _backward if plain else bwd)
-        return grads[0], grads[1], grads[2], None
+        return grads[0], grads[1], grads[2], None, None
+
+
+# _EagerAttention.apply without torch.func transforms, less its Python checks for them.
+_base_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_apply_eager = _EagerAttention.apply if _base_apply is None else _base_apply.__get__(None, _EagerAttention)
 
 
 # Wrappers of torch.func transforms (and of the older vmap gradcheck uses) hold no storage of their own.
@@ -423,15 +441,129 @@ def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
     return torch.tensor(as_int64, dtype=torch.int64)
 
 
-def attention(q, k, v, options: AttentionOptions, mask=None, rng=None):
+# ---- plans of plain calls --------------------------------------------------------------------------------
+# A plain eager call (no mask, no dropout, plain tensors whose rows have unit stride, no flashjit or
+# torch profiler recording) whose signature (entry, options, shapes, strides, dtypes, devices) ran
+# before takes that call's _Plan: the outputs' shapes and the descriptors' dtype and device codes,
+# shapes and strides, worked out once, so that a call only allocates its outputs and reads data
+# pointers in Python. The C API still validates every call in full (pointers, shared memory,
+# alignment); a plan skips only Python that would rebuild the same values.
+
+class _Plan:
+    __slots__ = ("options", "args", "c_options", "o_shape", "lse_shape", "lse_dtype", "static", "cuda")
+
+    def __init__(self, q, k, v, o, lse, options: AttentionOptions):
+        self.options = options
+        self.args = options.op_args(None, None)
+        self.c_options = (options.scale, options.softcap, options.causal, options.window_left,
+                          options.window_right, 0.0, 0, 0, options.num_threads)
+        self.o_shape, self.lse_shape, self.lse_dtype = tuple(o.shape), tuple(lse.shape), lse.dtype
+        self.static = tuple(_ref(x)[1:] for x in (q, k, v, o, lse))  # _ref without the data pointer
+        self.cuda = q.is_cuda
+
+    def forward(self, q, k, v):
+        """o, lse as _forward gives them."""
+        o = q.new_empty(self.o_shape)
+        lse = q.new_empty(self.lse_shape, dtype=self.lse_dtype)
+        sq, sk, sv, so, sl = self.static
+        _C.forward((q.data_ptr(), *sq), (k.data_ptr(), *sk), (v.data_ptr(), *sv), (o.data_ptr(), *so),
+                   (lse.data_ptr(), *sl), None, *self.c_options, _stream(q) if self.cuda else 0)
+        return o, lse
+
+    def backward(self, dout, q, k, v, o, lse):
+        """dq, dk, dv (and no gradients for the rest) as _fwd_backward gives them; dout in o's layout
+        (or _backward's general path, which makes rows readable)."""
+        sq, sk, sv, so, sl = self.static
+        if dout.stride() != so[4]:
+            dq, dk, dv = _backward(dout, q, k, v, o, lse, *self.args)
+            return (dq, dk, dv) + _NO_GRADS
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _C.backward((q.data_ptr(), *sq), (k.data_ptr(), *sk), (v.data_ptr(), *sv), (o.data_ptr(), *so),
+                    (lse.data_ptr(), *sl), (dout.data_ptr(), *so), (dq.data_ptr(), *sq[:3], dq.shape, dq.stride()),
+                    (dk.data_ptr(), *sk[:3], dk.shape, dk.stride()), (dv.data_ptr(), *sv[:3], dv.shape, dv.stride()),
+                    None, *self.c_options, _stream(q) if self.cuda else 0)
+        return (dq, dk, dv) + _NO_GRADS
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+_PLANS: dict = {}
+_MAX_PLANS = 256  # signatures remembered; all are forgotten when a new one would pass this
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_tracing_state = torch._C._get_tracing_state
+_is_compiling = torch.compiler.is_compiling
+
+
+def _plan_key(tag, q, k, v, options):
+    """The signature a plan is kept under; None where the tensors have no strides (sparse,
+    nested: the general path names them)."""
+    try:
+        return (tag, options, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype,
+                v.dtype, q.device, k.device, v.device)
+    except (RuntimeError, AttributeError, TypeError):
+        return None
+
+
+def plan_for(q, k, v, options: AttentionOptions, tag=None) -> Optional[_Plan]:
+    """The plan an earlier plain call of this signature left through the same entry point (`tag`:
+    an entry whose own checks differ keeps plans of its own), where one applies to this call;
+    else None, and the caller takes the general path (attention(..., plan_tag=tag)), which
+    leaves one."""
+    if (_profiler._active is not None or _is_compiling() or _tracing_state() is not None
+            or _current_dispatch_mode() is not None or type(q) not in _PLAIN_TYPES or type(k) not in _PLAIN_TYPES
+            or type(v) not in _PLAIN_TYPES):
+        return None
+    plan = _PLANS.get(_plan_key(tag, q, k, v, options))
+    if plan is None or not (_has_storage(q) and _has_storage(k) and _has_storage(v)):
+        return None
+    return plan
+
+
+def planned_attention(plan: _Plan, q, k, v):
+    """attention(q, k, v, options) through plan_for's plan."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if _functorch_active():
+            return _EagerAttention.apply(q, k, v, plan.args, plan)
+        # What Function.apply calls without torch.func transforms, after unwrapping wrappers
+        # of transforms that have ended, which hold no storage (none here).
+        return _apply_eager(q, k, v, plan.args, plan)
+    return plan.forward(q, k, v)
+
+
+def _remember_plan(tag, q, k, v, options, output):
+    """Keeps the plan of a plain eager call that just ran: rows of unit stride (no copies made),
+    on the CPU or a CUDA device, of dtypes the C API takes by descriptor."""
+    if _profiler._active is not None:
+        return
+    for x in (q, k, v):
+        if (x.shape[-1] > 1 and x.stride(-1) != 1) or x.dtype not in _DTYPE_CODES or not (x.is_cpu or x.is_cuda):
+            return
+    key = _plan_key(tag, q, k, v, options)
+    if key is None or not all(isinstance(_ref(x), tuple) for x in (q, k, v, *output)):
+        return
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = _Plan(q, k, v, *output, options)
+
+
+def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_tag=None):
     """o, lse with autograd through q, k, v (lse is not differentiable); rng: the
-    dropout seed and offset as a tensor (dropout_rng), needed when options.dropout_p > 0."""
+    dropout seed and offset as a tensor (dropout_rng), needed when options.dropout_p > 0.
+    plan_tag: the entry point whose plans (planned_attention) a plain call leaves."""
+    plain = mask is None and rng is None
+    if plain:
+        plan = plan_for(q, k, v, options, plan_tag)
+        if plan is not None:
+            return planned_attention(plan, q, k, v)
     args = (q, k, v, *options.op_args(mask, rng))
     _check_mask_grad(mask is not None and mask.requires_grad and torch.is_grad_enabled())
     if _plain_eager(q, k, v, mask, rng):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _EagerAttention.apply(q, k, v, args[3:])
-        return _forward(*args)  # nothing to differentiate: no autograd node
+            output = _EagerAttention.apply(q, k, v, args[3:], None)
+        else:
+            output = _forward(*args)  # nothing to differentiate: no autograd node
+        if plain:
+            _remember_plan(plan_tag, q, k, v, options, output)
+        return output
     if not torch.compiler.is_compiling() and any(_functorch_wrapped(x) for x in (q, k, v)):
         return _FuncAttention.apply(q, k, v, args[3:])
     return fwd(*args)

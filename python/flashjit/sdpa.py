@@ -25,6 +25,7 @@ except ImportError:  # a torch without attention biases
 
 _OP = "scaled_dot_product_attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 class SDPAValueError(ValueError, RuntimeError):
@@ -156,13 +157,27 @@ def _plain_options(scale, causal: int) -> AttentionOptions:
     return options
 
 
-def _call(q, k, v, options: AttentionOptions, mask, rng) -> Tensor:
+# The plans (ops.planned_attention) of this function's plain calls, by enable_gqa: those of the
+# common call alone, whose checks here depend on nothing but the plan's signature and enable_gqa.
+_PLAN_TAGS = {False: "sdpa", True: "sdpa gqa"}
+
+
+def _plan(query, key, value, dropout_p, is_causal, scale, enable_gqa):
+    """The plan of an earlier call of this signature (ops.plan_for) for a call without a mask
+    whose other arguments have their plain types; None where there is none."""
+    if not (dropout_p.__class__ is float and dropout_p == 0.0 and is_causal.__class__ is bool
+            and (scale is None or scale.__class__ is float) and enable_gqa.__class__ is bool):
+        return None
+    return ops.plan_for(query, key, value, _plain_options(scale, int(is_causal)), _PLAN_TAGS[enable_gqa])
+
+
+def _call(q, k, v, options: AttentionOptions, mask, rng, plan_tag=None) -> Tensor:
     """ops.attention's output, its errors in this function's names (not while compiling: the
-    tracer takes the errors as they are)."""
+    tracer takes the errors as they are). plan_tag: the common call's (_PLAN_TAGS)."""
     if torch.compiler.is_compiling():
         return ops.attention(q, k, v, options, mask, rng)[0]
     try:
-        return ops.attention(q, k, v, options, mask, rng)[0]
+        return ops.attention(q, k, v, options, mask, rng, plan_tag=plan_tag)[0]
     except (ValueError, TypeError, NotImplementedError) as error:
         raise _as_sdpa_error(error) from None
 
@@ -181,6 +196,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     its seed from torch's default generator. Rows with no visible key give 0.
     Differentiable through query, key and value.
     """
+    plan = None if attn_mask is not None else _plan(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+    if plan is not None:
+        try:
+            return ops.planned_attention(plan, query, key, value)[0]
+        except (ValueError, TypeError, NotImplementedError) as error:
+            raise _as_sdpa_error(error) from None
     bias = attn_mask if _is_causal_bias(attn_mask) else None
     if bias is not None:
         attn_mask = None
@@ -198,7 +219,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             and query.shape[0] == key.shape[0] == value.shape[0] and key.shape[1] == value.shape[1]
             and (query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0))):
         # The common call ([B, H, S, D], no mask, no dropout): nothing to broadcast or reshape.
-        return _call(query, key, value, _plain_options(scale, causal), None, None)
+        return _call(query, key, value, _plain_options(scale, causal), None, None, _PLAN_TAGS[bool(enable_gqa)])
     out_rank = max(query.ndim, key.ndim, value.ndim)
     # Leading dims broadcast as in torch.matmul; a 2-d input gets a heads dim of 1.
     rank = max(out_rank, 3)
@@ -242,12 +263,16 @@ _warned: set[str] = set()
 _SERVED_DEVICES = tuple(backends())
 
 
+# torch.backends.cuda.*_sdp_enabled, read without their Python wrappers (host time per call).
+_SDP_FLAGS = tuple(getattr(torch._C, f"_get_{name}_sdp_enabled", lambda: True)
+                   for name in ("flash", "mem_efficient", "math", "cudnn"))
+
+
 def _torch_backends_chosen() -> bool:
     """Whether one of torch's SDPA backends is switched off (torch.nn.attention.sdpa_kernel,
     torch.backends.cuda.enable_*_sdp): the caller then chose among torch's own kernels."""
-    flags = torch.backends.cuda
-    return not (flags.flash_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
-                and getattr(flags, "cudnn_sdp_enabled", lambda: True)())
+    flash, mem_efficient, math_sdp, cudnn = _SDP_FLAGS
+    return not (flash() and mem_efficient() and math_sdp() and cudnn())
 
 
 def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
@@ -256,12 +281,17 @@ def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
     # router without the flags: compiled code is served by flashjit either way).
     if not torch.compiler.is_compiling() and _torch_backends_chosen():
         return "torch's SDPA backends were chosen (torch.nn.attention.sdpa_kernel or enable_*_sdp)"
+    if (attn_mask is None and type(query) in _PLAIN_TYPES and type(key) in _PLAIN_TYPES
+            and type(value) in _PLAIN_TYPES and not (query.is_nested or key.is_nested or value.is_nested)
+            and query.device.type in _SERVED_DEVICES and key.device.type in _SERVED_DEVICES
+            and value.device.type in _SERVED_DEVICES and query.dtype in _FLOAT_DTYPES):
+        return None  # the common call, in fewer steps than the loop below (host time per call)
     for name, x in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
         if x is None:
             continue
         if not isinstance(x, Tensor):
             return f"{name} is not a tensor"
-        if type(x) not in (Tensor, torch.nn.Parameter):
+        if type(x) not in _PLAIN_TYPES:
             return f"tensor subclass {type(x).__name__}"
         if x.is_nested:
             return "nested tensors"

@@ -1,0 +1,200 @@
+"""Plans of plain calls (ops.planned_attention): a repeated call of a signature takes the
+plan its first call left, and gives what the general path gives, with the same autograd,
+errors, profilers and transforms."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashjit
+from conftest import DEVICE
+from flashjit import ops
+from reference import check, leaves, naive_attention
+
+
+def naive(q, k, v, causal=False, dtype=torch.float64):
+    """The reference output, computed in dtype."""
+    return naive_attention(q, k, v, causal=causal, dtype=dtype)[0]
+
+ENTRIES = {
+    "attention": lambda q, k, v, causal: flashjit.attention(q, k, v, causal=causal),
+    "sdpa": lambda q, k, v, causal: flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal),
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    ops._PLANS.clear()
+    yield
+    ops._PLANS.clear()
+
+
+def inputs(shape_q, shape_kv, dtype, requires_grad=False):
+    q, k, v = (torch.randn(shape).to(dtype) for shape in (shape_q, shape_kv, shape_kv))
+    return leaves(q, k, v, device=DEVICE) if requires_grad else [x.to(DEVICE) for x in (q, k, v)]
+
+
+def planned_count():
+    return len(ops._PLANS)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_repeated_call_takes_the_plan_and_matches_the_general_path(entry, dtype, causal):
+    call = ENTRIES[entry]
+    with torch.no_grad():
+        call(*inputs((2, 4, 33, 64), (2, 4, 40, 64), dtype), causal)  # leaves the plan
+        assert planned_count() == 1
+        q, k, v = inputs((2, 4, 33, 64), (2, 4, 40, 64), dtype)  # fresh values, same signature
+        o = call(q, k, v, causal)
+        assert planned_count() == 1
+        options = flashjit.options.AttentionOptions(causal=int(causal))
+        general, _ = ops._forward(q, k, v, *options.op_args(None, None))
+    assert torch.equal(o, general)  # the same kernels on the same inputs: bitwise
+    exact = naive(q, k, v, causal)
+    base = naive(q, k, v, causal, dtype)
+    check("o", o, base, exact, dtype)
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("dout_kind", ["dense", "expanded"])
+def test_gradients_through_a_plan(entry, dout_kind):
+    call = ENTRIES[entry]
+    dtype = torch.float32
+    first = inputs((2, 4, 33, 64), (2, 2 if entry == "attention" else 4, 40, 64), dtype, requires_grad=True)
+    call(*first, True).sum().backward()
+    assert planned_count() == 1
+    q, k, v = inputs((2, 4, 33, 64), (2, 2 if entry == "attention" else 4, 40, 64), dtype, requires_grad=True)
+    o = call(q, k, v, True)
+    assert o.grad_fn is not None
+    # An expanded gradient (stride 0: .sum()) takes the general backward, which makes its rows readable.
+    dout = torch.randn(o.shape, device=DEVICE) if dout_kind == "dense" else torch.ones((), device=DEVICE).expand(o.shape)
+    o.backward(dout)
+    options = flashjit.options.AttentionOptions(causal=1)
+    with torch.no_grad():
+        general_o, lse = ops._forward(q, k, v, *options.op_args(None, None))
+        general = ops._backward(dout.contiguous(), q, k, v, general_o, lse, *options.op_args(None, None))
+    for name, got, expected in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), general):
+        assert torch.equal(got, expected), name
+    exact = leaves(q.detach(), k.detach(), v.detach(), dtype=torch.float64)
+    exact_o = naive(*exact, True)
+    exact_o.backward(dout.double())
+    base = leaves(q.detach(), k.detach(), v.detach())
+    naive(*base, True, dtype).backward(dout)
+    for name, got, low, ref in zip(("dq", "dk", "dv"), (q, k, v), base, exact):
+        check(name, got.grad, low.grad, ref.grad, dtype)
+
+
+def test_a_plan_per_signature_and_none_for_rows_that_need_a_copy():
+    with torch.no_grad():
+        q, k, v = inputs((2, 4, 16, 32), (2, 4, 16, 32), torch.float32)
+        flashjit.attention(q, k, v)
+        # The same shapes in [B, S, H, D] memory: other strides, another plan.
+        qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+        assert torch.allclose(flashjit.attention(qt, kt, vt), flashjit.attention(q, k, v))
+        assert planned_count() == 2
+        # Rows without unit stride are copied by the general path, every call, and never planned.
+        qs = torch.randn(2, 4, 32, 16, device=DEVICE).transpose(2, 3)
+        for _ in range(2):
+            o = flashjit.attention(qs, k, v)
+        assert planned_count() == 2
+        check("o", o, naive(qs, k, v, dtype=torch.float32), naive(qs, k, v), torch.float32)
+
+
+def test_plans_are_bounded():
+    with torch.no_grad():
+        for length in range(1, ops._MAX_PLANS + 10):
+            flashjit.attention(*inputs((1, 1, length, 8), (1, 1, 1, 8), torch.float32))
+    assert 0 < planned_count() <= ops._MAX_PLANS
+
+
+def test_sdpa_checks_its_own_arguments_where_attention_left_a_plan():
+    # flashjit.attention takes grouped-query heads as they are; torch's SDPA needs enable_gqa=True.
+    q, k, v = inputs((1, 4, 8, 16), (1, 2, 8, 16), torch.float32)
+    with torch.no_grad():
+        flashjit.attention(q, k, v)
+        flashjit.attention(q, k, v)
+        with pytest.raises(RuntimeError, match="enable_gqa"):
+            flashjit.scaled_dot_product_attention(q, k, v)
+        o = flashjit.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        again = flashjit.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.equal(o, again)
+    with pytest.raises(RuntimeError):  # as torch's own function does
+        F.scaled_dot_product_attention(q, k, v)
+
+
+def test_profilers_see_planned_calls():
+    q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32)
+    with torch.no_grad():
+        flashjit.scaled_dot_product_attention(q, k, v)
+        assert planned_count() == 1
+        with flashjit.profile() as profile:
+            flashjit.scaled_dot_product_attention(q, k, v)
+            flashjit.attention(q, k, v)
+        assert len(profile.calls) == 2
+        with torch.profiler.profile() as prof:
+            flashjit.scaled_dot_product_attention(q, k, v)
+    # Without grad the eager path records no flashjit::fwd range; the kernel's own call shows as
+    # the forward's allocations at least, and no recorded call is lost to the plan.
+    assert prof.key_averages() is not None
+
+
+def test_planned_gradients_under_a_torch_profiler_are_named():
+    q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32, requires_grad=True)
+    flashjit.scaled_dot_product_attention(q, k, v).sum().backward()
+    with torch.profiler.profile() as prof:
+        flashjit.scaled_dot_product_attention(q, k, v).sum().backward()
+    names = {event.key for event in prof.key_averages()}
+    assert "flashjit::fwd" in names and "flashjit::bwd" in names
+
+
+def test_transforms_and_dispatch_modes_after_a_plan():
+    q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float64)
+    with torch.no_grad():
+        flashjit.scaled_dot_product_attention(q, k, v)
+    assert planned_count() == 1
+
+    def loss(q):
+        return flashjit.scaled_dot_product_attention(q, k, v).square().sum()
+
+    grad = torch.func.grad(loss)(q)
+    expected = torch.func.grad(lambda q: naive(q, k, v).square().sum())(q)
+    assert torch.allclose(grad, expected, atol=1e-10)
+    batched = torch.func.vmap(lambda q: flashjit.scaled_dot_product_attention(q, k, v))(q.unsqueeze(0).expand(3, *q.shape))
+    assert torch.allclose(batched[1], naive(q, k, v), atol=1e-10)
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Seen() as seen:
+        flashjit.scaled_dot_product_attention(q, k, v)
+    assert any("flashjit.fwd" in op for op in seen.ops)
+
+
+def test_the_patched_router_takes_plans_and_honours_torchs_backend_choice():
+    q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32)
+    flashjit.patch_sdpa()
+    try:
+        with torch.no_grad():
+            first = F.scaled_dot_product_attention(q, k, v)
+            assert planned_count() == 1
+            with flashjit.profile() as profile:
+                again = F.scaled_dot_product_attention(q, k, v)
+            assert torch.equal(first, again) and len(profile.calls) == 1
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            flashjit.sdpa._warned.clear()
+            with sdpa_kernel(SDPBackend.MATH), flashjit.profile() as profile, pytest.warns(UserWarning):
+                F.scaled_dot_product_attention(q, k, v)
+            assert len(profile.calls) == 0  # torch's own kernels, as chosen
+    finally:
+        flashjit.unpatch_sdpa()
