@@ -54,6 +54,7 @@ def entry_points(q, k, v):
         return step
 
     op = torch.ops.flashjit.fwd
+    routed = flashjit.sdpa._routed
     buffers = (q, k, v, o, lse)  # the descriptors below point into these; the closure keeps them alive
 
     def kernel_alone():
@@ -85,6 +86,8 @@ def entry_points(q, k, v):
          train(lambda q, k, v: op(q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0)[0])),
         ("flashjit.scaled_dot_product_attention", lambda: flashjit.scaled_dot_product_attention(q, k, v),
          train(flashjit.scaled_dot_product_attention)),
+        # What F.scaled_dot_product_attention is while flashjit.patch_sdpa() holds.
+        ("torch's F.sdpa under flashjit.patch_sdpa()", lambda: routed(q, k, v), train(routed)),
     ] + compiled + [
         ("torch F.scaled_dot_product_attention", lambda: F.scaled_dot_product_attention(q, k, v),
          train(F.scaled_dot_product_attention)),
