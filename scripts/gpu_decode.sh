@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Decoding on the GPU machine in one call: build, the split-forward and KV-cache tests on CUDA
 # (test_split_forward.py, test_kvcache.py: one-warp blocks, forced splits, pages), then
-# bench/decode.py (the decoding grid against torch's SDPA) and the KV-cache batch of
-# bench/varlen.py --decode. Logs and records go to $OUT (default /tmp/flashjit-decode).
+# bench/decode.py (the decoding grid against torch's SDPA), the KV-cache batch of
+# bench/varlen.py --decode, and the host time per call (bench/overhead.py --device cuda). Logs and records go to $OUT (default /tmp/flashjit-decode).
 #   bash scripts/gpu_decode.sh [--no-tests] [--sizes 1x8192 16x32768 ...]
 OUT=${OUT:-/tmp/flashjit-decode}
 source "$(dirname "$0")/gpu_common.sh"
@@ -31,5 +31,9 @@ timeout 300 python3 bench/decode.py --out "$OUT" ${sizes[@]+--sizes "${sizes[@]}
 grep "^|" "$OUT/decode.log" | cut -d'|' -f1-13
 
 kvcache_bench kvcache.log
+
+step "host time per call (bench/overhead.py --device cuda)"
+timeout 240 python3 bench/overhead.py --device cuda --calls 1000 --out "$OUT" >"$OUT/overhead.log" 2>&1 || status=1
+grep -E "fwd .* us" "$OUT/overhead.log"
 echo "gpu_decode status: $status"
 exit $status
