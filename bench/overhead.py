@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for the markdown result (default: print only)")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="only the entry points whose name contains one of these texts")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -116,6 +118,8 @@ def main(argv=None) -> int:
         sk = 128 if s == 1 else s
         q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=args.device) for n in (s, sk, sk))
         for name, forward, train in entry_points(q, k, v):
+            if args.only and not any(text in name for text in args.only):
+                continue
             with torch.no_grad():
                 fwd_us = per_call_us(forward, args.calls, sync=sync)
             train_us = per_call_us(train, args.calls // 2, sync=sync) if train else float("nan")
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
         f"- date: {datetime.date.today()}, commit: {commit()}, flashjit {flashjit.__version__}, torch {torch.__version__}",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
         f"- command: `python bench/overhead.py{' --device cuda' if cuda else ''}"
-        f"{' --out ' + args.out if args.out else ''}`",
+        f"{' --only ' + ' '.join(args.only) if args.only else ''}{' --out ' + args.out if args.out else ''}`",
         "- forward under torch.no_grad(); forward+backward with q, k, v requiring grad and autograd.backward;",
         f"  median of 15 runs of {args.calls} back-to-back calls (forward+backward: half as many).",
         "",

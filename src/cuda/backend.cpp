@@ -162,11 +162,39 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
   for (uint64_t size : sizes) {
     if (size == 0 || size > (uint64_t(1) << 32)) return false;
   }
+  // The maps this thread encoded last: cuTensorMapEncodeTiled is a function of its arguments
+  // alone, and a loop of calls (decoding steps, a model's layers) passes the same ones again, the
+  // caching allocators handing the same blocks back. Direct-mapped by the arguments' hash.
+  struct Entry {
+    uint64_t key[9];  // address, sizes, stride bytes, box rows: no padding, compared bytewise
+    TensorMap map;
+    bool valid = false;
+  };
+  constexpr size_t kEntries = 16;
+  thread_local std::array<Entry, kEntries> encoded{};
+  const uint64_t key[9] = {uint64_t(reinterpret_cast<uintptr_t>(x.data)), sizes[0], sizes[1], sizes[2], sizes[3],
+                           stride_bytes[0], stride_bytes[1], stride_bytes[2], uint64_t(box_rows)};
+  uint64_t hash = 1469598103934665603ull;
+  for (const uint64_t word : key) hash = (hash ^ word) * 1099511628211ull;
+  Entry& entry = encoded[(hash ^ (hash >> 29)) % kEntries];
+  const bool reuse = settings::map_cache();
+  if (reuse && entry.valid && std::memcmp(entry.key, key, sizeof key) == 0) {
+    *map = entry.map;
+    return true;
+  }
   const unsigned box[4] = {64, unsigned(box_rows), 1, 1};
   const unsigned element_strides[4] = {1, 1, 1, 1};
-  return d.cuTensorMapEncodeTiled(map, kTensorMapUint16, 4, x.data, sizes, stride_bytes, box, element_strides,
-                                  kTensorMapInterleaveNone, kTensorMapSwizzle128B, kTensorMapL2Promotion128B,
-                                  kTensorMapFillZeros) == 0;
+  if (d.cuTensorMapEncodeTiled(map, kTensorMapUint16, 4, x.data, sizes, stride_bytes, box, element_strides,
+                               kTensorMapInterleaveNone, kTensorMapSwizzle128B, kTensorMapL2Promotion128B,
+                               kTensorMapFillZeros) != 0) {
+    return false;
+  }
+  if (reuse) {
+    std::memcpy(entry.key, key, sizeof key);
+    entry.map = *map;
+    entry.valid = true;
+  }
+  return true;
 }
 
 // flashjit's stream-ordered memory pool on a device, made on first use

@@ -27,6 +27,11 @@ bool persistent_forward() {
   return persistent;
 }
 
+bool map_cache() {
+  static const bool enabled = switch_on("FLASHJIT_CUDA_MAP_CACHE");
+  return enabled;
+}
+
 const char* forced_tiles() { return std::getenv("FLASHJIT_CUDA_TILES"); }
 
 std::optional<int> forced_splits() {

@@ -3,6 +3,7 @@
 // Read once a process (they pick kernel families and grids a process keeps):
 //   FLASHJIT_CUDA_HOPPER=0      no sm_90a kernels: the mma.sync ones run instead
 //   FLASHJIT_CUDA_PERSISTENT=0  the sm_90a forward runs a block a work tile
+//   FLASHJIT_CUDA_MAP_CACHE=0   every TMA descriptor encoded anew (for comparisons of host time)
 // Read at every kernel choice (tests and the tuner switch them within a process):
 //   FLASHJIT_CUDA_TILES         the sm_90a forward's tiles (kernel_spec.hpp, ForwardTiles)
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
@@ -19,6 +20,8 @@ namespace flashjit::cuda::settings {
 
 bool hopper_kernels();
 bool persistent_forward();
+// Whether a thread's recently encoded TMA descriptors are reused for the same arguments (default).
+bool map_cache();
 // The text of FLASHJIT_CUDA_TILES, or nullptr when unset.
 const char* forced_tiles();
 // FLASHJIT_CUDA_SPLITS as a count of at least 1; nullopt when unset or empty.
