@@ -231,13 +231,16 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
                 page_table.ndim != 2 or page_table.shape[0] != batch:
             raise ValueError(f"[{_KV_OP}] page_table: expected an int32 tensor [batch={batch}, max_pages]")
         capacity = page_table.shape[1] * k_cache.shape[1]
-        pages = page_table.tolist()
-        for b, row in enumerate(pages):
-            used = -(-(lengths[b] + (0 if k is None else k.shape[1])) // k_cache.shape[1])
-            for p in row[:used]:
-                if not 0 <= p < k_cache.shape[0]:
-                    raise ValueError(f"[{_KV_OP}] page_table: page {p} of sequence {b} is out of range "
-                                     f"(0..{k_cache.shape[0] - 1})")
+        # One copy to the host (the C API reads the table there), checked there in a few tensor
+        # operations: each sequence's pages up to its keys (with the new ones) must exist.
+        host_table = page_table.to("cpu")
+        needed = (torch.tensor(lengths) + (0 if k is None else k.shape[1]) + k_cache.shape[1] - 1) // k_cache.shape[1]
+        in_use = torch.arange(page_table.shape[1])[None, :] < needed[:, None]
+        bad = in_use & ((host_table < 0) | (host_table >= k_cache.shape[0]))
+        if bad.any():
+            b, i = bad.nonzero()[0].tolist()  # the first in row-major order, as a loop over the rows meets it
+            raise ValueError(f"[{_KV_OP}] page_table: page {host_table[b, i].item()} of sequence {b} is out of "
+                             f"range (0..{k_cache.shape[0] - 1})")
     else:
         capacity = k_cache.shape[1]
         if k_cache.shape[0] != batch:
@@ -257,7 +260,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
                     cache[b, lengths[b]:lengths[b] + new] = values[b]
                 else:
                     rows = torch.arange(lengths[b], lengths[b] + new, device=cache.device)
-                    page = torch.as_tensor(pages[b], device=cache.device)[rows // cache.shape[1]]
+                    page = page_table[b].to(device=cache.device, dtype=torch.long)[rows // cache.shape[1]]
                     cache[page, rows % cache.shape[1]] = values[b]
     options = AttentionOptions.make(_KV_OP, scale=scale, softcap=softcap,
                                     causal="bottom_right" if causal is True else causal, window=window)
@@ -269,7 +272,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
         keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
         offsets_k = torch.arange(batch + 1, dtype=torch.int32) * k_cache.shape[1]
     else:
-        table = page_table.to(device="cpu", dtype=torch.int32).contiguous()
+        table = host_table.to(torch.int32).contiguous()
     q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
     o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
     lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)

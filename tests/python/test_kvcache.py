@@ -84,6 +84,33 @@ def test_errors():
         flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=q)
 
 
+def test_page_table_entries_past_a_sequences_keys_are_never_read():
+    k_cache, v_cache, lengths = _dense([14, 0, 31], capacity=32)
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+    k_pages, v_pages, table = _paged(k_cache, v_cache, 2)
+    expected = flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table)
+    table[0, 1] = -1  # sequence 0's 14 keys lie in its first page
+    table[1, :] = 1 << 20  # sequence 1 has none
+    got = flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table)
+    assert torch.equal(got, expected)
+    # Five new keys take sequence 0 into its second page, which is then checked (and nothing written).
+    before = k_pages.clone()
+    new = dict(k=torch.randn(B, 5, HKV, D, device=DEVICE), v=torch.randn(B, 5, HKV, DV, device=DEVICE))
+    lengths[2] = 20
+    with pytest.raises(ValueError, match=r"page_table: page -1 of sequence 0 is out of range \(0\.\.7\)"):
+        flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table, **new)
+    assert torch.equal(k_pages, before)
+    # Of several bad pages, the first in the table's row-major order is named.
+    table[0, 1], table[2, 1], table[2, 0] = 0, 99, 98
+    with pytest.raises(ValueError, match=r"page_table: page 98 of sequence 2 is out of range"):
+        flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table)
+    # An int64 table: a page past int32's range is named as it is, not as its wrapped value.
+    table64 = table.to(torch.int64)
+    table64[2, 0] = (1 << 32) + 1
+    with pytest.raises(ValueError, match=rf"page_table: page {(1 << 32) + 1} of sequence 2 is out of range"):
+        flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table64)
+
+
 def test_gathered_pages_are_each_sequences_keys_in_order():
     """The CUDA path's gather (no paged kernels there yet): the used rows of each sequence's
     pages, packed in order."""
