@@ -62,6 +62,28 @@ def _offsets_stay_on_device(q: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tenso
             and bool(max_seqlen_q) and bool(max_seqlen_k) and os.environ.get("FLASHJIT_CUDA_VARLEN") != "0")
 
 
+_INT32 = _C.INDEX_DTYPES["int32"]
+
+
+def _index_ref(x: Optional[Tensor]):
+    """An int32 array of a variable-length call (offsets, counts, a page table) as _C reads it:
+    a descriptor tuple (ops._ref's form) for a tensor on the CPU or a CUDA device, else the tensor
+    (DLPack), whose dtype or device _C then names."""
+    if x is not None and x.dtype == torch.int32:
+        if x.is_cpu:
+            return (x.data_ptr(), _INT32, ops._CPU, 0, x.shape, x.stride())
+        if x.is_cuda and ops._CUDA is not None:
+            return (x.data_ptr(), _INT32, ops._CUDA, x.get_device(), x.shape, x.stride())
+    return x
+
+
+# The offsets of a batch of `batch` sequences of `step` rows each (0, step, 2 * step, ...): read
+# only, so made once a shape (host time per decoding call).
+@functools.lru_cache(maxsize=64)
+def _even_offsets(batch: int, step: int) -> Tensor:
+    return torch.arange(batch + 1, dtype=torch.int32) * step
+
+
 def _lengths_of(offsets: Tensor) -> list[int]:
     return (offsets[1:] - offsets[:-1]).tolist()
 
@@ -73,7 +95,8 @@ def _run(direction: str, kernel, offsets_q: Tensor, offsets_k: Optional[Tensor],
     each sequence's work (key_lengths: the keys each uses, where not the offsets' spans)."""
 
     def call(*tensors, **kwargs):
-        kernel(offsets_q, offsets_k, max_q, max_k, *tensors, **kwargs)
+        # The tensors stay referenced here while the descriptors point into them.
+        kernel(_index_ref(offsets_q), _index_ref(offsets_k), max_q, max_k, *tensors, **kwargs)
 
     profile = _profiler._active
     if profile is None:
@@ -266,11 +289,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
                                     causal="bottom_right" if causal is True else causal, window=window)
     sq, heads_q = q.shape[1], q.shape[2]
     used = [lengths[b] + new for b in range(batch)]
-    offsets_q = torch.arange(batch + 1, dtype=torch.int32) * sq
+    offsets_q = _even_offsets(batch, sq)
     keys, values, offsets_k, seqused, table = k_cache, v_cache, None, torch.tensor(used, dtype=torch.int32), None
     if page_table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
         keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
-        offsets_k = torch.arange(batch + 1, dtype=torch.int32) * k_cache.shape[1]
+        offsets_k = _even_offsets(batch, k_cache.shape[1])
     else:
         table = host_table.to(torch.int32).contiguous()
     q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
@@ -279,7 +302,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
 
     def attend(keys, values, offsets_k, seqused, table):
         with torch.no_grad():
-            _run("forward", functools.partial(_C.varlen_forward, seqused_k=seqused, page_table=table), offsets_q,
+            _run("forward", functools.partial(_C.varlen_forward, seqused_k=_index_ref(seqused),
+                                              page_table=_index_ref(table)), offsets_q,
                  offsets_k, 0, 0, (q_rows, keys, values), (o, lse), options.op_args(None, None), key_lengths=used)
 
     # CUDA reads the pages in place where it can (half types, outside graph capture); otherwise
@@ -315,7 +339,7 @@ def _lengths(name: str, lengths, batch: int) -> list[int]:
             lengths.shape[0] != batch:
         raise ValueError(f"[{_KV_OP}] {name}: expected an int32 tensor of {batch} lengths (q's batch)")
     values = lengths.tolist()
-    for b, value in enumerate(values):
-        if value < 0:
-            raise ValueError(f"[{_KV_OP}] {name}: length {value} of sequence {b} is negative")
+    if values and min(values) < 0:
+        b = next(b for b, value in enumerate(values) if value < 0)
+        raise ValueError(f"[{_KV_OP}] {name}: length {values[b]} of sequence {b} is negative")
     return values

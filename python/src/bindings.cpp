@@ -415,6 +415,9 @@ NB_MODULE(_C, m) {
   dtypes["float64"] = int(FJ_FLOAT64);
   dtypes["bool"] = int(FJ_BOOL);
   m.attr("DTYPES") = dtypes;  // descriptor codes by dtype name
+  nb::dict index_dtypes;       // and of the integer arrays of variable-length calls (offsets, counts, pages)
+  index_dtypes["int32"] = int(FJ_INT32);
+  m.attr("INDEX_DTYPES") = index_dtypes;
   nb::dict devices;  // device codes of the compiled-in backends, by name
   const std::string names = fj_backends();
   for (size_t start = 0; start < names.size();) {
