@@ -19,3 +19,48 @@ def output_shapes(op: str, q, v):
         if x.ndim != 4:
             raise ValueError(f"[{op}] {name}: expected 4 dims [batch, heads, seqlen, head_dim], got {x.ndim}")
     return (*q.shape[:3], v.shape[3]), tuple(q.shape[:3])
+
+
+def check_kv_ranks(op: str, q, k_cache, v_cache) -> None:
+    """attention_with_kvcache's (torch's and MLX's) first check: q and the caches have 4 dims."""
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.ndim != 4:
+            raise ValueError(f"[{op}] {name}: expected 4 dims, got {x.ndim}")
+
+
+def check_kv_cache(op: str, q, k_cache, v_cache, lengths: list, page_table, k, v) -> int:
+    """attention_with_kvcache's (torch's and MLX's) checks after check_kv_ranks, before anything
+    is written: each sequence's key count (lengths, ints), the page table (an integer numpy array
+    [batch, max_pages] on the host, or None) up to each sequence's keys with the new ones, or the
+    cache's batch, new keys and values given together and fitting each cache. Returns the new
+    keys' count (0 without k)."""
+    import numpy as np
+
+    batch = q.shape[0]
+    if lengths and min(lengths) < 0:
+        b = next(b for b, value in enumerate(lengths) if value < 0)
+        raise ValueError(f"[{op}] cache_seqlens: length {lengths[b]} of sequence {b} is negative")
+    if (k is None) != (v is None):
+        raise ValueError(f"[{op}] k, v: give both new keys and values, or neither")
+    new = 0 if k is None else k.shape[1]
+    page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
+    if page_table is not None:
+        capacity = page_table.shape[1] * page_size
+        # Each sequence's pages up to its keys, the new ones included: a few array operations
+        # (host time per decoding call), the first bad page in row-major order named.
+        needed = (np.asarray(lengths, dtype=np.int64) + new + page_size - 1) // page_size
+        in_use = np.arange(page_table.shape[1])[None, :] < needed[:, None]
+        bad = in_use & ((page_table < 0) | (page_table >= num_pages))
+        if bad.any():
+            b, i = (int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(f"[{op}] page_table: page {int(page_table[b, i])} of sequence {b} is out of range "
+                             f"(0..{num_pages - 1})")
+    else:
+        capacity = k_cache.shape[1]
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"[{op}] k_cache: expected a batch of {batch} (q's), got {k_cache.shape[0]}")
+    if new and lengths and max(lengths) + new > capacity:
+        b = next(b for b, value in enumerate(lengths) if value + new > capacity)
+        raise ValueError(f"[{op}] k: sequence {b} holds {lengths[b]} keys; {new} more do not fit its cache of "
+                         f"{capacity}")
+    return new

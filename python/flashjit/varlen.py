@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import _C, ops
 from . import profiler as _profiler
-from .arrays import check_dense
+from .arrays import check_dense, check_kv_cache, check_kv_ranks
 from .options import AttentionOptions, seed_and_offset
 
 _OP = "varlen_attention"
@@ -245,38 +245,18 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(x, Tensor):
             raise TypeError(f"[{_KV_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 4:
-            raise ValueError(f"[{_KV_OP}] {name}: expected 4 dims, got {x.ndim}")
+    check_kv_ranks(_KV_OP, q, k_cache, v_cache)
     batch = q.shape[0]
     lengths = _lengths("cache_seqlens", cache_seqlens, batch)
+    host_table = None
     if page_table is not None:
         if not isinstance(page_table, Tensor) or page_table.dtype not in (torch.int32, torch.int64) or \
                 page_table.ndim != 2 or page_table.shape[0] != batch:
             raise ValueError(f"[{_KV_OP}] page_table: expected an int32 tensor [batch={batch}, max_pages]")
-        capacity = page_table.shape[1] * k_cache.shape[1]
-        # One copy to the host (the C API reads the table there), checked there in a few tensor
-        # operations: each sequence's pages up to its keys (with the new ones) must exist.
-        host_table = page_table.to("cpu")
-        needed = (torch.tensor(lengths) + (0 if k is None else k.shape[1]) + k_cache.shape[1] - 1) // k_cache.shape[1]
-        in_use = torch.arange(page_table.shape[1])[None, :] < needed[:, None]
-        bad = in_use & ((host_table < 0) | (host_table >= k_cache.shape[0]))
-        if bad.any():
-            b, i = bad.nonzero()[0].tolist()  # the first in row-major order, as a loop over the rows meets it
-            raise ValueError(f"[{_KV_OP}] page_table: page {host_table[b, i].item()} of sequence {b} is out of "
-                             f"range (0..{k_cache.shape[0] - 1})")
-    else:
-        capacity = k_cache.shape[1]
-        if k_cache.shape[0] != batch:
-            raise ValueError(f"[{_KV_OP}] k_cache: expected a batch of {batch} (q's), got {k_cache.shape[0]}")
-    new = 0
-    if (k is None) != (v is None):
-        raise ValueError(f"[{_KV_OP}] k, v: give both new keys and values, or neither")
-    if k is not None:
-        new = k.shape[1]
-        for b in range(batch):
-            if lengths[b] + new > capacity:
-                raise ValueError(f"[{_KV_OP}] k: sequence {b} holds {lengths[b]} keys; {new} more do not fit "
-                                 f"its cache of {capacity}")
+        host_table = page_table.to("cpu")  # one copy: the C API reads the table on the host
+    new = check_kv_cache(_KV_OP, q, k_cache, v_cache, lengths, None if host_table is None else host_table.numpy(),
+                         k, v)
+    if new:
         for b in range(batch):  # appended in place before attending
             for cache, values in ((k_cache, k), (v_cache, v)):
                 if page_table is None:
@@ -335,11 +315,8 @@ def _gather_pages(pages: Tensor, table: Tensor, used: list) -> Tensor:
 
 
 def _lengths(name: str, lengths, batch: int) -> list[int]:
+    """The key counts as ints (check_kv_cache checks their values)."""
     if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.ndim != 1 or \
             lengths.shape[0] != batch:
         raise ValueError(f"[{_KV_OP}] {name}: expected an int32 tensor of {batch} lengths (q's batch)")
-    values = lengths.tolist()
-    if values and min(values) < 0:
-        b = next(b for b, value in enumerate(values) if value < 0)
-        raise ValueError(f"[{_KV_OP}] {name}: length {values[b]} of sequence {b} is negative")
-    return values
+    return lengths.tolist()
