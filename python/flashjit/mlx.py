@@ -11,8 +11,8 @@ primitives of MLX's graph, so mx.eval, mx.grad, mx.vjp and mx.compile treat them
 own. They run on a CPU stream wherever MLX runs on Linux, through flashjit's C API; where MLX
 runs on CUDA (mlx-cuda installed, and flashjit built with MLX's CUDA headers beside the CUDA
 toolkit's: flashjit._mlx.cuda_available()), attention also runs on MLX's GPU stream, its CUDA
-kernels recorded into MLX's command encoder (new, not yet run on a GPU). varlen_attention runs
-on a CPU stream only; a Metal backend is not there yet.
+kernels recorded into MLX's command encoder (new, not yet run on a GPU). varlen_attention and
+attention_with_kvcache run on a CPU stream only; a Metal backend is not there yet.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ except ImportError:  # built only where MLX was importable at build time
         "pip install --no-build-isolation --force-reinstall --no-deps .") from None
 
 __all__ = ["attention", "scaled_dot_product_attention", "MultiHeadAttention", "patch_mlx_lm", "unpatch_mlx_lm",
-           "mlx_lm_patched", "mlx_lm_attention", "profile_step", "varlen_attention"]
+           "mlx_lm_patched", "mlx_lm_attention", "profile_step", "varlen_attention", "attention_with_kvcache"]
 
 
 def _check_bindings():
@@ -260,3 +260,61 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
                                    options.softcap, options.causal, options.window_left, options.window_right,
                                    options.dropout_p, _rng(dropout_p, seed, offset))
     return (o, mx.stop_gradient(lse)) if return_lse else o
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=None, k=None, v=None, causal=False,
+                           window=(-1, -1), softcap=0.0, scale=None, return_lse=False):
+    """flashjit.attention_with_kvcache for MLX arrays (flash-attn's flash_attn_with_kvcache): q
+    [B, Sq, Hq, D] attends to the first cache_seqlens[b] (+ S_new) keys of its sequence's cache →
+    [B, Sq, Hq, Dv] (and lse [B, Hq, Sq]). The cache is k_cache [B, S_cache, Hkv, D], v_cache
+    [B, S_cache, Hkv, Dv], or with page_table [B, max_pages] (int32) pages [num_pages, page_size,
+    Hkv, D]. k, v [B, S_new, Hkv, D] given are first written into the cache arrays at each
+    sequence's length (the arrays passed in are updated, as MLX's slice assignment updates them).
+    causal=True aligns bottom-right. cache_seqlens and page_table are arrays or lists (read on the
+    host). One primitive for the batch on a CPU stream (the C API's varlen entry, the cache read
+    in place); not differentiable (a cache is for inference)."""
+    import numpy as np
+
+    from .arrays import check_kv_cache, check_kv_ranks
+
+    op = "flashjit.mlx.attention_with_kvcache"
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) + (("k", k), ("v", v)) * (k is not None and v is not None):
+        if not isinstance(x, mx.array):
+            raise TypeError(f"[{op}] {name}: expected an mlx.core.array, got {type(x).__name__}")
+    check_kv_ranks(op, q, k_cache, v_cache)
+    batch, sq, heads_q = q.shape[0], q.shape[1], q.shape[2]
+    lengths = np.asarray(cache_seqlens)
+    if lengths.dtype.kind not in "iu" or lengths.shape != (batch,):
+        raise ValueError(f"[{op}] cache_seqlens: expected an int32 array of {batch} lengths (q's batch)")
+    lengths = lengths.tolist()
+    table = None
+    if page_table is not None:
+        table = np.asarray(page_table)
+        if table.dtype.kind not in "iu" or table.ndim != 2 or table.shape[0] != batch:
+            raise ValueError(f"[{op}] page_table: expected an int32 array [batch={batch}, max_pages]")
+    new = check_kv_cache(op, q, k_cache, v_cache, lengths, table, k, v)
+    page_size = k_cache.shape[1]
+    for b in range(batch if new else 0):  # appended into the caches before attending
+        for cache, values in ((k_cache, k), (v_cache, v)):
+            if table is None:
+                cache[b, lengths[b]:lengths[b] + new] = values[b]
+            else:
+                rows = np.arange(lengths[b], lengths[b] + new)
+                cache[mx.array(table[b][rows // page_size].astype(np.int32)), mx.array(rows % page_size)] = values[b]
+    options = AttentionOptions.make(op, scale=scale, softcap=softcap,
+                                    causal="bottom_right" if causal is True else causal, window=window)
+    used = mx.array([n + new for n in lengths], dtype=mx.int32)
+    offsets_q = mx.arange(batch + 1, dtype=mx.int32) * sq
+    q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
+    if table is None:  # sequence b's keys start at row b * S_cache of the caches as packed rows
+        keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
+        offsets_k, pages = mx.arange(batch + 1, dtype=mx.int32) * k_cache.shape[1], None
+    else:
+        keys, values, offsets_k, pages = k_cache, v_cache, None, mx.array(table.astype(np.int32))
+    o, lse = _mlx.varlen_attention(q_rows, keys, values, offsets_q, offsets_k, sq, 0, options.scale,
+                                   options.softcap, options.causal, options.window_left, options.window_right, 0.0,
+                                   None, seqused_k=used, page_table=pages)
+    o = o.reshape(batch, sq, heads_q, o.shape[-1])
+    if not return_lse:
+        return o
+    return o, mx.stop_gradient(lse.reshape(heads_q, batch, sq).transpose(1, 0, 2))

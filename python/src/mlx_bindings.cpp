@@ -66,16 +66,23 @@ struct Options {
   // offsets cu_seqlens_q, cu_seqlens_k as the two inputs after the tensors (no mask).
   bool varlen = false;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  // A KV cache (forward only, no dropout) of a variable-length batch: 1, the int32 key counts
+  // (seqused_k) as a third input after the offsets; 2, pages: cu_seqlens_q, the counts and the
+  // int32 page table [batch, max_pages] after the tensors (k, v pages [num_pages, page_size, H, D]).
+  int kv_cache = 0;
 
   bool operator==(const Options& o) const {
     return scale == o.scale && softcap == o.softcap && causal == o.causal && window_left == o.window_left &&
            window_right == o.window_right && has_mask == o.has_mask && dropout_p == o.dropout_p &&
-           varlen == o.varlen && max_seqlen_q == o.max_seqlen_q && max_seqlen_k == o.max_seqlen_k;
+           varlen == o.varlen && max_seqlen_q == o.max_seqlen_q && max_seqlen_k == o.max_seqlen_k &&
+           kv_cache == o.kv_cache;
   }
+  // The integer arrays of a variable-length batch among a primitive's inputs.
+  size_t varlen_inputs() const { return varlen ? (kv_cache != 0 ? 3 : 2) : 0; }
   // Where the mask and the dropout seed sit among a primitive's inputs, after `first` tensors.
   size_t mask_index(size_t first) const { return has_mask ? first : size_t(-1); }
   size_t rng_index(size_t first) const {
-    return dropout_p > 0 ? first + (varlen ? 2 : 0) + (has_mask ? 1 : 0) : size_t(-1);
+    return dropout_p > 0 ? first + varlen_inputs() + (has_mask ? 1 : 0) : size_t(-1);
   }
   // The offsets of a variable-length batch, from the primitive's input `first` on.
   fj_varlen varlen_of(const mx::array* offsets) const;
@@ -120,7 +127,13 @@ fj_tensor tensor_of(const mx::array& a, const mx::Device& device = mx::Device::c
 fj_varlen Options::varlen_of(const mx::array* offsets) const {
   fj_varlen out{};
   out.cu_seqlens_q = tensor_of(offsets[0]);
-  out.cu_seqlens_k = tensor_of(offsets[1]);
+  if (kv_cache == 2) {  // pages: no key offsets
+    out.seqused_k = tensor_of(offsets[1]);
+    out.page_table = tensor_of(offsets[2]);
+  } else {
+    out.cu_seqlens_k = tensor_of(offsets[1]);
+    if (kv_cache == 1) out.seqused_k = tensor_of(offsets[2]);
+  }
   out.max_seqlen_q = max_seqlen_q;
   out.max_seqlen_k = max_seqlen_k;
   return out;
@@ -250,7 +263,8 @@ class Node : public mx::Primitive {
 // and lse [Hq, total_q].
 std::vector<mx::Shape> forward_shapes(const std::vector<mx::array>& inputs) {
   const mx::array& q = inputs[0];
-  if (q.ndim() == 3) return {{q.shape(0), q.shape(1), inputs[2].shape(2)}, {q.shape(1), q.shape(0)}};
+  const mx::array& v = inputs[2];  // packed [total_k, H, Dv], or a KV cache's pages [pages, page_size, H, Dv]
+  if (q.ndim() == 3) return {{q.shape(0), q.shape(1), v.shape(v.ndim() - 1)}, {q.shape(1), q.shape(0)}};
   mx::Shape o = q.shape();
   o[3] = inputs[2].shape(3);
   mx::Shape lse = q.shape();
@@ -269,7 +283,7 @@ class Forward : public Node {
       fj_tensor o = tensor_of(out[0]), lse = tensor_of(out[1]);
       if (options.varlen) {
         const fj_varlen varlen = options.varlen_of(in.data() + 3);
-        const fj_attention_options opts = options_of(options, in.data() + 5);
+        const fj_attention_options opts = options_of(options, in.data() + 3 + options.varlen_inputs());
         return fj_attention_varlen_forward(&q, &k, &v, &varlen, &opts, &o, &lse);
       }
       const fj_attention_options opts = options_of(options, in.data() + 3);
@@ -316,7 +330,7 @@ class Backward : public Node {
       fj_tensor dq = tensor_of(out[0]), dk = tensor_of(out[1]), dv = tensor_of(out[2]);
       if (options.varlen) {
         const fj_varlen varlen = options.varlen_of(in.data() + 6);
-        const fj_attention_options opts = options_of(options, in.data() + 8);
+        const fj_attention_options opts = options_of(options, in.data() + 6 + options.varlen_inputs());
         return fj_attention_varlen_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &varlen, &opts, &dq, &dk,
                                             &dv);
       }
@@ -429,6 +443,10 @@ std::pair<std::vector<mx::array>, std::vector<int>> vmap_through_batch(
 std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
                                     const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
                                     const std::vector<mx::array>& outputs) {
+  if (options_.kv_cache != 0) {
+    throw std::invalid_argument(std::string(kOp) + " attention_with_kvcache is not differentiable (a cache is for "
+                                "inference)");
+  }
   // lse is not differentiable: its cotangent is ignored.
   std::vector<mx::array> inputs = {primals[0], primals[1], primals[2],
                                    outputs[0], outputs[1], rows(cotangents[0], stream())};
@@ -553,16 +571,23 @@ std::tuple<mx::array, mx::array> attention(const mx::array& q, const mx::array& 
 
 // Packed q [total_q, Hq, D], k, v [total_k, Hkv, D(v)] and the int32 offsets (evaluated here:
 // the C API checks their values before a node is made, so the node's call cannot fail).
+// With seqused_k (the keys each sequence uses) the keys are a KV cache, forward only: packed rows
+// at cu_seqlens_k, or with page_table (cu_seqlens_k None) pages [num_pages, page_size, Hkv, D].
 std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::array& k, const mx::array& v,
-                                                  mx::array cu_seqlens_q, mx::array cu_seqlens_k,
+                                                  mx::array cu_seqlens_q, std::optional<mx::array> cu_seqlens_k,
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                   std::optional<double> scale, double softcap, int causal,
                                                   int64_t window_left, int64_t window_right, double dropout_p,
-                                                  std::optional<mx::array> rng) {
+                                                  std::optional<mx::array> rng, std::optional<mx::array> seqused_k,
+                                                  std::optional<mx::array> page_table) {
   Options options{scale, softcap, causal, window_left, window_right, false, dropout_p};
   options.varlen = true;
   options.max_seqlen_q = max_seqlen_q;
   options.max_seqlen_k = max_seqlen_k;
+  options.kv_cache = page_table ? 2 : seqused_k ? 1 : 0;
+  if (page_table && (!seqused_k || cu_seqlens_k)) bad("page_table: needs seqused_k and no cu_seqlens_k");
+  if (!page_table && !cu_seqlens_k) bad("cu_seqlens_k: required without a page table");
+  if (options.kv_cache != 0 && dropout_p > 0) bad("dropout_p: a KV cache's attention takes no dropout");
   const std::pair<const char*, const mx::array*> named[] = {{"q", &q}, {"k", &k}, {"v", &v}};
   for (const auto& [name, x] : named) {
     const fj_dtype dtype = dtype_of(x->dtype());
@@ -570,14 +595,19 @@ std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::
       bad(std::string(name) + ": expected float32, float16, bfloat16 or float64");
     }
   }
-  cu_seqlens_q = rows(mx::astype(cu_seqlens_q, mx::int32, cpu_stream()), cpu_stream());
-  cu_seqlens_k = rows(mx::astype(cu_seqlens_k, mx::int32, cpu_stream()), cpu_stream());
-  mx::eval({cu_seqlens_q, cu_seqlens_k});
+  // The integer arrays after the tensors, in the order the node takes them (Options::varlen_of),
+  // evaluated here: the C API checks their values before a node is made.
+  std::vector<mx::array> arrays = {rows(mx::astype(cu_seqlens_q, mx::int32, cpu_stream()), cpu_stream())};
+  for (const std::optional<mx::array>* x : {&cu_seqlens_k, &seqused_k, &page_table}) {
+    if (*x) arrays.push_back(rows(mx::astype(**x, mx::int32, cpu_stream()), cpu_stream()));
+  }
+  mx::eval(arrays);
   const fj_tensor tq = describe(q), tk = describe(k), tv = describe(v);
   fj_tensor to = tq, tlse = tq;
-  if (q.ndim() == 3 && v.ndim() == 3) {  // o [total_q, Hq, Dv], lse [Hq, total_q]: other ranks fail on q first
-    to.shape[2] = v.shape(2);
-    to.strides[1] = v.shape(2);
+  const int dim_v = v.ndim() > 0 ? v.shape(v.ndim() - 1) : 0;
+  if (q.ndim() == 3 && v.ndim() >= 3) {  // o [total_q, Hq, Dv], lse [Hq, total_q]: other ranks fail on q first
+    to.shape[2] = dim_v;
+    to.strides[1] = dim_v;
     to.strides[0] = to.strides[1] * q.shape(1);
     tlse.ndim = 2;
     tlse.dtype = tq.dtype == FJ_FLOAT64 ? FJ_FLOAT64 : FJ_FLOAT32;
@@ -585,8 +615,7 @@ std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::
     tlse.strides[0] = q.shape(0), tlse.strides[1] = 1;
   }
   const fj_attention_options scalars = scalar_options(options);
-  const mx::array offsets[2] = {cu_seqlens_q, cu_seqlens_k};
-  const fj_varlen varlen = options.varlen_of(offsets);
+  const fj_varlen varlen = options.varlen_of(arrays.data());
   if (fj_attention_varlen_check_forward(&tq, &tk, &tv, &varlen, &scalars, &to, &tlse) != FJ_SUCCESS) {
     std::string message = fj_last_error();
     const std::string prefix = "[varlen_attention] ";
@@ -597,8 +626,8 @@ std::tuple<mx::array, mx::array> varlen_attention(const mx::array& q, const mx::
     bad("rng: expected 4 uint32 (seed low, high, offset low, high) with dropout");
   }
   if (causal != 0) options.window_right = 0;
-  std::vector<mx::array> inputs = {rows(q, cpu_stream()), rows(k, cpu_stream()), rows(v, cpu_stream()), cu_seqlens_q,
-                                   cu_seqlens_k};
+  std::vector<mx::array> inputs = {rows(q, cpu_stream()), rows(k, cpu_stream()), rows(v, cpu_stream())};
+  inputs.insert(inputs.end(), arrays.begin(), arrays.end());
   if (dropout_p > 0) inputs.push_back(rows(*rng, cpu_stream()));
   const std::vector<mx::array> out = forward_node(cpu_stream(), options, inputs);
   return {out[0], out[1]};
@@ -619,8 +648,10 @@ NB_MODULE(_mlx, m) {
         "Whether the primitives can run on MLX's GPU stream: built against MLX's CUDA headers, and the loaded "
         "libmlx has MLX's CUDA backend (mlx-cuda).");
   m.def("varlen_attention", &varlen_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("cu_seqlens_q"),
-        nb::arg("cu_seqlens_k"), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("scale").none(),
+        nb::arg("cu_seqlens_k").none(), nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("scale").none(),
         nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"), nb::arg("window_right"),
-        nb::arg("dropout_p"), nb::arg("rng").none(),
-        "o [total_q, Hq, Dv], lse [Hq, total_q]: the primitive over a packed variable-length batch.");
+        nb::arg("dropout_p"), nb::arg("rng").none(), nb::arg("seqused_k").none() = nb::none(),
+        nb::arg("page_table").none() = nb::none(),
+        "o [total_q, Hq, Dv], lse [Hq, total_q]: the primitive over a packed variable-length batch (with "
+        "seqused_k: a KV cache, in pages with page_table).");
 }

@@ -132,3 +132,90 @@ def test_varlen_dropout_draws_as_the_padded_batch():
     grads = [mx.grad(lambda *x: (f(*x) ** 2).sum(), argnums=(0, 1, 2))(q, k, v) for f in (packed, dense)]
     for got, expected in zip(*grads):
         assert mx.allclose(got, expected, rtol=1e-6, atol=1e-6).item()
+
+
+def _kv_case(page=None, seed=6):
+    """Caches of three sequences (14, 0 and 31 keys of 40 rows), one query each, and their pages
+    in shuffled order (page rows a page) with the page table."""
+    rng = np.random.default_rng(seed)
+    batch, capacity, hq, hkv, d, dv = 3, 48, 4, 2, 16, 8
+    k_cache = rng.standard_normal((batch, capacity, hkv, d)).astype(np.float32)
+    v_cache = rng.standard_normal((batch, capacity, hkv, dv)).astype(np.float32)
+    q = rng.standard_normal((batch, 2, hq, d)).astype(np.float32)
+    lengths = np.array([14, 0, 31], dtype=np.int32)
+    new_k = rng.standard_normal((batch, 5, hkv, d)).astype(np.float32)
+    new_v = rng.standard_normal((batch, 5, hkv, dv)).astype(np.float32)
+    if page is None:
+        return q, k_cache, v_cache, lengths, None, new_k, new_v
+    per = capacity // page
+    order = rng.permutation(batch * per + 2)[:batch * per].reshape(batch, per)
+    k_pages = rng.standard_normal((batch * per + 2, page, hkv, d)).astype(np.float32)
+    v_pages = rng.standard_normal((batch * per + 2, page, hkv, dv)).astype(np.float32)
+    for b in range(batch):
+        for i in range(per):
+            k_pages[order[b, i]] = k_cache[b, i * page:(i + 1) * page]
+            v_pages[order[b, i]] = v_cache[b, i * page:(i + 1) * page]
+    return q, k_pages, v_pages, lengths, order.astype(np.int32), new_k, new_v
+
+
+@pytest.mark.parametrize("page", [None, 16])
+@pytest.mark.parametrize("append", [False, True])
+def test_attention_with_kvcache_is_torchs_and_each_sequence_alone(page, append):
+    torch = pytest.importorskip("torch")
+    import flashjit
+    q, k_cache, v_cache, lengths, table, new_k, new_v = _kv_case(page)
+    extra = dict(k=mx.array(new_k), v=mx.array(new_v)) if append else {}
+    k_mx, v_mx = mx.array(k_cache), mx.array(v_cache)
+    options = dict(causal=True, softcap=3.0)
+    o, lse = fm.attention_with_kvcache(mx.array(q), k_mx, v_mx, cache_seqlens=mx.array(lengths),
+                                       page_table=None if table is None else mx.array(table), return_lse=True,
+                                       **extra, **options)
+    assert o.shape == (3, 2, 4, 8) and lse.shape == (3, 4, 2)
+    # torch's entry on the same arrays: the same C API call, bit for bit, and the same appends.
+    k_t, v_t = torch.from_numpy(k_cache.copy()), torch.from_numpy(v_cache.copy())
+    extra_t = dict(k=torch.from_numpy(new_k), v=torch.from_numpy(new_v)) if append else {}
+    o_t, lse_t = flashjit.attention_with_kvcache(torch.from_numpy(q), k_t, v_t, cache_seqlens=torch.from_numpy(lengths),
+                                                 page_table=None if table is None else torch.from_numpy(table),
+                                                 return_lse=True, **extra_t, **options)
+    assert np.array_equal(np.array(o), o_t.numpy())
+    assert np.array_equal(np.array(lse), lse_t.numpy(), equal_nan=True)
+    assert np.array_equal(np.array(k_mx), k_t.numpy()) and np.array_equal(np.array(v_mx), v_t.numpy())
+    # Each sequence alone against its keys (bottom-right causal).
+    new = 5 if append else 0
+    for b, n in enumerate(lengths.tolist()):
+        if table is None:
+            keys, values = k_mx[b, :n + new], v_mx[b, :n + new]
+        else:
+            rows = np.arange(n + new)
+            pages = mx.array(table[b][rows // page])
+            keys, values = k_mx[pages, mx.array(rows % page)], v_mx[pages, mx.array(rows % page)]
+        alone = fm.attention(mx.array(q[b:b + 1]).transpose(0, 2, 1, 3), keys.transpose(1, 0, 2)[None],
+                             values.transpose(1, 0, 2)[None], causal="bottom_right", softcap=3.0)
+        _close(o[b], alone[0].transpose(1, 0, 2))
+
+
+def test_attention_with_kvcache_checks_before_writing():
+    q, k_pages, v_pages, lengths, table, new_k, new_v = _kv_case(16)
+    k_mx, v_mx = mx.array(k_pages), mx.array(v_pages)
+    before = np.array(k_mx)
+    table[0, 1] = 99  # sequence 0's 14 keys and 5 new ones reach its second page
+    with pytest.raises(ValueError, match=r"page_table: page 99 of sequence 0 is out of range \(0\.\.10\)"):
+        fm.attention_with_kvcache(mx.array(q), k_mx, v_mx, cache_seqlens=lengths, page_table=table,
+                                  k=mx.array(new_k), v=mx.array(new_v))
+    assert np.array_equal(np.array(k_mx), before)
+    # Without the new keys the second page is never read.
+    fm.attention_with_kvcache(mx.array(q), k_mx, v_mx, cache_seqlens=lengths, page_table=table)
+    with pytest.raises(ValueError, match="cache_seqlens: length -1 of sequence 1 is negative"):
+        fm.attention_with_kvcache(mx.array(q), k_mx, v_mx, cache_seqlens=[1, -1, 2], page_table=table)
+    with pytest.raises(ValueError, match="k, v: give both"):
+        fm.attention_with_kvcache(mx.array(q), k_mx, v_mx, cache_seqlens=lengths, page_table=table,
+                                  k=mx.array(new_k))
+    q, k_cache, v_cache, lengths, _, new_k, new_v = _kv_case()
+    with pytest.raises(ValueError, match="k: sequence 2 holds 44 keys; 5 more do not fit its cache of 48"):
+        fm.attention_with_kvcache(mx.array(q), mx.array(k_cache), mx.array(v_cache), cache_seqlens=[14, 0, 44],
+                                  k=mx.array(new_k), v=mx.array(new_v))
+    with pytest.raises(ValueError, match="q: expected 4 dims"):
+        fm.attention_with_kvcache(mx.array(q[0]), mx.array(k_cache), mx.array(v_cache), cache_seqlens=lengths)
+    with pytest.raises(ValueError, match="not differentiable"):
+        mx.grad(lambda q: fm.attention_with_kvcache(q, mx.array(k_cache), mx.array(v_cache),
+                                                    cache_seqlens=lengths).sum())(mx.array(q))
