@@ -35,6 +35,8 @@ kvcache_bench kvcache.log
 step "host time per call (bench/overhead.py --device cuda)"
 timeout 240 python3 bench/overhead.py --device cuda --calls 1000 --out "$OUT" >"$OUT/overhead.log" 2>&1 || status=1
 grep -E "fwd .* us" "$OUT/overhead.log"
+step "the CUDA driver calls' host time (bench/driver_calls.py)"
+timeout 60 python3 bench/driver_calls.py --out "$OUT" 2>&1 | grep "^|" || status=1
 echo "-- the same parts with every TMA descriptor encoded anew (FLASHJIT_CUDA_MAP_CACHE=0):"
 FLASHJIT_CUDA_MAP_CACHE=0 timeout 120 python3 bench/overhead.py --device cuda --calls 1000 --only parts kernel \
   2>&1 | grep -E "fwd .* us" || status=1
