@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Decoding on the GPU machine in one call: build, the split-forward and KV-cache tests on CUDA
 # (test_split_forward.py, test_kvcache.py: one-warp blocks, forced splits, pages), then
-# bench/decode.py (the decoding grid against torch's SDPA), the KV-cache batch of
-# bench/varlen.py --decode, and the host time per call (bench/overhead.py --device cuda). Logs and records go to $OUT (default /tmp/flashjit-decode).
+# bench/decode.py (the decoding grid against torch's SDPA) and the KV-cache batch of
+# bench/varlen.py --decode. The host time per call: scripts/gpu_host.sh. Logs and records go to $OUT (default /tmp/flashjit-decode).
 #   bash scripts/gpu_decode.sh [--no-tests] [--sizes 1x8192 16x32768 ...]
 OUT=${OUT:-/tmp/flashjit-decode}
 source "$(dirname "$0")/gpu_common.sh"
@@ -32,13 +32,5 @@ grep "^|" "$OUT/decode.log" | cut -d'|' -f1-13
 
 kvcache_bench kvcache.log
 
-step "host time per call (bench/overhead.py --device cuda)"
-timeout 240 python3 bench/overhead.py --device cuda --calls 1000 --out "$OUT" >"$OUT/overhead.log" 2>&1 || status=1
-grep -E "fwd .* us" "$OUT/overhead.log"
-step "the CUDA driver calls' host time (bench/driver_calls.py)"
-timeout 60 python3 bench/driver_calls.py --out "$OUT" 2>&1 | grep "^|" || status=1
-echo "-- the same parts with every TMA descriptor encoded anew (FLASHJIT_CUDA_MAP_CACHE=0):"
-FLASHJIT_CUDA_MAP_CACHE=0 timeout 120 python3 bench/overhead.py --device cuda --calls 1000 --only parts kernel \
-  2>&1 | grep -E "fwd .* us" || status=1
 echo "gpu_decode status: $status"
 exit $status
