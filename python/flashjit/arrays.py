@@ -42,7 +42,17 @@ def check_kv_cache(op: str, q, k_cache, v_cache, lengths: list, page_table, k, v
         raise ValueError(f"[{op}] cache_seqlens: length {lengths[b]} of sequence {b} is negative")
     if (k is None) != (v is None):
         raise ValueError(f"[{op}] k, v: give both new keys and values, or neither")
+    if tuple(v_cache.shape[:2]) != tuple(k_cache.shape[:2]):
+        raise ValueError(f"[{op}] v_cache: expected k_cache's first two dims {list(k_cache.shape[:2])}, got "
+                         f"{list(v_cache.shape[:2])}")
     new = 0 if k is None else k.shape[1]
+    for name, x, cache in () if k is None else (("k", k, k_cache), ("v", v, v_cache)):
+        expected = [batch, new, cache.shape[2], cache.shape[3]]  # written into the cache as they are
+        if list(x.shape) != expected:
+            raise ValueError(f"[{op}] {name}: expected shape {expected} (q's batch, k's new keys, the cache's heads "
+                             f"and head dim), got {list(x.shape)}")
+        if x.dtype != cache.dtype:
+            raise TypeError(f"[{op}] {name}: expected the cache's dtype {cache.dtype}, got {x.dtype}")
     page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
     if page_table is not None:
         capacity = page_table.shape[1] * page_size

@@ -278,7 +278,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     from .arrays import check_kv_cache, check_kv_ranks
 
     op = "flashjit.mlx.attention_with_kvcache"
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)) + (("k", k), ("v", v)) * (k is not None and v is not None):
+    given = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache))
+    for name, x in given + ((("k", k), ("v", v)) if k is not None and v is not None else ()):
         if not isinstance(x, mx.array):
             raise TypeError(f"[{op}] {name}: expected an mlx.core.array, got {type(x).__name__}")
     check_kv_ranks(op, q, k_cache, v_cache)
@@ -293,27 +294,33 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
         if table.dtype.kind not in "iu" or table.ndim != 2 or table.shape[0] != batch:
             raise ValueError(f"[{op}] page_table: expected an int32 array [batch={batch}, max_pages]")
     new = check_kv_cache(op, q, k_cache, v_cache, lengths, table, k, v)
-    page_size = k_cache.shape[1]
-    for b in range(batch if new else 0):  # appended into the caches before attending
-        for cache, values in ((k_cache, k), (v_cache, v)):
-            if table is None:
-                cache[b, lengths[b]:lengths[b] + new] = values[b]
-            else:
-                rows = np.arange(lengths[b], lengths[b] + new)
-                cache[mx.array(table[b][rows // page_size].astype(np.int32)), mx.array(rows % page_size)] = values[b]
     options = AttentionOptions.make(op, scale=scale, softcap=softcap,
                                     causal="bottom_right" if causal is True else causal, window=window)
     used = mx.array([n + new for n in lengths], dtype=mx.int32)
-    offsets_q = mx.arange(batch + 1, dtype=mx.int32) * sq
-    q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
-    if table is None:  # sequence b's keys start at row b * S_cache of the caches as packed rows
-        keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
-        offsets_k, pages = mx.arange(batch + 1, dtype=mx.int32) * k_cache.shape[1], None
-    else:
-        keys, values, offsets_k, pages = k_cache, v_cache, None, mx.array(table.astype(np.int32))
-    o, lse = _mlx.varlen_attention(q_rows, keys, values, offsets_q, offsets_k, sq, 0, options.scale,
-                                   options.softcap, options.causal, options.window_left, options.window_right, 0.0,
-                                   None, seqused_k=used, page_table=pages)
+    pages = None if table is None else mx.array(table.astype(np.int32))
+
+    def call():  # a graph node over the caches as they are now; making it checks the whole call
+        if table is None:  # sequence b's keys start at row b * S_cache of the caches as packed rows
+            keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
+            offsets_k = mx.arange(batch + 1, dtype=mx.int32) * k_cache.shape[1]
+        else:
+            keys, values, offsets_k = k_cache, v_cache, None
+        return _mlx.varlen_attention(q.reshape(batch * sq, heads_q, q.shape[3]), keys, values,
+                                     mx.arange(batch + 1, dtype=mx.int32) * sq, offsets_k, sq, 0, options.scale,
+                                     options.softcap, options.causal, options.window_left, options.window_right, 0.0,
+                                     None, seqused_k=used, page_table=pages)
+
+    if new:
+        call()  # checked before the caches are written; the node is never evaluated
+    page_size = k_cache.shape[1]
+    for b in range(batch if new else 0):  # appended into the caches before attending
+        for cache, added in ((k_cache, k), (v_cache, v)):
+            if table is None:
+                cache[b, lengths[b]:lengths[b] + new] = added[b]
+            else:
+                rows = np.arange(lengths[b], lengths[b] + new)
+                cache[mx.array(table[b][rows // page_size].astype(np.int32)), mx.array(rows % page_size)] = added[b]
+    o, lse = call()
     o = o.reshape(batch, sq, heads_q, o.shape[-1])
     if not return_lse:
         return o

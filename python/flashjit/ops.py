@@ -450,7 +450,7 @@ def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
 # alignment); a plan skips only Python that would rebuild the same values.
 
 class _Plan:
-    __slots__ = ("options", "args", "c_options", "o_shape", "lse_shape", "lse_dtype", "static", "cuda")
+    __slots__ = ("options", "args", "c_options", "o_shape", "lse_shape", "lse_dtype", "static", "layouts", "cuda")
 
     def __init__(self, q, k, v, o, lse, options: AttentionOptions):
         self.options = options
@@ -459,6 +459,7 @@ class _Plan:
                           options.window_right, 0.0, 0, 0, options.num_threads)
         self.o_shape, self.lse_shape, self.lse_dtype = tuple(o.shape), tuple(lse.shape), lse.dtype
         self.static = tuple(_ref(x)[1:] for x in (q, k, v, o, lse))  # _ref without the data pointer
+        self.layouts = tuple(_layout(x) for x in (q, k, v, o, lse))
         self.cuda = q.is_cuda
 
     def forward(self, q, k, v):
@@ -471,10 +472,13 @@ class _Plan:
         return o, lse
 
     def backward(self, dout, q, k, v, o, lse):
-        """dq, dk, dv (and no gradients for the rest) as _fwd_backward gives them; dout in o's layout
-        (or _backward's general path, which makes rows readable)."""
+        """dq, dk, dv (and no gradients for the rest) as _fwd_backward gives them: from the plan's
+        descriptors where the saved tensors come back as they were saved (saved-tensor hooks may
+        hand back copies of other layouts, dtypes or devices) and dout has o's layout; else through
+        _backward's general path."""
         sq, sk, sv, so, sl = self.static
-        if dout.stride() != so[4]:
+        if (dout.stride() != so[4] or dout.dtype != o.dtype
+                or any(_layout(x) != layout for x, layout in zip((q, k, v, o, lse), self.layouts))):
             dq, dk, dv = _backward(dout, q, k, v, o, lse, *self.args)
             return (dq, dk, dv) + _NO_GRADS
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -486,6 +490,11 @@ class _Plan:
 
 
 _functorch_active = torch._C._are_functorch_transforms_active
+def _layout(x: Tensor) -> tuple:
+    """What a plan's descriptor of x assumes besides its data pointer."""
+    return x.dtype, x.device, x.shape, x.stride()
+
+
 _PLANS: dict = {}
 _MAX_PLANS = 256  # signatures remembered; all are forgotten when a new one would pass this
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -549,7 +558,7 @@ def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_t
     """o, lse with autograd through q, k, v (lse is not differentiable); rng: the
     dropout seed and offset as a tensor (dropout_rng), needed when options.dropout_p > 0.
     plan_tag: the entry point whose plans (planned_attention) a plain call leaves."""
-    plain = mask is None and rng is None
+    plain = mask is None and rng is None and not options.dropout_p  # plans run without dropout
     if plain:
         plan = plan_for(q, k, v, options, plan_tag)
         if plan is not None:

@@ -81,7 +81,7 @@ def _index_ref(x: Optional[Tensor]):
 # only, so made once a shape (host time per decoding call).
 @functools.lru_cache(maxsize=64)
 def _even_offsets(batch: int, step: int) -> Tensor:
-    return torch.arange(batch + 1, dtype=torch.int32) * step
+    return torch.arange(batch + 1, dtype=torch.int32, device="cpu") * step  # whatever the default device
 
 
 def _lengths_of(offsets: Tensor) -> list[int]:
@@ -256,21 +256,13 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
         host_table = page_table.to("cpu")  # one copy: the C API reads the table on the host
     new = check_kv_cache(_KV_OP, q, k_cache, v_cache, lengths, None if host_table is None else host_table.numpy(),
                          k, v)
-    if new:
-        for b in range(batch):  # appended in place before attending
-            for cache, values in ((k_cache, k), (v_cache, v)):
-                if page_table is None:
-                    cache[b, lengths[b]:lengths[b] + new] = values[b]
-                else:
-                    rows = torch.arange(lengths[b], lengths[b] + new, device=cache.device)
-                    page = page_table[b].to(device=cache.device, dtype=torch.long)[rows // cache.shape[1]]
-                    cache[page, rows % cache.shape[1]] = values[b]
     options = AttentionOptions.make(_KV_OP, scale=scale, softcap=softcap,
                                     causal="bottom_right" if causal is True else causal, window=window)
     sq, heads_q = q.shape[1], q.shape[2]
     used = [lengths[b] + new for b in range(batch)]
     offsets_q = _even_offsets(batch, sq)
-    keys, values, offsets_k, seqused, table = k_cache, v_cache, None, torch.tensor(used, dtype=torch.int32), None
+    seqused = torch.tensor(used, dtype=torch.int32, device="cpu")  # whatever the default device
+    keys, values, offsets_k, table = k_cache, v_cache, None, None
     if page_table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
         keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
         offsets_k = _even_offsets(batch, k_cache.shape[1])
@@ -280,12 +272,23 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
     lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)
 
-    def attend(keys, values, offsets_k, seqused, table):
+    def attend(keys, values, offsets_k, seqused, table, check_only=False):
         with torch.no_grad():
             _run("forward", functools.partial(_C.varlen_forward, seqused_k=_index_ref(seqused),
-                                              page_table=_index_ref(table)), offsets_q,
+                                              page_table=_index_ref(table), check_only=check_only), offsets_q,
                  offsets_k, 0, 0, (q_rows, keys, values), (o, lse), options.op_args(None, None), key_lengths=used)
 
+    if new:
+        # The whole call's checks (dtypes, heads, dims, counts, pages) before the caches are written.
+        attend(keys, values, offsets_k, seqused, table, check_only=True)
+        for b in range(batch):  # appended in place before attending
+            for cache, added in ((k_cache, k), (v_cache, v)):
+                if page_table is None:
+                    cache[b, lengths[b]:lengths[b] + new] = added[b]
+                else:
+                    rows = torch.arange(lengths[b], lengths[b] + new, device=cache.device)
+                    page = page_table[b].to(device=cache.device, dtype=torch.long)[rows // cache.shape[1]]
+                    cache[page, rows % cache.shape[1]] = added[b]
     # CUDA reads the pages in place where it can (half types, outside graph capture); otherwise
     # each sequence's used rows are gathered and packed first.
     gather = table is not None and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16)
@@ -298,7 +301,8 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
             gather = True
     if gather:
         gathered = [_gather_pages(c, page_table, used) for c in (k_cache, v_cache)]
-        attend(*gathered, torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32), None, None)
+        offsets = torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32, device="cpu")
+        attend(*gathered, offsets, None, None)
     o = o.view(batch, sq, heads_q, -1)
     return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
 

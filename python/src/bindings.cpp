@@ -264,7 +264,7 @@ void varlen_forward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t ma
                     nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
                     std::optional<double> scale, double softcap, int causal, int64_t window_left,
                     int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-                    uintptr_t stream, nb::handle seqused_k, nb::handle page_table) {
+                    uintptr_t stream, nb::handle seqused_k, nb::handle page_table, bool check_only) {
   constexpr const char* op = "varlen_attention";
   const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                        page_table);
@@ -273,6 +273,10 @@ void varlen_forward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t ma
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
+  if (check_only) {
+    check(fj_attention_varlen_check_forward(&tq, &tk, &tv, &varlen, &options, &to, &tlse));
+    return;
+  }
   check(without_gil([&] { return fj_attention_varlen_forward(&tq, &tk, &tv, &varlen, &options, &to, &tlse); }));
 }
 
@@ -399,7 +403,7 @@ NB_MODULE(_C, m) {
         nb::arg("lse"), nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
         nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("seqused_k").none() = nb::none(),
-        nb::arg("page_table").none() = nb::none());
+        nb::arg("page_table").none() = nb::none(), nb::arg("check_only") = false);
   m.def("varlen_backward", &varlen_backward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k"),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
         nb::arg("lse"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),

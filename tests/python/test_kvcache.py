@@ -247,3 +247,41 @@ def test_half_cache_with_no_key_anywhere(paged):
                                              return_lse=True)
     assert torch.equal(o, torch.zeros_like(o))
     assert torch.isinf(lse).all() and (lse < 0).all()
+
+
+def test_nothing_is_written_when_a_check_fails():
+    k_cache, v_cache, lengths = _dense([14, 0, 20], capacity=32)
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+    new = dict(k=torch.randn(B, 5, HKV, D, device=DEVICE), v=torch.randn(B, 5, HKV, DV, device=DEVICE))
+    k_pages, v_pages, table = _paged(k_cache, v_cache, 2)
+    before = [x.clone() for x in (k_cache, v_cache, k_pages, v_pages)]
+    cases = [
+        (ValueError, "window", dict(window=(1,))),  # checked by the options, before the writes
+        (ValueError, "head_dim 16 does not match q.s 24", dict(q=torch.randn(B, 1, HQ, D + 8, device=DEVICE))),  # by the C API's check
+        (ValueError, r"k: expected shape \[3, 5, 2, 16\]", dict(k=new["k"][:1], v=new["v"][:1])),
+        (ValueError, r"k: expected shape \[3, 5, 2, 16\]", dict(k=new["k"][:, :, :1])),
+        (ValueError, r"v: expected shape \[3, 5, 2, 8\]", dict(v=new["v"][:, :4])),
+        (TypeError, "k: expected the cache's dtype", dict(k=new["k"].double())),
+    ]
+    for kind, message, change in cases:
+        for paged in (False, True):
+            args = dict(q=q, k_cache=k_pages if paged else k_cache, v_cache=v_pages if paged else v_cache,
+                        cache_seqlens=lengths, page_table=table if paged else None, **new)
+            args.update(change)
+            with pytest.raises(kind, match=message):
+                flashjit.attention_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), **args)
+            for x, y in zip(before, (k_cache, v_cache, k_pages, v_pages)):
+                assert torch.equal(x, y), (message, paged)
+    with pytest.raises(ValueError, match=r"v_cache: expected k_cache's first two dims \[3, 32\]"):
+        flashjit.attention_with_kvcache(q, k_cache, v_cache[:, :16], cache_seqlens=lengths, **new)
+    assert torch.equal(before[0], k_cache)
+
+
+def test_a_default_device_does_not_stick_to_the_offsets():
+    k_cache, v_cache, lengths = _dense([14, 0, 20], capacity=32)
+    q = torch.randn(B, 1, HQ, D, device=DEVICE)
+    expected = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    with torch.device("meta"):  # the offsets and counts are host arrays whatever the default device
+        inside = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    after = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    assert torch.equal(inside, expected) and torch.equal(after, expected)

@@ -219,3 +219,22 @@ def test_attention_with_kvcache_checks_before_writing():
     with pytest.raises(ValueError, match="not differentiable"):
         mx.grad(lambda q: fm.attention_with_kvcache(q, mx.array(k_cache), mx.array(v_cache),
                                                     cache_seqlens=lengths).sum())(mx.array(q))
+
+
+def test_attention_with_kvcache_writes_nothing_when_a_check_fails():
+    for page in (None, 16):
+        q, k_cache, v_cache, lengths, table, new_k, new_v = _kv_case(page)
+        k_mx, v_mx = mx.array(k_cache), mx.array(v_cache)
+        cases = [
+            (ValueError, "window", dict(window=(1,))),
+            (ValueError, "head_dim 16 does not match q's 24", dict(q=mx.array(np.zeros((3, 2, 4, 24), np.float32)))),
+            (ValueError, r"k: expected shape \[3, 5, 2, 16\]", dict(k=mx.array(new_k[:1]), v=mx.array(new_v[:1]))),
+            (ValueError, r"k: expected shape \[3, 5, 2, 16\]", dict(k=mx.array(new_k[:, :, :1]))),
+            (TypeError, "k: expected the cache's dtype", dict(k=mx.array(new_k).astype(mx.float16))),
+        ]
+        for kind, message, change in cases:
+            args = dict(q=mx.array(q), cache_seqlens=lengths, page_table=table, k=mx.array(new_k), v=mx.array(new_v))
+            args.update(change)
+            with pytest.raises(kind, match=message):
+                fm.attention_with_kvcache(args.pop("q"), k_mx, v_mx, **args)
+            assert np.array_equal(np.array(k_mx), k_cache) and np.array_equal(np.array(v_mx), v_cache), message

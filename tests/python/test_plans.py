@@ -198,3 +198,37 @@ def test_the_patched_router_takes_plans_and_honours_torchs_backend_choice():
             assert len(profile.calls) == 0  # torch's own kernels, as chosen
     finally:
         flashjit.unpatch_sdpa()
+
+
+def test_saved_tensor_hooks_that_change_layouts_take_the_general_backward():
+    # A hook may hand saved tensors back as copies of another layout (here contiguous, where the
+    # inputs were transposed views): the plan's descriptors would then describe other memory.
+    def grads(q, k, v, dout):
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t):
+            o = flashjit.attention(*(x.transpose(1, 2) for x in (q, k, v)))
+        o.backward(dout)
+        return q.grad, k.grad, v.grad
+
+    q, k, v = (torch.randn(1, 16, 2, 8, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    dout = torch.randn(1, 2, 16, 8, dtype=torch.float64, device=DEVICE)
+    first = grads(q, k, v, dout)
+    assert planned_count() == 1
+    second = grads(q, k, v, dout)  # through the plan's forward and the general backward
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    qe, ke, ve = leaves(q, k, v)
+    naive(*(x.transpose(1, 2) for x in (qe, ke, ve))).backward(dout)
+    for got, ref in zip(second, (qe.grad, ke.grad, ve.grad)):
+        assert torch.allclose(got, ref, atol=1e-10)
+
+
+def test_calls_with_dropout_leave_no_plan():
+    q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32)
+    options = flashjit.options.AttentionOptions(dropout_p=0.5)
+    with torch.no_grad():
+        first, _ = ops.attention(q, k, v, options)
+        second, _ = ops.attention(q, k, v, options)
+        plain, _ = ops.attention(q, k, v, flashjit.options.AttentionOptions())
+    assert planned_count() == 1  # the plain call's alone
+    assert torch.equal(first, second) and not torch.equal(first, plain)  # the same seed, dropout both times
