@@ -23,20 +23,23 @@ from flashjit import _C, ops
 from flashjit.bench import device_tag
 
 
-def per_call_us(fn, calls: int, repeats: int = 15, sync=lambda: None) -> float:
-    """Median over repeats of the mean time of `calls` back-to-back calls (on a GPU,
-    kernels this small finish before the host issues the next call)."""
-    for _ in range(max(10, calls // 10)):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns: dict, calls: int, repeats: int = 15, sync=lambda: None) -> dict:
+    """Each function's median over repeats of the mean time of `calls` back-to-back calls (on a
+    GPU, kernels this small finish before the host issues the next call). The functions take
+    turns in every round, so that a change of the machine's load falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(max(10, calls // 10)):
             fn()
-        sync()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    sync()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def entry_points(q, k, v):
@@ -117,12 +120,12 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         sk = 128 if s == 1 else s
         q, k, v = (torch.randn(b, h, n, d, dtype=dtype, device=args.device) for n in (s, sk, sk))
-        for name, forward, train in entry_points(q, k, v):
-            if args.only and not any(text in name for text in args.only):
-                continue
-            with torch.no_grad():
-                fwd_us = per_call_us(forward, args.calls, sync=sync)
-            train_us = per_call_us(train, args.calls // 2, sync=sync) if train else float("nan")
+        entries = [e for e in entry_points(q, k, v) if not args.only or any(text in e[0] for text in args.only)]
+        with torch.no_grad():
+            forward = per_call_us({name: fwd for name, fwd, _ in entries}, args.calls, sync=sync)
+        train = per_call_us({name: step for name, _, step in entries if step}, args.calls // 2, sync=sync)
+        for name, _, _ in entries:
+            fwd_us, train_us = forward[name], train.get(name, float("nan"))
             rows.append((label, name, fwd_us, train_us))
             print(f"{label:28} {name:42} fwd {fwd_us:8.1f} us   fwd+bwd {train_us:8.1f} us", flush=True)
     lines = [
@@ -133,7 +136,8 @@ def main(argv=None) -> int:
         f"- command: `python bench/overhead.py{' --device cuda' if cuda else ''}"
         f"{' --only ' + ' '.join(args.only) if args.only else ''}{' --out ' + args.out if args.out else ''}`",
         "- forward under torch.no_grad(); forward+backward with q, k, v requiring grad and autograd.backward;",
-        f"  median of 15 runs of {args.calls} back-to-back calls (forward+backward: half as many).",
+        f"  median of 15 runs of {args.calls} back-to-back calls (forward+backward: half as many), the entry",
+        "  points taking turns in each round.",
         "",
         "| problem | entry point | forward µs/call | forward+backward µs/call |",
         "|---|---|---:|---:|",
