@@ -164,7 +164,13 @@ fj_status fj_attention_check_backward(const fj_tensor* q, const fj_tensor* k, co
  * first keys; with page_table (int32 [batch, max_pages], host memory) k and v are pages
  * [num_pages, page_size, Hkv, D] (page_size a multiple of 16) and key j of sequence b is row
  * j % page_size of page page_table[b][j / page_size]; cu_seqlens_k is then absent (ndim 0,
- * data NULL). Paged caches are forward only. */
+ * data NULL). Paged caches are forward only.
+ * seqused_k (and page_table with it) may instead be in the CUDA memory of CUDA operands, with the
+ * offsets in host memory: the host then reads neither (no wait for the device before the call).
+ * Their values are not checked: the kernels clamp each count into 0 .. min(max_seqlen_k, the
+ * sequence's rows or pages' keys) and each page index into the pages. Where one launch does not
+ * take the call (see the CUDA backend) the backend copies them to the host first and checks them
+ * there (a wait for the stream; not under stream capture). */
 /* The offsets may instead be in the CUDA memory of CUDA operands (both of them, with both maxima
  * given and no seqused_k or page_table): the host does not read them then. Where one launch runs
  * the batch (sm_90, FLASHJIT_CUDA_VARLEN=1) a kernel builds its table from them without any check
@@ -176,8 +182,8 @@ typedef struct fj_varlen {
   fj_tensor cu_seqlens_k; /* int32 [batch + 1] in host memory (or see above): 0, never decreasing, total_k last */
   int64_t max_seqlen_q;   /* 0 (the longest) or a bound on the lengths */
   int64_t max_seqlen_k;
-  fj_tensor seqused_k;    /* optional: int32 [batch], keys each sequence uses (<= its rows or pages) */
-  fj_tensor page_table;   /* optional: int32 [batch, max_pages]; needs seqused_k */
+  fj_tensor seqused_k;    /* optional: int32 [batch], keys each sequence uses (<= its rows or pages); host or CUDA memory */
+  fj_tensor page_table;   /* optional: int32 [batch, max_pages]; needs seqused_k, in the same memory */
 } fj_varlen;
 
 fj_status fj_attention_varlen_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,

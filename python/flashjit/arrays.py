@@ -28,14 +28,16 @@ def check_kv_ranks(op: str, q, k_cache, v_cache) -> None:
             raise ValueError(f"[{op}] {name}: expected 4 dims, got {x.ndim}")
 
 
-def check_kv_cache(op: str, q, k_cache, v_cache, lengths: list, page_table, k, v) -> int:
+def check_kv_cache(op: str, q, k_cache, v_cache, lengths: list, page_table, k, v, paged=None) -> int:
     """attention_with_kvcache's (torch's and MLX's) checks after check_kv_ranks, before anything
     is written: each sequence's key count (lengths, ints), the page table (an integer numpy array
     [batch, max_pages] on the host, or None) up to each sequence's keys with the new ones, or the
-    cache's batch, new keys and values given together and fitting each cache. Returns the new
-    keys' count (0 without k)."""
+    cache's batch, new keys and values given together and fitting each cache. paged: whether the
+    caches are pages (default: a page table given; True without one for a table the host does
+    not read). Returns the new keys' count (0 without k)."""
     import numpy as np
 
+    paged = page_table is not None if paged is None else paged
     batch = q.shape[0]
     if lengths and min(lengths) < 0:
         b = next(b for b, value in enumerate(lengths) if value < 0)
@@ -54,7 +56,8 @@ def check_kv_cache(op: str, q, k_cache, v_cache, lengths: list, page_table, k, v
         if x.dtype != cache.dtype:
             raise TypeError(f"[{op}] {name}: expected the cache's dtype {cache.dtype}, got {x.dtype}")
     page_size, num_pages = k_cache.shape[1], k_cache.shape[0]
-    if page_table is not None:
+    capacity = k_cache.shape[1]
+    if paged and page_table is not None:
         capacity = page_table.shape[1] * page_size
         # Each sequence's pages up to its keys, the new ones included: a few array operations
         # (host time per decoding call), the first bad page in row-major order named.
@@ -65,8 +68,7 @@ def check_kv_cache(op: str, q, k_cache, v_cache, lengths: list, page_table, k, v
             b, i = (int(x) for x in np.argwhere(bad)[0])
             raise ValueError(f"[{op}] page_table: page {int(page_table[b, i])} of sequence {b} is out of range "
                              f"(0..{num_pages - 1})")
-    else:
-        capacity = k_cache.shape[1]
+    elif not paged:
         if k_cache.shape[0] != batch:
             raise ValueError(f"[{op}] k_cache: expected a batch of {batch} (q's), got {k_cache.shape[0]}")
     if new and lengths and max(lengths) + new > capacity:

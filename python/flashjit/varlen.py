@@ -247,6 +247,12 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
             raise TypeError(f"[{_KV_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
     check_kv_ranks(_KV_OP, q, k_cache, v_cache)
     batch = q.shape[0]
+    if _counts_stay_on_device(q, cache_seqlens, page_table, k, v):
+        try:
+            return _kvcache_on_device(q, k_cache, v_cache, cache_seqlens, page_table, causal, window, softcap, scale,
+                                      return_lse)
+        except NotImplementedError:  # a paged float32 cache on CUDA: the host path gathers its pages
+            pass
     lengths = _lengths("cache_seqlens", cache_seqlens, batch)
     host_table = None
     if page_table is not None:
@@ -303,6 +309,46 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
         gathered = [_gather_pages(c, page_table, used) for c in (k_cache, v_cache)]
         offsets = torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32, device="cpu")
         attend(*gathered, offsets, None, None)
+    o = o.view(batch, sq, heads_q, -1)
+    return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
+
+
+def _counts_stay_on_device(q, cache_seqlens, page_table, k, v) -> bool:
+    """Whether attention_with_kvcache passes the counts (and the page table) to the C API in the
+    GPU's memory, where the host never reads them (no wait for the GPU before the call): CUDA
+    operands, the counts and any table on q's device, no new keys to write, no flashjit.profile()
+    recording (it records each sequence's keys), and FLASHJIT_CUDA_KV_DEVICE=1 (off by default
+    until measured on a GPU)."""
+    def on_q_device(x, ndim):
+        return (isinstance(x, Tensor) and x.device == q.device and x.dtype in (torch.int32, torch.int64)
+                and x.ndim == ndim and x.shape[0] == q.shape[0])
+
+    return (q.is_cuda and k is None and v is None and _profiler._active is None
+            and os.environ.get("FLASHJIT_CUDA_KV_DEVICE") == "1" and on_q_device(cache_seqlens, 1)
+            and (page_table is None or on_q_device(page_table, 2)))
+
+
+def _kvcache_on_device(q, k_cache, v_cache, cache_seqlens, page_table, causal, window, softcap, scale, return_lse):
+    """attention_with_kvcache with the counts and the page table left in GPU memory (see
+    _counts_stay_on_device): their values are not checked; the kernels clamp each count into
+    its sequence's cache and each page index into the pages."""
+    check_kv_cache(_KV_OP, q, k_cache, v_cache, [], None, None, None, paged=page_table is not None)
+    options = AttentionOptions.make(_KV_OP, scale=scale, softcap=softcap,
+                                    causal="bottom_right" if causal is True else causal, window=window)
+    batch, sq, heads_q = q.shape[0], q.shape[1], q.shape[2]
+    seqused = cache_seqlens.to(torch.int32).contiguous()
+    table = None if page_table is None else page_table.to(torch.int32).contiguous()
+    keys, values, offsets_k = k_cache, v_cache, None
+    if table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
+        keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
+        offsets_k = _even_offsets(batch, k_cache.shape[1])
+    q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
+    o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
+    lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)
+    with torch.no_grad():
+        _run("forward", functools.partial(_C.varlen_forward, seqused_k=_index_ref(seqused),
+                                          page_table=_index_ref(table)), _even_offsets(batch, sq), offsets_k, 0, 0,
+             (q_rows, keys, values), (o, lse), options.op_args(None, None))
     o = o.view(batch, sq, heads_q, -1)
     return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
 

@@ -608,15 +608,47 @@ const fj_tensor& check_host_int32(const char* op, const char* name, const fj_ten
   return t;
 }
 
-// seqused_k: int32 [batch], each at least 0 and at most `capacity(b)`; returns the largest.
+// An int32 tensor of a KV cache in the CUDA memory of q's device, with contiguous rows: the
+// kernels read it, the host never does.
+const fj_tensor& check_device_int32(const char* op, const char* name, const fj_tensor& t, int ndim,
+                                    const fj_tensor& q) {
+  check_tensor(op, name, &t, ndim);
+  if (t.dtype != FJ_INT32) throw_type_error("[", op, "] ", name, ": expected dtype int32, got ", dtype_name(t.dtype));
+  if (t.device_type != q.device_type || t.device_index != q.device_index) {
+    throw_value_error("[", op, "] ", name, ": expected the memory of the operands (", device_name(q.device_type),
+                      ":", q.device_index, ") with seqused_k there, got ", device_name(t.device_type), ":",
+                      t.device_index);
+  }
+  if (!has_no_elements(t) && t.shape[ndim - 1] > 1 && t.strides[ndim - 1] != 1) {
+    throw_value_error("[", op, "] ", name, ": expected the last dim contiguous (stride 1), got stride ",
+                      t.strides[ndim - 1]);
+  }
+  return t;
+}
+
+// Whether a KV cache's counts (and pages) are in the operands' CUDA memory, where the host
+// does not read them (AttentionProblem::kv_on_device).
+bool kv_cache_on_device(const fj_varlen& varlen, const fj_tensor& q) {
+  return present(varlen.seqused_k) && varlen.seqused_k.device_type != FJ_DEVICE_CPU &&
+         q.device_type != FJ_DEVICE_CPU;
+}
+
+// seqused_k: int32 [batch], each at least 0 and at most `capacity(b)`; returns the largest. On the
+// device (kv_cache_on_device) the counts are not read: the largest capacity is returned.
 template <typename Capacity>
 int64_t check_seqused(const char* op, const fj_varlen& varlen, int64_t batch, Capacity capacity,
-                      const char* what) {
-  const fj_tensor& used = check_host_int32(op, "seqused_k", varlen.seqused_k, 1);
+                      const char* what, const fj_tensor& q) {
+  const bool on_device = kv_cache_on_device(varlen, q);
+  const fj_tensor& used = on_device ? check_device_int32(op, "seqused_k", varlen.seqused_k, 1, q)
+                                    : check_host_int32(op, "seqused_k", varlen.seqused_k, 1);
   if (used.shape[0] != batch) {
     throw_value_error("[", op, "] seqused_k: expected ", batch, " counts (one a sequence), got ", used.shape[0]);
   }
   int64_t longest = 0;
+  if (on_device) {
+    for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, capacity(b));
+    return longest;
+  }
   for (int64_t b = 0; used.data != nullptr && b < batch; ++b) {
     const int64_t n = static_cast<const int32_t*>(used.data)[b];
     if (n < 0 || n > capacity(b)) {
@@ -629,18 +661,23 @@ int64_t check_seqused(const char* op, const fj_varlen& varlen, int64_t batch, Ca
 }
 
 // seqused_k over keys at cu_seqlens_k: a sequence uses the first of its rows.
-int64_t apply_seqused(const char* op, const fj_varlen& varlen, int64_t batch, AttentionProblem& p) {
+int64_t apply_seqused(const char* op, const fj_varlen& varlen, int64_t batch, const fj_tensor& q,
+                      AttentionProblem& p) {
   const auto* offsets = static_cast<const int32_t*>(varlen.cu_seqlens_k.data);
   const int64_t longest = check_seqused(
       op, varlen, batch, [&](int64_t b) { return offsets == nullptr ? INT32_MAX : int64_t(offsets[b + 1] - offsets[b]); },
-      "its rows in cu_seqlens_k");
+      "its rows in cu_seqlens_k", q);
   p.seqused_k = static_cast<const int32_t*>(varlen.seqused_k.data);
+  p.kv_on_device = kv_cache_on_device(varlen, q);
   return longest;
 }
 
 // The page table and the pages (k and v as given, [num_pages, page_size, Hkv, D]).
-int64_t apply_pages(const char* op, const fj_varlen& varlen, int64_t batch, AttentionProblem& p) {
-  const fj_tensor& table = check_host_int32(op, "page_table", varlen.page_table, 2);
+int64_t apply_pages(const char* op, const fj_varlen& varlen, int64_t batch, const fj_tensor& q,
+                    AttentionProblem& p) {
+  const bool on_device = kv_cache_on_device(varlen, q);
+  const fj_tensor& table = on_device ? check_device_int32(op, "page_table", varlen.page_table, 2, q)
+                                     : check_host_int32(op, "page_table", varlen.page_table, 2);
   if (table.shape[0] != batch) {
     throw_value_error("[", op, "] page_table: expected ", batch, " rows (one a sequence), got ", table.shape[0]);
   }
@@ -649,10 +686,10 @@ int64_t apply_pages(const char* op, const fj_varlen& varlen, int64_t batch, Atte
   }
   const int64_t max_pages = table.shape[1];
   const int64_t longest =
-      check_seqused(op, varlen, batch, [&](int64_t) { return max_pages * p.page_size; }, "its pages");
+      check_seqused(op, varlen, batch, [&](int64_t) { return max_pages * p.page_size; }, "its pages", q);
   const auto* pages = static_cast<const int32_t*>(table.data);
   const auto* used = static_cast<const int32_t*>(varlen.seqused_k.data);
-  for (int64_t b = 0; pages != nullptr && used != nullptr && b < batch; ++b) {
+  for (int64_t b = 0; !on_device && pages != nullptr && used != nullptr && b < batch; ++b) {
     for (int64_t j = 0; j * p.page_size < used[b]; ++j) {
       const int64_t page = pages[b * table.strides[0] + j];
       if (page < 0 || page >= p.num_pages) {
@@ -663,7 +700,9 @@ int64_t apply_pages(const char* op, const fj_varlen& varlen, int64_t batch, Atte
   }
   p.page_table = pages;
   p.page_table_stride = table.strides[0];
+  p.page_table_width = max_pages;
   p.seqused_k = used;
+  p.kv_on_device = on_device;
   return longest;
 }
 
@@ -698,14 +737,24 @@ void apply_varlen(const char* op, const fj_varlen* varlen, const fj_attention_op
     if (present(varlen->cu_seqlens_k)) {
       throw_value_error("[", op, "] cu_seqlens_k: expected none with a page table (the pages place the keys)");
     }
-    longest_k = apply_pages(op, *varlen, batch, p);
+    longest_k = apply_pages(op, *varlen, batch, q, p);
   } else {
     longest_k = check_offsets(op, "cu_seqlens_k", &varlen->cu_seqlens_k, batch, total_k, q, on_device);
-    if (present(varlen->seqused_k)) longest_k = apply_seqused(op, *varlen, batch, p);
+    if (present(varlen->seqused_k)) longest_k = apply_seqused(op, *varlen, batch, q, p);
   }
   int64_t max_q = varlen->max_seqlen_q, max_k = varlen->max_seqlen_k;
+  if (p.kv_on_device && max_k > 0) {
+    // The counts are not read here: a bound clamps them (the kernels take no key past it), and
+    // longest_k is the cache's rows (or pages' keys), past which no count may reach.
+    longest_k = std::min(longest_k, max_k);
+  }
   for (auto [name, bound, longest] : {std::tuple{"max_seqlen_q", &max_q, longest_q},
                                       std::tuple{"max_seqlen_k", &max_k, longest_k}}) {
+    if (p.kv_on_device && bound == &max_k) {
+      if (*bound < 0) throw_value_error("[", op, "] max_seqlen_k: expected 0 or a bound > 0, got ", *bound);
+      *bound = longest;
+      continue;
+    }
     if (*bound < 0 || (*bound > 0 && *bound < longest)) {
       throw_value_error("[", op, "] ", name, ": expected 0 (the longest) or a bound >= the longest sequence (",
                         longest, "), got ", *bound);
@@ -873,7 +922,32 @@ void adopt_host_offsets(const char* op, AttentionProblem& p, const int32_t* offs
   p.offsets_on_device = false;
 }
 
+void adopt_host_kv_cache(const char* op, AttentionProblem& p, const int32_t* counts, const int32_t* pages) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t capacity = pages != nullptr ? p.page_table_width * p.page_size
+                                              : int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b];
+    if (counts[b] < 0 || counts[b] > capacity) {
+      throw_value_error("[", op, "] seqused_k: sequence ", b, " uses ", counts[b], " keys; expected 0 to ", capacity,
+                        pages != nullptr ? " (its pages)" : " (its rows in cu_seqlens_k)");
+    }
+    for (int64_t j = 0; pages != nullptr && j * p.page_size < counts[b]; ++j) {
+      const int64_t page = pages[b * p.page_table_width + j];
+      if (page < 0 || page >= p.num_pages) {
+        throw_value_error("[", op, "] page_table: page ", j, " of sequence ", b, " is ", page, "; expected 0 to ",
+                          p.num_pages - 1);
+      }
+    }
+  }
+  p.seqused_k = counts;
+  if (pages != nullptr) {
+    p.page_table = pages;
+    p.page_table_stride = p.page_table_width;
+  }
+  p.kv_on_device = false;
+}
+
 AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b) {
+  if (p.kv_on_device) throw Error(FJ_ERROR_INTERNAL, "[varlen] a KV cache's counts in device memory, read per sequence");
   AttentionProblem s = p;
   const int64_t first_q = p.cu_seqlens_q[b], first_k = p.cu_seqlens_k != nullptr ? p.cu_seqlens_k[b] : 0;
   s.batch = 1;

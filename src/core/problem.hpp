@@ -99,8 +99,13 @@ struct AttentionProblem {
   // step pages. Null: each key at its row.
   const int32_t* page_table = nullptr;
   int64_t page_table_stride = 0;
+  int64_t page_table_width = 0;  // pages a row of the table holds (max_pages)
   int64_t page_size = 0;
   int64_t num_pages = 0;
+  // seqused_k (and page_table) are in the operands' CUDA memory (fj_varlen): never read by the
+  // host, their values not validated; the kernels clamp each count into its sequence's rows or
+  // pages and each page index into the pages. seqlen_k is the given maximum or that capacity.
+  bool kv_on_device = false;
 
   // The dropout counter's batch index of batch entry 0: a sequence of a variable-length
   // batch run as a problem of its own draws as batch entry `dropout_batch` of a padded batch.
@@ -166,6 +171,11 @@ AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b);
 // memory (a backend's copy, batch + 1 each): checked as host offsets are (and against
 // the maxima the call gave), then taken; `op` names the call in errors.
 void adopt_host_offsets(const char* op, AttentionProblem& p, const int32_t* offsets_q, const int32_t* offsets_k);
+
+// A KV cache whose counts (and pages) were in device memory (kv_on_device), copied to the host
+// by the backend: `counts` [batch] and `pages` (null, or [batch][page_table_width] packed),
+// checked as host ones are, and taken as the problem's.
+void adopt_host_kv_cache(const char* op, AttentionProblem& p, const int32_t* counts, const int32_t* pages);
 // The dense problems a call runs: p itself (nothing copied or allocated, the common case on
 // every call's path), or each sequence of a variable-length batch (sequence_problem).
 class DenseParts {

@@ -552,11 +552,13 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   // (without pages) its keys rows b * key_stride on.
   const int64_t queries = p.cu_seqlens_q[1];
   const int64_t key_stride = p.page_table != nullptr ? 0 : p.cu_seqlens_k[1];
-  int64_t longest = 0;
+  // Counts in device memory (kv_on_device) are not read here: their bound is seqlen_k (the
+  // cache's rows, or the given maximum), and the kernels clamp each count to it.
+  int64_t longest = p.kv_on_device ? p.seqlen_k : 0;
   for (int64_t b = 0; b < p.batch; ++b) {
     if (p.cu_seqlens_q[b + 1] != (b + 1) * queries) return false;
     if (p.page_table == nullptr && p.cu_seqlens_k[b] != b * key_stride) return false;
-    longest = std::max<int64_t>(longest, p.seqused_k[b]);  // a page table comes with the counts (apply_pages)
+    if (!p.kv_on_device) longest = std::max<int64_t>(longest, p.seqused_k[b]);  // the pages come with the counts
   }
   if (queries == 0) return true;  // no output row: nothing to do
   // The dense batch: entry b's queries are its packed rows, its keys the cache's.
@@ -580,10 +582,12 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   if (hopper_applies(traits) && dense.seqlen_q > spec.block_rows()) return false;
   spec.kv_cache = p.page_table != nullptr ? 2 : 1;
   // Per-entry counts, then the pages each entry reads (its table row up to its count, rows
-  // packed `width` apart whatever the caller's row stride), for the kernels in device memory.
-  std::vector<int32_t> arrays(p.seqused_k, p.seqused_k + p.batch);
-  int64_t width = 0;
-  if (p.page_table != nullptr) {
+  // packed `width` apart whatever the caller's row stride), for the kernels in device memory;
+  // or (kv_on_device) the caller's own arrays there, read in place.
+  std::vector<int32_t> arrays;
+  if (!p.kv_on_device) arrays.assign(p.seqused_k, p.seqused_k + p.batch);
+  int64_t width = p.kv_on_device ? p.page_table_stride : 0;
+  if (p.page_table != nullptr && !p.kv_on_device) {
     for (int64_t b = 0; b < p.batch; ++b) width = std::max(width, ceil_div(int64_t(p.seqused_k[b]), p.page_size));
     arrays.resize(size_t(p.batch * (1 + width)), 0);
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -595,6 +599,7 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
   params.varlen_top_left = top_left ? 1 : 0;
   params.page_table_stride = width;
   params.page_size = p.page_table != nullptr ? checked_int(p.page_size, "page size") : 0;
+  params.num_pages = p.page_table != nullptr ? checked_int(p.num_pages, "pages") : 0;
   const int multiprocessors = device_info(launch.device_index).multiprocessors;
   const bool on_hopper = settings::kv_cache_hopper() && hopper_applies(traits) &&
                          plan_hopper_kv_cache(plan, p, dense, launch, params, multiprocessors);
@@ -605,6 +610,13 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
       params.num_query_blocks = int(ceil_div(dense.seqlen_q, spec.block_rows()));
       plan.add(spec, params, launch).blocks = int64_t(params.num_query_blocks) * dense.batch * dense.heads_q;
     }
+  }
+  if (p.kv_on_device) {
+    for (size_t index = 0; index < plan.count; ++index) {
+      plan.kernels[index].params.seqused_k = p.seqused_k;
+      plan.kernels[index].params.page_table = p.page_table;
+    }
+    return true;
   }
   // The kernels are compiled; then the arrays, or (no memory, no pool) an empty plan.
   try {
@@ -937,6 +949,35 @@ AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& l
   return host;
 }
 
+// A KV cache whose counts (and pages) are in device memory where one launch does not take it:
+// copied to the host (a wait for the stream's work before the call) into `storage`, checked as
+// host ones are, and the problem returned with them. Not under stream capture or in
+// fj_attention_prepare_*, where nothing may wait.
+AttentionProblem with_kv_cache_on_host(const AttentionProblem& p, const Launch& launch,
+                                       std::vector<int32_t>& storage) {
+  if (launch.graph_safe || driver().cuMemcpyDtoHAsync == nullptr || driver().cuStreamSynchronize == nullptr) {
+    throw_unsupported("[cuda] seqused_k: a KV cache's counts in device memory are copied to the host for this "
+                      "call, which cannot wait under stream capture, with a workspace or in "
+                      "fj_attention_prepare_*: pass them in host memory");
+  }
+  const size_t batch = size_t(p.batch);
+  const size_t width = p.page_table != nullptr ? size_t(p.page_table_width) : 0;
+  storage.assign(batch * (1 + width), 0);
+  const auto copy = [&](int32_t* host, const int32_t* device, size_t count) {
+    check(driver().cuMemcpyDtoHAsync(host, reinterpret_cast<CUdeviceptr>(device), count * sizeof(int32_t),
+                                     launch.stream),
+          "cuMemcpyDtoHAsync");
+  };
+  if (batch > 0) copy(storage.data(), p.seqused_k, batch);
+  for (size_t b = 0; b < batch && width > 0; ++b) {  // each row's pages, packed `width` apart
+    copy(storage.data() + batch + b * width, p.page_table + int64_t(b) * p.page_table_stride, width);
+  }
+  check(driver().cuStreamSynchronize(launch.stream), "cuStreamSynchronize");
+  AttentionProblem host = p;
+  adopt_host_kv_cache("varlen_attention", host, storage.data(), width > 0 ? storage.data() + batch : nullptr);
+  return host;
+}
+
 // A call's plans, one a part (a variable-length batch runs as one plan a sequence,
 // DenseParts), each enqueued on the stream in order; or (planning, fj_attention_prepare_*)
 // each made as a call under capture would make it, its kernels compiled and loaded, nothing
@@ -951,6 +992,12 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
       enqueue(plan, launch);
       return plan.scratch_bytes;
     }
+  }
+  if (problem.kv_on_device) {  // where one launch did not take it: the host's copy, then as host arrays
+    Launch launch = prepare(problem);
+    if (planning) launch.graph_safe = launch.planning = true;
+    std::vector<int32_t> arrays;
+    return run_parts(with_kv_cache_on_host(problem, launch, arrays), backward, planning);
   }
   if (!backward && problem.page_table != nullptr) {
     throw_unsupported("[cuda] page_table: a paged KV cache runs on CUDA for float16/bfloat16 without mask or "

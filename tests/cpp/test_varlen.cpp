@@ -353,6 +353,50 @@ TEST(Varlen, OffsetsInDeviceMemoryNeedTheMaxima) {
   }
 }
 
+// A KV cache's counts in the operands' CUDA memory are not read by the host (the kernels clamp
+// them): descriptors on the operands' device are accepted with host offsets, others are named.
+TEST(VarlenCache, CountsInDeviceMemoryAreCheckedByDescriptor) {
+  struct Case {
+    const char* expect;
+    void (*spoil)(fj_varlen&);
+  };
+  const Case cases[] = {
+      {"", [](fj_varlen&) {}},
+      {"", [](fj_varlen& v) { v.max_seqlen_k = 5; }},     // a bound clamps the counts
+      {"", [](fj_varlen& v) { v.max_seqlen_k = 1000; }},  // and is clamped to the cache's rows
+      {"seqused_k: expected the memory of the operands (cuda:0) with seqused_k there, got cuda:1",
+       [](fj_varlen& v) { v.seqused_k.device_index = 1; }},
+      {"seqused_k: expected dtype int32", [](fj_varlen& v) { v.seqused_k.dtype = FJ_INT64; }},
+      {"seqused_k: expected 3 counts", [](fj_varlen& v) { v.seqused_k.shape[0] = 2; }},
+      {"max_seqlen_k: expected 0 or a bound > 0", [](fj_varlen& v) { v.max_seqlen_k = -1; }},
+  };
+  for (const Case& c : cases) {
+    Packed p({3, 5, 2}, {4, 8, 1}, 2, 1, 8, FJ_FLOAT16);
+    fj_tensor q = p.q.view(), k = p.k.view(), v = p.v.view(), o = p.o.view(), lse = p.lse.view();
+    for (fj_tensor* t : {&q, &k, &v, &o, &lse}) {
+      t->data = nullptr;
+      t->device_type = FJ_DEVICE_CUDA;
+      t->device_index = 0;
+    }
+    fj_tensor used{};
+    used.dtype = FJ_INT32;
+    used.device_type = FJ_DEVICE_CUDA;
+    used.ndim = 1;
+    used.shape[0] = 3;
+    used.strides[0] = 1;
+    p.varlen.seqused_k = used;
+    c.spoil(p.varlen);
+    const fj_attention_options options = fj_attention_options_default();
+    const fj_status status = fj_attention_varlen_check_forward(&q, &k, &v, &p.varlen, &options, &o, &lse);
+    if (*c.expect == '\0') {
+      EXPECT_EQ(status, FJ_SUCCESS) << fj_last_error();
+    } else {
+      EXPECT_NE(status, FJ_SUCCESS) << c.expect;
+      EXPECT_NE(std::string(fj_last_error()).find(c.expect), std::string::npos) << fj_last_error();
+    }
+  }
+}
+
 TEST(VarlenCache, UsedKeysOfADenseCacheAndOfPages) {
   for (const fj_causal causal : {FJ_CAUSAL_NONE, FJ_CAUSAL_BOTTOM_RIGHT}) {
     Cache cache;

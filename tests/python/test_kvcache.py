@@ -285,3 +285,51 @@ def test_a_default_device_does_not_stick_to_the_offsets():
         inside = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
     after = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
     assert torch.equal(inside, expected) and torch.equal(after, expected)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts in GPU memory")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("hopper", ["0", "1"])  # FLASHJIT_CUDA_KV_HOPPER: the sm_90a split (sm_90) or mma.sync
+@pytest.mark.parametrize("sq,causal,window,softcap", CACHE_CASES[:3])
+def test_counts_and_pages_in_gpu_memory(dtype, hopper, sq, causal, window, softcap, monkeypatch):
+    # FLASHJIT_CUDA_KV_DEVICE=1: the counts and the table stay on the GPU (the host reads neither);
+    # the same results as with the host path (float32: the backend's host copy, then its paths).
+    generator = torch.Generator().manual_seed(sq)
+    batch, heads_q, heads_kv, capacity, dim = 4, 8, 2, 256, 64
+    k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, dim, generator=generator).to(DEVICE, dtype)
+                        for _ in range(2))
+    q = torch.randn(batch, sq, heads_q, dim, generator=generator).to(DEVICE, dtype)
+    lengths = torch.tensor([200, 0, 1, 256], dtype=torch.int32, device=DEVICE)
+    options = dict(causal=causal, window=window, softcap=softcap, return_lse=True)
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_HOPPER", hopper)
+    k_pages, table = _shuffled_pages(k_cache, 64, generator)
+    v_pages = torch.empty_like(k_pages)
+    for b in range(batch):
+        v_pages[table[b].long()] = v_cache[b].reshape(-1, 64, heads_kv, dim)
+    expected = [flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, **options),
+                flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table,
+                                                **options)]
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_DEVICE", "1")
+    got = [flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, **options),
+           flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table, **options)]
+    for (o, lse), (o_ref, lse_ref) in zip(got, expected):
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+        torch.testing.assert_close(lse, lse_ref, rtol=0, atol=0)
+    # Values the host would reject are clamped on the GPU, never read past the cache: a count past
+    # the cache is the cache's rows, a negative one none, a page index past the pages the last page.
+    bad = torch.tensor([200, -5, 1, 999], dtype=torch.int32, device=DEVICE)
+    if dtype == torch.float32:  # no one launch for float32: the backend's host copy checks the counts
+        with pytest.raises(ValueError, match="seqused_k: sequence 1 uses -5 keys"):
+            flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=bad, **options)
+        return
+    o, _ = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=bad, **options)
+    clamped = bad.clamp(0, capacity)
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_DEVICE", "0")
+    torch.testing.assert_close(o, flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=clamped,
+                                                                  **options)[0], rtol=0, atol=0)
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_DEVICE", "1")
+    wild = table.clone()
+    wild[3, 3] = 1 << 20
+    o, _ = flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=wild, **options)
+    torch.cuda.synchronize()
+    assert torch.equal(o[:3], got[1][0][:3])  # the other sequences unchanged; no fault

@@ -192,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const auto key_tile_at = [&](int j, long long& row, int& outer) {
         const long long key = block.tile_start(j);
 #if FJ_KV_CACHE == 2
-        outer = p.page_table[block.b * p.page_table_stride + static_cast<int>(key / p.page_size)];
+        outer = page_of(p, p.page_table[block.b * p.page_table_stride + static_cast<int>(key / p.page_size)]);
         row = key % p.page_size;
 #else
         outer = block.b;

@@ -33,13 +33,13 @@ FJ_DEVICE void load_key_tile(elem_t* tile, const KernelParams& p, const KernelOp
   const elem_t* head = static_cast<const elem_t*>(x.data) + kv_head * x.stride_head;
   const int page_size = p.page_size, key = static_cast<int>(first);  // keys are ints (seqlen_k)
   if (page_size % kBlockN == 0) {  // the tile (first a multiple of kBlockN) within one page: one lookup
-    const elem_t* rows = head + static_cast<long long>(pages[key / page_size]) * x.stride_batch +
+    const elem_t* rows = head + static_cast<long long>(page_of(p, pages[key / page_size])) * x.stride_batch +
                          static_cast<long long>(key % page_size - key) * x.stride_seq;
     load_rows<kBlockN, kDim>(tile, first, row_end, dim, head, [&](long long row) { return rows + row * x.stride_seq; });
   } else {
     load_rows<kBlockN, kDim>(tile, first, row_end, dim, head, [&](long long row) {
       const int r = static_cast<int>(row);
-      return head + static_cast<long long>(pages[r / page_size]) * x.stride_batch +
+      return head + static_cast<long long>(page_of(p, pages[r / page_size])) * x.stride_batch +
              static_cast<long long>(r % page_size) * x.stride_seq;
     });
   }

@@ -275,6 +275,10 @@ FJ_DEVICE void dropout_factors(float (&factor)[4], const KernelParams& p, long l
 #if FJ_KV_CACHE
 // A KV cache's batch entry b: its own key count (clamped into the cache's rows) and, aligned
 // bottom-right, the diagonal that count puts it on.
+// A page index from the table, clamped into the pages: a table in device memory (the caller's,
+// AttentionProblem::kv_on_device) is not checked by the host, and no index may read past them.
+FJ_DEVICE int page_of(const KernelParams& p, int index) { return min(max(index, 0), p.num_pages - 1); }
+
 FJ_DEVICE KernelParams kv_cache_params(const KernelParams& p, int b) {
   KernelParams entry = p;
   const int used = max(0, min(p.seqused_k[b], p.seqlen_k));

@@ -114,6 +114,7 @@ struct KernelParams {
   const int* page_table;
   long long page_table_stride;
   int page_size;
+  int num_pages;  // FJ_KV_CACHE 2: page indices are clamped into 0 .. num_pages - 1 (page_of)
 };
 
 constexpr int kVarlenFields = 7;
