@@ -103,8 +103,9 @@ struct AttentionProblem {
   int64_t page_size = 0;
   int64_t num_pages = 0;
   // seqused_k (and page_table) are in the operands' CUDA memory (fj_varlen): never read by the
-  // host, their values not validated; the kernels clamp each count into its sequence's rows or
-  // pages and each page index into the pages. seqlen_k is the given maximum or that capacity.
+  // host, their values not validated; the kernels clamp each count into 0 .. seqlen_k (the given
+  // maximum, or the longest sequence's rows or the pages' keys; the one-launch path takes only
+  // sequences of equal rows) and each page index into the pages.
   bool kv_on_device = false;
 
   // The dropout counter's batch index of batch entry 0: a sequence of a variable-length

@@ -520,6 +520,7 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 // kernel does not take the operands or no scratch can be had.
 bool plan_hopper_kv_cache(Plan& plan, const AttentionProblem& p, const AttentionProblem& dense, const Launch& launch,
                           KernelParams params, int multiprocessors) {
+  if (dense.seqlen_k == 0) return false;  // no key tile to split (the mma.sync path writes the empty rows)
   const KernelSpec forward = forward_spec(dense, launch, params);
   const bool paged = p.page_table != nullptr;
   const KernelSpec spec = hopper_kv_cache_kernel(forward, paged ? p.page_size : 0);
@@ -560,6 +561,9 @@ bool plan_kv_cache_forward(Plan& plan, const AttentionProblem& p, const Launch& 
     if (p.page_table == nullptr && p.cu_seqlens_k[b] != b * key_stride) return false;
     if (!p.kv_on_device) longest = std::max<int64_t>(longest, p.seqused_k[b]);  // the pages come with the counts
   }
+  // Every sequence's rows the same (the last one's too): the kernels read `longest` rows at a
+  // stride of key_stride, and a shorter last span would end before them.
+  if (p.page_table == nullptr && p.batch > 0 && p.cu_seqlens_k[p.batch] != p.batch * key_stride) return false;
   if (queries == 0) return true;  // no output row: nothing to do
   // The dense batch: entry b's queries are its packed rows, its keys the cache's.
   AttentionProblem dense = p;
