@@ -496,7 +496,9 @@ def _layout(x: Tensor) -> tuple:
 
 
 _PLANS: dict = {}
-_MAX_PLANS = 256  # signatures remembered; all are forgotten when a new one would pass this
+_MAX_PLANS = 256  # plans kept; all are forgotten when a new one would pass this
+_SEEN: set = set()  # signatures called once (their second call makes the plan)
+_MAX_SEEN = 1024
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _tracing_state = torch._C._get_tracing_state
 _is_compiling = torch.compiler.is_compiling
@@ -512,23 +514,25 @@ def _plan_key(tag, q, k, v, options):
         return None
 
 
-def plan_for(q, k, v, options: AttentionOptions, tag=None) -> Optional[_Plan]:
-    """The plan an earlier plain call of this signature left through the same entry point (`tag`:
-    an entry whose own checks differ keeps plans of its own), where one applies to this call;
-    else None, and the caller takes the general path (attention(..., plan_tag=tag)), which
-    leaves one."""
+def find_plan(q, k, v, options: AttentionOptions, tag=None) -> tuple:
+    """(plan, key): the plan an earlier plain call of this signature left through the same entry
+    point (`tag`: an entry whose own checks differ keeps plans of its own), or None; and the
+    signature (None where no plan can apply: a compiler, tracer, dispatch mode, profiler or
+    tensor subclass in play, or tensors without strides). Without a plan the caller takes the
+    general path, attention(..., plan_tag=tag, plan_key=key), which remembers the signature."""
     if (_profiler._active is not None or _is_compiling() or _tracing_state() is not None
             or _current_dispatch_mode() is not None or type(q) not in _PLAIN_TYPES or type(k) not in _PLAIN_TYPES
             or type(v) not in _PLAIN_TYPES):
-        return None
-    plan = _PLANS.get(_plan_key(tag, q, k, v, options))
+        return None, None
+    key = _plan_key(tag, q, k, v, options)
+    plan = _PLANS.get(key) if key is not None else None
     if plan is None or not (_has_storage(q) and _has_storage(k) and _has_storage(v)):
-        return None
-    return plan
+        return None, key
+    return plan, key
 
 
 def planned_attention(plan: _Plan, q, k, v):
-    """attention(q, k, v, options) through plan_for's plan."""
+    """attention(q, k, v, options) through find_plan's plan."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if _functorch_active():
             return _EagerAttention.apply(q, k, v, plan.args, plan)
@@ -538,29 +542,39 @@ def planned_attention(plan: _Plan, q, k, v):
     return plan.forward(q, k, v)
 
 
-def _remember_plan(tag, q, k, v, options, output):
-    """Keeps the plan of a plain eager call that just ran: rows of unit stride (no copies made),
-    on the CPU or a CUDA device, of dtypes the C API takes by descriptor."""
+def _remember_plan(key, q, k, v, options, output):
+    """After a plain eager call of signature `key` ran: its plan, from the signature's second
+    call on (a signature seen once, as each call of a growing KV cache is, costs only its entry
+    in _SEEN), where its rows have unit stride (no copies made), on the CPU or a CUDA device, in
+    dtypes the C API takes by descriptor."""
+    if key not in _SEEN:
+        if len(_SEEN) >= _MAX_SEEN:
+            _SEEN.clear()
+        _SEEN.add(key)
+        return
     if _profiler._active is not None:
         return
     for x in (q, k, v):
         if (x.shape[-1] > 1 and x.stride(-1) != 1) or x.dtype not in _DTYPE_CODES or not (x.is_cpu or x.is_cuda):
             return
-    key = _plan_key(tag, q, k, v, options)
-    if key is None or not all(isinstance(_ref(x), tuple) for x in (q, k, v, *output)):
+    if not all(isinstance(_ref(x), tuple) for x in (q, k, v, *output)):
         return
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = _Plan(q, k, v, *output, options)
 
 
-def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_tag=None):
+_UNSET = object()
+
+
+def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_tag=None, plan_key=_UNSET):
     """o, lse with autograd through q, k, v (lse is not differentiable); rng: the
     dropout seed and offset as a tensor (dropout_rng), needed when options.dropout_p > 0.
-    plan_tag: the entry point whose plans (planned_attention) a plain call leaves."""
+    plan_tag: the entry point whose plans (find_plan) a plain call leaves; plan_key: the
+    signature find_plan gave the caller, which found no plan (None: leave none)."""
     plain = mask is None and rng is None and not options.dropout_p  # plans run without dropout
-    if plain:
-        plan = plan_for(q, k, v, options, plan_tag)
+    if plain and plan_key is _UNSET:
+        plan, plan_key = find_plan(q, k, v, options, plan_tag)
         if plan is not None:
             return planned_attention(plan, q, k, v)
     args = (q, k, v, *options.op_args(mask, rng))
@@ -570,8 +584,8 @@ def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_t
             output = _EagerAttention.apply(q, k, v, args[3:], None)
         else:
             output = _forward(*args)  # nothing to differentiate: no autograd node
-        if plain:
-            _remember_plan(plan_tag, q, k, v, options, output)
+        if plain and plan_key is not None and plan_key is not _UNSET:
+            _remember_plan(plan_key, q, k, v, options, output)
         return output
     if not torch.compiler.is_compiling() and any(_functorch_wrapped(x) for x in (q, k, v)):
         return _FuncAttention.apply(q, k, v, args[3:])

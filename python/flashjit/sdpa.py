@@ -162,22 +162,23 @@ def _plain_options(scale, causal: int) -> AttentionOptions:
 _PLAN_TAGS = {False: "sdpa", True: "sdpa gqa"}
 
 
-def _plan(query, key, value, dropout_p, is_causal, scale, enable_gqa):
-    """The plan of an earlier call of this signature (ops.plan_for) for a call without a mask
-    whose other arguments have their plain types; None where there is none."""
+def _plan(query, key, value, dropout_p, is_causal, scale, enable_gqa) -> tuple:
+    """(plan, signature) of a call without a mask whose other arguments have their plain types
+    (ops.find_plan); (None, None) for other calls, which leave no plan."""
     if not (dropout_p.__class__ is float and dropout_p == 0.0 and is_causal.__class__ is bool
             and (scale is None or scale.__class__ is float) and enable_gqa.__class__ is bool):
-        return None
-    return ops.plan_for(query, key, value, _plain_options(scale, int(is_causal)), _PLAN_TAGS[enable_gqa])
+        return None, None
+    return ops.find_plan(query, key, value, _plain_options(scale, int(is_causal)), _PLAN_TAGS[enable_gqa])
 
 
-def _call(q, k, v, options: AttentionOptions, mask, rng, plan_tag=None) -> Tensor:
+def _call(q, k, v, options: AttentionOptions, mask, rng, plan_tag=None, plan_key=None) -> Tensor:
     """ops.attention's output, its errors in this function's names (not while compiling: the
-    tracer takes the errors as they are). plan_tag: the common call's (_PLAN_TAGS)."""
+    tracer takes the errors as they are). plan_tag, plan_key: the common call's (_PLAN_TAGS, the
+    signature _plan gave; None: no plan is left)."""
     if torch.compiler.is_compiling():
-        return ops.attention(q, k, v, options, mask, rng)[0]
+        return ops.attention(q, k, v, options, mask, rng, plan_key=None)[0]
     try:
-        return ops.attention(q, k, v, options, mask, rng, plan_tag=plan_tag)[0]
+        return ops.attention(q, k, v, options, mask, rng, plan_tag=plan_tag, plan_key=plan_key)[0]
     except (ValueError, TypeError, NotImplementedError) as error:
         raise _as_sdpa_error(error) from None
 
@@ -196,7 +197,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     its seed from torch's default generator. Rows with no visible key give 0.
     Differentiable through query, key and value.
     """
-    plan = None if attn_mask is not None else _plan(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+    plan, signature = (None, None) if attn_mask is not None else _plan(query, key, value, dropout_p, is_causal,
+                                                                        scale, enable_gqa)
     if plan is not None:
         try:
             return ops.planned_attention(plan, query, key, value)[0]
@@ -219,7 +221,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             and query.shape[0] == key.shape[0] == value.shape[0] and key.shape[1] == value.shape[1]
             and (query.shape[1] == key.shape[1] or (enable_gqa and query.shape[1] % key.shape[1] == 0))):
         # The common call ([B, H, S, D], no mask, no dropout): nothing to broadcast or reshape.
-        return _call(query, key, value, _plain_options(scale, causal), None, None, _PLAN_TAGS[bool(enable_gqa)])
+        return _call(query, key, value, _plain_options(scale, causal), None, None, _PLAN_TAGS[bool(enable_gqa)],
+                     signature)
     out_rank = max(query.ndim, key.ndim, value.ndim)
     # Leading dims broadcast as in torch.matmul; a 2-d input gets a heads dim of 1.
     rank = max(out_rank, 3)

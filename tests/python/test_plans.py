@@ -1,6 +1,6 @@
-"""Plans of plain calls (ops.planned_attention): a repeated call of a signature takes the
-plan its first call left, and gives what the general path gives, with the same autograd,
-errors, profilers and transforms."""
+"""Plans of plain calls (ops.find_plan): from a signature's third call on, a call takes the plan
+its second call left (its first only remembers the signature), and gives what the general path
+gives, with the same autograd, errors, profilers and transforms."""
 
 import pytest
 import torch
@@ -25,8 +25,10 @@ ENTRIES = {
 @pytest.fixture(autouse=True)
 def fresh_plans():
     ops._PLANS.clear()
+    ops._SEEN.clear()
     yield
     ops._PLANS.clear()
+    ops._SEEN.clear()
 
 
 def inputs(shape_q, shape_kv, dtype, requires_grad=False):
@@ -44,6 +46,8 @@ def planned_count():
 def test_a_repeated_call_takes_the_plan_and_matches_the_general_path(entry, dtype, causal):
     call = ENTRIES[entry]
     with torch.no_grad():
+        call(*inputs((2, 4, 33, 64), (2, 4, 40, 64), dtype), causal)  # remembers the signature
+        assert planned_count() == 0
         call(*inputs((2, 4, 33, 64), (2, 4, 40, 64), dtype), causal)  # leaves the plan
         assert planned_count() == 1
         q, k, v = inputs((2, 4, 33, 64), (2, 4, 40, 64), dtype)  # fresh values, same signature
@@ -62,8 +66,9 @@ def test_a_repeated_call_takes_the_plan_and_matches_the_general_path(entry, dtyp
 def test_gradients_through_a_plan(entry, dout_kind):
     call = ENTRIES[entry]
     dtype = torch.float32
-    first = inputs((2, 4, 33, 64), (2, 2 if entry == "attention" else 4, 40, 64), dtype, requires_grad=True)
-    call(*first, True).sum().backward()
+    for _ in range(2):
+        first = inputs((2, 4, 33, 64), (2, 2 if entry == "attention" else 4, 40, 64), dtype, requires_grad=True)
+        call(*first, True).sum().backward()
     assert planned_count() == 1
     q, k, v = inputs((2, 4, 33, 64), (2, 2 if entry == "attention" else 4, 40, 64), dtype, requires_grad=True)
     o = call(q, k, v, True)
@@ -90,13 +95,15 @@ def test_a_plan_per_signature_and_none_for_rows_that_need_a_copy():
     with torch.no_grad():
         q, k, v = inputs((2, 4, 16, 32), (2, 4, 16, 32), torch.float32)
         flashjit.attention(q, k, v)
+        flashjit.attention(q, k, v)
         # The same shapes in [B, S, H, D] memory: other strides, another plan.
         qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+        flashjit.attention(qt, kt, vt)
         assert torch.allclose(flashjit.attention(qt, kt, vt), flashjit.attention(q, k, v))
         assert planned_count() == 2
         # Rows without unit stride are copied by the general path, every call, and never planned.
         qs = torch.randn(2, 4, 32, 16, device=DEVICE).transpose(2, 3)
-        for _ in range(2):
+        for _ in range(3):
             o = flashjit.attention(qs, k, v)
         assert planned_count() == 2
         check("o", o, naive(qs, k, v, dtype=torch.float32), naive(qs, k, v), torch.float32)
@@ -105,8 +112,20 @@ def test_a_plan_per_signature_and_none_for_rows_that_need_a_copy():
 def test_plans_are_bounded():
     with torch.no_grad():
         for length in range(1, ops._MAX_PLANS + 10):
-            flashjit.attention(*inputs((1, 1, length, 8), (1, 1, 1, 8), torch.float32))
+            for _ in range(2):
+                flashjit.attention(*inputs((1, 1, length, 8), (1, 1, 1, 8), torch.float32))
     assert 0 < planned_count() <= ops._MAX_PLANS
+
+
+def test_signatures_called_once_build_no_plan():
+    # A growing KV cache (a new key count every call) never repeats a signature: no plan is built,
+    # only the signatures are remembered, within their bound.
+    with torch.no_grad():
+        q = torch.randn(1, 2, 1, 16, device=DEVICE)
+        for length in range(1, ops._MAX_SEEN + 50):
+            k = torch.randn(1, 2, length, 16, device=DEVICE)
+            flashjit.scaled_dot_product_attention(q, k, k)
+    assert planned_count() == 0 and 0 < len(ops._SEEN) <= ops._MAX_SEEN
 
 
 def test_sdpa_checks_its_own_arguments_where_attention_left_a_plan():
@@ -128,6 +147,7 @@ def test_profilers_see_planned_calls():
     q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32)
     with torch.no_grad():
         flashjit.scaled_dot_product_attention(q, k, v)
+        flashjit.scaled_dot_product_attention(q, k, v)
         assert planned_count() == 1
         with flashjit.profile() as profile:
             flashjit.scaled_dot_product_attention(q, k, v)
@@ -142,7 +162,9 @@ def test_profilers_see_planned_calls():
 
 def test_planned_gradients_under_a_torch_profiler_are_named():
     q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32, requires_grad=True)
-    flashjit.scaled_dot_product_attention(q, k, v).sum().backward()
+    for _ in range(2):
+        flashjit.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert planned_count() == 1
     with torch.profiler.profile() as prof:
         flashjit.scaled_dot_product_attention(q, k, v).sum().backward()
     names = {event.key for event in prof.key_averages()}
@@ -152,6 +174,7 @@ def test_planned_gradients_under_a_torch_profiler_are_named():
 def test_transforms_and_dispatch_modes_after_a_plan():
     q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float64)
     with torch.no_grad():
+        flashjit.scaled_dot_product_attention(q, k, v)
         flashjit.scaled_dot_product_attention(q, k, v)
     assert planned_count() == 1
 
@@ -185,6 +208,7 @@ def test_the_patched_router_takes_plans_and_honours_torchs_backend_choice():
     flashjit.patch_sdpa()
     try:
         with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v)
             first = F.scaled_dot_product_attention(q, k, v)
             assert planned_count() == 1
             with flashjit.profile() as profile:
@@ -213,6 +237,7 @@ def test_saved_tensor_hooks_that_change_layouts_take_the_general_backward():
     q, k, v = (torch.randn(1, 16, 2, 8, dtype=torch.float64, device=DEVICE) for _ in range(3))
     dout = torch.randn(1, 2, 16, 8, dtype=torch.float64, device=DEVICE)
     first = grads(q, k, v, dout)
+    grads(q, k, v, dout)
     assert planned_count() == 1
     second = grads(q, k, v, dout)  # through the plan's forward and the general backward
     for a, b in zip(first, second):
@@ -229,6 +254,8 @@ def test_calls_with_dropout_leave_no_plan():
     with torch.no_grad():
         first, _ = ops.attention(q, k, v, options)
         second, _ = ops.attention(q, k, v, options)
-        plain, _ = ops.attention(q, k, v, flashjit.options.AttentionOptions())
+        ops.attention(q, k, v, options)
+        for _ in range(2):
+            plain, _ = ops.attention(q, k, v, flashjit.options.AttentionOptions())
     assert planned_count() == 1  # the plain call's alone
     assert torch.equal(first, second) and not torch.equal(first, plain)  # the same seed, dropout both times
