@@ -96,14 +96,33 @@ def _stream(x: Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
 
 
+def _readable_ref(x: Tensor, keep: list):
+    """_ref of _rows_readable(x), reading x's layout once; a copy made goes into `keep`, which the
+    caller holds until the call returns (descriptors hold raw pointers)."""
+    dtype = _DTYPE_CODES.get(x.dtype)
+    if dtype is None or not (x.is_cpu or (x.is_cuda and _CUDA is not None)):
+        x = _rows_readable(x)
+        keep.append(x)
+        return _ref(x)
+    shape, stride = x.shape, x.stride()
+    if shape and shape[-1] > 1 and stride[-1] != 1:
+        x = x.contiguous()
+        keep.append(x)
+        stride = x.stride()
+    if x.is_cpu:
+        return (x.data_ptr(), dtype, _CPU, 0, shape, stride)
+    return (x.data_ptr(), dtype, _CUDA, x.get_device(), shape, stride)
+
+
 def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
          num_threads):
     """Calls _C.forward or _C.backward on torch tensors. Descriptors hold raw
     pointers, so the temporaries made here stay referenced until the call returns."""
-    readable = [_rows_readable(x) for x in inputs]
+    keep = []
+    refs = [_readable_ref(x, keep) for x in inputs]
     mask = _compact_mask(mask)
-    seed, offset = _seed_offset(rng)
-    kernel(*map(_ref, readable), *map(_ref, outputs), None if mask is None else _ref(mask), scale, softcap, causal,
+    seed, offset = _seed_offset(rng) if rng is not None else (0, 0)
+    kernel(*refs, *map(_ref, outputs), None if mask is None else _ref(mask), scale, softcap, causal,
            window_left, window_right, dropout_p, seed, offset, num_threads, _stream(inputs[0]))
 
 
@@ -149,9 +168,14 @@ def _run_recorded(direction: str, kernel, inputs, outputs, *options):
 
 
 def _forward(q, k, v, *options):
-    o_shape, lse_shape = output_shapes("attention", q, v)
-    o = q.new_empty(o_shape)
-    lse = q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+    if q.ndim == 4 and v.ndim == 4:  # the common case in fewer steps (host time per call)
+        q_shape = q.shape
+        o = q.new_empty((q_shape[0], q_shape[1], q_shape[2], v.shape[3]))
+        lse = q.new_empty(q_shape[:3], dtype=lse_dtype(q.dtype))
+    else:
+        o_shape, lse_shape = output_shapes("attention", q, v)
+        o = q.new_empty(o_shape)
+        lse = q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
     _run_recorded("forward", _C.forward, (q, k, v), (o, lse), *options)
     return o, lse
 
@@ -426,10 +450,12 @@ def _plain_eager(*tensors) -> bool:
     subclass is in play, and the tensors hold data (meta tensors take the custom ops,
     whose fake kernels give the outputs' shapes, as torch's own operators do on the
     meta device)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
+    if _is_compiling() or _tracing_state() is not None or _current_dispatch_mode() is not None:
         return False
-    return all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
-                             and _has_storage(t)) for t in tensors)
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TYPES or t.is_meta or not _has_storage(t)):
+            return False
+    return True
 
 
 def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
