@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import os
 import statistics
 import sys
 import time
@@ -141,15 +140,10 @@ def main(argv=None) -> int:
     lines += [f"| {what} | {us:.2f} |" for what, us in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        from flashjit.bench import device_tag
+    from flashjit.bench import device_tag
+    from gpu_attention import save_record  # bench/ is the script's folder
 
-        tag = device_tag({"device": "cuda", "gpu": name.value.decode()})
-        path = os.path.join(args.out, f"{tag}-driver-calls-{datetime.date.today()}-{commit}.md")
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+    save_record(args.out, device_tag({"device": "cuda", "gpu": name.value.decode()}), "driver-calls", commit, text)
     return 0
 
 

@@ -144,13 +144,10 @@ def main(argv=None) -> int:
     ]
     lines += [f"| {label} | {name} | {f:.1f} | {t:.1f} |" for label, name, f, t in rows]
     text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}) if cuda else "cpu"
-        path = os.path.join(args.out, f"{tag}-overhead-{datetime.date.today()}-{commit()}.md")
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+    from gpu_attention import save_record  # bench/ is the script's folder
+
+    save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}) if cuda else "cpu",
+                "overhead", commit(), text)
     return 0
 
 

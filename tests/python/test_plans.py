@@ -40,6 +40,14 @@ def planned_count():
     return len(ops._PLANS)
 
 
+def plan_left(call, *args):
+    """Two calls without grad: the second leaves the signature's plan."""
+    with torch.no_grad():
+        for _ in range(2):
+            call(*args)
+    assert planned_count() == 1
+
+
 @pytest.mark.parametrize("entry", list(ENTRIES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
@@ -145,19 +153,11 @@ def test_sdpa_checks_its_own_arguments_where_attention_left_a_plan():
 
 def test_profilers_see_planned_calls():
     q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32)
-    with torch.no_grad():
+    plan_left(flashjit.scaled_dot_product_attention, q, k, v)
+    with torch.no_grad(), flashjit.profile() as profile:
         flashjit.scaled_dot_product_attention(q, k, v)
-        flashjit.scaled_dot_product_attention(q, k, v)
-        assert planned_count() == 1
-        with flashjit.profile() as profile:
-            flashjit.scaled_dot_product_attention(q, k, v)
-            flashjit.attention(q, k, v)
-        assert len(profile.calls) == 2
-        with torch.profiler.profile() as prof:
-            flashjit.scaled_dot_product_attention(q, k, v)
-    # Without grad the eager path records no flashjit::fwd range; the kernel's own call shows as
-    # the forward's allocations at least, and no recorded call is lost to the plan.
-    assert prof.key_averages() is not None
+        flashjit.attention(q, k, v)
+    assert len(profile.calls) == 2
 
 
 def test_planned_gradients_under_a_torch_profiler_are_named():
@@ -173,10 +173,7 @@ def test_planned_gradients_under_a_torch_profiler_are_named():
 
 def test_transforms_and_dispatch_modes_after_a_plan():
     q, k, v = inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float64)
-    with torch.no_grad():
-        flashjit.scaled_dot_product_attention(q, k, v)
-        flashjit.scaled_dot_product_attention(q, k, v)
-    assert planned_count() == 1
+    plan_left(flashjit.scaled_dot_product_attention, q, k, v)
 
     def loss(q):
         return flashjit.scaled_dot_product_attention(q, k, v).square().sum()
