@@ -170,7 +170,7 @@ def clear_cache() -> dict:
 _HAND_SET = "softmax=fast"
 _CANDIDATES = {
     64: [_HAND_SET, "groups=3", "groups=3,n=112", "groups=3,n=128", "groups=3,stages=3", "stages=3,q=1", "n=96",
-         "n=192,q=1"],
+         "n=160", "n=176", "n=192,q=1"],
     128: [_HAND_SET, "n=96", "n=160", "n=176,q=1", "stages=3,q=1", "n=192,q=1"],
     192: [_HAND_SET, "n=64", "n=112,q=1"],
     256: [_HAND_SET, "n=64", "n=48,q=2"],
