@@ -71,13 +71,6 @@ def _numpy_call(op: str, attn_mask, options: AttentionOptions, dropout_p, seed, 
     return options.c_kwargs(_prepare_mask(op, attn_mask, "numpy"), seed or 0, offset)
 
 
-def _torch_ops():
-    """flashjit.ops, imported at the first torch call (numpy users never import torch)."""
-    from . import ops
-
-    return ops
-
-
 _NO_TENSORS = {"mask": None, "rng": None}
 
 
@@ -85,7 +78,8 @@ def _torch_tensors(op: str, attn_mask, options: AttentionOptions, seed, offset) 
     """The torch ops' per-call tensors: the mask, and the dropout seed as a tensor."""
     if seed is None and offset.__class__ is int and offset == 0 and not options.dropout_p and attn_mask is None:
         return _NO_TENSORS  # the common call, nothing to check (host time per call); read only
-    ops = _torch_ops()
+    from . import ops
+
     seed, offset = seed_and_offset(op, seed, offset)
     rng = ops.dropout_rng(seed, offset) if options.dropout_p else None
     return dict(mask=_prepare_mask(op, attn_mask, "torch"), rng=rng)
@@ -114,7 +108,9 @@ def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
     options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
                                     dropout_p=dropout_p, num_threads=num_threads)
     if kind == "torch":
-        o, lse = _torch_ops().attention(q, k, v, options, **_torch_tensors(op, attn_mask, options, seed, offset))
+        from . import ops
+
+        o, lse = ops.attention(q, k, v, options, **_torch_tensors(op, attn_mask, options, seed, offset))
     else:
         call = _numpy_call(op, attn_mask, options, dropout_p, seed, offset)
         o_shape, lse_shape = output_shapes(op, q, v)

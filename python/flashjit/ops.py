@@ -96,33 +96,14 @@ def _stream(x: Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
 
 
-def _readable_ref(x: Tensor, keep: list):
-    """_ref of _rows_readable(x), reading x's layout once; a copy made goes into `keep`, which the
-    caller holds until the call returns (descriptors hold raw pointers)."""
-    dtype = _DTYPE_CODES.get(x.dtype)
-    if dtype is None or not (x.is_cpu or (x.is_cuda and _CUDA is not None)):
-        x = _rows_readable(x)
-        keep.append(x)
-        return _ref(x)
-    shape, stride = x.shape, x.stride()
-    if shape and shape[-1] > 1 and stride[-1] != 1:
-        x = x.contiguous()
-        keep.append(x)
-        stride = x.stride()
-    if x.is_cpu:
-        return (x.data_ptr(), dtype, _CPU, 0, shape, stride)
-    return (x.data_ptr(), dtype, _CUDA, x.get_device(), shape, stride)
-
-
 def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
          num_threads):
     """Calls _C.forward or _C.backward on torch tensors. Descriptors hold raw
     pointers, so the temporaries made here stay referenced until the call returns."""
-    keep = []
-    refs = [_readable_ref(x, keep) for x in inputs]
+    readable = [_rows_readable(x) for x in inputs]
     mask = _compact_mask(mask)
-    seed, offset = _seed_offset(rng) if rng is not None else (0, 0)
-    kernel(*refs, *map(_ref, outputs), None if mask is None else _ref(mask), scale, softcap, causal,
+    seed, offset = _seed_offset(rng)
+    kernel(*map(_ref, readable), *map(_ref, outputs), None if mask is None else _ref(mask), scale, softcap, causal,
            window_left, window_right, dropout_p, seed, offset, num_threads, _stream(inputs[0]))
 
 
@@ -246,9 +227,13 @@ def _check_mask_grad(mask_needs_grad: bool):
 _SAVED_BY_FWD = ("q", "k", "v", "o", "lse", "mask", "rng")
 
 
-def _setup_fwd(ctx, inputs, output):
-    """Autograd context of fwd, shared by the custom op and the eager path."""
-    ctx.options, mask, rng = AttentionOptions.from_op_args(inputs[3:])
+def _setup_fwd(ctx, inputs, output, options=None):
+    """Autograd context of fwd, shared by the custom op and the eager path (options: the value
+    inputs[3:] flatten, where the caller has it)."""
+    mask = rng = None
+    if options is None:
+        options, mask, rng = AttentionOptions.from_op_args(inputs[3:])
+    ctx.options = options
     ctx.saved_names = _SAVED_BY_FWD
     ctx.save_for_backward(*inputs[:3], *output, mask, rng)
     ctx.mark_non_differentiable(output[1])
@@ -365,13 +350,7 @@ class _EagerAttention(torch.autograd.Function):
         else:
             output = _forward(*inputs) if plan is None else plan.forward(q, k, v)
         ctx.plan = plan
-        if plan is None:
-            _setup_fwd(ctx, inputs, output)
-        else:  # _setup_fwd's context, with the plan's options value
-            ctx.options = plan.options
-            ctx.saved_names = _SAVED_BY_FWD
-            ctx.save_for_backward(q, k, v, *output, None, None)
-            ctx.mark_non_differentiable(output[1])
+        _setup_fwd(ctx, inputs, output, None if plan is None else plan.options)  # a plan's calls: no mask, no rng
         return output
 
     @staticmethod
@@ -478,13 +457,13 @@ def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
 class _Plan:
     __slots__ = ("options", "args", "c_options", "o_shape", "lse_shape", "lse_dtype", "static", "layouts", "cuda")
 
-    def __init__(self, q, k, v, o, lse, options: AttentionOptions):
+    def __init__(self, q, k, v, o, lse, refs, options: AttentionOptions):
         self.options = options
         self.args = options.op_args(None, None)
         self.c_options = (options.scale, options.softcap, options.causal, options.window_left,
                           options.window_right, 0.0, 0, 0, options.num_threads)
         self.o_shape, self.lse_shape, self.lse_dtype = tuple(o.shape), tuple(lse.shape), lse.dtype
-        self.static = tuple(_ref(x)[1:] for x in (q, k, v, o, lse))  # _ref without the data pointer
+        self.static = tuple(ref[1:] for ref in refs)  # the descriptors without their data pointers
         self.layouts = tuple(_layout(x) for x in (q, k, v, o, lse))
         self.cuda = q.is_cuda
 
@@ -515,7 +494,6 @@ class _Plan:
         return (dq, dk, dv) + _NO_GRADS
 
 
-_functorch_active = torch._C._are_functorch_transforms_active
 def _layout(x: Tensor) -> tuple:
     """What a plan's descriptor of x assumes besides its data pointer."""
     return x.dtype, x.device, x.shape, x.stride()
@@ -526,6 +504,7 @@ _MAX_PLANS = 256  # plans kept; all are forgotten when a new one would pass this
 _SEEN: set = set()  # signatures called once (their second call makes the plan)
 _MAX_SEEN = 1024
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_functorch_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state
 _is_compiling = torch.compiler.is_compiling
 
@@ -571,23 +550,21 @@ def planned_attention(plan: _Plan, q, k, v):
 def _remember_plan(key, q, k, v, options, output):
     """After a plain eager call of signature `key` ran: its plan, from the signature's second
     call on (a signature seen once, as each call of a growing KV cache is, costs only its entry
-    in _SEEN), where its rows have unit stride (no copies made), on the CPU or a CUDA device, in
-    dtypes the C API takes by descriptor."""
+    in _SEEN), where its rows are readable as they are (no copies) and _C takes every tensor by
+    descriptor."""
     if key not in _SEEN:
         if len(_SEEN) >= _MAX_SEEN:
             _SEEN.clear()
         _SEEN.add(key)
         return
-    if _profiler._active is not None:
-        return
-    for x in (q, k, v):
-        if (x.shape[-1] > 1 and x.stride(-1) != 1) or x.dtype not in _DTYPE_CODES or not (x.is_cpu or x.is_cuda):
-            return
-    if not all(isinstance(_ref(x), tuple) for x in (q, k, v, *output)):
+    if _profiler._active is not None or any(x.shape[-1] > 1 and x.stride(-1) != 1 for x in (q, k, v)):
+        return  # rows _rows_readable would copy
+    refs = [_ref(x) for x in (q, k, v, *output)]
+    if not all(isinstance(ref, tuple) for ref in refs):  # a dtype or device _C takes through DLPack
         return
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
-    _PLANS[key] = _Plan(q, k, v, *output, options)
+    _PLANS[key] = _Plan(q, k, v, *output, refs, options)
 
 
 _UNSET = object()

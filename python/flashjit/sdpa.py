@@ -25,7 +25,7 @@ except ImportError:  # a torch without attention biases
 
 _OP = "scaled_dot_product_attention"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = ops._PLAIN_TYPES
 
 
 class SDPAValueError(ValueError, RuntimeError):
@@ -157,7 +157,7 @@ def _plain_options(scale, causal: int) -> AttentionOptions:
     return options
 
 
-# The plans (ops.planned_attention) of this function's plain calls, by enable_gqa: those of the
+# The plans (ops.find_plan) of this function's plain calls, by enable_gqa: those of the
 # common call alone, whose checks here depend on nothing but the plan's signature and enable_gqa.
 _PLAN_TAGS = {False: "sdpa", True: "sdpa gqa"}
 

@@ -262,31 +262,13 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
         host_table = page_table.to("cpu")  # one copy: the C API reads the table on the host
     new = check_kv_cache(_KV_OP, q, k_cache, v_cache, lengths, None if host_table is None else host_table.numpy(),
                          k, v)
-    options = AttentionOptions.make(_KV_OP, scale=scale, softcap=softcap,
-                                    causal="bottom_right" if causal is True else causal, window=window)
-    sq, heads_q = q.shape[1], q.shape[2]
+    call = _KvCall(q, k_cache, v_cache, page_table is not None, scale, softcap, causal, window)
     used = [lengths[b] + new for b in range(batch)]
-    offsets_q = _even_offsets(batch, sq)
     seqused = torch.tensor(used, dtype=torch.int32, device="cpu")  # whatever the default device
-    keys, values, offsets_k, table = k_cache, v_cache, None, None
-    if page_table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
-        keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
-        offsets_k = _even_offsets(batch, k_cache.shape[1])
-    else:
-        table = host_table.to(torch.int32).contiguous()
-    q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
-    o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
-    lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)
-
-    def attend(keys, values, offsets_k, seqused, table, check_only=False):
-        with torch.no_grad():
-            _run("forward", functools.partial(_C.varlen_forward, seqused_k=_index_ref(seqused),
-                                              page_table=_index_ref(table), check_only=check_only), offsets_q,
-                 offsets_k, 0, 0, (q_rows, keys, values), (o, lse), options.op_args(None, None), key_lengths=used)
-
+    table = None if host_table is None else host_table.to(torch.int32).contiguous()
     if new:
         # The whole call's checks (dtypes, heads, dims, counts, pages) before the caches are written.
-        attend(keys, values, offsets_k, seqused, table, check_only=True)
+        call.run(seqused, table, used, check_only=True)
         for b in range(batch):  # appended in place before attending
             for cache, added in ((k_cache, k), (v_cache, v)):
                 if page_table is None:
@@ -300,17 +282,50 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     gather = table is not None and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16)
     if not gather:
         try:
-            attend(keys, values, offsets_k, seqused, table)
+            call.run(seqused, table, used)
         except NotImplementedError:
             if table is None or not q.is_cuda:
                 raise
             gather = True
     if gather:
-        gathered = [_gather_pages(c, page_table, used) for c in (k_cache, v_cache)]
+        keys, values = (_gather_pages(c, page_table, used) for c in (k_cache, v_cache))
         offsets = torch.tensor([0] + list(itertools.accumulate(used)), dtype=torch.int32, device="cpu")
-        attend(*gathered, offsets, None, None)
-    o = o.view(batch, sq, heads_q, -1)
-    return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
+        call.run(None, None, used, keys=keys, values=values, offsets_k=offsets)
+    return call.result(return_lse)
+
+
+class _KvCall:
+    """attention_with_kvcache's one call of the C API's varlen entry: q as rows, the cache as
+    packed rows (sequence b's from row b * S_cache) or as its pages, and the outputs."""
+
+    def __init__(self, q, k_cache, v_cache, paged: bool, scale, softcap, causal, window):
+        self.options = AttentionOptions.make(_KV_OP, scale=scale, softcap=softcap,
+                                             causal="bottom_right" if causal is True else causal, window=window)
+        batch, sq, heads_q = self.shape = q.shape[0], q.shape[1], q.shape[2]
+        self.q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
+        self.offsets_q = _even_offsets(batch, sq)
+        self.keys, self.values, self.offsets_k = k_cache, v_cache, None
+        if not paged:
+            self.keys, self.values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
+            self.offsets_k = _even_offsets(batch, k_cache.shape[1])
+        self.o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
+        self.lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)
+
+    def run(self, seqused, table, key_lengths=None, *, keys=None, values=None, offsets_k=None, check_only=False):
+        """The call with these counts and page table (host or GPU memory), or (keys given) over
+        gathered rows at offsets_k; check_only: the C API's checks alone."""
+        if keys is None:
+            keys, values, offsets_k = self.keys, self.values, self.offsets_k
+        with torch.no_grad():
+            _run("forward", functools.partial(_C.varlen_forward, seqused_k=_index_ref(seqused),
+                                              page_table=_index_ref(table), check_only=check_only), self.offsets_q,
+                 offsets_k, 0, 0, (self.q_rows, keys, values), (self.o, self.lse), self.options.op_args(None, None),
+                 key_lengths=key_lengths)
+
+    def result(self, return_lse: bool):
+        batch, sq, heads_q = self.shape
+        o = self.o.view(batch, sq, heads_q, -1)
+        return (o, self.lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
 
 
 def _counts_stay_on_device(q, cache_seqlens, page_table, k, v) -> bool:
@@ -333,24 +348,10 @@ def _kvcache_on_device(q, k_cache, v_cache, cache_seqlens, page_table, causal, w
     _counts_stay_on_device): their values are not checked; the kernels clamp each count into
     its sequence's cache and each page index into the pages."""
     check_kv_cache(_KV_OP, q, k_cache, v_cache, [], None, None, None, paged=page_table is not None)
-    options = AttentionOptions.make(_KV_OP, scale=scale, softcap=softcap,
-                                    causal="bottom_right" if causal is True else causal, window=window)
-    batch, sq, heads_q = q.shape[0], q.shape[1], q.shape[2]
-    seqused = cache_seqlens.to(torch.int32).contiguous()
-    table = None if page_table is None else page_table.to(torch.int32).contiguous()
-    keys, values, offsets_k = k_cache, v_cache, None
-    if table is None:  # sequence b's keys start at row b * S_cache of the cache as packed rows
-        keys, values = (c.reshape(batch * c.shape[1], c.shape[2], c.shape[3]) for c in (k_cache, v_cache))
-        offsets_k = _even_offsets(batch, k_cache.shape[1])
-    q_rows = q.reshape(batch * sq, heads_q, q.shape[3])
-    o = q.new_empty(batch * sq, heads_q, v_cache.shape[-1])
-    lse = torch.empty(heads_q, batch * sq, dtype=ops.lse_dtype(q.dtype), device=q.device)
-    with torch.no_grad():
-        _run("forward", functools.partial(_C.varlen_forward, seqused_k=_index_ref(seqused),
-                                          page_table=_index_ref(table)), _even_offsets(batch, sq), offsets_k, 0, 0,
-             (q_rows, keys, values), (o, lse), options.op_args(None, None))
-    o = o.view(batch, sq, heads_q, -1)
-    return (o, lse.view(heads_q, batch, sq).permute(1, 0, 2).contiguous()) if return_lse else o
+    call = _KvCall(q, k_cache, v_cache, page_table is not None, scale, softcap, causal, window)
+    call.run(cache_seqlens.to(torch.int32).contiguous(),
+             None if page_table is None else page_table.to(torch.int32).contiguous())
+    return call.result(return_lse)
 
 
 def _gather_pages(pages: Tensor, table: Tensor, used: list) -> Tensor:

@@ -593,30 +593,19 @@ int64_t check_offsets(const char* op, const char* name, const fj_tensor* t, int6
 
 bool present(const fj_tensor& t) { return t.ndim > 0 || t.data != nullptr; }
 
-// An int32 host tensor of `ndim` dims with contiguous rows.
-const fj_tensor& check_host_int32(const char* op, const char* name, const fj_tensor& t, int ndim) {
+// An int32 tensor of `ndim` dims with contiguous rows, in host memory, or (device: the operands'
+// q) in the CUDA memory of q's device, where the kernels read it and the host never does.
+const fj_tensor& check_int32(const char* op, const char* name, const fj_tensor& t, int ndim,
+                             const fj_tensor* device = nullptr) {
   check_tensor(op, name, &t, ndim);
   if (t.dtype != FJ_INT32) throw_type_error("[", op, "] ", name, ": expected dtype int32, got ", dtype_name(t.dtype));
-  if (t.device_type != FJ_DEVICE_CPU) {
+  if (device == nullptr && t.device_type != FJ_DEVICE_CPU) {
     throw_value_error("[", op, "] ", name, ": expected host (cpu) memory, got ", device_name(t.device_type), ":",
                       t.device_index, " (it is read before the launch)");
   }
-  if (!has_no_elements(t) && t.shape[ndim - 1] > 1 && t.strides[ndim - 1] != 1) {
-    throw_value_error("[", op, "] ", name, ": expected the last dim contiguous (stride 1), got stride ",
-                      t.strides[ndim - 1]);
-  }
-  return t;
-}
-
-// An int32 tensor of a KV cache in the CUDA memory of q's device, with contiguous rows: the
-// kernels read it, the host never does.
-const fj_tensor& check_device_int32(const char* op, const char* name, const fj_tensor& t, int ndim,
-                                    const fj_tensor& q) {
-  check_tensor(op, name, &t, ndim);
-  if (t.dtype != FJ_INT32) throw_type_error("[", op, "] ", name, ": expected dtype int32, got ", dtype_name(t.dtype));
-  if (t.device_type != q.device_type || t.device_index != q.device_index) {
-    throw_value_error("[", op, "] ", name, ": expected the memory of the operands (", device_name(q.device_type),
-                      ":", q.device_index, ") with seqused_k there, got ", device_name(t.device_type), ":",
+  if (device != nullptr && (t.device_type != device->device_type || t.device_index != device->device_index)) {
+    throw_value_error("[", op, "] ", name, ": expected the memory of the operands (", device_name(device->device_type),
+                      ":", device->device_index, ") with seqused_k there, got ", device_name(t.device_type), ":",
                       t.device_index);
   }
   if (!has_no_elements(t) && t.shape[ndim - 1] > 1 && t.strides[ndim - 1] != 1) {
@@ -639,8 +628,7 @@ template <typename Capacity>
 int64_t check_seqused(const char* op, const fj_varlen& varlen, int64_t batch, Capacity capacity,
                       const char* what, const fj_tensor& q) {
   const bool on_device = kv_cache_on_device(varlen, q);
-  const fj_tensor& used = on_device ? check_device_int32(op, "seqused_k", varlen.seqused_k, 1, q)
-                                    : check_host_int32(op, "seqused_k", varlen.seqused_k, 1);
+  const fj_tensor& used = check_int32(op, "seqused_k", varlen.seqused_k, 1, on_device ? &q : nullptr);
   if (used.shape[0] != batch) {
     throw_value_error("[", op, "] seqused_k: expected ", batch, " counts (one a sequence), got ", used.shape[0]);
   }
@@ -676,8 +664,7 @@ int64_t apply_seqused(const char* op, const fj_varlen& varlen, int64_t batch, co
 int64_t apply_pages(const char* op, const fj_varlen& varlen, int64_t batch, const fj_tensor& q,
                     AttentionProblem& p) {
   const bool on_device = kv_cache_on_device(varlen, q);
-  const fj_tensor& table = on_device ? check_device_int32(op, "page_table", varlen.page_table, 2, q)
-                                     : check_host_int32(op, "page_table", varlen.page_table, 2);
+  const fj_tensor& table = check_int32(op, "page_table", varlen.page_table, 2, on_device ? &q : nullptr);
   if (table.shape[0] != batch) {
     throw_value_error("[", op, "] page_table: expected ", batch, " rows (one a sequence), got ", table.shape[0]);
   }
@@ -923,27 +910,30 @@ void adopt_host_offsets(const char* op, AttentionProblem& p, const int32_t* offs
 }
 
 void adopt_host_kv_cache(const char* op, AttentionProblem& p, const int32_t* counts, const int32_t* pages) {
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t capacity = pages != nullptr ? p.page_table_width * p.page_size
-                                              : int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b];
-    if (counts[b] < 0 || counts[b] > capacity) {
-      throw_value_error("[", op, "] seqused_k: sequence ", b, " uses ", counts[b], " keys; expected 0 to ", capacity,
-                        pages != nullptr ? " (its pages)" : " (its rows in cu_seqlens_k)");
-    }
-    for (int64_t j = 0; pages != nullptr && j * p.page_size < counts[b]; ++j) {
-      const int64_t page = pages[b * p.page_table_width + j];
-      if (page < 0 || page >= p.num_pages) {
-        throw_value_error("[", op, "] page_table: page ", j, " of sequence ", b, " is ", page, "; expected 0 to ",
-                          p.num_pages - 1);
-      }
-    }
-  }
-  p.seqused_k = counts;
+  // The host copies as host descriptors, checked and taken as a call's own host arrays are.
+  const auto host_int32 = [](const int32_t* data, int64_t rows, int64_t columns) {
+    fj_tensor t{};
+    t.data = const_cast<int32_t*>(data);
+    t.dtype = FJ_INT32;
+    t.device_type = FJ_DEVICE_CPU;
+    t.ndim = columns < 0 ? 1 : 2;
+    t.shape[0] = rows;
+    t.shape[1] = columns;
+    t.strides[0] = columns < 0 ? 1 : columns;
+    t.strides[1] = 1;
+    return t;
+  };
+  fj_varlen host{};
+  host.seqused_k = host_int32(counts, p.batch, -1);
+  fj_tensor on_host{};
+  on_host.device_type = FJ_DEVICE_CPU;
   if (pages != nullptr) {
-    p.page_table = pages;
-    p.page_table_stride = p.page_table_width;
+    host.page_table = host_int32(pages, p.batch, p.page_table_width);
+    apply_pages(op, host, p.batch, on_host, p);
+  } else {
+    host.cu_seqlens_k = host_int32(p.cu_seqlens_k, p.batch + 1, -1);
+    apply_seqused(op, host, p.batch, on_host, p);
   }
-  p.kv_on_device = false;
 }
 
 AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b) {

@@ -922,10 +922,29 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   return true;
 }
 
-// Offsets in device memory where one launch does not apply: copied to the host (a wait
-// for the stream's work before the call) into `storage`, checked as host offsets are,
-// and the problem returned with them (an empty batch needs none). Not under stream
-// capture or in fj_attention_prepare_*, where nothing may wait.
+// Arrays of int32 in device memory copied into host memory on the call's stream, then a wait for
+// it; not under stream capture, with a workspace or in fj_attention_prepare_*, where nothing may
+// wait (the error names `what`).
+struct HostCopies {
+  const Launch& launch;
+  HostCopies(const Launch& l, const char* what) : launch(l) {
+    if (launch.graph_safe || driver().cuMemcpyDtoHAsync == nullptr || driver().cuStreamSynchronize == nullptr) {
+      throw_unsupported("[cuda] ", what, " in device memory are copied to the host here, which cannot wait "
+                        "under stream capture, with a workspace or in fj_attention_prepare_*: pass them in host "
+                        "memory");
+    }
+  }
+  void copy(int32_t* host, const int32_t* device, size_t count) const {
+    check(driver().cuMemcpyDtoHAsync(host, reinterpret_cast<CUdeviceptr>(device), count * sizeof(int32_t),
+                                     launch.stream),
+          "cuMemcpyDtoHAsync");
+  }
+  void wait() const { check(driver().cuStreamSynchronize(launch.stream), "cuStreamSynchronize"); }
+};
+
+// Offsets in device memory where one launch does not apply: copied to the host into `storage`
+// (HostCopies), checked as host offsets are, and the problem returned with them (an empty batch
+// needs none).
 AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& launch,
                                       std::vector<int32_t>& storage) {
   if (p.batch == 0) {
@@ -933,50 +952,31 @@ AttentionProblem with_offsets_on_host(const AttentionProblem& p, const Launch& l
     empty.offsets_on_device = false;  // nothing reads them
     return empty;
   }
-  if (launch.graph_safe || driver().cuMemcpyDtoHAsync == nullptr ||  // capture, workspace, prepare_*
-      driver().cuStreamSynchronize == nullptr) {
-    throw_unsupported("[cuda] cu_seqlens_q: offsets in device memory are copied to the host here, which cannot "
-                      "wait under stream capture, with a workspace or in fj_attention_prepare_*: pass them in "
-                      "host memory");
-  }
+  const HostCopies copies(launch, "cu_seqlens_q: offsets");
   const size_t count = size_t(p.batch) + 1;
   storage.assign(2 * count, 0);
-  const auto copy = [&](int32_t* host, const int32_t* device) {
-    return driver().cuMemcpyDtoHAsync(host, reinterpret_cast<CUdeviceptr>(device), count * sizeof(int32_t),
-                                      launch.stream);
-  };
-  check(copy(storage.data(), p.cu_seqlens_q), "cuMemcpyDtoHAsync");
-  check(copy(storage.data() + count, p.cu_seqlens_k), "cuMemcpyDtoHAsync");
-  check(driver().cuStreamSynchronize(launch.stream), "cuStreamSynchronize");
+  copies.copy(storage.data(), p.cu_seqlens_q, count);
+  copies.copy(storage.data() + count, p.cu_seqlens_k, count);
+  copies.wait();
   AttentionProblem host = p;
   adopt_host_offsets("varlen_attention", host, storage.data(), storage.data() + count);
   return host;
 }
 
 // A KV cache whose counts (and pages) are in device memory where one launch does not take it:
-// copied to the host (a wait for the stream's work before the call) into `storage`, checked as
-// host ones are, and the problem returned with them. Not under stream capture or in
-// fj_attention_prepare_*, where nothing may wait.
+// copied to the host into `storage` (HostCopies), checked as host ones are, and the problem
+// returned with them.
 AttentionProblem with_kv_cache_on_host(const AttentionProblem& p, const Launch& launch,
                                        std::vector<int32_t>& storage) {
-  if (launch.graph_safe || driver().cuMemcpyDtoHAsync == nullptr || driver().cuStreamSynchronize == nullptr) {
-    throw_unsupported("[cuda] seqused_k: a KV cache's counts in device memory are copied to the host for this "
-                      "call, which cannot wait under stream capture, with a workspace or in "
-                      "fj_attention_prepare_*: pass them in host memory");
-  }
+  const HostCopies copies(launch, "seqused_k: a KV cache's counts");
   const size_t batch = size_t(p.batch);
   const size_t width = p.page_table != nullptr ? size_t(p.page_table_width) : 0;
   storage.assign(batch * (1 + width), 0);
-  const auto copy = [&](int32_t* host, const int32_t* device, size_t count) {
-    check(driver().cuMemcpyDtoHAsync(host, reinterpret_cast<CUdeviceptr>(device), count * sizeof(int32_t),
-                                     launch.stream),
-          "cuMemcpyDtoHAsync");
-  };
-  if (batch > 0) copy(storage.data(), p.seqused_k, batch);
+  if (batch > 0) copies.copy(storage.data(), p.seqused_k, batch);
   for (size_t b = 0; b < batch && width > 0; ++b) {  // each row's pages, packed `width` apart
-    copy(storage.data() + batch + b * width, p.page_table + int64_t(b) * p.page_table_stride, width);
+    copies.copy(storage.data() + batch + b * width, p.page_table + int64_t(b) * p.page_table_stride, width);
   }
-  check(driver().cuStreamSynchronize(launch.stream), "cuStreamSynchronize");
+  copies.wait();
   AttentionProblem host = p;
   adopt_host_kv_cache("varlen_attention", host, storage.data(), width > 0 ? storage.data() + batch : nullptr);
   return host;
@@ -989,19 +989,20 @@ AttentionProblem with_kv_cache_on_host(const AttentionProblem& p, const Launch& 
 // share one workspace.
 size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
   // (Planning is for graph capture, which the one-launch KV cache does not take.)
-  if (!backward && !planning && problem.varlen() && (problem.seqused_k != nullptr || problem.page_table != nullptr)) {
-    const Launch launch = prepare(problem);
+  const bool kv_forward =
+      !backward && !planning && problem.varlen() && (problem.seqused_k != nullptr || problem.page_table != nullptr);
+  if (kv_forward || problem.kv_on_device) {
+    Launch launch = prepare(problem);
     Plan plan;
-    if (plan_kv_cache_forward(plan, problem, launch)) {
+    if (kv_forward && plan_kv_cache_forward(plan, problem, launch)) {
       enqueue(plan, launch);
       return plan.scratch_bytes;
     }
-  }
-  if (problem.kv_on_device) {  // where one launch did not take it: the host's copy, then as host arrays
-    Launch launch = prepare(problem);
-    if (planning) launch.graph_safe = launch.planning = true;
-    std::vector<int32_t> arrays;
-    return run_parts(with_kv_cache_on_host(problem, launch, arrays), backward, planning);
+    if (problem.kv_on_device) {  // where one launch did not take it: the host's copy, then as host arrays
+      if (planning) launch.graph_safe = launch.planning = true;
+      std::vector<int32_t> arrays;
+      return run_parts(with_kv_cache_on_host(problem, launch, arrays), backward, planning);
+    }
   }
   if (!backward && problem.page_table != nullptr) {
     throw_unsupported("[cuda] page_table: a paged KV cache runs on CUDA for float16/bfloat16 without mask or "
