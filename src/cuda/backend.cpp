@@ -795,7 +795,7 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
 std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
                                        std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
-  std::vector<KernelSpec> specs = backward_kernels(traits);
+  std::vector<KernelSpec> specs = backward_kernels(traits, settings::one_pass_backward());
   if (specs.size() > Plan::kMaxKernels) {
     throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
                                            " expected"));
@@ -821,11 +821,18 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   params.fill(params_of(p));
   const std::vector<KernelSpec> specs = backward_specs(p, launch, params);
   const bool hopper = specs.front().family == KernelFamily::kHopper;
-  const auto dq = std::find_if(specs.begin(), specs.end(),
-                               [](const KernelSpec& spec) { return spec.entry == KernelEntry::kBackwardDq; });
-  const int64_t pitch = hopper ? ceil_div(p.seqlen_q, dq->block_rows()) * dq->block_rows() : p.seqlen_q;
+  // sm_90a: scratch rows padded to whole blocks of the dQ kernel (the one-pass dK/dV kernel's
+  // query tiles divide them too).
+  const int64_t block_rows = specs.back().block_rows();
+  const int64_t pitch = hopper ? ceil_div(p.seqlen_q, block_rows) * block_rows : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
+  // The one-pass backward's dQ sums (a query tile's block_n x head_dim_qk floats) and their
+  // counters (two a tile), after the rows' scratch.
+  const KernelSpec& last = specs.back();
+  const int64_t dq_tiles = last.one_pass ? ceil_div(p.seqlen_q, last.block_n) : 0;
+  const size_t dq_accum_floats = size_t(p.batch * p.heads_q * dq_tiles) * size_t(last.block_n) * size_t(last.head_dim_qk);
+  const size_t dq_counters = size_t(p.batch * p.heads_q * dq_tiles) * 2;
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
@@ -841,7 +848,8 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
     }
   }
-  plan.scratch_bytes = size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1);
+  const size_t row_bytes = size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1);
+  plan.scratch_bytes = row_bytes + dq_accum_floats * sizeof(float) + dq_counters * sizeof(int);
   if (launch.planning) return;
   void* scratch = p.workspace;
   if (scratch == nullptr) {
@@ -855,6 +863,11 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
     KernelParams& kernel_params = plan.kernels[index].params;
     kernel_params.delta = scratch;
     kernel_params.lse_log2 = hopper ? static_cast<float*>(scratch) + scratch_rows : nullptr;
+    if (dq_tiles > 0) {  // row_bytes: a multiple of 16 (whole blocks of rows)
+      kernel_params.dq_accum = reinterpret_cast<float*>(static_cast<char*>(scratch) + row_bytes);
+      kernel_params.dq_semaphore = reinterpret_cast<int*>(kernel_params.dq_accum + dq_accum_floats);
+      kernel_params.dq_tiles = dq_tiles;
+    }
   }
 }
 

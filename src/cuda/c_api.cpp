@@ -7,6 +7,7 @@
 #include "cuda/driver.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
+#include "cuda/settings.hpp"
 #include "cuda/tuning.hpp"
 #include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
@@ -90,7 +91,9 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
     for (int32_t index = 0; index < count; ++index) {
       const cuda::KernelTraits traits = traits_of(configs[index], index);
       if (configs[index].backward) {
-        for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits)) cuda::kernel_binary(spec, false);
+        for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, cuda::settings::one_pass_backward())) {
+          cuda::kernel_binary(spec, false);
+        }
       } else {
         cuda::kernel_binary(cuda::forward_kernel(traits), false);
         // And the tile choices of the config's classes (each key length band):

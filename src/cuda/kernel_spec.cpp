@@ -93,8 +93,10 @@ const char* family_name(KernelFamily family) {
 // The wgmma.mma_async specialisations a kHopper kernel uses (wgmma.cuh declares
 // the templates): PTX takes one instruction text per N, with N / 2 accumulator
 // registers, so they are written out here for the widths the kernel needs.
-// SS: A and B K-major in shared memory; RS: A in registers, B MN-major.
-std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_widths) {
+// SS: A and B K-major in shared memory; RS: A in registers, B MN-major; SS with A
+// MN-major (transposed; the one-pass backward's dQ^T = K^T dS^T).
+std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_widths,
+                               std::vector<int> ss_transposed_a_widths = {}) {
   const auto accumulators = [](int n) {
     std::string registers = "{", constraints;
     for (int i = 0; i < n / 2; ++i) {
@@ -109,18 +111,21 @@ std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_w
   };
   unique(ss_widths);
   unique(rs_widths);
+  unique(ss_transposed_a_widths);
   std::string text;
-  for (int n : ss_widths) {
+  const auto shared_shared = [&](const char* name, int n, int transpose_a) {
     const auto [registers, constraints] = accumulators(n);
     const int next = n / 2;  // first operand after the accumulators
-    text += str_cat("template <>\nFJ_DEVICE void wgmma_ss<", n, ">(float (&d)[", n / 8,
+    text += str_cat("template <>\nFJ_DEVICE void ", name, "<", n, ">(float (&d)[", n / 8,
                     "][4], unsigned long long a, unsigned long long b, bool first) {\n"
                     "  asm volatile(\"{\\n.reg .pred p;\\nsetp.ne.b32 p, %",
                     next + 2, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n,
                     "k16.\" FJ_WGMMA_TYPES \" ", registers, ", %", next, ", %", next + 1,
-                    ", p, 1, 1, 0, 0;\\n}\\n\"\n    : ", constraints,
+                    ", p, 1, 1, ", transpose_a, ", 0;\\n}\\n\"\n    : ", constraints,
                     "\n    : \"l\"(a), \"l\"(b), \"r\"(first ? 0 : 1));\n}\n");
-  }
+  };
+  for (int n : ss_widths) shared_shared("wgmma_ss", n, 0);
+  for (int n : ss_transposed_a_widths) shared_shared("wgmma_ss_mn_a", n, 1);
   for (int n : rs_widths) {
     const auto [registers, constraints] = accumulators(n);
     const int next = n / 2;
@@ -148,6 +153,7 @@ std::string KernelSpec::name() const {
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
+                 one_pass ? "_one-pass" : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
@@ -179,7 +185,8 @@ int KernelSpec::shared_memory_bytes() const {
         case KernelEntry::kBackwardDq:
           return layout::kHopperBaseAlignment + layout::hopper_backward_dq(rows, n, qk, v, stages).bytes;
         case KernelEntry::kBackwardDkDv:
-          return layout::kHopperBaseAlignment + layout::hopper_backward_dkdv(rows, n, qk, v, stages).bytes;
+          return layout::kHopperBaseAlignment +
+                 layout::hopper_backward_dkdv(rows, n, qk, v, stages, one_pass ? layout::kOnePassDsBuffers : 0).bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:
         case KernelEntry::kVarlenTable: return 0;
@@ -217,7 +224,8 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
-      "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_WITH_DV ",
+      "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
+      "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
       "#define FJ_O_TMA ", o_tma ? 1 : 0, "\n", "#define FJ_FOLD_SCALE ", fold_scale ? 1 : 0, "\n",
@@ -248,8 +256,12 @@ std::string KernelSpec::source() const {
       from_registers.push_back(head_dim_v);
     if (entry == KernelEntry::kBackwardDq || entry == KernelEntry::kBackwardDkDv)
       from_registers.push_back(head_dim_qk);
+    // The one-pass backward's dQ^T product: N is the queries of a step (head dim 128: each
+    // consumer takes 64 of dQ's columns) or half of them (64: each takes the 64 columns of half the queries).
+    std::vector<int> transposed_a;
+    if (one_pass) transposed_a.push_back(head_dim_qk == 64 ? block_n / 2 : block_n);
     text += str_cat("// ---- wgmma instructions\nnamespace flashjit {\nnamespace mma {\n",
-                    wgmma_instructions({block_n}, from_registers),
+                    wgmma_instructions({block_n}, from_registers, transposed_a),
                     "}  // namespace mma\n}  // namespace flashjit\n");
     append("pipeline.cuh");
   }
@@ -589,11 +601,16 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits) {
   return spec;
 }
 
-std::vector<KernelSpec> backward_kernels(const KernelTraits& traits) {
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass) {
   if (hopper_applies(traits)) {
-    std::vector<KernelSpec> specs = {hopper_spec(prep_traits(traits), KernelEntry::kBackwardPrep),
-                                     hopper_spec(traits, KernelEntry::kBackwardDq)};
-    const KernelSpec dkdv = hopper_spec(traits, KernelEntry::kBackwardDkDv);
+    const KernelSpec prep = hopper_spec(prep_traits(traits), KernelEntry::kBackwardPrep);
+    KernelSpec dkdv = hopper_spec(traits, KernelEntry::kBackwardDkDv);
+    if (one_pass && std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
+      dkdv.one_pass = true;
+      if (fits(dkdv)) return {prep, dkdv};
+      dkdv.one_pass = false;
+    }
+    std::vector<KernelSpec> specs = {prep, hopper_spec(traits, KernelEntry::kBackwardDq)};
     if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
       specs.push_back(dkdv);
     } else {  // dV and dK each in a kernel of its own, as in the mma.sync backward

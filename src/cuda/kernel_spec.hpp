@@ -54,6 +54,9 @@ struct KernelSpec {
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)
+  // kHopper dK/dV that also forms dQ (FJ_ONE_PASS; attention_hopper_bwd.cuh): five products a
+  // tile pair, dQ summed in float32 in a fixed order (KernelParams::dq_accum, dq_semaphore).
+  bool one_pass = false;
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
   int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)
   bool o_tma = false; // kHopper forward: O leaves through shared memory (the Q buffer) by TMA stores
@@ -145,7 +148,9 @@ KernelSpec hopper_split_kernel(const KernelSpec& forward);
 KernelSpec hopper_kv_cache_kernel(const KernelSpec& forward, int64_t page_size);
 KernelSpec combine_kernel(const KernelTraits& traits);
 KernelSpec varlen_table_kernel(const KernelTraits& traits);
-std::vector<KernelSpec> backward_kernels(const KernelTraits& traits);
+// The backward's kernels in launch order. one_pass: where the sm_90a kernels apply at head dims
+// up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass).
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false);
 // Opt-in shared memory a block may use on a compute capability (80 for sm_80).
 int max_shared_memory_bytes(int arch);
 

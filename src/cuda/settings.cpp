@@ -53,6 +53,13 @@ bool kv_cache_hopper() {
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
+bool one_pass_backward() {
+  const char* value = std::getenv("FLASHJIT_CUDA_BACKWARD");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "split") == 0) return false;
+  if (std::strcmp(value, "one-pass") == 0) return true;
+  throw_value_error("[cuda] FLASHJIT_CUDA_BACKWARD: expected one-pass or split, got '", value, "'");
+}
+
 bool varlen_single_launch() {
   const char* value = std::getenv("FLASHJIT_CUDA_VARLEN");
   return value == nullptr || std::strcmp(value, "0") != 0;

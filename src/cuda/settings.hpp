@@ -10,6 +10,8 @@
 //   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
 //   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4), forced
 //   FLASHJIT_CUDA_KV_HOPPER=1   a KV cache (in place or paged) on the sm_90a split forward (default: mma.sync)
+//   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
+//                               kernel) where it applies; split (default): dQ and dK/dV kernels
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
@@ -38,5 +40,9 @@ int decode_warps();
 // fit) on sm_90 runs the sm_90a split forward rather than the mma.sync one (off by default until
 // measured on a GPU).
 bool kv_cache_hopper();
+// FLASHJIT_CUDA_BACKWARD=one-pass: the sm_90a backward's dK/dV kernel also forms dQ (five products
+// a tile instead of seven; off by default until measured on a GPU). "split" or unset: the dQ and
+// dK/dV kernels. Any other value raises an error naming the variable.
+bool one_pass_backward();
 
 }  // namespace flashjit::cuda::settings

@@ -213,6 +213,37 @@ TEST_F(CudaCompile, VarlenKernelsCompileForSm90) {
   }
 }
 
+// The one-pass backward (FLASHJIT_CUDA_BACKWARD=one-pass): the prep kernel and a dK/dV kernel
+// that also forms dQ, for head dims up to 128 with every feature; above 128 the split kernels.
+TEST_F(CudaCompile, OnePassBackwardCompilesForSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16}) {
+    for (int head_dim : {64, 96, 128}) {
+      for (bool extras : {false, true}) {
+        KernelTraits traits = sm90_traits(dtype, head_dim);
+        traits.window = traits.dropout = traits.softcap = extras;
+        if (extras) {
+          traits.mask = flashjit::MaskKind::kBool;
+          traits.mask_dtype = FJ_BOOL;
+        }
+        const std::vector<KernelSpec> specs = backward_kernels(traits, true);
+        ASSERT_EQ(specs.size(), 2u);
+        EXPECT_EQ(specs[0].entry, KernelEntry::kBackwardPrep);
+        EXPECT_TRUE(specs[1].one_pass) << specs[1].name();
+        EXPECT_NE(specs[1].name().find("_one-pass"), std::string::npos) << specs[1].name();
+        KernelSpec split = specs[1];
+        split.one_pass = false;  // the same kernel without its dS tiles
+        EXPECT_GT(specs[1].shared_memory_bytes(), split.shared_memory_bytes());
+        for (const KernelSpec& spec : specs) ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+      }
+    }
+  }
+  const std::vector<KernelSpec> wide = backward_kernels(sm90_traits(FJ_BFLOAT16, 256), true);
+  for (const KernelSpec& spec : wide) EXPECT_FALSE(spec.one_pass) << spec.name();
+  EXPECT_EQ(wide.size(), 4u);  // prep, dQ, dV, dK
+}
+
 // Every forward epilogue and Q ring the tile override can pick compiles for
 // sm_90a, and the default takes two Q buffers and TMA stores where they fit.
 TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {

@@ -18,6 +18,21 @@
 //     Above head dim 128 the dK and dV accumulators do not both fit in the
 //     consumers' registers: a kernel with FJ_WITH_DV alone computes dV (no V,
 //     no dP^T), one with FJ_WITH_DK alone dK.
+//   one pass (FJ_BACKWARD_DKDV with FJ_ONE_PASS, head dims 64 and 128): the dK/dV
+//     kernel also forms dQ, five products a tile pair instead of the split's seven.
+//     Each consumer writes its 64 keys of dS_t to shared memory (stmatrix,
+//     transposed: [queries][keys], K-major), and two steps later, when the other
+//     consumer's half is surely written, multiplies
+//       dQ_t^T = K^T dS_t^T                 wgmma, K MN-major, dS K-major
+//     for its share (head dim 128: 64 of dQ's columns; 64: half the queries). The
+//     partial sums of a query tile's dQ meet in float32 in global memory in a fixed
+//     order, so that the result is bitwise reproducible: the key blocks that see a
+//     tile add in ascending order, each waiting on a counter a chunk until the
+//     blocks before it have added; the first stores, the last adds what is there
+//     to its own and writes dQ. Blocks walk their query tiles from the last down,
+//     heads of a group inside, so that every block of a head meets a tile at about
+//     the same step (a lag of a step a block, not a block's whole span), and a
+//     block waits only on blocks of lower index, launched before it.
 //
 // A tile that serves two steps (K_j in dQ, Q_t and dO_t in dK/dV) has a ring of
 // kStages + 1 buffers. The per-element gradient and the stores are
@@ -88,6 +103,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   if (in_scratch && lane == 0) {
     static_cast<float*>(p.delta)[row] = delta;
     static_cast<float*>(p.lse_log2)[row] = lse2;
+  }
+  if (p.dq_semaphore != nullptr) {  // the one-pass backward follows (a batch, not FJ_VARLEN)
+    if (lane == 0 && row < p.batch * p.heads_q * p.dq_tiles * kConsumers) p.dq_semaphore[row] = 0;
+    // No key block sees a query tile whose rows see no key: their dQ rows are zeros, written here.
+    if (in_scratch && i < sp.seqlen_q && key_begin(sp, i) >= key_end(sp, i)) {
+      elem_t* dq_row = operand_row<elem_t>(sp.dq, ob, h, i);
+      for (int d = lane; d < p.head_dim_qk; d += kLanesPerRow) dq_row[d] = elem_t{0};
+    }
   }
 }
 #endif  // FJ_BACKWARD_PREP
@@ -216,12 +239,69 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 constexpr int kQueryBuffers = kStages + 1;  // Q_t and dO_t serve step t, then dK and dV a step later
 constexpr bool kWithDv = FJ_WITH_DV;
 constexpr bool kWithDk = FJ_WITH_DK;  // needs V and dP^T
+constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
+
+#if FJ_ONE_PASS
+static_assert(kWithDv && kWithDk && (kDimQk == 64 || kDimQk == 128), "one pass: dK and dV, head dim 64 or 128");
+// A consumer's share of dQ_t^T: head dim 128, 64 of the columns for every query of the
+// step; 64, every column for half the queries.
+constexpr int kDqQueries = kDimQk == 128 ? kBlockN : kBlockN / 2;
+static_assert(kDqQueries % 16 == 0, "whole 16-row groups of dS a consumer");
+constexpr int kDqChunk = 128 * kDqQueries / 2;  // floats a consumer adds a tile: 128 threads' accumulators
+constexpr int kDsBuffers = layout::kOnePassDsBuffers;
+// Named barriers past the turns (pipeline.cuh: 1, 2): dS_t of consumer c written, one for
+// each of the kDsBuffers tiles in flight (3 + kDsBuffers * c + t % kDsBuffers), and each
+// consumer's own (3 + 2 * kDsBuffers + c) around its adds.
+constexpr int kDsBarrier = kTurnBarrier + kConsumers;
+constexpr int kAddBarrier = kDsBarrier + kConsumers * kDsBuffers;
+static_assert(kAddBarrier + kConsumers <= 16, "16 named barriers");
+
+// dS^T of a warp's 16 keys and 16 queries from `column` (an A fragment, a_from_c) into the dS
+// tile [kBlockN queries][kBlockM keys] transposed: four 8 x 8 matrices, lane l naming row
+// l % 8 of matrix l / 8 (keys + 8 for odd matrices, queries + 8 for the last two).
+FJ_DEVICE void store_ds_transposed(elem_t* ds_tile, const unsigned (&a)[4], int first_key, int column, int lane) {
+  const int matrix = lane / 8;
+  const int query = column + (matrix / 2) * 8 + lane % 8;
+  const int key = first_key + (matrix % 2) * 8;
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   shared_address(ds_tile + tile_offset<kBlockN, kBlockM>(query, key))),
+               "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])
+               : "memory");
+}
+
+FJ_DEVICE int load_acquire(const int* address) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+FJ_DEVICE void add_release(int* address, int value) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
+}
+FJ_DEVICE void store_float4(float* address, const float (&v)[4]) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(v[0]), "f"(v[1]), "f"(v[2]),
+               "f"(v[3])
+               : "memory");
+}
+FJ_DEVICE void add_float4(float* address, const float (&v)[4]) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(v[0]), "f"(v[1]), "f"(v[2]),
+               "f"(v[3])
+               : "memory");
+}
+// Past L1: the sums other blocks left in L2.
+FJ_DEVICE void load_float4(const float* address, float (&v)[4]) {
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+               : "l"(address)
+               : "memory");
+}
+#endif  // FJ_ONE_PASS
 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_backward_dkdv(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   constexpr layout::HopperBackwardDkDv kLayout =
-      layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages);
+      layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages, kOnePass ? layout::kOnePassDsBuffers : 0);
+  static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
                     kLayout.bytes - kLayout.dout_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes,
                 "shared_layout.h sizes the rings as pipeline.cuh does");
@@ -230,6 +310,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   elem_t* v_tile = reinterpret_cast<elem_t*>(base + kLayout.v_tile);          // [kBlockM][kDimV]
   elem_t* q_tiles = reinterpret_cast<elem_t*>(base + kLayout.q_tiles);        // kQueryBuffers x [kBlockN][kDimQk]
   elem_t* dout_tiles = reinterpret_cast<elem_t*>(base + kLayout.dout_tiles);  // kQueryBuffers x [kBlockN][kDimV]
+  elem_t* ds_tiles = reinterpret_cast<elem_t*>(base + kLayout.ds_tiles);      // one pass: kDsBuffers x [kBlockN][kBlockM]
   float* lse_tiles = reinterpret_cast<float*>(base + kLayout.lse_tiles);      // [kQueryBuffers][kBlockN]
   float* delta_tiles = reinterpret_cast<float*>(base + kLayout.delta_tiles);  // [kQueryBuffers][kBlockN]
   unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
@@ -255,13 +336,20 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const long long query_lo = query_begin(sp, first_key);
   const long long query_hi = query_end(sp, last_key);
   // The query tiles of every head of the group, one sequence: tile t is head
-  // member t / tiles_per_head, queries first_tile + (t % tiles_per_head) * kBlockN.
+  // member t / tiles_per_head, queries first_tile + (t % tiles_per_head) * kBlockN;
+  // one pass, from the last query tile down with the group's heads inside: head member
+  // t % group_size, query tile tiles_per_head - 1 - t / group_size.
   const long long first_tile = query_lo / kBlockN * kBlockN;
   const int tiles_per_head =
       query_hi > first_tile ? static_cast<int>((query_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
   const int tiles = tiles_per_head * p.group_size;
-  const auto tile_head = [&](int t) { return kv_head * p.group_size + t / tiles_per_head; };
-  const auto tile_start = [&](int t) { return first_tile + static_cast<long long>(t % tiles_per_head) * kBlockN; };
+  const auto tile_head = [&](int t) {
+    return kv_head * p.group_size + (kOnePass ? t % p.group_size : t / tiles_per_head);
+  };
+  const auto tile_start = [&](int t) {
+    const int index = kOnePass ? tiles_per_head - 1 - t / p.group_size : t % tiles_per_head;
+    return first_tile + static_cast<long long>(index) * kBlockN;
+  };
 
   const auto init = [&] {
     mbarrier_init(keys_full, 1);
@@ -312,68 +400,172 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       mbarrier_wait(keys_full, 0);
       float st[kBlockN / 8][4], dpt[kBlockN / 8][4];  // S^T and dP^T: rows keys, columns queries
       unsigned prob[kBlockN / 16][4], dscore[kBlockN / 16][4];
-      consumer_schedule(
-          consumer, tiles,
-          [&](int t) {  // Q_t (with LSE, delta) and dO_t
-            if (t < tiles) {
-              q_ring.consume(t);
-              dout_ring.consume(t);
+#if FJ_ONE_PASS
+      float dqt[kDqQueries / 8][4];  // this consumer's share of dQ_t^T: rows head dims, columns queries
+      zero(dqt);
+      int first_block = block;       // the first key block that sees the tile being added (added_tile)
+      long long next_first_tile = 0x7fffffffffffffffLL;  // block + 1's first query tile
+      if (block + 1 < sp.num_key_blocks) next_first_tile = query_begin(sp, first_key + kBlockM) / kBlockN * kBlockN;
+      // Until the other consumer's keys of dS_t are in: before the turn that issues dQ_t (a
+      // barrier between the turn's fence and its wgmma would serialise them).
+      const auto wait_for_ds = [&](int t) {
+        named_barrier_sync(kDsBarrier + kDsBuffers * (1 - consumer) + t % kDsBuffers, 2 * 128);
+      };
+      // dQ_t^T = K^T dS_t^T (t = -1: a product that no add reads, so that the wgmma is not
+      // issued under a branch).
+      const auto issue_dq = [&](int t) {
+        wgmma_columns_by_rows<kBlockN, kDqQueries, kBlockM>(
+            dqt, k_tile, kDimQk == 128 ? consumer : 0, ds_tiles + ((t + kDsBuffers) % kDsBuffers) * kBlockN * kBlockM,
+            kDimQk == 128 ? 0 : consumer * kDqQueries);
+      };
+      // Tile t's dQ^T share into the tile's sum, in key-block order (the file's head comment).
+      const auto add_dq = [&](int t) {
+        const int h = tile_head(t);
+        const long long start = tile_start(t);
+        const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+        const long long chunk_index = (batch_head * p.dq_tiles + start / kBlockN) * kConsumers + consumer;
+        while (first_block > 0 && query_end(sp, static_cast<long long>(first_block) * kBlockM - 1) > start) {
+          --first_block;  // block first_block - 1 sees the tile too (tiles go down: first_block never rises)
+        }
+        const int rank = block - first_block;
+        const bool last = start < next_first_tile;
+        const int thread = threadIdx.x % 128;
+        float* const chunk = p.dq_accum + chunk_index * kDqChunk;
+        int* const counter = p.dq_semaphore + chunk_index;
+        if (rank > 0) {
+          if (thread == 0) {
+            while (load_acquire(counter) != rank) {
             }
-          },
-          [&](int t) {  // S^T = K Q_t^T, dP^T = V dO_t^T
-            wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64,
-                                                         q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
-            if (kWithDk) {
-              wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
-                                                          dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+          }
+          named_barrier_sync(kAddBarrier + consumer, 128);
+        }
+        if (last) {
+#pragma unroll
+          for (int n = 0; n < kDqQueries / 8; ++n) {
+            if (rank > 0) {
+              float before[4];
+              load_float4(chunk + (n * 128 + thread) * 4, before);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) dqt[n][e] += before[e];
             }
-          },
-          [&](int t) {  // P^T and dS^T in place, beside tile t - 1's dV and dK products
-            pin(st);
-            if (kWithDk) {
-              pin(dpt);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int d = (kDimQk == 128 ? consumer * 64 : 0) + (warp % 4) * 16 + lane / 4 + 8 * (e / 2);
+              const long long i = start + (kDimQk == 128 ? 0 : consumer * kDqQueries) + n * 8 + quad * 2 + e % 2;
+              if (i < sp.seqlen_q && d < p.head_dim_qk) {
+                operand_row<elem_t>(sp.dq, b, h, i)[d] = from_float<elem_t>(dqt[n][e]);
+              }
+            }
+          }
+        } else {
+#pragma unroll
+          for (int n = 0; n < kDqQueries / 8; ++n) {
+            if (rank == 0) {
+              store_float4(chunk + (n * 128 + thread) * 4, dqt[n]);
             } else {
-              zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
+              add_float4(chunk + (n * 128 + thread) * 4, dqt[n]);
             }
-            const int h = tile_head(t);
-            const long long start = tile_start(t);
-            const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-            const bool interior = keys_full_block && start >= query_lo && start + kBlockN <= query_hi &&
-                                  all_visible(sp, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
-            const float* lse_tile = lse_tiles + q_ring.buffer(t) * kBlockN;
-            const float* delta_tile = delta_tiles + q_ring.buffer(t) * kBlockN;
-            if (interior) {
-              dkdv_tile_gradient<true>(st, dpt, sp, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
-                                       scale_log2);
-            } else {
-              dkdv_tile_gradient<false>(st, dpt, sp, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
-                                        scale_log2);
-            }
-          },
-          [&](int t) {  // dV += P^T_t dO_t, dK += dS^T_t Q_t
-            if (kWithDv) {
-              wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
-            }
-            if (kWithDk) {
-              wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
-            }
-          },
-          [&](int t) {
-            if (kWithDv) {
-              pin(dv);
-              pin(prob);
-            }
-            if (kWithDk) {
-              pin(dk);
-              pin(dscore);
-            }
-            q_ring.release(t, lane);
-            dout_ring.release(t, lane);
-          },
-          [&](int) {
-            if (kWithDv) to_fragments<kBlockN>(prob, st);
-            if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
-          });
+          }
+          __threadfence();  // this thread's adds, before the count that releases them
+          named_barrier_sync(kAddBarrier + consumer, 128);
+          if (thread == 0) add_release(counter, 1);
+        }
+      };
+#endif
+      const auto arrive = [&](int t) {  // Q_t (with LSE, delta) and dO_t; one pass: dS_{t-2}
+        if (t < tiles) {
+          q_ring.consume(t);
+          dout_ring.consume(t);
+        }
+#if FJ_ONE_PASS
+        if (t >= 2) wait_for_ds(t - 2);  // step t issues dQ_{t-2} (issue_second(t - 1))
+#endif
+      };
+      const auto issue_first = [&](int t) {  // S^T = K Q_t^T, dP^T = V dO_t^T
+        wgmma_rows_by_rows<kBlockM, kBlockN, kDimQk>(st, k_tile, consumer * 64,
+                                                     q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+        if (kWithDk) {
+          wgmma_rows_by_rows<kBlockM, kBlockN, kDimV>(dpt, v_tile, consumer * 64,
+                                                      dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+        }
+      };
+      const auto after_first = [&](int t) {  // P^T and dS^T in place, beside tile t - 1's dV and dK products
+        pin(st);
+        if (kWithDk) {
+          pin(dpt);
+        } else {
+          zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
+        }
+        const int h = tile_head(t);
+        const long long start = tile_start(t);
+        const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
+        const bool interior = keys_full_block && start >= query_lo && start + kBlockN <= query_hi &&
+                              all_visible(sp, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
+        const float* lse_tile = lse_tiles + q_ring.buffer(t) * kBlockN;
+        const float* delta_tile = delta_tiles + q_ring.buffer(t) * kBlockN;
+        if (interior) {
+          dkdv_tile_gradient<true>(st, dpt, sp, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
+                                   scale_log2);
+        } else {
+          dkdv_tile_gradient<false>(st, dpt, sp, keys, lse_tile, delta_tile, start, b, h, batch_head, quad,
+                                    scale_log2);
+        }
+      };
+      const auto issue_second = [&](int t) {  // dV += P^T_t dO_t, dK += dS^T_t Q_t (one pass: and dQ_{t-1})
+        if (kWithDv) {
+          wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+        }
+        if (kWithDk) {
+          wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+        }
+#if FJ_ONE_PASS
+        issue_dq(t - 1);
+#endif
+      };
+      const auto after_second = [&](int t) {
+        if (kWithDv) {
+          pin(dv);
+          pin(prob);
+        }
+        if (kWithDk) {
+          pin(dk);
+          pin(dscore);
+        }
+        q_ring.release(t, lane);
+        dout_ring.release(t, lane);
+#if FJ_ONE_PASS
+        pin(dqt);
+        if (t > 0) add_dq(t - 1);
+#endif
+      };
+      const auto prepare = [&](int t) {
+        if (kWithDv) to_fragments<kBlockN>(prob, st);
+        if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
+#if FJ_ONE_PASS
+        // This consumer's keys of dS_t, for both consumers' dQ_t two steps on.
+        elem_t* const ds = ds_tiles + (t % kDsBuffers) * kBlockN * kBlockM;
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) store_ds_transposed(ds, dscore[kk], warp * 16, kk * 16, lane);
+        fence_async_shared();
+        named_barrier_arrive(kDsBarrier + kDsBuffers * consumer + t % kDsBuffers, 2 * 128);
+#endif
+      };
+#if FJ_ONE_PASS
+      first_turn(consumer);
+      consumer_steps(consumer, tiles, arrive, issue_first, after_first, issue_second, after_second, prepare);
+      wait_for_ds(tiles - 1);
+      wait_turn(consumer);  // the last tile's dQ, in a turn of its own
+      wgmma_fence();
+      issue_dq(tiles - 1);
+      wgmma_commit();
+      pass_turn(consumer);
+      wgmma_wait<0>();
+      pin(dqt);
+      add_dq(tiles - 1);
+      last_turn(consumer);
+#else
+      consumer_schedule(consumer, tiles, arrive, issue_first, after_first, issue_second, after_second, prepare);
+#endif
     }
     if (kWithDk) store_rows<kDimQk>(sp.dk, b, kv_head, keys, sp.seqlen_k, p.head_dim_qk, dk, quad);
     if (kWithDv) store_rows<kDimV>(sp.dv, b, kv_head, keys, sp.seqlen_k, p.head_dim_v, dv, quad);

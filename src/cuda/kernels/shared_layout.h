@@ -35,6 +35,10 @@ struct Carver {
   }
 };
 
+// dS tiles of the one-pass backward: tile t's dS is written after its gradient and read by
+// both consumers' dQ products two steps later (attention_hopper_bwd.cuh says why four).
+constexpr int kOnePassDsBuffers = 4;
+
 // A ring of `buffers` buffers has a full and an empty mbarrier per buffer (pipeline.cuh's Ring).
 FJ_LAYOUT int ring_bytes(int buffers) { return 2 * buffers * kBarrierBytes; }
 
@@ -83,11 +87,14 @@ FJ_LAYOUT HopperBackwardDq hopper_backward_dq(int rows, int block_n, int dim_qk,
 
 // sm_90a dK/dV (attention_hopper_bwd.cuh): the block's K and V rows; Q and dO
 // rings of stages + 1 tiles with each Q tile's float LSE and delta rows; the
-// keys' mbarrier, then the rings'.
+// keys' mbarrier, then the rings'. The one-pass kernel (it also forms dQ) adds
+// `ds_buffers` swizzled tiles of dS (block_n queries x the block's rows of keys)
+// after the dO ring.
 struct HopperBackwardDkDv {
-  int k_tile, v_tile, q_tiles, dout_tiles, lse_tiles, delta_tiles, keys_full, q_ring, dout_ring, bytes;
+  int k_tile, v_tile, q_tiles, dout_tiles, ds_tiles, lse_tiles, delta_tiles, keys_full, q_ring, dout_ring, bytes;
 };
-FJ_LAYOUT HopperBackwardDkDv hopper_backward_dkdv(int rows, int block_n, int dim_qk, int dim_v, int stages) {
+FJ_LAYOUT HopperBackwardDkDv hopper_backward_dkdv(int rows, int block_n, int dim_qk, int dim_v, int stages,
+                                                  int ds_buffers = 0) {
   Carver c;
   HopperBackwardDkDv l{};
   const int buffers = stages + 1;
@@ -95,6 +102,7 @@ FJ_LAYOUT HopperBackwardDkDv hopper_backward_dkdv(int rows, int block_n, int dim
   l.v_tile = c.take(kHalfBytes * rows * dim_v);
   l.q_tiles = c.take(kHalfBytes * buffers * block_n * dim_qk);
   l.dout_tiles = c.take(kHalfBytes * buffers * block_n * dim_v);
+  l.ds_tiles = c.take(kHalfBytes * ds_buffers * block_n * rows);
   l.lse_tiles = c.take(4 * buffers * block_n);
   l.delta_tiles = c.take(4 * buffers * block_n);
   l.keys_full = c.take(kBarrierBytes);

@@ -91,6 +91,11 @@ FJ_DEVICE void pin(T (&values)[kN][4]) {
 template <int kN>
 FJ_DEVICE void wgmma_ss(float (&d)[kN / 8][4], unsigned long long a, unsigned long long b, bool first);
 
+// d[64 x kN] (+)= A B, A MN-major (its 64 rows are columns of a swizzled tile) and B
+// K-major in shared memory; accumulate unless first.
+template <int kN>
+FJ_DEVICE void wgmma_ss_mn_a(float (&d)[kN / 8][4], unsigned long long a, unsigned long long b, bool first);
+
 // d[64 x kN] += A B, A (16 deep) in registers as an mma.m16n8k16 A fragment per
 // warp, B MN-major in shared memory.
 template <int kN>
@@ -132,6 +137,21 @@ FJ_DEVICE void wgmma_fragments_by_rows(float (&d)[kN / 8][4], const unsigned (&a
   const unsigned long long y = fresh(mn_major_descriptor<kDepth>(y_tile, 0));
 #pragma unroll
   for (int kk = 0; kk < kDepth / 16; ++kk) wgmma_rs<kN>(d, a[kk], y + static_cast<unsigned long long>(kk * 16 * kSwizzleBytes >> 4));
+}
+
+// d[64 x kN] = X^T Y for a warpgroup, issued: X's 64 columns of region `region` of a
+// swizzled tile of kDepth rows (MN-major A: the product's rows are X's columns), Y's kN
+// rows from `row` (a multiple of 8) of a tile of kRowsY rows, kDepth columns deep (K-major).
+template <int kRowsY, int kN, int kDepth>
+FJ_DEVICE void wgmma_columns_by_rows(float (&d)[kN / 8][4], const elem_t* x_tile, int region, const elem_t* y_tile,
+                                     int row) {
+  const unsigned long long x = fresh(mn_major_descriptor<kDepth>(x_tile + region * kDepth * kSwizzleElems, 0));
+  const unsigned long long y = fresh(k_major_descriptor<kRowsY, kDepth>(y_tile, row, 0));
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    wgmma_ss_mn_a<kN>(d, x + static_cast<unsigned long long>(kk * 16 * kSwizzleBytes >> 4),
+                      y + k_major_step<kRowsY>(kk), kk == 0);
+  }
 }
 
 // C fragments (float) of a 64 x kN result -> the A fragments of its kN / 16 steps.
