@@ -80,28 +80,36 @@ def fa4_function():
     return flash_attn_func
 
 
-class Impl:
-    """One implementation: its inputs' layout, a forward, and whether it has a backward."""
+# The environment switches a flashjit column may set; a column leaves the others unset.
+SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD")
 
-    def __init__(self, name, forward, layout="bhsd", tiles=None):
-        self.name, self.forward, self.layout, self.tiles = name, forward, layout, tiles
+
+class Impl:
+    """One implementation: its inputs' layout, a forward, and (flashjit's columns) the
+    switches it runs with."""
+
+    def __init__(self, name, forward, layout="bhsd", env=None):
+        self.name, self.forward, self.layout, self.env = name, forward, layout, env or {}
 
     def __enter__(self):
-        self.saved = os.environ.get("FLASHJIT_CUDA_TILES")
-        if self.tiles is not None:
-            os.environ["FLASHJIT_CUDA_TILES"] = self.tiles
-        elif self.saved is not None and self.name.startswith("flashjit"):
-            del os.environ["FLASHJIT_CUDA_TILES"]
+        self.saved = {key: os.environ.get(key) for key in SWITCHES}
+        if self.name.startswith("flashjit"):
+            for key in SWITCHES:
+                if key in self.env:
+                    os.environ[key] = self.env[key]
+                else:
+                    os.environ.pop(key, None)
         return self
 
     def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("FLASHJIT_CUDA_TILES", None)
-        else:
-            os.environ["FLASHJIT_CUDA_TILES"] = self.saved
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def implementations(tiles, fa4=None):
+def implementations(tiles, fa4=None, backward_modes=()):
     def flashjit_sdpa(q, k, v, causal):
         return flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -114,7 +122,9 @@ def implementations(tiles, fa4=None):
     impls = []
     for setting in tiles:
         name = "flashjit" if setting == "default" else f"flashjit[{setting}]"
-        impls.append(Impl(name, flashjit_sdpa, tiles=None if setting == "default" else setting))
+        impls.append(Impl(name, flashjit_sdpa, env={} if setting == "default" else {"FLASHJIT_CUDA_TILES": setting}))
+    for mode in backward_modes:
+        impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env={"FLASHJIT_CUDA_BACKWARD": mode}))
     impls += [Impl("cuDNN", torch_backend(SDPBackend.CUDNN_ATTENTION)),
               Impl("torch-flash", torch_backend(SDPBackend.FLASH_ATTENTION))]
     if fa4 is not None:
@@ -174,8 +184,9 @@ def table(rows, names, forward_only):
     """Markdown: TFLOP/s of every implementation, then flashjit's ratios to cuDNN and FA4."""
     passes = ("fwd",) if forward_only else ("fwd", "bwd")
     header = ["D", "N", "causal"] + [f"{name} {pas}" for pas in passes for name in names]
+    variants = [name for name in names if name.startswith("flashjit[")]
     for pas in passes:
-        header += [f"{pas} vs cuDNN", f"{pas} vs FA4"]
+        header += [f"{pas} vs cuDNN", f"{pas} vs FA4"] + [f"{name} {pas} vs cuDNN" for name in variants]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["D"], str(row["N"]), "yes" if row["causal"] else "no"]
@@ -188,6 +199,7 @@ def table(rows, names, forward_only):
             cudnn = row["tflops"].get("cuDNN", (float("nan"),) * 2)[index]
             fa4 = row["tflops"].get("FA4", (float("nan"),) * 2)[index]
             cells += [ratio(ours, cudnn), ratio(ours, fa4)]
+            cells += [ratio(row["tflops"].get(name, (float("nan"),) * 2)[index], cudnn) for name in variants]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -196,14 +208,27 @@ def peak_memory_mib(impl):
     shape = (1, 16, 8192, 128)
     q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device="cuda", dtype=DTYPE)
-    impl(q, k, v, False).backward(grad)  # warm-up: compile, workspaces
-    q.grad = k.grad = v.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    impl(q, k, v, False).backward(grad)
-    torch.cuda.synchronize()
+    with impl:
+        impl.forward(q, k, v, False).backward(grad)  # warm-up: compile, workspaces
+        q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        impl.forward(q, k, v, False).backward(grad)
+        torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bitwise_repeatable(impl, causal):
+    """Whether two backward passes on the same inputs (B1 H16 N4096 D128) give equal bits."""
+    shape = (1, 4096, 16, 128) if impl.layout == "bshd" else (1, 16, 4096, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
+    with impl:
+        out = impl.forward(q, k, v, causal)
+        grad = torch.randn_like(out)
+        first = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+        second = torch.autograd.grad(out, (q, k, v), grad)
+    return all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def compile_times():
@@ -277,6 +302,9 @@ def main():
                         help="time the forward alone (no backward, memory or compile figures)")
     parser.add_argument("--tiles", nargs="+", default=["default"],
                         help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
+    parser.add_argument("--backward-modes", nargs="+", default=[], choices=["split", "one-pass"],
+                        help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
+                             "(the default column runs with it unset)")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")
     parser.add_argument("--label", default="", help="a tag for the record's file name and title")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
@@ -294,7 +322,7 @@ def main():
     global DTYPE
     DTYPE = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    impls = implementations(args.tiles, None if args.no_fa4 else fa4_function())
+    impls = implementations(args.tiles, None if args.no_fa4 else fa4_function(), args.backward_modes)
     rows = []
     for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in cases(args.quick, args.head_dims, args.seqlens):
         row = {"D": label, "N": seqlen, "causal": causal, "tflops": {}}
@@ -322,8 +350,16 @@ def main():
                 row.setdefault("rounds", {})[name] = [round(v[0], 1) for v in values]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items()}, default=lambda x: round(x, 1)), flush=True)
-    plain = [impl for impl in impls if impl.name in ("flashjit", "cuDNN", "torch-flash")]
-    memory = {} if args.forward_only else {impl.name: peak_memory_mib(impl.forward) for impl in plain}
+    plain = [impl for impl in impls if impl.name in ("flashjit", "cuDNN", "torch-flash")
+             or impl.env.get("FLASHJIT_CUDA_BACKWARD")]
+    memory = {} if args.forward_only else {impl.name: peak_memory_mib(impl) for impl in plain}
+    repeatable = {}
+    if not args.forward_only:
+        for impl in impls:
+            try:
+                repeatable[impl.name] = {causal: bitwise_repeatable(impl, causal) for causal in (False, True)}
+            except Exception as error:
+                print(f"{impl.name} determinism check: {type(error).__name__}: {error}", file=sys.stderr)
     cold, warm = (None, None) if args.forward_only else compile_times()
 
     commit = record_commit()
@@ -346,7 +382,10 @@ def main():
         lines += ["", f"Peak extra memory of forward+backward, B1 H16 N8192 D128 {args.dtype} (MiB): " +
                   ", ".join(f"{name} {value:.0f}" for name, value in memory.items()), "",
                   f"Kernel compile (cold, bf16 D128 forward): {cold:.2f} s; load from a warm disk cache: "
-                  f"{warm * 1e3:.1f} ms"]
+                  f"{warm * 1e3:.1f} ms", "",
+                  "Backward bitwise equal over two passes on the same inputs (B1 H16 N4096 D128; non-causal, "
+                  "causal): " + ", ".join(f"{name} {'/'.join('yes' if same else 'no' for same in by.values())}"
+                                          for name, by in repeatable.items())]
     text = "\n".join(lines) + "\n"
     print(text)
     label = "-".join(x for x in (args.label, "fp16" if args.dtype == "float16" else "") if x)

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
 #include "cuda/settings.hpp"
@@ -242,6 +243,32 @@ TEST_F(CudaCompile, OnePassBackwardCompilesForSm90) {
   const std::vector<KernelSpec> wide = backward_kernels(sm90_traits(FJ_BFLOAT16, 256), true);
   for (const KernelSpec& spec : wide) EXPECT_FALSE(spec.one_pass) << spec.name();
   EXPECT_EQ(wide.size(), 4u);  // prep, dQ, dV, dK
+}
+
+// FLASHJIT_CUDA_BACKWARD: one-pass or split (the default); anything else is an error naming it.
+TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
+  using namespace flashjit::cuda;
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  EXPECT_FALSE(settings::one_pass_backward());
+  setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
+  EXPECT_FALSE(settings::one_pass_backward());
+  setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
+  EXPECT_TRUE(settings::one_pass_backward());
+  setenv("FLASHJIT_CUDA_BACKWARD", "fast", 1);
+  try {
+    settings::one_pass_backward();
+    ADD_FAILURE() << "no error for FLASHJIT_CUDA_BACKWARD=fast";
+  } catch (const flashjit::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("FLASHJIT_CUDA_BACKWARD"), std::string::npos) << error.what();
+  }
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  // The one pass is sm_90a's: elsewhere the usual kernels.
+  KernelTraits ampere = sm90_traits(FJ_BFLOAT16, 128);
+  ampere.arch = 80;
+  for (const KernelSpec& spec : backward_kernels(ampere, true)) EXPECT_FALSE(spec.one_pass) << spec.name();
+  const std::vector<KernelSpec> split = backward_kernels(sm90_traits(FJ_BFLOAT16, 128));
+  ASSERT_EQ(split.size(), 3u);  // prep, dQ, dK/dV
+  EXPECT_FALSE(split[2].one_pass);
 }
 
 // Every forward epilogue and Q ring the tile override can pick compiles for

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one-pass backward on the GPU machine in one call: build; the one-pass tests and
+# test_attention.py under FLASHJIT_CUDA_BACKWARD=one-pass; compute-sanitizer memcheck and
+# racecheck on small cases with it; then the backward benchmark with a one-pass column beside the
+# default (split) one, cuDNN and torch-flash (and FA4 where its wheels are installed), its record
+# with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
+# (default /tmp/flashjit-backward).
+#   bash scripts/gpu_backward.sh [--no-tests] [--no-sanitizer] [--no-fa4] [--rounds R]
+#        [--head-dims D ...] [--seqlens N ...]
+OUT=${OUT:-/tmp/flashjit-backward}
+source "$(dirname "$0")/gpu_common.sh"
+tests=1 sanitizer=1 bench_args=()
+while (($#)); do
+  case $1 in
+    --no-tests) tests=0 ;;
+    --no-sanitizer) sanitizer=0 ;;
+    --no-fa4) bench_args+=(--no-fa4) ;;
+    --rounds) shift; bench_args+=(--rounds "$1") ;;
+    --head-dims|--seqlens) flag=$1; shift; bench_args+=("$flag")
+      while (($#)) && [[ $1 != --* ]]; do bench_args+=("$1"); shift; done; continue ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+  shift
+done
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+
+step "build"
+build
+
+if ((tests)); then
+  step "test_one_pass_backward.py"
+  FLASHJIT_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests/python/test_one_pass_backward.py -q -x -n 8 2>&1 \
+    | tee "$OUT/pytest-one-pass.log" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  step "test_attention.py with FLASHJIT_CUDA_BACKWARD=one-pass"
+  FLASHJIT_CUDA_BACKWARD=one-pass FLASHJIT_TEST_DEVICE=cuda timeout 300 python3 -m pytest \
+    tests/python/test_attention.py -q -x -n 8 2>&1 | tee "$OUT/pytest-attention-one-pass.log" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if ((sanitizer)); then
+  step "compute-sanitizer memcheck, FLASHJIT_CUDA_BACKWARD=one-pass"
+  FLASHJIT_CUDA_BACKWARD=one-pass timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python3 scripts/sanitizer_cases.py >"$OUT/memcheck-one-pass.log" 2>&1 || status=1
+  tail -3 "$OUT/memcheck-one-pass.log"
+  # racecheck also reports the kernels' mbarrier handoffs (scripts/gpu_check.sh says why): the
+  # hazards are listed by place, to see whether any is new against the split backward's.
+  for mode in split one-pass; do
+    step "compute-sanitizer racecheck, FLASHJIT_CUDA_BACKWARD=$mode"
+    FLASHJIT_CUDA_BACKWARD=$mode timeout 240 compute-sanitizer --tool racecheck python3 scripts/sanitizer_cases.py \
+      >"$OUT/racecheck-$mode.log" 2>&1 || status=1
+    grep -E "^========= (Error|Warning): Race" "$OUT/racecheck-$mode.log" | sed -E 's/\+0x[0-9a-f]+//' | sort \
+      | uniq -c | head -10
+  done
+fi
+
+step "backward benchmark: split (default) and one-pass"
+timeout 540 python3 bench/gpu_attention.py --out "$OUT" --backward-modes one-pass "${bench_args[@]}" \
+  >"$OUT/bench.log" 2>&1 || status=1
+grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
+echo "backward status: $status"
+exit $status

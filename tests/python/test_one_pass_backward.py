@@ -1,0 +1,104 @@
+"""The one-pass sm_90a backward (FLASHJIT_CUDA_BACKWARD=one-pass): the dK/dV kernel also forms
+dQ, summing each query tile's dQ over the key blocks in float32 in a fixed order. Gradients
+against the float64 reference for every feature, dQ rows written even where no key block sees
+them (outputs poisoned first), bitwise equal across runs, and the plan really is the one-pass
+one (its workspace holds the float32 dQ sums). Runs on an sm_90 GPU; skipped elsewhere."""
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import _C
+from conftest import DEVICE
+from test_attention import run
+
+sm90 = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available()
+                          or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
+pytestmark = sm90
+
+
+@pytest.fixture(autouse=True)
+def one_pass(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
+
+
+def options(causal=0, window_left=-1, window_right=-1, dropout_p=0.0, seed=0):
+    if causal:
+        window_right = 0
+    return dict(mask=None, scale=None, softcap=0.0, causal=causal, window_left=window_left,
+                window_right=window_right, dropout_p=dropout_p, seed=seed, offset=0, num_threads=0)
+
+
+def poisoned_backward(q, k, v, dout, **kw):
+    """_C.forward then _C.backward into NaN-filled gradients; returns (workspace bytes, dq, dk, dv)."""
+    B, Hq, Sq, _ = q.shape
+    o = torch.full((B, Hq, Sq, v.shape[-1]), float("nan"), device=DEVICE, dtype=q.dtype)
+    lse = torch.full((B, Hq, Sq), float("nan"), device=DEVICE, dtype=torch.float32)
+    stream = torch.cuda.current_stream().cuda_stream
+    _C.forward(q, k, v, o, lse, stream=stream, **kw)
+    grads = [torch.full_like(x, float("nan")) for x in (q, k, v)]
+    size = _C.backward(q, k, v, o, lse, dout, *grads, prepare=True, stream=stream, **kw)
+    _C.backward(q, k, v, o, lse, dout, *grads, stream=stream, **kw)
+    torch.cuda.synchronize()
+    return size, grads
+
+
+@pytest.mark.parametrize("D", [64, 96, 128])
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(causal="top_left"),
+    dict(causal="bottom_right", Sq=300, Sk=700),
+    dict(causal="bottom_right", Sq=700, Sk=300),  # the first 400 rows see no key
+    dict(window=(64, 0)),
+    dict(window=(40, 90), Sq=500, Sk=450),
+    dict(Hq=8, Hkv=2, causal="top_left"),
+    dict(mask="bool", dropout_p=0.2, softcap=5.0, scale=0.3),
+], ids=lambda case: ",".join(f"{key}={value}" for key, value in case.items()) or "plain")
+def test_gradients_match_the_reference(D, case):
+    case = dict(case)
+    Sq, Sk = case.pop("Sq", 520), case.pop("Sk", 650)  # several key blocks, partial tiles at the ends
+    if case.get("mask") == "bool":
+        case["mask"] = torch.rand(1, 2, Sq, Sk) > 0.2
+    run(B=2, Hq=case.pop("Hq", 2), Hkv=case.pop("Hkv", 1), Sq=Sq, Sk=Sk, D=D, dtype=torch.bfloat16, **case)
+
+
+def test_plan_is_one_pass_and_every_row_is_written():
+    torch.manual_seed(0)
+    B, H, Sq, Sk, D = 2, 3, 700, 300, 128
+    q = torch.randn(B, H, Sq, D, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, Sk, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    for causal in (0, 2):  # none, and bottom-right: rows 0..399 see no key
+        size, (dq, dk, dv) = poisoned_backward(q, k, v, dout, **options(causal))
+        assert size >= 4 * B * H * Sq * D, "the one-pass plan's workspace holds dQ's float32 sums"
+        for name, x in (("dq", dq), ("dk", dk), ("dv", dv)):
+            assert not torch.isnan(x).any(), f"{name} has rows the backward left unwritten"
+        if causal:
+            assert torch.count_nonzero(dq[:, :, :Sq - Sk]) == 0
+
+
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_bitwise_reproducible_and_close_to_the_split_backward(causal, monkeypatch):
+    torch.manual_seed(1)
+    # 16 key blocks a head over 6 heads of 3 groups: blocks wait on one another for each tile.
+    q = torch.randn(2, 6, 2048, 128, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 3, 2048, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    o, lse = flashjit.attention(q, k, v, causal=causal, return_lse=True)
+    dout = torch.randn_like(o)
+    first = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
+    for _ in range(3):
+        again = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")
+    split = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
+    for name, a, b in zip(("dq", "dk", "dv"), first, split):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 0.02 * scale, name
+
+
+def test_bad_setting_is_named(monkeypatch):
+    q = torch.randn(1, 2, 64, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    o = flashjit.attention(q, q, q)
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="FLASHJIT_CUDA_BACKWARD"):
+        o.sum().backward()
