@@ -33,13 +33,6 @@ struct KernelParams {
   void* lse_log2;                        // sm_90a backward scratch: LSE * log2(e) (+inf: no key), same layout
   long long scratch_pitch;               // seqlen_q (mma.sync), or rounded up to whole query tiles (sm_90a;
                                          // FJ_VARLEN: a dQ tile's rows, sequence_params gives a sequence's)
-  // The one-pass sm_90a backward (FJ_ONE_PASS): dQ's float32 partial sums, for each (batch,
-  // query head, query tile of the kernel's block_n rows) two chunks, one a consumer warpgroup, in
-  // its accumulator's fragment order; and a counter a chunk, which orders the key blocks' adds
-  // (zeroed by the prep kernel). dq_tiles: query tiles a head.
-  float* dq_accum;
-  int* dq_semaphore;
-  long long dq_tiles;
   const void* mask;                      // [b, h, i, j] with zero strides on broadcast dims
   long long mask_stride[4];
 
@@ -122,6 +115,14 @@ struct KernelParams {
   long long page_table_stride;
   int page_size;
   int num_pages;  // FJ_KV_CACHE 2: page indices are clamped into 0 .. num_pages - 1 (page_of)
+
+  // The one-pass sm_90a backward (FJ_ONE_PASS): dQ's float32 partial sums, for each (batch,
+  // query head, query tile of the kernel's block_n rows) two chunks, one a consumer warpgroup, in
+  // its accumulator's fragment order; and a counter a chunk, which orders the key blocks' adds
+  // (zeroed by the prep kernel). dq_tiles: query tiles a head.
+  float* dq_accum;
+  int* dq_semaphore;
+  long long dq_tiles;
 };
 
 constexpr int kVarlenFields = 7;
