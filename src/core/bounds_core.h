@@ -43,4 +43,41 @@ FJ_HOST_DEVICE bool key_visible(int64_t query, int64_t key, int64_t diagonal_shi
   return (window_left < 0 || shifted >= -window_left) && (window_right < 0 || shifted <= window_right);
 }
 
+// The query tiles the one-pass backward's key blocks walk (the sm_90a dK/dV kernel): block b
+// holds keys b * block_rows .. + block_rows - 1 (the last block fewer) and, if any query sees one
+// of them, walks the tiles of tile_rows queries from the one holding its first visible query to
+// its last visible query. Both ends never fall as b grows, so the blocks that visit a tile are
+// consecutive; the one-pass backward adds their shares of a tile's dQ in ascending block order
+// (attention_hopper_bwd.cuh).
+struct KeyBlockSpans {
+  int64_t block_rows, tile_rows, diagonal_shift, window_left, window_right, seqlen_q, seqlen_k;
+
+  FJ_HOST_DEVICE int64_t blocks() const { return (seqlen_k + block_rows - 1) / block_rows; }
+  // Block b's first visible query, the first row of its first tile, and one past its last visible
+  // query; it sees a query when the first is below the last (keys are consecutive and a key's
+  // window is at least one query wide, so no block spans from keys before every query to keys
+  // after them all).
+  FJ_HOST_DEVICE int64_t query_begin(int64_t b) const {
+    return visible_query_begin(b * block_rows, diagonal_shift, window_right, seqlen_q);
+  }
+  FJ_HOST_DEVICE int64_t first_tile(int64_t b) const { return query_begin(b) / tile_rows * tile_rows; }
+  FJ_HOST_DEVICE int64_t query_end(int64_t b) const {
+    const int64_t end = (b + 1) * block_rows < seqlen_k ? (b + 1) * block_rows : seqlen_k;
+    return visible_query_end(end - 1, diagonal_shift, window_left, seqlen_q);
+  }
+  // Whether block b walks the tile of queries from `start` (a multiple of tile_rows).
+  FJ_HOST_DEVICE bool visits(int64_t b, int64_t start) const {
+    return b >= 0 && b < blocks() && query_begin(b) < query_end(b) && first_tile(b) <= start && start < query_end(b);
+  }
+  // The lowest block that visits tile `start`, searched down from `from`, a block no lower than it
+  // and no higher than a visitor. A block below a visitor starts its walk no later and, if its last
+  // visible query passes the tile's start, sees a query (else every key of the block would come
+  // after every query, and so would the visitor's), so that comparison alone decides (no division
+  // in the loop).
+  FJ_HOST_DEVICE int64_t lowest_visitor(int64_t from, int64_t start) const {
+    while (from > 0 && query_end(from - 1) > start) --from;
+    return from;
+  }
+};
+
 }  // namespace flashjit

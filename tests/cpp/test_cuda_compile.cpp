@@ -228,8 +228,14 @@ TEST_F(CudaCompile, OnePassBackwardCompilesForSm90) {
           traits.mask = flashjit::MaskKind::kBool;
           traits.mask_dtype = FJ_BOOL;
         }
-        const std::vector<KernelSpec> specs = backward_kernels(traits, true);
+        std::vector<KernelSpec> specs = backward_kernels(traits, true);
         ASSERT_EQ(specs.size(), 2u);
+        if (head_dim == 64) {  // and a wider V: 16 queries a step with the extras, 8 a consumer
+          KernelTraits wide_v = traits;
+          wide_v.head_dim_v = 128;
+          specs.push_back(backward_kernels(wide_v, true).back());
+          EXPECT_TRUE(specs.back().one_pass) << specs.back().name();
+        }
         EXPECT_EQ(specs[0].entry, KernelEntry::kBackwardPrep);
         EXPECT_TRUE(specs[1].one_pass) << specs[1].name();
         EXPECT_NE(specs[1].name().find("_one-pass"), std::string::npos) << specs[1].name();

@@ -1,10 +1,12 @@
 // Forward and backward give bit-identical results across runs and thread counts.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "core/bounds_core.h"
 #include "harness.hpp"
 
 namespace flashjit::testing {
@@ -57,6 +59,74 @@ TEST(Determinism, SeedWordsReplaceSeedAndOffset) {
   options.dropout_seed_words = bytes + 1;
   ASSERT_EQ(t.forward(options), FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("dropout_seed_words"), std::string::npos) << fj_last_error();
+}
+
+// The one-pass CUDA backward adds each query tile's dQ shares in ascending key-block order
+// (KeyBlockSpans, shared with attention_hopper_bwd.cuh). Over causal alignments, windows and
+// lengths: the blocks that visit a tile are consecutive; the kernel's walk (each block's tiles
+// from the last down, the lowest visitor carried from tile to tile) gives every visitor of a tile
+// a distinct rank 0 .. count - 1, the last one rank count - 1 and nobody else "last"; and every
+// query row that sees a key lies in a visited tile (the others' dQ rows are zeros, written apart).
+TEST(OnePassOrder, VisitorsOfEveryTileAreRankedOnceInBlockOrder) {
+  struct Case {
+    int64_t shift, left, right, seqlen_q, seqlen_k;
+  };
+  std::vector<Case> cases;
+  for (int64_t seqlen_q : {1, 31, 128, 300, 700}) {
+    for (int64_t seqlen_k : {1, 100, 128, 333, 1000}) {
+      for (int64_t align : {0, 1}) {  // top-left, bottom-right diagonal
+        const int64_t shift = align ? seqlen_k - seqlen_q : 0;
+        cases.push_back({shift, -1, -1, seqlen_q, seqlen_k});    // no bounds
+        cases.push_back({shift, -1, 0, seqlen_q, seqlen_k});     // causal
+        cases.push_back({shift, 64, 0, seqlen_q, seqlen_k});     // causal sliding window
+        cases.push_back({shift, 40, 90, seqlen_q, seqlen_k});    // two-sided window
+        cases.push_back({shift, 0, -1, seqlen_q, seqlen_k});     // keys from the diagonal on
+        cases.push_back({shift, 3, 5, seqlen_q, seqlen_k});      // a narrow band
+      }
+    }
+  }
+  for (const Case& c : cases) {
+    for (int64_t tile_rows : {16, 32, 64}) {
+      const KeyBlockSpans spans{128, tile_rows, c.shift, c.left, c.right, c.seqlen_q, c.seqlen_k};
+      const int64_t tiles = (c.seqlen_q + tile_rows - 1) / tile_rows;
+      const std::string where = "shift " + std::to_string(c.shift) + " window " + std::to_string(c.left) + "/" +
+                                std::to_string(c.right) + " Sq " + std::to_string(c.seqlen_q) + " Sk " +
+                                std::to_string(c.seqlen_k) + " tile " + std::to_string(tile_rows);
+      std::vector<std::vector<int64_t>> ranks(tiles), lasts(tiles);
+      for (int64_t block = 0; block < spans.blocks(); ++block) {
+        const int64_t first = spans.first_tile(block), end = spans.query_end(block);
+        const bool walks = spans.query_begin(block) < end;  // as the kernel's tiles_per_head
+        int64_t lowest = block;
+        for (int64_t start = walks && end > first ? (end - 1) / tile_rows * tile_rows : -1; start >= first;
+             start -= tile_rows) {  // the kernel's walk
+          ASSERT_TRUE(spans.visits(block, start)) << where;
+          lowest = spans.lowest_visitor(lowest, start);
+          ranks[start / tile_rows].push_back(block - lowest);
+          if (!spans.visits(block + 1, start)) lasts[start / tile_rows].push_back(block);
+        }
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        std::vector<int64_t> visitors;
+        for (int64_t block = 0; block < spans.blocks(); ++block) {
+          if (spans.visits(block, t * tile_rows)) visitors.push_back(block);
+        }
+        for (size_t i = 1; i < visitors.size(); ++i) ASSERT_EQ(visitors[i], visitors[i - 1] + 1) << where;
+        std::vector<int64_t> sorted = ranks[t];
+        std::sort(sorted.begin(), sorted.end());
+        for (size_t i = 0; i < sorted.size(); ++i) ASSERT_EQ(sorted[i], int64_t(i)) << where << " tile " << t;
+        ASSERT_EQ(sorted.size(), visitors.size()) << where;
+        if (visitors.empty()) {
+          ASSERT_TRUE(lasts[t].empty()) << where;
+          for (int64_t i = t * tile_rows; i < std::min((t + 1) * tile_rows, c.seqlen_q); ++i) {
+            ASSERT_GE(visible_key_begin(i, c.shift, c.left, c.seqlen_k), visible_key_end(i, c.shift, c.right, c.seqlen_k))
+                << where << ": row " << i << " sees a key but no block visits its tile";
+          }
+        } else {
+          ASSERT_EQ(lasts[t], std::vector<int64_t>{visitors.back()}) << where << " tile " << t;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace

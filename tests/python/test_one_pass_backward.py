@@ -53,6 +53,8 @@ def poisoned_backward(q, k, v, dout, **kw):
     dict(window=(40, 90), Sq=500, Sk=450),
     dict(Hq=8, Hkv=2, causal="top_left"),
     dict(mask="bool", dropout_p=0.2, softcap=5.0, scale=0.3),
+    dict(Dv=128, dropout_p=0.1),  # at D 64: 16 queries a step, 8 a consumer
+    dict(causal="top_left", Sq=100, Sk=1000),  # key blocks no query sees walk nothing
 ], ids=lambda case: ",".join(f"{key}={value}" for key, value in case.items()) or "plain")
 def test_gradients_match_the_reference(D, case):
     case = dict(case)

@@ -24,7 +24,9 @@
 //     transposed: [queries][keys], K-major), and two steps later, when the other
 //     consumer's half is surely written, multiplies
 //       dQ_t^T = K^T dS_t^T                 wgmma, K MN-major, dS K-major
-//     for its share (head dim 128: 64 of dQ's columns; 64: half the queries). The
+//     for its share (head dim 128: 64 of dQ's columns; 64: half the queries). Four dS
+//     buffers: the other consumer may finish reading dS_t as late as its step t + 2,
+//     which can come after this consumer's turn of step t + 3. The
 //     partial sums of a query tile's dQ meet in float32 in global memory in a fixed
 //     order, so that the result is bitwise reproducible: the key blocks that see a
 //     tile add in ascending order, each waiting on a counter a chunk until the
@@ -246,7 +248,7 @@ static_assert(kWithDv && kWithDk && (kDimQk == 64 || kDimQk == 128), "one pass: 
 // A consumer's share of dQ_t^T: head dim 128, 64 of the columns for every query of the
 // step; 64, every column for half the queries.
 constexpr int kDqQueries = kDimQk == 128 ? kBlockN : kBlockN / 2;
-static_assert(kDqQueries % 16 == 0, "whole 16-row groups of dS a consumer");
+static_assert(kDqQueries % 8 == 0, "whole 8-row groups of the dS tile a consumer (wgmma n8 and up)");
 constexpr int kDqChunk = 128 * kDqQueries / 2;  // floats a consumer adds a tile: 128 threads' accumulators
 constexpr int kDsBuffers = layout::kOnePassDsBuffers;
 // Named barriers past the turns (pipeline.cuh: 1, 2): dS_t of consumer c written, one for
@@ -340,8 +342,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // one pass, from the last query tile down with the group's heads inside: head member
   // t % group_size, query tile tiles_per_head - 1 - t / group_size.
   const long long first_tile = query_lo / kBlockN * kBlockN;
-  const int tiles_per_head =
-      query_hi > first_tile ? static_cast<int>((query_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
+  // (One pass: a block no query sees walks nothing, rather than the last partial tile, so that it
+  // does not join that tile's chain of adds: KeyBlockSpans::visits.)
+  const int tiles_per_head = query_hi > first_tile && (!kOnePass || query_hi > query_lo)
+                                 ? static_cast<int>((query_hi - first_tile + kBlockN - 1) / kBlockN)
+                                 : 0;
   const int tiles = tiles_per_head * p.group_size;
   const auto tile_head = [&](int t) {
     return kv_head * p.group_size + (kOnePass ? t % p.group_size : t / tiles_per_head);
@@ -403,9 +408,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_ONE_PASS
       float dqt[kDqQueries / 8][4];  // this consumer's share of dQ_t^T: rows head dims, columns queries
       zero(dqt);
-      int first_block = block;       // the first key block that sees the tile being added (added_tile)
-      long long next_first_tile = 0x7fffffffffffffffLL;  // block + 1's first query tile
-      if (block + 1 < sp.num_key_blocks) next_first_tile = query_begin(sp, first_key + kBlockM) / kBlockN * kBlockN;
+      const KeyBlockSpans spans{kBlockM, kBlockN, sp.diagonal_shift, sp.window_left, sp.window_right, sp.seqlen_q,
+                                sp.seqlen_k};
+      long long first_block = block;  // the lowest block that visits the tile add_dq adds (tiles go down)
+      // Whether block + 1 visits a tile: found once, so that a step tests two numbers.
+      long long above_first = 0, above_end = 0;
+      if (block + 1 < spans.blocks() && spans.query_begin(block + 1) < spans.query_end(block + 1)) {
+        above_first = spans.first_tile(block + 1);
+        above_end = spans.query_end(block + 1);
+      }
       // Until the other consumer's keys of dS_t are in: before the turn that issues dQ_t (a
       // barrier between the turn's fence and its wgmma would serialise them).
       const auto wait_for_ds = [&](int t) {
@@ -424,11 +435,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const long long start = tile_start(t);
         const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
         const long long chunk_index = (batch_head * p.dq_tiles + start / kBlockN) * kConsumers + consumer;
-        while (first_block > 0 && query_end(sp, static_cast<long long>(first_block) * kBlockM - 1) > start) {
-          --first_block;  // block first_block - 1 sees the tile too (tiles go down: first_block never rises)
-        }
-        const int rank = block - first_block;
-        const bool last = start < next_first_tile;
+        first_block = spans.lowest_visitor(first_block, start);
+        const int rank = static_cast<int>(block - first_block);
+        const bool last = !(above_first <= start && start < above_end);  // spans.visits(block + 1, start)
         const int thread = threadIdx.x % 128;
         float* const chunk = p.dq_accum + chunk_index * kDqChunk;
         int* const counter = p.dq_semaphore + chunk_index;
