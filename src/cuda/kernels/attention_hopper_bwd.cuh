@@ -30,10 +30,12 @@
 //     partial sums of a query tile's dQ meet in float32 in global memory in a fixed
 //     order, so that the result is bitwise reproducible: the key blocks that see a
 //     tile add in ascending order, each waiting on a counter a chunk until the
-//     blocks before it have added; the first stores, the last adds what is there
-//     to its own and writes dQ. Blocks walk their query tiles from the last down,
-//     heads of a group inside, so that every block of a head meets a tile at about
-//     the same step (a lag of a step a block, not a block's whole span), and a
+//     blocks before it have added (a block counts its adds to a tile when it next
+//     adds, so that the fence before the count finds them done); the first stores,
+//     the last adds what is there to its own and writes dQ. Blocks walk their
+//     query tiles from the last down, heads of a group inside, so that every block
+//     of a head meets a tile at about the same step (a lag of two steps a block,
+//     not a block's whole span), and a
 //     block waits only on blocks of lower index, launched before it.
 //
 // A tile that serves two steps (K_j in dQ, Q_t and dO_t in dK/dV) has a ring of
@@ -429,6 +431,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             dqt, k_tile, kDimQk == 128 ? consumer : 0, ds_tiles + ((t + kDsBuffers) % kDsBuffers) * kBlockN * kBlockM,
             kDimQk == 128 ? 0 : consumer * kDqQueries);
       };
+      // The counter of the tile this consumer last added to (not as its last visitor), released at
+      // the next add: by then the adds have long reached L2, so the fence that orders them before
+      // the count costs little (released at once, it stalled the consumer for the adds' round trip
+      // every step). The block above waits a step longer for the tile; it waits on nothing else.
+      int* pending = nullptr;
+      const auto release_pending = [&] {
+        if (pending == nullptr) return;
+        __threadfence();  // this thread's adds, before the count that releases them
+        named_barrier_sync(kAddBarrier + consumer, 128);
+        if (threadIdx.x % 128 == 0) add_release(pending, 1);
+        pending = nullptr;
+      };
       // Tile t's dQ^T share into the tile's sum, in key-block order (the file's head comment).
       const auto add_dq = [&](int t) {
         const int h = tile_head(t);
@@ -441,6 +455,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int thread = threadIdx.x % 128;
         float* const chunk = p.dq_accum + chunk_index * kDqChunk;
         int* const counter = p.dq_semaphore + chunk_index;
+        release_pending();  // before any wait: the blocks above may be waiting for it
         if (rank > 0) {
           if (thread == 0) {
             while (load_acquire(counter) != rank) {
@@ -475,9 +490,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
               add_float4(chunk + (n * 128 + thread) * 4, dqt[n]);
             }
           }
-          __threadfence();  // this thread's adds, before the count that releases them
-          named_barrier_sync(kAddBarrier + consumer, 128);
-          if (thread == 0) add_release(counter, 1);
+          pending = counter;
         }
       };
 #endif
@@ -571,6 +584,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       wgmma_wait<0>();
       pin(dqt);
       add_dq(tiles - 1);
+      release_pending();
       last_turn(consumer);
 #else
       consumer_schedule(consumer, tiles, arrive, issue_first, after_first, issue_second, after_second, prepare);
