@@ -23,21 +23,13 @@ while (($#)); do
   shift
 done
 
-step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
-
-step "build"
-build
+device_and_build
 
 if ((tests)); then
   step "test_one_pass_backward.py"
-  FLASHJIT_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests/python/test_one_pass_backward.py -q -x -n 8 2>&1 \
-    | tee "$OUT/pytest-one-pass.log" | tail -8
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  cuda_pytest pytest-one-pass.log 240 tests/python/test_one_pass_backward.py
   step "test_attention.py with FLASHJIT_CUDA_BACKWARD=one-pass"
-  FLASHJIT_CUDA_BACKWARD=one-pass FLASHJIT_TEST_DEVICE=cuda timeout 300 python3 -m pytest \
-    tests/python/test_attention.py -q -x -n 8 2>&1 | tee "$OUT/pytest-attention-one-pass.log" | tail -8
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-attention-one-pass.log 300 tests/python/test_attention.py
 fi
 
 if ((sanitizer)); then

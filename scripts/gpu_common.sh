@@ -12,6 +12,22 @@ step() { echo; echo "==== $* ($(date +%T))"; }
 build() {
   python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 }
+# The first steps of a study: the device with its clocks, then the build.
+device_and_build() {
+  step "device"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  step "build"
+  build
+}
+# cuda_pytest LOG SECONDS ARGS...: pytest on CUDA (8 workers, stop at the first failure) within
+# SECONDS, its log in $OUT/LOG and its tail shown; a failure fails the script. Switches set before
+# the call (FLASHJIT_CUDA_...=value cuda_pytest ...) reach the tests.
+cuda_pytest() {
+  local log=$1 seconds=$2
+  shift 2
+  FLASHJIT_TEST_DEVICE=cuda timeout "$seconds" python3 -m pytest "$@" -q -x -n 8 2>&1 | tee "$OUT/$log" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+}
 # The KV-cache decoding batch of bench/varlen.py --decode (16 sequences of 1k-8k keys, GQA 32/8,
 # D 128, 64-key pages), its log in $OUT/$1 and its table printed.
 kvcache_bench() {

@@ -21,17 +21,11 @@ while (($#)); do
 done
 ((${#tiles[@]})) || tiles=(default)
 
-step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
-
-step "build"
-build
+device_and_build
 
 if ((tests)); then
   step "test_attention.py (FLASHJIT_TEST_DEVICE=cuda)"
-  FLASHJIT_TEST_DEVICE=cuda timeout 300 python3 -m pytest tests/python/test_attention.py -q -x -n 8 2>&1 \
-    | tee "$OUT/pytest-attention.log" | tail -8
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  cuda_pytest pytest-attention.log 300 tests/python/test_attention.py
 fi
 
 if ((memcheck)); then
