@@ -278,6 +278,16 @@ FJ_DEVICE int load_acquire(const int* address) {
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
   return value;
 }
+// A trap out of line: inlined, ptxas reserves for it in the whole kernel and spills.
+__device__ __noinline__ void trap_stuck_wait() { __trap(); }
+// Until the counter reaches `count`: spinning, then napping; a wait of seconds can only be a
+// bug in the blocks' order, and traps (a launch error) rather than hang the device.
+FJ_DEVICE void wait_for_count(const int* counter, int count) {
+  for (unsigned tries = 0; load_acquire(counter) != count; ++tries) {
+    if (tries >= 64) __nanosleep(100);
+    if (tries == (1u << 25)) trap_stuck_wait();
+  }
+}
 FJ_DEVICE void add_release(int* address, int value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
 }
@@ -457,10 +467,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         int* const counter = p.dq_semaphore + chunk_index;
         release_pending();  // before any wait: the blocks above may be waiting for it
         if (rank > 0) {
-          if (thread == 0) {
-            while (load_acquire(counter) != rank) {
-            }
-          }
+          if (thread == 0) wait_for_count(counter, rank);
           named_barrier_sync(kAddBarrier + consumer, 128);
         }
         if (last) {
