@@ -14,7 +14,7 @@ Timing: each sample is a run of calls back to back between two CUDA events (the
 host enqueues ahead of the GPU, so the figure is the GPU's time per call; the
 host's own time per call is bench/overhead.py's subject), median of samples
 after warm-up, fresh random inputs per case. Also the peak extra memory of
-forward+backward at B1 H16 N8192 D128, and the kernel compile and disk-load times.
+forward+backward at B1 H16 N8192 D128 causal, and the kernel compile and disk-load times.
 
     python bench/gpu_attention.py --out bench/results
     python bench/gpu_attention.py --forward-only --tiles default n=160 "o=direct,q=1"
@@ -209,12 +209,12 @@ def peak_memory_mib(impl):
     q, k, v = (torch.randn(shape, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device="cuda", dtype=DTYPE)
     with impl:
-        impl.forward(q, k, v, False).backward(grad)  # warm-up: compile, workspaces
+        impl.forward(q, k, v, True).backward(grad)  # warm-up: compile, workspaces
         q.grad = k.grad = v.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        impl.forward(q, k, v, False).backward(grad)
+        impl.forward(q, k, v, True).backward(grad)
         torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -379,7 +379,7 @@ def main():
                 "round's forward figure in the run's log)" if args.rounds > 1 else ""),
              ""] + table(rows, names, args.forward_only)
     if not args.forward_only:
-        lines += ["", f"Peak extra memory of forward+backward, B1 H16 N8192 D128 {args.dtype} (MiB): " +
+        lines += ["", f"Peak extra memory of forward+backward, B1 H16 N8192 D128 causal {args.dtype} (MiB): " +
                   ", ".join(f"{name} {value:.0f}" for name, value in memory.items()), "",
                   f"Kernel compile (cold, bf16 D128 forward): {cold:.2f} s; load from a warm disk cache: "
                   f"{warm * 1e3:.1f} ms", "",
