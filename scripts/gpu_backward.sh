@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one-pass backward on the GPU machine in one call: build; the one-pass tests and
-# test_attention.py under FLASHJIT_CUDA_BACKWARD=one-pass; compute-sanitizer memcheck and
+# The one-pass backward on the GPU machine in one call: build; the one-pass tests, and
+# test_attention.py and test_varlen.py under FLASHJIT_CUDA_BACKWARD=one-pass; compute-sanitizer memcheck and
 # racecheck on small cases with it; then the backward benchmark with a one-pass column beside the
 # default (split) one, cuDNN and torch-flash (and FA4 where its wheels are installed), its record
 # with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
@@ -30,6 +30,8 @@ if ((tests)); then
   cuda_pytest pytest-one-pass.log 240 tests/python/test_one_pass_backward.py
   step "test_attention.py with FLASHJIT_CUDA_BACKWARD=one-pass"
   FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-attention-one-pass.log 300 tests/python/test_attention.py
+  step "test_varlen.py with FLASHJIT_CUDA_BACKWARD=one-pass (a variable-length batch in one launch)"
+  FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-varlen-one-pass.log 240 tests/python/test_varlen.py
 fi
 
 if ((sanitizer)); then

@@ -811,6 +811,26 @@ std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& 
   return specs;
 }
 
+// The one-pass backward's scratch beside the rows' (KernelParams::dq_accum): dQ's float32 sums,
+// head_dim_qk floats a scratch row, then two counters a tile of block_n scratch rows; none for
+// other kernels.
+struct OnePassScratch {
+  size_t accum_floats = 0, counters = 0;
+  OnePassScratch(const KernelSpec& dkdv, int64_t scratch_rows) {
+    if (!dkdv.one_pass) return;
+    accum_floats = size_t(scratch_rows) * size_t(dkdv.head_dim_qk);
+    counters = size_t(ceil_div(scratch_rows, dkdv.block_n)) * 2;
+  }
+  size_t bytes() const { return accum_floats * sizeof(float) + counters * sizeof(int); }
+  // Points the kernels at it, from `base` (16-byte aligned).
+  void place(KernelParams& params, char* base) const {
+    if (counters == 0) return;
+    params.dq_accum = reinterpret_cast<float*>(base);
+    params.dq_semaphore = reinterpret_cast<int*>(params.dq_accum + accum_floats);
+    params.dq_counters = int64_t(counters);
+  }
+};
+
 // The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
 // = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
 // reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
@@ -827,12 +847,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   const int64_t pitch = hopper ? ceil_div(p.seqlen_q, block_rows) * block_rows : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
-  // The one-pass backward's dQ sums (a query tile's block_n x head_dim_qk floats) and their
-  // counters (two a tile), after the rows' scratch.
-  const KernelSpec& last = specs.back();
-  const int64_t dq_tiles = last.one_pass ? ceil_div(p.seqlen_q, last.block_n) : 0;
-  const size_t dq_accum_floats = size_t(p.batch * p.heads_q * dq_tiles) * size_t(last.block_n) * size_t(last.head_dim_qk);
-  const size_t dq_counters = size_t(p.batch * p.heads_q * dq_tiles) * 2;
+  const OnePassScratch one_pass(specs.back(), scratch_rows);
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
@@ -849,7 +864,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
     }
   }
   const size_t row_bytes = size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1);
-  plan.scratch_bytes = row_bytes + dq_accum_floats * sizeof(float) + dq_counters * sizeof(int);
+  plan.scratch_bytes = row_bytes + one_pass.bytes();
   if (launch.planning) return;
   void* scratch = p.workspace;
   if (scratch == nullptr) {
@@ -863,11 +878,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
     KernelParams& kernel_params = plan.kernels[index].params;
     kernel_params.delta = scratch;
     kernel_params.lse_log2 = hopper ? static_cast<float*>(scratch) + scratch_rows : nullptr;
-    if (dq_tiles > 0) {  // row_bytes: a multiple of 16 (whole blocks of rows)
-      kernel_params.dq_accum = reinterpret_cast<float*>(static_cast<char*>(scratch) + row_bytes);
-      kernel_params.dq_semaphore = reinterpret_cast<int*>(kernel_params.dq_accum + dq_accum_floats);
-      kernel_params.dq_tiles = dq_tiles;
-    }
+    one_pass.place(kernel_params, static_cast<char*>(scratch) + row_bytes);  // row_bytes: a multiple of 16
   }
 }
 
@@ -882,7 +893,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   if (!varlen_single_launch(p, launch, packed)) return false;
   const KernelTraits traits = traits_for_launch(packed, launch);
   if (!hopper_applies(traits)) return false;
-  std::vector<KernelSpec> specs = backward_kernels(traits);
+  std::vector<KernelSpec> specs = backward_kernels(traits, settings::one_pass_backward());
   if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
@@ -896,19 +907,23 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
     if (spec.entry == KernelEntry::kBackwardDq) dq = &spec;
     if (spec.entry == KernelEntry::kBackwardDkDv) dkdv = &spec;
   }
-  if (dq == nullptr || dkdv == nullptr) return false;
-  const VarlenTable table = varlen_table(p, dq->block_rows(), dkdv->block_rows());
+  if (dkdv == nullptr || (dq == nullptr && !dkdv->one_pass)) return false;
+  // Query tiles of the dQ kernel's rows (the one-pass kernel's tiles divide them).
+  const int query_rows = dq != nullptr ? dq->block_rows() : dkdv->block_rows();
+  const VarlenTable table = varlen_table(p, query_rows, dkdv->block_rows());
   // Scratch rows a dQ tile of every sequence and head (sequence_params places an entry's).
-  const int64_t scratch_rows = table.query_tiles * dq->block_rows();
+  const int64_t scratch_rows = table.query_tiles * query_rows;
   const size_t scratch_floats = size_t(scratch_rows) * 2;  // delta, then LSE * log2(e)
-  const size_t table_offset = (scratch_floats * sizeof(float) + 15) / 16 * 16;
+  const OnePassScratch one_pass(*dkdv, scratch_rows);
+  const size_t one_pass_offset = scratch_floats * sizeof(float);  // whole tiles of rows: a multiple of 16
+  const size_t table_offset = (one_pass_offset + one_pass.bytes() + 15) / 16 * 16;
   plan.scratch_bytes = table_offset + table.bytes;
   if (launch.planning) return true;
-  if (p.offsets_on_device) add_table_kernel(plan, p, traits, dq->block_rows(), dkdv->block_rows(), launch);
+  if (p.offsets_on_device) add_table_kernel(plan, p, traits, query_rows, dkdv->block_rows(), launch);
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
-    kernel_params.scratch_pitch = dq->block_rows();
+    kernel_params.scratch_pitch = query_rows;
     kernel_params.varlen_top_left = p.causal == FJ_CAUSAL_TOP_LEFT;
     KernelLaunch& kernel = plan.add(spec, kernel_params, launch);
     switch (spec.entry) {
@@ -931,6 +946,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
     KernelParams& kernel_params = plan.kernels[index].params;
     kernel_params.delta = scratch;
     kernel_params.lse_log2 = reinterpret_cast<float*>(scratch) + scratch_rows;
+    one_pass.place(kernel_params, scratch + one_pass_offset);
   }
   return true;
 }

@@ -242,7 +242,11 @@ TEST_F(CudaCompile, OnePassBackwardCompilesForSm90) {
         KernelSpec split = specs[1];
         split.one_pass = false;  // the same kernel without its dS tiles
         EXPECT_GT(specs[1].shared_memory_bytes(), split.shared_memory_bytes());
-        for (const KernelSpec& spec : specs) ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+        for (KernelSpec spec : specs) {
+          ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+          spec.varlen = true;  // a variable-length batch in one launch
+          ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+        }
       }
     }
   }

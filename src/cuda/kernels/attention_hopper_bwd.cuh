@@ -108,8 +108,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
     static_cast<float*>(p.delta)[row] = delta;
     static_cast<float*>(p.lse_log2)[row] = lse2;
   }
-  if (p.dq_semaphore != nullptr) {  // the one-pass backward follows (a batch, not FJ_VARLEN)
-    if (lane == 0 && row < p.batch * p.heads_q * p.dq_tiles * kConsumers) p.dq_semaphore[row] = 0;
+  if (p.dq_semaphore != nullptr) {  // the one-pass backward follows
+    if (lane == 0 && row < p.dq_counters) p.dq_semaphore[row] = 0;
     // No key block sees a query tile whose rows see no key: their dQ rows are zeros, written here.
     if (in_scratch && i < sp.seqlen_q && key_begin(sp, i) >= key_end(sp, i)) {
       elem_t* dq_row = operand_row<elem_t>(sp.dq, ob, h, i);
@@ -423,6 +423,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const KeyBlockSpans spans{kBlockM, kBlockN, sp.diagonal_shift, sp.window_left, sp.window_right, sp.seqlen_q,
                                 sp.seqlen_k};
       long long first_block = block;  // the lowest block that visits the tile add_dq adds (tiles go down)
+#if FJ_VARLEN
+      const long long scratch_base = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
+#else
+      const long long scratch_base = 0;
+#endif
       // Whether block + 1 visits a tile: found once, so that a step tests two numbers.
       long long above_first = 0, above_end = 0;
       if (block + 1 < spans.blocks() && spans.query_begin(block + 1) < spans.query_end(block + 1)) {
@@ -458,7 +463,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int h = tile_head(t);
         const long long start = tile_start(t);
         const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
-        const long long chunk_index = (batch_head * p.dq_tiles + start / kBlockN) * kConsumers + consumer;
+        // The tile's scratch row (a variable-length batch: its entry's rows first) names its chunks.
+        const long long row = scratch_base + batch_head * sp.scratch_pitch + start;
+        const long long chunk_index = row / kBlockN * kConsumers + consumer;
         first_block = spans.lowest_visitor(first_block, start);
         const int rank = static_cast<int>(block - first_block);
         const bool last = !(above_first <= start && start < above_end);  // spans.visits(block + 1, start)

@@ -116,13 +116,14 @@ struct KernelParams {
   int page_size;
   int num_pages;  // FJ_KV_CACHE 2: page indices are clamped into 0 .. num_pages - 1 (page_of)
 
-  // The one-pass sm_90a backward (FJ_ONE_PASS): dQ's float32 partial sums, for each (batch,
-  // query head, query tile of the kernel's block_n rows) two chunks, one a consumer warpgroup, in
-  // its accumulator's fragment order; and a counter a chunk, which orders the key blocks' adds
-  // (zeroed by the prep kernel). dq_tiles: query tiles a head.
+  // The one-pass sm_90a backward (FJ_ONE_PASS): dQ's float32 partial sums, laid out like the
+  // scratch rows (delta, lse_log2) in tiles of the kernel's block_n rows: tile r / block_n of
+  // scratch row r holds two chunks of block_n x head_dim_qk / 2 floats, one a consumer warpgroup,
+  // in its accumulator's fragment order; and a counter a chunk, which orders the key blocks' adds.
+  // The prep kernel zeroes the dq_counters counters.
   float* dq_accum;
   int* dq_semaphore;
-  long long dq_tiles;
+  long long dq_counters;
 };
 
 constexpr int kVarlenFields = 7;
