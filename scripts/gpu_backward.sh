@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-pass backward on the GPU machine in one call: build; the one-pass tests, and
-# test_attention.py and test_varlen.py under FLASHJIT_CUDA_BACKWARD=one-pass; compute-sanitizer memcheck and
-# racecheck on small cases with it; then the backward benchmark with a one-pass column beside the
+# test_attention.py and test_varlen.py under FLASHJIT_CUDA_BACKWARD=one-pass; compute-sanitizer
+# memcheck and racecheck on small cases with it; then the backward benchmark with a one-pass column beside the
 # default (split) one, cuDNN and torch-flash (and FA4 where its wheels are installed), its record
 # with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
 # (default /tmp/flashjit-backward).
