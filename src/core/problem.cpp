@@ -370,6 +370,9 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
     throw_value_error("[", op, "] workspace: NULL with workspace_bytes = ", opt.workspace_bytes,
                       "; expected a device pointer, or workspace_bytes = 0");
   }
+  if (reinterpret_cast<uintptr_t>(opt.workspace) % 16 != 0) {
+    throw_value_error("[", op, "] workspace: expected a 16-byte aligned device pointer, got ", opt.workspace);
+  }
   p.workspace = opt.workspace;
   p.workspace_bytes = opt.workspace_bytes;
 

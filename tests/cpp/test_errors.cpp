@@ -272,6 +272,11 @@ TEST_F(Errors, PrepareValidatesWritesNothingAndReportsTheWorkspace) {
             FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("workspace"), std::string::npos) << fj_last_error();
   EXPECT_EQ(fj_attention_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
+  alignas(16) static unsigned char scratch[80];
+  c.options.workspace = scratch + 4;  // the kernels' vector and bulk accesses need 16-byte alignment
+  EXPECT_EQ(fj_attention_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("16-byte aligned"), std::string::npos) << fj_last_error();
+  c.options.workspace = nullptr;
   c.options.workspace_bytes = 0;
   c.k.shape[3] = 8;  // a bad call is rejected by prepare as by the call
   EXPECT_EQ(fj_attention_prepare_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse, &bytes),

@@ -34,7 +34,7 @@
 //     adds, so that the fence before the count finds them done); the first stores,
 //     the last adds what is there to its own and writes dQ. Blocks walk their
 //     query tiles from the last down, heads of a group inside, so that every block
-//     of a head meets a tile at about the same step (a lag of two steps a block,
+//     of a head meets a tile at about the same step (a lag of about a step a block,
 //     not a block's whole span), and a
 //     block waits only on blocks of lower index, launched before it.
 //
@@ -280,12 +280,22 @@ FJ_DEVICE int load_acquire(const int* address) {
 }
 // A trap out of line: inlined, ptxas reserves for it in the whole kernel and spills.
 __device__ __noinline__ void trap_stuck_wait() { __trap(); }
-// Until the counter reaches `count`: spinning, then napping; a wait of seconds can only be a
-// bug in the blocks' order, and traps (a launch error) rather than hang the device.
+FJ_DEVICE unsigned long long global_nanoseconds() {
+  unsigned long long now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  return now;
+}
+// Until the counter reaches `count`: spinning, then napping. A legitimate wait is a few steps of
+// lower blocks (under a millisecond); one of 30 seconds can only be a bug in the blocks' order,
+// and traps (a launch error, which leaves the process's CUDA context unusable) rather than hang
+// the device.
 FJ_DEVICE void wait_for_count(const int* counter, int count) {
+  unsigned long long since = 0;
   for (unsigned tries = 0; load_acquire(counter) != count; ++tries) {
-    if (tries >= 64) __nanosleep(100);
-    if (tries == (1u << 25)) trap_stuck_wait();
+    if (tries < 64) continue;
+    __nanosleep(100);
+    if (tries == 64) since = global_nanoseconds();
+    if (tries % 1024 == 0 && global_nanoseconds() - since > 30000000000ull) trap_stuck_wait();
   }
 }
 FJ_DEVICE void add_release(int* address, int value) {
