@@ -61,14 +61,15 @@ int32_t fj_cuda_device_count(void);
 fj_status fj_cuda_device_info(int32_t device_index, int32_t* arch, int32_t* multiprocessors, char* name,
                               size_t name_size);
 
-/* Tile choices of the sm_90a forward measured on a device (flashjit tune). A tuning file
- * holds, for one device (by name) and arch, the configuration measured fastest for each
- * problem class; later forwards on that device take it (FLASHJIT_CUDA_TILES still wins).
- * The class key of a config's forward at a key length: */
+/* Tile choices of the sm_90a forward, and the sm_90a backward's pass, measured on a device
+ * (flashjit tune). A tuning file holds, for one device (by name) and arch, the configuration
+ * measured fastest for each problem class; later calls on that device take it
+ * (FLASHJIT_CUDA_TILES and FLASHJIT_CUDA_BACKWARD still win). The class key of a config at a
+ * key length (config->backward: of its backward, "bwd_..."): */
 fj_status fj_cuda_tuning_key(const fj_kernel_config* config, int64_t seqlen_k, char* buffer, size_t size);
-/* Writes the tuning file of a device from lines "<key> <tiles> <TFLOP/s>" (tiles "built-in":
- * drop the class), keeping other classes of a valid earlier file; its path goes to path
- * (unless NULL). */
+/* Writes the tuning file of a device from lines "<key> <tiles> <TFLOP/s>" (a backward class:
+ * "one-pass" or "split" for tiles; "built-in": drop the class), keeping other classes of a
+ * valid earlier file; its path goes to path (unless NULL). */
 fj_status fj_cuda_save_tuning(const char* device_name, int32_t arch, const char* entries, char* path,
                               size_t path_size);
 /* The tuning file of a device and the choices it holds, or why it is ignored. */

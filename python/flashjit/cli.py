@@ -4,7 +4,8 @@
     flashjit info [--json]                     version, backends, GPU, NVRTC, kernel cache
     flashjit precompile [--arch 90] ...        compile the common CUDA kernels ahead of time
     flashjit cache clear                       delete this version's on-disk kernel cache
-    flashjit tune [--head-dims 64 128] ...     measure the sm_90a forward's tiles on this GPU and keep the fastest
+    flashjit tune [--backward] [--head-dims 64 128] ...  measure the sm_90a forward's tiles (the backward's pass)
+                                               on this GPU and keep the fastest
     flashjit demo ...                          the CPU forward+backward demo (python -m flashjit.demo)
 """
 
@@ -47,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="measure the sm_90a forward's tile choices on this GPU",
                                description="Times candidate tile configurations of the sm_90a forward per problem "
                                "class (dtype, head dim, causal, key length) and keeps each class's fastest in the "
-                               "GPU's tuning file in the kernel cache directory; later calls take it.")
+                               "GPU's tuning file in the kernel cache directory; later calls take it. With "
+                               "--backward, the backward's passes (split, one-pass) instead.")
+    tune.add_argument("--backward", action="store_true", help="tune the backward's pass instead of the forward's tiles")
     tune.add_argument("--gpu", type=int, default=0, metavar="INDEX", help="device index (default 0)")
     tune.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16", "float16"],
                       metavar="DTYPE", help="bfloat16, float16 or both (default: both)")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "precompile":
         return precompile(args.arch, args.gpu, args.dtypes, args.head_dims, not args.quiet)
     if args.command == "tune":
-        return tune(args.gpu, args.dtypes, args.head_dims, args.seqlens)
+        return tune(args.gpu, args.dtypes, args.head_dims, args.seqlens, args.backward)
     return cache_info() if args.action == "info" else cache_clear()
 
 
@@ -298,7 +301,7 @@ def precompile(arch: int, gpu: int, dtypes: list[str] | None, head_dims: list[in
 
 # ----------------------------------------------------------------------------- tune
 
-def tune(gpu: int, dtypes: list[str], head_dims: list[int], seqlens: list[int]) -> int:
+def tune(gpu: int, dtypes: list[str], head_dims: list[int], seqlens: list[int], backward: bool = False) -> int:
     import flashjit
 
     try:
@@ -310,7 +313,7 @@ def tune(gpu: int, dtypes: list[str], head_dims: list[int], seqlens: list[int]) 
         print("flashjit tune: no CUDA GPU found", file=sys.stderr)
         return 1
     try:
-        results = flashjit.cuda.tune(head_dims, seqlens, dtype=tuple(dtypes), device=gpu)
+        results = flashjit.cuda.tune(head_dims, seqlens, dtype=tuple(dtypes), device=gpu, backward=backward)
     except NotImplementedError as error:
         print(f"flashjit tune: {error}", file=sys.stderr)
         return 1

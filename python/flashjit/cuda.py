@@ -188,21 +188,26 @@ def tuning_info(device: int = 0) -> str:
     return _C.cuda_describe_tuning(info["name"], info["arch"])
 
 
+_BACKWARD_PASSES = ("split", "one-pass")  # FLASHJIT_CUDA_BACKWARD's values; split is the hand-set one
+
+
 def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, True),
          dtype: str | tuple = ("bfloat16", "float16"), candidates: dict | None = None, device: int = 0,
-         margin: float = 0.02, progress: bool = True) -> dict:
+         margin: float = 0.02, progress: bool = True, backward: bool = False) -> dict:
     """Times candidate tile configurations of the sm_90a forward on this GPU, per problem
     class (dtype, head dim, causal bounds, key length band), and stores each class's
     fastest in the device's tuning file, which later forwards take before the built-in
     table (classes measured before and not now keep their entries); a candidate must
-    beat the hand-set choice by `margin` to be stored instead of it. Problems: B*N = 16k
-    tokens, H = 2048 / D. Returns {class key: {"tiles": chosen, "tflops": {candidate:
-    TFLOP/s}}}. Needs torch and an sm_90 GPU."""
+    beat the hand-set choice by `margin` to be stored instead of it. With backward=True,
+    the backward's two passes instead (FLASHJIT_CUDA_BACKWARD: split, the hand-set one, and
+    one-pass, at head dims up to 128), stored under the classes' backward keys. Problems:
+    B*N = 16k tokens, H = 2048 / D. Returns {class key: {"tiles": chosen, "tflops":
+    {candidate: TFLOP/s}}}. Needs torch and an sm_90 GPU."""
     import statistics
 
     import torch
 
-    from . import ops
+    from . import api, ops
 
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
     if not dtypes or any(d not in ("bfloat16", "float16") for d in dtypes):
@@ -215,8 +220,16 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
         raise NotImplementedError(f"[tune] the tuned kernels are sm_90a ones; device {device} ({info['name']}) is "
                                   f"sm_{info['arch']}")
     candidates = candidates or _CANDIDATES
+    variable, hand_set = ("FLASHJIT_CUDA_BACKWARD", "split") if backward else ("FLASHJIT_CUDA_TILES", _HAND_SET)
+
+    def choices(head_dim):
+        padded = -(-head_dim // 64) * 64
+        if backward:
+            return list(_BACKWARD_PASSES) if padded <= 128 else []  # one pass only up to 128
+        return candidates.get(padded, [_HAND_SET])
+
     problems = [(t, d, n, c) for t in dtypes for d in head_dims for n in seqlens for c in causal]
-    results, saved = {}, os.environ.get("FLASHJIT_CUDA_TILES")
+    results, saved = {}, os.environ.get(variable)
     with torch.cuda.device(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     try:
@@ -225,13 +238,20 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
             q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=f"cuda:{device}",
                                    dtype=getattr(torch, dtype)) for _ in range(3))
             flops = 4 * batch * heads * seqlen * seqlen * head_dim // (2 if is_causal else 1)
-            key = tuning_key(KernelConfig(dtype=dtype, head_dim=head_dim, window=bool(is_causal)), seqlen)
+            key = tuning_key(KernelConfig(dtype=dtype, head_dim=head_dim, window=bool(is_causal), backward=backward),
+                             seqlen)
             options = AttentionOptions(causal=1 if is_causal else 0)
+            if backward:
+                flops = flops * 5 // 2
+                o, lse = ops.attention(q, k, v, options)
+                dout = torch.randn_like(o)
+                call = lambda: api.attention_backward(q, k, v, o, lse, dout, causal=bool(is_causal))  # noqa: E731
+            else:
+                call = lambda: ops.attention(q, k, v, options)  # noqa: E731
             measured = {}
-            for tiles in candidates.get(-(-head_dim // 64) * 64, [_HAND_SET]):
-                os.environ["FLASHJIT_CUDA_TILES"] = tiles
+            for choice in choices(head_dim):
+                os.environ[variable] = choice
                 try:
-                    call = lambda: ops.attention(q, k, v, options)  # noqa: E731
                     call()
                     torch.cuda.synchronize(device)
                     samples = []
@@ -243,23 +263,23 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
                         end.record(stream)
                         end.synchronize()
                         samples.append(start.elapsed_time(end) / 5)
-                    measured[tiles] = flops / statistics.median(samples) / 1e9
+                    measured[choice] = flops / statistics.median(samples) / 1e9
                 except (ValueError, NotImplementedError):
                     continue  # no room for this candidate here
             if not measured:
                 continue  # no candidate could run here
             best = max(measured, key=measured.get)
-            if measured[best] < measured.get(_HAND_SET, 0.0) * (1 + margin):
-                best = _HAND_SET
+            if measured[best] < measured.get(hand_set, 0.0) * (1 + margin):
+                best = hand_set
             results[key] = {"tiles": best, "tflops": measured}
             if progress:
                 print(f"[{index + 1}/{len(problems)}] {key}: {best} "
                       + ", ".join(f"{t} {x:.0f}" for t, x in measured.items()), file=sys.stderr, flush=True)
     finally:
         if saved is None:
-            os.environ.pop("FLASHJIT_CUDA_TILES", None)
+            os.environ.pop(variable, None)
         else:
-            os.environ["FLASHJIT_CUDA_TILES"] = saved
+            os.environ[variable] = saved
     entries = "".join(f"{key} {r['tiles']} {r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items())
     results_path = _C.cuda_save_tuning(info["name"], info["arch"], entries)
     if progress:

@@ -795,7 +795,8 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
 std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
                                        std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
-  std::vector<KernelSpec> specs = backward_kernels(traits, settings::one_pass_backward());
+  std::vector<KernelSpec> specs =
+      backward_kernels(traits, one_pass_backward_chosen(traits, p.seqlen_k, device_info(launch.device_index).name));
   if (specs.size() > Plan::kMaxKernels) {
     throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
                                            " expected"));
@@ -893,7 +894,9 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   if (!varlen_single_launch(p, launch, packed)) return false;
   const KernelTraits traits = traits_for_launch(packed, launch);
   if (!hopper_applies(traits)) return false;
-  std::vector<KernelSpec> specs = backward_kernels(traits, settings::one_pass_backward());
+  // The class of the batch's longest sequence (a bound where the offsets are on the device).
+  std::vector<KernelSpec> specs = backward_kernels(
+      traits, one_pass_backward_chosen(traits, packed.seqlen_k, device_info(launch.device_index).name));
   if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));

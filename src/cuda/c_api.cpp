@@ -1,6 +1,7 @@
 // C entry points of the CUDA backend: precompilation, cache and device queries.
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "core/guarded.hpp"
@@ -90,17 +91,25 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
     }
     for (int32_t index = 0; index < count; ++index) {
       const cuda::KernelTraits traits = traits_of(configs[index], index);
+      const std::string device =
+          configs[index].arch == 0 ? cuda::device_info(configs[index].device_index).name : std::string();
       if (configs[index].backward) {
-        for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, cuda::settings::one_pass_backward())) {
+        // The kernels FLASHJIT_CUDA_BACKWARD forces; unforced, the split ones, and the one-pass
+        // ones too where a class of the config (a key length band) is tuned to them.
+        const std::optional<bool> forced = cuda::settings::one_pass_backward();
+        for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, forced.value_or(false))) {
           cuda::kernel_binary(spec, false);
+        }
+        for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
+          if (forced || !cuda::one_pass_backward_chosen(traits, seqlen_k, device)) continue;
+          for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, true)) cuda::kernel_binary(spec, false);
+          break;
         }
       } else {
         cuda::kernel_binary(cuda::forward_kernel(traits), false);
         // And the tile choices of the config's classes (each key length band):
         // tuned on this device, or (for a named arch: no device) the built-in table's.
         if (cuda::hopper_applies(traits)) {
-          const std::string device =
-              configs[index].arch == 0 ? cuda::device_info(configs[index].device_index).name : std::string();
           for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
             const cuda::ForwardTiles tuned =
                 cuda::tuned_forward_tiles(device, traits.arch, cuda::tuning_key(traits, seqlen_k));
@@ -139,7 +148,9 @@ fj_status fj_cuda_tuning_key(const fj_kernel_config* config, int64_t seqlen_k, c
   return guarded([&] {
     if (config == nullptr) throw_value_error("[tuning_key] config: expected a non-null pointer");
     if (seqlen_k < 1) throw_value_error("[tuning_key] seqlen_k: expected >= 1, got ", seqlen_k);
-    copy_text(cuda::tuning_key(traits_of(*config, 0), seqlen_k), buffer, size, "tuning_key");
+    const cuda::KernelTraits traits = traits_of(*config, 0);
+    copy_text(config->backward ? cuda::backward_tuning_key(traits, seqlen_k) : cuda::tuning_key(traits, seqlen_k),
+              buffer, size, "tuning_key");
   });
 }
 

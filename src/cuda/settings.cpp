@@ -53,9 +53,10 @@ bool kv_cache_hopper() {
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
-bool one_pass_backward() {
+std::optional<bool> one_pass_backward() {
   const char* value = std::getenv("FLASHJIT_CUDA_BACKWARD");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "split") == 0) return false;
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  if (std::strcmp(value, "split") == 0) return false;
   if (std::strcmp(value, "one-pass") == 0) return true;
   throw_value_error("[cuda] FLASHJIT_CUDA_BACKWARD: expected one-pass or split, got '", value, "'");
 }

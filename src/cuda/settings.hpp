@@ -11,7 +11,8 @@
 //   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4), forced
 //   FLASHJIT_CUDA_KV_HOPPER=1   a KV cache (in place or paged) on the sm_90a split forward (default: mma.sync)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
-//                               kernel) where it applies; split (default): dQ and dK/dV kernels
+//                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
+//                               tuned choice of the class, else split
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
@@ -40,9 +41,10 @@ int decode_warps();
 // fit) on sm_90 runs the sm_90a split forward rather than the mma.sync one (off by default until
 // measured on a GPU).
 bool kv_cache_hopper();
-// FLASHJIT_CUDA_BACKWARD=one-pass: the sm_90a backward's dK/dV kernel also forms dQ (five products
-// a tile instead of seven; off by default until measured on a GPU). "split" or unset: the dQ and
-// dK/dV kernels. Any other value raises an error naming the variable.
-bool one_pass_backward();
+// FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
+// products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset
+// or empty (the tuned choice, else split, until the one pass is measured on a GPU). Any other
+// value raises an error naming the variable.
+std::optional<bool> one_pass_backward();
 
 }  // namespace flashjit::cuda::settings

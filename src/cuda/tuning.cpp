@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "cuda/embedded_sources.hpp"
 #include "cuda/kernel_cache.hpp"
+#include "cuda/settings.hpp"
 #include "flashjit/flashjit.h"
 
 namespace flashjit::cuda {
@@ -19,11 +20,28 @@ constexpr const char* kHeader = "flashjit tuning 1";
 // In save_tuning's entries: the class's built-in choice measured best (its entry is dropped).
 constexpr const char* kBuiltIn = "built-in";
 
+constexpr const char* kBackwardPrefix = "bwd_";
+
 struct TunedChoice {
-  std::string tiles;     // FLASHJIT_CUDA_TILES text
+  std::string tiles;     // FLASHJIT_CUDA_TILES text (a backward class: "one-pass" or "split")
   double tflops = 0;     // as measured by the tuner
   ForwardTiles parsed;   // tiles, parsed once when the file is read or saved
+  int one_pass = -1;     // a backward class's pass: 1 one-pass, 0 split
 };
+
+// A class's choice from its text: a forward class's tiles, parsed; a backward class's pass.
+TunedChoice parse_choice(const std::string& key, const std::string& tiles, double tflops) {
+  TunedChoice choice{tiles, tflops, ForwardTiles{}, -1};
+  if (key.compare(0, std::string(kBackwardPrefix).size(), kBackwardPrefix) == 0) {
+    if (tiles != "one-pass" && tiles != "split") {
+      throw_value_error("[tuning] ", key, ": expected one-pass or split for a backward class, got '", tiles, "'");
+    }
+    choice.one_pass = tiles == "one-pass" ? 1 : 0;
+  } else {
+    choice.parsed = parse_forward_tiles(tiles.c_str());
+  }
+  return choice;
+}
 
 struct TuningTable {
   std::map<std::string, TunedChoice> tiles;  // by class key
@@ -106,7 +124,7 @@ TuningTable parse_table(const std::string& text, const std::string& device_name,
       double tflops = 0;
       if (!(fields >> key >> tiles >> tflops)) return fail(str_cat("a malformed line: '", line, "'"));
       try {
-        table.tiles[key] = TunedChoice{tiles, tflops, parse_forward_tiles(tiles.c_str())};
+        table.tiles[key] = parse_choice(key, tiles, tflops);
       } catch (const Error& error) {
         return fail(error.what());
       }
@@ -171,6 +189,28 @@ std::string tuning_key(const KernelTraits& traits, int64_t seqlen_k) {
                  traits.softcap ? "_softcap" : "", "_", band(seqlen_k));
 }
 
+std::string backward_tuning_key(const KernelTraits& traits, int64_t seqlen_k) {
+  return kBackwardPrefix + tuning_key(traits, seqlen_k);
+}
+
+int tuned_one_pass(const std::string& device_name, int arch, const std::string& key) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const auto find = [&](const TuningTable& table) {
+    auto found = table.tiles.find(key);
+    return found == table.tiles.end() ? -1 : found->second.one_pass;
+  };
+  if (!device_name.empty()) {
+    const int tuned = find(table_for(device_name, arch));
+    if (tuned >= 0) return tuned;
+  }
+  return find(built_in_table(arch));
+}
+
+bool one_pass_backward_chosen(const KernelTraits& traits, int64_t seqlen_k, const std::string& device_name) {
+  if (const std::optional<bool> forced = settings::one_pass_backward()) return *forced;
+  return hopper_applies(traits) && tuned_one_pass(device_name, traits.arch, backward_tuning_key(traits, seqlen_k)) == 1;
+}
+
 ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const std::string& key) {
   std::lock_guard<std::mutex> lock(g_mutex);
   const auto find = [&](const TuningTable& table) {
@@ -202,7 +242,7 @@ std::string save_tuning(const std::string& device_name, int arch, const std::str
       choices.erase(key);
       continue;
     }
-    choices[key] = TunedChoice{tiles, tflops, parse_forward_tiles(tiles.c_str())};  // raises naming a bad one
+    choices[key] = parse_choice(key, tiles, tflops);  // raises naming a bad one
   }
   std::string body = str_cat(kHeader, "\ndevice ", device_name, "\narch ", arch, "\nversion ", fj_version(), "\n");
   for (const auto& [key, choice] : choices) body += str_cat("entry ", key, " ", choice.tiles, " ", choice.tflops, "\n");

@@ -1,7 +1,9 @@
-// Tile choices of the sm_90a forward measured on a device (`flashjit tune`).
+// Tile choices of the sm_90a forward, and the sm_90a backward's pass, measured on a device
+// (`flashjit tune`, `flashjit tune --backward`).
 //
 // A tuning file holds, for one device (by name) and arch, the configuration
-// (FLASHJIT_CUDA_TILES syntax) that measured fastest for each problem class:
+// (FLASHJIT_CUDA_TILES syntax; for a backward class, whose key starts "bwd_", "one-pass" or
+// "split") that measured fastest for each problem class:
 //
 //   <cache base>/<version>/tuning/sm<arch>-<device name, [A-Za-z0-9._-] kept>.txt
 //
@@ -15,8 +17,8 @@
 //
 // A file is read once a process; one that is not flashjit's, names another
 // device, arch or library version, fails its checksum or holds a malformed line
-// is ignored whole, with one warning on stderr. FLASHJIT_CUDA_TILES, when set,
-// wins over a tuned choice.
+// is ignored whole, with one warning on stderr. FLASHJIT_CUDA_TILES (FLASHJIT_CUDA_BACKWARD),
+// when set, wins over a tuned choice.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,17 @@ namespace flashjit::cuda {
 // The class a tuned choice applies to: dtype, the forward kernel's padded head
 // dims, features, and the key length in three bands (up to 2k, up to 8k, more).
 std::string tuning_key(const KernelTraits& traits, int64_t seqlen_k);
+
+// The class of a backward (its pass: one-pass or split): "bwd_" and the forward's class.
+std::string backward_tuning_key(const KernelTraits& traits, int64_t seqlen_k);
+
+// The backward's pass for a class on a device: 1 (one-pass) or 0 (split) as tuned on it, else as
+// the built-in table of its arch says; -1 where neither has the class.
+int tuned_one_pass(const std::string& device_name, int arch, const std::string& key);
+
+// Whether a backward of `traits` over seqlen_k keys on a device runs in one pass:
+// FLASHJIT_CUDA_BACKWARD where set, else its class's tuned choice (tuned_one_pass), else not.
+bool one_pass_backward_chosen(const KernelTraits& traits, int64_t seqlen_k, const std::string& device_name);
 
 // The tiles for a class on a device: those tuned on it, else those of the
 // built-in table of its arch (src/cuda/tuned_sm<arch>.txt: the tuner's output

@@ -259,11 +259,11 @@ TEST_F(CudaCompile, OnePassBackwardCompilesForSm90) {
 TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
   using namespace flashjit::cuda;
   unsetenv("FLASHJIT_CUDA_BACKWARD");
-  EXPECT_FALSE(settings::one_pass_backward());
+  EXPECT_FALSE(settings::one_pass_backward().has_value());
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
-  EXPECT_FALSE(settings::one_pass_backward());
+  EXPECT_EQ(settings::one_pass_backward(), std::optional<bool>(false));
   setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
-  EXPECT_TRUE(settings::one_pass_backward());
+  EXPECT_EQ(settings::one_pass_backward(), std::optional<bool>(true));
   setenv("FLASHJIT_CUDA_BACKWARD", "fast", 1);
   try {
     settings::one_pass_backward();
@@ -356,6 +356,44 @@ TEST_F(CudaCompile, TunedChoicesAreUsedAndBadTuningFilesIgnored) {
   save_tuning("NVIDIA H200", 90, short_key + " built-in 310\n");
   EXPECT_EQ(tuned_forward_tiles("NVIDIA H200", 90, key).groups, 3);
   EXPECT_FALSE(tuned_forward_tiles("NVIDIA H200", 90, short_key).forced());
+  clear_tuning();
+}
+
+// The backward's pass, tuned per class ("bwd_" keys: one-pass or split) beside the forward's
+// tiles in the same file; FLASHJIT_CUDA_BACKWARD wins; a bad value is refused when saving.
+TEST_F(CudaCompile, TunedBackwardPassIsUsedAndForcedBySetting) {
+  using namespace flashjit::cuda;
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
+  traits.softcap = true;  // a class the built-in table leaves alone
+  const std::string key = backward_tuning_key(traits, 4096);
+  EXPECT_EQ(key, "bwd_" + tuning_key(traits, 4096));
+  EXPECT_EQ(tuned_one_pass("NVIDIA H200", 90, key), -1);
+  EXPECT_FALSE(one_pass_backward_chosen(traits, 4096, "NVIDIA H200"));  // untuned: split
+  const std::string forward_key = tuning_key(traits, 4096);
+  save_tuning("NVIDIA H200", 90, key + " one-pass 401.5\n" + forward_key + " n=96 600\n");
+  EXPECT_EQ(tuned_one_pass("NVIDIA H200", 90, key), 1);
+  EXPECT_EQ(tuned_forward_tiles("NVIDIA H200", 90, forward_key).block_n, 96);  // the forward's class apart
+  EXPECT_TRUE(one_pass_backward_chosen(traits, 4096, "NVIDIA H200"));
+  EXPECT_FALSE(one_pass_backward_chosen(traits, 1024, "NVIDIA H200"));  // another class
+  EXPECT_FALSE(one_pass_backward_chosen(traits, 4096, "NVIDIA H100"));  // another device
+  KernelTraits ampere = traits;
+  ampere.arch = 80;
+  EXPECT_FALSE(one_pass_backward_chosen(ampere, 4096, "NVIDIA H200"));  // no sm_90a kernels
+  setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
+  EXPECT_FALSE(one_pass_backward_chosen(traits, 4096, "NVIDIA H200"));
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  save_tuning("NVIDIA H200", 90, key + " split 390\n");
+  EXPECT_EQ(tuned_one_pass("NVIDIA H200", 90, key), 0);
+  EXPECT_NE(describe_tuning("NVIDIA H200", 90).find(key + " split"), std::string::npos)
+      << describe_tuning("NVIDIA H200", 90);
+  try {
+    save_tuning("NVIDIA H200", 90, key + " n=96 1\n");
+    ADD_FAILURE() << "a backward class took tiles";
+  } catch (const flashjit::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("one-pass or split"), std::string::npos) << error.what();
+  }
+  EXPECT_THROW(save_tuning("NVIDIA H200", 90, forward_key + " one-pass 1\n"), std::exception);  // not tiles
   clear_tuning();
 }
 

@@ -53,3 +53,44 @@ def test_tune_without_a_gpu_says_so(capsys):
 
     assert cli.main(["tune"]) == 1
     assert "no CUDA GPU found" in capsys.readouterr().err
+
+
+def test_backward_classes_have_keys_of_their_own():
+    config = flashjit.cuda.KernelConfig(dtype="bfloat16", head_dim=128, window=True)
+    forward = flashjit.cuda.tuning_key(config, 4096)
+    backward = flashjit.cuda.tuning_key(flashjit.cuda.KernelConfig(dtype="bfloat16", head_dim=128, window=True,
+                                                                   backward=True), 4096)
+    assert backward == "bwd_" + forward
+
+
+@needs_sm90
+def test_a_tuned_backward_pass_is_what_later_backwards_run(tmp_path, monkeypatch):
+    from flashjit import _C
+
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FLASHJIT_CUDA_BACKWARD", raising=False)
+    flashjit.cuda.clear_memory_cache()
+    results = flashjit.cuda.tune(head_dims=(128,), seqlens=(1024,), causal=(True,), dtype="bfloat16",
+                                 progress=False, backward=True)
+    (key, result), = results.items()
+    assert key.startswith("bwd_") and set(result["tflops"]) == {"split", "one-pass"}
+    assert f"{key} {result['tiles']}" in flashjit.cuda.tuning_info()
+
+    info = flashjit.cuda.device_info()
+
+    def workspace(pass_name):
+        # What a backward of that class takes once its pass is stored: the one pass holds dQ's
+        # float32 sums, 4 bytes a scratch row a head dim (B2 H4 N1024 D128: 4 MiB); split, 8 bytes a row.
+        _C.cuda_save_tuning(info["name"], info["arch"], f"{key} {pass_name} 1\n")
+        shape = (2, 4, 1024, 128)
+        q, k, v, o, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(5))
+        lse = torch.zeros(shape[:3], device="cuda")
+        grads = [torch.empty_like(q) for _ in range(3)]
+        return _C.backward(q, k, v, o, lse, dout, *grads, prepare=True, mask=None, scale=None, softcap=0.0,
+                           causal=1, window_left=-1, window_right=0, dropout_p=0.0, seed=0, offset=0,
+                           num_threads=0, stream=torch.cuda.current_stream().cuda_stream)
+
+    sums = 4 * 2 * 4 * 1024 * 128
+    assert workspace("one-pass") >= sums > workspace("split")
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")  # the setting wins over the tuned pass
+    assert workspace("one-pass") < sums
