@@ -896,7 +896,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   if (!hopper_applies(traits)) return false;
   // The class of the batch's longest sequence (a bound where the offsets are on the device).
   std::vector<KernelSpec> specs = backward_kernels(
-      traits, one_pass_backward_chosen(traits, packed.seqlen_k, device_info(launch.device_index).name));
+      traits, one_pass_backward_chosen(traits, p.seqlen_k, device_info(launch.device_index).name));
   if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
