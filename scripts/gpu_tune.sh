@@ -4,16 +4,31 @@
 # N 1k/4k/16k, causal and not). The candidates' kernels are compiled first, in
 # parallel processes, so that the tuner's single process only times them. The
 # tuning file it writes is copied to $OUT/tuned_sm90.txt: committed as
-# src/cuda/tuned_sm90.txt, it is the built-in table.
-#   bash scripts/gpu_tune.sh
+# src/cuda/tuned_sm90.txt, it is the built-in table. --backward: the backward's pass instead
+# (`flashjit tune --backward`, head dims 64 and 128), on top of the built-in table's entries, so
+# that the copied file is the whole new table.
+#   bash scripts/gpu_tune.sh [--backward]
 OUT=${OUT:-/tmp/flashjit-tune}
 source "$(dirname "$0")/gpu_common.sh"
 
-step "device"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+device_and_build
 
-step "build"
-build
+if [ "${1:-}" = --backward ]; then
+  step "the built-in table's entries, then flashjit tune --backward"
+  python3 -c '
+import flashjit
+from flashjit import _C
+info = flashjit.cuda.device_info()
+with open("src/cuda/tuned_sm90.txt") as table:
+    entries = "".join(line.split(" ", 1)[1] for line in table if line.startswith("entry "))
+print(_C.cuda_save_tuning(info["name"], info["arch"], entries))
+' || status=1
+  timeout 500 python3 -m flashjit tune --backward --head-dims 64 128 >"$OUT/tune.log" 2>&1 || status=1
+  grep -v "^\[" "$OUT/tune.log" | tail -45
+  cp "$FLASHJIT_CACHE_DIR"/*/tuning/sm90-*.txt "$OUT/tuned_sm90.txt" 2>/dev/null || status=1
+  echo "tune status: $status"
+  exit $status
+fi
 
 step "compile the candidates ($(nproc) processes)"
 python3 - >"$OUT/candidates.txt" <<'EOF'
