@@ -3,9 +3,10 @@
 # kernel that matches --kernels (the second forward/backward of bench/profile_cuda.py), with the
 # details page and the per-instruction warp-stall samples (SASS, CSV, gzipped) kept under $OUT, and
 # scripts/ncu_stalls.py's summary of where the samples fall. Default $OUT: /tmp/flashjit-ncu.
-#   bash scripts/gpu_ncu.sh [--kernels REGEX] [--tiles T] CASE...
+#   bash scripts/gpu_ncu.sh [--kernels REGEX] [--tiles T] [--backward-pass split|one-pass] CASE...
 # A CASE is HEADDIM:SEQLEN or HEADDIM:SEQLEN:causal, e.g. 64:1024:causal (B*N = 16k, H = 2048 / D).
-# --kernels defaults to fj_attention_forward; fj_attention_backward profiles the backward's kernels.
+# --kernels defaults to fj_attention_forward; fj_attention_backward profiles the backward's kernels
+# (--backward-pass sets FLASHJIT_CUDA_BACKWARD).
 OUT=${OUT:-/tmp/flashjit-ncu}
 source "$(dirname "$0")/gpu_common.sh"
 kernels=fj_attention_forward cases=()
@@ -13,6 +14,7 @@ while (($#)); do
   case $1 in
     --kernels) kernels=$2; shift ;;
     --tiles) export FLASHJIT_CUDA_TILES=$2; shift ;;
+    --backward-pass) export FLASHJIT_CUDA_BACKWARD=$2; shift ;;
     *) cases+=("$1") ;;
   esac
   shift
@@ -30,8 +32,13 @@ for case in "${cases[@]}"; do
   name="d${dim}-n${seqlen}${causal:+-causal}"
   step "ncu: $name, kernels $kernels"
   # The first forward and backward compile and warm up (their launches are skipped): the forward is one
-  # launch, the backward three (four above head dim 128).
-  skip=1; [[ $kernels == *backward* ]] && { skip=3; ((dim > 128)) && skip=4; }
+  # launch, the backward three (four above head dim 128; two in one pass, up to 128).
+  skip=1
+  if [[ $kernels == *backward* ]]; then
+    skip=3
+    ((dim > 128)) && skip=4
+    [[ ${FLASHJIT_CUDA_BACKWARD:-} == one-pass ]] && ((dim <= 128)) && skip=2
+  fi
   timeout 300 ncu --clock-control none -k "regex:$kernels" --launch-skip "$skip" -c 4 --set full --import-source yes \
     -f -o "$OUT/$name" python3 bench/profile_cuda.py --head-dim "$dim" --seqlen "$seqlen" ${causal:+--causal} \
     >"$OUT/$name.log" 2>&1 || { status=1; tail -5 "$OUT/$name.log"; continue; }
