@@ -5,15 +5,18 @@
 # default (split) one, cuDNN and torch-flash (and FA4 where its wheels are installed), its record
 # with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
 # (default /tmp/flashjit-backward).
-#   bash scripts/gpu_backward.sh [--no-tests] [--no-sanitizer] [--no-fa4] [--rounds R]
+#   bash scripts/gpu_backward.sh [--no-tests] [--no-sanitizer] [--no-bench] [--no-fa4] [--rounds R]
 #        [--head-dims D ...] [--seqlens N ...]
+# Each part fits a call of under ten minutes with the build: run them as three calls
+# (--no-sanitizer --no-bench; --no-tests --no-bench; --no-tests --no-sanitizer).
 OUT=${OUT:-/tmp/flashjit-backward}
 source "$(dirname "$0")/gpu_common.sh"
-tests=1 sanitizer=1 bench_args=()
+tests=1 sanitizer=1 bench=1 bench_args=()
 while (($#)); do
   case $1 in
     --no-tests) tests=0 ;;
     --no-sanitizer) sanitizer=0 ;;
+    --no-bench) bench=0 ;;
     --no-fa4) bench_args+=(--no-fa4) ;;
     --rounds) shift; bench_args+=(--rounds "$1") ;;
     --head-dims|--seqlens) flag=$1; shift; bench_args+=("$flag")
@@ -27,32 +30,34 @@ device_and_build
 
 if ((tests)); then
   step "test_one_pass_backward.py"
-  cuda_pytest pytest-one-pass.log 240 tests/python/test_one_pass_backward.py
+  cuda_pytest pytest-one-pass.log 150 tests/python/test_one_pass_backward.py
   step "test_attention.py with FLASHJIT_CUDA_BACKWARD=one-pass"
-  FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-attention-one-pass.log 300 tests/python/test_attention.py
+  FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-attention-one-pass.log 200 tests/python/test_attention.py
   step "test_varlen.py with FLASHJIT_CUDA_BACKWARD=one-pass (a variable-length batch in one launch)"
-  FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-varlen-one-pass.log 240 tests/python/test_varlen.py
+  FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-varlen-one-pass.log 120 tests/python/test_varlen.py
 fi
 
 if ((sanitizer)); then
   step "compute-sanitizer memcheck, FLASHJIT_CUDA_BACKWARD=one-pass"
-  FLASHJIT_CUDA_BACKWARD=one-pass timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  FLASHJIT_CUDA_BACKWARD=one-pass timeout 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
     python3 scripts/sanitizer_cases.py >"$OUT/memcheck-one-pass.log" 2>&1 || status=1
   tail -3 "$OUT/memcheck-one-pass.log"
   # racecheck also reports the kernels' mbarrier handoffs (scripts/gpu_check.sh says why): the
   # hazards are listed by place, to see whether any is new against the split backward's.
   for mode in split one-pass; do
     step "compute-sanitizer racecheck, FLASHJIT_CUDA_BACKWARD=$mode"
-    FLASHJIT_CUDA_BACKWARD=$mode timeout 240 compute-sanitizer --tool racecheck python3 scripts/sanitizer_cases.py \
+    FLASHJIT_CUDA_BACKWARD=$mode timeout 150 compute-sanitizer --tool racecheck python3 scripts/sanitizer_cases.py \
       >"$OUT/racecheck-$mode.log" 2>&1 || status=1
     grep -E "^========= (Error|Warning): Race" "$OUT/racecheck-$mode.log" | sed -E 's/\+0x[0-9a-f]+//' | sort \
       | uniq -c | head -10
   done
 fi
 
-step "backward benchmark: split (default) and one-pass"
-timeout 540 python3 bench/gpu_attention.py --out "$OUT" --backward-modes one-pass "${bench_args[@]}" \
-  >"$OUT/bench.log" 2>&1 || status=1
-grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
+if ((bench)); then
+  step "backward benchmark: split (default) and one-pass"
+  timeout 480 python3 bench/gpu_attention.py --out "$OUT" --backward-modes one-pass "${bench_args[@]}" \
+    >"$OUT/bench.log" 2>&1 || status=1
+  grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
+fi
 echo "backward status: $status"
 exit $status

@@ -1,4 +1,4 @@
-# Sourced by the GPU machine's scripts (gpu_check.sh, gpu_forward_study.sh) after
+# Sourced by the GPU machine's scripts (scripts/gpu_*.sh) after
 # they set OUT's default: the repository root as working directory, $OUT for
 # logs, a kernel cache of its own, unbuffered Python, a status and step headings;
 # build builds and installs the package or stops the script.

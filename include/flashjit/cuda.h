@@ -38,7 +38,9 @@ fj_kernel_config fj_kernel_config_default(void);
 /* Compiles (or finds in the cache) the kernels of each config. With arch set, no
  * GPU is needed: only NVRTC. A forward config also compiles the tile choices of
  * its classes: with arch 0 (the device's) those tuned on that device or else the
- * built-in table's, with arch set the built-in table's. */
+ * built-in table's, with arch set the built-in table's. A backward config compiles the
+ * pass FLASHJIT_CUDA_BACKWARD forces; unforced, the split kernels, and the one-pass ones
+ * where one of its classes is tuned to them (the same tables). */
 fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count);
 
 typedef struct fj_cuda_cache_stats {

@@ -103,8 +103,8 @@ typedef struct fj_attention_options {
    * flashjit's stream-ordered pool, for callers that record calls into CUDA graphs that
    * must hold no memory nodes (a child graph cannot). NULL: flashjit's own. Given, it
    * holds workspace_bytes, at least what fj_attention_prepare_* reports, starts 16-byte
-   * aligned, and stays untouched until the call's work on the stream is done. Ignored on
-   * the CPU. */
+   * aligned (checked on every device), and stays untouched until the call's work on the
+   * stream is done. Otherwise ignored on the CPU. */
   void* workspace;
   size_t workspace_bytes;
 } fj_attention_options;

@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="the on-disk kernel cache")
     cache.add_argument("action", choices=["clear", "info"], help="clear: delete this version's cache; "
                        "info: where it is and how large")
-    tune = commands.add_parser("tune", help="measure the sm_90a forward's tile choices on this GPU",
+    tune = commands.add_parser("tune", help="measure the sm_90a forward's tile choices (or the backward's pass) "
+                               "on this GPU",
                                description="Times candidate tile configurations of the sm_90a forward per problem "
                                "class (dtype, head dim, causal, key length) and keeps each class's fastest in the "
                                "GPU's tuning file in the kernel cache directory; later calls take it. With "
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--gpu", type=int, default=0, metavar="INDEX", help="device index (default 0)")
     tune.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16", "float16"],
                       metavar="DTYPE", help="bfloat16, float16 or both (default: both)")
-    tune.add_argument("--head-dims", nargs="+", type=_head_dim, default=[64, 128, 256], metavar="D")
+    tune.add_argument("--head-dims", nargs="+", type=_head_dim, default=[64, 128, 256], metavar="D",
+                      help="default: 64 128 256 (with --backward, those from 33 to 128)")
     tune.add_argument("--seqlens", nargs="+", type=_seqlen, default=[1024, 4096, 16384], metavar="N")
     commands.add_parser("demo", help="the CPU demo (options: flashjit demo --help)", add_help=False)
     return parser

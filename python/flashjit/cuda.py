@@ -200,7 +200,8 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
     table (classes measured before and not now keep their entries); a candidate must
     beat the hand-set choice by `margin` to be stored instead of it. With backward=True,
     the backward's two passes instead (FLASHJIT_CUDA_BACKWARD: split, the hand-set one, and
-    one-pass, at head dims up to 128), stored under the classes' backward keys. Problems:
+    one-pass, at head dims 33-128; `candidates` plays no part), stored under the classes'
+    backward keys. Problems:
     B*N = 16k tokens, H = 2048 / D. Returns {class key: {"tiles": chosen, "tflops":
     {candidate: TFLOP/s}}}. Needs torch and an sm_90 GPU."""
     import statistics
@@ -225,9 +226,11 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
     def choices(head_dim):
         padded = -(-head_dim // 64) * 64
         if backward:
-            return list(_BACKWARD_PASSES) if padded <= 128 else []  # one pass only up to 128
+            return list(_BACKWARD_PASSES)
         return candidates.get(padded, [_HAND_SET])
 
+    if backward:  # the one pass runs at head dims 33-128 (32 or less: mma.sync, one backward)
+        head_dims = [d for d in head_dims if 32 < d <= 128]
     problems = [(t, d, n, c) for t in dtypes for d in head_dims for n in seqlens for c in causal]
     results, saved = {}, os.environ.get(variable)
     with torch.cuda.device(device):

@@ -842,8 +842,8 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   params.fill(params_of(p));
   const std::vector<KernelSpec> specs = backward_specs(p, launch, params);
   const bool hopper = specs.front().family == KernelFamily::kHopper;
-  // sm_90a: scratch rows padded to whole blocks of the dQ kernel (the one-pass dK/dV kernel's
-  // query tiles divide them too).
+  // sm_90a: scratch rows padded to whole blocks of 128 rows (every sm_90a backward kernel's block
+  // rows; the one-pass dK/dV kernel's query tiles divide them).
   const int64_t block_rows = specs.back().block_rows();
   const int64_t pitch = hopper ? ceil_div(p.seqlen_q, block_rows) * block_rows : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;

@@ -38,7 +38,11 @@ TunedChoice parse_choice(const std::string& key, const std::string& tiles, doubl
     }
     choice.one_pass = tiles == "one-pass" ? 1 : 0;
   } else {
-    choice.parsed = parse_forward_tiles(tiles.c_str());
+    try {
+      choice.parsed = parse_forward_tiles(tiles.c_str());
+    } catch (const Error& error) {
+      throw_value_error("[tuning] ", key, ": ", error.what());
+    }
   }
   return choice;
 }

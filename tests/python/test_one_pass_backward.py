@@ -43,6 +43,19 @@ def poisoned_backward(q, k, v, dout, **kw):
     return size, grads
 
 
+def plan_is_one_pass(B, Hq, Hkv, Sq, Sk, D, Dv):
+    """Whether the backward of these shapes (bf16) plans the one pass: its workspace holds dQ's
+    float32 sums, at least 4 bytes a query row a head dim (the split plan's: 8 bytes a row)."""
+    q = torch.empty(B, Hq, Sq, D, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.empty(B, Hkv, Sk, D, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.empty(B, Hkv, Sk, Dv, device=DEVICE, dtype=torch.bfloat16)
+    o = torch.empty(B, Hq, Sq, Dv, device=DEVICE, dtype=torch.bfloat16)
+    lse = torch.empty(B, Hq, Sq, device=DEVICE)
+    size = _C.backward(q, k, v, o, lse, torch.empty_like(o), torch.empty_like(q), torch.empty_like(k),
+                       torch.empty_like(v), prepare=True, stream=torch.cuda.current_stream().cuda_stream, **options())
+    return size >= 4 * B * Hq * Sq * D
+
+
 @pytest.mark.parametrize("D", [64, 96, 128])
 @pytest.mark.parametrize("case", [
     dict(),
@@ -61,7 +74,9 @@ def test_gradients_match_the_reference(D, case):
     Sq, Sk = case.pop("Sq", 520), case.pop("Sk", 650)  # several key blocks, partial tiles at the ends
     if case.get("mask") == "bool":
         case["mask"] = torch.rand(1, 2, Sq, Sk) > 0.2
-    run(B=2, Hq=case.pop("Hq", 2), Hkv=case.pop("Hkv", 1), Sq=Sq, Sk=Sk, D=D, dtype=torch.bfloat16, **case)
+    Hq, Hkv = case.pop("Hq", 2), case.pop("Hkv", 1)
+    assert plan_is_one_pass(2, Hq, Hkv, Sq, Sk, D, case.get("Dv", D))
+    run(B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, dtype=torch.bfloat16, **case)
 
 
 def test_plan_is_one_pass_and_every_row_is_written():
