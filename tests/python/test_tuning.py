@@ -19,15 +19,23 @@ def forward_cubins(directory):
                   if name.startswith("hopper-forward") and name.endswith(".cubin"))
 
 
-@needs_sm90
-def test_a_stored_choice_is_what_later_forwards_compile(tmp_path, monkeypatch):
+def tune_one_class(tmp_path, monkeypatch, head_dim, causal, **kw):
+    """flashjit.cuda.tune over one bf16 class at N 1k, in a fresh cache with no switch set:
+    (its key, its result)."""
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FLASHJIT_CUDA_TILES", raising=False)
+    monkeypatch.delenv("FLASHJIT_CUDA_BACKWARD", raising=False)
     flashjit.cuda.clear_memory_cache()
-    # One candidate: it is stored whatever it measures.
-    results = flashjit.cuda.tune(head_dims=(64,), seqlens=(1024,), causal=(False,), dtype="bfloat16",
-                                 candidates={64: ["groups=3"]}, progress=False)
+    results = flashjit.cuda.tune(head_dims=(head_dim,), seqlens=(1024,), causal=(causal,), dtype="bfloat16",
+                                 progress=False, **kw)
     (key, result), = results.items()
+    return key, result
+
+
+@needs_sm90
+def test_a_stored_choice_is_what_later_forwards_compile(tmp_path, monkeypatch):
+    # One candidate: it is stored whatever it measures.
+    key, result = tune_one_class(tmp_path, monkeypatch, 64, False, candidates={64: ["groups=3"]})
     assert result["tiles"] == "groups=3" and result["tflops"]["groups=3"] > 0
     assert f"{key} groups=3" in flashjit.cuda.tuning_info()
     for cubin in forward_cubins(tmp_path):
@@ -67,12 +75,7 @@ def test_backward_classes_have_keys_of_their_own():
 def test_a_tuned_backward_pass_is_what_later_backwards_run(tmp_path, monkeypatch):
     from flashjit import _C
 
-    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FLASHJIT_CUDA_BACKWARD", raising=False)
-    flashjit.cuda.clear_memory_cache()
-    results = flashjit.cuda.tune(head_dims=(128,), seqlens=(1024,), causal=(True,), dtype="bfloat16",
-                                 progress=False, backward=True)
-    (key, result), = results.items()
+    key, result = tune_one_class(tmp_path, monkeypatch, 128, True, backward=True)
     assert key.startswith("bwd_") and set(result["tflops"]) == {"split", "one-pass"}
     assert f"{key} {result['tiles']}" in flashjit.cuda.tuning_info()
 
