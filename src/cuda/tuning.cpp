@@ -177,6 +177,19 @@ const TuningTable& table_for(const std::string& device_name, int arch) {
   return g_tables.emplace(path, std::move(table)).first->second;
 }
 
+// A class's entry: the device's tuning file's (an empty name: none), else the built-in table's of
+// its arch; nullptr where neither names the class. The caller holds g_mutex.
+const TunedChoice* tuned_entry(const std::string& device_name, int arch, const std::string& key) {
+  const TuningTable* tables[2] = {device_name.empty() ? nullptr : &table_for(device_name, arch),
+                                  &built_in_table(arch)};
+  for (const TuningTable* table : tables) {
+    if (table == nullptr) continue;
+    const auto found = table->tiles.find(key);
+    if (found != table->tiles.end()) return &found->second;
+  }
+  return nullptr;
+}
+
 const char* band(int64_t seqlen_k) {
   return seqlen_k <= 2048 ? "keys-2k" : seqlen_k <= 8192 ? "keys-8k" : "keys-more";
 }
@@ -199,15 +212,8 @@ std::string backward_tuning_key(const KernelTraits& traits, int64_t seqlen_k) {
 
 int tuned_one_pass(const std::string& device_name, int arch, const std::string& key) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  const auto find = [&](const TuningTable& table) {
-    auto found = table.tiles.find(key);
-    return found == table.tiles.end() ? -1 : found->second.one_pass;
-  };
-  if (!device_name.empty()) {
-    const int tuned = find(table_for(device_name, arch));
-    if (tuned >= 0) return tuned;
-  }
-  return find(built_in_table(arch));
+  const TunedChoice* choice = tuned_entry(device_name, arch, key);
+  return choice == nullptr ? -1 : choice->one_pass;
 }
 
 bool one_pass_backward_chosen(const KernelTraits& traits, int64_t seqlen_k, const std::string& device_name) {
@@ -217,15 +223,8 @@ bool one_pass_backward_chosen(const KernelTraits& traits, int64_t seqlen_k, cons
 
 ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const std::string& key) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  const auto find = [&](const TuningTable& table) {
-    auto found = table.tiles.find(key);
-    return found == table.tiles.end() ? ForwardTiles{} : found->second.parsed;
-  };
-  if (!device_name.empty()) {
-    const ForwardTiles tuned = find(table_for(device_name, arch));
-    if (tuned.forced()) return tuned;
-  }
-  return find(built_in_table(arch));
+  const TunedChoice* choice = tuned_entry(device_name, arch, key);
+  return choice == nullptr ? ForwardTiles{} : choice->parsed;
 }
 
 std::string save_tuning(const std::string& device_name, int arch, const std::string& entries) {
