@@ -273,13 +273,11 @@ FJ_DEVICE void store_ds_transposed(elem_t* ds_tile, const unsigned (&a)[4], int 
                : "memory");
 }
 
-// Polled relaxed (an acquire load invalidates L1 at every poll), then one fence once it matches.
-FJ_DEVICE int load_relaxed(const int* address) {
+FJ_DEVICE int load_acquire(const int* address) {
   int value;
-  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
   return value;
 }
-FJ_DEVICE void fence_acq_rel() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 // A trap out of line: inlined, ptxas reserves for it in the whole kernel and spills.
 __device__ __noinline__ void trap_stuck_wait() { __trap(); }
 FJ_DEVICE unsigned long long global_nanoseconds() {
@@ -293,13 +291,12 @@ FJ_DEVICE unsigned long long global_nanoseconds() {
 // the device.
 FJ_DEVICE void wait_for_count(const int* counter, int count) {
   unsigned long long since = 0;
-  for (unsigned tries = 0; load_relaxed(counter) != count; ++tries) {
+  for (unsigned tries = 0; load_acquire(counter) != count; ++tries) {
     if (tries < 64) continue;
     __nanosleep(100);
     if (tries == 64) since = global_nanoseconds();
     if (tries % 1024 == 0 && global_nanoseconds() - since > 30000000000ull) trap_stuck_wait();
   }
-  fence_acq_rel();  // the adds the count released, before this block's reads and adds
 }
 FJ_DEVICE void add_release(int* address, int value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
@@ -466,13 +463,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       int* pending = nullptr;
       const auto release_pending = [&] {
         if (pending == nullptr) return;
-        // Every thread's adds, then one thread's fence and count (the barrier orders the others'
-        // adds before its fence, which is cumulative), not a fence in each of the 128 threads.
+        __threadfence();  // this thread's adds, before the count that releases them
         named_barrier_sync(kAddBarrier + consumer, 128);
-        if (threadIdx.x % 128 == 0) {
-          fence_acq_rel();
-          add_release(pending, 1);
-        }
+        if (threadIdx.x % 128 == 0) add_release(pending, 1);
         pending = nullptr;
       };
       // Tile t's dQ^T share into the tile's sum, in key-block order (the file's head comment).
