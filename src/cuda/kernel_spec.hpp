@@ -51,6 +51,10 @@ struct KernelSpec {
   // Edge tiles of kernels with bounds take the two-sided column test even where the left bound
   // is absent (FJ_EDGE_GENERAL; FLASHJIT_CUDA_TILES "edges=general", for comparisons).
   bool edge_general = false;
+  // Every consumer warpgroup of a kHopper forward work tile runs all the block's key tiles, also
+  // those past its own rows' last visible key (FJ_BLOCK_SPAN; FLASHJIT_CUDA_TILES "span=block",
+  // for comparisons); by default a warpgroup stops at its own last tile and only takes turns.
+  bool block_span = false;
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)
@@ -117,9 +121,10 @@ struct ForwardTiles {
   // ("counter=memset"): scratch zeroed before each launch.
   int stream_counter = -1;
   int edge_general = -1;  // 1 ("edges=general"): the two-sided edge test (KernelSpec::edge_general)
+  int block_span = -1;    // 1 ("span=block"): every warpgroup the block's tiles (KernelSpec::block_span)
   bool forced() const {
     return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
-           edge_general >= 0;
+           edge_general >= 0 || block_span >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

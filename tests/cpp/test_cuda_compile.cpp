@@ -414,8 +414,11 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_TRUE(parse_forward_tiles("counter=stream").forced());
   EXPECT_EQ(parse_forward_tiles("edges=general").edge_general, 1);
   EXPECT_EQ(parse_forward_tiles("edges=right").edge_general, 0);
+  EXPECT_EQ(parse_forward_tiles("span=block").block_span, 1);
+  EXPECT_EQ(parse_forward_tiles("span=own").block_span, 0);
+  EXPECT_TRUE(parse_forward_tiles("span=own").forced());
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "poly=5", "turn=s", "edges=left"}) {
+                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

@@ -138,11 +138,12 @@ def test_stream_tile_counters_reset_between_launches(monkeypatch):
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
-                                   "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general"])
+                                   "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
+                                   "span=block", "groups=3,n=112"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
-    if (D > 64 and tiles in ("groups=3", "stages=4")) or (
+    if (D > 64 and tiles in ("groups=3", "stages=4", "groups=3,n=112")) or (
             D == 256 and tiles in ("o=direct,q=2", "n=96,stages=3", "n=160,q=1")):
         pytest.skip("no room for this configuration at this head dim")
     monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)

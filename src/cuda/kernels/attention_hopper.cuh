@@ -5,7 +5,10 @@
 // taking work tiles from a counter (TileQueue). FJ_SPLIT (decoding): the work
 // tiles of each span of keys in turn, a block a work tile, float partials for
 // combine.cuh; a consumer warpgroup none of whose rows is a query only takes its
-// turns (idle_steps).
+// turns (idle_steps). Each consumer warpgroup runs the work tile's key tiles up to
+// the last one its own rows see, then only takes turns (idle_tail): in a causal
+// 192-row tile the first 64 rows end a key tile or two before the last 64, and 64
+// rows past the sequence run a single tile (FJ_BLOCK_SPAN: every warpgroup all of them).
 //
 //   producer (warpgroup 0): one thread loads each work tile's Q tile into a
 //     ring of kQBuffers, then K and V tiles of kBlockN keys into rings of
@@ -256,9 +259,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int split = 0;
 #endif
       const int b = block.b, h = block.h;
-      long long rows[1][2];
-      rows[0][0] = block.first_query + warp * 16 + lane / 4;
-      rows[0][1] = rows[0][0] + 8;
+      // The thread's rows g and g + 8 (ints, as seqlen_q is), made into the softmax's
+      // 64-bit pairs where they are used, so that the step loop holds one register for them.
+      const int row = static_cast<int>(block.first_query) + warp * 16 + lane / 4;
+      long long rows[1][2] = {{row, row + 8}};
+      const int first_tile = static_cast<int>(block.first_tile);
       const long long consumer_first = block.first_query + consumer * 64;
       const QueryBlock::Interior interior = block.interior_tiles(sp, consumer_first, consumer_first + 64 <= sp.seqlen_q);
 
@@ -296,14 +301,19 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         ++q_use;
         continue;
       }
+      // This warpgroup's own tiles: the first `mine` of the block's, then only turns.
+      // (Broadcast from lane 0, so that ptxas sees it uniform and keeps the rings' arithmetic in
+      // uniform registers.)
+      const int mine =
+          FJ_BLOCK_SPAN ? block.tiles : __shfl_sync(0xffffffffu, block.tiles_seen_by(sp, consumer_first), 0);
       float s[1][kBlockN / 8][4];
       unsigned prob[kBlockN / 16][4];
       float scale_old[1][2];
       bool rescale = false;
       consumer_steps(
-          consumer, block.tiles,
+          consumer, mine,
           [&](int j) {  // K_j, and V_{j-1}
-            if (j < block.tiles) k_ring.consume(kv_use + j);
+            if (j < mine) k_ring.consume(kv_use + j);
             if (j > 0) v_ring.consume(kv_use + j - 1);
 #if FJ_KV_CACHE
             if (j == block.tiles) {  // the last V tile: its rows past the entry's count
@@ -325,18 +335,19 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_O_TMA
             if (j == 0) free_stored();  // the previous work tile's Q buffer
 #else
-            if (j == block.tiles - 1) q_ring.release(q_use, lane);  // the last read of Q
+            if (j == mine - 1) q_ring.release(q_use, lane);  // the last read of Q
 #endif
-            const long long tile_start = block.tile_start(j);
+            const long long tile_start = first_tile + j * kBlockN;
+            const long long step_rows[1][2] = {{row, row + 8}};
             if (interior.contains(j)) {
-              tile_logits<1, true>(s, sp, rows, tile_start, b, h, quad, scale_log2);
+              tile_logits<1, true>(s, sp, step_rows, tile_start, b, h, quad, scale_log2);
             } else {
-              tile_logits<1, false>(s, sp, rows, tile_start, b, h, quad, scale_log2);
+              tile_logits<1, false>(s, sp, step_rows, tile_start, b, h, quad, scale_log2);
             }
             // O is rescaled (in prepare) only where a row of this warp moved its base.
             rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
 #if FJ_DROPOUT
-            apply_dropout(s, sp, static_cast<long long>(b) * p.heads_q + h, rows, tile_start, quad);
+            apply_dropout(s, sp, static_cast<long long>(b) * p.heads_q + h, step_rows, tile_start, quad);
 #endif
             return rescale;  // warp-uniform: consumer_steps waits for P_{j-1} V_{j-1} after this work
           },
@@ -353,8 +364,20 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             if (j > 0 && rescale) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's bases
             to_fragments<kBlockN>(prob, s[0]);
           });
+      idle_tail(
+          consumer, mine, block.tiles,
+          [&](int j) {
+            k_ring.consume(kv_use + j);
+            v_ring.consume(kv_use + j);
+          },
+          [&](int j) {
+            k_ring.release(kv_use + j, lane);
+            v_ring.release(kv_use + j, lane);
+          });
       kv_use += block.tiles;
       ++q_use;
+      rows[0][0] = row;  // from the int again after the loop
+      rows[0][1] = row + 8;
 #if FJ_VARLEN
       // The sequence's parameters again from the table, so that its output fields are not
       // held in registers through the loop (the table's loads are not moved across it).

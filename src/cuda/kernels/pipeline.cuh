@@ -279,6 +279,20 @@ FJ_DEVICE void idle_steps(int consumer, int steps, Arrive arrive, AfterFirst aft
     if (j > 0) after_second(j - 1);
   }
 }
+// After consumer_steps over a warpgroup's first `steps` tiles of `total`: the turns and
+// buffers of tiles steps .. total - 1, which none of its rows sees (a causal work tile's
+// first warpgroups end before the later ones' diagonal tiles): arrive(j) waits for K_j and
+// V_j, release(j) frees both, no product. One turn a tile, so that the turns stay in step
+// with the warpgroups that compute them.
+template <class Arrive, class Release>
+FJ_DEVICE void idle_tail(int consumer, int steps, int total, Arrive arrive, Release release) {
+  for (int j = steps; j < total; ++j) {
+    arrive(j);
+    wait_turn(consumer);
+    pass_turn(consumer);
+    release(j);
+  }
+}
 template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
 FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
                                  IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
@@ -426,6 +440,16 @@ struct QueryBlock {
     tiles = first_tile < key_hi ? static_cast<int>((key_hi - first_tile + kBlockN - 1) / kBlockN) : 0;
   }
   FJ_DEVICE long long tile_start(int j) const { return first_tile + static_cast<long long>(j) * kBlockN; }
+  // Of the block's tiles (tiles > 0), how many the query rows among first .. first + 63
+  // reach: the others start past the last such row's last visible key (a row's bounds
+  // never fall as the row grows). At least one, so that a schedule runs: 64 rows past
+  // the queries compute one tile that nothing stores.
+  FJ_DEVICE int tiles_seen_by(const KernelParams& p, long long first) const {
+    if (first >= p.seqlen_q) return 1;
+    const long long end = min(key_hi, key_end(p, min(first + 63, static_cast<long long>(p.seqlen_q) - 1)));
+    const long long seen = end <= first_tile ? 1 : (end - first_tile + kBlockN - 1) / kBlockN;
+    return static_cast<int>(min(seen, static_cast<long long>(tiles)));
+  }
   // The key tiles wholly visible to query rows first..first + 63 (all below seqlen_q:
   // rows_full) are tiles lo..hi - 1: a row's first and last visible keys never fall as the
   // row grows, so the last row bounds where such a tile may start and the first row where it
