@@ -6,15 +6,26 @@
 # tuning file it writes is copied to $OUT/tuned_sm90.txt: committed as
 # src/cuda/tuned_sm90.txt, it is the built-in table. --backward: the backward's pass instead
 # (`flashjit tune --backward`, head dims 64 and 128), on top of the built-in table's entries, so
-# that the copied file is the whole new table.
-#   bash scripts/gpu_tune.sh [--backward]
+# that the copied file is the whole new table. --head-dims D ...: the forward's classes of those
+# head dims alone, likewise on top of the built-in table's other entries.
+#   bash scripts/gpu_tune.sh [--backward | --head-dims D ...]
 OUT=${OUT:-/tmp/flashjit-tune}
 source "$(dirname "$0")/gpu_common.sh"
 
+mode=all head_dims=(64 128 256)
+case ${1:-} in
+  --backward) mode=backward ;;
+  --head-dims) mode=some; shift; head_dims=("$@") ;;
+  "") ;;
+  *) echo "unknown argument $1"; exit 2 ;;
+esac
+
 device_and_build
 
-if [ "${1:-}" = --backward ]; then
-  step "the built-in table's entries, then flashjit tune --backward"
+# The built-in table's entries into the device's tuning file, so that tuning some classes
+# leaves the others' entries as they are.
+seed_with_table() {
+  step "the built-in table's entries"
   python3 -c '
 import flashjit
 from flashjit import _C
@@ -23,6 +34,11 @@ with open("src/cuda/tuned_sm90.txt") as table:
     entries = "".join(line.split(" ", 1)[1] for line in table if line.startswith("entry "))
 print(_C.cuda_save_tuning(info["name"], info["arch"], entries))
 ' || status=1
+}
+
+if [ $mode = backward ]; then
+  seed_with_table
+  step "flashjit tune --backward"
   timeout 500 python3 -m flashjit tune --backward --head-dims 64 128 >"$OUT/tune.log" 2>&1 || status=1
   grep -v "^\[" "$OUT/tune.log" | tail -45
   cp "$FLASHJIT_CACHE_DIR"/*/tuning/sm90-*.txt "$OUT/tuned_sm90.txt" 2>/dev/null || status=1
@@ -31,10 +47,11 @@ print(_C.cuda_save_tuning(info["name"], info["arch"], entries))
 fi
 
 step "compile the candidates ($(nproc) processes)"
-python3 - >"$OUT/candidates.txt" <<'EOF'
+python3 - "${head_dims[@]}" >"$OUT/candidates.txt" <<'EOF'
+import sys
 from flashjit.cuda import _CANDIDATES
 for dtype in ("bfloat16", "float16"):
-    for head_dim in (64, 128, 256):
+    for head_dim in map(int, sys.argv[1:]):
         for causal in (0, 1):
             for tiles in _CANDIDATES[head_dim]:
                 print(dtype, head_dim, causal, tiles)
@@ -53,8 +70,9 @@ except (ValueError, NotImplementedError) as error:
     print(tiles, head_dim, "does not run:", error)
 ' <"$OUT/candidates.txt" 2>&1 | tail -20
 
-step "flashjit tune"
-timeout 500 python3 -m flashjit tune >"$OUT/tune.log" 2>&1 || status=1
+[ $mode = some ] && seed_with_table
+step "flashjit tune --head-dims ${head_dims[*]}"
+timeout 500 python3 -m flashjit tune --head-dims "${head_dims[@]}" >"$OUT/tune.log" 2>&1 || status=1
 grep -v "^\[" "$OUT/tune.log" | tail -45
 cp "$FLASHJIT_CACHE_DIR"/*/tuning/sm90-*.txt "$OUT/tuned_sm90.txt" 2>/dev/null || status=1
 echo "tune status: $status"
