@@ -241,7 +241,13 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, page_table=Non
     One call of the C API's varlen entry for the batch: the cache as packed rows with each
     sequence's key count (seqused_k), or its pages through the page table, read in place (on
     CUDA in one launch for float16/bfloat16; for float32 each sequence's used rows are gathered
-    first). Not differentiable (a cache is for inference)."""
+    first). Not differentiable (a cache is for inference).
+
+    Counts and a page table in the GPU's memory (CUDA, no new keys) stay there: the host never
+    reads them, so a decoding loop does not wait for the GPU each call, and their values are not
+    checked; the kernels clamp each count into its cache and each page index into the pages, so
+    nothing outside the cache is read. Counts and tables on the CPU, calls with new keys, and
+    FLASHJIT_CUDA_KV_DEVICE=0 have them checked, with errors naming the sequence and value."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(x, Tensor):
             raise TypeError(f"[{_KV_OP}] {name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -332,14 +338,14 @@ def _counts_stay_on_device(q, cache_seqlens, page_table, k, v) -> bool:
     """Whether attention_with_kvcache passes the counts (and the page table) to the C API in the
     GPU's memory, where the host never reads them (no wait for the GPU before the call): CUDA
     operands, the counts and any table on q's device, no new keys to write, no flashjit.profile()
-    recording (it records each sequence's keys), and FLASHJIT_CUDA_KV_DEVICE=1 (off by default
-    until measured on a GPU)."""
+    recording (it records each sequence's keys), unless FLASHJIT_CUDA_KV_DEVICE=0 (which has the
+    host copy and check them, at the price of a wait for the GPU each call)."""
     def on_q_device(x, ndim):
         return (isinstance(x, Tensor) and x.device == q.device and x.dtype in (torch.int32, torch.int64)
                 and x.ndim == ndim and x.shape[0] == q.shape[0])
 
     return (q.is_cuda and k is None and v is None and _profiler._active is None
-            and os.environ.get("FLASHJIT_CUDA_KV_DEVICE") == "1" and on_q_device(cache_seqlens, 1)
+            and os.environ.get("FLASHJIT_CUDA_KV_DEVICE") != "0" and on_q_device(cache_seqlens, 1)
             and (page_table is None or on_q_device(page_table, 2)))
 
 

@@ -67,7 +67,10 @@ def test_paged_cache_equals_dense_and_appends_cross_pages():
         torch.testing.assert_close(v_pages[pages, rows % PAGE], v_new[b], rtol=0, atol=0)
 
 
-def test_errors():
+def test_errors(monkeypatch):
+    # Counts and tables in GPU memory are checked where the host reads them (FLASHJIT_CUDA_KV_DEVICE=0;
+    # by default a call without new keys leaves them there unchecked, test_counts_and_pages_in_gpu_memory).
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_DEVICE", "0")
     k_cache, v_cache, lengths = _dense([14, 0, 31], capacity=32)
     q = torch.randn(B, 1, HQ, D, device=DEVICE)
     with pytest.raises(ValueError, match=r"k: sequence 2 holds 31 keys; 5 more do not fit its cache of 32"):
@@ -84,7 +87,8 @@ def test_errors():
         flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=q)
 
 
-def test_page_table_entries_past_a_sequences_keys_are_never_read():
+def test_page_table_entries_past_a_sequences_keys_are_never_read(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_DEVICE", "0")  # the host's checks of the table (test_errors)
     k_cache, v_cache, lengths = _dense([14, 0, 31], capacity=32)
     q = torch.randn(B, 1, HQ, D, device=DEVICE)
     k_pages, v_pages, table = _paged(k_cache, v_cache, 2)
@@ -292,8 +296,9 @@ def test_a_default_device_does_not_stick_to_the_offsets():
 @pytest.mark.parametrize("hopper", ["0", "1"])  # FLASHJIT_CUDA_KV_HOPPER: the sm_90a split (sm_90) or mma.sync
 @pytest.mark.parametrize("sq,causal,window,softcap", CACHE_CASES[:3])
 def test_counts_and_pages_in_gpu_memory(dtype, hopper, sq, causal, window, softcap, monkeypatch):
-    # FLASHJIT_CUDA_KV_DEVICE=1: the counts and the table stay on the GPU (the host reads neither);
-    # the same results as with the host path (float32: the backend's host copy, then its paths).
+    # By default (FLASHJIT_CUDA_KV_DEVICE unset or 1) the counts and the table stay on the GPU (the
+    # host reads neither); the same results as with the host path (FLASHJIT_CUDA_KV_DEVICE=0; float32:
+    # the backend's host copy, then its paths).
     generator = torch.Generator().manual_seed(sq)
     batch, heads_q, heads_kv, capacity, dim = 4, 8, 2, 256, 64
     k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, dim, generator=generator).to(DEVICE, dtype)
@@ -302,6 +307,7 @@ def test_counts_and_pages_in_gpu_memory(dtype, hopper, sq, causal, window, softc
     lengths = torch.tensor([200, 0, 1, 256], dtype=torch.int32, device=DEVICE)
     options = dict(causal=causal, window=window, softcap=softcap, return_lse=True)
     monkeypatch.setenv("FLASHJIT_CUDA_KV_HOPPER", hopper)
+    monkeypatch.setenv("FLASHJIT_CUDA_KV_DEVICE", "0")
     k_pages, table = _shuffled_pages(k_cache, 64, generator)
     v_pages = torch.empty_like(k_pages)
     for b in range(batch):
@@ -309,7 +315,7 @@ def test_counts_and_pages_in_gpu_memory(dtype, hopper, sq, causal, window, softc
     expected = [flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, **options),
                 flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table,
                                                 **options)]
-    monkeypatch.setenv("FLASHJIT_CUDA_KV_DEVICE", "1")
+    monkeypatch.delenv("FLASHJIT_CUDA_KV_DEVICE")
     got = [flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, **options),
            flashjit.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, page_table=table, **options)]
     for (o, lse), (o_ref, lse_ref) in zip(got, expected):
