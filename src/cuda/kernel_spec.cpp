@@ -150,7 +150,7 @@ std::string KernelSpec::name() const {
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
                  kv_cache == 1 ? "_kvcache" : kv_cache == 2 ? "_paged" : "", edge_general ? "_edgegen" : "",
-                 block_span ? "_blockspan" : "", late_fetch ? "_latefetch" : "",
+                 block_span ? "_blockspan" : "",
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
@@ -225,7 +225,7 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
-      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_LATE_FETCH ", late_fetch ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
@@ -313,7 +313,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, fetch; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter, edges, span; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -353,11 +353,8 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "span") {
       if (value != "block" && value != "own") fail(item, "span=block or span=own");
       tiles.block_span = value == "block" ? 1 : 0;
-    } else if (key == "fetch") {
-      if (value != "late" && value != "early") fail(item, "fetch=late or fetch=early");
-      tiles.late_fetch = value == "late" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, fetch");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span");
     }
   }
   return tiles;
@@ -455,7 +452,6 @@ KernelSpec with_forced_tiles(KernelSpec spec, const ForwardTiles& forced) {
   if (forced.fast_softmax == 0) spec.fold_scale = spec.lazy_rescale = false;
   if (forced.edge_general >= 0) spec.edge_general = forced.edge_general == 1;
   if (forced.block_span >= 0) spec.block_span = forced.block_span == 1;
-  if (forced.late_fetch >= 0) spec.late_fetch = forced.late_fetch == 1;
   if (spec.threads > (8 + kProducerWarps) * 32 && spec.block_n > 128) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: groups=3 takes at most n=96, got n=", spec.block_n);
   }

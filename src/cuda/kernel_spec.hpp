@@ -55,11 +55,6 @@ struct KernelSpec {
   // those past its own rows' last visible key (FJ_BLOCK_SPAN; FLASHJIT_CUDA_TILES "span=block",
   // for comparisons); by default a warpgroup stops at its own last tile and only takes turns.
   bool block_span = false;
-  // The producer of a persistent kHopper forward takes its next work tile from the counter after
-  // issuing this tile's loads (FJ_LATE_FETCH; FLASHJIT_CUDA_TILES "fetch=late", for comparisons);
-  // by default it asks before them, so that the atomic's round trip is not on the way to the next
-  // tile's first loads.
-  bool late_fetch = false;
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)
@@ -127,10 +122,9 @@ struct ForwardTiles {
   int stream_counter = -1;
   int edge_general = -1;  // 1 ("edges=general"): the two-sided edge test (KernelSpec::edge_general)
   int block_span = -1;    // 1 ("span=block"): every warpgroup the block's tiles (KernelSpec::block_span)
-  int late_fetch = -1;    // 1 ("fetch=late"): the next work tile asked for after the loads (KernelSpec::late_fetch)
   bool forced() const {
     return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
-           edge_general >= 0 || block_span >= 0 || late_fetch >= 0;
+           edge_general >= 0 || block_span >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

@@ -417,10 +417,8 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_EQ(parse_forward_tiles("span=block").block_span, 1);
   EXPECT_EQ(parse_forward_tiles("span=own").block_span, 0);
   EXPECT_TRUE(parse_forward_tiles("span=own").forced());
-  EXPECT_EQ(parse_forward_tiles("fetch=late").late_fetch, 1);
-  EXPECT_EQ(parse_forward_tiles("fetch=early").late_fetch, 0);
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows", "fetch=soon"}) {
+                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

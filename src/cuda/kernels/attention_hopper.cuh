@@ -190,10 +190,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       FJ_TILE_PARAMS(tile, local_tile);
       const QueryBlock block = block_of(sp, local_tile);
       const long long q_row0 = kVarlen ? sp.q_row0 : 0, k_row0 = kVarlen ? sp.k_row0 : 0;
-      // The next work tile, asked for before this one's loads: the atomic's result is waited for
-      // only at the loop's end, so its round trip runs beside the loads instead of between this
-      // tile's last load and the next tile's first (FJ_LATE_FETCH: after them, as before).
-      if (!FJ_LATE_FETCH) tile = next_tile(p, false);
       // Key tile j for TMA: its first row and the map's outer coordinate, the batch entry, or
       // (FJ_KV_CACHE 2) its page through the entry's row of the table (the tile lies in one page).
       const auto key_tile_at = [&](int j, long long& row, int& outer) {
@@ -230,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         }
         kv_use += block.tiles;
       }
-      if (FJ_LATE_FETCH) tile = next_tile(p, false);
+      tile = next_tile(p, false);
     }
   };
   const auto consume = [&](int consumer) {
