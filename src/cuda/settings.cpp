@@ -50,7 +50,8 @@ int decode_warps() {
 
 bool kv_cache_hopper() {
   const char* value = std::getenv("FLASHJIT_CUDA_KV_HOPPER");
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  if (value != nullptr && *value != '\0') return std::strcmp(value, "0") != 0;
+  return decode_warps() == 0;
 }
 
 std::optional<bool> one_pass_backward() {

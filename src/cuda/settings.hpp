@@ -37,9 +37,9 @@ bool varlen_single_launch();
 // forward has up to 16 query rows a batch and head; 0 when unset (the backend chooses). Any
 // other value raises an error naming the variable.
 int decode_warps();
-// FLASHJIT_CUDA_KV_HOPPER=1: decoding over a KV cache (in place, or in pages that whole key steps
-// fit) on sm_90 runs the sm_90a split forward rather than the mma.sync one (off by default until
-// measured on a GPU).
+// Whether decoding over a KV cache (in place, or in pages that whole key steps fit) on sm_90 runs
+// the sm_90a split forward rather than the mma.sync blocks: yes unless FLASHJIT_CUDA_KV_HOPPER=0,
+// or FLASHJIT_CUDA_DECODE_WARPS forces the mma.sync blocks' shape (then only with KV_HOPPER=1).
 bool kv_cache_hopper();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset
