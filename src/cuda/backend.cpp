@@ -6,12 +6,14 @@
 #include <algorithm>
 #include <numeric>
 #include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -113,6 +115,41 @@ Launch prepare(const AttentionProblem& p) {
   return launch;
 }
 
+// A traced kernel's launch (KernelSpec::trace, FLASHJIT_CUDA_TRACE=1; a diagnostic that waits for
+// the GPU): the trace buffer zeroed before, then read back and printed to stderr, a line a work
+// tile of each traced thread: "FJT <block> <slot> <tile> <steps> <six clock64() points>", slot 0
+// the producer, 1.. the consumer warpgroups (attention_hopper.cuh, TileTrace).
+void run_traced(const KernelSpec& spec, CUfunction function, const Launch& launch, KernelParams& params,
+                int64_t blocks, void** arguments) {
+  const Driver& d = driver();
+  const int64_t traced = (blocks + kTraceEvery - 1) / kTraceEvery;
+  const size_t values = size_t(traced) * kTraceSlots * kTraceTiles * kTraceFields;
+  CUdeviceptr buffer = 0;
+  check(d.cuMemAllocFromPoolAsync(&buffer, values * sizeof(long long), scratch_pool(launch.device_index),
+                                  launch.stream),
+        "cuMemAllocFromPoolAsync (trace)");
+  std::vector<long long> host(values, 0);
+  check(d.cuMemcpyHtoDAsync(buffer, host.data(), values * sizeof(long long), launch.stream), "trace");
+  params.trace = reinterpret_cast<long long*>(buffer);
+  check(d.cuLaunchKernel(function, unsigned(blocks), 1, 1, unsigned(spec.threads), 1, 1,
+                         unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr),
+        spec.name().c_str());
+  check(d.cuMemcpyDtoHAsync(host.data(), buffer, values * sizeof(long long), launch.stream), "trace");
+  check(d.cuMemFreeAsync(buffer, launch.stream), "trace");
+  check(d.cuStreamSynchronize(launch.stream), "trace");
+  std::fprintf(stderr, "FJT kernel %s blocks %lld\n", spec.name().c_str(), static_cast<long long>(blocks));
+  for (int64_t index = 0; index < traced * kTraceSlots * kTraceTiles; ++index) {
+    const long long* row = host.data() + index * kTraceFields;
+    if (row[1] == 0 && row[2] == 0) continue;  // a tile not reached
+    const int64_t tile = index % kTraceTiles, slot = index / kTraceTiles % kTraceSlots;
+    const int64_t block = index / kTraceTiles / kTraceSlots * kTraceEvery;
+    std::fprintf(stderr, "FJT %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld\n", static_cast<long long>(block),
+                 static_cast<long long>(slot), static_cast<long long>(tile), row[0], row[1], row[2], row[3], row[4],
+                 row[5], row[6]);
+  }
+  params.trace = nullptr;
+}
+
 void run(const KernelSpec& spec, CUfunction function, const Launch& launch, KernelParams& params,
          int64_t blocks, int blocks_y = 1) {
   if (blocks == 0) return;
@@ -120,6 +157,10 @@ void run(const KernelSpec& spec, CUfunction function, const Launch& launch, Kern
     throw_unsupported("[cuda] ", blocks, " thread blocks is more than one launch takes (2^31 - 1)");
   }
   void* arguments[] = {&params};
+  if (spec.trace && blocks_y == 1 && !launch.capturing) {
+    run_traced(spec, function, launch, params, blocks, arguments);
+    return;
+  }
   const CUresult status =
       driver().cuLaunchKernel(function, unsigned(blocks), unsigned(blocks_y), 1, unsigned(spec.threads), 1, 1,
                               unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr);

@@ -150,7 +150,7 @@ std::string KernelSpec::name() const {
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
                  kv_cache == 1 ? "_kvcache" : kv_cache == 2 ? "_paged" : "", edge_general ? "_edgegen" : "",
-                 block_span ? "_blockspan" : "",
+                 block_span ? "_blockspan" : "", trace ? "_trace" : "",
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
@@ -225,7 +225,7 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
-      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
@@ -541,7 +541,8 @@ bool hopper_applies(const KernelTraits& traits) {
 
 KernelSpec forward_kernel(const KernelTraits& traits, const ForwardTiles& tuned) {
   if (hopper_applies(traits)) {
-    const KernelSpec spec = hopper_spec(traits, KernelEntry::kForward, tuned);
+    KernelSpec spec = hopper_spec(traits, KernelEntry::kForward, tuned);
+    spec.trace = settings::trace_tiles();
     if (fits(spec)) return spec;
   }
   if (uses_tensor_cores(traits)) {

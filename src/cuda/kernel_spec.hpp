@@ -55,6 +55,8 @@ struct KernelSpec {
   // those past its own rows' last visible key (FJ_BLOCK_SPAN; FLASHJIT_CUDA_TILES "span=block",
   // for comparisons); by default a warpgroup stops at its own last tile and only takes turns.
   bool block_span = false;
+  // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
+  bool trace = false;
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)

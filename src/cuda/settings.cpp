@@ -54,6 +54,11 @@ bool kv_cache_hopper() {
   return decode_warps() == 0;
 }
 
+bool trace_tiles() {
+  const char* value = std::getenv("FLASHJIT_CUDA_TRACE");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
 std::optional<bool> one_pass_backward() {
   const char* value = std::getenv("FLASHJIT_CUDA_BACKWARD");
   if (value == nullptr || *value == '\0') return std::nullopt;

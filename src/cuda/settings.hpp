@@ -9,7 +9,8 @@
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
 //   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
 //   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4), forced
-//   FLASHJIT_CUDA_KV_HOPPER=1   a KV cache (in place or paged) on the sm_90a split forward (default: mma.sync)
+//   FLASHJIT_CUDA_KV_HOPPER=0   a KV cache (in place or paged) on the mma.sync blocks (default on sm_90: the sm_90a split)
+//   FLASHJIT_CUDA_TRACE=1       the sm_90a forward prints its work tiles' timestamps (scripts/trace_tiles.py)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -41,6 +42,9 @@ int decode_warps();
 // the sm_90a split forward rather than the mma.sync blocks: yes unless FLASHJIT_CUDA_KV_HOPPER=0,
 // or FLASHJIT_CUDA_DECODE_WARPS forces the mma.sync blocks' shape (then only with KV_HOPPER=1).
 bool kv_cache_hopper();
+// FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
+// threads of every 16th block keep clock64() at the points of each work tile and print them).
+bool trace_tiles();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset
 // or empty (the tuned choice, else split, until the one pass is measured on a GPU). Any other

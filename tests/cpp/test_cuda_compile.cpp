@@ -302,6 +302,24 @@ TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
   }
 }
 
+// FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a
+// kernel of its own name, which compiles; unset, the usual kernel.
+TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  for (int head_dim : {64, 128}) {
+    const KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
+    setenv("FLASHJIT_CUDA_TRACE", "1", 1);
+    const KernelSpec traced = forward_kernel(traits);
+    unsetenv("FLASHJIT_CUDA_TRACE");
+    const KernelSpec plain = forward_kernel(traits);
+    EXPECT_TRUE(traced.trace);
+    EXPECT_FALSE(plain.trace);
+    EXPECT_NE(traced.name(), plain.name());
+    ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
+  }
+}
+
 // Tuned choices: saved, read back and taken for their class; a file with a
 // wrong checksum, or measured on another device, is ignored (not trusted);
 // FLASHJIT_CUDA_TILES wins over a tuned choice.

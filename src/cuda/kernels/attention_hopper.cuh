@@ -104,6 +104,38 @@ FJ_DEVICE void zero_rows_past_count(elem_t* tile, int first, int consumer) {
 }
 #endif
 
+#if FJ_TRACE
+// A diagnostic (FLASHJIT_CUDA_TRACE=1, scripts/trace_tiles.py): in every kTraceEvery-th block,
+// the producer thread (slot 0) and the first thread of each consumer warpgroup (slots 1..) keep
+// a tile's steps and clock64() at six points of each of their first kTraceTiles work tiles in
+// KernelParams::trace, which the host prints after the launch. Consumer points: before the
+// tile's pop, after it, Q arrived, K_0 arrived, the last P V done, the output issued. Producer
+// points: the tile pushed, Q issued, K_0 issued, the last V issued, the next tile known.
+struct TileTrace {
+  long long* row = nullptr;  // this thread's first tile's fields, or nullptr
+  FJ_DEVICE TileTrace(const KernelParams& p, int slot) {
+    if (p.trace != nullptr && blockIdx.x % kTraceEvery == 0 && threadIdx.x % 128 == 0) {
+      row = p.trace + (static_cast<long long>(blockIdx.x / kTraceEvery) * kTraceSlots + slot) * kTraceTiles * kTraceFields;
+    }
+  }
+  FJ_DEVICE void mark(int tile, int point) const {
+    if (row != nullptr && tile < kTraceTiles) row[tile * kTraceFields + 1 + point] = clock64();
+  }
+  FJ_DEVICE void steps(int tile, int count) const {
+    if (row != nullptr && tile < kTraceTiles) row[tile * kTraceFields] = count;
+  }
+  // The last field: a value the next mark must wait for (the store needs it in a register).
+  FJ_DEVICE void note(int tile, int value) const {
+    if (row != nullptr && tile < kTraceTiles) row[tile * kTraceFields + 7] = value;
+  }
+};
+#define FJ_TRACE_MARK(trace, tile, point) trace.mark(tile, point)
+#define FJ_TRACE_STEPS(trace, tile, count) trace.steps(tile, count)
+#else
+#define FJ_TRACE_MARK(trace, tile, point) ((void)0)
+#define FJ_TRACE_STEPS(trace, tile, count) ((void)0)
+#endif
+
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_forward(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
@@ -181,8 +213,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     prefetch_tensor_map(p.v_map);
     int kv_use = 0, q_use = 0;
     int tile = next_tile(p, true);
+#if FJ_TRACE
+    const TileTrace trace(p, 0);
+#endif
     for (int n = 0;; ++n) {
       tiles.push(n, tile);
+      FJ_TRACE_MARK(trace, n, 0);
       if (tile >= num_tiles) {
         done_taking_tiles(p);
         return;
@@ -207,6 +243,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
         tma_load_tile<kBlockM, kDimQk>(q_tiles + q_buffer * kBlockM * kQTileDim, p.q_map, q_row0 + block.first_query,
                                        block.h, block.b, &q_ring.full[q_buffer]);
+        FJ_TRACE_MARK(trace, n, 1);
         // In the order the consumers need them: K_j, then V_{j-1}.
         for (int j = 0; j <= block.tiles; ++j) {
           long long row;
@@ -216,6 +253,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             key_tile_at(j, row, outer);
             tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, row, block.kv_head, outer,
                                            &k_ring.full[buffer]);
+            if (j == 0) FJ_TRACE_MARK(trace, n, 2);
           }
           if (j > 0) {
             const int buffer = v_ring.produce(kv_use + j - 1, kTileBytes<kBlockN, kDimV>);
@@ -226,7 +264,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         }
         kv_use += block.tiles;
       }
+      FJ_TRACE_MARK(trace, n, 3);
+      FJ_TRACE_STEPS(trace, n, block.tiles);
       tile = next_tile(p, false);
+#if FJ_TRACE
+      trace.note(n, tile);  // the atomic's result, before the point that times it
+#endif
+      FJ_TRACE_MARK(trace, n, 4);
     }
   };
   const auto consume = [&](int consumer) {
@@ -248,9 +292,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     };
 #endif
     first_turn(consumer);  // one turn sequence over all the block's work tiles (consumer_steps)
+#if FJ_TRACE
+    const TileTrace trace(p, 1 + consumer);
+#endif
     for (int n = 0;; ++n) {
+      FJ_TRACE_MARK(trace, n, 0);
       const int tile = tiles.pop(n, lane);
       if (tile >= num_tiles) break;
+      FJ_TRACE_MARK(trace, n, 1);
       FJ_TILE_PARAMS(tile, local_tile);
       const QueryBlock block = block_of(sp, local_tile);
 #if FJ_SPLIT
@@ -278,6 +327,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int q_buffer = q_ring.buffer(q_use);
       elem_t* q_tile = q_tiles + q_buffer * kBlockM * kQTileDim;
       q_ring.consume(q_use);
+      FJ_TRACE_MARK(trace, n, 2);
       // The same waits and releases as the working path's lambdas below: a change to
       // either must be made to both, or the rings' phases break.
       if (FJ_SPLIT && consumer_first >= sp.seqlen_q) {
@@ -314,6 +364,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           consumer, mine,
           [&](int j) {  // K_j, and V_{j-1}
             if (j < mine) k_ring.consume(kv_use + j);
+            if (j == 0) FJ_TRACE_MARK(trace, n, 3);
             if (j > 0) v_ring.consume(kv_use + j - 1);
 #if FJ_KV_CACHE
             if (j == block.tiles) {  // the last V tile: its rows past the entry's count
@@ -364,6 +415,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             if (j > 0 && rescale) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's bases
             to_fragments<kBlockN>(prob, s[0]);
           });
+      FJ_TRACE_MARK(trace, n, 4);
+      FJ_TRACE_STEPS(trace, n, mine);
       idle_tail(
           consumer, mine, block.tiles,
           [&](int j) {
@@ -402,6 +455,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #else
       write_result(out, o, row_max, row_sum, rows, b, h, quad, split);
 #endif
+      FJ_TRACE_MARK(trace, n, 5);
     }
     last_turn(consumer);
 #if FJ_O_TMA

@@ -124,7 +124,19 @@ struct KernelParams {
   float* dq_accum;
   int* dq_semaphore;
   long long dq_counters;
+
+  // FJ_TRACE (a diagnostic, FLASHJIT_CUDA_TRACE=1): kTraceTiles x kTraceFields clock64() values a
+  // work tile for each traced thread (attention_hopper.cuh), zeroed and printed by the host.
+  long long* trace;
 };
+
+// The sm_90a forward's trace (FJ_TRACE): every kTraceEvery-th block, its producer thread and the
+// first thread of each consumer warpgroup (4 slots a block), kTraceTiles work tiles each, a
+// tile's steps, six clock64() points and one value (the producer's next tile).
+constexpr int kTraceEvery = 16;
+constexpr int kTraceTiles = 40;
+constexpr int kTraceFields = 8;
+constexpr int kTraceSlots = 4;
 
 constexpr int kVarlenFields = 7;
 enum VarlenField { kFirstQueryTile, kFirstKeyTile, kSequence, kFirstQuery, kQueries, kFirstKey, kKeys };
