@@ -120,13 +120,18 @@ def decode(args, device, dtype):
         # The cache on the sm_90a split forward (FLASHJIT_CUDA_KV_HOPPER=1; sm_90 only), and the
         # counts and table read on the host (FLASHJIT_CUDA_KV_DEVICE=0: a copy back and a wait each
         # call, and their checks) instead of left in GPU memory.
+        # Pages on the sm_90a split with a key step of a page (64 keys, four stages), as before a
+        # step of 128 keys loaded a TMA box a page.
+        if 16 <= page < 128 and 128 % page == 0:
+            impls["flashjit paged cache, a page a step"] = with_env(impls["flashjit paged cache"],
+                                                                     "FLASHJIT_CUDA_TILES", f"n={page},stages=4")
         for name in ("flashjit contiguous cache", "flashjit paged cache"):
             impls[name + ", sm_90a split"] = with_env(impls[name], "FLASHJIT_CUDA_KV_HOPPER", "1")
             impls[name + ", counts read on the host"] = with_env(impls[name], "FLASHJIT_CUDA_KV_DEVICE", "0")
     paged = impls["flashjit paged cache"]()
     contiguous = impls["flashjit contiguous cache"]()
     torch.testing.assert_close(paged, contiguous, rtol=2e-2 if dtype != torch.float32 else 1e-4, atol=1e-3)
-    for name in [n for n in impls if n.startswith("flashjit ") and n.endswith(("sm_90a split", "on the host"))]:
+    for name in [n for n in impls if n.startswith("flashjit ") and n.endswith(("sm_90a split", "on the host", "a page a step"))]:
         torch.testing.assert_close(impls[name](), contiguous, rtol=2e-2, atol=2e-2)
     bytes_read = 2 * sum(lengths) * Hkv * D * torch.finfo(dtype).bits // 8
     with torch.no_grad():

@@ -566,10 +566,12 @@ bool plan_hopper_kv_cache(Plan& plan, const AttentionProblem& p, const Attention
   const bool paged = p.page_table != nullptr;
   const KernelSpec spec = hopper_kv_cache_kernel(forward, paged ? p.page_size : 0);
   if (!spec.split) return false;
+  // A page's box: the key step's rows, or (page_boxes > 1) the page's, several a key tile.
+  const int box_rows = spec.block_n / spec.page_boxes;
   if (paged && !(encode_tensor_map(&params.k_map, dense.k, p.num_pages, dense.heads_kv, p.page_size,
-                                   dense.head_dim_qk, spec.block_n) &&
+                                   dense.head_dim_qk, box_rows) &&
                  encode_tensor_map(&params.v_map, dense.v, p.num_pages, dense.heads_kv, p.page_size,
-                                   dense.head_dim_v, spec.block_n))) {
+                                   dense.head_dim_v, box_rows))) {
     return false;
   }
   const int splits = std::max(1, forward_splits(dense, spec, multiprocessors));

@@ -151,6 +151,7 @@ std::string KernelSpec::name() const {
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
                  kv_cache == 1 ? "_kvcache" : kv_cache == 2 ? "_paged" : "", edge_general ? "_edgegen" : "",
                  block_span ? "_blockspan" : "", trace ? "_trace" : "",
+                 page_boxes > 1 ? str_cat("_pb", page_boxes) : std::string(),
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
@@ -225,7 +226,7 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
-      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
@@ -579,10 +580,9 @@ KernelSpec hopper_kv_cache_kernel(const KernelSpec& forward, int64_t page_size) 
   spec.kv_cache = page_size > 0 ? 2 : 1;
   if (page_size > 0 && page_size % spec.block_n != 0) {
     if (page_size % 16 != 0 || spec.block_n % page_size != 0) spec.split = false;
-    // A smaller step: as many keys in flight through a deeper ring (four stages of 64 keys
-    // take no more shared memory than two of 128, so the spec still fits).
-    spec.stages = std::max(spec.stages, std::min(4, 2 * spec.block_n / int(page_size)));
-    spec.block_n = int(page_size);
+    // Pages shorter than the key step: a key tile of block_n keys loads one TMA box a page
+    // (whole pages: page_size divides block_n), so the step keeps its length.
+    spec.page_boxes = spec.block_n / int(page_size);
   }
   return spec;
 }

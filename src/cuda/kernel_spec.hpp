@@ -57,6 +57,9 @@ struct KernelSpec {
   bool block_span = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
+  // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
+  // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).
+  int page_boxes = 1;
   int threads = 128;
   int row_tiles = 1;  // kMma: 16-row tiles each warp owns
   DkDvPart dkdv_part = DkDvPart::kBoth;  // dK/dV (kMma, kHopper)

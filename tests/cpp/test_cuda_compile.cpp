@@ -534,9 +534,13 @@ TEST_F(CudaCompile, HopperSplitForwardCompilesForSm90) {
         ASSERT_TRUE(paged.split) << paged.name();
         EXPECT_NE(in_place.name().find("_kvcache"), std::string::npos);
         EXPECT_EQ(in_place.block_n, forward.block_n);
-        EXPECT_EQ(paged.block_n, 16);  // a key tile within a page of 16, through a deeper ring
-        EXPECT_EQ(paged.stages, 4);
+        // Pages of 16 keys: the forward's key step kept, a TMA box a page.
+        EXPECT_EQ(paged.block_n, forward.block_n);
+        EXPECT_EQ(paged.page_boxes, forward.block_n / 16);
+        EXPECT_NE(paged.name().find("_pb"), std::string::npos);
+        EXPECT_EQ(paged.stages, forward.stages);
         EXPECT_LE(paged.shared_memory_bytes(), forward.shared_memory_bytes()) << paged.name();
+        EXPECT_EQ(hopper_kv_cache_kernel(forward, forward.block_n).page_boxes, 1);
         EXPECT_EQ(hopper_kv_cache_kernel(forward, 16 * forward.block_n).block_n, forward.block_n);
         EXPECT_FALSE(hopper_kv_cache_kernel(forward, 40).split);  // no whole tiles in a page
         EXPECT_FALSE(hopper_kv_cache_kernel(forward, forward.block_n + 16).split);

@@ -215,8 +215,9 @@ def test_half_cache_on_the_sm90a_split(dtype, D, sq, causal, window, softcap, sp
     if splits is not None:
         monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
     generator, k_cache, v_cache, q, seqlens, options, o, lse = _each_sequence(dtype, D, sq, causal, window, softcap)
-    # Pages (a key tile within a page: steps of 16 keys, and of 64 at 64-key pages; in pages of 48,
-    # no whole tiles: the one-warp blocks), within half-precision rounding of the cache in place.
+    # Pages (the forward's key step, a TMA box a page of 16 or 64 keys, the boxes past a count not
+    # loaded; in pages of 48, no whole pages a step: the one-warp blocks), within half-precision
+    # rounding of the cache in place.
     batch, heads_kv = k_cache.shape[0], k_cache.shape[2]
     for page_size in (16, 48, 64):
         if k_cache.shape[1] % page_size:

@@ -87,6 +87,36 @@ FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, 
 }
 #endif
 
+#if FJ_KV_CACHE == 2
+// A paged cache's key tile (keys start .. start + kBlockN - 1 of batch entry b) as kPageBoxes
+// TMA boxes, one a page of kPageRows keys (or one box of the whole tile within its page, where a
+// page holds whole tiles), each page through the entry's row of the table. Only the boxes that
+// hold keys below the entry's count are loaded (the table's row may end there); the others keep
+// what the buffer held, which the key bounds mask (K) and zero_rows_past_count clears (V).
+// Returns the bytes the loads will write, which the caller announced beforehand (boxes_of).
+constexpr int kPageBoxes = FJ_PAGE_BOXES;
+constexpr int kPageRows = kBlockN / kPageBoxes;
+static_assert(kBlockN % kPageBoxes == 0 && kPageRows % 16 == 0, "whole pages of 16-row multiples a key tile");
+FJ_DEVICE int page_boxes_of(const KernelParams& sp, long long start) {
+  const long long left = sp.seqlen_k - start;  // > 0: a tile the block sees
+  return static_cast<int>(min(static_cast<long long>(kPageBoxes), (left + kPageRows - 1) / kPageRows));
+}
+template <int kDim>
+FJ_DEVICE void load_paged_tile(elem_t* tile, const TensorMap& map, const KernelParams& p, int b, int kv_head,
+                               long long start, int boxes, unsigned long long* barrier) {
+  for (int box = 0; box < boxes; ++box) {
+    const long long key = start + box * kPageRows;
+    const int page = page_of(p, p.page_table[b * p.page_table_stride + static_cast<int>(key / p.page_size)]);
+    const int row = static_cast<int>(key % p.page_size);
+#pragma unroll
+    for (int region = 0; region < kDim / kSwizzleElems; ++region) {
+      tma_load(tile + region * kBlockN * kSwizzleElems + box * kPageRows * kSwizzleElems, map, region * kSwizzleElems,
+               row, kv_head, page, barrier);
+    }
+  }
+}
+#endif
+
 #if FJ_KV_CACHE
 // Rows first .. kBlockN - 1 of a V tile to zero, by a consumer warpgroup's 128 threads, seen by
 // its wgmma after: a cache's rows past an entry's key count are memory the TMA loads as they
@@ -226,18 +256,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       FJ_TILE_PARAMS(tile, local_tile);
       const QueryBlock block = block_of(sp, local_tile);
       const long long q_row0 = kVarlen ? sp.q_row0 : 0, k_row0 = kVarlen ? sp.k_row0 : 0;
-      // Key tile j for TMA: its first row and the map's outer coordinate, the batch entry, or
-      // (FJ_KV_CACHE 2) its page through the entry's row of the table (the tile lies in one page).
+#if FJ_KV_CACHE != 2
+      // Key tile j for TMA: its first row and the map's outer coordinate, the batch entry.
       const auto key_tile_at = [&](int j, long long& row, int& outer) {
-        const long long key = block.tile_start(j);
-#if FJ_KV_CACHE == 2
-        outer = page_of(p, p.page_table[block.b * p.page_table_stride + static_cast<int>(key / p.page_size)]);
-        row = key % p.page_size;
-#else
         outer = block.b;
-        row = k_row0 + key;
-#endif
+        row = k_row0 + block.tile_start(j);
       };
+#endif
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
         const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
@@ -246,6 +271,22 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         FJ_TRACE_MARK(trace, n, 1);
         // In the order the consumers need them: K_j, then V_{j-1}.
         for (int j = 0; j <= block.tiles; ++j) {
+#if FJ_KV_CACHE == 2
+          // A paged cache: a box a page (load_paged_tile), as many bytes as the boxes loaded.
+          if (j < block.tiles) {
+            const int boxes = page_boxes_of(sp, block.tile_start(j));
+            const int buffer = k_ring.produce(kv_use + j, boxes * kTileBytes<kPageRows, kDimQk>);
+            load_paged_tile<kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, p, block.b, block.kv_head,
+                                    block.tile_start(j), boxes, &k_ring.full[buffer]);
+            if (j == 0) FJ_TRACE_MARK(trace, n, 2);
+          }
+          if (j > 0) {
+            const int boxes = page_boxes_of(sp, block.tile_start(j - 1));
+            const int buffer = v_ring.produce(kv_use + j - 1, boxes * kTileBytes<kPageRows, kDimV>);
+            load_paged_tile<kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map, p, block.b, block.kv_head,
+                                   block.tile_start(j - 1), boxes, &v_ring.full[buffer]);
+          }
+#else
           long long row;
           int outer;
           if (j < block.tiles) {
@@ -261,6 +302,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             tma_load_tile<kBlockN, kDimV>(v_tiles + buffer * kBlockN * kDimV, p.v_map, row, block.kv_head, outer,
                                           &v_ring.full[buffer]);
           }
+#endif
         }
         kv_use += block.tiles;
       }
