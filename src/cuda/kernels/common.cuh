@@ -128,6 +128,11 @@ FJ_DEVICE const FJ_MASK_TYPE* mask_element(const KernelParams& p, int b, int h, 
 }
 #endif
 #if FJ_MASK == 1
+// The line of global memory holding *address, toward L1 (no fault for any address the
+// caller forms from valid rows and keys).
+FJ_DEVICE void prefetch_l1(const void* address) {
+  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(address));
+}
 // Whether the boolean mask hides key j from query i (false: not attended).
 FJ_DEVICE bool mask_hides(const KernelParams& p, int b, int h, long long i, long long j) {
   return *mask_element(p, b, h, i, j) == 0;
@@ -136,8 +141,9 @@ FJ_DEVICE bool mask_hides(const KernelParams& p, int b, int h, long long i, long
 
 // The score of (b, h, i, j) from the raw dot product, in the order of the CPU
 // backend: scale, softcap, mask. With softcap, *tanh_out receives
-// tanh(score / softcap) for the backward's derivative.
-template <typename Acc>
+// tanh(score / softcap) for the backward's derivative. kBoolMask false: a boolean mask is left
+// to the caller (which reads it along a row, tile_logits), an additive one still added.
+template <typename Acc, bool kBoolMask = true>
 FJ_DEVICE Acc masked_score(const KernelParams& p, Acc dot, int b, int h, long long i, long long j, Acc* tanh_out) {
   Acc x = dot * static_cast<Acc>(p.scale);
 #if FJ_SOFTCAP
@@ -146,7 +152,7 @@ FJ_DEVICE Acc masked_score(const KernelParams& p, Acc dot, int b, int h, long lo
   x = static_cast<Acc>(p.softcap) * t;
 #endif
 #if FJ_MASK == 1
-  if (mask_hides(p, b, h, i, j)) x = negative_infinity<Acc>();
+  if (kBoolMask && mask_hides(p, b, h, i, j)) x = negative_infinity<Acc>();
 #elif FJ_MASK == 2
   x += load_as<Acc>(mask_element(p, b, h, i, j));
 #endif

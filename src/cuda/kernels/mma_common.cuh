@@ -244,12 +244,13 @@ FJ_DEVICE void zero(float (&acc)[kTiles][kN][4]) {
 // The log2-domain logit of element (i, j) that the causal/window bounds let
 // through (the callers check those per row, ColumnSpan): with no mask and no
 // softcap, one multiply.
+template <bool kBoolMask = true>
 FJ_DEVICE float logit_log2(const KernelParams& p, float dot, float scale_log2, int b, int h, long long i, long long j,
                            float* tanh_out) {
 #if FJ_MASK == 0 && !FJ_SOFTCAP
   return dot * scale_log2;
 #else
-  return masked_score(p, dot, b, h, i, j, tanh_out) * kLog2e;
+  return masked_score<float, kBoolMask>(p, dot, b, h, i, j, tanh_out) * kLog2e;
 #endif
 }
 

@@ -76,6 +76,13 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
       for (int r = 0; r < 2; ++r) {
         const long long i = rows[m][r];
         const ColumnSpan<kBlockN> span = key_span<kBlockN>(p, i, tile_start);
+#if FJ_MASK == 1
+        // The boolean mask's entries of this row along one pointer (the thread's first column,
+        // then 8 keys a step): an add or two an entry instead of its whole address. Read only
+        // for visible keys of the sequence's rows, as before.
+        const long long key_stride = p.mask_stride[3];
+        const FJ_MASK_TYPE* entry = mask_element(p, b, h, i, tile_start + quad * 2);
+#endif
 #pragma unroll
         for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
@@ -84,18 +91,33 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
             const int column = n * 8 + quad * 2 + c;
             float unused_tanh;
             if (kInterior || (kRightOnly ? column < span.last : span.contains(column))) {
-              if constexpr (kFoldScale) {
 #if FJ_MASK == 1
-                if (mask_hides(p, b, h, i, tile_start + column)) x = negative_infinity<float>();
-#endif
+              const bool hidden = entry[c * key_stride] == 0;
+              if constexpr (kFoldScale) {
+                if (hidden) x = negative_infinity<float>();
               } else {
-                x = logit_log2(p, x, scale_log2, b, h, i, tile_start + column, &unused_tanh);
+                x = hidden ? negative_infinity<float>()
+                           : logit_log2<false>(p, x, scale_log2, b, h, i, tile_start + column, &unused_tanh);
               }
+#else
+              if constexpr (!kFoldScale) x = logit_log2(p, x, scale_log2, b, h, i, tile_start + column, &unused_tanh);
+#endif
             } else {
               x = negative_infinity<float>();
             }
           }
+#if FJ_MASK == 1
+          entry += 8 * key_stride;
+#endif
         }
+#if FJ_MASK == 1
+        // The next key tile's entries of this row toward L1 while this one's softmax and the
+        // products run (a row's 128 keys span one or two lines), for rows and keys that exist.
+        if (i < p.seqlen_q && tile_start + kBlockN < p.seqlen_k) {
+          prefetch_l1(entry);
+          if (tile_start + kBlockN + kBlockN / 2 < p.seqlen_k) prefetch_l1(entry + kBlockN / 2 * key_stride);
+        }
+#endif
       }
     }
   }
