@@ -129,12 +129,19 @@ void run_traced(const KernelSpec& spec, CUfunction function, const Launch& launc
                                   launch.stream),
         "cuMemAllocFromPoolAsync (trace)");
   std::vector<long long> host(values, 0);
-  check(d.cuMemcpyHtoDAsync(buffer, host.data(), values * sizeof(long long), launch.stream), "trace");
-  params.trace = reinterpret_cast<long long*>(buffer);
-  check(d.cuLaunchKernel(function, unsigned(blocks), 1, 1, unsigned(spec.threads), 1, 1,
-                         unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr),
-        spec.name().c_str());
-  check(d.cuMemcpyDtoHAsync(host.data(), buffer, values * sizeof(long long), launch.stream), "trace");
+  try {
+    check(d.cuMemcpyHtoDAsync(buffer, host.data(), values * sizeof(long long), launch.stream), "trace");
+    params.trace = reinterpret_cast<long long*>(buffer);
+    check(d.cuLaunchKernel(function, unsigned(blocks), 1, 1, unsigned(spec.threads), 1, 1,
+                           unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr),
+          spec.name().c_str());
+    check(d.cuMemcpyDtoHAsync(host.data(), buffer, values * sizeof(long long), launch.stream), "trace");
+  } catch (const Error&) {
+    params.trace = nullptr;
+    d.cuMemFreeAsync(buffer, launch.stream);
+    throw;
+  }
+  params.trace = nullptr;
   check(d.cuMemFreeAsync(buffer, launch.stream), "trace");
   check(d.cuStreamSynchronize(launch.stream), "trace");
   std::fprintf(stderr, "FJT kernel %s blocks %lld\n", spec.name().c_str(), static_cast<long long>(blocks));
@@ -147,7 +154,6 @@ void run_traced(const KernelSpec& spec, CUfunction function, const Launch& launc
                  static_cast<long long>(slot), static_cast<long long>(tile), row[0], row[1], row[2], row[3], row[4],
                  row[5], row[6]);
   }
-  params.trace = nullptr;
 }
 
 void run(const KernelSpec& spec, CUfunction function, const Launch& launch, KernelParams& params,
@@ -157,7 +163,8 @@ void run(const KernelSpec& spec, CUfunction function, const Launch& launch, Kern
     throw_unsupported("[cuda] ", blocks, " thread blocks is more than one launch takes (2^31 - 1)");
   }
   void* arguments[] = {&params};
-  if (spec.trace && blocks_y == 1 && !launch.capturing) {
+  // (A grid of more than 64k blocks, a block a tile, is launched untraced: its buffer would be large.)
+  if (spec.trace && blocks_y == 1 && !launch.capturing && blocks <= 65536) {
     run_traced(spec, function, launch, params, blocks, arguments);
     return;
   }
@@ -557,8 +564,9 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
 
 // A KV cache on the sm_90a split forward (FJ_KV_CACHE): each work tile bounded by its entry's
 // key count, at least one split; in pages (p's page table), K and V through maps whose outer
-// dimension is the page, a key tile within one page. False (an empty plan) where the sm_90a
-// kernel does not take the operands or no scratch can be had.
+// dimension is the page, a key tile within one page or (KernelSpec::page_boxes) a box a page of
+// a key tile. False (an empty plan) where the sm_90a kernel does not take the operands or no
+// scratch can be had.
 bool plan_hopper_kv_cache(Plan& plan, const AttentionProblem& p, const AttentionProblem& dense, const Launch& launch,
                           KernelParams params, int multiprocessors) {
   if (dense.seqlen_k == 0) return false;  // no key tile to split (the mma.sync path writes the empty rows)

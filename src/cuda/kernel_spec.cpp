@@ -579,10 +579,13 @@ KernelSpec hopper_kv_cache_kernel(const KernelSpec& forward, int64_t page_size) 
   KernelSpec spec = hopper_split_kernel(forward);
   spec.kv_cache = page_size > 0 ? 2 : 1;
   if (page_size > 0 && page_size % spec.block_n != 0) {
-    if (page_size % 16 != 0 || spec.block_n % page_size != 0) spec.split = false;
-    // Pages shorter than the key step: a key tile of block_n keys loads one TMA box a page
-    // (whole pages: page_size divides block_n), so the step keeps its length.
-    spec.page_boxes = spec.block_n / int(page_size);
+    if (page_size % 16 != 0 || spec.block_n % page_size != 0) {
+      spec.split = false;  // neither whole pages a key tile nor whole key tiles a page
+    } else {
+      // Pages shorter than the key step: a key tile of block_n keys loads one TMA box a page,
+      // so the step keeps its length.
+      spec.page_boxes = spec.block_n / int(page_size);
+    }
   }
   return spec;
 }

@@ -92,8 +92,8 @@ FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, 
 // TMA boxes, one a page of kPageRows keys (or one box of the whole tile within its page, where a
 // page holds whole tiles), each page through the entry's row of the table. Only the boxes that
 // hold keys below the entry's count are loaded (the table's row may end there); the others keep
-// what the buffer held, which the key bounds mask (K) and zero_rows_past_count clears (V).
-// Returns the bytes the loads will write, which the caller announced beforehand (boxes_of).
+// what the buffer held, which the key bounds mask (K) and zero_rows_past_count clears (V). The
+// caller announces the bytes of page_boxes_of(...) boxes beforehand.
 constexpr int kPageBoxes = FJ_PAGE_BOXES;
 constexpr int kPageRows = kBlockN / kPageBoxes;
 static_assert(kBlockN % kPageBoxes == 0 && kPageRows % 16 == 0, "whole pages of 16-row multiples a key tile");
@@ -104,14 +104,22 @@ FJ_DEVICE int page_boxes_of(const KernelParams& sp, long long start) {
 template <int kDim>
 FJ_DEVICE void load_paged_tile(elem_t* tile, const TensorMap& map, const KernelParams& p, int b, int kv_head,
                                long long start, int boxes, unsigned long long* barrier) {
-  for (int box = 0; box < boxes; ++box) {
-    const long long key = start + box * kPageRows;
-    const int page = page_of(p, p.page_table[b * p.page_table_stride + static_cast<int>(key / p.page_size)]);
-    const int row = static_cast<int>(key % p.page_size);
+  // With several boxes a tile a box is a page (page_size == kPageRows, a constant) and starts it
+  // (tiles start at whole steps); one box lies at its row of its page. The table's entries are
+  // read before the first load is issued, so that their latencies overlap.
+  const int* entries = p.page_table + b * p.page_table_stride;
+  const int first = static_cast<int>(kPageBoxes > 1 ? start / kPageRows : start / p.page_size);
+  const int row = kPageBoxes > 1 ? 0 : static_cast<int>(start % p.page_size);
+  int pages[kPageBoxes];
+#pragma unroll
+  for (int box = 0; box < kPageBoxes; ++box) pages[box] = box < boxes ? entries[first + box] : 0;
+#pragma unroll
+  for (int box = 0; box < kPageBoxes; ++box) {
+    if (box >= boxes) break;
 #pragma unroll
     for (int region = 0; region < kDim / kSwizzleElems; ++region) {
       tma_load(tile + region * kBlockN * kSwizzleElems + box * kPageRows * kSwizzleElems, map, region * kSwizzleElems,
-               row, kv_head, page, barrier);
+               row, kv_head, page_of(p, pages[box]), barrier);
     }
   }
 }
@@ -159,6 +167,7 @@ struct TileTrace {
     if (row != nullptr && tile < kTraceTiles) row[tile * kTraceFields + 7] = value;
   }
 };
+static_assert(kConsumers + 1 <= kTraceSlots, "a trace slot for the producer and each consumer warpgroup");
 #define FJ_TRACE_MARK(trace, tile, point) trace.mark(tile, point)
 #define FJ_TRACE_STEPS(trace, tile, count) trace.steps(tile, count)
 #else
