@@ -112,7 +112,8 @@ typedef struct fj_attention_options {
 fj_attention_options fj_attention_options_default(void);
 
 /* o, lse = attention(q, k, v). A query row with no key left after masking gives
- * o = 0 and lse = -inf. */
+ * o = 0 and lse = -inf. lse may be NULL (inference: the log-sum-exp is not written; the
+ * backward needs it). */
 fj_status fj_attention_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                const fj_attention_options* options, fj_tensor* o, fj_tensor* lse);
 

@@ -110,12 +110,14 @@ def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
     if kind == "torch":
         from . import ops
 
-        o, lse = ops.attention(q, k, v, options, **_torch_tensors(op, attn_mask, options, seed, offset))
+        o, lse = ops.attention(q, k, v, options, **_torch_tensors(op, attn_mask, options, seed, offset),
+                               with_lse=return_lse)
     else:
         call = _numpy_call(op, attn_mask, options, dropout_p, seed, offset)
         o_shape, lse_shape = output_shapes(op, q, v)
         o = np.empty(o_shape, dtype=q.dtype)
-        lse = np.empty(lse_shape, dtype=np.float64 if q.dtype == np.float64 else np.float32)
+        # Without return_lse no log-sum-exp is allocated or written (no backward for arrays).
+        lse = np.empty(lse_shape, dtype=np.float64 if q.dtype == np.float64 else np.float32) if return_lse else None
         _C.forward(q, k, v, o, lse, **call)
     return (o, lse) if return_lse else o
 

@@ -467,13 +467,18 @@ class _Plan:
         self.layouts = tuple(_layout(x) for x in (q, k, v, o, lse))
         self.cuda = q.is_cuda
 
-    def forward(self, q, k, v):
-        """o, lse as _forward gives them."""
+    def forward(self, q, k, v, with_lse=True):
+        """o, lse as _forward gives them; with_lse false: lse None, neither allocated nor
+        computed (a call that needs no backward)."""
         o = q.new_empty(self.o_shape)
-        lse = q.new_empty(self.lse_shape, dtype=self.lse_dtype)
         sq, sk, sv, so, sl = self.static
+        if with_lse:
+            lse = q.new_empty(self.lse_shape, dtype=self.lse_dtype)
+            lse_ref = (lse.data_ptr(), *sl)
+        else:
+            lse = lse_ref = None
         _C.forward((q.data_ptr(), *sq), (k.data_ptr(), *sk), (v.data_ptr(), *sv), (o.data_ptr(), *so),
-                   (lse.data_ptr(), *sl), None, *self.c_options, _stream(q) if self.cuda else 0)
+                   lse_ref, None, *self.c_options, _stream(q) if self.cuda else 0)
         return o, lse
 
     def backward(self, dout, q, k, v, o, lse):
@@ -536,15 +541,16 @@ def find_plan(q, k, v, options: AttentionOptions, tag=None) -> tuple:
     return plan, key
 
 
-def planned_attention(plan: _Plan, q, k, v):
-    """attention(q, k, v, options) through find_plan's plan."""
+def planned_attention(plan: _Plan, q, k, v, with_lse=True):
+    """attention(q, k, v, options) through find_plan's plan; with_lse false: a call without
+    autograd leaves lse None (not computed)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if _functorch_active():
             return _EagerAttention.apply(q, k, v, plan.args, plan)
         # What Function.apply calls without torch.func transforms, after unwrapping wrappers
         # of transforms that have ended, which hold no storage (none here).
         return _apply_eager(q, k, v, plan.args, plan)
-    return plan.forward(q, k, v)
+    return plan.forward(q, k, v, with_lse)
 
 
 def _remember_plan(key, q, k, v, options, output):
@@ -570,16 +576,19 @@ def _remember_plan(key, q, k, v, options, output):
 _UNSET = object()
 
 
-def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_tag=None, plan_key=_UNSET):
+def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_tag=None, plan_key=_UNSET,
+              with_lse=True):
     """o, lse with autograd through q, k, v (lse is not differentiable); rng: the
     dropout seed and offset as a tensor (dropout_rng), needed when options.dropout_p > 0.
     plan_tag: the entry point whose plans (find_plan) a plain call leaves; plan_key: the
-    signature find_plan gave the caller, which found no plan (None: leave none)."""
+    signature find_plan gave the caller, which found no plan (None: leave none). with_lse
+    false: the caller does not use lse, which a planned call without autograd then leaves
+    None (not computed)."""
     plain = mask is None and rng is None and not options.dropout_p  # plans run without dropout
     if plain and plan_key is _UNSET:
         plan, plan_key = find_plan(q, k, v, options, plan_tag)
         if plan is not None:
-            return planned_attention(plan, q, k, v)
+            return planned_attention(plan, q, k, v, with_lse)
     args = (q, k, v, *options.op_args(mask, rng))
     _check_mask_grad(mask is not None and mask.requires_grad and torch.is_grad_enabled())
     if _plain_eager(q, k, v, mask, rng):

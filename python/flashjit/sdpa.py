@@ -201,7 +201,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                                                         scale, enable_gqa)
     if plan is not None:
         try:
-            return ops.planned_attention(plan, query, key, value)[0]
+            return ops.planned_attention(plan, query, key, value, with_lse=False)[0]
         except (ValueError, TypeError, NotImplementedError) as error:
             raise _as_sdpa_error(error) from None
     bias = attn_mask if _is_causal_bias(attn_mask) else None

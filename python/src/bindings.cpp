@@ -188,7 +188,14 @@ size_t forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handl
                uintptr_t stream, bool check_only, bool prepare, const Workspace& workspace) {
   constexpr const char* op = "attention";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
-  fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
+  fj_tensor to = to_tensor(op, "o", o);
+  // lse None: the log-sum-exp is not written (a call that needs no backward).
+  fj_tensor tlse{};
+  fj_tensor* lse_ptr = nullptr;
+  if (!lse.is_none()) {
+    tlse = to_tensor(op, "lse", lse);
+    lse_ptr = &tlse;
+  }
   fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
                    num_threads, stream);
@@ -196,11 +203,11 @@ size_t forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handl
   size_t bytes = 0;
   fj_status status;
   if (check_only) {
-    status = fj_attention_check_forward(&tq, &tk, &tv, &options, &to, &tlse);
+    status = fj_attention_check_forward(&tq, &tk, &tv, &options, &to, lse_ptr);
   } else if (prepare) {
-    status = without_gil([&] { return fj_attention_prepare_forward(&tq, &tk, &tv, &options, &to, &tlse, &bytes); });
+    status = without_gil([&] { return fj_attention_prepare_forward(&tq, &tk, &tv, &options, &to, lse_ptr, &bytes); });
   } else {
-    status = without_gil([&] { return fj_attention_forward(&tq, &tk, &tv, &options, &to, &tlse); });
+    status = without_gil([&] { return fj_attention_forward(&tq, &tk, &tv, &options, &to, lse_ptr); });
   }
   if (status != FJ_SUCCESS) raise_status(status);
   return bytes;
@@ -387,7 +394,7 @@ std::tuple<int, int, std::string> cuda_device_info(int device_index) {
 
 NB_MODULE(_C, m) {
   m.doc() = "flashjit C API bindings (internal; use the flashjit package)";
-  m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
+  m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse").none(),
         nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
         nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false,

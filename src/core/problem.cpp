@@ -497,10 +497,15 @@ AttentionProblem forward_problem(const char* op, const fj_tensor* q, const fj_te
   AttentionProblem p = make_inputs(op, q, k, v);
   const int64_t o_shape[4] = {p.batch, p.heads_q, p.seqlen_q, p.head_dim_v};
   const fj_tensor& out = check_operand(op, "o", o, *q, o_shape, "[batch, heads_q, seqlen_q, head_dim_v]");
-  set_lse(op, lse, *q, p);
+  // lse NULL: not written (p.lse stays nullptr; the backends skip its stores).
+  if (lse != nullptr) set_lse(op, lse, *q, p);
   apply_options(op, options, *q, p);
   p.o = make_operand(out);
-  check_outputs(op, {{"o", o}, {"lse", lse}}, {{"q", q}, {"k", k}, {"v", v}, {"mask", mask_of(options)}});
+  if (lse != nullptr) {
+    check_outputs(op, {{"o", o}, {"lse", lse}}, {{"q", q}, {"k", k}, {"v", v}, {"mask", mask_of(options)}});
+  } else {
+    check_outputs(op, {{"o", o}}, {{"q", q}, {"k", k}, {"v", v}, {"mask", mask_of(options)}});
+  }
   return p;
 }
 

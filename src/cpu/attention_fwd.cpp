@@ -100,6 +100,7 @@ void finish_rows(const AttentionProblem& p, const ForwardScratch<Acc>& w, int64_
     const bool empty = w.row_sum[r] == Acc(0);  // every key masked (a NaN sum stays NaN: O and LSE NaN)
     const Acc inv_sum = empty ? Acc(0) : Acc(1) / w.row_sum[r];
     store_row(w.o + r * ld_v, p.head_dim_v, inv_sum, p.o.row<T>(b, h, query));
+    if (p.lse == nullptr) continue;  // not asked for
     const double lse = empty ? -INFINITY : double(w.row_max[r]) + std::log(double(w.row_sum[r]));
     const int64_t lse_index = b * p.lse_stride_batch + h * p.lse_stride_head + query * p.lse_stride_seq;
     if (p.lse_dtype == FJ_FLOAT64) {

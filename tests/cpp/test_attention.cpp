@@ -283,3 +283,35 @@ TEST(EmptyOutputs, ZeroStridesAreAccepted) {
 
 }  // namespace
 }  // namespace flashjit::testing
+
+namespace flashjit::testing {
+namespace {
+
+// lse NULL (inference): the forward writes the same o, and nothing else; the backward
+// still needs an lse and says so; a NULL o is still an error naming o.
+TEST(OptionalLse, NullLseGivesTheSameOutput) {
+  for (const fj_dtype dtype : {FJ_FLOAT32, FJ_BFLOAT16}) {
+    AttentionBuffers b(2, 4, 2, 37, 45, 16, dtype);
+    fj_attention_options options = fj_attention_options_default();
+    options.causal = FJ_CAUSAL_BOTTOM_RIGHT;
+    ASSERT_EQ(b.forward(options), FJ_SUCCESS) << fj_last_error();
+    const std::vector<double> with_lse = b.o.values();
+    b.o.poison();
+    fj_tensor q = b.q.view(), k = b.k.view(), v = b.v.view(), o = b.o.view();
+    ASSERT_EQ(fj_attention_forward(&q, &k, &v, &options, &o, nullptr), FJ_SUCCESS) << fj_last_error();
+    EXPECT_EQ(b.o.values(), with_lse);
+    EXPECT_TRUE(b.o.guards_intact());
+    ASSERT_EQ(fj_attention_check_forward(&q, &k, &v, &options, &o, nullptr), FJ_SUCCESS) << fj_last_error();
+    size_t workspace = 0;
+    ASSERT_EQ(fj_attention_prepare_forward(&q, &k, &v, &options, &o, nullptr, &workspace), FJ_SUCCESS)
+        << fj_last_error();
+    fj_tensor dout = b.dout.view(), dq = b.dq.view(), dk = b.dk.view(), dv = b.dv.view();
+    EXPECT_EQ(fj_attention_backward(&q, &k, &v, &o, nullptr, &dout, &options, &dq, &dk, &dv), FJ_ERROR_INVALID_VALUE);
+    EXPECT_NE(std::string(fj_last_error()).find("lse"), std::string::npos) << fj_last_error();
+    EXPECT_EQ(fj_attention_forward(&q, &k, &v, &options, nullptr, nullptr), FJ_ERROR_INVALID_VALUE);
+    EXPECT_NE(std::string(fj_last_error()).find("o:"), std::string::npos) << fj_last_error();
+  }
+}
+
+}  // namespace
+}  // namespace flashjit::testing

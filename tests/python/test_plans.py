@@ -256,3 +256,38 @@ def test_calls_with_dropout_leave_no_plan():
             plain, _ = ops.attention(q, k, v, flashjit.options.AttentionOptions())
     assert planned_count() == 1  # the plain call's alone
     assert torch.equal(first, second) and not torch.equal(first, plain)  # the same seed, dropout both times
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_planned_calls_without_autograd_compute_no_lse(entry, monkeypatch):
+    # SDPA and flashjit.attention without return_lse take their plan with no LSE (neither
+    # allocated nor written: lse None through the C API); the output is the one with it, bit for
+    # bit, and a call that asks for the LSE still gets it.
+    call = ENTRIES[entry]
+    q, k, v = inputs((2, 4, 33, 64), (2, 4, 40, 64), torch.float32)
+    with torch.no_grad():
+        plan_left(call, q, k, v, True)
+        seen = []
+        real_forward = ops._C.forward
+        monkeypatch.setattr(ops._C, "forward", lambda *args, **kwargs: seen.append(args[4]) or real_forward(*args,
+                                                                                                          **kwargs))
+        o = call(q, k, v, True)
+        assert seen == [None]
+        plan = next(iter(ops._PLANS.values()))
+        o_full, lse = ops.planned_attention(plan, q, k, v)
+        assert seen[-1] is not None and lse is not None
+    assert torch.equal(o, o_full)
+    if entry == "attention":
+        o2, lse2 = flashjit.attention(q, k, v, causal=True, return_lse=True)
+        assert torch.equal(o2, o) and torch.equal(lse2, lse)
+    exact = naive(q, k, v, True)
+    check("o", o, naive(q, k, v, True, torch.float32), exact, torch.float32)
+
+
+def test_arrays_without_return_lse_compute_no_lse():
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 2, 9, 16)).astype(np.float32) for _ in range(3))
+    o = flashjit.attention(q, k, v, causal=True)
+    o2, lse = flashjit.attention(q, k, v, causal=True, return_lse=True)
+    assert np.array_equal(o, o2) and lse.shape == (1, 2, 9)

@@ -162,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward(co
   const bool none_visible = row_sum_exp == acc_t(0);  // a NaN sum (NaN score) gives NaN O and LSE
   store_slice(operand_row<elem_t>(p.o, b, h, i), o, none_visible ? acc_t(0) : acc_t(1) / row_sum_exp,
               p.head_dim_v, lane);
-  if (lane == 0) {
+  if (lane == 0 && p.lse.data != nullptr) {
     *operand_row<acc_t>(p.lse, b, h, i) =
         none_visible ? negative_infinity<acc_t>() : row_max + log_of(row_sum_exp);
   }

@@ -29,10 +29,10 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_co
     top = x != x || x > top ? x : top;
   }
   elem_t* out = operand_row<elem_t>(p.o, b, h, i);
-  float* lse = operand_row<float>(p.lse, b, h, i);
+  float* lse = p.lse.data != nullptr ? operand_row<float>(p.lse, b, h, i) : nullptr;  // null: not asked for
   if (top == negative_infinity<float>()) {
     for (int d = lane; d < p.head_dim_v; d += 32) out[d] = from_float<elem_t>(0.0f);
-    if (lane == 0) *lse = top;
+    if (lane == 0 && lse != nullptr) *lse = top;
     return;
   }
   float total = 0.0f;
@@ -46,7 +46,7 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_co
     }
     out[d] = from_float<elem_t>(sum * inverse);
   }
-  if (lane == 0) *lse = top + logf(total);
+  if (lane == 0 && lse != nullptr) *lse = top + logf(total);
 }
 
 }  // namespace flashjit

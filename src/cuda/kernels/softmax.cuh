@@ -215,7 +215,7 @@ FJ_DEVICE void finish_rows(const KernelParams& p, const float (&row_max)[kTiles]
       const bool none_visible = total == 0.0f;
       inverse[m][r] = none_visible ? 0.0f : 1.0f / total;
       const long long i = rows[m][r];
-      if (quad == 0 && i < p.seqlen_q) {
+      if (quad == 0 && i < p.seqlen_q && p.lse.data != nullptr) {
         *operand_row<float>(p.lse, b, h, i) =
             none_visible ? negative_infinity<float>() : (row_max[m][r] + log2f(total)) / kLog2e;
       }
