@@ -81,7 +81,7 @@ def fa4_function():
 
 
 # The environment switches a flashjit column may set; a column leaves the others unset.
-SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD")
+SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ")
 
 
 class Impl:
@@ -124,7 +124,10 @@ def implementations(tiles, fa4=None, backward_modes=()):
         name = "flashjit" if setting == "default" else f"flashjit[{setting}]"
         impls.append(Impl(name, flashjit_sdpa, env={} if setting == "default" else {"FLASHJIT_CUDA_TILES": setting}))
     for mode in backward_modes:
-        impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env={"FLASHJIT_CUDA_BACKWARD": mode}))
+        # one-pass:none / one-pass:unordered (FLASHJIT_CUDA_ONE_PASS_DQ): timing only, no dQ written.
+        backward, _, dq = mode.partition(":")
+        env = {"FLASHJIT_CUDA_BACKWARD": backward, **({"FLASHJIT_CUDA_ONE_PASS_DQ": dq} if dq else {})}
+        impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env=env))
     impls += [Impl("cuDNN", torch_backend(SDPBackend.CUDNN_ATTENTION)),
               Impl("torch-flash", torch_backend(SDPBackend.FLASH_ATTENTION))]
     if fa4 is not None:
@@ -315,9 +318,11 @@ def main():
                         help="time the forward alone (no backward, memory or compile figures)")
     parser.add_argument("--tiles", nargs="+", default=["default"],
                         help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
-    parser.add_argument("--backward-modes", nargs="+", default=[], choices=["split", "one-pass"],
+    parser.add_argument("--backward-modes", nargs="+", default=[],
+                        choices=["split", "one-pass", "one-pass:none", "one-pass:unordered"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
-                             "(the default column runs with it unset)")
+                             "(the default column runs with it unset); one-pass:none and one-pass:unordered "
+                             "also set FLASHJIT_CUDA_ONE_PASS_DQ, a timing diagnostic whose dQ is not written")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")
     parser.add_argument("--label", default="", help="a tag for the record's file name and title")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",

@@ -6,18 +6,21 @@
 # with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
 # (default /tmp/flashjit-backward).
 #   bash scripts/gpu_backward.sh [--no-tests] [--no-sanitizer] [--no-bench] [--no-fa4] [--rounds R]
-#        [--head-dims D ...] [--seqlens N ...]
+#        [--head-dims D ...] [--seqlens N ...] [--diagnostics]
+# --diagnostics: also the one pass without its ordered dQ sums (one-pass:none, one-pass:unordered:
+# FLASHJIT_CUDA_ONE_PASS_DQ, timing only), to tell the ordering's cost from the kernel's shape.
 # Each part fits a call of under ten minutes with the build: run them as three calls
 # (--no-sanitizer --no-bench; --no-tests --no-bench; --no-tests --no-sanitizer).
 OUT=${OUT:-/tmp/flashjit-backward}
 source "$(dirname "$0")/gpu_common.sh"
-tests=1 sanitizer=1 bench=1 bench_args=()
+tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass)
 while (($#)); do
   case $1 in
     --no-tests) tests=0 ;;
     --no-sanitizer) sanitizer=0 ;;
     --no-bench) bench=0 ;;
     --no-fa4) bench_args+=(--no-fa4) ;;
+    --diagnostics) modes+=(one-pass:none one-pass:unordered) ;;
     --rounds) shift; bench_args+=(--rounds "$1") ;;
     --head-dims|--seqlens) flag=$1; shift; bench_args+=("$flag")
       while (($#)) && [[ $1 != --* ]]; do bench_args+=("$1"); shift; done; continue ;;
@@ -55,7 +58,7 @@ fi
 
 if ((bench)); then
   step "backward benchmark: split (default) and one-pass"
-  timeout 480 python3 bench/gpu_attention.py --out "$OUT" --backward-modes one-pass "${bench_args[@]}" \
+  timeout 480 python3 bench/gpu_attention.py --out "$OUT" --backward-modes "${modes[@]}" "${bench_args[@]}" \
     >"$OUT/bench.log" 2>&1 || status=1
   grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
 fi

@@ -156,6 +156,7 @@ std::string KernelSpec::name() const {
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
                  one_pass ? "_one-pass" : "",
+                 dq_diagnostic == 1 ? "_dq-none" : dq_diagnostic == 2 ? "_dq-unordered" : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
@@ -228,6 +229,7 @@ std::string KernelSpec::source() const {
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
       "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
+      "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n",
       "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
@@ -617,8 +619,10 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
     KernelSpec dkdv = hopper_spec(traits, KernelEntry::kBackwardDkDv);
     if (one_pass && std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
       dkdv.one_pass = true;
+      dkdv.dq_diagnostic = settings::one_pass_dq();
       if (fits(dkdv)) return {prep, dkdv};
       dkdv.one_pass = false;
+      dkdv.dq_diagnostic = 0;
     }
     std::vector<KernelSpec> specs = {prep, hopper_spec(traits, KernelEntry::kBackwardDq)};
     if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {

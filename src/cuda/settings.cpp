@@ -59,6 +59,14 @@ bool trace_tiles() {
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
+int one_pass_dq() {
+  const char* value = std::getenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "ordered") == 0) return 0;
+  if (std::strcmp(value, "none") == 0) return 1;
+  if (std::strcmp(value, "unordered") == 0) return 2;
+  throw_value_error("[cuda] FLASHJIT_CUDA_ONE_PASS_DQ: expected ordered, none or unordered, got '", value, "'");
+}
+
 std::optional<bool> one_pass_backward() {
   const char* value = std::getenv("FLASHJIT_CUDA_BACKWARD");
   if (value == nullptr || *value == '\0') return std::nullopt;

@@ -11,6 +11,8 @@
 //   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4), forced
 //   FLASHJIT_CUDA_KV_HOPPER=0   a KV cache (in place or paged) on the mma.sync blocks (default on sm_90: the sm_90a split)
 //   FLASHJIT_CUDA_TRACE=1       the sm_90a forward prints its work tiles' timestamps (scripts/trace_tiles.py)
+//   FLASHJIT_CUDA_ONE_PASS_DQ   none or unordered: the one-pass backward without its ordered dQ sums,
+//                               for timing only (no dQ is written)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -45,6 +47,10 @@ bool kv_cache_hopper();
 // FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
 // threads of every 16th block keep clock64() at the points of each work tile and print them).
 bool trace_tiles();
+// FLASHJIT_CUDA_ONE_PASS_DQ (a diagnostic for timing the one-pass backward; dQ is then not
+// written): "none" (1) skips the dQ sums, "unordered" (2) has every block add its share at once,
+// with no order and no count; unset or "ordered" (0) the real backward. Another value is an error.
+int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset
 // or empty (the tuned choice, else split, until the one pass is measured on a GPU). Any other

@@ -281,6 +281,34 @@ TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
   EXPECT_FALSE(split[2].one_pass);
 }
 
+// FLASHJIT_CUDA_ONE_PASS_DQ (timing only): none or unordered give one-pass kernels of their own
+// names, which compile; unset or ordered the real one; another value is an error naming it.
+TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
+  const std::string real = backward_kernels(traits, true).back().name();
+  for (const char* value : {"none", "unordered"}) {
+    setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
+    const KernelSpec spec = backward_kernels(traits, true).back();
+    EXPECT_TRUE(spec.one_pass);
+    EXPECT_EQ(spec.dq_diagnostic, std::string(value) == "none" ? 1 : 2);
+    EXPECT_NE(spec.name(), real);
+    ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+    EXPECT_EQ(backward_kernels(traits, false).back().dq_diagnostic, 0);  // the split backward: unaffected
+  }
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);
+  EXPECT_EQ(backward_kernels(traits, true).back().name(), real);
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "fast", 1);
+  try {
+    settings::one_pass_dq();
+    ADD_FAILURE() << "no error for FLASHJIT_CUDA_ONE_PASS_DQ=fast";
+  } catch (const flashjit::Error& error) {
+    EXPECT_NE(std::string(error.what()).find("FLASHJIT_CUDA_ONE_PASS_DQ"), std::string::npos) << error.what();
+  }
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+}
+
 // Every forward epilogue and Q ring the tile override can pick compiles for
 // sm_90a, and the default takes two Q buffers and TMA stores where they fit.
 TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {

@@ -482,6 +482,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int thread = threadIdx.x % 128;
         float* const chunk = p.dq_accum + chunk_index * kDqChunk;
         int* const counter = p.dq_semaphore + chunk_index;
+#if FJ_DQ_DIAGNOSTIC == 1  // timing only: no sums, no dQ
+        (void)chunk, (void)counter, (void)rank, (void)last, (void)thread, (void)row;
+        return;
+#elif FJ_DQ_DIAGNOSTIC == 2  // timing only: every block adds at once, in no order; no dQ
+        (void)counter, (void)rank, (void)last;
+#pragma unroll
+        for (int n = 0; n < kDqQueries / 8; ++n) add_float4(chunk + (n * 128 + thread) * 4, dqt[n]);
+        return;
+#endif
         release_pending();  // before any wait: the blocks above may be waiting for it
         if (rank > 0) {
           if (thread == 0) wait_for_count(counter, rank);
