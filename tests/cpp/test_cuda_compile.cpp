@@ -76,6 +76,20 @@ class CudaCompile : public ::testing::Test {
 };
 
 // Traits of a half-precision problem for sm_90 without features.
+// With environment variable `name` set to `value`, read(): an error naming the variable. The
+// variable is unset afterwards.
+template <class Read>
+void expect_setting_error(const char* name, const char* value, Read read) {
+  setenv(name, value, 1);
+  try {
+    read();
+    ADD_FAILURE() << "no error for " << name << "=" << value;
+  } catch (const flashjit::Error& error) {
+    EXPECT_NE(std::string(error.what()).find(name), std::string::npos) << error.what();
+  }
+  unsetenv(name);
+}
+
 flashjit::cuda::KernelTraits sm90_traits(fj_dtype dtype, int head_dim) {
   flashjit::cuda::KernelTraits traits;
   traits.dtype = dtype;
@@ -264,14 +278,7 @@ TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
   EXPECT_EQ(settings::one_pass_backward(), std::optional<bool>(false));
   setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
   EXPECT_EQ(settings::one_pass_backward(), std::optional<bool>(true));
-  setenv("FLASHJIT_CUDA_BACKWARD", "fast", 1);
-  try {
-    settings::one_pass_backward();
-    ADD_FAILURE() << "no error for FLASHJIT_CUDA_BACKWARD=fast";
-  } catch (const flashjit::Error& error) {
-    EXPECT_NE(std::string(error.what()).find("FLASHJIT_CUDA_BACKWARD"), std::string::npos) << error.what();
-  }
-  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  expect_setting_error("FLASHJIT_CUDA_BACKWARD", "fast", [] { settings::one_pass_backward(); });
   // The one pass is sm_90a's: elsewhere the usual kernels.
   KernelTraits ampere = sm90_traits(FJ_BFLOAT16, 128);
   ampere.arch = 80;
@@ -299,14 +306,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   }
   setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);
   EXPECT_EQ(backward_kernels(traits, true).back().name(), real);
-  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "fast", 1);
-  try {
-    settings::one_pass_dq();
-    ADD_FAILURE() << "no error for FLASHJIT_CUDA_ONE_PASS_DQ=fast";
-  } catch (const flashjit::Error& error) {
-    EXPECT_NE(std::string(error.what()).find("FLASHJIT_CUDA_ONE_PASS_DQ"), std::string::npos) << error.what();
-  }
-  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  expect_setting_error("FLASHJIT_CUDA_ONE_PASS_DQ", "fast", [] { settings::one_pass_dq(); });
 }
 
 // Every forward epilogue and Q ring the tile override can pick compiles for
