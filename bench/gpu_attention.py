@@ -368,12 +368,16 @@ def main():
                 row.setdefault("rounds", {})[name] = [round(v[0], 1) for v in values]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items()}, default=lambda x: round(x, 1)), flush=True)
-    plain = [impl for impl in impls if impl.name in ("flashjit", "cuDNN", "torch-flash")
-             or impl.env.get("FLASHJIT_CUDA_BACKWARD")]
+    # The timing diagnostics (FLASHJIT_CUDA_ONE_PASS_DQ) write no dQ: no memory or repeatability figures.
+    plain = [impl for impl in impls if (impl.name in ("flashjit", "cuDNN", "torch-flash")
+                                        or impl.env.get("FLASHJIT_CUDA_BACKWARD"))
+             and "FLASHJIT_CUDA_ONE_PASS_DQ" not in impl.env]
     memory = {} if args.forward_only else {impl.name: peak_memory_mib(impl) for impl in plain}
     repeatable = {}
     if not args.forward_only:
         for impl in impls:
+            if "FLASHJIT_CUDA_ONE_PASS_DQ" in impl.env:
+                continue
             try:
                 repeatable[impl.name] = {causal: bitwise_repeatable(impl, causal) for causal in (False, True)}
             except Exception as error:

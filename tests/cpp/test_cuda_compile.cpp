@@ -293,6 +293,9 @@ TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
+  struct Unset {  // also when an assertion ends the test early
+    ~Unset() { unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ"); }
+  } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
   const std::string real = backward_kernels(traits, true).back().name();
   for (const char* value : {"none", "unordered"}) {
