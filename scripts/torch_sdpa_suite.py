@@ -8,11 +8,13 @@ it handed back to torch (so that a pass cannot come from everything falling back
 
     python scripts/torch_sdpa_suite.py PATH/test_transformers.py [--device cpu|cuda] [--out bench/results]
         [-k EXPRESSION] [--timeout SECONDS] [--workers N] [--test-timeout SECONDS]
-        [--source 'pytorch/pytorch at <commit>'] [--shard K/N]
+        [--source 'pytorch/pytorch at <commit>'] [--shard K/N] [--concurrent]
 
 --shard K/N keeps the K-th of N equal slices of the selected tests (by test id, the
 same slice in both runs and in every worker), so that a suite longer than one sitting
-can run as N calls; each slice writes its own record.
+can run as N calls; each slice writes its own record. --concurrent runs the plain and
+the patched run at once (two processes sharing the device, each with --workers), which
+halves a slice's wall time where the machine has the cores; the outcomes are the same.
 
 The file's imports need torch's test helpers (torch.testing._internal, shipped
 with torch) and, outside fbcode, test_cpp_extensions_open_device_registration
@@ -163,6 +165,7 @@ def main() -> int:
     parser.add_argument("--source", default="", help="where the test file came from (for the record), e.g. "
                         "'pytorch/pytorch at <commit>'")
     parser.add_argument("--shard", default=None, metavar="K/N", help="run the K-th of N slices of the tests")
+    parser.add_argument("--concurrent", action="store_true", help="run the plain and the patched run at once")
     args = parser.parse_args()
     if args.shard:
         try:
@@ -188,10 +191,17 @@ def main() -> int:
         (work / "test_cpp_extensions_open_device_registration.py").write_text(_STUB)
         (work / "flashjit_suite_plugin.py").write_text(_PLUGIN)
         (work / "flashjit_suite_shard.py").write_text(_SHARD_PLUGIN)
-        plain, _, plain_seconds = run(test_file, args.device, False, work, args.keyword, args.timeout, args.workers,
-                                      args.test_timeout, args.shard)
-        patched, counts, patched_seconds = run(test_file, args.device, True, work, args.keyword, args.timeout,
-                                               args.workers, args.test_timeout, args.shard)
+        common = (work, args.keyword, args.timeout, args.workers, args.test_timeout, args.shard)
+        if args.concurrent:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:
+                plain_run = pool.submit(run, test_file, args.device, False, *common)
+                patched_run = pool.submit(run, test_file, args.device, True, *common)
+                (plain, _, plain_seconds), (patched, counts, patched_seconds) = plain_run.result(), patched_run.result()
+        else:
+            plain, _, plain_seconds = run(test_file, args.device, False, *common)
+            patched, counts, patched_seconds = run(test_file, args.device, True, *common)
         tail = (work / "patched.log").read_text().strip().splitlines()[-1:]
     passed_plain = {name for name, outcome in plain.items() if outcome == "passed"}
     broken = sorted(name for name in passed_plain if patched.get(name) != "passed")
