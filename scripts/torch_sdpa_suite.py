@@ -216,7 +216,7 @@ def main() -> int:
              f"- command: `python scripts/torch_sdpa_suite.py test_transformers.py --device {args.device}"
              + (f" -k '{args.keyword}'" if args.keyword else "")
              + (f" --workers {args.workers}" if args.workers > 1 else "")
-             + (f" --shard {args.shard}" if args.shard else "") + "`",
+             + (f" --shard {args.shard}" if args.shard else "") + (" --concurrent" if args.concurrent else "") + "`",
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}"
              + (f"; test_transformers.py: {args.source}" if args.source else ""), "",
              summary, "",
@@ -233,6 +233,7 @@ def main() -> int:
         tag = "cpu" if args.device == "cpu" else device.split()[-1].lower()
         slice_tag = f"-shard{args.shard.replace('/', 'of')}" if args.shard else ""
         path = pathlib.Path(args.out) / f"{tag}-torch-sdpa-suite-{datetime.date.today()}-{commit}{slice_tag}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path}", file=sys.stderr)
     return 0 if not broken else 1
