@@ -72,12 +72,15 @@ def main():
     parser.add_argument("--out", default=None, help="directory for the markdown record")
     parser.add_argument("--sizes", nargs="+", default=None, metavar="BxKEYS",
                         help="batch x cached keys, e.g. 1x8192 16x32768 (default: issue's grid)")
+    parser.add_argument("--splits", nargs="+", type=int, default=[], metavar="N",
+                        help="also flashjit with FLASHJIT_CUDA_SPLITS=N forced, a column each (to choose the split count)")
     args = parser.parse_args()
     for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS"):
         os.environ.pop(name, None)
     sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes] if args.sizes else SIZES
     heads_q, heads_kv, head_dim = 32, 8, 128
-    names = ["flashjit", "flashjit, one-warp blocks", "flashjit, warps=4", "flashjit, no split", "torch"]
+    forced = [f"flashjit, splits={n}" for n in args.splits]
+    names = ["flashjit", "flashjit, one-warp blocks", "flashjit, warps=4", "flashjit, no split", *forced, "torch"]
     rows = []
     torch.manual_seed(0)
     for batch, keys in sizes:
@@ -94,6 +97,8 @@ def main():
             cases["flashjit, one-warp blocks"] = with_env(cases["flashjit"], FLASHJIT_CUDA_DECODE_WARPS="1")
             cases["flashjit, warps=4"] = with_env(cases["flashjit"], FLASHJIT_CUDA_DECODE_WARPS="4")
             cases["flashjit, no split"] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS="1")
+            for n, name in zip(args.splits, forced):
+                cases[name] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS=str(n))
             expected = cases["torch"]().float()
             for name in names[:-1]:
                 torch.testing.assert_close(cases[name]().float(), expected, rtol=2e-2, atol=2e-2)
@@ -116,7 +121,7 @@ def main():
              "- µs: GPU time a call over back-to-back calls (CUDA events), median of 7 runs; TB/s: K and V bytes "
              "read (masked: the kept keys') over that time; sync µs: host time of one synchronised call, median "
              "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; warps=4: FLASHJIT_CUDA_DECODE_WARPS=4 (on sm_90 "
-             "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1", "",
+             "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1; splits=N: FLASHJIT_CUDA_SPLITS=N", "",
              "| B | keys | mask | " + " | ".join(f"{n} µs" for n in names) + " | flashjit TB/s | torch TB/s | "
              "one-warp TB/s | flashjit vs torch | one-warp vs torch | " +
              " | ".join(f"{n} sync µs" for n in names) + " |",
