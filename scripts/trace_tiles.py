@@ -88,8 +88,10 @@ def summarise(rows):
             if p[3] and p[4]:
                 atomic.append(p[4] - p[3])
             after = tiles.get(tile + 1)
+            # The consumers that computed the tile (a warpgroup past the queries leaves its points 0).
             done = [rows[(block, s)][tile][1][4] for s in range(1, 4) if tile in rows.get((block, s), {})]
-            if after and after[1][2] and done and min(done):
+            done = [x for x in done if x]
+            if after and after[1][2] and done:
                 lead.append(after[1][2] - max(done))
     return dict(tiles=len(consumer), medians_means=report, step_cycles=slope, steps_intercept=intercept,
                 tile_cycles_per_step=total_slope, tile_fixed_cycles=total_intercept,
