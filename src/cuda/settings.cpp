@@ -56,7 +56,9 @@ bool kv_cache_hopper() {
 
 bool trace_tiles() {
   const char* value = std::getenv("FLASHJIT_CUDA_TRACE");
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "0") == 0) return false;
+  if (std::strcmp(value, "1") == 0) return true;
+  throw_value_error("[cuda] FLASHJIT_CUDA_TRACE: expected 0 or 1, got '", value, "'");
 }
 
 int one_pass_dq() {

@@ -45,7 +45,8 @@ int decode_warps();
 // or FLASHJIT_CUDA_DECODE_WARPS forces the mma.sync blocks' shape (then only with KV_HOPPER=1).
 bool kv_cache_hopper();
 // FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
-// threads of every 16th block keep clock64() at the points of each work tile and print them).
+// threads of every 16th block keep clock64() at the points of each work tile and print them);
+// unset, empty or 0: not; another value raises an error naming the variable.
 bool trace_tiles();
 // FLASHJIT_CUDA_ONE_PASS_DQ (a diagnostic for timing the one-pass backward; dQ is then not
 // written): "none" (1) skips the dQ sums, "unordered" (2) has every block add its share at once,

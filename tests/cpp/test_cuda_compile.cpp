@@ -349,6 +349,7 @@ TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
     EXPECT_NE(traced.name(), plain.name());
     ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
   }
+  expect_setting_error("FLASHJIT_CUDA_TRACE", "yes", [] { settings::trace_tiles(); });
 }
 
 // Tuned choices: saved, read back and taken for their class; a file with a
