@@ -50,8 +50,9 @@ int decode_warps() {
 
 bool kv_cache_hopper() {
   const char* value = std::getenv("FLASHJIT_CUDA_KV_HOPPER");
-  if (value != nullptr && *value != '\0') return std::strcmp(value, "0") != 0;
-  return decode_warps() == 0;
+  if (value == nullptr || *value == '\0') return decode_warps() == 0;
+  if (std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0) return value[0] == '1';
+  throw_value_error("[cuda] FLASHJIT_CUDA_KV_HOPPER: expected 0 or 1, got '", value, "'");
 }
 
 bool trace_tiles() {

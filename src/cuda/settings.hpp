@@ -42,7 +42,8 @@ bool varlen_single_launch();
 int decode_warps();
 // Whether decoding over a KV cache (in place, or in pages that whole key steps fit) on sm_90 runs
 // the sm_90a split forward rather than the mma.sync blocks: yes unless FLASHJIT_CUDA_KV_HOPPER=0,
-// or FLASHJIT_CUDA_DECODE_WARPS forces the mma.sync blocks' shape (then only with KV_HOPPER=1).
+// or FLASHJIT_CUDA_DECODE_WARPS forces the mma.sync blocks' shape (then only with KV_HOPPER=1);
+// another value raises an error naming the variable.
 bool kv_cache_hopper();
 // FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
 // threads of every 16th block keep clock64() at the points of each work tile and print them);

@@ -288,6 +288,23 @@ TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
   EXPECT_FALSE(split[2].one_pass);
 }
 
+// FLASHJIT_CUDA_KV_HOPPER: unset, the sm_90a split for KV caches unless FLASHJIT_CUDA_DECODE_WARPS
+// forces the mma.sync blocks; 0 or 1 choose; another value is an error naming it.
+TEST(KernelSelection, KvCacheSettingIsChecked) {
+  using namespace flashjit::cuda;
+  unsetenv("FLASHJIT_CUDA_KV_HOPPER");
+  unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
+  EXPECT_TRUE(settings::kv_cache_hopper());
+  setenv("FLASHJIT_CUDA_DECODE_WARPS", "1", 1);
+  EXPECT_FALSE(settings::kv_cache_hopper());
+  setenv("FLASHJIT_CUDA_KV_HOPPER", "1", 1);
+  EXPECT_TRUE(settings::kv_cache_hopper());
+  unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
+  setenv("FLASHJIT_CUDA_KV_HOPPER", "0", 1);
+  EXPECT_FALSE(settings::kv_cache_hopper());
+  expect_setting_error("FLASHJIT_CUDA_KV_HOPPER", "yes", [] { settings::kv_cache_hopper(); });
+}
+
 // FLASHJIT_CUDA_ONE_PASS_DQ (timing only): none or unordered give one-pass kernels of their own
 // names, which compile; unset or ordered the real one; another value is an error naming it.
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {

@@ -362,7 +362,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       // The thread's rows g and g + 8 (ints, as seqlen_q is), made into the softmax's
       // 64-bit pairs where they are used, so that the step loop holds one register for them.
       const int row = static_cast<int>(block.first_query) + warp * 16 + lane / 4;
-      long long rows[1][2] = {{row, row + 8}};
+      const long long rows[1][2] = {{row, row + 8}};
       const int first_tile = static_cast<int>(block.first_tile);
       const long long consumer_first = block.first_query + consumer * 64;
       const QueryBlock::Interior interior = block.interior_tiles(sp, consumer_first, consumer_first + 64 <= sp.seqlen_q);
@@ -480,8 +480,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           });
       kv_use += block.tiles;
       ++q_use;
-      rows[0][0] = row;  // from the int again after the loop
-      rows[0][1] = row + 8;
 #if FJ_VARLEN
       // The sequence's parameters again from the table, so that its output fields are not
       // held in registers through the loop (the table's loads are not moved across it).

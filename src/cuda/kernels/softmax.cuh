@@ -115,9 +115,8 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
         // products run (a row's keys of a tile span one or two lines), by one thread of the quad,
         // from the tile's first key and its middle one, for rows and keys that exist.
         if (quad == 0 && i < p.seqlen_q && tile_start + kBlockN < p.seqlen_k) {
-          const FJ_MASK_TYPE* next = entry - quad * 2 * key_stride;  // key tile_start + kBlockN
-          prefetch_l1(next);
-          if (tile_start + kBlockN + kBlockN / 2 < p.seqlen_k) prefetch_l1(next + kBlockN / 2 * key_stride);
+          prefetch_l1(entry);  // quad 0's entry: now key tile_start + kBlockN
+          if (tile_start + kBlockN + kBlockN / 2 < p.seqlen_k) prefetch_l1(entry + kBlockN / 2 * key_stride);
         }
 #endif
       }
