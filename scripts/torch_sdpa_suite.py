@@ -88,11 +88,20 @@ def pytest_configure(config):
     sdpa._patch["original"] = counted_original
 
 
-def pytest_unconfigure(config):
-    # One file a process (pytest-xdist's workers each count their own calls).
+def _write_counts():
+    # One file a process (pytest-xdist's workers each count their own calls), rewritten
+    # after every test so that a worker that dies late still leaves what it counted.
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(os.environ["FLASHJIT_SUITE_COUNTS"] + "." + worker, "w") as out:
         json.dump(counts, out)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _write_counts()
+
+
+def pytest_unconfigure(config):
+    _write_counts()
 '''
 
 
