@@ -495,18 +495,26 @@ KernelSpec forward_spec(const AttentionProblem& p, const Launch& launch, KernelP
 }
 
 // The sm_90a forward's grid: persistent (a block an SM, taking work tiles from a
-// counter) or a block a tile. The counter is the stream's own
+// counter, or with FLASHJIT_CUDA_TILES "sched=static" every grid-th tile from its
+// own) or a block a tile. The counter is the stream's own
 // (stream_tile_counter), else scratch zeroed before the launch. Under stream
-// capture the grid is a block a tile: a graph may be replayed on any stream,
-// beside other work that takes the counter, and scratch would put allocation
-// nodes into the graph, which then can be neither cloned nor instantiated
-// twice. Without any counter (a device without memory pools, no memory left) it
-// is a block a tile too.
+// capture the grid is a block a tile unless the schedule is static: a graph may
+// be replayed on any stream, beside other work that takes the counter, and
+// scratch would put allocation nodes into the graph, which then can be neither
+// cloned nor instantiated twice. Without any counter (a device without memory
+// pools, no memory left) it is a block a tile too.
 void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int64_t tiles) {
   kernel.blocks = tiles;
-  if (!settings::persistent_forward() || launch.graph_safe) return;
+  if (!settings::persistent_forward()) return;
   KernelParams& params = kernel.params;
   const ForwardTiles forced = forced_forward_tiles();
+  const int multiprocessors = device_info(launch.device_index).multiprocessors;
+  if (forced.static_tiles == 1) {
+    params.static_tiles = 1;
+    kernel.blocks = std::min<int64_t>(tiles, multiprocessors);
+    return;
+  }
+  if (launch.graph_safe) return;
   params.tile_counter = forced.stream_counter == 0 ? nullptr : stream_tile_counter(launch.stream, launch.device_index);
   params.tile_counter_resets = params.tile_counter != nullptr;
   if (params.tile_counter == nullptr && try_scratch(plan, sizeof(unsigned), launch)) {
@@ -518,9 +526,7 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
       plan.scratch.reset();
     }
   }
-  if (params.tile_counter != nullptr) {
-    kernel.blocks = std::min<int64_t>(tiles, device_info(launch.device_index).multiprocessors);
-  }
+  if (params.tile_counter != nullptr) kernel.blocks = std::min<int64_t>(tiles, multiprocessors);
 }
 
 // The forward's plan: the split forward where the keys of a few query blocks are

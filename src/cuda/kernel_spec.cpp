@@ -316,7 +316,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, edges, span; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -356,8 +356,11 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "span") {
       if (value != "block" && value != "own") fail(item, "span=block or span=own");
       tiles.block_span = value == "block" ? 1 : 0;
+    } else if (key == "sched") {
+      if (value != "static" && value != "counter") fail(item, "sched=static or sched=counter");
+      tiles.static_tiles = value == "static" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched");
     }
   }
   return tiles;

@@ -130,9 +130,15 @@ struct ForwardTiles {
   int stream_counter = -1;
   int edge_general = -1;  // 1 ("edges=general"): the two-sided edge test (KernelSpec::edge_general)
   int block_span = -1;    // 1 ("span=block"): every warpgroup the block's tiles (KernelSpec::block_span)
+  // The persistent grid's schedule, a launch choice too: 1 ("sched=static"): block i takes
+  // tiles i, i + grid, i + 2 grid, ... with no counter (KernelParams::static_tiles; also under
+  // stream capture, where a counter cannot be had); 0 ("sched=counter"): from the counter.
+  int static_tiles = -1;
+  // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
+  // launch choices (counter, sched) leave the kernel as it is.
   bool forced() const {
-    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || stream_counter >= 0 ||
-           edge_general >= 0 || block_span >= 0;
+    return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || edge_general >= 0 ||
+           block_span >= 0;
   }
 };
 ForwardTiles parse_forward_tiles(const char* text);

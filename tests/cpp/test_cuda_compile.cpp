@@ -478,14 +478,20 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_TRUE(parse_forward_tiles("o=tma").forced());
   EXPECT_EQ(parse_forward_tiles("counter=memset").stream_counter, 0);
   EXPECT_EQ(parse_forward_tiles("counter=stream").stream_counter, 1);
-  EXPECT_TRUE(parse_forward_tiles("counter=stream").forced());
+  // Launch choices leave the kernel (the tuned tiles) as it is.
+  EXPECT_FALSE(parse_forward_tiles("counter=stream").forced());
+  EXPECT_EQ(parse_forward_tiles("sched=static").static_tiles, 1);
+  EXPECT_EQ(parse_forward_tiles("sched=counter").static_tiles, 0);
+  EXPECT_EQ(parse_forward_tiles("").static_tiles, -1);
+  EXPECT_FALSE(parse_forward_tiles("sched=static,counter=memset").forced());
+  EXPECT_TRUE(parse_forward_tiles("sched=static,n=128").forced());
   EXPECT_EQ(parse_forward_tiles("edges=general").edge_general, 1);
   EXPECT_EQ(parse_forward_tiles("edges=right").edge_general, 0);
   EXPECT_EQ(parse_forward_tiles("span=block").block_span, 1);
   EXPECT_EQ(parse_forward_tiles("span=own").block_span, 0);
   EXPECT_TRUE(parse_forward_tiles("span=own").forced());
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows"}) {
+                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows", "sched=dynamic"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

@@ -134,6 +134,22 @@ def test_stream_tile_counters_reset_between_launches(monkeypatch):
         assert torch.equal(flashjit.attention(*x, causal=i % 2 == 1), expected[i])
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+def test_static_schedule_matches_counter(monkeypatch, causal):
+    # sched=static: each persistent block takes every grid-th work tile from its own index,
+    # with no counter. Checked against float64, and bitwise the counter's output (a tile's
+    # result does not depend on the block that runs it), with several tiles a block (320
+    # and 48 query blocks against 132 SMs) and, bottom-right, a first block with no key.
+    for shape in (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=1, Hq=3, Hkv=3, Sq=2000, Sk=2000, D=128)):
+        outputs = []
+        for schedule in ("static", "counter"):
+            monkeypatch.setenv("FLASHJIT_CUDA_TILES", f"sched={schedule}")
+            torch.manual_seed(7)
+            outputs.append(run(dtype=torch.bfloat16, causal=causal, **shape)[0])
+        assert torch.equal(outputs[0], outputs[1]), f"{shape} causal={causal}"
+
+
 # Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.

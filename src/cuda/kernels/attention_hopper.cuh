@@ -251,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     prefetch_tensor_map(p.k_map);
     prefetch_tensor_map(p.v_map);
     int kv_use = 0, q_use = 0;
-    int tile = next_tile(p, true);
+    int tile = next_tile(p, 0, true);
 #if FJ_TRACE
     const TileTrace trace(p, 0);
 #endif
@@ -317,7 +317,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       }
       FJ_TRACE_MARK(trace, n, 3);
       FJ_TRACE_STEPS(trace, n, block.tiles);
-      tile = next_tile(p, false);
+      tile = next_tile(p, tile, false);
 #if FJ_TRACE
       trace.note(n, tile);  // the atomic's result, before the point that times it
 #endif

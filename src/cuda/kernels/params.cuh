@@ -50,8 +50,11 @@ struct KernelParams {
   // from tile_counter[0], zero at the launch (nullptr: a block a tile). With
   // tile_counter_resets, tile_counter[1] counts the blocks done taking tiles, and
   // the last of them sets both back to zero for the next launch on the stream.
+  // With static_tiles (and no counter) a block takes every gridDim.x-th tile from
+  // its own index: a fixed schedule, for tiles of equal work.
   unsigned* tile_counter;
   int tile_counter_resets;
+  int static_tiles;
   // Split forward (few query blocks, many keys: decoding): blockIdx.y picks a span
   // of split_keys keys (a multiple of the key step); each block writes its span's
   // normalised O and LSE (natural log, -inf: no key) as floats to split_o

@@ -322,13 +322,16 @@ struct TileQueue {
   }
 };
 
-// The next work tile of a persistent grid: each block starts with its own
-// index, then takes tiles from the shared counter. Without a counter the grid
-// has a block a tile, and each block stops after its own.
-FJ_DEVICE int next_tile(const KernelParams& p, bool first) {
+// The work tile of a persistent grid after `tile` (first: the block's first):
+// each block starts with its own index, then takes tiles from the shared
+// counter, or (static_tiles) every gridDim.x-th tile on from its own, with no
+// round trip to memory. Without either the grid has a block a tile, and each
+// block stops after its own.
+FJ_DEVICE int next_tile(const KernelParams& p, int tile, bool first) {
   if (first) return static_cast<int>(blockIdx.x);
-  if (p.tile_counter == nullptr) return 0x7fffffff;
-  return static_cast<int>(gridDim.x + atomicAdd(p.tile_counter, 1u));
+  if (p.tile_counter != nullptr) return static_cast<int>(gridDim.x + atomicAdd(p.tile_counter, 1u));
+  if (p.static_tiles) return tile + static_cast<int>(gridDim.x);  // tiles < 2^30 (backend.cpp): no overflow
+  return 0x7fffffff;
 }
 
 // By the producer thread once next_tile gave it no more work: with a counter
