@@ -63,12 +63,17 @@ def fit(pairs):
 
 
 def summarise(rows):
-    consumer, producer = [], {}
+    consumer, producer, periods = [], {}, []
     for (block, slot), tiles in rows.items():
         if slot == 0:
             producer[block] = tiles
             continue
         for tile, (steps, p) in sorted(tiles.items()):
+            after = tiles.get(tile + 1)
+            # From this tile's pop to the next one's: the whole tile, also where its output is
+            # written during the next tile's first step (FLASHJIT_CUDA_TILES chain=tiles).
+            if tile > 0 and p[0] and after and after[1][0]:
+                periods.append((steps, after[1][0] - p[0]))
             if tile == 0 or min(p) == 0:  # the first tile waits for the kernel's start; skip it
                 continue
             consumer.append(dict(block=block, slot=slot, tile=tile, steps=steps, pop_wait=p[1] - p[0],
@@ -80,6 +85,7 @@ def summarise(rows):
         report[key] = (statistics.median(values), statistics.fmean(values)) if values else (float("nan"),) * 2
     slope, intercept = fit([(row["steps"], row["steps_time"]) for row in consumer])
     total_slope, total_intercept = fit([(row["steps"], row["total"]) for row in consumer])
+    period_slope, period_intercept = fit(periods) if periods else (float("nan"), float("nan"))
     # The producer's tile counter round trip, and K_0 of tile n + 1 issued against the consumers'
     # last P V of tile n (negative: issued before they finished).
     atomic, lead = [], []
@@ -95,6 +101,7 @@ def summarise(rows):
                 lead.append(after[1][2] - max(done))
     return dict(tiles=len(consumer), medians_means=report, step_cycles=slope, steps_intercept=intercept,
                 tile_cycles_per_step=total_slope, tile_fixed_cycles=total_intercept,
+                period_cycles_per_step=period_slope, period_fixed_cycles=period_intercept,
                 atomic_median=statistics.median(atomic) if atomic else float("nan"),
                 k0_lead_median=statistics.median(lead) if lead else float("nan"),
                 k0_late_share=sum(x > 0 for x in lead) / len(lead) if lead else float("nan"))
@@ -129,6 +136,8 @@ def main():
         print(f"| {names[key]} | {median:.0f} | {mean:.0f} |")
     print(f"fit of the steps' time: {s['step_cycles']:.0f} cycles a step + {s['steps_intercept']:.0f} a tile")
     print(f"fit of the whole tile: {s['tile_cycles_per_step']:.0f} cycles a step + {s['tile_fixed_cycles']:.0f} a tile")
+    print(f"fit of pop to next pop: {s['period_cycles_per_step']:.0f} cycles a step + "
+          f"{s['period_fixed_cycles']:.0f} a tile (with chain=tiles a tile's output falls in the next tile's)")
     print(f"producer: tile counter round trip {s['atomic_median']:.0f} cycles (median); next tile's K_0 issued "
           f"{s['k0_lead_median']:.0f} cycles after the consumers' last P V (median; negative: before), late in "
           f"{100 * s['k0_late_share']:.0f}% of tiles")

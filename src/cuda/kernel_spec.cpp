@@ -150,7 +150,7 @@ std::string KernelSpec::name() const {
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
                  kv_cache == 1 ? "_kvcache" : kv_cache == 2 ? "_paged" : "", edge_general ? "_edgegen" : "",
-                 block_span ? "_blockspan" : "", trace ? "_trace" : "",
+                 block_span ? "_blockspan" : "", chains_tiles() ? "_chain" : "", trace ? "_trace" : "",
                  page_boxes > 1 ? str_cat("_pb", page_boxes) : std::string(),
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
@@ -227,7 +227,7 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
-      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n",
       "#define FJ_WITH_DV ",
@@ -316,7 +316,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const char* expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -359,8 +359,11 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "sched") {
       if (value != "static" && value != "counter") fail(item, "sched=static or sched=counter");
       tiles.static_tiles = value == "static" ? 1 : 0;
+    } else if (key == "chain") {
+      if (value != "tiles" && value != "none") fail(item, "chain=tiles or chain=none");
+      tiles.chain_tiles = value == "tiles" ? 1 : 0;
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain");
     }
   }
   return tiles;
@@ -523,6 +526,11 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
       } catch (const Error&) {
         // A tuned choice that cannot run for these traits (another feature set): the built-in one.
       }
+    }
+    if (forced.chain_tiles >= 0) {
+      spec.chain_tiles = forced.chain_tiles == 1;  // on the tiles in force; chains_tiles() says where it applies
+    } else if (tuned.chain_tiles >= 0) {
+      spec.chain_tiles = tuned.chain_tiles == 1;
     }
   }
   return spec;

@@ -55,6 +55,10 @@ struct KernelSpec {
   // those past its own rows' last visible key (FJ_BLOCK_SPAN; FLASHJIT_CUDA_TILES "span=block",
   // for comparisons); by default a warpgroup stops at its own last tile and only takes turns.
   bool block_span = false;
+  // kHopper forward whose work tiles run on into each other (FJ_CHAIN_TILES; FLASHJIT_CUDA_TILES
+  // "chain=tiles"): a tile's last P V is issued with the next tile's S_0 and its output written
+  // after them. Only where O leaves by TMA from two Q buffers, unsplit, dense (chains_tiles()).
+  bool chain_tiles = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums, for timing only (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq):
@@ -90,6 +94,10 @@ struct KernelSpec {
   // Warps that hold rows (kHopper: the consumer warps; threads also counts the producer).
   int row_warps() const;
   int shared_memory_bytes() const;
+  bool chains_tiles() const {
+    return chain_tiles && family == KernelFamily::kHopper && entry == KernelEntry::kForward && o_tma &&
+           q_buffers == 2 && !split && !varlen && kv_cache == 0;
+  }
 };
 
 // What a call needs compiled, independent of sizes and pointers.
@@ -134,8 +142,11 @@ struct ForwardTiles {
   // tiles i, i + grid, i + 2 grid, ... with no counter (KernelParams::static_tiles; also under
   // stream capture, where a counter cannot be had); 0 ("sched=counter"): from the counter.
   int static_tiles = -1;
+  // 1 ("chain=tiles"): work tiles run on into each other (KernelSpec::chain_tiles), on top of
+  // the tiles in force (tuned or forced), where the kernel can (o=tma, two Q buffers, unsplit).
+  int chain_tiles = -1;
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
-  // launch choices (counter, sched) leave the kernel as it is.
+  // launch choices (counter, sched) and chain leave the tiles as they are.
   bool forced() const {
     return block_n || stages || q_buffers || o_tma >= 0 || groups || fast_softmax >= 0 || edge_general >= 0 ||
            block_span >= 0;

@@ -350,6 +350,34 @@ TEST_F(CudaCompile, ForwardTileVariantsCompileForSm90) {
   }
 }
 
+// FLASHJIT_CUDA_TILES chain=tiles: work tiles that run on into each other, on top of the tiles
+// in force (tuned or forced), where O leaves by TMA from two Q buffers (head dims up to 128 by
+// default); a kernel of its own name, which compiles, also with three warpgroups and with
+// every feature. Elsewhere (one Q buffer, a split) the kernel is the unchained one.
+TEST_F(CudaCompile, ChainedForwardCompilesForSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  for (const char* tiles : {"chain=tiles", "chain=tiles,groups=3"}) {
+    for (int head_dim : {64, 128, 256}) {
+      if (head_dim > 64 && std::string(tiles).find("groups=3") != std::string::npos) continue;
+      KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
+      const KernelSpec plain = forward_kernel(traits);
+      setenv("FLASHJIT_CUDA_TILES", tiles, 1);
+      const KernelSpec chained = forward_kernel(traits);
+      traits.window = traits.dropout = traits.softcap = true;
+      traits.mask = flashjit::MaskKind::kBool;
+      const KernelSpec extras = forward_kernel(traits);
+      unsetenv("FLASHJIT_CUDA_TILES");
+      EXPECT_EQ(chained.chains_tiles(), head_dim <= 128) << chained.name();
+      EXPECT_EQ(chained.name() != plain.name(), chained.chains_tiles() || chained.threads != plain.threads) << tiles;
+      EXPECT_FALSE(hopper_split_kernel(chained).chains_tiles());
+      if (!chained.chains_tiles()) continue;
+      ASSERT_NO_THROW(kernel_binary(chained, false)) << chained.name();
+      ASSERT_NO_THROW(kernel_binary(extras, false)) << extras.name();
+    }
+  }
+}
+
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a
 // kernel of its own name, which compiles; unset, the usual kernel.
 TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
@@ -485,13 +513,16 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_EQ(parse_forward_tiles("").static_tiles, -1);
   EXPECT_FALSE(parse_forward_tiles("sched=static,counter=memset").forced());
   EXPECT_TRUE(parse_forward_tiles("sched=static,n=128").forced());
+  EXPECT_EQ(parse_forward_tiles("chain=tiles").chain_tiles, 1);
+  EXPECT_EQ(parse_forward_tiles("chain=none").chain_tiles, 0);
+  EXPECT_FALSE(parse_forward_tiles("chain=tiles").forced());  // on top of the tiles in force
   EXPECT_EQ(parse_forward_tiles("edges=general").edge_general, 1);
   EXPECT_EQ(parse_forward_tiles("edges=right").edge_general, 0);
   EXPECT_EQ(parse_forward_tiles("span=block").block_span, 1);
   EXPECT_EQ(parse_forward_tiles("span=own").block_span, 0);
   EXPECT_TRUE(parse_forward_tiles("span=own").forced());
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows", "sched=dynamic"}) {
+                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows", "sched=dynamic", "chain=yes"}) {
     try {
       parse_forward_tiles(bad);
       ADD_FAILURE() << bad << " was accepted";

@@ -155,16 +155,49 @@ def test_static_schedule_matches_counter(monkeypatch, causal):
 # function. Elsewhere the variable has no effect and the cases still run.
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
                                    "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
-                                   "span=block", "groups=3,n=112"])
+                                   "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
-    if (D > 64 and tiles in ("groups=3", "stages=4", "groups=3,n=112")) or (
+    if (D > 64 and tiles in ("groups=3", "stages=4", "groups=3,n=112", "chain=tiles,groups=3")) or (
             D == 256 and tiles in ("o=direct,q=2", "n=96,stages=3", "n=160,q=1")):
         pytest.skip("no room for this configuration at this head dim")
     monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
     # 3 x 3 work tiles of 128 rows, the last partly past the sequence.
     run(B=3, Hq=3, Hkv=1, Sq=300, Sk=333, D=D, dtype=torch.bfloat16, causal=causal)
+
+
+# chain=tiles: a work tile's last P V goes with the next tile's first S, its output after
+# them. Enough work tiles that each persistent block runs several in a row (320 query blocks
+# of 128 rows against 132 SMs), with features, bottom-right causal with more queries than
+# keys (first blocks with no key: the carried tile then has a turn of its own), three
+# warpgroups, and head dim 256 (one Q buffer: no chaining). Checked against float64 and
+# bitwise against the same tiles unchained (the same sums in the same order).
+@pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a forward's option")
+@pytest.mark.parametrize("case", ["plain", "bottom_right", "window", "extras", "groups3", "d256"])
+def test_chained_work_tiles(case, monkeypatch):
+    options = dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=128, dtype=torch.bfloat16)
+    tiles = "chain=tiles"
+    if case == "bottom_right":
+        options.update(causal="bottom_right")
+    elif case == "window":
+        options.update(Sk=600, causal=True, window=(200, 0))
+    elif case == "extras":
+        mask = torch.rand(4, 1, 600, 400) > 0.2
+        mask[..., 0] = True
+        options.update(mask=mask, dropout_p=0.1, softcap=5.0)
+    elif case == "groups3":
+        options.update(D=64)
+        tiles = "chain=tiles,groups=3"
+    elif case == "d256":
+        options.update(D=256, B=2)
+    outputs = []
+    for setting in (tiles, tiles.replace("chain=tiles", "chain=none")):
+        monkeypatch.setenv("FLASHJIT_CUDA_TILES", setting)
+        torch.manual_seed(11)
+        outputs.append(run(**options)[:2])
+    for got, want in zip(*outputs):
+        assert torch.equal(got, want), case
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -46,6 +46,10 @@ static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole sw
 constexpr bool kVarlen = FJ_VARLEN;
 static_assert(!FJ_SPLIT || (!FJ_O_TMA && !FJ_VARLEN), "a split forward writes float partials of a dense batch");
 static_assert(FJ_KV_CACHE == 0 || !FJ_VARLEN, "a KV cache of a dense batch");
+// FJ_CHAIN_TILES: a work tile's last P V goes with the next tile's S_0 (chained_steps), its
+// output after them, through its Q buffer while the next tile's S reads the other one.
+static_assert(!FJ_CHAIN_TILES || (FJ_O_TMA && FJ_Q_BUFFERS == 2 && !FJ_SPLIT && !FJ_VARLEN && !FJ_KV_CACHE),
+              "chained work tiles store O by TMA from two Q buffers, in a dense unsplit forward");
 
 constexpr int kQBuffers = FJ_Q_BUFFERS;
 // A Q buffer holds the work tile's Q, then (FJ_O_TMA) its O.
@@ -53,17 +57,13 @@ constexpr int kQTileDim = FJ_O_TMA && kDimV > kDimQk ? kDimV : kDimQk;
 constexpr int kEpilogueBarrier = kTurnBarrier + kConsumers;  // + consumer: one per consumer warpgroup
 
 #if FJ_O_TMA
-// This consumer warpgroup's 64 rows of O / rowsum into its rows of the Q
-// buffer (the swizzled layout of the Q tile), LSE to memory; then one thread
-// stores them with TMA boxes of 64 rows through o_map (the kernel parameter's:
-// a copy of a tensor map outside parameter or global memory does not address)
-// and returns (in that thread) with the stores committed.
-FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, const float (&o)[1][kDimV / 8][4],
-                                 const float (&row_max)[1][2], const float (&row_sum)[1][2],
-                                 const long long (&rows)[1][2], int b, int h, int quad, int warp, int consumer,
+// This consumer warpgroup's 64 rows of O x inverse (1 / rowsum, finish_rows) into its rows of
+// the Q buffer (the swizzled layout of the Q tile); then one thread stores them with TMA boxes
+// of 64 rows through o_map (the kernel parameter's: a copy of a tensor map outside parameter
+// or global memory does not address) and returns (in that thread) with the stores committed.
+FJ_DEVICE void store_output_rows(const TensorMap& o_map, const float (&o)[1][kDimV / 8][4],
+                                 const float (&inverse)[1][2], int b, int h, int quad, int warp, int consumer,
                                  elem_t* tile, long long first_query) {
-  float inverse[1][2];
-  finish_rows(p, row_max, row_sum, rows, b, h, quad, inverse);
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -84,6 +84,15 @@ FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, 
     }
     bulk_commit();
   }
+}
+// The same after finish_rows (LSE to memory).
+FJ_DEVICE void store_output_tile(const KernelParams& p, const TensorMap& o_map, const float (&o)[1][kDimV / 8][4],
+                                 const float (&row_max)[1][2], const float (&row_sum)[1][2],
+                                 const long long (&rows)[1][2], int b, int h, int quad, int warp, int consumer,
+                                 elem_t* tile, long long first_query) {
+  float inverse[1][2];
+  finish_rows(p, row_max, row_sum, rows, b, h, quad, inverse);
+  store_output_rows(o_map, o, inverse, b, h, quad, warp, consumer, tile, first_query);
 }
 #endif
 
@@ -346,10 +355,53 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_TRACE
     const TileTrace trace(p, 1 + consumer);
 #endif
+#if FJ_CHAIN_TILES
+    // A work tile whose last P V is left to the next tile's first turn: O accumulates on in o,
+    // P_last waits in prob, 1 / rowsum in carry_inverse (its LSE is written), the tile's index
+    // in carry_tile (its place is worked out again at the store, so as to hold fewer registers).
+    float o[1][kDimV / 8][4];
+    unsigned prob[kBlockN / 16][4];
+    float carry_inverse[1][2] = {};
+    int carry_tile = 0;
+    bool carrying = false;
+    // The carried tile's output, once its last P V is done (tile n - 1's: the trace's index), from
+    // its Q buffer: the last Q taken (q_use counts the tile being set up only after its steps).
+    const auto store_carried = [&](int n) {
+      free_stored();
+      int block, b, h;
+      block_coordinates(carry_tile, p.num_query_blocks, p.heads_q, &block, &b, &h);
+      const int buffer = q_ring.buffer(q_use - 1);
+      store_output_rows(p.o_map, o, carry_inverse, b, h, quad, warp, consumer, q_tiles + buffer * kBlockM * kQTileDim,
+                        static_cast<long long>(block) * kBlockM);
+      store_pending = buffer;
+      carrying = false;
+      FJ_TRACE_MARK(trace, n - 1, 5);
+    };
+    // The carried P V in a turn of its own, then the output: no next tile, or one with no key.
+    const auto flush = [&](int n) {
+      chained_last_step(
+          consumer, -1, [&](int) { v_ring.consume(kv_use - 1); },
+          [&](int) {
+            wgmma_fragments_by_rows<kBlockN, kDimV>(o[0], prob,
+                                                    v_tiles + v_ring.buffer(kv_use - 1) * kBlockN * kDimV);
+          },
+          [&](int) {
+            pin(o[0]);
+            pin(prob);
+            v_ring.release(kv_use - 1, lane);
+          });
+      store_carried(n);
+    };
+#endif
     for (int n = 0;; ++n) {
       FJ_TRACE_MARK(trace, n, 0);
       const int tile = tiles.pop(n, lane);
-      if (tile >= num_tiles) break;
+      if (tile >= num_tiles) {
+#if FJ_CHAIN_TILES
+        if (carrying) flush(n);
+#endif
+        break;
+      }
       FJ_TRACE_MARK(trace, n, 1);
       FJ_TILE_PARAMS(tile, local_tile);
       const QueryBlock block = block_of(sp, local_tile);
@@ -367,8 +419,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const long long consumer_first = block.first_query + consumer * 64;
       const QueryBlock::Interior interior = block.interior_tiles(sp, consumer_first, consumer_first + 64 <= sp.seqlen_q);
 
+#if FJ_CHAIN_TILES
+      if (carrying && block.tiles == 0) flush(n);
+      if (!carrying) zero(o);
+      const bool carried = carrying;  // this tile's first turn issues the carried P V
+#else
       float o[1][kDimV / 8][4];
       zero(o);
+      constexpr bool carried = false;
+#endif
       float row_max[1][2] = {{negative_infinity<float>(), negative_infinity<float>()}};  // log2 domain
       float row_sum[1][2] = {{0.0f, 0.0f}};
       if (block.tiles == 0) {
@@ -407,16 +466,33 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       // uniform registers.)
       const int mine =
           FJ_BLOCK_SPAN ? block.tiles : __shfl_sync(0xffffffffu, block.tiles_seen_by(sp, consumer_first), 0);
+#if FJ_CHAIN_TILES
+      // Where every warpgroup runs all the block's tiles (no idle turns to keep in step), the
+      // last P V goes with the next tile's S_0. The same in every warpgroup.
+      bool all_run_all = true;
+#pragma unroll
+      for (int c = 0; c < kConsumers; ++c) {
+        all_run_all = all_run_all && block.tiles_seen_by(sp, block.first_query + 64 * c) == block.tiles;
+      }
+      const bool keep_last = FJ_BLOCK_SPAN || __shfl_sync(0xffffffffu, all_run_all, 0);
+#endif
       float s[1][kBlockN / 8][4];
+#if !FJ_CHAIN_TILES
       unsigned prob[kBlockN / 16][4];
+#endif
       float scale_old[1][2];
       bool rescale = false;
+#if FJ_CHAIN_TILES
+      chained_steps(
+          consumer, mine, carried, keep_last,
+#else
       consumer_steps(
           consumer, mine,
-          [&](int j) {  // K_j, and V_{j-1}
+#endif
+          [&](int j) {  // K_j, and V_{j-1} (j = 0 carried: the previous tile's last)
             if (j < mine) k_ring.consume(kv_use + j);
             if (j == 0) FJ_TRACE_MARK(trace, n, 3);
-            if (j > 0) v_ring.consume(kv_use + j - 1);
+            if (j > 0 || carried) v_ring.consume(kv_use + j - 1);
 #if FJ_KV_CACHE
             if (j == block.tiles) {  // the last V tile: its rows past the entry's count
               const long long past = sp.seqlen_k - block.tile_start(j - 1);
@@ -435,7 +511,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             pin(s[0]);
             k_ring.release(kv_use + j, lane);
 #if FJ_O_TMA
-            if (j == 0) free_stored();  // the previous work tile's Q buffer
+            // The previous work tile's Q buffer (a carried output's: a step after its store).
+            if (j == (carried ? 1 : 0)) free_stored();
 #else
             if (j == mine - 1) q_ring.release(q_use, lane);  // the last read of Q
 #endif
@@ -465,7 +542,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           [&](int j) {
             if (j > 0 && rescale) rescale_rows(o, scale_old);  // O holds tiles up to j - 1: rebase it on tile j's bases
             to_fragments<kBlockN>(prob, s[0]);
-          });
+          }
+#if FJ_CHAIN_TILES
+          ,
+          [&] {  // the carried tile's O is whole: out, and o starts this tile's
+            store_carried(n);
+            zero(o);
+          }
+#endif
+      );
       FJ_TRACE_MARK(trace, n, 4);
       FJ_TRACE_STEPS(trace, n, mine);
       idle_tail(
@@ -480,6 +565,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           });
       kv_use += block.tiles;
       ++q_use;
+#if FJ_CHAIN_TILES
+      if (carried) free_stored();  // the carried output's Q buffer, where no step 1 freed it
+      if (keep_last) {
+        // The LSE now, O once the next turn's P V is done (store_carried).
+        finish_rows(p, row_max, row_sum, rows, b, h, quad, carry_inverse);
+        carry_tile = tile;
+        carrying = true;
+        continue;
+      }
+#endif
 #if FJ_VARLEN
       // The sequence's parameters again from the table, so that its output fields are not
       // held in registers through the loop (the table's loads are not moved across it).

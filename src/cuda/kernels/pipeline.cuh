@@ -225,17 +225,60 @@ constexpr bool kReturnsBool = false;
 template <>
 constexpr bool kReturnsBool<bool> = true;
 
-template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
-FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
-                              IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
-  arrive(0);
+// The last step of consumer_steps: tile `last`'s second products alone, in a turn of their own
+// (also a chained work tile's, where no next tile's step 0 carries them).
+template <class Arrive, class IssueSecond, class AfterSecond>
+FJ_DEVICE void chained_last_step(int consumer, int last, Arrive arrive, IssueSecond issue_second,
+                                 AfterSecond after_second) {
+  arrive(last + 1);
   wait_turn(consumer);
   wgmma_fence();
-  issue_first(0);
+  issue_second(last);
   wgmma_commit();
   pass_turn(consumer);
   wgmma_wait<0>();
-  after_first(0);
+  after_second(last);
+}
+// consumer_steps run on across work tiles (the sm_90a forward's FJ_CHAIN_TILES): with
+// `carried`, step 0's turn also issues the previous work tile's last second products
+// (issue_second(-1): the ring indices run on, so tile -1 is the previous tile's last),
+// after_first(0) runs beside them, then after_second(-1) and carried_done() (the previous
+// tile's output) once they are done, before prepare(0); arrive(0) then also waits for what
+// they read. With `keep_last`, tile steps - 1's second products are not issued: the next
+// work tile's step 0 carries them (or a turn of their own, chained_last_step). Both flags
+// must be the same in every consumer warpgroup, so that the turns stay in step. Each branch
+// holds whole wgmma stages (fence to wait), as consumer_steps' loop does.
+template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare,
+          class CarriedDone>
+FJ_DEVICE void chained_steps(int consumer, int steps, bool carried, bool keep_last, Arrive arrive,
+                             IssueFirst issue_first, AfterFirst after_first, IssueSecond issue_second,
+                             AfterSecond after_second, Prepare prepare, CarriedDone carried_done) {
+  arrive(0);
+  wait_turn(consumer);
+  if (carried) {
+    wgmma_fence();
+    issue_first(0);
+    wgmma_commit();
+    issue_second(-1);
+    wgmma_commit();
+    pass_turn(consumer);
+    wgmma_wait<1>();  // S_0 done; the previous tile's last products may still run beside after_first
+    if constexpr (kReturnsBool<decltype(after_first(0))>) {
+      wgmma_wait_all_after(after_first(0));
+    } else {
+      after_first(0);
+      wgmma_wait<0>();
+    }
+    after_second(-1);
+    carried_done();
+  } else {
+    wgmma_fence();
+    issue_first(0);
+    wgmma_commit();
+    pass_turn(consumer);
+    wgmma_wait<0>();
+    after_first(0);
+  }
   prepare(0);
   for (int j = 1; j < steps; ++j) {
     arrive(j);
@@ -246,9 +289,9 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
     issue_second(j - 1);
     wgmma_commit();
     pass_turn(consumer);
-    wgmma_wait<1>();  // tile j's products done; tile j - 1's may still run beside after_first
+    wgmma_wait<1>();
     if constexpr (kReturnsBool<decltype(after_first(j))>) {
-      wgmma_wait_all_after(after_first(j));  // after_first returns a warp-uniform value
+      wgmma_wait_all_after(after_first(j));
     } else {
       after_first(j);
       wgmma_wait<0>();
@@ -256,14 +299,13 @@ FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst
     after_second(j - 1);
     prepare(j);
   }
-  arrive(steps);
-  wait_turn(consumer);
-  wgmma_fence();
-  issue_second(steps - 1);
-  wgmma_commit();
-  pass_turn(consumer);
-  wgmma_wait<0>();
-  after_second(steps - 1);
+  if (!keep_last) chained_last_step(consumer, steps - 1, arrive, issue_second, after_second);
+}
+template <class Arrive, class IssueFirst, class AfterFirst, class IssueSecond, class AfterSecond, class Prepare>
+FJ_DEVICE void consumer_steps(int consumer, int steps, Arrive arrive, IssueFirst issue_first, AfterFirst after_first,
+                              IssueSecond issue_second, AfterSecond after_second, Prepare prepare) {
+  chained_steps(consumer, steps, false, false, arrive, issue_first, after_first, issue_second, after_second, prepare,
+                [] {});
 }
 // consumer_steps for a warpgroup none of whose rows is a query (a work tile's
 // last rows past the sequence, a decoding block's packed rows in the first
