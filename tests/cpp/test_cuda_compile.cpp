@@ -376,6 +376,13 @@ TEST_F(CudaCompile, ChainedForwardCompilesForSm90) {
       ASSERT_NO_THROW(kernel_binary(extras, false)) << extras.name();
     }
   }
+  // On top of a tuned choice: the built-in table's D128 long-key kernel (160 keys a step).
+  setenv("FLASHJIT_CUDA_TILES", "chain=tiles", 1);
+  const KernelSpec tuned = forward_kernel(sm90_traits(FJ_BFLOAT16, 128), parse_forward_tiles("n=160"));
+  unsetenv("FLASHJIT_CUDA_TILES");
+  EXPECT_TRUE(tuned.chains_tiles());
+  EXPECT_EQ(tuned.block_n, 160);
+  ASSERT_NO_THROW(kernel_binary(tuned, false)) << tuned.name();
 }
 
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a

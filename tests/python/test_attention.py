@@ -169,35 +169,56 @@ def test_forced_forward_tiles(tiles, D, causal, monkeypatch):
 
 # chain=tiles: a work tile's last P V goes with the next tile's first S, its output after
 # them. Enough work tiles that each persistent block runs several in a row (320 query blocks
-# of 128 rows against 132 SMs), with features, bottom-right causal with more queries than
-# keys (first blocks with no key: the carried tile then has a turn of its own), three
-# warpgroups, and head dim 256 (one Q buffer: no chaining). Checked against float64 and
-# bitwise against the same tiles unchained (the same sums in the same order).
+# of 128 rows against 132 SMs; 256 at 9k keys, where the tuned D128 kernel takes 160 keys a
+# step), with features, causal both ways with more queries than keys (blocks with no key
+# between others: the carried tile then has a turn of its own), windows, three warpgroups
+# (whose last block's rows lie past the queries: not carried), every warpgroup over all tiles
+# (span=block), float16 with a narrower V, other steps and rings, the plain softmax and the
+# static schedule. Checked against float64, bitwise against the same tiles unchained (the same
+# sums in the same order), and the chained kernel was the one compiled (its name in the cache).
+_CHAINED_CASES = {
+    "plain": ({}, ""),
+    "bottom_right": (dict(causal="bottom_right"), ""),
+    "top_left": (dict(causal="top_left"), ""),
+    "window": (dict(Sk=600, causal=True, window=(200, 0)), ""),
+    "extras": (dict(dropout_p=0.1, softcap=5.0), ""),  # and a mask (below)
+    "groups3": (dict(D=64), "groups=3"),
+    "span_block": (dict(D=64, Sq=700), "span=block,groups=3"),
+    "float16_narrow_v": (dict(D=128, Dv=64, dtype=torch.float16), ""),
+    "n64_stages3": ({}, "n=64,stages=3"),
+    "plain_softmax": (dict(causal=True, Sk=600), "softmax=plain"),
+    "static": ({}, "sched=static"),
+    "long_keys": (dict(B=1, Hq=32, Hkv=8, Sq=1024, Sk=9000), ""),  # the forward alone (below)
+}
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a forward's option")
-@pytest.mark.parametrize("case", ["plain", "bottom_right", "window", "extras", "groups3", "d256"])
-def test_chained_work_tiles(case, monkeypatch):
-    options = dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=128, dtype=torch.bfloat16)
-    tiles = "chain=tiles"
-    if case == "bottom_right":
-        options.update(causal="bottom_right")
-    elif case == "window":
-        options.update(Sk=600, causal=True, window=(200, 0))
-    elif case == "extras":
-        mask = torch.rand(4, 1, 600, 400) > 0.2
+@pytest.mark.parametrize("case", list(_CHAINED_CASES))
+def test_chained_work_tiles(case, monkeypatch, tmp_path):
+    extra, more_tiles = _CHAINED_CASES[case]
+    options = dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=128, dtype=torch.bfloat16, **extra)
+    if case == "extras":
+        mask = torch.rand(options["B"], 1, options["Sq"], options["Sk"]) > 0.2
         mask[..., 0] = True
-        options.update(mask=mask, dropout_p=0.1, softcap=5.0)
-    elif case == "groups3":
-        options.update(D=64)
-        tiles = "chain=tiles,groups=3"
-    elif case == "d256":
-        options.update(D=256, B=2)
+        options["mask"] = mask
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    flashjit.cuda.clear_memory_cache()
     outputs = []
-    for setting in (tiles, tiles.replace("chain=tiles", "chain=none")):
-        monkeypatch.setenv("FLASHJIT_CUDA_TILES", setting)
+    for chain in ("tiles", "none"):
+        monkeypatch.setenv("FLASHJIT_CUDA_TILES", ",".join(x for x in (f"chain={chain}", more_tiles) if x))
         torch.manual_seed(11)
-        outputs.append(run(**options)[:2])
+        if case == "long_keys":  # a float64 reference of 9k keys would take gigabytes: bitwise alone
+            q = torch.randn(1, 32, 1024, 128, device=DEVICE, dtype=torch.bfloat16)
+            k, v = (torch.randn(1, 8, 9000, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+            o, lse = flashjit.attention(q, k, v, return_lse=True)
+            assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+            outputs.append((o, lse))
+        else:
+            outputs.append(run(**options)[:2])
     for got, want in zip(*outputs):
         assert torch.equal(got, want), case
+    compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
+    assert any("hopper-forward" in name and "_chain_" in name for name in compiled), compiled
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

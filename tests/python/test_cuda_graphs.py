@@ -59,12 +59,14 @@ def test_compiling_during_capture_is_a_clear_error(tmp_path, monkeypatch):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("tiles", ["sched=static", "sched=static,chain=tiles"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_captured_static_schedule_replays_eager_results(monkeypatch, causal):
+def test_captured_static_schedule_replays_eager_results(monkeypatch, causal, tiles):
     # With sched=static the sm_90a forward keeps its persistent grid under capture (no
-    # counter to take): more work tiles than SMs (256 query blocks), replayed on fresh
-    # inputs, bit for bit the eager call.
-    monkeypatch.setenv("FLASHJIT_CUDA_TILES", "sched=static")
+    # counter to take): more work tiles than SMs (256 query blocks), so that blocks run
+    # several (and, chained, carry one into the next), replayed on fresh inputs, bit for
+    # bit the eager call.
+    monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
     q, k, v = (torch.randn(2, 16, 1000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flashjit.attention(q, k, v, causal=causal)  # compiled before capture
     torch.cuda.synchronize()
