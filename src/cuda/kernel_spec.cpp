@@ -96,7 +96,8 @@ const char* family_name(KernelFamily family) {
 // SS: A and B K-major in shared memory; RS: A in registers, B MN-major; SS with A
 // MN-major (transposed; the one-pass backward's dQ^T = K^T dS^T).
 std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_widths,
-                               std::vector<int> ss_transposed_a_widths = {}) {
+                               std::vector<int> ss_transposed_a_widths = {},
+                               std::vector<int> ss_transposed_b_widths = {}) {
   const auto accumulators = [](int n) {
     std::string registers = "{", constraints;
     for (int i = 0; i < n / 2; ++i) {
@@ -112,8 +113,9 @@ std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_w
   unique(ss_widths);
   unique(rs_widths);
   unique(ss_transposed_a_widths);
+  unique(ss_transposed_b_widths);
   std::string text;
-  const auto shared_shared = [&](const char* name, int n, int transpose_a) {
+  const auto shared_shared = [&](const char* name, int n, int transpose_a, int transpose_b = 0) {
     const auto [registers, constraints] = accumulators(n);
     const int next = n / 2;  // first operand after the accumulators
     text += str_cat("template <>\nFJ_DEVICE void ", name, "<", n, ">(float (&d)[", n / 8,
@@ -121,11 +123,12 @@ std::string wgmma_instructions(std::vector<int> ss_widths, std::vector<int> rs_w
                     "  asm volatile(\"{\\n.reg .pred p;\\nsetp.ne.b32 p, %",
                     next + 2, ", 0;\\n\"\n    \"wgmma.mma_async.sync.aligned.m64n", n,
                     "k16.\" FJ_WGMMA_TYPES \" ", registers, ", %", next, ", %", next + 1,
-                    ", p, 1, 1, ", transpose_a, ", 0;\\n}\\n\"\n    : ", constraints,
+                    ", p, 1, 1, ", transpose_a, ", ", transpose_b, ";\\n}\\n\"\n    : ", constraints,
                     "\n    : \"l\"(a), \"l\"(b), \"r\"(first ? 0 : 1));\n}\n");
   };
   for (int n : ss_widths) shared_shared("wgmma_ss", n, 0);
   for (int n : ss_transposed_a_widths) shared_shared("wgmma_ss_mn_a", n, 1);
+  for (int n : ss_transposed_b_widths) shared_shared("wgmma_ss_mn_b", n, 0, 1);
   for (int n : rs_widths) {
     const auto [registers, constraints] = accumulators(n);
     const int next = n / 2;
@@ -155,7 +158,7 @@ std::string KernelSpec::name() const {
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
-                 one_pass ? "_one-pass" : "",
+                 one_pass ? "_one-pass" : "", dkdv_shared ? "_shared-ops" : "",
                  dq_diagnostic == 1 ? "_dq-none" : dq_diagnostic == 2 ? "_dq-unordered" : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
@@ -189,7 +192,8 @@ int KernelSpec::shared_memory_bytes() const {
           return layout::kHopperBaseAlignment + layout::hopper_backward_dq(rows, n, qk, v, stages).bytes;
         case KernelEntry::kBackwardDkDv:
           return layout::kHopperBaseAlignment +
-                 layout::hopper_backward_dkdv(rows, n, qk, v, stages, one_pass ? layout::kOnePassDsBuffers : 0).bytes;
+                 layout::hopper_backward_dkdv(rows, n, qk, v, stages, layout::dkdv_ds_buffers(one_pass, dkdv_shared))
+                     .bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:
         case KernelEntry::kVarlenTable: return 0;
@@ -229,7 +233,7 @@ std::string KernelSpec::source() const {
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
       "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
-      "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n",
+      "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
@@ -265,8 +269,12 @@ std::string KernelSpec::source() const {
     // consumer takes 64 of dQ's columns) or half of them (64: each takes the 64 columns of half the queries).
     std::vector<int> transposed_a;
     if (one_pass) transposed_a.push_back(head_dim_qk == 64 ? block_n / 2 : block_n);
+    // dV and dK from P^T and dS^T in shared memory (dkdv_shared): SS with B (dO, Q) MN-major.
+    std::vector<int> transposed_b;
+    if (dkdv_shared) transposed_b = {head_dim_v, head_dim_qk};
     text += str_cat("// ---- wgmma instructions\nnamespace flashjit {\nnamespace mma {\n",
-                    wgmma_instructions({block_n}, from_registers, transposed_a),
+                    wgmma_instructions({block_n}, dkdv_shared ? std::vector<int>{} : from_registers, transposed_a,
+                                       transposed_b),
                     "}  // namespace mma\n}  // namespace flashjit\n");
     append("pipeline.cuh");
   }
@@ -637,6 +645,14 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
     }
     std::vector<KernelSpec> specs = {prep, hopper_spec(traits, KernelEntry::kBackwardDq)};
     if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
+      if (settings::dkdv_shared_operands()) {
+        // P^T and dS^T through shared memory: the registers they held let 64 queries a step fit.
+        KernelSpec shared = dkdv;
+        shared.dkdv_shared = true;
+        if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) > 64) shared.block_n *= 2;
+        // Whole 64-query regions (a swizzled row): masks, dropout and softcap keep their steps.
+        if (shared.block_n % 64 == 0 && fits(shared)) dkdv = shared;
+      }
       specs.push_back(dkdv);
     } else {  // dV and dK each in a kernel of its own, as in the mma.sync backward
       KernelSpec dv = dkdv, dk = dkdv;

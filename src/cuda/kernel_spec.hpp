@@ -73,6 +73,10 @@ struct KernelSpec {
   // kHopper dK/dV that also forms dQ (FJ_ONE_PASS; attention_hopper_bwd.cuh): five products a
   // tile pair, dQ summed in float32 in a fixed order (KernelParams::dq_accum, dq_semaphore).
   bool one_pass = false;
+  // kHopper split dK/dV (both parts, head dims up to 128) whose dV and dK products read P^T and
+  // dS^T from shared memory (written by each warp after its gradient) instead of registers, so
+  // that 64 queries a step fit at head dim 128 (FJ_DKDV_SHARED; settings::dkdv_shared_operands).
+  bool dkdv_shared = false;
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
   int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)
   bool o_tma = false; // kHopper forward: O leaves through shared memory (the Q buffer) by TMA stores

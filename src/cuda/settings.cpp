@@ -78,6 +78,13 @@ std::optional<bool> one_pass_backward() {
   throw_value_error("[cuda] FLASHJIT_CUDA_BACKWARD: expected one-pass or split, got '", value, "'");
 }
 
+bool dkdv_shared_operands() {
+  const char* value = std::getenv("FLASHJIT_CUDA_DKDV");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "registers") == 0) return false;
+  if (std::strcmp(value, "shared") == 0) return true;
+  throw_value_error("[cuda] FLASHJIT_CUDA_DKDV: expected registers or shared, got '", value, "'");
+}
+
 bool varlen_single_launch() {
   const char* value = std::getenv("FLASHJIT_CUDA_VARLEN");
   return value == nullptr || std::strcmp(value, "0") != 0;

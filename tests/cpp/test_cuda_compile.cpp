@@ -288,6 +288,36 @@ TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
   EXPECT_FALSE(split[2].one_pass);
 }
 
+// FLASHJIT_CUDA_DKDV: unset or registers, the split dK/dV kernel takes P^T and dS^T from registers
+// (32 queries a step at head dim 128); shared, from shared memory with 64 queries a step at head
+// dims 64 and 128 (kernels with a mask, dropout or softcap keep theirs: no whole 64-query step);
+// another value is an error naming it. The shared kernels compile for sm_90a.
+TEST_F(CudaCompile, DkDvSharedOperandsSettingChoosesAndCompiles) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  const auto dkdv_of = [](const KernelTraits& traits) { return backward_kernels(traits).back(); };
+  unsetenv("FLASHJIT_CUDA_DKDV");
+  EXPECT_FALSE(dkdv_of(sm90_traits(FJ_BFLOAT16, 128)).dkdv_shared);
+  EXPECT_EQ(dkdv_of(sm90_traits(FJ_BFLOAT16, 128)).block_n, 32);
+  setenv("FLASHJIT_CUDA_DKDV", "registers", 1);
+  EXPECT_FALSE(settings::dkdv_shared_operands());
+  setenv("FLASHJIT_CUDA_DKDV", "shared", 1);
+  for (int head_dim : {64, 128}) {
+    KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
+    const KernelSpec shared = dkdv_of(traits);
+    EXPECT_TRUE(shared.dkdv_shared) << shared.name();
+    EXPECT_EQ(shared.block_n, 64) << shared.name();
+    ASSERT_NO_THROW(kernel_binary(shared, false)) << shared.name();
+    traits.window = true;
+    ASSERT_NO_THROW(kernel_binary(dkdv_of(traits), false)) << dkdv_of(traits).name();
+    traits.dropout = true;
+    EXPECT_FALSE(dkdv_of(traits).dkdv_shared) << dkdv_of(traits).name();
+  }
+  EXPECT_FALSE(dkdv_of(sm90_traits(FJ_BFLOAT16, 256)).dkdv_shared);  // dV and dK kernels of their own
+  unsetenv("FLASHJIT_CUDA_DKDV");
+  expect_setting_error("FLASHJIT_CUDA_DKDV", "smem", [] { settings::dkdv_shared_operands(); });
+}
+
 // FLASHJIT_CUDA_KV_HOPPER: unset, the sm_90a split for KV caches unless FLASHJIT_CUDA_DECODE_WARPS
 // forces the mma.sync blocks; 0 or 1 choose; another value is an error naming it.
 TEST(KernelSelection, KvCacheSettingIsChecked) {

@@ -221,6 +221,37 @@ def test_chained_work_tiles(case, monkeypatch, tmp_path):
     assert any("hopper-forward" in name and "_chain_" in name for name in compiled), compiled
 
 
+# FLASHJIT_CUDA_DKDV=shared: the split sm_90a dK/dV kernel takes P^T and dS^T from shared
+# memory, 64 queries a step at head dims 64 and 128. Gradients against float64 with causal
+# bounds both ways, a window, GQA, lengths that end inside a step and a narrower V; bitwise the
+# same on a second run; and the shared kernel was the one compiled (its name in the cache).
+_SHARED_DKDV_CASES = {
+    "d128": dict(D=128),
+    "d64_gqa": dict(D=64, Hq=8, Hkv=2),
+    "causal_bottom_right": dict(D=128, Sq=300, Sk=333, causal="bottom_right"),
+    "causal_top_left": dict(D=128, Sq=333, Sk=300, causal="top_left"),
+    "window": dict(D=128, Sq=400, Sk=400, causal=True, window=(100, 0)),
+    "narrow_v": dict(D=128, Dv=64, dtype=torch.float16),
+}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a backward's option")
+@pytest.mark.parametrize("case", list(_SHARED_DKDV_CASES))
+def test_dkdv_shared_operands(case, monkeypatch, tmp_path):
+    options = dict(B=2, Hq=4, Hkv=2, Sq=250, Sk=270, dtype=torch.bfloat16, **_SHARED_DKDV_CASES[case])
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLASHJIT_CUDA_DKDV", "shared")
+    flashjit.cuda.clear_memory_cache()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(run(**options))
+    for first, second in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(first, second), case
+    compiled = [path.name for path in tmp_path.rglob("*.cubin")]
+    assert any("backward_dkdv" in name and "_shared-ops_" in name for name in compiled), compiled
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Sq,Sk", [(70, 90), (1, 300), (300, 40)])
 def test_nan_propagates_like_the_math_definition(dtype, Sq, Sk):

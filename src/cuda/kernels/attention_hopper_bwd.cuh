@@ -244,6 +244,29 @@ constexpr int kQueryBuffers = kStages + 1;  // Q_t and dO_t serve step t, then d
 constexpr bool kWithDv = FJ_WITH_DV;
 constexpr bool kWithDk = FJ_WITH_DK;  // needs V and dP^T
 constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
+// FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
+// tiles, K-major, each warp its own 16 keys) for the dV and dK products, which then take both
+// operands from shared memory; the registers that held them let 64 queries a step fit at head
+// dim 128. One buffer each: prepare(t) writes them after step t's wait for t - 1's products.
+constexpr bool kSharedOperands = FJ_DKDV_SHARED;
+static_assert(!kSharedOperands || (!kOnePass && kWithDv && kWithDk), "shared operands: the split dK/dV kernel");
+// (A swizzled row holds 64 columns: a tile of fewer would take the room of 64.)
+static_assert(!kSharedOperands || kBlockN % 64 == 0, "shared operands: whole 64-query regions");
+
+#if FJ_DKDV_SHARED
+// A warp's 16 keys x 16 queries from `column` (an A fragment, a_from_c) into a [kBlockM][kBlockN]
+// tile at its own rows: four 8 x 8 matrices, lane l naming row l % 8 of matrix l / 8 (keys + 8
+// for odd matrices, queries + 8 for the last two).
+FJ_DEVICE void store_operand_rows(elem_t* tile, const unsigned (&a)[4], int first_key, int column, int lane) {
+  const int matrix = lane / 8;
+  const int key = first_key + (matrix % 2) * 8 + lane % 8;
+  const int query = column + (matrix / 2) * 8;
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   shared_address(tile + tile_offset<kBlockM, kBlockN>(key, query))),
+               "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])
+               : "memory");
+}
+#endif
 
 #if FJ_ONE_PASS
 static_assert(kWithDv && kWithDk && (kDimQk == 64 || kDimQk == 128), "one pass: dK and dV, head dim 64 or 128");
@@ -324,7 +347,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_backward_dkdv(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   constexpr layout::HopperBackwardDkDv kLayout =
-      layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages, kOnePass ? layout::kOnePassDsBuffers : 0);
+      layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
+                                   layout::dkdv_ds_buffers(kOnePass, kSharedOperands));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
                     kLayout.bytes - kLayout.dout_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes,
@@ -334,7 +358,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   elem_t* v_tile = reinterpret_cast<elem_t*>(base + kLayout.v_tile);          // [kBlockM][kDimV]
   elem_t* q_tiles = reinterpret_cast<elem_t*>(base + kLayout.q_tiles);        // kQueryBuffers x [kBlockN][kDimQk]
   elem_t* dout_tiles = reinterpret_cast<elem_t*>(base + kLayout.dout_tiles);  // kQueryBuffers x [kBlockN][kDimV]
-  elem_t* ds_tiles = reinterpret_cast<elem_t*>(base + kLayout.ds_tiles);      // one pass: kDsBuffers x [kBlockN][kBlockM]
+  // One pass: kDsBuffers x [kBlockN][kBlockM]; shared operands: P^T and dS^T, [kBlockM][kBlockN] each.
+  elem_t* ds_tiles = reinterpret_cast<elem_t*>(base + kLayout.ds_tiles);
   float* lse_tiles = reinterpret_cast<float*>(base + kLayout.lse_tiles);      // [kQueryBuffers][kBlockN]
   float* delta_tiles = reinterpret_cast<float*>(base + kLayout.delta_tiles);  // [kQueryBuffers][kBlockN]
   unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
@@ -567,12 +592,19 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         }
       };
       const auto issue_second = [&](int t) {  // dV += P^T_t dO_t, dK += dS^T_t Q_t (one pass: and dQ_{t-1})
+#if FJ_DKDV_SHARED
+        wgmma_rows_by_mn_rows<kBlockM, kBlockN, kDimV>(dv, ds_tiles, consumer * 64,
+                                                       dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+        wgmma_rows_by_mn_rows<kBlockM, kBlockN, kDimQk>(dk, ds_tiles + kBlockM * kBlockN, consumer * 64,
+                                                        q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+#else
         if (kWithDv) {
           wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
         }
         if (kWithDk) {
           wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
         }
+#endif
 #if FJ_ONE_PASS
         issue_dq(t - 1);
 #endif
@@ -580,11 +612,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const auto after_second = [&](int t) {
         if (kWithDv) {
           pin(dv);
-          pin(prob);
+          if (!kSharedOperands) pin(prob);
         }
         if (kWithDk) {
           pin(dk);
-          pin(dscore);
+          if (!kSharedOperands) pin(dscore);
         }
         q_ring.release(t, lane);
         dout_ring.release(t, lane);
@@ -594,8 +626,22 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
       };
       const auto prepare = [&](int t) {
+#if FJ_DKDV_SHARED
+        // This warp's keys of P^T_t and dS^T_t, read by the next turn's products (the turn's
+        // barrier joins the warpgroup's warps after each one's fence).
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          unsigned a[4];
+          a_from_c(a, st[2 * kk], st[2 * kk + 1]);
+          store_operand_rows(ds_tiles, a, warp * 16, kk * 16, lane);
+          a_from_c(a, dpt[2 * kk], dpt[2 * kk + 1]);
+          store_operand_rows(ds_tiles + kBlockM * kBlockN, a, warp * 16, kk * 16, lane);
+        }
+        fence_async_shared();
+#else
         if (kWithDv) to_fragments<kBlockN>(prob, st);
         if (kWithDk) to_fragments<kBlockN>(dscore, dpt);
+#endif
 #if FJ_ONE_PASS
         // This consumer's keys of dS_t, for both consumers' dQ_t two steps on.
         elem_t* const ds = ds_tiles + (t % kDsBuffers) * kBlockN * kBlockM;

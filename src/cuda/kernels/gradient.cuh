@@ -62,7 +62,10 @@ FJ_DEVICE void dq_tile_gradient(float (&s)[kBlockN / 8][4], const float (&dp)[kB
 
 // P^T in place of S^T and dS^T in place of dP^T for the dK/dV kernel's tile (rows
 // keys, columns the queries start + column). Edge tiles (not kInterior) take
-// each key's visible queries as a column span.
+// each key's visible queries as a column span. With shared operands and no mask
+// (FJ_DKDV_SHARED, whose 64-query step needs the registers), every element is computed
+// and those outside the span are set to 0 after, with no branch an element (a mask would
+// be read outside its rows there: masked kernels keep the branch).
 template <bool kInterior>
 FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlockN / 8][4], const KernelParams& p,
                                   const long long (&keys)[2], const float* lse_tile, const float* delta_tile,
@@ -76,6 +79,19 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
       const long long i = start + column;
       const long long j = keys[e / 2];
       float prob = 0.0f, dscore = 0.0f;
+#if FJ_DKDV_SHARED && !FJ_MASK
+      {
+        float factor = 1.0f;
+#if FJ_DROPOUT
+        factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
+#endif
+        dscore = score_gradient(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2, b, h,
+                                      i, j, factor, &prob);
+        const bool inside = kInterior || spans[e / 2].contains(column);
+        prob = inside ? prob : 0.0f;  // a select: a NaN or infinity outside the span goes too
+        dscore = inside ? dscore : 0.0f;
+      }
+#else
       if (kInterior || spans[e / 2].contains(column)) {
         float factor = 1.0f;
 #if FJ_DROPOUT
@@ -84,6 +100,7 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
         dscore = score_gradient(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2, b, h,
                                       i, j, factor, &prob);
       }
+#endif
       st[n][e] = prob;
       dpt[n][e] = dscore;
     }

@@ -38,6 +38,10 @@ struct Carver {
 // dS tiles of the one-pass backward: tile t's dS is written after its gradient and read by
 // both consumers' dQ products two steps later (attention_hopper_bwd.cuh says why four).
 constexpr int kOnePassDsBuffers = 4;
+// The dK/dV kernel's [keys][queries] tiles: the one pass's dS buffers, or (shared operands) P^T and dS^T.
+FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands) {
+  return one_pass ? kOnePassDsBuffers : shared_operands ? 2 : 0;
+}
 
 // A ring of `buffers` buffers has a full and an empty mbarrier per buffer (pipeline.cuh's Ring).
 FJ_LAYOUT int ring_bytes(int buffers) { return 2 * buffers * kBarrierBytes; }

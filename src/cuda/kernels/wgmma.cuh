@@ -96,6 +96,11 @@ FJ_DEVICE void wgmma_ss(float (&d)[kN / 8][4], unsigned long long a, unsigned lo
 template <int kN>
 FJ_DEVICE void wgmma_ss_mn_a(float (&d)[kN / 8][4], unsigned long long a, unsigned long long b, bool first);
 
+// d[64 x kN] (+)= A B, A K-major and B MN-major (its rows are the reduction) in shared memory;
+// accumulate unless first.
+template <int kN>
+FJ_DEVICE void wgmma_ss_mn_b(float (&d)[kN / 8][4], unsigned long long a, unsigned long long b, bool first);
+
 // d[64 x kN] += A B, A (16 deep) in registers as an mma.m16n8k16 A fragment per
 // warp, B MN-major in shared memory.
 template <int kN>
@@ -137,6 +142,19 @@ FJ_DEVICE void wgmma_fragments_by_rows(float (&d)[kN / 8][4], const unsigned (&a
   const unsigned long long y = fresh(mn_major_descriptor<kDepth>(y_tile, 0));
 #pragma unroll
   for (int kk = 0; kk < kDepth / 16; ++kk) wgmma_rs<kN>(d, a[kk], y + static_cast<unsigned long long>(kk * 16 * kSwizzleBytes >> 4));
+}
+
+// d[64 x kN] += X Y for a warpgroup, issued: X's rows row..row + 63 of a swizzled tile of kRowsX
+// rows, kDepth columns deep (K-major), Y a swizzled tile of kDepth rows x kN columns (MN-major).
+template <int kRowsX, int kDepth, int kN>
+FJ_DEVICE void wgmma_rows_by_mn_rows(float (&d)[kN / 8][4], const elem_t* x_tile, int row, const elem_t* y_tile) {
+  const unsigned long long x = fresh(k_major_descriptor<kRowsX, kDepth>(x_tile, row, 0));
+  const unsigned long long y = fresh(mn_major_descriptor<kDepth>(y_tile, 0));
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    wgmma_ss_mn_b<kN>(d, x + k_major_step<kRowsX>(kk), y + static_cast<unsigned long long>(kk * 16 * kSwizzleBytes >> 4),
+                      false);
+  }
 }
 
 // d[64 x kN] = X^T Y for a warpgroup, issued: X's 64 columns of region `region` of a
