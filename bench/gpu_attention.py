@@ -124,9 +124,12 @@ def implementations(tiles, fa4=None, backward_modes=()):
         name = "flashjit" if setting == "default" else f"flashjit[{setting}]"
         impls.append(Impl(name, flashjit_sdpa, env={} if setting == "default" else {"FLASHJIT_CUDA_TILES": setting}))
     for mode in backward_modes:
-        # one-pass:none / one-pass:unordered (FLASHJIT_CUDA_ONE_PASS_DQ): timing only, no dQ written.
-        backward, _, dq = mode.partition(":")
-        env = {"FLASHJIT_CUDA_BACKWARD": backward, **({"FLASHJIT_CUDA_ONE_PASS_DQ": dq} if dq else {})}
+        # one-pass:none / one-pass:unordered (FLASHJIT_CUDA_ONE_PASS_DQ): timing only, no dQ written;
+        # split:shared: the split backward with FLASHJIT_CUDA_DKDV=shared.
+        backward, _, option = mode.partition(":")
+        env = {"FLASHJIT_CUDA_BACKWARD": backward}
+        if option:
+            env["FLASHJIT_CUDA_DKDV" if backward == "split" else "FLASHJIT_CUDA_ONE_PASS_DQ"] = option
         impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env=env))
     impls += [Impl("cuDNN", torch_backend(SDPBackend.CUDNN_ATTENTION)),
               Impl("torch-flash", torch_backend(SDPBackend.FLASH_ATTENTION))]
@@ -319,7 +322,7 @@ def main():
     parser.add_argument("--tiles", nargs="+", default=["default"],
                         help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
     parser.add_argument("--backward-modes", nargs="+", default=[],
-                        choices=["split", "one-pass", "one-pass:none", "one-pass:unordered"],
+                        choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "split:shared"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none and one-pass:unordered "
                              "also set FLASHJIT_CUDA_ONE_PASS_DQ, a timing diagnostic whose dQ is not written")

@@ -6,14 +6,16 @@
 # with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
 # (default /tmp/flashjit-backward).
 #   bash scripts/gpu_backward.sh [--no-tests] [--no-sanitizer] [--no-bench] [--no-fa4] [--rounds R]
-#        [--head-dims D ...] [--seqlens N ...] [--diagnostics]
+#        [--head-dims D ...] [--seqlens N ...] [--diagnostics] [--shared-dkdv]
 # --diagnostics: also the one pass without its ordered dQ sums (one-pass:none, one-pass:unordered:
 # FLASHJIT_CUDA_ONE_PASS_DQ, timing only), to tell the ordering's cost from the kernel's shape.
+# --shared-dkdv: also the split backward with FLASHJIT_CUDA_DKDV=shared (a column, split:shared),
+# and (with the tests) test_attention.py's dK/dV tests with it.
 # Each part fits a call of under ten minutes with the build: run them as three calls
 # (--no-sanitizer --no-bench; --no-tests --no-bench; --no-tests --no-sanitizer).
 OUT=${OUT:-/tmp/flashjit-backward}
 source "$(dirname "$0")/gpu_common.sh"
-tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass)
+tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass) shared_dkdv=0
 while (($#)); do
   case $1 in
     --no-tests) tests=0 ;;
@@ -21,6 +23,7 @@ while (($#)); do
     --no-bench) bench=0 ;;
     --no-fa4) bench_args+=(--no-fa4) ;;
     --diagnostics) modes+=(one-pass:none one-pass:unordered) ;;
+    --shared-dkdv) modes+=(split:shared) shared_dkdv=1 ;;
     --rounds) shift; bench_args+=(--rounds "$1") ;;
     --head-dims|--seqlens) flag=$1; shift; bench_args+=("$flag")
       while (($#)) && [[ $1 != --* ]]; do bench_args+=("$1"); shift; done; continue ;;
@@ -38,6 +41,10 @@ if ((tests)); then
   FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-attention-one-pass.log 200 tests/python/test_attention.py
   step "test_varlen.py with FLASHJIT_CUDA_BACKWARD=one-pass (a variable-length batch in one launch)"
   FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-varlen-one-pass.log 120 tests/python/test_varlen.py
+  if ((shared_dkdv)); then
+    step "test_attention.py with FLASHJIT_CUDA_DKDV=shared"
+    FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-attention-shared-dkdv.log 200 tests/python/test_attention.py
+  fi
 fi
 
 if ((sanitizer)); then
