@@ -495,7 +495,7 @@ KernelSpec forward_spec(const AttentionProblem& p, const Launch& launch, KernelP
 }
 
 // The sm_90a forward's grid: persistent (a block an SM, taking work tiles from a
-// counter, or with FLASHJIT_CUDA_TILES "sched=static" every grid-th tile from its
+// counter, or with FLASHJIT_CUDA_TILES "sched=static" a tile a round in a snake's order from its
 // own) or a block a tile. The counter is the stream's own
 // (stream_tile_counter), else scratch zeroed before the launch. Under stream
 // capture the grid is a block a tile unless the schedule is static: a graph may

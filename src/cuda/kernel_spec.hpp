@@ -142,8 +142,8 @@ struct ForwardTiles {
   int stream_counter = -1;
   int edge_general = -1;  // 1 ("edges=general"): the two-sided edge test (KernelSpec::edge_general)
   int block_span = -1;    // 1 ("span=block"): every warpgroup the block's tiles (KernelSpec::block_span)
-  // The persistent grid's schedule, a launch choice too: 1 ("sched=static"): block i takes
-  // tiles i, i + grid, i + 2 grid, ... with no counter (KernelParams::static_tiles; also under
+  // The persistent grid's schedule, a launch choice too: 1 ("sched=static"): block i takes one
+  // tile a round of grid tiles in a snake's order, with no counter (next_tile; also under
   // stream capture, where a counter cannot be had); 0 ("sched=counter"): from the counter.
   int static_tiles = -1;
   // 1 ("chain=tiles"): work tiles run on into each other (KernelSpec::chain_tiles), on top of

@@ -137,7 +137,7 @@ def test_stream_tile_counters_reset_between_launches(monkeypatch):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
 def test_static_schedule_matches_counter(monkeypatch, causal):
-    # sched=static: each persistent block takes every grid-th work tile from its own index,
+    # sched=static: each persistent block takes a work tile a round (a snake's order),
     # with no counter. Checked against float64, and bitwise the counter's output (a tile's
     # result does not depend on the block that runs it), with several tiles a block (320
     # and 48 query blocks against 132 SMs) and, bottom-right, a first block with no key.

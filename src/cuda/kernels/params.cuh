@@ -50,8 +50,8 @@ struct KernelParams {
   // from tile_counter[0], zero at the launch (nullptr: a block a tile). With
   // tile_counter_resets, tile_counter[1] counts the blocks done taking tiles, and
   // the last of them sets both back to zero for the next launch on the stream.
-  // With static_tiles (and no counter) a block takes every gridDim.x-th tile from
-  // its own index: a fixed schedule, for tiles of equal work.
+  // With static_tiles (and no counter) a block takes one tile of each round of
+  // gridDim.x tiles in a snake's order (pipeline.cuh, next_tile): a fixed schedule.
   unsigned* tile_counter;
   int tile_counter_resets;
   int static_tiles;

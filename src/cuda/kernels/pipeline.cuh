@@ -366,13 +366,18 @@ struct TileQueue {
 
 // The work tile of a persistent grid after `tile` (first: the block's first):
 // each block starts with its own index, then takes tiles from the shared
-// counter, or (static_tiles) every gridDim.x-th tile on from its own, with no
-// round trip to memory. Without either the grid has a block a tile, and each
-// block stops after its own.
+// counter, or (static_tiles) one tile of each following round of gridDim.x
+// tiles, with no round trip to memory: in a snake's order (block i takes place i
+// of the even rounds and place grid - 1 - i of the odd ones), so that where tiles
+// come heaviest first (causal bounds) a block's heavy and light places even out.
+// Without either the grid has a block a tile, and each block stops after its own.
 FJ_DEVICE int next_tile(const KernelParams& p, int tile, bool first) {
   if (first) return static_cast<int>(blockIdx.x);
   if (p.tile_counter != nullptr) return static_cast<int>(gridDim.x + atomicAdd(p.tile_counter, 1u));
-  if (p.static_tiles) return tile + static_cast<int>(gridDim.x);  // tiles < 2^30 (backend.cpp): no overflow
+  if (p.static_tiles) {  // tiles < 2^30 (backend.cpp): no overflow
+    const int grid = static_cast<int>(gridDim.x), round = tile / grid, place = tile - round * grid;
+    return (round + 1) * grid + (grid - 1 - place);
+  }
   return 0x7fffffff;
 }
 
