@@ -81,7 +81,7 @@ def fa4_function():
 
 
 # The environment switches a flashjit column may set; a column leaves the others unset.
-SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ")
+SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ", "FLASHJIT_CUDA_DKDV")
 
 
 class Impl:

@@ -42,8 +42,11 @@ if ((tests)); then
   step "test_varlen.py with FLASHJIT_CUDA_BACKWARD=one-pass (a variable-length batch in one launch)"
   FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-varlen-one-pass.log 120 tests/python/test_varlen.py
   if ((shared_dkdv)); then
-    step "test_attention.py with FLASHJIT_CUDA_DKDV=shared"
-    FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-attention-shared-dkdv.log 200 tests/python/test_attention.py
+    step "test_attention.py and test_varlen.py with FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared"
+    FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-attention-shared-dkdv.log 200 \
+      tests/python/test_attention.py
+    FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-varlen-shared-dkdv.log 120 \
+      tests/python/test_varlen.py
   fi
 fi
 
@@ -52,13 +55,23 @@ if ((sanitizer)); then
   FLASHJIT_CUDA_BACKWARD=one-pass timeout 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
     python3 scripts/sanitizer_cases.py >"$OUT/memcheck-one-pass.log" 2>&1 || status=1
   tail -3 "$OUT/memcheck-one-pass.log"
+  if ((shared_dkdv)); then
+    step "compute-sanitizer memcheck, FLASHJIT_CUDA_DKDV=shared"
+    FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared timeout 200 compute-sanitizer --tool memcheck \
+      --error-exitcode 1 python3 scripts/sanitizer_cases.py >"$OUT/memcheck-shared-dkdv.log" 2>&1 || status=1
+    tail -3 "$OUT/memcheck-shared-dkdv.log"
+  fi
   # racecheck also reports the kernels' mbarrier handoffs (scripts/gpu_check.sh says why): the
   # hazards are listed by place, to see whether any is new against the split backward's.
-  for mode in split one-pass; do
-    step "compute-sanitizer racecheck, FLASHJIT_CUDA_BACKWARD=$mode"
-    FLASHJIT_CUDA_BACKWARD=$mode timeout 150 compute-sanitizer --tool racecheck python3 scripts/sanitizer_cases.py \
-      >"$OUT/racecheck-$mode.log" 2>&1 || status=1
-    grep -E "^========= (Error|Warning): Race" "$OUT/racecheck-$mode.log" | sed -E 's/\+0x[0-9a-f]+//' | sort \
+  racecheck_modes=(split one-pass)
+  ((shared_dkdv)) && racecheck_modes+=(split:shared)
+  for mode in "${racecheck_modes[@]}"; do
+    step "compute-sanitizer racecheck, backward $mode"
+    dkdv=registers
+    [ "$mode" = split:shared ] && dkdv=shared
+    FLASHJIT_CUDA_BACKWARD=${mode%%:*} FLASHJIT_CUDA_DKDV=$dkdv timeout 150 compute-sanitizer --tool racecheck \
+      python3 scripts/sanitizer_cases.py >"$OUT/racecheck-${mode/:/-}.log" 2>&1 || status=1
+    grep -E "^========= (Error|Warning): Race" "$OUT/racecheck-${mode/:/-}.log" | sed -E 's/\+0x[0-9a-f]+//' | sort \
       | uniq -c | head -10
   done
 fi

@@ -196,7 +196,7 @@ _CHAINED_CASES = {
 @pytest.mark.parametrize("case", list(_CHAINED_CASES))
 def test_chained_work_tiles(case, monkeypatch, tmp_path):
     extra, more_tiles = _CHAINED_CASES[case]
-    options = dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=128, dtype=torch.bfloat16, **extra)
+    options = {**dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=128, dtype=torch.bfloat16), **extra}
     if case == "extras":
         mask = torch.rand(options["B"], 1, options["Sq"], options["Sk"]) > 0.2
         mask[..., 0] = True
@@ -238,8 +238,9 @@ _SHARED_DKDV_CASES = {
 @pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a backward's option")
 @pytest.mark.parametrize("case", list(_SHARED_DKDV_CASES))
 def test_dkdv_shared_operands(case, monkeypatch, tmp_path):
-    options = dict(B=2, Hq=4, Hkv=2, Sq=250, Sk=270, dtype=torch.bfloat16, **_SHARED_DKDV_CASES[case])
+    options = {**dict(B=2, Hq=4, Hkv=2, Sq=250, Sk=270, dtype=torch.bfloat16), **_SHARED_DKDV_CASES[case]}
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")  # the split backward's kernel, whatever the run's
     monkeypatch.setenv("FLASHJIT_CUDA_DKDV", "shared")
     flashjit.cuda.clear_memory_cache()
     runs = []
