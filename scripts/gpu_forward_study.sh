@@ -30,7 +30,7 @@ device_and_build
 
 if ((tests)); then
   step "test_attention.py (FLASHJIT_TEST_DEVICE=cuda)"
-  cuda_pytest pytest-attention.log 300 tests/python/test_attention.py
+  cuda_pytest pytest-attention.log 360 tests/python/test_attention.py
 fi
 
 if ((memcheck)); then
