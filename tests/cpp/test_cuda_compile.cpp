@@ -413,6 +413,14 @@ TEST_F(CudaCompile, ChainedForwardCompilesForSm90) {
   EXPECT_TRUE(tuned.chains_tiles());
   EXPECT_EQ(tuned.block_n, 160);
   ASSERT_NO_THROW(kernel_binary(tuned, false)) << tuned.name();
+  // With the tile trace (scripts/trace_tiles.py --tiles chain=tiles).
+  setenv("FLASHJIT_CUDA_TILES", "chain=tiles", 1);
+  setenv("FLASHJIT_CUDA_TRACE", "1", 1);
+  const KernelSpec traced = forward_kernel(sm90_traits(FJ_BFLOAT16, 128));
+  unsetenv("FLASHJIT_CUDA_TRACE");
+  unsetenv("FLASHJIT_CUDA_TILES");
+  EXPECT_TRUE(traced.chains_tiles() && traced.trace) << traced.name();
+  ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
 }
 
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a
