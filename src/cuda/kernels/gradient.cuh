@@ -71,6 +71,7 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
                                   const long long (&keys)[2], const float* lse_tile, const float* delta_tile,
                                   long long start, int b, int h, long long batch_head, int quad, float scale_log2) {
   const ColumnSpan<kBlockN> spans[2] = {query_span<kBlockN>(p, keys[0], start), query_span<kBlockN>(p, keys[1], start)};
+  constexpr bool kSelectAfter = FJ_DKDV_SHARED && !FJ_MASK;
 #pragma unroll
   for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
@@ -79,20 +80,8 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
       const long long i = start + column;
       const long long j = keys[e / 2];
       float prob = 0.0f, dscore = 0.0f;
-#if FJ_DKDV_SHARED && !FJ_MASK
-      {
-        float factor = 1.0f;
-#if FJ_DROPOUT
-        factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
-#endif
-        dscore = score_gradient(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2, b, h,
-                                      i, j, factor, &prob);
-        const bool inside = kInterior || spans[e / 2].contains(column);
-        prob = inside ? prob : 0.0f;  // a select: a NaN or infinity outside the span goes too
-        dscore = inside ? dscore : 0.0f;
-      }
-#else
-      if (kInterior || spans[e / 2].contains(column)) {
+      const bool inside = kInterior || spans[e / 2].contains(column);
+      if (kSelectAfter || inside) {
         float factor = 1.0f;
 #if FJ_DROPOUT
         factor = dropout_keeps(p, batch_head, i, j) ? static_cast<float>(p.dropout_keep_scale) : 0.0f;
@@ -100,9 +89,9 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
         dscore = score_gradient(p, st[n][e], dpt[n][e], lse_tile[column], delta_tile[column], scale_log2, b, h,
                                       i, j, factor, &prob);
       }
-#endif
-      st[n][e] = prob;
-      dpt[n][e] = dscore;
+      // A select: a NaN or infinity computed outside the span goes too.
+      st[n][e] = kSelectAfter && !inside ? 0.0f : prob;
+      dpt[n][e] = kSelectAfter && !inside ? 0.0f : dscore;
     }
   }
 }
