@@ -646,10 +646,11 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
     std::vector<KernelSpec> specs = {prep, hopper_spec(traits, KernelEntry::kBackwardDq)};
     if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
       if (settings::dkdv_shared_operands()) {
-        // P^T and dS^T through shared memory: the registers they held let 64 queries a step fit.
+        // P^T and dS^T through shared memory: the registers they held let twice the queries a
+        // step fit (head dim 128: 64; 64: 128; with a mask, dropout or softcap: 32 and 64).
         KernelSpec shared = dkdv;
         shared.dkdv_shared = true;
-        if (std::max(dkdv.head_dim_qk, dkdv.head_dim_v) > 64) shared.block_n *= 2;
+        shared.block_n *= 2;
         // Whole 64-query regions (a swizzled row): masks, dropout and softcap keep their steps.
         if (shared.block_n % 64 == 0 && fits(shared)) dkdv = shared;
       }

@@ -17,8 +17,8 @@
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
 //   FLASHJIT_CUDA_DKDV          shared: the split sm_90a dK/dV kernel takes P^T and dS^T from shared
-//                               memory, 64 queries a step up to head dim 128; registers (default): from
-//                               registers, 32 queries a step above head dim 64
+//                               memory and twice the queries a step, up to head dim 128; registers
+//                               (default): from registers
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once

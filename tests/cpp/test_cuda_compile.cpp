@@ -289,9 +289,9 @@ TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
 }
 
 // FLASHJIT_CUDA_DKDV: unset or registers, the split dK/dV kernel takes P^T and dS^T from registers
-// (32 queries a step at head dim 128); shared, from shared memory with 64 queries a step at head
-// dims 64 and 128 (kernels with a mask, dropout or softcap keep theirs: no whole 64-query step);
-// another value is an error naming it. The shared kernels compile for sm_90a.
+// (32 queries a step at head dim 128, 64 at 64); shared, from shared memory with twice the queries
+// a step (D128 with a mask, dropout or softcap keeps its 16: no whole 64-query region); another
+// value is an error naming it. The shared kernels compile for sm_90a.
 TEST_F(CudaCompile, DkDvSharedOperandsSettingChoosesAndCompiles) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -306,12 +306,15 @@ TEST_F(CudaCompile, DkDvSharedOperandsSettingChoosesAndCompiles) {
     KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
     const KernelSpec shared = dkdv_of(traits);
     EXPECT_TRUE(shared.dkdv_shared) << shared.name();
-    EXPECT_EQ(shared.block_n, 64) << shared.name();
+    EXPECT_EQ(shared.block_n, head_dim == 64 ? 128 : 64) << shared.name();
     ASSERT_NO_THROW(kernel_binary(shared, false)) << shared.name();
     traits.window = true;
     ASSERT_NO_THROW(kernel_binary(dkdv_of(traits), false)) << dkdv_of(traits).name();
     traits.dropout = true;
-    EXPECT_FALSE(dkdv_of(traits).dkdv_shared) << dkdv_of(traits).name();
+    traits.mask = flashjit::MaskKind::kBool;
+    const KernelSpec extras = dkdv_of(traits);
+    EXPECT_EQ(extras.dkdv_shared, head_dim == 64) << extras.name();  // D64: 64 queries; D128 would be 32
+    if (extras.dkdv_shared) ASSERT_NO_THROW(kernel_binary(extras, false)) << extras.name();
   }
   EXPECT_FALSE(dkdv_of(sm90_traits(FJ_BFLOAT16, 256)).dkdv_shared);  // dV and dK kernels of their own
   unsetenv("FLASHJIT_CUDA_DKDV");

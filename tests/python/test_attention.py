@@ -232,6 +232,8 @@ _SHARED_DKDV_CASES = {
     "causal_top_left": dict(D=128, Sq=333, Sk=300, causal="top_left"),
     "window": dict(D=128, Sq=400, Sk=400, causal=True, window=(100, 0)),
     "narrow_v": dict(D=128, Dv=64, dtype=torch.float16),
+    "d64_dropout_softcap": dict(D=64, Sq=300, Sk=333, causal="bottom_right", dropout_p=0.1, softcap=4.0),
+    "d64_mask": dict(D=64, Sq=260, Sk=300),  # and a boolean mask (below)
 }
 
 
@@ -239,6 +241,10 @@ _SHARED_DKDV_CASES = {
 @pytest.mark.parametrize("case", list(_SHARED_DKDV_CASES))
 def test_dkdv_shared_operands(case, monkeypatch, tmp_path):
     options = {**dict(B=2, Hq=4, Hkv=2, Sq=250, Sk=270, dtype=torch.bfloat16), **_SHARED_DKDV_CASES[case]}
+    if case == "d64_mask":
+        mask = torch.rand(2, 4, options["Sq"], options["Sk"]) > 0.3
+        mask[..., 0] = True
+        options["mask"] = mask
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")  # the split backward's kernel, whatever the run's
     monkeypatch.setenv("FLASHJIT_CUDA_DKDV", "shared")
