@@ -8,17 +8,23 @@
 # (`flashjit tune --backward`, head dims 64 and 128), on top of the built-in table's entries, so
 # that the copied file is the whole new table. --head-dims D ...: the forward's classes of those
 # head dims alone, likewise on top of the built-in table's other entries.
-#   bash scripts/gpu_tune.sh [--backward | --head-dims D ...]
+# --with KEYS ...: also every candidate with those FLASHJIT_CUDA_TILES keys added (flashjit tune --with),
+# e.g. --with chain=tiles.
+#   bash scripts/gpu_tune.sh [--backward | --head-dims D ...] [--with KEYS ...]
 OUT=${OUT:-/tmp/flashjit-tune}
 source "$(dirname "$0")/gpu_common.sh"
 
-mode=all head_dims=(64 128 256)
-case ${1:-} in
-  --backward) mode=backward ;;
-  --head-dims) mode=some; shift; head_dims=("$@") ;;
-  "") ;;
-  *) echo "unknown argument $1"; exit 2 ;;
-esac
+mode=all head_dims=(64 128 256) variants=()
+while (($#)); do
+  case $1 in
+    --backward) mode=backward ;;
+    --head-dims) mode=some; head_dims=(); shift
+      while (($#)) && [[ $1 != --* ]]; do head_dims+=("$1"); shift; done; continue ;;
+    --with) shift; while (($#)) && [[ $1 != --* ]]; do variants+=("$1"); shift; done; continue ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+  shift
+done
 
 device_and_build
 
@@ -47,14 +53,16 @@ if [ $mode = backward ]; then
 fi
 
 step "compile the candidates ($(nproc) processes)"
-python3 - "${head_dims[@]}" >"$OUT/candidates.txt" <<'EOF'
-import sys
+VARIANTS="${variants[*]}" python3 - "${head_dims[@]}" >"$OUT/candidates.txt" <<'EOF'
+import os, sys
 from flashjit.cuda import _CANDIDATES
+variants = os.environ["VARIANTS"].split()
 for dtype in ("bfloat16", "float16"):
     for head_dim in map(int, sys.argv[1:]):
         for causal in (0, 1):
             for tiles in _CANDIDATES[head_dim]:
-                print(dtype, head_dim, causal, tiles)
+                for extra in [""] + variants:
+                    print(dtype, head_dim, causal, tiles + ("," + extra if extra else ""))
 EOF
 wc -l <"$OUT/candidates.txt"
 xargs -P "$(nproc)" -L 1 python3 -c '
@@ -71,8 +79,9 @@ except (ValueError, NotImplementedError) as error:
 ' <"$OUT/candidates.txt" 2>&1 | tail -20
 
 [ $mode = some ] && seed_with_table
-step "flashjit tune --head-dims ${head_dims[*]}"
-timeout 500 python3 -m flashjit tune --head-dims "${head_dims[@]}" >"$OUT/tune.log" 2>&1 || status=1
+step "flashjit tune --head-dims ${head_dims[*]} ${variants[*]:+--with ${variants[*]}}"
+timeout 500 python3 -m flashjit tune --head-dims "${head_dims[@]}" ${variants[@]+--with "${variants[@]}"} \
+  >"$OUT/tune.log" 2>&1 || status=1
 grep -v "^\[" "$OUT/tune.log" | tail -45
 cp "$FLASHJIT_CACHE_DIR"/*/tuning/sm90-*.txt "$OUT/tuned_sm90.txt" 2>/dev/null || status=1
 echo "tune status: $status"

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--head-dims", nargs="+", type=_head_dim, default=[64, 128, 256], metavar="D",
                       help="default: 64 128 256 (with --backward, those from 33 to 128)")
     tune.add_argument("--seqlens", nargs="+", type=_seqlen, default=[1024, 4096, 16384], metavar="N")
+    tune.add_argument("--with", dest="variants", nargs="+", default=[], metavar="KEYS",
+                      help="also each candidate with these FLASHJIT_CUDA_TILES keys added, e.g. chain=tiles "
+                           "(the forward only)")
     commands.add_parser("demo", help="the CPU demo (options: flashjit demo --help)", add_help=False)
     return parser
 
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "precompile":
         return precompile(args.arch, args.gpu, args.dtypes, args.head_dims, not args.quiet)
     if args.command == "tune":
-        return tune(args.gpu, args.dtypes, args.head_dims, args.seqlens, args.backward)
+        return tune(args.gpu, args.dtypes, args.head_dims, args.seqlens, args.backward, args.variants)
     return cache_info() if args.action == "info" else cache_clear()
 
 
@@ -303,7 +306,8 @@ def precompile(arch: int, gpu: int, dtypes: list[str] | None, head_dims: list[in
 
 # ----------------------------------------------------------------------------- tune
 
-def tune(gpu: int, dtypes: list[str], head_dims: list[int], seqlens: list[int], backward: bool = False) -> int:
+def tune(gpu: int, dtypes: list[str], head_dims: list[int], seqlens: list[int], backward: bool = False,
+         variants: list[str] = ()) -> int:
     import flashjit
 
     try:
@@ -315,8 +319,9 @@ def tune(gpu: int, dtypes: list[str], head_dims: list[int], seqlens: list[int], 
         print("flashjit tune: no CUDA GPU found", file=sys.stderr)
         return 1
     try:
-        results = flashjit.cuda.tune(head_dims, seqlens, dtype=tuple(dtypes), device=gpu, backward=backward)
-    except NotImplementedError as error:
+        results = flashjit.cuda.tune(head_dims, seqlens, dtype=tuple(dtypes), device=gpu, backward=backward,
+                                     variants=tuple(variants))
+    except (NotImplementedError, ValueError) as error:
         print(f"flashjit tune: {error}", file=sys.stderr)
         return 1
     for key, result in results.items():

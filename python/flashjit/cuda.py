@@ -193,7 +193,7 @@ _BACKWARD_PASSES = ("split", "one-pass")  # FLASHJIT_CUDA_BACKWARD's values; spl
 
 def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, True),
          dtype: str | tuple = ("bfloat16", "float16"), candidates: dict | None = None, device: int = 0,
-         margin: float = 0.02, progress: bool = True, backward: bool = False) -> dict:
+         margin: float = 0.02, progress: bool = True, backward: bool = False, variants: tuple = ()) -> dict:
     """Times candidate tile configurations of the sm_90a forward on this GPU, per problem
     class (dtype, head dim, causal bounds, key length band), and stores each class's
     fastest in the device's tuning file, which later forwards take before the built-in
@@ -201,7 +201,8 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
     beat the hand-set choice by `margin` to be stored instead of it. With backward=True,
     the backward's two passes instead (FLASHJIT_CUDA_BACKWARD: split, the hand-set one, and
     one-pass, at head dims 33-128; `candidates` plays no part), stored under the classes'
-    backward keys. Problems:
+    backward keys. variants: FLASHJIT_CUDA_TILES keys added to each forward candidate as a
+    candidate of its own (e.g. ("chain=tiles",): every candidate also chained). Problems:
     B*N = 16k tokens, H = 2048 / D. Returns {class key: {"tiles": chosen, "tflops":
     {candidate: TFLOP/s}}}. Needs torch and an sm_90 GPU."""
     import statistics
@@ -216,6 +217,11 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
     for name, values in (("head_dims", head_dims), ("seqlens", seqlens)):
         if not values or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values):
             raise ValueError(f"[tune] {name}: expected positive integers, got {values!r}")
+    if backward and variants:
+        raise ValueError("[tune] variants: FLASHJIT_CUDA_TILES keys of the forward; the backward tunes its pass")
+    for variant in variants:
+        if not isinstance(variant, str) or "=" not in variant:
+            raise ValueError(f"[tune] variants: expected FLASHJIT_CUDA_TILES keys such as 'chain=tiles', got {variant!r}")
     info = device_info(device)
     if info["arch"] != 90:
         raise NotImplementedError(f"[tune] the tuned kernels are sm_90a ones; device {device} ({info['name']}) is "
@@ -227,7 +233,8 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
         padded = -(-head_dim // 64) * 64
         if backward:
             return list(_BACKWARD_PASSES)
-        return candidates.get(padded, [_HAND_SET])
+        base = candidates.get(padded, [_HAND_SET])
+        return base + [f"{choice},{variant}" for variant in variants for choice in base]
 
     if backward:  # the one pass runs at head dims 33-128 (32 or less: mma.sync, one backward)
         head_dims = [d for d in head_dims if 32 < d <= 128]
@@ -267,7 +274,9 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
                         end.synchronize()
                         samples.append(start.elapsed_time(end) / 5)
                     measured[choice] = flops / statistics.median(samples) / 1e9
-                except (ValueError, NotImplementedError):
+                except (ValueError, NotImplementedError) as error:
+                    if "is not valid" in str(error):
+                        raise  # a malformed setting (a variant's keys): not a candidate without room
                     continue  # no room for this candidate here
             if not measured:
                 continue  # no candidate could run here

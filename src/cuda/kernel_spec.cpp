@@ -537,8 +537,8 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
     }
     if (forced.chain_tiles >= 0) {
       spec.chain_tiles = forced.chain_tiles == 1;  // on the tiles in force; chains_tiles() says where it applies
-    } else if (tuned.chain_tiles >= 0) {
-      spec.chain_tiles = tuned.chain_tiles == 1;
+    } else if (!forced.forced() && tuned.chain_tiles >= 0) {
+      spec.chain_tiles = tuned.chain_tiles == 1;  // with the tuned tiles (forced ones replace the choice whole)
     }
   }
   return spec;

@@ -55,6 +55,30 @@ def test_a_stored_choice_is_what_later_forwards_compile(tmp_path, monkeypatch):
     assert [name for name in forward_cubins(tmp_path) if threads in name], forward_cubins(tmp_path)
 
 
+@needs_sm90
+def test_variants_are_candidates_and_a_chained_choice_is_compiled(tmp_path, monkeypatch):
+    # variants=("chain=tiles",): each candidate is also timed with the key added; a stored chained
+    # choice is what a later forward of the class compiles.
+    from flashjit import _C
+
+    key, result = tune_one_class(tmp_path, monkeypatch, 128, False, candidates={128: ["softmax=fast"]},
+                                 variants=("chain=tiles",))
+    assert set(result["tflops"]) == {"softmax=fast", "softmax=fast,chain=tiles"}
+    info = flashjit.cuda.device_info()
+    _C.cuda_save_tuning(info["name"], info["arch"], f"{key} softmax=fast,chain=tiles 1\n")
+    flashjit.cuda.clear_memory_cache()
+    q = torch.randn(2, 4, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    flashjit.scaled_dot_product_attention(q, q, q)
+    assert [name for name in forward_cubins(tmp_path) if "_chain_" in name], forward_cubins(tmp_path)
+
+
+def test_tune_variants_are_checked():
+    with pytest.raises(ValueError, match="variants"):
+        flashjit.cuda.tune(variants=("chain",))
+    with pytest.raises(ValueError, match="variants"):
+        flashjit.cuda.tune(backward=True, variants=("chain=tiles",))
+
+
 @pytest.mark.skipif(flashjit.cuda.device_count() > 0, reason="checks the message on a machine without a GPU")
 def test_tune_without_a_gpu_says_so(capsys):
     from flashjit import cli
