@@ -246,8 +246,9 @@ constexpr bool kWithDk = FJ_WITH_DK;  // needs V and dP^T
 constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
 // tiles, K-major, each warp its own 16 keys) for the dV and dK products, which then take both
-// operands from shared memory; the registers that held them let 64 queries a step fit at head
-// dim 128. One buffer each: prepare(t) writes them after step t's wait for t - 1's products.
+// operands from shared memory; the registers that held them let twice the queries a step fit
+// (head dim 128: 64, 64: 128). One buffer each: prepare(t) writes them after step t's wait for
+// t - 1's products.
 constexpr bool kSharedOperands = FJ_DKDV_SHARED;
 static_assert(!kSharedOperands || (!kOnePass && kWithDv && kWithDk), "shared operands: the split dK/dV kernel");
 // (A swizzled row holds 64 columns: a tile of fewer would take the room of 64.)
