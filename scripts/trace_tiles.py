@@ -23,7 +23,7 @@ CHILD = r"""
 import os, sys, torch, flashjit
 d, n, causal = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 b, h = max(1, 16384 // n), 2048 // d
-q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))  # [B, H, N, D]
 for _ in range(3):
     flashjit.attention(q, k, v, causal=causal)
 torch.cuda.synchronize()
