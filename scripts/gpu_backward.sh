@@ -9,8 +9,8 @@
 #        [--head-dims D ...] [--seqlens N ...] [--diagnostics] [--shared-dkdv]
 # --diagnostics: also the one pass without its ordered dQ sums (one-pass:none, one-pass:unordered:
 # FLASHJIT_CUDA_ONE_PASS_DQ, timing only), to tell the ordering's cost from the kernel's shape.
-# --shared-dkdv: also the split backward with FLASHJIT_CUDA_DKDV=shared (a column, split:shared),
-# and (with the tests) test_attention.py's dK/dV tests with it.
+# --shared-dkdv: also the split backward with FLASHJIT_CUDA_DKDV=shared (a column, split:shared);
+# with the tests, test_attention.py and test_varlen.py with it instead of the one pass's tests.
 # Each part fits a call of under ten minutes with the build: run them as three calls
 # (--no-sanitizer --no-bench; --no-tests --no-bench; --no-tests --no-sanitizer).
 OUT=${OUT:-/tmp/flashjit-backward}
@@ -34,20 +34,22 @@ done
 
 device_and_build
 
-if ((tests)); then
+if ((tests)) && ((!shared_dkdv)); then
   step "test_one_pass_backward.py"
   cuda_pytest pytest-one-pass.log 150 tests/python/test_one_pass_backward.py
   step "test_attention.py with FLASHJIT_CUDA_BACKWARD=one-pass"
   FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-attention-one-pass.log 200 tests/python/test_attention.py
   step "test_varlen.py with FLASHJIT_CUDA_BACKWARD=one-pass (a variable-length batch in one launch)"
   FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-varlen-one-pass.log 120 tests/python/test_varlen.py
-  if ((shared_dkdv)); then
-    step "test_attention.py and test_varlen.py with FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared"
-    FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-attention-shared-dkdv.log 200 \
-      tests/python/test_attention.py
-    FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-varlen-shared-dkdv.log 120 \
-      tests/python/test_varlen.py
-  fi
+fi
+if ((tests)) && ((shared_dkdv)); then
+  # The shared operands' runs alone (the one pass's have a call of their own), without the tests
+  # that only vary the forward's kernel.
+  step "test_attention.py and test_varlen.py with FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared"
+  FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-attention-shared-dkdv.log 300 \
+    tests/python/test_attention.py -k "not forced_forward_tiles and not chained_work_tiles and not static_schedule"
+  FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-varlen-shared-dkdv.log 180 \
+    tests/python/test_varlen.py
 fi
 
 if ((sanitizer)); then

@@ -28,6 +28,17 @@ done
 
 device_and_build
 
+# The traces first (a minute or two): the tests after them take the call's remaining time.
+for case in "${traces[@]}"; do
+  IFS=: read -r d n c <<<"$case"
+  for t in "${tiles[@]}"; do
+    step "trace of the work tiles: D $d N $n ${c:-} tiles $t"
+    name="trace-d$d-n$n${c:+-$c}-${t//[=,]/_}"
+    timeout 120 python3 scripts/trace_tiles.py --head-dim "$d" --seqlen "$n" ${c:+--causal} \
+      $([ "$t" = default ] || echo "--tiles $t") --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt" || status=1
+  done
+done
+
 if ((tests)); then
   step "test_attention.py (FLASHJIT_TEST_DEVICE=cuda)"
   cuda_pytest pytest-attention.log 360 tests/python/test_attention.py
@@ -53,16 +64,6 @@ if ((bench)); then
     ${head_dims[@]+--head-dims "${head_dims[@]}"} >"$OUT/bench.log" 2>&1 || status=1
   grep -v "^{" "$OUT/bench.log" | grep -v "^wrote" | tail -40
 fi
-
-for case in "${traces[@]}"; do
-  IFS=: read -r d n c <<<"$case"
-  for t in "${tiles[@]}"; do
-    step "trace of the work tiles: D $d N $n ${c:-} tiles $t"
-    name="trace-d$d-n$n${c:+-$c}-${t//[=,]/_}"
-    timeout 120 python3 scripts/trace_tiles.py --head-dim "$d" --seqlen "$n" ${c:+--causal} \
-      $([ "$t" = default ] || echo "--tiles $t") --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.txt" || status=1
-  done
-done
 
 if ((ncu)); then
   step "ncu: D128 N4096 forward (scripts/gpu_ncu.sh)"

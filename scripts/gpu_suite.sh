@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# PyTorch's test_transformers.py on the GPU machine, plain and under flashjit.patch_sdpa(), one
+# shard a call (scripts/torch_sdpa_suite.py --concurrent: both runs at once), its record in $OUT.
+# The test file and the suite's site folder travel with the call: carry build/suite (made by
+# scripts/suite_site.sh; the test file is PyTorch's test/test_transformers.py at the commit below,
+# read from pytorch/pytorch, not part of this repository).
+#   bash scripts/gpu_suite.sh K/N [KEYWORD]    (KEYWORD: pytest -k, default TestSDPACudaOnly)
+OUT=${OUT:-/tmp/flashjit-suite}
+source "$(dirname "$0")/gpu_common.sh"
+shard=${1:?"expected a shard K/N, e.g. 1/4"}
+keyword=${2:-TestSDPACudaOnly}
+if [ ! -f build/suite/test_transformers.py ] || [ ! -d build/suite/site ]; then
+  echo "build/suite/test_transformers.py and build/suite/site are needed (carry build/suite)"
+  exit 2
+fi
+device_and_build
+step "test_transformers.py -k '$keyword', shard $shard, plain and patched at once"
+PYTHONPATH="$PWD/build/suite/site" timeout 540 python3 scripts/torch_sdpa_suite.py build/suite/test_transformers.py \
+  --device cuda -k "$keyword" --shard "$shard" --concurrent --workers 8 --timeout 480 --test-timeout 120 \
+  --source "pytorch/pytorch test/test_transformers.py at 00030eb8e81f911c48c4d7634fa6b8bb2fae1a1b" --out "$OUT" \
+  2>&1 | tail -40
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+echo "suite status: $status"
+exit $status
