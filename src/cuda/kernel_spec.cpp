@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -320,9 +321,22 @@ int max_shared_memory_bytes(int arch) {
 }
 
 ForwardTiles parse_forward_tiles(const char* text) {
+  // The keys of two values: the first sets the field to 1, the second to 0.
+  struct TwoWay {
+    const char* key;
+    const char* on;
+    const char* off;
+    int ForwardTiles::*field;
+  };
+  static constexpr TwoWay kTwoWay[] = {
+      {"o", "tma", "direct", &ForwardTiles::o_tma},           {"softmax", "fast", "plain", &ForwardTiles::fast_softmax},
+      {"counter", "stream", "memset", &ForwardTiles::stream_counter},
+      {"edges", "general", "right", &ForwardTiles::edge_general}, {"span", "block", "own", &ForwardTiles::block_span},
+      {"sched", "static", "counter", &ForwardTiles::static_tiles}, {"chain", "tiles", "none", &ForwardTiles::chain_tiles},
+  };
   ForwardTiles tiles;
   std::string rest = text == nullptr ? "" : text;
-  const auto fail = [&](const std::string& item, const char* expected) {
+  const auto fail = [&](const std::string& item, const std::string& expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
                       " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain; e.g. \"n=128,q=2,o=tma\")");
   };
@@ -340,36 +354,22 @@ ForwardTiles parse_forward_tiles(const char* text) {
     const size_t equals = item.find('=');
     if (equals == std::string::npos) fail(item, "key=value");
     const std::string key = item.substr(0, equals), value = item.substr(equals + 1);
-    if (key == "n") {
+    const TwoWay* two_way = std::find_if(std::begin(kTwoWay), std::end(kTwoWay),
+                                         [&](const TwoWay& entry) { return key == entry.key; });
+    if (two_way != std::end(kTwoWay)) {
+      if (value != two_way->on && value != two_way->off) {
+        fail(item, str_cat(key, "=", two_way->on, " or ", key, "=", two_way->off));
+      }
+      tiles.*(two_way->field) = value == two_way->on ? 1 : 0;
+    } else if (key == "n") {
       tiles.block_n = number(item, value, 16, 256, "n=16..256, a multiple of 16");
       if (tiles.block_n % 16 != 0) fail(item, "n=16..256, a multiple of 16");
     } else if (key == "stages") {
       tiles.stages = number(item, value, 1, 4, "stages=1..4");
     } else if (key == "q") {
       tiles.q_buffers = number(item, value, 1, 2, "q=1 or q=2");
-    } else if (key == "o") {
-      if (value != "tma" && value != "direct") fail(item, "o=tma or o=direct");
-      tiles.o_tma = value == "tma" ? 1 : 0;
     } else if (key == "groups") {
       tiles.groups = number(item, value, 2, 3, "groups=2 or groups=3");
-    } else if (key == "softmax") {
-      if (value != "fast" && value != "plain") fail(item, "softmax=fast or softmax=plain");
-      tiles.fast_softmax = value == "fast" ? 1 : 0;
-    } else if (key == "counter") {
-      if (value != "stream" && value != "memset") fail(item, "counter=stream or counter=memset");
-      tiles.stream_counter = value == "stream" ? 1 : 0;
-    } else if (key == "edges") {
-      if (value != "general" && value != "right") fail(item, "edges=general or edges=right");
-      tiles.edge_general = value == "general" ? 1 : 0;
-    } else if (key == "span") {
-      if (value != "block" && value != "own") fail(item, "span=block or span=own");
-      tiles.block_span = value == "block" ? 1 : 0;
-    } else if (key == "sched") {
-      if (value != "static" && value != "counter") fail(item, "sched=static or sched=counter");
-      tiles.static_tiles = value == "static" ? 1 : 0;
-    } else if (key == "chain") {
-      if (value != "tiles" && value != "none") fail(item, "chain=tiles or chain=none");
-      tiles.chain_tiles = value == "tiles" ? 1 : 0;
     } else {
       fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain");
     }

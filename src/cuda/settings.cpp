@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 
 #include "core/error.hpp"
 
@@ -13,6 +15,21 @@ namespace {
 bool switch_on(const char* name) {
   const char* value = std::getenv(name);
   return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+// The index of variable `name`'s value among `values`, or -1 where it is unset or empty; another
+// value is an error naming the variable and what it takes.
+int choice(const char* name, std::initializer_list<const char*> values) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return -1;
+  std::string expected;
+  int index = 0;
+  for (const char* candidate : values) {
+    if (std::strcmp(value, candidate) == 0) return index;
+    expected += str_cat(index == 0 ? "" : index + 1 == int(values.size()) ? " or " : ", ", candidate);
+    ++index;
+  }
+  throw_value_error("[cuda] ", name, ": expected ", expected, ", got '", value, "'");
 }
 
 }  // namespace
@@ -41,49 +58,26 @@ std::optional<int> forced_splits() {
 }
 
 int decode_warps() {
-  const char* value = std::getenv("FLASHJIT_CUDA_DECODE_WARPS");
-  if (value == nullptr || *value == '\0') return 0;
-  if (std::strcmp(value, "4") == 0) return 4;
-  if (std::strcmp(value, "1") == 0) return 1;
-  throw_value_error("[cuda] FLASHJIT_CUDA_DECODE_WARPS: expected 1 or 4, got '", value, "'");
+  const int chosen = choice("FLASHJIT_CUDA_DECODE_WARPS", {"1", "4"});
+  return chosen < 0 ? 0 : chosen == 0 ? 1 : 4;
 }
 
 bool kv_cache_hopper() {
-  const char* value = std::getenv("FLASHJIT_CUDA_KV_HOPPER");
-  if (value == nullptr || *value == '\0') return decode_warps() == 0;
-  if (std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0) return value[0] == '1';
-  throw_value_error("[cuda] FLASHJIT_CUDA_KV_HOPPER: expected 0 or 1, got '", value, "'");
+  const int chosen = choice("FLASHJIT_CUDA_KV_HOPPER", {"0", "1"});
+  return chosen < 0 ? decode_warps() == 0 : chosen == 1;
 }
 
-bool trace_tiles() {
-  const char* value = std::getenv("FLASHJIT_CUDA_TRACE");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "0") == 0) return false;
-  if (std::strcmp(value, "1") == 0) return true;
-  throw_value_error("[cuda] FLASHJIT_CUDA_TRACE: expected 0 or 1, got '", value, "'");
-}
+bool trace_tiles() { return choice("FLASHJIT_CUDA_TRACE", {"0", "1"}) == 1; }
 
-int one_pass_dq() {
-  const char* value = std::getenv("FLASHJIT_CUDA_ONE_PASS_DQ");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "ordered") == 0) return 0;
-  if (std::strcmp(value, "none") == 0) return 1;
-  if (std::strcmp(value, "unordered") == 0) return 2;
-  throw_value_error("[cuda] FLASHJIT_CUDA_ONE_PASS_DQ: expected ordered, none or unordered, got '", value, "'");
-}
+int one_pass_dq() { return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered"})); }
 
 std::optional<bool> one_pass_backward() {
-  const char* value = std::getenv("FLASHJIT_CUDA_BACKWARD");
-  if (value == nullptr || *value == '\0') return std::nullopt;
-  if (std::strcmp(value, "split") == 0) return false;
-  if (std::strcmp(value, "one-pass") == 0) return true;
-  throw_value_error("[cuda] FLASHJIT_CUDA_BACKWARD: expected one-pass or split, got '", value, "'");
+  const int chosen = choice("FLASHJIT_CUDA_BACKWARD", {"split", "one-pass"});
+  if (chosen < 0) return std::nullopt;
+  return chosen == 1;
 }
 
-bool dkdv_shared_operands() {
-  const char* value = std::getenv("FLASHJIT_CUDA_DKDV");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "registers") == 0) return false;
-  if (std::strcmp(value, "shared") == 0) return true;
-  throw_value_error("[cuda] FLASHJIT_CUDA_DKDV: expected registers or shared, got '", value, "'");
-}
+bool dkdv_shared_operands() { return choice("FLASHJIT_CUDA_DKDV", {"registers", "shared"}) == 1; }
 
 bool varlen_single_launch() {
   const char* value = std::getenv("FLASHJIT_CUDA_VARLEN");
