@@ -75,7 +75,7 @@ struct KernelSpec {
   bool one_pass = false;
   // kHopper split dK/dV (both parts, head dims up to 128) whose dV and dK products read P^T and
   // dS^T from shared memory (written by each warp after its gradient) instead of registers, so
-  // that 64 queries a step fit at head dim 128 (FJ_DKDV_SHARED; settings::dkdv_shared_operands).
+  // that twice the queries a step fit (FJ_DKDV_SHARED; settings::dkdv_shared_operands).
   bool dkdv_shared = false;
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
   int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)

@@ -289,9 +289,9 @@ FJ_DEVICE void chained_steps(int consumer, int steps, bool carried, bool keep_la
     issue_second(j - 1);
     wgmma_commit();
     pass_turn(consumer);
-    wgmma_wait<1>();
+    wgmma_wait<1>();  // tile j's products done; tile j - 1's may still run beside after_first
     if constexpr (kReturnsBool<decltype(after_first(j))>) {
-      wgmma_wait_all_after(after_first(j));
+      wgmma_wait_all_after(after_first(j));  // after_first returns a warp-uniform value
     } else {
       after_first(j);
       wgmma_wait<0>();
