@@ -3,6 +3,7 @@ kernel is cheap and the Python/dispatcher path dominates.
 
     python bench/overhead.py [--out bench/results]      (writes cpu-overhead-<date>-<commit>.md)
     python bench/overhead.py --device cuda [--out ...]  (bf16 on the GPU: <gpu>-overhead-<date>-<commit>.md)
+    --profile STEPS: also where a forward+backward step's time goes (torch.profiler), flashjit against torch
 """
 
 from __future__ import annotations
@@ -72,6 +73,24 @@ def entry_points(q, k, v):
     def outputs_alone():
         return q.new_empty(o.shape), q.new_empty(lse.shape, dtype=lse.dtype)
 
+    # The backward's parts on the same tensors: o and lse from a forward, dq, dk, dv preallocated.
+    _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
+    grads = (dout, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    backward_buffers = buffers + grads  # q, k, v, o, lse, dout, dq, dk, dv
+
+    def backward_validation():
+        _C.backward(*map(ops._ref, backward_buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream,
+                    check_only=True)
+
+    def backward_planning():
+        _C.backward(*map(ops._ref, backward_buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, prepare=True)
+
+    def backward_alone():
+        _C.backward(*map(ops._ref, backward_buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
+
+    def gradients_alone():
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
     compiled = []
     if not q.is_cuda:  # on a GPU this entry would need a Triton toolchain; the others measure the host path
         compiled_sdpa = torch.compile(flashjit.scaled_dot_product_attention, fullgraph=True, dynamic=False)
@@ -84,6 +103,11 @@ def entry_points(q, k, v):
         ("parts: _C planning alone (prepare, nothing enqueued)", planning_alone, None),
         ("parts: the two outputs' allocation", outputs_alone, None),
         ("kernel alone: _C call, outputs preallocated", kernel_alone, None),
+        # The backward's (forward column: one _C.backward call, or the three gradients' allocation).
+        ("backward parts: _C validation alone (check_only)", backward_validation, None),
+        ("backward parts: _C planning alone (prepare, nothing enqueued)", backward_planning, None),
+        ("backward parts: the three gradients' allocation", gradients_alone, None),
+        ("backward kernels alone: _C call, gradients preallocated", backward_alone, None),
         ("flashjit.attention (eager path)", lambda: flashjit.attention(q, k, v), train(flashjit.attention)),
         ("torch.ops.flashjit.fwd (custom op)", lambda: op(q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0),
          train(lambda q, k, v: op(q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0)[0])),
@@ -95,6 +119,50 @@ def entry_points(q, k, v):
         ("torch F.scaled_dot_product_attention", lambda: F.scaled_dot_product_attention(q, k, v),
          train(F.scaled_dot_product_attention)),
     ]
+
+
+def profile_step(step, steps: int, cuda: bool, top: int = 14) -> list:
+    """Where one forward+backward step's time goes: torch.profiler over `steps` steps (after a
+    warm-up), each op's self time on the host and on the device per step, the `top` ops by host
+    time, and the step's wall time (the steps back to back, synchronised at the end)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(20):
+        step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall = (time.perf_counter() - start) / steps * 1e6
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = prof.key_averages()
+
+    def device_us(event):  # the attribute's name changed across torch versions
+        total = getattr(event, "self_device_time_total", None)
+        if total is None:
+            total = getattr(event, "self_cuda_time_total", 0.0)
+        return total / steps
+
+    host_total = sum(e.self_cpu_time_total for e in events) / steps
+    device_total = sum(device_us(e) for e in events)
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    lines = [f"wall {wall:.1f} µs a step unprofiled; profiled: host self time {host_total:.1f} µs, device "
+             f"{device_total:.1f} µs a step", "",
+             "| op | calls a step | host self µs a step | device self µs a step |", "|---|---:|---:|---:|"]
+    lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {e.self_cpu_time_total / steps:.1f} | "
+              f"{device_us(e):.1f} |" for e in rows]
+    kernels = sorted((e for e in events if device_us(e) > 0 and e.self_cpu_time_total == 0),
+                     key=device_us, reverse=True)[:top]
+    if kernels:
+        lines += ["", "| device kernel or copy | calls a step | device µs a step |", "|---|---:|---:|"]
+        lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {device_us(e):.1f} |" for e in kernels]
+    return lines
 
 
 def commit() -> str:
@@ -110,6 +178,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--only", nargs="+", metavar="TEXT",
                         help="only the entry points whose name contains one of these texts")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS forward+backward steps of flashjit's and torch's SDPA on the "
+                             "first problem (torch.profiler: each op's host and device time a step)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -143,6 +214,19 @@ def main(argv=None) -> int:
         "|---|---|---:|---:|",
     ]
     lines += [f"| {label} | {name} | {f:.1f} | {t:.1f} |" for label, name, f, t in rows]
+    lines += ["", "Rows \"backward parts\" and \"backward kernels alone\" time one `_C.backward` call (or the",
+              "gradients' allocation) in the forward column."]
+    if args.profile:
+        label, (b, h, s, d) = next(iter(shapes.items()))
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, h, s, d, dtype=dtype, device=args.device) for _ in range(3))
+        steps = {name: step for name, _, step in entry_points(q, k, v)
+                 if name in ("flashjit.scaled_dot_product_attention", "torch F.scaled_dot_product_attention")}
+        lines += ["", f"## A forward+backward step under torch.profiler ({label}, {args.profile} steps)"]
+        for name, step in steps.items():
+            section = ["", f"### {name}", ""] + profile_step(step, args.profile, cuda)
+            print("\n".join(section), flush=True)
+            lines += section
     text = "\n".join(lines) + "\n"
     from gpu_attention import save_record  # bench/ is the script's folder
 

@@ -358,9 +358,13 @@ class _EagerAttention(torch.autograd.Function):
         # create_graph=True needs the op, whose backward is differentiable; a batched
         # gradient (vmap over the backward) needs its batching rule.
         plain = not torch.is_grad_enabled() and _plain_eager(grad_o)
-        if plain and ctx.plan is not None and not _profiler_enabled() and _profiler._active is None:
+        if plain and ctx.plan is not None and _profiler._active is None:
             q, k, v, o, lse = ctx.saved_tensors[:5]
-            grads = ctx.plan.backward(grad_o, q, k, v, o, lse)
+            if _profiler_enabled():  # the same call, named in torch's profiler
+                with torch.profiler.record_function("flashjit::bwd"):
+                    grads = ctx.plan.backward(grad_o, q, k, v, o, lse)
+            else:
+                grads = ctx.plan.backward(grad_o, q, k, v, o, lse)
         elif plain and _profiler_enabled():
             with torch.profiler.record_function("flashjit::bwd"):
                 grads = _fwd_backward(ctx, grad_o, grad_lse, _backward)

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -184,6 +185,62 @@ KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) 
   return traits;
 }
 
+// The TMA descriptors this thread encoded: cuTensorMapEncodeTiled (1.6 µs of host time a map
+// on the H200's host) is a function of its arguments alone, and loops of calls pass the same
+// ones again (decoding steps against one cache; a training step's layers, whose activations the
+// caching allocators place alike from one step to the next). A call reads up to 12 maps (the
+// backward's 8, the forward's 4), which differ in their addresses alone, 256-byte aligned: the
+// arguments are hashed with a full avalanche, into sets of kWays maps each, the least recently
+// used of a set replaced. Allocated on a thread's first encode (kSets * kWays * 208 bytes).
+class MapCache {
+ public:
+  static constexpr size_t kKeyWords = 9;  // address, sizes, stride bytes, box rows
+  bool find(const uint64_t (&key)[kKeyWords], TensorMap* map) {
+    Entry* set = set_of(key);
+    for (int way = 0; way < kWays; ++way) {
+      if (set[way].valid && std::memcmp(set[way].key, key, sizeof key) == 0) {
+        *map = set[way].map;
+        std::rotate(set, set + way, set + way + 1);  // most recently used first
+        return true;
+      }
+    }
+    return false;
+  }
+  void insert(const uint64_t (&key)[kKeyWords], const TensorMap& map) {
+    Entry* set = set_of(key);
+    std::rotate(set, set + kWays - 1, set + kWays);  // the least recently used comes first, replaced
+    std::memcpy(set[0].key, key, sizeof key);
+    set[0].map = map;
+    set[0].valid = true;
+  }
+
+ private:
+  static constexpr int kWays = 4;
+  static constexpr size_t kSets = 128;
+  struct Entry {
+    uint64_t key[kKeyWords];  // no padding: compared bytewise
+    TensorMap map;
+    bool valid = false;
+  };
+  Entry* set_of(const uint64_t (&key)[kKeyWords]) {
+    uint64_t hash = 0;
+    for (const uint64_t word : key) {  // splitmix64's finaliser over the running hash and each word
+      hash += word + 0x9e3779b97f4a7c15ull;
+      hash = (hash ^ (hash >> 30)) * 0xbf58476d1ce4e5b9ull;
+      hash = (hash ^ (hash >> 27)) * 0x94d049bb133111ebull;
+      hash ^= hash >> 31;
+    }
+    return &entries_[(hash % kSets) * kWays];
+  }
+  std::vector<Entry> entries_ = std::vector<Entry>(kSets * kWays);
+};
+
+MapCache& map_cache() {
+  thread_local std::unique_ptr<MapCache> cache;
+  if (!cache) cache = std::make_unique<MapCache>();
+  return *cache;
+}
+
 // The TMA descriptor of a 16-bit operand [batch, heads, seqlen, dim]: boxes of
 // 64 columns (128 bytes, the wgmma swizzle's width) x box_rows rows, zeros
 // outside the operand. False where TMA cannot address it (strides not
@@ -210,26 +267,11 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
   for (uint64_t size : sizes) {
     if (size == 0 || size > (uint64_t(1) << 32)) return false;
   }
-  // The maps this thread encoded last: cuTensorMapEncodeTiled is a function of its arguments
-  // alone, and a loop of calls (decoding steps, a model's layers) passes the same ones again, the
-  // caching allocators handing the same blocks back. Direct-mapped by the arguments' hash.
-  struct Entry {
-    uint64_t key[9];  // address, sizes, stride bytes, box rows: no padding, compared bytewise
-    TensorMap map;
-    bool valid = false;
-  };
-  constexpr size_t kEntries = 16;
-  thread_local std::array<Entry, kEntries> encoded{};
-  const uint64_t key[9] = {uint64_t(reinterpret_cast<uintptr_t>(x.data)), sizes[0], sizes[1], sizes[2], sizes[3],
-                           stride_bytes[0], stride_bytes[1], stride_bytes[2], uint64_t(box_rows)};
-  uint64_t hash = 1469598103934665603ull;
-  for (const uint64_t word : key) hash = (hash ^ word) * 1099511628211ull;
-  Entry& entry = encoded[(hash ^ (hash >> 29)) % kEntries];
+  const uint64_t key[MapCache::kKeyWords] = {uint64_t(reinterpret_cast<uintptr_t>(x.data)), sizes[0], sizes[1],
+                                              sizes[2], sizes[3], stride_bytes[0], stride_bytes[1], stride_bytes[2],
+                                              uint64_t(box_rows)};
   const bool reuse = settings::map_cache();
-  if (reuse && entry.valid && std::memcmp(entry.key, key, sizeof key) == 0) {
-    *map = entry.map;
-    return true;
-  }
+  if (reuse && map_cache().find(key, map)) return true;
   const unsigned box[4] = {64, unsigned(box_rows), 1, 1};
   const unsigned element_strides[4] = {1, 1, 1, 1};
   if (d.cuTensorMapEncodeTiled(map, kTensorMapUint16, 4, x.data, sizes, stride_bytes, box, element_strides,
@@ -237,11 +279,7 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
                                kTensorMapFillZeros) != 0) {
     return false;
   }
-  if (reuse) {
-    std::memcpy(entry.key, key, sizeof key);
-    entry.map = *map;
-    entry.valid = true;
-  }
+  if (reuse) map_cache().insert(key, *map);
   return true;
 }
 

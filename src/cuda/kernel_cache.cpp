@@ -181,7 +181,7 @@ Compiled compile(const KernelSpec& spec, const std::string& source) {
 struct Cache {
   std::mutex mutex;
   std::map<std::string, std::shared_ptr<const std::string>> binaries;  // key -> cubin
-  std::map<std::pair<std::string, int>, CUfunction> functions;         // (spec name, device) -> function
+  std::map<std::pair<KernelSpec::Fields, int>, CUfunction> functions;  // (spec's fields, device) -> function
   CacheStats stats;
 };
 
@@ -286,10 +286,10 @@ std::shared_ptr<const std::string> kernel_binary(const KernelSpec& spec, bool ca
 }
 
 CUfunction kernel_function(const KernelSpec& spec, int device_index, bool capturing) {
-  // Within a process the name fixes the source (the embedded files are constant),
-  // so loaded functions are found by name without regenerating and hashing it.
+  // Within a process the spec fixes the source (the embedded files are constant), so loaded
+  // functions are found by its fields, without building its name or source.
   Cache& c = cache();
-  std::pair<std::string, int> loaded_key{spec.name(), device_index};
+  std::pair<KernelSpec::Fields, int> loaded_key{spec.fields(), device_index};
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     auto found = c.functions.find(loaded_key);

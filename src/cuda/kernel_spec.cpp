@@ -168,6 +168,16 @@ std::string KernelSpec::name() const {
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
+KernelSpec::Fields KernelSpec::fields() const {
+  return Fields{int32_t(entry),      int32_t(family),     int32_t(dtype),      head_dim_qk,        head_dim_v,
+                int32_t(mask),       int32_t(mask_dtype), window,              dropout,            softcap,
+                aligned,             split,               varlen,              kv_cache,           edge_general,
+                block_span,          chains_tiles(),      trace,               dq_diagnostic,      page_boxes,
+                threads,             row_tiles,           int32_t(dkdv_part),  one_pass,           dkdv_shared,
+                stages,              q_buffers,           o_tma,               fold_scale,         lazy_rescale,
+                block_n,             arch};
+}
+
 const char* KernelSpec::function_name() const { return entry_names(entry).function; }
 
 int KernelSpec::row_warps() const {

@@ -4,6 +4,8 @@
 // file or a field gives a new key by itself.
 #pragma once
 
+#include <array>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -90,6 +92,13 @@ struct KernelSpec {
   int arch = 0;       // 90 for sm_90
 
   std::string name() const;
+  // Every field above as integers, in order (chain_tiles where it applies): what name() spells,
+  // without building a string (the loaded functions are found by it on every call). Two specs
+  // have equal fields exactly when their names are equal (ctest KernelSpecFields checks this over
+  // the specs the choosers make).
+  static constexpr size_t kFieldCount = 32;
+  using Fields = std::array<int32_t, kFieldCount>;
+  Fields fields() const;
   const char* function_name() const;
   std::string source() const;
   std::vector<std::string> compile_options() const;

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -807,6 +808,92 @@ TEST(KernelSelection, SharedMemoryFitsEveryArch) {
     }
   }
   EXPECT_GT(checked, 400);
+}
+
+// Loaded functions are found by a spec's fields (KernelSpec::fields, on every call) where the
+// kernel cache names a spec by name(): the two must tell the same specs apart. Checked over the
+// specs the choosers make for a grid of traits and forced tiles, and over each of them with the
+// fields no chooser sets here changed one at a time.
+TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
+  using namespace flashjit::cuda;
+  std::map<KernelSpec::Fields, std::string> name_of;
+  std::map<std::string, KernelSpec::Fields> fields_of;
+  size_t specs = 0;
+  const auto add = [&](const KernelSpec& spec) {
+    const KernelSpec::Fields fields = spec.fields();
+    const std::string name = spec.name();
+    const auto by_fields = name_of.emplace(fields, name).first;
+    const auto by_name = fields_of.emplace(name, fields).first;
+    EXPECT_EQ(by_fields->second, name) << "equal fields, different names";
+    EXPECT_TRUE(by_name->second == fields) << name << ": equal names, different fields";
+    ++specs;
+  };
+  const auto add_variants = [&](const KernelSpec& spec) {
+    add(spec);
+    for (int variant = 0; variant < 7; ++variant) {
+      KernelSpec changed = spec;
+      switch (variant) {
+        case 0: changed.varlen = !changed.varlen; break;
+        case 1: changed.trace = !changed.trace; break;
+        case 2: changed.page_boxes = 2; break;
+        case 3: changed.dq_diagnostic = 2; break;
+        case 4: changed.dkdv_shared = !changed.dkdv_shared; break;
+        case 5: changed.kv_cache = 2; break;
+        case 6: changed.edge_general = !changed.edge_general; break;
+      }
+      add(changed);
+    }
+  };
+  const char* tiles[] = {"", "n=64", "groups=3", "o=direct", "q=1,o=direct", "stages=3", "softmax=plain",
+                         "edges=general", "span=block", "chain=tiles", "n=176,chain=tiles"};
+  for (const char* forced : tiles) {
+    if (*forced) {
+      setenv("FLASHJIT_CUDA_TILES", forced, 1);
+    } else {
+      unsetenv("FLASHJIT_CUDA_TILES");
+    }
+    for (int arch : {80, 90}) {
+      for (fj_dtype dtype : {FJ_FLOAT16, FJ_BFLOAT16, FJ_FLOAT32}) {
+        for (int head_dim : {40, 64, 128, 256}) {
+          for (int extras = 0; extras < 4; ++extras) {
+            KernelTraits traits;
+            traits.dtype = dtype;
+            traits.head_dim_qk = head_dim;
+            traits.head_dim_v = extras == 3 ? head_dim / 2 : head_dim;
+            traits.mask = extras == 1   ? flashjit::MaskKind::kBool
+                          : extras == 2 ? flashjit::MaskKind::kAdditive
+                                        : flashjit::MaskKind::kNone;
+            traits.mask_dtype = extras == 2 ? dtype : FJ_BOOL;
+            traits.window = extras >= 1;
+            traits.dropout = extras == 2;
+            traits.softcap = extras == 3;
+            traits.aligned = extras != 1 || head_dim != 40;
+            traits.arch = arch;
+            KernelSpec forward;
+            try {
+              forward = forward_kernel(traits);
+            } catch (const flashjit::Error&) {
+              continue;  // forced tiles that do not fit this head dim
+            }
+            add_variants(forward);
+            add(hopper_split_kernel(forward));
+            add(hopper_kv_cache_kernel(forward, 0));
+            add(hopper_kv_cache_kernel(forward, 64));
+            add(split_forward_kernel(traits));
+            add(split_forward_kernel(traits, 8, true));
+            add(combine_kernel(traits));
+            add(varlen_table_kernel(traits));
+            for (bool one_pass : {false, true}) {
+              for (const KernelSpec& spec : backward_kernels(traits, one_pass)) add_variants(spec);
+            }
+          }
+        }
+      }
+    }
+  }
+  unsetenv("FLASHJIT_CUDA_TILES");
+  EXPECT_GT(specs, 10000u);
+  EXPECT_GT(name_of.size(), 1000u);  // distinct specs
 }
 
 // The sm_90a forward is for sm_90, half types, head dims 33-256 and operands TMA can address.

@@ -1,0 +1,144 @@
+/* A null CUDA driver: libcuda.so.1's entry points that flashjit loads, answering as
+ * one sm_90 device would and doing no work. Loaded in place of the real driver
+ * (LD_LIBRARY_PATH), it lets flashjit's own host path (validation, kernel choice,
+ * compiles, descriptors, launch arguments) run and be timed or profiled on a
+ * machine without a GPU; the driver's own time is absent from what it measures.
+ * Device memory is host memory from malloc (the host path never reads it).
+ *   FLASHJIT_NULL_DRIVER_NAME  the device's name (default "NVIDIA H200")
+ *   FLASHJIT_NULL_DRIVER_SMS   its multiprocessors (default 132)
+ *   FLASHJIT_NULL_DRIVER_ARCH  its compute capability as 90, 80, ... (default 90)
+ * Counts of launches and encodes: null_driver_counts() (for tests through ctypes). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int CUresult;
+
+static unsigned long long g_launches, g_encodes, g_allocs, g_frees;
+
+static int env_int(const char* name, int fallback) {
+  const char* text = getenv(name);
+  return text && *text ? atoi(text) : fallback;
+}
+
+void null_driver_counts(unsigned long long* out) {
+  out[0] = g_launches;
+  out[1] = g_encodes;
+  out[2] = g_allocs;
+  out[3] = g_frees;
+}
+
+CUresult cuInit(unsigned flags) { (void)flags; return 0; }
+CUresult cuDriverGetVersion(int* version) { *version = 13000; return 0; }
+CUresult cuDeviceGetCount(int* count) { *count = 1; return 0; }
+CUresult cuDeviceGet(int* device, int ordinal) { *device = ordinal; return ordinal == 0 ? 0 : 101; }
+CUresult cuDeviceGetName(char* name, int length, int device) {
+  (void)device;
+  const char* text = getenv("FLASHJIT_NULL_DRIVER_NAME");
+  strncpy(name, text && *text ? text : "NVIDIA H200", (size_t)length - 1);
+  name[length - 1] = '\0';
+  return 0;
+}
+CUresult cuDeviceGetAttribute(int* value, int attribute, int device) {
+  (void)device;
+  const int arch = env_int("FLASHJIT_NULL_DRIVER_ARCH", 90);
+  switch (attribute) {
+    case 16: *value = env_int("FLASHJIT_NULL_DRIVER_SMS", 132); return 0;  /* multiprocessors */
+    case 75: *value = arch / 10; return 0;                                 /* major */
+    case 76: *value = arch % 10; return 0;                                 /* minor */
+    case 97: *value = arch >= 90 ? 232448 : 166912; return 0;              /* opt-in shared memory */
+    default: *value = 0; return 0;
+  }
+}
+static int g_context;
+CUresult cuDevicePrimaryCtxRetain(void** context, int device) { (void)device; *context = &g_context; return 0; }
+static void* g_current;
+CUresult cuCtxGetCurrent(void** context) { *context = g_current; return 0; }
+CUresult cuCtxSetCurrent(void* context) { g_current = context; return 0; }
+static int g_module, g_function;
+CUresult cuModuleLoadData(void** module, const void* image) { (void)image; *module = &g_module; return 0; }
+CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
+  (void)module; (void)name;
+  *function = &g_function;
+  return 0;
+}
+CUresult cuFuncGetAttribute(int* value, int attribute, void* function) {
+  (void)attribute; (void)function;
+  *value = 0;
+  return 0;
+}
+CUresult cuFuncSetAttribute(void* function, int attribute, int value) {
+  (void)function; (void)attribute; (void)value;
+  return 0;
+}
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared, void* stream, void** params, void** extra) {
+  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shared; (void)stream;
+  (void)params; (void)extra;
+  ++g_launches;
+  return 0;
+}
+CUresult cuStreamIsCapturing(void* stream, int* status) { (void)stream; *status = 0; return 0; }
+CUresult cuStreamGetId(void* stream, unsigned long long* id) { *id = (unsigned long long)(uintptr_t)stream; return 0; }
+CUresult cuStreamSynchronize(void* stream) { (void)stream; return 0; }
+static int g_pool;
+CUresult cuMemPoolCreate(void** pool, const void* props) { (void)props; *pool = &g_pool; return 0; }
+CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
+  (void)pool; (void)attribute; (void)value;
+  return 0;
+}
+CUresult cuMemPoolDestroy(void* pool) { (void)pool; return 0; }
+CUresult cuMemAllocFromPoolAsync(unsigned long long* pointer, size_t bytes, void* pool, void* stream) {
+  (void)pool; (void)stream;
+  void* memory = NULL;
+  if (posix_memalign(&memory, 256, bytes ? bytes : 1) != 0) return 2; /* CUDA_ERROR_OUT_OF_MEMORY */
+  *pointer = (unsigned long long)(uintptr_t)memory;
+  ++g_allocs;
+  return 0;
+}
+CUresult cuMemFreeAsync(unsigned long long pointer, void* stream) {
+  (void)stream;
+  free((void*)(uintptr_t)pointer);
+  ++g_frees;
+  return 0;
+}
+CUresult cuMemAlloc_v2(unsigned long long* pointer, size_t bytes) {
+  void* memory = NULL;
+  if (posix_memalign(&memory, 256, bytes ? bytes : 1) != 0) return 2;
+  memset(memory, 0, bytes);
+  *pointer = (unsigned long long)(uintptr_t)memory;
+  return 0;
+}
+CUresult cuMemsetD32Async(unsigned long long pointer, unsigned value, size_t count, void* stream) {
+  (void)pointer; (void)value; (void)count; (void)stream;
+  return 0;
+}
+CUresult cuMemcpyHtoDAsync_v2(unsigned long long to, const void* from, size_t bytes, void* stream) {
+  (void)to; (void)from; (void)bytes; (void)stream;
+  return 0;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* to, unsigned long long from, size_t bytes, void* stream) {
+  (void)from; (void)stream;
+  memset(to, 0, bytes);
+  return 0;
+}
+CUresult cuGetErrorString(CUresult status, const char** text) {
+  *text = status == 0 ? "no error" : "null driver error";
+  return 0;
+}
+CUresult cuTensorMapEncodeTiled(void* map, int data_type, unsigned rank, void* address, const uint64_t* sizes,
+                                const uint64_t* strides, const unsigned* box, const unsigned* element_strides,
+                                int interleave, int swizzle, int l2, int fill) {
+  (void)data_type; (void)rank; (void)address; (void)sizes; (void)strides; (void)box; (void)element_strides;
+  (void)interleave; (void)swizzle; (void)l2; (void)fill;
+  memset(map, 0, 128);
+  ++g_encodes;
+  return 0;
+}
+/* NVRTC asks the driver it finds for its private tables; a null driver has none (NVRTC
+ * then compiles as it does on a machine without a driver). */
+CUresult cuGetExportTable(const void** table, const void* id) {
+  (void)id;
+  *table = NULL;
+  return 500; /* CUDA_ERROR_NOT_FOUND */
+}
