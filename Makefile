@@ -69,7 +69,8 @@ demo: setup install
 # make sanitize: the library, its C++ tests and the Python extension built with
 # AddressSanitizer and UndefinedBehaviorSanitizer (build/sanitize); ctest, then a
 # pytest subset importing that extension (libasan preloaded into Python). Any
-# report fails the run. The NVRTC compile tests are left to the plain build.
+# report fails the run. The NVRTC compile tests are left to the plain build; the
+# CUDA host path on the null driver (CudaHostPath) runs here too, NVRTC compiling.
 SAN_DIR ?= build/sanitize
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 SAN_ENV = ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -83,7 +84,7 @@ sanitize:
 	  -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" \
 	  -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"
 	cmake --build $(SAN_DIR) -j $(JOBS)
-	cd $(SAN_DIR) && $(SAN_ENV) ctest --output-on-failure -j $(JOBS) -E 'CudaCompile'
+	cd $(SAN_DIR) && $(SAN_ENV) $(NVRTC_ENV) ctest --output-on-failure -j $(JOBS) -E 'CudaCompile'
 	rm -rf $(SAN_DIR)/site && mkdir -p $(SAN_DIR)/site && cp -r python/flashjit $(SAN_DIR)/site/ && \
 	  cp $(SAN_DIR)/python/_C*.so $(SAN_DIR)/site/flashjit/
 	$(SAN_ENV) LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \

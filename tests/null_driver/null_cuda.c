@@ -7,7 +7,9 @@
  *   FLASHJIT_NULL_DRIVER_NAME  the device's name (default "NVIDIA H200")
  *   FLASHJIT_NULL_DRIVER_SMS   its multiprocessors (default 132)
  *   FLASHJIT_NULL_DRIVER_ARCH  its compute capability as 90, 80, ... (default 90)
- * Counts of launches and encodes: null_driver_counts() (for tests through ctypes). */
+ * What it was asked: null_driver_counts() (launches, descriptors encoded, pool allocations and
+ * frees) and null_driver_launches() (the last launches' shapes), for tests (ctest
+ * CudaHostPath.*) and scripts (ctypes). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +17,22 @@
 typedef int CUresult;
 
 static unsigned long long g_launches, g_encodes, g_allocs, g_frees;
+
+/* A launch as the driver saw it. */
+typedef struct {
+  unsigned grid[3], block[3], shared_bytes;
+  const char* function; /* the entry's name */
+} null_launch;
+#define NULL_LAUNCH_LOG 256
+static null_launch g_log[NULL_LAUNCH_LOG];
+
+/* The last min(count, launches so far, 256) launches, oldest first; returns how many. */
+unsigned null_driver_launches(null_launch* out, unsigned count) {
+  const unsigned long long have = g_launches < NULL_LAUNCH_LOG ? g_launches : NULL_LAUNCH_LOG;
+  const unsigned n = count < have ? count : (unsigned)have;
+  for (unsigned i = 0; i < n; ++i) out[i] = g_log[(g_launches - n + i) % NULL_LAUNCH_LOG];
+  return n;
+}
 
 static int env_int(const char* name, int fallback) {
   const char* text = getenv(name);
@@ -55,12 +73,13 @@ CUresult cuDevicePrimaryCtxRetain(void** context, int device) { (void)device; *c
 static void* g_current;
 CUresult cuCtxGetCurrent(void** context) { *context = g_current; return 0; }
 CUresult cuCtxSetCurrent(void* context) { g_current = context; return 0; }
-static int g_module, g_function;
+static int g_module;
 CUresult cuModuleLoadData(void** module, const void* image) { (void)image; *module = &g_module; return 0; }
+/* A function is its entry's name (a copy that lives as long as the process). */
 CUresult cuModuleGetFunction(void** function, void* module, const char* name) {
-  (void)module; (void)name;
-  *function = &g_function;
-  return 0;
+  (void)module;
+  *function = strdup(name);
+  return *function ? 0 : 2;
 }
 CUresult cuFuncGetAttribute(int* value, int attribute, void* function) {
   (void)attribute; (void)function;
@@ -73,8 +92,12 @@ CUresult cuFuncSetAttribute(void* function, int attribute, int value) {
 }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared, void* stream, void** params, void** extra) {
-  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shared; (void)stream;
-  (void)params; (void)extra;
+  (void)stream; (void)params; (void)extra;
+  null_launch* entry = &g_log[g_launches % NULL_LAUNCH_LOG];
+  entry->grid[0] = gx, entry->grid[1] = gy, entry->grid[2] = gz;
+  entry->block[0] = bx, entry->block[1] = by, entry->block[2] = bz;
+  entry->shared_bytes = shared;
+  entry->function = (const char*)f;
   ++g_launches;
   return 0;
 }

@@ -1,0 +1,252 @@
+// The CUDA backend's host path without a GPU: the null driver (tests/null_driver) stands in
+// for libcuda.so.1 as one sm_90 device of 132 multiprocessors, NVRTC compiles the kernels for
+// real, and every call goes through validation, kernel choice, TMA descriptors, scratch and
+// launches, which the driver records instead of running. Checked: what is launched (entries,
+// grids, blocks, shared memory within the device's limits), that scratch is given back, that
+// repeated calls encode no descriptor again, that planning enqueues nothing and sizes the
+// workspace, and that the host never writes into the operands' memory. Run by ctest with the
+// null driver first on LD_LIBRARY_PATH; elsewhere (a real driver found) the tests skip.
+#include <dlfcn.h>
+#include <unistd.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "flashjit/cuda.h"
+#include "flashjit/flashjit.h"
+#include "harness.hpp"
+
+namespace flashjit::testing {
+namespace {
+
+struct NullLaunch {  // null_cuda.c's null_launch
+  unsigned grid[3], block[3], shared_bytes;
+  const char* function;
+};
+
+struct NullDriver {
+  void (*counts)(unsigned long long*) = nullptr;
+  unsigned (*launches)(NullLaunch*, unsigned) = nullptr;
+
+  NullDriver() {
+    void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (library == nullptr) return;
+    counts = reinterpret_cast<decltype(counts)>(dlsym(library, "null_driver_counts"));
+    launches = reinterpret_cast<decltype(launches)>(dlsym(library, "null_driver_launches"));
+  }
+  bool present() const { return counts != nullptr && launches != nullptr; }
+
+  struct Counts {
+    unsigned long long launches, encodes, allocs, frees;
+  };
+  Counts now() const {
+    unsigned long long values[4] = {};
+    counts(values);
+    return {values[0], values[1], values[2], values[3]};
+  }
+  std::vector<NullLaunch> last(unsigned count) const {
+    std::vector<NullLaunch> out(count);
+    out.resize(launches(out.data(), count));
+    return out;
+  }
+};
+
+const NullDriver& null_driver() {
+  static const NullDriver driver;
+  return driver;
+}
+
+#define REQUIRE_NULL_DRIVER()                                                                      \
+  do {                                                                                             \
+    if (!null_driver().present()) GTEST_SKIP() << "libcuda.so.1 here is not the null driver";       \
+    int32_t major = 0, minor = 0;                                                                  \
+    if (fj_cuda_nvrtc_version(&major, &minor) != FJ_SUCCESS) {                                     \
+      const char* required = std::getenv("FLASHJIT_REQUIRE_NVRTC");                                \
+      if (required != nullptr && std::string(required) == "1") FAIL() << fj_last_error();          \
+      GTEST_SKIP() << fj_last_error();                                                             \
+    }                                                                                              \
+  } while (0)
+
+// The nine tensors of a call, their views moved to the (null) GPU: host memory the driver never
+// touches, whose guards and contents show whether the host wrote into it.
+struct DeviceBuffers : AttentionBuffers {
+  DeviceBuffers(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k,
+                int64_t head_dim, fj_dtype dtype)
+      : AttentionBuffers(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype) {
+    for (GuardedTensor* t : all()) t->poison();
+  }
+  std::vector<GuardedTensor*> all() { return {&q, &k, &v, &o, &lse, &dout, &dq, &dk, &dv}; }
+  fj_tensor on_gpu(GuardedTensor& t) {
+    fj_tensor view = t.view();
+    view.device_type = FJ_DEVICE_CUDA;
+    view.device_index = 0;
+    return view;
+  }
+  fj_status forward(const fj_attention_options& options) {
+    fj_tensor tq = on_gpu(q), tk = on_gpu(k), tv = on_gpu(v), to = on_gpu(o), tlse = on_gpu(lse);
+    return fj_attention_forward(&tq, &tk, &tv, &options, &to, &tlse);
+  }
+  fj_status backward(const fj_attention_options& options) {
+    fj_tensor tq = on_gpu(q), tk = on_gpu(k), tv = on_gpu(v), to = on_gpu(o), tlse = on_gpu(lse),
+              tdout = on_gpu(dout), tdq = on_gpu(dq), tdk = on_gpu(dk), tdv = on_gpu(dv);
+    return fj_attention_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv);
+  }
+  fj_status prepare_backward(const fj_attention_options& options, size_t* bytes) {
+    fj_tensor tq = on_gpu(q), tk = on_gpu(k), tv = on_gpu(v), to = on_gpu(o), tlse = on_gpu(lse),
+              tdout = on_gpu(dout), tdq = on_gpu(dq), tdk = on_gpu(dk), tdv = on_gpu(dv);
+    return fj_attention_prepare_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv, bytes);
+  }
+  // Whether every buffer is as poison() left it: no byte in or around a view was written.
+  bool untouched() {
+    for (GuardedTensor* t : all()) {
+      if (!t->guards_intact()) return false;
+      for (double value : t->values()) {
+        if (value == value) return false;  // poison() writes NaN (or 0xFF bytes, NaN in every float type)
+      }
+    }
+    return true;
+  }
+};
+
+constexpr unsigned kMaxSharedBytes = 232448;  // what the null driver reports for sm_90
+
+// A cache directory of this test's own, removed afterwards.
+class CudaHostPath : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    directory_ = std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") + "/flashjit-null-driver-" +
+                 std::to_string(getpid());
+    setenv("FLASHJIT_CACHE_DIR", directory_.c_str(), 1);
+  }
+  void TearDown() override {
+    unsetenv("FLASHJIT_CACHE_DIR");
+    std::system(("rm -rf '" + directory_ + "'").c_str());
+  }
+  std::string directory_;
+};
+
+struct Problem {
+  const char* what;
+  int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
+  fj_dtype dtype;
+  fj_causal causal;
+  double dropout_p, softcap;
+  int64_t window_left;
+};
+
+// Each problem's forward and backward launch their kernels (entries in order, grids and blocks
+// the device takes, shared memory within its opt-in limit), give back the scratch they took,
+// and write nothing into the operands.
+TEST_F(CudaHostPath, CallsLaunchWithinTheDevicesLimits) {
+  REQUIRE_NULL_DRIVER();
+  const Problem problems[] = {
+      {"bf16 D64", 2, 4, 4, 300, 300, 64, FJ_BFLOAT16, FJ_CAUSAL_NONE, 0.0, 0.0, -1},
+      {"bf16 D128 causal GQA", 1, 8, 2, 257, 257, 128, FJ_BFLOAT16, FJ_CAUSAL_TOP_LEFT, 0.0, 0.0, -1},
+      {"fp16 D256 window softcap", 1, 2, 2, 200, 333, 256, FJ_FLOAT16, FJ_CAUSAL_NONE, 0.0, 30.0, 64},
+      {"bf16 D64 dropout", 1, 2, 2, 128, 128, 64, FJ_BFLOAT16, FJ_CAUSAL_NONE, 0.1, 0.0, -1},
+      {"fp16 D40 (mma.sync)", 1, 2, 2, 100, 100, 40, FJ_FLOAT16, FJ_CAUSAL_BOTTOM_RIGHT, 0.0, 0.0, -1},
+      {"fp32 D64 (scalar)", 1, 2, 1, 50, 70, 64, FJ_FLOAT32, FJ_CAUSAL_NONE, 0.0, 0.0, -1},
+      {"decode bf16 D128 GQA", 2, 32, 8, 1, 4096, 128, FJ_BFLOAT16, FJ_CAUSAL_NONE, 0.0, 0.0, -1},
+  };
+  for (const Problem& p : problems) {
+    SCOPED_TRACE(p.what);
+    DeviceBuffers buffers(p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim, p.dtype);
+    fj_attention_options options = fj_attention_options_default();
+    options.causal = p.causal;
+    options.dropout_p = p.dropout_p;
+    options.dropout_seed = 7;
+    options.softcap = p.softcap;
+    options.window_left = p.window_left;
+    for (bool backward : {false, true}) {
+      const NullDriver::Counts before = null_driver().now();
+      ASSERT_EQ(backward ? buffers.backward(options) : buffers.forward(options), FJ_SUCCESS) << fj_last_error();
+      const NullDriver::Counts after = null_driver().now();
+      EXPECT_EQ(after.allocs - before.allocs, after.frees - before.frees) << "scratch kept after the call";
+      const unsigned launched = unsigned(after.launches - before.launches);
+      ASSERT_GE(launched, 1u);
+      ASSERT_LE(launched, 5u);
+      const std::vector<NullLaunch> launches = null_driver().last(launched);
+      std::string entries;
+      for (const NullLaunch& launch : launches) {
+        entries += std::string(entries.empty() ? "" : " ") + launch.function;
+        EXPECT_GE(launch.grid[0], 1u);
+        EXPECT_GE(launch.grid[1], 1u);
+        EXPECT_EQ(launch.grid[2], 1u);
+        EXPECT_EQ(launch.block[0] % 32, 0u) << launch.function;
+        EXPECT_LE(launch.block[0], 1024u) << launch.function;
+        EXPECT_LE(launch.shared_bytes, kMaxSharedBytes) << launch.function;
+      }
+      const std::string last = launches.back().function;
+      if (backward) {
+        // The dQ kernel (or the one pass) and dK/dV's kernels, the sm_90a ones after their prep.
+        EXPECT_NE(entries.find("fj_attention_backward_dkdv"), std::string::npos) << entries;
+        if (p.dtype != FJ_FLOAT32 && p.head_dim >= 64) {
+          EXPECT_EQ(std::string(launches.front().function), "fj_attention_backward_prep") << entries;
+        }
+      } else if (p.seqlen_q == 1) {
+        // Too few query rows to fill the GPU: keys split over more blocks than there are query
+        // tiles (a batch and key head's, GQA groups packed), then combined.
+        EXPECT_EQ(entries, "fj_attention_forward fj_attention_forward_combine") << entries;
+        EXPECT_GT(int64_t(launches.front().grid[0]) * launches.front().grid[1], p.batch * p.heads_kv);
+      } else {
+        EXPECT_EQ(entries, "fj_attention_forward") << entries;
+      }
+    }
+    EXPECT_TRUE(buffers.untouched()) << "the host wrote into an operand's memory";
+  }
+}
+
+// A call again with the same operands reuses its TMA descriptors (none encoded); a new address
+// for one operand encodes that operand's again, and nothing else.
+TEST_F(CudaHostPath, RepeatedCallsEncodeNoDescriptorAgain) {
+  REQUIRE_NULL_DRIVER();
+  DeviceBuffers first(2, 4, 4, 256, 256, 128, FJ_BFLOAT16), second(2, 4, 4, 256, 256, 128, FJ_BFLOAT16);
+  const fj_attention_options options = fj_attention_options_default();
+  ASSERT_EQ(first.forward(options), FJ_SUCCESS) << fj_last_error();
+  ASSERT_EQ(first.backward(options), FJ_SUCCESS) << fj_last_error();
+  const NullDriver::Counts before = null_driver().now();
+  for (int call = 0; call < 3; ++call) {
+    ASSERT_EQ(first.forward(options), FJ_SUCCESS) << fj_last_error();
+    ASSERT_EQ(first.backward(options), FJ_SUCCESS) << fj_last_error();
+  }
+  EXPECT_EQ(null_driver().now().encodes, before.encodes);
+  // Another q: the forward's q descriptor; then the backward's q descriptors, in the dQ kernel's
+  // boxes (the forward's where their rows agree, then reused) and the dK/dV kernel's; no other.
+  first.q = std::move(second.q);
+  const unsigned long long encodes = null_driver().now().encodes;
+  ASSERT_EQ(first.forward(options), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(null_driver().now().encodes - encodes, 1u);
+  ASSERT_EQ(first.backward(options), FJ_SUCCESS) << fj_last_error();
+  const unsigned long long backward_encodes = null_driver().now().encodes - encodes - 1;
+  EXPECT_GE(backward_encodes, 1u);
+  EXPECT_LE(backward_encodes, 2u);
+}
+
+// Planning enqueues nothing and reports the workspace the backward needs; a call given that
+// workspace takes no scratch of its own, and one given less is refused, naming workspace_bytes.
+TEST_F(CudaHostPath, PlanningSizesTheWorkspaceAndEnqueuesNothing) {
+  REQUIRE_NULL_DRIVER();
+  DeviceBuffers buffers(1, 4, 4, 300, 300, 64, FJ_BFLOAT16);
+  fj_attention_options options = fj_attention_options_default();
+  size_t bytes = 0;
+  const NullDriver::Counts before = null_driver().now();
+  ASSERT_EQ(buffers.prepare_backward(options, &bytes), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(null_driver().now().launches, before.launches);
+  EXPECT_EQ(null_driver().now().allocs, before.allocs);
+  // Two floats a query row (delta, LSE in log2), rows padded to whole blocks of 128.
+  EXPECT_EQ(bytes, size_t(4 * 384 * 2 * sizeof(float)));
+  std::vector<unsigned char> workspace(bytes + 16);
+  options.workspace = workspace.data();
+  options.workspace_bytes = bytes;
+  ASSERT_EQ(buffers.backward(options), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(null_driver().now().allocs, before.allocs) << "scratch taken beside the workspace";
+  EXPECT_EQ(null_driver().now().launches - before.launches, 3u);
+  options.workspace_bytes = bytes - 16;
+  EXPECT_EQ(buffers.backward(options), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("workspace_bytes"), std::string::npos) << fj_last_error();
+}
+
+}  // namespace
+}  // namespace flashjit::testing
