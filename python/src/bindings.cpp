@@ -121,28 +121,41 @@ fj_tensor array_to_tensor(const char* op, const char* name, const Array& array) 
 
 // Descriptor tuples come from flashjit's own front end, which maps only the
 // dtypes and devices it supports; anything else arrives as an array.
-fj_tensor descriptor_to_tensor(const char* op, const char* name, const nb::tuple& d) {
-  if (d.size() != 6) {
-    throw nb::type_error(
-        (std::string("[") + op + "] " + name + ": expected a 6-tuple tensor descriptor").c_str());
-  }
+// Read through the CPython API directly: this runs for every tensor of every call, and
+// nanobind's generic casts cost about five times as much here.
+fj_tensor descriptor_to_tensor(const char* op, const char* name, PyObject* d) {
+  const auto bad = [&](const char* what) {
+    return nb::type_error((std::string("[") + op + "] " + name + ": " + what).c_str());
+  };
+  if (PyTuple_GET_SIZE(d) != 6) throw bad("expected a 6-tuple tensor descriptor");
+  const auto integer = [&](PyObject* value) {
+    if (!PyLong_Check(value)) throw bad("a tensor descriptor holds integers and two tuples of them");
+    const long long result = PyLong_AsLongLong(value);
+    if (result == -1 && PyErr_Occurred()) throw nb::python_error();
+    return int64_t(result);
+  };
   fj_tensor t;
   std::memset(&t, 0, sizeof t);
-  t.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(d[0]));
-  t.dtype = fj_dtype(nb::cast<int>(d[1]));
-  t.device_type = fj_device_type(nb::cast<int>(d[2]));
-  t.device_index = nb::cast<int32_t>(d[3]);
-  const nb::tuple shape = nb::cast<nb::tuple>(d[4]), strides = nb::cast<nb::tuple>(d[5]);
-  t.ndim = int32_t(shape.size());  // the C API rejects a rank other than 3 or 4 by name
-  for (size_t i = 0; i < shape.size() && i < FJ_MAX_DIMS && i < strides.size(); ++i) {
-    t.shape[i] = nb::cast<int64_t>(shape[i]);
-    t.strides[i] = nb::cast<int64_t>(strides[i]);
+  PyObject* pointer = PyTuple_GET_ITEM(d, 0);
+  if (!PyLong_Check(pointer)) throw bad("a tensor descriptor's first item is a data pointer (an integer)");
+  t.data = PyLong_AsVoidPtr(pointer);
+  if (t.data == nullptr && PyErr_Occurred()) throw nb::python_error();
+  t.dtype = fj_dtype(integer(PyTuple_GET_ITEM(d, 1)));
+  t.device_type = fj_device_type(integer(PyTuple_GET_ITEM(d, 2)));
+  t.device_index = int32_t(integer(PyTuple_GET_ITEM(d, 3)));
+  PyObject* shape = PyTuple_GET_ITEM(d, 4);
+  PyObject* strides = PyTuple_GET_ITEM(d, 5);
+  if (!PyTuple_Check(shape) || !PyTuple_Check(strides)) throw bad("a tensor descriptor's shape and strides are tuples");
+  t.ndim = int32_t(PyTuple_GET_SIZE(shape));  // the C API rejects a rank other than 3 or 4 by name
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape) && i < FJ_MAX_DIMS && i < PyTuple_GET_SIZE(strides); ++i) {
+    t.shape[i] = integer(PyTuple_GET_ITEM(shape, i));
+    t.strides[i] = integer(PyTuple_GET_ITEM(strides, i));
   }
   return t;
 }
 
 fj_tensor to_tensor(const char* op, const char* name, nb::handle x) {
-  if (nb::isinstance<nb::tuple>(x)) return descriptor_to_tensor(op, name, nb::borrow<nb::tuple>(x));
+  if (PyTuple_Check(x.ptr())) return descriptor_to_tensor(op, name, x.ptr());
   Array array;
   if (!nb::try_cast<Array>(x, array, /*convert=*/false)) {
     throw nb::type_error((std::string("[") + op + "] " + name + ": expected an array exporting DLPack, got " +
