@@ -142,6 +142,7 @@ def profile_step(step, steps: int, cuda: bool, top: int = 14) -> list:
             step()
         sync()
     events = prof.key_averages()
+    from torch.autograd import DeviceType
 
     def device_us(event):  # the attribute's name changed across torch versions
         total = getattr(event, "self_device_time_total", None)
@@ -149,19 +150,24 @@ def profile_step(step, steps: int, cuda: bool, top: int = 14) -> list:
             total = getattr(event, "self_cuda_time_total", 0.0)
         return total / steps
 
-    host_total = sum(e.self_cpu_time_total for e in events) / steps
-    device_total = sum(device_us(e) for e in events)
-    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    # Host ops, and the device's own events (kernels, copies): a host op's device time is that of
+    # the kernels it launched, which appear again as events of their own, and record_function's
+    # ranges have device copies (user annotations); totals count each kernel once.
+    ops = [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+    kernels = [e for e in events if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU
+               and not getattr(e, "is_user_annotation", False)]
+    host_total = sum(e.self_cpu_time_total for e in ops) / steps
+    device_total = sum(device_us(e) for e in kernels)
     lines = [f"wall {wall:.1f} µs a step unprofiled; profiled: host self time {host_total:.1f} µs, device "
              f"{device_total:.1f} µs a step", "",
-             "| op | calls a step | host self µs a step | device self µs a step |", "|---|---:|---:|---:|"]
+             "| op (host) | calls a step | host self µs a step | device µs a step of its kernels |",
+             "|---|---:|---:|---:|"]
     lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {e.self_cpu_time_total / steps:.1f} | "
-              f"{device_us(e):.1f} |" for e in rows]
-    kernels = sorted((e for e in events if device_us(e) > 0 and e.self_cpu_time_total == 0),
-                     key=device_us, reverse=True)[:top]
+              f"{device_us(e):.1f} |" for e in sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
     if kernels:
         lines += ["", "| device kernel or copy | calls a step | device µs a step |", "|---|---:|---:|"]
-        lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {device_us(e):.1f} |" for e in kernels]
+        lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {device_us(e):.1f} |"
+                  for e in sorted(kernels, key=device_us, reverse=True)[:top]]
     return lines
 
 

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -128,28 +129,49 @@ fj_tensor descriptor_to_tensor(const char* op, const char* name, PyObject* d) {
     return nb::type_error((std::string("[") + op + "] " + name + ": " + what).c_str());
   };
   if (PyTuple_GET_SIZE(d) != 6) throw bad("expected a 6-tuple tensor descriptor");
-  const auto integer = [&](PyObject* value) {
-    if (!PyLong_Check(value)) throw bad("a tensor descriptor holds integers and two tuples of them");
-    const long long result = PyLong_AsLongLong(value);
+  // An int, or what says it is one (numpy's integers): anything else is named.
+  const auto integer = [&](PyObject* value, int64_t low, int64_t high) {
+    long long result;
+    if (PyLong_Check(value)) {
+      result = PyLong_AsLongLong(value);
+    } else {
+      PyObject* index = PyNumber_Index(value);
+      if (index == nullptr) {
+        PyErr_Clear();
+        throw bad("a tensor descriptor holds integers and two tuples of them");
+      }
+      result = PyLong_AsLongLong(index);
+      Py_DECREF(index);
+    }
     if (result == -1 && PyErr_Occurred()) throw nb::python_error();
+    if (result < low || result > high) throw bad("a tensor descriptor's integer is out of range");
     return int64_t(result);
   };
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   fj_tensor t;
   std::memset(&t, 0, sizeof t);
   PyObject* pointer = PyTuple_GET_ITEM(d, 0);
-  if (!PyLong_Check(pointer)) throw bad("a tensor descriptor's first item is a data pointer (an integer)");
-  t.data = PyLong_AsVoidPtr(pointer);
-  if (t.data == nullptr && PyErr_Occurred()) throw nb::python_error();
-  t.dtype = fj_dtype(integer(PyTuple_GET_ITEM(d, 1)));
-  t.device_type = fj_device_type(integer(PyTuple_GET_ITEM(d, 2)));
-  t.device_index = int32_t(integer(PyTuple_GET_ITEM(d, 3)));
+  const unsigned long long address = PyLong_Check(pointer) ? PyLong_AsUnsignedLongLong(pointer) : 0;
+  if (!PyLong_Check(pointer) || (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) ||
+      address > std::numeric_limits<uintptr_t>::max()) {
+    PyErr_Clear();  // a negative or too large one: the message below names it
+    throw bad("a tensor descriptor's first item is a data pointer (a non-negative integer)");
+  }
+  t.data = reinterpret_cast<void*>(static_cast<uintptr_t>(address));
+  t.dtype = fj_dtype(integer(PyTuple_GET_ITEM(d, 1), 0, kInt32Max));
+  t.device_type = fj_device_type(integer(PyTuple_GET_ITEM(d, 2), 0, kInt32Max));
+  t.device_index = int32_t(integer(PyTuple_GET_ITEM(d, 3), std::numeric_limits<int32_t>::min(), kInt32Max));
   PyObject* shape = PyTuple_GET_ITEM(d, 4);
   PyObject* strides = PyTuple_GET_ITEM(d, 5);
   if (!PyTuple_Check(shape) || !PyTuple_Check(strides)) throw bad("a tensor descriptor's shape and strides are tuples");
   t.ndim = int32_t(PyTuple_GET_SIZE(shape));  // the C API rejects a rank other than 3 or 4 by name
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape) && i < FJ_MAX_DIMS && i < PyTuple_GET_SIZE(strides); ++i) {
-    t.shape[i] = integer(PyTuple_GET_ITEM(shape, i));
-    t.strides[i] = integer(PyTuple_GET_ITEM(strides, i));
+  if (PyTuple_GET_SIZE(strides) != PyTuple_GET_SIZE(shape)) {
+    throw bad("a tensor descriptor's strides are as many as its dims");
+  }
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min(), kMax = std::numeric_limits<int64_t>::max();
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape) && i < FJ_MAX_DIMS; ++i) {
+    t.shape[i] = integer(PyTuple_GET_ITEM(shape, i), kMin, kMax);
+    t.strides[i] = integer(PyTuple_GET_ITEM(strides, i), kMin, kMax);
   }
   return t;
 }

@@ -191,7 +191,7 @@ KernelTraits traits_for_launch(const AttentionProblem& p, const Launch& launch) 
 // caching allocators place alike from one step to the next). A call reads up to 12 maps (the
 // backward's 8, the forward's 4), which differ in their addresses alone, 256-byte aligned: the
 // arguments are hashed with a full avalanche, into sets of kWays maps each, the least recently
-// used of a set replaced. Allocated on a thread's first encode (kSets * kWays * 208 bytes).
+// used of a set replaced. Allocated on a thread's first encode (kSets * kWays * 256 bytes: 128 KiB).
 class MapCache {
  public:
   static constexpr size_t kKeyWords = 9;  // address, sizes, stride bytes, box rows
@@ -218,10 +218,11 @@ class MapCache {
   static constexpr int kWays = 4;
   static constexpr size_t kSets = 128;
   struct Entry {
-    uint64_t key[kKeyWords];  // no padding: compared bytewise
-    TensorMap map;
+    TensorMap map;            // first: 128 bytes aligned to 64, then the key without padding
+    uint64_t key[kKeyWords];  // compared bytewise
     bool valid = false;
   };
+  static_assert(sizeof(Entry) == 256, "a descriptor, its key and a flag in 256 bytes");
   Entry* set_of(const uint64_t (&key)[kKeyWords]) {
     uint64_t hash = 0;
     for (const uint64_t word : key) {  // splitmix64's finaliser over the running hash and each word

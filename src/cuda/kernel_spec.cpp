@@ -168,14 +168,23 @@ std::string KernelSpec::name() const {
                  family == KernelFamily::kHopper ? "a" : "");
 }
 
+namespace {
+// KernelSpec::Fields from exactly kFieldCount values (a field left out is a compile error, not a 0).
+template <class... Values>
+KernelSpec::Fields fields_of(Values... values) {
+  static_assert(sizeof...(Values) == KernelSpec::kFieldCount, "KernelSpec::fields() lists every field once");
+  return KernelSpec::Fields{int32_t(values)...};
+}
+}  // namespace
+
 KernelSpec::Fields KernelSpec::fields() const {
-  return Fields{int32_t(entry),      int32_t(family),     int32_t(dtype),      head_dim_qk,        head_dim_v,
-                int32_t(mask),       int32_t(mask_dtype), window,              dropout,            softcap,
-                aligned,             split,               varlen,              kv_cache,           edge_general,
-                block_span,          chains_tiles(),      trace,               dq_diagnostic,      page_boxes,
-                threads,             row_tiles,           int32_t(dkdv_part),  one_pass,           dkdv_shared,
-                stages,              q_buffers,           o_tma,               fold_scale,         lazy_rescale,
-                block_n,             arch};
+  return fields_of(entry,              family,              dtype,               head_dim_qk,        head_dim_v,
+                   mask,               mask_dtype,          window,              dropout,            softcap,
+                   aligned,            split,               varlen,              kv_cache,           edge_general,
+                   block_span,         chains_tiles(),      trace,               dq_diagnostic,      page_boxes,
+                   threads,            row_tiles,           dkdv_part,           one_pass,           dkdv_shared,
+                   stages,             q_buffers,           o_tma,               fold_scale,         lazy_rescale,
+                   block_n,            arch);
 }
 
 const char* KernelSpec::function_name() const { return entry_names(entry).function; }

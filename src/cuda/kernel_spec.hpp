@@ -93,9 +93,10 @@ struct KernelSpec {
 
   std::string name() const;
   // Every field above as integers, in order (chain_tiles where it applies): what name() spells,
-  // without building a string (the loaded functions are found by it on every call). Two specs
-  // have equal fields exactly when their names are equal (ctest KernelSpecFields checks this over
-  // the specs the choosers make).
+  // without building a string (the loaded functions are found by it on every call). Specs of
+  // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
+  // changes each field of each spec the choosers make, one at a time); fields may tell apart a
+  // little more than names do (a mask dtype without a mask), which costs a module load at most.
   static constexpr size_t kFieldCount = 32;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;

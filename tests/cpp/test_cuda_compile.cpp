@@ -811,37 +811,80 @@ TEST(KernelSelection, SharedMemoryFitsEveryArch) {
 }
 
 // Loaded functions are found by a spec's fields (KernelSpec::fields, on every call) where the
-// kernel cache names a spec by name(): the two must tell the same specs apart. Checked over the
-// specs the choosers make for a grid of traits and forced tiles, and over each of them with the
-// fields no chooser sets here changed one at a time.
+// kernel cache names a spec by name(): specs of different names must have different fields, or
+// a call would be handed another kernel. Checked over the specs the choosers make for a grid of
+// traits and forced tiles, each also with every field changed on its own (a field left out of
+// fields() then shows as a changed name with the same fields); and equal fields, equal names.
 TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
   using namespace flashjit::cuda;
+  using flashjit::MaskKind;
   std::map<KernelSpec::Fields, std::string> name_of;
-  std::map<std::string, KernelSpec::Fields> fields_of;
-  size_t specs = 0;
+  size_t specs = 0, changes = 0;
   const auto add = [&](const KernelSpec& spec) {
-    const KernelSpec::Fields fields = spec.fields();
     const std::string name = spec.name();
-    const auto by_fields = name_of.emplace(fields, name).first;
-    const auto by_name = fields_of.emplace(name, fields).first;
+    const auto by_fields = name_of.emplace(spec.fields(), name).first;
     EXPECT_EQ(by_fields->second, name) << "equal fields, different names";
-    EXPECT_TRUE(by_name->second == fields) << name << ": equal names, different fields";
     ++specs;
   };
+  // Each field of KernelSpec, changed to another value than it has.
+  const std::vector<void (*)(KernelSpec&)> change_one = {
+      [](KernelSpec& s) { s.entry = s.entry == KernelEntry::kForward ? KernelEntry::kBackwardDq : KernelEntry::kForward; },
+      [](KernelSpec& s) { s.family = s.family == KernelFamily::kHopper ? KernelFamily::kMma : KernelFamily::kHopper; },
+      [](KernelSpec& s) { s.dtype = s.dtype == FJ_FLOAT16 ? FJ_BFLOAT16 : FJ_FLOAT16; },
+      [](KernelSpec& s) { s.head_dim_qk += 64; },
+      [](KernelSpec& s) { s.head_dim_v += 64; },
+      [](KernelSpec& s) { s.mask = s.mask == MaskKind::kBool ? MaskKind::kNone : MaskKind::kBool; },
+      [](KernelSpec& s) {
+        s.mask = MaskKind::kAdditive;  // a mask dtype is spelled where the mask is additive
+        s.mask_dtype = FJ_FLOAT32;
+      },
+      [](KernelSpec& s) { s.window = !s.window; },
+      [](KernelSpec& s) { s.dropout = !s.dropout; },
+      [](KernelSpec& s) { s.softcap = !s.softcap; },
+      [](KernelSpec& s) { s.aligned = !s.aligned; },
+      [](KernelSpec& s) { s.split = !s.split; },
+      [](KernelSpec& s) { s.varlen = !s.varlen; },
+      [](KernelSpec& s) { s.kv_cache = (s.kv_cache + 1) % 3; },
+      [](KernelSpec& s) { s.edge_general = !s.edge_general; },
+      [](KernelSpec& s) { s.block_span = !s.block_span; },
+      [](KernelSpec& s) {  // chain_tiles where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward, s.o_tma = true, s.q_buffers = 2;
+        s.split = s.varlen = false, s.kv_cache = 0;
+        s.chain_tiles = !s.chain_tiles;
+      },
+      [](KernelSpec& s) { s.trace = !s.trace; },
+      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 3; },
+      [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },
+      [](KernelSpec& s) { s.threads += 128; },
+      [](KernelSpec& s) {  // row tiles are spelled outside the scalar kernels
+        if (s.family == KernelFamily::kSimt) s.family = KernelFamily::kMma;
+        s.row_tiles += 1;
+      },
+      [](KernelSpec& s) { s.dkdv_part = s.dkdv_part == DkDvPart::kBoth ? DkDvPart::kDvOnly : DkDvPart::kBoth; },
+      [](KernelSpec& s) { s.one_pass = !s.one_pass; },
+      [](KernelSpec& s) { s.dkdv_shared = !s.dkdv_shared; },
+      [](KernelSpec& s) {  // stages are spelled for the sm_90a kernels
+        s.family = KernelFamily::kHopper;
+        s.stages += 1;
+      },
+      [](KernelSpec& s) { s.q_buffers = s.q_buffers == 1 ? 2 : 1; },
+      [](KernelSpec& s) { s.o_tma = !s.o_tma; },
+      [](KernelSpec& s) { s.fold_scale = !s.fold_scale; },
+      [](KernelSpec& s) { s.lazy_rescale = !s.lazy_rescale; },
+      [](KernelSpec& s) { s.block_n += 16; },
+      [](KernelSpec& s) { s.arch = s.arch == 90 ? 80 : 90; },
+  };
+  EXPECT_EQ(change_one.size(), KernelSpec::kFieldCount);  // a new field needs a change here too
   const auto add_variants = [&](const KernelSpec& spec) {
     add(spec);
-    for (int variant = 0; variant < 7; ++variant) {
+    for (const auto& change : change_one) {
       KernelSpec changed = spec;
-      switch (variant) {
-        case 0: changed.varlen = !changed.varlen; break;
-        case 1: changed.trace = !changed.trace; break;
-        case 2: changed.page_boxes = 2; break;
-        case 3: changed.dq_diagnostic = 2; break;
-        case 4: changed.dkdv_shared = !changed.dkdv_shared; break;
-        case 5: changed.kv_cache = 2; break;
-        case 6: changed.edge_general = !changed.edge_general; break;
-      }
+      change(changed);
       add(changed);
+      if (changed.name() != spec.name()) {
+        EXPECT_TRUE(changed.fields() != spec.fields()) << spec.name() << " and " << changed.name() << ": same fields";
+        ++changes;
+      }
     }
   };
   const char* tiles[] = {"", "n=64", "groups=3", "o=direct", "q=1,o=direct", "stages=3", "softmax=plain",
@@ -876,13 +919,13 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
               continue;  // forced tiles that do not fit this head dim
             }
             add_variants(forward);
-            add(hopper_split_kernel(forward));
-            add(hopper_kv_cache_kernel(forward, 0));
-            add(hopper_kv_cache_kernel(forward, 64));
-            add(split_forward_kernel(traits));
-            add(split_forward_kernel(traits, 8, true));
-            add(combine_kernel(traits));
-            add(varlen_table_kernel(traits));
+            add_variants(hopper_split_kernel(forward));
+            add_variants(hopper_kv_cache_kernel(forward, 0));
+            add_variants(hopper_kv_cache_kernel(forward, 64));
+            add_variants(split_forward_kernel(traits));
+            add_variants(split_forward_kernel(traits, 8, true));
+            add_variants(combine_kernel(traits));
+            add_variants(varlen_table_kernel(traits));
             for (bool one_pass : {false, true}) {
               for (const KernelSpec& spec : backward_kernels(traits, one_pass)) add_variants(spec);
             }
@@ -894,6 +937,7 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
   unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_GT(specs, 10000u);
   EXPECT_GT(name_of.size(), 1000u);  // distinct specs
+  EXPECT_GT(changes, 10000u);        // single-field changes that changed the name
 }
 
 // The sm_90a forward is for sm_90, half types, head dims 33-256 and operands TMA can address.

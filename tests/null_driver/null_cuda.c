@@ -3,7 +3,7 @@
  * (LD_LIBRARY_PATH), it lets flashjit's own host path (validation, kernel choice,
  * compiles, descriptors, launch arguments) run and be timed or profiled on a
  * machine without a GPU; the driver's own time is absent from what it measures.
- * Device memory is host memory from malloc (the host path never reads it).
+ * Device memory is host memory from malloc; the driver's fills and copies are done.
  *   FLASHJIT_NULL_DRIVER_NAME  the device's name (default "NVIDIA H200")
  *   FLASHJIT_NULL_DRIVER_SMS   its multiprocessors (default 132)
  *   FLASHJIT_NULL_DRIVER_ARCH  its compute capability as 90, 80, ... (default 90)
@@ -132,17 +132,22 @@ CUresult cuMemAlloc_v2(unsigned long long* pointer, size_t bytes) {
   *pointer = (unsigned long long)(uintptr_t)memory;
   return 0;
 }
+/* Fills and copies are done (device memory is host memory here), so that one aimed at the wrong
+ * place shows in what it overwrites. */
 CUresult cuMemsetD32Async(unsigned long long pointer, unsigned value, size_t count, void* stream) {
-  (void)pointer; (void)value; (void)count; (void)stream;
+  (void)stream;
+  unsigned* words = (unsigned*)(uintptr_t)pointer;
+  for (size_t i = 0; i < count; ++i) words[i] = value;
   return 0;
 }
 CUresult cuMemcpyHtoDAsync_v2(unsigned long long to, const void* from, size_t bytes, void* stream) {
-  (void)to; (void)from; (void)bytes; (void)stream;
+  (void)stream;
+  memcpy((void*)(uintptr_t)to, from, bytes);
   return 0;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* to, unsigned long long from, size_t bytes, void* stream) {
-  (void)from; (void)stream;
-  memset(to, 0, bytes);
+  (void)stream;
+  memcpy(to, (const void*)(uintptr_t)from, bytes);
   return 0;
 }
 CUresult cuGetErrorString(CUresult status, const char** text) {

@@ -144,3 +144,34 @@ def test_errors_leave_the_process_usable():
         with pytest.raises(ValueError):
             flashjit.attention(q, k[:1], v)
     assert torch.isfinite(flashjit.attention(q, k, v)).all()
+
+
+def test_malformed_tensor_descriptors_are_named():
+    """The descriptor tuples the torch front end hands the binding (data pointer, dtype, device
+    type, device index, shape, strides): a malformed one raises TypeError naming the operand;
+    integers of other types that say they are integers (numpy's) are taken."""
+    from flashjit import _C
+
+    q, o = torch.randn(1, 1, 4, 8), torch.empty(1, 1, 4, 8)
+    f32 = _C.DTYPES["float32"]
+
+    def ref(t):
+        return (t.data_ptr(), f32, 0, 0, tuple(t.shape), t.stride())
+
+    def call(q_ref):
+        _C.forward(q_ref, ref(q), ref(q), ref(o), None, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, 0)
+
+    bad = {
+        "a 6-tuple": (q.data_ptr(), f32, 0),
+        "non-negative integer": (-16, f32, 0, 0, (1, 1, 4, 8), (32, 32, 8, 1)),
+        "out of range": (q.data_ptr(), 2**40, 0, 0, (1, 1, 4, 8), (32, 32, 8, 1)),
+        "as many as its dims": (q.data_ptr(), f32, 0, 0, (1, 1, 4, 8), (32, 32, 8)),
+        "holds integers": (q.data_ptr(), "float32", 0, 0, (1, 1, 4, 8), (32, 32, 8, 1)),
+        "are tuples": (q.data_ptr(), f32, 0, 0, [1, 1, 4, 8], (32, 32, 8, 1)),
+    }
+    for match, descriptor in bad.items():
+        with pytest.raises(TypeError, match=r"\[attention\] q: .*" + match):
+            call(descriptor)
+    o.fill_(float("nan"))
+    call((q.data_ptr(), np.int64(f32), np.int32(0), np.int8(0), (1, 1, 4, 8), (32, 32, 8, 1)))
+    assert torch.isfinite(o).all()
