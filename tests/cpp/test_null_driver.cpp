@@ -11,9 +11,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "cuda/kernels/params.cuh"
 #include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
 #include "harness.hpp"
@@ -24,19 +26,24 @@ namespace {
 struct NullLaunch {  // null_cuda.c's null_launch
   unsigned grid[3], block[3], shared_bytes;
   const char* function;
+  unsigned char params[2048];
 };
+static_assert(sizeof(KernelParams) <= sizeof(NullLaunch::params), "the null driver records KernelParams whole");
 
 struct NullDriver {
   void (*counts)(unsigned long long*) = nullptr;
   unsigned (*launches)(NullLaunch*, unsigned) = nullptr;
+  int (*record_params)(size_t) = nullptr;
 
   NullDriver() {
     void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     if (library == nullptr) return;
     counts = reinterpret_cast<decltype(counts)>(dlsym(library, "null_driver_counts"));
     launches = reinterpret_cast<decltype(launches)>(dlsym(library, "null_driver_launches"));
+    record_params = reinterpret_cast<decltype(record_params)>(dlsym(library, "null_driver_record_params"));
+    if (record_params != nullptr && record_params(sizeof(KernelParams)) != 0) record_params = nullptr;
   }
-  bool present() const { return counts != nullptr && launches != nullptr; }
+  bool present() const { return counts != nullptr && launches != nullptr && record_params != nullptr; }
 
   struct Counts {
     unsigned long long launches, encodes, allocs, frees;
@@ -230,6 +237,34 @@ TEST_F(CudaHostPath, RepeatedCallsEncodeNoDescriptorAgain) {
   const unsigned long long backward_encodes = null_driver().now().encodes - encodes - 1;
   EXPECT_GE(backward_encodes, 1u);
   EXPECT_LE(backward_encodes, 2u);
+}
+
+// A call planned again for the same operands launches the same kernels with the same parameters,
+// byte for byte (descriptors, scratch pointers: the null driver's pool hands the same addresses
+// back); other operands change the parameters.
+TEST_F(CudaHostPath, RepeatedCallsLaunchTheSameParameters) {
+  REQUIRE_NULL_DRIVER();
+  DeviceBuffers first(2, 8, 2, 200, 300, 128, FJ_BFLOAT16), second(2, 8, 2, 200, 300, 128, FJ_BFLOAT16);
+  fj_attention_options options = fj_attention_options_default();
+  options.causal = FJ_CAUSAL_BOTTOM_RIGHT;
+  const auto run = [&](DeviceBuffers& buffers, bool backward) {
+    const unsigned long long before = null_driver().now().launches;
+    EXPECT_EQ(backward ? buffers.backward(options) : buffers.forward(options), FJ_SUCCESS) << fj_last_error();
+    return null_driver().last(unsigned(null_driver().now().launches - before));
+  };
+  for (bool backward : {false, true}) {
+    SCOPED_TRACE(backward ? "backward" : "forward");
+    const std::vector<NullLaunch> once = run(first, backward), again = run(first, backward),
+                                  other = run(second, backward);
+    ASSERT_EQ(once.size(), again.size());
+    ASSERT_EQ(once.size(), other.size());
+    for (size_t i = 0; i < once.size(); ++i) {
+      EXPECT_EQ(std::string(once[i].function), again[i].function);
+      EXPECT_EQ(std::memcmp(once[i].grid, again[i].grid, sizeof once[i].grid), 0);
+      EXPECT_EQ(std::memcmp(once[i].params, again[i].params, sizeof(KernelParams)), 0) << once[i].function;
+      EXPECT_NE(std::memcmp(once[i].params, other[i].params, sizeof(KernelParams)), 0) << once[i].function;
+    }
+  }
 }
 
 // Planning enqueues nothing and reports the workspace the backward needs; a call given that

@@ -18,13 +18,25 @@ typedef int CUresult;
 
 static unsigned long long g_launches, g_encodes, g_allocs, g_frees;
 
-/* A launch as the driver saw it. */
+/* A launch as the driver saw it; with null_driver_record_params(n), the first n bytes of its
+ * first kernel parameter too. */
+#define NULL_PARAM_BYTES 2048
 typedef struct {
   unsigned grid[3], block[3], shared_bytes;
   const char* function; /* the entry's name */
+  unsigned char params[NULL_PARAM_BYTES];
 } null_launch;
-#define NULL_LAUNCH_LOG 256
+#define NULL_LAUNCH_LOG 64
 static null_launch g_log[NULL_LAUNCH_LOG];
+static size_t g_param_bytes;
+
+/* Records the first `bytes` bytes (at most NULL_PARAM_BYTES) of each launch's first parameter
+ * from now on; returns 0, or -1 where that is more than a record holds. */
+int null_driver_record_params(size_t bytes) {
+  if (bytes > NULL_PARAM_BYTES) return -1;
+  g_param_bytes = bytes;
+  return 0;
+}
 
 /* The last min(count, launches so far, 256) launches, oldest first; returns how many. */
 unsigned null_driver_launches(null_launch* out, unsigned count) {
@@ -92,12 +104,14 @@ CUresult cuFuncSetAttribute(void* function, int attribute, int value) {
 }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared, void* stream, void** params, void** extra) {
-  (void)stream; (void)params; (void)extra;
+  (void)stream; (void)extra;
   null_launch* entry = &g_log[g_launches % NULL_LAUNCH_LOG];
   entry->grid[0] = gx, entry->grid[1] = gy, entry->grid[2] = gz;
   entry->block[0] = bx, entry->block[1] = by, entry->block[2] = bz;
   entry->shared_bytes = shared;
   entry->function = (const char*)f;
+  memset(entry->params, 0, sizeof entry->params);
+  if (g_param_bytes && params && params[0]) memcpy(entry->params, params[0], g_param_bytes);
   ++g_launches;
   return 0;
 }
@@ -111,17 +125,35 @@ CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
   return 0;
 }
 CUresult cuMemPoolDestroy(void* pool) { (void)pool; return 0; }
+/* The pool: an arena handed out in order, which starts again once every block is back, so that
+ * calls that take the same scratch get the same addresses (larger blocks come from malloc). */
+#define NULL_ARENA_BYTES (16u << 20)
+static unsigned char* g_arena;
+static size_t g_arena_used, g_arena_blocks;
 CUresult cuMemAllocFromPoolAsync(unsigned long long* pointer, size_t bytes, void* pool, void* stream) {
   (void)pool; (void)stream;
+  const size_t rounded = (bytes + 255) / 256 * 256;
+  if (!g_arena && posix_memalign((void**)&g_arena, 256, NULL_ARENA_BYTES) != 0) return 2;
   void* memory = NULL;
-  if (posix_memalign(&memory, 256, bytes ? bytes : 1) != 0) return 2; /* CUDA_ERROR_OUT_OF_MEMORY */
+  if (rounded <= NULL_ARENA_BYTES - g_arena_used) {
+    memory = g_arena + g_arena_used;
+    g_arena_used += rounded ? rounded : 256;
+    ++g_arena_blocks;
+  } else if (posix_memalign(&memory, 256, bytes ? bytes : 1) != 0) {
+    return 2; /* CUDA_ERROR_OUT_OF_MEMORY */
+  }
   *pointer = (unsigned long long)(uintptr_t)memory;
   ++g_allocs;
   return 0;
 }
 CUresult cuMemFreeAsync(unsigned long long pointer, void* stream) {
   (void)stream;
-  free((void*)(uintptr_t)pointer);
+  unsigned char* memory = (unsigned char*)(uintptr_t)pointer;
+  if (g_arena && memory >= g_arena && memory < g_arena + NULL_ARENA_BYTES) {
+    if (--g_arena_blocks == 0) g_arena_used = 0;
+  } else {
+    free(memory);
+  }
   ++g_frees;
   return 0;
 }
@@ -157,9 +189,24 @@ CUresult cuGetErrorString(CUresult status, const char** text) {
 CUresult cuTensorMapEncodeTiled(void* map, int data_type, unsigned rank, void* address, const uint64_t* sizes,
                                 const uint64_t* strides, const unsigned* box, const unsigned* element_strides,
                                 int interleave, int swizzle, int l2, int fill) {
-  (void)data_type; (void)rank; (void)address; (void)sizes; (void)strides; (void)box; (void)element_strides;
-  (void)interleave; (void)swizzle; (void)l2; (void)fill;
-  memset(map, 0, 128);
+  /* A digest of the arguments in each of the map's 16 words, so that a map encoded for other
+   * arguments differs from it. */
+  unsigned long long words[12 + 4 * 4] = {(unsigned long long)data_type, rank, (unsigned long long)(uintptr_t)address,
+                                          (unsigned long long)interleave, (unsigned long long)swizzle,
+                                          (unsigned long long)l2, (unsigned long long)fill};
+  size_t n = 7;
+  for (unsigned i = 0; i < rank && i < 4; ++i) {
+    words[n++] = sizes[i];
+    words[n++] = box[i];
+    words[n++] = element_strides[i];
+    if (i + 1 < rank) words[n++] = strides[i];
+  }
+  unsigned long long* out = (unsigned long long*)map;
+  for (int w = 0; w < 16; ++w) {
+    unsigned long long hash = 1469598103934665603ull + (unsigned long long)w;
+    for (size_t i = 0; i < n; ++i) hash = (hash ^ words[i]) * 1099511628211ull;
+    out[w] = hash;
+  }
   ++g_encodes;
   return 0;
 }
