@@ -512,15 +512,80 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
   return true;
 }
 
+// The kernels chosen for a problem's traits and key band on a device, as the choosers give them
+// (forward_kernel with the class's tuned tiles; backward_kernels with its pass), kept for the
+// thread's next calls: the choice reads the tuning tables by class names and the settings from
+// the environment, which a loop of calls would do again and again. Stale when the environment
+// (settings::environment_version) or the tuning tables (tuning_generation) have changed.
+class ChoiceMemo {
+ public:
+  struct Key {
+    bool backward = false;
+    std::array<int32_t, kTraitsFieldCount> traits{};
+    int band = 0, device_index = 0;
+    uint64_t environment = 0, tuning = 0;
+    bool operator==(const Key& o) const {
+      return backward == o.backward && traits == o.traits && band == o.band && device_index == o.device_index &&
+             environment == o.environment && tuning == o.tuning;
+    }
+  };
+  static Key key(bool backward, const KernelTraits& traits, int64_t seqlen_k, int device_index) {
+    return Key{backward, traits_fields(traits), tuning_band(seqlen_k), device_index, settings::environment_version(),
+               tuning_generation()};
+  }
+  // The specs kept for key, or nullptr.
+  const std::vector<KernelSpec>* find(const Key& key) const {
+    for (const Entry& entry : entries_) {
+      if (entry.valid && entry.key == key) return &entry.specs;
+    }
+    return nullptr;
+  }
+  const std::vector<KernelSpec>& keep(const Key& key, std::vector<KernelSpec> specs) {
+    Entry& entry = entries_[next_++ % entries_.size()];
+    entry = Entry{key, std::move(specs), true};
+    return entry.specs;
+  }
+
+ private:
+  struct Entry {
+    Key key;
+    std::vector<KernelSpec> specs;
+    bool valid = false;
+  };
+  std::array<Entry, 8> entries_{};
+  size_t next_ = 0;
+};
+
+ChoiceMemo& choice_memo() {
+  thread_local ChoiceMemo memo;
+  return memo;
+}
+
+// forward_kernel for the traits with the tiles tuned for their class on the launch's device.
+const KernelSpec& chosen_forward_kernel(const KernelTraits& traits, int64_t seqlen_k, const Launch& launch) {
+  const ChoiceMemo::Key key = ChoiceMemo::key(false, traits, seqlen_k, launch.device_index);
+  if (const std::vector<KernelSpec>* kept = choice_memo().find(key)) return kept->front();
+  const ForwardTiles tuned = hopper_applies(traits) ? tuned_forward_tiles(device_info(launch.device_index).name,
+                                                                          launch.arch, tuning_key(traits, seqlen_k))
+                                                    : ForwardTiles{};
+  return choice_memo().keep(key, {forward_kernel(traits, tuned)}).front();
+}
+
+// backward_kernels for the traits in the pass chosen for their class on the launch's device.
+const std::vector<KernelSpec>& chosen_backward_kernels(const KernelTraits& traits, int64_t seqlen_k,
+                                                       const Launch& launch) {
+  const ChoiceMemo::Key key = ChoiceMemo::key(true, traits, seqlen_k, launch.device_index);
+  if (const std::vector<KernelSpec>* kept = choice_memo().find(key)) return *kept;
+  return choice_memo().keep(
+      key, backward_kernels(traits, one_pass_backward_chosen(traits, seqlen_k, device_info(launch.device_index).name)));
+}
+
 // The unsplit forward's kernel: the sm_90a one (with the tile choice measured
 // for the problem's class on this device, where any) where TMA can address the
 // operands, else the mma.sync or scalar one; params gets the TMA descriptors.
 KernelSpec forward_spec(const AttentionProblem& p, const Launch& launch, KernelParams& params) {
   KernelTraits traits = traits_for_launch(p, launch);
-  const ForwardTiles tuned = hopper_applies(traits) ? tuned_forward_tiles(device_info(launch.device_index).name,
-                                                                          launch.arch, tuning_key(traits, p.seqlen_k))
-                                                    : ForwardTiles{};
-  KernelSpec spec = forward_kernel(traits, tuned);
+  KernelSpec spec = chosen_forward_kernel(traits, p.seqlen_k, launch);
   if (spec.family == KernelFamily::kHopper && !encode_forward_maps(params, p, spec)) {
     traits.tma = false;  // operands TMA cannot address: the mma.sync kernel
     spec = forward_kernel(traits);
@@ -891,8 +956,7 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
 std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
                                        std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
-  std::vector<KernelSpec> specs =
-      backward_kernels(traits, one_pass_backward_chosen(traits, p.seqlen_k, device_info(launch.device_index).name));
+  std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch);
   if (specs.size() > Plan::kMaxKernels) {
     throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
                                            " expected"));

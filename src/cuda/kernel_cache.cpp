@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -285,15 +287,43 @@ std::shared_ptr<const std::string> kernel_binary(const KernelSpec& spec, bool ca
   return c.binaries.emplace(entry.key, cubin).first->second;
 }
 
+namespace {
+std::atomic<uint64_t> g_memory_generation{1};
+
+// The functions this thread found last, before the shared map and its lock: a call's one to four
+// kernels, again and again in a loop of calls. Emptied when the memory cache is cleared.
+struct RecentFunction {
+  KernelSpec::Fields fields{};
+  int device_index = -1;
+  uint64_t generation = 0;
+  CUfunction function = nullptr;
+};
+constexpr size_t kRecentFunctions = 8;
+thread_local std::array<RecentFunction, kRecentFunctions> t_recent;
+thread_local size_t t_recent_next = 0;
+}  // namespace
+
 CUfunction kernel_function(const KernelSpec& spec, int device_index, bool capturing) {
   // Within a process the spec fixes the source (the embedded files are constant), so loaded
   // functions are found by its fields, without building its name or source.
+  const KernelSpec::Fields fields = spec.fields();
+  const uint64_t generation = g_memory_generation.load(std::memory_order_relaxed);
+  for (const RecentFunction& recent : t_recent) {
+    if (recent.function != nullptr && recent.generation == generation && recent.device_index == device_index &&
+        recent.fields == fields) {
+      return recent.function;
+    }
+  }
+  const auto remember = [&](CUfunction function) {
+    t_recent[t_recent_next++ % kRecentFunctions] = RecentFunction{fields, device_index, generation, function};
+    return function;
+  };
   Cache& c = cache();
-  std::pair<KernelSpec::Fields, int> loaded_key{spec.fields(), device_index};
+  std::pair<KernelSpec::Fields, int> loaded_key{fields, device_index};
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     auto found = c.functions.find(loaded_key);
-    if (found != c.functions.end()) return found->second;
+    if (found != c.functions.end()) return remember(found->second);
   }
   std::shared_ptr<const std::string> cubin = kernel_binary(spec, capturing);
   const Driver& d = driver();
@@ -308,7 +338,7 @@ CUfunction kernel_function(const KernelSpec& spec, int device_index, bool captur
                              std::max(0, device_info(device_index).max_shared_memory - static_bytes)),
         "cuFuncSetAttribute");
   std::lock_guard<std::mutex> lock(c.mutex);
-  return c.functions.emplace(std::move(loaded_key), function).first->second;
+  return remember(c.functions.emplace(std::move(loaded_key), function).first->second);
 }
 
 CacheStats cache_stats() {
@@ -321,6 +351,9 @@ void clear_memory_cache() {
   std::lock_guard<std::mutex> lock(c.mutex);
   c.binaries.clear();
   c.functions.clear();
+  g_memory_generation.fetch_add(1);
 }
+
+uint64_t memory_cache_generation() { return g_memory_generation.load(); }
 
 }  // namespace flashjit::cuda

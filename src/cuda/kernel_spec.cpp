@@ -332,6 +332,17 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
   return traits;
 }
 
+std::array<int32_t, kTraitsFieldCount> traits_fields(const KernelTraits& t) {
+  // A field added to KernelTraits changes its size: list it here too, then update the size.
+  static_assert(sizeof(KernelTraits) == 32, "KernelTraits has a field traits_fields() does not list");
+  const auto list = [](auto... values) {
+    static_assert(sizeof...(values) == kTraitsFieldCount, "traits_fields() lists every field once");
+    return std::array<int32_t, kTraitsFieldCount>{int32_t(values)...};
+  };
+  return list(t.dtype, t.head_dim_qk, t.head_dim_v, t.mask, t.mask_dtype, t.window, t.dropout, t.softcap,
+              t.positive_scale, t.aligned, t.tma, t.arch);
+}
+
 // CUDA C++ Programming Guide, "Technical Specifications per Compute Capability".
 int max_shared_memory_bytes(int arch) {
   if (arch == 80 || arch == 87) return 163 * 1024;

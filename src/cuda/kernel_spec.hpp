@@ -133,6 +133,9 @@ struct KernelTraits {
 };
 
 KernelTraits traits_of(const AttentionProblem& problem, int arch);
+// Every field of KernelTraits as integers, in order (for comparing traits whole).
+constexpr size_t kTraitsFieldCount = 12;
+std::array<int32_t, kTraitsFieldCount> traits_fields(const KernelTraits& traits);
 
 // A forced tile configuration of the sm_90a forward, from FLASHJIT_CUDA_TILES
 // ("n=128,stages=2,q=2,o=tma,groups=2,softmax=fast"; any subset of the keys, for

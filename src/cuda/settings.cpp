@@ -1,10 +1,14 @@
 #include "cuda/settings.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "core/error.hpp"
 
@@ -33,6 +37,25 @@ int choice(const char* name, std::initializer_list<const char*> values) {
 }
 
 }  // namespace
+
+uint64_t environment_version() {
+  static std::atomic<uint64_t> next{1};
+  thread_local std::vector<char*> seen;
+  thread_local char** seen_array = nullptr;
+  thread_local uint64_t version = 0;
+  char** entries = environ;
+  size_t count = 0;
+  if (entries != nullptr) {
+    while (entries[count] != nullptr) ++count;
+  }
+  if (version == 0 || entries != seen_array || count != seen.size() ||
+      (count > 0 && std::memcmp(seen.data(), entries, count * sizeof(char*)) != 0)) {
+    seen.assign(entries, entries + count);
+    seen_array = entries;
+    version = next.fetch_add(1);
+  }
+  return version;
+}
 
 bool hopper_kernels() {
   static const bool enabled = switch_on("FLASHJIT_CUDA_HOPPER");

@@ -4,7 +4,9 @@
 //   FLASHJIT_CUDA_HOPPER=0      no sm_90a kernels: the mma.sync ones run instead
 //   FLASHJIT_CUDA_PERSISTENT=0  the sm_90a forward runs a block a work tile
 //   FLASHJIT_CUDA_MAP_CACHE=0   every TMA descriptor encoded anew (for comparisons of host time)
-// Read at every kernel choice (tests and the tuner switch them within a process):
+// Read at every kernel choice (tests and the tuner switch them within a process); a thread keeps
+// its recent choices (backend.cpp's ChoiceMemo) until the environment changes
+// (environment_version):
 //   FLASHJIT_CUDA_TILES         the sm_90a forward's tiles (kernel_spec.hpp, ForwardTiles)
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
 //   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
@@ -23,9 +25,17 @@
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
 
+#include <cstdint>
 #include <optional>
 
 namespace flashjit::cuda::settings {
+
+// A number that changes when the process environment has changed since this thread last asked:
+// the environ array and its entries' addresses, compared (setenv, unsetenv and putenv replace an
+// entry or the array; Python's os.environ calls them), the strings unread; about 100
+// instructions. Values are unique in the process. What a variable's text is edited in place
+// through a string given to putenv is not seen.
+uint64_t environment_version();
 
 bool hopper_kernels();
 bool persistent_forward();

@@ -1,5 +1,6 @@
 #include "cuda/tuning.hpp"
 
+#include <atomic>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -191,8 +192,11 @@ const TunedChoice* tuned_entry(const std::string& device_name, int arch, const s
 }
 
 const char* band(int64_t seqlen_k) {
-  return seqlen_k <= 2048 ? "keys-2k" : seqlen_k <= 8192 ? "keys-8k" : "keys-more";
+  static const char* const kBands[] = {"keys-2k", "keys-8k", "keys-more"};
+  return kBands[tuning_band(seqlen_k)];
 }
+
+std::atomic<uint64_t> g_generation{1};
 
 }  // namespace
 
@@ -281,6 +285,11 @@ std::string describe_tuning(const std::string& device_name, int arch) {
 void clear_tuning() {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_tables.clear();
+  g_generation.fetch_add(1);
 }
+
+uint64_t tuning_generation() { return g_generation.load(); }
+
+int tuning_band(int64_t seqlen_k) { return seqlen_k <= 2048 ? 0 : seqlen_k <= 8192 ? 1 : 2; }
 
 }  // namespace flashjit::cuda

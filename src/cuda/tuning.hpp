@@ -61,4 +61,10 @@ std::string describe_tuning(const std::string& device_name, int arch);
 // Forgets the tuning files read by this process.
 void clear_tuning();
 
+// A number that changes whenever the tables of this process change (clear_tuning, save_tuning).
+uint64_t tuning_generation();
+
+// The key length's band of a class (tuning_key): 0 up to 2k keys, 1 up to 8k, 2 more.
+int tuning_band(int64_t seqlen_k);
+
 }  // namespace flashjit::cuda

@@ -267,6 +267,42 @@ TEST_F(CudaHostPath, RepeatedCallsLaunchTheSameParameters) {
   }
 }
 
+// The kernels a call chooses are kept for the thread's next calls; a setting changed between
+// calls (tests and the tuner switch them within a process) is still taken at the next call.
+TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
+  REQUIRE_NULL_DRIVER();
+  DeviceBuffers buffers(1, 4, 4, 512, 512, 64, FJ_BFLOAT16);
+  const fj_attention_options options = fj_attention_options_default();
+  const auto forward = [&] {
+    EXPECT_EQ(buffers.forward(options), FJ_SUCCESS) << fj_last_error();
+    return null_driver().last(1).front();
+  };
+  const auto backward_launches = [&] {
+    const unsigned long long before = null_driver().now().launches;
+    EXPECT_EQ(buffers.backward(options), FJ_SUCCESS) << fj_last_error();
+    return null_driver().now().launches - before;
+  };
+  unsetenv("FLASHJIT_CUDA_TILES");
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  const NullLaunch chosen = forward();
+  EXPECT_EQ(forward().shared_bytes, chosen.shared_bytes);
+  setenv("FLASHJIT_CUDA_TILES", "n=64,stages=2,groups=2", 1);
+  const NullLaunch forced = forward();
+  setenv("FLASHJIT_CUDA_TILES", "n=128,stages=2,groups=2", 1);
+  const NullLaunch wider = forward();
+  EXPECT_NE(forced.shared_bytes, wider.shared_bytes);  // twice the keys a step in each K/V buffer
+  unsetenv("FLASHJIT_CUDA_TILES");
+  EXPECT_EQ(forward().shared_bytes, chosen.shared_bytes);
+  EXPECT_EQ(forward().block[0], chosen.block[0]);
+  setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
+  EXPECT_EQ(backward_launches(), 3u);  // prep, dQ, dK/dV
+  setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
+  EXPECT_EQ(backward_launches(), 2u);  // prep, dK/dV with dQ
+  setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
+  EXPECT_EQ(backward_launches(), 3u);
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+}
+
 // Planning enqueues nothing and reports the workspace the backward needs; a call given that
 // workspace takes no scratch of its own, and one given less is refused, naming workspace_bytes.
 TEST_F(CudaHostPath, PlanningSizesTheWorkspaceAndEnqueuesNothing) {
