@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <iterator>
 
 #include "core/dtype.hpp"
@@ -169,6 +170,35 @@ std::string KernelSpec::name() const {
 }
 
 namespace {
+// How many fields an aggregate has: T{AnyField x n} compiles for n up to its field count only.
+struct AnyField {
+  template <class U>
+  constexpr operator U() const {
+    return U{};
+  }
+};
+template <class T, class... Fields>
+constexpr auto braces_take(int) -> decltype(T{Fields{}...}, true) {
+  return true;
+}
+template <class T, class... Fields>
+constexpr bool braces_take(...) {
+  return false;
+}
+template <size_t>
+using AnyFieldAt = AnyField;
+template <class T, size_t... I>
+constexpr bool has_fields(std::index_sequence<I...>) {
+  return braces_take<T, AnyFieldAt<I>...>(0) && !braces_take<T, AnyField, AnyFieldAt<I>...>(0);
+}
+template <class T, size_t N>
+constexpr bool has_fields() {
+  return has_fields<T>(std::make_index_sequence<N>{});
+}
+static_assert(has_fields<KernelSpec, KernelSpec::kFieldCount>(),
+              "KernelSpec has a field KernelSpec::fields() (and the ctest's changes) do not list");
+static_assert(has_fields<KernelTraits, kTraitsFieldCount>(), "KernelTraits has a field traits_fields() does not list");
+
 // KernelSpec::Fields from exactly kFieldCount values (a field left out is a compile error, not a 0).
 template <class... Values>
 KernelSpec::Fields fields_of(Values... values) {
@@ -333,8 +363,6 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
 }
 
 std::array<int32_t, kTraitsFieldCount> traits_fields(const KernelTraits& t) {
-  // A field added to KernelTraits changes its size: list it here too, then update the size.
-  static_assert(sizeof(KernelTraits) == 32, "KernelTraits has a field traits_fields() does not list");
   const auto list = [](auto... values) {
     static_assert(sizeof...(values) == kTraitsFieldCount, "traits_fields() lists every field once");
     return std::array<int32_t, kTraitsFieldCount>{int32_t(values)...};

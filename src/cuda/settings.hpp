@@ -33,8 +33,9 @@ namespace flashjit::cuda::settings {
 // A number that changes when the process environment has changed since this thread last asked:
 // the environ array and its entries' addresses, compared (setenv, unsetenv and putenv replace an
 // entry or the array; Python's os.environ calls them), the strings unread; about 100
-// instructions. Values are unique in the process. What a variable's text is edited in place
-// through a string given to putenv is not seen.
+// instructions. Values are unique in the process. Not seen: a variable's text edited in place
+// through a string given to putenv, and (with a C library whose setenv frees the string it
+// replaces, as musl's does; glibc keeps them) a new string at a freed one's address.
 uint64_t environment_version();
 
 bool hopper_kernels();

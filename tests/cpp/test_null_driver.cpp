@@ -15,7 +15,9 @@
 #include <string>
 #include <vector>
 
+#include "cuda/kernel_spec.hpp"
 #include "cuda/kernels/params.cuh"
+#include "cuda/tuning.hpp"
 #include "flashjit/cuda.h"
 #include "flashjit/flashjit.h"
 #include "harness.hpp"
@@ -294,6 +296,17 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_EQ(forward().shared_bytes, chosen.shared_bytes);
   EXPECT_EQ(forward().block[0], chosen.block[0]);
+  // A tuning saved for the class (as `flashjit tune` does) is taken by the next call, and its
+  // entry dropped again gives the built-in choice back.
+  flashjit::cuda::KernelTraits traits;
+  traits.dtype = FJ_BFLOAT16;
+  traits.head_dim_qk = traits.head_dim_v = 64;
+  traits.arch = 90;
+  const std::string key = flashjit::cuda::tuning_key(traits, 512);
+  flashjit::cuda::save_tuning("NVIDIA H200", 90, key + " n=64,stages=2,groups=2 100\n");
+  EXPECT_EQ(forward().shared_bytes, forced.shared_bytes) << key;
+  flashjit::cuda::save_tuning("NVIDIA H200", 90, key + " built-in 0\n");
+  EXPECT_EQ(forward().shared_bytes, chosen.shared_bytes) << key;
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
   EXPECT_EQ(backward_launches(), 3u);  // prep, dQ, dK/dV
   setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
