@@ -152,9 +152,8 @@ fj_tensor descriptor_to_tensor(const char* op, const char* name, PyObject* d) {
   std::memset(&t, 0, sizeof t);
   PyObject* pointer = PyTuple_GET_ITEM(d, 0);
   const unsigned long long address = PyLong_Check(pointer) ? PyLong_AsUnsignedLongLong(pointer) : 0;
-  if (!PyLong_Check(pointer) || (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) ||
-      address > std::numeric_limits<uintptr_t>::max()) {
-    PyErr_Clear();  // a negative or too large one: the message below names it
+  if (!PyLong_Check(pointer) || (address == static_cast<unsigned long long>(-1) && PyErr_Occurred())) {
+    PyErr_Clear();  // a negative or too large one (OverflowError): the message below names it
     throw bad("a tensor descriptor's first item is a data pointer (a non-negative integer)");
   }
   t.data = reinterpret_cast<void*>(static_cast<uintptr_t>(address));

@@ -354,6 +354,5 @@ void clear_memory_cache() {
   g_memory_generation.fetch_add(1);
 }
 
-uint64_t memory_cache_generation() { return g_memory_generation.load(); }
 
 }  // namespace flashjit::cuda

@@ -199,22 +199,21 @@ static_assert(has_fields<KernelSpec, KernelSpec::kFieldCount>(),
               "KernelSpec has a field KernelSpec::fields() (and the ctest's changes) do not list");
 static_assert(has_fields<KernelTraits, kTraitsFieldCount>(), "KernelTraits has a field traits_fields() does not list");
 
-// KernelSpec::Fields from exactly kFieldCount values (a field left out is a compile error, not a 0).
-template <class... Values>
-KernelSpec::Fields fields_of(Values... values) {
-  static_assert(sizeof...(Values) == KernelSpec::kFieldCount, "KernelSpec::fields() lists every field once");
-  return KernelSpec::Fields{int32_t(values)...};
+// An array of exactly N fields as integers (a field left out is a compile error, not a 0).
+template <size_t N, class... Values>
+std::array<int32_t, N> fields_of(Values... values) {
+  static_assert(sizeof...(Values) == N, "every field listed once");
+  return std::array<int32_t, N>{int32_t(values)...};
 }
 }  // namespace
 
 KernelSpec::Fields KernelSpec::fields() const {
-  return fields_of(entry,              family,              dtype,               head_dim_qk,        head_dim_v,
-                   mask,               mask_dtype,          window,              dropout,            softcap,
-                   aligned,            split,               varlen,              kv_cache,           edge_general,
-                   block_span,         chains_tiles(),      trace,               dq_diagnostic,      page_boxes,
-                   threads,            row_tiles,           dkdv_part,           one_pass,           dkdv_shared,
-                   stages,             q_buffers,           o_tma,               fold_scale,         lazy_rescale,
-                   block_n,            arch);
+  return fields_of<kFieldCount>(entry,        family,      dtype,          head_dim_qk,   head_dim_v,   mask,
+                                mask_dtype,   window,      dropout,        softcap,       aligned,      split,
+                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), trace,
+                                dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
+                                dkdv_shared,  stages,      q_buffers,      o_tma,         fold_scale,   lazy_rescale,
+                                block_n,      arch);
 }
 
 const char* KernelSpec::function_name() const { return entry_names(entry).function; }
@@ -363,12 +362,8 @@ KernelTraits traits_of(const AttentionProblem& p, int arch) {
 }
 
 std::array<int32_t, kTraitsFieldCount> traits_fields(const KernelTraits& t) {
-  const auto list = [](auto... values) {
-    static_assert(sizeof...(values) == kTraitsFieldCount, "traits_fields() lists every field once");
-    return std::array<int32_t, kTraitsFieldCount>{int32_t(values)...};
-  };
-  return list(t.dtype, t.head_dim_qk, t.head_dim_v, t.mask, t.mask_dtype, t.window, t.dropout, t.softcap,
-              t.positive_scale, t.aligned, t.tma, t.arch);
+  return fields_of<kTraitsFieldCount>(t.dtype, t.head_dim_qk, t.head_dim_v, t.mask, t.mask_dtype, t.window,
+                                      t.dropout, t.softcap, t.positive_scale, t.aligned, t.tma, t.arch);
 }
 
 // CUDA C++ Programming Guide, "Technical Specifications per Compute Capability".
