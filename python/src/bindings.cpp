@@ -175,8 +175,103 @@ fj_tensor descriptor_to_tensor(const char* op, const char* name, PyObject* d) {
   return t;
 }
 
+// Tensors of the framework the front end registered (set_tensor_type: torch.Tensor and the
+// codes of its dtypes), read in place through their own attributes: what a descriptor tuple
+// holds, without building the tuple in Python and parsing it here (about half the time of
+// each tensor of a call). Anything else of that type (a dtype or device without a code: meta,
+// int64, ...) goes through DLPack of x.detach(), which names what it is.
+struct TensorType {
+  PyTypeObject* type = nullptr;  // owned (kept for the process's life, as the module is)
+  PyObject* dtypes = nullptr;    // {dtype object: fj_dtype}
+  int32_t cpu = -1, cuda = -1;   // device codes; -1 where the backend is not compiled in
+  PyObject *dtype = nullptr, *is_cuda = nullptr, *is_cpu = nullptr, *data_ptr = nullptr, *shape = nullptr,
+           *stride = nullptr, *get_device = nullptr, *detach = nullptr;  // interned attribute names
+};
+TensorType tensor_type;
+
+// A new reference, or nb::python_error with Python's own exception.
+PyObject* owned(PyObject* object) {
+  if (object == nullptr) throw nb::python_error();
+  return object;
+}
+
+// x read as a descriptor; false where it has no descriptor (its dtype or device has no code).
+bool read_framework_tensor(const char* op, const char* name, PyObject* x, fj_tensor& t) {
+  const TensorType& type = tensor_type;
+  const nb::object dtype = nb::steal(owned(PyObject_GetAttr(x, type.dtype)));
+  PyObject* code = PyDict_GetItemWithError(type.dtypes, dtype.ptr());  // borrowed
+  if (code == nullptr) {
+    if (PyErr_Occurred()) throw nb::python_error();
+    return false;
+  }
+  std::memset(&t, 0, sizeof t);
+  t.dtype = fj_dtype(PyLong_AsLong(code));
+  const nb::object cuda = nb::steal(owned(PyObject_GetAttr(x, type.is_cuda)));
+  if (cuda.ptr() == Py_True) {
+    if (type.cuda < 0) return false;
+    t.device_type = fj_device_type(type.cuda);
+    const nb::object index = nb::steal(owned(PyObject_CallMethodNoArgs(x, type.get_device)));
+    const long value = PyLong_AsLong(index.ptr());
+    if (value == -1 && PyErr_Occurred()) throw nb::python_error();
+    t.device_index = int32_t(value);
+  } else {
+    const nb::object cpu = nb::steal(owned(PyObject_GetAttr(x, type.is_cpu)));
+    if (cpu.ptr() != Py_True || type.cpu < 0) return false;
+    t.device_type = fj_device_type(type.cpu);
+  }
+  const nb::object pointer = nb::steal(owned(PyObject_CallMethodNoArgs(x, type.data_ptr)));
+  const unsigned long long address = PyLong_AsUnsignedLongLong(pointer.ptr());
+  if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw nb::python_error();
+  t.data = reinterpret_cast<void*>(static_cast<uintptr_t>(address));
+  const nb::object shape = nb::steal(owned(PyObject_GetAttr(x, type.shape)));
+  const nb::object strides = nb::steal(owned(PyObject_CallMethodNoArgs(x, type.stride)));
+  if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr()) ||
+      PyTuple_GET_SIZE(shape.ptr()) != PyTuple_GET_SIZE(strides.ptr())) {
+    throw nb::type_error((std::string("[") + op + "] " + name + ": its shape and stride() are not tuples of as many "
+                          "integers")
+                             .c_str());
+  }
+  t.ndim = int32_t(PyTuple_GET_SIZE(shape.ptr()));  // the C API rejects a rank other than 3 or 4 by name
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape.ptr()) && i < FJ_MAX_DIMS; ++i) {
+    t.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+    t.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
+  }
+  if (PyErr_Occurred()) throw nb::python_error();
+  return true;
+}
+
+void set_tensor_type(nb::handle type, nb::dict dtypes) {
+  if (!PyType_Check(type.ptr())) throw nb::type_error("set_tensor_type: type: expected a class");
+  TensorType next;
+  next.type = reinterpret_cast<PyTypeObject*>(type.inc_ref().ptr());
+  next.dtypes = dtypes.inc_ref().ptr();
+  const auto code = [](const char* device) {
+    int32_t value = 0;
+    return fj_device_type_by_name(device, &value) == FJ_SUCCESS ? value : -1;
+  };
+  next.cpu = code("cpu");
+  next.cuda = code("cuda");
+  next.dtype = PyUnicode_InternFromString("dtype");
+  next.is_cuda = PyUnicode_InternFromString("is_cuda");
+  next.is_cpu = PyUnicode_InternFromString("is_cpu");
+  next.data_ptr = PyUnicode_InternFromString("data_ptr");
+  next.shape = PyUnicode_InternFromString("shape");
+  next.stride = PyUnicode_InternFromString("stride");
+  next.get_device = PyUnicode_InternFromString("get_device");
+  next.detach = PyUnicode_InternFromString("detach");
+  tensor_type = next;  // the previous one's references are kept (set once per process)
+}
+
 fj_tensor to_tensor(const char* op, const char* name, nb::handle x) {
   if (PyTuple_Check(x.ptr())) return descriptor_to_tensor(op, name, x.ptr());
+  nb::object detached;
+  if (tensor_type.type != nullptr && PyObject_TypeCheck(x.ptr(), tensor_type.type)) {
+    fj_tensor t;
+    if (read_framework_tensor(op, name, x.ptr(), t)) return t;
+    // DLPack takes no tensor that requires grad; the detached one shares x's memory.
+    detached = nb::steal(owned(PyObject_CallMethodNoArgs(x.ptr(), tensor_type.detach)));
+    x = detached;
+  }
   Array array;
   if (!nb::try_cast<Array>(x, array, /*convert=*/false)) {
     throw nb::type_error((std::string("[") + op + "] " + name + ": expected an array exporting DLPack, got " +
@@ -474,6 +569,7 @@ NB_MODULE(_C, m) {
     start = comma + 1;
   }
   m.attr("DEVICES") = devices;
+  m.def("set_tensor_type", &set_tensor_type, nb::arg("type"), nb::arg("dtypes"));
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });
   m.def("cpu_kernels", [] {

@@ -316,7 +316,8 @@ CUmemoryPool scratch_pool(int device_index) {
 }
 
 // Device scratch from flashjit's pool, freed in stream order (under stream
-// capture, an allocation node of the graph).
+// capture, an allocation node of the graph), or a thread's kept scratch (kept_scratch), which
+// stays with the thread.
 class StreamScratch {
  public:
   StreamScratch(size_t bytes, CUstream stream, int device_index) : stream_(stream) {
@@ -325,8 +326,9 @@ class StreamScratch {
             "cuMemAllocFromPoolAsync");
     }
   }
+  explicit StreamScratch(CUdeviceptr kept) : pointer_(kept), stream_(nullptr), owned_(false) {}
   ~StreamScratch() {
-    if (pointer_ != 0) driver().cuMemFreeAsync(pointer_, stream_);
+    if (pointer_ != 0 && owned_) driver().cuMemFreeAsync(pointer_, stream_);
   }
   StreamScratch(const StreamScratch&) = delete;
   StreamScratch& operator=(const StreamScratch&) = delete;
@@ -335,7 +337,72 @@ class StreamScratch {
  private:
   CUdeviceptr pointer_ = 0;
   CUstream stream_;
+  bool owned_ = true;
 };
+
+// The backward's scratch that a thread keeps for a stream from one call to the next, so that a
+// repeated backward takes no pool allocation (with its free, 2.7 µs of the H200 host's time a
+// call: bench/results/h200-driver-calls-2026-12-05-d3887c8.md). Kept by thread: two threads
+// enqueueing on one stream could interleave their kernels there, and one call's prep kernel
+// would overwrite the rows another's dQ kernel has yet to read; within a thread, on one stream,
+// a call's kernels run after the previous call's, so it can reuse their scratch. The kernels
+// set all of it before reading it (the prep kernel writes the rows and zeroes the counters).
+// Up to kKeptScratchBytes for each of kKeptStreams streams (told apart by the driver's stream
+// id, which a process never reuses); larger scratch and more streams take the pool as before.
+// Freed in the stream's order when it must grow, and at the thread's exit where its stream is
+// still the one it was kept for (else left: at most kKeptStreams * kKeptScratchBytes a thread).
+constexpr size_t kKeptScratchBytes = size_t(1) << 20;
+constexpr size_t kKeptStreams = 4;
+struct KeptScratch {
+  struct Entry {
+    unsigned long long stream_id = 0;
+    CUstream stream = nullptr;
+    int device_index = -1;
+    CUdeviceptr pointer = 0;
+    size_t bytes = 0;
+  };
+  std::array<Entry, kKeptStreams> entries;
+  ~KeptScratch() {
+    const Driver& d = driver();
+    for (const Entry& entry : entries) {
+      unsigned long long id = 0;
+      if (entry.pointer != 0 && d.cuStreamGetId(entry.stream, &id) == 0 && id == entry.stream_id) {
+        d.cuMemFreeAsync(entry.pointer, entry.stream);
+      }
+    }
+  }
+};
+
+// The thread's kept scratch of at least `bytes` for the call's stream; 0 where none applies
+// (too large, a per-thread default stream, no stream ids, every place taken, no memory).
+CUdeviceptr kept_scratch(size_t bytes, const Launch& launch) {
+  constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD: one handle, many streams
+  const Driver& d = driver();
+  if (bytes == 0 || bytes > kKeptScratchBytes || launch.graph_safe ||
+      reinterpret_cast<uintptr_t>(launch.stream) == kPerThreadStream || d.cuStreamGetId == nullptr) {
+    return 0;
+  }
+  unsigned long long id = 0;
+  if (d.cuStreamGetId(launch.stream, &id) != 0) return 0;
+  thread_local KeptScratch kept;
+  KeptScratch::Entry* slot = nullptr;
+  for (KeptScratch::Entry& entry : kept.entries) {
+    if (entry.pointer != 0 && entry.stream_id == id && entry.device_index == launch.device_index) {
+      slot = &entry;
+      break;
+    }
+    if (entry.pointer == 0 && slot == nullptr) slot = &entry;
+  }
+  if (slot == nullptr) return 0;
+  if (slot->pointer != 0 && slot->bytes >= bytes) return slot->pointer;
+  // Grown in whole 64 KiB, at least twice what it had: a few steps up to the bound.
+  const size_t grown = std::min(kKeptScratchBytes, std::max(slot->bytes * 2, (bytes + 0xFFFF) & ~size_t(0xFFFF)));
+  CUdeviceptr pointer = 0;
+  if (d.cuMemAllocFromPoolAsync(&pointer, grown, scratch_pool(launch.device_index), launch.stream) != 0) return 0;
+  if (slot->pointer != 0) d.cuMemFreeAsync(slot->pointer, launch.stream);  // after the calls that used it
+  *slot = KeptScratch::Entry{id, launch.stream, launch.device_index, pointer, grown};
+  return pointer;
+}
 
 // The persistent forward's tile counter of a stream: two words that the kernel
 // leaves at zero (KernelParams::tile_counter_resets), so that a call needs no
@@ -1029,7 +1096,12 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   if (launch.planning) return;
   void* scratch = p.workspace;
   if (scratch == nullptr) {
-    plan.scratch.emplace(plan.scratch_bytes, launch.stream, launch.device_index);
+    const CUdeviceptr kept = kept_scratch(plan.scratch_bytes, launch);
+    if (kept != 0) {
+      plan.scratch.emplace(kept);
+    } else {
+      plan.scratch.emplace(plan.scratch_bytes, launch.stream, launch.device_index);
+    }
     scratch = plan.scratch->get();
   } else if (p.workspace_bytes < plan.scratch_bytes) {
     throw_value_error("[cuda] workspace_bytes: this backward needs ", plan.scratch_bytes, " bytes of workspace, got ",
