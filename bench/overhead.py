@@ -59,34 +59,34 @@ def entry_points(q, k, v):
 
     op = torch.ops.flashjit.fwd
     routed = flashjit.sdpa._routed
-    buffers = (q, k, v, o, lse)  # the descriptors below point into these; the closure keeps them alive
+    buffers = (q, k, v, o, lse)  # _C reads these torch tensors in place
 
     def kernel_alone():
-        _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
+        _C.forward(*buffers, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
 
     def validation_alone():
-        _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, check_only=True)
+        _C.forward(*buffers, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, check_only=True)
 
     def planning_alone():
-        _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, prepare=True)
+        _C.forward(*buffers, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, prepare=True)
 
     def outputs_alone():
         return q.new_empty(o.shape), q.new_empty(lse.shape, dtype=lse.dtype)
 
     # The backward's parts on the same tensors: o and lse from a forward, dq, dk, dv preallocated.
-    _C.forward(*map(ops._ref, buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
+    _C.forward(*buffers, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
     grads = (dout, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     backward_buffers = buffers + grads  # q, k, v, o, lse, dout, dq, dk, dv
 
     def backward_validation():
-        _C.backward(*map(ops._ref, backward_buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream,
+        _C.backward(*backward_buffers, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream,
                     check_only=True)
 
     def backward_planning():
-        _C.backward(*map(ops._ref, backward_buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, prepare=True)
+        _C.backward(*backward_buffers, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream, prepare=True)
 
     def backward_alone():
-        _C.backward(*map(ops._ref, backward_buffers), None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
+        _C.backward(*backward_buffers, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, stream)
 
     def gradients_alone():
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -274,6 +274,12 @@ fj_tensor to_tensor(const char* op, const char* name, nb::handle x) {
   }
   Array array;
   if (!nb::try_cast<Array>(x, array, /*convert=*/false)) {
+    if (detached.is_valid()) {  // a framework tensor that DLPack does not take either (meta, a device of its own)
+      const nb::str device = nb::str(nb::getattr(x, "device")), dtype = nb::str(nb::getattr(x, "dtype"));
+      throw nb::type_error((std::string("[") + op + "] " + name + ": a tensor of " + dtype.c_str() + " on " +
+                            device.c_str() + ", which flashjit cannot read; expected a cpu or cuda tensor")
+                               .c_str());
+    }
     throw nb::type_error((std::string("[") + op + "] " + name + ": expected an array exporting DLPack, got " +
                           nb::type_name(x.type()).c_str())
                              .c_str());

@@ -175,3 +175,31 @@ def test_malformed_tensor_descriptors_are_named():
     o.fill_(float("nan"))
     call((q.data_ptr(), np.int64(f32), np.int32(0), np.int8(0), (1, 1, 4, 8), (32, 32, 8, 1)))
     assert torch.isfinite(o).all()
+
+
+def test_torch_tensors_read_in_place_match_their_descriptors():
+    """_C reads torch tensors in place (data pointer, dtype, device, shape and strides) as it
+    reads the descriptors the front end builds: the same output for strided views, tensors that
+    require grad and subclasses; a dtype or device without a code goes through DLPack, which
+    names the operand."""
+    from flashjit import _C, ops
+
+    torch.manual_seed(3)
+    q = torch.randn(2, 3, 5, 8)
+    k = torch.randn(2, 5, 3, 8).transpose(1, 2)  # strided: heads and rows swapped
+    v = torch.nn.Parameter(torch.randn(2, 3, 5, 8))  # a subclass that requires grad
+    scalars = (None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0, 0)
+    outputs = []
+    for read in (ops._ref, lambda t: t):
+        o, lse = torch.full((2, 3, 5, 8), float("nan")), torch.full((2, 3, 5), float("nan"))
+        _C.forward(*map(read, (q, k, v, o, lse)), *scalars)
+        outputs.append((o, lse))
+    assert torch.isfinite(outputs[1][0]).all() and torch.isfinite(outputs[1][1]).all()
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    expected = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8**0.5, -1) @ v.detach().double()
+    assert torch.allclose(outputs[1][0].double(), expected, atol=1e-5)
+    o, lse = outputs[1]
+    with pytest.raises(TypeError, match=r"\[attention\] k: .*int64"):
+        _C.forward(q, k.long(), v, o, lse, *scalars)
+    with pytest.raises(TypeError, match=r"\[attention\] k: a tensor of torch.float32 on meta, which flashjit cannot read"):
+        _C.forward(q, k.to("meta"), v, o, lse, *scalars)
