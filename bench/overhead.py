@@ -43,6 +43,18 @@ def per_call_us(fns: dict, calls: int, repeats: int = 15, sync=lambda: None) -> 
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+class _Twice(torch.autograd.Function):
+    """q * 2 with its backward in Python: the cost of an autograd rule written in Python."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
 def entry_points(q, k, v):
     """(name, forward-only callable, forward+backward callable or None)."""
     o = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
@@ -118,6 +130,11 @@ def entry_points(q, k, v):
     ] + compiled + [
         ("torch F.scaled_dot_product_attention", lambda: F.scaled_dot_product_attention(q, k, v),
          train(F.scaled_dot_product_attention)),
+        # What any autograd rule written in Python costs beside a native one (flashjit's is one):
+        # one elementwise op, as a native op and inside a torch.autograd.Function.
+        ("reference: q * 2 (a native op)", lambda: q * 2, train(lambda q, k, v: q * 2)),
+        ("reference: q * 2 in a Python autograd.Function", lambda: _Twice.apply(q),
+         train(lambda q, k, v: _Twice.apply(q))),
     ]
 
 
