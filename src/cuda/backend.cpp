@@ -1305,9 +1305,18 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
   return needed;
 }
 
-void forward(const AttentionProblem& problem) { run_parts(problem, false, false); }
-void backward(const AttentionProblem& problem) { run_parts(problem, true, false); }
-size_t prepare_call(const AttentionProblem& problem, bool backward) { return run_parts(problem, backward, true); }
+void forward(const AttentionProblem& problem) {
+  const settings::EnvironmentScope scope;
+  run_parts(problem, false, false);
+}
+void backward(const AttentionProblem& problem) {
+  const settings::EnvironmentScope scope;
+  run_parts(problem, true, false);
+}
+size_t prepare_call(const AttentionProblem& problem, bool backward) {
+  const settings::EnvironmentScope scope;
+  return run_parts(problem, backward, true);
+}
 
 }  // namespace
 }  // namespace flashjit::cuda

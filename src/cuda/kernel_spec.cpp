@@ -431,7 +431,15 @@ ForwardTiles parse_forward_tiles(const char* text) {
 }
 
 ForwardTiles forced_forward_tiles() {
-  return parse_forward_tiles(settings::forced_tiles());
+  // Parsed again only when the environment has changed (a parse that throws keeps nothing).
+  thread_local uint64_t version = 0;
+  thread_local ForwardTiles tiles;
+  const uint64_t now = settings::environment_version();
+  if (version != now) {
+    tiles = parse_forward_tiles(settings::forced_tiles());
+    version = now;
+  }
+  return tiles;
 }
 
 namespace {

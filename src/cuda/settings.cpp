@@ -36,9 +36,31 @@ int choice(const char* name, std::initializer_list<const char*> values) {
   throw_value_error("[cuda] ", name, ": expected ", expected, ", got '", value, "'");
 }
 
+// A setting read at each kernel choice, kept by the thread until the environment changes
+// (environment_version, once a call: a getenv scans every variable). A read
+// that throws (a value the setting does not take) keeps nothing, so the next call throws again.
+template <class T>
+struct Kept {
+  uint64_t version = 0;
+  T value{};
+};
+template <class T, class Read>
+T kept(Kept<T>& slot, Read read) {
+  const uint64_t now = environment_version();
+  if (slot.version != now) {
+    slot.value = read();
+    slot.version = now;
+  }
+  return slot.value;
+}
+
 }  // namespace
 
-uint64_t environment_version() {
+namespace {
+thread_local int scopes = 0;               // EnvironmentScopes open on the thread
+thread_local uint64_t scoped_version = 0;  // the outermost one's version
+
+uint64_t current_environment_version() {
   static std::atomic<uint64_t> next{1};
   thread_local std::vector<char*> seen;
   thread_local char** seen_array = nullptr;
@@ -56,6 +78,16 @@ uint64_t environment_version() {
   }
   return version;
 }
+}  // namespace
+
+uint64_t environment_version() { return scopes > 0 ? scoped_version : current_environment_version(); }
+
+EnvironmentScope::EnvironmentScope() {
+  if (scopes == 0) scoped_version = current_environment_version();
+  ++scopes;
+}
+
+EnvironmentScope::~EnvironmentScope() { --scopes; }
 
 bool hopper_kernels() {
   static const bool enabled = switch_on("FLASHJIT_CUDA_HOPPER");
@@ -75,36 +107,54 @@ bool map_cache() {
 const char* forced_tiles() { return std::getenv("FLASHJIT_CUDA_TILES"); }
 
 std::optional<int> forced_splits() {
-  const char* value = std::getenv("FLASHJIT_CUDA_SPLITS");
-  if (value == nullptr || *value == '\0') return std::nullopt;
-  return std::max(1, std::atoi(value));
+  thread_local Kept<std::optional<int>> slot;
+  return kept(slot, []() -> std::optional<int> {
+    const char* value = std::getenv("FLASHJIT_CUDA_SPLITS");
+    if (value == nullptr || *value == '\0') return std::nullopt;
+    return std::max(1, std::atoi(value));
+  });
 }
 
 int decode_warps() {
-  const int chosen = choice("FLASHJIT_CUDA_DECODE_WARPS", {"1", "4"});
-  return chosen < 0 ? 0 : chosen == 0 ? 1 : 4;
+  thread_local Kept<int> slot;
+  return kept(slot, [] {
+    const int chosen = choice("FLASHJIT_CUDA_DECODE_WARPS", {"1", "4"});
+    return chosen < 0 ? 0 : chosen == 0 ? 1 : 4;
+  });
 }
 
 bool kv_cache_hopper() {
-  const int chosen = choice("FLASHJIT_CUDA_KV_HOPPER", {"0", "1"});
-  return chosen < 0 ? decode_warps() == 0 : chosen == 1;
+  thread_local Kept<bool> slot;
+  return kept(slot, [] {
+    const int chosen = choice("FLASHJIT_CUDA_KV_HOPPER", {"0", "1"});
+    return chosen < 0 ? decode_warps() == 0 : chosen == 1;
+  });
 }
 
-bool trace_tiles() { return choice("FLASHJIT_CUDA_TRACE", {"0", "1"}) == 1; }
+bool trace_tiles() {
+  thread_local Kept<bool> slot;
+  return kept(slot, [] { return choice("FLASHJIT_CUDA_TRACE", {"0", "1"}) == 1; });
+}
 
 int one_pass_dq() { return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered"})); }
 
 std::optional<bool> one_pass_backward() {
-  const int chosen = choice("FLASHJIT_CUDA_BACKWARD", {"split", "one-pass"});
-  if (chosen < 0) return std::nullopt;
-  return chosen == 1;
+  thread_local Kept<std::optional<bool>> slot;
+  return kept(slot, []() -> std::optional<bool> {
+    const int chosen = choice("FLASHJIT_CUDA_BACKWARD", {"split", "one-pass"});
+    if (chosen < 0) return std::nullopt;
+    return chosen == 1;
+  });
 }
 
-bool dkdv_shared_operands() { return choice("FLASHJIT_CUDA_DKDV", {"registers", "shared"}) == 1; }
+bool dkdv_shared_operands() {
+  thread_local Kept<bool> slot;
+  return kept(slot, [] { return choice("FLASHJIT_CUDA_DKDV", {"registers", "shared"}) == 1; });
+}
 
 bool varlen_single_launch() {
-  const char* value = std::getenv("FLASHJIT_CUDA_VARLEN");
-  return value == nullptr || std::strcmp(value, "0") != 0;
+  thread_local Kept<bool> slot;
+  return kept(slot, [] { return switch_on("FLASHJIT_CUDA_VARLEN"); });
 }
 
 }  // namespace flashjit::cuda::settings

@@ -5,8 +5,8 @@
 //   FLASHJIT_CUDA_PERSISTENT=0  the sm_90a forward runs a block a work tile
 //   FLASHJIT_CUDA_MAP_CACHE=0   every TMA descriptor encoded anew (for comparisons of host time)
 // Read at every kernel choice (tests and the tuner switch them within a process); a thread keeps
-// its recent choices (backend.cpp's ChoiceMemo) until the environment changes
-// (environment_version):
+// its recent choices (backend.cpp's ChoiceMemo), and the values it read, until the environment
+// changes (environment_version):
 //   FLASHJIT_CUDA_TILES         the sm_90a forward's tiles (kernel_spec.hpp, ForwardTiles)
 //   FLASHJIT_CUDA_SPLITS        the split forward's key splits, forced (0 or 1: never)
 //   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
@@ -32,11 +32,23 @@ namespace flashjit::cuda::settings {
 
 // A number that changes when the process environment has changed since this thread last asked:
 // the environ array and its entries' addresses, compared (setenv, unsetenv and putenv replace an
-// entry or the array; Python's os.environ calls them), the strings unread; about 100
-// instructions. Values are unique in the process. Not seen: a variable's text edited in place
-// through a string given to putenv, and (with a C library whose setenv frees the string it
-// replaces, as musl's does; glibc keeps them) a new string at a freed one's address.
+// entry or the array; Python's os.environ calls them), the strings unread; about 400
+// instructions with 40 variables. Values are unique in the process. Not seen: a variable's text
+// edited in place through a string given to putenv, and (with a C library whose setenv frees the
+// string it replaces, as musl's does; glibc keeps them) a new string at a freed one's address.
 uint64_t environment_version();
+
+// While one is open on a thread (a call of the backend, during which the environment does not
+// change), environment_version() gives the version found when the outermost one opened: the
+// settings and choices a call reads then cost it one look at the environment (about 400
+// instructions with 40 variables), not one each.
+class EnvironmentScope {
+ public:
+  EnvironmentScope();
+  ~EnvironmentScope();
+  EnvironmentScope(const EnvironmentScope&) = delete;
+  EnvironmentScope& operator=(const EnvironmentScope&) = delete;
+};
 
 bool hopper_kernels();
 bool persistent_forward();
