@@ -354,10 +354,15 @@ class _EagerAttention(torch.autograd.Function):
             output = _forward(*inputs) if plan is None else plan.forward(q, k, v)
         ctx.plan = plan
         _setup_fwd(ctx, inputs, output, None if plan is None else plan.options)  # a plan's calls: no mask, no rng
+        # lse has no gradient: without this autograd would fill a zero tensor for it every
+        # backward (an allocation and a kernel launch on a GPU).
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
+        if grad_o is None:  # nothing reached o (only possible through lse, which has no gradient)
+            return None, None, None, None, None
         # create_graph=True needs the op, whose backward is differentiable; a batched
         # gradient (vmap over the backward) needs its batching rule.
         plain = not torch.is_grad_enabled() and _plain_eager(grad_o)
