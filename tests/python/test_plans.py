@@ -291,3 +291,27 @@ def test_arrays_without_return_lse_compute_no_lse():
     o = flashjit.attention(q, k, v, causal=True)
     o2, lse = flashjit.attention(q, k, v, causal=True, return_lse=True)
     assert np.array_equal(o, o2) and lse.shape == (1, 2, 9)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_backward_fills_no_gradient_for_lse(entry):
+    """lse has no gradient: a backward, planned or not, makes no zero tensor for it (on a GPU
+    that would be an allocation and a kernel launch every step); the gradients stay right."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 16, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, 2, 16, 32, device=DEVICE)
+    for call in range(4):  # the first calls take the general path, the later ones the plan
+        for x in (q, k, v):
+            x.grad = None
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ENTRIES[entry](q, k, v, False).backward(dout)
+        names = [event.key for event in prof.key_averages()]
+        assert not any(name in ("aten::zeros", "aten::zeros_like") for name in names), (call, names)
+    exact = leaves(q.detach(), k.detach(), v.detach(), dtype=torch.float64)
+    naive(*exact).backward(dout.double())
+    base = leaves(q.detach(), k.detach(), v.detach())
+    naive(*base, dtype=torch.float32).backward(dout)
+    for name, got, low, ref in zip(("dq", "dk", "dv"), (q, k, v), base, exact):
+        check(name, got.grad, low.grad, ref.grad, torch.float32)
