@@ -185,7 +185,7 @@ struct TensorType {
   PyObject* dtypes = nullptr;    // {dtype object: fj_dtype}
   int32_t cpu = -1, cuda = -1;   // device codes; -1 where the backend is not compiled in
   PyObject *dtype = nullptr, *is_cuda = nullptr, *is_cpu = nullptr, *data_ptr = nullptr, *shape = nullptr,
-           *stride = nullptr, *get_device = nullptr, *detach = nullptr;  // interned attribute names
+           *stride = nullptr, *get_device = nullptr, *detach = nullptr, *is_neg = nullptr;  // interned names
 };
 TensorType tensor_type;
 
@@ -195,36 +195,66 @@ PyObject* owned(PyObject* object) {
   return object;
 }
 
+// The Python exception being raised again, of the same type, its message led by the operand's
+// name (reading a tensor's attributes can fail: a tensor without storage, a subclass's own rules).
+[[noreturn]] void raise_named(const char* op, const char* name) {
+  PyObject *type = nullptr, *value = nullptr, *traceback = nullptr;
+  PyErr_Fetch(&type, &value, &traceback);
+  PyErr_NormalizeException(&type, &value, &traceback);
+  PyObject* text = value != nullptr ? PyObject_Str(value) : nullptr;
+  const char* message = text != nullptr ? PyUnicode_AsUTF8(text) : nullptr;
+  if (message == nullptr) PyErr_Clear();
+  PyErr_Format(type != nullptr ? type : PyExc_TypeError, "[%s] %s: %s", op, name,
+               message != nullptr ? message : "its attributes could not be read");
+  Py_XDECREF(text);
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(traceback);
+  throw nb::python_error();
+}
+
 // x read as a descriptor; false where it has no descriptor (its dtype or device has no code).
 bool read_framework_tensor(const char* op, const char* name, PyObject* x, fj_tensor& t) {
   const TensorType& type = tensor_type;
-  const nb::object dtype = nb::steal(owned(PyObject_GetAttr(x, type.dtype)));
+  const auto got = [&](PyObject* object) {  // a new reference, or the error raised naming the operand
+    if (object == nullptr) raise_named(op, name);
+    return nb::steal(object);
+  };
+  const auto integer = [&](PyObject* value) {
+    const long long result = PyLong_AsLongLong(value);
+    if (result == -1 && PyErr_Occurred()) raise_named(op, name);
+    return int64_t(result);
+  };
+  const nb::object dtype = got(PyObject_GetAttr(x, type.dtype));
   PyObject* code = PyDict_GetItemWithError(type.dtypes, dtype.ptr());  // borrowed
   if (code == nullptr) {
-    if (PyErr_Occurred()) throw nb::python_error();
+    if (PyErr_Occurred()) raise_named(op, name);
     return false;
   }
   std::memset(&t, 0, sizeof t);
-  t.dtype = fj_dtype(PyLong_AsLong(code));
-  const nb::object cuda = nb::steal(owned(PyObject_GetAttr(x, type.is_cuda)));
+  t.dtype = fj_dtype(integer(code));
+  const nb::object cuda = got(PyObject_GetAttr(x, type.is_cuda));
   if (cuda.ptr() == Py_True) {
     if (type.cuda < 0) return false;
     t.device_type = fj_device_type(type.cuda);
-    const nb::object index = nb::steal(owned(PyObject_CallMethodNoArgs(x, type.get_device)));
-    const long value = PyLong_AsLong(index.ptr());
-    if (value == -1 && PyErr_Occurred()) throw nb::python_error();
-    t.device_index = int32_t(value);
+    t.device_index = int32_t(integer(got(PyObject_CallMethodNoArgs(x, type.get_device)).ptr()));
   } else {
-    const nb::object cpu = nb::steal(owned(PyObject_GetAttr(x, type.is_cpu)));
+    const nb::object cpu = got(PyObject_GetAttr(x, type.is_cpu));
     if (cpu.ptr() != Py_True || type.cpu < 0) return false;
     t.device_type = fj_device_type(type.cpu);
   }
-  const nb::object pointer = nb::steal(owned(PyObject_CallMethodNoArgs(x, type.data_ptr)));
+  // A lazily negated view holds -x as x's memory with a flag, which a descriptor cannot say.
+  if (got(PyObject_CallMethodNoArgs(x, type.is_neg)).ptr() == Py_True) {
+    throw nb::type_error((std::string("[") + op + "] " + name +
+                          ": a lazily negated view (its negative bit is set); pass x.resolve_neg()")
+                             .c_str());
+  }
+  const nb::object pointer = got(PyObject_CallMethodNoArgs(x, type.data_ptr));
   const unsigned long long address = PyLong_AsUnsignedLongLong(pointer.ptr());
-  if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw nb::python_error();
+  if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) raise_named(op, name);
   t.data = reinterpret_cast<void*>(static_cast<uintptr_t>(address));
-  const nb::object shape = nb::steal(owned(PyObject_GetAttr(x, type.shape)));
-  const nb::object strides = nb::steal(owned(PyObject_CallMethodNoArgs(x, type.stride)));
+  const nb::object shape = got(PyObject_GetAttr(x, type.shape));
+  const nb::object strides = got(PyObject_CallMethodNoArgs(x, type.stride));
   if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr()) ||
       PyTuple_GET_SIZE(shape.ptr()) != PyTuple_GET_SIZE(strides.ptr())) {
     throw nb::type_error((std::string("[") + op + "] " + name + ": its shape and stride() are not tuples of as many "
@@ -233,10 +263,9 @@ bool read_framework_tensor(const char* op, const char* name, PyObject* x, fj_ten
   }
   t.ndim = int32_t(PyTuple_GET_SIZE(shape.ptr()));  // the C API rejects a rank other than 3 or 4 by name
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape.ptr()) && i < FJ_MAX_DIMS; ++i) {
-    t.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
-    t.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
+    t.shape[i] = integer(PyTuple_GET_ITEM(shape.ptr(), i));
+    t.strides[i] = integer(PyTuple_GET_ITEM(strides.ptr(), i));
   }
-  if (PyErr_Occurred()) throw nb::python_error();
   return true;
 }
 
@@ -259,6 +288,11 @@ void set_tensor_type(nb::handle type, nb::dict dtypes) {
   next.stride = PyUnicode_InternFromString("stride");
   next.get_device = PyUnicode_InternFromString("get_device");
   next.detach = PyUnicode_InternFromString("detach");
+  next.is_neg = PyUnicode_InternFromString("is_neg");
+  for (PyObject* interned : {next.dtype, next.is_cuda, next.is_cpu, next.data_ptr, next.shape, next.stride,
+                             next.get_device, next.detach, next.is_neg}) {
+    if (interned == nullptr) throw nb::python_error();
+  }
   tensor_type = next;  // the previous one's references are kept (set once per process)
 }
 
@@ -277,7 +311,8 @@ fj_tensor to_tensor(const char* op, const char* name, nb::handle x) {
     if (detached.is_valid()) {  // a framework tensor that DLPack does not take either (meta, a device of its own)
       const nb::str device = nb::str(nb::getattr(x, "device")), dtype = nb::str(nb::getattr(x, "dtype"));
       throw nb::type_error((std::string("[") + op + "] " + name + ": a tensor of " + dtype.c_str() + " on " +
-                            device.c_str() + ", which flashjit cannot read; expected a cpu or cuda tensor")
+                            device.c_str() + ", which flashjit cannot read; it takes float32, float16, bfloat16, "
+                            "float64 and bool tensors on the cpu or cuda")
                                .c_str());
     }
     throw nb::type_error((std::string("[") + op + "] " + name + ": expected an array exporting DLPack, got " +

@@ -315,9 +315,35 @@ CUmemoryPool scratch_pool(int device_index) {
   return pool;
 }
 
-// Device scratch from flashjit's pool, freed in stream order (under stream
-// capture, an allocation node of the graph), or a thread's kept scratch (kept_scratch), which
-// stays with the thread.
+// The backward's scratch kept for a stream from one call to the next, so that a repeated
+// backward takes no pool allocation (with its free, 2.7 µs of the H200 host's time a call:
+// bench/results/h200-driver-calls-2026-12-05-d3887c8.md). A call holds its stream's scratch from
+// its plan to its last launch; a call that finds it held (another thread enqueueing on the same
+// stream at the same time, whose kernels could interleave with this call's) takes pool scratch
+// instead. Once a call has enqueued its kernels, the next call on the stream may take the
+// scratch: its kernels run after the previous call's (this relies on launches that do not
+// overlap their predecessors; with programmatic dependent launch the prep kernel would have to
+// wait), and they set all of it before reading it (the prep kernel writes the rows and zeroes
+// the one pass's counters). Up to kKeptScratchBytes for each of kKeptStreams streams of the
+// process (told apart by device and the driver's stream id, which a process never reuses); larger
+// scratch, more streams, capture and workspaces take the pool as before. Grown in the stream's
+// order; never freed (at most kKeptStreams * kKeptScratchBytes for the process's life, as the
+// streams' tile counters are), so nothing runs at thread or process exit.
+constexpr size_t kKeptScratchBytes = size_t(256) << 10;  // 32k scratch rows: the small problems whose host time counts
+constexpr size_t kKeptStreams = 16;
+struct KeptScratchEntry {
+  int device_index = -1;
+  unsigned long long stream_id = 0;
+  CUdeviceptr pointer = 0;
+  size_t bytes = 0;
+  bool held = false;
+};
+std::mutex kept_scratch_mutex;
+std::array<KeptScratchEntry, kKeptStreams> kept_scratch_entries;
+
+// Device scratch from flashjit's pool, freed in stream order (under stream capture, an
+// allocation node of the graph), or a stream's kept scratch (kept_scratch), held until the
+// plan is gone.
 class StreamScratch {
  public:
   StreamScratch(size_t bytes, CUstream stream, int device_index) : stream_(stream) {
@@ -326,9 +352,14 @@ class StreamScratch {
             "cuMemAllocFromPoolAsync");
     }
   }
-  explicit StreamScratch(CUdeviceptr kept) : pointer_(kept), stream_(nullptr), owned_(false) {}
+  explicit StreamScratch(KeptScratchEntry* kept) : pointer_(kept->pointer), stream_(nullptr), kept_(kept) {}
   ~StreamScratch() {
-    if (pointer_ != 0 && owned_) driver().cuMemFreeAsync(pointer_, stream_);
+    if (kept_ != nullptr) {
+      const std::lock_guard<std::mutex> lock(kept_scratch_mutex);
+      kept_->held = false;
+    } else if (pointer_ != 0) {
+      driver().cuMemFreeAsync(pointer_, stream_);
+    }
   }
   StreamScratch(const StreamScratch&) = delete;
   StreamScratch& operator=(const StreamScratch&) = delete;
@@ -337,71 +368,46 @@ class StreamScratch {
  private:
   CUdeviceptr pointer_ = 0;
   CUstream stream_;
-  bool owned_ = true;
+  KeptScratchEntry* kept_ = nullptr;
 };
 
-// The backward's scratch that a thread keeps for a stream from one call to the next, so that a
-// repeated backward takes no pool allocation (with its free, 2.7 µs of the H200 host's time a
-// call: bench/results/h200-driver-calls-2026-12-05-d3887c8.md). Kept by thread: two threads
-// enqueueing on one stream could interleave their kernels there, and one call's prep kernel
-// would overwrite the rows another's dQ kernel has yet to read; within a thread, on one stream,
-// a call's kernels run after the previous call's, so it can reuse their scratch. The kernels
-// set all of it before reading it (the prep kernel writes the rows and zeroes the counters).
-// Up to kKeptScratchBytes for each of kKeptStreams streams (told apart by the driver's stream
-// id, which a process never reuses); larger scratch and more streams take the pool as before.
-// Freed in the stream's order when it must grow, and at the thread's exit where its stream is
-// still the one it was kept for (else left: at most kKeptStreams * kKeptScratchBytes a thread).
-constexpr size_t kKeptScratchBytes = size_t(1) << 20;
-constexpr size_t kKeptStreams = 4;
-struct KeptScratch {
-  struct Entry {
-    unsigned long long stream_id = 0;
-    CUstream stream = nullptr;
-    int device_index = -1;
-    CUdeviceptr pointer = 0;
-    size_t bytes = 0;
-  };
-  std::array<Entry, kKeptStreams> entries;
-  ~KeptScratch() {
-    const Driver& d = driver();
-    for (const Entry& entry : entries) {
-      unsigned long long id = 0;
-      if (entry.pointer != 0 && d.cuStreamGetId(entry.stream, &id) == 0 && id == entry.stream_id) {
-        d.cuMemFreeAsync(entry.pointer, entry.stream);
-      }
-    }
-  }
-};
-
-// The thread's kept scratch of at least `bytes` for the call's stream; 0 where none applies
-// (too large, a per-thread default stream, no stream ids, every place taken, no memory).
-CUdeviceptr kept_scratch(size_t bytes, const Launch& launch) {
+// The call's stream's kept scratch of at least `bytes`, held for the caller (StreamScratch gives
+// it back); nullptr where none applies (too large, a per-thread default stream, no stream ids,
+// held by another call, every place taken, no memory).
+KeptScratchEntry* kept_scratch(size_t bytes, const Launch& launch) {
   constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD: one handle, many streams
   const Driver& d = driver();
   if (bytes == 0 || bytes > kKeptScratchBytes || launch.graph_safe ||
       reinterpret_cast<uintptr_t>(launch.stream) == kPerThreadStream || d.cuStreamGetId == nullptr) {
-    return 0;
+    return nullptr;
   }
   unsigned long long id = 0;
-  if (d.cuStreamGetId(launch.stream, &id) != 0) return 0;
-  thread_local KeptScratch kept;
-  KeptScratch::Entry* slot = nullptr;
-  for (KeptScratch::Entry& entry : kept.entries) {
+  if (d.cuStreamGetId(launch.stream, &id) != 0) return nullptr;
+  const std::lock_guard<std::mutex> lock(kept_scratch_mutex);
+  KeptScratchEntry* slot = nullptr;
+  for (KeptScratchEntry& entry : kept_scratch_entries) {
     if (entry.pointer != 0 && entry.stream_id == id && entry.device_index == launch.device_index) {
       slot = &entry;
       break;
     }
     if (entry.pointer == 0 && slot == nullptr) slot = &entry;
   }
-  if (slot == nullptr) return 0;
-  if (slot->pointer != 0 && slot->bytes >= bytes) return slot->pointer;
-  // Grown in whole 64 KiB, at least twice what it had: a few steps up to the bound.
-  const size_t grown = std::min(kKeptScratchBytes, std::max(slot->bytes * 2, (bytes + 0xFFFF) & ~size_t(0xFFFF)));
-  CUdeviceptr pointer = 0;
-  if (d.cuMemAllocFromPoolAsync(&pointer, grown, scratch_pool(launch.device_index), launch.stream) != 0) return 0;
-  if (slot->pointer != 0) d.cuMemFreeAsync(slot->pointer, launch.stream);  // after the calls that used it
-  *slot = KeptScratch::Entry{id, launch.stream, launch.device_index, pointer, grown};
-  return pointer;
+  if (slot == nullptr || slot->held) return nullptr;
+  if (slot->pointer == 0 || slot->bytes < bytes) {
+    // Grown in whole 16 KiB, at least twice what it had: a few steps up to the bound.
+    const size_t grown = std::min(kKeptScratchBytes, std::max(slot->bytes * 2, (bytes + 0x3FFF) & ~size_t(0x3FFF)));
+    CUdeviceptr pointer = 0;
+    if (d.cuMemAllocFromPoolAsync(&pointer, grown, scratch_pool(launch.device_index), launch.stream) != 0) {
+      return nullptr;
+    }
+    if (slot->pointer != 0) d.cuMemFreeAsync(slot->pointer, launch.stream);  // after the calls that used it
+    slot->device_index = launch.device_index;
+    slot->stream_id = id;
+    slot->pointer = pointer;
+    slot->bytes = grown;
+  }
+  slot->held = true;
+  return slot;
 }
 
 // The persistent forward's tile counter of a stream: two words that the kernel
@@ -1096,8 +1102,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   if (launch.planning) return;
   void* scratch = p.workspace;
   if (scratch == nullptr) {
-    const CUdeviceptr kept = kept_scratch(plan.scratch_bytes, launch);
-    if (kept != 0) {
+    if (KeptScratchEntry* kept = kept_scratch(plan.scratch_bytes, launch)) {
       plan.scratch.emplace(kept);
     } else {
       plan.scratch.emplace(plan.scratch_bytes, launch.stream, launch.device_index);

@@ -203,3 +203,18 @@ def test_torch_tensors_read_in_place_match_their_descriptors():
         _C.forward(q, k.long(), v, o, lse, *scalars)
     with pytest.raises(TypeError, match=r"\[attention\] k: a tensor of torch.float32 on meta, which flashjit cannot read"):
         _C.forward(q, k.to("meta"), v, o, lse, *scalars)
+    with pytest.raises(TypeError, match=r"\[attention\] k: a lazily negated view"):
+        _C.forward(q, torch._neg_view(k), v, o, lse, *scalars)
+
+    class Watched(torch.Tensor):  # counts the copies _C would make to read it through DLPack
+        detached = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.detach:
+                cls.detached += 1
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    o.fill_(float("nan"))
+    _C.forward(q.as_subclass(Watched), k, v, o, lse, *scalars)
+    assert Watched.detached == 0 and torch.equal(o, outputs[0][0])
