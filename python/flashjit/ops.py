@@ -101,8 +101,9 @@ def _stream(x: Tensor) -> int:
 
 def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
          num_threads):
-    """Calls _C.forward or _C.backward on torch tensors. Descriptors hold raw
-    pointers, so the temporaries made here stay referenced until the call returns."""
+    """Calls _C.forward or _C.backward on torch tensors, which _C reads in place; the
+    temporaries made here (copies of rows that are not unit-stride, a compacted mask) stay
+    referenced until the call returns."""
     readable = [_rows_readable(x) for x in inputs]
     mask = _compact_mask(mask)
     seed, offset = _seed_offset(rng)

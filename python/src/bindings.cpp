@@ -1,9 +1,9 @@
-// nanobind module over the C API. Tensors arrive without a copy, either through
-// DLPack (numpy arrays, anything exporting __dlpack__) or as a descriptor tuple
-// (data_ptr, fj_dtype, fj_device_type, device_index, shape, strides) that the
-// torch front end builds: DLPack export costs a few microseconds per torch
-// tensor, which is most of the call on small problems. Statuses become Python
-// exceptions.
+// nanobind module over the C API. Tensors arrive without a copy: as torch tensors read in place
+// through their attributes (set_tensor_type), as a descriptor tuple (data_ptr, fj_dtype,
+// fj_device_type, device_index, shape, strides) that the torch front end's plans keep, or
+// through DLPack (numpy arrays, anything exporting __dlpack__): DLPack export costs a few
+// microseconds per torch tensor, which is most of the call on small problems. Statuses become
+// Python exceptions.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
