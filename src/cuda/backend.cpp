@@ -315,6 +315,16 @@ CUmemoryPool scratch_pool(int device_index) {
   return pool;
 }
 
+// The driver's id of `stream` (unique in the process, never reused, unlike handles); false where
+// a stream cannot have state of its own: a per-thread default stream (one handle, many streams)
+// or a driver without stream ids.
+bool stream_id_of(CUstream stream, unsigned long long* id) {
+  constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD
+  const Driver& d = driver();
+  return reinterpret_cast<uintptr_t>(stream) != kPerThreadStream && d.cuStreamGetId != nullptr &&
+         d.cuStreamGetId(stream, id) == 0;
+}
+
 // The backward's scratch kept for a stream from one call to the next, so that a repeated
 // backward takes no pool allocation (with its free, 2.7 µs of the H200 host's time a call:
 // bench/results/h200-driver-calls-2026-12-05-d3887c8.md). A call holds its stream's scratch from
@@ -375,14 +385,11 @@ class StreamScratch {
 // it back); nullptr where none applies (too large, a per-thread default stream, no stream ids,
 // held by another call, every place taken, no memory).
 KeptScratchEntry* kept_scratch(size_t bytes, const Launch& launch) {
-  constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD: one handle, many streams
-  const Driver& d = driver();
-  if (bytes == 0 || bytes > kKeptScratchBytes || launch.graph_safe ||
-      reinterpret_cast<uintptr_t>(launch.stream) == kPerThreadStream || d.cuStreamGetId == nullptr) {
+  unsigned long long id = 0;
+  if (bytes == 0 || bytes > kKeptScratchBytes || launch.graph_safe || !stream_id_of(launch.stream, &id)) {
     return nullptr;
   }
-  unsigned long long id = 0;
-  if (d.cuStreamGetId(launch.stream, &id) != 0) return nullptr;
+  const Driver& d = driver();
   const std::lock_guard<std::mutex> lock(kept_scratch_mutex);
   KeptScratchEntry* slot = nullptr;
   for (KeptScratchEntry& entry : kept_scratch_entries) {
@@ -421,14 +428,9 @@ KeptScratchEntry* kept_scratch(size_t bytes, const Launch& launch) {
 // memory; the caller then zeroes scratch before the launch.
 constexpr size_t kMaxStreamCounters = 1024;
 unsigned* stream_tile_counter(CUstream stream, int device_index) {
-  constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD
   const Driver& d = driver();
-  if (reinterpret_cast<uintptr_t>(stream) == kPerThreadStream || d.cuStreamGetId == nullptr ||
-      d.cuMemAlloc == nullptr) {
-    return nullptr;
-  }
   unsigned long long id = 0;
-  if (d.cuStreamGetId(stream, &id) != 0) return nullptr;
+  if (d.cuMemAlloc == nullptr || !stream_id_of(stream, &id)) return nullptr;
   static std::mutex mutex;
   static std::map<std::pair<int, unsigned long long>, CUdeviceptr> counters;
   std::lock_guard<std::mutex> lock(mutex);

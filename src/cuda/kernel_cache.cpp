@@ -354,5 +354,4 @@ void clear_memory_cache() {
   g_memory_generation.fetch_add(1);
 }
 
-
 }  // namespace flashjit::cuda

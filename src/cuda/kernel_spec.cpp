@@ -431,15 +431,8 @@ ForwardTiles parse_forward_tiles(const char* text) {
 }
 
 ForwardTiles forced_forward_tiles() {
-  // Parsed again only when the environment has changed (a parse that throws keeps nothing).
-  thread_local uint64_t version = 0;
-  thread_local ForwardTiles tiles;
-  const uint64_t now = settings::environment_version();
-  if (version != now) {
-    tiles = parse_forward_tiles(settings::forced_tiles());
-    version = now;
-  }
-  return tiles;
+  thread_local settings::Kept<ForwardTiles> tiles;  // parsed again when the environment changes
+  return settings::kept(tiles, [] { return parse_forward_tiles(settings::forced_tiles()); });
 }
 
 namespace {

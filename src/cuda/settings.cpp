@@ -36,27 +36,6 @@ int choice(const char* name, std::initializer_list<const char*> values) {
   throw_value_error("[cuda] ", name, ": expected ", expected, ", got '", value, "'");
 }
 
-// A setting read at each kernel choice, kept by the thread until the environment changes
-// (environment_version, once a call: a getenv scans every variable). A read
-// that throws (a value the setting does not take) keeps nothing, so the next call throws again.
-template <class T>
-struct Kept {
-  uint64_t version = 0;
-  T value{};
-};
-template <class T, class Read>
-T kept(Kept<T>& slot, Read read) {
-  const uint64_t now = environment_version();
-  if (slot.version != now) {
-    slot.value = read();
-    slot.version = now;
-  }
-  return slot.value;
-}
-
-}  // namespace
-
-namespace {
 thread_local int scopes = 0;               // EnvironmentScopes open on the thread
 thread_local uint64_t scoped_version = 0;  // the outermost one's version
 

@@ -50,6 +50,24 @@ class EnvironmentScope {
   EnvironmentScope& operator=(const EnvironmentScope&) = delete;
 };
 
+// A value read from the environment at each kernel choice, kept by the thread until the
+// environment changes (environment_version, once a call: a getenv scans every variable). A read
+// that throws (a value the setting does not take) keeps nothing, so the next call throws again.
+template <class T>
+struct Kept {
+  uint64_t version = 0;
+  T value{};
+};
+template <class T, class Read>
+T kept(Kept<T>& slot, Read read) {
+  const uint64_t now = environment_version();
+  if (slot.version != now) {
+    slot.value = read();
+    slot.version = now;
+  }
+  return slot.value;
+}
+
 bool hopper_kernels();
 bool persistent_forward();
 // Whether a thread's recently encoded TMA descriptors are reused for the same arguments (default).
