@@ -125,7 +125,8 @@ def implementations(tiles, fa4=None, backward_modes=()):
         impls.append(Impl(name, flashjit_sdpa, env={} if setting == "default" else {"FLASHJIT_CUDA_TILES": setting}))
     for mode in backward_modes:
         # one-pass:none / one-pass:unordered (FLASHJIT_CUDA_ONE_PASS_DQ): timing only, no dQ written;
-        # split:shared: the split backward with FLASHJIT_CUDA_DKDV=shared.
+        # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
+        # (shared is the default).
         backward, _, option = mode.partition(":")
         env = {"FLASHJIT_CUDA_BACKWARD": backward}
         if option:
@@ -322,7 +323,8 @@ def main():
     parser.add_argument("--tiles", nargs="+", default=["default"],
                         help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
     parser.add_argument("--backward-modes", nargs="+", default=[],
-                        choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "split:shared"],
+                        choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "split:shared",
+                                 "split:registers"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none and one-pass:unordered "
                              "also set FLASHJIT_CUDA_ONE_PASS_DQ, a timing diagnostic whose dQ is not written")

@@ -6,16 +6,17 @@
 # with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
 # (default /tmp/flashjit-backward).
 #   bash scripts/gpu_backward.sh [--no-tests] [--no-sanitizer] [--no-bench] [--no-fa4] [--rounds R]
-#        [--head-dims D ...] [--seqlens N ...] [--diagnostics] [--shared-dkdv]
+#        [--head-dims D ...] [--seqlens N ...] [--diagnostics] [--registers-dkdv]
 # --diagnostics: also the one pass without its ordered dQ sums (one-pass:none, one-pass:unordered:
 # FLASHJIT_CUDA_ONE_PASS_DQ, timing only), to tell the ordering's cost from the kernel's shape.
-# --shared-dkdv: also the split backward with FLASHJIT_CUDA_DKDV=shared (a column, split:shared);
-# with the tests, test_attention.py and test_varlen.py with it instead of the one pass's tests.
+# --registers-dkdv: also the split backward with FLASHJIT_CUDA_DKDV=registers (a column,
+# split:registers; the default takes P^T and dS^T from shared memory); with the tests,
+# test_attention.py and test_varlen.py with it instead of the one pass's tests.
 # Each part fits a call of under ten minutes with the build: run them as three calls
 # (--no-sanitizer --no-bench; --no-tests --no-bench; --no-tests --no-sanitizer).
 OUT=${OUT:-/tmp/flashjit-backward}
 source "$(dirname "$0")/gpu_common.sh"
-tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass) shared_dkdv=0
+tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass) registers_dkdv=0
 while (($#)); do
   case $1 in
     --no-tests) tests=0 ;;
@@ -23,7 +24,7 @@ while (($#)); do
     --no-bench) bench=0 ;;
     --no-fa4) bench_args+=(--no-fa4) ;;
     --diagnostics) modes+=(one-pass:none one-pass:unordered) ;;
-    --shared-dkdv) modes+=(split:shared) shared_dkdv=1 ;;
+    --registers-dkdv) modes+=(split:registers) registers_dkdv=1 ;;
     --rounds) shift; bench_args+=(--rounds "$1") ;;
     --head-dims|--seqlens) flag=$1; shift; bench_args+=("$flag")
       while (($#)) && [[ $1 != --* ]]; do bench_args+=("$1"); shift; done; continue ;;
@@ -34,7 +35,7 @@ done
 
 device_and_build
 
-if ((tests)) && ((!shared_dkdv)); then
+if ((tests)) && ((!registers_dkdv)); then
   step "test_one_pass_backward.py"
   cuda_pytest pytest-one-pass.log 150 tests/python/test_one_pass_backward.py
   step "test_attention.py with FLASHJIT_CUDA_BACKWARD=one-pass"
@@ -42,13 +43,13 @@ if ((tests)) && ((!shared_dkdv)); then
   step "test_varlen.py with FLASHJIT_CUDA_BACKWARD=one-pass (a variable-length batch in one launch)"
   FLASHJIT_CUDA_BACKWARD=one-pass cuda_pytest pytest-varlen-one-pass.log 120 tests/python/test_varlen.py
 fi
-if ((tests)) && ((shared_dkdv)); then
-  # The shared operands' runs alone (the one pass's have a call of their own), without the tests
+if ((tests)) && ((registers_dkdv)); then
+  # The register operands' runs alone (the one pass's have a call of their own), without the tests
   # that only vary the forward's kernel.
-  step "test_attention.py and test_varlen.py with FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared"
-  FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-attention-shared-dkdv.log 300 \
+  step "test_attention.py and test_varlen.py with FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=registers"
+  FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=registers cuda_pytest pytest-attention-registers-dkdv.log 300 \
     tests/python/test_attention.py -k "not forced_forward_tiles and not chained_work_tiles and not static_schedule"
-  FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared cuda_pytest pytest-varlen-shared-dkdv.log 180 \
+  FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=registers cuda_pytest pytest-varlen-registers-dkdv.log 180 \
     tests/python/test_varlen.py
 fi
 
@@ -57,20 +58,20 @@ if ((sanitizer)); then
   FLASHJIT_CUDA_BACKWARD=one-pass timeout 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
     python3 scripts/sanitizer_cases.py >"$OUT/memcheck-one-pass.log" 2>&1 || status=1
   tail -3 "$OUT/memcheck-one-pass.log"
-  if ((shared_dkdv)); then
-    step "compute-sanitizer memcheck, FLASHJIT_CUDA_DKDV=shared"
-    FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=shared timeout 200 compute-sanitizer --tool memcheck \
-      --error-exitcode 1 python3 scripts/sanitizer_cases.py >"$OUT/memcheck-shared-dkdv.log" 2>&1 || status=1
-    tail -3 "$OUT/memcheck-shared-dkdv.log"
+  if ((registers_dkdv)); then
+    step "compute-sanitizer memcheck, FLASHJIT_CUDA_DKDV=registers"
+    FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=registers timeout 200 compute-sanitizer --tool memcheck \
+      --error-exitcode 1 python3 scripts/sanitizer_cases.py >"$OUT/memcheck-registers-dkdv.log" 2>&1 || status=1
+    tail -3 "$OUT/memcheck-registers-dkdv.log"
   fi
   # racecheck also reports the kernels' mbarrier handoffs (scripts/gpu_check.sh says why): the
   # hazards are listed by place, to see whether any is new against the split backward's.
   racecheck_modes=(split one-pass)
-  ((shared_dkdv)) && racecheck_modes+=(split:shared)
+  ((registers_dkdv)) && racecheck_modes+=(split:registers)
   for mode in "${racecheck_modes[@]}"; do
     step "compute-sanitizer racecheck, backward $mode"
-    dkdv=registers
-    [ "$mode" = split:shared ] && dkdv=shared
+    dkdv=shared
+    [ "$mode" = split:registers ] && dkdv=registers
     FLASHJIT_CUDA_BACKWARD=${mode%%:*} FLASHJIT_CUDA_DKDV=$dkdv timeout 150 compute-sanitizer --tool racecheck \
       python3 scripts/sanitizer_cases.py >"$OUT/racecheck-${mode/:/-}.log" 2>&1 || status=1
     grep -E "^========= (Error|Warning): Race" "$OUT/racecheck-${mode/:/-}.log" | sed -E 's/\+0x[0-9a-f]+//' | sort \

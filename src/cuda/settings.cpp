@@ -128,7 +128,7 @@ std::optional<bool> one_pass_backward() {
 
 bool dkdv_shared_operands() {
   thread_local Kept<bool> slot;
-  return kept(slot, [] { return choice("FLASHJIT_CUDA_DKDV", {"registers", "shared"}) == 1; });
+  return kept(slot, [] { return choice("FLASHJIT_CUDA_DKDV", {"registers", "shared"}) != 0; });
 }
 
 bool varlen_single_launch() {

@@ -18,9 +18,9 @@
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
-//   FLASHJIT_CUDA_DKDV          shared: the split sm_90a dK/dV kernel takes P^T and dS^T from shared
-//                               memory and twice the queries a step, up to head dim 128; registers
-//                               (default): from registers
+//   FLASHJIT_CUDA_DKDV          shared (default): the split sm_90a dK/dV kernel takes P^T and dS^T
+//                               from shared memory and twice the queries a step, up to head dim 128;
+//                               registers: from registers
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
@@ -102,9 +102,9 @@ int one_pass_dq();
 // or empty (the tuned choice, else split, until the one pass is measured on a GPU). Any other
 // value raises an error naming the variable.
 std::optional<bool> one_pass_backward();
-// FLASHJIT_CUDA_DKDV=shared (true): the split sm_90a dK/dV kernel's P^T and dS^T operands go
-// through shared memory (KernelSpec::dkdv_shared); unset or "registers": from registers. Another
-// value is an error.
+// FLASHJIT_CUDA_DKDV unset or "shared" (true): the split sm_90a dK/dV kernel's P^T and dS^T
+// operands go through shared memory (KernelSpec::dkdv_shared; a 2-16% faster backward on an H100,
+// bench/NOTES.md); "registers": from registers. Another value is an error.
 bool dkdv_shared_operands();
 
 }  // namespace flashjit::cuda::settings

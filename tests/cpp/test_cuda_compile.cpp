@@ -289,19 +289,21 @@ TEST(KernelSelection, BackwardSettingIsCheckedAndChoosesTheKernels) {
   EXPECT_FALSE(split[2].one_pass);
 }
 
-// FLASHJIT_CUDA_DKDV: unset or registers, the split dK/dV kernel takes P^T and dS^T from registers
-// (32 queries a step at head dim 128, 64 at 64); shared, from shared memory with twice the queries
-// a step (D128 with a mask, dropout or softcap keeps its 16: no whole 64-query region); another
-// value is an error naming it. The shared kernels compile for sm_90a.
+// FLASHJIT_CUDA_DKDV: registers, the split dK/dV kernel takes P^T and dS^T from registers
+// (32 queries a step at head dim 128, 64 at 64); unset or shared, from shared memory with twice
+// the queries a step (D128 with a mask, dropout or softcap keeps its 16: no whole 64-query
+// region); another value is an error naming it. The shared kernels compile for sm_90a.
 TEST_F(CudaCompile, DkDvSharedOperandsSettingChoosesAndCompiles) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
   const auto dkdv_of = [](const KernelTraits& traits) { return backward_kernels(traits).back(); };
-  unsetenv("FLASHJIT_CUDA_DKDV");
-  EXPECT_FALSE(dkdv_of(sm90_traits(FJ_BFLOAT16, 128)).dkdv_shared);
-  EXPECT_EQ(dkdv_of(sm90_traits(FJ_BFLOAT16, 128)).block_n, 32);
   setenv("FLASHJIT_CUDA_DKDV", "registers", 1);
   EXPECT_FALSE(settings::dkdv_shared_operands());
+  EXPECT_FALSE(dkdv_of(sm90_traits(FJ_BFLOAT16, 128)).dkdv_shared);
+  EXPECT_EQ(dkdv_of(sm90_traits(FJ_BFLOAT16, 128)).block_n, 32);
+  unsetenv("FLASHJIT_CUDA_DKDV");
+  EXPECT_TRUE(settings::dkdv_shared_operands());
+  EXPECT_TRUE(dkdv_of(sm90_traits(FJ_BFLOAT16, 128)).dkdv_shared);
   setenv("FLASHJIT_CUDA_DKDV", "shared", 1);
   for (int head_dim : {64, 128}) {
     KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);

@@ -221,11 +221,12 @@ def test_chained_work_tiles(case, monkeypatch, tmp_path):
     assert any("hopper-forward" in name and "_chain_" in name for name in compiled), compiled
 
 
-# FLASHJIT_CUDA_DKDV=shared: the split sm_90a dK/dV kernel takes P^T and dS^T from shared
-# memory, 64 queries a step at head dims 64 and 128. Gradients against float64 with causal
-# bounds both ways, a window, GQA, lengths that end inside a step and a narrower V; bitwise the
-# same on a second run; and the shared kernel was the one compiled (its name in the cache).
-_SHARED_DKDV_CASES = {
+# FLASHJIT_CUDA_DKDV: the split sm_90a dK/dV kernel takes P^T and dS^T from shared memory, 64
+# queries a step at head dims 64 and 128 (shared, the default), or from registers. Each way:
+# gradients against float64 with causal bounds both ways, a window, GQA, lengths that end inside
+# a step and a narrower V; bitwise the same on a second run; and the asked-for kernel was the one
+# compiled (its name in the cache).
+_DKDV_CASES = {
     "d128": dict(D=128),
     "d64_gqa": dict(D=64, Hq=8, Hkv=2),
     "causal_bottom_right": dict(D=128, Sq=300, Sk=333, causal="bottom_right"),
@@ -238,16 +239,17 @@ _SHARED_DKDV_CASES = {
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a backward's option")
-@pytest.mark.parametrize("case", list(_SHARED_DKDV_CASES))
-def test_dkdv_shared_operands(case, monkeypatch, tmp_path):
-    options = {**dict(B=2, Hq=4, Hkv=2, Sq=250, Sk=270, dtype=torch.bfloat16), **_SHARED_DKDV_CASES[case]}
+@pytest.mark.parametrize("operands", ["shared", "registers"])
+@pytest.mark.parametrize("case", list(_DKDV_CASES))
+def test_dkdv_operands(case, operands, monkeypatch, tmp_path):
+    options = {**dict(B=2, Hq=4, Hkv=2, Sq=250, Sk=270, dtype=torch.bfloat16), **_DKDV_CASES[case]}
     if case == "d64_mask":
         mask = torch.rand(2, 4, options["Sq"], options["Sk"]) > 0.3
         mask[..., 0] = True
         options["mask"] = mask
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")  # the split backward's kernel, whatever the run's
-    monkeypatch.setenv("FLASHJIT_CUDA_DKDV", "shared")
+    monkeypatch.setenv("FLASHJIT_CUDA_DKDV", operands)
     flashjit.cuda.clear_memory_cache()
     runs = []
     for _ in range(2):
@@ -255,8 +257,8 @@ def test_dkdv_shared_operands(case, monkeypatch, tmp_path):
         runs.append(run(**options))
     for first, second in zip(runs[0][2], runs[1][2]):
         assert torch.equal(first, second), case
-    compiled = [path.name for path in tmp_path.rglob("*.cubin")]
-    assert any("backward_dkdv" in name and "_shared-ops_" in name for name in compiled), compiled
+    dkdv = [path.name for path in tmp_path.rglob("*.cubin") if "backward_dkdv" in path.name]
+    assert dkdv and all(("_shared-ops_" in name) == (operands == "shared") for name in dkdv), dkdv
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
