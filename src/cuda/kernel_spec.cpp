@@ -155,7 +155,8 @@ std::string KernelSpec::name() const {
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
                  kv_cache == 1 ? "_kvcache" : kv_cache == 2 ? "_paged" : "", edge_general ? "_edgegen" : "",
-                 block_span ? "_blockspan" : "", chains_tiles() ? "_chain" : "", trace ? "_trace" : "",
+                 block_span ? "_blockspan" : "", chains_tiles() ? "_chain" : "", takes_next_late() ? "_latenext" : "",
+                 trace ? "_trace" : "",
                  page_boxes > 1 ? str_cat("_pb", page_boxes) : std::string(),
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
@@ -210,7 +211,7 @@ std::array<int32_t, N> fields_of(Values... values) {
 KernelSpec::Fields KernelSpec::fields() const {
   return fields_of<kFieldCount>(entry,        family,      dtype,          head_dim_qk,   head_dim_v,   mask,
                                 mask_dtype,   window,      dropout,        softcap,       aligned,      split,
-                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), trace,
+                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_late(), trace,
                                 dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
                                 dkdv_shared,  stages,      q_buffers,      o_tma,         fold_scale,   lazy_rescale,
                                 block_n,      arch);
@@ -280,7 +281,7 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
-      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
@@ -386,12 +387,13 @@ ForwardTiles parse_forward_tiles(const char* text) {
       {"counter", "stream", "memset", &ForwardTiles::stream_counter},
       {"edges", "general", "right", &ForwardTiles::edge_general}, {"span", "block", "own", &ForwardTiles::block_span},
       {"sched", "static", "counter", &ForwardTiles::static_tiles}, {"chain", "tiles", "none", &ForwardTiles::chain_tiles},
+      {"next", "early", "late", &ForwardTiles::early_next},
   };
   ForwardTiles tiles;
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const std::string& expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -594,6 +596,7 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
     } else if (!forced.forced() && tuned.chain_tiles >= 0) {
       spec.chain_tiles = tuned.chain_tiles == 1;  // with the tuned tiles (forced ones replace the choice whole)
     }
+    if (forced.early_next >= 0) spec.late_next = forced.early_next == 0;  // on the tiles in force, like chain
   }
   return spec;
 }

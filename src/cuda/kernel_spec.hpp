@@ -61,6 +61,12 @@ struct KernelSpec {
   // "chain=tiles"): a tile's last P V is issued with the next tile's S_0 and its output written
   // after them. Only where O leaves by TMA from two Q buffers, unsplit, dense (chains_tiles()).
   bool chain_tiles = false;
+  // kHopper forward that takes its next work tile, and loads that tile's Q, only after this
+  // tile's last V is issued (FLASHJIT_CUDA_TILES "next=late", for comparisons). By default
+  // (takes_next_early()) the producer does both once it has issued the last K of a tile of more
+  // key tiles than K/V buffers, so that Q and the tile counter's round trip are off the path
+  // between two work tiles (FJ_EARLY_NEXT).
+  bool late_next = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums, for timing only (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq):
@@ -97,7 +103,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 32;
+  static constexpr size_t kFieldCount = 33;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -112,6 +118,15 @@ struct KernelSpec {
     return chain_tiles && family == KernelFamily::kHopper && entry == KernelEntry::kForward && o_tma &&
            q_buffers == 2 && !split && !varlen && kv_cache == 0;
   }
+  // Where the next work tile can be taken early: a dense unsplit kHopper forward with two Q
+  // buffers whose tiles do not chain (a chained tile frees its Q buffer only after its last P V).
+  bool next_early_applies() const {
+    return family == KernelFamily::kHopper && entry == KernelEntry::kForward && q_buffers == 2 && !chains_tiles() &&
+           !split && !varlen && kv_cache == 0;
+  }
+  bool takes_next_early() const { return next_early_applies() && !late_next; }
+  // late_next where it changes the kernel (what name() spells and fields() holds).
+  bool takes_next_late() const { return next_early_applies() && late_next; }
 };
 
 // What a call needs compiled, independent of sizes and pointers.
@@ -162,6 +177,9 @@ struct ForwardTiles {
   // 1 ("chain=tiles"): work tiles run on into each other (KernelSpec::chain_tiles), on top of
   // the tiles in force (tuned or forced), where the kernel can (o=tma, two Q buffers, unsplit).
   int chain_tiles = -1;
+  // 0 ("next=late"): the next work tile taken after the last V is issued (KernelSpec::late_next),
+  // on top of the tiles in force; 1 ("next=early"): the default, where it applies.
+  int early_next = -1;
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
   // launch choices (counter, sched) and chain leave the tiles as they are.
   bool forced() const {

@@ -150,12 +150,30 @@ def test_static_schedule_matches_counter(monkeypatch, causal):
         assert torch.equal(outputs[0], outputs[1]), f"{shape} causal={causal}"
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+def test_early_next_tile_matches_late(monkeypatch, causal):
+    # By default the producer takes its next work tile and loads that tile's Q once the last K of
+    # a tile longer than the K/V rings is issued; next=late, after the last V. Checked against
+    # float64, and bitwise the late order's output, with several tiles a block (320 and 288
+    # query blocks against 132 SMs), 4 and 9 key tiles a work tile, and, bottom-right, work
+    # tiles with no key between ones with keys.
+    for shape in (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=2, Hq=16, Hkv=8, Sq=1100, Sk=1100, D=128)):
+        outputs = []
+        for order in ("early", "late"):
+            monkeypatch.setenv("FLASHJIT_CUDA_TILES", f"next={order}")
+            torch.manual_seed(11)
+            outputs.append(run(dtype=torch.bfloat16, causal=causal, **shape)[0])
+        assert torch.equal(outputs[0], outputs[1]), f"{shape} causal={causal}"
+
+
 # Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
                                    "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
-                                   "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3"])
+                                   "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3",
+                                   "next=late"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):

@@ -252,9 +252,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // The block is persistent: per work tile (block_coordinates' order) the
   // producer loads Q into the next free Q buffer, then K and V tiles, whose
   // rings run on across work tiles; the next tile's Q and first K load while the
-  // consumers finish and store this one. The next tile is taken once this one's
-  // loads are issued, so that the block nearest done takes it (heavy tiles come
-  // first under causal bounds).
+  // consumers finish and store this one. The next tile is taken late, so that the
+  // block nearest done takes it (heavy tiles come first under causal bounds): by
+  // default (FJ_EARLY_NEXT, a tile of more key tiles than K/V buffers) once this
+  // tile's last K is issued, about two steps before the consumers finish it, and
+  // its Q is loaded then, into the buffer the consumers freed at this tile's step 0
+  // (the atomic's round trip and Q's latency were on the path between two tiles:
+  // the trace's "wait for Q", bench/NOTES.md); otherwise after the last V.
   const auto produce = [&] {
     prefetch_tensor_map(p.q_map);
     prefetch_tensor_map(p.k_map);
@@ -263,6 +267,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     int tile = next_tile(p, 0, true);
 #if FJ_TRACE
     const TileTrace trace(p, 0);
+#endif
+    // A work tile's Q into the next Q buffer.
+    const auto load_q = [&](const QueryBlock& block, long long q_row0) {
+      const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
+      tma_load_tile<kBlockM, kDimQk>(q_tiles + q_buffer * kBlockM * kQTileDim, p.q_map, q_row0 + block.first_query,
+                                     block.h, block.b, &q_ring.full[q_buffer]);
+    };
+#if FJ_EARLY_NEXT
+    static_assert(kQBuffers == 2 && !FJ_CHAIN_TILES && !FJ_SPLIT && !FJ_VARLEN && !FJ_KV_CACHE,
+                  "the next tile's Q goes into the buffer this tile's step 0 freed");
+    int next = -1;           // the next work tile once taken early, else -1
+    bool next_q = false;     // whether its Q is loaded
 #endif
     for (int n = 0;; ++n) {
       tiles.push(n, tile);
@@ -281,11 +297,34 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         row = k_row0 + block.tile_start(j);
       };
 #endif
+#if FJ_EARLY_NEXT
+      const bool q_loaded = next_q;
+      next = -1;
+      next_q = false;
+      // The next tile, taken once the last K of a tile longer than the K/V rings is issued: the
+      // consumers have then passed this tile's step 0, which frees the Q buffer it loads into.
+      const auto take_next_early = [&](int j) {
+        if (j != block.tiles - 1 || j < kStages) return;
+        FJ_TRACE_MARK(trace, n, 3);
+        next = next_tile(p, tile, false);
+#if FJ_TRACE
+        trace.note(n, next);
+#endif
+        FJ_TRACE_MARK(trace, n, 4);
+        if (next < num_tiles) {
+          const QueryBlock after = block_of(p, next);
+          if (after.tiles > 0) {
+            load_q(after, 0);
+            next_q = true;
+          }
+        }
+      };
+#else
+      constexpr bool q_loaded = false;
+#endif
       // Nothing is loaded for a block that sees no key.
       if (block.tiles > 0) {
-        const int q_buffer = q_ring.produce(q_use++, kTileBytes<kBlockM, kDimQk>);
-        tma_load_tile<kBlockM, kDimQk>(q_tiles + q_buffer * kBlockM * kQTileDim, p.q_map, q_row0 + block.first_query,
-                                       block.h, block.b, &q_ring.full[q_buffer]);
+        if (!q_loaded) load_q(block, q_row0);
         FJ_TRACE_MARK(trace, n, 1);
         // In the order the consumers need them: K_j, then V_{j-1}.
         for (int j = 0; j <= block.tiles; ++j) {
@@ -313,6 +352,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             tma_load_tile<kBlockN, kDimQk>(k_tiles + buffer * kBlockN * kDimQk, p.k_map, row, block.kv_head, outer,
                                            &k_ring.full[buffer]);
             if (j == 0) FJ_TRACE_MARK(trace, n, 2);
+#if FJ_EARLY_NEXT
+            take_next_early(j);
+#endif
           }
           if (j > 0) {
             const int buffer = v_ring.produce(kv_use + j - 1, kTileBytes<kBlockN, kDimV>);
@@ -324,8 +366,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         }
         kv_use += block.tiles;
       }
-      FJ_TRACE_MARK(trace, n, 3);
       FJ_TRACE_STEPS(trace, n, block.tiles);
+#if FJ_EARLY_NEXT
+      if (next >= 0) {
+        tile = next;
+        continue;
+      }
+#endif
+      FJ_TRACE_MARK(trace, n, 3);
       tile = next_tile(p, tile, false);
 #if FJ_TRACE
       trace.note(n, tile);  // the atomic's result, before the point that times it
