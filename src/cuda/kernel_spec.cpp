@@ -155,7 +155,7 @@ std::string KernelSpec::name() const {
                  head_dim_v, "_mask-", mask_text, window ? "_window" : "", dropout ? "_dropout" : "",
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
                  kv_cache == 1 ? "_kvcache" : kv_cache == 2 ? "_paged" : "", edge_general ? "_edgegen" : "",
-                 block_span ? "_blockspan" : "", chains_tiles() ? "_chain" : "", takes_next_late() ? "_latenext" : "",
+                 block_span ? "_blockspan" : "", chains_tiles() ? "_chain" : "", takes_next_early() ? "_earlynext" : "",
                  trace ? "_trace" : "",
                  page_boxes > 1 ? str_cat("_pb", page_boxes) : std::string(),
                  "_t", threads,
@@ -211,7 +211,7 @@ std::array<int32_t, N> fields_of(Values... values) {
 KernelSpec::Fields KernelSpec::fields() const {
   return fields_of<kFieldCount>(entry,        family,      dtype,          head_dim_qk,   head_dim_v,   mask,
                                 mask_dtype,   window,      dropout,        softcap,       aligned,      split,
-                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_late(), trace,
+                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), trace,
                                 dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
                                 dkdv_shared,  stages,      q_buffers,      o_tma,         fold_scale,   lazy_rescale,
                                 block_n,      arch);
@@ -596,7 +596,7 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
     } else if (!forced.forced() && tuned.chain_tiles >= 0) {
       spec.chain_tiles = tuned.chain_tiles == 1;  // with the tuned tiles (forced ones replace the choice whole)
     }
-    if (forced.early_next >= 0) spec.late_next = forced.early_next == 0;  // on the tiles in force, like chain
+    if (forced.early_next >= 0) spec.early_next = forced.early_next == 1;  // on the tiles in force, like chain
   }
   return spec;
 }

@@ -61,12 +61,11 @@ struct KernelSpec {
   // "chain=tiles"): a tile's last P V is issued with the next tile's S_0 and its output written
   // after them. Only where O leaves by TMA from two Q buffers, unsplit, dense (chains_tiles()).
   bool chain_tiles = false;
-  // kHopper forward that takes its next work tile, and loads that tile's Q, only after this
-  // tile's last V is issued (FLASHJIT_CUDA_TILES "next=late", for comparisons). By default
-  // (takes_next_early()) the producer does both once it has issued the last K of a tile of more
-  // key tiles than K/V buffers, so that Q and the tile counter's round trip are off the path
-  // between two work tiles (FJ_EARLY_NEXT).
-  bool late_next = false;
+  // kHopper forward whose producer takes its next work tile, and loads that tile's Q, once it has
+  // issued the last K of a tile of more key tiles than K/V buffers (FJ_EARLY_NEXT;
+  // FLASHJIT_CUDA_TILES "next=early"), so that Q and the tile counter's round trip are off the
+  // path between two work tiles; by default after the tile's last V. Not yet run on a GPU.
+  bool early_next = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums, for timing only (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq):
@@ -124,9 +123,8 @@ struct KernelSpec {
     return family == KernelFamily::kHopper && entry == KernelEntry::kForward && q_buffers == 2 && !chains_tiles() &&
            !split && !varlen && kv_cache == 0;
   }
-  bool takes_next_early() const { return next_early_applies() && !late_next; }
-  // late_next where it changes the kernel (what name() spells and fields() holds).
-  bool takes_next_late() const { return next_early_applies() && late_next; }
+  // early_next where it applies (what name() spells and fields() holds).
+  bool takes_next_early() const { return next_early_applies() && early_next; }
 };
 
 // What a call needs compiled, independent of sizes and pointers.
@@ -177,8 +175,9 @@ struct ForwardTiles {
   // 1 ("chain=tiles"): work tiles run on into each other (KernelSpec::chain_tiles), on top of
   // the tiles in force (tuned or forced), where the kernel can (o=tma, two Q buffers, unsplit).
   int chain_tiles = -1;
-  // 0 ("next=late"): the next work tile taken after the last V is issued (KernelSpec::late_next),
-  // on top of the tiles in force; 1 ("next=early"): the default, where it applies.
+  // 1 ("next=early"): the next work tile taken once a tile's last K is issued
+  // (KernelSpec::early_next), on top of the tiles in force; 0 ("next=late"): after its last V,
+  // the default.
   int early_next = -1;
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
   // launch choices (counter, sched) and chain leave the tiles as they are.

@@ -429,41 +429,42 @@ TEST_F(CudaCompile, ChainedForwardCompilesForSm90) {
   ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
 }
 
-// The next work tile taken early (FJ_EARLY_NEXT): the default of the dense unsplit forward with
-// two Q buffers, not of chained tiles, splits, variable-length batches or KV caches, nor with one
-// Q buffer; FLASHJIT_CUDA_TILES next=late turns it off on the tiles in force (a kernel of its own
-// name). Both compile, with every feature and with the tile trace.
-TEST_F(CudaCompile, EarlyNextTileIsTheDefaultAndNextLateCompiles) {
+// The next work tile taken early (FJ_EARLY_NEXT), FLASHJIT_CUDA_TILES next=early on the tiles in
+// force: a kernel of its own name in the dense unsplit forward with two Q buffers, not with
+// chained tiles, in splits or with one Q buffer; by default (and with next=late) the tile is
+// taken after the last V. It compiles, with every feature and with the tile trace.
+TEST_F(CudaCompile, EarlyNextTileCompilesWhereItApplies) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
   for (int head_dim : {64, 128, 256}) {
     KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
-    const KernelSpec early = forward_kernel(traits);
-    EXPECT_EQ(early.takes_next_early(), early.q_buffers == 2) << early.name();
-    EXPECT_FALSE(hopper_split_kernel(early).takes_next_early());
-    setenv("FLASHJIT_CUDA_TILES", "next=late", 1);
     const KernelSpec late = forward_kernel(traits);
+    EXPECT_FALSE(late.takes_next_early()) << late.name();
+    setenv("FLASHJIT_CUDA_TILES", "next=late", 1);
+    EXPECT_EQ(forward_kernel(traits).name(), late.name());
+    setenv("FLASHJIT_CUDA_TILES", "next=early", 1);
+    const KernelSpec early = forward_kernel(traits);
+    EXPECT_FALSE(hopper_split_kernel(early).takes_next_early());
     traits.window = traits.dropout = traits.softcap = true;
     traits.mask = flashjit::MaskKind::kBool;
-    const KernelSpec late_extras = forward_kernel(traits);
-    setenv("FLASHJIT_CUDA_TILES", "chain=tiles", 1);
+    const KernelSpec early_extras = forward_kernel(traits);
+    setenv("FLASHJIT_CUDA_TILES", "next=early,chain=tiles", 1);
     EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, head_dim)).takes_next_early());
-    setenv("FLASHJIT_CUDA_TILES", "q=1,o=direct", 1);
+    setenv("FLASHJIT_CUDA_TILES", "next=early,q=1,o=direct", 1);
     EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, head_dim)).takes_next_early());
     unsetenv("FLASHJIT_CUDA_TILES");
-    const KernelSpec early_extras = forward_kernel(traits);
-    EXPECT_FALSE(late.takes_next_early());
-    EXPECT_EQ(late.name() != early.name(), early.takes_next_early()) << late.name();
+    EXPECT_EQ(early.takes_next_early(), early.q_buffers == 2) << early.name();
+    EXPECT_EQ(early.name() != late.name(), early.takes_next_early()) << early.name();
     if (!early.takes_next_early()) continue;
-    EXPECT_NE(late.name().find("_latenext"), std::string::npos) << late.name();
+    EXPECT_NE(early.name().find("_earlynext"), std::string::npos) << early.name();
     ASSERT_NO_THROW(kernel_binary(early, false)) << early.name();
-    ASSERT_NO_THROW(kernel_binary(late, false)) << late.name();
     ASSERT_NO_THROW(kernel_binary(early_extras, false)) << early_extras.name();
-    ASSERT_NO_THROW(kernel_binary(late_extras, false)) << late_extras.name();
   }
+  setenv("FLASHJIT_CUDA_TILES", "next=early", 1);
   setenv("FLASHJIT_CUDA_TRACE", "1", 1);
   const KernelSpec traced = forward_kernel(sm90_traits(FJ_BFLOAT16, 128));
   unsetenv("FLASHJIT_CUDA_TRACE");
+  unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_TRUE(traced.takes_next_early() && traced.trace) << traced.name();
   ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
 }
@@ -612,7 +613,7 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_EQ(parse_forward_tiles("span=own").block_span, 0);
   EXPECT_EQ(parse_forward_tiles("next=late").early_next, 0);
   EXPECT_EQ(parse_forward_tiles("next=early").early_next, 1);
-  EXPECT_FALSE(parse_forward_tiles("next=late").forced());  // on the tiles in force
+  EXPECT_FALSE(parse_forward_tiles("next=early").forced());  // on the tiles in force
   EXPECT_TRUE(parse_forward_tiles("span=own").forced());
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
                           "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows", "sched=dynamic", "chain=yes",
@@ -897,10 +898,10 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
         s.split = s.varlen = false, s.kv_cache = 0;
         s.chain_tiles = !s.chain_tiles;
       },
-      [](KernelSpec& s) {  // late_next where it applies
+      [](KernelSpec& s) {  // early_next where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward, s.q_buffers = 2;
         s.split = s.varlen = s.chain_tiles = false, s.kv_cache = 0;
-        s.late_next = !s.late_next;
+        s.early_next = !s.early_next;
       },
       [](KernelSpec& s) { s.trace = !s.trace; },
       [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 3; },
@@ -938,7 +939,7 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
     }
   };
   const char* tiles[] = {"", "n=64", "groups=3", "o=direct", "q=1,o=direct", "stages=3", "softmax=plain",
-                         "edges=general", "span=block", "chain=tiles", "n=176,chain=tiles", "next=late"};
+                         "edges=general", "span=block", "chain=tiles", "n=176,chain=tiles", "next=early"};
   for (const char* forced : tiles) {
     if (*forced) {
       setenv("FLASHJIT_CUDA_TILES", forced, 1);

@@ -153,8 +153,8 @@ def test_static_schedule_matches_counter(monkeypatch, causal):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
 def test_early_next_tile_matches_late(monkeypatch, causal):
-    # By default the producer takes its next work tile and loads that tile's Q once the last K of
-    # a tile longer than the K/V rings is issued; next=late, after the last V. Checked against
+    # next=early: the producer takes its next work tile and loads that tile's Q once the last K of
+    # a tile longer than the K/V rings is issued; by default (next=late), after the last V. Checked against
     # float64, and bitwise the late order's output, with several tiles a block (320 and 288
     # query blocks against 132 SMs), 4 and 9 key tiles a work tile, and, bottom-right, work
     # tiles with no key between ones with keys.
@@ -173,7 +173,7 @@ def test_early_next_tile_matches_late(monkeypatch, causal):
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
                                    "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
                                    "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3",
-                                   "next=late"])
+                                   "next=early"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):

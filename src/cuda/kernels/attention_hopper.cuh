@@ -253,12 +253,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // producer loads Q into the next free Q buffer, then K and V tiles, whose
   // rings run on across work tiles; the next tile's Q and first K load while the
   // consumers finish and store this one. The next tile is taken late, so that the
-  // block nearest done takes it (heavy tiles come first under causal bounds): by
-  // default (FJ_EARLY_NEXT, a tile of more key tiles than K/V buffers) once this
-  // tile's last K is issued, about two steps before the consumers finish it, and
-  // its Q is loaded then, into the buffer the consumers freed at this tile's step 0
-  // (the atomic's round trip and Q's latency were on the path between two tiles:
-  // the trace's "wait for Q", bench/NOTES.md); otherwise after the last V.
+  // block nearest done takes it (heavy tiles come first under causal bounds): after
+  // this tile's last V, or (FJ_EARLY_NEXT, a tile of more key tiles than K/V buffers)
+  // once its last K is issued, about two steps before the consumers finish it, with
+  // its Q loaded then into the buffer the consumers freed at this tile's step 0 (so
+  // that the atomic's round trip and Q's latency leave the path between two tiles:
+  // the trace's "wait for Q", bench/NOTES.md).
   const auto produce = [&] {
     prefetch_tensor_map(p.q_map);
     prefetch_tensor_map(p.k_map);
