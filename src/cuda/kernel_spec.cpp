@@ -596,7 +596,11 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
     } else if (!forced.forced() && tuned.chain_tiles >= 0) {
       spec.chain_tiles = tuned.chain_tiles == 1;  // with the tuned tiles (forced ones replace the choice whole)
     }
-    if (forced.early_next >= 0) spec.early_next = forced.early_next == 1;  // on the tiles in force, like chain
+    if (forced.early_next >= 0) {
+      spec.early_next = forced.early_next == 1;  // on the tiles in force, like chain
+    } else if (!forced.forced() && tuned.early_next >= 0) {
+      spec.early_next = tuned.early_next == 1;
+    }
   }
   return spec;
 }

@@ -460,6 +460,11 @@ TEST_F(CudaCompile, EarlyNextTileCompilesWhereItApplies) {
     ASSERT_NO_THROW(kernel_binary(early, false)) << early.name();
     ASSERT_NO_THROW(kernel_binary(early_extras, false)) << early_extras.name();
   }
+  // A tuned choice's next=early (flashjit tune --with next=early), as chain's.
+  const KernelSpec tuned = forward_kernel(sm90_traits(FJ_BFLOAT16, 128), parse_forward_tiles("n=160,next=early"));
+  EXPECT_TRUE(tuned.takes_next_early() && tuned.block_n == 160) << tuned.name();
+  setenv("FLASHJIT_CUDA_TILES", "next=late", 1);  // forced wins
+  EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, 128), parse_forward_tiles("n=160,next=early")).takes_next_early());
   setenv("FLASHJIT_CUDA_TILES", "next=early", 1);
   setenv("FLASHJIT_CUDA_TRACE", "1", 1);
   const KernelSpec traced = forward_kernel(sm90_traits(FJ_BFLOAT16, 128));

@@ -157,7 +157,9 @@ FJ_DEVICE void zero_rows_past_count(elem_t* tile, int first, int consumer) {
 // a tile's steps and clock64() at six points of each of their first kTraceTiles work tiles in
 // KernelParams::trace, which the host prints after the launch. Consumer points: before the
 // tile's pop, after it, Q arrived, K_0 arrived, the last P V done, the output issued. Producer
-// points: the tile pushed, Q issued, K_0 issued, the last V issued, the next tile known.
+// points: the tile pushed, Q issued (FJ_EARLY_NEXT, where it was loaded early: the tile's loads
+// begin), K_0 issued, before and after the atomic that takes the next tile (after the last V is
+// issued, or with FJ_EARLY_NEXT after the last K).
 struct TileTrace {
   long long* row = nullptr;  // this thread's first tile's fields, or nullptr
   FJ_DEVICE TileTrace(const KernelParams& p, int slot) {
@@ -302,7 +304,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       next = -1;
       next_q = false;
       // The next tile, taken once the last K of a tile longer than the K/V rings is issued: the
-      // consumers have then passed this tile's step 0, which frees the Q buffer it loads into.
+      // consumers have then passed this tile's step 0, where (o=tma) they free the Q buffer it
+      // loads into (o=direct: freed at the previous tile's last step). Before V_{T-2} (after it,
+      // ptxas spilled 34-62 bytes in these kernels, none here; scripts/kernel_resources.py).
       const auto take_next_early = [&](int j) {
         if (j != block.tiles - 1 || j < kStages) return;
         FJ_TRACE_MARK(trace, n, 3);
