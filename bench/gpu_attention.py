@@ -125,6 +125,7 @@ def implementations(tiles, fa4=None, backward_modes=()):
         impls.append(Impl(name, flashjit_sdpa, env={} if setting == "default" else {"FLASHJIT_CUDA_TILES": setting}))
     for mode in backward_modes:
         # one-pass:none / one-pass:unordered (FLASHJIT_CUDA_ONE_PASS_DQ): timing only, no dQ written;
+        # one-pass:eager: the ordered sums, each count released at once (a real backward);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default).
         backward, _, option = mode.partition(":")
@@ -307,6 +308,11 @@ def save_record(out, tag, kind, commit, text, label=""):
     print(f"wrote {path}")
 
 
+def _diagnostic(impl) -> bool:
+    """Whether impl is a timing diagnostic of the one pass that writes no dQ."""
+    return impl.env.get("FLASHJIT_CUDA_ONE_PASS_DQ") in ("none", "unordered")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
@@ -323,11 +329,12 @@ def main():
     parser.add_argument("--tiles", nargs="+", default=["default"],
                         help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
     parser.add_argument("--backward-modes", nargs="+", default=[],
-                        choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "split:shared",
-                                 "split:registers"],
+                        choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
+                                 "split:shared", "split:registers"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
-                             "(the default column runs with it unset); one-pass:none and one-pass:unordered "
-                             "also set FLASHJIT_CUDA_ONE_PASS_DQ, a timing diagnostic whose dQ is not written")
+                             "(the default column runs with it unset); one-pass:none, one-pass:unordered and "
+                             "one-pass:eager also set FLASHJIT_CUDA_ONE_PASS_DQ (the first two a timing "
+                             "diagnostic whose dQ is not written)")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")
     parser.add_argument("--label", default="", help="a tag for the record's file name and title")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
@@ -373,15 +380,16 @@ def main():
                 row.setdefault("rounds", {})[name] = [round(v[0], 1) for v in values]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items()}, default=lambda x: round(x, 1)), flush=True)
-    # The timing diagnostics (FLASHJIT_CUDA_ONE_PASS_DQ) write no dQ: no memory or repeatability figures.
+    # The timing diagnostics (FLASHJIT_CUDA_ONE_PASS_DQ none / unordered) write no dQ: no memory or
+    # repeatability figures.
     plain = [impl for impl in impls if (impl.name in ("flashjit", "cuDNN", "torch-flash")
                                         or impl.env.get("FLASHJIT_CUDA_BACKWARD"))
-             and "FLASHJIT_CUDA_ONE_PASS_DQ" not in impl.env]
+             and not _diagnostic(impl)]
     memory = {} if args.forward_only else {impl.name: peak_memory_mib(impl) for impl in plain}
     repeatable = {}
     if not args.forward_only:
         for impl in impls:
-            if "FLASHJIT_CUDA_ONE_PASS_DQ" in impl.env:
+            if _diagnostic(impl):
                 continue
             try:
                 repeatable[impl.name] = {causal: bitwise_repeatable(impl, causal) for causal in (False, True)}

@@ -162,7 +162,7 @@ std::string KernelSpec::name() const {
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
                  one_pass ? "_one-pass" : "", dkdv_shared ? "_shared-ops" : "",
-                 dq_diagnostic == 1 ? "_dq-none" : dq_diagnostic == 2 ? "_dq-unordered" : "",
+                 dq_diagnostic == 1 ? "_dq-none" : dq_diagnostic == 2 ? "_dq-unordered" : dq_diagnostic == 3 ? "_dq-eager" : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",

@@ -70,7 +70,7 @@ struct KernelSpec {
   bool trace = false;
   // The one-pass backward's dQ sums, for timing only (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq):
   // 0 the ordered adds; 1 none; 2 every block adds at once, in no order. 1 and 2 write no dQ.
-  int dq_diagnostic = 0;
+  int dq_diagnostic = 0;  // 3: the ordered adds, each count released at once (FLASHJIT_CUDA_ONE_PASS_DQ=eager)
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).
   int page_boxes = 1;

@@ -115,7 +115,9 @@ bool trace_tiles() {
   return kept(slot, [] { return choice("FLASHJIT_CUDA_TRACE", {"0", "1"}) == 1; });
 }
 
-int one_pass_dq() { return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered"})); }
+int one_pass_dq() {
+  return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered", "eager"}));
+}
 
 std::optional<bool> one_pass_backward() {
   thread_local Kept<std::optional<bool>> slot;

@@ -14,7 +14,8 @@
 //   FLASHJIT_CUDA_KV_HOPPER=0   a KV cache (in place or paged) on the mma.sync blocks (default on sm_90: the sm_90a split)
 //   FLASHJIT_CUDA_TRACE=1       the sm_90a forward prints its work tiles' timestamps (scripts/trace_tiles.py)
 //   FLASHJIT_CUDA_ONE_PASS_DQ   none or unordered: the one-pass backward without its ordered dQ sums,
-//                               for timing only (no dQ is written)
+//                               for timing only (no dQ is written); eager: ordered sums whose
+//                               counts are released at once, by one thread a warpgroup
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -95,7 +96,9 @@ bool kv_cache_hopper();
 bool trace_tiles();
 // FLASHJIT_CUDA_ONE_PASS_DQ (a diagnostic for timing the one-pass backward; dQ is then not
 // written): "none" (1) skips the dQ sums, "unordered" (2) has every block add its share at once,
-// with no order and no count; unset or "ordered" (0) the real backward. Another value is an error.
+// with no order and no count; unset or "ordered" (0) the real backward; "eager" (3) the real
+// backward with each add's count released right after the adds by one thread (a barrier, a
+// fence, a release) rather than at the block's next add. Another value is an error.
 int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset

@@ -341,8 +341,9 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
   expect_setting_error("FLASHJIT_CUDA_KV_HOPPER", "yes", [] { settings::kv_cache_hopper(); });
 }
 
-// FLASHJIT_CUDA_ONE_PASS_DQ (timing only): none or unordered give one-pass kernels of their own
-// names, which compile; unset or ordered the real one; another value is an error naming it.
+// FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only) and eager (ordered sums released at
+// once) give one-pass kernels of their own names, which compile (eager also at head dim 64 and
+// with every feature); unset or ordered the real one; another value is an error naming it.
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -351,14 +352,23 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
   const std::string real = backward_kernels(traits, true).back().name();
-  for (const char* value : {"none", "unordered"}) {
+  for (const char* value : {"none", "unordered", "eager"}) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     const KernelSpec spec = backward_kernels(traits, true).back();
     EXPECT_TRUE(spec.one_pass);
-    EXPECT_EQ(spec.dq_diagnostic, std::string(value) == "none" ? 1 : 2);
+    EXPECT_EQ(spec.dq_diagnostic, std::string(value) == "none" ? 1 : std::string(value) == "unordered" ? 2 : 3);
     EXPECT_NE(spec.name(), real);
     ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
     EXPECT_EQ(backward_kernels(traits, false).back().dq_diagnostic, 0);  // the split backward: unaffected
+  }
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "eager", 1);
+  KernelTraits extras = sm90_traits(FJ_BFLOAT16, 64);
+  extras.window = extras.dropout = extras.softcap = true;
+  extras.mask = flashjit::MaskKind::kBool;
+  for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
+    const KernelSpec spec = backward_kernels(other, true).back();
+    EXPECT_TRUE(spec.one_pass && spec.dq_diagnostic == 3) << spec.name();
+    ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
   }
   setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);
   EXPECT_EQ(backward_kernels(traits, true).back().name(), real);
@@ -909,7 +919,7 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
         s.early_next = !s.early_next;
       },
       [](KernelSpec& s) { s.trace = !s.trace; },
-      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 3; },
+      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 4; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },
       [](KernelSpec& s) { s.threads += 128; },
       [](KernelSpec& s) {  // row tiles are spelled outside the scalar kernels

@@ -17,9 +17,12 @@ sm90 = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available()
 pytestmark = sm90
 
 
-@pytest.fixture(autouse=True)
-def one_pass(monkeypatch):
+# Each test with the counts of the ordered sums released at the block's next add (ordered, the
+# default) and right after the adds (eager, FLASHJIT_CUDA_ONE_PASS_DQ=eager).
+@pytest.fixture(autouse=True, params=["ordered", "eager"])
+def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
+    monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
 
 
 def options(causal=0, window_left=-1, window_right=-1, dropout_p=0.0, seed=0):
@@ -111,6 +114,20 @@ def test_bitwise_reproducible_and_close_to_the_split_backward(causal, monkeypatc
     for name, a, b in zip(("dq", "dk", "dv"), first, split):
         scale = b.float().abs().max().item()
         assert (a.float() - b.float()).abs().max().item() <= 0.02 * scale, name
+
+
+def test_eager_release_gives_the_same_bits(monkeypatch):
+    # The same adds in the same order: only when each block says it is done differs.
+    torch.manual_seed(2)
+    q = torch.randn(2, 8, 1500, 64, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 1700, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    o, lse = flashjit.attention(q, k, v, causal="bottom_right", return_lse=True)
+    dout = torch.randn_like(o)
+    results = []
+    for mode in ("ordered", "eager"):
+        monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
+        results.append(flashjit.attention_backward(q, k, v, o, lse, dout, causal="bottom_right"))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_bad_setting_is_named(monkeypatch):

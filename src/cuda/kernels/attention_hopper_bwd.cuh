@@ -549,7 +549,19 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
               add_float4(chunk + (n * 128 + thread) * 4, dqt[n]);
             }
           }
+#if FJ_DQ_DIAGNOSTIC == 3
+          // Released at once by one thread once every thread's adds are issued (the pattern of
+          // CUTLASS's and FA3's semaphores: a CTA barrier, then a gpu-scope fence and release in
+          // one thread), so that the block above waits for the adds' round trip rather than
+          // for this block's next step.
+          named_barrier_sync(kAddBarrier + consumer, 128);
+          if (thread == 0) {
+            __threadfence();
+            add_release(counter, 1);
+          }
+#else
           pending = counter;
+#endif
         }
       };
 #endif
