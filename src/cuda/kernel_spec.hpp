@@ -68,9 +68,10 @@ struct KernelSpec {
   bool early_next = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
-  // The one-pass backward's dQ sums, for timing only (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq):
-  // 0 the ordered adds; 1 none; 2 every block adds at once, in no order. 1 and 2 write no dQ.
-  int dq_diagnostic = 0;  // 3: the ordered adds, each count released at once (FLASHJIT_CUDA_ONE_PASS_DQ=eager)
+  // The one-pass backward's dQ sums (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq): 0 the ordered adds;
+  // 1 none; 2 every block adds at once, in no order (1 and 2 for timing only: they write no dQ);
+  // 3 the ordered adds, each count released right after them (FLASHJIT_CUDA_ONE_PASS_DQ=eager).
+  int dq_diagnostic = 0;
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).
   int page_boxes = 1;

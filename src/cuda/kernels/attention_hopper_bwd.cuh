@@ -31,7 +31,8 @@
 //     order, so that the result is bitwise reproducible: the key blocks that see a
 //     tile add in ascending order, each waiting on a counter a chunk until the
 //     blocks before it have added (a block counts its adds to a tile when it next
-//     adds, so that the fence before the count finds them done); the first stores,
+//     adds, so that the fence before the count finds them done; with FJ_DQ_DIAGNOSTIC
+//     3, "eager", right after them, by one thread); the first stores,
 //     the last adds what is there to its own and writes dQ. Blocks walk their
 //     query tiles from the last down, heads of a group inside, so that every block
 //     of a head meets a tile at about the same step (a lag of about a step a block,
@@ -486,6 +487,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       // the next add: by then the adds have long reached L2, so the fence that orders them before
       // the count costs little (released at once, it stalled the consumer for the adds' round trip
       // every step). The block above waits a step longer for the tile; it waits on nothing else.
+      // (FJ_DQ_DIAGNOSTIC 3: released at once after all, by one thread; nothing is pending.)
       int* pending = nullptr;
       const auto release_pending = [&] {
         if (pending == nullptr) return;
@@ -551,14 +553,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           }
 #if FJ_DQ_DIAGNOSTIC == 3
           // Released at once by one thread once every thread's adds are issued (the pattern of
-          // CUTLASS's and FA3's semaphores: a CTA barrier, then a gpu-scope fence and release in
-          // one thread), so that the block above waits for the adds' round trip rather than
-          // for this block's next step.
+          // CUTLASS's GenericBarrier::arrive_inc: a barrier, then one gpu-scope release, which is
+          // cumulative over the other threads' writes before the barrier), so that the block
+          // above waits for the adds' round trip rather than for this block's next step.
           named_barrier_sync(kAddBarrier + consumer, 128);
-          if (thread == 0) {
-            __threadfence();
-            add_release(counter, 1);
-          }
+          if (thread == 0) add_release(counter, 1);
 #else
           pending = counter;
 #endif
