@@ -134,37 +134,39 @@ def test_stream_tile_counters_reset_between_launches(monkeypatch):
         assert torch.equal(flashjit.attention(*x, causal=i % 2 == 1), expected[i])
 
 
+def _forward_tiles_agree(monkeypatch, causal, settings, shapes):
+    """The forward under each FLASHJIT_CUDA_TILES setting (run checks it, and its gradients,
+    against float64), bitwise the same output."""
+    for shape in shapes:
+        outputs = []
+        for tiles in settings:
+            monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
+            torch.manual_seed(7)
+            outputs.append(run(dtype=torch.bfloat16, causal=causal, **shape)[0])
+        assert all(torch.equal(outputs[0], other) for other in outputs[1:]), f"{shape} causal={causal} {settings}"
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
 def test_static_schedule_matches_counter(monkeypatch, causal):
-    # sched=static: each persistent block takes a work tile a round (a snake's order),
-    # with no counter. Checked against float64, and bitwise the counter's output (a tile's
-    # result does not depend on the block that runs it), with several tiles a block (320
-    # and 48 query blocks against 132 SMs) and, bottom-right, a first block with no key.
-    for shape in (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=1, Hq=3, Hkv=3, Sq=2000, Sk=2000, D=128)):
-        outputs = []
-        for schedule in ("static", "counter"):
-            monkeypatch.setenv("FLASHJIT_CUDA_TILES", f"sched={schedule}")
-            torch.manual_seed(7)
-            outputs.append(run(dtype=torch.bfloat16, causal=causal, **shape)[0])
-        assert torch.equal(outputs[0], outputs[1]), f"{shape} causal={causal}"
+    # sched=static: each persistent block takes a work tile a round (a snake's order), with no
+    # counter; bitwise the counter's output (a tile's result does not depend on the block that
+    # runs it), with several tiles a block (320 and 48 query blocks against 132 SMs) and,
+    # bottom-right, a first block with no key.
+    _forward_tiles_agree(monkeypatch, causal, ("sched=static", "sched=counter"),
+                         (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=1, Hq=3, Hkv=3, Sq=2000, Sk=2000, D=128)))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
 def test_early_next_tile_matches_late(monkeypatch, causal):
-    # next=early: the producer takes its next work tile and loads that tile's Q once the last K of
-    # a tile longer than the K/V rings is issued; by default (next=late), after the last V. Checked against
-    # float64, and bitwise the late order's output, with several tiles a block (320 and 288
-    # query blocks against 132 SMs), 4 and 9 key tiles a work tile, and, bottom-right, work
-    # tiles with no key between ones with keys.
-    for shape in (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=2, Hq=16, Hkv=8, Sq=1100, Sk=1100, D=128)):
-        outputs = []
-        for order in ("early", "late"):
-            monkeypatch.setenv("FLASHJIT_CUDA_TILES", f"next={order}")
-            torch.manual_seed(11)
-            outputs.append(run(dtype=torch.bfloat16, causal=causal, **shape)[0])
-        assert torch.equal(outputs[0], outputs[1]), f"{shape} causal={causal}"
+    # next=early: the producer takes its next work tile and loads that tile's Q once the last K
+    # of a tile longer than the K/V rings is issued; by default (next=late), after the last V.
+    # Bitwise the late order's output, with several tiles a block (320 and 288 query blocks
+    # against 132 SMs), 4 and 9 key tiles a work tile, and, bottom-right, work tiles with no key
+    # between ones with keys.
+    _forward_tiles_agree(monkeypatch, causal, ("next=early", "next=late"),
+                         (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=2, Hq=16, Hkv=8, Sq=1100, Sk=1100, D=128)))
 
 
 # Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES
