@@ -591,16 +591,18 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
         // A tuned choice that cannot run for these traits (another feature set): the built-in one.
       }
     }
-    if (forced.chain_tiles >= 0) {
-      spec.chain_tiles = forced.chain_tiles == 1;  // on the tiles in force; chains_tiles() says where it applies
-    } else if (!forced.forced() && tuned.chain_tiles >= 0) {
-      spec.chain_tiles = tuned.chain_tiles == 1;  // with the tuned tiles (forced ones replace the choice whole)
-    }
-    if (forced.early_next >= 0) {
-      spec.early_next = forced.early_next == 1;  // on the tiles in force, like chain
-    } else if (!forced.forced() && tuned.early_next >= 0) {
-      spec.early_next = tuned.early_next == 1;
-    }
+    // Keys on top of the tiles in force (chains_tiles() and takes_next_early() say where they
+    // apply): forced, else tuned where the tuned tiles are in force (forced tiles replace the
+    // choice whole).
+    const auto on_top = [&](int ForwardTiles::*key, bool KernelSpec::*field) {
+      if (forced.*key >= 0) {
+        spec.*field = forced.*key == 1;
+      } else if (!forced.forced() && tuned.*key >= 0) {
+        spec.*field = tuned.*key == 1;
+      }
+    };
+    on_top(&ForwardTiles::chain_tiles, &KernelSpec::chain_tiles);
+    on_top(&ForwardTiles::early_next, &KernelSpec::early_next);
   }
   return spec;
 }

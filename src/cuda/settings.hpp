@@ -97,8 +97,8 @@ bool trace_tiles();
 // FLASHJIT_CUDA_ONE_PASS_DQ (a diagnostic for timing the one-pass backward; dQ is then not
 // written): "none" (1) skips the dQ sums, "unordered" (2) has every block add its share at once,
 // with no order and no count; unset or "ordered" (0) the real backward; "eager" (3) the real
-// backward with each add's count released right after the adds by one thread (a barrier, a
-// fence, a release) rather than at the block's next add. Another value is an error.
+// backward with each add's count released right after the adds by one thread (a barrier, then
+// a release) rather than at the block's next add. Another value is an error.
 int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset

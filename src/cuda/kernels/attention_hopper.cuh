@@ -305,8 +305,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       next_q = false;
       // The next tile, taken once the last K of a tile longer than the K/V rings is issued: the
       // consumers have then passed this tile's step 0, where (o=tma) they free the Q buffer it
-      // loads into (o=direct: freed at the previous tile's last step). Before V_{T-2} (after it,
-      // ptxas spilled 34-62 bytes in these kernels, none here; scripts/kernel_resources.py).
+      // loads into (o=direct: freed at the previous tile's last step). ptxas spills 34-62 bytes
+      // in these kernels (the producer's 24 registers hold a second tile's coordinates for a
+      // moment), wherever in the step the take goes (after V_{T-2} too).
       const auto take_next_early = [&](int j) {
         if (j != block.tiles - 1 || j < kStages) return;
         FJ_TRACE_MARK(trace, n, 3);
