@@ -78,6 +78,38 @@ struct KeyBlockSpans {
     while (from > 0 && query_end(from - 1) > start) --from;
     return from;
   }
+
+  // The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): block b walks its tiles cyclically,
+  // upward, from its diagonal tile (the one holding query b * block_rows - diagonal_shift, taken
+  // into its range modulo its tile count), and a tile's visitors add in the order they reach it:
+  // by the step of their walk that meets it, ties by block. Where blocks run in step, the
+  // visitors of a tile then meet it at different steps (two apart for blocks of twice a tile's
+  // rows, causal or not), so that no add waits on one of the same step; but a block may wait
+  // on a higher one, so every block of a head must be resident at once (the host's guard).
+  // Tiles by index (start / tile_rows); counts and indices fit an int (the modulo's width).
+  FJ_HOST_DEVICE int64_t tile_count(int64_t b) const {
+    const int64_t end = query_end(b);
+    return query_begin(b) < end ? (end - 1) / tile_rows - first_tile(b) / tile_rows + 1 : 0;
+  }
+  // The step of block b's walk (of count = tile_count(b) > 0 tiles) that meets tile index q.
+  FJ_HOST_DEVICE int64_t arrival_step(int64_t b, int64_t count, int64_t q) const {
+    const int64_t corner = b * block_rows - diagonal_shift;  // floor division, for either sign
+    const int64_t diagonal = corner >= 0 ? corner / tile_rows : -((tile_rows - 1 - corner) / tile_rows);
+    const int step = static_cast<int>(q - diagonal) % static_cast<int>(count);
+    return step < 0 ? step + count : step;
+  }
+  // The tile index at step j of block b's walk (count = tile_count(b) > 0): the inverse of
+  // arrival_step.
+  FJ_HOST_DEVICE int64_t walk_tile(int64_t b, int64_t count, int64_t j) const {
+    const int64_t first = first_tile(b) / tile_rows;
+    const int64_t q = j + first - arrival_step(b, count, first);
+    return q < first ? q + count : q;
+  }
+  // Whether block c's add to tile index q (a visitor's: arrival step `step` in its walk) comes
+  // before that of block b at step `mine`.
+  FJ_HOST_DEVICE bool arrives_before(int64_t c, int64_t step, int64_t b, int64_t mine) const {
+    return step < mine || (step == mine && c < b);
+  }
 };
 
 }  // namespace flashjit

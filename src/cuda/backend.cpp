@@ -1032,6 +1032,8 @@ std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& 
                                        std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
   std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch);
+  keep_blocks_resident(specs.back(), ceil_div(p.seqlen_k, specs.back().block_rows()),
+                       device_info(launch.device_index).multiprocessors);
   if (specs.size() > Plan::kMaxKernels) {
     throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
                                            " expected"));
@@ -1136,6 +1138,8 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   // The class of the batch's longest sequence (a bound where the offsets are on the device).
   std::vector<KernelSpec> specs = backward_kernels(
       traits, one_pass_backward_chosen(traits, p.seqlen_k, device_info(launch.device_index).name));
+  keep_blocks_resident(specs.back(), ceil_div(p.seqlen_k, specs.back().block_rows()),
+                       device_info(launch.device_index).multiprocessors);
   if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));

@@ -162,7 +162,11 @@ std::string KernelSpec::name() const {
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
                  one_pass ? "_one-pass" : "", dkdv_shared ? "_shared-ops" : "",
-                 dq_diagnostic == 1 ? "_dq-none" : dq_diagnostic == 2 ? "_dq-unordered" : dq_diagnostic == 3 ? "_dq-eager" : "",
+                 dq_diagnostic == 1   ? "_dq-none"
+                 : dq_diagnostic == 2 ? "_dq-unordered"
+                 : dq_diagnostic == 3 ? "_dq-eager"
+                 : dq_diagnostic == 4 ? "_dq-arrival"
+                                      : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
@@ -693,6 +697,10 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits) {
   spec.dtype = FJ_FLOAT16;  // reads no operand: one kernel for every dtype
   spec.threads = 1024;
   return spec;
+}
+
+void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multiprocessors) {
+  if (dkdv.one_pass && dkdv.dq_diagnostic == 4 && key_blocks_a_head > multiprocessors) dkdv.dq_diagnostic = 3;
 }
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass) {

@@ -70,7 +70,8 @@ struct KernelSpec {
   bool trace = false;
   // The one-pass backward's dQ sums (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq): 0 the ordered adds;
   // 1 none; 2 every block adds at once, in no order (1 and 2 for timing only: they write no dQ);
-  // 3 the ordered adds, each count released right after them (FLASHJIT_CUDA_ONE_PASS_DQ=eager).
+  // 3 the ordered adds, each count released right after them (FLASHJIT_CUDA_ONE_PASS_DQ=eager);
+  // 4 as 3, in the arrival order (=arrival; only where a head's key blocks are resident at once).
   int dq_diagnostic = 0;
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).
@@ -216,6 +217,11 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits);
 // The backward's kernels in launch order. one_pass: where the sm_90a kernels apply at head dims
 // up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass).
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false);
+// The one pass's arrival order (dq_diagnostic 4) has a head's key blocks wait on one another in
+// both directions, so they must all be resident at once: where a head (of the longest sequence)
+// has more key blocks than the GPU has multiprocessors (one such block an SM), the kernel becomes
+// the eager block-order one (3), whose blocks wait only on blocks launched before them.
+void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multiprocessors);
 // Opt-in shared memory a block may use on a compute capability (80 for sm_80).
 int max_shared_memory_bytes(int arch);
 

@@ -15,7 +15,9 @@
 //   FLASHJIT_CUDA_TRACE=1       the sm_90a forward prints its work tiles' timestamps (scripts/trace_tiles.py)
 //   FLASHJIT_CUDA_ONE_PASS_DQ   none or unordered: the one-pass backward without its ordered dQ sums,
 //                               for timing only (no dQ is written); eager: ordered sums whose
-//                               counts are released at once, by one thread a warpgroup
+//                               counts are released at once, by one thread a warpgroup; arrival:
+//                               sums in the order the blocks reach a tile (where a head's key
+//                               blocks fit the GPU at once; eager elsewhere)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -98,7 +100,9 @@ bool trace_tiles();
 // written): "none" (1) skips the dQ sums, "unordered" (2) has every block add its share at once,
 // with no order and no count; unset or "ordered" (0) the real backward; "eager" (3) the real
 // backward with each add's count released right after the adds by one thread (a barrier, then
-// a release) rather than at the block's next add. Another value is an error.
+// a release) rather than at the block's next add; "arrival" (4) the real backward with the adds
+// in the order the blocks reach each tile (KeyBlockSpans' arrival order; the plan falls back to 3
+// where a head's key blocks cannot all be resident). Another value is an error.
 int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset

@@ -341,9 +341,10 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
   expect_setting_error("FLASHJIT_CUDA_KV_HOPPER", "yes", [] { settings::kv_cache_hopper(); });
 }
 
-// FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only) and eager (ordered sums released at
-// once) give one-pass kernels of their own names, which compile (eager also at head dim 64 and
-// with every feature); unset or ordered the real one; another value is an error naming it.
+// FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only), eager (ordered sums released at
+// once) and arrival (in the order blocks reach a tile) give one-pass kernels of their own names,
+// which compile (eager and arrival also at head dim 64 and with every feature); unset or ordered
+// the real one; another value is an error naming it.
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -352,24 +353,40 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
   const std::string real = backward_kernels(traits, true).back().name();
-  for (const char* value : {"none", "unordered", "eager"}) {
-    setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
+  const std::vector<std::string> values = {"none", "unordered", "eager", "arrival"};
+  for (size_t index = 0; index < values.size(); ++index) {
+    setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const KernelSpec spec = backward_kernels(traits, true).back();
     EXPECT_TRUE(spec.one_pass);
-    EXPECT_EQ(spec.dq_diagnostic, std::string(value) == "none" ? 1 : std::string(value) == "unordered" ? 2 : 3);
+    EXPECT_EQ(spec.dq_diagnostic, int(index) + 1);
     EXPECT_NE(spec.name(), real);
     ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
     EXPECT_EQ(backward_kernels(traits, false).back().dq_diagnostic, 0);  // the split backward: unaffected
   }
-  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "eager", 1);
   KernelTraits extras = sm90_traits(FJ_BFLOAT16, 64);
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
-  for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
-    const KernelSpec spec = backward_kernels(other, true).back();
-    EXPECT_TRUE(spec.one_pass && spec.dq_diagnostic == 3) << spec.name();
-    ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+  for (const char* value : {"eager", "arrival"}) {
+    setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
+    for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
+      const KernelSpec spec = backward_kernels(other, true).back();
+      EXPECT_TRUE(spec.one_pass && spec.dq_diagnostic == (std::string(value) == "eager" ? 3 : 4)) << spec.name();
+      ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+      KernelSpec varlen = spec;  // a variable-length batch in one launch
+      varlen.varlen = true;
+      ASSERT_NO_THROW(kernel_binary(varlen, false)) << varlen.name();
+    }
   }
+  // The arrival order only where every key block of a head can be resident at once.
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "arrival", 1);
+  KernelSpec fits = backward_kernels(traits, true).back(), too_many = fits;
+  keep_blocks_resident(fits, 132, 132);
+  keep_blocks_resident(too_many, 133, 132);
+  EXPECT_EQ(fits.dq_diagnostic, 4);
+  EXPECT_EQ(too_many.dq_diagnostic, 3);
+  KernelSpec split = backward_kernels(traits, false).back();
+  keep_blocks_resident(split, 1000, 132);
+  EXPECT_EQ(split.dq_diagnostic, 0);
   setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);
   EXPECT_EQ(backward_kernels(traits, true).back().name(), real);
   expect_setting_error("FLASHJIT_CUDA_ONE_PASS_DQ", "fast", [] { settings::one_pass_dq(); });
@@ -919,7 +936,7 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
         s.early_next = !s.early_next;
       },
       [](KernelSpec& s) { s.trace = !s.trace; },
-      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 4; },
+      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 5; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },
       [](KernelSpec& s) { s.threads += 128; },
       [](KernelSpec& s) {  // row tiles are spelled outside the scalar kernels

@@ -129,5 +129,76 @@ TEST(OnePassOrder, VisitorsOfEveryTileAreRankedOnceInBlockOrder) {
   }
 }
 
+// The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival; KeyBlockSpans::arrival_step, walk_tile):
+// each block's walk meets each tile it visits exactly once, at the step arrival_step names; the
+// visitors of a tile ranked by (step, block) take the ranks 0 .. count - 1 once each, so the
+// adds form one chain (the kernel counts the visitors that come before it, in parallel, and
+// waits for that count); and where the blocks' rows are twice a tile's and queries and keys
+// line up (no shift: causal, or no bounds and as many queries as keys), no two visitors of a
+// tile meet it at the same step, which is what keeps blocks that run in step from waiting.
+TEST(OnePassOrder, ArrivalWalksMeetEachTileOnceAndRankTheVisitorsOnce) {
+  struct Case {
+    int64_t shift, left, right, seqlen_q, seqlen_k;
+    bool distinct;  // no two visitors of a tile at one step
+  };
+  std::vector<Case> cases;
+  for (int64_t seqlen_q : {1, 31, 128, 300, 700, 4096}) {
+    for (int64_t seqlen_k : {1, 100, 128, 333, 1000, 4096}) {
+      for (int64_t align : {0, 1}) {
+        const int64_t shift = align ? seqlen_k - seqlen_q : 0;
+        const bool square = seqlen_q == seqlen_k && seqlen_q % 128 == 0;
+        cases.push_back({shift, -1, -1, seqlen_q, seqlen_k, square});
+        cases.push_back({shift, -1, 0, seqlen_q, seqlen_k, shift == 0});
+        cases.push_back({shift, 64, 0, seqlen_q, seqlen_k, false});
+        cases.push_back({shift, 40, 90, seqlen_q, seqlen_k, false});
+        cases.push_back({shift, 0, -1, seqlen_q, seqlen_k, false});
+        cases.push_back({shift, 3, 5, seqlen_q, seqlen_k, false});
+      }
+    }
+  }
+  for (const Case& c : cases) {
+    for (int64_t tile_rows : {16, 32, 64}) {
+      const KeyBlockSpans spans{128, tile_rows, c.shift, c.left, c.right, c.seqlen_q, c.seqlen_k};
+      const int64_t tiles = (c.seqlen_q + tile_rows - 1) / tile_rows;
+      const std::string where = "shift " + std::to_string(c.shift) + " window " + std::to_string(c.left) + "/" +
+                                std::to_string(c.right) + " Sq " + std::to_string(c.seqlen_q) + " Sk " +
+                                std::to_string(c.seqlen_k) + " tile " + std::to_string(tile_rows);
+      std::vector<std::vector<std::pair<int64_t, int64_t>>> arrivals(tiles);  // (step, block) a tile
+      for (int64_t block = 0; block < spans.blocks(); ++block) {
+        const int64_t count = spans.tile_count(block);
+        std::vector<bool> met(tiles, false);
+        for (int64_t j = 0; j < count; ++j) {
+          const int64_t q = spans.walk_tile(block, count, j);
+          ASSERT_TRUE(q >= 0 && q < tiles && spans.visits(block, q * tile_rows)) << where << " block " << block;
+          ASSERT_FALSE(met[q]) << where << " block " << block << " meets tile " << q << " twice";
+          met[q] = true;
+          ASSERT_EQ(spans.arrival_step(block, count, q), j) << where;
+          arrivals[q].push_back({j, block});
+        }
+        for (int64_t q = 0; q < tiles; ++q) ASSERT_EQ(met[q], spans.visits(block, q * tile_rows)) << where;
+      }
+      for (int64_t q = 0; q < tiles; ++q) {
+        std::vector<int64_t> ranks;
+        for (const auto& [step, block] : arrivals[q]) {
+          int64_t rank = 0;
+          for (const auto& [other_step, other] : arrivals[q]) {
+            rank += spans.arrives_before(other, other_step, block, step) ? 1 : 0;
+          }
+          ranks.push_back(rank);
+        }
+        std::sort(ranks.begin(), ranks.end());
+        for (size_t i = 0; i < ranks.size(); ++i) ASSERT_EQ(ranks[i], int64_t(i)) << where << " tile " << q;
+        if (c.distinct && tile_rows == 64) {
+          std::vector<int64_t> steps;
+          for (const auto& arrival : arrivals[q]) steps.push_back(arrival.first);
+          std::sort(steps.begin(), steps.end());
+          ASSERT_TRUE(std::adjacent_find(steps.begin(), steps.end()) == steps.end())
+              << where << ": two visitors of tile " << q << " meet it at one step";
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace flashjit::testing

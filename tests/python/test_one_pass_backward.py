@@ -18,8 +18,9 @@ pytestmark = sm90
 
 
 # Each test with the counts of the ordered sums released at the block's next add (ordered, the
-# default) and right after the adds (eager, FLASHJIT_CUDA_ONE_PASS_DQ=eager).
-@pytest.fixture(autouse=True, params=["ordered", "eager"])
+# default), right after the adds (eager, FLASHJIT_CUDA_ONE_PASS_DQ=eager), and with the adds in the
+# order the blocks reach each tile (arrival: its own fixed order, so its own bits).
+@pytest.fixture(autouse=True, params=["ordered", "eager", "arrival"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
@@ -80,6 +81,17 @@ def test_gradients_match_the_reference(D, case):
     Hq, Hkv = case.pop("Hq", 2), case.pop("Hkv", 1)
     assert plan_is_one_pass(2, Hq, Hkv, Sq, Sk, D, case.get("Dv", D))
     run(B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, dtype=torch.bfloat16, **case)
+
+
+def test_more_key_blocks_a_head_than_multiprocessors():
+    # Where a head's key blocks cannot all be resident at once, the arrival order (whose blocks
+    # wait on higher ones too) gives way to the block order: still the one pass, still right.
+    torch.manual_seed(3)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    Sk = (sms + 1) * 128 + 40
+    assert plan_is_one_pass(1, 2, 1, 96, Sk, 64, 64)
+    for causal in (False, "bottom_right"):
+        run(B=1, Hq=2, Hkv=1, Sq=96, Sk=Sk, D=64, dtype=torch.bfloat16, causal=causal)
 
 
 def test_plan_is_one_pass_and_every_row_is_written():

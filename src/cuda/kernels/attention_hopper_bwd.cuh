@@ -37,7 +37,12 @@
 //     query tiles from the last down, heads of a group inside, so that every block
 //     of a head meets a tile at about the same step (a lag of about a step a block,
 //     not a block's whole span), and a
-//     block waits only on blocks of lower index, launched before it.
+//     block waits only on blocks of lower index, launched before it. With
+//     FJ_DQ_DIAGNOSTIC 4, "arrival", a fixed order too, but one that blocks running in
+//     step meet without waiting: each block walks its tiles upward from its diagonal
+//     tile, round to its first after its last, and a tile's visitors add in the
+//     order they reach it (bounds_core.h's KeyBlockSpans), which needs every block of
+//     a head resident at once (the host runs it only where they fit).
 //
 // A tile that serves two steps (K_j in dQ, Q_t and dO_t in dK/dV) has a ring of
 // kStages + 1 buffers. The per-element gradient and the stores are
@@ -245,6 +250,12 @@ constexpr int kQueryBuffers = kStages + 1;  // Q_t and dO_t serve step t, then d
 constexpr bool kWithDv = FJ_WITH_DV;
 constexpr bool kWithDk = FJ_WITH_DK;  // needs V and dP^T
 constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
+// FJ_DQ_DIAGNOSTIC 4 (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): the one pass's blocks walk their tiles
+// upward, cyclically from each one's diagonal tile, and a tile's visitors add in the order they
+// reach it (KeyBlockSpans' arrival order), each count released right after the adds as with 3;
+// the host runs it only where every key block of a head can be resident at once.
+constexpr bool kArrival = FJ_DQ_DIAGNOSTIC == 4;
+static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
 // tiles, K-major, each warp its own 16 keys) for the dV and dK products, which then take both
 // operands from shared memory; the registers that held them let twice the queries a step fit
@@ -326,6 +337,21 @@ FJ_DEVICE void wait_for_count(const int* counter, int count) {
 FJ_DEVICE void add_release(int* address, int value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
 }
+// How many of the `threads` threads meeting at named barrier `id` hold `predicate` (a barrier
+// that also counts; every thread of each warp must reach it).
+FJ_DEVICE int count_at_barrier(int id, int threads, bool predicate) {
+  int count;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.u32 p, %3, 0;\n"
+      "bar.red.popc.u32 %0, %1, %2, p;\n"
+      "}\n"
+      : "=r"(count)
+      : "r"(id), "r"(threads), "r"(predicate ? 1 : 0)
+      : "memory");
+  return count;
+}
 FJ_DEVICE void store_float4(float* address, const float (&v)[4]) {
   asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(v[0]), "f"(v[1]), "f"(v[2]),
                "f"(v[3])
@@ -397,11 +423,27 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
                                  ? static_cast<int>((query_hi - first_tile + kBlockN - 1) / kBlockN)
                                  : 0;
   const int tiles = tiles_per_head * p.group_size;
+#if FJ_ONE_PASS
+  const KeyBlockSpans spans{kBlockM, kBlockN, sp.diagonal_shift, sp.window_left, sp.window_right, sp.seqlen_q,
+                            sp.seqlen_k};
+  // Arrival order: the tile (from first_tile) of the walk's step 0; its later steps go up from it,
+  // round to first_tile after the last (KeyBlockSpans::walk_tile).
+  const int walk_offset =
+      kArrival && tiles_per_head > 0
+          ? static_cast<int>(spans.walk_tile(block, tiles_per_head, 0) - first_tile / kBlockN)
+          : 0;
+#endif
   const auto tile_head = [&](int t) {
     return kv_head * p.group_size + (kOnePass ? t % p.group_size : t / tiles_per_head);
   };
   const auto tile_start = [&](int t) {
-    const int index = kOnePass ? tiles_per_head - 1 - t / p.group_size : t % tiles_per_head;
+    int index = kOnePass ? tiles_per_head - 1 - t / p.group_size : t % tiles_per_head;
+#if FJ_ONE_PASS
+    if (kArrival) {
+      index = t / p.group_size + walk_offset;
+      if (index >= tiles_per_head) index -= tiles_per_head;
+    }
+#endif
     return first_tile + static_cast<long long>(index) * kBlockN;
   };
 
@@ -457,20 +499,20 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_ONE_PASS
       float dqt[kDqQueries / 8][4];  // this consumer's share of dQ_t^T: rows head dims, columns queries
       zero(dqt);
-      const KeyBlockSpans spans{kBlockM, kBlockN, sp.diagonal_shift, sp.window_left, sp.window_right, sp.seqlen_q,
-                                sp.seqlen_k};
-      long long first_block = block;  // the lowest block that visits the tile add_dq adds (tiles go down)
 #if FJ_VARLEN
       const long long scratch_base = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
 #else
       const long long scratch_base = 0;
 #endif
+#if FJ_DQ_DIAGNOSTIC != 4  // block order (the arrival order counts its place at each add)
+      long long first_block = block;  // the lowest block that visits the tile add_dq adds (tiles go down)
       // Whether block + 1 visits a tile: found once, so that a step tests two numbers.
       long long above_first = 0, above_end = 0;
       if (block + 1 < spans.blocks() && spans.query_begin(block + 1) < spans.query_end(block + 1)) {
         above_first = spans.first_tile(block + 1);
         above_end = spans.query_end(block + 1);
       }
+#endif
       // Until the other consumer's keys of dS_t are in: before the turn that issues dQ_t (a
       // barrier between the turn's fence and its wgmma would serialise them).
       const auto wait_for_ds = [&](int t) {
@@ -504,10 +546,28 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         // The tile's scratch row (a variable-length batch: its entry's rows first) names its chunks.
         const long long row = scratch_base + batch_head * sp.scratch_pitch + start;
         const long long chunk_index = row / kBlockN * kConsumers + consumer;
+        const int thread = threadIdx.x % 128;
+#if FJ_DQ_DIAGNOSTIC == 4
+        // This block's place among the tile's visitors in the order they reach it, and how many
+        // they are: the consumer's threads test blocks thread, thread + 128, ... of the head, and
+        // its barrier counts them (every block of a head is resident: the host's guard).
+        int rank = 0, visitors = 0;
+        const long long query_tile = start / kBlockN, step = t / p.group_size;  // the group's heads inside
+        for (long long base = 0; base < spans.blocks(); base += 128) {
+          const long long other = base + thread;
+          const bool visit = spans.visits(other, start);
+          const bool earlier =
+              visit && spans.arrives_before(other, spans.arrival_step(other, spans.tile_count(other), query_tile),
+                                            block, step);
+          rank += count_at_barrier(kAddBarrier + consumer, 128, earlier);
+          visitors += count_at_barrier(kAddBarrier + consumer, 128, visit);
+        }
+        const bool last = rank == visitors - 1;
+#else
         first_block = spans.lowest_visitor(first_block, start);
         const int rank = static_cast<int>(block - first_block);
         const bool last = !(above_first <= start && start < above_end);  // spans.visits(block + 1, start)
-        const int thread = threadIdx.x % 128;
+#endif
         float* const chunk = p.dq_accum + chunk_index * kDqChunk;
         int* const counter = p.dq_semaphore + chunk_index;
 #if FJ_DQ_DIAGNOSTIC == 1  // timing only: no sums, no dQ
@@ -551,7 +611,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
               add_float4(chunk + (n * 128 + thread) * 4, dqt[n]);
             }
           }
-#if FJ_DQ_DIAGNOSTIC == 3
+#if FJ_DQ_DIAGNOSTIC >= 3
           // Released at once by one thread once every thread's adds are issued (the pattern of
           // CUTLASS's GenericBarrier::arrive_inc: a barrier, then one gpu-scope release, which is
           // cumulative over the other threads' writes before the barrier), so that the block
