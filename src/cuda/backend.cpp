@@ -1138,7 +1138,11 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   // The class of the batch's longest sequence (a bound where the offsets are on the device).
   std::vector<KernelSpec> specs = backward_kernels(
       traits, one_pass_backward_chosen(traits, p.seqlen_k, device_info(launch.device_index).name));
-  keep_blocks_resident(specs.back(), ceil_div(p.seqlen_k, specs.back().block_rows()),
+  // Offsets in device memory: max_seqlen_k is the caller's word, not checked against them, so the
+  // arrival order (whose blocks must all be resident) is not taken on it.
+  keep_blocks_resident(specs.back(),
+                       p.offsets_on_device ? std::numeric_limits<int64_t>::max()
+                                           : ceil_div(p.seqlen_k, specs.back().block_rows()),
                        device_info(launch.device_index).multiprocessors);
   if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;

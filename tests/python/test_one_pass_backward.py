@@ -83,9 +83,29 @@ def test_gradients_match_the_reference(D, case):
     run(B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, dtype=torch.bfloat16, **case)
 
 
+def test_arrival_order_runs_only_where_a_heads_key_blocks_fit(monkeypatch):
+    # The arrival order sums each tile in another order than the block order, so its bits differ
+    # where it runs; with more key blocks a head than multiprocessors (blocks that wait on higher
+    # ones could then wait on one never resident) the plan runs the eager block order instead,
+    # bit for bit.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.manual_seed(4)
+    q = torch.randn(1, 2, 256, 64, device=DEVICE, dtype=torch.bfloat16)
+    for key_blocks, arrival_runs in ((sms - 4, True), (sms + 1, False)):
+        k, v = (torch.randn(1, 1, key_blocks * 128 - 40, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        o, lse = flashjit.attention(q, k, v, return_lse=True)
+        dout = torch.randn_like(o)
+        results = {}
+        for mode in ("eager", "arrival"):
+            monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
+            results[mode] = flashjit.attention_backward(q, k, v, o, lse, dout)
+        same = all(torch.equal(a, b) for a, b in zip(results["eager"], results["arrival"]))
+        assert same != arrival_runs, f"{key_blocks} key blocks a head on {sms} multiprocessors"
+
+
 def test_more_key_blocks_a_head_than_multiprocessors():
-    # Where a head's key blocks cannot all be resident at once, the arrival order (whose blocks
-    # wait on higher ones too) gives way to the block order: still the one pass, still right.
+    # Where a head's key blocks cannot all be resident at once, the arrival order gives way to
+    # the block order: still the one pass, still right.
     torch.manual_seed(3)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     Sk = (sms + 1) * 128 + 40

@@ -322,7 +322,7 @@ FJ_DEVICE unsigned long long global_nanoseconds() {
   return now;
 }
 // Until the counter reaches `count`: spinning, then napping. A legitimate wait is a few steps of
-// lower blocks (under a millisecond); one of 30 seconds can only be a bug in the blocks' order,
+// the blocks before it in the tile's order (under a millisecond); one of 30 seconds can only be a bug in the blocks' order,
 // and traps (a launch error, which leaves the process's CUDA context unusable) rather than hang
 // the device.
 FJ_DEVICE void wait_for_count(const int* counter, int count) {
