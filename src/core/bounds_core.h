@@ -98,16 +98,25 @@ struct KeyBlockSpans {
     const int step = static_cast<int>(q - diagonal) % static_cast<int>(count);
     return step < 0 ? step + count : step;
   }
-  // The tile index at step j of block b's walk (count = tile_count(b) > 0): the inverse of
-  // arrival_step.
-  FJ_HOST_DEVICE int64_t walk_tile(int64_t b, int64_t count, int64_t j) const {
-    const int64_t first = first_tile(b) / tile_rows;
-    const int64_t q = j + first - arrival_step(b, count, first);
+  // The walk's phase: the step at which block b (count = tile_count(b) > 0) meets its first tile.
+  FJ_HOST_DEVICE int64_t walk_phase(int64_t b, int64_t count) const {
+    return arrival_step(b, count, first_tile(b) / tile_rows);
+  }
+  // The tile index at step j of a walk from tile index `first` (count tiles, phase `phase`): the
+  // inverse of arrival_step.
+  FJ_HOST_DEVICE static int64_t walk_tile(int64_t first, int64_t count, int64_t phase, int64_t j) {
+    const int64_t q = j + first - phase;
     return q < first ? q + count : q;
+  }
+  // arrival_step of a tile index q that the walk visits (first <= q < first + count), from the
+  // walk's phase: no division, for the kernel's count at each add.
+  FJ_HOST_DEVICE static int64_t step_at(int64_t first, int64_t count, int64_t phase, int64_t q) {
+    const int64_t step = q - first + phase;
+    return step >= count ? step - count : step;
   }
   // Whether block c's add to tile index q (a visitor's: arrival step `step` in its walk) comes
   // before that of block b at step `mine`.
-  FJ_HOST_DEVICE bool arrives_before(int64_t c, int64_t step, int64_t b, int64_t mine) const {
+  FJ_HOST_DEVICE static bool arrives_before(int64_t c, int64_t step, int64_t b, int64_t mine) {
     return step < mine || (step == mine && c < b);
   }
 };

@@ -246,7 +246,8 @@ int KernelSpec::shared_memory_bytes() const {
           return layout::kHopperBaseAlignment + layout::hopper_backward_dq(rows, n, qk, v, stages).bytes;
         case KernelEntry::kBackwardDkDv:
           return layout::kHopperBaseAlignment +
-                 layout::hopper_backward_dkdv(rows, n, qk, v, stages, layout::dkdv_ds_buffers(one_pass, dkdv_shared))
+                 layout::hopper_backward_dkdv(rows, n, qk, v, stages, layout::dkdv_ds_buffers(one_pass, dkdv_shared),
+                                              layout::dkdv_walk_blocks(one_pass && dq_diagnostic == 4))
                      .bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:
@@ -700,7 +701,10 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits) {
 }
 
 void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multiprocessors) {
-  if (dkdv.one_pass && dkdv.dq_diagnostic == 4 && key_blocks_a_head > multiprocessors) dkdv.dq_diagnostic = 3;
+  if (dkdv.one_pass && dkdv.dq_diagnostic == 4 &&
+      key_blocks_a_head > std::min(multiprocessors, layout::kArrivalWalkBlocks)) {
+    dkdv.dq_diagnostic = 3;
+  }
 }
 
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass) {

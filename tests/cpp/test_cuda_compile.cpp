@@ -19,6 +19,7 @@
 #include "core/error.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
+#include "cuda/kernels/shared_layout.h"
 #include "cuda/settings.hpp"
 #include "cuda/tuning.hpp"
 #include "flashjit/cuda.h"
@@ -384,6 +385,11 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   keep_blocks_resident(too_many, 133, 132);
   EXPECT_EQ(fits.dq_diagnostic, 4);
   EXPECT_EQ(too_many.dq_diagnostic, 3);
+  // Its walks' table (16 bytes a key block) sizes the launch, and bounds the key blocks too.
+  EXPECT_EQ(fits.shared_memory_bytes(), too_many.shared_memory_bytes() + 16 * flashjit::layout::kArrivalWalkBlocks);
+  KernelSpec past_table = fits;
+  keep_blocks_resident(past_table, flashjit::layout::kArrivalWalkBlocks + 1, 1000);
+  EXPECT_EQ(past_table.dq_diagnostic, 3);
   KernelSpec split = backward_kernels(traits, false).back();
   keep_blocks_resident(split, 1000, 132);
   EXPECT_EQ(split.dq_diagnostic, 0);

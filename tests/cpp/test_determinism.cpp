@@ -129,8 +129,9 @@ TEST(OnePassOrder, VisitorsOfEveryTileAreRankedOnceInBlockOrder) {
   }
 }
 
-// The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival; KeyBlockSpans::arrival_step, walk_tile):
-// each block's walk meets each tile it visits exactly once, at the step arrival_step names; the
+// The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival; KeyBlockSpans::arrival_step, walk_phase,
+// walk_tile, step_at, as the kernel uses them): each block's walk meets each tile it visits
+// exactly once, at the step arrival_step names (and step_at, from the phase); the
 // visitors of a tile ranked by (step, block) take the ranks 0 .. count - 1 once each, so the
 // adds form one chain (the kernel counts the visitors that come before it, in parallel, and
 // waits for that count); and where the blocks' rows are twice a tile's and queries and keys
@@ -166,13 +167,17 @@ TEST(OnePassOrder, ArrivalWalksMeetEachTileOnceAndRankTheVisitorsOnce) {
       std::vector<std::vector<std::pair<int64_t, int64_t>>> arrivals(tiles);  // (step, block) a tile
       for (int64_t block = 0; block < spans.blocks(); ++block) {
         const int64_t count = spans.tile_count(block);
+        const int64_t first = spans.first_tile(block) / tile_rows;
+        const int64_t phase = count > 0 ? spans.walk_phase(block, count) : 0;
+        ASSERT_TRUE(count == 0 || (phase >= 0 && phase < count)) << where;
         std::vector<bool> met(tiles, false);
         for (int64_t j = 0; j < count; ++j) {
-          const int64_t q = spans.walk_tile(block, count, j);
+          const int64_t q = KeyBlockSpans::walk_tile(first, count, phase, j);
           ASSERT_TRUE(q >= 0 && q < tiles && spans.visits(block, q * tile_rows)) << where << " block " << block;
           ASSERT_FALSE(met[q]) << where << " block " << block << " meets tile " << q << " twice";
           met[q] = true;
           ASSERT_EQ(spans.arrival_step(block, count, q), j) << where;
+          ASSERT_EQ(KeyBlockSpans::step_at(first, count, phase, q), j) << where;
           arrivals[q].push_back({j, block});
         }
         for (int64_t q = 0; q < tiles; ++q) ASSERT_EQ(met[q], spans.visits(block, q * tile_rows)) << where;

@@ -294,7 +294,8 @@ constexpr int kDsBuffers = layout::kOnePassDsBuffers;
 // consumer's own (3 + 2 * kDsBuffers + c) around its adds.
 constexpr int kDsBarrier = kTurnBarrier + kConsumers;
 constexpr int kAddBarrier = kDsBarrier + kConsumers * kDsBuffers;
-static_assert(kAddBarrier + kConsumers <= 16, "16 named barriers");
+constexpr int kWalksBarrier = kAddBarrier + kConsumers;  // arrival order: the walks' table written
+static_assert(kWalksBarrier + 1 <= 16, "16 named barriers");
 
 // dS^T of a warp's 16 keys and 16 queries from `column` (an A fragment, a_from_c) into the dS
 // tile [kBlockN queries][kBlockM keys] transposed: four 8 x 8 matrices, lane l naming row
@@ -376,7 +377,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   constexpr layout::HopperBackwardDkDv kLayout =
       layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
-                                   layout::dkdv_ds_buffers(kOnePass, kSharedOperands));
+                                   layout::dkdv_ds_buffers(kOnePass, kSharedOperands),
+                                   layout::dkdv_walk_blocks(kArrival));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
                     kLayout.bytes - kLayout.dout_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes,
@@ -390,6 +392,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   elem_t* ds_tiles = reinterpret_cast<elem_t*>(base + kLayout.ds_tiles);
   float* lse_tiles = reinterpret_cast<float*>(base + kLayout.lse_tiles);      // [kQueryBuffers][kBlockN]
   float* delta_tiles = reinterpret_cast<float*>(base + kLayout.delta_tiles);  // [kQueryBuffers][kBlockN]
+  // Arrival order: each key block's walk of the head, {first tile index, tile count, phase, 0}.
+  int4* walks = reinterpret_cast<int4*>(base + kLayout.walks);
   unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
   // Q, LSE and delta of a tile; dO of a tile.
   const Ring<kQueryBuffers> q_ring = Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.q_ring));
@@ -426,12 +430,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_ONE_PASS
   const KeyBlockSpans spans{kBlockM, kBlockN, sp.diagonal_shift, sp.window_left, sp.window_right, sp.seqlen_q,
                             sp.seqlen_k};
-  // Arrival order: the tile (from first_tile) of the walk's step 0; its later steps go up from it,
-  // round to first_tile after the last (KeyBlockSpans::walk_tile).
-  const int walk_offset =
-      kArrival && tiles_per_head > 0
-          ? static_cast<int>(spans.walk_tile(block, tiles_per_head, 0) - first_tile / kBlockN)
-          : 0;
+  // Arrival order: the step of the walk that meets first_tile; the walk goes up from the tile of
+  // step 0, round to first_tile after the last (KeyBlockSpans::walk_tile).
+  const int walk_phase = kArrival && tiles_per_head > 0 ? static_cast<int>(spans.walk_phase(block, tiles_per_head)) : 0;
 #endif
   const auto tile_head = [&](int t) {
     return kv_head * p.group_size + (kOnePass ? t % p.group_size : t / tiles_per_head);
@@ -440,8 +441,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     int index = kOnePass ? tiles_per_head - 1 - t / p.group_size : t % tiles_per_head;
 #if FJ_ONE_PASS
     if (kArrival) {
-      index = t / p.group_size + walk_offset;
-      if (index >= tiles_per_head) index -= tiles_per_head;
+      index = t / p.group_size - walk_phase;  // KeyBlockSpans::walk_tile, from first_tile
+      if (index < 0) index += tiles_per_head;
     }
 #endif
     return first_tile + static_cast<long long>(index) * kBlockN;
@@ -488,6 +489,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const long long consumer_first = first_key + consumer * 64;
     const bool keys_full_block = consumer_first + 64 <= sp.seqlen_k;
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+#if FJ_DQ_DIAGNOSTIC == 4
+    // The walks of the head's key blocks (at most kArrivalWalkBlocks: the host's guard), a block a
+    // consumer thread, before any add counts from them.
+    const int key_blocks =
+        spans.blocks() < layout::kArrivalWalkBlocks ? static_cast<int>(spans.blocks()) : layout::kArrivalWalkBlocks;
+    for (int other = static_cast<int>(threadIdx.x) - 128; other < key_blocks; other += 2 * 128) {
+      const int count = static_cast<int>(spans.tile_count(other));
+      walks[other] = make_int4(static_cast<int>(spans.first_tile(other) / kBlockN), count,
+                               count > 0 ? static_cast<int>(spans.walk_phase(other, count)) : 0, 0);
+    }
+    named_barrier_sync(kWalksBarrier, 2 * 128);
+#endif
 
     float dv[kDimV / 8][4], dk[kDimQk / 8][4];
     zero(dv);
@@ -549,16 +562,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int thread = threadIdx.x % 128;
 #if FJ_DQ_DIAGNOSTIC == 4
         // This block's place among the tile's visitors in the order they reach it, and how many
-        // they are: the consumer's threads test blocks thread, thread + 128, ... of the head, and
-        // its barrier counts them (every block of a head is resident: the host's guard).
+        // they are: the consumer's threads test blocks thread, thread + 128, ... of the head from
+        // their walks, and its barrier counts them (every block of a head is resident: the
+        // host's guard).
         int rank = 0, visitors = 0;
-        const long long query_tile = start / kBlockN, step = t / p.group_size;  // the group's heads inside
-        for (long long base = 0; base < spans.blocks(); base += 128) {
-          const long long other = base + thread;
-          const bool visit = spans.visits(other, start);
+        const int query_tile = static_cast<int>(start / kBlockN), step = t / p.group_size;  // the group's heads inside
+        for (int base = 0; base < key_blocks; base += 128) {
+          const int other = base + thread;
+          const int4 walk = other < key_blocks ? walks[other] : make_int4(0, 0, 0, 0);
+          const bool visit = query_tile >= walk.x && query_tile < walk.x + walk.y;
           const bool earlier =
-              visit && spans.arrives_before(other, spans.arrival_step(other, spans.tile_count(other), query_tile),
-                                            block, step);
+              visit && KeyBlockSpans::arrives_before(other, KeyBlockSpans::step_at(walk.x, walk.y, walk.z, query_tile),
+                                                     block, step);
           rank += count_at_barrier(kAddBarrier + consumer, 128, earlier);
           visitors += count_at_barrier(kAddBarrier + consumer, 128, visit);
         }

@@ -42,6 +42,11 @@ constexpr int kOnePassDsBuffers = 4;
 FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands) {
   return one_pass ? kOnePassDsBuffers : shared_operands ? 2 : 0;
 }
+// The one pass in arrival order keeps each key block's walk of its head (its first tile, tile
+// count and phase: 16 bytes) for the ranks it counts at each add; a head may have at most this
+// many key blocks for it (the host's guard).
+constexpr int kArrivalWalkBlocks = 256;
+FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBlocks : 0; }
 
 // A ring of `buffers` buffers has a full and an empty mbarrier per buffer (pipeline.cuh's Ring).
 FJ_LAYOUT int ring_bytes(int buffers) { return 2 * buffers * kBarrierBytes; }
@@ -95,10 +100,11 @@ FJ_LAYOUT HopperBackwardDq hopper_backward_dq(int rows, int block_n, int dim_qk,
 // `ds_buffers` swizzled tiles of dS (block_n queries x the block's rows of keys)
 // after the dO ring.
 struct HopperBackwardDkDv {
-  int k_tile, v_tile, q_tiles, dout_tiles, ds_tiles, lse_tiles, delta_tiles, keys_full, q_ring, dout_ring, bytes;
+  int k_tile, v_tile, q_tiles, dout_tiles, ds_tiles, lse_tiles, delta_tiles, walks, keys_full, q_ring, dout_ring,
+      bytes;
 };
 FJ_LAYOUT HopperBackwardDkDv hopper_backward_dkdv(int rows, int block_n, int dim_qk, int dim_v, int stages,
-                                                  int ds_buffers = 0) {
+                                                  int ds_buffers = 0, int walk_blocks = 0) {
   Carver c;
   HopperBackwardDkDv l{};
   const int buffers = stages + 1;
@@ -109,6 +115,7 @@ FJ_LAYOUT HopperBackwardDkDv hopper_backward_dkdv(int rows, int block_n, int dim
   l.ds_tiles = c.take(kHalfBytes * ds_buffers * block_n * rows);
   l.lse_tiles = c.take(4 * buffers * block_n);
   l.delta_tiles = c.take(4 * buffers * block_n);
+  l.walks = c.take(16 * walk_blocks);  // 16-byte aligned: every region before is a multiple of 16
   l.keys_full = c.take(kBarrierBytes);
   l.q_ring = c.take(ring_bytes(buffers));
   l.dout_ring = c.take(ring_bytes(buffers));
