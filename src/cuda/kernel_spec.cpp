@@ -156,7 +156,7 @@ std::string KernelSpec::name() const {
                  softcap ? "_softcap" : "", aligned ? "_aligned" : "", split ? "_split" : "", varlen ? "_varlen" : "",
                  kv_cache == 1 ? "_kvcache" : kv_cache == 2 ? "_paged" : "", edge_general ? "_edgegen" : "",
                  block_span ? "_blockspan" : "", chains_tiles() ? "_chain" : "", takes_next_early() ? "_earlynext" : "",
-                 trace ? "_trace" : "",
+                 sets_up_in_producer() ? "_psetup" : "", trace ? "_trace" : "",
                  page_boxes > 1 ? str_cat("_pb", page_boxes) : std::string(),
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
@@ -215,7 +215,7 @@ std::array<int32_t, N> fields_of(Values... values) {
 KernelSpec::Fields KernelSpec::fields() const {
   return fields_of<kFieldCount>(entry,        family,      dtype,          head_dim_qk,   head_dim_v,   mask,
                                 mask_dtype,   window,      dropout,        softcap,       aligned,      split,
-                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), trace,
+                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), sets_up_in_producer(), trace,
                                 dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
                                 dkdv_shared,  stages,      q_buffers,      o_tma,         fold_scale,   lazy_rescale,
                                 block_n,      arch);
@@ -240,7 +240,10 @@ int KernelSpec::shared_memory_bytes() const {
       switch (entry) {
         case KernelEntry::kForward: {
           const int q_row = o_tma ? std::max(qk, v) : qk;  // O is staged in the Q buffer
-          return layout::kHopperBaseAlignment + layout::hopper_forward(rows, q_row, n, qk, v, q_buffers, stages).bytes;
+          return layout::kHopperBaseAlignment +
+                 layout::hopper_forward(rows, q_row, n, qk, v, q_buffers, stages,
+                                        sets_up_in_producer() ? layout::kTileSlotInts : 1)
+                     .bytes;
         }
         case KernelEntry::kBackwardDq:
           return layout::kHopperBaseAlignment + layout::hopper_backward_dq(rows, n, qk, v, stages).bytes;
@@ -286,7 +289,7 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
-      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_PRODUCER_SETUP ", sets_up_in_producer() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
@@ -393,6 +396,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
       {"edges", "general", "right", &ForwardTiles::edge_general}, {"span", "block", "own", &ForwardTiles::block_span},
       {"sched", "static", "counter", &ForwardTiles::static_tiles}, {"chain", "tiles", "none", &ForwardTiles::chain_tiles},
       {"next", "early", "late", &ForwardTiles::early_next},
+      {"setup", "producer", "consumer", &ForwardTiles::producer_setup},
   };
   ForwardTiles tiles;
   std::string rest = text == nullptr ? "" : text;
@@ -608,6 +612,7 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
     };
     on_top(&ForwardTiles::chain_tiles, &KernelSpec::chain_tiles);
     on_top(&ForwardTiles::early_next, &KernelSpec::early_next);
+    on_top(&ForwardTiles::producer_setup, &KernelSpec::producer_setup);
   }
   return spec;
 }

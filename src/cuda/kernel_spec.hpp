@@ -66,6 +66,11 @@ struct KernelSpec {
   // FLASHJIT_CUDA_TILES "next=early"), so that Q and the tile counter's round trip are off the
   // path between two work tiles; by default after the tile's last V. Not yet run on a GPU.
   bool early_next = false;
+  // kHopper forward whose producer works out each work tile's block (batch, head, query rows,
+  // visible keys: QueryBlock) once and hands it to the consumers with the tile (FJ_PRODUCER_SETUP;
+  // FLASHJIT_CUDA_TILES "setup=producer"), so that their ~150 instructions of setup between two
+  // tiles (three integer divisions among them) leave the path between them. Not yet run on a GPU.
+  bool producer_setup = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq): 0 the ordered adds;
@@ -104,7 +109,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 33;
+  static constexpr size_t kFieldCount = 34;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -127,6 +132,10 @@ struct KernelSpec {
   }
   // early_next where it applies (what name() spells and fields() holds).
   bool takes_next_early() const { return next_early_applies() && early_next; }
+  // producer_setup where it applies: the kHopper forward, whatever its tiles and variant.
+  bool sets_up_in_producer() const {
+    return producer_setup && family == KernelFamily::kHopper && entry == KernelEntry::kForward;
+  }
 };
 
 // What a call needs compiled, independent of sizes and pointers.
@@ -181,6 +190,10 @@ struct ForwardTiles {
   // (KernelSpec::early_next), on top of the tiles in force; 0 ("next=late"): after its last V,
   // the default.
   int early_next = -1;
+  // 1 ("setup=producer"): each work tile's block worked out by the producer and handed over
+  // (KernelSpec::producer_setup), on top of the tiles in force; 0 ("setup=consumer"): each
+  // consumer warpgroup works it out, the default.
+  int producer_setup = -1;
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
   // launch choices (counter, sched) and chain leave the tiles as they are.
   bool forced() const {

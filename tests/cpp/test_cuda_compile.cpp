@@ -507,6 +507,55 @@ TEST_F(CudaCompile, EarlyNextTileCompilesWhereItApplies) {
   ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
 }
 
+// The producer's setup (FJ_PRODUCER_SETUP), FLASHJIT_CUDA_TILES setup=producer on the tiles in
+// force: a kernel of its own name, whose launch takes the larger tile queue, in every variant of
+// the sm_90a forward (splits, variable-length batches, KV caches, chained tiles, the next tile
+// early, three consumer warpgroups, every feature); by default (and setup=consumer) not. Each
+// compiles.
+TEST_F(CudaCompile, ProducerSetupCompilesInEveryForwardVariant) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  struct Unset {
+    ~Unset() { unsetenv("FLASHJIT_CUDA_TILES"); }
+  } unset;
+  for (int head_dim : {64, 128, 256}) {
+    unsetenv("FLASHJIT_CUDA_TILES");
+    KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
+    const KernelSpec plain = forward_kernel(traits);
+    EXPECT_FALSE(plain.sets_up_in_producer()) << plain.name();
+    setenv("FLASHJIT_CUDA_TILES", "setup=consumer", 1);
+    EXPECT_EQ(forward_kernel(traits).name(), plain.name());
+    setenv("FLASHJIT_CUDA_TILES", "setup=producer", 1);
+    std::vector<KernelSpec> specs = {forward_kernel(traits)};
+    EXPECT_TRUE(specs[0].sets_up_in_producer() && specs[0].name().find("_psetup") != std::string::npos)
+        << specs[0].name();
+    EXPECT_EQ(specs[0].shared_memory_bytes(), plain.shared_memory_bytes() + 2 * 4 * (8 - 1));
+    specs.push_back(hopper_split_kernel(specs[0]));
+    KernelSpec varlen = specs[0];
+    varlen.varlen = true;
+    specs.push_back(varlen);
+    specs.push_back(hopper_kv_cache_kernel(specs[0], 64));
+    KernelTraits extras = traits;
+    extras.window = extras.dropout = extras.softcap = true;
+    extras.mask = flashjit::MaskKind::kBool;
+    specs.push_back(forward_kernel(extras));
+    setenv("FLASHJIT_CUDA_TILES", "setup=producer,chain=tiles,next=early", 1);
+    specs.push_back(forward_kernel(traits));
+    if (head_dim == 64) {
+      setenv("FLASHJIT_CUDA_TILES", "setup=producer,groups=3", 1);
+      specs.push_back(forward_kernel(traits));
+    }
+    for (const KernelSpec& spec : specs) {
+      if (spec.family != KernelFamily::kHopper) continue;
+      EXPECT_TRUE(spec.sets_up_in_producer()) << spec.name();
+      ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+    }
+  }
+  EXPECT_EQ(parse_forward_tiles("setup=producer").producer_setup, 1);
+  EXPECT_EQ(parse_forward_tiles("setup=consumer").producer_setup, 0);
+  EXPECT_FALSE(parse_forward_tiles("setup=producer").forced());  // on the tiles in force
+}
+
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a
 // kernel of its own name, which compiles; unset, the usual kernel.
 TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
@@ -942,6 +991,10 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
         s.early_next = !s.early_next;
       },
       [](KernelSpec& s) { s.trace = !s.trace; },
+      [](KernelSpec& s) {  // producer_setup where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
+        s.producer_setup = !s.producer_setup;
+      },
       [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 5; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },
       [](KernelSpec& s) { s.threads += 128; },
@@ -977,7 +1030,8 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
     }
   };
   const char* tiles[] = {"", "n=64", "groups=3", "o=direct", "q=1,o=direct", "stages=3", "softmax=plain",
-                         "edges=general", "span=block", "chain=tiles", "n=176,chain=tiles", "next=early"};
+                         "edges=general", "span=block", "chain=tiles", "n=176,chain=tiles", "next=early",
+                         "setup=producer"};
   for (const char* forced : tiles) {
     if (*forced) {
       setenv("FLASHJIT_CUDA_TILES", forced, 1);

@@ -169,13 +169,23 @@ def test_early_next_tile_matches_late(monkeypatch, causal):
                          (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=2, Hq=16, Hkv=8, Sq=1100, Sk=1100, D=128)))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+def test_producer_setup_matches_consumer(monkeypatch, causal):
+    # setup=producer: the producer works out each work tile's block once and hands it to the
+    # consumers with the tile; bitwise the consumers' own setup, with several tiles a block and,
+    # bottom-right, work tiles with no key between ones with keys.
+    _forward_tiles_agree(monkeypatch, causal, ("setup=producer", "setup=consumer"),
+                         (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=2, Hq=16, Hkv=8, Sq=1100, Sk=1100, D=128)))
+
+
 # Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
                                    "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
                                    "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3",
-                                   "next=early"])
+                                   "next=early", "setup=producer"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):

@@ -190,7 +190,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_forward(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   constexpr layout::HopperForward kLayout =
-      layout::hopper_forward(kBlockM, kQTileDim, kBlockN, kDimQk, kDimV, kQBuffers, kStages);
+      layout::hopper_forward(kBlockM, kQTileDim, kBlockN, kDimQk, kDimV, kQBuffers, kStages, kTileSlotInts);
   static_assert(kLayout.k_ring - kLayout.q_ring == Ring<kQBuffers>::kBarriers * layout::kBarrierBytes &&
                     kLayout.queue_slots - kLayout.queue_ring == Ring<2>::kBarriers * layout::kBarrierBytes,
                 "shared_layout.h sizes the rings as pipeline.cuh does");
@@ -283,14 +283,24 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     bool next_q = false;     // whether its Q is loaded
 #endif
     for (int n = 0;; ++n) {
-      tiles.push(n, tile);
-      FJ_TRACE_MARK(trace, n, 0);
       if (tile >= num_tiles) {
+        tiles.push(n, tile);
+        FJ_TRACE_MARK(trace, n, 0);
         done_taking_tiles(p);
         return;
       }
       FJ_TILE_PARAMS(tile, local_tile);
       const QueryBlock block = block_of(sp, local_tile);
+#if FJ_PRODUCER_SETUP
+      {
+        int fields[QueryBlock::kFields];  // the consumers take the block as it is
+        block.to_fields(fields);
+        tiles.push(n, tile, fields);
+      }
+#else
+      tiles.push(n, tile);
+#endif
+      FJ_TRACE_MARK(trace, n, 0);
       const long long q_row0 = kVarlen ? sp.q_row0 : 0, k_row0 = kVarlen ? sp.k_row0 : 0;
 #if FJ_KV_CACHE != 2
       // Key tile j for TMA: its first row and the map's outer coordinate, the batch entry.
@@ -448,7 +458,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
     for (int n = 0;; ++n) {
       FJ_TRACE_MARK(trace, n, 0);
+#if FJ_PRODUCER_SETUP
+      int fields[QueryBlock::kFields];
+      const int tile = tiles.pop(n, lane, fields);
+#else
       const int tile = tiles.pop(n, lane);
+#endif
       if (tile >= num_tiles) {
 #if FJ_CHAIN_TILES
         if (carrying) flush(n);
@@ -457,7 +472,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       }
       FJ_TRACE_MARK(trace, n, 1);
       FJ_TILE_PARAMS(tile, local_tile);
+#if FJ_PRODUCER_SETUP
+      const QueryBlock block = QueryBlock::from_fields(fields);  // the producer's block_of
+#else
       const QueryBlock block = block_of(sp, local_tile);
+#endif
 #if FJ_SPLIT
       const int split = local_tile / tiles_a_split;
 #else

@@ -346,19 +346,32 @@ FJ_DEVICE void consumer_schedule(int consumer, int steps, Arrive arrive, IssueFi
 // The work tiles of a persistent block, from the producer thread to the
 // consumer warps through two slots: the n-th tile goes into slot n % 2 once the
 // consumers have taken tile n - 2 from it.
+// FJ_PRODUCER_SETUP: a slot also carries the tile's block (QueryBlock's fields), worked out once
+// by the producer.
+constexpr int kTileSlotInts = FJ_PRODUCER_SETUP ? layout::kTileSlotInts : 1;
 struct TileQueue {
   Ring<2> ring;
-  int* slots;  // [2]
+  int* slots;  // [2][kTileSlotInts]
   FJ_DEVICE void init() const { ring.init(); }
-  FJ_DEVICE void push(int n, int tile) const {
+  // The tile, and (fields, kTileSlotInts - 1 of them) its block's.
+  FJ_DEVICE void push(int n, int tile, const int* fields = nullptr) const {
     const int slot = n % 2;
     mbarrier_wait(&ring.empty[slot], ((n / 2) & 1) ^ 1);
-    slots[slot] = tile;
-    mbarrier_arrive(&ring.full[slot]);  // releases the store to the consumers
+    slots[slot * kTileSlotInts] = tile;
+    if (fields != nullptr) {
+#pragma unroll
+      for (int i = 1; i < kTileSlotInts; ++i) slots[slot * kTileSlotInts + i] = fields[i - 1];
+    }
+    mbarrier_arrive(&ring.full[slot]);  // releases the stores to the consumers
   }
-  FJ_DEVICE int pop(int n, int lane) const {
+  FJ_DEVICE int pop(int n, int lane, int* fields = nullptr) const {
     ring.consume(n);
-    const int tile = slots[n % 2];
+    const int slot = n % 2;
+    const int tile = slots[slot * kTileSlotInts];
+    if (fields != nullptr) {
+#pragma unroll
+      for (int i = 1; i < kTileSlotInts; ++i) fields[i - 1] = slots[slot * kTileSlotInts + i];
+    }
     ring.release(n, lane);  // after every lane's read of the slot
     return tile;
   }
@@ -459,6 +472,22 @@ struct QueryBlock {
   long long key_lo, key_hi;  // keys the block's rows can see
   long long first_tile;      // key_lo rounded down to a tile
   int tiles;
+  QueryBlock() = default;
+  // The seven fields a tile queue's slot carries (FJ_PRODUCER_SETUP; all fit an int: rows and
+  // keys are ints), and the block made again from them, without a division by a run-time value.
+  static constexpr int kFields = 7;
+  FJ_DEVICE void to_fields(int (&f)[kFields]) const {
+    f[0] = b, f[1] = h, f[2] = kv_head, f[3] = static_cast<int>(first_query), f[4] = static_cast<int>(key_lo);
+    f[5] = static_cast<int>(key_hi), f[6] = tiles;
+  }
+  FJ_DEVICE static QueryBlock from_fields(const int (&f)[kFields]) {
+    QueryBlock block;
+    block.b = f[0], block.h = f[1], block.kv_head = f[2], block.first_query = f[3], block.key_lo = f[4];
+    block.key_hi = f[5];
+    block.first_tile = block.key_lo / kBlockN * kBlockN;  // count_tiles' (key_lo >= 0)
+    block.tiles = f[6];
+    return block;
+  }
   // The block of this thread block (block_coordinates).
   FJ_DEVICE explicit QueryBlock(const KernelParams& p) {
     int block;
@@ -519,6 +548,7 @@ struct QueryBlock {
     return range;
   }
 };
+static_assert(layout::kTileSlotInts == 1 + QueryBlock::kFields, "a tile queue's slot: the tile and its block");
 
 }  // namespace mma
 }  // namespace flashjit

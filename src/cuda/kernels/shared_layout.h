@@ -54,12 +54,14 @@ FJ_LAYOUT int ring_bytes(int buffers) { return 2 * buffers * kBarrierBytes; }
 // sm_90a forward (attention_hopper.cuh): Q buffers of `rows` x `q_row` (O is
 // staged there when stored by TMA), K and V rings of `stages` tiles of
 // `block_n` rows, the Q/K/V rings' mbarriers, and the work-tile queue (a ring
-// of two and its two int slots).
+// of two and its two slots of `slot_ints` ints: the tile, and with the producer's setup its
+// block's fields).
+constexpr int kTileSlotInts = 8;  // the tile and QueryBlock's seven fields (pipeline.cuh)
 struct HopperForward {
   int q_tiles, k_tiles, v_tiles, q_ring, k_ring, v_ring, queue_ring, queue_slots, bytes;
 };
 FJ_LAYOUT HopperForward hopper_forward(int rows, int q_row, int block_n, int dim_qk, int dim_v, int q_buffers,
-                                       int stages) {
+                                       int stages, int slot_ints = 1) {
   Carver c;
   HopperForward l{};
   l.q_tiles = c.take(kHalfBytes * q_buffers * rows * q_row);
@@ -69,7 +71,7 @@ FJ_LAYOUT HopperForward hopper_forward(int rows, int q_row, int block_n, int dim
   l.k_ring = c.take(ring_bytes(stages));
   l.v_ring = c.take(ring_bytes(stages));
   l.queue_ring = c.take(ring_bytes(2));
-  l.queue_slots = c.take(2 * 4);
+  l.queue_slots = c.take(2 * 4 * slot_ints);
   l.bytes = c.bytes;
   return l;
 }
