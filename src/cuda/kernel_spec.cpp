@@ -402,7 +402,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const std::string& expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next, setup; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -435,7 +435,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "groups") {
       tiles.groups = number(item, value, 2, 3, "groups=2 or groups=3");
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next, setup");
     }
   }
   return tiles;

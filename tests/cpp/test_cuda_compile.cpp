@@ -535,18 +535,26 @@ TEST_F(CudaCompile, ProducerSetupCompilesInEveryForwardVariant) {
     varlen.varlen = true;
     specs.push_back(varlen);
     specs.push_back(hopper_kv_cache_kernel(specs[0], 64));
+    specs.push_back(hopper_kv_cache_kernel(specs[0], 0));  // a cache in place
     KernelTraits extras = traits;
     extras.window = extras.dropout = extras.softcap = true;
     extras.mask = flashjit::MaskKind::kBool;
     specs.push_back(forward_kernel(extras));
-    setenv("FLASHJIT_CUDA_TILES", "setup=producer,chain=tiles,next=early", 1);
+    setenv("FLASHJIT_CUDA_TILES", "setup=producer,chain=tiles", 1);
     specs.push_back(forward_kernel(traits));
+    setenv("FLASHJIT_CUDA_TILES", "setup=producer,next=early", 1);
+    specs.push_back(forward_kernel(traits));
+    EXPECT_EQ(specs.back().takes_next_early(), specs.back().q_buffers == 2) << specs.back().name();
+    setenv("FLASHJIT_CUDA_TRACE", "1", 1);
+    specs.push_back(forward_kernel(traits));
+    unsetenv("FLASHJIT_CUDA_TRACE");
+    EXPECT_TRUE(specs.back().trace) << specs.back().name();
     if (head_dim == 64) {
       setenv("FLASHJIT_CUDA_TILES", "setup=producer,groups=3", 1);
       specs.push_back(forward_kernel(traits));
     }
     for (const KernelSpec& spec : specs) {
-      if (spec.family != KernelFamily::kHopper) continue;
+      if (spec.family != KernelFamily::kHopper && spec.kv_cache != 0) continue;  // caches off the split forward
       EXPECT_TRUE(spec.sets_up_in_producer()) << spec.name();
       ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
     }

@@ -171,12 +171,16 @@ def test_early_next_tile_matches_late(monkeypatch, causal):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the persistent forward's schedules are CUDA's")
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
-def test_producer_setup_matches_consumer(monkeypatch, causal):
+def test_producer_setup_matches_consumer(monkeypatch, causal, tmp_path):
     # setup=producer: the producer works out each work tile's block once and hands it to the
     # consumers with the tile; bitwise the consumers' own setup, with several tiles a block and,
-    # bottom-right, work tiles with no key between ones with keys.
+    # bottom-right, work tiles with no key between ones with keys; and its kernel was the one run.
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    flashjit.cuda.clear_memory_cache()
     _forward_tiles_agree(monkeypatch, causal, ("setup=producer", "setup=consumer"),
                          (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=2, Hq=16, Hkv=8, Sq=1100, Sk=1100, D=128)))
+    compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
+    assert any("hopper-forward" in name and "_psetup_" in name for name in compiled), compiled
 
 
 # Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES

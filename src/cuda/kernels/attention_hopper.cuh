@@ -283,9 +283,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     bool next_q = false;     // whether its Q is loaded
 #endif
     for (int n = 0;; ++n) {
+#if !FJ_PRODUCER_SETUP
+      tiles.push(n, tile);
+      FJ_TRACE_MARK(trace, n, 0);
+#endif
       if (tile >= num_tiles) {
+#if FJ_PRODUCER_SETUP
         tiles.push(n, tile);
         FJ_TRACE_MARK(trace, n, 0);
+#endif
         done_taking_tiles(p);
         return;
       }
@@ -293,14 +299,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const QueryBlock block = block_of(sp, local_tile);
 #if FJ_PRODUCER_SETUP
       {
-        int fields[QueryBlock::kFields];  // the consumers take the block as it is
+        // Pushed with its block, which the consumers take as it is (they still make the
+        // tile's parameters: a sequence's, a cache entry's, a split's).
+        int fields[QueryBlock::kFields];
         block.to_fields(fields);
         tiles.push(n, tile, fields);
       }
-#else
-      tiles.push(n, tile);
-#endif
       FJ_TRACE_MARK(trace, n, 0);
+#endif
       const long long q_row0 = kVarlen ? sp.q_row0 : 0, k_row0 = kVarlen ? sp.k_row0 : 0;
 #if FJ_KV_CACHE != 2
       // Key tile j for TMA: its first row and the map's outer coordinate, the batch entry.
