@@ -61,6 +61,33 @@ TEST(Determinism, SeedWordsReplaceSeedAndOffset) {
   EXPECT_NE(std::string(fj_last_error()).find("dropout_seed_words"), std::string::npos) << fj_last_error();
 }
 
+// Key blocks of 128 keys over lengths (queries and keys each of 1 to 4096, ends inside tiles),
+// both causal alignments and six kinds of bounds: the one pass's orders are checked over these.
+struct SpanCase {
+  int64_t shift, left, right, seqlen_q, seqlen_k;
+  std::string describe(int64_t tile_rows) const {
+    return "shift " + std::to_string(shift) + " window " + std::to_string(left) + "/" + std::to_string(right) +
+           " Sq " + std::to_string(seqlen_q) + " Sk " + std::to_string(seqlen_k) + " tile " + std::to_string(tile_rows);
+  }
+};
+std::vector<SpanCase> span_cases() {
+  std::vector<SpanCase> cases;
+  for (int64_t seqlen_q : {1, 31, 128, 300, 700, 4096}) {
+    for (int64_t seqlen_k : {1, 100, 128, 333, 1000, 4096}) {
+      for (int64_t align : {0, 1}) {  // top-left, bottom-right diagonal
+        const int64_t shift = align ? seqlen_k - seqlen_q : 0;
+        cases.push_back({shift, -1, -1, seqlen_q, seqlen_k});  // no bounds
+        cases.push_back({shift, -1, 0, seqlen_q, seqlen_k});   // causal
+        cases.push_back({shift, 64, 0, seqlen_q, seqlen_k});   // causal sliding window
+        cases.push_back({shift, 40, 90, seqlen_q, seqlen_k});  // two-sided window
+        cases.push_back({shift, 0, -1, seqlen_q, seqlen_k});   // keys from the diagonal on
+        cases.push_back({shift, 3, 5, seqlen_q, seqlen_k});    // a narrow band
+      }
+    }
+  }
+  return cases;
+}
+
 // The one-pass CUDA backward adds each query tile's dQ shares in ascending key-block order
 // (KeyBlockSpans, shared with attention_hopper_bwd.cuh). Over causal alignments, windows and
 // lengths: the blocks that visit a tile are consecutive; the kernel's walk (each block's tiles
@@ -68,30 +95,11 @@ TEST(Determinism, SeedWordsReplaceSeedAndOffset) {
 // the ranks 0 .. count - 1 in ascending block order, and only the highest is "last"; and every
 // query row that sees a key lies in a visited tile (the others' dQ rows are zeros, written apart).
 TEST(OnePassOrder, VisitorsOfEveryTileAreRankedOnceInBlockOrder) {
-  struct Case {
-    int64_t shift, left, right, seqlen_q, seqlen_k;
-  };
-  std::vector<Case> cases;
-  for (int64_t seqlen_q : {1, 31, 128, 300, 700}) {
-    for (int64_t seqlen_k : {1, 100, 128, 333, 1000}) {
-      for (int64_t align : {0, 1}) {  // top-left, bottom-right diagonal
-        const int64_t shift = align ? seqlen_k - seqlen_q : 0;
-        cases.push_back({shift, -1, -1, seqlen_q, seqlen_k});    // no bounds
-        cases.push_back({shift, -1, 0, seqlen_q, seqlen_k});     // causal
-        cases.push_back({shift, 64, 0, seqlen_q, seqlen_k});     // causal sliding window
-        cases.push_back({shift, 40, 90, seqlen_q, seqlen_k});    // two-sided window
-        cases.push_back({shift, 0, -1, seqlen_q, seqlen_k});     // keys from the diagonal on
-        cases.push_back({shift, 3, 5, seqlen_q, seqlen_k});      // a narrow band
-      }
-    }
-  }
-  for (const Case& c : cases) {
+  for (const SpanCase& c : span_cases()) {
     for (int64_t tile_rows : {16, 32, 64}) {
       const KeyBlockSpans spans{128, tile_rows, c.shift, c.left, c.right, c.seqlen_q, c.seqlen_k};
       const int64_t tiles = (c.seqlen_q + tile_rows - 1) / tile_rows;
-      const std::string where = "shift " + std::to_string(c.shift) + " window " + std::to_string(c.left) + "/" +
-                                std::to_string(c.right) + " Sq " + std::to_string(c.seqlen_q) + " Sk " +
-                                std::to_string(c.seqlen_k) + " tile " + std::to_string(tile_rows);
+      const std::string where = c.describe(tile_rows);
       std::vector<std::vector<int64_t>> ranks(tiles), lasts(tiles);
       for (int64_t block = 0; block < spans.blocks(); ++block) {
         const int64_t first = spans.first_tile(block), end = spans.query_end(block);
@@ -138,32 +146,14 @@ TEST(OnePassOrder, VisitorsOfEveryTileAreRankedOnceInBlockOrder) {
 // line up (no shift: causal, or no bounds and as many queries as keys), no two visitors of a
 // tile meet it at the same step, which is what keeps blocks that run in step from waiting.
 TEST(OnePassOrder, ArrivalWalksMeetEachTileOnceAndRankTheVisitorsOnce) {
-  struct Case {
-    int64_t shift, left, right, seqlen_q, seqlen_k;
-    bool distinct;  // no two visitors of a tile at one step
-  };
-  std::vector<Case> cases;
-  for (int64_t seqlen_q : {1, 31, 128, 300, 700, 4096}) {
-    for (int64_t seqlen_k : {1, 100, 128, 333, 1000, 4096}) {
-      for (int64_t align : {0, 1}) {
-        const int64_t shift = align ? seqlen_k - seqlen_q : 0;
-        const bool square = seqlen_q == seqlen_k && seqlen_q % 128 == 0;
-        cases.push_back({shift, -1, -1, seqlen_q, seqlen_k, square});
-        cases.push_back({shift, -1, 0, seqlen_q, seqlen_k, shift == 0});
-        cases.push_back({shift, 64, 0, seqlen_q, seqlen_k, false});
-        cases.push_back({shift, 40, 90, seqlen_q, seqlen_k, false});
-        cases.push_back({shift, 0, -1, seqlen_q, seqlen_k, false});
-        cases.push_back({shift, 3, 5, seqlen_q, seqlen_k, false});
-      }
-    }
-  }
-  for (const Case& c : cases) {
+  for (const SpanCase& c : span_cases()) {
+    // No two visitors of a tile at one step: no bounds over as many queries as keys, or causal.
+    const bool distinct = c.left < 0 && ((c.right < 0 && c.seqlen_q == c.seqlen_k && c.seqlen_q % 128 == 0) ||
+                                         (c.right == 0 && c.shift == 0));
     for (int64_t tile_rows : {16, 32, 64}) {
       const KeyBlockSpans spans{128, tile_rows, c.shift, c.left, c.right, c.seqlen_q, c.seqlen_k};
       const int64_t tiles = (c.seqlen_q + tile_rows - 1) / tile_rows;
-      const std::string where = "shift " + std::to_string(c.shift) + " window " + std::to_string(c.left) + "/" +
-                                std::to_string(c.right) + " Sq " + std::to_string(c.seqlen_q) + " Sk " +
-                                std::to_string(c.seqlen_k) + " tile " + std::to_string(tile_rows);
+      const std::string where = c.describe(tile_rows);
       std::vector<std::vector<std::pair<int64_t, int64_t>>> arrivals(tiles);  // (step, block) a tile
       for (int64_t block = 0; block < spans.blocks(); ++block) {
         const int64_t count = spans.tile_count(block);
@@ -193,7 +183,7 @@ TEST(OnePassOrder, ArrivalWalksMeetEachTileOnceAndRankTheVisitorsOnce) {
         }
         std::sort(ranks.begin(), ranks.end());
         for (size_t i = 0; i < ranks.size(); ++i) ASSERT_EQ(ranks[i], int64_t(i)) << where << " tile " << q;
-        if (c.distinct && tile_rows == 64) {
+        if (distinct && tile_rows == 64) {
           std::vector<int64_t> steps;
           for (const auto& arrival : arrivals[q]) steps.push_back(arrival.first);
           std::sort(steps.begin(), steps.end());
