@@ -450,10 +450,31 @@ def _plain_eager(*tensors) -> bool:
     return True
 
 
+# Under torch.compile a seed is drawn by an op of flashjit's own, which the compiled code calls as
+# it is: torch.randint in the graph became a CPU kernel the compiler generates and builds with a
+# C++ toolchain, for a GPU model too. The op counts its draws into a tensor it mutates, which
+# keeps two draws of one graph from being merged into one and a draw from being recomputed.
+_COMPILED_DRAWS = torch.zeros(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("flashjit::draw_rng", mutates_args=("draws",))
+def draw_rng(draws: Tensor) -> Tensor:
+    """[seed, offset] as int64 on the CPU from torch's default CPU generator; draws += 1."""
+    draws += 1
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64)
+
+
+@draw_rng.register_fake
+def _draw_rng_fake(draws):
+    return torch.empty(2, dtype=torch.int64)
+
+
 def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
     """The rng argument of the ops: [seed, offset] as int64 (two's complement of
     the unsigned values), drawn from torch's default CPU generator when seed is None."""
     if seed is None:
+        if _is_compiling():
+            return draw_rng(_COMPILED_DRAWS)
         return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64)
     as_int64 = [((int(x) & _U64) ^ (1 << 63)) - (1 << 63) for x in (seed, offset)]
     return torch.tensor(as_int64, dtype=torch.int64)

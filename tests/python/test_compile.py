@@ -86,6 +86,29 @@ def test_dropout_under_compile_draws_a_new_seed_each_call():
     assert not torch.equal(first, second)
 
 
+def test_dropout_seeds_under_compile_are_drawn_apart_and_need_no_generated_kernel():
+    # The seeds come from flashjit's own draw op, which the compiled code calls as it is: no kernel
+    # is generated for them (none needs a C++ toolchain, on a GPU model too), two dropouts of one
+    # graph draw two seeds, and the backward reuses the forward's (a draw is never recomputed).
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 16, 16, device=DEVICE)
+
+    def twice(q):
+        return (flashjit.scaled_dot_product_attention(q, q, q, dropout_p=0.5),
+                flashjit.scaled_dot_product_attention(q, q, q, dropout_p=0.5))
+
+    (first, second), code = run_and_get_code(torch.compile(twice, fullgraph=True), q)
+    source = "\n".join(code)
+    assert "draw_rng" in source and "randint" not in source and "cpp_fused" not in source, source
+    assert not torch.equal(first, second)
+    draws = flashjit.ops._COMPILED_DRAWS.item()
+    x = torch.randn(1, 2, 16, 16, device=DEVICE, requires_grad=True)
+    torch.compile(lambda x: flashjit.scaled_dot_product_attention(x, x, x, dropout_p=0.5),
+                  fullgraph=True)(x).sum().backward()
+    assert flashjit.ops._COMPILED_DRAWS.item() == draws + 1 and torch.isfinite(x.grad).all()
+
+
 def test_attention_with_extra_options_compiles():
     torch._dynamo.reset()
     q, k, v = (torch.randn(2, 4, 40, 32, device=DEVICE, requires_grad=True) for _ in range(3))
