@@ -400,16 +400,21 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const Ring<kQueryBuffers> dout_ring =
       Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.dout_ring));
 
+  // A head's key blocks launch in the order their waits point: upward in the block order (a block
+  // waits on lower ones), downward in the arrival order (causal: on higher ones, which reach each
+  // tile first; without bounds both ways, where the host's guard keeps them resident together).
+  // So a block never waits on one that launches after it where the bounds allow, and blocks that
+  // start one after another as others end do not stall for siblings still to come.
   int block, b, kv_head;
 #if FJ_VARLEN
   if (static_cast<int>(blockIdx.x) >= varlen_tiles(p, kFirstKeyTile)) return;  // a bound's blocks past the tiles
   const int entry = varlen_entry(p, kFirstKeyTile, static_cast<int>(blockIdx.x));
   const KernelParams sp = sequence_params(p, entry);
   block_coordinates(static_cast<int>(blockIdx.x) - p.varlen[entry * kVarlenFields + kFirstKeyTile], sp.num_key_blocks,
-                    p.heads_kv, &block, &b, &kv_head, false);
+                    p.heads_kv, &block, &b, &kv_head, kArrival);
 #else
   const KernelParams& sp = p;
-  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, false);
+  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, kArrival);
 #endif
   const long long q_row0 = kVarlenKernel ? sp.q_row0 : 0, k_row0 = kVarlenKernel ? sp.k_row0 : 0;
   const long long first_key = static_cast<long long>(block) * kBlockM;
