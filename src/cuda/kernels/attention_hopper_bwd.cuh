@@ -380,6 +380,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
                                    layout::dkdv_ds_buffers(kOnePass, kSharedOperands),
                                    layout::dkdv_walk_blocks(kArrival));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
+  static_assert(kLayout.walks % 16 == 0, "the walks' table is read 16 bytes an entry");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
                     kLayout.bytes - kLayout.dout_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes,
                 "shared_layout.h sizes the rings as pipeline.cuh does");
@@ -400,11 +401,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const Ring<kQueryBuffers> dout_ring =
       Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.dout_ring));
 
-  // A head's key blocks launch in the order their waits point: upward in the block order (a block
-  // waits on lower ones), downward in the arrival order (causal: on higher ones, which reach each
-  // tile first; without bounds both ways, where the host's guard keeps them resident together).
-  // So a block never waits on one that launches after it where the bounds allow, and blocks that
-  // start one after another as others end do not stall for siblings still to come.
+  // A head's key blocks launch in the order their waits mostly point: upward in the block order (a
+  // block waits on lower ones only), downward in the arrival order (causal top-left, and
+  // bottom-right with no more keys than queries: on higher ones only, which reach each tile first;
+  // otherwise both ways, so the host's guard keeps a head's blocks resident together in any case).
+  // There a block does not wait on one launched after it, and blocks that start one after
+  // another as others end do not stall for siblings still to come.
   int block, b, kv_head;
 #if FJ_VARLEN
   if (static_cast<int>(blockIdx.x) >= varlen_tiles(p, kFirstKeyTile)) return;  // a bound's blocks past the tiles
@@ -499,12 +501,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     // consumer thread, before any add counts from them.
     const int key_blocks =
         spans.blocks() < layout::kArrivalWalkBlocks ? static_cast<int>(spans.blocks()) : layout::kArrivalWalkBlocks;
-    for (int other = static_cast<int>(threadIdx.x) - 128; other < key_blocks; other += 2 * 128) {
+    for (int other = static_cast<int>(threadIdx.x) - 128; other < key_blocks; other += kConsumers * 128) {
       const int count = static_cast<int>(spans.tile_count(other));
       walks[other] = make_int4(static_cast<int>(spans.first_tile(other) / kBlockN), count,
                                count > 0 ? static_cast<int>(spans.walk_phase(other, count)) : 0, 0);
     }
-    named_barrier_sync(kWalksBarrier, 2 * 128);
+    named_barrier_sync(kWalksBarrier, kConsumers * 128);
 #endif
 
     float dv[kDimV / 8][4], dk[kDimQk / 8][4];
