@@ -82,10 +82,10 @@ struct KeyBlockSpans {
   // The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): block b walks its tiles cyclically,
   // upward, from its diagonal tile (the one holding query b * block_rows - diagonal_shift, taken
   // into its range modulo its tile count), and a tile's visitors add in the order they reach it:
-  // by the step of their walk that meets it, ties by block. Where blocks run in step, the
-  // visitors of a tile then meet it at different steps (two apart for blocks of twice a tile's
-  // rows, causal or not), so that no add waits on one of the same step; but a block may wait
-  // on a higher one, so every block of a head must be resident at once (the host's guard).
+  // by the step of their walk that meets it, ties by block. Where blocks run in step and queries
+  // line up with keys, the visitors of a tile then meet it at different steps (block_rows /
+  // tile_rows apart, causal or not), so that no add waits on one of the same step; but a block
+  // may wait on a higher one, so a head's blocks must be resident together (the host's guard).
   // Tiles by index (start / tile_rows); counts and indices fit an int (the modulo's width).
   FJ_HOST_DEVICE int64_t tile_count(int64_t b) const {
     const int64_t end = query_end(b);
