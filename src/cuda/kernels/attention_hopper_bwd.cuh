@@ -323,9 +323,9 @@ FJ_DEVICE unsigned long long global_nanoseconds() {
   return now;
 }
 // Until the counter reaches `count`: spinning, then napping. A legitimate wait is a few steps of
-// the blocks before it in the tile's order (under a millisecond); one of 30 seconds can only be a bug in the blocks' order,
-// and traps (a launch error, which leaves the process's CUDA context unusable) rather than hang
-// the device.
+// the blocks before it in the tile's order (under a millisecond); one of 30 seconds can only be a
+// bug in the blocks' order, and traps (a launch error, which leaves the process's CUDA context
+// unusable) rather than hang the device.
 FJ_DEVICE void wait_for_count(const int* counter, int count) {
   unsigned long long since = 0;
   for (unsigned tries = 0; load_acquire(counter) != count; ++tries) {
