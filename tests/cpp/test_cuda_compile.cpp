@@ -100,6 +100,17 @@ flashjit::cuda::KernelTraits sm90_traits(fj_dtype dtype, int head_dim) {
   return traits;
 }
 
+// The forward kernel the traits get with FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py) and, where
+// given, FLASHJIT_CUDA_TILES=tiles; both unset after.
+flashjit::cuda::KernelSpec traced_forward(const flashjit::cuda::KernelTraits& traits, const char* tiles = nullptr) {
+  if (tiles != nullptr) setenv("FLASHJIT_CUDA_TILES", tiles, 1);
+  setenv("FLASHJIT_CUDA_TRACE", "1", 1);
+  const flashjit::cuda::KernelSpec spec = flashjit::cuda::forward_kernel(traits);
+  unsetenv("FLASHJIT_CUDA_TRACE");
+  unsetenv("FLASHJIT_CUDA_TILES");
+  return spec;
+}
+
 // The tuning file's checksum of a text (FNV-1a 64, hex).
 std::string checksum_of(const std::string& text) {
   char buffer[17];
@@ -453,11 +464,7 @@ TEST_F(CudaCompile, ChainedForwardCompilesForSm90) {
   EXPECT_EQ(tuned.block_n, 160);
   ASSERT_NO_THROW(kernel_binary(tuned, false)) << tuned.name();
   // With the tile trace (scripts/trace_tiles.py --tiles chain=tiles).
-  setenv("FLASHJIT_CUDA_TILES", "chain=tiles", 1);
-  setenv("FLASHJIT_CUDA_TRACE", "1", 1);
-  const KernelSpec traced = forward_kernel(sm90_traits(FJ_BFLOAT16, 128));
-  unsetenv("FLASHJIT_CUDA_TRACE");
-  unsetenv("FLASHJIT_CUDA_TILES");
+  const KernelSpec traced = traced_forward(sm90_traits(FJ_BFLOAT16, 128), "chain=tiles");
   EXPECT_TRUE(traced.chains_tiles() && traced.trace) << traced.name();
   ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
 }
@@ -498,11 +505,7 @@ TEST_F(CudaCompile, EarlyNextTileCompilesWhereItApplies) {
   EXPECT_TRUE(tuned.takes_next_early() && tuned.block_n == 160) << tuned.name();
   setenv("FLASHJIT_CUDA_TILES", "next=late", 1);  // forced wins
   EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, 128), parse_forward_tiles("n=160,next=early")).takes_next_early());
-  setenv("FLASHJIT_CUDA_TILES", "next=early", 1);
-  setenv("FLASHJIT_CUDA_TRACE", "1", 1);
-  const KernelSpec traced = forward_kernel(sm90_traits(FJ_BFLOAT16, 128));
-  unsetenv("FLASHJIT_CUDA_TRACE");
-  unsetenv("FLASHJIT_CUDA_TILES");
+  const KernelSpec traced = traced_forward(sm90_traits(FJ_BFLOAT16, 128), "next=early");
   EXPECT_TRUE(traced.takes_next_early() && traced.trace) << traced.name();
   ASSERT_NO_THROW(kernel_binary(traced, false)) << traced.name();
 }
@@ -545,9 +548,7 @@ TEST_F(CudaCompile, ProducerSetupCompilesInEveryForwardVariant) {
     setenv("FLASHJIT_CUDA_TILES", "setup=producer,next=early", 1);
     specs.push_back(forward_kernel(traits));
     EXPECT_EQ(specs.back().takes_next_early(), specs.back().q_buffers == 2) << specs.back().name();
-    setenv("FLASHJIT_CUDA_TRACE", "1", 1);
-    specs.push_back(forward_kernel(traits));
-    unsetenv("FLASHJIT_CUDA_TRACE");
+    specs.push_back(traced_forward(traits, "setup=producer,next=early"));
     EXPECT_TRUE(specs.back().trace) << specs.back().name();
     if (head_dim == 64) {
       setenv("FLASHJIT_CUDA_TILES", "setup=producer,groups=3", 1);
@@ -571,9 +572,7 @@ TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
   using namespace flashjit::cuda;
   for (int head_dim : {64, 128}) {
     const KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
-    setenv("FLASHJIT_CUDA_TRACE", "1", 1);
-    const KernelSpec traced = forward_kernel(traits);
-    unsetenv("FLASHJIT_CUDA_TRACE");
+    const KernelSpec traced = traced_forward(traits);
     const KernelSpec plain = forward_kernel(traits);
     EXPECT_TRUE(traced.trace);
     EXPECT_FALSE(plain.trace);
