@@ -239,17 +239,23 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
   const int64_t group = p.group_size();
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = h_kv * group + g;
-    for (int64_t query0 = query_begin; query0 < query_end; query0 += kBlockQ) {
-      const int64_t rows = std::min(kBlockQ, query_end - query0);
+    // dq_block's query blocks (aligned to kBlockQ, whole), so that each row's S, P and dS come
+    // from the same tile computation in either schedule: a row's place in a tile picks its code
+    // path (gemm's row strips), which a compiler may contract into FMAs differently.
+    for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0);
       load_query_block<T>(p, b, h, query0, rows, w);
       tile_gradients(p, b, h, query0, rows, key0, cols, w);
+      // Rows of the block that see none of these keys take no part in dK and dV.
+      const int64_t first = std::max<int64_t>(0, query_begin - query0);
+      const int64_t seen = std::min(rows, query_end - query0) - first;
       const Acc* p_used = p.has_dropout() ? w.p_dropped : w.p;
       // dV += dropout(P)^T dO
-      transpose(p_used, ld_k, rows, cols, w.transposed, rows);
-      gemm(cols, ld_v, rows, w.transposed, rows, w.dout, ld_v, w.acc_b, ld_v, true);
+      transpose(p_used + first * ld_k, ld_k, seen, cols, w.transposed, seen);
+      gemm(cols, ld_v, seen, w.transposed, seen, w.dout + first * ld_v, ld_v, w.acc_b, ld_v, true);
       // dK += dS^T Q
-      transpose(w.dp, ld_k, rows, cols, w.transposed, rows);
-      gemm(cols, ld_qk, rows, w.transposed, rows, w.q, ld_qk, w.acc_a, ld_qk, true);
+      transpose(w.dp + first * ld_k, ld_k, seen, cols, w.transposed, seen);
+      gemm(cols, ld_qk, seen, w.transposed, seen, w.q + first * ld_qk, ld_qk, w.acc_a, ld_qk, true);
       if (dq != nullptr) {
         // Last: dq_product zeroes the rows of w.k this query block does not see.
         dq_product(p, query0, rows, key0, cols, w, dq + (g * p.seqlen_q + query0) * ld_qk);
