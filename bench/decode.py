@@ -8,7 +8,7 @@ head dim 128, with no mask and with a boolean key mask (a batch of cached sequen
 of unequal length). GPU time a call over back-to-back calls (CUDA events), the K/V
 bytes read a second, and host time of synchronised single calls.
 
-    python bench/decode.py --out bench/results [--sizes 1x8192 16x32768 ...]
+    python bench/decode.py --out bench/results [--sizes 1x8192 16x32768 ...] [--graphs] [--overlap-off]
 """
 
 from __future__ import annotations
@@ -47,6 +47,31 @@ def back_to_back_us(fn):
     return time_ms(fn) * 1e3
 
 
+def graph_us(fn, calls=20, repeats=7):
+    """GPU microseconds a call of `calls` calls captured into one CUDA graph and replayed (CUDA events
+    around each replay; median of repeats): the launches' host time is gone, their gaps on the GPU stay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # kernels compiled before capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def with_env(fn, **variables):
     """fn run with environment variables set for the call (flashjit reads these at every call)."""
     def run():
@@ -74,13 +99,20 @@ def main():
                         help="batch x cached keys, e.g. 1x8192 16x32768 (default: issue's grid)")
     parser.add_argument("--splits", nargs="+", type=int, default=[], metavar="N",
                         help="also flashjit with FLASHJIT_CUDA_SPLITS=N forced, a column each (to choose the split count)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also each call captured into a CUDA graph of 20 calls, replayed (flashjit, no split, torch)")
+    parser.add_argument("--overlap-off", action="store_true",
+                        help="also flashjit with FLASHJIT_CUDA_OVERLAP=0 (the combine launched after the split kernel ends)")
     args = parser.parse_args()
-    for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS"):
+    for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS", "FLASHJIT_CUDA_OVERLAP"):
         os.environ.pop(name, None)
     sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes] if args.sizes else SIZES
     heads_q, heads_kv, head_dim = 32, 8, 128
     forced = [f"flashjit, splits={n}" for n in args.splits]
-    names = ["flashjit", "flashjit, one-warp blocks", "flashjit, warps=4", "flashjit, no split", *forced, "torch"]
+    overlap = ["flashjit, overlap=0"] if args.overlap_off else []
+    names = ["flashjit", "flashjit, one-warp blocks", "flashjit, warps=4", "flashjit, no split", *forced, *overlap,
+             "torch"]
+    graphed = ["flashjit", *overlap, "flashjit, no split", "torch"] if args.graphs else []
     rows = []
     torch.manual_seed(0)
     for batch, keys in sizes:
@@ -99,6 +131,8 @@ def main():
             cases["flashjit, no split"] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS="1")
             for n, name in zip(args.splits, forced):
                 cases[name] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS=str(n))
+            if overlap:
+                cases[overlap[0]] = with_env(cases["flashjit"], FLASHJIT_CUDA_OVERLAP="0")
             expected = cases["torch"]().float()
             for name in names[:-1]:
                 torch.testing.assert_close(cases[name]().float(), expected, rtol=2e-2, atol=2e-2)
@@ -107,6 +141,7 @@ def main():
             row = {"B": batch, "keys": keys, "mask": masked, "bytes": 2 * kept * heads_kv * head_dim * 2}
             row.update({name: back_to_back_us(fn) for name, fn in cases.items()})
             row.update({name + " sync": per_call_us(fn) for name, fn in cases.items()})
+            row.update({name + " graph": graph_us(cases[name]) for name in graphed})
             rows.append(row)
             print({key: round(value, 1) if isinstance(value, float) else value for key, value in row.items()},
                   flush=True)
@@ -121,18 +156,21 @@ def main():
              "- µs: GPU time a call over back-to-back calls (CUDA events), median of 7 runs; TB/s: K and V bytes "
              "read (masked: the kept keys') over that time; sync µs: host time of one synchronised call, median "
              "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; warps=4: FLASHJIT_CUDA_DECODE_WARPS=4 (on sm_90 "
-             "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1; splits=N: FLASHJIT_CUDA_SPLITS=N", "",
+             "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1; splits=N: FLASHJIT_CUDA_SPLITS=N; overlap=0: "
+             "FLASHJIT_CUDA_OVERLAP=0; graph µs: GPU time a call of 20 calls captured into a CUDA graph and replayed, "
+             "median of 7 replays", "",
              "| B | keys | mask | " + " | ".join(f"{n} µs" for n in names) + " | flashjit TB/s | torch TB/s | "
              "one-warp TB/s | flashjit vs torch | one-warp vs torch | " +
-             " | ".join(f"{n} sync µs" for n in names) + " |",
-             "|---:|---:|---|" + "---:|" * (2 * len(names) + 5)]
+             " | ".join(f"{n} sync µs" for n in names) + "".join(f" | {n} graph µs" for n in graphed) + " |",
+             "|---:|---:|---|" + "---:|" * (2 * len(names) + 5 + len(graphed))]
     for row in rows:
         tbs = {n: row["bytes"] / row[n] / 1e6 for n in names}
         lines.append(f"| {row['B']} | {row['keys']} | {'yes' if row['mask'] else 'no'} | " +
                      " | ".join(f"{row[n]:.1f}" for n in names) +
                      f" | {tbs['flashjit']:.2f} | {tbs['torch']:.2f} | {tbs['flashjit, one-warp blocks']:.2f} | "
                      f"{row['torch'] / row['flashjit']:.2f}x | {row['torch'] / row['flashjit, one-warp blocks']:.2f}x | " +
-                     " | ".join(f"{row[n + ' sync']:.1f}" for n in names) + " |")
+                     " | ".join(f"{row[n + ' sync']:.1f}" for n in names) +
+                     "".join(f" | {row[n + ' graph']:.1f}" for n in graphed) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}), "decode", commit, text)

@@ -102,9 +102,11 @@ typedef struct fj_attention_options {
   /* CUDA: device memory the call uses as its scratch instead of taking scratch from
    * flashjit's stream-ordered pool, for callers that record calls into CUDA graphs that
    * must hold no memory nodes (a child graph cannot). NULL: flashjit's own. Given, it
-   * holds workspace_bytes, at least what fj_attention_prepare_* reports, starts 16-byte
-   * aligned (checked on every device), and stays untouched until the call's work on the
-   * stream is done. Otherwise ignored on the CPU. */
+   * holds workspace_bytes, at least what fj_attention_prepare_* reports (a forward given
+   * less runs without splitting its keys over more blocks: slower for a few queries against
+   * many keys; a backward given less is refused), starts 16-byte aligned (checked on every
+   * device), and stays untouched until the call's work on the stream is done. Otherwise
+   * ignored on the CPU. */
   void* workspace;
   size_t workspace_bytes;
 } fj_attention_options;

@@ -157,8 +157,11 @@ void run_traced(const KernelSpec& spec, CUfunction function, const Launch& launc
   }
 }
 
+// programmatic: launched while the stream's previous kernel runs (programmatic dependent launch),
+// for kernels that wait for it on the GPU before reading what it wrote (griddepcontrol.wait);
+// a plain launch where the driver has no cuLaunchKernelEx.
 void run(const KernelSpec& spec, CUfunction function, const Launch& launch, KernelParams& params,
-         int64_t blocks, int blocks_y = 1) {
+         int64_t blocks, int blocks_y = 1, bool programmatic = false) {
   if (blocks == 0) return;
   if (blocks > std::numeric_limits<int>::max()) {
     throw_unsupported("[cuda] ", blocks, " thread blocks is more than one launch takes (2^31 - 1)");
@@ -169,9 +172,27 @@ void run(const KernelSpec& spec, CUfunction function, const Launch& launch, Kern
     run_traced(spec, function, launch, params, blocks, arguments);
     return;
   }
-  const CUresult status =
-      driver().cuLaunchKernel(function, unsigned(blocks), unsigned(blocks_y), 1, unsigned(spec.threads), 1, 1,
+  const Driver& d = driver();
+  CUresult status = 0;
+  if (programmatic && d.cuLaunchKernelEx != nullptr) {
+    LaunchAttribute overlap{};
+    overlap.id = kLaunchAttrProgrammaticStreamSerialization;
+    overlap.value.programmatic_stream_serialization_allowed = 1;
+    const LaunchConfig config{unsigned(blocks),
+                              unsigned(blocks_y),
+                              1,
+                              unsigned(spec.threads),
+                              1,
+                              1,
+                              unsigned(spec.shared_memory_bytes()),
+                              launch.stream,
+                              &overlap,
+                              1};
+    status = d.cuLaunchKernelEx(&config, function, arguments, nullptr);
+  } else {
+    status = d.cuLaunchKernel(function, unsigned(blocks), unsigned(blocks_y), 1, unsigned(spec.threads), 1, 1,
                               unsigned(spec.shared_memory_bytes()), launch.stream, arguments, nullptr);
+  }
   if (status != 0) check(status, spec.name().c_str());  // the name is built only on failure
 }
 
@@ -495,6 +516,7 @@ struct KernelLaunch {
   KernelParams params{};
   int64_t blocks = 0;  // grid x
   int splits = 1;      // grid y: the split forward's spans of keys
+  bool programmatic = false;  // launched while the plan's previous kernel runs (run's programmatic)
 };
 
 // What a call enqueues, in stream order: its kernels, chosen, with their TMA
@@ -526,7 +548,8 @@ struct Plan {
 void enqueue(Plan& plan, const Launch& launch) {
   for (size_t index = 0; index < plan.count; ++index) {
     KernelLaunch& kernel = plan.kernels[index];
-    run(kernel.spec, kernel.function, launch, kernel.params, kernel.blocks, kernel.splits);
+    run(kernel.spec, kernel.function, launch, kernel.params, kernel.blocks, kernel.splits,
+        kernel.programmatic && index > 0);
   }
 }
 
@@ -576,13 +599,34 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
   const KernelSpec combine = combine_kernel(traits_for_launch(p, launch));
   KernelLaunch& merge = plan.add(combine, params, launch);
   merge.blocks = ceil_div(rows, combine.threads / 32);
-  if (!try_scratch(plan, size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float), launch)) {
+  // On sm_90 the combine is launched while the split kernel runs (its blocks let it start once
+  // they have all begun) and waits for it on the GPU: its launch and start leave the path. Not
+  // yet under stream capture (a programmatic edge in the graph, not measured yet).
+  merge.programmatic = launch.arch >= 90 && !launch.capturing && settings::overlap_launches();
+  // The partials: in the caller's workspace where one is given (fj_attention_prepare_forward
+  // reports the bytes; one too small: the unsplit forward), else scratch from the pool, under
+  // stream capture too (a graph's allocation node, as the backward's scratch).
+  plan.scratch_bytes = size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float);
+  float* partial_rows = nullptr;
+  if (launch.planning) {
+    // Sized, nothing taken.
+  } else if (p.workspace != nullptr) {
+    if (p.workspace_bytes < plan.scratch_bytes) {
+      plan.count = 0;
+      plan.scratch_bytes = 0;
+      return false;
+    }
+    partial_rows = static_cast<float*>(p.workspace);
+  } else if (try_scratch(plan, plan.scratch_bytes, launch)) {
+    partial_rows = static_cast<float*>(plan.scratch->get());
+  } else {
     plan.count = 0;
+    plan.scratch_bytes = 0;
     return false;
   }
   for (KernelLaunch* kernel : {&partials, &merge}) {
-    kernel->params.split_o = static_cast<float*>(plan.scratch->get());
-    kernel->params.split_lse = kernel->params.split_o + int64_t(splits) * rows * p.head_dim_v;
+    kernel->params.split_o = partial_rows;
+    kernel->params.split_lse = partial_rows != nullptr ? partial_rows + int64_t(splits) * rows * p.head_dim_v : nullptr;
   }
   return true;
 }
@@ -709,8 +753,7 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
 }
 
 // The forward's plan: the split forward where the keys of a few query blocks are
-// spread over the GPU and its scratch can be had (not under stream capture: its
-// scratch would put memory nodes into the graph), else one forward kernel.
+// spread over the GPU and its scratch can be had (plan_split_forward), else one forward kernel.
 void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   KernelParams params = params_of(p);
   const int multiprocessors = device_info(launch.device_index).multiprocessors;
@@ -718,7 +761,7 @@ void plan_forward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
     const int splits = forward_splits(p, split_spec, multiprocessors);
     return splits > 1 && plan_split_forward(plan, p, launch, params, split_spec, splits);
   };
-  const bool may_split = !launch.graph_safe && p.seqlen_k > 0;
+  const bool may_split = p.seqlen_k > 0;
   const KernelSpec mma_split = may_split ? split_forward_kernel(traits_for_launch(p, launch), p.seqlen_q,
                                                                 one_warp_decoding(p, launch, false))
                                          : KernelSpec{};

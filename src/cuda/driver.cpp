@@ -62,6 +62,8 @@ struct LoadedDriver {
           reinterpret_cast<decltype(table.cuMemcpyDtoHAsync)>(dlsym(library, "cuMemcpyDtoHAsync_v2"));
       table.cuStreamSynchronize =
           reinterpret_cast<decltype(table.cuStreamSynchronize)>(dlsym(library, "cuStreamSynchronize"));
+      table.cuLaunchKernelEx =
+          reinterpret_cast<decltype(table.cuLaunchKernelEx)>(dlsym(library, "cuLaunchKernelEx"));
       table.cuTensorMapEncodeTiled =
           reinterpret_cast<decltype(table.cuTensorMapEncodeTiled)>(dlsym(library, "cuTensorMapEncodeTiled"));
     } catch (const Error& e) {

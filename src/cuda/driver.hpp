@@ -47,6 +47,28 @@ struct MemPoolProps {
   unsigned char reserved[54];
 };
 static_assert(sizeof(MemPoolProps) == 88, "CUmemPoolProps is 88 bytes");
+
+// cuLaunchKernelEx's CUlaunchAttribute and CUlaunchConfig (cuda.h's layouts), for the one
+// attribute flashjit sets: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, which lets a
+// kernel start while the one before it in the stream finishes (it waits with griddepcontrol.wait
+// before reading what that one wrote).
+constexpr int kLaunchAttrProgrammaticStreamSerialization = 6;
+struct LaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int programmatic_stream_serialization_allowed;
+  } value;
+};
+static_assert(sizeof(LaunchAttribute) == 72, "CUlaunchAttribute is 72 bytes");
+struct LaunchConfig {
+  unsigned grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_memory_bytes;
+  CUstream stream;
+  LaunchAttribute* attributes;
+  unsigned attribute_count;
+};
+static_assert(sizeof(LaunchConfig) == 56, "CUlaunchConfig is 56 bytes");
 constexpr int kMemPoolAttrReleaseThreshold = 4;  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
 
 struct Driver {
@@ -81,6 +103,7 @@ struct Driver {
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
   CUresult (*cuMemcpyDtoHAsync)(void*, CUdeviceptr, size_t, CUstream);
   CUresult (*cuStreamSynchronize)(CUstream);
+  CUresult (*cuLaunchKernelEx)(const LaunchConfig*, CUfunction, void**, void**);  // CUDA 11.8
   // CUDA 12.0 and newer drivers; nullptr where the driver has none (no TMA kernels then).
   CUresult (*cuTensorMapEncodeTiled)(void* map, int data_type, unsigned rank, void* address,
                                      const uint64_t* sizes, const uint64_t* stride_bytes, const unsigned* box,

@@ -110,6 +110,11 @@ bool kv_cache_hopper() {
   });
 }
 
+bool overlap_launches() {
+  thread_local Kept<bool> slot;
+  return kept(slot, [] { return choice("FLASHJIT_CUDA_OVERLAP", {"0", "1"}) != 0; });
+}
+
 bool trace_tiles() {
   thread_local Kept<bool> slot;
   return kept(slot, [] { return choice("FLASHJIT_CUDA_TRACE", {"0", "1"}) == 1; });

@@ -21,6 +21,9 @@
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
+//   FLASHJIT_CUDA_OVERLAP=0     a split forward's combine kernel launched after the split kernel
+//                               ends (default on sm_90: launched while it runs, waiting for it
+//                               on the GPU)
 //   FLASHJIT_CUDA_DKDV          shared (default): the split sm_90a dK/dV kernel takes P^T and dS^T
 //                               from shared memory and twice the queries a step, up to head dim 128;
 //                               registers: from registers
@@ -92,6 +95,10 @@ int decode_warps();
 // or FLASHJIT_CUDA_DECODE_WARPS forces the mma.sync blocks' shape (then only with KV_HOPPER=1);
 // another value raises an error naming the variable.
 bool kv_cache_hopper();
+// Whether a kernel that reads what the kernel before it wrote may be launched while that one
+// runs, waiting for it on the GPU (programmatic dependent launch, sm_90): yes unless
+// FLASHJIT_CUDA_OVERLAP=0; another value raises an error naming the variable.
+bool overlap_launches();
 // FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
 // threads of every 16th block keep clock64() at the points of each work tile and print them);
 // unset, empty or 0: not; another value raises an error naming the variable.

@@ -28,6 +28,7 @@ namespace {
 
 struct NullLaunch {  // null_cuda.c's null_launch
   unsigned grid[3], block[3], shared_bytes;
+  unsigned programmatic;
   const char* function;
   unsigned char params[2048];
 };
@@ -37,6 +38,7 @@ struct NullDriver {
   void (*counts)(unsigned long long*) = nullptr;
   unsigned (*launches)(NullLaunch*, unsigned) = nullptr;
   int (*record_params)(size_t) = nullptr;
+  void (*set_capturing)(int) = nullptr;
 
   NullDriver() {
     void* library = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -44,9 +46,12 @@ struct NullDriver {
     counts = reinterpret_cast<decltype(counts)>(dlsym(library, "null_driver_counts"));
     launches = reinterpret_cast<decltype(launches)>(dlsym(library, "null_driver_launches"));
     record_params = reinterpret_cast<decltype(record_params)>(dlsym(library, "null_driver_record_params"));
+    set_capturing = reinterpret_cast<decltype(set_capturing)>(dlsym(library, "null_driver_set_capturing"));
     if (record_params != nullptr && record_params(sizeof(KernelParams)) != 0) record_params = nullptr;
   }
-  bool present() const { return counts != nullptr && launches != nullptr && record_params != nullptr; }
+  bool present() const {
+    return counts != nullptr && launches != nullptr && record_params != nullptr && set_capturing != nullptr;
+  }
 
   struct Counts {
     unsigned long long launches, encodes, allocs, frees;
@@ -106,6 +111,10 @@ struct DeviceBuffers : AttentionBuffers {
     fj_tensor tq = on_gpu(q), tk = on_gpu(k), tv = on_gpu(v), to = on_gpu(o), tlse = on_gpu(lse),
               tdout = on_gpu(dout), tdq = on_gpu(dq), tdk = on_gpu(dk), tdv = on_gpu(dv);
     return fj_attention_backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv);
+  }
+  fj_status prepare_forward(const fj_attention_options& options, size_t* bytes) {
+    fj_tensor tq = on_gpu(q), tk = on_gpu(k), tv = on_gpu(v), to = on_gpu(o), tlse = on_gpu(lse);
+    return fj_attention_prepare_forward(&tq, &tk, &tv, &options, &to, &tlse, bytes);
   }
   fj_status prepare_backward(const fj_attention_options& options, size_t* bytes) {
     fj_tensor tq = on_gpu(q), tk = on_gpu(k), tv = on_gpu(v), to = on_gpu(o), tlse = on_gpu(lse),
@@ -214,6 +223,9 @@ TEST_F(CudaHostPath, CallsLaunchWithinTheDevicesLimits) {
         // tiles (a batch and key head's, GQA groups packed), then combined.
         EXPECT_EQ(entries, "fj_attention_forward fj_attention_forward_combine") << entries;
         EXPECT_GT(int64_t(launches.front().grid[0]) * launches.front().grid[1], p.batch * p.heads_kv);
+        // On sm_90 the combine is launched while the split kernel runs (it waits for it on the GPU).
+        EXPECT_EQ(launches.front().programmatic, 0u);
+        EXPECT_EQ(launches.back().programmatic, 1u);
       } else {
         EXPECT_EQ(entries, "fj_attention_forward") << entries;
       }
@@ -394,6 +406,59 @@ TEST_F(CudaHostPath, PlanningSizesTheWorkspaceAndEnqueuesNothing) {
   options.workspace_bytes = bytes - 16;
   EXPECT_EQ(buffers.backward(options), FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("workspace_bytes"), std::string::npos) << fj_last_error();
+}
+
+// A decoding forward (one query against many keys) splits its keys under stream capture and with
+// a caller's workspace as it does otherwise: under capture into pool scratch (a graph's allocation
+// node, as the backward's), with a workspace into it (fj_attention_prepare_forward sizes it), and
+// with too small a workspace unsplit. Under capture the combine is launched plainly.
+TEST_F(CudaHostPath, DecodingSplitsUnderCaptureAndIntoTheWorkspace) {
+  REQUIRE_NULL_DRIVER();
+  DeviceBuffers buffers(1, 32, 8, 1, 4096, 128, FJ_BFLOAT16);
+  fj_attention_options options = fj_attention_options_default();
+  struct Seen {
+    std::string entries;
+    std::vector<unsigned> programmatic;
+    unsigned long long allocs, frees;
+  };
+  const auto forward = [&](const fj_attention_options& o) {
+    const NullDriver::Counts before = null_driver().now();
+    EXPECT_EQ(buffers.forward(o), FJ_SUCCESS) << fj_last_error();
+    const NullDriver::Counts after = null_driver().now();
+    Seen seen{"", {}, after.allocs - before.allocs, after.frees - before.frees};
+    for (const NullLaunch& launch : null_driver().last(unsigned(after.launches - before.launches))) {
+      seen.entries += std::string(seen.entries.empty() ? "" : " ") + launch.function;
+      seen.programmatic.push_back(launch.programmatic);
+    }
+    return seen;
+  };
+  const std::string split = "fj_attention_forward fj_attention_forward_combine";
+  const Seen eager = forward(options);  // compiles the kernels, which capture then finds
+  EXPECT_EQ(eager.entries, split);
+  EXPECT_EQ(eager.programmatic, (std::vector<unsigned>{0, 1}));
+
+  null_driver().set_capturing(1);
+  const Seen captured = forward(options);
+  null_driver().set_capturing(0);
+  EXPECT_EQ(captured.entries, split);
+  EXPECT_EQ(captured.programmatic, (std::vector<unsigned>{0, 0}));
+  EXPECT_EQ(captured.allocs, 1u);
+  EXPECT_EQ(captured.frees, 1u);
+
+  size_t bytes = 0;
+  ASSERT_EQ(buffers.prepare_forward(options, &bytes), FJ_SUCCESS) << fj_last_error();
+  EXPECT_GT(bytes, size_t(32 * 128 * sizeof(float))) << "partials of at least two splits a query row";
+  std::vector<unsigned char> workspace(bytes + 16);
+  options.workspace = workspace.data();
+  options.workspace_bytes = bytes;
+  const Seen given = forward(options);
+  EXPECT_EQ(given.entries, split);
+  EXPECT_EQ(given.allocs, 0u) << "scratch taken beside the workspace";
+  options.workspace_bytes = bytes - 16;
+  const Seen small = forward(options);
+  EXPECT_EQ(small.entries, "fj_attention_forward");
+  EXPECT_EQ(small.allocs, 0u);
+  EXPECT_TRUE(buffers.untouched()) << "the host wrote into an operand's memory";
 }
 
 }  // namespace

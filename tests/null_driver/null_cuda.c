@@ -9,7 +9,7 @@
  *   FLASHJIT_NULL_DRIVER_ARCH  its compute capability as 90, 80, ... (default 90)
  * What it was asked: null_driver_counts() (launches, descriptors encoded, pool allocations and
  * frees) and null_driver_launches() (the last launches' shapes), for tests (ctest
- * CudaHostPath.*) and scripts (ctypes). */
+ * CudaHostPath.*) and scripts (ctypes); null_driver_set_capturing(1): every stream capturing. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +23,8 @@ static unsigned long long g_launches, g_encodes, g_allocs, g_frees;
 #define NULL_PARAM_BYTES 2048
 typedef struct {
   unsigned grid[3], block[3], shared_bytes;
-  const char* function; /* the entry's name */
+  unsigned programmatic; /* 1: launched with programmatic stream serialisation (cuLaunchKernelEx) */
+  const char* function;  /* the entry's name */
   unsigned char params[NULL_PARAM_BYTES];
 } null_launch;
 #define NULL_LAUNCH_LOG 64
@@ -112,10 +113,42 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
   entry->function = (const char*)f;
   memset(entry->params, 0, sizeof entry->params);
   if (g_param_bytes && params && params[0]) memcpy(entry->params, params[0], g_param_bytes);
+  entry->programmatic = 0;
   ++g_launches;
   return 0;
 }
-CUresult cuStreamIsCapturing(void* stream, int* status) { (void)stream; *status = 0; return 0; }
+/* cuda.h's CUlaunchAttribute and CUlaunchConfig, as far as flashjit sets them. */
+typedef struct {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int value;
+  } value;
+} null_launch_attribute;
+typedef struct {
+  unsigned grid[3], block[3], shared_bytes;
+  void* stream;
+  null_launch_attribute* attributes;
+  unsigned attribute_count;
+} null_launch_config;
+CUresult cuLaunchKernelEx(const null_launch_config* config, void* f, void** params, void** extra) {
+  const CUresult status = cuLaunchKernel(f, config->grid[0], config->grid[1], config->grid[2], config->block[0],
+                                         config->block[1], config->block[2], config->shared_bytes, config->stream,
+                                         params, extra);
+  null_launch* entry = &g_log[(g_launches - 1) % NULL_LAUNCH_LOG];
+  for (unsigned i = 0; i < config->attribute_count; ++i) {
+    if (config->attributes[i].id == 6 /* programmatic stream serialisation */) {
+      entry->programmatic = config->attributes[i].value.value != 0;
+    }
+  }
+  return status;
+}
+/* What cuStreamIsCapturing answers for every stream: null_driver_set_capturing(1) makes the
+ * calls from then on run as under stream capture (CU_STREAM_CAPTURE_STATUS_ACTIVE). */
+static int g_capturing;
+void null_driver_set_capturing(int capturing) { g_capturing = capturing; }
+CUresult cuStreamIsCapturing(void* stream, int* status) { (void)stream; *status = g_capturing ? 1 : 0; return 0; }
 CUresult cuStreamGetId(void* stream, unsigned long long* id) { *id = (unsigned long long)(uintptr_t)stream; return 0; }
 CUresult cuStreamSynchronize(void* stream) { (void)stream; return 0; }
 static int g_pool;

@@ -1,6 +1,6 @@
 """CUDA graphs: a captured forward+backward replays to the eager results (the
-backward's scratch is a stream-ordered allocation, a graph node under capture),
-and a kernel that would need compiling during capture is a clear error."""
+backward's scratch, and a split forward's partials, are stream-ordered allocations, graph
+nodes under capture), and a kernel that would need compiling during capture is a clear error."""
 
 import pytest
 import torch
@@ -76,6 +76,36 @@ def test_captured_static_schedule_replays_eager_results(monkeypatch, causal, til
     for x in (q, k, v):
         x.copy_(torch.randn_like(x))
     expected = flashjit.attention(q, k, v, causal=causal)
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(expected).all()
+    assert torch.equal(captured, expected)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_captured_decoding_splits_its_keys_as_the_eager_call(masked, tmp_path):
+    # One query against 8k keys (GQA 32/8): the eager call splits the keys over many blocks and
+    # combines their partials; captured, it does the same (the partials in a graph allocation),
+    # so the graph holds the combine kernel and its replay is bit for bit the eager call.
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.rand(1, 1, 1, 8192, device="cuda") > 0.2 if masked else None
+
+    def call():
+        return flashjit.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    call()  # compiled before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    graph.enable_debug_mode()
+    with torch.cuda.graph(graph):
+        captured = call()
+    graph.debug_dump(str(tmp_path / "graph.dot"))
+    assert "fj_attention_forward_combine" in (tmp_path / "graph.dot").read_text()
+    for x in (q, k, v):
+        x.copy_(torch.randn_like(x))
+    expected = call()
     captured.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()

@@ -43,8 +43,8 @@ def test_prepare_writes_nothing_and_sizes_the_workspace(causal):
     for name, x in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isnan(x).all(), f"prepare wrote {name}"
     if DEVICE == "cuda":
-        # The forward recorded into a graph takes no scratch; the backward's holds a float row
-        # statistic or two for each query row.
+        # The forward recorded into a graph takes no scratch where it does not split its keys
+        # (many queries); the backward's holds a float row statistic or two for each query row.
         assert forward_bytes == 0
         assert backward_bytes >= 4 * q.shape[0] * q.shape[1] * q.shape[2]
     else:
@@ -72,8 +72,9 @@ def test_a_call_with_the_workspace_gives_the_calls_results():
     grads = [torch.full_like(dq, float("nan")) for _ in range(3)]
     _C.backward(q, k, v, o, lse, dout, *grads, stream=stream(), workspace=(workspace.data_ptr(), size), **kw)
     torch.cuda.synchronize()
-    # The forward with a workspace takes no scratch of its own (no split over the keys): the
-    # same values to rounding. The backward's kernels are the same: the same bits.
+    # The forward with a workspace takes no scratch of its own (and, with less than it needs to
+    # split its keys, does not split them): the same values to rounding. The backward's kernels
+    # are the same: the same bits.
     torch.testing.assert_close(o2, o, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse2, lse, atol=1e-3, rtol=1e-3)
     for name, got, want in zip(("dq", "dk", "dv"), grads, (dq, dk, dv)):
@@ -115,3 +116,30 @@ def test_a_graph_recorded_after_prepare_replays_the_calls(head_dim):
     for name, got, expected in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, dq, dk, dv), (want_o, want_lse, *want)):
         assert torch.isfinite(expected).all(), name
         assert torch.equal(got, expected), name
+
+
+@cuda_only
+def test_a_decoding_graph_splits_its_keys_in_the_workspace():
+    # One query against 8k keys: prepare sizes the split forward's partials, and the call
+    # recorded with that workspace (no allocation node in the graph) splits as the eager call
+    # does: the replay is its bits. Given less, the call runs unsplit, still right.
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 1, 128, device="cuda", dtype=DTYPE)
+    k, v = (torch.randn(1, 8, 8192, 128, device="cuda", dtype=DTYPE) for _ in range(2))
+    o, want = (torch.full_like(q, float("nan")) for _ in range(2))
+    lse, want_lse = (torch.full(q.shape[:3], float("nan"), device="cuda") for _ in range(2))
+    kw = options(0)
+    size = _C.forward(q, k, v, o, lse, prepare=True, stream=stream(), **kw)
+    assert size >= 2 * 8 * 128 * 4, "the partials of at least two splits a query row"
+    workspace = torch.empty(size, device="cuda", dtype=torch.uint8)
+    _C.forward(q, k, v, want, want_lse, stream=stream(), **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _C.forward(q, k, v, o, lse, stream=stream(), workspace=(workspace.data_ptr(), size), **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o, want) and torch.equal(lse, want_lse)
+    small = torch.full_like(q, float("nan"))
+    _C.forward(q, k, v, small, lse, stream=stream(), workspace=(workspace.data_ptr(), size - 16), **kw)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(small, want, atol=2e-2, rtol=2e-2)

@@ -189,6 +189,7 @@ static_assert(kConsumers + 1 <= kTraceSlots, "a trace slot for the producer and 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_forward(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
+  if (FJ_SPLIT) let_dependents_launch();  // the combine kernel may start (it waits for this one)
   constexpr layout::HopperForward kLayout =
       layout::hopper_forward(kBlockM, kQTileDim, kBlockN, kDimQk, kDimV, kQBuffers, kStages, kTileSlotInts);
   static_assert(kLayout.k_ring - kLayout.q_ring == Ring<kQBuffers>::kBarriers * layout::kBarrierBytes &&

@@ -50,6 +50,7 @@ FJ_DEVICE void load_key_tile(elem_t* tile, const KernelParams& p, const KernelOp
 
 extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(const KernelParams launch_params) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  if (FJ_SPLIT) let_dependents_launch();  // the combine kernel may start (it waits for this one)
   constexpr layout::MmaForward kLayout = layout::mma_forward(kBlockM, kBlockN, kPitchQk, kPitchV);
   elem_t* q_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.q_tile);  // [kBlockM][kPitchQk]
   elem_t* k_tile = reinterpret_cast<elem_t*>(shared_bytes + kLayout.k_tile);  // [kBlockN][kPitchQk]

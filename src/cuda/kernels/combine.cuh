@@ -13,6 +13,7 @@ namespace flashjit {
 typedef FJ_ELEM elem_t;
 
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_combine(const KernelParams p) {
+  wait_for_previous_kernel();  // the split kernel's partials (launched while it runs, on sm_90)
   const long long rows = static_cast<long long>(p.batch) * p.heads_q * p.seqlen_q;
   const long long row = static_cast<long long>(blockIdx.x) * (FJ_THREADS / 32) + threadIdx.x / 32;
   if (row >= rows) return;

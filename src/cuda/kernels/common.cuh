@@ -8,6 +8,21 @@ namespace flashjit {
 
 #define FJ_DEVICE __device__ __forceinline__
 
+// Programmatic dependent launch (sm_90; no-ops before it, and where the launch was a plain one).
+// A kernel whose successor backend.cpp launches programmatically lets it start once all of the
+// kernel's blocks have said so (or ended); the successor waits until the kernel has ended and its
+// writes are visible before it reads them.
+FJ_DEVICE void let_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+FJ_DEVICE void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // 16-bit floating point storage, converted with PTX cvt (round to nearest even).
 struct half_t {
   unsigned short bits;
