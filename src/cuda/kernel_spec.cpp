@@ -166,6 +166,8 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 2 ? "_dq-unordered"
                  : dq_diagnostic == 3 ? "_dq-eager"
                  : dq_diagnostic == 4 ? "_dq-arrival"
+                 : dq_diagnostic == 5 ? "_dq-writer"
+                 : dq_diagnostic == 6 ? "_dq-writer-arrival"
                                       : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
@@ -250,7 +252,8 @@ int KernelSpec::shared_memory_bytes() const {
         case KernelEntry::kBackwardDkDv:
           return layout::kHopperBaseAlignment +
                  layout::hopper_backward_dkdv(rows, n, qk, v, stages, layout::dkdv_ds_buffers(one_pass, dkdv_shared),
-                                              layout::dkdv_walk_blocks(one_pass && dq_diagnostic == 4))
+                                              layout::dkdv_walk_blocks(one_pass && layout::dq_in_arrival_order(dq_diagnostic)),
+                                              layout::dkdv_dq_staging_buffers(one_pass && layout::dq_by_writer(dq_diagnostic), 2))
                      .bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:
@@ -706,9 +709,9 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits) {
 }
 
 void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multiprocessors) {
-  if (dkdv.one_pass && dkdv.dq_diagnostic == 4 &&
+  if (dkdv.one_pass && layout::dq_in_arrival_order(dkdv.dq_diagnostic) &&
       key_blocks_a_head > std::min(multiprocessors, layout::kArrivalWalkBlocks)) {
-    dkdv.dq_diagnostic = 3;
+    dkdv.dq_diagnostic = dkdv.dq_diagnostic == 4 ? 3 : 5;  // the block order, eager (by the writer for 6)
   }
 }
 

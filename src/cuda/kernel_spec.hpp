@@ -69,14 +69,17 @@ struct KernelSpec {
   // kHopper forward whose producer works out each work tile's block (batch, head, query rows,
   // visible keys: QueryBlock) once and hands it to the consumers with the tile (FJ_PRODUCER_SETUP;
   // FLASHJIT_CUDA_TILES "setup=producer"), so that their ~150 instructions of setup between two
-  // tiles (three integer divisions among them) leave the path between them. Not yet run on a GPU.
+  // tiles (three integer divisions among them) leave the path between them. Measured on an H100:
+  // 1.02-1.07x the default at head dim 64 N 1k, 0.91-0.95x at 128 (bench/NOTES.md).
   bool producer_setup = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq): 0 the ordered adds;
   // 1 none; 2 every block adds at once, in no order (1 and 2 for timing only: they write no dQ);
   // 3 the ordered adds, each count released right after them (FLASHJIT_CUDA_ONE_PASS_DQ=eager);
-  // 4 as 3, in the arrival order (=arrival; only where a head's key blocks are resident at once).
+  // 4 as 3, in the arrival order (=arrival; only where a head's key blocks are resident at once);
+  // 5 as 3, the adds, waits and counts made by the producer warpgroup's other warps from dQ staged
+  // in shared memory (=writer); 6 as 4, by those warps (=writer-arrival; 5 where 4 would be 3).
   int dq_diagnostic = 0;
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).
@@ -230,10 +233,11 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits);
 // The backward's kernels in launch order. one_pass: where the sm_90a kernels apply at head dims
 // up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass).
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false);
-// The one pass's arrival order (dq_diagnostic 4) has a head's key blocks wait on one another in
-// both directions, so they must all be resident at once: where a head (of the longest sequence)
-// has more key blocks than the GPU has multiprocessors (one such block an SM), the kernel becomes
-// the eager block-order one (3), whose blocks wait only on blocks launched before them.
+// The one pass's arrival order (dq_diagnostic 4, or 6 by the dQ writer) has a head's key blocks
+// wait on one another in both directions, so they must all be resident at once: where a head (of
+// the longest sequence) has more key blocks than the GPU has multiprocessors (one such block an
+// SM), the kernel becomes the eager block-order one (3, or 5 by the writer), whose blocks wait only
+// on blocks launched before them.
 void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multiprocessors);
 // Opt-in shared memory a block may use on a compute capability (80 for sm_80).
 int max_shared_memory_bytes(int arch);

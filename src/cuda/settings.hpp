@@ -17,7 +17,11 @@
 //                               for timing only (no dQ is written); eager: ordered sums whose
 //                               counts are released at once, by one thread a warpgroup; arrival:
 //                               sums in the order the blocks reach a tile (where a head's key
-//                               blocks fit the GPU at once; eager elsewhere)
+//                               blocks fit the GPU at once; eager elsewhere); writer: the eager
+//                               order's sums made by the producer warpgroup's other warps from
+//                               dQ staged in shared memory, off the consumers' path;
+//                               writer-arrival: arrival's sums by the writer (eager's where
+//                               arrival does not apply)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split

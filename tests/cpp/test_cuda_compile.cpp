@@ -354,9 +354,10 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 }
 
 // FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only), eager (ordered sums released at
-// once) and arrival (in the order blocks reach a tile) give one-pass kernels of their own names,
-// which compile (eager and arrival also at head dim 64 and with every feature); unset or ordered
-// the real one; another value is an error naming it.
+// once), arrival (in the order blocks reach a tile), writer and writer-arrival (eager's and
+// arrival's sums made by the dQ writer warps) give one-pass kernels of their own names, which
+// compile (all but the timing ones also at head dim 64, with every feature and for variable-length
+// batches); unset or ordered the real one; another value is an error naming it.
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -365,7 +366,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
   const std::string real = backward_kernels(traits, true).back().name();
-  const std::vector<std::string> values = {"none", "unordered", "eager", "arrival"};
+  const std::vector<std::string> values = {"none", "unordered", "eager", "arrival", "writer", "writer-arrival"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const KernelSpec spec = backward_kernels(traits, true).back();
@@ -378,11 +379,13 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   KernelTraits extras = sm90_traits(FJ_BFLOAT16, 64);
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
-  for (const char* value : {"eager", "arrival"}) {
+  const std::vector<std::pair<const char*, int>> ordered = {
+      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}};
+  for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
       const KernelSpec spec = backward_kernels(other, true).back();
-      EXPECT_TRUE(spec.one_pass && spec.dq_diagnostic == (std::string(value) == "eager" ? 3 : 4)) << spec.name();
+      EXPECT_TRUE(spec.one_pass && spec.dq_diagnostic == diagnostic) << spec.name();
       ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
       KernelSpec varlen = spec;  // a variable-length batch in one launch
       varlen.varlen = true;
@@ -401,6 +404,15 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   KernelSpec past_table = fits;
   keep_blocks_resident(past_table, flashjit::layout::kArrivalWalkBlocks + 1, 1000);
   EXPECT_EQ(past_table.dq_diagnostic, 3);
+  // By the dQ writer: the writer's block order where the arrival order cannot run; its staging
+  // buffers (two for each consumer, 8 KiB each at head dim 128) size the launch.
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer-arrival", 1);
+  KernelSpec writer_fits = backward_kernels(traits, true).back(), writer_too_many = writer_fits;
+  keep_blocks_resident(writer_fits, 132, 132);
+  keep_blocks_resident(writer_too_many, 133, 132);
+  EXPECT_EQ(writer_fits.dq_diagnostic, 6);
+  EXPECT_EQ(writer_too_many.dq_diagnostic, 5);
+  EXPECT_EQ(writer_too_many.shared_memory_bytes(), too_many.shared_memory_bytes() + 4 * 8192 + 2 * 4 * 8);
   KernelSpec split = backward_kernels(traits, false).back();
   keep_blocks_resident(split, 1000, 132);
   EXPECT_EQ(split.dq_diagnostic, 0);
@@ -1002,7 +1014,7 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.producer_setup = !s.producer_setup;
       },
-      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 5; },
+      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 7; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },
       [](KernelSpec& s) { s.threads += 128; },
       [](KernelSpec& s) {  // row tiles are spelled outside the scalar kernels

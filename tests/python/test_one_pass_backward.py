@@ -18,9 +18,11 @@ pytestmark = sm90
 
 
 # Each test with the counts of the ordered sums released at the block's next add (ordered, the
-# default), right after the adds (eager, FLASHJIT_CUDA_ONE_PASS_DQ=eager), and with the adds in the
-# order the blocks reach each tile (arrival: its own fixed order, so its own bits).
-@pytest.fixture(autouse=True, params=["ordered", "eager", "arrival"])
+# default), right after the adds (eager, FLASHJIT_CUDA_ONE_PASS_DQ=eager), the eager order's adds
+# made by the dQ writer warps from shared memory (writer), and with the adds in the order the
+# blocks reach each tile (arrival: its own fixed order, so its own bits; writer-arrival: by the
+# writer warps).
+@pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "arrival", "writer-arrival"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
@@ -83,11 +85,13 @@ def test_gradients_match_the_reference(D, case):
     run(B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, dtype=torch.bfloat16, **case)
 
 
-def test_arrival_order_runs_only_where_a_heads_key_blocks_fit(monkeypatch):
+@pytest.mark.parametrize("block_order,arrival_order", [("eager", "arrival"), ("writer", "writer-arrival")])
+def test_arrival_order_runs_only_where_a_heads_key_blocks_fit(monkeypatch, block_order, arrival_order):
     # The arrival order sums each tile in another order than the block order, so its bits differ
     # where it runs; with more key blocks a head than multiprocessors (blocks that wait on higher
     # ones could then wait on one never resident) the plan runs the eager block order instead,
-    # bit for bit.
+    # bit for bit (by the dQ writer: the writer's block order). The arrival order's two ways give
+    # the same bits, as the block order's do.
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     bound = min(sms, 256)  # and the kernel's table of walks holds 256
     torch.manual_seed(4)
@@ -97,11 +101,13 @@ def test_arrival_order_runs_only_where_a_heads_key_blocks_fit(monkeypatch):
         o, lse = flashjit.attention(q, k, v, return_lse=True)
         dout = torch.randn_like(o)
         results = {}
-        for mode in ("eager", "arrival"):
+        for mode in ("eager", "arrival", block_order, arrival_order):
             monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
             results[mode] = flashjit.attention_backward(q, k, v, o, lse, dout)
-        same = all(torch.equal(a, b) for a, b in zip(results["eager"], results["arrival"]))
+        same = all(torch.equal(a, b) for a, b in zip(results[block_order], results[arrival_order]))
         assert same != arrival_runs, f"{key_blocks} key blocks a head on {sms} multiprocessors"
+        assert all(torch.equal(a, b) for a, b in zip(results["eager"], results[block_order]))
+        assert all(torch.equal(a, b) for a, b in zip(results["arrival"], results[arrival_order]))
 
 
 def test_more_key_blocks_a_head_than_multiprocessors():
@@ -149,18 +155,20 @@ def test_bitwise_reproducible_and_close_to_the_split_backward(causal, monkeypatc
         assert (a.float() - b.float()).abs().max().item() <= 0.02 * scale, name
 
 
-def test_eager_release_gives_the_same_bits(monkeypatch):
-    # The same adds in the same order: only when each block says it is done differs.
+def test_eager_release_and_the_writer_give_the_same_bits(monkeypatch):
+    # The same adds in the same order: only when each block says it is done, and (writer) which
+    # threads make them, differ.
     torch.manual_seed(2)
     q = torch.randn(2, 8, 1500, 64, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 1700, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     o, lse = flashjit.attention(q, k, v, causal="bottom_right", return_lse=True)
     dout = torch.randn_like(o)
     results = []
-    for mode in ("ordered", "eager"):
+    for mode in ("ordered", "eager", "writer"):
         monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
         results.append(flashjit.attention_backward(q, k, v, o, lse, dout, causal="bottom_right"))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 def test_bad_setting_is_named(monkeypatch):

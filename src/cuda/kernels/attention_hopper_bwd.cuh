@@ -254,8 +254,18 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // upward, cyclically from each one's diagonal tile, and a tile's visitors add in the order they
 // reach it (KeyBlockSpans' arrival order), each count released right after the adds as with 3;
 // the host runs it only where every key block of a head can be resident at once.
-constexpr bool kArrival = FJ_DQ_DIAGNOSTIC == 4;
+// (6: the arrival order's sums made by the dQ writer, below.)
+#define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
+#define FJ_DQ_WRITER (FJ_DQ_DIAGNOSTIC == 5 || FJ_DQ_DIAGNOSTIC == 6)
+constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
+// FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, each count released
+// right after its adds as with 3, but the waits, adds and counts are not the consumers': each stages
+// its share of dQ_t in shared memory and goes on, and the producer warpgroup's warps 1 to 3 (the dQ
+// writer) make them, tile after tile, consumer after consumer. 6 (writer-arrival): the same in the
+// arrival order.
+constexpr bool kWriter = FJ_DQ_WRITER;
+static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
 // tiles, K-major, each warp its own 16 keys) for the dV and dK products, which then take both
 // operands from shared memory; the registers that held them let twice the queries a step fit
@@ -296,6 +306,10 @@ constexpr int kDsBarrier = kTurnBarrier + kConsumers;
 constexpr int kAddBarrier = kDsBarrier + kConsumers * kDsBuffers;
 constexpr int kWalksBarrier = kAddBarrier + kConsumers;  // arrival order: the walks' table written
 static_assert(kWalksBarrier + 1 <= 16, "16 named barriers");
+// The dQ writer's threads (warps 1 to 3 of the producer warpgroup), which meet at kAddBarrier (the
+// consumers do not use it then), and its staging buffers' size (shared_layout.h).
+constexpr int kWriterThreads = 96;
+static_assert(kDqChunk == layout::dkdv_dq_chunk_floats(kBlockN, kDimQk), "shared_layout.h sizes the staged dQ");
 
 // dS^T of a warp's 16 keys and 16 queries from `column` (an A fragment, a_from_c) into the dS
 // tile [kBlockN queries][kBlockM keys] transposed: four 8 x 8 matrices, lane l naming row
@@ -363,6 +377,17 @@ FJ_DEVICE void add_float4(float* address, const float (&v)[4]) {
                "f"(v[3])
                : "memory");
 }
+FJ_DEVICE void store_shared_float4(float* address, const float (&v)[4]) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(shared_address(address)), "f"(v[0]), "f"(v[1]),
+               "f"(v[2]), "f"(v[3])
+               : "memory");
+}
+FJ_DEVICE void load_shared_float4(const float* address, float (&v)[4]) {
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+               : "r"(shared_address(address))
+               : "memory");
+}
 // Past L1: the sums other blocks left in L2.
 FJ_DEVICE void load_float4(const float* address, float (&v)[4]) {
   asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
@@ -378,11 +403,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   constexpr layout::HopperBackwardDkDv kLayout =
       layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
                                    layout::dkdv_ds_buffers(kOnePass, kSharedOperands),
-                                   layout::dkdv_walk_blocks(kArrival));
+                                   layout::dkdv_walk_blocks(kArrival), layout::dkdv_dq_staging_buffers(kWriter, kConsumers));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.walks % 16 == 0, "the walks' table is read 16 bytes an entry");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
-                    kLayout.bytes - kLayout.dout_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes,
+                    kLayout.dq_barriers - kLayout.dout_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes,
                 "shared_layout.h sizes the rings as pipeline.cuh does");
   unsigned char* const base = aligned_for_swizzle(shared_raw);
   elem_t* k_tile = reinterpret_cast<elem_t*>(base + kLayout.k_tile);          // [kBlockM][kDimQk]: the keys
@@ -395,6 +420,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   float* delta_tiles = reinterpret_cast<float*>(base + kLayout.delta_tiles);  // [kQueryBuffers][kBlockN]
   // Arrival order: each key block's walk of the head, {first tile index, tile count, phase, 0}.
   int4* walks = reinterpret_cast<int4*>(base + kLayout.walks);
+#if FJ_DQ_WRITER
+  // The dQ writer: each consumer's kDqStagingSlots buffers of its share of a tile's dQ (consumer c,
+  // tile t: buffer c * kDqStagingSlots + t % kDqStagingSlots), and their mbarriers (the consumer's
+  // 128 threads fill one, the writer's 96 empty it).
+  static_assert(layout::kDqStagingSlots == 2, "a consumer leads the other by a step at most: two slots");
+  float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
+  unsigned long long* staging_full = reinterpret_cast<unsigned long long*>(base + kLayout.dq_barriers);
+  unsigned long long* staging_empty = staging_full + kConsumers * layout::kDqStagingSlots;
+#endif
   unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
   // Q, LSE and delta of a tile; dO of a tile.
   const Ring<kQueryBuffers> q_ring = Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.q_ring));
@@ -440,6 +474,24 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // Arrival order: the step of the walk that meets first_tile; the walk goes up from the tile of
   // step 0, round to first_tile after the last (KeyBlockSpans::walk_tile).
   const int walk_phase = kArrival && tiles_per_head > 0 ? static_cast<int>(spans.walk_phase(block, tiles_per_head)) : 0;
+#if FJ_VARLEN
+  const long long scratch_base = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
+#else
+  const long long scratch_base = 0;
+#endif
+#if FJ_DQ_ARRIVAL
+  // The head's key blocks whose walks the rank of an add counts (at most kArrivalWalkBlocks: the
+  // host's guard).
+  const int key_blocks =
+      spans.blocks() < layout::kArrivalWalkBlocks ? static_cast<int>(spans.blocks()) : layout::kArrivalWalkBlocks;
+#else
+  // Block order: whether block + 1 visits a tile, found once, so that a tile's add tests two numbers.
+  long long above_first = 0, above_end = 0;
+  if (block + 1 < spans.blocks() && spans.query_begin(block + 1) < spans.query_end(block + 1)) {
+    above_first = spans.first_tile(block + 1);
+    above_end = spans.query_end(block + 1);
+  }
+#endif
 #endif
   const auto tile_head = [&](int t) {
     return kv_head * p.group_size + (kOnePass ? t % p.group_size : t / tiles_per_head);
@@ -459,6 +511,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     mbarrier_init(keys_full, 1);
     q_ring.init();
     dout_ring.init();
+#if FJ_DQ_WRITER
+    for (int i = 0; i < kConsumers * layout::kDqStagingSlots; ++i) {
+      mbarrier_init(&staging_full[i], 128);
+      mbarrier_init(&staging_empty[i], kWriterThreads);
+    }
+#endif
   };
   const auto produce = [&] {
     if (tiles == 0) return;
@@ -486,6 +544,94 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
                                     &dout_ring.full[dout_buffer]);
     }
   };
+#if FJ_DQ_WRITER
+  // The dQ writer (the producer warpgroup's warps 1 to 3): for each tile in the block's order and
+  // each consumer, once the consumer has staged its share: wait for the tile's earlier visitors'
+  // count, then store (the first visitor), add (the middle ones) or add what is there and write dQ
+  // (the last), free the staging buffer, and (not the last) release the count once every writer
+  // thread's adds are done. The consumers' own add_dq does the same from registers (eager order).
+  const auto write_dq = [&] {
+    const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
+#if FJ_DQ_ARRIVAL
+    if (tiles > 0) named_barrier_sync(kWalksBarrier, kConsumers * 128 + kWriterThreads);  // the walks' table
+#else
+    long long first_block = block;  // the lowest block that visits the tile (tiles go down)
+#endif
+    for (int t = 0; t < tiles; ++t) {
+      const int h = tile_head(t);
+      const long long start = tile_start(t);
+      const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
+#if FJ_DQ_ARRIVAL
+      // The block's place among the tile's visitors in the order they reach it, and how many they
+      // are, counted over the head's blocks by the writer's threads (the consumers' add_dq does the
+      // same with 128).
+      int rank = 0, visitors = 0;
+      const int query_tile = static_cast<int>(start / kBlockN), step = t / p.group_size;
+      for (int first = 0; first < key_blocks; first += kWriterThreads) {
+        const int other = first + w;
+        const int4 walk = other < key_blocks ? walks[other] : make_int4(0, 0, 0, 0);
+        const bool visit = query_tile >= walk.x && query_tile < walk.x + walk.y;
+        const bool earlier =
+            visit && KeyBlockSpans::arrives_before(other, KeyBlockSpans::step_at(walk.x, walk.y, walk.z, query_tile),
+                                                   block, step);
+        rank += count_at_barrier(kAddBarrier, kWriterThreads, earlier);
+        visitors += count_at_barrier(kAddBarrier, kWriterThreads, visit);
+      }
+      const bool last = rank == visitors - 1;
+#else
+      first_block = spans.lowest_visitor(first_block, start);
+      const int rank = static_cast<int>(block - first_block);
+      const bool last = !(above_first <= start && start < above_end);  // spans.visits(block + 1, start)
+#endif
+      const int slot = t % layout::kDqStagingSlots;
+      const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        const long long chunk_index = row / kBlockN * kConsumers + consumer;
+        float* const chunk = p.dq_accum + chunk_index * kDqChunk;
+        int* const counter = p.dq_semaphore + chunk_index;
+        const int buffer = consumer * layout::kDqStagingSlots + slot;
+        const float* const staged = dq_staging + buffer * kDqChunk;
+        mbarrier_wait(&staging_full[buffer], phase);
+        if (rank > 0) {
+          if (w == 0) wait_for_count(counter, rank);
+          named_barrier_sync(kAddBarrier, kWriterThreads);
+        }
+        // The staged share is the consumer's accumulators in order: float4 i is thread i % 128's
+        // fragment i / 128 (add_dq's chunk layout).
+        for (int i = w; i < kDqChunk / 4; i += kWriterThreads) {
+          float v[4];
+          load_shared_float4(staged + i * 4, v);
+          if (last) {
+            if (rank > 0) {
+              float before[4];
+              load_float4(chunk + i * 4, before);
+#pragma unroll
+              for (int e = 0; e < 4; ++e) v[e] += before[e];
+            }
+            const int thread = i % 128, n = i / 128;
+            const int lane = thread % 32;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int d = (kDimQk == 128 ? consumer * 64 : 0) + (thread / 32) * 16 + lane / 4 + 8 * (e / 2);
+              const long long q = start + (kDimQk == 128 ? 0 : consumer * kDqQueries) + n * 8 + (lane % 4) * 2 + e % 2;
+              if (q < sp.seqlen_q && d < p.head_dim_qk) operand_row<elem_t>(sp.dq, b, h, q)[d] = from_float<elem_t>(v[e]);
+            }
+          } else if (rank == 0) {
+            store_float4(chunk + i * 4, v);
+          } else {
+            add_float4(chunk + i * 4, v);
+          }
+        }
+        mbarrier_arrive(&staging_empty[buffer]);  // this thread's reads of the buffer are done
+        if (!last) {
+          __threadfence();  // this thread's adds, before the count that releases them
+          named_barrier_sync(kAddBarrier, kWriterThreads);
+          if (w == 0) add_release(counter, 1);
+        }
+      }
+    }
+  };
+#endif
   const auto consume = [&](int consumer) {
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
@@ -496,17 +642,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const long long consumer_first = first_key + consumer * 64;
     const bool keys_full_block = consumer_first + 64 <= sp.seqlen_k;
     const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-#if FJ_DQ_DIAGNOSTIC == 4
-    // The walks of the head's key blocks (at most kArrivalWalkBlocks: the host's guard), a block a
-    // consumer thread, before any add counts from them.
-    const int key_blocks =
-        spans.blocks() < layout::kArrivalWalkBlocks ? static_cast<int>(spans.blocks()) : layout::kArrivalWalkBlocks;
+#if FJ_DQ_ARRIVAL
+    // The walks of the head's key blocks, a block a consumer thread, before any add counts from
+    // them (the dQ writer's threads wait for them too).
     for (int other = static_cast<int>(threadIdx.x) - 128; other < key_blocks; other += kConsumers * 128) {
       const int count = static_cast<int>(spans.tile_count(other));
       walks[other] = make_int4(static_cast<int>(spans.first_tile(other) / kBlockN), count,
                                count > 0 ? static_cast<int>(spans.walk_phase(other, count)) : 0, 0);
     }
-    named_barrier_sync(kWalksBarrier, kConsumers * 128);
+    named_barrier_sync(kWalksBarrier, kConsumers * 128 + (kWriter ? kWriterThreads : 0));
 #endif
 
     float dv[kDimV / 8][4], dk[kDimQk / 8][4];
@@ -519,19 +663,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_ONE_PASS
       float dqt[kDqQueries / 8][4];  // this consumer's share of dQ_t^T: rows head dims, columns queries
       zero(dqt);
-#if FJ_VARLEN
-      const long long scratch_base = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
-#else
-      const long long scratch_base = 0;
-#endif
-#if FJ_DQ_DIAGNOSTIC != 4  // block order (the arrival order counts its place at each add)
+#if !FJ_DQ_ARRIVAL && !FJ_DQ_WRITER  // block order (the arrival order counts its place at each add)
       long long first_block = block;  // the lowest block that visits the tile add_dq adds (tiles go down)
-      // Whether block + 1 visits a tile: found once, so that a step tests two numbers.
-      long long above_first = 0, above_end = 0;
-      if (block + 1 < spans.blocks() && spans.query_begin(block + 1) < spans.query_end(block + 1)) {
-        above_first = spans.first_tile(block + 1);
-        above_end = spans.query_end(block + 1);
-      }
 #endif
       // Until the other consumer's keys of dS_t are in: before the turn that issues dQ_t (a
       // barrier between the turn's fence and its wgmma would serialise them).
@@ -558,6 +691,19 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         if (threadIdx.x % 128 == 0) add_release(pending, 1);
         pending = nullptr;
       };
+#if FJ_DQ_WRITER
+      // Tile t's dQ^T share staged for the writer, once it has emptied the slot's previous tile.
+      const auto add_dq = [&](int t) {
+        const int buffer = consumer * layout::kDqStagingSlots + t % layout::kDqStagingSlots;
+        // The first use of a slot passes at once (the parity of the phase before the first).
+        mbarrier_wait(&staging_empty[buffer], (static_cast<unsigned>(t / layout::kDqStagingSlots) % 2) ^ 1);
+        float* const staged = dq_staging + buffer * kDqChunk;
+        const int thread = threadIdx.x % 128;
+#pragma unroll
+        for (int n = 0; n < kDqQueries / 8; ++n) store_shared_float4(staged + (n * 128 + thread) * 4, dqt[n]);
+        mbarrier_arrive(&staging_full[buffer]);
+      };
+#else
       // Tile t's dQ^T share into the tile's sum, in key-block order (the file's head comment).
       const auto add_dq = [&](int t) {
         const int h = tile_head(t);
@@ -567,7 +713,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const long long row = scratch_base + batch_head * sp.scratch_pitch + start;
         const long long chunk_index = row / kBlockN * kConsumers + consumer;
         const int thread = threadIdx.x % 128;
-#if FJ_DQ_DIAGNOSTIC == 4
+#if FJ_DQ_ARRIVAL
         // This block's place among the tile's visitors in the order they reach it, and how many
         // they are: the consumer's threads test blocks thread, thread + 128, ... of the head from
         // their walks, and its barrier counts them (every block of a head is resident: the
@@ -645,7 +791,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
         }
       };
-#endif
+#endif  // FJ_DQ_DIAGNOSTIC == 5
+#endif  // FJ_ONE_PASS
       const auto arrive = [&](int t) {  // Q_t (with LSE, delta) and dO_t; one pass: dS_{t-2}
         if (t < tiles) {
           q_ring.consume(t);
@@ -766,7 +913,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     if (kWithDk) store_rows<kDimQk>(sp.dk, b, kv_head, keys, sp.seqlen_k, p.head_dim_qk, dk, quad);
     if (kWithDv) store_rows<kDimV>(sp.dv, b, kv_head, keys, sp.seqlen_k, p.head_dim_v, dv, quad);
   };
+#if FJ_DQ_WRITER
+  specialised_roles(init, produce, consume, write_dq);
+#else
   specialised_roles(init, produce, consume);
+#endif
 }
 #endif  // FJ_BACKWARD_DKDV
 

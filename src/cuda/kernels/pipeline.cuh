@@ -14,8 +14,9 @@ constexpr int kProducerThreads = 128;
 constexpr int kConsumers = kWarps / 4;  // consumer warpgroups: 2, or 3 (a forward variant at head dim 64)
 static_assert(kWarps % 4 == 0 && (kConsumers == 2 || kConsumers == 3), "two or three consumer warpgroups");
 // 24 + 2 x 240 (or 3 x 160) registers a thread fit the 64K of the SM that the
-// launch bounds (384 threads at 168 registers, or 512 at 128) reserve.
-constexpr int kProducerRegisters = 24;
+// launch bounds (384 threads at 168 registers, or 512 at 128) reserve; the one pass's dQ
+// writer (FJ_DQ_DIAGNOSTIC 5 and 6), which runs on the producer warpgroup, takes 32 (32 + 2 x 240).
+constexpr int kProducerRegisters = FJ_DQ_DIAGNOSTIC == 5 || FJ_DQ_DIAGNOSTIC == 6 ? 32 : 24;
 constexpr int kConsumerRegisters = kConsumers == 2 ? 240 : 160;
 // Consumer w issues its wgmma after named barrier kTurnBarrier + w, then passes
 // the turn to the next, so that one consumer's softmax runs beside the others'
@@ -189,8 +190,9 @@ FJ_DEVICE void claim_registers() {
 // synchronises, then thread 0 of warpgroup 0 produces (the rest of that
 // warpgroup only gives its registers away) and warpgroups 1 .. kConsumers
 // consume, consume(consumer) with consumer 0 .. kConsumers - 1.
-template <class Init, class Produce, class Consume>
-FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
+// With `assist`, the producer warpgroup's warps 1 to 3 (96 threads) run it.
+template <class Init, class Produce, class Consume, class Assist>
+FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume, Assist assist) {
   if (threadIdx.x == 0) {
     init();
     mbarrier_init_fence();
@@ -199,11 +201,19 @@ FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     release_registers<kProducerRegisters>();
-    if (threadIdx.x == 0) produce();
+    if (threadIdx.x == 0) {
+      produce();
+    } else if (threadIdx.x >= 32) {
+      assist();
+    }
     return;
   }
   claim_registers<kConsumerRegisters>();
   consume(warpgroup - 1);
+}
+template <class Init, class Produce, class Consume>
+FJ_DEVICE void specialised_roles(Init init, Produce produce, Consume consume) {
+  specialised_roles(init, produce, consume, [] {});
 }
 
 // The consumers' schedule over `steps` tiles (steps > 0), the same in every

@@ -47,6 +47,20 @@ FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands) {
 // many key blocks for it (the host's guard).
 constexpr int kArrivalWalkBlocks = 256;
 FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBlocks : 0; }
+// The one pass's dQ sums (KernelSpec::dq_diagnostic, FJ_DQ_DIAGNOSTIC): 4 and 6 in the arrival
+// order, 5 and 6 made by the dQ writer (below).
+FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
+FJ_LAYOUT bool dq_by_writer(int diagnostic) { return diagnostic == 5 || diagnostic == 6; }
+// The one pass with a dQ writer (FLASHJIT_CUDA_ONE_PASS_DQ=writer): each consumer warpgroup stages
+// its float32 share of a query tile's dQ (128 threads x dq_queries / 2 floats: at head dim 128
+// every query of the step and 64 of dQ's columns, at 64 every column of half the queries) in one
+// of kDqStagingSlots buffers, which the producer warpgroup's other warps add into the tile's sums
+// in global memory; a full and an empty mbarrier a buffer.
+constexpr int kDqStagingSlots = 2;
+FJ_LAYOUT int dkdv_dq_chunk_floats(int block_n, int dim_qk) {
+  return 128 * (dim_qk == 128 ? block_n : block_n / 2) / 2;
+}
+FJ_LAYOUT int dkdv_dq_staging_buffers(bool writer, int consumers) { return writer ? consumers * kDqStagingSlots : 0; }
 
 // A ring of `buffers` buffers has a full and an empty mbarrier per buffer (pipeline.cuh's Ring).
 FJ_LAYOUT int ring_bytes(int buffers) { return 2 * buffers * kBarrierBytes; }
@@ -102,11 +116,11 @@ FJ_LAYOUT HopperBackwardDq hopper_backward_dq(int rows, int block_n, int dim_qk,
 // `ds_buffers` swizzled tiles of dS (block_n queries x the block's rows of keys)
 // after the dO ring.
 struct HopperBackwardDkDv {
-  int k_tile, v_tile, q_tiles, dout_tiles, ds_tiles, lse_tiles, delta_tiles, walks, keys_full, q_ring, dout_ring,
-      bytes;
+  int k_tile, v_tile, q_tiles, dout_tiles, ds_tiles, lse_tiles, delta_tiles, walks, dq_staging, keys_full, q_ring,
+      dout_ring, dq_barriers, bytes;
 };
 FJ_LAYOUT HopperBackwardDkDv hopper_backward_dkdv(int rows, int block_n, int dim_qk, int dim_v, int stages,
-                                                  int ds_buffers = 0, int walk_blocks = 0) {
+                                                  int ds_buffers = 0, int walk_blocks = 0, int staging_buffers = 0) {
   Carver c;
   HopperBackwardDkDv l{};
   const int buffers = stages + 1;
@@ -118,9 +132,11 @@ FJ_LAYOUT HopperBackwardDkDv hopper_backward_dkdv(int rows, int block_n, int dim
   l.lse_tiles = c.take(4 * buffers * block_n);
   l.delta_tiles = c.take(4 * buffers * block_n);
   l.walks = c.take(16 * walk_blocks);  // 16-byte aligned: every region before is a multiple of 16
+  l.dq_staging = c.take(4 * staging_buffers * dkdv_dq_chunk_floats(block_n, dim_qk));  // read 16 bytes at a time
   l.keys_full = c.take(kBarrierBytes);
   l.q_ring = c.take(ring_bytes(buffers));
   l.dout_ring = c.take(ring_bytes(buffers));
+  l.dq_barriers = c.take(2 * staging_buffers * kBarrierBytes);  // full, then empty, of each staging buffer
   l.bytes = c.bytes;
   return l;
 }
