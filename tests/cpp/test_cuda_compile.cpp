@@ -392,27 +392,25 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
       ASSERT_NO_THROW(kernel_binary(varlen, false)) << varlen.name();
     }
   }
-  // The arrival order only where every key block of a head can be resident at once.
-  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "arrival", 1);
-  KernelSpec fits = backward_kernels(traits, true).back(), too_many = fits;
-  keep_blocks_resident(fits, 132, 132);
-  keep_blocks_resident(too_many, 133, 132);
-  EXPECT_EQ(fits.dq_diagnostic, 4);
-  EXPECT_EQ(too_many.dq_diagnostic, 3);
-  // Its walks' table (16 bytes a key block) sizes the launch, and bounds the key blocks too.
-  EXPECT_EQ(fits.shared_memory_bytes(), too_many.shared_memory_bytes() + 16 * flashjit::layout::kArrivalWalkBlocks);
-  KernelSpec past_table = fits;
-  keep_blocks_resident(past_table, flashjit::layout::kArrivalWalkBlocks + 1, 1000);
-  EXPECT_EQ(past_table.dq_diagnostic, 3);
-  // By the dQ writer: the writer's block order where the arrival order cannot run; its staging
-  // buffers (two for each consumer, 8 KiB each at head dim 128) size the launch.
-  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer-arrival", 1);
-  KernelSpec writer_fits = backward_kernels(traits, true).back(), writer_too_many = writer_fits;
-  keep_blocks_resident(writer_fits, 132, 132);
-  keep_blocks_resident(writer_too_many, 133, 132);
-  EXPECT_EQ(writer_fits.dq_diagnostic, 6);
-  EXPECT_EQ(writer_too_many.dq_diagnostic, 5);
-  EXPECT_EQ(writer_too_many.shared_memory_bytes(), too_many.shared_memory_bytes() + 4 * 8192 + 2 * 4 * 8);
+  // The arrival order only where every key block of a head can be resident at once, else the
+  // block order (eager; by the dQ writer for writer-arrival). The walks' table (16 bytes a key
+  // block) sizes the launch and bounds the key blocks too; the writer's staging buffers (two for
+  // each consumer, 8 KiB each at head dim 128, and their two mbarriers) size it as well.
+  size_t eager_bytes = 0;
+  for (const auto& [value, arrival, block_order] : {std::tuple{"arrival", 4, 3}, std::tuple{"writer-arrival", 6, 5}}) {
+    SCOPED_TRACE(value);
+    setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
+    KernelSpec fits = backward_kernels(traits, true).back(), too_many = fits, past_table = fits;
+    keep_blocks_resident(fits, 132, 132);
+    keep_blocks_resident(too_many, 133, 132);
+    keep_blocks_resident(past_table, flashjit::layout::kArrivalWalkBlocks + 1, 1000);
+    EXPECT_EQ(fits.dq_diagnostic, arrival);
+    EXPECT_EQ(too_many.dq_diagnostic, block_order);
+    EXPECT_EQ(past_table.dq_diagnostic, block_order);
+    EXPECT_EQ(fits.shared_memory_bytes(), too_many.shared_memory_bytes() + 16 * flashjit::layout::kArrivalWalkBlocks);
+    if (block_order == 3) eager_bytes = too_many.shared_memory_bytes();
+    if (block_order == 5) EXPECT_EQ(too_many.shared_memory_bytes(), eager_bytes + 4 * 8192 + 2 * 4 * 8);
+  }
   KernelSpec split = backward_kernels(traits, false).back();
   keep_blocks_resident(split, 1000, 132);
   EXPECT_EQ(split.dq_diagnostic, 0);

@@ -395,6 +395,28 @@ FJ_DEVICE void load_float4(const float* address, float (&v)[4]) {
                : "l"(address)
                : "memory");
 }
+// Arrival order: this block's place among a query tile's visitors in the order they reach it, and
+// how many they are. `threads` threads meeting at named barrier `barrier` test the head's blocks
+// thread, thread + threads, ... from their walks (the shared table) and the barrier counts them
+// (every block of a head is resident: the host's guard).
+struct ArrivalRank {
+  int rank, visitors;
+};
+FJ_DEVICE ArrivalRank arrival_rank(const int4* walks, int key_blocks, int query_tile, int step, int block, int thread,
+                                   int threads, int barrier) {
+  ArrivalRank r{0, 0};
+  for (int first = 0; first < key_blocks; first += threads) {
+    const int other = first + thread;
+    const int4 walk = other < key_blocks ? walks[other] : make_int4(0, 0, 0, 0);
+    const bool visit = query_tile >= walk.x && query_tile < walk.x + walk.y;
+    const bool earlier =
+        visit && KeyBlockSpans::arrives_before(other, KeyBlockSpans::step_at(walk.x, walk.y, walk.z, query_tile), block,
+                                               step);
+    r.rank += count_at_barrier(barrier, threads, earlier);
+    r.visitors += count_at_barrier(barrier, threads, visit);
+  }
+  return r;
+}
 #endif  // FJ_ONE_PASS
 
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
@@ -424,7 +446,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // The dQ writer: each consumer's kDqStagingSlots buffers of its share of a tile's dQ (consumer c,
   // tile t: buffer c * kDqStagingSlots + t % kDqStagingSlots), and their mbarriers (the consumer's
   // 128 threads fill one, the writer's 96 empty it).
-  static_assert(layout::kDqStagingSlots == 2, "a consumer leads the other by a step at most: two slots");
+  static_assert(layout::kDqStagingSlots == 2, "two slots: a consumer may stage tile t + 1 while the writer adds tile t");
   float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
   unsigned long long* staging_full = reinterpret_cast<unsigned long long*>(base + kLayout.dq_barriers);
   unsigned long long* staging_empty = staging_full + kConsumers * layout::kDqStagingSlots;
@@ -492,6 +514,26 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     above_end = spans.query_end(block + 1);
   }
 #endif
+  // This block's turn at tile t (queries from `start`) among the tile's visitors: its rank and
+  // whether it is the last. Block order: first_block, the lowest visitor of the previous tile
+  // (tiles go down), moves up; arrival order: counted by `threads` threads at `barrier`.
+  struct TurnAtTile {
+    int rank;
+    bool last;
+  };
+  const auto turn_at = [&](int t, long long start, long long& first_block, int thread, int threads, int barrier) {
+#if FJ_DQ_ARRIVAL
+    (void)first_block;
+    const ArrivalRank order = arrival_rank(walks, key_blocks, static_cast<int>(start / kBlockN), t / p.group_size,
+                                           block, thread, threads, barrier);  // the group's heads inside
+    return TurnAtTile{order.rank, order.rank == order.visitors - 1};
+#else
+    (void)t, (void)thread, (void)threads, (void)barrier;
+    first_block = spans.lowest_visitor(first_block, start);
+    // Last where block + 1 does not visit the tile (spans.visits(block + 1, start)).
+    return TurnAtTile{static_cast<int>(block - first_block), !(above_first <= start && start < above_end)};
+#endif
+  };
 #endif
   const auto tile_head = [&](int t) {
     return kv_head * p.group_size + (kOnePass ? t % p.group_size : t / tiles_per_head);
@@ -553,36 +595,17 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
 #if FJ_DQ_ARRIVAL
-    if (tiles > 0) named_barrier_sync(kWalksBarrier, kConsumers * 128 + kWriterThreads);  // the walks' table
-#else
-    long long first_block = block;  // the lowest block that visits the tile (tiles go down)
+    // The walks' table (the consumers meet here whether or not the block has tiles: so does the writer).
+    named_barrier_sync(kWalksBarrier, kConsumers * 128 + kWriterThreads);
 #endif
+    long long first_block = block;
     for (int t = 0; t < tiles; ++t) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-#if FJ_DQ_ARRIVAL
-      // The block's place among the tile's visitors in the order they reach it, and how many they
-      // are, counted over the head's blocks by the writer's threads (the consumers' add_dq does the
-      // same with 128).
-      int rank = 0, visitors = 0;
-      const int query_tile = static_cast<int>(start / kBlockN), step = t / p.group_size;
-      for (int first = 0; first < key_blocks; first += kWriterThreads) {
-        const int other = first + w;
-        const int4 walk = other < key_blocks ? walks[other] : make_int4(0, 0, 0, 0);
-        const bool visit = query_tile >= walk.x && query_tile < walk.x + walk.y;
-        const bool earlier =
-            visit && KeyBlockSpans::arrives_before(other, KeyBlockSpans::step_at(walk.x, walk.y, walk.z, query_tile),
-                                                   block, step);
-        rank += count_at_barrier(kAddBarrier, kWriterThreads, earlier);
-        visitors += count_at_barrier(kAddBarrier, kWriterThreads, visit);
-      }
-      const bool last = rank == visitors - 1;
-#else
-      first_block = spans.lowest_visitor(first_block, start);
-      const int rank = static_cast<int>(block - first_block);
-      const bool last = !(above_first <= start && start < above_end);  // spans.visits(block + 1, start)
-#endif
+      const TurnAtTile turn = turn_at(t, start, first_block, w, kWriterThreads, kAddBarrier);
+      const int rank = turn.rank;
+      const bool last = turn.last;
       const int slot = t % layout::kDqStagingSlots;
       const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
@@ -663,8 +686,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_ONE_PASS
       float dqt[kDqQueries / 8][4];  // this consumer's share of dQ_t^T: rows head dims, columns queries
       zero(dqt);
-#if !FJ_DQ_ARRIVAL && !FJ_DQ_WRITER  // block order (the arrival order counts its place at each add)
-      long long first_block = block;  // the lowest block that visits the tile add_dq adds (tiles go down)
+#if !FJ_DQ_WRITER
+      long long first_block = block;  // turn_at's, for the tiles add_dq adds
 #endif
       // Until the other consumer's keys of dS_t are in: before the turn that issues dQ_t (a
       // barrier between the turn's fence and its wgmma would serialise them).
@@ -713,29 +736,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const long long row = scratch_base + batch_head * sp.scratch_pitch + start;
         const long long chunk_index = row / kBlockN * kConsumers + consumer;
         const int thread = threadIdx.x % 128;
-#if FJ_DQ_ARRIVAL
-        // This block's place among the tile's visitors in the order they reach it, and how many
-        // they are: the consumer's threads test blocks thread, thread + 128, ... of the head from
-        // their walks, and its barrier counts them (every block of a head is resident: the
-        // host's guard).
-        int rank = 0, visitors = 0;
-        const int query_tile = static_cast<int>(start / kBlockN), step = t / p.group_size;  // the group's heads inside
-        for (int base = 0; base < key_blocks; base += 128) {
-          const int other = base + thread;
-          const int4 walk = other < key_blocks ? walks[other] : make_int4(0, 0, 0, 0);
-          const bool visit = query_tile >= walk.x && query_tile < walk.x + walk.y;
-          const bool earlier =
-              visit && KeyBlockSpans::arrives_before(other, KeyBlockSpans::step_at(walk.x, walk.y, walk.z, query_tile),
-                                                     block, step);
-          rank += count_at_barrier(kAddBarrier + consumer, 128, earlier);
-          visitors += count_at_barrier(kAddBarrier + consumer, 128, visit);
-        }
-        const bool last = rank == visitors - 1;
-#else
-        first_block = spans.lowest_visitor(first_block, start);
-        const int rank = static_cast<int>(block - first_block);
-        const bool last = !(above_first <= start && start < above_end);  // spans.visits(block + 1, start)
-#endif
+        const TurnAtTile turn = turn_at(t, start, first_block, thread, 128, kAddBarrier + consumer);
+        const int rank = turn.rank;
+        const bool last = turn.last;
         float* const chunk = p.dq_accum + chunk_index * kDqChunk;
         int* const counter = p.dq_semaphore + chunk_index;
 #if FJ_DQ_DIAGNOSTIC == 1  // timing only: no sums, no dQ
@@ -791,7 +794,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
         }
       };
-#endif  // FJ_DQ_DIAGNOSTIC == 5
+#endif  // FJ_DQ_WRITER
 #endif  // FJ_ONE_PASS
       const auto arrive = [&](int t) {  // Q_t (with LSE, delta) and dO_t; one pass: dS_{t-2}
         if (t < tiles) {

@@ -13,11 +13,15 @@ constexpr int kStages = FJ_STAGES;
 constexpr int kProducerThreads = 128;
 constexpr int kConsumers = kWarps / 4;  // consumer warpgroups: 2, or 3 (a forward variant at head dim 64)
 static_assert(kWarps % 4 == 0 && (kConsumers == 2 || kConsumers == 3), "two or three consumer warpgroups");
-// 24 + 2 x 240 (or 3 x 160) registers a thread fit the 64K of the SM that the
-// launch bounds (384 threads at 168 registers, or 512 at 128) reserve; the one pass's dQ
-// writer (FJ_DQ_DIAGNOSTIC 5 and 6), which runs on the producer warpgroup, takes 32 (32 + 2 x 240).
-constexpr int kProducerRegisters = FJ_DQ_DIAGNOSTIC == 5 || FJ_DQ_DIAGNOSTIC == 6 ? 32 : 24;
+// The launch bounds (384 threads at 168 registers, or 512 at 128) reserve 3 x 168 = 504 (or
+// 4 x 128 = 512) registers a thread slot, which the roles share after setmaxnreg: 24 + 2 x 240
+// (or 3 x 160). A consumer asking for more than the producer gave back would wait in
+// setmaxnreg forever. (The one pass's dQ writer, on the producer warpgroup, spills within 24;
+// 40 + 2 x 232 made the consumers of its masked, dropout and softcap kernels spill instead.)
+constexpr int kProducerRegisters = 24;
 constexpr int kConsumerRegisters = kConsumers == 2 ? 240 : 160;
+static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers == 2 ? 504 : 512),
+              "the roles' registers within what the launch bounds reserve");
 // Consumer w issues its wgmma after named barrier kTurnBarrier + w, then passes
 // the turn to the next, so that one consumer's softmax runs beside the others'
 // products. Each turn barrier joins two warpgroups: the one waiting for its
