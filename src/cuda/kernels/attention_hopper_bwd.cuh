@@ -349,6 +349,15 @@ FJ_DEVICE void wait_for_count(const int* counter, int count) {
     if (tries % 1024 == 0 && global_nanoseconds() - since > 30000000000ull) trap_stuck_wait();
   }
 }
+// The dQ writer's handoffs with the consumers: mbarrier_wait, with the same 30-second trap (a wait
+// of a step or two is legitimate; a lost arrival would otherwise hang the device).
+FJ_DEVICE void wait_for_phase(unsigned long long* barrier, unsigned parity) {
+  unsigned long long since = 0;
+  for (unsigned tries = 0; !mbarrier_try_wait(barrier, parity); ++tries) {
+    if (tries == 64) since = global_nanoseconds();
+    if (tries > 64 && tries % 1024 == 0 && global_nanoseconds() - since > 30000000000ull) trap_stuck_wait();
+  }
+}
 FJ_DEVICE void add_release(int* address, int value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
 }
@@ -614,7 +623,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         int* const counter = p.dq_semaphore + chunk_index;
         const int buffer = consumer * layout::kDqStagingSlots + slot;
         const float* const staged = dq_staging + buffer * kDqChunk;
-        mbarrier_wait(&staging_full[buffer], phase);
+        wait_for_phase(&staging_full[buffer], phase);
         if (rank > 0) {
           if (w == 0) wait_for_count(counter, rank);
           named_barrier_sync(kAddBarrier, kWriterThreads);
@@ -719,7 +728,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const auto add_dq = [&](int t) {
         const int buffer = consumer * layout::kDqStagingSlots + t % layout::kDqStagingSlots;
         // The first use of a slot passes at once (the parity of the phase before the first).
-        mbarrier_wait(&staging_empty[buffer], (static_cast<unsigned>(t / layout::kDqStagingSlots) % 2) ^ 1);
+        wait_for_phase(&staging_empty[buffer], (static_cast<unsigned>(t / layout::kDqStagingSlots) % 2) ^ 1);
         float* const staged = dq_staging + buffer * kDqChunk;
         const int thread = threadIdx.x % 128;
 #pragma unroll

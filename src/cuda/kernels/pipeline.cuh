@@ -48,17 +48,21 @@ FJ_DEVICE void mbarrier_expect_bytes(unsigned long long* barrier, unsigned bytes
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(barrier)), "r"(bytes)
                : "memory");
 }
+// Whether the phase of `parity` has completed (after the hardware's own short wait).
+FJ_DEVICE bool mbarrier_try_wait(unsigned long long* barrier, unsigned parity) {
+  unsigned done;
+  asm volatile(
+      "{\n.reg .pred ready;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, ready;\n}\n"
+      : "=r"(done)
+      : "r"(shared_address(barrier)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
 FJ_DEVICE void mbarrier_wait(unsigned long long* barrier, unsigned parity) {
-  unsigned done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred ready;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, ready;\n}\n"
-        : "=r"(done)
-        : "r"(shared_address(barrier)), "r"(parity)
-        : "memory");
-  } while (!done);
+  while (!mbarrier_try_wait(barrier, parity)) {
+  }
 }
 
 FJ_DEVICE void prefetch_tensor_map(const TensorMap& map) {
