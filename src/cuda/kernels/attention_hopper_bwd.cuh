@@ -596,11 +596,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     }
   };
 #if FJ_DQ_WRITER
-  // The dQ writer (the producer warpgroup's warps 1 to 3): for each tile in the block's order and
-  // each consumer, once the consumer has staged its share: wait for the tile's earlier visitors'
-  // count, then store (the first visitor), add (the middle ones) or add what is there and write dQ
-  // (the last), free the staging buffer, and (not the last) release the count once every writer
-  // thread's adds are done. The consumers' own add_dq does the same from registers (eager order).
+  // The dQ writer (the producer warpgroup's warps 1 to 3): for each tile in the block's order, once
+  // both consumers have staged their shares: wait for the tile's earlier visitors' counts, then
+  // store (the first visitor), add (the middle ones) or add what is there and write dQ (the last),
+  // free the staging buffers, and (not the last) release the counts once every writer thread's
+  // adds are done. The consumers' own add_dq does the same from registers (eager order).
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
 #if FJ_DQ_ARRIVAL
@@ -617,17 +617,26 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const bool last = turn.last;
       const int slot = t % layout::kDqStagingSlots;
       const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
+      // Both consumers' chunks of the tile together (the same rank, consecutive counters): one
+      // wait for the earlier visitors, one fence and one barrier before the releases a tile.
+      const long long first_chunk = row / kBlockN * kConsumers;
+      int* const counters = p.dq_semaphore + first_chunk;
+#pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        const long long chunk_index = row / kBlockN * kConsumers + consumer;
-        float* const chunk = p.dq_accum + chunk_index * kDqChunk;
-        int* const counter = p.dq_semaphore + chunk_index;
+        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
+      }
+      if (rank > 0) {
+        if (w == 0) {
+#pragma unroll
+          for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
+        }
+        named_barrier_sync(kAddBarrier, kWriterThreads);
+      }
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        float* const chunk = p.dq_accum + (first_chunk + consumer) * kDqChunk;
         const int buffer = consumer * layout::kDqStagingSlots + slot;
         const float* const staged = dq_staging + buffer * kDqChunk;
-        wait_for_phase(&staging_full[buffer], phase);
-        if (rank > 0) {
-          if (w == 0) wait_for_count(counter, rank);
-          named_barrier_sync(kAddBarrier, kWriterThreads);
-        }
         // The staged share is the consumer's accumulators in order: float4 i is thread i % 128's
         // fragment i / 128 (add_dq's chunk layout).
         for (int i = w; i < kDqChunk / 4; i += kWriterThreads) {
@@ -655,10 +664,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
           }
         }
         mbarrier_arrive(&staging_empty[buffer]);  // this thread's reads of the buffer are done
-        if (!last) {
-          __threadfence();  // this thread's adds, before the count that releases them
-          named_barrier_sync(kAddBarrier, kWriterThreads);
-          if (w == 0) add_release(counter, 1);
+      }
+      if (!last) {
+        __threadfence();  // this thread's adds, before the counts that release them
+        named_barrier_sync(kAddBarrier, kWriterThreads);
+        if (w == 0) {
+#pragma unroll
+          for (int consumer = 0; consumer < kConsumers; ++consumer) add_release(counters + consumer, 1);
         }
       }
     }
