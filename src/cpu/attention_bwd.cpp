@@ -222,6 +222,25 @@ void dq_block(const AttentionProblem& p, int64_t b, int64_t h, int64_t query0,
     store_row(w.acc_a + r * ld_qk, p.head_dim_qk, Acc(1), p.dq.row<T>(b, h, query0 + r));
 }
 
+// The query blocks whose gradients a key block (keys [key0, key0 + cols)) takes: for each query
+// head of its group (member g, head h), dq_block's query blocks (aligned to kBlockQ, whole) from
+// the first with a row that sees one of the keys, so that each row's S, P and dS come from the
+// same tile computation in either schedule (a row's place in a tile picks its code path, gemm's
+// row strips, which a compiler may contract into FMAs differently). visit(g, h, query0, rows,
+// begin, end): the rows that see any of the keys are [begin, end) of the block's (unclamped).
+template <typename Visit>
+void for_each_query_block(const AttentionProblem& p, int64_t h_kv, int64_t key0, int64_t cols, Visit visit) {
+  const int64_t query_begin = p.query_begin(key0);
+  const int64_t query_end = p.query_end(key0 + cols - 1);
+  const int64_t group = p.group_size();
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
+      visit(g, h_kv * group + g, query0, std::min(kBlockQ, p.seqlen_q - query0), query_begin - query0,
+            query_end - query0);
+    }
+  }
+}
+
 // dK and dV of one key block over the query blocks of every query head of its group; with dq
 // (group x seqlen_q rows of ld_qk, head_backward's) also dQ += dS K of each tile into it.
 template <typename T, typename Acc>
@@ -234,35 +253,26 @@ void dkdv_block(const AttentionProblem& p, int64_t b, int64_t h_kv, int64_t key0
   load_key_block<T>(p, b, h_kv, key0, cols, dq != nullptr || first_few_row(p.seqlen_q) < p.seqlen_q, w);
   std::fill(w.acc_a, w.acc_a + cols * ld_qk, Acc(0));
   std::fill(w.acc_b, w.acc_b + cols * ld_v, Acc(0));
-  const int64_t query_begin = p.query_begin(key0);
-  const int64_t query_end = p.query_end(key0 + cols - 1);
-  const int64_t group = p.group_size();
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = h_kv * group + g;
-    // dq_block's query blocks (aligned to kBlockQ, whole), so that each row's S, P and dS come
-    // from the same tile computation in either schedule: a row's place in a tile picks its code
-    // path (gemm's row strips), which a compiler may contract into FMAs differently.
-    for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
-      const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0);
-      load_query_block<T>(p, b, h, query0, rows, w);
-      tile_gradients(p, b, h, query0, rows, key0, cols, w);
-      // Rows of the block that see none of these keys take no part in dK and dV.
-      const int64_t first = std::max<int64_t>(0, query_begin - query0);
-      const int64_t seen = std::min(rows, query_end - query0) - first;
-      const Acc* p_used = p.has_dropout() ? w.p_dropped : w.p;
-      // dV += dropout(P)^T dO
-      transpose(p_used + first * ld_k, ld_k, seen, cols, w.transposed, seen);
-      gemm(cols, ld_v, seen, w.transposed, seen, w.dout + first * ld_v, ld_v, w.acc_b, ld_v, true);
-      // dK += dS^T Q
-      transpose(w.dp + first * ld_k, ld_k, seen, cols, w.transposed, seen);
-      gemm(cols, ld_qk, seen, w.transposed, seen, w.q + first * ld_qk, ld_qk, w.acc_a, ld_qk, true);
-      if (dq != nullptr) {
-        // Last: dq_product zeroes the rows of w.k this query block does not see.
-        dq_product(p, query0, rows, key0, cols, w, dq + (g * p.seqlen_q + query0) * ld_qk);
-        if (p.key_begin(query0) > key0) load_key_rows<T>(p, b, h_kv, key0, cols, w);
-      }
+  for_each_query_block(p, h_kv, key0, cols, [&](int64_t g, int64_t h, int64_t query0, int64_t rows, int64_t begin,
+                                                int64_t end) {
+    load_query_block<T>(p, b, h, query0, rows, w);
+    tile_gradients(p, b, h, query0, rows, key0, cols, w);
+    // Rows of the block that see none of these keys take no part in dK and dV.
+    const int64_t first = std::max<int64_t>(0, begin);
+    const int64_t seen = std::min(rows, end) - first;
+    const Acc* p_used = p.has_dropout() ? w.p_dropped : w.p;
+    // dV += dropout(P)^T dO
+    transpose(p_used + first * ld_k, ld_k, seen, cols, w.transposed, seen);
+    gemm(cols, ld_v, seen, w.transposed, seen, w.dout + first * ld_v, ld_v, w.acc_b, ld_v, true);
+    // dK += dS^T Q
+    transpose(w.dp + first * ld_k, ld_k, seen, cols, w.transposed, seen);
+    gemm(cols, ld_qk, seen, w.transposed, seen, w.q + first * ld_qk, ld_qk, w.acc_a, ld_qk, true);
+    if (dq != nullptr) {
+      // Last: dq_product zeroes the rows of w.k this query block does not see.
+      dq_product(p, query0, rows, key0, cols, w, dq + (g * p.seqlen_q + query0) * ld_qk);
+      if (p.key_begin(query0) > key0) load_key_rows<T>(p, b, h_kv, key0, cols, w);
     }
-  }
+  });
   for (int64_t c = 0; c < cols; ++c) {
     store_row(w.acc_a + c * ld_qk, p.head_dim_qk, Acc(1), p.dk.row<T>(b, h_kv, key0 + c));
     store_row(w.acc_b + c * ld_v, p.head_dim_v, Acc(1), p.dv.row<T>(b, h_kv, key0 + c));
@@ -364,27 +374,21 @@ void amx_dkdv_block(const AttentionProblem& p, const PackedBackward& pack, int64
   float* dv_t = w.acc_b;  // [ld_v][kBlockK]
   std::fill(dk_t, dk_t + ld_qk * kBlockK, 0.0f);
   std::fill(dv_t, dv_t + ld_v * kBlockK, 0.0f);
-  const int64_t query_begin = p.query_begin(key0);
-  const int64_t query_end = p.query_end(key0 + cols - 1);
-  const int64_t group = p.group_size();
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = h_kv * group + g;
-    for (int64_t query0 = query_begin / kBlockQ * kBlockQ; query0 < query_end; query0 += kBlockQ) {
-      const int64_t rows = std::min(kBlockQ, p.seqlen_q - query0), rows32 = round_up(rows, 32);
-      amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
-      pack_float_row_pairs(p.has_dropout() ? w.p_dropped : w.p, ld_k, rows, rows32, ld_k / 16, w.p_pairs);
-      pack_float_row_pairs(w.dp, ld_k, rows, rows32, ld_k / 16, w.ds_pairs);
-      // Query rows of the block that see none of these keys take no part.
-      const int64_t begin = query_begin - query0, end = query_end - query0;
-      const uint16_t* dout_t = columns_between(pack.dout_t(b, h, query0), ld_v, begin, end, w.edge);
-      amx_product(ld_v, ld_k / 16, rows32, dout_t, kBlockQ, w.p_pairs, 2 * kBlockK, dv_t, kBlockK, true);
-      const uint16_t* q_t = columns_between(pack.q_t(b, h, query0), ld_qk, begin, end, w.edge);
-      amx_product(ld_qk, ld_k / 16, rows32, q_t, kBlockQ, w.ds_pairs, 2 * kBlockK, dk_t, kBlockK, true);
-      if (dq != nullptr) {
-        amx_dq_product(p, pack, b, h_kv, query0, rows, key0, cols, w, dq + (g * query_rows + query0) * ld_qk);
-      }
+  for_each_query_block(p, h_kv, key0, cols, [&](int64_t g, int64_t h, int64_t query0, int64_t rows, int64_t begin,
+                                                int64_t end) {
+    const int64_t rows32 = round_up(rows, 32);
+    amx_tile_gradients(p, pack, b, h, query0, rows, key0, cols, w);
+    pack_float_row_pairs(p.has_dropout() ? w.p_dropped : w.p, ld_k, rows, rows32, ld_k / 16, w.p_pairs);
+    pack_float_row_pairs(w.dp, ld_k, rows, rows32, ld_k / 16, w.ds_pairs);
+    // Query rows of the block that see none of these keys take no part.
+    const uint16_t* dout_t = columns_between(pack.dout_t(b, h, query0), ld_v, begin, end, w.edge);
+    amx_product(ld_v, ld_k / 16, rows32, dout_t, kBlockQ, w.p_pairs, 2 * kBlockK, dv_t, kBlockK, true);
+    const uint16_t* q_t = columns_between(pack.q_t(b, h, query0), ld_qk, begin, end, w.edge);
+    amx_product(ld_qk, ld_k / 16, rows32, q_t, kBlockQ, w.ds_pairs, 2 * kBlockK, dk_t, kBlockK, true);
+    if (dq != nullptr) {
+      amx_dq_product(p, pack, b, h_kv, query0, rows, key0, cols, w, dq + (g * query_rows + query0) * ld_qk);
     }
-  }
+  });
   for (int64_t c = 0; c < cols; ++c) {
     BFloat16* dk = p.dk.row<BFloat16>(b, h_kv, key0 + c);
     BFloat16* dv = p.dv.row<BFloat16>(b, h_kv, key0 + c);
