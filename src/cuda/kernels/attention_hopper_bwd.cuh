@@ -361,6 +361,11 @@ FJ_DEVICE void wait_for_phase(unsigned long long* barrier, unsigned parity) {
 FJ_DEVICE void add_release(int* address, int value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
 }
+// A release fence and the counts after it (PTX's release pattern: one fence for several counts).
+FJ_DEVICE void fence_release_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+FJ_DEVICE void add_relaxed(int* address, int value) {
+  asm volatile("red.relaxed.gpu.global.add.s32 [%0], %1;\n" ::"l"(address), "r"(value) : "memory");
+}
 // How many of the `threads` threads meeting at named barrier `id` hold `predicate` (a barrier
 // that also counts; every thread of each warp must reach it).
 FJ_DEVICE int count_at_barrier(int id, int threads, bool predicate) {
@@ -666,11 +671,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         mbarrier_arrive(&staging_empty[buffer]);  // this thread's reads of the buffer are done
       }
       if (!last) {
-        __threadfence();  // this thread's adds, before the counts that release them
+        // Released by one thread once every writer thread's adds are issued, as the eager order's
+        // (a barrier, then one gpu-scope release fence, cumulative over the others' writes before
+        // the barrier, and the counts after it).
         named_barrier_sync(kAddBarrier, kWriterThreads);
         if (w == 0) {
+          fence_release_gpu();
 #pragma unroll
-          for (int consumer = 0; consumer < kConsumers; ++consumer) add_release(counters + consumer, 1);
+          for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
         }
       }
     }
