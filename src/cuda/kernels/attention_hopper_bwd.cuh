@@ -613,6 +613,22 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     named_barrier_sync(kWalksBarrier, kConsumers * 128 + kWriterThreads);
 #endif
     long long first_block = block;
+    // A tile's counts, released by one thread once every writer thread's adds are issued, as the
+    // eager order's (a barrier, then one gpu-scope release fence, cumulative over the others'
+    // writes before the barrier, and the counts after it). In the arrival order a tile's next
+    // visitor comes a few steps later (128 / kBlockN), so its counts wait for the next tile's
+    // staging (a step), by when its adds have reached L2 and the fence costs little; in the block
+    // order the next visitor is at the tile now, so they go at once.
+    constexpr bool kDeferRelease = kArrival;
+    int* pending = nullptr;
+    const auto release = [&](int* counters) {
+      named_barrier_sync(kAddBarrier, kWriterThreads);
+      if (w == 0) {
+        fence_release_gpu();
+#pragma unroll
+        for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
+      }
+    };
     for (int t = 0; t < tiles; ++t) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
@@ -629,6 +645,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
+      }
+      if (pending != nullptr) {  // before any wait: other blocks may be waiting for it
+        release(pending);
+        pending = nullptr;
       }
       if (rank > 0) {
         if (w == 0) {
@@ -671,17 +691,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         mbarrier_arrive(&staging_empty[buffer]);  // this thread's reads of the buffer are done
       }
       if (!last) {
-        // Released by one thread once every writer thread's adds are issued, as the eager order's
-        // (a barrier, then one gpu-scope release fence, cumulative over the others' writes before
-        // the barrier, and the counts after it).
-        named_barrier_sync(kAddBarrier, kWriterThreads);
-        if (w == 0) {
-          fence_release_gpu();
-#pragma unroll
-          for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
+        if (kDeferRelease) {
+          pending = counters;
+        } else {
+          release(counters);
         }
       }
     }
+    if (pending != nullptr) release(pending);
   };
 #endif
   const auto consume = [&](int consumer) {
