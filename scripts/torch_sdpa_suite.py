@@ -68,7 +68,10 @@ import os
 import flashjit
 import flashjit.sdpa as sdpa
 
-counts = {"served": 0, "fallback": 0}
+# served / fallback: the router's calls; tests: the tests this process ran; unpatched: those after
+# which torch.nn.functional.scaled_dot_product_attention was not the router any more (a count of
+# zero calls then tells a patch undone from tests that never call the function).
+counts = {"served": 0, "fallback": 0, "tests": 0, "unpatched": 0}
 
 
 def pytest_configure(config):
@@ -97,6 +100,8 @@ def _write_counts():
 
 
 def pytest_runtest_logfinish(nodeid, location):
+    counts["tests"] += 1
+    counts["unpatched"] += not sdpa.is_sdpa_patched()
     _write_counts()
 
 
@@ -149,9 +154,9 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
     counts = None
     if patched:
         for part in work.glob("counts.json.*"):
-            counts = counts or {"served": 0, "fallback": 0}
+            counts = counts or {}
             for key, value in json.loads(part.read_text()).items():
-                counts[key] += value
+                counts[key] = counts.get(key, 0) + value
     return (outcomes(junit) if junit.exists() else {}), counts, seconds
 
 
@@ -230,7 +235,9 @@ def main() -> int:
              + (f"; test_transformers.py: {args.source}" if args.source else ""), "",
              summary, "",
              f"SDPA calls in the patched run: {counts['served'] if counts else '?'} served by flashjit, "
-             f"{counts['fallback'] if counts else '?'} handed to torch's function.", "",
+             f"{counts['fallback'] if counts else '?'} handed to torch's function; "
+             f"{counts.get('tests', '?') if counts else '?'} tests counted in its processes, "
+             f"{counts.get('unpatched', '?') if counts else '?'} of them leaving the patch undone.", "",
              f"Pass plain, not patched ({len(broken)}):", ""]
     lines += [f"- `{name}` ({patched.get(name, 'not run')})" for name in broken] or ["- none"]
     lines += ["", f"Fail plain, pass patched ({len(fixed)}):", ""]
