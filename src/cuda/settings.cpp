@@ -110,9 +110,12 @@ bool kv_cache_hopper() {
   });
 }
 
-bool overlap_launches() {
-  thread_local Kept<bool> slot;
-  return kept(slot, [] { return choice("FLASHJIT_CUDA_OVERLAP", {"0", "1"}) != 0; });
+int overlap_launches() {
+  thread_local Kept<int> slot;
+  return kept(slot, [] {
+    const int chosen = choice("FLASHJIT_CUDA_OVERLAP", {"0", "1", "capture"});
+    return chosen < 0 ? 1 : chosen;
+  });
 }
 
 bool trace_tiles() {
