@@ -633,9 +633,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-      const TurnAtTile turn = turn_at(t, start, first_block, w, kWriterThreads, kAddBarrier);
-      const int rank = turn.rank;
-      const bool last = turn.last;
       const int slot = t % layout::kDqStagingSlots;
       const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
       // Both consumers' chunks of the tile together (the same rank, consecutive counters): one
@@ -646,10 +643,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
       }
-      if (pending != nullptr) {  // before any wait: other blocks may be waiting for it
+      if (pending != nullptr) {  // before any wait or count: other blocks may be waiting for it
         release(pending);
         pending = nullptr;
       }
+      const TurnAtTile turn = turn_at(t, start, first_block, w, kWriterThreads, kAddBarrier);
+      const int rank = turn.rank;
+      const bool last = turn.last;
       if (rank > 0) {
         if (w == 0) {
 #pragma unroll
