@@ -609,22 +609,18 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
   // reports the bytes; one too small: the unsplit forward), else scratch from the pool, under
   // stream capture too (a graph's allocation node, as the backward's scratch).
   plan.scratch_bytes = size_t(splits) * size_t(rows) * size_t(p.head_dim_v + 1) * sizeof(float);
-  float* partial_rows = nullptr;
-  if (launch.planning) {
-    // Sized, nothing taken.
-  } else if (p.workspace != nullptr) {
-    if (p.workspace_bytes < plan.scratch_bytes) {
+  float* partial_rows = nullptr;  // planning: sized, nothing taken
+  if (!launch.planning) {
+    if (p.workspace != nullptr) {
+      if (p.workspace_bytes >= plan.scratch_bytes) partial_rows = static_cast<float*>(p.workspace);
+    } else if (try_scratch(plan, plan.scratch_bytes, launch)) {
+      partial_rows = static_cast<float*>(plan.scratch->get());
+    }
+    if (partial_rows == nullptr) {
       plan.count = 0;
       plan.scratch_bytes = 0;
       return false;
     }
-    partial_rows = static_cast<float*>(p.workspace);
-  } else if (try_scratch(plan, plan.scratch_bytes, launch)) {
-    partial_rows = static_cast<float*>(plan.scratch->get());
-  } else {
-    plan.count = 0;
-    plan.scratch_bytes = 0;
-    return false;
   }
   for (KernelLaunch* kernel : {&partials, &merge}) {
     kernel->params.split_o = partial_rows;

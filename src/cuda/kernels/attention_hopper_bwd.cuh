@@ -297,7 +297,9 @@ static_assert(kWithDv && kWithDk && (kDimQk == 64 || kDimQk == 128), "one pass: 
 // step; 64, every column for half the queries.
 constexpr int kDqQueries = kDimQk == 128 ? kBlockN : kBlockN / 2;
 static_assert(kDqQueries % 8 == 0, "whole 8-row groups of the dS tile a consumer (wgmma n8 and up)");
-constexpr int kDqChunk = 128 * kDqQueries / 2;  // floats a consumer adds a tile: 128 threads' accumulators
+// Floats a consumer adds a tile (128 threads' accumulators), as shared_layout.h sizes the staged dQ.
+constexpr int kDqChunk = layout::dkdv_dq_chunk_floats(kBlockN, kDimQk);
+static_assert(kDqChunk == 128 * kDqQueries / 2, "a consumer's accumulators of its share");
 constexpr int kDsBuffers = layout::kOnePassDsBuffers;
 // Named barriers past the turns (pipeline.cuh: 1, 2): dS_t of consumer c written, one for
 // each of the kDsBuffers tiles in flight (3 + kDsBuffers * c + t % kDsBuffers), and each
@@ -307,9 +309,8 @@ constexpr int kAddBarrier = kDsBarrier + kConsumers * kDsBuffers;
 constexpr int kWalksBarrier = kAddBarrier + kConsumers;  // arrival order: the walks' table written
 static_assert(kWalksBarrier + 1 <= 16, "16 named barriers");
 // The dQ writer's threads (warps 1 to 3 of the producer warpgroup), which meet at kAddBarrier (the
-// consumers do not use it then), and its staging buffers' size (shared_layout.h).
+// consumers do not use it then).
 constexpr int kWriterThreads = 96;
-static_assert(kDqChunk == layout::dkdv_dq_chunk_floats(kBlockN, kDimQk), "shared_layout.h sizes the staged dQ");
 
 // dS^T of a warp's 16 keys and 16 queries from `column` (an A fragment, a_from_c) into the dS
 // tile [kBlockN queries][kBlockM keys] transposed: four 8 x 8 matrices, lane l naming row
