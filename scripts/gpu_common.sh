@@ -9,8 +9,17 @@ export PYTHONUNBUFFERED=1
 export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
 status=0
 step() { echo; echo "==== $* ($(date +%T))"; }
+# A warm machine keeps the installed package between calls: the same commit with the same
+# uncommitted changes is not built twice (the stamp names both).
 build() {
+  local stamp
+  stamp="$(git rev-parse HEAD 2>/dev/null) $( (git diff HEAD 2>/dev/null; git ls-files -o --exclude-standard 2>/dev/null) | md5sum)"
+  if [ -f /tmp/flashjit-built ] && [ "$(cat /tmp/flashjit-built)" = "$stamp" ] && python3 -c "import flashjit._C" 2>/dev/null; then
+    echo "already built and installed: $stamp"
+    return
+  fi
   python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "$stamp" >/tmp/flashjit-built
 }
 # The first steps of a study: the device with its clocks, then the build.
 device_and_build() {
