@@ -101,7 +101,11 @@ def test_captured_decoding_splits_its_keys_as_the_eager_call(masked, overlap, tm
 
     call()  # compiled before capture
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    # keep_graph: torch 2.8+ destroys the captured graph once instantiated (nothing to dump).
+    try:
+        graph = torch.cuda.CUDAGraph(keep_graph=True)
+    except TypeError:
+        graph = torch.cuda.CUDAGraph()
     graph.enable_debug_mode()
     with torch.cuda.graph(graph):
         captured = call()
