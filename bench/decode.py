@@ -8,7 +8,7 @@ head dim 128, with no mask and with a boolean key mask (a batch of cached sequen
 of unequal length). GPU time a call over back-to-back calls (CUDA events), the K/V
 bytes read a second, and host time of synchronised single calls.
 
-    python bench/decode.py --out bench/results [--sizes 1x8192 16x32768 ...] [--graphs] [--overlap-off] [--overlap-capture]
+    python bench/decode.py --out bench/results [--sizes 1x8192 16x32768 ...] [--graphs] [--overlap-off] [--overlap-eager]
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def main():
                         help="also each call captured into a CUDA graph of 20 calls, replayed (flashjit, no split, torch)")
     parser.add_argument("--overlap-off", action="store_true",
                         help="also flashjit with FLASHJIT_CUDA_OVERLAP=0 (the combine launched after the split kernel ends)")
-    parser.add_argument("--overlap-capture", action="store_true",
-                        help="also flashjit with FLASHJIT_CUDA_OVERLAP=capture (the combine launched programmatically "
-                             "under stream capture too): a column of its own, in graphs with --graphs")
+    parser.add_argument("--overlap-eager", action="store_true",
+                        help="also flashjit with FLASHJIT_CUDA_OVERLAP=eager (the combine launched programmatically "
+                             "outside stream capture only): a column of its own, in graphs with --graphs")
     args = parser.parse_args()
     for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS", "FLASHJIT_CUDA_OVERLAP"):
         os.environ.pop(name, None)
@@ -113,7 +113,7 @@ def main():
     heads_q, heads_kv, head_dim = 32, 8, 128
     forced = [f"flashjit, splits={n}" for n in args.splits]
     overlap = (["flashjit, overlap=0"] if args.overlap_off else []) + (
-        ["flashjit, overlap=capture"] if args.overlap_capture else [])
+        ["flashjit, overlap=eager"] if args.overlap_eager else [])
     names = ["flashjit", "flashjit, one-warp blocks", "flashjit, warps=4", "flashjit, no split", *forced, *overlap,
              "torch"]
     graphed = ["flashjit", *overlap, "flashjit, no split", "torch"] if args.graphs else []
@@ -161,7 +161,7 @@ def main():
              "read (masked: the kept keys') over that time; sync µs: host time of one synchronised call, median "
              "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; warps=4: FLASHJIT_CUDA_DECODE_WARPS=4 (on sm_90 "
              "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1; splits=N: FLASHJIT_CUDA_SPLITS=N; overlap=0: "
-             "FLASHJIT_CUDA_OVERLAP=0; overlap=capture: FLASHJIT_CUDA_OVERLAP=capture; graph µs: GPU time a call of 20 calls captured into a CUDA graph and replayed, "
+             "FLASHJIT_CUDA_OVERLAP=0; overlap=eager: FLASHJIT_CUDA_OVERLAP=eager; graph µs: GPU time a call of 20 calls captured into a CUDA graph and replayed, "
              "median of 7 replays", "",
              "| B | keys | mask | " + " | ".join(f"{n} µs" for n in names) + " | flashjit TB/s | torch TB/s | "
              "one-warp TB/s | flashjit vs torch | one-warp vs torch | " +

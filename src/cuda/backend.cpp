@@ -600,9 +600,8 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
   KernelLaunch& merge = plan.add(combine, params, launch);
   merge.blocks = ceil_div(rows, combine.threads / 32);
   // On sm_90 the combine is launched while the split kernel runs (its blocks let it start once
-  // they have all begun) and waits for it on the GPU: its launch and start leave the path. Under
-  // stream capture (a programmatic edge in the graph) only with FLASHJIT_CUDA_OVERLAP=capture, until
-  // measured.
+  // they have all begun) and waits for it on the GPU: its launch and start leave the path; under
+  // stream capture too, a programmatic edge in the graph (FLASHJIT_CUDA_OVERLAP=eager: not there).
   const int overlap = launch.arch >= 90 ? settings::overlap_launches() : 0;
   merge.programmatic = overlap == 2 || (overlap == 1 && !launch.capturing);
   // The partials: in the caller's workspace where one is given (fj_attention_prepare_forward

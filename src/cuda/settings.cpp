@@ -113,8 +113,8 @@ bool kv_cache_hopper() {
 int overlap_launches() {
   thread_local Kept<int> slot;
   return kept(slot, [] {
-    const int chosen = choice("FLASHJIT_CUDA_OVERLAP", {"0", "1", "capture"});
-    return chosen < 0 ? 1 : chosen;
+    const int chosen = choice("FLASHJIT_CUDA_OVERLAP", {"0", "eager", "1"});
+    return chosen < 0 ? 2 : chosen;
   });
 }
 

@@ -27,7 +27,7 @@
 //                               tuned choice of the class, else split
 //   FLASHJIT_CUDA_OVERLAP=0     a split forward's combine kernel launched after the split kernel
 //                               ends (default on sm_90: launched while it runs, waiting for it
-//                               on the GPU, outside stream capture; =capture: under capture too)
+//                               on the GPU, under stream capture too; =eager: outside capture only)
 //   FLASHJIT_CUDA_DKDV          shared (default): the split sm_90a dK/dV kernel takes P^T and dS^T
 //                               from shared memory and twice the queries a step, up to head dim 128;
 //                               registers: from registers
@@ -100,9 +100,9 @@ int decode_warps();
 // another value raises an error naming the variable.
 bool kv_cache_hopper();
 // Whether a kernel that reads what the kernel before it wrote may be launched while that one
-// runs, waiting for it on the GPU (programmatic dependent launch, sm_90): 1 (the default) outside
-// stream capture, 2 (FLASHJIT_CUDA_OVERLAP=capture) under capture too (a programmatic edge in the
-// graph; not yet measured), 0 (=0) never; another value raises an error naming the variable.
+// runs, waiting for it on the GPU (programmatic dependent launch, sm_90): 2 (the default, =1) also
+// under stream capture (a programmatic edge in the graph), 1 (=eager) outside stream capture only,
+// 0 (=0) never; another value raises an error naming the variable.
 int overlap_launches();
 // FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
 // threads of every 16th block keep clock64() at the points of each work tile and print them);

@@ -83,13 +83,14 @@ def test_captured_static_schedule_replays_eager_results(monkeypatch, causal, til
     assert torch.equal(captured, expected)
 
 
-@pytest.mark.parametrize("overlap", ["default", "capture"])
+@pytest.mark.parametrize("overlap", ["default", "eager"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_captured_decoding_splits_its_keys_as_the_eager_call(masked, overlap, tmp_path, monkeypatch):
     # One query against 8k keys (GQA 32/8): the eager call splits the keys over many blocks and
     # combines their partials; captured, it does the same (the partials in a graph allocation),
-    # so the graph holds the combine kernel and its replay is bit for bit the eager call; also
-    # with the combine launched programmatically inside the graph (FLASHJIT_CUDA_OVERLAP=capture).
+    # so the graph holds the combine kernel and its replay is bit for bit the eager call; by
+    # default the combine is launched programmatically inside the graph, with
+    # FLASHJIT_CUDA_OVERLAP=eager plainly.
     if overlap != "default":
         monkeypatch.setenv("FLASHJIT_CUDA_OVERLAP", overlap)
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
