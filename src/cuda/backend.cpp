@@ -1052,6 +1052,12 @@ bool plan_varlen_forward(Plan& plan, const AttentionProblem& p, const Launch& la
   return true;
 }
 
+// Whether a kHopper backward kernel reads TMA descriptors (the prep and dQ convert kernels do not).
+bool reads_tensor_maps(const KernelSpec& spec) {
+  return spec.family == KernelFamily::kHopper && spec.entry != KernelEntry::kBackwardPrep &&
+         spec.entry != KernelEntry::kBackwardDqConvert;
+}
+
 // The TMA descriptors a kHopper backward kernel reads: the block's own rows
 // (queries for dQ, keys for dK/dV) in boxes of block_rows, the streamed ones in
 // boxes of block_n.
@@ -1072,16 +1078,14 @@ std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& 
                                        std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
   std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch);
-  keep_blocks_resident(specs.back(), ceil_div(p.seqlen_k, specs.back().block_rows()),
+  keep_blocks_resident(dkdv_kernel(specs), ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
                        device_info(launch.device_index).multiprocessors);
   if (specs.size() > Plan::kMaxKernels) {
     throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
                                            " expected"));
   }
   for (size_t index = 0; index < specs.size(); ++index) {
-    const bool reads_maps = specs[index].family == KernelFamily::kHopper &&
-                            specs[index].entry != KernelEntry::kBackwardPrep;
-    if (reads_maps && !encode_backward_maps(params[index], p, specs[index])) {
+    if (reads_tensor_maps(specs[index]) && !encode_backward_maps(params[index], p, specs[index])) {
       traits.tma = false;
       return backward_kernels(traits);
     }
@@ -1121,11 +1125,11 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   const bool hopper = specs.front().family == KernelFamily::kHopper;
   // sm_90a: scratch rows padded to whole blocks of 128 rows (every sm_90a backward kernel's block
   // rows; the one-pass dK/dV kernel's query tiles divide them).
-  const int64_t block_rows = specs.back().block_rows();
+  const int64_t block_rows = dkdv_kernel(specs).block_rows();
   const int64_t pitch = hopper ? ceil_div(p.seqlen_q, block_rows) * block_rows : p.seqlen_q;
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
-  const OnePassScratch one_pass(specs.back(), scratch_rows);
+  const OnePassScratch one_pass(dkdv_kernel(specs), scratch_rows);
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
@@ -1138,6 +1142,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
       case KernelEntry::kBackwardDq:
         kernel.blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q;
         break;
+      case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
     }
   }
@@ -1180,9 +1185,9 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
       traits, one_pass_backward_chosen(traits, p.seqlen_k, device_info(launch.device_index).name));
   // Offsets in device memory: max_seqlen_k is the caller's word, not checked against them, so the
   // arrival order (whose blocks must all be resident) is not taken on it.
-  keep_blocks_resident(specs.back(),
+  keep_blocks_resident(dkdv_kernel(specs),
                        p.offsets_on_device ? std::numeric_limits<int64_t>::max()
-                                           : ceil_div(p.seqlen_k, specs.back().block_rows()),
+                                           : ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
                        device_info(launch.device_index).multiprocessors);
   if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
@@ -1192,7 +1197,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   for (size_t index = 0; index < specs.size(); ++index) {
     KernelSpec& spec = specs[index];
     if (spec.family != KernelFamily::kHopper) return false;
-    if (spec.entry != KernelEntry::kBackwardPrep && !encode_backward_maps(params[index], packed, spec)) return false;
+    if (reads_tensor_maps(spec) && !encode_backward_maps(params[index], packed, spec)) return false;
     spec.varlen = true;
     if (spec.entry == KernelEntry::kBackwardDq) dq = &spec;
     if (spec.entry == KernelEntry::kBackwardDkDv) dkdv = &spec;
@@ -1219,6 +1224,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
     switch (spec.entry) {
       case KernelEntry::kBackwardPrep: kernel.blocks = ceil_div(scratch_rows, spec.threads / 8); break;  // 8 lanes a row
       case KernelEntry::kBackwardDq: kernel.blocks = table.query_tiles; break;
+      case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
       default: kernel.blocks = table.key_tiles; break;
     }
   }

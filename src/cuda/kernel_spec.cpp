@@ -54,6 +54,8 @@ constexpr EntryNames kEntries[] = {
     {KernelEntry::kBackwardPrep, "backward_prep", "fj_attention_backward_prep", "FJ_BACKWARD_PREP"},
     {KernelEntry::kForwardCombine, "forward_combine", "fj_attention_forward_combine", "FJ_FORWARD_COMBINE"},
     {KernelEntry::kVarlenTable, "varlen_table", "fj_varlen_table", "FJ_VARLEN_TABLE"},
+    {KernelEntry::kBackwardDqConvert, "backward_dq_convert", "fj_attention_backward_dq_convert",
+     "FJ_BACKWARD_DQ_CONVERT"},
 };
 
 const EntryNames& entry_names(KernelEntry entry) {
@@ -257,7 +259,8 @@ int KernelSpec::shared_memory_bytes() const {
                      .bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:
-        case KernelEntry::kVarlenTable: return 0;
+        case KernelEntry::kVarlenTable:
+        case KernelEntry::kBackwardDqConvert: return 0;  // (its tile is static shared memory)
       }
       return 0;
     case KernelFamily::kMma:
@@ -512,7 +515,8 @@ KernelSpec mma_spec(const KernelTraits& traits, KernelEntry entry) {
       break;
     case KernelEntry::kBackwardPrep:
     case KernelEntry::kForwardCombine:
-    case KernelEntry::kVarlenTable: break;  // kHopper only; no tiles
+    case KernelEntry::kVarlenTable:
+    case KernelEntry::kBackwardDqConvert: break;  // kHopper only; no tiles
   }
   // Smaller steps where the arch's shared memory is too small (sm_86/89: 99 KB).
   while (!fits(spec) && spec.block_n > 16) spec.block_n /= 2;
@@ -579,7 +583,8 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
       break;
     case KernelEntry::kBackwardPrep: spec.block_n = 64; break;
     case KernelEntry::kForwardCombine:
-    case KernelEntry::kVarlenTable: break;  // not kHopper kernels
+    case KernelEntry::kVarlenTable:
+    case KernelEntry::kBackwardDqConvert: break;  // not kHopper kernels; the convert's: dq_convert_kernel
   }
   // Masks, dropout and softcap hold more per element: half the rows a step keeps
   // those kernels from spilling (scripts/kernel_resources.py).
@@ -715,6 +720,35 @@ void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multi
   }
 }
 
+// The one pass's dQ from its writer's sums (attention_hopper_bwd.cuh, FJ_BACKWARD_DQ_CONVERT): a
+// block of the dK/dV kernel's threads a query tile of its step (block_n scratch rows), in the
+// order of its consumers' accumulators; one kernel for every feature of the dK/dV kernel.
+KernelSpec dq_convert_kernel(const KernelSpec& dkdv) {
+  KernelSpec spec;
+  spec.entry = KernelEntry::kBackwardDqConvert;
+  spec.family = KernelFamily::kHopper;
+  spec.dtype = dkdv.dtype;
+  spec.head_dim_qk = dkdv.head_dim_qk;
+  spec.head_dim_v = dkdv.head_dim_v;
+  spec.varlen = dkdv.varlen;
+  spec.threads = dkdv.threads;
+  spec.row_tiles = dkdv.row_tiles;
+  spec.stages = dkdv.stages;
+  spec.block_n = dkdv.block_n;
+  spec.arch = dkdv.arch;
+  return spec;
+}
+
+const KernelSpec& dkdv_kernel(const std::vector<KernelSpec>& specs) {
+  for (auto spec = specs.rbegin(); spec != specs.rend(); ++spec) {
+    if (spec->entry == KernelEntry::kBackwardDkDv) return *spec;
+  }
+  throw Error(FJ_ERROR_INTERNAL, "[cuda] a backward without a dK/dV kernel");
+}
+KernelSpec& dkdv_kernel(std::vector<KernelSpec>& specs) {
+  return const_cast<KernelSpec&>(dkdv_kernel(static_cast<const std::vector<KernelSpec>&>(specs)));
+}
+
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass) {
   if (hopper_applies(traits)) {
     const KernelSpec prep = hopper_spec(prep_traits(traits), KernelEntry::kBackwardPrep);
@@ -722,6 +756,7 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
     if (one_pass && std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
       dkdv.one_pass = true;
       dkdv.dq_diagnostic = settings::one_pass_dq();
+      if (fits(dkdv) && layout::dq_by_writer(dkdv.dq_diagnostic)) return {prep, dkdv, dq_convert_kernel(dkdv)};
       if (fits(dkdv)) return {prep, dkdv};
       dkdv.one_pass = false;
       dkdv.dq_diagnostic = 0;

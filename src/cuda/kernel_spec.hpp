@@ -15,10 +15,19 @@ namespace flashjit::cuda {
 
 // kBackwardPrep (kHopper only): delta = rowsum(dO * O) and LSE * log2(e) into
 // scratch for the dQ and dK/dV kernels. kForwardCombine: merges the partial
-// outputs of a split forward (KernelParams::split_o) into O and LSE.
+// outputs of a split forward (KernelParams::split_o) into O and LSE. kBackwardDqConvert
+// (kHopper only): dQ from the float32 sums of the one pass with a dQ writer.
 // Each entry is named in the kernel source by a macro of its own (FJ_FORWARD,
 // FJ_BACKWARD_DQ, ...: 1 for the kernel's entry, 0 for the others).
-enum class KernelEntry { kForward, kBackwardDq, kBackwardDkDv, kBackwardPrep, kForwardCombine, kVarlenTable };
+enum class KernelEntry {
+  kForward,
+  kBackwardDq,
+  kBackwardDkDv,
+  kBackwardPrep,
+  kForwardCombine,
+  kVarlenTable,
+  kBackwardDqConvert
+};
 
 // The gradients a dK/dV kernel computes (FJ_WITH_DK, FJ_WITH_DV in its source):
 // above head dim 128 dK and dV take a kernel each.
@@ -231,8 +240,12 @@ KernelSpec hopper_kv_cache_kernel(const KernelSpec& forward, int64_t page_size);
 KernelSpec combine_kernel(const KernelTraits& traits);
 KernelSpec varlen_table_kernel(const KernelTraits& traits);
 // The backward's kernels in launch order. one_pass: where the sm_90a kernels apply at head dims
-// up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass).
+// up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass), and
+// with a dQ writer (layout::dq_by_writer) the kernel that writes dQ from its sums after it.
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false);
+// The dK/dV kernel of backward_kernels' list (the last one: dK alone where dV and dK take two).
+const KernelSpec& dkdv_kernel(const std::vector<KernelSpec>& specs);
+KernelSpec& dkdv_kernel(std::vector<KernelSpec>& specs);
 // The one pass's arrival order (dq_diagnostic 4, or 6 by the dQ writer) has a head's key blocks
 // wait on one another in both directions, so they must all be resident at once: where a head (of
 // the longest sequence) has more key blocks than the GPU has multiprocessors (one such block an

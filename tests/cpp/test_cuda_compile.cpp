@@ -355,9 +355,10 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 
 // FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only), eager (ordered sums released at
 // once), arrival (in the order blocks reach a tile), writer and writer-arrival (eager's and
-// arrival's sums made by the dQ writer warps) give one-pass kernels of their own names, which
-// compile (all but the timing ones also at head dim 64, with every feature and for variable-length
-// batches); unset or ordered the real one; another value is an error naming it.
+// arrival's orders, their sums made by the dQ writer in bulk copies, after which a kernel of its own
+// writes dQ) give one-pass kernels of their own names, which compile (all but the timing ones also
+// at head dim 64, with every feature and for variable-length batches, the writer's dQ kernel too);
+// unset or ordered the real one; another value is an error naming it.
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -369,11 +370,16 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   const std::vector<std::string> values = {"none", "unordered", "eager", "arrival", "writer", "writer-arrival"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
-    const KernelSpec spec = backward_kernels(traits, true).back();
+    const std::vector<KernelSpec> specs = backward_kernels(traits, true);
+    const KernelSpec spec = dkdv_kernel(specs);
+    const bool writer = index >= 4;
+    ASSERT_EQ(specs.size(), writer ? 3u : 2u);
+    EXPECT_EQ(specs.back().entry, writer ? KernelEntry::kBackwardDqConvert : KernelEntry::kBackwardDkDv);
     EXPECT_TRUE(spec.one_pass);
     EXPECT_EQ(spec.dq_diagnostic, int(index) + 1);
     EXPECT_NE(spec.name(), real);
     ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+    if (writer) ASSERT_NO_THROW(kernel_binary(specs.back(), false)) << specs.back().name();
     EXPECT_EQ(backward_kernels(traits, false).back().dq_diagnostic, 0);  // the split backward: unaffected
   }
   KernelTraits extras = sm90_traits(FJ_BFLOAT16, 64);
@@ -384,12 +390,14 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
-      const KernelSpec spec = backward_kernels(other, true).back();
+      const std::vector<KernelSpec> specs = backward_kernels(other, true);
+      const KernelSpec spec = dkdv_kernel(specs);
       EXPECT_TRUE(spec.one_pass && spec.dq_diagnostic == diagnostic) << spec.name();
-      ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
-      KernelSpec varlen = spec;  // a variable-length batch in one launch
-      varlen.varlen = true;
-      ASSERT_NO_THROW(kernel_binary(varlen, false)) << varlen.name();
+      for (KernelSpec kernel : specs) {
+        ASSERT_NO_THROW(kernel_binary(kernel, false)) << kernel.name();
+        kernel.varlen = true;  // a variable-length batch in one launch
+        ASSERT_NO_THROW(kernel_binary(kernel, false)) << kernel.name();
+      }
     }
   }
   // The arrival order only where every key block of a head can be resident at once, else the
@@ -400,7 +408,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   for (const auto& [value, arrival, block_order] : {std::tuple{"arrival", 4, 3}, std::tuple{"writer-arrival", 6, 5}}) {
     SCOPED_TRACE(value);
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
-    KernelSpec fits = backward_kernels(traits, true).back(), too_many = fits, past_table = fits;
+    KernelSpec fits = dkdv_kernel(backward_kernels(traits, true)), too_many = fits, past_table = fits;
     keep_blocks_resident(fits, 132, 132);
     keep_blocks_resident(too_many, 133, 132);
     keep_blocks_resident(past_table, flashjit::layout::kArrivalWalkBlocks + 1, 1000);

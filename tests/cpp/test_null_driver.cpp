@@ -379,6 +379,18 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   EXPECT_EQ(backward_launches(), 3u);  // prep, dQ, dK/dV
   setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
   EXPECT_EQ(backward_launches(), 2u);  // prep, dK/dV with dQ
+  // With the dQ writer, the kernel that writes dQ from its sums follows: a block a query tile of
+  // the one pass's step (64 rows at head dim 64) of every head's 512 scratch rows, on the sums.
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer", 1);
+  EXPECT_EQ(backward_launches(), 3u);
+  const NullLaunch convert = null_driver().last(1).front();
+  EXPECT_EQ(std::string(convert.function), "fj_attention_backward_dq_convert");
+  EXPECT_EQ(convert.grid[0], 4u * 512 / 64);
+  KernelParams convert_params;
+  std::memcpy(&convert_params, convert.params, sizeof convert_params);
+  EXPECT_NE(convert_params.dq_accum, nullptr);
+  EXPECT_NE(convert_params.dq_semaphore, nullptr);
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
   EXPECT_EQ(backward_launches(), 3u);
   unsetenv("FLASHJIT_CUDA_BACKWARD");

@@ -42,7 +42,12 @@
 //     step meet without waiting: each block walks its tiles upward from its diagonal
 //     tile, round to its first after its last, and a tile's visitors add in the
 //     order they reach it (bounds_core.h's KeyBlockSpans), which needs every block of
-//     a head resident at once (the host runs it only where they fit).
+//     a head resident at once (the host runs it only where they fit). With
+//     FJ_DQ_DIAGNOSTIC 5 and 6 ("writer", "writer-arrival") the consumers stage their
+//     shares in shared memory and a writer thread adds them in bulk copies in those
+//     orders; the last visitor adds too, and dQ is written from the sums by
+//   dQ convert (FJ_BACKWARD_DQ_CONVERT): a block of a query tile's scratch rows, after
+//     the one pass.
 //
 // A tile that serves two steps (K_j in dQ, Q_t and dO_t in dK/dV) has a ring of
 // kStages + 1 buffers. The per-element gradient and the stores are
@@ -56,6 +61,35 @@ static_assert(kRowTiles == 1 && kWarps == 8 && kBlockM == 128, "two consumer war
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 constexpr bool kVarlenKernel = FJ_VARLEN;  // FJ_VARLEN: a variable-length batch (KernelParams::varlen)
 
+#if FJ_BACKWARD_PREP || FJ_BACKWARD_DQ_CONVERT
+// Where scratch row `row` belongs: its batch entry (a dense batch's index; a variable-length
+// batch's table entry, whose rows sequence_params gives), head and query row, and whether the
+// scratch has the row at all (a variable-length batch's grid may be a bound).
+struct ScratchRow {
+  bool in_scratch;
+  int entry, h;
+  long long i;
+};
+FJ_DEVICE ScratchRow scratch_row(const KernelParams& p, long long row) {
+#if FJ_VARLEN  // scratch rows entry by entry: an entry's heads, each padded to whole dQ tiles of scratch_pitch rows
+  const int query_tiles = varlen_tiles(p, kFirstQueryTile);
+  const int last_tile = max(query_tiles - 1, 0);
+  const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(min(row / p.scratch_pitch, 0LL + last_tile)));
+  const long long first_row = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
+  const long long local = row - first_row;
+  const long long pitch = sequence_params(p, entry).scratch_pitch;
+  const int h = static_cast<int>(local / pitch);
+  return ScratchRow{row < static_cast<long long>(query_tiles) * p.scratch_pitch, entry, h, local - h * pitch};
+#else
+  const long long batch_head = row / p.scratch_pitch;
+  const int b = static_cast<int>(batch_head / p.heads_q);
+  const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
+  return ScratchRow{row < static_cast<long long>(p.batch) * p.heads_q * p.scratch_pitch, b, h,
+                    row - batch_head * p.scratch_pitch};
+#endif
+}
+#endif
+
 #if FJ_BACKWARD_PREP
 // Eight lanes a row, each reading 16-byte vectors of O and dO where the row's
 // address and the head dim allow it (element by element otherwise).
@@ -68,25 +102,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   const int lane = threadIdx.x % kLanesPerRow;
   float delta = 0.0f;
   float lse2 = -negative_infinity<float>();
-#if FJ_VARLEN  // scratch rows entry by entry: an entry's heads, each padded to whole dQ tiles of scratch_pitch rows
-  const int query_tiles = varlen_tiles(p, kFirstQueryTile);
-  const bool in_scratch = row < static_cast<long long>(query_tiles) * p.scratch_pitch;
-  const int last_tile = max(query_tiles - 1, 0);
-  const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(min(row / p.scratch_pitch, 0LL + last_tile)));
-  const KernelParams sp = sequence_params(p, entry);
-  const long long first_row = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
-  const long long local = row - first_row;
-  const int h = static_cast<int>(local / sp.scratch_pitch);
-  const long long i = local - h * sp.scratch_pitch;
+  const ScratchRow place = scratch_row(p, row);
+  const bool in_scratch = place.in_scratch;
+  const int h = place.h;
+  const long long i = place.i;
+#if FJ_VARLEN
+  const KernelParams sp = sequence_params(p, place.entry);
   const int ob = 0;
 #else
-  const bool in_scratch = row < static_cast<long long>(p.batch) * p.heads_q * p.scratch_pitch;
-  const long long batch_head = row / p.scratch_pitch;
-  const long long i = row - batch_head * p.scratch_pitch;
-  const int b = static_cast<int>(batch_head / p.heads_q);
-  const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
   const KernelParams& sp = p;
-  const int ob = b;
+  const int ob = place.entry;
 #endif
   if (in_scratch && i < sp.seqlen_q) {
     const elem_t* o_row = operand_row<const elem_t>(sp.o, ob, h, i);
@@ -124,6 +149,62 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   }
 }
 #endif  // FJ_BACKWARD_PREP
+
+#if FJ_BACKWARD_DQ_CONVERT
+// After the one pass with a dQ writer: dQ from its float32 sums, one query tile (kBlockN scratch
+// rows, the one pass's step) a block. The sums of a tile are its two consumers' chunks in their
+// accumulators' order (float4 i of a chunk: thread i % 128's fragment i / 128); a tile no key
+// block visited (its counts are 0) has no sums, and its rows, which see no key, the prep kernel
+// zeroed. Through shared memory, so that the rows are written whole.
+extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
+    fj_attention_backward_dq_convert(const KernelParams p) {
+  constexpr int kDqQueries = kDimQk == 128 ? kBlockN : kBlockN / 2;  // the dK/dV kernel's, as there
+  constexpr int kDqChunk = layout::dkdv_dq_chunk_floats(kBlockN, kDimQk);
+  constexpr int kPitch = kDimQk + 4;  // floats a row: the fragments' stores meet no bank twice
+  __shared__ __align__(16) float tile[kBlockN * kPitch];
+  const long long row0 = static_cast<long long>(blockIdx.x) * kBlockN;
+  const ScratchRow place = scratch_row(p, row0);
+#if FJ_VARLEN
+  const KernelParams sp = sequence_params(p, place.entry);
+  const int ob = 0;
+#else
+  const KernelParams& sp = p;
+  const int ob = place.entry;
+#endif
+  const long long first_chunk = row0 / kBlockN * 2;
+  if (!place.in_scratch || place.i >= sp.seqlen_q || p.dq_semaphore[first_chunk] == 0) return;
+  const float* const sums = p.dq_accum + first_chunk * kDqChunk;
+  for (int f = threadIdx.x; f < 2 * kDqChunk / 4; f += blockDim.x) {
+    const int consumer = f / (kDqChunk / 4), index = f % (kDqChunk / 4);
+    const int thread = index % 128, n = index / 128, lane = thread % 32;
+    const float4 v = *reinterpret_cast<const float4*>(sums + static_cast<long long>(f) * 4);
+    const float values[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int d = (kDimQk == 128 ? consumer * 64 : 0) + (thread / 32) * 16 + lane / 4 + 8 * (e / 2);
+      const int q = (kDimQk == 128 ? 0 : consumer * kDqQueries) + n * 8 + (lane % 4) * 2 + e % 2;
+      tile[q * kPitch + d] = values[e];
+    }
+  }
+  __syncthreads();
+  constexpr int kVector = 8;  // 16-bit elements in 16 bytes
+  for (int f = threadIdx.x; f < kBlockN * (kDimQk / kVector); f += blockDim.x) {
+    const int q = f / (kDimQk / kVector), d0 = f % (kDimQk / kVector) * kVector;
+    const long long i = place.i + q;
+    if (i >= sp.seqlen_q || d0 >= p.head_dim_qk) continue;
+    elem_t* const dq_row = operand_row<elem_t>(sp.dq, ob, place.h, i);
+    const float* const from = tile + q * kPitch + d0;
+    if (d0 + kVector <= p.head_dim_qk && reinterpret_cast<unsigned long long>(dq_row + d0) % 16 == 0) {
+      alignas(16) elem_t out[kVector];
+#pragma unroll
+      for (int e = 0; e < kVector; ++e) out[e] = from_float<elem_t>(from[e]);
+      *reinterpret_cast<uint4*>(dq_row + d0) = *reinterpret_cast<const uint4*>(out);
+    } else {
+      for (int e = 0; e < kVector && d0 + e < p.head_dim_qk; ++e) dq_row[d0 + e] = from_float<elem_t>(from[e]);
+    }
+  }
+}
+#endif  // FJ_BACKWARD_DQ_CONVERT
 
 #if FJ_BACKWARD_DQ
 constexpr int kKeyBuffers = kStages + 1;  // K_j serves S_j, then dQ += dS_j K_j a step later
@@ -259,11 +340,12 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 #define FJ_DQ_WRITER (FJ_DQ_DIAGNOSTIC == 5 || FJ_DQ_DIAGNOSTIC == 6)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
-// FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, each count released
-// right after its adds as with 3, but the waits, adds and counts are not the consumers': each stages
-// its share of dQ_t in shared memory and goes on, and the producer warpgroup's warps 1 to 3 (the dQ
-// writer) make them, tile after tile, consumer after consumer. 6 (writer-arrival): the same in the
-// arrival order.
+// FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
+// and counts are not the consumers': each stages its share of dQ_t in shared memory and goes on,
+// and one thread of the producer warpgroup's other warps (the dQ writer) adds both shares of a tile
+// in bulk copies from shared memory (cp.reduce.async.bulk), the last visitor too: dQ is written
+// from the sums by the fj_attention_backward_dq_convert kernel after the pass. 6
+// (writer-arrival): the same in the arrival order.
 constexpr bool kWriter = FJ_DQ_WRITER;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -397,12 +479,6 @@ FJ_DEVICE void store_shared_float4(float* address, const float (&v)[4]) {
                "f"(v[2]), "f"(v[3])
                : "memory");
 }
-FJ_DEVICE void load_shared_float4(const float* address, float (&v)[4]) {
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
-               : "r"(shared_address(address))
-               : "memory");
-}
 // Past L1: the sums other blocks left in L2.
 FJ_DEVICE void load_float4(const float* address, float (&v)[4]) {
   asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
@@ -462,6 +538,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // tile t: buffer c * kDqStagingSlots + t % kDqStagingSlots), and their mbarriers (the consumer's
   // 128 threads fill one, the writer's 96 empty it).
   static_assert(layout::kDqStagingSlots == 2, "two slots: a consumer may stage tile t + 1 while the writer adds tile t");
+  static_assert(kLayout.dq_staging % 16 == 0, "the staging buffers are copied in bulk (16-byte aligned)");
   float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
   unsigned long long* staging_full = reinterpret_cast<unsigned long long*>(base + kLayout.dq_barriers);
   unsigned long long* staging_empty = staging_full + kConsumers * layout::kDqStagingSlots;
@@ -571,7 +648,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DQ_WRITER
     for (int i = 0; i < kConsumers * layout::kDqStagingSlots; ++i) {
       mbarrier_init(&staging_full[i], 128);
-      mbarrier_init(&staging_empty[i], kWriterThreads);
+      mbarrier_init(&staging_empty[i], 1);  // the writer's copying thread
     }
 #endif
   };
@@ -602,33 +679,36 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     }
   };
 #if FJ_DQ_WRITER
-  // The dQ writer (the producer warpgroup's warps 1 to 3): for each tile in the block's order, once
-  // both consumers have staged their shares: wait for the tile's earlier visitors' counts, then
-  // store (the first visitor), add (the middle ones) or add what is there and write dQ (the last),
-  // free the staging buffers, and (not the last) release the counts once every writer thread's
-  // adds are done. The consumers' own add_dq does the same from registers (eager order).
+  // The dQ writer (the producer warpgroup's warps 1 to 3; one thread but where the arrival order's
+  // ranks are counted): for each tile in the block's order, once both consumers have staged their
+  // shares, wait for the tile's earlier visitors' counts, then store (the first visitor) or add
+  // (every other, the last too) each share into the tile's float32 sums in one bulk copy from
+  // shared memory (the fj_attention_backward_dq_convert kernel writes dQ from them after the pass),
+  // free the staging buffers once the copies have read them, and release the tile's counts once
+  // the copies are complete (the last visitor's too: the convert kernel tells visited tiles by
+  // them). In the block order a tile's counts are released after the next tile's copies are
+  // issued (its completion overlaps them; blocks wait only on lower ones, which never wait on
+  // this one, so the deferral cannot close a cycle); in the arrival order, where a tile's
+  // visitors wait on each other both ways in the block order, before any wait of the next tile.
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
 #if FJ_DQ_ARRIVAL
     // The walks' table (the consumers meet here whether or not the block has tiles: so does the writer).
     named_barrier_sync(kWalksBarrier, kConsumers * 128 + kWriterThreads);
+#else
+    if (w != 0) return;
 #endif
+    constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
     long long first_block = block;
-    // A tile's counts, released by one thread once every writer thread's adds are issued, as the
-    // eager order's (a barrier, then one gpu-scope release fence, cumulative over the others'
-    // writes before the barrier, and the counts after it). In the arrival order a tile's next
-    // visitor comes a few steps later (128 / kBlockN), so its counts wait for the next tile's
-    // staging (a step), by when its adds have reached L2 and the fence costs little; in the block
-    // order the next visitor is at the tile now, so they go at once.
-    constexpr bool kDeferRelease = kArrival;
     int* pending = nullptr;
-    const auto release = [&](int* counters) {
-      named_barrier_sync(kAddBarrier, kWriterThreads);
-      if (w == 0) {
-        fence_release_gpu();
+    // The pending tile's counts, its copies complete (made visible to this thread, then ordered
+    // before the counts by a gpu-scope release fence: the release pattern with relaxed counts).
+    const auto release = [&] {
+      fence_proxy_async_global();
+      fence_release_gpu();
 #pragma unroll
-        for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
-      }
+      for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(pending + consumer, 1);
+      pending = nullptr;
     };
     for (int t = 0; t < tiles; ++t) {
       const int h = tile_head(t);
@@ -636,70 +716,50 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
       const int slot = t % layout::kDqStagingSlots;
       const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
-      // Both consumers' chunks of the tile together (the same rank, consecutive counters): one
-      // wait for the earlier visitors, one fence and one barrier before the releases a tile.
+      // Both consumers' chunks of the tile together (the same rank, consecutive counters).
       const long long first_chunk = row / kBlockN * kConsumers;
       int* const counters = p.dq_semaphore + first_chunk;
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
       }
-      if (pending != nullptr) {  // before any wait or count: other blocks may be waiting for it
-        release(pending);
-        pending = nullptr;
+      if (kArrival && w == 0 && pending != nullptr) {  // before any wait: other blocks may be waiting for it
+        bulk_wait_all();
+        release();
       }
       const TurnAtTile turn = turn_at(t, start, first_block, w, kWriterThreads, kAddBarrier);
-      const int rank = turn.rank;
-      const bool last = turn.last;
-      if (rank > 0) {
-        if (w == 0) {
+      if (w != 0) continue;  // (the arrival order's other counting threads)
+      if (turn.rank > 0) {
 #pragma unroll
-          for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
-        }
-        named_barrier_sync(kAddBarrier, kWriterThreads);
+        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, turn.rank);
+        fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
       }
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         float* const chunk = p.dq_accum + (first_chunk + consumer) * kDqChunk;
-        const int buffer = consumer * layout::kDqStagingSlots + slot;
-        const float* const staged = dq_staging + buffer * kDqChunk;
-        // The staged share is the consumer's accumulators in order: float4 i is thread i % 128's
-        // fragment i / 128 (add_dq's chunk layout).
-        for (int i = w; i < kDqChunk / 4; i += kWriterThreads) {
-          float v[4];
-          load_shared_float4(staged + i * 4, v);
-          if (last) {
-            if (rank > 0) {
-              float before[4];
-              load_float4(chunk + i * 4, before);
-#pragma unroll
-              for (int e = 0; e < 4; ++e) v[e] += before[e];
-            }
-            const int thread = i % 128, n = i / 128;
-            const int lane = thread % 32;
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int d = (kDimQk == 128 ? consumer * 64 : 0) + (thread / 32) * 16 + lane / 4 + 8 * (e / 2);
-              const long long q = start + (kDimQk == 128 ? 0 : consumer * kDqQueries) + n * 8 + (lane % 4) * 2 + e % 2;
-              if (q < sp.seqlen_q && d < p.head_dim_qk) operand_row<elem_t>(sp.dq, b, h, q)[d] = from_float<elem_t>(v[e]);
-            }
-          } else if (rank == 0) {
-            store_float4(chunk + i * 4, v);
-          } else {
-            add_float4(chunk + i * 4, v);
-          }
-        }
-        mbarrier_arrive(&staging_empty[buffer]);  // this thread's reads of the buffer are done
-      }
-      if (!last) {
-        if (kDeferRelease) {
-          pending = counters;
+        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + slot) * kDqChunk;
+        if (turn.rank == 0) {
+          bulk_store(chunk, staged, kChunkBytes);
         } else {
-          release(counters);
+          bulk_add_floats(chunk, staged, kChunkBytes);
         }
       }
+      bulk_commit();
+      if (pending != nullptr) {  // block order: the previous tile's copies, complete by now or soon
+        bulk_wait_all_but_newest();
+        release();
+      }
+      bulk_wait_read();
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + slot]);
+      }
+      pending = counters;
     }
-    if (pending != nullptr) release(pending);
+    if (w == 0 && pending != nullptr) {
+      bulk_wait_all();
+      release();
+    }
   };
 #endif
   const auto consume = [&](int consumer) {
@@ -771,6 +831,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int thread = threadIdx.x % 128;
 #pragma unroll
         for (int n = 0; n < kDqQueries / 8; ++n) store_shared_float4(staged + (n * 128 + thread) * 4, dqt[n]);
+        fence_async_shared();  // the stores, before the writer's bulk copy reads them
         mbarrier_arrive(&staging_full[buffer]);
       };
 #else

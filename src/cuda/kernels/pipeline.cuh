@@ -111,6 +111,22 @@ FJ_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: 
 FJ_DEVICE void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // Until the thread's committed bulk stores are complete.
 FJ_DEVICE void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Until all but the newest of the thread's committed bulk groups are complete.
+FJ_DEVICE void bulk_wait_all_but_newest() { asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory"); }
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from shared to global memory, stored
+// or added (float32) there element by element; into the thread's bulk async-group.
+FJ_DEVICE void bulk_store(void* global, const void* shared, unsigned bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(global),
+               "r"(shared_address(shared)), "r"(bytes)
+               : "memory");
+}
+FJ_DEVICE void bulk_add_floats(float* global, const float* shared, unsigned bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(global),
+               "r"(shared_address(shared)), "r"(bytes)
+               : "memory");
+}
+// Orders this thread's generic-proxy accesses to global memory with its bulk (async-proxy) ones.
+FJ_DEVICE void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
 
 // `bytes` (a multiple of 16) from 16-byte aligned global memory, completing on `barrier`.
 FJ_DEVICE void bulk_load(void* shared, const void* global, unsigned bytes, unsigned long long* barrier) {
