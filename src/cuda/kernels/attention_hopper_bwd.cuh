@@ -536,7 +536,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DQ_WRITER
   // The dQ writer: each consumer's kDqStagingSlots buffers of its share of a tile's dQ (consumer c,
   // tile t: buffer c * kDqStagingSlots + t % kDqStagingSlots), and their mbarriers (the consumer's
-  // 128 threads fill one, the writer's 96 empty it).
+  // 128 threads fill one, the writer's copying thread empties it).
   static_assert(layout::kDqStagingSlots == 2, "two slots: a consumer may stage tile t + 1 while the writer adds tile t");
   static_assert(kLayout.dq_staging % 16 == 0, "the staging buffers are copied in bulk (16-byte aligned)");
   float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
@@ -727,6 +727,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         bulk_wait_all();
         release();
       }
+      // The arrival order's counting barrier is an aligned one: warp 1 whole again (its lane 0 copied
+      // the previous tile while the others went on).
+      if (kArrival) __syncwarp();
       const TurnAtTile turn = turn_at(t, start, first_block, w, kWriterThreads, kAddBarrier);
       if (w != 0) continue;  // (the arrival order's other counting threads)
       if (turn.rank > 0) {
