@@ -72,9 +72,13 @@ import flashjit.sdpa as sdpa
 # which torch.nn.functional.scaled_dot_product_attention was not the router any more (a count of
 # zero calls then tells a patch undone from tests that never call the function).
 counts = {"served": 0, "fallback": 0, "tests": 0, "unpatched": 0}
+# pytest-xdist's controller sees every worker's tests finish too: it counts none of them.
+controller = False
 
 
 def pytest_configure(config):
+    global controller
+    controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
     flashjit.patch_sdpa()
     served = sdpa.scaled_dot_product_attention
     original = sdpa._patch["original"]
@@ -100,6 +104,8 @@ def _write_counts():
 
 
 def pytest_runtest_logfinish(nodeid, location):
+    if controller:
+        return
     counts["tests"] += 1
     counts["unpatched"] += not sdpa.is_sdpa_patched()
     _write_counts()
