@@ -9,6 +9,9 @@ of unequal length). GPU time a call over back-to-back calls (CUDA events), the K
 bytes read a second, and host time of synchronised single calls.
 
     python bench/decode.py --out bench/results [--sizes 1x8192 16x32768 ...] [--graphs] [--overlap-off] [--overlap-eager]
+        [--kernels]
+
+--kernels adds each GPU kernel's own time a call (torch.profiler, CUPTI) for flashjit and torch.
 """
 
 from __future__ import annotations
@@ -72,6 +75,27 @@ def graph_us(fn, calls=20, repeats=7):
     return statistics.median(times)
 
 
+def kernel_us(fn, calls=50):
+    """Each GPU kernel's (or memset's, copy's) device microseconds a call over `calls` back-to-back
+    calls, by name (torch.profiler's CUDA activity: CUPTI's kernel records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "self_device_time_total", None)
+        if total is None:
+            total = getattr(event, "self_cuda_time_total", 0.0)
+        if total > 0:
+            times[event.key] = total / calls
+    return times
+
+
 def with_env(fn, **variables):
     """fn run with environment variables set for the call (flashjit reads these at every call)."""
     def run():
@@ -106,6 +130,8 @@ def main():
     parser.add_argument("--overlap-eager", action="store_true",
                         help="also flashjit with FLASHJIT_CUDA_OVERLAP=eager (the combine launched programmatically "
                              "outside stream capture only): a column of its own, in graphs with --graphs")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also each GPU kernel's own time a call (torch.profiler) for flashjit and torch")
     args = parser.parse_args()
     for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS", "FLASHJIT_CUDA_OVERLAP"):
         os.environ.pop(name, None)
@@ -146,6 +172,8 @@ def main():
             row.update({name: back_to_back_us(fn) for name, fn in cases.items()})
             row.update({name + " sync": per_call_us(fn) for name, fn in cases.items()})
             row.update({name + " graph": graph_us(cases[name]) for name in graphed})
+            if args.kernels:
+                row["kernels"] = {name: kernel_us(cases[name]) for name in ("flashjit", "torch")}
             rows.append(row)
             print({key: round(value, 1) if isinstance(value, float) else value for key, value in row.items()},
                   flush=True)
@@ -175,6 +203,16 @@ def main():
                      f"{row['torch'] / row['flashjit']:.2f}x | {row['torch'] / row['flashjit, one-warp blocks']:.2f}x | " +
                      " | ".join(f"{row[n + ' sync']:.1f}" for n in names) +
                      "".join(f" | {row[n + ' graph']:.1f}" for n in graphed) + " |")
+    if args.kernels:
+        lines += ["", "Each GPU kernel's own time a call (torch.profiler over 50 back-to-back calls; names cut at 90 "
+                  "characters):", "", "| B | keys | mask | who | kernel | µs a call |", "|---:|---:|---|---|---|---:|"]
+        for row in rows:
+            for who, times in row["kernels"].items():
+                for name, us in sorted(times.items(), key=lambda item: -item[1]):
+                    lines.append(f"| {row['B']} | {row['keys']} | {'yes' if row['mask'] else 'no'} | {who} | "
+                                 f"`{name[:90]}` | {us:.1f} |")
+                lines.append(f"| {row['B']} | {row['keys']} | {'yes' if row['mask'] else 'no'} | {who} | all | "
+                             f"{sum(times.values()):.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     save_record(args.out, device_tag({"device": "cuda", "gpu": torch.cuda.get_device_name()}), "decode", commit, text)
