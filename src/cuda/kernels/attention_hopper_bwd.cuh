@@ -62,13 +62,19 @@ static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole sw
 constexpr bool kVarlenKernel = FJ_VARLEN;  // FJ_VARLEN: a variable-length batch (KernelParams::varlen)
 
 #if FJ_BACKWARD_PREP || FJ_BACKWARD_DQ_CONVERT
-// Where scratch row `row` belongs: its batch entry (a dense batch's index; a variable-length
-// batch's table entry, whose rows sequence_params gives), head and query row, and whether the
-// scratch has the row at all (a variable-length batch's grid may be a bound).
+// Where scratch row `row` belongs: its sequence's parameters (a variable-length batch's entry's,
+// sequence_params; else the call's), the batch index its operands take, its head and query row,
+// and whether the scratch has the row at all (a variable-length batch's grid may be a bound).
 struct ScratchRow {
   bool in_scratch;
-  int entry, h;
+  int b, h;
   long long i;
+#if FJ_VARLEN
+  KernelParams sequence;
+  FJ_DEVICE const KernelParams& params(const KernelParams&) const { return sequence; }
+#else
+  FJ_DEVICE const KernelParams& params(const KernelParams& p) const { return p; }
+#endif
 };
 FJ_DEVICE ScratchRow scratch_row(const KernelParams& p, long long row) {
 #if FJ_VARLEN  // scratch rows entry by entry: an entry's heads, each padded to whole dQ tiles of scratch_pitch rows
@@ -77,9 +83,10 @@ FJ_DEVICE ScratchRow scratch_row(const KernelParams& p, long long row) {
   const int entry = varlen_entry(p, kFirstQueryTile, static_cast<int>(min(row / p.scratch_pitch, 0LL + last_tile)));
   const long long first_row = static_cast<long long>(p.varlen[entry * kVarlenFields + kFirstQueryTile]) * p.scratch_pitch;
   const long long local = row - first_row;
-  const long long pitch = sequence_params(p, entry).scratch_pitch;
-  const int h = static_cast<int>(local / pitch);
-  return ScratchRow{row < static_cast<long long>(query_tiles) * p.scratch_pitch, entry, h, local - h * pitch};
+  const KernelParams sequence = sequence_params(p, entry);
+  const int h = static_cast<int>(local / sequence.scratch_pitch);
+  return ScratchRow{row < static_cast<long long>(query_tiles) * p.scratch_pitch, 0, h,
+                    local - h * sequence.scratch_pitch, sequence};
 #else
   const long long batch_head = row / p.scratch_pitch;
   const int b = static_cast<int>(batch_head / p.heads_q);
@@ -103,16 +110,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   float delta = 0.0f;
   float lse2 = -negative_infinity<float>();
   const ScratchRow place = scratch_row(p, row);
+  const KernelParams& sp = place.params(p);
   const bool in_scratch = place.in_scratch;
-  const int h = place.h;
+  const int h = place.h, ob = place.b;
   const long long i = place.i;
-#if FJ_VARLEN
-  const KernelParams sp = sequence_params(p, place.entry);
-  const int ob = 0;
-#else
-  const KernelParams& sp = p;
-  const int ob = place.entry;
-#endif
   if (in_scratch && i < sp.seqlen_q) {
     const elem_t* o_row = operand_row<const elem_t>(sp.o, ob, h, i);
     const elem_t* dout_row = operand_row<const elem_t>(sp.dout, ob, h, i);
@@ -164,13 +165,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   __shared__ __align__(16) float tile[kBlockN * kPitch];
   const long long row0 = static_cast<long long>(blockIdx.x) * kBlockN;
   const ScratchRow place = scratch_row(p, row0);
-#if FJ_VARLEN
-  const KernelParams sp = sequence_params(p, place.entry);
-  const int ob = 0;
-#else
-  const KernelParams& sp = p;
-  const int ob = place.entry;
-#endif
+  const KernelParams& sp = place.params(p);
+  const int ob = place.b;
   const long long first_chunk = row0 / kBlockN * 2;
   if (!place.in_scratch || place.i >= sp.seqlen_q || p.dq_semaphore[first_chunk] == 0) return;
   const float* const sums = p.dq_accum + first_chunk * kDqChunk;
