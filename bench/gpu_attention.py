@@ -127,8 +127,9 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # one-pass:none / one-pass:unordered (FLASHJIT_CUDA_ONE_PASS_DQ): timing only, no dQ written;
         # one-pass:eager: the ordered sums, each count released at once (a real backward);
         # one-pass:arrival: the sums in the order the blocks reach each tile (a real backward);
-        # one-pass:writer, one-pass:writer-arrival: eager's and arrival's sums made by the dQ writer
-        # warps from shared memory (real backwards);
+        # one-pass:writer, one-pass:writer-arrival, one-pass:writer-eager: the block order's and the
+        # arrival order's sums made by the dQ writer's bulk copies from shared memory (writer-eager:
+        # the block order, each count released before the next tile's wait) (real backwards);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default).
         backward, _, option = mode.partition(":")
@@ -333,11 +334,13 @@ def main():
                         help="FLASHJIT_CUDA_TILES values to run flashjit with, each a column ('default': unset)")
     parser.add_argument("--backward-modes", nargs="+", default=[],
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
-                                 "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival", "split:shared",
+                                 "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
+                                 "one-pass:writer-eager", "split:shared",
                                  "split:registers"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
-                             "one-pass:eager, one-pass:arrival, one-pass:writer and one-pass:writer-arrival also set "
+                             "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "
+                             "one-pass:writer-eager also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
                              "two a timing diagnostic whose dQ is not written)")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")

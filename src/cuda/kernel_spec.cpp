@@ -170,6 +170,7 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 4 ? "_dq-arrival"
                  : dq_diagnostic == 5 ? "_dq-writer"
                  : dq_diagnostic == 6 ? "_dq-writer-arrival"
+                 : dq_diagnostic == 7 ? "_dq-writer-eager"
                                       : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),

@@ -87,8 +87,10 @@ struct KernelSpec {
   // 1 none; 2 every block adds at once, in no order (1 and 2 for timing only: they write no dQ);
   // 3 the ordered adds, each count released right after them (FLASHJIT_CUDA_ONE_PASS_DQ=eager);
   // 4 as 3, in the arrival order (=arrival; only where a head's key blocks are resident at once);
-  // 5 as 3, the adds, waits and counts made by the producer warpgroup's other warps from dQ staged
-  // in shared memory (=writer); 6 as 4, by those warps (=writer-arrival; 5 where 4 would be 3).
+  // 5 as 3, the adds, waits and counts made by a writer thread of the producer warpgroup in bulk
+  // copies from dQ staged in shared memory, each count released after the next tile's copies
+  // (=writer); 6 as 4, by the writer (=writer-arrival; 5 where 4 would be 3); 7 as 5, each count
+  // released before the next tile's wait (=writer-eager).
   int dq_diagnostic = 0;
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).

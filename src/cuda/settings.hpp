@@ -21,7 +21,9 @@
 //                               order's sums made by the producer warpgroup's other warps from
 //                               dQ staged in shared memory, off the consumers' path;
 //                               writer-arrival: arrival's sums by the writer (eager's where
-//                               arrival does not apply)
+//                               arrival does not apply); writer-eager: the writer's block order,
+//                               each count released before the next tile's wait (not after its
+//                               copies)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -114,7 +116,9 @@ bool trace_tiles();
 // backward with each add's count released right after the adds by one thread (a barrier, then
 // a release) rather than at the block's next add; "arrival" (4) the real backward with the adds
 // in the order the blocks reach each tile (KeyBlockSpans' arrival order; the plan falls back to 3
-// where a head's key blocks cannot all be resident). Another value is an error.
+// where a head's key blocks cannot all be resident); "writer" (5), "writer-arrival" (6) and
+// "writer-eager" (7) those sums by the dQ writer's bulk copies (attention_hopper_bwd.cuh).
+// Another value is an error.
 int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset

@@ -354,7 +354,7 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 }
 
 // FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only), eager (ordered sums released at
-// once), arrival (in the order blocks reach a tile), writer and writer-arrival (eager's and
+// once), arrival (in the order blocks reach a tile), writer, writer-eager and writer-arrival (eager's and
 // arrival's orders, their sums made by the dQ writer in bulk copies, after which a kernel of its own
 // writes dQ) give one-pass kernels of their own names, which compile (all but the timing ones also
 // at head dim 64, with every feature and for variable-length batches, the writer's dQ kernel too);
@@ -367,7 +367,8 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
   const std::string real = backward_kernels(traits, true).back().name();
-  const std::vector<std::string> values = {"none", "unordered", "eager", "arrival", "writer", "writer-arrival"};
+  const std::vector<std::string> values = {"none",   "unordered",      "eager",       "arrival",
+                                           "writer", "writer-arrival", "writer-eager"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const std::vector<KernelSpec> specs = backward_kernels(traits, true);
@@ -386,7 +387,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
   const std::vector<std::pair<const char*, int>> ordered = {
-      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}};
+      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}, {"writer-eager", 7}};
   for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {

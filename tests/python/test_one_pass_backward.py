@@ -19,10 +19,10 @@ pytestmark = sm90
 
 # Each test with the counts of the ordered sums released at the block's next add (ordered, the
 # default), right after the adds (eager, FLASHJIT_CUDA_ONE_PASS_DQ=eager), the eager order's adds
-# made by the dQ writer warps from shared memory (writer), and with the adds in the order the
-# blocks reach each tile (arrival: its own fixed order, so its own bits; writer-arrival: by the
-# writer warps).
-@pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "arrival", "writer-arrival"])
+# made by the dQ writer's bulk copies from shared memory (writer; writer-eager: each count released
+# before the next tile's wait), and with the adds in the order the blocks reach each tile (arrival:
+# its own fixed order, so its own bits; writer-arrival: by the writer).
+@pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
@@ -164,7 +164,7 @@ def test_eager_release_and_the_writer_give_the_same_bits(monkeypatch):
     o, lse = flashjit.attention(q, k, v, causal="bottom_right", return_lse=True)
     dout = torch.randn_like(o)
     results = []
-    for mode in ("ordered", "eager", "writer"):
+    for mode in ("ordered", "eager", "writer", "writer-eager"):
         monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
         results.append(flashjit.attention_backward(q, k, v, o, lse, dout, causal="bottom_right"))
     for other in results[1:]:

@@ -333,7 +333,7 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // the host runs it only where every key block of a head can be resident at once.
 // (6: the arrival order's sums made by the dQ writer, below.)
 #define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
-#define FJ_DQ_WRITER (FJ_DQ_DIAGNOSTIC == 5 || FJ_DQ_DIAGNOSTIC == 6)
+#define FJ_DQ_WRITER (FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 7)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
@@ -341,7 +341,8 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // and one thread of the producer warpgroup's other warps (the dQ writer) adds both shares of a tile
 // in bulk copies from shared memory (cp.reduce.async.bulk), the last visitor too: dQ is written
 // from the sums by the fj_attention_backward_dq_convert kernel after the pass. 6
-// (writer-arrival): the same in the arrival order.
+// (writer-arrival): the same in the arrival order. 7 (writer-eager): the block order with each
+// count released as the arrival order's are (below), for comparison.
 constexpr bool kWriter = FJ_DQ_WRITER;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -685,7 +686,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // them). In the block order a tile's counts are released after the next tile's copies are
   // issued (its completion overlaps them; blocks wait only on lower ones, which never wait on
   // this one, so the deferral cannot close a cycle); in the arrival order, where a tile's
-  // visitors wait on each other both ways in the block order, before any wait of the next tile.
+  // visitors wait on each other both ways in the block order, before any wait of the next tile
+  // (so too with FJ_DQ_DIAGNOSTIC 7, the block order).
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
 #if FJ_DQ_ARRIVAL
@@ -695,6 +697,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     if (w != 0) return;
 #endif
     constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
+    constexpr bool kReleaseBeforeWait = kArrival || FJ_DQ_DIAGNOSTIC == 7;
     long long first_block = block;
     int* pending = nullptr;
     // The pending tile's counts, its copies complete (made visible to this thread, then ordered
@@ -719,7 +722,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
       }
-      if (kArrival && w == 0 && pending != nullptr) {  // before any wait: other blocks may be waiting for it
+      if (kReleaseBeforeWait && w == 0 && pending != nullptr) {  // before any wait: others may be waiting for it
         bulk_wait_all();
         release();
       }
