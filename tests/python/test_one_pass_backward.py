@@ -11,6 +11,7 @@ import flashjit
 from flashjit import _C
 from conftest import DEVICE
 from test_attention import run
+import test_varlen
 
 sm90 = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available()
                           or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")
@@ -108,6 +109,15 @@ def test_arrival_order_runs_only_where_a_heads_key_blocks_fit(monkeypatch, block
         assert same != arrival_runs, f"{key_blocks} key blocks a head on {sms} multiprocessors"
         assert all(torch.equal(a, b) for a, b in zip(results["eager"], results[block_order]))
         assert all(torch.equal(a, b) for a, b in zip(results["arrival"], results[arrival_order]))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window=(6, 2)), dict(dropout_p=0.25, seed=11, offset=3)])
+def test_variable_length_batch_in_one_launch(D, options, monkeypatch):
+    # Every sequence's key blocks in one grid, each sequence's sums in its own scratch rows (and,
+    # with the dQ writer, dQ written from them by a block a tile of every sequence's rows): each
+    # sequence against float64 alone, a sequence without keys and one without queries among them.
+    test_varlen.test_matches_each_sequence_alone(torch.bfloat16, options, D, D, "one", monkeypatch)
 
 
 def test_more_key_blocks_a_head_than_multiprocessors():
