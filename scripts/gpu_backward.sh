@@ -63,6 +63,10 @@ if ((sanitizer)); then
   FLASHJIT_CUDA_BACKWARD=one-pass timeout 200 compute-sanitizer --tool memcheck --error-exitcode 1 \
     python3 scripts/sanitizer_cases.py >"$OUT/memcheck-one-pass.log" 2>&1 || status=1
   tail -3 "$OUT/memcheck-one-pass.log"
+  step "compute-sanitizer memcheck, one pass with the dQ writer (bulk copies, the dQ convert kernel)"
+  FLASHJIT_CUDA_BACKWARD=one-pass FLASHJIT_CUDA_ONE_PASS_DQ=writer timeout 200 compute-sanitizer --tool memcheck \
+    --error-exitcode 1 python3 scripts/sanitizer_cases.py >"$OUT/memcheck-one-pass-writer.log" 2>&1 || status=1
+  tail -3 "$OUT/memcheck-one-pass-writer.log"
   if ((registers_dkdv)); then
     step "compute-sanitizer memcheck, FLASHJIT_CUDA_DKDV=registers"
     FLASHJIT_CUDA_BACKWARD=split FLASHJIT_CUDA_DKDV=registers timeout 200 compute-sanitizer --tool memcheck \
