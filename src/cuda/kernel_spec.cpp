@@ -256,7 +256,8 @@ int KernelSpec::shared_memory_bytes() const {
           return layout::kHopperBaseAlignment +
                  layout::hopper_backward_dkdv(rows, n, qk, v, stages, layout::dkdv_ds_buffers(one_pass, dkdv_shared),
                                               layout::dkdv_walk_blocks(one_pass && layout::dq_in_arrival_order(dq_diagnostic)),
-                                              layout::dkdv_dq_staging_buffers(one_pass && layout::dq_by_writer(dq_diagnostic), 2))
+                                              layout::dkdv_dq_staging_buffers(one_pass && layout::dq_by_writer(dq_diagnostic),
+                                                                              row_warps() / 4))
                      .bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:
@@ -757,8 +758,10 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
     if (one_pass && std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
       dkdv.one_pass = true;
       dkdv.dq_diagnostic = settings::one_pass_dq();
-      if (fits(dkdv) && layout::dq_by_writer(dkdv.dq_diagnostic)) return {prep, dkdv, dq_convert_kernel(dkdv)};
-      if (fits(dkdv)) return {prep, dkdv};
+      if (fits(dkdv)) {
+        if (layout::dq_by_writer(dkdv.dq_diagnostic)) return {prep, dkdv, dq_convert_kernel(dkdv)};
+        return {prep, dkdv};
+      }
       dkdv.one_pass = false;
       dkdv.dq_diagnostic = 0;
     }

@@ -18,8 +18,8 @@
 //                               counts are released at once, by one thread a warpgroup; arrival:
 //                               sums in the order the blocks reach a tile (where a head's key
 //                               blocks fit the GPU at once; eager elsewhere); writer: the eager
-//                               order's sums made by the producer warpgroup's other warps from
-//                               dQ staged in shared memory, off the consumers' path;
+//                               order's sums made by a thread of the producer warpgroup in bulk
+//                               copies from dQ staged in shared memory, off the consumers' path;
 //                               writer-arrival: arrival's sums by the writer (eager's where
 //                               arrival does not apply); writer-eager: the writer's block order,
 //                               each count released before the next tile's wait (not after its

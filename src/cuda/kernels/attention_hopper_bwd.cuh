@@ -43,7 +43,7 @@
 //     tile, round to its first after its last, and a tile's visitors add in the
 //     order they reach it (bounds_core.h's KeyBlockSpans), which needs every block of
 //     a head resident at once (the host runs it only where they fit). With
-//     FJ_DQ_DIAGNOSTIC 5 and 6 ("writer", "writer-arrival") the consumers stage their
+//     FJ_DQ_DIAGNOSTIC 5 to 7 ("writer", "writer-arrival", "writer-eager") the consumers stage their
 //     shares in shared memory and a writer thread adds them in bulk copies in those
 //     orders; the last visitor adds too, and dQ is written from the sums by
 //   dQ convert (FJ_BACKWARD_DQ_CONVERT): a block of a query tile's scratch rows, after
@@ -167,10 +167,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   const ScratchRow place = scratch_row(p, row0);
   const KernelParams& sp = place.params(p);
   const int ob = place.b;
-  const long long first_chunk = row0 / kBlockN * 2;
+  const long long first_chunk = row0 / kBlockN * kConsumers;
   if (!place.in_scratch || place.i >= sp.seqlen_q || p.dq_semaphore[first_chunk] == 0) return;
   const float* const sums = p.dq_accum + first_chunk * kDqChunk;
-  for (int f = threadIdx.x; f < 2 * kDqChunk / 4; f += blockDim.x) {
+  for (int f = threadIdx.x; f < kConsumers * kDqChunk / 4; f += blockDim.x) {
     const int consumer = f / (kDqChunk / 4), index = f % (kDqChunk / 4);
     const int thread = index % 128, n = index / 128, lane = thread % 32;
     const float4 v = *reinterpret_cast<const float4*>(sums + static_cast<long long>(f) * 4);

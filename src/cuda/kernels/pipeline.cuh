@@ -16,8 +16,8 @@ static_assert(kWarps % 4 == 0 && (kConsumers == 2 || kConsumers == 3), "two or t
 // The launch bounds (384 threads at 168 registers, or 512 at 128) reserve 3 x 168 = 504 (or
 // 4 x 128 = 512) registers a thread slot, which the roles share after setmaxnreg: 24 + 2 x 240
 // (or 3 x 160). A consumer asking for more than the producer gave back would wait in
-// setmaxnreg forever. (The one pass's dQ writer, on the producer warpgroup, spills within 24;
-// 40 + 2 x 232 made the consumers of its masked, dropout and softcap kernels spill instead.)
+// setmaxnreg forever. (The one pass's dQ writer, on the producer warpgroup, lives within 24;
+// 40 + 2 x 232 made the consumers of its masked, dropout and softcap kernels spill.)
 constexpr int kProducerRegisters = 24;
 constexpr int kConsumerRegisters = kConsumers == 2 ? 240 : 160;
 static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers == 2 ? 504 : 512),

@@ -54,8 +54,8 @@ FJ_LAYOUT bool dq_by_writer(int diagnostic) { return diagnostic >= 5 && diagnost
 // The one pass with a dQ writer (FLASHJIT_CUDA_ONE_PASS_DQ=writer): each consumer warpgroup stages
 // its float32 share of a query tile's dQ (128 threads x dq_queries / 2 floats: at head dim 128
 // every query of the step and 64 of dQ's columns, at 64 every column of half the queries) in one
-// of kDqStagingSlots buffers, which the producer warpgroup's other warps add into the tile's sums
-// in global memory; a full and an empty mbarrier a buffer.
+// of kDqStagingSlots buffers, which a writer thread of the producer warpgroup adds into the tile's
+// sums in global memory in one bulk copy; a full and an empty mbarrier a buffer.
 constexpr int kDqStagingSlots = 2;
 FJ_LAYOUT int dkdv_dq_chunk_floats(int block_n, int dim_qk) {
   return 128 * (dim_qk == 128 ? block_n : block_n / 2) / 2;
