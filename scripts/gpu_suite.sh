@@ -16,7 +16,7 @@ fi
 device_and_build
 step "test_transformers.py -k '$keyword', shard $shard, plain and patched at once"
 PYTHONPATH="$PWD/build/suite/site" timeout 540 python3 scripts/torch_sdpa_suite.py build/suite/test_transformers.py \
-  --device cuda -k "$keyword" --shard "$shard" --concurrent --workers 8 --timeout 480 --test-timeout 120 \
+  --device cuda -k "$keyword" --shard "$shard" --concurrent --confirm --workers 8 --timeout 480 --test-timeout 120 \
   --source "pytorch/pytorch test/test_transformers.py at 00030eb8e81f911c48c4d7634fa6b8bb2fae1a1b" --out "$OUT" \
   2>&1 | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1

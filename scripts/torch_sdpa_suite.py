@@ -8,13 +8,17 @@ it handed back to torch (so that a pass cannot come from everything falling back
 
     python scripts/torch_sdpa_suite.py PATH/test_transformers.py [--device cpu|cuda] [--out bench/results]
         [-k EXPRESSION] [--timeout SECONDS] [--workers N] [--test-timeout SECONDS]
-        [--source 'pytorch/pytorch at <commit>'] [--shard K/N] [--concurrent]
+        [--source 'pytorch/pytorch at <commit>'] [--shard K/N] [--concurrent] [--confirm]
 
 --shard K/N keeps the K-th of N equal slices of the selected tests (by test id, the
 same slice in both runs and in every worker), so that a suite longer than one sitting
 can run as N calls; each slice writes its own record. --concurrent runs the plain and
 the patched run at once (two processes sharing the device, each with --workers), which
 halves a slice's wall time where the machine has the cores; the outcomes are the same.
+--confirm runs the tests whose outcome differed between the two runs again, alone, both
+ways, and marks those that differ again: a difference that does not come back is the
+first run's (a flaky test, a worker lost), not flashjit's. Failures' first lines are in
+the record.
 
 The file's imports need torch's test helpers (torch.testing._internal, shipped
 with torch) and, outside fbcode, test_cpp_extensions_open_device_registration
@@ -116,40 +120,56 @@ def pytest_unconfigure(config):
 '''
 
 
-def outcomes(junit: pathlib.Path) -> dict[str, str]:
-    """test id -> passed / failed / skipped, from a junit XML report."""
+def outcomes(junit: pathlib.Path, messages: dict[str, str] | None = None) -> dict[str, str]:
+    """test id -> passed / failed / skipped, from a junit XML report; a failure's first line goes
+    into `messages` where one is given."""
     result = {}
     for case in ElementTree.parse(junit).getroot().iter("testcase"):
         name = f"{case.get('classname')}::{case.get('name')}"
         kinds = {child.tag for child in case}
         result[name] = ("failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds
                         else "passed")
+        if messages is not None and result[name] == "failed":
+            failure = next(child for child in case if child.tag in ("failure", "error"))
+            text = (failure.get("message") or failure.text or "").strip()
+            messages[name] = " ".join(text.split())[:200]
     return result
 
 
+def node_id(test_file: pathlib.Path, name: str) -> str:
+    """pytest's id of a junit test id ('dotted.module.Class::test' -> 'FILE::Class::test')."""
+    classname, test = name.split("::", 1)
+    return f"{test_file}::{classname.rsplit('.', 1)[-1]}::{test}"
+
+
 def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path, keyword: str | None,
-        timeout: int, workers: int, test_timeout: int, shard: str | None) -> tuple[dict[str, str], dict | None, float]:
-    name = "patched" if patched else "plain"
+        timeout: int, workers: int, test_timeout: int, shard: str | None, only: list[str] | None = None,
+        messages: dict[str, str] | None = None) -> tuple[dict[str, str], dict | None, float]:
+    """One pytest run of the file (or of the tests `only` names, for the confirmation: no -k, no
+    shard), plain or patched: outcomes by test id, the patched run's counts, seconds."""
+    name = ("patched" if patched else "plain") + ("-confirm" if only else "")
     junit = work / f"{name}.xml"
     env = dict(os.environ, PYTORCH_TESTING_DEVICE_ONLY_FOR=device,
                PYTHONPATH=os.pathsep.join([str(work), str(test_file.parent), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+    targets = [node_id(test_file, test) for test in only] if only else [str(test_file)]
+    command = [sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                "-o", "junit_family=xunit1"]
-    if keyword:
+    if keyword and not only:
         command += ["-k", keyword]
     if workers > 1:
         command += ["-n", str(workers)]
     if test_timeout:
         command += ["--timeout", str(test_timeout)]
-    if shard:
+    if shard and not only:
         command += ["-p", "flashjit_suite_shard"]
         env["FLASHJIT_SUITE_SHARD"] = shard
-    counts_file = work / "counts.json"
+    counts_file = work / f"{name}-counts.json"
     if patched:
         command += ["-p", "flashjit_suite_plugin"]
         env["FLASHJIT_SUITE_COUNTS"] = str(counts_file)
     start = datetime.datetime.now()
-    print(f"[{name}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    shown = command[1:] if not only else [*command[1:3], f"<{len(only)} tests>", *command[3 + len(targets):]]
+    print(f"[{name}] {' '.join(shown)}", file=sys.stderr, flush=True)
     with open(work / f"{name}.log", "w") as log:
         try:
             subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=work)
@@ -159,11 +179,11 @@ def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path,
     seconds = (datetime.datetime.now() - start).total_seconds()
     counts = None
     if patched:
-        for part in work.glob("counts.json.*"):
+        for part in work.glob(f"{counts_file.name}.*"):
             counts = counts or {}
             for key, value in json.loads(part.read_text()).items():
                 counts[key] = counts.get(key, 0) + value
-    return (outcomes(junit) if junit.exists() else {}), counts, seconds
+    return (outcomes(junit, messages) if junit.exists() else {}), counts, seconds
 
 
 def _importable(name: str) -> bool:
@@ -186,6 +206,9 @@ def main() -> int:
                         "'pytorch/pytorch at <commit>'")
     parser.add_argument("--shard", default=None, metavar="K/N", help="run the K-th of N slices of the tests")
     parser.add_argument("--concurrent", action="store_true", help="run the plain and the patched run at once")
+    parser.add_argument("--confirm", action="store_true",
+                        help="run the tests whose outcome differed again, alone, both ways, and mark those that "
+                             "differ again")
     args = parser.parse_args()
     if args.shard:
         try:
@@ -212,20 +235,34 @@ def main() -> int:
         (work / "flashjit_suite_plugin.py").write_text(_PLUGIN)
         (work / "flashjit_suite_shard.py").write_text(_SHARD_PLUGIN)
         common = (work, args.keyword, args.timeout, args.workers, args.test_timeout, args.shard)
-        if args.concurrent:
-            from concurrent.futures import ThreadPoolExecutor
+        messages: dict[str, dict[str, str]] = {"plain": {}, "patched": {}}
 
-            with ThreadPoolExecutor(2) as pool:
-                plain_run = pool.submit(run, test_file, args.device, False, *common)
-                patched_run = pool.submit(run, test_file, args.device, True, *common)
-                (plain, _, plain_seconds), (patched, counts, patched_seconds) = plain_run.result(), patched_run.result()
-        else:
-            plain, _, plain_seconds = run(test_file, args.device, False, *common)
-            patched, counts, patched_seconds = run(test_file, args.device, True, *common)
+        def both(only=None):
+            """The plain and the patched run (at once with --concurrent): their outcomes, counts, seconds."""
+            if args.concurrent:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(2) as pool:
+                    plain_run = pool.submit(run, test_file, args.device, False, *common, only, messages["plain"])
+                    patched_run = pool.submit(run, test_file, args.device, True, *common, only, messages["patched"])
+                    return plain_run.result(), patched_run.result()
+            return (run(test_file, args.device, False, *common, only, messages["plain"]),
+                    run(test_file, args.device, True, *common, only, messages["patched"]))
+
+        (plain, _, plain_seconds), (patched, counts, patched_seconds) = both()
         tail = (work / "patched.log").read_text().strip().splitlines()[-1:]
-    passed_plain = {name for name, outcome in plain.items() if outcome == "passed"}
-    broken = sorted(name for name in passed_plain if patched.get(name) != "passed")
-    fixed = sorted(name for name, outcome in patched.items() if outcome == "passed" and plain.get(name) == "failed")
+        passed_plain = {name for name, outcome in plain.items() if outcome == "passed"}
+        broken = sorted(name for name in passed_plain if patched.get(name) != "passed")
+        fixed = sorted(name for name, outcome in patched.items() if outcome == "passed" and plain.get(name) == "failed")
+        # --confirm: the tests whose outcome differed, run again alone both ways; a test that passes
+        # plain and fails patched again is flashjit's, one that now agrees was the first run's noise.
+        confirmed = None
+        if args.confirm and (broken or fixed):
+            (plain_again, _, _), (patched_again, counts_again, _) = both(broken + fixed)
+            confirmed = {
+                "broken": sorted(n for n in broken if plain_again.get(n) == "passed" and patched_again.get(n) != "passed"),
+                "fixed": sorted(n for n in fixed if patched_again.get(n) == "passed" and plain_again.get(n) == "failed"),
+                "ran": len(plain_again), "counts": counts_again}
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     commit = os.environ.get("FLASHJIT_COMMIT") or os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
     summary = (f"plain: {len(passed_plain)} passed of {len(plain)} ({plain_seconds:.0f} s); patched: "
@@ -236,7 +273,8 @@ def main() -> int:
              f"- command: `python scripts/torch_sdpa_suite.py test_transformers.py --device {args.device}"
              + (f" -k '{args.keyword}'" if args.keyword else "")
              + (f" --workers {args.workers}" if args.workers > 1 else "")
-             + (f" --shard {args.shard}" if args.shard else "") + (" --concurrent" if args.concurrent else "") + "`",
+             + (f" --shard {args.shard}" if args.shard else "") + (" --concurrent" if args.concurrent else "")
+             + (" --confirm" if args.confirm else "") + "`",
              f"- torch {torch.__version__}, flashjit {flashjit.__version__}"
              + (f"; test_transformers.py: {args.source}" if args.source else ""), "",
              summary, "",
@@ -245,14 +283,31 @@ def main() -> int:
              f"{counts.get('tests', '?') if counts else '?'} tests counted in its processes, "
              f"{counts.get('unpatched', '?') if counts else '?'} of them leaving the patch undone.", "",
              f"Pass plain, not patched ({len(broken)}):", ""]
-    lines += [f"- `{name}` ({patched.get(name, 'not run')})" for name in broken] or ["- none"]
+    if confirmed is not None:
+        again = confirmed["counts"] or {}
+        lines[-2:-2] = [
+            f"Run again alone, both ways (--confirm; {confirmed['ran']} of the {len(broken) + len(fixed)} tests whose "
+            f"outcome differed ran; {again.get('served', '?')} SDPA calls served by flashjit, "
+            f"{again.get('fallback', '?')} handed to torch): {len(confirmed['broken'])} pass plain and fail patched "
+            f"again, {len(confirmed['fixed'])} fail plain and pass patched again. The lists below mark those "
+            "with **again**; the others agreed on the second run.", ""]
+    marked = set(confirmed["broken"] + confirmed["fixed"]) if confirmed else set()
+
+    def listed(name, side):
+        message = messages[side].get(name)
+        return (f"- `{name}` ({patched.get(name, 'not run') if side == 'patched' else 'failed'})"
+                + (" **again**" if name in marked else "") + (f": {message}" if message else ""))
+
+    lines += [listed(name, "patched") for name in broken] or ["- none"]
     lines += ["", f"Fail plain, pass patched ({len(fixed)}):", ""]
-    lines += [f"- `{name}`" for name in fixed] or ["- none"]
+    lines += [listed(name, "plain") for name in fixed] or ["- none"]
     lines += ["", f"patched run's last line: {tail[0] if tail else ''}"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        tag = "cpu" if args.device == "cpu" else device.split()[-1].lower()
+        from flashjit.bench.provenance import device_tag
+
+        tag = device_tag({"device": args.device, "gpu": device})
         slice_tag = f"-shard{args.shard.replace('/', 'of')}" if args.shard else ""
         path = pathlib.Path(args.out) / f"{tag}-torch-sdpa-suite-{datetime.date.today()}-{commit}{slice_tag}.md"
         path.parent.mkdir(parents=True, exist_ok=True)

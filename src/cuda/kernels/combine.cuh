@@ -5,30 +5,70 @@
 //   O = sum_s w_s O_s / sum_s w_s,   LSE = M + log(sum_s w_s).
 // A row no split saw any key of gets O = 0 and LSE = -inf, as in the unsplit kernel;
 // a NaN LSE of any split gives NaN O and LSE.
-// A warp a (batch, head, query) row; the lanes stride over the value head dim.
+// A warp a (batch, head, query) row. The lanes read the splits' LSEs 32 at a time (M and the sum
+// by shuffles); then each lane sums its columns of O over the splits in split order, the weights
+// handed round by shuffles, so that a lane has several splits' loads in flight rather than one
+// load a split after another (16-byte loads where the partials allow). The sums' order is fixed:
+// the result is the same bits every run.
 #pragma once
 
 namespace flashjit {
 
 typedef FJ_ELEM elem_t;
 
+// The larger of two LSEs, a NaN winning.
+FJ_DEVICE float combine_top(float a, float b) { return a != a || b != b ? a + b : fmaxf(a, b); }
+
+// `columns` of O (4 floats each when Vector, else 1) summed over the splits, weighted.
+template <bool Vector>
+FJ_DEVICE void combine_columns(const KernelParams& p, long long rows, long long row, int lane, float top,
+                               float inverse, elem_t* out) {
+  constexpr int kWidth = Vector ? 4 : 1;
+  const int columns = p.head_dim_v / kWidth;
+  for (int c = lane; c - lane < columns; c += 32) {  // every lane in every round (the shuffles)
+    float sum[kWidth] = {};
+    for (int base = 0; base < p.num_splits; base += 32) {
+      const int s = base + lane;
+      const float weight = s < p.num_splits ? expf(p.split_lse[s * rows + row] - top) : 0.0f;
+      const int count = min(32, p.num_splits - base);
+#pragma unroll 8
+      for (int j = 0; j < count; ++j) {
+        const float w = __shfl_sync(0xffffffffu, weight, j);
+        if (c >= columns) continue;
+        const float* part = p.split_o + ((base + j) * rows + row) * p.head_dim_v + c * kWidth;
+        if constexpr (Vector) {
+          const float4 x = *reinterpret_cast<const float4*>(part);
+          sum[0] += w * x.x;
+          sum[1] += w * x.y;
+          sum[2] += w * x.z;
+          sum[3] += w * x.w;
+        } else {
+          sum[0] += w * *part;
+        }
+      }
+    }
+    if (c < columns) {
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) out[c * kWidth + k] = from_float<elem_t>(sum[k] * inverse);
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_combine(const KernelParams p) {
   wait_for_previous_kernel();  // the split kernel's partials (launched while it runs, on sm_90)
   const long long rows = static_cast<long long>(p.batch) * p.heads_q * p.seqlen_q;
   const long long row = static_cast<long long>(blockIdx.x) * (FJ_THREADS / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
+  if (row >= rows) return;  // the whole warp
   const int lane = threadIdx.x % 32;
   const long long batch_head = row / p.seqlen_q;
   const long long i = row - batch_head * p.seqlen_q;
   const int b = static_cast<int>(batch_head / p.heads_q);
   const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
 
-  // The largest LSE; a NaN one (a NaN score in its span) wins, so that O and LSE come out NaN.
+  // The largest LSE (a NaN one wins, so that O and LSE come out NaN), then the weights' sum.
   float top = negative_infinity<float>();
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float x = p.split_lse[s * rows + row];
-    top = x != x || x > top ? x : top;
-  }
+  for (int s = lane; s < p.num_splits; s += 32) top = combine_top(top, p.split_lse[s * rows + row]);
+  for (int offset = 16; offset > 0; offset /= 2) top = combine_top(top, __shfl_xor_sync(0xffffffffu, top, offset));
   elem_t* out = operand_row<elem_t>(p.o, b, h, i);
   float* lse = p.lse.data != nullptr ? operand_row<float>(p.lse, b, h, i) : nullptr;  // null: not asked for
   if (top == negative_infinity<float>()) {
@@ -37,15 +77,14 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_co
     return;
   }
   float total = 0.0f;
-  for (int s = 0; s < p.num_splits; ++s) total += expf(p.split_lse[s * rows + row] - top);
+  for (int s = lane; s < p.num_splits; s += 32) total += expf(p.split_lse[s * rows + row] - top);
+  for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
   const float inverse = 1.0f / total;
-  for (int d = lane; d < p.head_dim_v; d += 32) {
-    float sum = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float weight = expf(p.split_lse[s * rows + row] - top);
-      sum += weight * p.split_o[(s * rows + row) * p.head_dim_v + d];
-    }
-    out[d] = from_float<elem_t>(sum * inverse);
+  const bool vector = p.head_dim_v % 4 == 0 && reinterpret_cast<unsigned long long>(p.split_o) % 16 == 0;
+  if (vector) {
+    combine_columns<true>(p, rows, row, lane, top, inverse, out);
+  } else {
+    combine_columns<false>(p, rows, row, lane, top, inverse, out);
   }
   if (lane == 0 && lse != nullptr) *lse = top + logf(total);
 }
