@@ -481,7 +481,7 @@ bool encode_forward_maps(KernelParams& params, const AttentionProblem& p, const 
 
 constexpr int kMaxSplits = 32;
 constexpr int64_t kMaxGridY = 65535;                 // blockIdx.y picks the split
-constexpr int64_t kMinSplitKeyTiles = 4;             // key tiles a split walks, at least
+constexpr int64_t kMinSplitKeyTiles = 4;             // key tiles a split walks, at least (but sm_90a: 1)
 constexpr int64_t kMaxSplitScratchBytes = 16 << 20;  // the partial outputs, at most
 
 // How many ways the forward splits the keys: where a single query block covers
@@ -503,7 +503,11 @@ int forward_splits(const AttentionProblem& p, const KernelSpec& split_spec, int 
   const bool one_warp = split_spec.threads == 32;
   const int64_t per_sm = one_warp ? 8 : (split_spec.family == KernelFamily::kHopper ? 1 : 2);
   const int64_t most = one_warp ? 4 * kMaxSplits : kMaxSplits;
-  int64_t splits = std::min<int64_t>({per_sm * multiprocessors / blocks, key_tiles / kMinSplitKeyTiles, most});
+  // The sm_90a kernel (a block an SM, at most an SM's worth of blocks) splits down to one key tile a
+  // block: at 1k keys 8 splits of one tile ran 20% faster than 2 of four in graphs (bench/NOTES.md,
+  // 2026-12-06), the combine costing little; the other kernels keep four tiles a split.
+  const int64_t min_tiles = split_spec.family == KernelFamily::kHopper ? 1 : kMinSplitKeyTiles;
+  int64_t splits = std::min<int64_t>({per_sm * multiprocessors / blocks, key_tiles / min_tiles, most});
   const int64_t bytes_per_split = p.batch * p.heads_q * p.seqlen_q * (p.head_dim_v + 1) * 4;
   splits = std::min<int64_t>(splits, kMaxSplitScratchBytes / std::max<int64_t>(bytes_per_split, 1));
   return int(std::max<int64_t>(splits, 1));

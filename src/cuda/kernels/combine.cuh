@@ -7,7 +7,7 @@
 // a NaN LSE of any split gives NaN O and LSE.
 // A warp a (batch, head, query) row. The lanes read the splits' LSEs 32 at a time (M and the sum
 // by shuffles); then each lane sums its columns of O over the splits in split order, the weights
-// handed round by shuffles, so that a lane has several splits' loads in flight rather than one
+// handed round by shuffles, so that a lane has up to 16 splits' loads in flight rather than one
 // load a split after another (16-byte loads where the partials allow). The sums' order is fixed:
 // the result is the same bits every run.
 #pragma once
@@ -22,16 +22,16 @@ FJ_DEVICE float combine_top(float a, float b) { return a != a || b != b ? a + b 
 // `columns` of O (4 floats each when Vector, else 1) summed over the splits, weighted.
 template <bool Vector>
 FJ_DEVICE void combine_columns(const KernelParams& p, long long rows, long long row, int lane, float top,
-                               float inverse, elem_t* out) {
+                               float first_weight, float inverse, elem_t* out) {
   constexpr int kWidth = Vector ? 4 : 1;
   const int columns = p.head_dim_v / kWidth;
   for (int c = lane; c - lane < columns; c += 32) {  // every lane in every round (the shuffles)
     float sum[kWidth] = {};
     for (int base = 0; base < p.num_splits; base += 32) {
       const int s = base + lane;
-      const float weight = s < p.num_splits ? expf(p.split_lse[s * rows + row] - top) : 0.0f;
+      const float weight = base == 0 ? first_weight : s < p.num_splits ? expf(p.split_lse[s * rows + row] - top) : 0.0f;
       const int count = min(32, p.num_splits - base);
-#pragma unroll 8
+#pragma unroll 16
       for (int j = 0; j < count; ++j) {
         const float w = __shfl_sync(0xffffffffu, weight, j);
         if (c >= columns) continue;
@@ -66,8 +66,10 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_co
   const int h = static_cast<int>(batch_head - static_cast<long long>(b) * p.heads_q);
 
   // The largest LSE (a NaN one wins, so that O and LSE come out NaN), then the weights' sum.
-  float top = negative_infinity<float>();
-  for (int s = lane; s < p.num_splits; s += 32) top = combine_top(top, p.split_lse[s * rows + row]);
+  // The first 32 splits' LSEs stay in a register (a split count above 32 reads the rest again).
+  const float first = lane < p.num_splits ? p.split_lse[lane * rows + row] : negative_infinity<float>();
+  float top = first;
+  for (int s = lane + 32; s < p.num_splits; s += 32) top = combine_top(top, p.split_lse[s * rows + row]);
   for (int offset = 16; offset > 0; offset /= 2) top = combine_top(top, __shfl_xor_sync(0xffffffffu, top, offset));
   elem_t* out = operand_row<elem_t>(p.o, b, h, i);
   float* lse = p.lse.data != nullptr ? operand_row<float>(p.lse, b, h, i) : nullptr;  // null: not asked for
@@ -76,15 +78,16 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_co
     if (lane == 0 && lse != nullptr) *lse = top;
     return;
   }
-  float total = 0.0f;
-  for (int s = lane; s < p.num_splits; s += 32) total += expf(p.split_lse[s * rows + row] - top);
+  const float first_weight = lane < p.num_splits ? expf(first - top) : 0.0f;
+  float total = first_weight;
+  for (int s = lane + 32; s < p.num_splits; s += 32) total += expf(p.split_lse[s * rows + row] - top);
   for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
   const float inverse = 1.0f / total;
   const bool vector = p.head_dim_v % 4 == 0 && reinterpret_cast<unsigned long long>(p.split_o) % 16 == 0;
   if (vector) {
-    combine_columns<true>(p, rows, row, lane, top, inverse, out);
+    combine_columns<true>(p, rows, row, lane, top, first_weight, inverse, out);
   } else {
-    combine_columns<false>(p, rows, row, lane, top, inverse, out);
+    combine_columns<false>(p, rows, row, lane, top, first_weight, inverse, out);
   }
   if (lane == 0 && lse != nullptr) *lse = top + logf(total);
 }
