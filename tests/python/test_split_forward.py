@@ -29,6 +29,15 @@ def test_head_dims_and_split_counts(splits, n, dtype, D, Dv):
     run(B=2, Hq=4, Hkv=2, Sq=3, Sk=300, D=D, Dv=Dv, dtype=dtype)
 
 
+# More than 32 splits: the combine reads the LSEs and weights 32 splits at a time (a chunk of the
+# warp's lanes), here with a partial last chunk; 16-byte columns (128) and 4-byte ones (40).
+@pytest.mark.parametrize("n", [33, 70])
+@pytest.mark.parametrize("D,Dv", [(128, 128), (72, 40)])
+def test_more_than_32_splits(splits, n, D, Dv):
+    splits(n)
+    run(B=2, Hq=4, Hkv=2, Sq=1, Sk=9000, D=D, Dv=Dv, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 65), (1, 1000), (7, 129), (129, 1000), (200, 70)])
 def test_seqlens(splits, Sq, Sk):
     splits(5)
