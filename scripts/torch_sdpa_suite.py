@@ -36,6 +36,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ElementTree
 
 _STUB = '''"""Stub for torch's test_cpp_extensions_open_device_registration (not available here)."""
@@ -206,10 +207,13 @@ def main() -> int:
                         "'pytorch/pytorch at <commit>'")
     parser.add_argument("--shard", default=None, metavar="K/N", help="run the K-th of N slices of the tests")
     parser.add_argument("--concurrent", action="store_true", help="run the plain and the patched run at once")
+    parser.add_argument("--budget", type=int, default=0, metavar="SECONDS",
+                        help="seconds the whole script may take: --confirm gets what the two runs left")
     parser.add_argument("--confirm", action="store_true",
                         help="run the tests whose outcome differed again, alone, both ways, and mark those that "
                              "differ again")
     args = parser.parse_args()
+    started = time.monotonic()
     if args.shard:
         try:
             k, n = (int(x) for x in args.shard.split("/"))
@@ -217,7 +221,9 @@ def main() -> int:
                 raise ValueError
         except ValueError:
             parser.error(f"--shard: expected K/N with 1 <= K <= N, got {args.shard!r}")
-    needed = ["expecttest", "hypothesis"] + (["xdist"] if args.workers > 1 else []) + (
+    # What torch's test file imports (a file that does not import them does not need them).
+    text = args.test_file.read_text() if args.test_file.is_file() else ""
+    needed = [name for name in ("expecttest", "hypothesis") if name in text] + (["xdist"] if args.workers > 1 else []) + (
         ["pytest_timeout"] if args.test_timeout else [])
     missing = [name for name in needed if not _importable(name)]
     if missing:
@@ -257,7 +263,13 @@ def main() -> int:
         # --confirm: the tests whose outcome differed, run again alone both ways; a test that passes
         # plain and fails patched again is flashjit's, one that now agrees was the first run's noise.
         confirmed = None
-        if args.confirm and (broken or fixed):
+        left = args.budget - (time.monotonic() - started) - 15 if args.budget else args.timeout
+        if args.confirm and (broken or fixed) and left < 30:
+            print(f"--confirm skipped: {left:.0f} s of --budget left", file=sys.stderr)
+        elif args.confirm and (broken or fixed):
+            # Within what is left of --budget (one after the other: half each).
+            common = (work, args.keyword, int(min(args.timeout, left if args.concurrent else left / 2)),
+                      args.workers, args.test_timeout, args.shard)
             (plain_again, _, _), (patched_again, counts_again, _) = both(broken + fixed)
             confirmed = {
                 "broken": sorted(n for n in broken if plain_again.get(n) == "passed" and patched_again.get(n) != "passed"),
