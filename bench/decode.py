@@ -9,9 +9,11 @@ of unequal length). GPU time a call over back-to-back calls (CUDA events), the K
 bytes read a second, and host time of synchronised single calls.
 
     python bench/decode.py --out bench/results [--sizes 1x8192 16x32768 ...] [--graphs] [--overlap-off] [--overlap-eager]
-        [--kernels]
+        [--kernels] [--splits N ...] [--tiles T ...]
 
---kernels adds each GPU kernel's own time a call (torch.profiler, CUPTI) for flashjit and torch.
+--kernels adds each GPU kernel's own time a call (torch.profiler, CUPTI) for flashjit and torch;
+--tiles adds flashjit with FLASHJIT_CUDA_TILES=T, a column each (in graphs too with --graphs),
+e.g. stages=3,q=1 for a deeper K/V ring in the sm_90a split forward.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def main():
                         help="batch x cached keys, e.g. 1x8192 16x32768 (default: issue's grid)")
     parser.add_argument("--splits", nargs="+", type=int, default=[], metavar="N",
                         help="also flashjit with FLASHJIT_CUDA_SPLITS=N forced, a column each (to choose the split count)")
+    parser.add_argument("--tiles", nargs="+", default=[], metavar="T",
+                        help="also flashjit with FLASHJIT_CUDA_TILES=T, a column each (e.g. stages=3,q=1)")
     parser.add_argument("--graphs", action="store_true",
                         help="also each call captured into a CUDA graph of 20 calls, replayed (flashjit, no split, forced "
                              "splits, torch)")
@@ -135,11 +139,11 @@ def main():
                         help="also each GPU kernel's own time a call (torch.profiler) for flashjit (with and without "
                              "the combine's programmatic launch) and torch")
     args = parser.parse_args()
-    for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS", "FLASHJIT_CUDA_OVERLAP"):
+    for name in ("FLASHJIT_CUDA_SPLITS", "FLASHJIT_CUDA_DECODE_WARPS", "FLASHJIT_CUDA_OVERLAP", "FLASHJIT_CUDA_TILES"):
         os.environ.pop(name, None)
     sizes = [tuple(int(x) for x in size.split("x")) for size in args.sizes] if args.sizes else SIZES
     heads_q, heads_kv, head_dim = 32, 8, 128
-    forced = [f"flashjit, splits={n}" for n in args.splits]
+    forced = [f"flashjit, splits={n}" for n in args.splits] + [f"flashjit, tiles={t}" for t in args.tiles]
     overlap = (["flashjit, overlap=0"] if args.overlap_off else []) + (
         ["flashjit, overlap=eager"] if args.overlap_eager else [])
     names = ["flashjit", "flashjit, one-warp blocks", "flashjit, warps=4", "flashjit, no split", *forced, *overlap,
@@ -161,8 +165,10 @@ def main():
             cases["flashjit, one-warp blocks"] = with_env(cases["flashjit"], FLASHJIT_CUDA_DECODE_WARPS="1")
             cases["flashjit, warps=4"] = with_env(cases["flashjit"], FLASHJIT_CUDA_DECODE_WARPS="4")
             cases["flashjit, no split"] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS="1")
-            for n, name in zip(args.splits, forced):
-                cases[name] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS=str(n))
+            for n in args.splits:
+                cases[f"flashjit, splits={n}"] = with_env(cases["flashjit"], FLASHJIT_CUDA_SPLITS=str(n))
+            for t in args.tiles:
+                cases[f"flashjit, tiles={t}"] = with_env(cases["flashjit"], FLASHJIT_CUDA_TILES=t)
             for name in overlap:
                 cases[name] = with_env(cases["flashjit"], FLASHJIT_CUDA_OVERLAP=name.split("=")[1])
             expected = cases["torch"]().float()
@@ -180,6 +186,8 @@ def main():
                 row["kernels"] = {name: kernel_us(fn) for name, fn in (
                     ("flashjit", cases["flashjit"]),
                     ("flashjit, overlap=0", with_env(cases["flashjit"], FLASHJIT_CUDA_OVERLAP="0")),
+                    *((f"flashjit, tiles={t}, overlap=0",
+                       with_env(cases[f"flashjit, tiles={t}"], FLASHJIT_CUDA_OVERLAP="0")) for t in args.tiles),
                     ("torch", cases["torch"]))}
             rows.append(row)
             print({key: round(value, 1) if isinstance(value, float) else value for key, value in row.items()},
@@ -195,7 +203,8 @@ def main():
              "- µs: GPU time a call over back-to-back calls (CUDA events), median of 7 runs; TB/s: K and V bytes "
              "read (masked: the kept keys') over that time; sync µs: host time of one synchronised call, median "
              "of 5 x 20; one-warp blocks: FLASHJIT_CUDA_DECODE_WARPS=1; warps=4: FLASHJIT_CUDA_DECODE_WARPS=4 (on sm_90 "
-             "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1; splits=N: FLASHJIT_CUDA_SPLITS=N; overlap=0: "
+             "the sm_90a split forward); no split: FLASHJIT_CUDA_SPLITS=1; splits=N: FLASHJIT_CUDA_SPLITS=N; tiles=T: "
+             "FLASHJIT_CUDA_TILES=T; overlap=0: "
              "FLASHJIT_CUDA_OVERLAP=0; overlap=eager: FLASHJIT_CUDA_OVERLAP=eager; graph µs: GPU time a call of 20 calls captured into a CUDA graph and replayed, "
              "median of 7 replays", "",
              "| B | keys | mask | " + " | ".join(f"{n} µs" for n in names) + " | flashjit TB/s | torch TB/s | "
