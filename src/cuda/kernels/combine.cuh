@@ -7,9 +7,9 @@
 // a NaN LSE of any split gives NaN O and LSE.
 // A warp a (batch, head, query) row. The lanes read the splits' LSEs 32 at a time (M and the sum
 // by shuffles); then each lane sums its columns of O over the splits in split order, the weights
-// handed round by shuffles and the loop unrolled by 16 (meant to put the splits' loads in
-// flight together; ptxas interleaves each load with its shuffle instead: bench/NOTES.md, 2026-12-06) (16-byte loads where the partials allow). The sums' order is fixed:
-// the result is the same bits every run.
+// handed round by shuffles, 16-byte loads where the partials allow, the loop unrolled by 16
+// (meant to put the splits' loads in flight together; ptxas interleaves each load with its
+// shuffle instead: bench/NOTES.md, 2026-12-06). The sums' order is fixed: the same bits every run.
 #pragma once
 
 namespace flashjit {
