@@ -1,6 +1,7 @@
-"""scripts/torch_sdpa_suite.py on a small test file of its own: plain and patched runs, the
-counts of SDPA calls served, the failures' first lines, and --confirm's second run, which marks
-a difference that comes back and leaves one that does not (a flaky test) unmarked."""
+"""scripts/torch_sdpa_suite.py on a small test file of its own: plain and patched runs (both
+whole, or --patched-first: plain only where patched did not pass), the counts of SDPA calls
+served, the failures' first lines, and --confirm's second run, which marks a difference that
+comes back and leaves one that does not (a flaky test) unmarked."""
 
 import pathlib
 import subprocess
@@ -36,7 +37,8 @@ class TestSmall(unittest.TestCase):
 '''
 
 
-def test_confirm_marks_only_differences_that_come_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("patched_first", [False, True], ids=["both", "patched-first"])
+def test_confirm_marks_only_differences_that_come_back(tmp_path, monkeypatch, patched_first):
     if sys.platform == "win32":
         pytest.skip("POSIX paths")
     (tmp_path / "test_small.py").write_text(TESTS)
@@ -45,12 +47,17 @@ def test_confirm_marks_only_differences_that_come_back(tmp_path, monkeypatch):
     monkeypatch.setenv("SUITE_MARKERS", str(markers))
     monkeypatch.setenv("FLASHJIT_TEST_DEVICE", "cpu")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "torch_sdpa_suite.py"), str(tmp_path / "test_small.py"),
-                             "--device", "cpu", "--confirm", "--budget", "300", "--out", str(tmp_path / "out")],
+                             "--device", "cpu", "--confirm", "--budget", "300", "--out", str(tmp_path / "out")]
+                            + (["--patched-first"] if patched_first else []),
                             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr  # a test passes plain only
     (record,) = (tmp_path / "out").glob("cpu-torch-sdpa-suite-*.md")
     text = record.read_text()
-    assert "plain: 3 passed of 3" in text and "patched: 1 passed of 3" in text, text
+    assert "patched: 1 passed of 3" in text, text
+    if patched_first:  # plain ran only the two tests that did not pass patched
+        assert "plain, only the 2 tests that did not pass patched (--patched-first): 2 passed" in text, text
+    else:
+        assert "plain: 3 passed of 3" in text, text
     assert "1 served by flashjit" in text, text
     lines = {line.split("`")[1].rsplit("::", 1)[1]: line for line in text.splitlines() if line.startswith("- `")}
     assert "**again**" in lines["test_fails_patched"] and "patched here" in lines["test_fails_patched"], text
