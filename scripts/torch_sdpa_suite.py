@@ -159,10 +159,10 @@ def outcomes(junit: pathlib.Path, messages: dict[str, str] | None = None) -> dic
 
 def run(test_file: pathlib.Path, device: str, patched: bool, work: pathlib.Path, keyword: str | None,
         timeout: int, workers: int, test_timeout: int, shard: str | None, only: list[str] | None = None,
-        messages: dict[str, str] | None = None) -> tuple[dict[str, str], dict | None, float]:
+        messages: dict[str, str] | None = None, suffix: str = "") -> tuple[dict[str, str], dict | None, float]:
     """One pytest run of the file (or of the tests `only` names, for the confirmation: no -k, no
     shard), plain or patched: outcomes by test id, the patched run's counts, seconds."""
-    name = ("patched" if patched else "plain") + ("-confirm" if only else "")
+    name = ("patched" if patched else "plain") + suffix
     junit = work / f"{name}.xml"
     env = dict(os.environ, PYTORCH_TESTING_DEVICE_ONLY_FOR=device,
                PYTHONPATH=os.pathsep.join([str(work), str(test_file.parent), os.environ.get("PYTHONPATH", "")]))
@@ -264,17 +264,18 @@ def main() -> int:
         common = (work, args.keyword, args.timeout, args.workers, args.test_timeout, args.shard)
         messages: dict[str, dict[str, str]] = {"plain": {}, "patched": {}}
 
-        def both(only=None):
+        def both(only=None, suffix=""):
             """The plain and the patched run (at once with --concurrent): their outcomes, counts, seconds."""
             if args.concurrent:
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(2) as pool:
-                    plain_run = pool.submit(run, test_file, args.device, False, *common, only, messages["plain"])
-                    patched_run = pool.submit(run, test_file, args.device, True, *common, only, messages["patched"])
+                    plain_run = pool.submit(run, test_file, args.device, False, *common, only, messages["plain"], suffix)
+                    patched_run = pool.submit(run, test_file, args.device, True, *common, only, messages["patched"],
+                                              suffix)
                     return plain_run.result(), patched_run.result()
-            return (run(test_file, args.device, False, *common, only, messages["plain"]),
-                    run(test_file, args.device, True, *common, only, messages["patched"]))
+            return (run(test_file, args.device, False, *common, only, messages["plain"], suffix),
+                    run(test_file, args.device, True, *common, only, messages["patched"], suffix))
 
         if args.patched_first:
             # The patched run, then the plain run of only the tests that did not pass patched: what
@@ -300,7 +301,7 @@ def main() -> int:
             # Within what is left of --budget (one after the other: half each).
             common = (work, args.keyword, int(min(args.timeout, left if args.concurrent else left / 2)),
                       args.workers, args.test_timeout, args.shard)
-            (plain_again, _, _), (patched_again, counts_again, _) = both(broken + fixed)
+            (plain_again, _, _), (patched_again, counts_again, _) = both(broken + fixed, "-confirm")
             confirmed = {
                 "broken": sorted(n for n in broken if plain_again.get(n) == "passed" and patched_again.get(n) != "passed"),
                 "fixed": sorted(n for n in fixed if patched_again.get(n) == "passed" and plain_again.get(n) == "failed"),
