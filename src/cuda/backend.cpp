@@ -24,6 +24,7 @@
 #include "cuda/settings.hpp"
 #include "cuda/tuning.hpp"
 #include "cuda/kernels/params.cuh"
+#include "cuda/kernels/shared_layout.h"
 
 namespace flashjit::cuda {
 namespace {
@@ -1098,14 +1099,16 @@ std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& 
 }
 
 // The one-pass backward's scratch beside the rows' (KernelParams::dq_accum): dQ's float32 sums,
-// head_dim_qk floats a scratch row, then two counters a tile of block_n scratch rows; none for
+// head_dim_qk floats a scratch row, then two counters a tile of block_n scratch rows (with
+// writer-groups, each of them layout::kDqGroups times: group g's after group g - 1's); none for
 // other kernels.
 struct OnePassScratch {
   size_t accum_floats = 0, counters = 0;
   OnePassScratch(const KernelSpec& dkdv, int64_t scratch_rows) {
     if (!dkdv.one_pass) return;
-    accum_floats = size_t(scratch_rows) * size_t(dkdv.head_dim_qk);
-    counters = size_t(ceil_div(scratch_rows, dkdv.block_n)) * 2;
+    const size_t groups = size_t(layout::dq_groups(dkdv.dq_diagnostic));  // writer-groups: sums a group
+    accum_floats = groups * size_t(scratch_rows) * size_t(dkdv.head_dim_qk);
+    counters = groups * size_t(ceil_div(scratch_rows, dkdv.block_n)) * 2;
   }
   size_t bytes() const { return accum_floats * sizeof(float) + counters * sizeof(int); }
   // Points the kernels at it, from `base` (16-byte aligned).

@@ -171,6 +171,7 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 5 ? "_dq-writer"
                  : dq_diagnostic == 6 ? "_dq-writer-arrival"
                  : dq_diagnostic == 7 ? "_dq-writer-eager"
+                 : dq_diagnostic == 8 ? "_dq-writer-groups"
                                       : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
@@ -738,6 +739,8 @@ KernelSpec dq_convert_kernel(const KernelSpec& dkdv) {
   spec.stages = dkdv.stages;
   spec.block_n = dkdv.block_n;
   spec.arch = dkdv.arch;
+  // Its sums in groups (writer-groups) are added in the kernel: the dK/dV kernel's mode then.
+  if (layout::dq_groups(dkdv.dq_diagnostic) > 1) spec.dq_diagnostic = dkdv.dq_diagnostic;
   return spec;
 }
 

@@ -90,7 +90,8 @@ struct KernelSpec {
   // 5 as 3, the adds, waits and counts made by a writer thread of the producer warpgroup in bulk
   // copies from dQ staged in shared memory, each count released after the next tile's copies
   // (=writer); 6 as 4, by the writer (=writer-arrival; 5 where 4 would be 3); 7 as 5, each count
-  // released before the next tile's wait (=writer-eager).
+  // released before the next tile's wait (=writer-eager); 8 as 5, a tile's visitors summing in
+  // layout::kDqGroups groups by rank, added together by the convert kernel (=writer-groups).
   int dq_diagnostic = 0;
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).

@@ -354,11 +354,14 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 }
 
 // FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only), eager (ordered sums released at
-// once), arrival (in the order blocks reach a tile), writer, writer-eager and writer-arrival (eager's and
-// arrival's orders, their sums made by the dQ writer in bulk copies, after which a kernel of its own
-// writes dQ) give one-pass kernels of their own names, which compile (all but the timing ones also
+// once), arrival (in the order blocks reach a tile), writer, writer-eager, writer-groups and
+// writer-arrival (eager's and arrival's orders, their sums made by the dQ writer in bulk copies,
+// after which a kernel of its own writes dQ) give one-pass kernels of their own names, which
+// compile (all but the timing ones also
 // at head dim 64, with every feature and for variable-length batches, the writer's dQ kernel too;
-// writer-eager, which differs from writer in when a count is released, at head dim 128 alone);
+// writer-eager, which differs from writer in when a count is released, and writer-groups, in
+// where a visitor's sums go, at head dim 128 alone, the latter's dQ kernel (which adds the
+// groups) too);
 // unset or ordered the real one; another value is an error naming it.
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   REQUIRE_NVRTC();
@@ -368,8 +371,8 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
   const std::string real = backward_kernels(traits, true).back().name();
-  const std::vector<std::string> values = {"none",   "unordered",      "eager",       "arrival",
-                                           "writer", "writer-arrival", "writer-eager"};
+  const std::vector<std::string> values = {"none",   "unordered",      "eager",        "arrival",
+                                           "writer", "writer-arrival", "writer-eager", "writer-groups"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const std::vector<KernelSpec> specs = backward_kernels(traits, true);

@@ -390,6 +390,14 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   std::memcpy(&convert_params, convert.params, sizeof convert_params);
   EXPECT_NE(convert_params.dq_accum, nullptr);
   EXPECT_NE(convert_params.dq_semaphore, nullptr);
+  // writer-groups: four groups' sums and counters, the same launches.
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer-groups", 1);
+  EXPECT_EQ(backward_launches(), 3u);
+  KernelParams grouped;
+  std::memcpy(&grouped, null_driver().last(1).front().params, sizeof grouped);
+  EXPECT_EQ(grouped.dq_counters, 4 * convert_params.dq_counters);
+  EXPECT_EQ(reinterpret_cast<char*>(grouped.dq_semaphore) - reinterpret_cast<char*>(grouped.dq_accum),
+            4 * (reinterpret_cast<char*>(convert_params.dq_semaphore) - reinterpret_cast<char*>(convert_params.dq_accum)));
   unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
   EXPECT_EQ(backward_launches(), 3u);

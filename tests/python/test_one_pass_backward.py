@@ -22,8 +22,10 @@ pytestmark = sm90
 # default), right after the adds (eager, FLASHJIT_CUDA_ONE_PASS_DQ=eager), the eager order's adds
 # made by the dQ writer's bulk copies from shared memory (writer; writer-eager: each count released
 # before the next tile's wait), and with the adds in the order the blocks reach each tile (arrival:
-# its own fixed order, so its own bits; writer-arrival: by the writer).
-@pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival"])
+# its own fixed order, so its own bits; writer-arrival: by the writer), and with a tile's visitors
+# summing in four groups by rank (writer-groups: its own fixed order too).
+@pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival",
+                                      "writer-groups"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)

@@ -60,6 +60,8 @@ namespace mma {
 static_assert(kRowTiles == 1 && kWarps == 8 && kBlockM == 128, "two consumer warpgroups of 64 rows");
 static_assert(kDimQk % 64 == 0 && kDimV % 64 == 0, "head dims padded to whole swizzled regions");
 constexpr bool kVarlenKernel = FJ_VARLEN;  // FJ_VARLEN: a variable-length batch (KernelParams::varlen)
+// The one pass's dQ sums in groups (writer-groups: shared_layout.h's kDqGroups), else one.
+constexpr int kDqGroups = layout::dq_groups(FJ_DQ_DIAGNOSTIC);
 
 #if FJ_BACKWARD_PREP || FJ_BACKWARD_DQ_CONVERT
 // Where scratch row `row` belongs: its sequence's parameters (a variable-length batch's entry's,
@@ -152,11 +154,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
 #endif  // FJ_BACKWARD_PREP
 
 #if FJ_BACKWARD_DQ_CONVERT
-// After the one pass with a dQ writer: dQ from its float32 sums, one query tile (kBlockN scratch
-// rows, the one pass's step) a block. The sums of a tile are its two consumers' chunks in their
-// accumulators' order (float4 i of a chunk: thread i % 128's fragment i / 128); a tile no key
-// block visited (its counts are 0) has no sums, and its rows, which see no key, the prep kernel
-// zeroed. Through shared memory, so that the rows are written whole.
+// After the one pass with a dQ writer: dQ from its float32 sums (writer-groups: the groups' sums
+// added in group order), one query tile (kBlockN scratch rows, the one pass's step) a block. The
+// sums of a tile are its two consumers' chunks in their accumulators' order (float4 i of a
+// chunk: thread i % 128's fragment i / 128); a tile no key block visited (its counts are 0) has no
+// sums, and its rows, which see no key, the prep kernel zeroed. Through shared memory, so that the rows are written whole.
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
     fj_attention_backward_dq_convert(const KernelParams p) {
   constexpr int kDqQueries = kDimQk == 128 ? kBlockN : kBlockN / 2;  // the dK/dV kernel's, as there
@@ -168,12 +170,25 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   const KernelParams& sp = place.params(p);
   const int ob = place.b;
   const long long first_chunk = row0 / kBlockN * kConsumers;
+  // (Group 0 holds every visited tile's first visitor.)
   if (!place.in_scratch || place.i >= sp.seqlen_q || p.dq_semaphore[first_chunk] == 0) return;
   const float* const sums = p.dq_accum + first_chunk * kDqChunk;
+  // writer-groups: the later groups' sums of the tile, those that had a visitor, added in group order.
+  const long long group_chunks = p.dq_counters / kDqGroups;
   for (int f = threadIdx.x; f < kConsumers * kDqChunk / 4; f += blockDim.x) {
     const int consumer = f / (kDqChunk / 4), index = f % (kDqChunk / 4);
     const int thread = index % 128, n = index / 128, lane = thread % 32;
-    const float4 v = *reinterpret_cast<const float4*>(sums + static_cast<long long>(f) * 4);
+    float4 v = *reinterpret_cast<const float4*>(sums + static_cast<long long>(f) * 4);
+#pragma unroll
+    for (int group = 1; group < kDqGroups; ++group) {
+      if (p.dq_semaphore[group * group_chunks + first_chunk] == 0) break;  // (groups fill in order)
+      const float4 more =
+          *reinterpret_cast<const float4*>(sums + (group * group_chunks * kDqChunk + static_cast<long long>(f) * 4));
+      v.x += more.x;
+      v.y += more.y;
+      v.z += more.z;
+      v.w += more.w;
+    }
     const float values[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -333,7 +348,7 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // the host runs it only where every key block of a head can be resident at once.
 // (6: the arrival order's sums made by the dQ writer, below.)
 #define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
-#define FJ_DQ_WRITER (FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 7)
+#define FJ_DQ_WRITER (FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
@@ -342,7 +357,9 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // in bulk copies from shared memory (cp.reduce.async.bulk), the last visitor too: dQ is written
 // from the sums by the fj_attention_backward_dq_convert kernel after the pass. 6
 // (writer-arrival): the same in the arrival order. 7 (writer-eager): the block order with each
-// count released as the arrival order's are (below), for comparison.
+// count released as the arrival order's are (below), for comparison. 8 (writer-groups): as 5, a
+// tile's visitors dealt into layout::kDqGroups groups by rank, each summing into sums of its own
+// (shared_layout.h), which the convert kernel adds in group order.
 constexpr bool kWriter = FJ_DQ_WRITER;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -716,8 +733,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int slot = t % layout::kDqStagingSlots;
       const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
       // Both consumers' chunks of the tile together (the same rank, consecutive counters).
-      const long long first_chunk = row / kBlockN * kConsumers;
-      int* const counters = p.dq_semaphore + first_chunk;
+      const long long first_chunk = row / kBlockN * kConsumers;  // (group 0's)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
@@ -731,16 +747,21 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       if (kArrival) __syncwarp();
       const TurnAtTile turn = turn_at(t, start, first_block, w, kWriterThreads, kAddBarrier);
       if (w != 0) continue;  // (the arrival order's other counting threads)
-      if (turn.rank > 0) {
+      // writer-groups: the visitor's group and its rank there; the group's counters and sums
+      // follow the groups before it (p.dq_counters counts every group's counters).
+      const int rank = turn.rank / kDqGroups;
+      const long long chunk0 = first_chunk + (kDqGroups > 1 ? turn.rank % kDqGroups * (p.dq_counters / kDqGroups) : 0);
+      int* const counters = p.dq_semaphore + chunk0;
+      if (rank > 0) {
 #pragma unroll
-        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, turn.rank);
+        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
         fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
       }
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        float* const chunk = p.dq_accum + (first_chunk + consumer) * kDqChunk;
+        float* const chunk = p.dq_accum + (chunk0 + consumer) * kDqChunk;
         const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + slot) * kDqChunk;
-        if (turn.rank == 0) {
+        if (rank == 0) {
           bulk_store(chunk, staged, kChunkBytes);
         } else {
           bulk_add_floats(chunk, staged, kChunkBytes);

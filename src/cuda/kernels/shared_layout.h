@@ -48,9 +48,16 @@ FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands) {
 constexpr int kArrivalWalkBlocks = 256;
 FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBlocks : 0; }
 // The one pass's dQ sums (KernelSpec::dq_diagnostic, FJ_DQ_DIAGNOSTIC): 4 and 6 in the arrival
-// order, 5, 6 and 7 made by the dQ writer (below).
+// order, 5 to 8 made by the dQ writer (below); 8 in kDqGroups groups of a tile's visitors.
 FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
-FJ_LAYOUT bool dq_by_writer(int diagnostic) { return diagnostic >= 5 && diagnostic <= 7; }
+FJ_LAYOUT bool dq_by_writer(int diagnostic) { return diagnostic >= 5 && diagnostic <= 8; }
+// FLASHJIT_CUDA_ONE_PASS_DQ=writer-groups (8): a tile's visitors in block order are dealt into
+// kDqGroups groups by rank (rank % kDqGroups), each group summing into float32 sums of its own in
+// block order, so that a visitor waits only for the one kDqGroups ranks below it (a chain a
+// quarter as long); the convert kernel adds the groups' sums in group order. Scratch: kDqGroups
+// times the sums and counters.
+constexpr int kDqGroups = 4;
+FJ_LAYOUT int dq_groups(int diagnostic) { return diagnostic == 8 ? kDqGroups : 1; }
 // The one pass with a dQ writer (FLASHJIT_CUDA_ONE_PASS_DQ=writer): each consumer warpgroup stages
 // its float32 share of a query tile's dQ (128 threads x dq_queries / 2 floats: at head dim 128
 // every query of the step and 64 of dQ's columns, at 64 every column of half the queries) in one
