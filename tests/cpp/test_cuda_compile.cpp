@@ -1025,7 +1025,7 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.producer_setup = !s.producer_setup;
       },
-      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 7; },
+      [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 9; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },
       [](KernelSpec& s) { s.threads += 128; },
       [](KernelSpec& s) {  // row tiles are spelled outside the scalar kernels

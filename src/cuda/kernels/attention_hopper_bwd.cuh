@@ -43,9 +43,10 @@
 //     tile, round to its first after its last, and a tile's visitors add in the
 //     order they reach it (bounds_core.h's KeyBlockSpans), which needs every block of
 //     a head resident at once (the host runs it only where they fit). With
-//     FJ_DQ_DIAGNOSTIC 5 to 7 ("writer", "writer-arrival", "writer-eager") the consumers stage their
-//     shares in shared memory and a writer thread adds them in bulk copies in those
-//     orders; the last visitor adds too, and dQ is written from the sums by
+//     FJ_DQ_DIAGNOSTIC 5 to 8 ("writer", "writer-arrival", "writer-eager", "writer-groups") the
+//     consumers stage their shares in shared memory and a writer thread adds them in bulk copies
+//     in those orders (8: a tile's visitors in four groups by rank, each group's sums its own);
+//     the last visitor adds too, and dQ is written from the sums by
 //   dQ convert (FJ_BACKWARD_DQ_CONVERT): a block of a query tile's scratch rows, after
 //     the one pass.
 //
@@ -173,15 +174,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   // (Group 0 holds every visited tile's first visitor.)
   if (!place.in_scratch || place.i >= sp.seqlen_q || p.dq_semaphore[first_chunk] == 0) return;
   const float* const sums = p.dq_accum + first_chunk * kDqChunk;
-  // writer-groups: the later groups' sums of the tile, those that had a visitor, added in group order.
+  // writer-groups: the later groups' sums of the tile, those that had a visitor (groups fill in
+  // order), added in group order.
   const long long group_chunks = p.dq_counters / kDqGroups;
+  int groups = 1;
+  while (groups < kDqGroups && p.dq_semaphore[groups * group_chunks + first_chunk] != 0) ++groups;
   for (int f = threadIdx.x; f < kConsumers * kDqChunk / 4; f += blockDim.x) {
     const int consumer = f / (kDqChunk / 4), index = f % (kDqChunk / 4);
     const int thread = index % 128, n = index / 128, lane = thread % 32;
     float4 v = *reinterpret_cast<const float4*>(sums + static_cast<long long>(f) * 4);
 #pragma unroll
     for (int group = 1; group < kDqGroups; ++group) {
-      if (p.dq_semaphore[group * group_chunks + first_chunk] == 0) break;  // (groups fill in order)
+      if (group >= groups) break;
       const float4 more =
           *reinterpret_cast<const float4*>(sums + (group * group_chunks * kDqChunk + static_cast<long long>(f) * 4));
       v.x += more.x;
