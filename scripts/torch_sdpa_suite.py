@@ -261,11 +261,15 @@ def main() -> int:
         (work / "flashjit_suite_plugin.py").write_text(_PLUGIN)
         (work / "flashjit_suite_shard.py").write_text(_SHARD_PLUGIN)
         (work / "flashjit_suite_only.py").write_text(_ONLY_PLUGIN)
-        common = (work, args.keyword, args.timeout, args.workers, args.test_timeout, args.shard)
         messages: dict[str, dict[str, str]] = {"plain": {}, "patched": {}}
 
-        def both(only=None, suffix=""):
+        def run_settings(timeout=args.timeout):
+            """run()'s arguments after the device, but for the tests listed."""
+            return work, args.keyword, timeout, args.workers, args.test_timeout, args.shard
+
+        def both(only=None, suffix="", timeout=args.timeout):
             """The plain and the patched run (at once with --concurrent): their outcomes, counts, seconds."""
+            common = run_settings(timeout)
             if args.concurrent:
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -280,6 +284,7 @@ def main() -> int:
         if args.patched_first:
             # The patched run, then the plain run of only the tests that did not pass patched: what
             # passes patched cannot pass plain and fail patched (about half the GPU time of both).
+            common = run_settings()
             patched, counts, patched_seconds = run(test_file, args.device, True, *common, None, messages["patched"])
             not_passed = sorted(name for name, outcome in patched.items() if outcome != "passed")
             plain, _, plain_seconds = (run(test_file, args.device, False, *common, not_passed, messages["plain"])
@@ -299,9 +304,8 @@ def main() -> int:
             print(f"--confirm skipped: {left:.0f} s of --budget left", file=sys.stderr)
         elif args.confirm and (broken or fixed):
             # Within what is left of --budget (one after the other: half each).
-            common = (work, args.keyword, int(min(args.timeout, left if args.concurrent else left / 2)),
-                      args.workers, args.test_timeout, args.shard)
-            (plain_again, _, _), (patched_again, counts_again, _) = both(broken + fixed, "-confirm")
+            (plain_again, _, _), (patched_again, counts_again, _) = both(
+                broken + fixed, "-confirm", int(min(args.timeout, left if args.concurrent else left / 2)))
             confirmed = {
                 "broken": sorted(n for n in broken if plain_again.get(n) == "passed" and patched_again.get(n) != "passed"),
                 "fixed": sorted(n for n in fixed if patched_again.get(n) == "passed" and plain_again.get(n) == "failed"),

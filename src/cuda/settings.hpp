@@ -23,7 +23,8 @@
 //                               writer-arrival: arrival's sums by the writer (eager's where
 //                               arrival does not apply); writer-eager: the writer's block order,
 //                               each count released before the next tile's wait (not after its
-//                               copies)
+//                               copies); writer-groups: the writer's block order, a tile's
+//                               visitors summing in four groups by rank (its own bits)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
