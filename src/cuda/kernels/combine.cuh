@@ -7,9 +7,9 @@
 // a NaN LSE of any split gives NaN O and LSE.
 // A warp a (batch, head, query) row. The lanes read the splits' LSEs 32 at a time (M and the sum
 // by shuffles); then each lane sums its columns of O over the splits in split order, the weights
-// handed round by shuffles, 16-byte loads where the partials allow, the loop unrolled by 16
-// (meant to put the splits' loads in flight together; ptxas interleaves each load with its
-// shuffle instead: bench/NOTES.md, 2026-12-06). The sums' order is fixed: the same bits every run.
+// handed round through shared memory (a shuffle there made ptxas spill), so that a lane has 8
+// splits' 16-byte loads (where the partials allow; else 16 splits' 4-byte ones) in flight rather
+// than one load a split after another. The sums' order is fixed: the same bits every run.
 #pragma once
 
 namespace flashjit {
@@ -19,31 +19,56 @@ typedef FJ_ELEM elem_t;
 // The larger of two LSEs, a NaN winning.
 FJ_DEVICE float combine_top(float a, float b) { return a != a || b != b ? a + b : fmaxf(a, b); }
 
+// What a lane reads of a split's row at a time.
+template <bool Vector>
+struct CombineColumn {
+  typedef float type;
+};
+template <>
+struct CombineColumn<true> {
+  typedef float4 type;
+};
+
 // `columns` of O (4 floats each when Vector, else 1) summed over the splits, weighted.
 template <bool Vector>
 FJ_DEVICE void combine_columns(const KernelParams& p, long long rows, long long row, int lane, float top,
-                               float first_weight, float inverse, elem_t* out) {
+                               float first_weight, float inverse, elem_t* out, float* weights) {
   constexpr int kWidth = Vector ? 4 : 1;
+  constexpr int kBatch = Vector ? 8 : 16;  // loads in flight a lane
+  typedef typename CombineColumn<Vector>::type Column;
   const int columns = p.head_dim_v / kWidth;
-  for (int c = lane; c - lane < columns; c += 32) {  // every lane in every round (the shuffles)
+  for (int c = lane; c - lane < columns; c += 32) {  // every lane in every round (the __syncwarp)
     float sum[kWidth] = {};
     for (int base = 0; base < p.num_splits; base += 32) {
       const int s = base + lane;
       const float weight = base == 0 ? first_weight : s < p.num_splits ? expf(p.split_lse[s * rows + row] - top) : 0.0f;
       const int count = min(32, p.num_splits - base);
-#pragma unroll 16
-      for (int j = 0; j < count; ++j) {
-        const float w = __shfl_sync(0xffffffffu, weight, j);
-        if (c >= columns) continue;
-        const float* part = p.split_o + ((base + j) * rows + row) * p.head_dim_v + c * kWidth;
-        if constexpr (Vector) {
-          const float4 x = *reinterpret_cast<const float4*>(part);
-          sum[0] += w * x.x;
-          sum[1] += w * x.y;
-          sum[2] += w * x.z;
-          sum[3] += w * x.w;
-        } else {
-          sum[0] += w * *part;
+      __syncwarp();  // the warp's last chunk's weights read
+      weights[lane] = weight;
+      __syncwarp();
+      // kBatch splits' loads issued together, then their weights and sums in split order.
+      for (int j = 0; j < count; j += kBatch) {
+        Column x[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (c < columns && j + u < count) {
+            x[u] = *reinterpret_cast<const Column*>(p.split_o + ((base + j + u) * rows + row) * p.head_dim_v +
+                                                     c * kWidth);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (j + u < count) {
+            const float w = weights[j + u];
+            if constexpr (Vector) {
+              sum[0] += w * x[u].x;
+              sum[1] += w * x[u].y;
+              sum[2] += w * x[u].z;
+              sum[3] += w * x[u].w;
+            } else {
+              sum[0] += w * x[u];
+            }
+          }
         }
       }
     }
@@ -83,11 +108,13 @@ extern "C" __global__ void __launch_bounds__(FJ_THREADS) fj_attention_forward_co
   for (int s = lane + 32; s < p.num_splits; s += 32) total += expf(p.split_lse[s * rows + row] - top);
   for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
   const float inverse = 1.0f / total;
+  __shared__ float warp_weights[FJ_THREADS];  // a chunk of 32 splits' weights a warp
+  float* weights = warp_weights + threadIdx.x / 32 * 32;
   const bool vector = p.head_dim_v % 4 == 0 && reinterpret_cast<unsigned long long>(p.split_o) % 16 == 0;
   if (vector) {
-    combine_columns<true>(p, rows, row, lane, top, first_weight, inverse, out);
+    combine_columns<true>(p, rows, row, lane, top, first_weight, inverse, out, weights);
   } else {
-    combine_columns<false>(p, rows, row, lane, top, first_weight, inverse, out);
+    combine_columns<false>(p, rows, row, lane, top, first_weight, inverse, out, weights);
   }
   if (lane == 0 && lse != nullptr) *lse = top + logf(total);
 }
