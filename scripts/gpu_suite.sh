@@ -23,7 +23,7 @@ fi
 device_and_build
 step "test_transformers.py -k '$keyword', shard $shard, patched, then plain where patched failed, differences again"
 PYTHONPATH="$PWD/build/suite/site" timeout 570 python3 scripts/torch_sdpa_suite.py build/suite/test_transformers.py \
-  --device cuda -k "$keyword" --shard "$shard" --patched-first --confirm --budget 560 --workers ${SUITE_WORKERS:-8} --timeout 250 --test-timeout 120 \
+  --device cuda -k "$keyword" --shard "$shard" --patched-first --confirm --budget 560 --workers ${SUITE_WORKERS:-8} --timeout 320 --test-timeout 120 \
   --source "pytorch/pytorch test/test_transformers.py at 00030eb8e81f911c48c4d7634fa6b8bb2fae1a1b" --out "$OUT" \
   2>&1 | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
