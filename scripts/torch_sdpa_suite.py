@@ -353,6 +353,16 @@ def main() -> int:
     lines += [listed(name, "patched") for name in broken] or ["- none"]
     lines += ["", f"Fail plain, pass patched ({len(fixed)}):", ""]
     lines += [listed(name, "plain") for name in fixed] or ["- none"]
+    # What fails on plain torch as well (not flashjit's doing), by the first line's kind, so that
+    # a record tells a suite that cannot run here (memory, a missing backend) from one that ran.
+    failed_both = [name for name, outcome in plain.items() if outcome == "failed" and patched.get(name) == "failed"]
+    lines += ["", f"Fail both ways ({len(failed_both)}), by the kind of their first line (plain run):", ""]
+    kinds: dict[str, list[str]] = {}
+    for name in failed_both:
+        first = messages["plain"].get(name) or "no message"
+        kinds.setdefault(first.split(":", 1)[0].strip()[:80], []).append(name)
+    lines += [f"- {kind}: {len(names)} (e.g. `{names[0]}`)"
+              for kind, names in sorted(kinds.items(), key=lambda item: -len(item[1]))[:12]] or ["- none"]
     lines += ["", f"patched run's last line: {tail[0] if tail else ''}"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -1,6 +1,6 @@
 """scripts/torch_sdpa_suite.py on a small test file of its own: plain and patched runs (both
 whole, or --patched-first: plain only where patched did not pass), the counts of SDPA calls
-served, the failures' first lines, and --confirm's second run, which marks a difference that
+served, the failures' first lines (those failing both ways counted by kind), and --confirm's second run, which marks a difference that
 comes back and leaves one that does not (a flaky test) unmarked."""
 
 import pathlib
@@ -34,6 +34,9 @@ class TestSmall(unittest.TestCase):
         first = not os.path.exists(marker)
         open(marker, "w").close()
         self.assertFalse(first and sdpa.is_sdpa_patched(), "first patched run")
+
+    def test_fails_both(self):
+        raise MemoryError("out of memory either way")
 '''
 
 
@@ -55,11 +58,12 @@ def test_confirm_marks_only_differences_that_come_back(tmp_path, monkeypatch, pa
     assert result.returncode == 1, result.stdout + result.stderr  # a test passes plain only
     (record,) = (tmp_path / "out").glob("cpu-torch-sdpa-suite-*.md")
     text = record.read_text()
-    assert "patched: 1 passed of 3" in text, text
-    if patched_first:  # plain ran only the two tests that did not pass patched
-        assert "plain, only the 2 tests that did not pass patched (--patched-first): 2 passed" in text, text
+    assert "patched: 1 passed of 4" in text, text
+    if patched_first:  # plain ran only the three tests that did not pass patched
+        assert "plain, only the 3 tests that did not pass patched (--patched-first): 2 passed" in text, text
     else:
-        assert "plain: 3 passed of 3" in text, text
+        assert "plain: 3 passed of 4" in text, text
+    assert "Fail both ways (1)" in text and "- MemoryError: 1 (e.g. `" in text, text
     assert "1 served by flashjit" in text, text
     lines = {line.split("`")[1].rsplit("::", 1)[1]: line for line in text.splitlines() if line.startswith("- `")}
     assert "**again**" in lines["test_fails_patched"] and "patched here" in lines["test_fails_patched"], text
