@@ -45,3 +45,21 @@ kvcache_bench() {
     --kv-heads 8 --head-dim 128 --page-size 64 --repeats 20 --out "$OUT" >"$OUT/$1" 2>&1 || status=1
   grep "^|" "$OUT/$1"
 }
+# Wheels that ../shared/tools/device-wheels packed, carried over in parts into /tmp/devwheels by
+# back-to-back calls: unpacked into /tmp/site, which goes first on PYTHONPATH; then flashjit is
+# built into the same folder (flashjit.mlx then finds MLX's libmlx at $ORIGIN/../mlx/lib and is
+# compiled against MLX's CUDA headers, with eval_gpu), its log in $OUT/build-site.log.
+site_from_devwheels() {
+  step "wheels"
+  ls /tmp/devwheels
+  cat /tmp/devwheels/part* | tar -x -C /tmp || { echo "a part is missing: start again from the first"; exit 1; }
+  mkdir -p /tmp/site
+  for wheel in /tmp/wheels/*.whl; do python3 -m zipfile -e "$wheel" /tmp/site; done
+  export PYTHONPATH=/tmp/site
+  step "build (into /tmp/site)"
+  python3 -m pip install -v --no-build-isolation --no-deps --target /tmp/site . >"$OUT/build-site.log" 2>&1 \
+    || { tail -40 "$OUT/build-site.log"; exit 1; }
+  grep -h "flashjit.mlx" "$OUT/build-site.log" | head -3
+  python3 -c "import flashjit, flashjit._mlx as m; print(flashjit.__file__, 'mlx cuda_available', m.cuda_available())" \
+    2>&1 | tail -1
+}

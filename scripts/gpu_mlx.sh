@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # flashjit.mlx on MLX's GPU stream, on the GPU machine (which reaches no registry). Bring
 # mlx==0.32.4 and mlx-cuda-13==0.32.4 with ../shared/tools/device-wheels (two parts, calls
-# back to back); in the call that carries the last part run
+# back to back; or the three parts of scripts/gpu_lora.sh --pins, which hold MLX too); in the
+# call that carries the last part run
 #   mkdir -p /tmp/devwheels && cp .devwheels/part01 /tmp/devwheels/ && bash scripts/gpu_mlx.sh [--bench]
 # It unpacks the wheels into /tmp/site, builds flashjit into the same folder (so that
 # flashjit/_mlx finds libmlx at $ORIGIN/../mlx/lib and compiles eval_gpu against MLX's CUDA
@@ -10,20 +11,9 @@
 OUT=${OUT:-/tmp/flashjit-gpu-mlx}
 source "$(dirname "$0")/gpu_common.sh"
 
-step "wheels"
-ls /tmp/devwheels
-cat /tmp/devwheels/part* | tar -x -C /tmp || { echo "a part is missing: start again from the first"; exit 1; }
-mkdir -p /tmp/site
-for wheel in /tmp/wheels/*.whl; do python3 -m zipfile -e "$wheel" /tmp/site; done
-export PYTHONPATH=/tmp/site
+site_from_devwheels
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device()); \
 print(mx.fast.scaled_dot_product_attention(*(mx.ones((1, 1, 8, 64)),) * 3, scale=0.125).sum())" 2>&1 | tail -3
-
-step "build (into /tmp/site)"
-python3 -m pip install -v --no-build-isolation --no-deps --target /tmp/site . >"$OUT/build-mlx.log" 2>&1 \
-  || { tail -40 "$OUT/build-mlx.log"; exit 1; }
-grep -h "flashjit.mlx" "$OUT/build-mlx.log" | head -3
-python3 -c "import flashjit, flashjit._mlx as m; print(flashjit.__file__, 'cuda_available', m.cuda_available())"
 
 step "pytest (MLX)"
 python3 -m pytest tests/python/test_mlx.py tests/python/test_mlx_modules.py -q -rfEs -p no:cacheprovider \
