@@ -131,6 +131,7 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # arrival order's sums made by the dQ writer's bulk copies from shared memory (writer-eager:
         # the block order, each count released before the next tile's wait; writer-groups: the block
         # order's visitors of a tile summing in four groups by rank, added after the pass) (real backwards);
+        # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default).
         backward, _, option = mode.partition(":")
@@ -336,12 +337,12 @@ def main():
     parser.add_argument("--backward-modes", nargs="+", default=[],
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
-                                 "one-pass:writer-eager", "one-pass:writer-groups", "split:shared",
-                                 "split:registers"],
+                                 "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic",
+                                 "split:shared", "split:registers"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
                              "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "
-                             "one-pass:writer-eager and one-pass:writer-groups also set "
+                             "one-pass:writer-eager, one-pass:writer-groups and one-pass:atomic also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
                              "two a timing diagnostic whose dQ is not written)")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")

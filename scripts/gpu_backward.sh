@@ -6,13 +6,14 @@
 # with peak memory and which backwards were bitwise repeatable. Logs and records go to $OUT
 # (default /tmp/flashjit-backward).
 #   bash scripts/gpu_backward.sh [--no-tests] [--no-sanitizer] [--no-bench] [--no-fa4] [--rounds R]
-#        [--head-dims D ...] [--seqlens N ...] [--diagnostics] [--registers-dkdv]
-# The bench has one-pass:eager, one-pass:writer, one-pass:writer-eager, one-pass:writer-groups and one-pass:writer-arrival
-# columns too (FLASHJIT_CUDA_ONE_PASS_DQ=eager: the ordered sums, each count released right after
-# the adds; writer: the same sums made by the dQ writer's bulk copies from shared memory, each count
-# released after the next tile's copies; writer-eager: before the next tile's wait; writer-groups:
-# a tile's visitors summing in four groups by rank, the groups added after the pass; writer-arrival:
-# the arrival order's, by the writer); test_one_pass_backward.py runs every order.
+#        [--head-dims D ...] [--seqlens N ...] [--modes M ...] [--diagnostics] [--registers-dkdv]
+# The bench has one-pass:writer-eager, one-pass:writer-groups and one-pass:atomic columns too
+# (FLASHJIT_CUDA_ONE_PASS_DQ=writer-eager: the ordered sums made by the dQ writer's bulk copies
+# from shared memory, each count released before the next tile's wait; writer-groups: a tile's
+# visitors summing in four groups by rank, the groups added after the pass; atomic: every visitor
+# adding at once, in no order, not deterministic; --modes M ... sets the columns, e.g. one-pass:eager
+# one-pass:writer one-pass:writer-arrival, measured on 2026-12-06); test_one_pass_backward.py runs
+# every order.
 # --diagnostics: also the one pass without its ordered dQ sums (one-pass:none, one-pass:unordered:
 # FLASHJIT_CUDA_ONE_PASS_DQ, timing only), to tell the ordering's cost from the kernel's shape.
 # --registers-dkdv: also the split backward with FLASHJIT_CUDA_DKDV=registers (a column,
@@ -22,7 +23,7 @@
 # (--no-sanitizer --no-bench; --no-tests --no-bench; --no-tests --no-sanitizer).
 OUT=${OUT:-/tmp/flashjit-backward}
 source "$(dirname "$0")/gpu_common.sh"
-tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass one-pass:eager one-pass:writer one-pass:writer-eager one-pass:writer-arrival one-pass:writer-groups) registers_dkdv=0
+tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass:writer-eager one-pass:writer-groups one-pass:atomic) registers_dkdv=0
 while (($#)); do
   case $1 in
     --no-tests) tests=0 ;;
@@ -32,6 +33,8 @@ while (($#)); do
     --diagnostics) modes+=(one-pass:none one-pass:unordered) ;;
     --registers-dkdv) modes+=(split:registers) registers_dkdv=1 ;;
     --rounds) shift; bench_args+=(--rounds "$1") ;;
+    --modes) shift; modes=()
+      while (($#)) && [[ $1 != --* ]]; do modes+=("$1"); shift; done; continue ;;
     --head-dims|--seqlens) flag=$1; shift; bench_args+=("$flag")
       while (($#)) && [[ $1 != --* ]]; do bench_args+=("$1"); shift; done; continue ;;
     *) echo "unknown argument $1"; exit 2 ;;

@@ -1101,14 +1101,16 @@ std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& 
 // The one-pass backward's scratch beside the rows' (KernelParams::dq_accum): dQ's float32 sums,
 // head_dim_qk floats a scratch row, then two counters a tile of block_n scratch rows (with
 // writer-groups, each of them layout::kDqGroups times: group g's after group g - 1's); none for
-// other kernels.
+// other kernels. The atomic sums are zeroed by the prep kernel (the others' first visitor stores).
 struct OnePassScratch {
   size_t accum_floats = 0, counters = 0;
+  bool zeroed = false;
   OnePassScratch(const KernelSpec& dkdv, int64_t scratch_rows) {
     if (!dkdv.one_pass) return;
     const size_t groups = size_t(layout::dq_groups(dkdv.dq_diagnostic));  // writer-groups: sums a group
     accum_floats = groups * size_t(scratch_rows) * size_t(dkdv.head_dim_qk);
     counters = groups * size_t(ceil_div(scratch_rows, dkdv.block_n)) * 2;
+    zeroed = layout::dq_atomic(dkdv.dq_diagnostic);
   }
   size_t bytes() const { return accum_floats * sizeof(float) + counters * sizeof(int); }
   // Points the kernels at it, from `base` (16-byte aligned).
@@ -1117,6 +1119,7 @@ struct OnePassScratch {
     params.dq_accum = reinterpret_cast<float*>(base);
     params.dq_semaphore = reinterpret_cast<int*>(params.dq_accum + accum_floats);
     params.dq_counters = int64_t(counters);
+    params.dq_zero_floats = zeroed ? int64_t(accum_floats) : 0;  // a multiple of 4: head dims of 64 and 128
   }
 };
 

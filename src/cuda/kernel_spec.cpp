@@ -172,6 +172,7 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 6 ? "_dq-writer-arrival"
                  : dq_diagnostic == 7 ? "_dq-writer-eager"
                  : dq_diagnostic == 8 ? "_dq-writer-groups"
+                 : dq_diagnostic == 9 ? "_dq-atomic"
                                       : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
@@ -739,8 +740,11 @@ KernelSpec dq_convert_kernel(const KernelSpec& dkdv) {
   spec.stages = dkdv.stages;
   spec.block_n = dkdv.block_n;
   spec.arch = dkdv.arch;
-  // Its sums in groups (writer-groups) are added in the kernel: the dK/dV kernel's mode then.
-  if (layout::dq_groups(dkdv.dq_diagnostic) > 1) spec.dq_diagnostic = dkdv.dq_diagnostic;
+  // Its sums in groups (writer-groups) are added in the kernel, and the atomic sums have no
+  // counts: the dK/dV kernel's mode then.
+  if (layout::dq_groups(dkdv.dq_diagnostic) > 1 || layout::dq_atomic(dkdv.dq_diagnostic)) {
+    spec.dq_diagnostic = dkdv.dq_diagnostic;
+  }
   return spec;
 }
 
@@ -762,7 +766,7 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
       dkdv.one_pass = true;
       dkdv.dq_diagnostic = settings::one_pass_dq();
       if (fits(dkdv)) {
-        if (layout::dq_by_writer(dkdv.dq_diagnostic)) return {prep, dkdv, dq_convert_kernel(dkdv)};
+        if (layout::dq_converted(dkdv.dq_diagnostic)) return {prep, dkdv, dq_convert_kernel(dkdv)};
         return {prep, dkdv};
       }
       dkdv.one_pass = false;

@@ -24,7 +24,9 @@
 //                               arrival does not apply); writer-eager: the writer's block order,
 //                               each count released before the next tile's wait (not after its
 //                               copies); writer-groups: the writer's block order, a tile's
-//                               visitors summing in four groups by rank (its own bits)
+//                               visitors summing in four groups by rank (its own bits); atomic:
+//                               every visitor adds at once, in no order, into sums the prep kernel
+//                               zeroed, dQ then written from them (a real backward, not deterministic)
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -118,8 +120,9 @@ bool trace_tiles();
 // a release) rather than at the block's next add; "arrival" (4) the real backward with the adds
 // in the order the blocks reach each tile (KeyBlockSpans' arrival order; the plan falls back to 3
 // where a head's key blocks cannot all be resident); "writer" (5), "writer-arrival" (6) and
-// "writer-eager" (7) those sums by the dQ writer's bulk copies (attention_hopper_bwd.cuh).
-// Another value is an error.
+// "writer-eager" (7) those sums by the dQ writer's bulk copies (attention_hopper_bwd.cuh);
+// "writer-groups" (8) the writer's sums in four groups by rank; "atomic" (9) the real backward
+// with every block's adds made at once, in no order (not deterministic). Another value is an error.
 int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset

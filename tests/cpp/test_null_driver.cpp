@@ -398,6 +398,20 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   EXPECT_EQ(grouped.dq_counters, 4 * convert_params.dq_counters);
   EXPECT_EQ(reinterpret_cast<char*>(grouped.dq_semaphore) - reinterpret_cast<char*>(grouped.dq_accum),
             4 * (reinterpret_cast<char*>(convert_params.dq_semaphore) - reinterpret_cast<char*>(convert_params.dq_accum)));
+  EXPECT_EQ(grouped.dq_zero_floats, 0);
+  // atomic: one group's sums, which the prep kernel zeroes (every float of them: 4 heads x 512
+  // scratch rows x 64 head dims), then the same convert kernel's launch.
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "atomic", 1);
+  EXPECT_EQ(backward_launches(), 3u);
+  const std::vector<NullLaunch> atomic = null_driver().last(3);
+  EXPECT_EQ(std::string(atomic[0].function), "fj_attention_backward_prep");
+  EXPECT_EQ(std::string(atomic[2].function), "fj_attention_backward_dq_convert");
+  for (const NullLaunch& launch : atomic) {
+    KernelParams params;
+    std::memcpy(&params, launch.params, sizeof params);
+    EXPECT_EQ(params.dq_zero_floats, 4 * 512 * 64) << launch.function;
+    EXPECT_EQ(params.dq_counters, convert_params.dq_counters) << launch.function;
+  }
   unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
   EXPECT_EQ(backward_launches(), 3u);

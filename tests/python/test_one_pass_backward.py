@@ -1,8 +1,11 @@
 """The one-pass sm_90a backward (FLASHJIT_CUDA_BACKWARD=one-pass): the dK/dV kernel also forms
 dQ, summing each query tile's dQ over the key blocks in float32 in a fixed order. Gradients
 against the float64 reference for every feature, dQ rows written even where no key block sees
-them (outputs poisoned first), bitwise equal across runs, and the plan really is the one-pass
-one (its workspace holds the float32 dQ sums). Runs on an sm_90 GPU; skipped elsewhere."""
+them (outputs poisoned first), bitwise equal across runs (but for dQ of the atomic adds), and the
+plan really is the one-pass one (its workspace holds the float32 dQ sums). Runs on an sm_90 GPU;
+skipped elsewhere."""
+
+import os
 
 import pytest
 import torch
@@ -23,9 +26,10 @@ pytestmark = sm90
 # made by the dQ writer's bulk copies from shared memory (writer; writer-eager: each count released
 # before the next tile's wait), and with the adds in the order the blocks reach each tile (arrival:
 # its own fixed order, so its own bits; writer-arrival: by the writer), and with a tile's visitors
-# summing in four groups by rank (writer-groups: its own fixed order too).
+# summing in four groups by rank (writer-groups: its own fixed order too); and with every visitor
+# adding at once in no order (atomic: not deterministic, so not compared bit for bit).
 @pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival",
-                                      "writer-groups"])
+                                      "writer-groups", "atomic"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
@@ -159,7 +163,11 @@ def test_bitwise_reproducible_and_close_to_the_split_backward(causal, monkeypatc
     first = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
     for _ in range(3):
         again = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
-        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        if os.environ["FLASHJIT_CUDA_ONE_PASS_DQ"] == "atomic":  # dQ's adds land in any order
+            assert torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])  # dK, dV: no atomics
+            assert (first[0].float() - again[0].float()).abs().max().item() <= 0.01 * first[0].float().abs().max().item()
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")
     split = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
     for name, a, b in zip(("dq", "dk", "dv"), first, split):

@@ -145,6 +145,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   }
   if (p.dq_semaphore != nullptr) {  // the one-pass backward follows
     if (lane == 0 && row < p.dq_counters) p.dq_semaphore[row] = 0;
+    // The atomic one pass's sums (16-byte aligned, a multiple of 4 floats), over the whole grid.
+    const long long vectors = p.dq_zero_floats / 4;
+    for (long long f = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; f < vectors;
+         f += static_cast<long long>(gridDim.x) * blockDim.x) {
+      reinterpret_cast<float4*>(p.dq_accum)[f] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     // No key block sees a query tile whose rows see no key: their dQ rows are zeros, written here.
     if (in_scratch && i < sp.seqlen_q && key_begin(sp, i) >= key_end(sp, i)) {
       elem_t* dq_row = operand_row<elem_t>(sp.dq, ob, h, i);
@@ -171,8 +177,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
   const KernelParams& sp = place.params(p);
   const int ob = place.b;
   const long long first_chunk = row0 / kBlockN * kConsumers;
-  // (Group 0 holds every visited tile's first visitor.)
-  if (!place.in_scratch || place.i >= sp.seqlen_q || p.dq_semaphore[first_chunk] == 0) return;
+  // (Group 0 holds every visited tile's first visitor.) The atomic sums count no visitor: a tile
+  // none visited holds the prep kernel's zeros, which are its rows' dQ (they see no key).
+  constexpr bool kAtomic = layout::dq_atomic(FJ_DQ_DIAGNOSTIC);
+  if (!place.in_scratch || place.i >= sp.seqlen_q || (!kAtomic && p.dq_semaphore[first_chunk] == 0)) return;
   const float* const sums = p.dq_accum + first_chunk * kDqChunk;
   // writer-groups: the later groups' sums of the tile, those that had a visitor (groups fill in
   // order), added in group order.
@@ -871,6 +879,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const long long row = scratch_base + batch_head * sp.scratch_pitch + start;
         const long long chunk_index = row / kBlockN * kConsumers + consumer;
         const int thread = threadIdx.x % 128;
+#if FJ_DQ_DIAGNOSTIC == 9  // atomic: added at once, in no order, into sums the prep kernel zeroed
+        {
+          float* const sums = p.dq_accum + chunk_index * kDqChunk;
+#pragma unroll
+          for (int n = 0; n < kDqQueries / 8; ++n) add_float4(sums + (n * 128 + thread) * 4, dqt[n]);
+          return;
+        }
+#endif
         const TurnAtTile turn = turn_at(t, start, first_block, thread, 128, kAddBarrier + consumer);
         const int rank = turn.rank;
         const bool last = turn.last;

@@ -123,10 +123,12 @@ struct KernelParams {
   // scratch rows (delta, lse_log2) in tiles of the kernel's block_n rows: tile r / block_n of
   // scratch row r holds two chunks of block_n x head_dim_qk / 2 floats, one a consumer warpgroup,
   // in its accumulator's fragment order; and a counter a chunk, which orders the key blocks' adds.
-  // The prep kernel zeroes the dq_counters counters.
+  // The prep kernel zeroes the dq_counters counters, and the first dq_zero_floats floats of
+  // dq_accum (the atomic one pass's sums, which every visitor adds into; 0 for the others).
   float* dq_accum;
   int* dq_semaphore;
   long long dq_counters;
+  long long dq_zero_floats;
 
   // FJ_TRACE (a diagnostic, FLASHJIT_CUDA_TRACE=1): kTraceTiles x kTraceFields clock64() values a
   // work tile for each traced thread (attention_hopper.cuh), zeroed and printed by the host.

@@ -48,9 +48,13 @@ FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands) {
 constexpr int kArrivalWalkBlocks = 256;
 FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBlocks : 0; }
 // The one pass's dQ sums (KernelSpec::dq_diagnostic, FJ_DQ_DIAGNOSTIC): 4 and 6 in the arrival
-// order, 5 to 8 made by the dQ writer (below); 8 in kDqGroups groups of a tile's visitors.
+// order, 5 to 8 made by the dQ writer (below); 8 in kDqGroups groups of a tile's visitors; 9
+// (FLASHJIT_CUDA_ONE_PASS_DQ=atomic, not deterministic) added by every visitor at once, in no
+// order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 9.
 FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
 FJ_LAYOUT bool dq_by_writer(int diagnostic) { return diagnostic >= 5 && diagnostic <= 8; }
+FJ_LAYOUT bool dq_atomic(int diagnostic) { return diagnostic == 9; }
+FJ_LAYOUT bool dq_converted(int diagnostic) { return dq_by_writer(diagnostic) || dq_atomic(diagnostic); }
 // FLASHJIT_CUDA_ONE_PASS_DQ=writer-groups (8): a tile's visitors in block order are dealt into
 // kDqGroups groups by rank (rank % kDqGroups), each group summing into float32 sums of its own in
 // block order, so that a visitor waits only for the one kDqGroups ranks below it (a chain a
