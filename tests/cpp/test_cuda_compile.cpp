@@ -356,7 +356,8 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 // FLASHJIT_CUDA_ONE_PASS_DQ: none or unordered (timing only), eager (ordered sums released at
 // once), arrival (in the order blocks reach a tile), writer, writer-eager, writer-groups and
 // writer-arrival (eager's and arrival's orders, their sums made by the dQ writer in bulk copies,
-// after which a kernel of its own writes dQ) give one-pass kernels of their own names, which
+// after which a kernel of its own writes dQ), and atomic (every block's adds at once, in no order,
+// dQ by that kernel too) give one-pass kernels of their own names, which
 // compile (all but the timing ones also
 // at head dim 64, with every feature and for variable-length batches, the writer's dQ kernel too;
 // writer-eager, which differs from writer in when a count is released, and writer-groups, in
@@ -371,13 +372,13 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
   const std::string real = backward_kernels(traits, true).back().name();
-  const std::vector<std::string> values = {"none",   "unordered",      "eager",        "arrival",
-                                           "writer", "writer-arrival", "writer-eager", "writer-groups"};
+  const std::vector<std::string> values = {"none",           "unordered",    "eager",         "arrival", "writer",
+                                           "writer-arrival", "writer-eager", "writer-groups", "atomic"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const std::vector<KernelSpec> specs = backward_kernels(traits, true);
     const KernelSpec spec = dkdv_kernel(specs);
-    const bool writer = index >= 4;
+    const bool writer = index >= 4;  // and atomic: dQ from the sums by a kernel of its own
     ASSERT_EQ(specs.size(), writer ? 3u : 2u);
     EXPECT_EQ(specs.back().entry, writer ? KernelEntry::kBackwardDqConvert : KernelEntry::kBackwardDkDv);
     EXPECT_TRUE(spec.one_pass);
@@ -391,7 +392,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
   const std::vector<std::pair<const char*, int>> ordered = {
-      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}};  // (writer-eager: writer's code but a line)
+      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}, {"atomic", 9}};  // (writer-eager: writer's code but a line)
   for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
