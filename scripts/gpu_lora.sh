@@ -9,14 +9,16 @@
 # (default: torch and mlx; tests: the MLX test files first, mlx-lm's routing included). The same
 # parts serve scripts/gpu_mlx.sh. Records and logs under $OUT.
 if [ "${1:-}" = "--pins" ]; then
-  # transformers, peft and mlx-lm with what they import that torch's environment lacks (the
-  # versions setup.sh installs here), and MLX for CUDA.
+  # transformers, peft and mlx-lm with what they import that torch's environment lacks or holds
+  # too old (pydantic and anyio need typing_extensions 4.16; the versions setup.sh installs here),
+  # and MLX for CUDA.
   echo "transformers==5.24.0 peft==0.18.0 accelerate==1.16.0 huggingface_hub==2.4.0 hf-xet==1.8.0" \
     "tokenizers==0.23.3 safetensors==0.8.0 regex==2026.12.2 PyYAML==6.0.4 tqdm==4.70.1 psutil==7.2.2" \
     "typer==0.29.2 click==8.5.1 rich==15.0.0 shellingham==1.5.4 annotated-doc==0.0.7 markdown-it-py==4.3.0" \
     "mdurl==0.1.2 Pygments==2.21.0 httpx2==2.17.0 httpcore2==2.17.0 h11==0.16.0 anyio==4.16.0 idna==3.21" \
     "truststore==0.10.5 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0" \
-    "typing-inspection==0.4.5 mlx-lm==0.32.2 sentencepiece==0.2.3 protobuf==7.36.2 mlx==0.32.4" \
+    "typing-inspection==0.4.5 typing_extensions==4.16.0 mlx-lm==0.32.2 sentencepiece==0.2.3 protobuf==7.36.2" \
+    "mlx==0.32.4" \
     "mlx-cuda-13==0.32.4"
   exit 0
 fi
