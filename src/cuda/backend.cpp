@@ -356,7 +356,7 @@ bool stream_id_of(CUstream stream, unsigned long long* id) {
 // scratch: its kernels run after the previous call's (this relies on launches that do not
 // overlap their predecessors; with programmatic dependent launch the prep kernel would have to
 // wait), and they set all of it before reading it (the prep kernel writes the rows and zeroes
-// the one pass's counters). Up to kKeptScratchBytes for each of kKeptStreams streams of the
+// the one pass's counters, and its sums where the atomic one pass adds into them). Up to kKeptScratchBytes for each of kKeptStreams streams of the
 // process (told apart by device and the driver's stream id, which a process never reuses); larger
 // scratch, more streams, capture and workspaces take the pool as before. Grown in the stream's
 // order; never freed (at most kKeptStreams * kKeptScratchBytes for the process's life, as the

@@ -91,7 +91,9 @@ struct KernelSpec {
   // copies from dQ staged in shared memory, each count released after the next tile's copies
   // (=writer); 6 as 4, by the writer (=writer-arrival; 5 where 4 would be 3); 7 as 5, each count
   // released before the next tile's wait (=writer-eager); 8 as 5, a tile's visitors summing in
-  // layout::kDqGroups groups by rank, added together by the convert kernel (=writer-groups).
+  // layout::kDqGroups groups by rank, added together by the convert kernel (=writer-groups); 9
+  // every block adds at once, in no order, into sums the prep kernel zeroed, dQ then written by the
+  // convert kernel (=atomic: a real backward, not deterministic).
   int dq_diagnostic = 0;
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).
@@ -244,7 +246,8 @@ KernelSpec combine_kernel(const KernelTraits& traits);
 KernelSpec varlen_table_kernel(const KernelTraits& traits);
 // The backward's kernels in launch order. one_pass: where the sm_90a kernels apply at head dims
 // up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass), and
-// with a dQ writer (layout::dq_by_writer) the kernel that writes dQ from its sums after it.
+// with a dQ writer or atomic adds (layout::dq_converted) the kernel that writes dQ from its sums
+// after it.
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false);
 // The dK/dV kernel of backward_kernels' list (the last one: dK alone where dV and dK take two).
 const KernelSpec& dkdv_kernel(const std::vector<KernelSpec>& specs);

@@ -400,17 +400,27 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
             4 * (reinterpret_cast<char*>(convert_params.dq_semaphore) - reinterpret_cast<char*>(convert_params.dq_accum)));
   EXPECT_EQ(grouped.dq_zero_floats, 0);
   // atomic: one group's sums, which the prep kernel zeroes (every float of them: 4 heads x 512
-  // scratch rows x 64 head dims), then the same convert kernel's launch.
+  // scratch rows x 64 head dims), then the dQ kernel of its own mode (the convert function).
   setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "atomic", 1);
   EXPECT_EQ(backward_launches(), 3u);
   const std::vector<NullLaunch> atomic = null_driver().last(3);
   EXPECT_EQ(std::string(atomic[0].function), "fj_attention_backward_prep");
+  EXPECT_EQ(std::string(atomic[1].function), "fj_attention_backward_dkdv");
   EXPECT_EQ(std::string(atomic[2].function), "fj_attention_backward_dq_convert");
   for (const NullLaunch& launch : atomic) {
     KernelParams params;
     std::memcpy(&params, launch.params, sizeof params);
     EXPECT_EQ(params.dq_zero_floats, 4 * 512 * 64) << launch.function;
     EXPECT_EQ(params.dq_counters, convert_params.dq_counters) << launch.function;
+  }
+  {  // head dim 96: the sums hold the kernels' padded head dim (128) a row, every one zeroed
+    DeviceBuffers padded(1, 4, 4, 512, 512, 96, FJ_BFLOAT16);
+    const unsigned long long before = null_driver().now().launches;
+    EXPECT_EQ(padded.backward(options), FJ_SUCCESS) << fj_last_error();
+    ASSERT_EQ(null_driver().now().launches - before, 3u);
+    KernelParams padded_params;
+    std::memcpy(&padded_params, null_driver().last(1).front().params, sizeof padded_params);
+    EXPECT_EQ(padded_params.dq_zero_floats, 4 * 512 * 128);
   }
   unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);

@@ -1,6 +1,7 @@
 // Backward attention for sm_90a (H100, H200), float16 and bfloat16, split as
 // the mma.sync backward is so that every gradient has one writer (no atomics,
-// bitwise deterministic), with the forward's roles: a producer warpgroup that
+// bitwise deterministic; the one pass below sums dQ in a fixed order, but for its
+// atomic mode, FJ_DQ_DIAGNOSTIC 9), with the forward's roles: a producer warpgroup that
 // loads with TMA and two consumer warpgroups of 64 rows that multiply with
 // wgmma and take turns issuing (pipeline.cuh).
 //
@@ -161,8 +162,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
 #endif  // FJ_BACKWARD_PREP
 
 #if FJ_BACKWARD_DQ_CONVERT
-// After the one pass with a dQ writer: dQ from its float32 sums (writer-groups: the groups' sums
-// added in group order), one query tile (kBlockN scratch rows, the one pass's step) a block. The
+// After the one pass with a dQ writer, or its atomic adds: dQ from its float32 sums (writer-groups:
+// the groups' sums added in group order), one query tile (kBlockN scratch rows, the one pass's step) a block. The
 // sums of a tile are its two consumers' chunks in their accumulators' order (float4 i of a
 // chunk: thread i % 128's fragment i / 128); a tile no key block visited (its counts are 0) has no
 // sums, and its rows, which see no key, the prep kernel zeroed. Through shared memory, so that the rows are written whole.
