@@ -357,7 +357,8 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 // once), arrival (in the order blocks reach a tile), writer, writer-eager, writer-groups and
 // writer-arrival (eager's and arrival's orders, their sums made by the dQ writer in bulk copies,
 // after which a kernel of its own writes dQ), and atomic (every block's adds at once, in no order,
-// dQ by that kernel too) give one-pass kernels of their own names, which
+// dQ by that kernel too; at head dim 128 alone, its adds being unordered's) give one-pass kernels
+// of their own names, which
 // compile (all but the timing ones also
 // at head dim 64, with every feature and for variable-length batches, the writer's dQ kernel too;
 // writer-eager, which differs from writer in when a count is released, and writer-groups, in
@@ -392,7 +393,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
   const std::vector<std::pair<const char*, int>> ordered = {
-      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}, {"atomic", 9}};  // (writer-eager: writer's code but a line)
+      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}};  // (writer-eager: writer's code but a line)
   for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
