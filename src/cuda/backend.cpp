@@ -356,11 +356,12 @@ bool stream_id_of(CUstream stream, unsigned long long* id) {
 // scratch: its kernels run after the previous call's (this relies on launches that do not
 // overlap their predecessors; with programmatic dependent launch the prep kernel would have to
 // wait), and they set all of it before reading it (the prep kernel writes the rows and zeroes
-// the one pass's counters, and its sums where the atomic one pass adds into them). Up to kKeptScratchBytes for each of kKeptStreams streams of the
-// process (told apart by device and the driver's stream id, which a process never reuses); larger
-// scratch, more streams, capture and workspaces take the pool as before. Grown in the stream's
-// order; never freed (at most kKeptStreams * kKeptScratchBytes for the process's life, as the
-// streams' tile counters are), so nothing runs at thread or process exit.
+// the one pass's counters, and its sums where the atomic one pass adds into them). Up to
+// kKeptScratchBytes for each of kKeptStreams streams of the process (told apart by device and the
+// driver's stream id, which a process never reuses); larger scratch, more streams, capture and
+// workspaces take the pool as before. Grown in the stream's order; never freed (at most
+// kKeptStreams * kKeptScratchBytes for the process's life, as the streams' tile counters are), so
+// nothing runs at thread or process exit.
 constexpr size_t kKeptScratchBytes = size_t(256) << 10;  // 32k scratch rows: the small problems whose host time counts
 constexpr size_t kKeptStreams = 16;
 struct KeptScratchEntry {

@@ -15,20 +15,11 @@ def _close(a, b, tol=2e-5):
     np.testing.assert_allclose(np.array(a), np.array(b), atol=tol, rtol=tol)
 
 
-def _gpu_available():
-    try:
-        import flashjit._mlx as extension
-
-        return mx.default_device().type == mx.gpu and extension.cuda_available()
-    except ImportError:
-        return False
-
-
 # On MLX's CPU stream the two modules agree to float32 rounding. On MLX's GPU stream (MLX on
 # CUDA) MLX's own float32 projections round more coarsely (their gradients move by ~3e-3
 # between the streams, for mlx.nn's module and this one alike: measured on an H100), so
 # there the comparison allows 1e-3.
-STREAMS = ["cpu"] + (["gpu"] if _gpu_available() else [])
+STREAMS = ["cpu"] + (["gpu"] if mx.default_device().type == mx.gpu and fm._mlx.cuda_available() else [])
 
 
 @pytest.mark.parametrize("stream", STREAMS)

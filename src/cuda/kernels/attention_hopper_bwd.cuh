@@ -162,11 +162,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
 #endif  // FJ_BACKWARD_PREP
 
 #if FJ_BACKWARD_DQ_CONVERT
-// After the one pass with a dQ writer, or its atomic adds: dQ from its float32 sums (writer-groups:
-// the groups' sums added in group order), one query tile (kBlockN scratch rows, the one pass's step) a block. The
-// sums of a tile are its two consumers' chunks in their accumulators' order (float4 i of a
-// chunk: thread i % 128's fragment i / 128); a tile no key block visited (its counts are 0) has no
-// sums, and its rows, which see no key, the prep kernel zeroed. Through shared memory, so that the rows are written whole.
+// After the one pass with a dQ writer, or its atomic adds: dQ from its float32 sums
+// (writer-groups: the groups' sums added in group order), one query tile (kBlockN scratch rows,
+// the one pass's step) a block. The sums of a tile are its two consumers' chunks in their
+// accumulators' order (float4 i of a chunk: thread i % 128's fragment i / 128); a tile no key
+// block visited (its counts are 0) has no sums, and its rows, which see no key, the prep kernel
+// zeroed. Through shared memory, so that the rows are written whole.
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
     fj_attention_backward_dq_convert(const KernelParams p) {
   constexpr int kDqQueries = kDimQk == 128 ? kBlockN : kBlockN / 2;  // the dK/dV kernel's, as there
@@ -880,7 +881,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const long long row = scratch_base + batch_head * sp.scratch_pitch + start;
         const long long chunk_index = row / kBlockN * kConsumers + consumer;
         const int thread = threadIdx.x % 128;
-#if FJ_DQ_DIAGNOSTIC == 9  // atomic: added at once, in no order, into sums the prep kernel zeroed
+#if FJ_DQ_DIAGNOSTIC == 2 || FJ_DQ_DIAGNOSTIC == 9
+        // Every block adds at once, in no order: 9 (atomic) into sums the prep kernel zeroed, which
+        // the convert kernel makes dQ; 2 (unordered, timing only) the same adds, no dQ written.
         {
           float* const sums = p.dq_accum + chunk_index * kDqChunk;
 #pragma unroll
@@ -895,11 +898,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         int* const counter = p.dq_semaphore + chunk_index;
 #if FJ_DQ_DIAGNOSTIC == 1  // timing only: no sums, no dQ
         (void)chunk, (void)counter, (void)rank, (void)last, (void)thread, (void)row;
-        return;
-#elif FJ_DQ_DIAGNOSTIC == 2  // timing only: every block adds at once, in no order; no dQ
-        (void)counter, (void)rank, (void)last;
-#pragma unroll
-        for (int n = 0; n < kDqQueries / 8; ++n) add_float4(chunk + (n * 128 + thread) * 4, dqt[n]);
         return;
 #endif
         release_pending();  // before any wait: the blocks above may be waiting for it
