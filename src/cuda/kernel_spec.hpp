@@ -81,6 +81,11 @@ struct KernelSpec {
   // tiles (three integer divisions among them) leave the path between them. Measured on an H100:
   // 1.02-1.07x the default at head dim 64 N 1k, 0.91-0.95x at 128 (bench/NOTES.md).
   bool producer_setup = false;
+  // kHopper forward whose softmax takes exp2 of exp_poly of every 16 eight-column groups of P from
+  // a polynomial on the FMA units instead of the MUFU (FJ_EXP_POLY, softmax.cuh poly_exp2;
+  // FLASHJIT_CUDA_TILES "poly=k", 0..8): at head dim 64 a step's exps keep the MUFU as busy as
+  // its products keep the tensor cores. 0, the default: every exp on the MUFU.
+  int exp_poly = 0;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq): 0 the ordered adds;
@@ -126,7 +131,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 34;
+  static constexpr size_t kFieldCount = 35;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -153,6 +158,8 @@ struct KernelSpec {
   bool sets_up_in_producer() const {
     return producer_setup && family == KernelFamily::kHopper && entry == KernelEntry::kForward;
   }
+  // exp_poly where it applies: the kHopper forward, whatever its tiles and variant.
+  int poly_groups() const { return family == KernelFamily::kHopper && entry == KernelEntry::kForward ? exp_poly : 0; }
 };
 
 // What a call needs compiled, independent of sizes and pointers.
@@ -211,6 +218,9 @@ struct ForwardTiles {
   // (KernelSpec::producer_setup), on top of the tiles in force; 0 ("setup=consumer"): each
   // consumer warpgroup works it out, the default.
   int producer_setup = -1;
+  // k ("poly=k", 0..8): exp2 of k of every 16 eight-column groups of P by a polynomial
+  // (KernelSpec::exp_poly), on top of the tiles in force; "poly=0": every exp on the MUFU.
+  int exp_poly = -1;
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
   // launch choices (counter, sched) and chain leave the tiles as they are.
   bool forced() const {

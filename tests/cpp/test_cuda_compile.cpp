@@ -590,6 +590,67 @@ TEST_F(CudaCompile, ProducerSetupCompilesInEveryForwardVariant) {
   EXPECT_FALSE(parse_forward_tiles("setup=producer").forced());  // on the tiles in force
 }
 
+// Polynomial exps (FJ_EXP_POLY), FLASHJIT_CUDA_TILES poly=k on the tiles in force: a kernel of
+// its own name in every variant of the sm_90a forward (splits, variable-length batches, KV
+// caches, three consumer warpgroups, every feature), each compiling; poly=0 and the default are
+// the usual kernel; the tuned key applies unless tiles are forced; out-of-range values are
+// refused naming the key.
+TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  struct Unset {
+    ~Unset() { unsetenv("FLASHJIT_CUDA_TILES"); }
+  } unset;
+  for (int head_dim : {64, 128, 256}) {
+    unsetenv("FLASHJIT_CUDA_TILES");
+    const KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
+    const KernelSpec plain = forward_kernel(traits);
+    EXPECT_EQ(plain.poly_groups(), 0) << plain.name();
+    setenv("FLASHJIT_CUDA_TILES", "poly=0", 1);
+    EXPECT_EQ(forward_kernel(traits).name(), plain.name());
+    setenv("FLASHJIT_CUDA_TILES", "poly=5", 1);
+    std::vector<KernelSpec> specs = {forward_kernel(traits)};
+    EXPECT_NE(specs[0].name().find("_poly5_t"), std::string::npos) << specs[0].name();
+    EXPECT_EQ(specs[0].shared_memory_bytes(), plain.shared_memory_bytes());
+    specs.push_back(hopper_split_kernel(specs[0]));
+    KernelSpec varlen = specs[0];
+    varlen.varlen = true;
+    specs.push_back(varlen);
+    specs.push_back(hopper_kv_cache_kernel(specs[0], 64));
+    KernelTraits extras = traits;
+    extras.window = extras.dropout = extras.softcap = true;
+    extras.mask = flashjit::MaskKind::kBool;
+    specs.push_back(forward_kernel(extras));
+    KernelTraits additive = traits;
+    additive.mask = flashjit::MaskKind::kAdditive;
+    additive.mask_dtype = FJ_FLOAT32;
+    specs.push_back(forward_kernel(additive));
+    if (head_dim == 64) {
+      setenv("FLASHJIT_CUDA_TILES", "poly=8,groups=3", 1);
+      specs.push_back(forward_kernel(traits));
+    }
+    for (const KernelSpec& spec : specs) {
+      EXPECT_GT(spec.poly_groups(), 0) << spec.name();
+      ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+    }
+    unsetenv("FLASHJIT_CUDA_TILES");
+    EXPECT_EQ(forward_kernel(traits, parse_forward_tiles("poly=4")).poly_groups(), 4);
+    setenv("FLASHJIT_CUDA_TILES", "n=64", 1);  // forced tiles replace the tuned choice whole
+    EXPECT_EQ(forward_kernel(traits, parse_forward_tiles("poly=4")).poly_groups(), 0);
+  }
+  EXPECT_EQ(parse_forward_tiles("poly=8").exp_poly, 8);
+  EXPECT_EQ(parse_forward_tiles("n=128").exp_poly, -1);
+  EXPECT_FALSE(parse_forward_tiles("poly=3").forced());  // on the tiles in force
+  for (const char* bad : {"poly=9", "poly=-1", "poly=x", "poly="}) {
+    try {
+      parse_forward_tiles(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const flashjit::Error& error) {
+      EXPECT_NE(std::string(error.what()).find("poly=0..8"), std::string::npos) << error.what();
+    }
+  }
+}
+
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a
 // kernel of its own name, which compiles; unset, the usual kernel.
 TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
@@ -735,7 +796,7 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_FALSE(parse_forward_tiles("next=early").forced());  // on the tiles in force
   EXPECT_TRUE(parse_forward_tiles("span=own").forced());
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "poly=5", "turn=s", "edges=left", "span=rows", "sched=dynamic", "chain=yes",
+                          "counter=zero", "poly=9", "exps=5", "turn=s", "edges=left", "span=rows", "sched=dynamic", "chain=yes",
                           "next=soon"}) {
     try {
       parse_forward_tiles(bad);
@@ -1026,6 +1087,10 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
       [](KernelSpec& s) {  // producer_setup where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.producer_setup = !s.producer_setup;
+      },
+      [](KernelSpec& s) {  // exp_poly where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
+        s.exp_poly = s.exp_poly == 0 ? 4 : 0;
       },
       [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 9; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },

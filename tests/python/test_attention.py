@@ -183,13 +183,48 @@ def test_producer_setup_matches_consumer(monkeypatch, causal, tmp_path):
     assert any("hopper-forward" in name and "_psetup_" in name for name in compiled), compiled
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a forward's exps are CUDA's")
+@pytest.mark.parametrize("tiles", ["poly=3", "poly=8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_polynomial_exps(tiles, dtype, monkeypatch, tmp_path):
+    # poly=k: exp2 of k of every 16 eight-column groups of P from a polynomial on the FMA units
+    # instead of the MUFU. Against float64 (run: O, LSE and the gradients) with causal edge
+    # tiles, with a boolean mask whose fully masked rows must give O = 0 and LSE = -inf (a
+    # masked logit is -inf: the polynomial's 2^x must be exactly 0 there), and with a NaN in a
+    # query row, which must leave that row NaN as the MUFU's exp does. Its kernel was the one
+    # compiled (on sm_90; elsewhere the key has no effect and the checks still run).
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    flashjit.cuda.clear_memory_cache()
+    monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
+    torch.manual_seed(11)
+    for D in (64, 128):
+        run(B=2, Hq=4, Hkv=2, Sq=300, Sk=333, D=D, dtype=dtype, causal="bottom_right")
+        mask = torch.rand(2, 1, 200, 260) > 0.3
+        mask[:, :, 5] = False
+        mask[1, :, 150:170] = False
+        o, lse, _ = run(B=2, Hq=4, Hkv=2, Sq=200, Sk=260, D=D, dtype=dtype, mask=mask)
+        assert torch.all(o[:, :, 5] == 0) and torch.all(torch.isneginf(lse[:, :, 5]))
+    q, k, v = (torch.randn(1, 2, 256, 64, dtype=dtype, device=DEVICE) for _ in range(3))
+    q[0, 1, 77, 3] = float("nan")
+    outputs = {}
+    for setting in (tiles, "poly=0"):
+        monkeypatch.setenv("FLASHJIT_CUDA_TILES", setting)
+        outputs[setting] = flashjit.attention(q, k, v).cpu()
+    nan_rows = torch.isnan(outputs["poly=0"]).any(-1)
+    assert nan_rows[0, 1, 77] and nan_rows.sum() == 1
+    assert torch.equal(torch.isnan(outputs[tiles]).any(-1), nan_rows)
+    if torch.cuda.get_device_capability() == (9, 0):
+        compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
+        assert any("hopper-forward" in name and f"_poly{tiles[5:]}_" in name for name in compiled), compiled
+
+
 # Tile configurations of the sm_90a forward forced through FLASHJIT_CUDA_TILES
 # (the benchmark and the tuner choose among them): each must compute the same
 # function. Elsewhere the variable has no effect and the cases still run.
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
                                    "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
                                    "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3",
-                                   "next=early", "setup=producer"])
+                                   "next=early", "setup=producer", "poly=8"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):

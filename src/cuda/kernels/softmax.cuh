@@ -124,6 +124,44 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
   }
 }
 
+// 2^x from a polynomial on the FMA units, for the share of P that FJ_EXP_POLY moves off the
+// MUFU (the special-function unit, 16 results a clock an SM: at head dim 64 a step's exps take
+// it as long as the step's products take the tensor cores). x is rounded to an integer n by the
+// 1.5 * 2^23 shift (its low bits then hold n), 2^(x - n) on [-1/2, 1/2] is a cubic fitted for
+// relative error (7.5e-5 at most, below the rounding of P to bfloat16 or float16 for the
+// product), and 2^n is put together in the exponent field. x is clamped below at -127, where
+// 2^n is +0, so that -inf (a masked logit) gives exactly 0; max.NaN keeps a NaN a NaN, as the
+// MUFU does. x never exceeds kRebaseSlack (8) here, so n + 127 stays a valid exponent.
+FJ_DEVICE float poly_exp2(float x) {
+  float clamped;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(clamped) : "f"(x), "f"(-127.0f));
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
+  const float shifted = __fadd_rn(clamped, kShift);
+  const float whole = __fadd_rn(shifted, -kShift);
+  const float frac = __fadd_rn(clamped, -whole);
+  const float poly = fmaf(fmaf(fmaf(0.055171702f, frac, 0.24261120f), frac, 0.69326097f), frac, 0.99992806f);
+  // (n mod 2^9) << 23 from the shifted value's low bits, plus 127 << 23: 2^n for n in -127 .. 8.
+  const float power = __int_as_float(__float_as_int(shifted) * (1 << 23) + (127 << 23));
+  return poly * power;
+}
+
+// Whether 8-column group n of a P tile takes poly_exp2: FJ_EXP_POLY of every 16 groups, spread
+// evenly (FLASHJIT_CUDA_TILES "poly=k"; 0, the default, none).
+template <int kN>
+constexpr bool kPolyGroup = FJ_EXP_POLY > 0 && (kN + 1) * FJ_EXP_POLY / 16 != kN * FJ_EXP_POLY / 16;
+
+template <int kN, int kLast>
+FJ_DEVICE void exp2_groups(float (&s)[kBlockN / 8][4], const float (&base)[2], float scale_log2) {
+  if constexpr (kN < kLast) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float x = kFoldScale ? fmaf(s[kN][e], scale_log2, -base[e / 2]) : s[kN][e] - base[e / 2];
+      s[kN][e] = kPolyGroup<kN> ? poly_exp2(x) : fast_exp2(x);
+    }
+    exp2_groups<kN + 1, kLast>(s, base, scale_log2);
+  }
+}
+
 // One online-softmax step: the row bases take this tile's logits (a base moves
 // to the new maximum only past kRebaseSlack), S becomes P = exp2(S - base), the
 // row sums are rescaled and extended, and scale_old receives the factor that
@@ -151,13 +189,7 @@ FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)
       scale_old[m][r] = rebase ? fast_exp2(old_max - base[r]) : 1.0f;
       row_max[m][r] = new_max;
     }
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[m][n][e] = kFoldScale ? fast_exp2(fmaf(s[m][n][e], scale_log2, -base[e / 2])) : fast_exp2(s[m][n][e] - base[e / 2]);
-      }
-    }
+    exp2_groups<0, kBlockN / 8>(s[m], base, scale_log2);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[m][r] = row_sum[m][r] * scale_old[m][r] + row_reduce<true>(s[m], r);
   }
