@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 
 CONFIGS = {
@@ -77,17 +78,31 @@ def record_step(history: list, step: int, loss: float, seconds: float, tokens: i
     print(f"step {step:4d}  loss {loss:.4f}  {tokens / seconds:9.0f} tokens/s  peak {peak_mib:8.1f} MiB", flush=True)
 
 
+WARMUP_STEPS = 2
+
+
+def warmup_steps(steps: int) -> int:
+    """Steps left out of tokens/s: the first two (the first compiles kernels and makes the
+    optimizer's state; in MLX the second still compiles and caches its graph), fewer in a run
+    too short to keep one timed step after them."""
+    return max(0, min(WARMUP_STEPS, steps - 1))
+
+
 def summarize(args, history: list, trainable: int, tokens_per_step: int, attention) -> dict:
-    """The run's summary (printed; written as JSON with --json-out); exits 1 if a loss is not finite."""
-    timed = history[1:] or history  # the first step compiles
+    """The run's summary (printed; written as JSON with --json-out); exits 1 if a loss is not finite.
+    tokens/s is a step's tokens over the median time of the steps after the warm-ups
+    (warmup_steps), the same in both examples."""
+    warmup = warmup_steps(len(history))
+    step_seconds = statistics.median([h["seconds"] for h in history[warmup:]])
     summary = dict(
         model=args.model, device=args.device, dtype=args.dtype, flash_attention=args.use_flash_attention,
         seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, trainable_parameters=trainable,
-        first_loss=history[0]["loss"], last_loss=history[-1]["loss"],
-        tokens_per_second=tokens_per_step * len(timed) / sum(h["seconds"] for h in timed),
+        first_loss=history[0]["loss"], last_loss=history[-1]["loss"], warmup_steps=warmup,
+        timed_steps=len(history) - warmup, step_seconds=step_seconds, tokens_per_second=tokens_per_step / step_seconds,
         peak_memory_mib=max(h["peak_memory_mib"] for h in history), history=history, attention=attention)
     print(f"summary: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
-          f"{summary['tokens_per_second']:.0f} tokens/s, peak {summary['peak_memory_mib']:.1f} MiB", flush=True)
+          f"{summary['tokens_per_second']:.0f} tokens/s (the median step of {summary['timed_steps']}, the first "
+          f"{warmup} left out), peak {summary['peak_memory_mib']:.1f} MiB", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as file:
             json.dump(summary, file, indent=1)

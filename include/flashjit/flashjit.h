@@ -109,6 +109,12 @@ typedef struct fj_attention_options {
    * ignored on the CPU. */
   void* workspace;
   size_t workspace_bytes;
+  /* Backward only: 1 lets a backward sum dQ in no fixed order where that measured faster
+   * (CUDA, sm_90, head dims up to 64: the one-pass backward's unordered float32 adds), so two
+   * runs on the same inputs may differ in dQ's last bits (dK and dV stay bitwise repeatable).
+   * 0, the zeroed struct's value: every backward is bitwise deterministic. Ignored elsewhere
+   * and by the forward. */
+  int32_t nondeterministic;
 } fj_attention_options;
 
 fj_attention_options fj_attention_options_default(void);
@@ -120,7 +126,8 @@ fj_status fj_attention_forward(const fj_tensor* q, const fj_tensor* k, const fj_
                                const fj_attention_options* options, fj_tensor* o, fj_tensor* lse);
 
 /* dq, dk, dv from the forward's o and lse and the output gradient dout (o's shape).
- * dk and dv sum over the query heads of each group. Deterministic. */
+ * dk and dv sum over the query heads of each group. Deterministic (bitwise the same on the
+ * same inputs) unless options->nondeterministic allows otherwise. */
 fj_status fj_attention_backward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                 const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                 const fj_attention_options* options, fj_tensor* dq, fj_tensor* dk,

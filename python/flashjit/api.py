@@ -86,7 +86,7 @@ def _torch_tensors(op: str, attn_mask, options: AttentionOptions, seed, offset) 
 
 
 def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False, window=(-1, -1),
-              dropout_p=0.0, seed=None, offset=0, return_lse=False, num_threads=0):
+              dropout_p=0.0, seed=None, offset=0, return_lse=False, num_threads=0, deterministic=True):
     """Scaled dot-product attention with the options SDPA cannot express.
 
     q: [B, Hq, Sq, Dqk]; k: [B, Hkv, Sk, Dqk]; v: [B, Hkv, Sk, Dv], Hq a multiple of Hkv
@@ -102,11 +102,15 @@ def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
     Returns o [B, Hq, Sq, Dv] in q's dtype, and with return_lse=True also lse [B, Hq, Sq] in
     float32 (float64 for float64 inputs). Rows that see no key give o = 0, lse = -inf.
     torch tensors are differentiable through q, k and v (not lse, not the mask).
+    deterministic: True (default): the backward is bitwise repeatable. False lets it sum dq in
+    no fixed order where that is faster (CUDA, sm_90, head dims up to 64), so dq may differ in
+    its last bits between runs (dk, dv stay repeatable); ignored while
+    torch.use_deterministic_algorithms(True) is in force, and on the CPU.
     """
     op = "attention"
     kind = _library_of(op, q, k=k, v=v)
     options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
-                                    dropout_p=dropout_p, num_threads=num_threads)
+                                    dropout_p=dropout_p, num_threads=num_threads, deterministic=deterministic)
     if kind == "torch":
         from . import ops
 
@@ -123,18 +127,18 @@ def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
 
 
 def attention_backward(q, k, v, o, lse, dout, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
-                       window=(-1, -1), dropout_p=0.0, seed=None, offset=0, num_threads=0):
+                       window=(-1, -1), dropout_p=0.0, seed=None, offset=0, num_threads=0, deterministic=True):
     """Gradients (dq, dk, dv) of attention() given its o, lse and the output gradient dout.
 
     Takes the same options as attention() (with dropout, the same seed and offset);
     dk and dv sum over each group of query heads. Deterministic: the same inputs give
-    bit-identical gradients. With torch tensors, autograd through attention() does this
-    for you.
+    bit-identical gradients, unless deterministic=False (see attention()). With torch
+    tensors, autograd through attention() does this for you.
     """
     op = "attention_backward"
     kind = _library_of(op, q, k=k, v=v, o=o, lse=lse, dout=dout)
     options = AttentionOptions.make(op, scale=scale, softcap=softcap, causal=causal, window=window,
-                                    dropout_p=dropout_p, num_threads=num_threads)
+                                    dropout_p=dropout_p, num_threads=num_threads, deterministic=deterministic)
     if kind == "torch":
         from . import ops
 

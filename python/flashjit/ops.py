@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 from . import _C
 from .arrays import output_shapes
 from . import profiler as _profiler
-from .options import AttentionOptions
+from .options import AttentionOptions, unordered_allowed
 from .reference import naive_attention
 
 _U64 = (1 << 64) - 1
@@ -100,7 +100,7 @@ def _stream(x: Tensor) -> int:
 
 
 def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-         num_threads):
+         num_threads, deterministic=True):
     """Calls _C.forward or _C.backward on torch tensors, which _C reads in place; the
     temporaries made here (copies of rows that are not unit-stride, a compacted mask) stay
     referenced until the call returns."""
@@ -108,7 +108,7 @@ def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, win
     mask = _compact_mask(mask)
     seed, offset = _seed_offset(rng)
     kernel(*readable, *outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
-           num_threads, _stream(inputs[0]))
+           num_threads, _stream(inputs[0]), nondeterministic=unordered_allowed(deterministic))
 
 
 def _descriptor(x: Tensor, compact: bool = False):
@@ -129,7 +129,7 @@ def _descriptor(x: Tensor, compact: bool = False):
 
 
 def _check(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-           num_threads):
+           num_threads, deterministic=True):
     """The C API's validation of a call on descriptors alone (the fake kernels'
     shapes come with the errors the call would raise)."""
     refs = [_descriptor(x) for x in (*inputs, *outputs)]
@@ -175,10 +175,11 @@ def _backward(dout, q, k, v, o, lse, *options):
 @torch.library.custom_op("flashjit::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional[float], softcap: float,
         causal: int, window_left: int, window_right: int, dropout_p: float, rng: Optional[Tensor],
-        num_threads: int) -> tuple[Tensor, Tensor]:
-    """o [B, Hq, Sq, Dv] (contiguous, q's dtype) and lse [B, Hq, Sq] (float32; float64 for float64)."""
+        num_threads: int, deterministic: bool = True) -> tuple[Tensor, Tensor]:
+    """o [B, Hq, Sq, Dv] (contiguous, q's dtype) and lse [B, Hq, Sq] (float32; float64 for float64).
+    deterministic: the backward's (bwd's), kept for it by the autograd rule."""
     return _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-                    num_threads)
+                    num_threads, deterministic)
 
 
 @fwd.register_fake
@@ -192,10 +193,13 @@ def _fwd_fake(q, k, v, *options):
 @torch.library.custom_op("flashjit::bwd", mutates_args=())
 def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask: Optional[Tensor],
         scale: Optional[float], softcap: float, causal: int, window_left: int, window_right: int,
-        dropout_p: float, rng: Optional[Tensor], num_threads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv in the layouts of q, k, v (deterministic; dk, dv summed over each GQA group)."""
+        dropout_p: float, rng: Optional[Tensor], num_threads: int, deterministic: bool = True
+        ) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv in the layouts of q, k, v (dk, dv summed over each GQA group); bitwise
+    repeatable unless deterministic is False (dq's sums then in no fixed order where that is
+    faster; never under torch.use_deterministic_algorithms(True))."""
     return _backward(dout, q, k, v, o, lse, mask, scale, softcap, causal, window_left, window_right, dropout_p,
-                     rng, num_threads)
+                     rng, num_threads, deterministic)
 
 
 @bwd.register_fake
@@ -529,7 +533,8 @@ class _Plan:
         _C.backward((q.data_ptr(), *sq), (k.data_ptr(), *sk), (v.data_ptr(), *sv), (o.data_ptr(), *so),
                     (lse.data_ptr(), *sl), (dout.data_ptr(), *so), (dq.data_ptr(), *sq[:3], dq.shape, dq.stride()),
                     (dk.data_ptr(), *sk[:3], dk.shape, dk.stride()), (dv.data_ptr(), *sv[:3], dv.shape, dv.stride()),
-                    None, *self.c_options, _stream(q) if self.cuda else 0)
+                    None, *self.c_options, _stream(q) if self.cuda else 0,
+                    nondeterministic=unordered_allowed(self.options.deterministic))
         return (dq, dk, dv) + _NO_GRADS
 
 

@@ -11,6 +11,7 @@ The per-call tensors (the mask, the dropout seed as a tensor) travel beside it.
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +61,15 @@ def seed_and_offset(op: str, seed, offset) -> tuple:
             integer(op, "offset", offset, 0, U64_MAX, "0..2^64-1"))
 
 
+def unordered_allowed(deterministic: bool) -> bool:
+    """Whether a backward may sum dQ in no fixed order (the C API's nondeterministic): only with
+    deterministic=False, and never while torch.use_deterministic_algorithms(True) is in force."""
+    if deterministic:
+        return False
+    torch = sys.modules.get("torch")
+    return torch is None or not torch.are_deterministic_algorithms_enabled()
+
+
 def num_threads_value(op: str, num_threads) -> int:
     return integer(op, "num_threads", num_threads, 0, 1024, "0 (default) to 1024")
 
@@ -78,40 +88,45 @@ class AttentionOptions:
     window_right: int = -1
     dropout_p: float = 0.0
     num_threads: int = 0
+    deterministic: bool = True
 
     @classmethod
     def make(cls, op: str, *, scale=None, softcap=0.0, causal=False, window=(-1, -1), dropout_p=0.0,
-             num_threads=0) -> "AttentionOptions":
+             num_threads=0, deterministic=True) -> "AttentionOptions":
         """From a front end's arguments (causal: False/True/'top_left'/'bottom_right'),
         each checked, with errors naming `op` and the argument."""
         if (scale is None and softcap.__class__ is float and softcap == 0.0 and (causal is False or causal is True)
                 and window.__class__ is tuple and window == (-1, -1) and window[0].__class__ is int
                 and window[1].__class__ is int and dropout_p.__class__ is float and dropout_p == 0.0
-                and num_threads.__class__ is int and num_threads == 0):
+                and num_threads.__class__ is int and num_threads == 0 and deterministic is True):
             return _PLAIN[causal]  # the defaults, with or without causal (host time per call)
         window_left, window_right = window_bounds(op, window)
+        if deterministic is not True and deterministic is not False:
+            raise TypeError(f"[{op}] deterministic: expected True (every backward bitwise repeatable) or False, "
+                            f"got {deterministic!r}")
         return cls(None if scale is None else float(scale), float(softcap), causal_code(op, causal), window_left,
-                   window_right, float(dropout_p), num_threads_value(op, num_threads))
+                   window_right, float(dropout_p), num_threads_value(op, num_threads), deterministic)
 
     # The torch custom ops' schema, after q, k, v (and for bwd the tensors before them):
-    # mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads.
+    # mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic.
     def op_args(self, mask, rng) -> tuple:
         return (mask, self.scale, self.softcap, self.causal, self.window_left, self.window_right, self.dropout_p,
-                rng, self.num_threads)
+                rng, self.num_threads, self.deterministic)
 
     @classmethod
     def from_op_args(cls, args) -> tuple["AttentionOptions", object, object]:
         """(options, mask, rng) from the ops' trailing arguments (op_args' order)."""
-        mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads = args
-        return cls(scale, softcap, causal, window_left, window_right, dropout_p, num_threads), mask, rng
+        mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic = args
+        return cls(scale, softcap, causal, window_left, window_right, dropout_p, num_threads, deterministic), mask, rng
 
-    OP_ARG_COUNT = 9  # len(op_args(...)): the ops' arguments after their tensors
+    OP_ARG_COUNT = 10  # len(op_args(...)): the ops' arguments after their tensors
 
     def c_kwargs(self, mask, seed: int, offset: int) -> dict:
         """The C API's keyword arguments (_C.forward, _C.backward, the MLX primitives)."""
         return dict(mask=mask, scale=self.scale, softcap=self.softcap, causal=self.causal,
                     window_left=self.window_left, window_right=self.window_right, dropout_p=self.dropout_p,
-                    seed=seed, offset=offset, num_threads=self.num_threads)
+                    seed=seed, offset=offset, num_threads=self.num_threads,
+                    nondeterministic=unordered_allowed(self.deterministic))
 
 
 # AttentionOptions.make's result for the default arguments, without and with causal=True.

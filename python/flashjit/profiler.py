@@ -13,7 +13,9 @@ entries exactly, 2 (Dqk + Dv) FLOPs each; the backward 2.5x that), the bytes it
 reads and writes, and from those its TFLOP/s, GB/s and share of the device's
 peak. With ``framework=True`` calls of torch's own
 ``scaled_dot_product_attention`` made inside the block (those flashjit does not
-serve) are recorded too, forward only, as "torch".
+serve) are recorded too, as "torch": the forward, and the backward as flashjit's
+is, from the gradient reaching the call's output to the gradients of its inputs
+(those that require grad) computed, its FLOPs 2.5x the forward's.
 
 Time: on a GPU, CUDA events around each call on its stream, read once at exit
 (no synchronisation per call unless ``sync=True``); on the CPU, the wall clock
@@ -31,7 +33,7 @@ import functools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -116,8 +118,16 @@ class Profile:
 
     def begin(self, direction: str, impl: str, q, k, v, causal=0, window_left=-1, window_right=-1, mask=None,
               dropout_p=0.0, sequences=None) -> Call:
-        """sequences: a variable-length batch's (len_q, len_k) per sequence, with q, k, v packed
-        [total, heads, head_dim]; the record's batch is their count, its lengths the longest."""
+        """A call's record (describe()), its time begun; end() records it."""
+        call = self.describe(direction, impl, q, k, v, causal, window_left, window_right, mask, dropout_p, sequences)
+        self.start(call)
+        return call
+
+    def describe(self, direction: str, impl: str, q, k, v, causal=0, window_left=-1, window_right=-1, mask=None,
+                 dropout_p=0.0, sequences=None) -> Call:
+        """A call's record without its time: shapes, features, FLOPs and bytes. sequences: a
+        variable-length batch's (len_q, len_k) per sequence, with q, k, v packed [total, heads,
+        head_dim]; the record's batch is their count, its lengths the longest."""
         if sequences is not None:
             heads_q, head_dim_qk, heads_kv, head_dim_v = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
             batch = len(sequences)
@@ -144,11 +154,15 @@ class Profile:
         lse = call.heads_q * rows_q * 4
         # forward: q, k, v read, o and lse written; backward: those read with dO, dq, dk, dv written
         call.bytes = (q_o + k_v) * size + lse if direction == "forward" else (2 * q_o + 2 * k_v) * size + lse
-        if getattr(q, "is_cuda", False):
+        return call
+
+    def start(self, call: Call) -> None:
+        """Begins a described call's time: a CUDA event on the current stream, else the wall clock."""
+        if call.device.startswith("cuda"):
             import torch
             self._cuda = True
             if self.sync:
-                torch.cuda.synchronize(q.device)
+                torch.cuda.synchronize(call.device)
                 call._events = time.perf_counter()
             else:
                 start = torch.cuda.Event(enable_timing=True)
@@ -156,7 +170,6 @@ class Profile:
                 call._events = start
         else:
             call._events = time.perf_counter()
-        return call
 
     def end(self, call: Call) -> None:
         if isinstance(call._events, float):
@@ -404,8 +417,10 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
         mx.fast.scaled_dot_product_attention = recorded
 
     def _hook_torch_sdpa(self) -> None:
-        """torch's SDPA calls inside the block (those not served by flashjit), timed forward."""
+        """torch's SDPA calls inside the block (those not served by flashjit), timed forward and,
+        where an input requires grad, backward (_TorchBackward)."""
         try:
+            import torch
             import torch.nn.functional as F
         except ImportError:
             return
@@ -417,10 +432,74 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
             from . import sdpa
             if original is sdpa._routed or getattr(original, "__module__", "").startswith("flashjit"):
                 return original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
-            call = prof.begin("forward", "torch", query, key, value, causal=1 if is_causal else 0, mask=attn_mask,
+            causal = 1 if is_causal else 0
+            backward = None
+            if torch.is_grad_enabled():
+                inputs = [query, key, value, attn_mask]
+                chosen = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+                if chosen:
+                    backward = _TorchBackward(prof.describe("backward", "torch", query, key, value, causal=causal,
+                                                            mask=attn_mask, dropout_p=dropout_p))
+                    marked = _end_backward_function().apply(backward, *(inputs[i] for i in chosen))
+                    for i, x in zip(chosen, marked):
+                        inputs[i] = x
+                    query, key, value, attn_mask = inputs
+            call = prof.begin("forward", "torch", query, key, value, causal=causal, mask=attn_mask,
                               dropout_p=dropout_p)
             out = original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
             prof.end(call)
+            node = getattr(out, "grad_fn", None)
+            if backward is not None and node is not None:
+                node.register_prehook(backward.begin)
             return out
 
         F.scaled_dot_product_attention = timed
+
+
+class _TorchBackward:
+    """The backward of one torch SDPA call made in a profile(framework=True) block. It begins
+    when the gradient reaches the call's output (a pre-hook on the output's autograd node, which
+    runs before that node: the call's own backward node, or the last of the ops of torch's math
+    path) and ends when the gradients of the call's inputs that require grad are computed (the
+    backward of an identity autograd.Function around those inputs, which runs once all of them
+    are). Recorded by the profile block open then, if it has framework=True, as flashjit's
+    backward is by the block open when it runs; each backward pass through the call (retain_graph)
+    is a record of its own. Holds no tensors: the record's description is made at the forward."""
+
+    __slots__ = ("described", "call", "profile")
+
+    def __init__(self, described: Call):
+        self.described, self.call, self.profile = described, None, None
+
+    def begin(self, grad_outputs) -> None:
+        profile = _active
+        if profile is None or not profile.framework:
+            return
+        self.profile, self.call = profile, replace(self.described)
+        profile.start(self.call)
+
+    def end(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            self.profile.end(call)
+
+
+@functools.lru_cache(maxsize=None)
+def _end_backward_function():
+    """The identity autograd.Function whose backward ends a _TorchBackward (built on first use:
+    this module imports without torch)."""
+    import torch
+
+    class EndBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, backward, *inputs):
+            ctx.backward = backward
+            ctx.set_materialize_grads(False)  # an input's missing gradient stays None, not zeros
+            return tuple(x.view_as(x) for x in inputs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            ctx.backward.end()
+            return (None, *grads)
+
+    return EndBackward

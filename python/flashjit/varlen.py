@@ -122,13 +122,13 @@ def _outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                max_seqlen_k: int, mask: Optional[Tensor], scale: Optional[float], softcap: float, causal: int,
                window_left: int, window_right: int, dropout_p: float, rng: Optional[Tensor],
-               num_threads: int) -> tuple[Tensor, Tensor]:
+               num_threads: int, deterministic: bool = True) -> tuple[Tensor, Tensor]:
     """o [total_q, Hq, Dv] and lse [Hq, total_q] (float32; float64 for float64)."""
     o, lse = _outputs(q, v)
     on_device = _offsets_stay_on_device(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _run("forward", _C.varlen_forward, _offsets("cu_seqlens_q", cu_seqlens_q, on_device),
          _offsets("cu_seqlens_k", cu_seqlens_k, on_device), max_seqlen_q, max_seqlen_k, (q, k, v), (o, lse),
-         (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads))
+         (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic))
     return o, lse
 
 
@@ -141,15 +141,17 @@ def _varlen_fwd_fake(q, k, v, *rest):
 def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
                cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, mask: Optional[Tensor],
                scale: Optional[float], softcap: float, causal: int, window_left: int, window_right: int,
-               dropout_p: float, rng: Optional[Tensor], num_threads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of the packed q, k, v (deterministic; dk, dv summed over each GQA group)."""
+               dropout_p: float, rng: Optional[Tensor], num_threads: int,
+               deterministic: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of the packed q, k, v (dk, dv summed over each GQA group; bitwise repeatable
+    unless deterministic is False)."""
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     on_device = _offsets_stay_on_device(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _run("backward", _C.varlen_backward, _offsets("cu_seqlens_q", cu_seqlens_q, on_device),
          _offsets("cu_seqlens_k", cu_seqlens_k, on_device), max_seqlen_q, max_seqlen_k, (q, k, v, o, lse, dout),
          (dq, dk, dv),
-         (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads))
+         (mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic))
     return dq, dk, dv
 
 

@@ -325,7 +325,7 @@ fj_tensor to_tensor(const char* op, const char* name, nb::handle x) {
 fj_attention_options make_options(const char* op, nb::handle mask, std::optional<double> scale,
                                   double softcap, int causal, int64_t window_left, int64_t window_right,
                                   double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-                                  uintptr_t stream) {
+                                  uintptr_t stream, bool nondeterministic = false) {
   fj_attention_options options = fj_attention_options_default();
   if (!mask.is_none()) options.mask = to_tensor(op, "mask", mask);
   options.has_scale = scale.has_value();
@@ -339,6 +339,7 @@ fj_attention_options make_options(const char* op, nb::handle mask, std::optional
   options.dropout_offset = offset;
   options.num_threads = num_threads;
   options.stream = reinterpret_cast<void*>(stream);
+  options.nondeterministic = nondeterministic ? 1 : 0;
   return options;
 }
 
@@ -355,7 +356,7 @@ void set_workspace(fj_attention_options& options, const Workspace& workspace) {
 size_t forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
                std::optional<double> scale, double softcap, int causal, int64_t window_left,
                int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-               uintptr_t stream, bool check_only, bool prepare, const Workspace& workspace) {
+               uintptr_t stream, bool check_only, bool prepare, const Workspace& workspace, bool nondeterministic) {
   constexpr const char* op = "attention";
   const fj_tensor tq = to_tensor(op, "q", q), tk = to_tensor(op, "k", k), tv = to_tensor(op, "v", v);
   fj_tensor to = to_tensor(op, "o", o);
@@ -368,7 +369,7 @@ size_t forward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handl
   }
   fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
-                   num_threads, stream);
+                   num_threads, stream, nondeterministic);
   set_workspace(options, workspace);
   size_t bytes = 0;
   fj_status status;
@@ -397,12 +398,12 @@ size_t backward(nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::hand
                 nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
                 double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
                 uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream, bool check_only, bool prepare,
-                const Workspace& workspace) {
+                const Workspace& workspace, bool nondeterministic) {
   constexpr const char* op = "attention_backward";
   BackwardTensors t(op, q, k, v, o, lse, dout, dq, dk, dv);
   fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
-                   num_threads, stream);
+                   num_threads, stream, nondeterministic);
   set_workspace(options, workspace);
   size_t bytes = 0;
   fj_status status;
@@ -441,7 +442,8 @@ void varlen_forward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t ma
                     nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle mask,
                     std::optional<double> scale, double softcap, int causal, int64_t window_left,
                     int64_t window_right, double dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-                    uintptr_t stream, nb::handle seqused_k, nb::handle page_table, bool check_only) {
+                    uintptr_t stream, nb::handle seqused_k, nb::handle page_table, bool check_only,
+                    bool nondeterministic) {
   constexpr const char* op = "varlen_attention";
   const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                                        page_table);
@@ -449,7 +451,7 @@ void varlen_forward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t ma
   fj_tensor to = to_tensor(op, "o", o), tlse = to_tensor(op, "lse", lse);
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
-                   num_threads, stream);
+                   num_threads, stream, nondeterministic);
   if (check_only) {
     check(fj_attention_varlen_check_forward(&tq, &tk, &tv, &varlen, &options, &to, &tlse));
     return;
@@ -461,13 +463,13 @@ void varlen_backward(nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, int64_t m
                      nb::handle q, nb::handle k, nb::handle v, nb::handle o, nb::handle lse, nb::handle dout,
                      nb::handle dq, nb::handle dk, nb::handle dv, nb::handle mask, std::optional<double> scale,
                      double softcap, int causal, int64_t window_left, int64_t window_right, double dropout_p,
-                     uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream) {
+                     uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream, bool nondeterministic) {
   constexpr const char* op = "varlen_attention_backward";
   const fj_varlen varlen = make_varlen(op, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   BackwardTensors t(op, q, k, v, o, lse, dout, dq, dk, dv);
   const fj_attention_options options =
       make_options(op, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
-                   num_threads, stream);
+                   num_threads, stream, nondeterministic);
   check(without_gil([&] {
     return fj_attention_varlen_backward(&t.q, &t.k, &t.v, &t.o, &t.lse, &t.dout, &varlen, &options, &t.dq, &t.dk,
                                         &t.dv);
@@ -568,25 +570,26 @@ NB_MODULE(_C, m) {
         nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"),
         nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false,
-        nb::arg("prepare") = false, nb::arg("workspace") = nb::none());
+        nb::arg("prepare") = false, nb::arg("workspace") = nb::none(), nb::arg("nondeterministic") = false);
   m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
         nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
         nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("check_only") = false,
-        nb::arg("prepare") = false, nb::arg("workspace") = nb::none());
+        nb::arg("prepare") = false, nb::arg("workspace") = nb::none(), nb::arg("nondeterministic") = false);
   m.def("varlen_forward", &varlen_forward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k").none(),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
         nb::arg("lse"), nb::arg("mask").none(), nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"),
         nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
         nb::arg("num_threads"), nb::arg("stream") = 0, nb::arg("seqused_k").none() = nb::none(),
-        nb::arg("page_table").none() = nb::none(), nb::arg("check_only") = false);
+        nb::arg("page_table").none() = nb::none(), nb::arg("check_only") = false,
+        nb::arg("nondeterministic") = false);
   m.def("varlen_backward", &varlen_backward, nb::arg("cu_seqlens_q"), nb::arg("cu_seqlens_k"),
         nb::arg("max_seqlen_q"), nb::arg("max_seqlen_k"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"),
         nb::arg("lse"), nb::arg("dout"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("mask").none(),
         nb::arg("scale").none(), nb::arg("softcap"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"), nb::arg("num_threads"),
-        nb::arg("stream") = 0);
+        nb::arg("stream") = 0, nb::arg("nondeterministic") = false);
   m.def("dropout_keep_mask", &dropout_keep_mask, nb::arg("seed"), nb::arg("offset"), nb::arg("p"),
         nb::arg("keep").noconvert());
   nb::dict dtypes;

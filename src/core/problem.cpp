@@ -375,6 +375,11 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
   }
   p.workspace = opt.workspace;
   p.workspace_bytes = opt.workspace_bytes;
+  if (opt.nondeterministic != 0 && opt.nondeterministic != 1) {
+    throw_value_error("[", op, "] nondeterministic: expected 0 (every backward bitwise deterministic) or 1, got ",
+                      opt.nondeterministic);
+  }
+  p.nondeterministic = opt.nondeterministic == 1;
 
   const fj_tensor& mask = opt.mask;
   if (mask.data == nullptr && mask.ndim == 0) return;  // no mask

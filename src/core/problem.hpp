@@ -80,6 +80,8 @@ struct AttentionProblem {
   void* stream = nullptr;  // CUDA stream to enqueue on
   void* workspace = nullptr;  // CUDA: the caller's scratch (fj_attention_options.workspace), or null
   size_t workspace_bytes = 0;
+  // A backward may sum dQ in no fixed order where that measured faster (fj_attention_options.nondeterministic).
+  bool nondeterministic = false;
 
   // A variable-length batch (fj_attention_varlen_*): the operands are packed, sequence
   // b being rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, o, lse, dout and dq

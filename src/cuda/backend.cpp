@@ -642,18 +642,19 @@ bool plan_split_forward(Plan& plan, const AttentionProblem& p, const Launch& lau
 class ChoiceMemo {
  public:
   struct Key {
-    bool backward = false;
+    bool backward = false, nondeterministic = false;
     std::array<int32_t, kTraitsFieldCount> traits{};
     int band = 0, device_index = 0;
     uint64_t environment = 0, tuning = 0;
     bool operator==(const Key& o) const {
-      return backward == o.backward && traits == o.traits && band == o.band && device_index == o.device_index &&
-             environment == o.environment && tuning == o.tuning;
+      return backward == o.backward && nondeterministic == o.nondeterministic && traits == o.traits &&
+             band == o.band && device_index == o.device_index && environment == o.environment && tuning == o.tuning;
     }
   };
-  static Key key(bool backward, const KernelTraits& traits, int64_t seqlen_k, int device_index) {
-    return Key{backward, traits_fields(traits), tuning_band(seqlen_k), device_index, settings::environment_version(),
-               tuning_generation()};
+  static Key key(bool backward, const KernelTraits& traits, int64_t seqlen_k, int device_index,
+                 bool nondeterministic = false) {
+    return Key{backward,       nondeterministic, traits_fields(traits), tuning_band(seqlen_k), device_index,
+               settings::environment_version(), tuning_generation()};
   }
   // The specs kept for key, or nullptr.
   const std::vector<KernelSpec>* find(const Key& key) const {
@@ -693,13 +694,21 @@ const KernelSpec& chosen_forward_kernel(const KernelTraits& traits, int64_t seql
   return choice_memo().keep(key, {forward_kernel(traits, tuned)}).front();
 }
 
-// backward_kernels for the traits in the pass chosen for their class on the launch's device.
+// backward_kernels for the traits in the pass chosen for their class on the launch's device; a
+// nondeterministic call (fj_attention_options.nondeterministic) takes the one pass with unordered
+// dQ adds where that measured faster (unordered_dq_applies), unless FLASHJIT_CUDA_BACKWARD forces a pass.
+std::vector<KernelSpec> backward_kernels_for(const KernelTraits& traits, int64_t seqlen_k, const Launch& launch,
+                                             bool nondeterministic) {
+  if (nondeterministic && !settings::one_pass_backward().has_value() && unordered_dq_applies(traits)) {
+    return backward_kernels(traits, true, kUnorderedDq);
+  }
+  return backward_kernels(traits, one_pass_backward_chosen(traits, seqlen_k, device_info(launch.device_index).name));
+}
 const std::vector<KernelSpec>& chosen_backward_kernels(const KernelTraits& traits, int64_t seqlen_k,
-                                                       const Launch& launch) {
-  const ChoiceMemo::Key key = ChoiceMemo::key(true, traits, seqlen_k, launch.device_index);
+                                                       const Launch& launch, bool nondeterministic) {
+  const ChoiceMemo::Key key = ChoiceMemo::key(true, traits, seqlen_k, launch.device_index, nondeterministic);
   if (const std::vector<KernelSpec>* kept = choice_memo().find(key)) return *kept;
-  return choice_memo().keep(
-      key, backward_kernels(traits, one_pass_backward_chosen(traits, seqlen_k, device_info(launch.device_index).name)));
+  return choice_memo().keep(key, backward_kernels_for(traits, seqlen_k, launch, nondeterministic));
 }
 
 // The unsplit forward's kernel: the sm_90a one (with the tile choice measured
@@ -1083,7 +1092,7 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
 std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
                                        std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
-  std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch);
+  std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch, p.nondeterministic);
   keep_blocks_resident(dkdv_kernel(specs), ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
                        device_info(launch.device_index).multiprocessors);
   if (specs.size() > Plan::kMaxKernels) {
@@ -1192,8 +1201,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
   const KernelTraits traits = traits_for_launch(packed, launch);
   if (!hopper_applies(traits)) return false;
   // The class of the batch's longest sequence (a bound where the offsets are on the device).
-  std::vector<KernelSpec> specs = backward_kernels(
-      traits, one_pass_backward_chosen(traits, p.seqlen_k, device_info(launch.device_index).name));
+  std::vector<KernelSpec> specs = backward_kernels_for(traits, p.seqlen_k, launch, p.nondeterministic);
   // Offsets in device memory: max_seqlen_k is the caller's word, not checked against them, so the
   // arrival order (whose blocks must all be resident) is not taken on it.
   keep_blocks_resident(dkdv_kernel(specs),

@@ -766,13 +766,17 @@ KernelSpec& dkdv_kernel(std::vector<KernelSpec>& specs) {
   return const_cast<KernelSpec&>(dkdv_kernel(static_cast<const std::vector<KernelSpec>&>(specs)));
 }
 
-std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass) {
+bool unordered_dq_applies(const KernelTraits& traits) {
+  return hopper_applies(traits) && std::max(traits.head_dim_qk, traits.head_dim_v) <= 64;
+}
+
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass, int dq_mode) {
   if (hopper_applies(traits)) {
     const KernelSpec prep = hopper_spec(prep_traits(traits), KernelEntry::kBackwardPrep);
     KernelSpec dkdv = hopper_spec(traits, KernelEntry::kBackwardDkDv);
     if (one_pass && std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
       dkdv.one_pass = true;
-      dkdv.dq_diagnostic = settings::one_pass_dq();
+      dkdv.dq_diagnostic = dq_mode >= 0 ? dq_mode : settings::one_pass_dq();
       if (fits(dkdv)) {
         if (layout::dq_converted(dkdv.dq_diagnostic)) return {prep, dkdv, dq_convert_kernel(dkdv)};
         return {prep, dkdv};

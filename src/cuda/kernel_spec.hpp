@@ -257,8 +257,13 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits);
 // The backward's kernels in launch order. one_pass: where the sm_90a kernels apply at head dims
 // up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass), and
 // with a dQ writer or atomic adds (layout::dq_converted) the kernel that writes dQ from its sums
-// after it.
-std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false);
+// after it. dq_mode: the one pass's dQ sums (KernelSpec::dq_diagnostic); -1, FLASHJIT_CUDA_ONE_PASS_DQ's.
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false, int dq_mode = -1);
+// The one pass's unordered dQ adds (dq_diagnostic 9) where they measured faster than the
+// deterministic backward chosen otherwise: the sm_90a kernels at head dims up to 64 (on the H100
+// +6-17% in every head-dim-64 problem of bench/gpu_attention.py; at 128 no faster, so not there).
+bool unordered_dq_applies(const KernelTraits& traits);
+constexpr int kUnorderedDq = 9;
 // The dK/dV kernel of backward_kernels' list (the last one: dK alone where dV and dK take two).
 const KernelSpec& dkdv_kernel(const std::vector<KernelSpec>& specs);
 KernelSpec& dkdv_kernel(std::vector<KernelSpec>& specs);

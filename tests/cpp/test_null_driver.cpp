@@ -419,6 +419,57 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   unsetenv("FLASHJIT_CUDA_BACKWARD");
 }
 
+// fj_attention_options.nondeterministic: at head dims up to 64 on sm_90 the backward takes the one
+// pass with unordered dQ adds (prep with the sums zeroed, dK/dV, dQ from the sums), whose
+// workspace planning also sizes; at 128, and where FLASHJIT_CUDA_BACKWARD forces a pass, the
+// deterministic choice; a value other than 0 or 1 is an error naming the field.
+TEST_F(CudaHostPath, NondeterministicBackwardTakesTheUnorderedOnePass) {
+  REQUIRE_NULL_DRIVER();
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  fj_attention_options options = fj_attention_options_default();
+  EXPECT_EQ(options.nondeterministic, 0);
+  const auto launches_of = [&](DeviceBuffers& buffers) {
+    const unsigned long long before = null_driver().now().launches;
+    EXPECT_EQ(buffers.backward(options), FJ_SUCCESS) << fj_last_error();
+    return null_driver().last(unsigned(null_driver().now().launches - before));
+  };
+  DeviceBuffers d64(1, 4, 4, 512, 512, 64, FJ_BFLOAT16);
+  size_t deterministic_bytes = 0, unordered_bytes = 0;
+  ASSERT_EQ(d64.prepare_backward(options, &deterministic_bytes), FJ_SUCCESS) << fj_last_error();
+  const std::vector<NullLaunch> split = launches_of(d64);
+  ASSERT_EQ(split.size(), 3u);
+  EXPECT_EQ(std::string(split[1].function), "fj_attention_backward_dq");
+  options.nondeterministic = 1;
+  ASSERT_EQ(d64.prepare_backward(options, &unordered_bytes), FJ_SUCCESS) << fj_last_error();
+  // dQ's float32 sums (4 heads x 512 rows x 64) and their tiles' counters beside the rows' scratch.
+  EXPECT_GE(unordered_bytes, deterministic_bytes + size_t(4 * 512 * 64) * sizeof(float));
+  const std::vector<NullLaunch> unordered = launches_of(d64);
+  ASSERT_EQ(unordered.size(), 3u);
+  EXPECT_EQ(std::string(unordered[0].function), "fj_attention_backward_prep");
+  EXPECT_EQ(std::string(unordered[1].function), "fj_attention_backward_dkdv");
+  EXPECT_EQ(std::string(unordered[2].function), "fj_attention_backward_dq_convert");
+  KernelParams params;
+  std::memcpy(&params, unordered[0].params, sizeof params);
+  EXPECT_EQ(params.dq_zero_floats, 4 * 512 * 64);
+  // The choice is kept per call kind: a deterministic call after it takes the split kernels again.
+  options.nondeterministic = 0;
+  EXPECT_EQ(std::string(launches_of(d64)[1].function), "fj_attention_backward_dq");
+  options.nondeterministic = 1;
+  setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
+  EXPECT_EQ(std::string(launches_of(d64)[1].function), "fj_attention_backward_dq");
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  DeviceBuffers d128(1, 4, 4, 512, 512, 128, FJ_BFLOAT16);
+  const std::vector<NullLaunch> wide = launches_of(d128);
+  ASSERT_EQ(wide.size(), 3u);
+  EXPECT_EQ(std::string(wide[1].function), "fj_attention_backward_dq");
+  std::memcpy(&params, wide[0].params, sizeof params);
+  EXPECT_EQ(params.dq_zero_floats, 0);
+  options.nondeterministic = 2;
+  EXPECT_EQ(d64.backward(options), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("nondeterministic: expected 0"), std::string::npos) << fj_last_error();
+}
+
 // Planning enqueues nothing and reports the workspace the backward needs; a call given that
 // workspace takes no scratch of its own, and one given less is refused, naming workspace_bytes.
 TEST_F(CudaHostPath, PlanningSizesTheWorkspaceAndEnqueuesNothing) {

@@ -530,3 +530,62 @@ def test_dropout_seed_from_torch_generator_is_repeatable():
     b = flashjit.attention(q, q, q, dropout_p=0.3)
     c = flashjit.attention(q, q, q, dropout_p=0.3)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def _gradients(q, k, v, dout, **options):
+    fq, fk, fv = leaves(q, k, v, device=DEVICE)
+    o = flashjit.attention(fq, fk, fv, **options)
+    o.backward(dout.to(DEVICE))
+    return o.detach().cpu(), tuple(x.grad.cpu() for x in (fq, fk, fv))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_nondeterministic_backward(D, monkeypatch, tmp_path):
+    # deterministic=False lets the backward sum dq in no fixed order where that measured faster
+    # (the sm_90a one pass with unordered adds at head dims up to 64): checked against float64
+    # like every backward, and it was the kernel compiled there. Elsewhere (the CPU, other GPUs,
+    # head dim 128) and under torch.use_deterministic_algorithms(True) the gradients are bitwise
+    # the deterministic ones. Anything but a bool is refused, naming the argument.
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    if DEVICE == "cuda":
+        flashjit.cuda.clear_memory_cache()
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    torch.manual_seed(5)
+    q, k, v = torch.randn(2, 8, 300, D).to(dtype), torch.randn(2, 2, 300, D).to(dtype), torch.randn(2, 2, 300, D).to(dtype)
+    dout = torch.randn(2, 8, 300, D).to(dtype)
+    o, grads = _gradients(q, k, v, dout, causal=True)
+    o_free, grads_free = _gradients(q, k, v, dout, causal=True, deterministic=False)
+    assert torch.equal(o, o_free)  # the forward is the same call
+    exact = leaves(q, k, v)
+    exact_o, _ = naive_attention(*exact, causal=True)
+    exact_o.backward(dout.double())
+    low = leaves(q, k, v)
+    base_o, _ = naive_attention(*low, causal=True, dtype=dtype)
+    base_o.backward(dout)
+    for name, got, base, ref in zip(("dq", "dk", "dv"), grads_free, low, exact):
+        check(name, got, base.grad, ref.grad, dtype)
+    unordered = (DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0) and D <= 64)
+    if not unordered:
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_free))
+    else:
+        compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
+        assert any("_dq-atomic" in name for name in compiled), compiled
+    with _deterministic_algorithms():
+        _, forced = _gradients(q, k, v, dout, causal=True, deterministic=False)
+    assert all(torch.equal(a, b) for a, b in zip(grads, forced))
+    with pytest.raises(TypeError, match=r"\[attention\] deterministic: expected True"):
+        flashjit.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), deterministic="no")
+    with pytest.raises(TypeError, match=r"\[attention_backward\] deterministic: expected True"):
+        flashjit.attention_backward(*(x.to(DEVICE) for x in (q, k, v)), o.to(DEVICE),
+                                    torch.zeros(2, 8, 300, device=DEVICE), dout.to(DEVICE), deterministic=1)
+
+
+class _deterministic_algorithms:
+    """torch.use_deterministic_algorithms(True) for a block, restored after it."""
+
+    def __enter__(self):
+        self.before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.before)

@@ -47,4 +47,27 @@ def test_torch_lora():
     _check(plain, flash, 2e-3)
     impls = {(row["impl"], row["direction"]) for row in flash["attention"]["summary"]}
     assert impls == {("flashjit", "forward"), ("flashjit", "backward")}
-    assert {row["impl"] for row in plain["attention"]["summary"]} == {"torch"}
+    rows = plain["attention"]["summary"]
+    assert {(row["impl"], row["direction"]) for row in rows} == {("torch", "forward"), ("torch", "backward")}
+    calls = {row["direction"]: row["calls"] for row in rows}
+    assert calls == {"forward": 2, "backward": 2}  # a call a layer, each way, as flashjit's
+    assert calls == {row["direction"]: row["calls"] for row in flash["attention"]["summary"]}
+
+
+@pytest.mark.parametrize("seconds,warmup,expected", [
+    ([9.0, 5.0, 1.0, 3.0, 2.0, 100.0], 2, 2.5),  # the median of the steps after two warm-ups
+    ([9.0, 5.0, 2.0], 2, 2.0),
+    ([9.0, 2.0], 1, 2.0),  # a run too short for two: one timed step is kept
+    ([2.0], 0, 2.0)])
+def test_tokens_per_second_leaves_out_warmups(seconds, warmup, expected):
+    import argparse
+
+    import common
+
+    args = argparse.Namespace(model="tiny", device="cpu", dtype="float32", use_flash_attention=False, seq_len=64,
+                              batch_size=2, steps=len(seconds), json_out=None)
+    history = [dict(step=i + 1, loss=1.0, seconds=s, tokens_per_second=128 / s, peak_memory_mib=1.0)
+               for i, s in enumerate(seconds)]
+    summary = common.summarize(args, history, 0, 128, None)
+    assert summary["warmup_steps"] == warmup and summary["timed_steps"] == len(seconds) - warmup
+    assert summary["step_seconds"] == expected and summary["tokens_per_second"] == 128 / expected

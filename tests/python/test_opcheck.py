@@ -12,12 +12,14 @@ from conftest import DEVICE
 # Positional arguments after q, k, v: mask, scale, softcap, causal, window_left, window_right, dropout_p,
 # rng, num_threads.
 CASES = {
-    "plain": lambda: (None, None, 0.0, 0, -1, -1, 0.0, None, 0),
+    "plain": lambda: (None, None, 0.0, 0, -1, -1, 0.0, None, 0, True),
     "bool_mask_bottom_right": lambda: (torch.rand(1, 4, 17, 23, device=DEVICE) > 0.3, 0.5, 0.0, 2, -1, -1, 0.0,
-                                       None, 0),
+                                       None, 0, True),
     "float_mask_softcap_window": lambda: (torch.randn(1, 1, 17, 23, device=DEVICE), None, 2.0, 1, 4, -1, 0.0,
-                                          None, 0),
-    "dropout": lambda: (None, None, 0.0, 0, -1, -1, 0.2, flashjit.ops.dropout_rng(3, 0), 0),
+                                          None, 0, True),
+    "dropout": lambda: (None, None, 0.0, 0, -1, -1, 0.2, flashjit.ops.dropout_rng(3, 0), 0, True),
+    # deterministic=False: the backward may sum dq in no fixed order (CUDA sm_90, head dims <= 64)
+    "nondeterministic_causal": lambda: (None, None, 0.0, 1, -1, -1, 0.0, None, 0, False),
 }
 
 

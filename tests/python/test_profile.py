@@ -75,6 +75,58 @@ def test_framework_calls_table_and_json(tmp_path):
     assert "| forward | torch |" in table and "| forward | flashjit |" in table and "attention:" in table
 
 
+def _torch_sdpa_step(q, k, v, **kwargs):
+    torch.manual_seed(1)  # the same dropout mask each time
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+    (out * out).sum().backward()
+    return out
+
+
+@pytest.mark.parametrize("kwargs", [dict(is_causal=True), dict(dropout_p=0.3)])  # fused; torch's math path
+def test_framework_backward_is_recorded_and_leaves_gradients_unchanged(kwargs):
+    q, k, v = _inputs(Hkv=4)
+    v.requires_grad_(False)  # only the inputs that require grad are waited for (and get gradients)
+    out = _torch_sdpa_step(q, k, v, **kwargs)
+    expected = [out, q.grad, k.grad]
+    q.grad = k.grad = None
+    with flashjit.profile(framework=True) as prof:
+        out = _torch_sdpa_step(q, k, v, **kwargs)
+    for a, b in zip([out, q.grad, k.grad], expected):
+        assert torch.equal(a, b)
+    assert v.grad is None
+    assert [(c.impl, c.direction) for c in prof.calls] == [("torch", "forward"), ("torch", "backward")]
+    forward, backward = prof.calls
+    assert backward.flops == 2.5 * forward.flops > 0 and backward.shape_key() == forward.shape_key()
+    assert backward.bytes > forward.bytes and all(c.ms > 0 for c in prof.calls)
+    rows = {(r["direction"], r["impl"]): r["calls"] for r in prof.summary()}
+    assert rows == {("forward", "torch"): 1, ("backward", "torch"): 1}
+
+
+def test_framework_backward_once_per_pass_and_only_inside_a_block():
+    q, k, v = _inputs(Hkv=4)
+    F = torch.nn.functional
+    mask = torch.zeros(33, 47, requires_grad=True)  # a mask that requires grad is waited for too
+    with flashjit.profile(framework=True) as prof:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out.sum().backward(retain_graph=True)
+        out.sum().backward()
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v)
+        F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach())  # no gradient: no backward to record
+        F.scaled_dot_product_attention(q, k, v).add_(1)  # the output is torch's own: in place is fine
+        later = F.scaled_dot_product_attention(q, k, v)
+    assert mask.grad is not None
+    assert [(c.impl, c.direction) for c in prof.calls] == [("torch", "forward")] + [("torch", "backward")] * 2 + [
+        ("torch", "forward")] * 4
+    later.sum().backward()  # after the block: not recorded
+    with flashjit.profile() as plain:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()  # framework=False: not recorded
+        later = F.scaled_dot_product_attention(q, k, v)
+    with flashjit.profile(framework=True) as other:
+        later.sum().backward()  # its forward made without the hook: nothing to record
+    assert len(prof.calls) == 7 and plain.calls == [] and other.calls == []
+
+
 def test_patched_sdpa_is_recorded_once_as_flashjit():
     q, k, v = _inputs(grad=False, Hkv=4)
     with flashjit.sdpa_patched(), flashjit.profile(framework=True) as prof:

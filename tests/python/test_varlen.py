@@ -137,7 +137,7 @@ def test_opcheck():
 
     q, k, v = _small_batch()
     cu_q, cu_k = _offsets(LENGTHS_Q), _offsets(LENGTHS_K)
-    options = (None, None, 0.0, 2, -1, -1, 0.0, None, 0)
+    options = (None, None, 0.0, 2, -1, -1, 0.0, None, 0, True)
     opcheck(torch.ops.flashjit.varlen_fwd.default, (q, k, v, cu_q, cu_k, 0, 0, *options))
     o, lse = flashjit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
     opcheck(torch.ops.flashjit.varlen_bwd.default,
