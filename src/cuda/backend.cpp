@@ -1133,6 +1133,38 @@ struct OnePassScratch {
   }
 };
 
+// The parts of a GQA group's query heads the split dK/dV kernel takes (KernelSpec::dkdv_parts;
+// 1: none): FLASHJIT_CUDA_DKDV_PARTS's count, halved until it divides the group, or ("auto") the
+// fewest powers of two dividing the group that bring the grid to two blocks an SM. Their float32
+// sums ([part][b][kv head][key block][128 rows][dk, dv columns]) and a counter a key block follow
+// the rows' scratch.
+struct DkDvParts {
+  int parts = 1;
+  size_t partial_floats = 0, counters = 0;
+  DkDvParts(const KernelSpec& dkdv, const AttentionProblem& p, int64_t key_blocks, int multiprocessors) {
+    if (!dkdv.takes_parts()) return;
+    const int64_t group = p.heads_q / p.heads_kv, blocks = key_blocks * p.batch * p.heads_kv;
+    const int setting = settings::dkdv_parts();
+    if (setting > 0) {
+      parts = setting;
+      while (group % parts != 0) parts /= 2;
+    } else {
+      while (group % (2 * parts) == 0 && blocks * parts < 2 * int64_t(multiprocessors)) parts *= 2;
+    }
+    if (parts == 1) return;
+    counters = size_t(blocks);
+    partial_floats = size_t(parts) * counters * size_t(dkdv.block_rows()) * size_t(dkdv.head_dim_qk + dkdv.head_dim_v);
+  }
+  size_t bytes() const { return partial_floats * sizeof(float) + counters * sizeof(int); }
+  void place(KernelParams& params, char* base) const {
+    params.dkdv_parts = parts;
+    if (parts == 1) return;
+    params.dkdv_partial = reinterpret_cast<float*>(base);
+    params.dkdv_counters = reinterpret_cast<int*>(params.dkdv_partial + partial_floats);
+    params.dkdv_counter_count = int64_t(counters);
+  }
+};
+
 // The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
 // = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
 // reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
@@ -1150,10 +1182,13 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
   const OnePassScratch one_pass(dkdv_kernel(specs), scratch_rows);
+  const DkDvParts parts(dkdv_kernel(specs), p, ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
+                        device_info(launch.device_index).multiprocessors);
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
     kernel_params.scratch_pitch = pitch;
+    kernel_params.dkdv_parts = parts.parts;
     kernel_params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
     kernel_params.num_key_blocks = int(ceil_div(p.seqlen_k, spec.block_rows()));
     KernelLaunch& kernel = plan.add(spec, kernel_params, launch);
@@ -1163,11 +1198,12 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
         kernel.blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q;
         break;
       case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
-      default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv; break;
+      default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv * parts.parts; break;
     }
   }
   const size_t row_bytes = size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1);
-  plan.scratch_bytes = row_bytes + one_pass.bytes();
+  const size_t parts_offset = row_bytes + (one_pass.bytes() + 15) / 16 * 16;
+  plan.scratch_bytes = parts_offset + parts.bytes();
   if (launch.planning) return;
   void* scratch = p.workspace;
   if (scratch == nullptr) {
@@ -1186,6 +1222,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
     kernel_params.delta = scratch;
     kernel_params.lse_log2 = hopper ? static_cast<float*>(scratch) + scratch_rows : nullptr;
     one_pass.place(kernel_params, static_cast<char*>(scratch) + row_bytes);  // row_bytes: a multiple of 16
+    parts.place(kernel_params, static_cast<char*>(scratch) + parts_offset);
   }
 }
 

@@ -164,7 +164,7 @@ std::string KernelSpec::name() const {
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
-                 one_pass ? "_one-pass" : "", dkdv_shared ? "_shared-ops" : "",
+                 one_pass ? "_one-pass" : "", dkdv_shared ? "_shared-ops" : "", takes_parts() ? "_parts" : "",
                  dq_diagnostic == 1   ? "_dq-none"
                  : dq_diagnostic == 2 ? "_dq-unordered"
                  : dq_diagnostic == 3 ? "_dq-eager"
@@ -225,7 +225,7 @@ KernelSpec::Fields KernelSpec::fields() const {
                                 mask_dtype,   window,      dropout,        softcap,       aligned,      split,
                                 varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), sets_up_in_producer(), poly_groups(), trace,
                                 dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
-                                dkdv_shared,  stages,      q_buffers,      o_tma,         fold_scale,   lazy_rescale,
+                                dkdv_shared,  takes_parts(), stages,    q_buffers,      o_tma,         fold_scale,   lazy_rescale,
                                 block_n,      arch);
 }
 
@@ -303,6 +303,7 @@ std::string KernelSpec::source() const {
       "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_PRODUCER_SETUP ", sets_up_in_producer() ? 1 : 0, "\n", "#define FJ_EXP_POLY ", poly_groups(), "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
+      "#define FJ_DKDV_PARTS ", takes_parts() ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",
@@ -795,6 +796,7 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
         // Whole 64-query regions (a swizzled row): masks, dropout and softcap keep their steps.
         if (shared.block_n % 64 == 0 && fits(shared)) dkdv = shared;
       }
+      dkdv.dkdv_parts = settings::dkdv_parts() != 0;
       specs.push_back(dkdv);
     } else {  // dV and dK each in a kernel of its own, as in the mma.sync backward
       KernelSpec dv = dkdv, dk = dkdv;

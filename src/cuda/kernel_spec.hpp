@@ -113,6 +113,10 @@ struct KernelSpec {
   // dS^T from shared memory (written by each warp after its gradient) instead of registers, so
   // that twice the queries a step fit (FJ_DKDV_SHARED; settings::dkdv_shared_operands).
   bool dkdv_shared = false;
+  // kHopper split dK/dV (both parts, two consumer warpgroups, dense) over a GQA group's query
+  // heads in parts, KernelParams::dkdv_parts blocks a key block, their float32 sums added in part
+  // order by the last to finish (FJ_DKDV_PARTS; settings::dkdv_parts). Where it does not apply: 0.
+  bool dkdv_parts = false;
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
   int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)
   bool o_tma = false; // kHopper forward: O leaves through shared memory (the Q buffer) by TMA stores
@@ -131,7 +135,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 35;
+  static constexpr size_t kFieldCount = 36;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -157,6 +161,11 @@ struct KernelSpec {
   // producer_setup where it applies: the kHopper forward, whatever its tiles and variant.
   bool sets_up_in_producer() const {
     return producer_setup && family == KernelFamily::kHopper && entry == KernelEntry::kForward;
+  }
+  // dkdv_parts where it applies (what name() spells and fields() holds).
+  bool takes_parts() const {
+    return dkdv_parts && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv && !one_pass &&
+           !varlen && dkdv_part == DkDvPart::kBoth && threads == (8 + 4) * 32;
   }
   // exp_poly where it applies: the kHopper forward, whatever its tiles and variant.
   int poly_groups() const { return family == KernelFamily::kHopper && entry == KernelEntry::kForward ? exp_poly : 0; }

@@ -142,6 +142,14 @@ bool dkdv_shared_operands() {
   return kept(slot, [] { return choice("FLASHJIT_CUDA_DKDV", {"registers", "shared"}) != 0; });
 }
 
+int dkdv_parts() {
+  thread_local Kept<int> slot;
+  return kept(slot, [] {
+    const int chosen = choice("FLASHJIT_CUDA_DKDV_PARTS", {"off", "auto", "2", "4", "8"});
+    return chosen <= 0 ? 0 : chosen == 1 ? -1 : 1 << (chosen - 1);
+  });
+}
+
 bool varlen_single_launch() {
   thread_local Kept<bool> slot;
   return kept(slot, [] { return switch_on("FLASHJIT_CUDA_VARLEN"); });

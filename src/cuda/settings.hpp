@@ -133,5 +133,11 @@ std::optional<bool> one_pass_backward();
 // operands go through shared memory (KernelSpec::dkdv_shared; a 2-16% faster backward on an H100,
 // bench/NOTES.md); "registers": from registers. Another value is an error.
 bool dkdv_shared_operands();
+// FLASHJIT_CUDA_DKDV_PARTS: the split sm_90a dK/dV kernel over a GQA group's query heads in parts
+// (KernelSpec::dkdv_parts), for grids of fewer key blocks than the GPU has room for (batch 1 with few
+// key/value heads): "auto" (-1) as many parts (powers of two dividing the group) as bring the grid
+// to two blocks an SM; "2", "4", "8" that many where they divide the group; unset or "off" (0):
+// none (until measured on a GPU). Another value is an error.
+int dkdv_parts();
 
 }  // namespace flashjit::cuda::settings

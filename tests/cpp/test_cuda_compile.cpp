@@ -651,6 +651,39 @@ TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
   }
 }
 
+// FLASHJIT_CUDA_DKDV_PARTS: the split sm_90a dK/dV kernel over a GQA group in parts, a kernel of
+// its own name at head dims 64 and 128 (plain and with every feature), which compiles; not for the
+// one pass, variable-length batches or the dV/dK kernels above 128; unset, the usual kernel.
+TEST_F(CudaCompile, DkDvPartsCompileWhereTheyApply) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  struct Unset {
+    ~Unset() { unsetenv("FLASHJIT_CUDA_DKDV_PARTS"); }
+  } unset;
+  for (int head_dim : {64, 128, 256}) {
+    KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
+    unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
+    const KernelSpec plain = dkdv_kernel(backward_kernels(traits));
+    EXPECT_FALSE(plain.takes_parts()) << plain.name();
+    setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
+    KernelTraits extras = traits;
+    extras.window = extras.dropout = extras.softcap = true;
+    extras.mask = flashjit::MaskKind::kBool;
+    for (const KernelTraits& t : {traits, extras}) {
+      const KernelSpec parts = dkdv_kernel(backward_kernels(t));
+      EXPECT_EQ(parts.takes_parts(), head_dim <= 128) << parts.name();
+      EXPECT_EQ(parts.name().find("_parts") != std::string::npos, head_dim <= 128) << parts.name();
+      if (head_dim <= 128) ASSERT_NO_THROW(kernel_binary(parts, false)) << parts.name();
+      EXPECT_FALSE(dkdv_kernel(backward_kernels(t, true)).takes_parts());  // the one pass
+      KernelSpec varlen = parts;
+      varlen.varlen = true;
+      EXPECT_FALSE(varlen.takes_parts());
+    }
+  }
+  setenv("FLASHJIT_CUDA_DKDV_PARTS", "3", 1);
+  EXPECT_THROW(backward_kernels(sm90_traits(FJ_BFLOAT16, 64)), flashjit::Error);
+}
+
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a
 // kernel of its own name, which compiles; unset, the usual kernel.
 TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
@@ -1091,6 +1124,11 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
       [](KernelSpec& s) {  // exp_poly where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.exp_poly = s.exp_poly == 0 ? 4 : 0;
+      },
+      [](KernelSpec& s) {  // dkdv_parts where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDkDv, s.threads = 384;
+        s.one_pass = s.varlen = false, s.dkdv_part = DkDvPart::kBoth;
+        s.dkdv_parts = !s.dkdv_parts;
       },
       [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 9; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },

@@ -470,6 +470,58 @@ TEST_F(CudaHostPath, NondeterministicBackwardTakesTheUnorderedOnePass) {
   EXPECT_NE(std::string(fj_last_error()).find("nondeterministic: expected 0"), std::string::npos) << fj_last_error();
 }
 
+// FLASHJIT_CUDA_DKDV_PARTS: the split dK/dV kernel over a GQA group's query heads in parts. At
+// batch 1 with 4 key/value heads of 8 query heads each and 2048 keys (16 key blocks a head: 64
+// blocks on 132 SMs), "auto" takes 8 parts (the fewest powers of two dividing the group that reach
+// two blocks an SM), "2" two; each part's float32 sums and a counter a key block (which the prep
+// kernel zeroes) follow the rows' scratch, which planning sizes. Without a group (MHA) no parts;
+// unset, none.
+TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
+  REQUIRE_NULL_DRIVER();
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  const fj_attention_options options = fj_attention_options_default();
+  struct Unset {
+    ~Unset() { unsetenv("FLASHJIT_CUDA_DKDV_PARTS"); }
+  } unset;
+  DeviceBuffers grouped(1, 32, 4, 2048, 2048, 64, FJ_BFLOAT16);
+  const auto run = [&](DeviceBuffers& buffers, size_t* bytes) {
+    EXPECT_EQ(buffers.prepare_backward(options, bytes), FJ_SUCCESS) << fj_last_error();
+    EXPECT_EQ(buffers.backward(options), FJ_SUCCESS) << fj_last_error();
+    const std::vector<NullLaunch> launches = null_driver().last(3);
+    EXPECT_EQ(std::string(launches[2].function), "fj_attention_backward_dkdv");
+    KernelParams prep, dkdv;
+    std::memcpy(&prep, launches[0].params, sizeof prep);
+    std::memcpy(&dkdv, launches[2].params, sizeof dkdv);
+    EXPECT_EQ(prep.dkdv_counters, dkdv.dkdv_counters);
+    EXPECT_EQ(prep.dkdv_counter_count, dkdv.dkdv_counter_count);
+    return std::make_pair(launches[2].grid[0], dkdv);
+  };
+  size_t plain_bytes = 0, bytes = 0;
+  unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
+  auto [plain_grid, plain] = run(grouped, &plain_bytes);
+  EXPECT_EQ(plain_grid, 64u);
+  EXPECT_EQ(plain.dkdv_counter_count, 0);
+  setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
+  auto [auto_grid, automatic] = run(grouped, &bytes);
+  EXPECT_EQ(auto_grid, 64u * 8);
+  EXPECT_EQ(automatic.dkdv_parts, 8);
+  EXPECT_EQ(automatic.dkdv_counter_count, 64);
+  EXPECT_NE(automatic.dkdv_partial, nullptr);
+  EXPECT_EQ(reinterpret_cast<char*>(automatic.dkdv_counters) - reinterpret_cast<char*>(automatic.dkdv_partial),
+            8 * 64 * 128 * (64 + 64) * int64_t(sizeof(float)));
+  EXPECT_EQ(bytes, plain_bytes + size_t(8 * 64 * 128 * (64 + 64)) * sizeof(float) + 64 * sizeof(int));
+  setenv("FLASHJIT_CUDA_DKDV_PARTS", "2", 1);
+  auto [two_grid, two] = run(grouped, &bytes);
+  EXPECT_EQ(two_grid, 64u * 2);
+  EXPECT_EQ(two.dkdv_parts, 2);
+  setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
+  DeviceBuffers heads(1, 4, 4, 2048, 2048, 64, FJ_BFLOAT16);  // no group: no parts
+  auto [mha_grid, mha] = run(heads, &bytes);
+  EXPECT_EQ(mha_grid, 64u);
+  EXPECT_EQ(mha.dkdv_parts, 1);
+  EXPECT_EQ(mha.dkdv_counter_count, 0);
+}
+
 // Planning enqueues nothing and reports the workspace the backward needs; a call given that
 // workspace takes no scratch of its own, and one given less is refused, naming workspace_bytes.
 TEST_F(CudaHostPath, PlanningSizesTheWorkspaceAndEnqueuesNothing) {

@@ -589,3 +589,32 @@ class _deterministic_algorithms:
 
     def __exit__(self, *exc):
         torch.use_deterministic_algorithms(self.before)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a backward's parts are CUDA's")
+@pytest.mark.parametrize("parts", ["auto", "2", "8"])
+@pytest.mark.parametrize("causal", [False, True, "bottom_right"])
+def test_dkdv_parts(parts, causal, monkeypatch, tmp_path):
+    # FLASHJIT_CUDA_DKDV_PARTS: the split dK/dV kernel over a GQA group's query heads in parts,
+    # their float32 sums added in part order by the key block's last part to finish. Against
+    # float64 (run), bitwise the same on a second run (the order is fixed whichever part ends
+    # last), dq bitwise the unparted backward's (its kernel is untouched), with a mask, dropout
+    # and softcap, a group of 8 at batch 1 (few key blocks: "auto" takes parts), head dims 64 and
+    # 128; and its kernel was the one compiled (on sm_90).
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    flashjit.cuda.clear_memory_cache()
+    for shape, extras in ((dict(B=1, Hq=16, Hkv=2, Sq=700, Sk=700, D=64), {}),
+                          (dict(B=1, Hq=16, Hkv=2, Sq=500, Sk=650, D=128), {}),
+                          (dict(B=2, Hq=8, Hkv=1, Sq=300, Sk=333, D=64),
+                           dict(mask=torch.rand(2, 1, 300, 333) > 0.2, softcap=20.0, dropout_p=0.1))):
+        results = []
+        for setting in (parts, parts, "off"):
+            monkeypatch.setenv("FLASHJIT_CUDA_DKDV_PARTS", setting)
+            torch.manual_seed(3)
+            results.append(run(dtype=torch.bfloat16, causal=causal, **shape, **extras))
+        (o, lse, grads), (o2, lse2, grads2), (_, _, plain) = results
+        assert torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip(grads, grads2)), shape
+        assert torch.equal(grads[0], plain[0]), shape
+    if torch.cuda.get_device_capability() == (9, 0):
+        compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
+        assert any("backward_dkdv" in name and "_parts_" in name for name in compiled), compiled

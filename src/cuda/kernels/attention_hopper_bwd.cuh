@@ -144,6 +144,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads)
     static_cast<float*>(p.delta)[row] = delta;
     static_cast<float*>(p.lse_log2)[row] = lse2;
   }
+  // The parts' counters of the split dK/dV kernel (FJ_DKDV_PARTS), over the whole grid.
+  for (long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; c < p.dkdv_counter_count;
+       c += static_cast<long long>(gridDim.x) * blockDim.x) {
+    p.dkdv_counters[c] = 0;
+  }
   if (p.dq_semaphore != nullptr) {  // the one-pass backward follows
     if (lane == 0 && row < p.dq_counters) p.dq_semaphore[row] = 0;
     // The atomic one pass's sums (16-byte aligned, a multiple of 4 floats), over the whole grid.
@@ -401,6 +406,12 @@ FJ_DEVICE void store_operand_rows(elem_t* tile, const unsigned (&a)[4], int firs
 }
 #endif
 
+#if FJ_DKDV_PARTS
+// Named barrier past the turns (pipeline.cuh: 1, 2): the consumers' part sums written.
+constexpr int kPartsBarrier = kTurnBarrier + kConsumers;
+static_assert(kWithDv && kWithDk && kBlockM == 128, "parts: dK and dV of a two-consumer block");
+#endif
+
 #if FJ_ONE_PASS
 static_assert(kWithDv && kWithDk && (kDimQk == 64 || kDimQk == 128), "one pass: dK and dV, head dim 64 or 128");
 // A consumer's share of dQ_t^T: head dim 128, 64 of the columns for every query of the
@@ -590,9 +601,23 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const KernelParams sp = sequence_params(p, entry);
   block_coordinates(static_cast<int>(blockIdx.x) - p.varlen[entry * kVarlenFields + kFirstKeyTile], sp.num_key_blocks,
                     p.heads_kv, &block, &b, &kv_head, kArrival);
+#elif FJ_DKDV_PARTS
+  // A key block's parts are neighbours in the launch order.
+  const KernelParams& sp = p;
+  const int part = static_cast<int>(blockIdx.x) % p.dkdv_parts;
+  block_coordinates(static_cast<int>(blockIdx.x) / p.dkdv_parts, p.num_key_blocks, p.heads_kv, &block, &b, &kv_head,
+                    kArrival);
 #else
   const KernelParams& sp = p;
   block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, kArrival);
+#endif
+#if FJ_DKDV_PARTS
+  static_assert(!FJ_ONE_PASS && !FJ_VARLEN, "parts: the split dense dK/dV kernel");
+  const int group_heads = p.group_size / p.dkdv_parts;  // the host takes parts that divide the group
+  const int first_member = part * group_heads;
+#else
+  const int group_heads = p.group_size;
+  constexpr int first_member = 0;
 #endif
   const long long q_row0 = kVarlenKernel ? sp.q_row0 : 0, k_row0 = kVarlenKernel ? sp.k_row0 : 0;
   const long long first_key = static_cast<long long>(block) * kBlockM;
@@ -609,7 +634,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const int tiles_per_head = query_hi > first_tile && (!kOnePass || query_hi > query_lo)
                                  ? static_cast<int>((query_hi - first_tile + kBlockN - 1) / kBlockN)
                                  : 0;
-  const int tiles = tiles_per_head * p.group_size;
+  const int tiles = tiles_per_head * group_heads;
 #if FJ_ONE_PASS
   const KeyBlockSpans spans{kBlockM, kBlockN, sp.diagonal_shift, sp.window_left, sp.window_right, sp.seqlen_q,
                             sp.seqlen_k};
@@ -656,7 +681,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   };
 #endif
   const auto tile_head = [&](int t) {
-    return kv_head * p.group_size + (kOnePass ? t % p.group_size : t / tiles_per_head);
+    return kv_head * p.group_size + (kOnePass ? t % p.group_size : first_member + t / tiles_per_head);
   };
   const auto tile_start = [&](int t) {
     int index = kOnePass ? tiles_per_head - 1 - t / p.group_size : t % tiles_per_head;
@@ -1063,6 +1088,62 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       consumer_schedule(consumer, tiles, arrive, issue_first, after_first, issue_second, after_second, prepare);
 #endif
     }
+#if FJ_DKDV_PARTS
+    if (p.dkdv_parts > 1) {
+      // This part's sums into its slot, then the key block's last part to arrive adds every
+      // part's in part order (the same order whichever block is last: deterministic) and writes
+      // dK and dV. A thread reads back exactly the entries it and its peers at the same place of
+      // the other parts wrote.
+      __shared__ int last_part;
+      const long long unit = (static_cast<long long>(b) * p.heads_kv + kv_head) * p.num_key_blocks + block;
+      const long long units = static_cast<long long>(p.batch) * p.heads_kv * p.num_key_blocks;
+      constexpr int kRowFloats = kDimQk + kDimV;
+      const auto slot = [&](int i) { return p.dkdv_partial + (i * units + unit) * kBlockM * kRowFloats; };
+      const int row0 = warp * 16 + lane / 4;
+      float* const mine = slot(part);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int n = 0; n < kDimQk / 8; ++n) {
+          *reinterpret_cast<float2*>(mine + (row0 + 8 * r) * kRowFloats + n * 8 + quad * 2) =
+              make_float2(dk[n][2 * r], dk[n][2 * r + 1]);
+        }
+#pragma unroll
+        for (int n = 0; n < kDimV / 8; ++n) {
+          *reinterpret_cast<float2*>(mine + (row0 + 8 * r) * kRowFloats + kDimQk + n * 8 + quad * 2) =
+              make_float2(dv[n][2 * r], dv[n][2 * r + 1]);
+        }
+      }
+      __threadfence();  // this part's sums visible before its arrival counts
+      named_barrier_sync(kPartsBarrier, kConsumers * 128);
+      if (threadIdx.x == 128) last_part = atomicAdd(p.dkdv_counters + unit, 1) == p.dkdv_parts - 1;
+      named_barrier_sync(kPartsBarrier, kConsumers * 128);
+      if (!last_part) return;
+      __threadfence();
+      zero(dk);
+      zero(dv);
+      for (int i = 0; i < p.dkdv_parts; ++i) {
+        const float* const sums = slot(i);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int n = 0; n < kDimQk / 8; ++n) {
+            const float2 v2 = __ldcg(reinterpret_cast<const float2*>(sums + (row0 + 8 * r) * kRowFloats + n * 8 + quad * 2));
+            dk[n][2 * r] += v2.x;
+            dk[n][2 * r + 1] += v2.y;
+          }
+#pragma unroll
+          for (int n = 0; n < kDimV / 8; ++n) {
+            const float2 v2 =
+                __ldcg(reinterpret_cast<const float2*>(sums + (row0 + 8 * r) * kRowFloats + kDimQk + n * 8 + quad * 2));
+            dv[n][2 * r] += v2.x;
+            dv[n][2 * r + 1] += v2.y;
+          }
+        }
+      }
+      if (threadIdx.x == 128) p.dkdv_counters[unit] = 0;  // every part has counted: ready for the next launch
+    }
+#endif
     if (kWithDk) store_rows<kDimQk>(sp.dk, b, kv_head, keys, sp.seqlen_k, p.head_dim_qk, dk, quad);
     if (kWithDv) store_rows<kDimV>(sp.dv, b, kv_head, keys, sp.seqlen_k, p.head_dim_v, dv, quad);
   };

@@ -129,6 +129,15 @@ struct KernelParams {
   int* dq_semaphore;
   long long dq_counters;
   long long dq_zero_floats;
+  // The split dK/dV kernel over a GQA group's query heads in parts (FJ_DKDV_PARTS): dkdv_parts
+  // blocks a key block, part i walking query heads i * group / parts onward; each part's float32
+  // sums go to dkdv_partial ([part][b][kv head][key block][kBlockM rows][dk then dv columns]), and
+  // the key block's last part to arrive (dkdv_counters, one a key block, which the prep kernel
+  // zeroes: dkdv_counter_count of them) adds them in part order and writes dK and dV. 1: no parts.
+  float* dkdv_partial;
+  int* dkdv_counters;
+  long long dkdv_counter_count;
+  int dkdv_parts;
 
   // FJ_TRACE (a diagnostic, FLASHJIT_CUDA_TRACE=1): kTraceTiles x kTraceFields clock64() values a
   // work tile for each traced thread (attention_hopper.cuh), zeroed and printed by the host.
