@@ -152,14 +152,23 @@ def _run_recorded(direction: str, kernel, inputs, outputs, *options):
     profile.end(call)
 
 
+def _new_output(q: Tensor, shape) -> Tensor:
+    """o [B, Hq, Sq, Dv] laid out as q is where q is a [B, S, H, D] buffer viewed as [B, H, S, D]
+    (the projections' layout; torch's fused SDPA kernels allocate o so too), so that the usual
+    transpose back to [B, S, H, D] needs no copy; else contiguous."""
+    if len(shape) == 4 and q.stride(1) < q.stride(2):
+        return q.new_empty((shape[0], shape[2], shape[1], shape[3])).transpose(1, 2)
+    return q.new_empty(shape)
+
+
 def _forward(q, k, v, *options):
     if q.ndim == 4 and v.ndim == 4:  # the common case in fewer steps (host time per call)
         q_shape = q.shape
-        o = q.new_empty((q_shape[0], q_shape[1], q_shape[2], v.shape[3]))
+        o = _new_output(q, (q_shape[0], q_shape[1], q_shape[2], v.shape[3]))
         lse = q.new_empty(q_shape[:3], dtype=lse_dtype(q.dtype))
     else:
         o_shape, lse_shape = output_shapes("attention", q, v)
-        o = q.new_empty(o_shape)
+        o = _new_output(q, o_shape)
         lse = q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
     _run_recorded("forward", _C.forward, (q, k, v), (o, lse), *options)
     return o, lse
@@ -176,7 +185,8 @@ def _backward(dout, q, k, v, o, lse, *options):
 def fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional[float], softcap: float,
         causal: int, window_left: int, window_right: int, dropout_p: float, rng: Optional[Tensor],
         num_threads: int, deterministic: bool = True) -> tuple[Tensor, Tensor]:
-    """o [B, Hq, Sq, Dv] (contiguous, q's dtype) and lse [B, Hq, Sq] (float32; float64 for float64).
+    """o [B, Hq, Sq, Dv] (q's dtype; contiguous, or laid out as q where q is a [B, S, H, D] buffer
+    viewed as [B, H, S, D]) and lse [B, Hq, Sq] (float32; float64 for float64).
     deterministic: the backward's (bwd's), kept for it by the autograd rule."""
     return _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
                     num_threads, deterministic)
@@ -185,7 +195,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional
 @fwd.register_fake
 def _fwd_fake(q, k, v, *options):
     o_shape, lse_shape = output_shapes("attention", q, v)
-    o, lse = q.new_empty(o_shape), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+    o, lse = _new_output(q, o_shape), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
     _check(_C.forward, (q, k, v), (o, lse), *options)
     return o, lse
 
@@ -493,7 +503,8 @@ def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
 # alignment); a plan skips only Python that would rebuild the same values.
 
 class _Plan:
-    __slots__ = ("options", "args", "c_options", "o_shape", "lse_shape", "lse_dtype", "static", "layouts", "cuda")
+    __slots__ = ("options", "args", "c_options", "o_shape", "o_transposed", "lse_shape", "lse_dtype", "static",
+                 "layouts", "cuda")
 
     def __init__(self, q, k, v, o, lse, refs, options: AttentionOptions):
         self.options = options
@@ -501,6 +512,10 @@ class _Plan:
         self.c_options = (options.scale, options.softcap, options.causal, options.window_left,
                           options.window_right, 0.0, 0, 0, options.num_threads)
         self.o_shape, self.lse_shape, self.lse_dtype = tuple(o.shape), tuple(lse.shape), lse.dtype
+        # o as _new_output laid it out: [B, S, H, D] memory (allocated in that order, then viewed).
+        self.o_transposed = o.ndim == 4 and o.stride(1) < o.stride(2)
+        if self.o_transposed:
+            self.o_shape = (o.shape[0], o.shape[2], o.shape[1], o.shape[3])
         self.static = tuple(ref[1:] for ref in refs)  # the descriptors without their data pointers
         self.layouts = tuple(_layout(x) for x in (q, k, v, o, lse))
         self.cuda = q.is_cuda
@@ -508,7 +523,7 @@ class _Plan:
     def forward(self, q, k, v, with_lse=True):
         """o, lse as _forward gives them; with_lse false: lse None, neither allocated nor
         computed (a call that needs no backward)."""
-        o = q.new_empty(self.o_shape)
+        o = q.new_empty(self.o_shape).transpose(1, 2) if self.o_transposed else q.new_empty(self.o_shape)
         sq, sk, sv, so, sl = self.static
         if with_lse:
             lse = q.new_empty(self.lse_shape, dtype=self.lse_dtype)
