@@ -497,6 +497,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int first_tile = static_cast<int>(block.first_tile);
       const long long consumer_first = block.first_query + consumer * 64;
       const QueryBlock::Interior interior = block.interior_tiles(sp, consumer_first, consumer_first + 64 <= sp.seqlen_q);
+#if FJ_HAS_WINDOW && !FJ_EDGE_GENERAL && FJ_FOLD_SCALE && FJ_MASK == 0
+      // Edge tiles without a left bound (right_edge_logits): each row's visible keys past the work
+      // tile's first key, less the thread's first column; rows past the sequence see none.
+      int right_limit[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const long long end = rows[0][r] < sp.seqlen_q ? key_end(sp, rows[0][r]) : first_tile;
+        right_limit[r] = static_cast<int>(end - first_tile) - 2 * quad;
+      }
+#endif
 
 #if FJ_CHAIN_TILES
       if (carrying && block.tiles == 0) flush(n);
@@ -599,6 +609,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
             const long long step_rows[1][2] = {{row, row + 8}};
             if (interior.contains(j)) {
               tile_logits<1, true>(s, sp, step_rows, tile_start, b, h, quad, scale_log2);
+#if FJ_HAS_WINDOW && !FJ_EDGE_GENERAL && FJ_FOLD_SCALE && FJ_MASK == 0
+            } else if (sp.window_left < 0) {
+              const int limit[1][2] = {{right_limit[0] - j * kBlockN, right_limit[1] - j * kBlockN}};
+              right_edge_logits<1>(s, limit);
+#endif
             } else {
               tile_logits<1, false>(s, sp, step_rows, tile_start, b, h, quad, scale_log2);
             }

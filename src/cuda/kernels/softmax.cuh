@@ -124,6 +124,30 @@ FJ_DEVICE void tile_logits(float (&s)[kTiles][kBlockN / 8][4], const KernelParam
   }
 }
 
+// Edge tiles with no left bound (causal, or a right bound alone) in kernels whose logits are the
+// raw dot products (kFoldScale, no mask): a row's keys from column `limit[r]` of the thread's own
+// columns on are hidden. limit[r] is the row's visible keys past the tile's first key less the
+// thread's first column (2 * quad), worked out once a work tile by the caller, so that a key's
+// test is one compare against an immediate (tile_logits' right-only path finds the same keys
+// from the row's span every step).
+template <int kTiles>
+FJ_DEVICE void right_edge_logits(float (&s)[kTiles][kBlockN / 8][4], const int (&limit)[kTiles][2]) {
+  static_assert(kFoldScale && FJ_MASK == 0, "the raw dot products stand where a key is visible");
+#pragma unroll
+  for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (n * 8 + c >= limit[m][r]) s[m][n][2 * r + c] = negative_infinity<float>();
+        }
+      }
+    }
+  }
+}
+
 // 2^x from a polynomial on the FMA units, for the share of P that FJ_EXP_POLY moves off the
 // MUFU (the special-function unit, 16 results a clock an SM: at head dim 64 a step's exps take
 // it as long as the step's products take the tensor cores). x is rounded to an integer n by the
@@ -173,21 +197,30 @@ FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)
   bool moved = false;
 #pragma unroll
   for (int m = 0; m < kTiles; ++m) {
-    float base[2];
+    float base[2], old_max[2];
+    bool rebase[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float tmax = row_reduce<false>(s[m], r);
       tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
       tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
       if constexpr (kFoldScale) tmax *= scale_log2;  // scale > 0: the maximum of the scaled logits
-      const float old_max = row_max[m][r];
-      const bool rebase = tmax > old_max + kRebaseSlack;
-      moved = moved || rebase;
-      const float new_max = rebase ? tmax : old_max;
+      old_max[r] = row_max[m][r];
+      rebase[r] = tmax > old_max[r] + kRebaseSlack;
+      moved = moved || rebase[r];
+      const float new_max = rebase[r] ? tmax : old_max[r];
       // A row with nothing visible yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
       base[r] = new_max == negative_infinity<float>() ? 0.0f : new_max;
-      scale_old[m][r] = rebase ? fast_exp2(old_max - base[r]) : 1.0f;
       row_max[m][r] = new_max;
+    }
+    // The factors that rebase the rows' sums and O, 1 where no base moved: their exps only in the
+    // steps where some row of the warp moved (with the lazy rescale, few after the first).
+    scale_old[m][0] = scale_old[m][1] = 1.0f;
+    if (__any_sync(0xffffffffu, rebase[0] || rebase[1])) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (rebase[r]) scale_old[m][r] = fast_exp2(old_max[r] - base[r]);
+      }
     }
     exp2_groups<0, kBlockN / 8>(s[m], base, scale_log2);
 #pragma unroll
