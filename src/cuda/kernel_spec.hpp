@@ -86,6 +86,9 @@ struct KernelSpec {
   // FLASHJIT_CUDA_TILES "poly=k", 0..8): at head dim 64 a step's exps keep the MUFU as busy as
   // its products keep the tensor cores. 0, the default: every exp on the MUFU.
   int exp_poly = 0;
+  // kHopper forward whose producer waits for free buffers suspended (a try_wait suspend-time hint,
+  // FJ_PRODUCER_SUSPEND; FLASHJIT_CUDA_TILES "wait=suspend") instead of retrying.
+  bool producer_suspend = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq): 0 the ordered adds;
@@ -135,7 +138,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 36;
+  static constexpr size_t kFieldCount = 37;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -166,6 +169,10 @@ struct KernelSpec {
   bool takes_parts() const {
     return dkdv_parts && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv && !one_pass &&
            !varlen && dkdv_part == DkDvPart::kBoth && threads == (8 + 4) * 32;
+  }
+  // producer_suspend where it applies: the kHopper forward, whatever its tiles and variant.
+  bool suspends_producer() const {
+    return producer_suspend && family == KernelFamily::kHopper && entry == KernelEntry::kForward;
   }
   // exp_poly where it applies: the kHopper forward, whatever its tiles and variant.
   int poly_groups() const { return family == KernelFamily::kHopper && entry == KernelEntry::kForward ? exp_poly : 0; }
@@ -230,6 +237,9 @@ struct ForwardTiles {
   // k ("poly=k", 0..8): exp2 of k of every 16 eight-column groups of P by a polynomial
   // (KernelSpec::exp_poly), on top of the tiles in force; "poly=0": every exp on the MUFU.
   int exp_poly = -1;
+  // 1 ("wait=suspend"): the producer's waits suspended (KernelSpec::producer_suspend), on top of the
+  // tiles in force; 0 ("wait=spin"): retried, the default.
+  int producer_suspend = -1;
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
   // launch choices (counter, sched) and chain leave the tiles as they are.
   bool forced() const {

@@ -639,6 +639,18 @@ TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
     EXPECT_EQ(forward_kernel(traits, parse_forward_tiles("poly=4")).poly_groups(), 0);
   }
   EXPECT_EQ(parse_forward_tiles("poly=8").exp_poly, 8);
+  // wait=suspend: the producer's waits suspended, on the tiles in force, in the forward's variants.
+  EXPECT_EQ(parse_forward_tiles("wait=suspend").producer_suspend, 1);
+  EXPECT_EQ(parse_forward_tiles("wait=spin").producer_suspend, 0);
+  EXPECT_FALSE(parse_forward_tiles("wait=suspend").forced());
+  setenv("FLASHJIT_CUDA_TILES", "wait=suspend", 1);
+  const KernelSpec suspended = forward_kernel(sm90_traits(FJ_BFLOAT16, 64));
+  EXPECT_TRUE(suspended.suspends_producer() && suspended.name().find("_psusp") != std::string::npos)
+      << suspended.name();
+  ASSERT_NO_THROW(kernel_binary(suspended, false)) << suspended.name();
+  ASSERT_NO_THROW(kernel_binary(hopper_split_kernel(suspended), false));
+  unsetenv("FLASHJIT_CUDA_TILES");
+  EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, 64)).suspends_producer());
   EXPECT_EQ(parse_forward_tiles("n=128").exp_poly, -1);
   EXPECT_FALSE(parse_forward_tiles("poly=3").forced());  // on the tiles in force
   for (const char* bad : {"poly=9", "poly=-1", "poly=x", "poly="}) {
@@ -829,7 +841,7 @@ TEST(ForwardTiles, ParsesKeysAndRejectsBadValues) {
   EXPECT_FALSE(parse_forward_tiles("next=early").forced());  // on the tiles in force
   EXPECT_TRUE(parse_forward_tiles("span=own").forced());
   for (const char* bad : {"n=100", "n=0", "n=272", "n=12x", "stages=0", "q=3", "o=smem", "groups=4", "tiles=2", "n",
-                          "counter=zero", "poly=9", "exps=5", "turn=s", "edges=left", "span=rows", "sched=dynamic", "chain=yes",
+                          "counter=zero", "poly=9", "exps=5", "wait=sleep", "turn=s", "edges=left", "span=rows", "sched=dynamic", "chain=yes",
                           "next=soon"}) {
     try {
       parse_forward_tiles(bad);
@@ -1120,6 +1132,10 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
       [](KernelSpec& s) {  // producer_setup where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.producer_setup = !s.producer_setup;
+      },
+      [](KernelSpec& s) {  // producer_suspend where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
+        s.producer_suspend = !s.producer_suspend;
       },
       [](KernelSpec& s) {  // exp_poly where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;

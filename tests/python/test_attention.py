@@ -224,7 +224,7 @@ def test_polynomial_exps(tiles, dtype, monkeypatch, tmp_path):
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
                                    "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
                                    "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3",
-                                   "next=early", "setup=producer", "poly=8"])
+                                   "next=early", "setup=producer", "poly=8", "wait=suspend"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):

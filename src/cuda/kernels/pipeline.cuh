@@ -64,6 +64,26 @@ FJ_DEVICE void mbarrier_wait(unsigned long long* barrier, unsigned parity) {
   while (!mbarrier_try_wait(barrier, parity)) {
   }
 }
+// The producer's waits for free buffers (FJ_PRODUCER_SUSPEND): try_wait with a suspend-time hint,
+// so that the thread stays suspended until the phase completes (or the hint's 10 ms pass) rather
+// than coming back to retry, which takes issue slots of the scheduler it shares with two consumer
+// warps. Without it, the plain wait.
+FJ_DEVICE void producer_wait(unsigned long long* barrier, unsigned parity) {
+#if FJ_PRODUCER_SUSPEND
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred ready;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2, %3;\n"
+        "selp.u32 %0, 1, 0, ready;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(barrier)), "r"(parity), "r"(10000000u)
+        : "memory");
+  }
+#else
+  mbarrier_wait(barrier, parity);
+#endif
+}
 
 FJ_DEVICE void prefetch_tensor_map(const TensorMap& map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<unsigned long long>(&map)) : "memory");
@@ -161,7 +181,7 @@ struct Ring {
   // Producer: the buffer of use j once it is empty, its full barrier told to expect `bytes`.
   FJ_DEVICE int produce(int use, unsigned bytes) const {
     const int buffer = use % kBuffers;
-    mbarrier_wait(&empty[buffer], ((use / kBuffers) & 1) ^ 1);
+    producer_wait(&empty[buffer], ((use / kBuffers) & 1) ^ 1);
     mbarrier_expect_bytes(&full[buffer], bytes);
     return buffer;
   }
@@ -390,7 +410,7 @@ struct TileQueue {
   // The tile, and (fields, kTileSlotInts - 1 of them) its block's.
   FJ_DEVICE void push(int n, int tile, const int* fields = nullptr) const {
     const int slot = n % 2;
-    mbarrier_wait(&ring.empty[slot], ((n / 2) & 1) ^ 1);
+    producer_wait(&ring.empty[slot], ((n / 2) & 1) ^ 1);
     slots[slot * kTileSlotInts] = tile;
     if (fields != nullptr) {
 #pragma unroll
