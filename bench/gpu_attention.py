@@ -133,10 +133,13 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # order's visitors of a tile summing in four groups by rank, added after the pass) (real backwards);
         # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
-        # (shared is the default).
+        # (shared is the default); split:parts: with FLASHJIT_CUDA_DKDV_PARTS=auto (a GQA group's
+        # query heads over several dK/dV blocks where the grid is small).
         backward, _, option = mode.partition(":")
         env = {"FLASHJIT_CUDA_BACKWARD": backward}
-        if option:
+        if option == "parts":
+            env["FLASHJIT_CUDA_DKDV_PARTS"] = "auto"
+        elif option:
             env["FLASHJIT_CUDA_DKDV" if backward == "split" else "FLASHJIT_CUDA_ONE_PASS_DQ"] = option
         impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env=env))
     impls += [Impl("cuDNN", torch_backend(SDPBackend.CUDNN_ATTENTION)),
@@ -188,6 +191,19 @@ def cases(quick, only_head_dims=None, only_seqlens=None):
     for seqlen in seqlens if 128 in head_dims else ():
         grid.append(("GQA 32/8, 128", 16384 // seqlen, 32, 8, seqlen, 128, True))
     return grid
+
+
+def shape_case(parser, text):
+    """A --shapes problem, B:HQ:HKV:N:D[:causal], as cases() gives its rows."""
+    parts = text.split(":")
+    try:
+        batch, heads_q, heads_kv, seqlen, head_dim = (int(x) for x in parts[:5])
+    except ValueError:
+        parser.error(f"--shapes: expected B:HQ:HKV:N:D[:causal], got {text!r}")
+    if len(parts) not in (5, 6) or (len(parts) == 6 and parts[5] != "causal") or heads_q % heads_kv:
+        parser.error(f"--shapes: expected B:HQ:HKV:N:D[:causal] with HQ a multiple of HKV, got {text!r}")
+    return (f"B{batch} {heads_q}/{heads_kv}, {head_dim}", batch, heads_q, heads_kv, seqlen, head_dim,
+            len(parts) == 6)
 
 
 def ratio(a, b):
@@ -338,13 +354,16 @@ def main():
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic",
-                                 "split:shared", "split:registers"],
+                                 "split:shared", "split:registers", "split:parts"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
                              "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "
                              "one-pass:writer-eager, one-pass:writer-groups and one-pass:atomic also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
                              "two a timing diagnostic whose dQ is not written)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="B:HQ:HKV:N:D[:causal]",
+                        help="these problems instead of the grid, e.g. 1:32:4:2048:64:causal (a LoRA step of "
+                             "TinyLlama at batch 1)")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")
     parser.add_argument("--label", default="", help="a tag for the record's file name and title")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
@@ -364,7 +383,9 @@ def main():
     torch.manual_seed(0)
     impls = implementations(args.tiles, None if args.no_fa4 else fa4_function(), args.backward_modes)
     rows = []
-    for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in cases(args.quick, args.head_dims, args.seqlens):
+    problems = (cases(args.quick, args.head_dims, args.seqlens) if args.shapes is None
+                else [shape_case(parser, text) for text in args.shapes])
+    for label, batch, heads_q, heads_kv, seqlen, head_dim, causal in problems:
         row = {"D": label, "N": seqlen, "causal": causal, "tflops": {}}
         rounds = {}  # name -> [(forward, backward) TFLOP/s of each round]
         failed = set()
@@ -417,8 +438,10 @@ def main():
              f"- torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, flashjit {flashjit.__version__}, "
              f"NVRTC {'.'.join(map(str, flashjit.cuda.nvrtc_version()))}"
              + ("" if "FA4" not in names else f", flash-attn-4 {fa4_version()}"),
-             f"- {'bf16' if DTYPE == torch.bfloat16 else 'fp16'}, B*N = 16384, H = 2048 / D "
-             "(GQA: 32 query heads, 8 key/value heads); TFLOP/s "
+             f"- {'bf16' if DTYPE == torch.bfloat16 else 'fp16'}, "
+             + ("B*N = 16384, H = 2048 / D (GQA: 32 query heads, 8 key/value heads)" if args.shapes is None
+                else "the problems given (B, query/key-value heads, head dim in the first column)")
+             + "; TFLOP/s "
              "(backward 2.5x the forward's FLOPs); GPU time per call of back-to-back calls (CUDA events), median"
              + (f"; each the median of {args.rounds} rounds with the implementations in rotating order (every "
                 "round's forward figure in the run's log)" if args.rounds > 1 else ""),
