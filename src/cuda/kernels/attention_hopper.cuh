@@ -403,7 +403,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       FJ_TRACE_MARK(trace, n, 4);
     }
   };
-  const auto consume = [&](int consumer) {
+  const auto consume = [&](int warpgroup) {
+    // Broadcast from lane 0, so that ptxas keeps what derives from it (the Q tile's rows, its
+    // wgmma descriptors) in uniform registers rather than rebuilding it in vector ones each step.
+    const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0);
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..kWarps-1; rows warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
@@ -523,7 +526,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         write_result(sp, o, row_max, row_sum, rows, b, h, quad, split);  // O = 0, LSE = -inf
         continue;
       }
-      const int q_buffer = q_ring.buffer(q_use);
+      const int q_buffer = __shfl_sync(0xffffffffu, q_ring.buffer(q_use), 0);  // uniform (as consumer above)
       elem_t* q_tile = q_tiles + q_buffer * kBlockM * kQTileDim;
       q_ring.consume(q_use);
       FJ_TRACE_MARK(trace, n, 2);
