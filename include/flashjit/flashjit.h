@@ -113,7 +113,8 @@ typedef struct fj_attention_options {
    * (CUDA, sm_90, head dims up to 64: the one-pass backward's unordered float32 adds), so two
    * runs on the same inputs may differ in dQ's last bits (dK and dV stay bitwise repeatable).
    * 0, the zeroed struct's value: every backward is bitwise deterministic. Ignored elsewhere
-   * and by the forward. */
+   * and by the forward. (The struct's newest field: callers start from fj_attention_options_default()
+   * or a zeroed struct, so that it reads 0 unless they set it.) */
   int32_t nondeterministic;
 } fj_attention_options;
 

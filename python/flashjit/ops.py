@@ -512,8 +512,8 @@ class _Plan:
         self.c_options = (options.scale, options.softcap, options.causal, options.window_left,
                           options.window_right, 0.0, 0, 0, options.num_threads)
         self.o_shape, self.lse_shape, self.lse_dtype = tuple(o.shape), tuple(lse.shape), lse.dtype
-        # o as _new_output laid it out: [B, S, H, D] memory (allocated in that order, then viewed).
-        self.o_transposed = o.ndim == 4 and o.stride(1) < o.stride(2)
+        # o as _new_output laid it out (decided from q, as there): [B, S, H, D] memory, then viewed.
+        self.o_transposed = o.ndim == 4 and q.stride(1) < q.stride(2)
         if self.o_transposed:
             self.o_shape = (o.shape[0], o.shape[2], o.shape[1], o.shape[3])
         self.static = tuple(ref[1:] for ref in refs)  # the descriptors without their data pointers

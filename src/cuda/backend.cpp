@@ -1142,12 +1142,15 @@ struct DkDvParts {
   int parts = 1;
   size_t partial_floats = 0, counters = 0;
   DkDvParts(const KernelSpec& dkdv, const AttentionProblem& p, int64_t key_blocks, int multiprocessors) {
-    if (!dkdv.takes_parts()) return;
+    // No query (a sequence of keys alone): no tiles to share, and a prep kernel of no blocks would
+    // leave the counters unzeroed.
+    if (!dkdv.takes_parts() || p.seqlen_q == 0) return;
     const int64_t group = p.heads_q / p.heads_kv, blocks = key_blocks * p.batch * p.heads_kv;
     const int setting = settings::dkdv_parts();
     if (setting > 0) {
+      // A count asked for, within what a small grid needs (the sums' scratch grows with the grid).
       parts = setting;
-      while (group % parts != 0) parts /= 2;
+      while (parts > 1 && (group % parts != 0 || blocks * parts > 4 * int64_t(multiprocessors))) parts /= 2;
     } else {
       while (group % (2 * parts) == 0 && blocks * parts < 2 * int64_t(multiprocessors)) parts *= 2;
     }

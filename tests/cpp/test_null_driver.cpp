@@ -514,6 +514,13 @@ TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
   auto [two_grid, two] = run(grouped, &bytes);
   EXPECT_EQ(two_grid, 64u * 2);
   EXPECT_EQ(two.dkdv_parts, 2);
+  // A count asked for stays within what a small grid needs: 2 x 8 key/value heads' worth of 128
+  // key blocks is 256 blocks, so "4" takes 2 (512 blocks, within four an SM), not 4.
+  setenv("FLASHJIT_CUDA_DKDV_PARTS", "4", 1);
+  DeviceBuffers long_keys(2, 8, 1, 256, 16384, 64, FJ_BFLOAT16);
+  auto [capped_grid, capped] = run(long_keys, &bytes);
+  EXPECT_EQ(capped_grid, 256u * 2);
+  EXPECT_EQ(capped.dkdv_parts, 2);
   setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
   DeviceBuffers heads(1, 4, 4, 2048, 2048, 64, FJ_BFLOAT16);  // no group: no parts
   auto [mha_grid, mha] = run(heads, &bytes);

@@ -407,7 +407,8 @@ FJ_DEVICE void store_operand_rows(elem_t* tile, const unsigned (&a)[4], int firs
 #endif
 
 #if FJ_DKDV_PARTS
-// Named barrier past the turns (pipeline.cuh: 1, 2): the consumers' part sums written.
+// Named barrier past the turns (pipeline.cuh: 1, 2): the consumers' part sums written. (The one
+// pass numbers its dS barriers from the same place; the two never meet in one kernel.)
 constexpr int kPartsBarrier = kTurnBarrier + kConsumers;
 static_assert(kWithDv && kWithDk && kBlockM == 128, "parts: dK and dV of a two-consumer block");
 #endif
@@ -1114,9 +1115,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
               make_float2(dv[n][2 * r], dv[n][2 * r + 1]);
         }
       }
-      __threadfence();  // this part's sums visible before its arrival counts
+      __threadfence();  // this thread's sums visible at gpu scope before the block's arrival counts
       named_barrier_sync(kPartsBarrier, kConsumers * 128);
-      if (threadIdx.x == 128) last_part = atomicAdd(p.dkdv_counters + unit, 1) == p.dkdv_parts - 1;
+      if (threadIdx.x == 128) {
+        __threadfence();  // and the block's, ordered before the count (the reduction pattern's fence)
+        last_part = atomicAdd(p.dkdv_counters + unit, 1) == p.dkdv_parts - 1;
+      }
       named_barrier_sync(kPartsBarrier, kConsumers * 128);
       if (!last_part) return;
       __threadfence();
