@@ -152,23 +152,25 @@ def _run_recorded(direction: str, kernel, inputs, outputs, *options):
     profile.end(call)
 
 
-def _new_output(q: Tensor, shape) -> Tensor:
+def _new_output(q: Tensor, shape, like_q: bool = True) -> Tensor:
     """o [B, Hq, Sq, Dv] laid out as q is where q is a [B, S, H, D] buffer viewed as [B, H, S, D]
     (the projections' layout; torch's fused SDPA kernels allocate o so too), so that the usual
-    transpose back to [B, S, H, D] needs no copy; else contiguous."""
-    if len(shape) == 4 and q.stride(1) < q.stride(2):
+    transpose back to [B, S, H, D] needs no copy; else, or without like_q, contiguous. The custom
+    op's o is contiguous: torch.compile may hand the op inputs laid out otherwise than its fake
+    kernel saw them, and checks the outputs' strides against the fake's."""
+    if like_q and len(shape) == 4 and q.stride(1) < q.stride(2):
         return q.new_empty((shape[0], shape[2], shape[1], shape[3])).transpose(1, 2)
     return q.new_empty(shape)
 
 
-def _forward(q, k, v, *options):
+def _forward(q, k, v, *options, like_q=True):
     if q.ndim == 4 and v.ndim == 4:  # the common case in fewer steps (host time per call)
         q_shape = q.shape
-        o = _new_output(q, (q_shape[0], q_shape[1], q_shape[2], v.shape[3]))
+        o = _new_output(q, (q_shape[0], q_shape[1], q_shape[2], v.shape[3]), like_q)
         lse = q.new_empty(q_shape[:3], dtype=lse_dtype(q.dtype))
     else:
         o_shape, lse_shape = output_shapes("attention", q, v)
-        o = _new_output(q, o_shape)
+        o = _new_output(q, o_shape, like_q)
         lse = q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
     _run_recorded("forward", _C.forward, (q, k, v), (o, lse), *options)
     return o, lse
@@ -185,17 +187,16 @@ def _backward(dout, q, k, v, o, lse, *options):
 def fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional[float], softcap: float,
         causal: int, window_left: int, window_right: int, dropout_p: float, rng: Optional[Tensor],
         num_threads: int, deterministic: bool = True) -> tuple[Tensor, Tensor]:
-    """o [B, Hq, Sq, Dv] (q's dtype; contiguous, or laid out as q where q is a [B, S, H, D] buffer
-    viewed as [B, H, S, D]) and lse [B, Hq, Sq] (float32; float64 for float64).
+    """o [B, Hq, Sq, Dv] (contiguous, q's dtype) and lse [B, Hq, Sq] (float32; float64 for float64).
     deterministic: the backward's (bwd's), kept for it by the autograd rule."""
     return _forward(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-                    num_threads, deterministic)
+                    num_threads, deterministic, like_q=False)
 
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, *options):
     o_shape, lse_shape = output_shapes("attention", q, v)
-    o, lse = _new_output(q, o_shape), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+    o, lse = _new_output(q, o_shape, like_q=False), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
     _check(_C.forward, (q, k, v), (o, lse), *options)
     return o, lse
 

@@ -618,3 +618,27 @@ def test_dkdv_parts(parts, causal, monkeypatch, tmp_path):
     if torch.cuda.get_device_capability() == (9, 0):
         compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
         assert any("backward_dkdv" in name and "_parts_" in name for name in compiled), compiled
+
+
+def test_output_takes_the_layout_of_a_transposed_q():
+    # A q that is a [B, S, H, D] buffer viewed as [B, H, S, D] gets an o laid out the same way (as
+    # torch's fused SDPA kernels do), so that transposing it back copies nothing; its values and
+    # gradients are those of contiguous inputs; a repeated (planned) call keeps the layout; a
+    # contiguous q keeps a contiguous o.
+    torch.manual_seed(2)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    B, S, Hq, Hkv, D = 2, 70, 4, 2, 32
+    q, k, v = (torch.randn(B, S, h, D, dtype=dtype, device=DEVICE).transpose(1, 2) for h in (Hq, Hkv, Hkv))
+    for _ in range(2):  # the second call from the first one's plan
+        o = flashjit.attention(q, k, v, causal=True)
+        assert o.shape == (B, Hq, S, D) and o.transpose(1, 2).is_contiguous()
+    assert torch.equal(o, flashjit.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True))
+    leaves_t = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = flashjit.attention(*leaves_t, causal=True)
+    assert out.transpose(1, 2).is_contiguous()
+    dout = torch.randn(B, S, Hq, D, dtype=dtype, device=DEVICE)
+    out.transpose(1, 2).backward(dout)
+    plain = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    flashjit.attention(*plain, causal=True).transpose(1, 2).backward(dout)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(leaves_t, plain))
+    assert flashjit.attention(*(x.contiguous() for x in (q, k, v))).is_contiguous()
