@@ -100,6 +100,13 @@ flashjit::cuda::KernelTraits sm90_traits(fj_dtype dtype, int head_dim) {
   return traits;
 }
 
+// Unsets an environment variable when it goes out of scope, so that a test that stops midway
+// leaves the next one the default.
+struct UnsetOnExit {
+  const char* name;
+  ~UnsetOnExit() { unsetenv(name); }
+};
+
 // The forward kernel the traits get with FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py) and, where
 // given, FLASHJIT_CUDA_TILES=tiles; both unset after.
 flashjit::cuda::KernelSpec traced_forward(const flashjit::cuda::KernelTraits& traits, const char* tiles = nullptr) {
@@ -543,9 +550,7 @@ TEST_F(CudaCompile, EarlyNextTileCompilesWhereItApplies) {
 TEST_F(CudaCompile, ProducerSetupCompilesInEveryForwardVariant) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
-  struct Unset {
-    ~Unset() { unsetenv("FLASHJIT_CUDA_TILES"); }
-  } unset;
+  const UnsetOnExit unset{"FLASHJIT_CUDA_TILES"};
   for (int head_dim : {64, 128, 256}) {
     unsetenv("FLASHJIT_CUDA_TILES");
     KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
@@ -598,9 +603,7 @@ TEST_F(CudaCompile, ProducerSetupCompilesInEveryForwardVariant) {
 TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
-  struct Unset {
-    ~Unset() { unsetenv("FLASHJIT_CUDA_TILES"); }
-  } unset;
+  const UnsetOnExit unset{"FLASHJIT_CUDA_TILES"};
   for (int head_dim : {64, 128, 256}) {
     unsetenv("FLASHJIT_CUDA_TILES");
     const KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
@@ -669,9 +672,7 @@ TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
 TEST_F(CudaCompile, DkDvPartsCompileWhereTheyApply) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
-  struct Unset {
-    ~Unset() { unsetenv("FLASHJIT_CUDA_DKDV_PARTS"); }
-  } unset;
+  const UnsetOnExit unset{"FLASHJIT_CUDA_DKDV_PARTS"};
   for (int head_dim : {64, 128, 256}) {
     KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
     unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
