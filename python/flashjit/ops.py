@@ -99,6 +99,13 @@ def _stream(x: Tensor) -> int:
     return torch.cuda.current_stream(x.device).cuda_stream
 
 
+_DETERMINISTIC = {}
+
+
+def _unordered_kwargs(deterministic: bool) -> dict:
+    return _DETERMINISTIC if deterministic else {"nondeterministic": unordered_allowed(False)}
+
+
 def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
          num_threads, deterministic=True):
     """Calls _C.forward or _C.backward on torch tensors, which _C reads in place; the
@@ -107,8 +114,9 @@ def _run(kernel, inputs, outputs, mask, scale, softcap, causal, window_left, win
     readable = [_rows_readable(x) for x in inputs]
     mask = _compact_mask(mask)
     seed, offset = _seed_offset(rng)
+    # The C API's nondeterministic only where asked for (a keyword argument costs a plain call host time).
     kernel(*readable, *outputs, mask, scale, softcap, causal, window_left, window_right, dropout_p, seed, offset,
-           num_threads, _stream(inputs[0]), nondeterministic=unordered_allowed(deterministic))
+           num_threads, _stream(inputs[0]), **_unordered_kwargs(deterministic))
 
 
 def _descriptor(x: Tensor, compact: bool = False):
@@ -550,7 +558,7 @@ class _Plan:
                     (lse.data_ptr(), *sl), (dout.data_ptr(), *so), (dq.data_ptr(), *sq[:3], dq.shape, dq.stride()),
                     (dk.data_ptr(), *sk[:3], dk.shape, dk.stride()), (dv.data_ptr(), *sv[:3], dv.shape, dv.stride()),
                     None, *self.c_options, _stream(q) if self.cuda else 0,
-                    nondeterministic=unordered_allowed(self.options.deterministic))
+                    **_unordered_kwargs(self.options.deterministic))
         return (dq, dk, dv) + _NO_GRADS
 
 

@@ -1191,7 +1191,6 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
     kernel_params.scratch_pitch = pitch;
-    kernel_params.dkdv_parts = parts.parts;
     kernel_params.num_query_blocks = int(ceil_div(p.seqlen_q, spec.block_rows()));
     kernel_params.num_key_blocks = int(ceil_div(p.seqlen_k, spec.block_rows()));
     KernelLaunch& kernel = plan.add(spec, kernel_params, launch);

@@ -113,8 +113,7 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
           for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
             const cuda::ForwardTiles tuned =
                 cuda::tuned_forward_tiles(device, traits.arch, cuda::tuning_key(traits, seqlen_k));
-            if (tuned.forced() || tuned.chain_tiles >= 0 || tuned.early_next >= 0 || tuned.producer_setup >= 0 ||
-                tuned.exp_poly >= 0 || tuned.producer_suspend >= 0) {
+            if (tuned.forced() || tuned.sets_keys_on_top()) {
               cuda::kernel_binary(cuda::forward_kernel(traits, tuned), false);
             }
           }

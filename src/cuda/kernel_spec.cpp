@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <iterator>
 
@@ -621,22 +622,20 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
     // Keys on top of the tiles in force (chains_tiles() and takes_next_early() say where they
     // apply): forced, else tuned where the tuned tiles are in force (forced tiles replace the
     // choice whole).
-    const auto on_top = [&](int ForwardTiles::*key, bool KernelSpec::*field) {
+    // (A switch's 1 / 0 become true / false; a count is taken as it is.)
+    const auto on_top = [&](int ForwardTiles::*key, auto KernelSpec::*field) {
+      using Field = std::remove_reference_t<decltype(spec.*field)>;
       if (forced.*key >= 0) {
-        spec.*field = forced.*key == 1;
+        spec.*field = static_cast<Field>(forced.*key);
       } else if (!forced.forced() && tuned.*key >= 0) {
-        spec.*field = tuned.*key == 1;
+        spec.*field = static_cast<Field>(tuned.*key);
       }
     };
     on_top(&ForwardTiles::chain_tiles, &KernelSpec::chain_tiles);
     on_top(&ForwardTiles::early_next, &KernelSpec::early_next);
     on_top(&ForwardTiles::producer_setup, &KernelSpec::producer_setup);
     on_top(&ForwardTiles::producer_suspend, &KernelSpec::producer_suspend);
-    if (forced.exp_poly >= 0) {
-      spec.exp_poly = forced.exp_poly;
-    } else if (!forced.forced() && tuned.exp_poly >= 0) {
-      spec.exp_poly = tuned.exp_poly;
-    }
+    on_top(&ForwardTiles::exp_poly, &KernelSpec::exp_poly);
   }
   return spec;
 }

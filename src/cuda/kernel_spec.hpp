@@ -240,6 +240,10 @@ struct ForwardTiles {
   // 1 ("wait=suspend"): the producer's waits suspended (KernelSpec::producer_suspend), on top of the
   // tiles in force; 0 ("wait=spin"): retried, the default.
   int producer_suspend = -1;
+  // Whether any key that applies on top of the tiles in force is set.
+  bool sets_keys_on_top() const {
+    return chain_tiles >= 0 || early_next >= 0 || producer_setup >= 0 || exp_poly >= 0 || producer_suspend >= 0;
+  }
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
   // launch choices (counter, sched) and chain leave the tiles as they are.
   bool forced() const {

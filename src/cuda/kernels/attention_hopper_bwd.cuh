@@ -411,6 +411,19 @@ FJ_DEVICE void store_operand_rows(elem_t* tile, const unsigned (&a)[4], int firs
 // pass numbers its dS barriers from the same place; the two never meet in one kernel.)
 constexpr int kPartsBarrier = kTurnBarrier + kConsumers;
 static_assert(kWithDv && kWithDk && kBlockM == 128, "parts: dK and dV of a two-consumer block");
+// visit(offset in a part's slot, accumulator, e) for each pair (e, e + 1) of a consumer thread's dK
+// then dV accumulators: a slot is the key block's 128 rows of dK then dV columns, in float32.
+template <class Visit>
+FJ_DEVICE void each_part_pair(float (&dk)[kDimQk / 8][4], float (&dv)[kDimV / 8][4], int row0, int quad, Visit visit) {
+  constexpr int kRowFloats = kDimQk + kDimV;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int n = 0; n < kDimQk / 8; ++n) visit((row0 + 8 * r) * kRowFloats + n * 8 + quad * 2, dk[n], 2 * r);
+#pragma unroll
+    for (int n = 0; n < kDimV / 8; ++n) visit((row0 + 8 * r) * kRowFloats + kDimQk + n * 8 + quad * 2, dv[n], 2 * r);
+  }
+}
 #endif
 
 #if FJ_ONE_PASS
@@ -1098,23 +1111,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       __shared__ int last_part;
       const long long unit = (static_cast<long long>(b) * p.heads_kv + kv_head) * p.num_key_blocks + block;
       const long long units = static_cast<long long>(p.batch) * p.heads_kv * p.num_key_blocks;
-      constexpr int kRowFloats = kDimQk + kDimV;
-      const auto slot = [&](int i) { return p.dkdv_partial + (i * units + unit) * kBlockM * kRowFloats; };
+      const auto slot = [&](int i) { return p.dkdv_partial + (i * units + unit) * kBlockM * (kDimQk + kDimV); };
       const int row0 = warp * 16 + lane / 4;
       float* const mine = slot(part);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int n = 0; n < kDimQk / 8; ++n) {
-          *reinterpret_cast<float2*>(mine + (row0 + 8 * r) * kRowFloats + n * 8 + quad * 2) =
-              make_float2(dk[n][2 * r], dk[n][2 * r + 1]);
-        }
-#pragma unroll
-        for (int n = 0; n < kDimV / 8; ++n) {
-          *reinterpret_cast<float2*>(mine + (row0 + 8 * r) * kRowFloats + kDimQk + n * 8 + quad * 2) =
-              make_float2(dv[n][2 * r], dv[n][2 * r + 1]);
-        }
-      }
+      each_part_pair(dk, dv, row0, quad, [&](int at, float(&acc)[4], int e) {
+        *reinterpret_cast<float2*>(mine + at) = make_float2(acc[e], acc[e + 1]);
+      });
       __threadfence();  // this thread's sums visible at gpu scope before the block's arrival counts
       named_barrier_sync(kPartsBarrier, kConsumers * 128);
       if (threadIdx.x == 128) {
@@ -1128,25 +1130,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       zero(dv);
       for (int i = 0; i < p.dkdv_parts; ++i) {
         const float* const sums = slot(i);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-#pragma unroll
-          for (int n = 0; n < kDimQk / 8; ++n) {
-            const float2 v2 = __ldcg(reinterpret_cast<const float2*>(sums + (row0 + 8 * r) * kRowFloats + n * 8 + quad * 2));
-            dk[n][2 * r] += v2.x;
-            dk[n][2 * r + 1] += v2.y;
-          }
-#pragma unroll
-          for (int n = 0; n < kDimV / 8; ++n) {
-            const float2 v2 =
-                __ldcg(reinterpret_cast<const float2*>(sums + (row0 + 8 * r) * kRowFloats + kDimQk + n * 8 + quad * 2));
-            dv[n][2 * r] += v2.x;
-            dv[n][2 * r + 1] += v2.y;
-          }
-        }
+        each_part_pair(dk, dv, row0, quad, [&](int at, float(&acc)[4], int e) {
+          const float2 part_sums = __ldcg(reinterpret_cast<const float2*>(sums + at));
+          acc[e] += part_sums.x;
+          acc[e + 1] += part_sums.y;
+        });
       }
-      if (threadIdx.x == 128) p.dkdv_counters[unit] = 0;  // every part has counted: ready for the next launch
-    }
+    }  // (the prep kernel zeroes the counters again before the next backward)
 #endif
     if (kWithDk) store_rows<kDimQk>(sp.dk, b, kv_head, keys, sp.seqlen_k, p.head_dim_qk, dk, quad);
     if (kWithDv) store_rows<kDimV>(sp.dv, b, kv_head, keys, sp.seqlen_k, p.head_dim_v, dv, quad);
