@@ -81,7 +81,8 @@ def fa4_function():
 
 
 # The environment switches a flashjit column may set; a column leaves the others unset.
-SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ", "FLASHJIT_CUDA_DKDV")
+SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ", "FLASHJIT_CUDA_DKDV",
+            "FLASHJIT_CUDA_DKDV_PARTS")
 
 
 class Impl:
@@ -90,6 +91,10 @@ class Impl:
 
     def __init__(self, name, forward, layout="bhsd", env=None):
         self.name, self.forward, self.layout, self.env = name, forward, layout, env or {}
+        # A switch outside SWITCHES would never be set (and a column would silently measure the default).
+        unknown = sorted(set(self.env) - set(SWITCHES))
+        if unknown:
+            raise ValueError(f"column {name}: environment switches {unknown} are not in SWITCHES")
 
     def __enter__(self):
         self.saved = {key: os.environ.get(key) for key in SWITCHES}

@@ -63,7 +63,10 @@ def attention_figures(summary: dict) -> tuple[float, float, float, float]:
     attention = summary.get("attention") or {}
     rows = attention.get("summary") or attention.get("rows") or []
     ms = attention.get("attention_ms", float("nan"))
-    share = attention.get("attention_share", attention.get("share", float("nan")))
+    # Of the median step (steady steps, not profiled): the profiled step's own time carries the
+    # profiler's work; where there is none, the profile's own share.
+    step_ms = summary.get("step_seconds", float("nan")) * 1e3
+    share = ms / step_ms if step_ms > 0 else attention.get("attention_share", attention.get("share", float("nan")))
     if not ms == ms or ms <= 0:
         return ms, share, float("nan"), float("nan")
     tera = sum(row["flops"] / 1e12 if "flops" in row else row.get("tflops", 0.0) * row["ms"] / 1e3 for row in rows)
@@ -163,8 +166,8 @@ def main():
              f"framework attention: {own}; each run in its own process; attention figures from the extra "
              "profiled step (--profile-attention)",
              "attention ms: the profiled step's attention calls by direction (torch: flashjit.profile(framework="
-             "True), each call's forward and backward timed apart; MLX: flashjit.mlx.profile_step, each distinct "
-             "call timed alone, forward and backward together); attention share: all of them over the step; "
+             "True, alone=True), each distinct call's forward and backward timed by itself after the step; MLX: flashjit.mlx.profile_step, each distinct "
+             "call timed alone, forward and backward together); attention share: all of them over the median step; "
              "attention speedup: the framework's ms over flashjit's, summed over the directions both runs recorded "
              "(those named where fewer than either recorded); TFLOP/s and of peak: flashjit's calls, all directions"]
     header = ["model", "seq", "tokens/s framework", "tokens/s flashjit", "peak MiB framework", "peak MiB flashjit",

@@ -19,7 +19,14 @@ is, from the gradient reaching the call's output to the gradients of its inputs
 
 Time: on a GPU, CUDA events around each call on its stream, read once at exit
 (no synchronisation per call unless ``sync=True``); on the CPU, the wall clock
-(its calls are synchronous). The block's own duration (synchronised at entry
+(its calls are synchronous). Events time the stream between them: where a step
+is bound by the host (the GPU waiting for the next launch), a call's time
+includes that wait. ``alone=True`` times each distinct call (direction,
+implementation, shapes and features) by itself at the block's exit instead: the
+first such call's inputs are kept, and the call runs again on them into fresh
+outputs, back to back (CUDA events around the repeats; the wall clock on the
+CPU), torch's random state restored after; every call of that kind counts that
+time. That is the kernels' own time, free of the host's gaps. The block's own duration (synchronised at entry
 and exit) gives attention's share of it. The device's peak is a matrix product
 of the call's dtype measured once per device and dtype (``peak=True``) and kept
 in the kernel cache directory. Off (outside every profile block) the hooks cost
@@ -84,7 +91,7 @@ class Call:
     flops: float = 0.0
     bytes: float = 0.0
     ms: float = float("nan")
-    timed_alone: bool = False  # MLX: the call's lazy graph timed by itself at the block's exit
+    timed_alone: bool = False  # timed by itself at the block's exit (MLX's lazy calls; alone=True)
     _events: object = field(default=None, repr=False, compare=False)
     _replay: object = field(default=None, repr=False, compare=False)  # MLX: (run, q, k, v shapes, dtype)
 
@@ -105,9 +112,11 @@ class Call:
 class Profile:
     """The records of one profile block; see the module's doc."""
 
-    def __init__(self, sync: bool = False, framework: bool = False, peak: bool = False):
-        self.sync, self.framework, self.measure_peak = sync, framework, peak
+    def __init__(self, sync: bool = False, framework: bool = False, peak: bool = False, alone: bool = False):
+        self.sync, self.framework, self.measure_peak, self.alone = sync, framework, peak, alone
         self.calls: list[Call] = []
+        # alone=True: a call of each kind (direction, impl, shape_key) to run again at the exit
+        self._replays: dict[tuple, object] = {}
         self.elapsed_ms = float("nan")
         self.peak_memory_mib = float("nan")
         self.peaks: dict[str, float] = {}  # TFLOP/s by "device dtype"
@@ -157,7 +166,11 @@ class Profile:
         return call
 
     def start(self, call: Call) -> None:
-        """Begins a described call's time: a CUDA event on the current stream, else the wall clock."""
+        """Begins a described call's time: a CUDA event on the current stream, else the wall clock
+        (with alone=True: nothing, the call is timed at the exit)."""
+        if self.alone:
+            call.timed_alone = True
+            return
         if call.device.startswith("cuda"):
             import torch
             self._cuda = True
@@ -171,7 +184,20 @@ class Profile:
         else:
             call._events = time.perf_counter()
 
+    def wants_replay(self, call: Call) -> bool:
+        """Whether the call is the first of its kind in an alone=True block (offer_replay's)."""
+        return self.alone and (call.direction, call.impl, call.shape_key()) not in self._replays
+
+    def offer_replay(self, call: Call, run) -> None:
+        """run(): the call again (inputs kept, fresh outputs), timed at the exit for every call of
+        its kind; kept for the first call of a kind only (see wants_replay)."""
+        if self.alone:
+            self._replays.setdefault((call.direction, call.impl, call.shape_key()), run)
+
     def end(self, call: Call) -> None:
+        if call.timed_alone and not isinstance(call._replay, tuple):
+            self.calls.append(call)
+            return
         if isinstance(call._events, float):
             if self.sync and self._cuda and call.device.startswith("cuda"):
                 import torch
@@ -206,12 +232,16 @@ class Profile:
 
     def _resolve(self) -> None:
         alone: dict[tuple, float] = {}
+        replayed = {key: replay_ms(run) for key, run in self._replays.items()}
+        self._replays.clear()  # the kept inputs go
         for call in self.calls:
-            if call.timed_alone:
+            if call.timed_alone and isinstance(call._replay, tuple):  # MLX
                 key = (call.impl, call.shape_key())
                 if key not in alone:
                     alone[key] = mlx_call_ms(*call._replay)
                 call.ms = alone[key]
+            elif call.timed_alone:
+                call.ms = replayed.get((call.direction, call.impl, call.shape_key()), float("nan"))
             elif isinstance(call._events, tuple):
                 start, stop = call._events
                 stop.synchronize()
@@ -279,6 +309,32 @@ class _Shape:
         self.shape, self.dtype, self.device, self.ndim, self.is_cuda = tuple(shape), dtype, device, len(shape), False
 
 
+def replay_ms(run, repeats: int = 5) -> float:
+    """Milliseconds a call of run() (a torch call, CPU or CUDA) takes by itself: one call that
+    may compile, then `repeats` back to back, CUDA events around them on the current stream
+    (the wall clock after a synchronisation on the CPU); torch's random state (CPU and CUDA)
+    restored after, so that profiling moves no generator."""
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else []
+    with torch.random.fork_rng(devices=devices):
+        run()
+        if devices:
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                run()
+            stop.record()
+            stop.synchronize()
+            return start.elapsed_time(stop) / repeats
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return (time.perf_counter() - begin) * 1e3 / repeats
+
+
 def mlx_call_ms(run, q_shape, k_shape, v_shape, dtype, repeats: int = 3, backward: bool = False) -> float:
     """Milliseconds of run(q, k, v) (with backward=True: its gradients by mx.grad) evaluated
     alone on fresh inputs of those shapes, median of `repeats` after one that may compile."""
@@ -338,8 +394,8 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
     prints the table at exit; ``json_path`` writes to_json() there."""
 
     def __init__(self, *, sync: bool = False, framework: bool = False, peak: bool = False, report: bool = False,
-                 json_path: Optional[str] = None):
-        self.profile = Profile(sync=sync, framework=framework, peak=peak)
+                 json_path: Optional[str] = None, alone: bool = False):
+        self.profile = Profile(sync=sync, framework=framework, peak=peak, alone=alone)
         self.report, self.json_path = report, json_path
         self._saved_sdpa = None
         self._saved_fast = None
@@ -447,6 +503,9 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
             call = prof.begin("forward", "torch", query, key, value, causal=causal, mask=attn_mask,
                               dropout_p=dropout_p)
             out = original(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+            if prof.alone:
+                _offer_torch_replays(prof, call, backward, original, (query, key, value, attn_mask),
+                                     (dropout_p, is_causal, *args), kwargs)
             prof.end(call)
             node = getattr(out, "grad_fn", None)
             if backward is not None and node is not None:
@@ -454,6 +513,33 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
             return out
 
         F.scaled_dot_product_attention = timed
+
+
+def _offer_torch_replays(prof: Profile, call: Call, backward, original, inputs, args, kwargs) -> None:
+    """An alone=True profile's replays of a torch SDPA call (the first of its kind): the forward on
+    the call's inputs (detached), and, where the call has a backward, the backward through a graph
+    made once at the exit on inputs that require grad as the call's did, its gradients taken again
+    (retain_graph) with a fixed random output gradient."""
+    import torch
+
+    kept = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
+    if prof.wants_replay(call):
+        prof.offer_replay(call, lambda: original(*kept, *args, **kwargs))
+    if backward is None or not prof.wants_replay(backward.described):
+        return
+    wanted = [isinstance(x, torch.Tensor) and x.requires_grad for x in inputs]
+    graph = {}
+
+    def run_backward():
+        if not graph:  # the forward once, outside the timed repeats
+            leaves = tuple(x.requires_grad_(True) if want else x
+                           for x, want in zip((x.clone() if isinstance(x, torch.Tensor) else x for x in kept), wanted))
+            with torch.enable_grad():
+                out = original(*leaves, *args, **kwargs)
+            graph.update(out=out, leaves=[x for x, want in zip(leaves, wanted) if want], grad=torch.randn_like(out))
+        torch.autograd.grad(graph["out"], graph["leaves"], graph["grad"], retain_graph=True)
+
+    prof.offer_replay(backward.described, run_backward)
 
 
 class _TorchBackward:

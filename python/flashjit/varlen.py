@@ -107,6 +107,7 @@ def _run(direction: str, kernel, offsets_q: Tensor, offsets_k: Optional[Tensor],
     record = profile.begin(direction, "flashjit", *inputs[:3], opt.causal, opt.window_left, opt.window_right, None,
                            opt.dropout_p, sequences=sequences)
     ops._run(call, inputs, outputs, *options)
+    ops.offer_replay(profile, record, ops._run, call, inputs, outputs, options)
     profile.end(record)
 
 

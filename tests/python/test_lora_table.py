@@ -59,3 +59,13 @@ def test_an_error_row_has_every_column():
     row = lora_table.table_row(dict(model="tiny", seq_len=64, plain=dict(error="timed out"), flash=_torch_run(1.0)),
                                ["forward", "backward"])
     assert len(row) == 14 and row[2:4] == ["timed out", "ok"]
+
+
+def test_attention_share_is_of_the_median_step():
+    """The share is attention's ms over the steady steps' median (step_seconds), not over the
+    profiled step (which carries the profiler's own work); without step_seconds, the profile's."""
+    run = _torch_run(3.0, 6.0)
+    assert lora_table.attention_figures(run)[1] == pytest.approx(9.0 / 100.0)
+    run["step_seconds"] = 0.030
+    ms, share, _, _ = lora_table.attention_figures(run)
+    assert ms == 9.0 and share == pytest.approx(9.0 / 30.0)

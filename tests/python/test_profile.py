@@ -212,3 +212,57 @@ def test_torch_profiler_names_the_eager_path_as_the_ops():
         flashjit.scaled_dot_product_attention(x, x, x).sum().backward()
     names = {event.name for event in prof.events()}
     assert {"flashjit::fwd", "flashjit::bwd"} <= names, sorted(names)
+
+
+def _alone_devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() and "cuda" in flashjit.backends() else [])
+
+
+@pytest.mark.parametrize("device", _alone_devices())
+def test_alone_times_each_kind_once_and_leaves_outputs_and_random_state(device, monkeypatch):
+    """alone=True: every call recorded, each kind (direction, impl, shapes) run again once at the
+    exit (replay_ms, counted), every call of a kind given that kind's time; the step's own outputs,
+    gradients and torch's random state are what they are without the profile."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q, k, v = (x.detach().to(device, dtype).requires_grad_() for x in _inputs(Sq=40, Sk=40, D=32))
+    q2 = torch.randn(2, 4, 24, 32, device=device, dtype=dtype, requires_grad=True)
+    replays = []
+    timed = profiler.replay_ms
+    monkeypatch.setattr(profiler, "replay_ms", lambda run, *a, **kw: replays.append(run) or timed(run, *a, **kw))
+
+    def step():
+        torch.manual_seed(5)
+        o = flashjit.attention(q, k, v, causal=True)
+        o2 = flashjit.attention(q2, k, v)
+        o3 = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+        o4 = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+        (o.sum() + o.sum() + o2.sum() + o3.float().square().sum() + o4.sum()).backward()
+        grads = [x.grad.clone() for x in (q, k, v, q2)]
+        for x in (q, k, v, q2):
+            x.grad = None
+        return [o.detach().clone(), o2.detach().clone(), o3.detach().clone()], grads, torch.rand(3, device=device)
+
+    outs, grads, after = step()
+    with flashjit.profile(framework=True, alone=True) as prof:
+        outs_p, grads_p, _ = step()
+        state = torch.get_rng_state(), (torch.cuda.get_rng_state() if device == "cuda" else None)
+    assert torch.equal(torch.get_rng_state(), state[0])
+    if device == "cuda":
+        assert torch.equal(torch.cuda.get_rng_state(), state[1])
+    for a, b in zip(outs + grads, outs_p + grads_p):
+        assert torch.equal(a, b)
+    assert torch.equal(after, step()[2])  # the same draws after a profiled step as after a plain one
+    kinds = {(c.direction, c.impl, c.shape_key()) for c in prof.calls}
+    # flashjit: two forward kinds and two backward kinds; torch: one forward kind (twice) and its backward.
+    assert len(prof.calls) == 8 and len(kinds) == 6 and len(replays) == 6
+    assert all(c.timed_alone and c.ms > 0 for c in prof.calls)
+    torch_forward = [c.ms for c in prof.calls if c.impl == "torch" and c.direction == "forward"]
+    assert len(torch_forward) == 2 and torch_forward[0] == torch_forward[1]
+    assert all(run is not None for run in replays) and not prof._replays  # kept inputs let go at the exit
+
+
+def test_alone_is_off_by_default_and_times_in_step():
+    q, k, v = _inputs()
+    with flashjit.profile() as prof:
+        flashjit.attention(q, k, v).sum().backward()
+    assert not prof.alone and not any(c.timed_alone for c in prof.calls) and not prof._replays
