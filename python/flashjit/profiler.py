@@ -22,7 +22,7 @@ Time: on a GPU, CUDA events around each call on its stream, read once at exit
 (its calls are synchronous). Events time the stream between them: where a step
 is bound by the host (the GPU waiting for the next launch), a call's time
 includes that wait. ``alone=True`` times each distinct call (direction,
-implementation, shapes and features) by itself at the block's exit instead: the
+implementation, shapes, features and FLOPs) by itself at the block's exit instead: the
 first such call's inputs are kept, and the call runs again on them into fresh
 outputs, back to back (CUDA events around the repeats; the wall clock on the
 CPU), torch's random state restored after; every call of that kind counts that
@@ -186,13 +186,13 @@ class Profile:
 
     def wants_replay(self, call: Call) -> bool:
         """Whether the call is the first of its kind in an alone=True block (offer_replay's)."""
-        return self.alone and (call.direction, call.impl, call.shape_key()) not in self._replays
+        return self.alone and _kind(call) not in self._replays
 
     def offer_replay(self, call: Call, run) -> None:
         """run(): the call again (inputs kept, fresh outputs), timed at the exit for every call of
         its kind; kept for the first call of a kind only (see wants_replay)."""
         if self.alone:
-            self._replays.setdefault((call.direction, call.impl, call.shape_key()), run)
+            self._replays.setdefault(_kind(call), run)
 
     def end(self, call: Call) -> None:
         if call.timed_alone and not isinstance(call._replay, tuple):
@@ -241,7 +241,7 @@ class Profile:
                     alone[key] = mlx_call_ms(*call._replay)
                 call.ms = alone[key]
             elif call.timed_alone:
-                call.ms = replayed.get((call.direction, call.impl, call.shape_key()), float("nan"))
+                call.ms = replayed.get(_kind(call), float("nan"))
             elif isinstance(call._events, tuple):
                 start, stop = call._events
                 stop.synchronize()
@@ -307,6 +307,12 @@ class _Shape:
 
     def __init__(self, shape, dtype="", device="cpu"):
         self.shape, self.dtype, self.device, self.ndim, self.is_cuda = tuple(shape), dtype, device, len(shape), False
+
+
+def _kind(call: Call) -> tuple:
+    """A call's kind for alone=True: direction, implementation, shapes and features, and its FLOPs
+    (variable-length calls of the same longest lengths may do different work)."""
+    return call.direction, call.impl, call.shape_key(), call.flops
 
 
 def replay_ms(run, repeats: int = 5) -> float:

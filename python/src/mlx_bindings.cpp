@@ -9,9 +9,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -70,12 +74,15 @@ struct Options {
   // (seqused_k) as a third input after the offsets; 2, pages: cu_seqlens_q, the counts and the
   // int32 page table [batch, max_pages] after the tensors (k, v pages [num_pages, page_size, H, D]).
   int kv_cache = 0;
+  // On MLX's GPU stream: the last `buffers` inputs are memory MLX allocated on the device for the
+  // outputs (one each, in order) and the workspace (last); see with_buffers. 0: none.
+  int buffers = 0;
 
   bool operator==(const Options& o) const {
     return scale == o.scale && softcap == o.softcap && causal == o.causal && window_left == o.window_left &&
            window_right == o.window_right && has_mask == o.has_mask && dropout_p == o.dropout_p &&
            varlen == o.varlen && max_seqlen_q == o.max_seqlen_q && max_seqlen_k == o.max_seqlen_k &&
-           kv_cache == o.kv_cache;
+           kv_cache == o.kv_cache && buffers == o.buffers;
   }
   // The integer arrays of a variable-length batch among a primitive's inputs.
   size_t varlen_inputs() const { return varlen ? (kv_cache != 0 ? 3 : 2) : 0; }
@@ -198,36 +205,128 @@ bool cuda_available() {
 #endif
 }
 
-// Allocates the outputs and records call(inputs, outputs, cuda_options) into the GPU
-// stream's command encoder: prepare(..., &bytes) first compiles and loads the kernels
-// (nothing may compile while the encoder captures) and sizes the scratch, which the
-// call then takes from an array the encoder keeps until the work is done (no memory
-// nodes in the captured graph). A failed call's capture is discarded and its error thrown
-// once the capture has ended, so the stream leaves capture mode and no partial graph joins
-// the encoder's.
+// Device memory for the outputs and the workspace on MLX's GPU stream. There
+// mx::allocator::malloc hands out managed memory (the CUDA allocator's malloc is its
+// malloc_async for device -1), and where its cache returns a device buffer it first moves that
+// buffer to managed memory with a synchronous copy; MLX's own kernels take device memory from
+// cu::malloc_async, which libmlx does not export. So a node on the GPU stream carries, as its
+// last inputs, arrays that MLX's own ops allocate on the device (add_buffers): zeros of each
+// output's shape, which the outputs take over, and a workspace kept per stream, which every
+// call on the stream writes in turn (grown after a call that needed more: that call takes the
+// allocator's memory once). FLASHJIT_MLX_BUFFERS=malloc: the allocator's memory, as before.
+bool mlx_buffers_enabled() {
+  const char* value = std::getenv("FLASHJIT_MLX_BUFFERS");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "mlx") == 0) return true;
+  if (std::strcmp(value, "malloc") == 0) return false;
+  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_BUFFERS: expected mlx or malloc, got '" + value +
+                              "'");
+}
+
+struct WorkspaceSlot {
+  std::optional<mx::array> array;
+  size_t wanted = 0;  // the most a call on the stream asked for
+};
+std::mutex workspace_mutex;
+// By stream index; never destroyed (its arrays must not outlive MLX at exit).
+std::map<int, WorkspaceSlot>& workspace_slots() {
+  static auto* slots = new std::map<int, WorkspaceSlot>();
+  return *slots;
+}
+
+// As rows of 256 bytes (MLX's workspace alignment): a shape's dims are int32, so one dim of
+// bytes would overflow above 2 GiB; rows reach 512 GiB, more than any device holds.
+constexpr size_t kWorkspaceRow = 256;
+mx::Shape workspace_shape(size_t bytes) {
+  return {int((std::max<size_t>(bytes, 1) + kWorkspaceRow - 1) / kWorkspaceRow), int(kWorkspaceRow)};
+}
+
+mx::array stream_workspace(const mx::Stream& stream) {
+  std::lock_guard lock(workspace_mutex);
+  WorkspaceSlot& slot = workspace_slots()[stream.index];
+  if (!slot.array || slot.array->nbytes() < slot.wanted) {
+    slot.array = mx::zeros(workspace_shape(slot.wanted), mx::uint8, stream);
+  }
+  return *slot.array;
+}
+
+void workspace_wanted(const mx::Stream& stream, size_t bytes) {
+  std::lock_guard lock(workspace_mutex);
+  WorkspaceSlot& slot = workspace_slots()[stream.index];
+  slot.wanted = std::max(slot.wanted, bytes);
+}
+
+// inputs with the GPU stream's buffers appended (each output's, then the workspace) and
+// options.buffers their count; elsewhere (a CPU stream, FLASHJIT_MLX_BUFFERS=malloc) none.
+void add_buffers(const mx::Stream& stream, Options& options, std::vector<mx::array>& inputs,
+                 const std::vector<mx::Shape>& shapes, const std::vector<mx::Dtype>& dtypes) {
+  options.buffers = 0;
+  if (stream.device != mx::Device::gpu || options.varlen || !mlx_buffers_enabled()) return;
+  for (size_t i = 0; i < shapes.size(); ++i) inputs.push_back(mx::zeros(shapes[i], dtypes[i], stream));
+  inputs.push_back(stream_workspace(stream));
+  options.buffers = int(shapes.size()) + 1;
+}
+
+// The options and inputs a node was made from, without its buffers (to make another node).
+Options without_buffers(Options options) {
+  options.buffers = 0;
+  return options;
+}
+template <typename T>
+std::vector<T> without_buffers(const std::vector<T>& inputs, const Options& options) {
+  return std::vector<T>(inputs.begin(), inputs.end() - options.buffers);
+}
+
+// Whether an output can take over buffer b's memory: b is what add_buffers made for it, and no
+// other array shares its memory yet (mx.compile may merge equal zeros of two nodes into one
+// array: the first node to run takes it over, the other allocates).
+bool takes_over(const mx::array& b, const mx::array& out) {
+  return b.dtype() == out.dtype() && b.shape() == out.shape() && b.flags().row_contiguous &&
+         b.data_size() == b.size() && b.offset() == 0 && b.data_shared_ptr().use_count() == 1;
+}
+
+// Allocates the outputs (or gives them the node's buffers) and records call(inputs, outputs,
+// cuda_options) into the GPU stream's command encoder: prepare(..., &bytes) first compiles and
+// loads the kernels (nothing may compile while the encoder captures) and sizes the scratch,
+// which the call then takes from the node's workspace buffer or from an array the encoder keeps
+// until the work is done (no memory nodes in the captured graph). A failed call's capture is
+// discarded and its error thrown once the capture has ended, so the stream leaves capture mode
+// and no partial graph joins the encoder's.
 template <typename Call>
 void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
-                  Call call) {
+                  int buffers, Call call) {
 #if FLASHJIT_MLX_CUDA
   if (!cuda_available()) {
     throw std::runtime_error(std::string(kOp) + " this libmlx has no CUDA backend (pip install \"mlx[cuda13]\")");
   }
-  for (mx::array& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
+  const size_t first_buffer = inputs.size() - size_t(buffers);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (size_t(buffers) > i && takes_over(inputs[first_buffer + i], outputs[i])) {
+      outputs[i].copy_shared_buffer(inputs[first_buffer + i]);
+    } else {
+      outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
+    }
+  }
   auto& encoder = mx::cu::get_command_encoder(stream);
   fj_attention_options cuda{};
   size_t bytes = 0;
   check(call(inputs, outputs, cuda, &bytes));  // prepare: cuda.stream unset, nothing enqueued
-  // As rows of 256 bytes (MLX's workspace alignment): a shape's dims are int32, so one dim of
-  // bytes would overflow above 2 GiB; rows reach 512 GiB, more than any device holds.
-  constexpr size_t row = 256;
-  const size_t row_count = (std::max<size_t>(bytes, 1) + row - 1) / row;
-  mx::array workspace({int(row_count), int(row)}, mx::uint8, nullptr, {});
-  workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
-  encoder.add_temporary(workspace);
+  const mx::array* kept = size_t(buffers) > outputs.size() ? &inputs.back() : nullptr;
+  void* workspace_address = nullptr;
+  if (kept != nullptr && kept->nbytes() >= bytes && kept->flags().row_contiguous) {
+    workspace_address = mx::gpu_ptr<void>(*kept);
+  } else {
+    if (kept != nullptr) workspace_wanted(stream, bytes);  // the stream's next nodes get enough
+    mx::array workspace(workspace_shape(bytes), mx::uint8, nullptr, {});
+    workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
+    encoder.add_temporary(workspace);
+    workspace_address = mx::gpu_ptr<void>(workspace);
+  }
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);
+  // The stream's workspace is written: the next call that writes it comes after this one.
+  if (kept != nullptr && workspace_address == mx::gpu_ptr<void>(*kept)) encoder.set_output_array(*kept);
   cuda.stream = static_cast<cudaStream_t>(encoder.stream());
-  cuda.workspace = mx::gpu_ptr<void>(workspace);
+  cuda.workspace = workspace_address;
   cuda.workspace_bytes = bytes;
   std::exception_ptr error;
   {
@@ -241,7 +340,7 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   }
   if (error) std::rethrow_exception(error);
 #else
-  (void)stream, (void)inputs, (void)outputs, (void)call;
+  (void)stream, (void)inputs, (void)outputs, (void)buffers, (void)call;
   throw std::runtime_error(std::string(kOp) + " was built without MLX's CUDA headers: run it on a cpu stream");
 #endif
 }
@@ -294,7 +393,7 @@ class Forward : public Node {
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     if (options_.varlen) throw std::runtime_error(std::string(kOp) + " varlen_attention runs on a cpu stream only");
     const mx::Device device = stream().device;
-    enqueue_cuda(stream(), inputs, outputs,
+    enqueue_cuda(stream(), inputs, outputs, options_.buffers,
                  [&, options = options_](auto& in, auto& out, const fj_attention_options& cuda, size_t* bytes) {
       const fj_tensor q = tensor_of(in[0], device), k = tensor_of(in[1], device), v = tensor_of(in[2], device);
       fj_tensor o = tensor_of(out[0], device), lse = tensor_of(out[1], device);
@@ -342,7 +441,7 @@ class Backward : public Node {
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     if (options_.varlen) throw std::runtime_error(std::string(kOp) + " varlen_attention runs on a cpu stream only");
     const mx::Device device = stream().device;
-    enqueue_cuda(stream(), inputs, outputs,
+    enqueue_cuda(stream(), inputs, outputs, options_.buffers,
                  [&, options = options_](auto& in, auto& out, const fj_attention_options& cuda, size_t* bytes) {
       fj_tensor t[6];
       for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i], device);
@@ -366,19 +465,20 @@ class Backward : public Node {
 };
 
 // The graph nodes of the two primitives over their inputs (see eval_cpu).
-std::vector<mx::array> forward_node(const mx::Stream& stream, const Options& options,
-                                    const std::vector<mx::array>& inputs) {
+// (inputs: without buffers; on the GPU stream add_buffers appends them.)
+std::vector<mx::array> forward_node(const mx::Stream& stream, Options options, std::vector<mx::array> inputs) {
   const mx::Dtype dtype = inputs[0].dtype();
-  return mx::array::make_arrays(forward_shapes(inputs),
-                                {dtype, dtype == mx::float64 ? mx::float64 : mx::float32},
-                                std::make_shared<Forward>(stream, options), inputs);
+  const std::vector<mx::Shape> shapes = forward_shapes(inputs);
+  const std::vector<mx::Dtype> dtypes = {dtype, dtype == mx::float64 ? mx::float64 : mx::float32};
+  add_buffers(stream, options, inputs, shapes, dtypes);
+  return mx::array::make_arrays(shapes, dtypes, std::make_shared<Forward>(stream, options), inputs);
 }
 
-std::vector<mx::array> backward_node(const mx::Stream& stream, const Options& options,
-                                     const std::vector<mx::array>& inputs) {
-  return mx::array::make_arrays({inputs[0].shape(), inputs[1].shape(), inputs[2].shape()},
-                                {inputs[0].dtype(), inputs[1].dtype(), inputs[2].dtype()},
-                                std::make_shared<Backward>(stream, options), inputs);
+std::vector<mx::array> backward_node(const mx::Stream& stream, Options options, std::vector<mx::array> inputs) {
+  const std::vector<mx::Shape> shapes = {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
+  const std::vector<mx::Dtype> dtypes = {inputs[0].dtype(), inputs[1].dtype(), inputs[2].dtype()};
+  add_buffers(stream, options, inputs, shapes, dtypes);
+  return mx::array::make_arrays(shapes, dtypes, std::make_shared<Backward>(stream, options), inputs);
 }
 
 mx::Stream cpu_stream() {
@@ -450,13 +550,15 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
   // lse is not differentiable: its cotangent is ignored.
   std::vector<mx::array> inputs = {primals[0], primals[1], primals[2],
                                    outputs[0], outputs[1], rows(cotangents[0], stream())};
-  for (size_t i = 3; i < primals.size(); ++i) inputs.push_back(primals[i]);  // mask, dropout seed
-  const std::vector<mx::array> grads = backward_node(stream(), options_, inputs);
+  for (size_t i = 3; i < primals.size() - size_t(options_.buffers); ++i) {
+    inputs.push_back(primals[i]);  // mask, dropout seed
+  }
+  const std::vector<mx::array> grads = backward_node(stream(), without_buffers(options_), inputs);
   std::vector<mx::array> out;
   for (int arg : argnums) {
     if (arg < 3) {
       out.push_back(grads[arg]);
-    } else {  // no gradient flows into the mask or the seed
+    } else {  // no gradient flows into the mask, the seed or a buffer
       out.push_back(mx::zeros_like(primals[arg], stream()));
     }
   }
@@ -466,15 +568,19 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
 std::pair<std::vector<mx::array>, std::vector<int>> Forward::vmap(const std::vector<mx::array>& inputs,
                                                                   const std::vector<int>& axes) {
   if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
-  return vmap_through_batch(stream(), inputs, axes, options_.mask_index(3), options_.rng_index(3),
-                            [this](const auto& merged) { return forward_node(stream(), options_, merged); });
+  const Options base = without_buffers(options_);  // the node made over the merged batch gets its own
+  return vmap_through_batch(stream(), without_buffers(inputs, options_), without_buffers(axes, options_),
+                            base.mask_index(3), base.rng_index(3),
+                            [this, base](const auto& merged) { return forward_node(stream(), base, merged); });
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::vector<mx::array>& inputs,
                                                                    const std::vector<int>& axes) {
   if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
-  return vmap_through_batch(stream(), inputs, axes, options_.mask_index(6), options_.rng_index(6),
-                            [this](const auto& merged) { return backward_node(stream(), options_, merged); });
+  const Options base = without_buffers(options_);
+  return vmap_through_batch(stream(), without_buffers(inputs, options_), without_buffers(axes, options_),
+                            base.mask_index(6), base.rng_index(6),
+                            [this, base](const auto& merged) { return backward_node(stream(), base, merged); });
 }
 
 [[noreturn]] void bad(const std::string& message) {

@@ -231,6 +231,79 @@ def test_gpu_stream_matches_the_cpu_stream(causal):
         assert mx.allclose(a.astype(mx.float32), b.astype(mx.float32), atol=5e-2, rtol=5e-2)
 
 
+def _gpu_step(q, k, v, **options):
+    """o, lse and the gradients of q, k, v on the GPU stream, evaluated."""
+    def loss(q, k, v):
+        return flashjit.mlx.attention(q, k, v, stream=mx.gpu, **options).astype(mx.float32).square().sum()
+
+    o, lse = flashjit.mlx.attention(q, k, v, stream=mx.gpu, return_lse=True, **options)
+    grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    mx.eval(o, lse, *grads)
+    return [o, lse, *grads]
+
+
+@pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window=(40, 8), softcap=20.0)])
+def test_gpu_buffers_give_the_allocators_results(monkeypatch, options):
+    """On the GPU stream the outputs take device memory MLX allocated (zeros made with the node)
+    and the workspace is kept per stream; the results are the bits of the allocator's memory
+    (FLASHJIT_MLX_BUFFERS=malloc), also after a larger problem grew the workspace, and a bad
+    value of the switch is an error naming it."""
+    shapes = [(1, 4, 128, 64), (2, 8, 300, 64), (1, 4, 128, 64)]  # the second needs a larger workspace
+    for shape in shapes:
+        q, k, v = (mx.random.normal(shape).astype(mx.bfloat16) for _ in range(3))
+        monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", "mlx")
+        with_buffers = _gpu_step(q, k, v, **options)
+        monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", "malloc")
+        allocated = _gpu_step(q, k, v, **options)
+        for a, b in zip(with_buffers, allocated):
+            assert a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b)
+    monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", "elsewhere")
+    with pytest.raises(ValueError, match="FLASHJIT_MLX_BUFFERS: expected mlx or malloc"):
+        flashjit.mlx.attention(q, k, v, stream=mx.gpu)
+
+
+@pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
+def test_gpu_compiled_calls_of_one_shape_keep_their_own_outputs():
+    """Two calls of one shape in a compiled function: their output buffers (equal zeros, which
+    mx.compile may merge into one array) must not end up as one memory."""
+    q, k, v = (mx.random.normal((1, 4, 96, 64)).astype(mx.bfloat16) for _ in range(3))
+
+    def two(q, k, v):
+        return (flashjit.mlx.attention(q, k, v, causal=True, stream=mx.gpu),
+                flashjit.mlx.attention(k, q, v, stream=mx.gpu))
+
+    compiled = mx.compile(two)(q, k, v)
+    plain = two(q, k, v)
+    mx.eval(*compiled, *plain)
+    for a, b in zip(compiled, plain):
+        assert mx.array_equal(a, b)
+    assert not mx.array_equal(compiled[0], compiled[1])
+
+
+@pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
+def test_gpu_vmap_and_its_gradient_match_a_loop():
+    """vmap on the GPU stream makes one node over the merged batch (with buffers of its own
+    shapes, not the unmapped node's), forward and backward."""
+    q, k, v = (mx.random.normal((3, 1, 2, 80, 64)).astype(mx.bfloat16) for _ in range(3))
+
+    def f(q, k, v):
+        return flashjit.mlx.attention(q, k, v, causal=True, stream=mx.gpu)
+
+    def loss(q, k, v):
+        return mx.vmap(f)(q, k, v).astype(mx.float32).square().sum()
+
+    mapped = mx.vmap(f)(q, k, v)
+    looped = mx.stack([f(q[i], k[i], v[i]) for i in range(3)])
+    assert mx.allclose(mapped.astype(mx.float32), looped.astype(mx.float32), atol=1e-2, rtol=1e-2)
+    grads = mx.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for i in range(3):
+        one = mx.grad(lambda q, k, v: f(q, k, v).astype(mx.float32).square().sum(), argnums=(0, 1, 2))(
+            q[i], k[i], v[i])
+        for a, b in zip(grads, one):
+            assert mx.allclose(a[i].astype(mx.float32), b.astype(mx.float32), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
 def test_gpu_stream_dropout_reads_the_drawn_seed():
     # Without seed= the seed is drawn from MLX's random state on the GPU: the kernels read the
