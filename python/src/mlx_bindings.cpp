@@ -8,6 +8,7 @@
 #include <nanobind/stl/variant.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -181,17 +182,6 @@ void check(fj_status status) {
   if (status != FJ_SUCCESS) throw std::runtime_error(fj_last_error());
 }
 
-// Allocates the outputs and enqueues call(inputs, outputs) on the stream's CPU
-// encoder. The task holds the arrays, so their buffers live until it has run.
-template <typename Call>
-void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
-             Call call) {
-  for (mx::array& out : outputs) out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (const mx::array& x : inputs) encoder.set_input_array(x);
-  for (mx::array& x : outputs) encoder.set_output_array(x);
-  encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
-}
 
 // Whether eval_gpu can run: built against MLX's CUDA headers, and libmlx has every symbol of
 // the CUDA backend that it calls.
@@ -209,17 +199,33 @@ bool cuda_available() {
 // mx::allocator::malloc hands out managed memory (the CUDA allocator's malloc is its
 // malloc_async for device -1), and where its cache returns a device buffer it first moves that
 // buffer to managed memory with a synchronous copy; MLX's own kernels take device memory from
-// cu::malloc_async, which libmlx does not export. So a node on the GPU stream carries, as its
-// last inputs, arrays that MLX's own ops allocate on the device (add_buffers): zeros of each
-// output's shape, which the outputs take over, and a workspace kept per stream, which every
-// call on the stream writes in turn (grown after a call that needed more: that call takes the
-// allocator's memory once). FLASHJIT_MLX_BUFFERS=malloc: the allocator's memory, as before.
-bool mlx_buffers_enabled() {
+// cu::malloc_async, which libmlx does not export. So with FLASHJIT_MLX_BUFFERS=mlx a node on the
+// GPU stream carries, as its last inputs, arrays that MLX's own ops allocate on the device
+// (add_buffers): one for each output, whose memory the output takes over, and a workspace kept
+// per stream, which every call on the stream writes in turn (grown after a call that needed
+// more: that call takes the allocator's memory once). Each buffer is filled with a value of its
+// own (a counter), so that mx.compile, which merges equal constants and equal fills, cannot
+// make it one array with another buffer or with the program's own zeros. Unset or `malloc`:
+// the allocator's memory. `mlx-cpu`: the buffers on CPU streams too (where the allocator's memory
+// is plain host memory: for testing the buffers' handling without a GPU).
+bool mlx_buffers_enabled(const mx::Stream& stream) {
   const char* value = std::getenv("FLASHJIT_MLX_BUFFERS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "mlx") == 0) return true;
-  if (std::strcmp(value, "malloc") == 0) return false;
-  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_BUFFERS: expected mlx or malloc, got '" + value +
-                              "'");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "malloc") == 0) return false;
+  if (std::strcmp(value, "mlx") == 0) return stream.device == mx::Device::gpu;
+  if (std::strcmp(value, "mlx-cpu") == 0) return true;
+  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_BUFFERS: expected mlx, mlx-cpu or malloc, got '" +
+                              value + "'");
+}
+
+// A lazy array of at least `bytes` on `stream` (uint32 words as rows of 64, so that no dim
+// overflows int32 below 512 GiB), filled with a value no other buffer has.
+mx::array tagged_buffer(size_t bytes, const mx::Stream& stream) {
+  static std::atomic<uint32_t> next_tag{0x9e3779b9u};
+  constexpr size_t row_words = 64;
+  const size_t words = std::max<size_t>((bytes + 3) / 4, 1);
+  const mx::Shape shape = {int((words + row_words - 1) / row_words), int(row_words)};
+  return mx::full(shape, mx::array(next_tag.fetch_add(1, std::memory_order_relaxed), mx::uint32), mx::uint32,
+                  stream);
 }
 
 struct WorkspaceSlot {
@@ -227,25 +233,17 @@ struct WorkspaceSlot {
   size_t wanted = 0;  // the most a call on the stream asked for
 };
 std::mutex workspace_mutex;
-// By stream index; never destroyed (its arrays must not outlive MLX at exit).
+// By stream index (unique across devices); one slot a GPU stream that ever ran a call, never
+// destroyed (its arrays must not outlive MLX at exit).
 std::map<int, WorkspaceSlot>& workspace_slots() {
   static auto* slots = new std::map<int, WorkspaceSlot>();
   return *slots;
 }
 
-// As rows of 256 bytes (MLX's workspace alignment): a shape's dims are int32, so one dim of
-// bytes would overflow above 2 GiB; rows reach 512 GiB, more than any device holds.
-constexpr size_t kWorkspaceRow = 256;
-mx::Shape workspace_shape(size_t bytes) {
-  return {int((std::max<size_t>(bytes, 1) + kWorkspaceRow - 1) / kWorkspaceRow), int(kWorkspaceRow)};
-}
-
 mx::array stream_workspace(const mx::Stream& stream) {
   std::lock_guard lock(workspace_mutex);
   WorkspaceSlot& slot = workspace_slots()[stream.index];
-  if (!slot.array || slot.array->nbytes() < slot.wanted) {
-    slot.array = mx::zeros(workspace_shape(slot.wanted), mx::uint8, stream);
-  }
+  if (!slot.array || slot.array->nbytes() < slot.wanted) slot.array = tagged_buffer(slot.wanted, stream);
   return *slot.array;
 }
 
@@ -256,12 +254,16 @@ void workspace_wanted(const mx::Stream& stream, size_t bytes) {
 }
 
 // inputs with the GPU stream's buffers appended (each output's, then the workspace) and
-// options.buffers their count; elsewhere (a CPU stream, FLASHJIT_MLX_BUFFERS=malloc) none.
+// options.buffers their count; elsewhere (FLASHJIT_MLX_BUFFERS unset, a CPU stream) none.
 void add_buffers(const mx::Stream& stream, Options& options, std::vector<mx::array>& inputs,
                  const std::vector<mx::Shape>& shapes, const std::vector<mx::Dtype>& dtypes) {
   options.buffers = 0;
-  if (stream.device != mx::Device::gpu || options.varlen || !mlx_buffers_enabled()) return;
-  for (size_t i = 0; i < shapes.size(); ++i) inputs.push_back(mx::zeros(shapes[i], dtypes[i], stream));
+  if (options.varlen || !mlx_buffers_enabled(stream)) return;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    size_t bytes = mx::size_of(dtypes[i]);
+    for (int dim : shapes[i]) bytes *= size_t(dim);
+    inputs.push_back(tagged_buffer(bytes, stream));
+  }
   inputs.push_back(stream_workspace(stream));
   options.buffers = int(shapes.size()) + 1;
 }
@@ -276,12 +278,51 @@ std::vector<T> without_buffers(const std::vector<T>& inputs, const Options& opti
   return std::vector<T>(inputs.begin(), inputs.end() - options.buffers);
 }
 
-// Whether an output can take over buffer b's memory: b is what add_buffers made for it, and no
-// other array shares its memory yet (mx.compile may merge equal zeros of two nodes into one
-// array: the first node to run takes it over, the other allocates).
-bool takes_over(const mx::array& b, const mx::array& out) {
-  return b.dtype() == out.dtype() && b.shape() == out.shape() && b.flags().row_contiguous &&
-         b.data_size() == b.size() && b.offset() == 0 && b.data_shared_ptr().use_count() == 1;
+// A workspace taken from the allocator: rows of 256 bytes (MLX's workspace alignment; one dim
+// of bytes would overflow int32 above 2 GiB).
+mx::Shape workspace_shape(size_t bytes) {
+  constexpr size_t row = 256;
+  return {int((std::max<size_t>(bytes, 1) + row - 1) / row), int(row)};
+}
+
+// Whether buffer b, evaluated, can hold `bytes` for a call: dense, and its memory not shared with
+// another array yet.
+bool holds(const mx::array& b, size_t bytes) {
+  return b.nbytes() >= bytes && b.flags().row_contiguous && b.data_size() == b.size() && b.offset() == 0 &&
+         b.data_shared_ptr().use_count() == 1;
+}
+
+// How the buffers served (buffer_counts()): outputs given their buffer, outputs that had one and
+// took the allocator's memory, calls on the stream's workspace, calls that outgrew it.
+std::atomic<int64_t> outputs_in_buffers{0}, outputs_allocated{0}, workspace_kept{0}, workspace_outgrown{0};
+
+// Gives each output its buffer among the last `buffers` inputs where it holds it, else the
+// allocator's memory.
+void allocate_outputs(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, int buffers) {
+  const size_t first_buffer = inputs.size() - size_t(buffers);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const mx::array* buffer = size_t(buffers) > i ? &inputs[first_buffer + i] : nullptr;
+    if (buffer != nullptr && holds(*buffer, outputs[i].nbytes())) {
+      // The output's data is the buffer's memory, which the buffer (held by the deleter) keeps.
+      outputs[i].set_data(mx::allocator::Data(buffer->buffer(), [keep = *buffer](mx::allocator::Buffer) {}));
+      ++outputs_in_buffers;
+    } else {
+      outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
+      if (buffer != nullptr) ++outputs_allocated;
+    }
+  }
+}
+
+// Allocates the outputs (or gives them the node's buffers) and enqueues call(inputs, outputs) on
+// the stream's CPU encoder. The task holds the arrays, so their buffers live until it has run.
+template <typename Call>
+void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
+             int buffers, Call call) {
+  allocate_outputs(inputs, outputs, buffers);
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const mx::array& x : inputs) encoder.set_input_array(x);
+  for (mx::array& x : outputs) encoder.set_output_array(x);
+  encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
 }
 
 // Allocates the outputs (or gives them the node's buffers) and records call(inputs, outputs,
@@ -298,24 +339,21 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   if (!cuda_available()) {
     throw std::runtime_error(std::string(kOp) + " this libmlx has no CUDA backend (pip install \"mlx[cuda13]\")");
   }
-  const size_t first_buffer = inputs.size() - size_t(buffers);
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    if (size_t(buffers) > i && takes_over(inputs[first_buffer + i], outputs[i])) {
-      outputs[i].copy_shared_buffer(inputs[first_buffer + i]);
-    } else {
-      outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
-    }
-  }
+  allocate_outputs(inputs, outputs, buffers);
   auto& encoder = mx::cu::get_command_encoder(stream);
   fj_attention_options cuda{};
   size_t bytes = 0;
   check(call(inputs, outputs, cuda, &bytes));  // prepare: cuda.stream unset, nothing enqueued
   const mx::array* kept = size_t(buffers) > outputs.size() ? &inputs.back() : nullptr;
   void* workspace_address = nullptr;
-  if (kept != nullptr && kept->nbytes() >= bytes && kept->flags().row_contiguous) {
+  if (kept != nullptr && kept->nbytes() >= bytes && kept->flags().row_contiguous && kept->offset() == 0) {
     workspace_address = mx::gpu_ptr<void>(*kept);
+    ++workspace_kept;
   } else {
-    if (kept != nullptr) workspace_wanted(stream, bytes);  // the stream's next nodes get enough
+    if (kept != nullptr) {
+      workspace_wanted(stream, bytes);  // the stream's next nodes get enough
+      ++workspace_outgrown;
+    }
     mx::array workspace(workspace_shape(bytes), mx::uint8, nullptr, {});
     workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
     encoder.add_temporary(workspace);
@@ -377,7 +415,7 @@ class Forward : public Node {
 
   // inputs: q, k, v[, mask | cu_seqlens_q, cu_seqlens_k][, rng]; outputs: o, lse.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
+    enqueue(stream(), inputs, outputs, options_.buffers, [options = options_](auto& in, auto& out) {
       const fj_tensor q = tensor_of(in[0]), k = tensor_of(in[1]), v = tensor_of(in[2]);
       fj_tensor o = tensor_of(out[0]), lse = tensor_of(out[1]);
       if (options.varlen) {
@@ -423,7 +461,7 @@ class Backward : public Node {
 
   // inputs: q, k, v, o, lse, dout[, mask | cu_seqlens_q, cu_seqlens_k][, rng]; outputs: dq, dk, dv.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
+    enqueue(stream(), inputs, outputs, options_.buffers, [options = options_](auto& in, auto& out) {
       fj_tensor t[6];
       for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i]);
       fj_tensor dq = tensor_of(out[0]), dk = tensor_of(out[1]), dv = tensor_of(out[2]);
@@ -750,6 +788,14 @@ NB_MODULE(_mlx, m) {
         "o, lse: lazy MLX arrays from the flashjit attention primitive on `stream` (an mx.Stream, or an mx.Device "
         "for its default stream; None: the CPU's); "
         "differentiable through q, k, v.");
+  m.def(
+      "buffer_counts",
+      [] {
+        return nb::make_tuple(outputs_in_buffers.load(), outputs_allocated.load(), workspace_kept.load(),
+                              workspace_outgrown.load());
+      },
+      "(outputs given their node's buffer, outputs that had one and took the allocator's memory, calls on the "
+      "stream's kept workspace, calls that outgrew it) since the module loaded: FLASHJIT_MLX_BUFFERS's work.");
   m.def("cuda_available", &cuda_available,
         "Whether the primitives can run on MLX's GPU stream: built against MLX's CUDA headers, and the loaded "
         "libmlx has MLX's CUDA backend (mlx-cuda).");
