@@ -247,7 +247,7 @@ mx::array stream_workspace(const mx::Stream& stream) {
   return *slot.array;
 }
 
-void workspace_wanted(const mx::Stream& stream, size_t bytes) {
+[[maybe_unused]] void workspace_wanted(const mx::Stream& stream, size_t bytes) {
   std::lock_guard lock(workspace_mutex);
   WorkspaceSlot& slot = workspace_slots()[stream.index];
   slot.wanted = std::max(slot.wanted, bytes);
@@ -280,7 +280,7 @@ std::vector<T> without_buffers(const std::vector<T>& inputs, const Options& opti
 
 // A workspace taken from the allocator: rows of 256 bytes (MLX's workspace alignment; one dim
 // of bytes would overflow int32 above 2 GiB).
-mx::Shape workspace_shape(size_t bytes) {
+[[maybe_unused]] mx::Shape workspace_shape(size_t bytes) {
   constexpr size_t row = 256;
   return {int((std::max<size_t>(bytes, 1) + row - 1) / row), int(row)};
 }
