@@ -8,12 +8,16 @@ causal; backward 2.5x), with the largest difference between the two outputs.
 Timing: `--runs` evaluations of `--calls` calls each (one mx.eval a run, the outputs
 summed so that every call is computed), mx.synchronize() around, median.
 
-    python bench/mlx_gpu.py --out bench/results
+    python bench/mlx_gpu.py --out bench/results [--buffers malloc mlx]
+
+--buffers: flashjit's columns with each FLASHJIT_MLX_BUFFERS value (the first is the
+"flashjit" column, the others "flashjit[buffers=...]"), in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -51,6 +55,8 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="head dim 128, N 4096 only")
+    parser.add_argument("--buffers", nargs="+", default=["malloc"], choices=["malloc", "mlx"],
+                        help="FLASHJIT_MLX_BUFFERS of flashjit's columns (default: malloc)")
     args = parser.parse_args()
     if not flashjit._mlx.cuda_available():
         sys.exit("mlx_gpu.py: flashjit.mlx has no GPU stream here (MLX on CUDA and flashjit's eval_gpu needed)")
@@ -58,11 +64,17 @@ def main():
     device = flashjit.cuda.device_info()["name"]
     mx.random.seed(0)
     heads = 16
-    impls = {
-        "flashjit": lambda q, k, v, c: fm.attention(q, k, v, causal=c, stream=mx.gpu),
-        "mx.fast": lambda q, k, v, c: mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=q.shape[-1] ** -0.5, mask="causal" if c else None),
-    }
+    def flashjit_with(buffers):
+        def impl(q, k, v, c):
+            # Read where the nodes are made (the forward here, the backward's in mx.grad's vjp).
+            os.environ["FLASHJIT_MLX_BUFFERS"] = buffers
+            return fm.attention(q, k, v, causal=c, stream=mx.gpu)
+        return impl
+
+    names = ["flashjit" if i == 0 else f"flashjit[buffers={mode}]" for i, mode in enumerate(args.buffers)]
+    impls = {name: flashjit_with(mode) for name, mode in zip(names, args.buffers)}
+    impls["mx.fast"] = lambda q, k, v, c: mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=q.shape[-1] ** -0.5, mask="causal" if c else None)
     cases = [(128, 4096)] if args.quick else [(d, n) for d in (64, 128) for n in (1024, 4000, 4096, 16384)]
     rows = []
     for head_dim, seqlen in cases:
@@ -81,7 +93,7 @@ def main():
                 both = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
                 backward = max(both - forward, 1e-6)
                 row[name] = (flops / forward / 1e9, 2.5 * flops / backward / 1e9, forward, both)
-            row["difference"] = float(mx.abs(outputs["flashjit"] - outputs["mx.fast"]).max())
+            row["difference"] = max(float(mx.abs(outputs[name] - outputs["mx.fast"]).max()) for name in names)
             rows.append(row)
             print(row, flush=True)
 
@@ -89,14 +101,17 @@ def main():
     facts = [f"{device}, mlx {mx.__version__}, flashjit {flashjit.__version__}",
              f"bf16, H{heads}; TFLOP/s (backward 2.5x the forward's FLOPs, its time fwd+bwd minus fwd); median of "
              f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|"]
-    header = ["D", "N", "B", "causal", "flashjit fwd", "mx.fast fwd", "flashjit bwd", "mx.fast bwd", "fwd speedup",
-              "fwd+bwd speedup", "difference"]
-    table = [[row["D"], row["N"], row["B"], "yes" if row["causal"] else "no", f"{row['flashjit'][0]:.0f}",
-              f"{row['mx.fast'][0]:.0f}", f"{row['flashjit'][1]:.0f}", f"{row['mx.fast'][1]:.0f}",
-              f"{row['mx.fast'][2] / row['flashjit'][2]:.2f}x", f"{row['mx.fast'][3] / row['flashjit'][3]:.2f}x",
-              f"{row['difference']:.1e}"] for row in rows]
+    header = ["D", "N", "B", "causal"] + [f"{name} fwd" for name in names] + ["mx.fast fwd"] + [
+        f"{name} bwd" for name in names] + ["mx.fast bwd"] + [
+        f"{name} fwd speedup" for name in names] + [f"{name} fwd+bwd speedup" for name in names] + ["difference"]
+    table = [[row["D"], row["N"], row["B"], "yes" if row["causal"] else "no"]
+             + [f"{row[name][0]:.0f}" for name in names + ["mx.fast"]]
+             + [f"{row[name][1]:.0f}" for name in names + ["mx.fast"]]
+             + [f"{row['mx.fast'][2] / row[name][2]:.2f}x" for name in names]
+             + [f"{row['mx.fast'][3] / row[name][3]:.2f}x" for name in names]
+             + [f"{row['difference']:.1e}"] for row in rows]
     text = record_text("MLX GPU benchmark: flashjit.mlx on MLX's GPU stream against mx.fast", "mlx_gpu.py", commit,
-                       facts, header, table, align="rrrl" + "r" * 7)
+                       facts, header, table, align="rrrl" + "r" * (len(header) - 4))
     print(text)
     save_record(args.out, "h200" if "H200" in device else "gpu", "mlx", commit, text)
 
