@@ -89,17 +89,18 @@ def _lengths_of(offsets: Tensor) -> list[int]:
 
 
 def _run(direction: str, kernel, offsets_q: Tensor, offsets_k: Optional[Tensor], max_q: int, max_k: int, inputs,
-         outputs, options: tuple, key_lengths: Optional[list] = None):
+         outputs, options: tuple, key_lengths: Optional[list] = None, record: bool = True):
     """One call of the C API's varlen entry for the whole batch (offsets as _offsets gives
     them; options: the ops' trailing arguments), recorded by an open flashjit.profile() with
-    each sequence's work (key_lengths: the keys each uses, where not the offsets' spans)."""
+    each sequence's work (key_lengths: the keys each uses, where not the offsets' spans);
+    record false: not recorded (a call that only checks)."""
 
     def call(*tensors, **kwargs):
         # The tensors stay referenced here while the descriptors point into them.
         kernel(_index_ref(offsets_q), _index_ref(offsets_k), max_q, max_k, *tensors, **kwargs)
 
     profile = _profiler._active
-    if profile is None:
+    if profile is None or not record:
         ops._run(call, inputs, outputs, *options)
         return
     opt, _, _ = AttentionOptions.from_op_args(options)
@@ -325,11 +326,16 @@ class _KvCall:
         gathered rows at offsets_k; check_only: the C API's checks alone."""
         if keys is None:
             keys, values, offsets_k = self.keys, self.values, self.offsets_k
+        def kernel(*args, **kwargs):
+            # The counts' and the table's descriptors made at each call from the tensors this
+            # closure holds (a profile's replay runs it again after the call: flashjit.profile).
+            return _C.varlen_forward(*args, seqused_k=_index_ref(seqused), page_table=_index_ref(table),
+                                     check_only=check_only, **kwargs)
+
         with torch.no_grad():
-            _run("forward", functools.partial(_C.varlen_forward, seqused_k=_index_ref(seqused),
-                                              page_table=_index_ref(table), check_only=check_only), self.offsets_q,
+            _run("forward", kernel, self.offsets_q,
                  offsets_k, 0, 0, (self.q_rows, keys, values), (self.o, self.lse), self.options.op_args(None, None),
-                 key_lengths=key_lengths)
+                 key_lengths=key_lengths, record=not check_only)
 
     def result(self, return_lse: bool):
         batch, sq, heads_q = self.shape

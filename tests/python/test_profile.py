@@ -266,3 +266,25 @@ def test_alone_is_off_by_default_and_times_in_step():
     with flashjit.profile() as prof:
         flashjit.attention(q, k, v).sum().backward()
     assert not prof.alone and not any(c.timed_alone for c in prof.calls) and not prof._replays
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_kv_cache_call_with_new_keys_is_one_record(alone):
+    """attention_with_kvcache checks the whole call before it writes the new keys into the cache:
+    that check is not an attention call, and with alone=True the kind's time is the real call's."""
+    torch.manual_seed(0)
+    q, k_new, v_new = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    k_cache, v_cache = torch.randn(2, 32, 2, 16), torch.randn(2, 32, 2, 16)
+    lengths = torch.tensor([10, 20], dtype=torch.int32)
+    replays = []
+    timed = profiler.replay_ms
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(profiler, "replay_ms", lambda run, *a, **kw: replays.append(run) or timed(run, *a, **kw))
+        with flashjit.profile(alone=alone) as prof:
+            o = flashjit.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=k_new, v=v_new)
+    assert [c.direction for c in prof.calls] == ["forward"] and prof.calls[0].ms > 0
+    assert len(replays) == (1 if alone else 0)
+    # The replay wrote fresh outputs only: the caches hold the new keys once, o is the call's.
+    assert torch.equal(k_cache[0, 10], k_new[0, 0]) and torch.equal(k_cache[1, 20], k_new[1, 0])
+    again = flashjit.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=lengths + 1)
+    assert torch.equal(o, again)
