@@ -7,10 +7,10 @@
 The same models, corpus and flags as mlx_lora.py. --use-flash-attention loads the model with
 flashjit's transformers attention backend (flashjit.transformers.register()); without it
 transformers runs its "sdpa" backend (torch's scaled_dot_product_attention).
---profile-attention runs one extra step inside flashjit.profile(framework=True, alone=True), which
-records every attention call (flashjit's or torch's), times each distinct one by itself after the
-step (a step of a small batch waits on the host, and a call timed inside it would count that
-wait), and gives attention's share of the step.
+--profile-attention runs one extra step inside flashjit.profile(framework=True, alone=True,
+model=model), which records every attention call (flashjit's or torch's) with its layer, times each
+distinct one by itself after the step (a step of a small batch waits on the host, and a call timed
+inside it would count that wait), and gives attention's share of the step.
 """
 
 from __future__ import annotations
@@ -90,11 +90,12 @@ def main(argv=None) -> dict:
                     torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _rss_peak_mib())
     attention = None
     if args.profile_attention:
-        with flashjit.profile(framework=True, peak=True, alone=True) as prof:
+        with flashjit.profile(framework=True, peak=True, alone=True, model=model) as prof:
             train_step(batches[args.steps])
         print(prof.table(), flush=True)
         record = prof.to_json()
-        attention = {k: record[k] for k in ("attention_ms", "elapsed_ms", "attention_share", "summary", "peak_tflops")}
+        attention = {k: record[k] for k in ("attention_ms", "elapsed_ms", "attention_share", "summary", "layers",
+                                             "peak_tflops")}
     return summarize(args, history, trainable, tokens_per_step, attention)
 
 

@@ -277,13 +277,20 @@ def _setup_fwd(ctx, inputs, output, options=None):
     ctx.saved_names = _SAVED_BY_FWD
     ctx.save_for_backward(*inputs[:3], *output, mask, rng)
     ctx.mark_non_differentiable(output[1])
+    # The layer an open flashjit.profile(model=...) records the call in, for its backward's record.
+    ctx.layer = _profiler.current_layer() if _profiler._active is not None else None
 
 
 def _fwd_backward(ctx, grad_o, grad_lse, run=None):
     """Gradients of fwd's inputs; `run` computes dq, dk, dv (default: the bwd op)."""
     _check_mask_grad(ctx.needs_input_grad[3])
     s = _saved(ctx)
-    dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, *ctx.options.op_args(s.mask, s.rng))
+    layer = getattr(ctx, "layer", None)
+    if layer:  # recorded in its forward's layer (flashjit.profile(model=...))
+        with _profiler.layer_scope(layer):
+            dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, *ctx.options.op_args(s.mask, s.rng))
+    else:
+        dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, *ctx.options.op_args(s.mask, s.rng))
     return (dq, dk, dv) + _NO_GRADS
 
 

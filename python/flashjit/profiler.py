@@ -36,9 +36,11 @@ one global lookup per call.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
@@ -49,6 +51,26 @@ import numpy as np
 _active: Optional["Profile"] = None
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+# The layer a call is made in, per thread (the autograd engine runs a GPU's backward on a thread
+# of its own): set by profile(model=...)'s module hooks in the forward, and in the backward from
+# what the forward recorded (ops.py keeps it in the autograd context).
+_layers = threading.local()
+
+
+def current_layer() -> str:
+    return getattr(_layers, "name", "")
+
+
+@contextlib.contextmanager
+def layer_scope(name: str):
+    """Calls inside are recorded as made in layer `name`."""
+    previous = current_layer()
+    _layers.name = name
+    try:
+        yield
+    finally:
+        _layers.name = previous
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,6 +114,7 @@ class Call:
     bytes: float = 0.0
     ms: float = float("nan")
     timed_alone: bool = False  # timed by itself at the block's exit (MLX's lazy calls; alone=True)
+    layer: str = ""  # the module the call ran in (profile(model=...)), its backward the forward's
     _events: object = field(default=None, repr=False, compare=False)
     _replay: object = field(default=None, repr=False, compare=False)  # MLX: (run, q, k, v shapes, dtype)
 
@@ -150,7 +173,7 @@ class Profile:
         dtype = str(q.dtype).removeprefix("torch.")
         call = Call(direction, impl, str(q.device), dtype, int(batch), int(heads_q), int(heads_kv), int(seqlen_q),
                     int(seqlen_k), int(head_dim_qk), int(head_dim_v), int(causal), int(window_left),
-                    int(window_right), mask is not None, float(dropout_p))
+                    int(window_right), mask is not None, float(dropout_p), layer=current_layer())
         pairs = sum(count * visible_pairs(int(a), int(b), call.causal, call.window_left, call.window_right)
                     for (a, b), count in shapes.items())
         forward_flops = 2.0 * call.heads_q * pairs * (call.head_dim_qk + call.head_dim_v)
@@ -271,9 +294,26 @@ class Profile:
             row["peak_share"] = row["tflops"] / peak if peak else float("nan")
         return list(rows.values())
 
+    def layers(self) -> list[dict]:
+        """One row per layer (profile(model=...)), in the order of their first call: calls, ms
+        forward and backward, FLOPs and TFLOP/s. Empty where no call has a layer."""
+        rows: dict[str, dict] = {}
+        for call in self.calls:
+            if not call.layer:
+                continue
+            row = rows.setdefault(call.layer, dict(layer=call.layer, calls=0, forward_ms=0.0, backward_ms=0.0,
+                                                   flops=0.0))
+            row["calls"] += 1
+            row["forward_ms" if call.direction == "forward" else "backward_ms"] += call.ms
+            row["flops"] += call.flops
+        for row in rows.values():
+            seconds = (row["forward_ms"] + row["backward_ms"]) / 1e3
+            row["tflops"] = row["flops"] / seconds / 1e12 if seconds > 0 else float("nan")
+        return list(rows.values())
+
     def to_json(self) -> dict:
         calls = [{k: v for k, v in asdict(call).items() if not k.startswith("_")} for call in self.calls]
-        return dict(calls=calls, summary=self.summary(), attention_ms=self.attention_ms(),
+        return dict(calls=calls, summary=self.summary(), layers=self.layers(), attention_ms=self.attention_ms(),
                     elapsed_ms=self.elapsed_ms, attention_share=self.attention_ms() / self.elapsed_ms
                     if self.elapsed_ms > 0 else float("nan"), peak_memory_mib=self.peak_memory_mib,
                     peak_tflops=self.peaks)
@@ -284,6 +324,11 @@ class Profile:
             share = f"{row['peak_share']:.0%}" if row["peak_share"] == row["peak_share"] else "–"
             lines.append(f"| {row['direction']} | {row['impl']} | {row['shape']} | {row['calls']} | "
                          f"{row['ms']:.2f} | {row['tflops']:.2f} | {row['gbps']:.1f} | {share} |")
+        layers = self.layers()
+        if layers:
+            lines += ["", "| layer | calls | forward ms | backward ms | TFLOP/s |", "|---|---|---|---|---|"]
+            lines += [f"| {row['layer']} | {row['calls']} | {row['forward_ms']:.2f} | {row['backward_ms']:.2f} | "
+                      f"{row['tflops']:.2f} |" for row in layers]
         attention = self.attention_ms()
         share = attention / self.elapsed_ms if self.elapsed_ms > 0 else float("nan")
         lines.append("")
@@ -400,11 +445,12 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
     prints the table at exit; ``json_path`` writes to_json() there."""
 
     def __init__(self, *, sync: bool = False, framework: bool = False, peak: bool = False, report: bool = False,
-                 json_path: Optional[str] = None, alone: bool = False):
+                 json_path: Optional[str] = None, alone: bool = False, model=None):
         self.profile = Profile(sync=sync, framework=framework, peak=peak, alone=alone)
-        self.report, self.json_path = report, json_path
+        self.report, self.json_path, self.model = report, json_path, model
         self._saved_sdpa = None
         self._saved_fast = None
+        self._hooks: list = []
 
     def __enter__(self) -> Profile:
         global _active
@@ -412,6 +458,8 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
             raise RuntimeError("[profile] a profile block is already open; profile blocks do not nest")
         self._sync_devices()
         self._torch_peak_reset()
+        if self.model is not None:  # first: a bad model leaves nothing hooked
+            self._hook_layers(self.model)
         if self.profile.framework:
             self._hook_torch_sdpa()
             self._hook_mx_fast()
@@ -422,6 +470,9 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
     def __exit__(self, *exc) -> None:
         global _active
         _active = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         if self._saved_sdpa is not None:
             import torch.nn.functional as F
             F.scaled_dot_product_attention = self._saved_sdpa
@@ -458,6 +509,32 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
             return torch.cuda.max_memory_allocated() / 2 ** 20
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's high-water mark
+
+    def _hook_layers(self, model) -> None:
+        """Forward hooks on the model's attention modules (torch: the innermost modules whose class
+        name has "Attention" in it, e.g. LlamaAttention), so that each call made inside one is
+        recorded with its name (model.named_modules()'s); the backward takes its forward's."""
+        try:
+            named = list(model.named_modules())
+        except AttributeError:
+            raise TypeError("[profile] model: expected a torch.nn.Module") from None
+        found = [(name, module) for name, module in named if "attention" in type(module).__name__.lower()]
+        names = [name for name, _ in found]
+        for name, module in found:
+            if any(other != name and other.startswith(name + ".") for other in names):
+                continue  # an outer module holding another attention module: the inner one names the calls
+            label = name or type(module).__name__
+            stack: list = []
+
+            def enter(module, args, label=label, stack=stack):
+                stack.append(current_layer())
+                _layers.name = label
+
+            def leave(module, args, output, stack=stack):
+                _layers.name = stack.pop() if stack else ""
+
+            self._hooks.append(module.register_forward_pre_hook(enter))
+            self._hooks.append(module.register_forward_hook(leave, always_call=True))
 
     def _hook_mx_fast(self) -> None:
         """mx.fast.scaled_dot_product_attention's calls inside the block (where MLX is loaded)."""

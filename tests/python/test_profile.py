@@ -288,3 +288,54 @@ def test_a_kv_cache_call_with_new_keys_is_one_record(alone):
     assert torch.equal(k_cache[0, 10], k_new[0, 0]) and torch.equal(k_cache[1, 20], k_new[1, 0])
     again = flashjit.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=lengths + 1)
     assert torch.equal(o, again)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, use_torch=False):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.use_torch = use_torch
+
+    def forward(self, x):
+        q = self.proj(x).view(1, 2, -1, 8)
+        sdpa = torch.nn.functional.scaled_dot_product_attention if self.use_torch else \
+            flashjit.scaled_dot_product_attention
+        return sdpa(q, q, q, is_causal=True).reshape(x.shape)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, use_torch=False):
+        super().__init__()
+        self.attn = _SelfAttention(use_torch)
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_calls_are_recorded_by_layer(alone):
+    """profile(model=...): each call is recorded with the attention module it ran in (forward
+    hooks on the innermost modules named *Attention), its backward with its forward's layer, for
+    flashjit's calls and torch's (framework=True); a table and JSON by layer; the hooks go at exit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Block(), _Block(use_torch=True), _Block())
+    x = torch.randn(12, 16, requires_grad=True)
+    with flashjit.profile(model=model, framework=True, alone=alone) as prof:
+        model(x).sum().backward()
+    layers = {(c.direction, c.impl, c.layer) for c in prof.calls}
+    assert layers == {(d, impl, name) for d in ("forward", "backward")
+                      for impl, name in (("flashjit", "0.attn"), ("torch", "1.attn"), ("flashjit", "2.attn"))}
+    rows = prof.layers()
+    assert [row["layer"] for row in rows] == ["0.attn", "1.attn", "2.attn"]
+    assert all(row["calls"] == 2 and row["forward_ms"] > 0 and row["backward_ms"] > 0 for row in rows)
+    assert "| layer | calls |" in prof.table() and "| 1.attn | 2 |" in prof.table()
+    assert [row["layer"] for row in prof.to_json()["layers"]] == ["0.attn", "1.attn", "2.attn"]
+    with flashjit.profile() as plain:  # no model: no layers, and the earlier block's hooks are gone
+        model(x).sum().backward()
+    assert all(c.layer == "" for c in plain.calls) and plain.layers() == [] and "| layer |" not in plain.table()
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    original = torch.nn.functional.scaled_dot_product_attention
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        with flashjit.profile(model=object(), framework=True):
+            pass
+    assert torch.nn.functional.scaled_dot_product_attention is original and profiler._active is None
