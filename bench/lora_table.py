@@ -38,9 +38,11 @@ def run_example(args, model: str, seq_len: int, flash: bool) -> dict:
         command = [sys.executable, script, "--model", model, "--seq-len", str(seq_len), "--batch-size",
                    str(args.batch_size), "--steps", str(args.steps), "--dtype", args.dtype, "--device", args.device,
                    "--profile-attention", "--json-out", out] + (["--use-flash-attention"] if flash else [])
-        print(" ".join(command[1:]), flush=True)
+        extra = dict(item.split("=", 1) for item in args.flash_env) if flash else {}
+        print(" ".join([f"{k}={v}" for k, v in extra.items()] + command[1:]), flush=True)
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                                    env=dict(os.environ, **extra))
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {args.timeout} s"}
         if result.returncode != 0 or not os.path.exists(out):
@@ -141,7 +143,12 @@ def main():
     parser.add_argument("--device", default="cpu", help="cuda or cpu (torch), gpu or cpu (mlx)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds a run may take")
     parser.add_argument("--out", default=None, help="directory for the markdown record")
+    parser.add_argument("--flash-env", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="environment variables of the flashjit runs only (e.g. FLASHJIT_MLX_BUFFERS=mlx)")
     args = parser.parse_args()
+    for item in args.flash_env:
+        if "=" not in item or not item.split("=", 1)[0]:
+            parser.error(f"--flash-env: expected NAME=VALUE, got {item!r}")
     results = []
     for model in args.models:
         for seq_len in args.seq_lens:
@@ -164,7 +171,8 @@ def main():
              f"{args.device}, batch {args.batch_size}, {args.steps} steps (tokens/s: a step's tokens over the median "
              f"time of the steps after the first {warmup}), random weights",
              f"framework attention: {own}; each run in its own process; attention figures from the extra "
-             "profiled step (--profile-attention)",
+             "profiled step (--profile-attention)"
+             + (f"; the flashjit runs with {' '.join(args.flash_env)}" if args.flash_env else ""),
              "attention ms: the profiled step's attention calls by direction (torch: flashjit.profile(framework="
              "True, alone=True), each distinct call's forward and backward timed by itself after the step; MLX: flashjit.mlx.profile_step, each distinct "
              "call timed alone, forward and backward together); attention share: all of them over the median step; "
@@ -183,7 +191,8 @@ def main():
         import flashjit.cuda
         gpu = flashjit.cuda.device_info()["name"]
     tag = device_tag({"device": "cpu" if args.device == "cpu" else "cuda", "gpu": gpu})
-    save_record(args.out, tag, f"lora-{args.framework}", commit, text)
+    label = "-".join(item.split("=", 1)[1] for item in args.flash_env)  # FLASHJIT_MLX_BUFFERS=mlx: "-mlx"
+    save_record(args.out, tag, f"lora-{args.framework}", commit, text, label=label)
     if args.out:
         with open(os.path.join(args.out, f"lora-{args.framework}-runs.json"), "w") as file:
             json.dump(results, file, indent=1, default=str)
