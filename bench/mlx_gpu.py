@@ -28,6 +28,8 @@ import flashjit
 import flashjit.mlx as fm
 from gpu_attention import record_commit, record_text, save_record
 
+from flashjit.bench.provenance import device_tag
+
 
 def median_ms(fn, runs, calls):
     def run():
@@ -113,7 +115,7 @@ def main():
     text = record_text("MLX GPU benchmark: flashjit.mlx on MLX's GPU stream against mx.fast", "mlx_gpu.py", commit,
                        facts, header, table, align="rrrl" + "r" * (len(header) - 4))
     print(text)
-    save_record(args.out, "h200" if "H200" in device else "gpu", "mlx", commit, text)
+    save_record(args.out, device_tag({"device": "cuda", "gpu": device}), "mlx", commit, text)
 
 
 if __name__ == "__main__":
