@@ -113,9 +113,22 @@ typedef struct fj_attention_options {
    * (CUDA, sm_90, head dims up to 64: the one-pass backward's unordered float32 adds), so two
    * runs on the same inputs may differ in dQ's last bits (dK and dV stay bitwise repeatable).
    * 0, the zeroed struct's value: every backward is bitwise deterministic. Ignored elsewhere
-   * and by the forward. (The struct's newest field: callers start from fj_attention_options_default()
-   * or a zeroed struct, so that it reads 0 unless they set it.) */
+   * and by the forward. */
   int32_t nondeterministic;
+  /* CUDA, for callers that record work as graph nodes of their own (MLX's command encoder):
+   * where set, each kernel of the call is handed to launch(launch_data, function, grid, block,
+   * shared_bytes, arguments) instead of being launched on stream: function is the kernel's
+   * CUfunction, grid and block its dimensions (x, y, z), shared_bytes its dynamic shared memory
+   * and arguments its parameters (valid during that call only: copy them). The kernels come
+   * in the order they run, each after the previous one has finished. The call then needs
+   * workspace (its scratch: nothing is allocated, set or copied on stream) and takes no
+   * variable-length batch. launch returns 0, or another value, which fails the call. NULL:
+   * kernels are launched on stream. Ignored on the CPU. (The struct's newest fields: callers
+   * start from fj_attention_options_default() or a zeroed struct, so that they read 0 and NULL
+   * unless set.) */
+  int (*launch)(void* launch_data, void* function, const unsigned grid[3], const unsigned block[3],
+                unsigned shared_bytes, void** arguments);
+  void* launch_data;
 } fj_attention_options;
 
 fj_attention_options fj_attention_options_default(void);

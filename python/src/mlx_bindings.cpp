@@ -49,6 +49,9 @@ __attribute__((weak)) void flashjit_mlx_capture_begin() asm("_ZN3mlx4core2cu14Co
 __attribute__((weak)) void flashjit_mlx_capture_end() asm("_ZN3mlx4core2cu14CommandEncoder14CaptureContextD1Ev");
 __attribute__((weak)) void flashjit_mlx_set_input() asm("_ZN3mlx4core2cu14CommandEncoder15set_input_arrayERKNS0_5arrayE");
 __attribute__((weak)) void flashjit_mlx_set_output() asm("_ZN3mlx4core2cu14CommandEncoder16set_output_arrayERKNS0_5arrayE");
+// add_kernel_node_raw(CUfunction, dim3 grid, dim3 block, dim3 cluster, uint32_t smem, void** params)
+__attribute__((weak)) void flashjit_mlx_add_kernel_node() asm(
+    "_ZN3mlx4core2cu14CommandEncoder19add_kernel_node_rawEP9CUfunc_st4dim3S5_S5_jPPv");
 }
 #endif
 
@@ -325,6 +328,52 @@ void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std
   encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
 }
 
+// How eval_gpu records flashjit's kernels into MLX's command encoder: by stream capture (unset or
+// `capture`: the kernels launched on the encoder's stream while it captures, the captured graph
+// added as a child node), or (`nodes`) each kernel added as a kernel node of the encoder's graph
+// through fj_attention_options.launch, without a capture (where libmlx exports the encoder's
+// add_kernel_node_raw; else by capture).
+[[maybe_unused]] bool mlx_launch_nodes() {
+  const char* value = std::getenv("FLASHJIT_MLX_LAUNCH");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "capture") == 0) return false;
+  if (std::strcmp(value, "nodes") == 0) return true;
+  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_LAUNCH: expected capture or nodes, got '" + value +
+                              "'");
+}
+
+#if FLASHJIT_MLX_CUDA
+// fj_attention_options.launch for FLASHJIT_MLX_LAUNCH=nodes: each kernel a node of the encoder's
+// graph. MLX makes a node depend on the last writers of the arrays declared before it, and a node
+// uses those declarations up, so each kernel after the first declares the call's arrays again
+// (and writes its outputs and workspace): it then comes after the one before.
+struct NodeLauncher {
+  mx::cu::CommandEncoder* encoder;
+  const std::vector<mx::array>* inputs;
+  std::vector<mx::array>* outputs;
+  const mx::array* workspace;
+  int kernels = 0;
+  std::string error;
+};
+
+int add_kernel_node(void* data, void* function, const unsigned grid[3], const unsigned block[3],
+                    unsigned shared_bytes, void** arguments) {
+  auto& launcher = *static_cast<NodeLauncher*>(data);
+  try {
+    if (launcher.kernels++ > 0) {
+      for (const mx::array& x : *launcher.inputs) launcher.encoder->set_input_array(x);
+      for (mx::array& x : *launcher.outputs) launcher.encoder->set_output_array(x);
+      launcher.encoder->set_output_array(*launcher.workspace);
+    }
+    launcher.encoder->add_kernel_node_raw(static_cast<CUfunction>(function), dim3(grid[0], grid[1], grid[2]),
+                                          dim3(block[0], block[1], block[2]), dim3(0, 0, 0), shared_bytes, arguments);
+    return 0;
+  } catch (const std::exception& e) {
+    launcher.error = e.what();
+    return 1;
+  }
+}
+#endif
+
 // Allocates the outputs (or gives them the node's buffers) and records call(inputs, outputs,
 // cuda_options) into the GPU stream's command encoder: prepare(..., &bytes) first compiles and
 // loads the kernels (nothing may compile while the encoder captures) and sizes the scratch,
@@ -346,6 +395,7 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   check(call(inputs, outputs, cuda, &bytes));  // prepare: cuda.stream unset, nothing enqueued
   const mx::array* kept = size_t(buffers) > outputs.size() ? &inputs.back() : nullptr;
   void* workspace_address = nullptr;
+  std::optional<mx::array> temporary;  // the workspace taken from the allocator, where taken
   if (kept != nullptr && kept->nbytes() >= bytes && kept->flags().row_contiguous && kept->offset() == 0) {
     workspace_address = mx::gpu_ptr<void>(*kept);
     ++workspace_kept;
@@ -358,6 +408,7 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
     workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
     encoder.add_temporary(workspace);
     workspace_address = mx::gpu_ptr<void>(workspace);
+    temporary = workspace;
   }
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);
@@ -366,6 +417,16 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   cuda.stream = static_cast<cudaStream_t>(encoder.stream());
   cuda.workspace = workspace_address;
   cuda.workspace_bytes = bytes;
+  if (mlx_launch_nodes() && &flashjit_mlx_add_kernel_node != nullptr) {
+    NodeLauncher launcher{&encoder, &inputs, &outputs, temporary ? &*temporary : kept};
+    if (temporary) encoder.set_output_array(*temporary);
+    cuda.launch = add_kernel_node;
+    cuda.launch_data = &launcher;
+    const fj_status status = call(inputs, outputs, cuda, nullptr);
+    if (!launcher.error.empty()) throw std::runtime_error(std::string(kOp) + " " + launcher.error);
+    check(status);
+    return;
+  }
   std::exception_ptr error;
   {
     auto capture = encoder.capture_context();
@@ -437,6 +498,7 @@ class Forward : public Node {
       fj_tensor o = tensor_of(out[0], device), lse = tensor_of(out[1], device);
       fj_attention_options opts = options_of(options, in.data() + 3, device);
       opts.stream = cuda.stream, opts.workspace = cuda.workspace, opts.workspace_bytes = cuda.workspace_bytes;
+      opts.launch = cuda.launch, opts.launch_data = cuda.launch_data;
       return bytes ? fj_attention_prepare_forward(&q, &k, &v, &opts, &o, &lse, bytes)
                    : fj_attention_forward(&q, &k, &v, &opts, &o, &lse);
     });
@@ -486,6 +548,7 @@ class Backward : public Node {
       fj_tensor dq = tensor_of(out[0], device), dk = tensor_of(out[1], device), dv = tensor_of(out[2], device);
       fj_attention_options opts = options_of(options, in.data() + 6, device);
       opts.stream = cuda.stream, opts.workspace = cuda.workspace, opts.workspace_bytes = cuda.workspace_bytes;
+      opts.launch = cuda.launch, opts.launch_data = cuda.launch_data;
       return bytes ? fj_attention_prepare_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv,
                                                    bytes)
                    : fj_attention_backward(&t[0], &t[1], &t[2], &t[3], &t[4], &t[5], &opts, &dq, &dk, &dv);

@@ -380,6 +380,8 @@ void apply_options(const char* op, const fj_attention_options* options, const fj
                       opt.nondeterministic);
   }
   p.nondeterministic = opt.nondeterministic == 1;
+  p.launch = opt.launch;
+  p.launch_data = opt.launch_data;
 
   const fj_tensor& mask = opt.mask;
   if (mask.data == nullptr && mask.ndim == 0) return;  // no mask

@@ -82,6 +82,9 @@ struct AttentionProblem {
   size_t workspace_bytes = 0;
   // A backward may sum dQ in no fixed order where that measured faster (fj_attention_options.nondeterministic).
   bool nondeterministic = false;
+  // CUDA: the caller's launcher (fj_attention_options.launch), or null: kernels launched on stream.
+  decltype(fj_attention_options::launch) launch = nullptr;
+  void* launch_data = nullptr;
 
   // A variable-length batch (fj_attention_varlen_*): the operands are packed, sequence
   // b being rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q, o, lse, dout and dq

@@ -85,6 +85,9 @@ struct Launch {
   bool graph_safe = false;
   bool planning = false;  // fj_attention_prepare_*: plan, load kernels, enqueue nothing
   int arch = 0;
+  // fj_attention_options.launch: the kernels go to the caller's launcher, nothing to the stream.
+  decltype(AttentionProblem::launch) launcher = nullptr;
+  void* launcher_data = nullptr;
 };
 
 CUmemoryPool scratch_pool(int device_index);
@@ -106,6 +109,16 @@ Launch prepare(const AttentionProblem& p) {
   int status = kStreamCaptureStatusNone;
   check(driver().cuStreamIsCapturing(launch.stream, &status), "cuStreamIsCapturing");
   launch.capturing = status != kStreamCaptureStatusNone;
+  if (p.launch != nullptr) {
+    // The caller records the kernels: the call's work must be its kernels alone (no pool
+    // scratch, memset or copy on the stream).
+    if (p.workspace == nullptr) {
+      throw_value_error("[cuda] launch: needs workspace (the call's scratch, fj_attention_prepare_* sizes it), got NULL");
+    }
+    if (p.varlen()) throw_unsupported("[cuda] launch: a variable-length batch is launched on the stream only");
+    launch.launcher = p.launch;
+    launch.launcher_data = p.launch_data;
+  }
   launch.graph_safe = launch.capturing || p.workspace != nullptr;
   if (!launch.graph_safe) {
     try {
@@ -168,6 +181,14 @@ void run(const KernelSpec& spec, CUfunction function, const Launch& launch, Kern
     throw_unsupported("[cuda] ", blocks, " thread blocks is more than one launch takes (2^31 - 1)");
   }
   void* arguments[] = {&params};
+  if (launch.launcher != nullptr && !launch.planning) {  // the caller's launcher records it
+    const unsigned grid[3] = {unsigned(blocks), unsigned(blocks_y), 1};
+    const unsigned block[3] = {unsigned(spec.threads), 1, 1};
+    const int status = launch.launcher(launch.launcher_data, function, grid, block,
+                                       unsigned(spec.shared_memory_bytes()), arguments);
+    if (status != 0) throw_value_error("[cuda] launch: returned ", status, " for ", spec.name());
+    return;
+  }
   // (A grid of more than 64k blocks, a block a tile, is launched untraced: its buffer would be large.)
   if (spec.trace && blocks_y == 1 && !launch.capturing && blocks <= 65536) {
     run_traced(spec, function, launch, params, blocks, arguments);

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -551,6 +552,81 @@ TEST_F(CudaHostPath, PlanningSizesTheWorkspaceAndEnqueuesNothing) {
   options.workspace_bytes = bytes - 16;
   EXPECT_EQ(buffers.backward(options), FJ_ERROR_INVALID_VALUE);
   EXPECT_NE(std::string(fj_last_error()).find("workspace_bytes"), std::string::npos) << fj_last_error();
+}
+
+// options.launch: a call's kernels go to the caller's launcher in the order the driver gets them
+// otherwise (same functions, grids, blocks, shared memory and parameter bytes), nothing reaches the
+// stream (no launch, allocation or memset through the driver); without a workspace, for a
+// variable-length batch, or when the launcher fails, the call fails with an error naming launch.
+struct Recorded {
+  void* function;
+  unsigned grid[3], block[3], shared_bytes;
+  std::vector<unsigned char> params;
+};
+struct Launcher {
+  std::vector<Recorded> kernels;
+  int status = 0;
+};
+int record_launch(void* data, void* function, const unsigned grid[3], const unsigned block[3], unsigned shared_bytes,
+                  void** arguments) {
+  auto* launcher = static_cast<Launcher*>(data);
+  Recorded kernel{function, {grid[0], grid[1], grid[2]}, {block[0], block[1], block[2]}, shared_bytes, {}};
+  const auto* bytes = static_cast<const unsigned char*>(arguments[0]);
+  kernel.params.assign(bytes, bytes + sizeof(KernelParams));
+  launcher->kernels.push_back(std::move(kernel));
+  return launcher->status;
+}
+
+TEST_F(CudaHostPath, LaunchesGoToTheCallersLauncher) {
+  REQUIRE_NULL_DRIVER();
+  for (const bool backward : {false, true}) {
+    for (const int64_t seqlen_q : {int64_t(300), int64_t(1)}) {  // a dense call, and a split decoding one
+      SCOPED_TRACE(std::string(backward ? "backward" : "forward") + " seqlen_q " + std::to_string(seqlen_q));
+      if (backward && seqlen_q == 1) continue;
+      DeviceBuffers buffers(1, 8, 2, seqlen_q, 4096, 64, FJ_BFLOAT16);
+      fj_attention_options options = fj_attention_options_default();
+      size_t bytes = 0;
+      ASSERT_EQ(backward ? buffers.prepare_backward(options, &bytes) : buffers.prepare_forward(options, &bytes),
+                FJ_SUCCESS)
+          << fj_last_error();
+      std::vector<unsigned char> workspace(std::max<size_t>(bytes, 16) + 16);
+      options.workspace = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data()) + 15) / 16 * 16);
+      options.workspace_bytes = bytes;
+      // Through the driver first: what the launcher must see.
+      const NullDriver::Counts before = null_driver().now();
+      ASSERT_EQ(backward ? buffers.backward(options) : buffers.forward(options), FJ_SUCCESS) << fj_last_error();
+      const unsigned count = unsigned(null_driver().now().launches - before.launches);
+      ASSERT_GT(count, 0u);
+      const std::vector<NullLaunch> driven = null_driver().last(count);
+      Launcher launcher;
+      options.launch = record_launch;
+      options.launch_data = &launcher;
+      const NullDriver::Counts start = null_driver().now();
+      ASSERT_EQ(backward ? buffers.backward(options) : buffers.forward(options), FJ_SUCCESS) << fj_last_error();
+      const NullDriver::Counts end = null_driver().now();
+      EXPECT_EQ(end.launches, start.launches);
+      EXPECT_EQ(end.allocs, start.allocs);
+      ASSERT_EQ(launcher.kernels.size(), driven.size());
+      for (size_t i = 0; i < driven.size(); ++i) {
+        const Recorded& got = launcher.kernels[i];
+        EXPECT_NE(got.function, nullptr);
+        for (int d = 0; d < 3; ++d) {
+          EXPECT_EQ(got.grid[d], driven[i].grid[d]) << "kernel " << i << " (" << driven[i].function << ")";
+          EXPECT_EQ(got.block[d], driven[i].block[d]) << "kernel " << i;
+        }
+        EXPECT_EQ(got.shared_bytes, driven[i].shared_bytes) << "kernel " << i;
+        EXPECT_EQ(std::memcmp(got.params.data(), driven[i].params, sizeof(KernelParams)), 0) << "kernel " << i;
+      }
+      EXPECT_TRUE(buffers.untouched()) << "the host wrote into the operands";
+      launcher.status = 7;  // a failing launcher fails the call, naming it
+      EXPECT_EQ(backward ? buffers.backward(options) : buffers.forward(options), FJ_ERROR_INVALID_VALUE);
+      EXPECT_NE(std::string(fj_last_error()).find("launch: returned 7"), std::string::npos) << fj_last_error();
+      options.workspace = nullptr;
+      options.workspace_bytes = 0;
+      EXPECT_EQ(backward ? buffers.backward(options) : buffers.forward(options), FJ_ERROR_INVALID_VALUE);
+      EXPECT_NE(std::string(fj_last_error()).find("launch: needs workspace"), std::string::npos) << fj_last_error();
+    }
+  }
 }
 
 // A decoding forward (one query against many keys) splits its keys under stream capture and with

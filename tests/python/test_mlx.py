@@ -285,6 +285,29 @@ def test_buffers_give_the_allocators_results(monkeypatch, place, options):
         flashjit.mlx.attention(q, k, v, stream=stream)
 
 
+@pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
+@pytest.mark.parametrize("buffers", ["malloc", "mlx"])
+def test_gpu_kernel_nodes_give_the_captures_results(monkeypatch, buffers):
+    """FLASHJIT_MLX_LAUNCH=nodes: flashjit's kernels added to MLX's graph as kernel nodes, each
+    after the one before (the backward's three, a split decoding forward's two), give the bits of
+    the stream capture; a bad value is an error naming the variable."""
+    monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", buffers)
+    cases = [((1, 4, 200, 64), (1, 4, 200, 64), dict(causal=True)),
+             ((1, 8, 1, 128), (1, 2, 4096, 128), dict())]  # one query against many keys: split and combine
+    for q_shape, kv_shape, options in cases:
+        q = mx.random.normal(q_shape).astype(mx.bfloat16)
+        k, v = (mx.random.normal(kv_shape).astype(mx.bfloat16) for _ in range(2))
+        results = {}
+        for launch in ("capture", "nodes"):
+            monkeypatch.setenv("FLASHJIT_MLX_LAUNCH", launch)
+            results[launch] = _step(mx.gpu, q, k, v, **options)
+        for a, b in zip(results["capture"], results["nodes"]):
+            assert mx.array_equal(a, b)
+    monkeypatch.setenv("FLASHJIT_MLX_LAUNCH", "later")
+    with pytest.raises(ValueError, match="FLASHJIT_MLX_LAUNCH: expected capture or nodes"):
+        mx.eval(flashjit.mlx.attention(q, k, v, stream=mx.gpu))
+
+
 @pytest.mark.parametrize("place", BUFFER_PLACES + [pytest.param(("cpu", "malloc"), id="cpu-malloc")])
 def test_compiled_calls_keep_their_own_memory(monkeypatch, place):
     """Two calls of one shape in a compiled function beside the program's own zeros of the same
