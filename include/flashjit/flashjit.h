@@ -119,10 +119,11 @@ typedef struct fj_attention_options {
    * where set, each kernel of the call is handed to launch(launch_data, function, grid, block,
    * shared_bytes, arguments) instead of being launched on stream: function is the kernel's
    * CUfunction, grid and block its dimensions (x, y, z), shared_bytes its dynamic shared memory
-   * and arguments its parameters (valid during that call only: copy them). The kernels come
+   * and arguments its kernelParams as cuLaunchKernel takes them, valid during that call only
+   * (hand them to a CUDA call that copies them: cuLaunchKernel, cuGraphAddKernelNode). The kernels come
    * in the order they run, each after the previous one has finished. The call then needs
-   * workspace (its scratch: nothing is allocated, set or copied on stream) and takes no
-   * variable-length batch. launch returns 0, or another value, which fails the call. NULL:
+   * workspace (its scratch: nothing is allocated, set or copied on stream; fj_attention_prepare_*
+   * sizes it with launch set or not) and takes no variable-length batch. launch returns 0, or another value, which fails the call. NULL:
    * kernels are launched on stream. Ignored on the CPU. (The struct's newest fields: callers
    * start from fj_attention_options_default() or a zeroed struct, so that they read 0 and NULL
    * unless set.) */

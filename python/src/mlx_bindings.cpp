@@ -344,11 +344,11 @@ void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std
 #if FLASHJIT_MLX_CUDA
 // fj_attention_options.launch for FLASHJIT_MLX_LAUNCH=nodes: each kernel a node of the encoder's
 // graph. MLX makes a node depend on the last writers of the arrays declared before it, and a node
-// uses those declarations up, so each kernel after the first declares the call's arrays again
-// (and writes its outputs and workspace): it then comes after the one before.
+// uses those declarations up, so each kernel after the first declares the call's outputs and
+// workspace again (written by the kernel before): it then comes after that one.
+std::atomic<int64_t> kernel_nodes{0};  // added so (kernel_node_count())
 struct NodeLauncher {
   mx::cu::CommandEncoder* encoder;
-  const std::vector<mx::array>* inputs;
   std::vector<mx::array>* outputs;
   const mx::array* workspace;
   int kernels = 0;
@@ -360,12 +360,12 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
   auto& launcher = *static_cast<NodeLauncher*>(data);
   try {
     if (launcher.kernels++ > 0) {
-      for (const mx::array& x : *launcher.inputs) launcher.encoder->set_input_array(x);
       for (mx::array& x : *launcher.outputs) launcher.encoder->set_output_array(x);
       launcher.encoder->set_output_array(*launcher.workspace);
     }
     launcher.encoder->add_kernel_node_raw(static_cast<CUfunction>(function), dim3(grid[0], grid[1], grid[2]),
                                           dim3(block[0], block[1], block[2]), dim3(0, 0, 0), shared_bytes, arguments);
+    ++kernel_nodes;
     return 0;
   } catch (const std::exception& e) {
     launcher.error = e.what();
@@ -388,6 +388,7 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   if (!cuda_available()) {
     throw std::runtime_error(std::string(kOp) + " this libmlx has no CUDA backend (pip install \"mlx[cuda13]\")");
   }
+  const bool nodes = mlx_launch_nodes() && &flashjit_mlx_add_kernel_node != nullptr;  // a bad value: nothing done
   allocate_outputs(inputs, outputs, buffers);
   auto& encoder = mx::cu::get_command_encoder(stream);
   fj_attention_options cuda{};
@@ -417,8 +418,8 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   cuda.stream = static_cast<cudaStream_t>(encoder.stream());
   cuda.workspace = workspace_address;
   cuda.workspace_bytes = bytes;
-  if (mlx_launch_nodes() && &flashjit_mlx_add_kernel_node != nullptr) {
-    NodeLauncher launcher{&encoder, &inputs, &outputs, temporary ? &*temporary : kept};
+  if (nodes) {
+    NodeLauncher launcher{&encoder, &outputs, temporary ? &*temporary : kept};
     if (temporary) encoder.set_output_array(*temporary);
     cuda.launch = add_kernel_node;
     cuda.launch_data = &launcher;
@@ -859,6 +860,16 @@ NB_MODULE(_mlx, m) {
       },
       "(outputs given their node's buffer, outputs that had one and took the allocator's memory, calls on the "
       "stream's kept workspace, calls that outgrew it) since the module loaded: FLASHJIT_MLX_BUFFERS's work.");
+  m.def(
+      "kernel_node_count",
+      [] {
+#if FLASHJIT_MLX_CUDA
+        return kernel_nodes.load();
+#else
+        return int64_t(0);
+#endif
+      },
+      "Kernels added to MLX's graph as kernel nodes (FLASHJIT_MLX_LAUNCH=nodes) since the module loaded.");
   m.def("cuda_available", &cuda_available,
         "Whether the primitives can run on MLX's GPU stream: built against MLX's CUDA headers, and the loaded "
         "libmlx has MLX's CUDA backend (mlx-cuda).");

@@ -109,16 +109,8 @@ Launch prepare(const AttentionProblem& p) {
   int status = kStreamCaptureStatusNone;
   check(driver().cuStreamIsCapturing(launch.stream, &status), "cuStreamIsCapturing");
   launch.capturing = status != kStreamCaptureStatusNone;
-  if (p.launch != nullptr) {
-    // The caller records the kernels: the call's work must be its kernels alone (no pool
-    // scratch, memset or copy on the stream).
-    if (p.workspace == nullptr) {
-      throw_value_error("[cuda] launch: needs workspace (the call's scratch, fj_attention_prepare_* sizes it), got NULL");
-    }
-    if (p.varlen()) throw_unsupported("[cuda] launch: a variable-length batch is launched on the stream only");
-    launch.launcher = p.launch;
-    launch.launcher_data = p.launch_data;
-  }
+  launch.launcher = p.launch;  // checked by run_parts (a call's, not its planning's)
+  launch.launcher_data = p.launch_data;
   launch.graph_safe = launch.capturing || p.workspace != nullptr;
   if (!launch.graph_safe) {
     try {
@@ -1392,6 +1384,14 @@ AttentionProblem with_kv_cache_on_host(const AttentionProblem& p, const Launch& 
 // enqueued. Returns the largest scratch of the parts, which run one after another and can
 // share one workspace.
 size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
+  if (problem.launch != nullptr && !planning) {
+    // The caller records the kernels: the call's work must be its kernels alone (no pool
+    // scratch, memset or copy on the stream). Planning (fj_attention_prepare_*) needs neither.
+    if (problem.workspace == nullptr) {
+      throw_value_error("[cuda] launch: needs workspace (the call's scratch, fj_attention_prepare_* sizes it), got NULL");
+    }
+    if (problem.varlen()) throw_unsupported("[cuda] launch: a variable-length batch is launched on the stream only");
+  }
   // (Planning is for graph capture, which the one-launch KV cache does not take.)
   const bool kv_forward =
       !backward && !planning && problem.varlen() && (problem.seqused_k != nullptr || problem.page_table != nullptr);

@@ -585,10 +585,21 @@ TEST_F(CudaHostPath, LaunchesGoToTheCallersLauncher) {
       if (backward && seqlen_q == 1) continue;
       DeviceBuffers buffers(1, 8, 2, seqlen_q, 4096, 64, FJ_BFLOAT16);
       fj_attention_options options = fj_attention_options_default();
-      size_t bytes = 0;
+      Launcher launcher;
+      size_t bytes = 0, bytes_with_launcher = 0;
       ASSERT_EQ(backward ? buffers.prepare_backward(options, &bytes) : buffers.prepare_forward(options, &bytes),
                 FJ_SUCCESS)
           << fj_last_error();
+      options.launch = record_launch;  // sizing the workspace with the launcher set: the same, nothing launched
+      options.launch_data = &launcher;
+      ASSERT_EQ(backward ? buffers.prepare_backward(options, &bytes_with_launcher)
+                         : buffers.prepare_forward(options, &bytes_with_launcher),
+                FJ_SUCCESS)
+          << fj_last_error();
+      EXPECT_EQ(bytes_with_launcher, bytes);
+      EXPECT_TRUE(launcher.kernels.empty());
+      options.launch = nullptr;
+      options.launch_data = nullptr;
       std::vector<unsigned char> workspace(std::max<size_t>(bytes, 16) + 16);
       options.workspace = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(workspace.data()) + 15) / 16 * 16);
       options.workspace_bytes = bytes;
@@ -598,7 +609,6 @@ TEST_F(CudaHostPath, LaunchesGoToTheCallersLauncher) {
       const unsigned count = unsigned(null_driver().now().launches - before.launches);
       ASSERT_GT(count, 0u);
       const std::vector<NullLaunch> driven = null_driver().last(count);
-      Launcher launcher;
       options.launch = record_launch;
       options.launch_data = &launcher;
       const NullDriver::Counts start = null_driver().now();

@@ -300,7 +300,10 @@ def test_gpu_kernel_nodes_give_the_captures_results(monkeypatch, buffers):
         results = {}
         for launch in ("capture", "nodes"):
             monkeypatch.setenv("FLASHJIT_MLX_LAUNCH", launch)
+            before = flashjit._mlx.kernel_node_count()
             results[launch] = _step(mx.gpu, q, k, v, **options)
+            added = flashjit._mlx.kernel_node_count() - before
+            assert added == 0 if launch == "capture" else added >= 4  # two forwards and a backward's kernels
         for a, b in zip(results["capture"], results["nodes"]):
             assert mx.array_equal(a, b)
     monkeypatch.setenv("FLASHJIT_MLX_LAUNCH", "later")
