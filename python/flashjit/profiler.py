@@ -482,8 +482,8 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
         self._sync_devices()
         prof = self.profile
         prof.elapsed_ms = (time.perf_counter() - self._start) * 1e3
+        prof.peak_memory_mib = self._torch_peak()  # the block's, before alone=True's replays allocate
         prof._resolve()
-        prof.peak_memory_mib = self._torch_peak()
         if prof.measure_peak:
             for device, dtype in {(c.device, c.dtype) for c in prof.calls}:
                 prof.peaks[f"{device} {dtype}"] = device_peak_tflops(device, dtype)
