@@ -239,6 +239,45 @@ def table(rows, names, forward_only):
     return lines
 
 
+def tile_cost(ratio_short_long: float, steps_short: float, steps_long: float) -> float:
+    """x = T0 / Ts of a model where a work tile of s key steps takes T0 + s * Ts, from TFLOP/s at a
+    short length over a long one with the same number of work tiles (no tail enters):
+    r = [s1 / (x + s1)] / [s2 / (x + s2)]; nan where the ratio leaves the model's range."""
+    r, s1, s2 = ratio_short_long, steps_short, steps_long
+    denominator = r * s2 - s1
+    if not (r == r) or denominator <= 0:
+        return float("nan")
+    x = s1 * s2 * (1 - r) / denominator
+    return x if x >= 0 else float("nan")
+
+
+def tile_cost_lines(rows, names) -> list:
+    """Markdown: each implementation's fixed cost of a work tile in key steps (tile_cost), from the
+    forward's N 1k and 16k rows of each head dim and mask (B*N fixed, so both have the same number
+    of work tiles; 128-row tiles of 128-key steps assumed: 8 and 128 steps a tile, 4.5 and 64.5
+    causal). Empty where the run has no such pair."""
+    by_key = {(row["D"], row["causal"], row["N"]): row for row in rows}
+    out = []
+    for (label, causal, seqlen), short in by_key.items():
+        long = by_key.get((label, causal, 16384))
+        if seqlen != 1024 or long is None:
+            continue
+        steps = (4.5, 64.5) if causal else (8.0, 128.0)
+        cells = []
+        for name in names:
+            a = short["tflops"].get(name, (float("nan"),))[0]
+            b = long["tflops"].get(name, (float("nan"),))[0]
+            x = tile_cost(a / b if b == b and b > 0 else float("nan"), *steps)
+            cells.append(f"{x:.2f}" if x == x else "–")
+        out.append(f"| {label} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return (["", "A work tile's fixed cost in key steps (T0/Ts of a model where a tile of s steps takes "
+             "T0 + s Ts, from the forward's N 1k over N 16k TFLOP/s; 128-row tiles of 128-key steps "
+             "assumed):", "", "| D | causal | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+            + out)
+
+
 def peak_memory_mib(impl):
     """Peak extra memory of a forward+backward: torch's allocator's peak above the inputs, and for
     flashjit the backward's scratch from its own pool, which torch does not count (the size the
@@ -450,7 +489,7 @@ def main():
              "(backward 2.5x the forward's FLOPs); GPU time per call of back-to-back calls (CUDA events), median"
              + (f"; each the median of {args.rounds} rounds with the implementations in rotating order (every "
                 "round's forward figure in the run's log)" if args.rounds > 1 else ""),
-             ""] + table(rows, names, args.forward_only)
+             ""] + table(rows, names, args.forward_only) + tile_cost_lines(rows, names)
     if not args.forward_only:
         lines += ["", f"Peak extra memory of forward+backward, B1 H16 N8192 D128 causal {args.dtype} (MiB; flashjit's with "
                   "its pool scratch): " +

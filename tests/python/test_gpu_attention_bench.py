@@ -1,0 +1,39 @@
+"""bench/gpu_attention.py's helpers on made-up rows (no GPU): the work tile's fixed cost of its
+records, and the switches a column may set."""
+
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+gpu_attention = pytest.importorskip("gpu_attention")
+
+pytestmark = pytest.mark.cpu_only
+
+
+def test_tile_cost_inverts_the_model():
+    for x in (0.0, 0.5, 1.45, 3.6):
+        for s1, s2 in ((8.0, 128.0), (4.5, 64.5)):
+            r = (s1 / (x + s1)) / (s2 / (x + s2))
+            assert gpu_attention.tile_cost(r, s1, s2) == pytest.approx(x, abs=1e-9)
+    assert math.isnan(gpu_attention.tile_cost(float("nan"), 8, 128))
+    assert math.isnan(gpu_attention.tile_cost(0.05, 8, 128))  # below the model's range
+
+
+def test_tile_cost_lines_from_the_forward_rows():
+    def row(d, n, causal, ours, cudnn):
+        return {"D": d, "N": n, "causal": causal, "tflops": {"flashjit": (ours, 0.0), "cuDNN": (cudnn, 0.0)}}
+    rows = [row(64, 1024, True, 280, 343), row(64, 16384, True, 476, 435), row(64, 4096, True, 434, 408),
+            row(128, 1024, False, 548, 603)]  # no 16k row for D128: no line
+    lines = gpu_attention.tile_cost_lines(rows, ["flashjit", "cuDNN"])
+    assert lines[-1] == "| 64 | yes | 3.57 | 1.32 |"  # the twenty-fourth session's NOTES figures
+    assert sum(line.startswith("| 64") or line.startswith("| 128") for line in lines) == 1
+    assert gpu_attention.tile_cost_lines(rows[2:], ["flashjit"]) == []
+
+
+def test_a_column_with_a_switch_outside_the_list_is_refused():
+    with pytest.raises(ValueError, match="not in SWITCHES"):
+        gpu_attention.Impl("flashjit[x]", None, env={"FLASHJIT_CUDA_SOMETHING": "1"})
+    assert "FLASHJIT_CUDA_DKDV_PARTS" in gpu_attention.SWITCHES
