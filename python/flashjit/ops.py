@@ -197,9 +197,15 @@ def _forward(q, k, v, *options, like_q=True):
     return o, lse
 
 
+def _gradient_like(x: Tensor) -> Tensor:
+    """x's gradient buffer in x's layout (empty_like keeps dense strides), contiguous where x's
+    rows are not unit-stride (the kernels write rows; _run reads such an input through a copy)."""
+    return torch.empty_like(x) if x.shape[-1] <= 1 or x.stride(-1) == 1 else torch.empty(
+        x.shape, dtype=x.dtype, device=x.device)
+
+
 def _backward(dout, q, k, v, o, lse, *options):
-    # Gradients take the layout of their inputs (empty_like keeps dense strides).
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _gradient_like(q), _gradient_like(k), _gradient_like(v)
     _run_recorded("backward", _C.backward, (q, k, v, o, lse, dout), (dq, dk, dv), *options)
     return dq, dk, dv
 
@@ -236,7 +242,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, m
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, o, lse, *options):
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _gradient_like(q), _gradient_like(k), _gradient_like(v)
     _check(_C.backward, (q, k, v, o, lse, dout), (dq, dk, dv), *options)
     return dq, dk, dv
 
@@ -379,6 +385,8 @@ torch.library.register_vmap(bwd, _vmap_rule(bwd, (0, 1, 2, 3, 4, 5, 6), 13, 12))
 
 # Whether a torch profiler records: the eager path then names its work as the ops do.
 _profiler_enabled = torch._C._autograd._profiler_enabled
+# The innermost saved-tensor hooks in force (torch.autograd.graph.saved_tensors_hooks), or None.
+_top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -397,6 +405,12 @@ class _EagerAttention(torch.autograd.Function):
         else:
             output = _forward(*inputs) if plan is None else plan.forward(q, k, v)
         ctx.plan = plan
+        if plan is not None:
+            # The saved tensors as the backward will find them: without saved-tensor hooks they come
+            # back as saved, and the same data pointers then also rule out a `.data` swap onto other
+            # memory, so the plan's descriptors hold without reading every layout again.
+            ctx.pointers = None if _top_saved_tensors_hooks(False) is not None else (
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), output[0].data_ptr(), output[1].data_ptr())
         _setup_fwd(ctx, inputs, output, None if plan is None else plan.options)  # a plan's calls: no mask, no rng
         # lse has no gradient: without this autograd would fill a zero tensor for it every
         # backward (an allocation and a kernel launch on a GPU).
@@ -412,11 +426,13 @@ class _EagerAttention(torch.autograd.Function):
         plain = not torch.is_grad_enabled() and _plain_eager(grad_o)
         if plain and ctx.plan is not None and _profiler._active is None:
             q, k, v, o, lse = ctx.saved_tensors[:5]
+            same = ctx.pointers is not None and ctx.pointers == (
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr())
             if _profiler_enabled():  # the same call, named in torch's profiler
                 with torch.profiler.record_function("flashjit::bwd"):
-                    grads = ctx.plan.backward(grad_o, q, k, v, o, lse)
+                    grads = ctx.plan.backward(grad_o, q, k, v, o, lse, same)
             else:
-                grads = ctx.plan.backward(grad_o, q, k, v, o, lse)
+                grads = ctx.plan.backward(grad_o, q, k, v, o, lse, same)
         elif plain and _profiler_enabled():
             with torch.profiler.record_function("flashjit::bwd"):
                 grads = _fwd_backward(ctx, grad_o, grad_lse, _backward)
@@ -563,14 +579,15 @@ class _Plan:
                    lse_ref, None, *self.c_options, _stream(q) if self.cuda else 0)
         return o, lse
 
-    def backward(self, dout, q, k, v, o, lse):
+    def backward(self, dout, q, k, v, o, lse, same=False):
         """dq, dk, dv (and no gradients for the rest) as _fwd_backward gives them: from the plan's
         descriptors where the saved tensors come back as they were saved (saved-tensor hooks may
-        hand back copies of other layouts, dtypes or devices) and dout has o's layout; else through
-        _backward's general path."""
+        hand back copies of other layouts, dtypes or devices; `same`: the caller knows they did,
+        so their layouts are not read again) and dout has o's layout; else through _backward's
+        general path."""
         sq, sk, sv, so, sl = self.static
         if (dout.stride() != so[4] or dout.dtype != o.dtype
-                or any(_layout(x) != layout for x, layout in zip((q, k, v, o, lse), self.layouts))):
+                or (not same and any(_layout(x) != layout for x, layout in zip((q, k, v, o, lse), self.layouts)))):
             dq, dk, dv = _backward(dout, q, k, v, o, lse, *self.args)
             return (dq, dk, dv) + _NO_GRADS
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

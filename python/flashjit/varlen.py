@@ -148,7 +148,7 @@ def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
     """dq, dk, dv of the packed q, k, v (dk, dv summed over each GQA group; bitwise repeatable
     unless deterministic is False)."""
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = ops._gradient_like(q), ops._gradient_like(k), ops._gradient_like(v)
     on_device = _offsets_stay_on_device(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _run("backward", _C.varlen_backward, _offsets("cu_seqlens_q", cu_seqlens_q, on_device),
          _offsets("cu_seqlens_k", cu_seqlens_k, on_device), max_seqlen_q, max_seqlen_k, (q, k, v, o, lse, dout),
@@ -159,7 +159,7 @@ def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return ops._gradient_like(q), ops._gradient_like(k), ops._gradient_like(v)
 
 
 def _setup_varlen_fwd(ctx, inputs, output):

@@ -474,6 +474,21 @@ def test_non_unit_last_dim_stride_and_expanded_gradient():
         assert torch.allclose(got.grad.cpu().double(), want.grad, atol=1e-5)
 
 
+def test_gradients_of_dense_inputs_whose_last_dim_is_not_innermost():
+    """q, k, v views of [B, H, D, S] memory (dense, the last dim's stride S): the forward reads
+    their rows through copies, and the gradients come back contiguous (a gradient in the input's
+    own layout would have rows the kernels cannot write)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 32, s, device=DEVICE).transpose(-1, -2).requires_grad_() for s in (30, 41, 41))
+    dout = torch.randn(2, 4, 30, 32, device=DEVICE)
+    flashjit.attention(q, k, v, causal="bottom_right").backward(dout)
+    ref = leaves(q, k, v, device="cpu", dtype=torch.float64)
+    naive_attention(*ref, causal="bottom_right")[0].backward(dout.cpu().double())
+    for got, want in zip((q, k, v), ref):
+        assert got.grad.shape == got.shape
+        assert torch.allclose(got.grad.cpu().double(), want.grad, atol=1e-5)
+
+
 @pytest.mark.cpu_only
 def test_numpy_arrays():
     rng = np.random.default_rng(0)

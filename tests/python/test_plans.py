@@ -321,3 +321,48 @@ def test_backward_fills_no_gradient_for_lse(entry):
     naive(*base, dtype=torch.float32).backward(dout)
     for name, got, low, ref in zip(("dq", "dk", "dv"), (q, k, v), base, exact):
         check(name, got.grad, low.grad, ref.grad, torch.float32)
+
+
+def test_a_planned_backward_reads_layouts_again_only_where_the_saved_tensors_may_differ(monkeypatch):
+    """Without saved-tensor hooks the saved tensors come back as saved (same data pointers): the
+    planned backward trusts its descriptors without reading every layout again. Under hooks that
+    hand back copies of another layout (or a `.data` swap onto other memory) it reads them and
+    takes the general path where they differ; the gradients are the general path's either way."""
+    dtype = torch.float32
+    for _ in range(2):
+        first = inputs((2, 4, 33, 64), (2, 4, 40, 64), dtype, requires_grad=True)
+        flashjit.attention(*first, causal=True).sum().backward()
+    assert planned_count() == 1
+    reads = []
+    layout = ops._layout
+    monkeypatch.setattr(ops, "_layout", lambda x: reads.append(1) or layout(x))
+
+    def grads(pack=None, swap=False):
+        torch.manual_seed(3)
+        q, k, v = inputs((2, 4, 33, 64), (2, 4, 40, 64), dtype, requires_grad=True)
+        dout = torch.randn(2, 4, 33, 64, device=DEVICE)
+        if pack is None:
+            o = flashjit.attention(q, k, v, causal=True)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                o = flashjit.attention(q, k, v, causal=True)
+        if swap:  # q's data onto other memory of another layout: the same values, transposed storage
+            q.data = q.data.transpose(-1, -2).contiguous().transpose(-1, -2)
+        reads.clear()
+        o.backward(dout)
+        return [x.grad for x in (q, k, v)], len(reads)
+
+    plain, plain_reads = grads()
+    assert plain_reads == 0
+    # Hooks that hand back copies in other layouts ([B, S, H, D] memory; rows not unit-stride):
+    # their layouts read, the general path taken, which makes the latter's rows readable and its
+    # gradients contiguous.
+    relaid, relaid_reads = grads(pack=lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)
+                                 if x.ndim == 4 else x.clone())
+    assert relaid_reads > 0
+    strided, _ = grads(pack=lambda x: x.transpose(-1, -2).contiguous().transpose(-1, -2)
+                       if x.ndim == 4 else x.clone())
+    swapped, swapped_reads = grads(swap=True)
+    assert swapped_reads > 0
+    for a, b, c, d in zip(plain, relaid, strided, swapped):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
