@@ -138,7 +138,7 @@ class Profile:
     def __init__(self, sync: bool = False, framework: bool = False, peak: bool = False, alone: bool = False):
         self.sync, self.framework, self.measure_peak, self.alone = sync, framework, peak, alone
         self.calls: list[Call] = []
-        # alone=True: a call of each kind (direction, impl, shape_key) to run again at the exit
+        # alone=True: a call of each kind (_kind: direction, impl, shape_key, FLOPs) to run again at the exit
         self._replays: dict[tuple, object] = {}
         self.elapsed_ms = float("nan")
         self.peak_memory_mib = float("nan")
@@ -483,6 +483,8 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
         prof = self.profile
         prof.elapsed_ms = (time.perf_counter() - self._start) * 1e3
         prof.peak_memory_mib = self._torch_peak()  # the block's, before alone=True's replays allocate
+        if exc and exc[0] is not None:
+            prof._replays.clear()  # the block failed: nothing is run again (those calls keep no time)
         prof._resolve()
         if prof.measure_peak:
             for device, dtype in {(c.device, c.dtype) for c in prof.calls}:

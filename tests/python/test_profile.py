@@ -339,3 +339,15 @@ def test_calls_are_recorded_by_layer(alone):
         with flashjit.profile(model=object(), framework=True):
             pass
     assert torch.nn.functional.scaled_dot_product_attention is original and profiler._active is None
+
+
+def test_alone_runs_nothing_again_when_the_block_fails(monkeypatch):
+    replays = []
+    monkeypatch.setattr(profiler, "replay_ms", lambda run, *a, **kw: replays.append(run) or 1.0)
+    q, k, v = _inputs()
+    with pytest.raises(RuntimeError, match="the step failed"):
+        with flashjit.profile(alone=True) as prof:
+            flashjit.attention(q, k, v)
+            raise RuntimeError("the step failed")
+    assert replays == [] and profiler._active is None
+    assert len(prof.calls) == 1 and prof.calls[0].ms != prof.calls[0].ms  # recorded, no time
