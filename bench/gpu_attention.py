@@ -292,8 +292,16 @@ def peak_memory_mib(impl):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        impl.forward(q, k, v, True).backward(grad)
+        out = impl.forward(q, k, v, True)
         torch.cuda.synchronize()
+        after_forward = (torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base)
+        out.backward(grad)
+        del out
+        torch.cuda.synchronize()
+        # Where the peak arises (the log, not the record): what the forward left and its peak, then the whole.
+        print(f"{impl.name} memory MiB: after the forward {after_forward[0] / 2**20:.1f} (peak "
+              f"{after_forward[1] / 2**20:.1f}), peak of forward+backward "
+              f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}", file=sys.stderr)
         if impl.name.startswith("flashjit"):
             from flashjit import _C
 
