@@ -15,6 +15,7 @@ recompile for) every new seed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 from typing import Optional
@@ -179,9 +180,14 @@ def _new_output(q: Tensor, shape, like_q: bool = True) -> Tensor:
     transpose back to [B, S, H, D] needs no copy; else, or without like_q, contiguous. The custom
     op's o is contiguous: torch.compile may hand the op inputs laid out otherwise than its fake
     kernel saw them, and checks the outputs' strides against the fake's."""
-    if like_q and len(shape) == 4 and q.stride(1) < q.stride(2):
+    if like_q and _o_transposed(q, shape):
         return q.new_empty((shape[0], shape[2], shape[1], shape[3])).transpose(1, 2)
     return q.new_empty(shape)
+
+
+def _o_transposed(q: Tensor, o_shape) -> bool:
+    """Whether o [B, H, S, Dv] takes [B, S, H, Dv] memory, as q's ([B, S, H, D] viewed as [B, H, S, D])."""
+    return len(o_shape) == 4 and q.stride(1) < q.stride(2)
 
 
 def _forward(q, k, v, *options, like_q=True):
@@ -291,11 +297,8 @@ def _fwd_backward(ctx, grad_o, grad_lse, run=None):
     """Gradients of fwd's inputs; `run` computes dq, dk, dv (default: the bwd op)."""
     _check_mask_grad(ctx.needs_input_grad[3])
     s = _saved(ctx)
-    layer = getattr(ctx, "layer", None)
-    if layer:  # recorded in its forward's layer (flashjit.profile(model=...))
-        with _profiler.layer_scope(layer):
-            dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, *ctx.options.op_args(s.mask, s.rng))
-    else:
+    layer = getattr(ctx, "layer", None)  # recorded in its forward's layer (flashjit.profile(model=...))
+    with _profiler.layer_scope(layer) if layer else contextlib.nullcontext():
         dq, dk, dv = (run or bwd)(grad_o, s.q, s.k, s.v, s.o, s.lse, *ctx.options.op_args(s.mask, s.rng))
     return (dq, dk, dv) + _NO_GRADS
 
@@ -558,7 +561,7 @@ class _Plan:
                           options.window_right, 0.0, 0, 0, options.num_threads)
         self.o_shape, self.lse_shape, self.lse_dtype = tuple(o.shape), tuple(lse.shape), lse.dtype
         # o as _new_output laid it out (decided from q, as there): [B, S, H, D] memory, then viewed.
-        self.o_transposed = o.ndim == 4 and q.stride(1) < q.stride(2)
+        self.o_transposed = _o_transposed(q, o.shape)
         if self.o_transposed:
             self.o_shape = (o.shape[0], o.shape[2], o.shape[1], o.shape[3])
         self.static = tuple(ref[1:] for ref in refs)  # the descriptors without their data pointers

@@ -397,7 +397,9 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   const mx::array* kept = size_t(buffers) > outputs.size() ? &inputs.back() : nullptr;
   void* workspace_address = nullptr;
   std::optional<mx::array> temporary;  // the workspace taken from the allocator, where taken
-  if (kept != nullptr && kept->nbytes() >= bytes && kept->flags().row_contiguous && kept->offset() == 0) {
+  const bool kept_serves =
+      kept != nullptr && kept->nbytes() >= bytes && kept->flags().row_contiguous && kept->offset() == 0;
+  if (kept_serves) {
     workspace_address = mx::gpu_ptr<void>(*kept);
     ++workspace_kept;
   } else {
@@ -414,7 +416,7 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);
   // The stream's workspace is written: the next call that writes it comes after this one.
-  if (kept != nullptr && workspace_address == mx::gpu_ptr<void>(*kept)) encoder.set_output_array(*kept);
+  if (kept_serves) encoder.set_output_array(*kept);
   cuda.stream = static_cast<cudaStream_t>(encoder.stream());
   cuda.workspace = workspace_address;
   cuda.workspace_bytes = bytes;
