@@ -655,6 +655,30 @@ TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
   ASSERT_NO_THROW(kernel_binary(hopper_split_kernel(suspended), false));
   unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, 64)).suspends_producer());
+  // diag=skip: edge steps without the exps of groups hidden from a whole warp, on the tiles in
+  // force; compiled where it acts (causal: a right bound, the scale folded, no mask) at each head
+  // dim's tiles, split too, and where it has nothing to do (a boolean mask).
+  EXPECT_EQ(parse_forward_tiles("diag=skip").skip_masked, 1);
+  EXPECT_EQ(parse_forward_tiles("diag=full").skip_masked, 0);
+  EXPECT_EQ(parse_forward_tiles("n=128").skip_masked, -1);
+  EXPECT_FALSE(parse_forward_tiles("diag=skip").forced());
+  EXPECT_THROW(parse_forward_tiles("diag=half"), flashjit::Error);
+  setenv("FLASHJIT_CUDA_TILES", "diag=skip", 1);
+  for (const int head_dim : {64, 128, 256}) {
+    KernelTraits causal = sm90_traits(FJ_BFLOAT16, head_dim);
+    causal.window = true;
+    const KernelSpec skipping = forward_kernel(causal);
+    EXPECT_TRUE(skipping.skips_masked() && skipping.name().find("_skipmask") != std::string::npos)
+        << skipping.name();
+    ASSERT_NO_THROW(kernel_binary(skipping, false)) << skipping.name();
+    if (head_dim == 128) {
+      ASSERT_NO_THROW(kernel_binary(hopper_split_kernel(skipping), false));
+      causal.mask = flashjit::MaskKind::kBool;
+      ASSERT_NO_THROW(kernel_binary(forward_kernel(causal), false));
+    }
+  }
+  unsetenv("FLASHJIT_CUDA_TILES");
+  EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, 64)).skips_masked());
   EXPECT_EQ(parse_forward_tiles("n=128").exp_poly, -1);
   EXPECT_FALSE(parse_forward_tiles("poly=3").forced());  // on the tiles in force
   for (const char* bad : {"poly=9", "poly=-1", "poly=x", "poly="}) {
@@ -1138,6 +1162,10 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
       [](KernelSpec& s) {  // producer_suspend where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.producer_suspend = !s.producer_suspend;
+      },
+      [](KernelSpec& s) {  // skip_masked where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
+        s.skip_masked = !s.skip_masked;
       },
       [](KernelSpec& s) {  // exp_poly where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
