@@ -139,11 +139,12 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default); split:parts: with FLASHJIT_CUDA_DKDV_PARTS=auto (a GQA group's
-        # query heads over several dK/dV blocks where the grid is small).
+        # query heads over several dK/dV blocks where the grid is small; the default), split:no-parts
+        # with it off.
         backward, _, option = mode.partition(":")
         env = {"FLASHJIT_CUDA_BACKWARD": backward}
-        if option == "parts":
-            env["FLASHJIT_CUDA_DKDV_PARTS"] = "auto"
+        if option in ("parts", "no-parts"):
+            env["FLASHJIT_CUDA_DKDV_PARTS"] = "auto" if option == "parts" else "off"
         elif option:
             env["FLASHJIT_CUDA_DKDV" if backward == "split" else "FLASHJIT_CUDA_ONE_PASS_DQ"] = option
         impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env=env))
@@ -299,9 +300,11 @@ def peak_memory_mib(impl):
         del out
         torch.cuda.synchronize()
         # Where the peak arises (the log, not the record): what the forward left and its peak, then the whole.
+        # The peak before the workspace query below, whose own gradient buffers would raise it
+        # (they did, by 96 MiB, until 2026-12-06).
+        peak = torch.cuda.max_memory_allocated() - base
         print(f"{impl.name} memory MiB: after the forward {after_forward[0] / 2**20:.1f} (peak "
-              f"{after_forward[1] / 2**20:.1f}), peak of forward+backward "
-              f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}", file=sys.stderr)
+              f"{after_forward[1] / 2**20:.1f}), peak of forward+backward {peak / 2**20:.1f}", file=sys.stderr)
         if impl.name.startswith("flashjit"):
             from flashjit import _C
 
@@ -311,7 +314,7 @@ def peak_memory_mib(impl):
                                      mask=None, scale=None, softcap=0.0, causal=1, window_left=-1, window_right=0,
                                      dropout_p=0.0, seed=0, offset=0, num_threads=0,
                                      stream=torch.cuda.current_stream().cuda_stream)
-    return (torch.cuda.max_memory_allocated() - base + pool_bytes) / 2**20
+    return (peak + pool_bytes) / 2**20
 
 
 def bitwise_repeatable(impl, causal):
@@ -406,7 +409,7 @@ def main():
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic",
-                                 "split:shared", "split:registers", "split:parts"],
+                                 "split:shared", "split:registers", "split:parts", "split:no-parts"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
                              "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "

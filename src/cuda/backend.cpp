@@ -1100,12 +1100,55 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
          encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, key_box);
 }
 
+// The parts of a GQA group's query heads the split dK/dV kernel takes (KernelSpec::dkdv_parts;
+// 1: none): FLASHJIT_CUDA_DKDV_PARTS's count, halved until it divides the group, or ("auto") the
+// fewest powers of two dividing the group that bring the grid to two blocks an SM. Their float32
+// sums ([part][b][kv head][key block][128 rows][dk, dv columns]) and a counter a key block follow
+// the rows' scratch.
+struct DkDvParts {
+  int parts = 1;
+  size_t partial_floats = 0, counters = 0;
+  DkDvParts(const KernelSpec& dkdv, const AttentionProblem& p, int64_t key_blocks, int multiprocessors) {
+    // No query (a sequence of keys alone): no tiles to share, and a prep kernel of no blocks would
+    // leave the counters unzeroed.
+    if (!dkdv.takes_parts() || p.seqlen_q == 0) return;
+    const int64_t group = p.heads_q / p.heads_kv, blocks = key_blocks * p.batch * p.heads_kv;
+    const int setting = settings::dkdv_parts();
+    if (setting > 0) {
+      // A count asked for, within what a small grid needs (the sums' scratch grows with the grid).
+      parts = setting;
+      while (parts > 1 && (group % parts != 0 || blocks * parts > 4 * int64_t(multiprocessors))) parts /= 2;
+    } else {
+      while (group % (2 * parts) == 0 && blocks * parts < 2 * int64_t(multiprocessors)) parts *= 2;
+    }
+    if (parts == 1) return;
+    counters = size_t(blocks);
+    partial_floats = size_t(parts) * counters * size_t(dkdv.block_rows()) * size_t(dkdv.head_dim_qk + dkdv.head_dim_v);
+  }
+  size_t bytes() const { return partial_floats * sizeof(float) + counters * sizeof(int); }
+  void place(KernelParams& params, char* base) const {
+    params.dkdv_parts = parts;
+    if (parts == 1) return;
+    params.dkdv_partial = reinterpret_cast<float*>(base);
+    params.dkdv_counters = reinterpret_cast<int*>(params.dkdv_partial + partial_floats);
+    params.dkdv_counter_count = int64_t(counters);
+  }
+};
+
 // The backward's kernels and their TMA descriptors: the sm_90a kernels where TMA
 // can address every operand, else the mma.sync or scalar ones (which read no map).
 std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
                                        std::array<KernelParams, Plan::kMaxKernels>& params) {
   KernelTraits traits = traits_for_launch(p, launch);
   std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch, p.nondeterministic);
+  // The dK/dV kernel in parts only where the problem takes more than one (its grid is small and
+  // its GQA group divides): elsewhere the plain kernel, unchanged.
+  if (dkdv_kernel(specs).takes_parts() &&
+      DkDvParts(dkdv_kernel(specs), p, ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
+                device_info(launch.device_index).multiprocessors)
+              .parts == 1) {
+    dkdv_kernel(specs).dkdv_parts = false;
+  }
   keep_blocks_resident(dkdv_kernel(specs), ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
                        device_info(launch.device_index).multiprocessors);
   if (specs.size() > Plan::kMaxKernels) {
@@ -1143,41 +1186,6 @@ struct OnePassScratch {
     params.dq_semaphore = reinterpret_cast<int*>(params.dq_accum + accum_floats);
     params.dq_counters = int64_t(counters);
     params.dq_zero_floats = zeroed ? int64_t(accum_floats) : 0;  // a multiple of 4: head dims of 64 and 128
-  }
-};
-
-// The parts of a GQA group's query heads the split dK/dV kernel takes (KernelSpec::dkdv_parts;
-// 1: none): FLASHJIT_CUDA_DKDV_PARTS's count, halved until it divides the group, or ("auto") the
-// fewest powers of two dividing the group that bring the grid to two blocks an SM. Their float32
-// sums ([part][b][kv head][key block][128 rows][dk, dv columns]) and a counter a key block follow
-// the rows' scratch.
-struct DkDvParts {
-  int parts = 1;
-  size_t partial_floats = 0, counters = 0;
-  DkDvParts(const KernelSpec& dkdv, const AttentionProblem& p, int64_t key_blocks, int multiprocessors) {
-    // No query (a sequence of keys alone): no tiles to share, and a prep kernel of no blocks would
-    // leave the counters unzeroed.
-    if (!dkdv.takes_parts() || p.seqlen_q == 0) return;
-    const int64_t group = p.heads_q / p.heads_kv, blocks = key_blocks * p.batch * p.heads_kv;
-    const int setting = settings::dkdv_parts();
-    if (setting > 0) {
-      // A count asked for, within what a small grid needs (the sums' scratch grows with the grid).
-      parts = setting;
-      while (parts > 1 && (group % parts != 0 || blocks * parts > 4 * int64_t(multiprocessors))) parts /= 2;
-    } else {
-      while (group % (2 * parts) == 0 && blocks * parts < 2 * int64_t(multiprocessors)) parts *= 2;
-    }
-    if (parts == 1) return;
-    counters = size_t(blocks);
-    partial_floats = size_t(parts) * counters * size_t(dkdv.block_rows()) * size_t(dkdv.head_dim_qk + dkdv.head_dim_v);
-  }
-  size_t bytes() const { return partial_floats * sizeof(float) + counters * sizeof(int); }
-  void place(KernelParams& params, char* base) const {
-    params.dkdv_parts = parts;
-    if (parts == 1) return;
-    params.dkdv_partial = reinterpret_cast<float*>(base);
-    params.dkdv_counters = reinterpret_cast<int*>(params.dkdv_partial + partial_floats);
-    params.dkdv_counter_count = int64_t(counters);
   }
 };
 

@@ -161,7 +161,7 @@ std::string KernelSpec::name() const {
                  block_span ? "_blockspan" : "", chains_tiles() ? "_chain" : "", takes_next_early() ? "_earlynext" : "",
                  sets_up_in_producer() ? "_psetup" : "",
                  poly_groups() > 0 ? str_cat("_poly", poly_groups()) : std::string(),
-                 suspends_producer() ? "_psusp" : "", skips_masked() ? "_skipmask" : "", trace ? "_trace" : "",
+                 suspends_producer() ? "_psusp" : "", trace ? "_trace" : "",
                  page_boxes > 1 ? str_cat("_pb", page_boxes) : std::string(),
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
@@ -225,7 +225,7 @@ std::array<int32_t, N> fields_of(Values... values) {
 KernelSpec::Fields KernelSpec::fields() const {
   return fields_of<kFieldCount>(entry,        family,      dtype,          head_dim_qk,   head_dim_v,   mask,
                                 mask_dtype,   window,      dropout,        softcap,       aligned,      split,
-                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), sets_up_in_producer(), poly_groups(), suspends_producer(), skips_masked(), trace,
+                                varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), sets_up_in_producer(), poly_groups(), suspends_producer(), trace,
                                 dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
                                 dkdv_shared,  takes_parts(), stages,    q_buffers,      o_tma,         fold_scale,   lazy_rescale,
                                 block_n,      arch);
@@ -302,7 +302,7 @@ std::string KernelSpec::source() const {
       "#define FJ_HAS_WINDOW ", window ? 1 : 0, "\n", "#define FJ_DROPOUT ", dropout ? 1 : 0, "\n",
       "#define FJ_SOFTCAP ", softcap ? 1 : 0, "\n", "#define FJ_ALIGNED ", aligned ? 1 : 0, "\n",
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
-      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_PRODUCER_SETUP ", sets_up_in_producer() ? 1 : 0, "\n", "#define FJ_EXP_POLY ", poly_groups(), "\n", "#define FJ_PRODUCER_SUSPEND ", suspends_producer() ? 1 : 0, "\n", "#define FJ_SKIP_MASKED ", skips_masked() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
+      "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_PRODUCER_SETUP ", sets_up_in_producer() ? 1 : 0, "\n", "#define FJ_EXP_POLY ", poly_groups(), "\n", "#define FJ_PRODUCER_SUSPEND ", suspends_producer() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
       "#define FJ_DKDV_PARTS ", takes_parts() ? 1 : 0, "\n",
@@ -412,13 +412,12 @@ ForwardTiles parse_forward_tiles(const char* text) {
       {"next", "early", "late", &ForwardTiles::early_next},
       {"setup", "producer", "consumer", &ForwardTiles::producer_setup},
       {"wait", "suspend", "spin", &ForwardTiles::producer_suspend},
-      {"diag", "skip", "full", &ForwardTiles::skip_masked},
   };
   ForwardTiles tiles;
   std::string rest = text == nullptr ? "" : text;
   const auto fail = [&](const std::string& item, const std::string& expected) {
     throw_value_error("[cuda] FLASHJIT_CUDA_TILES: '", item, "' is not valid; expected ", expected,
-                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next, setup, poly, wait, diag; e.g. \"n=128,q=2,o=tma\")");
+                      " (keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next, setup, poly, wait; e.g. \"n=128,q=2,o=tma\")");
   };
   const auto number = [&](const std::string& item, const std::string& value, int lo, int hi, const char* expected) {
     char* end = nullptr;
@@ -453,7 +452,7 @@ ForwardTiles parse_forward_tiles(const char* text) {
     } else if (key == "poly") {
       tiles.exp_poly = number(item, value, 0, 8, "poly=0..8");
     } else {
-      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next, setup, poly, wait, diag");
+      fail(item, "one of the keys n, stages, q, o, groups, softmax, counter, edges, span, sched, chain, next, setup, poly, wait");
     }
   }
   return tiles;
@@ -637,7 +636,6 @@ KernelSpec hopper_spec(const KernelTraits& traits, KernelEntry entry, const Forw
     on_top(&ForwardTiles::producer_setup, &KernelSpec::producer_setup);
     on_top(&ForwardTiles::producer_suspend, &KernelSpec::producer_suspend);
     on_top(&ForwardTiles::exp_poly, &KernelSpec::exp_poly);
-    on_top(&ForwardTiles::skip_masked, &KernelSpec::skip_masked);
   }
   return spec;
 }

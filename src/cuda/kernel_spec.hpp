@@ -89,10 +89,6 @@ struct KernelSpec {
   // kHopper forward whose producer waits for free buffers suspended (a try_wait suspend-time hint,
   // FJ_PRODUCER_SUSPEND; FLASHJIT_CUDA_TILES "wait=suspend") instead of retrying.
   bool producer_suspend = false;
-  // kHopper forward whose causal / right-bounded edge steps leave out the exps of 8-column groups
-  // hidden from every row of a warp (FJ_SKIP_MASKED; FLASHJIT_CUDA_TILES "diag=skip"): about half
-  // of a diagonal step's exps. The same bits as without.
-  bool skip_masked = false;
   // kHopper forward with FJ_TRACE: timestamps of each work tile printed (settings::trace_tiles).
   bool trace = false;
   // The one-pass backward's dQ sums (FJ_DQ_DIAGNOSTIC; settings::one_pass_dq): 0 the ordered adds;
@@ -142,7 +138,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 38;
+  static constexpr size_t kFieldCount = 37;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -177,11 +173,6 @@ struct KernelSpec {
   // producer_suspend where it applies: the kHopper forward, whatever its tiles and variant.
   bool suspends_producer() const {
     return producer_suspend && family == KernelFamily::kHopper && entry == KernelEntry::kForward;
-  }
-  // skip_masked where it applies: the kHopper forward, whatever its tiles and variant (its kernels
-  // take it only on right-edge steps of the fold-scale path without a mask).
-  bool skips_masked() const {
-    return skip_masked && family == KernelFamily::kHopper && entry == KernelEntry::kForward;
   }
   // exp_poly where it applies: the kHopper forward, whatever its tiles and variant.
   int poly_groups() const { return family == KernelFamily::kHopper && entry == KernelEntry::kForward ? exp_poly : 0; }
@@ -249,13 +240,9 @@ struct ForwardTiles {
   // 1 ("wait=suspend"): the producer's waits suspended (KernelSpec::producer_suspend), on top of the
   // tiles in force; 0 ("wait=spin"): retried, the default.
   int producer_suspend = -1;
-  // 1 ("diag=skip"): edge steps leave out exps of groups hidden from a whole warp
-  // (KernelSpec::skip_masked), on top of the tiles in force; 0 ("diag=full"): every exp, the default.
-  int skip_masked = -1;
   // Whether any key that applies on top of the tiles in force is set.
   bool sets_keys_on_top() const {
-    return chain_tiles >= 0 || early_next >= 0 || producer_setup >= 0 || exp_poly >= 0 || producer_suspend >= 0 ||
-           skip_masked >= 0;
+    return chain_tiles >= 0 || early_next >= 0 || producer_setup >= 0 || exp_poly >= 0 || producer_suspend >= 0;
   }
   // Whether a kernel's tiles are forced (they then replace the tuned choice whole); the
   // launch choices (counter, sched) and chain leave the tiles as they are.

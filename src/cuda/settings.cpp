@@ -146,7 +146,7 @@ int dkdv_parts() {
   thread_local Kept<int> slot;
   return kept(slot, [] {
     const int chosen = choice("FLASHJIT_CUDA_DKDV_PARTS", {"off", "auto", "2", "4", "8"});
-    return chosen <= 0 ? 0 : chosen == 1 ? -1 : 1 << (chosen - 1);
+    return chosen == 0 ? 0 : chosen < 0 || chosen == 1 ? -1 : 1 << (chosen - 1);
   });
 }
 

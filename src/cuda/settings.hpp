@@ -36,6 +36,8 @@
 //   FLASHJIT_CUDA_DKDV          shared (default): the split sm_90a dK/dV kernel takes P^T and dS^T
 //                               from shared memory and twice the queries a step, up to head dim 128;
 //                               registers: from registers
+//   FLASHJIT_CUDA_DKDV_PARTS    auto (default): a small grouped backward's dK/dV grid takes the
+//                               group's query heads in parts; 2, 4, 8: that many; off: none
 // FLASHJIT_NVRTC and FLASHJIT_CACHE_DIR are read where NVRTC is loaded (driver.cpp)
 // and where the kernel cache finds its directory (kernel_cache.cpp).
 #pragma once
@@ -136,8 +138,9 @@ bool dkdv_shared_operands();
 // FLASHJIT_CUDA_DKDV_PARTS: the split sm_90a dK/dV kernel over a GQA group's query heads in parts
 // (KernelSpec::dkdv_parts), for grids of fewer key blocks than the GPU has room for (batch 1 with few
 // key/value heads): "auto" (-1) as many parts (powers of two dividing the group) as bring the grid
-// to two blocks an SM; "2", "4", "8" that many where they divide the group; unset or "off" (0):
-// none (until measured on a GPU). Another value is an error.
+// to two blocks an SM, the default (unset; on an H100 the batch-1 backward of a 32/4 group at 2k and
+// 4k keys went from 0.54 and 0.69x cuDNN to 0.79 and 0.88x, bench/NOTES.md); "2", "4", "8" that many
+// where they divide the group; "off" (0): none. Another value is an error.
 int dkdv_parts();
 
 }  // namespace flashjit::cuda::settings

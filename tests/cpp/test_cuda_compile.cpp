@@ -655,30 +655,6 @@ TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
   ASSERT_NO_THROW(kernel_binary(hopper_split_kernel(suspended), false));
   unsetenv("FLASHJIT_CUDA_TILES");
   EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, 64)).suspends_producer());
-  // diag=skip: edge steps without the exps of groups hidden from a whole warp, on the tiles in
-  // force; compiled where it acts (causal: a right bound, the scale folded, no mask) at each head
-  // dim's tiles, split too, and where it has nothing to do (a boolean mask).
-  EXPECT_EQ(parse_forward_tiles("diag=skip").skip_masked, 1);
-  EXPECT_EQ(parse_forward_tiles("diag=full").skip_masked, 0);
-  EXPECT_EQ(parse_forward_tiles("n=128").skip_masked, -1);
-  EXPECT_FALSE(parse_forward_tiles("diag=skip").forced());
-  EXPECT_THROW(parse_forward_tiles("diag=half"), flashjit::Error);
-  setenv("FLASHJIT_CUDA_TILES", "diag=skip", 1);
-  for (const int head_dim : {64, 128, 256}) {
-    KernelTraits causal = sm90_traits(FJ_BFLOAT16, head_dim);
-    causal.window = true;
-    const KernelSpec skipping = forward_kernel(causal);
-    EXPECT_TRUE(skipping.skips_masked() && skipping.name().find("_skipmask") != std::string::npos)
-        << skipping.name();
-    ASSERT_NO_THROW(kernel_binary(skipping, false)) << skipping.name();
-    if (head_dim == 128) {
-      ASSERT_NO_THROW(kernel_binary(hopper_split_kernel(skipping), false));
-      causal.mask = flashjit::MaskKind::kBool;
-      ASSERT_NO_THROW(kernel_binary(forward_kernel(causal), false));
-    }
-  }
-  unsetenv("FLASHJIT_CUDA_TILES");
-  EXPECT_FALSE(forward_kernel(sm90_traits(FJ_BFLOAT16, 64)).skips_masked());
   EXPECT_EQ(parse_forward_tiles("n=128").exp_poly, -1);
   EXPECT_FALSE(parse_forward_tiles("poly=3").forced());  // on the tiles in force
   for (const char* bad : {"poly=9", "poly=-1", "poly=x", "poly="}) {
@@ -693,16 +669,19 @@ TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
 
 // FLASHJIT_CUDA_DKDV_PARTS: the split sm_90a dK/dV kernel over a GQA group in parts, a kernel of
 // its own name at head dims 64 and 128 (plain and with every feature), which compiles; not for the
-// one pass, variable-length batches or the dV/dK kernels above 128; unset, the usual kernel.
+// one pass, variable-length batches or the dV/dK kernels above 128; "off", the usual kernel (unset
+// is "auto": the problem then decides, backend.cpp, where one part keeps the usual kernel).
 TEST_F(CudaCompile, DkDvPartsCompileWhereTheyApply) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
   const UnsetOnExit unset{"FLASHJIT_CUDA_DKDV_PARTS"};
   for (int head_dim : {64, 128, 256}) {
     KernelTraits traits = sm90_traits(FJ_BFLOAT16, head_dim);
-    unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
+    setenv("FLASHJIT_CUDA_DKDV_PARTS", "off", 1);
     const KernelSpec plain = dkdv_kernel(backward_kernels(traits));
     EXPECT_FALSE(plain.takes_parts()) << plain.name();
+    unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
+    EXPECT_EQ(dkdv_kernel(backward_kernels(traits)).takes_parts(), head_dim <= 128);
     setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
     KernelTraits extras = traits;
     extras.window = extras.dropout = extras.softcap = true;
@@ -1162,10 +1141,6 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
       [](KernelSpec& s) {  // producer_suspend where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.producer_suspend = !s.producer_suspend;
-      },
-      [](KernelSpec& s) {  // skip_masked where it applies
-        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
-        s.skip_masked = !s.skip_masked;
       },
       [](KernelSpec& s) {  // exp_poly where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;

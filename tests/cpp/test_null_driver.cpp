@@ -498,10 +498,15 @@ TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
     return std::make_pair(launches[2].grid[0], dkdv);
   };
   size_t plain_bytes = 0, bytes = 0;
-  unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
+  setenv("FLASHJIT_CUDA_DKDV_PARTS", "off", 1);
   auto [plain_grid, plain] = run(grouped, &plain_bytes);
   EXPECT_EQ(plain_grid, 64u);
   EXPECT_EQ(plain.dkdv_counter_count, 0);
+  // Unset: "auto", the default.
+  unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
+  auto [default_grid, by_default] = run(grouped, &bytes);
+  EXPECT_EQ(default_grid, 64u * 8);
+  EXPECT_EQ(by_default.dkdv_parts, 8);
   setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
   auto [auto_grid, automatic] = run(grouped, &bytes);
   EXPECT_EQ(auto_grid, 64u * 8);

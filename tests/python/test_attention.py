@@ -184,30 +184,6 @@ def test_producer_setup_matches_consumer(monkeypatch, causal, tmp_path):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a forward's exps are CUDA's")
-@pytest.mark.parametrize("causal", [True, "bottom_right", "window"])
-def test_skipped_hidden_groups_match_full(monkeypatch, causal, tmp_path):
-    # diag=skip: an edge step leaves out the exps of 8-column groups hidden from every row of a
-    # warp (their P is 0 either way); bitwise the full step's output, causal both ways (queries
-    # past the keys and before them: work tiles whose diagonal falls mid-tile), a right bound
-    # without a left one (window (-1, 45)), a last tile past the sequence, head dims 64 and 128,
-    # float16 with a narrower V; and its kernel was the one run.
-    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
-    flashjit.cuda.clear_memory_cache()
-    options = dict(causal=False, window=(-1, 45)) if causal == "window" else dict(causal=causal)
-    for shape in (dict(B=4, Hq=16, Hkv=4, Sq=600, Sk=400, D=64), dict(B=2, Hq=8, Hkv=8, Sq=1100, Sk=1300, D=128),
-                  dict(B=1, Hq=4, Hkv=2, Sq=700, Sk=700, D=128, Dv=64, dtype=torch.float16)):
-        outputs = []
-        for tiles in ("diag=skip", "diag=full"):
-            monkeypatch.setenv("FLASHJIT_CUDA_TILES", tiles)
-            torch.manual_seed(7)
-            outputs.append(run(**{"dtype": torch.bfloat16, **shape, **options})[0])
-        assert torch.equal(outputs[0], outputs[1]), f"{shape} {options}"
-    if torch.cuda.get_device_capability() == (9, 0):
-        compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
-        assert any("hopper-forward" in name and "_skipmask_" in name for name in compiled), compiled
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a forward's exps are CUDA's")
 @pytest.mark.parametrize("tiles", ["poly=3", "poly=8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_polynomial_exps(tiles, dtype, monkeypatch, tmp_path):
@@ -248,8 +224,7 @@ def test_polynomial_exps(tiles, dtype, monkeypatch, tmp_path):
 @pytest.mark.parametrize("tiles", ["o=direct,q=1", "o=direct,q=2", "o=tma,q=1", "n=64", "n=96,stages=3",
                                    "n=160,q=1", "groups=3", "softmax=plain", "stages=4", "edges=general",
                                    "span=block", "groups=3,n=112", "chain=tiles", "chain=tiles,groups=3",
-                                   "next=early", "setup=producer", "poly=8", "wait=suspend",
-                                   "diag=skip"])
+                                   "next=early", "setup=producer", "poly=8", "wait=suspend"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_forced_forward_tiles(tiles, D, causal, monkeypatch):

@@ -610,26 +610,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
             const long long tile_start = first_tile + j * kBlockN;
             const long long step_rows[1][2] = {{row, row + 8}};
-            int live_groups = kBlockN / 8;  // FJ_SKIP_MASKED: fewer on a right edge step
             if (interior.contains(j)) {
               tile_logits<1, true>(s, sp, step_rows, tile_start, b, h, quad, scale_log2);
 #if FJ_HAS_WINDOW && !FJ_EDGE_GENERAL && FJ_FOLD_SCALE && FJ_MASK == 0
             } else if (sp.window_left < 0) {
               const int limit[1][2] = {{right_limit[0] - j * kBlockN, right_limit[1] - j * kBlockN}};
               right_edge_logits<1>(s, limit);
-#if FJ_SKIP_MASKED
-              // The warp's visible keys in this tile, for its furthest-reaching row: the 8-column
-              // groups past them are hidden from the whole warp.
-              const int warp_keys = __reduce_max_sync(0xffffffffu, max(limit[0][0], limit[0][1]) + 2 * quad);
-              live_groups = min(max((warp_keys + 7) / 8, 0), kBlockN / 8);
-#endif
 #endif
             } else {
               tile_logits<1, false>(s, sp, step_rows, tile_start, b, h, quad, scale_log2);
             }
             // O is rescaled (in prepare) only where a row of this warp moved its base.
-            rescale =
-                __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2, live_groups));
+            rescale = __any_sync(0xffffffffu, softmax_step(s, row_max, row_sum, scale_old, scale_log2));
 #if FJ_DROPOUT
             apply_dropout(s, sp, static_cast<long long>(b) * p.heads_q + h, step_rows, tile_start, quad);
 #endif

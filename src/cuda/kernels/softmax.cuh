@@ -186,29 +186,14 @@ FJ_DEVICE void exp2_groups(float (&s)[kBlockN / 8][4], const float (&base)[2], f
   }
 }
 
-// exp2_groups for a tile whose second half of 8-column groups is hidden from every row of the
-// warp (FJ_SKIP_MASKED): P there is 0 without the MUFU. The same bits as exp2_groups: exp2 of a
-// hidden (-inf) logit is +0.
-FJ_DEVICE void exp2_first_half(float (&s)[kBlockN / 8][4], const float (&base)[2], float scale_log2) {
-  exp2_groups<0, kBlockN / 16>(s, base, scale_log2);
-#pragma unroll
-  for (int n = kBlockN / 16; n < kBlockN / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
-  }
-}
-
 // One online-softmax step: the row bases take this tile's logits (a base moves
 // to the new maximum only past kRebaseSlack), S becomes P = exp2(S - base), the
 // row sums are rescaled and extended, and scale_old receives the factor that
 // rebases the output accumulated so far (1 where no base moved). Returns whether
-// any of this thread's bases moved. live_groups (FJ_SKIP_MASKED, warp-uniform): the 8-column
-// groups from there on are hidden from every row of the warp (a causal diagonal step); where they
-// are half or fewer, the second half's exps are left out.
+// any of this thread's bases moved.
 template <int kTiles>
 FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)[kTiles][2],
-                            float (&row_sum)[kTiles][2], float (&scale_old)[kTiles][2], float scale_log2,
-                            int live_groups = kBlockN / 8) {
+                            float (&row_sum)[kTiles][2], float (&scale_old)[kTiles][2], float scale_log2) {
   bool moved = false;
 #pragma unroll
   for (int m = 0; m < kTiles; ++m) {
@@ -237,11 +222,7 @@ FJ_DEVICE bool softmax_step(float (&s)[kTiles][kBlockN / 8][4], float (&row_max)
         if (rebase[r]) scale_old[m][r] = fast_exp2(old_max[r] - base[r]);
       }
     }
-    if (FJ_SKIP_MASKED && live_groups <= kBlockN / 16) {
-      exp2_first_half(s[m], base, scale_log2);
-    } else {
-      exp2_groups<0, kBlockN / 8>(s[m], base, scale_log2);
-    }
+    exp2_groups<0, kBlockN / 8>(s[m], base, scale_log2);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[m][r] = row_sum[m][r] * scale_old[m][r] + row_reduce<true>(s[m], r);
   }
