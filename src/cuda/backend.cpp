@@ -1102,7 +1102,7 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
 
 // The parts of a GQA group's query heads the split dK/dV kernel takes (KernelSpec::dkdv_parts;
 // 1: none): FLASHJIT_CUDA_DKDV_PARTS's count, halved until it divides the group, or ("auto") the
-// fewest powers of two dividing the group that bring the grid to two blocks an SM. Their float32
+// smallest divisor of the group that brings the grid to two blocks an SM (else the whole group). Their float32
 // sums ([part][b][kv head][key block][128 rows][dk, dv columns]) and a counter a key block follow
 // the rows' scratch.
 struct DkDvParts {
@@ -1119,7 +1119,12 @@ struct DkDvParts {
       parts = setting;
       while (parts > 1 && (group % parts != 0 || blocks * parts > 4 * int64_t(multiprocessors))) parts /= 2;
     } else {
-      while (group % (2 * parts) == 0 && blocks * parts < 2 * int64_t(multiprocessors)) parts *= 2;
+      // The smallest divisor of the group that brings the grid to two blocks an SM, else the
+      // group itself (a group of 7 takes 7 parts; a power of two, the powers of two as before).
+      while (parts < group && blocks * parts < 2 * int64_t(multiprocessors)) {
+        do ++parts;
+        while (group % parts != 0);
+      }
     }
     if (parts == 1) return;
     counters = size_t(blocks);

@@ -527,6 +527,14 @@ TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
   auto [capped_grid, capped] = run(long_keys, &bytes);
   EXPECT_EQ(capped_grid, 256u * 2);
   EXPECT_EQ(capped.dkdv_parts, 2);
+  // A group no power of two divides (14 query heads on 2 key/value heads): its smallest divisor
+  // that fills the GPU, here the group itself, 16 x 2 key blocks x 7.
+  unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
+  DeviceBuffers sevens(1, 14, 2, 2048, 2048, 64, FJ_BFLOAT16);
+  auto [seven_grid, seven] = run(sevens, &bytes);
+  EXPECT_EQ(seven_grid, 32u * 7);
+  EXPECT_EQ(seven.dkdv_parts, 7);
+  EXPECT_EQ(seven.dkdv_counter_count, 32);
   setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
   DeviceBuffers heads(1, 4, 4, 2048, 2048, 64, FJ_BFLOAT16);  // no group: no parts
   auto [mha_grid, mha] = run(heads, &bytes);

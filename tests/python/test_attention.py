@@ -614,11 +614,12 @@ def test_dkdv_parts(parts, causal, monkeypatch, tmp_path):
     # their float32 sums added in part order by the key block's last part to finish. Against
     # float64 (run), bitwise the same on a second run (the order is fixed whichever part ends
     # last), dq bitwise the unparted backward's (its kernel is untouched), with a mask, dropout
-    # and softcap, a group of 8 at batch 1 (few key blocks: "auto" takes parts), head dims 64 and
+    # and softcap, groups of 8 and 7 at batch 1 (few key blocks: "auto" takes parts), head dims 64 and
     # 128; and its kernel was the one compiled (on sm_90).
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
     flashjit.cuda.clear_memory_cache()
     for shape, extras in ((dict(B=1, Hq=16, Hkv=2, Sq=700, Sk=700, D=64), {}),
+                          (dict(B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64), {}),  # a group of 7: 7 parts (auto)
                           (dict(B=1, Hq=16, Hkv=2, Sq=500, Sk=650, D=128), {}),
                           (dict(B=2, Hq=8, Hkv=1, Sq=300, Sk=333, D=64),
                            dict(mask=torch.rand(2, 1, 300, 333) > 0.2, softcap=20.0, dropout_p=0.1))):
