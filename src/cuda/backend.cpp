@@ -1102,7 +1102,8 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
 
 // The parts of a GQA group's query heads the split dK/dV kernel takes (KernelSpec::dkdv_parts;
 // 1: none): FLASHJIT_CUDA_DKDV_PARTS's count, halved until it divides the group, or ("auto") the
-// smallest divisor of the group that brings the grid to two blocks an SM (else the whole group). Their float32
+// smallest divisor of the group that brings the grid to two blocks an SM, or the largest that keeps
+// it within four. Their float32
 // sums ([part][b][kv head][key block][128 rows][dk, dv columns]) and a counter a key block follow
 // the rows' scratch.
 struct DkDvParts {
@@ -1119,11 +1120,14 @@ struct DkDvParts {
       parts = setting;
       while (parts > 1 && (group % parts != 0 || blocks * parts > 4 * int64_t(multiprocessors))) parts /= 2;
     } else {
-      // The smallest divisor of the group that brings the grid to two blocks an SM, else the
-      // group itself (a group of 7 takes 7 parts; a power of two, the powers of two as before).
-      while (parts < group && blocks * parts < 2 * int64_t(multiprocessors)) {
-        do ++parts;
-        while (group % parts != 0);
+      // Divisors of the group in turn until the grid has two blocks an SM, none that would give it
+      // more than four (the parts' sums are parts x the float32 dK and dV: a group of 7 on 80 key
+      // blocks would hold 560 blocks' worth). Powers of two: the powers of two; 7: 7 or none.
+      const int64_t enough = 2 * int64_t(multiprocessors), most = 4 * int64_t(multiprocessors);
+      for (int count = 2; count <= group && blocks * parts < enough; ++count) {
+        if (group % count != 0) continue;
+        if (blocks * count > most) break;
+        parts = count;
       }
     }
     if (parts == 1) return;

@@ -138,9 +138,9 @@ bool dkdv_shared_operands();
 // FLASHJIT_CUDA_DKDV_PARTS: the split sm_90a dK/dV kernel over a GQA group's query heads in parts
 // (KernelSpec::dkdv_parts), for grids of fewer key blocks than the GPU has room for (batch 1 with few
 // key/value heads): "auto" (-1) as many parts (the smallest divisor of the group) as bring the grid
-// to two blocks an SM, the default (unset; on an H100 the batch-1 backward of a 32/4 group at 2k and
-// 4k keys went from 0.54 and 0.69x cuDNN to 0.79 and 0.88x, bench/NOTES.md); "2", "4", "8" that many
-// where they divide the group; "off" (0): none. Another value is an error.
+// to two blocks an SM, none past four, the default (unset; on an H100 the batch-1 backward of a
+// 32/4 group at 2k and 4k keys went from 0.54 and 0.69x cuDNN to 0.79 and 0.88x, bench/NOTES.md);
+// "2", "4", "8" that many where they divide the group; "off" (0): none. Another value is an error.
 int dkdv_parts();
 
 }  // namespace flashjit::cuda::settings

@@ -535,6 +535,11 @@ TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
   EXPECT_EQ(seven_grid, 32u * 7);
   EXPECT_EQ(seven.dkdv_parts, 7);
   EXPECT_EQ(seven.dkdv_counter_count, 32);
+  // ... but not where 7 parts would pass four blocks an SM (80 key blocks: 560 blocks on 132 SMs).
+  DeviceBuffers longer_sevens(1, 14, 2, 5120, 5120, 64, FJ_BFLOAT16);
+  auto [long_seven_grid, long_seven] = run(longer_sevens, &bytes);
+  EXPECT_EQ(long_seven_grid, 80u);
+  EXPECT_EQ(long_seven.dkdv_parts, 1);
   setenv("FLASHJIT_CUDA_DKDV_PARTS", "auto", 1);
   DeviceBuffers heads(1, 4, 4, 2048, 2048, 64, FJ_BFLOAT16);  // no group: no parts
   auto [mha_grid, mha] = run(heads, &bytes);
