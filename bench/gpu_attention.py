@@ -300,8 +300,8 @@ def peak_memory_mib(impl):
         del out
         torch.cuda.synchronize()
         # Where the peak arises (the log, not the record): what the forward left and its peak, then the whole.
-        # The peak before the workspace query below, whose own gradient buffers would raise it
-        # (they did, by 96 MiB, until 2026-12-06).
+        # The peak before the workspace query below, whose own buffers (three gradient-sized ones
+        # beside the held gradients) raised it by 64 MiB at this shape until 2026-12-06.
         peak = torch.cuda.max_memory_allocated() - base
         print(f"{impl.name} memory MiB: after the forward {after_forward[0] / 2**20:.1f} (peak "
               f"{after_forward[1] / 2**20:.1f}), peak of forward+backward {peak / 2**20:.1f}", file=sys.stderr)

@@ -1102,8 +1102,8 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
 
 // The parts of a GQA group's query heads the split dK/dV kernel takes (KernelSpec::dkdv_parts;
 // 1: none): FLASHJIT_CUDA_DKDV_PARTS's count, halved until it divides the group, or ("auto") the
-// smallest divisor of the group that brings the grid to two blocks an SM, or the largest that keeps
-// it within four. Their float32
+// smallest divisor of the group that brings the grid to two blocks an SM, else the largest that
+// keeps it within four (a group of 7 on 32 blocks: 7, 224 blocks; on 80: none). Their float32
 // sums ([part][b][kv head][key block][128 rows][dk, dv columns]) and a counter a key block follow
 // the rows' scratch.
 struct DkDvParts {
@@ -1114,6 +1114,7 @@ struct DkDvParts {
     // leave the counters unzeroed.
     if (!dkdv.takes_parts() || p.seqlen_q == 0) return;
     const int64_t group = p.heads_q / p.heads_kv, blocks = key_blocks * p.batch * p.heads_kv;
+    if (blocks == 0) return;  // no key: no block to share
     const int setting = settings::dkdv_parts();
     if (setting > 0) {
       // A count asked for, within what a small grid needs (the sums' scratch grows with the grid).

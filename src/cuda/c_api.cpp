@@ -99,6 +99,11 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
         const std::optional<bool> forced = cuda::settings::one_pass_backward();
         for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, forced.value_or(false))) {
           cuda::kernel_binary(spec, false);
+          if (spec.takes_parts()) {  // and the plain dK/dV kernel, which problems of one part run
+            cuda::KernelSpec plain = spec;
+            plain.dkdv_parts = false;
+            cuda::kernel_binary(plain, false);
+          }
         }
         for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
           if (forced || !cuda::one_pass_backward_chosen(traits, seqlen_k, device)) continue;

@@ -473,10 +473,11 @@ TEST_F(CudaHostPath, NondeterministicBackwardTakesTheUnorderedOnePass) {
 
 // FLASHJIT_CUDA_DKDV_PARTS: the split dK/dV kernel over a GQA group's query heads in parts. At
 // batch 1 with 4 key/value heads of 8 query heads each and 2048 keys (16 key blocks a head: 64
-// blocks on 132 SMs), "auto" takes 8 parts (the fewest powers of two dividing the group that reach
-// two blocks an SM), "2" two; each part's float32 sums and a counter a key block (which the prep
-// kernel zeroes) follow the rows' scratch, which planning sizes. Without a group (MHA) no parts;
-// unset, none.
+// blocks on 132 SMs), "auto" (also unset) takes 8 parts (the smallest divisor of the group that
+// reaches two blocks an SM), "2" two; a group of 7 takes 7 where that stays within four blocks an
+// SM, none beyond; each part's float32 sums and a counter a key block (which the prep kernel
+// zeroes) follow the rows' scratch, which planning sizes. Without a group (MHA) no parts; "off",
+// none.
 TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
   REQUIRE_NULL_DRIVER();
   unsetenv("FLASHJIT_CUDA_BACKWARD");
@@ -527,15 +528,15 @@ TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
   auto [capped_grid, capped] = run(long_keys, &bytes);
   EXPECT_EQ(capped_grid, 256u * 2);
   EXPECT_EQ(capped.dkdv_parts, 2);
-  // A group no power of two divides (14 query heads on 2 key/value heads): its smallest divisor
-  // that fills the GPU, here the group itself, 16 x 2 key blocks x 7.
+  // A group no power of two divides (14 query heads on 2 key/value heads): no divisor brings 16 x 2
+  // key blocks to two blocks an SM, and 7 (224 blocks) keeps them within four.
   unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
   DeviceBuffers sevens(1, 14, 2, 2048, 2048, 64, FJ_BFLOAT16);
   auto [seven_grid, seven] = run(sevens, &bytes);
   EXPECT_EQ(seven_grid, 32u * 7);
   EXPECT_EQ(seven.dkdv_parts, 7);
   EXPECT_EQ(seven.dkdv_counter_count, 32);
-  // ... but not where 7 parts would pass four blocks an SM (80 key blocks: 560 blocks on 132 SMs).
+  // ... but none where 7 parts would pass four blocks an SM (40 key blocks x 2 heads x 7: 560).
   DeviceBuffers longer_sevens(1, 14, 2, 5120, 5120, 64, FJ_BFLOAT16);
   auto [long_seven_grid, long_seven] = run(longer_sevens, &bytes);
   EXPECT_EQ(long_seven_grid, 80u);
