@@ -619,7 +619,8 @@ def test_dkdv_parts(parts, causal, monkeypatch, tmp_path):
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
     flashjit.cuda.clear_memory_cache()
     for shape, extras in ((dict(B=1, Hq=16, Hkv=2, Sq=700, Sk=700, D=64), {}),
-                          (dict(B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64), {}),  # a group of 7: auto 7 parts, "2" and "8" none
+                          # a group of 7: "auto" takes 7 parts, "2" and "8" none
+                          (dict(B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64), {}),
                           (dict(B=1, Hq=16, Hkv=2, Sq=500, Sk=650, D=128), {}),
                           (dict(B=2, Hq=8, Hkv=1, Sq=300, Sk=333, D=64),
                            dict(mask=torch.rand(2, 1, 300, 333) > 0.2, softcap=20.0, dropout_p=0.1))):
