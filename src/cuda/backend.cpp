@@ -1100,6 +1100,52 @@ bool encode_backward_maps(KernelParams& params, const AttentionProblem& p, const
          encode_tensor_map(&params.v_map, p.v, p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v, key_box);
 }
 
+// The backward's kernels and their TMA descriptors: the sm_90a kernels where TMA
+// can address every operand, else the mma.sync or scalar ones (which read no map).
+std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
+                                       std::array<KernelParams, Plan::kMaxKernels>& params) {
+  KernelTraits traits = traits_for_launch(p, launch);
+  std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch, p.nondeterministic);
+  keep_blocks_resident(dkdv_kernel(specs), ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
+                       device_info(launch.device_index).multiprocessors);
+  if (specs.size() > Plan::kMaxKernels) {
+    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
+                                           " expected"));
+  }
+  for (size_t index = 0; index < specs.size(); ++index) {
+    if (reads_tensor_maps(specs[index]) && !encode_backward_maps(params[index], p, specs[index])) {
+      traits.tma = false;
+      return backward_kernels(traits);
+    }
+  }
+  return specs;
+}
+
+// The one-pass backward's scratch beside the rows' (KernelParams::dq_accum): dQ's float32 sums,
+// head_dim_qk floats a scratch row, then two counters a tile of block_n scratch rows (with
+// writer-groups, each of them layout::kDqGroups times: group g's after group g - 1's); none for
+// other kernels. The atomic sums are zeroed by the prep kernel (the others' first visitor stores).
+struct OnePassScratch {
+  size_t accum_floats = 0, counters = 0;
+  bool zeroed = false;
+  OnePassScratch(const KernelSpec& dkdv, int64_t scratch_rows) {
+    if (!dkdv.one_pass) return;
+    const size_t groups = size_t(layout::dq_groups(dkdv.dq_diagnostic));  // writer-groups: sums a group
+    accum_floats = groups * size_t(scratch_rows) * size_t(dkdv.head_dim_qk);
+    counters = groups * size_t(ceil_div(scratch_rows, dkdv.block_n)) * 2;
+    zeroed = layout::dq_atomic(dkdv.dq_diagnostic);
+  }
+  size_t bytes() const { return accum_floats * sizeof(float) + counters * sizeof(int); }
+  // Points the kernels at it, from `base` (16-byte aligned).
+  void place(KernelParams& params, char* base) const {
+    if (counters == 0) return;
+    params.dq_accum = reinterpret_cast<float*>(base);
+    params.dq_semaphore = reinterpret_cast<int*>(params.dq_accum + accum_floats);
+    params.dq_counters = int64_t(counters);
+    params.dq_zero_floats = zeroed ? int64_t(accum_floats) : 0;  // a multiple of 4: head dims of 64 and 128
+  }
+};
+
 // The parts of a GQA group's query heads the split dK/dV kernel takes (KernelSpec::dkdv_parts;
 // 1: none): FLASHJIT_CUDA_DKDV_PARTS's count, halved until it divides the group, or ("auto") the
 // smallest divisor of the group that brings the grid to two blocks an SM, else the largest that
@@ -1145,60 +1191,6 @@ struct DkDvParts {
   }
 };
 
-// The backward's kernels and their TMA descriptors: the sm_90a kernels where TMA
-// can address every operand, else the mma.sync or scalar ones (which read no map).
-std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& launch,
-                                       std::array<KernelParams, Plan::kMaxKernels>& params) {
-  KernelTraits traits = traits_for_launch(p, launch);
-  std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch, p.nondeterministic);
-  // The dK/dV kernel in parts only where the problem takes more than one (its grid is small and
-  // its GQA group divides): elsewhere the plain kernel, unchanged.
-  if (dkdv_kernel(specs).takes_parts() &&
-      DkDvParts(dkdv_kernel(specs), p, ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
-                device_info(launch.device_index).multiprocessors)
-              .parts == 1) {
-    dkdv_kernel(specs).dkdv_parts = false;
-  }
-  keep_blocks_resident(dkdv_kernel(specs), ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
-                       device_info(launch.device_index).multiprocessors);
-  if (specs.size() > Plan::kMaxKernels) {
-    throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
-                                           " expected"));
-  }
-  for (size_t index = 0; index < specs.size(); ++index) {
-    if (reads_tensor_maps(specs[index]) && !encode_backward_maps(params[index], p, specs[index])) {
-      traits.tma = false;
-      return backward_kernels(traits);
-    }
-  }
-  return specs;
-}
-
-// The one-pass backward's scratch beside the rows' (KernelParams::dq_accum): dQ's float32 sums,
-// head_dim_qk floats a scratch row, then two counters a tile of block_n scratch rows (with
-// writer-groups, each of them layout::kDqGroups times: group g's after group g - 1's); none for
-// other kernels. The atomic sums are zeroed by the prep kernel (the others' first visitor stores).
-struct OnePassScratch {
-  size_t accum_floats = 0, counters = 0;
-  bool zeroed = false;
-  OnePassScratch(const KernelSpec& dkdv, int64_t scratch_rows) {
-    if (!dkdv.one_pass) return;
-    const size_t groups = size_t(layout::dq_groups(dkdv.dq_diagnostic));  // writer-groups: sums a group
-    accum_floats = groups * size_t(scratch_rows) * size_t(dkdv.head_dim_qk);
-    counters = groups * size_t(ceil_div(scratch_rows, dkdv.block_n)) * 2;
-    zeroed = layout::dq_atomic(dkdv.dq_diagnostic);
-  }
-  size_t bytes() const { return accum_floats * sizeof(float) + counters * sizeof(int); }
-  // Points the kernels at it, from `base` (16-byte aligned).
-  void place(KernelParams& params, char* base) const {
-    if (counters == 0) return;
-    params.dq_accum = reinterpret_cast<float*>(base);
-    params.dq_semaphore = reinterpret_cast<int*>(params.dq_accum + accum_floats);
-    params.dq_counters = int64_t(counters);
-    params.dq_zero_floats = zeroed ? int64_t(accum_floats) : 0;  // a multiple of 4: head dims of 64 and 128
-  }
-};
-
 // The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
 // = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
 // reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
@@ -1207,7 +1199,7 @@ struct OnePassScratch {
 void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
-  const std::vector<KernelSpec> specs = backward_specs(p, launch, params);
+  std::vector<KernelSpec> specs = backward_specs(p, launch, params);
   const bool hopper = specs.front().family == KernelFamily::kHopper;
   // sm_90a: scratch rows padded to whole blocks of 128 rows (every sm_90a backward kernel's block
   // rows; the one-pass dK/dV kernel's query tiles divide them).
@@ -1218,6 +1210,8 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   const OnePassScratch one_pass(dkdv_kernel(specs), scratch_rows);
   const DkDvParts parts(dkdv_kernel(specs), p, ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
                         device_info(launch.device_index).multiprocessors);
+  // The dK/dV kernel in parts only where the problem takes more than one: elsewhere the plain one.
+  if (parts.parts == 1) dkdv_kernel(specs).dkdv_parts = false;
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
