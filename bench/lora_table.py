@@ -144,7 +144,7 @@ def main():
     parser.add_argument("--timeout", type=int, default=900, help="seconds a run may take")
     parser.add_argument("--out", default=None, help="directory for the markdown record")
     parser.add_argument("--flash-env", nargs="+", default=[], metavar="NAME=VALUE",
-                        help="environment variables of the flashjit runs only (e.g. FLASHJIT_MLX_BUFFERS=mlx)")
+                        help="environment variables of the flashjit runs only (e.g. FLASHJIT_MLX_LAUNCH=nodes)")
     args = parser.parse_args()
     for item in args.flash_env:
         if "=" not in item or not item.split("=", 1)[0]:
@@ -191,7 +191,7 @@ def main():
         import flashjit.cuda
         gpu = flashjit.cuda.device_info()["name"]
     tag = device_tag({"device": "cpu" if args.device == "cpu" else "cuda", "gpu": gpu})
-    label = "-".join(item.split("=", 1)[1] for item in args.flash_env)  # FLASHJIT_MLX_BUFFERS=mlx: "-mlx"
+    label = "-".join(item.split("=", 1)[1] for item in args.flash_env)  # FLASHJIT_MLX_LAUNCH=nodes: "-nodes"
     save_record(args.out, tag, f"lora-{args.framework}", commit, text, label=label)
     if args.out:
         with open(os.path.join(args.out, f"lora-{args.framework}-runs.json"), "w") as file:

@@ -8,11 +8,10 @@ causal; backward 2.5x), with the largest difference between the two outputs.
 Timing: `--runs` evaluations of `--calls` calls each (one mx.eval a run, the outputs
 summed so that every call is computed), mx.synchronize() around, median.
 
-    python bench/mlx_gpu.py --out bench/results [--buffers malloc mlx]
+    python bench/mlx_gpu.py --out bench/results [--launch capture nodes]
 
---buffers, --launch: flashjit's columns with each FLASHJIT_MLX_BUFFERS and FLASHJIT_MLX_LAUNCH
-value (every pair; the first pair is the "flashjit" column, the others "flashjit[...]"), in the
-same process.
+--launch: flashjit's columns with each FLASHJIT_MLX_LAUNCH value (the first is the "flashjit"
+column, the others "flashjit[launch=...]"), in the same process.
 """
 
 from __future__ import annotations
@@ -58,8 +57,6 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="head dim 128, N 4096 only")
-    parser.add_argument("--buffers", nargs="+", default=["malloc"], choices=["malloc", "mlx"],
-                        help="FLASHJIT_MLX_BUFFERS of flashjit's columns (default: malloc)")
     parser.add_argument("--launch", nargs="+", default=["capture"], choices=["capture", "nodes"],
                         help="FLASHJIT_MLX_LAUNCH of flashjit's columns (default: capture)")
     args = parser.parse_args()
@@ -69,18 +66,15 @@ def main():
     device = flashjit.cuda.device_info()["name"]
     mx.random.seed(0)
     heads = 16
-    def flashjit_with(buffers, launch):
+    def flashjit_with(launch):
         def impl(q, k, v, c):
-            # BUFFERS is read where the nodes are made (the forward here, the backward's in mx.grad's
-            # vjp), LAUNCH where they run (mx.eval, inside median_ms's run, still in this setting).
-            os.environ["FLASHJIT_MLX_BUFFERS"] = buffers
+            # Read where the nodes run (mx.eval, inside median_ms's run, still in this setting).
             os.environ["FLASHJIT_MLX_LAUNCH"] = launch
             return fm.attention(q, k, v, causal=c, stream=mx.gpu)
         return impl
 
-    pairs = [(b, l) for b in args.buffers for l in args.launch]
-    names = ["flashjit" if i == 0 else f"flashjit[buffers={b},launch={l}]" for i, (b, l) in enumerate(pairs)]
-    impls = {name: flashjit_with(*pair) for name, pair in zip(names, pairs)}
+    names = ["flashjit" if i == 0 else f"flashjit[launch={launch}]" for i, launch in enumerate(args.launch)]
+    impls = {name: flashjit_with(launch) for name, launch in zip(names, args.launch)}
     impls["mx.fast"] = lambda q, k, v, c: mx.fast.scaled_dot_product_attention(
         q, k, v, scale=q.shape[-1] ** -0.5, mask="causal" if c else None)
     cases = [(128, 4096)] if args.quick else [(d, n) for d in (64, 128) for n in (1024, 4000, 4096, 16384)]

@@ -48,8 +48,16 @@ kvcache_bench() {
 # Wheels that ../shared/tools/device-wheels packed, carried over in parts into /tmp/devwheels by
 # back-to-back calls: unpacked into /tmp/site, which goes first on PYTHONPATH; then flashjit is
 # built into the same folder (flashjit.mlx then finds MLX's libmlx at $ORIGIN/../mlx/lib and is
-# compiled against MLX's CUDA headers, with eval_gpu), its log in $OUT/build-site.log.
+# compiled against MLX's CUDA headers, with eval_gpu), its log in $OUT/build-site.log. A warm
+# machine that built the site from the same tree (the stamp of build()) keeps it.
 site_from_devwheels() {
+  local stamp
+  stamp="$(git rev-parse HEAD 2>/dev/null) $( (git diff HEAD 2>/dev/null; git ls-files -o --exclude-standard 2>/dev/null) | md5sum)"
+  export PYTHONPATH=/tmp/site
+  if [ -f /tmp/site-built ] && [ "$(cat /tmp/site-built)" = "$stamp" ] && python3 -c "import flashjit._mlx" 2>/dev/null; then
+    echo "site already built: $stamp"
+    return
+  fi
   step "wheels"
   ls /tmp/devwheels
   cat /tmp/devwheels/part* | tar -x -C /tmp || { echo "a part is missing: start again from the first"; exit 1; }
@@ -62,4 +70,5 @@ site_from_devwheels() {
   grep -h "flashjit.mlx" "$OUT/build-site.log" | head -3
   python3 -c "import flashjit, flashjit._mlx as m; print(flashjit.__file__, 'mlx cuda_available', m.cuda_available())" \
     2>&1 | tail -1
+  echo "$stamp" >/tmp/site-built
 }

@@ -9,7 +9,7 @@
 # (default: torch and mlx; tests: the MLX test files first, mlx-lm's routing included). The same
 # parts serve scripts/gpu_mlx.sh. Records and logs under $OUT. LORA_FLASH_ENV="NAME=VALUE ..."
 # sets those variables in the flashjit runs only (bench/lora_table.py --flash-env), e.g.
-# LORA_FLASH_ENV="FLASHJIT_MLX_BUFFERS=mlx FLASHJIT_MLX_LAUNCH=nodes".
+# LORA_FLASH_ENV="FLASHJIT_MLX_LAUNCH=nodes".
 if [ "${1:-}" = "--pins" ]; then
   # transformers, peft and mlx-lm with what they import that torch's environment lacks or holds
   # too old (pydantic and anyio need typing_extensions 4.16; the versions setup.sh installs here),

@@ -14,9 +14,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -78,15 +76,12 @@ struct Options {
   // (seqused_k) as a third input after the offsets; 2, pages: cu_seqlens_q, the counts and the
   // int32 page table [batch, max_pages] after the tensors (k, v pages [num_pages, page_size, H, D]).
   int kv_cache = 0;
-  // On MLX's GPU stream: the last `buffers` inputs are memory MLX allocated on the device for the
-  // outputs (one each, in order) and the workspace (last); see with_buffers. 0: none.
-  int buffers = 0;
 
   bool operator==(const Options& o) const {
     return scale == o.scale && softcap == o.softcap && causal == o.causal && window_left == o.window_left &&
            window_right == o.window_right && has_mask == o.has_mask && dropout_p == o.dropout_p &&
            varlen == o.varlen && max_seqlen_q == o.max_seqlen_q && max_seqlen_k == o.max_seqlen_k &&
-           kv_cache == o.kv_cache && buffers == o.buffers;
+           kv_cache == o.kv_cache;
   }
   // The integer arrays of a variable-length batch among a primitive's inputs.
   size_t varlen_inputs() const { return varlen ? (kv_cache != 0 ? 3 : 2) : 0; }
@@ -198,130 +193,12 @@ bool cuda_available() {
 #endif
 }
 
-// Device memory for the outputs and the workspace on MLX's GPU stream. There
-// mx::allocator::malloc hands out managed memory (the CUDA allocator's malloc is its
-// malloc_async for device -1), and where its cache returns a device buffer it first moves that
-// buffer to managed memory with a synchronous copy; MLX's own kernels take device memory from
-// cu::malloc_async, which libmlx does not export. So with FLASHJIT_MLX_BUFFERS=mlx a node on the
-// GPU stream carries, as its last inputs, arrays that MLX's own ops allocate on the device
-// (add_buffers): one for each output, whose memory the output takes over, and a workspace kept
-// per stream, which every call on the stream writes in turn (grown after a call that needed
-// more: that call takes the allocator's memory once). Each buffer is filled with a value of its
-// own (a counter), so that mx.compile, which merges equal constants and equal fills, cannot
-// make it one array with another buffer or with the program's own zeros. Unset or `malloc`:
-// the allocator's memory. `mlx-cpu`: the buffers on CPU streams too (where the allocator's memory
-// is plain host memory: for testing the buffers' handling without a GPU).
-bool mlx_buffers_enabled(const mx::Stream& stream) {
-  const char* value = std::getenv("FLASHJIT_MLX_BUFFERS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "malloc") == 0) return false;
-  if (std::strcmp(value, "mlx") == 0) return stream.device == mx::Device::gpu;
-  if (std::strcmp(value, "mlx-cpu") == 0) return true;
-  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_BUFFERS: expected mlx, mlx-cpu or malloc, got '" +
-                              value + "'");
-}
-
-// A lazy array of at least `bytes` on `stream` (uint32 words as rows of 64, so that no dim
-// overflows int32 below 512 GiB), filled with a value no other buffer has.
-mx::array tagged_buffer(size_t bytes, const mx::Stream& stream) {
-  static std::atomic<uint32_t> next_tag{0x9e3779b9u};
-  constexpr size_t row_words = 64;
-  const size_t words = std::max<size_t>((bytes + 3) / 4, 1);
-  const mx::Shape shape = {int((words + row_words - 1) / row_words), int(row_words)};
-  return mx::full(shape, mx::array(next_tag.fetch_add(1, std::memory_order_relaxed), mx::uint32), mx::uint32,
-                  stream);
-}
-
-struct WorkspaceSlot {
-  std::optional<mx::array> array;
-  size_t wanted = 0;  // the most a call on the stream asked for
-};
-std::mutex workspace_mutex;
-// By stream index (unique across devices); one slot a GPU stream that ever ran a call, never
-// destroyed (its arrays must not outlive MLX at exit).
-std::map<int, WorkspaceSlot>& workspace_slots() {
-  static auto* slots = new std::map<int, WorkspaceSlot>();
-  return *slots;
-}
-
-mx::array stream_workspace(const mx::Stream& stream) {
-  std::lock_guard lock(workspace_mutex);
-  WorkspaceSlot& slot = workspace_slots()[stream.index];
-  if (!slot.array || slot.array->nbytes() < slot.wanted) slot.array = tagged_buffer(slot.wanted, stream);
-  return *slot.array;
-}
-
-[[maybe_unused]] void workspace_wanted(const mx::Stream& stream, size_t bytes) {
-  std::lock_guard lock(workspace_mutex);
-  WorkspaceSlot& slot = workspace_slots()[stream.index];
-  slot.wanted = std::max(slot.wanted, bytes);
-}
-
-// inputs with the GPU stream's buffers appended (each output's, then the workspace) and
-// options.buffers their count; elsewhere (FLASHJIT_MLX_BUFFERS unset, a CPU stream) none.
-void add_buffers(const mx::Stream& stream, Options& options, std::vector<mx::array>& inputs,
-                 const std::vector<mx::Shape>& shapes, const std::vector<mx::Dtype>& dtypes) {
-  options.buffers = 0;
-  if (options.varlen || !mlx_buffers_enabled(stream)) return;
-  for (size_t i = 0; i < shapes.size(); ++i) {
-    size_t bytes = mx::size_of(dtypes[i]);
-    for (int dim : shapes[i]) bytes *= size_t(dim);
-    inputs.push_back(tagged_buffer(bytes, stream));
-  }
-  inputs.push_back(stream_workspace(stream));
-  options.buffers = int(shapes.size()) + 1;
-}
-
-// The options and inputs a node was made from, without its buffers (to make another node).
-Options without_buffers(Options options) {
-  options.buffers = 0;
-  return options;
-}
-template <typename T>
-std::vector<T> without_buffers(const std::vector<T>& inputs, const Options& options) {
-  return std::vector<T>(inputs.begin(), inputs.end() - options.buffers);
-}
-
-// A workspace taken from the allocator: rows of 256 bytes (MLX's workspace alignment; one dim
-// of bytes would overflow int32 above 2 GiB).
-[[maybe_unused]] mx::Shape workspace_shape(size_t bytes) {
-  constexpr size_t row = 256;
-  return {int((std::max<size_t>(bytes, 1) + row - 1) / row), int(row)};
-}
-
-// Whether buffer b, evaluated, can hold `bytes` for a call: dense, and its memory not shared with
-// another array yet.
-bool holds(const mx::array& b, size_t bytes) {
-  return b.nbytes() >= bytes && b.flags().row_contiguous && b.data_size() == b.size() && b.offset() == 0 &&
-         b.data_shared_ptr().use_count() == 1;
-}
-
-// How the buffers served (buffer_counts()): outputs given their buffer, outputs that had one and
-// took the allocator's memory, calls on the stream's workspace, calls that outgrew it.
-std::atomic<int64_t> outputs_in_buffers{0}, outputs_allocated{0}, workspace_kept{0}, workspace_outgrown{0};
-
-// Gives each output its buffer among the last `buffers` inputs where it holds it, else the
-// allocator's memory.
-void allocate_outputs(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs, int buffers) {
-  const size_t first_buffer = inputs.size() - size_t(buffers);
-  for (size_t i = 0; i < outputs.size(); ++i) {
-    const mx::array* buffer = size_t(buffers) > i ? &inputs[first_buffer + i] : nullptr;
-    if (buffer != nullptr && holds(*buffer, outputs[i].nbytes())) {
-      // The output's data is the buffer's memory, which the buffer (held by the deleter) keeps.
-      outputs[i].set_data(mx::allocator::Data(buffer->buffer(), [keep = *buffer](mx::allocator::Buffer) {}));
-      ++outputs_in_buffers;
-    } else {
-      outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
-      if (buffer != nullptr) ++outputs_allocated;
-    }
-  }
-}
-
-// Allocates the outputs (or gives them the node's buffers) and enqueues call(inputs, outputs) on
-// the stream's CPU encoder. The task holds the arrays, so their buffers live until it has run.
+// Allocates the outputs and enqueues call(inputs, outputs) on the stream's CPU encoder. The task
+// holds the arrays, so their memory lives until it has run.
 template <typename Call>
 void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
-             int buffers, Call call) {
-  allocate_outputs(inputs, outputs, buffers);
+             Call call) {
+  for (mx::array& x : outputs) x.set_data(mx::allocator::malloc(x.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);
@@ -374,55 +251,49 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
 }
 #endif
 
-// Allocates the outputs (or gives them the node's buffers) and records call(inputs, outputs,
-// cuda_options) into the GPU stream's command encoder: prepare(..., &bytes) first compiles and
-// loads the kernels (nothing may compile while the encoder captures) and sizes the scratch,
-// which the call then takes from the node's workspace buffer or from an array the encoder keeps
-// until the work is done (no memory nodes in the captured graph). A failed call's capture is
-// discarded and its error thrown once the capture has ended, so the stream leaves capture mode
-// and no partial graph joins the encoder's.
+// The workspace's shape: rows of 256 bytes (MLX's workspace alignment; one dim of bytes would
+// overflow int32 above 2 GiB).
+[[maybe_unused]] mx::Shape workspace_shape(size_t bytes) {
+  constexpr size_t row = 256;
+  return {int((std::max<size_t>(bytes, 1) + row - 1) / row), int(row)};
+}
+
+// Allocates the outputs and records call(inputs, outputs, cuda_options) into the GPU stream's
+// command encoder: prepare(..., &bytes) first compiles and loads the kernels (nothing may compile
+// while the encoder captures) and sizes the scratch, which the call then takes from an array the
+// encoder keeps until the work is done (no memory nodes in the captured graph). The outputs and
+// the workspace take mx::allocator::malloc's memory, managed memory on CUDA: MLX's own kernels
+// take device memory from cu::malloc_async, which libmlx does not export, and arrays made by MLX's
+// ops and taken over as outputs measured slower on an H100
+// (bench/results/h100-mlx-2026-12-06-bdbfc6d.md). A failed call's capture is discarded and its
+// error thrown once the capture has ended, so the stream leaves capture mode and no partial graph
+// joins the encoder's.
 template <typename Call>
 void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
-                  int buffers, Call call) {
+                  Call call) {
 #if FLASHJIT_MLX_CUDA
   if (!cuda_available()) {
     throw std::runtime_error(std::string(kOp) + " this libmlx has no CUDA backend (pip install \"mlx[cuda13]\")");
   }
   const bool nodes = mlx_launch_nodes() && &flashjit_mlx_add_kernel_node != nullptr;  // a bad value: nothing done
-  allocate_outputs(inputs, outputs, buffers);
+  for (mx::array& x : outputs) x.set_data(mx::allocator::malloc(x.nbytes()));
   auto& encoder = mx::cu::get_command_encoder(stream);
   fj_attention_options cuda{};
   size_t bytes = 0;
   check(call(inputs, outputs, cuda, &bytes));  // prepare: cuda.stream unset, nothing enqueued
-  const mx::array* kept = size_t(buffers) > outputs.size() ? &inputs.back() : nullptr;
-  void* workspace_address = nullptr;
-  std::optional<mx::array> temporary;  // the workspace taken from the allocator, where taken
-  const bool kept_serves =
-      kept != nullptr && kept->nbytes() >= bytes && kept->flags().row_contiguous && kept->offset() == 0;
-  if (kept_serves) {
-    workspace_address = mx::gpu_ptr<void>(*kept);
-    ++workspace_kept;
-  } else {
-    if (kept != nullptr) {
-      workspace_wanted(stream, bytes);  // the stream's next nodes get enough
-      ++workspace_outgrown;
-    }
-    mx::array workspace(workspace_shape(bytes), mx::uint8, nullptr, {});
-    workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
-    encoder.add_temporary(workspace);
-    workspace_address = mx::gpu_ptr<void>(workspace);
-    temporary = workspace;
-  }
+  mx::array workspace(workspace_shape(bytes), mx::uint8, nullptr, {});
+  workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
+  encoder.add_temporary(workspace);
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);
-  // The stream's workspace is written: the next call that writes it comes after this one.
-  if (kept_serves) encoder.set_output_array(*kept);
   cuda.stream = static_cast<cudaStream_t>(encoder.stream());
-  cuda.workspace = workspace_address;
+  cuda.workspace = mx::gpu_ptr<void>(workspace);
   cuda.workspace_bytes = bytes;
   if (nodes) {
-    NodeLauncher launcher{&encoder, &outputs, temporary ? &*temporary : kept};
-    if (temporary) encoder.set_output_array(*temporary);
+    // Every kernel writes the workspace: declared an output here, and again before each later
+    // kernel (add_kernel_node).
+    NodeLauncher launcher{&encoder, &outputs, &workspace};
+    encoder.set_output_array(workspace);
     cuda.launch = add_kernel_node;
     cuda.launch_data = &launcher;
     const fj_status status = call(inputs, outputs, cuda, nullptr);
@@ -442,7 +313,7 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   }
   if (error) std::rethrow_exception(error);
 #else
-  (void)stream, (void)inputs, (void)outputs, (void)buffers, (void)call;
+  (void)stream, (void)inputs, (void)outputs, (void)call;
   throw std::runtime_error(std::string(kOp) + " was built without MLX's CUDA headers: run it on a cpu stream");
 #endif
 }
@@ -479,7 +350,7 @@ class Forward : public Node {
 
   // inputs: q, k, v[, mask | cu_seqlens_q, cu_seqlens_k][, rng]; outputs: o, lse.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    enqueue(stream(), inputs, outputs, options_.buffers, [options = options_](auto& in, auto& out) {
+    enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       const fj_tensor q = tensor_of(in[0]), k = tensor_of(in[1]), v = tensor_of(in[2]);
       fj_tensor o = tensor_of(out[0]), lse = tensor_of(out[1]);
       if (options.varlen) {
@@ -495,7 +366,7 @@ class Forward : public Node {
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     if (options_.varlen) throw std::runtime_error(std::string(kOp) + " varlen_attention runs on a cpu stream only");
     const mx::Device device = stream().device;
-    enqueue_cuda(stream(), inputs, outputs, options_.buffers,
+    enqueue_cuda(stream(), inputs, outputs,
                  [&, options = options_](auto& in, auto& out, const fj_attention_options& cuda, size_t* bytes) {
       const fj_tensor q = tensor_of(in[0], device), k = tensor_of(in[1], device), v = tensor_of(in[2], device);
       fj_tensor o = tensor_of(out[0], device), lse = tensor_of(out[1], device);
@@ -526,7 +397,7 @@ class Backward : public Node {
 
   // inputs: q, k, v, o, lse, dout[, mask | cu_seqlens_q, cu_seqlens_k][, rng]; outputs: dq, dk, dv.
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    enqueue(stream(), inputs, outputs, options_.buffers, [options = options_](auto& in, auto& out) {
+    enqueue(stream(), inputs, outputs, [options = options_](auto& in, auto& out) {
       fj_tensor t[6];
       for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i]);
       fj_tensor dq = tensor_of(out[0]), dk = tensor_of(out[1]), dv = tensor_of(out[2]);
@@ -544,7 +415,7 @@ class Backward : public Node {
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     if (options_.varlen) throw std::runtime_error(std::string(kOp) + " varlen_attention runs on a cpu stream only");
     const mx::Device device = stream().device;
-    enqueue_cuda(stream(), inputs, outputs, options_.buffers,
+    enqueue_cuda(stream(), inputs, outputs,
                  [&, options = options_](auto& in, auto& out, const fj_attention_options& cuda, size_t* bytes) {
       fj_tensor t[6];
       for (int i = 0; i < 6; ++i) t[i] = tensor_of(in[i], device);
@@ -569,20 +440,19 @@ class Backward : public Node {
 };
 
 // The graph nodes of the two primitives over their inputs (see eval_cpu).
-// (inputs: without buffers; on the GPU stream add_buffers appends them.)
-std::vector<mx::array> forward_node(const mx::Stream& stream, Options options, std::vector<mx::array> inputs) {
+std::vector<mx::array> forward_node(const mx::Stream& stream, const Options& options,
+                                    const std::vector<mx::array>& inputs) {
   const mx::Dtype dtype = inputs[0].dtype();
-  const std::vector<mx::Shape> shapes = forward_shapes(inputs);
-  const std::vector<mx::Dtype> dtypes = {dtype, dtype == mx::float64 ? mx::float64 : mx::float32};
-  add_buffers(stream, options, inputs, shapes, dtypes);
-  return mx::array::make_arrays(shapes, dtypes, std::make_shared<Forward>(stream, options), inputs);
+  return mx::array::make_arrays(forward_shapes(inputs),
+                                {dtype, dtype == mx::float64 ? mx::float64 : mx::float32},
+                                std::make_shared<Forward>(stream, options), inputs);
 }
 
-std::vector<mx::array> backward_node(const mx::Stream& stream, Options options, std::vector<mx::array> inputs) {
-  const std::vector<mx::Shape> shapes = {inputs[0].shape(), inputs[1].shape(), inputs[2].shape()};
-  const std::vector<mx::Dtype> dtypes = {inputs[0].dtype(), inputs[1].dtype(), inputs[2].dtype()};
-  add_buffers(stream, options, inputs, shapes, dtypes);
-  return mx::array::make_arrays(shapes, dtypes, std::make_shared<Backward>(stream, options), inputs);
+std::vector<mx::array> backward_node(const mx::Stream& stream, const Options& options,
+                                     const std::vector<mx::array>& inputs) {
+  return mx::array::make_arrays({inputs[0].shape(), inputs[1].shape(), inputs[2].shape()},
+                                {inputs[0].dtype(), inputs[1].dtype(), inputs[2].dtype()},
+                                std::make_shared<Backward>(stream, options), inputs);
 }
 
 mx::Stream cpu_stream() {
@@ -654,15 +524,13 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
   // lse is not differentiable: its cotangent is ignored.
   std::vector<mx::array> inputs = {primals[0], primals[1], primals[2],
                                    outputs[0], outputs[1], rows(cotangents[0], stream())};
-  for (size_t i = 3; i < primals.size() - size_t(options_.buffers); ++i) {
-    inputs.push_back(primals[i]);  // mask, dropout seed
-  }
-  const std::vector<mx::array> grads = backward_node(stream(), without_buffers(options_), inputs);
+  for (size_t i = 3; i < primals.size(); ++i) inputs.push_back(primals[i]);  // mask, dropout seed
+  const std::vector<mx::array> grads = backward_node(stream(), options_, inputs);
   std::vector<mx::array> out;
   for (int arg : argnums) {
     if (arg < 3) {
       out.push_back(grads[arg]);
-    } else {  // no gradient flows into the mask, the seed or a buffer
+    } else {  // no gradient flows into the mask or the seed
       out.push_back(mx::zeros_like(primals[arg], stream()));
     }
   }
@@ -672,19 +540,15 @@ std::vector<mx::array> Forward::vjp(const std::vector<mx::array>& primals,
 std::pair<std::vector<mx::array>, std::vector<int>> Forward::vmap(const std::vector<mx::array>& inputs,
                                                                   const std::vector<int>& axes) {
   if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
-  const Options base = without_buffers(options_);  // the node made over the merged batch gets its own
-  return vmap_through_batch(stream(), without_buffers(inputs, options_), without_buffers(axes, options_),
-                            base.mask_index(3), base.rng_index(3),
-                            [this, base](const auto& merged) { return forward_node(stream(), base, merged); });
+  return vmap_through_batch(stream(), inputs, axes, options_.mask_index(3), options_.rng_index(3),
+                            [this](const auto& merged) { return forward_node(stream(), options_, merged); });
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>> Backward::vmap(const std::vector<mx::array>& inputs,
                                                                    const std::vector<int>& axes) {
   if (options_.varlen) throw std::invalid_argument(std::string(kOp) + " vmap over a variable-length batch");
-  const Options base = without_buffers(options_);
-  return vmap_through_batch(stream(), without_buffers(inputs, options_), without_buffers(axes, options_),
-                            base.mask_index(6), base.rng_index(6),
-                            [this, base](const auto& merged) { return backward_node(stream(), base, merged); });
+  return vmap_through_batch(stream(), inputs, axes, options_.mask_index(6), options_.rng_index(6),
+                            [this](const auto& merged) { return backward_node(stream(), options_, merged); });
 }
 
 [[noreturn]] void bad(const std::string& message) {
@@ -854,14 +718,6 @@ NB_MODULE(_mlx, m) {
         "o, lse: lazy MLX arrays from the flashjit attention primitive on `stream` (an mx.Stream, or an mx.Device "
         "for its default stream; None: the CPU's); "
         "differentiable through q, k, v.");
-  m.def(
-      "buffer_counts",
-      [] {
-        return nb::make_tuple(outputs_in_buffers.load(), outputs_allocated.load(), workspace_kept.load(),
-                              workspace_outgrown.load());
-      },
-      "(outputs given their node's buffer, outputs that had one and took the allocator's memory, calls on the "
-      "stream's kept workspace, calls that outgrew it) since the module loaded: FLASHJIT_MLX_BUFFERS's work.");
   m.def(
       "kernel_node_count",
       [] {

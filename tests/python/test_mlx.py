@@ -231,11 +231,9 @@ def test_gpu_stream_matches_the_cpu_stream(causal):
         assert mx.allclose(a.astype(mx.float32), b.astype(mx.float32), atol=5e-2, rtol=5e-2)
 
 
-# The buffers' handling (FLASHJIT_MLX_BUFFERS) where it runs: MLX's GPU stream (mlx), and the CPU
-# stream (mlx-cpu: the same nodes and take-over, for testing without a GPU).
-BUFFER_PLACES = [pytest.param(("cpu", "mlx-cpu"), id="cpu"),
-                 pytest.param(("gpu", "mlx"), id="gpu", marks=pytest.mark.skipif(
-                     not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu"))]
+# The streams the primitives run on here: the CPU's, and MLX's GPU stream where MLX runs on CUDA.
+PLACES = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu"))]
 
 
 def _stream(place):
@@ -253,45 +251,11 @@ def _step(stream, q, k, v, **options):
     return [o, lse, *grads]
 
 
-@pytest.mark.parametrize("place", BUFFER_PLACES)
-@pytest.mark.parametrize("options", [dict(causal=True), dict(window=(40, 8), softcap=20.0)])
-def test_buffers_give_the_allocators_results(monkeypatch, place, options):
-    """FLASHJIT_MLX_BUFFERS=mlx: on the GPU stream the outputs take memory MLX's own ops
-    allocated (buffers made with the node) and the workspace is kept per stream; the results are
-    the bits of the allocator's memory (malloc, the default), also after a larger problem grew
-    the workspace, and a bad value of the switch is an error naming it."""
-    where, value = place
-    stream = _stream(where)
-    dtype = mx.bfloat16 if where == "gpu" else mx.float32
-    shapes = [(1, 4, 128, 64), (2, 8, 300, 64), (1, 4, 128, 64)]  # the second needs a larger workspace
-    for shape in shapes:
-        q, k, v = (mx.random.normal(shape).astype(dtype) for _ in range(3))
-        monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", value)
-        before = flashjit._mlx.buffer_counts()
-        with_buffers = _step(stream, q, k, v, **options)
-        served, allocated_instead, kept, outgrown = (b - a for a, b in zip(before, flashjit._mlx.buffer_counts()))
-        # o and lse twice (the lse call and the gradient's forward), dq, dk, dv: each in its buffer.
-        assert (served, allocated_instead) == (7, 0)
-        if where == "gpu" and shape is shapes[-1]:  # after the larger problem: the kept workspace serves
-            assert (kept, outgrown) == (3, 0)
-        monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", "malloc")
-        before = flashjit._mlx.buffer_counts()
-        allocated = _step(stream, q, k, v, **options)
-        assert flashjit._mlx.buffer_counts() == before  # no buffers: nothing served or counted
-        for a, b in zip(with_buffers, allocated):
-            assert a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b)
-    monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", "elsewhere")
-    with pytest.raises(ValueError, match="FLASHJIT_MLX_BUFFERS: expected mlx, mlx-cpu or malloc"):
-        flashjit.mlx.attention(q, k, v, stream=stream)
-
-
 @pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
-@pytest.mark.parametrize("buffers", ["malloc", "mlx"])
-def test_gpu_kernel_nodes_give_the_captures_results(monkeypatch, buffers):
+def test_gpu_kernel_nodes_give_the_captures_results(monkeypatch):
     """FLASHJIT_MLX_LAUNCH=nodes: flashjit's kernels added to MLX's graph as kernel nodes, each
     after the one before (the backward's three, a split decoding forward's two), give the bits of
     the stream capture; a bad value is an error naming the variable."""
-    monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", buffers)
     cases = [((1, 4, 200, 64), (1, 4, 200, 64), dict(causal=True)),
              ((1, 8, 1, 128), (1, 2, 4096, 128), dict())]  # one query against many keys: split and combine
     for q_shape, kv_shape, options in cases:
@@ -311,14 +275,12 @@ def test_gpu_kernel_nodes_give_the_captures_results(monkeypatch, buffers):
         mx.eval(flashjit.mlx.attention(q, k, v, stream=mx.gpu))
 
 
-@pytest.mark.parametrize("place", BUFFER_PLACES + [pytest.param(("cpu", "malloc"), id="cpu-malloc")])
-def test_compiled_calls_keep_their_own_memory(monkeypatch, place):
+@pytest.mark.parametrize("place", PLACES)
+def test_compiled_calls_keep_their_own_memory(place):
     """Two calls of one shape in a compiled function beside the program's own zeros of the same
-    shape: mx.compile merges equal constants and fills, and no call's buffer may become another's
+    shape: mx.compile merges equal constants and fills, and no call's output may become another's
     or the zeros' (the zeros stay zeros, each output is its own)."""
-    where, value = place
-    stream = _stream(where)
-    monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", value)
+    stream = _stream(place)
     q, k, v = (mx.random.normal((1, 4, 96, 64)).astype(mx.bfloat16) for _ in range(3))
 
     def two(q, k, v):
@@ -327,25 +289,19 @@ def test_compiled_calls_keep_their_own_memory(monkeypatch, place):
         zeros = mx.zeros(a.shape, a.dtype, stream=stream)
         return a, b, a + mx.zeros_like(a, stream=stream), zeros
 
-    before = flashjit._mlx.buffer_counts()
     compiled = mx.compile(two)(q, k, v)
     plain = two(q, k, v)
     mx.eval(*compiled, *plain)
-    served, allocated_instead = (b - a for a, b in list(zip(before, flashjit._mlx.buffer_counts()))[:2])
-    assert (served, allocated_instead) == ((0, 0) if value == "malloc" else (8, 0))  # o and lse of 4 calls
     for a, b in zip(compiled, plain):
         assert mx.array_equal(a, b)
     assert not mx.array_equal(compiled[0], compiled[1])
     assert mx.array_equal(compiled[2], compiled[0]) and not mx.any(compiled[3]).item()
 
 
-@pytest.mark.parametrize("place", BUFFER_PLACES + [pytest.param(("cpu", "malloc"), id="cpu-malloc")])
-def test_vmap_and_its_gradient_match_a_loop_with_buffers(monkeypatch, place):
-    """vmap makes one node over the merged batch (with buffers of its own sizes, not the unmapped
-    node's), forward and backward."""
-    where, value = place
-    stream = _stream(where)
-    monkeypatch.setenv("FLASHJIT_MLX_BUFFERS", value)
+@pytest.mark.parametrize("place", PLACES)
+def test_vmap_and_its_gradient_match_a_loop(place):
+    """vmap makes one node over the merged batch, forward and backward, on each stream."""
+    stream = _stream(place)
     q, k, v = (mx.random.normal((3, 1, 2, 80, 64)).astype(mx.bfloat16) for _ in range(3))
 
     def f(q, k, v):
