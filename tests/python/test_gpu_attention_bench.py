@@ -37,3 +37,18 @@ def test_a_column_with_a_switch_outside_the_list_is_refused():
     with pytest.raises(ValueError, match="not in SWITCHES"):
         gpu_attention.Impl("flashjit[x]", None, env={"FLASHJIT_CUDA_SOMETHING": "1"})
     assert "FLASHJIT_CUDA_DKDV_PARTS" in gpu_attention.SWITCHES
+
+
+def test_backward_kernels_runs_on_the_cpu_and_refuses_bad_shapes(tmp_path, capsys):
+    # bench/backward_kernels.py's steps on the CPU (host ops for kernels): a record with a section
+    # a problem and flashjit's table; a shape whose heads do not group is an error naming --shapes.
+    backward_kernels = pytest.importorskip("backward_kernels")
+    assert backward_kernels.main(["--device", "cpu", "--shapes", "1:4:2:64:32:causal", "--steps", "2",
+                                  "--out", str(tmp_path)]) == 0
+    (record,) = tmp_path.iterdir()
+    text = record.read_text()
+    assert "## B1 4/2 N64 D32 causal" in text and "**flashjit**:" in text and "| kernel |" in text
+    assert "backward-kernels" in record.name
+    with pytest.raises(SystemExit):
+        backward_kernels.main(["--device", "cpu", "--shapes", "1:3:2:64:32"])
+    assert "--shapes" in capsys.readouterr().err
