@@ -58,7 +58,8 @@ def main():
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="head dim 128, N 4096 only")
     parser.add_argument("--launch", nargs="+", default=["capture"], choices=["capture", "nodes"],
-                        help="FLASHJIT_MLX_LAUNCH of flashjit's columns (default: capture)")
+                        help="FLASHJIT_MLX_LAUNCH of flashjit's columns, in turn (default: capture); a value given "
+                        "again is measured again as a column of its own")
     args = parser.parse_args()
     if not flashjit._mlx.cuda_available():
         sys.exit("mlx_gpu.py: flashjit.mlx has no GPU stream here (MLX on CUDA and flashjit's eval_gpu needed)")
@@ -73,7 +74,12 @@ def main():
             return fm.attention(q, k, v, causal=c, stream=mx.gpu)
         return impl
 
-    names = ["flashjit" if i == 0 else f"flashjit[launch={launch}]" for i, launch in enumerate(args.launch)]
+    # A value given again is a column of its own (a repeat, to see the run's spread): "flashjit[launch=nodes] #2".
+    names = []
+    for i, launch in enumerate(args.launch):
+        name = "flashjit" if i == 0 else f"flashjit[launch={launch}]"
+        repeat = sum(1 for earlier in args.launch[:i] if earlier == launch)
+        names.append(f"{name} #{repeat + 1}" if repeat else name)
     impls = {name: flashjit_with(launch) for name, launch in zip(names, args.launch)}
     impls["mx.fast"] = lambda q, k, v, c: mx.fast.scaled_dot_product_attention(
         q, k, v, scale=q.shape[-1] ** -0.5, mask="causal" if c else None)
