@@ -51,6 +51,12 @@ def median_ms(fn, runs, calls):
     return statistics.median(times)
 
 
+def host_us(before, after):
+    """µs of flashjit's eval_gpu host time a call between two eval_gpu_host_time() readings."""
+    calls = after["calls"] - before["calls"]
+    return (after["seconds"] - before["seconds"]) / calls * 1e6 if calls else float("nan")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="directory for the markdown record")
@@ -97,10 +103,15 @@ def main():
                     return impl(q, k, v, causal).astype(mx.float32).sum()
                 grad = mx.grad(loss, argnums=(0, 1, 2))
                 outputs[name] = impl(q, k, v, causal).astype(mx.float32)
+                before = flashjit._mlx.eval_gpu_host_time()
                 forward = median_ms(lambda: impl(q, k, v, causal), args.runs, args.calls)
+                middle = flashjit._mlx.eval_gpu_host_time()
                 both = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
+                after = flashjit._mlx.eval_gpu_host_time()
                 backward = max(both - forward, 1e-6)
                 row[name] = (flops / forward / 1e9, 2.5 * flops / backward / 1e9, forward, both)
+                if name != "mx.fast":  # flashjit's own host work an eval_gpu call, forward and fwd+bwd timings
+                    row[name + " host"] = (host_us(before, middle), host_us(middle, after))
             row["difference"] = max(float(mx.abs(outputs[name] - outputs["mx.fast"]).max()) for name in names)
             rows.append(row)
             print(row, flush=True)
@@ -108,15 +119,20 @@ def main():
     commit = record_commit()
     facts = [f"{device}, mlx {mx.__version__}, flashjit {flashjit.__version__}",
              f"bf16, H{heads}; TFLOP/s (backward 2.5x the forward's FLOPs, its time fwd+bwd minus fwd); median of "
-             f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|"]
+             f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|",
+             "host µs: flashjit's eval_gpu host time a primitive call (flashjit._mlx.eval_gpu_host_time(): "
+             "allocation, the prepare pass, recording the kernels), over the forward's and the fwd+bwd's timed "
+             "calls (warm-up included); the rest of a call's wall time is MLX's own and the GPU's"]
     header = ["D", "N", "B", "causal"] + [f"{name} fwd" for name in names] + ["mx.fast fwd"] + [
         f"{name} bwd" for name in names] + ["mx.fast bwd"] + [
-        f"{name} fwd speedup" for name in names] + [f"{name} fwd+bwd speedup" for name in names] + ["difference"]
+        f"{name} fwd speedup" for name in names] + [f"{name} fwd+bwd speedup" for name in names] + [
+        f"{name} host µs fwd / fwd+bwd" for name in names] + ["difference"]
     table = [[row["D"], row["N"], row["B"], "yes" if row["causal"] else "no"]
              + [f"{row[name][0]:.0f}" for name in names + ["mx.fast"]]
              + [f"{row[name][1]:.0f}" for name in names + ["mx.fast"]]
              + [f"{row['mx.fast'][2] / row[name][2]:.2f}x" for name in names]
              + [f"{row['mx.fast'][3] / row[name][3]:.2f}x" for name in names]
+             + [f"{row[name + ' host'][0]:.1f} / {row[name + ' host'][1]:.1f}" for name in names]
              + [f"{row['difference']:.1e}"] for row in rows]
     text = record_text("MLX GPU benchmark: flashjit.mlx on MLX's GPU stream against mx.fast", "mlx_gpu.py", commit,
                        facts, header, table, align="rrrl" + "r" * (len(header) - 4))

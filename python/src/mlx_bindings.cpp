@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -268,10 +269,24 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
 // (bench/results/h100-mlx-2026-12-06-bdbfc6d.md). A failed call's capture is discarded and its
 // error thrown once the capture has ended, so the stream leaves capture mode and no partial graph
 // joins the encoder's.
+// The host time eval_gpu spends in enqueue_cuda (eval_gpu_host_time()): calls, their whole time
+// and the prepare pass's share, in nanoseconds, so that a benchmark can tell flashjit's own host
+// work a call from MLX's around it.
+std::atomic<int64_t> host_calls{0}, host_ns{0}, host_prepare_ns{0};
+struct HostTime {
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point start = Clock::now();
+  ~HostTime() {
+    host_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start).count();
+    ++host_calls;
+  }
+};
+
 template <typename Call>
 void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
                   Call call) {
 #if FLASHJIT_MLX_CUDA
+  const HostTime timed;
   if (!cuda_available()) {
     throw std::runtime_error(std::string(kOp) + " this libmlx has no CUDA backend (pip install \"mlx[cuda13]\")");
   }
@@ -280,7 +295,10 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   auto& encoder = mx::cu::get_command_encoder(stream);
   fj_attention_options cuda{};
   size_t bytes = 0;
+  const auto prepare_start = HostTime::Clock::now();
   check(call(inputs, outputs, cuda, &bytes));  // prepare: cuda.stream unset, nothing enqueued
+  host_prepare_ns +=
+      std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - prepare_start).count();
   mx::array workspace(workspace_shape(bytes), mx::uint8, nullptr, {});
   workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
   encoder.add_temporary(workspace);
@@ -718,6 +736,18 @@ NB_MODULE(_mlx, m) {
         "o, lse: lazy MLX arrays from the flashjit attention primitive on `stream` (an mx.Stream, or an mx.Device "
         "for its default stream; None: the CPU's); "
         "differentiable through q, k, v.");
+  m.def(
+      "eval_gpu_host_time",
+      [] {
+        nb::dict result;
+        result["calls"] = host_calls.load();
+        result["seconds"] = double(host_ns.load()) * 1e-9;
+        result["prepare_seconds"] = double(host_prepare_ns.load()) * 1e-9;
+        return result;
+      },
+      "Host time of the primitives' eval_gpu since the module loaded: calls, their whole time in seconds "
+      "(outputs and workspace allocated, the prepare pass, the kernels recorded into MLX's graph) and the "
+      "prepare pass's share; zeros where nothing ran on a GPU stream.");
   m.def(
       "kernel_node_count",
       [] {

@@ -207,7 +207,10 @@ def test_stream_choice_is_checked():
     assert isinstance(flashjit._mlx.cuda_available(), bool)
     with pytest.raises(TypeError, match="stream: expected mx.cpu, mx.gpu"):
         flashjit.mlx.attention(q, q, q, stream="somewhere")
+    before = flashjit._mlx.eval_gpu_host_time()
     cpu = flashjit.mlx.attention(q, q, q, stream=mx.cpu)
+    mx.eval(cpu)
+    assert flashjit._mlx.eval_gpu_host_time() == before  # the GPU's host timer counts eval_gpu alone
     assert mx.array_equal(cpu, flashjit.mlx.attention(q, q, q, stream=mx.Device(mx.cpu)))
     assert mx.array_equal(cpu, flashjit.mlx.attention(q, q, q, stream=mx.new_stream(mx.cpu)))
     if not flashjit._mlx.cuda_available():
@@ -222,7 +225,13 @@ def test_gpu_stream_matches_the_cpu_stream(causal):
     q, k, v = (mx.random.normal((2, 4, 200, 64)).astype(mx.bfloat16) for _ in range(3))
     loss = lambda stream: lambda q, k, v: flashjit.mlx.attention(q, k, v, causal=causal, stream=stream).astype(
         mx.float32).sum()
+    before = flashjit._mlx.eval_gpu_host_time()
     o_gpu = flashjit.mlx.attention(q, k, v, causal=causal, stream=mx.gpu)
+    mx.eval(o_gpu)
+    after = flashjit._mlx.eval_gpu_host_time()
+    # One eval_gpu call, timed, its prepare pass a part of it.
+    assert after["calls"] == before["calls"] + 1
+    assert after["seconds"] - before["seconds"] >= after["prepare_seconds"] - before["prepare_seconds"] > 0
     o_cpu = flashjit.mlx.attention(q, k, v, causal=causal, stream=mx.cpu)
     assert mx.allclose(o_gpu.astype(mx.float32), o_cpu.astype(mx.float32), atol=2e-2, rtol=2e-2)
     g_gpu = mx.grad(loss(mx.gpu), argnums=(0, 1, 2))(q, k, v)
