@@ -609,15 +609,14 @@ class _deterministic_algorithms:
 @pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a backward's parts are CUDA's")
 @pytest.mark.parametrize("parts", ["auto", "2", "8"])
 @pytest.mark.parametrize("causal", [False, True, "bottom_right"])
-def test_dkdv_parts(parts, causal, monkeypatch, tmp_path):
+def test_dkdv_parts(parts, causal, monkeypatch):
     # FLASHJIT_CUDA_DKDV_PARTS: the split dK/dV kernel over a GQA group's query heads in parts,
     # their float32 sums added in part order by the key block's last part to finish. Against
     # float64 (run), bitwise the same on a second run (the order is fixed whichever part ends
     # last), dq bitwise the unparted backward's (its kernel is untouched), with a mask, dropout
     # and softcap, groups of 8 and 7 at batch 1 (few key blocks: "auto" takes parts), head dims 64 and
-    # 128; and its kernel was the one compiled (on sm_90).
-    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
-    flashjit.cuda.clear_memory_cache()
+    # 128. The kernels come from the run's shared disk cache (the next test compiles the parts
+    # kernel into a cache of its own), so that the nine cases do not each compile them all.
     for shape, extras in ((dict(B=1, Hq=16, Hkv=2, Sq=700, Sk=700, D=64), {}),
                           # a group of 7: "auto" takes 7 parts, "2" and "8" none
                           (dict(B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64), {}),
@@ -632,6 +631,17 @@ def test_dkdv_parts(parts, causal, monkeypatch, tmp_path):
         (o, lse, grads), (o2, lse2, grads2), (_, _, plain) = results
         assert torch.equal(o, o2) and all(torch.equal(a, b) for a, b in zip(grads, grads2)), shape
         assert torch.equal(grads[0], plain[0]), shape
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a backward's parts are CUDA's")
+def test_dkdv_parts_kernel_is_the_one_compiled(monkeypatch, tmp_path):
+    # A batch-1 GQA backward with few key blocks compiles (on sm_90) the dK/dV kernel in parts,
+    # into an empty cache, and its gradients still match float64 (run).
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FLASHJIT_CUDA_DKDV_PARTS", raising=False)
+    flashjit.cuda.clear_memory_cache()
+    torch.manual_seed(3)
+    run(dtype=torch.bfloat16, causal=True, B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64)
     if torch.cuda.get_device_capability() == (9, 0):
         compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
         assert any("backward_dkdv" in name and "_parts_" in name for name in compiled), compiled
