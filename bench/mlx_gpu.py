@@ -32,6 +32,8 @@ from flashjit.bench.provenance import device_tag
 
 
 def median_ms(fn, runs, calls):
+    """The median ms a call over `runs` timed runs of `calls` calls (after one warm-up run), and
+    flashjit's eval_gpu host µs a node over the timed runs alone (nan where none ran)."""
     def run():
         total = None
         for _ in range(calls):
@@ -43,18 +45,16 @@ def median_ms(fn, runs, calls):
     run()  # warm-up: compilation, graph caches
     mx.synchronize()
     times = []
+    before = flashjit._mlx.eval_gpu_host_time()
     for _ in range(runs):
         start = time.perf_counter()
         run()
         mx.synchronize()
         times.append((time.perf_counter() - start) * 1e3 / calls)
-    return statistics.median(times)
-
-
-def host_us(before, after):
-    """µs of flashjit's eval_gpu host time a call between two eval_gpu_host_time() readings."""
-    calls = after["calls"] - before["calls"]
-    return (after["seconds"] - before["seconds"]) / calls * 1e6 if calls else float("nan")
+    after = flashjit._mlx.eval_gpu_host_time()
+    nodes = after["calls"] - before["calls"]
+    host = (after["seconds"] - before["seconds"]) / nodes * 1e6 if nodes else float("nan")
+    return statistics.median(times), host
 
 
 def main():
@@ -103,15 +103,13 @@ def main():
                     return impl(q, k, v, causal).astype(mx.float32).sum()
                 grad = mx.grad(loss, argnums=(0, 1, 2))
                 outputs[name] = impl(q, k, v, causal).astype(mx.float32)
-                before = flashjit._mlx.eval_gpu_host_time()
-                forward = median_ms(lambda: impl(q, k, v, causal), args.runs, args.calls)
-                middle = flashjit._mlx.eval_gpu_host_time()
-                both = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
-                after = flashjit._mlx.eval_gpu_host_time()
+                mx.eval(outputs[name])  # under this column's FLASHJIT_MLX_LAUNCH
+                forward, forward_host = median_ms(lambda: impl(q, k, v, causal), args.runs, args.calls)
+                both, both_host = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
                 backward = max(both - forward, 1e-6)
                 row[name] = (flops / forward / 1e9, 2.5 * flops / backward / 1e9, forward, both)
-                if name != "mx.fast":  # flashjit's own host work an eval_gpu call, forward and fwd+bwd timings
-                    row[name + " host"] = (host_us(before, middle), host_us(middle, after))
+                if name != "mx.fast":  # flashjit's own host work a node: the forward's, then fwd+bwd's two kinds
+                    row[name + " host"] = (forward_host, both_host)
             row["difference"] = max(float(mx.abs(outputs[name] - outputs["mx.fast"]).max()) for name in names)
             rows.append(row)
             print(row, flush=True)
@@ -120,13 +118,15 @@ def main():
     facts = [f"{device}, mlx {mx.__version__}, flashjit {flashjit.__version__}",
              f"bf16, H{heads}; TFLOP/s (backward 2.5x the forward's FLOPs, its time fwd+bwd minus fwd); median of "
              f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|",
-             "host µs: flashjit's eval_gpu host time a primitive call (flashjit._mlx.eval_gpu_host_time(): "
-             "allocation, the prepare pass, recording the kernels), over the forward's and the fwd+bwd's timed "
-             "calls (warm-up included); the rest of a call's wall time is MLX's own and the GPU's"]
+             "host µs: flashjit's eval_gpu host time a node (flashjit._mlx.eval_gpu_host_time(): allocation, "
+             "the prepare pass, recording the kernels) over the timed runs, for the forward's calls, then for "
+             "fwd+bwd's (a forward and a backward node each: the mean of the two kinds); the rest of a call's "
+             "wall time is MLX's own and the GPU's",
+             "flashjit[launch=X] #n: the n-th column of that setting (a repeat, for the run's spread)"]
     header = ["D", "N", "B", "causal"] + [f"{name} fwd" for name in names] + ["mx.fast fwd"] + [
         f"{name} bwd" for name in names] + ["mx.fast bwd"] + [
         f"{name} fwd speedup" for name in names] + [f"{name} fwd+bwd speedup" for name in names] + [
-        f"{name} host µs fwd / fwd+bwd" for name in names] + ["difference"]
+        f"{name} host µs a node, fwd / fwd+bwd" for name in names] + ["difference"]
     table = [[row["D"], row["N"], row["B"], "yes" if row["causal"] else "no"]
              + [f"{row[name][0]:.0f}" for name in names + ["mx.fast"]]
              + [f"{row[name][1]:.0f}" for name in names + ["mx.fast"]]

@@ -9,11 +9,17 @@ export PYTHONUNBUFFERED=1
 export FLASHJIT_CACHE_DIR=${FLASHJIT_CACHE_DIR:-/tmp/flashjit-cache}
 status=0
 step() { echo; echo "==== $* ($(date +%T))"; }
-# A warm machine keeps the installed package between calls: the same commit with the same
-# uncommitted changes is not built twice (the stamp names both).
+# The working tree's contents as one digest: every tracked and untracked (not ignored) file's
+# bytes, so that an edit anywhere gives another stamp (the index may be older than the tree);
+# the wheel parts a call carries (.devwheels) are not the tree.
+tree_stamp() {
+  git ls-files -co --exclude-standard -z -- . ':(exclude).devwheels' 2>/dev/null | xargs -0 md5sum 2>/dev/null |
+    md5sum | cut -d' ' -f1
+}
+# A warm machine keeps the installed package between calls: the same tree is not built twice.
 build() {
   local stamp
-  stamp="$(git rev-parse HEAD 2>/dev/null) $( (git diff HEAD 2>/dev/null; git ls-files -o --exclude-standard 2>/dev/null) | md5sum)"
+  stamp="tree $(tree_stamp)"
   if [ -f /tmp/flashjit-built ] && [ "$(cat /tmp/flashjit-built)" = "$stamp" ] && python3 -c "import flashjit._C" 2>/dev/null; then
     echo "already built and installed: $stamp"
     return
@@ -49,10 +55,11 @@ kvcache_bench() {
 # back-to-back calls: unpacked into /tmp/site, which goes first on PYTHONPATH; then flashjit is
 # built into the same folder (flashjit.mlx then finds MLX's libmlx at $ORIGIN/../mlx/lib and is
 # compiled against MLX's CUDA headers, with eval_gpu), its log in $OUT/build-site.log. A warm
-# machine that built the site from the same tree (the stamp of build()) keeps it.
+# machine that built the site from the same tree and the same wheel parts keeps it; a rebuild
+# replaces the package there (pip --target leaves an existing one in place without --upgrade).
 site_from_devwheels() {
   local stamp
-  stamp="$(git rev-parse HEAD 2>/dev/null) $( (git diff HEAD 2>/dev/null; git ls-files -o --exclude-standard 2>/dev/null) | md5sum)"
+  stamp="tree $(tree_stamp) wheels $(cat /tmp/devwheels/part* 2>/dev/null | md5sum | cut -d' ' -f1)"
   export PYTHONPATH=/tmp/site
   if [ -f /tmp/site-built ] && [ "$(cat /tmp/site-built)" = "$stamp" ] && python3 -c "import flashjit._mlx" 2>/dev/null; then
     echo "site already built: $stamp"
@@ -65,7 +72,7 @@ site_from_devwheels() {
   for wheel in /tmp/wheels/*.whl; do python3 -m zipfile -e "$wheel" /tmp/site; done
   export PYTHONPATH=/tmp/site
   step "build (into /tmp/site)"
-  python3 -m pip install -v --no-build-isolation --no-deps --target /tmp/site . >"$OUT/build-site.log" 2>&1 \
+  python3 -m pip install -v --upgrade --no-build-isolation --no-deps --target /tmp/site . >"$OUT/build-site.log" 2>&1 \
     || { tail -40 "$OUT/build-site.log"; exit 1; }
   grep -h "flashjit.mlx" "$OUT/build-site.log" | head -3
   python3 -c "import flashjit, flashjit._mlx as m; print(flashjit.__file__, 'mlx cuda_available', m.cuda_available())" \

@@ -259,16 +259,6 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
   return {int((std::max<size_t>(bytes, 1) + row - 1) / row), int(row)};
 }
 
-// Allocates the outputs and records call(inputs, outputs, cuda_options) into the GPU stream's
-// command encoder: prepare(..., &bytes) first compiles and loads the kernels (nothing may compile
-// while the encoder captures) and sizes the scratch, which the call then takes from an array the
-// encoder keeps until the work is done (no memory nodes in the captured graph). The outputs and
-// the workspace take mx::allocator::malloc's memory, managed memory on CUDA: MLX's own kernels
-// take device memory from cu::malloc_async, which libmlx does not export, and arrays made by MLX's
-// ops and taken over as outputs measured slower on an H100
-// (bench/results/h100-mlx-2026-12-06-bdbfc6d.md). A failed call's capture is discarded and its
-// error thrown once the capture has ended, so the stream leaves capture mode and no partial graph
-// joins the encoder's.
 // The host time eval_gpu spends in enqueue_cuda (eval_gpu_host_time()): calls, their whole time
 // and the prepare pass's share, in nanoseconds, so that a benchmark can tell flashjit's own host
 // work a call from MLX's around it.
@@ -282,6 +272,16 @@ struct HostTime {
   }
 };
 
+// Allocates the outputs and records call(inputs, outputs, cuda_options) into the GPU stream's
+// command encoder: prepare(..., &bytes) first compiles and loads the kernels (nothing may compile
+// while the encoder captures) and sizes the scratch, which the call then takes from an array the
+// encoder keeps until the work is done (no memory nodes in the captured graph). The outputs and
+// the workspace take mx::allocator::malloc's memory, managed memory on CUDA: MLX's own kernels
+// take device memory from cu::malloc_async, which libmlx does not export, and arrays made by MLX's
+// ops and taken over as outputs measured slower on an H100
+// (bench/results/h100-mlx-2026-12-06-bdbfc6d.md). A failed call's capture is discarded and its
+// error thrown once the capture has ended, so the stream leaves capture mode and no partial graph
+// joins the encoder's.
 template <typename Call>
 void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs,
                   Call call) {

@@ -615,8 +615,9 @@ def test_dkdv_parts(parts, causal, monkeypatch):
     # float64 (run), bitwise the same on a second run (the order is fixed whichever part ends
     # last), dq bitwise the unparted backward's (its kernel is untouched), with a mask, dropout
     # and softcap, groups of 8 and 7 at batch 1 (few key blocks: "auto" takes parts), head dims 64 and
-    # 128. The kernels come from the run's shared disk cache (the next test compiles the parts
-    # kernel into a cache of its own), so that the nine cases do not each compile them all.
+    # 128. The kernels come from the run's shared disk cache (test_dkdv_parts_kernel_is_the_one_compiled
+    # checks, from an empty cache, that the parts kernel is built), so that the nine cases do not
+    # each compile them all.
     for shape, extras in ((dict(B=1, Hq=16, Hkv=2, Sq=700, Sk=700, D=64), {}),
                           # a group of 7: "auto" takes 7 parts, "2" and "8" none
                           (dict(B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64), {}),
@@ -634,14 +635,20 @@ def test_dkdv_parts(parts, causal, monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the sm_90a backward's parts are CUDA's")
-def test_dkdv_parts_kernel_is_the_one_compiled(monkeypatch, tmp_path):
-    # A batch-1 GQA backward with few key blocks compiles (on sm_90) the dK/dV kernel in parts,
-    # into an empty cache, and its gradients still match float64 (run).
+@pytest.mark.parametrize("parts, shape, extras", [
+    ("auto", dict(B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64), dict(causal=True)),  # a group of 7: 7 parts
+    ("8", dict(B=2, Hq=8, Hkv=1, Sq=300, Sk=333, D=128), dict(softcap=20.0, dropout_p=0.1)),  # 8 parts
+], ids=["auto-7", "8-features"])
+def test_dkdv_parts_kernel_is_the_one_compiled(parts, shape, extras, monkeypatch, tmp_path):
+    # The dK/dV kernel in parts is the one compiled (on sm_90) into an empty cache for a batch-1
+    # group of 7 by default and for a group of 8 asked for 8 parts with softcap, dropout and a
+    # mask at head dim 128, and its gradients match float64 (run).
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FLASHJIT_CUDA_DKDV_PARTS", raising=False)
+    monkeypatch.setenv("FLASHJIT_CUDA_DKDV_PARTS", parts)
     flashjit.cuda.clear_memory_cache()
     torch.manual_seed(3)
-    run(dtype=torch.bfloat16, causal=True, B=1, Hq=14, Hkv=2, Sq=600, Sk=640, D=64)
+    mask = torch.rand(shape["B"], 1, shape["Sq"], shape["Sk"]) > 0.2 if "dropout_p" in extras else None
+    run(dtype=torch.bfloat16, mask=mask, **shape, **extras)
     if torch.cuda.get_device_capability() == (9, 0):
         compiled = [path.name for path in tmp_path.rglob("*") if path.is_file()]
         assert any("backward_dkdv" in name and "_parts_" in name for name in compiled), compiled

@@ -287,8 +287,9 @@ def test_gpu_kernel_nodes_give_the_captures_results(monkeypatch):
 @pytest.mark.parametrize("place", PLACES)
 def test_compiled_calls_keep_their_own_memory(place):
     """Two calls of one shape in a compiled function beside the program's own zeros of the same
-    shape: mx.compile merges equal constants and fills, and no call's output may become another's
-    or the zeros' (the zeros stay zeros, each output is its own)."""
+    shape: mx.compile merges equal constants and equivalent nodes, so the two calls (different
+    options and inputs) must stay two nodes, and neither output may share memory with another
+    array (the zeros stay zeros, each output is its own)."""
     stream = _stream(place)
     q, k, v = (mx.random.normal((1, 4, 96, 64)).astype(mx.bfloat16) for _ in range(3))
 
