@@ -82,7 +82,7 @@ def fa4_function():
 
 # The environment switches a flashjit column may set; a column leaves the others unset.
 SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ", "FLASHJIT_CUDA_DKDV",
-            "FLASHJIT_CUDA_DKDV_PARTS")
+            "FLASHJIT_CUDA_DKDV_PARTS", "FLASHJIT_CUDA_BACKWARD_OVERLAP")
 
 
 class Impl:
@@ -140,11 +140,14 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default); split:parts: with FLASHJIT_CUDA_DKDV_PARTS=auto (a GQA group's
         # query heads over several dK/dV blocks where the grid is small; the default), split:no-parts
-        # with it off.
+        # with it off; split:overlap: FLASHJIT_CUDA_BACKWARD_OVERLAP=1 (the dK/dV kernel launched
+        # while the dQ kernel runs).
         backward, _, option = mode.partition(":")
         env = {"FLASHJIT_CUDA_BACKWARD": backward}
         if option in ("parts", "no-parts"):
             env["FLASHJIT_CUDA_DKDV_PARTS"] = "auto" if option == "parts" else "off"
+        elif option == "overlap":
+            env["FLASHJIT_CUDA_BACKWARD_OVERLAP"] = "1"
         elif option:
             env["FLASHJIT_CUDA_DKDV" if backward == "split" else "FLASHJIT_CUDA_ONE_PASS_DQ"] = option
         impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env=env))
@@ -409,7 +412,7 @@ def main():
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic",
-                                 "split:shared", "split:registers", "split:parts", "split:no-parts"],
+                                 "split:shared", "split:registers", "split:parts", "split:no-parts", "split:overlap"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
                              "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "

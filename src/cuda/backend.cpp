@@ -366,9 +366,10 @@ bool stream_id_of(CUstream stream, unsigned long long* id) {
 // its plan to its last launch; a call that finds it held (another thread enqueueing on the same
 // stream at the same time, whose kernels could interleave with this call's) takes pool scratch
 // instead. Once a call has enqueued its kernels, the next call on the stream may take the
-// scratch: its kernels run after the previous call's (this relies on launches that do not
-// overlap their predecessors; with programmatic dependent launch the prep kernel would have to
-// wait), and they set all of it before reading it (the prep kernel writes the rows and zeroes
+// scratch: its kernels run after the previous call's (this relies on the prep kernel's plain
+// launch, after the previous call's last kernel has ended: with FLASHJIT_CUDA_BACKWARD_OVERLAP
+// the dK/dV kernel overlaps the dQ kernel, not the next call, and ends after it), and they set
+// all of it before reading it (the prep kernel writes the rows and zeroes
 // the one pass's counters, and its sums where the atomic one pass adds into them). Up to
 // kKeptScratchBytes for each of kKeptStreams streams of the process (told apart by device and the
 // driver's stream id, which a process never reuses); larger scratch, more streams, capture and
@@ -1212,6 +1213,19 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
                         device_info(launch.device_index).multiprocessors);
   // The dK/dV kernel in parts only where the problem takes more than one: elsewhere the plain one.
   if (parts.parts == 1) dkdv_kernel(specs).dkdv_parts = false;
+  // FLASHJIT_CUDA_BACKWARD_OVERLAP: an sm_90a dQ kernel followed by its dK/dV kernel are built to
+  // overlap (KernelSpec::backward_overlap): the dK/dV blocks read the prep kernel's rows, finished
+  // before the dQ kernel began, not the dQ kernel's output, and end only after the dQ kernel, so
+  // that what follows the backward in the stream finds both done.
+  if (hopper && launch.arch >= 90 && settings::backward_overlap()) {
+    for (size_t index = 1; index < specs.size(); ++index) {
+      KernelSpec& dq = specs[index - 1];
+      KernelSpec& dkdv = specs[index];
+      if (dq.entry != KernelEntry::kBackwardDq || dkdv.entry != KernelEntry::kBackwardDkDv) continue;
+      dq.backward_overlap = dkdv.backward_overlap = true;
+      if (!dq.overlaps_launch() || !dkdv.overlaps_launch()) dq.backward_overlap = dkdv.backward_overlap = false;
+    }
+  }
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
@@ -1226,6 +1240,12 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
         break;
       case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv * parts.parts; break;
+    }
+    // The dK/dV kernel of an overlapping pair (above) starts while the dQ kernel runs; under
+    // stream capture as FLASHJIT_CUDA_OVERLAP allows.
+    if (spec.entry == KernelEntry::kBackwardDkDv && spec.overlaps_launch()) {
+      const int overlap = settings::overlap_launches();
+      kernel.programmatic = overlap == 2 || (overlap == 1 && !launch.capturing);
     }
   }
   const size_t row_bytes = size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1);

@@ -167,6 +167,7 @@ std::string KernelSpec::name() const {
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
                  one_pass ? "_one-pass" : "", dkdv_shared ? "_shared-ops" : "", takes_parts() ? "_parts" : "",
+                 overlaps_launch() ? "_pdl" : "",
                  dq_diagnostic == 1   ? "_dq-none"
                  : dq_diagnostic == 2 ? "_dq-unordered"
                  : dq_diagnostic == 3 ? "_dq-eager"
@@ -227,8 +228,8 @@ KernelSpec::Fields KernelSpec::fields() const {
                                 mask_dtype,   window,      dropout,        softcap,       aligned,      split,
                                 varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), sets_up_in_producer(), poly_groups(), suspends_producer(), trace,
                                 dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
-                                dkdv_shared,  takes_parts(), stages,    q_buffers,      o_tma,         fold_scale,   lazy_rescale,
-                                block_n,      arch);
+                                dkdv_shared,  takes_parts(), overlaps_launch(), stages, q_buffers, o_tma,     fold_scale,
+                                lazy_rescale, block_n,      arch);
 }
 
 const char* KernelSpec::function_name() const { return entry_names(entry).function; }
@@ -306,6 +307,7 @@ std::string KernelSpec::source() const {
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
       "#define FJ_DKDV_PARTS ", takes_parts() ? 1 : 0, "\n",
+      "#define FJ_BACKWARD_OVERLAP ", overlaps_launch() ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
       int(dkdv_part != DkDvPart::kDkOnly), "\n", "#define FJ_WITH_DK ", int(dkdv_part != DkDvPart::kDvOnly), "\n", "#define FJ_WGMMA ",
       hopper ? 1 : 0, "\n", "#define FJ_STAGES ", stages, "\n", "#define FJ_Q_BUFFERS ", q_buffers, "\n",

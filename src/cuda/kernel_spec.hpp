@@ -120,6 +120,11 @@ struct KernelSpec {
   // heads in parts, KernelParams::dkdv_parts blocks a key block, their float32 sums added in part
   // order by the last to finish (FJ_DKDV_PARTS; settings::dkdv_parts). Where it does not apply: 0.
   bool dkdv_parts = false;
+  // kHopper split backward's dQ and dK/dV kernels of a FLASHJIT_CUDA_BACKWARD_OVERLAP call
+  // (FJ_BACKWARD_OVERLAP; settings::backward_overlap): the dQ kernel lets the dK/dV kernel, launched
+  // programmatically after it, start once all its blocks have begun, and the dK/dV kernel's blocks
+  // end only after the dQ kernel has.
+  bool backward_overlap = false;
   int stages = 1;     // kHopper: buffers in each ring of streamed tiles
   int q_buffers = 1;  // kHopper forward: Q tile buffers (2: the next work tile's Q loads during this one)
   bool o_tma = false; // kHopper forward: O leaves through shared memory (the Q buffer) by TMA stores
@@ -138,7 +143,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 37;
+  static constexpr size_t kFieldCount = 38;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -169,6 +174,12 @@ struct KernelSpec {
   bool takes_parts() const {
     return dkdv_parts && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv && !one_pass &&
            !varlen && dkdv_part == DkDvPart::kBoth && threads == (8 + 4) * 32;
+  }
+  // backward_overlap where it applies: the kHopper split backward's dQ kernel and its dK/dV kernel
+  // of both parts (what name() spells and fields() holds).
+  bool overlaps_launch() const {
+    return backward_overlap && family == KernelFamily::kHopper && !one_pass && !varlen &&
+           dkdv_part == DkDvPart::kBoth && (entry == KernelEntry::kBackwardDq || entry == KernelEntry::kBackwardDkDv);
   }
   // producer_suspend where it applies: the kHopper forward, whatever its tiles and variant.
   bool suspends_producer() const {

@@ -118,6 +118,11 @@ int overlap_launches() {
   });
 }
 
+bool backward_overlap() {
+  thread_local Kept<bool> slot;
+  return kept(slot, [] { return choice("FLASHJIT_CUDA_BACKWARD_OVERLAP", {"0", "1"}) == 1; });
+}
+
 bool trace_tiles() {
   thread_local Kept<bool> slot;
   return kept(slot, [] { return choice("FLASHJIT_CUDA_TRACE", {"0", "1"}) == 1; });

@@ -667,6 +667,39 @@ TEST_F(CudaCompile, PolynomialExpsCompileInEveryForwardVariant) {
   }
 }
 
+// KernelSpec::backward_overlap (FLASHJIT_CUDA_BACKWARD_OVERLAP, set by the backward's plan): the
+// sm_90a dQ and dK/dV kernels built to overlap have names of their own and compile, at head dims 64
+// and 128, plain and with every feature, with the dK/dV kernel in parts too; not for the one pass,
+// variable-length batches, the prep kernel or the dV/dK kernels above 128.
+TEST_F(CudaCompile, BackwardOverlapKernelsCompile) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  for (int head_dim : {64, 128}) {
+    KernelTraits extras = sm90_traits(FJ_BFLOAT16, head_dim);
+    extras.window = extras.dropout = extras.softcap = true;
+    extras.mask = flashjit::MaskKind::kBool;
+    for (const KernelTraits& t : {sm90_traits(FJ_BFLOAT16, head_dim), extras}) {
+      for (KernelSpec spec : backward_kernels(t)) {
+        const std::string plain = spec.name();
+        spec.backward_overlap = true;
+        const bool applies = spec.entry == KernelEntry::kBackwardDq || spec.entry == KernelEntry::kBackwardDkDv;
+        EXPECT_EQ(spec.overlaps_launch(), applies) << plain;
+        EXPECT_EQ(spec.name() != plain, applies) << plain;
+        if (applies) ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+        KernelSpec varlen = spec;
+        varlen.varlen = true;
+        EXPECT_FALSE(varlen.overlaps_launch());
+      }
+      KernelSpec one_pass = dkdv_kernel(backward_kernels(t, true));
+      one_pass.backward_overlap = true;
+      EXPECT_FALSE(one_pass.overlaps_launch());
+    }
+  }
+  KernelSpec dv = dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 256)));
+  dv.backward_overlap = true;
+  EXPECT_FALSE(dv.overlaps_launch()) << dv.name();
+}
+
 // FLASHJIT_CUDA_DKDV_PARTS: the split sm_90a dK/dV kernel over a GQA group in parts, a kernel of
 // its own name at head dims 64 and 128 (plain and with every feature), which compiles; not for the
 // one pass, variable-length batches or the dV/dK kernels above 128; "off", the usual kernel (unset
@@ -1169,6 +1202,11 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDkDv, s.threads = 384;
         s.one_pass = s.varlen = false, s.dkdv_part = DkDvPart::kBoth;
         s.dkdv_parts = !s.dkdv_parts;
+      },
+      [](KernelSpec& s) {  // backward_overlap where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDq;
+        s.one_pass = s.varlen = false, s.dkdv_part = DkDvPart::kBoth;
+        s.backward_overlap = !s.backward_overlap;
       },
       [](KernelSpec& s) { s.dq_diagnostic = (s.dq_diagnostic + 1) % 9; },
       [](KernelSpec& s) { s.page_boxes = s.page_boxes == 1 ? 2 : 1; },

@@ -549,6 +549,63 @@ TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
   EXPECT_EQ(mha.dkdv_counter_count, 0);
 }
 
+// FLASHJIT_CUDA_BACKWARD_OVERLAP=1 launches the split backward's dK/dV kernel programmatically
+// after the dQ kernel (the prep and dQ kernels plainly), under stream capture too unless
+// FLASHJIT_CUDA_OVERLAP says otherwise; unset or 0, every kernel plainly; the same parameters
+// either way; another value is an error naming the variable.
+TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
+  REQUIRE_NULL_DRIVER();
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
+  struct Unset {
+    ~Unset() {
+      unsetenv("FLASHJIT_CUDA_BACKWARD_OVERLAP");
+      unsetenv("FLASHJIT_CUDA_OVERLAP");
+    }
+  } unset;
+  const fj_attention_options options = fj_attention_options_default();
+  DeviceBuffers buffers(2, 8, 8, 512, 512, 128, FJ_BFLOAT16);
+  struct Seen {
+    std::string entries;
+    std::vector<unsigned> programmatic;
+    std::vector<std::vector<unsigned char>> params;
+  };
+  const auto backward = [&] {
+    const NullDriver::Counts before = null_driver().now();
+    EXPECT_EQ(buffers.backward(options), FJ_SUCCESS) << fj_last_error();
+    const NullDriver::Counts after = null_driver().now();
+    Seen seen;
+    for (const NullLaunch& launch : null_driver().last(unsigned(after.launches - before.launches))) {
+      seen.entries += std::string(seen.entries.empty() ? "" : " ") + launch.function;
+      seen.programmatic.push_back(launch.programmatic);
+      seen.params.emplace_back(launch.params, launch.params + sizeof(KernelParams));
+    }
+    return seen;
+  };
+  const std::string kernels = "fj_attention_backward_prep fj_attention_backward_dq fj_attention_backward_dkdv";
+  const Seen plain = backward();
+  EXPECT_EQ(plain.entries, kernels);
+  EXPECT_EQ(plain.programmatic, (std::vector<unsigned>{0, 0, 0}));
+  setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "1", 1);
+  const Seen overlapped = backward();
+  EXPECT_EQ(overlapped.entries, kernels);
+  EXPECT_EQ(overlapped.programmatic, (std::vector<unsigned>{0, 0, 1}));
+  EXPECT_EQ(overlapped.params, plain.params);
+  null_driver().set_capturing(1);
+  const Seen captured = backward();
+  setenv("FLASHJIT_CUDA_OVERLAP", "eager", 1);  // programmatic launches outside capture only
+  const Seen captured_eager = backward();
+  null_driver().set_capturing(0);
+  EXPECT_EQ(captured.programmatic, (std::vector<unsigned>{0, 0, 1}));
+  EXPECT_EQ(captured_eager.programmatic, (std::vector<unsigned>{0, 0, 0}));
+  unsetenv("FLASHJIT_CUDA_OVERLAP");
+  setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "0", 1);
+  EXPECT_EQ(backward().programmatic, (std::vector<unsigned>{0, 0, 0}));
+  setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "yes", 1);
+  EXPECT_EQ(buffers.backward(options), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("FLASHJIT_CUDA_BACKWARD_OVERLAP"), std::string::npos)
+      << fj_last_error();
+}
+
 // Planning enqueues nothing and reports the workspace the backward needs; a call given that
 // workspace takes no scratch of its own, and one given less is refused, naming workspace_bytes.
 TEST_F(CudaHostPath, PlanningSizesTheWorkspaceAndEnqueuesNothing) {

@@ -654,6 +654,26 @@ def test_dkdv_parts_kernel_is_the_one_compiled(parts, shape, extras, monkeypatch
         assert any("backward_dkdv" in name and "_parts_" in name for name in compiled), compiled
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic launches of the sm_90a backward are CUDA's")
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_overlap_gives_the_same_bits(causal, monkeypatch):
+    # FLASHJIT_CUDA_BACKWARD_OVERLAP=1: the dK/dV kernel launched while the dQ kernel runs gives
+    # the default backward's bits (the kernels compute the same; only their launch overlaps), at
+    # head dims 64 and 128, in GQA groups (in parts at batch 1) and with a mask, dropout and softcap.
+    for shape, extras in ((dict(B=2, Hq=8, Hkv=8, Sq=700, Sk=700, D=64), {}),
+                          (dict(B=1, Hq=16, Hkv=2, Sq=500, Sk=650, D=128), {}),
+                          (dict(B=2, Hq=8, Hkv=2, Sq=300, Sk=333, D=64),
+                           dict(mask=torch.rand(2, 1, 300, 333) > 0.2, softcap=20.0, dropout_p=0.1))):
+        results = []
+        for setting in ("0", "1"):
+            monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", setting)
+            torch.manual_seed(5)
+            results.append(run(dtype=torch.bfloat16, causal=causal, **shape, **extras))
+        (o, lse, grads), (o2, lse2, grads2) = results
+        assert torch.equal(o, o2) and torch.equal(lse, lse2), shape
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads2)), shape
+
+
 def test_output_takes_the_layout_of_a_transposed_q():
     # A q that is a [B, S, H, D] buffer viewed as [B, H, S, D] gets an o laid out the same way (as
     # torch's fused SDPA kernels do), so that transposing it back copies nothing; its values and

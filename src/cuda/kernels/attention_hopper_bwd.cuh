@@ -242,6 +242,11 @@ constexpr int kKeyBuffers = kStages + 1;  // K_j serves S_j, then dQ += dS_j K_j
 extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     fj_attention_backward_dq(const __grid_constant__ KernelParams p) {
   extern __shared__ __align__(1024) unsigned char shared_raw[];
+#if FJ_BACKWARD_OVERLAP
+  // The dK/dV kernel, launched programmatically after this one, may start once every block of
+  // this grid has begun: it reads nothing this kernel writes.
+  let_dependents_launch();
+#endif
   constexpr layout::HopperBackwardDq kLayout = layout::hopper_backward_dq(kBlockM, kBlockN, kDimQk, kDimV, kStages);
   static_assert(kLayout.v_ring - kLayout.k_ring == Ring<kKeyBuffers>::kBarriers * layout::kBarrierBytes &&
                     kLayout.bytes - kLayout.v_ring == Ring<kStages>::kBarriers * layout::kBarrierBytes,
@@ -1145,6 +1150,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   specialised_roles(init, produce, consume, write_dq);
 #else
   specialised_roles(init, produce, consume);
+#endif
+#if FJ_BACKWARD_OVERLAP
+  // Launched programmatically while the dQ kernel runs, the block ends only once that kernel has:
+  // what follows the backward in the stream then finds dQ written too. (Dense only: no block
+  // leaves before this point.)
+  wait_for_previous_kernel();
 #endif
 }
 #endif  // FJ_BACKWARD_DKDV
