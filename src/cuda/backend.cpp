@@ -568,8 +568,10 @@ struct Plan {
 void enqueue(Plan& plan, const Launch& launch) {
   for (size_t index = 0; index < plan.count; ++index) {
     KernelLaunch& kernel = plan.kernels[index];
+    // Programmatic only after a kernel that launched (a grid of no blocks is not launched, and the
+    // kernel would then overlap whatever came before the call).
     run(kernel.spec, kernel.function, launch, kernel.params, kernel.blocks, kernel.splits,
-        kernel.programmatic && index > 0);
+        kernel.programmatic && index > 0 && plan.kernels[index - 1].blocks > 0);
   }
 }
 
@@ -1213,19 +1215,6 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
                         device_info(launch.device_index).multiprocessors);
   // The dK/dV kernel in parts only where the problem takes more than one: elsewhere the plain one.
   if (parts.parts == 1) dkdv_kernel(specs).dkdv_parts = false;
-  // FLASHJIT_CUDA_BACKWARD_OVERLAP: an sm_90a dQ kernel followed by its dK/dV kernel are built to
-  // overlap (KernelSpec::backward_overlap): the dK/dV blocks read the prep kernel's rows, finished
-  // before the dQ kernel began, not the dQ kernel's output, and end only after the dQ kernel, so
-  // that what follows the backward in the stream finds both done.
-  if (hopper && launch.arch >= 90 && settings::backward_overlap()) {
-    for (size_t index = 1; index < specs.size(); ++index) {
-      KernelSpec& dq = specs[index - 1];
-      KernelSpec& dkdv = specs[index];
-      if (dq.entry != KernelEntry::kBackwardDq || dkdv.entry != KernelEntry::kBackwardDkDv) continue;
-      dq.backward_overlap = dkdv.backward_overlap = true;
-      if (!dq.overlaps_launch() || !dkdv.overlaps_launch()) dq.backward_overlap = dkdv.backward_overlap = false;
-    }
-  }
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
@@ -1241,9 +1230,14 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
       case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv * parts.parts; break;
     }
-    // The dK/dV kernel of an overlapping pair (above) starts while the dQ kernel runs; under
-    // stream capture as FLASHJIT_CUDA_OVERLAP allows.
-    if (spec.entry == KernelEntry::kBackwardDkDv && spec.overlaps_launch()) {
+    // FLASHJIT_CUDA_BACKWARD_OVERLAP (KernelSpec::backward_overlap, set by backward_kernels): the
+    // sm_90a dK/dV kernel right after its dQ kernel starts while that one runs. Its blocks read
+    // the prep kernel's rows, finished before the dQ kernel began, not the dQ kernel's output,
+    // and end only after the dQ kernel, so that what follows the backward in the stream finds
+    // both done. Under stream capture as FLASHJIT_CUDA_OVERLAP allows.
+    if (spec.entry == KernelEntry::kBackwardDkDv && spec.overlaps_launch() && index > 0 &&
+        specs[index - 1].entry == KernelEntry::kBackwardDq && specs[index - 1].overlaps_launch() &&
+        launch.arch >= 90) {
       const int overlap = settings::overlap_launches();
       kernel.programmatic = overlap == 2 || (overlap == 1 && !launch.capturing);
     }

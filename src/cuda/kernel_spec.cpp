@@ -801,6 +801,9 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
         if (shared.block_n % 64 == 0 && fits(shared)) dkdv = shared;
       }
       dkdv.dkdv_parts = settings::dkdv_parts() != 0;
+      // FLASHJIT_CUDA_BACKWARD_OVERLAP: the dQ kernel and this one built to overlap (the plan
+      // launches this one programmatically); here, so that precompile builds what calls run.
+      specs.back().backward_overlap = dkdv.backward_overlap = settings::backward_overlap();
       specs.push_back(dkdv);
     } else {  // dV and dK each in a kernel of its own, as in the mma.sync backward
       KernelSpec dv = dkdv, dk = dkdv;

@@ -679,12 +679,19 @@ TEST_F(CudaCompile, BackwardOverlapKernelsCompile) {
     extras.window = extras.dropout = extras.softcap = true;
     extras.mask = flashjit::MaskKind::kBool;
     for (const KernelTraits& t : {sm90_traits(FJ_BFLOAT16, head_dim), extras}) {
-      for (KernelSpec spec : backward_kernels(t)) {
+      std::vector<KernelSpec> specs = backward_kernels(t);
+      KernelSpec unparted = dkdv_kernel(specs);
+      unparted.dkdv_parts = false;  // the kernel problems of one part run
+      specs.push_back(unparted);
+      for (KernelSpec spec : specs) {
+        spec.backward_overlap = false;
         const std::string plain = spec.name();
+        EXPECT_NE(spec.source().find("#define FJ_BACKWARD_OVERLAP 0"), std::string::npos) << plain;
         spec.backward_overlap = true;
         const bool applies = spec.entry == KernelEntry::kBackwardDq || spec.entry == KernelEntry::kBackwardDkDv;
         EXPECT_EQ(spec.overlaps_launch(), applies) << plain;
         EXPECT_EQ(spec.name() != plain, applies) << plain;
+        EXPECT_EQ(spec.source().find("#define FJ_BACKWARD_OVERLAP 1") != std::string::npos, applies) << plain;
         if (applies) ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
         KernelSpec varlen = spec;
         varlen.varlen = true;
@@ -698,6 +705,20 @@ TEST_F(CudaCompile, BackwardOverlapKernelsCompile) {
   KernelSpec dv = dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 256)));
   dv.backward_overlap = true;
   EXPECT_FALSE(dv.overlaps_launch()) << dv.name();
+  // The switch reaches the kernels backward_kernels chooses (what precompile builds), and only the
+  // dQ and dK/dV kernels; unset, none.
+  const UnsetOnExit unset{"FLASHJIT_CUDA_BACKWARD_OVERLAP"};
+  setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "1", 1);
+  for (const KernelSpec& spec : backward_kernels(sm90_traits(FJ_BFLOAT16, 64))) {
+    EXPECT_EQ(spec.overlaps_launch(), spec.entry != KernelEntry::kBackwardPrep) << spec.name();
+  }
+  for (const KernelSpec& spec : backward_kernels(sm90_traits(FJ_BFLOAT16, 64), true)) {
+    EXPECT_FALSE(spec.overlaps_launch()) << spec.name();  // the one pass: no dQ kernel to overlap
+  }
+  unsetenv("FLASHJIT_CUDA_BACKWARD_OVERLAP");
+  for (const KernelSpec& spec : backward_kernels(sm90_traits(FJ_BFLOAT16, 64))) {
+    EXPECT_FALSE(spec.overlaps_launch()) << spec.name();
+  }
 }
 
 // FLASHJIT_CUDA_DKDV_PARTS: the split sm_90a dK/dV kernel over a GQA group in parts, a kernel of

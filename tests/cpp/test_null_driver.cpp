@@ -568,6 +568,7 @@ TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
     std::string entries;
     std::vector<unsigned> programmatic;
     std::vector<std::vector<unsigned char>> params;
+    std::vector<const char*> functions;  // the null driver names each function it loads anew
   };
   const auto backward = [&] {
     const NullDriver::Counts before = null_driver().now();
@@ -578,6 +579,7 @@ TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
       seen.entries += std::string(seen.entries.empty() ? "" : " ") + launch.function;
       seen.programmatic.push_back(launch.programmatic);
       seen.params.emplace_back(launch.params, launch.params + sizeof(KernelParams));
+      seen.functions.push_back(launch.function);
     }
     return seen;
   };
@@ -590,6 +592,14 @@ TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
   EXPECT_EQ(overlapped.entries, kernels);
   EXPECT_EQ(overlapped.programmatic, (std::vector<unsigned>{0, 0, 1}));
   EXPECT_EQ(overlapped.params, plain.params);
+  // The same prep kernel; dQ and dK/dV kernels of their own (built with FJ_BACKWARD_OVERLAP).
+  ASSERT_EQ(overlapped.functions.size(), 3u);
+  EXPECT_EQ(overlapped.functions[0], plain.functions[0]);
+  EXPECT_NE(overlapped.functions[1], plain.functions[1]);
+  EXPECT_NE(overlapped.functions[2], plain.functions[2]);
+  setenv("FLASHJIT_CUDA_OVERLAP", "0", 1);  // no programmatic launches at all
+  EXPECT_EQ(backward().programmatic, (std::vector<unsigned>{0, 0, 0}));
+  unsetenv("FLASHJIT_CUDA_OVERLAP");
   null_driver().set_capturing(1);
   const Seen captured = backward();
   setenv("FLASHJIT_CUDA_OVERLAP", "eager", 1);  // programmatic launches outside capture only

@@ -656,10 +656,12 @@ def test_dkdv_parts_kernel_is_the_one_compiled(parts, shape, extras, monkeypatch
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="programmatic launches of the sm_90a backward are CUDA's")
 @pytest.mark.parametrize("causal", [False, True])
-def test_backward_overlap_gives_the_same_bits(causal, monkeypatch):
+def test_backward_overlap_gives_the_same_bits(causal, monkeypatch, tmp_path):
     # FLASHJIT_CUDA_BACKWARD_OVERLAP=1: the dK/dV kernel launched while the dQ kernel runs gives
     # the default backward's bits (the kernels compute the same; only their launch overlaps), at
-    # head dims 64 and 128, in GQA groups (in parts at batch 1) and with a mask, dropout and softcap.
+    # head dims 64 and 128, in GQA groups (in parts at batch 1) and with a mask, dropout and softcap;
+    # on sm_90 its own dQ and dK/dV kernels are the ones built (into an empty cache).
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")
     for shape, extras in ((dict(B=2, Hq=8, Hkv=8, Sq=700, Sk=700, D=64), {}),
                           (dict(B=1, Hq=16, Hkv=2, Sq=500, Sk=650, D=128), {}),
                           (dict(B=2, Hq=8, Hkv=2, Sq=300, Sk=333, D=64),
@@ -672,6 +674,14 @@ def test_backward_overlap_gives_the_same_bits(causal, monkeypatch):
         (o, lse, grads), (o2, lse2, grads2) = results
         assert torch.equal(o, o2) and torch.equal(lse, lse2), shape
         assert all(torch.equal(a, b) for a, b in zip(grads, grads2)), shape
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "1")
+    flashjit.cuda.clear_memory_cache()
+    run(dtype=torch.bfloat16, causal=causal, B=2, Hq=4, Hkv=4, Sq=256, Sk=256, D=64)
+    if torch.cuda.get_device_capability() == (9, 0):
+        compiled = [path.name for path in tmp_path.rglob("*.cubin")]
+        for kernel in ("backward_dq", "backward_dkdv"):
+            assert any(kernel in name and "_pdl_" in name for name in compiled), compiled
 
 
 def test_output_takes_the_layout_of_a_transposed_q():

@@ -1152,6 +1152,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   specialised_roles(init, produce, consume);
 #endif
 #if FJ_BACKWARD_OVERLAP
+  static_assert(!FJ_VARLEN && !FJ_ONE_PASS, "the overlapping dK/dV kernel: dense, split (no early exit)");
   // Launched programmatically while the dQ kernel runs, the block ends only once that kernel has:
   // what follows the backward in the stream then finds dQ written too. (Dense only: no block
   // leaves before this point.)
