@@ -26,7 +26,7 @@ import flashjit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_attention import save_record, shape_case  # noqa: E402
-from overhead import commit  # noqa: E402
+from overhead import commit, device_us, split_events  # noqa: E402
 
 from flashjit.bench.provenance import device_tag  # noqa: E402
 
@@ -51,7 +51,6 @@ def implementations(cuda: bool):
 def kernel_times(backward, steps: int, cuda: bool) -> list:
     """[(kernel or op name, calls a backward, device µs a backward)], longest first: the device's
     own events on CUDA, the host ops' self time on the CPU."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -63,20 +62,9 @@ def kernel_times(backward, steps: int, cuda: bool) -> list:
         for _ in range(steps):
             backward()
         sync()
-    rows = []
-    for event in prof.key_averages():
-        on_device = getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU
-        if cuda and (not on_device or getattr(event, "is_user_annotation", False)):
-            continue
-        if not cuda and on_device:
-            continue
-        if cuda:
-            total = getattr(event, "self_device_time_total", None)
-            total = getattr(event, "self_cuda_time_total", 0.0) if total is None else total
-        else:
-            total = event.self_cpu_time_total
-        if total > 0:
-            rows.append((event.key, event.count / steps, total / steps))
+    ops, kernels = split_events(prof.key_averages())
+    timed = [(e, device_us(e)) for e in kernels] if cuda else [(e, e.self_cpu_time_total) for e in ops]
+    rows = [(e.key, e.count / steps, total / steps) for e, total in timed if total > 0]
     return sorted(rows, key=lambda row: row[2], reverse=True)
 
 

@@ -138,6 +138,26 @@ def entry_points(q, k, v):
     ]
 
 
+def device_us(event) -> float:
+    """A profiler event's device time in µs over the whole profile (the attribute's name changed
+    across torch versions)."""
+    total = getattr(event, "self_device_time_total", None)
+    return getattr(event, "self_cuda_time_total", 0.0) if total is None else total
+
+
+def split_events(events) -> tuple:
+    """(host ops, the device's own events: kernels and copies) of prof.key_averages(). A host op's
+    device time is that of the kernels it launched, which appear again as events of their own, and
+    record_function's ranges have device copies (user annotations, left out): totals over the
+    device events count each kernel once."""
+    from torch.autograd import DeviceType
+
+    ops = [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+    kernels = [e for e in events if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU
+               and not getattr(e, "is_user_annotation", False)]
+    return ops, kernels
+
+
 def profile_step(step, steps: int, cuda: bool, top: int = 14) -> list:
     """Where one forward+backward step's time goes: torch.profiler over `steps` steps (after a
     warm-up), each op's self time on the host and on the device per step, the `top` ops by host
@@ -158,33 +178,23 @@ def profile_step(step, steps: int, cuda: bool, top: int = 14) -> list:
         for _ in range(steps):
             step()
         sync()
-    events = prof.key_averages()
-    from torch.autograd import DeviceType
+    ops, kernels = split_events(prof.key_averages())
 
-    def device_us(event):  # the attribute's name changed across torch versions
-        total = getattr(event, "self_device_time_total", None)
-        if total is None:
-            total = getattr(event, "self_cuda_time_total", 0.0)
-        return total / steps
+    def step_us(event):
+        return device_us(event) / steps
 
-    # Host ops, and the device's own events (kernels, copies): a host op's device time is that of
-    # the kernels it launched, which appear again as events of their own, and record_function's
-    # ranges have device copies (user annotations); totals count each kernel once.
-    ops = [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
-    kernels = [e for e in events if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU
-               and not getattr(e, "is_user_annotation", False)]
     host_total = sum(e.self_cpu_time_total for e in ops) / steps
-    device_total = sum(device_us(e) for e in kernels)
+    device_total = sum(step_us(e) for e in kernels)
     lines = [f"wall {wall:.1f} µs a step unprofiled; profiled: host self time {host_total:.1f} µs, device "
              f"{device_total:.1f} µs a step", "",
              "| op (host) | calls a step | host self µs a step | device µs a step of its kernels |",
              "|---|---:|---:|---:|"]
     lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {e.self_cpu_time_total / steps:.1f} | "
-              f"{device_us(e):.1f} |" for e in sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
+              f"{step_us(e):.1f} |" for e in sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]]
     if kernels:
         lines += ["", "| device kernel or copy | calls a step | device µs a step |", "|---|---:|---:|"]
-        lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {device_us(e):.1f} |"
-                  for e in sorted(kernels, key=device_us, reverse=True)[:top]]
+        lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {step_us(e):.1f} |"
+                  for e in sorted(kernels, key=step_us, reverse=True)[:top]]
     return lines
 
 

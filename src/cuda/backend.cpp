@@ -1230,14 +1230,12 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
       case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv * parts.parts; break;
     }
-    // FLASHJIT_CUDA_BACKWARD_OVERLAP (KernelSpec::backward_overlap, set by backward_kernels): the
-    // sm_90a dK/dV kernel right after its dQ kernel starts while that one runs. Its blocks read
-    // the prep kernel's rows, finished before the dQ kernel began, not the dQ kernel's output,
-    // and end only after the dQ kernel, so that what follows the backward in the stream finds
-    // both done. Under stream capture as FLASHJIT_CUDA_OVERLAP allows.
-    if (spec.entry == KernelEntry::kBackwardDkDv && spec.overlaps_launch() && index > 0 &&
-        specs[index - 1].entry == KernelEntry::kBackwardDq && specs[index - 1].overlaps_launch() &&
-        launch.arch >= 90) {
+    // FLASHJIT_CUDA_BACKWARD_OVERLAP (KernelSpec::backward_overlap, set by backward_kernels on the
+    // sm_90a dQ kernel and the dK/dV kernel right after it): the dK/dV kernel starts while the dQ
+    // kernel runs. Its blocks read the prep kernel's rows, finished before the dQ kernel began,
+    // not the dQ kernel's output, and end only after the dQ kernel, so that what follows the
+    // backward in the stream finds both done. Under stream capture as FLASHJIT_CUDA_OVERLAP allows.
+    if (spec.entry == KernelEntry::kBackwardDkDv && spec.overlaps_launch()) {
       const int overlap = settings::overlap_launches();
       kernel.programmatic = overlap == 2 || (overlap == 1 && !launch.capturing);
     }
