@@ -16,7 +16,9 @@ recompile for) every new seed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import os
 from types import SimpleNamespace
 from typing import Optional
 
@@ -85,6 +87,41 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
         return 0, 0
     seed, offset = rng.tolist()
     return seed & _U64, offset & _U64
+
+
+def _load_native():
+    """flashjit::eager_attention (python/src/torch_ops.cpp: the attention op with its autograd rule
+    in C++) as a callable, where this install built it against the torch in use, bound to _C's C
+    API; else None (also with FLASHJIT_TORCH_NATIVE=0)."""
+    if os.environ.get("FLASHJIT_TORCH_NATIVE", "1") == "0":
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        with open(os.path.join(here, "_torch_ops.txt")) as f:
+            built_with = f.read().strip()
+    except OSError:
+        return None  # built without torch's headers (an isolated build)
+    if built_with != torch.__version__:
+        return None  # its C++ ABI is another torch's
+    path = os.path.join(here, "_torch_ops.so")
+    try:
+        torch.ops.load_library(path)
+        library = ctypes.CDLL(path)
+        library.flashjit_torch_bind(*(ctypes.c_void_p(address) for address in _C.c_api()))
+    except (OSError, RuntimeError, AttributeError):
+        return None
+    set_profiling = library.flashjit_torch_set_profiling
+    _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
+    op = torch.ops.flashjit.eager_attention.default
+    return getattr(op, "_op", op)
+
+
+_native_attention = _load_native()
+
+
+def native_available() -> bool:
+    """Whether plain eager calls with gradients take the C++ autograd rule (flashjit._torch_ops)."""
+    return _native_attention is not None
 
 
 # The raw handle of the current stream, without building a torch.cuda.Stream
@@ -552,7 +589,7 @@ def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
 
 class _Plan:
     __slots__ = ("options", "args", "c_options", "o_shape", "o_transposed", "lse_shape", "lse_dtype", "static",
-                 "layouts", "cuda")
+                 "layouts", "cuda", "native")
 
     def __init__(self, q, k, v, o, lse, refs, options: AttentionOptions):
         self.options = options
@@ -567,6 +604,12 @@ class _Plan:
         self.static = tuple(ref[1:] for ref in refs)  # the descriptors without their data pointers
         self.layouts = tuple(_layout(x) for x in (q, k, v, o, lse))
         self.cuda = q.is_cuda
+        # flashjit::eager_attention's arguments after q, k, v, where it takes the call (4-dim
+        # operands on the CPU or a CUDA device); else None.
+        self.native = (options.scale, options.softcap, options.causal, options.window_left, options.window_right,
+                       options.num_threads, options.deterministic) if (
+            _native_attention is not None and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
+            and (q.is_cpu or q.is_cuda)) else None
 
     def forward(self, q, k, v, with_lse=True):
         """o, lse as _forward gives them; with_lse false: lse None, neither allocated nor
@@ -650,6 +693,8 @@ def planned_attention(plan: _Plan, q, k, v, with_lse=True):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if _functorch_active():
             return _EagerAttention.apply(q, k, v, plan.args, plan)
+        if plan.native is not None and _native_attention is not None and not _profiler_enabled():  # the rule in C++
+            return _native_attention(q, k, v, *plan.native)
         # What Function.apply calls without torch.func transforms, after unwrapping wrappers
         # of transforms that have ended, which hold no storage (none here).
         return _apply_eager(q, k, v, plan.args, plan)

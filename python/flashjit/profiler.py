@@ -49,6 +49,9 @@ import numpy as np
 
 # The open profile, if any (the hooks in ops.py read this one name).
 _active: Optional["Profile"] = None
+# Called with True when a profile block opens and False when it closes (flashjit.ops tells its C++
+# autograd rule, whose backwards then take the recorded path).
+_open_listeners: list = []
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -465,11 +468,15 @@ class profile:  # noqa: N801  (used as a context manager, like torch.profiler.pr
             self._hook_mx_fast()
         self._start = time.perf_counter()
         _active = self.profile
+        for listener in _open_listeners:
+            listener(True)
         return self.profile
 
     def __exit__(self, *exc) -> None:
         global _active
         _active = None
+        for listener in _open_listeners:
+            listener(False)
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()

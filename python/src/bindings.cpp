@@ -614,6 +614,14 @@ NB_MODULE(_C, m) {
   }
   m.attr("DEVICES") = devices;
   m.def("set_tensor_type", &set_tensor_type, nb::arg("type"), nb::arg("dtypes"));
+  // The C API's entry points as addresses, for flashjit._torch_ops (flashjit_torch_bind): the same
+  // kernel cache and memory pool as this module's calls.
+  m.def("c_api", [] {
+    return std::make_tuple(reinterpret_cast<uintptr_t>(&fj_attention_options_default),
+                           reinterpret_cast<uintptr_t>(&fj_attention_forward),
+                           reinterpret_cast<uintptr_t>(&fj_attention_backward),
+                           reinterpret_cast<uintptr_t>(&fj_last_error));
+  });
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });
   m.def("cpu_kernels", [] {

@@ -1,0 +1,280 @@
+// flashjit::eager_attention: the attention operator with its autograd rule in C++, for plain
+// eager calls from PyTorch (flashjit.ops routes a planned call with gradients here). A Python
+// autograd.Function costs a training step about 20 µs of host time in its own machinery; this
+// node's backward runs in the autograd engine without Python.
+//
+// Built against the torch found at install time (python/CMakeLists.txt), it links no flashjit
+// code: flashjit._C hands it the C API's entry points (flashjit_torch_bind), so that both share
+// one kernel cache and one memory pool. Where the backward cannot run plainly (create_graph, a
+// tensor subclass or dispatch mode, an open flashjit.profile) it calls the flashjit::bwd op
+// through the dispatcher, as the Python rule does.
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <optional>
+#include <string>
+
+#include "flashjit/flashjit.h"
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct Api {
+  decltype(&fj_attention_options_default) options_default = nullptr;
+  decltype(&fj_attention_forward) forward = nullptr;
+  decltype(&fj_attention_backward) backward = nullptr;
+  decltype(&fj_last_error) last_error = nullptr;
+};
+Api api;
+std::atomic<bool> profiling{false};  // a flashjit.profile() is open: backwards take the bwd op, which records
+
+[[noreturn]] void fail(fj_status status) {
+  const std::string message = api.last_error();
+  switch (status) {
+    case FJ_ERROR_INVALID_VALUE: TORCH_CHECK_VALUE(false, message);
+    case FJ_ERROR_INVALID_TYPE: TORCH_CHECK_TYPE(false, message);
+    case FJ_ERROR_UNSUPPORTED: TORCH_CHECK_NOT_IMPLEMENTED(false, message);
+    default: TORCH_CHECK(false, message);
+  }
+}
+
+fj_dtype dtype_code(const Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return FJ_FLOAT32;
+    case at::kHalf: return FJ_FLOAT16;
+    case at::kBFloat16: return FJ_BFLOAT16;
+    case at::kDouble: return FJ_FLOAT64;
+    default: TORCH_CHECK_TYPE(false, "[attention] ", name, ": dtype ", x.scalar_type(), " is not taken (float16, bfloat16, float32 or float64)");
+  }
+}
+
+// x as the C API reads it, in place (x stays alive through the call).
+fj_tensor describe(const Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() <= FJ_MAX_DIMS, "[attention] ", name, ": at most ", FJ_MAX_DIMS, " dims, got ", x.dim());
+  fj_tensor t{};
+  t.data = x.data_ptr();
+  t.dtype = dtype_code(x, name);
+  if (x.is_cuda()) {
+    t.device_type = FJ_DEVICE_CUDA;
+    t.device_index = x.get_device();
+  } else {
+    TORCH_CHECK_NOT_IMPLEMENTED(x.is_cpu(), "[attention] ", name, ": device ", x.device(), " is not taken here (cpu or cuda)");
+    t.device_type = FJ_DEVICE_CPU;
+  }
+  t.ndim = int32_t(x.dim());
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    t.shape[d] = x.size(d);
+    t.strides[d] = x.stride(d);
+  }
+  return t;
+}
+
+// The kernels read rows with unit stride; torch allows any last-dim stride.
+Tensor rows_readable(const Tensor& x) {
+  return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+// The caller's current stream on x's device (NULL on the CPU), as torch's own kernels take it.
+void* stream_of(const Tensor& x) {
+  if (!x.is_cuda()) return nullptr;
+  const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+  return impl.getStream(x.device()).native_handle();
+}
+
+struct Options {
+  std::optional<double> scale;
+  double softcap;
+  int64_t causal, window_left, window_right, num_threads;
+  bool deterministic;
+
+  fj_attention_options c_options(void* stream) const {
+    fj_attention_options options = api.options_default();
+    options.has_scale = scale.has_value();
+    options.scale = scale.value_or(0.0);
+    options.softcap = softcap;
+    options.causal = fj_causal(causal);
+    options.window_left = window_left;
+    options.window_right = window_right;
+    options.num_threads = int32_t(num_threads);
+    options.stream = stream;
+    return options;
+  }
+};
+
+void check_bound() {
+  TORCH_CHECK(api.forward != nullptr,
+              "flashjit::eager_attention: the C API is not bound (import flashjit.ops, which binds it)");
+}
+
+// o [B, Hq, Sq, Dv] laid out as q is where q is a [B, S, H, D] buffer viewed as [B, H, S, D]
+// (then the usual transpose back needs no copy), and lse [B, Hq, Sq] in float32 (float64 for float64).
+std::tuple<Tensor, Tensor> run_forward(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Options& opt) {
+  check_bound();
+  TORCH_CHECK_VALUE(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4,
+                    "flashjit::eager_attention: q, k and v must have 4 dims [B, H, S, D], got ", q_.dim(), ", ",
+                    k_.dim(), " and ", v_.dim());
+  const Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
+  const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), dv = v.size(3);
+  Tensor o = q.stride(1) < q.stride(2) ? at::empty({batch, rows, heads, dv}, q.options()).transpose(1, 2)
+                                       : at::empty({batch, heads, rows, dv}, q.options());
+  Tensor lse = at::empty({batch, heads, rows}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v");
+  fj_tensor to = describe(o, "o"), tlse = describe(lse, "lse");
+  const fj_attention_options options = opt.c_options(stream_of(q));
+  const fj_status status = api.forward(&tq, &tk, &tv, &options, &to, &tlse);
+  if (status != FJ_SUCCESS) fail(status);
+  return {o, lse};
+}
+
+Tensor gradient_like(const Tensor& x) {
+  return x.size(-1) <= 1 || x.stride(-1) == 1 ? at::empty_like(x) : at::empty(x.sizes(), x.options());
+}
+
+variable_list run_backward(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                           const Tensor& o_, const Tensor& lse, const Options& opt) {
+  const Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_), o = rows_readable(o_);
+  const Tensor dout = rows_readable(dout_.scalar_type() == o.scalar_type() ? dout_ : dout_.to(o.scalar_type()));
+  Tensor dq = gradient_like(q_), dk = gradient_like(k_), dv = gradient_like(v_);
+  const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v"), to = describe(o, "o"),
+                  tlse = describe(lse, "lse"), tdout = describe(dout, "dout");
+  fj_tensor tdq = describe(dq, "dq"), tdk = describe(dk, "dk"), tdv = describe(dv, "dv");
+  fj_attention_options options = opt.c_options(stream_of(q));
+  options.nondeterministic = !opt.deterministic && !at::globalContext().deterministicAlgorithms();
+  const fj_status status = api.backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv);
+  if (status != FJ_SUCCESS) fail(status);
+  return {dq, dk, dv};
+}
+
+// Whether the backward can call the C API itself: no gradient of the gradient to record, no
+// tensor subclass, functorch wrapper or dispatch mode to honour, no flashjit.profile to record in.
+bool plain_backward(const Tensor& dout) {
+  static const c10::DispatchKeySet special({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                            c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+                                            c10::DispatchKey::Functionalize});
+  return !at::GradMode::is_enabled() && !profiling.load(std::memory_order_relaxed) && dout.layout() == at::kStrided &&
+         !dout.is_meta() && dout.has_storage() && !dout.key_set().has_any(special) &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
+// flashjit::bwd (the Python op with its own autograd rule and records) through the dispatcher.
+variable_list op_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+                          const Tensor& lse, const Options& opt) {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("flashjit::bwd", "");
+  torch::jit::Stack stack{dout,
+                          q,
+                          k,
+                          v,
+                          o,
+                          lse,
+                          c10::IValue(),
+                          opt.scale.has_value() ? c10::IValue(*opt.scale) : c10::IValue(),
+                          opt.softcap,
+                          opt.causal,
+                          opt.window_left,
+                          opt.window_right,
+                          0.0,
+                          c10::IValue(),
+                          opt.num_threads,
+                          opt.deterministic};
+  op.callBoxed(stack);  // leaves dq, dk, dv on the stack
+  return {stack.at(0).toTensor(), stack.at(1).toTensor(), stack.at(2).toTensor()};
+}
+
+struct Attention : public torch::autograd::Function<Attention> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               std::optional<double> scale, double softcap, int64_t causal, int64_t window_left,
+                               int64_t window_right, int64_t num_threads, bool deterministic) {
+    const Options opt{scale, softcap, causal, window_left, window_right, num_threads, deterministic};
+    RECORD_FUNCTION("flashjit::fwd", c10::ArrayRef<const c10::IValue>{});
+    auto [o, lse] = run_forward(q, k, v, opt);
+    ctx->save_for_backward({q, k, v, o, lse});
+    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
+    ctx->saved_data["options"] = c10::IValue(std::vector<int64_t>{causal, window_left, window_right, num_threads,
+                                                                   int64_t(deterministic)});
+    ctx->saved_data["softcap"] = softcap;
+    ctx->mark_non_differentiable({lse});
+    // lse has no gradient: without this autograd fills a zero tensor for it every backward.
+    ctx->set_materialize_grads(false);
+    return {o, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(10);
+    const Tensor& dout = grads[0];
+    if (!dout.defined()) return result;  // nothing reached o (only possible through lse)
+    const auto saved = ctx->get_saved_variables();
+    const c10::IValue& scale = ctx->saved_data["scale"];
+    const auto ints = ctx->saved_data["options"].toIntVector();
+    const Options opt{scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()),
+                      ctx->saved_data["softcap"].toDouble(),
+                      ints[0],
+                      ints[1],
+                      ints[2],
+                      ints[3],
+                      ints[4] != 0};
+    variable_list dqkv;
+    if (plain_backward(dout)) {
+      RECORD_FUNCTION("flashjit::bwd", c10::ArrayRef<const c10::IValue>{});
+      dqkv = run_backward(dout, saved[0], saved[1], saved[2], saved[3], saved[4], opt);
+    } else {
+      dqkv = op_backward(dout, saved[0], saved[1], saved[2], saved[3], saved[4], opt);
+    }
+    result[0] = dqkv[0];
+    result[1] = dqkv[1];
+    result[2] = dqkv[2];
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor> attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              std::optional<double> scale, double softcap, int64_t causal,
+                                              int64_t window_left, int64_t window_right, int64_t num_threads,
+                                              bool deterministic) {
+  auto outputs = Attention::apply(q, k, v, scale, softcap, causal, window_left, window_right, num_threads,
+                                  deterministic);
+  return {outputs[0], outputs[1]};
+}
+
+// Without autograd (inference mode, or below the autograd key): the forward alone.
+std::tuple<Tensor, Tensor> attention_plain(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           std::optional<double> scale, double softcap, int64_t causal,
+                                           int64_t window_left, int64_t window_right, int64_t num_threads,
+                                           bool deterministic) {
+  return run_forward(q, k, v, Options{scale, softcap, causal, window_left, window_right, num_threads, deterministic});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(flashjit, m) {
+  m.def(
+      "eager_attention(Tensor q, Tensor k, Tensor v, float? scale, float softcap, int causal, int window_left, "
+      "int window_right, int num_threads, bool deterministic) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(flashjit, Autograd, m) { m.impl("eager_attention", &attention_autograd); }
+TORCH_LIBRARY_IMPL(flashjit, CPU, m) { m.impl("eager_attention", &attention_plain); }
+TORCH_LIBRARY_IMPL(flashjit, CUDA, m) { m.impl("eager_attention", &attention_plain); }
+
+extern "C" {
+
+// The C API's entry points, from flashjit._C (its c_api()): options_default, forward, backward, last_error.
+__attribute__((visibility("default"))) void flashjit_torch_bind(void* options_default, void* forward, void* backward,
+                                                                void* last_error) {
+  api.options_default = reinterpret_cast<decltype(api.options_default)>(options_default);
+  api.forward = reinterpret_cast<decltype(api.forward)>(forward);
+  api.backward = reinterpret_cast<decltype(api.backward)>(backward);
+  api.last_error = reinterpret_cast<decltype(api.last_error)>(last_error);
+}
+
+// flashjit.profile() open (1) or closed (0).
+__attribute__((visibility("default"))) void flashjit_torch_set_profiling(int on) { profiling.store(on != 0); }
+}

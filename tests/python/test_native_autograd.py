@@ -1,0 +1,173 @@
+"""The autograd rule in C++ (flashjit._torch_ops, flashjit::eager_attention): a planned eager call
+with gradients takes it where this install built it against the torch in use, and gives the
+Python rule's outputs and gradients bitwise, with every autograd feature the Python rule has
+(double backward, saved-tensor hooks, profilers, inference mode)."""
+
+import os
+
+import pytest
+import torch
+
+import flashjit
+from conftest import DEVICE
+from flashjit import ops
+from reference import check, leaves, naive_attention
+
+BUILT = os.path.exists(os.path.join(os.path.dirname(ops.__file__), "_torch_ops.txt"))
+needs_native = pytest.mark.skipif(not ops.native_available(), reason="flashjit._torch_ops not built for this torch")
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    ops._PLANS.clear()
+    ops._SEEN.clear()
+    yield
+    ops._PLANS.clear()
+    ops._SEEN.clear()
+
+
+@pytest.fixture
+def python_rule(monkeypatch):
+    """Within the test: planned calls take the Python autograd rule."""
+    def use():
+        monkeypatch.setattr(ops, "_native_attention", None)
+    return use
+
+
+def test_built_wherever_torch_was_there_at_install():
+    """An install with torch's headers (pip install --no-build-isolation, as `make install` does)
+    builds the operator, and flashjit loads it under the torch it was built against."""
+    if not BUILT:
+        pytest.skip("this install was built without torch (an isolated build)")
+    with open(os.path.join(os.path.dirname(ops.__file__), "_torch_ops.txt")) as f:
+        built_with = f.read().strip()
+    assert built_with == torch.__version__, "the operator was built against another torch: reinstall flashjit"
+    assert ops.native_available() == (os.environ.get("FLASHJIT_TORCH_NATIVE", "1") != "0")
+
+
+def run(entry, q, k, v, causal, dout, retain=False):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    o = entry(q, k, v, causal)
+    o.backward(dout)
+    return o.detach(), q.grad, k.grad, v.grad, o.grad_fn
+
+
+ENTRIES = {
+    "sdpa": lambda q, k, v, causal: flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                          enable_gqa=k.shape[1] != q.shape[1]),
+    "attention": lambda q, k, v, causal: flashjit.attention(q, k, v, causal=causal),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_cpp_rule_gives_the_python_rules_bits(entry, dtype, causal, python_rule):
+    if dtype == torch.float64 and DEVICE != "cpu":
+        pytest.skip("float64 runs on the CPU only")
+    call = ENTRIES[entry]
+    shapes = ((2, 4, 33, 64), (2, 2, 40, 64))
+    q, k, v = (torch.randn(s, device=DEVICE).to(dtype) for s in (shapes[0], shapes[1], shapes[1]))
+    dout = torch.randn(2, 4, 33, 64, device=DEVICE).to(dtype)
+    for _ in range(2):
+        run(call, q, k, v, causal, dout)
+    assert len(ops._PLANS) == 1
+    native = run(call, q, k, v, causal, dout)
+    assert "Attention" in native[4].name(), native[4].name()  # the C++ node
+    python_rule()
+    python = run(call, q, k, v, causal, dout)
+    assert "Attention" not in python[4].name() or "Eager" in python[4].name()
+    for name, a, b in zip(("o", "dq", "dk", "dv"), native[:4], python[:4]):
+        assert torch.equal(a, b), name
+    exact = leaves(q, k, v, dtype=torch.float64)
+    o_exact = naive_attention(*exact, causal=causal, dtype=torch.float64)[0]
+    o_exact.backward(dout.double())
+    base = leaves(q, k, v)
+    naive_attention(*base, causal=causal, dtype=dtype)[0].backward(dout)
+    check("o", native[0], o_exact.detach().to(dtype), o_exact.detach(), dtype)
+    for name, got, low, ref in zip(("dq", "dk", "dv"), native[1:4], base, exact):
+        check(name, got, low.grad, ref.grad, dtype)
+
+
+@needs_native
+def test_layouts_the_cpp_rule_takes():
+    """q, k, v viewed from [B, S, H, D] buffers (o then laid out as q, so that its transpose back is
+    free), and an expanded output gradient (stride 0 rows: made readable)."""
+    q, k, v = (torch.randn(2, 40, 4, 32, device=DEVICE).transpose(1, 2) for _ in range(3))
+    for _ in range(3):
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        o = flashjit.scaled_dot_product_attention(qg, kg, vg)
+        o.sum().backward()
+    assert "Attention" in o.grad_fn.name()
+    assert o.stride(1) < o.stride(2)  # [B, S, H, D] memory
+    exact = leaves(q, k, v, dtype=torch.float64)
+    naive_attention(*exact, dtype=torch.float64)[0].sum().backward()
+    for name, got, ref in zip(("dq", "dk", "dv"), (qg, kg, vg), exact):
+        check(name, got.grad, ref.grad.float(), ref.grad, torch.float32)
+
+
+@needs_native
+def test_double_backward_through_the_cpp_rule():
+    if DEVICE != "cpu":
+        pytest.skip("float64 runs on the CPU only")
+    q, k, v = (torch.randn(1, 2, 12, 16, dtype=torch.float64) for _ in range(3))
+    for _ in range(2):
+        flashjit.scaled_dot_product_attention(*leaves(q, k, v), is_causal=True).sum().backward()
+    x = leaves(q, k, v)
+    o = flashjit.scaled_dot_product_attention(*x, is_causal=True)
+    assert "Attention" in o.grad_fn.name()
+    first = torch.autograd.grad(o.square().sum(), x, create_graph=True)
+    second = torch.autograd.grad(first[0].square().sum(), x)
+    e = leaves(q, k, v)
+    oe = naive_attention(*e, causal=True, dtype=torch.float64)[0]
+    fe = torch.autograd.grad(oe.square().sum(), e, create_graph=True)
+    se = torch.autograd.grad(fe[0].square().sum(), e)
+    for got, ref in zip(first + second, fe + se):
+        assert torch.allclose(got, ref, atol=1e-9), (got - ref).abs().max()
+
+
+@needs_native
+def test_saved_tensor_hooks_and_profilers_with_the_cpp_rule():
+    q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float32, device=DEVICE) for _ in range(3))
+    dout = torch.randn(1, 2, 16, 8, device=DEVICE)
+    plain = run(ENTRIES["sdpa"], q, k, v, False, dout)
+    plain = run(ENTRIES["sdpa"], q, k, v, False, dout)
+    packed = []
+    # Hooks that keep the saved tensors elsewhere (copies of another layout) and hand them back.
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: packed.append(1) or t.transpose(-1, -2).contiguous(), lambda t: t.transpose(-1, -2)):
+        hooked = run(ENTRIES["sdpa"], q, k, v, False, dout)
+    assert "Attention" in hooked[4].name() and packed
+    for a, b in zip(plain[:4], hooked[:4]):
+        assert torch.equal(a, b)
+    # A flashjit.profile opened between the forward and the backward records the backward.
+    x = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = flashjit.scaled_dot_product_attention(*x)
+    assert "Attention" in o.grad_fn.name()
+    with flashjit.profile() as profile:
+        o.backward(dout)
+    assert [call.direction for call in profile.calls] == ["backward"]
+    assert torch.equal(x[0].grad, plain[1])
+    # torch's profiler names the C++ rule's work as it names the Python rule's.
+    with torch.profiler.profile() as prof:
+        o = flashjit.scaled_dot_product_attention(*x)
+        o.backward(dout)
+    names = {event.key for event in prof.key_averages()}
+    assert "flashjit::fwd" in names and "flashjit::bwd" in names
+
+
+@needs_native
+def test_the_operator_under_inference_mode_and_its_errors():
+    q, k, v = (torch.randn(1, 2, 16, 8, device=DEVICE) for _ in range(3))
+    op = torch.ops.flashjit.eager_attention
+    with torch.inference_mode():
+        o, lse = op(q, k, v, None, 0.0, 1, -1, -1, 0, True)
+    expected, expected_lse = ops._forward(q, k, v, *flashjit.options.AttentionOptions(causal=1).op_args(None, None))
+    assert torch.equal(o, expected) and torch.equal(lse, expected_lse)
+    with pytest.raises(ValueError, match="4 dims"):
+        op(q[0], k[0], v[0], None, 0.0, 0, -1, -1, 0, True)
+    with pytest.raises(ValueError, match="head_dim 4 does not match"):
+        op(q, k[..., :4], v, None, 0.0, 0, -1, -1, 0, True)
+    with pytest.raises(TypeError, match="dtype"):
+        op(q.to(torch.int32), k, v, None, 0.0, 0, -1, -1, 0, True)
