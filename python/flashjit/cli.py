@@ -157,6 +157,9 @@ def collect_info() -> dict:
 
         result["torch"] = torch.__version__
         result["torch_cuda"] = torch.version.cuda
+        from . import ops
+
+        result["torch_autograd_rule"] = ops.native_note
     except ImportError:
         result["torch"] = None
     gpus = []
@@ -227,6 +230,7 @@ def info(as_json: bool = False) -> int:
           f"FLASHJIT_CPU_ISA {os.environ.get('FLASHJIT_CPU_ISA') or 'unset'})")
     if result["torch"] is not None:
         print(f"torch: {result['torch']}" + (f" (CUDA {result['torch_cuda']})" if result["torch_cuda"] else " (CPU)"))
+        print(f"torch autograd rule: {result['torch_autograd_rule']}")
     else:
         print("torch: not installed")
     for gpu in result["gpus"]:

@@ -90,33 +90,33 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
 
 
 def _load_native():
-    """flashjit::eager_attention (python/src/torch_ops.cpp: the attention op with its autograd rule
-    in C++) as a callable, where this install built it against the torch in use, bound to _C's C
-    API; else None (also with FLASHJIT_TORCH_NATIVE=0)."""
+    """(flashjit::eager_attention as a callable, or None; a note on which rule calls take): the
+    attention op with its autograd rule in C++ (python/src/torch_ops.cpp), where this install
+    built it against the torch in use, bound to _C's C API. FLASHJIT_TORCH_NATIVE=0 leaves it out."""
     if os.environ.get("FLASHJIT_TORCH_NATIVE", "1") == "0":
-        return None
+        return None, "Python (FLASHJIT_TORCH_NATIVE=0)"
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         with open(os.path.join(here, "_torch_ops.txt")) as f:
             built_with = f.read().strip()
     except OSError:
-        return None  # built without torch's headers (an isolated build)
+        return None, "Python (flashjit was built without torch's headers: reinstall with pip install --no-build-isolation)"
     if built_with != torch.__version__:
-        return None  # its C++ ABI is another torch's
+        return None, f"Python (the C++ rule was built for torch {built_with}: reinstall flashjit for torch {torch.__version__})"
     path = os.path.join(here, "_torch_ops.so")
     try:
         torch.ops.load_library(path)
         library = ctypes.CDLL(path)
         library.flashjit_torch_bind(*(ctypes.c_void_p(address) for address in _C.c_api()))
-    except (OSError, RuntimeError, AttributeError):
-        return None
+    except (OSError, RuntimeError, AttributeError) as error:
+        return None, f"Python (the C++ rule did not load: {error})"
     set_profiling = library.flashjit_torch_set_profiling
     _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
     op = torch.ops.flashjit.eager_attention.default
-    return getattr(op, "_op", op)
+    return getattr(op, "_op", op), f"C++ (flashjit._torch_ops, built for torch {built_with})"
 
 
-_native_attention = _load_native()
+_native_attention, native_note = _load_native()
 
 
 def native_available() -> bool:
