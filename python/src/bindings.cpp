@@ -620,7 +620,8 @@ NB_MODULE(_C, m) {
     return std::make_tuple(reinterpret_cast<uintptr_t>(&fj_attention_options_default),
                            reinterpret_cast<uintptr_t>(&fj_attention_forward),
                            reinterpret_cast<uintptr_t>(&fj_attention_backward),
-                           reinterpret_cast<uintptr_t>(&fj_last_error));
+                           reinterpret_cast<uintptr_t>(&fj_last_error),
+                           reinterpret_cast<uintptr_t>(&fj_attention_check_forward));
   });
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });

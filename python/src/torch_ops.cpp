@@ -33,6 +33,7 @@ struct Api {
   decltype(&fj_attention_forward) forward = nullptr;
   decltype(&fj_attention_backward) backward = nullptr;
   decltype(&fj_last_error) last_error = nullptr;
+  decltype(&fj_attention_check_forward) check_forward = nullptr;
 };
 Api api;
 std::atomic<bool> profiling{false};  // a flashjit.profile() is open: backwards take the bwd op, which records
@@ -57,13 +58,16 @@ fj_dtype dtype_code(const Tensor& x, const char* name) {
   }
 }
 
-// x as the C API reads it, in place (x stays alive through the call).
+// x as the C API reads it, in place (x stays alive through the call); a meta tensor without its
+// memory (NULL data), described as if on the CPU, as the Python ops' fake kernels check them.
 fj_tensor describe(const Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() <= FJ_MAX_DIMS, "[attention] ", name, ": at most ", FJ_MAX_DIMS, " dims, got ", x.dim());
   fj_tensor t{};
-  t.data = x.data_ptr();
   t.dtype = dtype_code(x, name);
-  if (x.is_cuda()) {
+  t.data = x.is_meta() ? nullptr : x.data_ptr();
+  if (x.is_meta()) {
+    t.device_type = FJ_DEVICE_CPU;
+  } else if (x.is_cuda()) {
     t.device_type = FJ_DEVICE_CUDA;
     t.device_index = x.get_device();
   } else {
@@ -117,16 +121,21 @@ void check_bound() {
 
 // o [B, Hq, Sq, Dv] laid out as q is where q is a [B, S, H, D] buffer viewed as [B, H, S, D]
 // (then the usual transpose back needs no copy), and lse [B, Hq, Sq] in float32 (float64 for float64).
-std::tuple<Tensor, Tensor> run_forward(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Options& opt) {
-  check_bound();
-  TORCH_CHECK_VALUE(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4,
-                    "flashjit::eager_attention: q, k and v must have 4 dims [B, H, S, D], got ", q_.dim(), ", ",
-                    k_.dim(), " and ", v_.dim());
-  const Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
+std::tuple<Tensor, Tensor> new_outputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+                    "flashjit::eager_attention: q, k and v must have 4 dims [B, H, S, D], got ", q.dim(), ", ",
+                    k.dim(), " and ", v.dim());
   const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), dv = v.size(3);
   Tensor o = q.stride(1) < q.stride(2) ? at::empty({batch, rows, heads, dv}, q.options()).transpose(1, 2)
                                        : at::empty({batch, heads, rows, dv}, q.options());
   Tensor lse = at::empty({batch, heads, rows}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  return {o, lse};
+}
+
+std::tuple<Tensor, Tensor> run_forward(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Options& opt) {
+  check_bound();
+  const Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
+  auto [o, lse] = new_outputs(q, k, v);
   const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v");
   fj_tensor to = describe(o, "o"), tlse = describe(lse, "lse");
   const fj_attention_options options = opt.c_options(stream_of(q));
@@ -195,7 +204,18 @@ struct Attention : public torch::autograd::Function<Attention> {
                                int64_t window_right, int64_t num_threads, bool deterministic) {
     const Options opt{scale, softcap, causal, window_left, window_right, num_threads, deterministic};
     RECORD_FUNCTION("flashjit::fwd", c10::ArrayRef<const c10::IValue>{});
-    auto [o, lse] = run_forward(q, k, v, opt);
+    // The op's own kernel below the autograd key: the CPU or CUDA one, or Meta under fake tensors.
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("flashjit::eager_attention", "")
+                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                 std::optional<double>, double, int64_t, int64_t,
+                                                                 int64_t, int64_t, bool)>();
+    Tensor o, lse;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(o, lse) =
+          op.call(q, k, v, scale, softcap, causal, window_left, window_right, num_threads, deterministic);
+    }
     ctx->save_for_backward({q, k, v, o, lse});
     ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
     ctx->saved_data["options"] = c10::IValue(std::vector<int64_t>{causal, window_left, window_right, num_threads,
@@ -252,6 +272,22 @@ std::tuple<Tensor, Tensor> attention_plain(const Tensor& q, const Tensor& k, con
   return run_forward(q, k, v, Options{scale, softcap, causal, window_left, window_right, num_threads, deterministic});
 }
 
+// Meta tensors (and fake tensors, which take meta kernels): the outputs' shapes, dtypes and
+// layouts, after the C API's validation of the same descriptors.
+std::tuple<Tensor, Tensor> attention_meta(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
+                                          double softcap, int64_t causal, int64_t window_left, int64_t window_right,
+                                          int64_t num_threads, bool deterministic) {
+  check_bound();
+  auto [o, lse] = new_outputs(q, k, v);
+  const Options opt{scale, softcap, causal, window_left, window_right, num_threads, deterministic};
+  const fj_tensor tq = describe(rows_readable(q), "q"), tk = describe(rows_readable(k), "k"),
+                  tv = describe(rows_readable(v), "v"), to = describe(o, "o"), tlse = describe(lse, "lse");
+  const fj_attention_options options = opt.c_options(nullptr);
+  const fj_status status = api.check_forward(&tq, &tk, &tv, &options, &to, &tlse);
+  if (status != FJ_SUCCESS) fail(status);
+  return {o, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashjit, m) {
@@ -263,16 +299,19 @@ TORCH_LIBRARY_FRAGMENT(flashjit, m) {
 TORCH_LIBRARY_IMPL(flashjit, Autograd, m) { m.impl("eager_attention", &attention_autograd); }
 TORCH_LIBRARY_IMPL(flashjit, CPU, m) { m.impl("eager_attention", &attention_plain); }
 TORCH_LIBRARY_IMPL(flashjit, CUDA, m) { m.impl("eager_attention", &attention_plain); }
+TORCH_LIBRARY_IMPL(flashjit, Meta, m) { m.impl("eager_attention", &attention_meta); }
 
 extern "C" {
 
-// The C API's entry points, from flashjit._C (its c_api()): options_default, forward, backward, last_error.
+// The C API's entry points, from flashjit._C (its c_api()): options_default, forward, backward,
+// last_error, check_forward.
 __attribute__((visibility("default"))) void flashjit_torch_bind(void* options_default, void* forward, void* backward,
-                                                                void* last_error) {
+                                                                void* last_error, void* check_forward) {
   api.options_default = reinterpret_cast<decltype(api.options_default)>(options_default);
   api.forward = reinterpret_cast<decltype(api.forward)>(forward);
   api.backward = reinterpret_cast<decltype(api.backward)>(backward);
   api.last_error = reinterpret_cast<decltype(api.last_error)>(last_error);
+  api.check_forward = reinterpret_cast<decltype(api.check_forward)>(check_forward);
 }
 
 // flashjit.profile() open (1) or closed (0).

@@ -171,3 +171,39 @@ def test_the_operator_under_inference_mode_and_its_errors():
         op(q, k[..., :4], v, None, 0.0, 0, -1, -1, 0, True)
     with pytest.raises(TypeError, match="dtype"):
         op(q.to(torch.int32), k, v, None, 0.0, 0, -1, -1, 0, True)
+
+
+@needs_native
+def test_the_operator_passes_opcheck_and_takes_meta_tensors():
+    q, k, v = (torch.randn(1, 2, 16, 8, device=DEVICE, requires_grad=True) for _ in range(3))
+    args = (q, k, v, None, 0.0, 1, -1, -1, 0, True)
+    torch.library.opcheck(torch.ops.flashjit.eager_attention.default, args)
+    o, lse = torch.ops.flashjit.eager_attention(*(x.to("meta") for x in (q, k, v)), None, 0.0, 1, -1, -1, 0, True)
+    assert o.shape == (1, 2, 16, 8) and lse.shape == (1, 2, 16) and lse.dtype == torch.float32
+    with pytest.raises(ValueError, match="head_dim 4 does not match"):
+        torch.ops.flashjit.eager_attention(q.to("meta"), k[..., :4].to("meta"), v.to("meta"), None, 0.0, 0, -1, -1, 0,
+                                           True)
+
+
+@needs_native
+def test_retained_graphs_and_inputs_from_other_nodes():
+    """A graph kept for a second backward, and q, k, v computed by other ops (edges to their nodes)."""
+    x = torch.randn(1, 16, 32, device=DEVICE, requires_grad=True)
+    weight = torch.randn(32, 3 * 32, device=DEVICE) / 6
+
+    def project(x):
+        q, k, v = (x @ weight).view(1, 16, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    for _ in range(2):
+        flashjit.scaled_dot_product_attention(*project(x.detach())).sum()
+    o = flashjit.scaled_dot_product_attention(*project(x), is_causal=True)
+    assert "Attention" in o.grad_fn.name()
+    dout = torch.randn_like(o)
+    first, = torch.autograd.grad(o, x, dout, retain_graph=True)
+    second, = torch.autograd.grad(o, x, dout)
+    assert torch.equal(first, second)
+    xe = x.detach().double().requires_grad_()
+    qe, ke, ve = ((xe @ weight.double()).view(1, 16, 3, 2, 16).permute(2, 0, 3, 1, 4))
+    naive_attention(qe, ke, ve, causal=True, dtype=torch.float64)[0].backward(dout.double())
+    check("dx", first, xe.grad.float(), xe.grad, torch.float32)
