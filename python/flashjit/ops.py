@@ -89,6 +89,10 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
     return seed & _U64, offset & _U64
 
 
+# Whether _C reads torch tensors through flashjit._torch_ops (set by _load_native).
+_tensor_reader = False
+
+
 def _load_native():
     """(flashjit::eager_attention as a callable, or None; a note on which rule calls take): the
     attention op with its autograd rule in C++ (python/src/torch_ops.cpp), where this install
@@ -110,6 +114,10 @@ def _load_native():
         library.flashjit_torch_bind(*(ctypes.c_void_p(address) for address in _C.c_api()))
     except (OSError, RuntimeError, AttributeError) as error:
         return None, f"Python (the C++ rule did not load: {error})"
+    # _C reads torch tensors from the at::Tensor they hold, not through their Python attributes.
+    global _tensor_reader
+    _C.set_tensor_reader(ctypes.cast(library.flashjit_torch_describe, ctypes.c_void_p).value)
+    _tensor_reader = True
     set_profiling = library.flashjit_torch_set_profiling
     _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
     op = torch.ops.flashjit.eager_attention.default
@@ -615,6 +623,10 @@ class _Plan:
         """o, lse as _forward gives them; with_lse false: lse None, neither allocated nor
         computed (a call that needs no backward)."""
         o = q.new_empty(self.o_shape).transpose(1, 2) if self.o_transposed else q.new_empty(self.o_shape)
+        if _tensor_reader:  # _C reads the tensors themselves faster than descriptor tuples
+            lse = q.new_empty(self.lse_shape, dtype=self.lse_dtype) if with_lse else None
+            _C.forward(q, k, v, o, lse, None, *self.c_options, _stream(q) if self.cuda else 0)
+            return o, lse
         sq, sk, sv, so, sl = self.static
         if with_lse:
             lse = q.new_empty(self.lse_shape, dtype=self.lse_dtype)
@@ -637,6 +649,10 @@ class _Plan:
             dq, dk, dv = _backward(dout, q, k, v, o, lse, *self.args)
             return (dq, dk, dv) + _NO_GRADS
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if _tensor_reader:
+            _C.backward(q, k, v, o, lse, dout, dq, dk, dv, None, *self.c_options, _stream(q) if self.cuda else 0,
+                        **_unordered_kwargs(self.options.deterministic))
+            return (dq, dk, dv) + _NO_GRADS
         _C.backward((q.data_ptr(), *sq), (k.data_ptr(), *sk), (v.data_ptr(), *sv), (o.data_ptr(), *so),
                     (lse.data_ptr(), *sl), (dout.data_ptr(), *so), (dq.data_ptr(), *sq[:3], dq.shape, dq.stride()),
                     (dk.data_ptr(), *sk[:3], dk.shape, dk.stride()), (dv.data_ptr(), *sv[:3], dv.shape, dv.stride()),

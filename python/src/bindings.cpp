@@ -188,6 +188,9 @@ struct TensorType {
            *stride = nullptr, *get_device = nullptr, *detach = nullptr, *is_neg = nullptr;  // interned names
 };
 TensorType tensor_type;
+// A faster reader of the same tensors where the framework's own library provides one
+// (flashjit._torch_ops for torch: set_tensor_reader): 1 with *out filled, 0 to read them here.
+int (*tensor_reader)(PyObject*, fj_tensor*) = nullptr;
 
 // A new reference, or nb::python_error with Python's own exception.
 PyObject* owned(PyObject* object) {
@@ -216,6 +219,10 @@ PyObject* owned(PyObject* object) {
 // x read as a descriptor; false where it has no descriptor (its dtype or device has no code).
 bool read_framework_tensor(const char* op, const char* name, PyObject* x, fj_tensor& t) {
   const TensorType& type = tensor_type;
+  if (tensor_reader != nullptr && tensor_reader(x, &t) == 1 &&
+      t.device_type == (t.device_type == FJ_DEVICE_CUDA ? type.cuda : type.cpu)) {
+    return true;
+  }
   const auto got = [&](PyObject* object) {  // a new reference, or the error raised naming the operand
     if (object == nullptr) raise_named(op, name);
     return nb::steal(object);
@@ -614,6 +621,11 @@ NB_MODULE(_C, m) {
   }
   m.attr("DEVICES") = devices;
   m.def("set_tensor_type", &set_tensor_type, nb::arg("type"), nb::arg("dtypes"));
+  // The address of a faster reader of the registered type's tensors (0: none), as
+  // flashjit._torch_ops's flashjit_torch_describe.
+  m.def("set_tensor_reader", [](uintptr_t address) {
+    tensor_reader = reinterpret_cast<int (*)(PyObject*, fj_tensor*)>(address);
+  });
   // The C API's entry points as addresses, for flashjit._torch_ops (flashjit_torch_bind): the same
   // kernel cache and memory pool as this module's calls.
   m.def("c_api", [] {
