@@ -89,8 +89,8 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
     return seed & _U64, offset & _U64
 
 
-# Whether _C reads torch tensors through flashjit._torch_ops (set by _load_native).
-_tensor_reader = False
+# The address of the reader _C takes torch tensors through (flashjit._torch_ops's), or 0.
+_tensor_reader = 0
 
 
 def _load_native():
@@ -116,8 +116,8 @@ def _load_native():
         return None, f"Python (the C++ rule did not load: {error})"
     # _C reads torch tensors from the at::Tensor they hold, not through their Python attributes.
     global _tensor_reader
-    _C.set_tensor_reader(ctypes.cast(library.flashjit_torch_describe, ctypes.c_void_p).value)
-    _tensor_reader = True
+    _tensor_reader = ctypes.cast(library.flashjit_torch_describe, ctypes.c_void_p).value
+    _C.set_tensor_reader(_tensor_reader)
     set_profiling = library.flashjit_torch_set_profiling
     _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
     op = torch.ops.flashjit.eager_attention.default

@@ -207,3 +207,38 @@ def test_retained_graphs_and_inputs_from_other_nodes():
     qe, ke, ve = ((xe @ weight.double()).view(1, 16, 3, 2, 16).permute(2, 0, 3, 1, 4))
     naive_attention(qe, ke, ve, causal=True, dtype=torch.float64)[0].backward(dout.double())
     check("dx", first, xe.grad.float(), xe.grad, torch.float32)
+
+
+@needs_native
+def test_c_reads_torch_tensors_through_the_library_as_through_their_attributes():
+    """flashjit._torch_ops's reader gives _C what the tensors' attributes give: the same outputs
+    bitwise for views, parameters, bool and float masks, and the same errors where it leaves a
+    tensor to _C (meta, a negated view, int64)."""
+    from flashjit import _C
+
+    q = torch.randn(2, 33, 4, 32, device=DEVICE).transpose(1, 2)  # [B, S, H, D] memory
+    k = torch.nn.Parameter(torch.randn(2, 2, 40, 32, device=DEVICE))
+    v = torch.randn(2, 2, 40, 64, device=DEVICE)[..., ::2]  # rows not unit-stride: read through a copy
+    masks = (torch.rand(2, 1, 33, 40, device=DEVICE) > 0.3, torch.randn(1, 4, 33, 40, device=DEVICE))
+    options = (0.3, 0.0, 2, 7, -1, 0.0, None, 0)  # scale, softcap, causal, windows, dropout_p, rng, threads
+    outputs = []
+    try:
+        for reader in (ops._tensor_reader, 0):
+            _C.set_tensor_reader(reader)
+            for mask in masks:
+                o, lse = torch.empty(2, 4, 33, 32, device=DEVICE), torch.empty(2, 4, 33, device=DEVICE)
+                ops._run(_C.forward, (q, k, v), (o, lse), mask, *options)
+                outputs.append((o, lse))
+            for bad, pattern in ((k.to("meta"), "on meta, which flashjit cannot read"),
+                                 (torch.randn(2, 2, 40, 32, device=DEVICE)._neg_view(), "a lazily negated view"),
+                                 (k.detach().to(torch.int64), "int64")):
+                with pytest.raises((TypeError, ValueError), match=pattern):
+                    _C.forward(q.contiguous(), bad, v.contiguous(), o, lse, None, None, 0.0, 0, -1, -1, 0.0, 0, 0, 0,
+                               ops._stream(q))
+    finally:
+        _C.set_tensor_reader(ops._tensor_reader)
+    for (a, la), (b, lb) in zip(outputs[:2], outputs[2:]):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    exact = naive_attention(*(x.detach().double() for x in (q, k, v)), attn_mask=masks[0], scale=0.3, causal=2,
+                            window=(7, -1), dtype=torch.float64)[0]
+    assert torch.allclose(outputs[0][0].double(), exact, atol=2e-5)
