@@ -24,6 +24,7 @@
 #include "flashjit/cuda.h"
 #include "flashjit/cpu.h"
 #include "flashjit/flashjit.h"
+#include "score_options.hpp"
 
 namespace nb = nanobind;
 
@@ -335,17 +336,11 @@ fj_attention_options make_options(const char* op, nb::handle mask, std::optional
                                   uintptr_t stream, bool nondeterministic = false) {
   fj_attention_options options = fj_attention_options_default();
   if (!mask.is_none()) options.mask = to_tensor(op, "mask", mask);
-  options.has_scale = scale.has_value();
-  options.scale = scale.value_or(0.0);
-  options.softcap = softcap;
-  options.causal = fj_causal(causal);
-  options.window_left = window_left;
-  options.window_right = window_right;
+  flashjit_front::set_score_options(options, scale, softcap, causal, window_left, window_right, num_threads,
+                                    reinterpret_cast<void*>(stream));
   options.dropout_p = dropout_p;
   options.dropout_seed = seed;
   options.dropout_offset = offset;
-  options.num_threads = num_threads;
-  options.stream = reinterpret_cast<void*>(stream);
   options.nondeterministic = nondeterministic ? 1 : 0;
   return options;
 }

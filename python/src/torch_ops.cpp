@@ -22,6 +22,7 @@
 #include <string>
 
 #include "flashjit/flashjit.h"
+#include "score_options.hpp"
 
 namespace {
 
@@ -103,14 +104,7 @@ struct Options {
 
   fj_attention_options c_options(void* stream) const {
     fj_attention_options options = api.options_default();
-    options.has_scale = scale.has_value();
-    options.scale = scale.value_or(0.0);
-    options.softcap = softcap;
-    options.causal = fj_causal(causal);
-    options.window_left = window_left;
-    options.window_right = window_right;
-    options.num_threads = int32_t(num_threads);
-    options.stream = stream;
+    flashjit_front::set_score_options(options, scale, softcap, causal, window_left, window_right, num_threads, stream);
     return options;
   }
 };

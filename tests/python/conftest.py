@@ -31,3 +31,15 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_plans():
+    """No plans of plain calls (flashjit.ops) before or after the test."""
+    from flashjit import ops
+
+    ops._PLANS.clear()
+    ops._SEEN.clear()
+    yield
+    ops._PLANS.clear()
+    ops._SEEN.clear()

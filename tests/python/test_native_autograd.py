@@ -17,13 +17,8 @@ BUILT = os.path.exists(os.path.join(os.path.dirname(ops.__file__), "_torch_ops.t
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="flashjit._torch_ops not built for this torch")
 
 
-@pytest.fixture(autouse=True)
-def fresh_plans():
-    ops._PLANS.clear()
-    ops._SEEN.clear()
-    yield
-    ops._PLANS.clear()
-    ops._SEEN.clear()
+# Each test starts and ends without plans (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_plans")
 
 
 @pytest.fixture

@@ -22,13 +22,8 @@ ENTRIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_plans():
-    ops._PLANS.clear()
-    ops._SEEN.clear()
-    yield
-    ops._PLANS.clear()
-    ops._SEEN.clear()
+# Each test starts and ends without plans (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_plans")
 
 
 def inputs(shape_q, shape_kv, dtype, requires_grad=False):
