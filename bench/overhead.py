@@ -144,8 +144,8 @@ def entry_points(q, k, v):
          train(python_rule(flashjit.scaled_dot_product_attention))),
         # The C++ operator the autograd rule is (its outputs allocated by each call, tensors read
         # in C++), called straight from Python.
-        ("torch.ops.flashjit.eager_attention (C++ op)", lambda: native(q, k, v, None, 0.0, 0, -1, -1, 0, True),
-         train(lambda q, k, v: native(q, k, v, None, 0.0, 0, -1, -1, 0, True)[0])),
+        ("torch.ops.flashjit.eager_attention (C++ op)", lambda: native(q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0, True),
+         train(lambda q, k, v: native(q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0, True)[0])),
     ] if ops.native_available() else []) + [
         # What F.scaled_dot_product_attention is while flashjit.patch_sdpa() holds.
         ("torch's F.sdpa under flashjit.patch_sdpa()", lambda: routed(q, k, v), train(routed)),

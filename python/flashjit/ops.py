@@ -127,6 +127,11 @@ def _load_native():
 _native_attention, native_note = _load_native()
 
 
+def _native_takes(q, k, v) -> bool:
+    """Whether flashjit::eager_attention takes these operands: 4-dim, on the CPU or a CUDA device."""
+    return _native_attention is not None and q.ndim == 4 and k.ndim == 4 and v.ndim == 4 and (q.is_cpu or q.is_cuda)
+
+
 def native_available() -> bool:
     """Whether plain eager calls with gradients take the C++ autograd rule (flashjit._torch_ops)."""
     return _native_attention is not None
@@ -612,12 +617,8 @@ class _Plan:
         self.static = tuple(ref[1:] for ref in refs)  # the descriptors without their data pointers
         self.layouts = tuple(_layout(x) for x in (q, k, v, o, lse))
         self.cuda = q.is_cuda
-        # flashjit::eager_attention's arguments after q, k, v, where it takes the call (4-dim
-        # operands on the CPU or a CUDA device); else None.
-        self.native = (options.scale, options.softcap, options.causal, options.window_left, options.window_right,
-                       options.num_threads, options.deterministic) if (
-            _native_attention is not None and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
-            and (q.is_cpu or q.is_cuda)) else None
+        # flashjit::eager_attention's arguments after q, k, v (the ops'), where it takes the call; else None.
+        self.native = self.args if _native_takes(q, k, v) else None
 
     def forward(self, q, k, v, with_lse=True):
         """o, lse as _forward gives them; with_lse false: lse None, neither allocated nor
@@ -757,7 +758,11 @@ def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_t
     _check_mask_grad(mask is not None and mask.requires_grad and torch.is_grad_enabled())
     if _plain_eager(q, k, v, mask, rng):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            output = _EagerAttention.apply(q, k, v, args[3:], None)
+            if (_native_takes(q, k, v) and _profiler._active is None and not _profiler_enabled()
+                    and not _functorch_active()):
+                output = _native_attention(*args)  # the autograd rule in C++
+            else:
+                output = _EagerAttention.apply(q, k, v, args[3:], None)
         else:
             output = _forward(*args)  # nothing to differentiate: no autograd node
         if plain and plan_key is not None and plan_key is not _UNSET:

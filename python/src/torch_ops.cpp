@@ -56,7 +56,8 @@ fj_dtype dtype_code(const Tensor& x, const char* name) {
     case at::kHalf: return FJ_FLOAT16;
     case at::kBFloat16: return FJ_BFLOAT16;
     case at::kDouble: return FJ_FLOAT64;
-    default: TORCH_CHECK_TYPE(false, "[attention] ", name, ": dtype ", x.scalar_type(), " is not taken (float16, bfloat16, float32 or float64)");
+    case at::kBool: return FJ_BOOL;  // masks (the C API names it where it is not taken)
+    default: TORCH_CHECK_TYPE(false, "[attention] ", name, ": dtype ", x.scalar_type(), " is not taken (float16, bfloat16, float32 or float64; bool for masks)");
   }
 }
 
@@ -96,15 +97,43 @@ void* stream_of(const Tensor& x) {
   return impl.getStream(x.device()).native_handle();
 }
 
+// A mask's dims expanded through stride 0 hold one value: narrowed to size 1, which the kernels
+// broadcast, instead of being read element by element.
+Tensor compact_mask(const Tensor& mask) {
+  Tensor m = mask;
+  for (int64_t d = 0; d < m.dim(); ++d) {
+    if (m.stride(d) == 0 && m.size(d) > 1) m = m.narrow(d, 0, 1);
+  }
+  return m;
+}
+
+// The op's arguments after q, k, v (flashjit::fwd's, in its order).
 struct Options {
+  std::optional<Tensor> mask;
   std::optional<double> scale;
   double softcap;
-  int64_t causal, window_left, window_right, num_threads;
+  int64_t causal, window_left, window_right;
+  double dropout_p;
+  std::optional<Tensor> rng;  // [seed, offset] as int64 on the CPU, where dropout_p > 0
+  int64_t num_threads;
   bool deterministic;
 
-  fj_attention_options c_options(void* stream) const {
+  // The C API's options; mask_holder keeps the compacted mask alive through the call.
+  fj_attention_options c_options(void* stream, Tensor& mask_holder) const {
     fj_attention_options options = api.options_default();
     flashjit_front::set_score_options(options, scale, softcap, causal, window_left, window_right, num_threads, stream);
+    if (mask.has_value() && mask->defined()) {
+      mask_holder = compact_mask(*mask);
+      options.mask = describe(mask_holder, "mask");
+    }
+    options.dropout_p = dropout_p;
+    if (rng.has_value() && rng->defined()) {
+      TORCH_CHECK_VALUE(rng->scalar_type() == at::kLong && rng->numel() == 2 && rng->is_cpu(),
+                        "[attention] rng: expected [seed, offset] as an int64 CPU tensor of 2 elements");
+      const Tensor words = rng->contiguous();
+      options.dropout_seed = uint64_t(words.data_ptr<int64_t>()[0]);
+      options.dropout_offset = uint64_t(words.data_ptr<int64_t>()[1]);
+    }
     return options;
   }
 };
@@ -133,7 +162,8 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& q_, const Tensor& k_, const
   auto [o, lse] = new_outputs(q, k, v);
   const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v");
   fj_tensor to = describe(o, "o"), tlse = describe(lse, "lse");
-  const fj_attention_options options = opt.c_options(stream_of(q));
+  Tensor mask;
+  const fj_attention_options options = opt.c_options(stream_of(q), mask);
   const fj_status status = api.forward(&tq, &tk, &tv, &options, &to, &tlse);
   if (status != FJ_SUCCESS) fail(status);
   return {o, lse};
@@ -151,7 +181,8 @@ variable_list run_backward(const Tensor& dout_, const Tensor& q_, const Tensor& 
   const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v"), to = describe(o, "o"),
                   tlse = describe(lse, "lse"), tdout = describe(dout, "dout");
   fj_tensor tdq = describe(dq, "dq"), tdk = describe(dk, "dk"), tdv = describe(dv, "dv");
-  fj_attention_options options = opt.c_options(stream_of(q));
+  Tensor mask;
+  fj_attention_options options = opt.c_options(stream_of(q), mask);
   options.nondeterministic = !opt.deterministic && !at::globalContext().deterministicAlgorithms();
   const fj_status status = api.backward(&tq, &tk, &tv, &to, &tlse, &tdout, &options, &tdq, &tdk, &tdv);
   if (status != FJ_SUCCESS) fail(status);
@@ -169,6 +200,10 @@ bool plain_backward(const Tensor& dout) {
          !c10::impl::TorchDispatchModeTLS::any_modes_set();
 }
 
+c10::IValue optional_value(const std::optional<Tensor>& x) {
+  return x.has_value() && x->defined() ? c10::IValue(*x) : c10::IValue();
+}
+
 // flashjit::bwd (the Python op with its own autograd rule and records) through the dispatcher.
 variable_list op_backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
                           const Tensor& lse, const Options& opt) {
@@ -179,43 +214,47 @@ variable_list op_backward(const Tensor& dout, const Tensor& q, const Tensor& k, 
                           v,
                           o,
                           lse,
-                          c10::IValue(),
+                          optional_value(opt.mask),
                           opt.scale.has_value() ? c10::IValue(*opt.scale) : c10::IValue(),
                           opt.softcap,
                           opt.causal,
                           opt.window_left,
                           opt.window_right,
-                          0.0,
-                          c10::IValue(),
+                          opt.dropout_p,
+                          optional_value(opt.rng),
                           opt.num_threads,
                           opt.deterministic};
   op.callBoxed(stack);  // leaves dq, dk, dv on the stack
   return {stack.at(0).toTensor(), stack.at(1).toTensor(), stack.at(2).toTensor()};
 }
 
+// The op's C++ signature (flashjit::fwd's arguments).
+#define FLASHJIT_OP_PARAMETERS                                                                                  \
+  const Tensor &q, const Tensor &k, const Tensor &v, const std::optional<Tensor>&mask, std::optional<double> scale, \
+      double softcap, int64_t causal, int64_t window_left, int64_t window_right, double dropout_p,               \
+      const std::optional<Tensor>&rng, int64_t num_threads, bool deterministic
+#define FLASHJIT_OP_OPTIONS \
+  Options { mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic }
+
 struct Attention : public torch::autograd::Function<Attention> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                               std::optional<double> scale, double softcap, int64_t causal, int64_t window_left,
-                               int64_t window_right, int64_t num_threads, bool deterministic) {
-    const Options opt{scale, softcap, causal, window_left, window_right, num_threads, deterministic};
+  static variable_list forward(AutogradContext* ctx, FLASHJIT_OP_PARAMETERS) {
     RECORD_FUNCTION("flashjit::fwd", c10::ArrayRef<const c10::IValue>{});
     // The op's own kernel below the autograd key: the CPU or CUDA one, or Meta under fake tensors.
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("flashjit::eager_attention", "")
-                               .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                 std::optional<double>, double, int64_t, int64_t,
-                                                                 int64_t, int64_t, bool)>();
+                               .typed<std::tuple<Tensor, Tensor>(FLASHJIT_OP_PARAMETERS)>();
     Tensor o, lse;
     {
       const at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(o, lse) =
-          op.call(q, k, v, scale, softcap, causal, window_left, window_right, num_threads, deterministic);
+      std::tie(o, lse) = op.call(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+                                 num_threads, deterministic);
     }
-    ctx->save_for_backward({q, k, v, o, lse});
+    const Tensor none;
+    ctx->save_for_backward({q, k, v, o, lse, mask.value_or(none), rng.value_or(none)});
     ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
     ctx->saved_data["options"] = c10::IValue(std::vector<int64_t>{causal, window_left, window_right, num_threads,
                                                                    int64_t(deterministic)});
-    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["floats"] = c10::IValue(std::vector<double>{softcap, dropout_p});
     ctx->mark_non_differentiable({lse});
     // lse has no gradient: without this autograd fills a zero tensor for it every backward.
     ctx->set_materialize_grads(false);
@@ -223,17 +262,22 @@ struct Attention : public torch::autograd::Function<Attention> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(10);
+    variable_list result(13);  // one a forward argument; q, k, v's filled
     const Tensor& dout = grads[0];
     if (!dout.defined()) return result;  // nothing reached o (only possible through lse)
     const auto saved = ctx->get_saved_variables();
     const c10::IValue& scale = ctx->saved_data["scale"];
     const auto ints = ctx->saved_data["options"].toIntVector();
-    const Options opt{scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()),
-                      ctx->saved_data["softcap"].toDouble(),
+    const auto floats = ctx->saved_data["floats"].toDoubleVector();
+    const auto optional = [](const Tensor& x) { return x.defined() ? std::optional<Tensor>(x) : std::nullopt; };
+    const Options opt{optional(saved[5]),
+                      scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()),
+                      floats[0],
                       ints[0],
                       ints[1],
                       ints[2],
+                      floats[1],
+                      optional(saved[6]),
                       ints[3],
                       ints[4] != 0};
     variable_list dqkv;
@@ -250,34 +294,34 @@ struct Attention : public torch::autograd::Function<Attention> {
   }
 };
 
-std::tuple<Tensor, Tensor> attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                              std::optional<double> scale, double softcap, int64_t causal,
-                                              int64_t window_left, int64_t window_right, int64_t num_threads,
-                                              bool deterministic) {
-  auto outputs = Attention::apply(q, k, v, scale, softcap, causal, window_left, window_right, num_threads,
-                                  deterministic);
+std::tuple<Tensor, Tensor> attention_autograd(FLASHJIT_OP_PARAMETERS) {
+  // Optional tensors are not the node's inputs: a mask that wants a gradient is refused here.
+  TORCH_CHECK_NOT_IMPLEMENTED(!(mask.has_value() && mask->defined() && mask->requires_grad() &&
+                                at::GradMode::is_enabled()),
+                              "[attention] mask: gradients into a float mask are not supported; pass "
+                              "attn_mask.detach() (torch.nn.functional.scaled_dot_product_attention computes them)");
+  auto outputs = Attention::apply(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+                                  num_threads, deterministic);
   return {outputs[0], outputs[1]};
 }
 
 // Without autograd (inference mode, or below the autograd key): the forward alone.
-std::tuple<Tensor, Tensor> attention_plain(const Tensor& q, const Tensor& k, const Tensor& v,
-                                           std::optional<double> scale, double softcap, int64_t causal,
-                                           int64_t window_left, int64_t window_right, int64_t num_threads,
-                                           bool deterministic) {
-  return run_forward(q, k, v, Options{scale, softcap, causal, window_left, window_right, num_threads, deterministic});
+std::tuple<Tensor, Tensor> attention_plain(FLASHJIT_OP_PARAMETERS) {
+  return run_forward(q, k, v, FLASHJIT_OP_OPTIONS);
 }
 
 // Meta tensors (and fake tensors, which take meta kernels): the outputs' shapes, dtypes and
 // layouts, after the C API's validation of the same descriptors.
-std::tuple<Tensor, Tensor> attention_meta(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
-                                          double softcap, int64_t causal, int64_t window_left, int64_t window_right,
-                                          int64_t num_threads, bool deterministic) {
+std::tuple<Tensor, Tensor> attention_meta(FLASHJIT_OP_PARAMETERS) {
   check_bound();
   auto [o, lse] = new_outputs(q, k, v);
-  const Options opt{scale, softcap, causal, window_left, window_right, num_threads, deterministic};
+  const Options opt = FLASHJIT_OP_OPTIONS;
   const fj_tensor tq = describe(rows_readable(q), "q"), tk = describe(rows_readable(k), "k"),
                   tv = describe(rows_readable(v), "v"), to = describe(o, "o"), tlse = describe(lse, "lse");
-  const fj_attention_options options = opt.c_options(nullptr);
+  Tensor mask_holder;
+  Options checked = opt;
+  checked.rng.reset();  // a meta rng holds no values: the seed does not matter to the checks
+  const fj_attention_options options = checked.c_options(nullptr, mask_holder);
   const fj_status status = api.check_forward(&tq, &tk, &tv, &options, &to, &tlse);
   if (status != FJ_SUCCESS) fail(status);
   return {o, lse};
@@ -287,8 +331,9 @@ std::tuple<Tensor, Tensor> attention_meta(const Tensor& q, const Tensor& k, cons
 
 TORCH_LIBRARY_FRAGMENT(flashjit, m) {
   m.def(
-      "eager_attention(Tensor q, Tensor k, Tensor v, float? scale, float softcap, int causal, int window_left, "
-      "int window_right, int num_threads, bool deterministic) -> (Tensor, Tensor)");
+      "eager_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float? scale, float softcap, int causal, "
+      "int window_left, int window_right, float dropout_p, Tensor? rng, int num_threads, bool deterministic) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flashjit, Autograd, m) { m.impl("eager_attention", &attention_autograd); }

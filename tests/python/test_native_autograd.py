@@ -157,27 +157,28 @@ def test_the_operator_under_inference_mode_and_its_errors():
     q, k, v = (torch.randn(1, 2, 16, 8, device=DEVICE) for _ in range(3))
     op = torch.ops.flashjit.eager_attention
     with torch.inference_mode():
-        o, lse = op(q, k, v, None, 0.0, 1, -1, -1, 0, True)
+        o, lse = op(q, k, v, None, None, 0.0, 1, -1, -1, 0.0, None, 0, True)
     expected, expected_lse = ops._forward(q, k, v, *flashjit.options.AttentionOptions(causal=1).op_args(None, None))
     assert torch.equal(o, expected) and torch.equal(lse, expected_lse)
     with pytest.raises(ValueError, match="4 dims"):
-        op(q[0], k[0], v[0], None, 0.0, 0, -1, -1, 0, True)
+        op(q[0], k[0], v[0], None, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
     with pytest.raises(ValueError, match="head_dim 4 does not match"):
-        op(q, k[..., :4], v, None, 0.0, 0, -1, -1, 0, True)
+        op(q, k[..., :4], v, None, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
     with pytest.raises(TypeError, match="dtype"):
-        op(q.to(torch.int32), k, v, None, 0.0, 0, -1, -1, 0, True)
+        op(q.to(torch.int32), k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
 
 
 @needs_native
 def test_the_operator_passes_opcheck_and_takes_meta_tensors():
     q, k, v = (torch.randn(1, 2, 16, 8, device=DEVICE, requires_grad=True) for _ in range(3))
-    args = (q, k, v, None, 0.0, 1, -1, -1, 0, True)
+    args = (q, k, v, None, None, 0.0, 1, -1, -1, 0.0, None, 0, True)
     torch.library.opcheck(torch.ops.flashjit.eager_attention.default, args)
-    o, lse = torch.ops.flashjit.eager_attention(*(x.to("meta") for x in (q, k, v)), None, 0.0, 1, -1, -1, 0, True)
+    o, lse = torch.ops.flashjit.eager_attention(*(x.to("meta") for x in (q, k, v)), None, None, 0.0, 1, -1, -1, 0.0,
+                                                 None, 0, True)
     assert o.shape == (1, 2, 16, 8) and lse.shape == (1, 2, 16) and lse.dtype == torch.float32
     with pytest.raises(ValueError, match="head_dim 4 does not match"):
-        torch.ops.flashjit.eager_attention(q.to("meta"), k[..., :4].to("meta"), v.to("meta"), None, 0.0, 0, -1, -1, 0,
-                                           True)
+        torch.ops.flashjit.eager_attention(q.to("meta"), k[..., :4].to("meta"), v.to("meta"), None, None, 0.0, 0, -1,
+                                           -1, 0.0, None, 0, True)
 
 
 @needs_native
@@ -237,3 +238,53 @@ def test_c_reads_torch_tensors_through_the_library_as_through_their_attributes()
     exact = naive_attention(*(x.detach().double() for x in (q, k, v)), attn_mask=masks[0], scale=0.3, causal=2,
                             window=(7, -1), dtype=torch.float64)[0]
     assert torch.allclose(outputs[0][0].double(), exact, atol=2e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["bool mask", "float mask", "dropout", "softcap and window"])
+def test_calls_without_a_plan_take_the_cpp_rule_with_the_python_rules_bits(case, python_rule):
+    """Calls that leave no plan (a mask, dropout) and a signature's first calls take the C++ rule
+    too, with the same outputs and gradients bitwise as the Python rule's."""
+    q, k, v = (torch.randn(2, 4, 24, 32, device=DEVICE) for _ in range(3))
+    dout = torch.randn(2, 4, 24, 32, device=DEVICE)
+    kwargs = {
+        "bool mask": {"attn_mask": torch.rand(2, 1, 24, 24, device=DEVICE) > 0.2},
+        "float mask": {"attn_mask": torch.randn(1, 4, 24, 24, device=DEVICE).expand(2, 4, 24, 24)},
+        "dropout": {"dropout_p": 0.3, "seed": 1234, "offset": 7},
+        "softcap and window": {"softcap": 5.0, "window": (6, 0), "causal": "bottom_right"},
+    }[case]
+
+    def grads():
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        o = flashjit.attention(*x, **kwargs)
+        node = o.grad_fn.name()
+        o.backward(dout)
+        return [o.detach()] + [t.grad for t in x], node
+
+    native, native_node = grads()
+    assert "Attention" in native_node and "Eager" not in native_node
+    python_rule()
+    python, python_node = grads()
+    assert "Eager" in python_node
+    for name, a, b in zip(("o", "dq", "dk", "dv"), native, python):
+        assert torch.equal(a, b), name
+    if case != "dropout":  # dropout's reference is test_attention's
+        exact = leaves(q, k, v, dtype=torch.float64)
+        mask = kwargs.get("attn_mask")
+        o_exact = naive_attention(*exact, attn_mask=mask, softcap=kwargs.get("softcap", 0.0),
+                                  causal=2 if kwargs.get("causal") else False, window=kwargs.get("window", (-1, -1)),
+                                  dtype=torch.float64)[0]
+        o_exact.backward(dout.double())
+        check("o", native[0], o_exact.detach().float(), o_exact.detach(), torch.float32)
+        for name, got, ref in zip(("dq", "dk", "dv"), native[1:], exact):
+            check(name, got, ref.grad.float(), ref.grad, torch.float32)
+
+
+@needs_native
+def test_a_mask_that_wants_a_gradient_is_refused_by_the_cpp_rule():
+    q, k, v = (torch.randn(1, 2, 8, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    mask = torch.randn(1, 2, 8, 8, device=DEVICE, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask.detach"):
+        flashjit.attention(q, k, v, attn_mask=mask)
+    with pytest.raises(NotImplementedError, match="attn_mask.detach"):
+        torch.ops.flashjit.eager_attention(q, k, v, mask, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
