@@ -138,10 +138,16 @@ def test_info(tmp_path):
     done = flashjit_command("info", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"flashjit {flashjit.__version__}")
-    for label in ("backends:", "torch:", "gpu", "nvrtc:", "mlx primitives:", "transformers backend:", "kernel cache:"):
+    for label in ("backends:", "torch:", "torch autograd rule:", "gpu", "nvrtc:", "mlx primitives:",
+                  "transformers backend:", "kernel cache:"):
         assert label in done.stdout
     info = json.loads(flashjit_command("info", "--json", env=env).stdout)
     assert info["flashjit"] == flashjit.__version__ and "cpu" in info["backends"]
+    from flashjit import ops
+
+    assert info["torch_autograd_rule"].startswith("C++" if ops.native_available() else "Python")
+    off = json.loads(flashjit_command("info", "--json", env={**env, "FLASHJIT_TORCH_NATIVE": "0"}).stdout)
+    assert off["torch_autograd_rule"] == "Python (FLASHJIT_TORCH_NATIVE=0)"
     assert info["cache"]["dir"] == os.path.join(str(tmp_path), flashjit.__version__)
     assert info["cache"]["files"] == 0 and info["cache"]["bytes"] == 0
 
