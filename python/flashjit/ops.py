@@ -102,26 +102,32 @@ def _load_native():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         with open(os.path.join(here, "_torch_ops.txt")) as f:
-            built_with = f.read().strip()
+            built_with = f.read().split()
     except OSError:
         return None, "Python (flashjit was built without torch's headers: reinstall with pip install --no-build-isolation)"
-    if built_with != torch.__version__:
-        return None, f"Python (the C++ rule was built for torch {built_with}: reinstall flashjit for torch {torch.__version__})"
+    running = [torch.__version__, str(torch.version.git_version)]
+    if built_with != running:  # its C++ ABI is another torch build's
+        return None, (f"Python (the C++ rule was built for torch {' '.join(built_with[:1])}: reinstall flashjit "
+                      f"for torch {torch.__version__})")
     path = os.path.join(here, "_torch_ops.so")
     try:
         torch.ops.load_library(path)
         library = ctypes.CDLL(path)
-        library.flashjit_torch_bind(*(ctypes.c_void_p(address) for address in _C.c_api()))
+        bind, describe = library.flashjit_torch_bind, library.flashjit_torch_describe
+        set_profiling = library.flashjit_torch_set_profiling
+        *entry_points, options_size = _C.c_api()
+        bind.restype = ctypes.c_int
+        if bind(*(ctypes.c_void_p(address) for address in entry_points), ctypes.c_size_t(options_size)) != 1:
+            return None, "Python (the C++ rule was built with another flashjit: reinstall flashjit)"
     except (OSError, RuntimeError, AttributeError) as error:
         return None, f"Python (the C++ rule did not load: {error})"
     # _C reads torch tensors from the at::Tensor they hold, not through their Python attributes.
     global _tensor_reader
-    _tensor_reader = ctypes.cast(library.flashjit_torch_describe, ctypes.c_void_p).value
+    _tensor_reader = ctypes.cast(describe, ctypes.c_void_p).value
     _C.set_tensor_reader(_tensor_reader)
-    set_profiling = library.flashjit_torch_set_profiling
     _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
     op = torch.ops.flashjit.eager_attention.default
-    return getattr(op, "_op", op), f"C++ (flashjit._torch_ops, built for torch {built_with})"
+    return getattr(op, "_op", op), f"C++ (flashjit._torch_ops, built for torch {built_with[0]})"
 
 
 _native_attention, native_note = _load_native()

@@ -628,7 +628,7 @@ NB_MODULE(_C, m) {
                            reinterpret_cast<uintptr_t>(&fj_attention_forward),
                            reinterpret_cast<uintptr_t>(&fj_attention_backward),
                            reinterpret_cast<uintptr_t>(&fj_last_error),
-                           reinterpret_cast<uintptr_t>(&fj_attention_check_forward));
+                           reinterpret_cast<uintptr_t>(&fj_attention_check_forward), sizeof(fj_attention_options));
   });
   m.def("version", [] { return std::string(fj_version()); });
   m.def("backends", [] { return std::string(fj_backends()); });

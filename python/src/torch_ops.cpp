@@ -46,6 +46,7 @@ std::atomic<bool> profiling{false};  // a flashjit.profile() is open: backwards 
     case FJ_ERROR_INVALID_VALUE: TORCH_CHECK_VALUE(false, message);
     case FJ_ERROR_INVALID_TYPE: TORCH_CHECK_TYPE(false, message);
     case FJ_ERROR_UNSUPPORTED: TORCH_CHECK_NOT_IMPLEMENTED(false, message);
+    case FJ_ERROR_OUT_OF_MEMORY: TORCH_CHECK_WITH(OutOfMemoryError, false, message);  // torch.OutOfMemoryError
     default: TORCH_CHECK(false, message);
   }
 }
@@ -89,6 +90,10 @@ fj_tensor describe(const Tensor& x, const char* name) {
 Tensor rows_readable(const Tensor& x) {
   return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
 }
+
+// A lazily negated or conjugated view (a flag on x's memory, which a descriptor cannot say) as
+// its values, and rows with unit stride.
+Tensor readable(const Tensor& x) { return rows_readable(x.resolve_neg().resolve_conj()); }
 
 // The caller's current stream on x's device (NULL on the CPU), as torch's own kernels take it.
 void* stream_of(const Tensor& x) {
@@ -158,7 +163,7 @@ std::tuple<Tensor, Tensor> new_outputs(const Tensor& q, const Tensor& k, const T
 
 std::tuple<Tensor, Tensor> run_forward(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Options& opt) {
   check_bound();
-  const Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
+  const Tensor q = readable(q_), k = readable(k_), v = readable(v_);
   auto [o, lse] = new_outputs(q, k, v);
   const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v");
   fj_tensor to = describe(o, "o"), tlse = describe(lse, "lse");
@@ -175,8 +180,8 @@ Tensor gradient_like(const Tensor& x) {
 
 variable_list run_backward(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
                            const Tensor& o_, const Tensor& lse, const Options& opt) {
-  const Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_), o = rows_readable(o_);
-  const Tensor dout = rows_readable(dout_.scalar_type() == o.scalar_type() ? dout_ : dout_.to(o.scalar_type()));
+  const Tensor q = readable(q_), k = readable(k_), v = readable(v_), o = readable(o_);
+  const Tensor dout = readable(dout_.scalar_type() == o.scalar_type() ? dout_ : dout_.to(o.scalar_type()));
   Tensor dq = gradient_like(q_), dk = gradient_like(k_), dv = gradient_like(v_);
   const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v"), to = describe(o, "o"),
                   tlse = describe(lse, "lse"), tdout = describe(dout, "dout");
@@ -236,8 +241,10 @@ variable_list op_backward(const Tensor& dout, const Tensor& q, const Tensor& k, 
 #define FLASHJIT_OP_OPTIONS \
   Options { mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic }
 
+// The node's output is o alone; lse (no gradient) leaves through lse_out, outside the graph, as
+// mark_non_differentiable would leave it (which compiled autograd does not take on C++ nodes).
 struct Attention : public torch::autograd::Function<Attention> {
-  static variable_list forward(AutogradContext* ctx, FLASHJIT_OP_PARAMETERS) {
+  static variable_list forward(AutogradContext* ctx, FLASHJIT_OP_PARAMETERS, Tensor* lse_out) {
     RECORD_FUNCTION("flashjit::fwd", c10::ArrayRef<const c10::IValue>{});
     // The op's own kernel below the autograd key: the CPU or CUDA one, or Meta under fake tensors.
     static const auto op = c10::Dispatcher::singleton()
@@ -255,16 +262,15 @@ struct Attention : public torch::autograd::Function<Attention> {
     ctx->saved_data["options"] = c10::IValue(std::vector<int64_t>{causal, window_left, window_right, num_threads,
                                                                    int64_t(deterministic)});
     ctx->saved_data["floats"] = c10::IValue(std::vector<double>{softcap, dropout_p});
-    ctx->mark_non_differentiable({lse});
-    // lse has no gradient: without this autograd fills a zero tensor for it every backward.
+    *lse_out = lse;
     ctx->set_materialize_grads(false);
-    return {o, lse};
+    return {o};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(13);  // one a forward argument; q, k, v's filled
+    variable_list result(14);  // one a forward argument; q, k, v's filled
     const Tensor& dout = grads[0];
-    if (!dout.defined()) return result;  // nothing reached o (only possible through lse)
+    if (!dout.defined()) return result;  // no gradient reached o
     const auto saved = ctx->get_saved_variables();
     const c10::IValue& scale = ctx->saved_data["scale"];
     const auto ints = ctx->saved_data["options"].toIntVector();
@@ -295,14 +301,15 @@ struct Attention : public torch::autograd::Function<Attention> {
 };
 
 std::tuple<Tensor, Tensor> attention_autograd(FLASHJIT_OP_PARAMETERS) {
-  // Optional tensors are not the node's inputs: a mask that wants a gradient is refused here.
+  // No gradient flows into the mask (the backward returns none for it): one it wants is refused.
   TORCH_CHECK_NOT_IMPLEMENTED(!(mask.has_value() && mask->defined() && mask->requires_grad() &&
                                 at::GradMode::is_enabled()),
                               "[attention] mask: gradients into a float mask are not supported; pass "
                               "attn_mask.detach() (torch.nn.functional.scaled_dot_product_attention computes them)");
+  Tensor lse;
   auto outputs = Attention::apply(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-                                  num_threads, deterministic);
-  return {outputs[0], outputs[1]};
+                                  num_threads, deterministic, &lse);
+  return {outputs[0], lse};
 }
 
 // Without autograd (inference mode, or below the autograd key): the forward alone.
@@ -344,14 +351,18 @@ TORCH_LIBRARY_IMPL(flashjit, Meta, m) { m.impl("eager_attention", &attention_met
 extern "C" {
 
 // The C API's entry points, from flashjit._C (its c_api()): options_default, forward, backward,
-// last_error, check_forward.
-__attribute__((visibility("default"))) void flashjit_torch_bind(void* options_default, void* forward, void* backward,
-                                                                void* last_error, void* check_forward) {
+// last_error, check_forward, and the size of fj_attention_options as _C was built with it.
+// Returns 1, or 0 (nothing bound) where that size is not this library's (another flashjit).
+__attribute__((visibility("default"))) int flashjit_torch_bind(void* options_default, void* forward, void* backward,
+                                                               void* last_error, void* check_forward,
+                                                               size_t options_size) {
+  if (options_size != sizeof(fj_attention_options)) return 0;
   api.options_default = reinterpret_cast<decltype(api.options_default)>(options_default);
   api.forward = reinterpret_cast<decltype(api.forward)>(forward);
   api.backward = reinterpret_cast<decltype(api.backward)>(backward);
   api.last_error = reinterpret_cast<decltype(api.last_error)>(last_error);
   api.check_forward = reinterpret_cast<decltype(api.check_forward)>(check_forward);
+  return 1;
 }
 
 // A torch tensor (a Python object) as the C API describes it, read from the at::Tensor it holds

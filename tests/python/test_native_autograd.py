@@ -35,8 +35,9 @@ def test_built_wherever_torch_was_there_at_install():
     if not BUILT:
         pytest.skip("this install was built without torch (an isolated build)")
     with open(os.path.join(os.path.dirname(ops.__file__), "_torch_ops.txt")) as f:
-        built_with = f.read().strip()
-    assert built_with == torch.__version__, "the operator was built against another torch: reinstall flashjit"
+        built_with = f.read().split()
+    assert built_with == [torch.__version__, str(torch.version.git_version)], \
+        "the operator was built against another torch: reinstall flashjit"
     assert ops.native_available() == (os.environ.get("FLASHJIT_TORCH_NATIVE", "1") != "0")
 
 
@@ -288,3 +289,27 @@ def test_a_mask_that_wants_a_gradient_is_refused_by_the_cpp_rule():
         flashjit.attention(q, k, v, attn_mask=mask)
     with pytest.raises(NotImplementedError, match="attn_mask.detach"):
         torch.ops.flashjit.eager_attention(q, k, v, mask, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
+
+
+@needs_native
+def test_compiled_autograd_and_a_negated_output_gradient():
+    """The C++ node under compiled autograd (its backward traced through flashjit::bwd's fake
+    kernel, then run), and an output gradient that is a lazily negated view (its values taken)."""
+    from torch._dynamo import compiled_autograd
+
+    q, k, v = (torch.randn(1, 2, 16, 32, device=DEVICE) for _ in range(3))
+    dout = torch.randn(1, 2, 16, 32, device=DEVICE)
+    expected = run(ENTRIES["attention"], q, k, v, True, dout)
+    assert "Attention" in expected[4].name()
+    x = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = flashjit.attention(*x, causal=True)
+    assert "Attention" in o.grad_fn.name()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        o.backward(dout)
+    for a, b in zip(x, expected[1:4]):
+        assert torch.allclose(a.grad, b, atol=1e-6)
+    x = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = flashjit.attention(*x, causal=True)
+    o.backward((-dout)._neg_view())
+    for a, b in zip(x, expected[1:4]):
+        assert torch.equal(a.grad, b)
