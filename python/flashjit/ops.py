@@ -91,6 +91,8 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
 
 # The address of the reader _C takes torch tensors through (flashjit._torch_ops's), or 0.
 _tensor_reader = 0
+# flashjit._torch_ops's forward without autograd for plans (outputs allocated in C++), or None.
+_native_forward = None
 
 
 def _load_native():
@@ -122,7 +124,10 @@ def _load_native():
     except (OSError, RuntimeError, AttributeError) as error:
         return None, f"Python (the C++ rule did not load: {error})"
     # _C reads torch tensors from the at::Tensor they hold, not through their Python attributes.
-    global _tensor_reader
+    global _tensor_reader, _native_forward
+    forward_function = ctypes.PyDLL(path).flashjit_torch_forward_function  # called holding the GIL
+    forward_function.restype = ctypes.py_object
+    _native_forward = forward_function()
     _tensor_reader = ctypes.cast(describe, ctypes.c_void_p).value
     _C.set_tensor_reader(_tensor_reader)
     _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
@@ -608,7 +613,7 @@ def dropout_rng(seed: Optional[int] = None, offset: int = 0) -> Tensor:
 
 class _Plan:
     __slots__ = ("options", "args", "c_options", "o_shape", "o_transposed", "lse_shape", "lse_dtype", "static",
-                 "layouts", "cuda", "native")
+                 "layouts", "cuda", "native", "native_forward")
 
     def __init__(self, q, k, v, o, lse, refs, options: AttentionOptions):
         self.options = options
@@ -625,10 +630,16 @@ class _Plan:
         self.cuda = q.is_cuda
         # flashjit::eager_attention's arguments after q, k, v (the ops'), where it takes the call; else None.
         self.native = self.args if _native_takes(q, k, v) else None
+        # The C++ forward's arguments after q, k, v and with_lse (calls without autograd).
+        self.native_forward = None if self.native is None else (
+            options.scale, options.softcap, options.causal, options.window_left, options.window_right,
+            options.num_threads)
 
     def forward(self, q, k, v, with_lse=True):
         """o, lse as _forward gives them; with_lse false: lse None, neither allocated nor
         computed (a call that needs no backward)."""
+        if self.native_forward is not None and _native_forward is not None:  # outputs allocated in C++
+            return _native_forward(q, k, v, with_lse, *self.native_forward)
         o = q.new_empty(self.o_shape).transpose(1, 2) if self.o_transposed else q.new_empty(self.o_shape)
         if _tensor_reader:  # _C reads the tensors themselves faster than descriptor tuples
             lse = q.new_empty(self.lse_shape, dtype=self.lse_dtype) if with_lse else None

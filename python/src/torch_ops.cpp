@@ -334,6 +334,73 @@ std::tuple<Tensor, Tensor> attention_meta(FLASHJIT_OP_PARAMETERS) {
   return {o, lse};
 }
 
+// forward(q, k, v, with_lse, scale, softcap, causal, window_left, window_right, num_threads) ->
+// (o, lse or None): a call without autograd straight from Python (flashjit.ops's plans of plain
+// calls): the outputs allocated and the C API called in C++, the GIL released around the call.
+// q, k, v: plain 4-dim torch tensors whose rows have unit stride (the plans' own conditions).
+// Errors as flashjit._C raises them.
+PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
+  if (count != 10) {
+    PyErr_SetString(PyExc_TypeError, "forward: expected 10 arguments");
+    return nullptr;
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (!THPVariable_Check(args[i])) {
+      PyErr_SetString(PyExc_TypeError, "forward: q, k and v must be torch tensors");
+      return nullptr;
+    }
+  }
+  const auto as_int = [](PyObject* x) { return int64_t(PyLong_AsLongLong(x)); };
+  const bool with_lse = PyObject_IsTrue(args[3]) == 1;
+  std::optional<double> scale;
+  if (args[4] != Py_None) scale = PyFloat_AsDouble(args[4]);
+  const Options opt{std::nullopt, scale, PyFloat_AsDouble(args[5]), as_int(args[6]), as_int(args[7]),
+                    as_int(args[8]), 0.0, std::nullopt, as_int(args[9]), true};
+  if (PyErr_Occurred()) return nullptr;
+  fj_status status = FJ_SUCCESS;
+  Tensor o, lse;
+  try {
+    check_bound();
+    const Tensor& q = THPVariable_Unpack(args[0]);
+    const Tensor& k = THPVariable_Unpack(args[1]);
+    const Tensor& v = THPVariable_Unpack(args[2]);
+    std::tie(o, lse) = new_outputs(q, k, v);
+    const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v");
+    fj_tensor to = describe(o, "o"), tlse = describe(lse, "lse");
+    Tensor mask;
+    const fj_attention_options options = opt.c_options(stream_of(q), mask);
+    Py_BEGIN_ALLOW_THREADS
+    status = api.forward(&tq, &tk, &tv, &options, &to, with_lse ? &tlse : nullptr);
+    Py_END_ALLOW_THREADS
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  if (status != FJ_SUCCESS) {
+    const std::string message = api.last_error();
+    PyObject* type = status == FJ_ERROR_INVALID_VALUE    ? PyExc_ValueError
+                     : status == FJ_ERROR_INVALID_TYPE   ? PyExc_TypeError
+                     : status == FJ_ERROR_UNSUPPORTED    ? PyExc_NotImplementedError
+                     : status == FJ_ERROR_OUT_OF_MEMORY  ? PyExc_MemoryError
+                                                         : PyExc_RuntimeError;
+    PyErr_SetString(type, message.c_str());
+    return nullptr;
+  }
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(o));
+  if (with_lse) {
+    PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(lse));
+  } else {
+    Py_INCREF(Py_None);
+    PyTuple_SET_ITEM(result, 1, Py_None);
+  }
+  return result;
+}
+
+PyMethodDef python_forward_method{"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&python_forward)),
+                                  METH_FASTCALL, "flashjit._torch_ops forward without autograd (flashjit.ops's plans)"};
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(flashjit, m) {
@@ -410,6 +477,11 @@ __attribute__((visibility("default"))) int flashjit_torch_describe(PyObject* obj
   } catch (...) {
     return 0;
   }
+}
+
+// The Python function python_forward (a new reference; the caller holds the GIL).
+__attribute__((visibility("default"))) PyObject* flashjit_torch_forward_function() {
+  return PyCFunction_New(&python_forward_method, nullptr);
 }
 
 // flashjit.profile() open (1) or closed (0).

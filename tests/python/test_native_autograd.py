@@ -313,3 +313,34 @@ def test_compiled_autograd_and_a_negated_output_gradient():
     o.backward((-dout)._neg_view())
     for a, b in zip(x, expected[1:4]):
         assert torch.equal(a.grad, b)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_planned_calls_without_autograd_take_the_cpp_forward(layout, monkeypatch):
+    """A plan's call without autograd allocates its outputs and calls the C API in C++
+    (flashjit._torch_ops's forward): the Python forward's o and lse bitwise, o laid out as q,
+    no lse where none is asked for, and the C API's errors as _C raises them."""
+    shape = (2, 4, 33, 32) if layout == "bhsd" else (2, 33, 4, 32)
+    q, k, v = (torch.randn(shape, device=DEVICE) for _ in range(3))
+    if layout == "bshd":
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    with torch.no_grad():
+        for _ in range(2):
+            flashjit.attention(q, k, v, causal=True)
+        plan = next(iter(ops._PLANS.values()))
+        assert plan.native_forward is not None
+        calls = []
+        native = ops._native_forward
+        monkeypatch.setattr(ops, "_native_forward", lambda *args: calls.append(args[3]) or native(*args))
+        o = flashjit.attention(q, k, v, causal=True)
+        o_full, lse = ops.planned_attention(plan, q, k, v)
+        assert calls == [False, True]
+        monkeypatch.setattr(ops, "_native_forward", None)
+        o_python, lse_python = ops.planned_attention(plan, q, k, v)
+    assert torch.equal(o, o_python) and torch.equal(o_full, o_python) and torch.equal(lse, lse_python)
+    assert o.stride() == o_python.stride()
+    with pytest.raises(ValueError, match="head_dim"):
+        native(q, k[..., :8], v, True, None, 0.0, 0, -1, -1, 0)
+    with pytest.raises(TypeError, match="torch tensors"):
+        native(q.numpy() if DEVICE == "cpu" else None, k, v, True, None, 0.0, 0, -1, -1, 0)
