@@ -114,7 +114,7 @@ def _load_native():
     path = os.path.join(here, "_torch_ops.so")
     try:
         torch.ops.load_library(path)
-        library = ctypes.CDLL(path)
+        library = ctypes.PyDLL(path)  # its functions called holding the GIL (one builds a Python function)
         bind, describe = library.flashjit_torch_bind, library.flashjit_torch_describe
         set_profiling = library.flashjit_torch_set_profiling
         *entry_points, options_size = _C.c_api()
@@ -125,7 +125,7 @@ def _load_native():
         return None, f"Python (the C++ rule did not load: {error})"
     # _C reads torch tensors from the at::Tensor they hold, not through their Python attributes.
     global _tensor_reader, _native_forward
-    forward_function = ctypes.PyDLL(path).flashjit_torch_forward_function  # called holding the GIL
+    forward_function = library.flashjit_torch_forward_function
     forward_function.restype = ctypes.py_object
     _native_forward = forward_function()
     _tensor_reader = ctypes.cast(describe, ctypes.c_void_p).value

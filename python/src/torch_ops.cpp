@@ -51,39 +51,49 @@ std::atomic<bool> profiling{false};  // a flashjit.profile() is open: backwards 
   }
 }
 
-fj_dtype dtype_code(const Tensor& x, const char* name) {
+// x's descriptor in t, its data in place (x stays alive through the call; a meta tensor as if on
+// the CPU, without memory, as the Python ops' fake kernels check them); false where the C API has
+// no code for x's dtype (bool: masks, the C API names it elsewhere) or device, or a descriptor
+// holds fewer dims.
+bool fill_descriptor(const Tensor& x, fj_tensor& t) {
+  t = fj_tensor{};
   switch (x.scalar_type()) {
-    case at::kFloat: return FJ_FLOAT32;
-    case at::kHalf: return FJ_FLOAT16;
-    case at::kBFloat16: return FJ_BFLOAT16;
-    case at::kDouble: return FJ_FLOAT64;
-    case at::kBool: return FJ_BOOL;  // masks (the C API names it where it is not taken)
-    default: TORCH_CHECK_TYPE(false, "[attention] ", name, ": dtype ", x.scalar_type(), " is not taken (float16, bfloat16, float32 or float64; bool for masks)");
+    case at::kFloat: t.dtype = FJ_FLOAT32; break;
+    case at::kHalf: t.dtype = FJ_FLOAT16; break;
+    case at::kBFloat16: t.dtype = FJ_BFLOAT16; break;
+    case at::kDouble: t.dtype = FJ_FLOAT64; break;
+    case at::kBool: t.dtype = FJ_BOOL; break;
+    default: return false;
   }
-}
-
-// x as the C API reads it, in place (x stays alive through the call); a meta tensor without its
-// memory (NULL data), described as if on the CPU, as the Python ops' fake kernels check them.
-fj_tensor describe(const Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() <= FJ_MAX_DIMS, "[attention] ", name, ": at most ", FJ_MAX_DIMS, " dims, got ", x.dim());
-  fj_tensor t{};
-  t.dtype = dtype_code(x, name);
-  t.data = x.is_meta() ? nullptr : x.data_ptr();
+  if (x.dim() > FJ_MAX_DIMS) return false;
   if (x.is_meta()) {
     t.device_type = FJ_DEVICE_CPU;
   } else if (x.is_cuda()) {
     t.device_type = FJ_DEVICE_CUDA;
     t.device_index = x.get_device();
-  } else {
-    TORCH_CHECK_NOT_IMPLEMENTED(x.is_cpu(), "[attention] ", name, ": device ", x.device(), " is not taken here (cpu or cuda)");
+  } else if (x.is_cpu()) {
     t.device_type = FJ_DEVICE_CPU;
+  } else {
+    return false;
   }
+  t.data = x.is_meta() ? nullptr : x.data_ptr();
   t.ndim = int32_t(x.dim());
   for (int64_t d = 0; d < x.dim(); ++d) {
     t.shape[d] = x.size(d);
     t.strides[d] = x.stride(d);
   }
-  return t;
+  return true;
+}
+
+// x's descriptor, or an error naming the operand and what is not taken.
+fj_tensor describe(const Tensor& x, const char* name) {
+  fj_tensor t;
+  if (fill_descriptor(x, t)) return t;
+  TORCH_CHECK_VALUE(x.dim() <= FJ_MAX_DIMS, "[attention] ", name, ": at most ", FJ_MAX_DIMS, " dims, got ", x.dim());
+  TORCH_CHECK_NOT_IMPLEMENTED(x.is_cpu() || x.is_cuda() || x.is_meta(), "[attention] ", name, ": device ",
+                              x.device(), " is not taken here (cpu or cuda)");
+  TORCH_CHECK_TYPE(false, "[attention] ", name, ": dtype ", x.scalar_type(),
+                   " is not taken (float16, bfloat16, float32 or float64; bool for masks)");
 }
 
 // The kernels read rows with unit stride; torch allows any last-dim stride.
@@ -93,7 +103,9 @@ Tensor rows_readable(const Tensor& x) {
 
 // A lazily negated or conjugated view (a flag on x's memory, which a descriptor cannot say) as
 // its values, and rows with unit stride.
-Tensor readable(const Tensor& x) { return rows_readable(x.resolve_neg().resolve_conj()); }
+Tensor readable(const Tensor& x) {
+  return rows_readable(x.is_neg() || x.is_conj() ? x.resolve_neg().resolve_conj() : x);
+}
 
 // The caller's current stream on x's device (NULL on the CPU), as torch's own kernels take it.
 void* stream_of(const Tensor& x) {
@@ -150,26 +162,36 @@ void check_bound() {
 
 // o [B, Hq, Sq, Dv] laid out as q is where q is a [B, S, H, D] buffer viewed as [B, H, S, D]
 // (then the usual transpose back needs no copy), and lse [B, Hq, Sq] in float32 (float64 for float64).
-std::tuple<Tensor, Tensor> new_outputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+std::tuple<Tensor, Tensor> new_outputs(const Tensor& q, const Tensor& k, const Tensor& v, bool with_lse = true) {
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
                     "flashjit::eager_attention: q, k and v must have 4 dims [B, H, S, D], got ", q.dim(), ", ",
                     k.dim(), " and ", v.dim());
   const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), dv = v.size(3);
   Tensor o = q.stride(1) < q.stride(2) ? at::empty({batch, rows, heads, dv}, q.options()).transpose(1, 2)
                                        : at::empty({batch, heads, rows, dv}, q.options());
+  if (!with_lse) return {o, Tensor()};
   Tensor lse = at::empty({batch, heads, rows}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   return {o, lse};
 }
 
-std::tuple<Tensor, Tensor> run_forward(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Options& opt) {
+// The forward into new outputs (lse left undefined and not computed without with_lse); the C
+// API's status, whose message api.last_error() holds. Throws c10 errors for what it cannot describe.
+fj_status forward_into(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Options& opt, bool with_lse,
+                       Tensor& o, Tensor& lse) {
   check_bound();
   const Tensor q = readable(q_), k = readable(k_), v = readable(v_);
-  auto [o, lse] = new_outputs(q, k, v);
+  std::tie(o, lse) = new_outputs(q, k, v, with_lse);
   const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v");
-  fj_tensor to = describe(o, "o"), tlse = describe(lse, "lse");
+  fj_tensor to = describe(o, "o"), tlse{};
+  if (with_lse) tlse = describe(lse, "lse");
   Tensor mask;
   const fj_attention_options options = opt.c_options(stream_of(q), mask);
-  const fj_status status = api.forward(&tq, &tk, &tv, &options, &to, &tlse);
+  return api.forward(&tq, &tk, &tv, &options, &to, with_lse ? &tlse : nullptr);
+}
+
+std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Options& opt) {
+  Tensor o, lse;
+  const fj_status status = forward_into(q, k, v, opt, true, o, lse);
   if (status != FJ_SUCCESS) fail(status);
   return {o, lse};
 }
@@ -258,10 +280,10 @@ struct Attention : public torch::autograd::Function<Attention> {
     }
     const Tensor none;
     ctx->save_for_backward({q, k, v, o, lse, mask.value_or(none), rng.value_or(none)});
-    ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
-    ctx->saved_data["options"] = c10::IValue(std::vector<int64_t>{causal, window_left, window_right, num_threads,
-                                                                   int64_t(deterministic)});
-    ctx->saved_data["floats"] = c10::IValue(std::vector<double>{softcap, dropout_p});
+    // The options after mask, in the op's order (rng is saved as a tensor).
+    ctx->saved_data["options"] = c10::ivalue::Tuple::create(
+        {scale.has_value() ? c10::IValue(*scale) : c10::IValue(), softcap, causal, window_left, window_right,
+         dropout_p, num_threads, deterministic});
     *lse_out = lse;
     ctx->set_materialize_grads(false);
     return {o};
@@ -272,20 +294,18 @@ struct Attention : public torch::autograd::Function<Attention> {
     const Tensor& dout = grads[0];
     if (!dout.defined()) return result;  // no gradient reached o
     const auto saved = ctx->get_saved_variables();
-    const c10::IValue& scale = ctx->saved_data["scale"];
-    const auto ints = ctx->saved_data["options"].toIntVector();
-    const auto floats = ctx->saved_data["floats"].toDoubleVector();
+    const auto& options = ctx->saved_data["options"].toTupleRef().elements();
     const auto optional = [](const Tensor& x) { return x.defined() ? std::optional<Tensor>(x) : std::nullopt; };
     const Options opt{optional(saved[5]),
-                      scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()),
-                      floats[0],
-                      ints[0],
-                      ints[1],
-                      ints[2],
-                      floats[1],
+                      options[0].isNone() ? std::nullopt : std::optional<double>(options[0].toDouble()),
+                      options[1].toDouble(),
+                      options[2].toInt(),
+                      options[3].toInt(),
+                      options[4].toInt(),
+                      options[5].toDouble(),
                       optional(saved[6]),
-                      ints[3],
-                      ints[4] != 0};
+                      options[6].toInt(),
+                      options[7].toBool()};
     variable_list dqkv;
     if (plain_backward(dout)) {
       RECORD_FUNCTION("flashjit::bwd", c10::ArrayRef<const c10::IValue>{});
@@ -339,6 +359,15 @@ std::tuple<Tensor, Tensor> attention_meta(FLASHJIT_OP_PARAMETERS) {
 // calls): the outputs allocated and the C API called in C++, the GIL released around the call.
 // q, k, v: plain 4-dim torch tensors whose rows have unit stride (the plans' own conditions).
 // Errors as flashjit._C raises them.
+// The GIL released for a scope (the caller holds it).
+struct ReleasedGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ReleasedGil() = default;
+  ReleasedGil(const ReleasedGil&) = delete;
+  ReleasedGil& operator=(const ReleasedGil&) = delete;
+  ~ReleasedGil() { PyEval_RestoreThread(state); }
+};
+
 PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
   if (count != 10) {
     PyErr_SetString(PyExc_TypeError, "forward: expected 10 arguments");
@@ -360,18 +389,9 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
   fj_status status = FJ_SUCCESS;
   Tensor o, lse;
   try {
-    check_bound();
-    const Tensor& q = THPVariable_Unpack(args[0]);
-    const Tensor& k = THPVariable_Unpack(args[1]);
-    const Tensor& v = THPVariable_Unpack(args[2]);
-    std::tie(o, lse) = new_outputs(q, k, v);
-    const fj_tensor tq = describe(q, "q"), tk = describe(k, "k"), tv = describe(v, "v");
-    fj_tensor to = describe(o, "o"), tlse = describe(lse, "lse");
-    Tensor mask;
-    const fj_attention_options options = opt.c_options(stream_of(q), mask);
-    Py_BEGIN_ALLOW_THREADS
-    status = api.forward(&tq, &tk, &tv, &options, &to, with_lse ? &tlse : nullptr);
-    Py_END_ALLOW_THREADS
+    const Tensor &q = THPVariable_Unpack(args[0]), &k = THPVariable_Unpack(args[1]), &v = THPVariable_Unpack(args[2]);
+    const ReleasedGil released;  // restored before an error is set (on unwinding too)
+    status = forward_into(q, k, v, opt, with_lse, o, lse);
   } catch (const std::exception& error) {
     PyErr_SetString(PyExc_RuntimeError, error.what());
     return nullptr;
@@ -446,34 +466,10 @@ __attribute__((visibility("default"))) int flashjit_torch_describe(PyObject* obj
                                               c10::DispatchKey::FuncTorchGradWrapper,
                                               c10::DispatchKey::Functionalize});
     if (!x.defined() || x.layout() != at::kStrided || x.key_set().has_any(special) || !x.has_storage() ||
-        x.is_meta() || x.is_neg() || x.is_conj() || x.dim() > FJ_MAX_DIMS) {
+        x.is_meta() || x.is_neg() || x.is_conj()) {
       return 0;
     }
-    fj_tensor t{};
-    switch (x.scalar_type()) {
-      case at::kFloat: t.dtype = FJ_FLOAT32; break;
-      case at::kHalf: t.dtype = FJ_FLOAT16; break;
-      case at::kBFloat16: t.dtype = FJ_BFLOAT16; break;
-      case at::kDouble: t.dtype = FJ_FLOAT64; break;
-      case at::kBool: t.dtype = FJ_BOOL; break;
-      default: return 0;
-    }
-    if (x.is_cuda()) {
-      t.device_type = FJ_DEVICE_CUDA;
-      t.device_index = x.get_device();
-    } else if (x.is_cpu()) {
-      t.device_type = FJ_DEVICE_CPU;
-    } else {
-      return 0;
-    }
-    t.data = x.data_ptr();
-    t.ndim = int32_t(x.dim());
-    for (int64_t d = 0; d < x.dim(); ++d) {
-      t.shape[d] = x.size(d);
-      t.strides[d] = x.stride(d);
-    }
-    *out = t;
-    return 1;
+    return fill_descriptor(x, *out) ? 1 : 0;
   } catch (...) {
     return 0;
   }
