@@ -93,6 +93,8 @@ def _seed_offset(rng: Optional[Tensor]) -> tuple[int, int]:
 _tensor_reader = 0
 # flashjit._torch_ops's forward without autograd for plans (outputs allocated in C++), or None.
 _native_forward = None
+# flashjit._torch_ops's plan key of q, k, v (bytes, or None where a tensor is not read in C++), or None.
+_native_signature = None
 
 
 def _load_native():
@@ -124,10 +126,10 @@ def _load_native():
     except (OSError, RuntimeError, AttributeError) as error:
         return None, f"Python (the C++ rule did not load: {error})"
     # _C reads torch tensors from the at::Tensor they hold, not through their Python attributes.
-    global _tensor_reader, _native_forward
-    forward_function = library.flashjit_torch_forward_function
-    forward_function.restype = ctypes.py_object
-    _native_forward = forward_function()
+    global _tensor_reader, _native_forward, _native_signature
+    forward_function, signature_function = library.flashjit_torch_forward_function, library.flashjit_torch_signature_function
+    forward_function.restype = signature_function.restype = ctypes.py_object
+    _native_forward, _native_signature = forward_function(), signature_function()
     _tensor_reader = ctypes.cast(describe, ctypes.c_void_p).value
     _C.set_tensor_reader(_tensor_reader)
     _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
@@ -696,7 +698,11 @@ _is_compiling = torch.compiler.is_compiling
 
 def _plan_key(tag, q, k, v, options):
     """The signature a plan is kept under; None where the tensors have no strides (sparse,
-    nested: the general path names them)."""
+    nested: the general path names them), or (with flashjit._torch_ops) no storage or another
+    reason not to be read from their at::Tensor."""
+    if _native_signature is not None:  # the same fields, packed in C++
+        signature = _native_signature(q, k, v)
+        return None if signature is None else (tag, options, signature)
     try:
         return (tag, options, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype,
                 v.dtype, q.device, k.device, v.device)
@@ -716,7 +722,8 @@ def find_plan(q, k, v, options: AttentionOptions, tag=None) -> tuple:
         return None, None
     key = _plan_key(tag, q, k, v, options)
     plan = _PLANS.get(key) if key is not None else None
-    if plan is None or not (_has_storage(q) and _has_storage(k) and _has_storage(v)):
+    # (A key from C++ is only made for tensors with storage.)
+    if plan is None or (_native_signature is None and not (_has_storage(q) and _has_storage(k) and _has_storage(v))):
         return None, key
     return plan, key
 

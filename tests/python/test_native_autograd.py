@@ -242,6 +242,43 @@ def test_c_reads_torch_tensors_through_the_library_as_through_their_attributes()
 
 
 @needs_native
+def test_plan_keys_from_cpp_tell_every_field_apart():
+    """The plan key made in C++ (ops._native_signature) differs wherever a shape, stride, dtype or
+    device differs, is equal for equal layouts, and is None for tensors it does not read (no
+    storage, negated views, sparse): those calls take the general path."""
+    sign = ops._native_signature
+    q = torch.randn(2, 4, 16, 32, device=DEVICE)
+    base = sign(q, q, q)
+    assert isinstance(base, bytes) and base == sign(q.clone(), q.clone(), q.clone())
+    others = [
+        torch.randn(2, 4, 17, 32, device=DEVICE),  # a shape
+        torch.randn(2, 16, 4, 32, device=DEVICE).transpose(1, 2),  # strides alone
+        q.to(torch.float64),  # a dtype
+        q[0],  # the rank
+    ]
+    if torch.cuda.is_available():
+        others.append(q.to("cpu" if q.is_cuda else "cuda"))  # a device
+    keys = {base}
+    for position in range(3):
+        for other in others:
+            operands = [q, q, q]
+            operands[position] = other
+            keys.add(sign(*operands))
+    assert len(keys) == 1 + 3 * len(others)
+    # (Tensor subclasses never reach it: find_plan takes plain types alone.)
+    for unread in (q.to("meta"), q._neg_view(), torch.randn(4, 4).to_sparse()):
+        assert sign(q, unread, q) is None
+    with pytest.raises(TypeError, match="3 arguments"):
+        sign(q, q)
+    assert sign(q, 1, q) is None
+    # A plan under a C++ key serves the next call of the same signature, bitwise.
+    with torch.no_grad():
+        outputs = [flashjit.scaled_dot_product_attention(q, q, q) for _ in range(3)]
+    assert len(ops._PLANS) == 1 and next(iter(ops._PLANS))[2] == base
+    assert torch.equal(outputs[0], outputs[2])
+
+
+@needs_native
 @pytest.mark.parametrize("case", ["bool mask", "float mask", "dropout", "softcap and window"])
 def test_calls_without_a_plan_take_the_cpp_rule_with_the_python_rules_bits(case, python_rule):
     """Calls that leave no plan (a mask, dropout) and a signature's first calls take the C++ rule
