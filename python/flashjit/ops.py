@@ -95,6 +95,9 @@ _tensor_reader = 0
 _native_forward = None
 # flashjit._torch_ops's plan key of q, k, v (bytes, or None where a tensor is not read in C++), or None.
 _native_signature = None
+# flashjit._torch_ops's call of the C++ rule without the operator's binding (the op's 13
+# arguments; for plain eager calls alone: planned_attention, attention), or None.
+_native_apply = None
 
 
 def _load_native():
@@ -126,10 +129,12 @@ def _load_native():
     except (OSError, RuntimeError, AttributeError) as error:
         return None, f"Python (the C++ rule did not load: {error})"
     # _C reads torch tensors from the at::Tensor they hold, not through their Python attributes.
-    global _tensor_reader, _native_forward, _native_signature
-    forward_function, signature_function = library.flashjit_torch_forward_function, library.flashjit_torch_signature_function
-    forward_function.restype = signature_function.restype = ctypes.py_object
-    _native_forward, _native_signature = forward_function(), signature_function()
+    global _tensor_reader, _native_forward, _native_signature, _native_apply
+    makers = (library.flashjit_torch_forward_function, library.flashjit_torch_signature_function,
+              library.flashjit_torch_attention_function)
+    for maker in makers:
+        maker.restype = ctypes.py_object
+    _native_forward, _native_signature, _native_apply = (maker() for maker in makers)
     _tensor_reader = ctypes.cast(describe, ctypes.c_void_p).value
     _C.set_tensor_reader(_tensor_reader)
     _profiler._open_listeners.append(lambda on: set_profiling(1 if on else 0))
@@ -735,7 +740,7 @@ def planned_attention(plan: _Plan, q, k, v, with_lse=True):
         if _functorch_active():
             return _EagerAttention.apply(q, k, v, plan.args, plan)
         if plan.native is not None and _native_attention is not None and not _profiler_enabled():  # the rule in C++
-            return _native_attention(q, k, v, *plan.native)
+            return _native_apply(q, k, v, *plan.native)
         # What Function.apply calls without torch.func transforms, after unwrapping wrappers
         # of transforms that have ended, which hold no storage (none here).
         return _apply_eager(q, k, v, plan.args, plan)
@@ -784,7 +789,7 @@ def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_t
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             if (_native_takes(q, k, v) and _profiler._active is None and not _profiler_enabled()
                     and not _functorch_active()):
-                output = _native_attention(*args)  # the autograd rule in C++
+                output = _native_apply(*args)  # the autograd rule in C++
             else:
                 output = _EagerAttention.apply(q, k, v, args[3:], None)
         else:

@@ -13,6 +13,7 @@
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
@@ -430,6 +431,59 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
   return result;
 }
 
+// attention(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+// num_threads, deterministic) -> (o, lse): flashjit::eager_attention's autograd kernel called
+// straight from Python, without the ~4 µs a call of the operator's Python binding (its arguments
+// parsed against the schema, the dispatcher's way to the autograd key). For flashjit.ops's
+// plain eager calls with gradients alone: no dispatch mode, functorch transform, tensor
+// subclass, tracer or profiler in play, where the dispatcher would take the same kernel. The
+// GIL is released around the call as the binding releases it; errors as torch raises them.
+PyObject* python_attention(PyObject*, PyObject* const* args, Py_ssize_t count) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(count == 13, "attention: expected 13 arguments, got ", count);
+  const auto tensor = [&](int i, const char* name) -> const Tensor& {
+    TORCH_CHECK_TYPE(THPVariable_Check(args[i]), "attention: ", name, " must be a torch tensor");
+    return THPVariable_Unpack(args[i]);
+  };
+  const auto optional_tensor = [&](int i, const char* name) -> std::optional<Tensor> {
+    if (args[i] == Py_None) return std::nullopt;
+    return tensor(i, name);
+  };
+  const auto as_int = [&](int i) {
+    const long long value = PyLong_AsLongLong(args[i]);
+    if (value == -1 && PyErr_Occurred()) throw python_error();
+    return int64_t(value);
+  };
+  const auto as_double = [&](int i) {
+    const double value = PyFloat_AsDouble(args[i]);
+    if (value == -1.0 && PyErr_Occurred()) throw python_error();
+    return value;
+  };
+  const Tensor &q = tensor(0, "q"), &k = tensor(1, "k"), &v = tensor(2, "v");
+  const std::optional<Tensor> mask = optional_tensor(3, "mask"), rng = optional_tensor(10, "rng");
+  const std::optional<double> scale = args[4] == Py_None ? std::nullopt : std::optional<double>(as_double(4));
+  const double softcap = as_double(5), dropout_p = as_double(9);
+  const int64_t causal = as_int(6), window_left = as_int(7), window_right = as_int(8), num_threads = as_int(11);
+  const int deterministic = PyObject_IsTrue(args[12]);
+  if (deterministic < 0) throw python_error();
+  Tensor o, lse;
+  {
+    const ReleasedGil released;
+    std::tie(o, lse) = attention_autograd(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p,
+                                          rng, num_threads, deterministic != 0);
+  }
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(o));
+  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(lse));
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef python_attention_method{
+    "attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&python_attention)), METH_FASTCALL,
+    "flashjit::eager_attention's autograd kernel without the operator's binding (flashjit.ops's eager calls)"};
+
 // signature(q, k, v) -> bytes or None: the shapes, strides, dtypes and devices of three torch
 // tensors packed as 64-bit integers (flashjit.ops's plan key, ~1 µs less a call than the
 // tuple of their Python attributes); None where a tensor is not read by its at::Tensor here
@@ -519,6 +573,11 @@ __attribute__((visibility("default"))) int flashjit_torch_describe(PyObject* obj
 // The Python function python_forward (a new reference; the caller holds the GIL).
 __attribute__((visibility("default"))) PyObject* flashjit_torch_forward_function() {
   return PyCFunction_New(&python_forward_method, nullptr);
+}
+
+// The Python function python_attention (a new reference; the caller holds the GIL).
+__attribute__((visibility("default"))) PyObject* flashjit_torch_attention_function() {
+  return PyCFunction_New(&python_attention_method, nullptr);
 }
 
 // The Python function python_signature (a new reference; the caller holds the GIL).
