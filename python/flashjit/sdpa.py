@@ -171,6 +171,14 @@ def _plan(query, key, value, dropout_p, is_causal, scale, enable_gqa) -> tuple:
     return ops.find_plan(query, key, value, _plain_options(scale, int(is_causal)), _PLAN_TAGS[enable_gqa])
 
 
+def _planned(plan, query, key, value) -> Tensor:
+    """The output of a call through its plan (_plan's), errors in this function's names."""
+    try:
+        return ops.planned_attention(plan, query, key, value, with_lse=False)[0]
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise _as_sdpa_error(error) from None
+
+
 def _call(q, k, v, options: AttentionOptions, mask, rng, plan_tag=None, plan_key=None) -> Tensor:
     """ops.attention's output, its errors in this function's names (not while compiling: the
     tracer takes the errors as they are). plan_tag, plan_key: the common call's (_PLAN_TAGS, the
@@ -200,10 +208,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     plan, signature = (None, None) if attn_mask is not None else _plan(query, key, value, dropout_p, is_causal,
                                                                         scale, enable_gqa)
     if plan is not None:
-        try:
-            return ops.planned_attention(plan, query, key, value, with_lse=False)[0]
-        except (ValueError, TypeError, NotImplementedError) as error:
-            raise _as_sdpa_error(error) from None
+        return _planned(plan, query, key, value)
     bias = attn_mask if _is_causal_bias(attn_mask) else None
     if bias is not None:
         attn_mask = None
@@ -308,6 +313,13 @@ def _fallback_reason(query, key, value, attn_mask) -> Optional[str]:
 
 
 def _routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    if attn_mask is None:
+        # A plan's signature holds what _fallback_reason checks but the backend flags (plain types,
+        # served devices and dtypes, strided tensors; no plan under torch.compile, whose tracer
+        # does not read the flags): a planned call skips the rest.
+        plan = _plan(query, key, value, dropout_p, is_causal, scale, enable_gqa)[0]
+        if plan is not None and not _torch_backends_chosen():
+            return _planned(plan, query, key, value)
     bias = _is_causal_bias(attn_mask)
     reason = _fallback_reason(query, key, value, None if bias else attn_mask)
     if reason is None:
