@@ -95,17 +95,30 @@ class AttentionOptions:
              num_threads=0, deterministic=True) -> "AttentionOptions":
         """From a front end's arguments (causal: False/True/'top_left'/'bottom_right'),
         each checked, with errors naming `op` and the argument."""
-        if (scale is None and softcap.__class__ is float and softcap == 0.0 and (causal is False or causal is True)
-                and window.__class__ is tuple and window == (-1, -1) and window[0].__class__ is int
-                and window[1].__class__ is int and dropout_p.__class__ is float and dropout_p == 0.0
-                and num_threads.__class__ is int and num_threads == 0 and deterministic is True):
-            return _PLAIN[causal]  # the defaults, with or without causal (host time per call)
+        # Arguments of exact builtin types are checked once a distinct value (host time per call:
+        # callers such as transformers pass a scale every call); equal keys give equal options, but
+        # for a scale of -0.0 against 0.0, which stays out.
+        key = (scale, softcap, causal, window, dropout_p, num_threads, deterministic)
+        cacheable = ((scale is None or (scale.__class__ is float and scale != 0.0)) and softcap.__class__ is float
+                     and (causal is False or causal is True or causal.__class__ is str) and window.__class__ is tuple
+                     and len(window) == 2 and window[0].__class__ is int and window[1].__class__ is int
+                     and dropout_p.__class__ is float and num_threads.__class__ is int
+                     and (deterministic is True or deterministic is False))
+        if cacheable:
+            options = _MADE.get(key)
+            if options is not None:
+                return options
         window_left, window_right = window_bounds(op, window)
         if deterministic is not True and deterministic is not False:
             raise TypeError(f"[{op}] deterministic: expected True (every backward bitwise repeatable) or False, "
                             f"got {deterministic!r}")
-        return cls(None if scale is None else float(scale), float(softcap), causal_code(op, causal), window_left,
-                   window_right, float(dropout_p), num_threads_value(op, num_threads), deterministic)
+        options = cls(None if scale is None else float(scale), float(softcap), causal_code(op, causal), window_left,
+                      window_right, float(dropout_p), num_threads_value(op, num_threads), deterministic)
+        if cacheable:
+            if len(_MADE) >= 256:  # a few distinct option sets in practice; never an unbounded cache
+                _MADE.clear()
+            _MADE[key] = options
+        return options
 
     # The torch custom ops' schema, after q, k, v (and for bwd the tensors before them):
     # mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic.
@@ -129,5 +142,5 @@ class AttentionOptions:
                     nondeterministic=unordered_allowed(self.deterministic))
 
 
-# AttentionOptions.make's result for the default arguments, without and with causal=True.
-_PLAIN = {False: AttentionOptions(), True: AttentionOptions(causal=1)}
+# AttentionOptions.make's results by its arguments (those of exact builtin types).
+_MADE: dict = {}

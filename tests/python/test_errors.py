@@ -218,3 +218,30 @@ def test_torch_tensors_read_in_place_match_their_descriptors():
     o.fill_(float("nan"))
     _C.forward(q.as_subclass(Watched), k, v, o, lse, *scalars)
     assert Watched.detached == 0 and torch.equal(o, outputs[0][0])
+
+
+def test_option_checks_hold_after_equal_looking_options_were_made():
+    """AttentionOptions.make keeps what it made for arguments of exact builtin types: a value that
+    only compares equal to a good one (1 for True, 1.0 for the int 1, a numpy float) is still checked
+    and refused or converted as on its first call, and each cached set is the one its arguments give."""
+    from flashjit.options import AttentionOptions
+
+    make = AttentionOptions.make
+    good = make("attention", scale=0.5, causal=True, window=(3, 0), num_threads=1, deterministic=False)
+    assert good == AttentionOptions(scale=0.5, causal=1, window_left=3, window_right=0, num_threads=1,
+                                    deterministic=False)
+    assert make("attention", scale=0.5, causal=True, window=(3, 0), num_threads=1, deterministic=False) is good
+    with pytest.raises(ValueError, match="causal"):
+        make("attention", scale=0.5, causal=1, window=(3, 0), num_threads=1, deterministic=False)
+    with pytest.raises(TypeError, match="deterministic"):
+        make("attention", scale=0.5, causal=True, window=(3, 0), num_threads=1, deterministic=0)
+    with pytest.raises((TypeError, ValueError), match="num_threads"):
+        make("attention", scale=0.5, causal=True, window=(3, 0), num_threads=1.0, deterministic=False)
+    assert make("attention", scale=np.float32(0.5), causal=True, window=(3, 0), num_threads=1,
+                deterministic=False).scale.__class__ is float
+    assert make("attention", causal="bottom_right").causal == 2
+    with pytest.raises(ValueError, match="causal"):
+        make("attention", causal="bottom-right")
+    # A scale of -0.0 is never served by 0.0's options (the core names the value it got).
+    assert str(make("attention", scale=-0.0).scale) == "-0.0"
+    assert str(make("attention", scale=0.0).scale) == "0.0"
