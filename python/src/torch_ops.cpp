@@ -98,11 +98,18 @@ bool readable_here(const Tensor& x) {
          !x.is_meta() && !x.is_neg() && !x.is_conj();
 }
 
+// An integer as text for an error message. The messages of this library format their integers
+// here, not through c10::str's stream: on the H100 machine (torch 2.11, GCC 13.3) every error
+// whose message streamed an int64_t crashed the process (3-dim operands, a 5-dim mask), while
+// those with strings alone raised as they should; the cause is not known (2026-12-07).
+std::string text(int64_t value) { return std::to_string(value); }
+
 // x's descriptor, or an error naming the operand and what is not taken.
 fj_tensor describe(const Tensor& x, const char* name) {
   fj_tensor t;
   if (fill_descriptor(x, t)) return t;
-  TORCH_CHECK_VALUE(x.dim() <= FJ_MAX_DIMS, "[attention] ", name, ": at most ", FJ_MAX_DIMS, " dims, got ", x.dim());
+  TORCH_CHECK_VALUE(x.dim() <= FJ_MAX_DIMS, std::string("[attention] ") + name + ": at most " + text(FJ_MAX_DIMS) +
+                                                " dims, got " + text(x.dim()));
   TORCH_CHECK_NOT_IMPLEMENTED(x.is_cpu() || x.is_cuda() || x.is_meta(), "[attention] ", name, ": device ",
                               x.device(), " is not taken here (cpu or cuda)");
   TORCH_CHECK_TYPE(false, "[attention] ", name, ": dtype ", x.scalar_type(),
@@ -177,8 +184,8 @@ void check_bound() {
 // (then the usual transpose back needs no copy), and lse [B, Hq, Sq] in float32 (float64 for float64).
 std::tuple<Tensor, Tensor> new_outputs(const Tensor& q, const Tensor& k, const Tensor& v, bool with_lse = true) {
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-                    "flashjit::eager_attention: q, k and v must have 4 dims [B, H, S, D], got ", q.dim(), ", ",
-                    k.dim(), " and ", v.dim());
+                    "flashjit::eager_attention: q, k and v must have 4 dims [B, H, S, D], got " + text(q.dim()) +
+                        ", " + text(k.dim()) + " and " + text(v.dim()));
   const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), dv = v.size(3);
   Tensor o = q.stride(1) < q.stride(2) ? at::empty({batch, rows, heads, dv}, q.options()).transpose(1, 2)
                                        : at::empty({batch, heads, rows, dv}, q.options());
@@ -401,14 +408,13 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
   if (PyErr_Occurred()) return nullptr;
   fj_status status = FJ_SUCCESS;
   Tensor o, lse;
-  try {
+  HANDLE_TH_ERRORS  // c10 errors (what forward_into cannot describe) as torch raises them
+  {
     const Tensor &q = THPVariable_Unpack(args[0]), &k = THPVariable_Unpack(args[1]), &v = THPVariable_Unpack(args[2]);
     const ReleasedGil released;  // restored before an error is set (on unwinding too)
     status = forward_into(q, k, v, opt, with_lse, o, lse);
-  } catch (const std::exception& error) {
-    PyErr_SetString(PyExc_RuntimeError, error.what());
-    return nullptr;
   }
+  END_HANDLE_TH_ERRORS
   if (status != FJ_SUCCESS) {
     const std::string message = api.last_error();
     PyObject* type = status == FJ_ERROR_INVALID_VALUE    ? PyExc_ValueError
@@ -440,7 +446,7 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
 // GIL is released around the call as the binding releases it; errors as torch raises them.
 PyObject* python_attention(PyObject*, PyObject* const* args, Py_ssize_t count) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(count == 13, "attention: expected 13 arguments, got ", count);
+  TORCH_CHECK_TYPE(count == 13, "attention: expected 13 arguments, got " + text(count));
   const auto tensor = [&](int i, const char* name) -> const Tensor& {
     TORCH_CHECK_TYPE(THPVariable_Check(args[i]), "attention: ", name, " must be a torch tensor");
     return THPVariable_Unpack(args[i]);

@@ -73,7 +73,8 @@ def test_the_cpp_rule_gives_the_python_rules_bits(entry, dtype, causal, python_r
     assert "Attention" in native[4].name(), native[4].name()  # the C++ node
     python_rule()
     python = run(call, q, k, v, causal, dout)
-    assert "Attention" not in python[4].name() or "Eager" in python[4].name()
+    # (The Python rule's node by its type: torch 2.11 refuses name() on some Python Function nodes.)
+    assert "Eager" in type(python[4]).__name__
     for name, a, b in zip(("o", "dq", "dk", "dv"), native[:4], python[:4]):
         assert torch.equal(a, b), name
     exact = leaves(q, k, v, dtype=torch.float64)
@@ -167,6 +168,13 @@ def test_the_operator_under_inference_mode_and_its_errors():
         op(q, k[..., :4], v, None, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
     with pytest.raises(TypeError, match="dtype"):
         op(q.to(torch.int32), k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
+    with pytest.raises(ValueError, match="at most 4 dims, got 5"):
+        op(q, k, v, torch.ones(1, 1, 1, 16, 16, dtype=torch.bool, device=DEVICE), None, 0.0, 0, -1, -1, 0.0, None, 0,
+           True)
+    with pytest.raises(ValueError, match="must have 4 dims"):
+        ops._native_forward(q[0], k[0], v[0], True, None, 0.0, 0, -1, -1, 0)
+    with pytest.raises(TypeError, match="expected 13 arguments, got 3"):
+        ops._native_apply(q, k, v)
 
 
 @needs_native
