@@ -145,6 +145,15 @@ def _load_native():
 _native_attention, native_note = _load_native()
 
 
+_function_mode_enabled = torch._C._is_torch_function_mode_enabled
+
+
+def _native_call():
+    """The C++ rule's entry: straight to its kernel, or through the operator's binding while a
+    TorchFunctionMode is active (which then sees the op, as it sees torch's own)."""
+    return _native_attention if _function_mode_enabled() else _native_apply
+
+
 def _native_takes(q, k, v) -> bool:
     """Whether flashjit::eager_attention takes these operands: 4-dim, on the CPU or a CUDA device."""
     return _native_attention is not None and q.ndim == 4 and k.ndim == 4 and v.ndim == 4 and (q.is_cpu or q.is_cuda)
@@ -740,7 +749,7 @@ def planned_attention(plan: _Plan, q, k, v, with_lse=True):
         if _functorch_active():
             return _EagerAttention.apply(q, k, v, plan.args, plan)
         if plan.native is not None and _native_attention is not None and not _profiler_enabled():  # the rule in C++
-            return _native_apply(q, k, v, *plan.native)
+            return _native_call()(q, k, v, *plan.native)
         # What Function.apply calls without torch.func transforms, after unwrapping wrappers
         # of transforms that have ended, which hold no storage (none here).
         return _apply_eager(q, k, v, plan.args, plan)
@@ -789,7 +798,7 @@ def attention(q, k, v, options: AttentionOptions, mask=None, rng=None, *, plan_t
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             if (_native_takes(q, k, v) and _profiler._active is None and not _profiler_enabled()
                     and not _functorch_active()):
-                output = _native_apply(*args)  # the autograd rule in C++
+                output = _native_call()(*args)  # the autograd rule in C++
             else:
                 output = _EagerAttention.apply(q, k, v, args[3:], None)
         else:

@@ -11,6 +11,8 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/csrc/Exceptions.h>
@@ -98,10 +100,11 @@ bool readable_here(const Tensor& x) {
          !x.is_meta() && !x.is_neg() && !x.is_conj();
 }
 
-// An integer as text for an error message. The messages of this library format their integers
-// here, not through c10::str's stream: on the H100 machine (torch 2.11, GCC 13.3) every error
-// whose message streamed an int64_t crashed the process (3-dim operands, a 5-dim mask), while
-// those with strings alone raised as they should; the cause is not known (2026-12-07).
+// An integer as text for an error message. The messages of this library are built as one
+// std::string, never streamed by c10::str from several pieces: on the H100 machine (torch 2.11,
+// GCC 13.3) every error whose message c10::str streamed (integers among its pieces: 3-dim
+// operands, a 5-dim mask) crashed the process, while those of one string raised as they should;
+// the cause is not known (2026-12-07).
 std::string text(int64_t value) { return std::to_string(value); }
 
 // x's descriptor, or an error naming the operand and what is not taken.
@@ -110,10 +113,11 @@ fj_tensor describe(const Tensor& x, const char* name) {
   if (fill_descriptor(x, t)) return t;
   TORCH_CHECK_VALUE(x.dim() <= FJ_MAX_DIMS, std::string("[attention] ") + name + ": at most " + text(FJ_MAX_DIMS) +
                                                 " dims, got " + text(x.dim()));
-  TORCH_CHECK_NOT_IMPLEMENTED(x.is_cpu() || x.is_cuda() || x.is_meta(), "[attention] ", name, ": device ",
-                              x.device(), " is not taken here (cpu or cuda)");
-  TORCH_CHECK_TYPE(false, "[attention] ", name, ": dtype ", x.scalar_type(),
-                   " is not taken (float16, bfloat16, float32 or float64; bool for masks)");
+  TORCH_CHECK_NOT_IMPLEMENTED(x.is_cpu() || x.is_cuda() || x.is_meta(), std::string("[attention] ") + name +
+                                                                            ": device " + x.device().str() +
+                                                                            " is not taken here (cpu or cuda)");
+  TORCH_CHECK_TYPE(false, std::string("[attention] ") + name + ": dtype " + c10::toString(x.scalar_type()) +
+                              " is not taken (float16, bfloat16, float32 or float64; bool for masks)");
 }
 
 // The kernels read rows with unit stride; torch allows any last-dim stride.
@@ -442,13 +446,14 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
 // straight from Python, without the ~4 µs a call of the operator's Python binding (its arguments
 // parsed against the schema, the dispatcher's way to the autograd key). For flashjit.ops's
 // plain eager calls with gradients alone: no dispatch mode, functorch transform, tensor
-// subclass, tracer or profiler in play, where the dispatcher would take the same kernel. The
+// subclass, tracer or profiler in play, where the dispatcher would take the same kernel (under
+// inference mode or below autograd it goes through the dispatcher, which takes another). The
 // GIL is released around the call as the binding releases it; errors as torch raises them.
 PyObject* python_attention(PyObject*, PyObject* const* args, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(count == 13, "attention: expected 13 arguments, got " + text(count));
   const auto tensor = [&](int i, const char* name) -> const Tensor& {
-    TORCH_CHECK_TYPE(THPVariable_Check(args[i]), "attention: ", name, " must be a torch tensor");
+    TORCH_CHECK_TYPE(THPVariable_Check(args[i]), std::string("attention: ") + name + " must be a torch tensor");
     return THPVariable_Unpack(args[i]);
   };
   const auto optional_tensor = [&](int i, const char* name) -> std::optional<Tensor> {
@@ -475,8 +480,19 @@ PyObject* python_attention(PyObject*, PyObject* const* args, Py_ssize_t count) {
   Tensor o, lse;
   {
     const ReleasedGil released;
-    std::tie(o, lse) = attention_autograd(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p,
-                                          rng, num_threads, deterministic != 0);
+    // Under inference mode or below autograd (keys the thread excludes) the dispatcher runs the
+    // plain kernel, not this one: such calls go through it.
+    const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
+    if (c10::InferenceMode::is_enabled() || local.excluded_.has_any(c10::autograd_dispatch_keyset)) {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("flashjit::eager_attention", "")
+                                 .typed<std::tuple<Tensor, Tensor>(FLASHJIT_OP_PARAMETERS)>();
+      std::tie(o, lse) = op.call(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
+                                 num_threads, deterministic != 0);
+    } else {
+      std::tie(o, lse) = attention_autograd(q, k, v, mask, scale, softcap, causal, window_left, window_right,
+                                            dropout_p, rng, num_threads, deterministic != 0);
+    }
   }
   PyObject* result = PyTuple_New(2);
   if (result == nullptr) return nullptr;

@@ -389,3 +389,34 @@ def test_planned_calls_without_autograd_take_the_cpp_forward(layout, monkeypatch
         native(q, k[..., :8], v, True, None, 0.0, 0, -1, -1, 0)
     with pytest.raises(TypeError, match="torch tensors"):
         native(q.numpy() if DEVICE == "cpu" else None, k, v, True, None, 0.0, 0, -1, -1, 0)
+
+
+@needs_native
+def test_the_direct_entry_keeps_the_dispatchers_choices():
+    """flashjit's eager calls reach the C++ rule without the operator's binding, yet behave as
+    the operator would: under inference mode with grad enabled, and below autograd, no node is
+    recorded (torch's own ops give the plain kernel's output there); an active TorchFunctionMode
+    sees the operator."""
+    from torch.overrides import TorchFunctionMode
+
+    q, k, v = (torch.randn(1, 2, 8, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    args = (q, k, v, None, None, 0.0, 0, -1, -1, 0.0, None, 0, True)
+    expected = ops._native_attention(*args)[0].detach()
+    with torch.inference_mode(), torch.enable_grad():
+        o = ops._native_apply(*args)[0]
+        assert o.grad_fn is None and torch.equal(o, expected)
+        assert flashjit.scaled_dot_product_attention(q, k, v).grad_fn is None
+    with torch._C._AutoDispatchBelowAutograd():
+        o = ops._native_apply(*args)[0]
+        assert o.grad_fn is None and torch.equal(o, expected)
+    seen = []
+
+    class Seen(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        for _ in range(3):  # the plan's calls too
+            flashjit.scaled_dot_product_attention(q, k, v)
+    assert sum("eager_attention" in name for name in seen) == 3, seen
