@@ -287,20 +287,26 @@ variable_list op_backward(const Tensor& dout, const Tensor& q, const Tensor& k, 
 #define FLASHJIT_OP_OPTIONS \
   Options { mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic }
 
+// flashjit::eager_attention through the dispatcher (its kernel for the thread's keys now).
+std::tuple<Tensor, Tensor> dispatched_attention(FLASHJIT_OP_PARAMETERS) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("flashjit::eager_attention", "")
+                             .typed<std::tuple<Tensor, Tensor>(FLASHJIT_OP_PARAMETERS)>();
+  return op.call(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads,
+                 deterministic);
+}
+
 // The node's output is o alone; lse (no gradient) leaves through lse_out, outside the graph, as
 // mark_non_differentiable would leave it (which compiled autograd does not take on C++ nodes).
 struct Attention : public torch::autograd::Function<Attention> {
   static variable_list forward(AutogradContext* ctx, FLASHJIT_OP_PARAMETERS, Tensor* lse_out) {
     RECORD_FUNCTION("flashjit::fwd", c10::ArrayRef<const c10::IValue>{});
     // The op's own kernel below the autograd key: the CPU or CUDA one, or Meta under fake tensors.
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("flashjit::eager_attention", "")
-                               .typed<std::tuple<Tensor, Tensor>(FLASHJIT_OP_PARAMETERS)>();
     Tensor o, lse;
     {
       const at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(o, lse) = op.call(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-                                 num_threads, deterministic);
+      std::tie(o, lse) = dispatched_attention(q, k, v, mask, scale, softcap, causal, window_left, window_right,
+                                              dropout_p, rng, num_threads, deterministic);
     }
     const Tensor none;
     ctx->save_for_backward({q, k, v, o, lse, mask.value_or(none), rng.value_or(none)});
@@ -378,6 +384,29 @@ std::tuple<Tensor, Tensor> attention_meta(FLASHJIT_OP_PARAMETERS) {
   return {o, lse};
 }
 
+// The Python functions' arguments (raising through HANDLE_TH_ERRORS: `error` for a tensor that is
+// not one, Python's own error for a number that is not one).
+const Tensor& tensor_arg(PyObject* x, const char* error) {
+  TORCH_CHECK_TYPE(THPVariable_Check(x), error);
+  return THPVariable_Unpack(x);
+}
+int64_t int_arg(PyObject* x) {
+  const long long value = PyLong_AsLongLong(x);
+  if (value == -1 && PyErr_Occurred()) throw python_error();
+  return int64_t(value);
+}
+double double_arg(PyObject* x) {
+  const double value = PyFloat_AsDouble(x);
+  if (value == -1.0 && PyErr_Occurred()) throw python_error();
+  return value;
+}
+std::optional<double> scale_arg(PyObject* x) { return x == Py_None ? std::nullopt : std::optional(double_arg(x)); }
+bool bool_arg(PyObject* x) {
+  const int value = PyObject_IsTrue(x);
+  if (value < 0) throw python_error();
+  return value != 0;
+}
+
 // forward(q, k, v, with_lse, scale, softcap, causal, window_left, window_right, num_threads) ->
 // (o, lse or None): a call without autograd straight from Python (flashjit.ops's plans of plain
 // calls): the outputs allocated and the C API called in C++, the GIL released around the call.
@@ -393,31 +422,19 @@ struct ReleasedGil {
 };
 
 PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
-  if (count != 10) {
-    PyErr_SetString(PyExc_TypeError, "forward: expected 10 arguments");
-    return nullptr;
-  }
-  for (int i = 0; i < 3; ++i) {
-    if (!THPVariable_Check(args[i])) {
-      PyErr_SetString(PyExc_TypeError, "forward: q, k and v must be torch tensors");
-      return nullptr;
-    }
-  }
-  const auto as_int = [](PyObject* x) { return int64_t(PyLong_AsLongLong(x)); };
-  const bool with_lse = PyObject_IsTrue(args[3]) == 1;
-  std::optional<double> scale;
-  if (args[4] != Py_None) scale = PyFloat_AsDouble(args[4]);
-  const Options opt{std::nullopt, scale, PyFloat_AsDouble(args[5]), as_int(args[6]), as_int(args[7]),
-                    as_int(args[8]), 0.0, std::nullopt, as_int(args[9]), true};
-  if (PyErr_Occurred()) return nullptr;
   fj_status status = FJ_SUCCESS;
   Tensor o, lse;
+  bool with_lse = true;
   HANDLE_TH_ERRORS  // c10 errors (what forward_into cannot describe) as torch raises them
-  {
-    const Tensor &q = THPVariable_Unpack(args[0]), &k = THPVariable_Unpack(args[1]), &v = THPVariable_Unpack(args[2]);
-    const ReleasedGil released;  // restored before an error is set (on unwinding too)
-    status = forward_into(q, k, v, opt, with_lse, o, lse);
-  }
+  TORCH_CHECK_TYPE(count == 10, "forward: expected 10 arguments, got " + text(count));
+  constexpr const char* not_tensors = "forward: q, k and v must be torch tensors";
+  const Tensor &q = tensor_arg(args[0], not_tensors), &k = tensor_arg(args[1], not_tensors),
+               &v = tensor_arg(args[2], not_tensors);
+  with_lse = bool_arg(args[3]);
+  const Options opt{std::nullopt,    scale_arg(args[4]), double_arg(args[5]), int_arg(args[6]), int_arg(args[7]),
+                    int_arg(args[8]), 0.0,                std::nullopt,        int_arg(args[9]), true};
+  const ReleasedGil released;  // restored before an error is set (on unwinding too)
+  status = forward_into(q, k, v, opt, with_lse, o, lse);
   END_HANDLE_TH_ERRORS
   if (status != FJ_SUCCESS) {
     const std::string message = api.last_error();
@@ -452,47 +469,29 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t count) {
 PyObject* python_attention(PyObject*, PyObject* const* args, Py_ssize_t count) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(count == 13, "attention: expected 13 arguments, got " + text(count));
-  const auto tensor = [&](int i, const char* name) -> const Tensor& {
-    TORCH_CHECK_TYPE(THPVariable_Check(args[i]), std::string("attention: ") + name + " must be a torch tensor");
-    return THPVariable_Unpack(args[i]);
-  };
-  const auto optional_tensor = [&](int i, const char* name) -> std::optional<Tensor> {
+  const auto optional_tensor = [&](int i, const char* error) -> std::optional<Tensor> {
     if (args[i] == Py_None) return std::nullopt;
-    return tensor(i, name);
+    return tensor_arg(args[i], error);
   };
-  const auto as_int = [&](int i) {
-    const long long value = PyLong_AsLongLong(args[i]);
-    if (value == -1 && PyErr_Occurred()) throw python_error();
-    return int64_t(value);
-  };
-  const auto as_double = [&](int i) {
-    const double value = PyFloat_AsDouble(args[i]);
-    if (value == -1.0 && PyErr_Occurred()) throw python_error();
-    return value;
-  };
-  const Tensor &q = tensor(0, "q"), &k = tensor(1, "k"), &v = tensor(2, "v");
-  const std::optional<Tensor> mask = optional_tensor(3, "mask"), rng = optional_tensor(10, "rng");
-  const std::optional<double> scale = args[4] == Py_None ? std::nullopt : std::optional<double>(as_double(4));
-  const double softcap = as_double(5), dropout_p = as_double(9);
-  const int64_t causal = as_int(6), window_left = as_int(7), window_right = as_int(8), num_threads = as_int(11);
-  const int deterministic = PyObject_IsTrue(args[12]);
-  if (deterministic < 0) throw python_error();
+  const Tensor &q = tensor_arg(args[0], "attention: q must be a torch tensor"),
+               &k = tensor_arg(args[1], "attention: k must be a torch tensor"),
+               &v = tensor_arg(args[2], "attention: v must be a torch tensor");
+  const std::optional<Tensor> mask = optional_tensor(3, "attention: mask must be a torch tensor or None"),
+                              rng = optional_tensor(10, "attention: rng must be a torch tensor or None");
+  const std::optional<double> scale = scale_arg(args[4]);
+  const double softcap = double_arg(args[5]), dropout_p = double_arg(args[9]);
+  const int64_t causal = int_arg(args[6]), window_left = int_arg(args[7]), window_right = int_arg(args[8]),
+                num_threads = int_arg(args[11]);
+  const bool deterministic = bool_arg(args[12]);
   Tensor o, lse;
   {
     const ReleasedGil released;
     // Under inference mode or below autograd (keys the thread excludes) the dispatcher runs the
     // plain kernel, not this one: such calls go through it.
     const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
-    if (c10::InferenceMode::is_enabled() || local.excluded_.has_any(c10::autograd_dispatch_keyset)) {
-      static const auto op = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("flashjit::eager_attention", "")
-                                 .typed<std::tuple<Tensor, Tensor>(FLASHJIT_OP_PARAMETERS)>();
-      std::tie(o, lse) = op.call(q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng,
-                                 num_threads, deterministic != 0);
-    } else {
-      std::tie(o, lse) = attention_autograd(q, k, v, mask, scale, softcap, causal, window_left, window_right,
-                                            dropout_p, rng, num_threads, deterministic != 0);
-    }
+    const bool below = c10::InferenceMode::is_enabled() || local.excluded_.has_any(c10::autograd_dispatch_keyset);
+    std::tie(o, lse) = (below ? dispatched_attention : attention_autograd)(
+        q, k, v, mask, scale, softcap, causal, window_left, window_right, dropout_p, rng, num_threads, deterministic);
   }
   PyObject* result = PyTuple_New(2);
   if (result == nullptr) return nullptr;
