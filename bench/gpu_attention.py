@@ -141,13 +141,14 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # (shared is the default); split:parts: with FLASHJIT_CUDA_DKDV_PARTS=auto (a GQA group's
         # query heads over several dK/dV blocks where the grid is small; the default), split:no-parts
         # with it off; split:overlap: FLASHJIT_CUDA_BACKWARD_OVERLAP=1 (the dK/dV kernel launched
-        # while the dQ kernel runs).
+        # while the dQ kernel runs), split:no-overlap with it 0 (the default, auto, overlaps where
+        # the dQ grid is small).
         backward, _, option = mode.partition(":")
         env = {"FLASHJIT_CUDA_BACKWARD": backward}
         if option in ("parts", "no-parts"):
             env["FLASHJIT_CUDA_DKDV_PARTS"] = "auto" if option == "parts" else "off"
-        elif option == "overlap":
-            env["FLASHJIT_CUDA_BACKWARD_OVERLAP"] = "1"
+        elif option in ("overlap", "no-overlap"):
+            env["FLASHJIT_CUDA_BACKWARD_OVERLAP"] = "1" if option == "overlap" else "0"
         elif option:
             env["FLASHJIT_CUDA_DKDV" if backward == "split" else "FLASHJIT_CUDA_ONE_PASS_DQ"] = option
         impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env=env))
@@ -412,7 +413,8 @@ def main():
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic",
-                                 "split:shared", "split:registers", "split:parts", "split:no-parts", "split:overlap"],
+                                 "split:shared", "split:registers", "split:parts", "split:no-parts", "split:overlap",
+                                 "split:no-overlap"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
                              "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "

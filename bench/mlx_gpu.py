@@ -97,13 +97,20 @@ def main():
             q, k, v = (mx.random.normal((batch, heads, seqlen, head_dim)).astype(mx.bfloat16) for _ in range(3))
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
             row = {"D": head_dim, "N": seqlen, "B": batch, "causal": causal}
-            outputs = {}
+            outputs, grads = {}, {}
             for name, impl in impls.items():
                 def loss(q, k, v, impl=impl):
                     return impl(q, k, v, causal).astype(mx.float32).sum()
-                grad = mx.grad(loss, argnums=(0, 1, 2))
+                grads[name] = mx.grad(loss, argnums=(0, 1, 2))
+                # Every column's forward and gradient once before any is timed, so that the
+                # shape's first allocations (MLX's buffer cache at a new size) fall on no column:
+                # the first column of 6fc1a48's record paid hundreds of µs of host time a call
+                # there that the same setting's repeat did not
+                # (bench/results/h100-mlx-2026-12-07-6fc1a48.md).
                 outputs[name] = impl(q, k, v, causal).astype(mx.float32)
-                mx.eval(outputs[name])  # under this column's FLASHJIT_MLX_LAUNCH
+                mx.eval(outputs[name], *grads[name](q, k, v))  # under this column's FLASHJIT_MLX_LAUNCH
+            for name, impl in impls.items():
+                grad = grads[name]
                 forward, forward_host = median_ms(lambda: impl(q, k, v, causal), args.runs, args.calls)
                 both, both_host = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
                 backward = max(both - forward, 1e-6)

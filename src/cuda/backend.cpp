@@ -1197,12 +1197,35 @@ struct DkDvParts {
 // The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
 // = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
 // reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
+// FLASHJIT_CUDA_BACKWARD_OVERLAP unset (auto): the sm_90a split backward's dQ and dK/dV kernels
+// built to overlap where the dQ grid is at most kOverlapDqWaves blocks an SM, so that the dK/dV
+// blocks take the SMs the dQ kernel's last waves leave idle. Measured on an H100 (bf16, head dim
+// 64, causal, N 2048, batch 1): +9.5% at 14/2 heads (1.7 waves), +5% at 32/4 (3.9 waves); at 15
+// waves and more -4% to +3%, no gain (bench/results/h100-attention-2026-12-07-6fc1a48-overlap-gqa.md,
+// h100-attention-2026-12-07-7fed972-overlap.md).
+constexpr int64_t kOverlapDqWaves = 4;
+void overlap_small_grids(std::vector<KernelSpec>& specs, const AttentionProblem& p, int multiprocessors) {
+  if (settings::backward_overlap() >= 0) return;  // forced on or off: backward_kernels set it
+  for (size_t index = 1; index < specs.size(); ++index) {
+    if (specs[index - 1].entry != KernelEntry::kBackwardDq || specs[index].entry != KernelEntry::kBackwardDkDv) continue;
+    KernelSpec dq = specs[index - 1], dkdv = specs[index];
+    dq.backward_overlap = dkdv.backward_overlap = true;
+    if (!dq.overlaps_launch() || !dkdv.overlaps_launch()) return;
+    const int64_t blocks = ceil_div(p.seqlen_q, dq.block_rows()) * p.batch * p.heads_q;
+    if (blocks > kOverlapDqWaves * multiprocessors) return;
+    specs[index - 1] = dq;
+    specs[index] = dkdv;
+    return;
+  }
+}
+
 // scratch rows padded to whole dQ query blocks, then the dQ and the dK/dV kernels
 // read them. Same stream, in order: each kernel's scratch is written by the one before.
 void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
   std::vector<KernelSpec> specs = backward_specs(p, launch, params);
+  overlap_small_grids(specs, p, device_info(launch.device_index).multiprocessors);
   const bool hopper = specs.front().family == KernelFamily::kHopper;
   // sm_90a: scratch rows padded to whole blocks of 128 rows (every sm_90a backward kernel's block
   // rows; the one-pass dK/dV kernel's query tiles divide them).
@@ -1230,8 +1253,9 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
       case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
       default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv * parts.parts; break;
     }
-    // FLASHJIT_CUDA_BACKWARD_OVERLAP (KernelSpec::backward_overlap, set by backward_kernels on the
-    // sm_90a dQ kernel and the dK/dV kernel right after it): the dK/dV kernel starts while the dQ
+    // FLASHJIT_CUDA_BACKWARD_OVERLAP (KernelSpec::backward_overlap, set by backward_kernels or,
+    // unset, overlap_small_grids on the sm_90a dQ kernel and the dK/dV kernel right after it):
+    // the dK/dV kernel starts while the dQ
     // kernel runs. Its blocks read the prep kernel's rows, finished before the dQ kernel began,
     // not the dQ kernel's output, and end only after the dQ kernel, so that what follows the
     // backward in the stream finds both done. Under stream capture as FLASHJIT_CUDA_OVERLAP allows.

@@ -801,9 +801,11 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
         if (shared.block_n % 64 == 0 && fits(shared)) dkdv = shared;
       }
       dkdv.dkdv_parts = settings::dkdv_parts() != 0;
-      // FLASHJIT_CUDA_BACKWARD_OVERLAP: the dQ kernel and this one built to overlap (the plan
+      // FLASHJIT_CUDA_BACKWARD_OVERLAP=1: the dQ kernel and this one built to overlap (the plan
       // launches this one programmatically); here, so that precompile builds what calls run.
-      specs.back().backward_overlap = dkdv.backward_overlap = settings::backward_overlap();
+      // Unset (auto), the plan sets it where the dQ grid is small (overlap_small_grids in
+      // backend.cpp), and precompile builds both pairs.
+      specs.back().backward_overlap = dkdv.backward_overlap = settings::backward_overlap() == 1;
       specs.push_back(dkdv);
     } else {  // dV and dK each in a kernel of its own, as in the mma.sync backward
       KernelSpec dv = dkdv, dk = dkdv;

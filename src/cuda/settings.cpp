@@ -118,9 +118,12 @@ int overlap_launches() {
   });
 }
 
-bool backward_overlap() {
-  thread_local Kept<bool> slot;
-  return kept(slot, [] { return choice("FLASHJIT_CUDA_BACKWARD_OVERLAP", {"0", "1"}) == 1; });
+int backward_overlap() {
+  thread_local Kept<int> slot;
+  return kept(slot, [] {
+    const int chosen = choice("FLASHJIT_CUDA_BACKWARD_OVERLAP", {"0", "1", "auto"});
+    return chosen == 0 || chosen == 1 ? chosen : -1;
+  });
 }
 
 bool trace_tiles() {

@@ -111,12 +111,13 @@ bool kv_cache_hopper();
 // under stream capture (a programmatic edge in the graph), 1 (=eager) outside stream capture only,
 // 0 (=0) never; another value raises an error naming the variable.
 int overlap_launches();
-// FLASHJIT_CUDA_BACKWARD_OVERLAP=1 (opt-in until measured): the sm_90a split backward's dK/dV
-// kernel is launched while its dQ kernel runs (programmatic dependent launch; the two read only
-// the prep kernel's rows, so the dK/dV blocks start on the SMs the dQ kernel's last wave leaves
-// idle), within FLASHJIT_CUDA_OVERLAP's rule for stream capture; unset, empty or 0: a plain launch;
+// FLASHJIT_CUDA_BACKWARD_OVERLAP: whether the sm_90a split backward's dK/dV kernel is launched
+// while its dQ kernel runs (programmatic dependent launch; the two read only the prep kernel's
+// rows, so the dK/dV blocks start on the SMs the dQ kernel's last wave leaves idle), within
+// FLASHJIT_CUDA_OVERLAP's rule for stream capture. 1: always (1); 0: never (0); unset, empty or
+// auto: where the dQ grid is small (-1; the plan decides, kOverlapDqWaves in backend.cpp);
 // another value raises an error naming the variable.
-bool backward_overlap();
+int backward_overlap();
 // FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
 // threads of every 16th block keep clock64() at the points of each work tile and print them);
 // unset, empty or 0: not; another value raises an error naming the variable.

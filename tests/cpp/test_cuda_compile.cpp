@@ -754,24 +754,31 @@ TEST_F(CudaCompile, DkDvPartsCompileWhereTheyApply) {
   setenv("FLASHJIT_CUDA_DKDV_PARTS", "3", 1);
   EXPECT_THROW(backward_kernels(sm90_traits(FJ_BFLOAT16, 64)), flashjit::Error);
   // Precompiling a backward (parts by default) compiles the plain dK/dV kernel too, which problems
-  // that take one part (most) run.
+  // that take one part (most) run; with FLASHJIT_CUDA_BACKWARD_OVERLAP unset (auto) each also in
+  // its overlapping variant (`_pdl`), which problems of small grids run.
   unsetenv("FLASHJIT_CUDA_DKDV_PARTS");
-  const auto dkdv_cubins = [&](bool with_parts) {
+  const UnsetOnExit unset_overlap{"FLASHJIT_CUDA_BACKWARD_OVERLAP"};
+  unsetenv("FLASHJIT_CUDA_BACKWARD_OVERLAP");
+  const auto dkdv_cubins = [&](bool with_parts, bool overlapping) {
     int count = 0;
     for (const fs::path& cubin : cubins()) {
       const std::string name = cubin.filename().string();
       count += name.find("backward_dkdv") != std::string::npos && name.find("_qk64_") != std::string::npos &&
-               (name.find("_parts") != std::string::npos) == with_parts;
+               (name.find("_parts") != std::string::npos) == with_parts &&
+               (name.find("_pdl") != std::string::npos) == overlapping;
     }
     return count;
   };
-  const int parts_before = dkdv_cubins(true);
-  EXPECT_EQ(dkdv_cubins(false), 0);
+  const int parts_before = dkdv_cubins(true, false);
+  EXPECT_EQ(dkdv_cubins(false, false), 0);
+  EXPECT_EQ(dkdv_cubins(false, true), 0);
   fj_kernel_config c = config(FJ_BFLOAT16, 64, 90);
   c.backward = 1;
   ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
-  EXPECT_GE(dkdv_cubins(true), std::max(parts_before, 1));
-  EXPECT_EQ(dkdv_cubins(false), 1);
+  EXPECT_GE(dkdv_cubins(true, false), std::max(parts_before, 1));
+  EXPECT_GE(dkdv_cubins(true, true), 1);
+  EXPECT_EQ(dkdv_cubins(false, false), 1);
+  EXPECT_EQ(dkdv_cubins(false, true), 1);
 }
 
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a

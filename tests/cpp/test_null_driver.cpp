@@ -15,6 +15,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "cuda/kernel_spec.hpp"
@@ -551,8 +552,9 @@ TEST_F(CudaHostPath, DkDvPartsSplitSmallGroupedBackwards) {
 
 // FLASHJIT_CUDA_BACKWARD_OVERLAP=1 launches the split backward's dK/dV kernel programmatically
 // after the dQ kernel (the prep and dQ kernels plainly), under stream capture too unless
-// FLASHJIT_CUDA_OVERLAP says otherwise; unset or 0, every kernel plainly; the same parameters
-// either way; another value is an error naming the variable.
+// FLASHJIT_CUDA_OVERLAP says otherwise; 0, every kernel plainly; unset or auto, as 1 where the
+// dQ grid is at most four blocks an SM (64 blocks here) and as 0 above (1,024 blocks on 132 SMs);
+// the same parameters either way; another value is an error naming the variable.
 TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
   REQUIRE_NULL_DRIVER();
   unsetenv("FLASHJIT_CUDA_BACKWARD");
@@ -584,9 +586,14 @@ TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
     return seen;
   };
   const std::string kernels = "fj_attention_backward_prep fj_attention_backward_dq fj_attention_backward_dkdv";
+  setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "0", 1);
   const Seen plain = backward();
   EXPECT_EQ(plain.entries, kernels);
   EXPECT_EQ(plain.programmatic, (std::vector<unsigned>{0, 0, 0}));
+  unsetenv("FLASHJIT_CUDA_BACKWARD_OVERLAP");
+  const Seen automatic = backward();
+  setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "auto", 1);
+  const Seen automatic_named = backward();
   setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", "1", 1);
   const Seen overlapped = backward();
   EXPECT_EQ(overlapped.entries, kernels);
@@ -597,6 +604,29 @@ TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
   EXPECT_EQ(overlapped.functions[0], plain.functions[0]);
   EXPECT_NE(overlapped.functions[1], plain.functions[1]);
   EXPECT_NE(overlapped.functions[2], plain.functions[2]);
+  for (const Seen& chosen : {automatic, automatic_named}) {  // a small grid: the overlapped pair
+    EXPECT_EQ(chosen.programmatic, overlapped.programmatic);
+    EXPECT_EQ(chosen.functions, overlapped.functions);
+    EXPECT_EQ(chosen.params, plain.params);
+  }
+  {
+    DeviceBuffers many(8, 16, 16, 1024, 1024, 64, FJ_BFLOAT16);
+    const auto launches = [&](const char* setting) {
+      setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", setting, 1);
+      const NullDriver::Counts before = null_driver().now();
+      EXPECT_EQ(many.backward(options), FJ_SUCCESS) << fj_last_error();
+      std::vector<std::tuple<const char*, unsigned, unsigned>> seen;  // function, programmatic, grid
+      for (const NullLaunch& launch : null_driver().last(unsigned(null_driver().now().launches - before.launches))) {
+        seen.emplace_back(launch.function, launch.programmatic, launch.grid[0]);
+      }
+      return seen;
+    };
+    const auto off = launches("0"), on = launches("1"), chosen = launches("auto");
+    ASSERT_EQ(off.size(), 3u);
+    EXPECT_GT(std::get<2>(off[1]), 4u * 132u);  // the dQ grid: more than four blocks an SM
+    EXPECT_EQ(chosen, off);  // a large grid: the plain pair
+    EXPECT_NE(on, off);
+  }
   setenv("FLASHJIT_CUDA_OVERLAP", "0", 1);  // no programmatic launches at all
   EXPECT_EQ(backward().programmatic, (std::vector<unsigned>{0, 0, 0}));
   unsetenv("FLASHJIT_CUDA_OVERLAP");
