@@ -8,10 +8,12 @@ causal; backward 2.5x), with the largest difference between the two outputs.
 Timing: `--runs` evaluations of `--calls` calls each (one mx.eval a run, the outputs
 summed so that every call is computed), mx.synchronize() around, median.
 
-    python bench/mlx_gpu.py --out bench/results [--launch capture nodes]
+    python bench/mlx_gpu.py --out bench/results [--launch capture nodes capture:device]
 
---launch: flashjit's columns with each FLASHJIT_MLX_LAUNCH value (the first is the "flashjit"
-column, the others "flashjit[launch=...]"), in the same process.
+--launch: flashjit's columns with each FLASHJIT_MLX_LAUNCH value, optionally with
+FLASHJIT_MLX_MEMORY after a colon (`capture:device`: the outputs and workspace in flashjit's
+device memory; default: MLX's allocator's); the first is the "flashjit" column, the others
+"flashjit[launch=...]", in the same process.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from flashjit.bench.provenance import device_tag
 
 def median_ms(fn, runs, calls):
     """The median ms a call over `runs` timed runs of `calls` calls (after one warm-up run), and
-    flashjit's eval_gpu host µs a node over the timed runs alone (nan where none ran)."""
+    flashjit's eval_gpu host µs a node over the timed runs alone, with the allocations' share of
+    it (nan where none ran)."""
     def run():
         total = None
         for _ in range(calls):
@@ -54,7 +57,8 @@ def median_ms(fn, runs, calls):
     after = flashjit._mlx.eval_gpu_host_time()
     nodes = after["calls"] - before["calls"]
     host = (after["seconds"] - before["seconds"]) / nodes * 1e6 if nodes else float("nan")
-    return statistics.median(times), host
+    alloc = (after["alloc_seconds"] - before["alloc_seconds"]) / nodes * 1e6 if nodes else float("nan")
+    return statistics.median(times), host, alloc
 
 
 def main():
@@ -63,9 +67,11 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="head dim 128, N 4096 only")
-    parser.add_argument("--launch", nargs="+", default=["capture"], choices=["capture", "nodes"],
-                        help="FLASHJIT_MLX_LAUNCH of flashjit's columns, in turn (default: capture); a value given "
-                        "again is measured again as a column of its own")
+    parser.add_argument("--launch", nargs="+", default=["capture"],
+                        choices=["capture", "nodes", "capture:device", "nodes:device"],
+                        help="FLASHJIT_MLX_LAUNCH of flashjit's columns, in turn, with FLASHJIT_MLX_MEMORY after a "
+                        "colon (default: capture, MLX's allocator); a value given again is measured again as a "
+                        "column of its own")
     args = parser.parse_args()
     if not flashjit._mlx.cuda_available():
         sys.exit("mlx_gpu.py: flashjit.mlx has no GPU stream here (MLX on CUDA and flashjit's eval_gpu needed)")
@@ -73,10 +79,12 @@ def main():
     device = flashjit.cuda.device_info()["name"]
     mx.random.seed(0)
     heads = 16
-    def flashjit_with(launch):
+    def flashjit_with(setting):
+        launch, _, memory = setting.partition(":")
         def impl(q, k, v, c):
             # Read where the nodes run (mx.eval, inside median_ms's run, still in this setting).
             os.environ["FLASHJIT_MLX_LAUNCH"] = launch
+            os.environ["FLASHJIT_MLX_MEMORY"] = memory or "allocator"
             return fm.attention(q, k, v, causal=c, stream=mx.gpu)
         return impl
 
@@ -111,12 +119,12 @@ def main():
                 mx.eval(outputs[name], *grads[name](q, k, v))  # under this column's FLASHJIT_MLX_LAUNCH
             for name, impl in impls.items():
                 grad = grads[name]
-                forward, forward_host = median_ms(lambda: impl(q, k, v, causal), args.runs, args.calls)
-                both, both_host = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
+                forward, forward_host, forward_alloc = median_ms(lambda: impl(q, k, v, causal), args.runs, args.calls)
+                both, both_host, both_alloc = median_ms(lambda: grad(q, k, v), args.runs, args.calls)
                 backward = max(both - forward, 1e-6)
                 row[name] = (flops / forward / 1e9, 2.5 * flops / backward / 1e9, forward, both)
                 if name != "mx.fast":  # flashjit's own host work a node: the forward's, then fwd+bwd's two kinds
-                    row[name + " host"] = (forward_host, both_host)
+                    row[name + " host"] = (forward_host, both_host, forward_alloc, both_alloc)
             row["difference"] = max(float(mx.abs(outputs[name] - outputs["mx.fast"]).max()) for name in names)
             rows.append(row)
             print(row, flush=True)
@@ -127,8 +135,10 @@ def main():
              f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|",
              "host µs: flashjit's eval_gpu host time a node (flashjit._mlx.eval_gpu_host_time(): allocation, "
              "the prepare pass, recording the kernels) over the timed runs, for the forward's calls, then for "
-             "fwd+bwd's (a forward and a backward node each: the mean of the two kinds); the rest of a call's "
-             "wall time is MLX's own and the GPU's",
+             "fwd+bwd's (a forward and a backward node each: the mean of the two kinds), each with the "
+             "allocations' share in parentheses; the rest of a call's wall time is MLX's own and the GPU's",
+             "launch=X:device: FLASHJIT_MLX_MEMORY=device (the outputs and workspace in flashjit's device memory; "
+             "otherwise MLX's allocator's)",
              "flashjit[launch=X] #n: the n-th column of that setting (a repeat, for the run's spread)"]
     header = ["D", "N", "B", "causal"] + [f"{name} fwd" for name in names] + ["mx.fast fwd"] + [
         f"{name} bwd" for name in names] + ["mx.fast bwd"] + [
@@ -139,7 +149,8 @@ def main():
              + [f"{row[name][1]:.0f}" for name in names + ["mx.fast"]]
              + [f"{row['mx.fast'][2] / row[name][2]:.2f}x" for name in names]
              + [f"{row['mx.fast'][3] / row[name][3]:.2f}x" for name in names]
-             + [f"{row[name + ' host'][0]:.1f} / {row[name + ' host'][1]:.1f}" for name in names]
+             + [f"{row[name + ' host'][0]:.1f} ({row[name + ' host'][2]:.1f}) / "
+                f"{row[name + ' host'][1]:.1f} ({row[name + ' host'][3]:.1f})" for name in names]
              + [f"{row['difference']:.1e}"] for row in rows]
     text = record_text("MLX GPU benchmark: flashjit.mlx on MLX's GPU stream against mx.fast", "mlx_gpu.py", commit,
                        facts, header, table, align="rrrl" + "r" * (len(header) - 4))

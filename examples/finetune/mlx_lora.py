@@ -95,11 +95,11 @@ def main(argv=None) -> dict:
               f"attention: {'flashjit' if args.use_flash_attention else 'mlx-lm (mx.fast)'}, device {args.device}",
               flush=True)
         for step in range(args.steps):
-            mx.reset_peak_memory()
+            fm.reset_peak_memory()  # MLX's and flashjit's device memory's (FLASHJIT_MLX_MEMORY=device)
             start = time.perf_counter()
             loss = train_step(batches[step])
             seconds = time.perf_counter() - start
-            record_step(history, step + 1, loss, seconds, tokens_per_step, mx.get_peak_memory() / 2 ** 20)
+            record_step(history, step + 1, loss, seconds, tokens_per_step, fm.peak_memory() / 2 ** 20)
         profile = None
         if args.profile_attention:
             profile = fm.profile_step(lambda: train_step(batches[args.steps]))

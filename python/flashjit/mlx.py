@@ -42,7 +42,8 @@ except ImportError:  # built only where MLX was importable at build time
         "pip install --no-build-isolation --force-reinstall --no-deps .") from None
 
 __all__ = ["attention", "scaled_dot_product_attention", "MultiHeadAttention", "patch_mlx_lm", "unpatch_mlx_lm",
-           "mlx_lm_patched", "mlx_lm_attention", "profile_step", "varlen_attention", "attention_with_kvcache"]
+           "mlx_lm_patched", "mlx_lm_attention", "profile_step", "varlen_attention", "attention_with_kvcache",
+           "peak_memory", "reset_peak_memory"]
 
 
 def _check_bindings():
@@ -241,6 +242,20 @@ def profile_step(step, repeats: int = 5) -> dict:
                  f"({attention_ms / step_ms:.0%}; each call timed alone, forward and backward)")
     return dict(step_ms=step_ms, attention_ms=attention_ms, share=attention_ms / step_ms, rows=rows,
                 table="\n".join(lines))
+
+
+def peak_memory() -> int:
+    """Bytes: MLX's peak memory (mx.get_peak_memory()) plus the peak of flashjit's own device
+    memory that MLX arrays hold (FLASHJIT_MLX_MEMORY=device on MLX's GPU stream; otherwise 0),
+    since the last reset_peak_memory(). The two peaks need not fall together: the sum bounds the
+    process's peak from above."""
+    return mx.get_peak_memory() + _mlx.device_memory()["peak"]
+
+
+def reset_peak_memory() -> None:
+    """Starts both peaks of peak_memory() again (mx.reset_peak_memory() and flashjit's)."""
+    mx.reset_peak_memory()
+    _mlx.device_memory(reset_peak=True)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,

@@ -35,6 +35,8 @@
 // that eval_gpu calls is referenced weakly, so that the module still loads beside mlx-cpu's
 // libmlx (they are then null, cuda_available() is false and eval_gpu says what is missing).
 // The rest of the backend it uses is inline in the headers (gpu_ptr, add_temporary, stream).
+#include "cuda/driver.hpp"  // flashjit's device memory for the outputs (FLASHJIT_MLX_MEMORY=device)
+#include "mlx/backend/cuda/allocator.h"
 #include "mlx/backend/cuda/device.h"
 #include "mlx/backend/cuda/utils.h"
 namespace mlx::core::cu {
@@ -252,6 +254,40 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
 }
 #endif
 
+// Where eval_gpu's outputs and workspace live (FLASHJIT_MLX_MEMORY). `allocator` (unset): MLX's
+// allocator's memory (mx::allocator::malloc: managed memory; its cache is shared with MLX's own
+// device buffers, and a device buffer it hands back for such a request is first moved to managed
+// memory by a copy that waits for the device). `device`: flashjit's device memory
+// (allocate_array_memory), in buffers whose deleter gives it back; counted by device_memory().
+[[maybe_unused]] bool mlx_device_memory() {
+  const char* value = std::getenv("FLASHJIT_MLX_MEMORY");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "allocator") == 0) return false;
+  if (std::strcmp(value, "device") == 0) return true;
+  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_MEMORY: expected allocator or device, got '" + value +
+                              "'");
+}
+
+#if FLASHJIT_MLX_CUDA
+// An MLX buffer of flashjit's device memory on `device_index`, allocated in `stream`'s order. MLX
+// reads such a buffer as its own device buffers (cu::CudaBuffer, device >= 0); reading it on the
+// host (Buffer::raw_ptr) moves it to managed memory, which the deleter then frees as MLX would.
+mx::allocator::Buffer device_buffer(size_t bytes, cudaStream_t stream, int device_index) {
+  void* data = flashjit::cuda::allocate_array_memory(bytes, reinterpret_cast<flashjit::cuda::CUstream>(stream),
+                                                     device_index);
+  return mx::allocator::Buffer(new mx::cu::CudaBuffer{data, bytes, device_index});
+}
+void free_device_buffer(mx::allocator::Buffer buffer) {
+  auto* held = static_cast<mx::cu::CudaBuffer*>(buffer.ptr());
+  if (held == nullptr) return;
+  if (held->device >= 0) {
+    flashjit::cuda::release_array_memory(held->data, held->size, held->device);
+  } else {  // moved to managed memory by a host read: MLX's memory now (cudaMallocManaged)
+    flashjit::cuda::release_managed_array_memory(held->data, held->size);
+  }
+  delete held;
+}
+#endif
+
 // The workspace's shape: rows of 256 bytes (MLX's workspace alignment; one dim of bytes would
 // overflow int32 above 2 GiB).
 [[maybe_unused]] mx::Shape workspace_shape(size_t bytes) {
@@ -262,7 +298,7 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
 // The host time eval_gpu spends in enqueue_cuda (eval_gpu_host_time()): calls, their whole time
 // and the prepare pass's share, in nanoseconds, so that a benchmark can tell flashjit's own host
 // work a call from MLX's around it.
-std::atomic<int64_t> host_calls{0}, host_ns{0}, host_prepare_ns{0};
+std::atomic<int64_t> host_calls{0}, host_ns{0}, host_prepare_ns{0}, host_alloc_ns{0};
 struct HostTime {
   using Clock = std::chrono::steady_clock;
   Clock::time_point start = Clock::now();
@@ -291,8 +327,19 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
     throw std::runtime_error(std::string(kOp) + " this libmlx has no CUDA backend (pip install \"mlx[cuda13]\")");
   }
   const bool nodes = mlx_launch_nodes() && &flashjit_mlx_add_kernel_node != nullptr;  // a bad value: nothing done
-  for (mx::array& x : outputs) x.set_data(mx::allocator::malloc(x.nbytes()));
+  const bool device_memory = mlx_device_memory();
   auto& encoder = mx::cu::get_command_encoder(stream);
+  const auto take_memory = [&](mx::array& x) {
+    if (device_memory) {
+      x.set_data(mx::allocator::Data(device_buffer(x.nbytes(), encoder.stream(), stream.device.index),
+                                     free_device_buffer));
+    } else {
+      x.set_data(mx::allocator::malloc(x.nbytes()));
+    }
+  };
+  const auto alloc_start = HostTime::Clock::now();
+  for (mx::array& x : outputs) take_memory(x);
+  host_alloc_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - alloc_start).count();
   fj_attention_options cuda{};
   size_t bytes = 0;
   const auto prepare_start = HostTime::Clock::now();
@@ -300,7 +347,10 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   host_prepare_ns +=
       std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - prepare_start).count();
   mx::array workspace(workspace_shape(bytes), mx::uint8, nullptr, {});
-  workspace.set_data(mx::allocator::malloc(workspace.nbytes()));
+  const auto workspace_start = HostTime::Clock::now();
+  take_memory(workspace);
+  host_alloc_ns +=
+      std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - workspace_start).count();
   encoder.add_temporary(workspace);
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);
@@ -743,11 +793,31 @@ NB_MODULE(_mlx, m) {
         result["calls"] = host_calls.load();
         result["seconds"] = double(host_ns.load()) * 1e-9;
         result["prepare_seconds"] = double(host_prepare_ns.load()) * 1e-9;
+        result["alloc_seconds"] = double(host_alloc_ns.load()) * 1e-9;
         return result;
       },
       "Host time of the primitives' eval_gpu since the module loaded: calls, their whole time in seconds "
-      "(outputs and workspace allocated, the prepare pass, the kernels recorded into MLX's graph) and the "
-      "prepare pass's share; zeros where nothing ran on a GPU stream.");
+      "(outputs and workspace allocated, the prepare pass, the kernels recorded into MLX's graph), the "
+      "prepare pass's share and the allocations' share; zeros where nothing ran on a GPU stream.");
+  m.def(
+      "device_memory",
+      [](bool reset_peak) {
+        nb::dict result;
+#if FLASHJIT_MLX_CUDA
+        const flashjit::cuda::ArrayMemory now = flashjit::cuda::array_memory();
+        result["active"] = now.active;
+        result["peak"] = now.peak;
+        if (reset_peak) flashjit::cuda::reset_array_memory_peak();
+#else
+        (void)reset_peak;
+        result["active"] = size_t(0);
+        result["peak"] = size_t(0);
+#endif
+        return result;
+      },
+      nb::arg("reset_peak") = false,
+      "Bytes of flashjit's device memory held by MLX arrays (FLASHJIT_MLX_MEMORY=device): now (active) and at "
+      "most since the last reset (peak); reset_peak=True then starts the peak again from the active bytes.");
   m.def(
       "kernel_node_count",
       [] {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <numeric>
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -327,28 +328,43 @@ bool encode_tensor_map(TensorMap* map, const Operand& x, int64_t batch, int64_t 
 // forward's tile counter); what the pool keeps is the most that calls in flight together held, up to that
 // bound. Where the pool cannot be made, each use says why.
 constexpr uint64_t kPoolKeepBytes = uint64_t(64) << 20;
+// A pool of pinned device memory on the device that keeps up to `keep` bytes reserved.
+CUmemoryPool make_pool(int device_index, uint64_t keep) {
+  MemPoolProps props{};
+  props.allocation_type = 1;  // pinned device memory
+  props.location_type = 1;    // on a device
+  props.location_id = device_index;
+  CUmemoryPool created = nullptr;
+  check(driver().cuMemPoolCreate(&created, &props), "cuMemPoolCreate");
+  const CUresult status = driver().cuMemPoolSetAttribute(created, kMemPoolAttrReleaseThreshold, &keep);
+  if (status != 0) {
+    driver().cuMemPoolDestroy(created);  // best effort: the error reported is the attribute's
+    check(status, "cuMemPoolSetAttribute");
+  }
+  return created;
+}
 CUmemoryPool scratch_pool(int device_index) {
   static std::mutex mutex;
   static std::map<int, CUmemoryPool> pools;
   std::lock_guard<std::mutex> lock(mutex);
   CUmemoryPool& pool = pools[device_index];
-  if (pool == nullptr) {
-    MemPoolProps props{};
-    props.allocation_type = 1;  // pinned device memory
-    props.location_type = 1;    // on a device
-    props.location_id = device_index;
-    CUmemoryPool created = nullptr;
-    check(driver().cuMemPoolCreate(&created, &props), "cuMemPoolCreate");
-    uint64_t keep = kPoolKeepBytes;
-    const CUresult status = driver().cuMemPoolSetAttribute(created, kMemPoolAttrReleaseThreshold, &keep);
-    if (status != 0) {
-      driver().cuMemPoolDestroy(created);  // best effort: the error reported is the attribute's
-      check(status, "cuMemPoolSetAttribute");
-    }
-    pool = created;
-  }
+  if (pool == nullptr) pool = make_pool(device_index, kPoolKeepBytes);
   return pool;
 }
+
+// allocate_array_memory's pool on a device: it keeps all it has reserved (as a framework's
+// caching allocator keeps its blocks), so that a training step's arrays, hundreds of MiB, are not
+// reserved again after each synchronisation.
+CUmemoryPool array_pool(int device_index) {
+  static std::mutex mutex;
+  static std::map<int, CUmemoryPool> pools;
+  std::lock_guard<std::mutex> lock(mutex);
+  CUmemoryPool& pool = pools[device_index];
+  if (pool == nullptr) pool = make_pool(device_index, std::numeric_limits<uint64_t>::max());
+  return pool;
+}
+std::atomic<size_t> array_bytes_active{0}, array_bytes_peak{0};
+
 
 // The driver's id of `stream` (unique in the process, never reused, unlike handles); false where
 // a stream cannot have state of its own: a per-thread default stream (one handle, many streams)
@@ -1507,6 +1523,42 @@ size_t prepare_call(const AttentionProblem& problem, bool backward) {
 }
 
 }  // namespace
+
+void* allocate_array_memory(size_t bytes, CUstream stream, int device_index) {
+  activate_device(device_index);
+  CUdeviceptr pointer = 0;
+  check(driver().cuMemAllocFromPoolAsync(&pointer, std::max<size_t>(bytes, 1), array_pool(device_index), stream),
+        "cuMemAllocFromPoolAsync");
+  const size_t active = array_bytes_active += bytes;
+  size_t peak = array_bytes_peak.load();
+  while (active > peak && !array_bytes_peak.compare_exchange_weak(peak, active)) {
+  }
+  return reinterpret_cast<void*>(pointer);
+}
+
+void release_array_memory(void* pointer, size_t bytes, int device_index) noexcept {
+  if (pointer == nullptr) return;
+  array_bytes_active -= bytes;
+  try {
+    activate_device(device_index);
+    constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD
+    driver().cuMemFreeAsync(reinterpret_cast<CUdeviceptr>(pointer), reinterpret_cast<CUstream>(kPerThreadStream));
+  } catch (...) {  // no driver or context left (process exit): the memory stays reserved
+  }
+}
+
+void release_managed_array_memory(void* pointer, size_t bytes) noexcept {
+  array_bytes_active -= bytes;
+  if (pointer == nullptr) return;
+  try {
+    if (driver().cuMemFree != nullptr) driver().cuMemFree(reinterpret_cast<CUdeviceptr>(pointer));
+  } catch (...) {  // no driver left (process exit)
+  }
+}
+
+ArrayMemory array_memory() { return ArrayMemory{array_bytes_active.load(), array_bytes_peak.load()}; }
+void reset_array_memory_peak() { array_bytes_peak = array_bytes_active.load(); }
+
 }  // namespace flashjit::cuda
 
 const flashjit::Backend& flashjit_backend_cuda() {

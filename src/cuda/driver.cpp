@@ -55,6 +55,7 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuMemsetD32Async);
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);
       table.cuMemAlloc = reinterpret_cast<decltype(table.cuMemAlloc)>(dlsym(library, "cuMemAlloc_v2"));
+      table.cuMemFree = reinterpret_cast<decltype(table.cuMemFree)>(dlsym(library, "cuMemFree_v2"));
       table.cuStreamGetId = reinterpret_cast<decltype(table.cuStreamGetId)>(dlsym(library, "cuStreamGetId"));
       table.cuMemcpyHtoDAsync =
           reinterpret_cast<decltype(table.cuMemcpyHtoDAsync)>(dlsym(library, "cuMemcpyHtoDAsync_v2"));

@@ -99,6 +99,7 @@ struct Driver {
   // long as the process, a stream's id, unique within the process (CUDA 12.0), and
   // the copies of a variable-length batch's table and offsets.
   CUresult (*cuMemAlloc)(CUdeviceptr*, size_t);
+  CUresult (*cuMemFree)(CUdeviceptr);
   CUresult (*cuStreamGetId)(CUstream, unsigned long long*);
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
   CUresult (*cuMemcpyDtoHAsync)(void*, CUdeviceptr, size_t, CUstream);
@@ -140,6 +141,24 @@ void check(CUresult status, const char* call);
 // The device's context (the primary context, shared with PyTorch and the
 // runtime API), made current on this thread.
 CUcontext activate_device(int device_index);
+
+// Device memory for another framework's arrays (flashjit.mlx's outputs and workspace on MLX's
+// GPU stream): from a pool of flashjit's on the device that keeps what it has reserved, the
+// allocation ordered on `stream` (the stream's later work may use it). Throws like any driver
+// call (FJ_ERROR_OUT_OF_MEMORY when the device has none left).
+void* allocate_array_memory(size_t bytes, CUstream stream, int device_index);
+// Frees such memory once nothing uses it any more (ordered on the calling thread's per-thread
+// stream); never throws (a failure leaves the memory reserved).
+void release_array_memory(void* pointer, size_t bytes, int device_index) noexcept;
+// The same for an array whose memory the framework moved to managed memory of its own
+// (cudaMallocManaged) after flashjit allocated it: frees that (cuMemFree), never throws.
+void release_managed_array_memory(void* pointer, size_t bytes) noexcept;
+// The bytes such memory holds now and at most since the last reset (of every device).
+struct ArrayMemory {
+  size_t active = 0, peak = 0;
+};
+ArrayMemory array_memory();
+void reset_array_memory_peak();
 
 struct DeviceInfo {
   int arch;  // 90 for sm_90

@@ -284,6 +284,62 @@ def test_gpu_kernel_nodes_give_the_captures_results(monkeypatch):
         mx.eval(flashjit.mlx.attention(q, k, v, stream=mx.gpu))
 
 
+@pytest.mark.skipif(not flashjit._mlx.cuda_available(), reason="MLX on CUDA (mlx-cuda) and flashjit's eval_gpu")
+def test_gpu_device_memory_gives_the_allocators_results(monkeypatch):
+    """FLASHJIT_MLX_MEMORY=device: the outputs and workspace in flashjit's device memory give the
+    bits of MLX's allocator's memory, with both launches; the memory is counted while arrays hold
+    it and given back when they go; an output read on the host (moved to managed memory by MLX)
+    keeps its values and is freed too; a bad value is an error naming the variable."""
+    q_shape, kv_shape = (1, 4, 200, 64), (1, 2, 300, 64)
+    q = mx.random.normal(q_shape).astype(mx.bfloat16)
+    k, v = (mx.random.normal(kv_shape).astype(mx.bfloat16) for _ in range(2))
+    results = {}
+    for launch in ("capture", "nodes"):
+        monkeypatch.setenv("FLASHJIT_MLX_LAUNCH", launch)
+        for memory in ("allocator", "device"):
+            monkeypatch.setenv("FLASHJIT_MLX_MEMORY", memory)
+            before = flashjit._mlx.device_memory(reset_peak=True)
+            results[launch, memory] = _step(mx.gpu, q, k, v, causal=True)
+            held = flashjit._mlx.device_memory()
+            outputs = sum(x.nbytes for x in results[launch, memory])  # o, lse, dq, dk, dv
+            if memory == "device":
+                assert held["active"] - before["active"] >= outputs
+                assert held["peak"] >= held["active"]
+            else:
+                assert held["active"] == before["active"]
+    for key, result in results.items():
+        for a, b in zip(results["capture", "allocator"], result):
+            assert mx.array_equal(a, b), key
+    # float16, which numpy reads: the output's own buffer read on the host (MLX moves it to
+    # managed memory first) against the same call in MLX's allocator's memory.
+    q16, k16, v16 = (x.astype(mx.float16) for x in (q, k, v))
+    read = {}
+    for memory in ("allocator", "device"):
+        monkeypatch.setenv("FLASHJIT_MLX_MEMORY", memory)
+        o = flashjit.mlx.attention(q16, k16, v16, causal=True, stream=mx.gpu)
+        mx.eval(o)
+        read[memory] = np.array(o)
+        del o
+    assert np.array_equal(read["allocator"], read["device"])
+    assert np.isfinite(read["device"]).all() and np.abs(read["device"]).max() > 0
+    del results
+    mx.synchronize()
+    assert flashjit._mlx.device_memory()["active"] == 0
+    monkeypatch.setenv("FLASHJIT_MLX_MEMORY", "pinned")
+    with pytest.raises(ValueError, match="FLASHJIT_MLX_MEMORY: expected allocator or device"):
+        mx.eval(flashjit.mlx.attention(q, k, v, stream=mx.gpu))
+
+
+def test_peak_memory_adds_flashjits_own():
+    """flashjit.mlx.peak_memory(): MLX's peak plus flashjit's device memory's (none on the CPU
+    stream); reset_peak_memory() starts both again."""
+    flashjit.mlx.reset_peak_memory()
+    q = mx.random.normal((1, 2, 64, 32))
+    mx.eval(flashjit.mlx.attention(q, q, q, stream=mx.cpu))
+    assert flashjit.mlx.peak_memory() >= mx.get_peak_memory() > 0
+    assert flashjit._mlx.device_memory()["peak"] >= 0
+
+
 @pytest.mark.parametrize("place", PLACES)
 def test_compiled_calls_keep_their_own_memory(place):
     """Two calls of one shape in a compiled function beside the program's own zeros of the same
