@@ -208,18 +208,22 @@ void enqueue(const mx::Stream& stream, const std::vector<mx::array>& inputs, std
   encoder.dispatch([inputs, outputs, call]() mutable { check(call(inputs, outputs)); });
 }
 
+// An environment variable of two values: false for `off` (also unset or empty), true for `on`;
+// another value raises ValueError naming the variable.
+[[maybe_unused]] bool environment_switch(const char* name, const char* off, const char* on) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0' || std::strcmp(value, off) == 0) return false;
+  if (std::strcmp(value, on) == 0) return true;
+  throw std::invalid_argument(std::string(kOp) + " " + name + ": expected " + off + " or " + on + ", got '" + value +
+                              "'");
+}
+
 // How eval_gpu records flashjit's kernels into MLX's command encoder: by stream capture (unset or
 // `capture`: the kernels launched on the encoder's stream while it captures, the captured graph
 // added as a child node), or (`nodes`) each kernel added as a kernel node of the encoder's graph
 // through fj_attention_options.launch, without a capture (where libmlx exports the encoder's
 // add_kernel_node_raw; else by capture).
-[[maybe_unused]] bool mlx_launch_nodes() {
-  const char* value = std::getenv("FLASHJIT_MLX_LAUNCH");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "capture") == 0) return false;
-  if (std::strcmp(value, "nodes") == 0) return true;
-  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_LAUNCH: expected capture or nodes, got '" + value +
-                              "'");
-}
+[[maybe_unused]] bool mlx_launch_nodes() { return environment_switch("FLASHJIT_MLX_LAUNCH", "capture", "nodes"); }
 
 #if FLASHJIT_MLX_CUDA
 // fj_attention_options.launch for FLASHJIT_MLX_LAUNCH=nodes: each kernel a node of the encoder's
@@ -259,13 +263,7 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
 // device buffers, and a device buffer it hands back for such a request is first moved to managed
 // memory by a copy that waits for the device). `device`: flashjit's device memory
 // (allocate_array_memory), in buffers whose deleter gives it back; counted by device_memory().
-[[maybe_unused]] bool mlx_device_memory() {
-  const char* value = std::getenv("FLASHJIT_MLX_MEMORY");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "allocator") == 0) return false;
-  if (std::strcmp(value, "device") == 0) return true;
-  throw std::invalid_argument(std::string(kOp) + " FLASHJIT_MLX_MEMORY: expected allocator or device, got '" + value +
-                              "'");
-}
+[[maybe_unused]] bool mlx_device_memory() { return environment_switch("FLASHJIT_MLX_MEMORY", "allocator", "device"); }
 
 #if FLASHJIT_MLX_CUDA
 // An MLX buffer of flashjit's device memory on `device_index`, allocated in `stream`'s order. MLX
