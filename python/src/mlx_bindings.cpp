@@ -266,23 +266,27 @@ int add_kernel_node(void* data, void* function, const unsigned grid[3], const un
 [[maybe_unused]] bool mlx_device_memory() { return environment_switch("FLASHJIT_MLX_MEMORY", "allocator", "device"); }
 
 #if FLASHJIT_MLX_CUDA
-// An MLX buffer of flashjit's device memory on `device_index`, allocated in `stream`'s order. MLX
-// reads such a buffer as its own device buffers (cu::CudaBuffer, device >= 0); reading it on the
-// host (Buffer::raw_ptr) moves it to managed memory, which the deleter then frees as MLX would.
-mx::allocator::Buffer device_buffer(size_t bytes, cudaStream_t stream, int device_index) {
+// MLX data of flashjit's device memory on `device_index`, allocated in `stream`'s order. MLX reads
+// such a buffer as its own device buffers (cu::CudaBuffer, device >= 0); reading it on the host
+// (Buffer::raw_ptr) moves it to MLX's managed (or pinned host) memory, which the deleter then
+// frees as MLX would. No bytes: no memory (device -1, as MLX's own empty buffers).
+mx::allocator::Data device_data(size_t bytes, cudaStream_t stream, int device_index) {
+  if (bytes == 0) {
+    return mx::allocator::Data(mx::allocator::Buffer(new mx::cu::CudaBuffer{nullptr, 0, -1}),
+                               [](mx::allocator::Buffer buffer) { delete static_cast<mx::cu::CudaBuffer*>(buffer.ptr()); });
+  }
   void* data = flashjit::cuda::allocate_array_memory(bytes, reinterpret_cast<flashjit::cuda::CUstream>(stream),
                                                      device_index);
-  return mx::allocator::Buffer(new mx::cu::CudaBuffer{data, bytes, device_index});
-}
-void free_device_buffer(mx::allocator::Buffer buffer) {
-  auto* held = static_cast<mx::cu::CudaBuffer*>(buffer.ptr());
-  if (held == nullptr) return;
-  if (held->device >= 0) {
-    flashjit::cuda::release_array_memory(held->data, held->size, held->device);
-  } else {  // moved to managed memory by a host read: MLX's memory now (cudaMallocManaged)
-    flashjit::cuda::release_managed_array_memory(held->data, held->size);
-  }
-  delete held;
+  return mx::allocator::Data(mx::allocator::Buffer(new mx::cu::CudaBuffer{data, bytes, device_index}),
+                             [device_index](mx::allocator::Buffer buffer) {
+                               auto* held = static_cast<mx::cu::CudaBuffer*>(buffer.ptr());
+                               if (held->device >= 0) {
+                                 flashjit::cuda::release_array_memory(held->data, held->size, held->device);
+                               } else {  // moved by a host read: MLX's memory now
+                                 flashjit::cuda::release_moved_array_memory(held->data, held->size, device_index);
+                               }
+                               delete held;
+                             });
 }
 #endif
 
@@ -329,14 +333,19 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   auto& encoder = mx::cu::get_command_encoder(stream);
   const auto take_memory = [&](mx::array& x) {
     if (device_memory) {
-      x.set_data(mx::allocator::Data(device_buffer(x.nbytes(), encoder.stream(), stream.device.index),
-                                     free_device_buffer));
+      x.set_data(device_data(x.nbytes(), encoder.stream(), stream.device.index));
     } else {
       x.set_data(mx::allocator::malloc(x.nbytes()));
     }
   };
   const auto alloc_start = HostTime::Clock::now();
-  for (mx::array& x : outputs) take_memory(x);
+  for (mx::array& x : outputs) {
+    take_memory(x);
+    // Held by the encoder until the work is done (MLX keeps a node's inputs so, not its outputs):
+    // an output dropped early would otherwise give flashjit's memory back, in no stream's order,
+    // while the kernels still write it.
+    if (device_memory) encoder.add_temporary(x);
+  }
   host_alloc_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - alloc_start).count();
   fj_attention_options cuda{};
   size_t bytes = 0;

@@ -352,15 +352,17 @@ CUmemoryPool scratch_pool(int device_index) {
   return pool;
 }
 
-// allocate_array_memory's pool on a device: it keeps all it has reserved (as a framework's
-// caching allocator keeps its blocks), so that a training step's arrays, hundreds of MiB, are not
-// reserved again after each synchronisation.
+// allocate_array_memory's pool on a device: it keeps up to kArrayPoolKeepBytes reserved (as a
+// framework's caching allocator keeps its blocks), so that a training step's arrays, hundreds of
+// MiB, are not reserved again after each synchronisation; beyond that, what is free goes back at
+// synchronisations, and all that is free when an allocation finds the device full.
+constexpr uint64_t kArrayPoolKeepBytes = uint64_t(2) << 30;
 CUmemoryPool array_pool(int device_index) {
   static std::mutex mutex;
   static std::map<int, CUmemoryPool> pools;
   std::lock_guard<std::mutex> lock(mutex);
   CUmemoryPool& pool = pools[device_index];
-  if (pool == nullptr) pool = make_pool(device_index, std::numeric_limits<uint64_t>::max());
+  if (pool == nullptr) pool = make_pool(device_index, kArrayPoolKeepBytes);
   return pool;
 }
 std::atomic<size_t> array_bytes_active{0}, array_bytes_peak{0};
@@ -1210,38 +1212,44 @@ struct DkDvParts {
   }
 };
 
-// The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
-// = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
-// reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
 // FLASHJIT_CUDA_BACKWARD_OVERLAP unset (auto): the sm_90a split backward's dQ and dK/dV kernels
 // built to overlap where the dQ grid is at most kOverlapDqWaves blocks an SM, so that the dK/dV
 // blocks take the SMs the dQ kernel's last waves leave idle. Measured on an H100 (bf16, head dim
 // 64, causal, N 2048, batch 1): +9.5% at 14/2 heads (1.7 waves), +5% at 32/4 (3.9 waves); at 15
 // waves and more -4% to +3%, no gain (bench/results/h100-attention-2026-12-07-6fc1a48-overlap-gqa.md,
 // h100-attention-2026-12-07-7fed972-overlap.md).
+// Not where no launch is programmatic (FLASHJIT_CUDA_OVERLAP=0), nor for an empty dQ grid (not
+// launched: the dK/dV kernel then launches plainly). (Stream capture under
+// FLASHJIT_CUDA_OVERLAP=eager and a caller's launcher launch the pair plainly, which is correct;
+// they still take it, so that a call builds what its planning pass built.)
 constexpr int64_t kOverlapDqWaves = 4;
-void overlap_small_grids(std::vector<KernelSpec>& specs, const AttentionProblem& p, int multiprocessors) {
+void overlap_small_grids(std::vector<KernelSpec>& specs, const AttentionProblem& p, const Launch& launch) {
   if (settings::backward_overlap() >= 0) return;  // forced on or off: backward_kernels set it
+  if (settings::overlap_launches() == 0) return;
+  const int multiprocessors = device_info(launch.device_index).multiprocessors;
   for (size_t index = 1; index < specs.size(); ++index) {
     if (specs[index - 1].entry != KernelEntry::kBackwardDq || specs[index].entry != KernelEntry::kBackwardDkDv) continue;
     KernelSpec dq = specs[index - 1], dkdv = specs[index];
     dq.backward_overlap = dkdv.backward_overlap = true;
     if (!dq.overlaps_launch() || !dkdv.overlaps_launch()) return;
     const int64_t blocks = ceil_div(p.seqlen_q, dq.block_rows()) * p.batch * p.heads_q;
-    if (blocks > kOverlapDqWaves * multiprocessors) return;
+    if (blocks == 0 || blocks > kOverlapDqWaves * multiprocessors) return;
     specs[index - 1] = dq;
     specs[index] = dkdv;
     return;
   }
 }
 
+// The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
+// = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
+// reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
 // scratch rows padded to whole dQ query blocks, then the dQ and the dK/dV kernels
 // read them. Same stream, in order: each kernel's scratch is written by the one before.
 void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
   std::vector<KernelSpec> specs = backward_specs(p, launch, params);
-  overlap_small_grids(specs, p, device_info(launch.device_index).multiprocessors);
+  overlap_small_grids(specs, p, launch);
   const bool hopper = specs.front().family == KernelFamily::kHopper;
   // sm_90a: scratch rows padded to whole blocks of 128 rows (every sm_90a backward kernel's block
   // rows; the one-pass dK/dV kernel's query tiles divide them).
@@ -1526,9 +1534,15 @@ size_t prepare_call(const AttentionProblem& problem, bool backward) {
 
 void* allocate_array_memory(size_t bytes, CUstream stream, int device_index) {
   activate_device(device_index);
+  const Driver& d = driver();
+  const CUmemoryPool pool = array_pool(device_index);
   CUdeviceptr pointer = 0;
-  check(driver().cuMemAllocFromPoolAsync(&pointer, std::max<size_t>(bytes, 1), array_pool(device_index), stream),
-        "cuMemAllocFromPoolAsync");
+  CUresult status = d.cuMemAllocFromPoolAsync(&pointer, std::max<size_t>(bytes, 1), pool, stream);
+  if (status == 2 && d.cuMemPoolTrimTo != nullptr) {  // out of memory: give back what the pool keeps free, once
+    d.cuMemPoolTrimTo(pool, 0);
+    status = d.cuMemAllocFromPoolAsync(&pointer, std::max<size_t>(bytes, 1), pool, stream);
+  }
+  check(status, "cuMemAllocFromPoolAsync");
   const size_t active = array_bytes_active += bytes;
   size_t peak = array_bytes_peak.load();
   while (active > peak && !array_bytes_peak.compare_exchange_weak(peak, active)) {
@@ -1547,12 +1561,23 @@ void release_array_memory(void* pointer, size_t bytes, int device_index) noexcep
   }
 }
 
-void release_managed_array_memory(void* pointer, size_t bytes) noexcept {
+void release_moved_array_memory(void* pointer, size_t bytes, int device_index) noexcept {
   array_bytes_active -= bytes;
   if (pointer == nullptr) return;
   try {
-    if (driver().cuMemFree != nullptr) driver().cuMemFree(reinterpret_cast<CUdeviceptr>(pointer));
-  } catch (...) {  // no driver left (process exit)
+    activate_device(device_index);
+    const Driver& d = driver();
+    constexpr int kPointerAttributeIsManaged = 8;  // CU_POINTER_ATTRIBUTE_IS_MANAGED
+    unsigned managed = 1;
+    if (d.cuPointerGetAttribute != nullptr) {
+      d.cuPointerGetAttribute(&managed, kPointerAttributeIsManaged, reinterpret_cast<CUdeviceptr>(pointer));
+    }
+    if (managed != 0 && d.cuMemFree != nullptr) {
+      d.cuMemFree(reinterpret_cast<CUdeviceptr>(pointer));
+    } else if (managed == 0 && d.cuMemFreeHost != nullptr) {
+      d.cuMemFreeHost(pointer);
+    }
+  } catch (...) {  // no driver or context left (process exit)
   }
 }
 

@@ -56,6 +56,10 @@ struct LoadedDriver {
       FJ_RESOLVE(library, "libcuda", table, cuGetErrorString);
       table.cuMemAlloc = reinterpret_cast<decltype(table.cuMemAlloc)>(dlsym(library, "cuMemAlloc_v2"));
       table.cuMemFree = reinterpret_cast<decltype(table.cuMemFree)>(dlsym(library, "cuMemFree_v2"));
+      table.cuMemFreeHost = reinterpret_cast<decltype(table.cuMemFreeHost)>(dlsym(library, "cuMemFreeHost"));
+      table.cuPointerGetAttribute =
+          reinterpret_cast<decltype(table.cuPointerGetAttribute)>(dlsym(library, "cuPointerGetAttribute"));
+      table.cuMemPoolTrimTo = reinterpret_cast<decltype(table.cuMemPoolTrimTo)>(dlsym(library, "cuMemPoolTrimTo"));
       table.cuStreamGetId = reinterpret_cast<decltype(table.cuStreamGetId)>(dlsym(library, "cuStreamGetId"));
       table.cuMemcpyHtoDAsync =
           reinterpret_cast<decltype(table.cuMemcpyHtoDAsync)>(dlsym(library, "cuMemcpyHtoDAsync_v2"));

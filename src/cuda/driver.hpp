@@ -100,6 +100,9 @@ struct Driver {
   // the copies of a variable-length batch's table and offsets.
   CUresult (*cuMemAlloc)(CUdeviceptr*, size_t);
   CUresult (*cuMemFree)(CUdeviceptr);
+  CUresult (*cuMemFreeHost)(void*);
+  CUresult (*cuPointerGetAttribute)(void*, int, CUdeviceptr);
+  CUresult (*cuMemPoolTrimTo)(CUmemoryPool, size_t);
   CUresult (*cuStreamGetId)(CUstream, unsigned long long*);
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
   CUresult (*cuMemcpyDtoHAsync)(void*, CUdeviceptr, size_t, CUstream);
@@ -150,9 +153,10 @@ void* allocate_array_memory(size_t bytes, CUstream stream, int device_index);
 // Frees such memory once nothing uses it any more (ordered on the calling thread's per-thread
 // stream); never throws (a failure leaves the memory reserved).
 void release_array_memory(void* pointer, size_t bytes, int device_index) noexcept;
-// The same for an array whose memory the framework moved to managed memory of its own
-// (cudaMallocManaged) after flashjit allocated it: frees that (cuMemFree), never throws.
-void release_managed_array_memory(void* pointer, size_t bytes) noexcept;
+// The same for an array whose memory the framework moved to memory of its own after flashjit
+// allocated it (managed memory, or pinned host memory where the device has no managed memory):
+// frees that (cuMemFree or cuMemFreeHost), never throws.
+void release_moved_array_memory(void* pointer, size_t bytes, int device_index) noexcept;
 // The bytes such memory holds now and at most since the last reset (of every device).
 struct ArrayMemory {
   size_t active = 0, peak = 0;

@@ -610,6 +610,19 @@ TEST_F(CudaHostPath, BackwardOverlapLaunchesTheDkDvKernelProgrammatically) {
     EXPECT_EQ(chosen.params, plain.params);
   }
   {
+    // No queries: the prep and dQ grids are empty (not launched) and the dK/dV kernel, which
+    // zeroes dK and dV, is launched plainly (after nothing of this call's).
+    DeviceBuffers no_queries(2, 8, 8, 0, 512, 128, FJ_BFLOAT16);
+    unsetenv("FLASHJIT_CUDA_BACKWARD_OVERLAP");
+    const NullDriver::Counts before = null_driver().now();
+    EXPECT_EQ(no_queries.backward(options), FJ_SUCCESS) << fj_last_error();
+    const unsigned launched = unsigned(null_driver().now().launches - before.launches);
+    ASSERT_EQ(launched, 1u);
+    const NullLaunch dkdv = null_driver().last(1)[0];
+    EXPECT_EQ(dkdv.programmatic, 0u);
+    EXPECT_EQ(std::string(dkdv.function), "fj_attention_backward_dkdv");
+  }
+  {
     DeviceBuffers many(8, 16, 16, 1024, 1024, 64, FJ_BFLOAT16);
     const auto launches = [&](const char* setting) {
       setenv("FLASHJIT_CUDA_BACKWARD_OVERLAP", setting, 1);
