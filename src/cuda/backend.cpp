@@ -1455,6 +1455,108 @@ AttentionProblem with_kv_cache_on_host(const AttentionProblem& p, const Launch& 
 // each made as a call under capture would make it, its kernels compiled and loaded, nothing
 // enqueued. Returns the largest scratch of the parts, which run one after another and can
 // share one workspace.
+// Whether two dense problems are the same call for a plan: every field of AttentionProblem
+// (compared one by one: the struct has padding). A new field changes the struct's size, and the
+// assertion then asks for it here.
+bool same_operand(const Operand& a, const Operand& b) {
+  return a.data == b.data && a.stride_batch == b.stride_batch && a.stride_head == b.stride_head &&
+         a.stride_seq == b.stride_seq;
+}
+static_assert(sizeof(AttentionProblem) == 656 && sizeof(Operand) == 32,
+              "AttentionProblem changed: compare the new field in same_problem");
+bool same_problem(const AttentionProblem& a, const AttentionProblem& b) {
+  const Operand AttentionProblem::*operands[] = {&AttentionProblem::q,  &AttentionProblem::k,    &AttentionProblem::v,
+                                                 &AttentionProblem::o,  &AttentionProblem::dout, &AttentionProblem::dq,
+                                                 &AttentionProblem::dk, &AttentionProblem::dv};
+  for (const auto operand : operands) {
+    if (!same_operand(a.*operand, b.*operand)) return false;
+  }
+  return a.batch == b.batch && a.heads_q == b.heads_q && a.heads_kv == b.heads_kv && a.seqlen_q == b.seqlen_q &&
+         a.seqlen_k == b.seqlen_k && a.head_dim_qk == b.head_dim_qk && a.head_dim_v == b.head_dim_v &&
+         a.dtype == b.dtype && a.lse_dtype == b.lse_dtype && a.device_type == b.device_type &&
+         a.device_index == b.device_index && a.lse == b.lse && a.lse_stride_batch == b.lse_stride_batch &&
+         a.lse_stride_head == b.lse_stride_head && a.lse_stride_seq == b.lse_stride_seq &&
+         a.mask_kind == b.mask_kind && a.mask_dtype == b.mask_dtype && a.mask == b.mask &&
+         std::equal(std::begin(a.mask_stride), std::end(a.mask_stride), std::begin(b.mask_stride)) &&
+         a.scale == b.scale && a.softcap == b.softcap && a.causal == b.causal && a.window_left == b.window_left &&
+         a.window_right == b.window_right && a.diagonal_shift == b.diagonal_shift && a.dropout_p == b.dropout_p &&
+         a.dropout_threshold == b.dropout_threshold && a.dropout_seed == b.dropout_seed &&
+         a.dropout_offset == b.dropout_offset && a.dropout_seed_words == b.dropout_seed_words &&
+         a.num_threads == b.num_threads && a.stream == b.stream && a.workspace == b.workspace &&
+         a.workspace_bytes == b.workspace_bytes && a.nondeterministic == b.nondeterministic &&
+         a.launch == b.launch && a.launch_data == b.launch_data && a.cu_seqlens_q == b.cu_seqlens_q &&
+         a.cu_seqlens_k == b.cu_seqlens_k && a.offsets_on_device == b.offsets_on_device &&
+         a.total_q == b.total_q && a.total_k == b.total_k && a.seqused_k == b.seqused_k &&
+         a.page_table == b.page_table && a.page_table_stride == b.page_table_stride &&
+         a.page_table_width == b.page_table_width && a.page_size == b.page_size && a.num_pages == b.num_pages &&
+         a.kv_on_device == b.kv_on_device && a.dropout_batch == b.dropout_batch;
+}
+
+// A thread's last dense forward kept whole (its launch and its plan), so that the same call again
+// only launches (issue: a repeated call's host time): the same problem (same_problem: pointers,
+// sizes, strides, options, stream), the same stream by its driver id (a destroyed stream's handle
+// can come back for another), the same capture status, environment, loaded kernels and tuning.
+// Kept only where the plan holds no scratch of its own (a stream's tile counter is the stream's),
+// the problem is one dense part (no host arrays read at planning) and no caller's launcher.
+// FLASHJIT_CUDA_PLAN_CACHE=0 turns it off (read once a process).
+struct KeptForward {
+  bool valid = false;
+  AttentionProblem problem;
+  bool stream_has_id = false;
+  unsigned long long stream_id = 0;
+  bool capturing = false;
+  uint64_t environment = 0, kernels = 0, tuning = 0;
+  Launch launch;
+  Plan plan;  // kernels and count alone (no scratch): launched in place, nothing copied
+};
+KeptForward& kept_forward() {
+  thread_local KeptForward kept;
+  return kept;
+}
+bool keeps_forward(const AttentionProblem& p) {
+  return settings::plan_cache() && !p.varlen() && p.launch == nullptr && p.seqused_k == nullptr &&
+         p.page_table == nullptr && !p.offsets_on_device && !p.kv_on_device;
+}
+// The kept plan's key parts that are not the problem's: the stream's id, whether it captures.
+bool stream_state(const AttentionProblem& p, bool* has_id, unsigned long long* id, bool* capturing) {
+  activate_device(p.device_index);
+  const CUstream stream = static_cast<CUstream>(p.stream);
+  *has_id = stream_id_of(stream, id);
+  int status = kStreamCaptureStatusNone;
+  if (driver().cuStreamIsCapturing(stream, &status) != 0) return false;
+  *capturing = status != kStreamCaptureStatusNone;
+  return true;
+}
+// Launches the kept plan where it is this call's; false (nothing done) elsewhere.
+bool forward_from_kept_plan(const AttentionProblem& p) {
+  KeptForward& kept = kept_forward();
+  if (!kept.valid || !keeps_forward(p) || !same_problem(kept.problem, p)) return false;
+  bool has_id = false, capturing = false;
+  unsigned long long id = 0;
+  if (!stream_state(p, &has_id, &id, &capturing)) return false;
+  if (has_id != kept.stream_has_id || id != kept.stream_id || capturing != kept.capturing ||
+      settings::environment_version() != kept.environment || memory_cache_generation() != kept.kernels ||
+      tuning_generation() != kept.tuning) {
+    return false;
+  }
+  enqueue(kept.plan, kept.launch);
+  return true;
+}
+void keep_forward(const AttentionProblem& p, const Launch& launch, const Plan& plan) {
+  KeptForward& kept = kept_forward();
+  kept.valid = false;
+  if (plan.scratch || plan.table || plan.count == 0) return;
+  if (!stream_state(p, &kept.stream_has_id, &kept.stream_id, &kept.capturing)) return;
+  kept.problem = p;
+  kept.environment = settings::environment_version();
+  kept.kernels = memory_cache_generation();
+  kept.tuning = tuning_generation();
+  kept.launch = launch;
+  for (size_t index = 0; index < plan.count; ++index) kept.plan.kernels[index] = plan.kernels[index];
+  kept.plan.count = plan.count;
+  kept.valid = true;
+}
+
 size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
   if (problem.launch != nullptr && !planning) {
     // The caller records the kernels: the call's work must be its kernels alone (no pool
@@ -1500,7 +1602,11 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
       return run_parts(with_offsets_on_host(problem, launch, offsets), backward, planning);
     }
   }
+  const bool keep = !backward && !planning && keeps_forward(problem);
+  if (keep) kept_forward().valid = false;
+  int parts = 0;
   for (const AttentionProblem& part : DenseParts(problem)) {
+    ++parts;
     if (backward ? part.seqlen_q == 0 && part.seqlen_k == 0 : part.seqlen_q == 0) continue;
     const AttentionProblem p = backward ? part : with_query_groups_packed(part);
     Launch launch = prepare(p);
@@ -1512,6 +1618,9 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
       plan_forward(plan, p, launch);
     }
     if (!planning) enqueue(plan, launch);
+    // The whole call's one part: kept for the same call again (keyed by the caller's problem).
+    if (keep && parts == 1 && same_problem(part, problem)) keep_forward(problem, launch, plan);
+    if (keep && parts > 1) kept_forward().valid = false;
     needed = std::max(needed, plan.scratch_bytes);
   }
   return needed;
@@ -1519,6 +1628,7 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
 
 void forward(const AttentionProblem& problem) {
   const settings::EnvironmentScope scope;
+  if (forward_from_kept_plan(problem)) return;
   run_parts(problem, false, false);
 }
 void backward(const AttentionProblem& problem) {

@@ -339,6 +339,36 @@ TEST_F(CudaHostPath, RepeatedCallsLaunchTheSameParameters) {
   }
 }
 
+// A thread's last dense forward is kept whole and launched again for the same call with the same
+// function and parameters; not after the loaded kernels are cleared (their functions are
+// unloaded: the null driver hands out a new one a load), nor across a change of the stream's
+// capture status (under capture the forward runs a block a work tile, no stream tile counter).
+TEST_F(CudaHostPath, KeptForwardPlanFollowsItsKey) {
+  REQUIRE_NULL_DRIVER();
+  unsetenv("FLASHJIT_CUDA_TILES");
+  DeviceBuffers buffers(2, 32, 8, 512, 512, 64, FJ_BFLOAT16);  // 64 heads of 3 or 4 query blocks
+  const fj_attention_options options = fj_attention_options_default();
+  const auto forward = [&] {
+    EXPECT_EQ(buffers.forward(options), FJ_SUCCESS) << fj_last_error();
+    return null_driver().last(1).front();
+  };
+  const NullLaunch once = forward(), again = forward();
+  EXPECT_EQ(again.function, once.function);
+  EXPECT_EQ(std::memcmp(again.params, once.params, sizeof(KernelParams)), 0);
+  EXPECT_EQ(once.grid[0], 132u);  // persistent blocks taking tiles from the stream's counter
+  ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
+  const NullLaunch reloaded = forward();
+  EXPECT_NE(reloaded.function, once.function);  // loaded again, not the kept plan's unloaded one
+  EXPECT_EQ(std::string(reloaded.function), once.function);
+  EXPECT_EQ(std::memcmp(reloaded.params, once.params, sizeof(KernelParams)), 0);
+  null_driver().set_capturing(1);
+  const NullLaunch captured = forward(), captured_again = forward();
+  null_driver().set_capturing(0);
+  EXPECT_GT(captured.grid[0], 132u);  // a block a work tile under capture (192 or 256 by the tiles)
+  EXPECT_EQ(captured_again.grid[0], captured.grid[0]);
+  EXPECT_EQ(forward().grid[0], 132u);  // outside capture again
+}
+
 // The kernels a call chooses are kept for the thread's next calls; a setting changed between
 // calls (tests and the tuner switch them within a process) is still taken at the next call.
 TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
