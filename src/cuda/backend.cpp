@@ -570,6 +570,7 @@ struct Plan {
   std::optional<StreamScratch> scratch;
   std::optional<StreamScratch> table;  // a variable-length batch's sequences (plan_varlen_forward)
   size_t scratch_bytes = 0;  // what the plan's kernels need (planning: reported, not taken)
+  bool degraded = false;     // a fallback taken because scratch could not be had (not kept: KeptForward)
 
   KernelLaunch& add(const KernelSpec& spec, const KernelParams& params, const Launch& launch) {
     if (count == kMaxKernels) {
@@ -601,6 +602,7 @@ bool try_scratch(Plan& plan, size_t bytes, const Launch& launch) {
     return true;
   } catch (const Error&) {
     plan.scratch.reset();
+    plan.degraded = true;
     return false;
   }
 }
@@ -793,6 +795,7 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
       params.tile_counter = counter;
     } else {
       plan.scratch.reset();
+      plan.degraded = true;
     }
   }
   if (params.tile_counter != nullptr) kernel.blocks = std::min<int64_t>(tiles, multiprocessors);
@@ -1462,6 +1465,8 @@ bool same_operand(const Operand& a, const Operand& b) {
   return a.data == b.data && a.stride_batch == b.stride_batch && a.stride_head == b.stride_head &&
          a.stride_seq == b.stride_seq;
 }
+// (A guard, not a proof: a new 4-byte or smaller field can fill one of the struct's padding holes
+// without changing its size.)
 static_assert(sizeof(AttentionProblem) == 656 && sizeof(Operand) == 32,
               "AttentionProblem changed: compare the new field in same_problem");
 bool same_problem(const AttentionProblem& a, const AttentionProblem& b) {
@@ -1492,13 +1497,16 @@ bool same_problem(const AttentionProblem& a, const AttentionProblem& b) {
          a.kv_on_device == b.kv_on_device && a.dropout_batch == b.dropout_batch;
 }
 
-// A thread's last dense forward kept whole (its launch and its plan), so that the same call again
-// only launches (issue: a repeated call's host time): the same problem (same_problem: pointers,
-// sizes, strides, options, stream), the same stream by its driver id (a destroyed stream's handle
-// can come back for another), the same capture status, environment, loaded kernels and tuning.
-// Kept only where the plan holds no scratch of its own (a stream's tile counter is the stream's),
-// the problem is one dense part (no host arrays read at planning) and no caller's launcher.
-// FLASHJIT_CUDA_PLAN_CACHE=0 turns it off (read once a process).
+// A thread's recent dense forwards kept whole (launch and plan), so that the same call again only
+// launches: a table of kKeptForwards entries a thread, one place for each call (by a hash of its
+// tensors' addresses, sizes and stream), so that the layers of a model, each with tensors of its
+// own, keep one each. The same call: the same problem (same_problem: pointers, sizes, strides,
+// options, stream), the same stream by its driver id (a destroyed stream's handle can come back
+// for another), the same capture status, environment, loaded kernels and tuning. Kept only where
+// the plan holds no scratch of its own (a stream's tile counter is the stream's) and took no
+// fallback for want of scratch (Plan::degraded), the problem is one dense part (no host arrays
+// read at planning) and no caller's launcher. FLASHJIT_CUDA_PLAN_CACHE=0 turns it off (read once a
+// process).
 struct KeptForward {
   bool valid = false;
   AttentionProblem problem;
@@ -1509,52 +1517,71 @@ struct KeptForward {
   Launch launch;
   Plan plan;  // kernels and count alone (no scratch): launched in place, nothing copied
 };
-KeptForward& kept_forward() {
-  thread_local KeptForward kept;
+constexpr size_t kKeptForwards = 64;
+struct KeptForwards {
+  std::array<std::unique_ptr<KeptForward>, kKeptForwards> entries;  // made on first use
+};
+KeptForwards& kept_forwards() {
+  thread_local KeptForwards kept;
   return kept;
+}
+std::unique_ptr<KeptForward>& kept_slot(const AttentionProblem& p) {
+  uint64_t hash = 0;
+  for (const uint64_t word : {uint64_t(reinterpret_cast<uintptr_t>(p.q.data)), uint64_t(reinterpret_cast<uintptr_t>(p.k.data)),
+                              uint64_t(reinterpret_cast<uintptr_t>(p.o.data)), uint64_t(p.seqlen_q), uint64_t(p.seqlen_k),
+                              uint64_t(p.heads_q), uint64_t(reinterpret_cast<uintptr_t>(p.stream))}) {
+    hash += word + 0x9e3779b97f4a7c15ull;  // splitmix64's finaliser over the running hash and each word
+    hash = (hash ^ (hash >> 30)) * 0xbf58476d1ce4e5b9ull;
+    hash = (hash ^ (hash >> 27)) * 0x94d049bb133111ebull;
+    hash ^= hash >> 31;
+  }
+  return kept_forwards().entries[hash % kKeptForwards];
 }
 bool keeps_forward(const AttentionProblem& p) {
   return settings::plan_cache() && !p.varlen() && p.launch == nullptr && p.seqused_k == nullptr &&
          p.page_table == nullptr && !p.offsets_on_device && !p.kv_on_device;
 }
-// The kept plan's key parts that are not the problem's: the stream's id, whether it captures.
-bool stream_state(const AttentionProblem& p, bool* has_id, unsigned long long* id, bool* capturing) {
-  activate_device(p.device_index);
-  const CUstream stream = static_cast<CUstream>(p.stream);
-  *has_id = stream_id_of(stream, id);
-  int status = kStreamCaptureStatusNone;
-  if (driver().cuStreamIsCapturing(stream, &status) != 0) return false;
-  *capturing = status != kStreamCaptureStatusNone;
-  return true;
-}
 // Launches the kept plan where it is this call's; false (nothing done) elsewhere.
 bool forward_from_kept_plan(const AttentionProblem& p) {
-  KeptForward& kept = kept_forward();
-  if (!kept.valid || !keeps_forward(p) || !same_problem(kept.problem, p)) return false;
-  bool has_id = false, capturing = false;
-  unsigned long long id = 0;
-  if (!stream_state(p, &has_id, &id, &capturing)) return false;
-  if (has_id != kept.stream_has_id || id != kept.stream_id || capturing != kept.capturing ||
-      settings::environment_version() != kept.environment || memory_cache_generation() != kept.kernels ||
-      tuning_generation() != kept.tuning) {
+  if (!keeps_forward(p)) return false;
+  const std::unique_ptr<KeptForward>& kept = kept_slot(p);
+  if (!kept || !kept->valid || !same_problem(kept->problem, p) || settings::environment_version() != kept->environment ||
+      memory_cache_generation() != kept->kernels || tuning_generation() != kept->tuning) {
     return false;
   }
-  enqueue(kept.plan, kept.launch);
+  activate_device(p.device_index);
+  const CUstream stream = static_cast<CUstream>(p.stream);
+  unsigned long long id = 0;
+  const bool has_id = stream_id_of(stream, &id);
+  int status = kStreamCaptureStatusNone;
+  check(driver().cuStreamIsCapturing(stream, &status), "cuStreamIsCapturing");
+  if (has_id != kept->stream_has_id || id != kept->stream_id || (status != kStreamCaptureStatusNone) != kept->capturing) {
+    return false;
+  }
+  enqueue(kept->plan, kept->launch);
   return true;
 }
-void keep_forward(const AttentionProblem& p, const Launch& launch, const Plan& plan) {
-  KeptForward& kept = kept_forward();
-  kept.valid = false;
-  if (plan.scratch || plan.table || plan.count == 0) return;
-  if (!stream_state(p, &kept.stream_has_id, &kept.stream_id, &kept.capturing)) return;
-  kept.problem = p;
-  kept.environment = settings::environment_version();
-  kept.kernels = memory_cache_generation();
-  kept.tuning = tuning_generation();
-  kept.launch = launch;
-  for (size_t index = 0; index < plan.count; ++index) kept.plan.kernels[index] = plan.kernels[index];
-  kept.plan.count = plan.count;
-  kept.valid = true;
+// Keeps a dense forward's plan after its launch (the key as the plan was made: the launch's
+// capture status); never throws (where it cannot, the call's slot is left empty).
+void keep_forward(const AttentionProblem& p, const Launch& launch, const Plan& plan) noexcept {
+  std::unique_ptr<KeptForward>& kept = kept_slot(p);
+  if (kept) kept->valid = false;
+  if (plan.scratch || plan.table || plan.degraded || plan.count == 0) return;
+  try {
+    if (!kept) kept = std::make_unique<KeptForward>();  // an entry, made once, rewritten by later calls
+    KeptForward* entry = kept.get();
+    entry->stream_has_id = stream_id_of(launch.stream, &entry->stream_id);
+    entry->capturing = launch.capturing;
+    entry->problem = p;
+    entry->environment = settings::environment_version();
+    entry->kernels = memory_cache_generation();
+    entry->tuning = tuning_generation();
+    entry->launch = launch;
+    for (size_t index = 0; index < plan.count; ++index) entry->plan.kernels[index] = plan.kernels[index];
+    entry->plan.count = plan.count;
+    entry->valid = true;
+  } catch (...) {  // no memory for the entry: the next call plans again
+  }
 }
 
 size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
@@ -1603,7 +1630,10 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
     }
   }
   const bool keep = !backward && !planning && keeps_forward(problem);
-  if (keep) kept_forward().valid = false;
+  const auto forget = [&] {
+    if (std::unique_ptr<KeptForward>& kept = kept_slot(problem)) kept->valid = false;
+  };
+  if (keep) forget();
   int parts = 0;
   for (const AttentionProblem& part : DenseParts(problem)) {
     ++parts;
@@ -1620,7 +1650,7 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
     if (!planning) enqueue(plan, launch);
     // The whole call's one part: kept for the same call again (keyed by the caller's problem).
     if (keep && parts == 1 && same_problem(part, problem)) keep_forward(problem, launch, plan);
-    if (keep && parts > 1) kept_forward().valid = false;
+    if (keep && parts > 1) forget();
     needed = std::max(needed, plan.scratch_bytes);
   }
   return needed;
