@@ -343,13 +343,25 @@ CUmemoryPool make_pool(int device_index, uint64_t keep) {
   }
   return created;
 }
+// A pool a device, each made on first use, keeping up to `keep` bytes.
+class DevicePools {
+ public:
+  explicit DevicePools(uint64_t keep) : keep_(keep) {}
+  CUmemoryPool of(int device_index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    CUmemoryPool& pool = pools_[device_index];
+    if (pool == nullptr) pool = make_pool(device_index, keep_);
+    return pool;
+  }
+
+ private:
+  const uint64_t keep_;
+  std::mutex mutex_;
+  std::map<int, CUmemoryPool> pools_;
+};
 CUmemoryPool scratch_pool(int device_index) {
-  static std::mutex mutex;
-  static std::map<int, CUmemoryPool> pools;
-  std::lock_guard<std::mutex> lock(mutex);
-  CUmemoryPool& pool = pools[device_index];
-  if (pool == nullptr) pool = make_pool(device_index, kPoolKeepBytes);
-  return pool;
+  static DevicePools pools(kPoolKeepBytes);
+  return pools.of(device_index);
 }
 
 // allocate_array_memory's pool on a device: it keeps up to kArrayPoolKeepBytes reserved (as a
@@ -358,12 +370,8 @@ CUmemoryPool scratch_pool(int device_index) {
 // synchronisations, and all that is free when an allocation finds the device full.
 constexpr uint64_t kArrayPoolKeepBytes = uint64_t(2) << 30;
 CUmemoryPool array_pool(int device_index) {
-  static std::mutex mutex;
-  static std::map<int, CUmemoryPool> pools;
-  std::lock_guard<std::mutex> lock(mutex);
-  CUmemoryPool& pool = pools[device_index];
-  if (pool == nullptr) pool = make_pool(device_index, kArrayPoolKeepBytes);
-  return pool;
+  static DevicePools pools(kArrayPoolKeepBytes);
+  return pools.of(device_index);
 }
 std::atomic<size_t> array_bytes_active{0}, array_bytes_peak{0};
 
