@@ -331,22 +331,23 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   const bool nodes = mlx_launch_nodes() && &flashjit_mlx_add_kernel_node != nullptr;  // a bad value: nothing done
   const bool device_memory = mlx_device_memory();
   auto& encoder = mx::cu::get_command_encoder(stream);
+  // Memory for an output or the workspace, its host time counted (host_alloc_ns).
   const auto take_memory = [&](mx::array& x) {
+    const auto start = HostTime::Clock::now();
     if (device_memory) {
       x.set_data(device_data(x.nbytes(), encoder.stream(), stream.device.index));
     } else {
       x.set_data(mx::allocator::malloc(x.nbytes()));
     }
+    host_alloc_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - start).count();
   };
-  const auto alloc_start = HostTime::Clock::now();
   for (mx::array& x : outputs) {
     take_memory(x);
     // Held by the encoder until the work is done (MLX keeps a node's inputs so, not its outputs):
-    // an output dropped early would otherwise give flashjit's memory back, in no stream's order,
-    // while the kernels still write it.
+    // an output of flashjit's memory dropped early would otherwise give it back, in no stream's
+    // order, while the kernels still write it.
     if (device_memory) encoder.add_temporary(x);
   }
-  host_alloc_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - alloc_start).count();
   fj_attention_options cuda{};
   size_t bytes = 0;
   const auto prepare_start = HostTime::Clock::now();
@@ -354,10 +355,7 @@ void enqueue_cuda(const mx::Stream& stream, const std::vector<mx::array>& inputs
   host_prepare_ns +=
       std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - prepare_start).count();
   mx::array workspace(workspace_shape(bytes), mx::uint8, nullptr, {});
-  const auto workspace_start = HostTime::Clock::now();
   take_memory(workspace);
-  host_alloc_ns +=
-      std::chrono::duration_cast<std::chrono::nanoseconds>(HostTime::Clock::now() - workspace_start).count();
   encoder.add_temporary(workspace);
   for (const mx::array& x : inputs) encoder.set_input_array(x);
   for (mx::array& x : outputs) encoder.set_output_array(x);

@@ -375,12 +375,12 @@ CUmemoryPool array_pool(int device_index) {
 }
 std::atomic<size_t> array_bytes_active{0}, array_bytes_peak{0};
 
+constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD
 
 // The driver's id of `stream` (unique in the process, never reused, unlike handles); false where
 // a stream cannot have state of its own: a per-thread default stream (one handle, many streams)
 // or a driver without stream ids.
 bool stream_id_of(CUstream stream, unsigned long long* id) {
-  constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD
   const Driver& d = driver();
   return reinterpret_cast<uintptr_t>(stream) != kPerThreadStream && d.cuStreamGetId != nullptr &&
          d.cuStreamGetId(stream, id) == 0;
@@ -1461,11 +1461,6 @@ AttentionProblem with_kv_cache_on_host(const AttentionProblem& p, const Launch& 
   return host;
 }
 
-// A call's plans, one a part (a variable-length batch runs as one plan a sequence,
-// DenseParts), each enqueued on the stream in order; or (planning, fj_attention_prepare_*)
-// each made as a call under capture would make it, its kernels compiled and loaded, nothing
-// enqueued. Returns the largest scratch of the parts, which run one after another and can
-// share one workspace.
 // Whether two dense problems are the same call for a plan: every field of AttentionProblem
 // (compared one by one: the struct has padding). A new field changes the struct's size, and the
 // assertion then asks for it here.
@@ -1545,9 +1540,11 @@ std::unique_ptr<KeptForward>& kept_slot(const AttentionProblem& p) {
   }
   return kept_forwards().entries[hash % kKeptForwards];
 }
+// (Not dropout calls: their seed and offset, in the key, change from call to call, and keeping
+// their plans would only copy them.)
 bool keeps_forward(const AttentionProblem& p) {
   return settings::plan_cache() && !p.varlen() && p.launch == nullptr && p.seqused_k == nullptr &&
-         p.page_table == nullptr && !p.offsets_on_device && !p.kv_on_device;
+         p.page_table == nullptr && !p.offsets_on_device && !p.kv_on_device && !p.has_dropout();
 }
 // Launches the kept plan where it is this call's; false (nothing done) elsewhere.
 bool forward_from_kept_plan(const AttentionProblem& p) {
@@ -1592,6 +1589,11 @@ void keep_forward(const AttentionProblem& p, const Launch& launch, const Plan& p
   }
 }
 
+// A call's plans, one a part (a variable-length batch runs as one plan a sequence,
+// DenseParts), each enqueued on the stream in order; or (planning, fj_attention_prepare_*)
+// each made as a call under capture would make it, its kernels compiled and loaded, nothing
+// enqueued. Returns the largest scratch of the parts, which run one after another and can
+// share one workspace.
 size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) {
   if (problem.launch != nullptr && !planning) {
     // The caller records the kernels: the call's work must be its kernels alone (no pool
@@ -1703,7 +1705,6 @@ void release_array_memory(void* pointer, size_t bytes, int device_index) noexcep
   array_bytes_active -= bytes;
   try {
     activate_device(device_index);
-    constexpr uintptr_t kPerThreadStream = 0x2;  // CU_STREAM_PER_THREAD
     driver().cuMemFreeAsync(reinterpret_cast<CUdeviceptr>(pointer), reinterpret_cast<CUstream>(kPerThreadStream));
   } catch (...) {  // no driver or context left (process exit): the memory stays reserved
   }

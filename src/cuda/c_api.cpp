@@ -100,20 +100,19 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
         // FLASHJIT_CUDA_BACKWARD_OVERLAP unset (auto): the split dQ and dK/dV kernels built to
         // overlap too, which problems of small grids run.
         const bool both_launches = cuda::settings::backward_overlap() < 0;
+        const auto build = [](const cuda::KernelSpec& spec) {
+          cuda::kernel_binary(spec, false);
+          if (spec.takes_parts()) {  // and the plain dK/dV kernel, which problems of one part run
+            cuda::KernelSpec plain = spec;
+            plain.dkdv_parts = false;
+            cuda::kernel_binary(plain, false);
+          }
+        };
         for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, forced.value_or(false))) {
+          build(spec);
           cuda::KernelSpec overlapped = spec;
           overlapped.backward_overlap = true;
-          const bool also_overlapped = both_launches && overlapped.overlaps_launch();
-          const cuda::KernelSpec* const overlapped_or_none = also_overlapped ? &overlapped : nullptr;
-          for (const cuda::KernelSpec* variant : {&spec, overlapped_or_none}) {
-            if (variant == nullptr) continue;
-            cuda::kernel_binary(*variant, false);
-            if (variant->takes_parts()) {  // and the plain dK/dV kernel, which problems of one part run
-              cuda::KernelSpec plain = *variant;
-              plain.dkdv_parts = false;
-              cuda::kernel_binary(plain, false);
-            }
-          }
+          if (both_launches && overlapped.overlaps_launch()) build(overlapped);
         }
         for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
           if (forced || !cuda::one_pass_backward_chosen(traits, seqlen_k, device)) continue;
