@@ -8,18 +8,22 @@
 # (`flashjit tune --backward`, head dims 64 and 128), on top of the built-in table's entries, so
 # that the copied file is the whole new table. --head-dims D ...: the forward's classes of those
 # head dims alone, likewise on top of the built-in table's other entries.
+# --seqlens N ...: the forward's classes of those sequence lengths alone (flashjit tune --seqlens),
+# likewise on top of the built-in table's other entries.
 # --with KEYS ...: also every candidate with those FLASHJIT_CUDA_TILES keys added (flashjit tune --with),
 # e.g. --with chain=tiles.
-#   bash scripts/gpu_tune.sh [--backward | --head-dims D ...] [--with KEYS ...]
+#   bash scripts/gpu_tune.sh [--backward | --head-dims D ...] [--seqlens N ...] [--with KEYS ...]
 OUT=${OUT:-/tmp/flashjit-tune}
 source "$(dirname "$0")/gpu_common.sh"
 
-mode=all head_dims=(64 128 256) variants=()
+mode=all head_dims=(64 128 256) variants=() seqlens=()
 while (($#)); do
   case $1 in
     --backward) mode=backward ;;
     --head-dims) mode=some; head_dims=(); shift
       while (($#)) && [[ $1 != --* ]]; do head_dims+=("$1"); shift; done; continue ;;
+    --seqlens) mode=some; shift
+      while (($#)) && [[ $1 != --* ]]; do seqlens+=("$1"); shift; done; continue ;;
     --with) shift; while (($#)) && [[ $1 != --* ]]; do variants+=("$1"); shift; done; continue ;;
     *) echo "unknown argument $1"; exit 2 ;;
   esac
@@ -79,8 +83,9 @@ except (ValueError, NotImplementedError) as error:
 ' <"$OUT/candidates.txt" 2>&1 | tail -20
 
 [ $mode = some ] && seed_with_table
-step "flashjit tune --head-dims ${head_dims[*]} ${variants[*]:+--with ${variants[*]}}"
-timeout 500 python3 -m flashjit tune --head-dims "${head_dims[@]}" ${variants[@]+--with "${variants[@]}"} \
+step "flashjit tune --head-dims ${head_dims[*]} ${seqlens[*]:+--seqlens ${seqlens[*]}} ${variants[*]:+--with ${variants[*]}}"
+timeout 500 python3 -m flashjit tune --head-dims "${head_dims[@]}" ${seqlens[@]+--seqlens "${seqlens[@]}"} \
+  ${variants[@]+--with "${variants[@]}"} \
   >"$OUT/tune.log" 2>&1 || status=1
 grep -v "^\[" "$OUT/tune.log" | tail -45
 cp "$FLASHJIT_CACHE_DIR"/*/tuning/sm90-*.txt "$OUT/tuned_sm90.txt" 2>/dev/null || status=1
