@@ -52,10 +52,14 @@ class Errors : public ::testing::Test {
   }
 
   void expect_rejected(const BadInput& bad) {
+    // Each case after a valid forward on the same tensors (a thread keeps the problems of the
+    // forwards it validated, validated_forward_problem): the bad arguments are checked anew.
+    Call good = valid();
+    ASSERT_EQ(fj_attention_forward(&good.q, &good.k, &good.v, &good.options, &good.o, &good.lse), FJ_SUCCESS)
+        << fj_last_error();
     o_.poison();
     Call c = valid();
     bad.corrupt(c);
-    const std::vector<double> before = o_.values();
     const fj_status forward = fj_attention_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse);
     const std::string forward_error = fj_last_error();
     const fj_status backward =
@@ -80,6 +84,28 @@ class Errors : public ::testing::Test {
     EXPECT_EQ(check_backward, backward) << bad.name;
   }
 };
+
+// The same tensors again with other options: each call's own options, not a kept problem's.
+TEST_F(Errors, ARepeatedForwardTakesEachCallsOptions) {
+  Call c = valid();
+  auto forward = [&](const fj_attention_options& options) {
+    o_.poison();
+    EXPECT_EQ(fj_attention_forward(&c.q, &c.k, &c.v, &options, &c.o, &c.lse), FJ_SUCCESS) << fj_last_error();
+    return o_.values();
+  };
+  const std::vector<double> plain = forward(c.options);
+  fj_attention_options causal = c.options;
+  causal.causal = FJ_CAUSAL_BOTTOM_RIGHT;
+  fj_attention_options scaled = c.options;
+  scaled.has_scale = 1;
+  scaled.scale = 0.5;
+  EXPECT_NE(forward(causal), plain);
+  EXPECT_NE(forward(scaled), plain);
+  EXPECT_EQ(forward(c.options), plain);  // bit for bit, as the first time
+  // Another output shape through the same pointers is checked anew.
+  c.o.shape[2] = 7;
+  EXPECT_EQ(fj_attention_forward(&c.q, &c.k, &c.v, &c.options, &c.o, &c.lse), FJ_ERROR_INVALID_VALUE);
+}
 
 TEST_F(Errors, EachBadInputIsRejectedWithAClearMessage) {
   const std::vector<BadInput> cases = {
