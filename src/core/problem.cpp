@@ -16,6 +16,7 @@
 #include "core/backend.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "core/hash.hpp"
 #include "core/philox.hpp"
 
 namespace flashjit {
@@ -881,15 +882,9 @@ AttentionProblem validated_forward_problem(const fj_tensor* q, const fj_tensor* 
     return make_forward_problem(q, k, v, options, o, lse);  // its errors name the argument
   }
   thread_local std::array<std::unique_ptr<ValidatedForward>, kValidatedForwards> table;
-  uint64_t hash = 0;
-  for (const uint64_t word : {uint64_t(reinterpret_cast<uintptr_t>(q->data)), uint64_t(reinterpret_cast<uintptr_t>(k->data)),
-                              uint64_t(reinterpret_cast<uintptr_t>(o->data)), uint64_t(q->shape[2]),
-                              uint64_t(k->shape[2]), uint64_t(reinterpret_cast<uintptr_t>(options->stream))}) {
-    hash += word + 0x9e3779b97f4a7c15ull;  // splitmix64's finaliser over the running hash and each word
-    hash = (hash ^ (hash >> 30)) * 0xbf58476d1ce4e5b9ull;
-    hash = (hash ^ (hash >> 27)) * 0x94d049bb133111ebull;
-    hash ^= hash >> 31;
-  }
+  const uint64_t hash = hash_words({uint64_t(reinterpret_cast<uintptr_t>(q->data)), uint64_t(reinterpret_cast<uintptr_t>(k->data)),
+                                    uint64_t(reinterpret_cast<uintptr_t>(o->data)), uint64_t(q->shape[2]), uint64_t(k->shape[2]),
+                                    uint64_t(reinterpret_cast<uintptr_t>(options->stream))});
   std::unique_ptr<ValidatedForward>& slot = table[hash % kValidatedForwards];
   fj_tensor lse_bytes;
   std::memset(&lse_bytes, 0, sizeof lse_bytes);

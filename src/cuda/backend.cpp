@@ -19,6 +19,7 @@
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "core/hash.hpp"
 #include "cuda/driver.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
@@ -260,14 +261,7 @@ class MapCache {
   };
   static_assert(sizeof(Entry) == 256, "a descriptor, its key and a flag in 256 bytes");
   Entry* set_of(const uint64_t (&key)[kKeyWords]) {
-    uint64_t hash = 0;
-    for (const uint64_t word : key) {  // splitmix64's finaliser over the running hash and each word
-      hash += word + 0x9e3779b97f4a7c15ull;
-      hash = (hash ^ (hash >> 30)) * 0xbf58476d1ce4e5b9ull;
-      hash = (hash ^ (hash >> 27)) * 0x94d049bb133111ebull;
-      hash ^= hash >> 31;
-    }
-    return &entries_[(hash % kSets) * kWays];
+    return &entries_[(hash_words(key, kKeyWords) % kSets) * kWays];
   }
   std::vector<Entry> entries_ = std::vector<Entry>(kSets * kWays);
 };
@@ -1529,15 +1523,9 @@ KeptForwards& kept_forwards() {
   return kept;
 }
 std::unique_ptr<KeptForward>& kept_slot(const AttentionProblem& p) {
-  uint64_t hash = 0;
-  for (const uint64_t word : {uint64_t(reinterpret_cast<uintptr_t>(p.q.data)), uint64_t(reinterpret_cast<uintptr_t>(p.k.data)),
-                              uint64_t(reinterpret_cast<uintptr_t>(p.o.data)), uint64_t(p.seqlen_q), uint64_t(p.seqlen_k),
-                              uint64_t(p.heads_q), uint64_t(reinterpret_cast<uintptr_t>(p.stream))}) {
-    hash += word + 0x9e3779b97f4a7c15ull;  // splitmix64's finaliser over the running hash and each word
-    hash = (hash ^ (hash >> 30)) * 0xbf58476d1ce4e5b9ull;
-    hash = (hash ^ (hash >> 27)) * 0x94d049bb133111ebull;
-    hash ^= hash >> 31;
-  }
+  const uint64_t hash = hash_words({uint64_t(reinterpret_cast<uintptr_t>(p.q.data)), uint64_t(reinterpret_cast<uintptr_t>(p.k.data)),
+                                    uint64_t(reinterpret_cast<uintptr_t>(p.o.data)), uint64_t(p.seqlen_q), uint64_t(p.seqlen_k),
+                                    uint64_t(p.heads_q), uint64_t(reinterpret_cast<uintptr_t>(p.stream))});
   return kept_forwards().entries[hash % kKeptForwards];
 }
 // (Not dropout calls: their seed and offset, in the key, change from call to call, and keeping
