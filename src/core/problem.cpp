@@ -5,6 +5,7 @@
 #include <cfloat>
 #include <cstdlib>
 #include <memory>
+#include <new>
 #include <utility>
 #include <cmath>
 #include <cstdint>
@@ -877,10 +878,13 @@ bool validation_cache_enabled() {
 AttentionProblem validated_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                            const fj_attention_options* options, const fj_tensor* o,
                                            const fj_tensor* lse) {
+  // Not with dropout seed words: on the CPU validation reads the words they point to, which a
+  // caller may change in place between calls.
   if (q == nullptr || k == nullptr || v == nullptr || o == nullptr || options == nullptr ||
-      !validation_cache_enabled()) {
+      options->dropout_seed_words != nullptr || !validation_cache_enabled()) {
     return make_forward_problem(q, k, v, options, o, lse);  // its errors name the argument
   }
+  // (Destroyed at the thread's exit, as the kept plans are: not for calls from thread-local destructors.)
   thread_local std::array<std::unique_ptr<ValidatedForward>, kValidatedForwards> table;
   const uint64_t hash = hash_words({uint64_t(reinterpret_cast<uintptr_t>(q->data)), uint64_t(reinterpret_cast<uintptr_t>(k->data)),
                                     uint64_t(reinterpret_cast<uintptr_t>(o->data)), uint64_t(q->shape[2]), uint64_t(k->shape[2]),
@@ -895,7 +899,10 @@ AttentionProblem validated_forward_problem(const fj_tensor* q, const fj_tensor* 
     return slot->problem;
   }
   AttentionProblem problem = make_forward_problem(q, k, v, options, o, lse);
-  if (!slot) slot = std::make_unique<ValidatedForward>();
+  if (!slot) {
+    slot.reset(new (std::nothrow) ValidatedForward());
+    if (!slot) return problem;  // no memory for the entry: the call goes on, unkept
+  }
   // Copied as bytes (padding too), as they are compared.
   std::memcpy(&slot->q, q, sizeof(fj_tensor));
   std::memcpy(&slot->k, k, sizeof(fj_tensor));

@@ -61,6 +61,24 @@ TEST(Determinism, SeedWordsReplaceSeedAndOffset) {
   EXPECT_NE(std::string(fj_last_error()).find("dropout_seed_words"), std::string::npos) << fj_last_error();
 }
 
+// Words changed in place between calls on the same tensors and options: each call reads them
+// (not a problem kept from the call before, validated_forward_problem).
+TEST(Determinism, SeedWordsChangedInPlaceAreReadByEachCall) {
+  AttentionBuffers t(1, 2, 2, 16, 24, 16, FJ_FLOAT32);
+  fj_attention_options options = fj_attention_options_default();
+  options.dropout_p = 0.5;
+  uint32_t words[4] = {7, 0, 0, 0};
+  options.dropout_seed_words = words;
+  ASSERT_EQ(t.forward(options), FJ_SUCCESS) << fj_last_error();
+  const std::vector<double> first = t.o.values();
+  words[0] = 8;
+  ASSERT_EQ(t.forward(options), FJ_SUCCESS) << fj_last_error();
+  EXPECT_NE(t.o.values(), first);
+  words[0] = 7;
+  ASSERT_EQ(t.forward(options), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(t.o.values(), first);
+}
+
 // Key blocks of 128 keys over lengths (queries and keys each of 1 to 4096, ends inside tiles),
 // both causal alignments and six kinds of bounds: the one pass's orders are checked over these.
 struct SpanCase {
