@@ -43,7 +43,7 @@ fj_attention_options fj_attention_options_default(void) {
 fj_status fj_attention_forward(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                const fj_attention_options* options, fj_tensor* o, fj_tensor* lse) {
   return flashjit::guarded([&] {
-    const flashjit::AttentionProblem problem = flashjit::validated_forward_problem(q, k, v, options, o, lse);
+    const flashjit::AttentionProblem problem = flashjit::make_forward_problem(q, k, v, options, o, lse);
     flashjit::backend_for(problem.device_type, "attention").forward(problem);
   });
 }

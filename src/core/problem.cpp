@@ -1,11 +1,7 @@
 #include "core/problem.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cfloat>
-#include <cstdlib>
-#include <memory>
-#include <new>
 #include <utility>
 #include <cmath>
 #include <cstdint>
@@ -17,7 +13,6 @@
 #include "core/backend.hpp"
 #include "core/dtype.hpp"
 #include "core/error.hpp"
-#include "core/hash.hpp"
 #include "core/philox.hpp"
 
 namespace flashjit {
@@ -845,74 +840,6 @@ AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, co
                                       const fj_tensor* lse, bool descriptors_only) {
   const DescriptorsOnly only(descriptors_only);
   return forward_problem("attention", q, k, v, options, o, lse);
-}
-
-namespace {
-
-// A validated forward's arguments as bytes (lse zeroed where absent) and the problem made of them.
-struct ValidatedForward {
-  fj_tensor q, k, v, o, lse;
-  fj_attention_options options;
-  bool has_lse = false;
-  AttentionProblem problem;
-};
-// A table of kValidatedForwards entries a thread, one place for each call by a hash of its
-// tensors' addresses and sizes, so that the layers of a model keep one each.
-constexpr size_t kValidatedForwards = 64;
-
-template <typename T>
-bool same_bytes(const T& a, const T& b) {
-  return std::memcmp(&a, &b, sizeof(T)) == 0;
-}
-
-bool validation_cache_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("FLASHJIT_VALIDATION_CACHE");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
-  return enabled;
-}
-
-}  // namespace
-
-AttentionProblem validated_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
-                                           const fj_attention_options* options, const fj_tensor* o,
-                                           const fj_tensor* lse) {
-  // Not with dropout seed words: on the CPU validation reads the words they point to, which a
-  // caller may change in place between calls.
-  if (q == nullptr || k == nullptr || v == nullptr || o == nullptr || options == nullptr ||
-      options->dropout_seed_words != nullptr || !validation_cache_enabled()) {
-    return make_forward_problem(q, k, v, options, o, lse);  // its errors name the argument
-  }
-  // (Destroyed at the thread's exit, as the kept plans are: not for calls from thread-local destructors.)
-  thread_local std::array<std::unique_ptr<ValidatedForward>, kValidatedForwards> table;
-  const uint64_t hash = hash_words({uint64_t(reinterpret_cast<uintptr_t>(q->data)), uint64_t(reinterpret_cast<uintptr_t>(k->data)),
-                                    uint64_t(reinterpret_cast<uintptr_t>(o->data)), uint64_t(q->shape[2]), uint64_t(k->shape[2]),
-                                    uint64_t(reinterpret_cast<uintptr_t>(options->stream))});
-  std::unique_ptr<ValidatedForward>& slot = table[hash % kValidatedForwards];
-  fj_tensor lse_bytes;
-  std::memset(&lse_bytes, 0, sizeof lse_bytes);
-  if (lse != nullptr) std::memcpy(&lse_bytes, lse, sizeof lse_bytes);
-  if (slot && slot->has_lse == (lse != nullptr) && same_bytes(slot->q, *q) && same_bytes(slot->k, *k) &&
-      same_bytes(slot->v, *v) && same_bytes(slot->o, *o) && same_bytes(slot->lse, lse_bytes) &&
-      same_bytes(slot->options, *options)) {
-    return slot->problem;
-  }
-  AttentionProblem problem = make_forward_problem(q, k, v, options, o, lse);
-  if (!slot) {
-    slot.reset(new (std::nothrow) ValidatedForward());
-    if (!slot) return problem;  // no memory for the entry: the call goes on, unkept
-  }
-  // Copied as bytes (padding too), as they are compared.
-  std::memcpy(&slot->q, q, sizeof(fj_tensor));
-  std::memcpy(&slot->k, k, sizeof(fj_tensor));
-  std::memcpy(&slot->v, v, sizeof(fj_tensor));
-  std::memcpy(&slot->o, o, sizeof(fj_tensor));
-  slot->lse = lse_bytes;
-  std::memcpy(&slot->options, options, sizeof(fj_attention_options));
-  slot->has_lse = lse != nullptr;
-  slot->problem = problem;
-  return problem;
 }
 
 AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,

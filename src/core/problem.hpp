@@ -154,15 +154,6 @@ AttentionProblem make_forward_problem(const fj_tensor* q, const fj_tensor* k, co
                                       const fj_attention_options* options, const fj_tensor* o,
                                       const fj_tensor* lse, bool descriptors_only = false);
 
-// make_forward_problem for a call (data pointers required), answered from this thread's recently
-// validated forwards where the same arguments come again (their descriptors and options equal byte
-// for byte: validation reads nothing else, so the same bytes give the same problem or would have
-// thrown), except calls with dropout seed words (on the CPU their words are read at validation);
-// FLASHJIT_VALIDATION_CACHE=0 validates every call (read once a process).
-AttentionProblem validated_forward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
-                                           const fj_attention_options* options, const fj_tensor* o,
-                                           const fj_tensor* lse);
-
 AttentionProblem make_backward_problem(const fj_tensor* q, const fj_tensor* k, const fj_tensor* v,
                                        const fj_tensor* o, const fj_tensor* lse, const fj_tensor* dout,
                                        const fj_attention_options* options, const fj_tensor* dq,

@@ -19,7 +19,6 @@
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
-#include "core/hash.hpp"
 #include "cuda/driver.hpp"
 #include "cuda/kernel_cache.hpp"
 #include "cuda/kernel_spec.hpp"
@@ -261,7 +260,14 @@ class MapCache {
   };
   static_assert(sizeof(Entry) == 256, "a descriptor, its key and a flag in 256 bytes");
   Entry* set_of(const uint64_t (&key)[kKeyWords]) {
-    return &entries_[(hash_words(key, kKeyWords) % kSets) * kWays];
+    uint64_t hash = 0;
+    for (const uint64_t word : key) {  // splitmix64's finaliser over the running hash and each word
+      hash += word + 0x9e3779b97f4a7c15ull;
+      hash = (hash ^ (hash >> 30)) * 0xbf58476d1ce4e5b9ull;
+      hash = (hash ^ (hash >> 27)) * 0x94d049bb133111ebull;
+      hash ^= hash >> 31;
+    }
+    return &entries_[(hash % kSets) * kWays];
   }
   std::vector<Entry> entries_ = std::vector<Entry>(kSets * kWays);
 };
@@ -572,7 +578,6 @@ struct Plan {
   std::optional<StreamScratch> scratch;
   std::optional<StreamScratch> table;  // a variable-length batch's sequences (plan_varlen_forward)
   size_t scratch_bytes = 0;  // what the plan's kernels need (planning: reported, not taken)
-  bool degraded = false;     // a fallback taken because scratch could not be had (not kept: KeptForward)
 
   KernelLaunch& add(const KernelSpec& spec, const KernelParams& params, const Launch& launch) {
     if (count == kMaxKernels) {
@@ -604,7 +609,6 @@ bool try_scratch(Plan& plan, size_t bytes, const Launch& launch) {
     return true;
   } catch (const Error&) {
     plan.scratch.reset();
-    plan.degraded = true;
     return false;
   }
 }
@@ -797,7 +801,6 @@ void take_work_tiles(Plan& plan, KernelLaunch& kernel, const Launch& launch, int
       params.tile_counter = counter;
     } else {
       plan.scratch.reset();
-      plan.degraded = true;
     }
   }
   if (params.tile_counter != nullptr) kernel.blocks = std::min<int64_t>(tiles, multiprocessors);
@@ -1455,128 +1458,6 @@ AttentionProblem with_kv_cache_on_host(const AttentionProblem& p, const Launch& 
   return host;
 }
 
-// Whether two dense problems are the same call for a plan: every field of AttentionProblem
-// (compared one by one: the struct has padding). A new field changes the struct's size, and the
-// assertion then asks for it here.
-bool same_operand(const Operand& a, const Operand& b) {
-  return a.data == b.data && a.stride_batch == b.stride_batch && a.stride_head == b.stride_head &&
-         a.stride_seq == b.stride_seq;
-}
-// (A guard, not a proof: a new 4-byte or smaller field can fill one of the struct's padding holes
-// without changing its size.)
-static_assert(sizeof(AttentionProblem) == 656 && sizeof(Operand) == 32,
-              "AttentionProblem changed: compare the new field in same_problem");
-bool same_problem(const AttentionProblem& a, const AttentionProblem& b) {
-  const Operand AttentionProblem::*operands[] = {&AttentionProblem::q,  &AttentionProblem::k,    &AttentionProblem::v,
-                                                 &AttentionProblem::o,  &AttentionProblem::dout, &AttentionProblem::dq,
-                                                 &AttentionProblem::dk, &AttentionProblem::dv};
-  for (const auto operand : operands) {
-    if (!same_operand(a.*operand, b.*operand)) return false;
-  }
-  return a.batch == b.batch && a.heads_q == b.heads_q && a.heads_kv == b.heads_kv && a.seqlen_q == b.seqlen_q &&
-         a.seqlen_k == b.seqlen_k && a.head_dim_qk == b.head_dim_qk && a.head_dim_v == b.head_dim_v &&
-         a.dtype == b.dtype && a.lse_dtype == b.lse_dtype && a.device_type == b.device_type &&
-         a.device_index == b.device_index && a.lse == b.lse && a.lse_stride_batch == b.lse_stride_batch &&
-         a.lse_stride_head == b.lse_stride_head && a.lse_stride_seq == b.lse_stride_seq &&
-         a.mask_kind == b.mask_kind && a.mask_dtype == b.mask_dtype && a.mask == b.mask &&
-         std::equal(std::begin(a.mask_stride), std::end(a.mask_stride), std::begin(b.mask_stride)) &&
-         a.scale == b.scale && a.softcap == b.softcap && a.causal == b.causal && a.window_left == b.window_left &&
-         a.window_right == b.window_right && a.diagonal_shift == b.diagonal_shift && a.dropout_p == b.dropout_p &&
-         a.dropout_threshold == b.dropout_threshold && a.dropout_seed == b.dropout_seed &&
-         a.dropout_offset == b.dropout_offset && a.dropout_seed_words == b.dropout_seed_words &&
-         a.num_threads == b.num_threads && a.stream == b.stream && a.workspace == b.workspace &&
-         a.workspace_bytes == b.workspace_bytes && a.nondeterministic == b.nondeterministic &&
-         a.launch == b.launch && a.launch_data == b.launch_data && a.cu_seqlens_q == b.cu_seqlens_q &&
-         a.cu_seqlens_k == b.cu_seqlens_k && a.offsets_on_device == b.offsets_on_device &&
-         a.total_q == b.total_q && a.total_k == b.total_k && a.seqused_k == b.seqused_k &&
-         a.page_table == b.page_table && a.page_table_stride == b.page_table_stride &&
-         a.page_table_width == b.page_table_width && a.page_size == b.page_size && a.num_pages == b.num_pages &&
-         a.kv_on_device == b.kv_on_device && a.dropout_batch == b.dropout_batch;
-}
-
-// A thread's recent dense forwards kept whole (launch and plan), so that the same call again only
-// launches: a table of kKeptForwards entries a thread, one place for each call (by a hash of its
-// tensors' addresses, sizes and stream), so that the layers of a model, each with tensors of its
-// own, keep one each. The same call: the same problem (same_problem: pointers, sizes, strides,
-// options, stream), the same stream by its driver id (a destroyed stream's handle can come back
-// for another), the same capture status, environment, loaded kernels and tuning. Kept only where
-// the plan holds no scratch of its own (a stream's tile counter is the stream's) and took no
-// fallback for want of scratch (Plan::degraded), the problem is one dense part (no host arrays
-// read at planning) and no caller's launcher. FLASHJIT_CUDA_PLAN_CACHE=0 turns it off (read once a
-// process).
-struct KeptForward {
-  bool valid = false;
-  AttentionProblem problem;
-  bool stream_has_id = false;
-  unsigned long long stream_id = 0;
-  bool capturing = false;
-  uint64_t environment = 0, kernels = 0, tuning = 0;
-  Launch launch;
-  Plan plan;  // kernels and count alone (no scratch): launched in place, nothing copied
-};
-constexpr size_t kKeptForwards = 64;
-struct KeptForwards {
-  std::array<std::unique_ptr<KeptForward>, kKeptForwards> entries;  // made on first use
-};
-KeptForwards& kept_forwards() {
-  thread_local KeptForwards kept;
-  return kept;
-}
-std::unique_ptr<KeptForward>& kept_slot(const AttentionProblem& p) {
-  const uint64_t hash = hash_words({uint64_t(reinterpret_cast<uintptr_t>(p.q.data)), uint64_t(reinterpret_cast<uintptr_t>(p.k.data)),
-                                    uint64_t(reinterpret_cast<uintptr_t>(p.o.data)), uint64_t(p.seqlen_q), uint64_t(p.seqlen_k),
-                                    uint64_t(p.heads_q), uint64_t(reinterpret_cast<uintptr_t>(p.stream))});
-  return kept_forwards().entries[hash % kKeptForwards];
-}
-// (Not dropout calls: their seed and offset, in the key, change from call to call, and keeping
-// their plans would only copy them.)
-bool keeps_forward(const AttentionProblem& p) {
-  return settings::plan_cache() && !p.varlen() && p.launch == nullptr && p.seqused_k == nullptr &&
-         p.page_table == nullptr && !p.offsets_on_device && !p.kv_on_device && !p.has_dropout();
-}
-// Launches the kept plan where it is this call's; false (nothing done) elsewhere.
-bool forward_from_kept_plan(const AttentionProblem& p) {
-  if (!keeps_forward(p)) return false;
-  const std::unique_ptr<KeptForward>& kept = kept_slot(p);
-  if (!kept || !kept->valid || !same_problem(kept->problem, p) || settings::environment_version() != kept->environment ||
-      memory_cache_generation() != kept->kernels || tuning_generation() != kept->tuning) {
-    return false;
-  }
-  activate_device(p.device_index);
-  const CUstream stream = static_cast<CUstream>(p.stream);
-  unsigned long long id = 0;
-  const bool has_id = stream_id_of(stream, &id);
-  int status = kStreamCaptureStatusNone;
-  check(driver().cuStreamIsCapturing(stream, &status), "cuStreamIsCapturing");
-  if (has_id != kept->stream_has_id || id != kept->stream_id || (status != kStreamCaptureStatusNone) != kept->capturing) {
-    return false;
-  }
-  enqueue(kept->plan, kept->launch);
-  return true;
-}
-// Keeps a dense forward's plan after its launch (the key as the plan was made: the launch's
-// capture status); never throws (where it cannot, the call's slot is left empty).
-void keep_forward(const AttentionProblem& p, const Launch& launch, const Plan& plan) noexcept {
-  std::unique_ptr<KeptForward>& kept = kept_slot(p);
-  if (kept) kept->valid = false;
-  if (plan.scratch || plan.table || plan.degraded || plan.count == 0) return;
-  try {
-    if (!kept) kept = std::make_unique<KeptForward>();  // an entry, made once, rewritten by later calls
-    KeptForward* entry = kept.get();
-    entry->stream_has_id = stream_id_of(launch.stream, &entry->stream_id);
-    entry->capturing = launch.capturing;
-    entry->problem = p;
-    entry->environment = settings::environment_version();
-    entry->kernels = memory_cache_generation();
-    entry->tuning = tuning_generation();
-    entry->launch = launch;
-    for (size_t index = 0; index < plan.count; ++index) entry->plan.kernels[index] = plan.kernels[index];
-    entry->plan.count = plan.count;
-    entry->valid = true;
-  } catch (...) {  // no memory for the entry: the next call plans again
-  }
-}
-
 // A call's plans, one a part (a variable-length batch runs as one plan a sequence,
 // DenseParts), each enqueued on the stream in order; or (planning, fj_attention_prepare_*)
 // each made as a call under capture would make it, its kernels compiled and loaded, nothing
@@ -1627,14 +1508,7 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
       return run_parts(with_offsets_on_host(problem, launch, offsets), backward, planning);
     }
   }
-  const bool keep = !backward && !planning && keeps_forward(problem);
-  const auto forget = [&] {
-    if (std::unique_ptr<KeptForward>& kept = kept_slot(problem)) kept->valid = false;
-  };
-  if (keep) forget();
-  int parts = 0;
   for (const AttentionProblem& part : DenseParts(problem)) {
-    ++parts;
     if (backward ? part.seqlen_q == 0 && part.seqlen_k == 0 : part.seqlen_q == 0) continue;
     const AttentionProblem p = backward ? part : with_query_groups_packed(part);
     Launch launch = prepare(p);
@@ -1646,9 +1520,6 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
       plan_forward(plan, p, launch);
     }
     if (!planning) enqueue(plan, launch);
-    // The whole call's one part: kept for the same call again (keyed by the caller's problem).
-    if (keep && parts == 1 && same_problem(part, problem)) keep_forward(problem, launch, plan);
-    if (keep && parts > 1) forget();
     needed = std::max(needed, plan.scratch_bytes);
   }
   return needed;
@@ -1656,7 +1527,6 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
 
 void forward(const AttentionProblem& problem) {
   const settings::EnvironmentScope scope;
-  if (forward_from_kept_plan(problem)) return;
   run_parts(problem, false, false);
 }
 void backward(const AttentionProblem& problem) {

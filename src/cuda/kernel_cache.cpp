@@ -346,8 +346,6 @@ CacheStats cache_stats() {
   return cache().stats;
 }
 
-uint64_t memory_cache_generation() { return g_memory_generation.load(std::memory_order_relaxed); }
-
 void clear_memory_cache() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);

@@ -48,7 +48,5 @@ void make_directories(const std::string& path);
 void write_atomically(const std::string& path, const std::string& contents);
 // Forgets compiled binaries and loaded modules held in memory (the disk cache stays).
 void clear_memory_cache();
-// A number that changes with each clear_memory_cache (a CUfunction kept from before is unloaded).
-uint64_t memory_cache_generation();
 
 }  // namespace flashjit::cuda

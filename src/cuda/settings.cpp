@@ -83,11 +83,6 @@ bool map_cache() {
   return enabled;
 }
 
-bool plan_cache() {
-  static const bool enabled = switch_on("FLASHJIT_CUDA_PLAN_CACHE");
-  return enabled;
-}
-
 const char* forced_tiles() { return std::getenv("FLASHJIT_CUDA_TILES"); }
 
 std::optional<int> forced_splits() {

@@ -4,8 +4,6 @@
 //   FLASHJIT_CUDA_HOPPER=0      no sm_90a kernels: the mma.sync ones run instead
 //   FLASHJIT_CUDA_PERSISTENT=0  the sm_90a forward runs a block a work tile
 //   FLASHJIT_CUDA_MAP_CACHE=0   every TMA descriptor encoded anew (for comparisons of host time)
-//   FLASHJIT_CUDA_PLAN_CACHE=0  a thread's last dense forward planned anew when it comes again
-//                               (for comparisons of host time)
 // Read at every kernel choice (tests and the tuner switch them within a process); a thread keeps
 // its recent choices (backend.cpp's ChoiceMemo), and the values it read, until the environment
 // changes (environment_version):
@@ -91,7 +89,6 @@ bool hopper_kernels();
 bool persistent_forward();
 // Whether a thread's recently encoded TMA descriptors are reused for the same arguments (default).
 bool map_cache();
-bool plan_cache();
 // The text of FLASHJIT_CUDA_TILES, or nullptr when unset.
 const char* forced_tiles();
 // FLASHJIT_CUDA_SPLITS as a count of at least 1; nullopt when unset or empty.

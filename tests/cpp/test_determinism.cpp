@@ -61,8 +61,7 @@ TEST(Determinism, SeedWordsReplaceSeedAndOffset) {
   EXPECT_NE(std::string(fj_last_error()).find("dropout_seed_words"), std::string::npos) << fj_last_error();
 }
 
-// Words changed in place between calls on the same tensors and options: each call reads them
-// (not a problem kept from the call before, validated_forward_problem).
+// Words changed in place between calls on the same tensors and options: each call reads them.
 TEST(Determinism, SeedWordsChangedInPlaceAreReadByEachCall) {
   AttentionBuffers t(1, 2, 2, 16, 24, 16, FJ_FLOAT32);
   fj_attention_options options = fj_attention_options_default();

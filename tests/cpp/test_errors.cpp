@@ -52,8 +52,8 @@ class Errors : public ::testing::Test {
   }
 
   void expect_rejected(const BadInput& bad) {
-    // Each case after a valid forward on the same tensors (a thread keeps the problems of the
-    // forwards it validated, validated_forward_problem): the bad arguments are checked anew.
+    // Each case after a valid forward on the same tensors: nothing of that call is taken for
+    // the bad arguments, which are checked anew.
     Call good = valid();
     ASSERT_EQ(fj_attention_forward(&good.q, &good.k, &good.v, &good.options, &good.o, &good.lse), FJ_SUCCESS)
         << fj_last_error();

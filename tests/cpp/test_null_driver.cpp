@@ -339,11 +339,10 @@ TEST_F(CudaHostPath, RepeatedCallsLaunchTheSameParameters) {
   }
 }
 
-// A thread's last dense forward is kept whole and launched again for the same call with the same
-// function and parameters; not after the loaded kernels are cleared (their functions are
-// unloaded: the null driver hands out a new one a load), nor across a change of the stream's
-// capture status (under capture the forward runs a block a work tile, no stream tile counter).
-TEST_F(CudaHostPath, KeptForwardPlanFollowsItsKey) {
+// The same dense forward again launches the same function with the same parameters; after the
+// loaded kernels are cleared a newly loaded one (the null driver hands out a new one a load), and
+// under capture a block a work tile (no stream tile counter), then the persistent grid again.
+TEST_F(CudaHostPath, RepeatedForwardFollowsLoadsAndCapture) {
   REQUIRE_NULL_DRIVER();
   unsetenv("FLASHJIT_CUDA_TILES");
   DeviceBuffers buffers(2, 32, 8, 512, 512, 64, FJ_BFLOAT16);  // 64 heads of 3 or 4 query blocks
@@ -358,7 +357,7 @@ TEST_F(CudaHostPath, KeptForwardPlanFollowsItsKey) {
   EXPECT_EQ(once.grid[0], 132u);  // persistent blocks taking tiles from the stream's counter
   ASSERT_EQ(fj_cuda_clear_memory_cache(), FJ_SUCCESS);
   const NullLaunch reloaded = forward();
-  EXPECT_NE(reloaded.function, once.function);  // loaded again, not the kept plan's unloaded one
+  EXPECT_NE(reloaded.function, once.function);  // loaded again, not the unloaded one
   EXPECT_EQ(std::string(reloaded.function), once.function);
   EXPECT_EQ(std::memcmp(reloaded.params, once.params, sizeof(KernelParams)), 0);
   null_driver().set_capturing(1);
