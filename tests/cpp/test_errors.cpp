@@ -52,8 +52,7 @@ class Errors : public ::testing::Test {
   }
 
   void expect_rejected(const BadInput& bad) {
-    // Each case after a valid forward on the same tensors: nothing of that call is taken for
-    // the bad arguments, which are checked anew.
+    // Each case after a valid forward on the same tensors: the bad arguments are still checked.
     Call good = valid();
     ASSERT_EQ(fj_attention_forward(&good.q, &good.k, &good.v, &good.options, &good.o, &good.lse), FJ_SUCCESS)
         << fj_last_error();
@@ -85,7 +84,7 @@ class Errors : public ::testing::Test {
   }
 };
 
-// The same tensors again with other options: each call's own options, not a kept problem's.
+// The same tensors again with other options: each call takes its own.
 TEST_F(Errors, ARepeatedForwardTakesEachCallsOptions) {
   Call c = valid();
   auto forward = [&](const fj_attention_options& options) {
