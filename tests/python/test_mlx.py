@@ -306,7 +306,11 @@ def test_gpu_device_memory_gives_the_allocators_results(monkeypatch):
                 assert held["active"] - before["active"] >= outputs
                 assert held["peak"] >= held["active"]
             else:
-                assert held["active"] == before["active"]
+                # Nothing of flashjit's is taken (the peak stays at the active bytes of the
+                # reset); the active bytes may fall, when MLX drops an earlier step's arrays
+                # (a device step's row statistics) during this one.
+                assert held["peak"] <= before["active"]
+                assert held["active"] <= before["active"]
     for key, result in results.items():
         for a, b in zip(results["capture", "allocator"], result):
             assert mx.array_equal(a, b), key
