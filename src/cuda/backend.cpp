@@ -615,13 +615,17 @@ bool try_scratch(Plan& plan, size_t bytes, const Launch& launch) {
 
 // Whether a decoding forward splits over blocks of one warp (mma.sync, up to 16 query rows a
 // batch and head) rather than the usual split forward: FLASHJIT_CUDA_DECODE_WARPS=1 or 4
-// forces it; otherwise on sm_90 where they were measured faster (bench/NOTES.md, 2026-12-04):
-// KV caches, and key masks over at least 16 batch-heads (GQA groups packed), whose loads the
-// sm_90a kernel makes in its softmax's path.
+// forces it; otherwise on sm_90 where they were measured faster (bench/NOTES.md, 2026-12-04
+// and 2026-12-07): KV caches, and key masks, whose loads the sm_90a kernel makes in its
+// softmax's path, over at least 16 batch-heads (GQA groups packed) or at least
+// kOneWarpMaskedKeys keys (one sequence, 8 packed heads, on an H100: 32k keys 64.6 against 69.4
+// µs, 128k 201.8 against 228.4; at 1k and 8k the four-warp blocks were faster).
+constexpr int64_t kOneWarpMaskedKeys = 32768;
 bool one_warp_decoding(const AttentionProblem& p, const Launch& launch, bool kv_cache) {
   const int forced = settings::decode_warps();
   if (forced != 0) return forced == 1;
-  return launch.arch == 90 && (kv_cache || (p.mask != nullptr && p.batch * p.heads_q >= 16));
+  const bool masked_wide = p.mask != nullptr && (p.batch * p.heads_q >= 16 || p.seqlen_k >= kOneWarpMaskedKeys);
+  return launch.arch == 90 && (kv_cache || masked_wide);
 }
 
 // The split forward: a block for each (query block, batch, head) and span of keys

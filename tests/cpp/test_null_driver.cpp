@@ -803,6 +803,35 @@ TEST_F(CudaHostPath, LaunchesGoToTheCallersLauncher) {
 // with too small a workspace unsplit. Under capture too the combine is launched programmatically
 // (FLASHJIT_CUDA_OVERLAP=eager: plainly there); =0 launches it plainly everywhere; another value is
 // an error.
+// Decoding with a key mask on sm_90: blocks of one warp from 32k keys (or 16 batch-heads), the
+// sm_90a split kernel's below that; FLASHJIT_CUDA_DECODE_WARPS forces either.
+TEST_F(CudaHostPath, MaskedDecodingTakesOneWarpBlocksFromLongCaches) {
+  REQUIRE_NULL_DRIVER();
+  unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
+  const auto first_block_threads = [](int64_t keys) {
+    DeviceBuffers buffers(1, 1, 1, 1, keys, 64, FJ_BFLOAT16);
+    GuardedTensor mask({1, 1, 1, keys}, FJ_BOOL);
+    std::vector<double> keep(size_t(keys), 1.0);
+    keep[size_t(keys) - 1] = 0.0;
+    mask.fill(keep);
+    fj_attention_options options = fj_attention_options_default();
+    options.mask = buffers.on_gpu(mask);
+    const unsigned long long before = null_driver().now().launches;
+    EXPECT_EQ(buffers.forward(options), FJ_SUCCESS) << fj_last_error();
+    const std::vector<NullLaunch> launches = null_driver().last(unsigned(null_driver().now().launches - before));
+    EXPECT_EQ(launches.size(), 2u) << "the split kernel and the combine";
+    EXPECT_TRUE(buffers.untouched());
+    return launches.empty() ? 0u : launches[0].block[0] * launches[0].block[1] * launches[0].block[2];
+  };
+  EXPECT_EQ(first_block_threads(32768), 32u);
+  EXPECT_GT(first_block_threads(8192), 32u);
+  setenv("FLASHJIT_CUDA_DECODE_WARPS", "4", 1);
+  EXPECT_GT(first_block_threads(32768), 32u);
+  setenv("FLASHJIT_CUDA_DECODE_WARPS", "1", 1);
+  EXPECT_EQ(first_block_threads(8192), 32u);
+  unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
+}
+
 TEST_F(CudaHostPath, DecodingSplitsUnderCaptureAndIntoTheWorkspace) {
   REQUIRE_NULL_DRIVER();
   DeviceBuffers buffers(1, 32, 8, 1, 4096, 128, FJ_BFLOAT16);
