@@ -106,3 +106,62 @@ def test_decode_warps_switch_is_checked(monkeypatch):
 def test_dropout_does_not_split(splits):
     splits(4)
     run(B=1, Hq=2, Hkv=1, Sq=3, Sk=300, D=64, dtype=torch.float16, dropout_p=0.2)
+
+
+# A boolean mask whose entries do not depend on the query row lets the one-warp blocks pass over
+# the key tiles it hides entirely (their K and V are not loaded). Whole hidden tiles at the start,
+# in the middle and at the end of the keys, tiles cut at a split's ends, a sequence with no
+# visible key; against the float64 reference, and bit for bit against the same mask given per
+# query head (whose entries may differ by row, so that no tile is passed over), also where the
+# mask's keys are not contiguous or start off 16-byte alignment.
+def _key_mask(pattern, B, Sk):
+    keep = torch.ones(B, Sk, dtype=torch.bool)
+    if pattern == "prefix":
+        keep[0, :700] = False
+        keep[1, :1500] = False
+    elif pattern == "suffix":
+        keep[0, 333:] = False
+        keep[1, 1100:] = False
+    elif pattern == "holes":
+        keep[:, 100:900] = False
+        keep[1, 1200:1999] = False
+        keep[0, 1300:1301] = False
+    elif pattern == "none_visible":
+        keep[0, :1000] = False
+        keep[1] = False
+    return keep
+
+
+@pytest.mark.parametrize("pattern", ["prefix", "suffix", "holes", "none_visible"])
+@pytest.mark.parametrize("forced", [None, 3])
+def test_one_warp_blocks_pass_over_hidden_key_tiles(monkeypatch, pattern, forced):
+    import flashjit
+    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "1")
+    if forced is None:
+        monkeypatch.delenv("FLASHJIT_CUDA_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(forced))
+    B, Hq, Hkv, Sk = 2, 8, 2, 2000
+    keep = _key_mask(pattern, B, Sk)
+    run(B=B, Hq=Hq, Hkv=Hkv, Sq=1, Sk=Sk, D=64, dtype=torch.bfloat16, mask=keep[:, None, None, :])
+
+    q = torch.randn(B, Hq, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, Sk, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    device_keep = keep.cuda()
+    strided = torch.zeros(B, 2 * Sk, dtype=torch.bool, device="cuda")
+    strided[:, ::2] = device_keep
+    shifted = torch.zeros(B, Sk + 3, dtype=torch.bool, device="cuda")
+    shifted[:, 3:] = device_keep
+    masks = {
+        "keys": device_keep[:, None, None, :],
+        "strided": strided[:, ::2][:, None, None, :],
+        "shifted": shifted[:, 3:][:, None, None, :],
+        "per head": device_keep[:, None, None, :].expand(B, Hq, 1, Sk).clone(),
+    }
+    assert masks["strided"].stride(-1) == 2 and masks["shifted"].data_ptr() % 16 == 3
+    results = {name: flashjit.attention(q, k, v, attn_mask=mask, return_lse=True) for name, mask in masks.items()}
+    for name, (o, lse) in results.items():
+        assert torch.equal(o, results["per head"][0]), name
+        assert torch.equal(lse, results["per head"][1]), name
+    if pattern == "none_visible":
+        assert torch.all(results["keys"][0][1] == 0) and torch.all(torch.isinf(results["keys"][1][1]))

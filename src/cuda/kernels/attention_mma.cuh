@@ -10,10 +10,74 @@
 // mma_common.cuh and FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP,
 // FJ_SPLIT (a span of the keys a block, partial results for combine.cuh), FJ_KV_CACHE (each
 // batch entry's own key count, 2: and its keys through a page table; KernelParams::seqused_k).
+// In the split forward a boolean mask whose entries do not depend on the query row (a key-padding
+// mask, or one row) lets the block pass over the key tiles it hides entirely: their K and V are
+// not loaded.
 #pragma once
 
 namespace flashjit {
 namespace mma {
+
+// FJ_SKIP_HIDDEN: the split forward (decoding) with a boolean mask. (The unsplit kernel with a mask
+// sits at the register limit at head dim 128: the few values the search keeps made it spill.)
+#define FJ_SKIP_HIDDEN (FJ_MASK == 1 && FJ_SPLIT)
+#if FJ_SKIP_HIDDEN
+// The key tiles of a block's span [key_lo, key_hi) that its boolean mask row leaves some key of,
+// found 32 at a time by a ballot (a lane a tile, each reading its tile's entries; 16-byte loads
+// where the row is contiguous and aligned). Tiles that cross the span's ends count as visible:
+// their entries outside the span are not read. Where the entries depend on the query row, every
+// tile. Each warp finds the same tiles from the same entries, so that the block's loop stays
+// uniform. Only the chunk and its bits are kept (two registers); the rest is read again from the
+// parameters and the kernel's own values when a chunk is found.
+struct VisibleTiles {
+  int chunk = -1;  // the chunk of 32 tiles (from the span's first tile) that bits describes
+  unsigned bits = 0;
+
+  FJ_DEVICE static bool row_independent(const KernelParams& p) { return p.mask_stride[2] == 0 || p.seqlen_q == 1; }
+
+  FJ_DEVICE static unsigned chunk_bits(const KernelParams& p, int b, int h, long long first_tile, long long key_lo,
+                                       long long key_hi, int c) {
+    const long long start = first_tile + static_cast<long long>(c * 32 + static_cast<int>(threadIdx.x % 32)) * kBlockN;
+    bool seen = start < key_hi;
+    if (seen && start >= key_lo && start + kBlockN <= key_hi) {
+      const long long stride = p.mask_stride[3];
+      const FJ_MASK_TYPE* entry = mask_element(p, b, h, 0, start);
+      seen = false;
+      if (stride == 1 && reinterpret_cast<unsigned long long>(entry) % 16 == 0) {
+        const uint4* words = reinterpret_cast<const uint4*>(entry);
+#pragma unroll
+        for (int w = 0; w < kBlockN / 16; ++w) {
+          const uint4 x = words[w];
+          seen |= (x.x | x.y | x.z | x.w) != 0;
+        }
+      } else {
+#pragma unroll 8
+        for (int j = 0; j < kBlockN; ++j) seen |= entry[j * stride] != 0;
+      }
+    }
+    return __ballot_sync(0xffffffffu, seen);
+  }
+
+  // The first visible tile's first key from `from` (a tile's first key) on; key_hi or past it: none.
+  FJ_DEVICE long long next(const KernelParams& p, int b, int h, long long first_tile, long long key_lo,
+                           long long key_hi, long long from) {
+    if (!row_independent(p)) return from;
+    while (from < key_hi) {
+      const int index = static_cast<int>((from - first_tile) / kBlockN);
+      const int c = index / 32;
+      if (c != chunk) {
+        bits = chunk_bits(p, b, h, first_tile, key_lo, key_hi, c);
+        chunk = c;
+      }
+      const unsigned left = bits >> (index % 32);
+      if (left != 0) return from + static_cast<long long>(__ffs(static_cast<int>(left)) - 1) * kBlockN;
+      from = first_tile + static_cast<long long>(c + 1) * 32 * kBlockN;
+    }
+    return from;
+  }
+};
+static_assert(sizeof(FJ_MASK_TYPE) == 1 && kBlockN % 16 == 0, "a boolean mask's entries are bytes");
+#endif
 
 // S = Q K^T for this warp's rows (kRowTiles x 16 x kBlockN): each K fragment feeds every row tile.
 FJ_DEVICE void scores(float (&s)[kRowTiles][kBlockN / 8][4], const elem_t* q_tile, const elem_t* k_tile, int warp,
@@ -92,8 +156,17 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
   load_tile<kBlockM, kDimQk>(q_tile, operand_row<const elem_t>(p.q, b, h, 0), p.q.stride_seq, first_query,
                              p.seqlen_q, p.head_dim_qk);
   const long long first_tile = key_lo / kBlockN * kBlockN;
-  if (first_tile < key_hi) {
-    load_key_tile<kDimQk>(k_tile, p, p.k, b, kv_head, first_tile, key_hi, p.head_dim_qk);
+#if FJ_SKIP_HIDDEN
+  VisibleTiles visible_tiles;
+  const auto next_tile = [&](long long from) {
+    return visible_tiles.next(p, b, h, first_tile, key_lo, key_hi, from);
+  };
+#else
+  const auto next_tile = [](long long from) { return from; };
+#endif
+  long long tile_start = next_tile(first_tile);
+  if (tile_start < key_hi) {
+    load_key_tile<kDimQk>(k_tile, p, p.k, b, kv_head, tile_start, key_hi, p.head_dim_qk);
   }
   cp_async_commit();
 
@@ -105,7 +178,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     row_max[m][0] = row_max[m][1] = negative_infinity<float>();
     row_sum[m][0] = row_sum[m][1] = 0.0f;
   }
-  for (long long tile_start = first_tile; tile_start < key_hi; tile_start += kBlockN) {
+  while (tile_start < key_hi) {
     cp_async_wait<0>();
     __syncthreads();  // K tile (and Q) in shared memory; V tile free
     load_key_tile<kDimV>(v_tile, p, p.v, b, kv_head, tile_start, key_hi, p.head_dim_v);
@@ -129,16 +202,18 @@ extern "C" __global__ void __launch_bounds__(kThreads) fj_attention_forward(cons
     apply_dropout(s, p, batch_head, rows, tile_start, quad);
 #endif
 
+    const long long next_start = next_tile(tile_start + kBlockN);
     cp_async_wait<0>();
     __syncthreads();  // V tile in shared memory; every warp done reading K
-    if (tile_start + kBlockN < key_hi) {
-      load_key_tile<kDimQk>(k_tile, p, p.k, b, kv_head, tile_start + kBlockN, key_hi, p.head_dim_qk);
+    if (next_start < key_hi) {
+      load_key_tile<kDimQk>(k_tile, p, p.k, b, kv_head, next_start, key_hi, p.head_dim_qk);
     }
     cp_async_commit();
 
     // O += P V: P from the C fragments of S; each V fragment feeds every row tile.
     mma_fragments_by_rows<kBlockN, kDimV, kPitchV>(o, s, v_tile, lane);
     __syncthreads();  // every warp done reading V before the next tile's V load
+    tile_start = next_start;
   }
   cp_async_wait<0>();
   write_result(p, o, row_max, row_sum, rows, b, h, quad, static_cast<int>(blockIdx.y));
