@@ -110,10 +110,12 @@ def test_dropout_does_not_split(splits):
 
 # A boolean mask whose entries do not depend on the query row lets the one-warp blocks pass over
 # the key tiles it hides entirely (their K and V are not loaded). Whole hidden tiles at the start,
-# in the middle and at the end of the keys, tiles cut at a split's ends, a sequence with no
-# visible key; against the float64 reference, and bit for bit against the same mask given per
-# query head (whose entries may differ by row, so that no tile is passed over), also where the
-# mask's keys are not contiguous or start off 16-byte alignment.
+# in the middle and at the end of the keys, a tile cut by the sequence's end, a sequence with no
+# visible key; spans of more than 32 tiles (two splits of 5000 keys: more than one chunk of the
+# search) and a span that starts inside a tile (a left window); against the float64 reference,
+# and bit for bit against the same mask given per query head (whose entries may differ by row,
+# so that no tile is passed over), also where the mask's keys are not contiguous or start off
+# 16-byte alignment.
 def _key_mask(pattern, B, Sk):
     keep = torch.ones(B, Sk, dtype=torch.bool)
     if pattern == "prefix":
@@ -165,3 +167,16 @@ def test_one_warp_blocks_pass_over_hidden_key_tiles(monkeypatch, pattern, forced
         assert torch.equal(lse, results["per head"][1]), name
     if pattern == "none_visible":
         assert torch.all(results["keys"][0][1] == 0) and torch.all(torch.isinf(results["keys"][1][1]))
+
+
+@pytest.mark.parametrize("pattern", ["prefix", "holes"])
+def test_one_warp_blocks_pass_over_hidden_tiles_of_long_spans_and_windows(monkeypatch, pattern):
+    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "1")
+    monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", "2")
+    keep = _key_mask(pattern, 2, 5000)
+    keep[:, 3000:4100] = False
+    run(B=2, Hq=8, Hkv=2, Sq=1, Sk=5000, D=64, dtype=torch.bfloat16, mask=keep[:, None, None, :])
+    # Five queries of a window of 1500 keys back from the bottom-right diagonal: the blocks' keys
+    # start at 3495, inside a tile.
+    run(B=2, Hq=4, Hkv=4, Sq=5, Sk=5000, D=64, dtype=torch.bfloat16, mask=keep[:, None, None, :],
+        causal="bottom_right", window=(1500, 0))

@@ -10,17 +10,18 @@
 // mma_common.cuh and FJ_MASK, FJ_MASK_TYPE, FJ_HAS_WINDOW, FJ_DROPOUT, FJ_SOFTCAP,
 // FJ_SPLIT (a span of the keys a block, partial results for combine.cuh), FJ_KV_CACHE (each
 // batch entry's own key count, 2: and its keys through a page table; KernelParams::seqused_k).
-// In the split forward a boolean mask whose entries do not depend on the query row (a key-padding
-// mask, or one row) lets the block pass over the key tiles it hides entirely: their K and V are
-// not loaded.
+// In the split forward's one-warp blocks a boolean mask whose entries do not depend on the query
+// row (a key-padding mask) lets the block pass over the key tiles it hides entirely: their K and
+// V are not loaded.
 #pragma once
 
 namespace flashjit {
 namespace mma {
 
-// FJ_SKIP_HIDDEN: the split forward (decoding) with a boolean mask. (The unsplit kernel with a mask
-// sits at the register limit at head dim 128: the few values the search keeps made it spill.)
-#define FJ_SKIP_HIDDEN (FJ_MASK == 1 && FJ_SPLIT)
+// FJ_SKIP_HIDDEN: the split forward's one-warp blocks (decoding) with a boolean mask. (The unsplit
+// kernel and the four-warp split kernel with a mask sit at the register limit at head dim 128: the
+// few values the search keeps made them spill.)
+#define FJ_SKIP_HIDDEN (FJ_MASK == 1 && FJ_SPLIT && FJ_WARPS == 1)
 #if FJ_SKIP_HIDDEN
 // The key tiles of a block's span [key_lo, key_hi) that its boolean mask row leaves some key of,
 // found 32 at a time by a ballot (a lane a tile, each reading its tile's entries; 16-byte loads
@@ -28,7 +29,10 @@ namespace mma {
 // their entries outside the span are not read. Where the entries depend on the query row, every
 // tile. Each warp finds the same tiles from the same entries, so that the block's loop stays
 // uniform. Only the chunk and its bits are kept (two registers); the rest is read again from the
-// parameters and the kernel's own values when a chunk is found.
+// parameters and the kernel's own values when a chunk is found, and the next chunk's entries are
+// sent toward L2 meanwhile. A skipped tile's logits would all be -inf, which leaves the row's
+// maximum, sum and output as they were: the same bits, but for non-finite values in a hidden
+// key's V, which no longer reach the output (0 * inf).
 struct VisibleTiles {
   int chunk = -1;  // the chunk of 32 tiles (from the span's first tile) that bits describes
   unsigned bits = 0;
@@ -38,6 +42,10 @@ struct VisibleTiles {
   FJ_DEVICE static unsigned chunk_bits(const KernelParams& p, int b, int h, long long first_tile, long long key_lo,
                                        long long key_hi, int c) {
     const long long start = first_tile + static_cast<long long>(c * 32 + static_cast<int>(threadIdx.x % 32)) * kBlockN;
+    const long long ahead = start + 32 * kBlockN;  // this lane's tile of the next chunk
+    if (ahead >= key_lo && ahead + kBlockN <= key_hi) {
+      asm volatile("prefetch.global.L2 [%0];\n" ::"l"(mask_element(p, b, h, 0, ahead)));
+    }
     bool seen = start < key_hi;
     if (seen && start >= key_lo && start + kBlockN <= key_hi) {
       const long long stride = p.mask_stride[3];
