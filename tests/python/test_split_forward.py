@@ -85,13 +85,21 @@ def test_decoding_shape_splits_by_itself(monkeypatch):
     dict(B=2, Hq=4, Hkv=4, Sq=9, Sk=500, D=64, causal="top_left"),
     dict(B=2, Hq=4, Hkv=4, Sq=5, Sk=400, D=64, window=(40, 7), softcap=8.0),
     dict(B=1, Hq=32, Hkv=8, Sq=1, Sk=40000, D=128)])
+@pytest.fixture
+def one_warp(monkeypatch):
+    """One-warp blocks, split n ways (None: the backend's own count)."""
+    def use(splits):
+        monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "1")
+        if splits is None:
+            monkeypatch.delenv("FLASHJIT_CUDA_SPLITS", raising=False)
+        else:
+            monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(splits))
+    return use
+
+
 @pytest.mark.parametrize("forced", [None, 5])
-def test_one_warp_blocks(monkeypatch, case, forced):
-    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "1")
-    if forced is None:
-        monkeypatch.delenv("FLASHJIT_CUDA_SPLITS", raising=False)
-    else:
-        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(forced))
+def test_one_warp_blocks(one_warp, case, forced):
+    one_warp(forced)
     run(dtype=torch.bfloat16, **case)
 
 
@@ -136,13 +144,9 @@ def _key_mask(pattern, B, Sk):
 
 @pytest.mark.parametrize("pattern", ["prefix", "suffix", "holes", "none_visible"])
 @pytest.mark.parametrize("forced", [None, 3])
-def test_one_warp_blocks_pass_over_hidden_key_tiles(monkeypatch, pattern, forced):
+def test_one_warp_blocks_pass_over_hidden_key_tiles(one_warp, pattern, forced):
     import flashjit
-    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "1")
-    if forced is None:
-        monkeypatch.delenv("FLASHJIT_CUDA_SPLITS", raising=False)
-    else:
-        monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", str(forced))
+    one_warp(forced)
     B, Hq, Hkv, Sk = 2, 8, 2, 2000
     keep = _key_mask(pattern, B, Sk)
     run(B=B, Hq=Hq, Hkv=Hkv, Sq=1, Sk=Sk, D=64, dtype=torch.bfloat16, mask=keep[:, None, None, :])
@@ -170,9 +174,8 @@ def test_one_warp_blocks_pass_over_hidden_key_tiles(monkeypatch, pattern, forced
 
 
 @pytest.mark.parametrize("pattern", ["prefix", "holes"])
-def test_one_warp_blocks_pass_over_hidden_tiles_of_long_spans_and_windows(monkeypatch, pattern):
-    monkeypatch.setenv("FLASHJIT_CUDA_DECODE_WARPS", "1")
-    monkeypatch.setenv("FLASHJIT_CUDA_SPLITS", "2")
+def test_one_warp_blocks_pass_over_hidden_tiles_of_long_spans_and_windows(one_warp, pattern):
+    one_warp(2)
     keep = _key_mask(pattern, 2, 5000)
     keep[:, 3000:4100] = False
     run(B=2, Hq=8, Hkv=2, Sq=1, Sk=5000, D=64, dtype=torch.bfloat16, mask=keep[:, None, None, :])
