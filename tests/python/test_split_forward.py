@@ -74,17 +74,6 @@ def test_decoding_shape_splits_by_itself(monkeypatch):
     run(B=2, Hq=16, Hkv=4, Sq=1, Sk=3000, D=128, dtype=torch.bfloat16)
 
 
-# Blocks of one warp over up to 16 query rows (FLASHJIT_CUDA_DECODE_WARPS=1): the same
-# function, split by the backend's choice or forced, with every feature the split takes.
-@pytest.mark.parametrize("case", [
-    dict(B=2, Hq=16, Hkv=4, Sq=1, Sk=3000, D=128),
-    dict(B=3, Hq=4, Hkv=2, Sq=3, Sk=300, D=64),
-    dict(B=1, Hq=2, Hkv=2, Sq=16, Sk=1000, D=256),
-    dict(B=2, Hq=4, Hkv=2, Sq=7, Sk=129, D=72, Dv=40),
-    dict(B=2, Hq=8, Hkv=2, Sq=2, Sk=500, D=128, causal="bottom_right"),
-    dict(B=2, Hq=4, Hkv=4, Sq=9, Sk=500, D=64, causal="top_left"),
-    dict(B=2, Hq=4, Hkv=4, Sq=5, Sk=400, D=64, window=(40, 7), softcap=8.0),
-    dict(B=1, Hq=32, Hkv=8, Sq=1, Sk=40000, D=128)])
 @pytest.fixture
 def one_warp(monkeypatch):
     """One-warp blocks, split n ways (None: the backend's own count)."""
@@ -97,6 +86,17 @@ def one_warp(monkeypatch):
     return use
 
 
+# Blocks of one warp over up to 16 query rows (FLASHJIT_CUDA_DECODE_WARPS=1): the same
+# function, split by the backend's choice or forced, with every feature the split takes.
+@pytest.mark.parametrize("case", [
+    dict(B=2, Hq=16, Hkv=4, Sq=1, Sk=3000, D=128),
+    dict(B=3, Hq=4, Hkv=2, Sq=3, Sk=300, D=64),
+    dict(B=1, Hq=2, Hkv=2, Sq=16, Sk=1000, D=256),
+    dict(B=2, Hq=4, Hkv=2, Sq=7, Sk=129, D=72, Dv=40),
+    dict(B=2, Hq=8, Hkv=2, Sq=2, Sk=500, D=128, causal="bottom_right"),
+    dict(B=2, Hq=4, Hkv=4, Sq=9, Sk=500, D=64, causal="top_left"),
+    dict(B=2, Hq=4, Hkv=4, Sq=5, Sk=400, D=64, window=(40, 7), softcap=8.0),
+    dict(B=1, Hq=32, Hkv=8, Sq=1, Sk=40000, D=128)])
 @pytest.mark.parametrize("forced", [None, 5])
 def test_one_warp_blocks(one_warp, case, forced):
     one_warp(forced)
