@@ -177,6 +177,7 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 7 ? "_dq-writer-eager"
                  : dq_diagnostic == 8 ? "_dq-writer-groups"
                  : dq_diagnostic == 9 ? "_dq-atomic"
+                 : dq_diagnostic == 10 ? "_dq-writer-pair"
                                       : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),

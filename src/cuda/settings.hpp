@@ -26,7 +26,9 @@
 //                               copies); writer-groups: the writer's block order, a tile's
 //                               visitors summing in four groups by rank (its own bits); atomic:
 //                               every visitor adds at once, in no order, into sums the prep kernel
-//                               zeroed, dQ then written from them (a real backward, not deterministic)
+//                               zeroed, dQ then written from them (a real backward, not deterministic);
+//                               writer-pair: the writer's block order by two threads taking
+//                               alternate tiles, each count released once its copies are complete
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -131,7 +133,9 @@ bool trace_tiles();
 // where a head's key blocks cannot all be resident); "writer" (5), "writer-arrival" (6) and
 // "writer-eager" (7) those sums by the dQ writer's bulk copies (attention_hopper_bwd.cuh);
 // "writer-groups" (8) the writer's sums in four groups by rank; "atomic" (9) the real backward
-// with every block's adds made at once, in no order (not deterministic). Another value is an error.
+// with every block's adds made at once, in no order (not deterministic); "writer-pair" (10) the
+// writer's block order by two threads taking alternate tiles, each count released as soon as its
+// tile's copies are complete. Another value is an error.
 int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset

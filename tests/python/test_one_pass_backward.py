@@ -26,10 +26,11 @@ pytestmark = sm90
 # made by the dQ writer's bulk copies from shared memory (writer; writer-eager: each count released
 # before the next tile's wait), and with the adds in the order the blocks reach each tile (arrival:
 # its own fixed order, so its own bits; writer-arrival: by the writer), and with a tile's visitors
-# summing in four groups by rank (writer-groups: its own fixed order too); and with every visitor
-# adding at once in no order (atomic: not deterministic, so not compared bit for bit).
+# summing in four groups by rank (writer-groups: its own fixed order too); the block order's sums
+# by two writer threads taking alternate tiles (writer-pair); and with every visitor adding at once
+# in no order (atomic: not deterministic, so not compared bit for bit).
 @pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival",
-                                      "writer-groups", "atomic"])
+                                      "writer-groups", "atomic", "writer-pair"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
@@ -184,7 +185,7 @@ def test_eager_release_and_the_writer_give_the_same_bits(monkeypatch):
     o, lse = flashjit.attention(q, k, v, causal="bottom_right", return_lse=True)
     dout = torch.randn_like(o)
     results = []
-    for mode in ("ordered", "eager", "writer", "writer-eager"):
+    for mode in ("ordered", "eager", "writer", "writer-eager", "writer-pair"):
         monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
         results.append(flashjit.attention_backward(q, k, v, o, lse, dout, causal="bottom_right"))
     for other in results[1:]:

@@ -372,7 +372,7 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // the host runs it only where every key block of a head can be resident at once.
 // (6: the arrival order's sums made by the dQ writer, below.)
 #define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
-#define FJ_DQ_WRITER (FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8)
+#define FJ_DQ_WRITER ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || FJ_DQ_DIAGNOSTIC == 10)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
@@ -383,7 +383,9 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // (writer-arrival): the same in the arrival order. 7 (writer-eager): the block order with each
 // count released as the arrival order's are (below), for comparison. 8 (writer-groups): as 5, a
 // tile's visitors dealt into layout::kDqGroups groups by rank, each summing into sums of its own
-// (shared_layout.h), which the convert kernel adds in group order.
+// (shared_layout.h), which the convert kernel adds in group order. 10 (writer-pair): as 5, but two
+// writer threads take alternate tiles, each releasing a tile's counts as soon as its copies are
+// complete (the block above then waits for one handoff, not for this block's next tile).
 constexpr bool kWriter = FJ_DQ_WRITER;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -765,13 +767,63 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // (so too with FJ_DQ_DIAGNOSTIC 7, the block order).
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
+    constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
+#if FJ_DQ_DIAGNOSTIC == 10
+    // writer-pair: lane 0 of warps 1 and 2, tiles t = pair, pair + 2, ... in the block's order, each
+    // with its own bulk groups and its own staging slot (t % 2). A tile: both shares staged, the
+    // tile's earlier visitors' counts, the copies, the slot freed once they have read it, the
+    // counts released once they are complete. Blocks wait only on lower ones, as in the block
+    // order, and each thread's tiles come in that order: no cycle.
+    static_assert(layout::kDqStagingSlots == 2, "a staging slot for each writer thread");
+    if (w % 32 != 0 || w >= 64) return;
+    const int pair = w / 32;
+    long long pair_first_block = block;
+    for (int t = pair; t < tiles; t += 2) {
+      const int h = tile_head(t);
+      const long long start = tile_start(t);
+      const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
+      const unsigned phase = static_cast<unsigned>(t / 2) % 2;
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + pair], phase);
+      }
+      const int rank = turn_at(t, start, pair_first_block, w, kWriterThreads, kAddBarrier).rank;
+      int* const counters = p.dq_semaphore + row / kBlockN * kConsumers;
+      if (rank > 0) {
+#pragma unroll
+        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
+        fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
+      }
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        float* const chunk = p.dq_accum + (row / kBlockN * kConsumers + consumer) * kDqChunk;
+        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + pair) * kDqChunk;
+        if (rank == 0) {
+          bulk_store(chunk, staged, kChunkBytes);
+        } else {
+          bulk_add_floats(chunk, staged, kChunkBytes);
+        }
+      }
+      bulk_commit();
+      bulk_wait_read();
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + pair]);
+      }
+      bulk_wait_all();
+      fence_proxy_async_global();
+      fence_release_gpu();
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
+    }
+    return;
+#endif
 #if FJ_DQ_ARRIVAL
     // The walks' table (the consumers meet here whether or not the block has tiles: so does the writer).
     named_barrier_sync(kWalksBarrier, kConsumers * 128 + kWriterThreads);
 #else
     if (w != 0) return;
 #endif
-    constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
     constexpr bool kReleaseBeforeWait = kArrival || FJ_DQ_DIAGNOSTIC == 7;
     long long first_block = block;
     int* pending = nullptr;

@@ -52,7 +52,7 @@ FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBloc
 // (FLASHJIT_CUDA_ONE_PASS_DQ=atomic, not deterministic) added by every visitor at once, in no
 // order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 9.
 FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
-FJ_LAYOUT bool dq_by_writer(int diagnostic) { return diagnostic >= 5 && diagnostic <= 8; }
+FJ_LAYOUT bool dq_by_writer(int diagnostic) { return (diagnostic >= 5 && diagnostic <= 8) || diagnostic == 10; }
 FJ_LAYOUT bool dq_atomic(int diagnostic) { return diagnostic == 9; }
 FJ_LAYOUT bool dq_converted(int diagnostic) { return dq_by_writer(diagnostic) || dq_atomic(diagnostic); }
 // FLASHJIT_CUDA_ONE_PASS_DQ=writer-groups (8): a tile's visitors in block order are dealt into
