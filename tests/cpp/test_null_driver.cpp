@@ -430,6 +430,15 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   EXPECT_EQ(reinterpret_cast<char*>(grouped.dq_semaphore) - reinterpret_cast<char*>(grouped.dq_accum),
             4 * (reinterpret_cast<char*>(convert_params.dq_semaphore) - reinterpret_cast<char*>(convert_params.dq_accum)));
   EXPECT_EQ(grouped.dq_zero_floats, 0);
+  // writer-pair: the writer's sums and counters, laid out as writer's, the same launches.
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer-pair", 1);
+  EXPECT_EQ(backward_launches(), 3u);
+  KernelParams paired;
+  std::memcpy(&paired, null_driver().last(1).front().params, sizeof paired);
+  EXPECT_EQ(paired.dq_counters, convert_params.dq_counters);
+  EXPECT_EQ(reinterpret_cast<char*>(paired.dq_semaphore) - reinterpret_cast<char*>(paired.dq_accum),
+            reinterpret_cast<char*>(convert_params.dq_semaphore) - reinterpret_cast<char*>(convert_params.dq_accum));
+  EXPECT_EQ(paired.dq_zero_floats, 0);
   // atomic: one group's sums, which the prep kernel zeroes (every float of them: 4 heads x 512
   // scratch rows x 64 head dims), then the dQ kernel of its own mode (the convert function).
   setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "atomic", 1);

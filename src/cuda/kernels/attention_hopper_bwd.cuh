@@ -768,6 +768,42 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
     constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
+    // A tile's turn and copies: wait for its earlier visitors' counts (rank of them, at counters),
+    // then store (the first visitor) or add both consumers' shares staged in `slot` into the sums
+    // from chunk0 on, in one bulk group.
+    const auto copy_shares = [&](int* counters, long long chunk0, int slot, int rank) {
+      if (rank > 0) {
+#pragma unroll
+        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
+        fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
+      }
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        float* const chunk = p.dq_accum + (chunk0 + consumer) * kDqChunk;
+        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + slot) * kDqChunk;
+        if (rank == 0) {
+          bulk_store(chunk, staged, kChunkBytes);
+        } else {
+          bulk_add_floats(chunk, staged, kChunkBytes);
+        }
+      }
+      bulk_commit();
+    };
+    // The staging slot back to both consumers (its copies have read it).
+    const auto free_slot = [&](int slot) {
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) {
+        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + slot]);
+      }
+    };
+    // A tile's counts, its copies complete (made visible to this thread, then ordered
+    // before the counts by a gpu-scope release fence: the release pattern with relaxed counts).
+    const auto release_counts = [&](int* counters) {
+      fence_proxy_async_global();
+      fence_release_gpu();
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
+    };
 #if FJ_DQ_DIAGNOSTIC == 10
     // writer-pair: lane 0 of warps 1 and 2, tiles t = pair, pair + 2, ... in the block's order, each
     // with its own bulk groups and its own staging slot (t % 2). A tile: both shares staged, the
@@ -787,37 +823,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + pair], phase);
       }
-      const int rank = turn_at(t, start, pair_first_block, w, kWriterThreads, kAddBarrier).rank;
-      int* const counters = p.dq_semaphore + row / kBlockN * kConsumers;
-      if (rank > 0) {
-#pragma unroll
-        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
-        fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
-      }
-#pragma unroll
-      for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        float* const chunk = p.dq_accum + (row / kBlockN * kConsumers + consumer) * kDqChunk;
-        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + pair) * kDqChunk;
-        if (rank == 0) {
-          bulk_store(chunk, staged, kChunkBytes);
-        } else {
-          bulk_add_floats(chunk, staged, kChunkBytes);
-        }
-      }
-      bulk_commit();
+      const long long chunk0 = row / kBlockN * kConsumers;
+      int* const counters = p.dq_semaphore + chunk0;
+      copy_shares(counters, chunk0, pair, turn_at(t, start, pair_first_block, w, kWriterThreads, kAddBarrier).rank);
       bulk_wait_read();
-#pragma unroll
-      for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + pair]);
-      }
+      free_slot(pair);
       bulk_wait_all();
-      fence_proxy_async_global();
-      fence_release_gpu();
-#pragma unroll
-      for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
+      release_counts(counters);
     }
-    return;
-#endif
+#else  // one writer thread (more where the arrival order counts ranks)
 #if FJ_DQ_ARRIVAL
     // The walks' table (the consumers meet here whether or not the block has tiles: so does the writer).
     named_barrier_sync(kWalksBarrier, kConsumers * 128 + kWriterThreads);
@@ -827,13 +841,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     constexpr bool kReleaseBeforeWait = kArrival || FJ_DQ_DIAGNOSTIC == 7;
     long long first_block = block;
     int* pending = nullptr;
-    // The pending tile's counts, its copies complete (made visible to this thread, then ordered
-    // before the counts by a gpu-scope release fence: the release pattern with relaxed counts).
+    // The pending tile's counts, its copies complete.
     const auto release = [&] {
-      fence_proxy_async_global();
-      fence_release_gpu();
-#pragma unroll
-      for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(pending + consumer, 1);
+      release_counts(pending);
       pending = nullptr;
     };
     for (int t = 0; t < tiles; ++t) {
@@ -862,37 +872,20 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int rank = turn.rank / kDqGroups;
       const long long chunk0 = first_chunk + (kDqGroups > 1 ? turn.rank % kDqGroups * (p.dq_counters / kDqGroups) : 0);
       int* const counters = p.dq_semaphore + chunk0;
-      if (rank > 0) {
-#pragma unroll
-        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
-        fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
-      }
-#pragma unroll
-      for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        float* const chunk = p.dq_accum + (chunk0 + consumer) * kDqChunk;
-        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + slot) * kDqChunk;
-        if (rank == 0) {
-          bulk_store(chunk, staged, kChunkBytes);
-        } else {
-          bulk_add_floats(chunk, staged, kChunkBytes);
-        }
-      }
-      bulk_commit();
+      copy_shares(counters, chunk0, slot, rank);
       if (pending != nullptr) {  // block order: the previous tile's copies, complete by now or soon
         bulk_wait_all_but_newest();
         release();
       }
       bulk_wait_read();
-#pragma unroll
-      for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + slot]);
-      }
+      free_slot(slot);
       pending = counters;
     }
     if (w == 0 && pending != nullptr) {
       bulk_wait_all();
       release();
     }
+#endif  // FJ_DQ_DIAGNOSTIC == 10
   };
 #endif
   const auto consume = [&](int consumer) {
