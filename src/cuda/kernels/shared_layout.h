@@ -50,7 +50,8 @@ FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBloc
 // The one pass's dQ sums (KernelSpec::dq_diagnostic, FJ_DQ_DIAGNOSTIC): 4 and 6 in the arrival
 // order, 5 to 8 made by the dQ writer (below); 8 in kDqGroups groups of a tile's visitors; 9
 // (FLASHJIT_CUDA_ONE_PASS_DQ=atomic, not deterministic) added by every visitor at once, in no
-// order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 9.
+// order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 10
+// (10, writer-pair: 5 by two writer threads on alternate tiles).
 FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
 FJ_LAYOUT bool dq_by_writer(int diagnostic) { return (diagnostic >= 5 && diagnostic <= 8) || diagnostic == 10; }
 FJ_LAYOUT bool dq_atomic(int diagnostic) { return diagnostic == 9; }
