@@ -103,6 +103,14 @@ def main():
         batch = 1 if seqlen > 4096 else 4
         for causal in (False, True):
             q, k, v = (mx.random.normal((batch, heads, seqlen, head_dim)).astype(mx.bfloat16) for _ in range(3))
+            # MLX's buffer cache emptied before each row: its cached device buffers (the float32
+            # temporaries of earlier rows: a D64 float32 array has a D128 bf16 output's bytes) would
+            # otherwise be handed to the first column that asks MLX's allocator for that size, each
+            # moved to managed memory by a blocking copy (a0f46dd's record: up to 1.3 ms a call in
+            # the first column only). In a training step MLX keeps freeing such buffers, which
+            # FLASHJIT_MLX_MEMORY=device avoids; this table compares the settings without them.
+            mx.eval(q, k, v)
+            mx.clear_cache()
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
             row = {"D": head_dim, "N": seqlen, "B": batch, "causal": causal}
             outputs, grads = {}, {}
@@ -111,10 +119,7 @@ def main():
                     return impl(q, k, v, causal).astype(mx.float32).sum()
                 grads[name] = mx.grad(loss, argnums=(0, 1, 2))
                 # Every column's forward and gradient once before any is timed, so that the
-                # shape's first allocations (MLX's buffer cache at a new size) fall on no column:
-                # the first column of 6fc1a48's record paid hundreds of µs of host time a call
-                # there that the same setting's repeat did not
-                # (bench/results/h100-mlx-2026-12-07-6fc1a48.md).
+                # shape's first allocations (new managed memory at each new size) fall on no column.
                 outputs[name] = impl(q, k, v, causal).astype(mx.float32)
                 mx.eval(outputs[name], *grads[name](q, k, v))  # under this column's FLASHJIT_MLX_LAUNCH
             for name, impl in impls.items():
@@ -132,7 +137,8 @@ def main():
     commit = record_commit()
     facts = [f"{device}, mlx {mx.__version__}, flashjit {flashjit.__version__}",
              f"bf16, H{heads}; TFLOP/s (backward 2.5x the forward's FLOPs, its time fwd+bwd minus fwd); median of "
-             f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|",
+             f"{args.runs} runs of {args.calls} calls; difference: largest |o_flashjit - o_mx.fast|; MLX's buffer "
+             "cache emptied (mx.clear_cache()) before each row",
              "host µs: flashjit's eval_gpu host time a node (flashjit._mlx.eval_gpu_host_time(): allocation, "
              "the prepare pass, recording the kernels) over the timed runs, for the forward's calls, then for "
              "fwd+bwd's (a forward and a backward node each: the mean of the two kinds), each with the "
