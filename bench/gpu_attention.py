@@ -137,7 +137,8 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # the block order, each count released before the next tile's wait; writer-groups: the block
         # order's visitors of a tile summing in four groups by rank, added after the pass; writer-pair: the
         # block order by two writer threads on alternate tiles, each count released once its copies
-        # are complete) (real backwards);
+        # are complete; writer-diagonal: the same with tiles walked upward and the visitors adding
+        # from the highest block down) (real backwards);
         # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default); split:parts: with FLASHJIT_CUDA_DKDV_PARTS=auto (a GQA group's
@@ -415,12 +416,14 @@ def main():
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic", "one-pass:writer-pair",
+                                 "one-pass:writer-diagonal",
                                  "split:shared", "split:registers", "split:parts", "split:no-parts", "split:overlap",
                                  "split:no-overlap"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
                              "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "
-                             "one-pass:writer-eager, one-pass:writer-groups, one-pass:atomic and one-pass:writer-pair also set "
+                             "one-pass:writer-eager, one-pass:writer-groups, one-pass:atomic, one-pass:writer-pair and "
+                             "one-pass:writer-diagonal also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
                              "two a timing diagnostic whose dQ is not written)")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="B:HQ:HKV:N:D[:causal]",

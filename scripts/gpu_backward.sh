@@ -13,7 +13,8 @@
 # wait; writer-groups: a tile's visitors summing in four groups by rank, the groups added after the
 # pass; atomic: every visitor adding at once, in no order, not deterministic; writer-pair: the
 # block order by two writer threads on alternate tiles, each count released once its copies are
-# complete; --modes M ... sets the columns, e.g. one-pass:eager
+# complete; writer-diagonal: the same with tiles walked upward, the visitors adding from the highest
+# block down; --modes M ... sets the columns, e.g. one-pass:eager
 # one-pass:writer one-pass:writer-arrival, measured on 2026-12-06); test_one_pass_backward.py runs
 # every order.
 # --diagnostics: also the one pass without its ordered dQ sums (one-pass:none, one-pass:unordered:
@@ -25,7 +26,7 @@
 # (--no-sanitizer --no-bench; --no-tests --no-bench; --no-tests --no-sanitizer).
 OUT=${OUT:-/tmp/flashjit-backward}
 source "$(dirname "$0")/gpu_common.sh"
-tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass:writer-eager one-pass:writer-groups one-pass:atomic one-pass:writer-pair) registers_dkdv=0
+tests=1 sanitizer=1 bench=1 bench_args=() modes=(one-pass:writer-eager one-pass:writer-groups one-pass:atomic one-pass:writer-pair one-pass:writer-diagonal) registers_dkdv=0
 while (($#)); do
   case $1 in
     --no-tests) tests=0 ;;

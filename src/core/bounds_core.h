@@ -78,6 +78,15 @@ struct KeyBlockSpans {
     while (from > 0 && query_end(from - 1) > start) --from;
     return from;
   }
+  // The highest block that visits tile `start`, searched up from `from`, a visitor of it no higher
+  // than the highest (FLASHJIT_CUDA_ONE_PASS_DQ=writer-diagonal: each block walks its tiles upward
+  // from its first, so that the highest visitor carried from tile to tile only moves up; a tile's
+  // visitors are consecutive, and a visitor of a lower tile no lower than one of this tile is one
+  // too, its last visible query being no earlier).
+  FJ_HOST_DEVICE int64_t highest_visitor(int64_t from, int64_t start) const {
+    while (visits(from + 1, start)) ++from;
+    return from;
+  }
 
   // The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): block b walks its tiles cyclically,
   // upward, from its diagonal tile (the one holding query b * block_rows - diagonal_shift, taken

@@ -134,7 +134,7 @@ bool trace_tiles() {
 int one_pass_dq() {
   return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered", "eager", "arrival", "writer", "writer-arrival",
                                                       "writer-eager", "writer-groups", "atomic",
-                                                      "writer-pair"}));
+                                                      "writer-pair", "writer-diagonal"}));
 }
 
 std::optional<bool> one_pass_backward() {

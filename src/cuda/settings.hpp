@@ -28,7 +28,9 @@
 //                               every visitor adds at once, in no order, into sums the prep kernel
 //                               zeroed, dQ then written from them (a real backward, not deterministic);
 //                               writer-pair: the writer's block order by two threads taking
-//                               alternate tiles, each count released once its copies are complete
+//                               alternate tiles, each count released once its copies are complete;
+//                               writer-diagonal: writer-pair with tiles walked upward and a tile's
+//                               visitors adding from the highest block down
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -135,7 +137,8 @@ bool trace_tiles();
 // "writer-groups" (8) the writer's sums in four groups by rank; "atomic" (9) the real backward
 // with every block's adds made at once, in no order (not deterministic); "writer-pair" (10) the
 // writer's block order by two threads taking alternate tiles, each count released as soon as its
-// tile's copies are complete. Another value is an error.
+// tile's copies are complete; "writer-diagonal" (11) as writer-pair with each block's tiles walked
+// upward and a tile's visitors adding from the highest block down. Another value is an error.
 int one_pass_dq();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset

@@ -386,7 +386,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   const std::string real = backward_kernels(traits, true).back().name();
   const std::vector<std::string> values = {"none",           "unordered",    "eager",         "arrival", "writer",
                                            "writer-arrival", "writer-eager", "writer-groups", "atomic",
-                                           "writer-pair"};
+                                           "writer-pair",    "writer-diagonal"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const std::vector<KernelSpec> specs = backward_kernels(traits, true);
@@ -405,7 +405,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
   const std::vector<std::pair<const char*, int>> ordered = {
-      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}, {"writer-pair", 10}};  // (writer-eager: writer's code but a line)
+      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}, {"writer-pair", 10}, {"writer-diagonal", 11}};  // (writer-eager: writer's code but a line)
   for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {

@@ -154,6 +154,46 @@ TEST(OnePassOrder, VisitorsOfEveryTileAreRankedOnceInBlockOrder) {
   }
 }
 
+// FLASHJIT_CUDA_ONE_PASS_DQ=writer-diagonal: each block walks its tiles upward from its first, by
+// two writer threads on alternate tiles, each carrying the highest visitor of its previous tile up
+// (KeyBlockSpans::highest_visitor); a tile's visitors then take the ranks 0 .. count - 1 once each,
+// in descending block order (each waits only on higher blocks, which launch before it).
+TEST(OnePassOrder, DiagonalWalksRankTheVisitorsFromTheHighestDown) {
+  for (const SpanCase& c : span_cases()) {
+    for (int64_t tile_rows : {16, 32, 64}) {
+      const KeyBlockSpans spans{128, tile_rows, c.shift, c.left, c.right, c.seqlen_q, c.seqlen_k};
+      const int64_t tiles = (c.seqlen_q + tile_rows - 1) / tile_rows;
+      const std::string where = c.describe(tile_rows);
+      std::vector<std::vector<std::pair<int64_t, int64_t>>> ranks(tiles);  // (block, rank)
+      for (int64_t block = 0; block < spans.blocks(); ++block) {
+        const int64_t first = spans.first_tile(block), end = spans.query_end(block);
+        if (!(spans.query_begin(block) < end) || end <= first) continue;  // walks nothing
+        const int64_t count = (end - 1) / tile_rows - first / tile_rows + 1;
+        for (int64_t pair = 0; pair < 2; ++pair) {
+          int64_t highest = block;
+          for (int64_t t = pair; t < count; t += 2) {  // this writer thread's tiles, upward
+            const int64_t start = first + t * tile_rows;
+            ASSERT_TRUE(spans.visits(block, start)) << where;
+            ASSERT_TRUE(spans.visits(highest, start)) << where << ": the carried block no longer visits";
+            highest = spans.highest_visitor(highest, start);
+            ranks[start / tile_rows].push_back({block, highest - block});
+          }
+        }
+      }
+      for (int64_t t = 0; t < tiles; ++t) {
+        std::vector<int64_t> visitors;
+        for (int64_t block = 0; block < spans.blocks(); ++block) {
+          if (spans.visits(block, t * tile_rows)) visitors.push_back(block);
+        }
+        ASSERT_EQ(ranks[t].size(), visitors.size()) << where << " tile " << t;
+        for (const auto& [block, rank] : ranks[t]) {
+          ASSERT_EQ(rank, visitors.back() - block) << where << " tile " << t << " block " << block;
+        }
+      }
+    }
+  }
+}
+
 // The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival; KeyBlockSpans::arrival_step, walk_phase,
 // walk_tile, step_at, as the kernel uses them): each block's walk meets each tile it visits
 // exactly once, at the step arrival_step names (and step_at, from the phase); the

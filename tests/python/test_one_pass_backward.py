@@ -27,10 +27,12 @@ pytestmark = sm90
 # before the next tile's wait), and with the adds in the order the blocks reach each tile (arrival:
 # its own fixed order, so its own bits; writer-arrival: by the writer), and with a tile's visitors
 # summing in four groups by rank (writer-groups: its own fixed order too); the block order's sums
-# by two writer threads taking alternate tiles (writer-pair); and with every visitor adding at once
-# in no order (atomic: not deterministic, so not compared bit for bit).
+# by two writer threads taking alternate tiles (writer-pair), and by them with each block's tiles
+# walked upward and a tile's visitors adding from the highest block down (writer-diagonal: its own
+# fixed order, so its own bits); and with every visitor adding at once in no order (atomic: not
+# deterministic, so not compared bit for bit).
 @pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival",
-                                      "writer-groups", "atomic", "writer-pair"])
+                                      "writer-groups", "atomic", "writer-pair", "writer-diagonal"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)

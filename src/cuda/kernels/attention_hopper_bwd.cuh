@@ -372,7 +372,8 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // the host runs it only where every key block of a head can be resident at once.
 // (6: the arrival order's sums made by the dQ writer, below.)
 #define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
-#define FJ_DQ_WRITER ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || FJ_DQ_DIAGNOSTIC == 10)
+#define FJ_DQ_WRITER ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || FJ_DQ_DIAGNOSTIC == 10 || FJ_DQ_DIAGNOSTIC == 11)
+#define FJ_DQ_PAIR (FJ_DQ_DIAGNOSTIC == 10 || FJ_DQ_DIAGNOSTIC == 11)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
@@ -385,8 +386,14 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // tile's visitors dealt into layout::kDqGroups groups by rank, each summing into sums of its own
 // (shared_layout.h), which the convert kernel adds in group order. 10 (writer-pair): as 5, but two
 // writer threads take alternate tiles, each releasing a tile's counts as soon as its copies are
-// complete (the block above then waits for one handoff, not for this block's next tile).
+// complete (the block above then waits for one handoff, not for this block's next tile). 11
+// (writer-diagonal): as 10, but each block walks its tiles upward from its first (for causal
+// bounds its diagonal tile) and a tile's visitors add in descending block order, the highest
+// first: the order in which, running in step, they reach it, so that under causal bounds a block
+// seldom waits; a head's key blocks launch from the highest down, so that a block waits only on
+// blocks launched before it.
 constexpr bool kWriter = FJ_DQ_WRITER;
+constexpr bool kDiagonal = FJ_DQ_DIAGNOSTIC == 11;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
 // tiles, K-major, each warp its own 16 keys) for the dV and dK products, which then take both
@@ -610,7 +617,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       Ring<kQueryBuffers>::at(reinterpret_cast<unsigned long long*>(base + kLayout.dout_ring));
 
   // A head's key blocks launch in the order their waits mostly point: upward in the block order (a
-  // block waits on lower ones only), downward in the arrival order (causal top-left, and
+  // block waits on lower ones only), downward in writer-diagonal's (on higher ones only) and in the
+  // arrival order (causal top-left, and
   // bottom-right with no more keys than queries: on higher ones only, which reach each tile first;
   // otherwise both ways, so the host's guard keeps a head's blocks resident together in any case).
   // There a block does not wait on one launched after it, and blocks that start one after
@@ -621,16 +629,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const int entry = varlen_entry(p, kFirstKeyTile, static_cast<int>(blockIdx.x));
   const KernelParams sp = sequence_params(p, entry);
   block_coordinates(static_cast<int>(blockIdx.x) - p.varlen[entry * kVarlenFields + kFirstKeyTile], sp.num_key_blocks,
-                    p.heads_kv, &block, &b, &kv_head, kArrival);
+                    p.heads_kv, &block, &b, &kv_head, kArrival || kDiagonal);
 #elif FJ_DKDV_PARTS
   // A key block's parts are neighbours in the launch order.
   const KernelParams& sp = p;
   const int part = static_cast<int>(blockIdx.x) % p.dkdv_parts;
   block_coordinates(static_cast<int>(blockIdx.x) / p.dkdv_parts, p.num_key_blocks, p.heads_kv, &block, &b, &kv_head,
-                    kArrival);
+                    kArrival || kDiagonal);
 #else
   const KernelParams& sp = p;
-  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, kArrival);
+  block_coordinates(p.num_key_blocks, p.heads_kv, &block, &b, &kv_head, kArrival || kDiagonal);
 #endif
 #if FJ_DKDV_PARTS
   static_assert(!FJ_ONE_PASS && !FJ_VARLEN, "parts: the split dense dK/dV kernel");
@@ -705,7 +713,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     return kv_head * p.group_size + (kOnePass ? t % p.group_size : first_member + t / tiles_per_head);
   };
   const auto tile_start = [&](int t) {
-    int index = kOnePass ? tiles_per_head - 1 - t / p.group_size : t % tiles_per_head;
+    int index = kOnePass ? (kDiagonal ? t / p.group_size : tiles_per_head - 1 - t / p.group_size) : t % tiles_per_head;
 #if FJ_ONE_PASS
     if (kArrival) {
       index = t / p.group_size - walk_phase;  // KeyBlockSpans::walk_tile, from first_tile
@@ -804,16 +812,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) add_relaxed(counters + consumer, 1);
     };
-#if FJ_DQ_DIAGNOSTIC == 10
+#if FJ_DQ_PAIR
     // writer-pair: lane 0 of warps 1 and 2, tiles t = pair, pair + 2, ... in the block's order, each
     // with its own bulk groups and its own staging slot (t % 2). A tile: both shares staged, the
     // tile's earlier visitors' counts, the copies, the slot freed once they have read it, the
     // counts released once they are complete. Blocks wait only on lower ones, as in the block
-    // order, and each thread's tiles come in that order: no cycle.
+    // order, and each thread's tiles come in that order: no cycle. writer-diagonal: tiles upward,
+    // the tile's visitors above this block add first (rank: the highest visitor, carried up from
+    // tile to tile, less this block); blocks wait only on higher ones, launched before them.
     static_assert(layout::kDqStagingSlots == 2, "a staging slot for each writer thread");
     if (w % 32 != 0 || w >= 64) return;
     const int pair = w / 32;
-    long long pair_first_block = block;
+    long long pair_first_block = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
     for (int t = pair; t < tiles; t += 2) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
@@ -825,7 +835,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       }
       const long long chunk0 = row / kBlockN * kConsumers;
       int* const counters = p.dq_semaphore + chunk0;
-      copy_shares(counters, chunk0, pair, turn_at(t, start, pair_first_block, w, kWriterThreads, kAddBarrier).rank);
+#if FJ_DQ_DIAGNOSTIC == 11
+      pair_first_block = spans.highest_visitor(pair_first_block, start);  // (here the highest)
+      const int rank = static_cast<int>(pair_first_block - block);
+#else
+      const int rank = turn_at(t, start, pair_first_block, w, kWriterThreads, kAddBarrier).rank;
+#endif
+      copy_shares(counters, chunk0, pair, rank);
       bulk_wait_read();
       free_slot(pair);
       bulk_wait_all();
@@ -885,7 +901,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       bulk_wait_all();
       release();
     }
-#endif  // FJ_DQ_DIAGNOSTIC == 10
+#endif  // FJ_DQ_PAIR
   };
 #endif
   const auto consume = [&](int consumer) {
