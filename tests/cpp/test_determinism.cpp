@@ -105,6 +105,18 @@ std::vector<SpanCase> span_cases() {
   return cases;
 }
 
+// Calls body(c, spans, tiles, where) for every span case and tile height (16, 32, 64 rows) with
+// 128-key blocks: the cases the one-pass orders' tests share.
+template <typename Body>
+void for_each_span(Body body) {
+  for (const SpanCase& c : span_cases()) {
+    for (int64_t tile_rows : {16, 32, 64}) {
+      const KeyBlockSpans spans{128, tile_rows, c.shift, c.left, c.right, c.seqlen_q, c.seqlen_k};
+      body(c, spans, (c.seqlen_q + tile_rows - 1) / tile_rows, c.describe(tile_rows));
+    }
+  }
+}
+
 // The one-pass CUDA backward adds each query tile's dQ shares in ascending key-block order
 // (KeyBlockSpans, shared with attention_hopper_bwd.cuh). Over causal alignments, windows and
 // lengths: the blocks that visit a tile are consecutive; the kernel's walk (each block's tiles
@@ -159,39 +171,35 @@ TEST(OnePassOrder, VisitorsOfEveryTileAreRankedOnceInBlockOrder) {
 // (KeyBlockSpans::highest_visitor); a tile's visitors then take the ranks 0 .. count - 1 once each,
 // in descending block order (each waits only on higher blocks, which launch before it).
 TEST(OnePassOrder, DiagonalWalksRankTheVisitorsFromTheHighestDown) {
-  for (const SpanCase& c : span_cases()) {
-    for (int64_t tile_rows : {16, 32, 64}) {
-      const KeyBlockSpans spans{128, tile_rows, c.shift, c.left, c.right, c.seqlen_q, c.seqlen_k};
-      const int64_t tiles = (c.seqlen_q + tile_rows - 1) / tile_rows;
-      const std::string where = c.describe(tile_rows);
-      std::vector<std::vector<std::pair<int64_t, int64_t>>> ranks(tiles);  // (block, rank)
-      for (int64_t block = 0; block < spans.blocks(); ++block) {
-        const int64_t first = spans.first_tile(block), end = spans.query_end(block);
-        if (!(spans.query_begin(block) < end) || end <= first) continue;  // walks nothing
-        const int64_t count = (end - 1) / tile_rows - first / tile_rows + 1;
-        for (int64_t pair = 0; pair < 2; ++pair) {
-          int64_t highest = block;
-          for (int64_t t = pair; t < count; t += 2) {  // this writer thread's tiles, upward
-            const int64_t start = first + t * tile_rows;
-            ASSERT_TRUE(spans.visits(block, start)) << where;
-            ASSERT_TRUE(spans.visits(highest, start)) << where << ": the carried block no longer visits";
-            highest = spans.highest_visitor(highest, start);
-            ranks[start / tile_rows].push_back({block, highest - block});
-          }
-        }
-      }
-      for (int64_t t = 0; t < tiles; ++t) {
-        std::vector<int64_t> visitors;
-        for (int64_t block = 0; block < spans.blocks(); ++block) {
-          if (spans.visits(block, t * tile_rows)) visitors.push_back(block);
-        }
-        ASSERT_EQ(ranks[t].size(), visitors.size()) << where << " tile " << t;
-        for (const auto& [block, rank] : ranks[t]) {
-          ASSERT_EQ(rank, visitors.back() - block) << where << " tile " << t << " block " << block;
+  for_each_span([](const SpanCase&, const KeyBlockSpans& spans, int64_t tiles, const std::string& where) {
+    const int64_t tile_rows = spans.tile_rows;
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> ranks(tiles);  // (block, rank)
+    for (int64_t block = 0; block < spans.blocks(); ++block) {
+      const int64_t first = spans.first_tile(block), end = spans.query_end(block);
+      if (!(spans.query_begin(block) < end) || end <= first) continue;  // walks nothing
+      const int64_t count = (end - 1) / tile_rows - first / tile_rows + 1;
+      for (int64_t pair = 0; pair < 2; ++pair) {
+        int64_t highest = block;
+        for (int64_t t = pair; t < count; t += 2) {  // this writer thread's tiles, upward
+          const int64_t start = first + t * tile_rows;
+          ASSERT_TRUE(spans.visits(block, start)) << where;
+          ASSERT_TRUE(spans.visits(highest, start)) << where << ": the carried block no longer visits";
+          highest = spans.highest_visitor(highest, start);
+          ranks[start / tile_rows].push_back({block, highest - block});
         }
       }
     }
-  }
+    for (int64_t t = 0; t < tiles; ++t) {
+      std::vector<int64_t> visitors;
+      for (int64_t block = 0; block < spans.blocks(); ++block) {
+        if (spans.visits(block, t * tile_rows)) visitors.push_back(block);
+      }
+      ASSERT_EQ(ranks[t].size(), visitors.size()) << where << " tile " << t;
+      for (const auto& [block, rank] : ranks[t]) {
+        ASSERT_EQ(rank, visitors.back() - block) << where << " tile " << t << " block " << block;
+      }
+    }
+  });
 }
 
 // The arrival order (FLASHJIT_CUDA_ONE_PASS_DQ=arrival; KeyBlockSpans::arrival_step, walk_phase,
