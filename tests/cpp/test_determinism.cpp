@@ -106,7 +106,7 @@ std::vector<SpanCase> span_cases() {
 }
 
 // Calls body(c, spans, tiles, where) for every span case and tile height (16, 32, 64 rows) with
-// 128-key blocks: the cases the one-pass orders' tests share.
+// 128-key blocks, as the one-pass orders' tests walk them.
 template <typename Body>
 void for_each_span(Body body) {
   for (const SpanCase& c : span_cases()) {
