@@ -48,7 +48,7 @@ FJ_HOST_DEVICE bool key_visible(int64_t query, int64_t key, int64_t diagonal_shi
 // of them, walks the tiles of tile_rows queries from the one holding its first visible query to
 // its last visible query. Both ends never fall as b grows, so the blocks that visit a tile are
 // consecutive; the one-pass backward adds their shares of a tile's dQ in ascending block order
-// (attention_hopper_bwd.cuh).
+// (attention_hopper_bwd.cuh; descending with FLASHJIT_CUDA_ONE_PASS_DQ=writer-diagonal).
 struct KeyBlockSpans {
   int64_t block_rows, tile_rows, diagonal_shift, window_left, window_right, seqlen_q, seqlen_k;
 

@@ -656,7 +656,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // The query tiles of every head of the group, one sequence: tile t is head
   // member t / tiles_per_head, queries first_tile + (t % tiles_per_head) * kBlockN;
   // one pass, from the last query tile down with the group's heads inside: head member
-  // t % group_size, query tile tiles_per_head - 1 - t / group_size.
+  // t % group_size, query tile tiles_per_head - 1 - t / group_size (writer-diagonal: upward from
+  // the first, query tile t / group_size; arrival: its own walk).
   const long long first_tile = query_lo / kBlockN * kBlockN;
   // (One pass: a block no query sees walks nothing, rather than the last partial tile, so that it
   // does not join that tile's chain of adds: KeyBlockSpans::visits.)
@@ -772,7 +773,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // issued (its completion overlaps them; blocks wait only on lower ones, which never wait on
   // this one, so the deferral cannot close a cycle); in the arrival order, where a tile's
   // visitors wait on each other both ways in the block order, before any wait of the next tile
-  // (so too with FJ_DQ_DIAGNOSTIC 7, the block order).
+  // (so too with FJ_DQ_DIAGNOSTIC 7, the block order); with two writer threads (writer-pair,
+  // writer-diagonal: below) once the tile's own copies are complete.
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
     constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
@@ -836,6 +838,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const long long chunk0 = row / kBlockN * kConsumers;
       int* const counters = p.dq_semaphore + chunk0;
 #if FJ_DQ_DIAGNOSTIC == 11
+      (void)turn_at;
       pair_first_block = spans.highest_visitor(pair_first_block, start);  // (here the highest)
       const int rank = static_cast<int>(pair_first_block - block);
 #else
