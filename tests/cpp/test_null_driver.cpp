@@ -806,12 +806,6 @@ TEST_F(CudaHostPath, LaunchesGoToTheCallersLauncher) {
   }
 }
 
-// A decoding forward (one query against many keys) splits its keys under stream capture and with
-// a caller's workspace as it does otherwise: under capture into pool scratch (a graph's allocation
-// node, as the backward's), with a workspace into it (fj_attention_prepare_forward sizes it), and
-// with too small a workspace unsplit. Under capture too the combine is launched programmatically
-// (FLASHJIT_CUDA_OVERLAP=eager: plainly there); =0 launches it plainly everywhere; another value is
-// an error.
 // Decoding with a key mask on sm_90: blocks of one warp from 32k keys (or 16 batch-heads), the
 // sm_90a split kernel's below that; FLASHJIT_CUDA_DECODE_WARPS forces either.
 TEST_F(CudaHostPath, MaskedDecodingTakesOneWarpBlocksFromLongCaches) {
@@ -841,6 +835,12 @@ TEST_F(CudaHostPath, MaskedDecodingTakesOneWarpBlocksFromLongCaches) {
   unsetenv("FLASHJIT_CUDA_DECODE_WARPS");
 }
 
+// A decoding forward (one query against many keys) splits its keys under stream capture and with
+// a caller's workspace as it does otherwise: under capture into pool scratch (a graph's allocation
+// node, as the backward's), with a workspace into it (fj_attention_prepare_forward sizes it), and
+// with too small a workspace unsplit. Under capture too the combine is launched programmatically
+// (FLASHJIT_CUDA_OVERLAP=eager: plainly there); =0 launches it plainly everywhere; another value is
+// an error.
 TEST_F(CudaHostPath, DecodingSplitsUnderCaptureAndIntoTheWorkspace) {
   REQUIRE_NULL_DRIVER();
   DeviceBuffers buffers(1, 32, 8, 1, 4096, 128, FJ_BFLOAT16);

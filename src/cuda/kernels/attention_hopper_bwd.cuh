@@ -825,7 +825,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     static_assert(layout::kDqStagingSlots == 2, "a staging slot for each writer thread");
     if (w % 32 != 0 || w >= 64) return;
     const int pair = w / 32;
-    long long pair_first_block = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
+    long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
     for (int t = pair; t < tiles; t += 2) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
@@ -839,10 +839,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       int* const counters = p.dq_semaphore + chunk0;
 #if FJ_DQ_DIAGNOSTIC == 11
       (void)turn_at;
-      pair_first_block = spans.highest_visitor(pair_first_block, start);  // (here the highest)
-      const int rank = static_cast<int>(pair_first_block - block);
+      carried_visitor = spans.highest_visitor(carried_visitor, start);
+      const int rank = static_cast<int>(carried_visitor - block);
 #else
-      const int rank = turn_at(t, start, pair_first_block, w, kWriterThreads, kAddBarrier).rank;
+      const int rank = turn_at(t, start, carried_visitor, w, kWriterThreads, kAddBarrier).rank;
 #endif
       copy_shares(counters, chunk0, pair, rank);
       bulk_wait_read();
