@@ -8,11 +8,11 @@ causal; backward 2.5x), with the largest difference between the two outputs.
 Timing: `--runs` evaluations of `--calls` calls each (one mx.eval a run, the outputs
 summed so that every call is computed), mx.synchronize() around, median.
 
-    python bench/mlx_gpu.py --out bench/results [--launch capture nodes capture:device]
+    python bench/mlx_gpu.py --out bench/results [--launch capture nodes capture:allocator]
 
 --launch: flashjit's columns with each FLASHJIT_MLX_LAUNCH value, optionally with
-FLASHJIT_MLX_MEMORY after a colon (`capture:device`: the outputs and workspace in flashjit's
-device memory; default: MLX's allocator's); the first is the "flashjit" column, the others
+FLASHJIT_MLX_MEMORY after a colon (`capture:allocator`: the outputs and workspace in MLX's
+allocator's memory; default: flashjit's device memory); the first is the "flashjit" column, the others
 "flashjit[launch=...]", in the same process.
 """
 
@@ -68,9 +68,9 @@ def main():
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="head dim 128, N 4096 only")
     parser.add_argument("--launch", nargs="+", default=["capture"],
-                        choices=["capture", "nodes", "capture:device", "nodes:device"],
+                        choices=["capture", "nodes", "capture:allocator", "nodes:allocator"],
                         help="FLASHJIT_MLX_LAUNCH of flashjit's columns, in turn, with FLASHJIT_MLX_MEMORY after a "
-                        "colon (default: capture, MLX's allocator); a value given again is measured again as a "
+                        "colon (default: capture, flashjit's device memory); a value given again is measured again as a "
                         "column of its own")
     args = parser.parse_args()
     if not flashjit._mlx.cuda_available():
@@ -84,7 +84,7 @@ def main():
         def impl(q, k, v, c):
             # Read where the nodes run (mx.eval, inside median_ms's run, still in this setting).
             os.environ["FLASHJIT_MLX_LAUNCH"] = launch
-            os.environ["FLASHJIT_MLX_MEMORY"] = memory or "allocator"
+            os.environ["FLASHJIT_MLX_MEMORY"] = memory or "device"
             return fm.attention(q, k, v, causal=c, stream=mx.gpu)
         return impl
 
@@ -108,7 +108,8 @@ def main():
             # otherwise be handed to the first column that asks MLX's allocator for that size, each
             # moved to managed memory by a blocking copy (a0f46dd's record: up to 1.3 ms a call in
             # the first column only). In a training step MLX keeps freeing such buffers, which
-            # FLASHJIT_MLX_MEMORY=device avoids; this table compares the settings without them.
+            # flashjit's device memory (the default) avoids; this table compares the settings
+            # without them.
             mx.eval(q, k, v)
             mx.clear_cache()
             flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
@@ -143,8 +144,8 @@ def main():
              "the prepare pass, recording the kernels) over the timed runs, for the forward's calls, then for "
              "fwd+bwd's (a forward and a backward node each: the mean of the two kinds), each with the "
              "allocations' share in parentheses; the rest of a call's wall time is MLX's own and the GPU's",
-             "launch=X:device: FLASHJIT_MLX_MEMORY=device (the outputs and workspace in flashjit's device memory; "
-             "otherwise MLX's allocator's)",
+             "launch=X:allocator: FLASHJIT_MLX_MEMORY=allocator (the outputs and workspace in MLX's allocator's "
+             "memory; otherwise flashjit's device memory)",
              "flashjit[launch=X] #n: the n-th column of that setting (a repeat, for the run's spread)"]
     header = ["D", "N", "B", "causal"] + [f"{name} fwd" for name in names] + ["mx.fast fwd"] + [
         f"{name} bwd" for name in names] + ["mx.fast bwd"] + [

@@ -22,7 +22,7 @@ python3 -m pytest tests/python/test_mlx.py tests/python/test_mlx_modules.py -q -
 
 if [[ " $* " == *" --bench "* ]]; then
   step "bench/mlx_gpu.py"
-  python3 bench/mlx_gpu.py --launch capture capture:device nodes nodes:device --out "$OUT" 2>&1 | tee "$OUT/bench-mlx.log" | tail -25
+  python3 bench/mlx_gpu.py --launch capture capture:allocator nodes nodes:allocator --out "$OUT" 2>&1 | tee "$OUT/bench-mlx.log" | tail -25
 fi
 echo "gpu_mlx status: $status"
 exit $status

@@ -330,7 +330,7 @@ def test_gpu_device_memory_gives_the_allocators_results(monkeypatch):
     mx.synchronize()
     assert flashjit._mlx.device_memory()["active"] == 0
     monkeypatch.setenv("FLASHJIT_MLX_MEMORY", "pinned")
-    with pytest.raises(ValueError, match="FLASHJIT_MLX_MEMORY: expected allocator or device"):
+    with pytest.raises(ValueError, match="FLASHJIT_MLX_MEMORY: expected device or allocator"):
         mx.eval(flashjit.mlx.attention(q, k, v, stream=mx.gpu))
 
 
