@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
               f"attention: {'flashjit' if args.use_flash_attention else 'mlx-lm (mx.fast)'}, device {args.device}",
               flush=True)
         for step in range(args.steps):
-            fm.reset_peak_memory()  # MLX's and flashjit's device memory's (FLASHJIT_MLX_MEMORY=device)
+            fm.reset_peak_memory()  # MLX's and flashjit's device memory's (on the GPU stream)
             start = time.perf_counter()
             loss = train_step(batches[step])
             seconds = time.perf_counter() - start

@@ -246,7 +246,7 @@ def profile_step(step, repeats: int = 5) -> dict:
 
 def peak_memory() -> int:
     """Bytes: MLX's peak memory (mx.get_peak_memory()) plus the peak of flashjit's own device
-    memory that MLX arrays hold (FLASHJIT_MLX_MEMORY=device on MLX's GPU stream; otherwise 0),
+    memory that MLX arrays hold (on MLX's GPU stream unless FLASHJIT_MLX_MEMORY=allocator; else 0),
     since the last reset_peak_memory(). The two peaks need not fall together: the sum bounds the
     process's peak from above."""
     return mx.get_peak_memory() + _mlx.device_memory()["peak"]

@@ -315,10 +315,10 @@ struct HostTime {
 // command encoder: prepare(..., &bytes) first compiles and loads the kernels (nothing may compile
 // while the encoder captures) and sizes the scratch, which the call then takes from an array the
 // encoder keeps until the work is done (no memory nodes in the captured graph). The outputs and
-// the workspace take mx::allocator::malloc's memory, managed memory on CUDA: MLX's own kernels
-// take device memory from cu::malloc_async, which libmlx does not export, and arrays made by MLX's
-// ops and taken over as outputs measured slower on an H100
-// (bench/results/h100-mlx-2026-12-06-bdbfc6d.md). A failed call's capture is discarded and its
+// the workspace take flashjit's device memory (device_data), or with FLASHJIT_MLX_MEMORY=allocator
+// mx::allocator::malloc's memory, managed memory on CUDA: MLX's own kernels take device memory
+// from cu::malloc_async, which libmlx does not export, and arrays made by MLX's ops and taken over
+// as outputs measured slower on an H100 (bench/results/h100-mlx-2026-12-06-bdbfc6d.md). A failed call's capture is discarded and its
 // error thrown once the capture has ended, so the stream leaves capture mode and no partial graph
 // joins the encoder's.
 template <typename Call>
