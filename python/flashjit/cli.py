@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                                description="Times candidate tile configurations of the sm_90a forward per problem "
                                "class (dtype, head dim, causal, key length) and keeps each class's fastest in the "
                                "GPU's tuning file in the kernel cache directory; later calls take it. With "
-                               "--backward, the backward's passes (split, one-pass) instead.")
+                               "--backward, the backward's passes (split, one-pass, and one-pass-diagonal for "
+                               "causal classes) instead.")
     tune.add_argument("--backward", action="store_true", help="tune the backward's pass instead of the forward's tiles")
     tune.add_argument("--gpu", type=int, default=0, metavar="INDEX", help="device index (default 0)")
     tune.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16", "float16"],

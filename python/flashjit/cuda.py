@@ -188,7 +188,14 @@ def tuning_info(device: int = 0) -> str:
     return _C.cuda_describe_tuning(info["name"], info["arch"])
 
 
-_BACKWARD_PASSES = ("split", "one-pass")  # FLASHJIT_CUDA_BACKWARD's values; split is the hand-set one
+# The backward's passes the tuner times, as the settings that run them; split is the hand-set one.
+# one-pass-diagonal (the one pass with the diagonal order, FLASHJIT_CUDA_ONE_PASS_DQ=writer-diagonal)
+# only under causal bounds, where its walk differs from the one pass's.
+_BACKWARD_PASSES = {
+    "split": {"FLASHJIT_CUDA_BACKWARD": "split", "FLASHJIT_CUDA_ONE_PASS_DQ": None},
+    "one-pass": {"FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_DQ": None},
+    "one-pass-diagonal": {"FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_DQ": "writer-diagonal"},
+}
 
 
 def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, True),
@@ -199,9 +206,9 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
     fastest in the device's tuning file, which later forwards take before the built-in
     table (classes measured before and not now keep their entries); a candidate must
     beat the hand-set choice by `margin` to be stored instead of it. With backward=True,
-    the backward's two passes instead (FLASHJIT_CUDA_BACKWARD: split, the hand-set one, and
-    one-pass, at head dims 33-128; `candidates` plays no part), stored under the classes'
-    backward keys. variants: FLASHJIT_CUDA_TILES keys added to each forward candidate as a
+    the backward's passes instead (split, the hand-set one; one-pass; and for causal classes
+    one-pass-diagonal, the one pass's diagonal order; at head dims 33-128; `candidates` plays no
+    part), stored under the classes' backward keys. variants: FLASHJIT_CUDA_TILES keys added to each forward candidate as a
     candidate of its own (e.g. ("chain=tiles",): every candidate also chained). Problems:
     B*N = 16k tokens, H = 2048 / D. Returns {class key: {"tiles": chosen, "tflops":
     {candidate: TFLOP/s}}}. Needs torch and an sm_90 GPU."""
@@ -227,19 +234,23 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
         raise NotImplementedError(f"[tune] the tuned kernels are sm_90a ones; device {device} ({info['name']}) is "
                                   f"sm_{info['arch']}")
     candidates = candidates or _CANDIDATES
-    variable, hand_set = ("FLASHJIT_CUDA_BACKWARD", "split") if backward else ("FLASHJIT_CUDA_TILES", _HAND_SET)
+    hand_set = "split" if backward else _HAND_SET
 
-    def choices(head_dim):
+    def choices(head_dim, is_causal):
         padded = -(-head_dim // 64) * 64
         if backward:
-            return list(_BACKWARD_PASSES)
+            return [name for name in _BACKWARD_PASSES if is_causal or name != "one-pass-diagonal"]
         base = candidates.get(padded, [_HAND_SET])
         return base + [f"{choice},{variant}" for variant in variants for choice in base]
+
+    def settings_of(choice):  # the environment a candidate runs under
+        return _BACKWARD_PASSES[choice] if backward else {"FLASHJIT_CUDA_TILES": choice}
 
     if backward:  # the one pass runs at head dims 33-128 (32 or less: mma.sync, one backward)
         head_dims = [d for d in head_dims if 32 < d <= 128]
     problems = [(t, d, n, c) for t in dtypes for d in head_dims for n in seqlens for c in causal]
-    results, saved = {}, os.environ.get(variable)
+    variables = ("FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ") if backward else ("FLASHJIT_CUDA_TILES",)
+    results, saved = {}, {name: os.environ.get(name) for name in variables}
     with torch.cuda.device(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     try:
@@ -259,8 +270,12 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
             else:
                 call = lambda: ops.attention(q, k, v, options)  # noqa: E731
             measured = {}
-            for choice in choices(head_dim):
-                os.environ[variable] = choice
+            for choice in choices(head_dim, is_causal):
+                for name, value in settings_of(choice).items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
                 try:
                     call()
                     torch.cuda.synchronize(device)
@@ -288,10 +303,11 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
                 print(f"[{index + 1}/{len(problems)}] {key}: {best} "
                       + ", ".join(f"{t} {x:.0f}" for t, x in measured.items()), file=sys.stderr, flush=True)
     finally:
-        if saved is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     entries = "".join(f"{key} {r['tiles']} {r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items())
     results_path = _C.cuda_save_tuning(info["name"], info["arch"], entries)
     if progress:

@@ -748,7 +748,8 @@ std::vector<KernelSpec> backward_kernels_for(const KernelTraits& traits, int64_t
   if (nondeterministic && !settings::one_pass_backward().has_value() && unordered_dq_applies(traits)) {
     return backward_kernels(traits, true, kUnorderedDq);
   }
-  return backward_kernels(traits, one_pass_backward_chosen(traits, seqlen_k, device_info(launch.device_index).name));
+  const int pass = backward_pass_chosen(traits, seqlen_k, device_info(launch.device_index).name);
+  return backward_kernels(traits, pass != kSplitPass, backward_dq_mode(pass));
 }
 const std::vector<KernelSpec>& chosen_backward_kernels(const KernelTraits& traits, int64_t seqlen_k,
                                                        const Launch& launch, bool nondeterministic) {
@@ -1141,6 +1142,7 @@ std::vector<KernelSpec> backward_specs(const AttentionProblem& p, const Launch& 
   std::vector<KernelSpec> specs = chosen_backward_kernels(traits, p.seqlen_k, launch, p.nondeterministic);
   keep_blocks_resident(dkdv_kernel(specs), ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
                        device_info(launch.device_index).multiprocessors);
+  keep_diagonal_off_groups(dkdv_kernel(specs), p.heads_q != p.heads_kv);
   if (specs.size() > Plan::kMaxKernels) {
     throw Error(FJ_ERROR_INTERNAL, str_cat("[cuda] ", specs.size(), " backward kernels, at most ", Plan::kMaxKernels,
                                            " expected"));
@@ -1344,6 +1346,7 @@ bool plan_varlen_backward(Plan& plan, const AttentionProblem& p, const Launch& l
                        p.offsets_on_device ? std::numeric_limits<int64_t>::max()
                                            : ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
                        device_info(launch.device_index).multiprocessors);
+  keep_diagonal_off_groups(dkdv_kernel(specs), p.heads_q != p.heads_kv);
   if (specs.size() + (p.offsets_on_device ? 1 : 0) > Plan::kMaxKernels) return false;
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));

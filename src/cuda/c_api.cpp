@@ -115,9 +115,11 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
           if (both_launches && overlapped.overlaps_launch()) build(overlapped);
         }
         for (int64_t seqlen_k : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
-          if (forced || !cuda::one_pass_backward_chosen(traits, seqlen_k, device)) continue;
-          for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, true)) cuda::kernel_binary(spec, false);
-          break;
+          const int pass = forced ? cuda::kSplitPass : cuda::backward_pass_chosen(traits, seqlen_k, device);
+          if (pass == cuda::kSplitPass) continue;
+          for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, true, cuda::backward_dq_mode(pass))) {
+            cuda::kernel_binary(spec, false);
+          }
         }
       } else {
         cuda::kernel_binary(cuda::forward_kernel(traits), false);

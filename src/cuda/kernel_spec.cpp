@@ -739,6 +739,12 @@ void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multi
   }
 }
 
+void keep_diagonal_off_groups(KernelSpec& dkdv, bool grouped) {
+  if (dkdv.one_pass && grouped && dkdv.dq_diagnostic == settings::kDiagonalOnePassDq && !settings::one_pass_dq_set()) {
+    dkdv.dq_diagnostic = settings::kDefaultOnePassDq;
+  }
+}
+
 // The one pass's dQ from its writer's sums (attention_hopper_bwd.cuh, FJ_BACKWARD_DQ_CONVERT): a
 // block of the dK/dV kernel's threads a query tile of its step (block_n scratch rows), in the
 // order of its consumers' accumulators; one kernel for every feature of the dK/dV kernel.

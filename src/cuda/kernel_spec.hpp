@@ -310,6 +310,12 @@ KernelSpec& dkdv_kernel(std::vector<KernelSpec>& specs);
 // SM), the kernel becomes the eager block-order one (3, or 5 by the writer), whose blocks wait only
 // on blocks launched before them.
 void keep_blocks_resident(KernelSpec& dkdv, int64_t key_blocks_a_head, int multiprocessors);
+// The diagonal order (dq_diagnostic 11) chosen by a class's tuning (FLASHJIT_CUDA_ONE_PASS_DQ
+// unset) becomes writer-pair (10) where query heads share key/value heads: a grouped block walks
+// its group's heads at each tile, so the highest-first launch leaves the longest chains for the
+// last wave (on an H100 20-29% slower than writer-pair at GQA 32/8,
+// bench/results/h100-attention-2026-12-07-7691e0f-writers.md).
+void keep_diagonal_off_groups(KernelSpec& dkdv, bool grouped);
 // Opt-in shared memory a block may use on a compute capability (80 for sm_80).
 int max_shared_memory_bytes(int arch);
 

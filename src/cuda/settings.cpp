@@ -132,9 +132,15 @@ bool trace_tiles() {
 }
 
 int one_pass_dq() {
-  return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered", "eager", "arrival", "writer", "writer-arrival",
-                                                      "writer-eager", "writer-groups", "atomic",
-                                                      "writer-pair", "writer-diagonal"}));
+  const int chosen = choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered", "eager", "arrival", "writer",
+                                                         "writer-arrival", "writer-eager", "writer-groups", "atomic",
+                                                         "writer-pair", "writer-diagonal"});
+  return chosen < 0 ? kDefaultOnePassDq : chosen;
+}
+
+bool one_pass_dq_set() {
+  const char* value = std::getenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  return value != nullptr && *value != '\0';
 }
 
 std::optional<bool> one_pass_backward() {

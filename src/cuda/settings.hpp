@@ -30,7 +30,8 @@
 //                               writer-pair: the writer's block order by two threads taking
 //                               alternate tiles, each count released once its copies are complete;
 //                               writer-diagonal: writer-pair with tiles walked upward and a tile's
-//                               visitors adding from the highest block down
+//                               visitors adding from the highest block down; ordered: the
+//                               consumers' own adds in block order; unset: writer-pair
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -126,9 +127,10 @@ int backward_overlap();
 // threads of every 16th block keep clock64() at the points of each work tile and print them);
 // unset, empty or 0: not; another value raises an error naming the variable.
 bool trace_tiles();
-// FLASHJIT_CUDA_ONE_PASS_DQ (a diagnostic for timing the one-pass backward; dQ is then not
-// written): "none" (1) skips the dQ sums, "unordered" (2) has every block add its share at once,
-// with no order and no count; unset or "ordered" (0) the real backward; "eager" (3) the real
+// FLASHJIT_CUDA_ONE_PASS_DQ (how the one-pass backward sums dQ; "none" and "unordered" are
+// timing diagnostics, which write no dQ): "none" (1) skips the dQ sums, "unordered" (2) has every
+// block add its share at once, with no order and no count; "ordered" (0) the real backward, each
+// block's adds made by its consumers in block order; "eager" (3) the real
 // backward with each add's count released right after the adds by one thread (a barrier, then
 // a release) rather than at the block's next add; "arrival" (4) the real backward with the adds
 // in the order the blocks reach each tile (KeyBlockSpans' arrival order; the plan falls back to 3
@@ -138,8 +140,15 @@ bool trace_tiles();
 // with every block's adds made at once, in no order (not deterministic); "writer-pair" (10) the
 // writer's block order by two threads taking alternate tiles, each count released as soon as its
 // tile's copies are complete; "writer-diagonal" (11) as writer-pair with each block's tiles walked
-// upward and a tile's visitors adding from the highest block down. Another value is an error.
+// upward and a tile's visitors adding from the highest block down. Unset or empty: writer-pair
+// (kDefaultOnePassDq; ordered's bits, measured the fastest of them on an H100:
+// bench/results/h100-attention-2026-12-07-7691e0f-writers.md). Another value is an error.
+constexpr int kDefaultOnePassDq = 10;
+constexpr int kDiagonalOnePassDq = 11;
 int one_pass_dq();
+// Whether FLASHJIT_CUDA_ONE_PASS_DQ is set (not empty): a set value wins over a tuned class's
+// one-pass-diagonal choice and over the rule that keeps the diagonal order off grouped heads.
+bool one_pass_dq_set();
 // FLASHJIT_CUDA_BACKWARD=one-pass (true): the sm_90a backward's dK/dV kernel also forms dQ (five
 // products a tile instead of seven); "split" (false): the dQ and dK/dV kernels; nullopt when unset
 // or empty (the tuned choice, else split, until the one pass is measured on a GPU). Any other

@@ -24,20 +24,21 @@ constexpr const char* kBuiltIn = "built-in";
 constexpr const char* kBackwardPrefix = "bwd_";
 
 struct TunedChoice {
-  std::string tiles;     // FLASHJIT_CUDA_TILES text (a backward class: "one-pass" or "split")
+  std::string tiles;     // FLASHJIT_CUDA_TILES text (a backward class: "one-pass", "one-pass-diagonal" or "split")
   double tflops = 0;     // as measured by the tuner
   ForwardTiles parsed;   // tiles, parsed once when the file is read or saved
-  int one_pass = -1;     // a backward class's pass: 1 one-pass, 0 split
+  int one_pass = -1;     // a backward class's pass: kSplitPass, kOnePass or kOnePassDiagonal
 };
 
 // A class's choice from its text: a forward class's tiles, parsed; a backward class's pass.
 TunedChoice parse_choice(const std::string& key, const std::string& tiles, double tflops) {
   TunedChoice choice{tiles, tflops, ForwardTiles{}, -1};
   if (key.compare(0, std::string(kBackwardPrefix).size(), kBackwardPrefix) == 0) {
-    if (tiles != "one-pass" && tiles != "split") {
-      throw_value_error("[tuning] ", key, ": expected one-pass or split for a backward class, got '", tiles, "'");
+    if (tiles != "one-pass" && tiles != "one-pass-diagonal" && tiles != "split") {
+      throw_value_error("[tuning] ", key, ": expected one-pass, one-pass-diagonal or split for a backward class, got '",
+                        tiles, "'");
     }
-    choice.one_pass = tiles == "one-pass" ? 1 : 0;
+    choice.one_pass = tiles == "split" ? kSplitPass : tiles == "one-pass" ? kOnePass : kOnePassDiagonal;
   } else {
     try {
       choice.parsed = parse_forward_tiles(tiles.c_str());
@@ -220,9 +221,18 @@ int tuned_one_pass(const std::string& device_name, int arch, const std::string& 
   return choice == nullptr ? -1 : choice->one_pass;
 }
 
+int backward_pass_chosen(const KernelTraits& traits, int64_t seqlen_k, const std::string& device_name) {
+  if (const std::optional<bool> forced = settings::one_pass_backward()) return *forced ? kOnePass : kSplitPass;
+  if (!hopper_applies(traits)) return kSplitPass;
+  return std::max(kSplitPass, tuned_one_pass(device_name, traits.arch, backward_tuning_key(traits, seqlen_k)));
+}
+
 bool one_pass_backward_chosen(const KernelTraits& traits, int64_t seqlen_k, const std::string& device_name) {
-  if (const std::optional<bool> forced = settings::one_pass_backward()) return *forced;
-  return hopper_applies(traits) && tuned_one_pass(device_name, traits.arch, backward_tuning_key(traits, seqlen_k)) == 1;
+  return backward_pass_chosen(traits, seqlen_k, device_name) != kSplitPass;
+}
+
+int backward_dq_mode(int pass) {
+  return pass == kOnePassDiagonal && !settings::one_pass_dq_set() ? settings::kDiagonalOnePassDq : -1;
 }
 
 ForwardTiles tuned_forward_tiles(const std::string& device_name, int arch, const std::string& key) {

@@ -35,13 +35,23 @@ std::string tuning_key(const KernelTraits& traits, int64_t seqlen_k);
 // The class of a backward (its pass: one-pass or split): "bwd_" and the forward's class.
 std::string backward_tuning_key(const KernelTraits& traits, int64_t seqlen_k);
 
-// The backward's pass for a class on a device: 1 (one-pass) or 0 (split) as tuned on it, else as
-// the built-in table of its arch says; -1 where neither has the class.
+// A backward class's pass: the split kernels, the one pass (its dQ sums as
+// FLASHJIT_CUDA_ONE_PASS_DQ says, by default writer-pair), or the one pass with the diagonal order
+// (writer-diagonal; "one-pass-diagonal" in a tuning file).
+constexpr int kSplitPass = 0, kOnePass = 1, kOnePassDiagonal = 2;
+
+// The backward's pass for a class on a device (kSplitPass, kOnePass, kOnePassDiagonal) as tuned
+// on it, else as the built-in table of its arch says; -1 where neither has the class.
 int tuned_one_pass(const std::string& device_name, int arch, const std::string& key);
 
-// Whether a backward of `traits` over seqlen_k keys on a device runs in one pass:
-// FLASHJIT_CUDA_BACKWARD where set, else its class's tuned choice (tuned_one_pass), else not.
+// The pass of a backward of `traits` over seqlen_k keys on a device: FLASHJIT_CUDA_BACKWARD where
+// set (kOnePass or kSplitPass), else its class's tuned choice (tuned_one_pass), else kSplitPass.
+int backward_pass_chosen(const KernelTraits& traits, int64_t seqlen_k, const std::string& device_name);
+// Whether that pass is a one pass.
 bool one_pass_backward_chosen(const KernelTraits& traits, int64_t seqlen_k, const std::string& device_name);
+// backward_kernels' dq_mode for a chosen pass: the diagonal order for kOnePassDiagonal unless
+// FLASHJIT_CUDA_ONE_PASS_DQ is set; else -1 (the setting's, or its default).
+int backward_dq_mode(int pass);
 
 // The tiles for a class on a device: those tuned on it, else those of the
 // built-in table of its arch (src/cuda/tuned_sm<arch>.txt: the tuner's output

@@ -266,12 +266,14 @@ TEST_F(CudaCompile, OnePassBackwardCompilesForSm90) {
           traits.mask = flashjit::MaskKind::kBool;
           traits.mask_dtype = FJ_BOOL;
         }
+        // prep, dK/dV with dQ's sums (writer-pair, the default), dQ from them
         std::vector<KernelSpec> specs = backward_kernels(traits, true);
-        ASSERT_EQ(specs.size(), 2u);
+        ASSERT_EQ(specs.size(), 3u);
+        EXPECT_EQ(specs[2].entry, KernelEntry::kBackwardDqConvert);
         if (head_dim == 64) {  // and a wider V: 16 queries a step with the extras, 8 a consumer
           KernelTraits wide_v = traits;
           wide_v.head_dim_v = 128;
-          specs.push_back(backward_kernels(wide_v, true).back());
+          specs.push_back(dkdv_kernel(backward_kernels(wide_v, true)));
           EXPECT_TRUE(specs.back().one_pass) << specs.back().name();
         }
         EXPECT_EQ(specs[0].entry, KernelEntry::kBackwardPrep);
@@ -375,7 +377,7 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 // writer-eager, which differs from writer in when a count is released, and writer-groups, in
 // where a visitor's sums go, at head dim 128 alone, the latter's dQ kernel (which adds the
 // groups) too);
-// unset or ordered the real one; another value is an error naming it.
+// ordered the consumers' own adds; unset writer-pair; another value is an error naming it.
 TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -383,7 +385,16 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
     ~Unset() { unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ"); }
   } unset;
   const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  EXPECT_FALSE(settings::one_pass_dq_set());
+  const std::vector<KernelSpec> defaults = backward_kernels(traits, true);
+  ASSERT_EQ(defaults.size(), 3u);  // writer-pair's sums: dQ written from them by a kernel of its own
+  EXPECT_EQ(dkdv_kernel(defaults).dq_diagnostic, settings::kDefaultOnePassDq);
+  EXPECT_EQ(settings::kDefaultOnePassDq, 10);
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);
+  EXPECT_TRUE(settings::one_pass_dq_set());
   const std::string real = backward_kernels(traits, true).back().name();
+  EXPECT_EQ(backward_kernels(traits, true).back().dq_diagnostic, 0);
   const std::vector<std::string> values = {"none",           "unordered",    "eager",         "arrival", "writer",
                                            "writer-arrival", "writer-eager", "writer-groups", "atomic",
                                            "writer-pair",    "writer-diagonal"};
@@ -397,6 +408,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
     EXPECT_TRUE(spec.one_pass);
     EXPECT_EQ(spec.dq_diagnostic, int(index) + 1);
     EXPECT_NE(spec.name(), real);
+    if (values[index] == "writer-pair") EXPECT_EQ(spec.name(), dkdv_kernel(defaults).name());
     ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
     if (writer) ASSERT_NO_THROW(kernel_binary(specs.back(), false)) << specs.back().name();
     EXPECT_EQ(backward_kernels(traits, false).back().dq_diagnostic, 0);  // the split backward: unaffected
@@ -444,6 +456,34 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);
   EXPECT_EQ(backward_kernels(traits, true).back().name(), real);
   expect_setting_error("FLASHJIT_CUDA_ONE_PASS_DQ", "fast", [] { settings::one_pass_dq(); });
+}
+
+// The diagonal order chosen by a tuned class stays off grouped heads (writer-pair's block order
+// instead, one kernel name apart), unless FLASHJIT_CUDA_ONE_PASS_DQ asks for it; other modes and
+// ungrouped heads keep theirs.
+TEST(OnePassOrder, DiagonalStaysOffGroupedHeadsUnlessSet) {
+  using namespace flashjit::cuda;
+  struct Unset {
+    ~Unset() { unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ"); }
+  } unset;
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 64);
+  const KernelSpec diagonal = dkdv_kernel(backward_kernels(traits, true, backward_dq_mode(kOnePassDiagonal)));
+  ASSERT_TRUE(diagonal.one_pass);
+  ASSERT_EQ(diagonal.dq_diagnostic, 11);
+  KernelSpec grouped = diagonal, ungrouped = diagonal;
+  keep_diagonal_off_groups(grouped, true);
+  keep_diagonal_off_groups(ungrouped, false);
+  EXPECT_EQ(grouped.dq_diagnostic, 10);
+  EXPECT_EQ(grouped.name(), dkdv_kernel(backward_kernels(traits, true)).name());
+  EXPECT_EQ(ungrouped.dq_diagnostic, 11);
+  KernelSpec other = dkdv_kernel(backward_kernels(traits, true, 5));
+  keep_diagonal_off_groups(other, true);
+  EXPECT_EQ(other.dq_diagnostic, 5);
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer-diagonal", 1);
+  KernelSpec forced = dkdv_kernel(backward_kernels(traits, true));
+  keep_diagonal_off_groups(forced, true);
+  EXPECT_EQ(forced.dq_diagnostic, 11);
 }
 
 // Every forward epilogue and Q ring the tile override can pick compiles for
@@ -888,11 +928,28 @@ TEST_F(CudaCompile, TunedBackwardPassIsUsedAndForcedBySetting) {
   EXPECT_EQ(tuned_one_pass("NVIDIA H200", 90, key), 0);
   EXPECT_NE(describe_tuning("NVIDIA H200", 90).find(key + " split"), std::string::npos)
       << describe_tuning("NVIDIA H200", 90);
+  // The diagonal order: a one pass whose dK/dV kernel takes writer-diagonal's sums, unless
+  // FLASHJIT_CUDA_ONE_PASS_DQ says otherwise; FLASHJIT_CUDA_BACKWARD=one-pass forces the plain one.
+  save_tuning("NVIDIA H200", 90, key + " one-pass-diagonal 420\n");
+  EXPECT_EQ(tuned_one_pass("NVIDIA H200", 90, key), kOnePassDiagonal);
+  EXPECT_EQ(backward_pass_chosen(traits, 4096, "NVIDIA H200"), kOnePassDiagonal);
+  EXPECT_TRUE(one_pass_backward_chosen(traits, 4096, "NVIDIA H200"));
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  EXPECT_EQ(backward_dq_mode(kOnePassDiagonal), 11);
+  EXPECT_EQ(backward_dq_mode(kOnePass), -1);
+  EXPECT_EQ(dkdv_kernel(backward_kernels(traits, true, backward_dq_mode(kOnePassDiagonal))).dq_diagnostic, 11);
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer", 1);
+  EXPECT_EQ(backward_dq_mode(kOnePassDiagonal), -1);
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
+  EXPECT_EQ(backward_pass_chosen(traits, 4096, "NVIDIA H200"), kOnePass);
+  unsetenv("FLASHJIT_CUDA_BACKWARD");
   try {
     save_tuning("NVIDIA H200", 90, key + " n=96 1\n");
     ADD_FAILURE() << "a backward class took tiles";
   } catch (const flashjit::Error& error) {
-    EXPECT_NE(std::string(error.what()).find("one-pass or split"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("one-pass, one-pass-diagonal or split"), std::string::npos)
+        << error.what();
   }
   EXPECT_THROW(save_tuning("NVIDIA H200", 90, forward_key + " one-pass 1\n"), std::exception);  // not tiles
   clear_tuning();

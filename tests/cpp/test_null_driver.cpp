@@ -409,6 +409,8 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
   EXPECT_EQ(backward_launches(), 3u);  // prep, dQ, dK/dV
   setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
+  EXPECT_EQ(backward_launches(), 3u);  // prep, dK/dV with dQ's sums (writer-pair, the default), dQ from them
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);
   EXPECT_EQ(backward_launches(), 2u);  // prep, dK/dV with dQ
   // With the dQ writer, the kernel that writes dQ from its sums follows: a block a query tile of
   // the one pass's step (64 rows at head dim 64) of every head's 512 scratch rows, on the sums.

@@ -99,8 +99,12 @@ def test_backward_classes_have_keys_of_their_own():
 def test_a_tuned_backward_pass_is_what_later_backwards_run(tmp_path, monkeypatch):
     from flashjit import _C
 
+    monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer")  # the tuner's candidates set their own, then restore it
     key, result = tune_one_class(tmp_path, monkeypatch, 128, True, backward=True)
-    assert key.startswith("bwd_") and set(result["tflops"]) == {"split", "one-pass"}
+    assert os.environ["FLASHJIT_CUDA_ONE_PASS_DQ"] == "writer"
+    monkeypatch.delenv("FLASHJIT_CUDA_ONE_PASS_DQ")
+    # A causal class: the one pass's diagonal order is a candidate too.
+    assert key.startswith("bwd_") and set(result["tflops"]) == {"split", "one-pass", "one-pass-diagonal"}
     assert f"{key} {result['tiles']}" in flashjit.cuda.tuning_info()
 
     info = flashjit.cuda.device_info()
@@ -119,5 +123,6 @@ def test_a_tuned_backward_pass_is_what_later_backwards_run(tmp_path, monkeypatch
 
     sums = 4 * 2 * 4 * 1024 * 128
     assert workspace("one-pass") >= sums > workspace("split")
+    assert workspace("one-pass-diagonal") >= sums
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")  # the setting wins over the tuned pass
     assert workspace("one-pass") < sums
