@@ -72,9 +72,11 @@ def corpus_tokens(args, vocab_size, tokenizer, count):
     return ids[:count]
 
 
-def record_step(history: list, step: int, loss: float, seconds: float, tokens: int, peak_mib: float) -> None:
+def record_step(history: list, step: int, loss: float, seconds: float, tokens: int, peak_mib: float,
+                extra: dict | None = None) -> None:
+    """Appends a step's record to history (with `extra`'s fields, if any) and prints its line."""
     history.append(dict(step=step, loss=loss, seconds=seconds, tokens_per_second=tokens / seconds,
-                        peak_memory_mib=peak_mib))
+                        peak_memory_mib=peak_mib, **(extra or {})))
     print(f"step {step:4d}  loss {loss:.4f}  {tokens / seconds:9.0f} tokens/s  peak {peak_mib:8.1f} MiB", flush=True)
 
 

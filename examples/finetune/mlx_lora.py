@@ -96,16 +96,31 @@ def main(argv=None) -> dict:
               flush=True)
         for step in range(args.steps):
             fm.reset_peak_memory()  # MLX's and flashjit's device memory's (on the GPU stream)
+            host = fm._mlx.eval_gpu_host_time()
             start = time.perf_counter()
             loss = train_step(batches[step])
             seconds = time.perf_counter() - start
-            record_step(history, step + 1, loss, seconds, tokens_per_step, fm.peak_memory() / 2 ** 20)
+            record_step(history, step + 1, loss, seconds, tokens_per_step, fm.peak_memory() / 2 ** 20,
+                        step_diagnostics(host, fm._mlx.eval_gpu_host_time(), fm._mlx.device_memory()))
         profile = None
         if args.profile_attention:
             profile = fm.profile_step(lambda: train_step(batches[args.steps]))
             print(profile["table"], flush=True)
     return summarize(args, history, trainable, tokens_per_step,
                      None if profile is None else {k: v for k, v in profile.items() if k != "table"})
+
+
+def step_diagnostics(host_before: dict, host_after: dict, device_memory: dict) -> dict:
+    """What a step's record adds in MLX (the JSON's history), to tell a slow step's cause: flashjit's
+    eval_gpu calls and their host time (the allocations' share apart), flashjit's device memory that
+    MLX arrays hold after the step, and MLX's own active and cached memory."""
+    import mlx.core as mx
+
+    return dict(flashjit_calls=host_after["calls"] - host_before["calls"],
+                flashjit_host_ms=(host_after["seconds"] - host_before["seconds"]) * 1e3,
+                flashjit_alloc_ms=(host_after["alloc_seconds"] - host_before["alloc_seconds"]) * 1e3,
+                flashjit_active_mib=device_memory["active"] / 2 ** 20,
+                mlx_active_mib=mx.get_active_memory() / 2 ** 20, mlx_cache_mib=mx.get_cache_memory() / 2 ** 20)
 
 
 if __name__ == "__main__":

@@ -822,7 +822,8 @@ NB_MODULE(_mlx, m) {
         return result;
       },
       nb::arg("reset_peak") = false,
-      "Bytes of flashjit's device memory held by MLX arrays (FLASHJIT_MLX_MEMORY=device): now (active) and at "
+      "Bytes of flashjit's device memory held by MLX arrays (on a GPU stream, unless FLASHJIT_MLX_MEMORY=allocator): "
+      "now (active) and at "
       "most since the last reset (peak); reset_peak=True then starts the peak again from the active bytes.");
   m.def(
       "kernel_node_count",

@@ -35,6 +35,9 @@ def test_mlx_lora(tmp_path):
     (row,) = flash["attention"]["rows"]
     assert row["impl"] == "flashjit" and row["calls"] == 2 and 0 < flash["attention"]["share"] < 1
     assert (tmp_path / "mlx.json").exists()
+    # Each step's diagnostics: flashjit's eval_gpu calls (none on the CPU stream), memory held.
+    for step in flash["history"]:
+        assert step["flashjit_calls"] == 0 and step["flashjit_host_ms"] == 0 and step["mlx_active_mib"] > 0
 
 
 def test_torch_lora():
