@@ -5,8 +5,9 @@
 # parallel processes, so that the tuner's single process only times them. The
 # tuning file it writes is copied to $OUT/tuned_sm90.txt: committed as
 # src/cuda/tuned_sm90.txt, it is the built-in table. --backward: the backward's pass instead
-# (`flashjit tune --backward`, head dims 64 and 128), on top of the built-in table's entries, so
-# that the copied file is the whole new table. --head-dims D ...: the forward's classes of those
+# (`flashjit tune --backward`, head dims 64 and 128: split, one-pass, and one-pass-diagonal for
+# causal classes, their kernels compiled in parallel first), on top of the built-in table's
+# entries, so that the copied file is the whole new table. --head-dims D ...: the forward's classes of those
 # head dims alone, likewise on top of the built-in table's other entries.
 # --seqlens N ...: the forward's classes of those sequence lengths alone (flashjit tune --seqlens),
 # likewise on top of the built-in table's other entries.
@@ -48,6 +49,31 @@ print(_C.cuda_save_tuning(info["name"], info["arch"], entries))
 
 if [ $mode = backward ]; then
   seed_with_table
+  # The passes' kernels compiled first, in parallel processes (the tuner's own process compiles
+  # each candidate where it first runs it): split, one-pass, and one-pass-diagonal under causal
+  # bounds, bf16 and fp16, head dims 64 and 128.
+  step "compile the backward's candidates ($(nproc) processes)"
+  for dtype in bfloat16 float16; do for head_dim in 64 128; do for causal in 0 1; do
+    for pass in split one-pass one-pass-diagonal; do
+      [ $pass = one-pass-diagonal ] && [ $causal = 0 ] && continue
+      echo $dtype $head_dim $causal $pass
+    done
+  done; done; done >"$OUT/backward-candidates.txt"
+  xargs -P "$(nproc)" -L 1 python3 -c '
+import os, sys, torch, flashjit
+dtype, head_dim, causal, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+from flashjit.cuda import _BACKWARD_PASSES
+for variable, value in _BACKWARD_PASSES[name].items():
+    if value is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = value
+# 128 heads of 1k queries: a dQ grid of more than four blocks an SM, so that the split pass
+# compiles the kernels that the tuning problems run (not the overlapped pair of small grids).
+q, k, v = (torch.randn(1, 128, 1024, head_dim, device="cuda", dtype=getattr(torch, dtype), requires_grad=True)
+           for _ in range(3))
+flashjit.attention(q, k, v, causal=bool(causal)).sum().backward()
+' <"$OUT/backward-candidates.txt" 2>&1 | tail -20
   step "flashjit tune --backward"
   timeout 500 python3 -m flashjit tune --backward --head-dims 64 128 >"$OUT/tune.log" 2>&1 || status=1
   grep -v "^\[" "$OUT/tune.log" | tail -45
