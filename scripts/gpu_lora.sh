@@ -9,7 +9,8 @@
 # (default: torch and mlx; tests: the MLX test files first, mlx-lm's routing included). The same
 # parts serve scripts/gpu_mlx.sh. Records and logs under $OUT. LORA_FLASH_ENV="NAME=VALUE ..."
 # sets those variables in the flashjit runs only (bench/lora_table.py --flash-env), e.g.
-# LORA_FLASH_ENV="FLASHJIT_MLX_LAUNCH=nodes".
+# LORA_FLASH_ENV="FLASHJIT_MLX_LAUNCH=nodes". LORA_STEPS=N: training steps a run (default: the
+# table's 8).
 if [ "${1:-}" = "--pins" ]; then
   # transformers, peft and mlx-lm with what they import that torch's environment lacks or holds
   # too old (pydantic and anyio need typing_extensions 4.16; the versions setup.sh installs here),
@@ -43,12 +44,12 @@ for part in "${parts[@]}"; do
     torch)
       step "LoRA, torch (bench/lora_table.py)"
       timeout 540 python3 bench/lora_table.py --framework torch --device cuda --dtype bfloat16 --timeout 200 \
-        ${LORA_FLASH_ENV:+--flash-env $LORA_FLASH_ENV} --out "$OUT" 2>&1 | tee "$OUT/lora-torch.log" | grep "^|\|error\|Error" | tail -12
+        ${LORA_STEPS:+--steps $LORA_STEPS} ${LORA_FLASH_ENV:+--flash-env $LORA_FLASH_ENV} --out "$OUT" 2>&1 | tee "$OUT/lora-torch.log" | grep "^|\|error\|Error" | tail -12
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     mlx)
       step "LoRA, MLX on the GPU (bench/lora_table.py)"
       timeout 540 python3 bench/lora_table.py --framework mlx --device gpu --dtype bfloat16 --timeout 200 \
-        ${LORA_FLASH_ENV:+--flash-env $LORA_FLASH_ENV} --out "$OUT" 2>&1 | tee "$OUT/lora-mlx.log" | grep "^|\|error\|Error" | tail -12
+        ${LORA_STEPS:+--steps $LORA_STEPS} ${LORA_FLASH_ENV:+--flash-env $LORA_FLASH_ENV} --out "$OUT" 2>&1 | tee "$OUT/lora-mlx.log" | grep "^|\|error\|Error" | tail -12
       [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     *) echo "unknown part $part: expected torch, mlx or tests"; exit 2 ;;
   esac
