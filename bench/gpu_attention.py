@@ -82,7 +82,7 @@ def fa4_function():
 
 # The environment switches a flashjit column may set; a column leaves the others unset.
 SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ", "FLASHJIT_CUDA_DKDV",
-            "FLASHJIT_CUDA_DKDV_PARTS", "FLASHJIT_CUDA_BACKWARD_OVERLAP")
+            "FLASHJIT_CUDA_DKDV_PARTS", "FLASHJIT_CUDA_BACKWARD_OVERLAP", "FLASHJIT_CUDA_ONE_PASS_STEPS")
 
 
 class Impl:
@@ -140,6 +140,8 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # are complete; writer-diagonal: the same with tiles walked upward and the visitors adding
         # from the highest block down) (real backwards);
         # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
+        # one-pass:whole, one-pass:<sums>+whole: FLASHJIT_CUDA_ONE_PASS_STEPS=whole (head dim 128 in
+        # steps of 64 queries, each step's products in two turns of its own);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default); split:parts: with FLASHJIT_CUDA_DKDV_PARTS=auto (a GQA group's
         # query heads over several dK/dV blocks where the grid is small; the default), split:no-parts
@@ -148,6 +150,9 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # the dQ grid is small).
         backward, _, option = mode.partition(":")
         env = {"FLASHJIT_CUDA_BACKWARD": backward}
+        if option == "whole" or option.endswith("+whole"):
+            env["FLASHJIT_CUDA_ONE_PASS_STEPS"] = "whole"
+            option = option.removesuffix("whole").removesuffix("+")
         if option in ("parts", "no-parts"):
             env["FLASHJIT_CUDA_DKDV_PARTS"] = "auto" if option == "parts" else "off"
         elif option in ("overlap", "no-overlap"):
@@ -416,7 +421,8 @@ def main():
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic", "one-pass:writer-pair",
-                                 "one-pass:writer-diagonal",
+                                 "one-pass:writer-diagonal", "one-pass:whole", "one-pass:writer-diagonal+whole",
+                                 "one-pass:writer+whole", "one-pass:atomic+whole",
                                  "split:shared", "split:registers", "split:parts", "split:no-parts", "split:overlap",
                                  "split:no-overlap"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
@@ -425,7 +431,8 @@ def main():
                              "one-pass:writer-eager, one-pass:writer-groups, one-pass:atomic, one-pass:writer-pair and "
                              "one-pass:writer-diagonal also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
-                             "two a timing diagnostic whose dQ is not written)")
+                             "two a timing diagnostic whose dQ is not written); one-pass:whole and a '+whole' "
+                             "suffix set FLASHJIT_CUDA_ONE_PASS_STEPS=whole")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="B:HQ:HKV:N:D[:causal]",
                         help="these problems instead of the grid, e.g. 1:32:4:2048:64:causal (a LoRA step of "
                              "TinyLlama at batch 1)")

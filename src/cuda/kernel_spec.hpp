@@ -115,6 +115,11 @@ struct KernelSpec {
   // kHopper dK/dV that also forms dQ (FJ_ONE_PASS; attention_hopper_bwd.cuh): five products a
   // tile pair, dQ summed in float32 in a fixed order (KernelParams::dq_accum, dq_semaphore).
   bool one_pass = false;
+  // kHopper one-pass dK/dV at head dim 128 whose steps are whole (FJ_WHOLE_STEPS;
+  // settings::one_pass_whole_steps): S^T and dP^T in one turn, then dV, dK and dQ^T of the same
+  // step in a second, nothing carried into the next step's turn, so that the registers of a step
+  // of twice the queries fit (block_n 64), with one Q/dO buffer ahead and two dS buffers.
+  bool whole_steps = false;
   // kHopper split dK/dV (both parts, head dims up to 128) whose dV and dK products read P^T and
   // dS^T from shared memory (written by each warp after its gradient) instead of registers, so
   // that twice the queries a step fit (FJ_DKDV_SHARED; settings::dkdv_shared_operands).
@@ -146,7 +151,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 38;
+  static constexpr size_t kFieldCount = 39;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -172,6 +177,11 @@ struct KernelSpec {
   // producer_setup where it applies: the kHopper forward, whatever its tiles and variant.
   bool sets_up_in_producer() const {
     return producer_setup && family == KernelFamily::kHopper && entry == KernelEntry::kForward;
+  }
+  // whole_steps where it applies: the kHopper one-pass dK/dV kernel (what name() spells and
+  // fields() holds).
+  bool takes_whole_steps() const {
+    return whole_steps && one_pass && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv;
   }
   // dkdv_parts where it applies (what name() spells and fields() holds).
   bool takes_parts() const {

@@ -138,6 +138,8 @@ int one_pass_dq() {
   return chosen < 0 ? kDefaultOnePassDq : chosen;
 }
 
+bool one_pass_whole_steps() { return choice("FLASHJIT_CUDA_ONE_PASS_STEPS", {"carried", "whole"}) == 1; }
+
 bool one_pass_dq_set() {
   const char* value = std::getenv("FLASHJIT_CUDA_ONE_PASS_DQ");
   return value != nullptr && *value != '\0';

@@ -32,6 +32,9 @@
 //                               writer-diagonal: writer-pair with tiles walked upward and a tile's
 //                               visitors adding from the highest block down; ordered: the
 //                               consumers' own adds in block order; unset: writer-pair
+//   FLASHJIT_CUDA_ONE_PASS_STEPS whole: the one pass at head dim 128 in steps of 64 queries whose
+//                               products take two turns of their own; carried (default): 32
+//                               queries a step, its second products carried into the next turn
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split
@@ -146,6 +149,12 @@ bool trace_tiles();
 constexpr int kDefaultOnePassDq = 10;
 constexpr int kDiagonalOnePassDq = 11;
 int one_pass_dq();
+// FLASHJIT_CUDA_ONE_PASS_STEPS: "whole" (true) gives the one-pass backward at head dim 128 steps
+// of twice the queries (64; 32 with a mask, dropout or softcap), each step's products issued in
+// two turns of its own (KernelSpec::whole_steps), where its dQ sums are the writer's or atomic and
+// shared memory has room; unset, empty or "carried" (false): each step's second products carried
+// into the next step's turn (the default). Another value is an error naming the variable.
+bool one_pass_whole_steps();
 // Whether FLASHJIT_CUDA_ONE_PASS_DQ is set (not empty): a set value wins over a tuned class's
 // one-pass-diagonal choice and over the rule that keeps the diagonal order off grouped heads.
 bool one_pass_dq_set();

@@ -458,6 +458,66 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   expect_setting_error("FLASHJIT_CUDA_ONE_PASS_DQ", "fast", [] { settings::one_pass_dq(); });
 }
 
+// FLASHJIT_CUDA_ONE_PASS_STEPS=whole: the one pass at head dim 128 in steps of twice the queries
+// (64; 32 with the extras), one Q/dO buffer ahead, two dS buffers, where its dQ sums are the
+// writer's or atomic; it fits shared memory and compiles for sm_90a with the dQ convert kernel,
+// dense and varlen; elsewhere (head dim 64, the consumers' own ordered adds) the carried steps;
+// unset or carried: those; another value is an error naming the variable.
+TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  struct Unset {
+    ~Unset() {
+      unsetenv("FLASHJIT_CUDA_ONE_PASS_STEPS");
+      unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+    }
+  } unset;
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_STEPS");
+  EXPECT_FALSE(settings::one_pass_whole_steps());
+  const KernelSpec carried = dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true));
+  EXPECT_FALSE(carried.whole_steps);
+  EXPECT_EQ(carried.block_n, 32);
+  setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "carried", 1);
+  EXPECT_FALSE(settings::one_pass_whole_steps());
+  setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole", 1);
+  EXPECT_TRUE(settings::one_pass_whole_steps());
+  for (const char* dq : {"writer-pair", "writer-diagonal", "writer", "writer-eager", "atomic"}) {
+    setenv("FLASHJIT_CUDA_ONE_PASS_DQ", dq, 1);
+    for (fj_dtype dtype : {FJ_BFLOAT16, FJ_FLOAT16}) {
+      for (bool extras : {false, true}) {
+        KernelTraits traits = sm90_traits(dtype, 128);
+        if (extras) {
+          traits.window = traits.dropout = traits.softcap = true;
+          traits.mask = flashjit::MaskKind::kBool;
+          traits.mask_dtype = FJ_BOOL;
+        }
+        std::vector<KernelSpec> specs = backward_kernels(traits, true);
+        ASSERT_EQ(specs.size(), 3u) << dq;
+        const KernelSpec& dkdv = dkdv_kernel(specs);
+        EXPECT_TRUE(dkdv.one_pass && dkdv.takes_whole_steps()) << dkdv.name();
+        EXPECT_NE(dkdv.name().find("_whole"), std::string::npos) << dkdv.name();
+        EXPECT_EQ(dkdv.block_n, extras ? 32 : 64) << dkdv.name();
+        EXPECT_EQ(dkdv.stages, 1) << dkdv.name();
+        EXPECT_EQ(specs.back().block_n, dkdv.block_n);  // the convert kernel's tiles are the step's
+        EXPECT_LE(dkdv.shared_memory_bytes(), 227 * 1024) << dkdv.name();
+        if (dtype == FJ_FLOAT16 && std::string(dq) != "writer-pair") continue;  // (compile time)
+        for (KernelSpec spec : specs) {
+          ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+          spec.varlen = true;
+          ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+        }
+      }
+    }
+  }
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);  // the consumers' own adds: carried steps
+  EXPECT_FALSE(dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true)).whole_steps);
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  EXPECT_FALSE(dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 64), true)).whole_steps);  // head dim 64
+  EXPECT_FALSE(backward_kernels(sm90_traits(FJ_BFLOAT16, 128), false).back().whole_steps);      // the split pass
+  expect_setting_error("FLASHJIT_CUDA_ONE_PASS_STEPS", "fast", [] { settings::one_pass_whole_steps(); });
+}
+
 // The diagonal order chosen by a tuned class stays off grouped heads (writer-pair's block order
 // instead, one kernel name apart), unless FLASHJIT_CUDA_ONE_PASS_DQ asks for it; other modes and
 // ungrouped heads keep theirs.
@@ -1287,6 +1347,10 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
       [](KernelSpec& s) {  // exp_poly where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kForward;
         s.exp_poly = s.exp_poly == 0 ? 4 : 0;
+      },
+      [](KernelSpec& s) {  // whole_steps where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDkDv, s.one_pass = true;
+        s.whole_steps = !s.whole_steps;
       },
       [](KernelSpec& s) {  // dkdv_parts where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDkDv, s.threads = 384;

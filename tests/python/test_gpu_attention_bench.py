@@ -39,6 +39,18 @@ def test_a_column_with_a_switch_outside_the_list_is_refused():
     assert "FLASHJIT_CUDA_DKDV_PARTS" in gpu_attention.SWITCHES
 
 
+def test_whole_step_columns_set_their_switches():
+    modes = ["one-pass:whole", "one-pass:writer-diagonal+whole", "one-pass:atomic+whole", "one-pass:writer-pair"]
+    impls = {impl.name: impl.env for impl in gpu_attention.implementations(["default"], backward_modes=modes)}
+    assert impls["flashjit[one-pass:whole]"] == {"FLASHJIT_CUDA_BACKWARD": "one-pass",
+                                                  "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole"}
+    assert impls["flashjit[one-pass:writer-diagonal+whole]"] == {
+        "FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole",
+        "FLASHJIT_CUDA_ONE_PASS_DQ": "writer-diagonal"}
+    assert impls["flashjit[one-pass:atomic+whole]"]["FLASHJIT_CUDA_ONE_PASS_DQ"] == "atomic"
+    assert "FLASHJIT_CUDA_ONE_PASS_STEPS" not in impls["flashjit[one-pass:writer-pair]"]
+
+
 def test_backward_kernels_runs_on_the_cpu_and_refuses_bad_shapes(tmp_path, capsys):
     # bench/backward_kernels.py's steps on the CPU (host ops for kernels): a record with a section
     # a problem and flashjit's table; a shape whose heads do not group is an error naming --shapes.

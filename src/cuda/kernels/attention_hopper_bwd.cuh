@@ -34,7 +34,9 @@
 //     blocks before it have added (a block counts its adds to a tile when it next
 //     adds, so that the fence before the count finds them done; with FJ_DQ_DIAGNOSTIC
 //     3, "eager", right after them, by one thread); the first stores,
-//     the last adds what is there to its own and writes dQ. Blocks walk their
+//     the last adds what is there to its own and writes dQ. (FJ_WHOLE_STEPS, head dim 128: steps
+//     of twice the queries whose products, S^T and dP^T, then dV, dK and dQ_t^T, take two turns
+//     of their own, dS_t read in the same step; below.) Blocks walk their
 //     query tiles from the last down, heads of a group inside, so that every block
 //     of a head meets a tile at about the same step (a lag of about a step a block,
 //     not a block's whole span), and a
@@ -366,6 +368,16 @@ constexpr int kQueryBuffers = kStages + 1;  // Q_t and dO_t serve step t, then d
 constexpr bool kWithDv = FJ_WITH_DV;
 constexpr bool kWithDk = FJ_WITH_DK;  // needs V and dP^T
 constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
+// FJ_WHOLE_STEPS (the one pass at head dim 128, FLASHJIT_CUDA_ONE_PASS_STEPS=whole): each step's
+// products in two turns of its own (S^T and dP^T; then dV, dK and dQ^T of the same tile), nothing
+// carried into the next step, so that a step of twice the queries fits the consumers' registers
+// (dK and dV 128 a thread, S^T and dP^T 32 each at 64 queries, then P^T and dS^T packed 16 each
+// and dQ^T's share 32). The two consumers' turns still alternate, so that one's gradient runs
+// beside the other's products. Both consumers' dS_t are in before either issues dQ_t (a barrier
+// between its two turns), and a dS buffer is written again two steps on, after both have waited
+// for the products that read it: two buffers.
+constexpr bool kWholeSteps = FJ_WHOLE_STEPS;
+static_assert(!kWholeSteps || (kOnePass && kDimQk == 128), "whole steps: the one pass at head dim 128");
 // FJ_DQ_DIAGNOSTIC 4 (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): the one pass's blocks walk their tiles
 // upward, cyclically from each one's diagonal tile, and a tile's visitors add in the order they
 // reach it (KeyBlockSpans' arrival order), each count released right after the adds as with 3;
@@ -449,7 +461,9 @@ static_assert(kDqQueries % 8 == 0, "whole 8-row groups of the dS tile a consumer
 // Floats a consumer adds a tile (128 threads' accumulators), as shared_layout.h sizes the staged dQ.
 constexpr int kDqChunk = layout::dkdv_dq_chunk_floats(kBlockN, kDimQk);
 static_assert(kDqChunk == 128 * kDqQueries / 2, "a consumer's accumulators of its share");
-constexpr int kDsBuffers = layout::kOnePassDsBuffers;
+constexpr int kDsBuffers = layout::dkdv_ds_buffers(true, false, kWholeSteps);
+static_assert(!kWholeSteps || kWriter || layout::dq_atomic(FJ_DQ_DIAGNOSTIC),
+              "whole steps: dQ staged for the writer or added at once (the host's rule)");
 // Named barriers past the turns (pipeline.cuh: 1, 2): dS_t of consumer c written, one for
 // each of the kDsBuffers tiles in flight (3 + kDsBuffers * c + t % kDsBuffers), and each
 // consumer's own (3 + 2 * kDsBuffers + c) around its adds.
@@ -582,7 +596,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   extern __shared__ __align__(1024) unsigned char shared_raw[];
   constexpr layout::HopperBackwardDkDv kLayout =
       layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
-                                   layout::dkdv_ds_buffers(kOnePass, kSharedOperands),
+                                   layout::dkdv_ds_buffers(kOnePass, kSharedOperands, kWholeSteps),
                                    layout::dkdv_walk_blocks(kArrival), layout::dkdv_dq_staging_buffers(kWriter, kConsumers));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.walks % 16 == 0, "the walks' table is read 16 bytes an entry");
@@ -1153,7 +1167,43 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         named_barrier_arrive(kDsBarrier + kDsBuffers * consumer + t % kDsBuffers, 2 * 128);
 #endif
       };
-#if FJ_ONE_PASS
+#if FJ_WHOLE_STEPS
+      // Step t: S^T_t and dP^T_t in one turn; the gradient; P^T_t and dS^T_t packed and dS_t
+      // stored (prepare); the other consumer's dS_t; dV, dK and dQ_t^T in a second turn; Q_t and
+      // dO_t freed and dQ_t^T staged or added once they are done.
+      first_turn(consumer);
+      for (int t = 0; t < tiles; ++t) {
+        q_ring.consume(t);
+        dout_ring.consume(t);
+        wait_turn(consumer);
+        wgmma_fence();
+        issue_first(t);
+        wgmma_commit();
+        pass_turn(consumer);
+        wgmma_wait<0>();
+        after_first(t);
+        prepare(t);
+        wait_for_ds(t);
+        wait_turn(consumer);
+        wgmma_fence();
+        wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+        wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+        issue_dq(t);
+        wgmma_commit();
+        pass_turn(consumer);
+        wgmma_wait<0>();
+        pin(dv);
+        pin(prob);
+        pin(dk);
+        pin(dscore);
+        pin(dqt);
+        q_ring.release(t, lane);
+        dout_ring.release(t, lane);
+        add_dq(t);
+      }
+      release_pending();
+      last_turn(consumer);
+#elif FJ_ONE_PASS
       first_turn(consumer);
       consumer_steps(consumer, tiles, arrive, issue_first, after_first, issue_second, after_second, prepare);
       wait_for_ds(tiles - 1);

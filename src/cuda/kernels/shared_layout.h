@@ -36,11 +36,13 @@ struct Carver {
 };
 
 // dS tiles of the one-pass backward: tile t's dS is written after its gradient and read by
-// both consumers' dQ products two steps later (attention_hopper_bwd.cuh says why four).
+// both consumers' dQ products two steps later (attention_hopper_bwd.cuh says why four); with
+// whole steps in the same step, so that two buffers suffice.
 constexpr int kOnePassDsBuffers = 4;
+constexpr int kWholeStepDsBuffers = 2;
 // The dK/dV kernel's [keys][queries] tiles: the one pass's dS buffers, or (shared operands) P^T and dS^T.
-FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands) {
-  return one_pass ? kOnePassDsBuffers : shared_operands ? 2 : 0;
+FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands, bool whole_steps = false) {
+  return one_pass ? (whole_steps ? kWholeStepDsBuffers : kOnePassDsBuffers) : shared_operands ? 2 : 0;
 }
 // The one pass in arrival order keeps each key block's walk of its head (its first tile, tile
 // count and phase: 16 bytes) for the ranks it counts at each add; a head may have at most this
