@@ -192,9 +192,12 @@ def tuning_info(device: int = 0) -> str:
 # one-pass-diagonal (the one pass with the diagonal order, FLASHJIT_CUDA_ONE_PASS_DQ=writer-diagonal)
 # only under causal bounds, where its walk differs from the one pass's.
 _BACKWARD_PASSES = {
-    "split": {"FLASHJIT_CUDA_BACKWARD": "split", "FLASHJIT_CUDA_ONE_PASS_DQ": None},
-    "one-pass": {"FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_DQ": None},
-    "one-pass-diagonal": {"FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_DQ": "writer-diagonal"},
+    "split": {"FLASHJIT_CUDA_BACKWARD": "split", "FLASHJIT_CUDA_ONE_PASS_DQ": None,
+              "FLASHJIT_CUDA_ONE_PASS_STEPS": None},
+    "one-pass": {"FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_DQ": None,
+                 "FLASHJIT_CUDA_ONE_PASS_STEPS": None},
+    "one-pass-diagonal": {"FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_DQ": "writer-diagonal",
+                          "FLASHJIT_CUDA_ONE_PASS_STEPS": None},
 }
 
 
@@ -249,7 +252,7 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
     if backward:  # the one pass runs at head dims 33-128 (32 or less: mma.sync, one backward)
         head_dims = [d for d in head_dims if 32 < d <= 128]
     problems = [(t, d, n, c) for t in dtypes for d in head_dims for n in seqlens for c in causal]
-    variables = ("FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ") if backward else ("FLASHJIT_CUDA_TILES",)
+    variables = tuple(_BACKWARD_PASSES["split"]) if backward else ("FLASHJIT_CUDA_TILES",)
     results, saved = {}, {name: os.environ.get(name) for name in variables}
     with torch.cuda.device(device):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

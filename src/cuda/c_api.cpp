@@ -120,6 +120,9 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
           for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, true, cuda::backward_dq_mode(pass))) {
             cuda::kernel_binary(spec, false);
           }
+          if (pass == cuda::kOnePassDiagonal) {  // and the one pass grouped heads run (keep_diagonal_off_groups)
+            for (const cuda::KernelSpec& spec : cuda::backward_kernels(traits, true)) cuda::kernel_binary(spec, false);
+          }
         }
       } else {
         cuda::kernel_binary(cuda::forward_kernel(traits), false);

@@ -32,9 +32,10 @@
 //                               writer-diagonal: writer-pair with tiles walked upward and a tile's
 //                               visitors adding from the highest block down; ordered: the
 //                               consumers' own adds in block order; unset: writer-pair
-//   FLASHJIT_CUDA_ONE_PASS_STEPS whole: the one pass at head dim 128 in steps of 64 queries whose
-//                               products take two turns of their own; carried (default): 32
-//                               queries a step, its second products carried into the next turn
+//   FLASHJIT_CUDA_ONE_PASS_STEPS whole: the one pass at head dim 128 in steps of 64 queries (32
+//                               with a mask, dropout or softcap) whose products take two turns
+//                               of their own; carried (default): 32 queries a step (16), its
+//                               second products carried into the next step's turn
 //   FLASHJIT_CUDA_BACKWARD      one-pass: the sm_90a backward in one pass (dQ formed by the dK/dV
 //                               kernel) where it applies; split: dQ and dK/dV kernels; unset: the
 //                               tuned choice of the class, else split

@@ -500,7 +500,6 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
         EXPECT_EQ(dkdv.block_n, extras ? 32 : 64) << dkdv.name();
         EXPECT_EQ(dkdv.stages, 1) << dkdv.name();
         EXPECT_EQ(specs.back().block_n, dkdv.block_n);  // the convert kernel's tiles are the step's
-        EXPECT_LE(dkdv.shared_memory_bytes(), 227 * 1024) << dkdv.name();
         if (dtype == FJ_FLOAT16 && std::string(dq) != "writer-pair") continue;  // (compile time)
         for (KernelSpec spec : specs) {
           ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
@@ -510,6 +509,10 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
       }
     }
   }
+  // writer-arrival's walks table leaves whole steps no room: carried steps.
+  setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "writer-arrival", 1);
+  const KernelSpec arrival = dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true));
+  EXPECT_TRUE(arrival.one_pass && !arrival.whole_steps && arrival.block_n == 32) << arrival.name();
   setenv("FLASHJIT_CUDA_ONE_PASS_DQ", "ordered", 1);  // the consumers' own adds: carried steps
   EXPECT_FALSE(dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true)).whole_steps);
   unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");

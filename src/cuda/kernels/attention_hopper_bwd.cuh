@@ -373,9 +373,10 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // carried into the next step, so that a step of twice the queries fits the consumers' registers
 // (dK and dV 128 a thread, S^T and dP^T 32 each at 64 queries, then P^T and dS^T packed 16 each
 // and dQ^T's share 32). The two consumers' turns still alternate, so that one's gradient runs
-// beside the other's products. Both consumers' dS_t are in before either issues dQ_t (a barrier
-// between its two turns), and a dS buffer is written again two steps on, after both have waited
-// for the products that read it: two buffers.
+// beside the other's products: the second consumer's gradient beside the first's dV and dK, which
+// the first issues before it waits (within its turn) for the second's half of dS_t, then issues
+// dQ_t; the first's gradient beside the second's S^T and dP^T. A dS buffer is written again two
+// steps on, after both consumers have waited for the products that read it: two buffers.
 constexpr bool kWholeSteps = FJ_WHOLE_STEPS;
 static_assert(!kWholeSteps || (kOnePass && kDimQk == 128), "whole steps: the one pass at head dim 128");
 // FJ_DQ_DIAGNOSTIC 4 (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): the one pass's blocks walk their tiles
@@ -1169,8 +1170,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       };
 #if FJ_WHOLE_STEPS
       // Step t: S^T_t and dP^T_t in one turn; the gradient; P^T_t and dS^T_t packed and dS_t
-      // stored (prepare); the other consumer's dS_t; dV, dK and dQ_t^T in a second turn; Q_t and
-      // dO_t freed and dQ_t^T staged or added once they are done.
+      // stored (prepare); in a second turn dV and dK, then, once the other consumer's dS_t is in,
+      // dQ_t^T (so that the first consumer's dV and dK run beside the second's gradient); Q_t and
+      // dO_t freed and dQ_t^T staged or added once they are done. (The second consumer arrives
+      // on its dS barrier before it waits for its turn: no cycle.)
+      (void)arrive, (void)issue_second, (void)after_second;  // the carried schedule's
       first_turn(consumer);
       for (int t = 0; t < tiles; ++t) {
         q_ring.consume(t);
@@ -1183,11 +1187,12 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         wgmma_wait<0>();
         after_first(t);
         prepare(t);
-        wait_for_ds(t);
         wait_turn(consumer);
         wgmma_fence();
         wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
         wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+        wgmma_commit();
+        wait_for_ds(t);
         issue_dq(t);
         wgmma_commit();
         pass_turn(consumer);
@@ -1201,7 +1206,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         dout_ring.release(t, lane);
         add_dq(t);
       }
-      release_pending();
       last_turn(consumer);
 #elif FJ_ONE_PASS
       first_turn(consumer);
