@@ -456,6 +456,29 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
     EXPECT_EQ(params.dq_counters, convert_params.dq_counters) << launch.function;
   }
   unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  // Whole steps at head dim 128 (FLASHJIT_CUDA_ONE_PASS_STEPS=whole): tiles of 64 queries, so the
+  // dQ kernel takes a block a 64-row tile of every head's 512 scratch rows and the counters are two
+  // a tile; the carried steps' tiles are 32 rows.
+  {
+    DeviceBuffers wide(1, 4, 4, 512, 512, 128, FJ_BFLOAT16);
+    setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
+    const auto launches_of = [&](const char* steps) {
+      setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", steps, 1);
+      const unsigned long long before = null_driver().now().launches;
+      EXPECT_EQ(wide.backward(options), FJ_SUCCESS) << fj_last_error();
+      return null_driver().last(unsigned(null_driver().now().launches - before));
+    };
+    for (const auto& [steps, rows] : {std::pair{"whole", 64u}, std::pair{"carried", 32u}}) {
+      const std::vector<NullLaunch> launched = launches_of(steps);
+      ASSERT_EQ(launched.size(), 3u) << steps;
+      EXPECT_EQ(std::string(launched[2].function), "fj_attention_backward_dq_convert");
+      EXPECT_EQ(launched[2].grid[0], 4u * 512 / rows) << steps;
+      KernelParams params;
+      std::memcpy(&params, launched[2].params, sizeof params);
+      EXPECT_EQ(params.dq_counters, int64_t(2 * 4 * 512 / rows)) << steps;
+    }
+    unsetenv("FLASHJIT_CUDA_ONE_PASS_STEPS");
+  }
   setenv("FLASHJIT_CUDA_BACKWARD", "split", 1);
   EXPECT_EQ(backward_launches(), 3u);
   unsetenv("FLASHJIT_CUDA_BACKWARD");
