@@ -10,7 +10,8 @@
 # PYTEST_PART=1 takes the forward's files (test_attention, test_split_forward, test_cuda_graphs,
 # test_prepare; test_attention.py alone took 198 s on an H200 with 12 workers), PYTEST_PART=3 the
 # files of the longest single tests (test_fuzz, test_gradcheck, test_bench_cli, test_compile: 80-250 s
-# each on an H100), PYTEST_PART=4 test_one_pass_backward.py (every test in six dQ orders), PYTEST_PART=2
+# each on an H100), PYTEST_PART=4 the one pass's files (test_one_pass_backward.py, every test in its
+# dQ orders, and test_one_pass_whole_steps.py), PYTEST_PART=2
 # every other file (parts 2 and 3 together ran past ten minutes with 12 workers; part 2 with the
 # one-pass file took 460 s of the call's 570 with 14 workers before its orders grew).
 # --compare-forward-groups (with --no-tests) also runs test_attention.py with the
@@ -35,7 +36,7 @@ if [[ " $* " != *" --no-tests "* ]]; then
     tests/python/test_prepare.py"
   part3="tests/python/test_fuzz.py tests/python/test_gradcheck.py tests/python/test_bench_cli.py
     tests/python/test_compile.py"
-  part4="tests/python/test_one_pass_backward.py"
+  part4="tests/python/test_one_pass_backward.py tests/python/test_one_pass_whole_steps.py"
   case "${PYTEST_PART:-}" in
     1) PYTEST_FILES=$part1 ;;
     2) PYTEST_FILES=$(ls tests/python/test_*.py | grep -v -x -F "$(echo $part1 $part3 $part4 | tr ' ' '\n')" | tr '\n' ' ') ;;
