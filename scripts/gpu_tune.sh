@@ -33,17 +33,27 @@ done
 
 device_and_build
 
-# The built-in table's entries into the device's tuning file, so that tuning some classes
-# leaves the others' entries as they are.
+# The built-in tables' entries into the device's tuning file, so that tuning some classes
+# leaves the others' entries as they are: the arch's, then those of the built-in table of this
+# device model where there is one (src/cuda/tuned_sm90_<model>.txt, whose device line names it).
 seed_with_table() {
-  step "the built-in table's entries"
+  step "the built-in tables' entries"
   python3 -c '
+import glob
 import flashjit
 from flashjit import _C
 info = flashjit.cuda.device_info()
-with open("src/cuda/tuned_sm90.txt") as table:
-    entries = "".join(line.split(" ", 1)[1] for line in table if line.startswith("entry "))
-print(_C.cuda_save_tuning(info["name"], info["arch"], entries))
+entries = {}
+for path in ["src/cuda/tuned_sm90.txt"] + sorted(glob.glob("src/cuda/tuned_sm90_*.txt")):
+    with open(path) as table:
+        lines = table.read().splitlines()
+    if path != "src/cuda/tuned_sm90.txt" and "device " + info["name"] not in lines:
+        continue
+    for line in lines:
+        if line.startswith("entry "):
+            key, rest = line.split(" ", 2)[1:]
+            entries[key] = rest
+print(_C.cuda_save_tuning(info["name"], info["arch"], "".join(f"{k} {v}\n" for k, v in entries.items())))
 ' || status=1
 }
 

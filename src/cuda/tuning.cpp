@@ -6,6 +6,7 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <vector>
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -167,6 +168,31 @@ const TuningTable& built_in_table(int arch) {
   return tables.emplace(arch, std::move(table)).first->second;
 }
 
+// The built-in tables measured on one device model (src/cuda/tuned_sm<arch>_<model>.txt: the
+// tuner's output there for some classes), read once: the one whose device is `device_name`, else
+// nullptr. They come before the arch's table for that device.
+const TuningTable* built_in_device_table(const std::string& device_name, int arch) {
+  static std::map<int, std::vector<TuningTable>> tables;  // by arch; the caller holds g_mutex
+  auto found = tables.find(arch);
+  if (found == tables.end()) {
+    std::vector<TuningTable> parsed;
+    if (arch == 90) {
+      TuningTable table = parse_table(embedded_source("tuned_sm90_h100.txt"), "", arch, true);
+      if (!table.problem.empty()) {
+        std::fprintf(stderr, "flashjit: warning: ignoring the built-in tuning table of %s: %s\n", table.device.c_str(),
+                     table.problem.c_str());
+      } else {
+        parsed.push_back(std::move(table));
+      }
+    }
+    found = tables.emplace(arch, std::move(parsed)).first;
+  }
+  for (const TuningTable& table : found->second) {
+    if (table.device == device_name) return &table;
+  }
+  return nullptr;
+}
+
 // The table of a device, read once (the caller holds g_mutex).
 const TuningTable& table_for(const std::string& device_name, int arch) {
   const std::string path = tuning_path(device_name, arch);
@@ -179,10 +205,12 @@ const TuningTable& table_for(const std::string& device_name, int arch) {
   return g_tables.emplace(path, std::move(table)).first->second;
 }
 
-// A class's entry: the device's tuning file's (an empty name: none), else the built-in table's of
-// its arch; nullptr where neither names the class. The caller holds g_mutex.
+// A class's entry: the device's tuning file's (an empty name: none), else the built-in table of
+// its device model's, else the built-in table's of its arch; nullptr where none names the class.
+// The caller holds g_mutex.
 const TunedChoice* tuned_entry(const std::string& device_name, int arch, const std::string& key) {
-  const TuningTable* tables[2] = {device_name.empty() ? nullptr : &table_for(device_name, arch),
+  const TuningTable* tables[3] = {device_name.empty() ? nullptr : &table_for(device_name, arch),
+                                  device_name.empty() ? nullptr : built_in_device_table(device_name, arch),
                                   &built_in_table(arch)};
   for (const TuningTable* table : tables) {
     if (table == nullptr) continue;
@@ -282,12 +310,22 @@ std::string describe_tuning(const std::string& device_name, int arch) {
     out = str_cat(path, ": ", table.tiles.size(), " tuned classes");
     for (const auto& [key, choice] : table.tiles) out += str_cat("\n", key, " ", choice.tiles);
   }
+  const TuningTable* model = built_in_device_table(device_name, arch);
+  if (model != nullptr) {
+    out += str_cat("\nbuilt-in for this device model (measured on ", model->device, "): ", model->tiles.size(),
+                   " classes");
+    for (const auto& [key, choice] : model->tiles) {
+      if (table.tiles.count(key) == 0) out += str_cat("\n", key, " ", choice.tiles, " (built-in, ", model->device, ")");
+    }
+  }
   const TuningTable& built_in = built_in_table(arch);
   if (!built_in.present) return out + str_cat("\nbuilt-in: none for sm_", arch, " (hand-set choices)");
   if (!built_in.problem.empty()) return out + str_cat("\nbuilt-in: ignored: ", built_in.problem);
   out += str_cat("\nbuilt-in (measured on ", built_in.device, "): ", built_in.tiles.size(), " classes");
   for (const auto& [key, choice] : built_in.tiles) {
-    if (table.tiles.count(key) == 0) out += str_cat("\n", key, " ", choice.tiles, " (built-in)");
+    if (table.tiles.count(key) == 0 && (model == nullptr || model->tiles.count(key) == 0)) {
+      out += str_cat("\n", key, " ", choice.tiles, " (built-in)");
+    }
   }
   return out;
 }

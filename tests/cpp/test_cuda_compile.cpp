@@ -906,6 +906,37 @@ TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
   expect_setting_error("FLASHJIT_CUDA_TRACE", "yes", [] { settings::trace_tiles(); });
 }
 
+// The built-in table of a device model (tuned_sm90_h100.txt: the N 1k classes measured on an H100
+// 80GB HBM3) comes before the arch's (tuned_sm90.txt, an H200's) on that model only; classes it
+// does not name take the arch's; the device's own tuning file comes before both.
+TEST_F(CudaCompile, BuiltInTableOfADeviceModelServesThatModel) {
+  using namespace flashjit::cuda;
+  const std::string h100 = "NVIDIA H100 80GB HBM3";
+  KernelTraits traits = sm90_traits(FJ_BFLOAT16, 64);
+  traits.window = true;  // causal bounds
+  const std::string short_key = tuning_key(traits, 1024), long_key = tuning_key(traits, 16384);
+  EXPECT_EQ(short_key, "bfloat16_qk64_v64_mask-none_window_keys-2k");
+  const ForwardTiles model = tuned_forward_tiles(h100, 90, short_key);
+  EXPECT_EQ(model.groups, 3);
+  EXPECT_EQ(model.block_n, 128);
+  EXPECT_EQ(model.producer_setup, 1);
+  const ForwardTiles arch = tuned_forward_tiles("NVIDIA H200", 90, short_key);
+  EXPECT_NE(arch.producer_setup, 1);  // the arch's table: the H200's choice
+  EXPECT_EQ(tuned_forward_tiles("NVIDIA H100 PCIe", 90, short_key).producer_setup, arch.producer_setup);
+  const ForwardTiles long_h100 = tuned_forward_tiles(h100, 90, long_key), long_arch = tuned_forward_tiles("", 90, long_key);
+  EXPECT_EQ(long_h100.groups, long_arch.groups);  // a class the model's table leaves to the arch's
+  EXPECT_EQ(long_h100.block_n, long_arch.block_n);
+  const std::string described = describe_tuning(h100, 90);
+  EXPECT_NE(described.find("built-in for this device model (measured on NVIDIA H100 80GB HBM3): 12 classes"),
+            std::string::npos)
+      << described;
+  EXPECT_NE(described.find(short_key + " groups=3,n=128,setup=producer (built-in, " + h100 + ")"), std::string::npos)
+      << described;
+  save_tuning(h100, 90, short_key + " n=96 300\n");  // the device's own file first
+  EXPECT_EQ(tuned_forward_tiles(h100, 90, short_key).block_n, 96);
+  clear_tuning();
+}
+
 // Tuned choices: saved, read back and taken for their class; a file with a
 // wrong checksum, or measured on another device, is ignored (not trusted);
 // FLASHJIT_CUDA_TILES wins over a tuned choice.
