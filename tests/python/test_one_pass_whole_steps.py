@@ -13,6 +13,7 @@ import torch
 import flashjit
 from conftest import DEVICE
 from test_attention import run
+from test_one_pass_backward import assert_gradients_close, repeated_backwards
 import test_varlen
 
 sm90 = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available()
@@ -67,39 +68,14 @@ def test_the_whole_step_kernel_is_what_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, "bottom_right"])
 def test_bitwise_reproducible_and_dq_as_the_carried_steps(causal, monkeypatch, whole_steps):
-    torch.manual_seed(1)
-    # 16 key blocks a head over 6 heads of 3 groups: blocks wait on one another for each tile.
-    q = torch.randn(2, 6, 2048, 128, device=DEVICE, dtype=torch.bfloat16)
-    k, v = (torch.randn(2, 3, 2048, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
-    o, lse = flashjit.attention(q, k, v, causal=causal, return_lse=True)
-    dout = torch.randn_like(o)
-    first = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
-    for _ in range(3):
-        again = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
-        if whole_steps == "atomic":  # dQ's adds land in any order
-            assert torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
-        else:
-            assert all(torch.equal(a, b) for a, b in zip(first, again))
+    (q, k, v, o, lse, dout), first = repeated_backwards(causal, whole_steps == "atomic")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "carried")
     carried = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
     if whole_steps != "atomic":
         assert torch.equal(first[0], carried[0])  # dQ: each block's share and the adds' order are the same
-    for name, a, b in zip(("dq", "dk", "dv"), first, carried):
-        scale = b.float().abs().max().item()
-        assert (a.float() - b.float()).abs().max().item() <= 0.01 * scale, name
+    assert_gradients_close(first, carried, 0.01)
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")
-    split = flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal)
-    for name, a, b in zip(("dq", "dk", "dv"), first, split):
-        scale = b.float().abs().max().item()
-        assert (a.float() - b.float()).abs().max().item() <= 0.02 * scale, name
-
-
-def test_bad_setting_is_named(monkeypatch):
-    q = torch.randn(1, 2, 64, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    o = flashjit.attention(q, q, q)
-    monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "fast")
-    with pytest.raises(ValueError, match="FLASHJIT_CUDA_ONE_PASS_STEPS"):
-        o.sum().backward()
+    assert_gradients_close(first, flashjit.attention_backward(q, k, v, o, lse, dout, causal=causal), 0.02)
 
 
 @pytest.mark.parametrize("options", [dict(causal=True), dict(dropout_p=0.25, seed=11, offset=3)])
