@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
                         step_diagnostics(host, fm._mlx.eval_gpu_host_time(), fm._mlx.device_memory()))
         profile = None
         if args.profile_attention:
-            profile = fm.profile_step(lambda: train_step(batches[args.steps]))
+            profile = fm.profile_step(lambda: train_step(batches[args.steps]), peak=True)
             print(profile["table"], flush=True)
     return summarize(args, history, trainable, tokens_per_step,
                      None if profile is None else {k: v for k, v in profile.items() if k != "table"})

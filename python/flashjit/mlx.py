@@ -209,7 +209,7 @@ def mlx_lm_attention():
 
 # ---- attention's share of a step ----------------------------------------------------------------------
 
-def profile_step(step, repeats: int = 5) -> dict:
+def profile_step(step, repeats: int = 5, peak: bool = False) -> dict:
     """Attention's cost in one MLX step: runs `step()` (which must evaluate its work) once
     inside flashjit.profile(framework=True), which records every attention call through
     flashjit.mlx or mx.fast.scaled_dot_product_attention (MLX builds its graph lazily, so a
@@ -217,7 +217,9 @@ def profile_step(step, repeats: int = 5) -> dict:
     forward and backward (mx.grad), median of `repeats`, on fresh inputs of its shapes with
     its own mask. Returns the step's time, the calls' estimated total, the share, a row per
     distinct call with its TFLOP/s (the call's exact FLOPs, forward + backward 3.5x the
-    forward's, docs/measurement.md), and "table"."""
+    forward's, docs/measurement.md), and "table". peak=True: each row's share of the device's
+    peak too ("peak_share": its TFLOP/s over a square matrix product's in its dtype on MLX's
+    default device, measured once and kept: profiler.mlx_peak_tflops)."""
     import time as _time
 
     with _profiler.profile(framework=True) as prof:
@@ -232,12 +234,16 @@ def profile_step(step, repeats: int = 5) -> dict:
     rows = []
     for (impl, shape), calls in groups.items():
         ms = _profiler.mlx_call_ms(*calls[0]._replay, repeats=repeats, backward=True)
-        rows.append(dict(impl=impl, shape=shape, calls=len(calls), ms_per_call=ms, ms=ms * len(calls),
-                         tflops=3.5 * calls[0].flops / (ms / 1e3) / 1e12))
+        row = dict(impl=impl, shape=shape, calls=len(calls), ms_per_call=ms, ms=ms * len(calls),
+                   tflops=3.5 * calls[0].flops / (ms / 1e3) / 1e12)
+        if peak:
+            row["peak_share"] = row["tflops"] / _profiler.mlx_peak_tflops(calls[0].dtype)
+        rows.append(row)
     attention_ms = sum(row["ms"] for row in rows)
-    lines = ["| impl | shape | calls | ms a call (fwd+bwd) | TFLOP/s |", "|---|---|---|---|---|"]
+    lines = ["| impl | shape | calls | ms a call (fwd+bwd) | TFLOP/s |" + (" of peak |" if peak else ""),
+             "|---|---|---|---|---|" + ("---|" if peak else "")]
     lines += [f"| {r['impl']} | {r['shape']} | {r['calls']} | {r['ms_per_call']:.2f} | {r['tflops']:.3f} |"
-              for r in rows]
+              + (f" {r['peak_share']:.0%} |" if peak else "") for r in rows]
     lines.append(f"\nattention: about {attention_ms:.1f} ms of a {step_ms:.1f} ms step "
                  f"({attention_ms / step_ms:.0%}; each call timed alone, forward and backward)")
     return dict(step_ms=step_ms, attention_ms=attention_ms, share=attention_ms / step_ms, rows=rows,

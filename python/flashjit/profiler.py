@@ -404,12 +404,9 @@ def mlx_call_ms(run, q_shape, k_shape, v_shape, dtype, repeats: int = 3, backwar
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def device_peak_tflops(device: str, dtype: str) -> float:
-    """A square matrix product's TFLOP/s on a device in a dtype, measured once and
-    kept (JSON, in the kernel cache directory's parent) for later processes."""
-    import torch
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
-    key = f"{name} {dtype}"
+def _cached_peak(key: str, measure) -> float:
+    """The TFLOP/s kept under `key` (JSON, in the kernel cache directory's parent), else
+    measure()'s, kept for later processes."""
     base = os.environ.get("FLASHJIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flashjit")
     path = os.path.join(base, "peak_tflops.json")
     try:
@@ -419,19 +416,7 @@ def device_peak_tflops(device: str, dtype: str) -> float:
         known = {}
     if key in known:
         return float(known[key])
-    size = 4096 if device.startswith("cuda") else 512
-    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
-    b = torch.randn_like(a)
-    for _ in range(2):
-        a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    repeats, start = 10, time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    tflops = 2.0 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+    tflops = measure()
     known[key] = tflops
     try:
         os.makedirs(base, exist_ok=True)
@@ -441,6 +426,71 @@ def device_peak_tflops(device: str, dtype: str) -> float:
     except OSError:
         pass  # a read-only cache: measured again next time
     return tflops
+
+
+def device_peak_tflops(device: str, dtype: str) -> float:
+    """A square matrix product's TFLOP/s on a device in a dtype, measured once (torch) and
+    kept for later processes."""
+    import torch
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+
+    def measure() -> float:
+        size = 4096 if device.startswith("cuda") else 512
+        a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn_like(a)
+        for _ in range(2):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        repeats, start = 10, time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return 2.0 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+    return _cached_peak(f"{name} {dtype}", measure)
+
+
+def mlx_peak_tflops(dtype: str) -> float:
+    """The same for MLX's default device, without torch: on a GPU an MLX matrix product in the
+    dtype, kept under the GPU's name (flashjit's CUDA device 0: the key torch's measurement uses
+    too); on the CPU numpy's float32 product (BLAS; MLX's own CPU matmul is far slower than the
+    CPU's peak), kept under the CPU's core count."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.gpu:
+        import numpy as np
+
+        def measure_cpu() -> float:
+            size = 1024
+            a, b = (np.random.default_rng(seed).random((size, size), dtype=np.float32) for seed in (0, 1))
+            a @ b
+            repeats, start = 5, time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            return 2.0 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+        return _cached_peak(f"cpu x{os.cpu_count()} float32 (numpy)", measure_cpu)
+    try:
+        from . import cuda
+        name = cuda.device_info()["name"]
+    except Exception:  # noqa: BLE001 (MLX on a GPU that flashjit's CUDA backend does not see)
+        name = "mlx gpu"
+
+    def measure() -> float:
+        size = 4096
+        a = mx.random.normal((size, size)).astype(getattr(mx, dtype))
+        b = mx.random.normal((size, size)).astype(getattr(mx, dtype))
+        mx.eval(a, b)
+        for _ in range(2):
+            mx.eval(a @ b)
+        repeats, start = 10, time.perf_counter()
+        for _ in range(repeats):
+            mx.eval(a @ b)
+        return 2.0 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+    return _cached_peak(f"{name} {dtype}", measure)
 
 
 class profile:  # noqa: N801  (used as a context manager, like torch.profiler.profile)

@@ -34,6 +34,7 @@ def test_mlx_lora(tmp_path):
     _check(plain, flash, 2e-3)
     (row,) = flash["attention"]["rows"]
     assert row["impl"] == "flashjit" and row["calls"] == 2 and 0 < flash["attention"]["share"] < 1
+    assert 0 < row["peak_share"] < 1  # its TFLOP/s over a matrix product's on the same device
     assert (tmp_path / "mlx.json").exists()
     # Each step's diagnostics: flashjit's eval_gpu calls (none on the CPU stream), memory held.
     for step in flash["history"]:
