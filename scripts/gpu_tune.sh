@@ -70,14 +70,10 @@ if [ $mode = backward ]; then
     done
   done; done; done >"$OUT/backward-candidates.txt"
   xargs -P "$(nproc)" -L 1 python3 -c '
-import os, sys, torch, flashjit
+import sys, torch, flashjit
 dtype, head_dim, causal, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-from flashjit.cuda import _BACKWARD_PASSES
-for variable, value in _BACKWARD_PASSES[name].items():
-    if value is None:
-        os.environ.pop(variable, None)
-    else:
-        os.environ[variable] = value
+from flashjit.cuda import _BACKWARD_PASSES, _apply_environment
+_apply_environment(_BACKWARD_PASSES[name])
 # 128 heads of 1k queries: a dQ grid of more than four blocks an SM, so that the split pass
 # compiles the kernels that the tuning problems run (not the overlapped pair of small grids).
 q, k, v = (torch.randn(1, 128, 1024, head_dim, device="cuda", dtype=getattr(torch, dtype), requires_grad=True)

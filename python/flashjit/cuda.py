@@ -201,6 +201,15 @@ _BACKWARD_PASSES = {
 }
 
 
+def _apply_environment(values: dict) -> None:
+    """Sets each variable to its value, unsets those whose value is None."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, True),
          dtype: str | tuple = ("bfloat16", "float16"), candidates: dict | None = None, device: int = 0,
          margin: float = 0.02, progress: bool = True, backward: bool = False, variants: tuple = ()) -> dict:
@@ -274,11 +283,7 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
                 call = lambda: ops.attention(q, k, v, options)  # noqa: E731
             measured = {}
             for choice in choices(head_dim, is_causal):
-                for name, value in settings_of(choice).items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
+                _apply_environment(settings_of(choice))
                 try:
                     call()
                     torch.cuda.synchronize(device)
@@ -306,11 +311,7 @@ def tune(head_dims=(64, 128, 256), seqlens=(1024, 4096, 16384), causal=(False, T
                 print(f"[{index + 1}/{len(problems)}] {key}: {best} "
                       + ", ".join(f"{t} {x:.0f}" for t, x in measured.items()), file=sys.stderr, flush=True)
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _apply_environment(saved)
     entries = "".join(f"{key} {r['tiles']} {r['tflops'][r['tiles']]:.1f}\n" for key, r in results.items())
     results_path = _C.cuda_save_tuning(info["name"], info["arch"], entries)
     if progress:
