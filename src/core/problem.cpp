@@ -977,6 +977,45 @@ AttentionProblem sequence_problem(const AttentionProblem& p, int64_t b) {
   return s;
 }
 
+AttentionProblem heads_part(const AttentionProblem& p, int64_t batch_first, int64_t batch_count, int64_t kv_first,
+                            int64_t kv_count) {
+  const bool some_heads = kv_count < p.heads_kv;
+  if (p.varlen() || batch_first < 0 || kv_first < 0 || batch_count < 1 || kv_count < 1 ||
+      batch_first + batch_count > p.batch || kv_first + kv_count > p.heads_kv || (some_heads && batch_count != 1)) {
+    throw Error(FJ_ERROR_INTERNAL, str_cat("[heads] no part of batch ", batch_first, "+", batch_count, " and kv heads ",
+                                           kv_first, "+", kv_count, " in ", p.batch, " x ", p.heads_kv));
+  }
+  const int64_t group = p.group_size(), query_first = kv_first * group;
+  AttentionProblem s = p;
+  s.batch = batch_count;
+  s.heads_kv = kv_count;
+  s.heads_q = kv_count * group;
+  if (some_heads) {
+    s.dropout_heads = p.dropout_heads > 0 ? p.dropout_heads : p.heads_q;
+    s.dropout_batch = p.dropout_batch + batch_first;
+    s.dropout_head = p.dropout_head + query_first;
+  } else {
+    s.dropout_batch = p.dropout_batch + batch_first;
+  }
+  const int64_t element = int64_t(dtype_size(p.dtype));
+  const auto advance = [&](Operand& x, int64_t head) {
+    if (x.data != nullptr) {
+      x.data = static_cast<char*>(x.data) + (batch_first * x.stride_batch + head * x.stride_head) * element;
+    }
+  };
+  for (Operand* x : {&s.q, &s.o, &s.dout, &s.dq}) advance(*x, query_first);
+  for (Operand* x : {&s.k, &s.v, &s.dk, &s.dv}) advance(*x, kv_first);
+  if (s.lse != nullptr) {
+    s.lse = static_cast<char*>(s.lse) +
+            (batch_first * p.lse_stride_batch + query_first * p.lse_stride_head) * int64_t(dtype_size(p.lse_dtype));
+  }
+  if (s.mask != nullptr) {
+    s.mask = static_cast<const char*>(s.mask) +
+             (batch_first * p.mask_stride[0] + query_first * p.mask_stride[1]) * int64_t(dtype_size(p.mask_dtype));
+  }
+  return s;
+}
+
 DenseParts::DenseParts(const AttentionProblem& p) : whole_(&p) {
   if (!p.varlen() || p.batch == 0) return;  // a batch of no sequence: one empty part, as a dense call
   sequences_.reserve(size_t(p.batch));

@@ -116,8 +116,16 @@ struct AttentionProblem {
   // The dropout counter's batch index of batch entry 0: a sequence of a variable-length
   // batch run as a problem of its own draws as batch entry `dropout_batch` of a padded batch.
   int64_t dropout_batch = 0;
+  // A part of one batch entry's heads run as a problem of its own (heads_part): its query head 0
+  // draws as head `dropout_head` of `dropout_heads` (0: this problem's heads_q, from head 0).
+  int64_t dropout_head = 0;
+  int64_t dropout_heads = 0;
 
   bool varlen() const { return cu_seqlens_q != nullptr; }
+  // The dropout counter's (batch entry, head) index of this problem's batch entry b and query head h.
+  int64_t dropout_index(int64_t b, int64_t h) const {
+    return (dropout_batch + b) * (dropout_heads > 0 ? dropout_heads : heads_q) + dropout_head + h;
+  }
 
   // Key `key`'s row of a key-side operand (k, v), through the page table where there is one.
   template <typename T>
@@ -182,6 +190,12 @@ void adopt_host_offsets(const char* op, AttentionProblem& p, const int32_t* offs
 // by the backend: `counts` [batch] and `pages` (null, or [batch][page_table_width] packed),
 // checked as host ones are, and taken as the problem's.
 void adopt_host_kv_cache(const char* op, AttentionProblem& p, const int32_t* counts, const int32_t* pages);
+// Batch entries [batch_first, batch_first + batch_count) and key/value heads [kv_first, kv_first +
+// kv_count) of a dense problem, with their query heads, as a problem of its own: views of the
+// operands (lse and mask included), drawing dropout as the whole does. A part of the heads
+// (kv_count < heads_kv) has one batch entry.
+AttentionProblem heads_part(const AttentionProblem& p, int64_t batch_first, int64_t batch_count, int64_t kv_first,
+                            int64_t kv_count);
 // The dense problems a call runs: p itself (nothing copied or allocated, the common case on
 // every call's path), or each sequence of a variable-length batch (sequence_problem).
 class DenseParts {

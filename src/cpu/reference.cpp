@@ -87,7 +87,7 @@ Row attention_row(const AttentionProblem& p, fj_dtype rounding, int64_t b, int64
     row.prob[j] = round_to(rounding, std::exp(logit[j] - max_logit) / sum);
     if (p.has_dropout()) {
       row.keep[j] =
-          dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, (p.dropout_batch + b) * p.heads_q + h, i, j) ? 1.0
+          dropout_keep(p.dropout_seed, p.dropout_offset, p.dropout_threshold, p.dropout_index(b, h), i, j) ? 1.0
                                                                                                        : 0.0;
     }
     row.dropped[j] =

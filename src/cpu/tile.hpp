@@ -483,7 +483,7 @@ inline bool holds_whole_row(Acc mass, int64_t count) {
 // keep[c] = 1 when element (b, h, query, key0 + c) survives dropout.
 inline void dropout_keep_row(const AttentionProblem& p, int64_t b, int64_t h, int64_t query, int64_t key0,
                              int64_t cols, uint8_t* keep) {
-  const int64_t batch_head = (p.dropout_batch + b) * p.heads_q + h;
+  const int64_t batch_head = p.dropout_index(b, h);
   const int64_t key_end = key0 + cols;
   for (int64_t quad = key0 >> 2; quad * 4 < key_end; ++quad) {
     const Philox4x32 words = dropout_words(p.dropout_seed, p.dropout_offset, batch_head, query, quad);

@@ -72,7 +72,7 @@ KernelParams params_of(const AttentionProblem& p) {
   params.dropout_seed_words = p.dropout_seed_words;
   params.dropout_threshold = p.dropout_threshold;
   params.dropout_keep_scale = p.has_dropout() ? 1.0 / (1.0 - p.dropout_p) : 1.0;
-  params.dropout_head_base = p.dropout_batch * p.heads_q;
+  params.dropout_head_base = p.dropout_index(0, 0);  // the kernels add b * heads_q + h
   return params;
 }
 
@@ -1254,12 +1254,40 @@ void overlap_small_grids(std::vector<KernelSpec>& specs, const AttentionProblem&
   }
 }
 
+// The parts a dense one-pass backward runs in (settings::one_pass_sums_bytes): none where its
+// float32 dQ sums (`sums_bytes`, the same for each key/value head of each batch entry) fit the
+// budget or cannot be cut; else runs of whole batch entries where one entry's sums fit, or each
+// batch entry's key/value heads (whole GQA groups) in runs, the runs of even length, each within
+// the budget (one head each at least).
+std::vector<AttentionProblem> one_pass_parts(const AttentionProblem& p, size_t sums_bytes) {
+  std::vector<AttentionProblem> parts;
+  const int64_t budget = settings::one_pass_sums_bytes(), units = p.batch * p.heads_kv;
+  if (budget == 0 || p.varlen() || units <= 1 || int64_t(sums_bytes) <= budget) return parts;
+  const int64_t fitting = std::max<int64_t>(1, budget / (int64_t(sums_bytes) / units));  // heads a part
+  const auto runs = [](int64_t count, int64_t most) { return ceil_div(count, ceil_div(count, most)); };
+  if (fitting >= p.heads_kv) {
+    const int64_t batches = runs(p.batch, fitting / p.heads_kv);
+    for (int64_t b = 0; b < p.batch; b += batches) {
+      parts.push_back(heads_part(p, b, std::min(batches, p.batch - b), 0, p.heads_kv));
+    }
+  } else {
+    const int64_t heads = runs(p.heads_kv, fitting);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t h = 0; h < p.heads_kv; h += heads) parts.push_back(heads_part(p, b, 1, h, std::min(heads, p.heads_kv - h)));
+    }
+  }
+  return parts;
+}
+
 // The backward's plan. mma.sync / scalar: the dQ kernel, which also writes delta
 // = rowsum(dO * O) into scratch, then the dK/dV kernel (or a dV and a dK kernel)
 // reading it. sm_90a: a prep kernel writes delta and LSE in the log2 domain into
 // scratch rows padded to whole dQ query blocks, then the dQ and the dK/dV kernels
 // read them. Same stream, in order: each kernel's scratch is written by the one before.
-void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) {
+// With `parts` given, a one-pass backward whose dQ sums pass FLASHJIT_CUDA_ONE_PASS_SUMS_MIB is
+// not planned: false, and the problems to plan instead in `parts` (one_pass_parts).
+bool plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch,
+                   std::vector<AttentionProblem>* parts = nullptr) {
   std::array<KernelParams, Plan::kMaxKernels> params;
   params.fill(params_of(p));
   std::vector<KernelSpec> specs = backward_specs(p, launch, params);
@@ -1272,10 +1300,14 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   const int64_t scratch_rows = p.batch * p.heads_q * pitch;
   const size_t accumulator_bytes = p.dtype == FJ_FLOAT64 ? 8 : 4;
   const OnePassScratch one_pass(dkdv_kernel(specs), scratch_rows);
-  const DkDvParts parts(dkdv_kernel(specs), p, ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
-                        device_info(launch.device_index).multiprocessors);
+  if (parts != nullptr && one_pass.accum_floats > 0) {
+    *parts = one_pass_parts(p, one_pass.accum_floats * sizeof(float));
+    if (!parts->empty()) return false;
+  }
+  const DkDvParts dkdv_parts(dkdv_kernel(specs), p, ceil_div(p.seqlen_k, dkdv_kernel(specs).block_rows()),
+                             device_info(launch.device_index).multiprocessors);
   // The dK/dV kernel in parts only where the problem takes more than one: elsewhere the plain one.
-  if (parts.parts == 1) dkdv_kernel(specs).dkdv_parts = false;
+  if (dkdv_parts.parts == 1) dkdv_kernel(specs).dkdv_parts = false;
   for (size_t index = 0; index < specs.size(); ++index) {
     const KernelSpec& spec = specs[index];
     KernelParams& kernel_params = params[index];
@@ -1289,7 +1321,7 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
         kernel.blocks = int64_t(kernel_params.num_query_blocks) * p.batch * p.heads_q;
         break;
       case KernelEntry::kBackwardDqConvert: kernel.blocks = ceil_div(scratch_rows, spec.block_n); break;  // a tile
-      default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv * parts.parts; break;
+      default: kernel.blocks = int64_t(kernel_params.num_key_blocks) * p.batch * p.heads_kv * dkdv_parts.parts; break;
     }
     // FLASHJIT_CUDA_BACKWARD_OVERLAP (KernelSpec::backward_overlap, set by backward_kernels or,
     // unset, overlap_small_grids on the sm_90a dQ kernel and the dK/dV kernel right after it):
@@ -1304,8 +1336,8 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
   }
   const size_t row_bytes = size_t(scratch_rows) * accumulator_bytes * (hopper ? 2 : 1);
   const size_t parts_offset = row_bytes + (one_pass.bytes() + 15) / 16 * 16;
-  plan.scratch_bytes = parts_offset + parts.bytes();
-  if (launch.planning) return;
+  plan.scratch_bytes = parts_offset + dkdv_parts.bytes();
+  if (launch.planning) return true;
   void* scratch = p.workspace;
   if (scratch == nullptr) {
     if (KeptScratchEntry* kept = kept_scratch(plan.scratch_bytes, launch)) {
@@ -1323,8 +1355,9 @@ void plan_backward(Plan& plan, const AttentionProblem& p, const Launch& launch) 
     kernel_params.delta = scratch;
     kernel_params.lse_log2 = hopper ? static_cast<float*>(scratch) + scratch_rows : nullptr;
     one_pass.place(kernel_params, static_cast<char*>(scratch) + row_bytes);  // row_bytes: a multiple of 16
-    parts.place(kernel_params, static_cast<char*>(scratch) + parts_offset);
+    dkdv_parts.place(kernel_params, static_cast<char*>(scratch) + parts_offset);
   }
+  return true;
 }
 
 // A variable-length backward in one launch a kernel (FJ_VARLEN), after the table
@@ -1521,11 +1554,19 @@ size_t run_parts(const AttentionProblem& problem, bool backward, bool planning) 
     Launch launch = prepare(p);
     if (planning) launch.graph_safe = launch.planning = true;
     Plan plan;
-    if (backward) {
-      plan_backward(plan, p, launch);
-    } else {
-      plan_forward(plan, p, launch);
+    std::vector<AttentionProblem> parts;
+    if (backward && !plan_backward(plan, p, launch, &parts)) {
+      // The one pass over parts of the heads (one_pass_parts), one after another: each part's plan,
+      // gone before the next is made, gives its scratch back in stream order for the next to take.
+      for (const AttentionProblem& piece : parts) {
+        Plan piece_plan;
+        plan_backward(piece_plan, piece, launch);
+        if (!planning) enqueue(piece_plan, launch);
+        needed = std::max(needed, piece_plan.scratch_bytes);
+      }
+      continue;
     }
+    if (!backward) plan_forward(plan, p, launch);
     if (!planning) enqueue(plan, launch);
     needed = std::max(needed, plan.scratch_bytes);
   }

@@ -154,6 +154,22 @@ std::optional<bool> one_pass_backward() {
   });
 }
 
+int64_t one_pass_sums_bytes() {
+  thread_local Kept<int64_t> slot;
+  return kept(slot, []() -> int64_t {
+    const char* value = std::getenv("FLASHJIT_CUDA_ONE_PASS_SUMS_MIB");
+    if (value == nullptr || *value == '\0') return kDefaultOnePassSumsMiB << 20;
+    if (std::strcmp(value, "off") == 0) return 0;
+    char* end = nullptr;
+    const long long mib = std::strtoll(value, &end, 10);
+    if (*end != '\0' || mib < 0 || mib > (int64_t(1) << 40)) {
+      throw_value_error("[cuda] FLASHJIT_CUDA_ONE_PASS_SUMS_MIB: expected a whole number of MiB (0 or off: no limit), "
+                        "got '", value, "'");
+    }
+    return int64_t(mib) << 20;
+  });
+}
+
 bool dkdv_shared_operands() {
   thread_local Kept<bool> slot;
   return kept(slot, [] { return choice("FLASHJIT_CUDA_DKDV", {"registers", "shared"}) != 0; });

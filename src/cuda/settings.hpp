@@ -156,6 +156,13 @@ int one_pass_dq();
 // shared memory has room; unset, empty or "carried" (false): each step's second products carried
 // into the next step's turn (the default). Another value is an error naming the variable.
 bool one_pass_whole_steps();
+// FLASHJIT_CUDA_ONE_PASS_SUMS_MIB: the most MiB of float32 dQ sums one launch of the one-pass
+// backward holds; a dense problem whose sums pass it runs in parts of whole batch entries or, within
+// one, of key/value heads (with their query heads), one after another in the same scratch (the
+// backward's peak memory falls by what the parts leave out). Unset or empty: kDefaultOnePassSumsMiB;
+// "0" or "off": no limit. Another value is an error naming the variable.
+constexpr int64_t kDefaultOnePassSumsMiB = 0;
+int64_t one_pass_sums_bytes();
 // Whether FLASHJIT_CUDA_ONE_PASS_DQ is set (not empty): a set value wins over a tuned class's
 // one-pass-diagonal choice and over the rule that keeps the diagonal order off grouped heads.
 bool one_pass_dq_set();

@@ -535,6 +535,109 @@ TEST_F(CudaHostPath, NondeterministicBackwardTakesTheUnorderedOnePass) {
   EXPECT_NE(std::string(fj_last_error()).find("nondeterministic: expected 0"), std::string::npos) << fj_last_error();
 }
 
+// FLASHJIT_CUDA_ONE_PASS_SUMS_MIB: a one pass whose float32 dQ sums pass the budget runs in parts,
+// a prep, a dK/dV and a dQ launch each, over views of whole batch entries or (where one entry's sums
+// do not fit) of a batch entry's key/value heads with their query heads, its sums its own size (the
+// workspace the call asks for shrinks with them), dropout drawn as the whole draws it; under the
+// budget, off or unset, one plan; another value is an error naming the variable.
+TEST_F(CudaHostPath, OnePassSumsOverTheBudgetRunInParts) {
+  REQUIRE_NULL_DRIVER();
+  struct Unset {
+    ~Unset() {
+      unsetenv("FLASHJIT_CUDA_BACKWARD");
+      unsetenv("FLASHJIT_CUDA_ONE_PASS_SUMS_MIB");
+    }
+  } unset;
+  setenv("FLASHJIT_CUDA_BACKWARD", "one-pass", 1);
+  unsetenv("FLASHJIT_CUDA_ONE_PASS_DQ");
+  DeviceBuffers buffers(2, 8, 2, 2048, 2048, 64, FJ_BFLOAT16);  // sums: 2 x 8 x 2048 x 64 floats (8 MiB)
+  fj_attention_options options = fj_attention_options_default();
+  options.dropout_p = 0.25;
+  options.dropout_seed = 7;
+  struct Part {
+    KernelParams prep, dkdv;
+    size_t workspace;
+  };
+  const auto parts_of = [&](const char* budget) {
+    if (budget == nullptr) {
+      unsetenv("FLASHJIT_CUDA_ONE_PASS_SUMS_MIB");
+    } else {
+      setenv("FLASHJIT_CUDA_ONE_PASS_SUMS_MIB", budget, 1);
+    }
+    size_t workspace = 0;
+    EXPECT_EQ(buffers.prepare_backward(options, &workspace), FJ_SUCCESS) << fj_last_error();
+    const unsigned long long before = null_driver().now().launches;
+    EXPECT_EQ(buffers.backward(options), FJ_SUCCESS) << fj_last_error();
+    const std::vector<NullLaunch> launched = null_driver().last(unsigned(null_driver().now().launches - before));
+    std::vector<Part> parts;
+    EXPECT_EQ(launched.size() % 3, 0u);
+    for (size_t index = 0; index + 2 < launched.size(); index += 3) {
+      EXPECT_EQ(std::string(launched[index].function), "fj_attention_backward_prep");
+      EXPECT_EQ(std::string(launched[index + 1].function), "fj_attention_backward_dkdv");
+      EXPECT_EQ(std::string(launched[index + 2].function), "fj_attention_backward_dq_convert");
+      Part part{};
+      std::memcpy(&part.prep, launched[index].params, sizeof part.prep);
+      std::memcpy(&part.dkdv, launched[index + 1].params, sizeof part.dkdv);
+      part.workspace = workspace;
+      parts.push_back(part);
+    }
+    return parts;
+  };
+  const std::vector<Part> whole = parts_of(nullptr);
+  ASSERT_EQ(whole.size(), 1u);
+  EXPECT_EQ(parts_of("off").size(), 1u);
+  EXPECT_EQ(parts_of("8").size(), 1u);  // the sums fit
+  const KernelParams& all = whole[0].dkdv;
+  const auto bytes_between = [](const KernelOperand& part, const KernelOperand& from) {
+    return static_cast<const char*>(part.data) - static_cast<const char*>(from.data);
+  };
+  // 4 MiB: a batch entry's sums fit, so a part a batch entry, every head.
+  const std::vector<Part> batches = parts_of("4");
+  ASSERT_EQ(batches.size(), 2u);
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const KernelParams& part = batches[b].dkdv;
+    EXPECT_EQ(part.batch, 1);
+    EXPECT_EQ(part.heads_q, 8);
+    EXPECT_EQ(part.heads_kv, 2);
+    EXPECT_EQ(bytes_between(part.q, all.q), int64_t(b) * all.q.stride_batch * 2);
+    EXPECT_EQ(bytes_between(part.dk, all.dk), int64_t(b) * all.dk.stride_batch * 2);
+    EXPECT_EQ(part.dropout_head_base, int64_t(b) * 8);  // batch entry b's counters
+    EXPECT_EQ(part.dq_counters * 2, all.dq_counters);
+  }
+  // About half: the rows and sums of one batch entry.
+  EXPECT_LT(batches[0].workspace, whole[0].workspace * 6 / 10);
+  EXPECT_GT(batches[0].workspace, whole[0].workspace * 4 / 10);
+  // 2 MiB (or 3: whole heads only): a part a key/value head of a batch entry, with its group of
+  // four query heads.
+  for (const char* budget : {"2", "3"}) {
+    const std::vector<Part> heads = parts_of(budget);
+    ASSERT_EQ(heads.size(), 4u) << budget;
+    for (size_t index = 0; index < heads.size(); ++index) {
+      const int64_t b = int64_t(index) / 2, kv = int64_t(index) % 2;
+      const KernelParams& part = heads[index].dkdv;
+      EXPECT_EQ(part.batch, 1);
+      EXPECT_EQ(part.heads_q, 4);
+      EXPECT_EQ(part.heads_kv, 1);
+      EXPECT_EQ(part.group_size, 4);
+      EXPECT_EQ(bytes_between(part.q, all.q), (b * all.q.stride_batch + kv * 4 * all.q.stride_head) * 2);
+      EXPECT_EQ(bytes_between(part.o, all.o), (b * all.o.stride_batch + kv * 4 * all.o.stride_head) * 2);
+      EXPECT_EQ(bytes_between(part.k, all.k), (b * all.k.stride_batch + kv * all.k.stride_head) * 2);
+      EXPECT_EQ(bytes_between(part.dv, all.dv), (b * all.dv.stride_batch + kv * all.dv.stride_head) * 2);
+      EXPECT_EQ(static_cast<const char*>(part.lse.data) - static_cast<const char*>(all.lse.data),
+                (b * all.lse.stride_batch + kv * 4 * all.lse.stride_head) * 4);
+      EXPECT_EQ(part.dropout_head_base, b * 8 + kv * 4);  // the whole's counter of its first query head
+      EXPECT_EQ(part.dq_counters * 4, all.dq_counters);
+      EXPECT_EQ(heads[index].prep.dropout_head_base, part.dropout_head_base);
+    }
+    EXPECT_LT(heads[0].workspace, whole[0].workspace * 3 / 10);
+  }
+  // Run again as one plan once the budget is gone.
+  EXPECT_EQ(parts_of(nullptr).size(), 1u);
+  setenv("FLASHJIT_CUDA_ONE_PASS_SUMS_MIB", "lots", 1);
+  EXPECT_NE(buffers.backward(options), FJ_SUCCESS);
+  EXPECT_NE(std::string(fj_last_error()).find("FLASHJIT_CUDA_ONE_PASS_SUMS_MIB"), std::string::npos) << fj_last_error();
+}
+
 // FLASHJIT_CUDA_DKDV_PARTS: the split dK/dV kernel over a GQA group's query heads in parts. At
 // batch 1 with 4 key/value heads of 8 query heads each and 2048 keys (16 key blocks a head: 64
 // blocks on 132 SMs), "auto" (also unset) takes 8 parts (the smallest divisor of the group that

@@ -206,7 +206,36 @@ def test_eager_release_and_the_writer_give_the_same_bits(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-@pytest.mark.parametrize("variable", ["FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_STEPS"])
+# FLASHJIT_CUDA_ONE_PASS_SUMS_MIB: past the budget the one pass runs over parts of the heads, each
+# head's blocks and adds as in one plan, so the gradients are the same bits (dQ of the atomic adds
+# aside); 2 MiB: a part a batch entry; 1 MiB: a part a key/value head (four query heads) of an entry,
+# with a mask and dropout, whose counters name the whole problem's heads.
+@pytest.mark.parametrize("budget", ["2", "1"])
+def test_parts_over_the_sums_budget_give_the_same_bits(monkeypatch, budget):
+    torch.manual_seed(3)
+    B, Hq, Hkv, Sq, Sk, D = 2, 8, 2, 1000, 1100, 64  # sums: 2 x 8 x 1024 padded rows x 64 floats, 4 MiB
+    q = torch.randn(B, Hq, Sq, D, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    kw = dict(attn_mask=torch.rand(B, Hq, Sq, Sk, device=DEVICE) > 0.2, causal="bottom_right", dropout_p=0.2,
+              seed=5)
+    o, lse = flashjit.attention(q, k, v, return_lse=True, **kw)
+    dout = torch.randn_like(o)
+    assert plan_is_one_pass(B, Hq, Hkv, Sq, Sk, D, D)
+    whole = flashjit.attention_backward(q, k, v, o, lse, dout, **kw)
+    monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_SUMS_MIB", budget)
+    assert not plan_is_one_pass(B, Hq, Hkv, Sq, Sk, D, D)  # a part's sums: less than the whole's
+    parts = flashjit.attention_backward(q, k, v, o, lse, dout, **kw)
+    if os.environ["FLASHJIT_CUDA_ONE_PASS_DQ"] == "atomic":
+        assert torch.equal(whole[1], parts[1]) and torch.equal(whole[2], parts[2])
+        assert_gradients_close(parts, whole, 0.01)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(whole, parts))
+    monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "split")
+    assert_gradients_close(parts, flashjit.attention_backward(q, k, v, o, lse, dout, **kw), 0.02)
+
+
+@pytest.mark.parametrize("variable", ["FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_STEPS",
+                                      "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB"])
 def test_bad_setting_is_named(monkeypatch, variable):
     q = torch.randn(1, 2, 64, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     o = flashjit.attention(q, q, q)
