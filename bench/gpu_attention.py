@@ -82,7 +82,8 @@ def fa4_function():
 
 # The environment switches a flashjit column may set; a column leaves the others unset.
 SWITCHES = ("FLASHJIT_CUDA_TILES", "FLASHJIT_CUDA_BACKWARD", "FLASHJIT_CUDA_ONE_PASS_DQ", "FLASHJIT_CUDA_DKDV",
-            "FLASHJIT_CUDA_DKDV_PARTS", "FLASHJIT_CUDA_BACKWARD_OVERLAP", "FLASHJIT_CUDA_ONE_PASS_STEPS")
+            "FLASHJIT_CUDA_DKDV_PARTS", "FLASHJIT_CUDA_BACKWARD_OVERLAP", "FLASHJIT_CUDA_ONE_PASS_STEPS",
+            "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB")
 
 
 class Impl:
@@ -142,6 +143,8 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
         # one-pass:whole, one-pass:<sums>+whole: FLASHJIT_CUDA_ONE_PASS_STEPS=whole (head dim 128 in
         # steps of 64 queries, each step's products in two turns of its own);
+        # one-pass:budget, one-pass:<...>+budget: FLASHJIT_CUDA_ONE_PASS_SUMS_MIB=32 (the one pass
+        # over parts of the heads whose dQ sums are at most 32 MiB each);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
         # (shared is the default); split:parts: with FLASHJIT_CUDA_DKDV_PARTS=auto (a GQA group's
         # query heads over several dK/dV blocks where the grid is small; the default), split:no-parts
@@ -150,6 +153,9 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # the dQ grid is small).
         backward, _, option = mode.partition(":")
         env = {"FLASHJIT_CUDA_BACKWARD": backward}
+        if option == "budget" or option.endswith("+budget"):
+            env["FLASHJIT_CUDA_ONE_PASS_SUMS_MIB"] = "32"
+            option = option.removesuffix("budget").removesuffix("+")
         if option == "whole" or option.endswith("+whole"):
             env["FLASHJIT_CUDA_ONE_PASS_STEPS"] = "whole"
             option = option.removesuffix("whole").removesuffix("+")
@@ -422,7 +428,8 @@ def main():
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic", "one-pass:writer-pair",
                                  "one-pass:writer-diagonal", "one-pass:whole", "one-pass:writer-diagonal+whole",
-                                 "one-pass:writer+whole", "one-pass:atomic+whole",
+                                 "one-pass:writer+whole", "one-pass:atomic+whole", "one-pass:budget",
+                                 "one-pass:whole+budget", "one-pass:writer-diagonal+budget",
                                  "split:shared", "split:registers", "split:parts", "split:no-parts", "split:overlap",
                                  "split:no-overlap"],
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
@@ -432,7 +439,8 @@ def main():
                              "one-pass:writer-diagonal also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
                              "two a timing diagnostic whose dQ is not written); one-pass:whole and a '+whole' "
-                             "suffix set FLASHJIT_CUDA_ONE_PASS_STEPS=whole")
+                             "suffix set FLASHJIT_CUDA_ONE_PASS_STEPS=whole; one-pass:budget and a '+budget' suffix "
+                             "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB=32")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="B:HQ:HKV:N:D[:causal]",
                         help="these problems instead of the grid, e.g. 1:32:4:2048:64:causal (a LoRA step of "
                              "TinyLlama at batch 1)")
