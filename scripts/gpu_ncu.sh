@@ -32,12 +32,17 @@ for case in "${cases[@]}"; do
   name="d${dim}-n${seqlen}${causal:+-causal}"
   step "ncu: $name, kernels $kernels"
   # The first forward and backward compile and warm up (their launches are skipped): the forward is one
-  # launch, the backward three (four above head dim 128; two in one pass, up to 128).
+  # launch, the backward three (four above head dim 128; in one pass, up to 128, three where a kernel
+  # writes dQ from the sums: the writer's orders, the default writer-pair, and atomic; two otherwise).
   skip=1
   if [[ $kernels == *backward* ]]; then
     skip=3
     ((dim > 128)) && skip=4
-    [[ ${FLASHJIT_CUDA_BACKWARD:-} == one-pass ]] && ((dim <= 128)) && skip=2
+    if [[ ${FLASHJIT_CUDA_BACKWARD:-} == one-pass ]] && ((dim <= 128)); then
+      case ${FLASHJIT_CUDA_ONE_PASS_DQ:-writer-pair} in
+        ordered | eager | arrival | none | unordered) skip=2 ;;
+      esac
+    fi
   fi
   timeout 300 ncu --clock-control none -k "regex:$kernels" --launch-skip "$skip" -c 4 --set full --import-source yes \
     -f -o "$OUT/$name" python3 bench/profile_cuda.py --head-dim "$dim" --seqlen "$seqlen" ${causal:+--causal} \
