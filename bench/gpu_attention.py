@@ -142,7 +142,8 @@ def implementations(tiles, fa4=None, backward_modes=()):
         # from the highest block down) (real backwards);
         # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
         # one-pass:whole, one-pass:<sums>+whole: FLASHJIT_CUDA_ONE_PASS_STEPS=whole (head dim 128 in
-        # steps of 64 queries, each step's products in two turns of its own);
+        # steps of 64 queries, each step's products in two turns of its own); one-pass:whole-concurrent,
+        # one-pass:<sums>+whole-concurrent: the same steps with no turns between the consumers;
         # one-pass:budget, one-pass:<...>+budget: FLASHJIT_CUDA_ONE_PASS_SUMS_MIB=32 (the one pass
         # over parts of the heads whose dQ sums are at most 32 MiB each);
         # split:shared / split:registers: the split backward with FLASHJIT_CUDA_DKDV set so
@@ -156,9 +157,11 @@ def implementations(tiles, fa4=None, backward_modes=()):
         if option == "budget" or option.endswith("+budget"):
             env["FLASHJIT_CUDA_ONE_PASS_SUMS_MIB"] = "32"
             option = option.removesuffix("budget").removesuffix("+")
-        if option == "whole" or option.endswith("+whole"):
-            env["FLASHJIT_CUDA_ONE_PASS_STEPS"] = "whole"
-            option = option.removesuffix("whole").removesuffix("+")
+        for steps in ("whole-concurrent", "whole"):
+            if option == steps or option.endswith("+" + steps):
+                env["FLASHJIT_CUDA_ONE_PASS_STEPS"] = steps
+                option = option.removesuffix(steps).removesuffix("+")
+                break
         if option in ("parts", "no-parts"):
             env["FLASHJIT_CUDA_DKDV_PARTS"] = "auto" if option == "parts" else "off"
         elif option in ("overlap", "no-overlap"):
@@ -428,7 +431,8 @@ def main():
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic", "one-pass:writer-pair",
                                  "one-pass:writer-diagonal", "one-pass:whole", "one-pass:writer-diagonal+whole",
-                                 "one-pass:writer+whole", "one-pass:atomic+whole", "one-pass:budget",
+                                 "one-pass:writer+whole", "one-pass:atomic+whole", "one-pass:whole-concurrent",
+                                 "one-pass:atomic+whole-concurrent", "one-pass:budget",
                                  "one-pass:whole+budget", "one-pass:writer-diagonal+budget",
                                  "split:shared", "split:registers", "split:parts", "split:no-parts", "split:overlap",
                                  "split:no-overlap"],
@@ -439,7 +443,7 @@ def main():
                              "one-pass:writer-diagonal also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
                              "two a timing diagnostic whose dQ is not written); one-pass:whole and a '+whole' "
-                             "suffix set FLASHJIT_CUDA_ONE_PASS_STEPS=whole; one-pass:budget and a '+budget' suffix "
+                             "suffix set FLASHJIT_CUDA_ONE_PASS_STEPS=whole (and whole-concurrent so); one-pass:budget and a '+budget' suffix "
                              "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB=32")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="B:HQ:HKV:N:D[:causal]",
                         help="these problems instead of the grid, e.g. 1:32:4:2048:64:causal (a LoRA step of "

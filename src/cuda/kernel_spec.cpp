@@ -166,7 +166,7 @@ std::string KernelSpec::name() const {
                  "_t", threads,
                  family == KernelFamily::kSimt ? std::string() : str_cat("_r", row_tiles),
                  dkdv_part == DkDvPart::kDvOnly ? "_dv-only" : (dkdv_part == DkDvPart::kDkOnly ? "_dk-only" : ""),
-                 one_pass ? "_one-pass" : "", takes_whole_steps() ? "_whole" : "", dkdv_shared ? "_shared-ops" : "", takes_parts() ? "_parts" : "",
+                 one_pass ? "_one-pass" : "", takes_whole_steps() == 1 ? "_whole" : takes_whole_steps() == 2 ? "_whole-concurrent" : "", dkdv_shared ? "_shared-ops" : "", takes_parts() ? "_parts" : "",
                  overlaps_launch() ? "_pdl" : "",
                  dq_diagnostic == 1   ? "_dq-none"
                  : dq_diagnostic == 2 ? "_dq-unordered"
@@ -263,7 +263,7 @@ int KernelSpec::shared_memory_bytes() const {
         case KernelEntry::kBackwardDkDv:
           return layout::kHopperBaseAlignment +
                  layout::hopper_backward_dkdv(rows, n, qk, v, stages,
-                                              layout::dkdv_ds_buffers(one_pass, dkdv_shared, takes_whole_steps()),
+                                              layout::dkdv_ds_buffers(one_pass, dkdv_shared, takes_whole_steps() != 0),
                                               layout::dkdv_walk_blocks(one_pass && layout::dq_in_arrival_order(dq_diagnostic)),
                                               layout::dkdv_dq_staging_buffers(one_pass && layout::dq_by_writer(dq_diagnostic),
                                                                               row_warps() / 4))
@@ -308,7 +308,7 @@ std::string KernelSpec::source() const {
       "#define FJ_SPLIT ", split ? 1 : 0, "\n", "#define FJ_VARLEN ", varlen ? 1 : 0, "\n", "#define FJ_KV_CACHE ", kv_cache, "\n", "#define FJ_EDGE_GENERAL ", edge_general ? 1 : 0, "\n",
       "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_PRODUCER_SETUP ", sets_up_in_producer() ? 1 : 0, "\n", "#define FJ_EXP_POLY ", poly_groups(), "\n", "#define FJ_PRODUCER_SUSPEND ", suspends_producer() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
-      "#define FJ_WHOLE_STEPS ", takes_whole_steps() ? 1 : 0, "\n",
+      "#define FJ_WHOLE_STEPS ", takes_whole_steps(), "\n",
       "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
       "#define FJ_DKDV_PARTS ", takes_parts() ? 1 : 0, "\n",
       "#define FJ_BACKWARD_OVERLAP ", overlaps_launch() ? 1 : 0, "\n",
@@ -797,7 +797,7 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
       if (settings::one_pass_whole_steps() && dkdv.head_dim_qk == 128 &&
           (layout::dq_by_writer(dkdv.dq_diagnostic) || layout::dq_atomic(dkdv.dq_diagnostic))) {
         KernelSpec whole = dkdv;
-        whole.whole_steps = true;
+        whole.whole_steps = settings::one_pass_whole_steps();
         whole.block_n *= 2;
         whole.stages = 1;  // one Q/dO buffer ahead of the step's own
         if (fits(whole)) dkdv = whole;

@@ -118,8 +118,9 @@ struct KernelSpec {
   // kHopper one-pass dK/dV at head dim 128 whose steps are whole (FJ_WHOLE_STEPS;
   // settings::one_pass_whole_steps): S^T and dP^T in one turn, then dV, dK and dQ^T of the same
   // step in a second, nothing carried into the next step's turn, so that the registers of a step
-  // of twice the queries fit (block_n 64), with one Q/dO buffer ahead and two dS buffers.
-  bool whole_steps = false;
+  // of twice the queries fit (block_n 64), with one Q/dO buffer ahead and two dS buffers; 0: not,
+  // 1: in turns, 2: concurrent (no turns between the consumers).
+  int whole_steps = 0;
   // kHopper split dK/dV (both parts, head dims up to 128) whose dV and dK products read P^T and
   // dS^T from shared memory (written by each warp after its gradient) instead of registers, so
   // that twice the queries a step fit (FJ_DKDV_SHARED; settings::dkdv_shared_operands).
@@ -180,8 +181,8 @@ struct KernelSpec {
   }
   // whole_steps where it applies: the kHopper one-pass dK/dV kernel (what name() spells and
   // fields() holds).
-  bool takes_whole_steps() const {
-    return whole_steps && one_pass && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv;
+  int takes_whole_steps() const {
+    return one_pass && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv ? whole_steps : 0;
   }
   // dkdv_parts where it applies (what name() spells and fields() holds).
   bool takes_parts() const {

@@ -138,7 +138,9 @@ int one_pass_dq() {
   return chosen < 0 ? kDefaultOnePassDq : chosen;
 }
 
-bool one_pass_whole_steps() { return choice("FLASHJIT_CUDA_ONE_PASS_STEPS", {"carried", "whole"}) == 1; }
+int one_pass_whole_steps() {
+  return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_STEPS", {"carried", "whole", "whole-concurrent"}));
+}
 
 bool one_pass_dq_set() {
   const char* value = std::getenv("FLASHJIT_CUDA_ONE_PASS_DQ");

@@ -150,12 +150,13 @@ bool trace_tiles();
 constexpr int kDefaultOnePassDq = 10;
 constexpr int kDiagonalOnePassDq = 11;
 int one_pass_dq();
-// FLASHJIT_CUDA_ONE_PASS_STEPS: "whole" (true) gives the one-pass backward at head dim 128 steps
+// FLASHJIT_CUDA_ONE_PASS_STEPS: "whole" (1) gives the one-pass backward at head dim 128 steps
 // of twice the queries (64; 32 with a mask, dropout or softcap), each step's products issued in
 // two turns of its own (KernelSpec::whole_steps), where its dQ sums are the writer's or atomic and
-// shared memory has room; unset, empty or "carried" (false): each step's second products carried
-// into the next step's turn (the default). Another value is an error naming the variable.
-bool one_pass_whole_steps();
+// shared memory has room; "whole-concurrent" (2) the same steps with no turns between the two
+// consumers (dV, then dQ^T, then dK); unset, empty or "carried" (0): each step's second products
+// carried into the next step's turn (the default). Another value is an error naming the variable.
+int one_pass_whole_steps();
 // FLASHJIT_CUDA_ONE_PASS_SUMS_MIB: the most MiB of float32 dQ sums one launch of the one-pass
 // backward holds; a dense problem whose sums pass it runs in parts of whole batch entries or, within
 // one, of key/value heads (with their query heads), one after another in the same scratch (the

@@ -462,7 +462,8 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
 // (64; 32 with the extras), one Q/dO buffer ahead, two dS buffers, where its dQ sums are the
 // writer's or atomic; it fits shared memory and compiles for sm_90a with the dQ convert kernel,
 // dense and varlen; elsewhere (head dim 64, the consumers' own ordered adds) the carried steps;
-// unset or carried: those; another value is an error naming the variable.
+// unset or carried: those; whole-concurrent: the same steps with no turns, a kernel of its own;
+// another value is an error naming the variable.
 TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -480,8 +481,20 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
   EXPECT_EQ(carried.block_n, 32);
   setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "carried", 1);
   EXPECT_FALSE(settings::one_pass_whole_steps());
+  setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole-concurrent", 1);
+  EXPECT_EQ(settings::one_pass_whole_steps(), 2);
+  {
+    // Concurrent whole steps: the same tiles, their own kernel (no turns), compiled for sm_90a.
+    const std::vector<KernelSpec> specs = backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true);
+    ASSERT_EQ(specs.size(), 3u);
+    const KernelSpec& dkdv = dkdv_kernel(specs);
+    EXPECT_EQ(dkdv.takes_whole_steps(), 2) << dkdv.name();
+    EXPECT_NE(dkdv.name().find("_whole-concurrent"), std::string::npos) << dkdv.name();
+    EXPECT_EQ(dkdv.block_n, 64);
+    for (const KernelSpec& spec : specs) ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+  }
   setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole", 1);
-  EXPECT_TRUE(settings::one_pass_whole_steps());
+  EXPECT_EQ(settings::one_pass_whole_steps(), 1);
   for (const char* dq : {"writer-pair", "writer-diagonal", "writer", "writer-eager", "atomic"}) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", dq, 1);
     for (fj_dtype dtype : {FJ_BFLOAT16, FJ_FLOAT16}) {
@@ -495,8 +508,8 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
         std::vector<KernelSpec> specs = backward_kernels(traits, true);
         ASSERT_EQ(specs.size(), 3u) << dq;
         const KernelSpec& dkdv = dkdv_kernel(specs);
-        EXPECT_TRUE(dkdv.one_pass && dkdv.takes_whole_steps()) << dkdv.name();
-        EXPECT_NE(dkdv.name().find("_whole"), std::string::npos) << dkdv.name();
+        EXPECT_TRUE(dkdv.one_pass && dkdv.takes_whole_steps() == 1) << dkdv.name();
+        EXPECT_NE(dkdv.name().find("_whole_"), std::string::npos) << dkdv.name();
         EXPECT_EQ(dkdv.block_n, extras ? 32 : 64) << dkdv.name();
         EXPECT_EQ(dkdv.stages, 1) << dkdv.name();
         EXPECT_EQ(specs.back().block_n, dkdv.block_n);  // the convert kernel's tiles are the step's

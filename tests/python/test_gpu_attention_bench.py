@@ -51,6 +51,22 @@ def test_whole_step_columns_set_their_switches():
     assert "FLASHJIT_CUDA_ONE_PASS_STEPS" not in impls["flashjit[one-pass:writer-pair]"]
 
 
+def test_concurrent_whole_step_and_budget_columns_set_their_switches():
+    modes = ["one-pass:whole-concurrent", "one-pass:atomic+whole-concurrent", "one-pass:budget",
+             "one-pass:whole+budget"]
+    impls = {impl.name: impl.env for impl in gpu_attention.implementations(["default"], backward_modes=modes)}
+    assert impls["flashjit[one-pass:whole-concurrent]"] == {"FLASHJIT_CUDA_BACKWARD": "one-pass",
+                                                             "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole-concurrent"}
+    assert impls["flashjit[one-pass:atomic+whole-concurrent]"] == {
+        "FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole-concurrent",
+        "FLASHJIT_CUDA_ONE_PASS_DQ": "atomic"}
+    assert impls["flashjit[one-pass:budget]"] == {"FLASHJIT_CUDA_BACKWARD": "one-pass",
+                                                   "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB": "32"}
+    assert impls["flashjit[one-pass:whole+budget]"] == {
+        "FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole",
+        "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB": "32"}
+
+
 def test_backward_kernels_runs_on_the_cpu_and_refuses_bad_shapes(tmp_path, capsys):
     # bench/backward_kernels.py's steps on the CPU (host ops for kernels): a record with a section
     # a problem and flashjit's table; a shape whose heads do not group is an error naming --shapes.

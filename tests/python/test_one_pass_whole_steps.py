@@ -1,6 +1,6 @@
 """The one-pass sm_90a backward in whole steps (FLASHJIT_CUDA_ONE_PASS_STEPS=whole): at head dim
 128 a step of 64 queries (32 with a mask, dropout or softcap) whose products take two turns of
-their own. Gradients against the float64 reference, bitwise equal across runs (but for dQ of the
+their own; and the same steps with no turns between the consumers (whole-concurrent). Gradients against the float64 reference, bitwise equal across runs (but for dQ of the
 atomic adds), dQ the same bits as the carried steps' (the same products and the same order of adds;
 dK and dV add the queries in another order), and the plan really compiles the whole-step kernel.
 Runs on an sm_90 GPU; skipped elsewhere."""
@@ -21,12 +21,18 @@ sm90 = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available()
 pytestmark = sm90
 
 
+# Whole steps in turns (whole) and with no turns between the consumers (whole-concurrent).
+@pytest.fixture(autouse=True, params=["whole", "whole-concurrent"])
+def steps(monkeypatch, request):
+    monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", request.param)
+    return request.param
+
+
 # The dQ sums whole steps take: the two writer threads in block order (the default) and in the
 # diagonal order, one writer thread, and every visitor's adds at once (atomic).
 @pytest.fixture(autouse=True, params=["writer-pair", "writer-diagonal", "writer", "atomic"])
-def whole_steps(monkeypatch, request):
+def whole_steps(monkeypatch, request, steps):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
-    monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
     return request.param
 
@@ -52,13 +58,13 @@ def test_gradients_match_the_reference(case):
     run(B=2, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=case.pop("D", 128), dtype=torch.bfloat16, **case)
 
 
-def test_the_whole_step_kernel_is_what_runs(tmp_path, monkeypatch):
+def test_the_whole_step_kernel_is_what_runs(tmp_path, monkeypatch, steps):
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path))
     flashjit.cuda.clear_memory_cache()
     q = torch.randn(1, 2, 300, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     flashjit.attention(q, q, q, causal=True).sum().backward()
     names = [path.name for path in pathlib.Path(tmp_path).rglob("*") if path.is_file()]
-    assert any("_one-pass_whole_" in name and "_n64_" in name for name in names), names
+    assert any(f"_one-pass_{steps}_" in name and "_n64_" in name for name in names), names
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "carried")
     flashjit.cuda.clear_memory_cache()
     flashjit.attention(q, q, q, causal=True).sum().backward()

@@ -36,7 +36,8 @@
 //     3, "eager", right after them, by one thread); the first stores,
 //     the last adds what is there to its own and writes dQ. (FJ_WHOLE_STEPS, head dim 128: steps
 //     of twice the queries whose products, S^T and dP^T, then dV, dK and dQ_t^T, take two turns
-//     of their own, dS_t read in the same step; below.) Blocks walk their
+//     of their own, dS_t read in the same step; FJ_WHOLE_STEPS 2: the same steps with no turns
+//     between the consumers; below.) Blocks walk their
 //     query tiles from the last down, heads of a group inside, so that every block
 //     of a head meets a tile at about the same step (a lag of about a step a block,
 //     not a block's whole span), and a
@@ -377,7 +378,7 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // the first issues before it waits (within its turn) for the second's half of dS_t, then issues
 // dQ_t; the first's gradient beside the second's S^T and dP^T. A dS buffer is written again two
 // steps on, after both consumers have waited for the products that read it: two buffers.
-constexpr bool kWholeSteps = FJ_WHOLE_STEPS;
+constexpr bool kWholeSteps = FJ_WHOLE_STEPS != 0;  // 1: in turns; 2: concurrent (no turns)
 static_assert(!kWholeSteps || (kOnePass && kDimQk == 128), "whole steps: the one pass at head dim 128");
 // FJ_DQ_DIAGNOSTIC 4 (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): the one pass's blocks walk their tiles
 // upward, cyclically from each one's diagonal tile, and a tile's visitors add in the order they
@@ -1175,6 +1176,42 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       // dO_t freed and dQ_t^T staged or added once they are done. (The second consumer arrives
       // on its dS barrier before it waits for its turn: no cycle.)
       (void)arrive, (void)issue_second, (void)after_second;  // the carried schedule's
+#if FJ_WHOLE_STEPS == 2
+      // Concurrent (FLASHJIT_CUDA_ONE_PASS_STEPS=whole-concurrent): the same step with no turns,
+      // both consumers issuing whenever they are ready, and within the second half dV, then
+      // (once the other consumer's dS_t is in) dQ_t^T, then dK, so that dQ_t's share is staged
+      // or added while dK runs. The dS barriers alone keep the two dS buffers safe: a consumer
+      // writes buffer t % 2 again at step t + 2 only after waiting for the other's dS_{t+1}, which
+      // the other stores after its products of step t (its read of dS_t) are done.
+      for (int t = 0; t < tiles; ++t) {
+        q_ring.consume(t);
+        dout_ring.consume(t);
+        wgmma_fence();
+        issue_first(t);
+        wgmma_commit();
+        wgmma_wait<0>();
+        after_first(t);
+        prepare(t);
+        wgmma_fence();
+        wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
+        wgmma_commit();
+        wait_for_ds(t);
+        issue_dq(t);
+        wgmma_commit();
+        wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
+        wgmma_commit();
+        wgmma_wait<1>();  // dV and dQ_t^T done (groups complete in order); dK may still run
+        pin(dv);
+        pin(prob);
+        pin(dqt);
+        dout_ring.release(t, lane);
+        add_dq(t);
+        wgmma_wait<0>();
+        pin(dk);
+        pin(dscore);
+        q_ring.release(t, lane);
+      }
+#else
       first_turn(consumer);
       for (int t = 0; t < tiles; ++t) {
         q_ring.consume(t);
@@ -1207,6 +1244,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         add_dq(t);
       }
       last_turn(consumer);
+#endif
 #elif FJ_ONE_PASS
       first_turn(consumer);
       consumer_steps(consumer, tiles, arrive, issue_first, after_first, issue_second, after_second, prepare);
