@@ -27,7 +27,8 @@
 //       dQ_t^T = K^T dS_t^T                 wgmma, K MN-major, dS K-major
 //     for its share (head dim 128: 64 of dQ's columns; 64: half the queries). Four dS
 //     buffers: the other consumer may finish reading dS_t as late as its step t + 2,
-//     which can come after this consumer's turn of step t + 3. The
+//     which can come after this consumer's turn of step t + 3 (whole steps: two, dS_t
+//     read in its own step). The
 //     partial sums of a query tile's dQ meet in float32 in global memory in a fixed
 //     order, so that the result is bitwise reproducible: the key blocks that see a
 //     tile add in ascending order, each waiting on a counter a chunk until the
