@@ -990,12 +990,10 @@ AttentionProblem heads_part(const AttentionProblem& p, int64_t batch_first, int6
   s.batch = batch_count;
   s.heads_kv = kv_count;
   s.heads_q = kv_count * group;
+  s.dropout_batch = p.dropout_batch + batch_first;
   if (some_heads) {
     s.dropout_heads = p.dropout_heads > 0 ? p.dropout_heads : p.heads_q;
-    s.dropout_batch = p.dropout_batch + batch_first;
     s.dropout_head = p.dropout_head + query_first;
-  } else {
-    s.dropout_batch = p.dropout_batch + batch_first;
   }
   const int64_t element = int64_t(dtype_size(p.dtype));
   const auto advance = [&](Operand& x, int64_t head) {

@@ -39,32 +39,26 @@ def test_a_column_with_a_switch_outside_the_list_is_refused():
     assert "FLASHJIT_CUDA_DKDV_PARTS" in gpu_attention.SWITCHES
 
 
-def test_whole_step_columns_set_their_switches():
-    modes = ["one-pass:whole", "one-pass:writer-diagonal+whole", "one-pass:atomic+whole", "one-pass:writer-pair"]
-    impls = {impl.name: impl.env for impl in gpu_attention.implementations(["default"], backward_modes=modes)}
-    assert impls["flashjit[one-pass:whole]"] == {"FLASHJIT_CUDA_BACKWARD": "one-pass",
-                                                  "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole"}
-    assert impls["flashjit[one-pass:writer-diagonal+whole]"] == {
-        "FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole",
-        "FLASHJIT_CUDA_ONE_PASS_DQ": "writer-diagonal"}
-    assert impls["flashjit[one-pass:atomic+whole]"]["FLASHJIT_CUDA_ONE_PASS_DQ"] == "atomic"
-    assert "FLASHJIT_CUDA_ONE_PASS_STEPS" not in impls["flashjit[one-pass:writer-pair]"]
+# Each one-pass column and the switches it runs with (FLASHJIT_CUDA_BACKWARD=one-pass besides).
+ONE_PASS_COLUMNS = {
+    "one-pass:whole": {"FLASHJIT_CUDA_ONE_PASS_STEPS": "whole"},
+    "one-pass:writer-diagonal+whole": {"FLASHJIT_CUDA_ONE_PASS_STEPS": "whole",
+                                       "FLASHJIT_CUDA_ONE_PASS_DQ": "writer-diagonal"},
+    "one-pass:atomic+whole": {"FLASHJIT_CUDA_ONE_PASS_STEPS": "whole", "FLASHJIT_CUDA_ONE_PASS_DQ": "atomic"},
+    "one-pass:writer-pair": {"FLASHJIT_CUDA_ONE_PASS_DQ": "writer-pair"},
+    "one-pass:whole-concurrent": {"FLASHJIT_CUDA_ONE_PASS_STEPS": "whole-concurrent"},
+    "one-pass:atomic+whole-concurrent": {"FLASHJIT_CUDA_ONE_PASS_STEPS": "whole-concurrent",
+                                         "FLASHJIT_CUDA_ONE_PASS_DQ": "atomic"},
+    "one-pass:budget": {"FLASHJIT_CUDA_ONE_PASS_SUMS_MIB": "32"},
+    "one-pass:whole+budget": {"FLASHJIT_CUDA_ONE_PASS_STEPS": "whole", "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB": "32"},
+}
 
 
-def test_concurrent_whole_step_and_budget_columns_set_their_switches():
-    modes = ["one-pass:whole-concurrent", "one-pass:atomic+whole-concurrent", "one-pass:budget",
-             "one-pass:whole+budget"]
-    impls = {impl.name: impl.env for impl in gpu_attention.implementations(["default"], backward_modes=modes)}
-    assert impls["flashjit[one-pass:whole-concurrent]"] == {"FLASHJIT_CUDA_BACKWARD": "one-pass",
-                                                             "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole-concurrent"}
-    assert impls["flashjit[one-pass:atomic+whole-concurrent]"] == {
-        "FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole-concurrent",
-        "FLASHJIT_CUDA_ONE_PASS_DQ": "atomic"}
-    assert impls["flashjit[one-pass:budget]"] == {"FLASHJIT_CUDA_BACKWARD": "one-pass",
-                                                   "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB": "32"}
-    assert impls["flashjit[one-pass:whole+budget]"] == {
-        "FLASHJIT_CUDA_BACKWARD": "one-pass", "FLASHJIT_CUDA_ONE_PASS_STEPS": "whole",
-        "FLASHJIT_CUDA_ONE_PASS_SUMS_MIB": "32"}
+def test_one_pass_columns_set_their_switches():
+    impls = {impl.name: impl.env
+             for impl in gpu_attention.implementations(["default"], backward_modes=list(ONE_PASS_COLUMNS))}
+    for mode, switches in ONE_PASS_COLUMNS.items():
+        assert impls[f"flashjit[{mode}]"] == {"FLASHJIT_CUDA_BACKWARD": "one-pass", **switches}, mode
 
 
 def test_backward_kernels_runs_on_the_cpu_and_refuses_bad_shapes(tmp_path, capsys):
