@@ -3,7 +3,8 @@
 Reads the CSV of `ncu --import R.ncu-rep --page source --csv --print-source sass` (one table per
 profiled kernel) and prints, per kernel: the sampled total, the instructions with the most samples
 (with the stall reasons the CSV breaks them into, where it does), the samples by opcode, the warp
-instructions executed by opcode (where the CSV has them), and the hottest stretches of 24
+instructions executed by opcode and the instructions grouped by how often they ran (a loop body's
+instructions a pass; where the CSV has the counts), and the hottest stretches of 24
 consecutive instructions, so that a wait can be read in its context.
 
     python scripts/ncu_stalls.py SASS.csv[.gz] [--top 30]
@@ -94,6 +95,17 @@ def summarise(title: str, header: list[str], rows: list[list[str]], top: int) ->
         print(f"-- warp instructions executed by opcode: {everything:.0f} in all")
         for key, value in sorted(counts.items(), key=lambda kv: -kv[1])[:30]:
             print(f"{value:12.0f} {100 * value / everything:5.1f}%  {key}")
+        # Instructions that ran the same number of times: the straight-line stretches of one loop
+        # body share a count (e.g. blocks x warps x steps), so a group's size is that body's
+        # instructions a pass and its samples the share of the time spent there.
+        groups: dict[float, list[float]] = {}
+        for row, value in zip(rows, values):
+            group = groups.setdefault(number(row[executed]), [0, 0.0])
+            group[0] += 1
+            group[1] += value
+        print("-- instructions by execution count (the 8 groups with the most samples)")
+        for count, (size, value) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:8]:
+            print(f"{count:12.0f} times: {size:5d} instructions, {value:8.0f} samples ({100 * value / total:4.1f}%)")
     window = 24
     print(f"-- hottest stretches of {window} instructions")
     sums = [sum(values[i:i + window]) for i in range(max(1, len(values) - window + 1))]

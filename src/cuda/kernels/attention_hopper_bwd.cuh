@@ -299,7 +299,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
                                     block.kv_head, b, &v_ring.full[v_buffer]);
     }
   };
-  const auto consume = [&](int consumer) {
+  const auto consume = [&](int warpgroup) {
+    // Broadcast from lane 0 (as the forward's consumers do), so that ptxas keeps what derives from
+    // it (the operands' rows, the wgmma descriptors) in uniform registers rather than rebuilding it
+    // in vector ones and moving it over (R2UR) at every product.
+    const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0);
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; rows warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
@@ -924,7 +928,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif  // FJ_DQ_PAIR
   };
 #endif
-  const auto consume = [&](int consumer) {
+  const auto consume = [&](int warpgroup) {
+    const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0);  // uniform (the dQ kernel's note)
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
