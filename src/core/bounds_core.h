@@ -130,4 +130,31 @@ struct KeyBlockSpans {
   }
 };
 
+// Division of non-negative 32-bit counts (below 2^31) by a divisor fixed for a kernel block (a GQA
+// group's size, a head's query tiles), by a multiply and a shift instead of a generic integer
+// division's ~20 instructions and reciprocal (GPUs have no divide instruction; Granlund and Montgomery, "Division by
+// invariant integers using multiplication", 1994, the round-up method): with s = ceil(log2 d) and
+// m = floor(2^32 (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s for every n < 2^31 (d = 1:
+// s = 0, m = 1). The sum stays under 2^32 since umulhi(n, m) < n. Built once a block; a divisor
+// below 1 is taken as 1 (a block with no tiles never divides).
+struct Divisor {
+  uint32_t divisor, multiplier, shift;
+  FJ_HOST_DEVICE explicit Divisor(int d) {
+    divisor = d < 1 ? 1u : static_cast<uint32_t>(d);
+    shift = 0;
+    while ((1ull << shift) < divisor) ++shift;
+    multiplier = static_cast<uint32_t>(((1ull << 32) * ((1ull << shift) - divisor)) / divisor + 1);
+  }
+  FJ_HOST_DEVICE int quotient(int n) const {
+    const uint32_t u = static_cast<uint32_t>(n);
+#if defined(__CUDA_ARCH__)
+    const uint32_t high = __umulhi(u, multiplier);
+#else
+    const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(u) * multiplier) >> 32);
+#endif
+    return static_cast<int>((high + u) >> shift);
+  }
+  FJ_HOST_DEVICE int remainder(int n, int q) const { return n - q * static_cast<int>(divisor); }
+};
+
 }  // namespace flashjit

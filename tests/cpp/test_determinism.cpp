@@ -260,5 +260,37 @@ TEST(OnePassOrder, ArrivalWalksMeetEachTileOnceAndRankTheVisitorsOnce) {
   }
 }
 
+// bounds_core.h's Divisor (the backward kernels' tile head and start a step): quotient and
+// remainder equal integer division's for every divisor up to 4,096 over the numerators around each
+// multiple of it up to 2^16 and a sample up to 2^31 - 1, and for large divisors at their edges.
+TEST(Divisor, MatchesIntegerDivisionOverDivisorsAndNumerators) {
+  const auto check = [](int d, int n) {
+    const Divisor divisor(d);
+    const int q = divisor.quotient(n);
+    ASSERT_EQ(q, n / d) << n << " / " << d;
+    ASSERT_EQ(divisor.remainder(n, q), n % d) << n << " % " << d;
+  };
+  const int top = 2147483647;
+  for (int d = 1; d <= 4096; ++d) {
+    for (int n = 0; n < 65536; n += (d < 64 ? 1 : d)) {
+      for (int e : {-1, 0, 1}) {
+        if (n + e >= 0) check(d, n + e);
+      }
+    }
+    for (int n : {top, top - 1, top - d, top / d * d, top / d * d - 1, 1 << 30, (1 << 30) - 1}) check(d, n);
+  }
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  for (int i = 0; i < 200000; ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const int d = 1 + static_cast<int>((state >> 33) % (i % 2 ? 4096u : 2147483647u));
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    check(d, static_cast<int>(state >> 33));
+  }
+  for (int d : {top, top - 1, 1 << 30, (1 << 30) + 1, (1 << 30) - 1, 65537, 46341}) {
+    for (int n : {0, 1, d - 1, d, top, top - 1, top / d * d - 1}) check(d, n);
+  }
+  EXPECT_EQ(Divisor(0).quotient(7), 7);  // below 1: taken as 1
+}
+
 }  // namespace
 }  // namespace flashjit::testing

@@ -731,19 +731,27 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
   };
 #endif
-  const auto tile_head = [&](int t) {
-    return kv_head * p.group_size + (kOnePass ? t % p.group_size : first_member + t / tiles_per_head);
+  // Tile t's head and first query from q = t / tile_divisor (group_size in the one pass,
+  // tiles_per_head in the split): the consumers' q by a multiply (bounds_core.h's Divisor, in
+  // their registers: every step asks, and a generic division is ~20 instructions and a
+  // reciprocal), the producer's and the writer's by the division (their few registers; the
+  // Divisor's made them spill).
+  const int tile_divisor = kOnePass ? p.group_size : tiles_per_head;
+  const auto tile_head_of = [&](int t, int q) {
+    return kv_head * p.group_size + (kOnePass ? t - q * tile_divisor : first_member + q);
   };
-  const auto tile_start = [&](int t) {
-    int index = kOnePass ? (kDiagonal ? t / p.group_size : tiles_per_head - 1 - t / p.group_size) : t % tiles_per_head;
+  const auto tile_start_of = [&](int t, int q) {
+    int index = kOnePass ? (kDiagonal ? q : tiles_per_head - 1 - q) : t - q * tile_divisor;
 #if FJ_ONE_PASS
     if (kArrival) {
-      index = t / p.group_size - walk_phase;  // KeyBlockSpans::walk_tile, from first_tile
+      index = q - walk_phase;  // KeyBlockSpans::walk_tile, from first_tile
       if (index < 0) index += tiles_per_head;
     }
 #endif
     return first_tile + static_cast<long long>(index) * kBlockN;
   };
+  const auto tile_head = [&](int t) { return tile_head_of(t, t / tile_divisor); };
+  const auto tile_start = [&](int t) { return tile_start_of(t, t / tile_divisor); };
 
   const auto init = [&] {
     mbarrier_init(keys_full, 1);
@@ -930,6 +938,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
   const auto consume = [&](int warpgroup) {
     const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0);  // uniform (the dQ kernel's note)
+    const Divisor fast_divisor(tile_divisor);  // the tiles' q (tile_head_of)
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
     const int quad = lane % 4;
@@ -1004,8 +1013,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #else
       // Tile t's dQ^T share into the tile's sum, in key-block order (the file's head comment).
       const auto add_dq = [&](int t) {
-        const int h = tile_head(t);
-        const long long start = tile_start(t);
+        const int q = fast_divisor.quotient(t);
+        const int h = tile_head_of(t, q);
+        const long long start = tile_start_of(t, q);
         const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
         // The tile's scratch row (a variable-length batch: its entry's rows first) names its chunks.
         const long long row = scratch_base + batch_head * sp.scratch_pitch + start;
@@ -1100,8 +1110,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         } else {
           zero(dpt);  // the dV kernel has no dP^T: its gradient reads zeros and goes unused
         }
-        const int h = tile_head(t);
-        const long long start = tile_start(t);
+        const int q = fast_divisor.quotient(t);
+        const int h = tile_head_of(t, q);
+        const long long start = tile_start_of(t, q);
         const long long batch_head = static_cast<long long>(b) * p.heads_q + h;
         const bool interior = keys_full_block && start >= query_lo && start + kBlockN <= query_hi &&
                               all_visible(sp, start, start + kBlockN - 1, consumer_first, consumer_first + 63);
