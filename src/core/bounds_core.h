@@ -132,15 +132,16 @@ struct KeyBlockSpans {
 
 // Division of non-negative 32-bit counts (below 2^31) by a divisor fixed for a kernel block (a GQA
 // group's size, a head's query tiles), by a multiply and a shift instead of a generic integer
-// division's ~20 instructions and reciprocal (GPUs have no divide instruction; Granlund and Montgomery, "Division by
-// invariant integers using multiplication", 1994, the round-up method): with s = ceil(log2 d) and
-// m = floor(2^32 (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s for every n < 2^31 (d = 1:
-// s = 0, m = 1). The sum stays under 2^32 since umulhi(n, m) < n. Built once a block; a divisor
-// below 1 is taken as 1 (a block with no tiles never divides).
+// division's ~20 instructions and reciprocal (GPUs have no divide instruction; Granlund and
+// Montgomery, "Division by invariant integers using multiplication", 1994, the round-up method):
+// with s = ceil(log2 d) and m = floor(2^32 (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s for
+// every n < 2^31 (d = 1: s = 0, m = 1). The sum stays under 2^32 since umulhi(n, m) < n. Built once
+// a block; a divisor below 1 is taken as 1 (a block with no tiles never divides). The remainder is
+// the caller's n - q * d.
 struct Divisor {
-  uint32_t divisor, multiplier, shift;
+  uint32_t multiplier, shift;
   FJ_HOST_DEVICE explicit Divisor(int d) {
-    divisor = d < 1 ? 1u : static_cast<uint32_t>(d);
+    const uint32_t divisor = d < 1 ? 1u : static_cast<uint32_t>(d);
     shift = 0;
     while ((1ull << shift) < divisor) ++shift;
     multiplier = static_cast<uint32_t>(((1ull << 32) * ((1ull << shift) - divisor)) / divisor + 1);
@@ -154,7 +155,6 @@ struct Divisor {
 #endif
     return static_cast<int>((high + u) >> shift);
   }
-  FJ_HOST_DEVICE int remainder(int n, int q) const { return n - q * static_cast<int>(divisor); }
 };
 
 }  // namespace flashjit
