@@ -179,6 +179,7 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 9 ? "_dq-atomic"
                  : dq_diagnostic == 10 ? "_dq-writer-pair"
                  : dq_diagnostic == 11 ? "_dq-writer-diagonal"
+                 : dq_diagnostic == 12 ? "_dq-writer-red"
                                       : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),

@@ -397,7 +397,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   EXPECT_EQ(backward_kernels(traits, true).back().dq_diagnostic, 0);
   const std::vector<std::string> values = {"none",           "unordered",    "eager",         "arrival", "writer",
                                            "writer-arrival", "writer-eager", "writer-groups", "atomic",
-                                           "writer-pair",    "writer-diagonal"};
+                                           "writer-pair",    "writer-diagonal", "writer-red"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const std::vector<KernelSpec> specs = backward_kernels(traits, true);
@@ -417,7 +417,8 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
   const std::vector<std::pair<const char*, int>> ordered = {
-      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}, {"writer-pair", 10}, {"writer-diagonal", 11}};  // (writer-eager: writer's code but a line)
+      {"eager", 3}, {"arrival", 4}, {"writer", 5}, {"writer-arrival", 6}, {"writer-pair", 10}, {"writer-diagonal", 11},
+      {"writer-red", 12}};  // (writer-eager: writer's code but a line)
   for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
@@ -495,7 +496,7 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
   }
   setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole", 1);
   EXPECT_EQ(settings::one_pass_whole_steps(), 1);
-  for (const char* dq : {"writer-pair", "writer-diagonal", "writer", "writer-eager", "atomic"}) {
+  for (const char* dq : {"writer-pair", "writer-diagonal", "writer", "writer-eager", "writer-red", "atomic"}) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", dq, 1);
     for (fj_dtype dtype : {FJ_BFLOAT16, FJ_FLOAT16}) {
       for (bool extras : {false, true}) {

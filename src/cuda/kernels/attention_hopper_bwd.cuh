@@ -391,8 +391,10 @@ static_assert(!kWholeSteps || (kOnePass && kDimQk == 128), "whole steps: the one
 // the host runs it only where every key block of a head can be resident at once.
 // (6: the arrival order's sums made by the dQ writer, below.)
 #define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
-#define FJ_DQ_WRITER ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || FJ_DQ_DIAGNOSTIC == 10 || FJ_DQ_DIAGNOSTIC == 11)
-#define FJ_DQ_PAIR (FJ_DQ_DIAGNOSTIC == 10 || FJ_DQ_DIAGNOSTIC == 11)
+#define FJ_DQ_WRITER \
+  ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 12))
+#define FJ_DQ_PAIR (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 12)
+#define FJ_DQ_GENERIC (FJ_DQ_DIAGNOSTIC == 12)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
@@ -410,8 +412,12 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // bounds its diagonal tile) and a tile's visitors add in descending block order, the highest
 // first: the order in which, running in step, they reach it, so that under causal bounds a block
 // seldom waits; a head's key blocks launch from the highest down, so that a block waits only on
-// blocks launched before it.
+// blocks launched before it. 12 (writer-red): as 10, but the two writers are whole warps that
+// read the staged shares with plain loads and store or add them with st.global / red.global.add,
+// all in the generic proxy: a consumer then stages its share with no proxy fence (the async
+// proxy's, which bulk copies need, stalls it until its stores are done), only the arrive.
 constexpr bool kWriter = FJ_DQ_WRITER;
+constexpr bool kGenericWriter = FJ_DQ_GENERIC;
 constexpr bool kDiagonal = FJ_DQ_DIAGNOSTIC == 11;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -567,6 +573,35 @@ FJ_DEVICE void store_shared_float4(float* address, const float (&v)[4]) {
                "f"(v[2]), "f"(v[3])
                : "memory");
 }
+FJ_DEVICE void load_shared_float4(const float* address, float (&v)[4]) {
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
+               : "r"(shared_address(address))
+               : "memory");
+}
+#if FJ_DQ_GENERIC
+// writer-red: a lane's float4s (lane, lane + 32, ...) of both consumers' shares staged at `staged`
+// (consumer c's at c * kDqStagingSlots chunks on) stored (the tile's first visitor) or added into
+// their sums at `sums` (consumer c's a chunk on): both shares' loads before their stores, so that
+// two are in flight in the writer's few registers.
+static_assert(kConsumers == 2, "two consumers' shares a tile");
+template <bool kAdd>
+FJ_DEVICE void write_shares(float* sums, const float* staged, int lane) {
+#pragma unroll 1
+  for (int i = 4 * lane; i < kDqChunk; i += 4 * 32) {
+    float first[4], second[4];
+    load_shared_float4(staged + i, first);
+    load_shared_float4(staged + layout::kDqStagingSlots * kDqChunk + i, second);
+    if (kAdd) {
+      add_float4(sums + i, first);
+      add_float4(sums + kDqChunk + i, second);
+    } else {
+      store_float4(sums + i, first);
+      store_float4(sums + kDqChunk + i, second);
+    }
+  }
+}
+#endif
 // Past L1: the sums other blocks left in L2.
 FJ_DEVICE void load_float4(const float* address, float (&v)[4]) {
   asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
@@ -852,7 +887,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     // the tile's visitors above this block add first (rank: the highest visitor, carried up from
     // tile to tile, less this block); blocks wait only on higher ones, launched before them.
     static_assert(layout::kDqStagingSlots == 2, "a staging slot for each writer thread");
+#if FJ_DQ_GENERIC
+    if (w >= 64) return;  // writer-red: warps 1 and 2, every lane
+#else
     if (w % 32 != 0 || w >= 64) return;
+#endif
     const int pair = w / 32;
     long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
     for (int t = pair; t < tiles; t += 2) {
@@ -873,11 +912,40 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #else
       const int rank = turn_at(t, start, carried_visitor, w, kWriterThreads, kAddBarrier).rank;
 #endif
+#if FJ_DQ_GENERIC
+      // writer-red: lane 0 waits for the earlier visitors' counts (acquire) and the warp follows
+      // it; each lane stores or adds every 32nd float4 of both shares (a consumer's staged
+      // float4 i is its sums' float4 i: consecutive lanes, consecutive addresses); the slot goes
+      // back once every lane's loads have returned (their values are in the stores); each lane's
+      // sums are fenced before lane 0 releases the counts.
+      const int lane = w % 32;
+      if (rank > 0 && lane == 0) {
+#pragma unroll
+        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
+      }
+      __syncwarp();
+      float* const sums = p.dq_accum + chunk0 * kDqChunk;
+      const float* const staged = dq_staging + pair * kDqChunk;
+      if (rank == 0) {
+        write_shares<false>(sums, staged, lane);
+      } else {
+        write_shares<true>(sums, staged, lane);
+      }
+      __syncwarp();
+      if (lane == 0) free_slot(pair);
+      __threadfence();  // this lane's sums, before the counts that release them
+      __syncwarp();
+      if (lane == 0) {
+#pragma unroll
+        for (int consumer = 0; consumer < kConsumers; ++consumer) add_release(counters + consumer, 1);
+      }
+#else
       copy_shares(counters, chunk0, pair, rank);
       bulk_wait_read();
       free_slot(pair);
       bulk_wait_all();
       release_counts(counters);
+#endif
     }
 #else  // one writer thread (more where the arrival order counts ranks)
 #if FJ_DQ_ARRIVAL
@@ -1007,7 +1075,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         const int thread = threadIdx.x % 128;
 #pragma unroll
         for (int n = 0; n < kDqQueries / 8; ++n) store_shared_float4(staged + (n * 128 + thread) * 4, dqt[n]);
-        fence_async_shared();  // the stores, before the writer's bulk copy reads them
+        // The stores, before the writer's bulk copy reads them (writer-red's plain loads: the
+        // arrive's own release orders them).
+        if (!kGenericWriter) fence_async_shared();
         mbarrier_arrive(&staging_full[buffer]);
       };
 #else

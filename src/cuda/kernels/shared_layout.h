@@ -52,11 +52,12 @@ FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBloc
 // The one pass's dQ sums (KernelSpec::dq_diagnostic, FJ_DQ_DIAGNOSTIC): 4 and 6 in the arrival
 // order, 5 to 8, 10 and 11 made by the dQ writer (below); 8 in kDqGroups groups of a tile's visitors; 9
 // (FLASHJIT_CUDA_ONE_PASS_DQ=atomic, not deterministic) added by every visitor at once, in no
-// order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 11
+// order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 12
 // (10, writer-pair: 5 by two writer threads on alternate tiles; 11, writer-diagonal: 10 with tiles
-// walked upward and the visitors adding from the highest down).
+// walked upward and the visitors adding from the highest down; 12, writer-red: 10 by two writer
+// warps with plain loads and adds instead of bulk copies).
 FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
-FJ_LAYOUT bool dq_by_writer(int diagnostic) { return (diagnostic >= 5 && diagnostic <= 8) || diagnostic == 10 || diagnostic == 11; }
+FJ_LAYOUT bool dq_by_writer(int diagnostic) { return (diagnostic >= 5 && diagnostic <= 8) || (diagnostic >= 10 && diagnostic <= 12); }
 FJ_LAYOUT bool dq_atomic(int diagnostic) { return diagnostic == 9; }
 FJ_LAYOUT bool dq_converted(int diagnostic) { return dq_by_writer(diagnostic) || dq_atomic(diagnostic); }
 // FLASHJIT_CUDA_ONE_PASS_DQ=writer-groups (8): a tile's visitors in block order are dealt into
