@@ -31,8 +31,16 @@ install:
 
 # ctest's CUDA compile tests need NVRTC: the wheel that setup installs.
 NVRTC_ENV = FLASHJIT_NVRTC="$$($(PYTHON) $(CURDIR)/python/flashjit/_nvrtc.py)" FLASHJIT_REQUIRE_NVRTC=1
+# ctest starts the tests it knows to be long first (its cost data): a fresh build gets the costs of
+# the long tests from tests/cpp/ctest_costs.txt (seconds on a 2-core machine, the larger of the
+# plain and the sanitizer build's), so that they do not start last; ctest keeps its own after.
+define seed_ctest_costs
+	@mkdir -p $(1)/Testing/Temporary && { [ -f $(1)/Testing/Temporary/CTestCostData.txt ] || \
+	  cp tests/cpp/ctest_costs.txt $(1)/Testing/Temporary/CTestCostData.txt; }
+endef
 
 test: setup build-cpp install
+	$(call seed_ctest_costs,$(BUILD_DIR))
 	@status=0; \
 	(cd $(BUILD_DIR) && $(NVRTC_ENV) ctest --output-on-failure -j $(JOBS)) || status=1; \
 	$(PYTHON) -m pytest tests/python -q || status=1; \
@@ -40,6 +48,7 @@ test: setup build-cpp install
 	exit $$status
 
 test-cpp: build-cpp
+	$(call seed_ctest_costs,$(BUILD_DIR))
 	cd $(BUILD_DIR) && FLASHJIT_NVRTC="$$($(PYTHON) $(CURDIR)/python/flashjit/_nvrtc.py)" ctest --output-on-failure -j $(JOBS)
 
 test-python: install
@@ -84,6 +93,7 @@ sanitize:
 	  -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" \
 	  -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"
 	cmake --build $(SAN_DIR) -j $(JOBS)
+	$(call seed_ctest_costs,$(SAN_DIR))
 	cd $(SAN_DIR) && $(SAN_ENV) $(NVRTC_ENV) ctest --output-on-failure -j $(JOBS) -E 'CudaCompile'
 	rm -rf $(SAN_DIR)/site && mkdir -p $(SAN_DIR)/site && cp -r python/flashjit $(SAN_DIR)/site/ && \
 	  cp $(SAN_DIR)/python/_C*.so $(SAN_DIR)/site/flashjit/
