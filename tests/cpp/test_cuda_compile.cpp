@@ -397,7 +397,8 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   EXPECT_EQ(backward_kernels(traits, true).back().dq_diagnostic, 0);
   const std::vector<std::string> values = {"none",           "unordered",    "eager",         "arrival", "writer",
                                            "writer-arrival", "writer-eager", "writer-groups", "atomic",
-                                           "writer-pair",    "writer-diagonal", "writer-red"};
+                                           "writer-pair",    "writer-diagonal", "writer-red",
+                                           "writer-trio"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const std::vector<KernelSpec> specs = backward_kernels(traits, true);

@@ -30,10 +30,11 @@ pytestmark = sm90
 # by two writer threads taking alternate tiles (writer-pair), and by them with each block's tiles
 # walked upward and a tile's visitors adding from the highest block down (writer-diagonal: its own
 # fixed order, so its own bits), and by two writer warps with plain loads and adds (writer-red:
-# writer-pair's order, so its bits); and with every visitor adding at once in no order (atomic: not
+# writer-pair's order, so its bits; writer-trio: three warps, three staging slots); and with every visitor adding at once in no order (atomic: not
 # deterministic, so not compared bit for bit).
 @pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival",
-                                      "writer-groups", "atomic", "writer-pair", "writer-diagonal", "writer-red"])
+                                      "writer-groups", "atomic", "writer-pair", "writer-diagonal", "writer-red",
+                                      "writer-trio"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
@@ -206,7 +207,7 @@ def test_eager_release_and_the_writer_give_the_same_bits(monkeypatch):
     o, lse = flashjit.attention(q, k, v, causal="bottom_right", return_lse=True)
     dout = torch.randn_like(o)
     results = []
-    for mode in ("ordered", "eager", "writer", "writer-eager", "writer-pair", "writer-red"):
+    for mode in ("ordered", "eager", "writer", "writer-eager", "writer-pair", "writer-red", "writer-trio"):
         monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
         results.append(flashjit.attention_backward(q, k, v, o, lse, dout, causal="bottom_right"))
     for other in results[1:]:

@@ -392,9 +392,9 @@ static_assert(!kWholeSteps || (kOnePass && kDimQk == 128), "whole steps: the one
 // (6: the arrival order's sums made by the dQ writer, below.)
 #define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
 #define FJ_DQ_WRITER \
-  ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 12))
-#define FJ_DQ_PAIR (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 12)
-#define FJ_DQ_GENERIC (FJ_DQ_DIAGNOSTIC == 12)
+  ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 13))
+#define FJ_DQ_PAIR (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 13)
+#define FJ_DQ_GENERIC (FJ_DQ_DIAGNOSTIC == 12 || FJ_DQ_DIAGNOSTIC == 13)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
@@ -415,9 +415,12 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // blocks launched before it. 12 (writer-red): as 10, but the two writers are whole warps that
 // read the staged shares with plain loads and store or add them with st.global / red.global.add,
 // all in the generic proxy: a consumer then stages its share with no proxy fence (the async
-// proxy's, which bulk copies need, stalls it until its stores are done), only the arrive.
+// proxy's, which bulk copies need, stalls it until its stores are done), only the arrive. 13
+// (writer-trio): as 12 with three writer warps on every third tile and three staging slots, so
+// that a consumer may stage two tiles ahead of the writer that is adding.
 constexpr bool kWriter = FJ_DQ_WRITER;
 constexpr bool kGenericWriter = FJ_DQ_GENERIC;
+constexpr int kDqSlots = layout::dq_staging_slots(FJ_DQ_DIAGNOSTIC);  // staging slots a consumer
 constexpr bool kDiagonal = FJ_DQ_DIAGNOSTIC == 11;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -581,7 +584,7 @@ FJ_DEVICE void load_shared_float4(const float* address, float (&v)[4]) {
 }
 #if FJ_DQ_GENERIC
 // writer-red: a lane's float4s (lane, lane + 32, ...) of both consumers' shares staged at `staged`
-// (consumer c's at c * kDqStagingSlots chunks on) stored (the tile's first visitor) or added into
+// (consumer c's at c * kDqSlots chunks on) stored (the tile's first visitor) or added into
 // their sums at `sums` (consumer c's a chunk on): both shares' loads before their stores, so that
 // two are in flight in the writer's few registers.
 static_assert(kConsumers == 2, "two consumers' shares a tile");
@@ -591,7 +594,7 @@ FJ_DEVICE void write_shares(float* sums, const float* staged, int lane) {
   for (int i = 4 * lane; i < kDqChunk; i += 4 * 32) {
     float first[4], second[4];
     load_shared_float4(staged + i, first);
-    load_shared_float4(staged + layout::kDqStagingSlots * kDqChunk + i, second);
+    load_shared_float4(staged + kDqSlots * kDqChunk + i, second);
     if (kAdd) {
       add_float4(sums + i, first);
       add_float4(sums + kDqChunk + i, second);
@@ -639,7 +642,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   constexpr layout::HopperBackwardDkDv kLayout =
       layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
                                    layout::dkdv_ds_buffers(kOnePass, kSharedOperands, kWholeSteps),
-                                   layout::dkdv_walk_blocks(kArrival), layout::dkdv_dq_staging_buffers(kWriter, kConsumers));
+                                   layout::dkdv_walk_blocks(kArrival),
+                                   layout::dkdv_dq_staging_buffers(kWriter, kConsumers, kDqSlots));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.walks % 16 == 0, "the walks' table is read 16 bytes an entry");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
@@ -657,14 +661,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // Arrival order: each key block's walk of the head, {first tile index, tile count, phase, 0}.
   int4* walks = reinterpret_cast<int4*>(base + kLayout.walks);
 #if FJ_DQ_WRITER
-  // The dQ writer: each consumer's kDqStagingSlots buffers of its share of a tile's dQ (consumer c,
-  // tile t: buffer c * kDqStagingSlots + t % kDqStagingSlots), and their mbarriers (the consumer's
-  // 128 threads fill one, the writer's copying thread empties it).
-  static_assert(layout::kDqStagingSlots == 2, "two slots: a consumer may stage tile t + 1 while the writer adds tile t");
+  // The dQ writer: each consumer's kDqSlots buffers of its share of a tile's dQ (consumer c,
+  // tile t: buffer c * kDqSlots + t % kDqSlots), and their mbarriers (the consumer's 128 threads
+  // fill one, the writer's copying thread empties it).
+  static_assert(kDqSlots >= 2, "two slots at least: a consumer may stage tile t + 1 while the writer adds tile t");
   static_assert(kLayout.dq_staging % 16 == 0, "the staging buffers are copied in bulk (16-byte aligned)");
   float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
   unsigned long long* staging_full = reinterpret_cast<unsigned long long*>(base + kLayout.dq_barriers);
-  unsigned long long* staging_empty = staging_full + kConsumers * layout::kDqStagingSlots;
+  unsigned long long* staging_empty = staging_full + kConsumers * kDqSlots;
 #endif
   unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
   // Q, LSE and delta of a tile; dO of a tile.
@@ -793,7 +797,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     q_ring.init();
     dout_ring.init();
 #if FJ_DQ_WRITER
-    for (int i = 0; i < kConsumers * layout::kDqStagingSlots; ++i) {
+    for (int i = 0; i < kConsumers * kDqSlots; ++i) {
       mbarrier_init(&staging_full[i], 128);
       mbarrier_init(&staging_empty[i], 1);  // the writer's copying thread
     }
@@ -854,7 +858,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         float* const chunk = p.dq_accum + (chunk0 + consumer) * kDqChunk;
-        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + slot) * kDqChunk;
+        const float* const staged = dq_staging + (consumer * kDqSlots + slot) * kDqChunk;
         if (rank == 0) {
           bulk_store(chunk, staged, kChunkBytes);
         } else {
@@ -867,7 +871,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const auto free_slot = [&](int slot) {
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + slot]);
+        mbarrier_arrive(&staging_empty[consumer * kDqSlots + slot]);
       }
     };
     // A tile's counts, its copies complete (made visible to this thread, then ordered
@@ -886,22 +890,23 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     // order, and each thread's tiles come in that order: no cycle. writer-diagonal: tiles upward,
     // the tile's visitors above this block add first (rank: the highest visitor, carried up from
     // tile to tile, less this block); blocks wait only on higher ones, launched before them.
-    static_assert(layout::kDqStagingSlots == 2, "a staging slot for each writer thread");
+    // (writer-red: whole warps; writer-trio: three of them, tiles t = pair, pair + 3, ...)
+    static_assert(kDqSlots * 32 <= kWriterThreads, "a staging slot for each writer");
 #if FJ_DQ_GENERIC
-    if (w >= 64) return;  // writer-red: warps 1 and 2, every lane
+    if (w >= kDqSlots * 32) return;  // writer-red, writer-trio: every lane of the writer warps
 #else
-    if (w % 32 != 0 || w >= 64) return;
+    if (w % 32 != 0 || w >= kDqSlots * 32) return;
 #endif
     const int pair = w / 32;
     long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
-    for (int t = pair; t < tiles; t += 2) {
+    for (int t = pair; t < tiles; t += kDqSlots) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-      const unsigned phase = static_cast<unsigned>(t / 2) % 2;
+      const unsigned phase = static_cast<unsigned>(t / kDqSlots) % 2;
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + pair], phase);
+        wait_for_phase(&staging_full[consumer * kDqSlots + pair], phase);
       }
       const long long chunk0 = row / kBlockN * kConsumers;
       int* const counters = p.dq_semaphore + chunk0;
@@ -966,13 +971,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-      const int slot = t % layout::kDqStagingSlots;
-      const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
+      const int slot = t % kDqSlots;
+      const unsigned phase = static_cast<unsigned>(t / kDqSlots) % 2;
       // Both consumers' chunks of the tile together (the same rank, consecutive counters).
       const long long first_chunk = row / kBlockN * kConsumers;  // (group 0's)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
+        wait_for_phase(&staging_full[consumer * kDqSlots + slot], phase);
       }
       if (kReleaseBeforeWait && w == 0 && pending != nullptr) {  // before any wait: others may be waiting for it
         bulk_wait_all();
@@ -1068,9 +1073,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DQ_WRITER
       // Tile t's dQ^T share staged for the writer, once it has emptied the slot's previous tile.
       const auto add_dq = [&](int t) {
-        const int buffer = consumer * layout::kDqStagingSlots + t % layout::kDqStagingSlots;
+        const int buffer = consumer * kDqSlots + t % kDqSlots;
         // The first use of a slot passes at once (the parity of the phase before the first).
-        wait_for_phase(&staging_empty[buffer], (static_cast<unsigned>(t / layout::kDqStagingSlots) % 2) ^ 1);
+        wait_for_phase(&staging_empty[buffer], (static_cast<unsigned>(t / kDqSlots) % 2) ^ 1);
         float* const staged = dq_staging + buffer * kDqChunk;
         const int thread = threadIdx.x % 128;
 #pragma unroll
