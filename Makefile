@@ -10,8 +10,7 @@ PYTHON ?= $(abspath $(VENV))/bin/python
 BUILD_DIR ?= build/cpp
 JOBS ?= $(shell nproc)
 
-.PHONY: all setup build-cpp install test test-cpp test-python demo sanitize sanitize-build sanitize-test format clean \
-	wheel
+.PHONY: all setup build-cpp install test test-cpp test-python demo sanitize format clean wheel
 
 all: build-cpp install
 
@@ -40,20 +39,12 @@ define seed_ctest_costs
 	  cp tests/cpp/ctest_costs.txt $(1)/Testing/Temporary/CTestCostData.txt; }
 endef
 
-# (pytest runs beside the sanitizer build, whose compiler keeps the cores busy where pytest's
-# Python does not; the build's log goes to build/sanitize-build.log, its tail shown if it fails.)
 test: setup build-cpp install
 	$(call seed_ctest_costs,$(BUILD_DIR))
 	@status=0; \
 	(cd $(BUILD_DIR) && $(NVRTC_ENV) ctest --output-on-failure -j $(JOBS)) || status=1; \
-	echo "test: building the sanitizer build beside pytest (log in build/sanitize-build.log)"; \
-	$(MAKE) --no-print-directory sanitize-build >build/sanitize-build.log 2>&1 & build=$$!; \
 	$(PYTHON) -m pytest tests/python -q || status=1; \
-	if wait $$build; then \
-	  $(MAKE) --no-print-directory sanitize-test || status=1; \
-	else \
-	  tail -40 build/sanitize-build.log; echo "test: the sanitizer build failed"; status=1; \
-	fi; \
+	$(MAKE) --no-print-directory sanitize || status=1; \
 	exit $$status
 
 test-cpp: build-cpp
@@ -95,17 +86,13 @@ SAN_ENV = ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1 UBSAN_OPT
 SAN_TESTS = tests/python/test_attention.py tests/python/test_errors.py tests/python/test_gradcheck.py \
 	tests/python/test_sdpa.py tests/python/test_process.py tests/python/test_backends.py
 
-sanitize: sanitize-build sanitize-test
-
-sanitize-build:
+sanitize:
 	cmake -S . -B $(SAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=ON \
 	  -DFLASHJIT_EXTRA_BACKENDS=tests/backend \
 	  -DFLASHJIT_MLX=OFF -DFLASHJIT_BUILD_COMPILE_TESTS=OFF -DPython_EXECUTABLE="$$(command -v $(PYTHON))" \
 	  -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" \
 	  -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"
 	cmake --build $(SAN_DIR) -j $(JOBS)
-
-sanitize-test:
 	$(call seed_ctest_costs,$(SAN_DIR))
 	cd $(SAN_DIR) && $(SAN_ENV) $(NVRTC_ENV) ctest --output-on-failure -j $(JOBS)
 	rm -rf $(SAN_DIR)/site && mkdir -p $(SAN_DIR)/site && cp -r python/flashjit $(SAN_DIR)/site/ && \
