@@ -78,7 +78,9 @@ demo: setup install
 # make sanitize: the library, its C++ tests and the Python extension built with
 # AddressSanitizer and UndefinedBehaviorSanitizer (build/sanitize); ctest, then a
 # pytest subset importing that extension (libasan preloaded into Python). Any
-# report fails the run. The NVRTC compile tests are left to the plain build (not built here); the
+# report fails the run. The NVRTC compile tests are left to the plain build (not built here), and
+# so is the torch operator's C++ rule (flashjit._torch_ops: the site below has _C alone, so torch
+# calls there take the Python rule); the
 # CUDA host path on the null driver (CudaHostPath) runs here too, NVRTC compiling.
 SAN_DIR ?= build/sanitize
 SAN_FLAGS = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
@@ -89,7 +91,8 @@ SAN_TESTS = tests/python/test_attention.py tests/python/test_errors.py tests/pyt
 sanitize:
 	cmake -S . -B $(SAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFLASHJIT_BUILD_TESTS=ON -DFLASHJIT_BUILD_PYTHON=ON \
 	  -DFLASHJIT_EXTRA_BACKENDS=tests/backend \
-	  -DFLASHJIT_MLX=OFF -DFLASHJIT_BUILD_COMPILE_TESTS=OFF -DPython_EXECUTABLE="$$(command -v $(PYTHON))" \
+	  -DFLASHJIT_MLX=OFF -DFLASHJIT_TORCH=OFF -DFLASHJIT_BUILD_COMPILE_TESTS=OFF \
+	  -DPython_EXECUTABLE="$$(command -v $(PYTHON))" \
 	  -DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" \
 	  -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"
 	cmake --build $(SAN_DIR) -j $(JOBS)
