@@ -663,7 +663,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DQ_WRITER
   // The dQ writer: each consumer's kDqSlots buffers of its share of a tile's dQ (consumer c,
   // tile t: buffer c * kDqSlots + t % kDqSlots), and their mbarriers (the consumer's 128 threads
-  // fill one, the writer's copying thread empties it).
+  // fill one, the writer's copying thread (writer-red, writer-trio: its warp's lane 0, after the
+  // warp's loads) empties it).
   static_assert(kDqSlots >= 2, "two slots at least: a consumer may stage tile t + 1 while the writer adds tile t");
   static_assert(kLayout.dq_staging % 16 == 0, "the staging buffers are copied in bulk (16-byte aligned)");
   float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
@@ -799,7 +800,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DQ_WRITER
     for (int i = 0; i < kConsumers * kDqSlots; ++i) {
       mbarrier_init(&staging_full[i], 128);
-      mbarrier_init(&staging_empty[i], 1);  // the writer's copying thread
+      mbarrier_init(&staging_empty[i], 1);  // the writer's copying thread (or its warp's lane 0)
     }
 #endif
   };
