@@ -57,9 +57,12 @@ def check_rank(rank, world, layout, case, dtype, hq, hkv, chunk, method):
 def worker(rank, world, store, failures):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
+        # float32 with two ranks only: its path differs from float64's in the dtype alone, and four
+        # ranks on CI's two cores cost twice two's.
+        dtypes = (torch.float64, torch.float32) if world == 2 else (torch.float64,)
         for layout in fd.LAYOUTS:
             for case in CASES:
-                for dtype in (torch.float64, torch.float32):
+                for dtype in dtypes:
                     for hq, hkv in ((4, 4), (4, 2)):
                         for method in (fd.ring_attention, fd.ulysses_attention):
                             if method is fd.ulysses_attention and hkv % world:
