@@ -802,7 +802,10 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
         KernelSpec whole = dkdv;
         whole.whole_steps = settings::one_pass_whole_steps();
         whole.block_n *= 2;
-        whole.stages = 1;  // one Q/dO buffer ahead of the step's own
+        // Two Q/dO buffers ahead of the step's own where shared memory has room (atomic: no dQ
+        // staging), else one.
+        whole.stages = 2;
+        if (!fits(whole)) whole.stages = 1;
         if (fits(whole)) dkdv = whole;
       }
       if (fits(dkdv)) {

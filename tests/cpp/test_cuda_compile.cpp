@@ -511,7 +511,9 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
         EXPECT_TRUE(dkdv.one_pass && dkdv.takes_whole_steps() == 1) << dkdv.name();
         EXPECT_NE(dkdv.name().find("_whole_"), std::string::npos) << dkdv.name();
         EXPECT_EQ(dkdv.block_n, extras ? 32 : 64) << dkdv.name();
-        EXPECT_EQ(dkdv.stages, 1) << dkdv.name();
+        // Two Q/dO buffers ahead where there is room (atomic: no dQ staging; extras: steps of 32
+        // queries); one where the writer's staging of 64-query steps takes it.
+        EXPECT_EQ(dkdv.stages, std::string(dq) == "atomic" || extras ? 2 : 1) << dkdv.name();
         EXPECT_EQ(specs.back().block_n, dkdv.block_n);  // the convert kernel's tiles are the step's
         if (dtype == FJ_FLOAT16 && std::string(dq) != "writer-pair") continue;  // (compile time)
         for (KernelSpec spec : specs) {
