@@ -847,13 +847,16 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
     constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
-    // A tile's turn and copies: wait for its earlier visitors' counts (rank of them, at counters),
-    // then store (the first visitor) or add both consumers' shares staged in `slot` into the sums
-    // from chunk0 on, in one bulk group.
+    // A tile's turn: its earlier visitors' counts (rank of them, at counters; acquire).
+    const auto wait_for_visitors = [&](int* counters, int rank) {
+#pragma unroll
+      for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
+    };
+    // A tile's turn and copies: wait for its earlier visitors, then store (the first visitor) or
+    // add both consumers' shares staged in `slot` into the sums from chunk0 on, in one bulk group.
     const auto copy_shares = [&](int* counters, long long chunk0, int slot, int rank) {
       if (rank > 0) {
-#pragma unroll
-        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
+        wait_for_visitors(counters, rank);
         fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
       }
 #pragma unroll
@@ -925,10 +928,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       // back once every lane's loads have returned (their values are in the stores); each lane's
       // sums are fenced before lane 0 releases the counts.
       const int lane = w % 32;
-      if (rank > 0 && lane == 0) {
-#pragma unroll
-        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
-      }
+      if (rank > 0 && lane == 0) wait_for_visitors(counters, rank);
       __syncwarp();
       float* const sums = p.dq_accum + chunk0 * kDqChunk;
       const float* const staged = dq_staging + pair * kDqChunk;
