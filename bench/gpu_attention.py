@@ -115,7 +115,7 @@ class Impl:
                 os.environ[key] = value
 
 
-def implementations(tiles, fa4=None, backward_modes=()):
+def implementations(tiles, fa4=None, backward_modes=(), nondeterministic=False):
     def flashjit_sdpa(q, k, v, causal):
         return flashjit.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -171,6 +171,9 @@ def implementations(tiles, fa4=None, backward_modes=()):
         elif option:
             env["FLASHJIT_CUDA_DKDV" if backward == "split" else "FLASHJIT_CUDA_ONE_PASS_DQ"] = option
         impls.append(Impl(f"flashjit[{mode}]", flashjit_sdpa, env=env))
+    if nondeterministic:  # flashjit.attention(..., deterministic=False): dQ summed in no fixed order where faster
+        impls.append(Impl("flashjit nondet", lambda q, k, v, causal: flashjit.attention(q, k, v, causal=causal,
+                                                                                        deterministic=False)))
     impls += [Impl("cuDNN", torch_backend(SDPBackend.CUDNN_ATTENTION)),
               Impl("torch-flash", torch_backend(SDPBackend.FLASH_ATTENTION))]
     if fa4 is not None:
@@ -452,6 +455,8 @@ def main():
                         help="these problems instead of the grid, e.g. 1:32:4:2048:64:causal (a LoRA step of "
                              "TinyLlama at batch 1)")
     parser.add_argument("--no-fa4", action="store_true", help="leave FlashAttention-4 out even if it imports")
+    parser.add_argument("--nondeterministic", action="store_true",
+                        help="add a column 'flashjit nondet': flashjit.attention(..., deterministic=False)")
     parser.add_argument("--label", default="", help="a tag for the record's file name and title")
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
                         help="the inputs' dtype (default bfloat16)")
@@ -468,7 +473,8 @@ def main():
     global DTYPE
     DTYPE = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    impls = implementations(args.tiles, None if args.no_fa4 else fa4_function(), args.backward_modes)
+    impls = implementations(args.tiles, None if args.no_fa4 else fa4_function(), args.backward_modes,
+                            args.nondeterministic)
     rows = []
     problems = (cases(args.quick, args.head_dims, args.seqlens) if args.shapes is None
                 else [shape_case(parser, text) for text in args.shapes])

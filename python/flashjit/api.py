@@ -128,7 +128,7 @@ def attention(q, k, v, *, attn_mask=None, scale=None, softcap=0.0, causal=False,
     float32 (float64 for float64 inputs). Rows that see no key give o = 0, lse = -inf.
     torch tensors are differentiable through q, k and v (not lse, not the mask).
     deterministic: True (default): the backward is bitwise repeatable. False lets it sum dq in
-    no fixed order where that is faster (CUDA, sm_90, head dims up to 64), so dq may differ in
+    no fixed order where that is faster (CUDA, sm_90, head dims up to 64 and 128), so dq may differ in
     its last bits between runs (dk, dv stay repeatable); ignored while
     torch.use_deterministic_algorithms(True) is in force, and on the CPU.
     """

@@ -742,11 +742,12 @@ const KernelSpec& chosen_forward_kernel(const KernelTraits& traits, int64_t seql
 
 // backward_kernels for the traits in the pass chosen for their class on the launch's device; a
 // nondeterministic call (fj_attention_options.nondeterministic) takes the one pass with unordered
-// dQ adds where that measured faster (unordered_dq_applies), unless FLASHJIT_CUDA_BACKWARD forces a pass.
+// dQ adds where that measured faster (unordered_dq_applies; at head dim 128 in whole steps), unless
+// FLASHJIT_CUDA_BACKWARD forces a pass.
 std::vector<KernelSpec> backward_kernels_for(const KernelTraits& traits, int64_t seqlen_k, const Launch& launch,
                                              bool nondeterministic) {
   if (nondeterministic && !settings::one_pass_backward().has_value() && unordered_dq_applies(traits)) {
-    return backward_kernels(traits, true, kUnorderedDq);
+    return backward_kernels(traits, true, kUnorderedDq, kUnorderedWholeSteps);
   }
   const int pass = backward_pass_chosen(traits, seqlen_k, device_info(launch.device_index).name);
   return backward_kernels(traits, pass != kSplitPass, backward_dq_mode(pass));

@@ -785,22 +785,25 @@ KernelSpec& dkdv_kernel(std::vector<KernelSpec>& specs) {
 }
 
 bool unordered_dq_applies(const KernelTraits& traits) {
-  return hopper_applies(traits) && std::max(traits.head_dim_qk, traits.head_dim_v) <= 64;
+  return hopper_applies(traits) && (std::max(traits.head_dim_qk, traits.head_dim_v) <= 64 ||
+                                    (traits.head_dim_qk == 128 && traits.head_dim_v == 128));
 }
 
-std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass, int dq_mode) {
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass, int dq_mode, int whole_steps) {
   if (hopper_applies(traits)) {
     const KernelSpec prep = hopper_spec(prep_traits(traits), KernelEntry::kBackwardPrep);
     KernelSpec dkdv = hopper_spec(traits, KernelEntry::kBackwardDkDv);
     if (one_pass && std::max(dkdv.head_dim_qk, dkdv.head_dim_v) <= 128) {
       dkdv.one_pass = true;
       dkdv.dq_diagnostic = dq_mode >= 0 ? dq_mode : settings::one_pass_dq();
-      // Whole steps of twice the queries at head dim 128 (FLASHJIT_CUDA_ONE_PASS_STEPS=whole), where
-      // the consumers stage dQ for the writer or add it at once, and shared memory has room.
-      if (settings::one_pass_whole_steps() && dkdv.head_dim_qk == 128 &&
+      // Whole steps of twice the queries at head dim 128 (FLASHJIT_CUDA_ONE_PASS_STEPS=whole, or the
+      // caller's whole_steps), where the consumers stage dQ for the writer or add it at once, and
+      // shared memory has room.
+      const int steps = settings::one_pass_whole_steps(whole_steps);
+      if (steps && dkdv.head_dim_qk == 128 &&
           (layout::dq_by_writer(dkdv.dq_diagnostic) || layout::dq_atomic(dkdv.dq_diagnostic))) {
         KernelSpec whole = dkdv;
-        whole.whole_steps = settings::one_pass_whole_steps();
+        whole.whole_steps = steps;
         whole.block_n *= 2;
         // Two Q/dO buffers ahead of the step's own where shared memory has room (atomic: no dQ
         // staging), else one.

@@ -308,11 +308,18 @@ KernelSpec varlen_table_kernel(const KernelTraits& traits);
 // up to 128, the prep kernel and a dK/dV kernel that also forms dQ (KernelSpec::one_pass), and
 // with a dQ writer or atomic adds (layout::dq_converted) the kernel that writes dQ from its sums
 // after it. dq_mode: the one pass's dQ sums (KernelSpec::dq_diagnostic); -1, FLASHJIT_CUDA_ONE_PASS_DQ's.
-std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false, int dq_mode = -1);
+// whole_steps: the steps at head dim 128 (KernelSpec::whole_steps) where FLASHJIT_CUDA_ONE_PASS_STEPS
+// is unset.
+std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass = false, int dq_mode = -1,
+                                         int whole_steps = 0);
 // The one pass's unordered dQ adds (dq_diagnostic 9) where they measured faster than the
 // deterministic backward chosen otherwise: the sm_90a kernels at head dims up to 64 (on the H100
-// +6-17% in every head-dim-64 problem of bench/gpu_attention.py; at 128 no faster, so not there).
+// +6-17% in every head-dim-64 problem of bench/gpu_attention.py), and at head dim 128 in whole
+// steps with two Q/dO tiles ahead (kUnorderedWholeSteps; on the H100 +10-14% over the split
+// backward at N 4k/16k, bench/results/h100-attention-2026-12-07-4c22410-writer-red.md; in carried
+// steps no faster).
 bool unordered_dq_applies(const KernelTraits& traits);
+constexpr int kUnorderedWholeSteps = 2;
 constexpr int kUnorderedDq = 9;
 // The dK/dV kernel of backward_kernels' list (the last one: dK alone where dV and dK take two).
 const KernelSpec& dkdv_kernel(const std::vector<KernelSpec>& specs);

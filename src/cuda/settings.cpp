@@ -139,8 +139,9 @@ int one_pass_dq() {
   return chosen < 0 ? kDefaultOnePassDq : chosen;
 }
 
-int one_pass_whole_steps() {
-  return std::max(0, choice("FLASHJIT_CUDA_ONE_PASS_STEPS", {"carried", "whole", "whole-concurrent"}));
+int one_pass_whole_steps(int unset) {
+  const int chosen = choice("FLASHJIT_CUDA_ONE_PASS_STEPS", {"carried", "whole", "whole-concurrent"});
+  return chosen < 0 ? unset : chosen;
 }
 
 bool one_pass_dq_set() {

@@ -160,9 +160,10 @@ int one_pass_dq();
 // of twice the queries (64; 32 with a mask, dropout or softcap), each step's products issued in
 // two turns of its own (KernelSpec::whole_steps), where its dQ sums are the writer's or atomic and
 // shared memory has room; "whole-concurrent" (2) the same steps with no turns between the two
-// consumers (dV, then dQ^T, then dK); unset, empty or "carried" (0): each step's second products
-// carried into the next step's turn (the default). Another value is an error naming the variable.
-int one_pass_whole_steps();
+// consumers (dV, then dQ^T, then dK); "carried" (0): each step's second products carried into the
+// next step's turn; unset or empty: unset (carried for the deterministic backward; the unordered
+// one at head dim 128 asks for whole-concurrent). Another value is an error naming the variable.
+int one_pass_whole_steps(int unset = 0);
 // FLASHJIT_CUDA_ONE_PASS_SUMS_MIB: the most MiB of float32 dQ sums one launch of the one-pass
 // backward holds; a dense problem whose sums pass it runs in parts of whole batch entries or, within
 // one, of key/value heads (with their query heads), one after another in the same scratch (the

@@ -459,11 +459,12 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
 }
 
 // FLASHJIT_CUDA_ONE_PASS_STEPS=whole: the one pass at head dim 128 in steps of twice the queries
-// (64; 32 with the extras), one Q/dO buffer ahead, two dS buffers, where its dQ sums are the
-// writer's or atomic; it fits shared memory and compiles for sm_90a with the dQ convert kernel,
+// (64; 32 with the extras), one or two Q/dO buffers ahead, two dS buffers, where its dQ sums are
+// the writer's or atomic; it fits shared memory and compiles for sm_90a with the dQ convert kernel,
 // dense and varlen; elsewhere (head dim 64, the consumers' own ordered adds) the carried steps;
-// unset or carried: those; whole-concurrent: the same steps with no turns, a kernel of its own;
-// another value is an error naming the variable.
+// unset or carried: those, except that the unordered backward (deterministic=False) asks for
+// whole-concurrent steps when it is unset; whole-concurrent: the same steps with no turns, a kernel
+// of its own; another value is an error naming the variable.
 TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -479,8 +480,20 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
   const KernelSpec carried = dkdv_kernel(backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true));
   EXPECT_FALSE(carried.whole_steps);
   EXPECT_EQ(carried.block_n, 32);
+  {
+    // The unordered backward's own choice: whole-concurrent steps, two tiles ahead, compiled.
+    const std::vector<KernelSpec> specs =
+        backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true, kUnorderedDq, kUnorderedWholeSteps);
+    ASSERT_EQ(specs.size(), 3u);
+    const KernelSpec& dkdv = dkdv_kernel(specs);
+    EXPECT_TRUE(flashjit::layout::dq_atomic(dkdv.dq_diagnostic)) << dkdv.name();
+    EXPECT_EQ(dkdv.takes_whole_steps(), 2) << dkdv.name();
+    EXPECT_EQ(dkdv.stages, 2) << dkdv.name();
+    for (const KernelSpec& spec : specs) ASSERT_NO_THROW(kernel_binary(spec, false)) << spec.name();
+  }
   setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "carried", 1);
   EXPECT_FALSE(settings::one_pass_whole_steps());
+  EXPECT_FALSE(settings::one_pass_whole_steps(kUnorderedWholeSteps));  // set: the variable's choice
   setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole-concurrent", 1);
   EXPECT_EQ(settings::one_pass_whole_steps(), 2);
   {

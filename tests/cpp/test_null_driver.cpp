@@ -484,10 +484,11 @@ TEST_F(CudaHostPath, SettingsChangedBetweenCallsTakeEffect) {
   unsetenv("FLASHJIT_CUDA_BACKWARD");
 }
 
-// fj_attention_options.nondeterministic: at head dims up to 64 on sm_90 the backward takes the one
-// pass with unordered dQ adds (prep with the sums zeroed, dK/dV, dQ from the sums), whose
-// workspace planning also sizes; at 128, and where FLASHJIT_CUDA_BACKWARD forces a pass, the
-// deterministic choice; a value other than 0 or 1 is an error naming the field.
+// fj_attention_options.nondeterministic: at head dims up to 64 and at 128 on sm_90 the backward
+// takes the one pass with unordered dQ adds (prep with the sums zeroed, dK/dV, dQ from the sums;
+// at 128 in whole steps), whose workspace planning also sizes; at other head dims (96), and where
+// FLASHJIT_CUDA_BACKWARD forces a pass, the deterministic choice; a value other than 0 or 1 is an
+// error naming the field.
 TEST_F(CudaHostPath, NondeterministicBackwardTakesTheUnorderedOnePass) {
   REQUIRE_NULL_DRIVER();
   unsetenv("FLASHJIT_CUDA_BACKWARD");
@@ -527,8 +528,15 @@ TEST_F(CudaHostPath, NondeterministicBackwardTakesTheUnorderedOnePass) {
   DeviceBuffers d128(1, 4, 4, 512, 512, 128, FJ_BFLOAT16);
   const std::vector<NullLaunch> wide = launches_of(d128);
   ASSERT_EQ(wide.size(), 3u);
-  EXPECT_EQ(std::string(wide[1].function), "fj_attention_backward_dq");
+  EXPECT_EQ(std::string(wide[1].function), "fj_attention_backward_dkdv");
+  EXPECT_EQ(std::string(wide[2].function), "fj_attention_backward_dq_convert");
   std::memcpy(&params, wide[0].params, sizeof params);
+  EXPECT_EQ(params.dq_zero_floats, 4 * 512 * 128);
+  DeviceBuffers d96(1, 4, 4, 512, 512, 96, FJ_BFLOAT16);
+  const std::vector<NullLaunch> other = launches_of(d96);
+  ASSERT_EQ(other.size(), 3u);
+  EXPECT_EQ(std::string(other[1].function), "fj_attention_backward_dq");
+  std::memcpy(&params, other[0].params, sizeof params);
   EXPECT_EQ(params.dq_zero_floats, 0);
   options.nondeterministic = 2;
   EXPECT_EQ(d64.backward(options), FJ_ERROR_INVALID_VALUE);
