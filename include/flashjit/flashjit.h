@@ -110,7 +110,7 @@ typedef struct fj_attention_options {
   void* workspace;
   size_t workspace_bytes;
   /* Backward only: 1 lets a backward sum dQ in no fixed order where that measured faster
-   * (CUDA, sm_90, head dims up to 64: the one-pass backward's unordered float32 adds), so two
+   * (CUDA, sm_90, head dims up to 64 and 128: the one-pass backward's unordered float32 adds), so two
    * runs on the same inputs may differ in dQ's last bits (dK and dV stay bitwise repeatable).
    * 0, the zeroed struct's value: every backward is bitwise deterministic. Ignored elsewhere
    * and by the forward. */
