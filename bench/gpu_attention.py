@@ -139,9 +139,7 @@ def implementations(tiles, fa4=None, backward_modes=(), nondeterministic=False):
         # order's visitors of a tile summing in four groups by rank, added after the pass; writer-pair: the
         # block order by two writer threads on alternate tiles, each count released once its copies
         # are complete; writer-diagonal: the same with tiles walked upward and the visitors adding
-        # from the highest block down; writer-red: writer-pair by two warps with plain loads and
-        # adds, no bulk copies; writer-trio: the same by three warps, three staging slots) (real
-        # backwards);
+        # from the highest block down) (real backwards);
         # one-pass:atomic: every visitor adds at once, in no order (a real backward, not deterministic);
         # one-pass:whole, one-pass:<sums>+whole: FLASHJIT_CUDA_ONE_PASS_STEPS=whole (head dim 128 in
         # steps of 64 queries, each step's products in two turns of its own); one-pass:whole-concurrent,
@@ -435,8 +433,7 @@ def main():
                         choices=["split", "one-pass", "one-pass:none", "one-pass:unordered", "one-pass:eager",
                                  "one-pass:arrival", "one-pass:writer", "one-pass:writer-arrival",
                                  "one-pass:writer-eager", "one-pass:writer-groups", "one-pass:atomic", "one-pass:writer-pair",
-                                 "one-pass:writer-diagonal", "one-pass:writer-red", "one-pass:writer-red+whole",
-                                 "one-pass:writer-red+whole-concurrent", "one-pass:writer-trio", "one-pass:whole", "one-pass:writer-diagonal+whole",
+                                 "one-pass:writer-diagonal", "one-pass:whole", "one-pass:writer-diagonal+whole",
                                  "one-pass:writer+whole", "one-pass:atomic+whole", "one-pass:whole-concurrent",
                                  "one-pass:atomic+whole-concurrent", "one-pass:budget",
                                  "one-pass:whole+budget", "one-pass:writer-diagonal+budget",
@@ -445,8 +442,8 @@ def main():
                         help="FLASHJIT_CUDA_BACKWARD values to run flashjit with, each a column of its own "
                              "(the default column runs with it unset); one-pass:none, one-pass:unordered, "
                              "one-pass:eager, one-pass:arrival, one-pass:writer, one-pass:writer-arrival and "
-                             "one-pass:writer-eager, one-pass:writer-groups, one-pass:atomic, one-pass:writer-pair, "
-                             "one-pass:writer-diagonal, one-pass:writer-red and one-pass:writer-trio also set "
+                             "one-pass:writer-eager, one-pass:writer-groups, one-pass:atomic, one-pass:writer-pair and "
+                             "one-pass:writer-diagonal also set "
                              "FLASHJIT_CUDA_ONE_PASS_DQ (the first "
                              "two a timing diagnostic whose dQ is not written); one-pass:whole and a '+whole' "
                              "suffix set FLASHJIT_CUDA_ONE_PASS_STEPS=whole (and whole-concurrent so); one-pass:budget and a '+budget' suffix "

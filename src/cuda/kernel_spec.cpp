@@ -179,8 +179,6 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 9 ? "_dq-atomic"
                  : dq_diagnostic == 10 ? "_dq-writer-pair"
                  : dq_diagnostic == 11 ? "_dq-writer-diagonal"
-                 : dq_diagnostic == 12 ? "_dq-writer-red"
-                 : dq_diagnostic == 13 ? "_dq-writer-trio"
                                       : "",
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
@@ -268,8 +266,7 @@ int KernelSpec::shared_memory_bytes() const {
                                               layout::dkdv_ds_buffers(one_pass, dkdv_shared, takes_whole_steps() != 0),
                                               layout::dkdv_walk_blocks(one_pass && layout::dq_in_arrival_order(dq_diagnostic)),
                                               layout::dkdv_dq_staging_buffers(one_pass && layout::dq_by_writer(dq_diagnostic),
-                                                                              row_warps() / 4,
-                                                                              layout::dq_staging_slots(dq_diagnostic)))
+                                                                              row_warps() / 4))
                      .bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:

@@ -104,9 +104,7 @@ struct KernelSpec {
   // convert kernel (=atomic: a real backward, not deterministic); 10 as 5 by two writer threads
   // taking alternate tiles, each count released once the tile's copies are complete (=writer-pair);
   // 11 as 10 with tiles walked upward and a tile's visitors adding from the highest block down
-  // (=writer-diagonal); 12 as 10 by two writer warps with plain loads, stores and adds rather
-  // than bulk copies, so that the consumers stage with no proxy fence (=writer-red); 13 as 12 by
-  // three writer warps on every third tile, with three staging slots (=writer-trio).
+  // (=writer-diagonal).
   int dq_diagnostic = 0;
   // kHopper forward over a paged KV cache (kv_cache 2) whose pages are shorter than a key step:
   // TMA boxes a key tile, one a page (FJ_PAGE_BOXES; 1: a key tile lies in one page).

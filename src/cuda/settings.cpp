@@ -134,8 +134,7 @@ bool trace_tiles() {
 int one_pass_dq() {
   const int chosen = choice("FLASHJIT_CUDA_ONE_PASS_DQ", {"ordered", "none", "unordered", "eager", "arrival", "writer",
                                                          "writer-arrival", "writer-eager", "writer-groups", "atomic",
-                                                         "writer-pair", "writer-diagonal", "writer-red",
-                                                         "writer-trio"});
+                                                         "writer-pair", "writer-diagonal"});
   return chosen < 0 ? kDefaultOnePassDq : chosen;
 }
 

@@ -30,10 +30,7 @@
 //                               writer-pair: the writer's block order by two threads taking
 //                               alternate tiles, each count released once its copies are complete;
 //                               writer-diagonal: writer-pair with tiles walked upward and a tile's
-//                               visitors adding from the highest block down; writer-red:
-//                               writer-pair by two warps with plain loads and adds (no bulk
-//                               copies, no proxy fence); writer-trio: writer-red by three
-//                               warps on every third tile (three staging slots); ordered: the
+//                               visitors adding from the highest block down; ordered: the
 //                               consumers' own adds in block order; unset: writer-pair
 //   FLASHJIT_CUDA_ONE_PASS_STEPS whole: the one pass at head dim 128 in steps of 64 queries (32
 //                               with a mask, dropout or softcap) whose products take two turns
@@ -147,10 +144,7 @@ bool trace_tiles();
 // with every block's adds made at once, in no order (not deterministic); "writer-pair" (10) the
 // writer's block order by two threads taking alternate tiles, each count released as soon as its
 // tile's copies are complete; "writer-diagonal" (11) as writer-pair with each block's tiles walked
-// upward and a tile's visitors adding from the highest block down; "writer-red" (12) as
-// writer-pair by two writer warps with plain loads and red.global.add (no bulk copies: the
-// consumers stage their shares with no proxy fence); "writer-trio" (13) as writer-red by three
-// warps on every third tile, with three staging slots. Unset or empty: writer-pair
+// upward and a tile's visitors adding from the highest block down. Unset or empty: writer-pair
 // (kDefaultOnePassDq; ordered's bits, measured the fastest of them on an H100:
 // bench/results/h100-attention-2026-12-07-7691e0f-writers.md). Another value is an error.
 constexpr int kDefaultOnePassDq = 10;

@@ -372,8 +372,8 @@ TEST(KernelSelection, KvCacheSettingIsChecked) {
 // after which a kernel of its own writes dQ), and atomic (every block's adds at once, in no order,
 // dQ by that kernel too; at head dim 128 alone, its adds being unordered's) give one-pass kernels
 // of their own names, which
-// compile (at head dim 128; the consumers' own adds (eager), writer-pair (the default),
-// writer-diagonal (a tuned choice) and writer-red also at head dim 64, with every feature and
+// compile (at head dim 128; the consumers' own adds (eager), writer-pair (the default) and
+// writer-diagonal (a tuned choice) also at head dim 64, with every feature and
 // for variable-length batches, the writer's dQ kernel too; the other orders, measured and left
 // as diagnostics, at head dim 128 alone, their features on the GPU's own tests);
 // ordered the consumers' own adds; unset writer-pair; another value is an error naming it.
@@ -396,8 +396,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   EXPECT_EQ(backward_kernels(traits, true).back().dq_diagnostic, 0);
   const std::vector<std::string> values = {"none",           "unordered",    "eager",         "arrival", "writer",
                                            "writer-arrival", "writer-eager", "writer-groups", "atomic",
-                                           "writer-pair",    "writer-diagonal", "writer-red",
-                                           "writer-trio"};
+                                           "writer-pair",    "writer-diagonal"};
   for (size_t index = 0; index < values.size(); ++index) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", values[index].c_str(), 1);
     const std::vector<KernelSpec> specs = backward_kernels(traits, true);
@@ -417,7 +416,7 @@ TEST_F(CudaCompile, OnePassDqDiagnosticsAreCheckedAndCompile) {
   extras.window = extras.dropout = extras.softcap = true;
   extras.mask = flashjit::MaskKind::kBool;
   const std::vector<std::pair<const char*, int>> ordered = {
-      {"eager", 3}, {"writer-pair", 10}, {"writer-diagonal", 11}, {"writer-red", 12}};
+      {"eager", 3}, {"writer-pair", 10}, {"writer-diagonal", 11}};
   for (const auto& [value, diagnostic] : ordered) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", value, 1);
     for (const KernelTraits& other : {sm90_traits(FJ_BFLOAT16, 64), extras}) {
@@ -508,7 +507,7 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
   }
   setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole", 1);
   EXPECT_EQ(settings::one_pass_whole_steps(), 1);
-  for (const char* dq : {"writer-pair", "writer-diagonal", "writer", "writer-eager", "writer-red", "atomic"}) {
+  for (const char* dq : {"writer-pair", "writer-diagonal", "writer", "writer-eager", "atomic"}) {
     setenv("FLASHJIT_CUDA_ONE_PASS_DQ", dq, 1);
     for (fj_dtype dtype : {FJ_BFLOAT16, FJ_FLOAT16}) {
       for (bool extras : {false, true}) {

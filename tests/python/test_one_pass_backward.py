@@ -29,12 +29,10 @@ pytestmark = sm90
 # summing in four groups by rank (writer-groups: its own fixed order too); the block order's sums
 # by two writer threads taking alternate tiles (writer-pair), and by them with each block's tiles
 # walked upward and a tile's visitors adding from the highest block down (writer-diagonal: its own
-# fixed order, so its own bits), and by two writer warps with plain loads and adds (writer-red:
-# writer-pair's order, so its bits; writer-trio: three warps, three staging slots); and with every visitor adding at once in no order (atomic: not
+# fixed order, so its own bits); and with every visitor adding at once in no order (atomic: not
 # deterministic, so not compared bit for bit).
 @pytest.fixture(autouse=True, params=["ordered", "eager", "writer", "writer-eager", "arrival", "writer-arrival",
-                                      "writer-groups", "atomic", "writer-pair", "writer-diagonal", "writer-red",
-                                      "writer-trio"])
+                                      "writer-groups", "atomic", "writer-pair", "writer-diagonal"])
 def one_pass(monkeypatch, request):
     monkeypatch.setenv("FLASHJIT_CUDA_BACKWARD", "one-pass")
     monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", request.param)
@@ -200,14 +198,14 @@ def test_bitwise_reproducible_and_close_to_the_split_backward(causal, monkeypatc
 
 def test_eager_release_and_the_writer_give_the_same_bits(monkeypatch):
     # The same adds in the same order: only when each block says it is done, and (writer) which
-    # threads make them and how (writer-red: plain adds rather than bulk copies), differ.
+    # threads make them, differ.
     torch.manual_seed(2)
     q = torch.randn(2, 8, 1500, 64, device=DEVICE, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 1700, 64, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     o, lse = flashjit.attention(q, k, v, causal="bottom_right", return_lse=True)
     dout = torch.randn_like(o)
     results = []
-    for mode in ("ordered", "eager", "writer", "writer-eager", "writer-pair", "writer-red", "writer-trio"):
+    for mode in ("ordered", "eager", "writer", "writer-eager", "writer-pair"):
         monkeypatch.setenv("FLASHJIT_CUDA_ONE_PASS_DQ", mode)
         results.append(flashjit.attention_backward(q, k, v, o, lse, dout, causal="bottom_right"))
     for other in results[1:]:

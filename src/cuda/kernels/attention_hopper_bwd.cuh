@@ -391,10 +391,8 @@ static_assert(!kWholeSteps || (kOnePass && kDimQk == 128), "whole steps: the one
 // the host runs it only where every key block of a head can be resident at once.
 // (6: the arrival order's sums made by the dQ writer, below.)
 #define FJ_DQ_ARRIVAL (FJ_DQ_DIAGNOSTIC == 4 || FJ_DQ_DIAGNOSTIC == 6)
-#define FJ_DQ_WRITER \
-  ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 13))
-#define FJ_DQ_PAIR (FJ_DQ_DIAGNOSTIC >= 10 && FJ_DQ_DIAGNOSTIC <= 13)
-#define FJ_DQ_GENERIC (FJ_DQ_DIAGNOSTIC == 12 || FJ_DQ_DIAGNOSTIC == 13)
+#define FJ_DQ_WRITER ((FJ_DQ_DIAGNOSTIC >= 5 && FJ_DQ_DIAGNOSTIC <= 8) || FJ_DQ_DIAGNOSTIC == 10 || FJ_DQ_DIAGNOSTIC == 11)
+#define FJ_DQ_PAIR (FJ_DQ_DIAGNOSTIC == 10 || FJ_DQ_DIAGNOSTIC == 11)
 constexpr bool kArrival = FJ_DQ_ARRIVAL;
 static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // FJ_DQ_DIAGNOSTIC 5 (FLASHJIT_CUDA_ONE_PASS_DQ=writer): the block order's sums, but the waits, adds
@@ -412,15 +410,8 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // bounds its diagonal tile) and a tile's visitors add in descending block order, the highest
 // first: the order in which, running in step, they reach it, so that under causal bounds a block
 // seldom waits; a head's key blocks launch from the highest down, so that a block waits only on
-// blocks launched before it. 12 (writer-red): as 10, but the two writers are whole warps that
-// read the staged shares with plain loads and store or add them with st.global / red.global.add,
-// all in the generic proxy: a consumer then stages its share with no proxy fence (the async
-// proxy's, which bulk copies need, stalls it until its stores are done), only the arrive. 13
-// (writer-trio): as 12 with three writer warps on every third tile and three staging slots, so
-// that a consumer may stage two tiles ahead of the writer that is adding.
+// blocks launched before it.
 constexpr bool kWriter = FJ_DQ_WRITER;
-constexpr bool kGenericWriter = FJ_DQ_GENERIC;
-constexpr int kDqSlots = layout::dq_staging_slots(FJ_DQ_DIAGNOSTIC);  // staging slots a consumer
 constexpr bool kDiagonal = FJ_DQ_DIAGNOSTIC == 11;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -576,35 +567,6 @@ FJ_DEVICE void store_shared_float4(float* address, const float (&v)[4]) {
                "f"(v[2]), "f"(v[3])
                : "memory");
 }
-FJ_DEVICE void load_shared_float4(const float* address, float (&v)[4]) {
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3])
-               : "r"(shared_address(address))
-               : "memory");
-}
-#if FJ_DQ_GENERIC
-// writer-red: a lane's float4s (lane, lane + 32, ...) of both consumers' shares staged at `staged`
-// (consumer c's at c * kDqSlots chunks on) stored (the tile's first visitor) or added into
-// their sums at `sums` (consumer c's a chunk on): both shares' loads before their stores, so that
-// two are in flight in the writer's few registers.
-static_assert(kConsumers == 2, "two consumers' shares a tile");
-template <bool kAdd>
-FJ_DEVICE void write_shares(float* sums, const float* staged, int lane) {
-#pragma unroll 1
-  for (int i = 4 * lane; i < kDqChunk; i += 4 * 32) {
-    float first[4], second[4];
-    load_shared_float4(staged + i, first);
-    load_shared_float4(staged + kDqSlots * kDqChunk + i, second);
-    if (kAdd) {
-      add_float4(sums + i, first);
-      add_float4(sums + kDqChunk + i, second);
-    } else {
-      store_float4(sums + i, first);
-      store_float4(sums + kDqChunk + i, second);
-    }
-  }
-}
-#endif
 // Past L1: the sums other blocks left in L2.
 FJ_DEVICE void load_float4(const float* address, float (&v)[4]) {
   asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];\n"
@@ -642,8 +604,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   constexpr layout::HopperBackwardDkDv kLayout =
       layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
                                    layout::dkdv_ds_buffers(kOnePass, kSharedOperands, kWholeSteps),
-                                   layout::dkdv_walk_blocks(kArrival),
-                                   layout::dkdv_dq_staging_buffers(kWriter, kConsumers, kDqSlots));
+                                   layout::dkdv_walk_blocks(kArrival), layout::dkdv_dq_staging_buffers(kWriter, kConsumers));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.walks % 16 == 0, "the walks' table is read 16 bytes an entry");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
@@ -661,15 +622,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // Arrival order: each key block's walk of the head, {first tile index, tile count, phase, 0}.
   int4* walks = reinterpret_cast<int4*>(base + kLayout.walks);
 #if FJ_DQ_WRITER
-  // The dQ writer: each consumer's kDqSlots buffers of its share of a tile's dQ (consumer c,
-  // tile t: buffer c * kDqSlots + t % kDqSlots), and their mbarriers (the consumer's 128 threads
-  // fill one, the writer's copying thread (writer-red, writer-trio: its warp's lane 0, after the
-  // warp's loads) empties it).
-  static_assert(kDqSlots >= 2, "two slots at least: a consumer may stage tile t + 1 while the writer adds tile t");
+  // The dQ writer: each consumer's kDqStagingSlots buffers of its share of a tile's dQ (consumer c,
+  // tile t: buffer c * kDqStagingSlots + t % kDqStagingSlots), and their mbarriers (the consumer's
+  // 128 threads fill one, the writer's copying thread empties it).
+  static_assert(layout::kDqStagingSlots == 2, "two slots: a consumer may stage tile t + 1 while the writer adds tile t");
   static_assert(kLayout.dq_staging % 16 == 0, "the staging buffers are copied in bulk (16-byte aligned)");
   float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
   unsigned long long* staging_full = reinterpret_cast<unsigned long long*>(base + kLayout.dq_barriers);
-  unsigned long long* staging_empty = staging_full + kConsumers * kDqSlots;
+  unsigned long long* staging_empty = staging_full + kConsumers * layout::kDqStagingSlots;
 #endif
   unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
   // Q, LSE and delta of a tile; dO of a tile.
@@ -798,9 +758,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     q_ring.init();
     dout_ring.init();
 #if FJ_DQ_WRITER
-    for (int i = 0; i < kConsumers * kDqSlots; ++i) {
+    for (int i = 0; i < kConsumers * layout::kDqStagingSlots; ++i) {
       mbarrier_init(&staging_full[i], 128);
-      mbarrier_init(&staging_empty[i], 1);  // the writer's copying thread (or its warp's lane 0)
+      mbarrier_init(&staging_empty[i], 1);  // the writer's copying thread
     }
 #endif
   };
@@ -862,7 +822,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         float* const chunk = p.dq_accum + (chunk0 + consumer) * kDqChunk;
-        const float* const staged = dq_staging + (consumer * kDqSlots + slot) * kDqChunk;
+        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + slot) * kDqChunk;
         if (rank == 0) {
           bulk_store(chunk, staged, kChunkBytes);
         } else {
@@ -875,7 +835,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const auto free_slot = [&](int slot) {
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        mbarrier_arrive(&staging_empty[consumer * kDqSlots + slot]);
+        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + slot]);
       }
     };
     // A tile's counts, its copies complete (made visible to this thread, then ordered
@@ -894,23 +854,18 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     // order, and each thread's tiles come in that order: no cycle. writer-diagonal: tiles upward,
     // the tile's visitors above this block add first (rank: the highest visitor, carried up from
     // tile to tile, less this block); blocks wait only on higher ones, launched before them.
-    // (writer-red: whole warps; writer-trio: three of them, tiles t = pair, pair + 3, ...)
-    static_assert(kDqSlots * 32 <= kWriterThreads, "a staging slot for each writer");
-#if FJ_DQ_GENERIC
-    if (w >= kDqSlots * 32) return;  // writer-red, writer-trio: every lane of the writer warps
-#else
-    if (w % 32 != 0 || w >= kDqSlots * 32) return;
-#endif
+    static_assert(layout::kDqStagingSlots == 2, "a staging slot for each writer thread");
+    if (w % 32 != 0 || w >= 64) return;
     const int pair = w / 32;
     long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
-    for (int t = pair; t < tiles; t += kDqSlots) {
+    for (int t = pair; t < tiles; t += 2) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-      const unsigned phase = static_cast<unsigned>(t / kDqSlots) % 2;
+      const unsigned phase = static_cast<unsigned>(t / 2) % 2;
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        wait_for_phase(&staging_full[consumer * kDqSlots + pair], phase);
+        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + pair], phase);
       }
       const long long chunk0 = row / kBlockN * kConsumers;
       int* const counters = p.dq_semaphore + chunk0;
@@ -921,37 +876,11 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #else
       const int rank = turn_at(t, start, carried_visitor, w, kWriterThreads, kAddBarrier).rank;
 #endif
-#if FJ_DQ_GENERIC
-      // writer-red: lane 0 waits for the earlier visitors' counts (acquire) and the warp follows
-      // it; each lane stores or adds every 32nd float4 of both shares (a consumer's staged
-      // float4 i is its sums' float4 i: consecutive lanes, consecutive addresses); the slot goes
-      // back once every lane's loads have returned (their values are in the stores); each lane's
-      // sums are fenced before lane 0 releases the counts.
-      const int lane = w % 32;
-      if (rank > 0 && lane == 0) wait_for_visitors(counters, rank);
-      __syncwarp();
-      float* const sums = p.dq_accum + chunk0 * kDqChunk;
-      const float* const staged = dq_staging + pair * kDqChunk;
-      if (rank == 0) {
-        write_shares<false>(sums, staged, lane);
-      } else {
-        write_shares<true>(sums, staged, lane);
-      }
-      __syncwarp();
-      if (lane == 0) free_slot(pair);
-      __threadfence();  // this lane's sums, before the counts that release them
-      __syncwarp();
-      if (lane == 0) {
-#pragma unroll
-        for (int consumer = 0; consumer < kConsumers; ++consumer) add_release(counters + consumer, 1);
-      }
-#else
       copy_shares(counters, chunk0, pair, rank);
       bulk_wait_read();
       free_slot(pair);
       bulk_wait_all();
       release_counts(counters);
-#endif
     }
 #else  // one writer thread (more where the arrival order counts ranks)
 #if FJ_DQ_ARRIVAL
@@ -972,13 +901,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-      const int slot = t % kDqSlots;
-      const unsigned phase = static_cast<unsigned>(t / kDqSlots) % 2;
+      const int slot = t % layout::kDqStagingSlots;
+      const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
       // Both consumers' chunks of the tile together (the same rank, consecutive counters).
       const long long first_chunk = row / kBlockN * kConsumers;  // (group 0's)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        wait_for_phase(&staging_full[consumer * kDqSlots + slot], phase);
+        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
       }
       if (kReleaseBeforeWait && w == 0 && pending != nullptr) {  // before any wait: others may be waiting for it
         bulk_wait_all();
@@ -1074,16 +1003,14 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DQ_WRITER
       // Tile t's dQ^T share staged for the writer, once it has emptied the slot's previous tile.
       const auto add_dq = [&](int t) {
-        const int buffer = consumer * kDqSlots + t % kDqSlots;
+        const int buffer = consumer * layout::kDqStagingSlots + t % layout::kDqStagingSlots;
         // The first use of a slot passes at once (the parity of the phase before the first).
-        wait_for_phase(&staging_empty[buffer], (static_cast<unsigned>(t / kDqSlots) % 2) ^ 1);
+        wait_for_phase(&staging_empty[buffer], (static_cast<unsigned>(t / layout::kDqStagingSlots) % 2) ^ 1);
         float* const staged = dq_staging + buffer * kDqChunk;
         const int thread = threadIdx.x % 128;
 #pragma unroll
         for (int n = 0; n < kDqQueries / 8; ++n) store_shared_float4(staged + (n * 128 + thread) * 4, dqt[n]);
-        // The stores, before the writer's bulk copy reads them (writer-red's plain loads: the
-        // arrive's own release orders them).
-        if (!kGenericWriter) fence_async_shared();
+        fence_async_shared();  // the stores, before the writer's bulk copy reads them
         mbarrier_arrive(&staging_full[buffer]);
       };
 #else

@@ -50,15 +50,13 @@ FJ_LAYOUT int dkdv_ds_buffers(bool one_pass, bool shared_operands, bool whole_st
 constexpr int kArrivalWalkBlocks = 256;
 FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBlocks : 0; }
 // The one pass's dQ sums (KernelSpec::dq_diagnostic, FJ_DQ_DIAGNOSTIC): 4 and 6 in the arrival
-// order, 5 to 8 and 10 to 13 made by the dQ writer (below); 8 in kDqGroups groups of a tile's visitors; 9
+// order, 5 to 8, 10 and 11 made by the dQ writer (below); 8 in kDqGroups groups of a tile's visitors; 9
 // (FLASHJIT_CUDA_ONE_PASS_DQ=atomic, not deterministic) added by every visitor at once, in no
-// order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 13
+// order, into sums the prep kernel zeroed. A kernel of its own writes dQ from the sums of 5 to 11
 // (10, writer-pair: 5 by two writer threads on alternate tiles; 11, writer-diagonal: 10 with tiles
-// walked upward and the visitors adding from the highest down; 12, writer-red: 10 by two writer
-// warps with plain loads and adds instead of bulk copies; 13, writer-trio: 12 by three warps on
-// every third tile, with three staging slots).
+// walked upward and the visitors adding from the highest down).
 FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
-FJ_LAYOUT bool dq_by_writer(int diagnostic) { return (diagnostic >= 5 && diagnostic <= 8) || (diagnostic >= 10 && diagnostic <= 13); }
+FJ_LAYOUT bool dq_by_writer(int diagnostic) { return (diagnostic >= 5 && diagnostic <= 8) || diagnostic == 10 || diagnostic == 11; }
 FJ_LAYOUT bool dq_atomic(int diagnostic) { return diagnostic == 9; }
 FJ_LAYOUT bool dq_converted(int diagnostic) { return dq_by_writer(diagnostic) || dq_atomic(diagnostic); }
 // FLASHJIT_CUDA_ONE_PASS_DQ=writer-groups (8): a tile's visitors in block order are dealt into
@@ -71,15 +69,13 @@ FJ_LAYOUT int dq_groups(int diagnostic) { return diagnostic == 8 ? kDqGroups : 1
 // The one pass with a dQ writer (FLASHJIT_CUDA_ONE_PASS_DQ=writer): each consumer warpgroup stages
 // its float32 share of a query tile's dQ (128 threads x dq_queries / 2 floats: at head dim 128
 // every query of the step and 64 of dQ's columns, at 64 every column of half the queries) in one
-// of its staging slots' buffers, which a writer thread of the producer warpgroup adds into the tile's
-// sums in global memory in one bulk copy (writer-red, writer-trio: a writer warp, with plain loads
-// and adds); a full and an empty mbarrier a buffer. Two slots (a
-// consumer may stage tile t + 1 while the writer adds tile t); writer-trio (13) three.
-FJ_LAYOUT int dq_staging_slots(int diagnostic) { return diagnostic == 13 ? 3 : 2; }
+// of kDqStagingSlots buffers, which a writer thread of the producer warpgroup adds into the tile's
+// sums in global memory in one bulk copy; a full and an empty mbarrier a buffer.
+constexpr int kDqStagingSlots = 2;
 FJ_LAYOUT int dkdv_dq_chunk_floats(int block_n, int dim_qk) {
   return 128 * (dim_qk == 128 ? block_n : block_n / 2) / 2;
 }
-FJ_LAYOUT int dkdv_dq_staging_buffers(bool writer, int consumers, int slots) { return writer ? consumers * slots : 0; }
+FJ_LAYOUT int dkdv_dq_staging_buffers(bool writer, int consumers) { return writer ? consumers * kDqStagingSlots : 0; }
 
 // A ring of `buffers` buffers has a full and an empty mbarrier per buffer (pipeline.cuh's Ring).
 FJ_LAYOUT int ring_bytes(int buffers) { return 2 * buffers * kBarrierBytes; }
