@@ -180,6 +180,7 @@ std::string KernelSpec::name() const {
                  : dq_diagnostic == 10 ? "_dq-writer-pair"
                  : dq_diagnostic == 11 ? "_dq-writer-diagonal"
                                       : "",
+                 takes_dq_slots() != layout::kDqStagingSlots ? str_cat("_slots", takes_dq_slots()) : std::string(),
                  "_n", block_n,
                  family == KernelFamily::kHopper ? str_cat("_s", stages) : std::string(),
                  q_buffers > 1 ? str_cat("_q", q_buffers) : std::string(), o_tma ? "_otma" : "",
@@ -231,7 +232,7 @@ KernelSpec::Fields KernelSpec::fields() const {
                                 varlen,       kv_cache,    edge_general,   block_span,    chains_tiles(), takes_next_early(), sets_up_in_producer(), poly_groups(), suspends_producer(), trace,
                                 dq_diagnostic, page_boxes, threads,        row_tiles,     dkdv_part,    one_pass,
                                 takes_whole_steps(), dkdv_shared,  takes_parts(), overlaps_launch(), stages, q_buffers, o_tma,     fold_scale,
-                                lazy_rescale, block_n,      arch);
+                                lazy_rescale, block_n,      arch,           takes_dq_slots());
 }
 
 const char* KernelSpec::function_name() const { return entry_names(entry).function; }
@@ -266,7 +267,7 @@ int KernelSpec::shared_memory_bytes() const {
                                               layout::dkdv_ds_buffers(one_pass, dkdv_shared, takes_whole_steps() != 0),
                                               layout::dkdv_walk_blocks(one_pass && layout::dq_in_arrival_order(dq_diagnostic)),
                                               layout::dkdv_dq_staging_buffers(one_pass && layout::dq_by_writer(dq_diagnostic),
-                                                                              row_warps() / 4))
+                                                                              row_warps() / 4, takes_dq_slots()))
                      .bytes;
         case KernelEntry::kBackwardPrep:
         case KernelEntry::kForwardCombine:
@@ -309,7 +310,7 @@ std::string KernelSpec::source() const {
       "#define FJ_BLOCK_SPAN ", block_span ? 1 : 0, "\n", "#define FJ_CHAIN_TILES ", chains_tiles() ? 1 : 0, "\n", "#define FJ_EARLY_NEXT ", takes_next_early() ? 1 : 0, "\n", "#define FJ_PRODUCER_SETUP ", sets_up_in_producer() ? 1 : 0, "\n", "#define FJ_EXP_POLY ", poly_groups(), "\n", "#define FJ_PRODUCER_SUSPEND ", suspends_producer() ? 1 : 0, "\n", "#define FJ_TRACE ", trace ? 1 : 0, "\n", "#define FJ_PAGE_BOXES ", page_boxes, "\n", "#define FJ_WARPS ", row_warps(), "\n",
       "#define FJ_ROW_TILES ", row_tiles, "\n", "#define FJ_ONE_PASS ", one_pass ? 1 : 0, "\n",
       "#define FJ_WHOLE_STEPS ", takes_whole_steps(), "\n",
-      "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
+      "#define FJ_DQ_DIAGNOSTIC ", dq_diagnostic, "\n", "#define FJ_DQ_SLOTS ", takes_dq_slots(), "\n", "#define FJ_DKDV_SHARED ", dkdv_shared ? 1 : 0, "\n",
       "#define FJ_DKDV_PARTS ", takes_parts() ? 1 : 0, "\n",
       "#define FJ_BACKWARD_OVERLAP ", overlaps_launch() ? 1 : 0, "\n",
       "#define FJ_WITH_DV ",
@@ -805,6 +806,12 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
         // Two Q/dO buffers ahead of the step's own where shared memory has room (atomic: no dQ
         // staging), else one.
         whole.stages = 2;
+        // A writer pair's sums: one staging slot where two would leave room for one buffer ahead.
+        if (!fits(whole) && whole.takes_dq_slots() == layout::kDqStagingSlots &&
+            (whole.dq_diagnostic == 10 || whole.dq_diagnostic == 11)) {
+          whole.dq_slots = 1;
+          if (!fits(whole)) whole.dq_slots = layout::kDqStagingSlots;
+        }
         if (!fits(whole)) whole.stages = 1;
         if (fits(whole)) dkdv = whole;
       }

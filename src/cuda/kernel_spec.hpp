@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/problem.hpp"
+#include "cuda/kernels/shared_layout.h"
 
 namespace flashjit::cuda {
 
@@ -121,6 +122,11 @@ struct KernelSpec {
   // of twice the queries fit (block_n 64), with one Q/dO buffer ahead and two dS buffers; 0: not,
   // 1: in turns, 2: concurrent (no turns between the consumers).
   int whole_steps = 0;
+  // kHopper one-pass dK/dV whose dQ a pair of writers adds (writer-pair, writer-diagonal): the
+  // staging slots of each consumer (FJ_DQ_SLOTS); 2 (a writer thread a slot, on alternate tiles), or
+  // 1 where that gives whole steps room for two Q/dO buffers ahead (one writer thread, each tile's
+  // slot freed once its copies have read it).
+  int dq_slots = layout::kDqStagingSlots;
   // kHopper split dK/dV (both parts, head dims up to 128) whose dV and dK products read P^T and
   // dS^T from shared memory (written by each warp after its gradient) instead of registers, so
   // that twice the queries a step fit (FJ_DKDV_SHARED; settings::dkdv_shared_operands).
@@ -152,7 +158,7 @@ struct KernelSpec {
   // different names have different fields (ctest KernelSelection.SpecFieldsTellApartWhatNamesDo
   // changes each field of each spec the choosers make, one at a time); fields may tell apart a
   // little more than names do (a mask dtype without a mask), which costs a module load at most.
-  static constexpr size_t kFieldCount = 39;
+  static constexpr size_t kFieldCount = 40;
   using Fields = std::array<int32_t, kFieldCount>;
   Fields fields() const;
   const char* function_name() const;
@@ -183,6 +189,14 @@ struct KernelSpec {
   // fields() holds).
   int takes_whole_steps() const {
     return one_pass && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv ? whole_steps : 0;
+  }
+  // dq_slots where it applies: the kHopper one-pass dK/dV kernel with a writer pair's sums (what
+  // name() spells and fields() holds).
+  int takes_dq_slots() const {
+    return one_pass && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv &&
+                   (dq_diagnostic == 10 || dq_diagnostic == 11)
+               ? dq_slots
+               : layout::kDqStagingSlots;
   }
   // dkdv_parts where it applies (what name() spells and fields() holds).
   bool takes_parts() const {

@@ -524,8 +524,12 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
         EXPECT_NE(dkdv.name().find("_whole_"), std::string::npos) << dkdv.name();
         EXPECT_EQ(dkdv.block_n, extras ? 32 : 64) << dkdv.name();
         // Two Q/dO buffers ahead where there is room (atomic: no dQ staging; extras: steps of 32
-        // queries); one where the writer's staging of 64-query steps takes it.
-        EXPECT_EQ(dkdv.stages, std::string(dq) == "atomic" || extras ? 2 : 1) << dkdv.name();
+        // queries; a writer pair's order: with one staging slot a consumer); one where the
+        // writer's staging of 64-query steps takes it.
+        const bool pair = std::string(dq) == "writer-pair" || std::string(dq) == "writer-diagonal";
+        EXPECT_EQ(dkdv.stages, std::string(dq) == "atomic" || extras || pair ? 2 : 1) << dkdv.name();
+        EXPECT_EQ(dkdv.takes_dq_slots(), pair && !extras ? 1 : 2) << dkdv.name();
+        EXPECT_EQ(dkdv.name().find("_slots1") != std::string::npos, pair && !extras) << dkdv.name();
         EXPECT_EQ(specs.back().block_n, dkdv.block_n);  // the convert kernel's tiles are the step's
         if (dtype == FJ_FLOAT16 && std::string(dq) != "writer-pair") continue;  // (compile time)
         for (KernelSpec spec : specs) {
@@ -1412,6 +1416,11 @@ TEST(KernelSelection, SpecFieldsTellApartWhatNamesDo) {
       [](KernelSpec& s) {  // whole_steps where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDkDv, s.one_pass = true;
         s.whole_steps = !s.whole_steps;
+      },
+      [](KernelSpec& s) {  // dq_slots where it applies
+        s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDkDv, s.one_pass = true;
+        s.dq_diagnostic = 10;
+        s.dq_slots = 3 - s.dq_slots;
       },
       [](KernelSpec& s) {  // dkdv_parts where it applies
         s.family = KernelFamily::kHopper, s.entry = KernelEntry::kBackwardDkDv, s.threads = 384;

@@ -413,6 +413,12 @@ static_assert(!kArrival || kOnePass, "the arrival order is the one pass's");
 // blocks launched before it.
 constexpr bool kWriter = FJ_DQ_WRITER;
 constexpr bool kDiagonal = FJ_DQ_DIAGNOSTIC == 11;
+// The writer's staging slots a consumer (KernelSpec::dq_slots): 2; 1 (10 and 11 only) where that
+// gives whole steps room for two Q/dO buffers ahead.
+#ifndef FJ_DQ_SLOTS
+#define FJ_DQ_SLOTS 2
+#endif
+constexpr int kDqSlots = FJ_DQ_SLOTS;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
 // tiles, K-major, each warp its own 16 keys) for the dV and dK products, which then take both
@@ -604,7 +610,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   constexpr layout::HopperBackwardDkDv kLayout =
       layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
                                    layout::dkdv_ds_buffers(kOnePass, kSharedOperands, kWholeSteps),
-                                   layout::dkdv_walk_blocks(kArrival), layout::dkdv_dq_staging_buffers(kWriter, kConsumers));
+                                   layout::dkdv_walk_blocks(kArrival), layout::dkdv_dq_staging_buffers(kWriter, kConsumers, kDqSlots));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.walks % 16 == 0, "the walks' table is read 16 bytes an entry");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
@@ -622,14 +628,15 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   // Arrival order: each key block's walk of the head, {first tile index, tile count, phase, 0}.
   int4* walks = reinterpret_cast<int4*>(base + kLayout.walks);
 #if FJ_DQ_WRITER
-  // The dQ writer: each consumer's kDqStagingSlots buffers of its share of a tile's dQ (consumer c,
-  // tile t: buffer c * kDqStagingSlots + t % kDqStagingSlots), and their mbarriers (the consumer's
-  // 128 threads fill one, the writer's copying thread empties it).
-  static_assert(layout::kDqStagingSlots == 2, "two slots: a consumer may stage tile t + 1 while the writer adds tile t");
+  // The dQ writer: each consumer's kDqSlots buffers of its share of a tile's dQ (consumer c, tile t:
+  // buffer c * kDqSlots + t % kDqSlots), and their mbarriers (the consumer's 128 threads fill one,
+  // the writer's copying thread empties it). Two slots (a consumer may stage tile t + 1 while the
+  // writer adds tile t), or one with a writer pair's order (FJ_DQ_SLOTS: whole steps, for room).
+  static_assert(kDqSlots == 2 || (kDqSlots == 1 && FJ_DQ_PAIR), "two staging slots, or one for a writer pair's order");
   static_assert(kLayout.dq_staging % 16 == 0, "the staging buffers are copied in bulk (16-byte aligned)");
   float* dq_staging = reinterpret_cast<float*>(base + kLayout.dq_staging);
   unsigned long long* staging_full = reinterpret_cast<unsigned long long*>(base + kLayout.dq_barriers);
-  unsigned long long* staging_empty = staging_full + kConsumers * layout::kDqStagingSlots;
+  unsigned long long* staging_empty = staging_full + kConsumers * kDqSlots;
 #endif
   unsigned long long* keys_full = reinterpret_cast<unsigned long long*>(base + kLayout.keys_full);
   // Q, LSE and delta of a tile; dO of a tile.
@@ -758,7 +765,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     q_ring.init();
     dout_ring.init();
 #if FJ_DQ_WRITER
-    for (int i = 0; i < kConsumers * layout::kDqStagingSlots; ++i) {
+    for (int i = 0; i < kConsumers * kDqSlots; ++i) {
       mbarrier_init(&staging_full[i], 128);
       mbarrier_init(&staging_empty[i], 1);  // the writer's copying thread
     }
@@ -822,7 +829,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         float* const chunk = p.dq_accum + (chunk0 + consumer) * kDqChunk;
-        const float* const staged = dq_staging + (consumer * layout::kDqStagingSlots + slot) * kDqChunk;
+        const float* const staged = dq_staging + (consumer * kDqSlots + slot) * kDqChunk;
         if (rank == 0) {
           bulk_store(chunk, staged, kChunkBytes);
         } else {
@@ -835,7 +842,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     const auto free_slot = [&](int slot) {
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        mbarrier_arrive(&staging_empty[consumer * layout::kDqStagingSlots + slot]);
+        mbarrier_arrive(&staging_empty[consumer * kDqSlots + slot]);
       }
     };
     // A tile's counts, its copies complete (made visible to this thread, then ordered
@@ -848,24 +855,25 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     };
 #if FJ_DQ_PAIR
     // writer-pair: lane 0 of warps 1 and 2, tiles t = pair, pair + 2, ... in the block's order, each
-    // with its own bulk groups and its own staging slot (t % 2). A tile: both shares staged, the
+    // with its own bulk groups and its own staging slot (t % 2); with one slot (kDqSlots 1), lane 0
+    // of warp 1 alone, every tile, in order. A tile: both shares staged, the
     // tile's earlier visitors' counts, the copies, the slot freed once they have read it, the
     // counts released once they are complete. Blocks wait only on lower ones, as in the block
     // order, and each thread's tiles come in that order: no cycle. writer-diagonal: tiles upward,
     // the tile's visitors above this block add first (rank: the highest visitor, carried up from
     // tile to tile, less this block); blocks wait only on higher ones, launched before them.
-    static_assert(layout::kDqStagingSlots == 2, "a staging slot for each writer thread");
-    if (w % 32 != 0 || w >= 64) return;
+    // A writer thread a staging slot.
+    if (w % 32 != 0 || w >= 32 * kDqSlots) return;
     const int pair = w / 32;
     long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
-    for (int t = pair; t < tiles; t += 2) {
+    for (int t = pair; t < tiles; t += kDqSlots) {
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-      const unsigned phase = static_cast<unsigned>(t / 2) % 2;
+      const unsigned phase = static_cast<unsigned>(t / kDqSlots) % 2;
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + pair], phase);
+        wait_for_phase(&staging_full[consumer * kDqSlots + pair], phase);
       }
       const long long chunk0 = row / kBlockN * kConsumers;
       int* const counters = p.dq_semaphore + chunk0;
@@ -901,13 +909,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
-      const int slot = t % layout::kDqStagingSlots;
-      const unsigned phase = static_cast<unsigned>(t / layout::kDqStagingSlots) % 2;
+      const int slot = t % kDqSlots;
+      const unsigned phase = static_cast<unsigned>(t / kDqSlots) % 2;
       // Both consumers' chunks of the tile together (the same rank, consecutive counters).
       const long long first_chunk = row / kBlockN * kConsumers;  // (group 0's)
 #pragma unroll
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
-        wait_for_phase(&staging_full[consumer * layout::kDqStagingSlots + slot], phase);
+        wait_for_phase(&staging_full[consumer * kDqSlots + slot], phase);
       }
       if (kReleaseBeforeWait && w == 0 && pending != nullptr) {  // before any wait: others may be waiting for it
         bulk_wait_all();
@@ -1003,9 +1011,9 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #if FJ_DQ_WRITER
       // Tile t's dQ^T share staged for the writer, once it has emptied the slot's previous tile.
       const auto add_dq = [&](int t) {
-        const int buffer = consumer * layout::kDqStagingSlots + t % layout::kDqStagingSlots;
+        const int buffer = consumer * kDqSlots + t % kDqSlots;
         // The first use of a slot passes at once (the parity of the phase before the first).
-        wait_for_phase(&staging_empty[buffer], (static_cast<unsigned>(t / layout::kDqStagingSlots) % 2) ^ 1);
+        wait_for_phase(&staging_empty[buffer], (static_cast<unsigned>(t / kDqSlots) % 2) ^ 1);
         float* const staged = dq_staging + buffer * kDqChunk;
         const int thread = threadIdx.x % 128;
 #pragma unroll

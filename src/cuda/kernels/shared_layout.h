@@ -75,7 +75,9 @@ constexpr int kDqStagingSlots = 2;
 FJ_LAYOUT int dkdv_dq_chunk_floats(int block_n, int dim_qk) {
   return 128 * (dim_qk == 128 ? block_n : block_n / 2) / 2;
 }
-FJ_LAYOUT int dkdv_dq_staging_buffers(bool writer, int consumers) { return writer ? consumers * kDqStagingSlots : 0; }
+FJ_LAYOUT int dkdv_dq_staging_buffers(bool writer, int consumers, int slots = kDqStagingSlots) {
+  return writer ? consumers * slots : 0;
+}
 
 // A ring of `buffers` buffers has a full and an empty mbarrier per buffer (pipeline.cuh's Ring).
 FJ_LAYOUT int ring_bytes(int buffers) { return 2 * buffers * kBarrierBytes; }
