@@ -96,7 +96,9 @@ FJ_DEVICE void dkdv_tile_gradient(float (&st)[kBlockN / 8][4], float (&dpt)[kBlo
   }
 }
 
-// Rows rows[0], rows[1] of a [16 x kDim] accumulator into a gradient operand.
+// Rows rows[0], rows[1] of a [16 x kDim] accumulator into a gradient operand: a thread's two
+// neighbouring columns (d even) in one 4-byte store where the row starts 4-byte aligned (any
+// caller's strides may make it not), else each on its own.
 template <int kDim>
 FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
                           int dim, const float (&acc)[kDim / 8][4], int quad) {
@@ -104,9 +106,16 @@ FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long lon
   for (int r = 0; r < 2; ++r) {
     if (rows[r] >= row_end) continue;
     elem_t* row = operand_row<elem_t>(out, b, h, rows[r]);
+    const bool pairs = sizeof(elem_t) == 2 && reinterpret_cast<unsigned long long>(row) % 4 == 0;
 #pragma unroll
     for (int n = 0; n < kDim / 8; ++n) {
       const int d = n * 8 + quad * 2;
+      if constexpr (sizeof(elem_t) == 2) {
+        if (pairs && d + 1 < dim) {
+          *reinterpret_cast<unsigned*>(row + d) = pack2(acc[n][2 * r], acc[n][2 * r + 1]);
+          continue;
+        }
+      }
       if (d < dim) row[d] = from_float<elem_t>(acc[n][2 * r]);
       if (d + 1 < dim) row[d + 1] = from_float<elem_t>(acc[n][2 * r + 1]);
     }
