@@ -31,6 +31,8 @@ typedef struct fj_kernel_config {
   int32_t softcap;     /* nonzero: softcap */
   int32_t arch;        /* target, e.g. 90 for sm_90; 0: the arch of device_index (needs a GPU) */
   int32_t device_index;
+  int32_t nondeterministic; /* backward: 1 also compiles the kernels a backward with
+                             * fj_attention_options.nondeterministic = 1 takes; 0 or 1 */
 } fj_kernel_config;
 
 fj_kernel_config fj_kernel_config_default(void);
@@ -40,7 +42,8 @@ fj_kernel_config fj_kernel_config_default(void);
  * its classes: with arch 0 (the device's) those tuned on that device or else the
  * built-in table's, with arch set the built-in table's. A backward config compiles the
  * pass FLASHJIT_CUDA_BACKWARD forces; unforced, the split kernels, and the one-pass ones
- * where one of its classes is tuned to them (the same tables). */
+ * where one of its classes is tuned to them (the same tables), and with nondeterministic set
+ * the one pass with unordered dQ adds where such a call takes it. */
 fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count);
 
 typedef struct fj_cuda_cache_stats {

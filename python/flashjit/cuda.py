@@ -35,6 +35,9 @@ class KernelConfig:
     window: bool = False  # causal or sliding-window bounds
     dropout: bool = False
     softcap: bool = False
+    # backward: False also compiles what a backward with deterministic=False takes
+    # (flashjit.attention's keyword), where that differs
+    deterministic: bool = True
 
     def _tuple(self, arch: int, device_index: int) -> tuple:
         if self.dtype not in ("float32", "float16", "bfloat16", "float64"):
@@ -43,9 +46,12 @@ class KernelConfig:
             raise ValueError(f"[precompile] mask: expected None, 'bool' or 'additive', got {self.mask!r}")
         if self.mask_dtype not in _DTYPES:
             raise TypeError(f"[precompile] mask_dtype: expected float32 or the dtype, got {self.mask_dtype!r}")
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"[precompile] deterministic: expected True or False, got {self.deterministic!r}")
         head_dim_v = self.head_dim if self.head_dim_v is None else self.head_dim_v
         return (self.backward, _DTYPES[self.dtype], self.head_dim, head_dim_v, _MASKS[self.mask],
-                _DTYPES[self.mask_dtype], self.window, self.dropout, self.softcap, arch, device_index)
+                _DTYPES[self.mask_dtype], self.window, self.dropout, self.softcap, arch, device_index,
+                not self.deterministic)
 
 
 def common_configs() -> list[KernelConfig]:

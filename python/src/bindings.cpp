@@ -490,7 +490,7 @@ void check(fj_status status) {
 }
 
 // (backward, dtype, head_dim_qk, head_dim_v, mask, mask_dtype, window, dropout, softcap, arch, device_index)
-using KernelConfigTuple = std::tuple<bool, int, int, int, int, int, bool, bool, bool, int, int>;
+using KernelConfigTuple = std::tuple<bool, int, int, int, int, int, bool, bool, bool, int, int, bool>;
 
 fj_kernel_config kernel_config(const KernelConfigTuple& t) {
   fj_kernel_config config = fj_kernel_config_default();
@@ -505,6 +505,7 @@ fj_kernel_config kernel_config(const KernelConfigTuple& t) {
   config.softcap = std::get<8>(t);
   config.arch = std::get<9>(t);
   config.device_index = std::get<10>(t);
+  config.nondeterministic = std::get<11>(t);
   return config;
 }
 

@@ -747,7 +747,7 @@ const KernelSpec& chosen_forward_kernel(const KernelTraits& traits, int64_t seql
 std::vector<KernelSpec> backward_kernels_for(const KernelTraits& traits, int64_t seqlen_k, const Launch& launch,
                                              bool nondeterministic) {
   if (nondeterministic && !settings::one_pass_backward().has_value() && unordered_dq_applies(traits)) {
-    return backward_kernels(traits, true, kUnorderedDq, kUnorderedWholeSteps);
+    return unordered_backward_kernels(traits);
   }
   const int pass = backward_pass_chosen(traits, seqlen_k, device_info(launch.device_index).name);
   return backward_kernels(traits, pass != kSplitPass, backward_dq_mode(pass));

@@ -93,10 +93,17 @@ fj_status fj_cuda_precompile(const fj_kernel_config* configs, int32_t count) {
       const cuda::KernelTraits traits = traits_of(configs[index], index);
       const std::string device =
           configs[index].arch == 0 ? cuda::device_info(configs[index].device_index).name : std::string();
+      if (configs[index].nondeterministic != 0 && configs[index].nondeterministic != 1) {
+        throw_value_error("[precompile] nondeterministic: expected 0 or 1, got ", configs[index].nondeterministic);
+      }
       if (configs[index].backward) {
         // The kernels FLASHJIT_CUDA_BACKWARD forces; unforced, the split ones, and the one-pass
         // ones too where a class of the config (a key length band) is tuned to them.
         const std::optional<bool> forced = cuda::settings::one_pass_backward();
+        // And the unordered one pass a nondeterministic call takes (unforced, where it applies).
+        if (configs[index].nondeterministic && !forced && cuda::unordered_dq_applies(traits)) {
+          for (const cuda::KernelSpec& spec : cuda::unordered_backward_kernels(traits)) cuda::kernel_binary(spec, false);
+        }
         // FLASHJIT_CUDA_BACKWARD_OVERLAP unset (auto): the split dQ and dK/dV kernels built to
         // overlap too, which problems of small grids run.
         const bool both_launches = cuda::settings::backward_overlap() < 0;

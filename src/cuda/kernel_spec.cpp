@@ -787,6 +787,10 @@ bool unordered_dq_applies(const KernelTraits& traits) {
                                     (traits.head_dim_qk == 128 && traits.head_dim_v == 128));
 }
 
+std::vector<KernelSpec> unordered_backward_kernels(const KernelTraits& traits) {
+  return backward_kernels(traits, true, kUnorderedDq, kUnorderedWholeSteps);
+}
+
 std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pass, int dq_mode, int whole_steps) {
   if (hopper_applies(traits)) {
     const KernelSpec prep = hopper_spec(prep_traits(traits), KernelEntry::kBackwardPrep);

@@ -332,6 +332,8 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
 // steps no faster).
 bool unordered_dq_applies(const KernelTraits& traits);
 constexpr int kUnorderedWholeSteps = 2;
+// The kernels of that backward (where unordered_dq_applies).
+std::vector<KernelSpec> unordered_backward_kernels(const KernelTraits& traits);
 constexpr int kUnorderedDq = 9;
 // The dK/dV kernel of backward_kernels' list (the last one: dK alone where dV and dK take two).
 const KernelSpec& dkdv_kernel(const std::vector<KernelSpec>& specs);

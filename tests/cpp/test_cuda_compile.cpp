@@ -481,8 +481,7 @@ TEST_F(CudaCompile, WholeStepOnePassIsChosenAndCompiles) {
   EXPECT_EQ(carried.block_n, 32);
   {
     // The unordered backward's own choice: whole-concurrent steps, two tiles ahead, compiled.
-    const std::vector<KernelSpec> specs =
-        backward_kernels(sm90_traits(FJ_BFLOAT16, 128), true, kUnorderedDq, kUnorderedWholeSteps);
+    const std::vector<KernelSpec> specs = unordered_backward_kernels(sm90_traits(FJ_BFLOAT16, 128));
     ASSERT_EQ(specs.size(), 3u);
     const KernelSpec& dkdv = dkdv_kernel(specs);
     EXPECT_TRUE(flashjit::layout::dq_atomic(dkdv.dq_diagnostic)) << dkdv.name();
@@ -864,6 +863,8 @@ TEST_F(CudaCompile, BackwardOverlapKernelsCompile) {
 // its own name at head dims 64 and 128 (plain and with every feature), which compiles; not for the
 // one pass, variable-length batches or the dV/dK kernels above 128; "off", the usual kernel (unset
 // is "auto": the problem then decides, backend.cpp, where one part keeps the usual kernel).
+// Precompiling a backward config builds those kernels, and with nondeterministic set also the
+// unordered one pass (checked here, where the split ones are already built).
 TEST_F(CudaCompile, DkDvPartsCompileWhereTheyApply) {
   REQUIRE_NVRTC();
   using namespace flashjit::cuda;
@@ -918,6 +919,21 @@ TEST_F(CudaCompile, DkDvPartsCompileWhereTheyApply) {
   EXPECT_GE(dkdv_cubins(true, true), 1);
   EXPECT_EQ(dkdv_cubins(false, false), 1);
   EXPECT_EQ(dkdv_cubins(false, true), 1);
+  // nondeterministic: also the unordered one pass a deterministic=False backward takes (its dK/dV
+  // kernel and the kernel that writes dQ from the sums); another value is an error naming it.
+  const auto unordered_cubins = [&] {
+    int count = 0;
+    for (const fs::path& cubin : cubins()) count += cubin.filename().string().find("_dq-atomic") != std::string::npos;
+    return count;
+  };
+  const int unordered_before = unordered_cubins();
+  c.nondeterministic = 1;
+  ASSERT_EQ(fj_cuda_precompile(&c, 1), FJ_SUCCESS) << fj_last_error();
+  EXPECT_EQ(unordered_cubins(), unordered_before + 2);
+  c.nondeterministic = 2;
+  EXPECT_EQ(fj_cuda_precompile(&c, 1), FJ_ERROR_INVALID_VALUE);
+  EXPECT_NE(std::string(fj_last_error()).find("[precompile] nondeterministic: expected 0 or 1, got 2"), std::string::npos)
+      << fj_last_error();
 }
 
 // FLASHJIT_CUDA_TRACE=1 (scripts/trace_tiles.py): the sm_90a forward with its tile trace, a

@@ -87,6 +87,20 @@ def test_tune_without_a_gpu_says_so(capsys):
     assert "no CUDA GPU found" in capsys.readouterr().err
 
 
+def test_kernel_config_deterministic_reaches_the_c_api():
+    # KernelConfig(deterministic=False): precompile also builds the unordered backward (the C
+    # API's fj_kernel_config.nondeterministic; its compile is tests/cpp's); the field passes the
+    # binding (the tuning key, which does not depend on it, reads the same config), and anything
+    # but a bool is refused, naming it.
+    free = flashjit.cuda.KernelConfig(dtype="bfloat16", head_dim=64, backward=True, deterministic=False)
+    assert free._tuple(90, 0)[-1] is True
+    assert flashjit.cuda.KernelConfig(backward=True)._tuple(90, 0)[-1] is False
+    assert flashjit.cuda.tuning_key(free, 4096) == flashjit.cuda.tuning_key(
+        flashjit.cuda.KernelConfig(dtype="bfloat16", head_dim=64, backward=True), 4096)
+    with pytest.raises(TypeError, match=r"\[precompile\] deterministic: expected True or False, got 'no'"):
+        flashjit.cuda.KernelConfig(backward=True, deterministic="no")._tuple(90, 0)
+
+
 def test_backward_classes_have_keys_of_their_own():
     config = flashjit.cuda.KernelConfig(dtype="bfloat16", head_dim=128, window=True)
     forward = flashjit.cuda.tuning_key(config, 4096)
