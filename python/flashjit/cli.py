@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     precompile.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16", "float64"],
                             metavar="DTYPE", help="float32, float16, bfloat16 or float64 (default: bfloat16 float16)")
     precompile.add_argument("--head-dims", nargs="+", type=_head_dim, metavar="D", help="default: 64 128")
+    precompile.add_argument("--nondeterministic", action="store_true",
+                            help="the backward configs also with what deterministic=False backwards run")
     precompile.add_argument("--quiet", action="store_true", help="no line per kernel")
     cache = commands.add_parser("cache", help="the on-disk kernel cache")
     cache.add_argument("action", choices=["clear", "info"], help="clear: delete this version's cache; "
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return info(as_json=args.json)
     if args.command == "precompile":
-        return precompile(args.arch, args.gpu, args.dtypes, args.head_dims, not args.quiet)
+        return precompile(args.arch, args.gpu, args.dtypes, args.head_dims, not args.quiet, args.nondeterministic)
     if args.command == "tune":
         return tune(args.gpu, args.dtypes, args.head_dims, args.seqlens, args.backward, args.variants)
     return cache_info() if args.action == "info" else cache_clear()
@@ -259,17 +261,22 @@ def info(as_json: bool = False) -> int:
 
 # ----------------------------------------------------------------------------- precompile
 
-def _configs(dtypes: list[str] | None, head_dims: list[int] | None):
+def _configs(dtypes: list[str] | None, head_dims: list[int] | None, nondeterministic: bool = False):
+    import dataclasses
+
     from .cuda import KernelConfig, common_configs
 
     if dtypes is None and head_dims is None:
-        return common_configs()
-    configs = []
-    for dtype in dtypes or ["bfloat16", "float16"]:
-        for head_dim in head_dims or [64, 128]:
-            for window in (False, True):
-                for backward in (False, True):
-                    configs.append(KernelConfig(dtype=dtype, head_dim=head_dim, window=window, backward=backward))
+        configs = common_configs()
+    else:
+        configs = []
+        for dtype in dtypes or ["bfloat16", "float16"]:
+            for head_dim in head_dims or [64, 128]:
+                for window in (False, True):
+                    for backward in (False, True):
+                        configs.append(KernelConfig(dtype=dtype, head_dim=head_dim, window=window, backward=backward))
+    if nondeterministic:
+        configs = [dataclasses.replace(c, deterministic=False) if c.backward else c for c in configs]
     return configs
 
 
@@ -277,13 +284,16 @@ def _describe(config) -> str:
     parts = [config.dtype, f"D{config.head_dim}", "backward" if config.backward else "forward"]
     if config.window:
         parts.append("causal/window")
+    if not config.deterministic:
+        parts.append("+ deterministic=False")
     return " ".join(parts)
 
 
-def precompile(arch: int, gpu: int, dtypes: list[str] | None, head_dims: list[int] | None, progress: bool) -> int:
+def precompile(arch: int, gpu: int, dtypes: list[str] | None, head_dims: list[int] | None, progress: bool,
+               nondeterministic: bool = False) -> int:
     import flashjit
 
-    configs = _configs(dtypes, head_dims)
+    configs = _configs(dtypes, head_dims, nondeterministic)
     target = f"sm_{arch}" if arch else f"GPU {gpu}'s arch"
     start = time.monotonic()
     before = flashjit.cuda.cache_stats()

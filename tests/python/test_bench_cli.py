@@ -223,6 +223,12 @@ def test_precompile_for_an_arch(tmp_path, monkeypatch, capsys):
     assert captured.err.count("float16 D32") == 4  # forward and backward, with and without a window
     assert "4 kernel configs for sm_90" in captured.out
     assert list((tmp_path / flashjit.__version__ / "sm_90").glob("*.cubin"))
+    # --nondeterministic: the backward configs also with what deterministic=False backwards run
+    # (at head dim 32 the same kernels: nothing more to compile).
+    assert cli.main(["precompile", "--arch", "sm_90", "--dtypes", "float16", "--head-dims", "32",
+                     "--nondeterministic"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("backward") == 2 and captured.err.count("+ deterministic=False") == 2
 
 
 def test_precompile_bad_arch(capsys):
