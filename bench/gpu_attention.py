@@ -334,10 +334,12 @@ def peak_memory_mib(impl):
 
             x = q.detach()
             lse = torch.empty(shape[:3], device="cuda")
+            # (the unordered backward's workspace for the deterministic=False column)
+            unordered = {"nondeterministic": True} if impl.name == "flashjit nondet" else {}
             pool_bytes = _C.backward(x, x, x, x, lse, x, *(torch.empty_like(x) for _ in range(3)), prepare=True,
                                      mask=None, scale=None, softcap=0.0, causal=1, window_left=-1, window_right=0,
                                      dropout_p=0.0, seed=0, offset=0, num_threads=0,
-                                     stream=torch.cuda.current_stream().cuda_stream)
+                                     stream=torch.cuda.current_stream().cuda_stream, **unordered)
     return (peak + pool_bytes) / 2**20
 
 
@@ -503,7 +505,7 @@ def main():
         print(json.dumps({k: v for k, v in row.items()}, default=lambda x: round(x, 1)), flush=True)
     # The timing diagnostics (FLASHJIT_CUDA_ONE_PASS_DQ none / unordered) write no dQ: no memory or
     # repeatability figures.
-    plain = [impl for impl in impls if (impl.name in ("flashjit", "cuDNN", "torch-flash")
+    plain = [impl for impl in impls if (impl.name in ("flashjit", "flashjit nondet", "cuDNN", "torch-flash")
                                         or impl.env.get("FLASHJIT_CUDA_BACKWARD"))
              and not _diagnostic(impl)]
     memory = {} if args.forward_only else {impl.name: peak_memory_mib(impl) for impl in plain}
