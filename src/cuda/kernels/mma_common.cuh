@@ -289,5 +289,82 @@ FJ_DEVICE KernelParams kv_cache_params(const KernelParams& p, int b) {
 }
 #endif
 
+// A lane's columns n * 8 + 2 * quad, + 1 of row r of an accumulator, times scale, as the element
+// type, for n = n0 .. n0 + count - 1: in one 4-byte store each where the row starts 4-byte aligned
+// (any caller's strides may make it not), else each on its own.
+template <int kDim>
+FJ_DEVICE void store_lane_columns(elem_t* row, int dim, const float (&acc)[kDim / 8][4], int r, int quad, int n0,
+                                  int count, float scale) {
+  const bool pairs = sizeof(elem_t) == 2 && reinterpret_cast<unsigned long long>(row) % 4 == 0;
+#pragma unroll
+  for (int i = 0; i < count; ++i) {
+    const int n = n0 + i;
+    const int d = n * 8 + quad * 2;
+    if constexpr (sizeof(elem_t) == 2) {
+      if (pairs && d + 1 < dim) {
+        *reinterpret_cast<unsigned*>(row + d) = pack2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+        continue;
+      }
+    }
+    if (d < dim) row[d] = from_float<elem_t>(acc[n][2 * r] * scale);
+    if (d + 1 < dim) row[d + 1] = from_float<elem_t>(acc[n][2 * r + 1] * scale);
+  }
+}
+
+// Rows rows[0], rows[1] of a [16 x kDim] accumulator, each times its scale (the forward's 1 /
+// rowsum; 1 for a gradient), into an operand (warp-uniform: every lane of the warp calls it). 16-bit types, kDim a multiple of 32: the four lanes of a quad, which
+// share a row, pass their column pairs round (a 4 x 4 transpose by rotation: in round k lane q
+// sends its pair of column block n0 + (q + k) % 4 and receives that of n0 + q from lane (q - k) % 4)
+// so that lane q holds the eight columns of block n0 + q and stores them in one 16-byte store, where
+// the row starts 16-byte aligned and dim is a multiple of 8; otherwise (or for other types and
+// widths) store_lane_columns.
+template <int kDim>
+FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
+                          int dim, const float (&acc)[kDim / 8][4], int quad, const float (&scale)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    elem_t* const row = rows[r] < row_end ? operand_row<elem_t>(out, b, h, rows[r]) : nullptr;
+    if constexpr (sizeof(elem_t) == 2 && kDim % 32 == 0) {
+      const bool chunks = row != nullptr && dim % 8 == 0 && reinterpret_cast<unsigned long long>(row) % 16 == 0;
+      const int quad_base = (threadIdx.x % 32) & ~3;
+#pragma unroll
+      for (int n0 = 0; n0 < kDim / 8; n0 += 4) {
+        unsigned mine[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mine[j] = pack2(acc[n0 + j][2 * r] * scale[r], acc[n0 + j][2 * r + 1] * scale[r]);
+        const auto pick = [&](int j) { return j == 0 ? mine[0] : j == 1 ? mine[1] : j == 2 ? mine[2] : mine[3]; };
+        unsigned got[4];  // got[k]: round k's value, lane (quad - k) % 4's pair of block n0 + quad
+        got[0] = pick(quad);
+#pragma unroll
+        for (int k = 1; k < 4; ++k) {
+          got[k] = __shfl_sync(0xffffffffu, pick((quad + k) & 3), quad_base | ((quad - k) & 3));
+        }
+        // Lane s's pair at position s of the chunk: round (quad - s) % 4's.
+        const auto from = [&](int s) {
+          const int k = (quad - s) & 3;
+          return k == 0 ? got[0] : k == 1 ? got[1] : k == 2 ? got[2] : got[3];
+        };
+        if (chunks) {
+          if ((n0 + quad) * 8 < dim) {
+            *reinterpret_cast<uint4*>(row + (n0 + quad) * 8) = make_uint4(from(0), from(1), from(2), from(3));
+          }
+        } else if (row != nullptr) {
+          store_lane_columns<kDim>(row, dim, acc, r, quad, n0, 4, scale[r]);
+        }
+      }
+    } else if (row != nullptr) {
+      store_lane_columns<kDim>(row, dim, acc, r, quad, 0, kDim / 8, scale[r]);
+    }
+  }
+}
+
+// The same with no scale (a gradient's rows).
+template <int kDim>
+FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
+                          int dim, const float (&acc)[kDim / 8][4], int quad) {
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<kDim>(out, b, h, rows, row_end, dim, acc, quad, one);
+}
+
 }  // namespace mma
 }  // namespace flashjit

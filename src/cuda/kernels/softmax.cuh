@@ -298,20 +298,7 @@ FJ_DEVICE void write_output(const KernelParams& p, const float (&o)[kTiles][kDim
   float inverse[kTiles][2];
   finish_rows(p, row_max, row_sum, rows, b, h, quad, inverse);
 #pragma unroll
-  for (int m = 0; m < kTiles; ++m) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const long long i = rows[m][r];
-      if (i >= p.seqlen_q) continue;
-      elem_t* out_row = operand_row<elem_t>(p.o, b, h, i);
-#pragma unroll
-      for (int n = 0; n < kDimV / 8; ++n) {
-        const int d = n * 8 + quad * 2;
-        if (d < p.head_dim_v) out_row[d] = from_float<elem_t>(o[m][n][2 * r] * inverse[m][r]);
-        if (d + 1 < p.head_dim_v) out_row[d + 1] = from_float<elem_t>(o[m][n][2 * r + 1] * inverse[m][r]);
-      }
-    }
-  }
+  for (int m = 0; m < kTiles; ++m) store_rows<kDimV>(p.o, b, h, rows[m], p.seqlen_q, p.head_dim_v, o[m], quad, inverse[m]);
 }
 
 #if FJ_SPLIT
