@@ -489,7 +489,8 @@ void check(fj_status status) {
   if (status != FJ_SUCCESS) raise_status(status);
 }
 
-// (backward, dtype, head_dim_qk, head_dim_v, mask, mask_dtype, window, dropout, softcap, arch, device_index)
+// (backward, dtype, head_dim_qk, head_dim_v, mask, mask_dtype, window, dropout, softcap, arch, device_index,
+//  nondeterministic)
 using KernelConfigTuple = std::tuple<bool, int, int, int, int, int, bool, bool, bool, int, int, bool>;
 
 fj_kernel_config kernel_config(const KernelConfigTuple& t) {

@@ -811,8 +811,7 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
         // staging), else one.
         whole.stages = 2;
         // A writer pair's sums: one staging slot where two would leave room for one buffer ahead.
-        if (!fits(whole) && whole.takes_dq_slots() == layout::kDqStagingSlots &&
-            (whole.dq_diagnostic == 10 || whole.dq_diagnostic == 11)) {
+        if (!fits(whole) && layout::dq_by_writer_pair(whole.dq_diagnostic)) {
           whole.dq_slots = 1;
           if (!fits(whole)) whole.dq_slots = layout::kDqStagingSlots;
         }

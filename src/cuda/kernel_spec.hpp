@@ -119,7 +119,7 @@ struct KernelSpec {
   // kHopper one-pass dK/dV at head dim 128 whose steps are whole (FJ_WHOLE_STEPS;
   // settings::one_pass_whole_steps): S^T and dP^T in one turn, then dV, dK and dQ^T of the same
   // step in a second, nothing carried into the next step's turn, so that the registers of a step
-  // of twice the queries fit (block_n 64), with one Q/dO buffer ahead and two dS buffers; 0: not,
+  // of twice the queries fit (block_n 64), with one or two Q/dO buffers ahead and two dS buffers; 0: not,
   // 1: in turns, 2: concurrent (no turns between the consumers).
   int whole_steps = 0;
   // kHopper one-pass dK/dV whose dQ a pair of writers adds (writer-pair, writer-diagonal): the
@@ -194,7 +194,7 @@ struct KernelSpec {
   // name() spells and fields() holds).
   int takes_dq_slots() const {
     return one_pass && family == KernelFamily::kHopper && entry == KernelEntry::kBackwardDkDv &&
-                   (dq_diagnostic == 10 || dq_diagnostic == 11)
+                   layout::dq_by_writer_pair(dq_diagnostic)
                ? dq_slots
                : layout::kDqStagingSlots;
   }

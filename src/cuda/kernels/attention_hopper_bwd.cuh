@@ -415,9 +415,6 @@ constexpr bool kWriter = FJ_DQ_WRITER;
 constexpr bool kDiagonal = FJ_DQ_DIAGNOSTIC == 11;
 // The writer's staging slots a consumer (KernelSpec::dq_slots): 2; 1 (10 and 11 only) where that
 // gives whole steps room for two Q/dO buffers ahead.
-#ifndef FJ_DQ_SLOTS
-#define FJ_DQ_SLOTS 2
-#endif
 constexpr int kDqSlots = FJ_DQ_SLOTS;
 static_assert(!kWriter || kOnePass, "the dQ writer is the one pass's");
 // FJ_DKDV_SHARED: P^T and dS^T go through shared memory (two [kBlockM keys][kBlockN queries]
@@ -610,7 +607,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   constexpr layout::HopperBackwardDkDv kLayout =
       layout::hopper_backward_dkdv(kBlockM, kBlockN, kDimQk, kDimV, kStages,
                                    layout::dkdv_ds_buffers(kOnePass, kSharedOperands, kWholeSteps),
-                                   layout::dkdv_walk_blocks(kArrival), layout::dkdv_dq_staging_buffers(kWriter, kConsumers, kDqSlots));
+                                   layout::dkdv_walk_blocks(kArrival),
+                                   layout::dkdv_dq_staging_buffers(kWriter, kConsumers, kDqSlots));
   static_assert(kLayout.ds_tiles % layout::kHopperBaseAlignment == 0, "swizzled dS tiles start 1024-byte aligned");
   static_assert(kLayout.walks % 16 == 0, "the walks' table is read 16 bytes an entry");
   static_assert(kLayout.dout_ring - kLayout.q_ring == Ring<kQueryBuffers>::kBarriers * layout::kBarrierBytes &&
@@ -814,16 +812,13 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
   const auto write_dq = [&] {
     const int w = static_cast<int>(threadIdx.x) - 32;  // 0 .. kWriterThreads - 1
     constexpr unsigned kChunkBytes = kDqChunk * sizeof(float);
-    // A tile's turn: its earlier visitors' counts (rank of them, at counters; acquire).
-    const auto wait_for_visitors = [&](int* counters, int rank) {
-#pragma unroll
-      for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
-    };
-    // A tile's turn and copies: wait for its earlier visitors, then store (the first visitor) or
-    // add both consumers' shares staged in `slot` into the sums from chunk0 on, in one bulk group.
+    // A tile's turn and copies: wait for its earlier visitors' counts (rank of them, at counters;
+    // acquire), then store (the first visitor) or add both consumers' shares staged in `slot` into
+    // the sums from chunk0 on, in one bulk group.
     const auto copy_shares = [&](int* counters, long long chunk0, int slot, int rank) {
       if (rank > 0) {
-        wait_for_visitors(counters, rank);
+#pragma unroll
+        for (int consumer = 0; consumer < kConsumers; ++consumer) wait_for_count(counters + consumer, rank);
         fence_proxy_async_global();  // the earlier visitors' sums, before this one's bulk adds
       }
 #pragma unroll

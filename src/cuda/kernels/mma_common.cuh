@@ -311,13 +311,14 @@ FJ_DEVICE void store_lane_columns(elem_t* row, int dim, const float (&acc)[kDim 
   }
 }
 
-// Rows rows[0], rows[1] of a [16 x kDim] accumulator, each times its scale (the forward's 1 /
-// rowsum; 1 for a gradient), into an operand (warp-uniform: every lane of the warp calls it). 16-bit types, kDim a multiple of 32: the four lanes of a quad, which
-// share a row, pass their column pairs round (a 4 x 4 transpose by rotation: in round k lane q
-// sends its pair of column block n0 + (q + k) % 4 and receives that of n0 + q from lane (q - k) % 4)
-// so that lane q holds the eight columns of block n0 + q and stores them in one 16-byte store, where
-// the row starts 16-byte aligned and dim is a multiple of 8; otherwise (or for other types and
-// widths) store_lane_columns.
+// Rows rows[0], rows[1] of a [16 x kDim] accumulator, each times its scale (the forward's
+// 1 / rowsum; 1 for a gradient), into an operand (warp-uniform: every lane of the warp calls it).
+// 16-bit types, kDim a multiple of 32: the four lanes of a quad, which share a row, pass their
+// column pairs round (a 4 x 4 transpose by rotation: in round k lane q sends its pair of column
+// block n0 + (q + k) % 4 and receives that of n0 + q from lane (q - k) % 4) so that lane q holds
+// the eight columns of block n0 + q and stores them in one 16-byte store, where the row starts
+// 16-byte aligned and dim is a multiple of 8; otherwise (or for other types and widths)
+// store_lane_columns.
 template <int kDim>
 FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long long (&rows)[2], long long row_end,
                           int dim, const float (&acc)[kDim / 8][4], int quad, const float (&scale)[2]) {

@@ -58,6 +58,8 @@ FJ_LAYOUT int dkdv_walk_blocks(bool arrival) { return arrival ? kArrivalWalkBloc
 FJ_LAYOUT bool dq_in_arrival_order(int diagnostic) { return diagnostic == 4 || diagnostic == 6; }
 FJ_LAYOUT bool dq_by_writer(int diagnostic) { return (diagnostic >= 5 && diagnostic <= 8) || diagnostic == 10 || diagnostic == 11; }
 FJ_LAYOUT bool dq_atomic(int diagnostic) { return diagnostic == 9; }
+// The writer pair's orders (writer-pair, writer-diagonal): a writer thread a staging slot.
+FJ_LAYOUT bool dq_by_writer_pair(int diagnostic) { return diagnostic == 10 || diagnostic == 11; }
 FJ_LAYOUT bool dq_converted(int diagnostic) { return dq_by_writer(diagnostic) || dq_atomic(diagnostic); }
 // FLASHJIT_CUDA_ONE_PASS_DQ=writer-groups (8): a tile's visitors in block order are dealt into
 // kDqGroups groups by rank (rank % kDqGroups), each group summing into float32 sums of its own in
