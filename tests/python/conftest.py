@@ -8,6 +8,13 @@ import flashjit
 # FLASHJIT_TEST_DEVICE=cuda reruns the suite on the GPU; without one it skips.
 DEVICE = os.environ.get("FLASHJIT_TEST_DEVICE", "cpu")
 
+# Under pytest-xdist (-n N) each worker is a process of its own: torch's CPU threads (the float64
+# references) get a share of the cores each, not every core each (N workers x all cores
+# oversubscribe the host). flashjit's CPU kernels take their own thread counts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def pytest_collection_modifyitems(config, items):
     if DEVICE == "cpu":
