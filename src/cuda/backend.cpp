@@ -124,14 +124,21 @@ Launch prepare(const AttentionProblem& p) {
 }
 
 // A traced kernel's launch (KernelSpec::trace, FLASHJIT_CUDA_TRACE=1; a diagnostic that waits for
-// the GPU): the trace buffer zeroed before, then read back and printed to stderr, a line a work
-// tile of each traced thread: "FJT <block> <slot> <tile> <steps> <six clock64() points>", slot 0
-// the producer, 1.. the consumer warpgroups (attention_hopper.cuh, TileTrace).
+// the GPU): the trace buffer zeroed before, then read back and printed to stderr, a line a row of
+// each traced thread: "FJT <block> <slot> <row> <fields>". The forward (attention_hopper.cuh,
+// TileTrace): every kTraceEvery-th block, a row a work tile, its steps and six clock64() points,
+// slot 0 the producer, 1.. the consumer warpgroups. The one pass's dK/dV kernel
+// (attention_hopper_bwd.cuh, StepTrace): the first kBackwardTraceBlocks blocks, a row a step and a
+// last row, eight fields each.
 void run_traced(const KernelSpec& spec, CUfunction function, const Launch& launch, KernelParams& params,
                 int64_t blocks, void** arguments) {
   const Driver& d = driver();
-  const int64_t traced = (blocks + kTraceEvery - 1) / kTraceEvery;
-  const size_t values = size_t(traced) * kTraceSlots * kTraceTiles * kTraceFields;
+  const bool steps = spec.entry == KernelEntry::kBackwardDkDv;
+  const int64_t every = steps ? 1 : kTraceEvery;
+  const int64_t rows = steps ? kBackwardTraceSteps + 1 : kTraceTiles;
+  const int64_t printed = steps ? kTraceFields : kTraceFields - 1;
+  const int64_t traced = steps ? std::min<int64_t>(blocks, kBackwardTraceBlocks) : (blocks + every - 1) / every;
+  const size_t values = size_t(traced) * kTraceSlots * rows * kTraceFields;
   CUdeviceptr buffer = 0;
   check(d.cuMemAllocFromPoolAsync(&buffer, values * sizeof(long long), scratch_pool(launch.device_index),
                                   launch.stream),
@@ -153,14 +160,18 @@ void run_traced(const KernelSpec& spec, CUfunction function, const Launch& launc
   check(d.cuMemFreeAsync(buffer, launch.stream), "trace");
   check(d.cuStreamSynchronize(launch.stream), "trace");
   std::fprintf(stderr, "FJT kernel %s blocks %lld\n", spec.name().c_str(), static_cast<long long>(blocks));
-  for (int64_t index = 0; index < traced * kTraceSlots * kTraceTiles; ++index) {
+  std::string line;
+  for (int64_t index = 0; index < traced * kTraceSlots * rows; ++index) {
     const long long* row = host.data() + index * kTraceFields;
-    if (row[1] == 0 && row[2] == 0) continue;  // a tile not reached
-    const int64_t tile = index % kTraceTiles, slot = index / kTraceTiles % kTraceSlots;
-    const int64_t block = index / kTraceTiles / kTraceSlots * kTraceEvery;
-    std::fprintf(stderr, "FJT %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld\n", static_cast<long long>(block),
-                 static_cast<long long>(slot), static_cast<long long>(tile), row[0], row[1], row[2], row[3], row[4],
-                 row[5], row[6]);
+    // A row not reached: the forward's first two points, any field of the one pass's.
+    if (steps ? std::all_of(row, row + kTraceFields, [](long long v) { return v == 0; }) : row[1] == 0 && row[2] == 0) {
+      continue;
+    }
+    const int64_t tile = index % rows, slot = index / rows % kTraceSlots;
+    const int64_t block = index / rows / kTraceSlots * every;
+    line = str_cat("FJT ", block, " ", slot, " ", tile);
+    for (int64_t field = 0; field < printed; ++field) line += str_cat(" ", row[field]);
+    std::fprintf(stderr, "%s\n", line.c_str());
   }
 }
 

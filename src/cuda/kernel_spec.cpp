@@ -816,6 +816,8 @@ std::vector<KernelSpec> backward_kernels(const KernelTraits& traits, bool one_pa
           if (!fits(whole)) whole.dq_slots = layout::kDqStagingSlots;
         }
         if (!fits(whole)) whole.stages = 1;
+        // FLASHJIT_CUDA_TRACE=1: the step trace (scripts/trace_backward.py), concurrent steps only.
+        whole.trace = steps == 2 && settings::trace_tiles();
         if (fits(whole)) dkdv = whole;
       }
       if (fits(dkdv)) {

@@ -953,6 +953,33 @@ TEST_F(CudaCompile, TracedForwardCompilesForSm90) {
   expect_setting_error("FLASHJIT_CUDA_TRACE", "yes", [] { settings::trace_tiles(); });
 }
 
+// FLASHJIT_CUDA_TRACE=1 with the one pass in whole-concurrent steps (scripts/trace_backward.py):
+// the dK/dV kernel with its step trace, a kernel of its own name, compiles with the dQ writer pair
+// (one staging slot) and with the atomic sums; the dQ convert kernel and other steps stay untraced.
+TEST_F(CudaCompile, TracedOnePassCompilesForSm90) {
+  REQUIRE_NVRTC();
+  using namespace flashjit::cuda;
+  UnsetOnExit unset_steps{"FLASHJIT_CUDA_ONE_PASS_STEPS"}, unset_trace{"FLASHJIT_CUDA_TRACE"};
+  const KernelTraits traits = sm90_traits(FJ_BFLOAT16, 128);
+  for (int mode : {settings::kDefaultOnePassDq, kUnorderedDq}) {  // writer-pair, atomic
+    setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole-concurrent", 1);
+    unsetenv("FLASHJIT_CUDA_TRACE");
+    const std::vector<KernelSpec> plain = backward_kernels(traits, true, mode);
+    setenv("FLASHJIT_CUDA_TRACE", "1", 1);
+    const std::vector<KernelSpec> traced = backward_kernels(traits, true, mode);
+    ASSERT_EQ(traced.size(), 3u);
+    const KernelSpec& dkdv = dkdv_kernel(traced);
+    EXPECT_TRUE(dkdv.trace) << dkdv.name();
+    EXPECT_EQ(dkdv.takes_whole_steps(), 2) << dkdv.name();
+    EXPECT_NE(dkdv.name(), dkdv_kernel(plain).name());
+    EXPECT_FALSE(dkdv_kernel(plain).trace);
+    EXPECT_FALSE(traced.back().trace) << traced.back().name();  // the dQ convert kernel
+    ASSERT_NO_THROW(kernel_binary(dkdv, false)) << dkdv.name();
+    setenv("FLASHJIT_CUDA_ONE_PASS_STEPS", "whole", 1);  // in turns: no trace
+    EXPECT_FALSE(dkdv_kernel(backward_kernels(traits, true, mode)).trace);
+  }
+}
+
 // The built-in table of a device model (tuned_sm90_h100.txt: the N 1k classes measured on an H100
 // 80GB HBM3) comes before the arch's (tuned_sm90.txt, an H200's) on that model only; classes it
 // does not name take the arch's; the device's own tuning file comes before both.

@@ -523,6 +523,40 @@ FJ_DEVICE void wait_for_count(const int* counter, int count) {
     if (tries % 1024 == 0 && global_nanoseconds() - since > 30000000000ull) trap_stuck_wait();
   }
 }
+#if FJ_TRACE && FJ_BACKWARD_DKDV
+// A diagnostic (FLASHJIT_CUDA_TRACE=1 with the one pass in whole-concurrent steps;
+// scripts/trace_backward.py): blocks below kBackwardTraceBlocks keep, for their first
+// kBackwardTraceSteps steps, the global nanoseconds at a step's start (field 0) and clock64() at
+// seven points of it (1-7), for the first thread of each consumer warpgroup (slots 1, 2) and each dQ
+// writer thread (slots 0, 3), in KernelParams::trace; a last row a slot holds the block's
+// coordinates and its start and end. The host zeroes and prints them (backend.cpp, run_traced).
+static_assert(FJ_WHOLE_STEPS == 2, "the backward's trace: the one pass in whole-concurrent steps");
+struct StepTrace {
+  long long* row = nullptr;  // this thread's first step's fields, or nullptr
+  FJ_DEVICE StepTrace(const KernelParams& p, int slot, bool traced_thread) {
+    if (p.trace != nullptr && blockIdx.x < kBackwardTraceBlocks && traced_thread) {
+      row = p.trace + (static_cast<long long>(blockIdx.x) * kTraceSlots + slot) * (kBackwardTraceSteps + 1) * kTraceFields;
+    }
+  }
+  FJ_DEVICE void start(int step) const {
+    if (row != nullptr && step < kBackwardTraceSteps) row[step * kTraceFields] = global_nanoseconds();
+  }
+  FJ_DEVICE void mark(int step, int point) const {
+    if (row != nullptr && step < kBackwardTraceSteps) row[step * kTraceFields + point] = clock64();
+  }
+  FJ_DEVICE void note(int step, int point, long long value) const {
+    if (row != nullptr && step < kBackwardTraceSteps) row[step * kTraceFields + point] = value;
+  }
+  // The last row: key block, batch, key/value head, steps, then start and end (global nanoseconds
+  // and clock64()).
+  FJ_DEVICE void header(int field, long long value) const {
+    if (row != nullptr) row[kBackwardTraceSteps * kTraceFields + field] = value;
+  }
+};
+#define FJ_STEP_TRACE(statement) statement
+#else
+#define FJ_STEP_TRACE(statement) ((void)0)
+#endif
 // The dQ writer's handoffs with the consumers: mbarrier_wait, with the same 30-second trap (a wait
 // of a step or two is legitimate; a lost arrival would otherwise hang the device).
 FJ_DEVICE void wait_for_phase(unsigned long long* barrier, unsigned parity) {
@@ -860,8 +894,17 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     // A writer thread a staging slot.
     if (w % 32 != 0 || w >= 32 * kDqSlots) return;
     const int pair = w / 32;
+#if FJ_TRACE
+    const StepTrace trace(p, pair == 0 ? 0 : 3, true);
+    trace.header(0, block);
+    trace.header(3, tiles);
+    trace.header(4, global_nanoseconds());
+    trace.header(6, clock64());
+#endif
     long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
     for (int t = pair; t < tiles; t += kDqSlots) {
+      FJ_STEP_TRACE(trace.start(t));
+      FJ_STEP_TRACE(trace.mark(t, 1));
       const int h = tile_head(t);
       const long long start = tile_start(t);
       const long long row = scratch_base + (static_cast<long long>(b) * p.heads_q + h) * sp.scratch_pitch + start;
@@ -870,6 +913,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       for (int consumer = 0; consumer < kConsumers; ++consumer) {
         wait_for_phase(&staging_full[consumer * kDqSlots + pair], phase);
       }
+      FJ_STEP_TRACE(trace.mark(t, 2));
       const long long chunk0 = row / kBlockN * kConsumers;
       int* const counters = p.dq_semaphore + chunk0;
 #if FJ_DQ_DIAGNOSTIC == 11
@@ -880,11 +924,20 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       const int rank = turn_at(t, start, carried_visitor, w, kWriterThreads, kAddBarrier).rank;
 #endif
       copy_shares(counters, chunk0, pair, rank);
+      FJ_STEP_TRACE(trace.mark(t, 3));
       bulk_wait_read();
+      FJ_STEP_TRACE(trace.mark(t, 4));
       free_slot(pair);
       bulk_wait_all();
+      FJ_STEP_TRACE(trace.mark(t, 5));
       release_counts(counters);
+      FJ_STEP_TRACE(trace.mark(t, 6));
+      FJ_STEP_TRACE(trace.note(t, 7, rank));
     }
+#if FJ_TRACE
+    trace.header(5, global_nanoseconds());
+    trace.header(7, clock64());
+#endif
 #else  // one writer thread (more where the arrival order counts ranks)
 #if FJ_DQ_ARRIVAL
     // The walks' table (the consumers meet here whether or not the block has tiles: so does the writer).
@@ -1206,19 +1259,35 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       // or added while dK runs. The dS barriers alone keep the two dS buffers safe: a consumer
       // writes buffer t % 2 again at step t + 2 only after waiting for the other's dS_{t+1}, which
       // the other stores after its products of step t (its read of dS_t) are done.
+#if FJ_TRACE
+      // Points: 1 before Q_t and dO_t are waited for, 2 after, 3 the gradient and dS_t stored, 4 the
+      // other consumer's dS_t in, 5 dV and dQ_t^T done, 6 dQ_t^T staged or added, 7 dK done.
+      const StepTrace trace(p, 1 + consumer, threadIdx.x % 128 == 0);
+      trace.header(0, block);
+      trace.header(1, b);
+      trace.header(2, kv_head);
+      trace.header(3, tiles);
+      trace.header(4, global_nanoseconds());
+      trace.header(6, clock64());
+#endif
       for (int t = 0; t < tiles; ++t) {
+        FJ_STEP_TRACE(trace.start(t));
+        FJ_STEP_TRACE(trace.mark(t, 1));
         q_ring.consume(t);
         dout_ring.consume(t);
+        FJ_STEP_TRACE(trace.mark(t, 2));
         wgmma_fence();
         issue_first(t);
         wgmma_commit();
         wgmma_wait<0>();
         after_first(t);
         prepare(t);
+        FJ_STEP_TRACE(trace.mark(t, 3));
         wgmma_fence();
         wgmma_fragments_by_rows<kBlockN, kDimV>(dv, prob, dout_tiles + dout_ring.buffer(t) * kBlockN * kDimV);
         wgmma_commit();
         wait_for_ds(t);
+        FJ_STEP_TRACE(trace.mark(t, 4));
         issue_dq(t);
         wgmma_commit();
         wgmma_fragments_by_rows<kBlockN, kDimQk>(dk, dscore, q_tiles + q_ring.buffer(t) * kBlockN * kDimQk);
@@ -1227,13 +1296,20 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         pin(dv);
         pin(prob);
         pin(dqt);
+        FJ_STEP_TRACE(trace.mark(t, 5));
         dout_ring.release(t, lane);
         add_dq(t);
+        FJ_STEP_TRACE(trace.mark(t, 6));
         wgmma_wait<0>();
         pin(dk);
         pin(dscore);
+        FJ_STEP_TRACE(trace.mark(t, 7));
         q_ring.release(t, lane);
       }
+#if FJ_TRACE
+      trace.header(5, global_nanoseconds());
+      trace.header(7, clock64());
+#endif
 #else
       first_turn(consumer);
       for (int t = 0; t < tiles; ++t) {

@@ -151,6 +151,11 @@ constexpr int kTraceEvery = 16;
 constexpr int kTraceTiles = 40;
 constexpr int kTraceFields = 8;
 constexpr int kTraceSlots = 4;
+// The one pass's trace (attention_hopper_bwd.cuh, StepTrace): blocks below kBackwardTraceBlocks,
+// kTraceSlots slots each (the dQ writer threads, the consumer warpgroups), kBackwardTraceSteps
+// steps and a last row each.
+constexpr int kBackwardTraceBlocks = 512;
+constexpr int kBackwardTraceSteps = 64;
 
 constexpr int kVarlenFields = 7;
 enum VarlenField { kFirstQueryTile, kFirstKeyTile, kSequence, kFirstQuery, kQueries, kFirstKey, kKeys };
