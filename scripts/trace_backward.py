@@ -83,41 +83,48 @@ def summarise(rows, steps_per_row=64):
     rates = []
     for (block, slot), table in rows.items():
         header = table.get(last)
-        if slot in (1, 2) and header and header[5] > header[4] and header[7] > header[6]:
-            rates.append((header[7] - header[6]) / (header[5] - header[4]))  # cycles a nanosecond
+        # Cycles a nanosecond, from blocks of 50 us and more (the global timer may tick by the microsecond).
+        if slot in (1, 2) and header and header[5] - header[4] >= 50_000 and header[7] > header[6]:
+            rates.append((header[7] - header[6]) / (header[5] - header[4]))
     if not rates:
-        raise SystemExit("no consumer's start and end in the trace")
+        raise SystemExit("no consumer's start and end 50 us or more apart in the trace")
     ghz = statistics.median(rates)
     us = lambda cycles: cycles / ghz / 1000.0
     consumer = {part: ([], []) for part in CONSUMER_PARTS + ("step",)}
     writer = {part: ([], []) for part in WRITER_PARTS}
+    edges = {"before steps": [], "after steps": []}
     per_block = {}
     for (block, slot), table in rows.items():
         header = table.get(last)
         if header is None:
             continue
         key_block, tiles = header[0], header[3]
+        info = per_block.setdefault(block, {})  # (the host prints a block's writer rows first)
         if slot in (1, 2):
-            info = per_block.setdefault(block, {"key_block": key_block, "head": (header[1], header[2]),
-                                                "tiles": tiles})
-            info.setdefault("start_ns", header[4])
-            info["start_ns"] = min(info["start_ns"], header[4])
+            info.update(key_block=key_block, head=(header[1], header[2]), tiles=tiles)
+            info["start_ns"] = min(info.get("start_ns", header[4]), header[4])
             info["end_ns"] = max(info.get("end_ns", 0), header[5])
             staged = 0.0
-            for t in range(min(tiles, steps_per_row)):
+            walked = min(tiles, steps_per_row)
+            for t in range(walked):
                 f = table.get(t)
                 if f is None:
                     continue
                 which = 0 if t < 2 else 1
                 for i, part in enumerate(CONSUMER_PARTS):
                     consumer[part][which].append(us(f[i + 2] - f[i + 1]))
-                following = table.get(t + 1) if t + 1 < min(tiles, steps_per_row) else None
+                following = table.get(t + 1) if t + 1 < walked else None
                 if following is not None:
                     consumer["step"][which].append(us(following[1] - f[1]))
                 staged += us(f[6] - f[5])
             info["staged_us"] = info.get("staged_us", 0.0) + staged / 2  # a consumer's mean
+            # Before the first step (K and V, the first Q and dO) and, where every step was
+            # traced, after the last (dK and dV stored).
+            if table.get(0) is not None:
+                edges["before steps"].append(us(table[0][1] - header[6]))
+            if tiles <= steps_per_row and table.get(tiles - 1) is not None:
+                edges["after steps"].append(us(header[7] - table[tiles - 1][7]))
         elif slot in (0, 3):
-            info = per_block.setdefault(block, {"key_block": key_block})
             for t in range(min(tiles, steps_per_row)):
                 f = table.get(t)
                 if f is None or f[1] == 0:
@@ -145,9 +152,15 @@ def summarise(rows, steps_per_row=64):
             entry["staged_us"].append(m.get("staged_us", 0.0))
             if "first_counts_us" in m:
                 entry["counts_us"].append(m["first_counts_us"])
+    spans = [(m["start_ns"], m["end_ns"]) for m in per_block.values() if "start_ns" in m]
     return {
         "clock_ghz": ghz,
         "blocks": len(per_block),
+        # The traced blocks' span (the first start to the last end) and mean length: the traced
+        # kernel's own pace, beside the untraced backward's time.
+        "traced_span_us": (max(e for _, e in spans) - min(s for s, _ in spans)) / 1000.0 if spans else float("nan"),
+        "traced_block_us": mean([(e - s) / 1000.0 for s, e in spans]),
+        "edges": {name: mean(values) for name, values in edges.items()},
         "consumer": {part: [mean(a), mean(b), len(b)] for part, (a, b) in consumer.items()},
         "writer": {part: [mean(a), mean(b), len(b)] for part, (a, b) in writer.items()},
         "by_key_block": {key: {name: mean(values) for name, values in entry.items()}
@@ -157,10 +170,13 @@ def summarise(rows, steps_per_row=64):
 
 def report(mode, kernel, untraced_ms, summary):
     print(f"\n## {mode}: {kernel}")
-    print(f"untraced backward {untraced_ms:.3f} ms; clock {summary['clock_ghz']:.2f} GHz; {summary['blocks']} blocks traced")
+    print(f"untraced backward {untraced_ms:.3f} ms; clock {summary['clock_ghz']:.2f} GHz; {summary['blocks']} blocks "
+          f"traced, spanning {summary['traced_span_us']:.0f} us, {summary['traced_block_us']:.1f} us a block; before "
+          f"the first step {summary['edges']['before steps']:.2f} us, after the last {summary['edges']['after steps']:.2f} us")
     print("\n| consumer step part | first two steps (us) | later steps (us) |\n|---|---:|---:|")
     for part, (early, late, _) in summary["consumer"].items():
         print(f"| {part} | {early:.2f} | {late:.2f} |")
+    print("(the first thread of each consumer warpgroup; \"dS wait\" includes its own warpgroup's slower warps)")
     if any(count for _, _, count in summary["writer"].values()):
         print("\n| dQ writer tile part | first two tiles (us) | later tiles (us) |\n|---|---:|---:|")
         for part, (early, late, _) in summary["writer"].items():
@@ -186,26 +202,35 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["atomic", "writer-pair"],
                         help="FLASHJIT_CUDA_ONE_PASS_DQ values (default: atomic writer-pair)")
     parser.add_argument("--json", help="write the summaries here")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds a mode's child may take (default 600)")
     args = parser.parse_args()
-    results = {}
+    results, failed = {}, []
     for mode in args.modes:
         env = dict(os.environ, FLASHJIT_CUDA_BACKWARD="one-pass", FLASHJIT_CUDA_ONE_PASS_STEPS="whole-concurrent",
                    FLASHJIT_CUDA_ONE_PASS_DQ=mode)
         env.pop("FLASHJIT_CUDA_TRACE", None)
-        child = subprocess.run([sys.executable, "-c", CHILD, str(args.head_dim), str(args.seqlen),
-                                "1" if args.causal else "0"], env=env, capture_output=True, text=True, timeout=600)
-        if child.returncode != 0:
-            raise SystemExit(f"{mode}: the child failed ({child.returncode}):\n{child.stderr[-3000:]}")
-        untraced = [line for line in child.stderr.splitlines() if line.startswith("FJB untraced backward ms")]
-        untraced_ms = float(untraced[-1].split()[-1]) if untraced else float("nan")
-        kernel, rows = parse(child.stderr)
-        summary = summarise(rows)
+        try:
+            child = subprocess.run([sys.executable, "-c", CHILD, str(args.head_dim), str(args.seqlen),
+                                    "1" if args.causal else "0"], env=env, capture_output=True, text=True,
+                                   timeout=args.timeout)
+            if child.returncode != 0:
+                raise RuntimeError(f"the child failed ({child.returncode}):\n{child.stderr[-3000:]}")
+            untraced = [line for line in child.stderr.splitlines() if line.startswith("FJB untraced backward ms")]
+            untraced_ms = float(untraced[-1].split()[-1]) if untraced else float("nan")
+            kernel, rows = parse(child.stderr)
+            summary = summarise(rows)
+        except (RuntimeError, SystemExit, subprocess.TimeoutExpired) as error:
+            print(f"\n## {mode}: no trace: {error}", file=sys.stderr)
+            failed.append(mode)
+            continue
         report(mode, kernel, untraced_ms, summary)
         results[mode] = {"kernel": kernel, "untraced_backward_ms": untraced_ms, **summary}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"head_dim": args.head_dim, "seqlen": args.seqlen, "causal": args.causal, "modes": results}, f,
-                      indent=1)
+        if args.json:  # after each mode: a later one's failure keeps what came before
+            with open(args.json, "w") as f:
+                json.dump({"head_dim": args.head_dim, "seqlen": args.seqlen, "causal": args.causal, "modes": results},
+                          f, indent=1)
+    if failed:
+        raise SystemExit(f"no trace for {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -526,20 +526,19 @@ FJ_DEVICE void wait_for_count(const int* counter, int count) {
 #if FJ_TRACE && FJ_BACKWARD_DKDV
 // A diagnostic (FLASHJIT_CUDA_TRACE=1 with the one pass in whole-concurrent steps;
 // scripts/trace_backward.py): blocks below kBackwardTraceBlocks keep, for their first
-// kBackwardTraceSteps steps, the global nanoseconds at a step's start (field 0) and clock64() at
-// seven points of it (1-7), for the first thread of each consumer warpgroup (slots 1, 2) and each dQ
-// writer thread (slots 0, 3), in KernelParams::trace; a last row a slot holds the block's
-// coordinates and its start and end. The host zeroes and prints them (backend.cpp, run_traced).
+// kBackwardTraceSteps steps, clock64() at up to seven points of a step (fields 1-7; field 0
+// unused), for the first thread of each consumer warpgroup (slots 1, 2) and each dQ writer thread
+// (slots 0, 3), in KernelParams::trace; a last row a slot holds the block's coordinates and its
+// start and end (global nanoseconds and clock64()). The host zeroes and prints them (backend.cpp,
+// run_traced).
 static_assert(FJ_WHOLE_STEPS == 2, "the backward's trace: the one pass in whole-concurrent steps");
+static_assert(kConsumers == 2, "the backward's trace: slots 1 and 2 for the consumers, 0 and 3 the writers");
 struct StepTrace {
   long long* row = nullptr;  // this thread's first step's fields, or nullptr
   FJ_DEVICE StepTrace(const KernelParams& p, int slot, bool traced_thread) {
     if (p.trace != nullptr && blockIdx.x < kBackwardTraceBlocks && traced_thread) {
       row = p.trace + (static_cast<long long>(blockIdx.x) * kTraceSlots + slot) * (kBackwardTraceSteps + 1) * kTraceFields;
     }
-  }
-  FJ_DEVICE void start(int step) const {
-    if (row != nullptr && step < kBackwardTraceSteps) row[step * kTraceFields] = global_nanoseconds();
   }
   FJ_DEVICE void mark(int step, int point) const {
     if (row != nullptr && step < kBackwardTraceSteps) row[step * kTraceFields + point] = clock64();
@@ -903,7 +902,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
     long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
     for (int t = pair; t < tiles; t += kDqSlots) {
-      FJ_STEP_TRACE(trace.start(t));
       FJ_STEP_TRACE(trace.mark(t, 1));
       const int h = tile_head(t);
       const long long start = tile_start(t);
@@ -997,6 +995,17 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
   const auto consume = [&](int warpgroup) {
     const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0);  // uniform (the dQ kernel's note)
+#if FJ_TRACE
+    // The block's start (before K and V are waited for) and end (after dK and dV are stored) in
+    // the last row; the steps' points in the whole-concurrent loop below.
+    const StepTrace trace(p, 1 + consumer, threadIdx.x % 128 == 0);
+    trace.header(0, block);
+    trace.header(1, b);
+    trace.header(2, kv_head);
+    trace.header(3, tiles);
+    trace.header(4, global_nanoseconds());
+    trace.header(6, clock64());
+#endif
     const Divisor fast_divisor(tile_divisor);  // the tiles' q (tile_head_of)
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
@@ -1259,19 +1268,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       // or added while dK runs. The dS barriers alone keep the two dS buffers safe: a consumer
       // writes buffer t % 2 again at step t + 2 only after waiting for the other's dS_{t+1}, which
       // the other stores after its products of step t (its read of dS_t) are done.
-#if FJ_TRACE
-      // Points: 1 before Q_t and dO_t are waited for, 2 after, 3 the gradient and dS_t stored, 4 the
-      // other consumer's dS_t in, 5 dV and dQ_t^T done, 6 dQ_t^T staged or added, 7 dK done.
-      const StepTrace trace(p, 1 + consumer, threadIdx.x % 128 == 0);
-      trace.header(0, block);
-      trace.header(1, b);
-      trace.header(2, kv_head);
-      trace.header(3, tiles);
-      trace.header(4, global_nanoseconds());
-      trace.header(6, clock64());
-#endif
+      // Trace points (FJ_TRACE): 1 before Q_t and dO_t are waited for, 2 after, 3 the gradient and
+      // dS_t stored, 4 past the dS barrier (the other consumer's dS_t in, and this warpgroup's
+      // other warps), 5 dV and dQ_t^T done, 6 dQ_t^T staged or added, 7 dK done.
       for (int t = 0; t < tiles; ++t) {
-        FJ_STEP_TRACE(trace.start(t));
         FJ_STEP_TRACE(trace.mark(t, 1));
         q_ring.consume(t);
         dout_ring.consume(t);
@@ -1306,10 +1306,6 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
         FJ_STEP_TRACE(trace.mark(t, 7));
         q_ring.release(t, lane);
       }
-#if FJ_TRACE
-      trace.header(5, global_nanoseconds());
-      trace.header(7, clock64());
-#endif
 #else
       first_turn(consumer);
       for (int t = 0; t < tiles; ++t) {
@@ -1400,6 +1396,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
     if (kWithDk) store_rows<kDimQk>(sp.dk, b, kv_head, keys, sp.seqlen_k, p.head_dim_qk, dk, quad);
     if (kWithDv) store_rows<kDimV>(sp.dv, b, kv_head, keys, sp.seqlen_k, p.head_dim_v, dv, quad);
+#if FJ_TRACE
+    trace.header(5, global_nanoseconds());
+    trace.header(7, clock64());
+#endif
   };
 #if FJ_DQ_WRITER
   specialised_roles(init, produce, consume, write_dq);
