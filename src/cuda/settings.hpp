@@ -12,7 +12,8 @@
 //   FLASHJIT_CUDA_VARLEN=0      a variable-length call as a launch a sequence (default: one launch where it applies)
 //   FLASHJIT_CUDA_DECODE_WARPS  the split forward's warps a block for up to 16 query rows (1 or 4), forced
 //   FLASHJIT_CUDA_KV_HOPPER=0   a KV cache (in place or paged) on the mma.sync blocks (default on sm_90: the sm_90a split)
-//   FLASHJIT_CUDA_TRACE=1       the sm_90a forward prints its work tiles' timestamps (scripts/trace_tiles.py)
+//   FLASHJIT_CUDA_TRACE=1       the sm_90a forward prints its work tiles' timestamps (scripts/trace_tiles.py),
+//                               the one pass in whole-concurrent steps its steps' (scripts/trace_backward.py)
 //   FLASHJIT_CUDA_ONE_PASS_DQ   none or unordered: the one-pass backward without its ordered dQ sums,
 //                               for timing only (no dQ is written); eager: ordered sums whose
 //                               counts are released at once, by one thread a warpgroup; arrival:
@@ -128,7 +129,8 @@ int overlap_launches();
 // another value raises an error naming the variable.
 int backward_overlap();
 // FLASHJIT_CUDA_TRACE=1: the sm_90a forward kernels are built with FJ_TRACE (a diagnostic: a few
-// threads of every 16th block keep clock64() at the points of each work tile and print them);
+// threads of every 16th block keep clock64() at the points of each work tile and print them), and
+// so is the one pass's dK/dV kernel in whole-concurrent steps (the first 512 blocks' steps);
 // unset, empty or 0: not; another value raises an error naming the variable.
 bool trace_tiles();
 // FLASHJIT_CUDA_ONE_PASS_DQ (how the one-pass backward sums dQ; "none" and "unordered" are

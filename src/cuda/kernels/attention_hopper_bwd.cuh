@@ -384,6 +384,12 @@ constexpr bool kOnePass = FJ_ONE_PASS;  // dQ too
 // dQ_t; the first's gradient beside the second's S^T and dP^T. A dS buffer is written again two
 // steps on, after both consumers have waited for the products that read it: two buffers.
 constexpr bool kWholeSteps = FJ_WHOLE_STEPS != 0;  // 1: in turns; 2: concurrent (no turns)
+// FJ_STEP_TRACE(statement): the statement where the one pass is traced (StepTrace, below), else nothing.
+#if FJ_TRACE
+#define FJ_STEP_TRACE(statement) statement
+#else
+#define FJ_STEP_TRACE(statement) ((void)0)
+#endif
 static_assert(!kWholeSteps || (kOnePass && kDimQk == 128), "whole steps: the one pass at head dim 128");
 // FJ_DQ_DIAGNOSTIC 4 (FLASHJIT_CUDA_ONE_PASS_DQ=arrival): the one pass's blocks walk their tiles
 // upward, cyclically from each one's diagonal tile, and a tile's visitors add in the order they
@@ -548,13 +554,23 @@ struct StepTrace {
   }
   // The last row: key block, batch, key/value head, steps, then start and end (global nanoseconds
   // and clock64()).
-  FJ_DEVICE void header(int field, long long value) const {
-    if (row != nullptr) row[kBackwardTraceSteps * kTraceFields + field] = value;
+  FJ_DEVICE void begin(int key_block, int batch, int kv_head, int steps) const {
+    if (row == nullptr) return;
+    long long* const last = row + kBackwardTraceSteps * kTraceFields;
+    last[0] = key_block;
+    last[1] = batch;
+    last[2] = kv_head;
+    last[3] = steps;
+    last[4] = static_cast<long long>(global_nanoseconds());
+    last[6] = clock64();
+  }
+  FJ_DEVICE void end() const {
+    if (row == nullptr) return;
+    long long* const last = row + kBackwardTraceSteps * kTraceFields;
+    last[5] = static_cast<long long>(global_nanoseconds());
+    last[7] = clock64();
   }
 };
-#define FJ_STEP_TRACE(statement) statement
-#else
-#define FJ_STEP_TRACE(statement) ((void)0)
 #endif
 // The dQ writer's handoffs with the consumers: mbarrier_wait, with the same 30-second trap (a wait
 // of a step or two is legitimate; a lost arrival would otherwise hang the device).
@@ -893,13 +909,8 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
     // A writer thread a staging slot.
     if (w % 32 != 0 || w >= 32 * kDqSlots) return;
     const int pair = w / 32;
-#if FJ_TRACE
-    const StepTrace trace(p, pair == 0 ? 0 : 3, true);
-    trace.header(0, block);
-    trace.header(3, tiles);
-    trace.header(4, global_nanoseconds());
-    trace.header(6, clock64());
-#endif
+    FJ_STEP_TRACE(const StepTrace trace(p, pair == 0 ? 0 : 3, true));
+    FJ_STEP_TRACE(trace.begin(block, b, kv_head, tiles));
     long long carried_visitor = block;  // the previous tile's lowest (writer-diagonal: highest) visitor
     for (int t = pair; t < tiles; t += kDqSlots) {
       FJ_STEP_TRACE(trace.mark(t, 1));
@@ -932,10 +943,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
       FJ_STEP_TRACE(trace.mark(t, 6));
       FJ_STEP_TRACE(trace.note(t, 7, rank));
     }
-#if FJ_TRACE
-    trace.header(5, global_nanoseconds());
-    trace.header(7, clock64());
-#endif
+    FJ_STEP_TRACE(trace.end());
 #else  // one writer thread (more where the arrival order counts ranks)
 #if FJ_DQ_ARRIVAL
     // The walks' table (the consumers meet here whether or not the block has tiles: so does the writer).
@@ -995,17 +1003,10 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
   const auto consume = [&](int warpgroup) {
     const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0);  // uniform (the dQ kernel's note)
-#if FJ_TRACE
     // The block's start (before K and V are waited for) and end (after dK and dV are stored) in
-    // the last row; the steps' points in the whole-concurrent loop below.
-    const StepTrace trace(p, 1 + consumer, threadIdx.x % 128 == 0);
-    trace.header(0, block);
-    trace.header(1, b);
-    trace.header(2, kv_head);
-    trace.header(3, tiles);
-    trace.header(4, global_nanoseconds());
-    trace.header(6, clock64());
-#endif
+    // the trace's last row; the steps' points in the whole-concurrent loop below.
+    FJ_STEP_TRACE(const StepTrace trace(p, 1 + consumer, threadIdx.x % 128 == 0));
+    FJ_STEP_TRACE(trace.begin(block, b, kv_head, tiles));
     const Divisor fast_divisor(tile_divisor);  // the tiles' q (tile_head_of)
     const int warp = threadIdx.x / 32 - 4;  // consumer warp 0..7; keys warp * 16 .. + 15 of the block
     const int lane = threadIdx.x % 32;
@@ -1396,10 +1397,7 @@ extern "C" __global__ void __launch_bounds__(kThreads + kProducerThreads, 1)
 #endif
     if (kWithDk) store_rows<kDimQk>(sp.dk, b, kv_head, keys, sp.seqlen_k, p.head_dim_qk, dk, quad);
     if (kWithDv) store_rows<kDimV>(sp.dv, b, kv_head, keys, sp.seqlen_k, p.head_dim_v, dv, quad);
-#if FJ_TRACE
-    trace.header(5, global_nanoseconds());
-    trace.header(7, clock64());
-#endif
+    FJ_STEP_TRACE(trace.end());
   };
 #if FJ_DQ_WRITER
   specialised_roles(init, produce, consume, write_dq);

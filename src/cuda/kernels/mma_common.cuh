@@ -311,6 +311,9 @@ FJ_DEVICE void store_lane_columns(elem_t* row, int dim, const float (&acc)[kDim 
   }
 }
 
+// v[i] for a run-time i in 0..3 by selects (an indexed register array would go to local memory).
+FJ_DEVICE unsigned select4(const unsigned (&v)[4], int i) { return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3]; }
+
 // Rows rows[0], rows[1] of a [16 x kDim] accumulator, each times its scale (the forward's
 // 1 / rowsum; 1 for a gradient), into an operand (warp-uniform: every lane of the warp calls it).
 // 16-bit types, kDim a multiple of 32: the four lanes of a quad, which share a row, pass their
@@ -333,18 +336,14 @@ FJ_DEVICE void store_rows(const KernelOperand& out, int b, int h, const long lon
         unsigned mine[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) mine[j] = pack2(acc[n0 + j][2 * r] * scale[r], acc[n0 + j][2 * r + 1] * scale[r]);
-        const auto pick = [&](int j) { return j == 0 ? mine[0] : j == 1 ? mine[1] : j == 2 ? mine[2] : mine[3]; };
         unsigned got[4];  // got[k]: round k's value, lane (quad - k) % 4's pair of block n0 + quad
-        got[0] = pick(quad);
+        got[0] = select4(mine, quad);
 #pragma unroll
         for (int k = 1; k < 4; ++k) {
-          got[k] = __shfl_sync(0xffffffffu, pick((quad + k) & 3), quad_base | ((quad - k) & 3));
+          got[k] = __shfl_sync(0xffffffffu, select4(mine, (quad + k) & 3), quad_base | ((quad - k) & 3));
         }
         // Lane s's pair at position s of the chunk: round (quad - s) % 4's.
-        const auto from = [&](int s) {
-          const int k = (quad - s) & 3;
-          return k == 0 ? got[0] : k == 1 ? got[1] : k == 2 ? got[2] : got[3];
-        };
+        const auto from = [&](int s) { return select4(got, (quad - s) & 3); };
         if (chunks) {
           if ((n0 + quad) * 8 < dim) {
             *reinterpret_cast<uint4*>(row + (n0 + quad) * 8) = make_uint4(from(0), from(1), from(2), from(3));
